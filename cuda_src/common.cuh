@@ -1,0 +1,44 @@
+// Shared helpers for the gpt2job kernels (included by every .cu file).
+#pragma once
+#include <cuda_fp16.h>
+#include <stdint.h>
+
+// Epilogue modes of the matrix products (runtime argument, uniform per launch).
+#define EPI_BIAS 0        // out = acc + bias
+#define EPI_GELU_TANH 1   // out = gelu_new(acc + bias)
+#define EPI_GELU_ERF 2    // out = gelu(acc + bias)   (exact, erf)
+#define EPI_RESID 3       // out += acc + bias         (out is the fp32 residual stream)
+
+__device__ __forceinline__ float gelu_tanh_f(float x) {
+    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gpt2job.reference.gelu_tanh
+    const float k = 0.7978845608028654f;
+    return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
+}
+
+__device__ __forceinline__ float gelu_erf_f(float x) {
+    return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
+}
+
+__device__ __forceinline__ float apply_act(float v, int mode) {
+    if (mode == EPI_GELU_TANH) return gelu_tanh_f(v);
+    if (mode == EPI_GELU_ERF) return gelu_erf_f(v);
+    return v;
+}
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+template <typename T> __device__ __forceinline__ T from_f(float x);
+template <> __device__ __forceinline__ float from_f<float>(float x) { return x; }
+template <> __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_rn(x); }
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}

@@ -1,0 +1,129 @@
+// Exact-mode matrix product: C[M,N] (=|+=) epilogue(A[M,K] @ B[K,N] + bias), plain FP32 FMA (no TF32).
+// A row-major (lda), B row-major [K,N] (ldb, Conv1D layout), C row-major (ldc). Any M, N, K.
+// 128x128 block tile, BK=8, 256 threads, 8x8 outputs per thread, double-buffered shared memory.
+#include "common.cuh"
+
+#define BM 128
+#define BN 128
+#define BK 8
+
+extern "C" __global__ void __launch_bounds__(256)
+gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int ldb,
+         float* __restrict__ C, int ldc, const float* __restrict__ bias,
+         int M, int N, int K, int mode, int vecA, int vecB, int vecC)
+{
+    __shared__ __align__(16) float As[2][BK][BM];
+    __shared__ __align__(16) float Bs[2][BK][BN];
+    const int tid = threadIdx.x;
+    const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
+    const int a_row = tid >> 1, a_k = (tid & 1) * 4;
+    const int b_k = tid >> 5, b_col = (tid & 31) * 4;
+    const int tx = tid & 15, ty = tid >> 4;
+    float ra[4], rb[4];
+    float acc[8][8];
+#pragma unroll
+    for (int i = 0; i < 8; i++)
+#pragma unroll
+        for (int j = 0; j < 8; j++) acc[i][j] = 0.f;
+
+    auto load = [&](int k0) {
+        const int gm = m0 + a_row, gk = k0 + a_k;
+        if (gm < M) {
+            const float* p = A + (size_t)gm * lda + gk;
+            if (vecA && gk + 3 < K) {
+                float4 v = *reinterpret_cast<const float4*>(p);
+                ra[0] = v.x; ra[1] = v.y; ra[2] = v.z; ra[3] = v.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) ra[i] = (gk + i < K) ? p[i] : 0.f;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) ra[i] = 0.f;
+        }
+        const int bk = k0 + b_k, gn = n0 + b_col;
+        if (bk < K) {
+            const float* p = B + (size_t)bk * ldb + gn;
+            if (vecB && gn + 3 < N) {
+                float4 v = *reinterpret_cast<const float4*>(p);
+                rb[0] = v.x; rb[1] = v.y; rb[2] = v.z; rb[3] = v.w;
+            } else {
+#pragma unroll
+                for (int i = 0; i < 4; i++) rb[i] = (gn + i < N) ? p[i] : 0.f;
+            }
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) rb[i] = 0.f;
+        }
+    };
+    auto store = [&](int buf) {
+#pragma unroll
+        for (int i = 0; i < 4; i++) As[buf][a_k + i][a_row] = ra[i];
+        *reinterpret_cast<float4*>(&Bs[buf][b_k][b_col]) = make_float4(rb[0], rb[1], rb[2], rb[3]);
+    };
+
+    const int nk = (K + BK - 1) / BK;
+    load(0);
+    store(0);
+    __syncthreads();
+    for (int t = 0; t < nk; t++) {
+        const int cur = t & 1;
+        if (t + 1 < nk) load((t + 1) * BK);
+#pragma unroll
+        for (int kk = 0; kk < BK; kk++) {
+            float a[8], b[8];
+            float4 v;
+            v = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
+            a[0] = v.x; a[1] = v.y; a[2] = v.z; a[3] = v.w;
+            v = *reinterpret_cast<const float4*>(&As[cur][kk][64 + ty * 4]);
+            a[4] = v.x; a[5] = v.y; a[6] = v.z; a[7] = v.w;
+            v = *reinterpret_cast<const float4*>(&Bs[cur][kk][tx * 4]);
+            b[0] = v.x; b[1] = v.y; b[2] = v.z; b[3] = v.w;
+            v = *reinterpret_cast<const float4*>(&Bs[cur][kk][64 + tx * 4]);
+            b[4] = v.x; b[5] = v.y; b[6] = v.z; b[7] = v.w;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+#pragma unroll
+                for (int j = 0; j < 8; j++) acc[i][j] = fmaf(a[i], b[j], acc[i][j]);
+        }
+        if (t + 1 < nk) store(cur ^ 1);
+        __syncthreads();
+    }
+
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const int row = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+        if (row >= M) continue;
+        float* crow = C + (size_t)row * ldc;
+#pragma unroll
+        for (int jh = 0; jh < 2; jh++) {
+            const int col = n0 + jh * 64 + tx * 4;
+            float v[4];
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const int cc = col + j;
+                float bb = (bias != nullptr && cc < N) ? bias[cc] : 0.f;
+                v[j] = acc[i][jh * 4 + j] + bb;
+                if (mode != EPI_RESID) v[j] = apply_act(v[j], mode);
+            }
+            if (vecC && col + 3 < N) {
+                float4* p = reinterpret_cast<float4*>(crow + col);
+                if (mode == EPI_RESID) {
+                    float4 o = *p;
+                    o.x += v[0]; o.y += v[1]; o.z += v[2]; o.w += v[3];
+                    *p = o;
+                } else {
+                    *p = make_float4(v[0], v[1], v[2], v[3]);
+                }
+            } else {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    if (col + j < N) {
+                        if (mode == EPI_RESID) crow[col + j] += v[j];
+                        else crow[col + j] = v[j];
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,241 @@
+// Token selection on the GPU, the rules of gpt2job/sampling.py (one block per logits row):
+//   argmax_rows: greedy, lowest index on ties.
+//   sample_rows: p = softmax(l / T) in float64; top-k keeps p >= k-th largest p (ties kept);
+//     top-p keeps p >= t where t is the p at which the descending cumulative kept mass first reaches
+//     top_p * kept mass; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the kept tokens in index
+//     order and take the first whose running sum exceeds u * kept sum (V - 1 if none).
+// The k-th largest p and the top-p threshold are found by radix selection on the float32 logit bits
+// (p is a non-decreasing function of the logit).
+#include "common.cuh"
+
+#define SEL_THREADS 1024
+
+__device__ __forceinline__ unsigned fkey(float f) {
+    unsigned u = __float_as_uint(f);
+    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+__device__ __forceinline__ float kfloat(unsigned k) {
+    unsigned u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
+    return __uint_as_float(u);
+}
+
+__device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
+    x += 0x9E3779B97F4A7C15ull;
+    x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+    x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+    return x ^ (x >> 31);
+}
+__device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long row, unsigned long long step) {
+    unsigned long long x = splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step);
+    return (double)(x >> 40) / (double)(1u << 24);
+}
+
+// Block-wide reductions for SEL_THREADS threads (red: shared scratch of 32 entries).
+__device__ double block_sum_d(double v, double* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = (lane < (int)(blockDim.x >> 5)) ? red[lane] : 0.0;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+__device__ float block_max_f(float v, float* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = warp_max(v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = (lane < (int)(blockDim.x >> 5)) ? red[lane] : -INFINITY;
+        v = warp_max(v);
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+// Greedy: out[r] = argmax(logits[r, :V]) (first index of the maximum).
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ out, int R)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    const float* l = logits + (size_t)r * ld;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = threadIdx.x; i < V; i += blockDim.x) {
+        const float v = l[i];
+        if (v > best || (bi == 0x7fffffff)) { if (v > best || bi == 0x7fffffff) { best = v; bi = i; } }
+    }
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+    }
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        const int nw = blockDim.x >> 5;
+        best = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+            const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        }
+        if (lane == 0) out[r] = bi;
+    }
+}
+
+// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]].
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __restrict__ rows,
+            const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
+            int top_k, double top_p, int* __restrict__ out, int R)
+{
+    __shared__ double red[32];
+    __shared__ float redf[32];
+    __shared__ unsigned int hcnt[256];
+    __shared__ double hsum[256];
+    __shared__ unsigned s_prefix;
+    __shared__ double s_above;
+    __shared__ int s_best;
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    const int tid = threadIdx.x;
+    const float* l = logits + (size_t)r * ld;
+
+    // softmax statistics, float64 as NumPy
+    float mx = -INFINITY;
+    for (int i = tid; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
+    const double zmax = (double)block_max_f(mx, redf) / temperature;
+    double s = 0.0;
+    for (int i = tid; i < V; i += blockDim.x) s += exp((double)l[i] / temperature - zmax);
+    const double denom = block_sum_d(s, red);
+#define PROB(v) (exp((double)(v) / temperature - zmax) / denom)
+
+    // top-k: k-th largest logit key by 4 radix passes of 8 bits (counts)
+    double pk = -1.0;  // keep p >= pk
+    if (top_k > 0 && top_k < V) {
+        if (tid == 0) { s_prefix = 0u; s_above = 0.0; }
+        for (int pass = 0; pass < 4; pass++) {
+            const int shift = 24 - 8 * pass;
+            const unsigned mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
+            for (int i = tid; i < 256; i += blockDim.x) hcnt[i] = 0u;
+            __syncthreads();
+            const unsigned prefix = s_prefix;
+            for (int i = tid; i < V; i += blockDim.x) {
+                const unsigned k = fkey(l[i]);
+                if ((k & mask) == prefix) atomicAdd(&hcnt[(k >> shift) & 255u], 1u);
+            }
+            __syncthreads();
+            if (tid == 0) {
+                double above = s_above;   // count of keys greater than the prefix range
+                unsigned d = 0;
+                for (int dd = 255; dd >= 0; dd--) {
+                    if (above + hcnt[dd] >= (double)top_k) { d = (unsigned)dd; break; }
+                    above += hcnt[dd];
+                }
+                s_above = above;
+                s_prefix = prefix | (d << shift);
+            }
+            __syncthreads();
+        }
+        pk = PROB(kfloat(s_prefix));
+        __syncthreads();
+    }
+
+    // top-p: the largest kept key K with (kept mass of keys >= K) >= top_p * kept mass
+    double pt = pk;
+    if (top_p > 0.0 && top_p < 1.0) {
+        double ks = 0.0;
+        for (int i = tid; i < V; i += blockDim.x) { const double p = PROB(l[i]); if (p >= pk) ks += p; }
+        const double target = top_p * block_sum_d(ks, red);
+        if (tid == 0) { s_prefix = 0u; s_above = 0.0; }
+        for (int pass = 0; pass < 4; pass++) {
+            const int shift = 24 - 8 * pass;
+            const unsigned mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
+            for (int i = tid; i < 256; i += blockDim.x) { hsum[i] = 0.0; hcnt[i] = 0u; }
+            __syncthreads();
+            const unsigned prefix = s_prefix;
+            for (int i = tid; i < V; i += blockDim.x) {
+                const unsigned k = fkey(l[i]);
+                if ((k & mask) == prefix) {
+                    const double p = PROB(l[i]);
+                    if (p >= pk && p > 0.0) {
+                        atomicAdd(&hsum[(k >> shift) & 255u], p);
+                        atomicAdd(&hcnt[(k >> shift) & 255u], 1u);
+                    }
+                }
+            }
+            __syncthreads();
+            if (tid == 0) {
+                double above = s_above, cum = 0.0;
+                int d = -1;
+                for (int dd = 255; dd >= 0; dd--) {
+                    if (hcnt[dd] == 0u) continue;
+                    if (above + cum + hsum[dd] >= target) { d = dd; break; }
+                    cum += hsum[dd];
+                }
+                if (d < 0) {  // rounding: the mass never reaches the target; fall to the smallest kept
+                    for (int dd = 0; dd < 256; dd++) if (hcnt[dd]) { d = dd; break; }
+                    cum = 0.0;
+                    for (int dd = 255; dd > d; dd--) cum += hsum[dd];
+                    if (d < 0) d = 0;
+                }
+                s_above = above + cum;
+                s_prefix = prefix | ((unsigned)d << shift);
+            }
+            __syncthreads();
+        }
+        pt = PROB(kfloat(s_prefix));
+        __syncthreads();
+    }
+
+    // walk the kept tokens in index order: thread tid owns a contiguous segment
+    const int seg = (V + blockDim.x - 1) / blockDim.x;
+    const int i0 = tid * seg, i1 = min(V, i0 + seg);
+    double local = 0.0;
+    for (int i = i0; i < i1; i++) { const double p = PROB(l[i]); if (p >= pt) local += p; }
+    // exclusive block scan of local sums (double): warp scan then warp totals
+    const int lane = tid & 31, warp = tid >> 5;
+    double incl = local;
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+        const double t = __shfl_up_sync(0xffffffffu, incl, o);
+        if (lane >= o) incl += t;
+    }
+    __syncthreads();
+    if (lane == 31) red[warp] = incl;
+    if (tid == 0) s_best = 0x7fffffff;
+    __syncthreads();
+    double wprefix = 0.0, total = 0.0;
+    const int nw = blockDim.x >> 5;
+    for (int w = 0; w < nw; w++) { if (w < warp) wprefix += red[w]; total += red[w]; }
+    const long long rid = rows[seqidx ? seqidx[r] : r];
+    const double x = uniform01(seed, (unsigned long long)rid, (unsigned long long)step) * total;
+    double run = wprefix + incl - local;
+    if (run + local > x) {
+        for (int i = i0; i < i1; i++) {
+            const double p = PROB(l[i]);
+            if (p >= pt) { run += p; if (run > x) { atomicMin(&s_best, i); break; } }
+        }
+    }
+    __syncthreads();
+    if (tid == 0) out[r] = s_best == 0x7fffffff ? V - 1 : s_best;
+#undef PROB
+}

@@ -1,0 +1,164 @@
+"""Command line: `python -m gpt2job {prompts,run,show,validate} ...`.
+
+A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
+"""
+import argparse
+import json
+import os
+import sys
+
+from .errors import UserError, WorkerFailure
+
+EXIT_USAGE = 2
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise UserError(f"{message} (see `python -m gpt2job {self.prog.split()[-1]} -h`)", field="command line")
+
+
+def _positive_int(name, minimum=1):
+    def parse(v):
+        try:
+            n = int(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be an integer, got {v!r}")
+        if n < minimum:
+            raise argparse.ArgumentTypeError(f"{name} must be >= {minimum}, got {n}")
+        return n
+    return parse
+
+
+def _float_in(name, lo, hi, lo_open=False):
+    def parse(v):
+        try:
+            x = float(v)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{name} must be a number, got {v!r}")
+        if not (lo < x if lo_open else lo <= x) or x > hi or x != x:
+            raise argparse.ArgumentTypeError(f"{name} must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}")
+        return x
+    return parse
+
+
+def build_parser():
+    p = Parser(prog="gpt2job", description="Batch GPT-2 generation: HDF5 prompts in, HDF5 completions out.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    pr = sub.add_parser("prompts", help="text or JSONL file -> input HDF5",
+                        description="Convert a text file (one prompt per line; blank lines are skipped) or a "
+                                    "JSONL file (each line a JSON string, or an object with 'prompt'/'text' or "
+                                    "'tokens') into an input HDF5 file.")
+    pr.add_argument("source", help="prompts file: .txt (one per line) or .jsonl")
+    pr.add_argument("output", help="input HDF5 file to write")
+    pr.add_argument("--tokenize", action="store_true",
+                    help="store token ids ('prompt_tokens') instead of text ('prompts'); needs the tokenizer")
+    pr.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+
+    r = sub.add_parser("run", help="run a generation job (under mpirun: rank 0 is the master)",
+                       description="Generate completions for every prompt of IN and write them to OUT. "
+                                   "Run it under mpirun for many workers; rank 0 is the master.")
+    r.add_argument("input", help="input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids)")
+    r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
+    r.add_argument("--model", default="random:gpt2",
+                   help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
+                        "float32 .bin file, or random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] "
+                        "(seeded random weights of the real shapes). Default: random:gpt2")
+    r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
+                   help="tokens to generate per prompt (default 16)")
+    r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
+    r.add_argument("--temperature", type=_float_in("--temperature", 0, 100), default=0.0,
+                   help="sampling temperature; 0 (default) is greedy argmax")
+    r.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0,
+                   help="sample only among the K most likely tokens (0: no limit)")
+    r.add_argument("--top-p", type=_float_in("--top-p", 0, 1, lo_open=True), default=1.0,
+                   help="nucleus sampling: the smallest set of tokens holding this probability (default 1.0)")
+    r.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+                   help="sampling seed; the same seed gives the same completions for any ranks/chunks")
+    r.add_argument("--backend", choices=("numpy", "cuda", "auto"), default="auto",
+                   help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible)")
+    r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
+                   help="float32 (exact, default) or float16 (tensor cores; cuda only)")
+    r.add_argument("--chunk-size", type=_positive_int("--chunk-size", 0), default=0,
+                   help="prompts per work chunk (0, default: adaptive)")
+    r.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
+    r.add_argument("--overwrite", action="store_true", help="replace a finished or different output")
+    r.add_argument("--skip-invalid", action="store_true",
+                   help="run the valid prompts and mark invalid ones 'invalid' instead of refusing to start")
+    r.add_argument("--validate", metavar="ANSWER",
+                   help="afterwards compare completion tokens with ANSWER: an int32 file [N, new_tokens] or "
+                        "another output file; exit code 4 if the mismatch rate exceeds the tolerance")
+    r.add_argument("--validate-tolerance", type=_float_in("--validate-tolerance", 0, 1), default=0.0005,
+                   help="allowed fraction of mismatched tokens (default 0.0005 = 0.05%%)")
+    r.add_argument("--share-gpus", action="store_true", help="allow more workers on a node than it has GPUs")
+    r.add_argument("--chunk-timeout", type=_float_in("--chunk-timeout", 1, 1e9), default=120.0,
+                   help="least seconds a worker gets for a chunk before it counts as hung (scaled up with the "
+                        "chunk's size and the worker's speed; default 120)")
+    r.add_argument("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
+                   help="seconds between progress lines when output is not a terminal (default 10)")
+
+    sh = sub.add_parser("show", help="print results of an output file")
+    sh.add_argument("output")
+    sh.add_argument("--limit", type=_positive_int("--limit", 0), default=10, help="rows to print (default 10)")
+    sh.add_argument("--start", type=_positive_int("--start", 0), default=0, help="first row to print")
+
+    v = sub.add_parser("validate", help="compare an output's tokens with expected tokens")
+    v.add_argument("output")
+    v.add_argument("answer", help="int32 file [N, new_tokens] or another output file")
+    v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)
+    return p
+
+
+def cmd_run(a):
+    from .job import run_job
+    from .settings import JobSettings
+    if a.backend == "numpy" and a.dtype == "float16":
+        raise UserError("float16 runs only on the cuda backend", field="--dtype",
+                        fix="use --dtype float32 with --backend numpy")
+    s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
+                    ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
+                    seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
+                    vocab_dir=a.vocab_dir, overwrite=a.overwrite, skip_invalid=a.skip_invalid,
+                    validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
+                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval)
+    return run_job(s)
+
+
+def cmd_prompts(a):
+    from .prompt_files import convert
+    return convert(a.source, a.output, tokenize=a.tokenize, vocab_dir=a.vocab_dir, overwrite=a.overwrite)
+
+
+def cmd_show(a):
+    from .show import show
+    return show(a.output, a.start, a.limit)
+
+
+def cmd_validate(a):
+    from .validate import report_validation
+    return report_validation(a.output, a.answer, a.tolerance)
+
+
+def _is_worker_rank():
+    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
+        v = os.environ.get(var)
+        if v is not None:
+            return v != "0"
+    return False
+
+
+def main(argv=None):
+    try:
+        a = build_parser().parse_args(argv)
+        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate}[a.command](a)
+    except UserError as e:
+        if not _is_worker_rank():
+            sys.stderr.write(f"gpt2job: error: {e}\n")
+        return EXIT_USAGE
+    except WorkerFailure as e:
+        sys.stderr.write(f"gpt2job: error: {e}\n")
+        return 3
+    except KeyboardInterrupt:
+        sys.stderr.write("gpt2job: interrupted; completed rows are kept: run the same command again to resume\n")
+        return 130

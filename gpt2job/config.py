@@ -1,0 +1,89 @@
+"""GPT-2 model configuration (architecture hyper-parameters) and the published size presets."""
+from dataclasses import dataclass, asdict
+
+from .errors import UserError
+
+EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
+
+SUPPORTED_ACTIVATIONS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu")
+
+
+@dataclass(frozen=True)
+class GPT2Config:
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    n_positions: int = 1024
+    vocab_size: int = 50257
+    layer_norm_epsilon: float = 1e-5
+    activation_function: str = "gelu_new"
+    scale_attn_by_inverse_layer_idx: bool = False
+    eos_token_id: int = EOT_TOKEN
+    n_inner: int = 0  # 0 means 4 * n_embd
+
+    @property
+    def d_head(self):
+        return self.n_embd // self.n_head
+
+    @property
+    def d_mlp(self):
+        return self.n_inner or 4 * self.n_embd
+
+    def to_dict(self):
+        return asdict(self)
+
+
+PRESETS = {
+    "gpt2": GPT2Config(n_layer=12, n_head=12, n_embd=768),
+    "gpt2-medium": GPT2Config(n_layer=24, n_head=16, n_embd=1024),
+    "gpt2-large": GPT2Config(n_layer=36, n_head=20, n_embd=1280),
+    "gpt2-xl": GPT2Config(n_layer=48, n_head=25, n_embd=1600),
+}
+
+
+def config_from_hf_dict(d, path="config.json"):
+    """Build a GPT2Config from a Hugging Face config.json dictionary, refusing what we cannot run."""
+    def get(*names, default=None):
+        for n in names:
+            if n in d and d[n] is not None:
+                return d[n]
+        return default
+
+    try:
+        cfg = GPT2Config(
+            n_layer=int(get("n_layer", "num_hidden_layers", default=12)),
+            n_head=int(get("n_head", "num_attention_heads", default=12)),
+            n_embd=int(get("n_embd", "hidden_size", default=768)),
+            n_positions=int(get("n_positions", "max_position_embeddings", default=1024)),
+            vocab_size=int(get("vocab_size", default=50257)),
+            layer_norm_epsilon=float(get("layer_norm_epsilon", default=1e-5)),
+            activation_function=str(get("activation_function", default="gelu_new")),
+            scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", default=False)),
+            eos_token_id=int(get("eos_token_id", default=EOT_TOKEN)),
+            n_inner=int(get("n_inner", default=0) or 0),
+        )
+    except (TypeError, ValueError) as e:
+        raise UserError(f"malformed value ({e})", path, "config", "write integer sizes as in GPT-2's config.json")
+    mt = d.get("model_type", "gpt2")
+    if mt != "gpt2":
+        raise UserError(f"model_type is {mt!r}, only 'gpt2' is supported", path, "model_type",
+                        "give a GPT-2 checkpoint")
+    if d.get("reorder_and_upcast_attn"):
+        # Numerically the same function up to rounding; we always compute attention scores in float32.
+        pass
+    validate_config(cfg, path)
+    return cfg
+
+
+def validate_config(cfg, path):
+    for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
+        if getattr(cfg, name) <= 0:
+            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}", path, name,
+                            "fix the model config")
+    if cfg.n_embd % cfg.n_head:
+        raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", path, "n_head",
+                        "fix the model config")
+    if cfg.activation_function not in SUPPORTED_ACTIVATIONS:
+        raise UserError(f"activation_function {cfg.activation_function!r} is not supported "
+                        f"(supported: {', '.join(SUPPORTED_ACTIVATIONS)})", path, "activation_function",
+                        "use a GPT-2 checkpoint with gelu_new")

@@ -1,0 +1,428 @@
+"""The CUDA backend: the whole GPT-2 forward pass and token selection on one GPU, kernels in cuda_src/*.cu.
+
+pycuda is imported only inside this module (lazily, from CudaBackend.__init__), so the rest of the
+package imports without it. The GPU is chosen from local_rank before CUDA creates a context.
+
+Work layout per chunk:
+  * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its
+    sequence slot and position; ragged causal attention reads the slot's KV cache; the LM head and token
+    selection run only on each prompt's last position.
+  * decode: one row per still-active sequence (finished sequences are dropped from the work), one token
+    id per row uploaded, one token id per row downloaded; logits never leave the GPU.
+  * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group.
+    Sequences are grouped so the cache fits the memory budget; prefill passes are capped at
+    max_prefill_rows tokens.
+Precisions: "float32" (plain FP32 FMA GEMM, no TF32) and "float16" (mma.sync tensor cores with fp32
+accumulation; residual stream, layer-norm statistics, softmax and logits in fp32).
+
+Overlap: submit(chunk) uploads a chunk's tokens from a pinned buffer on a copy stream and returns at
+once; result() runs the oldest submitted chunk on the compute stream. generate_many(chunks) submits
+chunk i+1 before computing chunk i, so the upload overlaps the compute. self.timeline gets one dict per
+chunk with CUDA-event times (ms since the backend started) of its upload, compute and last download.
+"""
+import collections
+import math
+
+import numpy as np
+
+from .backend import Backend, Completions, FINISH_LENGTH, FINISH_STOP
+from .errors import UserError
+
+_TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
+
+
+class _Upload:
+    """A pinned host buffer + device buffer pair for one in-flight chunk upload."""
+
+    def __init__(self):
+        self.host = None
+        self.dev = None
+        self.nbytes = 0
+        self.busy = False
+        self.done_evt = None   # recorded when the copy finished (host buffer reusable)
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self, params, settings, dtype="float32", local_rank=0, share_gpus=False,
+                 max_prefill_rows=131072, head_rows=8192):
+        if dtype not in ("float32", "float16"):
+            raise UserError(f"dtype {dtype!r} is not supported by the cuda backend", None, "dtype",
+                            "use float32 or float16")
+        cfg = params.config
+        if cfg.activation_function == "gelu":
+            self._act_mode = 2
+        elif cfg.activation_function in _TANH_ACTS:
+            self._act_mode = 1
+        else:
+            raise UserError(f"activation_function {cfg.activation_function!r} is not supported by the cuda backend",
+                            None, "activation_function", "use gelu_new or gelu")
+        if cfg.d_head > 128:
+            raise UserError(f"head size {cfg.d_head} > 128 is not supported by the cuda backend", None, "n_head",
+                            "use a GPT-2 config with n_embd / n_head <= 128")
+        if dtype == "float16" and (cfg.n_embd % 8 or cfg.d_mlp % 8):
+            raise UserError(f"float16 needs n_embd and the MLP width to be multiples of 8 "
+                            f"(got {cfg.n_embd}, {cfg.d_mlp})", None, "dtype", "use --dtype float32")
+        import pycuda.driver as drv
+        self.drv = drv
+        drv.init()
+        count = drv.Device.count()
+        if count == 0:
+            raise UserError("no CUDA GPU is visible", None, "backend", "use --backend numpy or run on a GPU node")
+        if local_rank >= count and not share_gpus:
+            raise UserError(f"{local_rank + 1} ranks on this node but only {count} GPUs", None, "-np",
+                            f"use -np <= {count} ranks per node, or --share-gpus")
+        self.gpu_index = local_rank % count
+        self.dev = drv.Device(self.gpu_index)
+        self.ctx = self.dev.make_context()
+        try:
+            self._setup(params, settings, dtype, local_rank, max_prefill_rows, head_rows)
+        except BaseException:
+            self.ctx.pop()
+            self.ctx.detach()
+            self.ctx = None
+            raise
+
+    # ---------------------------------------------------------------- setup
+
+    def _setup(self, params, settings, dtype, local_rank, max_prefill_rows, head_rows):
+        from .cuda_kernels import Kernels
+        drv = self.drv
+        self.params = params
+        self.cfg = cfg = params.config
+        self.settings = settings
+        self.dtype = dtype
+        self.half = dtype == "float16"
+        self.elt = 2 if self.half else 4
+        self.max_prefill_rows = int(max_prefill_rows)
+        self.head_rows = int(head_rows)
+        self.k = Kernels(local_rank)
+        self.compute = drv.Stream()
+        self.copy = drv.Stream()
+        self._allocs = []
+        self._bufs = {}
+        C, V = cfg.n_embd, cfg.vocab_size
+        self.V = V
+        self.Vpad = (V + 127) // 128 * 128
+        f32 = np.float32
+
+        def up(a, dt=f32):
+            a = np.ascontiguousarray(a, dtype=dt)
+            g = drv.mem_alloc(max(a.nbytes, 16))
+            drv.memcpy_htod(g, a)
+            self._allocs.append(g)
+            return g
+
+        def wmat(w):   # Conv1D [K, N] -> fp32 [K, N] or fp16 [N, K]
+            return up(np.asarray(w, f32).T, np.float16) if self.half else up(w)
+
+        self.wte = up(params.wte)
+        self.wpe = up(params.wpe)
+        self.layers = []
+        for L in params.layers:
+            self.layers.append({
+                "ln1_w": up(L["ln_1.weight"]), "ln1_b": up(L["ln_1.bias"]),
+                "ln2_w": up(L["ln_2.weight"]), "ln2_b": up(L["ln_2.bias"]),
+                "qkv_w": wmat(L["attn.c_attn.weight"]), "qkv_b": up(L["attn.c_attn.bias"]),
+                "proj_w": wmat(L["attn.c_proj.weight"]), "proj_b": up(L["attn.c_proj.bias"]),
+                "fc_w": wmat(L["mlp.c_fc.weight"]), "fc_b": up(L["mlp.c_fc.bias"]),
+                "fc2_w": wmat(L["mlp.c_proj.weight"]), "fc2_b": up(L["mlp.c_proj.bias"]),
+            })
+        self.lnf_w = up(params.ln_f_w)
+        self.lnf_b = up(params.ln_f_b)
+        head = np.asarray(params.head, f32)                       # [V, C]
+        if self.half:
+            self.head_w = up(head, np.float16)                   # [V, C] = [N, K]
+        else:
+            ht = np.zeros((C, self.Vpad), f32)                   # [C, Vpad] = [K, N] padded
+            ht[:, :V] = head.T
+            self.head_w = up(ht)
+        self._uploads = []
+        self._pending = collections.deque()
+        self.timeline = []
+        self.t0 = drv.Event()
+        self.t0.record(self.compute)
+        self.t0.synchronize()
+        # memory budget for the KV cache: half of what is free after the weights, less the activations
+        free, _total = drv.mem_get_info()
+        d_mlp = cfg.d_mlp
+        act = self.max_prefill_rows * (4 * C + self.elt * (C + 3 * C + C + d_mlp) + 16)
+        act += self.head_rows * (self.Vpad * 4 + C * self.elt)
+        self.kv_budget = max(int(0.6 * (free - act)), 64 << 20)
+        self.tok_host = drv.pagelocked_empty(1, np.int32)
+        self.step_host = drv.pagelocked_empty(1, np.int32)
+
+    def _buf(self, name, nbytes):
+        nbytes = max(int(nbytes), 16)
+        cur = self._bufs.get(name)
+        if cur is None or cur[1] < nbytes:
+            if cur is not None:
+                self.compute.synchronize()
+                cur[0].free()
+            self._bufs[name] = (self.drv.mem_alloc(nbytes), nbytes)
+        return int(self._bufs[name][0])
+
+    def describe(self):
+        return {"backend": self.name, "dtype": self.dtype, "device": self.dev.name(), "gpu_index": self.gpu_index,
+                "compute_capability": "%d.%d" % self.dev.compute_capability()}
+
+    def close(self):
+        if getattr(self, "ctx", None) is None:
+            return
+        try:
+            self.compute.synchronize()
+            self.copy.synchronize()
+        finally:
+            for a in self._allocs:
+                a.free()
+            for b, _ in self._bufs.values():
+                b.free()
+            for u in self._uploads:
+                if u.dev is not None:
+                    u.dev.free()
+            self._allocs, self._bufs, self._uploads = [], {}, []
+            self.ctx.pop()
+            self.ctx.detach()
+            self.ctx = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---------------------------------------------------------------- async chunk API
+
+    def submit(self, chunk):
+        """Validate the chunk and start uploading its tokens on the copy stream; returns at once."""
+        drv = self.drv
+        cfg, gs = self.cfg, self.settings
+        B = len(chunk.rows)
+        offsets = np.asarray(chunk.offsets, np.int64)
+        lens = np.diff(offsets)
+        if B and lens.min() < 1:
+            raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
+        if B and int(lens.max()) + max(gs.max_new_tokens, 1) - 1 > cfg.n_positions:
+            raise UserError(f"prompt length {int(lens.max())} + {gs.max_new_tokens} new tokens exceeds the model's "
+                            f"{cfg.n_positions} positions", None, "max_new_tokens", "use shorter prompts or fewer tokens")
+        tokens = np.asarray(chunk.tokens, np.int32)
+        if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
+            raise UserError("a token id is outside the vocabulary", None, "tokens", "check the tokenizer")
+        T = int(offsets[-1]) if B else 0
+        seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
+        pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
+        last = (offsets[1:] - 1).astype(np.int32)
+        # layout (int32 words): tokens[T] pos[T] seq[T] last[B] arange[B] pad, then rows int64[B]
+        n32 = 3 * T + 2 * B
+        n32 += n32 & 1
+        nbytes = 4 * n32 + 8 * B
+        u = next((x for x in self._uploads if not x.busy), None)
+        if u is None:
+            u = _Upload()
+            self._uploads.append(u)
+        if u.done_evt is not None:
+            u.done_evt.synchronize()
+        if u.nbytes < nbytes:
+            if u.dev is not None:
+                u.dev.free()
+            cap = max(nbytes, 1 << 16) * 5 // 4
+            u.host = drv.pagelocked_empty(cap, np.uint8)
+            u.dev = drv.mem_alloc(cap)
+            u.nbytes = cap
+        u.busy = True
+        h32 = u.host[:4 * n32].view(np.int32)
+        h32[0:T] = tokens[:T]
+        h32[T:2 * T] = pos_of_tok
+        h32[2 * T:3 * T] = seq_of_tok
+        h32[3 * T:3 * T + B] = last
+        h32[3 * T + B:3 * T + 2 * B] = np.arange(B, dtype=np.int32)
+        u.host[4 * n32:nbytes].view(np.int64)[:] = np.asarray(chunk.rows, np.int64)
+        ev0, ev1 = drv.Event(), drv.Event()
+        ev0.record(self.copy)
+        if nbytes:
+            drv.memcpy_htod_async(u.dev, u.host[:nbytes], self.copy)
+        ev1.record(self.copy)
+        u.done_evt = ev1
+        base = int(u.dev)
+        job = {"chunk": chunk, "upload": u, "lens": lens, "offsets": offsets, "B": B, "T": T,
+               "p_tok": base, "p_pos": base + 4 * T, "p_seq": base + 8 * T, "p_last": base + 12 * T,
+               "p_arange": base + 12 * T + 4 * B, "p_rows": base + 4 * n32, "ev_up": (ev0, ev1)}
+        self._pending.append(job)
+        return job
+
+    def result(self):
+        """Compute the oldest submitted chunk; returns its Completions."""
+        job = self._pending.popleft()
+        try:
+            return self._run(job)
+        finally:
+            job["upload"].busy = False
+
+    def generate(self, chunk):
+        self.submit(chunk)
+        return self.result()
+
+    def generate_many(self, chunks):
+        """Yield Completions for each chunk in order; chunk i+1's upload overlaps chunk i's compute."""
+        it = iter(chunks)
+        first = next(it, None)
+        if first is None:
+            return
+        self.submit(first)
+        for c in it:
+            self.submit(c)
+            yield self.result()
+        yield self.result()
+
+    # ---------------------------------------------------------------- the forward pass
+
+    def _gemm(self, A, B_w, C_out, bias, M, N, K, mode, out_half, ldc=None):
+        ldc = N if ldc is None else ldc
+        if self.half:
+            self.k.gemm_f16(self.compute, A, K, B_w, K, C_out, ldc, bias, M, N, K, mode, out_half)
+        else:
+            self.k.gemm_f32(self.compute, A, K, B_w, N, C_out, ldc, bias, M, N, K, mode)
+
+    def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv):
+        """Run the layers on R rows (token ids / positions / slots at the given device pointers).
+        Leaves the residual stream (before ln_f) in buffer x."""
+        cfg, k, st, half = self.cfg, self.k, self.compute, self.half
+        C, H, D, F = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.d_mlp
+        e = self.elt
+        x = self._buf("x", R * C * 4)
+        h = self._buf("h", R * C * e)
+        qkv = self._buf("qkv", R * 3 * C * e)
+        att = self._buf("att", R * C * e)
+        fc = self._buf("fc", R * F * e)
+        k.embed(st, p_tok, p_pos, self.wte, self.wpe, x, R, C)
+        eps = cfg.layer_norm_epsilon
+        for li, L in enumerate(self.layers):
+            kc, vc = kv[li]
+            k.layernorm(st, half, x, None, 0, L["ln1_w"], L["ln1_b"], h, R, C, eps)
+            self._gemm(h, L["qkv_w"], qkv, L["qkv_b"], R, 3 * C, C, 0, True)
+            k.kv_store(st, half, qkv, p_seq, slot_base, p_pos, kc, vc, R, C, S)
+            scale = 1.0 / math.sqrt(D)
+            if cfg.scale_attn_by_inverse_layer_idx:
+                scale /= float(li + 1)
+            k.attention(st, half, qkv, kc, vc, p_seq, slot_base, p_pos, att, R, H, D, S, scale)
+            self._gemm(att, L["proj_w"], x, L["proj_b"], R, C, C, 3, False)
+            k.layernorm(st, half, x, None, 0, L["ln2_w"], L["ln2_b"], h, R, C, eps)
+            self._gemm(h, L["fc_w"], fc, L["fc_b"], R, F, C, self._act_mode, True)
+            self._gemm(fc, L["fc2_w"], x, L["fc2_b"], R, C, F, 3, False)
+        return x
+
+    def _head_select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out):
+        """ln_f on n rows of x (gathered through p_rowidx if given), LM head, token selection into p_out."""
+        cfg, k, st = self.cfg, self.k, self.compute
+        C, V, Vp = cfg.n_embd, self.V, self.Vpad
+        s = self.settings.sampling
+        for g0 in range(0, n, self.head_rows):
+            m = min(self.head_rows, n - g0)
+            hl = self._buf("hl", self.head_rows * C * self.elt)
+            logits = self._buf("logits", self.head_rows * Vp * 4)
+            ridx = p_rowidx + 4 * g0 if p_rowidx else None
+            xin = x if p_rowidx else x + 4 * g0 * C
+            k.layernorm(st, self.half, xin, ridx, idx_base, self.lnf_w, self.lnf_b, hl, m, C, cfg.layer_norm_epsilon)
+            if self.half:
+                k.gemm_f16(st, hl, C, self.head_w, C, logits, Vp, None, m, V, C, 0, False)
+            else:
+                k.gemm_f32(st, hl, C, self.head_w, Vp, logits, Vp, None, m, V, C, 0)
+            if s.greedy:
+                k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
+            else:
+                k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, s.seed, s.temperature, s.top_k,
+                         s.top_p, p_out + 4 * g0, m)
+
+    def _download(self, p_out, n):
+        drv = self.drv
+        if self.tok_host.size < n:
+            self.tok_host = drv.pagelocked_empty(max(n, 1024) * 2, np.int32)
+        ev0, ev1 = drv.Event(), drv.Event()
+        ev0.record(self.compute)
+        drv.memcpy_dtoh_async(self.tok_host[:n], p_out, self.compute)
+        ev1.record(self.compute)
+        ev1.synchronize()
+        self._last_down = (ev0, ev1)
+        return self.tok_host[:n].copy()
+
+    def _run(self, job):
+        drv, cfg, gs = self.drv, self.cfg, self.settings
+        chunk, B, lens, offsets = job["chunk"], job["B"], job["lens"], job["offsets"]
+        C, L = cfg.n_embd, cfg.n_layer
+        out = np.zeros((B, max(gs.max_new_tokens, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
+        gen = np.zeros(B, np.int64)
+        finish = np.full(B, FINISH_LENGTH, np.uint8)
+        self.compute.wait_for_event(job["ev_up"][1])
+        ev_c0 = drv.Event()
+        ev_c0.record(self.compute)
+        self._last_down = None
+        if B and gs.max_new_tokens > 0:
+            Smax = int(lens.max()) + gs.max_new_tokens
+            per_slot = 2 * L * Smax * C * self.elt
+            max_slots = max(1, min(B, self.kv_budget // per_slot))
+            for b0 in range(0, B, max_slots):
+                self._run_group(job, b0, min(B, b0 + max_slots), out, gen, finish)
+        ev_c1 = drv.Event()
+        ev_c1.record(self.compute)
+        ev_c1.synchronize()
+        t = lambda ev: ev.time_since(self.t0)  # noqa: E731
+        entry = {"chunk_id": chunk.chunk_id, "prompts": B, "generated": int(gen.sum()),
+                 "upload": (t(job["ev_up"][0]), t(job["ev_up"][1])), "compute": (t(ev_c0), t(ev_c1))}
+        if self._last_down is not None:
+            entry["download"] = (t(self._last_down[0]), t(self._last_down[1]))
+        self.timeline.append(entry)
+        offs = np.zeros(B + 1, np.int64)
+        np.cumsum(gen, out=offs[1:])
+        flat = out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
+        return Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish)
+
+    def _run_group(self, job, b0, b1, out, gen, finish):
+        drv, cfg, gs = self.drv, self.cfg, self.settings
+        C, L = cfg.n_embd, cfg.n_layer
+        lens, offsets = job["lens"], job["offsets"]
+        ns = b1 - b0
+        S = int(lens[b0:b1].max()) + gs.max_new_tokens
+        per = ns * S * C * self.elt
+        kvbase = self._buf("kv", 2 * L * per)
+        kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
+        tok_dev = self._buf("tok_out", ns * 4)
+        # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
+        pb0 = b0
+        while pb0 < b1:
+            pb1 = pb0 + 1
+            while pb1 < b1 and offsets[pb1 + 1] - offsets[pb0] <= self.max_prefill_rows:
+                pb1 += 1
+            r0, r1 = int(offsets[pb0]), int(offsets[pb1])
+            x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0, b0, S, kv)
+            self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
+                              tok_dev + 4 * (pb0 - b0))
+            pb0 = pb1
+        tok = self._download(tok_dev, ns)
+        active = np.arange(b0, b1)
+        eos = gs.eos_token_id
+        for step in range(gs.max_new_tokens):
+            if step > 0:
+                n = len(active)
+                if self.step_host.size < 3 * n:
+                    self.step_host = drv.pagelocked_empty(max(3 * n, 3072) * 2, np.int32)
+                sh = self.step_host[:3 * n]
+                sh[0:n] = tok
+                sh[n:2 * n] = lens[active] + step - 1
+                sh[2 * n:3 * n] = active
+                sdev = self._buf("step_in", 3 * n * 4)
+                drv.memcpy_htod_async(sdev, sh, self.compute)
+                x = self._forward(n, sdev, sdev + 4 * n, sdev + 8 * n, b0, S, kv)
+                self._head_select(x, n, None, 0, sdev + 8 * n, job["p_rows"], step, tok_dev)
+                tok = self._download(tok_dev, n)
+                # the step buffer is reused next step only after this download synchronised the stream
+            out[active, step] = tok
+            gen[active] = step + 1
+            stop = (tok == eos) if not gs.ignore_eos else np.zeros(len(active), bool)
+            finish[active[stop]] = FINISH_STOP
+            keep = ~stop
+            if step == gs.max_new_tokens - 1:
+                break
+            active, tok = active[keep], tok[keep]
+            if len(active) == 0:
+                break

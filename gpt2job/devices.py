@@ -1,0 +1,41 @@
+"""Which GPU a rank uses: counted and chosen from the environment, before CUDA is initialised."""
+import glob
+import os
+import re
+
+LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
+                   "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
+LOCAL_SIZE_VARS = ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "MV2_COMM_WORLD_LOCAL_SIZE",
+                   "PMI_LOCAL_SIZE", "SLURM_NTASKS_PER_NODE", "LOCAL_WORLD_SIZE")
+
+
+def _first_int(names, default):
+    for n in names:
+        v = os.environ.get(n)
+        if v is not None and v.strip().lstrip("-").isdigit():
+            return int(v)
+    return default
+
+
+def local_rank():
+    """This process's rank among the ranks on its node (0 without a launcher)."""
+    return _first_int(LOCAL_RANK_VARS, 0)
+
+
+def local_size():
+    return _first_int(LOCAL_SIZE_VARS, 1)
+
+
+def gpu_count():
+    """GPUs visible to this process, without initialising CUDA (so a GPU can still be chosen)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        if not ids:
+            return 0
+        return len(ids) if _driver_present() else 0
+    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
+
+
+def _driver_present():
+    return any(re.fullmatch(r"/dev/nvidia\d+", p) for p in glob.glob("/dev/nvidia*"))

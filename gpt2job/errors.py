@@ -1,0 +1,24 @@
+"""User-facing errors: one clear line naming the file, the field and the fix (exit code 2)."""
+
+
+class UserError(Exception):
+    """A mistake the user can fix. Printed as one line, no traceback; the process exits with 2."""
+
+    def __init__(self, message, path=None, field=None, fix=None):
+        self.path = path
+        self.field = field
+        self.fix = fix
+        parts = []
+        if path is not None:
+            parts.append(str(path))
+        if field is not None:
+            parts.append(str(field))
+        head = ": ".join(parts)
+        text = f"{head}: {message}" if head else message
+        if fix:
+            text = f"{text} (fix: {fix})"
+        super().__init__(text)
+
+
+class WorkerFailure(Exception):
+    """Raised on the master when no worker is left to finish the job."""

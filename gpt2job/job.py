@@ -1,0 +1,407 @@
+"""The job: rank 0 is the master (reads and validates input, hands out chunks on demand, writes
+results as they arrive); ranks 1..N-1 are workers (one backend each). With one rank the master
+does the work itself. Work moves as numpy buffers (gpt2job/protocol.py)."""
+import json
+import os
+import socket
+import sys
+import time
+import traceback
+
+import numpy as np
+
+from . import __version__
+from .backend import FINISH_INVALID, Completions, make_backend
+from .config import EOT_TOKEN
+from .devices import local_rank
+from .errors import UserError, WorkerFailure
+from .output import OutputStore
+from .progress import Progress
+from .prompts import read_prompts, validate
+from .protocol import (TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK, decode_chunk,
+                       decode_completions, encode_chunk, encode_completions)
+from .scheduler import Outstanding, Scheduler, WorkerState
+from .settings import JobSettings
+from .tokenizer import load_tokenizer, vocab_dir_from
+from .weights import fingerprint, load_config, load_params
+
+PREFETCH = 2            # chunks out with a worker at once: the next one is there before the current ends
+MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+
+
+def launch_time():
+    """When the job started: run_inference.sh exports it; else this process's start."""
+    try:
+        return float(os.environ["GPT2JOB_LAUNCH_TIME"])
+    except (KeyError, ValueError):
+        from . import PROCESS_START
+        return PROCESS_START
+
+
+def mpi_comm():
+    """COMM_WORLD when started by an MPI launcher, else None (a plain one-process run)."""
+    if not any(v in os.environ for v in MPI_ENV_VARS):
+        return None
+    from mpi4py import MPI
+    return MPI.COMM_WORLD
+
+
+def run_job(s: JobSettings):
+    comm = mpi_comm()
+    if comm is None or comm.Get_size() == 1:
+        return run_master(s, None)
+    if comm.Get_rank() == 0:
+        return run_master(s, comm)
+    return run_worker(s, comm)
+
+
+# ---------------------------------------------------------------- worker
+
+def build_backend(s: JobSettings):
+    params = load_params(s.model)
+    gen = s.generation(params.config.eos_token_id)
+    return make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=local_rank(), share_gpus=s.share_gpus)
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def injected_fault(rank, chunk_number):
+    """Test switch GPT2JOB_FAULT='RANK:K:MODE[,...]': rank RANK fails on its K-th chunk with MODE
+    raise (an exception), hang (stops answering) or exit (the process dies)."""
+    for item in filter(None, os.environ.get("GPT2JOB_FAULT", "").split(",")):
+        r, k, mode = item.split(":")
+        if int(r) == rank and int(k) == chunk_number:
+            if mode == "raise":
+                raise InjectedFault(f"injected fault on rank {rank}, chunk #{chunk_number}")
+            if mode == "hang":
+                while True:
+                    time.sleep(60)
+            if mode == "exit":
+                os._exit(17)
+
+
+def error_info(rank, e, chunk_id=None):
+    return {"rank": rank, "host": socket.gethostname(), "chunk": chunk_id, "user_error": isinstance(e, UserError),
+            "error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e),
+            "traceback": traceback.format_exc(limit=8)}
+
+
+def run_worker(s: JobSettings, comm):
+    from mpi4py import MPI
+    rank = comm.Get_rank()
+    t0 = time.time()
+    try:
+        backend = build_backend(s)
+        hello = {"host": socket.gethostname(), "ready_s": time.time() - launch_time(),
+                 "init_s": time.time() - t0, "preferred_chunk": getattr(backend, "preferred_chunk", 64),
+                 **backend.describe()}
+        comm.send(hello, dest=0, tag=TAG_HELLO)
+    except Exception as e:
+        comm.send(error_info(rank, e), dest=0, tag=TAG_ERROR)
+        _wait_for_stop(comm)
+        return 0
+    queue = []
+    status = MPI.Status()
+    n_done = 0
+    while True:
+        # take every message that is waiting; block only when there is nothing to do
+        while not queue or comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+            comm.Probe(source=0, tag=MPI.ANY_TAG, status=status)
+            if status.Get_tag() == TAG_WORK:
+                buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+                comm.Recv(buf, source=0, tag=TAG_WORK)
+                queue.append(decode_chunk(buf))
+            else:
+                comm.recv(source=0, tag=status.Get_tag())
+                backend.close()
+                return 0
+        chunk = queue.pop(0)
+        n_done += 1
+        try:
+            injected_fault(rank, n_done)
+            t = time.perf_counter()
+            comp = backend.generate(chunk)
+            us = int((time.perf_counter() - t) * 1e6)
+        except Exception as e:
+            comm.send(error_info(rank, e, chunk.chunk_id), dest=0, tag=TAG_ERROR)
+            _wait_for_stop(comm)
+            return 0
+        comm.Send(encode_completions(comp, us), dest=0, tag=TAG_RESULT)
+
+
+def _wait_for_stop(comm):
+    """After reporting a failure: drop any queued work until the master says stop."""
+    from mpi4py import MPI
+    status = MPI.Status()
+    while True:
+        comm.Probe(source=0, tag=MPI.ANY_TAG, status=status)
+        if status.Get_tag() == TAG_WORK:
+            comm.Recv(np.empty(status.Get_count(MPI.INT64_T), np.int64), source=0, tag=TAG_WORK)
+        else:
+            comm.recv(source=0, tag=status.Get_tag())
+            return
+
+
+# ---------------------------------------------------------------- master
+
+class Master:
+    def __init__(self, s: JobSettings, comm):
+        self.s = s
+        self.comm = comm
+        self.store = None
+        self.workers = {}
+        self.hung_ranks = []
+        self.t_ready = None
+        self.t_last = None
+        self.generated = 0
+
+    def log(self, msg):
+        sys.stderr.write(f"gpt2job: {msg}\n")
+        sys.stderr.flush()
+
+    # ---- set-up: input, validation, output
+    def prepare(self):
+        s = self.s
+        cfg = load_config(s.model)
+        self.cfg = cfg
+        vocab_dir = vocab_dir_from(s.vocab_dir)
+        self.prompts = read_prompts(s.input, lambda: load_tokenizer(vocab_dir))
+        val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
+        if val.n_invalid and not s.skip_invalid:
+            raise UserError(val.message(s.input), s.input, self.prompts.source,
+                            "fix those prompts, lower --max-new-tokens, or pass --skip-invalid to mark them "
+                            "'invalid' and run the rest")
+        self.invalid = val.invalid
+        if val.n_invalid:
+            self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
+        try:
+            self.enc = load_tokenizer(vocab_dir)
+        except UserError as e:
+            self.enc = None
+            self.log(f"no tokenizer, so no 'completions' text is written ({e})")
+        key = {"gpt2job_format": 1, "model_fingerprint": fingerprint(s.model),
+               "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
+               "settings": s.result_settings()}
+        attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
+                 "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
+                 "backend": s.backend, "chunk_size": s.chunk_size}
+        self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
+                                 tokenizer=self.enc, overwrite=s.overwrite)
+        if self.store.resumed_rows:
+            self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
+        bad = np.flatnonzero(self.invalid & ~self.store.done)
+        if len(bad):
+            self.store.add(Completions.from_lists(-1, bad, [[] for _ in bad], [FINISH_INVALID] * len(bad)))
+        todo = np.flatnonzero(~self.store.done)
+        self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout)
+        self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
+
+    def record(self, w: WorkerState, comp, compute_us):
+        new_rows = self.store.add(comp)
+        w.rows += new_rows
+        w.tokens += comp.n_generated
+        w.chunks += 1
+        w.compute_s += compute_us / 1e6
+        w.last_progress = time.monotonic()
+        self.generated += comp.n_generated
+        self.t_last = time.time()
+        self.progress.update(new_rows, comp.n_generated)
+
+    # ---- one process: the master computes
+    def run_local(self):
+        w = WorkerState(rank=0, host=socket.gethostname(), ready=True)
+        backend = build_backend(self.s)
+        w.info = backend.describe()
+        w.preferred_chunk = getattr(backend, "preferred_chunk", 64)
+        self.workers = {0: w}
+        self.t_ready = time.time()
+        try:
+            while True:
+                chunk = self.sched.next_chunk(w, 1)
+                if chunk is None:
+                    break
+                t = time.perf_counter()
+                comp = backend.generate(chunk)
+                self.record(w, comp, int((time.perf_counter() - t) * 1e6))
+        finally:
+            backend.close()
+
+    # ---- many processes: serve chunks on demand, never block on one worker
+    def run_mpi(self):
+        from mpi4py import MPI
+        comm = self.comm
+        self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
+        self.sends = []
+        status = MPI.Status()
+        last_check = 0.0
+        while self.sched.rows_left() or any(w.outstanding for w in self.live()):
+            if not self.live():
+                raise self.no_workers_left()
+            if self.t_ready is None and all(w.ready for w in self.live()):
+                self.t_ready = time.time()
+            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                self.handle(status.Get_source(), status.Get_tag(), status)
+                continue
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                self.check_hung(now)
+                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+                if self.store.pending and now - self.store.last_flush > self.store.flush_interval:
+                    self.store.flush()
+            time.sleep(0.0005)
+
+    def live(self):
+        return [w for w in self.workers.values() if not w.retired]
+
+    def handle(self, src, tag, status):
+        from mpi4py import MPI
+        w = self.workers[src]
+        if tag == TAG_RESULT:
+            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv(buf, source=src, tag=TAG_RESULT)
+            comp, us = decode_completions(buf)
+            w.outstanding.pop(comp.chunk_id, None)
+            self.record(w, comp, us)
+            if not w.retired:
+                self.feed(w)
+        elif tag == TAG_HELLO:
+            info = self.comm.recv(source=src, tag=TAG_HELLO)
+            w.ready, w.host, w.info = True, info.get("host", "?"), info
+            w.preferred_chunk = int(info.get("preferred_chunk", 64))
+            w.last_progress = time.monotonic()
+            self.feed(w)
+        elif tag == TAG_ERROR:
+            info = self.comm.recv(source=src, tag=TAG_ERROR)
+            w.host = info.get("host", w.host)
+            where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
+            self.log(f"worker rank {src} on {w.host} failed during {where}: {info['error']}")
+            if not info.get("user_error"):
+                self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
+            w.info = info
+            self.retire(w, f"error during {where}: {info['error']}")
+            self.stop(w)
+        else:
+            self.comm.recv(source=src, tag=tag)
+
+    def feed(self, w):
+        n_active = max(1, len([x for x in self.live() if x.ready]))
+        while len(w.outstanding) < PREFETCH:
+            chunk = self.sched.next_chunk(w, n_active)
+            if chunk is None:
+                return
+            buf = encode_chunk(chunk)
+            self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
+            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
+                                                        len(chunk.rows) * self.s.max_new_tokens)
+
+    def retire(self, w, why):
+        w.retired, w.why_retired = True, why
+        for out in w.outstanding.values():
+            self.sched.give_back(out.chunk)
+        w.outstanding = {}
+        for other in self.live():
+            if other.ready:
+                self.feed(other)
+
+    def check_hung(self, now):
+        for w in self.live():
+            if self.sched.hung(w, now):
+                self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
+                self.hung_ranks.append(w.rank)
+                self.retire(w, "stopped answering (deadline passed)")
+
+    def stop(self, w):
+        self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
+
+    def no_workers_left(self):
+        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
+        done = int(self.store.done.sum())
+        msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
+               f"in {self.s.output}")
+        if all(w.info.get("user_error") for w in self.workers.values()):
+            return UserError(msg, fix="fix the cause above, then run the same command again to resume")
+        return WorkerFailure(msg + "; run the same command again to resume")
+
+    def shutdown_workers(self):
+        if self.comm is None:
+            return
+        for w in self.workers.values():
+            if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
+                self.stop(w)
+        deadline = time.monotonic() + 10
+        while self.sends and time.monotonic() < deadline:
+            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+            time.sleep(0.001)
+
+    # ---- the end
+    def summary(self):
+        t_end = time.time()
+        ready = self.t_ready or t_end
+        span = (self.t_last - ready) if self.t_last else 0.0
+        return {
+            "rows_total": len(self.prompts), "rows_resumed": self.store.resumed_rows,
+            "rows_invalid": int(self.invalid.sum()), "generated_tokens": self.generated,
+            "throughput_tokens_per_s": self.generated / span if span > 0 else None,
+            "time_to_ready_s": ready - launch_time(), "wall_s": t_end - launch_time(),
+            "generation_s": span,
+            "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
+                         "compute_s": round(w.compute_s, 3), "retired": w.why_retired or None,
+                         **{k: w.info.get(k) for k in ("backend", "device", "dtype", "init_s") if k in w.info}}
+                        for w in self.workers.values()],
+        }
+
+
+def print_summary(sm, out=sys.stdout):
+    tput = sm["throughput_tokens_per_s"]
+    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid), "
+              f"{sm['generated_tokens']} tokens generated\n")
+    out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (all ranks ready -> last result, "
+              f"{sm['generation_s']:.2f} s); time to ready {sm['time_to_ready_s']:.2f} s; "
+              f"wall {sm['wall_s']:.2f} s\n" if tput else
+              f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
+    for w in sm["workers"]:
+        extra = f", retired: {w['retired']}" if w.get("retired") else ""
+        out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
+                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s{extra}\n")
+    out.flush()
+
+
+def run_master(s: JobSettings, comm):
+    m = Master(s, comm)
+    try:
+        m.prepare()
+        if comm is None:
+            m.run_local()
+        else:
+            m.run_mpi()
+        m.progress.close()
+        sm = m.summary()
+        m.store.finish(sm)
+        m.shutdown_workers()
+        print_summary(sm)
+    except BaseException:
+        if m.store is not None:
+            m.store.close()
+        m.shutdown_workers() if m.workers else _stop_all(comm)
+        raise
+    if m.hung_ranks:
+        m.log(f"the output is complete, but rank(s) {m.hung_ranks} still hang; ending them with MPI_Abort")
+        comm.Abort(0)
+    if s.validate:
+        from .validate import report_validation
+        return report_validation(s.output, s.validate, s.validate_tolerance)
+    return 0
+
+
+def _stop_all(comm):
+    """Tell every worker to stop when the master fails before it knew them (bad input, bad flags)."""
+    if comm is None:
+        return
+    reqs = [comm.isend("stop", dest=r, tag=TAG_STOP) for r in range(1, comm.Get_size())]
+    deadline = time.monotonic() + 10
+    while reqs and time.monotonic() < deadline:
+        reqs = [r for r in reqs if not r.Test()]
+        time.sleep(0.001)

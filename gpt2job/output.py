@@ -1,0 +1,331 @@
+"""Durable output: an append-only journal (fsynced per chunk) plus the HDF5 file the user reads.
+
+Results are durable the moment their journal record is synced. The HDF5 file is written as results
+arrive (flushed every few seconds); if a kill leaves it damaged, the next run rebuilds it from the
+journal. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
+journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is
+resumed only by the same model, input and settings.
+
+HDF5 layout (row i answers prompt i):
+  completion_tokens  vlen int32 [N]   generated token ids (the truth; includes the stop token)
+  completions        vlen str   [N]   decoded text without the stop token (when a tokenizer is known)
+  text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;
+                                      0 when invalid UTF-8 or NUL had to be replaced by U+FFFD
+  done               uint8      [N]   1 when the row is complete
+  finish_reason      vlen str   [N]   "length", "stop", "invalid" ("" while not done)
+  prompt_length      int32      [N]
+  attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
+              finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
+"""
+import errno
+import json
+import os
+import struct
+import time
+import zlib
+
+import numpy as np
+
+from .backend import FINISH_NAMES, FINISH_STOP, Completions
+from .errors import UserError
+from .protocol import decode_completions, encode_completions
+
+MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
+REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
+JOURNAL_SUFFIX = ".journal"
+
+
+def _io_error(path, e, what="write"):
+    reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
+    fix = "free disk space, then run the same command again to resume" if getattr(e, "errno", None) in (
+        errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions, then run the same command again"
+    return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
+
+
+# ---------------------------------------------------------------- journal
+
+def _read_journal(path):
+    """-> (header dict or None, list of (Completions) records, offset of the end of the last good record)."""
+    records, header, good_end = [], None, 0
+    with open(path, "rb") as f:
+        data = f.read()
+    pos = 0
+    while pos + REC_HEAD.size <= len(data):
+        magic, n, crc = REC_HEAD.unpack_from(data, pos)
+        payload = data[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
+        if magic not in (MAGIC_HEAD, MAGIC_REC) or len(payload) != n or zlib.crc32(payload) != crc:
+            break  # a record cut short by a kill or a full disk: everything before it is good
+        if magic == MAGIC_HEAD:
+            if header is not None:
+                break
+            header = json.loads(payload.decode())
+        else:
+            if header is None:
+                break
+            records.append(decode_completions(np.frombuffer(payload, "<i8"))[0])
+        pos += REC_HEAD.size + n
+        good_end = pos
+    return header, records, good_end
+
+
+class Journal:
+    def __init__(self, path, header=None, truncate_at=None):
+        self.path = path
+        try:
+            if header is not None:
+                self.f = open(path, "wb")
+                self._append(MAGIC_HEAD, json.dumps(header, sort_keys=True).encode())
+            else:
+                self.f = open(path, "r+b")
+                self.f.truncate(truncate_at)
+                self.f.seek(truncate_at)
+        except OSError as e:
+            raise _io_error(path, e)
+
+    def _append(self, magic, payload):
+        self.f.write(REC_HEAD.pack(magic, len(payload), zlib.crc32(payload)) + payload)
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def append(self, comp: Completions):
+        try:
+            self._append(MAGIC_REC, encode_completions(comp).astype("<i8").tobytes())
+        except OSError as e:
+            raise _io_error(self.path, e)
+
+    def close(self):
+        try:
+            self.f.close()
+        except OSError:
+            pass
+
+
+# ---------------------------------------------------------------- HDF5 output
+
+def row_text(enc, tokens, finish):
+    """Decoded text of one row and whether it is exact (no replacement needed)."""
+    toks = tokens[:-1] if finish == FINISH_STOP and len(tokens) else tokens
+    try:
+        raw = enc.decode_bytes([int(t) for t in toks])
+    except (KeyError, ValueError):
+        return "", False
+    try:
+        text = raw.decode("utf-8")
+        exact = True
+    except UnicodeDecodeError:
+        text, exact = raw.decode("utf-8", errors="replace"), False
+    if "\x00" in text:  # HDF5 strings cannot hold NUL
+        text, exact = text.replace("\x00", "\ufffd"), False
+    return text, exact
+
+
+def read_status(path):
+    """(finished, settings key dict or None) of an existing output, or raises UserError if it is not ours."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            key = json.loads(f.attrs["resume_key"]) if "resume_key" in f.attrs else None
+            return bool(f.attrs.get("finished", 0)), key
+    except (OSError, ValueError, KeyError):
+        return None, None
+
+
+def _contiguous_runs(sorted_rows):
+    """Split sorted row indices into (start, stop, slice in the input) runs."""
+    if len(sorted_rows) == 0:
+        return []
+    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
+    starts = np.concatenate([[0], breaks])
+    stops = np.concatenate([breaks, [len(sorted_rows)]])
+    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1, a, b) for a, b in zip(starts, stops)]
+
+
+class OutputStore:
+    """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
+
+    def __init__(self, path, n_rows, key, prompt_lengths, attrs=None, tokenizer=None, overwrite=False,
+                 flush_interval=2.0):
+        self.path = os.path.abspath(path)
+        self.attrs = attrs or {}
+        self.journal_path = self.path + JOURNAL_SUFFIX
+        self.n = n_rows
+        self.key = key
+        self.prompt_lengths = prompt_lengths
+        self.enc = tokenizer
+        self.flush_interval = flush_interval
+        self.done = np.zeros(n_rows, dtype=bool)
+        self.pending = []
+        self.last_flush = time.monotonic()
+        self.resumed_rows = 0
+        self._open(overwrite)
+
+    # ---- opening: fresh, resume, or refuse
+    def _open(self, overwrite):
+        out_dir = os.path.dirname(self.path)
+        if not os.path.isdir(out_dir):
+            raise UserError("folder does not exist", self.path, "output", f"create {out_dir} first")
+        exists, jexists = os.path.exists(self.path), os.path.exists(self.journal_path)
+        if overwrite:
+            for p in (self.path, self.journal_path):
+                if os.path.exists(p):
+                    os.remove(p)
+            exists = jexists = False
+        records = []
+        if jexists:
+            header, records, end = _read_journal(self.journal_path)
+            if header is None:
+                records, jexists = [], False
+            else:
+                self._check_key(header, self.journal_path)
+        if exists and not jexists:
+            finished, key = read_status(self.path)
+            if finished is None:
+                raise UserError("exists and is not a gpt2job output (or is damaged with no journal)", self.path,
+                                "output", "choose another output path, or pass --overwrite to replace it")
+            self._check_key(key, self.path)
+            if finished:
+                raise UserError("is already complete", self.path, "output",
+                                "choose another output path, or pass --overwrite to compute it again")
+            records = self._records_from_h5()
+        for r in records:
+            self.done[r.rows] = True
+        self.resumed_rows = int(self.done.sum())
+        # Rebuild the HDF5 file from what is known to be complete, then journal from there on.
+        self._create_h5(self.path + ".tmp", records)
+        os.replace(self.path + ".tmp", self.path)
+        if jexists:
+            self.journal = Journal(self.journal_path, truncate_at=end)
+        else:
+            self.journal = Journal(self.journal_path, header=self.key)
+            for r in records:
+                self.journal.append(r)
+        self._reopen_h5()
+
+    def _check_key(self, key, where):
+        if key is None:
+            raise UserError("has no record of its settings", where, "resume_key",
+                            "choose another output path, or pass --overwrite to start over")
+        diff = [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
+        if diff:
+            details = ", ".join(f"{k}: was {key.get(k)!r}, now {self.key.get(k)!r}" for k in diff[:4])
+            raise UserError(f"was started with a different model, input or settings ({details})", where,
+                            "resume", "rerun with the original settings, choose another output path, "
+                                      "or pass --overwrite to start over")
+
+    def _records_from_h5(self):
+        import h5py
+        with h5py.File(self.path, "r") as f:
+            done = np.flatnonzero(f["done"][()] == 1)
+            if len(done) == 0:
+                return []
+            toks = f["completion_tokens"][()]
+            reasons = f["finish_reason"][()]
+        codes = {v: k for k, v in FINISH_NAMES.items()}
+        finish = [codes.get(r.decode() if isinstance(r, bytes) else r, 0) for r in reasons[done]]
+        return [Completions.from_lists(-1, done, [toks[i] for i in done], finish)]
+
+    def _create_h5(self, path, records):
+        import h5py
+        try:
+            with h5py.File(path, "w") as f:
+                vint = h5py.vlen_dtype(np.int32)
+                vstr = h5py.string_dtype("utf-8")
+                f.create_dataset("completion_tokens", (self.n,), dtype=vint)
+                if self.enc is not None:
+                    f.create_dataset("completions", (self.n,), dtype=vstr)
+                    f.create_dataset("text_exact", (self.n,), dtype=np.uint8)
+                f.create_dataset("done", (self.n,), dtype=np.uint8)
+                f.create_dataset("finish_reason", (self.n,), dtype=vstr)
+                f.create_dataset("prompt_length", data=self.prompt_lengths.astype(np.int32))
+                for k, v in {**self.key, **self.attrs}.items():
+                    f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
+                f.attrs["resume_key"] = json.dumps(self.key, sort_keys=True)
+                f.attrs["finished"] = 0
+                for r in records:
+                    self._write_rows(f, r)
+        except OSError as e:
+            raise _io_error(path, e)
+
+    def _reopen_h5(self):
+        import h5py
+        try:
+            self.h5 = h5py.File(self.path, "r+")
+        except OSError as e:
+            raise _io_error(self.path, e)
+
+    def _write_rows(self, f, comp: Completions):
+        order = np.argsort(comp.rows, kind="stable")
+        rows = comp.rows[order]
+        toks = [comp.row_tokens(i) for i in order]
+        fin = comp.finish[order]
+        texts = [row_text(self.enc, t, c) for t, c in zip(toks, fin)] if self.enc is not None else None
+        for start, stop, a, b in _contiguous_runs(rows):
+            tok_obj = np.empty(b - a, dtype=object)
+            for k, t in enumerate(toks[a:b]):  # one by one: equal-length rows must not become a 2-D array
+                tok_obj[k] = np.asarray(t, np.int32)
+            # write_direct: slice assignment mistakes equal-length rows for a 2-D array
+            f["completion_tokens"].write_direct(tok_obj, dest_sel=np.s_[start:stop])
+            f["finish_reason"][start:stop] = [FINISH_NAMES[int(c)] for c in fin[a:b]]
+            if texts is not None:
+                f["completions"][start:stop] = [t for t, _ in texts[a:b]]
+                f["text_exact"][start:stop] = np.array([e for _, e in texts[a:b]], np.uint8)
+            f["done"][start:stop] = 1
+
+    # ---- while running
+    def remaining_rows(self):
+        return np.flatnonzero(~self.done)
+
+    def add(self, comp: Completions):
+        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns the number
+        of rows that were new (a late duplicate from a retired worker adds nothing)."""
+        new = ~self.done[comp.rows]
+        if not new.any():
+            return 0
+        if not new.all():
+            keep = np.flatnonzero(new)
+            comp = Completions.from_lists(comp.chunk_id, comp.rows[keep], [comp.row_tokens(i) for i in keep],
+                                          comp.finish[keep])
+        self.journal.append(comp)
+        self.done[comp.rows] = True
+        self.pending.append(comp)
+        if time.monotonic() - self.last_flush >= self.flush_interval:
+            self.flush()
+        return len(comp.rows)
+
+    def flush(self):
+        try:
+            for comp in self.pending:
+                self._write_rows(self.h5, comp)
+            self.pending = []
+            self.h5.flush()
+        except OSError as e:
+            raise _io_error(self.path, e)
+        self.last_flush = time.monotonic()
+
+    def finish(self, summary):
+        """Write the last rows and the summary, mark the file finished, drop the journal."""
+        self.flush()
+        try:
+            self.h5.attrs["summary"] = json.dumps(summary, sort_keys=True)
+            self.h5.attrs["finished"] = 1
+            self.h5.close()
+            fd = os.open(self.path, os.O_RDONLY)
+            os.fsync(fd)
+            os.close(fd)
+        except OSError as e:
+            raise _io_error(self.path, e)
+        self.journal.close()
+        os.remove(self.journal_path)
+
+    def close(self):
+        """Leave an unfinished output resumable (after an error)."""
+        try:
+            self.flush()
+        except Exception:  # the journal already holds every completed row
+            pass
+        for closer in (getattr(self, "h5", None), getattr(self, "journal", None)):
+            try:
+                if closer is not None:
+                    closer.close()
+            except Exception:
+                pass

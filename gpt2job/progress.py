@@ -1,0 +1,54 @@
+"""Progress while a job runs: a bar on a terminal, periodic lines in a log."""
+import sys
+import time
+
+
+def fmt_duration(s):
+    if s is None or s != s or s == float("inf"):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
+
+
+class Progress:
+    def __init__(self, total, already=0, interval=10.0, stream=None):
+        self.total = total
+        self.done = already
+        self.already = already
+        self.tokens = 0
+        self.stream = stream or sys.stderr
+        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.interval = 0.2 if self.tty else interval
+        self.start = time.monotonic()
+        self.last = 0.0
+
+    def update(self, rows, tokens, force=False):
+        self.done += rows
+        self.tokens += tokens
+        now = time.monotonic()
+        if force or now - self.last >= self.interval:
+            self.last = now
+            self.show(now)
+
+    def show(self, now=None):
+        now = time.monotonic() if now is None else now
+        el = max(now - self.start, 1e-9)
+        rate = self.tokens / el
+        rows_rate = (self.done - self.already) / el
+        eta = (self.total - self.done) / rows_rate if rows_rate > 0 else None
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        text = (f"{self.done}/{self.total} prompts ({pct:.1f}%), {rate:,.0f} tokens/s, "
+                f"elapsed {fmt_duration(el)}, ETA {fmt_duration(eta)}")
+        if self.tty:
+            width = 30
+            filled = int(width * pct / 100)
+            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {text}\x1b[K")
+        else:
+            self.stream.write(f"progress: {text}\n")
+        self.stream.flush()
+
+    def close(self):
+        if self.tty:
+            self.show()
+            self.stream.write("\n")
+            self.stream.flush()

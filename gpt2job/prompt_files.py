@@ -1,0 +1,74 @@
+"""`python -m gpt2job prompts`: a text or JSONL prompts file -> an input HDF5 file."""
+import json
+import os
+
+import numpy as np
+
+from .errors import UserError
+
+
+def read_prompt_file(path):
+    """-> (list of texts or None, list of token lists or None)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(f"not valid UTF-8 (byte {e.start})", path, "source", "save the file as UTF-8")
+    if "\x00" in text:
+        raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
+    if not path.endswith((".jsonl", ".ndjson")):
+        return [line for line in text.splitlines() if line.strip()], None
+    texts, tokens = [], []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"line {n} is not JSON ({e.msg})", path, f"line {n}", "write one JSON value per line")
+        if isinstance(obj, dict):
+            obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
+        if isinstance(obj, str):
+            if "\x00" in obj:
+                raise UserError(f"line {n} contains a NUL character", path, f"line {n}", "remove it")
+            texts.append(obj)
+        elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
+            tokens.append(obj)
+        else:
+            raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
+                            'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
+    if texts and tokens:
+        raise UserError("mixes text prompts and token prompts", path, "source", "use one kind per file")
+    return (texts, None) if texts or not tokens else (None, tokens)
+
+
+def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False):
+    import h5py
+    texts, tokens = read_prompt_file(source)
+    if os.path.exists(output) and not overwrite:
+        raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
+    if texts is not None and tokenize:
+        from .tokenizer import EOT, load_tokenizer, vocab_dir_from
+        enc = load_tokenizer(vocab_dir_from(vocab_dir))
+        tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
+    tmp = output + ".tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            if texts is not None:
+                f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
+            else:
+                ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
+                for i, t in enumerate(tokens):
+                    ds[i] = np.asarray(t, np.int32)
+            f.attrs["source"] = os.path.abspath(source)
+        os.replace(tmp, output)
+    except OSError as e:
+        raise UserError(f"cannot write ({e})", output, "output", "check the folder and free space")
+    n = len(texts) if texts is not None else len(tokens)
+    kind = "text prompts ('prompts')" if texts is not None else "token prompts ('prompt_tokens')"
+    print(f"gpt2job: wrote {n} {kind} to {output}")
+    return 0

@@ -1,0 +1,162 @@
+"""Input prompts: reading the input HDF5, tokenising text, validating every prompt before work starts.
+
+Input contract: a dataset `prompt_tokens` (variable-length int rows [N] or a 2-D int array [N, T])
+or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both exist.
+"""
+import hashlib
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UserError
+
+DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
+
+
+@dataclass
+class PromptSet:
+    """All prompts as one flat token array: prompt i is tokens[offsets[i]:offsets[i+1]]."""
+    offsets: np.ndarray   # [N+1] int64
+    tokens: np.ndarray    # [total] int64 (wide enough to hold bad ids for the error message)
+    source: str           # which dataset they came from
+
+    def __len__(self):
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self):
+        return np.diff(self.offsets)
+
+    def prompt(self, i):
+        return self.tokens[self.offsets[i]:self.offsets[i + 1]]
+
+    def fingerprint(self):
+        h = hashlib.sha256()
+        h.update(np.ascontiguousarray(self.offsets, "<i8").tobytes())
+        h.update(np.ascontiguousarray(self.tokens, "<i8").tobytes())
+        return "sha256:" + h.hexdigest()[:32]
+
+    @classmethod
+    def from_lists(cls, rows, source):
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum([len(r) for r in rows])
+        tokens = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
+        return cls(offsets, tokens.astype(np.int64), source)
+
+
+def _open_h5(path):
+    import h5py
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise UserError("no such file", path, "input", "check the input path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:120]})", path, "input",
+                        "give an HDF5 file made by `python -m gpt2job prompts`")
+
+
+def read_prompts(path, tokenizer_factory):
+    """Read the prompts of an input file. tokenizer_factory() is called only for text prompts."""
+    import h5py
+    with _open_h5(path) as f:
+        if "prompt_tokens" in f:
+            return _read_token_dataset(path, f["prompt_tokens"])
+        if "prompts" in f:
+            texts = _read_text_dataset(path, f["prompts"])
+        else:
+            raise UserError("no 'prompts' or 'prompt_tokens' dataset", path, "datasets", DATASET_FIX)
+    enc = tokenizer_factory()
+    from .tokenizer import EOT
+    rows = enc.encode_batch(texts, allowed_special={EOT}) if texts else []
+    return PromptSet.from_lists(rows, "prompts")
+
+
+def _read_token_dataset(path, ds):
+    import h5py
+    field = "prompt_tokens"
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError("is a group, not a dataset", path, field, DATASET_FIX)
+    vlen = h5py.check_vlen_dtype(ds.dtype)
+    try:
+        if vlen is not None:
+            if ds.ndim != 1 or vlen.kind not in "iu":
+                raise UserError(f"variable-length rows must be integers in a 1-D dataset (got {vlen}, ndim {ds.ndim})",
+                                path, field, "store token ids as vlen int32 rows [N]")
+            rows = ds[()]
+            return PromptSet.from_lists([np.asarray(r, np.int64) for r in rows], field)
+        if ds.dtype.kind not in "iu" or ds.ndim != 2:
+            raise UserError(f"must be integer token ids, [N, T] or variable-length rows (got dtype {ds.dtype}, "
+                            f"shape {ds.shape})", path, field, "store token ids as int32")
+        arr = ds[()].astype(np.int64)                                            # [N, T]
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
+                        "the file is damaged; write it again")
+    n, t = arr.shape
+    return PromptSet(np.arange(n + 1, dtype=np.int64) * t, arr.reshape(-1), field)
+
+
+def _read_text_dataset(path, ds):
+    import h5py
+    field = "prompts"
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError("is a group, not a dataset", path, field, DATASET_FIX)
+    if ds.ndim != 1 or (h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SUO"):
+        raise UserError(f"must be a 1-D dataset of strings (got dtype {ds.dtype}, shape {ds.shape})", path, field,
+                        "write prompts as variable-length UTF-8 strings")
+    try:
+        raw = ds[()]
+    except (OSError, RuntimeError) as e:
+        raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
+                        "the file is damaged; write it again")
+    texts = []
+    for i, s in enumerate(raw):
+        if isinstance(s, bytes):
+            try:
+                s = s.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
+                                "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
+        elif not isinstance(s, str):
+            s = str(s)
+        texts.append(s)
+    return texts
+
+
+@dataclass
+class Validation:
+    invalid: np.ndarray          # [N] bool
+    reasons: dict                # reason -> indices (int64 array)
+
+    @property
+    def n_invalid(self):
+        return int(self.invalid.sum())
+
+    def message(self, path, limit=10):
+        parts = []
+        for reason, idx in self.reasons.items():
+            if len(idx):
+                first = ", ".join(str(int(i)) for i in idx[:limit])
+                more = ", ..." if len(idx) > limit else ""
+                parts.append(f"{len(idx)} {reason} (rows {first}{more})")
+        return f"{self.n_invalid} of {len(self.invalid)} prompts are invalid: " + "; ".join(parts)
+
+
+def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
+    """Flag empty prompts, prompts longer than n_positions - max_new_tokens, ids outside the vocabulary."""
+    lengths = prompts.lengths                                                   # [N]
+    limit = n_positions - max_new_tokens
+    empty = lengths == 0
+    too_long = lengths > limit
+    bad_tok = np.zeros(len(prompts), dtype=bool)
+    if prompts.tokens.size:
+        bad = (prompts.tokens < 0) | (prompts.tokens >= vocab_size)             # [total]
+        if bad.any():
+            row_of = np.searchsorted(prompts.offsets, np.flatnonzero(bad), side="right") - 1
+            bad_tok[np.unique(row_of)] = True
+    reasons = {
+        "empty": np.flatnonzero(empty),
+        f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens})":
+            np.flatnonzero(too_long),
+        f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok),
+    }
+    return Validation(empty | too_long | bad_tok, reasons)

@@ -1,0 +1,103 @@
+"""Read and write the safetensors format with NumPy alone (no pickle, no extra dependency).
+
+Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape, data_offsets}},
+then the raw little-endian tensor bytes. Reading validates every entry against the file size.
+"""
+import json
+import os
+import struct
+
+import numpy as np
+
+from .errors import UserError
+
+DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+          "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
+          "BOOL": np.bool_}
+NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+         np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
+MAX_HEADER = 100 * 1024 * 1024
+
+
+def read_header(path):
+    """Returns (header dict without __metadata__, data start offset, file size)."""
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise UserError("file is too short to be safetensors", path, "header",
+                                "re-save the checkpoint with save_pretrained(safe_serialization=True)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER or 8 + n > size:
+                raise UserError(f"header size {n} is larger than the file", path, "header",
+                                "the file is truncated or not safetensors; copy it again")
+            raw = f.read(n)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "file", "check the path and permissions")
+    try:
+        header = json.loads(raw.decode("utf-8"))
+        if not isinstance(header, dict):
+            raise ValueError("header is not an object")
+    except (UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"header is not valid JSON ({e})", path, "header",
+                        "the file is corrupt; copy or re-save it")
+    header.pop("__metadata__", None)
+    start = 8 + n
+    for name, info in header.items():
+        try:
+            dt = DTYPES[info["dtype"]]
+            shape = [int(s) for s in info["shape"]]
+            a, b = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise UserError("malformed tensor entry", path, name, "the file is corrupt; copy or re-save it")
+        count = int(np.prod(shape)) if shape else 1
+        if min(shape, default=0) < 0 or b < a or b - a != count * np.dtype(dt).itemsize:
+            raise UserError(f"tensor size does not match its shape {shape}", path, name,
+                            "the file is corrupt; copy or re-save it")
+        if start + b > size:
+            raise UserError(f"tensor data runs past the end of the file ({size} bytes)", path, name,
+                            "the file is truncated; copy it again")
+    return header, start, size
+
+
+def load(path, names=None):
+    """Map tensor name -> float32/int ndarray (BF16 and F16 are widened to float32)."""
+    header, start, _ = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, info in header.items():
+            if names is not None and name not in names:
+                continue
+            a, b = info["data_offsets"]
+            f.seek(start + a)
+            buf = f.read(b - a)
+            dt = DTYPES[info["dtype"]]
+            arr = np.frombuffer(buf, dtype=np.dtype(dt).newbyteorder("<")).reshape(info["shape"])
+            if info["dtype"] == "BF16":
+                arr = (arr.astype(np.uint32) << 16).view(np.float32)
+            elif arr.dtype.kind == "f":
+                arr = arr.astype(np.float32)
+            out[name] = arr
+    return out
+
+
+def save(path, tensors, metadata=None):
+    """Write name -> ndarray as safetensors (used by tests and by the random-weights exporter)."""
+    header, offset, blobs = {}, 0, []
+    for name, arr in tensors.items():
+        arr = np.ascontiguousarray(arr)
+        data = arr.astype(arr.dtype.newbyteorder("<")).tobytes()
+        header[name] = {"dtype": NAMES[arr.dtype], "shape": list(arr.shape),
+                        "data_offsets": [offset, offset + len(data)]}
+        blobs.append(data)
+        offset += len(data)
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for data in blobs:
+            f.write(data)

@@ -1,0 +1,93 @@
+"""The master's work queue: which rows go into the next chunk, which chunks are out with which
+worker, and which must be handed out again after a worker fails or hangs."""
+import math
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import Chunk
+
+
+@dataclass
+class Outstanding:
+    chunk: Chunk
+    sent_at: float
+    new_tokens: int      # upper bound of tokens to generate (rows x max_new_tokens)
+
+
+@dataclass
+class WorkerState:
+    rank: int
+    host: str = "?"
+    ready: bool = False
+    retired: bool = False
+    why_retired: str = ""
+    preferred_chunk: int = 64
+    outstanding: dict = field(default_factory=dict)   # chunk_id -> Outstanding
+    last_progress: float = 0.0
+    rows: int = 0
+    tokens: int = 0
+    chunks: int = 0
+    compute_s: float = 0.0
+    info: dict = field(default_factory=dict)
+
+    def seconds_per_token(self):
+        return self.compute_s / self.tokens if self.tokens else None
+
+
+class Scheduler:
+    def __init__(self, prompts, rows, max_new_tokens, chunk_size=0, min_deadline=120.0, deadline_factor=10.0):
+        self.prompts = prompts
+        lengths = prompts.lengths[rows]
+        # longest prompts first: homogeneous chunks (little padding) and the long tail early
+        self.queue = deque(rows[np.argsort(-lengths, kind="stable")].tolist())
+        self.retry = deque()
+        self.max_new = max_new_tokens
+        self.chunk_size = chunk_size
+        self.min_deadline = min_deadline
+        self.deadline_factor = deadline_factor
+        self.next_id = 0
+
+    def rows_left(self):
+        return len(self.queue) + sum(len(c.rows) for c in self.retry)
+
+    def next_chunk(self, worker: WorkerState, n_active_workers):
+        if self.retry:
+            return self.retry.popleft()
+        if not self.queue:
+            return None
+        size = self.chunk_size or max(1, min(worker.preferred_chunk,
+                                             math.ceil(len(self.queue) / max(1, 2 * n_active_workers))))
+        rows = np.array([self.queue.popleft() for _ in range(min(size, len(self.queue)))], dtype=np.int64)
+        return self.make_chunk(rows)
+
+    def make_chunk(self, rows):
+        p = self.prompts
+        lens = p.lengths[rows]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        offsets[1:] = np.cumsum(lens)
+        tokens = np.concatenate([p.prompt(r) for r in rows]).astype(np.int32)
+        chunk = Chunk(self.next_id, rows, offsets, tokens)
+        self.next_id += 1
+        return chunk
+
+    def give_back(self, chunk):
+        """A chunk whose worker failed: first in line for the next worker."""
+        self.retry.append(chunk)
+
+    def deadline(self, worker: WorkerState, out: Outstanding):
+        """How long the worker may take for this chunk before it is declared hung."""
+        spt = worker.seconds_per_token()
+        if spt is None:  # first chunk: includes warm-up, be generous
+            return 5 * self.min_deadline
+        return max(self.min_deadline, self.deadline_factor * spt * out.new_tokens)
+
+    def hung(self, worker: WorkerState, now=None):
+        now = time.monotonic() if now is None else now
+        if not worker.outstanding or worker.retired:
+            return False
+        head = min(worker.outstanding.values(), key=lambda o: o.sent_at)
+        started = max(head.sent_at, worker.last_progress)
+        return now - started > self.deadline(worker, head)

@@ -1,0 +1,46 @@
+"""Everything one job run needs, as parsed from the command line (identical on every rank)."""
+from dataclasses import dataclass, asdict
+from typing import Optional
+
+from .backend import GenerationSettings
+from .sampling import SamplingSettings
+
+
+@dataclass(frozen=True)
+class JobSettings:
+    input: str
+    output: str
+    model: str = "random:gpt2"
+    max_new_tokens: int = 16
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+    backend: str = "auto"
+    dtype: str = "float32"
+    chunk_size: int = 0              # 0: adaptive (the backend's preference, smaller near the end)
+    vocab_dir: Optional[str] = None
+    overwrite: bool = False
+    skip_invalid: bool = False
+    validate: Optional[str] = None
+    validate_tolerance: float = 0.0005
+    share_gpus: bool = False
+    chunk_timeout: float = 120.0     # the least time a worker gets for a chunk before it is declared hung
+    progress_interval: float = 10.0  # seconds between progress lines when not on a terminal
+
+    def generation(self, eos_token_id):
+        return GenerationSettings(
+            max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, eos_token_id=eos_token_id,
+            sampling=SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
+                                      seed=self.seed))
+
+    def result_settings(self):
+        """The settings that change the completions: a resume must match them exactly."""
+        d = asdict(self)
+        keep = ("max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p", "seed", "dtype")
+        out = {k: d[k] for k in keep}
+        if self.temperature <= 0:  # greedy: the sampling knobs do not matter
+            for k in ("top_k", "top_p", "seed"):
+                out.pop(k)
+        return out

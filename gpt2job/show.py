@@ -1,0 +1,45 @@
+"""`python -m gpt2job show OUT`: print the state and some rows of an output file."""
+import json
+
+import numpy as np
+
+from .errors import UserError
+
+
+def show(path, start=0, limit=10):
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, ValueError) as e:
+        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:100]})", path, "file",
+                        "give an output file written by gpt2job run")
+    with f:
+        if "completion_tokens" not in f or "done" not in f:
+            raise UserError("not a gpt2job output (no completion_tokens/done)", path, "datasets",
+                            "give an output file written by gpt2job run")
+        done = f["done"][()]
+        n = len(done)
+        state = "finished" if f.attrs.get("finished", 0) else "unfinished (run the same command to resume)"
+        print(f"{path}: {int(done.sum())} of {n} rows done, {state}")
+        print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
+        if "summary" in f.attrs:
+            sm = json.loads(f.attrs["summary"])
+            tput = sm.get("throughput_tokens_per_s")
+            print(f"  generated {sm.get('generated_tokens')} tokens"
+                  + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
+        stop = min(n, start + limit)
+        has_text = "completions" in f
+        for i in range(start, stop):
+            if not done[i]:
+                print(f"[{i}] (not done)")
+                continue
+            reason = f["finish_reason"][i]
+            reason = reason.decode() if isinstance(reason, bytes) else reason
+            toks = np.asarray(f["completion_tokens"][i]).tolist()
+            line = f"[{i}] {reason:7s} {toks}"
+            if has_text:
+                text = f["completions"][i]
+                text = text.decode() if isinstance(text, bytes) else text
+                line += f"  {text!r}" + ("" if f["text_exact"][i] else " (lossy: see completion_tokens)")
+            print(line)
+    return 0

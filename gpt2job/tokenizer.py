@@ -1,0 +1,47 @@
+"""GPT-2 tokenizer: tiktoken's gpt2 encoding, built from local vocab.bpe + encoder.json when a
+directory is given (--vocab-dir or GPT2_VOCAB_DIR), else tiktoken's own download/cache."""
+import os
+
+from .errors import UserError
+
+# The GPT-2 pre-tokenisation pattern (tiktoken_ext/openai_public.py).
+GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
+EOT = "<|endoftext|>"
+
+
+def vocab_dir_from(flag_value):
+    return flag_value or os.environ.get("GPT2_VOCAB_DIR") or None
+
+
+def load_tokenizer(vocab_dir=None):
+    """A tiktoken Encoding for GPT-2. Raises UserError with the fix when none can be built."""
+    import tiktoken
+    if vocab_dir:
+        bpe, enc_json = os.path.join(vocab_dir, "vocab.bpe"), os.path.join(vocab_dir, "encoder.json")
+        for p in (bpe, enc_json):
+            if not os.path.isfile(p):
+                raise UserError("missing", p, "--vocab-dir",
+                                "point --vocab-dir (or GPT2_VOCAB_DIR) at a folder with vocab.bpe and encoder.json")
+        from tiktoken.load import data_gym_to_mergeable_bpe_ranks
+        try:
+            ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=bpe, encoder_json_file=enc_json)
+        except Exception as e:  # tiktoken raises assorted errors on malformed files
+            raise UserError(f"not a GPT-2 vocabulary ({type(e).__name__}: {e})", vocab_dir, "--vocab-dir",
+                            "use the original GPT-2 vocab.bpe and encoder.json")
+        return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
+                                 special_tokens={EOT: 50256})
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except Exception as e:
+        raise UserError(f"tiktoken could not load the gpt2 encoding ({type(e).__name__})", "tokenizer",
+                        "--vocab-dir", "pass --vocab-dir DIR (or set GPT2_VOCAB_DIR) with vocab.bpe and encoder.json")
+
+
+def encode(enc, text):
+    """Text -> token ids; '<|endoftext|>' in the text is the special token, as GPT-2 was trained."""
+    return enc.encode(text, allowed_special={EOT})
+
+
+def decode_bytes(enc, tokens):
+    """Token ids -> the exact bytes they stand for (may end inside a UTF-8 character)."""
+    return enc.decode_bytes([int(t) for t in tokens])

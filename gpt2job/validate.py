@@ -1,0 +1,74 @@
+"""Compare an output's completion tokens with expected tokens: an int32 file [N, new_tokens] like the
+old system's answer.bin, or another gpt2job output file. Reports the mismatch rate and the first
+mismatch; passes at a tolerance (0.05% of compared tokens by default, as the old system did)."""
+import os
+import sys
+
+import numpy as np
+
+from .errors import UserError
+
+EXIT_VALIDATION_FAILED = 4
+
+
+def _read_tokens_h5(path):
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if "completion_tokens" not in f:
+                raise UserError("no 'completion_tokens' dataset", path, "completion_tokens",
+                                "give a gpt2job output file or an int32 answer file")
+            return [np.asarray(r, np.int64) for r in f["completion_tokens"][()]]
+    except OSError as e:
+        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:100]})", path, "file",
+                        "give a gpt2job output file or an int32 answer file")
+
+
+def read_expected(path, n_rows):
+    """-> list of expected token arrays, one per row."""
+    if not os.path.isfile(path):
+        raise UserError("no such file", path, "--validate", "give the expected-tokens file")
+    with open(path, "rb") as f:
+        is_h5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+    if is_h5:
+        return _read_tokens_h5(path)
+    size = os.path.getsize(path)
+    if n_rows == 0 or size % (4 * n_rows):
+        raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, "--validate",
+                        "give an int32 file of shape [N, new_tokens] with one row per prompt")
+    arr = np.fromfile(path, dtype="<i4").reshape(n_rows, -1)
+    return [r.astype(np.int64) for r in arr]
+
+
+def compare(ours, expected):
+    """Token-by-token comparison over each row's expected length (a missing token is a mismatch)."""
+    total = mismatched = 0
+    first = None
+    for i, (a, e) in enumerate(zip(ours, expected)):
+        n = len(e)
+        total += n
+        a = a[:n]
+        diff = np.flatnonzero(a != e[:len(a)]).tolist() + list(range(len(a), n))
+        mismatched += len(diff)
+        if diff and first is None:
+            j = diff[0]
+            first = (i, j, int(a[j]) if j < len(a) else None, int(e[j]))
+    return total, mismatched, first
+
+
+def report_validation(output, expected_path, tolerance, out=sys.stdout):
+    ours = _read_tokens_h5(output)
+    expected = read_expected(expected_path, len(ours))
+    if len(expected) != len(ours):
+        raise UserError(f"has {len(expected)} rows, the output has {len(ours)}", expected_path, "--validate",
+                        "compare outputs of the same input")
+    total, bad, first = compare(ours, expected)
+    rate = bad / total if total else 0.0
+    ok = rate <= tolerance
+    out.write(f"gpt2job: validate against {expected_path}: {bad} of {total} tokens differ "
+              f"({100 * rate:.4f}%, tolerance {100 * tolerance:.4f}%): {'PASS' if ok else 'FAIL'}\n")
+    if first:
+        row, pos, got, want = first
+        out.write(f"gpt2job:   first mismatch: row {row}, token {pos}: got {got}, expected {want}\n")
+    out.flush()
+    return 0 if ok else EXIT_VALIDATION_FAILED

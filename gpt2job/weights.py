@@ -1,0 +1,297 @@
+"""Loading GPT-2 weights: Hugging Face checkpoint directories, the old system's flat float32 file,
+and seeded random weights of the real shapes (`random:gpt2`, `random:gpt2-medium`, ...).
+
+Model files are never unpickled: only safetensors and raw float32 are read.
+"""
+import hashlib
+import json
+import os
+import re
+
+import numpy as np
+
+from . import safetensors_io
+from .config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
+from .errors import UserError
+from .params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
+
+CHECKPOINT_FIX = "give a directory with config.json and model.safetensors, a flat .bin file, or random:gpt2"
+
+
+# ---------------------------------------------------------------- model spec -> (config, loader)
+
+def parse_random_spec(spec):
+    """'random:gpt2' / 'random:gpt2-xl:7' / 'random:n_layer=2,n_head=4,n_embd=64,vocab_size=1000:3'."""
+    body = spec[len("random:"):]
+    name, _, seed = body.partition(":")
+    try:
+        seed = int(seed) if seed else 0
+    except ValueError:
+        raise UserError(f"seed {seed!r} is not an integer", spec, "--model", "write random:gpt2:SEED")
+    if name in PRESETS:
+        return PRESETS[name], seed
+    fields = {}
+    for item in filter(None, name.split(",")):
+        k, eq, v = item.partition("=")
+        if not eq or k not in GPT2Config.__dataclass_fields__:
+            raise UserError(f"unknown model {name!r}", spec, "--model",
+                            f"use one of {', '.join('random:' + p for p in PRESETS)} or random:n_layer=2,n_embd=64,...")
+        fields[k] = type(getattr(GPT2Config(), k))(v)
+    cfg = GPT2Config(**fields)
+    validate_config(cfg, spec)
+    return cfg, seed
+
+
+def load_config(spec):
+    """The model's config without reading its weights (what the master needs)."""
+    if spec.startswith("random:"):
+        return parse_random_spec(spec)[0]
+    if os.path.isdir(spec):
+        return _read_hf_config(spec)
+    return _flat_config(spec)
+
+
+def load_params(spec):
+    """Load the full parameter set named by `spec` (see module doc)."""
+    if spec.startswith("random:"):
+        cfg, seed = parse_random_spec(spec)
+        p = random_params(cfg, seed)
+        p.source, p.fingerprint = spec, "random:" + hashlib.sha256(
+            json.dumps([cfg.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:32]
+        return p
+    if os.path.isdir(spec):
+        return load_hf_dir(spec)
+    if os.path.isfile(spec):
+        return load_flat_file(spec)
+    raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
+
+
+def fingerprint(spec):
+    """A cheap identity of the model (config + sampled file bytes) for the resume check."""
+    if spec.startswith("random:"):
+        cfg, seed = parse_random_spec(spec)
+        return "random:" + hashlib.sha256(json.dumps([cfg.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:32]
+    h = hashlib.sha256()
+    files = [spec] if os.path.isfile(spec) else sorted(
+        os.path.join(spec, f) for f in os.listdir(spec)
+        if f == "config.json" or f.endswith(".safetensors"))
+    for path in files:
+        h.update(os.path.basename(path).encode())
+        h.update(_sample_file(path))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def _sample_file(path, blocks=64, block=65536):
+    size = os.path.getsize(path)
+    out = [str(size).encode()]
+    with open(path, "rb") as f:
+        if size <= blocks * block:
+            out.append(f.read())
+        else:
+            for i in range(blocks):
+                f.seek((size - block) * i // (blocks - 1))
+                out.append(f.read(block))
+    return hashlib.sha256(b"".join(out)).digest()
+
+
+# ---------------------------------------------------------------- random weights
+
+def random_params(cfg: GPT2Config, seed=0):
+    """Seeded weights of the real shapes: N(0, 0.02) matrices and embeddings, small random biases and
+    layer-norm parameters near 1, so the model's activations look like a trained model's in scale."""
+    rng = np.random.default_rng(seed)
+
+    def normal(shape, std):
+        return (rng.standard_normal(shape, dtype=np.float32) * np.float32(std))
+
+    layers = []
+    for _ in range(cfg.n_layer):
+        layer = {}
+        for name, shape in layer_shapes(cfg).items():
+            if name.endswith("weight") and name.startswith("ln"):
+                layer[name] = 1.0 + normal(shape, 0.1)
+            elif name.endswith("bias"):
+                layer[name] = normal(shape, 0.02)
+            else:
+                layer[name] = normal(shape, 0.02)
+        layers.append(layer)
+    return GPT2Params(
+        config=cfg,
+        wte=normal((cfg.vocab_size, cfg.n_embd), 0.02),
+        wpe=normal((cfg.n_positions, cfg.n_embd), 0.01),
+        layers=layers,
+        ln_f_w=1.0 + normal((cfg.n_embd,), 0.1),
+        ln_f_b=normal((cfg.n_embd,), 0.02),
+    )
+
+
+# ---------------------------------------------------------------- Hugging Face directories
+
+def _read_hf_config(directory):
+    path = os.path.join(directory, "config.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except FileNotFoundError:
+        raise UserError("missing", path, "config.json", "save the model with save_pretrained, which writes it")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"not valid JSON ({e})", path, "config.json", "re-save or repair the config")
+    if not isinstance(d, dict):
+        raise UserError("not a JSON object", path, "config.json", "re-save or repair the config")
+    return config_from_hf_dict(d, path)
+
+
+def _safetensors_files(directory):
+    index = os.path.join(directory, "model.safetensors.index.json")
+    single = os.path.join(directory, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    if os.path.isfile(index):
+        try:
+            with open(index, encoding="utf-8") as f:
+                shards = sorted(set(json.load(f)["weight_map"].values()))
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"unreadable shard index ({e})", index, "weight_map", "re-save the checkpoint")
+        files = []
+        for s in shards:
+            p = os.path.join(directory, os.path.basename(str(s)))  # never follow paths out of the directory
+            if not os.path.isfile(p):
+                raise UserError("shard named in the index is missing", p, "weight_map", "copy every shard")
+            files.append(p)
+        return files
+    if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(directory)):
+        raise UserError("only pickle-format weights found; gpt2job never unpickles model files",
+                        directory, "model.safetensors",
+                        "convert once with transformers: model.save_pretrained(dir, safe_serialization=True)")
+    raise UserError("no model.safetensors", directory, "model.safetensors", CHECKPOINT_FIX)
+
+
+_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
+
+
+def load_hf_dir(directory):
+    cfg = _read_hf_config(directory)
+    tensors = {}
+    for path in _safetensors_files(directory):
+        for name, arr in safetensors_io.load(path).items():
+            key = name[len("transformer."):] if name.startswith("transformer.") else name
+            if _BUFFER.search(key):
+                continue  # causal-mask buffers of the published checkpoints
+            tensors[key] = (arr, path)
+    src = os.path.join(directory, "model.safetensors")
+
+    def take(key, shape):
+        if key not in tensors:
+            raise UserError("tensor missing from the checkpoint", src, key,
+                            "the file does not match config.json; re-save the model")
+        arr, path = tensors.pop(key)
+        if tuple(arr.shape) != tuple(shape):
+            raise UserError(f"shape {tuple(arr.shape)} does not match config.json's {tuple(shape)}", path, key,
+                            "use the config.json saved with these weights")
+        if arr.dtype != np.float32:
+            raise UserError(f"dtype {arr.dtype} is not a float type", path, key, "re-save the model")
+        if not np.isfinite(arr).all():
+            raise UserError("contains NaN or infinite values", path, key, "the weights are corrupt; re-save them")
+        return np.ascontiguousarray(arr)
+
+    g = global_shapes(cfg)
+    layers = [{n: take(f"h.{i}.{n}", s) for n, s in layer_shapes(cfg).items()} for i in range(cfg.n_layer)]
+    wte = take("wte.weight", g["wte.weight"])
+    head = None
+    if "lm_head.weight" in tensors:
+        head = take("lm_head.weight", g["wte.weight"])
+        if np.array_equal(head, wte):
+            head = None
+    p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight", g["wpe.weight"]), layers=layers,
+                   ln_f_w=take("ln_f.weight", g["ln_f.weight"]), ln_f_b=take("ln_f.bias", g["ln_f.bias"]),
+                   lm_head=head, source=os.path.abspath(directory))
+    p.fingerprint = fingerprint(directory)
+    return p
+
+
+# ---------------------------------------------------------------- the old system's flat float32 file
+
+def _layer_order(n_layer):
+    """Layers in sorted-name order: 0, 1, 10, 11, 2, ..., 9 for 12 layers."""
+    return sorted(range(n_layer), key=str)
+
+
+def flat_size(cfg):
+    per_layer = sum(int(np.prod(s)) for s in layer_shapes(cfg).values())
+    return cfg.n_layer * per_layer + sum(int(np.prod(s)) for s in global_shapes(cfg).values())
+
+
+def _flat_config(path):
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "--model", CHECKPOINT_FIX)
+    for name, cfg in PRESETS.items():
+        if size == 4 * flat_size(cfg):
+            return cfg
+    raise UserError(f"size {size} bytes matches no GPT-2 flat parameter file "
+                    f"(GPT-2 124M is {4 * flat_size(PRESETS['gpt2'])} bytes of float32)", path, "file size",
+                    "the file is truncated or not a flat float32 GPT-2 file; copy it again")
+
+
+def load_flat_file(path, cfg=None):
+    """The old C++ system's parameter file: float32, per layer the 12 tensors in sorted-name order,
+    layers in sorted-name order, then ln_f.bias, ln_f.weight, wpe, wte. The config is GPT-2's, found
+    from the file size (124M is the old system's; the other published sizes are recognised too)."""
+    if cfg is None:
+        cfg = _flat_config(path)
+    elif os.path.getsize(path) != 4 * flat_size(cfg):
+        raise UserError(f"size {os.path.getsize(path)} bytes, expected {4 * flat_size(cfg)}", path, "file size",
+                        "the file is truncated or for another model size")
+    data = np.fromfile(path, dtype="<f4")
+    pos = 0
+
+    def take(shape):
+        nonlocal pos
+        n = int(np.prod(shape))
+        arr = data[pos:pos + n].reshape(shape)
+        pos += n
+        return arr
+
+    layers = [None] * cfg.n_layer
+    shapes = layer_shapes(cfg)
+    for i in _layer_order(cfg.n_layer):
+        layers[i] = {n: take(shapes[n]) for n in LAYER_TENSORS}
+    g = global_shapes(cfg)
+    ln_f_b, ln_f_w = take(g["ln_f.bias"]), take(g["ln_f.weight"])
+    wpe, wte = take(g["wpe.weight"]), take(g["wte.weight"])
+    if not np.isfinite(data).all():
+        raise UserError("contains NaN or infinite values", path, "parameters", "the file is corrupt; copy it again")
+    p = GPT2Params(config=cfg, wte=wte, wpe=wpe, layers=layers, ln_f_w=ln_f_w, ln_f_b=ln_f_b,
+                   source=os.path.abspath(path))
+    p.fingerprint = fingerprint(path)
+    return p
+
+
+def save_flat_file(params, path):
+    """Write params in the old system's flat layout (tests and conversions)."""
+    cfg = params.config
+    with open(path, "wb") as f:
+        for i in _layer_order(cfg.n_layer):
+            for n in LAYER_TENSORS:
+                f.write(np.ascontiguousarray(params.layers[i][n], "<f4").tobytes())
+        for a in (params.ln_f_b, params.ln_f_w, params.wpe, params.wte):
+            f.write(np.ascontiguousarray(a, "<f4").tobytes())
+
+
+def save_hf_dir(params, directory, prefix="transformer."):
+    """Write params as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
+    os.makedirs(directory, exist_ok=True)
+    cfg = params.config
+    tensors = {f"{prefix}wte.weight": params.wte, f"{prefix}wpe.weight": params.wpe,
+               f"{prefix}ln_f.weight": params.ln_f_w, f"{prefix}ln_f.bias": params.ln_f_b}
+    for i, layer in enumerate(params.layers):
+        for n, a in layer.items():
+            tensors[f"{prefix}h.{i}.{n}"] = a
+    safetensors_io.save(os.path.join(directory, "model.safetensors"), tensors, {"format": "pt"})
+    d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **cfg.to_dict()}
+    d["bos_token_id"] = cfg.eos_token_id
+    if not d["n_inner"]:
+        d["n_inner"] = None
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        json.dump(d, f, indent=2)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# gpt2job launcher: ./run_inference.sh IN.h5 OUT.h5 [flags of `python -m gpt2job run`]
+#
+# Started by mpirun (e.g. `mpirun -np 16 --hostfile hostfile ./run_inference.sh IN OUT`): runs this
+# rank's part of the job (rank 0 the master, the others workers).
+# Started by hand: launches mpirun itself, on the hosts of ./hostfile if it names any other than this
+# machine, else on this machine with one worker per GPU (2 workers without a GPU) plus the master.
+# NP=N overrides the number of ranks; PYTHON selects the interpreter (default python3).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+python="${PYTHON:-python3}"
+
+if [ -n "${OMPI_COMM_WORLD_SIZE:-}${PMIX_RANK:-}${PMI_RANK:-}${PMI_SIZE:-}" ]; then
+    exec "$python" -m gpt2job run "$@"
+fi
+
+if [ "$#" -lt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+    exec "$python" -m gpt2job run "$@"
+fi
+
+if ! command -v mpirun >/dev/null 2>&1; then
+    echo "run_inference.sh: error: mpirun not found (fix: install an MPI, e.g. pip install 'gpt2job[mpi]', or load your cluster's MPI module)" >&2
+    exit 2
+fi
+
+export GPT2JOB_LAUNCH_TIME="$("$python" -c 'import time; print(time.time())')"
+args=()
+if [ "$(id -u)" = "0" ]; then
+    export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
+fi
+
+hostfile="${HOSTFILE:-$here/hostfile}"
+me="$(hostname)"; me_short="$(hostname -s 2>/dev/null || echo "$me")"
+remote_hosts=""
+if [ -f "$hostfile" ]; then
+    remote_hosts="$(grep -v '^[[:space:]]*#' "$hostfile" | awk 'NF {print $1}' \
+        | grep -v -x -e localhost -e 127.0.0.1 -e "$me" -e "$me_short" || true)"
+fi
+
+if [ -n "$remote_hosts" ]; then
+    slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
+    np="${NP:-$slots}"
+    [ "$np" -ge 2 ] || np=2
+    exec mpirun -np "$np" --hostfile "$hostfile" "${args[@]}" "$here/run_inference.sh" "$@"
+fi
+
+ngpu=0
+if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+    ngpu="$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c -v -e '^$' -e '^-1$' || true)"
+else
+    ngpu="$(ls /dev 2>/dev/null | grep -c -E '^nvidia[0-9]+$' || true)"
+fi
+workers=$(( ngpu > 0 ? ngpu : 2 ))
+np="${NP:-$(( workers + 1 ))}"
+exec mpirun -np "$np" --oversubscribe "${args[@]}" "$here/run_inference.sh" "$@"

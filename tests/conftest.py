@@ -1,0 +1,101 @@
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "tests" / "fixtures"
+SHARED = Path(os.environ.get("GPT2JOB_SHARED", ROOT.parent / "shared"))
+VOCAB_DIR = Path(os.environ.get("GPT2_VOCAB_DIR", SHARED / "gpt2-vocab"))
+TINY_HF = FIXTURES / "tiny-hf"
+TINY_PUBLISHED = FIXTURES / "tiny-published"
+TINY_FP16 = FIXTURES / "tiny-fp16"
+# a tiny model with the real vocabulary, for text prompts
+TINY_TEXT_MODEL = "random:n_layer=2,n_head=2,n_embd=32,n_positions=64,vocab_size=50257:1"
+
+
+class Expected:
+    def __init__(self, path):
+        d = np.load(path, allow_pickle=False)
+        self.d = d
+        self.prompts = self._split(d["prompt_tokens"], d["prompt_offsets"])
+        self.gen = self._split(d["gen_tokens"], d["gen_offsets"])
+        self.max_new = int(d["max_new_tokens"])
+        self.eos = int(d["eos_token_id"])
+        self.logits = self._split(d["logits"], d["logits_offsets"])
+        self.fp16_logits = self._split(d["fp16_logits"], d["logits_offsets"])
+        self.greedy_ignore_eos = d["greedy_ignore_eos"]
+
+    @staticmethod
+    def _split(a, off):
+        return [a[off[i]:off[i + 1]] for i in range(len(off) - 1)]
+
+
+@pytest.fixture(scope="session")
+def expected():
+    return Expected(FIXTURES / "tiny_expected.npz")
+
+
+@pytest.fixture
+def vocab_dir():
+    if not (VOCAB_DIR / "vocab.bpe").is_file():
+        pytest.skip("GPT-2 vocabulary files not present (../shared/gpt2-vocab or GPT2_VOCAB_DIR)")
+    return str(VOCAB_DIR)
+
+
+def write_token_input(path, rows):
+    import h5py
+    with h5py.File(path, "w") as f:
+        ds = f.create_dataset("prompt_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
+        for i, r in enumerate(rows):
+            ds[i] = np.asarray(r, np.int32)
+
+
+def read_output(path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        out = {"tokens": [np.asarray(t) for t in f["completion_tokens"][()]],
+               "done": f["done"][()], "finish": [x.decode() if isinstance(x, bytes) else x
+                                                 for x in f["finish_reason"][()]],
+               "attrs": dict(f.attrs)}
+        if "completions" in f:
+            out["text"] = [x.decode() if isinstance(x, bytes) else x for x in f["completions"][()]]
+            out["text_exact"] = f["text_exact"][()]
+    return out
+
+
+def job_env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["OMPI_ALLOW_RUN_AS_ROOT"] = "1"
+    env["OMPI_ALLOW_RUN_AS_ROOT_CONFIRM"] = "1"
+    env["OMPI_MCA_rmaps_base_oversubscribe"] = "1"
+    env["PRTE_MCA_rmaps_default_mapping_policy"] = ":oversubscribe"
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+def have_mpirun():
+    return shutil.which("mpirun") is not None
+
+
+def gpt2job_cmd(args, np_=None):
+    base = [sys.executable, "-m", "gpt2job"] + [str(a) for a in args]
+    if np_ is None:
+        return base
+    return ["mpirun", "-np", str(np_), "--oversubscribe"] + base
+
+
+def run_gpt2job(args, np_=None, env=None, timeout=300, check=None):
+    """Run the CLI (under mpirun with np_ ranks when given); returns CompletedProcess."""
+    if np_ is not None and not have_mpirun():
+        pytest.skip("mpirun not available")
+    p = subprocess.run(gpt2job_cmd(args, np_), env=env or job_env(), capture_output=True, text=True,
+                       timeout=timeout, cwd=str(ROOT))
+    if check is not None and p.returncode != check:
+        raise AssertionError(f"exit {p.returncode} (expected {check})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
+    return p

@@ -1,0 +1,323 @@
+"""Each CUDA kernel against its NumPy twin on fresh random inputs, and CudaBackend against NumpyBackend.
+
+Skipped cleanly without pycuda or a GPU.
+"""
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+drv = pytest.importorskip("pycuda.driver")
+
+from gpt2job import reference, sampling  # noqa: E402
+from gpt2job.backend import Chunk, GenerationSettings, NumpyBackend  # noqa: E402
+from gpt2job.config import GPT2Config  # noqa: E402
+from gpt2job.sampling import SamplingSettings  # noqa: E402
+
+try:
+    drv.init()
+    _NGPU = drv.Device.count()
+except Exception:  # pragma: no cover
+    _NGPU = 0
+if _NGPU == 0:
+    pytest.skip("no CUDA GPU", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def K():
+    from gpt2job.cuda_kernels import Kernels
+    ctx = drv.Device(0).make_context()
+    try:
+        yield Kernels(0)
+    finally:
+        ctx.pop()
+        ctx.detach()
+
+
+RNG = np.random.default_rng()
+
+
+def gpu(a):
+    a = np.ascontiguousarray(a)
+    g = drv.mem_alloc(max(a.nbytes, 16))
+    drv.memcpy_htod(g, a)
+    return g
+
+
+def poisoned(shape, dtype):
+    a = np.full(shape, np.nan if np.dtype(dtype).kind == "f" else -7, dtype)
+    return gpu(a)
+
+
+def back(g, shape, dtype):
+    out = np.empty(shape, dtype)
+    drv.Context.synchronize()
+    drv.memcpy_dtoh(out, g)
+    return out
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30)
+
+
+def epilogue_ref(acc, bias, mode, resid):
+    v = acc + (bias if bias is not None else 0.0)
+    if mode == 1:
+        v = reference.gelu_tanh(v.astype(np.float32)).astype(np.float64)
+    elif mode == 2:
+        v = reference.gelu_erf(v.astype(np.float32)).astype(np.float64)
+    elif mode == 3:
+        v = resid + v
+    return v
+
+
+GEMM_SHAPES = [(1, 1, 1), (7, 33, 19), (130, 257, 64), (300, 2304, 768), (64, 1000, 64), (257, 768, 3072)]
+
+
+# ---------------------------------------------------------------- matrix products
+
+
+@pytest.mark.parametrize("shape", GEMM_SHAPES)
+@pytest.mark.parametrize("mode", [0, 1, 2, 3])
+def test_gemm_f32(K, shape, mode):
+    M, N, Kd = shape
+    A = RNG.standard_normal((M, Kd), dtype=np.float32)
+    B = RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))
+    bias = RNG.standard_normal(N, dtype=np.float32)
+    resid = RNG.standard_normal((M, N), dtype=np.float32)
+    Cg = gpu(resid) if mode == 3 else poisoned((M, N), np.float32)
+    K.gemm_f32(None, gpu(A), Kd, gpu(B), N, Cg, N, gpu(bias), M, N, Kd, mode)
+    got = back(Cg, (M, N), np.float32)
+    ref = epilogue_ref(A.astype(np.float64) @ B.astype(np.float64), bias, mode, resid)
+    assert np.isfinite(got).all()
+    assert rel(got, ref) < 2e-6
+
+
+def test_gemm_f32_padded_ld_no_bias(K):
+    M, N, Kd, ldb, ldc = 33, 1000, 64, 1024, 1152
+    A = RNG.standard_normal((M, Kd), dtype=np.float32)
+    B = RNG.standard_normal((Kd, ldb), dtype=np.float32)
+    Cg = poisoned((M, ldc), np.float32)
+    K.gemm_f32(None, gpu(A), Kd, gpu(B), ldb, Cg, ldc, None, M, N, Kd, 0)
+    got = back(Cg, (M, ldc), np.float32)
+    assert rel(got[:, :N], A.astype(np.float64) @ B[:, :N]) < 2e-6
+    assert np.isnan(got[:, N:]).all()
+
+
+F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64)]
+
+
+@pytest.mark.parametrize("shape", F16_SHAPES)
+@pytest.mark.parametrize("mode,out_half", [(0, True), (1, True), (2, True), (3, False), (0, False)])
+def test_gemm_f16(K, shape, mode, out_half):
+    M, N, Kd = shape
+    A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
+    W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
+    bias = RNG.standard_normal(N, dtype=np.float32)
+    resid = RNG.standard_normal((M, N), dtype=np.float32)
+    odt = np.float16 if out_half else np.float32
+    Cg = gpu(resid) if mode == 3 else poisoned((M, N), odt)
+    K.gemm_f16(None, gpu(A), Kd, gpu(np.ascontiguousarray(W.T)), Kd, Cg, N, gpu(bias), M, N, Kd, mode, out_half)
+    got = back(Cg, (M, N), odt)
+    ref = epilogue_ref(A.astype(np.float64) @ W.astype(np.float64), bias, mode, resid)
+    assert np.isfinite(got).all()
+    assert rel(got, ref) < (2e-3 if out_half else 1e-5)
+
+
+# ---------------------------------------------------------------- per-row kernels
+
+@pytest.mark.parametrize("C", [64, 768, 1600, 37])
+@pytest.mark.parametrize("half", [False, True])
+def test_layernorm(K, C, half):
+    R, Rin = 45, 60
+    x = (RNG.standard_normal((Rin, C), dtype=np.float32) * 3 + 1).astype(np.float32)
+    w = RNG.standard_normal(C, dtype=np.float32)
+    b = RNG.standard_normal(C, dtype=np.float32)
+    idx = RNG.integers(100, 100 + Rin, R).astype(np.int32)
+    odt = np.float16 if half else np.float32
+    for rowidx, base, src in ((None, 0, x[:R]), (idx, 100, x[idx - 100])):
+        out = poisoned((R, C), odt)
+        K.layernorm(None, half, gpu(x), gpu(rowidx) if rowidx is not None else None, base, gpu(w), gpu(b), out, R, C,
+                    1e-5)
+        got = back(out, (R, C), odt)
+        ref = reference.layer_norm(src, w, b, 1e-5)
+        assert rel(got, ref) < (1e-3 if half else 1e-6)
+
+
+def test_embed(K):
+    V, P, C, R = 1000, 64, 96, 77
+    wte = RNG.standard_normal((V, C), dtype=np.float32)
+    wpe = RNG.standard_normal((P, C), dtype=np.float32)
+    tok = RNG.integers(0, V, R).astype(np.int32)
+    pos = RNG.integers(0, P, R).astype(np.int32)
+    out = poisoned((R, C), np.float32)
+    K.embed(None, gpu(tok), gpu(pos), gpu(wte), gpu(wpe), out, R, C)
+    np.testing.assert_array_equal(back(out, (R, C), np.float32), reference.embed(wte, wpe, tok, pos))
+
+
+@pytest.mark.parametrize("H,D", [(4, 16), (12, 64), (25, 64), (2, 128), (3, 40)])
+@pytest.mark.parametrize("half", [False, True])
+def test_kv_store_and_attention(K, H, D, half):
+    """Ragged prefill of several prompts, then one decode step, against reference.attention."""
+    C = H * D
+    lens = RNG.integers(1, 70, 5)
+    nsl, S = len(lens), int(lens.max()) + 2
+    dt = np.float16 if half else np.float32
+    scale = 1.0 / math.sqrt(D) / 3.0
+    kc, vc = poisoned((nsl, S, C), dt), poisoned((nsl, S, C), dt)
+    ref_k = np.zeros((nsl, H, S, D), np.float32)
+    ref_v = np.zeros((nsl, H, S, D), np.float32)
+    slot_base = 10
+    for phase in ("prefill", "decode"):
+        if phase == "prefill":
+            seq = np.repeat(np.arange(nsl), lens)
+            pos = np.concatenate([np.arange(n) for n in lens])
+        else:
+            seq = np.array([3, 0, 4])
+            pos = lens[seq]
+        R = len(seq)
+        qkv = RNG.standard_normal((R, 3 * C), dtype=np.float32).astype(dt)
+        g_qkv, g_seq, g_pos = gpu(qkv), gpu((seq + slot_base).astype(np.int32)), gpu(pos.astype(np.int32))
+        out = poisoned((R, C), dt)
+        K.kv_store(None, half, g_qkv, g_seq, slot_base, g_pos, kc, vc, R, C, S)
+        K.attention(None, half, g_qkv, kc, vc, g_seq, slot_base, g_pos, out, R, H, D, S, scale)
+        got = back(out, (R, C), dt).astype(np.float32)
+        q32 = qkv.astype(np.float32)
+        for r in range(R):
+            ref_k[seq[r], :, pos[r]] = q32[r, C:2 * C].reshape(H, D)
+            ref_v[seq[r], :, pos[r]] = q32[r, 2 * C:].reshape(H, D)
+        for r in range(R):
+            s = seq[r]
+            q = q32[r, :C].reshape(1, H, 1, D)
+            ref = reference.attention(q, ref_k[s:s + 1], ref_v[s:s + 1], np.array([[pos[r]]]), np.array([pos[r] + 1]),
+                                      scale)
+            assert rel(got[r], ref.reshape(C)) < (2e-3 if half else 1e-5), (phase, r)
+
+
+# ---------------------------------------------------------------- token selection
+
+@pytest.mark.parametrize("V", [1000, 50257, 5])
+def test_argmax(K, V):
+    R = 37
+    lg = RNG.standard_normal((R, V), dtype=np.float32)
+    lg[3, :] = 1.0                       # all ties -> 0
+    lg[4, [7 % V, 2 % V, V - 1]] = 99.0  # ties -> lowest
+    ld = V + 3
+    buf = np.zeros((R, ld), np.float32)
+    buf[:, :V] = lg
+    buf[:, V:] = 1e9                     # outside V must be ignored
+    out = poisoned(R, np.int32)
+    K.argmax(None, gpu(buf), ld, V, out, R)
+    np.testing.assert_array_equal(back(out, R, np.int32), np.argmax(lg, axis=-1))
+
+
+SAMPLERS = [SamplingSettings(1.0, 0, 1.0, 1), SamplingSettings(0.7, 40, 1.0, 2), SamplingSettings(1.3, 0, 0.9, 3),
+            SamplingSettings(0.8, 50, 0.8, 4), SamplingSettings(1.0, 1, 1.0, 5), SamplingSettings(2.0, 0, 0.05, 6),
+            SamplingSettings(1.0, 3, 0.5, 2 ** 63 + 5)]
+
+
+@pytest.mark.parametrize("s", SAMPLERS)
+@pytest.mark.parametrize("V", [1000, 50257])
+def test_sample_rows(K, s, V):
+    R = 64
+    lg = (RNG.standard_normal((R, V), dtype=np.float32) * 3).astype(np.float32)
+    rows = RNG.integers(0, 10 ** 6, R).astype(np.int64)
+    seqidx = RNG.permutation(R).astype(np.int32)
+    step = int(RNG.integers(0, 20))
+    out = poisoned(R, np.int32)
+    K.sample(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), step, s.seed, s.temperature, s.top_k, s.top_p, out, R)
+    got = back(out, R, np.int32)
+    ref = sampling.select_tokens(lg, rows[seqidx], step, s)
+    np.testing.assert_array_equal(got, ref)
+
+
+# ---------------------------------------------------------------- end to end
+
+def tiny_params(seed=0, **over):
+    from gpt2job.weights import random_params
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=1000, **over)
+    p = random_params(cfg, seed)
+    p.wte *= 10   # spread the logits so greedy ties are far apart
+    return p
+
+
+def make_chunk(lens, V, seed=0, chunk_id=0):
+    rng = np.random.default_rng(seed)
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    toks = rng.integers(0, V, int(offsets[-1])).astype(np.int32)
+    rows = np.arange(100, 100 + len(lens), dtype=np.int64) * 7
+    return Chunk(chunk_id, rows, offsets, toks)
+
+
+def assert_same(a, b):
+    np.testing.assert_array_equal(a.offsets, b.offsets)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.finish, b.finish)
+    np.testing.assert_array_equal(a.rows, b.rows)
+
+
+LENS = [1, 5, 12, 3, 9, 16, 2, 7, 11, 4]
+
+
+@pytest.mark.parametrize("sampling_", [SamplingSettings(), SamplingSettings(0.9, 20, 0.9, 11),
+                                       SamplingSettings(1.0, 0, 1.0, 3)])
+@pytest.mark.parametrize("variant", ["plain", "inv_layer_scale", "gelu_exact", "lm_head", "small_budgets"])
+def test_backend_matches_numpy_float32(sampling_, variant):
+    from gpt2job.cuda_backend import CudaBackend
+    over = {}
+    if variant == "inv_layer_scale":
+        over["scale_attn_by_inverse_layer_idx"] = True
+    if variant == "gelu_exact":
+        over["activation_function"] = "gelu"
+    params = tiny_params(1, **over)
+    if variant == "lm_head":
+        params.lm_head = np.random.default_rng(5).standard_normal(params.wte.shape).astype(np.float32) * 0.3
+    gs = GenerationSettings(max_new_tokens=6, ignore_eos=False, eos_token_id=999, sampling=sampling_)
+    chunk = make_chunk(LENS, params.config.vocab_size, seed=2)
+    ref = NumpyBackend(params, gs).generate(chunk)
+    # make one sequence stop early: its 2nd generated token becomes EOS
+    eos = int(ref.row_tokens(0)[1])
+    gs = dataclasses.replace(gs, eos_token_id=eos)
+    ref = NumpyBackend(params, gs).generate(chunk)
+    kw = dict(max_prefill_rows=20, head_rows=3) if variant == "small_budgets" else {}
+    be = CudaBackend(params, gs, dtype="float32", **kw)
+    try:
+        if variant == "small_budgets":
+            be.kv_budget = 1     # one sequence per group
+        got = be.generate(chunk)
+    finally:
+        be.close()
+    assert (ref.finish == 1).any()
+    assert_same(got, ref)
+
+
+def test_backend_float16_close_and_generate_many():
+    from gpt2job.cuda_backend import CudaBackend
+    params = tiny_params(3)
+    gs = GenerationSettings(max_new_tokens=5, ignore_eos=True)
+    chunks = [make_chunk(LENS, 1000, seed=s, chunk_id=s) for s in range(3)]
+    refs = [NumpyBackend(params, gs).generate(c) for c in chunks]
+    be = CudaBackend(params, gs, dtype="float16")
+    try:
+        outs = list(be.generate_many(chunks))
+        assert len(be.timeline) == 3
+        for e in be.timeline:
+            assert e["upload"][0] <= e["upload"][1] and e["compute"][0] <= e["compute"][1]
+        assert "GPU" in be.describe()["device"] or be.describe()["device"]
+    finally:
+        be.close()
+    first = np.array([o.row_tokens(i)[0] for o in outs for i in range(len(LENS))])
+    rfirst = np.array([o.row_tokens(i)[0] for o in refs for i in range(len(LENS))])
+    assert (first == rfirst).mean() >= 0.9
+    for o, c in zip(outs, chunks):
+        assert o.chunk_id == c.chunk_id and o.n_generated == 5 * len(LENS)
+
+
+def test_too_many_ranks_is_user_error():
+    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.errors import UserError
+    with pytest.raises(UserError, match="only"):
+        CudaBackend(tiny_params(), GenerationSettings(), local_rank=_NGPU)

@@ -1,0 +1,162 @@
+"""Loaders: both Hugging Face key spellings, fp16 checkpoints, the old flat file, random weights,
+and clear errors for corrupt, truncated or mismatched files."""
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+
+from conftest import TINY_FP16, TINY_HF, TINY_PUBLISHED
+from gpt2job import safetensors_io
+from gpt2job.config import GPT2Config
+from gpt2job.errors import UserError
+from gpt2job.weights import (flat_size, load_config, load_flat_file, load_params, random_params,
+                             save_flat_file, save_hf_dir)
+
+
+def assert_same_params(a, b):
+    assert a.config == b.config
+    for x, y in ((a.wte, b.wte), (a.wpe, b.wpe), (a.ln_f_w, b.ln_f_w), (a.ln_f_b, b.ln_f_b)):
+        np.testing.assert_array_equal(x, y)
+    for la, lb in zip(a.layers, b.layers):
+        assert la.keys() == lb.keys()
+        for k in la:
+            np.testing.assert_array_equal(la[k], lb[k], err_msg=k)
+
+
+def test_both_key_spellings_load_the_same_weights():
+    a = load_params(str(TINY_HF))
+    b = load_params(str(TINY_PUBLISHED))
+    assert a.config.n_layer == 2 and a.config.n_embd == 64 and a.config.vocab_size == 1000
+    assert a.lm_head is None  # tied
+    assert_same_params(a, b)
+
+
+def test_fp16_checkpoint_is_widened_to_float32():
+    p = load_params(str(TINY_FP16))
+    assert p.wte.dtype == np.float32
+    ref = load_params(str(TINY_HF))
+    np.testing.assert_allclose(p.wte, ref.wte, atol=1e-2)
+
+
+def test_flat_file_round_trip_with_sorted_layer_order(tmp_path):
+    cfg = GPT2Config(n_layer=12, n_head=2, n_embd=8, n_positions=16, vocab_size=50)
+    p = random_params(cfg, seed=3)
+    path = tmp_path / "params.bin"
+    save_flat_file(p, path)
+    assert os.path.getsize(path) == 4 * flat_size(cfg)
+    q = load_flat_file(str(path), cfg)
+    assert_same_params(p, q)
+    # layer 10 sits third in the file (order 0, 1, 10, 11, 2, ...): check the raw offset
+    per_layer = flat_size(cfg) - sum(a.size for a in (p.wte, p.wpe, p.ln_f_w, p.ln_f_b))
+    per_layer //= 12
+    raw = np.fromfile(path, dtype="<f4")
+    np.testing.assert_array_equal(raw[2 * per_layer: 2 * per_layer + 3 * 8], p.layers[10]["attn.c_attn.bias"])
+
+
+def test_flat_file_of_the_wrong_size_is_refused(tmp_path):
+    path = tmp_path / "params.bin"
+    path.write_bytes(b"\0" * 1000)
+    with pytest.raises(UserError, match="matches no GPT-2 flat parameter file"):
+        load_params(str(path))
+
+
+def test_random_weights_are_seeded_and_real_shaped():
+    cfg = load_config("random:gpt2")
+    assert (cfg.n_layer, cfg.n_embd, cfg.vocab_size) == (12, 768, 50257)
+    assert load_config("random:gpt2-xl").n_embd == 1600
+    a = load_params("random:n_layer=1,n_head=2,n_embd=8,vocab_size=30:5")
+    b = load_params("random:n_layer=1,n_head=2,n_embd=8,vocab_size=30:5")
+    c = load_params("random:n_layer=1,n_head=2,n_embd=8,vocab_size=30:6")
+    assert_same_params(a, b)
+    assert not np.array_equal(a.wte, c.wte)
+    with pytest.raises(UserError, match="unknown model"):
+        load_config("random:gpt5")
+
+
+def test_save_hf_dir_round_trip(tmp_path):
+    p = random_params(GPT2Config(n_layer=2, n_head=2, n_embd=8, n_positions=16, vocab_size=40), 1)
+    save_hf_dir(p, tmp_path / "m")
+    assert_same_params(p, load_params(str(tmp_path / "m")))
+
+
+@pytest.fixture
+def tiny_copy(tmp_path):
+    d = tmp_path / "model"
+    shutil.copytree(TINY_HF, d)
+    return d
+
+
+def test_truncated_safetensors(tiny_copy):
+    f = tiny_copy / "model.safetensors"
+    data = f.read_bytes()
+    f.write_bytes(data[: len(data) // 2])
+    with pytest.raises(UserError, match="truncated"):
+        load_params(str(tiny_copy))
+
+
+def test_garbage_safetensors(tiny_copy):
+    (tiny_copy / "model.safetensors").write_bytes(struct.pack("<Q", 20) + b"{not json at all!!!}" + b"\0" * 64)
+    with pytest.raises(UserError, match="not valid JSON"):
+        load_params(str(tiny_copy))
+    (tiny_copy / "model.safetensors").write_bytes(b"abc")
+    with pytest.raises(UserError, match="too short"):
+        load_params(str(tiny_copy))
+
+
+def test_missing_tensor_and_shape_mismatch(tiny_copy):
+    t = safetensors_io.load(tiny_copy / "model.safetensors")
+    t.pop("transformer.h.1.mlp.c_fc.weight")
+    safetensors_io.save(tiny_copy / "model.safetensors", t)
+    with pytest.raises(UserError, match=r"h\.1\.mlp\.c_fc\.weight.*missing"):
+        load_params(str(tiny_copy))
+    cfg = json.loads((tiny_copy / "config.json").read_text())
+    cfg["n_embd"] = 128
+    (tiny_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UserError, match="does not match config.json"):
+        load_params(str(tiny_copy))
+
+
+def test_bad_config(tiny_copy):
+    (tiny_copy / "config.json").write_text("{broken")
+    with pytest.raises(UserError, match="config.json"):
+        load_params(str(tiny_copy))
+    (tiny_copy / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match="only 'gpt2'"):
+        load_params(str(tiny_copy))
+    os.remove(tiny_copy / "config.json")
+    with pytest.raises(UserError, match="missing"):
+        load_params(str(tiny_copy))
+
+
+def test_pickle_checkpoints_are_refused(tmp_path):
+    d = tmp_path / "m"
+    d.mkdir()
+    shutil.copy(TINY_HF / "config.json", d)
+    (d / "pytorch_model.bin").write_bytes(b"\x80\x04 not going to be unpickled")
+    with pytest.raises(UserError, match="never unpickles"):
+        load_params(str(d))
+
+
+def test_nan_weights_are_refused(tiny_copy):
+    t = safetensors_io.load(tiny_copy / "model.safetensors")
+    t["transformer.wpe.weight"] = t["transformer.wpe.weight"].copy()
+    t["transformer.wpe.weight"][3, 3] = np.nan
+    safetensors_io.save(tiny_copy / "model.safetensors", t)
+    with pytest.raises(UserError, match="NaN"):
+        load_params(str(tiny_copy))
+
+
+def test_bf16_tensors_are_read():
+    import tempfile
+    x = np.array([1.0, -2.5, 3.140625], np.float32)
+    bits = (x.view(np.uint32) >> 16).astype(np.uint16)
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "t.safetensors")
+        raw = bits.tobytes()
+        header = json.dumps({"x": {"dtype": "BF16", "shape": [3], "data_offsets": [0, len(raw)]}}).encode()
+        with open(path, "wb") as f:
+            f.write(struct.pack("<Q", len(header)) + header + raw)
+        np.testing.assert_array_equal(safetensors_io.load(path)["x"], x)
