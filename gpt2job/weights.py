@@ -48,6 +48,8 @@ def load_config(spec):
         return parse_random_spec(spec)[0]
     if os.path.isdir(spec):
         return _read_hf_config(spec)
+    if not os.path.isfile(spec):
+        raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
     return _flat_config(spec)
 
 

@@ -1,0 +1,140 @@
+"""Every user mistake: one line naming the file, the field and the fix; exit code 2; no traceback."""
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY_HF, read_output, run_gpt2job, write_token_input
+
+
+def assert_one_clear_line(p, *fragments):
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2job: error: ")]
+    assert len(errors) == 1, p.stderr
+    first = errors[0]
+    for frag in fragments:
+        assert frag in first, first
+    return first
+
+
+def run(args, np_=None):
+    return run_gpt2job(["run"] + [str(a) for a in args] + ["--model", str(TINY_HF), "--max-new-tokens", "4"],
+                       np_=np_)
+
+
+def test_invalid_prompts_are_refused_with_count_and_rows(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    rows = [[1, 2, 3], [], [5] * 125, [7, 1000], [-1, 4], [9, 9], [2 ** 31 - 1]]
+    write_token_input(inp, rows)
+    line = assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
+                                 "1 empty (rows 1)", "longer than 124 tokens", "(rows 2)",
+                                 "outside 0..999 (rows 3, 4, 6)", "--skip-invalid")
+    assert not out.exists()
+
+
+def test_invalid_prompts_under_mpirun_stop_every_rank(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2], []])
+    p = run([inp, out], np_=3)
+    assert p.returncode == 2
+    assert p.stderr.count("gpt2job: error:") == 1 and "1 empty (rows 1)" in p.stderr
+
+
+def test_skip_invalid_runs_the_rest(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [], [4, 5], [1000]])
+    p = run([inp, out, "--skip-invalid"], np_=2)
+    assert p.returncode == 0, p.stderr
+    res = read_output(out)
+    assert res["finish"][1] == res["finish"][3] == "invalid"
+    assert len(res["tokens"][1]) == 0 and len(res["tokens"][0]) == 4
+    assert res["done"].all()
+
+
+@pytest.mark.parametrize("case", ["missing", "not_hdf5", "no_dataset", "float_tokens", "3d_tokens", "group",
+                                  "bad_utf8", "int_text", "empty_file"])
+def test_bad_input_files(tmp_path, case):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    frag = {"missing": "no such file", "not_hdf5": "not a readable HDF5 file",
+            "no_dataset": "no 'prompts' or 'prompt_tokens'", "float_tokens": "must be integer token ids",
+            "3d_tokens": "must be integer token ids", "group": "is a group", "bad_utf8": "not valid UTF-8",
+            "int_text": "must be a 1-D dataset of strings", "empty_file": "not a readable HDF5 file"}[case]
+    if case == "not_hdf5":
+        inp.write_text("hello, I am a CSV file\n1,2,3\n")
+    elif case == "empty_file":
+        inp.write_bytes(b"")
+    elif case != "missing":
+        with h5py.File(inp, "w") as f:
+            if case == "no_dataset":
+                f["something_else"] = [1, 2]
+            elif case == "float_tokens":
+                f["prompt_tokens"] = np.ones((3, 4), np.float32)
+            elif case == "3d_tokens":
+                f["prompt_tokens"] = np.ones((3, 4, 2), np.int32)
+            elif case == "group":
+                f.create_group("prompts")
+            elif case == "bad_utf8":
+                f.create_dataset("prompts", data=np.array([b"ok", b"\xff\xfe bad"], dtype=object),
+                                 dtype=h5py.string_dtype("ascii"))
+            elif case == "int_text":
+                f["prompts"] = np.ones((2, 2), np.int32)
+    assert_one_clear_line(run([inp, out]), str(inp), frag)
+
+
+@pytest.mark.parametrize("flags,frag", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    (["--temperature", "-1"], "--temperature must be in"),
+    (["--top-p", "0"], "--top-p must be in"),
+    (["--top-k", "x"], "--top-k must be an integer"),
+    (["--backend", "tpu"], "invalid choice"),
+    (["--backend", "numpy", "--dtype", "float16"], "float16 runs only on the cuda backend"),
+    (["--model", "/nonexistent/model"], "no such file or directory"),
+    (["--model", "random:gpt7"], "unknown model"),
+])
+def test_bad_flags(tmp_path, flags, frag):
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2]])
+    p = run_gpt2job(["run", inp, tmp_path / "o.h5"] + flags)
+    assert_one_clear_line(p, frag)
+
+
+def test_output_folder_missing(tmp_path):
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2]])
+    assert_one_clear_line(run([inp, tmp_path / "no" / "such" / "out.h5"]), "folder does not exist")
+
+
+def test_foreign_output_file_is_never_clobbered(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "precious.h5"
+    write_token_input(inp, [[1, 2]])
+    out.write_bytes(b"my thesis data")
+    assert_one_clear_line(run([inp, out]), "is not a gpt2job output", "--overwrite")
+    assert out.read_bytes() == b"my thesis data"
+
+
+def test_finished_output_needs_overwrite_and_other_settings_are_refused(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2], [3, 4, 5]])
+    assert run([inp, out]).returncode == 0
+    assert_one_clear_line(run([inp, out]), "already complete", "--overwrite")
+    p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--max-new-tokens", "5", "--overwrite"])
+    assert p.returncode == 0
+    assert len(read_output(out)["tokens"][0]) == 5
+
+
+def test_prompts_command_errors(tmp_path):
+    bad = tmp_path / "p.jsonl"
+    bad.write_text('"fine"\n{not json}\n')
+    p = run_gpt2job(["prompts", bad, tmp_path / "x.h5"])
+    assert_one_clear_line(p, "line 2 is not JSON")
+    mixed = tmp_path / "m.jsonl"
+    mixed.write_text('"text"\n{"tokens": [1, 2]}\n')
+    assert_one_clear_line(run_gpt2job(["prompts", mixed, tmp_path / "x.h5"]), "mixes text prompts and token")
+    toks = tmp_path / "t.jsonl"
+    toks.write_text('{"tokens": [1, 2]}\n[3, 4, 5]\n')
+    assert run_gpt2job(["prompts", toks, tmp_path / "t.h5"]).returncode == 0
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert [r.tolist() for r in f["prompt_tokens"][()]] == [[1, 2], [3, 4, 5]]
+    nul = tmp_path / "n.txt"
+    nul.write_bytes(b"a\x00b\n")
+    assert_one_clear_line(run_gpt2job(["prompts", nul, tmp_path / "n.h5"]), "NUL")

@@ -1,0 +1,123 @@
+"""End-to-end jobs: one process, and under mpirun with 1, 2, 3 and 4 ranks."""
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import (ROOT, TINY_HF, TINY_TEXT_MODEL, job_env, read_output, run_gpt2job, write_token_input,
+                      have_mpirun)
+
+
+@pytest.fixture
+def token_input(tmp_path, expected):
+    path = tmp_path / "in.h5"
+    write_token_input(path, expected.prompts)
+    return path
+
+
+def check_matches_transformers(out_path, expected):
+    out = read_output(out_path)
+    assert out["done"].all()
+    for got, want, fin in zip(out["tokens"], expected.gen, out["finish"]):
+        assert got.tolist() == want.tolist()
+        assert fin == ("stop" if want[-1] == expected.eos else "length")
+    assert out["attrs"]["finished"] == 1
+
+
+@pytest.mark.parametrize("np_", [None, 1, 2, 4])
+def test_greedy_job_matches_transformers(tmp_path, token_input, expected, np_):
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(["run", token_input, out, "--model", TINY_HF, "--max-new-tokens", expected.max_new,
+                     "--backend", "numpy", "--chunk-size", 2], np_=np_, check=0)
+    assert "generated tokens/s" in p.stdout
+    check_matches_transformers(out, expected)
+
+
+def test_sampling_is_identical_across_ranks_and_chunk_sizes(tmp_path, token_input):
+    outs = []
+    for np_, chunk in ((None, 0), (2, 1), (3, 5), (4, 3)):
+        out = tmp_path / f"s{np_}-{chunk}.h5"
+        run_gpt2job(["run", token_input, out, "--model", TINY_HF, "--max-new-tokens", 8, "--backend", "numpy",
+                     "--temperature", 1.5, "--top-k", 40, "--top-p", 0.95, "--seed", 1234, "--chunk-size", chunk],
+                    np_=np_, check=0)
+        outs.append([t.tolist() for t in read_output(out)["tokens"]])
+    assert all(o == outs[0] for o in outs[1:])
+    greedy = tmp_path / "g.h5"
+    run_gpt2job(["run", token_input, greedy, "--model", TINY_HF, "--max-new-tokens", 8, "--backend", "numpy"],
+                check=0)
+    assert [t.tolist() for t in read_output(greedy)["tokens"]] != outs[0]
+
+
+def test_text_prompts_end_to_end(tmp_path, vocab_dir):
+    src = tmp_path / "p.txt"
+    src.write_text("Hello world\nThe quick brown fox jumps\n\nÜber café ☕ and 漢字\n<|endoftext|>Once upon\n",
+                   encoding="utf-8")
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    run_gpt2job(["prompts", src, inp, "--vocab-dir", vocab_dir], check=0)
+    with h5py.File(inp) as f:
+        assert [s.decode() for s in f["prompts"][()]][2] == "Über café ☕ and 漢字"
+    run_gpt2job(["run", inp, out, "--model", TINY_TEXT_MODEL, "--max-new-tokens", 5, "--vocab-dir", vocab_dir,
+                 "--ignore-eos"], np_=3, check=0)
+    res = read_output(out)
+    from gpt2job.tokenizer import load_tokenizer
+    enc = load_tokenizer(vocab_dir)
+    assert len(res["tokens"]) == 4
+    for toks, text, exact in zip(res["tokens"], res["text"], res["text_exact"]):
+        assert len(toks) == 5
+        raw = enc.decode_bytes(toks.tolist())
+        if exact:
+            assert text == raw.decode("utf-8")
+        else:
+            assert text == raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
+    shown = run_gpt2job(["show", out, "--limit", 2], check=0).stdout
+    assert "4 of 4 rows done, finished" in shown
+
+
+def test_two_dimensional_token_input_and_tokens_win_over_text(tmp_path, expected):
+    prompts = [p for p in expected.prompts if len(p) >= 5][:4]
+    arr = np.stack([p[:5] for p in prompts]).astype(np.int32)
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    with h5py.File(inp, "w") as f:
+        f["prompt_tokens"] = arr
+        f.create_dataset("prompts", data=["ignored"] * 4, dtype=h5py.string_dtype())
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--max-new-tokens", 3], check=0)
+    from gpt2job.backend import GenerationSettings, generate_batch
+    from gpt2job.weights import load_params
+    want, _ = generate_batch(load_params(str(TINY_HF)), list(arr), np.arange(4),
+                             GenerationSettings(max_new_tokens=3, eos_token_id=expected.eos))
+    assert [t.tolist() for t in read_output(out)["tokens"]] == want
+
+
+def test_run_inference_sh_by_hand_and_under_mpirun(tmp_path, token_input, expected):
+    if not have_mpirun():
+        pytest.skip("mpirun not available")
+    env = job_env(NP=3)
+    out = tmp_path / "a.h5"
+    args = [str(token_input), str(out), "--model", str(TINY_HF), "--max-new-tokens", str(expected.max_new)]
+    p = subprocess.run([str(ROOT / "run_inference.sh")] + args, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr
+    check_matches_transformers(out, expected)
+    out2 = tmp_path / "b.h5"
+    args[1] = str(out2)
+    p = subprocess.run(["mpirun", "-np", "3", "--oversubscribe", "--hostfile", str(ROOT / "hostfile"),
+                        str(ROOT / "run_inference.sh")] + args, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    check_matches_transformers(out2, expected)
+    assert "rank 2" in p.stdout
+
+
+def test_validate_against_answer_file(tmp_path, token_input, expected):
+    out = tmp_path / "out.h5"
+    answer = tmp_path / "answer.bin"
+    np.asarray(expected.greedy_ignore_eos, "<i4").tofile(answer)
+    p = run_gpt2job(["run", token_input, out, "--model", TINY_HF, "--max-new-tokens", expected.max_new,
+                     "--ignore-eos", "--validate", answer], check=0)
+    assert "0 of 120 tokens differ" in p.stdout and "PASS" in p.stdout
+    bad = expected.greedy_ignore_eos.copy()
+    bad[3, 4] += 1
+    np.asarray(bad, "<i4").tofile(answer)
+    p = run_gpt2job(["validate", out, answer], check=4)
+    assert "1 of 120 tokens differ" in p.stdout and "row 3, token 4" in p.stdout and "FAIL" in p.stdout
+    p = run_gpt2job(["validate", out, answer, "--tolerance", 0.01], check=0)

@@ -1,0 +1,133 @@
+"""Nothing completed is lost: kill a run midway (mpirun, the master or a worker), run the same command
+again, and the output equals an uninterrupted run's, with no row computed twice."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import gpt2job_cmd, have_mpirun, job_env, read_output, run_gpt2job, write_token_input
+from gpt2job.output import _read_journal
+
+MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
+N = 40
+
+
+@pytest.fixture(scope="module")
+def workload(tmp_path_factory):
+    d = tmp_path_factory.mktemp("resume")
+    rng = np.random.default_rng(0)
+    inp = d / "in.h5"
+    write_token_input(inp, [rng.integers(0, 50257, rng.integers(2, 12)) for _ in range(N)])
+    clean = d / "clean.h5"
+    run_gpt2job(job_args(inp, clean), check=0)
+    return inp, read_output(clean)
+
+
+def job_args(inp, out):
+    return ["run", inp, out, "--model", MODEL, "--max-new-tokens", 24, "--ignore-eos", "--chunk-size", 1,
+            "--backend", "numpy", "--temperature", 0.8, "--seed", 9]
+
+
+def rank_pids(root_pid):
+    """pid -> MPI rank of the python processes under root_pid."""
+    out = {}
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        except OSError:
+            continue
+        if b"gpt2job" not in cmd:
+            continue
+        for e in env:
+            if e.startswith(b"OMPI_COMM_WORLD_RANK="):
+                out[int(pid)] = int(e.split(b"=")[1])
+    return out
+
+
+def journal_rows(path):
+    header, records, _ = _read_journal(str(path) + ".journal")
+    return sum(len(r.rows) for r in records)
+
+
+def kill_midway(cmd, out, victim, min_rows=4):
+    p = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if os.path.exists(str(out) + ".journal") and journal_rows(out) >= min_rows:
+            break
+        time.sleep(0.05)
+    else:
+        p.kill()
+        raise AssertionError("the job made no progress")
+    if victim == "mpirun" or victim == "process":
+        os.kill(p.pid, signal.SIGKILL)
+    else:
+        ranks = rank_pids(p.pid)
+        pid = next(pid for pid, r in ranks.items() if (r == 0) == (victim == "master"))
+        os.kill(pid, signal.SIGKILL)
+    try:
+        p.wait(timeout=60)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+    time.sleep(0.2)
+    # mpirun is gone; make sure no orphaned rank keeps writing
+    for pid in rank_pids(p.pid):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+
+
+@pytest.mark.parametrize("victim,np_", [("process", None), ("mpirun", 3), ("master", 3), ("worker", 3)])
+def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_):
+    if np_ and not have_mpirun():
+        pytest.skip("mpirun not available")
+    inp, clean = workload
+    out = tmp_path / "out.h5"
+    kill_midway(gpt2job_cmd(job_args(inp, out), np_), out, victim)
+    kept = journal_rows(out)
+    assert 0 < kept < N, kept
+    p = run_gpt2job(job_args(inp, out), np_=np_, check=0)
+    res = read_output(out)
+    assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in clean["tokens"]]
+    assert res["finish"] == clean["finish"]
+    summary = json.loads(res["attrs"]["summary"])
+    assert summary["rows_resumed"] == kept
+    assert sum(w["rows"] for w in summary["workers"]) == N - kept   # no row computed twice
+    assert not os.path.exists(str(out) + ".journal")
+
+
+def test_torn_journal_tail_and_damaged_hdf5_are_recovered(tmp_path, workload):
+    inp, clean = workload
+    out = tmp_path / "out.h5"
+    kill_midway(gpt2job_cmd(job_args(inp, out)), out, "process", min_rows=6)
+    kept = journal_rows(out)
+    with open(str(out) + ".journal", "ab") as f:        # a record cut short by the kill
+        f.write(b"GJR1\x40\x00\x00\x00\x00\x00\x00\x00garbage")
+    with open(out, "r+b") as f:                         # and an HDF5 file left half-written
+        f.truncate(300)
+    run_gpt2job(job_args(inp, out), check=0)
+    res = read_output(out)
+    assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in clean["tokens"]]
+    assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
+
+
+def test_resume_with_other_settings_is_refused(tmp_path, workload):
+    inp, _ = workload
+    out = tmp_path / "out.h5"
+    kill_midway(gpt2job_cmd(job_args(inp, out)), out, "process")
+    args = job_args(inp, out)
+    args[args.index("--seed") + 1] = 10
+    p = run_gpt2job(args)
+    assert p.returncode == 2 and "different model, input or settings" in p.stderr and "seed" in p.stderr
+    assert os.path.exists(str(out) + ".journal")          # kept for a resume with the right settings
+    run_gpt2job(job_args(inp, out), check=0)

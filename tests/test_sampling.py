@@ -1,0 +1,69 @@
+"""Token selection rules and per-prompt determinism of sampling."""
+import numpy as np
+
+from gpt2job.backend import Chunk, GenerationSettings, NumpyBackend
+from gpt2job.config import GPT2Config
+from gpt2job.sampling import SamplingSettings, kept_probs, select_tokens, uniform
+from gpt2job.weights import random_params
+
+
+def test_uniform_is_a_deterministic_function_of_seed_row_step():
+    assert uniform(1, 2, 3) == uniform(1, 2, 3)
+    vals = {uniform(1, r, s) for r in range(50) for s in range(20)}
+    assert len(vals) > 990
+    u = np.array([uniform(7, r, 0) for r in range(20000)])
+    assert 0.0 <= u.min() and u.max() < 1.0 and abs(u.mean() - 0.5) < 0.01
+
+
+def test_greedy_picks_the_lowest_index_on_ties():
+    logits = np.array([[0.0, 3.0, 3.0, 1.0]], np.float32)
+    assert select_tokens(logits, [0], 0, SamplingSettings()).tolist() == [1]
+
+
+def test_top_k_keeps_the_k_largest_and_ties_at_the_boundary():
+    p = kept_probs(np.log(np.array([0.1, 0.4, 0.2, 0.2, 0.1], np.float32)), SamplingSettings(1.0, top_k=2))
+    assert (p > 0).tolist() == [False, True, True, True, False]  # 0.2 ties at the k-th place: both kept
+
+
+def test_top_p_keeps_the_smallest_prefix_reaching_the_mass():
+    probs = np.array([0.05, 0.5, 0.3, 0.15], np.float32)
+    p = kept_probs(np.log(probs), SamplingSettings(1.0, top_p=0.7))
+    assert (p > 0).tolist() == [False, True, True, False]
+    p = kept_probs(np.log(probs), SamplingSettings(1.0, top_p=0.5))
+    assert (p > 0).tolist() == [False, True, False, False]
+
+
+def test_sampling_follows_the_distribution():
+    logits = np.log(np.array([[0.1, 0.6, 0.3]], np.float32)).repeat(4000, axis=0)
+    s = SamplingSettings(temperature=1.0, seed=11)
+    toks = select_tokens(logits, np.arange(4000), 0, s)
+    freq = np.bincount(toks, minlength=3) / 4000
+    np.testing.assert_allclose(freq, [0.1, 0.6, 0.3], atol=0.03)
+
+
+def _generate(backend, rows, prompts, split):
+    out = {}
+    for part in np.array_split(np.arange(len(rows)), split):
+        ps = [prompts[i] for i in part]
+        offsets = np.concatenate([[0], np.cumsum([len(p) for p in ps])])
+        comp = backend.generate(Chunk(0, rows[part], offsets, np.concatenate(ps).astype(np.int32)))
+        for i, r in enumerate(comp.rows):
+            out[int(r)] = comp.row_tokens(i).tolist()
+    return out
+
+
+def test_same_seed_same_completions_whatever_the_batching():
+    p = random_params(GPT2Config(n_layer=1, n_head=2, n_embd=16, n_positions=32, vocab_size=60), 2)
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 60, rng.integers(1, 8)) for _ in range(9)]
+    rows = np.arange(9)
+    gs = GenerationSettings(max_new_tokens=6, eos_token_id=59,
+                            sampling=SamplingSettings(temperature=1.3, top_k=20, top_p=0.9, seed=5))
+    a = _generate(NumpyBackend(p, gs, batch_size=32), rows, prompts, 1)
+    b = _generate(NumpyBackend(p, gs, batch_size=2), rows, prompts, 4)
+    perm = rng.permutation(9)
+    c = _generate(NumpyBackend(p, gs, batch_size=3), rows[perm], [prompts[i] for i in perm], 3)
+    assert a == b == c
+    other = GenerationSettings(max_new_tokens=6, eos_token_id=59,
+                               sampling=SamplingSettings(temperature=1.3, top_k=20, top_p=0.9, seed=6))
+    assert _generate(NumpyBackend(p, other), rows, prompts, 1) != a
