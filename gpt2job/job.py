@@ -280,7 +280,7 @@ class Master:
             self.log(f"worker rank {src} on {w.host} failed during {where}: {info['error']}")
             if not info.get("user_error"):
                 self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
-            w.info = info
+            w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
             self.stop(w)
         else:
@@ -321,7 +321,7 @@ class Master:
         done = int(self.store.done.sum())
         msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
                f"in {self.s.output}")
-        if all(w.info.get("user_error") for w in self.workers.values()):
+        if all(w.error and w.error.get("user_error") for w in self.workers.values()):
             return UserError(msg, fix="fix the cause above, then run the same command again to resume")
         return WorkerFailure(msg + "; run the same command again to resume")
 

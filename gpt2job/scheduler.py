@@ -31,7 +31,8 @@ class WorkerState:
     tokens: int = 0
     chunks: int = 0
     compute_s: float = 0.0
-    info: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)      # the worker's hello: backend, device, timings
+    error: dict = None                             # what it reported when it failed
 
     def seconds_per_token(self):
         return self.compute_s / self.tokens if self.tokens else None

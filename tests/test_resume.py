@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import time
+import uuid
 
 import h5py
 import numpy as np
@@ -33,9 +34,10 @@ def job_args(inp, out):
             "--backend", "numpy", "--temperature", 0.8, "--seed", 9]
 
 
-def rank_pids(root_pid):
-    """pid -> MPI rank of the python processes under root_pid."""
+def rank_pids(tag):
+    """pid -> MPI rank of the python processes started with GPT2JOB_TEST_TAG=tag (only this test's)."""
     out = {}
+    mark = f"GPT2JOB_TEST_TAG={tag}".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -44,7 +46,7 @@ def rank_pids(root_pid):
             cmd = open(f"/proc/{pid}/cmdline", "rb").read()
         except OSError:
             continue
-        if b"gpt2job" not in cmd:
+        if b"gpt2job" not in cmd or mark not in env:
             continue
         for e in env:
             if e.startswith(b"OMPI_COMM_WORLD_RANK="):
@@ -58,7 +60,8 @@ def journal_rows(path):
 
 
 def kill_midway(cmd, out, victim, min_rows=4):
-    p = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    tag = uuid.uuid4().hex
+    p = subprocess.Popen(cmd, env=job_env(GPT2JOB_TEST_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -71,7 +74,7 @@ def kill_midway(cmd, out, victim, min_rows=4):
     if victim == "mpirun" or victim == "process":
         os.kill(p.pid, signal.SIGKILL)
     else:
-        ranks = rank_pids(p.pid)
+        ranks = rank_pids(tag)
         pid = next(pid for pid, r in ranks.items() if (r == 0) == (victim == "master"))
         os.kill(pid, signal.SIGKILL)
     try:
@@ -80,7 +83,7 @@ def kill_midway(cmd, out, victim, min_rows=4):
         os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
     time.sleep(0.2)
     # mpirun is gone; make sure no orphaned rank keeps writing
-    for pid in rank_pids(p.pid):
+    for pid in rank_pids(tag):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:

@@ -1,0 +1,74 @@
+"""Worker failures: a worker that raises or hangs loses its chunk to another worker and the job
+finishes with the right output; with no worker left the job stops with a clear message and the
+completed rows are kept for a resume. (GPT2JOB_FAULT='RANK:K:MODE' is the test switch.)"""
+import json
+
+import numpy as np
+import pytest
+
+from conftest import TINY_HF, job_env, read_output, run_gpt2job, write_token_input
+
+N = 30
+
+
+@pytest.fixture(scope="module")
+def inp_and_clean(tmp_path_factory):
+    d = tmp_path_factory.mktemp("faults")
+    rng = np.random.default_rng(0)
+    inp = d / "in.h5"
+    write_token_input(inp, [rng.integers(0, 1000, rng.integers(1, 9)) for _ in range(N)])
+    clean = d / "clean.h5"
+    run_gpt2job(args(inp, clean), check=0)
+    return inp, [t.tolist() for t in read_output(clean)["tokens"]]
+
+
+def args(inp, out, *extra):
+    return ["run", inp, out, "--model", TINY_HF, "--max-new-tokens", 6, "--chunk-size", 2, "--backend", "numpy",
+            *extra]
+
+
+def test_a_worker_that_raises_is_retired_and_its_chunk_reassigned(tmp_path, inp_and_clean):
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out), np_=4, env=job_env(GPT2JOB_FAULT="2:2:raise"), check=0)
+    assert "worker rank 2 on" in p.stderr and "InjectedFault: injected fault on rank 2" in p.stderr
+    res = read_output(out)
+    assert [t.tolist() for t in res["tokens"]] == clean
+    workers = {w["rank"]: w for w in json.loads(res["attrs"]["summary"])["workers"]}
+    assert "InjectedFault" in workers[2]["retired"] and workers[2]["rows"] == 2
+    assert workers[1]["rows"] + workers[3]["rows"] == N - 2
+
+
+def test_a_hung_worker_is_detected_and_the_job_still_ends(tmp_path, inp_and_clean):
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out, "--chunk-timeout", 2), np_=3, env=job_env(GPT2JOB_FAULT="1:2:hang"),
+                    timeout=120, check=0)
+    assert "rank 1 on" in p.stderr and "has not answered in time" in p.stderr
+    res = read_output(out)
+    assert res["attrs"]["finished"] == 1
+    assert [t.tolist() for t in res["tokens"]] == clean
+
+
+def test_a_worker_failing_at_start_up_is_reported(tmp_path, inp_and_clean):
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out, "--backend", "cuda"), np_=2, env=job_env(CUDA_VISIBLE_DEVICES=""))
+    assert p.returncode in (2, 3), p.stderr
+    assert "worker rank 1 on" in p.stderr and "during start-up" in p.stderr
+    assert "no worker is left" in p.stderr
+
+
+def test_no_worker_left_keeps_completed_rows_for_resume(tmp_path, inp_and_clean):
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out), np_=3, env=job_env(GPT2JOB_FAULT="1:3:raise,2:3:raise"))
+    assert p.returncode == 3, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(line) == 1 and "no worker is left" in line[0] and "run the same command again" in line[0]
+    kept = int(read_output(out)["done"].sum())
+    assert 0 < kept < N
+    p = run_gpt2job(args(inp, out), np_=3, check=0)
+    res = read_output(out)
+    assert [t.tolist() for t in res["tokens"]] == clean
+    assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
