@@ -75,6 +75,39 @@ extern "C" __global__ void kv_store_f16(const __half* qkv, const int* row_slot, 
 // slot and absolute position p and sees keys 0..p of its slot. Online softmax over 32-key tiles,
 // lane j scores key j of the tile; each lane accumulates output dims lane + 32 i. D <= 128.
 #define ATT_WARPS 4
+// q (shared, fp32) . k (one cache row), accumulated in order d = 0..D-1; 16-byte loads where aligned.
+__device__ __forceinline__ float dot_row(const float* q, const float* k, int D) {
+    float dot = 0.f;
+    if ((D & 3) == 0) {
+        const float4* k4 = reinterpret_cast<const float4*>(k);
+        for (int i = 0; i < (D >> 2); i++) {
+            const float4 v = k4[i];
+            dot = fmaf(q[4 * i], v.x, dot); dot = fmaf(q[4 * i + 1], v.y, dot);
+            dot = fmaf(q[4 * i + 2], v.z, dot); dot = fmaf(q[4 * i + 3], v.w, dot);
+        }
+        return dot;
+    }
+    for (int d = 0; d < D; d++) dot = fmaf(q[d], k[d], dot);
+    return dot;
+}
+__device__ __forceinline__ float dot_row(const float* q, const __half* k, int D) {
+    float dot = 0.f;
+    if ((D & 7) == 0) {
+        const uint4* k8 = reinterpret_cast<const uint4*>(k);
+        for (int i = 0; i < (D >> 3); i++) {
+            uint4 v = k8[i];
+            const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {
+                const float2 f = __half22float2(h[j]);
+                dot = fmaf(q[8 * i + 2 * j], f.x, dot); dot = fmaf(q[8 * i + 2 * j + 1], f.y, dot);
+            }
+        }
+        return dot;
+    }
+    for (int d = 0; d < D; d++) dot = fmaf(q[d], __half2float(k[d]), dot);
+    return dot;
+}
 template <typename T>
 __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const T* __restrict__ kc, const T* __restrict__ vc,
                                                const int* __restrict__ row_slot, int slot_base, const int* __restrict__ row_pos,
@@ -96,11 +129,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const 
         const int j = j0 + lane;
         float s = -INFINITY;
         if (j <= p) {
-            const T* kr = kc + base + (size_t)j * C;
-            float dot = 0.f;
-#pragma unroll 8
-            for (int d = 0; d < D; d++) dot = fmaf(qs[warp][d], to_f(kr[d]), dot);
-            s = dot * scale;
+            s = dot_row(qs[warp], kc + base + (size_t)j * C, D) * scale;
         }
         const float mt = warp_max(s);
         const float mn = fmaxf(m, mt);

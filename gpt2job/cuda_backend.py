@@ -371,6 +371,8 @@ class CudaBackend(Backend):
                  "upload": (t(job["ev_up"][0]), t(job["ev_up"][1])), "compute": (t(ev_c0), t(ev_c1))}
         if self._last_down is not None:
             entry["download"] = (t(self._last_down[0]), t(self._last_down[1]))
+        for kind, a, b in job.get("phases", []):   # device time of prefill / decode steps (ms)
+            entry[kind + "_ms"] = entry.get(kind + "_ms", 0.0) + b.time_since(a)
         self.timeline.append(entry)
         offs = np.zeros(B + 1, np.int64)
         np.cumsum(gen, out=offs[1:])
@@ -387,6 +389,8 @@ class CudaBackend(Backend):
         kvbase = self._buf("kv", 2 * L * per)
         kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
         tok_dev = self._buf("tok_out", ns * 4)
+        ev_p0 = drv.Event()
+        ev_p0.record(self.compute)
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
         pb0 = b0
         while pb0 < b1:
@@ -399,6 +403,7 @@ class CudaBackend(Backend):
                               tok_dev + 4 * (pb0 - b0))
             pb0 = pb1
         tok = self._download(tok_dev, ns)
+        job.setdefault("phases", []).append(("prefill", ev_p0, self._last_down[1]))
         active = np.arange(b0, b1)
         eos = gs.eos_token_id
         for step in range(gs.max_new_tokens):
@@ -411,10 +416,13 @@ class CudaBackend(Backend):
                 sh[n:2 * n] = lens[active] + step - 1
                 sh[2 * n:3 * n] = active
                 sdev = self._buf("step_in", 3 * n * 4)
+                ev_d0 = drv.Event()
+                ev_d0.record(self.compute)
                 drv.memcpy_htod_async(sdev, sh, self.compute)
                 x = self._forward(n, sdev, sdev + 4 * n, sdev + 8 * n, b0, S, kv)
                 self._head_select(x, n, None, 0, sdev + 8 * n, job["p_rows"], step, tok_dev)
                 tok = self._download(tok_dev, n)
+                job["phases"].append(("decode", ev_d0, self._last_down[1]))
                 # the step buffer is reused next step only after this download synchronised the stream
             out[active, step] = tok
             gen[active] = step + 1

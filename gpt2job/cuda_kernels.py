@@ -19,8 +19,8 @@ EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID = 0, 1, 2, 3
 # name -> (file, PyCUDA prepare signature)
 KERNELS = {
     "gemm_f32": ("gemm_f32.cu", "PiPiPiPiiiiiii"),
-    "gemm_f16_outh": ("gemm_f16.cu", "PiPiPiPiiiii"),
-    "gemm_f16_outf": ("gemm_f16.cu", "PiPiPiPiiiii"),
+    "gemm_f16_outh": ("gemm_f16.cu", "PiPiPiPiiii"),
+    "gemm_f16_outf": ("gemm_f16.cu", "PiPiPiPiiii"),
     "embed": ("transformer.cu", "PPPPPii"),
     "layernorm_f32": ("transformer.cu", "PPiPPPiif"),
     "layernorm_f16": ("transformer.cu", "PPiPPPiif"),
