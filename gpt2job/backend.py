@@ -3,6 +3,7 @@
 A backend turns a chunk of prompts into completions. The chunk protocol (gpt2job/protocol.py) moves
 `Chunk` and `Completions` between ranks as flat int32 buffers.
 """
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,11 +66,23 @@ class Completions:
 
 
 class Backend:
-    """What a worker needs from a backend. Implementations: NumpyBackend, cuda_backend.CudaBackend."""
+    """What a worker needs from a backend. Implementations: NumpyBackend, cuda_backend.CudaBackend.
+
+    generate(chunk) computes one chunk. submit(chunk) + result() let a backend overlap work: the
+    worker submits the next chunk (its upload can start) before it asks for the current result.
+    Results come back in submission order. The defaults here simply compute in result().
+    """
     name = "abstract"
+    preferred_chunk = 64     # prompts per chunk this backend runs well with
 
     def generate(self, chunk: Chunk) -> Completions:
         raise NotImplementedError
+
+    def submit(self, chunk: Chunk):
+        self.__dict__.setdefault("_submitted", deque()).append(chunk)
+
+    def result(self) -> Completions:
+        return self.generate(self._submitted.popleft())
 
     def describe(self) -> dict:
         """Small metadata for the job summary (device name, dtype, ...)."""
@@ -126,9 +139,14 @@ def generate_batch(params, prompts, rows, gs: GenerationSettings):
 def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gpus=False):
     """Build the backend a worker runs: 'numpy', 'cuda', or 'auto' (cuda when a GPU is visible)."""
     if name == "auto":
-        from .devices import gpu_count
-        name = "cuda" if gpu_count() > 0 else "numpy"
+        from .devices import gpu_count, pycuda_available
+        name = "cuda" if gpu_count() > 0 and pycuda_available() else "numpy"
     if name == "numpy":
         return NumpyBackend(params, settings)
-    from .cuda_backend import CudaBackend  # lazy: pycuda is imported only here
+    from .devices import pycuda_available
+    if not pycuda_available():
+        from .errors import UserError
+        raise UserError("pycuda is not installed", None, "--backend cuda",
+                        "pip install 'gpt2job[gpu]' on the GPU nodes, or use --backend numpy")
+    from .cuda_backend import CudaBackend  # lazy: pycuda is imported only there
     return CudaBackend(params, settings, dtype=dtype, local_rank=local_rank, share_gpus=share_gpus)

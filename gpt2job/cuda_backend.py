@@ -44,6 +44,7 @@ class _Upload:
 
 class CudaBackend(Backend):
     name = "cuda"
+    preferred_chunk = 8192   # prompts per chunk: big batches keep the tensor cores busy
 
     def __init__(self, params, settings, dtype="float32", local_rank=0, share_gpus=False,
                  max_prefill_rows=131072, head_rows=8192):

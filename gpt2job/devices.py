@@ -39,3 +39,20 @@ def gpu_count():
 
 def _driver_present():
     return any(re.fullmatch(r"/dev/nvidia\d+", p) for p in glob.glob("/dev/nvidia*"))
+
+
+def pycuda_available():
+    import importlib.util
+    return importlib.util.find_spec("pycuda") is not None
+
+
+def node_worker_index(comm):
+    """(index of this rank among the worker ranks on its node, worker ranks on the node); rank 0 is the
+    master and uses no GPU. Collective over comm: every rank calls it once at start-up."""
+    from mpi4py import MPI
+    node = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    ranks = node.allgather(comm.Get_rank())
+    node.Free()
+    workers = sorted(r for r in ranks if r != 0)
+    me = comm.Get_rank()
+    return (workers.index(me) if me != 0 else None), len(workers)

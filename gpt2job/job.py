@@ -13,7 +13,7 @@ import numpy as np
 from . import __version__
 from .backend import FINISH_INVALID, Completions, make_backend
 from .config import EOT_TOKEN
-from .devices import local_rank
+from .devices import local_rank, node_worker_index
 from .errors import UserError, WorkerFailure
 from .output import OutputStore
 from .progress import Progress
@@ -50,17 +50,19 @@ def run_job(s: JobSettings):
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
         return run_master(s, None)
+    gpu_slot, _ = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
         return run_master(s, comm)
-    return run_worker(s, comm)
+    return run_worker(s, comm, gpu_slot)
 
 
 # ---------------------------------------------------------------- worker
 
-def build_backend(s: JobSettings):
+def build_backend(s: JobSettings, gpu_slot):
+    """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs."""
     params = load_params(s.model)
     gen = s.generation(params.config.eos_token_id)
-    return make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=local_rank(), share_gpus=s.share_gpus)
+    return make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
 
 
 class InjectedFault(RuntimeError):
@@ -88,26 +90,26 @@ def error_info(rank, e, chunk_id=None):
             "traceback": traceback.format_exc(limit=8)}
 
 
-def run_worker(s: JobSettings, comm):
+def run_worker(s: JobSettings, comm, gpu_slot):
     from mpi4py import MPI
     rank = comm.Get_rank()
     t0 = time.time()
     try:
-        backend = build_backend(s)
+        backend = build_backend(s, gpu_slot)
         hello = {"host": socket.gethostname(), "ready_s": time.time() - launch_time(),
-                 "init_s": time.time() - t0, "preferred_chunk": getattr(backend, "preferred_chunk", 64),
-                 **backend.describe()}
+                 "init_s": time.time() - t0, "preferred_chunk": backend.preferred_chunk, **backend.describe()}
         comm.send(hello, dest=0, tag=TAG_HELLO)
     except Exception as e:
         comm.send(error_info(rank, e), dest=0, tag=TAG_ERROR)
         _wait_for_stop(comm)
         return 0
-    queue = []
+    queue = []          # received, not yet submitted
+    in_flight = []      # submitted to the backend, oldest first
     status = MPI.Status()
-    n_done = 0
+    n_started = 0
     while True:
         # take every message that is waiting; block only when there is nothing to do
-        while not queue or comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+        while (not queue and not in_flight) or comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
             comm.Probe(source=0, tag=MPI.ANY_TAG, status=status)
             if status.Get_tag() == TAG_WORK:
                 buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
@@ -117,15 +119,20 @@ def run_worker(s: JobSettings, comm):
                 comm.recv(source=0, tag=status.Get_tag())
                 backend.close()
                 return 0
-        chunk = queue.pop(0)
-        n_done += 1
         try:
-            injected_fault(rank, n_done)
+            # the next chunk goes in before the current one is computed: its upload overlaps the compute
+            while queue and len(in_flight) < PREFETCH:
+                chunk = queue.pop(0)
+                in_flight.append(chunk.chunk_id)
+                backend.submit(chunk)
+            n_started += 1
+            injected_fault(rank, n_started)
             t = time.perf_counter()
-            comp = backend.generate(chunk)
+            comp = backend.result()
             us = int((time.perf_counter() - t) * 1e6)
+            in_flight.pop(0)
         except Exception as e:
-            comm.send(error_info(rank, e, chunk.chunk_id), dest=0, tag=TAG_ERROR)
+            comm.send(error_info(rank, e, in_flight[0] if in_flight else None), dest=0, tag=TAG_ERROR)
             _wait_for_stop(comm)
             return 0
         comm.Send(encode_completions(comp, us), dest=0, tag=TAG_RESULT)
@@ -212,18 +219,25 @@ class Master:
     # ---- one process: the master computes
     def run_local(self):
         w = WorkerState(rank=0, host=socket.gethostname(), ready=True)
-        backend = build_backend(self.s)
+        backend = build_backend(self.s, local_rank())
         w.info = backend.describe()
-        w.preferred_chunk = getattr(backend, "preferred_chunk", 64)
+        w.preferred_chunk = backend.preferred_chunk
         self.workers = {0: w}
         self.t_ready = time.time()
         try:
+            pending = 0
             while True:
-                chunk = self.sched.next_chunk(w, 1)
-                if chunk is None:
+                while pending < PREFETCH:
+                    chunk = self.sched.next_chunk(w, 1)
+                    if chunk is None:
+                        break
+                    backend.submit(chunk)
+                    pending += 1
+                if not pending:
                     break
                 t = time.perf_counter()
-                comp = backend.generate(chunk)
+                comp = backend.result()
+                pending -= 1
                 self.record(w, comp, int((time.perf_counter() - t) * 1e6))
         finally:
             backend.close()
