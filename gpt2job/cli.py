@@ -45,16 +45,20 @@ def build_parser():
     p = Parser(prog="gpt2job", description="Batch GPT-2 generation: HDF5 prompts in, HDF5 completions out.")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    pr = sub.add_parser("prompts", help="text or JSONL file -> input HDF5",
-                        description="Convert a text file (one prompt per line; blank lines are skipped) or a "
+    pr = sub.add_parser("prompts", help="text, JSONL or raw int32 file -> input HDF5",
+                        description="Convert a text file (one prompt per line; blank lines are skipped), a "
                                     "JSONL file (each line a JSON string, or an object with 'prompt'/'text' or "
-                                    "'tokens') into an input HDF5 file.")
+                                    "'tokens'), or the old system's raw int32 token file (.bin with "
+                                    "--tokens-per-row) into an input HDF5 file.")
     pr.add_argument("source", help="prompts file: .txt (one per line) or .jsonl")
     pr.add_argument("output", help="input HDF5 file to write")
     pr.add_argument("--tokenize", action="store_true",
                     help="store token ids ('prompt_tokens') instead of text ('prompts'); needs the tokenizer")
     pr.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
     pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    pr.add_argument("--tokens-per-row", type=_positive_int("--tokens-per-row", 0), default=0,
+                    help="read SOURCE as the old system's raw int32 token file [N, T] with T tokens per row "
+                         "(implied for .bin files; 16 for the seed workload's input.bin)")
 
     r = sub.add_parser("run", help="run a generation job (under mpirun: rank 0 is the master)",
                        description="Generate completions for every prompt of IN and write them to OUT. "
@@ -127,7 +131,8 @@ def cmd_run(a):
 
 def cmd_prompts(a):
     from .prompt_files import convert
-    return convert(a.source, a.output, tokenize=a.tokenize, vocab_dir=a.vocab_dir, overwrite=a.overwrite)
+    return convert(a.source, a.output, tokenize=a.tokenize, vocab_dir=a.vocab_dir, overwrite=a.overwrite,
+                   tokens_per_row=a.tokens_per_row)
 
 
 def cmd_show(a):

@@ -20,6 +20,7 @@ HDF5 layout (row i answers prompt i):
 import errno
 import json
 import os
+import re
 import struct
 import time
 import zlib
@@ -36,9 +37,14 @@ JOURNAL_SUFFIX = ".journal"
 
 
 def _io_error(path, e, what="write"):
-    reason = os.strerror(e.errno) if getattr(e, "errno", None) else str(e)
-    fix = "free disk space, then run the same command again to resume" if getattr(e, "errno", None) in (
-        errno.ENOSPC, errno.EDQUOT) else "check the path and its permissions, then run the same command again"
+    """A UserError for an OSError, or for HDF5's RuntimeError that carries 'errno = N' in its text."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    reason = os.strerror(code) if code else str(e).splitlines()[0][:160]
+    fix = "free disk space, then run the same command again to resume" if code in (
+        errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the path and its permissions, then run the same command again"
     return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
 
 
@@ -243,14 +249,14 @@ class OutputStore:
                 f.attrs["finished"] = 0
                 for r in records:
                     self._write_rows(f, r)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise _io_error(path, e)
 
     def _reopen_h5(self):
         import h5py
         try:
             self.h5 = h5py.File(self.path, "r+")
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise _io_error(self.path, e)
 
     def _write_rows(self, f, comp: Completions):
@@ -298,7 +304,7 @@ class OutputStore:
                 self._write_rows(self.h5, comp)
             self.pending = []
             self.h5.flush()
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise _io_error(self.path, e)
         self.last_flush = time.monotonic()
 
@@ -312,7 +318,7 @@ class OutputStore:
             fd = os.open(self.path, os.O_RDONLY)
             os.fsync(fd)
             os.close(fd)
-        except OSError as e:
+        except (OSError, RuntimeError) as e:
             raise _io_error(self.path, e)
         self.journal.close()
         os.remove(self.journal_path)

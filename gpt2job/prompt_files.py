@@ -7,6 +7,21 @@ import numpy as np
 from .errors import UserError
 
 
+def read_int32_file(path, width):
+    """The old system's raw prompt file: int32 little-endian, row-major [N, width]."""
+    try:
+        size = os.path.getsize(path)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
+    if not width:
+        raise UserError("a raw int32 token file needs its row width", path, "--tokens-per-row",
+                        "pass --tokens-per-row T (16 for the seed workload's input.bin)")
+    if size == 0 or size % (4 * width):
+        raise UserError(f"{size} bytes is not a whole number of rows of {width} int32 tokens", path,
+                        "--tokens-per-row", "give the file's real row width")
+    return np.fromfile(path, dtype="<i4").reshape(-1, width)
+
+
 def read_prompt_file(path):
     """-> (list of texts or None, list of token lists or None)."""
     try:
@@ -46,9 +61,12 @@ def read_prompt_file(path):
     return (texts, None) if texts or not tokens else (None, tokens)
 
 
-def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False):
+def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     import h5py
-    texts, tokens = read_prompt_file(source)
+    if source.endswith(".bin") or tokens_per_row:
+        texts, tokens = None, read_int32_file(source, tokens_per_row)
+    else:
+        texts, tokens = read_prompt_file(source)
     if os.path.exists(output) and not overwrite:
         raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
     if texts is not None and tokenize:
@@ -60,6 +78,8 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False):
         with h5py.File(tmp, "w") as f:
             if texts is not None:
                 f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
+            elif isinstance(tokens, np.ndarray):
+                f.create_dataset("prompt_tokens", data=tokens.astype(np.int32))
             else:
                 ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
                 for i, t in enumerate(tokens):

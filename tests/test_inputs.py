@@ -138,3 +138,13 @@ def test_prompts_command_errors(tmp_path):
     nul = tmp_path / "n.txt"
     nul.write_bytes(b"a\x00b\n")
     assert_one_clear_line(run_gpt2job(["prompts", nul, tmp_path / "n.h5"]), "NUL")
+
+
+def test_raw_int32_prompt_file(tmp_path):
+    raw = tmp_path / "input.bin"
+    np.arange(48, dtype="<i4").reshape(3, 16).tofile(raw)
+    run_gpt2job(["prompts", raw, tmp_path / "in.h5", "--tokens-per-row", 16], check=0)
+    with h5py.File(tmp_path / "in.h5") as f:
+        np.testing.assert_array_equal(f["prompt_tokens"][()], np.arange(48).reshape(3, 16))
+    assert_one_clear_line(run_gpt2job(["prompts", raw, tmp_path / "x.h5", "--tokens-per-row", 5]),
+                          "not a whole number of rows")

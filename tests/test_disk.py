@@ -1,0 +1,55 @@
+"""A full disk (here: a file-size limit) or an unwritable output: one clear message, nothing completed
+is lost, and the same command resumes once there is room."""
+import os
+import resource
+import subprocess
+
+import numpy as np
+
+from conftest import TINY_HF, gpt2job_cmd, job_env, read_output, run_gpt2job, write_token_input
+
+N = 300
+
+
+def args(inp, out):
+    return ["run", inp, out, "--model", TINY_HF, "--max-new-tokens", 8, "--chunk-size", 5, "--backend", "numpy",
+            "--ignore-eos"]
+
+
+def test_disk_full_midway_then_resume(tmp_path):
+    rng = np.random.default_rng(0)
+    inp, out, clean = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "clean.h5"
+    write_token_input(inp, [rng.integers(0, 1000, rng.integers(1, 9)) for _ in range(N)])
+    run_gpt2job(args(inp, clean), check=0)
+    limit = 48 * 1024   # bytes any one file may reach: the output outgrows it partway through
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run(gpt2job_cmd(args(inp, out)), env=job_env(), capture_output=True, text=True, timeout=120,
+                       preexec_fn=small_disk)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    errors = [line for line in p.stderr.splitlines() if line.startswith("gpt2job: error:")]
+    assert len(errors) == 1 and "completed rows are kept" in errors[0] and "free disk space" in errors[0]
+    run_gpt2job(args(inp, out), check=0)
+    res, want = read_output(out), read_output(clean)
+    assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in want["tokens"]]
+
+
+def test_unwritable_output_folder(tmp_path):
+    if os.geteuid() == 0:
+        # root ignores permission bits: use a path whose parent is a file instead
+        inp = tmp_path / "in.h5"
+        write_token_input(inp, [[1, 2]])
+        (tmp_path / "afile").write_text("x")
+        p = run_gpt2job(args(inp, tmp_path / "afile" / "out.h5"))
+    else:
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        os.chmod(ro, 0o500)
+        inp = tmp_path / "in.h5"
+        write_token_input(inp, [[1, 2]])
+        p = run_gpt2job(args(inp, ro / "out.h5"))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "gpt2job: error:" in p.stderr
