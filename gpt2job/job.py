@@ -3,8 +3,10 @@ results as they arrive); ranks 1..N-1 are workers (one backend each). With one r
 does the work itself. Work moves as numpy buffers (gpt2job/protocol.py)."""
 import json
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 import traceback
 
@@ -13,7 +15,7 @@ import numpy as np
 from . import __version__
 from .backend import FINISH_INVALID, Completions, make_backend
 from .config import EOT_TOKEN
-from .devices import local_rank, node_worker_index
+from .devices import gpu_count, local_rank, node_worker_index, pycuda_available
 from .errors import UserError, WorkerFailure
 from .output import OutputStore
 from .progress import Progress
@@ -50,9 +52,9 @@ def run_job(s: JobSettings):
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
         return run_master(s, None)
-    gpu_slot, _ = node_worker_index(comm)   # before any rank initialises CUDA
+    gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
-        return run_master(s, comm)
+        return run_master(s, comm, n_node_workers)
     return run_worker(s, comm, gpu_slot)
 
 
@@ -90,52 +92,89 @@ def error_info(rank, e, chunk_id=None):
             "traceback": traceback.format_exc(limit=8)}
 
 
+STOP = object()   # what a receive() hands the compute loop when the master says stop
+
+
+def serve(backend, rank, receive, send_result):
+    """The compute loop of every worker (an MPI rank, or the master's own thread).
+
+    receive(block) -> a Chunk, STOP, or None when nothing is waiting (only when block is False).
+    The next chunk is submitted before the current one is computed, so its upload overlaps the
+    compute. Returns None after STOP, or the error report of the exception that ended it."""
+    queue, in_flight = [], []     # received not yet submitted; submitted, oldest first
+    n = 0
+    try:
+        while True:
+            while True:   # take everything waiting; block only when there is nothing to do
+                msg = receive(not queue and not in_flight)
+                if msg is None:
+                    break
+                if msg is STOP:
+                    return None
+                queue.append(msg)
+            while queue and len(in_flight) < PREFETCH:
+                chunk = queue.pop(0)
+                in_flight.append(chunk.chunk_id)
+                backend.submit(chunk)
+            n += 1
+            injected_fault(rank, n)
+            t = time.perf_counter()
+            comp = backend.result()
+            us = int((time.perf_counter() - t) * 1e6)
+            in_flight.pop(0)
+            send_result(comp, us)
+    except Exception as e:
+        return error_info(rank, e, in_flight[0] if in_flight else None)
+
+
+def hello_info(backend, t0):
+    return {"host": socket.gethostname(), "ready_s": time.time() - launch_time(), "init_s": time.time() - t0,
+            "preferred_chunk": backend.preferred_chunk, **backend.describe()}
+
+
 def run_worker(s: JobSettings, comm, gpu_slot):
     from mpi4py import MPI
     rank = comm.Get_rank()
     t0 = time.time()
     try:
         backend = build_backend(s, gpu_slot)
-        hello = {"host": socket.gethostname(), "ready_s": time.time() - launch_time(),
-                 "init_s": time.time() - t0, "preferred_chunk": backend.preferred_chunk, **backend.describe()}
-        comm.send(hello, dest=0, tag=TAG_HELLO)
+        comm.send(hello_info(backend, t0), dest=0, tag=TAG_HELLO)
     except Exception as e:
         comm.send(error_info(rank, e), dest=0, tag=TAG_ERROR)
         _wait_for_stop(comm)
         return 0
-    queue = []          # received, not yet submitted
-    in_flight = []      # submitted to the backend, oldest first
     status = MPI.Status()
-    n_started = 0
-    while True:
-        # take every message that is waiting; block only when there is nothing to do
-        while (not queue and not in_flight) or comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
-            comm.Probe(source=0, tag=MPI.ANY_TAG, status=status)
-            if status.Get_tag() == TAG_WORK:
-                buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
-                comm.Recv(buf, source=0, tag=TAG_WORK)
-                queue.append(decode_chunk(buf))
-            else:
-                comm.recv(source=0, tag=status.Get_tag())
-                backend.close()
-                return 0
-        try:
-            # the next chunk goes in before the current one is computed: its upload overlaps the compute
-            while queue and len(in_flight) < PREFETCH:
-                chunk = queue.pop(0)
-                in_flight.append(chunk.chunk_id)
-                backend.submit(chunk)
-            n_started += 1
-            injected_fault(rank, n_started)
-            t = time.perf_counter()
-            comp = backend.result()
-            us = int((time.perf_counter() - t) * 1e6)
-            in_flight.pop(0)
-        except Exception as e:
-            comm.send(error_info(rank, e, in_flight[0] if in_flight else None), dest=0, tag=TAG_ERROR)
-            _wait_for_stop(comm)
-            return 0
-        comm.Send(encode_completions(comp, us), dest=0, tag=TAG_RESULT)
+
+    def receive(block):
+        if not wait_for_message(comm, status, block):
+            return None
+        if status.Get_tag() == TAG_WORK:
+            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            comm.Recv(buf, source=0, tag=TAG_WORK)
+            return decode_chunk(buf)
+        comm.recv(source=0, tag=status.Get_tag())
+        return STOP
+
+    err = serve(backend, rank, receive, lambda comp, us: comm.Send(encode_completions(comp, us), dest=0,
+                                                                   tag=TAG_RESULT))
+    if err is not None:
+        comm.send(err, dest=0, tag=TAG_ERROR)
+        _wait_for_stop(comm)
+    backend.close()
+    return 0
+
+
+def wait_for_message(comm, status, block):
+    """Is a message from the master waiting (status filled in)? With block, wait for one, politely:
+    a blocking MPI_Probe spins a core, which starves the computing ranks on a small CPU node."""
+    from mpi4py import MPI
+    pause = 0.0001
+    while not comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+        if not block:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.002)
+    return True
 
 
 def _wait_for_stop(comm):
@@ -143,12 +182,41 @@ def _wait_for_stop(comm):
     from mpi4py import MPI
     status = MPI.Status()
     while True:
-        comm.Probe(source=0, tag=MPI.ANY_TAG, status=status)
+        wait_for_message(comm, status, True)
         if status.Get_tag() == TAG_WORK:
             comm.Recv(np.empty(status.Get_count(MPI.INT64_T), np.int64), source=0, tag=TAG_WORK)
         else:
             comm.recv(source=0, tag=status.Get_tag())
             return
+
+
+class LocalWorker(threading.Thread):
+    """The master's own worker: a thread with its backend, fed through queues. It computes in a
+    one-process job, and under MPI when the master's node has a GPU that no worker rank uses."""
+
+    def __init__(self, s: JobSettings, gpu_slot):
+        super().__init__(name="gpt2job-local-worker", daemon=True)
+        self.s, self.gpu_slot = s, gpu_slot
+        self.inbox, self.outbox = queue.Queue(), queue.Queue()
+
+    def run(self):
+        t0 = time.time()
+        try:
+            backend = build_backend(self.s, self.gpu_slot)
+            self.outbox.put(("hello", hello_info(backend, t0)))
+        except Exception as e:
+            self.outbox.put(("error", error_info(0, e)))
+            return
+        err = serve(backend, 0, self.receive, lambda comp, us: self.outbox.put(("result", comp, us)))
+        if err is not None:
+            self.outbox.put(("error", err))
+        backend.close()
+
+    def receive(self, block):
+        try:
+            return self.inbox.get(block)
+        except queue.Empty:
+            return None
 
 
 # ---------------------------------------------------------------- master
@@ -216,48 +284,38 @@ class Master:
         self.t_last = time.time()
         self.progress.update(new_rows, comp.n_generated)
 
-    # ---- one process: the master computes
-    def run_local(self):
-        w = WorkerState(rank=0, host=socket.gethostname(), ready=True)
-        backend = build_backend(self.s, local_rank())
-        w.info = backend.describe()
-        w.preferred_chunk = backend.preferred_chunk
-        self.workers = {0: w}
-        self.t_ready = time.time()
-        try:
-            pending = 0
-            while True:
-                while pending < PREFETCH:
-                    chunk = self.sched.next_chunk(w, 1)
-                    if chunk is None:
-                        break
-                    backend.submit(chunk)
-                    pending += 1
-                if not pending:
-                    break
-                t = time.perf_counter()
-                comp = backend.result()
-                pending -= 1
-                self.record(w, comp, int((time.perf_counter() - t) * 1e6))
-        finally:
-            backend.close()
-
-    # ---- many processes: serve chunks on demand, never block on one worker
-    def run_mpi(self):
-        from mpi4py import MPI
+    # ---- the loop: serve chunks on demand, never block on one worker
+    def run(self, local_slot):
+        """Serve the MPI workers (if any) and the master's own worker thread (local_slot not None)."""
         comm = self.comm
-        self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
         self.sends = []
-        status = MPI.Status()
+        if comm is not None:
+            self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
+        self.local = None
+        if local_slot is not None:
+            self.local = LocalWorker(self.s, local_slot)
+            self.workers[0] = WorkerState(rank=0, host=socket.gethostname())
+            self.local.start()
+        if comm is not None:
+            from mpi4py import MPI
+            status = MPI.Status()
         last_check = 0.0
         while self.sched.rows_left() or any(w.outstanding for w in self.live()):
             if not self.live():
                 raise self.no_workers_left()
             if self.t_ready is None and all(w.ready for w in self.live()):
                 self.t_ready = time.time()
-            if comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                self.handle(status.Get_source(), status.Get_tag(), status)
+            if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                self.handle_mpi(status.Get_source(), status.Get_tag(), status)
                 continue
+            if self.local is not None:
+                try:  # a one-process job may wait here; with MPI workers only peek
+                    msg = self.local.outbox.get(block=comm is None, timeout=0.2 if comm is None else None)
+                except queue.Empty:
+                    msg = None
+                if msg is not None:
+                    self.handle(self.workers[0], *msg)
+                    continue
             now = time.monotonic()
             if now - last_check > 0.5:
                 last_check = now
@@ -265,40 +323,49 @@ class Master:
                 self.sends = [(r, b) for r, b in self.sends if not r.Test()]
                 if self.store.pending and now - self.store.last_flush > self.store.flush_interval:
                     self.store.flush()
-            time.sleep(0.0005)
+            if comm is not None:
+                time.sleep(0.0005)
 
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
 
-    def handle(self, src, tag, status):
+    def handle_mpi(self, src, tag, status):
         from mpi4py import MPI
         w = self.workers[src]
         if tag == TAG_RESULT:
             buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
             self.comm.Recv(buf, source=src, tag=TAG_RESULT)
-            comp, us = decode_completions(buf)
+            self.handle(w, "result", *decode_completions(buf))
+        elif tag == TAG_HELLO:
+            self.handle(w, "hello", self.comm.recv(source=src, tag=TAG_HELLO))
+        elif tag == TAG_ERROR:
+            self.handle(w, "error", self.comm.recv(source=src, tag=TAG_ERROR))
+        else:
+            self.comm.recv(source=src, tag=tag)
+
+    def handle(self, w, kind, *data):
+        if kind == "result":
+            comp, us = data
             w.outstanding.pop(comp.chunk_id, None)
             self.record(w, comp, us)
             if not w.retired:
                 self.feed(w)
-        elif tag == TAG_HELLO:
-            info = self.comm.recv(source=src, tag=TAG_HELLO)
+        elif kind == "hello":
+            (info,) = data
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", 64))
             w.last_progress = time.monotonic()
             self.feed(w)
-        elif tag == TAG_ERROR:
-            info = self.comm.recv(source=src, tag=TAG_ERROR)
+        elif kind == "error":
+            (info,) = data
             w.host = info.get("host", w.host)
             where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
-            self.log(f"worker rank {src} on {w.host} failed during {where}: {info['error']}")
+            self.log(f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}")
             if not info.get("user_error"):
                 self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
             self.stop(w)
-        else:
-            self.comm.recv(source=src, tag=tag)
 
     def feed(self, w):
         n_active = max(1, len([x for x in self.live() if x.ready]))
@@ -306,8 +373,11 @@ class Master:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
                 return
-            buf = encode_chunk(chunk)
-            self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
+            if w.rank == 0:
+                self.local.inbox.put(chunk)
+            else:
+                buf = encode_chunk(chunk)
+                self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)
 
@@ -328,7 +398,10 @@ class Master:
                 self.retire(w, "stopped answering (deadline passed)")
 
     def stop(self, w):
-        self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
+        if w.rank == 0:
+            self.local.inbox.put(STOP)
+        else:
+            self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
 
     def no_workers_left(self):
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
@@ -340,8 +413,6 @@ class Master:
         return WorkerFailure(msg + "; run the same command again to resume")
 
     def shutdown_workers(self):
-        if self.comm is None:
-            return
         for w in self.workers.values():
             if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
                 self.stop(w)
@@ -349,6 +420,8 @@ class Master:
         while self.sends and time.monotonic() < deadline:
             self.sends = [(r, b) for r, b in self.sends if not r.Test()]
             time.sleep(0.001)
+        if getattr(self, "local", None) is not None and 0 not in self.hung_ranks:
+            self.local.join(timeout=30)   # lets its backend free the GPU
 
     # ---- the end
     def summary(self):
@@ -383,14 +456,23 @@ def print_summary(sm, out=sys.stdout):
     out.flush()
 
 
-def run_master(s: JobSettings, comm):
+def master_gpu_slot(s: JobSettings, comm, n_node_workers):
+    """Which GPU the master's own worker uses, or None when the master only serves.
+
+    One process: it computes (slot = local rank). Under MPI: only with the cuda backend, and only when
+    its node has more GPUs than worker ranks, so that with -np equal to the GPU count no GPU idles."""
+    if comm is None:
+        return local_rank()
+    if s.backend == "numpy" or not pycuda_available():
+        return None
+    return n_node_workers if gpu_count() > n_node_workers else None
+
+
+def run_master(s: JobSettings, comm, n_node_workers=0):
     m = Master(s, comm)
     try:
         m.prepare()
-        if comm is None:
-            m.run_local()
-        else:
-            m.run_mpi()
+        m.run(master_gpu_slot(s, comm, n_node_workers))
         m.progress.close()
         sm = m.summary()
         m.store.finish(sm)
@@ -401,8 +483,9 @@ def run_master(s: JobSettings, comm):
             m.store.close()
         m.shutdown_workers() if m.workers else _stop_all(comm)
         raise
-    if m.hung_ranks:
-        m.log(f"the output is complete, but rank(s) {m.hung_ranks} still hang; ending them with MPI_Abort")
+    hung_ranks = [r for r in m.hung_ranks if r != 0]   # a hung thread of the master ends with the process
+    if hung_ranks:
+        m.log(f"the output is complete, but rank(s) {hung_ranks} still hang; ending them with MPI_Abort")
         comm.Abort(0)
     if s.validate:
         from .validate import report_validation
