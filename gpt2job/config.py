@@ -1,4 +1,5 @@
 """GPT-2 model configuration (architecture hyper-parameters) and the published size presets."""
+import math
 from dataclasses import dataclass, asdict
 
 from .errors import UserError
@@ -49,37 +50,48 @@ def config_from_hf_dict(d, path="config.json"):
                 return d[n]
         return default
 
-    try:
-        cfg = GPT2Config(
-            n_layer=int(get("n_layer", "num_hidden_layers", default=12)),
-            n_head=int(get("n_head", "num_attention_heads", default=12)),
-            n_embd=int(get("n_embd", "hidden_size", default=768)),
-            n_positions=int(get("n_positions", "max_position_embeddings", default=1024)),
-            vocab_size=int(get("vocab_size", default=50257)),
-            layer_norm_epsilon=float(get("layer_norm_epsilon", default=1e-5)),
-            activation_function=str(get("activation_function", default="gelu_new")),
-            scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", default=False)),
-            eos_token_id=int(get("eos_token_id", default=EOT_TOKEN)),
-            n_inner=int(get("n_inner", default=0) or 0),
-        )
-    except (TypeError, ValueError) as e:
-        raise UserError(f"malformed value ({e})", path, "config", "write integer sizes as in GPT-2's config.json")
+    def integer(name, value):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"must be an integer, got {value!r}", path, name, "write integer sizes as in GPT-2's config.json")
+        return value
+
+    def number(name, value):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            raise UserError(f"must be a positive number, got {value!r}", path, name, "fix the model config")
+        return float(value)
+
+    eos = get("eos_token_id", default=EOT_TOKEN)
+    if isinstance(eos, list):  # some configs list several stop tokens; GPT-2 has one
+        eos = eos[0] if eos else EOT_TOKEN
     mt = d.get("model_type", "gpt2")
     if mt != "gpt2":
         raise UserError(f"model_type is {mt!r}, only 'gpt2' is supported", path, "model_type",
                         "give a GPT-2 checkpoint")
-    if d.get("reorder_and_upcast_attn"):
-        # Numerically the same function up to rounding; we always compute attention scores in float32.
-        pass
+    cfg = GPT2Config(
+        n_layer=integer("n_layer", get("n_layer", "num_hidden_layers", default=12)),
+        n_head=integer("n_head", get("n_head", "num_attention_heads", default=12)),
+        n_embd=integer("n_embd", get("n_embd", "hidden_size", default=768)),
+        n_positions=integer("n_positions", get("n_positions", "max_position_embeddings", default=1024)),
+        vocab_size=integer("vocab_size", get("vocab_size", default=50257)),
+        layer_norm_epsilon=number("layer_norm_epsilon", get("layer_norm_epsilon", default=1e-5)),
+        activation_function=str(get("activation_function", default="gelu_new")),
+        scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", default=False)),
+        eos_token_id=integer("eos_token_id", eos),
+        n_inner=integer("n_inner", get("n_inner", default=0) or 0),
+    )
+    # reorder_and_upcast_attn is the same function up to rounding: attention scores are float32 here anyway
     validate_config(cfg, path)
     return cfg
 
 
 def validate_config(cfg, path):
-    for name in ("n_layer", "n_head", "n_embd", "n_positions", "vocab_size"):
-        if getattr(cfg, name) <= 0:
-            raise UserError(f"{name} must be positive, got {getattr(cfg, name)}", path, name,
+    limits = {"n_layer": 1000, "n_head": 1024, "n_embd": 1 << 16, "n_positions": 1 << 20, "vocab_size": 1 << 24}
+    for name, most in limits.items():
+        if not 0 < getattr(cfg, name) <= most:
+            raise UserError(f"{name} must be in 1..{most}, got {getattr(cfg, name)}", path, name,
                             "fix the model config")
+    if cfg.n_inner < 0:
+        raise UserError(f"n_inner must be >= 0, got {cfg.n_inner}", path, "n_inner", "fix the model config")
     if cfg.n_embd % cfg.n_head:
         raise UserError(f"n_embd={cfg.n_embd} is not divisible by n_head={cfg.n_head}", path, "n_head",
                         "fix the model config")

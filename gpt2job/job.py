@@ -404,6 +404,10 @@ class Master:
             self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
 
     def no_workers_left(self):
+        errors = [w.error for w in self.workers.values()]
+        messages = {e["error"] for e in errors if e}
+        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
+            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
         done = int(self.store.done.sum())
         msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "

@@ -18,6 +18,7 @@ HDF5 layout (row i answers prompt i):
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
 import errno
+import fcntl
 import json
 import os
 import re
@@ -34,6 +35,7 @@ from .protocol import decode_completions, encode_completions
 MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 JOURNAL_SUFFIX = ".journal"
+LOCK_SUFFIX = ".lock"
 
 
 def _io_error(path, e, what="write"):
@@ -166,10 +168,50 @@ class OutputStore:
         self._open(overwrite)
 
     # ---- opening: fresh, resume, or refuse
+    def _lock(self, wait_s=30.0):
+        """One job writes an output at a time. A run killed a moment ago may leave ranks that still
+        write for a second or two: wait for them rather than write beside them."""
+        path = self.path + LOCK_SUFFIX
+        try:
+            self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise _io_error(path, e)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(self.lock_fd)
+                    raise UserError(f"another gpt2job run is writing this output (lock {path} held for "
+                                    f"{wait_s:.0f} s)", self.path, "output",
+                                    "wait for that run to end, or write to another output path")
+                time.sleep(0.2)
+
+    def _unlock(self, remove):
+        fd, self.lock_fd = getattr(self, "lock_fd", None), None
+        if fd is None:
+            return
+        if remove:
+            try:
+                os.remove(self.path + LOCK_SUFFIX)
+            except OSError:
+                pass
+        os.close(fd)
+
     def _open(self, overwrite):
         out_dir = os.path.dirname(self.path)
         if not os.path.isdir(out_dir):
             raise UserError("folder does not exist", self.path, "output", f"create {out_dir} first")
+        self._lock()
+        try:
+            self._open_locked(overwrite)
+        except BaseException:
+            self._unlock(remove=False)
+            raise
+
+    def _open_locked(self, overwrite):
         exists, jexists = os.path.exists(self.path), os.path.exists(self.journal_path)
         if overwrite:
             for p in (self.path, self.journal_path):
@@ -322,6 +364,7 @@ class OutputStore:
             raise _io_error(self.path, e)
         self.journal.close()
         os.remove(self.journal_path)
+        self._unlock(remove=True)
 
     def close(self):
         """Leave an unfinished output resumable (after an error)."""
@@ -335,3 +378,4 @@ class OutputStore:
                     closer.close()
             except Exception:
                 pass
+        self._unlock(remove=False)

@@ -57,14 +57,18 @@ def _open_h5(path):
 
 def read_prompts(path, tokenizer_factory):
     """Read the prompts of an input file. tokenizer_factory() is called only for text prompts."""
-    import h5py
     with _open_h5(path) as f:
-        if "prompt_tokens" in f:
-            return _read_token_dataset(path, f["prompt_tokens"])
-        if "prompts" in f:
-            texts = _read_text_dataset(path, f["prompts"])
-        else:
-            raise UserError("no 'prompts' or 'prompt_tokens' dataset", path, "datasets", DATASET_FIX)
+        try:
+            if "prompt_tokens" in f:
+                return _read_token_dataset(path, f["prompt_tokens"])
+            if "prompts" in f:
+                texts = _read_text_dataset(path, f["prompts"])
+            else:
+                raise UserError("no 'prompts' or 'prompt_tokens' dataset", path, "datasets", DATASET_FIX)
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+            # damaged structure, dangling or looping links, unreadable types
+            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
+                            path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
     enc = tokenizer_factory()
     from .tokenizer import EOT
     rows = enc.encode_batch(texts, allowed_special={EOT}) if texts else []
@@ -79,7 +83,7 @@ def _read_token_dataset(path, ds):
     vlen = h5py.check_vlen_dtype(ds.dtype)
     try:
         if vlen is not None:
-            if ds.ndim != 1 or vlen.kind not in "iu":
+            if ds.ndim != 1 or not isinstance(vlen, np.dtype) or vlen.kind not in "iu":
                 raise UserError(f"variable-length rows must be integers in a 1-D dataset (got {vlen}, ndim {ds.ndim})",
                                 path, field, "store token ids as vlen int32 rows [N]")
             rows = ds[()]

@@ -47,12 +47,15 @@ def read_header(path):
     for name, info in header.items():
         try:
             dt = DTYPES[info["dtype"]]
-            shape = [int(s) for s in info["shape"]]
-            a, b = (int(x) for x in info["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+            shape, offsets = info["shape"], info["data_offsets"]
+            if not (isinstance(shape, list) and isinstance(offsets, list) and len(offsets) == 2 and all(
+                    isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in shape + offsets)):
+                raise TypeError("shape and data_offsets must be lists of non-negative integers")
+            a, b = offsets
+        except (KeyError, TypeError, ValueError, AttributeError):
             raise UserError("malformed tensor entry", path, name, "the file is corrupt; copy or re-save it")
-        count = int(np.prod(shape)) if shape else 1
-        if min(shape, default=0) < 0 or b < a or b - a != count * np.dtype(dt).itemsize:
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        if b < a or b - a != count * np.dtype(dt).itemsize:
             raise UserError(f"tensor size does not match its shape {shape}", path, name,
                             "the file is corrupt; copy or re-save it")
         if start + b > size:

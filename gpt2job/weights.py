@@ -74,12 +74,16 @@ def fingerprint(spec):
         cfg, seed = parse_random_spec(spec)
         return "random:" + hashlib.sha256(json.dumps([cfg.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:32]
     h = hashlib.sha256()
-    files = [spec] if os.path.isfile(spec) else sorted(
-        os.path.join(spec, f) for f in os.listdir(spec)
-        if f == "config.json" or f.endswith(".safetensors"))
-    for path in files:
-        h.update(os.path.basename(path).encode())
-        h.update(_sample_file(path))
+    try:
+        files = [spec] if os.path.isfile(spec) else sorted(
+            os.path.join(spec, f) for f in os.listdir(spec)
+            if (f == "config.json" or f.endswith(".safetensors")) and os.path.isfile(os.path.join(spec, f)))
+        for path in files:
+            h.update(os.path.basename(path).encode())
+            h.update(_sample_file(path))
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror or e})", getattr(e, "filename", None) or spec, "--model",
+                        CHECKPOINT_FIX)
     return "sha256:" + h.hexdigest()[:32]
 
 
@@ -136,8 +140,9 @@ def _read_hf_config(directory):
             d = json.load(f)
     except FileNotFoundError:
         raise UserError("missing", path, "config.json", "save the model with save_pretrained, which writes it")
-    except (OSError, UnicodeDecodeError, ValueError) as e:
-        raise UserError(f"not valid JSON ({e})", path, "config.json", "re-save or repair the config")
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise UserError(f"not valid JSON ({str(e)[:120] or type(e).__name__})", path, "config.json",
+                        "re-save or repair the config")
     if not isinstance(d, dict):
         raise UserError("not a JSON object", path, "config.json", "re-save or repair the config")
     return config_from_hf_dict(d, path)
@@ -207,6 +212,11 @@ def load_hf_dir(directory):
     p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight", g["wpe.weight"]), layers=layers,
                    ln_f_w=take("ln_f.weight", g["ln_f.weight"]), ln_f_b=take("ln_f.bias", g["ln_f.bias"]),
                    lm_head=head, source=os.path.abspath(directory))
+    extra = sorted(k for k in tensors if k.startswith("h.") or k in ("wte.weight", "wpe.weight"))
+    if extra:
+        raise UserError(f"checkpoint has tensors the config does not use ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''})", src, "n_layer",
+                        "use the config.json saved with these weights")
     p.fingerprint = fingerprint(directory)
     return p
 
