@@ -168,9 +168,11 @@ class OutputStore:
         self._open(overwrite)
 
     # ---- opening: fresh, resume, or refuse
-    def _lock(self, wait_s=30.0):
+    def _lock(self, wait_s=None):
         """One job writes an output at a time. A run killed a moment ago may leave ranks that still
         write for a second or two: wait for them rather than write beside them."""
+        if wait_s is None:
+            wait_s = float(os.environ.get("GPT2JOB_LOCK_WAIT", "30"))
         path = self.path + LOCK_SUFFIX
         try:
             self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

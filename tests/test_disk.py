@@ -53,3 +53,19 @@ def test_unwritable_output_folder(tmp_path):
         p = run_gpt2job(args(inp, ro / "out.h5"))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "gpt2job: error:" in p.stderr
+
+
+def test_a_second_run_on_the_same_output_waits_then_refuses(tmp_path):
+    import fcntl
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]])
+    fd = os.open(str(out) + ".lock", os.O_RDWR | os.O_CREAT)
+    fcntl.lockf(fd, fcntl.LOCK_EX)      # another writer: this test process
+    try:
+        p = subprocess.run(gpt2job_cmd(args(inp, out)), env=job_env(GPT2JOB_LOCK_WAIT=1), capture_output=True,
+                           text=True, timeout=60)
+    finally:
+        os.close(fd)
+    assert p.returncode == 2 and "another gpt2job run is writing this output" in p.stderr
+    run_gpt2job(args(inp, out), check=0)
+    assert not os.path.exists(str(out) + ".lock")
