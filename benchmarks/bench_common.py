@@ -1,0 +1,173 @@
+"""Helpers shared by the benchmark scripts: paths, the workload definitions, prompt files, result records.
+
+Nothing here needs a GPU, torch or pycuda.
+"""
+import datetime
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+# The seed workload (8,192 x 16 int32). Never copied into the repository: read where it lies.
+SEED_CANDIDATES = (os.path.join(ROOT, ".device", "seed-workload", "input.bin"),
+                   os.path.join(ROOT, "..", "shared", "seed-workload", "input.bin"))
+
+# Workloads of the performance issue (GPT-2 124M, greedy). W3 = W1 repeated 8 times (scaling over GPUs).
+WORKLOADS = {
+    "w1": {"file": "w1.h5", "max_new_tokens": 8, "ignore_eos": False,
+           "what": "seed workload: 8,192 prompts x 16 tokens, 8 new tokens"},
+    "w2": {"file": "w2.h5", "max_new_tokens": 256, "ignore_eos": True,
+           "what": "2,048 prompts, lengths uniform 32..512, 256 new tokens, --ignore-eos"},
+    "w3": {"file": "w3.h5", "max_new_tokens": 8, "ignore_eos": False,
+           "what": "W1 repeated 8 times (65,536 prompts), 8 new tokens"},
+}
+EOT = 50256
+
+
+def seed_workload_path(cli_value=None):
+    """--seed-workload, else $GPT2JOB_SEED_WORKLOAD, else .device/seed-workload/input.bin, else
+    ../shared/seed-workload/input.bin; None when none exists (callers fall back to random prompts)."""
+    for p in (cli_value, os.environ.get("GPT2JOB_SEED_WORKLOAD")) + SEED_CANDIDATES:
+        if p and os.path.isfile(p):
+            return os.path.abspath(p)
+    return None
+
+
+def load_seed_prompts(path=None, n=8192, plen=16, seed=0):
+    """[n, plen] int32 prompt tokens from the seed workload, or seeded random tokens when it is absent.
+    Returns (tokens, source)."""
+    path = seed_workload_path(path)
+    if path:
+        toks = np.fromfile(path, dtype="<i4").reshape(-1, 16)
+        if len(toks) >= n and plen <= 16:
+            return np.ascontiguousarray(toks[:n, :plen]).astype(np.int32), path
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 50257, (n, plen)).astype(np.int32), f"random(seed={seed})"
+
+
+def read_prompt_tokens(path):
+    """The prompt token rows of an input HDF5 file (dataset prompt_tokens, vlen or 2-D) as a list."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        ds = f["prompt_tokens"]
+        if ds.ndim == 2:
+            a = ds[()].astype(np.int32)
+            return [a[i] for i in range(len(a))]
+        return [np.asarray(r, np.int32) for r in ds[()]]
+
+
+def read_output(path):
+    """(summary dict, list of completion token arrays, attrs) of a finished gpt2job output."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        attrs = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+        toks = [np.asarray(t, np.int32) for t in f["completion_tokens"][()]]
+    summary = json.loads(attrs["summary"]) if "summary" in attrs else None
+    return summary, toks, attrs
+
+
+def tokens_matrix(rows, width):
+    """List of token arrays -> [N, width] int32, rows shorter than width padded with -1."""
+    out = np.full((len(rows), width), -1, np.int32)
+    for i, r in enumerate(rows):
+        r = r[:width]
+        out[i, :len(r)] = r
+    return out
+
+
+def gpu_name():
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().splitlines()
+        return out[0].strip() if out else "cpu"
+    except (OSError, subprocess.SubprocessError):
+        return "cpu"
+
+
+def gpu_count():
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        n = sum(1 for line in out.splitlines() if line.startswith("GPU "))
+    except (OSError, subprocess.SubprocessError):
+        n = 0
+    if n == 0:
+        from gpt2job.devices import gpu_count as dev_count    # /dev/nvidia* (and CUDA_VISIBLE_DEVICES)
+        n = dev_count()
+    return n
+
+
+def git_commit():
+    try:
+        c = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                           timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", ROOT, "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (c + ("+dirty" if dirty else "")) if c else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def base_record(**kw):
+    """Fields every result line carries."""
+    rec = {"date": datetime.datetime.now().isoformat(timespec="seconds"), "host": socket.gethostname(),
+           "gpu": gpu_name(), "commit": git_commit()}
+    rec.update(kw)
+    return rec
+
+
+def append_jsonl(path, rec):
+    if not path:
+        return
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, sort_keys=True) + "\n")
+
+
+def read_jsonl(paths):
+    recs = []
+    for p in paths:
+        if not os.path.isfile(p):
+            continue
+        with open(p) as f:
+            for line in f:
+                line = line.strip()
+                if line:
+                    try:
+                        recs.append(json.loads(line))
+                    except ValueError:
+                        pass
+    return recs
+
+
+def fmt_int(x):
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def fmt_s(x):
+    return "-" if x is None else f"{x:.2f}"
+
+
+def print_table(headers, rows, out=sys.stdout):
+    w = [max(len(str(h)), *(len(str(r[i])) for r in rows)) if rows else len(str(h)) for i, h in enumerate(headers)]
+    out.write("  ".join(str(h).ljust(w[i]) for i, h in enumerate(headers)).rstrip() + "\n")
+    out.write("  ".join("-" * w[i] for i in range(len(headers))) + "\n")
+    for r in rows:
+        out.write("  ".join(str(c).ljust(w[i]) if i in (0, len(r) - 1) or not _numeric(c) else str(c).rjust(w[i])
+                            for i, c in enumerate(r)).rstrip() + "\n")
+    out.flush()
+
+
+def _numeric(c):
+    s = str(c).replace(",", "").replace("%", "").replace("x", "").strip()
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return s == "-"
