@@ -17,7 +17,6 @@ ready is reported too). Workload files come from workloads.py (written here when
 Results: a table on stdout and one JSON line per run appended to --results (engine "ours").
 """
 import argparse
-import json
 import os
 import subprocess
 import sys

@@ -3,7 +3,6 @@
 A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
 """
 import argparse
-import json
 import os
 import sys
 

@@ -743,7 +743,7 @@ class Result:
 def _cached_tokenizer():
     """Load the tokenizer once in this (parent) process; forked cases share it (saves 0.15 s each)."""
     import functools
-    import gpt2job.job as job
+    import gpt2job.master as job
     from gpt2job.tokenizer import load_tokenizer
     if not getattr(job.load_tokenizer, "_fuzz_cached", False):
         cached = functools.lru_cache(maxsize=4)(load_tokenizer)
@@ -796,9 +796,6 @@ def _child(i, mutator, seed, workdir, wfd):
         res["argv"] = argv
         res["phase"] = "run"
         sys.stdout, sys.stderr = io.StringIO(), io.StringIO()
-        import gpt2job.job
-        if getattr(gpt2job.job, "print_summary", None) and gpt2job.job.print_summary.__defaults__:
-            gpt2job.job.print_summary.__defaults__ = (sys.stdout,)   # bound to the original stdout at import
         from gpt2job.cli import main
         try:
             code = main(argv)
@@ -824,7 +821,7 @@ def run_cases(indices, seed, workdir, timeout=60.0, jobs=2, keep="failures", pro
     """Run the given case indices, `jobs` at a time, each in a forked child. Returns [Result]."""
     import h5py  # noqa: F401 -- load before forking, so children don't
     import gpt2job.cli  # noqa: F401
-    import gpt2job.job  # noqa: F401
+    import gpt2job.master  # noqa: F401
     _cached_tokenizer()
     pending = list(indices)
     running = {}   # pid -> (Result, read fd, start, chunks)

@@ -26,7 +26,7 @@ def test_invalid_prompts_are_refused_with_count_and_rows(tmp_path):
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     rows = [[1, 2, 3], [], [5] * 125, [7, 1000], [-1, 4], [9, 9], [2 ** 31 - 1]]
     write_token_input(inp, rows)
-    line = assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
+    assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
                                  "1 empty (rows 1)", "longer than 124 tokens", "(rows 2)",
                                  "outside 0..999 (rows 3, 4, 6)", "--skip-invalid")
     assert not out.exists()

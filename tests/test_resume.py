@@ -7,7 +7,6 @@ import subprocess
 import time
 import uuid
 
-import h5py
 import numpy as np
 import pytest
 
@@ -99,7 +98,7 @@ def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_)
     kill_midway(gpt2job_cmd(job_args(inp, out), np_), out, victim)
     kept = journal_rows(out)
     assert 0 < kept < N, kept
-    p = run_gpt2job(job_args(inp, out), np_=np_, check=0)
+    run_gpt2job(job_args(inp, out), np_=np_, check=0)
     res = read_output(out)
     assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in clean["tokens"]]
     assert res["finish"] == clean["finish"]

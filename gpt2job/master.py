@@ -1,0 +1,311 @@
+"""Master side of a job (rank 0): read and validate the input, hand out chunks on demand, write
+results as they arrive, notice failed and hung workers, and summarise."""
+import os
+import queue
+import socket
+import sys
+import time
+
+import numpy as np
+
+from . import __version__
+from .backend import FINISH_INVALID, Completions
+from .devices import gpu_count, local_rank, pycuda_available
+from .errors import UserError, WorkerFailure
+from .output import OutputStore
+from .progress import Progress
+from .prompts import read_prompts, validate
+from .protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK, decode_completions, encode_chunk
+from .scheduler import Outstanding, Scheduler, WorkerState
+from .settings import JobSettings
+from .tokenizer import load_tokenizer, vocab_dir_from
+from .weights import fingerprint, load_config
+from .worker import PREFETCH, STOP, LocalWorker, launch_time
+
+
+class Master:
+    def __init__(self, s: JobSettings, comm):
+        self.s = s
+        self.comm = comm
+        self.store = None
+        self.workers = {}
+        self.hung_ranks = []
+        self.t_ready = None
+        self.t_last = None
+        self.generated = 0
+
+    def log(self, msg):
+        sys.stderr.write(f"gpt2job: {msg}\n")
+        sys.stderr.flush()
+
+    # ---- set-up: input, validation, output
+    def prepare(self):
+        s = self.s
+        cfg = load_config(s.model)
+        self.cfg = cfg
+        vocab_dir = vocab_dir_from(s.vocab_dir)
+        self.prompts = read_prompts(s.input, lambda: load_tokenizer(vocab_dir))
+        val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
+        if val.n_invalid and not s.skip_invalid:
+            raise UserError(val.message(s.input), s.input, self.prompts.source,
+                            "fix those prompts, lower --max-new-tokens, or pass --skip-invalid to mark them "
+                            "'invalid' and run the rest")
+        self.invalid = val.invalid
+        if val.n_invalid:
+            self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
+        try:
+            self.enc = load_tokenizer(vocab_dir)
+        except UserError as e:
+            self.enc = None
+            self.log(f"no tokenizer, so no 'completions' text is written ({e})")
+        key = {"gpt2job_format": 1, "model_fingerprint": fingerprint(s.model),
+               "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
+               "settings": s.result_settings()}
+        attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
+                 "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
+                 "backend": s.backend, "chunk_size": s.chunk_size}
+        self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
+                                 tokenizer=self.enc, overwrite=s.overwrite)
+        if self.store.resumed_rows:
+            self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
+        bad = np.flatnonzero(self.invalid & ~self.store.done)
+        if len(bad):
+            self.store.add(Completions.from_lists(-1, bad, [[] for _ in bad], [FINISH_INVALID] * len(bad)))
+        todo = np.flatnonzero(~self.store.done)
+        self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout)
+        self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
+
+    def record(self, w: WorkerState, comp, compute_us):
+        new_rows = self.store.add(comp)
+        w.rows += new_rows
+        w.tokens += comp.n_generated
+        w.chunks += 1
+        w.compute_s += compute_us / 1e6
+        w.last_progress = time.monotonic()
+        self.generated += comp.n_generated
+        self.t_last = time.time()
+        self.progress.update(new_rows, comp.n_generated)
+
+    # ---- the loop: serve chunks on demand, never block on one worker
+    def run(self, local_slot):
+        """Serve the MPI workers (if any) and the master's own worker thread (local_slot not None)."""
+        comm = self.comm
+        self.sends = []
+        if comm is not None:
+            self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
+        self.local = None
+        if local_slot is not None:
+            self.local = LocalWorker(self.s, local_slot)
+            self.workers[0] = WorkerState(rank=0, host=socket.gethostname())
+            self.local.start()
+        if comm is not None:
+            from mpi4py import MPI
+            status = MPI.Status()
+        last_check = 0.0
+        while self.sched.rows_left() or any(w.outstanding for w in self.live()):
+            if not self.live():
+                raise self.no_workers_left()
+            if self.t_ready is None and all(w.ready for w in self.live()):
+                self.t_ready = time.time()
+            if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                self.handle_mpi(status.Get_source(), status.Get_tag(), status)
+                continue
+            if self.local is not None:
+                try:  # a one-process job may wait here; with MPI workers only peek
+                    msg = self.local.outbox.get(block=comm is None, timeout=0.2 if comm is None else None)
+                except queue.Empty:
+                    msg = None
+                if msg is not None:
+                    self.handle(self.workers[0], *msg)
+                    continue
+            now = time.monotonic()
+            if now - last_check > 0.5:
+                last_check = now
+                self.check_hung(now)
+                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+                if self.store.pending and now - self.store.last_flush > self.store.flush_interval:
+                    self.store.flush()
+            if comm is not None:
+                time.sleep(0.0005)
+
+    def live(self):
+        return [w for w in self.workers.values() if not w.retired]
+
+    def handle_mpi(self, src, tag, status):
+        from mpi4py import MPI
+        w = self.workers[src]
+        if tag == TAG_RESULT:
+            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv(buf, source=src, tag=TAG_RESULT)
+            self.handle(w, "result", *decode_completions(buf))
+        elif tag == TAG_HELLO:
+            self.handle(w, "hello", self.comm.recv(source=src, tag=TAG_HELLO))
+        elif tag == TAG_ERROR:
+            self.handle(w, "error", self.comm.recv(source=src, tag=TAG_ERROR))
+        else:
+            self.comm.recv(source=src, tag=tag)
+
+    def handle(self, w, kind, *data):
+        if kind == "result":
+            comp, us = data
+            w.outstanding.pop(comp.chunk_id, None)
+            self.record(w, comp, us)
+            if not w.retired:
+                self.feed(w)
+        elif kind == "hello":
+            (info,) = data
+            w.ready, w.host, w.info = True, info.get("host", "?"), info
+            w.preferred_chunk = int(info.get("preferred_chunk", 64))
+            w.last_progress = time.monotonic()
+            self.feed(w)
+        elif kind == "error":
+            (info,) = data
+            w.host = info.get("host", w.host)
+            where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
+            self.log(f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}")
+            if not info.get("user_error"):
+                self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
+            w.error = info
+            self.retire(w, f"error during {where}: {info['error']}")
+            self.stop(w)
+
+    def feed(self, w):
+        n_active = max(1, len([x for x in self.live() if x.ready]))
+        while len(w.outstanding) < PREFETCH:
+            chunk = self.sched.next_chunk(w, n_active)
+            if chunk is None:
+                return
+            if w.rank == 0:
+                self.local.inbox.put(chunk)
+            else:
+                buf = encode_chunk(chunk)
+                self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
+            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
+                                                        len(chunk.rows) * self.s.max_new_tokens)
+
+    def retire(self, w, why):
+        w.retired, w.why_retired = True, why
+        for out in w.outstanding.values():
+            self.sched.give_back(out.chunk)
+        w.outstanding = {}
+        for other in self.live():
+            if other.ready:
+                self.feed(other)
+
+    def check_hung(self, now):
+        for w in self.live():
+            if self.sched.hung(w, now):
+                self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
+                self.hung_ranks.append(w.rank)
+                self.retire(w, "stopped answering (deadline passed)")
+
+    def stop(self, w):
+        if w.rank == 0:
+            self.local.inbox.put(STOP)
+        else:
+            self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
+
+    def no_workers_left(self):
+        errors = [w.error for w in self.workers.values()]
+        messages = {e["error"] for e in errors if e}
+        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
+            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
+        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
+        done = int(self.store.done.sum())
+        msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
+               f"in {self.s.output}")
+        if all(w.error and w.error.get("user_error") for w in self.workers.values()):
+            return UserError(msg, fix="fix the cause above, then run the same command again to resume")
+        return WorkerFailure(msg + "; run the same command again to resume")
+
+    def shutdown_workers(self):
+        for w in self.workers.values():
+            if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
+                self.stop(w)
+        deadline = time.monotonic() + 10
+        while self.sends and time.monotonic() < deadline:
+            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+            time.sleep(0.001)
+        if getattr(self, "local", None) is not None and 0 not in self.hung_ranks:
+            self.local.join(timeout=30)   # lets its backend free the GPU
+
+    # ---- the end
+    def summary(self):
+        t_end = time.time()
+        ready = self.t_ready or t_end
+        span = (self.t_last - ready) if self.t_last else 0.0
+        return {
+            "rows_total": len(self.prompts), "rows_resumed": self.store.resumed_rows,
+            "rows_invalid": int(self.invalid.sum()), "generated_tokens": self.generated,
+            "throughput_tokens_per_s": self.generated / span if span > 0 else None,
+            "time_to_ready_s": ready - launch_time(), "wall_s": t_end - launch_time(),
+            "generation_s": span,
+            "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
+                         "compute_s": round(w.compute_s, 3), "retired": w.why_retired or None,
+                         **{k: w.info.get(k) for k in ("backend", "device", "dtype", "init_s") if k in w.info}}
+                        for w in self.workers.values()],
+        }
+
+
+def print_summary(sm, out=None):
+    out = out or sys.stdout
+    tput = sm["throughput_tokens_per_s"]
+    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid), "
+              f"{sm['generated_tokens']} tokens generated\n")
+    out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (all ranks ready -> last result, "
+              f"{sm['generation_s']:.2f} s); time to ready {sm['time_to_ready_s']:.2f} s; "
+              f"wall {sm['wall_s']:.2f} s\n" if tput else
+              f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
+    for w in sm["workers"]:
+        extra = f", retired: {w['retired']}" if w.get("retired") else ""
+        out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
+                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s{extra}\n")
+    out.flush()
+
+
+def master_gpu_slot(s: JobSettings, comm, n_node_workers):
+    """Which GPU the master's own worker uses, or None when the master only serves.
+
+    One process: it computes (slot = local rank). Under MPI: only with the cuda backend, and only when
+    its node has more GPUs than worker ranks, so that with -np equal to the GPU count no GPU idles."""
+    if comm is None:
+        return local_rank()
+    if s.backend == "numpy" or not pycuda_available():
+        return None
+    return n_node_workers if gpu_count() > n_node_workers else None
+
+
+def run_master(s: JobSettings, comm, n_node_workers=0):
+    m = Master(s, comm)
+    try:
+        m.prepare()
+        m.run(master_gpu_slot(s, comm, n_node_workers))
+        m.progress.close()
+        sm = m.summary()
+        m.store.finish(sm)
+        m.shutdown_workers()
+        print_summary(sm)
+    except BaseException:
+        if m.store is not None:
+            m.store.close()
+        m.shutdown_workers() if m.workers else _stop_all(comm)
+        raise
+    hung_ranks = [r for r in m.hung_ranks if r != 0]   # a hung thread of the master ends with the process
+    if hung_ranks:
+        m.log(f"the output is complete, but rank(s) {hung_ranks} still hang; ending them with MPI_Abort")
+        comm.Abort(0)
+    if s.validate:
+        from .validate import report_validation
+        return report_validation(s.output, s.validate, s.validate_tolerance)
+    return 0
+
+
+def _stop_all(comm):
+    """Tell every worker to stop when the master fails before it knew them (bad input, bad flags)."""
+    if comm is None:
+        return
+    reqs = [comm.isend("stop", dest=r, tag=TAG_STOP) for r in range(1, comm.Get_size())]
+    deadline = time.monotonic() + 10
+    while reqs and time.monotonic() < deadline:
+        reqs = [r for r in reqs if not r.Test()]
+        time.sleep(0.001)

@@ -1,0 +1,187 @@
+"""Worker side of a job: build the backend, then compute chunks as the master sends them.
+
+The same compute loop (serve) runs in an MPI worker rank and in the master's own worker thread."""
+import os
+import queue
+import socket
+import threading
+import time
+import traceback
+
+import numpy as np
+
+from .backend import make_backend
+from .errors import UserError
+from .protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_WORK, decode_chunk, encode_completions
+from .settings import JobSettings
+from .weights import load_params
+
+PREFETCH = 2            # chunks out with a worker at once: the next one is there before the current ends
+
+
+def launch_time():
+    """When the job started: run_inference.sh exports it; else this process's start."""
+    try:
+        return float(os.environ["GPT2JOB_LAUNCH_TIME"])
+    except (KeyError, ValueError):
+        from . import PROCESS_START
+        return PROCESS_START
+
+
+def build_backend(s: JobSettings, gpu_slot):
+    """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs."""
+    params = load_params(s.model)
+    gen = s.generation(params.config.eos_token_id)
+    return make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
+
+
+class InjectedFault(RuntimeError):
+    pass
+
+
+def injected_fault(rank, chunk_number):
+    """Test switch GPT2JOB_FAULT='RANK:K:MODE[,...]': rank RANK fails on its K-th chunk with MODE
+    raise (an exception), hang (stops answering) or exit (the process dies)."""
+    for item in filter(None, os.environ.get("GPT2JOB_FAULT", "").split(",")):
+        r, k, mode = item.split(":")
+        if int(r) == rank and int(k) == chunk_number:
+            if mode == "raise":
+                raise InjectedFault(f"injected fault on rank {rank}, chunk #{chunk_number}")
+            if mode == "hang":
+                while True:
+                    time.sleep(60)
+            if mode == "exit":
+                os._exit(17)
+
+
+def error_info(rank, e, chunk_id=None):
+    return {"rank": rank, "host": socket.gethostname(), "chunk": chunk_id, "user_error": isinstance(e, UserError),
+            "error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e),
+            "traceback": traceback.format_exc(limit=8)}
+
+
+STOP = object()   # what a receive() hands the compute loop when the master says stop
+
+
+def serve(backend, rank, receive, send_result):
+    """The compute loop of every worker (an MPI rank, or the master's own thread).
+
+    receive(block) -> a Chunk, STOP, or None when nothing is waiting (only when block is False).
+    The next chunk is submitted before the current one is computed, so its upload overlaps the
+    compute. Returns None after STOP, or the error report of the exception that ended it."""
+    queue, in_flight = [], []     # received not yet submitted; submitted, oldest first
+    n = 0
+    try:
+        while True:
+            while True:   # take everything waiting; block only when there is nothing to do
+                msg = receive(not queue and not in_flight)
+                if msg is None:
+                    break
+                if msg is STOP:
+                    return None
+                queue.append(msg)
+            while queue and len(in_flight) < PREFETCH:
+                chunk = queue.pop(0)
+                in_flight.append(chunk.chunk_id)
+                backend.submit(chunk)
+            n += 1
+            injected_fault(rank, n)
+            t = time.perf_counter()
+            comp = backend.result()
+            us = int((time.perf_counter() - t) * 1e6)
+            in_flight.pop(0)
+            send_result(comp, us)
+    except Exception as e:
+        return error_info(rank, e, in_flight[0] if in_flight else None)
+
+
+def hello_info(backend, t0):
+    return {"host": socket.gethostname(), "ready_s": time.time() - launch_time(), "init_s": time.time() - t0,
+            "preferred_chunk": backend.preferred_chunk, **backend.describe()}
+
+
+def run_worker(s: JobSettings, comm, gpu_slot):
+    from mpi4py import MPI
+    rank = comm.Get_rank()
+    t0 = time.time()
+    try:
+        backend = build_backend(s, gpu_slot)
+        comm.send(hello_info(backend, t0), dest=0, tag=TAG_HELLO)
+    except Exception as e:
+        comm.send(error_info(rank, e), dest=0, tag=TAG_ERROR)
+        _wait_for_stop(comm)
+        return 0
+    status = MPI.Status()
+
+    def receive(block):
+        if not wait_for_message(comm, status, block):
+            return None
+        if status.Get_tag() == TAG_WORK:
+            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
+            comm.Recv(buf, source=0, tag=TAG_WORK)
+            return decode_chunk(buf)
+        comm.recv(source=0, tag=status.Get_tag())
+        return STOP
+
+    err = serve(backend, rank, receive, lambda comp, us: comm.Send(encode_completions(comp, us), dest=0,
+                                                                   tag=TAG_RESULT))
+    if err is not None:
+        comm.send(err, dest=0, tag=TAG_ERROR)
+        _wait_for_stop(comm)
+    backend.close()
+    return 0
+
+
+def wait_for_message(comm, status, block):
+    """Is a message from the master waiting (status filled in)? With block, wait for one, politely:
+    a blocking MPI_Probe spins a core, which starves the computing ranks on a small CPU node."""
+    from mpi4py import MPI
+    pause = 0.0001
+    while not comm.Iprobe(source=0, tag=MPI.ANY_TAG, status=status):
+        if not block:
+            return False
+        time.sleep(pause)
+        pause = min(pause * 2, 0.002)
+    return True
+
+
+def _wait_for_stop(comm):
+    """After reporting a failure: drop any queued work until the master says stop."""
+    from mpi4py import MPI
+    status = MPI.Status()
+    while True:
+        wait_for_message(comm, status, True)
+        if status.Get_tag() == TAG_WORK:
+            comm.Recv(np.empty(status.Get_count(MPI.INT64_T), np.int64), source=0, tag=TAG_WORK)
+        else:
+            comm.recv(source=0, tag=status.Get_tag())
+            return
+
+
+class LocalWorker(threading.Thread):
+    """The master's own worker: a thread with its backend, fed through queues. It computes in a
+    one-process job, and under MPI when the master's node has a GPU that no worker rank uses."""
+
+    def __init__(self, s: JobSettings, gpu_slot):
+        super().__init__(name="gpt2job-local-worker", daemon=True)
+        self.s, self.gpu_slot = s, gpu_slot
+        self.inbox, self.outbox = queue.Queue(), queue.Queue()
+
+    def run(self):
+        t0 = time.time()
+        try:
+            backend = build_backend(self.s, self.gpu_slot)
+            self.outbox.put(("hello", hello_info(backend, t0)))
+        except Exception as e:
+            self.outbox.put(("error", error_info(0, e)))
+            return
+        err = serve(backend, 0, self.receive, lambda comp, us: self.outbox.put(("result", comp, us)))
+        if err is not None:
+            self.outbox.put(("error", err))
+        backend.close()
+
+    def receive(self, block):
+        try:
+            return self.inbox.get(block)
+        except queue.Empty:
+            return None
