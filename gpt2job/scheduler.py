@@ -59,10 +59,11 @@ class Scheduler:
             return self.retry.popleft()
         if not self.queue:
             return None
-        # adaptive: the backend's preferred size while there is plenty of work; near the end smaller
-        # chunks so that every worker finishes at about the same time (never below 1/8 of preferred)
+        # adaptive: the backend's preferred size while there is plenty of work; with several workers
+        # smaller chunks near the end, so that all finish at about the same time (never below 1/8 of
+        # preferred: small chunks waste a GPU)
         pref = worker.preferred_chunk
-        share = math.ceil(len(self.queue) / max(1, 2 * n_active_workers))
+        share = len(self.queue) if n_active_workers <= 1 else math.ceil(len(self.queue) / (2 * n_active_workers))
         size = self.chunk_size or min(pref, max(share, pref // 8, 1))
         rows = np.array([self.queue.popleft() for _ in range(min(size, len(self.queue)))], dtype=np.int64)
         return self.make_chunk(rows)
