@@ -1,8 +1,10 @@
 """Our matrix products vs torch.matmul (cuBLAS) on GPT-2 124M shapes, and end-to-end generate() tokens/s.
 
-  python3 benchmarks/kernels_bench.py [--m 8192,65536,131072] [--e2e] [--reps 5]
+  python3 benchmarks/kernels_bench.py [--m 8192,131072] [--e2e] [--profile] [--reps 5]
 
-Kernels: ours fp32 (SIMT FFMA) vs torch fp32 with TF32 off; ours fp16 (mma.sync) vs torch fp16.
+Kernels: ours fp32 (SIMT FFMA) vs torch fp32 with TF32 off; each fp16 tile variant (mma.sync) vs torch fp16.
+--e2e: generate() tok/s for fp32, fp16 with the original GEMM (v0, unfused KV store), fp16 default.
+--profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
 import argparse
@@ -42,8 +44,8 @@ def bench_kernels(ms, reps):
     drv.init()
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
-    from gpt2job.cuda_kernels import Kernels
-    k = Kernels(0)
+    from gpt2job.cuda_kernels import F16_VARIANTS, Kernels
+    k = Kernels(0, f16_variants=tuple(F16_VARIANTS))
     rows = []
     try:
         for name, K, N in SHAPES:
@@ -66,17 +68,20 @@ def bench_kernels(ms, reps):
                 err32 = ((C32 - (A32.double() @ W32.double() + bias.double())).norm() /
                          (A32.double() @ W32.double()).norm()).item()
                 res["torch_f32"] = median_ms(lambda: torch.matmul(A32, W32, out=C32), reps, torch)
-                res["ours_f16"] = median_ms(lambda: k.gemm_f16(None, A16.data_ptr(), K, W16t.data_ptr(), K,
-                                                               C16.data_ptr(), N, bias.data_ptr(), M, N, K, 0, True),
-                                            reps, torch)
                 ref16 = A16.float() @ W16.float() + bias
-                err16 = ((C16.float() - ref16).norm() / ref16.norm()).item()
+                err16 = 0.0
+                for v in F16_VARIANTS:
+                    C16.fill_(float("nan"))
+                    res[v] = median_ms(lambda: k.gemm_f16(None, A16.data_ptr(), K, W16t.data_ptr(), K,
+                                                          C16.data_ptr(), N, bias.data_ptr(), M, N, K, 0, True,
+                                                          variant=v), reps, torch)
+                    err16 = max(err16, ((C16.float() - ref16).norm() / ref16.norm()).item())
                 res["torch_f16"] = median_ms(lambda: torch.matmul(A16, W16, out=C16), reps, torch)
                 tf = {kk: flop / (v * 1e-3) / 1e12 for kk, v in res.items()}
                 rows.append((name, M, K, N, tf, err32, err16))
                 print(f"{name:9s} M={M:6d} K={K:5d} N={N:6d}  " +
-                      "  ".join(f"{kk}={tf[kk]:7.1f}TF ({res[kk]:.3f}ms)" for kk in res) +
-                      f"  err32={err32:.1e} err16={err16:.1e}", flush=True)
+                      "  ".join(f"{kk}={tf[kk]:.0f}TF({res[kk]:.3f}ms)" for kk in res) +
+                      f"  err32={err32:.1e} err16max={err16:.1e}", flush=True)
                 del A32, W32, C32, A16, W16, W16t, C16
                 torch.cuda.empty_cache()
     finally:
@@ -84,64 +89,143 @@ def bench_kernels(ms, reps):
     return rows
 
 
-def bench_e2e(dtypes, n_prompts=8192, plen=16, new=8):
-    from gpt2job.backend import Chunk, GenerationSettings
-    from gpt2job.config import PRESETS
-    from gpt2job.cuda_backend import CudaBackend
-    from gpt2job.weights import random_params
+def w1_chunk(n_prompts=8192, plen=16):
+    from gpt2job.backend import Chunk
     seed_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".device", "seed-workload",
                              "input.bin")
     if os.path.exists(seed_file):
         toks = np.fromfile(seed_file, np.int32).reshape(-1, 16)[:n_prompts, :plen]
     else:
         toks = np.random.default_rng(0).integers(0, 50257, (n_prompts, plen)).astype(np.int32)
+    return Chunk(0, np.arange(n_prompts, dtype=np.int64), np.arange(n_prompts + 1, dtype=np.int64) * plen,
+                 toks.reshape(-1).copy())
+
+
+def profile(dtypes, new=8):
+    """Device time per kernel kind over one W1 generate() (events around every launch)."""
+    import pycuda.driver as drv
+    from gpt2job.backend import GenerationSettings
+    from gpt2job.config import PRESETS
+    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.weights import random_params
     params = random_params(PRESETS["gpt2"], 0)
-    chunk = Chunk(0, np.arange(n_prompts, dtype=np.int64), np.arange(n_prompts + 1, dtype=np.int64) * plen,
-                  toks.reshape(-1).copy())
+    chunk = w1_chunk()
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
-    out = {}
     for dt in dtypes:
         be = CudaBackend(params, gs, dtype=dt)
         try:
-            be.generate(chunk)                       # warm-up (compiles, allocates)
+            be.generate(chunk)
+            recs = []
+            k = be.k
+            for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_store", "attention", "embed", "argmax", "argmax_partials", "sample"):
+                orig = getattr(k, name)
+
+                def wrap(*a, _o=orig, _n=name, **kw):
+                    e0, e1 = drv.Event(), drv.Event()
+                    e0.record(be.compute)
+                    _o(*a, **kw)
+                    e1.record(be.compute)
+                    if _n.startswith("gemm"):
+                        M, N, K = a[8], a[9], a[10]
+                        lab = f"{_n} N={N} K={K} {'prefill' if M > 8192 else 'decode/head'}"
+                    elif _n == "attention":
+                        lab = f"attention {'prefill' if a[9] > 8192 else 'decode'}"
+                    else:
+                        lab = _n
+                    recs.append((lab, e0, e1))
+                setattr(k, name, wrap)
             t = time.perf_counter()
-            c = be.generate(chunk)
-            dt_s = time.perf_counter() - t
+            be.generate(chunk)
+            wall = (time.perf_counter() - t) * 1e3
+            tot = {}
+            for lab, e0, e1 in recs:
+                tot[lab] = tot.get(lab, 0.0) + e1.time_since(e0)
+            s = sum(tot.values())
+            print(f"profile {dt}: wall {wall:.1f} ms, kernels {s:.1f} ms, timeline {be.timeline[-1]}")
+            for lab, v in sorted(tot.items(), key=lambda x: -x[1]):
+                print(f"   {v:8.2f} ms  {lab}")
+        finally:
+            be.close()
+
+
+def bench_e2e(configs, new=8):
+    """configs: (label, dtype, GPT2JOB_F16_VARIANTS value or None, fused argmax head)."""
+    from gpt2job.backend import GenerationSettings
+    from gpt2job.config import PRESETS
+    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.weights import random_params
+    params = random_params(PRESETS["gpt2"], 0)
+    chunk = w1_chunk()
+    gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
+    out = {}
+    for label, dt, variants, fuse_argmax in configs:
+        if variants is None:
+            os.environ.pop("GPT2JOB_F16_VARIANTS", None)
+        else:
+            os.environ["GPT2JOB_F16_VARIANTS"] = variants
+        os.environ["GPT2JOB_FUSE_ARGMAX"] = "1" if fuse_argmax else "0"
+        be = CudaBackend(params, gs, dtype=dt)
+        try:
+            be.generate(chunk)                       # warm-up (compiles, allocates)
+            ts = []
+            for _ in range(3):
+                t = time.perf_counter()
+                c = be.generate(chunk)
+                ts.append(time.perf_counter() - t)
+            dt_s = float(np.median(ts))
             tps = c.n_generated / dt_s
-            # two chunks through generate_many: the timeline shows upload(i+1) during compute(i)
             be.timeline.clear()
             t = time.perf_counter()
             res = list(be.generate_many([chunk, chunk]))
             dt2 = time.perf_counter() - t
             tl = be.timeline
-            print(f"e2e {dt}: {c.n_generated} tokens in {dt_s * 1e3:.1f} ms = {tps:,.0f} tok/s; "
+            print(f"e2e {label}: {c.n_generated} tokens in {dt_s * 1e3:.1f} ms (median of 3) = {tps:,.0f} tok/s; "
                   f"generate_many x2: {sum(r.n_generated for r in res) / dt2:,.0f} tok/s", flush=True)
             for e in tl:
-                print("   timeline", {kk: (tuple(round(x, 2) for x in v) if isinstance(v, tuple) else v)
-                                      for kk, v in e.items()})
-            out[dt] = tps
+                print("   timeline", {kk: (tuple(round(x, 2) for x in v) if isinstance(v, tuple) else
+                                           round(v, 2) if isinstance(v, float) else v) for kk, v in e.items()})
+            out[label] = (tps, dt_s * 1e3, c.tokens.copy())
         finally:
             be.close()
+            os.environ.pop("GPT2JOB_F16_VARIANTS", None)
+            os.environ.pop("GPT2JOB_FUSE_ARGMAX", None)
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--m", default="8192,65536,131072")
+    ap.add_argument("--m", default="8192,131072")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--e2e", action="store_true")
+    ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
     a = ap.parse_args()
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
-    e2e = bench_e2e(["float32", "float16"]) if a.e2e else {}
+    if a.profile:
+        profile(["float16", "float32"])
+    e2e = bench_e2e([("float32", "float32", None, False), ("float16-v0", "float16", "v0", False),
+                     ("float16-mma", "float16", "t128x128k64s3", False),
+                     ("float16+fused-argmax", "float16", None, True),
+                     ("float16", "float16", None, False)]) if a.e2e else {}
     if rows:
-        print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off")
-        print(f"{'shape':9s} {'M':>6s} {'ours32':>7s} {'cb32':>7s} {'ours16':>7s} {'cb16':>7s} {'16/cb':>6s}")
+        from gpt2job.cuda_kernels import F16_VARIANTS
+        print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")
+        print(f"{'shape':9s} {'M':>6s} {'ours32':>6s} {'cb32':>6s} " + " ".join(f"{v[:13]:>13s}" for v in F16_VARIANTS)
+              + f" {'cb16':>6s} {'best/cb':>7s}")
         for name, M, K, N, tf, e32, e16 in rows:
-            print(f"{name:9s} {M:6d} {tf['ours_f32']:7.1f} {tf['torch_f32']:7.1f} {tf['ours_f16']:7.1f} "
-                  f"{tf['torch_f16']:7.1f} {tf['ours_f16'] / tf['torch_f16']:6.0%}")
-    for dt, v in e2e.items():
-        print(f"e2e generate {dt}: {v:,.0f} generated tok/s (8192 prompts x 16 tokens, 8 new, greedy)")
+            best = max(tf[v] for v in F16_VARIANTS)
+            print(f"{name:9s} {M:6d} {tf['ours_f32']:6.1f} {tf['torch_f32']:6.1f} "
+                  + " ".join(f"{tf[v]:13.1f}" for v in F16_VARIANTS) + f" {tf['torch_f16']:6.1f} "
+                  f"{best / tf['torch_f16']:7.0%}")
+    for label, (v, ms, _) in e2e.items():
+        print(f"e2e generate {label}: {v:,.0f} generated tok/s, {ms:.1f} ms/chunk (8192 prompts x 16 tokens, 8 new)")
+    if "float16" in e2e and "float32" in e2e:
+        a16, a32 = e2e["float16"][2], e2e["float32"][2]
+        n = min(len(a16), len(a32))
+        print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
+    if "float16" in e2e and "float16-v0" in e2e:
+        a, b = e2e["float16"][2], e2e["float16-v0"][2]
+        print(f"fp16 new vs v0 token agreement: {(a == b).mean():.3f}")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
 // Tensor-core matrix product: C[M,N] (=|+=) epilogue(A[M,K] @ B[N,K]^T + bias), fp16 inputs, fp32 accumulation.
 // A row-major [M,K] (lda), B row-major [N,K] (ldb: weights stored K-contiguous, i.e. transposed Conv1D),
 // C row-major (ldc), out half or float. Needs K % 8 == 0, lda/ldb % 8 == 0, 16-byte aligned bases.
-// 128x128x32 block tile, 8 warps (2x4, 64x32 per warp), mma.sync m16n8k16, ldmatrix, 3-stage cp.async.
+// v0 (GEMM_F16_PART 0): 128x128x32 block tile, 8 warps (2x4, 64x32 per warp), mma.sync m16n8k16, ldmatrix,
+// 3-stage cp.async. Parts 1..6: templated tile variants (below). The wgmma kernels (gemm_wgmma.cu) include this
+// file for its helpers and the shared epilogue.
 #include "common.cuh"
 
 #define BM 128
@@ -139,6 +141,7 @@ __device__ __forceinline__ void gemm_f16_impl(const __half* __restrict__ A, int 
     }
 }
 
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 0
 extern "C" __global__ void __launch_bounds__(256)
 gemm_f16_outh(const __half* A, int lda, const __half* B, int ldb, __half* C, int ldc, const float* bias,
               int M, int N, int K, int mode)
@@ -152,3 +155,222 @@ gemm_f16_outf(const __half* A, int lda, const __half* B, int ldb, float* C, int 
 {
     gemm_f16_impl<float>(A, lda, B, ldb, C, ldc, bias, M, N, K, mode);
 }
+#endif
+
+// ---------------------------------------------------------------------------------------------------------
+// Templated variants: BMxBN block tile, BK k-slice, WMxWN warp tile, ST-stage cp.async pipeline in dynamic
+// shared memory (set MAX_DYNAMIC_SHARED_SIZE_BYTES before launch). Same operands/epilogues as above, plus
+// EPI_QKV: columns [0, kvC) go to C (the q part of the qkv buffer); columns [kvC, 2kvC) and [2kvC, 3kvC)
+// (keys, values) go straight into the KV cache kc, vc [slots, S, kvC] at (row_slot[r] - slot_base, row_pos[r]).
+#define EPI_QKV 4
+#define EPI_ARGMAX 5   // out float only: per-chunk (max, argmax) partials, see below; reduce with argmax_partials
+template <typename T> struct kIsHalf { static constexpr bool value = false; };
+template <> struct kIsHalf<__half> { static constexpr bool value = true; };
+
+template <int BK_> __device__ __forceinline__ int swz_t(int row, int chunk) {
+    if (BK_ == 64) return row * 64 + ((chunk ^ (row & 7)) << 3);
+    return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+// Epilogue shared by the templated mma.sync kernels and the wgmma kernel: acc[mi][ni][4] is the m16n8 fragment
+// layout (this warp's rows row0 + 16 mi + lane / 4 (+ 8), columns col0 + 8 ni + 2 (lane % 4) (+ 1)).
+template <int MI, int NI, int WN_, typename OutT>
+__device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int row0, int col0, OutT* __restrict__ C,
+                                                  int ldc, const float* __restrict__ bias, int M, int N, int mode,
+                                                  const int* __restrict__ row_slot, const int* __restrict__ row_pos,
+                                                  int slot_base, int S, __half* __restrict__ kc,
+                                                  __half* __restrict__ vc, int kvC)
+{
+    const int lane = threadIdx.x & 31;
+    if (mode == EPI_ARGMAX) {
+        // greedy LM head: per (row, WN-column chunk) the largest value and its lowest column, written as
+        // float2 {value, int bits of column} to C viewed as float2 [M, ldc] (ldc = number of WN chunks)
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+            for (int half_ = 0; half_ < 2; half_++) {
+                const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+                float best = -INFINITY;
+                int bi = 0x7fffffff;
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) {
+#pragma unroll
+                    for (int e = 0; e < 2; e++) {
+                        const int col = col0 + ni * 8 + (lane & 3) * 2 + e;
+                        if (col < N) {
+                            float v = acc[mi][ni][half_ * 2 + e];
+                            if (bias != nullptr) v += bias[col];
+                            if (v > best || bi == 0x7fffffff) { best = v; bi = col; }
+                        }
+                    }
+                }
+#pragma unroll
+                for (int o = 1; o < 4; o <<= 1) {   // the 4 lanes of a quad share the row
+                    const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+                    const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+                    if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) {
+                        best = ov; bi = oi;
+                    }
+                }
+                const int chunk = col0 / WN_;
+                if ((lane & 3) == 0 && row < M && bi != 0x7fffffff)
+                    reinterpret_cast<float2*>(C)[(size_t)row * ldc + chunk] = make_float2(best, __int_as_float(bi));
+            }
+        }
+        return;
+    }
+
+    const bool resid = (mode == EPI_RESID);
+    const bool qkvm = kIsHalf<OutT>::value && (mode == EPI_QKV);
+    const bool vec = (ldc & 1) == 0;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+        for (int half_ = 0; half_ < 2; half_++) {
+            const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+            if (row >= M) continue;
+            OutT* crow = C + (size_t)row * ldc;
+            size_t kvrow = 0;
+            if (qkvm) kvrow = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++) {
+                const int col = col0 + ni * 8 + (lane & 3) * 2;
+                if (col >= N) continue;
+                const bool both = col + 1 < N;
+                float v0 = acc[mi][ni][half_ * 2 + 0], v1 = acc[mi][ni][half_ * 2 + 1];
+                if (bias != nullptr) { v0 += bias[col]; if (both) v1 += bias[col + 1]; }
+                if (qkvm) {
+                    if (col >= kvC) {   // kvC even, col even: the pair never straddles q/k/v
+                        __half* dst = (col < 2 * kvC) ? kc + kvrow + (col - kvC) : vc + kvrow + (col - 2 * kvC);
+                        store2(dst, v0, v1, both, true, false);
+                        continue;
+                    }
+                } else if (!resid) { v0 = apply_act(v0, mode); v1 = apply_act(v1, mode); }
+                store2(crow + col, v0, v1, both, vec, resid);
+            }
+        }
+    }
+}
+
+template <int BM_, int BN_, int BK_, int WM_, int WN_, int ST_, typename OutT>
+__device__ __forceinline__ void gemm_f16_tmpl(const __half* __restrict__ A, int lda, const __half* __restrict__ B, int ldb,
+                                              OutT* __restrict__ C, int ldc, const float* __restrict__ bias,
+                                              int M, int N, int K, int mode,
+                                              const int* __restrict__ row_slot, const int* __restrict__ row_pos,
+                                              int slot_base, int S, __half* __restrict__ kc, __half* __restrict__ vc,
+                                              int kvC)
+{
+    constexpr int NWN = BN_ / WN_;
+    constexpr int THREADS = (BM_ / WM_) * NWN * 32;
+    constexpr int MI = WM_ / 16, NI = WN_ / 8;
+    constexpr int CH = BK_ / 8;   // 16-byte chunks per tile row
+    static_assert(NI % 2 == 0, "WN multiple of 16");
+    static_assert((BM_ * CH) % THREADS == 0 && (BN_ * CH) % THREADS == 0, "tile load split");
+    extern __shared__ __align__(128) unsigned char smem_raw[];
+    __half* As = reinterpret_cast<__half*>(smem_raw);
+    __half* Bs = As + ST_ * BM_ * BK_;
+    const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+    const int wm = warp / NWN, wn = warp % NWN;
+    const int m0 = blockIdx.y * BM_, n0 = blockIdx.x * BN_;
+
+    float acc[MI][NI][4];
+#pragma unroll
+    for (int i = 0; i < MI; i++)
+#pragma unroll
+        for (int j = 0; j < NI; j++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) acc[i][j][r] = 0.f;
+
+    auto load_tile = [&](int stage, int k0) {
+        __half* as = As + stage * BM_ * BK_;
+        __half* bs = Bs + stage * BN_ * BK_;
+#pragma unroll
+        for (int it = 0; it < BM_ * CH / THREADS; it++) {
+            const int id = tid + it * THREADS, row = id / CH, ch = id % CH;
+            const int gk = k0 + ch * 8, gm = m0 + row;
+            const bool va = gm < M && gk < K;
+            cp_async16(&as[swz_t<BK_>(row, ch)], va ? (const void*)(A + (size_t)gm * lda + gk) : (const void*)A, va);
+        }
+#pragma unroll
+        for (int it = 0; it < BN_ * CH / THREADS; it++) {
+            const int id = tid + it * THREADS, row = id / CH, ch = id % CH;
+            const int gk = k0 + ch * 8, gn = n0 + row;
+            const bool vb = gn < N && gk < K;
+            cp_async16(&bs[swz_t<BK_>(row, ch)], vb ? (const void*)(B + (size_t)gn * ldb + gk) : (const void*)B, vb);
+        }
+    };
+
+    const int nk = (K + BK_ - 1) / BK_;
+#pragma unroll
+    for (int s = 0; s < ST_ - 1; s++) {
+        if (s < nk) load_tile(s, s * BK_);
+        cp_async_commit();
+    }
+    for (int t = 0; t < nk; t++) {
+        cp_async_wait<ST_ - 2>();
+        __syncthreads();
+        {
+            const int tn = t + ST_ - 1;
+            if (tn < nk) load_tile(tn % ST_, tn * BK_);
+            cp_async_commit();
+        }
+        const int st = t % ST_;
+        const __half* as = As + st * BM_ * BK_;
+        const __half* bs = Bs + st * BN_ * BK_;
+#pragma unroll
+        for (int ks = 0; ks < BK_ / 16; ks++) {
+            unsigned af[MI][4], bf[NI][2];
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++) {
+                const int row = wm * WM_ + mi * 16 + (lane & 15);
+                ldmatrix_x4(af[mi], &as[swz_t<BK_>(row, ks * 2 + (lane >> 4))]);
+            }
+#pragma unroll
+            for (int nj = 0; nj < NI / 2; nj++) {
+                const int row = wn * WN_ + nj * 16 + (lane & 7) + ((lane >> 4) << 3);
+                unsigned r[4];
+                ldmatrix_x4(r, &bs[swz_t<BK_>(row, ks * 2 + ((lane >> 3) & 1))]);
+                bf[nj * 2][0] = r[0]; bf[nj * 2][1] = r[1];
+                bf[nj * 2 + 1][0] = r[2]; bf[nj * 2 + 1][1] = r[3];
+            }
+#pragma unroll
+            for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+                for (int ni = 0; ni < NI; ni++) mma16816(acc[mi][ni], af[mi], bf[ni]);
+        }
+    }
+    cp_async_wait<0>();
+
+    gemm_f16_epilogue<MI, NI, WN_, OutT>(acc, m0 + wm * WM_, n0 + wn * WN_, C, ldc, bias, M, N, mode, row_slot, row_pos,
+                                          slot_base, S, kc, vc, kvC);
+}
+
+#define GEMM_F16_ARGS(OutT) const __half* A, int lda, const __half* B, int ldb, OutT* C, int ldc, const float* bias, \
+    int M, int N, int K, int mode, const int* row_slot, const int* row_pos, int slot_base, int S, __half* kc,       \
+    __half* vc, int kvC
+#define GEMM_F16_PASS A, lda, B, ldb, C, ldc, bias, M, N, K, mode, row_slot, row_pos, slot_base, S, kc, vc, kvC
+#define DEF_GEMM_F16(NAME, BM_, BN_, BK_, WM_, WN_, ST_, MINB)                                              \
+    extern "C" __global__ void __launch_bounds__((BM_ / WM_) * (BN_ / WN_) * 32, MINB)                     \
+    NAME##_outh(GEMM_F16_ARGS(__half)) { gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, __half>(GEMM_F16_PASS); } \
+    extern "C" __global__ void __launch_bounds__((BM_ / WM_) * (BN_ / WN_) * 32, MINB)                     \
+    NAME##_outf(GEMM_F16_ARGS(float)) { gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, float>(GEMM_F16_PASS); }
+
+// name: t<BM>x<BN>k<BK>s<stages>; keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 1
+DEF_GEMM_F16(gemm_f16_t128x128k32s4, 128, 128, 32, 64, 32, 4, 2)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 2
+DEF_GEMM_F16(gemm_f16_t128x256k32s4, 128, 256, 32, 64, 64, 4, 1)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 3
+DEF_GEMM_F16(gemm_f16_t128x256k64s3, 128, 256, 64, 64, 64, 3, 1)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 4
+DEF_GEMM_F16(gemm_f16_t256x128k64s3, 256, 128, 64, 64, 64, 3, 1)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 5
+DEF_GEMM_F16(gemm_f16_t128x128k64s3, 128, 128, 64, 64, 32, 3, 2)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 6
+DEF_GEMM_F16(gemm_f16_t64x128k64s4, 64, 128, 64, 32, 32, 4, 3)
+#endif

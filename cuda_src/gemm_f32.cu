@@ -10,8 +10,26 @@
 extern "C" __global__ void __launch_bounds__(256)
 gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int ldb,
          float* __restrict__ C, int ldc, const float* __restrict__ bias,
-         int M, int N, int K, int mode, int vecA, int vecB, int vecC)
+         int M, int N, int K, int mode, int vecA, int vecB, int vecC, int kps, float* __restrict__ ws,
+         const int* __restrict__ row_slot, const int* __restrict__ row_pos, int slot_base, int S,
+         float* __restrict__ kc, float* __restrict__ vc, int kvC)
 {
+    // mode 4 (EPI_QKV, no split-K): columns [kvC, 2 kvC) / [2 kvC, 3 kvC) go to the KV cache kc / vc
+    // [slots, S, kvC] at (row_slot[row] - slot_base, row_pos[row]) instead of C.
+    // split-K (gridDim.z > 1): block z takes k in [z kps, (z + 1) kps) and writes its raw sum to
+    // ws + z M N ([M, N]); splitk_reduce_f32 then adds the slices in order and applies the epilogue.
+    if (gridDim.z > 1) {
+        const int kb = blockIdx.z * kps;
+        A += kb;
+        B += (size_t)kb * ldb;
+        K = min(K - kb, kps);
+        C = ws + (size_t)blockIdx.z * M * N;
+        ldc = N;
+        bias = nullptr;
+        mode = EPI_BIAS;
+        vecC = (N & 3) == 0;
+        vecA = vecA && (kb & 3) == 0;
+    }
     __shared__ __align__(16) float As[2][BK][BM];
     __shared__ __align__(16) float Bs[2][BK][BN];
     const int tid = threadIdx.x;
@@ -95,6 +113,7 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
         const int row = m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
         if (row >= M) continue;
         float* crow = C + (size_t)row * ldc;
+        const size_t kvrow = (mode == 4) ? ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC : 0;
 #pragma unroll
         for (int jh = 0; jh < 2; jh++) {
             const int col = n0 + jh * 64 + tx * 4;
@@ -105,6 +124,18 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
                 float bb = (bias != nullptr && cc < N) ? bias[cc] : 0.f;
                 v[j] = acc[i][jh * 4 + j] + bb;
                 if (mode != EPI_RESID) v[j] = apply_act(v[j], mode);
+            }
+            if (mode == 4) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) {
+                    const int cc = col + j;
+                    if (cc < N) {
+                        float* dst = cc < kvC ? crow + cc : (cc < 2 * kvC ? kc + kvrow + (cc - kvC)
+                                                                          : vc + kvrow + (cc - 2 * kvC));
+                        *dst = v[j];
+                    }
+                }
+                continue;
             }
             if (vecC && col + 3 < N) {
                 float4* p = reinterpret_cast<float4*>(crow + col);
@@ -126,4 +157,19 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
             }
         }
     }
+}
+
+// out = epilogue(sum_z ws[z] + bias) for the split-K path of gemm_f32 (slices added in z order).
+extern "C" __global__ void splitk_reduce_f32(const float* __restrict__ ws, int nsplit, float* __restrict__ C, int ldc,
+                                             const float* __restrict__ bias, int M, int N, int mode)
+{
+    const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
+    if (i >= (size_t)M * N) return;
+    const int row = (int)(i / N), col = (int)(i - (size_t)row * N);
+    float v = ws[i];
+    for (int z = 1; z < nsplit; z++) v += ws[(size_t)z * M * N + i];
+    if (bias != nullptr) v += bias[col];
+    float* c = C + (size_t)row * ldc + col;
+    if (mode == EPI_RESID) *c += v;
+    else *c = apply_act(v, mode);
 }

@@ -239,3 +239,27 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
     if (tid == 0) out[r] = s_best == 0x7fffffff ? V - 1 : s_best;
 #undef PROB
 }
+
+// Greedy selection from the fp16 LM-head GEMM's EPI_ARGMAX partials: part [R, ld] float2 {value, column bits},
+// n chunks per row in increasing column order; largest value, lowest column on ties. One warp per row.
+extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int ld, int n, int* __restrict__ out, int R)
+{
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= R) return;
+    const float2* p = part + (size_t)r * ld;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = lane; i < n; i += 32) {
+        const float2 v = p[i];
+        const int c = __float_as_int(v.y);
+        if (bi == 0x7fffffff || v.x > best) { best = v.x; bi = c; }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
+    }
+    if (lane == 0) out[r] = bi;
+}

@@ -16,6 +16,15 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
     for (int c = threadIdx.x; c < C; c += blockDim.x) o[c] = a[c] + b[c];
 }
 
+#define LN_NV 8   // fast path: C % 4 == 0 and C <= 1024
+__device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
+    *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);
+}
+__device__ __forceinline__ void store4(__half* p, float a, float b, float c, float d) {
+    __half2 h[2] = {__floats2half2_rn(a, b), __floats2half2_rn(c, d)};
+    *reinterpret_cast<uint2*>(p) = *reinterpret_cast<uint2*>(h);
+}
+
 // One warp per row: out[r] = (x[in] - mean) / sqrt(var + eps) * w + b, in = rowidx ? rowidx[r] - idx_base : r.
 template <typename OutT>
 __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, const int* __restrict__ rowidx, int idx_base,
@@ -27,6 +36,40 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
     if (r >= R) return;
     const int in = rowidx ? rowidx[r] - idx_base : r;
     const float* xr = x + (size_t)in * C;
+    OutT* o = out + (size_t)r * C;
+    if ((C & 3) == 0 && C <= 32 * 4 * LN_NV) {
+        // fast path: the row held in registers (16-byte loads), two-pass statistics from registers
+        const int C4 = C >> 2;
+        float4 v[LN_NV];
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < LN_NV; i++) {
+            const int c4 = lane + 32 * i;
+            v[i] = c4 < C4 ? reinterpret_cast<const float4*>(xr)[c4] : make_float4(0.f, 0.f, 0.f, 0.f);
+            s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+        }
+        const float mean = warp_sum(s) / (float)C;
+        float q = 0.f;
+#pragma unroll
+        for (int i = 0; i < LN_NV; i++) {
+            if (lane + 32 * i < C4) {
+                const float a = v[i].x - mean, b_ = v[i].y - mean, c = v[i].z - mean, d = v[i].w - mean;
+                q += (a * a + b_ * b_) + (c * c + d * d);
+            }
+        }
+        const float var = warp_sum(q) / (float)C;
+        const float den = sqrtf(var + eps);
+#pragma unroll
+        for (int i = 0; i < LN_NV; i++) {
+            const int c4 = lane + 32 * i;
+            if (c4 < C4) {
+                const float4 ww = reinterpret_cast<const float4*>(w)[c4], bb = reinterpret_cast<const float4*>(b)[c4];
+                store4(o + 4 * c4, (v[i].x - mean) / den * ww.x + bb.x, (v[i].y - mean) / den * ww.y + bb.y,
+                       (v[i].z - mean) / den * ww.z + bb.z, (v[i].w - mean) / den * ww.w + bb.w);
+            }
+        }
+        return;
+    }
     float s = 0.f;
     for (int c = lane; c < C; c += 32) s += xr[c];
     const float mean = warp_sum(s) / (float)C;
@@ -34,7 +77,6 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
     for (int c = lane; c < C; c += 32) { float d = xr[c] - mean; q += d * d; }
     const float var = warp_sum(q) / (float)C;
     const float den = sqrtf(var + eps);
-    OutT* o = out + (size_t)r * C;
     for (int c = lane; c < C; c += 32) o[c] = from_f<OutT>((xr[c] - mean) / den * w[c] + b[c]);
 }
 
@@ -108,6 +150,8 @@ __device__ __forceinline__ float dot_row(const float* q, const __half* k, int D)
     for (int d = 0; d < D; d++) dot = fmaf(q[d], __half2float(k[d]), dot);
     return dot;
 }
+__device__ __forceinline__ float2 load2f(const float* p) { return *reinterpret_cast<const float2*>(p); }
+__device__ __forceinline__ float2 load2f(const __half* p) { return __half22float2(*reinterpret_cast<const __half2*>(p)); }
 template <typename T>
 __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const T* __restrict__ kc, const T* __restrict__ vc,
                                                const int* __restrict__ row_slot, int slot_base, const int* __restrict__ row_pos,
@@ -119,6 +163,7 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const 
     const int r = gw / H, h = gw - r * H;
     if (r >= R) return;
     const int C = H * D;
+    const bool pairs = (D & 1) == 0;   // C even too: 4-byte (half) / 8-byte (float) aligned pair loads
     const int p = row_pos[r];
     const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D;
     const T* q = qkv + (size_t)r * 3 * C + (size_t)h * D;
@@ -140,18 +185,43 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const 
         for (int i = 0; i < 4; i++) acc[i] *= corr;
         m = mn;
         const int nj = min(32, p - j0 + 1);
-        for (int jj = 0; jj < nj; jj++) {
-            const float pj = __shfl_sync(0xffffffffu, e, jj);
-            const T* vr = vc + base + (size_t)(j0 + jj) * C;
+        if (pairs) {   // lane owns dims 2 lane + 64 i, i < 2 (pair loads, 4 keys in flight)
+#pragma unroll 4
+            for (int jj = 0; jj < nj; jj++) {
+                const float pj = __shfl_sync(0xffffffffu, e, jj);
+                const T* vr = vc + base + (size_t)(j0 + jj) * C;
 #pragma unroll
-            for (int i = 0; i < 4; i++) {
-                const int d = lane + 32 * i;
-                if (d < D) acc[i] = fmaf(pj, to_f(vr[d]), acc[i]);
+                for (int i = 0; i < 2; i++) {
+                    const int d = 2 * lane + 64 * i;
+                    if (d < D) {
+                        const float2 f = load2f(vr + d);
+                        acc[2 * i] = fmaf(pj, f.x, acc[2 * i]);
+                        acc[2 * i + 1] = fmaf(pj, f.y, acc[2 * i + 1]);
+                    }
+                }
+            }
+        } else {
+            for (int jj = 0; jj < nj; jj++) {
+                const float pj = __shfl_sync(0xffffffffu, e, jj);
+                const T* vr = vc + base + (size_t)(j0 + jj) * C;
+#pragma unroll
+                for (int i = 0; i < 4; i++) {
+                    const int d = lane + 32 * i;
+                    if (d < D) acc[i] = fmaf(pj, to_f(vr[d]), acc[i]);
+                }
             }
         }
     }
     T* o = out + (size_t)r * C + (size_t)h * D;
     const float inv = 1.f / l;
+    if (pairs) {
+#pragma unroll
+        for (int i = 0; i < 2; i++) {
+            const int d = 2 * lane + 64 * i;
+            if (d < D) { o[d] = from_f<T>(acc[2 * i] * inv); o[d + 1] = from_f<T>(acc[2 * i + 1] * inv); }
+        }
+        return;
+    }
 #pragma unroll
     for (int i = 0; i < 4; i++) {
         const int d = lane + 32 * i;
@@ -168,6 +238,110 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
               const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
 { attention_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+
+// Grouped variant (D % 8 == 0, D / 8 a power of two dividing 32, i.e. D in {8, 16, 32, 64, 128}): one warp per
+// (row, head), split into G = 256 / D groups of D / 8 lanes; lane li of a group owns dims 8 li .. 8 li + 7
+// (16-byte loads of q, k, v). Group g walks keys g, g + G, ... with its own online softmax (running max m,
+// sum l, accumulator acc); the groups merge at the end through shuffles. Every lane works on every key
+// step, and the K and V rows are read coalesced.
+__device__ __forceinline__ void load8f(const float* p, float* f) {
+    const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+}
+__device__ __forceinline__ void load8f(const __half* p, float* f) {
+    uint4 v = *reinterpret_cast<const uint4*>(p);
+    const __half2* h = reinterpret_cast<const __half2*>(&v);
+#pragma unroll
+    for (int j = 0; j < 4; j++) { const float2 t = __half22float2(h[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
+}
+__device__ __forceinline__ void store8(float* p, const float* f) {
+    reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
+    reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
+}
+__device__ __forceinline__ void store8(__half* p, const float* f) {
+    __half2 h[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) h[j] = __floats2half2_rn(f[2 * j], f[2 * j + 1]);
+    *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
+}
+
+template <typename T>
+__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
+                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
+                                                       int slot_base, const int* __restrict__ row_pos,
+                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gw = blockIdx.x * ATT_WARPS + warp;
+    const int r = gw / H, h = gw - r * H;
+    if (r >= R) return;
+    const int C = H * D;
+    const int LPG = D >> 3, G = 32 / LPG;
+    const int g = lane / LPG, d0 = (lane - g * LPG) * 8;
+    const int p = row_pos[r];
+    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
+    float q[8], acc[8];
+    load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
+#pragma unroll
+    for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
+    float m = -INFINITY, l = 0.f;
+    // keys j = g + G t; all lanes of the warp run the same number of iterations (shuffles stay converged)
+    const int nit = (p + G) / G;
+#pragma unroll 2
+    for (int t = 0; t < nit; t++) {
+        const int j = g + G * t;
+        const bool ok = j <= p;
+        float kf[8], vf[8];
+        if (ok) {
+            load8f(kc + base + (size_t)j * C, kf);
+            load8f(vc + base + (size_t)j * C, vf);
+        }
+        float s = 0.f;
+#pragma unroll
+        for (int i = 0; i < 8; i++) s = fmaf(q[i], ok ? kf[i] : 0.f, s);
+        for (int o = 1; o < LPG; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (ok) {
+            const float mn = fmaxf(m, s);
+            const float corr = expf(m - mn);   // m = -inf at the first key: corr = 0
+            const float e = expf(s - mn);
+            l = l * corr + e;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = fmaf(e, vf[i], acc[i] * corr);
+            m = mn;
+        }
+    }
+    // merge the groups: lanes lane and lane ^ o (o >= LPG) hold the same dims of different groups
+    for (int o = LPG; o < 32; o <<= 1) {
+        const float m2 = __shfl_xor_sync(0xffffffffu, m, o);
+        const float l2 = __shfl_xor_sync(0xffffffffu, l, o);
+        const float mn = fmaxf(m, m2);
+        const float c1 = (m == -INFINITY) ? 0.f : expf(m - mn);
+        const float c2 = (m2 == -INFINITY) ? 0.f : expf(m2 - mn);
+        l = l * c1 + l2 * c2;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float a2 = __shfl_xor_sync(0xffffffffu, acc[i], o);
+            acc[i] = acc[i] * c1 + a2 * c2;
+        }
+        m = mn;
+    }
+    if (g == 0) {
+        const float inv = 1.f / l;
+#pragma unroll
+        for (int i = 0; i < 8; i++) acc[i] *= inv;
+        store8(out + (size_t)r * C + (size_t)h * D + d0, acc);
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_grouped_f32(const float* qkv, const float* kc, const float* vc, const int* row_slot, int slot_base,
+                      const int* row_pos, float* out, int R, int H, int D, int S, float scale)
+{ attention_grouped_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+
+extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
+attention_grouped_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
+                      const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
+{ attention_grouped_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 // Weight conversion helper: out[n, k] = half(in[k, n]) (Conv1D [K, N] fp32 -> K-contiguous fp16 [N, K]).
 extern "C" __global__ void transpose_to_half(const float* __restrict__ in, __half* __restrict__ out, int K, int N)

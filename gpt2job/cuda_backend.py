@@ -12,8 +12,12 @@ Work layout per chunk:
   * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group.
     Sequences are grouped so the cache fits the memory budget; prefill passes are capped at
     max_prefill_rows tokens.
-Precisions: "float32" (plain FP32 FMA GEMM, no TF32) and "float16" (mma.sync tensor cores with fp32
-accumulation; residual stream, layer-norm statistics, softmax and logits in fp32).
+Precisions: "float32" (plain FP32 FMA GEMM, no TF32; split-K for decode-sized products) and "float16" (tensor
+cores with fp32 accumulation: wgmma on Hopper, mma.sync elsewhere and for small grids, see
+cuda_kernels.F16_DEFAULT; residual stream, layer-norm statistics, softmax and logits in fp32).
+Fusions: the QKV GEMM epilogue writes keys/values straight into the KV cache (EPI_QKV); optional
+(GPT2JOB_FUSE_ARGMAX=1, greedy fp16) LM head with a (max, argmax) epilogue, off by default (measured slower).
+last_logits(prompts) gives the last-position logits computed by these kernels (tests, fp16-vs-fp32 checks).
 
 Overlap: submit(chunk) uploads a chunk's tokens from a pinned buffer on a copy stream and returns at
 once; result() runs the oldest submitted chunk on the compute stream. generate_many(chunks) submits
@@ -22,11 +26,14 @@ chunk with CUDA-event times (ms since the backend started) of its upload, comput
 """
 import collections
 import math
+import os
 
 import numpy as np
 
 from .backend import Backend, Completions, FINISH_LENGTH, FINISH_STOP
 from .errors import UserError
+
+EPI_QKV = 4   # cuda_kernels.EPI_QKV (kept here: cuda_kernels imports pycuda at module level)
 
 _TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
@@ -99,6 +106,9 @@ class CudaBackend(Backend):
         self.max_prefill_rows = int(max_prefill_rows)
         self.head_rows = int(head_rows)
         self.k = Kernels(local_rank)
+        self.fuse_kv = "v0" not in self.k.f16_variants   # EPI_QKV needs the templated fp16 GEMMs
+        # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX)
+        self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "0") == "1"
         self.compute = drv.Stream()
         self.copy = drv.Stream()
         self._allocs = []
@@ -276,6 +286,63 @@ class CudaBackend(Backend):
             yield self.result()
         yield self.result()
 
+    # ---------------------------------------------------------------- debug / test API
+
+    def last_logits(self, prompts):
+        """Logits [B, V] float32 at each prompt's last position, computed by our kernels in this backend's
+        dtype (prompts: list of 1-D int arrays). For tests and fp16-vs-fp32 agreement checks."""
+        drv, cfg = self.drv, self.cfg
+        from .backend import Chunk
+        B = len(prompts)
+        lens = np.array([len(p) for p in prompts], np.int64)
+        offsets = np.zeros(B + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts]) if B else np.zeros(0, np.int32)
+        res = np.empty((B, self.V), np.float32)
+        if B == 0:
+            return res
+        if int(lens.min()) < 1:
+            raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
+        job = self.submit(Chunk(-1, np.arange(B, dtype=np.int64), offsets, tokens))
+        self._pending.remove(job)
+        try:
+            self.compute.wait_for_event(job["ev_up"][1])
+            C, L, V, Vp = cfg.n_embd, cfg.n_layer, self.V, self.Vpad
+            S = int(lens.max())
+            per_slot = 2 * L * S * C * self.elt
+            max_slots = max(1, min(B, self.kv_budget // per_slot))
+            for b0 in range(0, B, max_slots):
+                b1 = min(B, b0 + max_slots)
+                per = (b1 - b0) * S * C * self.elt
+                kvbase = self._buf("kv", 2 * L * per)
+                kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
+                pb0 = b0
+                while pb0 < b1:
+                    pb1 = pb0 + 1
+                    while pb1 < b1 and offsets[pb1 + 1] - offsets[pb0] <= self.max_prefill_rows:
+                        pb1 += 1
+                    r0, r1 = int(offsets[pb0]), int(offsets[pb1])
+                    x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0,
+                                      b0, S, kv)
+                    for g0 in range(pb0, pb1, self.head_rows):
+                        m = min(self.head_rows, pb1 - g0)
+                        hl = self._buf("hl", self.head_rows * C * self.elt)
+                        logits = self._buf("logits", self.head_rows * Vp * 4)
+                        self.k.layernorm(self.compute, self.half, x, job["p_last"] + 4 * g0, r0, self.lnf_w,
+                                         self.lnf_b, hl, m, C, cfg.layer_norm_epsilon)
+                        if self.half:
+                            self.k.gemm_f16(self.compute, hl, C, self.head_w, C, logits, Vp, None, m, V, C, 0, False)
+                        else:
+                            self.k.gemm_f32(self.compute, hl, C, self.head_w, Vp, logits, Vp, None, m, V, C, 0)
+                        host = np.empty((m, Vp), np.float32)
+                        self.compute.synchronize()
+                        drv.memcpy_dtoh(host, logits)
+                        res[g0:g0 + m] = host[:, :V]
+                    pb0 = pb1
+        finally:
+            job["upload"].busy = False
+        return res
+
     # ---------------------------------------------------------------- the forward pass
 
     def _gemm(self, A, B_w, C_out, bias, M, N, K, mode, out_half, ldc=None):
@@ -283,7 +350,10 @@ class CudaBackend(Backend):
         if self.half:
             self.k.gemm_f16(self.compute, A, K, B_w, K, C_out, ldc, bias, M, N, K, mode, out_half)
         else:
-            self.k.gemm_f32(self.compute, A, K, B_w, N, C_out, ldc, bias, M, N, K, mode)
+            ws = None
+            if M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
+                ws = self._buf("splitk", 4 * 4 * self.head_rows * 4096)
+            self.k.gemm_f32(self.compute, A, K, B_w, N, C_out, ldc, bias, M, N, K, mode, ws=ws)
 
     def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv):
         """Run the layers on R rows (token ids / positions / slots at the given device pointers).
@@ -301,8 +371,16 @@ class CudaBackend(Backend):
         for li, L in enumerate(self.layers):
             kc, vc = kv[li]
             k.layernorm(st, half, x, None, 0, L["ln1_w"], L["ln1_b"], h, R, C, eps)
-            self._gemm(h, L["qkv_w"], qkv, L["qkv_b"], R, 3 * C, C, 0, True)
-            k.kv_store(st, half, qkv, p_seq, slot_base, p_pos, kc, vc, R, C, S)
+            if half and self.fuse_kv and C % 2 == 0:
+                # keys and values go from the GEMM epilogue straight into the cache; qkv keeps only q
+                k.gemm_f16(st, h, C, L["qkv_w"], C, qkv, 3 * C, L["qkv_b"], R, 3 * C, C, EPI_QKV, True,
+                           qkv=(p_seq, p_pos, slot_base, S, kc, vc, C))
+            elif not half and self.fuse_kv:
+                k.gemm_f32(st, h, C, L["qkv_w"], 3 * C, qkv, 3 * C, L["qkv_b"], R, 3 * C, C, EPI_QKV,
+                           qkv=(p_seq, p_pos, slot_base, S, kc, vc, C))
+            else:
+                self._gemm(h, L["qkv_w"], qkv, L["qkv_b"], R, 3 * C, C, 0, True)
+                k.kv_store(st, half, qkv, p_seq, slot_base, p_pos, kc, vc, R, C, S)
             scale = 1.0 / math.sqrt(D)
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= float(li + 1)
@@ -329,7 +407,14 @@ class CudaBackend(Backend):
                 k.gemm_f16(st, hl, C, self.head_w, C, logits, Vp, None, m, V, C, 0, False)
             else:
                 k.gemm_f32(st, hl, C, self.head_w, Vp, logits, Vp, None, m, V, C, 0)
-            if s.greedy:
+            if s.greedy and self.half and self.fuse_argmax and self.k.argmax_variant is not None:
+                # LM head GEMM with the (max, argmax) epilogue: logits never reach memory
+                from .cuda_kernels import EPI_ARGMAX, F16_WN
+                var = self.k.argmax_variant
+                nch = (V + F16_WN[var] - 1) // F16_WN[var]
+                k.gemm_f16(st, hl, C, self.head_w, C, logits, nch, None, m, V, C, EPI_ARGMAX, False, variant=var)
+                k.argmax_partials(st, logits, nch, nch, p_out + 4 * g0, m)
+            elif s.greedy:
                 k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
             else:
                 k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, s.seed, s.temperature, s.top_k,

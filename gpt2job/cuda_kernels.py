@@ -7,20 +7,42 @@ sharing a directory.
 """
 import os
 import socket
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pycuda.driver as drv
-from pycuda.compiler import SourceModule
+from pycuda.compiler import compile as nvcc_compile
 
 CUDA_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
 
-EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID = 0, 1, 2, 3
+EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX = 0, 1, 2, 3, 4, 5
+
+_F16_SIG = "PiPiPiPiiiiPPiiPPi"
+# fp16 GEMM tile variants of cuda_src/gemm_f16.cu: name -> (GEMM_F16_PART, BM, BN, threads, dynamic smem bytes).
+# "v0" is the original 128x128x32 3-stage kernel (static shared memory, no EPI_QKV).
+F16_VARIANTS = {
+    "v0": (0, 128, 128, 256, 0),
+    "t128x128k32s4": (1, 128, 128, 256, (128 + 128) * 32 * 2 * 4),
+    "t128x256k32s4": (2, 128, 256, 256, (128 + 256) * 32 * 2 * 4),
+    "t128x256k64s3": (3, 128, 256, 256, (128 + 256) * 64 * 2 * 3),
+    "t256x128k64s3": (4, 256, 128, 256, (256 + 128) * 64 * 2 * 3),
+    "t128x128k64s3": (5, 128, 128, 256, (128 + 128) * 64 * 2 * 3),
+    "t64x128k64s4": (6, 64, 128, 256, (64 + 128) * 64 * 2 * 4),
+    # cuda_src/gemm_wgmma.cu (sm_90a only): 128x128x64, 2 warpgroups of wgmma m64n128k16, 3 stages (+1 KB align)
+    "wgmma": (-1, 128, 128, 256, (128 + 128) * 64 * 2 * 3 + 1024),
+}
+# warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
+F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
+          "t64x128k64s4": 32, "wgmma": 128}
+# variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); the first is used for the
+# big products, the second when the first's tiles would fill under 4 waves (pick_f16). wgmma needs sm_90 (Hopper).
+F16_DEFAULT = ("wgmma", "t128x128k64s3")
+F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
 KERNELS = {
-    "gemm_f32": ("gemm_f32.cu", "PiPiPiPiiiiiii"),
-    "gemm_f16_outh": ("gemm_f16.cu", "PiPiPiPiiii"),
-    "gemm_f16_outf": ("gemm_f16.cu", "PiPiPiPiiii"),
+    "gemm_f32": ("gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi"),
+    "splitk_reduce_f32": ("gemm_f32.cu", "PiPiPiii"),
     "embed": ("transformer.cu", "PPPPPii"),
     "layernorm_f32": ("transformer.cu", "PPiPPPiif"),
     "layernorm_f16": ("transformer.cu", "PPiPPPiif"),
@@ -28,6 +50,9 @@ KERNELS = {
     "kv_store_f16": ("transformer.cu", "PPiPPPiii"),
     "attention_f32": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_f16": ("transformer.cu", "PPPPiPPiiiif"),
+    "attention_grouped_f32": ("transformer.cu", "PPPPiPPiiiif"),
+    "attention_grouped_f16": ("transformer.cu", "PPPPiPPiiiif"),
+    "argmax_partials": ("sampling.cu", "PiiPi"),
     "transpose_to_half": ("transformer.cu", "PPii"),
     "argmax_rows": ("sampling.cu", "PiiPi"),
     "sample_rows": ("sampling.cu", "PiiPPiQdidPi"),
@@ -56,20 +81,67 @@ def ptr(a):
 class Kernels:
     """All kernels compiled for the current context; k.<name>(grid, block, stream, *args)."""
 
-    def __init__(self, local_rank=0):
+    def __init__(self, local_rank=0, f16_variants=None):
         cdir = cache_dir(local_rank)
-        mods = {}
-        for fname in sorted({f for f, _ in KERNELS.values()}):
+        if f16_variants is None:
+            env = os.environ.get("GPT2JOB_F16_VARIANTS", "")
+            hopper = drv.Context.get_device().compute_capability() == (9, 0)
+            f16_variants = (tuple(F16_VARIANTS) if env == "all" else
+                            tuple(v for v in env.split(",") if v) or
+                            (F16_DEFAULT if hopper else F16_DEFAULT_NOT_HOPPER))
+        for v in f16_variants:
+            if v not in F16_VARIANTS:
+                raise ValueError(f"unknown fp16 GEMM variant {v!r}")
+        self.f16_variants = tuple(f16_variants)
+        jobs = [(fname, fname, (), "sm_90") for fname in sorted({f for f, _ in KERNELS.values()})]
+        for v in self.f16_variants:
+            if F16_VARIANTS[v][0] < 0:   # all wgmma variants live in gemm_wgmma.cu (sm_90a)
+                if not any(j[0] == "gemm_wgmma.cu" for j in jobs):
+                    jobs.append(("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a"))
+            else:
+                jobs.append(("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % F16_VARIANTS[v][0],), "sm_90"))
+
+        def build(job):   # nvcc in parallel threads (no context needed); modules load in this thread
+            key, fname, defs, arch = job
             with open(os.path.join(CUDA_SRC, fname)) as fh:
                 src = fh.read()
-            mods[fname] = SourceModule(src, no_extern_c=True, arch="sm_90", options=["-std=c++17"],
-                                       include_dirs=[CUDA_SRC], cache_dir=cdir)
+            return key, nvcc_compile(src, no_extern_c=True, arch=arch, options=["-std=c++17", *defs],
+                                     include_dirs=[CUDA_SRC], cache_dir=cdir)
+
+        with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as ex:
+            cubins = list(ex.map(build, jobs))
+        mods = {key: drv.module_from_buffer(cubin) for key, cubin in cubins}
         self.modules = mods
         self.funcs = {}
         for name, (fname, sig) in KERNELS.items():
             f = mods[fname].get_function(name)
             f.prepare(sig)
             self.funcs[name] = f
+        self.f16_smem = {}
+        for v in self.f16_variants:
+            part, bm, bn, thr, smem = F16_VARIANTS[v]
+            base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
+            for suf in ("outh", "outf"):
+                f = mods["gemm_wgmma.cu" if part < 0 else "gemm_f16.cu#" + v].get_function(f"{base}_{suf}")
+                if smem > 48 * 1024:
+                    f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
+                f.prepare("PiPiPiPiiii" if v == "v0" else _F16_SIG)
+                self.funcs[f"{base}_{suf}"] = f
+        self.f16_default = self.f16_variants[0]
+        self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
+
+    def pick_f16(self, M, N, out_half=True):
+        """Tile variant for an M x N product: the first variant when its tiles make >= 4 waves, else the second;
+        the second too for wide float outputs (the LM head: measured faster with the mma.sync tiles)."""
+        vs = self.f16_variants
+        if len(vs) == 1:
+            return vs[0]
+        if not out_half and N > 16384:
+            return vs[1]
+        big = vs[0]
+        _, bm, bn, _, _ = F16_VARIANTS[big]
+        tiles = ((M + bm - 1) // bm) * ((N + bn - 1) // bn)
+        return big if tiles >= 4 * 132 else vs[1]
 
     def launch(self, name, grid, block, stream, *args):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
@@ -77,24 +149,69 @@ class Kernels:
 
     # ---------------------------------------------------------------- typed helpers
 
-    def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode):
+    def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, split=None, ws=None, qkv=None):
+        """split: K slices (None: automatic, > 1 when the 128x128 tiles fill under two waves of the GPU and K is
+        large); split > 1 needs ws, a float workspace of split * M * N.
+        mode EPI_QKV: qkv = (row_slot, row_pos, slot_base, S, kc, vc, C), as gemm_f16 (never split)."""
         if M == 0:
             return
+        if mode == EPI_QKV:
+            assert qkv is not None
+            split = 1
+            rs, rp, sb, S, kc, vc, kvC = qkv
+        else:
+            rs = rp = kc = vc = 0
+            sb = S = kvC = 0
+        tiles = ((N + 127) // 128) * ((M + 127) // 128)
+        if split is None:
+            split = 1
+            if ws is not None and K >= 512 and 132 <= tiles < 2 * 2 * 132:
+                split = 2 if tiles >= 2 * 132 else 4
+        kps = K
+        if split > 1:
+            kps = ((K + split - 1) // split + 7) // 8 * 8
+            split = (K + kps - 1) // kps
         vec_a = int(lda % 4 == 0 and ptr(A) % 16 == 0)
         vec_b = int(ldb % 4 == 0 and ptr(B) % 16 == 0)
         vec_c = int(ldc % 4 == 0 and ptr(C) % 16 == 0)
-        grid = ((N + 127) // 128, (M + 127) // 128, 1)
+        grid = ((N + 127) // 128, (M + 127) // 128, split)
         self.launch("gemm_f32", grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias),
-                    M, N, K, mode, vec_a, vec_b, vec_c)
+                    M, N, K, mode, vec_a, vec_b, vec_c, kps, ptr(ws) if split > 1 else 0, ptr(rs), ptr(rp), int(sb),
+                    int(S), ptr(kc), ptr(vc), int(kvC))
+        if split > 1:
+            n = M * N
+            self.launch("splitk_reduce_f32", ((n + 255) // 256, 1, 1), (256, 1, 1), stream, ptr(ws), split, ptr(C),
+                        ldc, ptr(bias), M, N, mode)
 
-    def gemm_f16(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, out_half):
-        """B is [N, K] (K-contiguous). Needs K, lda, ldb multiples of 8 and 16-byte aligned A, B."""
+    def gemm_f16(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, out_half, variant=None, qkv=None):
+        """B is [N, K] (K-contiguous). Needs K, lda, ldb multiples of 8 and 16-byte aligned A, B.
+        mode EPI_QKV (out_half, not variant v0): qkv = (row_slot, row_pos, slot_base, S, kc, vc, C): columns
+        [C, 3C) go to the KV cache instead of the output.
+        mode EPI_ARGMAX (float out, variant in F16_WN): C gets float2 [M, ldc] partials (max, column) per
+        F16_WN[variant] columns, ldc >= ceil(N / F16_WN[variant]); reduce them with argmax_partials."""
         if M == 0:
             return
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
-        grid = ((N + 127) // 128, (M + 127) // 128, 1)
-        self.launch("gemm_f16_outh" if out_half else "gemm_f16_outf", grid, (256, 1, 1), stream,
-                    ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode)
+        v = variant or self.pick_f16(M, N, out_half)
+        part, bm, bn, thr, smem = F16_VARIANTS[v]
+        grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
+        suf = "outh" if out_half else "outf"
+        if mode == EPI_ARGMAX:
+            assert not out_half and v in F16_WN and ldc >= (N + F16_WN[v] - 1) // F16_WN[v]
+        if v == "v0":
+            assert mode not in (EPI_QKV, EPI_ARGMAX)
+            self.funcs["gemm_f16_" + suf].prepared_async_call(grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb,
+                                                             ptr(C), ldc, ptr(bias), M, N, K, mode)
+            return
+        if mode == EPI_QKV:
+            assert out_half and qkv is not None and qkv[6] % 2 == 0
+            rs, rp, sb, S, kc, vc, kvC = qkv
+        else:
+            rs = rp = kc = vc = 0
+            sb = S = kvC = 0
+        self.funcs[f"gemm_f16_{v}_{suf}"].prepared_async_call(
+            grid, (thr, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,
+            ptr(rs), ptr(rp), int(sb), int(S), ptr(kc), ptr(vc), int(kvC), shared_size=smem)
 
     def embed(self, stream, tok, pos, wte, wpe, x, R, C):
         if R:
@@ -110,12 +227,22 @@ class Kernels:
             self.launch("kv_store_f16" if half else "kv_store_f32", (R, 1, 1), (256, 1, 1), stream,
                         qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S)
 
-    def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale):
+    def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
+                  grouped=None):
+        """grouped (default: when D in 8, 16, 32, 64, 128): the lane-group kernel, else the lane-per-key one."""
         if R:
             assert D <= 128
+            if grouped is None:
+                grouped = D in (8, 16, 32, 64, 128)
+            assert not grouped or D in (8, 16, 32, 64, 128)
             nw = R * H
-            self.launch("attention_f16" if half else "attention_f32", ((nw + 3) // 4, 1, 1), (128, 1, 1), stream,
+            name = ("attention_grouped_" if grouped else "attention_") + ("f16" if half else "f32")
+            self.launch(name, ((nw + 3) // 4, 1, 1), (128, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
+
+    def argmax_partials(self, stream, part, ld, n, out, R):
+        if R:
+            self.launch("argmax_partials", ((R + 7) // 8, 1, 1), (256, 1, 1), stream, part, ld, n, out, R)
 
     def transpose_to_half(self, stream, src, dst, K, N):
         self.launch("transpose_to_half", ((N + 31) // 32, (K + 31) // 32, 1), (32, 8, 1), stream, src, dst, K, N)

@@ -26,10 +26,10 @@ if _NGPU == 0:
 
 @pytest.fixture(scope="module")
 def K():
-    from gpt2job.cuda_kernels import Kernels
+    from gpt2job.cuda_kernels import F16_VARIANTS, Kernels
     ctx = drv.Device(0).make_context()
     try:
-        yield Kernels(0)
+        yield Kernels(0, f16_variants=tuple(F16_VARIANTS))
     finally:
         ctx.pop()
         ctx.detach()
@@ -96,6 +96,47 @@ def test_gemm_f32(K, shape, mode):
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("split", [2, 3, 4])
+@pytest.mark.parametrize("mode", [0, 1, 3])
+@pytest.mark.parametrize("shape", [(300, 768, 3072), (129, 770, 1000), (8, 40, 37)])
+def test_gemm_f32_split_k(K, shape, mode, split):
+    M, N, Kd = shape
+    A = RNG.standard_normal((M, Kd), dtype=np.float32)
+    B = RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))
+    bias = RNG.standard_normal(N, dtype=np.float32)
+    resid = RNG.standard_normal((M, N), dtype=np.float32)
+    Cg = gpu(resid) if mode == 3 else poisoned((M, N), np.float32)
+    ws = poisoned((split, M, N), np.float32)
+    K.gemm_f32(None, gpu(A), Kd, gpu(B), N, Cg, N, gpu(bias), M, N, Kd, mode, split=split, ws=ws)
+    got = back(Cg, (M, N), np.float32)
+    ref = epilogue_ref(A.astype(np.float64) @ B.astype(np.float64), bias, mode, resid)
+    assert np.isfinite(got).all()
+    assert rel(got, ref) < 2e-5
+
+
+@pytest.mark.parametrize("C,R", [(64, 77), (768, 300), (37, 5)])
+def test_gemm_f32_qkv_into_cache(K, C, R):
+    nsl, S, base = 7, 50, 3
+    A = RNG.standard_normal((R, C), dtype=np.float32)
+    W = RNG.standard_normal((C, 3 * C), dtype=np.float32) / np.float32(math.sqrt(C))
+    bias = RNG.standard_normal(3 * C, dtype=np.float32)
+    cells = RNG.permutation(nsl * S)[:R]
+    slot, pos = (cells // S).astype(np.int32), (cells % S).astype(np.int32)
+    out = poisoned((R, 3 * C), np.float32)
+    kc, vc = poisoned((nsl, S, C), np.float32), poisoned((nsl, S, C), np.float32)
+    K.gemm_f32(None, gpu(A), C, gpu(W), 3 * C, out, 3 * C, gpu(bias), R, 3 * C, C, 4,
+               qkv=(gpu(slot + base), gpu(pos), base, S, kc, vc, C))
+    ref = A.astype(np.float64) @ W.astype(np.float64) + bias
+    got = back(out, (R, 3 * C), np.float32)
+    assert rel(got[:, :C], ref[:, :C]) < 2e-6
+    assert np.isnan(got[:, C:]).all()
+    gk, gv = back(kc, (nsl, S, C), np.float32), back(vc, (nsl, S, C), np.float32)
+    assert rel(gk[slot, pos], ref[:, C:2 * C]) < 2e-6 and rel(gv[slot, pos], ref[:, 2 * C:]) < 2e-6
+    mask = np.ones((nsl, S), bool)
+    mask[slot, pos] = False
+    assert np.isnan(gk[mask]).all() and np.isnan(gv[mask]).all()
+
+
 def test_gemm_f32_padded_ld_no_bias(K):
     M, N, Kd, ldb, ldc = 33, 1000, 64, 1024, 1152
     A = RNG.standard_normal((M, Kd), dtype=np.float32)
@@ -110,9 +151,21 @@ def test_gemm_f32_padded_ld_no_bias(K):
 F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64)]
 
 
+def _f16_variants():
+    from gpt2job.cuda_kernels import F16_VARIANTS
+    return list(F16_VARIANTS)
+
+
+try:
+    _VARIANTS = _f16_variants()
+except Exception:  # pragma: no cover
+    _VARIANTS = ["v0"]
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
 @pytest.mark.parametrize("shape", F16_SHAPES)
 @pytest.mark.parametrize("mode,out_half", [(0, True), (1, True), (2, True), (3, False), (0, False)])
-def test_gemm_f16(K, shape, mode, out_half):
+def test_gemm_f16(K, shape, mode, out_half, variant):
     M, N, Kd = shape
     A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
     W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
@@ -120,11 +173,61 @@ def test_gemm_f16(K, shape, mode, out_half):
     resid = RNG.standard_normal((M, N), dtype=np.float32)
     odt = np.float16 if out_half else np.float32
     Cg = gpu(resid) if mode == 3 else poisoned((M, N), odt)
-    K.gemm_f16(None, gpu(A), Kd, gpu(np.ascontiguousarray(W.T)), Kd, Cg, N, gpu(bias), M, N, Kd, mode, out_half)
+    K.gemm_f16(None, gpu(A), Kd, gpu(np.ascontiguousarray(W.T)), Kd, Cg, N, gpu(bias), M, N, Kd, mode, out_half,
+               variant=variant)
     got = back(Cg, (M, N), odt)
     ref = epilogue_ref(A.astype(np.float64) @ W.astype(np.float64), bias, mode, resid)
     assert np.isfinite(got).all()
     assert rel(got, ref) < (2e-3 if out_half else 1e-5)
+
+
+@pytest.mark.parametrize("variant", [v for v in _VARIANTS if v != "v0"])
+@pytest.mark.parametrize("C,R", [(64, 77), (768, 300), (40, 1)])
+def test_gemm_f16_qkv_into_cache(K, variant, C, R):
+    """EPI_QKV: q columns to the output, k/v columns scattered into the cache at (slot - base, pos)."""
+    nsl, S, base = 7, 50, 3
+    A = RNG.standard_normal((R, C), dtype=np.float32).astype(np.float16)
+    W = (RNG.standard_normal((C, 3 * C), dtype=np.float32) / np.float32(math.sqrt(C))).astype(np.float16)
+    bias = RNG.standard_normal(3 * C, dtype=np.float32)
+    # distinct (slot, pos) per row
+    cells = RNG.permutation(nsl * S)[:R]
+    slot, pos = (cells // S).astype(np.int32), (cells % S).astype(np.int32)
+    out = poisoned((R, 3 * C), np.float16)
+    kc, vc = poisoned((nsl, S, C), np.float16), poisoned((nsl, S, C), np.float16)
+    K.gemm_f16(None, gpu(A), C, gpu(np.ascontiguousarray(W.T)), C, out, 3 * C, gpu(bias), R, 3 * C, C, 4, True,
+               variant=variant, qkv=(gpu(slot + base), gpu(pos), base, S, kc, vc, C))
+    ref = A.astype(np.float64) @ W.astype(np.float64) + bias
+    got = back(out, (R, 3 * C), np.float16)
+    assert rel(got[:, :C], ref[:, :C]) < 2e-3
+    assert np.isnan(got[:, C:].astype(np.float32)).all()          # k, v columns of the output untouched
+    gk, gv = back(kc, (nsl, S, C), np.float16), back(vc, (nsl, S, C), np.float16)
+    assert rel(gk[slot, pos], ref[:, C:2 * C]) < 2e-3
+    assert rel(gv[slot, pos], ref[:, 2 * C:]) < 2e-3
+    mask = np.ones((nsl, S), bool)
+    mask[slot, pos] = False
+    assert np.isnan(gk[mask].astype(np.float32)).all() and np.isnan(gv[mask].astype(np.float32)).all()
+
+
+@pytest.mark.parametrize("variant", ["t128x128k64s3", "t64x128k64s4", "t128x256k64s3", "wgmma"])
+@pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8)])
+def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
+    """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties)."""
+    from gpt2job.cuda_kernels import EPI_ARGMAX, F16_WN
+    A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
+    W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
+    W[:, N - 1] = W[:, N // 2]            # exact duplicate columns: ties must go to the lower index
+    W[:, N // 3] = W[:, N // 2]
+    A[0] = A[0] * 0 + 1                  # row 0: ties everywhere the columns sum alike
+    gA, gW = gpu(A), gpu(np.ascontiguousarray(W.T))
+    logits = poisoned((M, N), np.float32)
+    K.gemm_f16(None, gA, Kd, gW, Kd, logits, N, None, M, N, Kd, 0, False, variant=variant)
+    ref = np.argmax(back(logits, (M, N), np.float32), axis=-1)
+    nch = (N + F16_WN[variant] - 1) // F16_WN[variant]
+    part = poisoned((M, nch + 3, 2), np.float32)
+    K.gemm_f16(None, gA, Kd, gW, Kd, part, nch + 3, None, M, N, Kd, EPI_ARGMAX, False, variant=variant)
+    out = poisoned(M, np.int32)
+    K.argmax_partials(None, part, nch + 3, nch, out, M)
+    np.testing.assert_array_equal(back(out, M, np.int32), ref)
 
 
 # ---------------------------------------------------------------- per-row kernels
@@ -158,9 +261,10 @@ def test_embed(K):
     np.testing.assert_array_equal(back(out, (R, C), np.float32), reference.embed(wte, wpe, tok, pos))
 
 
-@pytest.mark.parametrize("H,D", [(4, 16), (12, 64), (25, 64), (2, 128), (3, 40)])
+@pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
+                                          (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])
-def test_kv_store_and_attention(K, H, D, half):
+def test_kv_store_and_attention(K, H, D, grouped, half):
     """Ragged prefill of several prompts, then one decode step, against reference.attention."""
     C = H * D
     lens = RNG.integers(1, 70, 5)
@@ -183,7 +287,7 @@ def test_kv_store_and_attention(K, H, D, half):
         g_qkv, g_seq, g_pos = gpu(qkv), gpu((seq + slot_base).astype(np.int32)), gpu(pos.astype(np.int32))
         out = poisoned((R, C), dt)
         K.kv_store(None, half, g_qkv, g_seq, slot_base, g_pos, kc, vc, R, C, S)
-        K.attention(None, half, g_qkv, kc, vc, g_seq, slot_base, g_pos, out, R, H, D, S, scale)
+        K.attention(None, half, g_qkv, kc, vc, g_seq, slot_base, g_pos, out, R, H, D, S, scale, grouped=grouped)
         got = back(out, (R, C), dt).astype(np.float32)
         q32 = qkv.astype(np.float32)
         for r in range(R):
@@ -315,6 +419,24 @@ def test_backend_float16_close_and_generate_many():
     assert (first == rfirst).mean() >= 0.9
     for o, c in zip(outs, chunks):
         assert o.chunk_id == c.chunk_id and o.n_generated == 5 * len(LENS)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_last_logits_match_reference_prefill(dtype):
+    from gpt2job.cuda_backend import CudaBackend
+    params = tiny_params(4)
+    prompts = [np.random.default_rng(i).integers(0, 1000, n).astype(np.int32) for i, n in enumerate(LENS)]
+    _, _, ref = reference.prefill(params, prompts, max(LENS))
+    be = CudaBackend(params, GenerationSettings(max_new_tokens=1), dtype=dtype, head_rows=4)
+    try:
+        got = be.last_logits(prompts)
+        again = be.last_logits(prompts[3:5])
+    finally:
+        be.close()
+    assert got.shape == (len(LENS), 1000) and got.dtype == np.float32
+    assert np.isfinite(got).all()
+    assert rel(got, ref) < (1e-5 if dtype == "float32" else 3e-3)
+    assert rel(again, got[3:5]) < 1e-6
 
 
 def test_too_many_ranks_is_user_error():
