@@ -79,8 +79,9 @@ class CudaBackend(Backend):
         if count == 0:
             raise UserError("no CUDA GPU is visible", None, "backend", "use --backend numpy or run on a GPU node")
         if local_rank >= count and not share_gpus:
-            raise UserError(f"{local_rank + 1} ranks on this node but only {count} GPUs", None, "-np",
-                            f"use -np <= {count} ranks per node, or --share-gpus")
+            raise UserError(f"worker #{local_rank + 1} on this node, but the node has only {count} GPU(s)", None,
+                            "-np", f"start at most {count} worker(s) per node (the master, rank 0, needs no GPU "
+                                   f"of its own: mpirun -np {count + 1} on one node), or pass --share-gpus")
         self.gpu_index = local_rank % count
         self.dev = drv.Device(self.gpu_index)
         self.ctx = self.dev.make_context()

@@ -20,7 +20,7 @@ from .scheduler import Outstanding, Scheduler, WorkerState
 from .settings import JobSettings
 from .tokenizer import load_tokenizer, vocab_dir_from
 from .weights import fingerprint, load_config
-from .worker import PREFETCH, STOP, LocalWorker, launch_time
+from .worker import PREFETCH, STOP, LocalWorker, launch_time, trace
 
 
 class Master:
@@ -76,14 +76,17 @@ class Master:
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
 
     def record(self, w: WorkerState, comp, compute_us):
+        self.t_last = time.time()            # the completion is at the master; writing it comes next
+        t = time.perf_counter()
         new_rows = self.store.add(comp)
+        trace(f"master: chunk {comp.chunk_id} from rank {w.rank} at +{self.t_last - (self.t_ready or self.t_last):.3f} s "
+              f"after ready; stored in {1e3 * (time.perf_counter() - t):.1f} ms")
         w.rows += new_rows
         w.tokens += comp.n_generated
         w.chunks += 1
         w.compute_s += compute_us / 1e6
         w.last_progress = time.monotonic()
         self.generated += comp.n_generated
-        self.t_last = time.time()
         self.progress.update(new_rows, comp.n_generated)
 
     # ---- the loop: serve chunks on demand, never block on one worker

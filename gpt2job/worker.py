@@ -4,6 +4,7 @@ The same compute loop (serve) runs in an MPI worker rank and in the master's own
 import os
 import queue
 import socket
+import sys
 import threading
 import time
 import traceback
@@ -61,6 +62,14 @@ def error_info(rank, e, chunk_id=None):
 
 
 STOP = object()   # what a receive() hands the compute loop when the master says stop
+TRACE = bool(os.environ.get("GPT2JOB_TRACE"))
+
+
+def trace(msg):
+    """Timing lines on stderr when GPT2JOB_TRACE is set (where the time between chunks goes)."""
+    if TRACE:
+        sys.stderr.write(f"gpt2job trace {time.time():.3f} {msg}\n")
+        sys.stderr.flush()
 
 
 def serve(backend, rank, receive, send_result):
@@ -83,14 +92,20 @@ def serve(backend, rank, receive, send_result):
             while queue and len(in_flight) < PREFETCH:
                 chunk = queue.pop(0)
                 in_flight.append(chunk.chunk_id)
+                t = time.perf_counter()
                 backend.submit(chunk)
+                trace(f"rank {rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) submitted in "
+                      f"{1e3 * (time.perf_counter() - t):.1f} ms")
             n += 1
             injected_fault(rank, n)
             t = time.perf_counter()
             comp = backend.result()
             us = int((time.perf_counter() - t) * 1e6)
             in_flight.pop(0)
+            t = time.perf_counter()
             send_result(comp, us)
+            trace(f"rank {rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
+                  f"{1e3 * (time.perf_counter() - t):.1f} ms")
     except Exception as e:
         return error_info(rank, e, in_flight[0] if in_flight else None)
 
