@@ -114,7 +114,7 @@ def table(recs, out=sys.stdout):
                      f"{o / base['transformers']:.2f}x" if o and base["transformers"] else "-",
                      f"{o / base['compact']:.2f}x" if o and base["compact"] else "-",
                      fmt_s((ours or {}).get("time_to_ready_s")), fmt_s((ours or {}).get("wall_s"))])
-    out.write("\n== throughput, generated tokens/s, 1 GPU (ours: all ranks ready -> last completion) ==\n")
+    out.write("\n== throughput, generated tokens/s, 1 GPU (ours: first chunk out -> last completion) ==\n")
     if rows:
         print_table(["workload", "ours", "transformers", "compact", "vs tf", "vs compact", "ready_s", "wall_s"],
                     rows, out)

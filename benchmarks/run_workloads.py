@@ -9,7 +9,7 @@ Each run is
   mpirun -np K+1 --bind-to none python -m gpt2job run IN OUT --model M --backend cuda --dtype D \
       --max-new-tokens N [--ignore-eos] --overwrite
 with GPT2JOB_LAUNCH_TIME set just before mpirun starts, so the job's time to ready and wall time count from
-the launch. Throughput = generated tokens / (last completion at the master - all ranks ready).
+the launch. Throughput = generated tokens / (last completion at the master - first chunk handed out; never shorter than from "all ranks ready").
 
 Before the measured runs a tiny warm-up job (64 prompts, 2 new tokens, K = the largest GPU count) fills the
 per-rank PyCUDA compile cache, so the reported time to ready is the warm one (the warm-up's own, cold time to
@@ -47,6 +47,8 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     e["PYTHONUNBUFFERED"] = "1"
+    if gpus > 0 and backend == "cuda":  # exactly K GPUs: else the master computes on a spare one too
+        e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     if not e.get("GPT2_VOCAB_DIR"):      # the tokenizer writes the 'completions' text, as in production
         for d in (os.path.join(ROOT, ".device", "gpt2-vocab"), os.path.join(ROOT, "..", "shared", "gpt2-vocab")):
             if os.path.isfile(os.path.join(d, "vocab.bpe")):
