@@ -22,6 +22,8 @@ from .tokenizer import load_tokenizer, vocab_dir_from
 from .weights import fingerprint, load_config
 from .worker import PREFETCH, STOP, LocalWorker, launch_time, trace
 
+START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
+
 
 class Master:
     def __init__(self, s: JobSettings, comm):
@@ -32,6 +34,8 @@ class Master:
         self.hung_ranks = []
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
+        self.first_ready = None    # when the first worker said it was ready (monotonic)
+        self.dispatching = False   # work is handed out once all workers are ready
         self.t_last = None
         self.generated = 0
 
@@ -109,8 +113,8 @@ class Master:
         while self.sched.rows_left() or any(w.outstanding for w in self.live()):
             if not self.live():
                 raise self.no_workers_left()
-            if self.t_ready is None and all(w.ready for w in self.live()):
-                self.t_ready = time.time()
+            if not self.dispatching:
+                self.maybe_start()
             if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self.handle_mpi(status.Get_source(), status.Get_tag(), status)
                 continue
@@ -127,13 +131,26 @@ class Master:
                 last_check = now
                 self.check_hung(now)
                 self.sends = [(r, b) for r, b in self.sends if not r.Test()]
-                if self.store.pending and now - self.store.last_flush > self.store.flush_interval:
+                if self.store.flush_due():    # the HDF5 file catches up while nothing waits
                     self.store.flush()
             if comm is not None:
                 time.sleep(0.0005)
 
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
+
+    def maybe_start(self):
+        """Hand out work once every worker is ready (or START_GRACE_S after the first one was), so
+        that the chunks are shared by all of them rather than grabbed by the first to start."""
+        ready = [w for w in self.live() if w.ready]
+        all_ready = len(ready) == len(self.live())
+        if not ready or not (all_ready or time.monotonic() - self.first_ready > START_GRACE_S):
+            return
+        self.dispatching = True
+        if all_ready:
+            self.t_ready = time.time()
+        for w in ready:
+            self.feed(w)
 
     def handle_mpi(self, src, tag, status):
         from mpi4py import MPI
@@ -161,7 +178,11 @@ class Master:
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", 64))
             w.last_progress = time.monotonic()
-            self.feed(w)
+            self.first_ready = self.first_ready or w.last_progress
+            if self.dispatching:
+                if self.t_ready is None and all(x.ready for x in self.live()):
+                    self.t_ready = time.time()
+                self.feed(w)
         elif kind == "error":
             (info,) = data
             w.host = info.get("host", w.host)
@@ -174,7 +195,7 @@ class Master:
             self.stop(w)
 
     def feed(self, w):
-        n_active = max(1, len([x for x in self.live() if x.ready]))
+        n_active = max(1, len(self.live()))
         while len(w.outstanding) < PREFETCH:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
@@ -195,7 +216,7 @@ class Master:
             self.sched.give_back(out.chunk)
         w.outstanding = {}
         for other in self.live():
-            if other.ready:
+            if other.ready and self.dispatching:
                 self.feed(other)
 
     def check_hung(self, now):

@@ -164,6 +164,7 @@ class OutputStore:
         self.done = np.zeros(n_rows, dtype=bool)
         self.pending = []
         self.last_flush = time.monotonic()
+        self.flushed_any = False
         self.resumed_rows = 0
         self._open(overwrite)
 
@@ -337,10 +338,13 @@ class OutputStore:
                                           comp.finish[keep])
         self.journal.append(comp)
         self.done[comp.rows] = True
+        if not self.pending and not self.flushed_any:
+            self.last_flush = time.monotonic()   # the first rows wait a full interval, like the rest
         self.pending.append(comp)
-        if time.monotonic() - self.last_flush >= self.flush_interval:
-            self.flush()
         return len(comp.rows)
+
+    def flush_due(self):
+        return bool(self.pending) and time.monotonic() - self.last_flush >= self.flush_interval
 
     def flush(self):
         try:
@@ -348,6 +352,7 @@ class OutputStore:
                 self._write_rows(self.h5, comp)
             self.pending = []
             self.h5.flush()
+            self.flushed_any = True
         except (OSError, RuntimeError) as e:
             raise _io_error(self.path, e)
         self.last_flush = time.monotonic()

@@ -138,8 +138,17 @@ def run_worker(s: JobSettings, comm, gpu_slot):
         comm.recv(source=0, tag=status.Get_tag())
         return STOP
 
-    err = serve(backend, rank, receive, lambda comp, us: comm.Send(encode_completions(comp, us), dest=0,
-                                                                   tag=TAG_RESULT))
+    sending = []   # (request, buffer) of the result in flight: the next chunk computes meanwhile
+
+    def send_result(comp, us):
+        if sending:
+            sending.pop()[0].Wait()
+        buf = encode_completions(comp, us)
+        sending.append((comm.Isend(buf, dest=0, tag=TAG_RESULT), buf))
+
+    err = serve(backend, rank, receive, send_result)
+    if sending:
+        sending.pop()[0].Wait()
     if err is not None:
         comm.send(err, dest=0, tag=TAG_ERROR)
         _wait_for_stop(comm)
