@@ -77,7 +77,8 @@ class Master:
         if len(bad):
             self.store.add(Completions.from_lists(-1, bad, [[] for _ in bad], [FINISH_INVALID] * len(bad)))
         todo = np.flatnonzero(~self.store.done)
-        self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout)
+        self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout,
+                               prefetch=PREFETCH)
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
 
     def record(self, w: WorkerState, comp, compute_us):

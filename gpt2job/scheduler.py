@@ -39,16 +39,20 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, prompts, rows, max_new_tokens, chunk_size=0, min_deadline=120.0, deadline_factor=10.0):
+    def __init__(self, prompts, rows, max_new_tokens, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
+                 prefetch=2):
         self.prompts = prompts
         lengths = prompts.lengths[rows]
         # longest prompts first: homogeneous chunks (little padding) and the long tail early
         self.queue = deque(rows[np.argsort(-lengths, kind="stable")].tolist())
+        self.total = len(self.queue)
+        self.even_size = None      # adaptive chunk size, fixed at the first chunk
         self.retry = deque()
         self.max_new = max_new_tokens
         self.chunk_size = chunk_size
         self.min_deadline = min_deadline
         self.deadline_factor = deadline_factor
+        self.prefetch = prefetch
         self.next_id = 0
 
     def rows_left(self):
@@ -59,12 +63,13 @@ class Scheduler:
             return self.retry.popleft()
         if not self.queue:
             return None
-        # adaptive: the backend's preferred size while there is plenty of work; with several workers
-        # smaller chunks near the end, so that all finish at about the same time (never below 1/8 of
-        # preferred: small chunks waste a GPU)
-        pref = worker.preferred_chunk
-        share = len(self.queue) if n_active_workers <= 1 else math.ceil(len(self.queue) / (2 * n_active_workers))
-        size = self.chunk_size or min(pref, max(share, pref // 8, 1))
+        # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
+        # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most.
+        pref, n = worker.preferred_chunk, max(1, n_active_workers)
+        if self.even_size is None:
+            k = max(1 if n == 1 else self.prefetch, math.ceil(self.total / (n * pref)))
+            self.even_size = max(1, math.ceil(self.total / (k * n)))
+        size = self.chunk_size or self.even_size
         rows = np.array([self.queue.popleft() for _ in range(min(size, len(self.queue)))], dtype=np.int64)
         return self.make_chunk(rows)
 
