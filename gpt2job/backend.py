@@ -74,6 +74,7 @@ class Backend:
     """
     name = "abstract"
     preferred_chunk = 64     # prompts per chunk this backend runs well with
+    idle_hook = None         # set by the worker: called while the device computes, to submit more work
 
     def generate(self, chunk: Chunk) -> Completions:
         raise NotImplementedError

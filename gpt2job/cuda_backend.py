@@ -275,6 +275,12 @@ class CudaBackend(Backend):
         self.submit(chunk)
         return self.result()
 
+    def _idle(self):
+        """The host waits for the GPU here: let the worker submit chunks that arrived meanwhile, so
+        their uploads (copy stream) overlap this chunk's compute."""
+        if self.idle_hook is not None:
+            self.idle_hook()
+
     def generate_many(self, chunks):
         """Yield Completions for each chunk in order; chunk i+1's upload overlaps chunk i's compute."""
         it = iter(chunks)
@@ -489,6 +495,7 @@ class CudaBackend(Backend):
             self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
                               tok_dev + 4 * (pb0 - b0))
             pb0 = pb1
+        self._idle()                       # the prefill runs on the GPU: take in and upload the next chunk
         tok = self._download(tok_dev, ns)
         job.setdefault("phases", []).append(("prefill", ev_p0, self._last_down[1]))
         active = np.arange(b0, b1)
@@ -508,6 +515,7 @@ class CudaBackend(Backend):
                 drv.memcpy_htod_async(sdev, sh, self.compute)
                 x = self._forward(n, sdev, sdev + 4 * n, sdev + 8 * n, b0, S, kv)
                 self._head_select(x, n, None, 0, sdev + 8 * n, job["p_rows"], step, tok_dev)
+                self._idle()
                 tok = self._download(tok_dev, n)
                 job["phases"].append(("decode", ev_d0, self._last_down[1]))
                 # the step buffer is reused next step only after this download synchronised the stream

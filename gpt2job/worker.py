@@ -79,23 +79,33 @@ def serve(backend, rank, receive, send_result):
     The next chunk is submitted before the current one is computed, so its upload overlaps the
     compute. Returns None after STOP, or the error report of the exception that ended it."""
     queue, in_flight = [], []     # received not yet submitted; submitted, oldest first
+    stopping = []
+
+    def take_waiting(block=False):
+        """Take every message waiting (block: wait for one when idle) and submit up to PREFETCH chunks."""
+        while not stopping:
+            msg = receive(block and not queue and not in_flight)
+            if msg is None:
+                break
+            if msg is STOP:
+                stopping.append(True)
+                break
+            queue.append(msg)
+        while queue and len(in_flight) < PREFETCH:
+            chunk = queue.pop(0)
+            in_flight.append(chunk.chunk_id)
+            t = time.perf_counter()
+            backend.submit(chunk)
+            trace(f"rank {rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) submitted in "
+                  f"{1e3 * (time.perf_counter() - t):.1f} ms")
+
+    backend.idle_hook = take_waiting      # called by the backend while its GPU computes
     n = 0
     try:
         while True:
-            while True:   # take everything waiting; block only when there is nothing to do
-                msg = receive(not queue and not in_flight)
-                if msg is None:
-                    break
-                if msg is STOP:
-                    return None
-                queue.append(msg)
-            while queue and len(in_flight) < PREFETCH:
-                chunk = queue.pop(0)
-                in_flight.append(chunk.chunk_id)
-                t = time.perf_counter()
-                backend.submit(chunk)
-                trace(f"rank {rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) submitted in "
-                      f"{1e3 * (time.perf_counter() - t):.1f} ms")
+            take_waiting(block=True)
+            if not in_flight:              # told to stop, nothing left to compute
+                return None
             n += 1
             injected_fault(rank, n)
             t = time.perf_counter()
@@ -106,6 +116,13 @@ def serve(backend, rank, receive, send_result):
             send_result(comp, us)
             trace(f"rank {rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
+            timeline = getattr(backend, "timeline", None)
+            if timeline:
+                trace(f"rank {rank}: chunk {comp.chunk_id} device timeline (ms since start): "
+                      + ", ".join(f"{k} {v[0]:.2f}-{v[1]:.2f}" for k, v in timeline[-1].items()
+                                  if isinstance(v, tuple)))
+            if stopping and not in_flight:
+                return None
     except Exception as e:
         return error_info(rank, e, in_flight[0] if in_flight else None)
 
