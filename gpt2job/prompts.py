@@ -4,6 +4,8 @@ Input contract: a dataset `prompt_tokens` (variable-length int rows [N] or a 2-D
 or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both exist.
 """
 import hashlib
+import os
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,8 +57,39 @@ def _open_h5(path):
                         "give an HDF5 file made by `python -m gpt2job prompts`")
 
 
+PROBE = """
+import sys, h5py
+with h5py.File(sys.argv[1], "r") as f:
+    for name in ("prompt_tokens", "prompts"):
+        if name in f:
+            f[name][()]
+            break
+"""
+
+
+def probe_readable(path):
+    """Read the prompts once in a child process with a deadline: on some damaged files the HDF5
+    library loops forever, and a job must end with a message rather than hang. Any other failure
+    is left to the real read, which names it."""
+    import subprocess
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return
+    timeout = 60 + 30 * size / 1e9
+    try:
+        subprocess.run([sys.executable, "-c", PROBE, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                       stderr=subprocess.DEVNULL, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise UserError(f"reading it did not finish within {timeout:.0f} s (the HDF5 library loops on this file)",
+                        path, "input", "the file is damaged; write it again")
+    except OSError:
+        pass
+
+
 def read_prompts(path, tokenizer_factory):
     """Read the prompts of an input file. tokenizer_factory() is called only for text prompts."""
+    probe_readable(path)
     with _open_h5(path) as f:
         try:
             if "prompt_tokens" in f:
