@@ -84,7 +84,8 @@ def build_parser():
     r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     r.add_argument("--chunk-size", type=_positive_int("--chunk-size", 0), default=0,
-                   help="prompts per work chunk (0, default: adaptive)")
+                   help="prompts per work chunk (0, default: equal chunks, the same number per worker, "
+                        "each at most the backend's preferred size)")
     r.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
     r.add_argument("--overwrite", action="store_true", help="replace a finished or different output")
     r.add_argument("--skip-invalid", action="store_true",

@@ -19,7 +19,7 @@ class JobSettings:
     seed: int = 0
     backend: str = "auto"
     dtype: str = "float32"
-    chunk_size: int = 0              # 0: adaptive (the backend's preference, smaller near the end)
+    chunk_size: int = 0              # 0: equal chunks, k per worker, within the backend's preferred size
     vocab_dir: Optional[str] = None
     overwrite: bool = False
     skip_invalid: bool = False
