@@ -24,7 +24,6 @@ if ! command -v mpirun >/dev/null 2>&1; then
 fi
 
 export GPT2JOB_LAUNCH_TIME="$("$python" -c 'import time; print(time.time())')"
-args=()
 if [ "$(id -u)" = "0" ]; then
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
 fi
@@ -41,7 +40,7 @@ if [ -n "$remote_hosts" ]; then
     slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2
-    exec mpirun -np "$np" --hostfile "$hostfile" "${args[@]}" "$here/run_inference.sh" "$@"
+    exec mpirun -np "$np" --hostfile "$hostfile" "$here/run_inference.sh" "$@"
 fi
 
 ngpu=0
@@ -52,4 +51,4 @@ else
 fi
 workers=$(( ngpu > 0 ? ngpu : 2 ))
 np="${NP:-$(( workers + 1 ))}"
-exec mpirun -np "$np" --oversubscribe "${args[@]}" "$here/run_inference.sh" "$@"
+exec mpirun -np "$np" --oversubscribe "$here/run_inference.sh" "$@"
