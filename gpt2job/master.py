@@ -32,6 +32,8 @@ class Master:
         self.store = None
         self.workers = {}
         self.hung_ranks = []
+        self.sends = []            # (request, buffer) of sends in flight
+        self.local = None          # the master's own worker thread, if it computes
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
         self.first_ready = None    # when the first worker said it was ready (monotonic)
@@ -48,6 +50,11 @@ class Master:
         s = self.s
         cfg = load_config(s.model)
         self.cfg = cfg
+        if s.max_new_tokens >= cfg.n_positions:
+            raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
+                            "positions", field="--max-new-tokens", fix=f"use fewer than {cfg.n_positions}")
+        if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
+            raise UserError("is both the input and the output", s.output, "output", "write to another file")
         vocab_dir = vocab_dir_from(s.vocab_dir)
         self.prompts = read_prompts(s.input, lambda: load_tokenizer(vocab_dir))
         val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
@@ -84,25 +91,24 @@ class Master:
     def record(self, w: WorkerState, comp, compute_us):
         self.t_last = time.time()            # the completion is at the master; writing it comes next
         t = time.perf_counter()
-        new_rows = self.store.add(comp)
+        added = self.store.add(comp)       # a late duplicate from a retired worker adds nothing
+        new_rows, new_tokens = (len(added.rows), added.n_generated) if added is not None else (0, 0)
         trace(f"master: chunk {comp.chunk_id} from rank {w.rank} at +{self.t_last - self.t_start:.3f} s after the first "
               f"chunk went out; stored in {1e3 * (time.perf_counter() - t):.1f} ms")
         w.rows += new_rows
-        w.tokens += comp.n_generated
+        w.tokens += new_tokens
         w.chunks += 1
         w.compute_s += compute_us / 1e6
         w.last_progress = time.monotonic()
-        self.generated += comp.n_generated
-        self.progress.update(new_rows, comp.n_generated)
+        self.generated += new_tokens
+        self.progress.update(new_rows, new_tokens)
 
     # ---- the loop: serve chunks on demand, never block on one worker
     def run(self, local_slot):
         """Serve the MPI workers (if any) and the master's own worker thread (local_slot not None)."""
         comm = self.comm
-        self.sends = []
         if comm is not None:
             self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
-        self.local = None
         if local_slot is not None:
             self.local = LocalWorker(self.s, local_slot)
             self.workers[0] = WorkerState(rank=0, host=socket.gethostname())
@@ -111,11 +117,18 @@ class Master:
             from mpi4py import MPI
             status = MPI.Status()
         last_check = 0.0
+        self.run_started = time.monotonic()
+        self.startup_timeout = 5 * self.s.chunk_timeout    # loading weights, compiling kernels
         while self.sched.rows_left() or any(w.outstanding for w in self.live()):
             if not self.live():
                 raise self.no_workers_left()
             if not self.dispatching:
                 self.maybe_start()
+            now = time.monotonic()
+            if now - last_check > 0.5:    # hung workers, finished sends: however busy the master is
+                last_check = now
+                self.check_hung(now)
+                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
             if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self.handle_mpi(status.Get_source(), status.Get_tag(), status)
                 continue
@@ -127,13 +140,8 @@ class Master:
                 if msg is not None:
                     self.handle(self.workers[0], *msg)
                     continue
-            now = time.monotonic()
-            if now - last_check > 0.5:
-                last_check = now
-                self.check_hung(now)
-                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
-                if self.store.flush_due():    # the HDF5 file catches up while nothing waits
-                    self.store.flush()
+            if self.store.flush_due():    # the HDF5 file catches up while nothing waits
+                self.store.flush()
             if comm is not None:
                 time.sleep(0.0005)
 
@@ -222,10 +230,25 @@ class Master:
 
     def check_hung(self, now):
         for w in self.live():
-            if self.sched.hung(w, now):
+            if not w.ready and now - self.run_started > self.startup_timeout:
+                self.log(f"worker rank {w.rank} did not become ready within {self.startup_timeout:.0f} s; "
+                         "going on without it")
+                self.hung_ranks.append(w.rank)
+                self.retire(w, "never became ready (start-up deadline passed)")
+            elif self.sched.hung(w, now):
                 self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
                 self.hung_ranks.append(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
+
+    def hung_ranks_in_mpi(self):
+        """Hung worker ranks (a hung thread of the master ends with the process)."""
+        return [r for r in self.hung_ranks if r != 0] if self.comm is not None else []
+
+    def abort_hung(self, code):
+        self.log(f"rank(s) {self.hung_ranks_in_mpi()} still hang; ending the job with MPI_Abort({code})")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.comm.Abort(code)
 
     def stop(self, w):
         if w.rank == 0:
@@ -246,7 +269,7 @@ class Master:
             return UserError(msg, fix="fix the cause above, then run the same command again to resume")
         return WorkerFailure(msg + "; run the same command again to resume")
 
-    def shutdown_workers(self):
+    def shutdown_workers(self, wait_local=True):
         for w in self.workers.values():
             if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
                 self.stop(w)
@@ -254,7 +277,7 @@ class Master:
         while self.sends and time.monotonic() < deadline:
             self.sends = [(r, b) for r, b in self.sends if not r.Test()]
             time.sleep(0.001)
-        if getattr(self, "local", None) is not None and 0 not in self.hung_ranks:
+        if wait_local and self.local is not None and 0 not in self.hung_ranks:
             self.local.join(timeout=30)   # lets its backend free the GPU
 
     # ---- the end
@@ -265,12 +288,12 @@ class Master:
         # "all ranks ready -> last completion" span, so the throughput is never flattered.
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
-        ready = self.t_ready or t_end
         return {
             "rows_total": len(self.prompts), "rows_resumed": self.store.resumed_rows,
             "rows_invalid": int(self.invalid.sum()), "generated_tokens": self.generated,
             "throughput_tokens_per_s": self.generated / span if span > 0 else None,
-            "time_to_ready_s": ready - launch_time(), "time_to_first_work_s": start - launch_time(),
+            "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
+            "time_to_first_work_s": start - launch_time(),
             "wall_s": t_end - launch_time(), "generation_s": span,
             "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
                          "compute_s": round(w.compute_s, 3), "retired": w.why_retired or None,
@@ -284,9 +307,10 @@ def print_summary(sm, out=None):
     tput = sm["throughput_tokens_per_s"]
     out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid), "
               f"{sm['generated_tokens']} tokens generated\n")
+    ready = sm["time_to_ready_s"]
+    ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
     out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "
-              f"{sm['generation_s']:.2f} s); time to ready {sm['time_to_ready_s']:.2f} s (all ranks); "
-              f"wall {sm['wall_s']:.2f} s\n" if tput else
+              f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
               f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
     for w in sm["workers"]:
         extra = f", retired: {w['retired']}" if w.get("retired") else ""
@@ -311,25 +335,33 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
     m = Master(s, comm)
     try:
         m.prepare()
-        m.run(master_gpu_slot(s, comm, n_node_workers))
+        if m.sched.rows_left():
+            m.run(master_gpu_slot(s, comm, n_node_workers))
         m.progress.close()
         sm = m.summary()
         m.store.finish(sm)
         m.shutdown_workers()
         print_summary(sm)
-    except BaseException:
+        code = 0
+        if s.validate:
+            from .validate import report_validation
+            code = report_validation(s.output, s.validate, s.validate_tolerance)
+    except BaseException as e:
         if m.store is not None:
             m.store.close()
-        m.shutdown_workers() if m.workers else _stop_all(comm)
-        raise
-    hung_ranks = [r for r in m.hung_ranks if r != 0]   # a hung thread of the master ends with the process
-    if hung_ranks:
-        m.log(f"the output is complete, but rank(s) {hung_ranks} still hang; ending them with MPI_Abort")
-        comm.Abort(0)
-    if s.validate:
-        from .validate import report_validation
-        return report_validation(s.output, s.validate, s.validate_tolerance)
-    return 0
+        m.shutdown_workers(wait_local=False) if m.workers else _stop_all(comm)
+        if not m.hung_ranks_in_mpi():
+            raise
+        # mpirun would wait for the hung ranks for ever: say what happened, then end them all
+        if isinstance(e, (UserError, WorkerFailure)):
+            sys.stderr.write(f"gpt2job: error: {e}\n")
+        else:
+            import traceback
+            traceback.print_exc()
+        m.abort_hung(2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1)
+    if m.hung_ranks_in_mpi():
+        m.abort_hung(code)
+    return code
 
 
 def _stop_all(comm):

@@ -128,13 +128,15 @@ def row_text(enc, tokens, finish):
 
 
 def read_status(path):
-    """(finished, settings key dict or None) of an existing output, or raises UserError if it is not ours."""
+    """(finished, settings key) of an existing gpt2job output; (None, None) for anything else: a file
+    that is not HDF5, is damaged, or is HDF5 without our resume key."""
     import h5py
     try:
         with h5py.File(path, "r") as f:
-            key = json.loads(f.attrs["resume_key"]) if "resume_key" in f.attrs else None
-            return bool(f.attrs.get("finished", 0)), key
-    except (OSError, ValueError, KeyError):
+            if "resume_key" not in f.attrs:
+                return None, None
+            return bool(f.attrs.get("finished", 0)), json.loads(f.attrs["resume_key"])
+    except (OSError, ValueError, KeyError, RuntimeError, TypeError):
         return None, None
 
 
@@ -217,6 +219,9 @@ class OutputStore:
     def _open_locked(self, overwrite):
         exists, jexists = os.path.exists(self.path), os.path.exists(self.journal_path)
         if overwrite:
+            if exists and not jexists and read_status(self.path)[0] is None:
+                raise UserError("exists and is not a gpt2job output: --overwrite replaces only gpt2job outputs",
+                                self.path, "output", "choose another output path, or remove the file yourself")
             for p in (self.path, self.journal_path):
                 if os.path.exists(p):
                     os.remove(p)
@@ -327,11 +332,11 @@ class OutputStore:
         return np.flatnonzero(~self.done)
 
     def add(self, comp: Completions):
-        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns the number
-        of rows that were new (a late duplicate from a retired worker adds nothing)."""
+        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns what was
+        new (None when every row was done already: a late duplicate from a retired worker)."""
         new = ~self.done[comp.rows]
         if not new.any():
-            return 0
+            return None
         if not new.all():
             keep = np.flatnonzero(new)
             comp = Completions.from_lists(comp.chunk_id, comp.rows[keep], [comp.row_tokens(i) for i in keep],
@@ -341,7 +346,7 @@ class OutputStore:
         if not self.pending and not self.flushed_any:
             self.last_flush = time.monotonic()   # the first rows wait a full interval, like the rest
         self.pending.append(comp)
-        return len(comp.rows)
+        return comp
 
     def flush_due(self):
         return bool(self.pending) and time.monotonic() - self.last_flush >= self.flush_interval

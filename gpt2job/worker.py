@@ -41,8 +41,8 @@ class InjectedFault(RuntimeError):
 
 
 def injected_fault(rank, chunk_number):
-    """Test switch GPT2JOB_FAULT='RANK:K:MODE[,...]': rank RANK fails on its K-th chunk with MODE
-    raise (an exception), hang (stops answering) or exit (the process dies)."""
+    """Test switch GPT2JOB_FAULT='RANK:K:MODE[,...]': rank RANK fails on its K-th chunk (K=0: during
+    start-up) with MODE raise (an exception), hang (stops answering) or exit (the process dies)."""
     for item in filter(None, os.environ.get("GPT2JOB_FAULT", "").split(",")):
         r, k, mode = item.split(":")
         if int(r) == rank and int(k) == chunk_number:
@@ -138,6 +138,7 @@ def run_worker(s: JobSettings, comm, gpu_slot):
     t0 = time.time()
     try:
         backend = build_backend(s, gpu_slot)
+        injected_fault(rank, 0)
         comm.send(hello_info(backend, t0), dest=0, tag=TAG_HELLO)
     except Exception as e:
         comm.send(error_info(rank, e), dest=0, tag=TAG_ERROR)
@@ -212,6 +213,7 @@ class LocalWorker(threading.Thread):
         t0 = time.time()
         try:
             backend = build_backend(self.s, self.gpu_slot)
+            injected_fault(0, 0)
             self.outbox.put(("hello", hello_info(backend, t0)))
         except Exception as e:
             self.outbox.put(("error", error_info(0, e)))

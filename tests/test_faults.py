@@ -73,3 +73,22 @@ def test_no_worker_left_keeps_completed_rows_for_resume(tmp_path, inp_and_clean)
     res = read_output(out)
     assert [t.tolist() for t in res["tokens"]] == clean
     assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
+
+
+def test_no_worker_left_while_one_hangs_still_ends_the_job(tmp_path, inp_and_clean):
+    inp, _ = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:2:hang,2:3:raise"),
+                    timeout=120)
+    assert p.returncode == 3, p.stderr
+    assert "no worker is left" in p.stderr and "MPI_Abort(3)" in p.stderr
+    assert 0 < int(read_output(out)["done"].sum()) < N
+
+
+def test_a_worker_hanging_at_start_up_is_left_behind(tmp_path, inp_and_clean):
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:0:hang"),
+                    timeout=120, check=0)
+    assert "did not become ready" in p.stderr and "never became ready" in p.stdout
+    assert [t.tolist() for t in read_output(out)["tokens"]] == clean

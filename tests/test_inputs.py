@@ -148,3 +148,17 @@ def test_raw_int32_prompt_file(tmp_path):
         np.testing.assert_array_equal(f["prompt_tokens"][()], np.arange(48).reshape(3, 16))
     assert_one_clear_line(run_gpt2job(["prompts", raw, tmp_path / "x.h5", "--tokens-per-row", 5]),
                           "not a whole number of rows")
+
+
+def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2]])
+    foreign = tmp_path / "data.h5"
+    with h5py.File(foreign, "w") as f:
+        f["x"] = [1, 2, 3]
+    assert_one_clear_line(run([inp, foreign, "--overwrite"]), "not a gpt2job output")
+    with h5py.File(foreign) as f:
+        assert f["x"][()].tolist() == [1, 2, 3]
+    assert_one_clear_line(run([inp, inp, "--overwrite"]), "both the input and the output")
+    p = run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", "200"])
+    assert_one_clear_line(p, "--max-new-tokens", "leaves no room")
