@@ -34,10 +34,6 @@ class Chunk:
     def prompts(self):
         return [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.rows))]
 
-    @property
-    def n_tokens(self):
-        return int(self.offsets[-1])
-
 
 @dataclass
 class Completions:

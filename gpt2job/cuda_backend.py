@@ -441,7 +441,7 @@ class CudaBackend(Backend):
 
     def _run(self, job):
         drv, cfg, gs = self.drv, self.cfg, self.settings
-        chunk, B, lens, offsets = job["chunk"], job["B"], job["lens"], job["offsets"]
+        chunk, B, lens = job["chunk"], job["B"], job["lens"]
         C, L = cfg.n_embd, cfg.n_layer
         out = np.zeros((B, max(gs.max_new_tokens, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
         gen = np.zeros(B, np.int64)

@@ -128,7 +128,7 @@ class Master:
             if now - last_check > 0.5:    # hung workers, finished sends: however busy the master is
                 last_check = now
                 self.check_hung(now)
-                self.sends = [(r, b) for r, b in self.sends if not r.Test()]
+                self.sends = drain(self.sends, 0)
             if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
                 self.handle_mpi(status.Get_source(), status.Get_tag(), status)
                 continue
@@ -273,10 +273,7 @@ class Master:
         for w in self.workers.values():
             if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
                 self.stop(w)
-        deadline = time.monotonic() + 10
-        while self.sends and time.monotonic() < deadline:
-            self.sends = [(r, b) for r, b in self.sends if not r.Test()]
-            time.sleep(0.001)
+        self.sends = drain(self.sends)
         if wait_local and self.local is not None and 0 not in self.hung_ranks:
             self.local.join(timeout=30)   # lets its backend free the GPU
 
@@ -368,8 +365,14 @@ def _stop_all(comm):
     """Tell every worker to stop when the master fails before it knew them (bad input, bad flags)."""
     if comm is None:
         return
-    reqs = [comm.isend("stop", dest=r, tag=TAG_STOP) for r in range(1, comm.Get_size())]
-    deadline = time.monotonic() + 10
-    while reqs and time.monotonic() < deadline:
-        reqs = [r for r in reqs if not r.Test()]
+    drain([(comm.isend("stop", dest=r, tag=TAG_STOP), None) for r in range(1, comm.Get_size())])
+
+
+def drain(sends, seconds=10.0):
+    """Wait (at most `seconds`) for (request, buffer) sends to complete; returns those still pending."""
+    deadline = time.monotonic() + seconds
+    while True:
+        sends = [(r, b) for r, b in sends if not r.Test()]
+        if not sends or time.monotonic() >= deadline:
+            return sends
         time.sleep(0.001)

@@ -328,9 +328,6 @@ class OutputStore:
             f["done"][start:stop] = 1
 
     # ---- while running
-    def remaining_rows(self):
-        return np.flatnonzero(~self.done)
-
     def add(self, comp: Completions):
         """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns what was
         new (None when every row was done already: a late duplicate from a retired worker)."""

@@ -49,9 +49,3 @@ class GPT2Params:
     def head(self):
         return self.wte if self.lm_head is None else self.lm_head
 
-    def n_params(self):
-        n = self.wte.size + self.wpe.size + self.ln_f_w.size + self.ln_f_b.size
-        n += sum(a.size for layer in self.layers for a in layer.values())
-        if self.lm_head is not None:
-            n += self.lm_head.size
-        return int(n)

@@ -58,8 +58,7 @@ def load_params(spec):
     if spec.startswith("random:"):
         cfg, seed = parse_random_spec(spec)
         p = random_params(cfg, seed)
-        p.source, p.fingerprint = spec, "random:" + hashlib.sha256(
-            json.dumps([cfg.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:32]
+        p.source, p.fingerprint = spec, fingerprint(spec)
         return p
     if os.path.isdir(spec):
         return load_hf_dir(spec)
