@@ -38,6 +38,18 @@ EPI_QKV = 4   # cuda_kernels.EPI_QKV (kept here: cuda_kernels imports pycuda at 
 _TANH_ACTS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
 
 
+def prefill_passes(offsets, b0, b1, max_rows):
+    """Split prompts b0..b1-1 (prompt b is tokens offsets[b]..offsets[b+1]) into passes of whole prompts
+    holding at most max_rows tokens (a longer prompt gets a pass of its own). Yields (first, end)."""
+    p0 = b0
+    while p0 < b1:
+        p1 = p0 + 1
+        while p1 < b1 and offsets[p1 + 1] - offsets[p0] <= max_rows:
+            p1 += 1
+        yield p0, p1
+        p0 = p1
+
+
 class _Upload:
     """A pinned host buffer + device buffer pair for one in-flight chunk upload."""
 
@@ -323,11 +335,7 @@ class CudaBackend(Backend):
                 per = (b1 - b0) * S * C * self.elt
                 kvbase = self._buf("kv", 2 * L * per)
                 kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
-                pb0 = b0
-                while pb0 < b1:
-                    pb1 = pb0 + 1
-                    while pb1 < b1 and offsets[pb1 + 1] - offsets[pb0] <= self.max_prefill_rows:
-                        pb1 += 1
+                for pb0, pb1 in prefill_passes(offsets, b0, b1, self.max_prefill_rows):
                     r0, r1 = int(offsets[pb0]), int(offsets[pb1])
                     x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0,
                                       b0, S, kv)
@@ -345,7 +353,6 @@ class CudaBackend(Backend):
                         self.compute.synchronize()
                         drv.memcpy_dtoh(host, logits)
                         res[g0:g0 + m] = host[:, :V]
-                    pb0 = pb1
         finally:
             job["upload"].busy = False
         return res
@@ -485,16 +492,11 @@ class CudaBackend(Backend):
         ev_p0 = drv.Event()
         ev_p0.record(self.compute)
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
-        pb0 = b0
-        while pb0 < b1:
-            pb1 = pb0 + 1
-            while pb1 < b1 and offsets[pb1 + 1] - offsets[pb0] <= self.max_prefill_rows:
-                pb1 += 1
+        for pb0, pb1 in prefill_passes(offsets, b0, b1, self.max_prefill_rows):
             r0, r1 = int(offsets[pb0]), int(offsets[pb1])
             x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0, b0, S, kv)
             self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
                               tok_dev + 4 * (pb0 - b0))
-            pb0 = pb1
         self._idle()                       # the prefill runs on the GPU: take in and upload the next chunk
         tok = self._download(tok_dev, ns)
         job.setdefault("phases", []).append(("prefill", ev_p0, self._last_down[1]))
