@@ -92,3 +92,29 @@ def test_a_worker_hanging_at_start_up_is_left_behind(tmp_path, inp_and_clean):
                     timeout=120, check=0)
     assert "did not become ready" in p.stderr and "never became ready" in p.stdout
     assert [t.tolist() for t in read_output(out)["tokens"]] == clean
+
+
+def _ulfm_available():
+    import shutil
+    import subprocess
+    if not shutil.which("mpirun"):
+        return False
+    p = subprocess.run(["mpirun", "--with-ft", "ulfm", "-np", "1", "true"], env=job_env(), capture_output=True,
+                       timeout=60)
+    return p.returncode == 0
+
+
+def test_with_ulfm_a_dead_worker_s_chunks_are_reassigned_without_a_restart(tmp_path, inp_and_clean):
+    import subprocess
+    import sys
+    if not _ulfm_available():
+        pytest.skip("this mpirun has no ULFM fault tolerance (--with-ft ulfm)")
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    cmd = ["mpirun", "--with-ft", "ulfm", "-np", "4", "--oversubscribe", sys.executable, "-m", "gpt2job"] + \
+        [str(a) for a in args(inp, out, "--chunk-timeout", 2)]
+    p = subprocess.run(cmd, env=job_env(GPT2JOB_FAULT="2:2:exit"), capture_output=True, text=True, timeout=120)
+    assert "rank 2 on" in p.stderr and "has not answered in time" in p.stderr, p.stderr
+    res = read_output(out)
+    assert res["attrs"]["finished"] == 1
+    assert [t.tolist() for t in res["tokens"]] == clean
