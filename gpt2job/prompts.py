@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError
+from .h5files import open_readable
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -46,17 +47,6 @@ class PromptSet:
         return cls(offsets, tokens.astype(np.int64), source)
 
 
-def _open_h5(path):
-    import h5py
-    try:
-        return h5py.File(path, "r")
-    except FileNotFoundError:
-        raise UserError("no such file", path, "input", "check the input path")
-    except (OSError, ValueError) as e:
-        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:120]})", path, "input",
-                        "give an HDF5 file made by `python -m gpt2job prompts`")
-
-
 PROBE = """
 import sys, h5py
 with h5py.File(sys.argv[1], "r") as f:
@@ -90,7 +80,7 @@ def probe_readable(path):
 def read_prompts(path, tokenizer_factory):
     """Read the prompts of an input file. tokenizer_factory() is called only for text prompts."""
     probe_readable(path)
-    with _open_h5(path) as f:
+    with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         try:
             if "prompt_tokens" in f:
                 return _read_token_dataset(path, f["prompt_tokens"])

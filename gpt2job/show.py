@@ -4,16 +4,11 @@ import json
 import numpy as np
 
 from .errors import UserError
+from .h5files import open_readable
 
 
 def show(path, start=0, limit=10):
-    import h5py
-    try:
-        f = h5py.File(path, "r")
-    except (OSError, ValueError) as e:
-        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:100]})", path, "file",
-                        "give an output file written by gpt2job run")
-    with f:
+    with open_readable(path, "file", "give an output file written by gpt2job run") as f:
         if "completion_tokens" not in f or "done" not in f:
             raise UserError("not a gpt2job output (no completion_tokens/done)", path, "datasets",
                             "give an output file written by gpt2job run")

@@ -7,21 +7,17 @@ import sys
 import numpy as np
 
 from .errors import UserError
+from .h5files import open_readable
 
 EXIT_VALIDATION_FAILED = 4
 
 
 def _read_tokens_h5(path):
-    import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            if "completion_tokens" not in f:
-                raise UserError("no 'completion_tokens' dataset", path, "completion_tokens",
-                                "give a gpt2job output file or an int32 answer file")
-            return [np.asarray(r, np.int64) for r in f["completion_tokens"][()]]
-    except OSError as e:
-        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:100]})", path, "file",
-                        "give a gpt2job output file or an int32 answer file")
+    with open_readable(path, "file", "give a gpt2job output file or an int32 answer file") as f:
+        if "completion_tokens" not in f:
+            raise UserError("no 'completion_tokens' dataset", path, "completion_tokens",
+                            "give a gpt2job output file or an int32 answer file")
+        return [np.asarray(r, np.int64) for r in f["completion_tokens"][()]]
 
 
 def read_expected(path, n_rows):

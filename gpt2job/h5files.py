@@ -1,0 +1,13 @@
+"""Opening an HDF5 file the user named, with one clear line when it cannot be read."""
+from .errors import UserError
+
+
+def open_readable(path, field, fix):
+    """h5py.File(path, "r"), or a UserError naming the file, the field and the fix."""
+    import h5py
+    try:
+        return h5py.File(path, "r")
+    except FileNotFoundError:
+        raise UserError("no such file", path, field, "check the path")
+    except (OSError, ValueError) as e:
+        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:120]})", path, field, fix)
