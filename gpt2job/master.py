@@ -56,7 +56,14 @@ class Master:
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
         vocab_dir = vocab_dir_from(s.vocab_dir)
-        self.prompts = read_prompts(s.input, lambda: load_tokenizer(vocab_dir))
+        loaded = []
+
+        def tokenizer():   # built once: for text prompts and for the output's text
+            if not loaded:
+                loaded.append(load_tokenizer(vocab_dir))
+            return loaded[0]
+
+        self.prompts = read_prompts(s.input, tokenizer)
         val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
         if val.n_invalid and not s.skip_invalid:
             raise UserError(val.message(s.input), s.input, self.prompts.source,
@@ -66,7 +73,7 @@ class Master:
         if val.n_invalid:
             self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
         try:
-            self.enc = load_tokenizer(vocab_dir)
+            self.enc = tokenizer()
         except UserError as e:
             self.enc = None
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")

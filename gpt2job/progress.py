@@ -22,11 +22,11 @@ class Progress:
         self.start = time.monotonic()
         self.last = 0.0
 
-    def update(self, rows, tokens, force=False):
+    def update(self, rows, tokens):
         self.done += rows
         self.tokens += tokens
         now = time.monotonic()
-        if force or now - self.last >= self.interval:
+        if now - self.last >= self.interval:
             self.last = now
             self.show(now)
 

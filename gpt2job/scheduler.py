@@ -1,7 +1,6 @@
 """The master's work queue: which rows go into the next chunk, which chunks are out with which
 worker, and which must be handed out again after a worker fails or hangs."""
 import math
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -94,8 +93,7 @@ class Scheduler:
             return 5 * self.min_deadline
         return max(self.min_deadline, self.deadline_factor * spt * out.new_tokens)
 
-    def hung(self, worker: WorkerState, now=None):
-        now = time.monotonic() if now is None else now
+    def hung(self, worker: WorkerState, now):
         if not worker.outstanding or worker.retired:
             return False
         head = min(worker.outstanding.values(), key=lambda o: o.sent_at)
