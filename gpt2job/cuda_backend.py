@@ -50,6 +50,34 @@ def prefill_passes(offsets, b0, b1, max_rows):
         p0 = p1
 
 
+def kv_groups(lens, extra, bytes_per_position, budget):
+    """Split prompts 0..B-1 (lengths lens) into consecutive groups whose KV caches fit budget bytes, a group
+    of n prompts taking n x (its longest prompt + extra) positions. Greedy, then evened out: as many groups
+    as greedy needs, of near-equal size when that fits too (a small last group would leave the GPU idle in
+    decode). A prompt too long for the budget on its own still gets a group. Returns [(b0, b1), ...]."""
+    lens = np.asarray(lens, np.int64)
+    B = len(lens)
+
+    def fits(b0, b1):
+        return b1 - b0 == 1 or (b1 - b0) * (int(lens[b0:b1].max()) + extra) * bytes_per_position <= budget
+
+    greedy, b0 = [], 0
+    while b0 < B:
+        lo, hi = b0 + 1, B          # the largest b1 with fits(b0, b1): fits is monotone in b1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(b0, mid) else (lo, mid - 1)
+        greedy.append((b0, lo))
+        b0 = lo
+    n = len(greedy)
+    if n > 1:
+        cuts = [B * i // n for i in range(n + 1)]
+        even = list(zip(cuts[:-1], cuts[1:]))
+        if all(fits(a, b) for a, b in even):
+            return even
+    return greedy
+
+
 class _Upload:
     """A pinned host buffer + device buffer pair for one in-flight chunk upload."""
 
@@ -98,7 +126,7 @@ class CudaBackend(Backend):
         self.dev = drv.Device(self.gpu_index)
         self.ctx = self.dev.make_context()
         try:
-            self._setup(params, settings, dtype, local_rank, max_prefill_rows, head_rows)
+            self._setup(params, settings, dtype, local_rank, max_prefill_rows, head_rows, share_gpus)
         except BaseException:
             self.ctx.pop()
             self.ctx.detach()
@@ -107,7 +135,7 @@ class CudaBackend(Backend):
 
     # ---------------------------------------------------------------- setup
 
-    def _setup(self, params, settings, dtype, local_rank, max_prefill_rows, head_rows):
+    def _setup(self, params, settings, dtype, local_rank, max_prefill_rows, head_rows, share_gpus):
         from .cuda_kernels import Kernels
         drv = self.drv
         self.params = params
@@ -173,7 +201,10 @@ class CudaBackend(Backend):
         d_mlp = cfg.d_mlp
         act = self.max_prefill_rows * (4 * C + self.elt * (C + 3 * C + C + d_mlp) + 16)
         act += self.head_rows * (self.Vpad * 4 + C * self.elt)
-        self.kv_budget = max(int(0.6 * (free - act)), 64 << 20)
+        if not self.half:
+            act += 4 * 4 * self.head_rows * 4096            # split-K workspace of the fp32 decode products
+        # most of the rest for the KV cache (less when ranks share the GPU)
+        self.kv_budget = max(int((0.4 if share_gpus else 0.8) * (free - act)), 64 << 20)
         self.tok_host = drv.pagelocked_empty(1, np.int32)
         self.step_host = drv.pagelocked_empty(1, np.int32)
 
@@ -328,10 +359,7 @@ class CudaBackend(Backend):
             self.compute.wait_for_event(job["ev_up"][1])
             C, L, V, Vp = cfg.n_embd, cfg.n_layer, self.V, self.Vpad
             S = int(lens.max())
-            per_slot = 2 * L * S * C * self.elt
-            max_slots = max(1, min(B, self.kv_budget // per_slot))
-            for b0 in range(0, B, max_slots):
-                b1 = min(B, b0 + max_slots)
+            for b0, b1 in kv_groups(np.full(B, S), 0, 2 * L * C * self.elt, self.kv_budget):
                 per = (b1 - b0) * S * C * self.elt
                 kvbase = self._buf("kv", 2 * L * per)
                 kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
@@ -458,11 +486,8 @@ class CudaBackend(Backend):
         ev_c0.record(self.compute)
         self._last_down = None
         if B and gs.max_new_tokens > 0:
-            Smax = int(lens.max()) + gs.max_new_tokens
-            per_slot = 2 * L * Smax * C * self.elt
-            max_slots = max(1, min(B, self.kv_budget // per_slot))
-            for b0 in range(0, B, max_slots):
-                self._run_group(job, b0, min(B, b0 + max_slots), out, gen, finish)
+            for b0, b1 in kv_groups(lens, gs.max_new_tokens, 2 * L * C * self.elt, self.kv_budget):
+                self._run_group(job, b0, b1, out, gen, finish)
         ev_c1 = drv.Event()
         ev_c1.record(self.compute)
         ev_c1.synchronize()

@@ -1,7 +1,7 @@
 """Host-side helpers of the CUDA backend (no GPU needed)."""
 import numpy as np
 
-from gpt2job.cuda_backend import prefill_passes
+from gpt2job.cuda_backend import kv_groups, prefill_passes
 
 
 def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
@@ -15,3 +15,20 @@ def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
         for p0, p1 in passes:
             assert p1 - p0 == 1 or offsets[p1] - offsets[p0] <= limit
     assert list(prefill_passes(offsets, 0, 50, 10 ** 9)) == [(0, 50)]
+
+
+def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        B = int(rng.integers(1, 60))
+        lens = np.sort(rng.integers(1, 100, B))[::-1]
+        extra, bpp = int(rng.integers(0, 20)), int(rng.integers(1, 5))
+        budget = int(rng.integers(50, 5000))
+        groups = kv_groups(lens, extra, bpp, budget)
+        assert groups[0][0] == 0 and groups[-1][1] == B
+        assert all(a < b and b == c for (a, b), (c, _) in zip(groups, groups[1:] + [(B, None)]))
+        for a, b in groups:
+            assert b - a == 1 or (b - a) * (lens[a:b].max() + extra) * bpp <= budget
+    # 2,048 prompts of one length that fit 1,583 at a time: two groups of 1,024, not 1,583 + 465
+    assert kv_groups(np.full(2048, 768), 0, 1, 1583 * 768) == [(0, 1024), (1024, 2048)]
+    assert kv_groups([5, 3], 2, 10, 10 ** 9) == [(0, 2)]
