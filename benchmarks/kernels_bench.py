@@ -1,10 +1,14 @@
 """Our matrix products vs torch.matmul (cuBLAS) on GPT-2 124M shapes, and end-to-end generate() tokens/s.
 
-  python3 benchmarks/kernels_bench.py [--m 8192,131072] [--e2e] [--profile] [--reps 5]
+  python3 benchmarks/kernels_bench.py [--m 8192,131072] [--e2e] [--profile] [--w2] [--reps 5]
 
-Kernels: ours fp32 (SIMT FFMA) vs torch fp32 with TF32 off; each fp16 tile variant (mma.sync) vs torch fp16.
---e2e: generate() tok/s for fp32, fp16 with the original GEMM (v0, unfused KV store), fp16 default.
+Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off; each fp16 tile variant
+(mma.sync, wgmma, TMA + wgmma) vs torch fp16.
+--e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process) for fp32 (both k-slices), the previous fp16
+default (wgmma kernel, no prefill attention kernel), the current default without the prefill attention kernel,
+and the current default.
 --profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
+--w2: W2-like generate() (2,048 prompts of 32..512 tokens, 256 new), previous vs current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
 import argparse
@@ -62,9 +66,11 @@ def bench_kernels(ms, reps):
                 W16t = W16.t().contiguous()
                 C16 = torch.empty(M, N, device="cuda", dtype=torch.half)
                 res = {}
-                res["ours_f32"] = median_ms(lambda: k.gemm_f32(None, A32.data_ptr(), K, W32.data_ptr(), N,
-                                                               C32.data_ptr(), N, bias.data_ptr(), M, N, K, 0),
-                                            reps, torch)
+                for lab, fname in (("ours_f32", "gemm_f32"), ("ours_f32_k16", "gemm_f32_k16")):
+                    k.f32_gemm = fname
+                    res[lab] = median_ms(lambda: k.gemm_f32(None, A32.data_ptr(), K, W32.data_ptr(), N,
+                                                            C32.data_ptr(), N, bias.data_ptr(), M, N, K, 0),
+                                         reps, torch)
                 err32 = ((C32 - (A32.double() @ W32.double() + bias.double())).norm() /
                          (A32.double() @ W32.double()).norm()).item()
                 res["torch_f32"] = median_ms(lambda: torch.matmul(A32, W32, out=C32), reps, torch)
@@ -101,15 +107,27 @@ def w1_chunk(n_prompts=8192, plen=16):
                  toks.reshape(-1).copy())
 
 
-def profile(dtypes, new=8):
-    """Device time per kernel kind over one W1 generate() (events around every launch)."""
+def w2_chunk(n_prompts=2048, lo=32, hi=512, seed=2):
+    """W2-like prompts: lengths uniform lo..hi, tokens uniform (benchmarks/workloads.py draws W2 the same way)."""
+    from gpt2job.backend import Chunk
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, n_prompts)
+    lens = np.sort(lens)[::-1]                      # the scheduler hands out longest first
+    offsets = np.zeros(n_prompts + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    toks = rng.integers(0, 50257, int(offsets[-1])).astype(np.int32)
+    return Chunk(0, np.arange(n_prompts, dtype=np.int64), offsets, toks)
+
+
+def profile(dtypes, new=8, chunk=None, label="W1"):
+    """Device time per kernel kind over one generate() (events around every launch)."""
     import pycuda.driver as drv
     from gpt2job.backend import GenerationSettings
     from gpt2job.config import PRESETS
     from gpt2job.cuda_backend import CudaBackend
     from gpt2job.weights import random_params
     params = random_params(PRESETS["gpt2"], 0)
-    chunk = w1_chunk()
+    chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
     for dt in dtypes:
         be = CudaBackend(params, gs, dtype=dt)
@@ -117,7 +135,8 @@ def profile(dtypes, new=8):
             be.generate(chunk)
             recs = []
             k = be.k
-            for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_store", "attention", "embed", "argmax", "argmax_partials", "sample"):
+            for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_store", "attention", "attention_prefill", "embed",
+                         "argmax", "argmax_partials", "sample"):
                 orig = getattr(k, name)
 
                 def wrap(*a, _o=orig, _n=name, **kw):
@@ -127,9 +146,11 @@ def profile(dtypes, new=8):
                     e1.record(be.compute)
                     if _n.startswith("gemm"):
                         M, N, K = a[8], a[9], a[10]
-                        lab = f"{_n} N={N} K={K} {'prefill' if M > 8192 else 'decode/head'}"
+                        lab = f"{_n} N={N} K={K} {'prefill' if M > 8192 else 'decode/head'} {k.pick_f16(M, N, a[12]) if _n == 'gemm_f16' and 'variant' not in kw else ''}"
                     elif _n == "attention":
                         lab = f"attention {'prefill' if a[9] > 8192 else 'decode'}"
+                    elif _n == "attention_prefill":
+                        lab = "attention_prefill (tensor cores)"
                     else:
                         lab = _n
                     recs.append((lab, e0, e1))
@@ -141,55 +162,53 @@ def profile(dtypes, new=8):
             for lab, e0, e1 in recs:
                 tot[lab] = tot.get(lab, 0.0) + e1.time_since(e0)
             s = sum(tot.values())
-            print(f"profile {dt}: wall {wall:.1f} ms, kernels {s:.1f} ms, timeline {be.timeline[-1]}")
+            print(f"profile {label} {dt} ({new} new tokens): wall {wall:.1f} ms, kernels {s:.1f} ms, "
+                  f"timeline {be.timeline[-1]}")
             for lab, v in sorted(tot.items(), key=lambda x: -x[1]):
                 print(f"   {v:8.2f} ms  {lab}")
         finally:
             be.close()
 
 
-def bench_e2e(configs, new=8):
-    """configs: (label, dtype, GPT2JOB_F16_VARIANTS value or None, fused argmax head)."""
+def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
+    """configs: (label, dtype, {env var: value}) -- e.g. GPT2JOB_F16_VARIANTS, GPT2JOB_PREFILL_ATTN, GPT2JOB_F32_BK."""
     from gpt2job.backend import GenerationSettings
     from gpt2job.config import PRESETS
     from gpt2job.cuda_backend import CudaBackend
     from gpt2job.weights import random_params
     params = random_params(PRESETS["gpt2"], 0)
-    chunk = w1_chunk()
+    chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
     out = {}
-    for label, dt, variants, fuse_argmax in configs:
-        if variants is None:
-            os.environ.pop("GPT2JOB_F16_VARIANTS", None)
-        else:
-            os.environ["GPT2JOB_F16_VARIANTS"] = variants
-        os.environ["GPT2JOB_FUSE_ARGMAX"] = "1" if fuse_argmax else "0"
+    for name, dt, env in configs:
+        saved = {kk: os.environ.get(kk) for kk in env}
+        os.environ.update(env)
         be = CudaBackend(params, gs, dtype=dt)
         try:
             be.generate(chunk)                       # warm-up (compiles, allocates)
             ts = []
-            for _ in range(3):
+            for _ in range(reps):
                 t = time.perf_counter()
                 c = be.generate(chunk)
                 ts.append(time.perf_counter() - t)
             dt_s = float(np.median(ts))
             tps = c.n_generated / dt_s
-            be.timeline.clear()
-            t = time.perf_counter()
-            res = list(be.generate_many([chunk, chunk]))
-            dt2 = time.perf_counter() - t
-            tl = be.timeline
-            print(f"e2e {label}: {c.n_generated} tokens in {dt_s * 1e3:.1f} ms (median of 3) = {tps:,.0f} tok/s; "
-                  f"generate_many x2: {sum(r.n_generated for r in res) / dt2:,.0f} tok/s", flush=True)
-            for e in tl:
-                print("   timeline", {kk: (tuple(round(x, 2) for x in v) if isinstance(v, tuple) else
-                                           round(v, 2) if isinstance(v, float) else v) for kk, v in e.items()})
-            out[label] = (tps, dt_s * 1e3, c.tokens.copy())
+            tl = be.timeline[-1]
+            print(f"e2e {label} {name}: {c.n_generated} tokens in {dt_s * 1e3:.1f} ms (median of {reps}) = "
+                  f"{tps:,.0f} tok/s; prefill {tl.get('prefill_ms', 0):.1f} ms, decode {tl.get('decode_ms', 0):.1f} ms "
+                  f"(device)", flush=True)
+            out[name] = (tps, dt_s * 1e3, c.tokens.copy())
         finally:
             be.close()
-            os.environ.pop("GPT2JOB_F16_VARIANTS", None)
-            os.environ.pop("GPT2JOB_FUSE_ARGMAX", None)
+            for kk, v in saved.items():
+                if v is None:
+                    os.environ.pop(kk, None)
+                else:
+                    os.environ[kk] = v
     return out
+
+
+OLD_F16 = {"GPT2JOB_F16_VARIANTS": "wgmma,t128x128k64s3", "GPT2JOB_PREFILL_ATTN": "0"}   # the previous default
 
 
 def main():
@@ -199,22 +218,30 @@ def main():
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--w2", action="store_true", help="also W2-like in-process timing (2,048 prompts of 32..512, "
+                    "256 new tokens), previous vs current fp16 default, and a short W2 profile")
     a = ap.parse_args()
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
     if a.profile:
         profile(["float16", "float32"])
-    e2e = bench_e2e([("float32", "float32", None, False), ("float16-v0", "float16", "v0", False),
-                     ("float16-mma", "float16", "t128x128k64s3", False),
-                     ("float16+fused-argmax", "float16", None, True),
-                     ("float16", "float16", None, False)]) if a.e2e else {}
+    e2e = bench_e2e([("float32", "float32", {}), ("float32-k16", "float32", {"GPT2JOB_F32_BK": "16"}),
+                     ("float16-previous", "float16", OLD_F16),
+                     ("float16-no-prefill-attn", "float16", {"GPT2JOB_PREFILL_ATTN": "0"}),
+                     ("float16", "float16", {})]) if a.e2e else {}
+    if a.w2:
+        w2 = w2_chunk()
+        if a.profile:
+            profile(["float16"], new=16, chunk=w2, label="W2 (16 new tokens)")
+        bench_e2e([("float16-previous", "float16", OLD_F16), ("float16", "float16", {})], new=256, chunk=w2, reps=1,
+                  label="W2")
     if rows:
         from gpt2job.cuda_kernels import F16_VARIANTS
         print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")
-        print(f"{'shape':9s} {'M':>6s} {'ours32':>6s} {'cb32':>6s} " + " ".join(f"{v[:13]:>13s}" for v in F16_VARIANTS)
-              + f" {'cb16':>6s} {'best/cb':>7s}")
+        print(f"{'shape':9s} {'M':>6s} {'ours32':>6s} {'k16':>6s} {'cb32':>6s} "
+              + " ".join(f"{v[:13]:>13s}" for v in F16_VARIANTS) + f" {'cb16':>6s} {'best/cb':>7s}")
         for name, M, K, N, tf, e32, e16 in rows:
             best = max(tf[v] for v in F16_VARIANTS)
-            print(f"{name:9s} {M:6d} {tf['ours_f32']:6.1f} {tf['torch_f32']:6.1f} "
+            print(f"{name:9s} {M:6d} {tf['ours_f32']:6.1f} {tf['ours_f32_k16']:6.1f} {tf['torch_f32']:6.1f} "
                   + " ".join(f"{tf[v]:13.1f}" for v in F16_VARIANTS) + f" {tf['torch_f16']:6.1f} "
                   f"{best / tf['torch_f16']:7.0%}")
     for label, (v, ms, _) in e2e.items():
@@ -223,9 +250,11 @@ def main():
         a16, a32 = e2e["float16"][2], e2e["float32"][2]
         n = min(len(a16), len(a32))
         print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
-    if "float16" in e2e and "float16-v0" in e2e:
-        a, b = e2e["float16"][2], e2e["float16-v0"][2]
-        print(f"fp16 new vs v0 token agreement: {(a == b).mean():.3f}")
+    if "float16" in e2e and "float16-previous" in e2e:
+        a, b = e2e["float16"][2], e2e["float16-previous"][2]
+        print(f"fp16 current vs previous default token agreement: {(a == b).mean():.4f}")
+    if "float32" in e2e and "float32-k16" in e2e:
+        print(f"fp32 k-slice 16 tokens identical to 8: {np.array_equal(e2e['float32'][2], e2e['float32-k16'][2])}")
 
 
 if __name__ == "__main__":

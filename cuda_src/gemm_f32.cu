@@ -1,14 +1,16 @@
 // Exact-mode matrix product: C[M,N] (=|+=) epilogue(A[M,K] @ B[K,N] + bias), plain FP32 FMA (no TF32).
 // A row-major (lda), B row-major [K,N] (ldb, Conv1D layout), C row-major (ldc). Any M, N, K.
-// 128x128 block tile, BK=8, 256 threads, 8x8 outputs per thread, double-buffered shared memory.
+// 128x128 block tile, k-slices of 8 (gemm_f32) or 16 (gemm_f32_k16), 256 threads, 8x8 outputs per thread,
+// double-buffered shared memory.
 #include "common.cuh"
 
 #define BM 128
 #define BN 128
-#define BK 8
 
-extern "C" __global__ void __launch_bounds__(256)
-gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int ldb,
+// BK_: k-slice per shared-memory stage (8 or 16; each thread loads BK_ / 8 float4 of A and of B per slice).
+// Every output is summed over k in order 0..K-1 whatever BK_ is, so both give identical results.
+template <int BK_>
+__device__ __forceinline__ void gemm_f32_impl(const float* __restrict__ A, int lda, const float* __restrict__ B, int ldb,
          float* __restrict__ C, int ldc, const float* __restrict__ bias,
          int M, int N, int K, int mode, int vecA, int vecB, int vecC, int kps, float* __restrict__ ws,
          const int* __restrict__ row_slot, const int* __restrict__ row_pos, int slot_base, int S,
@@ -30,14 +32,15 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
         vecC = (N & 3) == 0;
         vecA = vecA && (kb & 3) == 0;
     }
-    __shared__ __align__(16) float As[2][BK][BM];
-    __shared__ __align__(16) float Bs[2][BK][BN];
+    constexpr int NV = BK_ / 8;
+    __shared__ __align__(16) float As[2][BK_][BM];
+    __shared__ __align__(16) float Bs[2][BK_][BN];
     const int tid = threadIdx.x;
     const int m0 = blockIdx.y * BM, n0 = blockIdx.x * BN;
     const int a_row = tid >> 1, a_k = (tid & 1) * 4;
     const int b_k = tid >> 5, b_col = (tid & 31) * 4;
     const int tx = tid & 15, ty = tid >> 4;
-    float ra[4], rb[4];
+    float ra[4 * NV], rb[4 * NV];
     float acc[8][8];
 #pragma unroll
     for (int i = 0; i < 8; i++)
@@ -45,50 +48,62 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
         for (int j = 0; j < 8; j++) acc[i][j] = 0.f;
 
     auto load = [&](int k0) {
-        const int gm = m0 + a_row, gk = k0 + a_k;
-        if (gm < M) {
-            const float* p = A + (size_t)gm * lda + gk;
-            if (vecA && gk + 3 < K) {
-                float4 v = *reinterpret_cast<const float4*>(p);
-                ra[0] = v.x; ra[1] = v.y; ra[2] = v.z; ra[3] = v.w;
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            float* r = ra + 4 * v;
+            const int gm = m0 + a_row, gk = k0 + a_k + 8 * v;
+            if (gm < M) {
+                const float* p = A + (size_t)gm * lda + gk;
+                if (vecA && gk + 3 < K) {
+                    float4 q = *reinterpret_cast<const float4*>(p);
+                    r[0] = q.x; r[1] = q.y; r[2] = q.z; r[3] = q.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) r[i] = (gk + i < K) ? p[i] : 0.f;
+                }
             } else {
 #pragma unroll
-                for (int i = 0; i < 4; i++) ra[i] = (gk + i < K) ? p[i] : 0.f;
+                for (int i = 0; i < 4; i++) r[i] = 0.f;
             }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; i++) ra[i] = 0.f;
         }
-        const int bk = k0 + b_k, gn = n0 + b_col;
-        if (bk < K) {
-            const float* p = B + (size_t)bk * ldb + gn;
-            if (vecB && gn + 3 < N) {
-                float4 v = *reinterpret_cast<const float4*>(p);
-                rb[0] = v.x; rb[1] = v.y; rb[2] = v.z; rb[3] = v.w;
+#pragma unroll
+        for (int v = 0; v < NV; v++) {
+            float* r = rb + 4 * v;
+            const int bk = k0 + b_k + 8 * v, gn = n0 + b_col;
+            if (bk < K) {
+                const float* p = B + (size_t)bk * ldb + gn;
+                if (vecB && gn + 3 < N) {
+                    float4 q = *reinterpret_cast<const float4*>(p);
+                    r[0] = q.x; r[1] = q.y; r[2] = q.z; r[3] = q.w;
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 4; i++) r[i] = (gn + i < N) ? p[i] : 0.f;
+                }
             } else {
 #pragma unroll
-                for (int i = 0; i < 4; i++) rb[i] = (gn + i < N) ? p[i] : 0.f;
+                for (int i = 0; i < 4; i++) r[i] = 0.f;
             }
-        } else {
-#pragma unroll
-            for (int i = 0; i < 4; i++) rb[i] = 0.f;
         }
     };
     auto store = [&](int buf) {
 #pragma unroll
-        for (int i = 0; i < 4; i++) As[buf][a_k + i][a_row] = ra[i];
-        *reinterpret_cast<float4*>(&Bs[buf][b_k][b_col]) = make_float4(rb[0], rb[1], rb[2], rb[3]);
+        for (int v = 0; v < NV; v++) {
+#pragma unroll
+            for (int i = 0; i < 4; i++) As[buf][a_k + 8 * v + i][a_row] = ra[4 * v + i];
+            *reinterpret_cast<float4*>(&Bs[buf][b_k + 8 * v][b_col]) =
+                make_float4(rb[4 * v], rb[4 * v + 1], rb[4 * v + 2], rb[4 * v + 3]);
+        }
     };
 
-    const int nk = (K + BK - 1) / BK;
+    const int nk = (K + BK_ - 1) / BK_;
     load(0);
     store(0);
     __syncthreads();
     for (int t = 0; t < nk; t++) {
         const int cur = t & 1;
-        if (t + 1 < nk) load((t + 1) * BK);
+        if (t + 1 < nk) load((t + 1) * BK_);
 #pragma unroll
-        for (int kk = 0; kk < BK; kk++) {
+        for (int kk = 0; kk < BK_; kk++) {
             float a[8], b[8];
             float4 v;
             v = *reinterpret_cast<const float4*>(&As[cur][kk][ty * 4]);
@@ -158,6 +173,14 @@ gemm_f32(const float* __restrict__ A, int lda, const float* __restrict__ B, int 
         }
     }
 }
+
+#define GEMM_F32_ARGS const float* A, int lda, const float* B, int ldb, float* C, int ldc, const float* bias, int M, \
+    int N, int K, int mode, int vecA, int vecB, int vecC, int kps, float* ws, const int* row_slot, const int* row_pos, \
+    int slot_base, int S, float* kc, float* vc, int kvC
+#define GEMM_F32_PASS A, lda, B, ldb, C, ldc, bias, M, N, K, mode, vecA, vecB, vecC, kps, ws, row_slot, row_pos, \
+    slot_base, S, kc, vc, kvC
+extern "C" __global__ void __launch_bounds__(256) gemm_f32(GEMM_F32_ARGS) { gemm_f32_impl<8>(GEMM_F32_PASS); }
+extern "C" __global__ void __launch_bounds__(256) gemm_f32_k16(GEMM_F32_ARGS) { gemm_f32_impl<16>(GEMM_F32_PASS); }
 
 // out = epilogue(sum_z ws[z] + bias) for the split-K path of gemm_f32 (slices added in z order).
 extern "C" __global__ void splitk_reduce_f32(const float* __restrict__ ws, int nsplit, float* __restrict__ C, int ldc,

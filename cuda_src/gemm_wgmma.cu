@@ -8,53 +8,12 @@
 // Build: -gencode=arch=compute_90a,code=sm_90a.
 #define GEMM_F16_PART 99   // helpers of gemm_f16.cu only, none of its kernels
 #include "gemm_f16.cu"
+#include "wgmma.cuh"
 
 #define WG_BM 128
 #define WG_BN 128
 #define WG_BK 64
 #define WG_ST 3
-
-__device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
-    const unsigned long long a = (unsigned long long)__cvta_generic_to_shared(smem);
-    unsigned long long d = (a & 0x3FFFFull) >> 4;          // start address
-    d |= (unsigned long long)1 << 16;                      // leading byte offset (unused for swizzled K-major)
-    d |= (unsigned long long)(1024 >> 4) << 32;            // stride byte offset: 8 rows x 128 B
-    d |= (unsigned long long)1 << 62;                      // 128-byte swizzle
-    return d;
-}
-
-__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
-__device__ __forceinline__ void wg_wait0() { asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory"); }
-// keeps the compiler from touching the accumulators across the asynchronous wgmma (CUTLASS's fence_operand)
-template <int NREG = 64> __device__ __forceinline__ void wg_fence_acc(float* d) {
-#pragma unroll
-    for (int i = 0; i < NREG; i++) asm volatile("" : "+f"(d[i])::"memory");
-}
-
-// d[64] += A(64x16, desc a) * B(128x16, desc b)^T
-__device__ __forceinline__ void wgmma_m64n128k16(float* d, unsigned long long a, unsigned long long b) {
-    asm volatile(
-        "{\n"
-        ".reg .pred p;\n"
-        "setp.ne.b32 p, %66, 0;\n"
-        "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 "
-        "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-        "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
-        "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
-        "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
-        "%64, %65, p, 1, 1, 0, 0;\n"
-        "}\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
-          "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
-          "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
-          "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
-          "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
-          "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
-          "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
-          "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
-        : "l"(a), "l"(b), "r"(1));
-}
 
 template <typename OutT>
 __device__ __forceinline__ void gemm_wgmma_impl(GEMM_F16_ARGS(OutT))

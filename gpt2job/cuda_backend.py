@@ -18,6 +18,9 @@ cuda_kernels.F16_DEFAULT; residual stream, layer-norm statistics, softmax and lo
 Fusions: the QKV GEMM epilogue writes keys/values straight into the KV cache (EPI_QKV); optional
 (GPT2JOB_FUSE_ARGMAX=1, greedy fp16) LM head with a (max, argmax) epilogue, off by default (measured slower).
 last_logits(prompts) gives the last-position logits computed by these kernels (tests, fp16-vs-fp32 checks).
+Prefill attention in float16 with head size 64 runs on tensor cores (attention_prefill, cuda_src/attention_prefill.cu)
+over tiles of up to 16 consecutive tokens of one prompt (prefill_tiles); GPT2JOB_PREFILL_ATTN=0 switches it off
+(the per-row kernel then serves the prefill too, as it always serves decode, float32 and other head sizes).
 
 Overlap: submit(chunk) uploads a chunk's tokens from a pinned buffer on a copy stream and returns at
 once; result() runs the oldest submitted chunk on the compute stream. generate_many(chunks) submits
@@ -48,6 +51,26 @@ def prefill_passes(offsets, b0, b1, max_rows):
             p1 += 1
         yield p0, p1
         p0 = p1
+
+
+PREFILL_TILE_ROWS = 16   # query rows per attention_prefill tile (the kernel's AP_TILE)
+
+
+def prefill_tiles(offsets):
+    """Tiles of attention_prefill for prompts b (tokens offsets[b]..offsets[b+1]): each prompt's tokens in tiles of
+    PREFILL_TILE_ROWS consecutive rows, the last one partial. Returns (tiles int32 [NT, 2] {first_row, n_rows},
+    tile_off int64 [B + 1]: prompt b's tiles are tile_off[b]..tile_off[b+1])."""
+    offsets = np.asarray(offsets, np.int64)
+    lens = np.diff(offsets)
+    ntile = (lens + PREFILL_TILE_ROWS - 1) // PREFILL_TILE_ROWS          # [B]
+    tile_off = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(ntile, out=tile_off[1:])
+    tp = np.repeat(np.arange(len(lens)), ntile)                           # prompt of each tile [NT]
+    first = PREFILL_TILE_ROWS * (np.arange(int(tile_off[-1])) - tile_off[:-1][tp])   # first row within its prompt
+    tiles = np.empty((len(tp), 2), np.int32)
+    tiles[:, 0] = offsets[:-1][tp] + first
+    tiles[:, 1] = np.minimum(PREFILL_TILE_ROWS, lens[tp] - first)
+    return tiles, tile_off
 
 
 def kv_groups(lens, extra, bytes_per_position, budget):
@@ -150,6 +173,9 @@ class CudaBackend(Backend):
         self.fuse_kv = "v0" not in self.k.f16_variants   # EPI_QKV needs the templated fp16 GEMMs
         # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX)
         self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "0") == "1"
+        # fp16 prefill attention on tensor cores (head size 64); GPT2JOB_PREFILL_ATTN=0: the per-row kernel
+        self.prefill_attn = (self.half and cfg.d_head == 64 and
+                             os.environ.get("GPT2JOB_PREFILL_ATTN", "1") != "0")
         self.compute = drv.Stream()
         self.copy = drv.Stream()
         self._allocs = []
@@ -268,10 +294,13 @@ class CudaBackend(Backend):
         seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
         pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
         last = (offsets[1:] - 1).astype(np.int32)
-        # layout (int32 words): tokens[T] pos[T] seq[T] last[B] arange[B] pad, then rows int64[B]
+        tiles, tile_off = prefill_tiles(offsets)
+        NT = len(tiles)
+        # layout (int32 words): tokens[T] pos[T] seq[T] last[B] arange[B] pad, then rows int64[B],
+        # then prefill attention tiles int32[NT, 2] (8-byte aligned)
         n32 = 3 * T + 2 * B
         n32 += n32 & 1
-        nbytes = 4 * n32 + 8 * B
+        nbytes = 4 * n32 + 8 * B + 8 * NT
         u = next((x for x in self._uploads if not x.busy), None)
         if u is None:
             u = _Upload()
@@ -292,7 +321,8 @@ class CudaBackend(Backend):
         h32[2 * T:3 * T] = seq_of_tok
         h32[3 * T:3 * T + B] = last
         h32[3 * T + B:3 * T + 2 * B] = np.arange(B, dtype=np.int32)
-        u.host[4 * n32:nbytes].view(np.int64)[:] = np.asarray(chunk.rows, np.int64)
+        u.host[4 * n32:4 * n32 + 8 * B].view(np.int64)[:] = np.asarray(chunk.rows, np.int64)
+        u.host[4 * n32 + 8 * B:nbytes].view(np.int32)[:] = tiles.reshape(-1)
         ev0, ev1 = drv.Event(), drv.Event()
         ev0.record(self.copy)
         if nbytes:
@@ -302,7 +332,8 @@ class CudaBackend(Backend):
         base = int(u.dev)
         job = {"chunk": chunk, "upload": u, "lens": lens, "offsets": offsets, "B": B, "T": T,
                "p_tok": base, "p_pos": base + 4 * T, "p_seq": base + 8 * T, "p_last": base + 12 * T,
-               "p_arange": base + 12 * T + 4 * B, "p_rows": base + 4 * n32, "ev_up": (ev0, ev1)}
+               "p_arange": base + 12 * T + 4 * B, "p_rows": base + 4 * n32, "ev_up": (ev0, ev1),
+               "p_tiles": base + 4 * n32 + 8 * B, "tile_off": tile_off}
         self._pending.append(job)
         return job
 
@@ -366,7 +397,7 @@ class CudaBackend(Backend):
                 for pb0, pb1 in prefill_passes(offsets, b0, b1, self.max_prefill_rows):
                     r0, r1 = int(offsets[pb0]), int(offsets[pb1])
                     x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0,
-                                      b0, S, kv)
+                                      b0, S, kv, tiles=self._pass_tiles(job, pb0, pb1))
                     for g0 in range(pb0, pb1, self.head_rows):
                         m = min(self.head_rows, pb1 - g0)
                         hl = self._buf("hl", self.head_rows * C * self.elt)
@@ -397,9 +428,15 @@ class CudaBackend(Backend):
                 ws = self._buf("splitk", 4 * 4 * self.head_rows * 4096)
             self.k.gemm_f32(self.compute, A, K, B_w, N, C_out, ldc, bias, M, N, K, mode, ws=ws)
 
-    def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv):
+    def _pass_tiles(self, job, pb0, pb1):
+        """attention_prefill tiles of the prefill pass over prompts pb0..pb1-1: (pointer, count, row_base)."""
+        t0, t1 = int(job["tile_off"][pb0]), int(job["tile_off"][pb1])
+        return job["p_tiles"] + 8 * t0, t1 - t0, int(job["offsets"][pb0])
+
+    def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None):
         """Run the layers on R rows (token ids / positions / slots at the given device pointers).
-        Leaves the residual stream (before ln_f) in buffer x."""
+        tiles (prefill passes): (device pointer, count, row_base) of the pass's attention_prefill tiles, used
+        when self.prefill_attn. Leaves the residual stream (before ln_f) in buffer x."""
         cfg, k, st, half = self.cfg, self.k, self.compute, self.half
         C, H, D, F = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.d_mlp
         e = self.elt
@@ -426,7 +463,11 @@ class CudaBackend(Backend):
             scale = 1.0 / math.sqrt(D)
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= float(li + 1)
-            k.attention(st, half, qkv, kc, vc, p_seq, slot_base, p_pos, att, R, H, D, S, scale)
+            if tiles is not None and self.prefill_attn:
+                k.attention_prefill(st, qkv, kc, vc, p_seq, slot_base, p_pos, att, tiles[0], tiles[1], tiles[2],
+                                    H, D, S, scale)
+            else:
+                k.attention(st, half, qkv, kc, vc, p_seq, slot_base, p_pos, att, R, H, D, S, scale)
             self._gemm(att, L["proj_w"], x, L["proj_b"], R, C, C, 3, False)
             k.layernorm(st, half, x, None, 0, L["ln2_w"], L["ln2_b"], h, R, C, eps)
             self._gemm(h, L["fc_w"], fc, L["fc_b"], R, F, C, self._act_mode, True)
@@ -519,7 +560,8 @@ class CudaBackend(Backend):
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
         for pb0, pb1 in prefill_passes(offsets, b0, b1, self.max_prefill_rows):
             r0, r1 = int(offsets[pb0]), int(offsets[pb1])
-            x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0, b0, S, kv)
+            x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0, b0, S, kv,
+                              tiles=self._pass_tiles(job, pb0, pb1))
             self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
                               tok_dev + 4 * (pb0 - b0))
         self._idle()                       # the prefill runs on the GPU: take in and upload the next chunk

@@ -18,6 +18,7 @@ CUDA_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX = 0, 1, 2, 3, 4, 5
 
 _F16_SIG = "PiPiPiPiiiiPPiiPPi"
+_HOPPER_FILES = {-1: "gemm_wgmma.cu", -2: "gemm_tma.cu"}   # F16_VARIANTS part < 0: the file (sm_90a)
 # fp16 GEMM tile variants of cuda_src/gemm_f16.cu: name -> (GEMM_F16_PART, BM, BN, threads, dynamic smem bytes).
 # "v0" is the original 128x128x32 3-stage kernel (static shared memory, no EPI_QKV).
 F16_VARIANTS = {
@@ -30,18 +31,29 @@ F16_VARIANTS = {
     "t64x128k64s4": (6, 64, 128, 256, (64 + 128) * 64 * 2 * 4),
     # cuda_src/gemm_wgmma.cu (sm_90a only): 128x128x64, 2 warpgroups of wgmma m64n128k16, 3 stages (+1 KB align)
     "wgmma": (-1, 128, 128, 256, (128 + 128) * 64 * 2 * 3 + 1024),
+    # cuda_src/gemm_tma.cu (sm_90a only): 128xBNx64 tiles loaded by TMA, mbarrier pipeline, 2 consumer warpgroups
+    # of wgmma m64nBNk16 + 1 producer warp; smem: stages x (A + B tile) + 1 KB alignment + barriers
+    "tma128": (-2, 128, 128, 288, 3 * (128 + 128) * 64 * 2 + 1024 + 64),
+    "tma192": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
+    "tma256": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
 }
+# blocks per SM of the TMA variants (their __launch_bounds__) and relative speed per block-tile column measured on
+# H100 (benchmarks/kernels_bench.py), for the wave-quantisation model of Kernels.pick_f16
+TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1}
+TMA_EFFICIENCY = {"tma128": 0.9, "tma192": 0.97, "tma256": 1.0}
 # warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
 F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
-          "t64x128k64s4": 32, "wgmma": 128}
-# variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); the first is used for the
-# big products, the second when the first's tiles would fill under 4 waves (pick_f16). wgmma needs sm_90 (Hopper).
-F16_DEFAULT = ("wgmma", "t128x128k64s3")
+          "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256}
+# variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides). With TMA variants, pick_f16 takes
+# the one with the least modelled time; else the first is used for the big products, the second when the first's
+# tiles would fill under 4 waves. wgmma and TMA need sm_90 (Hopper).
+F16_DEFAULT = ("tma128", "tma192", "tma256", "t128x128k64s3")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
 KERNELS = {
     "gemm_f32": ("gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi"),
+    "gemm_f32_k16": ("gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi"),
     "splitk_reduce_f32": ("gemm_f32.cu", "PiPiPiii"),
     "embed": ("transformer.cu", "PPPPPii"),
     "layernorm_f32": ("transformer.cu", "PPiPPPiif"),
@@ -52,6 +64,7 @@ KERNELS = {
     "attention_f16": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_grouped_f32": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_grouped_f16": ("transformer.cu", "PPPPiPPiiiif"),
+    "attention_prefill_f16": ("attention_prefill.cu", "PPPPiPPPiiiif"),
     "argmax_partials": ("sampling.cu", "PiiPi"),
     "transpose_to_half": ("transformer.cu", "PPii"),
     "argmax_rows": ("sampling.cu", "PiiPi"),
@@ -95,9 +108,10 @@ class Kernels:
         self.f16_variants = tuple(f16_variants)
         jobs = [(fname, fname, (), "sm_90") for fname in sorted({f for f, _ in KERNELS.values()})]
         for v in self.f16_variants:
-            if F16_VARIANTS[v][0] < 0:   # all wgmma variants live in gemm_wgmma.cu (sm_90a)
-                if not any(j[0] == "gemm_wgmma.cu" for j in jobs):
-                    jobs.append(("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a"))
+            if F16_VARIANTS[v][0] < 0:   # wgmma variants: gemm_wgmma.cu, gemm_tma.cu (sm_90a)
+                f = _HOPPER_FILES[F16_VARIANTS[v][0]]
+                if not any(j[0] == f for j in jobs):
+                    jobs.append((f, f, (), "sm_90a"))
             else:
                 jobs.append(("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % F16_VARIANTS[v][0],), "sm_90"))
 
@@ -122,18 +136,34 @@ class Kernels:
             part, bm, bn, thr, smem = F16_VARIANTS[v]
             base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
             for suf in ("outh", "outf"):
-                f = mods["gemm_wgmma.cu" if part < 0 else "gemm_f16.cu#" + v].get_function(f"{base}_{suf}")
+                f = mods[_HOPPER_FILES[part] if part < 0 else "gemm_f16.cu#" + v].get_function(f"{base}_{suf}")
                 if smem > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-                f.prepare("PiPiPiPiiii" if v == "v0" else _F16_SIG)
+                # TMA kernels take the A and B descriptors (128 bytes each) in front
+                f.prepare("PiPiPiPiiii" if v == "v0" else ("128s128s" if part == -2 else "") + _F16_SIG)
                 self.funcs[f"{base}_{suf}"] = f
         self.f16_default = self.f16_variants[0]
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
+        # fp32 product: k-slices of 8 or 16 per stage (GPT2JOB_F32_BK), identical results
+        self.f32_gemm = "gemm_f32_k16" if os.environ.get("GPT2JOB_F32_BK", "8") == "16" else "gemm_f32"
+        self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+        self.tmaps = None
+        if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
+            from .tensor_maps import TensorMapCache
+            self.tmaps = TensorMapCache()
 
     def pick_f16(self, M, N, out_half=True):
         """Tile variant for an M x N product: the first variant when its tiles make >= 4 waves, else the second;
         the second too for wide float outputs (the LM head: measured faster with the mma.sync tiles)."""
         vs = self.f16_variants
+        tma = [v for v in vs if v in TMA_BLOCKS_PER_SM]
+        if tma:   # least modelled time: whole waves of blocks x per-block work / speed
+            def cost(v):
+                bn, per_sm = F16_VARIANTS[v][2], TMA_BLOCKS_PER_SM[v]
+                tiles = ((M + 127) // 128) * ((N + bn - 1) // bn)
+                waves = (tiles + self.n_sm * per_sm - 1) // (self.n_sm * per_sm)
+                return waves * bn * per_sm / TMA_EFFICIENCY[v]
+            return min(tma, key=cost)
         if len(vs) == 1:
             return vs[0]
         if not out_half and N > 16384:
@@ -175,7 +205,7 @@ class Kernels:
         vec_b = int(ldb % 4 == 0 and ptr(B) % 16 == 0)
         vec_c = int(ldc % 4 == 0 and ptr(C) % 16 == 0)
         grid = ((N + 127) // 128, (M + 127) // 128, split)
-        self.launch("gemm_f32", grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias),
+        self.launch(self.f32_gemm, grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias),
                     M, N, K, mode, vec_a, vec_b, vec_c, kps, ptr(ws) if split > 1 else 0, ptr(rs), ptr(rp), int(sb),
                     int(S), ptr(kc), ptr(vc), int(kvC))
         if split > 1:
@@ -209,8 +239,11 @@ class Kernels:
         else:
             rs = rp = kc = vc = 0
             sb = S = kvC = 0
+        tm = ()
+        if part == -2:
+            tm = (self.tmaps.get(ptr(A), M, K, lda, bm), self.tmaps.get(ptr(B), N, K, ldb, bn))
         self.funcs[f"gemm_f16_{v}_{suf}"].prepared_async_call(
-            grid, (thr, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,
+            grid, (thr, 1, 1), stream, *tm, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,
             ptr(rs), ptr(rp), int(sb), int(S), ptr(kc), ptr(vc), int(kvC), shared_size=smem)
 
     def embed(self, stream, tok, pos, wte, wpe, x, R, C):
@@ -239,6 +272,18 @@ class Kernels:
             name = ("attention_grouped_" if grouped else "attention_") + ("f16" if half else "f32")
             self.launch(name, ((nw + 3) // 4, 1, 1), (128, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
+
+    def attention_prefill(self, stream, qkv, kc, vc, row_slot, slot_base, row_pos, out, tiles, n_tiles, row_base,
+                          H, D, S, scale):
+        """Tensor-core causal attention (fp16, D == 64) of the rows covered by tiles: int32 [n_tiles, 2] pairs
+        {first_row, n_rows} (8-byte aligned), each 1..16 rows of ONE sequence (one slot), e.g. consecutive tokens
+        of a prompt. first_row counts from the chunk's first row; qkv, row_slot, row_pos and out point at the
+        pass's first row, which is chunk row row_base. Same results as attention(half=True) on those rows."""
+        if n_tiles:
+            assert D == 64 and ptr(tiles) % 8 == 0
+            nw = n_tiles * H   # one warp per (tile, head), 4 warps per block
+            self.launch("attention_prefill_f16", ((nw + 3) // 4, 1, 1), (128, 1, 1), stream, qkv, kc, vc, row_slot,
+                        slot_base, row_pos, out, tiles, n_tiles, row_base, H, S, np.float32(scale))
 
     def argmax_partials(self, stream, part, ld, n, out, R):
         if R:

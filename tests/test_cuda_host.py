@@ -1,7 +1,7 @@
 """Host-side helpers of the CUDA backend (no GPU needed)."""
 import numpy as np
 
-from gpt2job.cuda_backend import kv_groups, prefill_passes
+from gpt2job.cuda_backend import PREFILL_TILE_ROWS, kv_groups, prefill_passes, prefill_tiles
 
 
 def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
@@ -32,3 +32,19 @@ def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
     # 2,048 prompts of one length that fit 1,583 at a time: two groups of 1,024, not 1,583 + 465
     assert kv_groups(np.full(2048, 768), 0, 1, 1583 * 768) == [(0, 1024), (1024, 2048)]
     assert kv_groups([5, 3], 2, 10, 10 ** 9) == [(0, 2)]
+
+
+def test_prefill_tiles_cover_each_prompt_in_consecutive_tiles():
+    rng = np.random.default_rng(2)
+    for lens in (rng.integers(1, 600, 300), np.array([1, 15, 16, 17, 32, 33]), np.array([7]), np.zeros(0, int)):
+        offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+        tiles, tile_off = prefill_tiles(offsets)
+        assert tiles.dtype == np.int32 and tiles.shape == (int(tile_off[-1]), 2) and tile_off[0] == 0
+        for b, n in enumerate(lens):
+            t = tiles[tile_off[b]:tile_off[b + 1]]
+            assert len(t) == -(-n // PREFILL_TILE_ROWS)
+            assert (t[:, 1] >= 1).all() and (t[:, 1] <= PREFILL_TILE_ROWS).all()
+            assert (t[:-1, 1] == PREFILL_TILE_ROWS).all()
+            # the tiles cover the prompt's rows offsets[b]..offsets[b+1]-1 in order, once each
+            rows = np.concatenate([np.arange(f, f + k) for f, k in t])
+            np.testing.assert_array_equal(rows, np.arange(offsets[b], offsets[b + 1]))

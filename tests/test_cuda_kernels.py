@@ -208,7 +208,7 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
     assert np.isnan(gk[mask].astype(np.float32)).all() and np.isnan(gv[mask].astype(np.float32)).all()
 
 
-@pytest.mark.parametrize("variant", ["t128x128k64s3", "t64x128k64s4", "t128x256k64s3", "wgmma"])
+@pytest.mark.parametrize("variant", ["t128x128k64s3", "t64x128k64s4", "t128x256k64s3", "wgmma", "tma192"])
 @pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8)])
 def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties)."""
@@ -299,6 +299,49 @@ def test_kv_store_and_attention(K, H, D, grouped, half):
             ref = reference.attention(q, ref_k[s:s + 1], ref_v[s:s + 1], np.array([[pos[r]]]), np.array([pos[r] + 1]),
                                       scale)
             assert rel(got[r], ref.reshape(C)) < (2e-3 if half else 1e-5), (phase, r)
+
+
+@pytest.mark.parametrize("H", [12, 2])
+@pytest.mark.parametrize("pb0,pb1", [(1, 8), (4, 7)])
+def test_attention_prefill(K, H, pb0, pb1):
+    """Tensor-core prefill attention (fp16, D = 64): one KV group of ragged prompts 1..7 (slot_base 1), one pass of
+    whole prompts pb0..pb1-1 (rows from chunk row offsets[pb0]), against reference.attention. The cache past the
+    written positions and the output (rows past the pass too) are poisoned with NaN."""
+    from gpt2job.cuda_backend import prefill_tiles
+    D = 64
+    C = H * D
+    lens = np.array([3, 1, 15, 16, 17, 33, 200, 2])
+    offsets = np.concatenate([[0], np.cumsum(lens)])
+    b0, b1 = 1, len(lens)                      # the group: prompt b in cache slot b - b0
+    nsl, S = b1 - b0, int(lens.max()) + 3
+    scale = 1.0 / math.sqrt(D)
+    tiles, tile_off = prefill_tiles(offsets)
+    t0, t1 = int(tile_off[pb0]), int(tile_off[pb1])
+    r0, r1 = int(offsets[pb0]), int(offsets[pb1])
+    R = r1 - r0
+    seq = np.repeat(np.arange(len(lens)), lens)[r0:r1].astype(np.int32)           # row_slot: the chunk's prompt
+    pos = np.concatenate([np.arange(n) for n in lens])[r0:r1].astype(np.int32)
+    kc = np.full((nsl, S, C), np.nan, np.float16)
+    vc = np.full((nsl, S, C), np.nan, np.float16)
+    for b in range(b0, b1):                    # every prompt of the group is in the cache (earlier passes too)
+        kc[b - b0, :lens[b]] = RNG.standard_normal((lens[b], C), dtype=np.float32)
+        vc[b - b0, :lens[b]] = RNG.standard_normal((lens[b], C), dtype=np.float32)
+    qkv = RNG.standard_normal((R, 3 * C), dtype=np.float32).astype(np.float16)
+    out = poisoned((R + 16, C), np.float16)
+    K.attention_prefill(None, gpu(qkv), gpu(kc), gpu(vc), gpu(seq), b0, gpu(pos), out, gpu(tiles[t0:t1]), t1 - t0,
+                        r0, H, D, S, scale)
+    got = back(out, (R + 16, C), np.float16).astype(np.float32)
+    assert np.isnan(got[R:]).all()
+    assert np.isfinite(got[:R]).all()
+    for b in range(pb0, pb1):
+        n, s = int(lens[b]), b - b0
+        rows = got[offsets[b] - r0:offsets[b + 1] - r0]
+        heads = lambda a: a.astype(np.float32).reshape(1, n, H, D).transpose(0, 2, 1, 3)  # noqa: E731
+        ref = reference.attention(heads(qkv[offsets[b] - r0:offsets[b + 1] - r0, :C]), heads(kc[s, :n]),
+                                  heads(vc[s, :n]), np.arange(n)[None], np.array([n]), scale)
+        ref = ref.transpose(0, 2, 1, 3).reshape(n, C)
+        for i in range(n):
+            assert rel(rows[i], ref[i]) < 2e-3, (b, i)
 
 
 # ---------------------------------------------------------------- token selection
@@ -437,6 +480,35 @@ def test_last_logits_match_reference_prefill(dtype):
     assert np.isfinite(got).all()
     assert rel(got, ref) < (1e-5 if dtype == "float32" else 3e-3)
     assert rel(again, got[3:5]) < 1e-6
+
+
+def test_backend_float16_prefill_attention_kernel(monkeypatch):
+    """fp16 with head size 64: the tensor-core prefill attention against GPT2JOB_PREFILL_ATTN=0 (the per-row kernel)
+    and the reference, in last_logits and generate; small prefill passes start mid-chunk."""
+    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.weights import random_params
+    params = random_params(GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=1000), 6)
+    params.wte *= 10
+    lens = [1, 15, 16, 17, 33, 40, 5, 2]
+    prompts = [np.random.default_rng(i).integers(0, 1000, n).astype(np.int32) for i, n in enumerate(lens)]
+    _, _, ref = reference.prefill(params, prompts, max(lens))
+    gs = GenerationSettings(max_new_tokens=4, ignore_eos=True)
+    chunk = make_chunk(lens, 1000, seed=7)
+    res = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("GPT2JOB_PREFILL_ATTN", flag)
+        be = CudaBackend(params, gs, dtype="float16", max_prefill_rows=40, head_rows=3)
+        try:
+            assert be.prefill_attn == (flag == "1")
+            res[flag] = (be.last_logits(prompts), be.generate(chunk))
+        finally:
+            be.close()
+    (lg_on, out_on), (lg_off, out_off) = res["1"], res["0"]
+    assert np.isfinite(lg_on).all()
+    assert rel(lg_on, ref) < 3e-3 and rel(lg_on, lg_off) < 3e-3
+    first_on = np.array([out_on.row_tokens(i)[0] for i in range(len(lens))])
+    first_off = np.array([out_off.row_tokens(i)[0] for i in range(len(lens))])
+    assert (first_on == first_off).mean() >= 0.85
 
 
 def test_too_many_ranks_is_user_error():

@@ -1,0 +1,134 @@
+// Hopper matrix product with TMA loads, an mbarrier pipeline and wgmma (sm_90a): same operands, epilogues and
+// argument list as the templated kernels of gemm_f16.cu (C = epilogue(A[M,K] @ B[N,K]^T + bias), fp16 in, fp32
+// accumulation), plus two TMA descriptors in front (gpt2job/tensor_maps.py encodes them on the host:
+// A as [M rows, K] with box 64 x 128, B as [N rows, K] with box 64 x BN, fp16, 128-byte swizzle; rows past M or N
+// and columns past K read as zeros).
+//
+// Block tile 128 x BN x 64, BN in {128, 192, 256}; 288 threads: warps 0-7 are two consumer warpgroups (rows 0-63
+// and 64-127 of the tile, wgmma m64nBNk16 with accumulators in registers), warp 8 is the producer (one thread
+// issues the TMA loads). ST shared-memory stages, each guarded by two mbarriers:
+//   full[s]  - the producer arms it with the stage's byte count; the TMA unit completes it when both tiles landed;
+//   empty[s] - each of the 8 consumer warps arrives once its wgmma reading the stage has retired.
+// Consumers keep one wgmma batch in flight (wait_group 1) and release the previous stage after it.
+// Build: -gencode=arch=compute_90a,code=sm_90a.
+#define GEMM_F16_PART 99   // helpers and the shared epilogue of gemm_f16.cu, none of its kernels
+#include "gemm_f16.cu"
+#include "wgmma.cuh"
+
+struct __align__(64) TmaDesc { unsigned long long opaque[16]; };   // a CUtensorMap, passed by value
+
+__device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+}
+__device__ __forceinline__ void mbar_expect_tx(unsigned long long* bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(bytes)
+                 : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned parity) {
+    unsigned done;
+    do {
+        asm volatile("{\n.reg .pred p;\nmbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\nselp.u32 %0, 1, 0, p;\n}\n"
+                     : "=r"(done) : "r"(smem_u32(bar)), "r"(parity) : "memory");
+    } while (!done);
+}
+// box at (inner coordinate c0, row c1) of the tensor described by desc -> dst; completes bytes on bar
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* desc, int c0, int c1, unsigned long long* bar) {
+    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
+                 ::"r"(smem_u32(dst)), "l"((unsigned long long)desc), "r"(c0), "r"(c1), "r"(smem_u32(bar)) : "memory");
+}
+
+template <int TBN> __device__ __forceinline__ void wgmma_bn(float* d, unsigned long long a, unsigned long long b);
+template <> __device__ __forceinline__ void wgmma_bn<128>(float* d, unsigned long long a, unsigned long long b)
+{ wgmma_m64n128k16(d, a, b); }
+template <> __device__ __forceinline__ void wgmma_bn<192>(float* d, unsigned long long a, unsigned long long b)
+{ wgmma_m64n192k16(d, a, b); }
+template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned long long a, unsigned long long b)
+{ wgmma_m64n256k16(d, a, b); }
+
+#define TMA_BM 128
+#define TMA_BK 64
+#define TMA_THREADS 288
+
+template <int TBN, int ST, typename OutT>
+__device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
+{
+    constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    // 1024-byte aligned stages (the 128-byte swizzle repeats every 8 rows = 1024 B), then the barriers
+    unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __half* As = reinterpret_cast<__half*>(base);                           // [ST][128 x 64]
+    __half* Bs = reinterpret_cast<__half*>(base + ST * A_BYTES);            // [ST][TBN x 64]
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (A_BYTES + B_BYTES));
+    unsigned long long* empty = full + ST;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int m0 = blockIdx.y * TMA_BM, n0 = blockIdx.x * TBN;
+    const int nk = (K + TMA_BK - 1) / TMA_BK;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < ST; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 8);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (warp == 8) {   // producer
+        if (lane == 0) {
+            for (int t = 0; t < nk; t++) {
+                const int s = t % ST;
+                if (t >= ST) mbar_wait(&empty[s], ((t / ST) - 1) & 1);   // the consumers released tile t - ST
+                mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+                tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, t * TMA_BK, m0, &full[s]);
+                tma_load_2d(Bs + s * TBN * TMA_BK, tmB, t * TMA_BK, n0, &full[s]);
+            }
+        }
+        return;
+    }
+
+    const int wg = warp >> 2;
+    float acc[1][TBN / 8][4];
+#pragma unroll
+    for (int j = 0; j < TBN / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) acc[0][j][r] = 0.f;
+    for (int t = 0; t < nk; t++) {
+        const int s = t % ST;
+        mbar_wait(&full[s], (t / ST) & 1);
+        const __half* as = As + s * TMA_BM * TMA_BK + wg * 64 * TMA_BK;   // this warpgroup's 64 rows
+        const __half* bs = Bs + s * TBN * TMA_BK;
+        wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
+            wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
+        wg_commit();
+        wg_wait1();                                 // tile t - 1's batch has retired: release its stage
+        wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+        if (t > 0 && lane == 0) mbar_arrive(&empty[(t - 1) % ST]);
+    }
+    wg_wait0();
+    wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+    gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(acc, m0 + wg * 64 + (warp & 3) * 16, n0, C, ldc, bias, M, N, mode, row_slot,
+                                           row_pos, slot_base, S, kc, vc, kvC);
+}
+
+// name: gemm_f16_tma<TBN>_<out>; keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS (stages, blocks per SM)
+#define DEF_GEMM_TMA(TBN, ST, MINB)                                                                              \
+    extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
+    gemm_f16_tma##TBN##_outh(const __grid_constant__ TmaDesc tmA, const __grid_constant__ TmaDesc tmB,          \
+                            GEMM_F16_ARGS(__half))                                                             \
+    { gemm_tma_impl<TBN, ST, __half>(&tmA, &tmB, GEMM_F16_PASS); }                                              \
+    extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
+    gemm_f16_tma##TBN##_outf(const __grid_constant__ TmaDesc tmA, const __grid_constant__ TmaDesc tmB,          \
+                            GEMM_F16_ARGS(float))                                                              \
+    { gemm_tma_impl<TBN, ST, float>(&tmA, &tmB, GEMM_F16_PASS); }
+
+DEF_GEMM_TMA(128, 3, 2)
+DEF_GEMM_TMA(192, 4, 1)
+DEF_GEMM_TMA(256, 4, 1)
