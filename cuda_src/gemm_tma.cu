@@ -1,8 +1,8 @@
 // Hopper matrix product with TMA loads, an mbarrier pipeline and wgmma (sm_90a): same operands, epilogues and
 // argument list as the templated kernels of gemm_f16.cu (C = epilogue(A[M,K] @ B[N,K]^T + bias), fp16 in, fp32
-// accumulation), plus two TMA descriptors in front (gpt2job/tensor_maps.py encodes them on the host:
-// A as [M rows, K] with box 64 x 128, B as [N rows, K] with box 64 x BN, fp16, 128-byte swizzle; rows past M or N
-// and columns past K read as zeros).
+// accumulation), plus pointers to two TMA descriptors in global memory in front (gpt2job/tensor_maps.py encodes
+// them on the host and copies them in on the launch's stream: A as [M rows, K] with box 64 x 128, B as [N rows, K]
+// with box 64 x BN, fp16, 128-byte swizzle; rows past M or N and columns past K read as zeros).
 //
 // Block tile 128 x BN x 64, BN in {128, 192, 256}; 288 threads: warps 0-7 are two consumer warpgroups (rows 0-63
 // and 64-127 of the tile, wgmma m64nBNk16 with accumulators in registers), warp 8 is the producer (one thread
@@ -15,7 +15,7 @@
 #include "gemm_f16.cu"
 #include "wgmma.cuh"
 
-struct __align__(64) TmaDesc { unsigned long long opaque[16]; };   // a CUtensorMap, passed by value
+struct __align__(64) TmaDesc { unsigned long long opaque[16]; };   // a CUtensorMap (in global memory)
 
 __device__ __forceinline__ unsigned smem_u32(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
 
@@ -80,6 +80,9 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 
     if (warp == 8) {   // producer
         if (lane == 0) {
+            // the descriptors were written by a copy: order that before the TMA unit reads them
+            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
+            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
             for (int t = 0; t < nk; t++) {
                 const int s = t % ST;
                 if (t >= ST) mbar_wait(&empty[s], ((t / ST) - 1) & 1);   // the consumers released tile t - ST
@@ -121,13 +124,11 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 // name: gemm_f16_tma<TBN>_<out>; keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS (stages, blocks per SM)
 #define DEF_GEMM_TMA(TBN, ST, MINB)                                                                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
-    gemm_f16_tma##TBN##_outh(const __grid_constant__ TmaDesc tmA, const __grid_constant__ TmaDesc tmB,          \
-                            GEMM_F16_ARGS(__half))                                                             \
-    { gemm_tma_impl<TBN, ST, __half>(&tmA, &tmB, GEMM_F16_PASS); }                                              \
+    gemm_f16_tma##TBN##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                    \
+    { gemm_tma_impl<TBN, ST, __half>(tmA, tmB, GEMM_F16_PASS); }                                                \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
-    gemm_f16_tma##TBN##_outf(const __grid_constant__ TmaDesc tmA, const __grid_constant__ TmaDesc tmB,          \
-                            GEMM_F16_ARGS(float))                                                              \
-    { gemm_tma_impl<TBN, ST, float>(&tmA, &tmB, GEMM_F16_PASS); }
+    gemm_f16_tma##TBN##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                     \
+    { gemm_tma_impl<TBN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
 
 DEF_GEMM_TMA(128, 3, 2)
 DEF_GEMM_TMA(192, 4, 1)

@@ -255,6 +255,8 @@ class CudaBackend(Backend):
             self.compute.synchronize()
             self.copy.synchronize()
         finally:
+            if getattr(self, "k", None) is not None and self.k.tmaps is not None:
+                self.k.tmaps.free()
             for a in self._allocs:
                 a.free()
             for b, _ in self._bufs.values():

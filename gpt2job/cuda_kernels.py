@@ -139,8 +139,8 @@ class Kernels:
                 f = mods[_HOPPER_FILES[part] if part < 0 else "gemm_f16.cu#" + v].get_function(f"{base}_{suf}")
                 if smem > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
-                # TMA kernels take the A and B descriptors (128 bytes each) in front
-                f.prepare("PiPiPiPiiii" if v == "v0" else ("128s128s" if part == -2 else "") + _F16_SIG)
+                # TMA kernels take pointers to the A and B descriptors in front
+                f.prepare("PiPiPiPiiii" if v == "v0" else ("PP" if part == -2 else "") + _F16_SIG)
                 self.funcs[f"{base}_{suf}"] = f
         self.f16_default = self.f16_variants[0]
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
@@ -150,7 +150,7 @@ class Kernels:
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
             from .tensor_maps import TensorMapCache
-            self.tmaps = TensorMapCache()
+            self.tmaps = TensorMapCache(drv)
 
     def pick_f16(self, M, N, out_half=True):
         """Tile variant for an M x N product: the first variant when its tiles make >= 4 waves, else the second;
@@ -241,7 +241,7 @@ class Kernels:
             sb = S = kvC = 0
         tm = ()
         if part == -2:
-            tm = (self.tmaps.get(ptr(A), M, K, lda, bm), self.tmaps.get(ptr(B), N, K, ldb, bn))
+            tm = (self.tmaps.get(stream, ptr(A), M, K, lda, bm), self.tmaps.get(stream, ptr(B), N, K, ldb, bn))
         self.funcs[f"gemm_f16_{v}_{suf}"].prepared_async_call(
             grid, (thr, 1, 1), stream, *tm, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,
             ptr(rs), ptr(rp), int(sb), int(S), ptr(kc), ptr(vc), int(kvC), shared_size=smem)

@@ -1,8 +1,9 @@
 """TMA descriptors (CUtensorMap) for the Hopper matrix products of cuda_src/gemm_tma.cu.
 
 PyCUDA has no binding for cuTensorMapEncodeTiled, so it is called through ctypes on the driver library that
-PyCUDA already loaded. A descriptor is 128 opaque bytes passed to the kernel by value (PyCUDA format "128s");
-encoding is a pure host call, cached per (address, shape, box).
+PyCUDA already loaded. A descriptor is 128 opaque bytes; the kernels read them from global memory:
+TensorMapCache encodes each distinct (address, shape, box) once into a pinned host slot, copies it into a device
+slot on the stream of the launch that first needs it, and hands out the device address.
 """
 import ctypes
 
@@ -50,17 +51,39 @@ def encode_f16_rows(ptr, rows, cols, ld, box_rows, box_cols=64):
 
 
 class TensorMapCache:
-    """encode_f16_rows results by argument tuple; cleared when it grows past max_entries."""
+    """Device copies of encode_f16_rows descriptors by argument tuple, max_entries slots of 128 bytes; when all
+    are taken the stream is synchronised and the slots are reused from the start."""
 
-    def __init__(self, max_entries=4096):
+    def __init__(self, drv, max_entries=4096):
+        import numpy as np
+        self.drv = drv
         self.max_entries = max_entries
-        self._maps = {}
+        self.host = drv.pagelocked_empty(128 * max_entries, np.uint8)
+        self.dev = drv.mem_alloc(128 * max_entries)
+        self._slots = {}
 
-    def get(self, ptr, rows, cols, ld, box_rows):
+    def get(self, stream, ptr, rows, cols, ld, box_rows):
+        """Device address of the descriptor; its copy is queued on stream (None: the default stream)."""
         key = (ptr, rows, cols, ld, box_rows)
-        m = self._maps.get(key)
-        if m is None:
-            if len(self._maps) >= self.max_entries:
-                self._maps.clear()
-            m = self._maps[key] = encode_f16_rows(ptr, rows, cols, ld, box_rows)
-        return m
+        i = self._slots.get(key)
+        if i is None:
+            if len(self._slots) >= self.max_entries:
+                # earlier copies/launches may still read the slots and the pinned staging area
+                if stream is None:
+                    self.drv.Context.synchronize()
+                else:
+                    stream.synchronize()
+                self._slots.clear()
+            i = self._slots[key] = len(self._slots)
+            self.host[128 * i:128 * (i + 1)] = memoryview(encode_f16_rows(ptr, rows, cols, ld, box_rows))
+            if stream is None:
+                self.drv.memcpy_htod(int(self.dev) + 128 * i, self.host[128 * i:128 * (i + 1)])
+            else:
+                self.drv.memcpy_htod_async(int(self.dev) + 128 * i, self.host[128 * i:128 * (i + 1)], stream)
+        return int(self.dev) + 128 * i
+
+    def free(self):
+        """Release the device and pinned buffers (before the context goes)."""
+        self.dev.free()
+        self.host.base.free()
+        self._slots.clear()
