@@ -3,11 +3,13 @@
   (a) transformers GPT2LMHeadModel.generate (attn_implementation="sdpa", greedy, every token generated:
       the model's eos is switched off), fp16 and fp32 (TF32 off);
   (b) a compact PyTorch KV-cache engine (CompactGPT2 below: plain tensors, SDPA causal prefill over a
-      right-padded batch, preallocated KV cache, cuBLAS matmuls, argmax decode loop), fp16 and fp32.
+      right-padded batch, preallocated KV cache written in place, cuBLAS matmuls, masked one-query decode
+      attention (cuDNN SDPA with fixed shapes, or matmul + softmax), argmax decode loop), fp16 and fp32.
 
   python3 benchmarks/baselines.py --model HF_DIR --workloads-dir DIR [--workload w1,w2] \
       [--engine transformers,compact] [--dtype float16,float32] [--results results.jsonl] \
       [--tokens-dir DIR] [--compare]
+  python3 benchmarks/baselines.py --self-check      # compact engine = transformers' greedy tokens, tiny model
 
 HF_DIR comes from export_weights.py (random:gpt2 exported once, so every engine reads the same file); a
 random:... spec is exported to a temporary directory. Batches: transformers W1 --hf-batch-w1 (8192: one
@@ -23,6 +25,7 @@ same invocation, first (before torch takes GPU memory), and prints ours next to 
 agreement with ours. Without CUDA everything runs on the CPU (for smoke tests at tiny sizes).
 """
 import argparse
+import math
 import os
 import sys
 import tempfile
@@ -38,18 +41,45 @@ from bench_common import (EOT, WORKLOADS, append_jsonl, base_record, fmt_int, fm
 # ---------------------------------------------------------------- the compact PyTorch engine
 
 class CompactGPT2:
-    """GPT-2 greedy generation with a preallocated KV cache, in ~70 lines of plain PyTorch."""
+    """GPT-2 greedy generation in ~100 lines of plain PyTorch: fp16/fp32 weights, cuBLAS matmuls (F.linear), a
+    KV cache [layer, batch, head, T + new, head_dim] preallocated per batch and written in place, SDPA causal
+    prefill over a right-padded batch (each row's last real position gathered), then the decode loop, one
+    query per row, with an additive mask [batch, 1, 1, T + new] (0 on a row's prompt and generated slots, -inf
+    elsewhere) updated in place each step; tokens stay on the GPU until the end (no host sync in the loop).
 
-    def __init__(self, params, device, dtype):
+    Decode attention (see _attend1), for long decodes (>= FUSED_MIN_NEW tokens, fp16, CUDA): SDPA restricted
+    to cuDNN attention over the whole cache, so that every step of a batch has the same shapes. torch's SDPA
+    picks cuDNN for a masked call on Hopper, and cuDNN builds a new plan (tens of ms) for every new shape:
+    slicing the cache to the longest row's prefix, a new key length each step, made W2 run at ~9k tokens/s
+    (torch 2.11); for the same reason the prefill keeps to flash / memory-efficient attention. Otherwise
+    (short decodes, fp32, CPU, or cuDNN refusing) a masked matmul + fp32 softmax over that prefix; never
+    SDPA's math fallback (it upcasts the cache to fp32). The caches start zeroed: masked slots are still
+    read and must hold no NaN/inf. The lm head is padded to a multiple of 64 rows (cuBLAS's fp16 kernels
+    want aligned output rows: 50,257 rows ran ~6x slower); the extra logits are sliced off before argmax."""
+
+    FUSED_MIN_NEW = 32                        # decode through cuDNN only when generating at least this many tokens
+
+    def __init__(self, params, device, dtype, fused_decode=True):
         import torch
+        from torch.nn.attention import SDPBackend
         self.torch, self.dev, self.dt, cfg = torch, device, dtype, params.config
         self.H, self.C, self.eps, self.nl = cfg.n_head, cfg.n_embd, cfg.layer_norm_epsilon, cfg.n_layer
         self.gelu = "tanh" if cfg.activation_function != "gelu" else "none"
+        self.D = self.C // self.H
+        self.scale = 1.0 / math.sqrt(self.D)
+        # cuDNN attention builds a plan per new shape (a new prompt length each batch): not for the prefill
+        self.prefill_backends = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+        self.decode_backends = [SDPBackend.CUDNN_ATTENTION]
+        self.fused = torch.device(device).type == "cuda" and dtype != torch.float32 and fused_decode
+        self.use_fused = False                # this generate() call's choice
 
         def t(a, transpose=False):
             a = np.ascontiguousarray(a.T if transpose else a)
             return torch.from_numpy(a).to(device=device, dtype=dtype)
-        self.wte, self.wpe, self.head = t(params.wte), t(params.wpe), t(params.head)
+        self.wte, self.wpe = t(params.wte), t(params.wpe)
+        self.V = params.head.shape[0]
+        self.head = torch.zeros(-(-self.V // 64) * 64, self.C, device=device, dtype=dtype)
+        self.head[:self.V] = t(params.head)
         self.lnf = (t(params.ln_f_w), t(params.ln_f_b))
         # F.linear(x, W, b) = x @ W.T + b: Conv1D weights [K, N] are stored transposed, [N, K]
         self.layers = [{n: (t(L[n + ".weight"], transpose=not n.startswith("ln")), t(L[n + ".bias"]))
@@ -57,61 +87,74 @@ class CompactGPT2:
                        for L in params.layers]
 
     def _block(self, L, x, attend):
-        F = self.torch.nn.functional
-        B, T, C = x.shape
+        """x: [..., C] (prefill [B, T, C], decode [B, C]); attend(q, k, v) gets [..., H, D] views."""
+        F, C = self.torch.nn.functional, self.C
         qkv = F.linear(F.layer_norm(x, (C,), *L["ln_1"], self.eps), *L["attn.c_attn"])
-        q, k, v = (z.view(B, T, self.H, C // self.H).transpose(1, 2) for z in qkv.split(C, dim=2))
-        a = attend(q, k, v).transpose(1, 2).reshape(B, T, C)
-        x = x + F.linear(a, *L["attn.c_proj"])
+        q, k, v = (z.unflatten(-1, (self.H, self.D)) for z in qkv.split(C, dim=-1))
+        x = x + F.linear(attend(q, k, v).flatten(-2), *L["attn.c_proj"])
         h = F.gelu(F.linear(F.layer_norm(x, (C,), *L["ln_2"], self.eps), *L["mlp.c_fc"]), approximate=self.gelu)
         return x + F.linear(h, *L["mlp.c_proj"])
 
+    def _attend1(self, q, k, v, mask, hi):
+        """q [B, H, D] (one query per row) over k, v [B, H, S, D] with mask [B, 1, 1, S] -> [B, H, D]; keys at
+        >= hi are masked in every row."""
+        torch, q = self.torch, q[:, :, None]
+        if self.use_fused:
+            try:
+                with torch.nn.attention.sdpa_kernel(self.decode_backends):
+                    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, 0]
+            except RuntimeError:              # cuDNN does not take it here: the matmul path from now on
+                self.fused = self.use_fused = False
+        sc = torch.matmul(q * self.scale, k[:, :, :hi].transpose(-1, -2)).float() + mask[..., :hi]
+        return torch.matmul(torch.softmax(sc, dim=-1).to(self.dt), v[:, :, :hi])[:, :, 0]
+
     def _next(self, x):
         F = self.torch.nn.functional
-        return F.linear(F.layer_norm(x, (self.C,), *self.lnf, self.eps), self.head).argmax(-1)
+        return F.linear(F.layer_norm(x, (self.C,), *self.lnf, self.eps), self.head)[:, :self.V].argmax(-1)
 
     def generate(self, prompts, max_new):
         """prompts: list of int arrays -> int32 [B, max_new] greedy tokens (eos ignored)."""
-        torch, F = self.torch, self.torch.nn.functional
+        torch, F, D = self.torch, self.torch.nn.functional, self.D
         with torch.inference_mode():
-            B, lens_np = len(prompts), np.array([len(p) for p in prompts])
-            T, S, D = int(lens_np.max()), int(lens_np.max()) + max_new, self.C // self.H
-            tok = np.zeros((B, T), np.int64)                        # right padding
-            for i, p in enumerate(prompts):
-                tok[i, :len(p)] = p
+            B, lens_np = len(prompts), np.array([len(p) for p in prompts], np.int64)
+            T, S = int(lens_np.max()), int(lens_np.max()) + max_new
+            tok = np.zeros((B, T), np.int64)                         # right padding
+            tok[np.arange(T)[None, :] < lens_np[:, None]] = np.concatenate(prompts)
             tok, lens = torch.from_numpy(tok).to(self.dev), torch.from_numpy(lens_np).to(self.dev)
-            kc = torch.empty(self.nl, B, self.H, S, D, device=self.dev, dtype=self.dt)
-            vc = torch.empty_like(kc)
             bidx = torch.arange(B, device=self.dev)
-            uniform = bool((lens_np == T).all())
+            kc = torch.zeros(self.nl, B, self.H, S, D, device=self.dev, dtype=self.dt)
+            vc = torch.zeros_like(kc)
+            mask = torch.full((B, 1, 1, S), float("-inf"), device=self.dev, dtype=self.dt)
+            mask[:, 0, 0, :T].masked_fill_(torch.arange(T, device=self.dev) < lens[:, None], 0.0)
             out = torch.empty(B, max_new, dtype=torch.int64, device=self.dev)
 
-            def prefill_attend(li):
+            def prefill_attend(li):                                  # q, k, v: [B, T, H, D]
                 def f(q, k, v):
+                    q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
                     kc[li, :, :, :T], vc[li, :, :, :T] = k, v
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2)
                 return f
             x = self.wte[tok] + self.wpe[:T]
-            for li, L in enumerate(self.layers):
-                x = self._block(L, x, prefill_attend(li))
+            with torch.nn.attention.sdpa_kernel(self.prefill_backends):
+                for li, L in enumerate(self.layers):
+                    x = self._block(L, x, prefill_attend(li))
             out[:, 0] = self._next(x[bidx, lens - 1])
-            for s in range(1, max_new):
-                pos = lens + (s - 1)                                 # where token s-1 goes; attend to <= pos
-                hi = T + s if uniform else int(lens_np.max()) + s
-                mask = None if uniform else (torch.arange(hi, device=self.dev)[None, :] <= pos[:, None])[:, None, None]
+            x = None
+            # cuDNN's plan for this batch's shapes costs ~50 ms to build: worth it for long decodes only
+            self.use_fused = self.fused and max_new >= self.FUSED_MIN_NEW
 
-                def decode_attend(li):
-                    def f(q, k, v):
-                        if uniform:
-                            kc[li, :, :, T + s - 1], vc[li, :, :, T + s - 1] = k[:, :, 0], v[:, :, 0]
-                        else:
-                            kc[li, bidx, :, pos], vc[li, bidx, :, pos] = k[:, :, 0], v[:, :, 0]
-                        return F.scaled_dot_product_attention(q, kc[li, :, :, :hi], vc[li, :, :, :hi], attn_mask=mask)
-                    return f
-                x = (self.wte[out[:, s - 1]] + self.wpe[pos])[:, None]
+            def decode_attend(li):                                   # q, k, v: [B, H, D]
+                def f(q, k, v):
+                    kc[li, bidx, :, pos], vc[li, bidx, :, pos] = k, v
+                    return self._attend1(q, kc[li], vc[li], mask, T + s)
+                return f
+            for s in range(1, max_new):
+                pos = lens + (s - 1)                                 # where token s-1 goes: each row's own position
+                mask[bidx, 0, 0, pos] = 0.0
+                x = self.wte[out[:, s - 1]] + self.wpe[pos]
                 for li, L in enumerate(self.layers):
                     x = self._block(L, x, decode_attend(li))
-                out[:, s] = self._next(x[:, 0])
+                out[:, s] = self._next(x)
             return out.to(torch.int32).cpu().numpy()
 
 
@@ -204,7 +247,7 @@ def ours_tokens(path, width):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help="HF dir from export_weights.py (or random:..., exported to /tmp)")
+    ap.add_argument("--model", help="HF dir from export_weights.py (or random:..., exported to /tmp)")
     ap.add_argument("--workloads-dir", default="/tmp/gpt2job-bench/workloads")
     ap.add_argument("--workload", default="w1,w2")
     ap.add_argument("--engine", default="transformers,compact")
@@ -222,7 +265,15 @@ def main(argv=None):
     ap.add_argument("--compare", action="store_true", help="also run our engine (1 GPU) on the same weights/files")
     ap.add_argument("--ours-backend", default="cuda", help="backend for --compare (numpy for CPU smoke tests)")
     ap.add_argument("--out-dir", default="/tmp/gpt2job-bench/out", help="--compare's outputs and logs")
+    ap.add_argument("--self-check", action="store_true",
+                    help="only check the compact engine against transformers' greedy generate on a tiny random "
+                         "GPT-2 (2 layers, n_embd 64, ragged prompts, fp32; on CUDA also its fp16 decode paths "
+                         "against each other; a few seconds) and exit 0 if they agree")
     a = ap.parse_args(argv)
+    if a.self_check:
+        return self_check(a.device)
+    if not a.model:
+        ap.error("--model is required")
 
     import torch
     cuda = (a.device or ("cuda" if torch.cuda.is_available() else "cpu")) == "cuda"
@@ -308,6 +359,46 @@ def main(argv=None):
     print()
     print_table(["engine", "workload", "dtype", "batch", "generated", "time_s", "tok/s", "=ours", "status"], rows)
     return 0 if all(r[-1] == "ok" for r in rows) else 1
+
+
+def self_check(device=None):
+    """The compact engine's greedy tokens = transformers' (fp32, TF32 off) on a tiny random GPT-2 with ragged
+    prompts: exercises the right-padded prefill, the per-row decode mask and the padded lm head. On CUDA also
+    fp16: the cuDNN decode path vs the matmul path (>= 90% of tokens; fp16 rounding may flip a near-tie, and a
+    greedy row diverges from there). Returns 0 when all pass."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from gpt2job.weights import load_params
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    set_precision(torch, None)
+    torch.manual_seed(0)
+    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=128, vocab_size=EOT + 1, initializer_range=0.1)
+    rng = np.random.default_rng(0)
+    groups = [[rng.integers(0, EOT, n) for n in lens] for lens in ([5, 17, 9, 1, 12], [7, 7, 7])]  # ragged, uniform
+    bad = 0
+
+    def report(what, a, b, bar):
+        nonlocal bad
+        agree = float((a == b).mean())
+        bad += agree < bar
+        print(f"self-check {what}: {agree:.1%} of {a.size} tokens agree (bar {bar:.0%})")
+    with tempfile.TemporaryDirectory() as d:
+        GPT2LMHeadModel(cfg).save_pretrained(d)
+        params = load_params(d)
+        hf, compact = HFEngine(d, device, torch.float32), CompactGPT2(params, device, torch.float32)
+        for prompts in groups:
+            report(f"fp32 compact vs transformers, lengths {[len(p) for p in prompts]}",
+                   compact.generate(prompts, 12), hf.generate(prompts, 12), 1.0)
+        if torch.device(device).type == "cuda":
+            fused = CompactGPT2(params, device, torch.float16)
+            fused.FUSED_MIN_NEW = 1
+            plain = CompactGPT2(params, device, torch.float16, fused_decode=False)
+            for prompts in groups:
+                report(f"fp16 compact cuDNN decode vs matmul decode, lengths {[len(p) for p in prompts]}",
+                       fused.generate(prompts, 12), plain.generate(prompts, 12), 0.9)
+            print(f"self-check: fp16 decode attention through {'cuDNN' if fused.fused else 'matmul (cuDNN refused)'}")
+    print("self-check:", "ok" if not bad else "FAILED")
+    return int(bad > 0)
 
 
 def _tf_version():

@@ -37,17 +37,16 @@ F16_VARIANTS = {
     "tma192": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
 }
-# blocks per SM of the TMA variants (their __launch_bounds__) and relative speed per block-tile column measured on
-# H100 (benchmarks/kernels_bench.py), for the wave-quantisation model of Kernels.pick_f16
+# blocks per SM of the TMA variants (their __launch_bounds__) and rough relative speed per block-tile column (from
+# the H100 kernel table, K = 3072), for the wave-quantisation model of Kernels.pick_f16
 TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1}
 TMA_EFFICIENCY = {"tma128": 0.9, "tma192": 0.97, "tma256": 1.0}
 # warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
 F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
           "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256}
-# variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides). With TMA variants, pick_f16 takes
-# the one with the least modelled time; else the first is used for the big products, the second when the first's
-# tiles would fill under 4 waves. wgmma and TMA need sm_90 (Hopper).
-F16_DEFAULT = ("tma128", "tma192", "tma256", "t128x128k64s3")
+# variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); pick_f16 chooses per product.
+# wgmma and TMA need sm_90 (Hopper).
+F16_DEFAULT = ("tma128", "tma192", "tma256", "wgmma", "t128x128k64s3")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
@@ -144,34 +143,47 @@ class Kernels:
                 self.funcs[f"{base}_{suf}"] = f
         self.f16_default = self.f16_variants[0]
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
-        # fp32 product: k-slices of 8 or 16 per stage (GPT2JOB_F32_BK), identical results
-        self.f32_gemm = "gemm_f32_k16" if os.environ.get("GPT2JOB_F32_BK", "8") == "16" else "gemm_f32"
+        # fp32 product: k-slices of 16 per stage except for decode-sized products with a long K (measured on H100:
+        # 16 is 2-7% faster elsewhere, 20% slower there); identical results. GPT2JOB_F32_BK=8|16 forces one.
+        self.f32_bk = os.environ.get("GPT2JOB_F32_BK", "")
+        self.f32_gemm = None   # benchmarks may set a kernel name
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
             from .tensor_maps import TensorMapCache
             self.tmaps = TensorMapCache(drv)
 
-    def pick_f16(self, M, N, out_half=True):
-        """Tile variant for an M x N product: the first variant when its tiles make >= 4 waves, else the second;
-        the second too for wide float outputs (the LM head: measured faster with the mma.sync tiles)."""
+    def pick_f16(self, M, N, out_half=True, K=768):
+        """Tile variant for an M x N x K product, by what measured fastest on H100 (benchmarks/RESULTS.md, kernel
+        table of 2026-11-27): wide float outputs (the LM head) on the mma.sync 128x128 tiles (234 TFLOP/s vs
+        165-197 for wgmma/TMA); K >= 2048 on the TMA tiles chosen by the wave model (tma192 403 at M=8192,
+        tma256 522 at M=131072); otherwise tma128 from 16 waves of 128x128 tiles up (large prefill: 367-376 vs
+        wgmma 331-356), wgmma from 4 waves, else the mma.sync tiles. Variants not compiled are skipped."""
         vs = self.f16_variants
-        tma = [v for v in vs if v in TMA_BLOCKS_PER_SM]
-        if tma:   # least modelled time: whole waves of blocks x per-block work / speed
-            def cost(v):
-                bn, per_sm = F16_VARIANTS[v][2], TMA_BLOCKS_PER_SM[v]
-                tiles = ((M + 127) // 128) * ((N + bn - 1) // bn)
-                waves = (tiles + self.n_sm * per_sm - 1) // (self.n_sm * per_sm)
-                return waves * bn * per_sm / TMA_EFFICIENCY[v]
-            return min(tma, key=cost)
         if len(vs) == 1:
             return vs[0]
+        mma = next((v for v in vs if F16_VARIANTS[v][0] >= 0), vs[-1])   # an mma.sync variant (runs anywhere)
+        tma = [v for v in vs if v in TMA_BLOCKS_PER_SM]
         if not out_half and N > 16384:
-            return vs[1]
-        big = vs[0]
-        _, bm, bn, _, _ = F16_VARIANTS[big]
-        tiles = ((M + bm - 1) // bm) * ((N + bn - 1) // bn)
-        return big if tiles >= 4 * 132 else vs[1]
+            return mma
+        waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
+
+        def cost(v):   # whole waves of blocks x per-block work / speed
+            bn, per_sm = F16_VARIANTS[v][2], TMA_BLOCKS_PER_SM[v]
+            tiles = ((M + 127) // 128) * ((N + bn - 1) // bn)
+            waves = (tiles + self.n_sm * per_sm - 1) // (self.n_sm * per_sm)
+            return waves * bn * per_sm / TMA_EFFICIENCY[v]
+
+        deep = [v for v in tma if v != "tma128"]
+        if K >= 2048 and deep:
+            return min(deep, key=cost)
+        if waves128 >= 4 and "tma128" in vs:
+            return "tma128"
+        if waves128 >= 1 and "wgmma" in vs:
+            return "wgmma"
+        if tma and waves128 >= 1 and mma not in vs:
+            return min(tma, key=cost)
+        return mma
 
     def launch(self, name, grid, block, stream, *args):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
@@ -205,7 +217,11 @@ class Kernels:
         vec_b = int(ldb % 4 == 0 and ptr(B) % 16 == 0)
         vec_c = int(ldc % 4 == 0 and ptr(C) % 16 == 0)
         grid = ((N + 127) // 128, (M + 127) // 128, split)
-        self.launch(self.f32_gemm, grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias),
+        name = self.f32_gemm
+        if name is None:
+            k16 = (K < 2048 or M > 16384) if not self.f32_bk else self.f32_bk == "16"
+            name = "gemm_f32_k16" if k16 else "gemm_f32"
+        self.launch(name, grid, (256, 1, 1), stream, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias),
                     M, N, K, mode, vec_a, vec_b, vec_c, kps, ptr(ws) if split > 1 else 0, ptr(rs), ptr(rp), int(sb),
                     int(S), ptr(kc), ptr(vc), int(kvC))
         if split > 1:
@@ -222,7 +238,7 @@ class Kernels:
         if M == 0:
             return
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
-        v = variant or self.pick_f16(M, N, out_half)
+        v = variant or self.pick_f16(M, N, out_half, K)
         part, bm, bn, thr, smem = F16_VARIANTS[v]
         grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
         suf = "outh" if out_half else "outf"
