@@ -130,6 +130,13 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     gemm_f16_tma##TBN##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                     \
     { gemm_tma_impl<TBN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
 
+// GEMM_TMA_BN (set by gpt2job/cuda_kernels.py): compile one tile width only (the three compile in parallel)
+#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 128
 DEF_GEMM_TMA(128, 3, 2)
+#endif
+#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 192
 DEF_GEMM_TMA(192, 4, 1)
+#endif
+#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 256
 DEF_GEMM_TMA(256, 4, 1)
+#endif

@@ -18,7 +18,6 @@ CUDA_SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX = 0, 1, 2, 3, 4, 5
 
 _F16_SIG = "PiPiPiPiiiiPPiiPPi"
-_HOPPER_FILES = {-1: "gemm_wgmma.cu", -2: "gemm_tma.cu"}   # F16_VARIANTS part < 0: the file (sm_90a)
 # fp16 GEMM tile variants of cuda_src/gemm_f16.cu: name -> (GEMM_F16_PART, BM, BN, threads, dynamic smem bytes).
 # "v0" is the original 128x128x32 3-stage kernel (static shared memory, no EPI_QKV).
 F16_VARIANTS = {
@@ -71,6 +70,17 @@ KERNELS = {
 }
 
 
+def variant_module(v):
+    """The compile job holding fp16 variant v: (module key, file, nvcc defines, arch). Each TMA tile width is a
+    module of its own so that the three compile in parallel (one module took ~25 s of nvcc)."""
+    part, _bm, bn, _thr, _smem = F16_VARIANTS[v]
+    if part == -1:
+        return ("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a")
+    if part == -2:
+        return ("gemm_tma.cu#" + v, "gemm_tma.cu", ("-DGEMM_TMA_BN=%d" % bn,), "sm_90a")
+    return ("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % part,), "sm_90")
+
+
 def cache_dir(local_rank=0):
     root = os.environ.get("GPT2JOB_PYCUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2job",
                                                                    "pycuda")
@@ -107,12 +117,9 @@ class Kernels:
         self.f16_variants = tuple(f16_variants)
         jobs = [(fname, fname, (), "sm_90") for fname in sorted({f for f, _ in KERNELS.values()})]
         for v in self.f16_variants:
-            if F16_VARIANTS[v][0] < 0:   # wgmma variants: gemm_wgmma.cu, gemm_tma.cu (sm_90a)
-                f = _HOPPER_FILES[F16_VARIANTS[v][0]]
-                if not any(j[0] == f for j in jobs):
-                    jobs.append((f, f, (), "sm_90a"))
-            else:
-                jobs.append(("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % F16_VARIANTS[v][0],), "sm_90"))
+            job = variant_module(v)
+            if job not in jobs:
+                jobs.append(job)
 
         def build(job):   # nvcc in parallel threads (no context needed); modules load in this thread
             key, fname, defs, arch = job
@@ -135,7 +142,7 @@ class Kernels:
             part, bm, bn, thr, smem = F16_VARIANTS[v]
             base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
             for suf in ("outh", "outf"):
-                f = mods[_HOPPER_FILES[part] if part < 0 else "gemm_f16.cu#" + v].get_function(f"{base}_{suf}")
+                f = mods[variant_module(v)[0]].get_function(f"{base}_{suf}")
                 if smem > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
                 # TMA kernels take pointers to the A and B descriptors in front

@@ -1,5 +1,12 @@
 """Host-side helpers of the CUDA backend (no GPU needed)."""
+import os
+import re
+import shutil
+import sys
+import types
+
 import numpy as np
+import pytest
 
 from gpt2job.cuda_backend import PREFILL_TILE_ROWS, kv_groups, prefill_passes, prefill_tiles
 
@@ -48,3 +55,106 @@ def test_prefill_tiles_cover_each_prompt_in_consecutive_tiles():
             # the tiles cover the prompt's rows offsets[b]..offsets[b+1]-1 in order, once each
             rows = np.concatenate([np.arange(f, f + k) for f, k in t])
             np.testing.assert_array_equal(rows, np.arange(offsets[b], offsets[b + 1]))
+
+
+# ---------------------------------------------------------------- Kernels wiring, with a stand-in for pycuda
+
+class _FakeDrv:
+    """Just enough of pycuda.driver for Kernels.__init__ and pick_f16 without a GPU."""
+
+    class device_attribute:
+        MULTIPROCESSOR_COUNT = "sm_count"
+
+    class function_attribute:
+        MAX_DYNAMIC_SHARED_SIZE_BYTES = "max_dyn_smem"
+
+    class _Device:
+        def compute_capability(self):
+            return (9, 0)
+
+        def get_attribute(self, attr):
+            return 132
+
+    class Context:
+        @staticmethod
+        def get_device():
+            return _FakeDrv._Device()
+
+    class _Alloc(int):
+        def free(self):
+            pass
+
+    @staticmethod
+    def mem_alloc(n):
+        return _FakeDrv._Alloc(1 << 20)
+
+    @staticmethod
+    def pagelocked_empty(n, dtype):
+        return np.empty(n, dtype)
+
+    class _Function:
+        def __init__(self, name):
+            self.name = name
+            self.sig = None
+
+        def prepare(self, sig):
+            self.sig = sig
+
+        def set_attribute(self, attr, value):
+            pass
+
+    class _Module:
+        def __init__(self, text):
+            self.text = text
+
+        def get_function(self, name):
+            assert re.search(rf"(?<!\w){name}\s*\(", self.text), f"{name} is not in this module"
+            return _FakeDrv._Function(name)
+
+    @staticmethod
+    def module_from_buffer(text):
+        return _FakeDrv._Module(text)
+
+
+def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
+    """nvcc -E of the source with the job's defines: what the module would define."""
+    import subprocess
+    import tempfile
+    with tempfile.NamedTemporaryFile("w", suffix=".cu", delete=False) as fh:
+        fh.write(src)
+    r = subprocess.run(["nvcc", "-E", "-x", "cu", f"-arch={arch}", *options, *[f"-I{d}" for d in include_dirs],
+                        fh.name], capture_output=True, text=True)
+    os.unlink(fh.name)
+    assert r.returncode == 0, r.stderr
+    return r.stdout
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, tmp_path):
+    fake_pycuda = types.ModuleType("pycuda")
+    fake_compiler = types.ModuleType("pycuda.compiler")
+    fake_compiler.compile = _preprocess
+    fake_pycuda.driver = _FakeDrv
+    fake_pycuda.compiler = fake_compiler
+    monkeypatch.setitem(sys.modules, "pycuda", fake_pycuda)
+    monkeypatch.setitem(sys.modules, "pycuda.driver", _FakeDrv)
+    monkeypatch.setitem(sys.modules, "pycuda.compiler", fake_compiler)
+    monkeypatch.delitem(sys.modules, "gpt2job.cuda_kernels", raising=False)
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    import gpt2job.cuda_kernels as ck
+    try:
+        k = ck.Kernels(0)                       # the default variants of a Hopper GPU
+        assert k.f16_variants == ck.F16_DEFAULT
+        tma_jobs = {ck.variant_module(v) for v in ck.F16_VARIANTS if ck.F16_VARIANTS[v][0] == -2}
+        assert len({j[0] for j in tma_jobs}) == 3 and all(j[2] for j in tma_jobs)   # one module per tile width
+        assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
+        # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel table)
+        assert k.pick_f16(131072, 2304, True, 768) == "tma128"
+        assert k.pick_f16(131072, 768, False, 3072) == "tma256"
+        assert k.pick_f16(8192, 768, False, 3072) == "tma192"
+        assert k.pick_f16(8192, 2304, True, 768) == "wgmma"
+        assert k.pick_f16(8192, 768, False, 768) == "t128x128k64s3"
+        assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
+        assert ck.Kernels(0, f16_variants=("t128x128k64s3",)).pick_f16(131072, 2304) == "t128x128k64s3"
+    finally:
+        sys.modules.pop("gpt2job.cuda_kernels", None)
