@@ -10,11 +10,12 @@ Work layout per chunk:
   * decode: one row per still-active sequence (finished sequences are dropped from the work), one token
     id per row uploaded, one token id per row downloaded; logits never leave the GPU.
   * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group.
-    Sequences are grouped so the cache fits the memory budget; prefill passes are capped at
-    max_prefill_rows tokens.
+    Sequences are grouped (kv_groups: even groups) so the cache fits the memory budget, 80% of the memory
+    free after weights and activations; prefill passes are capped at max_prefill_rows tokens.
 Precisions: "float32" (plain FP32 FMA GEMM, no TF32; split-K for decode-sized products) and "float16" (tensor
-cores with fp32 accumulation: wgmma on Hopper, mma.sync elsewhere and for small grids, see
-cuda_kernels.F16_DEFAULT; residual stream, layer-norm statistics, softmax and logits in fp32).
+cores with fp32 accumulation: on Hopper TMA + wgmma, cp.async + wgmma or mma.sync tiles per product shape,
+see cuda_kernels.Kernels.pick_f16; mma.sync elsewhere; residual stream, layer-norm statistics, softmax and
+logits in fp32).
 Fusions: the QKV GEMM epilogue writes keys/values straight into the KV cache (EPI_QKV); optional
 (GPT2JOB_FUSE_ARGMAX=1, greedy fp16) LM head with a (max, argmax) epilogue, off by default (measured slower).
 last_logits(prompts) gives the last-position logits computed by these kernels (tests, fp16-vs-fp32 checks).
