@@ -14,6 +14,7 @@
 //     P as half re-used from the accumulator layout as the A fragment, O += P V (ldmatrix.trans + mma);
 //   * O / l staged through shared memory, written with 16-byte stores for rows < n_rows.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define AP_D 64        // head size (fixed)
 #define AP_TILE 16     // query rows per tile (the mma M)
@@ -23,32 +24,6 @@
 
 static_assert(AP_KB % 16 == 0 && AP_KB >= AP_TILE, "Q is staged in one K block buffer");
 
-__device__ __forceinline__ void ap_cp_async16(void* smem, const void* gmem, bool valid) {
-    // valid == false: 16 zero bytes, nothing read
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    int sz = valid ? 16 : 0;
-    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(sz));
-}
-__device__ __forceinline__ void ap_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-template <int N> __device__ __forceinline__ void ap_cp_async_wait() {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
-}
-__device__ __forceinline__ void ap_ldmatrix_x4(unsigned* r, const void* smem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-__device__ __forceinline__ void ap_ldmatrix_x4_trans(unsigned* r, const void* smem) {
-    unsigned s = (unsigned)__cvta_generic_to_shared(smem);
-    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
-                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(s));
-}
-__device__ __forceinline__ void ap_mma16816(float* c, const unsigned* a, unsigned b0, unsigned b1) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
 __device__ __forceinline__ unsigned ap_pack_half2(float lo, float hi) {
     __half2 h = __floats2half2_rn(lo, hi);
     return *reinterpret_cast<unsigned*>(&h);
@@ -88,8 +63,8 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
             const int j = kb * AP_KB + row;
             const bool ok = j <= kend;
             const size_t off = kvbase + (size_t)(ok ? j : 0) * C + ch * 8;
-            ap_cp_async16(&sw[st][0][ap_swz(row, ch)], kc + off, ok);
-            ap_cp_async16(&sw[st][1][ap_swz(row, ch)], vc + off, ok);
+            cp_async16(&sw[st][0][ap_swz(row, ch)], kc + off, ok);
+            cp_async16(&sw[st][1][ap_swz(row, ch)], vc + off, ok);
         }
     };
 
@@ -98,15 +73,15 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
     for (int i = 0; i < AP_TILE * 8 / 32; i++) {
         const int id = lane + 32 * i, row = id >> 3, ch = id & 7;
         const bool ok = row < n;
-        ap_cp_async16(&sw[1][0][ap_swz(row, ch)], qkv + (size_t)(r0 + (ok ? row : 0)) * 3 * C + h * AP_D + ch * 8, ok);
+        cp_async16(&sw[1][0][ap_swz(row, ch)], qkv + (size_t)(r0 + (ok ? row : 0)) * 3 * C + h * AP_D + ch * 8, ok);
     }
     load_kv(0, 0);
-    ap_cp_async_commit();
-    ap_cp_async_wait<0>();
+    cp_async_commit();
+    cp_async_wait<0>();
     __syncwarp();
     unsigned qf[AP_D / 16][4];   // A fragments of Q, one per 16 dims
 #pragma unroll
-    for (int ks = 0; ks < AP_D / 16; ks++) ap_ldmatrix_x4(qf[ks], &sw[1][0][ap_swz(lane & 15, 2 * ks + (lane >> 4))]);
+    for (int ks = 0; ks < AP_D / 16; ks++) ldmatrix_x4(qf[ks], &sw[1][0][ap_swz(lane & 15, 2 * ks + (lane >> 4))]);
     __syncwarp();   // stage 1 is free for block 1
 
     float o[AP_D / 8][4];   // O accumulator: n-tile d holds dims 8 d .. 8 d + 7
@@ -118,8 +93,8 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
 
     for (int kb = 0; kb < nkb; kb++) {
         if (kb + 1 < nkb) load_kv((kb + 1) & 1, kb + 1);
-        ap_cp_async_commit();   // (possibly empty) group of block kb + 1
-        ap_cp_async_wait<1>();  // block kb has landed (this lane's copies) ...
+        cp_async_commit();   // (possibly empty) group of block kb + 1
+        cp_async_wait<1>();  // block kb has landed (this lane's copies) ...
         __syncwarp();           // ... and every lane's
         const __half* ks_ = sw[kb & 1][0];
         const __half* vs_ = sw[kb & 1][1];
@@ -134,9 +109,9 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
             for (int nj = 0; nj < AP_KB / 16; nj++) {
                 unsigned b[4];   // keys 16 nj + (0..7 | 8..15) x dims 16 ks + (0..7 | 8..15)
                 const int row = 16 * nj + (lane & 7) + ((lane >> 4) << 3);
-                ap_ldmatrix_x4(b, &ks_[ap_swz(row, 2 * ks + ((lane >> 3) & 1))]);
-                ap_mma16816(s[2 * nj], qf[ks], b[0], b[1]);
-                ap_mma16816(s[2 * nj + 1], qf[ks], b[2], b[3]);
+                ldmatrix_x4(b, &ks_[ap_swz(row, 2 * ks + ((lane >> 3) & 1))]);
+                mma16816(s[2 * nj], qf[ks], &b[0]);
+                mma16816(s[2 * nj + 1], qf[ks], &b[2]);
             }
         }
 
@@ -193,14 +168,14 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
             for (int np = 0; np < AP_D / 16; np++) {
                 unsigned b[4];   // keys 16 kk + (0..7 | 8..15) x dims 16 np + (0..7 | 8..15), transposed
                 const int row = 16 * kk + (lane & 7) + (((lane >> 3) & 1) << 3);
-                ap_ldmatrix_x4_trans(b, &vs_[ap_swz(row, 2 * np + (lane >> 4))]);
-                ap_mma16816(o[2 * np], pa, b[0], b[1]);
-                ap_mma16816(o[2 * np + 1], pa, b[2], b[3]);
+                ldmatrix_x4_trans(b, &vs_[ap_swz(row, 2 * np + (lane >> 4))]);
+                mma16816(o[2 * np], pa, &b[0]);
+                mma16816(o[2 * np + 1], pa, &b[2]);
             }
         }
         __syncwarp();   // every lane is done with stage kb & 1 before block kb + 2 overwrites it
     }
-    ap_cp_async_wait<0>();
+    cp_async_wait<0>();
 
     // O / l -> stage 0's K buffer (swizzled 16 x 64) -> 16-byte stores of rows < n
 #pragma unroll
