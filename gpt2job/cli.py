@@ -3,9 +3,9 @@
 A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
 """
 import argparse
-import os
 import sys
 
+from .devices import world_rank
 from .errors import UserError, WorkerFailure
 
 EXIT_USAGE = 2
@@ -145,20 +145,12 @@ def cmd_validate(a):
     return report_validation(a.output, a.answer, a.tolerance)
 
 
-def _is_worker_rank():
-    for var in ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK"):
-        v = os.environ.get(var)
-        if v is not None:
-            return v != "0"
-    return False
-
-
 def main(argv=None):
     try:
         a = build_parser().parse_args(argv)
         return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate}[a.command](a)
     except UserError as e:
-        if not _is_worker_rank():
+        if world_rank() in (None, 0):   # one line from the master, not one per rank
             sys.stderr.write(f"gpt2job: error: {e}\n")
         return EXIT_USAGE
     except WorkerFailure as e:

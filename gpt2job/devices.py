@@ -1,7 +1,12 @@
-"""Which GPU a rank uses: counted and chosen from the environment, before CUDA is initialised."""
+"""What the MPI launcher told this process (started by one or not, its ranks), and which GPU a rank uses:
+all read from the environment, before MPI or CUDA is initialised."""
 import glob
 import os
 import re
+
+# set by Open MPI, PMIx launchers, MPICH/Intel MPI (hydra) and Slurm's PMI: present -> started by an MPI launcher
+MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
+WORLD_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMIX_RANK", "PMI_RANK")
 
 LOCAL_RANK_VARS = ("OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "MV2_COMM_WORLD_LOCAL_RANK",
                    "PMI_LOCAL_RANK", "SLURM_LOCALID", "LOCAL_RANK")
@@ -15,6 +20,15 @@ def _first_int(names, default):
         if v is not None and v.strip().lstrip("-").isdigit():
             return int(v)
     return default
+
+
+def started_by_mpi():
+    return any(v in os.environ for v in MPI_ENV_VARS)
+
+
+def world_rank():
+    """This process's rank in the job, from the launcher's environment; None without a launcher."""
+    return _first_int(WORLD_RANK_VARS, None)
 
 
 def local_rank():

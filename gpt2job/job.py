@@ -1,19 +1,14 @@
 """The job: rank 0 is the master (gpt2job/master.py: reads and validates input, hands out chunks
 on demand, writes results as they arrive); ranks 1..N-1 are workers (gpt2job/worker.py: one backend
 each). With one rank the master does the work itself. Work moves as numpy buffers (protocol.py)."""
-import os
-
-from .devices import node_worker_index
+from .devices import node_worker_index, started_by_mpi
 from .master import run_master
 from .settings import JobSettings
 from .worker import run_worker
 
-MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
-
-
 def mpi_comm():
     """COMM_WORLD when started by an MPI launcher, else None (a plain one-process run)."""
-    if not any(v in os.environ for v in MPI_ENV_VARS):
+    if not started_by_mpi():
         return None
     from mpi4py import MPI
     return MPI.COMM_WORLD

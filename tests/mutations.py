@@ -7,6 +7,8 @@ Used by benchmarks/reliability.py (hundreds of cases) and tests/test_fuzz_smoke.
 Outcomes:
   clear       exit 2 with exactly one 'gpt2job: error:' line naming the input or the model file
   unclear     exit 2, but the line does not name the file, or more/other lines
+  no_vocab    exit 2 because text prompts need the GPT-2 tokenizer files and there are none here
+              (no ../shared/gpt2-vocab, no GPT2_VOCAB_DIR): the case tells nothing
   success     exit 0 and a finished output with every row done
   bad_success exit 0 but the output is missing, unfinished or has rows not done
   traceback   an exception escaped main()
@@ -767,6 +769,9 @@ def _classify(code, err, files, out_path):
     if code == 2:
         if len(errors) == 1 and "Traceback" not in err and any(str(p) in errors[0] for p in files):
             return "clear"
+        if (len(errors) == 1 and "--vocab-dir" in errors[0] and "tiktoken could not load" in errors[0]
+                and not (VOCAB_DIR / "vocab.bpe").is_file()):
+            return "no_vocab"
         return "unclear"
     return "other_exit"
 
@@ -905,7 +910,8 @@ def _finish(res, raw, status):
         res.outcome = d.get("outcome", "other_exit")
 
 
-OUTCOMES = ["clear", "success", "unclear", "bad_success", "other_exit", "traceback", "crash", "hang", "build_error"]
+OUTCOMES = ["clear", "success", "no_vocab", "unclear", "bad_success", "other_exit", "traceback", "crash", "hang",
+            "build_error"]
 
 
 def summary_table(results):
@@ -919,7 +925,7 @@ def summary_table(results):
     lines += [f"{o:<12} {counts[o]:>6}" for o in OUTCOMES if counts[o] or o in ("clear", "success", "traceback", "hang")]
     lines.append(f"{'total':<12} {len(results):>6}")
     lines.append("")
-    short = {"clear": "clear", "success": "ok", "unclear": "unclr", "bad_success": "badok", "other_exit": "exit?",
+    short = {"clear": "clear", "success": "ok", "no_vocab": "novoc", "unclear": "unclr", "bad_success": "badok", "other_exit": "exit?",
              "traceback": "tb", "crash": "crash", "hang": "hang", "build_error": "build"}
     cols = [o for o in OUTCOMES if counts[o]]
     lines.append(f"{'mutator':<22}" + "".join(f"{short[o]:>7}" for o in cols))
