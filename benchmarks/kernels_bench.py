@@ -6,7 +6,7 @@ Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off
 (mma.sync, wgmma, TMA + wgmma) vs torch fp16.
 --e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process) for fp32 (k-slices of 8 only, default), the previous fp16
 default (wgmma kernel, no prefill attention kernel), the current default without the prefill attention kernel,
-and the current default.
+the current default, and the current picks on persistent TMA grids.
 --profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
 --w2: W2-like generate() (2,048 prompts of 32..512 tokens, 256 new), previous vs current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
@@ -209,6 +209,8 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
 
 
 OLD_F16 = {"GPT2JOB_F16_VARIANTS": "wgmma,t128x128k64s3", "GPT2JOB_PREFILL_ATTN": "0"}   # the previous default
+PERSISTENT_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,tma128p,tma192p,tma256p,wgmma,t128x128k64s3",
+                  "GPT2JOB_TMA_PERSISTENT": "1"}   # the default picks, persistent TMA grids
 
 
 def main():
@@ -227,13 +229,14 @@ def main():
     e2e = bench_e2e([("float32-k8", "float32", {"GPT2JOB_F32_BK": "8"}), ("float32", "float32", {}),
                      ("float16-previous", "float16", OLD_F16),
                      ("float16-no-prefill-attn", "float16", {"GPT2JOB_PREFILL_ATTN": "0"}),
-                     ("float16", "float16", {})]) if a.e2e else {}
+                     ("float16", "float16", {}),
+                     ("float16-persistent-tma", "float16", PERSISTENT_F16)]) if a.e2e else {}
     if a.w2:
         w2 = w2_chunk()
         if a.profile:
             profile(["float16"], new=16, chunk=w2, label="W2 (16 new tokens)")
-        bench_e2e([("float16-previous", "float16", OLD_F16), ("float16", "float16", {})], new=256, chunk=w2, reps=1,
-                  label="W2")
+        bench_e2e([("float16-previous", "float16", OLD_F16), ("float16", "float16", {}),
+                   ("float16-persistent-tma", "float16", PERSISTENT_F16)], new=256, chunk=w2, reps=1, label="W2")
     if rows:
         from gpt2job.cuda_kernels import F16_VARIANTS
         print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")

@@ -10,6 +10,7 @@
 //   full[s]  - the producer arms it with the stage's byte count; the TMA unit completes it when both tiles landed;
 //   empty[s] - each of the 8 consumer warps arrives once its wgmma reading the stage has retired.
 // Consumers keep one wgmma batch in flight (wait_group 1) and release the previous stage after it.
+// Variants: one block per tile (gemm_f16_tma<BN>), or persistent (gemm_f16_tma<BN>p, see gemm_tma_impl).
 // Build: -gencode=arch=compute_90a,code=sm_90a.
 #define GEMM_F16_PART 99   // helpers and the shared epilogue of gemm_f16.cu, none of its kernels
 #include "gemm_f16.cu"
@@ -54,7 +55,11 @@ template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned lon
 #define TMA_BK 64
 #define TMA_THREADS 288
 
-template <int TBN, int ST, typename OutT>
+// PERSIST = false: one block per output tile (grid: N tiles x M tiles). PERSIST = true: a grid of at most as many
+// blocks as fit on the GPU at once, block b taking tiles b, b + gridDim.x, ... (N tiles fastest); the stage ring
+// and its barrier phases run on across tiles, so the producer loads the next tile while the consumers run the
+// epilogue of this one.
+template <int TBN, int ST, bool PERSIST, typename OutT>
 __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
     constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
@@ -66,8 +71,14 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (A_BYTES + B_BYTES));
     unsigned long long* empty = full + ST;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int m0 = blockIdx.y * TMA_BM, n0 = blockIdx.x * TBN;
     const int nk = (K + TMA_BK - 1) / TMA_BK;
+    const int n_tiles = (N + TBN - 1) / TBN;
+    const int tile0 = PERSIST ? blockIdx.x : 0, tile_step = PERSIST ? gridDim.x : 1;
+    const int tile_end = PERSIST ? n_tiles * ((M + TMA_BM - 1) / TMA_BM) : 1;
+    auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
+        m0 = (PERSIST ? tile / n_tiles : (int)blockIdx.y) * TMA_BM;
+        n0 = (PERSIST ? tile % n_tiles : (int)blockIdx.x) * TBN;
+    };
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < ST; s++) {
@@ -83,12 +94,17 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
             // the descriptors were written by a copy: order that before the TMA unit reads them
             asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
             asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
-            for (int t = 0; t < nk; t++) {
-                const int s = t % ST;
-                if (t >= ST) mbar_wait(&empty[s], ((t / ST) - 1) & 1);   // the consumers released tile t - ST
-                mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-                tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, t * TMA_BK, m0, &full[s]);
-                tma_load_2d(Bs + s * TBN * TMA_BK, tmB, t * TMA_BK, n0, &full[s]);
+            int it = 0;   // k-blocks loaded so far (all tiles): stage it % ST, phase it / ST
+            for (int tile = tile0; tile < tile_end; tile += tile_step) {
+                int m0, n0;
+                origin(tile, m0, n0);
+                for (int kb = 0; kb < nk; kb++, it++) {
+                    const int s = it % ST;
+                    if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
+                    mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+                    tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
+                    tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
+                }
             }
         }
         return;
@@ -96,47 +112,66 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 
     const int wg = warp >> 2;
     float acc[1][TBN / 8][4];
+    int it = 0;   // k-blocks consumed so far (all tiles)
+    for (int tile = tile0; tile < tile_end; tile += tile_step) {
+        int m0, n0;
+        origin(tile, m0, n0);
 #pragma unroll
-    for (int j = 0; j < TBN / 8; j++)
+        for (int j = 0; j < TBN / 8; j++)
 #pragma unroll
-        for (int r = 0; r < 4; r++) acc[0][j][r] = 0.f;
-    for (int t = 0; t < nk; t++) {
-        const int s = t % ST;
-        mbar_wait(&full[s], (t / ST) & 1);
-        const __half* as = As + s * TMA_BM * TMA_BK + wg * 64 * TMA_BK;   // this warpgroup's 64 rows
-        const __half* bs = Bs + s * TBN * TMA_BK;
+            for (int r = 0; r < 4; r++) acc[0][j][r] = 0.f;
+        for (int kb = 0; kb < nk; kb++, it++) {
+            const int s = it % ST;
+            mbar_wait(&full[s], (it / ST) & 1);
+            const __half* as = As + s * TMA_BM * TMA_BK + wg * 64 * TMA_BK;   // this warpgroup's 64 rows
+            const __half* bs = Bs + s * TBN * TMA_BK;
+            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+            wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
+                wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
+            wg_commit();
+            wg_wait1();                                 // k-block it - 1's batch has retired: release its stage
+            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        }
+        wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
-            wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
-        wg_commit();
-        wg_wait1();                                 // tile t - 1's batch has retired: release its stage
-        wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-        if (t > 0 && lane == 0) mbar_arrive(&empty[(t - 1) % ST]);
+        if (PERSIST && nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);   // the tile's last stage
+        gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(acc, m0 + wg * 64 + (warp & 3) * 16, n0, C, ldc, bias, M, N, mode,
+                                                 row_slot, row_pos, slot_base, S, kc, vc, kvC);
     }
-    wg_wait0();
-    wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-    gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(acc, m0 + wg * 64 + (warp & 3) * 16, n0, C, ldc, bias, M, N, mode, row_slot,
-                                           row_pos, slot_base, S, kc, vc, kvC);
 }
 
-// name: gemm_f16_tma<TBN>_<out>; keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS (stages, blocks per SM)
-#define DEF_GEMM_TMA(TBN, ST, MINB)                                                                              \
+// name: gemm_f16_tma<TBN>[p]_<out> (p: persistent); keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS
+#define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST)                                                             \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
-    gemm_f16_tma##TBN##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                    \
-    { gemm_tma_impl<TBN, ST, __half>(tmA, tmB, GEMM_F16_PASS); }                                                \
+    NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
+    { gemm_tma_impl<TBN, ST, PERSIST, __half>(tmA, tmB, GEMM_F16_PASS); }                                       \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
-    gemm_f16_tma##TBN##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                     \
-    { gemm_tma_impl<TBN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
+    NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
+    { gemm_tma_impl<TBN, ST, PERSIST, float>(tmA, tmB, GEMM_F16_PASS); }
 
-// GEMM_TMA_BN (set by gpt2job/cuda_kernels.py): compile one tile width only (the three compile in parallel)
-#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 128
-DEF_GEMM_TMA(128, 3, 2)
+// GEMM_TMA_BN / GEMM_TMA_PERSIST (set by gpt2job/cuda_kernels.py): compile one variant only (they compile in
+// parallel); neither set: all of them
+#ifndef GEMM_TMA_PERSIST
+#define GEMM_TMA_PERSIST -1
 #endif
-#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 192
-DEF_GEMM_TMA(192, 4, 1)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST != 1)
+DEF_GEMM_TMA(gemm_f16_tma128, 128, 3, 2, false)
 #endif
-#if !defined(GEMM_TMA_BN) || GEMM_TMA_BN == 256
-DEF_GEMM_TMA(256, 4, 1)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST != 1)
+DEF_GEMM_TMA(gemm_f16_tma192, 192, 4, 1, false)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST != 1)
+DEF_GEMM_TMA(gemm_f16_tma256, 256, 4, 1, false)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 1)
+DEF_GEMM_TMA(gemm_f16_tma128p, 128, 3, 2, true)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST == 1)
+DEF_GEMM_TMA(gemm_f16_tma192p, 192, 4, 1, true)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 1)
+DEF_GEMM_TMA(gemm_f16_tma256p, 256, 4, 1, true)
 #endif

@@ -35,10 +35,16 @@ F16_VARIANTS = {
     "tma128": (-2, 128, 128, 288, 3 * (128 + 128) * 64 * 2 + 1024 + 64),
     "tma192": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
+    # the same three as persistent grids (as many blocks as fit; each block loops over tiles, loading the next
+    # tile during the epilogue). Not picked unless GPT2JOB_TMA_PERSISTENT=1 (not yet timed on a GPU).
+    "tma128p": (-2, 128, 128, 288, 3 * (128 + 128) * 64 * 2 + 1024 + 64),
+    "tma192p": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
+    "tma256p": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
 }
+TMA_PERSISTENT = {"tma128p": "tma128", "tma192p": "tma192", "tma256p": "tma256"}   # persistent -> plain twin
 # blocks per SM of the TMA variants (their __launch_bounds__) and rough relative speed per block-tile column (from
 # the H100 kernel table, K = 3072), for the wave-quantisation model of Kernels.pick_f16
-TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1}
+TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1, "tma128p": 2, "tma192p": 1, "tma256p": 1}
 TMA_EFFICIENCY = {"tma128": 0.9, "tma192": 0.97, "tma256": 1.0}
 # warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
 F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
@@ -77,7 +83,8 @@ def variant_module(v):
     if part == -1:
         return ("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a")
     if part == -2:
-        return ("gemm_tma.cu#" + v, "gemm_tma.cu", ("-DGEMM_TMA_BN=%d" % bn,), "sm_90a")
+        return ("gemm_tma.cu#" + v, "gemm_tma.cu",
+                ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=%d" % (v in TMA_PERSISTENT)), "sm_90a")
     return ("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % part,), "sm_90")
 
 
@@ -155,6 +162,8 @@ class Kernels:
         self.f32_bk = os.environ.get("GPT2JOB_F32_BK", "")
         self.f32_gemm = None   # benchmarks may set a kernel name
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
+        # pick_f16 takes the persistent twin of a TMA variant where it is compiled (experimental)
+        self.tma_persistent = os.environ.get("GPT2JOB_TMA_PERSISTENT", "0") == "1"
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
             from .tensor_maps import TensorMapCache
@@ -169,9 +178,16 @@ class Kernels:
         vs = self.f16_variants
         if len(vs) == 1:
             return vs[0]
-        mma = next((v for v in vs if F16_VARIANTS[v][0] >= 0), vs[-1])   # an mma.sync variant (runs anywhere)
-        tma = [v for v in vs if v in TMA_BLOCKS_PER_SM]
-        if not out_half and N > 16384:
+        v = self._pick_f16(M, N, out_half, K, vs)
+        if self.tma_persistent and v + "p" in vs:
+            return v + "p"
+        return v
+
+    def _pick_f16(self, M, N, out_half, K, vs):
+        # an mma.sync variant (runs anywhere): the measured best one, else the first compiled
+        mma = "t128x128k64s3" if "t128x128k64s3" in vs else next((v for v in vs if F16_VARIANTS[v][0] >= 0), None)
+        tma = [v for v in vs if v in TMA_BLOCKS_PER_SM and v not in TMA_PERSISTENT]
+        if not out_half and N > 16384 and mma is not None:
             return mma
         waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
 
@@ -188,9 +204,9 @@ class Kernels:
             return "tma128"
         if waves128 >= 1 and "wgmma" in vs:
             return "wgmma"
-        if tma and waves128 >= 1 and mma not in vs:
-            return min(tma, key=cost)
-        return mma
+        if mma is not None:
+            return mma
+        return min(tma, key=cost) if tma else vs[0]
 
     def launch(self, name, grid, block, stream, *args):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
@@ -248,6 +264,8 @@ class Kernels:
         v = variant or self.pick_f16(M, N, out_half, K)
         part, bm, bn, thr, smem = F16_VARIANTS[v]
         grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
+        if v in TMA_PERSISTENT:   # as many blocks as fit at once, each looping over tiles
+            grid = (min(grid[0] * grid[1], self.n_sm * TMA_BLOCKS_PER_SM[v]), 1, 1)
         suf = "outh" if out_half else "outf"
         if mode == EPI_ARGMAX:
             assert not out_half and v in F16_WN and ldc >= (N + F16_WN[v] - 1) // F16_WN[v]

@@ -146,7 +146,7 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         k = ck.Kernels(0)                       # the default variants of a Hopper GPU
         assert k.f16_variants == ck.F16_DEFAULT
         tma_jobs = {ck.variant_module(v) for v in ck.F16_VARIANTS if ck.F16_VARIANTS[v][0] == -2}
-        assert len({j[0] for j in tma_jobs}) == 3 and all(j[2] for j in tma_jobs)   # one module per tile width
+        assert len({j[0] for j in tma_jobs}) == 6 and all(j[2] for j in tma_jobs)   # one module per TMA variant
         assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
         # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel table)
         assert k.pick_f16(131072, 2304, True, 768) == "tma128"
@@ -156,5 +156,10 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         assert k.pick_f16(8192, 768, False, 768) == "t128x128k64s3"
         assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
         assert ck.Kernels(0, f16_variants=("t128x128k64s3",)).pick_f16(131072, 2304) == "t128x128k64s3"
+        every = ck.Kernels(0, f16_variants=tuple(ck.F16_VARIANTS))   # every variant's kernels in its module
+        assert every.pick_f16(131072, 768, False, 3072) == "tma256"
+        every.tma_persistent = True                                     # GPT2JOB_TMA_PERSISTENT=1
+        assert every.pick_f16(131072, 768, False, 3072) == "tma256p"
+        assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
     finally:
         sys.modules.pop("gpt2job.cuda_kernels", None)
