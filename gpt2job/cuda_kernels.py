@@ -77,8 +77,8 @@ KERNELS = {
 
 
 def variant_module(v):
-    """The compile job holding fp16 variant v: (module key, file, nvcc defines, arch). Each TMA tile width is a
-    module of its own so that the three compile in parallel (one module took ~25 s of nvcc)."""
+    """The compile job holding fp16 variant v: (module key, file, nvcc defines, arch). Each TMA variant is a
+    module of its own so that they compile in parallel (all in one module took ~25 s of nvcc)."""
     part, _bm, bn, _thr, _smem = F16_VARIANTS[v]
     if part == -1:
         return ("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a")
