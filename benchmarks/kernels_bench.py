@@ -19,6 +19,9 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import load_seed_prompts  # noqa: E402
+from workloads import w2_prompts  # noqa: E402
 
 SHAPES = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_up", 768, 3072), ("mlp_down", 3072, 768),
           ("lm_head", 768, 50257)]
@@ -95,28 +98,24 @@ def bench_kernels(ms, reps):
     return rows
 
 
+def _chunk(rows):
+    """One chunk holding the prompt token rows (a list of int arrays), in the given order."""
+    from gpt2job.backend import Chunk
+    offsets = np.zeros(len(rows) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(r) for r in rows])
+    return Chunk(0, np.arange(len(rows), dtype=np.int64), offsets, np.concatenate(rows).astype(np.int32))
+
+
 def w1_chunk(n_prompts=8192, plen=16):
-    from gpt2job.backend import Chunk
-    seed_file = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".device", "seed-workload",
-                             "input.bin")
-    if os.path.exists(seed_file):
-        toks = np.fromfile(seed_file, np.int32).reshape(-1, 16)[:n_prompts, :plen]
-    else:
-        toks = np.random.default_rng(0).integers(0, 50257, (n_prompts, plen)).astype(np.int32)
-    return Chunk(0, np.arange(n_prompts, dtype=np.int64), np.arange(n_prompts + 1, dtype=np.int64) * plen,
-                 toks.reshape(-1).copy())
+    """W1's prompts (the seed workload, or seeded random tokens without it), as workloads.py writes them."""
+    toks, _source = load_seed_prompts(n=n_prompts, plen=plen)
+    return _chunk(list(toks))
 
 
-def w2_chunk(n_prompts=2048, lo=32, hi=512, seed=2):
-    """W2-like prompts: lengths uniform lo..hi, tokens uniform (benchmarks/workloads.py draws W2 the same way)."""
-    from gpt2job.backend import Chunk
-    rng = np.random.default_rng(seed)
-    lens = rng.integers(lo, hi + 1, n_prompts)
-    lens = np.sort(lens)[::-1]                      # the scheduler hands out longest first
-    offsets = np.zeros(n_prompts + 1, np.int64)
-    offsets[1:] = np.cumsum(lens)
-    toks = rng.integers(0, 50257, int(offsets[-1])).astype(np.int32)
-    return Chunk(0, np.arange(n_prompts, dtype=np.int64), offsets, toks)
+def w2_chunk(n_prompts=2048, lo=32, hi=512):
+    """W2's prompts as workloads.py draws them, longest first (as the scheduler hands them out)."""
+    rows = w2_prompts(n_prompts, lo, hi)
+    return _chunk(sorted(rows, key=len, reverse=True))
 
 
 def profile(dtypes, new=8, chunk=None, label="W1"):
