@@ -162,11 +162,8 @@ except Exception:  # pragma: no cover
     _VARIANTS = ["v0"]
 
 
-@pytest.mark.parametrize("variant", _VARIANTS)
-@pytest.mark.parametrize("shape", F16_SHAPES)
-@pytest.mark.parametrize("mode,out_half", [(0, True), (1, True), (2, True), (3, False), (0, False)])
-def test_gemm_f16(K, shape, mode, out_half, variant):
-    M, N, Kd = shape
+def check_gemm_f16(K, M, N, Kd, mode, out_half, variant):
+    """One fp16 product with an epilogue (output poisoned, or the residual for mode 3) against float64 NumPy."""
     A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
     W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
     bias = RNG.standard_normal(N, dtype=np.float32)
@@ -179,6 +176,13 @@ def test_gemm_f16(K, shape, mode, out_half, variant):
     ref = epilogue_ref(A.astype(np.float64) @ W.astype(np.float64), bias, mode, resid)
     assert np.isfinite(got).all()
     assert rel(got, ref) < (2e-3 if out_half else 1e-5)
+
+
+@pytest.mark.parametrize("variant", _VARIANTS)
+@pytest.mark.parametrize("shape", F16_SHAPES)
+@pytest.mark.parametrize("mode,out_half", [(0, True), (1, True), (2, True), (3, False), (0, False)])
+def test_gemm_f16(K, shape, mode, out_half, variant):
+    check_gemm_f16(K, *shape, mode, out_half, variant)
 
 
 @pytest.mark.parametrize("variant", [v for v in _VARIANTS if v.startswith("tma")])
@@ -186,19 +190,7 @@ def test_gemm_f16(K, shape, mode, out_half, variant):
 def test_gemm_f16_tma_many_tiles_per_block(K, variant, mode, out_half):
     """Enough tiles that each block of a persistent grid loops over several (the stage ring runs on across tiles),
     with partial tiles at the M and N edges."""
-    M, N, Kd = 4100, 2312, 768
-    A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
-    W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
-    bias = RNG.standard_normal(N, dtype=np.float32)
-    resid = RNG.standard_normal((M, N), dtype=np.float32)
-    odt = np.float16 if out_half else np.float32
-    Cg = gpu(resid) if mode == 3 else poisoned((M, N), odt)
-    K.gemm_f16(None, gpu(A), Kd, gpu(np.ascontiguousarray(W.T)), Kd, Cg, N, gpu(bias), M, N, Kd, mode, out_half,
-               variant=variant)
-    got = back(Cg, (M, N), odt)
-    ref = epilogue_ref(A.astype(np.float64) @ W.astype(np.float64), bias, mode, resid)
-    assert np.isfinite(got).all()
-    assert rel(got, ref) < (2e-3 if out_half else 1e-5)
+    check_gemm_f16(K, 4100, 2312, 768, mode, out_half, variant)
 
 
 @pytest.mark.parametrize("variant", [v for v in _VARIANTS if v != "v0"])
