@@ -297,7 +297,10 @@ class CudaBackend(Backend):
         seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
         pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
         last = (offsets[1:] - 1).astype(np.int32)
-        tiles, tile_off = prefill_tiles(offsets)
+        if self.prefill_attn:
+            tiles, tile_off = prefill_tiles(offsets)
+        else:   # the per-row kernel needs no tiles
+            tiles, tile_off = np.zeros((0, 2), np.int32), np.zeros(B + 1, np.int64)
         NT = len(tiles)
         # layout (int32 words): tokens[T] pos[T] seq[T] last[B] arange[B] pad, then rows int64[B],
         # then prefill attention tiles int32[NT, 2] (8-byte aligned)

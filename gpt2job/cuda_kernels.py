@@ -144,7 +144,6 @@ class Kernels:
             f = mods[fname].get_function(name)
             f.prepare(sig)
             self.funcs[name] = f
-        self.f16_smem = {}
         for v in self.f16_variants:
             part, bm, bn, thr, smem = F16_VARIANTS[v]
             base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
@@ -155,7 +154,6 @@ class Kernels:
                 # TMA kernels take pointers to the A and B descriptors in front
                 f.prepare("PiPiPiPiiii" if v == "v0" else ("PP" if part == -2 else "") + _F16_SIG)
                 self.funcs[f"{base}_{suf}"] = f
-        self.f16_default = self.f16_variants[0]
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
         # fp32 product: k-slices of 16 per stage except for decode-sized products with a long K (measured on H100:
         # 16 is 2-7% faster elsewhere, 20% slower there); identical results. GPT2JOB_F32_BK=8|16 forces one.
