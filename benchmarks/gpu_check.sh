@@ -11,12 +11,13 @@ set -o pipefail
 stage() {   # stage NAME SECONDS CMD...
     local name=$1 secs=$2; shift 2
     timeout -k 5 "$secs" "$@" 2>&1 | grep -v -e "^PyCUDA WARNING" -e "^cuMem.*failed" | tail -n "${TAIL:-40}"
-    echo "=== $name rc=$?"
+    echo "=== $name rc=${PIPESTATUS[0]}"   # the command's status (124: ran out of time), not the filter's
 }
-# smoke tests first: one shape per TMA variant, the prefill attention kernel, one small fp16 generate() with
-# synchronous launches (a faulting kernel is named in the traceback)
-TAIL=8 stage "tma smoke" 60 python3 -m pytest tests/test_cuda_kernels.py -q -k "test_gemm_f16 and tma and shape3 and 0-True"
-TAIL=8 stage "prefill attention" 60 python3 -m pytest tests/test_cuda_kernels.py -q -k "attention_prefill or prefill_attention"
+# smoke tests first (each compiles every kernel variant, ~50 s with a cold cache): one shape per TMA variant,
+# the prefill attention kernel, one small fp16 generate() with synchronous launches (a faulting kernel is
+# named in the traceback)
+TAIL=8 stage "tma smoke" 180 python3 -m pytest tests/test_cuda_kernels.py -q -k "test_gemm_f16 and tma and shape3 and 0-True"
+TAIL=8 stage "prefill attention" 180 python3 -m pytest tests/test_cuda_kernels.py -q -k "attention_prefill or prefill_attention"
 TAIL=12 stage "generate, blocking launches" 120 env CUDA_LAUNCH_BLOCKING=1 python3 -c "
 import numpy as np, sys; sys.path.insert(0, 'benchmarks')
 from kernels_bench import w1_chunk
