@@ -101,6 +101,9 @@ def build_parser():
                         "chunk's size and the worker's speed; default 120)")
     r.add_argument("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
                    help="seconds between progress lines when output is not a terminal (default 10)")
+    r.add_argument("--no-dedup", action="store_true",
+                   help="compute every prompt even when another prompt is identical (by default a greedy job "
+                        "computes identical prompts once)")
 
     sh = sub.add_parser("show", help="print results of an output file")
     sh.add_argument("output")
@@ -125,7 +128,7 @@ def cmd_run(a):
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
                     vocab_dir=a.vocab_dir, overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
-                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval)
+                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup)
     return run_job(s)
 
 

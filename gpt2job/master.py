@@ -14,7 +14,7 @@ from .devices import gpu_count, local_rank, pycuda_available
 from .errors import UserError, WorkerFailure
 from .output import OutputStore
 from .progress import Progress
-from .prompts import read_prompts, validate
+from .prompts import group_identical, read_prompts, validate
 from .protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK, decode_completions, encode_chunk
 from .scheduler import Outstanding, Scheduler, WorkerState
 from .settings import JobSettings
@@ -40,6 +40,8 @@ class Master:
         self.dispatching = False   # work is handed out once all workers are ready
         self.t_last = None
         self.generated = 0
+        self.copies = {}           # representative row -> rows with the same prompt (greedy dedup)
+        self.n_copies = 0
 
     def log(self, msg):
         sys.stderr.write(f"gpt2job: {msg}\n")
@@ -91,6 +93,14 @@ class Master:
         if len(bad):
             self.store.add(Completions.from_lists(-1, bad, [[] for _ in bad], [FINISH_INVALID] * len(bad)))
         todo = np.flatnonzero(~self.store.done)
+        if s.dedup and s.temperature <= 0:
+            # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
+            # its copies get the same result. Only among rows not done, so that a resume finishes every row.
+            todo, self.copies = group_identical(self.prompts, todo)
+            self.n_copies = sum(len(c) for c in self.copies.values())
+            if self.n_copies:
+                self.log(f"{self.n_copies} prompts repeat an earlier prompt: each is computed once (greedy); "
+                         "--no-dedup computes every one")
         self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH)
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
@@ -98,17 +108,41 @@ class Master:
     def record(self, w: WorkerState, comp, compute_us):
         self.t_last = time.time()            # the completion is at the master; writing it comes next
         t = time.perf_counter()
-        added = self.store.add(comp)       # a late duplicate from a retired worker adds nothing
+        added = self.store.add(self.with_copies(comp))   # a late duplicate from a retired worker adds nothing
         new_rows, new_tokens = (len(added.rows), added.n_generated) if added is not None else (0, 0)
+        computed = new_tokens
+        if added is not None and self.copies:   # the worker's speed: only the rows it computed
+            computed = int(np.diff(added.offsets)[np.isin(added.rows, comp.rows)].sum())
         trace(f"master: chunk {comp.chunk_id} from rank {w.rank} at +{self.t_last - self.t_start:.3f} s after the first "
               f"chunk went out; stored in {1e3 * (time.perf_counter() - t):.1f} ms")
         w.rows += new_rows
         w.tokens += new_tokens
+        w.computed_tokens += computed
         w.chunks += 1
         w.compute_s += compute_us / 1e6
         w.last_progress = time.monotonic()
         self.generated += new_tokens
         self.progress.update(new_rows, new_tokens)
+
+    def with_copies(self, comp):
+        """comp with the copies of its representative rows appended (same tokens, same finish code)."""
+        if not self.copies:
+            return comp
+        src, extra = [], []
+        for i, r in enumerate(comp.rows.tolist()):
+            c = self.copies.get(r)
+            if c is not None:
+                src.append(np.full(len(c), i, np.int64))
+                extra.append(c)
+        if not extra:
+            return comp
+        idx = np.concatenate([np.arange(len(comp.rows), dtype=np.int64)] + src)   # source row of each output row
+        lens = np.diff(comp.offsets)[idx]
+        offsets = np.zeros(len(idx) + 1, np.int64)
+        offsets[1:] = np.cumsum(lens)
+        gather = np.repeat(comp.offsets[idx] - offsets[:-1], lens) + np.arange(offsets[-1])
+        return Completions(comp.chunk_id, np.concatenate([comp.rows.astype(np.int64)] + extra), offsets,
+                           comp.tokens[gather], comp.finish[idx])
 
     # ---- the loop: serve chunks on demand, never block on one worker
     def run(self, local_slot):
@@ -294,7 +328,8 @@ class Master:
         span = (self.t_last - start) if self.t_last else 0.0
         return {
             "rows_total": len(self.prompts), "rows_resumed": self.store.resumed_rows,
-            "rows_invalid": int(self.invalid.sum()), "generated_tokens": self.generated,
+            "rows_invalid": int(self.invalid.sum()), "duplicate_prompts": self.n_copies,
+            "generated_tokens": self.generated,
             "throughput_tokens_per_s": self.generated / span if span > 0 else None,
             "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
             "time_to_first_work_s": start - launch_time(),
@@ -309,8 +344,10 @@ class Master:
 def print_summary(sm, out=None):
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
-    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid), "
-              f"{sm['generated_tokens']} tokens generated\n")
+    dup = sm.get("duplicate_prompts")
+    dup = f", {dup} duplicate prompts computed once" if dup else ""
+    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid"
+              f"{dup}), {sm['generated_tokens']} tokens generated\n")
     ready = sm["time_to_ready_s"]
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
     out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "

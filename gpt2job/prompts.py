@@ -47,6 +47,30 @@ class PromptSet:
         return cls(offsets, tokens.astype(np.int64), source)
 
 
+def group_identical(prompts: PromptSet, rows):
+    """Group rows whose prompts are identical token sequences.
+
+    Returns (representatives, copies): representatives are the rows (in the given order) whose prompt
+    no earlier row of `rows` has; copies maps each representative that has copies to an int64 array of
+    the later rows with the same prompt, in order."""
+    rows = np.asarray(rows, np.int64)
+    off = prompts.offsets.tolist()
+    tok = prompts.tokens
+    first = {}
+    rep_of = np.empty(len(rows), np.int64)
+    for k, r in enumerate(rows.tolist()):  # the bytes of an int64 slice: its length is part of the key
+        rep_of[k] = first.setdefault(tok[off[r]:off[r + 1]].tobytes(), r)
+    is_copy = rep_of != rows
+    if not is_copy.any():
+        return rows, {}
+    dup_rows, dup_reps = rows[is_copy], rep_of[is_copy]
+    order = np.argsort(dup_reps, kind="stable")
+    dup_rows, dup_reps = dup_rows[order], dup_reps[order]
+    starts = np.flatnonzero(np.r_[True, dup_reps[1:] != dup_reps[:-1]])
+    copies = {int(dup_reps[a]): c for a, c in zip(starts, np.split(dup_rows, starts[1:]))}
+    return rows[~is_copy], copies
+
+
 PROBE = """
 import sys, h5py
 with h5py.File(sys.argv[1], "r") as f:

@@ -27,14 +27,15 @@ class WorkerState:
     outstanding: dict = field(default_factory=dict)   # chunk_id -> Outstanding
     last_progress: float = 0.0
     rows: int = 0
-    tokens: int = 0
+    tokens: int = 0                                # delivered: copies of deduplicated prompts included
+    computed_tokens: int = 0                       # computed by this worker (its speed)
     chunks: int = 0
     compute_s: float = 0.0
     info: dict = field(default_factory=dict)      # the worker's hello: backend, device, timings
     error: dict = None                             # what it reported when it failed
 
     def seconds_per_token(self):
-        return self.compute_s / self.tokens if self.tokens else None
+        return self.compute_s / self.computed_tokens if self.computed_tokens else None
 
 
 class Scheduler:
