@@ -11,15 +11,17 @@
 # workload when present); warm the PyCUDA compile cache (a tiny job per dtype); then the PARTS:
 #   check      check_vs_transformers.py: (i) W1 fp32 tokens vs transformers fp32 (bar 99.95%), (ii) fp16 vs fp32
 #              logits, (iii) tiny checkpoints cuda = numpy
-#   w1         our engine, W1, fp16 + fp32, 1 GPU (mpirun -np 2)
+#   w1         our engine, W1, fp16 + fp32, 1 GPU (mpirun -np 2); with repeated prompts computed once (the
+#              default) and with --no-dedup (every prompt computed, as the baselines do)
 #   w2         our engine, W2, fp16, 1 GPU
-#   w3         our engine, W3, $W3_DTYPES, each GPU count in $GPUS (added by default when GPUS has a count > 1)
+#   w3         our engine, W3, $W3_DTYPES, each GPU count in $GPUS (added by default when GPUS has a count > 1),
+#              --no-dedup (W3 is W1 eight times over: computing each distinct prompt once would not measure scaling)
 #   baselines  transformers + compact engine: W1 fp16/fp32, W2 fp16 (transformers W2 last: ~70 s)
 # (f) results: $OUT/results.jsonl (one JSON line per run/check), $OUT/bench.png, logs in $OUT/logs; $OUT is
 # ./bench-out when unset. Output HDF5 files and token files stay under $BENCH_DIR (/tmp): they derive from the
 # seed workload. Each part is time-boxed (T_CHECK, T_W1, ... seconds). About 5-6 minutes on one H100.
 #
-# Knobs: PARTS, GPUS, W1_DTYPES (float16,float32), W2_DTYPES (float16), W3_DTYPES (float16,float32),
+# Knobs: PARTS, GPUS, W1_DTYPES (float16,float32), W2_DTYPES (float16), W3_DTYPES (float16,float32), W1_DEDUP (on,off),
 # BASELINES (ENGINE:WORKLOAD:DTYPE list), MODEL (random:gpt2), BENCH_DIR (/tmp/gpt2job-bench), SEED_WORKLOAD.
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
@@ -36,6 +38,7 @@ LOGITS_BACKEND=cuda
 W1_DTYPES=${W1_DTYPES:-float16,float32}
 W2_DTYPES=${W2_DTYPES:-float16}
 W3_DTYPES=${W3_DTYPES:-float16,float32}
+W1_DEDUP=${W1_DEDUP:-on,off}   # W1 with repeated prompts computed once (the default) and with every prompt computed
 BASELINES=${BASELINES:-compact:w1:float16,compact:w1:float32,transformers:w1:float16,transformers:w1:float32,compact:w2:float16,transformers:w2:float16}
 WL_ARGS=()
 BASE_ARGS=()
@@ -93,9 +96,9 @@ part warmup "${T_WARM:-300}" python3 benchmarks/run_workloads.py --workloads-dir
 has check && part check "${T_CHECK:-300}" python3 benchmarks/check_vs_transformers.py --model "$HF" --workloads-dir "$WL" \
     --backend "$BACKEND" --logits-backend "$LOGITS_BACKEND" --hf-tokens "$TOK/transformers-w1-float32.i32" \
     --results "$RES" --out-dir "$BENCH_DIR/check" "${CHECK_ARGS[@]}"
-has w1 && part w1 "${T_W1:-240}" "${RW[@]}" --workload w1 --dtype "$W1_DTYPES" --gpus 1
+has w1 && part w1 "${T_W1:-240}" "${RW[@]}" --workload w1 --dtype "$W1_DTYPES" --gpus 1 --dedup "$W1_DEDUP"
 has w2 && part w2 "${T_W2:-240}" "${RW[@]}" --workload w2 --dtype "$W2_DTYPES" --gpus 1
-has w3 && part w3 "${T_W3:-420}" "${RW[@]}" --workload w3 --dtype "$W3_DTYPES" --gpus "$GPUS"
+has w3 && part w3 "${T_W3:-420}" "${RW[@]}" --workload w3 --dtype "$W3_DTYPES" --gpus "$GPUS" --dedup off
 has baselines && part baselines "${T_BASE:-360}" python3 benchmarks/baselines.py --model "$HF" --workloads-dir "$WL" \
     --only "$BASELINES" --results "$RES" --tokens-dir "$TOK" "${BASE_ARGS[@]}"
 

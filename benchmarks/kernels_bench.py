@@ -4,11 +4,10 @@
 
 Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off; each fp16 tile variant
 (mma.sync, wgmma, TMA + wgmma) vs torch fp16.
---e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process) for fp32 (k-slices of 8 only, default), the previous fp16
-default (wgmma kernel, no prefill attention kernel), the current default without the prefill attention kernel,
-the current default, and the current picks on persistent TMA grids.
+--e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process) for fp32, the fp16 default of stop 7 (no tma192p,
+LM head writing logits + argmax kernel), the current default with the unfused LM head, and the current default.
 --profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
---w2: W2-like generate() (2,048 prompts of 32..512 tokens, 256 new), previous vs current fp16 default.
+--w2: W2 generate() (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
 import argparse
@@ -207,9 +206,9 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
     return out
 
 
-OLD_F16 = {"GPT2JOB_F16_VARIANTS": "wgmma,t128x128k64s3", "GPT2JOB_PREFILL_ATTN": "0"}   # the previous default
-PERSISTENT_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,tma128p,tma192p,tma256p,wgmma,t128x128k64s3",
-                  "GPT2JOB_TMA_PERSISTENT": "1"}   # the default picks, persistent TMA grids
+STOP7_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,wgmma,t128x128k64s3",
+             "GPT2JOB_FUSE_ARGMAX": "0"}   # the default of stop 7 (commit 8a0e470)
+UNFUSED_F16 = {"GPT2JOB_FUSE_ARGMAX": "0"}   # LM head writes the logits, then the argmax kernel
 
 
 def main():
@@ -220,22 +219,21 @@ def main():
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--w2", action="store_true", help="also W2-like in-process timing (2,048 prompts of 32..512, "
-                    "256 new tokens), previous vs current fp16 default, and a short W2 profile")
+                    "256 new tokens), the stop-7 vs the current fp16 default, and a short W2 profile")
     a = ap.parse_args()
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
     if a.profile:
         profile(["float16", "float32"])
-    e2e = bench_e2e([("float32-k8", "float32", {"GPT2JOB_F32_BK": "8"}), ("float32", "float32", {}),
-                     ("float16-previous", "float16", OLD_F16),
-                     ("float16-no-prefill-attn", "float16", {"GPT2JOB_PREFILL_ATTN": "0"}),
-                     ("float16", "float16", {}),
-                     ("float16-persistent-tma", "float16", PERSISTENT_F16)]) if a.e2e else {}
+    e2e = bench_e2e([("float32", "float32", {}),
+                     ("float16-stop7", "float16", STOP7_F16),
+                     ("float16-unfused-argmax", "float16", UNFUSED_F16),
+                     ("float16", "float16", {})]) if a.e2e else {}
     if a.w2:
         w2 = w2_chunk()
         if a.profile:
             profile(["float16"], new=16, chunk=w2, label="W2 (16 new tokens)")
-        bench_e2e([("float16-previous", "float16", OLD_F16), ("float16", "float16", {}),
-                   ("float16-persistent-tma", "float16", PERSISTENT_F16)], new=256, chunk=w2, reps=1, label="W2")
+        bench_e2e([("float16-stop7", "float16", STOP7_F16), ("float16", "float16", {})], new=256, chunk=w2, reps=1,
+                  label="W2")
     if rows:
         from gpt2job.cuda_kernels import F16_VARIANTS
         print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")
@@ -252,11 +250,10 @@ def main():
         a16, a32 = e2e["float16"][2], e2e["float32"][2]
         n = min(len(a16), len(a32))
         print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
-    if "float16" in e2e and "float16-previous" in e2e:
-        a, b = e2e["float16"][2], e2e["float16-previous"][2]
-        print(f"fp16 current vs previous default token agreement: {(a == b).mean():.4f}")
-    if "float32" in e2e and "float32-k8" in e2e:
-        print(f"fp32 default tokens identical to k-slice 8 only: {np.array_equal(e2e['float32'][2], e2e['float32-k8'][2])}")
+    for other in ("float16-stop7", "float16-unfused-argmax"):
+        if "float16" in e2e and other in e2e:
+            a, b = e2e["float16"][2], e2e[other][2]
+            print(f"fp16 current vs {other} token agreement: {(a == b).mean():.4f}")
 
 
 if __name__ == "__main__":

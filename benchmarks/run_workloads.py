@@ -90,6 +90,7 @@ def record_of(res, workload, dtype, gpus, model, backend, n_prompts, max_new, ig
         prompts=n_prompts, max_new_tokens=max_new, ignore_eos=ignore_eos, rc=res["rc"],
         throughput_tok_s=sm.get("throughput_tokens_per_s"), generated_tokens=sm.get("generated_tokens"),
         time_to_ready_s=sm.get("time_to_ready_s"), wall_s=sm.get("wall_s"), generation_s=sm.get("generation_s"),
+        duplicate_prompts=sm.get("duplicate_prompts", 0),
         e2e_wall_s=round(res["e2e_wall_s"], 3), command=res["cmd"], log=log,
         workers=[{k: w.get(k) for k in ("rank", "device", "rows", "tokens", "chunks", "compute_s", "init_s")}
                  for w in workers])
@@ -125,6 +126,8 @@ def main(argv=None):
     ap.add_argument("--seed-workload", help="the seed workload's input.bin (see workloads.py)")
     ap.add_argument("--mpirun-args", help="replaces the default '--bind-to none' (one string, split on spaces)")
     ap.add_argument("--extra", default="", help="extra flags for 'gpt2job run' (one string, split on spaces)")
+    ap.add_argument("--dedup", default="on", help="comma list of on,off: off runs with --no-dedup (every prompt "
+                    "computed, even repeats of another); 'on,off' measures both")
     ap.add_argument("--allow-more-gpus", action="store_true",
                     help="run K > visible GPUs anyway (otherwise such K are skipped)")
     a = ap.parse_args(argv)
@@ -134,6 +137,9 @@ def main(argv=None):
     gpus = [int(g) for g in a.gpus.replace(",", " ").split()]
     mpirun_args = a.mpirun_args.split() if a.mpirun_args is not None else None
     extra = a.extra.split()
+    dedups = [d.strip() for d in a.dedup.split(",") if d.strip()]
+    if not dedups or set(dedups) - {"on", "off"}:
+        ap.error("--dedup: a comma list of on, off")
     if a.backend == "cuda" and not a.allow_more_gpus:
         have = gpu_count()
         skipped = [k for k in gpus if k > have]
@@ -166,26 +172,27 @@ def main(argv=None):
         inp = os.path.join(a.workloads_dir, spec["file"])
         n = n_rows(inp)
         for dt in dtypes:
-            for k in gpus:
-                for rep in range(a.repeat):
-                    tag = f"{name}-{dt}-{k}gpu" + (f"-r{rep}" if a.repeat > 1 else "")
-                    out, log = os.path.join(a.out_dir, tag + ".h5"), os.path.join(a.out_dir, tag + ".log")
-                    res = run_job(inp, out, a.model, a.backend, dt, k, spec["max_new_tokens"], spec["ignore_eos"],
-                                  log=log, timeout=a.timeout, extra=extra, mpirun_args=mpirun_args)
-                    rec = record_of(res, name, dt, k, a.model, a.backend, n, spec["max_new_tokens"],
-                                    spec["ignore_eos"], log)
-                    append_jsonl(a.results, rec)
-                    if res["rc"] != 0:
-                        failed += 1
-                        print(f"{tag}: FAILED rc={res['rc']}  [{log}]\n{res['log_tail']}", flush=True)
-                    else:
-                        print(f"{tag}: {fmt_int(rec['throughput_tok_s'])} tok/s, ready {fmt_s(rec['time_to_ready_s'])}"
-                              f" s, wall {fmt_s(rec['wall_s'])} s", flush=True)
-                    rows.append([name, dt, k, n, fmt_int(rec["generated_tokens"]), fmt_int(rec["throughput_tok_s"]),
-                                 fmt_s(rec["time_to_ready_s"]), fmt_s(rec["generation_s"]), fmt_s(rec["wall_s"]),
-                                 fmt_s(rec["e2e_wall_s"]), "ok" if res["rc"] == 0 else f"rc={res['rc']}"])
+            for k, dd, rep in [(k, dd, rep) for k in gpus for dd in dedups for rep in range(a.repeat)]:
+                tag = (f"{name}-{dt}-{k}gpu" + ("-nodedup" if dd == "off" else "") +
+                       (f"-r{rep}" if a.repeat > 1 else ""))
+                out, log = os.path.join(a.out_dir, tag + ".h5"), os.path.join(a.out_dir, tag + ".log")
+                res = run_job(inp, out, a.model, a.backend, dt, k, spec["max_new_tokens"], spec["ignore_eos"],
+                              log=log, timeout=a.timeout, extra=extra + (["--no-dedup"] if dd == "off" else []),
+                              mpirun_args=mpirun_args)
+                rec = record_of(res, name, dt, k, a.model, a.backend, n, spec["max_new_tokens"],
+                                spec["ignore_eos"], log)
+                append_jsonl(a.results, rec)
+                if res["rc"] != 0:
+                    failed += 1
+                    print(f"{tag}: FAILED rc={res['rc']}  [{log}]\n{res['log_tail']}", flush=True)
+                else:
+                    print(f"{tag}: {fmt_int(rec['throughput_tok_s'])} tok/s, ready {fmt_s(rec['time_to_ready_s'])}"
+                          f" s, wall {fmt_s(rec['wall_s'])} s", flush=True)
+                rows.append([name, dt, k, n, rec["duplicate_prompts"], fmt_int(rec["generated_tokens"]),
+                             fmt_int(rec["throughput_tok_s"]), fmt_s(rec["time_to_ready_s"]),
+                             fmt_s(rec["generation_s"]), fmt_s(rec["wall_s"]), fmt_s(rec["e2e_wall_s"]), "ok" if res["rc"] == 0 else f"rc={res['rc']}"])
     print()
-    print_table(["workload", "dtype", "GPUs", "prompts", "generated", "tok/s", "ready_s", "gen_s", "wall_s",
+    print_table(["workload", "dtype", "GPUs", "prompts", "repeats", "generated", "tok/s", "ready_s", "gen_s", "wall_s",
                  "e2e_s", "status"], rows)
     return 1 if failed else 0
 

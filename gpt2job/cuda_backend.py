@@ -16,8 +16,8 @@ Precisions: "float32" (plain FP32 FMA GEMM, no TF32; split-K for decode-sized pr
 cores with fp32 accumulation: on Hopper TMA + wgmma, cp.async + wgmma or mma.sync tiles per product shape,
 see cuda_kernels.Kernels.pick_f16; mma.sync elsewhere; residual stream, layer-norm statistics, softmax and
 logits in fp32).
-Fusions: the QKV GEMM epilogue writes keys/values straight into the KV cache (EPI_QKV); optional
-(GPT2JOB_FUSE_ARGMAX=1, greedy fp16) LM head with a (max, argmax) epilogue, off by default (measured slower).
+Fusions: the QKV GEMM epilogue writes keys/values straight into the KV cache (EPI_QKV); greedy fp16: the LM head
+GEMM has a (max, argmax) epilogue, so the logits never reach memory (GPT2JOB_FUSE_ARGMAX=0: logits + argmax).
 last_logits(prompts) gives the last-position logits computed by these kernels (tests, fp16-vs-fp32 checks).
 Prefill attention in float16 with head size 64 runs on tensor cores (attention_prefill, cuda_src/attention_prefill.cu)
 over tiles of up to 16 consecutive tokens of one prompt (prefill_tiles); GPT2JOB_PREFILL_ATTN=0 switches it off
@@ -172,8 +172,9 @@ class CudaBackend(Backend):
         self.head_rows = int(head_rows)
         self.k = Kernels(local_rank)
         self.fuse_kv = "v0" not in self.k.f16_variants   # EPI_QKV needs the templated fp16 GEMMs
-        # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX)
-        self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "0") == "1"
+        # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX=0:
+        # logits + argmax kernel)
+        self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "1") != "0"
         # fp16 prefill attention on tensor cores (head size 64); GPT2JOB_PREFILL_ATTN=0: the per-row kernel
         self.prefill_attn = (self.half and cfg.d_head == 64 and
                              os.environ.get("GPT2JOB_PREFILL_ATTN", "1") != "0")
@@ -488,26 +489,38 @@ class CudaBackend(Backend):
         for g0 in range(0, n, self.head_rows):
             m = min(self.head_rows, n - g0)
             hl = self._buf("hl", self.head_rows * C * self.elt)
-            logits = self._buf("logits", self.head_rows * Vp * 4)
             ridx = p_rowidx + 4 * g0 if p_rowidx else None
             xin = x if p_rowidx else x + 4 * g0 * C
             k.layernorm(st, self.half, xin, ridx, idx_base, self.lnf_w, self.lnf_b, hl, m, C, cfg.layer_norm_epsilon)
+            var = self._argmax_variant(m) if s.greedy else None
+            if var is not None:
+                # LM head GEMM with the (max, argmax) epilogue: per row one (max, column) per F16_WN[var] columns,
+                # then their argmax; the logits never reach memory
+                from .cuda_kernels import EPI_ARGMAX, F16_WN
+                nch = (V + F16_WN[var] - 1) // F16_WN[var]
+                part = self._buf("argmax_part", self.head_rows * nch * 8)
+                k.gemm_f16(st, hl, C, self.head_w, C, part, nch, None, m, V, C, EPI_ARGMAX, False, variant=var)
+                k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m)
+                continue
+            logits = self._buf("logits", self.head_rows * Vp * 4)
             if self.half:
                 k.gemm_f16(st, hl, C, self.head_w, C, logits, Vp, None, m, V, C, 0, False)
             else:
                 k.gemm_f32(st, hl, C, self.head_w, Vp, logits, Vp, None, m, V, C, 0)
-            if s.greedy and self.half and self.fuse_argmax and self.k.argmax_variant is not None:
-                # LM head GEMM with the (max, argmax) epilogue: logits never reach memory
-                from .cuda_kernels import EPI_ARGMAX, F16_WN
-                var = self.k.argmax_variant
-                nch = (V + F16_WN[var] - 1) // F16_WN[var]
-                k.gemm_f16(st, hl, C, self.head_w, C, logits, nch, None, m, V, C, EPI_ARGMAX, False, variant=var)
-                k.argmax_partials(st, logits, nch, nch, p_out + 4 * g0, m)
-            elif s.greedy:
+            if s.greedy:
                 k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
             else:
                 k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, s.seed, s.temperature, s.top_k,
                          s.top_p, p_out + 4 * g0, m)
+
+    def _argmax_variant(self, m):
+        """The fp16 tile variant whose (max, argmax) epilogue serves a greedy LM head of m rows, or None (float32,
+        GPT2JOB_FUSE_ARGMAX=0): the variant picked for the plain product when it has that epilogue."""
+        if not (self.half and self.fuse_argmax):
+            return None
+        from .cuda_kernels import F16_WN
+        v = self.k.pick_f16(m, self.V, False, self.cfg.n_embd)
+        return v if v in F16_WN else self.k.argmax_variant
 
     def _download(self, p_out, n):
         drv = self.drv

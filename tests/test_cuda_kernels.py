@@ -476,6 +476,26 @@ def test_backend_float16_close_and_generate_many():
         assert o.chunk_id == c.chunk_id and o.n_generated == 5 * len(LENS)
 
 
+@pytest.mark.parametrize("vocab", [1000, 50257])
+def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, vocab):
+    """Greedy fp16: the LM head with the (max, argmax) epilogue (the default) gives exactly the tokens of the LM head
+    writing logits + the argmax kernel (GPT2JOB_FUSE_ARGMAX=0), over several head groups (head_rows=3)."""
+    from gpt2job.cuda_backend import CudaBackend
+    params = tiny_params(5, vocab_size=vocab)
+    gs = GenerationSettings(max_new_tokens=6, ignore_eos=True)
+    chunk = make_chunk(LENS, vocab, seed=7)
+    toks = {}
+    for fuse in ("0", "1"):
+        monkeypatch.setenv("GPT2JOB_FUSE_ARGMAX", fuse)
+        be = CudaBackend(params, gs, dtype="float16", head_rows=3)
+        try:
+            assert (be._argmax_variant(3) is not None) == (fuse == "1")
+            toks[fuse] = be.generate(chunk).tokens
+        finally:
+            be.close()
+    np.testing.assert_array_equal(toks["1"], toks["0"])
+
+
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_last_logits_match_reference_prefill(dtype):
     from gpt2job.cuda_backend import CudaBackend
