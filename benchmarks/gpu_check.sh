@@ -16,6 +16,7 @@ stage() {   # stage NAME SECONDS CMD...
 # smoke tests first (each compiles every kernel variant, ~50 s with a cold cache): one shape per TMA variant,
 # the prefill attention kernel, one small fp16 generate() with synchronous launches (a faulting kernel is
 # named in the traceback)
+if [ "${SMOKE:-1}" = 1 ]; then   # SMOKE=0: straight to the full tests
 TAIL=8 stage "tma smoke" 180 python3 -m pytest tests/test_cuda_kernels.py -q -k "test_gemm_f16 and tma and shape3 and 0-True"
 TAIL=8 stage "prefill attention" 180 python3 -m pytest tests/test_cuda_kernels.py -q -k "attention_prefill or prefill_attention"
 TAIL=12 stage "generate, blocking launches" 120 env CUDA_LAUNCH_BLOCKING=1 python3 -c "
@@ -27,6 +28,7 @@ from gpt2job.cuda_backend import CudaBackend
 from gpt2job.weights import random_params
 be = CudaBackend(random_params(PRESETS['gpt2'], 0), GenerationSettings(max_new_tokens=4, ignore_eos=True), dtype='float16')
 c = be.generate(w1_chunk(512)); print('generate ok', c.tokens[:8]); be.close()"
+fi
 stage tests ${T_TESTS:-420} python3 -m pytest tests/test_cuda_kernels.py -q --maxfail=30 "$@"
 W2=""
 [ "${CHECK_W2:-0}" = 1 ] && W2=--w2
