@@ -235,6 +235,22 @@ class CudaBackend(Backend):
         self.kv_budget = max(int((0.4 if share_gpus else 0.8) * (free - act)), 64 << 20)
         self.tok_host = drv.pagelocked_empty(1, np.int32)
         self.step_host = drv.pagelocked_empty(1, np.int32)
+        self._reserve()
+
+    def _reserve(self):
+        """Allocate the activation buffers at their largest and the KV cache at its budget now, before the worker
+        says it is ready: growing them during the first chunk would put allocations (and the synchronisations
+        that come with freeing a smaller buffer) inside the timed generation."""
+        cfg, e = self.cfg, self.elt
+        R, C, hr = self.max_prefill_rows, cfg.n_embd, self.head_rows
+        for name, nbytes in (("x", R * C * 4), ("h", R * C * e), ("qkv", R * 3 * C * e), ("att", R * C * e),
+                             ("fc", R * cfg.d_mlp * e), ("hl", hr * C * e), ("kv", self.kv_budget)):
+            self._buf(name, nbytes)
+        if self.settings.sampling.greedy and self._argmax_variant(hr) is not None:
+            from .cuda_kernels import F16_WN
+            self._buf("argmax_part", hr * -(-self.V // F16_WN[self._argmax_variant(hr)]) * 8)
+        else:
+            self._buf("logits", hr * self.Vpad * 4)
 
     def _buf(self, name, nbytes):
         nbytes = max(int(nbytes), 16)

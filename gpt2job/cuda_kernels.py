@@ -36,8 +36,9 @@ F16_VARIANTS = {
     "tma192": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
     # the same three as persistent grids (as many blocks as fit; each block loops over tiles, loading the next
-    # tile during the epilogue). tma192p is picked for narrow outputs (see pick_f16); GPT2JOB_TMA_PERSISTENT=1
-    # swaps every TMA pick for its persistent twin where compiled.
+    # tile during the epilogue). Not picked unless GPT2JOB_TMA_PERSISTENT=1 (measured on H100, 2026-11-27: W1 fp16
+    # 386k vs 395k tok/s with every TMA pick persistent; tma192p for the narrow products alone: no gain in decode,
+    # prefill attention-out 12.4 vs 9.2 ms per chunk).
     "tma128p": (-2, 128, 128, 288, 3 * (128 + 128) * 64 * 2 + 1024 + 64),
     "tma192p": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256p": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
@@ -52,7 +53,7 @@ F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x1
           "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256}
 # variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); pick_f16 chooses per product.
 # wgmma and TMA need sm_90 (Hopper).
-F16_DEFAULT = ("tma128", "tma192", "tma256", "tma192p", "wgmma", "t128x128k64s3")
+F16_DEFAULT = ("tma128", "tma192", "tma256", "wgmma", "t128x128k64s3")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
@@ -171,9 +172,7 @@ class Kernels:
     def pick_f16(self, M, N, out_half=True, K=768):
         """Tile variant for an M x N x K product, by what measured fastest on H100 (benchmarks/RESULTS.md, kernel
         table of 2026-11-27): wide float outputs (the LM head) on the mma.sync 128x128 tiles (234 TFLOP/s vs
-        165-197 for wgmma/TMA); narrow outputs (N <= 1024: attention-out, mlp-down) with M >= 8192 on the
-        persistent tma192p (212/347 TFLOP/s at K = 768, 474/526 at K = 3072, M = 8192/131072, each the best
-        variant); K >= 2048 on the TMA tiles chosen by the wave model (tma192 403 at M=8192, tma256 522 at
+        165-197 for wgmma/TMA); K >= 2048 on the TMA tiles chosen by the wave model (tma192 403 at M=8192, tma256 522 at
         M=131072); otherwise tma128 from 16 waves of 128x128 tiles up (large prefill: 367-376 vs wgmma 331-356),
         wgmma from 4 waves, else the mma.sync tiles. Variants not compiled are skipped."""
         vs = self.f16_variants
@@ -190,8 +189,6 @@ class Kernels:
         tma = [v for v in vs if v in TMA_BLOCKS_PER_SM and v not in TMA_PERSISTENT]
         if not out_half and N > 16384 and mma is not None:
             return mma
-        if N <= 1024 and M >= 8192 and "tma192p" in vs:
-            return "tma192p"
         waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
 
         def cost(v):   # whole waves of blocks x per-block work / speed

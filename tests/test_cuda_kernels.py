@@ -397,7 +397,7 @@ def test_sample_rows(K, s, V):
 
 def tiny_params(seed=0, **over):
     from gpt2job.weights import random_params
-    cfg = GPT2Config(n_layer=2, n_head=4, n_embd=64, n_positions=64, vocab_size=1000, **over)
+    cfg = GPT2Config(**{"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "vocab_size": 1000, **over})
     p = random_params(cfg, seed)
     p.wte *= 10   # spread the logits so greedy ties are far apart
     return p
