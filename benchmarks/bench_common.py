@@ -104,6 +104,12 @@ def gpu_count():
 
 
 def git_commit():
+    """The checkout's commit; a tree without its own .git (e.g. `git archive` copied to the GPU machine) says it in a
+    COMMIT file at its root."""
+    marker = os.path.join(ROOT, "COMMIT")
+    if os.path.isfile(marker) and not os.path.exists(os.path.join(ROOT, ".git")):
+        with open(marker) as f:
+            return f.read().strip() or None
     try:
         c = subprocess.run(["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                            timeout=10).stdout.strip()
