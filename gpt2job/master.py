@@ -199,8 +199,9 @@ class Master:
         self.dispatching = True
         if all_ready:
             self.t_ready = time.time()
-        for w in ready:
-            self.feed(w)
+        for depth in range(1, PREFETCH + 1):   # every worker's first chunk before any worker's second
+            for w in ready:
+                self.feed(w, depth)
 
     def handle_mpi(self, src, tag, status):
         from mpi4py import MPI
@@ -244,9 +245,10 @@ class Master:
             self.retire(w, f"error during {where}: {info['error']}")
             self.stop(w)
 
-    def feed(self, w):
+    def feed(self, w, upto=PREFETCH):
+        """Hand w chunks until it holds upto of them (or none are left)."""
         n_active = max(1, len(self.live()))
-        while len(w.outstanding) < PREFETCH:
+        while len(w.outstanding) < upto:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
                 return

@@ -44,7 +44,8 @@ class Scheduler:
         self.prompts = prompts
         lengths = prompts.lengths[rows]
         # longest prompts first: homogeneous chunks (little padding) and the long tail early
-        self.queue = deque(rows[np.argsort(-lengths, kind="stable")].tolist())
+        self.queue = rows[np.argsort(-lengths, kind="stable")].astype(np.int64)   # rows not yet handed out
+        self.head = 0                                                              # ... from queue[head] on
         self.total = len(self.queue)
         self.even_size = None      # adaptive chunk size, fixed at the first chunk
         self.retry = deque()
@@ -56,12 +57,12 @@ class Scheduler:
         self.next_id = 0
 
     def rows_left(self):
-        return len(self.queue) + sum(len(c.rows) for c in self.retry)
+        return len(self.queue) - self.head + sum(len(c.rows) for c in self.retry)
 
     def next_chunk(self, worker: WorkerState, n_active_workers):
         if self.retry:
             return self.retry.popleft()
-        if not self.queue:
+        if self.head >= len(self.queue):
             return None
         # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
         # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most.
@@ -70,15 +71,21 @@ class Scheduler:
             k = max(1 if n == 1 else self.prefetch, math.ceil(self.total / (n * pref)))
             self.even_size = max(1, math.ceil(self.total / (k * n)))
         size = self.chunk_size or self.even_size
-        rows = np.array([self.queue.popleft() for _ in range(min(size, len(self.queue)))], dtype=np.int64)
+        rows = self.queue[self.head:self.head + size]
+        self.head += len(rows)
         return self.make_chunk(rows)
 
     def make_chunk(self, rows):
+        """The chunk of these prompt rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
+        workers wait while the master builds their first chunks)."""
         p = self.prompts
+        rows = np.asarray(rows, np.int64)
         lens = p.lengths[rows]
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum(lens)
-        tokens = np.concatenate([p.prompt(r) for r in rows]).astype(np.int32)
+        # token t of the chunk is prompt token (start of its row) + (t - start of the row within the chunk)
+        src = np.repeat(p.offsets[rows] - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
+        tokens = np.asarray(p.tokens)[src].astype(np.int32)
         chunk = Chunk(self.next_id, rows, offsets, tokens)
         self.next_id += 1
         return chunk
