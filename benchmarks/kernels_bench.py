@@ -4,8 +4,8 @@
 
 Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off; each fp16 tile variant
 (mma.sync, wgmma, TMA + wgmma) vs torch fp16.
---e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process) for fp32, the fp16 default of stop 7 (no tma192p,
-LM head writing logits + argmax kernel), the current default with the unfused LM head, and the current default.
+--e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process): fp32 and fp16 with every prompt token computed
+(GPT2JOB_PREFIX_SHARE=0) and by default (shared prompt prefixes computed once), and the fp16 default of stop 7.
 --profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
 --w2: W2 generate() (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
@@ -208,7 +208,7 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
 
 STOP7_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,wgmma,t128x128k64s3",
              "GPT2JOB_FUSE_ARGMAX": "0"}   # the default of stop 7 (commit 8a0e470)
-UNFUSED_F16 = {"GPT2JOB_FUSE_ARGMAX": "0"}   # LM head writes the logits, then the argmax kernel
+NO_SHARE = {"GPT2JOB_PREFIX_SHARE": "0"}   # every prompt token computed (no shared-prefix plan)
 
 
 def main():
@@ -224,9 +224,10 @@ def main():
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
     if a.profile:
         profile(["float16", "float32"])
-    e2e = bench_e2e([("float32", "float32", {}),
+    e2e = bench_e2e([("float32-no-prefix-share", "float32", NO_SHARE),
+                     ("float32", "float32", {}),
                      ("float16-stop7", "float16", STOP7_F16),
-                     ("float16-unfused-argmax", "float16", UNFUSED_F16),
+                     ("float16-no-prefix-share", "float16", NO_SHARE),
                      ("float16", "float16", {})]) if a.e2e else {}
     if a.w2:
         w2 = w2_chunk()
@@ -250,10 +251,11 @@ def main():
         a16, a32 = e2e["float16"][2], e2e["float32"][2]
         n = min(len(a16), len(a32))
         print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
-    for other in ("float16-stop7", "float16-unfused-argmax"):
-        if "float16" in e2e and other in e2e:
-            a, b = e2e["float16"][2], e2e[other][2]
-            print(f"fp16 current vs {other} token agreement: {(a == b).mean():.4f}")
+    for cur, other in (("float16", "float16-stop7"), ("float16", "float16-no-prefix-share"),
+                       ("float32", "float32-no-prefix-share")):
+        if cur in e2e and other in e2e:
+            a, b = e2e[cur][2], e2e[other][2]
+            print(f"{cur} (current) vs {other} token agreement: {(a == b).mean():.4f}")
 
 
 if __name__ == "__main__":

@@ -105,6 +105,37 @@ __device__ __forceinline__ void kv_store_impl(const T* __restrict__ qkv, const i
     }
 }
 
+// Shared prompt prefixes (gpt2job/prefix_share.py): for each entry {dst, src, pos} of ent [n, 3], copy the key and
+// value rows at position pos of cache slot src - slot_base into slot dst - slot_base (kc, vc: [slots, S, C]); a
+// source row is never a destination. One block per entry. NumPy twin: gpt2job.reference.kv_copy.
+template <typename T>
+__device__ __forceinline__ void kv_copy_impl(const int* __restrict__ ent, int n, int slot_base, T* kc, T* vc, int S,
+                                             int C)
+{
+    const int e = blockIdx.x;
+    if (e >= n) return;
+    const size_t dst = ((size_t)(ent[3 * e] - slot_base) * S + ent[3 * e + 2]) * C;
+    const size_t src = ((size_t)(ent[3 * e + 1] - slot_base) * S + ent[3 * e + 2]) * C;
+    if ((C * sizeof(T)) % 16 == 0) {   // rows start 16-byte aligned: copy 16 bytes at a time
+        const int nv = (int)(C * sizeof(T) / 16);
+        for (int i = threadIdx.x; i < nv; i += blockDim.x) {
+            reinterpret_cast<uint4*>(kc + dst)[i] = reinterpret_cast<const uint4*>(kc + src)[i];
+            reinterpret_cast<uint4*>(vc + dst)[i] = reinterpret_cast<const uint4*>(vc + src)[i];
+        }
+    } else {
+        for (int c = threadIdx.x; c < C; c += blockDim.x) {
+            kc[dst + c] = kc[src + c];
+            vc[dst + c] = vc[src + c];
+        }
+    }
+}
+
+extern "C" __global__ void kv_copy_f32(const int* ent, int n, int slot_base, float* kc, float* vc, int S, int C)
+{ kv_copy_impl<float>(ent, n, slot_base, kc, vc, S, C); }
+
+extern "C" __global__ void kv_copy_f16(const int* ent, int n, int slot_base, __half* kc, __half* vc, int S, int C)
+{ kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
+
 extern "C" __global__ void kv_store_f32(const float* qkv, const int* row_slot, int slot_base, const int* row_pos,
                                         float* kc, float* vc, int R, int C, int S)
 { kv_store_impl<float>(qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S); }

@@ -34,6 +34,7 @@ import os
 
 import numpy as np
 
+from . import prefix_share
 from .backend import Backend, Completions, FINISH_LENGTH, FINISH_STOP
 from .errors import UserError
 
@@ -175,6 +176,8 @@ class CudaBackend(Backend):
         # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX=0:
         # logits + argmax kernel)
         self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "1") != "0"
+        # shared prompt prefixes computed once (gpt2job.prefix_share); GPT2JOB_PREFIX_SHARE=0: every prompt token
+        self.prefix_share = os.environ.get("GPT2JOB_PREFIX_SHARE", "1") != "0"
         # fp16 prefill attention on tensor cores (head size 64); GPT2JOB_PREFILL_ATTN=0: the per-row kernel
         self.prefill_attn = (self.half and cfg.d_head == 64 and
                              os.environ.get("GPT2JOB_PREFILL_ATTN", "1") != "0")
@@ -295,8 +298,10 @@ class CudaBackend(Backend):
 
     # ---------------------------------------------------------------- async chunk API
 
-    def submit(self, chunk):
-        """Validate the chunk and start uploading its tokens on the copy stream; returns at once."""
+    def submit(self, chunk, share=None):
+        """Validate the chunk and start uploading its tokens on the copy stream; returns at once.
+        share (default self.prefix_share): compute shared prompt prefixes once (gpt2job.prefix_share) when that
+        saves enough; the chunk's prompts then run in the plan's order (the Completions come back in the chunk's)."""
         drv = self.drv
         cfg, gs = self.cfg, self.settings
         B = len(chunk.rows)
@@ -310,20 +315,33 @@ class CudaBackend(Backend):
         tokens = np.asarray(chunk.tokens, np.int32)
         if tokens.size and (tokens.min() < 0 or tokens.max() >= cfg.vocab_size):
             raise UserError("a token id is outside the vocabulary", None, "tokens", "check the tokenizer")
-        T = int(offsets[-1]) if B else 0
-        seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
-        pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
+        rows = np.asarray(chunk.rows, np.int64)
+        sp = None
+        if (self.prefix_share if share is None else share) and B > 1 and gs.max_new_tokens > 0:
+            sp = prefix_share.plan(offsets, tokens, lambda ls: kv_groups(ls, gs.max_new_tokens,
+                                                                        2 * cfg.n_layer * cfg.n_embd * self.elt,
+                                                                        self.kv_budget))
+        if sp is not None:   # the plan's order; offsets/T/tokens from here on count computed tokens only
+            rows, lens, offsets = rows[sp.perm], sp.lens, sp.offsets
+            tokens, pos_of_tok, seq_of_tok = sp.tokens, sp.positions, sp.seq
+            copies, copy_off = sp.copies, sp.copy_off
+            T = int(offsets[-1])
+        else:
+            T = int(offsets[-1]) if B else 0
+            seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
+            pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
+            copies, copy_off = np.zeros((0, 3), np.int32), np.zeros(B + 1, np.int64)
         last = (offsets[1:] - 1).astype(np.int32)
         if self.prefill_attn:
             tiles, tile_off = prefill_tiles(offsets)
         else:   # the per-row kernel needs no tiles
             tiles, tile_off = np.zeros((0, 2), np.int32), np.zeros(B + 1, np.int64)
-        NT = len(tiles)
+        NT, E = len(tiles), len(copies)
         # layout (int32 words): tokens[T] pos[T] seq[T] last[B] arange[B] pad, then rows int64[B],
-        # then prefill attention tiles int32[NT, 2] (8-byte aligned)
+        # then prefill attention tiles int32[NT, 2] (8-byte aligned), then shared-prefix copies int32[E, 3]
         n32 = 3 * T + 2 * B
         n32 += n32 & 1
-        nbytes = 4 * n32 + 8 * B + 8 * NT
+        nbytes = 4 * n32 + 8 * B + 8 * NT + 12 * E
         u = next((x for x in self._uploads if not x.busy), None)
         if u is None:
             u = _Upload()
@@ -344,8 +362,9 @@ class CudaBackend(Backend):
         h32[2 * T:3 * T] = seq_of_tok
         h32[3 * T:3 * T + B] = last
         h32[3 * T + B:3 * T + 2 * B] = np.arange(B, dtype=np.int32)
-        u.host[4 * n32:4 * n32 + 8 * B].view(np.int64)[:] = np.asarray(chunk.rows, np.int64)
-        u.host[4 * n32 + 8 * B:nbytes].view(np.int32)[:] = tiles.reshape(-1)
+        u.host[4 * n32:4 * n32 + 8 * B].view(np.int64)[:] = rows
+        u.host[4 * n32 + 8 * B:4 * n32 + 8 * B + 8 * NT].view(np.int32)[:] = tiles.reshape(-1)
+        u.host[4 * n32 + 8 * B + 8 * NT:nbytes].view(np.int32)[:] = copies.reshape(-1)
         ev0, ev1 = drv.Event(), drv.Event()
         ev0.record(self.copy)
         if nbytes:
@@ -356,7 +375,10 @@ class CudaBackend(Backend):
         job = {"chunk": chunk, "upload": u, "lens": lens, "offsets": offsets, "B": B, "T": T,
                "p_tok": base, "p_pos": base + 4 * T, "p_seq": base + 8 * T, "p_last": base + 12 * T,
                "p_arange": base + 12 * T + 4 * B, "p_rows": base + 4 * n32, "ev_up": (ev0, ev1),
-               "p_tiles": base + 4 * n32 + 8 * B, "tile_off": tile_off}
+               "p_tiles": base + 4 * n32 + 8 * B, "tile_off": tile_off,
+               "p_copies": base + 4 * n32 + 8 * B + 8 * NT, "copy_off": copy_off,
+               "groups": sp.groups if sp is not None else None, "perm": sp.perm if sp is not None else None,
+               "shared_tokens": int(np.diff(np.asarray(chunk.offsets)).sum()) - T if sp is not None else 0}
         self._pending.append(job)
         return job
 
@@ -407,7 +429,7 @@ class CudaBackend(Backend):
             return res
         if int(lens.min()) < 1:
             raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
-        job = self.submit(Chunk(-1, np.arange(B, dtype=np.int64), offsets, tokens))
+        job = self.submit(Chunk(-1, np.arange(B, dtype=np.int64), offsets, tokens), share=False)
         self._pending.remove(job)
         try:
             self.compute.wait_for_event(job["ev_up"][1])
@@ -456,10 +478,12 @@ class CudaBackend(Backend):
         t0, t1 = int(job["tile_off"][pb0]), int(job["tile_off"][pb1])
         return job["p_tiles"] + 8 * t0, t1 - t0, int(job["offsets"][pb0])
 
-    def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None):
+    def _forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None):
         """Run the layers on R rows (token ids / positions / slots at the given device pointers).
         tiles (prefill passes): (device pointer, count, row_base) of the pass's attention_prefill tiles, used
-        when self.prefill_attn. Leaves the residual stream (before ln_f) in buffer x."""
+        when self.prefill_attn. copies (prefill passes with shared prefixes): (device pointer, count) of the pass's
+        {dst, src, pos} key/value rows to copy in each layer before its attention. Leaves the residual stream
+        (before ln_f) in buffer x."""
         cfg, k, st, half = self.cfg, self.k, self.compute, self.half
         C, H, D, F = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.d_mlp
         e = self.elt
@@ -483,6 +507,8 @@ class CudaBackend(Backend):
             else:
                 self._gemm(h, L["qkv_w"], qkv, L["qkv_b"], R, 3 * C, C, 0, True)
                 k.kv_store(st, half, qkv, p_seq, slot_base, p_pos, kc, vc, R, C, S)
+            if copies is not None:   # shared prefixes: rows computed by another prompt of the group
+                k.kv_copy(st, half, copies[0], copies[1], slot_base, kc, vc, S, C)
             scale = 1.0 / math.sqrt(D)
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= float(li + 1)
@@ -562,19 +588,24 @@ class CudaBackend(Backend):
         ev_c0.record(self.compute)
         self._last_down = None
         if B and gs.max_new_tokens > 0:
-            for b0, b1 in kv_groups(lens, gs.max_new_tokens, 2 * L * C * self.elt, self.kv_budget):
+            groups = job["groups"] or kv_groups(lens, gs.max_new_tokens, 2 * L * C * self.elt, self.kv_budget)
+            for b0, b1 in groups:
                 self._run_group(job, b0, b1, out, gen, finish)
         ev_c1 = drv.Event()
         ev_c1.record(self.compute)
         ev_c1.synchronize()
         t = lambda ev: ev.time_since(self.t0)  # noqa: E731
         entry = {"chunk_id": chunk.chunk_id, "prompts": B, "generated": int(gen.sum()),
+                 "shared_prefix_tokens": job["shared_tokens"],
                  "upload": (t(job["ev_up"][0]), t(job["ev_up"][1])), "compute": (t(ev_c0), t(ev_c1))}
         if self._last_down is not None:
             entry["download"] = (t(self._last_down[0]), t(self._last_down[1]))
         for kind, a, b in job.get("phases", []):   # device time of prefill / decode steps (ms)
             entry[kind + "_ms"] = entry.get(kind + "_ms", 0.0) + b.time_since(a)
         self.timeline.append(entry)
+        if job["perm"] is not None:   # back to the chunk's order (the prompts ran in the share plan's)
+            back = np.argsort(job["perm"])
+            out, gen, finish = out[back], gen[back], finish[back]
         offs = np.zeros(B + 1, np.int64)
         np.cumsum(gen, out=offs[1:])
         flat = out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
@@ -595,8 +626,9 @@ class CudaBackend(Backend):
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
         for pb0, pb1 in prefill_passes(offsets, b0, b1, self.max_prefill_rows):
             r0, r1 = int(offsets[pb0]), int(offsets[pb1])
+            c0, c1 = int(job["copy_off"][pb0]), int(job["copy_off"][pb1])
             x = self._forward(r1 - r0, job["p_tok"] + 4 * r0, job["p_pos"] + 4 * r0, job["p_seq"] + 4 * r0, b0, S, kv,
-                              tiles=self._pass_tiles(job, pb0, pb1))
+                              tiles=self._pass_tiles(job, pb0, pb1), copies=(job["p_copies"] + 12 * c0, c1 - c0))
             self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
                               tok_dev + 4 * (pb0 - b0))
         self._idle()                       # the prefill runs on the GPU: take in and upload the next chunk

@@ -66,6 +66,8 @@ KERNELS = {
     "layernorm_f16": ("transformer.cu", "PPiPPPiif"),
     "kv_store_f32": ("transformer.cu", "PPiPPPiii"),
     "kv_store_f16": ("transformer.cu", "PPiPPPiii"),
+    "kv_copy_f32": ("transformer.cu", "PiiPPii"),
+    "kv_copy_f16": ("transformer.cu", "PiiPPii"),
     "attention_f32": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_f16": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_grouped_f32": ("transformer.cu", "PPPPiPPiiiif"),
@@ -300,6 +302,12 @@ class Kernels:
         if R:
             self.launch("kv_store_f16" if half else "kv_store_f32", (R, 1, 1), (256, 1, 1), stream,
                         qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S)
+
+    def kv_copy(self, stream, half, ent, n, slot_base, kc, vc, S, C):
+        """Shared-prefix key/value rows: ent int32 [n, 3] {dst, src, pos} (see gpt2job.prefix_share)."""
+        if n:
+            self.launch("kv_copy_f16" if half else "kv_copy_f32", (n, 1, 1), (128, 1, 1), stream, ent, n, slot_base,
+                        kc, vc, S, C)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None):

@@ -105,6 +105,17 @@ def block(cfg, layer, li, x, positions, k_cache, v_cache, kv_len):
     return x + linear(m, layer["mlp.c_proj.weight"], layer["mlp.c_proj.bias"])          # [B, T, C]
 
 
+def kv_copy(k_cache, v_cache, copies, slot_base=0):
+    """Shared-prefix rows (twin of cuda_src/transformer.cu kv_copy): for each {dst, src, pos} row of copies [E, 3],
+    cache[dst - slot_base, pos] = cache[src - slot_base, pos], in k and v. Caches in the CUDA layout [slots, S, C];
+    a source row is never a destination. Returns new arrays."""
+    d, s, p = (copies[:, 0] - slot_base, copies[:, 1] - slot_base, copies[:, 2])       # [E] each
+    k, v = k_cache.copy(), v_cache.copy()                                                # [slots, S, C]
+    k[d, p] = k_cache[s, p]
+    v[d, p] = v_cache[s, p]
+    return k, v
+
+
 def new_kv_cache(cfg, batch, length):
     """One (k, v) pair per layer, each [B, H, S, D] float32."""
     shape = (batch, cfg.n_head, length, cfg.d_head)

@@ -476,6 +476,90 @@ def test_backend_float16_close_and_generate_many():
         assert o.chunk_id == c.chunk_id and o.n_generated == 5 * len(LENS)
 
 
+@pytest.mark.parametrize("half", [False, True])
+@pytest.mark.parametrize("C", [768, 18])
+def test_kv_copy(K, half, C):
+    """Shared-prefix key/value rows: the kv_copy kernel against reference.kv_copy (16-byte and element paths)."""
+    dt = np.float16 if half else np.float32
+    nsl, S, slot_base = 6, 9, 4
+    kc = RNG.standard_normal((nsl, S, C), dtype=np.float32).astype(dt)
+    vc = RNG.standard_normal((nsl, S, C), dtype=np.float32).astype(dt)
+    pairs = [(d, p) for d in range(2, nsl) for p in range(S) if RNG.random() < 0.5]     # destinations: slots 2..5
+    ent = np.array([[d + slot_base, int(RNG.integers(0, 2)) + slot_base, p] for d, p in pairs], np.int32)
+    gk, gv = gpu(kc), gpu(vc)
+    K.kv_copy(None, half, gpu(ent), len(ent), slot_base, gk, gv, S, C)
+    rk, rv = reference.kv_copy(kc, vc, ent, slot_base)
+    np.testing.assert_array_equal(back(gk, (nsl, S, C), dt), rk)
+    np.testing.assert_array_equal(back(gv, (nsl, S, C), dt), rv)
+
+
+def stem_prompts(n, vocab, seed=0):
+    """Prompts built from a few shared stems plus random tails: repeats, and prompts that prefix others."""
+    rng = np.random.default_rng(seed)
+    stems = [rng.integers(0, vocab, rng.integers(3, 20)) for _ in range(4)]
+    out = []
+    for i in range(n):
+        if i % 9 == 4:
+            out.append(out[-1].copy())
+        elif i % 9 == 7:
+            out.append(out[-1][:max(1, len(out[-1]) // 2)].copy())
+        else:
+            out.append(np.concatenate([stems[i % 4], rng.integers(0, vocab, rng.integers(0, 12))]))
+    return out
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("small", [False, True])
+def test_backend_shared_prefixes_match_full_prefill(dtype, small):
+    """Prompts with shared prefixes: computing each prefix once (the default) gives the tokens of computing every
+    prompt in full (fp32: identical, and = NumPy; fp16: nearly all), with several KV groups and prefill passes."""
+    from gpt2job.cuda_backend import CudaBackend
+    params = tiny_params(6)
+    gs = GenerationSettings(max_new_tokens=5, ignore_eos=True)
+    prompts = stem_prompts(45, 1000, seed=1)
+    lens = np.array([len(p) for p in prompts])
+    offsets = np.zeros(len(prompts) + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    chunk = Chunk(3, np.arange(100, 100 + len(prompts)), offsets, np.concatenate(prompts).astype(np.int32))
+    got, shared = {}, {}
+    for share in (False, True):
+        be = CudaBackend(params, gs, dtype=dtype, **(dict(max_prefill_rows=60) if small else {}))
+        try:
+            be.prefix_share = share
+            if small:   # groups of about 8 prompts
+                be.kv_budget = 8 * (int(lens.max()) + 5) * 2 * params.config.n_layer * params.config.n_embd * be.elt
+            got[share] = be.generate(chunk)
+            shared[share] = be.timeline[-1]["shared_prefix_tokens"]
+        finally:
+            be.close()
+    assert shared[False] == 0 and shared[True] > 0.2 * lens.sum()
+    assert np.array_equal(got[True].rows, chunk.rows)
+    if dtype == "float32":
+        assert_same(got[True], got[False])
+        assert_same(got[True], NumpyBackend(params, gs).generate(chunk))
+    else:
+        assert (got[True].tokens == got[False].tokens).mean() >= 0.97
+
+
+def test_backend_shared_prefixes_keep_each_rows_sampling_seed():
+    """Sampling with shared prefixes: the prompts run in the plan's order, yet each row draws with its own row's
+    seed: same tokens as the NumPy backend."""
+    from gpt2job.cuda_backend import CudaBackend
+    params = tiny_params(7)
+    gs = GenerationSettings(max_new_tokens=5, ignore_eos=True, sampling=SamplingSettings(0.9, 20, 0.9, 11))
+    prompts = stem_prompts(30, 1000, seed=2)
+    offsets = np.zeros(len(prompts) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in prompts])
+    chunk = Chunk(0, np.arange(7, 7 + len(prompts)), offsets, np.concatenate(prompts).astype(np.int32))
+    be = CudaBackend(params, gs, dtype="float32")
+    try:
+        got = be.generate(chunk)
+        assert be.timeline[-1]["shared_prefix_tokens"] > 0
+    finally:
+        be.close()
+    assert_same(got, NumpyBackend(params, gs).generate(chunk))
+
+
 @pytest.mark.parametrize("vocab", [1000, 50257])
 def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, vocab):
     """Greedy fp16: the LM head with the (max, argmax) epilogue (the default) gives exactly the tokens of the LM head

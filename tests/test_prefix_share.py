@@ -1,0 +1,124 @@
+"""Shared prompt prefixes (gpt2job.prefix_share): the plan computes each prefix once and copies the rest, and the
+copies rebuild exactly the key/value caches of computing every prompt in full (NumPy reference model)."""
+import numpy as np
+import pytest
+
+from gpt2job import prefix_share, reference
+from gpt2job.config import GPT2Config
+from gpt2job.weights import random_params
+
+
+def prompts_with_stems(n, seed=0, vocab=50, max_len=12):
+    """n prompts: a few shared stems + random tails, including exact repeats and prompts that prefix others."""
+    rng = np.random.default_rng(seed)
+    stems = [rng.integers(0, vocab, rng.integers(1, 8)) for _ in range(4)]
+    out = []
+    for i in range(n):
+        if i % 7 == 3 and out:
+            out.append(out[rng.integers(len(out))].copy())                      # an exact repeat
+        elif i % 7 == 5 and out and len(out[-1]) > 1:
+            out.append(out[-1][:rng.integers(1, len(out[-1]))].copy())          # a prefix of an earlier prompt
+        else:
+            stem = stems[rng.integers(len(stems))]
+            tail = rng.integers(0, vocab, rng.integers(0, max_len - len(stem) + 1))
+            p = np.concatenate([stem, tail])
+            out.append(p if len(p) else stem)
+    return out
+
+
+def flat(prompts):
+    offsets = np.zeros(len(prompts) + 1, np.int64)
+    offsets[1:] = np.cumsum([len(p) for p in prompts])
+    return offsets, np.concatenate(prompts).astype(np.int64)
+
+
+def even_groups(k):
+    """groups_of: k consecutive groups of near-equal size."""
+    def groups_of(lens):
+        B = len(lens)
+        cuts = [B * i // k for i in range(k + 1)]
+        return [(a, b) for a, b in zip(cuts[:-1], cuts[1:]) if b > a]
+    return groups_of
+
+
+@pytest.mark.parametrize("n_groups", [1, 3])
+def test_plan_computes_or_copies_every_position_once_from_an_identical_prefix(n_groups):
+    prompts = prompts_with_stems(60, seed=n_groups)
+    offsets, tokens = flat(prompts)
+    sp = prefix_share.plan(offsets, tokens, even_groups(n_groups), min_saving=0.0)
+    assert sp is not None and sorted(sp.perm.tolist()) == list(range(len(prompts)))
+    P = [prompts[j] for j in sp.perm]                                   # prompts in the plan's order
+    assert np.array_equal(sp.lens, [len(p) for p in P])
+    group = np.zeros(len(P), np.int64)
+    for g, (b0, b1) in enumerate(sp.groups):
+        group[b0:b1] = g
+        assert sp.skip[b0] == 0                                         # nothing copied across groups
+    seen = {}
+    for t in range(len(sp.tokens)):                                     # computed tokens
+        i, p = int(sp.seq[t]), int(sp.positions[t])
+        assert sp.offsets[i] <= t < sp.offsets[i + 1] and sp.tokens[t] == P[i][p]
+        seen[(i, p)] = "computed"
+    assert all(sp.skip < sp.lens)                                       # the last token always runs
+    for k, (d, s, p) in enumerate(sp.copies.tolist()):
+        assert sp.copy_off[d] <= k < sp.copy_off[d + 1]
+        assert s < d and group[s] == group[d]
+        assert seen.get((s, p)) == "computed"                          # the source computed that row itself
+        assert np.array_equal(P[s][:p + 1], P[d][:p + 1])              # same tokens 0..p: same key and value
+        assert (d, p) not in seen
+        seen[(d, p)] = "copied"
+    assert len(seen) == sum(len(p) for p in P)                          # every position exactly once
+    assert sp.saving > 0.2
+
+
+def test_plan_declines_when_little_is_shared():
+    rng = np.random.default_rng(1)
+    prompts = [rng.integers(0, 50257, 16) for _ in range(64)]
+    offsets, tokens = flat(prompts)
+    assert prefix_share.plan(offsets, tokens, even_groups(1)) is None
+    assert prefix_share.plan(offsets[:2], tokens[:16], even_groups(1)) is None      # one prompt
+
+
+def test_lexicographic_puts_a_prefix_before_its_extensions():
+    prompts = [np.array([3, 1, 2]), np.array([3, 1]), np.array([2, 9]), np.array([3, 1, 2, 0]), np.array([3, 0])]
+    perm, lcp = prefix_share.lexicographic(*flat(prompts))
+    assert perm.tolist() == [2, 4, 1, 0, 3]
+    assert lcp.tolist() == [0, 0, 1, 2, 3]
+
+
+def test_copies_rebuild_the_full_caches_of_the_reference_model():
+    """Caches holding only the computed rows (the rest NaN), after reference.kv_copy (the twin of the kv_copy
+    kernel), equal the caches of running every prompt in full, in the CUDA layout [slots, S, C]."""
+    cfg = GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50)
+    params = random_params(cfg, 3)
+    prompts = prompts_with_stems(24, seed=5)
+    offsets, tokens = flat(prompts)
+    sp = prefix_share.plan(offsets, tokens, even_groups(2), min_saving=0.0)
+    P = [prompts[j] for j in sp.perm]
+    S, C = int(sp.lens.max()), cfg.n_embd
+    cache, _, _ = reference.prefill(params, P, S)                          # per layer [B, H, S, D]
+    for li in range(cfg.n_layer):
+        full_k, full_v = (c.transpose(0, 2, 1, 3).reshape(len(P), S, C) for c in cache[li])   # [B, S, C]
+        for b0, b1 in sp.groups:
+            k = np.full((b1 - b0, S, C), np.nan, np.float32)
+            v = np.full((b1 - b0, S, C), np.nan, np.float32)
+            mine = (sp.seq >= b0) & (sp.seq < b1)
+            k[sp.seq[mine] - b0, sp.positions[mine]] = full_k[sp.seq[mine], sp.positions[mine]]
+            v[sp.seq[mine] - b0, sp.positions[mine]] = full_v[sp.seq[mine], sp.positions[mine]]
+            cp = sp.copies[sp.copy_off[b0]:sp.copy_off[b1]]
+            k, v = reference.kv_copy(k, v, cp, slot_base=b0)
+            for i in range(b0, b1):
+                n = len(P[i])
+                np.testing.assert_allclose(k[i - b0, :n], full_k[i, :n], rtol=1e-5, atol=1e-6)
+                np.testing.assert_allclose(v[i - b0, :n], full_v[i, :n], rtol=1e-5, atol=1e-6)
+
+
+def test_seed_workload_saving():
+    """On the seed workload (when present) a single group saves about a quarter of the prefill tokens."""
+    import os
+    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "seed-workload", "input.bin")
+    if not os.path.isfile(path):
+        pytest.skip("no seed workload (../shared/seed-workload)")
+    a = np.fromfile(path, np.int32).reshape(-1, 16)
+    offsets = np.arange(len(a) + 1, dtype=np.int64) * 16
+    sp = prefix_share.plan(offsets, a.reshape(-1), even_groups(1))
+    assert sp is not None and 0.25 < sp.saving < 0.30
