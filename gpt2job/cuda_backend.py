@@ -6,7 +6,8 @@ package imports without it. The GPU is chosen from local_rank before CUDA create
 Work layout per chunk:
   * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its
     sequence slot and position; ragged causal attention reads the slot's KV cache; the LM head and token
-    selection run only on each prompt's last position.
+    selection run only on each prompt's last position. Prompts that start alike compute that prefix once
+    (gpt2job.prefix_share: lexicographic order, the shared key/value rows copied per layer by kv_copy).
   * decode: one row per still-active sequence (finished sequences are dropped from the work), one token
     id per row uploaded, one token id per row downloaded; logits never leave the GPU.
   * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group.
