@@ -44,9 +44,12 @@ def lexicographic(offsets, tokens):
     offsets = np.asarray(offsets, np.int64)
     lens = np.diff(offsets)
     B, L = len(lens), int(lens.max()) if len(lens) else 0
-    mat = np.full((B, L), -1, np.int64)                                   # [B, L] padded with -1 (< every token)
-    col = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lens)
-    mat[np.repeat(np.arange(B), lens), col] = tokens
+    if B and int(lens.min()) == L:                                        # equal lengths: a plain reshape
+        mat = np.asarray(tokens, np.int64).reshape(B, L)                  # [B, L]
+    else:
+        mat = np.full((B, L), -1, np.int64)                               # [B, L] padded with -1 (< every token)
+        col = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lens)
+        mat[np.repeat(np.arange(B), lens), col] = tokens
     # rows as big-endian byte strings (token + 1 >= 0): byte order = token order, so a sort of the strings is the
     # lexicographic order (numpy compares void items byte by byte; np.lexsort over L keys is far slower for long L)
     keys = np.ascontiguousarray((mat + 1).astype(">u4")).view(np.dtype((np.void, 4 * max(L, 1)))).ravel()   # [B]
@@ -86,23 +89,15 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     pos = skip[seq] + np.arange(int(coff[-1]), dtype=np.int64) - coff[:-1][seq]   # [T']
     src_tok = offsets[:-1][perm][seq] + pos                               # [T'] index into the chunk's tokens
     # copies: position p of prompt i (p < skip[i]) comes from the last prompt before i that computed p
-    idx = np.arange(B, dtype=np.int64)
-    dst, src, where = [], [], []
-    for p in range(int(skip.max()) if B else 0):
-        computed = (p >= skip) & (p < lens)                              # [B] prompts that compute position p
-        last = np.maximum.accumulate(np.where(computed, idx, -1))         # [B] latest computer at or before i
-        need = np.flatnonzero(p < skip)                                   # prompts that copy position p
-        dst.append(need)
-        src.append(last[need])
-        where.append(np.full(len(need), p, np.int64))
-    if dst:
-        dst, src, where = np.concatenate(dst), np.concatenate(src), np.concatenate(where)
-    else:
-        dst = src = where = np.zeros(0, np.int64)
-    order = np.lexsort((where, dst))
-    copies = np.stack([dst[order], src[order], where[order]], axis=1).astype(np.int32).reshape(-1, 3)
+    P = int(skip.max())
+    p_col = np.arange(P, dtype=np.int64)[:, None]                         # [P, 1]
+    computed = (p_col >= skip[None, :]) & (p_col < lens[None, :])        # [P, B] prompt i computes position p
+    last = np.maximum.accumulate(np.where(computed, np.arange(B, dtype=np.int64)[None, :], -1), axis=1)   # [P, B]
     copy_off = np.zeros(B + 1, np.int64)
-    np.cumsum(np.bincount(dst, minlength=B), out=copy_off[1:])
+    np.cumsum(skip, out=copy_off[1:])
+    dst = np.repeat(np.arange(B, dtype=np.int64), skip)                   # [E] by prompt, then position
+    where = np.arange(int(copy_off[-1]), dtype=np.int64) - copy_off[:-1][dst]   # [E]
+    copies = np.stack([dst, last[where, dst], where], axis=1).astype(np.int32).reshape(-1, 3)   # [E, 3]
     return SharePlan(perm=perm, lens=lens, skip=skip, offsets=coff, tokens=tokens[src_tok].astype(np.int32),
                      positions=pos.astype(np.int32), seq=seq.astype(np.int32), copies=copies, copy_off=copy_off,
                      groups=list(groups))
