@@ -112,7 +112,7 @@ def table(recs, out=sys.stdout):
         ours = last.get(("ours", w, d, 1))
         dedup = (last.get(("ours+dedup", w, d, 1)) or {}).get("throughput_tok_s")
         base = {e: (last.get((e, w, d, 1)) or {}).get("throughput_tok_s") for e in ("transformers", "compact")}
-        if not ours and not any(base.values()):
+        if not ours and not dedup and not any(base.values()):
             continue
         o = (ours or {}).get("throughput_tok_s")
         rows.append([f"{w.upper()} {d}", fmt_int(o), fmt_int(dedup), fmt_int(base["transformers"]),

@@ -140,6 +140,9 @@ def main(argv=None):
     dedups = [d.strip() for d in a.dedup.split(",") if d.strip()]
     if not dedups or set(dedups) - {"on", "off"}:
         ap.error("--dedup: a comma list of on, off")
+    if "w3" in names and "on" in dedups:
+        print("note: W3 repeats W1 eight times: with --dedup on it computes each distinct prompt once, so its "
+              "figures say nothing about scaling (plot.py files them as ours+dedup); use --dedup off", flush=True)
     if a.backend == "cuda" and not a.allow_more_gpus:
         have = gpu_count()
         skipped = [k for k in gpus if k > have]

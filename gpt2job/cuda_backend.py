@@ -239,17 +239,22 @@ class CudaBackend(Backend):
         self.kv_budget = max(int((0.4 if share_gpus else 0.8) * (free - act)), 64 << 20)
         self.tok_host = drv.pagelocked_empty(1, np.int32)
         self.step_host = drv.pagelocked_empty(1, np.int32)
-        self._reserve()
+        self._reserve(share_gpus)
 
-    def _reserve(self):
-        """Allocate the activation buffers at their largest and the KV cache at its budget now, before the worker
-        says it is ready: growing them during the first chunk would put allocations (and the synchronisations
-        that come with freeing a smaller buffer) inside the timed generation."""
+    def _reserve(self, share_gpus):
+        """Allocate the large buffers now, before the worker says it is ready: the activations at their largest,
+        the fp32 split-K workspace, the LM head's output and (unless ranks share the GPU: they all measured the
+        same free memory) the KV cache at its budget. Growing them during the first chunk would put allocations,
+        and the synchronisations that come with freeing a smaller buffer, inside the timed generation."""
         cfg, e = self.cfg, self.elt
         R, C, hr = self.max_prefill_rows, cfg.n_embd, self.head_rows
         for name, nbytes in (("x", R * C * 4), ("h", R * C * e), ("qkv", R * 3 * C * e), ("att", R * C * e),
-                             ("fc", R * cfg.d_mlp * e), ("hl", hr * C * e), ("kv", self.kv_budget)):
+                             ("fc", R * cfg.d_mlp * e), ("hl", hr * C * e)):
             self._buf(name, nbytes)
+        if not share_gpus:
+            self._buf("kv", self.kv_budget)
+        if not self.half:
+            self._buf("splitk", 4 * 4 * hr * 4096)
         if self.settings.sampling.greedy and self._argmax_variant(hr) is not None:
             from .cuda_kernels import F16_WN
             self._buf("argmax_part", hr * -(-self.V // F16_WN[self._argmax_variant(hr)]) * 8)

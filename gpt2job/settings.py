@@ -28,7 +28,7 @@ class JobSettings:
     share_gpus: bool = False
     chunk_timeout: float = 120.0     # the least time a worker gets for a chunk before it is declared hung
     progress_interval: float = 10.0  # seconds between progress lines when not on a terminal
-    dedup: bool = True               # greedy: compute identical prompts once (results are the same either way)
+    dedup: bool = True               # greedy: compute identical prompts once (copies get that completion)
 
     def generation(self, eos_token_id):
         return GenerationSettings(
