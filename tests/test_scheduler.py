@@ -1,0 +1,55 @@
+"""The master's work queue: chunks carry exactly their prompts' tokens, every row goes out once (longest prompts
+first), a failed worker's chunk goes out again first, and rows_left counts what is still to hand out."""
+import numpy as np
+
+from gpt2job.prompts import PromptSet
+from gpt2job.scheduler import Scheduler, WorkerState
+
+
+def prompt_set(n, seed=0):
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(1, 30, n)
+    offsets = np.zeros(n + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    return PromptSet(offsets, rng.integers(0, 50257, int(offsets[-1])).astype(np.int64), "test")
+
+
+def test_chunks_cover_every_row_once_with_its_tokens_longest_first():
+    ps = prompt_set(1000)
+    todo = np.arange(0, 1000, 3, dtype=np.int64)                 # e.g. the rows a resumed job still has to do
+    sched = Scheduler(ps, todo, max_new_tokens=8, chunk_size=70)
+    w = WorkerState(rank=1)
+    seen, lens_out = [], []
+    while True:
+        c = sched.next_chunk(w, 2)
+        if c is None:
+            break
+        assert len(c.rows) <= 70 and len(c.offsets) == len(c.rows) + 1 and c.tokens.dtype == np.int32
+        for i, r in enumerate(c.rows):
+            np.testing.assert_array_equal(c.tokens[c.offsets[i]:c.offsets[i + 1]], ps.prompt(r))
+        seen += c.rows.tolist()
+        lens_out += ps.lengths[c.rows].tolist()
+        assert sched.rows_left() == len(todo) - len(seen)
+    assert sorted(seen) == todo.tolist()
+    assert lens_out == sorted(lens_out, reverse=True)
+
+
+def test_a_given_back_chunk_goes_out_first():
+    ps = prompt_set(50, seed=1)
+    sched = Scheduler(ps, np.arange(50, dtype=np.int64), max_new_tokens=4, chunk_size=10)
+    w = WorkerState(rank=1)
+    first = sched.next_chunk(w, 1)
+    sched.give_back(first)
+    assert sched.rows_left() == 50
+    again = sched.next_chunk(w, 1)
+    assert again is first and sched.rows_left() == 40
+
+
+def test_adaptive_size_gives_equal_chunks_per_worker():
+    ps = prompt_set(400, seed=2)
+    sched = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
+    w = WorkerState(rank=1, preferred_chunk=64)
+    sizes = []
+    while (c := sched.next_chunk(w, 4)) is not None:
+        sizes.append(len(c.rows))
+    assert sizes == [50] * 8          # k = 2 equal chunks for each of the 4 workers, within the preferred 64
