@@ -63,8 +63,10 @@ def lexicographic(offsets, tokens):
 
 def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     """The share plan of a chunk (prompt b: tokens[offsets[b]:offsets[b+1]]), or None when it would save less
-    than min_saving of the prefill tokens. groups_of(lens) -> [(b0, b1)]: the KV groups for prompts of these
-    lengths in this order (cuda_backend.kv_groups)."""
+    than min_saving of the prefill tokens, or when its order needs more KV groups than the chunk's own order (a
+    group's cache is as long as its longest prompt, and the lexicographic order mixes lengths: more groups mean
+    smaller decode batches). groups_of(lens) -> [(b0, b1)]: the KV groups for prompts of these lengths in this
+    order (cuda_backend.kv_groups)."""
     offsets = np.asarray(offsets, np.int64)
     tokens = np.asarray(tokens, np.int64)
     lens0 = np.diff(offsets)
@@ -77,6 +79,8 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     if skip.sum() < min_saving * lens.sum():
         return None
     groups = groups_of(lens)
+    if len(groups) > len(groups_of(lens0)):
+        return None
     for b0, _ in groups:
         skip[b0] = 0
     if skip.sum() < min_saving * lens.sum():

@@ -78,6 +78,22 @@ def test_plan_declines_when_little_is_shared():
     assert prefix_share.plan(offsets[:2], tokens[:16], even_groups(1)) is None      # one prompt
 
 
+def test_plan_declines_when_its_order_needs_more_kv_groups():
+    """4 long and 12 short prompts with one stem: in the chunk's order (longest first) their caches fit 2 KV groups;
+    in lexicographic order the lengths mix, every group needs the long cache, and 4 groups would be needed."""
+    from gpt2job.cuda_backend import kv_groups      # pure Python (pycuda is imported only by CudaBackend)
+    rng = np.random.default_rng(4)
+    stem = rng.integers(0, 50, 6)
+    prompts = ([np.concatenate([stem, rng.integers(0, 50, 40)]) for _ in range(4)] +
+               [np.concatenate([stem, rng.integers(0, 50, 2)]) for _ in range(12)])
+    offsets, tokens = flat(prompts)
+    perm, _ = prefix_share.lexicographic(offsets, tokens)
+    lens = np.diff(offsets)
+    assert (len(kv_groups(lens, 0, 1, 200)), len(kv_groups(lens[perm], 0, 1, 200))) == (2, 4)
+    assert prefix_share.plan(offsets, tokens, lambda ls: kv_groups(ls, 0, 1, 200), min_saving=0.0) is None
+    assert prefix_share.plan(offsets, tokens, lambda ls: kv_groups(ls, 0, 1, 10 ** 6), min_saving=0.0) is not None
+
+
 def test_lexicographic_puts_a_prefix_before_its_extensions():
     prompts = [np.array([3, 1, 2]), np.array([3, 1]), np.array([2, 9]), np.array([3, 1, 2, 0]), np.array([3, 0])]
     perm, lcp = prefix_share.lexicographic(*flat(prompts))
