@@ -45,9 +45,9 @@ def lexicographic(offsets, tokens):
     lens = np.diff(offsets)
     B, L = len(lens), int(lens.max()) if len(lens) else 0
     if B and int(lens.min()) == L:                                        # equal lengths: a plain reshape
-        mat = np.asarray(tokens, np.int64).reshape(B, L)                  # [B, L]
+        mat = np.asarray(tokens, np.int32).reshape(B, L)                  # [B, L]
     else:
-        mat = np.full((B, L), -1, np.int64)                               # [B, L] padded with -1 (< every token)
+        mat = np.full((B, L), -1, np.int32)                               # [B, L] padded with -1 (< every token)
         col = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lens)
         mat[np.repeat(np.arange(B), lens), col] = tokens
     # rows as big-endian byte strings (token + 1 >= 0): byte order = token order, so a sort of the strings is the
@@ -96,7 +96,7 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     P = int(skip.max())
     p_col = np.arange(P, dtype=np.int64)[:, None]                         # [P, 1]
     computed = (p_col >= skip[None, :]) & (p_col < lens[None, :])        # [P, B] prompt i computes position p
-    last = np.maximum.accumulate(np.where(computed, np.arange(B, dtype=np.int64)[None, :], -1), axis=1)   # [P, B]
+    last = np.maximum.accumulate(np.where(computed, np.arange(B, dtype=np.int32)[None, :], -1), axis=1)   # [P, B]
     copy_off = np.zeros(B + 1, np.int64)
     np.cumsum(skip, out=copy_off[1:])
     dst = np.repeat(np.arange(B, dtype=np.int64), skip)                   # [E] by prompt, then position
