@@ -23,6 +23,18 @@ class GenerationSettings:
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
+def take_ragged(offsets, values, idx):
+    """Items idx (in that order, repeats allowed) of a ragged array whose item i is values[offsets[i]:offsets[i+1]],
+    as a new ragged array: (offsets [len(idx)+1] int64, values), gathered without a Python loop."""
+    offsets, idx = np.asarray(offsets, np.int64), np.asarray(idx, np.int64)
+    lens = offsets[idx + 1] - offsets[idx]                                           # [n]
+    out = np.zeros(len(idx) + 1, np.int64)                                           # [n+1]
+    np.cumsum(lens, out=out[1:])
+    # value t of the result is value (start of its item) + (t - start of the item in the result)
+    src = np.repeat(offsets[idx] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)   # [sum of lens]
+    return out, np.asarray(values)[src]
+
+
 @dataclass
 class Chunk:
     """A unit of work: prompts (token ids) with the input row each answers."""

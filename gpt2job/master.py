@@ -9,7 +9,7 @@ import time
 import numpy as np
 
 from . import __version__
-from .backend import FINISH_INVALID, Completions
+from .backend import FINISH_INVALID, Completions, take_ragged
 from .devices import gpu_count, local_rank, pycuda_available
 from .errors import UserError, WorkerFailure
 from .output import OutputStore
@@ -137,12 +137,9 @@ class Master:
         if not extra:
             return comp
         idx = np.concatenate([np.arange(len(comp.rows), dtype=np.int64)] + src)   # source row of each output row
-        lens = np.diff(comp.offsets)[idx]
-        offsets = np.zeros(len(idx) + 1, np.int64)
-        offsets[1:] = np.cumsum(lens)
-        gather = np.repeat(comp.offsets[idx] - offsets[:-1], lens) + np.arange(offsets[-1])
-        return Completions(comp.chunk_id, np.concatenate([comp.rows.astype(np.int64)] + extra), offsets,
-                           comp.tokens[gather], comp.finish[idx])
+        offsets, tokens = take_ragged(comp.offsets, comp.tokens, idx)
+        return Completions(comp.chunk_id, np.concatenate([comp.rows.astype(np.int64)] + extra), offsets, tokens,
+                           comp.finish[idx])
 
     # ---- the loop: serve chunks on demand, never block on one worker
     def run(self, local_slot):

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Chunk
+from .backend import Chunk, take_ragged
 
 
 @dataclass
@@ -78,15 +78,9 @@ class Scheduler:
     def make_chunk(self, rows):
         """The chunk of these prompt rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
         workers wait while the master builds their first chunks)."""
-        p = self.prompts
         rows = np.asarray(rows, np.int64)
-        lens = p.lengths[rows]
-        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
-        offsets[1:] = np.cumsum(lens)
-        # token t of the chunk is prompt token (start of its row) + (t - start of the row within the chunk)
-        src = np.repeat(p.offsets[rows] - offsets[:-1], lens) + np.arange(offsets[-1], dtype=np.int64)
-        tokens = np.asarray(p.tokens)[src].astype(np.int32)
-        chunk = Chunk(self.next_id, rows, offsets, tokens)
+        offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, rows)
+        chunk = Chunk(self.next_id, rows, offsets, tokens.astype(np.int32))
         self.next_id += 1
         return chunk
 
