@@ -255,9 +255,10 @@ class CudaBackend(Backend):
             self._buf("kv", self.kv_budget)
         if not self.half:
             self._buf("splitk", 4 * 4 * hr * 4096)
-        if self.settings.sampling.greedy and self._argmax_variant(hr) is not None:
+        var = self._argmax_variant(hr) if self.settings.sampling.greedy else None
+        if var is not None:
             from .cuda_kernels import F16_WN
-            self._buf("argmax_part", hr * -(-self.V // F16_WN[self._argmax_variant(hr)]) * 8)
+            self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
 
@@ -384,7 +385,7 @@ class CudaBackend(Backend):
                "p_tiles": base + 4 * n32 + 8 * B, "tile_off": tile_off,
                "p_copies": base + 4 * n32 + 8 * B + 8 * NT, "copy_off": copy_off,
                "groups": sp.groups if sp is not None else None, "perm": sp.perm if sp is not None else None,
-               "shared_tokens": int(np.diff(np.asarray(chunk.offsets)).sum()) - T if sp is not None else 0}
+               "shared_tokens": int(chunk.offsets[-1]) - T if sp is not None else 0}
         self._pending.append(job)
         return job
 
