@@ -1,0 +1,73 @@
+"""One fp16 matrix product of a GPT-2 shape, repeated: for Nsight Compute (ncu) and for A/B timing of variants
+with the epilogue the forward pass really uses (EPI_RESID adds into an fp32 residual, EPI_GELU_TANH, EPI_QKV not
+covered).
+
+  python3 benchmarks/product_probe.py --shape qkv --m 131072 --variants tma128,tma256 [--mode 0|1|3] [--torch]
+  ncu --clock-control none -k regex:gemm --launch-skip 2 --launch-count 1 --section SpeedOfLight \
+      python3 benchmarks/product_probe.py --shape qkv --variants tma128 --reps 3
+
+Prints TFLOP/s per variant (CUDA events, median of --reps after a warm-up). mode 3 (EPI_RESID) writes fp32.
+"""
+import argparse
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from kernels_bench import SHAPES, median_ms  # noqa: E402
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--shape", default="qkv", choices=[s[0] for s in SHAPES])
+    ap.add_argument("--m", type=int, default=131072)
+    ap.add_argument("--variants", default="tma128")
+    ap.add_argument("--mode", type=int, default=0, help="0 bias, 1 bias + GELU (tanh), 3 add into fp32 residual")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--torch", action="store_true", help="also torch.matmul (cuBLAS) on the same operands")
+    a = ap.parse_args()
+    import torch
+    torch.zeros(1, device="cuda")
+    import pycuda.driver as drv
+    drv.init()
+    ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
+    ctx.push()
+    try:
+        from gpt2job.cuda_kernels import Kernels
+        vs = a.variants.split(",")
+        k = Kernels(0, f16_variants=tuple(vs))
+        _, K, N = next(s for s in SHAPES if s[0] == a.shape)
+        M = a.m
+        g = torch.Generator(device="cuda").manual_seed(0)
+        A = torch.randn(M, K, device="cuda", generator=g).half()
+        W = (torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half()   # [N, K]
+        bias = torch.randn(N, device="cuda", generator=g)
+        out_half = a.mode != 3
+        C = torch.zeros(M, N, device="cuda", dtype=torch.half if out_half else torch.float32)
+        flop = 2.0 * M * N * K
+        ref = A.float() @ W.float().t() + bias
+        for v in vs:
+            C.zero_()
+            k.gemm_f16(None, A.data_ptr(), K, W.data_ptr(), K, C.data_ptr(), N, bias.data_ptr(), M, N, K, a.mode,
+                       out_half, variant=v)
+            torch.cuda.synchronize()
+            want = ref if a.mode != 1 else torch.nn.functional.gelu(ref, approximate="tanh")
+            err = ((C.float() - want).norm() / want.norm()).item()
+            ms = median_ms(lambda: k.gemm_f16(None, A.data_ptr(), K, W.data_ptr(), K, C.data_ptr(), N,
+                                              bias.data_ptr(), M, N, K, a.mode, out_half, variant=v), a.reps, torch)
+            print(f"probe {a.shape} M={M} K={K} N={N} mode={a.mode} {v:8s} {flop / ms / 1e9:6.0f} TFLOP/s "
+                  f"({ms:.3f} ms) rel.err {err:.1e}", flush=True)
+        if a.torch:
+            Wt = W.t()
+            C16 = torch.empty(M, N, device="cuda", dtype=torch.half)
+            ms = median_ms(lambda: torch.matmul(A, Wt, out=C16), a.reps, torch)
+            print(f"probe {a.shape} M={M} K={K} N={N} torch.matmul {flop / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)")
+    finally:
+        ctx.pop()
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()
