@@ -209,6 +209,13 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
 STOP7_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,wgmma,t128x128k64s3",
              "GPT2JOB_FUSE_ARGMAX": "0"}   # the default of stop 7 (commit 8a0e470)
 NO_SHARE = {"GPT2JOB_PREFIX_SHARE": "0"}   # every prompt token computed (no shared-prefix plan)
+STAGED = {"GPT2JOB_TMA_STAGED": "1"}       # products on the staged-epilogue TMA kernels
+E2E_CONFIGS = [("float32-no-prefix-share", "float32", NO_SHARE),
+               ("float32", "float32", {}),
+               ("float16-stop7", "float16", STOP7_F16),
+               ("float16-no-prefix-share", "float16", NO_SHARE),
+               ("float16", "float16", {}),
+               ("float16-staged", "float16", STAGED)]
 
 
 def main():
@@ -217,18 +224,18 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--profile-dtypes", default="float16,float32")
     ap.add_argument("--no-kernels", action="store_true")
+    ap.add_argument("--configs", default="", help="--e2e configurations to run, comma-separated (default: all): "
+                    + ", ".join(c[0] for c in E2E_CONFIGS))
     ap.add_argument("--w2", action="store_true", help="also W2-like in-process timing (2,048 prompts of 32..512, "
                     "256 new tokens), the stop-7 vs the current fp16 default, and a short W2 profile")
     a = ap.parse_args()
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
     if a.profile:
-        profile(["float16", "float32"])
-    e2e = bench_e2e([("float32-no-prefix-share", "float32", NO_SHARE),
-                     ("float32", "float32", {}),
-                     ("float16-stop7", "float16", STOP7_F16),
-                     ("float16-no-prefix-share", "float16", NO_SHARE),
-                     ("float16", "float16", {})]) if a.e2e else {}
+        profile(a.profile_dtypes.split(","))
+    want = set(a.configs.split(",")) if a.configs else None
+    e2e = bench_e2e([c for c in E2E_CONFIGS if want is None or c[0] in want]) if a.e2e else {}
     if a.w2:
         w2 = w2_chunk()
         if a.profile:
@@ -252,7 +259,7 @@ def main():
         n = min(len(a16), len(a32))
         print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
     for cur, other in (("float16", "float16-stop7"), ("float16", "float16-no-prefix-share"),
-                       ("float32", "float32-no-prefix-share")):
+                       ("float16", "float16-staged"), ("float32", "float32-no-prefix-share")):
         if cur in e2e and other in e2e:
             a, b = e2e[cur][2], e2e[other][2]
             print(f"{cur} (current) vs {other} token agreement: {(a == b).mean():.4f}")

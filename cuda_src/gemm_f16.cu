@@ -15,14 +15,22 @@
 // (row, 16-byte chunk) -> half offset in a [rows][32] tile; XOR swizzle makes ldmatrix conflict-free.
 __device__ __forceinline__ int swz(int row, int chunk) { return row * BK + ((chunk ^ ((row >> 1) & 3)) << 3); }
 
-__device__ __forceinline__ void store2(float* p, float a, float b, bool both, bool vec, bool resid) {
-    if (resid) { p[0] += a; if (both) p[1] += b; return; }
+__device__ __forceinline__ void store2(float* p, float a, float b, bool both, bool vec) {
     if (both && vec) { *reinterpret_cast<float2*>(p) = make_float2(a, b); return; }
     p[0] = a; if (both) p[1] = b;
 }
-__device__ __forceinline__ void store2(__half* p, float a, float b, bool both, bool vec, bool resid) {
+__device__ __forceinline__ void store2(__half* p, float a, float b, bool both, bool vec) {
     if (both && vec) { *reinterpret_cast<__half2*>(p) = __floats2half2_rn(a, b); return; }
     p[0] = __float2half_rn(a); if (both) p[1] = __float2half_rn(b);
+}
+// the pair p[0], p[1] (p[1] only when both) as float2; EPI_RESID reads the residual with it
+__device__ __forceinline__ float2 load2(const float* p, bool both, bool vec) {
+    if (both && vec) return *reinterpret_cast<const float2*>(p);
+    return make_float2(p[0], both ? p[1] : 0.f);
+}
+__device__ __forceinline__ float2 load2(const __half* p, bool both, bool vec) {
+    if (both && vec) return __half22float2(*reinterpret_cast<const __half2*>(p));
+    return make_float2(__half2float(p[0]), both ? __half2float(p[1]) : 0.f);
 }
 
 template <typename OutT>
@@ -115,8 +123,13 @@ __device__ __forceinline__ void gemm_f16_impl(const __half* __restrict__ A, int 
                 const bool both = col + 1 < N;
                 float v0 = acc[mi][ni][half_ * 2 + 0], v1 = acc[mi][ni][half_ * 2 + 1];
                 if (bias != nullptr) { v0 += bias[col]; if (both) v1 += bias[col + 1]; }
-                if (!resid) { v0 = apply_act(v0, mode); v1 = apply_act(v1, mode); }
-                store2(crow + col, v0, v1, both, vec, resid);
+                if (resid) {
+                    const float2 o = load2(crow + col, both, vec);
+                    v0 += o.x; v1 += o.y;
+                } else {
+                    v0 = apply_act(v0, mode); v1 = apply_act(v1, mode);
+                }
+                store2(crow + col, v0, v1, both, vec);
             }
         }
     }
@@ -204,30 +217,68 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
     const bool resid = (mode == EPI_RESID);
     const bool qkvm = kIsHalf<OutT>::value && (mode == EPI_QKV);
     const bool vec = (ldc & 1) == 0;
+    // Columns in groups of EG fragments: a group's bias (and, for EPI_RESID, the residual values of both row
+    // halves) is loaded before any of its stores, so the loads overlap instead of each paying the full memory
+    // latency behind the previous store (the compiler cannot move a load of C above a store to C).
+    constexpr int EG = NI < 2 ? NI : 2;
+    int kvrow[MI][2];   // EPI_QKV: the row's offset in the KV cache (in kvC units: slot * S + position)
 #pragma unroll
-    for (int mi = 0; mi < MI; mi++) {
+    for (int mi = 0; mi < MI; mi++)
 #pragma unroll
         for (int half_ = 0; half_ < 2; half_++) {
             const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
-            if (row >= M) continue;
-            OutT* crow = C + (size_t)row * ldc;
-            size_t kvrow = 0;
-            if (qkvm) kvrow = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+            kvrow[mi][half_] = (qkvm && row < M) ? (row_slot[row] - slot_base) * S + row_pos[row] : 0;
+        }
 #pragma unroll
-            for (int ni = 0; ni < NI; ni++) {
-                const int col = col0 + ni * 8 + (lane & 3) * 2;
-                if (col >= N) continue;
-                const bool both = col + 1 < N;
-                float v0 = acc[mi][ni][half_ * 2 + 0], v1 = acc[mi][ni][half_ * 2 + 1];
-                if (bias != nullptr) { v0 += bias[col]; if (both) v1 += bias[col + 1]; }
-                if (qkvm) {
-                    if (col >= kvC) {   // kvC even, col even: the pair never straddles q/k/v
-                        __half* dst = (col < 2 * kvC) ? kc + kvrow + (col - kvC) : vc + kvrow + (col - 2 * kvC);
-                        store2(dst, v0, v1, both, true, false);
-                        continue;
+    for (int g = 0; g < NI; g += EG) {
+        float2 bv[EG];
+#pragma unroll
+        for (int e = 0; e < EG; e++) {
+            const int col = col0 + (g + e) * 8 + (lane & 3) * 2;
+            bv[e] = make_float2(0.f, 0.f);
+            if (bias != nullptr && col < N) { bv[e].x = bias[col]; if (col + 1 < N) bv[e].y = bias[col + 1]; }
+        }
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) {
+            float2 old[2][EG];
+            if (resid) {
+#pragma unroll
+                for (int half_ = 0; half_ < 2; half_++) {
+                    const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+#pragma unroll
+                    for (int e = 0; e < EG; e++) {
+                        const int col = col0 + (g + e) * 8 + (lane & 3) * 2;
+                        old[half_][e] = make_float2(0.f, 0.f);
+                        if (row < M && col < N)
+                            old[half_][e] = load2(C + (size_t)row * ldc + col, col + 1 < N, vec);
                     }
-                } else if (!resid) { v0 = apply_act(v0, mode); v1 = apply_act(v1, mode); }
-                store2(crow + col, v0, v1, both, vec, resid);
+                }
+            }
+#pragma unroll
+            for (int half_ = 0; half_ < 2; half_++) {
+                const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+                if (row >= M) continue;
+                OutT* crow = C + (size_t)row * ldc;
+                const size_t kvoff = (size_t)kvrow[mi][half_] * kvC;
+#pragma unroll
+                for (int e = 0; e < EG; e++) {
+                    const int col = col0 + (g + e) * 8 + (lane & 3) * 2;
+                    if (col >= N) continue;
+                    const bool both = col + 1 < N;
+                    float v0 = acc[mi][g + e][half_ * 2 + 0] + bv[e].x, v1 = acc[mi][g + e][half_ * 2 + 1] + bv[e].y;
+                    if (qkvm) {
+                        if (col >= kvC) {   // kvC even, col even: the pair never straddles q/k/v
+                            __half* dst = (col < 2 * kvC) ? kc + kvoff + (col - kvC) : vc + kvoff + (col - 2 * kvC);
+                            store2(dst, v0, v1, both, true);
+                            continue;
+                        }
+                    } else if (resid) {
+                        v0 += old[half_][e].x; v1 += old[half_][e].y;
+                    } else {
+                        v0 = apply_act(v0, mode); v1 = apply_act(v1, mode);
+                    }
+                    store2(crow + col, v0, v1, both, vec);
+                }
             }
         }
     }

@@ -10,7 +10,11 @@
 //   full[s]  - the producer arms it with the stage's byte count; the TMA unit completes it when both tiles landed;
 //   empty[s] - each of the 8 consumer warps arrives once its wgmma reading the stage has retired.
 // Consumers keep one wgmma batch in flight (wait_group 1) and release the previous stage after it.
-// Variants: one block per tile (gemm_f16_tma<BN>), or persistent (gemm_f16_tma<BN>p, see gemm_tma_impl).
+// Variants: one block per tile (gemm_f16_tma<BN>), persistent (gemm_f16_tma<BN>p, see gemm_tma_impl), or
+// persistent with a staged epilogue (gemm_f16_tma<BN>s): the consumers write the finished tile into shared memory
+// and 128 threads hand one row each to the bulk-copy unit (cp.async.bulk; EPI_RESID with cp.reduce.async.bulk
+// .add.f32, the fp32 residual added in L2, never read into the SM; EPI_QKV with the key and value columns copied
+// straight into their KV-cache rows), then go on to the next tile's MMAs while the copies drain.
 // Build: -gencode=arch=compute_90a,code=sm_90a.
 #define GEMM_F16_PART 99   // helpers and the shared epilogue of gemm_f16.cu, none of its kernels
 #include "gemm_f16.cu"
@@ -43,6 +47,29 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* desc, int 
                  ::"r"(smem_u32(dst)), "l"((unsigned long long)desc), "r"(c0), "r"(c1), "r"(smem_u32(bar)) : "memory");
 }
 
+// bulk copies from shared to global memory (sizes and addresses multiples of 16 bytes), one bulk group per thread
+__device__ __forceinline__ void bulk_store(void* dst, const void* src, unsigned bytes) {
+    asm volatile("cp.async.bulk.global.shared::cta.bulk_group [%0], [%1], %2;\n"
+                 ::"l"(dst), "r"(smem_u32(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_add_f32(float* dst, const void* src, unsigned bytes) {   // dst[i] += src[i]
+    asm volatile("cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n"
+                 ::"l"(dst), "r"(smem_u32(src)), "r"(bytes) : "memory");
+}
+__device__ __forceinline__ void bulk_commit() { asm volatile("cp.async.bulk.commit_group;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_read() { asm volatile("cp.async.bulk.wait_group.read 0;\n" ::: "memory"); }
+__device__ __forceinline__ void bulk_wait_all() { asm volatile("cp.async.bulk.wait_group 0;\n" ::: "memory"); }
+// generic-proxy shared-memory writes -> visible to the bulk-copy (async) proxy
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }   // warps 0-7
+
+// staged epilogue: bytes per shared-memory row of the output tile (padding keeps the fragment writes free of bank
+// conflicts: rows 4 (half2) or 8 (float2) banks apart); keep in sync with gpt2job/cuda_kernels.py TMA_STAGED
+// (256-wide float rows get none: 2 stages + 128 KB of rows is all that fits)
+template <int TBN, typename OutT> struct StagedRow {
+    static constexpr int bytes = TBN * (int)sizeof(OutT) + (sizeof(OutT) == 2 ? 16 : (TBN == 256 ? 0 : 32));
+};
+
 template <int TBN> __device__ __forceinline__ void wgmma_bn(float* d, unsigned long long a, unsigned long long b);
 template <> __device__ __forceinline__ void wgmma_bn<128>(float* d, unsigned long long a, unsigned long long b)
 { wgmma_m64n128k16(d, a, b); }
@@ -55,20 +82,76 @@ template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned lon
 #define TMA_BK 64
 #define TMA_THREADS 288
 
+// Staged epilogue of one 128 x TBN tile (consumer threads 0-255; acc in the wgmma fragment layout): wait until
+// the previous tile's bulk copies have read the staging rows, write bias + activation (EPI_RESID: bias only, the
+// residual is added by the bulk reduction) into them, then thread r < 128 copies row r of the tile out.
+template <int TBN, int CROW, typename OutT>
+__device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], unsigned char* Cs, int tid, int m0, int n0,
+                                                bool have_copies, GEMM_F16_ARGS(OutT))
+{
+    const int warp = tid >> 5, lane = tid & 31;
+    const bool resid = mode == EPI_RESID, qkvm = kIsHalf<OutT>::value && mode == EPI_QKV;
+    if (have_copies && tid < TMA_BM) bulk_wait_read();
+    consumers_sync();
+    unsigned char* srow = Cs + ((warp >> 2) * 64 + (warp & 3) * 16 + (lane >> 2)) * CROW;
+#pragma unroll
+    for (int j = 0; j < TBN / 8; j++) {
+        const int cl = j * 8 + (lane & 3) * 2, col = n0 + cl;
+        float b0 = 0.f, b1 = 0.f;
+        if (bias != nullptr && col < N) { b0 = bias[col]; b1 = bias[col + 1]; }   // N even here
+#pragma unroll
+        for (int half_ = 0; half_ < 2; half_++) {
+            float v0 = acc[0][j][half_ * 2] + b0, v1 = acc[0][j][half_ * 2 + 1] + b1;
+            if (!resid && !qkvm) { v0 = apply_act(v0, mode); v1 = apply_act(v1, mode); }
+            OutT* p = reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl;
+            store2(p, v0, v1, true, true);
+        }
+    }
+    fence_async_smem();
+    consumers_sync();
+    if (tid < TMA_BM) {
+        const int row = m0 + tid;
+        if (row < M) {
+            const int w = min(TBN, N - n0);   // columns of this tile (N * sizeof(OutT) is a multiple of 16)
+            const unsigned char* src = Cs + tid * CROW;
+            if (resid) {
+                bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
+            } else if (qkvm) {   // q columns to C, key and value columns to the row's KV-cache slot and position
+                const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+                for (int c = n0; c < n0 + w;) {
+                    const int part = c < kvC ? 0 : (c < 2 * kvC ? 1 : 2);
+                    const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
+                    __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + c
+                                            : (part == 1 ? kc : vc) + kvoff + (c - part * kvC);
+                    bulk_store(dst, src + (c - n0) * 2, (end - c) * 2);
+                    c = end;
+                }
+            } else {
+                bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
+            }
+        }
+        bulk_commit();
+    }
+}
+
 // PERSIST = false: one block per output tile (grid: N tiles x M tiles). PERSIST = true: a grid of at most as many
 // blocks as fit on the GPU at once, block b taking tiles b, b + gridDim.x, ... (N tiles fastest); the stage ring
 // and its barrier phases run on across tiles, so the producer loads the next tile while the consumers run the
-// epilogue of this one.
-template <int TBN, int ST, bool PERSIST, typename OutT>
+// epilogue of this one. STAGED (persistent only): the epilogue goes through shared memory and bulk copies (see
+// the top of the file) where the output allows it (16-byte aligned rows, not EPI_ARGMAX), else the register one.
+template <int TBN, int ST, bool PERSIST, typename OutT, bool STAGED = false>
 __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
+    static_assert(PERSIST || !STAGED, "the staged epilogue is for persistent grids");
     constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
+    constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = STAGED ? TMA_BM * CROW : 0;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     // 1024-byte aligned stages (the 128-byte swizzle repeats every 8 rows = 1024 B), then the barriers
     unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __half* As = reinterpret_cast<__half*>(base);                           // [ST][128 x 64]
     __half* Bs = reinterpret_cast<__half*>(base + ST * A_BYTES);            // [ST][TBN x 64]
-    unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (A_BYTES + B_BYTES));
+    unsigned char* Cs = base + ST * (A_BYTES + B_BYTES);                    // [128][CROW] staged output tile
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (A_BYTES + B_BYTES) + C_BYTES);
     unsigned long long* empty = full + ST;
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int nk = (K + TMA_BK - 1) / TMA_BK;
@@ -113,6 +196,13 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     const int wg = warp >> 2;
     float acc[1][TBN / 8][4];
     int it = 0;   // k-blocks consumed so far (all tiles)
+    // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
+    const bool qkv_out = kIsHalf<OutT>::value && mode == EPI_QKV;
+    const bool staged = STAGED && mode != EPI_ARGMAX && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
+                        ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
+                        ((size_t)N * sizeof(OutT)) % 16 == 0 &&
+                        (!qkv_out || (kvC % 8 == 0 && (size_t)kc % 16 == 0 && (size_t)vc % 16 == 0));
+    bool have_copies = false;   // this thread has bulk copies in flight (staged epilogue)
     for (int tile = tile0; tile < tile_end; tile += tile_step) {
         int m0, n0;
         origin(tile, m0, n0);
@@ -138,32 +228,40 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
         wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
         if (PERSIST && nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);   // the tile's last stage
-        gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(acc, m0 + wg * 64 + (warp & 3) * 16, n0, C, ldc, bias, M, N, mode,
-                                                 row_slot, row_pos, slot_base, S, kc, vc, kvC);
+        if (STAGED && staged) {
+            staged_epilogue<TBN, CROW, OutT>(acc, Cs, tid, m0, n0, have_copies, GEMM_F16_PASS);
+            have_copies = true;
+        } else {
+            gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(acc, m0 + wg * 64 + (warp & 3) * 16, n0, C, ldc, bias, M, N,
+                                                     mode, row_slot, row_pos, slot_base, S, kc, vc, kvC);
+        }
     }
+    if (STAGED && have_copies && tid < TMA_BM) bulk_wait_all();   // shared memory stays valid until read
 }
 
 // name: gemm_f16_tma<TBN>[p]_<out> (p: persistent); keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS
-#define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST)                                                             \
+#define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST) DEF_GEMM_TMA2(NAME, TBN, ST, ST, MINB, PERSIST, false)
+// STH / STF: stages of the half / float output kernel (the staged epilogue's rows take shared memory too)
+#define DEF_GEMM_TMA2(NAME, TBN, STH, STF, MINB, PERSIST, STAGED)                                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { gemm_tma_impl<TBN, ST, PERSIST, __half>(tmA, tmB, GEMM_F16_PASS); }                                       \
+    { gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { gemm_tma_impl<TBN, ST, PERSIST, float>(tmA, tmB, GEMM_F16_PASS); }
+    { gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
 
-// GEMM_TMA_BN / GEMM_TMA_PERSIST (set by gpt2job/cuda_kernels.py): compile one variant only (they compile in
-// parallel); neither set: all of them
+// GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
+// gpt2job/cuda_kernels.py): compile one variant only (they compile in parallel); neither set: all of them
 #ifndef GEMM_TMA_PERSIST
 #define GEMM_TMA_PERSIST -1
 #endif
-#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST != 1)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 0)
 DEF_GEMM_TMA(gemm_f16_tma128, 128, 3, 2, false)
 #endif
-#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST != 1)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST == 0)
 DEF_GEMM_TMA(gemm_f16_tma192, 192, 4, 1, false)
 #endif
-#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST != 1)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 0)
 DEF_GEMM_TMA(gemm_f16_tma256, 256, 4, 1, false)
 #endif
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 1)
@@ -174,4 +272,14 @@ DEF_GEMM_TMA(gemm_f16_tma192p, 192, 4, 1, true)
 #endif
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 1)
 DEF_GEMM_TMA(gemm_f16_tma256p, 256, 4, 1, true)
+#endif
+// staged: stages per output type so that stages + staged rows + barriers fit 227 KB (cuda_kernels.TMA_STAGED)
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 2)
+DEF_GEMM_TMA2(gemm_f16_tma128s, 128, 5, 4, 1, true, true)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST == 2)
+DEF_GEMM_TMA2(gemm_f16_tma192s, 192, 4, 3, 1, true, true)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 2)
+DEF_GEMM_TMA2(gemm_f16_tma256s, 256, 3, 2, 1, true, true)
 #endif

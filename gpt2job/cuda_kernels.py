@@ -43,10 +43,31 @@ F16_VARIANTS = {
     "tma192p": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256p": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
 }
-TMA_PERSISTENT = {"tma128p": "tma128", "tma192p": "tma192", "tma256p": "tma256"}   # persistent -> plain twin
+# persistent with the staged epilogue (shared memory + bulk copies; EPI_RESID as a bulk add in L2): name ->
+# (BN, stages with half output, stages with float output); shared memory per output type: tma_smem()
+TMA_STAGED = {"tma128s": (128, 5, 4), "tma192s": (192, 4, 3), "tma256s": (256, 3, 2)}
+
+
+def tma_smem(v, out_half):
+    """Dynamic shared memory of a TMA variant's kernel (stages, staged output rows as in gemm_tma.cu StagedRow,
+    1 KB alignment, barriers)."""
+    if v not in TMA_STAGED:
+        return F16_VARIANTS[v][4]
+    bn, st_h, st_f = TMA_STAGED[v]
+    st = st_h if out_half else st_f
+    row = bn * 2 + 16 if out_half else bn * 4 + (0 if bn == 256 else 32)
+    return st * (128 + bn) * 64 * 2 + 128 * row + 1024 + 16 * st
+
+
+for _v, (_bn, _sh, _sf) in TMA_STAGED.items():
+    F16_VARIANTS[_v] = (-2, 128, _bn, 288, max(tma_smem(_v, True), tma_smem(_v, False)))
+# persistent -> plain twin
+TMA_PERSISTENT = {"tma128p": "tma128", "tma192p": "tma192", "tma256p": "tma256",
+                  "tma128s": "tma128", "tma192s": "tma192", "tma256s": "tma256"}
 # blocks per SM of the TMA variants (their __launch_bounds__) and rough relative speed per block-tile column (from
 # the H100 kernel table, K = 3072), for the wave-quantisation model of Kernels.pick_f16
-TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1, "tma128p": 2, "tma192p": 1, "tma256p": 1}
+TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1, "tma128p": 2, "tma192p": 1, "tma256p": 1,
+                     "tma128s": 1, "tma192s": 1, "tma256s": 1}
 TMA_EFFICIENCY = {"tma128": 0.9, "tma192": 0.97, "tma256": 1.0}
 # warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
 F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
@@ -88,7 +109,8 @@ def variant_module(v):
         return ("gemm_wgmma.cu", "gemm_wgmma.cu", (), "sm_90a")
     if part == -2:
         return ("gemm_tma.cu#" + v, "gemm_tma.cu",
-                ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=%d" % (v in TMA_PERSISTENT)), "sm_90a")
+                ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=%d" % (2 if v in TMA_STAGED else v in TMA_PERSISTENT)),
+                "sm_90a")
     return ("gemm_f16.cu#" + v, "gemm_f16.cu", ("-DGEMM_F16_PART=%d" % part,), "sm_90")
 
 
@@ -153,6 +175,7 @@ class Kernels:
             base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
             for suf in ("outh", "outf"):
                 f = mods[variant_module(v)[0]].get_function(f"{base}_{suf}")
+                smem = tma_smem(v, suf == "outh") if part == -2 else smem
                 if smem > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
                 # TMA kernels take pointers to the A and B descriptors in front
@@ -166,6 +189,8 @@ class Kernels:
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         # pick_f16 takes the persistent twin of a TMA variant where it is compiled (experimental)
         self.tma_persistent = os.environ.get("GPT2JOB_TMA_PERSISTENT", "0") == "1"
+        # pick_f16 takes the staged-epilogue variants where they are compiled
+        self.tma_staged = os.environ.get("GPT2JOB_TMA_STAGED", "0") == "1"
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
             from .tensor_maps import TensorMapCache
@@ -180,6 +205,11 @@ class Kernels:
         vs = self.f16_variants
         if len(vs) == 1:
             return vs[0]
+        if self.tma_staged and M >= 1024 and (out_half or N <= 16384):
+            # staged epilogue: 128x256 tiles for wide half outputs (qkv, mlp-up), 128x192 for K >= 2048, else 128
+            v = "tma256s" if out_half and N >= 2048 else ("tma192s" if K >= 2048 else "tma128s")
+            if v in vs:
+                return v
         v = self._pick_f16(M, N, out_half, K, vs)
         if self.tma_persistent and v + "p" in vs:
             return v + "p"
@@ -265,6 +295,8 @@ class Kernels:
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
         v = variant or self.pick_f16(M, N, out_half, K)
         part, bm, bn, thr, smem = F16_VARIANTS[v]
+        if part == -2:
+            smem = tma_smem(v, out_half)
         grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
         if v in TMA_PERSISTENT:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * TMA_BLOCKS_PER_SM[v]), 1, 1)

@@ -146,7 +146,10 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         k = ck.Kernels(0)                       # the default variants of a Hopper GPU
         assert k.f16_variants == ck.F16_DEFAULT
         tma_jobs = {ck.variant_module(v) for v in ck.F16_VARIANTS if ck.F16_VARIANTS[v][0] == -2}
-        assert len({j[0] for j in tma_jobs}) == 6 and all(j[2] for j in tma_jobs)   # one module per TMA variant
+        assert len({j[0] for j in tma_jobs}) == 9 and all(j[2] for j in tma_jobs)   # one module per TMA variant
+        for v in ck.F16_VARIANTS:   # every kernel's shared memory fits an H100 block (227 KB)
+            if ck.F16_VARIANTS[v][0] == -2:
+                assert max(ck.tma_smem(v, True), ck.tma_smem(v, False)) <= 227 * 1024, v
         assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
         # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel table)
         assert k.pick_f16(131072, 2304, True, 768) == "tma128"
@@ -161,5 +164,10 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         every.tma_persistent = True                                     # GPT2JOB_TMA_PERSISTENT=1
         assert every.pick_f16(131072, 3072, True, 768) == "tma128p"
         assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
+        every.tma_persistent, every.tma_staged = False, True            # GPT2JOB_TMA_STAGED=1
+        assert every.pick_f16(131072, 2304, True, 768) == "tma256s"
+        assert every.pick_f16(131072, 768, False, 768) == "tma128s"
+        assert every.pick_f16(8192, 768, False, 3072) == "tma192s"
+        assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
     finally:
         sys.modules.pop("gpt2job.cuda_kernels", None)
