@@ -19,10 +19,22 @@ __device__ __forceinline__ float gelu_erf_f(float x) {
     return 0.5f * x * (1.0f + erff(x * 0.70710678118654752f));
 }
 
+// the same GELU through the sigmoid identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2 u)): one fast exp and one fast
+// division instead of tanhf's branches (a few fp32 ulps off; the fp16 products' epilogues use it). Large negative
+// x: exp overflows to inf and x / inf = -0; large positive x: x / 1.
+__device__ __forceinline__ float gelu_tanh_fast(float x) {
+    const float k2 = 2.0f * 0.7978845608028654f;
+    return __fdividef(x, 1.0f + __expf(-k2 * (x + 0.044715f * x * x * x)));
+}
+
 __device__ __forceinline__ float apply_act(float v, int mode) {
     if (mode == EPI_GELU_TANH) return gelu_tanh_f(v);
     if (mode == EPI_GELU_ERF) return gelu_erf_f(v);
     return v;
+}
+__device__ __forceinline__ float apply_act_fast(float v, int mode) {   // fp16 products
+    if (mode == EPI_GELU_TANH) return gelu_tanh_fast(v);
+    return apply_act(v, mode);
 }
 
 __device__ __forceinline__ float to_f(float x) { return x; }

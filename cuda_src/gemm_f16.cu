@@ -127,7 +127,7 @@ __device__ __forceinline__ void gemm_f16_impl(const __half* __restrict__ A, int 
                     const float2 o = load2(crow + col, both, vec);
                     v0 += o.x; v1 += o.y;
                 } else {
-                    v0 = apply_act(v0, mode); v1 = apply_act(v1, mode);
+                    v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode);
                 }
                 store2(crow + col, v0, v1, both, vec);
             }
@@ -275,7 +275,7 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                     } else if (resid) {
                         v0 += old[half_][e].x; v1 += old[half_][e].y;
                     } else {
-                        v0 = apply_act(v0, mode); v1 = apply_act(v1, mode);
+                        v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode);
                     }
                     store2(crow + col, v0, v1, both, vec);
                 }

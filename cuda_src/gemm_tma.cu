@@ -102,7 +102,7 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
 #pragma unroll
         for (int half_ = 0; half_ < 2; half_++) {
             float v0 = acc[0][j][half_ * 2] + b0, v1 = acc[0][j][half_ * 2 + 1] + b1;
-            if (!resid && !qkvm) { v0 = apply_act(v0, mode); v1 = apply_act(v1, mode); }
+            if (!resid && !qkvm) { v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode); }
             OutT* p = reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl;
             store2(p, v0, v1, true, true);
         }

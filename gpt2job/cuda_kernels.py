@@ -74,7 +74,7 @@ F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x1
           "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256}
 # variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); pick_f16 chooses per product.
 # wgmma and TMA need sm_90 (Hopper).
-F16_DEFAULT = ("tma128", "tma192", "tma256", "wgmma", "t128x128k64s3")
+F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "wgmma", "t128x128k64s3")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
@@ -189,8 +189,8 @@ class Kernels:
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         # pick_f16 takes the persistent twin of a TMA variant where it is compiled (experimental)
         self.tma_persistent = os.environ.get("GPT2JOB_TMA_PERSISTENT", "0") == "1"
-        # pick_f16 takes the staged-epilogue variants where they are compiled
-        self.tma_staged = os.environ.get("GPT2JOB_TMA_STAGED", "0") == "1"
+        # pick_f16 takes the staged-epilogue variants where they are compiled (GPT2JOB_TMA_STAGED=0: never)
+        self.tma_staged = os.environ.get("GPT2JOB_TMA_STAGED", "1") != "0"
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
             from .tensor_maps import TensorMapCache
@@ -205,9 +205,15 @@ class Kernels:
         vs = self.f16_variants
         if len(vs) == 1:
             return vs[0]
-        if self.tma_staged and M >= 1024 and (out_half or N <= 16384):
-            # staged epilogue: 128x256 tiles for wide half outputs (qkv, mlp-up), 128x192 for K >= 2048, else 128
-            v = "tma256s" if out_half and N >= 2048 else ("tma192s" if K >= 2048 else "tma128s")
+        if self.tma_staged and M >= 8192 and (out_half or N <= 16384):
+            # staged epilogue, the picks measured fastest on H100 (benchmarks/RESULTS.md, stop 9): half outputs on
+            # 128x192 tiles (qkv 502 / 331 TFLOP/s at M = 131072 / 8192, mlp-up + GELU 348 at 131072) except mlp-up
+            # at decode sizes (plain tma128, 251); float outputs (the residual adds) on 128x128 tiles (mlp-down 536
+            # / 367) except attention-out at decode sizes (128x192, 196)
+            if out_half:
+                v = "tma192s" if N < 3072 or M > 16384 else "tma128"
+            else:
+                v = "tma128s" if K >= 2048 or M > 16384 else "tma192s"
             if v in vs:
                 return v
         v = self._pick_f16(M, N, out_half, K, vs)

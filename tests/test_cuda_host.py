@@ -151,7 +151,11 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
             if ck.F16_VARIANTS[v][0] == -2:
                 assert max(ck.tma_smem(v, True), ck.tma_smem(v, False)) <= 227 * 1024, v
         assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
-        # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel table)
+        # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
+        assert k.tma_staged and k.pick_f16(131072, 2304, True, 768) == "tma192s"
+        assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
+        assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
+        k.tma_staged = False                                            # GPT2JOB_TMA_STAGED=0
         assert k.pick_f16(131072, 2304, True, 768) == "tma128"
         assert k.pick_f16(131072, 768, False, 3072) == "tma256"
         assert k.pick_f16(8192, 768, False, 3072) == "tma192"
@@ -160,14 +164,18 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
         assert ck.Kernels(0, f16_variants=("t128x128k64s3",)).pick_f16(131072, 2304) == "t128x128k64s3"
         every = ck.Kernels(0, f16_variants=tuple(ck.F16_VARIANTS))   # every variant's kernels in its module
+        every.tma_staged = False
         assert every.pick_f16(131072, 3072, True, 768) == "tma128"
         every.tma_persistent = True                                     # GPT2JOB_TMA_PERSISTENT=1
         assert every.pick_f16(131072, 3072, True, 768) == "tma128p"
         assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
         every.tma_persistent, every.tma_staged = False, True            # GPT2JOB_TMA_STAGED=1
-        assert every.pick_f16(131072, 2304, True, 768) == "tma256s"
+        assert every.pick_f16(131072, 2304, True, 768) == "tma192s"
+        assert every.pick_f16(8192, 3072, True, 768) == "tma128"
         assert every.pick_f16(131072, 768, False, 768) == "tma128s"
-        assert every.pick_f16(8192, 768, False, 3072) == "tma192s"
+        assert every.pick_f16(8192, 768, False, 768) == "tma192s"
+        assert every.pick_f16(8192, 768, False, 3072) == "tma128s"
+        assert every.pick_f16(4096, 768, False, 3072) == "tma192"          # not measured below 8192 rows
         assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
     finally:
         sys.modules.pop("gpt2job.cuda_kernels", None)
