@@ -30,6 +30,7 @@ chunk i+1 before computing chunk i, so the upload overlaps the compute. self.tim
 chunk with CUDA-event times (ms since the backend started) of its upload, compute and last download.
 """
 import collections
+import dataclasses
 import math
 import os
 
@@ -138,6 +139,9 @@ class CudaBackend(Backend):
         if dtype == "float16" and (cfg.n_embd % 8 or cfg.d_mlp % 8):
             raise UserError(f"float16 needs n_embd and the MLP width to be multiples of 8 "
                             f"(got {cfg.n_embd}, {cfg.d_mlp})", None, "dtype", "use --dtype float32")
+        # every kernel of a module is loaded with the module (before the worker reports ready), not at its first
+        # launch inside the first chunk (CUDA's default is lazy loading); read when CUDA initialises
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
         import pycuda.driver as drv
         self.drv = drv
         drv.init()
@@ -400,6 +404,19 @@ class CudaBackend(Backend):
     def generate(self, chunk):
         self.submit(chunk)
         return self.result()
+
+    def warm_up(self):
+        """Two 4-token prompts, 2 new tokens, through every stage (first launches, pinned buffers) so that the
+        first real chunk runs at full speed; the worker calls it before it reports ready."""
+        from .backend import Chunk
+        saved = self.settings
+        self.settings = dataclasses.replace(saved, max_new_tokens=min(saved.max_new_tokens, 2), ignore_eos=True)
+        try:
+            self.generate(Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, 4, 8], np.int64),
+                                np.arange(8, dtype=np.int32)))
+        finally:
+            self.settings = saved
+            self.timeline.clear()
 
     def _idle(self):
         """The host waits for the GPU here: let the worker submit chunks that arrived meanwhile, so

@@ -105,8 +105,9 @@ class Master:
                                prefetch=PREFETCH)
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
 
-    def record(self, w: WorkerState, comp, compute_us):
-        self.t_last = time.time()            # the completion is at the master; writing it comes next
+    def record(self, w: WorkerState, comp, compute_us, t_recv=None):
+        # the completion is at the master (received at t_recv); writing it comes next
+        self.t_last = max(self.t_last or 0.0, t_recv or time.time())
         t = time.perf_counter()
         added = self.store.add(self.with_copies(comp))   # a late duplicate from a retired worker adds nothing
         new_rows, new_tokens = (len(added.rows), added.n_generated) if added is not None else (0, 0)
@@ -168,7 +169,14 @@ class Master:
                 self.check_hung(now)
                 self.sends = drain(self.sends, 0)
             if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                self.handle_mpi(status.Get_source(), status.Get_tag(), status)
+                # take in every message already here before handling any (storing a result takes a while):
+                # each completion is timed when it reached the master, not after the ones before it were stored
+                msgs = [self.receive_mpi(status.Get_source(), status.Get_tag(), status)]
+                while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
+                    msgs.append(self.receive_mpi(status.Get_source(), status.Get_tag(), status))
+                for m in msgs:
+                    if m is not None:
+                        self.handle(*m)
                 continue
             if self.local is not None:
                 try:  # a one-process job may wait here; with MPI workers only peek
@@ -200,25 +208,26 @@ class Master:
             for w in ready:
                 self.feed(w, depth)
 
-    def handle_mpi(self, src, tag, status):
+    def receive_mpi(self, src, tag, status):
+        """Receive the probed message: (worker, kind, *data) for handle(), or None (nothing to handle)."""
         from mpi4py import MPI
         w = self.workers[src]
         if tag == TAG_RESULT:
             buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
             self.comm.Recv(buf, source=src, tag=TAG_RESULT)
-            self.handle(w, "result", *decode_completions(buf))
-        elif tag == TAG_HELLO:
-            self.handle(w, "hello", self.comm.recv(source=src, tag=TAG_HELLO))
-        elif tag == TAG_ERROR:
-            self.handle(w, "error", self.comm.recv(source=src, tag=TAG_ERROR))
-        else:
-            self.comm.recv(source=src, tag=tag)
+            return (w, "result", *decode_completions(buf), time.time())
+        if tag == TAG_HELLO:
+            return (w, "hello", self.comm.recv(source=src, tag=TAG_HELLO))
+        if tag == TAG_ERROR:
+            return (w, "error", self.comm.recv(source=src, tag=TAG_ERROR))
+        self.comm.recv(source=src, tag=tag)
+        return None
 
     def handle(self, w, kind, *data):
         if kind == "result":
-            comp, us = data
+            comp, us, *t_recv = data
             w.outstanding.pop(comp.chunk_id, None)
-            self.record(w, comp, us)
+            self.record(w, comp, us, *t_recv)
             if not w.retired:
                 self.feed(w)
         elif kind == "hello":

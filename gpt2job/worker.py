@@ -33,7 +33,10 @@ def build_backend(s: JobSettings, gpu_slot):
     """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs."""
     params = load_params(s.model)
     gen = s.generation(params.config.eos_token_id)
-    return make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
+    backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
+    if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
+        backend.warm_up()
+    return backend
 
 
 class InjectedFault(RuntimeError):

@@ -80,8 +80,10 @@ def test_no_worker_left_while_one_hangs_still_ends_the_job(tmp_path, inp_and_cle
     out = tmp_path / "out.h5"
     p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:2:hang,2:3:raise"),
                     timeout=120)
-    assert p.returncode == 3, p.stderr
     assert "no worker is left" in p.stderr and "MPI_Abort(3)" in p.stderr
+    # MPI_Abort(3) ends the job; Open MPI's mpirun then exits 3, but 2 of ~20 runs here it died of a segfault
+    # while tearing the job down (-11, after printing that rank 0 aborted with error code 3): not our process
+    assert p.returncode == 3 or (p.returncode == -11 and "Errorcode: 3" in p.stderr), p.stderr
     assert 0 < int(read_output(out)["done"].sum()) < N
 
 
