@@ -265,6 +265,12 @@ class CudaBackend(Backend):
             self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
+        # pinned host buffers: a decode step's inputs, and one chunk's upload of max_prefill_rows tokens
+        self.step_host = self.drv.pagelocked_empty(max(3 * hr, 3072) * 2, np.int32)
+        u = _Upload()
+        u.nbytes = 16 * R + 64 * (R // 16 + 1)   # tokens, positions, prompts + per-prompt words for 16-token prompts
+        u.host, u.dev = self.drv.pagelocked_empty(u.nbytes, np.uint8), self.drv.mem_alloc(u.nbytes)
+        self._uploads.append(u)
 
     def _buf(self, name, nbytes):
         nbytes = max(int(nbytes), 16)

@@ -186,7 +186,7 @@ def wait_for_message(comm, status, block):
         if not block:
             return False
         time.sleep(pause)
-        pause = min(pause * 2, 0.002)
+        pause = min(pause * 2, 0.0005)
     return True
 
 
