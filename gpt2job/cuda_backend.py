@@ -265,10 +265,12 @@ class CudaBackend(Backend):
             self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
-        # pinned host buffers: a decode step's inputs, and one chunk's upload of max_prefill_rows tokens
+        # pinned host buffers: a decode step's inputs, and one upload sized for a chunk of max_prefill_rows tokens
+        # in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
+        # a chunk that needs more grows it there)
         self.step_host = self.drv.pagelocked_empty(max(3 * hr, 3072) * 2, np.int32)
         u = _Upload()
-        u.nbytes = 16 * R + 64 * (R // 16 + 1)   # tokens, positions, prompts + per-prompt words for 16-token prompts
+        u.nbytes = 20 * R
         u.host, u.dev = self.drv.pagelocked_empty(u.nbytes, np.uint8), self.drv.mem_alloc(u.nbytes)
         self._uploads.append(u)
 
@@ -416,10 +418,12 @@ class CudaBackend(Backend):
         first real chunk runs at full speed; the worker calls it before it reports ready."""
         from .backend import Chunk
         saved = self.settings
-        self.settings = dataclasses.replace(saved, max_new_tokens=min(saved.max_new_tokens, 2), ignore_eos=True)
+        new = max(min(saved.max_new_tokens, 2, self.cfg.n_positions - 1), 0)
+        n = max(min(4, self.cfg.n_positions - max(new, 1) + 1), 1)   # prompt length: n + new - 1 <= positions
+        self.settings = dataclasses.replace(saved, max_new_tokens=new, ignore_eos=True)
         try:
-            self.generate(Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, 4, 8], np.int64),
-                                np.arange(8, dtype=np.int32)))
+            self.generate(Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, n, 2 * n], np.int64),
+                                np.arange(2 * n, dtype=np.int32) % self.cfg.vocab_size))
         finally:
             self.settings = saved
             self.timeline.clear()

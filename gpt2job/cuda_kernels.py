@@ -198,10 +198,11 @@ class Kernels:
 
     def pick_f16(self, M, N, out_half=True, K=768):
         """Tile variant for an M x N x K product, by what measured fastest on H100 (benchmarks/RESULTS.md, kernel
-        table of 2026-11-27): wide float outputs (the LM head) on the mma.sync 128x128 tiles (234 TFLOP/s vs
-        165-197 for wgmma/TMA); K >= 2048 on the TMA tiles chosen by the wave model (tma192 403 at M=8192, tma256 522 at
-        M=131072); otherwise tma128 from 16 waves of 128x128 tiles up (large prefill: 367-376 vs wgmma 331-356),
-        wgmma from 4 waves, else the mma.sync tiles. Variants not compiled are skipped."""
+        tables of 2026-11-27). From 8,192 rows, the staged-epilogue kernels (stop 9, see below; GPT2JOB_TMA_STAGED=0
+        turns them off). Otherwise (stop 8): wide float outputs (the LM head) on the mma.sync 128x128 tiles (234
+        TFLOP/s vs 165-197 for wgmma/TMA); K >= 2048 on the TMA tiles chosen by the wave model (tma192 403 at
+        M=8192, tma256 522 at M=131072); otherwise tma128 from 16 waves of 128x128 tiles up (large prefill: 367-376
+        vs wgmma 331-356), wgmma from 4 waves, else the mma.sync tiles. Variants not compiled are skipped."""
         vs = self.f16_variants
         if len(vs) == 1:
             return vs[0]
