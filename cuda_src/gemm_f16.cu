@@ -221,7 +221,8 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
     // halves) is loaded before any of its stores, so the loads overlap instead of each paying the full memory
     // latency behind the previous store (the compiler cannot move a load of C above a store to C).
     constexpr int EG = NI < 2 ? NI : 2;
-    int kvrow[MI][2];   // EPI_QKV: the row's offset in the KV cache (in kvC units: slot * S + position)
+    // EPI_QKV: the row's cache cell (slot * S + position; int: the cache holds far fewer than 2^31 cells)
+    int kvrow[MI][2];
 #pragma unroll
     for (int mi = 0; mi < MI; mi++)
 #pragma unroll

@@ -265,14 +265,15 @@ class CudaBackend(Backend):
             self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
-        # pinned host buffers: a decode step's inputs, and one upload sized for a chunk of max_prefill_rows tokens
+        # pinned host buffers: a decode step's inputs, and uploads sized for a chunk of max_prefill_rows tokens
         # in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
         # a chunk that needs more grows it there)
         self.step_host = self.drv.pagelocked_empty(max(3 * hr, 3072) * 2, np.int32)
-        u = _Upload()
-        u.nbytes = 20 * R
-        u.host, u.dev = self.drv.pagelocked_empty(u.nbytes, np.uint8), self.drv.mem_alloc(u.nbytes)
-        self._uploads.append(u)
+        for _ in range(2):   # the worker keeps two chunks submitted (the next one uploads during this one)
+            u = _Upload()
+            u.nbytes = 20 * R
+            u.host, u.dev = self.drv.pagelocked_empty(u.nbytes, np.uint8), self.drv.mem_alloc(u.nbytes)
+            self._uploads.append(u)
 
     def _buf(self, name, nbytes):
         nbytes = max(int(nbytes), 16)
