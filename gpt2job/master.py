@@ -235,6 +235,9 @@ class Master:
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", 64))
             w.last_progress = time.monotonic()
+            if self.first_ready is None and not self.dispatching:
+                # the master is idle until every worker is ready: gather the first chunks now
+                self.sched.prebuild(len(self.live()), w.preferred_chunk)
             self.first_ready = self.first_ready or w.last_progress
             if self.dispatching:
                 if self.t_ready is None and all(x.ready for x in self.live()):

@@ -49,6 +49,7 @@ class Scheduler:
         self.total = len(self.queue)
         self.even_size = None      # adaptive chunk size, fixed at the first chunk
         self.retry = deque()
+        self.built = deque()       # chunks made ahead by prebuild(), handed out in order
         self.max_new = max_new_tokens
         self.chunk_size = chunk_size
         self.min_deadline = min_deadline
@@ -57,16 +58,32 @@ class Scheduler:
         self.next_id = 0
 
     def rows_left(self):
-        return len(self.queue) - self.head + sum(len(c.rows) for c in self.retry)
+        return (len(self.queue) - self.head + sum(len(c.rows) for c in self.retry)
+                + sum(len(c.rows) for c in self.built))
 
     def next_chunk(self, worker: WorkerState, n_active_workers):
         if self.retry:
             return self.retry.popleft()
+        if self.built:
+            return self.built.popleft()
+        return self._take(worker.preferred_chunk, n_active_workers)
+
+    def prebuild(self, n_workers, preferred_chunk):
+        """Make the first chunks (prefetch per worker) now, while the workers start up, so that handing them out
+        is only a send: the last worker no longer waits for the others' chunks to be gathered."""
+        while len(self.built) < n_workers * self.prefetch:
+            chunk = self._take(preferred_chunk, n_workers)
+            if chunk is None:
+                return
+            self.built.append(chunk)
+
+    def _take(self, pref, n_active_workers):
+        """The next chunk from the queue, or None when it is empty."""
         if self.head >= len(self.queue):
             return None
         # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
         # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most.
-        pref, n = worker.preferred_chunk, max(1, n_active_workers)
+        n = max(1, n_active_workers)
         if self.even_size is None:
             k = max(1 if n == 1 else self.prefetch, math.ceil(self.total / (n * pref)))
             self.even_size = max(1, math.ceil(self.total / (k * n)))

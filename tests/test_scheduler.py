@@ -53,3 +53,35 @@ def test_adaptive_size_gives_equal_chunks_per_worker():
     while (c := sched.next_chunk(w, 4)) is not None:
         sizes.append(len(c.rows))
     assert sizes == [50] * 8          # k = 2 equal chunks for each of the 4 workers, within the preferred 64
+
+
+def test_prebuilt_chunks_are_the_ones_next_chunk_would_make():
+    """prebuild (the master gathers the first chunks while the workers start) changes when chunks are made,
+    not which: the same rows in the same chunks, rows_left counting the built ones, a given-back chunk first."""
+    ps = prompt_set(400, seed=3)
+    w = WorkerState(rank=1, preferred_chunk=64)
+    plain = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
+    ahead = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
+    ahead.prebuild(4, 64)
+    assert len(ahead.built) == 8 and ahead.rows_left() == 400
+    first = ahead.next_chunk(w, 4)
+    ahead.give_back(first)
+    assert ahead.next_chunk(w, 4) is first
+    got = [first]
+    while (c := ahead.next_chunk(w, 4)) is not None:
+        got.append(c)
+        assert ahead.rows_left() == 400 - sum(len(x.rows) for x in got)
+    want = []
+    while (c := plain.next_chunk(w, 4)) is not None:
+        want.append(c)
+    assert [c.chunk_id for c in got] == [c.chunk_id for c in want]
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(a.rows, b.rows)
+        np.testing.assert_array_equal(a.tokens, b.tokens)
+
+
+def test_prebuild_stops_when_the_queue_is_empty():
+    ps = prompt_set(30, seed=4)
+    sched = Scheduler(ps, np.arange(30, dtype=np.int64), max_new_tokens=4, chunk_size=20, prefetch=2)
+    sched.prebuild(4, 64)
+    assert [len(c.rows) for c in sched.built] == [20, 10] and sched.rows_left() == 30
