@@ -115,6 +115,15 @@ class _Upload:
         self.busy = False
         self.done_evt = None   # recorded when the copy finished (host buffer reusable)
 
+    def reserve(self, drv, nbytes):
+        """Room for at least nbytes (a smaller buffer pair is replaced by one of exactly nbytes)."""
+        if self.nbytes >= nbytes:
+            return
+        if self.dev is not None:
+            self.dev.free()
+        self.host, self.dev = drv.pagelocked_empty(nbytes, np.uint8), drv.mem_alloc(nbytes)
+        self.nbytes = nbytes
+
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -271,8 +280,7 @@ class CudaBackend(Backend):
         self.step_host = self.drv.pagelocked_empty(max(3 * hr, 3072) * 2, np.int32)
         for _ in range(2):   # the worker keeps two chunks submitted (the next one uploads during this one)
             u = _Upload()
-            u.nbytes = 20 * R
-            u.host, u.dev = self.drv.pagelocked_empty(u.nbytes, np.uint8), self.drv.mem_alloc(u.nbytes)
+            u.reserve(self.drv, 20 * R)
             self._uploads.append(u)
 
     def _buf(self, name, nbytes):
@@ -338,9 +346,7 @@ class CudaBackend(Backend):
         rows = np.asarray(chunk.rows, np.int64)
         sp = None
         if (self.prefix_share if share is None else share) and B > 1 and gs.max_new_tokens > 0:
-            sp = prefix_share.plan(offsets, tokens, lambda ls: kv_groups(ls, gs.max_new_tokens,
-                                                                        2 * cfg.n_layer * cfg.n_embd * self.elt,
-                                                                        self.kv_budget))
+            sp = prefix_share.plan(offsets, tokens, lambda ls: self._kv_groups(ls, gs.max_new_tokens))
         if sp is not None:   # the plan's order; offsets/T/tokens from here on count computed tokens only
             rows, lens, offsets = rows[sp.perm], sp.lens, sp.offsets
             tokens, pos_of_tok, seq_of_tok = sp.tokens, sp.positions, sp.seq
@@ -369,12 +375,7 @@ class CudaBackend(Backend):
         if u.done_evt is not None:
             u.done_evt.synchronize()
         if u.nbytes < nbytes:
-            if u.dev is not None:
-                u.dev.free()
-            cap = max(nbytes, 1 << 16) * 5 // 4
-            u.host = drv.pagelocked_empty(cap, np.uint8)
-            u.dev = drv.mem_alloc(cap)
-            u.nbytes = cap
+            u.reserve(drv, max(nbytes, 1 << 16) * 5 // 4)
         u.busy = True
         h32 = u.host[:4 * n32].view(np.int32)
         h32[0:T] = tokens[:T]
@@ -436,8 +437,7 @@ class CudaBackend(Backend):
             toks = rng.integers(0, self.cfg.vocab_size, (self.preferred_chunk, 16)).astype(np.int32)   # [B, 16]
             toks[::2, :8] = toks[0, :8]
             prefix_share.plan(np.arange(self.preferred_chunk + 1, dtype=np.int64) * 16, toks.reshape(-1),
-                              lambda ls: kv_groups(ls, saved.max_new_tokens, 2 * self.cfg.n_layer * self.cfg.n_embd
-                                                   * self.elt, self.kv_budget))
+                              lambda ls: self._kv_groups(ls, saved.max_new_tokens))
 
     def _idle(self):
         """The host waits for the GPU here: let the worker submit chunks that arrived meanwhile, so
@@ -480,7 +480,7 @@ class CudaBackend(Backend):
             self.compute.wait_for_event(job["ev_up"][1])
             C, L, V, Vp = cfg.n_embd, cfg.n_layer, self.V, self.Vpad
             S = int(lens.max())
-            for b0, b1 in kv_groups(np.full(B, S), 0, 2 * L * C * self.elt, self.kv_budget):
+            for b0, b1 in self._kv_groups(np.full(B, S), 0):
                 per = (b1 - b0) * S * C * self.elt
                 kvbase = self._buf("kv", 2 * L * per)
                 kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
@@ -507,6 +507,10 @@ class CudaBackend(Backend):
         return res
 
     # ---------------------------------------------------------------- the forward pass
+
+    def _kv_groups(self, lens, extra):
+        """kv_groups for prompts of these lengths, each growing by extra positions, in this backend's KV budget."""
+        return kv_groups(lens, extra, 2 * self.cfg.n_layer * self.cfg.n_embd * self.elt, self.kv_budget)
 
     def _gemm(self, A, B_w, C_out, bias, M, N, K, mode, out_half, ldc=None):
         ldc = N if ldc is None else ldc
@@ -622,9 +626,8 @@ class CudaBackend(Backend):
         return self.tok_host[:n].copy()
 
     def _run(self, job):
-        drv, cfg, gs = self.drv, self.cfg, self.settings
+        drv, gs = self.drv, self.settings
         chunk, B, lens = job["chunk"], job["B"], job["lens"]
-        C, L = cfg.n_embd, cfg.n_layer
         out = np.zeros((B, max(gs.max_new_tokens, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
         gen = np.zeros(B, np.int64)
         finish = np.full(B, FINISH_LENGTH, np.uint8)
@@ -633,7 +636,7 @@ class CudaBackend(Backend):
         ev_c0.record(self.compute)
         self._last_down = None
         if B and gs.max_new_tokens > 0:
-            groups = job["groups"] or kv_groups(lens, gs.max_new_tokens, 2 * L * C * self.elt, self.kv_budget)
+            groups = job["groups"] or self._kv_groups(lens, gs.max_new_tokens)
             for b0, b1 in groups:
                 self._run_group(job, b0, b1, out, gen, finish)
         ev_c1 = drv.Event()

@@ -44,13 +44,13 @@ F16_VARIANTS = {
     "tma256p": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
 }
 # persistent with the staged epilogue (shared memory + bulk copies; EPI_RESID as a bulk add in L2): name ->
-# (BN, stages with half output, stages with float output); shared memory per output type: tma_smem()
+# (BN, stages with half output, stages with float output); shared memory per output type: f16_smem()
 TMA_STAGED = {"tma128s": (128, 5, 4), "tma192s": (192, 4, 3), "tma256s": (256, 3, 2)}
 
 
-def tma_smem(v, out_half):
-    """Dynamic shared memory of a TMA variant's kernel (stages, staged output rows as in gemm_tma.cu StagedRow,
-    1 KB alignment, barriers)."""
+def f16_smem(v, out_half):
+    """Dynamic shared memory of fp16 variant v's kernel for this output type: F16_VARIANTS' figure, except for the
+    staged variants (stages, staged output rows as in gemm_tma.cu StagedRow, 1 KB alignment, barriers)."""
     if v not in TMA_STAGED:
         return F16_VARIANTS[v][4]
     bn, st_h, st_f = TMA_STAGED[v]
@@ -60,7 +60,7 @@ def tma_smem(v, out_half):
 
 
 for _v, (_bn, _sh, _sf) in TMA_STAGED.items():
-    F16_VARIANTS[_v] = (-2, 128, _bn, 288, max(tma_smem(_v, True), tma_smem(_v, False)))
+    F16_VARIANTS[_v] = (-2, 128, _bn, 288, max(f16_smem(_v, True), f16_smem(_v, False)))
 # persistent -> plain twin
 TMA_PERSISTENT = {"tma128p": "tma128", "tma192p": "tma192", "tma256p": "tma256",
                   "tma128s": "tma128", "tma192s": "tma192", "tma256s": "tma256"}
@@ -171,11 +171,11 @@ class Kernels:
             f.prepare(sig)
             self.funcs[name] = f
         for v in self.f16_variants:
-            part, bm, bn, thr, smem = F16_VARIANTS[v]
+            part = F16_VARIANTS[v][0]
             base = "gemm_f16" if v == "v0" else "gemm_f16_" + v
             for suf in ("outh", "outf"):
                 f = mods[variant_module(v)[0]].get_function(f"{base}_{suf}")
-                smem = tma_smem(v, suf == "outh") if part == -2 else smem
+                smem = f16_smem(v, suf == "outh")
                 if smem > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, smem)
                 # TMA kernels take pointers to the A and B descriptors in front
@@ -301,9 +301,8 @@ class Kernels:
             return
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
         v = variant or self.pick_f16(M, N, out_half, K)
-        part, bm, bn, thr, smem = F16_VARIANTS[v]
-        if part == -2:
-            smem = tma_smem(v, out_half)
+        part, bm, bn, thr, _ = F16_VARIANTS[v]
+        smem = f16_smem(v, out_half)
         grid = ((N + bn - 1) // bn, (M + bm - 1) // bm, 1)
         if v in TMA_PERSISTENT:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * TMA_BLOCKS_PER_SM[v]), 1, 1)

@@ -149,7 +149,7 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         assert len({j[0] for j in tma_jobs}) == 9 and all(j[2] for j in tma_jobs)   # one module per TMA variant
         for v in ck.F16_VARIANTS:   # every kernel's shared memory fits an H100 block (227 KB)
             if ck.F16_VARIANTS[v][0] == -2:
-                assert max(ck.tma_smem(v, True), ck.tma_smem(v, False)) <= 227 * 1024, v
+                assert max(ck.f16_smem(v, True), ck.f16_smem(v, False)) <= 227 * 1024, v
         assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
         # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
         assert k.tma_staged and k.pick_f16(131072, 2304, True, 768) == "tma192s"
