@@ -7,6 +7,23 @@
 #define BM 128
 #define BN 128
 
+// r[0..3] = p[0..3], the first `left` of them in range (the rest 0); all 0 when !ok (p is not read then).
+// vec: p is 16-byte aligned when ok, so four in range load as one float4.
+__device__ __forceinline__ void load4_guarded(float* r, const float* p, bool ok, bool vec, int left) {
+    if (ok) {
+        if (vec && left > 3) {
+            float4 q = *reinterpret_cast<const float4*>(p);
+            r[0] = q.x; r[1] = q.y; r[2] = q.z; r[3] = q.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 4; i++) r[i] = (i < left) ? p[i] : 0.f;
+        }
+    } else {
+#pragma unroll
+        for (int i = 0; i < 4; i++) r[i] = 0.f;
+    }
+}
+
 // BK_: k-slice per shared-memory stage (8 or 16; each thread loads BK_ / 8 float4 of A and of B per slice).
 // Every output is summed over k in order 0..K-1 whatever BK_ is, so both give identical results.
 template <int BK_>
@@ -50,39 +67,13 @@ __device__ __forceinline__ void gemm_f32_impl(const float* __restrict__ A, int l
     auto load = [&](int k0) {
 #pragma unroll
         for (int v = 0; v < NV; v++) {
-            float* r = ra + 4 * v;
             const int gm = m0 + a_row, gk = k0 + a_k + 8 * v;
-            if (gm < M) {
-                const float* p = A + (size_t)gm * lda + gk;
-                if (vecA && gk + 3 < K) {
-                    float4 q = *reinterpret_cast<const float4*>(p);
-                    r[0] = q.x; r[1] = q.y; r[2] = q.z; r[3] = q.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) r[i] = (gk + i < K) ? p[i] : 0.f;
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; i++) r[i] = 0.f;
-            }
+            load4_guarded(ra + 4 * v, A + (size_t)gm * lda + gk, gm < M, vecA, K - gk);
         }
 #pragma unroll
         for (int v = 0; v < NV; v++) {
-            float* r = rb + 4 * v;
             const int bk = k0 + b_k + 8 * v, gn = n0 + b_col;
-            if (bk < K) {
-                const float* p = B + (size_t)bk * ldb + gn;
-                if (vecB && gn + 3 < N) {
-                    float4 q = *reinterpret_cast<const float4*>(p);
-                    r[0] = q.x; r[1] = q.y; r[2] = q.z; r[3] = q.w;
-                } else {
-#pragma unroll
-                    for (int i = 0; i < 4; i++) r[i] = (gn + i < N) ? p[i] : 0.f;
-                }
-            } else {
-#pragma unroll
-                for (int i = 0; i < 4; i++) r[i] = 0.f;
-            }
+            load4_guarded(rb + 4 * v, B + (size_t)bk * ldb + gn, bk < K, vecB, N - gn);
         }
     };
     auto store = [&](int buf) {
