@@ -210,12 +210,14 @@ STOP7_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,wgmma,t128x128k64s3",
              "GPT2JOB_FUSE_ARGMAX": "0", "GPT2JOB_TMA_STAGED": "0"}   # the default of stop 7 (commit 8a0e470)
 NO_SHARE = {"GPT2JOB_PREFIX_SHARE": "0"}   # every prompt token computed (no shared-prefix plan)
 NO_STAGED = {"GPT2JOB_TMA_STAGED": "0"}    # no product on the staged-epilogue TMA kernels (the stop-8 picks)
+ARGMAX_MMA = {"GPT2JOB_ARGMAX_VARIANT": "t128x128k64s3"}   # greedy LM head on the mma.sync tiles (the stop-9 pick)
 E2E_CONFIGS = [("float32-no-prefix-share", "float32", NO_SHARE),
                ("float32", "float32", {}),
                ("float16-stop7", "float16", STOP7_F16),
                ("float16-no-prefix-share", "float16", NO_SHARE),
                ("float16", "float16", {}),
-               ("float16-no-staged", "float16", NO_STAGED)]
+               ("float16-no-staged", "float16", NO_STAGED),
+               ("float16-argmax-mma", "float16", ARGMAX_MMA)]
 
 
 def main():
@@ -259,7 +261,8 @@ def main():
         n = min(len(a16), len(a32))
         print(f"fp16 vs fp32 greedy token agreement: {(a16[:n] == a32[:n]).mean():.3f}")
     for cur, other in (("float16", "float16-stop7"), ("float16", "float16-no-prefix-share"),
-                       ("float16", "float16-no-staged"), ("float32", "float32-no-prefix-share")):
+                       ("float16", "float16-no-staged"), ("float16", "float16-argmax-mma"),
+                       ("float32", "float32-no-prefix-share")):
         if cur in e2e and other in e2e:
             a, b = e2e[cur][2], e2e[other][2]
             print(f"{cur} (current) vs {other} token agreement: {(a == b).mean():.4f}")

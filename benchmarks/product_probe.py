@@ -6,7 +6,8 @@ covered).
   ncu --clock-control none -k regex:gemm --launch-skip 2 --launch-count 1 --section SpeedOfLight \
       python3 benchmarks/product_probe.py --shape qkv --variants tma128 --reps 3
 
-Prints TFLOP/s per variant (CUDA events, median of --reps after a warm-up). mode 3 (EPI_RESID) writes fp32.
+Prints TFLOP/s per variant (CUDA events, median of --reps after a warm-up). mode 3 (EPI_RESID) writes fp32; mode 5
+(--shape lm_head) times the product with its (max, argmax) epilogue plus the reduction of the partials.
 """
 import argparse
 import os
@@ -24,7 +25,8 @@ def main():
     ap.add_argument("--shape", default="qkv", choices=[s[0] for s in SHAPES])
     ap.add_argument("--m", type=int, default=131072)
     ap.add_argument("--variants", default="tma128")
-    ap.add_argument("--mode", type=int, default=0, help="0 bias, 1 bias + GELU (tanh), 3 add into fp32 residual")
+    ap.add_argument("--mode", type=int, default=0,
+                    help="0 bias, 1 bias + GELU (tanh), 3 add into fp32 residual, 5 greedy LM head (argmax epilogue)")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="also torch.matmul (cuBLAS) on the same operands")
     a = ap.parse_args()
@@ -48,6 +50,25 @@ def main():
         C = torch.zeros(M, N, device="cuda", dtype=torch.half if out_half else torch.float32)
         flop = 2.0 * M * N * K
         ref = A.float() @ W.float().t() + bias
+        if a.mode == 5:   # the greedy LM head: (max, argmax) partials per tile column, then their argmax
+            from gpt2job.cuda_kernels import F16_WN
+            want = torch.argmax(A.float() @ W.float().t(), dim=1)
+            for v in vs:
+                nch = (N + F16_WN[v] - 1) // F16_WN[v]
+                part = torch.empty(M, nch, 2, device="cuda", dtype=torch.float32)
+                out = torch.empty(M, device="cuda", dtype=torch.int32)
+
+                def head():
+                    k.gemm_f16(None, A.data_ptr(), K, W.data_ptr(), K, part.data_ptr(), nch, None, M, N, K, 5, False,
+                               variant=v)
+                    k.argmax_partials(None, part.data_ptr(), nch, nch, out.data_ptr(), M)
+                head()
+                torch.cuda.synchronize()
+                agree = (out.long() == want).float().mean().item()
+                ms = median_ms(head, a.reps, torch)
+                print(f"probe {a.shape} M={M} K={K} N={N} mode=5 {v:8s} {flop / ms / 1e9:6.0f} TFLOP/s "
+                      f"({ms:.3f} ms) argmax = fp32 argmax on {100 * agree:.2f}% of rows", flush=True)
+            vs = []
         for v in vs:
             C.zero_()
             k.gemm_f16(None, A.data_ptr(), K, W.data_ptr(), K, C.data_ptr(), N, bias.data_ptr(), M, N, K, a.mode,

@@ -157,10 +157,15 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     const int nk = (K + TMA_BK - 1) / TMA_BK;
     const int n_tiles = (N + TBN - 1) / TBN;
     const int tile0 = PERSIST ? blockIdx.x : 0, tile_step = PERSIST ? gridDim.x : 1;
-    const int tile_end = PERSIST ? n_tiles * ((M + TMA_BM - 1) / TMA_BM) : 1;
+    const int m_tiles = (M + TMA_BM - 1) / TMA_BM;
+    const int tile_end = PERSIST ? n_tiles * m_tiles : 1;
+    // persistent tile order: N tiles fastest (the blocks running at once share their A rows), except for the greedy
+    // LM head (EPI_ARGMAX): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and would be read from memory
+    // once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2
+    const bool m_fast = PERSIST && mode == EPI_ARGMAX;
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
-        m0 = (PERSIST ? tile / n_tiles : (int)blockIdx.y) * TMA_BM;
-        n0 = (PERSIST ? tile % n_tiles : (int)blockIdx.x) * TBN;
+        m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * TMA_BM;
+        n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)blockIdx.x) * TBN;
     };
     if (tid == 0) {
 #pragma unroll

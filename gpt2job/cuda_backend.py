@@ -606,12 +606,10 @@ class CudaBackend(Backend):
 
     def _argmax_variant(self, m):
         """The fp16 tile variant whose (max, argmax) epilogue serves a greedy LM head of m rows, or None (float32,
-        GPT2JOB_FUSE_ARGMAX=0): the variant picked for the plain product when it has that epilogue."""
+        GPT2JOB_FUSE_ARGMAX=0): Kernels.pick_argmax's."""
         if not (self.half and self.fuse_argmax):
             return None
-        from .cuda_kernels import F16_WN
-        v = self.k.pick_f16(m, self.V, False, self.cfg.n_embd)
-        return v if v in F16_WN else self.k.argmax_variant
+        return self.k.pick_argmax(m, self.V, self.cfg.n_embd)
 
     def _download(self, p_out, n):
         drv = self.drv

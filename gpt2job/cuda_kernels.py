@@ -71,7 +71,8 @@ TMA_BLOCKS_PER_SM = {"tma128": 2, "tma192": 1, "tma256": 1, "tma128p": 2, "tma19
 TMA_EFFICIENCY = {"tma128": 0.9, "tma192": 0.97, "tma256": 1.0}
 # warp-tile width WN of each templated variant: EPI_ARGMAX writes one partial per WN columns
 F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x128k64s3": 64, "t128x128k64s3": 32,
-          "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256}
+          "t64x128k64s4": 32, "wgmma": 128, "tma128": 128, "tma192": 192, "tma256": 256,
+          "tma128p": 128, "tma192p": 192, "tma256p": 256, "tma128s": 128, "tma192s": 192, "tma256s": 256}
 # variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); pick_f16 chooses per product.
 # wgmma and TMA need sm_90 (Hopper).
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "wgmma", "t128x128k64s3")
@@ -182,6 +183,8 @@ class Kernels:
                 f.prepare("PiPiPiPiiii" if v == "v0" else ("PP" if part == -2 else "") + _F16_SIG)
                 self.funcs[f"{base}_{suf}"] = f
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
+        # the greedy LM head's variant (GPT2JOB_ARGMAX_VARIANT=name forces one; see pick_argmax)
+        self.argmax_forced = os.environ.get("GPT2JOB_ARGMAX_VARIANT", "")
         # fp32 product: k-slices of 16 per stage except for decode-sized products with a long K (measured on H100:
         # 16 is 2-7% faster elsewhere, 20% slower there); identical results. GPT2JOB_F32_BK=8|16 forces one.
         self.f32_bk = os.environ.get("GPT2JOB_F32_BK", "")
@@ -221,6 +224,19 @@ class Kernels:
         if self.tma_persistent and v + "p" in vs:
             return v + "p"
         return v
+
+    def pick_argmax(self, M, N, K=768):
+        """Tile variant for the greedy LM head (the product with the (max, argmax) epilogue). A persistent TMA
+        kernel where compiled: it walks the M tiles fastest, so the vocabulary matrix (larger than the L2) is read
+        from memory once, not once per 128 rows. Else the plain product's pick, when that has the epilogue."""
+        vs = self.f16_variants
+        if self.argmax_forced in vs and self.argmax_forced in F16_WN:
+            return self.argmax_forced
+        for v in ("tma192s", "tma128s", "tma192p", "tma128p"):
+            if v in vs:
+                return v
+        v = self.pick_f16(M, N, False, K)
+        return v if v in F16_WN else self.argmax_variant
 
     def _pick_f16(self, M, N, out_half, K, vs):
         # an mma.sync variant (runs anywhere): the measured best one, else the first compiled

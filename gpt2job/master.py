@@ -204,6 +204,7 @@ class Master:
         self.dispatching = True
         if all_ready:
             self.t_ready = time.time()
+        trace(f"master: {len(ready)} of {len(self.live())} workers ready, handing out chunks")
         for depth in range(1, PREFETCH + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
@@ -270,6 +271,7 @@ class Master:
                 self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)
+            trace(f"master: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) to rank {w.rank}")
 
     def retire(self, w, why):
         w.retired, w.why_retired = True, why

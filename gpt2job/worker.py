@@ -94,6 +94,7 @@ def serve(backend, rank, receive, send_result):
                 stopping.append(True)
                 break
             queue.append(msg)
+            trace(f"rank {rank}: chunk {msg.chunk_id} received")
         while queue and len(in_flight) < PREFETCH:
             chunk = queue.pop(0)
             in_flight.append(chunk.chunk_id)
