@@ -83,6 +83,7 @@ class Backend:
     name = "abstract"
     preferred_chunk = 64     # prompts per chunk this backend runs well with
     idle_hook = None         # set by the worker: called while the device computes, to submit more work
+    poll_hook = None         # set by an MPI worker: moves its result send on; True when nothing is left to send
 
     def generate(self, chunk: Chunk) -> Completions:
         raise NotImplementedError

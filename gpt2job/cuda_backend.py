@@ -33,6 +33,7 @@ import collections
 import dataclasses
 import math
 import os
+import time
 
 import numpy as np
 
@@ -611,6 +612,15 @@ class CudaBackend(Backend):
             return None
         return self.k.pick_argmax(m, self.V, self.cfg.n_embd)
 
+    def _wait(self, ev):
+        """Wait for the event; while poll_hook reports work left (the worker's result send), call it every 0.2 ms
+        instead of blocking."""
+        while self.poll_hook is not None and not ev.query():
+            if self.poll_hook():
+                break
+            time.sleep(0.0002)
+        ev.synchronize()
+
     def _download(self, p_out, n):
         drv = self.drv
         if self.tok_host.size < n:
@@ -619,7 +629,7 @@ class CudaBackend(Backend):
         ev0.record(self.compute)
         drv.memcpy_dtoh_async(self.tok_host[:n], p_out, self.compute)
         ev1.record(self.compute)
-        ev1.synchronize()
+        self._wait(ev1)
         self._last_down = (ev0, ev1)
         return self.tok_host[:n].copy()
 

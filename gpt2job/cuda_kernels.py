@@ -36,9 +36,10 @@ F16_VARIANTS = {
     "tma192": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
     # the same three as persistent grids (as many blocks as fit; each block loops over tiles, loading the next
-    # tile during the epilogue). Not picked unless GPT2JOB_TMA_PERSISTENT=1 (measured on H100, 2026-11-27: W1 fp16
-    # 386k vs 395k tok/s with every TMA pick persistent; tma192p for the narrow products alone: no gain in decode,
-    # prefill attention-out 12.4 vs 9.2 ms per chunk).
+    # tile during the epilogue). Not picked for the layer products unless GPT2JOB_TMA_PERSISTENT=1 (measured on H100,
+    # 2026-11-27: W1 fp16 386k vs 395k tok/s with every TMA pick persistent; tma192p for the narrow products alone:
+    # no gain in decode, prefill attention-out 12.4 vs 9.2 ms per chunk). tma192p runs the greedy LM head
+    # (pick_argmax: M tiles fastest there; 631 TFLOP/s vs 292 on the mma.sync tiles, stop 10).
     "tma128p": (-2, 128, 128, 288, 3 * (128 + 128) * 64 * 2 + 1024 + 64),
     "tma192p": (-2, 128, 192, 288, 4 * (128 + 192) * 64 * 2 + 1024 + 64),
     "tma256p": (-2, 128, 256, 288, 4 * (128 + 256) * 64 * 2 + 1024 + 64),
@@ -75,7 +76,7 @@ F16_WN = {"t128x128k32s4": 32, "t128x256k32s4": 64, "t128x256k64s3": 64, "t256x1
           "tma128p": 128, "tma192p": 192, "tma256p": 256, "tma128s": 128, "tma192s": 192, "tma256s": 256}
 # variants compiled by default (GPT2JOB_F16_VARIANTS=all|name,name,... overrides); pick_f16 chooses per product.
 # wgmma and TMA need sm_90 (Hopper).
-F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "wgmma", "t128x128k64s3")
+F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 # name -> (file, PyCUDA prepare signature)
@@ -232,7 +233,7 @@ class Kernels:
         vs = self.f16_variants
         if self.argmax_forced in vs and self.argmax_forced in F16_WN:
             return self.argmax_forced
-        for v in ("tma192s", "tma128s", "tma192p", "tma128p"):
+        for v in ("tma192p", "tma192s", "tma128s", "tma128p"):   # measured: 631, 591, 567 TFLOP/s (M = 8,192)
             if v in vs:
                 return v
         v = self.pick_f16(M, N, False, K)

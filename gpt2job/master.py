@@ -33,6 +33,7 @@ class Master:
         self.workers = {}
         self.hung_ranks = []
         self.sends = []            # (request, buffer) of sends in flight
+        self.encoded = {}          # chunk id -> its message, for the chunks gathered before dispatch
         self.local = None          # the master's own worker thread, if it computes
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
@@ -189,7 +190,9 @@ class Master:
             if self.store.flush_due():    # the HDF5 file catches up while nothing waits
                 self.store.flush()
             if comm is not None:
-                time.sleep(0.0005)
+                # a chunk in flight moves only while the master calls into MPI: test the sends, poll sooner
+                self.sends = drain(self.sends, 0) if self.sends else self.sends
+                time.sleep(0.0001 if self.sends else 0.0005)
 
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
@@ -237,8 +240,10 @@ class Master:
             w.preferred_chunk = int(info.get("preferred_chunk", 64))
             w.last_progress = time.monotonic()
             if self.first_ready is None and not self.dispatching:
-                # the master is idle until every worker is ready: gather the first chunks now
+                # the master is idle until every worker is ready: gather (and encode) the first chunks now
                 self.sched.prebuild(len(self.live()), w.preferred_chunk)
+                if self.comm is not None:
+                    self.encoded = {c.chunk_id: encode_chunk(c) for c in self.sched.built}
             self.first_ready = self.first_ready or w.last_progress
             if self.dispatching:
                 if self.t_ready is None and all(x.ready for x in self.live()):
@@ -267,7 +272,9 @@ class Master:
             if w.rank == 0:
                 self.local.inbox.put(chunk)
             else:
-                buf = encode_chunk(chunk)
+                buf = self.encoded.pop(chunk.chunk_id, None)
+                if buf is None:
+                    buf = encode_chunk(chunk)
                 self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)

@@ -178,7 +178,8 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         assert every.pick_f16(4096, 768, False, 3072) == "tma192"          # not measured below 8192 rows
         assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
         # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
-        assert k.pick_argmax(8192, 50257) == "tma192s" and every.pick_argmax(8192, 50257) == "tma192s"
+        assert k.pick_argmax(8192, 50257) == "tma192p" and every.pick_argmax(8192, 50257) == "tma192p"
+        assert ck.Kernels(0, f16_variants=("tma192s", "tma128")).pick_argmax(8192, 50257) == "tma192s"
         assert ck.Kernels(0, f16_variants=("tma128", "t128x128k64s3")).pick_argmax(8192, 50257) == "t128x128k64s3"
         k.argmax_forced = "tma128s"                                     # GPT2JOB_ARGMAX_VARIANT=tma128s
         assert k.pick_argmax(8192, 50257) == "tma128s"
