@@ -68,7 +68,7 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     smaller decode batches). groups_of(lens) -> [(b0, b1)]: the KV groups for prompts of these lengths in this
     order (cuda_backend.kv_groups)."""
     offsets = np.asarray(offsets, np.int64)
-    tokens = np.asarray(tokens, np.int64)
+    tokens = np.asarray(tokens, np.int32)
     lens0 = np.diff(offsets)
     B = len(lens0)
     if B < 2 or B * int(lens0.max()) > MAX_MATRIX:
@@ -85,23 +85,31 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
         skip[b0] = 0
     if skip.sum() < min_saving * lens.sum():
         return None
-    # computed tokens: prompt i's positions skip[i]..lens[i]-1, in the new order
+    # computed tokens: prompt i's positions skip[i]..lens[i]-1, in the new order (int32 where the kernels read
+    # them: a chunk has 10^5 tokens, and this runs while the first chunk's GPU waits)
     ncomp = lens - skip                                                   # [B]
     coff = np.zeros(B + 1, np.int64)
     np.cumsum(ncomp, out=coff[1:])
-    seq = np.repeat(np.arange(B, dtype=np.int64), ncomp)                  # [T']
-    pos = skip[seq] + np.arange(int(coff[-1]), dtype=np.int64) - coff[:-1][seq]   # [T']
-    src_tok = offsets[:-1][perm][seq] + pos                               # [T'] index into the chunk's tokens
+    ar = np.arange(B, dtype=np.int32)                                     # [B]
+    seq = np.repeat(ar, ncomp)                                            # [T'] int32
+    pos = np.arange(int(coff[-1]), dtype=np.int64)                        # [T'] -> position of each computed token
+    pos -= np.repeat(coff[:-1] - skip, ncomp)
+    src_tok = np.repeat(offsets[:-1][perm], ncomp) + pos                  # [T'] index into the chunk's tokens
     # copies: position p of prompt i (p < skip[i]) comes from the last prompt before i that computed p
     P = int(skip.max())
     p_col = np.arange(P, dtype=np.int64)[:, None]                         # [P, 1]
     computed = (p_col >= skip[None, :]) & (p_col < lens[None, :])        # [P, B] prompt i computes position p
-    last = np.maximum.accumulate(np.where(computed, np.arange(B, dtype=np.int32)[None, :], -1), axis=1)   # [P, B]
+    last = np.where(computed, ar[None, :], np.int32(-1))                  # [P, B]
+    np.maximum.accumulate(last, axis=1, out=last)
     copy_off = np.zeros(B + 1, np.int64)
     np.cumsum(skip, out=copy_off[1:])
-    dst = np.repeat(np.arange(B, dtype=np.int64), skip)                   # [E] by prompt, then position
-    where = np.arange(int(copy_off[-1]), dtype=np.int64) - copy_off[:-1][dst]   # [E]
-    copies = np.stack([dst, last[where, dst], where], axis=1).astype(np.int32).reshape(-1, 3)   # [E, 3]
-    return SharePlan(perm=perm, lens=lens, skip=skip, offsets=coff, tokens=tokens[src_tok].astype(np.int32),
-                     positions=pos.astype(np.int32), seq=seq.astype(np.int32), copies=copies, copy_off=copy_off,
+    E = int(copy_off[-1])
+    dst = np.repeat(ar, skip)                                             # [E] by prompt, then position
+    where = np.arange(E, dtype=np.int64) - np.repeat(copy_off[:-1], skip)   # [E]
+    copies = np.empty((E, 3), np.int32)                                   # [E, 3] {dst, src, position}
+    copies[:, 0] = dst
+    copies[:, 1] = last.reshape(-1)[where * B + dst]
+    copies[:, 2] = where
+    return SharePlan(perm=perm, lens=lens, skip=skip, offsets=coff, tokens=tokens[src_tok],
+                     positions=pos.astype(np.int32), seq=seq, copies=copies, copy_off=copy_off,
                      groups=list(groups))

@@ -153,6 +153,8 @@ def run_worker(s: JobSettings, comm, gpu_slot):
     status = MPI.Status()
 
     def receive(block):
+        if block and sending:   # idle: the last result goes out at once (a large send moves only inside MPI calls)
+            sending.pop()[0].Wait()
         if not wait_for_message(comm, status, block):
             return None
         if status.Get_tag() == TAG_WORK:
