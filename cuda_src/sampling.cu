@@ -263,3 +263,12 @@ extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int 
     }
     if (lane == 0) out[r] = bi;
 }
+
+// The next decode step's input tokens from this step's: dst[i] = src[idx[i]] (the rows still generating, when
+// some finished; twin: src[idx] in NumPy, tests/test_cuda_kernels.py test_gather_tokens).
+extern "C" __global__ void gather_tokens(const int* __restrict__ src, const int* __restrict__ idx, int* __restrict__ dst,
+                                         int n)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) dst[i] = src[idx[i]];
+}

@@ -8,8 +8,9 @@ Work layout per chunk:
     sequence slot and position; ragged causal attention reads the slot's KV cache; the LM head and token
     selection run only on each prompt's last position. Prompts that start alike compute that prefix once
     (gpt2job.prefix_share: lexicographic order, the shared key/value rows copied per layer by kv_copy).
-  * decode: one row per still-active sequence (finished sequences are dropped from the work), one token
-    id per row uploaded, one token id per row downloaded; logits never leave the GPU.
+  * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the
+    GPU, so each step is launched before the previous step's tokens reach the host (one token id per row
+    downloaded, logits never leave the GPU). A sequence that stopped is dropped from the step after next.
   * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group.
     Sequences are grouped (kv_groups: even groups) so the cache fits the memory budget, 80% of the memory
     free after weights and activations; prefill passes are capped at max_prefill_rows tokens.
@@ -263,7 +264,8 @@ class CudaBackend(Backend):
         cfg, e = self.cfg, self.elt
         R, C, hr = self.max_prefill_rows, cfg.n_embd, self.head_rows
         for name, nbytes in (("x", R * C * 4), ("h", R * C * e), ("qkv", R * 3 * C * e), ("att", R * C * e),
-                             ("fc", R * cfg.d_mlp * e), ("hl", hr * C * e)):
+                             ("fc", R * cfg.d_mlp * e), ("hl", hr * C * e), ("tok_out", 2 * hr * 4),
+                             ("step_in", 3 * hr * 4)):
             self._buf(name, nbytes)
         if not share_gpus:
             self._buf("kv", self.kv_budget)
@@ -278,7 +280,8 @@ class CudaBackend(Backend):
         # pinned host buffers: a decode step's inputs, and uploads sized for a chunk of max_prefill_rows tokens
         # in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
         # a chunk that needs more grows it there)
-        self.step_host = self.drv.pagelocked_empty(max(3 * hr, 3072) * 2, np.int32)
+        self.step_host = self.drv.pagelocked_empty(max(6 * hr, 6144), np.int32)   # two decode steps' inputs
+        self.tok_host = self.drv.pagelocked_empty(max(2 * hr, 2048), np.int32)    # two decode steps' tokens
         for _ in range(2):   # the worker keeps two chunks submitted (the next one uploads during this one)
             u = _Upload()
             u.reserve(self.drv, 20 * R)
@@ -621,17 +624,16 @@ class CudaBackend(Backend):
             time.sleep(0.0002)
         ev.synchronize()
 
-    def _download(self, p_out, n):
-        drv = self.drv
-        if self.tok_host.size < n:
-            self.tok_host = drv.pagelocked_empty(max(n, 1024) * 2, np.int32)
-        ev0, ev1 = drv.Event(), drv.Event()
+    def _download_async(self, p_out, n, slot):
+        """Copy n int32 from the GPU into pinned slot (0 or 1) of tok_host after the compute stream's work so far:
+        (start event, end event, host view), the view valid once the end event completed."""
+        ev0, ev1 = self.drv.Event(), self.drv.Event()
         ev0.record(self.compute)
-        drv.memcpy_dtoh_async(self.tok_host[:n], p_out, self.compute)
+        half = self.tok_host.size // 2
+        host = self.tok_host[slot * half:slot * half + n]
+        self.drv.memcpy_dtoh_async(host, p_out, self.compute)
         ev1.record(self.compute)
-        self._wait(ev1)
-        self._last_down = (ev0, ev1)
-        return self.tok_host[:n].copy()
+        return ev0, ev1, host
 
     def _run(self, job):
         drv, gs = self.drv, self.settings
@@ -676,7 +678,12 @@ class CudaBackend(Backend):
         per = ns * S * C * self.elt
         kvbase = self._buf("kv", 2 * L * per)
         kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
-        tok_dev = self._buf("tok_out", ns * 4)
+        tok_dev = self._buf("tok_out", 2 * ns * 4)   # [0, ns): a step's tokens; [ns, 2 ns): the next step's input
+        sdev = self._buf("step_in", 3 * ns * 4)     # a step's positions, rows, and gather indices
+        if self.step_host.size < 6 * ns:            # two steps' inputs (a step's upload may still wait for the GPU)
+            self.step_host = drv.pagelocked_empty(max(6 * ns, 6144), np.int32)
+        if self.tok_host.size < 2 * ns:             # two steps' tokens
+            self.tok_host = drv.pagelocked_empty(max(2 * ns, 2048), np.int32)
         ev_p0 = drv.Event()
         ev_p0.record(self.compute)
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)
@@ -688,36 +695,52 @@ class CudaBackend(Backend):
             self._head_select(x, pb1 - pb0, job["p_last"] + 4 * pb0, r0, job["p_arange"] + 4 * pb0, job["p_rows"], 0,
                               tok_dev + 4 * (pb0 - b0))
         self._idle()                       # the prefill runs on the GPU: take in and upload the next chunk
-        tok = self._download(tok_dev, ns)
-        job.setdefault("phases", []).append(("prefill", ev_p0, self._last_down[1]))
-        active = np.arange(b0, b1)
+        # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
+        # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
+        # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
+        # batch from step s+1 on (its next input gathered on the GPU).
         eos = gs.eos_token_id
-        for step in range(gs.max_new_tokens):
-            if step > 0:
-                n = len(active)
-                if self.step_host.size < 3 * n:
-                    self.step_host = drv.pagelocked_empty(max(3 * n, 3072) * 2, np.int32)
-                sh = self.step_host[:3 * n]
-                sh[0:n] = tok
-                sh[n:2 * n] = lens[active] + step - 1
-                sh[2 * n:3 * n] = active
-                sdev = self._buf("step_in", 3 * n * 4)
-                ev_d0 = drv.Event()
-                ev_d0.record(self.compute)
-                drv.memcpy_htod_async(sdev, sh, self.compute)
-                x = self._forward(n, sdev, sdev + 4 * n, sdev + 8 * n, b0, S, kv)
-                self._head_select(x, n, None, 0, sdev + 8 * n, job["p_rows"], step, tok_dev)
-                self._idle()
-                tok = self._download(tok_dev, n)
-                job["phases"].append(("decode", ev_d0, self._last_down[1]))
-                # the step buffer is reused next step only after this download synchronised the stream
-            out[active, step] = tok
-            gen[active] = step + 1
-            stop = (tok == eos) if not gs.ignore_eos else np.zeros(len(active), bool)
-            finish[active[stop]] = FINISH_STOP
-            keep = ~stop
-            if step == gs.max_new_tokens - 1:
+        alive = np.ones(ns, bool)           # row b0 + i has not stopped (as far as the host knows)
+        flight = (0, np.arange(b0, b1), self._download_async(tok_dev, ns, 0), ev_p0)   # (step, rows, download, start)
+        for step in range(1, gs.max_new_tokens + 1):
+            nxt = None
+            if step < gs.max_new_tokens:
+                prev_rows = flight[1]
+                keep = alive[prev_rows - b0]
+                rows = prev_rows[keep]
+                n = len(rows)
+                if n:
+                    gather = not keep.all()
+                    sh = self.step_host[(step % 2) * 3 * ns:][:3 * n]
+                    sh[0:n] = lens[rows] + step - 1
+                    sh[n:2 * n] = rows
+                    if gather:
+                        sh[2 * n:3 * n] = np.flatnonzero(keep)
+                    ev_d0 = drv.Event()
+                    ev_d0.record(self.compute)
+                    drv.memcpy_htod_async(sdev, sh[:3 * n if gather else 2 * n], self.compute)
+                    p_tok = tok_dev
+                    if gather:
+                        p_tok = tok_dev + 4 * ns
+                        self.k.gather_tokens(self.compute, tok_dev, sdev + 8 * n, p_tok, n)
+                    x = self._forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
+                    self._head_select(x, n, None, 0, sdev + 4 * n, job["p_rows"], step, tok_dev)
+                    self._idle()
+                    nxt = (step, rows, self._download_async(tok_dev, n, step % 2), ev_d0)
+            # the previous step's tokens reach the host (the step just launched computes meanwhile)
+            pstep, prows, (e0, e1, host), start = flight
+            self._wait(e1)
+            self._last_down = (e0, e1)
+            job.setdefault("phases", []).append(("prefill" if pstep == 0 else "decode", start, e1))
+            tok = host[:len(prows)]
+            live = alive[prows - b0]                 # rows stopped before pstep computed it for nothing
+            prows, tok = prows[live], tok[live]
+            out[prows, pstep] = tok
+            gen[prows] = pstep + 1
+            if not gs.ignore_eos:
+                stop = tok == eos
+                finish[prows[stop]] = FINISH_STOP
+                alive[prows[stop] - b0] = False
+            if nxt is None:
                 break
-            active, tok = active[keep], tok[keep]
-            if len(active) == 0:
-                break
+            flight = nxt

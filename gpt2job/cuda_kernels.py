@@ -97,6 +97,7 @@ KERNELS = {
     "attention_grouped_f16": ("transformer.cu", "PPPPiPPiiiif"),
     "attention_prefill_f16": ("attention_prefill.cu", "PPPPiPPPiiiif"),
     "argmax_partials": ("sampling.cu", "PiiPi"),
+    "gather_tokens": ("sampling.cu", "PPPi"),
     "transpose_to_half": ("transformer.cu", "PPii"),
     "argmax_rows": ("sampling.cu", "PiiPi"),
     "sample_rows": ("sampling.cu", "PiiPPiQdidPi"),
@@ -388,6 +389,11 @@ class Kernels:
             nw = n_tiles * H   # one warp per (tile, head), 4 warps per block
             self.launch("attention_prefill_f16", ((nw + 3) // 4, 1, 1), (128, 1, 1), stream, qkv, kc, vc, row_slot,
                         slot_base, row_pos, out, tiles, n_tiles, row_base, H, S, np.float32(scale))
+
+    def gather_tokens(self, stream, src, idx, dst, n):
+        """dst[i] = src[idx[i]], int32, i < n."""
+        if n:
+            self.launch("gather_tokens", ((n + 255) // 256, 1, 1), (256, 1, 1), stream, src, idx, dst, n)
 
     def argmax_partials(self, stream, part, ld, n, out, R):
         if R:

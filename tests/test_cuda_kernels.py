@@ -374,6 +374,15 @@ def test_argmax(K, V):
     np.testing.assert_array_equal(back(out, R, np.int32), np.argmax(lg, axis=-1))
 
 
+@pytest.mark.parametrize("n", [1, 300, 5000])
+def test_gather_tokens(K, n):
+    src = RNG.integers(0, 50257, n + 7).astype(np.int32)
+    idx = np.sort(RNG.choice(n + 7, n, replace=False)).astype(np.int32)
+    out = poisoned(n, np.int32)
+    K.gather_tokens(None, gpu(src), gpu(idx), out, n)
+    np.testing.assert_array_equal(back(out, n, np.int32), src[idx])
+
+
 SAMPLERS = [SamplingSettings(1.0, 0, 1.0, 1), SamplingSettings(0.7, 40, 1.0, 2), SamplingSettings(1.3, 0, 0.9, 3),
             SamplingSettings(0.8, 50, 0.8, 4), SamplingSettings(1.0, 1, 1.0, 5), SamplingSettings(2.0, 0, 0.05, 6),
             SamplingSettings(1.0, 3, 0.5, 2 ** 63 + 5)]
