@@ -85,6 +85,14 @@ def main():
             C16 = torch.empty(M, N, device="cuda", dtype=torch.half)
             ms = median_ms(lambda: torch.matmul(A, Wt, out=C16), a.reps, torch)
             print(f"probe {a.shape} M={M} K={K} N={N} torch.matmul {flop / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)")
+            if N % 64:   # cuBLAS on the same product with N padded to a multiple of 64 (FLOPs counted for N)
+                Np = (N + 63) // 64 * 64
+                Wp = torch.zeros(Np, K, device="cuda", dtype=torch.half)
+                Wp[:N] = W
+                Wpt, Cp = Wp.t(), torch.empty(M, Np, device="cuda", dtype=torch.half)
+                ms = median_ms(lambda: torch.matmul(A, Wpt, out=Cp), a.reps, torch)
+                print(f"probe {a.shape} M={M} K={K} N={N} torch.matmul, N padded to {Np} {flop / ms / 1e9:6.0f} TFLOP/s "
+                      f"({ms:.3f} ms)")
     finally:
         ctx.pop()
 

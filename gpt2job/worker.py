@@ -79,8 +79,9 @@ def serve(backend, rank, receive, send_result):
     """The compute loop of every worker (an MPI rank, or the master's own thread).
 
     receive(block) -> a Chunk, STOP, or None when nothing is waiting (only when block is False).
-    The next chunk is submitted before the current one is computed, so its upload overlaps the
-    compute. Returns None after STOP, or the error report of the exception that ended it."""
+    An idle worker submits one chunk and computes it at once; the next ones are submitted from the backend's
+    idle hook while it computes, so their preparation and upload overlap the compute. Returns None after STOP,
+    or the error report of the exception that ended it."""
     queue, in_flight = [], []     # received not yet submitted; submitted, oldest first
     stopping = []
 
@@ -97,7 +98,8 @@ def serve(backend, rank, receive, send_result):
             trace(f"rank {rank}: chunk {msg.chunk_id} received")
         # with the GPU idle (nothing in flight) submit one chunk only, so that its compute starts now; the
         # others are submitted from the idle hook while it computes
-        while queue and len(in_flight) < (PREFETCH if in_flight else 1):
+        limit = PREFETCH if in_flight else 1
+        while queue and len(in_flight) < limit:
             chunk = queue.pop(0)
             in_flight.append(chunk.chunk_id)
             t = time.perf_counter()
