@@ -85,6 +85,14 @@ def main():
             C16 = torch.empty(M, N, device="cuda", dtype=torch.half)
             ms = median_ms(lambda: torch.matmul(A, Wt, out=C16), a.reps, torch)
             print(f"probe {a.shape} M={M} K={K} N={N} torch.matmul {flop / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)")
+            if a.mode in (1, 3):   # the same work in torch: the product with bias, then the GELU or residual add
+                C32 = torch.zeros(M, N, device="cuda", dtype=torch.float32) if a.mode == 3 else None
+                b16 = bias.half()
+                work = ((lambda: torch.nn.functional.gelu(torch.addmm(b16, A, Wt), approximate="tanh"))
+                        if a.mode == 1 else (lambda: C32.add_(torch.addmm(b16, A, Wt))))
+                ms = median_ms(work, a.reps, torch)
+                what = "addmm + gelu" if a.mode == 1 else "addmm + residual add_ (fp32)"
+                print(f"probe {a.shape} M={M} K={K} N={N} torch {what} {flop / ms / 1e9:6.0f} TFLOP/s ({ms:.3f} ms)")
             if N % 64:   # cuBLAS on the same product with N padded to a multiple of 64 (FLOPs counted for N)
                 Np = (N + 63) // 64 * 64
                 Wp = torch.zeros(Np, K, device="cuda", dtype=torch.half)
