@@ -76,9 +76,10 @@ class Completions:
 class Backend:
     """What a worker needs from a backend. Implementations: NumpyBackend, cuda_backend.CudaBackend.
 
-    generate(chunk) computes one chunk. submit(chunk) + result() let a backend overlap work: the
-    worker submits the next chunk (its upload can start) before it asks for the current result.
-    Results come back in submission order. The defaults here simply compute in result().
+    generate(chunk) computes one chunk. submit(chunk) + result() let a backend overlap work: a backend that
+    calls idle_hook while its device computes gets the next chunk submitted then (its preparation and upload
+    overlap the compute); without the hook the worker submits one chunk at a time. Results come back in
+    submission order. The defaults here simply compute in result().
     """
     name = "abstract"
     preferred_chunk = 64     # prompts per chunk this backend runs well with

@@ -277,8 +277,8 @@ class CudaBackend(Backend):
             self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
-        # pinned host buffers: a decode step's inputs, and uploads sized for a chunk of max_prefill_rows tokens
-        # in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
+        # pinned host buffers: two decode steps' inputs and tokens, and uploads sized for a chunk of max_prefill_rows
+        # tokens in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
         # a chunk that needs more grows it there)
         self.step_host = self.drv.pagelocked_empty(max(6 * hr, 6144), np.int32)   # two decode steps' inputs
         self.tok_host = self.drv.pagelocked_empty(max(2 * hr, 2048), np.int32)    # two decode steps' tokens

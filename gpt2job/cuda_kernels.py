@@ -187,6 +187,9 @@ class Kernels:
         self.argmax_variant = next((v for v in self.f16_variants if v in F16_WN), None)
         # the greedy LM head's variant (GPT2JOB_ARGMAX_VARIANT=name forces one; see pick_argmax)
         self.argmax_forced = os.environ.get("GPT2JOB_ARGMAX_VARIANT", "")
+        if self.argmax_forced and (self.argmax_forced not in self.f16_variants or self.argmax_forced not in F16_WN):
+            raise ValueError(f"GPT2JOB_ARGMAX_VARIANT={self.argmax_forced}: not a compiled fp16 variant with the "
+                             f"argmax epilogue (compiled: {', '.join(v for v in self.f16_variants if v in F16_WN)})")
         # fp32 product: k-slices of 16 per stage except for decode-sized products with a long K (measured on H100:
         # 16 is 2-7% faster elsewhere, 20% slower there); identical results. GPT2JOB_F32_BK=8|16 forces one.
         self.f32_bk = os.environ.get("GPT2JOB_F32_BK", "")
@@ -232,7 +235,7 @@ class Kernels:
         kernel where compiled: it walks the M tiles fastest, so the vocabulary matrix (larger than the L2) is read
         from memory once, not once per 128 rows. Else the plain product's pick, when that has the epilogue."""
         vs = self.f16_variants
-        if self.argmax_forced in vs and self.argmax_forced in F16_WN:
+        if self.argmax_forced:
             return self.argmax_forced
         for v in ("tma192p", "tma192s", "tma128s", "tma128p"):   # measured: 631, 591, 567 TFLOP/s (M = 8,192)
             if v in vs:

@@ -32,7 +32,8 @@ class Master:
         self.store = None
         self.workers = {}
         self.hung_ranks = []
-        self.sends = []            # (request, buffer) of sends in flight
+        self.sends = []            # (request, buffer, rank) of sends in flight
+        self.abandoned = []        # sends to retired ranks: never waited for, kept alive for MPI
         self.encoded = {}          # chunk id -> its message, for the chunks gathered before dispatch
         self.local = None          # the master's own worker thread, if it computes
         self.t_ready = None        # every worker ready
@@ -269,19 +270,22 @@ class Master:
                 return
             if self.t_start is None:
                 self.t_start = time.time()
+            buf = self.encoded.pop(chunk.chunk_id, None)
             if w.rank == 0:
                 self.local.inbox.put(chunk)
             else:
-                buf = self.encoded.pop(chunk.chunk_id, None)
                 if buf is None:
                     buf = encode_chunk(chunk)
-                self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf))
+                self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf, w.rank))
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)
             trace(f"master: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) to rank {w.rank}")
 
     def retire(self, w, why):
         w.retired, w.why_retired = True, why
+        # its chunks in flight may never be received (a hung rank): not waited for, not polled for
+        self.abandoned += [x for x in self.sends if x[2] == w.rank]
+        self.sends = [x for x in self.sends if x[2] != w.rank]
         for out in w.outstanding.values():
             self.sched.give_back(out.chunk)
         w.outstanding = {}
@@ -315,7 +319,7 @@ class Master:
         if w.rank == 0:
             self.local.inbox.put(STOP)
         else:
-            self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None))
+            self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None, w.rank))
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
@@ -433,10 +437,10 @@ def _stop_all(comm):
 
 
 def drain(sends, seconds=10.0):
-    """Wait (at most `seconds`) for (request, buffer) sends to complete; returns those still pending."""
+    """Wait (at most `seconds`) for (request, buffer, ...) sends to complete; returns those still pending."""
     deadline = time.monotonic() + seconds
     while True:
-        sends = [(r, b) for r, b in sends if not r.Test()]
+        sends = [x for x in sends if not x[0].Test()]
         if not sends or time.monotonic() >= deadline:
             return sends
         time.sleep(0.001)

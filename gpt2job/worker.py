@@ -85,8 +85,10 @@ def serve(backend, rank, receive, send_result):
     queue, in_flight = [], []     # received not yet submitted; submitted, oldest first
     stopping = []
 
-    def take_waiting(block=False):
-        """Take every message waiting (block: wait for one when idle) and submit up to PREFETCH chunks."""
+    def take_waiting(block=False, from_hook=False):
+        """Take every message waiting (block: wait for one when idle) and submit chunks: up to PREFETCH from the
+        idle hook (the GPU computes meanwhile), else one at most, and only when none is submitted (the main loop
+        calls this with the GPU idle: the chunk to compute next must start now)."""
         while not stopping:
             msg = receive(block and not queue and not in_flight)
             if msg is None:
@@ -96,9 +98,7 @@ def serve(backend, rank, receive, send_result):
                 break
             queue.append(msg)
             trace(f"rank {rank}: chunk {msg.chunk_id} received")
-        # with the GPU idle (nothing in flight) submit one chunk only, so that its compute starts now; the
-        # others are submitted from the idle hook while it computes
-        limit = PREFETCH if in_flight else 1
+        limit = PREFETCH if from_hook else 1
         while queue and len(in_flight) < limit:
             chunk = queue.pop(0)
             in_flight.append(chunk.chunk_id)
@@ -107,7 +107,7 @@ def serve(backend, rank, receive, send_result):
             trace(f"rank {rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) submitted in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
 
-    backend.idle_hook = take_waiting      # called by the backend while its GPU computes
+    backend.idle_hook = lambda: take_waiting(from_hook=True)   # called by the backend while its GPU computes
     n = 0
     try:
         while True:
@@ -129,7 +129,7 @@ def serve(backend, rank, receive, send_result):
                 trace(f"rank {rank}: chunk {comp.chunk_id} device timeline (ms since start): "
                       + ", ".join(f"{k} {v[0]:.2f}-{v[1]:.2f}" for k, v in timeline[-1].items()
                                   if isinstance(v, tuple)))
-            if stopping and not in_flight:
+            if stopping and not in_flight and not queue:
                 return None
     except Exception as e:
         return error_info(rank, e, in_flight[0] if in_flight else None)

@@ -183,5 +183,10 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
         assert ck.Kernels(0, f16_variants=("tma128", "t128x128k64s3")).pick_argmax(8192, 50257) == "t128x128k64s3"
         k.argmax_forced = "tma128s"                                     # GPT2JOB_ARGMAX_VARIANT=tma128s
         assert k.pick_argmax(8192, 50257) == "tma128s"
+        for bad in ("tma128x", "tma256s"):   # misspelt; not compiled by default
+            monkeypatch.setenv("GPT2JOB_ARGMAX_VARIANT", bad)
+            with pytest.raises(ValueError, match="GPT2JOB_ARGMAX_VARIANT"):
+                ck.Kernels(0)
+        monkeypatch.delenv("GPT2JOB_ARGMAX_VARIANT")
     finally:
         sys.modules.pop("gpt2job.cuda_kernels", None)

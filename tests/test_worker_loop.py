@@ -47,3 +47,33 @@ def test_an_idle_worker_computes_its_first_chunk_at_once_and_submits_the_next_du
     assert be.log.index(("submit", 1)) > be.log.index(("compute", 0))      # during chunk 0, via the idle hook
     assert sent == [0, 1, 2]
     assert PREFETCH >= 2
+
+
+def test_chunks_received_before_stop_are_all_computed_by_a_backend_without_idle_hook():
+    """A backend that never calls idle_hook (NumPy; CUDA with nothing to generate) gets its chunks one at a time,
+    and a STOP that arrived with them does not drop the ones still queued."""
+    inbox = [chunk(0), chunk(1), chunk(2), STOP]
+    sent = []
+
+    class NoHook(LoggingBackend):
+        def result(self):
+            hook, self.idle_hook = self.idle_hook, None
+            try:
+                return super().result()
+            finally:
+                self.idle_hook = hook
+
+    be = NoHook()
+    assert serve(be, 1, lambda block: inbox.pop(0) if inbox else None,
+                 lambda comp, us: sent.append(comp.chunk_id)) is None
+    assert sent == [0, 1, 2]
+    assert be.log == [("submit", 0), ("compute", 0), ("submit", 1), ("compute", 1), ("submit", 2), ("compute", 2)]
+
+
+def test_the_main_loop_does_not_submit_another_chunk_before_computing_the_submitted_one():
+    """Chunk 1 was submitted during chunk 0 (idle hook) and chunk 2 waits: chunk 1 computes before chunk 2 is
+    submitted (from the hook, during chunk 1)."""
+    inbox = [chunk(0), chunk(1), chunk(2), STOP]
+    be = LoggingBackend()
+    serve(be, 1, lambda block: inbox.pop(0) if inbox else None, lambda comp, us: None)
+    assert be.log.index(("compute", 1)) < be.log.index(("submit", 2))
