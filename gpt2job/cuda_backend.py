@@ -252,8 +252,7 @@ class CudaBackend(Backend):
             act += 4 * 4 * self.head_rows * 4096            # split-K workspace of the fp32 decode products
         # most of the rest for the KV cache (less when ranks share the GPU)
         self.kv_budget = max(int((0.4 if share_gpus else 0.8) * (free - act)), 64 << 20)
-        self.tok_host = drv.pagelocked_empty(1, np.int32)
-        self.step_host = drv.pagelocked_empty(1, np.int32)
+        self.tok_host = self.step_host = np.empty(0, np.int32)   # pinned by _step_buffers
         self._reserve(share_gpus)
 
     def _reserve(self, share_gpus):
@@ -280,12 +279,19 @@ class CudaBackend(Backend):
         # pinned host buffers: two decode steps' inputs and tokens, and uploads sized for a chunk of max_prefill_rows
         # tokens in 16-token prompts (submit's layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy;
         # a chunk that needs more grows it there)
-        self.step_host = self.drv.pagelocked_empty(max(6 * hr, 6144), np.int32)   # two decode steps' inputs
-        self.tok_host = self.drv.pagelocked_empty(max(2 * hr, 2048), np.int32)    # two decode steps' tokens
+        self._step_buffers(hr)
         for _ in range(2):   # the worker keeps two chunks submitted (the next one uploads during this one)
             u = _Upload()
             u.reserve(self.drv, 20 * R)
             self._uploads.append(u)
+
+    def _step_buffers(self, n):
+        """Pinned host room for two decode steps of n rows: their inputs (step_host, 3 int32 per row: a step's
+        upload may still wait for the GPU while the next step's is written) and their tokens (tok_host)."""
+        if self.step_host.size < 6 * n:
+            self.step_host = self.drv.pagelocked_empty(max(6 * n, 6144), np.int32)
+        if self.tok_host.size < 2 * n:
+            self.tok_host = self.drv.pagelocked_empty(max(2 * n, 2048), np.int32)
 
     def _buf(self, name, nbytes):
         nbytes = max(int(nbytes), 16)
@@ -680,10 +686,7 @@ class CudaBackend(Backend):
         kv = [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
         tok_dev = self._buf("tok_out", 2 * ns * 4)   # [0, ns): a step's tokens; [ns, 2 ns): the next step's input
         sdev = self._buf("step_in", 3 * ns * 4)     # a step's positions, rows, and gather indices
-        if self.step_host.size < 6 * ns:            # two steps' inputs (a step's upload may still wait for the GPU)
-            self.step_host = drv.pagelocked_empty(max(6 * ns, 6144), np.int32)
-        if self.tok_host.size < 2 * ns:             # two steps' tokens
-            self.tok_host = drv.pagelocked_empty(max(2 * ns, 2048), np.int32)
+        self._step_buffers(ns)
         ev_p0 = drv.Event()
         ev_p0.record(self.compute)
         # prefill, in passes of at most max_prefill_rows tokens (whole prompts)

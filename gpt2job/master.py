@@ -192,7 +192,7 @@ class Master:
                 self.store.flush()
             if comm is not None:
                 # a chunk in flight moves only while the master calls into MPI: test the sends, poll sooner
-                self.sends = drain(self.sends, 0) if self.sends else self.sends
+                self.sends = drain(self.sends, 0)
                 time.sleep(0.0001 if self.sends else 0.0005)
 
     def live(self):

@@ -155,8 +155,8 @@ def run_worker(s: JobSettings, comm, gpu_slot):
     status = MPI.Status()
 
     def receive(block):
-        if block and sending:   # idle: the last result goes out at once (a large send moves only inside MPI calls)
-            sending.pop()[0].Wait()
+        if block:   # idle: the last result goes out at once (a large send moves only inside MPI calls)
+            finish_send()
         if not wait_for_message(comm, status, block):
             return None
         if status.Get_tag() == TAG_WORK:
@@ -168,9 +168,12 @@ def run_worker(s: JobSettings, comm, gpu_slot):
 
     sending = []   # (request, buffer) of the result in flight: the next chunk computes meanwhile
 
-    def send_result(comp, us):
+    def finish_send():
         if sending:
             sending.pop()[0].Wait()
+
+    def send_result(comp, us):
+        finish_send()
         buf = encode_completions(comp, us)
         sending.append((comm.Isend(buf, dest=0, tag=TAG_RESULT), buf))
 
@@ -184,8 +187,7 @@ def run_worker(s: JobSettings, comm, gpu_slot):
     backend.poll_hook = progress_send     # called by the backend while it waits for the GPU
 
     err = serve(backend, rank, receive, send_result)
-    if sending:
-        sending.pop()[0].Wait()
+    finish_send()
     if err is not None:
         comm.send(err, dest=0, tag=TAG_ERROR)
         _wait_for_stop(comm)
