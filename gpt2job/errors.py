@@ -22,3 +22,7 @@ class UserError(Exception):
 
 class WorkerFailure(Exception):
     """Raised on the master when no worker is left to finish the job."""
+
+
+class AlreadyComplete(Exception):
+    """The output is finished with these very settings: nothing is left to do (exit 0)."""

@@ -11,7 +11,7 @@ import numpy as np
 from . import __version__
 from .backend import FINISH_INVALID, Completions, take_ragged
 from .devices import gpu_count, local_rank, pycuda_available
-from .errors import UserError, WorkerFailure
+from .errors import AlreadyComplete, UserError, WorkerFailure
 from .output import OutputStore
 from .progress import Progress
 from .prompts import group_identical, read_prompts, validate
@@ -32,6 +32,7 @@ class Master:
         self.store = None
         self.workers = {}
         self.hung_ranks = []
+        self.stopped = set()       # ranks told to stop (each is told once)
         self.sends = []            # (request, buffer, rank) of sends in flight
         self.abandoned = []        # sends to retired ranks: never waited for, kept alive for MPI
         self.encoded = {}          # chunk id -> its message, for the chunks gathered before dispatch
@@ -316,10 +317,17 @@ class Master:
         self.comm.Abort(code)
 
     def stop(self, w):
-        if w.rank == 0:
-            self.local.inbox.put(STOP)
+        self.stop_rank(w.rank)
+
+    def stop_rank(self, rank):
+        if rank in self.stopped:
+            return
+        self.stopped.add(rank)
+        if rank == 0:
+            if self.local is not None:
+                self.local.inbox.put(STOP)
         else:
-            self.sends.append((self.comm.isend("stop", dest=w.rank, tag=TAG_STOP), None, w.rank))
+            self.sends.append((self.comm.isend("stop", dest=rank, tag=TAG_STOP), None, rank))
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
@@ -335,9 +343,13 @@ class Master:
         return WorkerFailure(msg + "; run the same command again to resume")
 
     def shutdown_workers(self, wait_local=True):
-        for w in self.workers.values():
-            if w.rank not in self.hung_ranks and not (w.retired and w.why_retired.startswith("error")):
-                self.stop(w)
+        """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
+        with nothing left to compute never starts its loop, a failed start never learns its workers), else they
+        would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead."""
+        ranks = range(1, self.comm.Get_size()) if self.comm is not None else []
+        for r in [0, *ranks]:
+            if r not in self.hung_ranks:
+                self.stop_rank(r)
         self.sends = drain(self.sends)
         if wait_local and self.local is not None and 0 not in self.hung_ranks:
             self.local.join(timeout=30)   # lets its backend free the GPU
@@ -399,7 +411,17 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
 def run_master(s: JobSettings, comm, n_node_workers=0):
     m = Master(s, comm)
     try:
-        m.prepare()
+        try:
+            m.prepare()
+        except AlreadyComplete:
+            # a resubmitted batch script with nothing left to do succeeds (other settings were refused above)
+            m.shutdown_workers()
+            m.log(f"{s.output} is already complete with these settings: nothing to do "
+                  "(--overwrite computes it again)")
+            if s.validate:
+                from .validate import report_validation
+                return report_validation(s.output, s.validate, s.validate_tolerance)
+            return 0
         if m.sched.rows_left():
             m.run(master_gpu_slot(s, comm, n_node_workers))
         m.progress.close()
@@ -414,7 +436,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
     except BaseException as e:
         if m.store is not None:
             m.store.close()
-        m.shutdown_workers(wait_local=False) if m.workers else _stop_all(comm)
+        m.shutdown_workers(wait_local=False)
         if not m.hung_ranks_in_mpi():
             raise
         # mpirun would wait for the hung ranks for ever: say what happened, then end them all
@@ -427,13 +449,6 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
     if m.hung_ranks_in_mpi():
         m.abort_hung(code)
     return code
-
-
-def _stop_all(comm):
-    """Tell every worker to stop when the master fails before it knew them (bad input, bad flags)."""
-    if comm is None:
-        return
-    drain([(comm.isend("stop", dest=r, tag=TAG_STOP), None) for r in range(1, comm.Get_size())])
 
 
 def drain(sends, seconds=10.0):

@@ -29,7 +29,7 @@ import zlib
 import numpy as np
 
 from .backend import FINISH_NAMES, FINISH_STOP, Completions
-from .errors import UserError
+from .errors import AlreadyComplete, UserError
 from .protocol import decode_completions, encode_completions
 
 MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
@@ -48,6 +48,15 @@ def _io_error(path, e, what="write"):
     fix = "free disk space, then run the same command again to resume" if code in (
         errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the path and its permissions, then run the same command again"
     return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
+
+
+def _same_file(fd, path):
+    """Is the open file fd still the file at path (not removed or replaced since it was opened)?"""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 # ---------------------------------------------------------------- journal
@@ -185,7 +194,11 @@ class OutputStore:
         while True:
             try:
                 fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return
+                if _same_file(self.lock_fd, path):
+                    return
+                # the holder removed the lock file as it released it: lock the file now at that path instead
+                os.close(self.lock_fd)
+                self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             except OSError:
                 if time.monotonic() > deadline:
                     os.close(self.lock_fd)
@@ -212,6 +225,9 @@ class OutputStore:
         self._lock()
         try:
             self._open_locked(overwrite)
+        except (UserError, AlreadyComplete):   # refused before writing anything: no lock file left behind
+            self._unlock(remove=True)
+            raise
         except BaseException:
             self._unlock(remove=False)
             raise
@@ -240,8 +256,7 @@ class OutputStore:
                                 "output", "choose another output path, or pass --overwrite to replace it")
             self._check_key(key, self.path)
             if finished:
-                raise UserError("is already complete", self.path, "output",
-                                "choose another output path, or pass --overwrite to compute it again")
+                raise AlreadyComplete(self.path)
             records = self._records_from_h5()
         for r in records:
             self.done[r.rows] = True

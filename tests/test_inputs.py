@@ -1,4 +1,5 @@
 """Every user mistake: one line naming the file, the field and the fix; exit code 2; no traceback."""
+import os
 import h5py
 import numpy as np
 import pytest
@@ -116,7 +117,12 @@ def test_finished_output_needs_overwrite_and_other_settings_are_refused(tmp_path
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2], [3, 4, 5]])
     assert run([inp, out]).returncode == 0
-    assert_one_clear_line(run([inp, out]), "already complete", "--overwrite")
+    again = run([inp, out])          # a resubmitted job with nothing left to do succeeds
+    assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
+    assert not os.path.exists(str(out) + ".lock")
+    assert_one_clear_line(run([inp, out, "--ignore-eos"]), "different model, input or settings",
+                          "--overwrite")
+    assert not os.path.exists(str(out) + ".lock")
     p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--max-new-tokens", "5", "--overwrite"])
     assert p.returncode == 0
     assert len(read_output(out)["tokens"][0]) == 5

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import (ROOT, TINY_HF, TINY_TEXT_MODEL, job_env, read_output, run_gpt2job, write_token_input,
-                      have_mpirun)
+                      require_mpirun)
 
 
 @pytest.fixture
@@ -90,8 +90,7 @@ def test_two_dimensional_token_input_and_tokens_win_over_text(tmp_path, expected
 
 
 def test_run_inference_sh_by_hand_and_under_mpirun(tmp_path, token_input, expected):
-    if not have_mpirun():
-        pytest.skip("mpirun not available")
+    require_mpirun()
     env = job_env(NP=3)
     out = tmp_path / "a.h5"
     args = [str(token_input), str(out), "--model", str(TINY_HF), "--max-new-tokens", str(expected.max_new)]

@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import gpt2job_cmd, have_mpirun, job_env, read_output, run_gpt2job, write_token_input
+from conftest import gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.output import _read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
@@ -91,8 +91,8 @@ def kill_midway(cmd, out, victim, min_rows=4):
 
 @pytest.mark.parametrize("victim,np_", [("process", None), ("mpirun", 3), ("master", 3), ("worker", 3)])
 def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_):
-    if np_ and not have_mpirun():
-        pytest.skip("mpirun not available")
+    if np_:
+        require_mpirun()
     inp, clean = workload
     out = tmp_path / "out.h5"
     kill_midway(gpt2job_cmd(job_args(inp, out), np_), out, victim)

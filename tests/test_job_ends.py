@@ -1,0 +1,64 @@
+"""Every path that ends a job releases every rank: run under mpirun with a deadline, each must exit."""
+import os
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY_HF, read_output, run_gpt2job, write_token_input
+
+TINY = ["--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "3"]
+DEADLINE = 90   # seconds: a hang fails the test instead of the suite
+
+
+def run(args, np_=3, **kw):
+    return run_gpt2job(["run", *[str(a) for a in args], *TINY], np_=np_, timeout=DEADLINE, **kw)
+
+
+def test_every_prompt_invalid_and_skipped(tmp_path):
+    inp, out = tmp_path / "allbad.h5", tmp_path / "o.h5"
+    with h5py.File(inp, "w") as f:
+        f.create_dataset("prompt_tokens", data=np.array([[1, 2, 999999], [3, 4, 999999]], np.int64))
+    p = run([inp, out, "--skip-invalid"], check=0)
+    assert "2 invalid" in p.stdout
+    res = read_output(out)
+    assert res["attrs"]["finished"] == 1 and res["finish"] == ["invalid", "invalid"]
+    assert not os.path.exists(str(out) + ".lock") and not os.path.exists(str(out) + ".journal")
+
+
+def test_every_row_done_but_not_marked_finished(tmp_path):
+    """A kill between the last stored row and the final write: the rerun only finishes the file."""
+    inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
+    write_token_input(inp, [[1, 2], [3, 4, 5], [6]])
+    run([inp, out], np_=None, check=0)
+    before = read_output(out)["tokens"]
+    with h5py.File(out, "r+") as f:
+        f.attrs["finished"] = 0
+    p = run([inp, out], check=0)
+    assert "3 of 3 rows already done" in p.stderr
+    res = read_output(out)
+    assert res["attrs"]["finished"] == 1
+    assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in before]
+
+
+def test_already_complete_exits_0_under_mpirun(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
+    write_token_input(inp, [[1, 2], [3]])
+    run([inp, out], np_=None, check=0)
+    p = run([inp, out], check=0)
+    assert "already complete" in p.stderr
+    assert not os.path.exists(str(out) + ".lock")
+
+
+@pytest.mark.parametrize("mistake", ["bad model", "bad input"])
+def test_a_refused_start_releases_every_rank(tmp_path, mistake):
+    inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
+    write_token_input(inp, [[1, 2]])
+    if mistake == "bad input":
+        inp = tmp_path / "missing.h5"
+        p = run([inp, out])
+    else:
+        p = run_gpt2job(["run", inp, out, "--backend", "numpy", "--model", tmp_path / "nope"], np_=3,
+                        timeout=DEADLINE)
+    assert p.returncode == 2, p.stderr
+    assert not os.path.exists(str(out) + ".lock")
