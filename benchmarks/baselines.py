@@ -314,7 +314,7 @@ def main(argv=None):
                              fmt_int(rec["throughput_tok_s"]), "-", "ok" if res["rc"] == 0 else f"rc={res['rc']}"])
                 print(f"ours {w} {d}: {fmt_int(rec['throughput_tok_s'])} tok/s (rc={res['rc']})  [{log}]", flush=True)
 
-    from gpt2job.weights import load_params
+    from gpt2job.model.weights import load_params
     params = None
     for engine, w, d in jobs:
         dt = {"float16": torch.float16, "float32": torch.float32}[d]
@@ -368,7 +368,7 @@ def self_check(device=None):
     greedy row diverges from there). Returns 0 when all pass."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
-    from gpt2job.weights import load_params
+    from gpt2job.model.weights import load_params
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     set_precision(torch, None)
     torch.manual_seed(0)

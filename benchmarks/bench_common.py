@@ -98,7 +98,7 @@ def gpu_count():
     except (OSError, subprocess.SubprocessError):
         n = 0
     if n == 0:
-        from gpt2job.devices import gpu_count as dev_count    # /dev/nvidia* (and CUDA_VISIBLE_DEVICES)
+        from gpt2job.backends import gpu_count as dev_count
         n = dev_count()
     return n
 

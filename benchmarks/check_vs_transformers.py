@@ -80,7 +80,7 @@ class RefLogits:
     """CPU stand-in for CudaBackend.last_logits: the NumPy reference; 'float16' rounds the weights to fp16."""
 
     def __init__(self, params, dtype):
-        from gpt2job import reference
+        from gpt2job.model import reference
         self.ref = reference
         if dtype == "float16":
             import copy
@@ -99,11 +99,11 @@ class RefLogits:
 
 def all_last_logits(a, params, dtype, prompt_sets):
     """{k: [n, V] float32} of the backend's last logits, or a string saying why not."""
-    from gpt2job.backend import GenerationSettings
+    from gpt2job.settings import GenerationSettings
     if a.logits_backend == "reference":
         be = RefLogits(params, dtype)
     else:
-        from gpt2job.cuda_backend import CudaBackend
+        from gpt2job.backends.cuda.backend import CudaBackend
         if not hasattr(CudaBackend, "last_logits"):
             return "CudaBackend.last_logits is not there (yet)"
         be = CudaBackend(params, GenerationSettings(max_new_tokens=8, ignore_eos=True,
@@ -119,7 +119,7 @@ def all_last_logits(a, params, dtype, prompt_sets):
 
 
 def check_ii(a, hf_dir, prompts, ref):
-    from gpt2job.weights import load_params
+    from gpt2job.model.weights import load_params
     n = min(a.n_logit_prompts, len(prompts))
     new = ref.shape[1]
     sets = {k: [np.concatenate([prompts[i], ref[i, :k]]).astype(np.int32) for i in range(n)] for k in range(new)}

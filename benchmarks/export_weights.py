@@ -14,7 +14,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402,F401  (puts the repository on sys.path)
-from gpt2job.weights import load_params, save_hf_dir  # noqa: E402
+from gpt2job.model.weights import load_params, save_hf_dir
 
 
 def export(model, directory):

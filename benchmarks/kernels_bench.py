@@ -50,7 +50,7 @@ def bench_kernels(ms, reps):
     drv.init()
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
-    from gpt2job.cuda_kernels import F16_VARIANTS, Kernels
+    from gpt2job.backends.cuda.kernels import F16_VARIANTS, Kernels
     k = Kernels(0, f16_variants=tuple(F16_VARIANTS))
     rows = []
     try:
@@ -99,7 +99,7 @@ def bench_kernels(ms, reps):
 
 def _chunk(rows):
     """One chunk holding the prompt token rows (a list of int arrays), in the given order."""
-    from gpt2job.backend import Chunk
+    from gpt2job.chunks import Chunk
     offsets = np.zeros(len(rows) + 1, np.int64)
     offsets[1:] = np.cumsum([len(r) for r in rows])
     return Chunk(0, np.arange(len(rows), dtype=np.int64), offsets, np.concatenate(rows).astype(np.int32))
@@ -120,10 +120,10 @@ def w2_chunk(n_prompts=2048, lo=32, hi=512):
 def profile(dtypes, new=8, chunk=None, label="W1"):
     """Device time per kernel kind over one generate() (events around every launch)."""
     import pycuda.driver as drv
-    from gpt2job.backend import GenerationSettings
-    from gpt2job.config import PRESETS
-    from gpt2job.cuda_backend import CudaBackend
-    from gpt2job.weights import random_params
+    from gpt2job.settings import GenerationSettings
+    from gpt2job.model.config import PRESETS
+    from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.model.weights import random_params
     params = random_params(PRESETS["gpt2"], 0)
     chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
@@ -170,10 +170,10 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
 
 def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
     """configs: (label, dtype, {env var: value}) -- e.g. GPT2JOB_F16_VARIANTS, GPT2JOB_PREFILL_ATTN, GPT2JOB_F32_BK."""
-    from gpt2job.backend import GenerationSettings
-    from gpt2job.config import PRESETS
-    from gpt2job.cuda_backend import CudaBackend
-    from gpt2job.weights import random_params
+    from gpt2job.settings import GenerationSettings
+    from gpt2job.model.config import PRESETS
+    from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.model.weights import random_params
     params = random_params(PRESETS["gpt2"], 0)
     chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
@@ -245,7 +245,7 @@ def main():
         bench_e2e([("float16-stop7", "float16", STOP7_F16), ("float16", "float16", {})], new=256, chunk=w2, reps=1,
                   label="W2")
     if rows:
-        from gpt2job.cuda_kernels import F16_VARIANTS
+        from gpt2job.backends.cuda.kernels import F16_VARIANTS
         print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")
         print(f"{'shape':9s} {'M':>6s} {'ours32':>6s} {'k16':>6s} {'cb32':>6s} "
               + " ".join(f"{v[:13]:>13s}" for v in F16_VARIANTS) + f" {'cb16':>6s} {'best/cb':>7s}")

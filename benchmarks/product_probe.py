@@ -37,7 +37,7 @@ def main():
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
     try:
-        from gpt2job.cuda_kernels import Kernels
+        from gpt2job.backends.cuda.kernels import Kernels
         vs = a.variants.split(",")
         k = Kernels(0, f16_variants=tuple(vs))
         _, K, N = next(s for s in SHAPES if s[0] == a.shape)
@@ -51,7 +51,7 @@ def main():
         flop = 2.0 * M * N * K
         ref = A.float() @ W.float().t() + bias
         if a.mode == 5:   # the greedy LM head: (max, argmax) partials per tile column, then their argmax
-            from gpt2job.cuda_kernels import F16_WN
+            from gpt2job.backends.cuda.kernels import F16_WN
             want = torch.argmax(A.float() @ W.float().t(), dim=1)
             for v in vs:
                 nch = (N + F16_WN[v] - 1) // F16_WN[v]

@@ -105,7 +105,7 @@ def rank_of(env):
 
 
 def journal_rows(out):
-    from gpt2job.output import _read_journal
+    from gpt2job.files.output import _read_journal
     j = str(out) + ".journal"
     if not os.path.exists(j):
         return None

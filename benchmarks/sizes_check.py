@@ -13,9 +13,11 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt2job.backend import Chunk, GenerationSettings, NumpyBackend  # noqa: E402
-from gpt2job.config import PRESETS  # noqa: E402
-from gpt2job.weights import random_params  # noqa: E402
+from gpt2job.chunks import Chunk
+from gpt2job.settings import GenerationSettings
+from gpt2job.backends.numpy_backend import NumpyBackend
+from gpt2job.model.config import PRESETS
+from gpt2job.model.weights import random_params
 
 
 def tokens(backend, chunk):
@@ -29,7 +31,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=6)
     ap.add_argument("--new", type=int, default=4)
     a = ap.parse_args()
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     rng = np.random.default_rng(0)
     rows = []
     for name in a.sizes.split(","):

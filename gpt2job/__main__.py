@@ -5,7 +5,7 @@ import sys
 
 def _limit_blas_threads():
     """Several ranks on one node must not each start one BLAS thread per core (before numpy loads)."""
-    from .devices import local_size
+    from gpt2job.cluster.devices import local_size
     n = local_size()
     if n > 1:
         per_rank = str(max(1, (os.cpu_count() or 1) // n))
@@ -15,6 +15,6 @@ def _limit_blas_threads():
 
 _limit_blas_threads()
 
-from .cli import main  # noqa: E402
+from gpt2job.cli import main
 
 sys.exit(main())

@@ -5,8 +5,8 @@ A user mistake prints one line (file, field, fix) and exits with 2; a failed val
 import argparse
 import sys
 
-from .devices import world_rank
-from .errors import UserError, WorkerFailure
+from gpt2job.cluster.devices import world_rank
+from gpt2job.errors import UserError, WorkerFailure
 
 EXIT_USAGE = 2
 
@@ -118,8 +118,8 @@ def build_parser():
 
 
 def cmd_run(a):
-    from .job import run_job
-    from .settings import JobSettings
+    from gpt2job.cluster.job import run_job
+    from gpt2job.settings import JobSettings
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
@@ -133,18 +133,18 @@ def cmd_run(a):
 
 
 def cmd_prompts(a):
-    from .prompt_files import convert
+    from gpt2job.files.prompt_files import convert
     return convert(a.source, a.output, tokenize=a.tokenize, vocab_dir=a.vocab_dir, overwrite=a.overwrite,
                    tokens_per_row=a.tokens_per_row)
 
 
 def cmd_show(a):
-    from .show import show
+    from gpt2job.files.show import show
     return show(a.output, a.start, a.limit)
 
 
 def cmd_validate(a):
-    from .validate import report_validation
+    from gpt2job.files.validate import report_validation
     return report_validation(a.output, a.answer, a.tolerance)
 
 

@@ -1,9 +1,36 @@
-"""Everything one job run needs, as parsed from the command line (identical on every rank)."""
-from dataclasses import dataclass, asdict
+"""The settings of a job, in one place: what the user chose (JobSettings, identical on every rank) and the parts
+a backend needs to generate (GenerationSettings with its SamplingSettings). Plain data: imports nothing of gpt2job.
+"""
+from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from .backend import GenerationSettings
-from .sampling import SamplingSettings
+DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says otherwise (the CPU backend)
+
+
+def max_prompt_length(n_positions, max_new_tokens):
+    """The longest prompt that leaves room for max_new_tokens new tokens: the last new token is never fed
+    back, so a prompt of L tokens uses positions 0 .. L + max_new_tokens - 2."""
+    return n_positions - max(max_new_tokens, 1) + 1
+
+
+@dataclass(frozen=True)
+class SamplingSettings:
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int = 0
+
+    @property
+    def greedy(self):
+        return self.temperature <= 0.0
+
+
+@dataclass(frozen=True)
+class GenerationSettings:
+    max_new_tokens: int = 16
+    ignore_eos: bool = False
+    eos_token_id: int = 50256
+    sampling: SamplingSettings = field(default_factory=SamplingSettings)
 
 
 @dataclass(frozen=True)

@@ -695,8 +695,8 @@ def m_model_files(rng, d):
 
 
 def m_flat_bin(rng, d):
-    from gpt2job.config import PRESETS
-    from gpt2job.weights import flat_size
+    from gpt2job.model.config import PRESETS
+    from gpt2job.model.weights import flat_size
     full = 4 * flat_size(PRESETS["gpt2"])
     kind = rng.choice(["empty", "small", "off_by_4", "plus_4", "odd_size", "tiny_model_flat"]
                       + (["exact_nan", "exact_zeros"] if HEAVY else []))
@@ -706,7 +706,7 @@ def m_flat_bin(rng, d):
     elif kind == "small":
         p.write_bytes(bytes(rng.randrange(1, 100000)))
     elif kind == "tiny_model_flat":  # the tiny model's weights written flat: a size no preset has
-        from gpt2job.weights import load_hf_dir, save_flat_file
+        from gpt2job.model.weights import load_hf_dir, save_flat_file
         save_flat_file(load_hf_dir(str(TINY_HF)), str(p))
     else:
         size = {"off_by_4": full - 4, "plus_4": full + 4, "odd_size": full - 1, "exact_nan": full,
@@ -745,8 +745,8 @@ class Result:
 def _cached_tokenizer():
     """Load the tokenizer once in this (parent) process; forked cases share it (saves 0.15 s each)."""
     import functools
-    import gpt2job.master as job
-    from gpt2job.tokenizer import load_tokenizer
+    import gpt2job.cluster.master as job
+    from gpt2job.model.tokenizer import load_tokenizer
     if not getattr(job.load_tokenizer, "_fuzz_cached", False):
         cached = functools.lru_cache(maxsize=4)(load_tokenizer)
         cached._fuzz_cached = True
@@ -826,7 +826,7 @@ def run_cases(indices, seed, workdir, timeout=60.0, jobs=2, keep="failures", pro
     """Run the given case indices, `jobs` at a time, each in a forked child. Returns [Result]."""
     import h5py  # noqa: F401 -- load before forking, so children don't
     import gpt2job.cli  # noqa: F401
-    import gpt2job.master  # noqa: F401
+    import gpt2job.cluster.master  # noqa: F401
     _cached_tokenizer()
     pending = list(indices)
     running = {}   # pid -> (Result, read fd, start, chunks)

@@ -8,7 +8,7 @@ import types
 import numpy as np
 import pytest
 
-from gpt2job.cuda_backend import PREFILL_TILE_ROWS, kv_groups, prefill_passes, prefill_tiles
+from gpt2job.backends.cuda.backend import PREFILL_TILE_ROWS, kv_groups, prefill_passes, prefill_tiles
 
 
 def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
@@ -139,9 +139,9 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
     monkeypatch.setitem(sys.modules, "pycuda", fake_pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", _FakeDrv)
     monkeypatch.setitem(sys.modules, "pycuda.compiler", fake_compiler)
-    monkeypatch.delitem(sys.modules, "gpt2job.cuda_kernels", raising=False)
+    monkeypatch.delitem(sys.modules, "gpt2job.backends.cuda.kernels", raising=False)
     monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
-    import gpt2job.cuda_kernels as ck
+    import gpt2job.backends.cuda.kernels as ck
     try:
         k = ck.Kernels(0)                       # the default variants of a Hopper GPU
         assert k.f16_variants == ck.F16_DEFAULT
@@ -189,4 +189,4 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
                 ck.Kernels(0)
         monkeypatch.delenv("GPT2JOB_ARGMAX_VARIANT")
     finally:
-        sys.modules.pop("gpt2job.cuda_kernels", None)
+        sys.modules.pop("gpt2job.backends.cuda.kernels", None)

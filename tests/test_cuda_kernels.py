@@ -10,10 +10,13 @@ import pytest
 
 drv = pytest.importorskip("pycuda.driver")
 
-from gpt2job import reference, sampling  # noqa: E402
-from gpt2job.backend import Chunk, GenerationSettings, NumpyBackend  # noqa: E402
-from gpt2job.config import GPT2Config  # noqa: E402
-from gpt2job.sampling import SamplingSettings  # noqa: E402
+from gpt2job.model import reference
+from gpt2job import sampling  # noqa: E402
+from gpt2job.chunks import Chunk
+from gpt2job.settings import GenerationSettings
+from gpt2job.backends.numpy_backend import NumpyBackend
+from gpt2job.model.config import GPT2Config
+from gpt2job.settings import SamplingSettings
 
 try:
     drv.init()
@@ -26,7 +29,7 @@ if _NGPU == 0:
 
 @pytest.fixture(scope="module")
 def K():
-    from gpt2job.cuda_kernels import F16_VARIANTS, Kernels
+    from gpt2job.backends.cuda.kernels import F16_VARIANTS, Kernels
     ctx = drv.Device(0).make_context()
     try:
         yield Kernels(0, f16_variants=tuple(F16_VARIANTS))
@@ -152,7 +155,7 @@ F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (20
 
 
 def _f16_variants():
-    from gpt2job.cuda_kernels import F16_VARIANTS
+    from gpt2job.backends.cuda.kernels import F16_VARIANTS
     return list(F16_VARIANTS)
 
 
@@ -225,7 +228,7 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
 @pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8), (1100, 5000, 64)])
 def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties)."""
-    from gpt2job.cuda_kernels import EPI_ARGMAX, F16_WN
+    from gpt2job.backends.cuda.kernels import EPI_ARGMAX, F16_WN
     A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
     W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
     W[:, N - 1] = W[:, N // 2]            # exact duplicate columns: ties must go to the lower index
@@ -320,7 +323,7 @@ def test_attention_prefill(K, H, pb0, pb1):
     """Tensor-core prefill attention (fp16, D = 64): one KV group of ragged prompts 1..7 (slot_base 1), one pass of
     whole prompts pb0..pb1-1 (rows from chunk row offsets[pb0]), against reference.attention. The cache past the
     written positions and the output (rows past the pass too) are poisoned with NaN."""
-    from gpt2job.cuda_backend import prefill_tiles
+    from gpt2job.backends.cuda.backend import prefill_tiles
     D = 64
     C = H * D
     lens = np.array([3, 1, 15, 16, 17, 33, 200, 2])
@@ -406,7 +409,7 @@ def test_sample_rows(K, s, V):
 # ---------------------------------------------------------------- end to end
 
 def tiny_params(seed=0, **over):
-    from gpt2job.weights import random_params
+    from gpt2job.model.weights import random_params
     cfg = GPT2Config(**{"n_layer": 2, "n_head": 4, "n_embd": 64, "n_positions": 64, "vocab_size": 1000, **over})
     p = random_params(cfg, seed)
     p.wte *= 10   # spread the logits so greedy ties are far apart
@@ -436,7 +439,7 @@ LENS = [1, 5, 12, 3, 9, 16, 2, 7, 11, 4]
                                        SamplingSettings(1.0, 0, 1.0, 3)])
 @pytest.mark.parametrize("variant", ["plain", "inv_layer_scale", "gelu_exact", "lm_head", "small_budgets"])
 def test_backend_matches_numpy_float32(sampling_, variant):
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     over = {}
     if variant == "inv_layer_scale":
         over["scale_attn_by_inverse_layer_idx"] = True
@@ -465,7 +468,7 @@ def test_backend_matches_numpy_float32(sampling_, variant):
 
 
 def test_backend_float16_close_and_generate_many():
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(3)
     gs = GenerationSettings(max_new_tokens=5, ignore_eos=True)
     chunks = [make_chunk(LENS, 1000, seed=s, chunk_id=s) for s in range(3)]
@@ -523,7 +526,7 @@ def stem_prompts(n, vocab, seed=0):
 def test_backend_shared_prefixes_match_full_prefill(dtype, small):
     """Prompts with shared prefixes: computing each prefix once (the default) gives the tokens of computing every
     prompt in full (fp32: identical, and = NumPy; fp16: nearly all), with several KV groups and prefill passes."""
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(6)
     gs = GenerationSettings(max_new_tokens=5, ignore_eos=True)
     prompts = stem_prompts(45, 1000, seed=1)
@@ -554,7 +557,7 @@ def test_backend_shared_prefixes_match_full_prefill(dtype, small):
 def test_backend_shared_prefixes_keep_each_rows_sampling_seed():
     """Sampling with shared prefixes: the prompts run in the plan's order, yet each row draws with its own row's
     seed: same tokens as the NumPy backend."""
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(7)
     gs = GenerationSettings(max_new_tokens=5, ignore_eos=True, sampling=SamplingSettings(0.9, 20, 0.9, 11))
     prompts = stem_prompts(30, 1000, seed=2)
@@ -574,7 +577,7 @@ def test_backend_shared_prefixes_keep_each_rows_sampling_seed():
 def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, vocab):
     """Greedy fp16: the LM head with the (max, argmax) epilogue (the default) gives exactly the tokens of the LM head
     writing logits + the argmax kernel (GPT2JOB_FUSE_ARGMAX=0), over several head groups (head_rows=3)."""
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(5, vocab_size=vocab)
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=True)
     chunk = make_chunk(LENS, vocab, seed=7)
@@ -592,7 +595,7 @@ def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, voc
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_last_logits_match_reference_prefill(dtype):
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(4)
     prompts = [np.random.default_rng(i).integers(0, 1000, n).astype(np.int32) for i, n in enumerate(LENS)]
     _, _, ref = reference.prefill(params, prompts, max(LENS))
@@ -611,8 +614,8 @@ def test_last_logits_match_reference_prefill(dtype):
 def test_backend_float16_prefill_attention_kernel(monkeypatch):
     """fp16 with head size 64: the tensor-core prefill attention against GPT2JOB_PREFILL_ATTN=0 (the per-row kernel)
     and the reference, in last_logits and generate; small prefill passes start mid-chunk."""
-    from gpt2job.cuda_backend import CudaBackend
-    from gpt2job.weights import random_params
+    from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.model.weights import random_params
     params = random_params(GPT2Config(n_layer=2, n_head=2, n_embd=128, n_positions=64, vocab_size=1000), 6)
     params.wte *= 10
     lens = [1, 15, 16, 17, 33, 40, 5, 2]
@@ -638,7 +641,7 @@ def test_backend_float16_prefill_attention_kernel(monkeypatch):
 
 
 def test_too_many_ranks_is_user_error():
-    from gpt2job.cuda_backend import CudaBackend
+    from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.errors import UserError
     with pytest.raises(UserError, match="only"):
         CudaBackend(tiny_params(), GenerationSettings(), local_rank=_NGPU)

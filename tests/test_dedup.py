@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from conftest import TINY_HF, job_env, read_output, run_gpt2job, write_token_input
-from gpt2job.backend import Completions
-from gpt2job.prompts import PromptSet, group_identical
+from gpt2job.chunks import Completions
+from gpt2job.files.prompts import PromptSet, group_identical
 
 SUBMITTED = re.compile(r"rank \d+: chunk \d+ \((\d+) prompts\) submitted")
 
@@ -72,7 +72,7 @@ def test_group_identical():
 
 
 def test_with_copies_appends_identical_rows():
-    from gpt2job.master import Master
+    from gpt2job.cluster.master import Master
     m = Master.__new__(Master)
     m.copies = {7: np.array([9, 11]), 4: np.array([5])}
     comp = Completions.from_lists(3, [4, 6, 7], [[1, 2, 3], [8], [5, 5]], [1, 0, 0])
@@ -118,7 +118,7 @@ def test_sampling_never_deduplicates(tmp_path, inp):
 
 
 def test_prepare_schedules_only_representatives(tmp_path, inp):
-    from gpt2job.master import Master
+    from gpt2job.cluster.master import Master
     from gpt2job.settings import JobSettings
     cases = (({}, N_DISTINCT), ({"dedup": False}, N - N_INVALID), ({"temperature": 0.7}, N - N_INVALID))
     for k, (kw, total) in enumerate(cases):

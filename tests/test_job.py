@@ -60,7 +60,7 @@ def test_text_prompts_end_to_end(tmp_path, vocab_dir):
     run_gpt2job(["run", inp, out, "--model", TINY_TEXT_MODEL, "--max-new-tokens", 5, "--vocab-dir", vocab_dir,
                  "--ignore-eos"], np_=3, check=0)
     res = read_output(out)
-    from gpt2job.tokenizer import load_tokenizer
+    from gpt2job.model.tokenizer import load_tokenizer
     enc = load_tokenizer(vocab_dir)
     assert len(res["tokens"]) == 4
     for toks, text, exact in zip(res["tokens"], res["text"], res["text_exact"]):
@@ -82,8 +82,9 @@ def test_two_dimensional_token_input_and_tokens_win_over_text(tmp_path, expected
         f["prompt_tokens"] = arr
         f.create_dataset("prompts", data=["ignored"] * 4, dtype=h5py.string_dtype())
     run_gpt2job(["run", inp, out, "--model", TINY_HF, "--max-new-tokens", 3], check=0)
-    from gpt2job.backend import GenerationSettings, generate_batch
-    from gpt2job.weights import load_params
+    from gpt2job.settings import GenerationSettings
+    from gpt2job.backends.numpy_backend import generate_batch
+    from gpt2job.model.weights import load_params
     want, _ = generate_batch(load_params(str(TINY_HF)), list(arr), np.arange(4),
                              GenerationSettings(max_new_tokens=3, eos_token_id=expected.eos))
     assert [t.tolist() for t in read_output(out)["tokens"]] == want

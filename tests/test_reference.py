@@ -2,9 +2,10 @@
 import numpy as np
 
 from conftest import TINY_FP16, TINY_HF
-from gpt2job import reference
-from gpt2job.backend import GenerationSettings, generate_batch
-from gpt2job.weights import load_params
+from gpt2job.model import reference
+from gpt2job.settings import GenerationSettings
+from gpt2job.backends.numpy_backend import generate_batch
+from gpt2job.model.weights import load_params
 
 
 def test_teacher_forced_logits_match_transformers(expected):
@@ -44,8 +45,8 @@ def test_ignore_eos_generates_every_token(expected):
 
 
 def test_kv_cache_decode_equals_full_recompute():
-    from gpt2job.weights import random_params
-    from gpt2job.config import GPT2Config
+    from gpt2job.model.weights import random_params
+    from gpt2job.model.config import GPT2Config
     p = random_params(GPT2Config(n_layer=2, n_head=2, n_embd=16, n_positions=32, vocab_size=50), 0)
     rng = np.random.default_rng(0)
     prompts = [rng.integers(0, 50, n) for n in (3, 7, 1)]

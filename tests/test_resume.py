@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
-from gpt2job.output import _read_journal
+from gpt2job.files.output import _read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
 N = 40

@@ -1,10 +1,13 @@
 """Token selection rules and per-prompt determinism of sampling."""
 import numpy as np
 
-from gpt2job.backend import Chunk, GenerationSettings, NumpyBackend
-from gpt2job.config import GPT2Config
-from gpt2job.sampling import SamplingSettings, kept_probs, select_tokens, uniform
-from gpt2job.weights import random_params
+from gpt2job.chunks import Chunk
+from gpt2job.settings import GenerationSettings
+from gpt2job.backends.numpy_backend import NumpyBackend
+from gpt2job.model.config import GPT2Config
+from gpt2job.settings import SamplingSettings
+from gpt2job.model.sampling import kept_probs, select_tokens, uniform
+from gpt2job.model.weights import random_params
 
 
 def test_uniform_is_a_deterministic_function_of_seed_row_step():

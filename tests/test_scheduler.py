@@ -2,8 +2,8 @@
 first), a failed worker's chunk goes out again first, and rows_left counts what is still to hand out."""
 import numpy as np
 
-from gpt2job.prompts import PromptSet
-from gpt2job.scheduler import Scheduler, WorkerState
+from gpt2job.files.prompts import PromptSet
+from gpt2job.cluster.scheduler import Scheduler, WorkerState
 
 
 def prompt_set(n, seed=0):
@@ -17,7 +17,7 @@ def prompt_set(n, seed=0):
 def test_chunks_cover_every_row_once_with_its_tokens_longest_first():
     ps = prompt_set(1000)
     todo = np.arange(0, 1000, 3, dtype=np.int64)                 # e.g. the rows a resumed job still has to do
-    sched = Scheduler(ps, todo, max_new_tokens=8, chunk_size=70)
+    sched = Scheduler(ps, todo, chunk_size=70)
     w = WorkerState(rank=1)
     seen, lens_out = [], []
     while True:
@@ -36,7 +36,7 @@ def test_chunks_cover_every_row_once_with_its_tokens_longest_first():
 
 def test_a_given_back_chunk_goes_out_first():
     ps = prompt_set(50, seed=1)
-    sched = Scheduler(ps, np.arange(50, dtype=np.int64), max_new_tokens=4, chunk_size=10)
+    sched = Scheduler(ps, np.arange(50, dtype=np.int64), chunk_size=10)
     w = WorkerState(rank=1)
     first = sched.next_chunk(w, 1)
     sched.give_back(first)
@@ -47,7 +47,7 @@ def test_a_given_back_chunk_goes_out_first():
 
 def test_adaptive_size_gives_equal_chunks_per_worker():
     ps = prompt_set(400, seed=2)
-    sched = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
+    sched = Scheduler(ps, np.arange(400, dtype=np.int64), prefetch=2)
     w = WorkerState(rank=1, preferred_chunk=64)
     sizes = []
     while (c := sched.next_chunk(w, 4)) is not None:
@@ -60,8 +60,8 @@ def test_prebuilt_chunks_are_the_ones_next_chunk_would_make():
     not which: the same rows in the same chunks, rows_left counting the built ones, a given-back chunk first."""
     ps = prompt_set(400, seed=3)
     w = WorkerState(rank=1, preferred_chunk=64)
-    plain = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
-    ahead = Scheduler(ps, np.arange(400, dtype=np.int64), max_new_tokens=4, prefetch=2)
+    plain = Scheduler(ps, np.arange(400, dtype=np.int64), prefetch=2)
+    ahead = Scheduler(ps, np.arange(400, dtype=np.int64), prefetch=2)
     ahead.prebuild(4, 64)
     assert len(ahead.built) == 8 and ahead.rows_left() == 400
     first = ahead.next_chunk(w, 4)
@@ -82,6 +82,6 @@ def test_prebuilt_chunks_are_the_ones_next_chunk_would_make():
 
 def test_prebuild_stops_when_the_queue_is_empty():
     ps = prompt_set(30, seed=4)
-    sched = Scheduler(ps, np.arange(30, dtype=np.int64), max_new_tokens=4, chunk_size=20, prefetch=2)
+    sched = Scheduler(ps, np.arange(30, dtype=np.int64), chunk_size=20, prefetch=2)
     sched.prebuild(4, 64)
     assert [len(c.rows) for c in sched.built] == [20, 10] and sched.rows_left() == 30

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import TINY_FP16, TINY_HF, TINY_PUBLISHED
-from gpt2job import safetensors_io
-from gpt2job.config import GPT2Config
+from gpt2job.model import safetensors_io
+from gpt2job.model.config import GPT2Config
 from gpt2job.errors import UserError
-from gpt2job.weights import (flat_size, load_config, load_flat_file, load_params, random_params,
-                             save_flat_file, save_hf_dir)
+from gpt2job.model.weights import flat_size, load_config, load_flat_file, load_params, random_params, save_flat_file, save_hf_dir
 
 
 def assert_same_params(a, b):

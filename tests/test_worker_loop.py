@@ -1,8 +1,8 @@
-"""The worker's compute loop (gpt2job.worker.serve) with a fake backend that logs what it is asked to do."""
+"""The worker's compute loop (gpt2job.cluster.worker.serve) with a fake backend that logs what it is asked to do."""
 import numpy as np
 
-from gpt2job.backend import Chunk, Completions
-from gpt2job.worker import PREFETCH, STOP, serve
+from gpt2job.chunks import Chunk, Completions
+from gpt2job.cluster.worker import PREFETCH, STOP, serve
 
 
 class LoggingBackend:

@@ -28,9 +28,10 @@ import zlib
 
 import numpy as np
 
-from .backend import FINISH_NAMES, FINISH_STOP, Completions
-from .errors import AlreadyComplete, UserError
-from .protocol import decode_completions, encode_completions
+from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
+from gpt2job import envs
+from gpt2job.errors import AlreadyComplete, UserError
+from gpt2job.chunks import decode_completions, encode_completions
 
 MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
@@ -184,7 +185,7 @@ class OutputStore:
         """One job writes an output at a time. A run killed a moment ago may leave ranks that still
         write for a second or two: wait for them rather than write beside them."""
         if wait_s is None:
-            wait_s = float(os.environ.get("GPT2JOB_LOCK_WAIT", "30"))
+            wait_s = envs.get("GPT2JOB_LOCK_WAIT")
         path = self.path + LOCK_SUFFIX
         try:
             self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -10,10 +10,10 @@ import re
 
 import numpy as np
 
-from . import safetensors_io
-from .config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
-from .errors import UserError
-from .params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
+from gpt2job.model import safetensors_io
+from gpt2job.model.config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
+from gpt2job.errors import UserError
+from gpt2job.model.params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
 
 CHECKPOINT_FIX = "give a directory with config.json and model.safetensors, a flat .bin file, or random:gpt2"
 

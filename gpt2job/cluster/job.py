@@ -1,10 +1,10 @@
-"""The job: rank 0 is the master (gpt2job/master.py: reads and validates input, hands out chunks
-on demand, writes results as they arrive); ranks 1..N-1 are workers (gpt2job/worker.py: one backend
+"""The job: rank 0 is the master (gpt2job/cluster/master.py: reads and validates input, hands out chunks
+on demand, writes results as they arrive); ranks 1..N-1 are workers (gpt2job/cluster/worker.py: one backend
 each). With one rank the master does the work itself. Work moves as numpy buffers (protocol.py)."""
-from .devices import node_worker_index, started_by_mpi
-from .master import run_master
-from .settings import JobSettings
-from .worker import run_worker
+from gpt2job.cluster.devices import node_worker_index, started_by_mpi
+from gpt2job.cluster.master import run_master
+from gpt2job.settings import JobSettings
+from gpt2job.cluster.worker import run_worker
 
 def mpi_comm():
     """COMM_WORLD when started by an MPI launcher, else None (a plain one-process run)."""

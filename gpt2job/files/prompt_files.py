@@ -4,7 +4,7 @@ import os
 
 import numpy as np
 
-from .errors import UserError
+from gpt2job.errors import UserError
 
 
 def read_int32_file(path, width):
@@ -70,7 +70,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
     if os.path.exists(output) and not overwrite:
         raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
     if texts is not None and tokenize:
-        from .tokenizer import EOT, load_tokenizer, vocab_dir_from
+        from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
         enc = load_tokenizer(vocab_dir_from(vocab_dir))
         tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
     tmp = output + ".tmp"

@@ -3,8 +3,8 @@ import json
 
 import numpy as np
 
-from .errors import UserError
-from .h5files import open_readable
+from gpt2job.errors import UserError
+from gpt2job.files.h5files import open_readable
 
 
 def show(path, start=0, limit=10):

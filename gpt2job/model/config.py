@@ -2,7 +2,7 @@
 import math
 from dataclasses import dataclass, asdict
 
-from .errors import UserError
+from gpt2job.errors import UserError
 
 EOT_TOKEN = 50256  # <|endoftext|> in the GPT-2 vocabulary
 

@@ -4,7 +4,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .config import GPT2Config
+from gpt2job.model.config import GPT2Config
 
 # The 12 per-layer tensors, in sorted-name order (the order of the old system's flat file).
 LAYER_TENSORS = (

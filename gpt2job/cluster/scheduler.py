@@ -6,7 +6,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import Chunk, take_ragged
+from gpt2job.chunks import Chunk, take_ragged
+from gpt2job.settings import DEFAULT_CHUNK
 
 
 @dataclass
@@ -23,7 +24,7 @@ class WorkerState:
     ready: bool = False
     retired: bool = False
     why_retired: str = ""
-    preferred_chunk: int = 64
+    preferred_chunk: int = DEFAULT_CHUNK
     outstanding: dict = field(default_factory=dict)   # chunk_id -> Outstanding
     last_progress: float = 0.0
     rows: int = 0
@@ -39,7 +40,7 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, prompts, rows, max_new_tokens, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
+    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
                  prefetch=2):
         self.prompts = prompts
         lengths = prompts.lengths[rows]
@@ -50,7 +51,6 @@ class Scheduler:
         self.even_size = None      # adaptive chunk size, fixed at the first chunk
         self.retry = deque()
         self.built = deque()       # chunks made ahead by prebuild(), handed out in order
-        self.max_new = max_new_tokens
         self.chunk_size = chunk_size
         self.min_deadline = min_deadline
         self.deadline_factor = deadline_factor

@@ -1,5 +1,5 @@
 """Opening an HDF5 file the user named, with one clear line when it cannot be read."""
-from .errors import UserError
+from gpt2job.errors import UserError
 
 
 def open_readable(path, field, fix):

@@ -9,7 +9,7 @@ import struct
 
 import numpy as np
 
-from .errors import UserError
+from gpt2job.errors import UserError
 
 DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,

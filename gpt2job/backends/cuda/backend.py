@@ -7,7 +7,7 @@ Work layout per chunk:
   * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its
     sequence slot and position; ragged causal attention reads the slot's KV cache; the LM head and token
     selection run only on each prompt's last position. Prompts that start alike compute that prefix once
-    (gpt2job.prefix_share: lexicographic order, the shared key/value rows copied per layer by kv_copy).
+    (gpt2job.backends.cuda.prefix_share: lexicographic order, the shared key/value rows copied per layer by kv_copy).
   * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the
     GPU, so each step is launched before the previous step's tokens reach the host (one token id per row
     downloaded, logits never leave the GPU). A sequence that stopped is dropped from the step after next.
@@ -38,9 +38,10 @@ import time
 
 import numpy as np
 
-from . import prefix_share
-from .backend import Backend, Completions, FINISH_LENGTH, FINISH_STOP
-from .errors import UserError
+from gpt2job.backends.cuda import prefix_share
+from gpt2job.backends import Backend
+from gpt2job.chunks import Completions, FINISH_LENGTH, FINISH_STOP
+from gpt2job.errors import UserError
 
 EPI_QKV = 4   # cuda_kernels.EPI_QKV (kept here: cuda_kernels imports pycuda at module level)
 
@@ -177,7 +178,7 @@ class CudaBackend(Backend):
     # ---------------------------------------------------------------- setup
 
     def _setup(self, params, settings, dtype, local_rank, max_prefill_rows, head_rows, share_gpus):
-        from .cuda_kernels import Kernels
+        from gpt2job.backends.cuda.kernels import Kernels
         drv = self.drv
         self.params = params
         self.cfg = cfg = params.config
@@ -192,7 +193,7 @@ class CudaBackend(Backend):
         # greedy fp16: LM head GEMM with the (max, argmax) epilogue instead of logits + argmax (GPT2JOB_FUSE_ARGMAX=0:
         # logits + argmax kernel)
         self.fuse_argmax = os.environ.get("GPT2JOB_FUSE_ARGMAX", "1") != "0"
-        # shared prompt prefixes computed once (gpt2job.prefix_share); GPT2JOB_PREFIX_SHARE=0: every prompt token
+        # shared prompt prefixes computed once (gpt2job.backends.cuda.prefix_share); GPT2JOB_PREFIX_SHARE=0: every prompt token
         self.prefix_share = os.environ.get("GPT2JOB_PREFIX_SHARE", "1") != "0"
         # fp16 prefill attention on tensor cores (head size 64); GPT2JOB_PREFILL_ATTN=0: the per-row kernel
         self.prefill_attn = (self.half and cfg.d_head == 64 and
@@ -272,7 +273,7 @@ class CudaBackend(Backend):
             self._buf("splitk", 4 * 4 * hr * 4096)
         var = self._argmax_variant(hr) if self.settings.sampling.greedy else None
         if var is not None:
-            from .cuda_kernels import F16_WN
+            from gpt2job.backends.cuda.kernels import F16_WN
             self._buf("argmax_part", hr * -(-self.V // F16_WN[var]) * 8)
         else:
             self._buf("logits", hr * self.Vpad * 4)
@@ -338,7 +339,7 @@ class CudaBackend(Backend):
 
     def submit(self, chunk, share=None):
         """Validate the chunk and start uploading its tokens on the copy stream; returns at once.
-        share (default self.prefix_share): compute shared prompt prefixes once (gpt2job.prefix_share) when that
+        share (default self.prefix_share): compute shared prompt prefixes once (gpt2job.backends.cuda.prefix_share) when that
         saves enough; the chunk's prompts then run in the plan's order (the Completions come back in the chunk's)."""
         drv = self.drv
         cfg, gs = self.cfg, self.settings
@@ -428,7 +429,7 @@ class CudaBackend(Backend):
     def warm_up(self):
         """Two 4-token prompts, 2 new tokens, through every stage (first launches, pinned buffers) so that the
         first real chunk runs at full speed; the worker calls it before it reports ready."""
-        from .backend import Chunk
+        from gpt2job.chunks import Chunk
         saved = self.settings
         new = max(min(saved.max_new_tokens, 2, self.cfg.n_positions - 1), 0)
         n = max(min(4, self.cfg.n_positions - max(new, 1) + 1), 1)   # prompt length: n + new - 1 <= positions
@@ -473,7 +474,7 @@ class CudaBackend(Backend):
         """Logits [B, V] float32 at each prompt's last position, computed by our kernels in this backend's
         dtype (prompts: list of 1-D int arrays). For tests and fp16-vs-fp32 agreement checks."""
         drv, cfg = self.drv, self.cfg
-        from .backend import Chunk
+        from gpt2job.chunks import Chunk
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
         offsets = np.zeros(B + 1, np.int64)
@@ -597,7 +598,7 @@ class CudaBackend(Backend):
             if var is not None:
                 # LM head GEMM with the (max, argmax) epilogue: per row one (max, column) per F16_WN[var] columns,
                 # then their argmax; the logits never reach memory
-                from .cuda_kernels import EPI_ARGMAX, F16_WN
+                from gpt2job.backends.cuda.kernels import EPI_ARGMAX, F16_WN
                 nch = (V + F16_WN[var] - 1) // F16_WN[var]
                 part = self._buf("argmax_part", self.head_rows * nch * 8)
                 k.gemm_f16(st, hl, C, self.head_w, C, part, nch, None, m, V, C, EPI_ARGMAX, False, variant=var)

@@ -1,8 +1,6 @@
 """What the MPI launcher told this process (started by one or not, its ranks), and which GPU a rank uses:
 all read from the environment, before MPI or CUDA is initialised."""
-import glob
 import os
-import re
 
 # set by Open MPI, PMIx launchers, MPICH/Intel MPI (hydra) and Slurm's PMI: present -> started by an MPI launcher
 MPI_ENV_VARS = ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS")
@@ -38,26 +36,6 @@ def local_rank():
 
 def local_size():
     return _first_int(LOCAL_SIZE_VARS, 1)
-
-
-def gpu_count():
-    """GPUs visible to this process, without initialising CUDA (so a GPU can still be chosen)."""
-    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None:
-        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
-        if not ids:
-            return 0
-        return len(ids) if _driver_present() else 0
-    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
-
-
-def _driver_present():
-    return any(re.fullmatch(r"/dev/nvidia\d+", p) for p in glob.glob("/dev/nvidia*"))
-
-
-def pycuda_available():
-    import importlib.util
-    return importlib.util.find_spec("pycuda") is not None
 
 
 def node_worker_index(comm):

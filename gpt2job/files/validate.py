@@ -6,8 +6,8 @@ import sys
 
 import numpy as np
 
-from .errors import UserError
-from .h5files import open_readable
+from gpt2job.errors import UserError
+from gpt2job.files.h5files import open_readable
 
 EXIT_VALIDATION_FAILED = 4
 

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .config import GPT2Config
+from gpt2job.model.config import GPT2Config
 
 
 # ---------------------------------------------------------------- elementwise / per-row building blocks

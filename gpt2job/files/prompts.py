@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
-from .h5files import open_readable
+from gpt2job.errors import UserError
+from gpt2job.files.h5files import open_readable
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -117,7 +117,7 @@ def read_prompts(path, tokenizer_factory):
             raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
     enc = tokenizer_factory()
-    from .tokenizer import EOT
+    from gpt2job.model.tokenizer import EOT
     rows = enc.encode_batch(texts, allowed_special={EOT}) if texts else []
     return PromptSet.from_lists(rows, "prompts")
 

@@ -11,11 +11,12 @@ import traceback
 
 import numpy as np
 
-from .backend import make_backend
-from .errors import UserError
-from .protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_WORK, decode_chunk, encode_completions
-from .settings import JobSettings
-from .weights import load_params
+from gpt2job.backends import make_backend
+from gpt2job.errors import UserError
+from gpt2job.cluster.protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_WORK
+from gpt2job.chunks import decode_chunk, encode_completions
+from gpt2job.settings import JobSettings
+from gpt2job.model.weights import load_params
 
 PREFETCH = 2            # chunks out with a worker at once: the next one is there before the current ends
 
@@ -25,7 +26,7 @@ def launch_time():
     try:
         return float(os.environ["GPT2JOB_LAUNCH_TIME"])
     except (KeyError, ValueError):
-        from . import PROCESS_START
+        from gpt2job import PROCESS_START
         return PROCESS_START
 
 

@@ -8,19 +8,21 @@ import time
 
 import numpy as np
 
-from . import __version__
-from .backend import FINISH_INVALID, Completions, take_ragged
-from .devices import gpu_count, local_rank, pycuda_available
-from .errors import AlreadyComplete, UserError, WorkerFailure
-from .output import OutputStore
-from .progress import Progress
-from .prompts import group_identical, read_prompts, validate
-from .protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK, decode_completions, encode_chunk
-from .scheduler import Outstanding, Scheduler, WorkerState
-from .settings import JobSettings
-from .tokenizer import load_tokenizer, vocab_dir_from
-from .weights import fingerprint, load_config
-from .worker import PREFETCH, STOP, LocalWorker, launch_time, trace
+from gpt2job import __version__
+from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
+from gpt2job.backends import gpu_count, pycuda_available
+from gpt2job.cluster.devices import local_rank
+from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure
+from gpt2job.files.output import OutputStore
+from gpt2job.files.progress import Progress
+from gpt2job.files.prompts import group_identical, read_prompts, validate
+from gpt2job.cluster.protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK
+from gpt2job.chunks import decode_completions, encode_chunk
+from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
+from gpt2job.settings import DEFAULT_CHUNK, JobSettings
+from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
+from gpt2job.model.weights import fingerprint, load_config
+from gpt2job.cluster.worker import PREFETCH, STOP, LocalWorker, launch_time, trace
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
@@ -104,7 +106,7 @@ class Master:
             if self.n_copies:
                 self.log(f"{self.n_copies} prompts repeat an earlier prompt: each is computed once (greedy); "
                          "--no-dedup computes every one")
-        self.sched = Scheduler(self.prompts, todo, s.max_new_tokens, s.chunk_size, min_deadline=s.chunk_timeout,
+        self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH)
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
 
@@ -239,7 +241,7 @@ class Master:
         elif kind == "hello":
             (info,) = data
             w.ready, w.host, w.info = True, info.get("host", "?"), info
-            w.preferred_chunk = int(info.get("preferred_chunk", 64))
+            w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
             w.last_progress = time.monotonic()
             if self.first_ready is None and not self.dispatching:
                 # the master is idle until every worker is ready: gather (and encode) the first chunks now
@@ -419,7 +421,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
             m.log(f"{s.output} is already complete with these settings: nothing to do "
                   "(--overwrite computes it again)")
             if s.validate:
-                from .validate import report_validation
+                from gpt2job.files.validate import report_validation
                 return report_validation(s.output, s.validate, s.validate_tolerance)
             return 0
         if m.sched.rows_left():
@@ -431,7 +433,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
         print_summary(sm)
         code = 0
         if s.validate:
-            from .validate import report_validation
+            from gpt2job.files.validate import report_validation
             code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:

@@ -2,7 +2,8 @@
 directory is given (--vocab-dir or GPT2_VOCAB_DIR), else tiktoken's own download/cache."""
 import os
 
-from .errors import UserError
+from gpt2job import envs
+from gpt2job.errors import UserError
 
 # The GPT-2 pre-tokenisation pattern (tiktoken_ext/openai_public.py).
 GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s"""
@@ -10,7 +11,7 @@ EOT = "<|endoftext|>"
 
 
 def vocab_dir_from(flag_value):
-    return flag_value or os.environ.get("GPT2_VOCAB_DIR") or None
+    return flag_value or envs.get("GPT2_VOCAB_DIR") or None
 
 
 def load_tokenizer(vocab_dir=None):
@@ -35,13 +36,3 @@ def load_tokenizer(vocab_dir=None):
     except Exception as e:
         raise UserError(f"tiktoken could not load the gpt2 encoding ({type(e).__name__})", "tokenizer",
                         "--vocab-dir", "pass --vocab-dir DIR (or set GPT2_VOCAB_DIR) with vocab.bpe and encoder.json")
-
-
-def encode(enc, text):
-    """Text -> token ids; '<|endoftext|>' in the text is the special token, as GPT-2 was trained."""
-    return enc.encode(text, allowed_special={EOT})
-
-
-def decode_bytes(enc, tokens):
-    """Token ids -> the exact bytes they stand for (may end inside a UTF-8 character)."""
-    return enc.decode_bytes([int(t) for t in tokens])

@@ -13,9 +13,9 @@ Rules for one row of logits l (float32, [V]):
   5. u = uniform(seed, row, step) in [0, 1); walk the kept tokens in index order and return the first
      whose running sum exceeds u * (kept sum).
 """
-from dataclasses import dataclass
-
 import numpy as np
+
+from gpt2job.settings import SamplingSettings
 
 MASK64 = (1 << 64) - 1
 
@@ -32,18 +32,6 @@ def uniform(seed, row, step):
     """A float in [0, 1) with 24 random bits, determined by (seed, row, step) alone."""
     x = splitmix64(splitmix64(splitmix64(seed & MASK64) ^ (row & MASK64)) ^ (step & MASK64))
     return (x >> 40) / float(1 << 24)
-
-
-@dataclass(frozen=True)
-class SamplingSettings:
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-    @property
-    def greedy(self):
-        return self.temperature <= 0.0
 
 
 def kept_probs(logits, s: SamplingSettings):

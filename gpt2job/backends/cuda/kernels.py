@@ -1,6 +1,6 @@
 """Compile the kernels of cuda_src/*.cu with PyCUDA and launch them cheaply (prepared calls).
 
-Imported only by gpt2job.cuda_backend and the CUDA tests/benchmarks: it imports pycuda at module level.
+Imported only by gpt2job.backends.cuda.backend and the CUDA tests/benchmarks: it imports pycuda at module level.
 Each rank compiles into its own cache directory (~/.cache/gpt2job/pycuda/<host>-rank<local_rank>, or
 $GPT2JOB_PYCUDA_CACHE/<host>-rank<local_rank>), because PyCUDA's compiler cache is not safe for ranks
 sharing a directory.
@@ -201,7 +201,7 @@ class Kernels:
         self.tma_staged = os.environ.get("GPT2JOB_TMA_STAGED", "1") != "0"
         self.tmaps = None
         if any(F16_VARIANTS[v][0] == -2 for v in self.f16_variants):
-            from .tensor_maps import TensorMapCache
+            from gpt2job.backends.cuda.tensor_maps import TensorMapCache
             self.tmaps = TensorMapCache(drv)
 
     def pick_f16(self, M, N, out_half=True, K=768):
@@ -363,7 +363,7 @@ class Kernels:
                         qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S)
 
     def kv_copy(self, stream, half, ent, n, slot_base, kc, vc, S, C):
-        """Shared-prefix key/value rows: ent int32 [n, 3] {dst, src, pos} (see gpt2job.prefix_share)."""
+        """Shared-prefix key/value rows: ent int32 [n, 3] {dst, src, pos} (see gpt2job.backends.cuda.prefix_share)."""
         if n:
             self.launch("kv_copy_f16" if half else "kv_copy_f32", (n, 1, 1), (128, 1, 1), stream, ent, n, slot_base,
                         kc, vc, S, C)

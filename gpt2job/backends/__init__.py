@@ -1,0 +1,104 @@
+"""Backends turn a chunk of prompts into completions on one device: `numpy` (the CPU reference,
+backends/numpy_backend.py) and `cuda` (our kernels, backends/cuda/). This module holds the interface a worker
+drives, the machine facts a backend choice needs, and make_backend. pycuda is imported only by backends/cuda.
+"""
+import glob
+import importlib.util
+import os
+import re
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Generator
+
+from gpt2job.chunks import Chunk, Completions
+from gpt2job.errors import UserError
+from gpt2job.settings import DEFAULT_CHUNK
+
+
+@dataclass(frozen=True)
+class Pause:
+    """What Backend.run() yields: the device is computing and the host could wait.
+
+    submit: now is the time to submit further chunks (their preparation and upload overlap this compute).
+    ready(): has the device reached the point the host is about to block on? The worker may do its own work
+    (send results) until it is; the backend blocks on it once resumed."""
+    submit: bool
+    ready: Callable[[], bool]
+
+
+class Backend:
+    """What a worker drives: submit(chunk) takes a chunk and returns at once (validation, preparation, upload
+    started); run() computes the oldest submitted chunk, as a generator that yields a Pause wherever the host
+    would wait for the device and returns the chunk's Completions. Between the steps the worker, not the backend,
+    decides what else to do: the backend calls nothing of the worker. Results come in submission order."""
+    name = "abstract"
+    preferred_chunk = DEFAULT_CHUNK     # prompts per chunk this backend runs well with
+
+    def submit(self, chunk: Chunk):
+        self.__dict__.setdefault("_submitted", deque()).append(chunk)
+
+    def run(self) -> Generator[Pause, None, Completions]:
+        return self.generate(self._submitted.popleft())
+        yield  # noqa: a generator that never pauses (no device to wait for)
+
+    def generate(self, chunk: Chunk) -> Completions:
+        raise NotImplementedError
+
+    def describe(self) -> dict:
+        """Small metadata for the job summary (device name, dtype, ...)."""
+        return {"backend": self.name}
+
+    def close(self):
+        pass
+
+
+def compute(backend: Backend, chunk: Chunk) -> Completions:
+    """Submit one chunk and run it to the end, ignoring the pauses (tests, warm-up, scripts)."""
+    backend.submit(chunk)
+    steps = backend.run()
+    while True:
+        try:
+            next(steps)
+        except StopIteration as done:
+            return done.value
+
+
+# ---------------------------------------------------------------- what this machine has
+
+def gpu_count():
+    """GPUs visible to this process, without initialising CUDA (so a GPU can still be chosen)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        ids = [v for v in visible.split(",") if v.strip() and v.strip() != "-1"]
+        if not ids:
+            return 0
+        return len(ids) if _driver_present() else 0
+    return len([p for p in glob.glob("/dev/nvidia*") if re.fullmatch(r"/dev/nvidia\d+", p)])
+
+
+def _driver_present():
+    return any(re.fullmatch(r"/dev/nvidia\d+", p) for p in glob.glob("/dev/nvidia*"))
+
+
+def pycuda_available():
+    return importlib.util.find_spec("pycuda") is not None
+
+
+def resolve_backend(name):
+    """'auto' -> 'cuda' when a GPU and pycuda are here, else 'numpy'; other names as given."""
+    if name == "auto":
+        return "cuda" if gpu_count() > 0 and pycuda_available() else "numpy"
+    return name
+
+
+def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gpus=False):
+    """Build the backend a worker runs: 'numpy', 'cuda', or 'auto' (cuda when a GPU is visible)."""
+    name = resolve_backend(name)
+    if name == "numpy":
+        from gpt2job.backends.numpy_backend import NumpyBackend
+        return NumpyBackend(params, settings)
+    if not pycuda_available():
+        raise UserError("pycuda is not installed", None, "--backend cuda",
+                        "pip install 'gpt2job[gpu]' on the GPU nodes, or use --backend numpy")
+    from gpt2job.backends.cuda.backend import CudaBackend   # lazy: pycuda is imported only there
+    return CudaBackend(params, settings, dtype=dtype, local_rank=local_rank, share_gpus=share_gpus)

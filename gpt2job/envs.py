@@ -1,0 +1,75 @@
+"""Every environment variable gpt2job reads, declared once: name, type, default, meaning. Read them only
+through this module (`envs.get("GPT2JOB_TRACE")`); each is parsed once per process, with one truth rule for
+switches: 1/true/yes/on and 0/false/no/off (any case); unset or empty is the default; anything else is a user
+error naming the variable.
+
+Users choose things with flags; these variables are for the cluster set-up (cache paths, lock waits), for
+benchmarks (kernel A/B switches that never change results; the CUDA backend gathers them into one options
+object recorded in the output's summary) and for tests (fault injection).
+"""
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from gpt2job.errors import UserError
+
+
+@dataclass(frozen=True)
+class Var:
+    name: str
+    kind: str          # "bool", "int", "float", "str"
+    default: Any
+    meaning: str
+
+
+VARS = {v.name: v for v in (
+    # ---- set-up
+    Var("GPT2_VOCAB_DIR", "str", "", "folder with GPT-2's vocab.bpe and encoder.json (as --vocab-dir)"),
+    Var("GPT2JOB_PYCUDA_CACHE", "str", "", "kernel cache root (default ~/.cache/gpt2job/pycuda)"),
+    Var("GPT2JOB_LOCK_WAIT", "float", 30.0, "seconds a run waits for another writer of the same output"),
+    Var("GPT2JOB_LAUNCH_TIME", "float", 0.0,
+        "when the job was launched (run_inference.sh sets it; 0: the process's own start), for time to ready"),
+    Var("GPT2JOB_TRACE", "bool", False, "timing lines on stderr: chunks handed out, received, computed, stored"),
+    # ---- kernel A/B switches (benchmarks; same results, other speed)
+    Var("GPT2JOB_F16_VARIANTS", "str", "", "fp16 product tile variants to compile: names, comma-separated, or all"),
+    Var("GPT2JOB_ARGMAX_VARIANT", "str", "", "the fp16 variant of the greedy LM head with the argmax epilogue"),
+    Var("GPT2JOB_F32_BK", "str", "", "fp32 product k-slice: 8 or 16 (default: chosen per shape)"),
+    Var("GPT2JOB_FUSE_ARGMAX", "bool", True, "greedy fp16 LM head with the (max, argmax) epilogue"),
+    Var("GPT2JOB_PREFIX_SHARE", "bool", True, "prompts of a chunk that start alike compute that prefix once"),
+    Var("GPT2JOB_PREFILL_ATTN", "bool", True, "fp16 prefill attention on tensor cores (head size 64)"),
+    Var("GPT2JOB_TMA_STAGED", "bool", True, "fp16 products on the staged-epilogue TMA kernels where picked"),
+    Var("GPT2JOB_TMA_PERSISTENT", "bool", False, "persistent twins of the TMA kernels where compiled"),
+    # ---- tests and benchmarks
+    Var("GPT2JOB_FAULT", "str", "",
+        "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),
+    Var("GPT2JOB_SHARED", "str", "", "tests and benchmarks: the shared/ folder (default ../shared)"),
+    Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
+)}
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
+_values = {}
+
+
+def _parse(var, raw):
+    if var.kind == "str":
+        return raw
+    if var.kind == "bool":
+        low = raw.strip().lower()
+        if low in _TRUE or low in _FALSE:
+            return low in _TRUE
+    else:
+        try:
+            return int(raw) if var.kind == "int" else float(raw)
+        except ValueError:
+            pass
+    raise UserError(f"{raw!r} is not a valid {var.kind} ({var.meaning})", None, var.name,
+                    f"unset it or give a {'switch: 1 or 0' if var.kind == 'bool' else var.kind}")
+
+
+def get(name):
+    """The value of a declared variable (its default when unset), parsed once per process."""
+    if name not in _values:
+        var = VARS[name]
+        raw = os.environ.get(name)
+        _values[name] = var.default if raw is None or raw.strip() == "" else _parse(var, raw)
+    return _values[name]
