@@ -11,7 +11,7 @@
     rows in the journal after the kill == summary["rows_resumed"], and the workers' rows add up to the
     rest. A kill that lands after the output was finished must leave it complete and equal (the rerun
     then says "already complete", exit 2).
-(b) Fuzz: mutated input HDF5 files and model files (tests/mutations.py), each run through
+(b) Fuzz: mutated input HDF5 files and model files (benchmarks/fuzz_inputs.py), each run through
     `gpt2job run IN OUT --model M --max-new-tokens 2 --backend numpy` in a forked copy of this process
     (gpt2job.cli.main). Counted: clear errors (exit 2, one 'gpt2job: error:' line naming the file),
     successes, tracebacks, hangs (> --hang-timeout s), other exits.
@@ -34,12 +34,11 @@ from pathlib import Path
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")   # before numpy: forked fuzz cases, 3 ranks on 2 cores
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
 
-import mutations  # noqa: E402  (tests/mutations.py)
+import fuzz_inputs as mutations  # noqa: E402  (benchmarks/fuzz_inputs.py, beside this script)
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
 N_PROMPTS = 40
@@ -105,11 +104,11 @@ def rank_of(env):
 
 
 def journal_rows(out):
-    from gpt2job.files.output import _read_journal
+    from gpt2job.files.journal import read_journal
     j = str(out) + ".journal"
     if not os.path.exists(j):
         return None
-    _, records, _ = _read_journal(j)
+    _, records, _ = read_journal(j)
     return sum(len(r.rows) for r in records)
 
 

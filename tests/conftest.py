@@ -8,10 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from gpt2job import envs
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
-SHARED = Path(os.environ.get("GPT2JOB_SHARED", ROOT.parent / "shared"))
-VOCAB_DIR = Path(os.environ.get("GPT2_VOCAB_DIR", SHARED / "gpt2-vocab"))
+SHARED = Path(envs.get("GPT2JOB_SHARED") or ROOT.parent / "shared")
+VOCAB_DIR = Path(envs.get("GPT2_VOCAB_DIR") or SHARED / "gpt2-vocab")
 TINY_HF = FIXTURES / "tiny-hf"
 TINY_PUBLISHED = FIXTURES / "tiny-published"
 TINY_FP16 = FIXTURES / "tiny-fp16"

@@ -25,12 +25,21 @@ def run(args, np_=None):
 
 def test_invalid_prompts_are_refused_with_count_and_rows(tmp_path):
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
-    rows = [[1, 2, 3], [], [5] * 125, [7, 1000], [-1, 4], [9, 9], [2 ** 31 - 1]]
+    rows = [[1, 2, 3], [], [5] * 126, [7, 1000], [-1, 4], [9, 9], [2 ** 31 - 1]]
     write_token_input(inp, rows)
     assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
-                                 "1 empty (rows 1)", "longer than 124 tokens", "(rows 2)",
+                                 "1 empty (rows 1)", "longer than 125 tokens", "(rows 2)",
                                  "outside 0..999 (rows 3, 4, 6)", "--skip-invalid")
     assert not out.exists()
+
+
+def test_the_longest_prompt_that_fits_runs(tmp_path):
+    """n_positions 128, 4 new tokens: a 125-token prompt uses positions 0..127 (the last new token is never fed
+    back), the limit every check shares (settings.max_prompt_length)."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[5] * 125])
+    assert run([inp, out, "--ignore-eos", "--backend", "numpy"]).returncode == 0
+    assert len(read_output(out)["tokens"][0]) == 4
 
 
 def test_invalid_prompts_under_mpirun_stop_every_rank(tmp_path):

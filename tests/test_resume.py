@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from conftest import gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
-from gpt2job.files.output import _read_journal
+from gpt2job.files.journal import read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
 N = 40
@@ -54,7 +54,7 @@ def rank_pids(tag):
 
 
 def journal_rows(path):
-    header, records, _ = _read_journal(str(path) + ".journal")
+    header, records, _ = read_journal(str(path) + ".journal")
     return sum(len(r.rows) for r in records)
 
 

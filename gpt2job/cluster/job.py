@@ -1,10 +1,13 @@
-"""The job: rank 0 is the master (gpt2job/cluster/master.py: reads and validates input, hands out chunks
-on demand, writes results as they arrive); ranks 1..N-1 are workers (gpt2job/cluster/worker.py: one backend
-each). With one rank the master does the work itself. Work moves as numpy buffers (protocol.py)."""
+"""The job: rank 0 is the master (cluster/master.py: reads and validates the input, hands out chunks on
+demand, writes results as they arrive); ranks 1..N-1 are workers (cluster/worker.py: one backend each).
+With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py."""
+from gpt2job import envs
+from gpt2job.cluster import faults
 from gpt2job.cluster.devices import node_worker_index, started_by_mpi
 from gpt2job.cluster.master import run_master
-from gpt2job.settings import JobSettings
 from gpt2job.cluster.worker import run_worker
+from gpt2job.settings import JobSettings
+
 
 def mpi_comm():
     """COMM_WORLD when started by an MPI launcher, else None (a plain one-process run)."""
@@ -15,10 +18,11 @@ def mpi_comm():
 
 
 def run_job(s: JobSettings):
+    fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
-        return run_master(s, None)
+        return run_master(s, None, fault_plan=fault_plan)
     gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
-        return run_master(s, comm, n_node_workers)
-    return run_worker(s, comm, gpu_slot)
+        return run_master(s, comm, n_node_workers, fault_plan)
+    return run_worker(s, comm, gpu_slot, fault_plan)

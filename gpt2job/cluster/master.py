@@ -1,7 +1,6 @@
 """Master side of a job (rank 0): read and validate the input, hand out chunks on demand, write
 results as they arrive, notice failed and hung workers, and summarise."""
 import os
-import queue
 import socket
 import sys
 import time
@@ -9,36 +8,35 @@ import time
 import numpy as np
 
 from gpt2job import __version__
-from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
 from gpt2job.backends import gpu_count, pycuda_available
+from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
+from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.devices import local_rank
+from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
+from gpt2job.cluster.trace import launch_time, trace
+from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure
 from gpt2job.files.output import OutputStore
-from gpt2job.files.progress import Progress
+from gpt2job.files.progress import Progress, print_summary
 from gpt2job.files.prompts import group_identical, read_prompts, validate
-from gpt2job.cluster.protocol import TAG_ERROR, TAG_HELLO, TAG_RESULT, TAG_STOP, TAG_WORK
-from gpt2job.chunks import decode_completions, encode_chunk
-from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
-from gpt2job.settings import DEFAULT_CHUNK, JobSettings
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
 from gpt2job.model.weights import fingerprint, load_config
-from gpt2job.cluster.worker import PREFETCH, STOP, LocalWorker, launch_time, trace
+from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
 
 class Master:
-    def __init__(self, s: JobSettings, comm):
+    def __init__(self, s: JobSettings, comm, fault_plan=None):
         self.s = s
-        self.comm = comm
+        # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
+        # master's own thread, added by run() when the master computes
+        self.channel = Mux([MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
+        self.fault_plan = fault_plan or {}
         self.store = None
         self.workers = {}
         self.hung_ranks = []
         self.stopped = set()       # ranks told to stop (each is told once)
-        self.sends = []            # (request, buffer, rank) of sends in flight
-        self.abandoned = []        # sends to retired ranks: never waited for, kept alive for MPI
-        self.encoded = {}          # chunk id -> its message, for the chunks gathered before dispatch
-        self.local = None          # the master's own worker thread, if it computes
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
         self.first_ready = None    # when the first worker said it was ready (monotonic)
@@ -57,9 +55,9 @@ class Master:
         s = self.s
         cfg = load_config(s.model)
         self.cfg = cfg
-        if s.max_new_tokens >= cfg.n_positions:
+        if max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:
             raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
-                            "positions", field="--max-new-tokens", fix=f"use fewer than {cfg.n_positions}")
+                            "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
         vocab_dir = vocab_dir_from(s.vocab_dir)
@@ -150,16 +148,13 @@ class Master:
     # ---- the loop: serve chunks on demand, never block on one worker
     def run(self, local_slot):
         """Serve the MPI workers (if any) and the master's own worker thread (local_slot not None)."""
-        comm = self.comm
-        if comm is not None:
-            self.workers = {r: WorkerState(rank=r) for r in range(1, comm.Get_size())}
         if local_slot is not None:
-            self.local = LocalWorker(self.s, local_slot)
-            self.workers[0] = WorkerState(rank=0, host=socket.gethostname())
-            self.local.start()
-        if comm is not None:
-            from mpi4py import MPI
-            status = MPI.Status()
+            local = LocalWorker(self.s, local_slot, self.fault_plan)
+            self.channel.add(ThreadChannel(local))
+            local.start()
+        self.workers = {r: WorkerState(rank=r) for r in self.channel.ranks}
+        if local_slot is not None:
+            self.workers[0].host = socket.gethostname()
         last_check = 0.0
         self.run_started = time.monotonic()
         self.startup_timeout = 5 * self.s.chunk_timeout    # loading weights, compiling kernels
@@ -172,31 +167,15 @@ class Master:
             if now - last_check > 0.5:    # hung workers, finished sends: however busy the master is
                 last_check = now
                 self.check_hung(now)
-                self.sends = drain(self.sends, 0)
-            if comm is not None and comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                # take in every message already here before handling any (storing a result takes a while):
-                # each completion is timed when it reached the master, not after the ones before it were stored
-                msgs = [self.receive_mpi(status.Get_source(), status.Get_tag(), status)]
-                while comm.Iprobe(source=MPI.ANY_SOURCE, tag=MPI.ANY_TAG, status=status):
-                    msgs.append(self.receive_mpi(status.Get_source(), status.Get_tag(), status))
-                for m in msgs:
-                    if m is not None:
-                        self.handle(*m)
+                self.channel.progress()
+            msgs = self.channel.poll()
+            for rank, kind, *data in msgs:
+                self.handle(self.workers[rank], kind, *data)
+            if msgs:
                 continue
-            if self.local is not None:
-                try:  # a one-process job may wait here; with MPI workers only peek
-                    msg = self.local.outbox.get(block=comm is None, timeout=0.2 if comm is None else None)
-                except queue.Empty:
-                    msg = None
-                if msg is not None:
-                    self.handle(self.workers[0], *msg)
-                    continue
             if self.store.flush_due():    # the HDF5 file catches up while nothing waits
                 self.store.flush()
-            if comm is not None:
-                # a chunk in flight moves only while the master calls into MPI: test the sends, poll sooner
-                self.sends = drain(self.sends, 0)
-                time.sleep(0.0001 if self.sends else 0.0005)
+            self.channel.wait()
 
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
@@ -216,21 +195,6 @@ class Master:
             for w in ready:
                 self.feed(w, depth)
 
-    def receive_mpi(self, src, tag, status):
-        """Receive the probed message: (worker, kind, *data) for handle(), or None (nothing to handle)."""
-        from mpi4py import MPI
-        w = self.workers[src]
-        if tag == TAG_RESULT:
-            buf = np.empty(status.Get_count(MPI.INT64_T), dtype=np.int64)
-            self.comm.Recv(buf, source=src, tag=TAG_RESULT)
-            return (w, "result", *decode_completions(buf), time.time())
-        if tag == TAG_HELLO:
-            return (w, "hello", self.comm.recv(source=src, tag=TAG_HELLO))
-        if tag == TAG_ERROR:
-            return (w, "error", self.comm.recv(source=src, tag=TAG_ERROR))
-        self.comm.recv(source=src, tag=tag)
-        return None
-
     def handle(self, w, kind, *data):
         if kind == "result":
             comp, us, *t_recv = data
@@ -246,8 +210,7 @@ class Master:
             if self.first_ready is None and not self.dispatching:
                 # the master is idle until every worker is ready: gather (and encode) the first chunks now
                 self.sched.prebuild(len(self.live()), w.preferred_chunk)
-                if self.comm is not None:
-                    self.encoded = {c.chunk_id: encode_chunk(c) for c in self.sched.built}
+                self.channel.encode_ahead(self.sched.built)
             self.first_ready = self.first_ready or w.last_progress
             if self.dispatching:
                 if self.t_ready is None and all(x.ready for x in self.live()):
@@ -273,22 +236,14 @@ class Master:
                 return
             if self.t_start is None:
                 self.t_start = time.time()
-            buf = self.encoded.pop(chunk.chunk_id, None)
-            if w.rank == 0:
-                self.local.inbox.put(chunk)
-            else:
-                if buf is None:
-                    buf = encode_chunk(chunk)
-                self.sends.append((self.comm.Isend(buf, dest=w.rank, tag=TAG_WORK), buf, w.rank))
+            self.channel.send_chunk(w.rank, chunk)
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)
             trace(f"master: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) to rank {w.rank}")
 
     def retire(self, w, why):
         w.retired, w.why_retired = True, why
-        # its chunks in flight may never be received (a hung rank): not waited for, not polled for
-        self.abandoned += [x for x in self.sends if x[2] == w.rank]
-        self.sends = [x for x in self.sends if x[2] != w.rank]
+        self.channel.forget(w.rank)
         for out in w.outstanding.values():
             self.sched.give_back(out.chunk)
         w.outstanding = {}
@@ -308,28 +263,23 @@ class Master:
                 self.hung_ranks.append(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
 
-    def hung_ranks_in_mpi(self):
-        """Hung worker ranks (a hung thread of the master ends with the process)."""
-        return [r for r in self.hung_ranks if r != 0] if self.comm is not None else []
+    def hung_processes(self):
+        """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
+        return [r for r in self.hung_ranks if self.channel.owns_process(r)]
 
     def abort_hung(self, code):
-        self.log(f"rank(s) {self.hung_ranks_in_mpi()} still hang; ending the job with MPI_Abort({code})")
+        self.log(f"rank(s) {self.hung_processes()} still hang; ending the job with MPI_Abort({code})")
         sys.stdout.flush()
         sys.stderr.flush()
-        self.comm.Abort(code)
+        self.channel.abort(code)
 
     def stop(self, w):
         self.stop_rank(w.rank)
 
     def stop_rank(self, rank):
-        if rank in self.stopped:
-            return
-        self.stopped.add(rank)
-        if rank == 0:
-            if self.local is not None:
-                self.local.inbox.put(STOP)
-        else:
-            self.sends.append((self.comm.isend("stop", dest=rank, tag=TAG_STOP), None, rank))
+        if rank not in self.stopped:
+            self.stopped.add(rank)
+            self.channel.send_stop(rank)
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
@@ -348,13 +298,12 @@ class Master:
         """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
         with nothing left to compute never starts its loop, a failed start never learns its workers), else they
         would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead."""
-        ranks = range(1, self.comm.Get_size()) if self.comm is not None else []
-        for r in [0, *ranks]:
+        for r in self.channel.ranks:
             if r not in self.hung_ranks:
                 self.stop_rank(r)
-        self.sends = drain(self.sends)
-        if wait_local and self.local is not None and 0 not in self.hung_ranks:
-            self.local.join(timeout=30)   # lets its backend free the GPU
+        self.channel.flush()
+        if wait_local and 0 not in self.hung_ranks:
+            self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU
 
     # ---- the end
     def summary(self):
@@ -379,25 +328,6 @@ class Master:
         }
 
 
-def print_summary(sm, out=None):
-    out = out or sys.stdout
-    tput = sm["throughput_tokens_per_s"]
-    dup = sm.get("duplicate_prompts")
-    dup = f", {dup} duplicate prompts computed once" if dup else ""
-    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid"
-              f"{dup}), {sm['generated_tokens']} tokens generated\n")
-    ready = sm["time_to_ready_s"]
-    ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
-    out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "
-              f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
-              f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
-    for w in sm["workers"]:
-        extra = f", retired: {w['retired']}" if w.get("retired") else ""
-        out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
-                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s{extra}\n")
-    out.flush()
-
-
 def master_gpu_slot(s: JobSettings, comm, n_node_workers):
     """Which GPU the master's own worker uses, or None when the master only serves.
 
@@ -410,8 +340,8 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
     return n_node_workers if gpu_count() > n_node_workers else None
 
 
-def run_master(s: JobSettings, comm, n_node_workers=0):
-    m = Master(s, comm)
+def run_master(s: JobSettings, comm, n_node_workers=0, fault_plan=None):
+    m = Master(s, comm, fault_plan)
     try:
         try:
             m.prepare()
@@ -427,6 +357,10 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
         if m.sched.rows_left():
             m.run(master_gpu_slot(s, comm, n_node_workers))
         m.progress.close()
+        missing = int((~m.store.done).sum())
+        if missing:   # never mark an output finished with a row missing, whatever went wrong above
+            raise WorkerFailure(f"internal error: the job ended with {missing} rows not done; they are not marked "
+                                f"finished: run the same command again to compute them")
         sm = m.summary()
         m.store.finish(sm)
         m.shutdown_workers()
@@ -439,7 +373,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
         if m.store is not None:
             m.store.close()
         m.shutdown_workers(wait_local=False)
-        if not m.hung_ranks_in_mpi():
+        if not m.hung_processes():
             raise
         # mpirun would wait for the hung ranks for ever: say what happened, then end them all
         if isinstance(e, (UserError, WorkerFailure)):
@@ -448,16 +382,6 @@ def run_master(s: JobSettings, comm, n_node_workers=0):
             import traceback
             traceback.print_exc()
         m.abort_hung(2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1)
-    if m.hung_ranks_in_mpi():
+    if m.hung_processes():
         m.abort_hung(code)
     return code
-
-
-def drain(sends, seconds=10.0):
-    """Wait (at most `seconds`) for (request, buffer, ...) sends to complete; returns those still pending."""
-    deadline = time.monotonic() + seconds
-    while True:
-        sends = [x for x in sends if not x[0].Test()]
-        if not sends or time.monotonic() >= deadline:
-            return sends
-        time.sleep(0.001)

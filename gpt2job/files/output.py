@@ -1,4 +1,4 @@
-"""Durable output: an append-only journal (fsynced per chunk) plus the HDF5 file the user reads.
+"""Durable output: the journal (files/journal.py, fsynced per chunk) plus the HDF5 file the user reads.
 
 Results are durable the moment their journal record is synced. The HDF5 file is written as results
 arrive (flushed every few seconds); if a kill leaves it damaged, the next run rebuilds it from the
@@ -17,38 +17,20 @@ HDF5 layout (row i answers prompt i):
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
-import errno
 import fcntl
 import json
 import os
-import re
-import struct
 import time
-import zlib
 
 import numpy as np
 
-from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
 from gpt2job import envs
+from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
 from gpt2job.errors import AlreadyComplete, UserError
-from gpt2job.chunks import decode_completions, encode_completions
+from gpt2job.files.journal import Journal, io_error, read_journal
 
-MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
-REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
-
-
-def _io_error(path, e, what="write"):
-    """A UserError for an OSError, or for HDF5's RuntimeError that carries 'errno = N' in its text."""
-    code = getattr(e, "errno", None)
-    if code is None:
-        m = re.search(r"errno = (\d+)", str(e))
-        code = int(m.group(1)) if m else None
-    reason = os.strerror(code) if code else str(e).splitlines()[0][:160]
-    fix = "free disk space, then run the same command again to resume" if code in (
-        errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else "check the path and its permissions, then run the same command again"
-    return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
 
 
 def _same_file(fd, path):
@@ -58,64 +40,6 @@ def _same_file(fd, path):
     except OSError:
         return False
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
-
-
-# ---------------------------------------------------------------- journal
-
-def _read_journal(path):
-    """-> (header dict or None, list of (Completions) records, offset of the end of the last good record)."""
-    records, header, good_end = [], None, 0
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos + REC_HEAD.size <= len(data):
-        magic, n, crc = REC_HEAD.unpack_from(data, pos)
-        payload = data[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
-        if magic not in (MAGIC_HEAD, MAGIC_REC) or len(payload) != n or zlib.crc32(payload) != crc:
-            break  # a record cut short by a kill or a full disk: everything before it is good
-        if magic == MAGIC_HEAD:
-            if header is not None:
-                break
-            header = json.loads(payload.decode())
-        else:
-            if header is None:
-                break
-            records.append(decode_completions(np.frombuffer(payload, "<i8"))[0])
-        pos += REC_HEAD.size + n
-        good_end = pos
-    return header, records, good_end
-
-
-class Journal:
-    def __init__(self, path, header=None, truncate_at=None):
-        self.path = path
-        try:
-            if header is not None:
-                self.f = open(path, "wb")
-                self._append(MAGIC_HEAD, json.dumps(header, sort_keys=True).encode())
-            else:
-                self.f = open(path, "r+b")
-                self.f.truncate(truncate_at)
-                self.f.seek(truncate_at)
-        except OSError as e:
-            raise _io_error(path, e)
-
-    def _append(self, magic, payload):
-        self.f.write(REC_HEAD.pack(magic, len(payload), zlib.crc32(payload)) + payload)
-        self.f.flush()
-        os.fsync(self.f.fileno())
-
-    def append(self, comp: Completions):
-        try:
-            self._append(MAGIC_REC, encode_completions(comp).astype("<i8").tobytes())
-        except OSError as e:
-            raise _io_error(self.path, e)
-
-    def close(self):
-        try:
-            self.f.close()
-        except OSError:
-            pass
 
 
 # ---------------------------------------------------------------- HDF5 output
@@ -190,7 +114,7 @@ class OutputStore:
         try:
             self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
-            raise _io_error(path, e)
+            raise io_error(path, e)
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -245,7 +169,7 @@ class OutputStore:
             exists = jexists = False
         records = []
         if jexists:
-            header, records, end = _read_journal(self.journal_path)
+            header, records, end = read_journal(self.journal_path)
             if header is None:
                 records, jexists = [], False
             else:
@@ -316,14 +240,14 @@ class OutputStore:
                 for r in records:
                     self._write_rows(f, r)
         except (OSError, RuntimeError) as e:
-            raise _io_error(path, e)
+            raise io_error(path, e)
 
     def _reopen_h5(self):
         import h5py
         try:
             self.h5 = h5py.File(self.path, "r+")
         except (OSError, RuntimeError) as e:
-            raise _io_error(self.path, e)
+            raise io_error(self.path, e)
 
     def _write_rows(self, f, comp: Completions):
         order = np.argsort(comp.rows, kind="stable")
@@ -372,7 +296,7 @@ class OutputStore:
             self.h5.flush()
             self.flushed_any = True
         except (OSError, RuntimeError) as e:
-            raise _io_error(self.path, e)
+            raise io_error(self.path, e)
         self.last_flush = time.monotonic()
 
     def finish(self, summary):
@@ -386,7 +310,7 @@ class OutputStore:
             os.fsync(fd)
             os.close(fd)
         except (OSError, RuntimeError) as e:
-            raise _io_error(self.path, e)
+            raise io_error(self.path, e)
         self.journal.close()
         os.remove(self.journal_path)
         self._unlock(remove=True)

@@ -1,4 +1,4 @@
-"""Progress while a job runs: a bar on a terminal, periodic lines in a log."""
+"""What the user sees of a running job: progress (a bar on a terminal, periodic lines in a log) and the summary."""
 import sys
 import time
 
@@ -52,3 +52,22 @@ class Progress:
             self.show()
             self.stream.write("\n")
             self.stream.flush()
+
+
+def print_summary(sm, out=None):
+    out = out or sys.stdout
+    tput = sm["throughput_tokens_per_s"]
+    dup = sm.get("duplicate_prompts")
+    dup = f", {dup} duplicate prompts computed once" if dup else ""
+    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid"
+              f"{dup}), {sm['generated_tokens']} tokens generated\n")
+    ready = sm["time_to_ready_s"]
+    ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
+    out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "
+              f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
+              f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
+    for w in sm["workers"]:
+        extra = f", retired: {w['retired']}" if w.get("retired") else ""
+        out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
+                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s{extra}\n")
+    out.flush()

@@ -12,6 +12,7 @@ import numpy as np
 
 from gpt2job.errors import UserError
 from gpt2job.files.h5files import open_readable
+from gpt2job.settings import max_prompt_length
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -193,9 +194,10 @@ class Validation:
 
 
 def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
-    """Flag empty prompts, prompts longer than n_positions - max_new_tokens, ids outside the vocabulary."""
+    """Flag empty prompts, prompts too long to leave room for max_new_tokens (settings.max_prompt_length), ids
+    outside the vocabulary."""
     lengths = prompts.lengths                                                   # [N]
-    limit = n_positions - max_new_tokens
+    limit = max_prompt_length(n_positions, max_new_tokens)
     empty = lengths == 0
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)
@@ -206,7 +208,7 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
             bad_tok[np.unique(row_of)] = True
     reasons = {
         "empty": np.flatnonzero(empty),
-        f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens})":
+        f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)":
             np.flatnonzero(too_long),
         f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok),
     }

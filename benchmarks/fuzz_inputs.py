@@ -2,7 +2,8 @@
 `gpt2job run IN OUT --model M --max-new-tokens 2 --backend numpy` in a forked copy of this process
 (gpt2job.cli.main, no new interpreter), and the outcome classified.
 
-Used by benchmarks/reliability.py (hundreds of cases) and tests/test_fuzz_smoke.py (a few dozen).
+Used by benchmarks/reliability.py (hundreds of cases) and, as a program, by tests/test_fuzz_smoke.py (a few
+dozen): `python benchmarks/fuzz_inputs.py --cases 30 --light --json-out R.json` (exit 1 when a case is bad).
 
 Outcomes:
   clear       exit 2 with exactly one 'gpt2job: error:' line naming the input or the model file
@@ -38,14 +39,15 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "tests" / "fixtures"
 TINY_HF = FIXTURES / "tiny-hf"
-SHARED = Path(os.environ.get("GPT2JOB_SHARED", ROOT.parent / "shared"))
-VOCAB_DIR = Path(os.environ.get("GPT2_VOCAB_DIR", SHARED / "gpt2-vocab"))
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+from gpt2job import envs  # noqa: E402
+
+SHARED = Path(envs.get("GPT2JOB_SHARED") or ROOT.parent / "shared")
+VOCAB_DIR = Path(envs.get("GPT2_VOCAB_DIR") or SHARED / "gpt2-vocab")
 VOCAB = 1000            # tiny-hf's vocab_size
 HEAVY = True            # False: leave out the few cases that load a 500 MB flat file (15-25 s each)
 N_POSITIONS = 128
-
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 
 def base_prompts():
@@ -932,3 +934,39 @@ def summary_table(results):
     for m in sorted(by_mut):
         lines.append(f"{m:<22}" + "".join(f"{by_mut[m].get(o, 0):>7}" for o in cols))
     return "\n".join(lines), counts
+
+
+GOOD = ("clear", "success", "no_vocab")
+
+
+def main():
+    import argparse
+    import tempfile
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cases", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--light", action="store_true", help="leave out the cases that load a 500 MB flat file")
+    ap.add_argument("--timeout", type=float, default=15.0, help="seconds a case may take before it counts as a hang")
+    ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--workdir", help="where the cases' files go (default: a temporary folder)")
+    ap.add_argument("--json-out", help="write every case's outcome here")
+    a = ap.parse_args()
+    global HEAVY
+    HEAVY = not a.light
+    workdir = a.workdir or tempfile.mkdtemp(prefix="gpt2job-fuzz-")
+    results = run_cases(range(a.cases), a.seed, workdir, timeout=a.timeout, jobs=a.jobs)
+    table, _ = summary_table(results)
+    print(table)
+    bad = [r for r in results if r.outcome not in GOOD]
+    for r in bad:
+        print(f"\ncase {r.index} {r.mutator}: {r.description}\n  outcome {r.outcome}, exit {r.exit_code}, "
+              f"files {r.files}\n" + "\n".join("  " + line for line in
+                                                 (r.traceback or r.stderr).strip().splitlines()[-8:]))
+    if a.json_out:
+        with open(a.json_out, "w") as f:
+            json.dump([{"index": r.index, "mutator": r.mutator, "outcome": r.outcome} for r in results], f)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

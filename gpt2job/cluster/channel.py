@@ -1,0 +1,305 @@
+"""How the master and its workers talk: one small interface, two transports.
+
+Master side (`Channel`): send_chunk, send_stop, poll (every message waiting), wait (idle a moment), flush.
+  * MpiChannel: the worker ranks 1..N-1. Chunks and results travel as int64 buffers (Isend/Recv; the master
+    never blocks on one worker); hello, error and stop are small pickled messages.
+  * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.
+  * Mux: both at once (a node with more GPUs than worker ranks).
+Worker side (`MasterLink`): receive, send_hello, send_result, send_error, sending, finish, wait_for_stop.
+  * MpiMasterLink and QueueMasterLink, the two ends of the above.
+Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info).
+"""
+import queue
+import time
+
+import numpy as np
+
+from gpt2job.chunks import decode_chunk, decode_completions, encode_chunk, encode_completions
+
+TAG_WORK = 1      # master -> worker: int64 chunk buffer
+TAG_STOP = 2      # master -> worker: pickled reason string
+TAG_HELLO = 3     # worker -> master: pickled dict (host, backend, time to ready, preferred chunk size)
+TAG_RESULT = 4    # worker -> master: int64 completions buffer
+TAG_ERROR = 5     # worker -> master: pickled dict (rank, host, chunk, error, traceback)
+
+STOP = object()   # what a worker's receive() returns when the master says stop
+
+
+class Backoff:
+    """Sleeps that grow from 0.1 ms to `most` while nothing happens: a polite wait that still answers fast
+    (a blocking MPI probe would spin a core that the computing ranks of a small node need)."""
+
+    def __init__(self, most=0.0005):
+        self.most, self.pause = most, 0.0001
+
+    def reset(self):
+        self.pause = 0.0001
+
+    def sleep(self):
+        time.sleep(self.pause)
+        self.pause = min(self.pause * 2, self.most)
+
+
+# ---------------------------------------------------------------- master side
+
+class MpiChannel:
+    def __init__(self, comm):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, comm
+        self.status = MPI.Status()
+        self.ranks = list(range(1, comm.Get_size()))
+        self.sends = []          # (request, buffer, rank) in flight
+        self.abandoned = []      # sends to forgotten ranks: never waited for, kept alive for MPI
+        self.encoded = {}        # chunk id -> its buffer, encoded ahead of time
+
+    def encode_ahead(self, chunks):
+        self.encoded.update((c.chunk_id, encode_chunk(c)) for c in chunks)
+
+    def send_chunk(self, rank, chunk):
+        buf = self.encoded.pop(chunk.chunk_id, None)
+        if buf is None:
+            buf = encode_chunk(chunk)
+        self.sends.append((self.comm.Isend(buf, dest=rank, tag=TAG_WORK), buf, rank))
+
+    def send_stop(self, rank):
+        self.sends.append((self.comm.isend("stop", dest=rank, tag=TAG_STOP), None, rank))
+
+    def forget(self, rank):
+        """A retired rank: its sends in flight may never be received (a hung rank), so they are not waited for."""
+        self.abandoned += [x for x in self.sends if x[2] == rank]
+        self.sends = [x for x in self.sends if x[2] != rank]
+
+    def poll(self):
+        """Every message already here, received before any is handled (storing a result takes a while: each
+        completion is timed when it reached the master, not after the ones before it were stored)."""
+        msgs, st = [], self.status
+        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st):
+            src, tag = st.Get_source(), st.Get_tag()
+            if tag == TAG_RESULT:
+                buf = np.empty(st.Get_count(self.MPI.INT64_T), dtype=np.int64)
+                self.comm.Recv(buf, source=src, tag=TAG_RESULT)
+                msgs.append((src, "result", *decode_completions(buf), time.time()))
+            elif tag in (TAG_HELLO, TAG_ERROR):
+                msgs.append((src, "hello" if tag == TAG_HELLO else "error", self.comm.recv(source=src, tag=tag)))
+            else:
+                self.comm.recv(source=src, tag=tag)
+        return msgs
+
+    def progress(self):
+        """Move the sends on (a chunk in flight moves only while the master calls into MPI)."""
+        self.sends = [x for x in self.sends if not x[0].Test()]
+
+    def wait(self):
+        self.progress()
+        time.sleep(0.0001 if self.sends else 0.0005)
+
+    def flush(self, seconds=10.0):
+        """Wait (at most `seconds`) for the sends in flight."""
+        deadline = time.monotonic() + seconds
+        self.progress()
+        while self.sends and time.monotonic() < deadline:
+            time.sleep(0.001)
+            self.progress()
+
+    def owns_process(self, rank):
+        return rank in self.ranks
+
+    def abort(self, code):
+        self.comm.Abort(code)
+
+
+class ThreadChannel:
+    """The master's own worker, a thread of this process (rank 0)."""
+
+    def __init__(self, worker_thread):
+        self.worker = worker_thread
+        self.ranks = [0]
+        self.held = []           # a message wait() took off the queue, handed out by the next poll()
+
+    def encode_ahead(self, chunks):
+        pass
+
+    def send_chunk(self, rank, chunk):
+        self.worker.inbox.put(chunk)
+
+    def send_stop(self, rank):
+        self.worker.inbox.put(STOP)
+
+    def forget(self, rank):
+        pass
+
+    def poll(self):
+        msgs, self.held = self.held, []
+        while True:
+            try:
+                msgs.append((0, *self.worker.outbox.get_nowait()))
+            except queue.Empty:
+                return msgs
+
+    def progress(self):
+        pass
+
+    def wait(self):
+        """Nothing else to serve: sleep until the thread says something (at most 0.2 s)."""
+        try:
+            self.held.append((0, *self.worker.outbox.get(timeout=0.2)))
+        except queue.Empty:
+            pass
+
+    def flush(self, seconds=10.0):
+        pass
+
+    def owns_process(self, rank):
+        return False     # a hung thread ends with the process
+
+    def join(self, timeout):
+        self.worker.join(timeout=timeout)
+
+
+class Mux:
+    """The master's workers as one channel: the MPI worker ranks and/or the master's own thread."""
+
+    def __init__(self, channels=()):
+        self.channels = []
+        self.by_rank = {}
+        for c in channels:
+            self.add(c)
+
+    def add(self, channel):
+        self.channels.append(channel)
+        self.by_rank.update((r, channel) for r in channel.ranks)
+
+    @property
+    def ranks(self):
+        return sorted(self.by_rank)
+
+    def encode_ahead(self, chunks):
+        for c in self.channels:
+            c.encode_ahead(chunks)
+
+    def send_chunk(self, rank, chunk):
+        self.by_rank[rank].send_chunk(rank, chunk)
+
+    def send_stop(self, rank):
+        self.by_rank[rank].send_stop(rank)
+
+    def forget(self, rank):
+        self.by_rank[rank].forget(rank)
+
+    def poll(self):
+        return [m for c in self.channels for m in c.poll()]
+
+    def progress(self):
+        for c in self.channels:
+            c.progress()
+
+    def wait(self):
+        # with MPI ranks: its short sleep (the thread's messages wait for the next poll); else block on the thread
+        if self.channels:
+            self.channels[0].wait()
+
+    def flush(self, seconds=10.0):
+        for c in self.channels:
+            c.flush(seconds)
+
+    def join(self, timeout):
+        for c in self.channels:
+            if isinstance(c, ThreadChannel):
+                c.join(timeout)
+
+    def owns_process(self, rank):
+        return self.by_rank[rank].owns_process(rank)
+
+    def abort(self, code):
+        next(c for c in self.channels if isinstance(c, MpiChannel)).abort(code)
+
+
+# ---------------------------------------------------------------- worker side
+
+class MpiMasterLink:
+    def __init__(self, comm):
+        from mpi4py import MPI
+        self.MPI, self.comm = MPI, comm
+        self.status = MPI.Status()
+        self.sending = None      # (request, buffer) of the result in flight: the next chunk computes meanwhile
+
+    def receive(self, block):
+        """The next chunk, STOP, or None when nothing is waiting (only when not block)."""
+        if block:   # idle: the last result goes out at once (a large send moves only inside MPI calls)
+            self.finish()
+        if not self._wait_for_message(block):
+            return None
+        if self.status.Get_tag() == TAG_WORK:
+            buf = np.empty(self.status.Get_count(self.MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv(buf, source=0, tag=TAG_WORK)
+            return decode_chunk(buf)
+        self.comm.recv(source=0, tag=self.status.Get_tag())
+        return STOP
+
+    def _wait_for_message(self, block):
+        backoff = Backoff()
+        while not self.comm.Iprobe(source=0, tag=self.MPI.ANY_TAG, status=self.status):
+            if not block:
+                return False
+            backoff.sleep()
+        return True
+
+    def send_hello(self, info):
+        self.comm.send(info, dest=0, tag=TAG_HELLO)
+
+    def send_error(self, info):
+        self.finish()
+        self.comm.send(info, dest=0, tag=TAG_ERROR)
+
+    def send_result(self, comp, compute_us):
+        self.finish()
+        buf = encode_completions(comp, compute_us)
+        self.sending = (self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf)
+
+    def in_flight(self):
+        """Is a result send still in flight? Testing it moves it on (a large message goes out only while this
+        rank calls into MPI: without this it waited for the next decode step, 10-80 ms measured)."""
+        if self.sending is not None and self.sending[0].Test():
+            self.sending = None
+        return self.sending is not None
+
+    def finish(self):
+        if self.sending is not None:
+            self.sending[0].Wait()
+            self.sending = None
+
+    def wait_for_stop(self):
+        """After reporting a failure: drop any queued work until the master says stop."""
+        while self.receive(block=True) is not STOP:
+            pass
+
+
+class QueueMasterLink:
+    """The worker end of a ThreadChannel."""
+
+    def __init__(self, inbox, outbox):
+        self.inbox, self.outbox = inbox, outbox
+
+    def receive(self, block):
+        try:
+            return self.inbox.get(block)
+        except queue.Empty:
+            return None
+
+    def send_hello(self, info):
+        self.outbox.put(("hello", info))
+
+    def send_error(self, info):
+        self.outbox.put(("error", info))
+
+    def send_result(self, comp, compute_us):
+        self.outbox.put(("result", comp, compute_us, time.time()))
+
+    def in_flight(self):
+        return False
+
+    def finish(self):
+        pass
+
+    def wait_for_stop(self):
+        pass
