@@ -1,0 +1,166 @@
+"""A/B of two source trees on one GPU, in one run: the same jobs through each tree's real pipeline (mpirun, master
++ one GPU worker), interleaved old/new, repeats taken as the median; then the completion tokens of each old/new
+pair compared. For refactors: "token-identical, no speed loss" measured in one device call.
+
+  git archive 6ebac9a | (mkdir -p .old && tar -x -C .old)      # the old tree (ignored folder, carried)
+  python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR]
+
+Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16. Token cases: each speed case, W2 fp32,
+W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32, and the tiny checkpoints of
+tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy. Prints a table last; JSON lines to OUT/ab.jsonl.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import ROOT, append_jsonl, read_output  # noqa: E402
+from run_workloads import mpirun_cmd  # noqa: E402
+
+
+def run(tree, inp, out, model, extra, backend, log=None):
+    tree = os.path.abspath(tree)
+    cmd = mpirun_cmd(2) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend",
+                           backend, "--overwrite", *extra]
+    e = dict(os.environ, PYTHONPATH=tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
+                                            else ""), CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1")
+    e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
+    e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    e["GPT2JOB_LAUNCH_TIME"] = repr(time.time())
+    p = subprocess.run(cmd, env=e, cwd=tree, capture_output=True, text=True, timeout=900)
+    if log:
+        with open(log, "w") as f:
+            f.write("$ " + " ".join(cmd) + "\n" + p.stdout + p.stderr)
+    if p.returncode != 0:
+        return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
+    sm = read_output(out)[0]
+    return {"rc": 0, "tput": sm.get("throughput_tokens_per_s"), "ready": sm.get("time_to_ready_s"),
+            "tokens": sm.get("generated_tokens")}
+
+
+def tokens_of(path):
+    import h5py
+    with h5py.File(path, "r") as f:
+        return [np.asarray(t) for t in f["completion_tokens"][()]]
+
+
+def same_tokens(a, b):
+    ta, tb = tokens_of(a), tokens_of(b)
+    rows = sum(1 for x, y in zip(ta, tb) if x.tolist() != y.tolist())
+    return rows == 0 and len(ta) == len(tb), rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--old", required=True)
+    ap.add_argument("--new", default=ROOT)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--work", default="/tmp/gpt2job-ab")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--model", default="random:gpt2")
+    ap.add_argument("--smoke", action="store_true",
+                    help="CPU check of this script: a tiny model, tiny workloads, the numpy backend, float32 only")
+    a = ap.parse_args()
+    backend = "numpy" if a.smoke else "cuda"
+    if a.smoke:
+        a.model, a.work = "random:n_layer=2,n_head=2,n_embd=32,n_positions=1024,vocab_size=50257:1", a.work + "-smoke"
+    os.makedirs(a.out, exist_ok=True)
+    logs = os.path.join(a.work, "logs")
+    os.makedirs(logs, exist_ok=True)
+    res_path = os.path.join(a.out, "ab.jsonl")
+    hf = os.path.join(a.work, "hf-model")
+    wl = os.path.join(a.work, "workloads")
+    py = [sys.executable]
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", a.model], check=True)
+    if not os.path.isfile(os.path.join(wl, "w2.h5")):
+        small = ["--n-w1", "48", "--n-w2", "6", "--w2-min", "4", "--w2-max", "24"] if a.smoke else []
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w2", *small],
+                       check=True)
+    # the tiny checkpoints' prompts, as an input file
+    tiny_in = os.path.join(a.work, "tiny.h5")
+    d = np.load(os.path.join(ROOT, "tests", "fixtures", "tiny_expected.npz"))
+    import h5py
+    with h5py.File(tiny_in, "w") as f:
+        off, tok = d["prompt_offsets"], d["prompt_tokens"]
+        ds = f.create_dataset("prompt_tokens", (len(off) - 1,), dtype=h5py.vlen_dtype(np.int32))
+        for i in range(len(off) - 1):
+            ds[i] = tok[off[i]:off[i + 1]].astype(np.int32)
+    tiny_model = os.path.join(ROOT, "tests", "fixtures", "tiny-hf")
+    w1, w2 = os.path.join(wl, "w1.h5"), os.path.join(wl, "w2.h5")
+    speed = {   # name -> (input, flags)
+        "W1 fp16": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup"]),
+        "W1 fp32": (w1, ["--dtype", "float32", "--max-new-tokens", "8", "--no-dedup"]),
+        "W2 fp16": (w2, ["--dtype", "float16", "--max-new-tokens", "256", "--ignore-eos"]),
+    }
+    once = {
+        "W2 fp32": (hf, w2, ["--dtype", "float32", "--max-new-tokens", "256", "--ignore-eos"], "cuda"),
+        "W1 fp16 sampled": (hf, w1, ["--dtype", "float16", "--max-new-tokens", "8", "--temperature", "0.8",
+                                     "--top-k", "40", "--top-p", "0.9", "--seed", "7"], "cuda"),
+        "W1 fp32 sampled": (hf, w1, ["--dtype", "float32", "--max-new-tokens", "8", "--temperature", "0.8",
+                                     "--top-k", "40", "--top-p", "0.9", "--seed", "7"], "cuda"),
+        "tiny cuda fp32 eos": (tiny_model, tiny_in, ["--dtype", "float32", "--max-new-tokens", "12"], "cuda"),
+        "tiny cuda fp16 eos": (tiny_model, tiny_in, ["--dtype", "float16", "--max-new-tokens", "12"], "cuda"),
+        "tiny numpy eos": (tiny_model, tiny_in, ["--max-new-tokens", "12"], "numpy"),
+    }
+    if a.smoke:
+        for cases in (speed, once):
+            for k in [k for k in cases if "fp16" in k or "cuda" in k]:
+                del cases[k]
+        once = {k: (m, i, f, backend) for k, (m, i, f, _b) in once.items()}
+    trees = {"old": a.old, "new": a.new}
+    out = lambda tag, name, i=0: os.path.join(a.work, f"{tag}-{name.replace(' ', '_')}-{i}.h5")  # noqa: E731
+    for tag, tree in trees.items():   # compile caches warm, for both dtypes
+        for dt in (("float32",) if a.smoke else ("float16", "float32")):
+            r = run(tree, os.path.join(wl, "warmup.h5"), out(tag, "warmup-" + dt), hf,
+                    ["--dtype", dt, "--max-new-tokens", "2"], backend=backend,
+                    log=os.path.join(logs, f"{tag}-warmup-{dt}.log"))
+            print(f"warm-up {tag} {dt}: rc {r['rc']} ready {r.get('ready')}", flush=True)
+    rows = []
+    for name, (inp, flags) in speed.items():
+        got = {"old": [], "new": []}
+        for i in range(a.repeats):
+            for tag in (("old", "new") if i % 2 == 0 else ("new", "old")):
+                r = run(trees[tag], inp, out(tag, name, i), hf, flags, backend=backend,
+                        log=os.path.join(logs, f"{tag}-{name.replace(' ', '_')}-{i}.log"))
+                got[tag].append(r)
+                print(f"{name} #{i} {tag}: {r}", flush=True)
+        ok = all(r["rc"] == 0 for t in got.values() for r in t)
+        ident, ndiff = same_tokens(out("old", name), out("new", name)) if ok else (False, None)
+        med = {t: statistics.median(r["tput"] for r in got[t]) if ok else None for t in got}
+        rdy = {t: statistics.median(r["ready"] for r in got[t]) if ok else None for t in got}
+        rec = {"case": name, "old_tok_s": med["old"], "new_tok_s": med["new"],
+               "ratio": med["new"] / med["old"] if ok else None, "old_ready_s": rdy["old"], "new_ready_s": rdy["new"],
+               "runs": {t: [r.get("tput") for r in got[t]] for t in got}, "identical": ident, "rows_differ": ndiff}
+        rows.append(rec)
+        append_jsonl(res_path, {"kind": "ab", **rec})
+    for name, (model, inp, flags, backend) in once.items():
+        r = {t: run(trees[t], inp, out(t, name), model, flags, backend=backend,
+                    log=os.path.join(logs, f"{t}-{name.replace(' ', '_')}.log")) for t in trees}
+        ok = all(x["rc"] == 0 for x in r.values())
+        ident, ndiff = same_tokens(out("old", name), out("new", name)) if ok else (False, None)
+        rec = {"case": name, "identical": ident, "rows_differ": ndiff,
+               "rc": {t: x["rc"] for t, x in r.items()}, "tail": {t: x.get("tail") for t, x in r.items() if x["rc"]}}
+        rows.append(rec)
+        append_jsonl(res_path, {"kind": "ab", **rec})
+    print("\ncase                 old tok/s    new tok/s   new/old  ready old/new (s)  tokens identical")
+    for r in rows:
+        if "ratio" in r:
+            ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
+            print(f"{r['case']:<20} {r['old_tok_s'] or 0:>10,.0f} {r['new_tok_s'] or 0:>12,.0f} {ratio:>9}  "
+                  f"{r['old_ready_s'] or 0:>6.2f} / {r['new_ready_s'] or 0:<6.2f}    {r['identical']} "
+                  f"({r['rows_differ']} rows differ)")
+        else:
+            print(f"{r['case']:<20} {'':>10} {'':>12} {'':>9}  {'':>15}    {r['identical']} "
+                  f"({r['rows_differ']} rows differ) rc {r['rc']}")
+    return 0 if all(r["identical"] for r in rows) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
