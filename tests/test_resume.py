@@ -28,8 +28,8 @@ def workload(tmp_path_factory):
     return inp, read_output(clean)
 
 
-def job_args(inp, out):
-    return ["run", inp, out, "--model", MODEL, "--max-new-tokens", 24, "--ignore-eos", "--chunk-size", 1,
+def job_args(inp, out, chunk=1):
+    return ["run", inp, out, "--model", MODEL, "--max-new-tokens", 24, "--ignore-eos", "--chunk-size", chunk,
             "--backend", "numpy", "--temperature", 0.8, "--seed", 9]
 
 
@@ -89,16 +89,17 @@ def kill_midway(cmd, out, victim, min_rows=4):
             pass
 
 
-@pytest.mark.parametrize("victim,np_", [("process", None), ("mpirun", 3), ("master", 3), ("worker", 3)])
-def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_):
+@pytest.mark.parametrize("victim,np_,chunk", [("process", None, 1), ("process", None, 4), ("mpirun", 3, 3),
+                                              ("master", 3, 1), ("master", 3, 5), ("worker", 3, 2)])
+def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_, chunk):
     if np_:
         require_mpirun()
     inp, clean = workload
     out = tmp_path / "out.h5"
-    kill_midway(gpt2job_cmd(job_args(inp, out), np_), out, victim)
+    kill_midway(gpt2job_cmd(job_args(inp, out, chunk), np_), out, victim)
     kept = journal_rows(out)
     assert 0 < kept < N, kept
-    run_gpt2job(job_args(inp, out), np_=np_, check=0)
+    run_gpt2job(job_args(inp, out, chunk), np_=np_, check=0)
     res = read_output(out)
     assert [t.tolist() for t in res["tokens"]] == [t.tolist() for t in clean["tokens"]]
     assert res["finish"] == clean["finish"]
@@ -106,6 +107,32 @@ def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_)
     assert summary["rows_resumed"] == kept
     assert sum(w["rows"] for w in summary["workers"]) == N - kept   # no row computed twice
     assert not os.path.exists(str(out) + ".journal")
+
+
+def test_journal_records_of_many_rows_read_back_whole(tmp_path):
+    """Every row of every record comes back, in records of 1, 3 and 5 rows, after reopening for appends."""
+    from gpt2job.chunks import Completions
+    from gpt2job.files.journal import Journal
+    path = str(tmp_path / "j")
+    sent, row = [], 0
+    j = Journal(path, header={"k": 1})
+    for i, n in enumerate([1, 3, 5]):
+        c = Completions.from_lists(i, np.arange(row, row + n), [[row + k] * (k + 1) for k in range(n)], [0] * n)
+        row += n
+        j.append(c)
+        sent.append(c)
+    j.close()
+    header, records, end = read_journal(path)
+    j = Journal(path, truncate_at=end)
+    extra = Completions.from_lists(9, [row, row + 1], [[1], [2, 3]], [1, 0])
+    j.append(extra)
+    j.close()
+    header, records, _ = read_journal(path)
+    assert header == {"k": 1}
+    for got, want in zip(records, sent + [extra]):
+        assert got.rows.tolist() == want.rows.tolist() and got.tokens.tolist() == want.tokens.tolist()
+        assert got.offsets.tolist() == want.offsets.tolist() and got.finish.tolist() == want.finish.tolist()
+    assert len(records) == 4
 
 
 def test_torn_journal_tail_and_damaged_hdf5_are_recovered(tmp_path, workload):

@@ -70,3 +70,39 @@ def test_same_seed_same_completions_whatever_the_batching():
     other = GenerationSettings(max_new_tokens=6, eos_token_id=59,
                                sampling=SamplingSettings(temperature=1.3, top_k=20, top_p=0.9, seed=6))
     assert _generate(NumpyBackend(p, other), rows, prompts, 1) != a
+
+
+# ---- golden values: the per-token seed (seed, row, step) is pinned, so a change to how it is formed (dropping the
+# step, swapping row and step) fails here, on the CPU. cuda_src/sampling.cu implements the same hash and rules.
+
+def test_uniform_golden_values():
+    assert uniform(42, 3, 5) == 0.6668963432312012
+    assert uniform(42, 5, 3) == 0.8318838477134705        # row and step are not interchangeable
+    assert uniform(0, 0, 0) == 0.13870936632156372
+
+
+def golden_logits():
+    return np.random.default_rng(123).normal(0, 2, (6, 50)).astype(np.float32)   # [6, 50]
+
+
+GOLDEN = SamplingSettings(temperature=0.9, top_k=20, top_p=0.95, seed=42)
+
+
+def test_sampled_tokens_golden_per_step():
+    got = [select_tokens(golden_logits(), list(range(6)), step, GOLDEN).tolist() for step in range(3)]
+    assert got == [[32, 32, 1, 25, 41, 12], [48, 24, 33, 29, 20, 18], [48, 48, 7, 39, 49, 12]]
+
+
+def test_sampled_tokens_golden_per_row():
+    assert select_tokens(golden_logits(), list(range(10, 16)), 0, GOLDEN).tolist() == [48, 24, 7, 29, 5, 12]
+
+
+def test_draws_differ_across_steps_rows_and_seeds():
+    """The same logits drawn at 64 steps (or rows, or seeds) give many different tokens: the step, the row and the
+    seed all enter the draw."""
+    logits = np.zeros((64, 50), np.float32)                                        # uniform over 50 tokens
+    s = SamplingSettings(temperature=1.0, seed=5)
+    by_step = {int(select_tokens(logits[:1], [0], step, s)[0]) for step in range(64)}
+    by_row = set(select_tokens(logits, list(range(64)), 0, s).tolist())
+    by_seed = {int(select_tokens(logits[:1], [0], 0, SamplingSettings(1.0, seed=k))[0]) for k in range(64)}
+    assert min(len(by_step), len(by_row), len(by_seed)) > 25
