@@ -1,4 +1,5 @@
 """End-to-end jobs: one process, and under mpirun with 1, 2, 3 and 4 ranks."""
+import json
 import subprocess
 
 import h5py
@@ -121,3 +122,18 @@ def test_validate_against_answer_file(tmp_path, token_input, expected):
     p = run_gpt2job(["validate", out, answer], check=4)
     assert "1 of 120 tokens differ" in p.stdout and "row 3, token 4" in p.stdout and "FAIL" in p.stdout
     p = run_gpt2job(["validate", out, answer, "--tolerance", 0.01], check=0)
+
+
+def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]] * 4 + [[4, 5]] * 3)
+    p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "3",
+                     "--chunk-size", "2", "--progress-interval", "1000", "--no-dedup"], check=0)
+    lines = p.stderr.splitlines()
+    assert any(x.startswith("gpt2job: starting: 7 prompts to compute (18 prompt tokens") for x in lines), p.stderr
+    assert "chunks of 2 prompts" in p.stderr
+    progress = [x for x in lines if x.startswith("progress:")]
+    assert progress and progress[-1].startswith("progress: 7/7 prompts (100.0%)"), p.stderr
+    summary = json.loads(read_output(out)["attrs"]["summary"])
+    busy = summary["workers"][0]["busy_percent"]
+    assert busy is not None and 0 < busy <= 100

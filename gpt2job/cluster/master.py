@@ -107,10 +107,17 @@ class Master:
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH)
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
+        n_workers = len(self.channel.ranks) or 1
+        todo_tokens = int(self.prompts.lengths[todo].sum()) if len(todo) else 0
+        self.log(f"starting: {plural(len(todo), 'prompt')} to compute ({plural(todo_tokens, 'prompt token')}, up to "
+                 f"{s.max_new_tokens} new each) of {len(self.prompts)} in {s.input}; "
+                 f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
+                 f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, comp, compute_us, t_recv=None):
         # the completion is at the master (received at t_recv); writing it comes next
         self.t_last = max(self.t_last or 0.0, t_recv or time.time())
+        w.last_result = t_recv or time.time()
         t = time.perf_counter()
         added = self.store.add(self.with_copies(comp))   # a late duplicate from a retired worker adds nothing
         new_rows, new_tokens = (len(added.rows), added.n_generated) if added is not None else (0, 0)
@@ -194,6 +201,10 @@ class Master:
         for depth in range(1, PREFETCH + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
+        size = self.s.chunk_size or self.sched.even_size
+        if size:
+            self.log(f"{plural(len(ready), 'worker')} ready: chunks of {plural(size, 'prompt')}"
+                     f"{' (--chunk-size)' if self.s.chunk_size else ''}, {PREFETCH} out with each worker at a time")
 
     def handle(self, w, kind, *data):
         if kind == "result":
@@ -236,6 +247,8 @@ class Master:
                 return
             if self.t_start is None:
                 self.t_start = time.time()
+            if w.first_sent is None:
+                w.first_sent = time.time()
             self.channel.send_chunk(w.rank, chunk)
             w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
                                                         len(chunk.rows) * self.s.max_new_tokens)
@@ -322,10 +335,16 @@ class Master:
             "time_to_first_work_s": start - launch_time(),
             "wall_s": t_end - launch_time(), "generation_s": span,
             "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
-                         "compute_s": round(w.compute_s, 3), "retired": w.why_retired or None,
-                         **{k: w.info.get(k) for k in ("backend", "device", "dtype", "init_s") if k in w.info}}
+                         "compute_s": round(w.compute_s, 3), "busy_percent": w.busy_percent(),
+                         "retired": w.why_retired or None,
+                         **{k: w.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options")
+                            if k in w.info}}
                         for w in self.workers.values()],
         }
+
+
+def plural(n, word):
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def master_gpu_slot(s: JobSettings, comm, n_node_workers):

@@ -34,6 +34,15 @@ class WorkerState:
     compute_s: float = 0.0
     info: dict = field(default_factory=dict)      # the worker's hello: backend, device, timings
     error: dict = None                             # what it reported when it failed
+    first_sent: float = None                       # when its first chunk went out (time.time())
+    last_result: float = None                      # when its last result reached the master
+
+    def busy_percent(self):
+        """Its compute time as a share of its span from the first chunk sent to the last result received: what
+        is missing was spent waiting for work or for its results to reach the master."""
+        if self.first_sent is None or self.last_result is None or self.last_result <= self.first_sent:
+            return None
+        return round(min(100.0, 100.0 * self.compute_s / (self.last_result - self.first_sent)), 1)
 
     def seconds_per_token(self):
         return self.compute_s / self.computed_tokens if self.computed_tokens else None

@@ -48,8 +48,9 @@ class Progress:
         self.stream.flush()
 
     def close(self):
+        """The last line, always (a log ends with the final count, 100% when the job finished)."""
+        self.show()
         if self.tty:
-            self.show()
             self.stream.write("\n")
             self.stream.flush()
 
@@ -68,6 +69,8 @@ def print_summary(sm, out=None):
               f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
     for w in sm["workers"]:
         extra = f", retired: {w['retired']}" if w.get("retired") else ""
+        busy = f" ({w['busy_percent']:.0f}% busy)" if w.get("busy_percent") is not None else ""
         out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
-                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s{extra}\n")
+                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s computing"
+                  f"{busy}{extra}\n")
     out.flush()
