@@ -159,3 +159,51 @@ def test_bf16_tensors_are_read():
         with open(path, "wb") as f:
             f.write(struct.pack("<Q", len(header)) + header + raw)
         np.testing.assert_array_equal(safetensors_io.load(path)["x"], x)
+
+
+@pytest.mark.parametrize("head", [b"\x80\x02\x8a\x0al\xfc\x9cF\xf9 j\xa8P", b"\x80\x04\x95\x10\x00\x00\x00\x00\x00",
+                                  b"PK\x03\x04\x00\x00\x08\x08\x00\x00"])
+def test_a_pickle_file_is_refused_as_a_pickle_not_as_a_short_flat_file(tmp_path, head):
+    """torch.save's legacy stream (pickle protocol 2), a plain pickle, and its zip archive (PyTorch >= 1.6)."""
+    for path in (tmp_path / "x.pkl", tmp_path / "pytorch_model.bin"):
+        path.write_bytes(head + b"\0" * 1000)
+        for load in (load_config, load_params):
+            with pytest.raises(UserError, match=r"pickle refused.*safe_serialization=True") as e:
+                load(str(path))
+            assert "truncated" not in str(e.value) and "--model" in str(e.value)
+    d = tmp_path / "m"
+    shutil.copytree(TINY_HF, d)
+    (d / "model.safetensors").write_bytes(head + b"\0" * 1000)   # a pickle under the safetensors name
+    with pytest.raises(UserError, match="pickle refused"):
+        load_config(str(d))
+
+
+def test_a_folder_is_checked_by_load_config_from_the_headers(tiny_copy):
+    """The master reads only the config and the headers: a bad folder stops the job before anything is written."""
+    os.remove(tiny_copy / "model.safetensors")
+    with pytest.raises(UserError, match=r"--model: no model.safetensors .*in this folder") as e:
+        load_config(str(tiny_copy))
+    assert str(e.value).startswith(f"{tiny_copy}: --model:")
+    shutil.copy(TINY_HF / "model.safetensors", tiny_copy)
+    t = safetensors_io.load(tiny_copy / "model.safetensors")
+    t.pop("transformer.h.1.attn.c_proj.bias")
+    safetensors_io.save(tiny_copy / "model.safetensors", t)
+    with pytest.raises(UserError, match=r"h\.1\.attn\.c_proj\.bias.*missing"):
+        load_config(str(tiny_copy))
+
+
+def test_a_safetensors_file_given_alone_points_at_its_folder():
+    with pytest.raises(UserError, match=f"give the folder .*--model {TINY_HF}"):
+        load_config(str(TINY_HF / "model.safetensors"))
+
+
+def test_random_spec_fields_are_named_and_parsed():
+    with pytest.raises(UserError, match=r"unknown config field 'n_layers' \(known: n_layer, n_head, .*write n_layer=2"):
+        load_config("random:n_layers=2")
+    with pytest.raises(UserError, match="n_head='x' is not an integer"):
+        load_config("random:n_head=x")
+    with pytest.raises(UserError, match="is not a switch"):
+        load_config("random:scale_attn_by_inverse_layer_idx=maybe")
+    assert load_config("random:n_layer=2,scale_attn_by_inverse_layer_idx=false").scale_attn_by_inverse_layer_idx is False
+    assert load_config("random:n_layer=2,scale_attn_by_inverse_layer_idx=1").scale_attn_by_inverse_layer_idx is True
+    assert load_config("random:n_layer=2,layer_norm_epsilon=1e-6").layer_norm_epsilon == 1e-6

@@ -17,6 +17,13 @@ DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.ui
 NAMES = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
          np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.uint8): "U8"}
 MAX_HEADER = 100 * 1024 * 1024
+PICKLE_FIX = "convert with model.save_pretrained(dir, safe_serialization=True), then give that dir"
+
+
+def is_pickle(head):
+    """Do these first bytes start a pickle stream (protocol 2-5, as torch.save writes) or a zip archive (PyTorch's
+    default format since 1.6)?"""
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
 
 
 def read_header(path):
@@ -25,6 +32,9 @@ def read_header(path):
         size = os.path.getsize(path)
         with open(path, "rb") as f:
             head = f.read(8)
+            if is_pickle(head):
+                raise UserError("is a pickle file, not safetensors: pickle refused, gpt2job never unpickles model "
+                                "files", path, "header", PICKLE_FIX)
             if len(head) < 8:
                 raise UserError("file is too short to be safetensors", path, "header",
                                 "re-save the checkpoint with save_pretrained(safe_serialization=True)")

@@ -3,6 +3,7 @@ and seeded random weights of the real shapes (`random:gpt2`, `random:gpt2-medium
 
 Model files are never unpickled: only safetensors and raw float32 are read.
 """
+import difflib
 import hashlib
 import json
 import os
@@ -11,11 +12,13 @@ import re
 import numpy as np
 
 from gpt2job.model import safetensors_io
+from gpt2job.model.safetensors_io import PICKLE_FIX, is_pickle
 from gpt2job.model.config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
 from gpt2job.errors import UserError
 from gpt2job.model.params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
 
 CHECKPOINT_FIX = "give a directory with config.json and model.safetensors, a flat .bin file, or random:gpt2"
+FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 # ---------------------------------------------------------------- model spec -> (config, loader)
@@ -31,15 +34,34 @@ def parse_random_spec(spec):
     if name in PRESETS:
         return PRESETS[name], seed
     fields = {}
+    known = list(GPT2Config.__dataclass_fields__)
     for item in filter(None, name.split(",")):
         k, eq, v = item.partition("=")
-        if not eq or k not in GPT2Config.__dataclass_fields__:
+        if not eq:
             raise UserError(f"unknown model {name!r}", spec, "--model",
                             f"use one of {', '.join('random:' + p for p in PRESETS)} or random:n_layer=2,n_embd=64,...")
-        fields[k] = type(getattr(GPT2Config(), k))(v)
+        if k not in known:
+            close = difflib.get_close_matches(k, known, 1)
+            raise UserError(f"unknown config field {k!r} (known: {', '.join(known)})", spec, "--model",
+                            f"write {close[0]}={v}" if close else
+                            "write random:FIELD=VALUE,... with known fields, e.g. random:n_layer=2,n_head=2,n_embd=32")
+        fields[k] = _field_value(spec, k, v)
     cfg = GPT2Config(**fields)
     validate_config(cfg, spec)
     return cfg, seed
+
+
+def _field_value(spec, k, v):
+    kind = type(getattr(GPT2Config(), k))
+    try:
+        if kind is bool:
+            if v.lower() not in ("1", "0", "true", "false"):
+                raise ValueError(v)
+            return v.lower() in ("1", "true")
+        return kind(v)
+    except ValueError:
+        what = "a switch (1/0, true/false)" if kind is bool else "a number" if kind is float else "an integer"
+        raise UserError(f"{k}={v!r} is not {what}", spec, "--model", f"give {k} {what}")
 
 
 def load_config(spec):
@@ -47,7 +69,9 @@ def load_config(spec):
     if spec.startswith("random:"):
         return parse_random_spec(spec)[0]
     if os.path.isdir(spec):
-        return _read_hf_config(spec)
+        cfg = _read_hf_config(spec)
+        _check_tensors(_tensor_index(spec), cfg, spec)   # the headers only: a bad folder stops the job at once
+        return cfg
     if not os.path.isfile(spec):
         raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
     return _flat_config(spec)
@@ -165,18 +189,57 @@ def _safetensors_files(directory):
                 raise UserError("shard named in the index is missing", p, "weight_map", "copy every shard")
             files.append(p)
         return files
-    if any(f.endswith((".bin", ".pt", ".pth", ".ckpt")) for f in os.listdir(directory)):
-        raise UserError("only pickle-format weights found; gpt2job never unpickles model files",
-                        directory, "model.safetensors",
-                        "convert once with transformers: model.save_pretrained(dir, safe_serialization=True)")
-    raise UserError("no model.safetensors", directory, "model.safetensors", CHECKPOINT_FIX)
+    pickles = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
+    if pickles:
+        raise UserError(f"no model.safetensors in this folder, only {pickles[0]}: pickle refused, gpt2job never "
+                        "unpickles model files", directory, "--model", PICKLE_FIX)
+    raise UserError("no model.safetensors (or model.safetensors.index.json) in this folder", directory, "--model",
+                    "give the folder save_pretrained wrote (config.json + model.safetensors), a flat .bin file, "
+                    "or random:gpt2")
 
 
 _BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
+def _tensor_index(directory):
+    """name (without the 'transformer.' prefix) -> (dtype, shape, file) from the safetensors headers."""
+    index = {}
+    for path in _safetensors_files(directory):
+        for name, info in safetensors_io.read_header(path)[0].items():
+            key = name[len("transformer."):] if name.startswith("transformer.") else name
+            if not _BUFFER.search(key):    # causal-mask buffers of the published checkpoints
+                index[key] = (info["dtype"], tuple(info["shape"]), path)
+    return index
+
+
+def _check_tensors(index, cfg, directory):
+    """Every tensor the config needs is there, float, of its shape; none the config does not use."""
+    src = os.path.join(directory, "model.safetensors")
+    g = global_shapes(cfg)
+    need = {f"h.{i}.{n}": s for i in range(cfg.n_layer) for n, s in layer_shapes(cfg).items()}
+    need.update({k: g[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")})
+    if "lm_head.weight" in index:
+        need["lm_head.weight"] = g["wte.weight"]
+    for key, shape in need.items():
+        if key not in index:
+            raise UserError("tensor missing from the checkpoint", src, key,
+                            "the file does not match config.json; re-save the model")
+        dtype, got, path = index[key]
+        if got != tuple(shape):
+            raise UserError(f"shape {got} does not match config.json's {tuple(shape)}", path, key,
+                            "use the config.json saved with these weights")
+        if dtype not in FLOAT_DTYPES:
+            raise UserError(f"dtype {dtype} is not a float type", path, key, "re-save the model")
+    extra = sorted(k for k in index if (k.startswith("h.") or k in ("wte.weight", "wpe.weight")) and k not in need)
+    if extra:
+        raise UserError(f"checkpoint has tensors the config does not use ({', '.join(extra[:3])}"
+                        f"{', ...' if len(extra) > 3 else ''})", src, "n_layer",
+                        "use the config.json saved with these weights")
+
+
 def load_hf_dir(directory):
     cfg = _read_hf_config(directory)
+    _check_tensors(_tensor_index(directory), cfg, directory)
     tensors = {}
     for path in _safetensors_files(directory):
         for name, arr in safetensors_io.load(path).items():
@@ -184,18 +247,9 @@ def load_hf_dir(directory):
             if _BUFFER.search(key):
                 continue  # causal-mask buffers of the published checkpoints
             tensors[key] = (arr, path)
-    src = os.path.join(directory, "model.safetensors")
 
     def take(key, shape):
-        if key not in tensors:
-            raise UserError("tensor missing from the checkpoint", src, key,
-                            "the file does not match config.json; re-save the model")
         arr, path = tensors.pop(key)
-        if tuple(arr.shape) != tuple(shape):
-            raise UserError(f"shape {tuple(arr.shape)} does not match config.json's {tuple(shape)}", path, key,
-                            "use the config.json saved with these weights")
-        if arr.dtype != np.float32:
-            raise UserError(f"dtype {arr.dtype} is not a float type", path, key, "re-save the model")
         if not np.isfinite(arr).all():
             raise UserError("contains NaN or infinite values", path, key, "the weights are corrupt; re-save them")
         return np.ascontiguousarray(arr)
@@ -211,11 +265,6 @@ def load_hf_dir(directory):
     p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight", g["wpe.weight"]), layers=layers,
                    ln_f_w=take("ln_f.weight", g["ln_f.weight"]), ln_f_b=take("ln_f.bias", g["ln_f.bias"]),
                    lm_head=head, source=os.path.abspath(directory))
-    extra = sorted(k for k in tensors if k.startswith("h.") or k in ("wte.weight", "wpe.weight"))
-    if extra:
-        raise UserError(f"checkpoint has tensors the config does not use ({', '.join(extra[:3])}"
-                        f"{', ...' if len(extra) > 3 else ''})", src, "n_layer",
-                        "use the config.json saved with these weights")
     p.fingerprint = fingerprint(directory)
     return p
 
@@ -240,9 +289,30 @@ def _flat_config(path):
     for name, cfg in PRESETS.items():
         if size == 4 * flat_size(cfg):
             return cfg
+    kind = _file_kind(path)
+    if kind == "pickle":
+        raise UserError("is a pickle file (PyTorch's torch.save or pytorch_model.bin): pickle refused, gpt2job "
+                        "never unpickles model files", path, "--model", PICKLE_FIX)
+    if kind == "safetensors":
+        raise UserError("is a safetensors file: give the folder that holds it with its config.json", path,
+                        "--model", f"--model {os.path.dirname(os.path.abspath(path))}")
     raise UserError(f"size {size} bytes matches no GPT-2 flat parameter file "
                     f"(GPT-2 124M is {4 * flat_size(PRESETS['gpt2'])} bytes of float32)", path, "file size",
                     "the file is truncated or not a flat float32 GPT-2 file; copy it again")
+
+
+def _file_kind(path):
+    """'pickle' (a pickle stream or PyTorch's zip archive), 'safetensors' or None, from the first bytes."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(16)
+    except OSError:
+        return None
+    if is_pickle(head):
+        return "pickle"
+    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+        return "safetensors"
+    return None
 
 
 def load_flat_file(path, cfg=None):
