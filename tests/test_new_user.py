@@ -33,6 +33,57 @@ def nan_model(tmp_path):
     return d
 
 
+# ---------------------------------------------------------------- 1: a failed start blocks nothing
+
+@pytest.mark.parametrize("np_", [None, 3])
+def test_a_failed_start_leaves_no_file_and_the_corrected_rerun_runs(tmp_path, np_):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    (empty / "config.json").write_bytes((TINY_HF / "config.json").read_bytes())
+    # refused by the master before anything is written
+    p = run_gpt2job(["run", inp, out, "--model", empty, "--max-new-tokens", "3"], np_=np_, timeout=120)
+    assert_one_clear_line(p, str(empty), "--model", "no model.safetensors")
+    assert leftovers(out) == []
+    # the workers fail to load it after the master made OUT, OUT.journal and OUT.lock: all three go
+    p = run_gpt2job(["run", inp, out, "--model", nan_model(tmp_path), "--max-new-tokens", "3"], np_=np_, timeout=120)
+    assert_one_clear_line(p, "NaN")
+    assert leftovers(out) == []
+    run_gpt2job(["run", inp, out, *TINY], np_=np_, timeout=120, check=0)
+    assert read_output(out)["done"].all()
+
+
+def test_an_output_without_completed_rows_never_blocks_other_settings(tmp_path):
+    from gpt2job.chunks import FINISH_LENGTH, Completions
+    from gpt2job.files.output import OutputStore
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    # an unfinished output of other settings with no row (a killed start): the run starts afresh
+    OutputStore(str(out), 2, {"gpt2job_format": 1, "settings": "other"}, np.array([3, 2])).close()
+    p = run_gpt2job(["run", inp, out, *TINY], check=0)
+    assert "held no completed rows" in p.stderr
+    assert read_output(out)["done"].all()
+    # one completed row is work to keep: other settings are refused
+    out2 = tmp_path / "out2.h5"
+    st = OutputStore(str(out2), 2, {"gpt2job_format": 1, "settings": "other"}, np.array([3, 2]))
+    st.add(Completions.from_lists(0, np.array([0]), [[7, 8, 9]], [FINISH_LENGTH]))
+    st.close(discard_if_empty=True)   # not empty: kept, resumable
+    assert leftovers(out2)[:2] == [str(out2), f"{out2}.journal"]
+    assert_one_clear_line(run_gpt2job(["run", inp, out2, *TINY]), "different model, input or settings")
+
+
+def test_a_finished_output_of_invalid_rows_only_never_blocks_other_settings(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[5] * 126])            # tiny-hf has 128 positions: too long for 4 new tokens
+    base = ["run", inp, out, "--model", TINY_HF, "--backend", "numpy"]
+    run_gpt2job(base + ["--max-new-tokens", "4", "--skip-invalid"], check=0)
+    assert read_output(out)["finish"] == ["invalid"]
+    p = run_gpt2job(base + ["--max-new-tokens", "2"], check=0)   # now it fits
+    assert read_output(out)["finish"] == ["length"]
+    assert "held no completed rows" in p.stderr
+
+
 # ---------------------------------------------------------------- 9: model errors name the real problem
 
 @pytest.mark.parametrize("kind", ["x.pkl", "pytorch_model.bin", "folder of pytorch_model.bin"])

@@ -390,7 +390,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0, fault_plan=None):
             code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:
-            m.store.close()
+            m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
         m.shutdown_workers(wait_local=False)
         if not m.hung_processes():
             raise

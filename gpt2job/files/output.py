@@ -20,12 +20,13 @@ HDF5 layout (row i answers prompt i):
 import fcntl
 import json
 import os
+import sys
 import time
 
 import numpy as np
 
 from gpt2job import envs
-from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
+from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, FINISH_STOP, Completions
 from gpt2job.errors import AlreadyComplete, UserError
 from gpt2job.files.journal import Journal, io_error, read_journal
 
@@ -102,6 +103,7 @@ class OutputStore:
         self.last_flush = time.monotonic()
         self.flushed_any = False
         self.resumed_rows = 0
+        self.completed = 0     # rows done with a result (rows marked 'invalid' are no completed work)
         self._open(overwrite)
 
     # ---- opening: fresh, resume, or refuse
@@ -163,28 +165,30 @@ class OutputStore:
             if exists and not jexists and read_status(self.path)[0] is None:
                 raise UserError("exists and is not a gpt2job output: --overwrite replaces only gpt2job outputs",
                                 self.path, "output", "choose another output path, or remove the file yourself")
-            for p in (self.path, self.journal_path):
-                if os.path.exists(p):
-                    os.remove(p)
+            self._remove_files()
             exists = jexists = False
         records = []
         if jexists:
             header, records, end = read_journal(self.journal_path)
             if header is None:
                 records, jexists = [], False
-            else:
+            elif not self._start_afresh_if_empty(header, records):
                 self._check_key(header, self.journal_path)
+            else:
+                records, exists, jexists = [], False, False
         if exists and not jexists:
             finished, key = read_status(self.path)
             if finished is None:
                 raise UserError("exists and is not a gpt2job output (or is damaged with no journal)", self.path,
                                 "output", "choose another output path, or pass --overwrite to replace it")
-            self._check_key(key, self.path)
-            if finished:
-                raise AlreadyComplete(self.path)
-            records = self._records_from_h5()
+            if not self._start_afresh_if_empty(key, None):
+                self._check_key(key, self.path)
+                if finished:
+                    raise AlreadyComplete(self.path)
+                records = self._records_from_h5()
         for r in records:
             self.done[r.rows] = True
+            self.completed += _completed_rows(r)
         self.resumed_rows = int(self.done.sum())
         # Rebuild the HDF5 file from what is known to be complete, then journal from there on.
         self._create_h5(self.path + ".tmp", records)
@@ -197,11 +201,47 @@ class OutputStore:
                 self.journal.append(r)
         self._reopen_h5()
 
+    def _start_afresh_if_empty(self, key, records):
+        """An output made with other settings that holds no completed row (a failed start, or every row marked
+        'invalid') has nothing to keep: it never blocks a run with other settings. True when it was removed.
+        records: the journal's, or None to look in the HDF5 file."""
+        if key is None or not self._key_diff(key):
+            return False
+        if any(_completed_rows(r) for r in records) if records is not None else self._h5_has_completed_rows():
+            return False
+        self._remove_files()
+        sys.stderr.write(f"gpt2job: {self.path} held no completed rows (made with other settings): starting afresh\n")
+        return True
+
+    def _remove_files(self):
+        for p in (self.path, self.journal_path):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise io_error(p, e, "remove")
+
+    def _key_diff(self, key):
+        return [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
+
+    def _h5_has_completed_rows(self):
+        import h5py
+        try:
+            with h5py.File(self.path, "r") as f:
+                done = np.flatnonzero(f["done"][()] == 1)
+                if len(done) == 0:
+                    return False
+                reasons = f["finish_reason"][()][done]
+        except (OSError, KeyError, RuntimeError, ValueError):
+            return True    # unreadable: the resume check says what is wrong
+        return any((r.decode() if isinstance(r, bytes) else r) != FINISH_NAMES[FINISH_INVALID] for r in reasons)
+
     def _check_key(self, key, where):
         if key is None:
             raise UserError("has no record of its settings", where, "resume_key",
                             "choose another output path, or pass --overwrite to start over")
-        diff = [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
+        diff = self._key_diff(key)
         if diff:
             details = ", ".join(f"{k}: was {key.get(k)!r}, now {self.key.get(k)!r}" for k in diff[:4])
             raise UserError(f"was started with a different model, input or settings ({details})", where,
@@ -280,6 +320,7 @@ class OutputStore:
                                           comp.finish[keep])
         self.journal.append(comp)
         self.done[comp.rows] = True
+        self.completed += _completed_rows(comp)
         if not self.pending and not self.flushed_any:
             self.last_flush = time.monotonic()   # the first rows wait a full interval, like the rest
         self.pending.append(comp)
@@ -315,8 +356,10 @@ class OutputStore:
         os.remove(self.journal_path)
         self._unlock(remove=True)
 
-    def close(self):
-        """Leave an unfinished output resumable (after an error)."""
+    def close(self, discard_if_empty=False):
+        """Leave an unfinished output resumable (after an error). discard_if_empty: when no row has a result (a
+        start that failed: only rows marked 'invalid' or none), remove the output and its journal instead, so
+        that nothing is left behind to block the corrected command."""
         try:
             self.flush()
         except Exception:  # the journal already holds every completed row
@@ -327,4 +370,15 @@ class OutputStore:
                     closer.close()
             except Exception:
                 pass
-        self._unlock(remove=False)
+        discard = discard_if_empty and self.completed == 0
+        if discard:
+            try:
+                self._remove_files()
+            except UserError:
+                discard = False
+        self._unlock(remove=discard)
+
+
+def _completed_rows(comp: Completions):
+    """Rows of comp with a result (not marked 'invalid')."""
+    return int(np.count_nonzero(np.asarray(comp.finish) != FINISH_INVALID))
