@@ -84,6 +84,30 @@ def test_a_finished_output_of_invalid_rows_only_never_blocks_other_settings(tmp_
     assert "held no completed rows" in p.stderr
 
 
+# ---------------------------------------------------------------- 4: float16 needs the cuda backend
+
+@pytest.mark.parametrize("np_", [None, 3])
+def test_float16_where_numpy_would_run_is_refused(tmp_path, np_):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]])
+    p = run_gpt2job(["run", inp, out, "--model", TINY_HF, "--dtype", "float16"], np_=np_, timeout=120,
+                    env=job_env(CUDA_VISIBLE_DEVICES=""))       # no GPU visible: auto picks numpy
+    assert_one_clear_line(p, "--dtype", "float16 runs only on the cuda backend", "--backend auto found no GPU",
+                          "--dtype float32")
+    assert leftovers(out) == []
+
+
+def test_numpy_backend_construction_refuses_float16():
+    from gpt2job.backends import make_backend
+    from gpt2job.errors import UserError
+    from gpt2job.model.weights import load_params
+    from gpt2job.settings import GenerationSettings
+    params = load_params(str(TINY_HF))
+    with pytest.raises(UserError, match="float16 runs only on the cuda backend"):
+        make_backend("numpy", params, GenerationSettings(), dtype="float16")
+    assert make_backend("numpy", params, GenerationSettings(), dtype="float32").name == "numpy"
+
+
 # ---------------------------------------------------------------- 9: model errors name the real problem
 
 @pytest.mark.parametrize("kind", ["x.pkl", "pytorch_model.bin", "folder of pytorch_model.bin"])

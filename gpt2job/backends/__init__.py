@@ -93,7 +93,16 @@ def resolve_backend(name):
 
 def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gpus=False):
     """Build the backend a worker runs: 'numpy', 'cuda', or 'auto' (cuda when a GPU is visible)."""
-    name = resolve_backend(name)
+    asked, name = name, resolve_backend(name)
+    if name == "numpy" and dtype != "float32":
+        # decided here, on the node that computes: a CPU-only master may serve GPU workers. The NumPy backend
+        # computes float32 only: running it would record float16 in the output's settings for float32 results.
+        why = "--backend numpy" if asked == "numpy" else (
+            "--backend auto found no GPU on this node" if gpu_count() == 0 else
+            "--backend auto found a GPU but no pycuda on this node")
+        raise UserError(f"{dtype} runs only on the cuda backend, and {why}", None, "--dtype",
+                        "use --dtype float32 for the CPU, or run on GPU nodes with pycuda "
+                        "(pip install 'gpt2job[gpu]')")
     if name == "numpy":
         from gpt2job.backends.numpy_backend import NumpyBackend
         return NumpyBackend(params, settings)
