@@ -5,15 +5,42 @@ A user mistake prints one line (file, field, fix) and exits with 2; a failed val
 import argparse
 import sys
 
+from gpt2job import __version__
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import UserError, WorkerFailure
 
 EXIT_USAGE = 2
 
+RUN_EPILOG = """\
+--model forms:
+  DIR                 Hugging Face folder: config.json + model.safetensors (or sharded)
+  FILE.bin            the old system's flat float32 parameter file
+  random:gpt2[:SEED]  seeded random weights of GPT-2's shapes (or gpt2-medium, -large, -xl)
+  random:n_layer=2,n_head=2,n_embd=32[:SEED]
+                      a small random model: any config field (n_layer, n_head, n_embd,
+                      n_positions, vocab_size, n_inner, ...), the others as GPT-2's
+
+exit codes:
+  0    done (also when the output was already complete with these settings)
+  2    a user mistake: one line naming the file, the field and the fix
+  3    no worker left: completed rows are kept; run the same command again to resume
+  4    --validate failed: more mismatched tokens than --validate-tolerance
+  130  interrupted (Ctrl-C): completed rows are kept; the same command resumes"""
+
 
 class Parser(argparse.ArgumentParser):
     def error(self, message):
-        raise UserError(f"{message} (see `python -m gpt2job {self.prog.split()[-1]} -h`)", field="command line")
+        # prog is "gpt2job" for the main parser, "gpt2job run" for a command's
+        command = " ".join(["python -m gpt2job"] + self.prog.split()[1:])
+        raise UserError(f"{message} (see `{command} -h`)", field="command line")
+
+    def parse_args(self, args=None, namespace=None):
+        # argparse reports a command's unknown flags from the main parser: point at the command's help instead
+        a, extra = self.parse_known_args(args, namespace)
+        if extra:
+            command = " ".join(["python -m gpt2job"] + ([a.command] if getattr(a, "command", None) else []))
+            raise UserError(f"unrecognized arguments: {' '.join(extra)} (see `{command} -h`)", field="command line")
+        return a
 
 
 def _positive_int(name, minimum=1):
@@ -42,6 +69,7 @@ def _float_in(name, lo, hi, lo_open=False):
 
 def build_parser():
     p = Parser(prog="gpt2job", description="Batch GPT-2 generation: HDF5 prompts in, HDF5 completions out.")
+    p.add_argument("--version", action="version", version=f"gpt2job {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
     pr = sub.add_parser("prompts", help="text, JSONL or raw int32 file -> input HDF5",
@@ -60,14 +88,17 @@ def build_parser():
                          "(implied for .bin files; 16 for the seed workload's input.bin)")
 
     r = sub.add_parser("run", help="run a generation job (under mpirun: rank 0 is the master)",
-                       description="Generate completions for every prompt of IN and write them to OUT. "
-                                   "Run it under mpirun for many workers; rank 0 is the master.")
+                       description="Generate completions for every prompt of IN and write them to OUT.\n"
+                                   "Run it under mpirun for many workers; rank 0 is the master.",
+                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("input", help="input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids)")
     r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
     r.add_argument("--model", default="random:gpt2",
                    help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
-                        "float32 .bin file, or random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] "
-                        "(seeded random weights of the real shapes). Default: random:gpt2")
+                        "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] "
+                        "(seeded random weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] "
+                        "(a small random model; see below). Default: random:gpt2 (random weights: pass your model "
+                        "for real text)")
     r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
@@ -123,6 +154,7 @@ def cmd_run(a):
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
+    _warn_unused_sampling_flags(a)
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
@@ -130,6 +162,17 @@ def cmd_run(a):
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup)
     return run_job(s)
+
+
+def _warn_unused_sampling_flags(a):
+    """Greedy decoding ignores the sampling knobs: say so once (as transformers does), from one rank only."""
+    if a.temperature > 0:
+        return
+    given = [f"{flag} {value}" for flag, value, default in (("--top-k", a.top_k, 0), ("--top-p", a.top_p, 1.0),
+                                                             ("--seed", a.seed, 0)) if value != default]
+    if given and world_rank() in (None, 0):
+        sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect at "
+                         "--temperature 0 (greedy decoding); give --temperature > 0 to sample\n")
 
 
 def cmd_prompts(a):

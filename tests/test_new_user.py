@@ -108,6 +108,36 @@ def test_numpy_backend_construction_refuses_float16():
     assert make_backend("numpy", params, GenerationSettings(), dtype="float32").name == "numpy"
 
 
+# ---------------------------------------------------------------- 5: sampling flags at temperature 0
+
+@pytest.mark.parametrize("np_", [None, 3])
+def test_greedy_warns_once_about_sampling_flags(tmp_path, np_):
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    p = run_gpt2job(["run", inp, tmp_path / "a.h5", *TINY, "--top-p", "0.5", "--top-k", "3", "--seed", "9"],
+                    np_=np_, timeout=120, check=0)
+    warnings = [line for line in p.stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1, p.stderr
+    assert all(f in warnings[0] for f in ("--top-k 3", "--top-p 0.5", "--seed 9", "--temperature"))
+    p = run_gpt2job(["run", inp, tmp_path / "b.h5", *TINY, "--temperature", "0.7", "--top-k", "3"], check=0)
+    assert "warning" not in p.stderr
+    p = run_gpt2job(["run", inp, tmp_path / "c.h5", *TINY], check=0)
+    assert "warning" not in p.stderr
+
+
+# ---------------------------------------------------------------- 7: usage hints, --version
+
+def test_usage_hints_name_the_right_command_and_version_prints():
+    from gpt2job import __version__
+    p = run_gpt2job(["bogus"])
+    assert_one_clear_line(p, "(see `python -m gpt2job -h`)")
+    assert "gpt2job gpt2job" not in p.stderr
+    assert_one_clear_line(run_gpt2job(["run"]), "(see `python -m gpt2job run -h`)")
+    assert_one_clear_line(run_gpt2job(["prompts", "a.txt", "b.h5", "--bogus"]), "python -m gpt2job prompts -h")
+    p = run_gpt2job(["--version"], check=0)
+    assert p.stdout.strip() == f"gpt2job {__version__}"
+
+
 # ---------------------------------------------------------------- 9: model errors name the real problem
 
 @pytest.mark.parametrize("kind", ["x.pkl", "pytorch_model.bin", "folder of pytorch_model.bin"])
