@@ -26,3 +26,8 @@ class WorkerFailure(Exception):
 
 class AlreadyComplete(Exception):
     """The output is finished with these very settings: nothing is left to do (exit 0)."""
+
+
+def plural(n, word, words=None):
+    """'1 prompt', '2 prompts' (words: the plural when it is not word + 's')."""
+    return f"{n:,} {word if n == 1 else (words or word + 's')}"

@@ -28,7 +28,7 @@ def test_invalid_prompts_are_refused_with_count_and_rows(tmp_path):
     rows = [[1, 2, 3], [], [5] * 126, [7, 1000], [-1, 4], [9, 9], [2 ** 31 - 1]]
     write_token_input(inp, rows)
     assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
-                                 "1 empty (rows 1)", "longer than 125 tokens", "(rows 2)",
+                                 "1 empty (row 1)", "longer than 125 tokens", "(row 2)",
                                  "outside 0..999 (rows 3, 4, 6)", "--skip-invalid")
     assert not out.exists()
 
@@ -47,7 +47,7 @@ def test_invalid_prompts_under_mpirun_stop_every_rank(tmp_path):
     write_token_input(inp, [[1, 2], []])
     p = run([inp, out], np_=3)
     assert p.returncode == 2
-    assert p.stderr.count("gpt2job: error:") == 1 and "1 empty (rows 1)" in p.stderr
+    assert p.stderr.count("gpt2job: error:") == 1 and "1 of 2 prompts is invalid: 1 empty (row 1)" in p.stderr
 
 
 def test_skip_invalid_runs_the_rest(tmp_path):

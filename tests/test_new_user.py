@@ -183,3 +183,57 @@ def test_random_model_spec_errors_name_the_field(tmp_path, spec, frags):
     inp = tmp_path / "in.h5"
     write_token_input(inp, [[1, 2]])
     assert_one_clear_line(run_gpt2job(["run", inp, tmp_path / "out.h5", "--model", spec]), spec, *frags)
+
+
+# ---------------------------------------------------------------- 10: prompts as strict as run, clear lines
+
+def test_prompts_into_a_missing_folder_is_one_clear_line(tmp_path):
+    src = tmp_path / "p.txt"
+    src.write_text("hello\n")
+    p = run_gpt2job(["prompts", src, "/missing/dir/x.h5"])
+    line = assert_one_clear_line(p, "/missing/dir/x.h5", "folder does not exist", "create /missing/dir")
+    assert ".tmp" not in line and "flags" not in line
+
+
+def test_prompts_refuses_empty_prompts_and_mixed_kinds_with_the_line(tmp_path):
+    for name, text, frags in (
+            ("e.jsonl", '"fine"\n\n""\n', ["line 3", "empty text prompt"]),
+            ("o.jsonl", '{"prompt": "a"}\n{"prompt": ""}\n', ["line 2", "empty text prompt"]),
+            ("t.jsonl", '[1, 2]\n[]\n', ["line 2", "empty token prompt"]),
+            ("m.jsonl", '"text"\n\n{"tokens": [1, 2]}\n', ["line 3", "a token prompt, but line 1 is a text prompt"]),
+            ("n.jsonl", '[5]\n"text"\n', ["line 2", "a text prompt, but line 1 is a token prompt"])):
+        src = tmp_path / name
+        src.write_text(text)
+        assert_one_clear_line(run_gpt2job(["prompts", src, tmp_path / "x.h5"]), str(src), *frags)
+        assert not (tmp_path / "x.h5").exists()
+
+
+def test_singular_and_plural(tmp_path):
+    src = tmp_path / "one.jsonl"
+    src.write_text("[1, 2]\n")
+    p = run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    assert "wrote 1 token prompt ('prompt_tokens')" in p.stdout
+    inp = tmp_path / "bad.h5"
+    write_token_input(inp, [[1, 2], []])
+    assert_one_clear_line(run_gpt2job(["run", inp, tmp_path / "o.h5", *TINY]),
+                          "1 of 2 prompts is invalid: 1 empty (row 1)")
+    p = run_gpt2job(["run", tmp_path / "in.h5", tmp_path / "out.h5", *TINY, "--max-new-tokens", "2"], check=0)
+    assert "1 row (" in p.stdout and "1 chunk," in p.stdout and "2 tokens generated" in p.stdout, p.stdout
+    assert "1 rows" not in p.stdout + p.stderr and "1 chunks" not in p.stdout + p.stderr
+
+
+def test_run_help_lists_exit_codes_and_model_forms():
+    p = run_gpt2job(["run", "-h"], check=0)
+    for frag in ("exit codes:", "130", "no worker left", "random:n_layer=2,n_head=2,n_embd=32[:SEED]",
+                 "random:gpt2[:SEED]"):
+        assert frag in p.stdout, frag
+
+
+def test_a_wrong_dataset_name_lists_the_datasets_the_file_has(tmp_path):
+    inp = tmp_path / "in.h5"
+    with h5py.File(inp, "w") as f:
+        f["prompt"] = np.array([b"hello"])
+        f["meta/ids"] = np.arange(3)
+    assert_one_clear_line(run_gpt2job(["run", inp, tmp_path / "o.h5", *TINY]),
+                          "no 'prompts' or 'prompt_tokens' dataset", "its datasets: meta/ids, prompt")
+    assert_one_clear_line(run_gpt2job(["show", inp]), "its datasets: meta/ids, prompt")

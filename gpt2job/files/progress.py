@@ -2,6 +2,8 @@
 import sys
 import time
 
+from gpt2job.errors import plural
+
 
 def fmt_duration(s):
     if s is None or s != s or s == float("inf"):
@@ -59,9 +61,9 @@ def print_summary(sm, out=None):
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
     dup = sm.get("duplicate_prompts")
-    dup = f", {dup} duplicate prompts computed once" if dup else ""
-    out.write(f"gpt2job: done. {sm['rows_total']} rows ({sm['rows_resumed']} resumed, {sm['rows_invalid']} invalid"
-              f"{dup}), {sm['generated_tokens']} tokens generated\n")
+    dup = f", {plural(dup, 'duplicate prompt')} computed once" if dup else ""
+    out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']} resumed, {sm['rows_invalid']} "
+              f"invalid{dup}), {plural(sm['generated_tokens'], 'token')} generated\n")
     ready = sm["time_to_ready_s"]
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
     out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "
@@ -71,6 +73,7 @@ def print_summary(sm, out=None):
         extra = f", retired: {w['retired']}" if w.get("retired") else ""
         busy = f" ({w['busy_percent']:.0f}% busy)" if w.get("busy_percent") is not None else ""
         out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
-                  f"{w['rows']} rows, {w['tokens']} tokens, {w['chunks']} chunks, {w['compute_s']:.2f} s computing"
+                  f"{plural(w['rows'], 'row')}, {plural(w['tokens'], 'token')}, {plural(w['chunks'], 'chunk')}, "
+                  f"{w['compute_s']:.2f} s computing"
                   f"{busy}{extra}\n")
     out.flush()

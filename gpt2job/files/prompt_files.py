@@ -1,10 +1,12 @@
 """`python -m gpt2job prompts`: a text or JSONL prompts file -> an input HDF5 file."""
+import errno
 import json
 import os
+import re
 
 import numpy as np
 
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, plural
 
 
 def read_int32_file(path, width):
@@ -38,6 +40,7 @@ def read_prompt_file(path):
     if not path.endswith((".jsonl", ".ndjson")):
         return [line for line in text.splitlines() if line.strip()], None
     texts, tokens = [], []
+    first = {}   # kind -> the line it first appeared on
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -50,19 +53,44 @@ def read_prompt_file(path):
         if isinstance(obj, str):
             if "\x00" in obj:
                 raise UserError(f"line {n} contains a NUL character", path, f"line {n}", "remove it")
+            kind = "text"
             texts.append(obj)
         elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
+            kind = "token"
             tokens.append(obj)
         else:
             raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
                             'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
-    if texts and tokens:
-        raise UserError("mixes text prompts and token prompts", path, "source", "use one kind per file")
+        if not obj:   # `run` refuses empty prompts: refuse them here, where the line is known
+            raise UserError(f"empty {kind} prompt", path, f"line {n}",
+                            "remove the line or give it a prompt; `run` refuses empty prompts")
+        first.setdefault(kind, n)
+        if len(first) == 2:
+            other = "text" if kind == "token" else "token"
+            raise UserError(f"a {kind} prompt, but line {first[other]} is a {other} prompt: the file mixes text "
+                            "prompts and token prompts", path, f"line {n}", "use one kind per file")
     return (texts, None) if texts or not tokens else (None, tokens)
+
+
+def _write_error(output, e):
+    """One line for a failed write: the reason, not HDF5's internals (it names the .tmp file and its flags)."""
+    code = getattr(e, "errno", None)
+    if code is None:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    reason = os.strerror(code) if code else (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+    fix = "free disk space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
+        "check the folder and its permissions"
+    return UserError(f"cannot write ({reason})", output, "output", fix)
 
 
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     import h5py
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise UserError("folder does not exist", output, "output", f"create {out_dir} first")
+    if os.path.isdir(output):
+        raise UserError("is a folder", output, "output", "give a file name, e.g. prompts.h5")
     if source.endswith(".bin") or tokens_per_row:
         texts, tokens = None, read_int32_file(source, tokens_per_row)
     else:
@@ -86,9 +114,14 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
                     ds[i] = np.asarray(t, np.int32)
             f.attrs["source"] = os.path.abspath(source)
         os.replace(tmp, output)
-    except OSError as e:
-        raise UserError(f"cannot write ({e})", output, "output", "check the folder and free space")
+    except (OSError, RuntimeError) as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise _write_error(output, e)
     n = len(texts) if texts is not None else len(tokens)
-    kind = "text prompts ('prompts')" if texts is not None else "token prompts ('prompt_tokens')"
-    print(f"gpt2job: wrote {n} {kind} to {output}")
+    kind = "text prompt" if texts is not None else "token prompt"
+    dataset = "prompts" if texts is not None else "prompt_tokens"
+    print(f"gpt2job: wrote {plural(n, kind)} ('{dataset}') to {output}")
     return 0

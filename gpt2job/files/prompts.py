@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.errors import UserError
-from gpt2job.files.h5files import open_readable
+from gpt2job.errors import UserError, plural
+from gpt2job.files.h5files import contents, open_readable
 from gpt2job.settings import max_prompt_length
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
@@ -112,7 +112,8 @@ def read_prompts(path, tokenizer_factory):
             if "prompts" in f:
                 texts = _read_text_dataset(path, f["prompts"])
             else:
-                raise UserError("no 'prompts' or 'prompt_tokens' dataset", path, "datasets", DATASET_FIX)
+                raise UserError(f"no 'prompts' or 'prompt_tokens' dataset ({contents(f)})", path, "datasets",
+                                DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             # damaged structure, dangling or looping links, unreadable types
             raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
@@ -189,8 +190,9 @@ class Validation:
             if len(idx):
                 first = ", ".join(str(int(i)) for i in idx[:limit])
                 more = ", ..." if len(idx) > limit else ""
-                parts.append(f"{len(idx)} {reason} (rows {first}{more})")
-        return f"{self.n_invalid} of {len(self.invalid)} prompts are invalid: " + "; ".join(parts)
+                parts.append(f"{len(idx)} {reason} ({'row' if len(idx) == 1 else 'rows'} {first}{more})")
+        return (f"{self.n_invalid} of {plural(len(self.invalid), 'prompt')} {'is' if self.n_invalid == 1 else 'are'} "
+                "invalid: " + "; ".join(parts))
 
 
 def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):

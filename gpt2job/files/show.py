@@ -3,19 +3,19 @@ import json
 
 import numpy as np
 
-from gpt2job.errors import UserError
-from gpt2job.files.h5files import open_readable
+from gpt2job.errors import UserError, plural
+from gpt2job.files.h5files import contents, open_readable
 
 
 def show(path, start=0, limit=10):
     with open_readable(path, "file", "give an output file written by gpt2job run") as f:
         if "completion_tokens" not in f or "done" not in f:
-            raise UserError("not a gpt2job output (no completion_tokens/done)", path, "datasets",
+            raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", path, "datasets",
                             "give an output file written by gpt2job run")
         done = f["done"][()]
         n = len(done)
         state = "finished" if f.attrs.get("finished", 0) else "unfinished (run the same command to resume)"
-        print(f"{path}: {int(done.sum())} of {n} rows done, {state}")
+        print(f"{path}: {int(done.sum())} of {plural(n, 'row')} done, {state}")
         print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
         if "summary" in f.attrs:
             sm = json.loads(f.attrs["summary"])

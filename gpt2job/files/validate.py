@@ -7,7 +7,7 @@ import sys
 import numpy as np
 
 from gpt2job.errors import UserError
-from gpt2job.files.h5files import open_readable
+from gpt2job.files.h5files import contents, open_readable
 
 EXIT_VALIDATION_FAILED = 4
 
@@ -15,7 +15,7 @@ EXIT_VALIDATION_FAILED = 4
 def _read_tokens_h5(path):
     with open_readable(path, "file", "give a gpt2job output file or an int32 answer file") as f:
         if "completion_tokens" not in f:
-            raise UserError("no 'completion_tokens' dataset", path, "completion_tokens",
+            raise UserError(f"no 'completion_tokens' dataset ({contents(f)})", path, "completion_tokens",
                             "give a gpt2job output file or an int32 answer file")
         return [np.asarray(r, np.int64) for r in f["completion_tokens"][()]]
 
