@@ -24,6 +24,35 @@ if ! command -v mpirun >/dev/null 2>&1; then
     exit 2
 fi
 
+# mpirun's own messages that only repeat what our one line said: the banner after a rank's non-zero exit
+# (Open MPI 4 and 5; the exit code is kept) and PMIx's complaint about the ranks it could not reach after it
+without_banner() {
+    trap '' INT    # Ctrl-C: keep passing mpirun's last words on until it has gone
+    awk '
+        /^--------------------+$/ {
+            if (!open) { open = 1; block = $0 "\n"; next }
+            block = block $0 "\n"; open = 0
+            if (block !~ /exited with non-zero status|Primary job +terminated normally/) { printf "%s", block; fflush() }
+            next
+        }
+        open { block = block $0 "\n"; next }
+        /PMIX ERROR: PMIX_ERR_UNREACH/ { next }
+        { print; fflush() }
+        END { if (open) printf "%s", block }'
+}
+
+interrupted() {
+    echo "run_inference.sh: interrupted; completed rows are kept: run the same command again to resume" >&2
+    exit 130
+}
+
+launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; exits with mpirun's code
+    trap interrupted INT
+    set +e
+    { mpirun "$@" 2>&1 1>&3 3>&- | without_banner >&2; } 3>&1
+    exit "${PIPESTATUS[0]}"
+}
+
 export GPT2JOB_LAUNCH_TIME="$("$python" -c 'import time; print(time.time())')"
 if [ "$(id -u)" = "0" ]; then
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1
@@ -41,7 +70,7 @@ if [ -n "$remote_hosts" ]; then
     slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2
-    exec mpirun -np "$np" --hostfile "$hostfile" "$here/run_inference.sh" "$@"
+    launch -np "$np" --hostfile "$hostfile" --bind-to none "$here/run_inference.sh" "$@"
 fi
 
 ngpu=0
@@ -52,4 +81,4 @@ else
 fi
 workers=$(( ngpu > 0 ? ngpu : 2 ))
 np="${NP:-$(( workers + 1 ))}"
-exec mpirun -np "$np" --oversubscribe "$here/run_inference.sh" "$@"
+launch -np "$np" --oversubscribe "$here/run_inference.sh" "$@"

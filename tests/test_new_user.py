@@ -138,6 +138,40 @@ def test_usage_hints_name_the_right_command_and_version_prints():
     assert p.stdout.strip() == f"gpt2job {__version__}"
 
 
+# ---------------------------------------------------------------- 8: run_inference.sh
+
+def launcher(args, **kw):
+    return subprocess.Popen([str(ROOT / "run_inference.sh"), *[str(a) for a in args]], cwd=str(ROOT),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_run_inference_shows_only_our_error_line(tmp_path):
+    require_mpirun()
+    env = {k: v for k, v in job_env(NP=3).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    p = launcher([tmp_path / "missing.h5", tmp_path / "out.h5", *TINY], env=env)
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 2, err
+    assert err.splitlines() == [f"gpt2job: error: {tmp_path / 'missing.h5'}: input: no such file (fix: check the path)"]
+
+
+def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
+    require_mpirun()
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    env = {k: v for k, v in job_env(NP=2, GPT2JOB_FAULT="1:1:hang").items()   # the worker hangs on its chunk
+           if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    p = launcher([inp, out, *TINY], env=env, start_new_session=True)   # its own group, as a terminal's job
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
+        time.sleep(0.2)
+    time.sleep(1.0)
+    os.killpg(p.pid, signal.SIGINT)   # what Ctrl-C does: SIGINT to the foreground group
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines()[-1].startswith("run_inference.sh: interrupted; completed rows are kept"), err
+    assert "prterun" not in err and "mpirun" not in err, err
+
+
 # ---------------------------------------------------------------- 9: model errors name the real problem
 
 @pytest.mark.parametrize("kind", ["x.pkl", "pytorch_model.bin", "folder of pytorch_model.bin"])
