@@ -2,8 +2,9 @@
 demand, writes results as they arrive); ranks 1..N-1 are workers (cluster/worker.py: one backend each).
 With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py."""
 from gpt2job import envs
+from gpt2job.backends import gpu_count, pycuda_available
 from gpt2job.cluster import faults
-from gpt2job.cluster.devices import node_worker_index, started_by_mpi
+from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.settings import JobSettings
@@ -17,12 +18,24 @@ def mpi_comm():
     return MPI.COMM_WORLD
 
 
+def master_gpu_slot(s: JobSettings, comm, n_node_workers):
+    """Which GPU the master's own worker uses, or None when the master only serves.
+
+    One process: it computes (slot = local rank). Under MPI: only with the cuda backend, and only when
+    its node has more GPUs than worker ranks, so that with -np equal to the GPU count no GPU idles."""
+    if comm is None:
+        return local_rank()
+    if s.backend == "numpy" or not pycuda_available():
+        return None
+    return n_node_workers if gpu_count() > n_node_workers else None
+
+
 def run_job(s: JobSettings):
     fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
-        return run_master(s, None, fault_plan=fault_plan)
+        return run_master(s, None, master_gpu_slot(s, None, 0), fault_plan)
     gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
-        return run_master(s, comm, n_node_workers, fault_plan)
+        return run_master(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
     return run_worker(s, comm, gpu_slot, fault_plan)

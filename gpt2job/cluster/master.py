@@ -8,14 +8,12 @@ import time
 import numpy as np
 
 from gpt2job import __version__
-from gpt2job.backends import gpu_count, pycuda_available
 from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
-from gpt2job.cluster.devices import local_rank
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
 from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
-from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure
+from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, print_summary
 from gpt2job.files.prompts import group_identical, read_prompts, validate
@@ -102,7 +100,8 @@ class Master:
             todo, self.copies = group_identical(self.prompts, todo)
             self.n_copies = sum(len(c) for c in self.copies.values())
             if self.n_copies:
-                self.log(f"{self.n_copies} prompts repeat an earlier prompt: each is computed once (greedy); "
+                self.log(f"{plural(self.n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is "
+                         "computed once (greedy); "
                          "--no-dedup computes every one")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH)
@@ -343,23 +342,7 @@ class Master:
         }
 
 
-def plural(n, word):
-    return f"{n:,} {word}" + ("" if n == 1 else "s")
-
-
-def master_gpu_slot(s: JobSettings, comm, n_node_workers):
-    """Which GPU the master's own worker uses, or None when the master only serves.
-
-    One process: it computes (slot = local rank). Under MPI: only with the cuda backend, and only when
-    its node has more GPUs than worker ranks, so that with -np equal to the GPU count no GPU idles."""
-    if comm is None:
-        return local_rank()
-    if s.backend == "numpy" or not pycuda_available():
-        return None
-    return n_node_workers if gpu_count() > n_node_workers else None
-
-
-def run_master(s: JobSettings, comm, n_node_workers=0, fault_plan=None):
+def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
     m = Master(s, comm, fault_plan)
     try:
         try:
@@ -374,7 +357,7 @@ def run_master(s: JobSettings, comm, n_node_workers=0, fault_plan=None):
                 return report_validation(s.output, s.validate, s.validate_tolerance)
             return 0
         if m.sched.rows_left():
-            m.run(master_gpu_slot(s, comm, n_node_workers))
+            m.run(local_slot)
         m.progress.close()
         missing = int((~m.store.done).sum())
         if missing:   # never mark an output finished with a row missing, whatever went wrong above
