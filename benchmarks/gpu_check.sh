@@ -22,12 +22,13 @@ TAIL=8 stage "prefill attention" 180 python3 -m pytest tests/test_cuda_kernels.p
 TAIL=12 stage "generate, blocking launches" 120 env CUDA_LAUNCH_BLOCKING=1 python3 -c "
 import numpy as np, sys; sys.path.insert(0, 'benchmarks')
 from kernels_bench import w1_chunk
-from gpt2job.backend import GenerationSettings
-from gpt2job.config import PRESETS
-from gpt2job.cuda_backend import CudaBackend
-from gpt2job.weights import random_params
+from gpt2job.backends import compute
+from gpt2job.backends.cuda.backend import CudaBackend
+from gpt2job.model.config import PRESETS
+from gpt2job.model.weights import random_params
+from gpt2job.settings import GenerationSettings
 be = CudaBackend(random_params(PRESETS['gpt2'], 0), GenerationSettings(max_new_tokens=4, ignore_eos=True), dtype='float16')
-c = be.generate(w1_chunk(512)); print('generate ok', c.tokens[:8]); be.close()"
+c = compute(be, w1_chunk(512)); print('generate ok', c.tokens[:8]); be.close()"
 fi
 stage tests ${T_TESTS:-420} python3 -m pytest tests/test_cuda_kernels.py -q --maxfail=30 "$@"
 W2=""

@@ -1,16 +1,18 @@
-"""Our matrix products vs torch.matmul (cuBLAS) on GPT-2 124M shapes, and end-to-end generate() tokens/s.
+"""Our matrix products vs torch.matmul (cuBLAS) on GPT-2 124M shapes, and end-to-end tokens/s.
 
   python3 benchmarks/kernels_bench.py [--m 8192,131072] [--e2e] [--profile] [--w2] [--reps 5]
 
 Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off; each fp16 tile variant
 (mma.sync, wgmma, TMA + wgmma) vs torch fp16.
---e2e: W1 generate() tok/s (one 8,192-prompt chunk, in-process): fp32 and fp16 with every prompt token computed
-(GPT2JOB_PREFIX_SHARE=0) and by default (shared prompt prefixes computed once), and the fp16 default of stop 7.
---profile: device time per kernel kind over one W1 generate() (CUDA events around every launch).
---w2: W2 generate() (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
+--e2e: W1 tok/s of one 8,192-prompt chunk computed in-process: fp32 and fp16 with every prompt token computed
+(KernelOptions(prefix_share=False), as GPT2JOB_PREFIX_SHARE=0) and by default (shared prompt prefixes computed
+once), and the fp16 default of stop 7. Each configuration is a KernelOptions over the environment's.
+--profile: device time per kernel kind over one W1 chunk (CUDA events around every launch).
+--w2: W2 (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -50,8 +52,9 @@ def bench_kernels(ms, reps):
     drv.init()
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
-    from gpt2job.backends.cuda.kernels import F16_VARIANTS, Kernels
-    k = Kernels(0, f16_variants=tuple(F16_VARIANTS))
+    from gpt2job.backends.cuda.kernels import F16_TILES, Kernels
+    from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
+    k = Kernels(0, KernelOptions(f16_variants=ALL_TILES))
     rows = []
     try:
         for name, K, N in SHAPES:
@@ -68,17 +71,16 @@ def bench_kernels(ms, reps):
                 W16t = W16.t().contiguous()
                 C16 = torch.empty(M, N, device="cuda", dtype=torch.half)
                 res = {}
-                for lab, fname in (("ours_f32", "gemm_f32"), ("ours_f32_k16", "gemm_f32_k16")):
-                    k.f32_gemm = fname
+                for lab, bk in (("ours_f32", 8), ("ours_f32_k16", 16)):
                     res[lab] = median_ms(lambda: k.gemm_f32(None, A32.data_ptr(), K, W32.data_ptr(), N,
-                                                            C32.data_ptr(), N, bias.data_ptr(), M, N, K, 0),
+                                                            C32.data_ptr(), N, bias.data_ptr(), M, N, K, 0, bk=bk),
                                          reps, torch)
                 err32 = ((C32 - (A32.double() @ W32.double() + bias.double())).norm() /
                          (A32.double() @ W32.double()).norm()).item()
                 res["torch_f32"] = median_ms(lambda: torch.matmul(A32, W32, out=C32), reps, torch)
                 ref16 = A16.float() @ W16.float() + bias
                 err16 = 0.0
-                for v in F16_VARIANTS:
+                for v in F16_TILES:
                     C16.fill_(float("nan"))
                     res[v] = median_ms(lambda: k.gemm_f16(None, A16.data_ptr(), K, W16t.data_ptr(), K,
                                                           C16.data_ptr(), N, bias.data_ptr(), M, N, K, 0, True,
@@ -118,30 +120,31 @@ def w2_chunk(n_prompts=2048, lo=32, hi=512):
 
 
 def profile(dtypes, new=8, chunk=None, label="W1"):
-    """Device time per kernel kind over one generate() (events around every launch)."""
+    """Device time per kernel kind over one chunk (events around every launch)."""
     import pycuda.driver as drv
-    from gpt2job.settings import GenerationSettings
-    from gpt2job.model.config import PRESETS
+    from gpt2job.backends import compute
     from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
+    from gpt2job.settings import GenerationSettings
     params = random_params(PRESETS["gpt2"], 0)
     chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
     for dt in dtypes:
         be = CudaBackend(params, gs, dtype=dt)
         try:
-            be.generate(chunk)
+            compute(be, chunk)
             recs = []
-            k = be.k
-            for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_store", "attention", "attention_prefill", "embed",
-                         "argmax", "argmax_partials", "sample"):
+            k, stream = be.kernels, be.device.compute
+            for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_copy", "attention", "attention_prefill", "embed",
+                         "argmax", "argmax_partials", "sample", "gather_tokens"):
                 orig = getattr(k, name)
 
                 def wrap(*a, _o=orig, _n=name, **kw):
                     e0, e1 = drv.Event(), drv.Event()
-                    e0.record(be.compute)
+                    e0.record(stream)
                     _o(*a, **kw)
-                    e1.record(be.compute)
+                    e1.record(stream)
                     if _n.startswith("gemm"):
                         M, N, K = a[8], a[9], a[10]
                         lab = f"{_n} N={N} K={K} {'prefill' if M > 8192 else 'decode/head'} {k.pick_f16(M, N, a[12], K) if _n == 'gemm_f16' and 'variant' not in kw else ''}"
@@ -154,7 +157,7 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
                     recs.append((lab, e0, e1))
                 setattr(k, name, wrap)
             t = time.perf_counter()
-            be.generate(chunk)
+            compute(be, chunk)
             wall = (time.perf_counter() - t) * 1e3
             tot = {}
             for lab, e0, e1 in recs:
@@ -169,25 +172,26 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
 
 
 def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
-    """configs: (label, dtype, {env var: value}) -- e.g. GPT2JOB_F16_VARIANTS, GPT2JOB_PREFILL_ATTN, GPT2JOB_F32_BK."""
-    from gpt2job.settings import GenerationSettings
-    from gpt2job.model.config import PRESETS
+    """configs: (label, dtype, {KernelOptions field: value}) over the environment's options -- e.g. f16_variants,
+    prefill_attn, f32_bk."""
+    from gpt2job.backends import compute
     from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.backends.cuda.options import KernelOptions
+    from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
+    from gpt2job.settings import GenerationSettings
     params = random_params(PRESETS["gpt2"], 0)
     chunk = w1_chunk() if chunk is None else chunk
     gs = GenerationSettings(max_new_tokens=new, ignore_eos=True)
     out = {}
-    for name, dt, env in configs:
-        saved = {kk: os.environ.get(kk) for kk in env}
-        os.environ.update(env)
-        be = CudaBackend(params, gs, dtype=dt)
+    for name, dt, opts in configs:
+        be = CudaBackend(params, gs, dtype=dt, options=dataclasses.replace(KernelOptions.from_env(), **opts))
         try:
-            be.generate(chunk)                       # warm-up (compiles, allocates)
+            compute(be, chunk)                       # warm-up (compiles, allocates)
             ts = []
             for _ in range(reps):
                 t = time.perf_counter()
-                c = be.generate(chunk)
+                c = compute(be, chunk)
                 ts.append(time.perf_counter() - t)
             dt_s = float(np.median(ts))
             tps = c.n_generated / dt_s
@@ -198,19 +202,14 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
             out[name] = (tps, dt_s * 1e3, c.tokens.copy())
         finally:
             be.close()
-            for kk, v in saved.items():
-                if v is None:
-                    os.environ.pop(kk, None)
-                else:
-                    os.environ[kk] = v
     return out
 
 
-STOP7_F16 = {"GPT2JOB_F16_VARIANTS": "tma128,tma192,tma256,wgmma,t128x128k64s3",
-             "GPT2JOB_FUSE_ARGMAX": "0", "GPT2JOB_TMA_STAGED": "0"}   # the default of stop 7 (commit 8a0e470)
-NO_SHARE = {"GPT2JOB_PREFIX_SHARE": "0"}   # every prompt token computed (no shared-prefix plan)
-NO_STAGED = {"GPT2JOB_TMA_STAGED": "0"}    # no product on the staged-epilogue TMA kernels (the stop-8 picks)
-ARGMAX_MMA = {"GPT2JOB_ARGMAX_VARIANT": "t128x128k64s3"}   # greedy LM head on the mma.sync tiles (the stop-9 pick)
+STOP7_F16 = dict(f16_variants=("tma128", "tma192", "tma256", "wgmma", "t128x128k64s3"),
+                 fuse_argmax=False, tma_staged=False)   # the default of stop 7 (commit 8a0e470)
+NO_SHARE = dict(prefix_share=False)   # every prompt token computed (no shared-prefix plan)
+NO_STAGED = dict(tma_staged=False)    # no product on the staged-epilogue TMA kernels (the stop-8 picks)
+ARGMAX_MMA = dict(argmax_variant="t128x128k64s3")   # greedy LM head on the mma.sync tiles (the stop-9 pick)
 E2E_CONFIGS = [("float32-no-prefix-share", "float32", NO_SHARE),
                ("float32", "float32", {}),
                ("float16-stop7", "float16", STOP7_F16),
@@ -245,14 +244,14 @@ def main():
         bench_e2e([("float16-stop7", "float16", STOP7_F16), ("float16", "float16", {})], new=256, chunk=w2, reps=1,
                   label="W2")
     if rows:
-        from gpt2job.backends.cuda.kernels import F16_VARIANTS
+        from gpt2job.backends.cuda.kernels import F16_TILES
         print("\nTFLOP/s (ours vs cuBLAS); fp32 = FFMA, TF32 off; fp16 per tile variant, best/cuBLAS")
         print(f"{'shape':9s} {'M':>6s} {'ours32':>6s} {'k16':>6s} {'cb32':>6s} "
-              + " ".join(f"{v[:13]:>13s}" for v in F16_VARIANTS) + f" {'cb16':>6s} {'best/cb':>7s}")
+              + " ".join(f"{v[:13]:>13s}" for v in F16_TILES) + f" {'cb16':>6s} {'best/cb':>7s}")
         for name, M, K, N, tf, e32, e16 in rows:
-            best = max(tf[v] for v in F16_VARIANTS)
+            best = max(tf[v] for v in F16_TILES)
             print(f"{name:9s} {M:6d} {tf['ours_f32']:6.1f} {tf['ours_f32_k16']:6.1f} {tf['torch_f32']:6.1f} "
-                  + " ".join(f"{tf[v]:13.1f}" for v in F16_VARIANTS) + f" {tf['torch_f16']:6.1f} "
+                  + " ".join(f"{tf[v]:13.1f}" for v in F16_TILES) + f" {tf['torch_f16']:6.1f} "
                   f"{best / tf['torch_f16']:7.0%}")
     for label, (v, ms, _) in e2e.items():
         print(f"e2e generate {label}: {v:,.0f} generated tok/s, {ms:.1f} ms/chunk (8192 prompts x 16 tokens, 8 new)")

@@ -37,9 +37,10 @@ def main():
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
     try:
-        from gpt2job.backends.cuda.kernels import Kernels
+        from gpt2job.backends.cuda.kernels import F16_TILES, Kernels
+        from gpt2job.backends.cuda.options import KernelOptions
         vs = a.variants.split(",")
-        k = Kernels(0, f16_variants=tuple(vs))
+        k = Kernels(0, KernelOptions(f16_variants=tuple(vs)))
         _, K, N = next(s for s in SHAPES if s[0] == a.shape)
         M = a.m
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -51,10 +52,9 @@ def main():
         flop = 2.0 * M * N * K
         ref = A.float() @ W.float().t() + bias
         if a.mode == 5:   # the greedy LM head: (max, argmax) partials per tile column, then their argmax
-            from gpt2job.backends.cuda.kernels import F16_WN
             want = torch.argmax(A.float() @ W.float().t(), dim=1)
             for v in vs:
-                nch = (N + F16_WN[v] - 1) // F16_WN[v]
+                nch = (N + F16_TILES[v].wn - 1) // F16_TILES[v].wn
                 part = torch.empty(M, nch, 2, device="cuda", dtype=torch.float32)
                 out = torch.empty(M, device="cuda", dtype=torch.int32)
 

@@ -13,15 +13,16 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt2job.chunks import Chunk
-from gpt2job.settings import GenerationSettings
+from gpt2job.backends import compute
 from gpt2job.backends.numpy_backend import NumpyBackend
+from gpt2job.chunks import Chunk
 from gpt2job.model.config import PRESETS
 from gpt2job.model.weights import random_params
+from gpt2job.settings import GenerationSettings
 
 
 def tokens(backend, chunk):
-    comp = backend.generate(chunk)
+    comp = compute(backend, chunk)
     return [comp.row_tokens(i).tolist() for i in range(len(comp.rows))]
 
 

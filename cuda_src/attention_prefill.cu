@@ -1,7 +1,7 @@
 // Tensor-core causal attention for the prefill, fp16, head size 64: flash-attention style, mma.sync m16n8k16 with
 // fp32 accumulation and an fp32 online softmax. Same semantics as attention_grouped_f16 (transformer.cu):
 // query r (columns [0, C) of qkv [R, 3C]) sees keys/values 0..row_pos[r] of cache slot row_slot[r] - slot_base
-// (kc, vc: [slots, S, C]); out[r, hD:(h+1)D] = softmax(scale q.k) @ v. NumPy twin: gpt2job.reference.attention.
+// (kc, vc: [slots, S, C]); out[r, hD:(h+1)D] = softmax(scale q.k) @ v. NumPy twin: gpt2job.model.reference.attention.
 //
 // Work unit: a tile of up to 16 query rows of ONE sequence (one slot), in practice up to 16 consecutive tokens of
 // a prompt; tiles[t] = {first_row, n_rows}, first_row counted from the chunk's first row, the pass's rows (qkv,

@@ -10,7 +10,7 @@
 #define EPI_RESID 3       // out += acc + bias         (out is the fp32 residual stream)
 
 __device__ __forceinline__ float gelu_tanh_f(float x) {
-    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gpt2job.reference.gelu_tanh
+    // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gpt2job.model.reference.gelu_tanh
     const float k = 0.7978845608028654f;
     return 0.5f * x * (1.0f + tanhf(k * (x + 0.044715f * x * x * x)));
 }

@@ -1,8 +1,9 @@
 // Hopper matrix product with TMA loads, an mbarrier pipeline and wgmma (sm_90a): same operands, epilogues and
 // argument list as the templated kernels of gemm_f16.cu (C = epilogue(A[M,K] @ B[N,K]^T + bias), fp16 in, fp32
-// accumulation), plus pointers to two TMA descriptors in global memory in front (gpt2job/tensor_maps.py encodes
-// them on the host and copies them in on the launch's stream: A as [M rows, K] with box 64 x 128, B as [N rows, K]
-// with box 64 x BN, fp16, 128-byte swizzle; rows past M or N and columns past K read as zeros).
+// accumulation), plus pointers to two TMA descriptors in global memory in front (gpt2job/backends/cuda/
+// tensor_maps.py encodes them on the host and copies them in on the launch's stream: A as [M rows, K] with box
+// 64 x 128, B as [N rows, K] with box 64 x BN, fp16, 128-byte swizzle; rows past M or N and columns past K read as
+// zeros).
 //
 // Block tile 128 x BN x 64, BN in {128, 192, 256}; 288 threads: warps 0-7 are two consumer warpgroups (rows 0-63
 // and 64-127 of the tile, wgmma m64nBNk16 with accumulators in registers), warp 8 is the producer (one thread
@@ -64,8 +65,8 @@ __device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.a
 __device__ __forceinline__ void consumers_sync() { asm volatile("bar.sync 1, 256;\n" ::: "memory"); }   // warps 0-7
 
 // staged epilogue: bytes per shared-memory row of the output tile (padding keeps the fragment writes free of bank
-// conflicts: rows 4 (half2) or 8 (float2) banks apart); keep in sync with gpt2job/cuda_kernels.py TMA_STAGED
-// (256-wide float rows get none: 2 stages + 128 KB of rows is all that fits)
+// conflicts: rows 4 (half2) or 8 (float2) banks apart; 256-wide float rows get none: 2 stages + 128 KB of rows is
+// all that fits). The host sizes the kernel's shared memory the same way (_staged_smem, backends/cuda/kernels.py).
 template <int TBN, typename OutT> struct StagedRow {
     static constexpr int bytes = TBN * (int)sizeof(OutT) + (sizeof(OutT) == 2 ? 16 : (TBN == 256 ? 0 : 32));
 };
@@ -244,7 +245,8 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     if (STAGED && have_copies && tid < TMA_BM) bulk_wait_all();   // shared memory stays valid until read
 }
 
-// name: gemm_f16_tma<TBN>[p]_<out> (p: persistent); keep in sync with gpt2job/cuda_kernels.py F16_VARIANTS
+// name: gemm_f16_tma<TBN>[p]_<out> (p: persistent, s: staged); records in
+// gpt2job/backends/cuda/kernels.py F16_TILES
 #define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST) DEF_GEMM_TMA2(NAME, TBN, ST, ST, MINB, PERSIST, false)
 // STH / STF: stages of the half / float output kernel (the staged epilogue's rows take shared memory too)
 #define DEF_GEMM_TMA2(NAME, TBN, STH, STF, MINB, PERSIST, STAGED)                                              \
@@ -256,7 +258,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     { gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
 
 // GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
-// gpt2job/cuda_kernels.py): compile one variant only (they compile in parallel); neither set: all of them
+// gpt2job/backends/cuda/kernels.py): compile one variant only (they compile in parallel); neither set: all of them
 #ifndef GEMM_TMA_PERSIST
 #define GEMM_TMA_PERSIST -1
 #endif
@@ -278,7 +280,7 @@ DEF_GEMM_TMA(gemm_f16_tma192p, 192, 4, 1, true)
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 1)
 DEF_GEMM_TMA(gemm_f16_tma256p, 256, 4, 1, true)
 #endif
-// staged: stages per output type so that stages + staged rows + barriers fit 227 KB (cuda_kernels.TMA_STAGED)
+// staged: stages per output type so that stages + staged rows + barriers fit 227 KB (kernels.py F16_TILES)
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 2)
 DEF_GEMM_TMA2(gemm_f16_tma128s, 128, 5, 4, 1, true, true)
 #endif

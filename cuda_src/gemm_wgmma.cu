@@ -1,7 +1,6 @@
 // Hopper tensor-core matrix product (wgmma, sm_90a): same operands, epilogues and argument list as the
 // templated kernels of gemm_f16.cu (C = epilogue(A[M,K] @ B[N,K]^T + bias), fp16 in, fp32 accumulation).
-// Measured on H100 (benchmarks/kernels_bench.py): 336-438 TFLOP/s at M=131072 (55-60% of cuBLAS); variants with
-// 4 stages / 1 wgmma batch in flight / 128x256 tiles (1 block per SM) were slower (250-410) and were removed.
+// Speed against cuBLAS and the variants tried and dropped: benchmarks/RESULTS.md (Kernels).
 // 128x128x64 block tile, 2 consumer warpgroups (each 64 rows x 128 columns, wgmma m64n128k16, accumulators in
 // registers), 3-stage cp.async pipeline into 128-byte-swizzled shared memory (the layout wgmma's descriptors
 // expect: 16-byte chunk c of row r at chunk c ^ (r & 7), 8-row groups 1024 bytes apart).

@@ -1,4 +1,4 @@
-// Token selection on the GPU, the rules of gpt2job/sampling.py (one block per logits row):
+// Token selection on the GPU, the rules of gpt2job/model/sampling.py (one block per logits row):
 //   argmax_rows: greedy, lowest index on ties.
 //   sample_rows: p = softmax(l / T) in float64; top-k keeps p >= k-th largest p (ties kept);
 //     top-p keeps p >= t where t is the p at which the descending cumulative kept mass first reaches

@@ -1,5 +1,6 @@
-// Per-row kernels of the GPT-2 forward pass: embedding, layer norm, KV-cache store, causal attention.
-// NumPy twins: gpt2job.reference (embed, layer_norm, attention) and tests/test_cuda_kernels.py.
+// Per-row kernels of the GPT-2 forward pass: embedding, layer norm, shared-prefix KV copies, causal attention
+// (keys and values reach the cache from the QKV product's epilogue, EPI_QKV). NumPy twins: gpt2job.model.reference
+// (embed, layer_norm, kv_copy, attention), compared in tests/test_cuda_kernels.py.
 // Suffix _f32: activations float; _f16: activations half (statistics and softmax always in fp32).
 #include "common.cuh"
 
@@ -88,26 +89,10 @@ extern "C" __global__ void layernorm_f16(const float* x, const int* rowidx, int 
                                          __half* out, int R, int C, float eps)
 { layernorm_impl<__half>(x, rowidx, idx_base, w, b, out, R, C, eps); }
 
-// Copy each row's key and value (columns C..2C and 2C..3C of qkv [R, 3C]) into the cache
-// kc, vc: [slots, S, C] at (row_slot[r] - slot_base, row_pos[r]).
-template <typename T>
-__device__ __forceinline__ void kv_store_impl(const T* __restrict__ qkv, const int* __restrict__ row_slot, int slot_base,
-                                              const int* __restrict__ row_pos, T* __restrict__ kc, T* __restrict__ vc,
-                                              int R, int C, int S)
-{
-    const int r = blockIdx.x;
-    if (r >= R) return;
-    const size_t dst = ((size_t)(row_slot[r] - slot_base) * S + row_pos[r]) * C;
-    const T* src = qkv + (size_t)r * 3 * C;
-    for (int c = threadIdx.x; c < C; c += blockDim.x) {
-        kc[dst + c] = src[C + c];
-        vc[dst + c] = src[2 * C + c];
-    }
-}
-
-// Shared prompt prefixes (gpt2job/prefix_share.py): for each entry {dst, src, pos} of ent [n, 3], copy the key and
-// value rows at position pos of cache slot src - slot_base into slot dst - slot_base (kc, vc: [slots, S, C]); a
-// source row is never a destination. One block per entry. NumPy twin: gpt2job.reference.kv_copy.
+// Shared prompt prefixes (gpt2job/backends/cuda/prefix_share.py): for each entry {dst, src, pos} of ent [n, 3],
+// copy the key and value rows at position pos of cache slot src - slot_base into slot dst - slot_base (kc, vc:
+// [slots, S, C]); a source row is never a destination. One block per entry. NumPy twin:
+// gpt2job.model.reference.kv_copy.
 template <typename T>
 __device__ __forceinline__ void kv_copy_impl(const int* __restrict__ ent, int n, int slot_base, T* kc, T* vc, int S,
                                              int C)
@@ -135,14 +120,6 @@ extern "C" __global__ void kv_copy_f32(const int* ent, int n, int slot_base, flo
 
 extern "C" __global__ void kv_copy_f16(const int* ent, int n, int slot_base, __half* kc, __half* vc, int S, int C)
 { kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
-
-extern "C" __global__ void kv_store_f32(const float* qkv, const int* row_slot, int slot_base, const int* row_pos,
-                                        float* kc, float* vc, int R, int C, int S)
-{ kv_store_impl<float>(qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S); }
-
-extern "C" __global__ void kv_store_f16(const __half* qkv, const int* row_slot, int slot_base, const int* row_pos,
-                                        __half* kc, __half* vc, int R, int C, int S)
-{ kv_store_impl<__half>(qkv, row_slot, slot_base, row_pos, kc, vc, R, C, S); }
 
 // Causal attention over the cache, one warp per (query row r, head h); ragged: each row carries its own
 // slot and absolute position p and sees keys 0..p of its slot. Online softmax over 32-key tiles,
@@ -373,19 +350,3 @@ extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_grouped_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
                       const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
 { attention_grouped_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
-
-// Weight conversion helper: out[n, k] = half(in[k, n]) (Conv1D [K, N] fp32 -> K-contiguous fp16 [N, K]).
-extern "C" __global__ void transpose_to_half(const float* __restrict__ in, __half* __restrict__ out, int K, int N)
-{
-    __shared__ float tile[32][33];
-    const int k0 = blockIdx.y * 32, n0 = blockIdx.x * 32;
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int k = k0 + i, n = n0 + threadIdx.x;
-        tile[i][threadIdx.x] = (k < K && n < N) ? in[(size_t)k * N + n] : 0.f;
-    }
-    __syncthreads();
-    for (int i = threadIdx.y; i < 32; i += blockDim.y) {
-        const int n = n0 + i, k = k0 + threadIdx.x;
-        if (n < N && k < K) out[(size_t)n * K + k] = __float2half_rn(tile[threadIdx.x][i]);
-    }
-}

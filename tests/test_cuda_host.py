@@ -1,14 +1,25 @@
-"""Host-side helpers of the CUDA backend (no GPU needed)."""
+"""Host side of the CUDA backend without a GPU: the pure planning (plan.py), the tile picks (picks.py), the kernel
+options, and the kernel registry against the .cu sources (with a stand-in for pycuda and nvcc -E)."""
+import functools
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 import types
 
 import numpy as np
 import pytest
 
-from gpt2job.backends.cuda.backend import PREFILL_TILE_ROWS, kv_groups, prefill_passes, prefill_tiles
+from gpt2job import envs
+from gpt2job.backends.cuda import cuda_src_dir, prefix_share
+from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
+from gpt2job.backends.cuda.picks import TilePicker
+from gpt2job.backends.cuda.plan import (PREFILL_TILE_ROWS, Layout, check_prompts, kv_groups, prefill_passes,
+                                        prefill_tiles)
+from gpt2job.errors import UserError
+from gpt2job.settings import max_prompt_length
 
 
 def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
@@ -57,10 +68,163 @@ def test_prefill_tiles_cover_each_prompt_in_consecutive_tiles():
             np.testing.assert_array_equal(rows, np.arange(offsets[b], offsets[b + 1]))
 
 
-# ---------------------------------------------------------------- Kernels wiring, with a stand-in for pycuda
+def test_prompt_checks_use_the_one_length_rule():
+    n_pos, new = 64, 6
+    longest = max_prompt_length(n_pos, new)
+    assert longest == n_pos - new + 1
+    check_prompts(np.array([1, longest]), np.zeros(longest + 1, np.int32), n_pos, 100, new)
+    with pytest.raises(UserError, match="exceeds"):
+        check_prompts(np.array([longest + 1]), np.zeros(longest + 1, np.int32), n_pos, 100, new)
+    with pytest.raises(UserError, match="no tokens"):
+        check_prompts(np.array([3, 0]), np.zeros(3, np.int32), n_pos, 100, new)
+    with pytest.raises(UserError, match="vocabulary"):
+        check_prompts(np.array([2]), np.array([5, 100], np.int32), n_pos, 100, new)
+    check_prompts(np.zeros(0, np.int64), np.zeros(0, np.int32), n_pos, 100, new)   # an empty chunk
+
+
+@pytest.mark.parametrize("share", [False, True])
+@pytest.mark.parametrize("tiles", [False, True])
+def test_upload_layout_holds_every_part_where_the_device_reads_it(share, tiles):
+    rng = np.random.default_rng(3)
+    stem = rng.integers(0, 50, 6)
+    prompts = [np.concatenate([stem[:rng.integers(1, 7)], rng.integers(0, 50, rng.integers(0, 30))]) for _ in range(41)]
+    lens = np.array([len(p) for p in prompts], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    tokens = np.concatenate(prompts).astype(np.int32)
+    rows = np.arange(41, dtype=np.int64) * 7 + 3
+    sp = prefix_share.plan(offsets, tokens, lambda ls: kv_groups(ls, 4, 1, 10 ** 9)) if share else None
+    assert (sp is not None) == share
+    lay = Layout.of(offsets, lens, tokens, rows, sp, tiles)
+    host = np.full(lay.nbytes + 64, 0xEE, np.uint8)
+    lay.write(host)
+    assert lay.at_rows % 8 == 0 and lay.at_tiles % 8 == 0 and host[lay.nbytes] == 0xEE
+    T, B = lay.T, lay.B
+    w = host[:4 * lay.n32].view(np.int32)
+    off = sp.offsets if share else offsets
+    order = sp.perm if share else np.arange(41)
+    assert T == off[-1] and B == 41 and (T < lens.sum()) == share
+    np.testing.assert_array_equal(w[3 * T:3 * T + B], off[1:] - 1)                         # each prompt's last row
+    np.testing.assert_array_equal(w[3 * T + B:3 * T + 2 * B], np.arange(B))
+    np.testing.assert_array_equal(host[lay.at_rows:lay.at_tiles].view(np.int64), rows[order])
+    for i in range(B):   # computed tokens of prompt i (the plan's order): its last ones, at their positions
+        r = slice(off[i], off[i + 1])
+        p = prompts[order[i]]
+        np.testing.assert_array_equal(w[T:2 * T][r], np.arange(len(p) - (off[i + 1] - off[i]), len(p)))
+        np.testing.assert_array_equal(w[:T][r], p[w[T:2 * T][r]])
+        assert (w[2 * T:3 * T][r] == i).all()
+    np.testing.assert_array_equal(host[lay.at_tiles:lay.at_copies].view(np.int32).reshape(-1, 2),
+                                  prefill_tiles(off)[0] if tiles else np.zeros((0, 2)))
+    np.testing.assert_array_equal(host[lay.at_copies:lay.nbytes].view(np.int32).reshape(-1, 3),
+                                  sp.copies if share else np.zeros((0, 3)))
+
+
+def test_kernel_options_from_the_environment(monkeypatch):
+    monkeypatch.setattr(envs, "_values", {})
+    for name in envs.VARS:
+        monkeypatch.delenv(name, raising=False)
+    assert KernelOptions.from_env() == KernelOptions()
+    monkeypatch.setattr(envs, "_values", {})
+    for name, value in (("GPT2JOB_F16_VARIANTS", "all"), ("GPT2JOB_F32_BK", "8"), ("GPT2JOB_FUSE_ARGMAX", "0"),
+                        ("GPT2JOB_PREFIX_SHARE", "off"), ("GPT2JOB_PREFILL_ATTN", "0"), ("GPT2JOB_TMA_STAGED", "0"),
+                        ("GPT2JOB_TMA_PERSISTENT", "1"), ("GPT2JOB_ARGMAX_VARIANT", "tma192s")):
+        monkeypatch.setenv(name, value)
+    o = KernelOptions.from_env()
+    assert o == KernelOptions(ALL_TILES, "tma192s", 8, False, False, False, False, True)
+    assert o.describe()["f16_variants"] == ["all"] and o.describe()["tma_persistent"] is True
+    monkeypatch.setattr(envs, "_values", {})
+    monkeypatch.setenv("GPT2JOB_F16_VARIANTS", "tma128,,wgmma")
+    monkeypatch.setenv("GPT2JOB_F32_BK", "32")
+    with pytest.raises(UserError, match="GPT2JOB_F32_BK"):
+        KernelOptions.from_env()
+    monkeypatch.setattr(envs, "_values", {})
+    monkeypatch.delenv("GPT2JOB_F32_BK")
+    assert KernelOptions.from_env().f16_variants == ("tma128", "wgmma")
+
+
+# ---------------------------------------------------------------- which fp16 tile runs a product (H100: 132 SMs)
+
+def picker(variants=None, **opts):
+    from gpt2job.backends.cuda.kernels import F16_DEFAULT, F16_TILES
+    return TilePicker(F16_TILES, F16_DEFAULT if variants is None else variants, 132, KernelOptions(**opts))
+
+
+def test_tile_picks_are_the_ones_measured_fastest():
+    # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
+    from gpt2job.backends.cuda.kernels import F16_TILES
+    k = picker()
+    assert k.pick_f16(131072, 2304, True, 768) == "tma192s"
+    assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
+    assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
+    k = picker(tma_staged=False)
+    assert k.pick_f16(131072, 2304, True, 768) == "tma128"
+    assert k.pick_f16(131072, 768, False, 3072) == "tma256"
+    assert k.pick_f16(8192, 768, False, 3072) == "tma192"
+    assert k.pick_f16(8192, 768, False, 768) == "t128x128k64s3"
+    assert k.pick_f16(8192, 2304, True, 768) == "wgmma"
+    assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
+    assert picker(("t128x128k64s3",)).pick_f16(131072, 2304) == "t128x128k64s3"
+    every = tuple(F16_TILES)
+    assert picker(every, tma_staged=False).pick_f16(131072, 3072, True, 768) == "tma128"
+    k = picker(every, tma_staged=False, tma_persistent=True)
+    assert k.pick_f16(131072, 3072, True, 768) == "tma128p"
+    assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
+    k = picker(every)
+    assert k.pick_f16(131072, 2304, True, 768) == "tma192s"
+    assert k.pick_f16(8192, 3072, True, 768) == "tma128"
+    assert k.pick_f16(131072, 768, False, 768) == "tma128s"
+    assert k.pick_f16(8192, 768, False, 768) == "tma192s"
+    assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
+    assert k.pick_f16(4096, 768, False, 3072) == "tma192"          # not measured below 8192 rows
+    assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
+    # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
+    assert picker().pick_argmax(8192, 50257) == "tma192p" and k.pick_argmax(8192, 50257) == "tma192p"
+    assert picker(("tma192s", "tma128")).pick_argmax(8192, 50257) == "tma192s"
+    assert picker(("tma128", "t128x128k64s3")).pick_argmax(8192, 50257) == "t128x128k64s3"
+    assert picker(argmax_variant="tma128s").pick_argmax(8192, 50257) == "tma128s"
+
+
+# ---------------------------------------------------------------- the registry against the .cu, pycuda stood in
+
+
+def _signature(params):
+    """PyCUDA signature letters of a C parameter list."""
+    out = ""
+    for p in params.split(","):
+        words = p.replace("*", " * ").split()
+        types_ = [w for w in words[:-1] if w not in ("const", "__restrict__", "volatile")]
+        if "*" in types_:
+            out += "P"
+        else:
+            out += {"int": "i", "float": "f", "double": "d", "unsigned long long": "Q"}[" ".join(types_)]
+    return out
+
+
+_HEAD = re.compile(r'extern "C" __attribute__\(\(global\)\) void\s*(?:__attribute__\(\(launch_bounds\((.*)\)\)\)\s*)?$')
+
+
+def kernel_in(text, name):
+    """(signature, launch bounds or None) of kernel `name` defined in preprocessed source text."""
+    found = None
+    for m in re.finditer(rf"(?<!\w){name}\s*\(", text):
+        before = text[max(0, m.start() - 400):m.start()]
+        head = _HEAD.search(before[before.rfind('extern "C"'):]) if 'extern "C"' in before else None
+        if head:
+            found = head, m.end()
+    assert found, f"{name} is not in this module"
+    head, start = found
+    depth, i = 1, start
+    while depth:
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        i += 1
+    bounds = None
+    if head.group(1):
+        bounds = tuple(int(eval(x, {"__builtins__": {}})) for x in head.group(1).split(","))
+    return _signature(text[start:i - 1]), bounds
+
 
 class _FakeDrv:
-    """Just enough of pycuda.driver for Kernels.__init__ and pick_f16 without a GPU."""
+    """Just enough of pycuda.driver for Kernels.__init__ without a GPU."""
+    cc = (9, 0)
 
     class device_attribute:
         MULTIPROCESSOR_COUNT = "sm_count"
@@ -70,7 +234,7 @@ class _FakeDrv:
 
     class _Device:
         def compute_capability(self):
-            return (9, 0)
+            return _FakeDrv.cc
 
         def get_attribute(self, attr):
             return 132
@@ -93,33 +257,32 @@ class _FakeDrv:
         return np.empty(n, dtype)
 
     class _Function:
-        def __init__(self, name):
+        def __init__(self, name, text):
             self.name = name
-            self.sig = None
+            self.parsed_sig, self.bounds = kernel_in(text, name)
+            self.sig = self.smem = None
 
         def prepare(self, sig):
+            assert sig == self.parsed_sig, f"{self.name}: registry signature {sig}, the .cu says {self.parsed_sig}"
             self.sig = sig
 
         def set_attribute(self, attr, value):
-            pass
+            self.smem = value
 
     class _Module:
         def __init__(self, text):
             self.text = text
 
         def get_function(self, name):
-            assert re.search(rf"(?<!\w){name}\s*\(", self.text), f"{name} is not in this module"
-            return _FakeDrv._Function(name)
+            return _FakeDrv._Function(name, self.text)
 
     @staticmethod
     def module_from_buffer(text):
         return _FakeDrv._Module(text)
 
 
-def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
-    """nvcc -E of the source with the job's defines: what the module would define."""
-    import subprocess
-    import tempfile
+@functools.lru_cache(maxsize=None)
+def _preprocess_text(src, arch, options, include_dirs):
     with tempfile.NamedTemporaryFile("w", suffix=".cu", delete=False) as fh:
         fh.write(src)
     r = subprocess.run(["nvcc", "-E", "-x", "cu", f"-arch={arch}", *options, *[f"-I{d}" for d in include_dirs],
@@ -129,8 +292,13 @@ def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
     return r.stdout
 
 
-@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
-def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, tmp_path):
+def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
+    """nvcc -E of the source with the job's defines: what the module would define."""
+    return _preprocess_text(src, arch, tuple(options), tuple(include_dirs))
+
+
+@pytest.fixture
+def ck(monkeypatch, tmp_path):
     fake_pycuda = types.ModuleType("pycuda")
     fake_compiler = types.ModuleType("pycuda.compiler")
     fake_compiler.compile = _preprocess
@@ -139,54 +307,69 @@ def test_kernels_find_every_kernel_in_its_module_and_pick_products(monkeypatch, 
     monkeypatch.setitem(sys.modules, "pycuda", fake_pycuda)
     monkeypatch.setitem(sys.modules, "pycuda.driver", _FakeDrv)
     monkeypatch.setitem(sys.modules, "pycuda.compiler", fake_compiler)
-    monkeypatch.delitem(sys.modules, "gpt2job.backends.cuda.kernels", raising=False)
-    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
     import gpt2job.backends.cuda.kernels as ck
-    try:
-        k = ck.Kernels(0)                       # the default variants of a Hopper GPU
-        assert k.f16_variants == ck.F16_DEFAULT
-        tma_jobs = {ck.variant_module(v) for v in ck.F16_VARIANTS if ck.F16_VARIANTS[v][0] == -2}
-        assert len({j[0] for j in tma_jobs}) == 9 and all(j[2] for j in tma_jobs)   # one module per TMA variant
-        for v in ck.F16_VARIANTS:   # every kernel's shared memory fits an H100 block (227 KB)
-            if ck.F16_VARIANTS[v][0] == -2:
-                assert max(ck.f16_smem(v, True), ck.f16_smem(v, False)) <= 227 * 1024, v
-        assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
-        # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
-        assert k.tma_staged and k.pick_f16(131072, 2304, True, 768) == "tma192s"
-        assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
-        assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
-        k.tma_staged = False                                            # GPT2JOB_TMA_STAGED=0
-        assert k.pick_f16(131072, 2304, True, 768) == "tma128"
-        assert k.pick_f16(131072, 768, False, 3072) == "tma256"
-        assert k.pick_f16(8192, 768, False, 3072) == "tma192"
-        assert k.pick_f16(8192, 768, False, 768) == "t128x128k64s3"
-        assert k.pick_f16(8192, 2304, True, 768) == "wgmma"
-        assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
-        assert ck.Kernels(0, f16_variants=("t128x128k64s3",)).pick_f16(131072, 2304) == "t128x128k64s3"
-        every = ck.Kernels(0, f16_variants=tuple(ck.F16_VARIANTS))   # every variant's kernels in its module
-        every.tma_staged = False
-        assert every.pick_f16(131072, 3072, True, 768) == "tma128"
-        every.tma_persistent = True                                     # GPT2JOB_TMA_PERSISTENT=1
-        assert every.pick_f16(131072, 3072, True, 768) == "tma128p"
-        assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"
-        every.tma_persistent, every.tma_staged = False, True            # GPT2JOB_TMA_STAGED=1
-        assert every.pick_f16(131072, 2304, True, 768) == "tma192s"
-        assert every.pick_f16(8192, 3072, True, 768) == "tma128"
-        assert every.pick_f16(131072, 768, False, 768) == "tma128s"
-        assert every.pick_f16(8192, 768, False, 768) == "tma192s"
-        assert every.pick_f16(8192, 768, False, 3072) == "tma128s"
-        assert every.pick_f16(4096, 768, False, 3072) == "tma192"          # not measured below 8192 rows
-        assert every.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
-        # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
-        assert k.pick_argmax(8192, 50257) == "tma192p" and every.pick_argmax(8192, 50257) == "tma192p"
-        assert ck.Kernels(0, f16_variants=("tma192s", "tma128")).pick_argmax(8192, 50257) == "tma192s"
-        assert ck.Kernels(0, f16_variants=("tma128", "t128x128k64s3")).pick_argmax(8192, 50257) == "t128x128k64s3"
-        k.argmax_forced = "tma128s"                                     # GPT2JOB_ARGMAX_VARIANT=tma128s
-        assert k.pick_argmax(8192, 50257) == "tma128s"
-        for bad in ("tma128x", "tma256s"):   # misspelt; not compiled by default
-            monkeypatch.setenv("GPT2JOB_ARGMAX_VARIANT", bad)
-            with pytest.raises(ValueError, match="GPT2JOB_ARGMAX_VARIANT"):
-                ck.Kernels(0)
-        monkeypatch.delenv("GPT2JOB_ARGMAX_VARIANT")
-    finally:
-        sys.modules.pop("gpt2job.backends.cuda.kernels", None)
+    monkeypatch.setattr(ck, "cache_dir", lambda local_rank=0: str(tmp_path))
+    return ck
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch):
+    every = ck.Kernels(0, KernelOptions(f16_variants=ALL_TILES))   # every kernel in its module, signature checked
+    assert every.f16_variants == tuple(ck.F16_TILES)
+    assert len({t.module for t in ck.F16_TILES.values()}) == len(ck.F16_TILES)   # one module each: parallel nvcc
+    for k in ck.KERNELS:   # the block size is the kernel's __launch_bounds__ where it declares one
+        bounds = every.funcs[k.name].bounds
+        assert bounds is None or bounds[0] == k.threads, k.name
+    src = cuda_src_dir()
+    text = {f: open(os.path.join(src, f)).read() for f in ("gemm_f16.cu", "gemm_tma.cu", "gemm_wgmma.cu")}
+    seen = set()
+    for part, name, bm, bn, bk, wm, wn, st, minb in re.findall(
+            r"GEMM_F16_PART == (\d+)\nDEF_GEMM_F16\(gemm_f16_(\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)",
+            text["gemm_f16.cu"]):
+        bm, bn, bk, wm, wn, st = map(int, (bm, bn, bk, wm, wn, st))
+        t = ck.F16_TILES[name]
+        assert (t.family, t.bm, t.bn, t.wn, t.threads) == ("mma", bm, bn, wn, (bm // wm) * (bn // wn) * 32), name
+        assert t.smem_half == t.smem_float == (bm + bn) * bk * 2 * st and t.defines == (f"-DGEMM_F16_PART={part}",)
+        seen.add(name)
+    for bn_, p_, name, tbn, sth, stf, minb, persist, staged in re.findall(
+            r"GEMM_TMA_BN == (\d+) && GEMM_TMA_PERSIST == (\d)\)\nDEF_GEMM_TMA2?\(gemm_f16_(\w+), (\d+), (\d+), "
+            r"(?:(\d+), )?(\d+), (true|false)(?:, (true|false))?\)", text["gemm_tma.cu"]):
+        t = ck.F16_TILES[name]
+        tbn, sth, minb = int(tbn), int(sth), int(minb)
+        stf = int(stf) if stf else sth
+        assert t.defines == (f"-DGEMM_TMA_BN={bn_}", f"-DGEMM_TMA_PERSIST={p_}") and int(bn_) == tbn == t.bn == t.wn
+        assert (t.family, t.threads, t.persistent, t.blocks_per_sm) == ("tma", 288, persist == "true", minb), name
+        if staged == "true":
+            assert (t.smem_half, t.smem_float) == (ck._staged_smem(tbn, sth, True), ck._staged_smem(tbn, stf, False))
+        else:
+            assert t.smem_half == t.smem_float == sth * (128 + tbn) * 64 * 2 + 1024 + 64, name
+        assert max(t.smem_half, t.smem_float) <= 227 * 1024, name   # fits an H100 block
+        seen.add(name)
+    d = dict(re.findall(r"#define (WG_\w+) (\d+)", text["gemm_wgmma.cu"]))
+    t = ck.F16_TILES["wgmma"]
+    assert (t.bm, t.bn, t.wn) == (int(d["WG_BM"]), int(d["WG_BN"]), int(d["WG_BN"]))
+    assert t.smem_half == (int(d["WG_BM"]) + int(d["WG_BN"])) * int(d["WG_BK"]) * 2 * int(d["WG_ST"]) + 1024
+    assert seen | {"wgmma"} == set(ck.F16_TILES)
+    for t in ck.F16_TILES.values():
+        for out_half in (True, False):
+            f = every.funcs[t.kernel(out_half)]
+            assert f.bounds[0] == t.threads and f.smem == (t.smem(out_half) if t.smem(out_half) > 48 * 1024 else None)
+            if t.family == "tma":
+                assert f.bounds[1] == t.blocks_per_sm
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
+    k = ck.Kernels(0)                       # the default variants of a Hopper GPU
+    assert k.f16_variants == ck.F16_DEFAULT and k.tmaps is not None
+    assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
+    assert k.pick_f16(131072, 2304, True, 768) == "tma192s" and k.pick_argmax(8192, 50257) == "tma192p"
+    monkeypatch.setattr(_FakeDrv, "cc", (8, 0))
+    k = ck.Kernels(0)                       # elsewhere mma.sync only, no TMA descriptors
+    assert k.f16_variants == ck.F16_DEFAULT_NOT_HOPPER and k.tmaps is None
+    assert "gemm_f16_tma128_outh" not in k.funcs
+    for bad in ("tma128x", "tma256s"):   # misspelt; not compiled by default
+        with pytest.raises(ValueError, match="GPT2JOB_ARGMAX_VARIANT"):
+            ck.Kernels(0, KernelOptions(f16_variants=ck.F16_DEFAULT, argmax_variant=bad))
+    with pytest.raises(ValueError, match="unknown fp16 GEMM variant"):
+        ck.Kernels(0, KernelOptions(f16_variants=("v0",)))

@@ -10,13 +10,13 @@ import pytest
 
 drv = pytest.importorskip("pycuda.driver")
 
-from gpt2job.model import reference
-from gpt2job import sampling  # noqa: E402
-from gpt2job.chunks import Chunk
-from gpt2job.settings import GenerationSettings
+from gpt2job.backends import compute
+from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.numpy_backend import NumpyBackend
+from gpt2job.chunks import Chunk
+from gpt2job.model import reference, sampling
 from gpt2job.model.config import GPT2Config
-from gpt2job.settings import SamplingSettings
+from gpt2job.settings import GenerationSettings, SamplingSettings
 
 try:
     drv.init()
@@ -29,10 +29,10 @@ if _NGPU == 0:
 
 @pytest.fixture(scope="module")
 def K():
-    from gpt2job.backends.cuda.kernels import F16_VARIANTS, Kernels
+    from gpt2job.backends.cuda.kernels import Kernels
     ctx = drv.Device(0).make_context()
     try:
-        yield Kernels(0, f16_variants=tuple(F16_VARIANTS))
+        yield Kernels(0, KernelOptions(f16_variants=ALL_TILES))
     finally:
         ctx.pop()
         ctx.detach()
@@ -127,7 +127,7 @@ def test_gemm_f32_qkv_into_cache(K, C, R):
     slot, pos = (cells // S).astype(np.int32), (cells % S).astype(np.int32)
     out = poisoned((R, 3 * C), np.float32)
     kc, vc = poisoned((nsl, S, C), np.float32), poisoned((nsl, S, C), np.float32)
-    K.gemm_f32(None, gpu(A), C, gpu(W), 3 * C, out, 3 * C, gpu(bias), R, 3 * C, C, 4,
+    K.gemm_f32(None, gpu(A), C, gpu(W), 3 * C, out, 3 * C, gpu(bias), R, 3 * C, C, EPI_QKV,
                qkv=(gpu(slot + base), gpu(pos), base, S, kc, vc, C))
     ref = A.astype(np.float64) @ W.astype(np.float64) + bias
     got = back(out, (R, 3 * C), np.float32)
@@ -154,15 +154,9 @@ def test_gemm_f32_padded_ld_no_bias(K):
 F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64)]
 
 
-def _f16_variants():
-    from gpt2job.backends.cuda.kernels import F16_VARIANTS
-    return list(F16_VARIANTS)
+from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_QKV, F16_TILES  # noqa: E402
 
-
-try:
-    _VARIANTS = _f16_variants()
-except Exception:  # pragma: no cover
-    _VARIANTS = ["v0"]
+_VARIANTS = list(F16_TILES)
 
 
 def check_gemm_f16(K, M, N, Kd, mode, out_half, variant):
@@ -196,7 +190,7 @@ def test_gemm_f16_tma_many_tiles_per_block(K, variant, mode, out_half):
     check_gemm_f16(K, 4100, 2312, 768, mode, out_half, variant)
 
 
-@pytest.mark.parametrize("variant", [v for v in _VARIANTS if v != "v0"])
+@pytest.mark.parametrize("variant", _VARIANTS)
 @pytest.mark.parametrize("C,R", [(64, 77), (768, 300), (40, 1)])
 def test_gemm_f16_qkv_into_cache(K, variant, C, R):
     """EPI_QKV: q columns to the output, k/v columns scattered into the cache at (slot - base, pos)."""
@@ -209,7 +203,7 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
     slot, pos = (cells // S).astype(np.int32), (cells % S).astype(np.int32)
     out = poisoned((R, 3 * C), np.float16)
     kc, vc = poisoned((nsl, S, C), np.float16), poisoned((nsl, S, C), np.float16)
-    K.gemm_f16(None, gpu(A), C, gpu(np.ascontiguousarray(W.T)), C, out, 3 * C, gpu(bias), R, 3 * C, C, 4, True,
+    K.gemm_f16(None, gpu(A), C, gpu(np.ascontiguousarray(W.T)), C, out, 3 * C, gpu(bias), R, 3 * C, C, EPI_QKV, True,
                variant=variant, qkv=(gpu(slot + base), gpu(pos), base, S, kc, vc, C))
     ref = A.astype(np.float64) @ W.astype(np.float64) + bias
     got = back(out, (R, 3 * C), np.float16)
@@ -228,7 +222,6 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
 @pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8), (1100, 5000, 64)])
 def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties)."""
-    from gpt2job.backends.cuda.kernels import EPI_ARGMAX, F16_WN
     A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
     W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
     W[:, N - 1] = W[:, N // 2]            # exact duplicate columns: ties must go to the lower index
@@ -238,7 +231,7 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     logits = poisoned((M, N), np.float32)
     K.gemm_f16(None, gA, Kd, gW, Kd, logits, N, None, M, N, Kd, 0, False, variant=variant)
     ref = np.argmax(back(logits, (M, N), np.float32), axis=-1)
-    nch = (N + F16_WN[variant] - 1) // F16_WN[variant]
+    nch = (N + F16_TILES[variant].wn - 1) // F16_TILES[variant].wn
     part = poisoned((M, nch + 3, 2), np.float32)
     K.gemm_f16(None, gA, Kd, gW, Kd, part, nch + 3, None, M, N, Kd, EPI_ARGMAX, False, variant=variant)
     out = poisoned(M, np.int32)
@@ -280,14 +273,15 @@ def test_embed(K):
 @pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
                                           (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])
-def test_kv_store_and_attention(K, H, D, grouped, half):
-    """Ragged prefill of several prompts, then one decode step, against reference.attention."""
+def test_attention(K, H, D, grouped, half):
+    """Ragged prefill of several prompts, then one decode step, against reference.attention (each row's key and
+    value put into the cache first, as the QKV product's EPI_QKV epilogue does)."""
     C = H * D
     lens = RNG.integers(1, 70, 5)
     nsl, S = len(lens), int(lens.max()) + 2
     dt = np.float16 if half else np.float32
     scale = 1.0 / math.sqrt(D) / 3.0
-    kc, vc = poisoned((nsl, S, C), dt), poisoned((nsl, S, C), dt)
+    kc_h, vc_h = np.full((nsl, S, C), np.nan, dt), np.full((nsl, S, C), np.nan, dt)
     ref_k = np.zeros((nsl, H, S, D), np.float32)
     ref_v = np.zeros((nsl, H, S, D), np.float32)
     slot_base = 10
@@ -300,10 +294,11 @@ def test_kv_store_and_attention(K, H, D, grouped, half):
             pos = lens[seq]
         R = len(seq)
         qkv = RNG.standard_normal((R, 3 * C), dtype=np.float32).astype(dt)
+        kc_h[seq, pos], vc_h[seq, pos] = qkv[:, C:2 * C], qkv[:, 2 * C:]
         g_qkv, g_seq, g_pos = gpu(qkv), gpu((seq + slot_base).astype(np.int32)), gpu(pos.astype(np.int32))
         out = poisoned((R, C), dt)
-        K.kv_store(None, half, g_qkv, g_seq, slot_base, g_pos, kc, vc, R, C, S)
-        K.attention(None, half, g_qkv, kc, vc, g_seq, slot_base, g_pos, out, R, H, D, S, scale, grouped=grouped)
+        K.attention(None, half, g_qkv, gpu(kc_h), gpu(vc_h), g_seq, slot_base, g_pos, out, R, H, D, S, scale,
+                    grouped=grouped)
         got = back(out, (R, C), dt).astype(np.float32)
         q32 = qkv.astype(np.float32)
         for r in range(R):
@@ -323,7 +318,7 @@ def test_attention_prefill(K, H, pb0, pb1):
     """Tensor-core prefill attention (fp16, D = 64): one KV group of ragged prompts 1..7 (slot_base 1), one pass of
     whole prompts pb0..pb1-1 (rows from chunk row offsets[pb0]), against reference.attention. The cache past the
     written positions and the output (rows past the pass too) are poisoned with NaN."""
-    from gpt2job.backends.cuda.backend import prefill_tiles
+    from gpt2job.backends.cuda.plan import prefill_tiles
     D = 64
     C = H * D
     lens = np.array([3, 1, 15, 16, 17, 33, 200, 2])
@@ -435,6 +430,28 @@ def assert_same(a, b):
 LENS = [1, 5, 12, 3, 9, 16, 2, 7, 11, 4]
 
 
+def run_like_a_worker(be, chunks):
+    """Completions of chunks computed as a worker does: one chunk submitted while the GPU is idle, more at the
+    pauses where it computes (two submitted at most), so each next upload overlaps the compute."""
+    waiting, out, in_flight = list(chunks), [], 0
+    while waiting or in_flight:
+        if not in_flight:
+            be.submit(waiting.pop(0))
+            in_flight = 1
+        steps = be.run()
+        while True:
+            try:
+                pause = next(steps)
+            except StopIteration as done:
+                out.append(done.value)
+                in_flight -= 1
+                break
+            while pause.submit and waiting and in_flight < 2:
+                be.submit(waiting.pop(0))
+                in_flight += 1
+    return out
+
+
 @pytest.mark.parametrize("sampling_", [SamplingSettings(), SamplingSettings(0.9, 20, 0.9, 11),
                                        SamplingSettings(1.0, 0, 1.0, 3)])
 @pytest.mark.parametrize("variant", ["plain", "inv_layer_scale", "gelu_exact", "lm_head", "small_budgets"])
@@ -450,36 +467,38 @@ def test_backend_matches_numpy_float32(sampling_, variant):
         params.lm_head = np.random.default_rng(5).standard_normal(params.wte.shape).astype(np.float32) * 0.3
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=False, eos_token_id=999, sampling=sampling_)
     chunk = make_chunk(LENS, params.config.vocab_size, seed=2)
-    ref = NumpyBackend(params, gs).generate(chunk)
+    ref = compute(NumpyBackend(params, gs), chunk)
     # make one sequence stop early: its 2nd generated token becomes EOS
     eos = int(ref.row_tokens(0)[1])
     gs = dataclasses.replace(gs, eos_token_id=eos)
-    ref = NumpyBackend(params, gs).generate(chunk)
+    ref = compute(NumpyBackend(params, gs), chunk)
     kw = dict(max_prefill_rows=20, head_rows=3) if variant == "small_budgets" else {}
     be = CudaBackend(params, gs, dtype="float32", **kw)
     try:
         if variant == "small_budgets":
-            be.kv_budget = 1     # one sequence per group
-        got = be.generate(chunk)
+            be.runner.kv_budget = 1     # one sequence per group
+        got = compute(be, chunk)
     finally:
         be.close()
     assert (ref.finish == 1).any()
     assert_same(got, ref)
 
 
-def test_backend_float16_close_and_generate_many():
+def test_backend_float16_close_and_overlapped_chunks():
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(3)
     gs = GenerationSettings(max_new_tokens=5, ignore_eos=True)
     chunks = [make_chunk(LENS, 1000, seed=s, chunk_id=s) for s in range(3)]
-    refs = [NumpyBackend(params, gs).generate(c) for c in chunks]
+    refs = [compute(NumpyBackend(params, gs), c) for c in chunks]
     be = CudaBackend(params, gs, dtype="float16")
     try:
-        outs = list(be.generate_many(chunks))
+        outs = run_like_a_worker(be, chunks)
         assert len(be.timeline) == 3
         for e in be.timeline:
             assert e["upload"][0] <= e["upload"][1] and e["compute"][0] <= e["compute"][1]
-        assert "GPU" in be.describe()["device"] or be.describe()["device"]
+        assert be.timeline[1]["upload"][1] <= be.timeline[0]["compute"][1]   # uploaded while chunk 0 computed
+        info = be.describe()
+        assert info["device"] and info["kernel_options"]["fuse_argmax"] is True
     finally:
         be.close()
     first = np.array([o.row_tokens(i)[0] for o in outs for i in range(len(LENS))])
@@ -536,12 +555,12 @@ def test_backend_shared_prefixes_match_full_prefill(dtype, small):
     chunk = Chunk(3, np.arange(100, 100 + len(prompts)), offsets, np.concatenate(prompts).astype(np.int32))
     got, shared = {}, {}
     for share in (False, True):
-        be = CudaBackend(params, gs, dtype=dtype, **(dict(max_prefill_rows=60) if small else {}))
+        be = CudaBackend(params, gs, dtype=dtype, options=KernelOptions(prefix_share=share),
+                         **(dict(max_prefill_rows=60) if small else {}))
         try:
-            be.prefix_share = share
             if small:   # groups of about 8 prompts
-                be.kv_budget = 8 * (int(lens.max()) + 5) * 2 * params.config.n_layer * params.config.n_embd * be.elt
-            got[share] = be.generate(chunk)
+                be.runner.kv_budget = 8 * (int(lens.max()) + 5) * be.model.kv_bytes_per_position()
+            got[share] = compute(be, chunk)
             shared[share] = be.timeline[-1]["shared_prefix_tokens"]
         finally:
             be.close()
@@ -549,7 +568,7 @@ def test_backend_shared_prefixes_match_full_prefill(dtype, small):
     assert np.array_equal(got[True].rows, chunk.rows)
     if dtype == "float32":
         assert_same(got[True], got[False])
-        assert_same(got[True], NumpyBackend(params, gs).generate(chunk))
+        assert_same(got[True], compute(NumpyBackend(params, gs), chunk))
     else:
         assert (got[True].tokens == got[False].tokens).mean() >= 0.97
 
@@ -566,15 +585,15 @@ def test_backend_shared_prefixes_keep_each_rows_sampling_seed():
     chunk = Chunk(0, np.arange(7, 7 + len(prompts)), offsets, np.concatenate(prompts).astype(np.int32))
     be = CudaBackend(params, gs, dtype="float32")
     try:
-        got = be.generate(chunk)
+        got = compute(be, chunk)
         assert be.timeline[-1]["shared_prefix_tokens"] > 0
     finally:
         be.close()
-    assert_same(got, NumpyBackend(params, gs).generate(chunk))
+    assert_same(got, compute(NumpyBackend(params, gs), chunk))
 
 
 @pytest.mark.parametrize("vocab", [1000, 50257])
-def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, vocab):
+def test_backend_float16_fused_argmax_head_equals_logits_argmax(vocab):
     """Greedy fp16: the LM head with the (max, argmax) epilogue (the default) gives exactly the tokens of the LM head
     writing logits + the argmax kernel (GPT2JOB_FUSE_ARGMAX=0), over several head groups (head_rows=3)."""
     from gpt2job.backends.cuda.backend import CudaBackend
@@ -582,15 +601,14 @@ def test_backend_float16_fused_argmax_head_equals_logits_argmax(monkeypatch, voc
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=True)
     chunk = make_chunk(LENS, vocab, seed=7)
     toks = {}
-    for fuse in ("0", "1"):
-        monkeypatch.setenv("GPT2JOB_FUSE_ARGMAX", fuse)
-        be = CudaBackend(params, gs, dtype="float16", head_rows=3)
+    for fuse in (False, True):
+        be = CudaBackend(params, gs, dtype="float16", head_rows=3, options=KernelOptions(fuse_argmax=fuse))
         try:
-            assert (be._argmax_variant(3) is not None) == (fuse == "1")
-            toks[fuse] = be.generate(chunk).tokens
+            assert (be.model.p.argmax_tile(3, vocab, params.config.n_embd) is not None) == fuse
+            toks[fuse] = compute(be, chunk).tokens
         finally:
             be.close()
-    np.testing.assert_array_equal(toks["1"], toks["0"])
+    np.testing.assert_array_equal(toks[True], toks[False])
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -611,7 +629,7 @@ def test_last_logits_match_reference_prefill(dtype):
     assert rel(again, got[3:5]) < 1e-6
 
 
-def test_backend_float16_prefill_attention_kernel(monkeypatch):
+def test_backend_float16_prefill_attention_kernel():
     """fp16 with head size 64: the tensor-core prefill attention against GPT2JOB_PREFILL_ATTN=0 (the per-row kernel)
     and the reference, in last_logits and generate; small prefill passes start mid-chunk."""
     from gpt2job.backends.cuda.backend import CudaBackend
@@ -624,15 +642,15 @@ def test_backend_float16_prefill_attention_kernel(monkeypatch):
     gs = GenerationSettings(max_new_tokens=4, ignore_eos=True)
     chunk = make_chunk(lens, 1000, seed=7)
     res = {}
-    for flag in ("1", "0"):
-        monkeypatch.setenv("GPT2JOB_PREFILL_ATTN", flag)
-        be = CudaBackend(params, gs, dtype="float16", max_prefill_rows=40, head_rows=3)
+    for flag in (True, False):
+        be = CudaBackend(params, gs, dtype="float16", max_prefill_rows=40, head_rows=3,
+                         options=KernelOptions(prefill_attn=flag))
         try:
-            assert be.prefill_attn == (flag == "1")
-            res[flag] = (be.last_logits(prompts), be.generate(chunk))
+            assert be.model.prefill_attn == flag
+            res[flag] = (be.last_logits(prompts), compute(be, chunk))
         finally:
             be.close()
-    (lg_on, out_on), (lg_off, out_off) = res["1"], res["0"]
+    (lg_on, out_on), (lg_off, out_off) = res[True], res[False]
     assert np.isfinite(lg_on).all()
     assert rel(lg_on, ref) < 3e-3 and rel(lg_on, lg_off) < 3e-3
     first_on = np.array([out_on.row_tokens(i)[0] for i in range(len(lens))])

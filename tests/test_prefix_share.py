@@ -1,5 +1,5 @@
-"""Shared prompt prefixes (gpt2job.backends.cuda.prefix_share): the plan computes each prefix once and copies the rest, and the
-copies rebuild exactly the key/value caches of computing every prompt in full (NumPy reference model)."""
+"""Shared prompt prefixes (gpt2job.backends.cuda.prefix_share): the plan computes each prefix once and copies the
+rest, and the copies rebuild exactly the key/value caches of computing every prompt in full (NumPy reference model)."""
 import numpy as np
 import pytest
 
@@ -82,7 +82,7 @@ def test_plan_declines_when_little_is_shared():
 def test_plan_declines_when_its_order_needs_more_kv_groups():
     """4 long and 12 short prompts with one stem: in the chunk's order (longest first) their caches fit 2 KV groups;
     in lexicographic order the lengths mix, every group needs the long cache, and 4 groups would be needed."""
-    from gpt2job.backends.cuda.backend import kv_groups
+    from gpt2job.backends.cuda.plan import kv_groups
     rng = np.random.default_rng(4)
     stem = rng.integers(0, 50, 6)
     prompts = ([np.concatenate([stem, rng.integers(0, 50, 40)]) for _ in range(4)] +

@@ -8,8 +8,8 @@ LM head reads it); positions below skip[i] are copied, layer by layer, from the 
 computed them, after the QKV product and before attention (cuda_src/transformer.cu kv_copy). A KV group (the
 prompts whose caches are on the GPU together) starts with skip = 0: nothing is copied across groups.
 
-Pure NumPy, no GPU: the CUDA backend builds a plan per chunk (CudaBackend.submit) and uses it when it saves enough.
-On the seed workload (8,192 prompts x 16 tokens) 27% of the prefill tokens repeat a prefix already computed.
+Pure NumPy, no GPU: the CUDA backend builds a plan per chunk (Runner.prepare) and uses it when it saves enough
+(on the seed workload about a quarter of the prefill tokens: benchmarks/RESULTS.md).
 """
 from dataclasses import dataclass
 
@@ -66,7 +66,7 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     than min_saving of the prefill tokens, or when its order needs more KV groups than the chunk's own order (a
     group's cache is as long as its longest prompt, and the lexicographic order mixes lengths: more groups mean
     smaller decode batches). groups_of(lens) -> [(b0, b1)]: the KV groups for prompts of these lengths in this
-    order (cuda_backend.kv_groups)."""
+    order (plan.kv_groups)."""
     offsets = np.asarray(offsets, np.int64)
     tokens = np.asarray(tokens, np.int32)
     lens0 = np.diff(offsets)

@@ -1,0 +1,31 @@
+"""The CUDA backend: GPT-2 on one GPU with our own kernels (cuda_src/*.cu, compiled at run time by PyCUDA).
+
+Objects, each calling only the ones below it (none calls back into its owner):
+  backend.py       CudaBackend: the Backend a worker drives (submit, run, warm_up); builds and ties the others
+  runner.py        Runner: a chunk's plan and upload (submit), its KV groups, prefill passes and decode loop (run)
+  model.py         Model: the weights on the GPU, the forward pass, ln_f + LM head + token selection
+  device.py        Device: GPU choice, context, streams, memory budget, buffer pool, pinned host buffers
+  kernels.py       the kernel registry (one record per kernel and fp16 tile variant) and the launchers
+  picks.py         which fp16 tile variant runs a product of a given shape
+  options.py       KernelOptions: the kernel A/B switches (speed, not the model), read from GPT2JOB_* once
+  plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
+  prefix_share.py  pure NumPy: which prompt prefixes a chunk computes once
+  tensor_maps.py   TMA descriptors of the Hopper products
+Only device.py and kernels.py import pycuda, and only when a backend is built.
+"""
+import importlib.util
+import os
+
+import gpt2job
+
+
+def cuda_src_dir():
+    """The folder of the kernel sources: the installed package's gpt2job/cuda_src (pip install ., a wheel),
+    else the repository's cuda_src/ (a checkout, an editable install)."""
+    spec = importlib.util.find_spec("gpt2job.cuda_src")
+    candidates = list(spec.submodule_search_locations or []) if spec is not None else []
+    candidates.append(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(gpt2job.__file__))), "cuda_src"))
+    for d in candidates:
+        if os.path.isfile(os.path.join(d, "common.cuh")):
+            return d
+    raise FileNotFoundError("the CUDA kernel sources (cuda_src/*.cu) are missing; looked in " + ", ".join(candidates))

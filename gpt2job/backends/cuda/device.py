@@ -1,0 +1,165 @@
+"""One GPU as the CUDA backend uses it: chosen from the worker's local rank before CUDA makes a context, two streams
+(compute; copy for uploads), the device memory left for the KV cache, a pool of named device buffers, the pinned
+host buffers of chunk uploads and of the decode steps, and the release of it all (close)."""
+import os
+
+import numpy as np
+
+from gpt2job.errors import UserError
+
+
+class Upload:
+    """A pinned host buffer + device buffer pair for one in-flight chunk upload."""
+
+    def __init__(self):
+        self.host = None
+        self.dev = None
+        self.nbytes = 0
+        self.busy = False
+        self.done_evt = None   # recorded when the copy finished (host buffer reusable)
+
+    def reserve(self, drv, nbytes):
+        """Room for at least nbytes (a smaller buffer pair is replaced by one of exactly nbytes)."""
+        if self.nbytes >= nbytes:
+            return
+        if self.dev is not None:
+            self.dev.free()
+        self.host, self.dev = drv.pagelocked_empty(nbytes, np.uint8), drv.mem_alloc(nbytes)
+        self.nbytes = nbytes
+
+
+class Device:
+    def __init__(self, local_rank=0, share_gpus=False):
+        # every kernel of a module is loaded with the module (before the worker reports ready), not at its first
+        # launch inside the first chunk (CUDA's default is lazy loading); read when CUDA initialises
+        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+        import pycuda.driver as drv
+        self.drv = drv
+        drv.init()
+        count = drv.Device.count()
+        if count == 0:
+            raise UserError("no CUDA GPU is visible", None, "backend", "use --backend numpy or run on a GPU node")
+        if local_rank >= count and not share_gpus:
+            raise UserError(f"worker #{local_rank + 1} on this node, but the node has only {count} GPU(s)", None,
+                            "-np", f"start at most {count} worker(s) per node (the master, rank 0, needs no GPU "
+                                   f"of its own: mpirun -np {count + 1} on one node), or pass --share-gpus")
+        self.share_gpus = share_gpus
+        self.gpu_index = local_rank % count
+        self.dev = drv.Device(self.gpu_index)
+        self.ctx = self.dev.make_context()
+        self._owned = []     # objects with device memory of their own (free() before the context goes)
+        self._allocs = []    # uploaded arrays (the weights)
+        self._bufs = {}      # name -> (allocation, bytes)
+        self._uploads = []   # Upload pairs
+        self.tok_host = self.step_host = np.empty(0, np.int32)   # pinned by step_buffers
+
+    def open_streams(self):
+        self.compute = self.drv.Stream()
+        self.copy = self.drv.Stream()
+
+    def own(self, obj):
+        """Free obj (it has .free()) when the device closes, before its other memory."""
+        self._owned.append(obj)
+
+    def name(self):
+        return self.dev.name()
+
+    def compute_capability(self):
+        return "%d.%d" % self.dev.compute_capability()
+
+    # ---------------------------------------------------------------- device memory
+
+    def upload(self, a, dtype=np.float32):
+        """A device copy of array a (as dtype, C order), kept until close."""
+        a = np.ascontiguousarray(a, dtype=dtype)
+        g = self.drv.mem_alloc(max(a.nbytes, 16))
+        self.drv.memcpy_htod(g, a)
+        self._allocs.append(g)
+        return g
+
+    def kv_budget(self, activation_bytes):
+        """Bytes for the KV cache: 0.8 x (the memory free now, after the weights, less the activations), 0.4 x when
+        ranks share the GPU (they all see the same free memory); at least 64 MB."""
+        free, _total = self.drv.mem_get_info()
+        return max(int((0.4 if self.share_gpus else 0.8) * (free - activation_bytes)), 64 << 20)
+
+    def buf(self, name, nbytes):
+        """The device address of the pool's buffer `name`, grown to at least nbytes (growing waits for the compute
+        stream: the old buffer may still be in use)."""
+        nbytes = max(int(nbytes), 16)
+        cur = self._bufs.get(name)
+        if cur is None or cur[1] < nbytes:
+            if cur is not None:
+                self.compute.synchronize()
+                cur[0].free()
+            self._bufs[name] = (self.drv.mem_alloc(nbytes), nbytes)
+        return int(self._bufs[name][0])
+
+    # ---------------------------------------------------------------- pinned host buffers
+
+    def reserve_uploads(self, n, nbytes):
+        for _ in range(n):
+            u = Upload()
+            u.reserve(self.drv, nbytes)
+            self._uploads.append(u)
+
+    def take_upload(self, nbytes):
+        """A free upload pair with room for nbytes (its previous copy finished), marked busy."""
+        u = next((x for x in self._uploads if not x.busy), None)
+        if u is None:
+            u = Upload()
+            self._uploads.append(u)
+        if u.done_evt is not None:
+            u.done_evt.synchronize()
+        if u.nbytes < nbytes:
+            u.reserve(self.drv, max(nbytes, 1 << 16) * 5 // 4)
+        u.busy = True
+        return u
+
+    def step_buffers(self, n):
+        """Pinned host room for two decode steps of n rows: their inputs (step_host, 3 int32 per row: a step's
+        upload may still wait for the GPU while the next step's is written) and their tokens (tok_host)."""
+        if self.step_host.size < 6 * n:
+            self.step_host = self.drv.pagelocked_empty(max(6 * n, 6144), np.int32)
+        if self.tok_host.size < 2 * n:
+            self.tok_host = self.drv.pagelocked_empty(max(2 * n, 2048), np.int32)
+
+    def download_tokens(self, p_out, n, slot):
+        """Copy n int32 from the GPU into pinned slot (0 or 1) of tok_host after the compute stream's work so far:
+        (start event, end event, host view), the view valid once the end event completed."""
+        ev0, ev1 = self.drv.Event(), self.drv.Event()
+        ev0.record(self.compute)
+        half = self.tok_host.size // 2
+        host = self.tok_host[slot * half:slot * half + n]
+        self.drv.memcpy_dtoh_async(host, p_out, self.compute)
+        ev1.record(self.compute)
+        return ev0, ev1, host
+
+    # ---------------------------------------------------------------- the end
+
+    def abandon(self):
+        """Drop the context after a failed start (its memory goes with it)."""
+        self.ctx.pop()
+        self.ctx.detach()
+        self.ctx = None
+
+    def close(self):
+        if self.ctx is None:
+            return
+        try:
+            self.compute.synchronize()
+            self.copy.synchronize()
+        finally:
+            for obj in self._owned:
+                obj.free()
+            for a in self._allocs:
+                a.free()
+            for b, _ in self._bufs.values():
+                b.free()
+            for u in self._uploads:
+                if u.dev is not None:
+                    u.dev.free()
+            self._owned, self._allocs, self._bufs, self._uploads = [], [], {}, []
+            self.ctx.pop()
+            self.ctx.detach()
+            self.ctx = None

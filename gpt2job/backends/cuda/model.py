@@ -1,0 +1,272 @@
+"""GPT-2 on the GPU: the weights (relaid out for the chosen precision and uploaded), the forward pass over the
+layers, and the head (ln_f, LM head, token selection). The precision picks its product kernels once (F32Products,
+F16Products); the rest of the model is the same code for both.
+
+Float32: plain FP32 FMA products (no TF32; split-K for decode-sized products), weights as the checkpoint's Conv1D
+[K, N]. Float16: tensor-core products with fp32 accumulation (Kernels.pick_f16 chooses the tile per product shape),
+weights transposed to K-contiguous fp16 [N, K]; the residual stream, layer-norm statistics, softmax and logits stay
+fp32. Fusions: the QKV product's epilogue writes keys and values straight into the KV cache (EPI_QKV); greedy fp16
+selects tokens in the LM head's epilogue (EPI_ARGMAX), so the logits never reach memory; fp16 prefill attention
+with head size 64 runs on tensor cores over tiles of up to 16 consecutive tokens of one prompt (attention_prefill).
+"""
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH, EPI_QKV, EPI_RESID,
+                                           F16_TILES)
+from gpt2job.errors import UserError
+
+ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_tanh": EPI_GELU_TANH,
+               "gelu_fast": EPI_GELU_TANH}
+SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: up to 4 K slices of a float row, N < 4096
+
+
+def check_config(cfg, dtype):
+    """A UserError unless the CUDA backend runs this model in this precision."""
+    if dtype not in ("float32", "float16"):
+        raise UserError(f"dtype {dtype!r} is not supported by the cuda backend", None, "dtype",
+                        "use float32 or float16")
+    if cfg.activation_function not in ACTIVATIONS:
+        raise UserError(f"activation_function {cfg.activation_function!r} is not supported by the cuda backend",
+                        None, "activation_function", "use gelu_new or gelu")
+    if cfg.d_head > 128:
+        raise UserError(f"head size {cfg.d_head} > 128 is not supported by the cuda backend", None, "n_head",
+                        "use a GPT-2 config with n_embd / n_head <= 128")
+    if dtype == "float16" and (cfg.n_embd % 8 or cfg.d_mlp % 8):
+        raise UserError(f"float16 needs n_embd and the MLP width to be multiples of 8 "
+                        f"(got {cfg.n_embd}, {cfg.d_mlp})", None, "dtype", "use --dtype float32")
+
+
+class F32Products:
+    """fp32 matrix products: weights Conv1D [K, N] as stored; the LM head [C, Vpad] zero-padded."""
+    half, elt = False, 4
+
+    def __init__(self, kernels, device, head_rows):
+        self.k, self.dev, self.head_rows = kernels, device, head_rows
+
+    def weight(self, w):
+        return self.dev.upload(w)
+
+    def head_weight(self, head, V, Vpad):
+        ht = np.zeros((head.shape[1], Vpad), np.float32)        # [C, Vpad] = [K, N] padded
+        ht[:, :V] = head.T
+        return self.dev.upload(ht)
+
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half):
+        ws = None
+        if M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
+            ws = self.dev.buf("splitk", SPLITK_BYTES * self.head_rows)
+        self.k.gemm_f32(self.dev.compute, A, K, W, N, out, N, bias, M, N, K, mode, ws=ws)
+
+    def qkv(self, h, W, q_out, bias, R, C, cache):
+        self.k.gemm_f32(self.dev.compute, h, C, W, 3 * C, q_out, 3 * C, bias, R, 3 * C, C, EPI_QKV, qkv=cache)
+
+    def logits(self, hl, W, out, m, V, C, Vpad):
+        self.k.gemm_f32(self.dev.compute, hl, C, W, Vpad, out, Vpad, None, m, V, C, EPI_BIAS)
+
+    def argmax_tile(self, m, V, C):
+        return None   # fp32 writes logits, then the argmax kernel
+
+    def workspaces(self):
+        """(name, bytes) of the pool buffers its products use besides their operands."""
+        return [("splitk", SPLITK_BYTES * self.head_rows)]
+
+
+class F16Products:
+    """fp16 matrix products on tensor cores: weights transposed to K-contiguous [N, K] fp16."""
+    half, elt = True, 2
+
+    def __init__(self, kernels, device, head_rows, fuse_argmax):
+        self.k, self.dev, self.head_rows, self.fuse_argmax = kernels, device, head_rows, fuse_argmax
+
+    def weight(self, w):
+        return self.dev.upload(np.asarray(w, np.float32).T, np.float16)
+
+    def head_weight(self, head, V, Vpad):
+        return self.dev.upload(head, np.float16)                # [V, C] = [N, K]
+
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half):
+        self.k.gemm_f16(self.dev.compute, A, K, W, K, out, N, bias, M, N, K, mode, out_half)
+
+    def qkv(self, h, W, q_out, bias, R, C, cache):
+        # keys and values go from the product's epilogue straight into the cache; q_out keeps only q
+        self.k.gemm_f16(self.dev.compute, h, C, W, C, q_out, 3 * C, bias, R, 3 * C, C, EPI_QKV, True, qkv=cache)
+
+    def logits(self, hl, W, out, m, V, C, Vpad):
+        self.k.gemm_f16(self.dev.compute, hl, C, W, C, out, Vpad, None, m, V, C, EPI_BIAS, False)
+
+    def argmax_tile(self, m, V, C):
+        """The tile whose (max, argmax) epilogue serves a greedy LM head of m rows (None: options.fuse_argmax off)."""
+        return self.k.pick_argmax(m, V, C) if self.fuse_argmax else None
+
+    def workspaces(self):
+        return []
+
+
+@dataclass
+class Layer:
+    ln1_w: object
+    ln1_b: object
+    ln2_w: object
+    ln2_b: object
+    qkv_w: object
+    qkv_b: object
+    proj_w: object
+    proj_b: object
+    fc_w: object
+    fc_b: object
+    fc2_w: object
+    fc2_b: object
+
+
+class Model:
+    """The weights on the device and the passes over them. Activations live in the device's buffer pool (x: the
+    fp32 residual stream; h, qkv, att, fc in the precision's type; hl: ln_f of the head rows)."""
+
+    def __init__(self, device, kernels, params, dtype, options, head_rows):
+        cfg = self.cfg = params.config
+        self.dev, self.k = device, kernels
+        self.head_rows = int(head_rows)
+        self.p = p = (F16Products(kernels, device, self.head_rows, options.fuse_argmax) if dtype == "float16"
+                      else F32Products(kernels, device, self.head_rows))
+        self.half, self.elt = p.half, p.elt
+        self.act_mode = ACTIVATIONS[cfg.activation_function]
+        self.prefill_attn = p.half and cfg.d_head == 64 and options.prefill_attn   # else the per-row kernel
+        self.V = cfg.vocab_size
+        self.Vpad = (self.V + 127) // 128 * 128
+        up = device.upload
+        self.wte = up(params.wte)
+        self.wpe = up(params.wpe)
+        self.layers = [Layer(ln1_w=up(L["ln_1.weight"]), ln1_b=up(L["ln_1.bias"]),
+                             ln2_w=up(L["ln_2.weight"]), ln2_b=up(L["ln_2.bias"]),
+                             qkv_w=p.weight(L["attn.c_attn.weight"]), qkv_b=up(L["attn.c_attn.bias"]),
+                             proj_w=p.weight(L["attn.c_proj.weight"]), proj_b=up(L["attn.c_proj.bias"]),
+                             fc_w=p.weight(L["mlp.c_fc.weight"]), fc_b=up(L["mlp.c_fc.bias"]),
+                             fc2_w=p.weight(L["mlp.c_proj.weight"]), fc2_b=up(L["mlp.c_proj.bias"]))
+                       for L in params.layers]
+        self.lnf_w = up(params.ln_f_w)
+        self.lnf_b = up(params.ln_f_b)
+        self.head_w = p.head_weight(np.asarray(params.head, np.float32), self.V, self.Vpad)   # params.head: [V, C]
+
+    # ---------------------------------------------------------------- sizes
+
+    def kv_bytes_per_position(self):
+        return 2 * self.cfg.n_layer * self.cfg.n_embd * self.elt
+
+    def activation_bytes(self, rows):
+        """Device memory of the activations of a pass of `rows` rows and of the head."""
+        C, e = self.cfg.n_embd, self.elt
+        act = rows * (4 * C + e * (C + 3 * C + C + self.cfg.d_mlp) + 16)
+        act += self.head_rows * (self.Vpad * 4 + C * e)
+        if not self.half:
+            act += SPLITK_BYTES * self.head_rows
+        return act
+
+    def activation_buffers(self, rows):
+        """(name, bytes) of the pool buffers of a pass of `rows` rows, and of ln_f's output."""
+        C, e = self.cfg.n_embd, self.elt
+        return [("x", rows * C * 4), ("h", rows * C * e), ("qkv", rows * 3 * C * e), ("att", rows * C * e),
+                ("fc", rows * self.cfg.d_mlp * e), ("hl", self.head_rows * C * e)]
+
+    def head_buffers(self, greedy):
+        """(name, bytes) of the pool buffers the head writes: the split-K workspace (fp32), then the argmax
+        partials (greedy fp16 with the fused head) or the logits."""
+        out = self.p.workspaces()
+        tile = self.p.argmax_tile(self.head_rows, self.V, self.cfg.n_embd) if greedy else None
+        if tile is not None:
+            out.append(("argmax_part", self.head_rows * -(-self.V // F16_TILES[tile].wn) * 8))
+        else:
+            out.append(("logits", self.head_rows * self.Vpad * 4))
+        return out
+
+    # ---------------------------------------------------------------- the passes
+
+    def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None):
+        """Run the layers on R rows (token ids / positions / slots at the given device pointers) with the KV cache
+        kv [(keys, values) per layer] of slots slot_base.. of S positions. tiles (prefill passes): (device pointer,
+        count, row_base) of the pass's attention_prefill tiles, used when self.prefill_attn. copies (prefill
+        passes): (device pointer, count) of the pass's shared-prefix {dst, src, pos} key/value rows, copied in
+        each layer before its attention. Returns the residual stream (before ln_f): pool buffer x."""
+        cfg, k, st, p, half = self.cfg, self.k, self.dev.compute, self.p, self.half
+        C, H, D, F = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.d_mlp
+        e = self.elt
+        buf = self.dev.buf
+        x = buf("x", R * C * 4)
+        h = buf("h", R * C * e)
+        qkv = buf("qkv", R * 3 * C * e)
+        att = buf("att", R * C * e)
+        fc = buf("fc", R * F * e)
+        k.embed(st, p_tok, p_pos, self.wte, self.wpe, x, R, C)
+        eps = cfg.layer_norm_epsilon
+        for li, L in enumerate(self.layers):
+            kc, vc = kv[li]
+            k.layernorm(st, half, x, None, 0, L.ln1_w, L.ln1_b, h, R, C, eps)
+            p.qkv(h, L.qkv_w, qkv, L.qkv_b, R, C, (p_seq, p_pos, slot_base, S, kc, vc, C))
+            if copies is not None:   # shared prefixes: rows computed by another prompt of the group
+                k.kv_copy(st, half, copies[0], copies[1], slot_base, kc, vc, S, C)
+            scale = 1.0 / math.sqrt(D)
+            if cfg.scale_attn_by_inverse_layer_idx:
+                scale /= float(li + 1)
+            if tiles is not None and self.prefill_attn:
+                k.attention_prefill(st, qkv, kc, vc, p_seq, slot_base, p_pos, att, tiles[0], tiles[1], tiles[2],
+                                    H, D, S, scale)
+            else:
+                k.attention(st, half, qkv, kc, vc, p_seq, slot_base, p_pos, att, R, H, D, S, scale)
+            p.linear(att, L.proj_w, x, L.proj_b, R, C, C, EPI_RESID, False)
+            k.layernorm(st, half, x, None, 0, L.ln2_w, L.ln2_b, h, R, C, eps)
+            p.linear(h, L.fc_w, fc, L.fc_b, R, F, C, self.act_mode, True)
+            p.linear(fc, L.fc2_w, x, L.fc2_b, R, C, F, EPI_RESID, False)
+        return x
+
+    def _ln_f(self, x, n, p_rowidx, idx_base):
+        """ln_f of n rows of x (row i: x row p_rowidx[i] - idx_base when p_rowidx is given, else row i) in groups
+        of head_rows: yields (first row, rows, pool buffer hl)."""
+        C, e = self.cfg.n_embd, self.elt
+        for g0 in range(0, n, self.head_rows):
+            m = min(self.head_rows, n - g0)
+            hl = self.dev.buf("hl", self.head_rows * C * e)
+            ridx = p_rowidx + 4 * g0 if p_rowidx else None
+            xin = x if p_rowidx else x + 4 * g0 * C
+            self.k.layernorm(self.dev.compute, self.half, xin, ridx, idx_base, self.lnf_w, self.lnf_b, hl, m, C,
+                             self.cfg.layer_norm_epsilon)
+            yield g0, m, hl
+
+    def _logits(self, hl, m):
+        logits = self.dev.buf("logits", self.head_rows * self.Vpad * 4)
+        self.p.logits(hl, self.head_w, logits, m, self.V, self.cfg.n_embd, self.Vpad)
+        return logits
+
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling):
+        """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
+        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step)."""
+        k, st = self.k, self.dev.compute
+        V, Vp = self.V, self.Vpad
+        for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
+            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sampling.greedy else None
+            if tile is not None:
+                # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
+                # columns, then their argmax; the logits never reach memory
+                nch = (V + F16_TILES[tile].wn - 1) // F16_TILES[tile].wn
+                part = self.dev.buf("argmax_part", self.head_rows * nch * 8)
+                k.gemm_f16(st, hl, self.cfg.n_embd, self.head_w, self.cfg.n_embd, part, nch, None, m, V,
+                           self.cfg.n_embd, EPI_ARGMAX, False, variant=tile)
+                k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m)
+                continue
+            logits = self._logits(hl, m)
+            if sampling.greedy:
+                k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
+            else:
+                k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sampling.seed, sampling.temperature,
+                         sampling.top_k, sampling.top_p, p_out + 4 * g0, m)
+
+    def logits_to_host(self, x, n, p_rowidx, idx_base, out):
+        """The logits of n rows of x (as _ln_f picks them) into out [n, V] float32 on the host (tests)."""
+        self.dev.buf("logits", self.head_rows * self.Vpad * 4)   # grown before ln_f runs (a greedy fp16 head has none)
+        for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
+            logits = self._logits(hl, m)
+            host = np.empty((m, self.Vpad), np.float32)
+            self.dev.compute.synchronize()
+            self.dev.drv.memcpy_dtoh(host, logits)
+            out[g0:g0 + m] = host[:, :self.V]

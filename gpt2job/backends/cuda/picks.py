@@ -1,0 +1,71 @@
+"""Which fp16 tile variant runs a product: the picks measured fastest on H100 (benchmarks/RESULTS.md, kernel
+tables), among the variants compiled. Pure Python: a TilePicker holds the tile records (kernels.F16_TILES), the
+names of the compiled variants, the GPU's SM count and the kernel options."""
+
+
+class TilePicker:
+    def __init__(self, tiles, variants, n_sm, options):
+        self.tiles = tiles                  # {name: F16Tile}
+        self.variants = tuple(variants)     # the compiled ones, in compile order
+        self.n_sm = n_sm
+        self.options = options
+
+    def pick_f16(self, M, N, out_half=True, K=768):
+        """The tile for an M x N x K product. From 8,192 rows, the staged-epilogue kernels (options.tma_staged):
+        half outputs on 128x192 tiles except mlp-up at decode sizes (plain tma128), float outputs (the residual
+        adds) on 128x128 tiles except attention-out at decode sizes; the LM head is not staged. Otherwise: wide
+        float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave
+        model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync. Variants not compiled are
+        skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
+        vs = self.variants
+        if len(vs) == 1:
+            return vs[0]
+        if self.options.tma_staged and M >= 8192 and (out_half or N <= 16384):
+            if out_half:
+                v = "tma192s" if N < 3072 or M > 16384 else "tma128"
+            else:
+                v = "tma128s" if K >= 2048 or M > 16384 else "tma192s"
+            if v in vs:
+                return v
+        v = self._pick_f16(M, N, out_half, K, vs)
+        if self.options.tma_persistent and v + "p" in vs:
+            return v + "p"
+        return v
+
+    def pick_argmax(self, M, N, K=768):
+        """The tile of the greedy LM head (the product with the (max, argmax) epilogue): options.argmax_variant if
+        set, else a persistent TMA kernel where compiled (it walks the M tiles fastest, so the vocabulary matrix,
+        larger than the L2, is read from memory once, not once per 128 rows), else the plain product's pick."""
+        vs = self.variants
+        if self.options.argmax_variant:
+            return self.options.argmax_variant
+        for v in ("tma192p", "tma192s", "tma128s", "tma128p"):   # fastest first
+            if v in vs:
+                return v
+        return self.pick_f16(M, N, False, K)
+
+    def _pick_f16(self, M, N, out_half, K, vs):
+        tiles = self.tiles
+        # an mma.sync variant (runs anywhere): the measured best one, else the first compiled
+        mma = "t128x128k64s3" if "t128x128k64s3" in vs else next((v for v in vs if tiles[v].family == "mma"), None)
+        tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
+        if not out_half and N > 16384 and mma is not None:
+            return mma
+        waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
+
+        def cost(v):   # whole waves of blocks x per-block work / speed
+            t = tiles[v]
+            n_tiles = ((M + 127) // 128) * ((N + t.bn - 1) // t.bn)
+            waves = (n_tiles + self.n_sm * t.blocks_per_sm - 1) // (self.n_sm * t.blocks_per_sm)
+            return waves * t.bn * t.blocks_per_sm / t.efficiency
+
+        deep = [v for v in tma if v != "tma128"]
+        if K >= 2048 and deep:
+            return min(deep, key=cost)
+        if waves128 >= 4 and "tma128" in vs:
+            return "tma128"
+        if waves128 >= 1 and "wgmma" in vs:
+            return "wgmma"
+        if mma is not None:
+            return mma
+        return min(tma, key=cost) if tma else vs[0]

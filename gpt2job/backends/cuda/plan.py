@@ -1,0 +1,157 @@
+"""The host-side planning of the CUDA backend, pure NumPy (CPU tests import it without pycuda): the prompt checks,
+the layout of a chunk's upload, the prefill passes and attention tiles, and the KV groups."""
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2job.errors import UserError
+from gpt2job.settings import max_prompt_length
+
+PREFILL_TILE_ROWS = 16   # query rows per attention_prefill tile (the kernel's AP_TILE)
+
+
+def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
+    """Every prompt has a token, fits the model's positions with max_new_tokens more, and every token id is in the
+    vocabulary; else a UserError."""
+    if len(lens) and lens.min() < 1:
+        raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
+    if len(lens) and int(lens.max()) > max_prompt_length(n_positions, max_new_tokens):
+        raise UserError(f"prompt length {int(lens.max())} + {max_new_tokens} new tokens exceeds the model's "
+                        f"{n_positions} positions", None, "max_new_tokens", "use shorter prompts or fewer tokens")
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise UserError("a token id is outside the vocabulary", None, "tokens", "check the tokenizer")
+
+
+@dataclass
+class Layout:
+    """What a chunk uploads, its prompts in the order they run (the share plan's, else the chunk's): int32 words
+    tokens[T] pos[T] seq[T] last[B] arange[B] (pad to 8 bytes), then rows int64[B], then the prefill attention
+    tiles int32[NT, 2] (8-byte aligned), then the shared-prefix copies int32[E, 3]. T counts the computed tokens
+    (a shared prefix is computed once)."""
+    B: int
+    T: int
+    lens: np.ndarray        # [B] prompt lengths
+    offsets: np.ndarray     # [B+1] computed tokens of prompt b: offsets[b]..offsets[b+1]
+    tokens: np.ndarray      # [T] int32 token ids
+    positions: np.ndarray   # [T] int32 their positions
+    seq: np.ndarray         # [T] int32 their prompt
+    last: np.ndarray        # [B] int32 the row of each prompt's last token
+    rows: np.ndarray        # [B] int64 the input row of each prompt
+    tiles: np.ndarray       # [NT, 2] int32 attention_prefill tiles {first_row, n_rows}
+    tile_off: np.ndarray    # [B+1] prompt b's tiles: tile_off[b]..tile_off[b+1]
+    copies: np.ndarray      # [E, 3] int32 shared-prefix key/value rows {dst, src, pos}
+    copy_off: np.ndarray    # [B+1] prompt b's copies: copy_off[b]..copy_off[b+1]
+    n32: int                # int32 words before rows
+
+    @classmethod
+    def of(cls, offsets, lens, tokens, rows, share, tiles):
+        """The layout of prompts (prompt b: tokens[offsets[b]:offsets[b+1]], lens[b] of them, answering input row
+        rows[b]), with share a prefix_share.SharePlan (or None: every token computed, the chunk's order) and tiles:
+        whether the prefill attention kernel runs (else no tiles)."""
+        B = len(rows)
+        if share is not None:   # the plan's order; offsets/T/tokens from here on count computed tokens only
+            rows, lens, offsets = rows[share.perm], share.lens, share.offsets
+            tokens, pos_of_tok, seq_of_tok = share.tokens, share.positions, share.seq
+            copies, copy_off = share.copies, share.copy_off
+            T = int(offsets[-1])
+        else:
+            T = int(offsets[-1]) if B else 0
+            seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
+            pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
+            copies, copy_off = np.zeros((0, 3), np.int32), np.zeros(B + 1, np.int64)
+        last = (offsets[1:] - 1).astype(np.int32)
+        if tiles:
+            tiles, tile_off = prefill_tiles(offsets)
+        else:   # the per-row kernel needs no tiles
+            tiles, tile_off = np.zeros((0, 2), np.int32), np.zeros(B + 1, np.int64)
+        n32 = 3 * T + 2 * B
+        n32 += n32 & 1
+        return cls(B, T, lens, offsets, tokens, pos_of_tok, seq_of_tok, last, rows, tiles, tile_off, copies, copy_off,
+                   n32)
+
+    # byte offsets of the parts
+    @property
+    def at_rows(self):
+        return 4 * self.n32
+
+    @property
+    def at_tiles(self):
+        return 4 * self.n32 + 8 * self.B
+
+    @property
+    def at_copies(self):
+        return 4 * self.n32 + 8 * self.B + 8 * len(self.tiles)
+
+    @property
+    def nbytes(self):
+        return self.at_copies + 12 * len(self.copies)
+
+    def write(self, host):
+        """Write the upload into host (uint8, at least nbytes)."""
+        T, B, n32 = self.T, self.B, self.n32
+        h32 = host[:4 * n32].view(np.int32)
+        h32[0:T] = self.tokens[:T]
+        h32[T:2 * T] = self.positions
+        h32[2 * T:3 * T] = self.seq
+        h32[3 * T:3 * T + B] = self.last
+        h32[3 * T + B:3 * T + 2 * B] = np.arange(B, dtype=np.int32)
+        host[self.at_rows:self.at_tiles].view(np.int64)[:] = self.rows
+        host[self.at_tiles:self.at_copies].view(np.int32)[:] = self.tiles.reshape(-1)
+        host[self.at_copies:self.nbytes].view(np.int32)[:] = self.copies.reshape(-1)
+
+
+def prefill_passes(offsets, b0, b1, max_rows):
+    """Split prompts b0..b1-1 (prompt b is tokens offsets[b]..offsets[b+1]) into passes of whole prompts
+    holding at most max_rows tokens (a longer prompt gets a pass of its own). Yields (first, end)."""
+    p0 = b0
+    while p0 < b1:
+        p1 = p0 + 1
+        while p1 < b1 and offsets[p1 + 1] - offsets[p0] <= max_rows:
+            p1 += 1
+        yield p0, p1
+        p0 = p1
+
+
+def prefill_tiles(offsets):
+    """Tiles of attention_prefill for prompts b (tokens offsets[b]..offsets[b+1]): each prompt's tokens in tiles of
+    PREFILL_TILE_ROWS consecutive rows, the last one partial. Returns (tiles int32 [NT, 2] {first_row, n_rows},
+    tile_off int64 [B + 1]: prompt b's tiles are tile_off[b]..tile_off[b+1])."""
+    offsets = np.asarray(offsets, np.int64)
+    lens = np.diff(offsets)
+    ntile = (lens + PREFILL_TILE_ROWS - 1) // PREFILL_TILE_ROWS          # [B]
+    tile_off = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(ntile, out=tile_off[1:])
+    tp = np.repeat(np.arange(len(lens)), ntile)                           # prompt of each tile [NT]
+    first = PREFILL_TILE_ROWS * (np.arange(int(tile_off[-1])) - tile_off[:-1][tp])   # first row within its prompt
+    tiles = np.empty((len(tp), 2), np.int32)
+    tiles[:, 0] = offsets[:-1][tp] + first
+    tiles[:, 1] = np.minimum(PREFILL_TILE_ROWS, lens[tp] - first)
+    return tiles, tile_off
+
+
+def kv_groups(lens, extra, bytes_per_position, budget):
+    """Split prompts 0..B-1 (lengths lens) into consecutive groups whose KV caches fit budget bytes, a group
+    of n prompts taking n x (its longest prompt + extra) positions. Greedy, then evened out: as many groups
+    as greedy needs, of near-equal size when that fits too (a small last group would leave the GPU idle in
+    decode). A prompt too long for the budget on its own still gets a group. Returns [(b0, b1), ...]."""
+    lens = np.asarray(lens, np.int64)
+    B = len(lens)
+
+    def fits(b0, b1):
+        return b1 - b0 == 1 or (b1 - b0) * (int(lens[b0:b1].max()) + extra) * bytes_per_position <= budget
+
+    greedy, b0 = [], 0
+    while b0 < B:
+        lo, hi = b0 + 1, B          # the largest b1 with fits(b0, b1): fits is monotone in b1
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(b0, mid) else (lo, mid - 1)
+        greedy.append((b0, lo))
+        b0 = lo
+    n = len(greedy)
+    if n > 1:
+        cuts = [B * i // n for i in range(n + 1)]
+        even = list(zip(cuts[:-1], cuts[1:]))
+        if all(fits(a, b) for a, b in even):
+            return even
+    return greedy

@@ -1,0 +1,255 @@
+"""Chunks through the model: submit plans a chunk and starts its upload; run computes the oldest submitted chunk
+as a generator that pauses wherever the host would wait for the GPU (gpt2job.backends.Pause).
+
+Per chunk:
+  * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its sequence
+    slot and position; ragged causal attention reads the slot's KV cache; the LM head and token selection run only
+    on each prompt's last position. Prompts that start alike compute that prefix once (prefix_share.py:
+    lexicographic order, the shared key/value rows copied per layer by kv_copy). Passes hold at most
+    max_prefill_rows tokens (whole prompts).
+  * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the GPU,
+    so each step is launched before the previous step's tokens reach the host (one token id per row downloaded,
+    logits never leave the GPU). A sequence that stopped is dropped from the step after next.
+  * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group. Sequences are
+    grouped (plan.kv_groups: even groups) so that the cache fits the KV budget (Device.kv_budget).
+Uploads run on the copy stream, compute on the compute stream: a chunk submitted while another computes uploads
+meanwhile. self.timeline gets one dict per chunk with CUDA-event times (ms since the backend started) of its
+upload, compute and last download, and the device time of its prefill and decode steps.
+"""
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+import numpy as np
+
+from gpt2job.backends import Pause
+from gpt2job.backends.cuda import prefix_share
+from gpt2job.backends.cuda.device import Upload
+from gpt2job.backends.cuda.plan import Layout, check_prompts, kv_groups, prefill_passes
+from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
+from gpt2job.settings import GenerationSettings
+
+COMPUTING = Pause(submit=True, ready=lambda: True)   # the GPU computes: the worker may submit chunks now
+
+
+@dataclass
+class ChunkPlan:
+    """A submitted chunk: its layout (prompts in the order they run), its upload and the device addresses of the
+    parts of it (plan.Layout)."""
+    chunk: Chunk
+    settings: GenerationSettings
+    layout: Layout
+    upload: Upload
+    ev_up: tuple                      # (start, end) events of the upload on the copy stream
+    groups: Optional[list]            # the share plan's KV groups (None: the runner's own)
+    perm: Optional[np.ndarray]        # the share plan's order of the chunk's prompts (None: the chunk's order)
+    shared_tokens: int                # prompt tokens not computed (shared prefixes)
+    phases: List[Any] = field(default_factory=list)   # (kind, start event, end event) of prefill / decode steps
+    last_down: Optional[tuple] = None                   # (start, end) events of the last token download
+
+    def __post_init__(self):
+        lay, base = self.layout, int(self.upload.dev)
+        T, B = lay.T, lay.B
+        self.p_tok, self.p_pos, self.p_seq = base, base + 4 * T, base + 8 * T
+        self.p_last, self.p_arange = base + 12 * T, base + 12 * T + 4 * B
+        self.p_rows, self.p_tiles, self.p_copies = base + lay.at_rows, base + lay.at_tiles, base + lay.at_copies
+
+    def pass_tiles(self, pb0, pb1):
+        """attention_prefill tiles of the prefill pass over prompts pb0..pb1-1: (pointer, count, row_base)."""
+        t0, t1 = int(self.layout.tile_off[pb0]), int(self.layout.tile_off[pb1])
+        return self.p_tiles + 8 * t0, t1 - t0, int(self.layout.offsets[pb0])
+
+
+class Runner:
+    def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0):
+        self.dev, self.model, self.k = device, model, kernels
+        self.cfg = model.cfg
+        self.kv_budget = kv_budget
+        self.max_prefill_rows = int(max_prefill_rows)
+        self.share_prefixes = share_prefixes   # submit plans shared prompt prefixes (options.prefix_share)
+        self.t0 = t0                  # event: the timeline's origin
+        self.pending = deque()        # submitted ChunkPlans, oldest first
+        self.timeline = []
+
+    def kv_groups(self, lens, extra):
+        """plan.kv_groups for prompts of these lengths, each growing by extra positions, in the KV budget."""
+        return kv_groups(lens, extra, self.model.kv_bytes_per_position(), self.kv_budget)
+
+    # ---------------------------------------------------------------- submit
+
+    def prepare(self, chunk, settings, share):
+        """Check the chunk, plan it (shared prompt prefixes computed once when share and that saves enough: the
+        prompts then run in the plan's order, the Completions come back in the chunk's) and start uploading it on
+        the copy stream. Returns its ChunkPlan at once."""
+        drv, cfg = self.dev.drv, self.cfg
+        B = len(chunk.rows)
+        offsets = np.asarray(chunk.offsets, np.int64)
+        lens = np.diff(offsets)
+        tokens = np.asarray(chunk.tokens, np.int32)
+        check_prompts(lens, tokens, cfg.n_positions, cfg.vocab_size, settings.max_new_tokens)
+        rows = np.asarray(chunk.rows, np.int64)
+        sp = None
+        if share and B > 1 and settings.max_new_tokens > 0:
+            sp = prefix_share.plan(offsets, tokens, lambda ls: self.kv_groups(ls, settings.max_new_tokens))
+        lay = Layout.of(offsets, lens, tokens, rows, sp, self.model.prefill_attn)
+        u = self.dev.take_upload(lay.nbytes)
+        lay.write(u.host)
+        ev0, ev1 = drv.Event(), drv.Event()
+        ev0.record(self.dev.copy)
+        if lay.nbytes:
+            drv.memcpy_htod_async(u.dev, u.host[:lay.nbytes], self.dev.copy)
+        ev1.record(self.dev.copy)
+        u.done_evt = ev1
+        return ChunkPlan(chunk, settings, lay, u, (ev0, ev1), sp.groups if sp is not None else None,
+                         sp.perm if sp is not None else None,
+                         int(chunk.offsets[-1]) - lay.T if sp is not None else 0)
+
+    def submit(self, chunk, settings):
+        self.pending.append(self.prepare(chunk, settings, self.share_prefixes))
+
+    # ---------------------------------------------------------------- run
+
+    def run(self):
+        """Compute the oldest submitted chunk; yields Pauses, returns its Completions."""
+        plan = self.pending.popleft()
+        try:
+            return (yield from self._run(plan))
+        finally:
+            plan.upload.busy = False
+
+    def _run(self, plan):
+        drv, gs, lay = self.dev.drv, plan.settings, plan.layout
+        chunk, B = plan.chunk, lay.B
+        out = np.zeros((B, max(gs.max_new_tokens, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
+        gen = np.zeros(B, np.int64)
+        finish = np.full(B, FINISH_LENGTH, np.uint8)
+        self.dev.compute.wait_for_event(plan.ev_up[1])
+        ev_c0 = drv.Event()
+        ev_c0.record(self.dev.compute)
+        if B and gs.max_new_tokens > 0:
+            groups = plan.groups or self.kv_groups(lay.lens, gs.max_new_tokens)
+            for b0, b1 in groups:
+                yield from self._run_group(plan, b0, b1, out, gen, finish)
+        ev_c1 = drv.Event()
+        ev_c1.record(self.dev.compute)
+        ev_c1.synchronize()
+        t = lambda ev: ev.time_since(self.t0)  # noqa: E731
+        entry = {"chunk_id": chunk.chunk_id, "prompts": B, "generated": int(gen.sum()),
+                 "shared_prefix_tokens": plan.shared_tokens,
+                 "upload": (t(plan.ev_up[0]), t(plan.ev_up[1])), "compute": (t(ev_c0), t(ev_c1))}
+        if plan.last_down is not None:
+            entry["download"] = (t(plan.last_down[0]), t(plan.last_down[1]))
+        for kind, a, b in plan.phases:   # device time of prefill / decode steps (ms)
+            entry[kind + "_ms"] = entry.get(kind + "_ms", 0.0) + b.time_since(a)
+        self.timeline.append(entry)
+        if plan.perm is not None:   # back to the chunk's order (the prompts ran in the share plan's)
+            back = np.argsort(plan.perm)
+            out, gen, finish = out[back], gen[back], finish[back]
+        offs = np.zeros(B + 1, np.int64)
+        np.cumsum(gen, out=offs[1:])
+        flat = out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
+        return Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish)
+
+    @staticmethod
+    def decode_buffers(ns):
+        """(name, bytes) of the pool buffers of a KV group of ns sequences: tok_out ([0, ns): a step's tokens;
+        [ns, 2 ns): the next step's input when rows left) and step_in (a step's positions, rows, gather indices)."""
+        return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4)]
+
+    def _kv_cache(self, ns, S):
+        """The KV cache of ns sequences of S positions: [(keys, values)] per layer, in pool buffer kv."""
+        C, L = self.cfg.n_embd, self.cfg.n_layer
+        per = ns * S * C * self.model.elt
+        kvbase = self.dev.buf("kv", 2 * L * per)
+        return [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
+
+    def _prefill(self, plan, b0, b1, S, kv):
+        """The forward pass over prompts b0..b1-1 (KV group slots from b0), in passes of whole prompts of at most
+        max_prefill_rows tokens: yields (first prompt, end prompt, first row, residual stream) after each pass."""
+        lay = plan.layout
+        for pb0, pb1 in prefill_passes(lay.offsets, b0, b1, self.max_prefill_rows):
+            r0, r1 = int(lay.offsets[pb0]), int(lay.offsets[pb1])
+            c0, c1 = int(lay.copy_off[pb0]), int(lay.copy_off[pb1])
+            x = self.model.forward(r1 - r0, plan.p_tok + 4 * r0, plan.p_pos + 4 * r0, plan.p_seq + 4 * r0, b0, S, kv,
+                                   tiles=plan.pass_tiles(pb0, pb1), copies=(plan.p_copies + 12 * c0, c1 - c0))
+            yield pb0, pb1, r0, x
+
+    def _run_group(self, plan, b0, b1, out, gen, finish):
+        drv, dev, model, gs = self.dev.drv, self.dev, self.model, plan.settings
+        sampling, lens = gs.sampling, plan.layout.lens
+        ns = b1 - b0
+        S = int(lens[b0:b1].max()) + gs.max_new_tokens
+        kv = self._kv_cache(ns, S)
+        tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in self.decode_buffers(ns)]
+        dev.step_buffers(ns)
+        ev_p0 = drv.Event()
+        ev_p0.record(dev.compute)
+        for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
+            model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
+                         tok_dev + 4 * (pb0 - b0), sampling)
+        yield COMPUTING                    # the prefill runs on the GPU: the next chunk may upload meanwhile
+        # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
+        # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
+        # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
+        # batch from step s+1 on (its next input gathered on the GPU).
+        eos = gs.eos_token_id
+        alive = np.ones(ns, bool)           # row b0 + i has not stopped (as far as the host knows)
+        flight = (0, np.arange(b0, b1), dev.download_tokens(tok_dev, ns, 0), ev_p0)   # (step, rows, download, start)
+        for step in range(1, gs.max_new_tokens + 1):
+            nxt = None
+            if step < gs.max_new_tokens:
+                prev_rows = flight[1]
+                keep = alive[prev_rows - b0]
+                rows = prev_rows[keep]
+                n = len(rows)
+                if n:
+                    gather = not keep.all()
+                    sh = dev.step_host[(step % 2) * 3 * ns:][:3 * n]
+                    sh[0:n] = lens[rows] + step - 1
+                    sh[n:2 * n] = rows
+                    if gather:
+                        sh[2 * n:3 * n] = np.flatnonzero(keep)
+                    ev_d0 = drv.Event()
+                    ev_d0.record(dev.compute)
+                    drv.memcpy_htod_async(sdev, sh[:3 * n if gather else 2 * n], dev.compute)
+                    p_tok = tok_dev
+                    if gather:
+                        p_tok = tok_dev + 4 * ns
+                        self.k.gather_tokens(dev.compute, tok_dev, sdev + 8 * n, p_tok, n)
+                    x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
+                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling)
+                    yield COMPUTING
+                    nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
+            # the previous step's tokens reach the host (the step just launched computes meanwhile)
+            pstep, prows, (e0, e1, host), start = flight
+            yield Pause(submit=False, ready=e1.query)
+            e1.synchronize()
+            plan.last_down = (e0, e1)
+            plan.phases.append(("prefill" if pstep == 0 else "decode", start, e1))
+            tok = host[:len(prows)]
+            live = alive[prows - b0]                 # rows stopped before pstep computed it for nothing
+            prows, tok = prows[live], tok[live]
+            out[prows, pstep] = tok
+            gen[prows] = pstep + 1
+            if not gs.ignore_eos:
+                stop = tok == eos
+                finish[prows[stop]] = FINISH_STOP
+                alive[prows[stop] - b0] = False
+            if nxt is None:
+                break
+            flight = nxt
+
+    # ---------------------------------------------------------------- tests
+
+    def last_logits(self, plan):
+        """Logits [B, V] float32 at each prompt's last position of a plan prepared without sharing: the same
+        prefill passes and head as run(), the logits downloaded instead of a token selected (tests, checks)."""
+        lay = plan.layout
+        res = np.empty((lay.B, self.model.V), np.float32)
+        self.dev.compute.wait_for_event(plan.ev_up[1])
+        S = int(lay.lens.max())
+        for b0, b1 in self.kv_groups(np.full(lay.B, S), 0):
+            kv = self._kv_cache(b1 - b0, S)
+            for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
+                self.model.logits_to_host(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, res[pb0:pb1])
+        return res
