@@ -277,8 +277,8 @@ class _FakeDrv:
             return _FakeDrv._Function(name, self.text)
 
     @staticmethod
-    def module_from_buffer(text):
-        return _FakeDrv._Module(text)
+    def module_from_buffer(cubin):   # the "cubin" is _preprocess's text
+        return _FakeDrv._Module(cubin.decode())
 
 
 @functools.lru_cache(maxsize=None)
@@ -293,8 +293,8 @@ def _preprocess_text(src, arch, options, include_dirs):
 
 
 def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
-    """nvcc -E of the source with the job's defines: what the module would define."""
-    return _preprocess_text(src, arch, tuple(options), tuple(include_dirs))
+    """nvcc -E of the source with the job's defines: what the module would define (as bytes, like a cubin)."""
+    return _preprocess_text(src, arch, tuple(options), tuple(include_dirs)).encode()
 
 
 @pytest.fixture

@@ -6,12 +6,13 @@ Objects, each calling only the ones below it (none calls back into its owner):
   model.py         Model: the weights on the GPU, the forward pass, ln_f + LM head + token selection
   device.py        Device: GPU choice, context, streams, memory budget, buffer pool, pinned host buffers
   kernels.py       the kernel registry (one record per kernel and fp16 tile variant) and the launchers
+  kcache.py        the node's kernel cache: each module compiled once per node, shared by its ranks
   picks.py         which fp16 tile variant runs a product of a given shape
   options.py       KernelOptions: the kernel A/B switches (speed, not the model), read from GPT2JOB_* once
   plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
   prefix_share.py  pure NumPy: which prompt prefixes a chunk computes once
   tensor_maps.py   TMA descriptors of the Hopper products
-Only device.py and kernels.py import pycuda, and only when a backend is built.
+Only device.py, kernels.py and kcache.py import pycuda, and only when a backend is built or kernels compile.
 """
 import importlib.util
 import os

@@ -5,19 +5,17 @@ the current CUDA context and launches it cheaply (prepared calls).
 
 A signature has one letter per parameter of the kernel in cuda_src (P pointer, i int, f float, d double,
 Q unsigned long long); tests/test_cuda_host.py checks every record against the preprocessed .cu.
-pycuda is imported only when Kernels is built. Each rank compiles into its own cache directory
-(~/.cache/gpt2job/pycuda/<host>-rank<local_rank>, or under $GPT2JOB_PYCUDA_CACHE): PyCUDA's compiler cache is not
-safe for ranks sharing a directory.
+pycuda is imported only when Kernels is built. The modules come from the node's kernel cache (kcache.py), which
+compiles each one once per node, whatever the number of ranks; `python -m gpt2job build-kernels` fills it before a
+job (compile_modules, without a GPU).
 """
 import os
-import socket
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from gpt2job import envs
 from gpt2job.backends.cuda import cuda_src_dir
+from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
@@ -143,11 +141,38 @@ F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "w
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 
-def cache_dir(local_rank=0):
-    root = envs.get("GPT2JOB_PYCUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2job", "pycuda")
-    d = os.path.join(root, f"{socket.gethostname()}-rank{local_rank}")
-    os.makedirs(d, exist_ok=True)
-    return d
+def choose_variants(options, hopper):
+    """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's default set (hopper(),
+    asked only then: wgmma and TMA need Hopper, sm_90)."""
+    variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
+    if not variants:
+        variants = F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER
+    for v in variants:
+        if v not in F16_TILES:
+            raise ValueError(f"unknown fp16 GEMM variant {v!r}")
+    return variants
+
+
+def module_jobs(variants):
+    """The modules to compile, each once: (module, source file, nvcc defines, arch): every source of KERNELS, then
+    the tiles' modules."""
+    jobs = [(f, f, (), "sm_90") for f in sorted({k.source for k in KERNELS})]
+    for t in (F16_TILES[v] for v in variants):
+        if (t.module, t.source, t.defines, t.arch) not in jobs:
+            jobs.append((t.module, t.source, t.defines, t.arch))
+    return jobs
+
+
+def compile_modules(jobs, folder, threads=8):
+    """{module: cubin} of the jobs, from the kernel cache in folder, compiled into it where missing (nvcc in
+    parallel threads, no GPU context needed); and the list of modules this call compiled."""
+    src = cuda_src_dir()
+    units = []
+    for key, fname, defs, arch in jobs:
+        with open(os.path.join(src, fname)) as fh:
+            units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
+    cache = Cache(folder)
+    return cache.get_all(units, threads), cache.compiled
 
 
 def ptr(a):
@@ -166,35 +191,12 @@ class Kernels:
 
     def __init__(self, local_rank=0, options=KernelOptions()):
         import pycuda.driver as drv
-        from pycuda.compiler import compile as nvcc_compile
         self.options = options
-        cdir = cache_dir(local_rank)
-        variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
-        if not variants:   # wgmma and TMA need Hopper (sm_90)
-            hopper = drv.Context.get_device().compute_capability() == (9, 0)
-            variants = F16_DEFAULT if hopper else F16_DEFAULT_NOT_HOPPER
-        for v in variants:
-            if v not in F16_TILES:
-                raise ValueError(f"unknown fp16 GEMM variant {v!r}")
+        variants = choose_variants(options, lambda: drv.Context.get_device().compute_capability() == (9, 0))
         self.f16_variants = variants
         self.tiles = [F16_TILES[v] for v in variants]
-        jobs = [(f, f, (), "sm_90") for f in sorted({k.source for k in KERNELS})]
-        for t in self.tiles:
-            job = (t.module, t.source, t.defines, t.arch)
-            if job not in jobs:
-                jobs.append(job)
-        src = cuda_src_dir()
-
-        def build(job):   # nvcc in parallel threads (no context needed); modules load in this thread
-            key, fname, defs, arch = job
-            with open(os.path.join(src, fname)) as fh:
-                text = fh.read()
-            return key, nvcc_compile(text, no_extern_c=True, arch=arch, options=["-std=c++17", *defs],
-                                     include_dirs=[src], cache_dir=cdir)
-
-        with ThreadPoolExecutor(max_workers=min(8, len(jobs))) as ex:
-            cubins = list(ex.map(build, jobs))
-        mods = {key: drv.module_from_buffer(cubin) for key, cubin in cubins}
+        cubins, _ = compile_modules(module_jobs(variants), cache_dir())
+        mods = {key: drv.module_from_buffer(cubin) for key, cubin in cubins.items()}
         self.funcs = {}
         self._f16 = {}   # (tile, out_half) -> (function, block, shared memory): the launch's lookups at once
         for k in KERNELS:

@@ -1,0 +1,257 @@
+"""The node's kernel cache: one cubin per compiled module, shared by every rank of a node, so that a cold job compiles
+each module once per node, not once per rank.
+
+Folder: $GPT2JOB_PYCUDA_CACHE or ~/.cache/gpt2job/pycuda, then the host name (home folders are often shared by the
+nodes). An entry is <name>-<key>.cubin, key a hash of everything that makes the binary: the source text and the
+text of every header it includes (#include "..." in its folder, recursively), the nvcc flags and arch, the
+`nvcc --version` text (asked once per process), the pycuda version. The file holds the cubin and its SHA-256, and
+is written to a temporary file in the same folder, fsynced, then renamed over the entry (os.replace): a reader
+finds a whole entry or none. The compile runs under an exclusive lock on <name>-<key>.lock (fcntl.flock): the first
+process to need a module compiles it; the others wait on the lock, then load the finished file; a process that
+dies while compiling leaves no entry, and the system drops its lock. Different modules compile at once: threads
+of a process take the modules no other process is compiling first (a lock taken without waiting), then wait on
+the rest. pycuda is imported only by compile_cubin, and only when it compiles.
+"""
+import fcntl
+import functools
+import glob
+import hashlib
+import importlib.metadata
+import importlib.util
+import os
+import re
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+from gpt2job import envs
+
+FORMAT = "gpt2job kernel cache 1: cubin, no_extern_c"   # change it when an entry's meaning changes
+_INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)
+_DIGEST = 32   # bytes of SHA-256 after the cubin
+
+
+def cache_dir():
+    """This node's cache folder (made if missing)."""
+    root = envs.get("GPT2JOB_PYCUDA_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "gpt2job", "pycuda")
+    d = os.path.join(root, socket.gethostname())
+    os.makedirs(d, exist_ok=True)
+    return d
+
+
+@functools.lru_cache(maxsize=None)
+def nvcc_version(nvcc="nvcc"):
+    try:
+        r = subprocess.run([nvcc, "--version"], capture_output=True, text=True, timeout=60)
+    except OSError as e:
+        raise RuntimeError(f"{nvcc} not found ({e}): the CUDA kernels are compiled at run time by nvcc (CUDA 12+); "
+                           "put the CUDA toolkit's bin folder on PATH") from None
+    if r.returncode != 0 or not r.stdout.strip():
+        raise RuntimeError(f"`{nvcc} --version` failed: {r.stderr.strip()}")
+    return r.stdout
+
+
+@functools.lru_cache(maxsize=None)
+def pycuda_version():
+    try:
+        return importlib.metadata.version("pycuda")
+    except importlib.metadata.PackageNotFoundError:
+        return ""
+
+
+def headers(text, src_dir):
+    """[(path relative to src_dir, text)] of every header `text` includes with #include "..." that is found in
+    src_dir (next to the including file first), recursively, each once, in the order first met. Others are the
+    toolkit's (covered by the nvcc version)."""
+    out, seen = [], set()
+
+    def walk(body, here):
+        for name in _INCLUDE.findall(body):
+            for d in (here, src_dir):
+                path = os.path.normpath(os.path.join(d, name))
+                if os.path.isfile(path):
+                    break
+            else:
+                continue
+            if path not in seen:
+                seen.add(path)
+                with open(path) as fh:
+                    sub = fh.read()
+                out.append((os.path.relpath(path, src_dir), sub))
+                walk(sub, os.path.dirname(path))
+
+    walk(text, src_dir)
+    return out
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One module to compile: source text from src_dir (quoted includes resolve there), nvcc flags, arch."""
+    name: str          # the module's name, e.g. "gemm_tma.cu#tma128"
+    text: str
+    src_dir: str
+    options: tuple     # nvcc flags other than -arch and -I, e.g. ("-std=c++17", "-DGEMM_TMA_BN=128")
+    arch: str
+
+    def key(self):
+        """<readable name>-<hash of everything that makes the binary>."""
+        debug = getattr(sys.modules.get("pycuda.driver"), "CUDA_DEBUGGING", False)   # pycuda then adds -g -G
+        h = hashlib.sha256()
+        parts = [FORMAT, self.arch, *self.options, "--", nvcc_version(), pycuda_version(), f"debug={bool(debug)}",
+                 self.text]
+        for path, body in headers(self.text, self.src_dir):
+            parts += [path, body]
+        for p in parts:
+            b = p.encode()
+            h.update(b"%d:" % len(b) + b)
+        return re.sub(r"[^A-Za-z0-9_.-]", "_", self.name) + "-" + h.hexdigest()[:40]
+
+    def compile(self):
+        return compile_cubin(self.text, self.arch, self.options, [self.src_dir])
+
+
+def compile_cubin(text, arch, options, include_dirs):
+    """The cubin of `text`: pycuda.compiler.compile without its cache (what Kernels always ran), else, where pycuda
+    cannot load (no pycuda, no CUDA driver), the same nvcc command line run here."""
+    try:
+        import pycuda.driver   # noqa: F401  (pycuda.compiler.compile needs it)
+        from pycuda.compiler import compile as pycuda_compile
+    except ImportError:
+        return nvcc_cubin(text, arch, options, include_dirs)
+    return pycuda_compile(text, no_extern_c=True, arch=arch, options=list(options), include_dirs=list(include_dirs),
+                          cache_dir=False)
+
+
+def nvcc_cubin(text, arch, options, include_dirs, nvcc="nvcc"):
+    """pycuda.compiler.compile(text, no_extern_c=True, arch=arch, options=options, include_dirs=include_dirs,
+    cache_dir=False) without pycuda: `nvcc --cubin OPTIONS -arch ARCH -I... kernel.cu` in a temporary folder (with
+    pycuda's header folder as the last -I where pycuda is installed), the same command line: the same bytes."""
+    dirs = list(include_dirs)
+    spec = importlib.util.find_spec("pycuda")   # finds, does not import
+    if spec is not None and spec.origin:
+        dirs.append(os.path.abspath(os.path.join(spec.origin, os.path.pardir, "cuda")))
+    with tempfile.TemporaryDirectory(prefix="gpt2job-nvcc-") as d:
+        with open(os.path.join(d, "kernel.cu"), "w") as fh:
+            fh.write(text)
+        cmd = [nvcc, "--cubin", *options, "-arch", arch, *["-I" + i for i in dirs], "kernel.cu"]
+        r = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
+        out = os.path.join(d, "kernel.cubin")
+        if r.returncode != 0 or not os.path.isfile(out):
+            raise RuntimeError(f"nvcc failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}")
+        with open(out, "rb") as fh:
+            return fh.read()
+
+
+class Cache:
+    """The entries of one folder. get_all returns {unit name: cubin}; `compiled` lists the units this object
+    compiled (the others were there, or another process compiled them meanwhile)."""
+
+    def __init__(self, folder):
+        self.dir = folder
+        self.compiled = []
+        self._mu = threading.Lock()
+
+    def _path(self, key):
+        return os.path.join(self.dir, key + ".cubin")
+
+    def load(self, key):
+        """The entry's cubin, or None when there is none or it is not whole (its checksum fails)."""
+        try:
+            with open(self._path(key), "rb") as fh:
+                blob = fh.read()
+        except FileNotFoundError:
+            return None
+        data = blob[:-_DIGEST]
+        if len(blob) <= _DIGEST or hashlib.sha256(data).digest() != blob[-_DIGEST:]:
+            return None
+        return data
+
+    def _store(self, key, data):
+        for stale in glob.glob(os.path.join(glob.escape(self.dir), glob.escape(key) + ".*.tmp")):
+            os.unlink(stale)   # left by a writer that died: we hold the lock, so nobody is writing it
+        fd, tmp = tempfile.mkstemp(dir=self.dir, prefix=key + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.write(hashlib.sha256(data).digest())
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, self._path(key))
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+        try:   # the rename itself, durable
+            dfd = os.open(self.dir, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+        except OSError:
+            pass
+
+    def _lock(self, key, wait):
+        """An open descriptor holding the key's lock (closing it releases the lock), or None when wait is False and
+        another process holds it."""
+        fd = os.open(os.path.join(self.dir, key + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def get_all(self, units, threads=8):
+        """{unit.name: cubin} of every unit: loaded, or compiled (each by one process of the node) and stored."""
+        out, todo = {}, []
+        for u in units:
+            key = u.key()
+            data = self.load(key)
+            if data is None:
+                todo.append((key, u))
+            else:
+                out[u.name] = data
+        if not todo:
+            return out
+        os.makedirs(self.dir, exist_ok=True)
+
+        def work():
+            while True:
+                with self._mu:   # take a module nobody is compiling, else wait on the first one left
+                    if not todo:
+                        return
+                    fd, i = None, 0
+                    for i, (key, _) in enumerate(todo):
+                        fd = self._lock(key, wait=False)
+                        if fd is not None:
+                            break
+                    else:
+                        i = 0
+                    key, u = todo.pop(i)
+                try:
+                    if fd is None:
+                        fd = self._lock(key, wait=True)
+                    data = self.load(key)   # another process's, finished while we waited
+                    if data is None:
+                        data = u.compile()
+                        self._store(key, data)
+                        with self._mu:
+                            self.compiled.append(u.name)
+                    out[u.name] = data
+                finally:
+                    if fd is not None:
+                        os.close(fd)
+
+        n = min(threads, len(todo))
+        with ThreadPoolExecutor(max_workers=n) as ex:
+            for f in [ex.submit(work) for _ in range(n)]:
+                f.result()
+        return out
