@@ -1,4 +1,4 @@
-"""Command line: `python -m gpt2job {prompts,run,show,validate} ...`.
+"""Command line: `python -m gpt2job {prompts,run,show,validate,build-kernels} ...`.
 
 A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
 """
@@ -145,6 +145,13 @@ def build_parser():
     v.add_argument("output")
     v.add_argument("answer", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)
+
+    bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "
+                        "needed): once per node before a job, so that its ranks start without compiling")
+    bk.add_argument("--dtype", choices=("float16", "float32", "both"), default="both",
+                    help="the precision of the jobs to come (today both need the same modules)")
+    bk.add_argument("--arch", default="", help="the GPU to build for: sm_90a (Hopper: wgmma and TMA products) or "
+                    "another sm_XY (mma.sync products); default: this node's GPU, else sm_90a")
     return p
 
 
@@ -191,10 +198,49 @@ def cmd_validate(a):
     return report_validation(a.output, a.answer, a.tolerance)
 
 
+def cmd_build_kernels(a):
+    """The modules a job's Kernels loads (the same options, GPT2JOB_F16_VARIANTS included), compiled into this
+    node's cache where missing; nvcc needs no GPU."""
+    import re
+    import time
+    from gpt2job.backends.cuda.kcache import cache_dir
+    from gpt2job.backends.cuda.kernels import choose_variants, compile_modules, module_jobs
+    from gpt2job.backends.cuda.options import KernelOptions
+    arch, why = (a.arch, "--arch") if a.arch else (_gpu_arch(), "this node's GPU")
+    if not arch:
+        arch, why = "sm_90a", "no GPU seen here: the default"
+    m = re.fullmatch(r"sm_(\d+)(\d)a?", arch)
+    if m is None:
+        raise UserError(f"{arch!r} is not a GPU architecture", field="--arch", fix="give sm_XY, e.g. sm_90a (Hopper)")
+    try:
+        jobs = module_jobs(choose_variants(KernelOptions.from_env(), lambda: (int(m[1]), int(m[2])) == (9, 0)))
+    except ValueError as e:
+        raise UserError(str(e), field="GPT2JOB_F16_VARIANTS", fix="unset it, or name variants of kernels.py") from None
+    t0, folder = time.time(), cache_dir()
+    _, compiled = compile_modules(jobs, folder)
+    print(f"gpt2job: kernels for {arch} ({why}), {len(jobs)} modules in {folder}: {len(compiled)} compiled, "
+          f"{len(jobs) - len(compiled)} already there ({time.time() - t0:.1f} s)")
+    return 0
+
+
+def _gpu_arch():
+    """sm_XY of this node's first GPU (no CUDA context made), or "" without a GPU or a working pycuda."""
+    from gpt2job.backends import gpu_count, pycuda_available
+    if not gpu_count() or not pycuda_available():
+        return ""
+    try:
+        import pycuda.driver as drv
+        drv.init()
+        return "sm_%d%d" % drv.Device(0).compute_capability()
+    except Exception:   # pycuda without a usable driver: as without a GPU
+        return ""
+
+
 def main(argv=None):
     try:
         a = build_parser().parse_args(argv)
-        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate}[a.command](a)
+        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate,
+                "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
         if world_rank() in (None, 0):   # one line from the master, not one per rank
             sys.stderr.write(f"gpt2job: error: {e}\n")

@@ -1,0 +1,230 @@
+"""The node's kernel cache (gpt2job/backends/cuda/kcache.py) without a GPU: the key follows everything that makes
+the binary; processes asking for one module at once compile it once and all load the same bytes; different modules
+compile at once across processes; a dead writer or a killed compiler leaves no entry that loads; `build-kernels`
+fills the cache and a second run compiles nothing. Tiny sources (or a stand-in compiler) except one real module."""
+import hashlib
+import multiprocessing
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import pytest
+
+from gpt2job import cli, envs
+from gpt2job.backends.cuda import cuda_src_dir, kcache
+from gpt2job.backends.cuda.kcache import Cache, Unit
+
+needs_nvcc = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
+TINY = 'extern "C" __global__ void add(float *x, float v) { x[threadIdx.x] += v; }\n'
+fork = multiprocessing.get_context("fork")
+
+
+class Counted(Unit):
+    """A unit whose compiles are counted in a file (one line per compile, any process), optionally slow, or done by
+    a stand-in that returns the text's hash instead of running nvcc."""
+    log = slow = fake = None
+
+    def compile(self):
+        with open(Counted.log, "a") as fh:
+            fh.write(f"{os.getpid()} {self.name}\n")
+        if Counted.slow:
+            time.sleep(Counted.slow)
+        return hashlib.sha256(self.text.encode()).digest() * 4 if Counted.fake else super().compile()
+
+
+@pytest.fixture
+def counted(tmp_path, monkeypatch):
+    monkeypatch.setattr(Counted, "log", str(tmp_path / "compiles.log"))
+    monkeypatch.setattr(Counted, "slow", 0)
+    monkeypatch.setattr(Counted, "fake", False)
+    open(Counted.log, "w").close()
+    return lambda: [line.split() for line in open(Counted.log)]
+
+
+def test_the_key_follows_source_headers_defines_arch_and_compiler(tmp_path, monkeypatch):
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "Cuda compilation tools, release 13.0")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "k.cu").write_text('#include "a.cuh"\n#include <cuda_fp16.h>\n' + TINY)
+    (tmp_path / "a.cuh").write_text('#pragma once\n#include "sub/b.cuh"\n')
+    (tmp_path / "sub" / "b.cuh").write_text('#pragma once\n#include "c.cuh"\n#define B 1\n')   # c.cuh: next to b
+    (tmp_path / "sub" / "c.cuh").write_text("#define C 1\n")
+    (tmp_path / "unused.cuh").write_text("#define U 1\n")
+
+    def key(defines=("-DX=1",), arch="sm_90"):
+        return Unit("k.cu#x", (tmp_path / "k.cu").read_text(), str(tmp_path), ("-std=c++17", *defines), arch).key()
+
+    k0 = key()
+    assert k0 == key() and k0.startswith("k.cu_x-")
+    assert [p for p, _ in kcache.headers((tmp_path / "k.cu").read_text(), str(tmp_path))] == [
+        "a.cuh", os.path.join("sub", "b.cuh"), os.path.join("sub", "c.cuh")]
+    seen = {k0}
+    for change in ("define", "arch", "source", "header", "nested header", "nvcc"):
+        if change == "define":
+            k = key(("-DX=2",))
+        elif change == "arch":
+            k = key(arch="sm_90a")
+        elif change == "source":
+            (tmp_path / "k.cu").write_text((tmp_path / "k.cu").read_text() + "// edited\n")
+            k = key()
+        elif change == "header":
+            (tmp_path / "a.cuh").write_text((tmp_path / "a.cuh").read_text() + "#define A 2\n")
+            k = key()
+        elif change == "nested header":
+            (tmp_path / "sub" / "c.cuh").write_text("#define C 2\n")
+            k = key()
+        else:
+            monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "Cuda compilation tools, release 13.1")
+            k = key()
+        assert k not in seen, change
+        seen.add(k)
+    (tmp_path / "unused.cuh").write_text("#define U 2\n")   # a header no one includes
+    assert key() == k
+
+
+def _ask(folder, unit, threads, barrier, results):
+    barrier.wait()
+    t = time.time()
+    c = Cache(folder)
+    out = c.get_all([unit] if isinstance(unit, Unit) else unit, threads)
+    results.put((os.getpid(), {n: hashlib.sha256(b).hexdigest() for n, b in out.items()}, c.compiled,
+                 time.time() - t))
+
+
+def _run_together(n, folder, unit, threads=8):
+    barrier, results = fork.Barrier(n), fork.Queue()
+    procs = [fork.Process(target=_ask, args=(folder, unit, threads, barrier, results)) for _ in range(n)]
+    for p in procs:
+        p.start()
+    out = [results.get(timeout=120) for _ in procs]
+    for p in procs:
+        p.join(30)
+        assert p.exitcode == 0
+    return out
+
+
+@needs_nvcc
+def test_four_processes_asking_at_once_compile_once_and_load_the_same_bytes(tmp_path, counted):
+    src = tmp_path / "src"
+    src.mkdir()
+    unit = Counted("tiny.cu", TINY, str(src), ("-std=c++17",), "sm_90")
+    out = _run_together(4, str(tmp_path / "cache"), unit)
+    assert len(counted()) == 1                                   # one nvcc run for the node
+    assert sum(len(compiled) for _, _, compiled, _ in out) == 1
+    assert len({digests["tiny.cu"] for _, digests, _, _ in out}) == 1
+    data = Cache(str(tmp_path / "cache")).load(unit.key())
+    assert data[:4] == b"\x7fELF" and hashlib.sha256(data).hexdigest() == out[0][1]["tiny.cu"]
+    assert Cache(str(tmp_path / "cache")).get_all([unit]) == {"tiny.cu": data} and len(counted()) == 1
+
+
+def test_different_modules_compile_at_once_across_processes(tmp_path, counted, monkeypatch):
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(Counted, "slow", 1.0)
+    monkeypatch.setattr(Counted, "fake", True)
+    units = [Counted(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(2)]
+    out = _run_together(2, str(tmp_path / "cache"), units, threads=1)   # one thread each: parallel only across
+    compiles = counted()
+    assert sorted(name for _, name in compiles) == ["m0.cu", "m1.cu"]   # each once
+    assert len({pid for pid, _ in compiles}) == 2                      # one by each process, at the same time
+    assert max(dt for *_, dt in out) < 1.8
+    assert out[0][1] == out[1][1]
+
+
+def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(Counted, "fake", True)
+    folder = str(tmp_path / "cache")
+    os.makedirs(folder)
+    unit = Counted("m.cu", TINY, str(tmp_path), (), "sm_90")
+    key = unit.key()
+    # a process killed while compiling, holding the lock: the system drops the lock, no entry exists
+    monkeypatch.setattr(Counted, "slow", 60)
+    pid = os.fork()
+    if pid == 0:   # the child compiles (slowly) and is killed
+        try:
+            Cache(folder).get_all([unit])
+        finally:
+            os._exit(1)
+    deadline = time.time() + 30
+    while not counted() and time.time() < deadline:
+        time.sleep(0.05)
+    assert counted(), "the child never started compiling"
+    with open(os.path.join(folder, key + ".cubin.123.tmp"), "wb") as fh:   # a half-written temp file
+        fh.write(b"\x7fELF half")
+    assert Cache(folder)._lock(key, wait=False) is None   # the child holds the lock
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    assert Cache(folder).load(key) is None
+    monkeypatch.setattr(Counted, "slow", 0)
+    c = Cache(folder)
+    t = time.time()
+    data = c.get_all([unit])["m.cu"]
+    assert time.time() - t < 5 and c.compiled == ["m.cu"] and data == hashlib.sha256(TINY.encode()).digest() * 4
+    assert sorted(os.listdir(folder)) == [key + ".cubin", key + ".lock"]   # the temp file is gone
+    # an entry that is not whole (cut short, or not ours) is compiled again and replaced
+    path = os.path.join(folder, key + ".cubin")
+    with open(path, "r+b") as fh:
+        fh.truncate(os.path.getsize(path) - 1)
+    assert Cache(folder).load(key) is None
+    c = Cache(folder)
+    assert c.get_all([unit])["m.cu"] == data and c.compiled == ["m.cu"] and Cache(folder).load(key) == data
+
+
+def test_a_killed_compiler_is_an_error_and_stores_nothing(tmp_path, monkeypatch):
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    nvcc = tmp_path / "nvcc"   # writes half a cubin, then dies by SIGKILL
+    nvcc.write_text("#!/bin/sh\nprintf 'half a cubin' > kernel.cubin\nkill -9 $$\n")
+    nvcc.chmod(0o755)
+
+    class Killed(Unit):
+        def compile(self):
+            return kcache.nvcc_cubin(self.text, self.arch, self.options, [self.src_dir], nvcc=str(nvcc))
+
+    folder = str(tmp_path / "cache")
+    unit = Killed("m.cu", TINY, str(tmp_path), (), "sm_90")
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        Cache(folder).get_all([unit])
+    assert Cache(folder).load(unit.key()) is None
+    assert [f for f in os.listdir(folder) if not f.endswith(".lock")] == []
+
+
+@needs_nvcc
+def test_a_real_module_is_the_plain_nvcc_cubin(tmp_path):
+    src = cuda_src_dir()
+    unit = Unit("sampling.cu", open(os.path.join(src, "sampling.cu")).read(), src, ("-std=c++17",), "sm_90")
+    data = Cache(str(tmp_path)).get_all([unit])["sampling.cu"]
+    out = tmp_path / "plain.cubin"   # the command tests/test_cuda_compile.py runs
+    subprocess.run(["nvcc", "-arch=sm_90", "-std=c++17", "-cubin", "-I", src, "-o", str(out),
+                    os.path.join(src, "sampling.cu")], check=True, capture_output=True)
+    assert data == out.read_bytes()
+
+
+def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_path, monkeypatch, capsys):
+    from gpt2job.backends.cuda.kernels import F16_DEFAULT, F16_DEFAULT_NOT_HOPPER, module_jobs
+    made = []
+
+    def stand_in(text, arch, options, include_dirs):
+        made.append((arch, options))
+        return hashlib.sha256(repr((text, arch, options)).encode()).digest()
+
+    monkeypatch.setattr(kcache, "compile_cubin", stand_in)
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(envs, "_values", {})
+    for name in envs.VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    hopper = module_jobs(F16_DEFAULT)
+    assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 0
+    assert len(made) == len(hopper) and f"{len(hopper)} compiled, 0 already there" in capsys.readouterr().out
+    folder = kcache.cache_dir()
+    assert os.path.dirname(folder) == str(tmp_path)
+    assert len([f for f in os.listdir(folder) if f.endswith(".cubin")]) == len(hopper)
+    assert {a for a, _ in made} == {"sm_90", "sm_90a"}
+    assert cli.main(["build-kernels", "--arch", "sm_90a", "--dtype", "float16"]) == 0
+    assert len(made) == len(hopper) and f"0 compiled, {len(hopper)} already there" in capsys.readouterr().out
+    other = module_jobs(F16_DEFAULT_NOT_HOPPER)   # another GPU: the mma.sync tiles, all among Hopper's
+    assert cli.main(["build-kernels", "--arch", "sm_80"]) == 0
+    assert len(made) == len(hopper) and f"0 compiled, {len(other)} already there" in capsys.readouterr().out
+    assert cli.main(["build-kernels", "--arch", "hopper"]) == 2
+    assert "--arch" in capsys.readouterr().err
