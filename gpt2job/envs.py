@@ -25,6 +25,9 @@ class Var:
 VARS = {v.name: v for v in (
     # ---- set-up
     Var("GPT2_VOCAB_DIR", "str", "", "folder with GPT-2's vocab.bpe and encoder.json (as --vocab-dir)"),
+    Var("HF_HUB_CACHE", "str", "", "Hugging Face hub cache, where --model NAME is looked up (huggingface_hub's)"),
+    Var("HF_HOME", "str", "", "Hugging Face home: the hub cache is HF_HOME/hub (default ~/.cache/huggingface)"),
+    Var("HF_HUB_OFFLINE", "bool", False, "never download a --model NAME missing from the cache"),
     Var("GPT2JOB_PYCUDA_CACHE", "str", "", "kernel cache root (default ~/.cache/gpt2job/pycuda)"),
     Var("GPT2JOB_LOCK_WAIT", "float", 30.0, "seconds a run waits for another writer of the same output"),
     Var("GPT2JOB_LAUNCH_TIME", "float", 0.0,
@@ -44,6 +47,8 @@ VARS = {v.name: v for v in (
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),
     Var("GPT2JOB_SHARED", "str", "", "tests and benchmarks: the shared/ folder (default ../shared)"),
     Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
+    Var("GPT2JOB_WRITER", "str", "auto",
+        "tests and benchmarks: who writes the output file: thread, process, or auto (a process from 100,000 rows)"),
 )}
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

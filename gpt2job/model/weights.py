@@ -15,6 +15,7 @@ from gpt2job.model import safetensors_io
 from gpt2job.model.safetensors_io import PICKLE_FIX, is_pickle
 from gpt2job.model.config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
 from gpt2job.errors import UserError
+from gpt2job.model import hub
 from gpt2job.model.params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
 
 CHECKPOINT_FIX = "give a directory with config.json and model.safetensors, a flat .bin file, or random:gpt2"
@@ -66,6 +67,7 @@ def _field_value(spec, k, v):
 
 def load_config(spec):
     """The model's config without reading its weights (what the master needs)."""
+    spec = hub.resolve(spec)
     if spec.startswith("random:"):
         return parse_random_spec(spec)[0]
     if os.path.isdir(spec):
@@ -79,6 +81,7 @@ def load_config(spec):
 
 def load_params(spec):
     """Load the full parameter set named by `spec` (see module doc)."""
+    spec = hub.resolve(spec)
     if spec.startswith("random:"):
         cfg, seed = parse_random_spec(spec)
         p = random_params(cfg, seed)
@@ -93,6 +96,7 @@ def load_params(spec):
 
 def fingerprint(spec):
     """A cheap identity of the model (config + sampled file bytes) for the resume check."""
+    spec = hub.resolve(spec)
     if spec.startswith("random:"):
         cfg, seed = parse_random_spec(spec)
         return "random:" + hashlib.sha256(json.dumps([cfg.to_dict(), seed], sort_keys=True).encode()).hexdigest()[:32]
