@@ -146,6 +146,14 @@ def build_parser():
     v.add_argument("answer", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)
 
+    ex = sub.add_parser("export", help="write an output's completed rows as JSON lines",
+                        description="Write one JSON object per completed row of OUT (row, prompt, completion, "
+                                    "completion_tokens, finish_reason, text_exact, and every other per-row dataset "
+                                    "such as log-probabilities) to a .jsonl file.")
+    ex.add_argument("output", help="output HDF5 written by gpt2job run")
+    ex.add_argument("jsonl", help="JSON lines file to write")
+    ex.add_argument("--overwrite", action="store_true", help="replace an existing JSON lines file")
+
     bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "
                         "needed): once per node before a job, so that its ranks start without compiling")
     bk.add_argument("--dtype", choices=("float16", "float32", "both"), default="both",
@@ -191,6 +199,11 @@ def cmd_prompts(a):
 def cmd_show(a):
     from gpt2job.files.show import show
     return show(a.output, a.start, a.limit)
+
+
+def cmd_export(a):
+    from gpt2job.files.export import export
+    return export(a.output, a.jsonl, overwrite=a.overwrite)
 
 
 def cmd_validate(a):
@@ -239,7 +252,7 @@ def _gpu_arch():
 def main(argv=None):
     try:
         a = build_parser().parse_args(argv)
-        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate,
+        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate, "export": cmd_export,
                 "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
         if world_rank() in (None, 0):   # one line from the master, not one per rank

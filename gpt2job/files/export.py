@@ -1,0 +1,120 @@
+"""`python -m gpt2job export OUT.h5 out.jsonl`: one JSON object per completed row, the shape batch users feed to
+their next tool:
+
+    {"row": 0, "prompt": "Hello", "completion": " world", "completion_tokens": [995], "finish_reason": "length",
+     "text_exact": true}
+
+`prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
+output is still there; `completion`/`text_exact` when the output has text; every other per-row dataset of the
+output that holds one value or one list per row (log-probabilities, sample indices, ...) is exported under its
+own name. Rows are read in blocks: any size of output exports in bounded memory. The file is written beside its
+final name and renamed into place, so a failed export leaves no half file."""
+import json
+import os
+import sys
+
+import numpy as np
+
+from gpt2job.errors import UserError, plural
+from gpt2job.files.h5files import contents, open_readable
+
+BLOCK = 1 << 15
+BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length")
+
+
+def _text(x):
+    return x.decode("utf-8", "replace") if isinstance(x, bytes) else str(x)
+
+
+def _plain(v):
+    """A dataset element as JSON: numpy scalars and arrays to numbers and lists, bytes to text."""
+    if isinstance(v, (bytes, np.bytes_)):
+        return _text(v)
+    if isinstance(v, np.ndarray):
+        return [_plain(x) for x in v] if v.dtype == object else v.tolist()
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+def _input_prompts(path, n):
+    """(name, dataset) of the input's prompts when the input is still there and has n rows; else (None, None)."""
+    import h5py
+    try:
+        f = h5py.File(path, "r")
+    except (OSError, TypeError, ValueError):
+        return None, None, None
+    for name in ("prompts", "prompt_tokens"):
+        if name in f and isinstance(f[name], h5py.Dataset) and len(f[name]) == n:
+            return f, ("prompt" if name == "prompts" else "prompt_tokens"), f[name]
+    f.close()
+    return None, None, None
+
+
+def export(out_path, jsonl_path, overwrite=False, stream=None):
+    stream = stream or sys.stderr
+    if os.path.exists(jsonl_path) and not overwrite:
+        raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
+    folder = os.path.dirname(os.path.abspath(jsonl_path))
+    if not os.path.isdir(folder):
+        raise UserError("folder does not exist", jsonl_path, "export", f"create {folder} first")
+    with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
+        if "completion_tokens" not in f or "done" not in f:
+            raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
+                            "datasets", "give an output file written by gpt2job run")
+        n = len(f["done"])
+        extra = [k for k in f.keys() if k not in BUILT_IN and getattr(f[k], "shape", None)
+                 and f[k].shape[0] == n and len(f[k].shape) <= 2]
+        inp = f.attrs.get("input")
+        fin, pkey, pds = _input_prompts(_text(inp), n) if inp is not None else (None, None, None)
+        if pds is None:
+            stream.write(f"gpt2job: the input {_text(inp) if inp is not None else '(not recorded)'} is not there "
+                         "(or has other rows): exporting without the prompts\n")
+        tmp = jsonl_path + ".tmp"
+        written = 0
+        try:
+            with open(tmp, "w", encoding="utf-8") as out:
+                for a in range(0, n, BLOCK):
+                    b = min(n, a + BLOCK)
+                    done = f["done"][a:b]
+                    if not done.any():
+                        continue
+                    cols = {"completion_tokens": f["completion_tokens"][a:b],
+                            "finish_reason": f["finish_reason"][a:b]}
+                    if "completions" in f:
+                        cols["completion"] = f["completions"][a:b]
+                        cols["text_exact"] = f["text_exact"][a:b]
+                    if pds is not None:
+                        cols[pkey] = pds[a:b]
+                    for k in extra:
+                        cols[k] = f[k][a:b]
+                    for i in np.flatnonzero(done):
+                        rec = {"row": a + int(i)}
+                        if pkey in cols:
+                            rec[pkey] = _plain(cols[pkey][i])
+                        if "completion" in cols:
+                            rec["completion"] = _text(cols["completion"][i])
+                        rec["completion_tokens"] = _plain(cols["completion_tokens"][i])
+                        rec["finish_reason"] = _text(cols["finish_reason"][i])
+                        if "text_exact" in cols:
+                            rec["text_exact"] = bool(cols["text_exact"][i])
+                        for k in extra:
+                            rec[k] = _plain(cols[k][i])
+                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                        written += 1
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, jsonl_path)
+        except OSError as e:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise UserError(f"cannot write ({e.strerror or e})", jsonl_path, "export",
+                            "check the path, its permissions and the free disk space")
+        finally:
+            if fin is not None:
+                fin.close()
+    missing = n - written
+    stream.write(f"gpt2job: exported {plural(written, 'row')} to {jsonl_path}"
+                 + (f" ({plural(missing, 'row')} not done: run the job again to finish them)" if missing else "")
+                 + "\n")
+    return 0

@@ -1,0 +1,44 @@
+"""`python -m gpt2job export OUT out.jsonl`: one JSON object per completed row, prompts included when the input
+is still there; refuses to clobber; an unfinished output exports its done rows and says how many are missing."""
+import json
+
+import h5py
+
+from conftest import TINY_HF, TINY_TEXT_MODEL, read_output, run_gpt2job, write_token_input
+
+
+def rows_of(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_export_token_prompts(tmp_path):
+    inp, out, js = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "out.jsonl"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "3"], check=0)
+    p = run_gpt2job(["export", out, js], check=0)
+    assert "exported 2 rows" in p.stderr
+    got, res = rows_of(js), read_output(out)
+    assert [r["row"] for r in got] == [0, 1]
+    assert got[0]["prompt_tokens"] == [1, 2, 3] and got[1]["prompt_tokens"] == [4, 5]
+    assert [r["completion_tokens"] for r in got] == [t.tolist() for t in res["tokens"]]
+    assert [r["finish_reason"] for r in got] == res["finish"]
+    p = run_gpt2job(["export", out, js])
+    assert p.returncode == 2 and "--overwrite" in p.stderr
+    assert run_gpt2job(["export", out, js, "--overwrite"]).returncode == 0
+
+
+def test_export_text_prompts_and_unfinished_rows(tmp_path, vocab_dir):
+    src, inp, out, js = tmp_path / "p.txt", tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "o.jsonl"
+    src.write_text("Hello world\nÜber café\n")
+    run_gpt2job(["prompts", src, inp, "--vocab-dir", vocab_dir], check=0)
+    run_gpt2job(["run", inp, out, "--model", TINY_TEXT_MODEL, "--backend", "numpy", "--max-new-tokens", "4",
+                 "--vocab-dir", vocab_dir], check=0)
+    run_gpt2job(["export", out, js], check=0)
+    got = rows_of(js)
+    assert [r["prompt"] for r in got] == ["Hello world", "Über café"]
+    assert all(isinstance(r["completion"], str) and isinstance(r["text_exact"], bool) for r in got)
+    with h5py.File(out, "r+") as f:          # as if the job had been killed after row 0
+        f["done"][1] = 0
+        f.attrs["finished"] = 0
+    p = run_gpt2job(["export", out, js, "--overwrite"], check=0)
+    assert "1 row not done" in p.stderr and len(rows_of(js)) == 1
