@@ -110,8 +110,9 @@ def build_parser():
                    help="nucleus sampling: the smallest set of tokens holding this probability (default 1.0)")
     r.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
                    help="sampling seed; the same seed gives the same completions for any ranks/chunks")
-    r.add_argument("--backend", choices=("numpy", "cuda", "auto"), default="auto",
-                   help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible)")
+    r.add_argument("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
+                   help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible); synthetic: "
+                        "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
     r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     r.add_argument("--chunk-size", type=_positive_int("--chunk-size", 0), default=0,

@@ -1,5 +1,6 @@
 """Backends turn a chunk of prompts into completions on one device: `numpy` (the CPU reference,
-backends/numpy_backend.py) and `cuda` (our kernels, backends/cuda/). This module holds the interface a worker
+backends/numpy_backend.py), `cuda` (our kernels, backends/cuda/) and `synthetic` (tests and benchmarks: deterministic
+tokens without a model, backends/synthetic.py). This module holds the interface a worker
 drives, the machine facts a backend choice needs, and make_backend. pycuda is imported only by backends/cuda.
 """
 import glob
@@ -92,8 +93,12 @@ def resolve_backend(name):
 
 
 def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gpus=False):
-    """Build the backend a worker runs: 'numpy', 'cuda', or 'auto' (cuda when a GPU is visible)."""
+    """Build the backend a worker runs: 'numpy', 'cuda', 'auto' (cuda when a GPU is visible), or 'synthetic'
+    (params is then the model's config alone: no weights are loaded)."""
     asked, name = name, resolve_backend(name)
+    if name == "synthetic":
+        from gpt2job.backends.synthetic import SyntheticBackend
+        return SyntheticBackend(getattr(params, "config", params), settings)
     if name == "numpy" and dtype != "float32":
         # decided here, on the node that computes: a CPU-only master may serve GPU workers. The NumPy backend
         # computes float32 only: running it would record float16 in the output's settings for float32 results.

@@ -25,7 +25,7 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
     its node has more GPUs than worker ranks, so that with -np equal to the GPU count no GPU idles."""
     if comm is None:
         return local_rank()
-    if s.backend == "numpy" or not pycuda_available():
+    if s.backend in ("numpy", "synthetic") or not pycuda_available():
         return None
     return n_node_workers if gpu_count() > n_node_workers else None
 

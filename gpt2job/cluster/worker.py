@@ -16,16 +16,17 @@ from gpt2job.cluster import faults
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.errors import UserError
-from gpt2job.model.weights import load_params
+from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings
 
 PREFETCH = 2            # chunks submitted at once: the next one is uploaded before the current one ends
 
 
 def build_backend(s: JobSettings, gpu_slot):
-    """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs."""
-    params = load_params(s.model)
-    gen = s.generation(params.config.eos_token_id)
+    """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs. The synthetic
+    backend (tests and benchmarks) needs the model's config only: no weights are read or generated."""
+    params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
+    gen = s.generation(getattr(params, "config", params).eos_token_id)
     backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
     if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
         backend.warm_up()

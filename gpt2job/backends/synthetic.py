@@ -1,0 +1,74 @@
+"""The synthetic backend (`--backend synthetic`), for tests and benchmarks only: no weights, no model, no device.
+
+Its tokens are a deterministic function of the prompt and the step (greedy), or of (seed, row, prompt, step) when
+sampling, so that every rule the real backends keep holds here too: a completion never depends on the rank, the
+chunk or the batch it ran in, and identical prompts get identical greedy completions (dedup stays exact). A token
+equal to the model's end-of-text id ends the row ("stop") unless --ignore-eos. The model config (vocabulary size,
+end-of-text id) comes from --model; its weights are never read or generated. It computes millions of tokens per
+second on one core: the master, the journal and the output are what a job with it measures.
+"""
+import numpy as np
+
+from gpt2job.backends import Backend
+from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Completions
+from gpt2job.settings import GenerationSettings
+
+_M = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def _mix(x):
+    """splitmix64's finaliser on uint64 arrays (wrapping)."""
+    x = x + np.uint64(0x9E3779B97F4A7C15)
+    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _prompt_keys(offsets, tokens):
+    """A 64-bit key per prompt from its tokens and length: [B] uint64."""
+    offsets = np.asarray(offsets, np.int64)
+    lens = np.diff(offsets)
+    if len(tokens) == 0:
+        return _mix(lens.astype(np.uint64))
+    pos = np.arange(len(tokens), dtype=np.int64) - np.repeat(offsets[:-1], lens)        # [T] position in its row
+    h = _mix(np.asarray(tokens, np.int64).astype(np.uint64) ^ (pos.astype(np.uint64) << np.uint64(32)))
+    keys = np.zeros(len(lens), np.uint64)
+    nonempty = lens > 0
+    with np.errstate(over="ignore"):
+        keys[nonempty] = np.add.reduceat(h, offsets[:-1][nonempty])
+    return _mix(keys ^ lens.astype(np.uint64))
+
+
+class SyntheticBackend(Backend):
+    """Deterministic tokens in [0, vocab_size) without a model (tests and benchmarks)."""
+    name = "synthetic"
+    preferred_chunk = 8192
+
+    def __init__(self, config, settings: GenerationSettings):
+        self.vocab = int(config.vocab_size)
+        self.settings = settings
+
+    def generate(self, chunk):
+        gs, s = self.settings, self.settings.sampling
+        b, n = len(chunk.rows), gs.max_new_tokens
+        key = _prompt_keys(chunk.offsets, chunk.tokens)                                     # [B]
+        if not s.greedy:   # sampling: the row and the seed matter too, as with the real backends
+            key = _mix(key ^ _mix(np.asarray(chunk.rows, np.uint64) ^ _mix(np.full(b, s.seed, np.uint64))))
+        steps = np.arange(1, n + 1, dtype=np.uint64)
+        toks = (_mix(key[:, None] ^ (steps[None, :] * np.uint64(0xD1B54A32D192ED03))) % np.uint64(self.vocab))
+        toks = toks.astype(np.int32)                                                        # [B, n]
+        lengths = np.full(b, n, np.int64)
+        finish = np.full(b, FINISH_LENGTH, np.uint8)
+        if not gs.ignore_eos:
+            eos = toks == gs.eos_token_id
+            hit = eos.any(axis=1)
+            if hit.any():
+                lengths[hit] = eos[hit].argmax(axis=1) + 1          # the stop token is part of the completion
+                finish[hit] = FINISH_STOP
+        offsets = np.zeros(b + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        flat = toks.reshape(-1) if not (lengths < n).any() else toks[np.arange(n)[None, :] < lengths[:, None]]
+        return Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offsets, flat, finish)
+
+    def describe(self):
+        return {"backend": self.name, "dtype": "none", "device": "cpu (synthetic tokens, no model)"}
