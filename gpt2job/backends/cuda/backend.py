@@ -4,9 +4,12 @@ KernelOptions ask), Model (weights, forward pass, head), Runner (chunk plans, up
 
 pycuda is imported when a CudaBackend is built (device.py, kernels.py), so the rest of the package imports
 without it. The GPU is chosen from local_rank before CUDA creates a context. Everything large is allocated before
-the worker says it is ready (reserve, warm_up), not inside the first chunk.
+the worker says it is ready (Runner.fit, warm_up), not inside the first chunk. Their sizes follow the device memory
+left after the weights (plan.memory_plan): the sizes asked for on a GPU with room, smaller ones (and a smaller
+preferred chunk, which the worker's hello passes to the master) on a GPU another process fills.
 """
 import dataclasses
+import sys
 
 import numpy as np
 
@@ -16,6 +19,7 @@ from gpt2job.backends.cuda.device import Device
 from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
+from gpt2job.backends.cuda.plan import memory_plan, preferred_chunk
 from gpt2job.backends.cuda.runner import Runner
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError
@@ -55,29 +59,39 @@ class CudaBackend(Backend):
         t0 = dev.drv.Event()   # the timeline's origin
         t0.record(dev.compute)
         t0.synchronize()
-        kv_budget = dev.kv_budget(self.model.activation_bytes(self.max_prefill_rows))
-        self.runner = Runner(dev, self.model, self.kernels, kv_budget, self.max_prefill_rows,
-                             self.options.prefix_share, t0)
-        self._reserve(share_gpus)
+        free = dev.free_memory()
+        greedy = self.settings.sampling.greedy
+        self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
+                             share_gpus=share_gpus, greedy=greedy)
+        mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,
+                         self.cfg.n_positions, self.model.activation_bytes, self.runner.pool_bytes)
+        self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
+        self.model.set_head_rows(mp.head_rows)
+        self._reserve(free, mp.reduced)
 
-    def _reserve(self, share_gpus):
-        """Allocate the large buffers now, before the worker says it is ready: the activations at their largest,
-        the decode steps' buffers, (unless ranks share the GPU: they all measured the same free memory) the KV cache
-        at its budget, the fp32 split-K workspace, the LM head's output. Growing them during the first chunk would
-        put allocations, and the synchronisations that come with freeing a smaller buffer, inside the timed
-        generation."""
-        dev, hr = self.device, self.head_rows
-        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + Runner.decode_buffers(hr):
-            dev.buf(name, nbytes)
-        if not share_gpus:
-            dev.buf("kv", self.runner.kv_budget)
-        for name, nbytes in self.model.head_buffers(self.settings.sampling.greedy):
-            dev.buf(name, nbytes)
-        # pinned host buffers: two decode steps' inputs and tokens, and uploads sized for a chunk of max_prefill_rows
-        # tokens in 16-token prompts (plan.Layout: 12 bytes per token, ~20 per prompt, 12 per shared-prefix copy; a
-        # chunk that needs more grows it then)
-        dev.step_buffers(hr)
-        dev.reserve_uploads(2, 20 * self.max_prefill_rows)   # the worker keeps two chunks submitted
+    def _reserve(self, free, reduced):
+        """Allocate the large buffers now, before the worker says it is ready (Runner.reserve; shrunk while an
+        allocation fails): growing them during the first chunk would put allocations, and the synchronisations that
+        come with freeing a smaller buffer, inside the timed generation. Then the pinned uploads of two chunks (the
+        worker keeps two submitted) of max_prefill_rows tokens in 16-token prompts (plan.Layout: 12 bytes per
+        token, ~20 per prompt, 12 per shared-prefix copy; a chunk that needs more grows them then)."""
+        runner, dev = self.runner, self.device
+        try:
+            runner.fit()
+            dev.reserve_uploads(2, 20 * runner.max_prefill_rows)
+        except Exception as e:
+            if not dev.is_oom(e):
+                raise
+            raise UserError(f"too little GPU memory: {free / 2 ** 20:,.0f} MiB free after the weights, and buffers "
+                            f"of the least sizes ({runner.sizes()}) do not fit ({type(e).__name__}: {e})", None,
+                            "GPU memory", "free the GPU (nvidia-smi lists the processes holding it), or run a "
+                            "smaller model or fewer ranks per GPU") from e
+        self.preferred_chunk = preferred_chunk(type(self).preferred_chunk, self.head_rows, self.model.head_rows)
+        if reduced or self.model.head_rows < self.head_rows:
+            sys.stderr.write(f"gpt2job: warning: GPU {dev.gpu_index} has {free / 2 ** 20:,.0f} MiB free after the "
+                             f"weights: buffers reduced to {runner.sizes()}; asking for chunks of at most "
+                             f"{self.preferred_chunk:,} prompts\n")
+            sys.stderr.flush()
 
     @property
     def timeline(self):

@@ -1,6 +1,7 @@
 """One GPU as the CUDA backend uses it: chosen from the worker's local rank before CUDA makes a context, two streams
-(compute; copy for uploads), the device memory left for the KV cache, a pool of named device buffers, the pinned
-host buffers of chunk uploads and of the decode steps, and the release of it all (close)."""
+(compute; copy for uploads), the free device memory, a pool of named device buffers, the pinned host buffers of
+chunk uploads and of the decode steps, what an allocation failure looks like (is_oom) and what can be freed after
+one (release), and the release of it all (close), also of a context a CUDA error has lost."""
 import os
 
 import numpy as np
@@ -19,13 +20,20 @@ class Upload:
         self.done_evt = None   # recorded when the copy finished (host buffer reusable)
 
     def reserve(self, drv, nbytes):
-        """Room for at least nbytes (a smaller buffer pair is replaced by one of exactly nbytes)."""
+        """Room for at least nbytes (a smaller buffer pair is replaced by one of exactly nbytes). When an allocation
+        fails the pair is left empty (nbytes 0), never holding a freed buffer."""
         if self.nbytes >= nbytes:
             return
+        self.free()
+        self.host = drv.pagelocked_empty(nbytes, np.uint8)
+        self.dev = drv.mem_alloc(nbytes)
+        self.nbytes = nbytes
+
+    def free(self):
         if self.dev is not None:
             self.dev.free()
-        self.host, self.dev = drv.pagelocked_empty(nbytes, np.uint8), drv.mem_alloc(nbytes)
-        self.nbytes = nbytes
+        self.host = self.dev = None
+        self.nbytes = 0
 
 
 class Device:
@@ -77,11 +85,18 @@ class Device:
         self._allocs.append(g)
         return g
 
-    def kv_budget(self, activation_bytes):
-        """Bytes for the KV cache: 0.8 x (the memory free now, after the weights, less the activations), 0.4 x when
-        ranks share the GPU (they all see the same free memory); at least 64 MB."""
-        free, _total = self.drv.mem_get_info()
-        return max(int((0.4 if self.share_gpus else 0.8) * (free - activation_bytes)), 64 << 20)
+    def free_memory(self):
+        """Bytes of device memory free now."""
+        return self.drv.mem_get_info()[0]
+
+    def is_oom(self, e):
+        """Whether exception e is an allocation failing for want of memory (device or pinned host: pycuda's
+        MemoryError, or an error saying 'out of memory'; NumPy's MemoryError), which computing less at once can
+        avoid, unlike other CUDA errors (an illegal address loses the whole context)."""
+        drv = self.drv
+        if isinstance(e, (drv.MemoryError, MemoryError)):
+            return True
+        return isinstance(e, drv.Error) and "out of memory" in str(e).lower()
 
     def buf(self, name, nbytes):
         """The device address of the pool's buffer `name`, grown to at least nbytes (growing waits for the compute
@@ -92,8 +107,22 @@ class Device:
             if cur is not None:
                 self.compute.synchronize()
                 cur[0].free()
+                del self._bufs[name]   # (when the allocation below fails, no freed buffer stays in the pool)
             self._bufs[name] = (self.drv.mem_alloc(nbytes), nbytes)
         return int(self._bufs[name][0])
+
+    def release(self):
+        """After an allocation failed: wait for both streams, then free every pool buffer and the uploads not in
+        use (the work grows them again, to the sizes it needs)."""
+        self.compute.synchronize()
+        self.copy.synchronize()
+        for b, _ in self._bufs.values():
+            b.free()
+        self._bufs = {}
+        for u in self._uploads:
+            if not u.busy:
+                u.free()
+        self._uploads = [u for u in self._uploads if u.busy]
 
     # ---------------------------------------------------------------- pinned host buffers
 
@@ -144,22 +173,36 @@ class Device:
         self.ctx = None
 
     def close(self):
+        """Free everything and drop the context. A context lost to a CUDA error (an illegal address is sticky: every
+        later call fails) is only dropped: destroying it frees its memory (freeing buffer by buffer would fail, and
+        warn, once per buffer; the buffers' own clean-up skips a dropped context silently)."""
         if self.ctx is None:
             return
+        drv = self.drv
+        held = (self._owned, self._allocs, self._bufs, self._uploads)   # dropped only once the context is
+        self._owned, self._allocs, self._bufs, self._uploads = [], [], {}, []
         try:
-            self.compute.synchronize()
-            self.copy.synchronize()
+            try:
+                self.compute.synchronize()
+                self.copy.synchronize()
+                lost = False
+            except drv.Error:
+                lost = True
+            if not lost:
+                owned, allocs, bufs, uploads = held
+                for obj in owned:
+                    obj.free()
+                for a in allocs:
+                    a.free()
+                for b, _ in bufs.values():
+                    b.free()
+                for u in uploads:
+                    u.free()
         finally:
-            for obj in self._owned:
-                obj.free()
-            for a in self._allocs:
-                a.free()
-            for b, _ in self._bufs.values():
-                b.free()
-            for u in self._uploads:
-                if u.dev is not None:
-                    u.dev.free()
-            self._owned, self._allocs, self._bufs, self._uploads = [], [], {}, []
-            self.ctx.pop()
-            self.ctx.detach()
-            self.ctx = None
+            ctx, self.ctx = self.ctx, None
+            try:
+                ctx.pop()
+            except drv.Error:
+                pass   # a lost context: detach still takes it off pycuda's context stack
+            ctx.detach()
+            del held

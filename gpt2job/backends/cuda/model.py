@@ -69,9 +69,9 @@ class F32Products:
     def argmax_tile(self, m, V, C):
         return None   # fp32 writes logits, then the argmax kernel
 
-    def workspaces(self):
-        """(name, bytes) of the pool buffers its products use besides their operands."""
-        return [("splitk", SPLITK_BYTES * self.head_rows)]
+    def workspaces(self, head_rows):
+        """(name, bytes) of the pool buffers its products use besides their operands, for head_rows rows."""
+        return [("splitk", SPLITK_BYTES * head_rows)]
 
 
 class F16Products:
@@ -101,7 +101,7 @@ class F16Products:
         """The tile whose (max, argmax) epilogue serves a greedy LM head of m rows (None: options.fuse_argmax off)."""
         return self.k.pick_argmax(m, V, C) if self.fuse_argmax else None
 
-    def workspaces(self):
+    def workspaces(self, head_rows):
         return []
 
 
@@ -155,30 +155,39 @@ class Model:
     def kv_bytes_per_position(self):
         return 2 * self.cfg.n_layer * self.cfg.n_embd * self.elt
 
-    def activation_bytes(self, rows):
-        """Device memory of the activations of a pass of `rows` rows and of the head."""
+    def set_head_rows(self, head_rows):
+        """Size the head (and the fp32 split-K workspace) for head_rows rows: fewer when device memory is short
+        (fp32: products of more rows then run without split-K, which sums in another order)."""
+        self.head_rows = self.p.head_rows = int(head_rows)
+
+    def activation_bytes(self, rows, head_rows=None):
+        """Device memory of the activations of a pass of `rows` rows and of the head (an upper bound: it counts the
+        logits, which a greedy fp16 head never writes)."""
         C, e = self.cfg.n_embd, self.elt
+        hr = self.head_rows if head_rows is None else head_rows
         act = rows * (4 * C + e * (C + 3 * C + C + self.cfg.d_mlp) + 16)
-        act += self.head_rows * (self.Vpad * 4 + C * e)
+        act += hr * (self.Vpad * 4 + C * e)
         if not self.half:
-            act += SPLITK_BYTES * self.head_rows
+            act += SPLITK_BYTES * hr
         return act
 
-    def activation_buffers(self, rows):
+    def activation_buffers(self, rows, head_rows=None):
         """(name, bytes) of the pool buffers of a pass of `rows` rows, and of ln_f's output."""
         C, e = self.cfg.n_embd, self.elt
+        hr = self.head_rows if head_rows is None else head_rows
         return [("x", rows * C * 4), ("h", rows * C * e), ("qkv", rows * 3 * C * e), ("att", rows * C * e),
-                ("fc", rows * self.cfg.d_mlp * e), ("hl", self.head_rows * C * e)]
+                ("fc", rows * self.cfg.d_mlp * e), ("hl", hr * C * e)]
 
-    def head_buffers(self, greedy):
+    def head_buffers(self, greedy, head_rows=None):
         """(name, bytes) of the pool buffers the head writes: the split-K workspace (fp32), then the argmax
         partials (greedy fp16 with the fused head) or the logits."""
-        out = self.p.workspaces()
-        tile = self.p.argmax_tile(self.head_rows, self.V, self.cfg.n_embd) if greedy else None
+        hr = self.head_rows if head_rows is None else head_rows
+        out = self.p.workspaces(hr)
+        tile = self.p.argmax_tile(hr, self.V, self.cfg.n_embd) if greedy else None
         if tile is not None:
-            out.append(("argmax_part", self.head_rows * -(-self.V // F16_TILES[tile].wn) * 8))
+            out.append(("argmax_part", hr * -(-self.V // F16_TILES[tile].wn) * 8))
         else:
-            out.append(("logits", self.head_rows * self.Vpad * 4))
+            out.append(("logits", hr * self.Vpad * 4))
         return out
 
     # ---------------------------------------------------------------- the passes

@@ -1,9 +1,11 @@
 """The host-side planning of the CUDA backend, pure NumPy (CPU tests import it without pycuda): the prompt checks,
-the layout of a chunk's upload, the prefill passes and attention tiles, and the KV groups."""
+the layout of a chunk's upload, the prefill passes and attention tiles, the KV groups, the buffer sizes for the
+device memory a worker has (memory_plan), and a chunk in halves (split_chunk, join_completions)."""
 from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2job.chunks import Chunk, Completions
 from gpt2job.errors import UserError
 from gpt2job.settings import max_prompt_length
 
@@ -155,3 +157,76 @@ def kv_groups(lens, extra, bytes_per_position, budget):
         if all(fits(a, b) for a, b in even):
             return even
     return greedy
+
+
+# ---------------------------------------------------------------- device memory (sizes), and chunks in parts
+
+KV_FLOOR = 64 << 20    # bytes: the least KV cache budget
+HEAD_FLOOR = 64        # the fewest LM head rows the buffers shrink to
+CHUNK_FLOOR = 64       # the fewest prompts per chunk a worker with little memory asks for
+
+
+def size_floors(rows, head_rows, n_positions):
+    """(prefill rows, head rows) the buffers never shrink below (nor above what was asked): a pass holds a longest
+    prompt (a longer one gets a pass of its own, which grows the buffers)."""
+    return min(rows, max(n_positions, 256)), min(head_rows, HEAD_FLOOR)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    prefill_rows: int     # tokens per prefill pass (the activation buffers)
+    head_rows: int        # rows per LM head product (ln_f output, logits or argmax partials, decode steps' buffers)
+    kv_budget: int        # bytes for the KV cache
+    preferred_chunk: int  # prompts per chunk the worker asks the master for
+    reduced: bool         # False: the sizes asked for (the memory allows them)
+
+
+def memory_plan(free, share_gpus, rows, head_rows, chunk, n_positions, estimate, reserve):
+    """The buffer sizes of a worker with `free` bytes of device memory left after its weights and kernels.
+
+    estimate(rows, head_rows): the activation bytes the KV budget leaves room for (Model.activation_bytes: an upper
+    bound); reserve(rows, head_rows): the bytes the buffer pool reserves besides the KV cache (Runner.pool_bytes).
+    The sizes asked for (rows, head_rows, chunk) whenever their estimate takes at most half the memory, with the
+    KV budget f x (free - estimate) (f = 0.8; 0.4 when ranks share the GPU: they all measured the same free
+    memory), at least KV_FLOOR: so nothing changes on a GPU with room. Otherwise rows and head rows halve together
+    (not below size_floors) until the pool takes at most a quarter of the memory, the KV budget is f x (free -
+    pool), and the preferred chunk shrinks with the head rows (not below CHUNK_FLOOR)."""
+    f = 0.4 if share_gpus else 0.8
+    est = estimate(rows, head_rows)
+    if 2 * est <= free:
+        return MemoryPlan(rows, head_rows, max(int(f * (free - est)), KV_FLOOR), chunk, False)
+    rmin, hmin = size_floors(rows, head_rows, n_positions)
+    r, h = rows, head_rows
+    while 4 * reserve(r, h) > free and (r > rmin or h > hmin):
+        r, h = max(r // 2, rmin), max(h // 2, hmin)
+    return MemoryPlan(r, h, max(int(f * (free - reserve(r, h))), KV_FLOOR),
+                      preferred_chunk(chunk, head_rows, h), True)
+
+
+def preferred_chunk(chunk, head_rows_asked, head_rows):
+    """The chunk size asked for, scaled down with the head rows when those shrank."""
+    if head_rows >= head_rows_asked:
+        return chunk
+    return min(chunk, max(CHUNK_FLOOR, chunk * head_rows // head_rows_asked))
+
+
+def split_chunk(chunk):
+    """The chunk's prompts in two halves (its order, its chunk_id): [first half, second half]."""
+    B = len(chunk.rows)
+    offsets = np.asarray(chunk.offsets, np.int64)
+    parts = []
+    for a, b in ((0, B // 2), (B // 2, B)):
+        t0, t1 = int(offsets[a]), int(offsets[b])
+        parts.append(Chunk(chunk.chunk_id, np.asarray(chunk.rows[a:b], np.int64), offsets[a:b + 1] - t0,
+                           np.asarray(chunk.tokens[t0:t1], np.int32)))
+    return parts
+
+
+def join_completions(chunk, parts):
+    """The Completions of a chunk computed in consecutive parts (split_chunk), in the chunk's order."""
+    offsets = np.zeros(1, np.int64)
+    for p in parts:
+        offsets = np.concatenate([offsets, offsets[-1] + np.asarray(p.offsets[1:], np.int64)])
+    return Completions(chunk.chunk_id, np.concatenate([np.asarray(p.rows, np.int64) for p in parts]), offsets,
+                       np.concatenate([np.asarray(p.tokens, np.int32) for p in parts]),
+                       np.concatenate([np.asarray(p.finish, np.uint8) for p in parts]))

@@ -11,11 +11,16 @@ Per chunk:
     so each step is launched before the previous step's tokens reach the host (one token id per row downloaded,
     logits never leave the GPU). A sequence that stopped is dropped from the step after next.
   * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group. Sequences are
-    grouped (plan.kv_groups: even groups) so that the cache fits the KV budget (Device.kv_budget).
+    grouped (plan.kv_groups: even groups) so that the cache fits the KV budget (plan.memory_plan).
+  * out of memory (an allocation fails during a chunk, or when it is submitted): the runner waits for the GPU, frees
+    its buffers, halves its sizes (the KV budget, prefill rows, head rows; not below their floors) and computes the
+    chunk in two halves, each the same way (down to one prompt, whose failure is the chunk's error). See _in_halves
+    for why the tokens stay those of a run with room.
 Uploads run on the copy stream, compute on the compute stream: a chunk submitted while another computes uploads
 meanwhile. self.timeline gets one dict per chunk with CUDA-event times (ms since the backend started) of its
 upload, compute and last download, and the device time of its prefill and decode steps.
 """
+import sys
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, List, Optional
@@ -25,7 +30,8 @@ import numpy as np
 from gpt2job.backends import Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.device import Upload
-from gpt2job.backends.cuda.plan import Layout, check_prompts, kv_groups, prefill_passes
+from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
+                                        size_floors, split_chunk)
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
 from gpt2job.settings import GenerationSettings
 
@@ -60,16 +66,77 @@ class ChunkPlan:
         return self.p_tiles + 8 * t0, t1 - t0, int(self.layout.offsets[pb0])
 
 
+@dataclass
+class Unplanned:
+    """A submitted chunk whose plan or upload ran out of memory: run() computes it in halves."""
+    chunk: Chunk
+    settings: GenerationSettings
+    error: BaseException
+
+
 class Runner:
-    def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0):
+    def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
+                 greedy=True):
         self.dev, self.model, self.k = device, model, kernels
         self.cfg = model.cfg
         self.kv_budget = kv_budget
         self.max_prefill_rows = int(max_prefill_rows)
         self.share_prefixes = share_prefixes   # submit plans shared prompt prefixes (options.prefix_share)
         self.t0 = t0                  # event: the timeline's origin
-        self.pending = deque()        # submitted ChunkPlans, oldest first
+        self.share_gpus = share_gpus  # ranks share the GPU: the KV cache is not reserved ahead
+        self.greedy = greedy          # the head buffers to reserve (argmax partials or logits)
+        self.floors = size_floors(self.max_prefill_rows, model.head_rows, self.cfg.n_positions)
+        self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
         self.timeline = []
+        self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
+
+    # ---------------------------------------------------------------- buffers
+
+    def pool_bytes(self, rows, head_rows):
+        """Device bytes reserve() takes besides the KV cache at these sizes, the two uploads included."""
+        parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
+                 + self.model.head_buffers(self.greedy, head_rows))
+        return sum(max(int(n), 16) for _, n in parts) + 2 * 20 * rows
+
+    def reserve(self):
+        """Allocate the pool's buffers at the current sizes: the activations at their largest, the decode steps'
+        buffers, (unless ranks share the GPU: they all measured the same free memory) the KV cache at its budget,
+        the LM head's output, and the pinned buffers of two decode steps."""
+        dev, hr = self.dev, self.model.head_rows
+        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + self.decode_buffers(hr):
+            dev.buf(name, nbytes)
+        if not self.share_gpus:
+            dev.buf("kv", self.kv_budget)
+        for name, nbytes in self.model.head_buffers(self.greedy):
+            dev.buf(name, nbytes)
+        dev.step_buffers(hr)
+
+    def shrink(self):
+        """Halve the KV budget, the prefill rows and the head rows, none below its floor (or its size, when that
+        is lower). Returns whether any changed."""
+        def half(v, floor):
+            return max(v // 2, floor) if v > floor else v
+        old = (self.kv_budget, self.max_prefill_rows, self.model.head_rows)
+        self.kv_budget = half(self.kv_budget, KV_FLOOR)
+        self.max_prefill_rows = half(self.max_prefill_rows, self.floors[0])
+        self.model.set_head_rows(half(self.model.head_rows, self.floors[1]))
+        return old != (self.kv_budget, self.max_prefill_rows, self.model.head_rows)
+
+    def fit(self):
+        """reserve(); while an allocation fails, free the pool, shrink and try again (at the floors: raise)."""
+        while True:
+            try:
+                return self.reserve()
+            except Exception as e:
+                if not self.dev.is_oom(e):
+                    raise
+                self.dev.release()
+                if not self.shrink():
+                    raise
+
+    def sizes(self):
+        return (f"prefill passes of {self.max_prefill_rows:,} rows, head groups of {self.model.head_rows:,} rows, "
+                f"KV cache budget {self.kv_budget / 2 ** 20:,.0f} MiB")
 
     def kv_groups(self, lens, extra):
         """plan.kv_groups for prompts of these lengths, each growing by extra positions, in the KV budget."""
@@ -105,17 +172,70 @@ class Runner:
                          int(chunk.offsets[-1]) - lay.T if sp is not None else 0)
 
     def submit(self, chunk, settings):
-        self.pending.append(self.prepare(chunk, settings, self.share_prefixes))
+        self.pending.append(self._plan(chunk, settings))
+
+    def _plan(self, chunk, settings):
+        """prepare(), or Unplanned when memory ran out (device or pinned upload buffer, or the host's)."""
+        try:
+            return self.prepare(chunk, settings, self.share_prefixes)
+        except Exception as e:
+            if not self.dev.is_oom(e):
+                raise
+            return Unplanned(chunk, settings, e)
 
     # ---------------------------------------------------------------- run
 
     def run(self):
         """Compute the oldest submitted chunk; yields Pauses, returns its Completions."""
-        plan = self.pending.popleft()
-        try:
-            return (yield from self._run(plan))
-        finally:
-            plan.upload.busy = False
+        return (yield from self._guarded(self.pending.popleft(), 0))
+
+    def _guarded(self, plan, depth):
+        """Run a plan; when memory runs out, compute its chunk in halves instead (_in_halves)."""
+        err = plan.error if isinstance(plan, Unplanned) else None
+        if err is None:
+            try:
+                return (yield from self._run(plan))
+            except Exception as e:
+                if not self.dev.is_oom(e):
+                    raise
+                err = e
+            finally:
+                plan.upload.busy = False
+        return (yield from self._in_halves(plan.chunk, plan.settings, err, depth))
+
+    def _in_halves(self, chunk, settings, err, depth):
+        """The chunk ran out of memory (err): wait for the GPU, free the buffer pool and the idle uploads, halve the
+        sizes, then compute the chunk's two halves (each guarded the same way) and join their completions. A single
+        prompt that runs out of memory raises err: the worker reports it and the master gives the chunk to another.
+
+        Why the tokens are those of a run with room: each part runs the same model on the same prompts, and the
+        kernels compute each row by itself: the embedding, the layer norms, the products (a row of the output is its
+        input row times the weights, summed over K in one order whatever the number of rows), attention (a row
+        reads its own prompt's keys, in key blocks counted from position 0, whichever tile or pass it is in), the
+        argmax (ties to the lowest index). A prompt whose prefix a prompt now in the other half computed for it
+        (prefix sharing) computes that prefix itself: the same rows, so the same keys and values as the copies. KV
+        groups only decide which sequences share a step. Where it may not hold: the row count of a product picks
+        its fp16 tile variant (picks.py), and variants that sum in another order would round differently (fp32:
+        split-K is chosen by row count and head rows, model.py); a near tie (two logits within that rounding) could
+        then pick the other token. The same holds for the smaller KV groups and prefill passes the halved budgets
+        give later chunks, and already for a clean run, whose KV groups follow the free memory.
+        tests/test_cuda_kernels.py checks that fp16 product rows are bitwise the same for every variant a Hopper
+        worker compiles and every row count; tests/test_cuda_faults.py that W1 tokens are identical under memory
+        pressure and after a failure mid-chunk."""
+        self.dev.release()
+        self.shrink()
+        self.oom_events += 1
+        B = len(chunk.rows)
+        if depth == 0:
+            sys.stderr.write(f"gpt2job: warning: out of GPU memory in chunk {chunk.chunk_id} ({B:,} prompts; "
+                             f"{type(err).__name__}: {err}): computing it in halves; now {self.sizes()}\n")
+            sys.stderr.flush()
+        if B <= 1:
+            raise err
+        parts = []
+        for part in split_chunk(chunk):
+            parts.append((yield from self._guarded(self._plan(part, settings), depth + 1)))
+        return join_completions(chunk, parts)
 
     def _run(self, plan):
         drv, gs, lay = self.dev.drv, plan.settings, plan.layout
