@@ -2,13 +2,14 @@
 backend (inject), so the production worker loop holds no test code.
 
 Plan text (tests pass it in GPT2JOB_FAULT): RANK:K:MODE[,...]: rank RANK fails on its K-th chunk (K=0: during
-start-up) with MODE raise (an exception), hang (stops answering) or exit (the process dies)."""
+start-up) with MODE raise (an exception), hang (stops answering), exit (the process dies) or cuda (a real CUDA error
+in the middle of the chunk: a kernel reads an illegal address, which loses the GPU context; cuda backend only)."""
 import os
 import time
 
 from gpt2job.errors import UserError
 
-MODES = ("raise", "hang", "exit")
+MODES = ("raise", "hang", "exit", "cuda")
 
 
 class InjectedFault(RuntimeError):
@@ -31,13 +32,25 @@ def parse_plan(text):
     return plan
 
 
-def act(mode, rank, n):
+def act(mode, rank, n, backend=None):
+    if mode == "cuda":
+        return cuda_error(backend, rank, n)
     if mode == "raise":
         raise InjectedFault(f"injected fault on rank {rank}, chunk #{n}")
     if mode == "hang":
         while True:
             time.sleep(60)
     os._exit(17)
+
+
+def cuda_error(backend, rank, n):
+    """Launch, on the CUDA backend's compute stream, a kernel that reads device address 16 (never mapped): CUDA
+    reports an illegal memory access at the next call that waits for the GPU, and the context is lost for good
+    (sticky), as after a real kernel fault."""
+    kernels, device = getattr(backend, "kernels", None), getattr(backend, "device", None)
+    if kernels is None or device is None:
+        raise InjectedFault(f"injected fault on rank {rank}, chunk #{n}: mode cuda needs the cuda backend")
+    kernels.gather_tokens(device.compute, 16, 16, 16, 1)
 
 
 class FaultyBackend:
@@ -51,9 +64,25 @@ class FaultyBackend:
 
     def run(self):
         self.n += 1
-        if self.n in self.faults:
-            act(self.faults[self.n], self.rank, self.n)
+        mode = self.faults.get(self.n)
+        if mode == "cuda":
+            return (yield from self._cuda_fault())
+        if mode is not None:
+            act(mode, self.rank, self.n)
         return (yield from self.inner.run())
+
+    def _cuda_fault(self):
+        """The chunk with a CUDA error once its first work is on the GPU (its first pause)."""
+        steps = self.inner.run()
+        try:
+            pause = next(steps)
+        except StopIteration as done:   # nothing to wait for: wait for the faulty kernel here
+            act("cuda", self.rank, self.n, self.inner)
+            self.inner.device.compute.synchronize()
+            return done.value
+        act("cuda", self.rank, self.n, self.inner)
+        yield pause
+        return (yield from steps)
 
 
 def inject(backend, plan, rank):
@@ -62,5 +91,5 @@ def inject(backend, plan, rank):
     if not faults:
         return backend
     if 0 in faults:
-        act(faults[0], rank, 0)
+        act(faults[0], rank, 0, backend)
     return FaultyBackend(backend, faults, rank)
