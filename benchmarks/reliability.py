@@ -1,6 +1,7 @@
 """Reliability figures for gpt2job on CPU (no GPU needed): kill-and-resume, and input fuzzing.
 
     python benchmarks/reliability.py [--kills 20] [--fuzz 300] [--seed 1] [--keep DIR]
+    python benchmarks/reliability.py --gpu [--gpu-kills 10] [--results FILE]   # on a GPU machine (1 or 2 GPUs)
 
 (a) Kills: a 3-rank CPU job under mpirun (40 prompts, --chunk-size 1, --ignore-eos, sampling with a
     seed, like tests/test_resume.py) is killed with SIGKILL at a moment drawn uniformly over a clean
@@ -17,6 +18,11 @@
     successes, tracebacks, hangs (> --hang-timeout s), other exits.
 
 Takes about 3 minutes for the kills and 1-2 minutes for 300 fuzz cases on 2 cores.
+
+--gpu runs the GPU fault runs instead (benchmarks/reliability_gpu.py: out of memory with another process holding
+the GPU, a CUDA error mid-chunk, kill -9 of a GPU worker and of the master of a 2-GPU job, each resumed): a table
+(scenario, runs, identical, max resume time) last, one JSON line per scenario appended to --results. About 7
+minutes on a 2 x H200 machine with a warm kernel cache.
 """
 import argparse
 import json
@@ -120,12 +126,15 @@ def kill_all(sid):
             pass
 
 
-def one_kill(i, victim, window, inp, d, clean, rng):
+def one_kill(i, victim, window, inp, d, clean, rng, cmd=None, n_prompts=N_PROMPTS, t_min=0.0):
+    """Kill the victim at a moment drawn from U(t_min, window) of a run of cmd(inp, out) (default job_cmd), kill
+    what is left, rerun until done; check against clean (info['problems']). info['resume_s']: the rerun's time."""
+    cmd = cmd or job_cmd
     out = d / f"kill{i:02d}.h5"
-    t_kill = rng.uniform(0, window)
+    t_kill = rng.uniform(t_min, window)
     info = {"i": i, "victim": victim, "t_planned": round(t_kill, 2)}
     log = open(d / f"kill{i:02d}.log", "w")
-    p = subprocess.Popen(job_cmd(inp, out), env=job_env(), stdout=log, stderr=subprocess.STDOUT,
+    p = subprocess.Popen(cmd(inp, out), env=job_env(), stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True, cwd=str(ROOT))
     t0 = time.monotonic()
     while time.monotonic() - t0 < t_kill and p.poll() is None:
@@ -174,8 +183,10 @@ def one_kill(i, victim, window, inp, d, clean, rng):
     # rerun until it exits 0 (or says the output is already complete)
     runs = []
     for attempt in range(4):
-        r = subprocess.run(job_cmd(inp, out), env=job_env(), capture_output=True, text=True, cwd=str(ROOT),
+        t_rerun = time.monotonic()
+        r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, cwd=str(ROOT),
                            timeout=300)
+        info["resume_s"] = round(time.monotonic() - t_rerun, 2)
         runs.append(r.returncode)
         if r.returncode == 0:
             break
@@ -203,8 +214,8 @@ def one_kill(i, victim, window, inp, d, clean, rng):
             if sm.get("rows_resumed") != expect:
                 problems.append(f"rows_resumed {sm.get('rows_resumed')} != rows journaled at kill {expect}")
             worked = sum(w["rows"] for w in sm.get("workers", []))
-            if worked != N_PROMPTS - sm.get("rows_resumed", 0):
-                problems.append(f"workers computed {worked} rows, expected {N_PROMPTS - sm.get('rows_resumed', 0)}"
+            if worked != n_prompts - sm.get("rows_resumed", 0):
+                problems.append(f"workers computed {worked} rows, expected {n_prompts - sm.get('rows_resumed', 0)}"
                                 " (a completed row was recomputed or one was lost)")
             info["rows_resumed"] = sm.get("rows_resumed")
     if os.path.exists(str(out) + ".journal"):
@@ -228,6 +239,7 @@ def kill_experiment(n_kills, seed, workdir):
     if shutil.which("mpirun") is None:
         print("kills: skipped (mpirun not found; pip install -e '.[test]')")
         return None
+    sys.path.insert(0, str(ROOT / "tests"))
     from conftest import write_token_input
     d = Path(workdir) / "kills"
     d.mkdir(parents=True, exist_ok=True)
@@ -334,11 +346,26 @@ def main():
     ap.add_argument("--jobs", type=int, default=2, help="fuzz cases run at once")
     ap.add_argument("--keep", metavar="DIR", help="work in DIR and keep it (default: a temporary folder, "
                                                    "removed unless something failed)")
+    ap.add_argument("--gpu", action="store_true", help="the GPU fault runs (benchmarks/reliability_gpu.py) instead")
+    ap.add_argument("--gpu-kills", type=int, default=10, help="--gpu: kills of a worker, and of the master, each")
+    ap.add_argument("--gpu-budget", type=float, default=450.0,
+                    help="--gpu: seconds after which no further kill starts (the table reports the runs made)")
+    ap.add_argument("--results", help="append one JSON line per scenario here")
     a = ap.parse_args()
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gpt2job-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
     failed = False
     t0 = time.monotonic()
+    if a.gpu:
+        import reliability_gpu
+        ok, table = reliability_gpu.run(a, workdir)
+        if not a.keep:
+            if ok:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                print(f"(work folder kept for inspection: {workdir})")
+        print(f"\ntotal {time.monotonic() - t0:.0f} s\n\n{table}")
+        return 0 if ok else 1
     if a.kills:
         r = kill_experiment(a.kills, a.seed, workdir)
         failed |= r is None or r[0] != r[1]
