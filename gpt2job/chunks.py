@@ -1,7 +1,7 @@
 """The plain data that crosses every seam: a chunk of prompts, its completions, the finish reasons, and
-their flat int64 buffer form (MPI messages and journal records). Every layer imports this; it imports
-nothing of gpt2job."""
-from dataclasses import dataclass
+their flat int64 buffer form (MPI messages; token ids travel as int32, two to a word). Every layer imports this; it
+imports nothing of gpt2job."""
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -33,14 +33,38 @@ class Chunk:
         return [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.rows))]
 
 
+_NONE = np.zeros(0, np.int64)
+
+
 @dataclass
 class Completions:
-    """Generated tokens for a chunk: row b's tokens are tokens[offsets[b]:offsets[b+1]]."""
+    """Generated tokens for a chunk: row b's tokens are tokens[offsets[b]:offsets[b+1]]. On the master, rows whose
+    prompt repeats one of these rows (greedy dedup) may ride along without tokens of their own: copy_rows[c] has the
+    completion of rows[copy_src[c]]."""
     chunk_id: int
     rows: np.ndarray         # [B] int64
     offsets: np.ndarray      # [B+1] int64
     tokens: np.ndarray       # [sum of generated lengths] int32
     finish: np.ndarray       # [B] uint8 FINISH_* code
+    copy_rows: np.ndarray = field(default_factory=lambda: _NONE)    # [C] int64
+    copy_src: np.ndarray = field(default_factory=lambda: _NONE)     # [C] int64 index into rows
+
+    @property
+    def all_rows(self):
+        """rows, then copy_rows: [B + C]."""
+        return np.concatenate([self.rows, self.copy_rows]) if len(self.copy_rows) else self.rows
+
+    @property
+    def all_finish(self):
+        return np.concatenate([self.finish, self.finish[self.copy_src]]) if len(self.copy_rows) else self.finish
+
+    def expanded(self):
+        """The copies as rows of their own (with their tokens), after the rows."""
+        if not len(self.copy_rows):
+            return self
+        idx = np.concatenate([np.arange(len(self.rows)), self.copy_src])
+        offsets, tokens = take_ragged(self.offsets, self.tokens, idx)
+        return Completions(self.chunk_id, self.all_rows, offsets, tokens, self.finish[idx])
 
     @classmethod
     def from_lists(cls, chunk_id, rows, token_lists, finish):
@@ -56,43 +80,59 @@ class Completions:
 
     @property
     def n_generated(self):
-        return int(self.offsets[-1])
+        """Tokens of the rows, copies included."""
+        n = int(self.offsets[-1])
+        if len(self.copy_rows):
+            n += int((self.offsets[self.copy_src + 1] - self.offsets[self.copy_src]).sum())
+        return n
 
 
-# ---------------------------------------------------------------- flat buffers (MPI messages, journal records)
+# ---------------------------------------------------------------- flat buffers (MPI messages)
+
+def _pack32(tokens):
+    """int32 tokens as the int64 words that hold them two by two (the last one padded)."""
+    t = np.asarray(tokens, np.int32)
+    if len(t) % 2:
+        t = np.append(t, np.int32(0))
+    return np.ascontiguousarray(t).view(np.int64)
+
+
+def _unpack32(words, n):
+    return np.ascontiguousarray(words).view(np.int32)[:n]
+
 
 def encode_chunk(c: Chunk) -> np.ndarray:
-    """[chunk_id, B, rows(B), offsets(B+1), tokens(T)]"""
-    b = len(c.rows)
-    return np.concatenate([np.array([c.chunk_id, b], np.int64), c.rows.astype(np.int64),
-                           c.offsets.astype(np.int64), c.tokens.astype(np.int64)])
+    """[chunk_id, B, T, rows(B), offsets(B+1), tokens (T int32, two to a word)]"""
+    b, t = len(c.rows), int(c.offsets[-1]) if len(c.offsets) else 0
+    return np.concatenate([np.array([c.chunk_id, b, t], np.int64), np.asarray(c.rows, np.int64),
+                           np.asarray(c.offsets, np.int64), _pack32(c.tokens)])
 
 
 def decode_chunk(buf: np.ndarray) -> Chunk:
-    cid, b = int(buf[0]), int(buf[1])
-    rows = buf[2:2 + b].copy()
-    offsets = buf[2 + b:3 + 2 * b].copy()
-    tokens = buf[3 + 2 * b:].astype(np.int32)
-    if len(offsets) != b + 1 or offsets[-1] != len(tokens):
+    cid, b, t = int(buf[0]), int(buf[1]), int(buf[2])
+    rows = buf[3:3 + b].copy()
+    offsets = buf[3 + b:4 + 2 * b].copy()
+    words = buf[4 + 2 * b:]
+    if len(offsets) != b + 1 or offsets[-1] != t or len(words) != (t + 1) // 2:
         raise ValueError(f"malformed chunk buffer (chunk {cid})")
-    return Chunk(cid, rows, offsets, tokens)
+    return Chunk(cid, rows, offsets, _unpack32(words, t).copy())
 
 
 def encode_completions(c: Completions, compute_us=0) -> np.ndarray:
-    """[chunk_id, B, compute_us, rows(B), offsets(B+1), finish(B), tokens(T)]"""
-    b = len(c.rows)
-    return np.concatenate([np.array([c.chunk_id, b, compute_us], np.int64), c.rows.astype(np.int64),
-                           c.offsets.astype(np.int64), c.finish.astype(np.int64), c.tokens.astype(np.int64)])
+    """[chunk_id, B, compute_us, T, rows(B), offsets(B+1), finish(B), tokens (T int32, two to a word)]"""
+    b, t = len(c.rows), int(c.offsets[-1])
+    return np.concatenate([np.array([c.chunk_id, b, compute_us, t], np.int64), np.asarray(c.rows, np.int64),
+                           np.asarray(c.offsets, np.int64), np.asarray(c.finish, np.int64), _pack32(c.tokens)])
 
 
 def decode_completions(buf: np.ndarray):
-    """-> (Completions, compute_us)"""
-    cid, b, us = int(buf[0]), int(buf[1]), int(buf[2])
-    p = 3
-    rows = buf[p:p + b].copy(); p += b
-    offsets = buf[p:p + b + 1].copy(); p += b + 1
+    """-> (Completions, compute_us); its tokens are a view of buf."""
+    cid, b, us, t = int(buf[0]), int(buf[1]), int(buf[2]), int(buf[3])
+    p = 4
+    rows = buf[p:p + b]; p += b
+    offsets = buf[p:p + b + 1]; p += b + 1
     finish = buf[p:p + b].astype(np.uint8); p += b
-    tokens = buf[p:].astype(np.int32)
-    if len(offsets) != b + 1 or offsets[-1] != len(tokens) or len(finish) != b:
+    words = buf[p:]
+    if len(offsets) != b + 1 or offsets[-1] != t or len(finish) != b or len(words) != (t + 1) // 2:
         raise ValueError(f"malformed completions buffer (chunk {cid})")
-    return Completions(cid, rows, offsets, tokens, finish), us
+    return Completions(cid, rows, offsets, _unpack32(words, t), finish), us

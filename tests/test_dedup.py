@@ -10,7 +10,8 @@ import pytest
 
 from conftest import TINY_HF, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.chunks import Completions
-from gpt2job.files.prompts import PromptSet, group_identical
+from gpt2job.files.dedup import Copies, group_identical
+from gpt2job.files.prompts import PromptSet
 
 SUBMITTED = re.compile(r"rank \d+: chunk \d+ \((\d+) prompts\) submitted")
 
@@ -64,19 +65,17 @@ def test_group_identical():
     p = PromptSet.from_lists([[1, 2], [3], [1, 2], [1, 2, 0], [3], [1, 2], [], []], "t")
     reps, copies = group_identical(p, np.arange(len(p)))
     assert reps.tolist() == [0, 1, 3, 6]
-    assert {k: v.tolist() for k, v in copies.items()} == {0: [2, 5], 1: [4], 6: [7]}
+    assert {k: v.tolist() for k, v in copies.as_dict().items()} == {0: [2, 5], 1: [4], 6: [7]}
     reps, copies = group_identical(p, np.array([2, 3, 4, 5]))      # only among the rows given
-    assert reps.tolist() == [2, 3, 4] and {k: v.tolist() for k, v in copies.items()} == {2: [5]}
+    assert reps.tolist() == [2, 3, 4] and {k: v.tolist() for k, v in copies.as_dict().items()} == {2: [5]}
     reps, copies = group_identical(p, np.array([0, 1, 3]))
-    assert reps.tolist() == [0, 1, 3] and copies == {}
+    assert reps.tolist() == [0, 1, 3] and copies.as_dict() == {}
 
 
 def test_with_copies_appends_identical_rows():
-    from gpt2job.cluster.master import Master
-    m = Master.__new__(Master)
-    m.copies = {7: np.array([9, 11]), 4: np.array([5])}
+    copies = Copies(np.array([4, 7]), np.array([0, 1, 3]), np.array([5, 9, 11]))   # 4 -> [5], 7 -> [9, 11]
     comp = Completions.from_lists(3, [4, 6, 7], [[1, 2, 3], [8], [5, 5]], [1, 0, 0])
-    out = m.with_copies(comp)
+    out = copies.expand(comp).expanded()
     assert out.chunk_id == 3 and out.rows.tolist() == [4, 6, 7, 5, 9, 11]
     assert [out.row_tokens(i).tolist() for i in range(6)] == [[1, 2, 3], [8], [5, 5], [1, 2, 3], [5, 5], [5, 5]]
     assert out.finish.tolist() == [1, 0, 0, 1, 0, 0]
@@ -129,7 +128,7 @@ def test_prepare_schedules_only_representatives(tmp_path, inp):
         try:
             assert m.sched.total == total
             assert m.n_copies == N - N_INVALID - total
-            assert sorted(list(m.sched.queue) + [int(c) for v in m.copies.values() for c in v]) == \
+            assert sorted(list(m.sched.queue) + m.copies.rows.tolist()) == \
                 [i for i, r in enumerate(ROWS) if r]
         finally:
             m.store.close()

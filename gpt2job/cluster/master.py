@@ -8,7 +8,7 @@ import time
 import numpy as np
 
 from gpt2job import __version__
-from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
+from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
 from gpt2job.cluster.trace import launch_time, trace
@@ -16,7 +16,8 @@ from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, print_summary
-from gpt2job.files.prompts import group_identical, read_prompts, validate
+from gpt2job.files.dedup import Copies, group_identical
+from gpt2job.files.prompts import read_prompts, validate
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
@@ -25,11 +26,12 @@ START_GRACE_S = 10.0    # longest wait for slow-starting workers before the read
 
 
 class Master:
-    def __init__(self, s: JobSettings, comm, fault_plan=None):
+    def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None):
         self.s = s
         # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
-        # master's own thread, added by run() when the master computes
-        self.channel = Mux([MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
+        # master's own thread, added by run() when the master computes; or a channel given (benchmarks/master_scale.py)
+        self.channel = Mux([channel] if channel is not None else
+                           [MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
         self.fault_plan = fault_plan or {}
         self.store = None
         self.workers = {}
@@ -41,7 +43,9 @@ class Master:
         self.dispatching = False   # work is handed out once all workers are ready
         self.t_last = None
         self.generated = 0
-        self.copies = {}           # representative row -> rows with the same prompt (greedy dedup)
+        self.copies = Copies()     # representative rows -> rows with the same prompt (greedy dedup)
+        self.received = []         # results received, not yet submitted to the journal: (worker, comp, us, t_recv)
+        self.in_commit = []        # ... submitted, not yet durable
         self.n_copies = 0
 
     def log(self, msg):
@@ -80,25 +84,26 @@ class Master:
         except UserError as e:
             self.enc = None
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
-        key = {"gpt2job_format": 1, "model_fingerprint": fingerprint(s.model),
+        key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
                "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
                "settings": s.result_settings()}
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
                  "backend": s.backend, "chunk_size": s.chunk_size}
         self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
-                                 tokenizer=self.enc, overwrite=s.overwrite)
+                                 tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir)
         if self.store.resumed_rows:
             self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
         bad = np.flatnonzero(self.invalid & ~self.store.done)
         if len(bad):
-            self.store.add(Completions.from_lists(-1, bad, [[] for _ in bad], [FINISH_INVALID] * len(bad)))
+            self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
+                                             np.full(len(bad), FINISH_INVALID, np.uint8))])
         todo = np.flatnonzero(~self.store.done)
         if s.dedup and s.temperature <= 0:
             # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
             # its copies get the same result. Only among rows not done, so that a resume finishes every row.
             todo, self.copies = group_identical(self.prompts, todo)
-            self.n_copies = sum(len(c) for c in self.copies.values())
+            self.n_copies = len(self.copies)
             if self.n_copies:
                 self.log(f"{plural(self.n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is "
                          "computed once (greedy); "
@@ -113,43 +118,36 @@ class Master:
                  f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
                  f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
-    def record(self, w: WorkerState, comp, compute_us, t_recv=None):
-        # the completion is at the master (received at t_recv); writing it comes next
-        self.t_last = max(self.t_last or 0.0, t_recv or time.time())
-        w.last_result = t_recv or time.time()
-        t = time.perf_counter()
-        added = self.store.add(self.with_copies(comp))   # a late duplicate from a retired worker adds nothing
-        new_rows, new_tokens = (len(added.rows), added.n_generated) if added is not None else (0, 0)
-        computed = new_tokens
-        if added is not None and self.copies:   # the worker's speed: only the rows it computed
-            computed = int(np.diff(added.offsets)[np.isin(added.rows, comp.rows)].sum())
-        trace(f"master: chunk {comp.chunk_id} from rank {w.rank} at +{self.t_last - self.t_start:.3f} s after the first "
-              f"chunk went out; stored in {1e3 * (time.perf_counter() - t):.1f} ms")
+    def record(self, w: WorkerState, added, compute_us, t_recv):
+        """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,
+        copies of its prompts excluded; None if nothing was new)."""
+        self.t_last = max(self.t_last or 0.0, t_recv)
+        w.last_result = t_recv
+        new_rows, new_tokens, computed = added or (0, 0, 0)
         w.rows += new_rows
         w.tokens += new_tokens
         w.computed_tokens += computed
         w.chunks += 1
         w.compute_s += compute_us / 1e6
-        w.last_progress = time.monotonic()
         self.generated += new_tokens
         self.progress.update(new_rows, new_tokens)
 
-    def with_copies(self, comp):
-        """comp with the copies of its representative rows appended (same tokens, same finish code)."""
-        if not self.copies:
-            return comp
-        src, extra = [], []
-        for i, r in enumerate(comp.rows.tolist()):
-            c = self.copies.get(r)
-            if c is not None:
-                src.append(np.full(len(c), i, np.int64))
-                extra.append(c)
-        if not extra:
-            return comp
-        idx = np.concatenate([np.arange(len(comp.rows), dtype=np.int64)] + src)   # source row of each output row
-        offsets, tokens = take_ragged(comp.offsets, comp.tokens, idx)
-        return Completions(comp.chunk_id, np.concatenate([comp.rows.astype(np.int64)] + extra), offsets, tokens,
-                           comp.finish[idx])
+    def commit(self, block=False):
+        """The group commit: once the results submitted last are durable (journal written and synced, in the
+        background), count them; then submit every result received since, as one group. False while the group in
+        flight is not durable yet (block: wait for it)."""
+        added = self.store.collect(block)
+        if added is None:
+            return False
+        for (w, _, us, t_recv), a in zip(self.in_commit, added):
+            self.record(w, a, us, t_recv)
+        self.in_commit = []
+        if self.received:
+            self.in_commit, self.received = self.received, []
+            t = time.perf_counter()
+            self.store.submit([self.copies.expand(c) for _, c, _, _ in self.in_commit])
+            trace(f"master: {len(self.in_commit)} results submitted in {1e3 * (time.perf_counter() - t):.1f} ms")
+        return True
 
     # ---- the loop: serve chunks on demand, never block on one worker
     def run(self, local_slot):
@@ -164,24 +162,25 @@ class Master:
         last_check = 0.0
         self.run_started = time.monotonic()
         self.startup_timeout = 5 * self.s.chunk_timeout    # loading weights, compiling kernels
-        while self.sched.rows_left() or any(w.outstanding for w in self.live()):
+        while self.sched.rows_left() or any(w.outstanding for w in self.live()) or self.store.committing() \
+                or self.received:
             if not self.live():
+                self.commit(block=True)
+                self.commit(block=True)
                 raise self.no_workers_left()
             if not self.dispatching:
                 self.maybe_start()
-            now = time.monotonic()
-            if now - last_check > 0.5:    # hung workers, finished sends: however busy the master is
-                last_check = now
-                self.check_hung(now)
-                self.channel.progress()
             msgs = self.channel.poll()
+            polled = time.monotonic()    # every message that came before this is handled next
             for rank, kind, *data in msgs:
                 self.handle(self.workers[rank], kind, *data)
-            if msgs:
-                continue
-            if self.store.flush_due():    # the HDF5 file catches up while nothing waits
-                self.store.flush()
-            self.channel.wait()
+            self.commit()
+            if polled - last_check > 0.5:    # hung workers, finished sends: however busy the master is
+                last_check = polled
+                self.check_hung(polled)
+                self.channel.progress()
+            if not msgs:
+                self.channel.wait()
 
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
@@ -206,10 +205,11 @@ class Master:
                      f"{' (--chunk-size)' if self.s.chunk_size else ''}, {PREFETCH} out with each worker at a time")
 
     def handle(self, w, kind, *data):
-        if kind == "result":
+        if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)
             comp, us, *t_recv = data
             w.outstanding.pop(comp.chunk_id, None)
-            self.record(w, comp, us, *t_recv)
+            w.last_progress = time.monotonic()
+            self.received.append((w, comp, us, t_recv[0] if t_recv else time.time()))
             if not w.retired:
                 self.feed(w)
         elif kind == "hello":

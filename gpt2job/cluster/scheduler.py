@@ -105,8 +105,12 @@ class Scheduler:
         """The chunk of these prompt rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
         workers wait while the master builds their first chunks)."""
         rows = np.asarray(rows, np.int64)
-        offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, rows)
-        chunk = Chunk(self.next_id, rows, offsets, tokens.astype(np.int32))
+        w = getattr(self.prompts, "width", None)
+        if w:     # every prompt as long (a 2-D input): rows of a [N, w] array
+            offsets, tokens = np.arange(len(rows) + 1, dtype=np.int64) * w, self.prompts.tokens.reshape(-1, w)[rows]
+        else:
+            offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, rows)
+        chunk = Chunk(self.next_id, rows, offsets, tokens.reshape(-1).astype(np.int32, copy=False))
         self.next_id += 1
         return chunk
 

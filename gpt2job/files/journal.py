@@ -2,21 +2,26 @@
 fsynced, so that results are durable the moment they arrive and a killed job resumes from them. A record cut
 short by a kill or a full disk ends the journal: everything before it is good.
 
-Format: a header record (JSON: the resume key) then one record per chunk, each REC_HEAD (magic, payload
-length, crc32) + payload (the Completions' int64 buffer form, gpt2job.chunks)."""
+Format: a header record (JSON: the resume key) then records of completed rows, each REC_HEAD (magic, payload
+length, crc32) + payload. A record written now (GJR2) holds one chunk's completions in their compact form (45 bytes a
+row of 8 tokens, 12 a copy): chunk id, rows B, tokens T, copies C (int64 each), rows (int64 [B]), copy rows (int64
+[C]), tokens (int32 [T]), lengths (int32 [B]), copy sources (int32 [C]: the row whose completion a copy has),
+finish codes (uint8 [B]), all little-endian. Records of older journals (GJR1: the int64 buffer of chunks.py) are
+read too. Results received together are appended with one write and one fsync (append_many: a group commit)."""
 import errno
 import json
 import os
 import re
 import struct
+import threading
 import zlib
 
 import numpy as np
 
-from gpt2job.chunks import Completions, decode_completions, encode_completions
+from gpt2job.chunks import Completions
 from gpt2job.errors import UserError
 
-MAGIC_HEAD, MAGIC_REC = b"GJH1", b"GJR1"
+MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC = b"GJH1", b"GJR1", b"GJR2"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 
 
@@ -32,33 +37,118 @@ def io_error(path, e, what="write"):
     return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
 
 
-def read_journal(path):
-    """-> (header dict or None, list of (Completions) records, offset of the end of the last good record)."""
-    records, header, good_end = [], None, 0
-    with open(path, "rb") as f:
-        data = f.read()
-    pos = 0
-    while pos + REC_HEAD.size <= len(data):
-        magic, n, crc = REC_HEAD.unpack_from(data, pos)
-        payload = data[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
-        if magic not in (MAGIC_HEAD, MAGIC_REC) or len(payload) != n or zlib.crc32(payload) != crc:
-            break  # a record cut short by a kill or a full disk: everything before it is good
-        if magic == MAGIC_HEAD:
-            if header is not None:
-                break
-            header = json.loads(payload.decode())
-        else:
-            if header is None:
-                break
-            records.append(decode_completions(np.frombuffer(payload, "<i8"))[0])
+def encode_record(c: Completions) -> bytes:
+    """The GJR2 payload of one chunk's completions."""
+    b, t, n = len(c.rows), int(c.offsets[-1]), len(c.copy_rows)
+    return b"".join((np.array([c.chunk_id, b, t, n], "<i8").tobytes(), np.asarray(c.rows, "<i8").tobytes(),
+                     np.asarray(c.copy_rows, "<i8").tobytes(), np.asarray(c.tokens, "<i4").tobytes(),
+                     np.diff(c.offsets).astype("<i4").tobytes(), np.asarray(c.copy_src, "<i4").tobytes(),
+                     np.asarray(c.finish, np.uint8).tobytes()))
+
+
+def decode_record(payload) -> Completions:
+    cid, b, t, n = (int(x) for x in np.frombuffer(payload, "<i8", 4))
+    if len(payload) != 32 + 13 * b + 4 * t + 12 * n:
+        raise ValueError("malformed journal record")
+    p = 32
+    rows = np.frombuffer(payload, "<i8", b, p).astype(np.int64)
+    copy_rows = np.frombuffer(payload, "<i8", n, p + 8 * b).astype(np.int64)
+    p += 8 * (b + n)
+    tokens = np.frombuffer(payload, "<i4", t, p).astype(np.int32)
+    offsets = np.zeros(b + 1, np.int64)
+    np.cumsum(np.frombuffer(payload, "<i4", b, p + 4 * t), out=offsets[1:])
+    copy_src = np.frombuffer(payload, "<i4", n, p + 4 * (t + b)).astype(np.int64)
+    finish = np.frombuffer(payload, np.uint8, b, p + 4 * (t + b + n)).copy()
+    if offsets[-1] != t or (n and (copy_src.min() < 0 or copy_src.max() >= b)):
+        raise ValueError("malformed journal record")
+    return Completions(cid, rows, offsets, tokens, finish, copy_rows, copy_src)
+
+
+def decode_record_v1(payload) -> Completions:
+    """A record of an older journal: int64 [chunk_id, B, compute_us, rows(B), offsets(B+1), finish(B), tokens(T)]."""
+    buf = np.frombuffer(payload, "<i8")
+    cid, b = int(buf[0]), int(buf[1])
+    rows, offsets = buf[3:3 + b].astype(np.int64), buf[3 + b:4 + 2 * b].astype(np.int64)
+    finish, tokens = buf[4 + 2 * b:4 + 3 * b].astype(np.uint8), buf[4 + 3 * b:].astype(np.int32)
+    if len(offsets) != b + 1 or offsets[-1] != len(tokens) or len(finish) != b:
+        raise ValueError("malformed journal record")
+    return Completions(cid, rows, offsets, tokens, finish)
+
+
+class JournalReader:
+    """Reads a journal front to back without holding it: header (the resume key, or None when the file has none),
+    records() yields its chunks' Completions one by one, and afterwards end is the offset where the last good
+    record ends (a record cut short by a kill or a full disk, or a damaged one, ends the journal)."""
+
+    def __init__(self, path):
+        self.path, self.header, self.end = path, None, 0
+        self.f = open(path, "rb")
+        try:
+            rec = self._next()
+            if rec is not None and rec[0] == MAGIC_HEAD:
+                self.header = json.loads(rec[1].decode())
+                self.end = self.f.tell()
+        except (ValueError, UnicodeDecodeError):
+            self.header = None
+        if self.header is None:
+            self.f.close()
+
+    def _next(self):
+        head = self.f.read(REC_HEAD.size)
+        if len(head) < REC_HEAD.size:
+            return None
+        magic, n, crc = REC_HEAD.unpack(head)
+        if magic not in (MAGIC_HEAD, MAGIC_REC, MAGIC_REC_V1):
+            return None
+        payload = self.f.read(n)
+        if len(payload) != n or zlib.crc32(payload) != crc:
+            return None
+        return magic, payload
+
+    def records(self, raw=False):
+        """Each record's Completions (raw: with the record's bytes, as Journal.encode makes them)."""
+        if self.header is None:
+            return
+        with self.f:
+            while True:
+                rec = self._next()
+                if rec is None or rec[0] == MAGIC_HEAD:
+                    return
+                try:
+                    comp = decode_record(rec[1]) if rec[0] == MAGIC_REC else decode_record_v1(rec[1])
+                except ValueError:
+                    return
+                self.end = self.f.tell()
+                yield (comp, REC_HEAD.pack(rec[0], len(rec[1]), zlib.crc32(rec[1])) + rec[1]) if raw else comp
+
+
+def records_of(blob):
+    """The Completions of journal record bytes (Journal.encode)."""
+    out, pos = [], 0
+    while pos < len(blob):
+        magic, n, _ = REC_HEAD.unpack_from(blob, pos)
+        payload = blob[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
+        out.append(decode_record(payload) if magic == MAGIC_REC else decode_record_v1(payload))
         pos += REC_HEAD.size + n
-        good_end = pos
-    return header, records, good_end
+    return out
+
+
+def read_journal(path):
+    """-> (header dict or None, list of (Completions) records, offset of the end of the last good record). Holds every
+    record: for tests and tools; a job reads its journal with JournalReader."""
+    j = JournalReader(path)
+    records = list(j.records())
+    return j.header, records, j.end
 
 
 class Journal:
+    """Append-only, fsynced. append_many() returns when its records are durable; submit() hands them to a thread that
+    writes and syncs them while the caller goes on, and wait() returns when they are durable (one group in flight at
+    a time: a group commit whose fsync overlaps the master's other work)."""
+
     def __init__(self, path, header=None, truncate_at=None):
         self.path = path
+        self.busy, self.error, self.thread = False, None, None
         try:
             if header is not None:
                 self.f = open(path, "wb")
@@ -71,17 +161,81 @@ class Journal:
             raise io_error(path, e)
 
     def _append(self, magic, payload):
-        self.f.write(REC_HEAD.pack(magic, len(payload), zlib.crc32(payload)) + payload)
+        self._write(REC_HEAD.pack(magic, len(payload), zlib.crc32(payload)) + payload)
+
+    def _write(self, blob):
+        self.f.write(blob)
         self.f.flush()
         os.fsync(self.f.fileno())
 
+    @staticmethod
+    def encode(comps):
+        """The bytes that append the records of these chunks."""
+        parts = []
+        for c in comps:
+            payload = encode_record(c)
+            parts += [REC_HEAD.pack(MAGIC_REC, len(payload), zlib.crc32(payload)), payload]
+        return b"".join(parts)
+
     def append(self, comp: Completions):
-        try:
-            self._append(MAGIC_REC, encode_completions(comp).astype("<i8").tobytes())
-        except OSError as e:
+        self.append_many([comp])
+
+    def append_many(self, comps):
+        """Append the records of several chunks with one write and one fsync: durable when this returns."""
+        self.submit(self.encode(comps))
+        self.wait()
+
+    def submit(self, blob):
+        """Start writing and syncing blob (Journal.encode) in the background; wait() before the next submit."""
+        assert not self.busy, "one group commit at a time"
+        self.busy, self.error = True, None
+        if self.thread is None:
+            self.cond = threading.Condition()
+            self.blob = None
+            self.thread = threading.Thread(target=self._serve, name="gpt2job-journal", daemon=True)
+            self.thread.start()
+        with self.cond:
+            self.blob = blob
+            self.cond.notify_all()
+
+    def ready(self):
+        """Is the group submitted last durable (or failed)? Never blocks."""
+        return not self.busy or self.blob is None and not self._writing
+
+    def wait(self):
+        """Until the group submitted last is durable; raises the one clear error when it could not be written."""
+        if not self.busy:
+            return
+        with self.cond:
+            while self.blob is not None or self._writing:
+                self.cond.wait()
+        self.busy = False
+        if self.error is not None:
+            e, self.error = self.error, None
             raise io_error(self.path, e)
 
+    _writing = False
+
+    def _serve(self):
+        while True:
+            with self.cond:
+                while self.blob is None:
+                    self.cond.wait()
+                blob, self._writing = self.blob, True
+                self.blob = None
+            try:
+                self._write(blob)
+            except OSError as e:
+                self.error = e
+            with self.cond:
+                self._writing = False
+                self.cond.notify_all()
+
     def close(self):
+        try:
+            self.wait()
+        except UserError:
+            pass
         try:
             self.f.close()
         except OSError:

@@ -1,9 +1,12 @@
-"""Durable output: the journal (files/journal.py, fsynced per chunk) plus the HDF5 file the user reads.
+"""Durable output: the journal (files/journal.py, one write and fsync per group of results received together, in
+a thread of its own) plus the HDF5 file the user reads.
 
-Results are durable the moment their journal record is synced. The HDF5 file is written as results
-arrive (flushed every few seconds); if a kill leaves it damaged, the next run rebuilds it from the
-journal. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
-journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is
+Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
+file is written beside the master's loop by a writer (files/h5write.py: a thread for small jobs, files/writer.py: a
+process of its own for large ones) that creates the file, then writes the rows as they come, flushing every few
+seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a
+time, while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and
+`finished = 1`, and the journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is
 resumed only by the same model, input and settings.
 
 HDF5 layout (row i answers prompt i):
@@ -12,13 +15,13 @@ HDF5 layout (row i answers prompt i):
   text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;
                                       0 when invalid UTF-8 or NUL had to be replaced by U+FFFD
   done               uint8      [N]   1 when the row is complete
-  finish_reason      vlen str   [N]   "length", "stop", "invalid" ("" while not done)
+  finish_reason      S7         [N]   "length", "stop", "invalid" ("" while not done); fixed-length ASCII since
+                                      format 2 (gpt2job_format 1: vlen str)
   prompt_length      int32      [N]
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
 import fcntl
-import json
 import os
 import sys
 import time
@@ -26,9 +29,15 @@ import time
 import numpy as np
 
 from gpt2job import envs
-from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, FINISH_STOP, Completions
+from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
 from gpt2job.errors import AlreadyComplete, UserError
-from gpt2job.files.journal import Journal, io_error, read_journal
+from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
+from gpt2job.files.h5write import WriterThread, make_header
+from gpt2job.files.journal import Journal, JournalReader, io_error
+from gpt2job.files.text import TokenText
+
+REBUILD_ROWS = 1 << 20     # rows read from a journal before they go to the writer
+PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
@@ -43,53 +52,11 @@ def _same_file(fd, path):
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
-# ---------------------------------------------------------------- HDF5 output
-
-def row_text(enc, tokens, finish):
-    """Decoded text of one row and whether it is exact (no replacement needed)."""
-    toks = tokens[:-1] if finish == FINISH_STOP and len(tokens) else tokens
-    try:
-        raw = enc.decode_bytes([int(t) for t in toks])
-    except (KeyError, ValueError):
-        return "", False
-    try:
-        text = raw.decode("utf-8")
-        exact = True
-    except UnicodeDecodeError:
-        text, exact = raw.decode("utf-8", errors="replace"), False
-    if "\x00" in text:  # HDF5 strings cannot hold NUL
-        text, exact = text.replace("\x00", "\ufffd"), False
-    return text, exact
-
-
-def read_status(path):
-    """(finished, settings key) of an existing gpt2job output; (None, None) for anything else: a file
-    that is not HDF5, is damaged, or is HDF5 without our resume key."""
-    import h5py
-    try:
-        with h5py.File(path, "r") as f:
-            if "resume_key" not in f.attrs:
-                return None, None
-            return bool(f.attrs.get("finished", 0)), json.loads(f.attrs["resume_key"])
-    except (OSError, ValueError, KeyError, RuntimeError, TypeError):
-        return None, None
-
-
-def _contiguous_runs(sorted_rows):
-    """Split sorted row indices into (start, stop, slice in the input) runs."""
-    if len(sorted_rows) == 0:
-        return []
-    breaks = np.flatnonzero(np.diff(sorted_rows) != 1) + 1
-    starts = np.concatenate([[0], breaks])
-    stops = np.concatenate([breaks, [len(sorted_rows)]])
-    return [(int(sorted_rows[a]), int(sorted_rows[b - 1]) + 1, a, b) for a, b in zip(starts, stops)]
-
-
 class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 
     def __init__(self, path, n_rows, key, prompt_lengths, attrs=None, tokenizer=None, overwrite=False,
-                 flush_interval=2.0):
+                 flush_interval=2.0, vocab_dir=None):
         self.path = os.path.abspath(path)
         self.attrs = attrs or {}
         self.journal_path = self.path + JOURNAL_SUFFIX
@@ -97,11 +64,12 @@ class OutputStore:
         self.key = key
         self.prompt_lengths = prompt_lengths
         self.enc = tokenizer
+        self.text = TokenText(tokenizer) if tokenizer is not None else None
+        self.vocab_dir = vocab_dir     # where a writer process loads the same tokenizer
         self.flush_interval = flush_interval
         self.done = np.zeros(n_rows, dtype=bool)
-        self.pending = []
-        self.last_flush = time.monotonic()
-        self.flushed_any = False
+        self.writer = None
+        self.inflight = None   # (added, fresh, bytes) of the group whose journal write is in flight
         self.resumed_rows = 0
         self.completed = 0     # rows done with a result (rows marked 'invalid' are no completed work)
         self._open(overwrite)
@@ -153,11 +121,20 @@ class OutputStore:
         try:
             self._open_locked(overwrite)
         except (UserError, AlreadyComplete):   # refused before writing anything: no lock file left behind
+            self._stop_writer()
             self._unlock(remove=True)
             raise
         except BaseException:
+            self._stop_writer()
             self._unlock(remove=False)
             raise
+
+    def _stop_writer(self):
+        if self.writer is not None:
+            try:
+                self.writer.close()
+            except Exception:
+                pass
 
     def _open_locked(self, overwrite):
         exists, jexists = os.path.exists(self.path), os.path.exists(self.journal_path)
@@ -167,47 +144,77 @@ class OutputStore:
                                 self.path, "output", "choose another output path, or remove the file yourself")
             self._remove_files()
             exists = jexists = False
-        records = []
+        reader = None
         if jexists:
-            header, records, end = read_journal(self.journal_path)
-            if header is None:
-                records, jexists = [], False
-            elif not self._start_afresh_if_empty(header, records):
-                self._check_key(header, self.journal_path)
+            try:
+                reader = JournalReader(self.journal_path)
+            except OSError as e:
+                raise io_error(self.journal_path, e, "read")
+            if reader.header is None:
+                reader, jexists = None, False
+            elif self._start_afresh_if_empty(reader.header, self._journal_has_completed_rows):
+                reader, exists, jexists = None, False, False
             else:
-                records, exists, jexists = [], False, False
+                self._check_key(reader.header, self.journal_path)
+        from_h5 = False
         if exists and not jexists:
             finished, key = read_status(self.path)
             if finished is None:
                 raise UserError("exists and is not a gpt2job output (or is damaged with no journal)", self.path,
                                 "output", "choose another output path, or pass --overwrite to replace it")
-            if not self._start_afresh_if_empty(key, None):
+            if not self._start_afresh_if_empty(key, lambda: h5_has_completed_rows(self.path)):
                 self._check_key(key, self.path)
                 if finished:
                     raise AlreadyComplete(self.path)
-                records = self._records_from_h5()
-        for r in records:
-            self.done[r.rows] = True
-            self.completed += _completed_rows(r)
-        self.resumed_rows = int(self.done.sum())
-        # Rebuild the HDF5 file from what is known to be complete, then journal from there on.
-        self._create_h5(self.path + ".tmp", records)
-        os.replace(self.path + ".tmp", self.path)
-        if jexists:
-            self.journal = Journal(self.journal_path, truncate_at=end)
-        else:
+                from_h5 = True
+        if from_h5:
+            # an unfinished file without journal: its rows go into a new journal first, which replaces nothing until
+            # it holds them all; from then on it is the truth, as after any run
+            journal = Journal(self.journal_path + ".tmp", header=self.key)
+            for batch in records_from_h5(self.path):
+                journal.append_many([batch])
+            journal.close()
+            os.replace(self.journal_path + ".tmp", self.journal_path)
+            reader = JournalReader(self.journal_path)
+        self._start_writer()
+        if reader is None:
             self.journal = Journal(self.journal_path, header=self.key)
-            for r in records:
-                self.journal.append(r)
-        self._reopen_h5()
+            return
+        # the journal, read once, a record at a time: its rows are done and go to the writer, which rebuilds the file
+        batch, blobs, n = [], [], 0
+        for comp, blob in reader.records(raw=True):
+            self.done[comp.all_rows] = True
+            self.completed += _completed_rows(comp)
+            batch.append(comp)
+            blobs.append(blob)
+            n += len(comp.rows)
+            if n >= REBUILD_ROWS:
+                self.writer.put(batch, b"".join(blobs))
+                batch, blobs, n = [], [], 0
+        if batch:
+            self.writer.put(batch, b"".join(blobs))
+        self.resumed_rows = int(np.count_nonzero(self.done))
+        self.journal = Journal(self.journal_path, truncate_at=reader.end)
 
-    def _start_afresh_if_empty(self, key, records):
+    def _start_writer(self):
+        """The writer that creates the output file and writes its rows: a thread of this process for small jobs, a
+        process of its own for large ones (files/writer.py; GPT2JOB_WRITER chooses)."""
+        header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
+                             self.flush_interval)
+        kind = envs.get("GPT2JOB_WRITER")
+        if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
+            from gpt2job.files.writer import WriterProcess
+            self.writer = WriterProcess(header, self.prompt_lengths)
+        else:
+            self.writer = WriterThread(header, self.prompt_lengths, text=self.text)
+
+    def _start_afresh_if_empty(self, key, has_completed_rows):
         """An output made with other settings that holds no completed row (a failed start, or every row marked
         'invalid') has nothing to keep: it never blocks a run with other settings. True when it was removed.
-        records: the journal's, or None to look in the HDF5 file."""
+        has_completed_rows(): looks in the journal or in the HDF5 file."""
         if key is None or not self._key_diff(key):
             return False
-        if any(_completed_rows(r) for r in records) if records is not None else self._h5_has_completed_rows():
+        if has_completed_rows():
             return False
         self._remove_files()
         sys.stderr.write(f"gpt2job: {self.path} held no completed rows (made with other settings): starting afresh\n")
@@ -225,17 +232,8 @@ class OutputStore:
     def _key_diff(self, key):
         return [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
 
-    def _h5_has_completed_rows(self):
-        import h5py
-        try:
-            with h5py.File(self.path, "r") as f:
-                done = np.flatnonzero(f["done"][()] == 1)
-                if len(done) == 0:
-                    return False
-                reasons = f["finish_reason"][()][done]
-        except (OSError, KeyError, RuntimeError, ValueError):
-            return True    # unreadable: the resume check says what is wrong
-        return any((r.decode() if isinstance(r, bytes) else r) != FINISH_NAMES[FINISH_INVALID] for r in reasons)
+    def _journal_has_completed_rows(self):
+        return any(_completed_rows(r) for r in JournalReader(self.journal_path).records())
 
     def _check_key(self, key, where):
         if key is None:
@@ -248,108 +246,86 @@ class OutputStore:
                             "resume", "rerun with the original settings, choose another output path, "
                                       "or pass --overwrite to start over")
 
-    def _records_from_h5(self):
-        import h5py
-        with h5py.File(self.path, "r") as f:
-            done = np.flatnonzero(f["done"][()] == 1)
-            if len(done) == 0:
-                return []
-            toks = f["completion_tokens"][()]
-            reasons = f["finish_reason"][()]
-        codes = {v: k for k, v in FINISH_NAMES.items()}
-        finish = [codes.get(r.decode() if isinstance(r, bytes) else r, 0) for r in reasons[done]]
-        return [Completions.from_lists(-1, done, [toks[i] for i in done], finish)]
-
-    def _create_h5(self, path, records):
-        import h5py
-        try:
-            with h5py.File(path, "w") as f:
-                vint = h5py.vlen_dtype(np.int32)
-                vstr = h5py.string_dtype("utf-8")
-                f.create_dataset("completion_tokens", (self.n,), dtype=vint)
-                if self.enc is not None:
-                    f.create_dataset("completions", (self.n,), dtype=vstr)
-                    f.create_dataset("text_exact", (self.n,), dtype=np.uint8)
-                f.create_dataset("done", (self.n,), dtype=np.uint8)
-                f.create_dataset("finish_reason", (self.n,), dtype=vstr)
-                f.create_dataset("prompt_length", data=self.prompt_lengths.astype(np.int32))
-                for k, v in {**self.key, **self.attrs}.items():
-                    f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
-                f.attrs["resume_key"] = json.dumps(self.key, sort_keys=True)
-                f.attrs["finished"] = 0
-                for r in records:
-                    self._write_rows(f, r)
-        except (OSError, RuntimeError) as e:
-            raise io_error(path, e)
-
-    def _reopen_h5(self):
-        import h5py
-        try:
-            self.h5 = h5py.File(self.path, "r+")
-        except (OSError, RuntimeError) as e:
-            raise io_error(self.path, e)
-
-    def _write_rows(self, f, comp: Completions):
-        order = np.argsort(comp.rows, kind="stable")
-        rows = comp.rows[order]
-        toks = [comp.row_tokens(i) for i in order]
-        fin = comp.finish[order]
-        texts = [row_text(self.enc, t, c) for t, c in zip(toks, fin)] if self.enc is not None else None
-        for start, stop, a, b in _contiguous_runs(rows):
-            tok_obj = np.empty(b - a, dtype=object)
-            for k, t in enumerate(toks[a:b]):  # one by one: equal-length rows must not become a 2-D array
-                tok_obj[k] = np.asarray(t, np.int32)
-            # write_direct: slice assignment mistakes equal-length rows for a 2-D array
-            f["completion_tokens"].write_direct(tok_obj, dest_sel=np.s_[start:stop])
-            f["finish_reason"][start:stop] = [FINISH_NAMES[int(c)] for c in fin[a:b]]
-            if texts is not None:
-                f["completions"][start:stop] = [t for t, _ in texts[a:b]]
-                f["text_exact"][start:stop] = np.array([e for _, e in texts[a:b]], np.uint8)
-            f["done"][start:stop] = 1
-
     # ---- while running
     def add(self, comp: Completions):
-        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns what was
-        new (None when every row was done already: a late duplicate from a retired worker)."""
-        new = ~self.done[comp.rows]
-        if not new.any():
-            return None
-        if not new.all():
-            keep = np.flatnonzero(new)
-            comp = Completions.from_lists(comp.chunk_id, comp.rows[keep], [comp.row_tokens(i) for i in keep],
-                                          comp.finish[keep])
-        self.journal.append(comp)
-        self.done[comp.rows] = True
-        self.completed += _completed_rows(comp)
-        if not self.pending and not self.flushed_any:
-            self.last_flush = time.monotonic()   # the first rows wait a full interval, like the rest
-        self.pending.append(comp)
-        return comp
+        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns what was new
+        (add_many; None when every row was done already: a late duplicate from a retired worker)."""
+        return self.add_many([comp])[0]
 
-    def flush_due(self):
-        return bool(self.pending) and time.monotonic() - self.last_flush >= self.flush_interval
+    def add_many(self, comps):
+        """Make the results of several chunks durable with one journal write and one fsync (a group commit), then
+        queue them for the HDF5 file. Returns, for each, what was new: (rows, tokens, tokens computed), or None."""
+        self.submit(comps)
+        return self.collect(block=True)
 
-    def flush(self):
+    def submit(self, comps):
+        """Start making the results of several chunks durable (one journal write and fsync, in the background); none
+        counts before collect() returns it. One group at a time. Copies ride along (Completions.copy_rows)."""
+        assert self.inflight is None, "collect() the group submitted before"
+        fresh, stats = [], []
+        for comp in comps:
+            rows = comp.all_rows
+            new = ~self.done[rows]
+            if not new.any():
+                stats.append(None)
+                continue
+            computed = int(comp.offsets[-1])     # the rows the worker ran (its copies not)
+            if not new.all():    # some rows were done already (a late duplicate, a retried chunk): keep the others
+                keep = np.flatnonzero(new)
+                full = comp.expanded()
+                computed = int(np.diff(full.offsets)[keep[keep < len(comp.rows)]].sum())
+                offsets, tokens = take_ragged(full.offsets, full.tokens, keep)
+                comp = Completions(comp.chunk_id, rows[keep], offsets, tokens, full.finish[keep])
+                rows = comp.rows
+            self.done[rows] = True      # rows repeated within comps are taken once
+            fresh.append(comp)
+            stats.append((len(rows), comp.n_generated, computed))
+        blob = Journal.encode(fresh) if fresh else b""
+        self.inflight = (stats, fresh, blob)
+        if fresh:
+            self.journal.submit(blob)
+
+    def committing(self):
+        return self.inflight is not None
+
+    def collect(self, block=False):
+        """What the group submitted last added, once it is durable (from then on its rows count): for each chunk
+        (rows, tokens, tokens computed by the worker: copies excluded), or None where nothing was new. None while
+        it is not durable yet (block: wait for it); [] when no group was submitted."""
+        if self.inflight is None:
+            return []
+        stats, fresh, blob = self.inflight
+        if fresh:
+            if not block and not self.journal.ready():
+                return None
+            try:
+                self.journal.wait()
+            except BaseException:
+                for c in fresh:
+                    self.done[c.all_rows] = False    # not durable: not done
+                self.inflight = None
+                raise
+        self.inflight = None
+        if fresh:
+            self.completed += sum(_completed_rows(c) for c in fresh)
+            try:
+                self.writer.put(fresh, blob)
+            except (OSError, RuntimeError) as e:
+                raise io_error(self.path, e)
+        return stats
+
+    def wait_written(self):
+        """Until the HDF5 file holds every row added so far, flushed (tests, benchmarks)."""
         try:
-            for comp in self.pending:
-                self._write_rows(self.h5, comp)
-            self.pending = []
-            self.h5.flush()
-            self.flushed_any = True
+            self.writer.wait()
         except (OSError, RuntimeError) as e:
             raise io_error(self.path, e)
-        self.last_flush = time.monotonic()
 
     def finish(self, summary):
-        """Write the last rows and the summary, mark the file finished, drop the journal."""
-        self.flush()
+        """Write the last rows and the summary, mark the file finished (synced), drop the journal."""
+        self.collect(block=True)
         try:
-            self.h5.attrs["summary"] = json.dumps(summary, sort_keys=True)
-            self.h5.attrs["finished"] = 1
-            self.h5.close()
-            fd = os.open(self.path, os.O_RDONLY)
-            os.fsync(fd)
-            os.close(fd)
+            self.writer.finish(summary)
         except (OSError, RuntimeError) as e:
             raise io_error(self.path, e)
         self.journal.close()
@@ -361,11 +337,11 @@ class OutputStore:
         start that failed: only rows marked 'invalid' or none), remove the output and its journal instead, so
         that nothing is left behind to block the corrected command."""
         try:
-            self.flush()
-        except Exception:  # the journal already holds every completed row
+            self.collect(block=True)            # a group in flight becomes durable (and goes to the HDF5 file)
+        except Exception:
             pass
-        for closer in (getattr(self, "h5", None), getattr(self, "journal", None)):
-            try:
+        for closer in (self.writer, getattr(self, "journal", None)):   # the writer writes what it can: the journal
+            try:                                                       # holds it anyway
                 if closer is not None:
                     closer.close()
             except Exception:
@@ -380,5 +356,5 @@ class OutputStore:
 
 
 def _completed_rows(comp: Completions):
-    """Rows of comp with a result (not marked 'invalid')."""
-    return int(np.count_nonzero(np.asarray(comp.finish) != FINISH_INVALID))
+    """Rows of comp with a result (not marked 'invalid'), copies included."""
+    return int(np.count_nonzero(np.asarray(comp.all_finish) != FINISH_INVALID))

@@ -4,9 +4,10 @@ Input contract: a dataset `prompt_tokens` (variable-length int rows [N] or a 2-D
 or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both exist.
 """
 import hashlib
+import itertools
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -17,27 +18,67 @@ from gpt2job.settings import max_prompt_length
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
 
+BLOCK_ROWS = 1 << 18     # prompts read, converted and checked at once: the input is streamed, never held twice
+
+
+def to_int32(tokens):
+    """Token ids as int32; an id outside int32's range becomes -1 (invalid for every vocabulary, as it was)."""
+    tokens = np.asarray(tokens)
+    if tokens.dtype == np.int32:
+        return tokens
+    if tokens.dtype.kind in "iu" and tokens.dtype.itemsize < 4:
+        return tokens.astype(np.int32)
+    info = np.iinfo(np.int32)
+    bad = (tokens > info.max) | (tokens < info.min) if tokens.dtype.kind == "i" else tokens > info.max
+    if not bad.any():
+        return tokens.astype(np.int32)
+    out = np.where(bad, 0, tokens).astype(np.int32)
+    out[bad] = -1
+    return out
+
+
 @dataclass
 class PromptSet:
-    """All prompts as one flat token array: prompt i is tokens[offsets[i]:offsets[i+1]]."""
+    """All prompts as one flat token array: prompt i is tokens[offsets[i]:offsets[i+1]]. 4 bytes a token and 8 a
+    prompt (plus 4 for its cached length): no Python object per prompt."""
     offsets: np.ndarray   # [N+1] int64
-    tokens: np.ndarray    # [total] int64 (wide enough to hold bad ids for the error message)
+    tokens: np.ndarray    # [total] int32 (an id outside int32 is -1: invalid, as it was)
     source: str           # which dataset they came from
+    _lengths: np.ndarray = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        self.offsets = np.asarray(self.offsets, np.int64)
+        self.tokens = to_int32(self.tokens)
 
     def __len__(self):
         return len(self.offsets) - 1
 
     @property
     def lengths(self):
-        return np.diff(self.offsets)
+        """int32 [N], computed once."""
+        if self._lengths is None:
+            self._lengths = np.diff(self.offsets).astype(np.int32)
+        return self._lengths
+
+    @property
+    def width(self):
+        """The prompts' common length when they all have one (a 2-D input), else None."""
+        if not hasattr(self, "_width"):
+            n = len(self)
+            self._width = int(self.lengths[0]) if n and self.offsets[-1] == n * int(self.lengths[0]) and \
+                (self.lengths == self.lengths[0]).all() else None
+        return self._width
 
     def prompt(self, i):
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def fingerprint(self):
+        """sha256 of the offsets and the tokens as little-endian int64, a block at a time."""
         h = hashlib.sha256()
         h.update(np.ascontiguousarray(self.offsets, "<i8").tobytes())
-        h.update(np.ascontiguousarray(self.tokens, "<i8").tobytes())
+        step = BLOCK_ROWS * 16
+        for a in range(0, len(self.tokens), step):
+            h.update(self.tokens[a:a + step].astype("<i8").tobytes())
         return "sha256:" + h.hexdigest()[:32]
 
     @classmethod
@@ -45,31 +86,16 @@ class PromptSet:
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         offsets[1:] = np.cumsum([len(r) for r in rows])
         tokens = np.concatenate([np.asarray(r, np.int64) for r in rows]) if rows else np.zeros(0, np.int64)
-        return cls(offsets, tokens.astype(np.int64), source)
+        return cls(offsets, tokens, source)
 
-
-def group_identical(prompts: PromptSet, rows):
-    """Group rows whose prompts are identical token sequences.
-
-    Returns (representatives, copies): representatives are the rows (in the given order) whose prompt
-    no earlier row of `rows` has; copies maps each representative that has copies to an int64 array of
-    the later rows with the same prompt, in order."""
-    rows = np.asarray(rows, np.int64)
-    off = prompts.offsets.tolist()
-    tok = prompts.tokens
-    first = {}
-    rep_of = np.empty(len(rows), np.int64)
-    for k, r in enumerate(rows.tolist()):  # the bytes of an int64 slice: its length is part of the key
-        rep_of[k] = first.setdefault(tok[off[r]:off[r + 1]].tobytes(), r)
-    is_copy = rep_of != rows
-    if not is_copy.any():
-        return rows, {}
-    dup_rows, dup_reps = rows[is_copy], rep_of[is_copy]
-    order = np.argsort(dup_reps, kind="stable")
-    dup_rows, dup_reps = dup_rows[order], dup_reps[order]
-    starts = np.flatnonzero(np.r_[True, dup_reps[1:] != dup_reps[:-1]])
-    copies = {int(dup_reps[a]): c for a, c in zip(starts, np.split(dup_rows, starts[1:]))}
-    return rows[~is_copy], copies
+    @classmethod
+    def from_pieces(cls, lengths, tokens, source):
+        """From lists of per-block arrays (lengths of the prompts, their tokens)."""
+        lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+        offsets = np.zeros(len(lengths) + 1, np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        return cls(offsets, tokens, source)
 
 
 PROBE = """
@@ -77,15 +103,20 @@ import sys, h5py
 with h5py.File(sys.argv[1], "r") as f:
     for name in ("prompt_tokens", "prompts"):
         if name in f:
-            f[name][()]
+            d = f[name]
+            if getattr(d, "ndim", 0) >= 1:
+                for a in range(0, d.shape[0], %d):
+                    d[a:a + %d]
+            else:
+                d[()]
             break
-"""
+""" % (BLOCK_ROWS, BLOCK_ROWS)
 
 
 def probe_readable(path):
     """Read the prompts once in a child process with a deadline: on some damaged files the HDF5
     library loops forever, and a job must end with a message rather than hang. Any other failure
-    is left to the real read, which names it."""
+    is left to the real read, which names it. The child reads a block at a time (bounded memory)."""
     import subprocess
     try:
         size = os.path.getsize(path)
@@ -103,25 +134,21 @@ def probe_readable(path):
 
 
 def read_prompts(path, tokenizer_factory):
-    """Read the prompts of an input file. tokenizer_factory() is called only for text prompts."""
+    """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
+    prompts."""
     probe_readable(path)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         try:
             if "prompt_tokens" in f:
                 return _read_token_dataset(path, f["prompt_tokens"])
             if "prompts" in f:
-                texts = _read_text_dataset(path, f["prompts"])
-            else:
-                raise UserError(f"no 'prompts' or 'prompt_tokens' dataset ({contents(f)})", path, "datasets",
-                                DATASET_FIX)
+                return _read_text_dataset(path, f["prompts"], tokenizer_factory)
+            raise UserError(f"no 'prompts' or 'prompt_tokens' dataset ({contents(f)})", path, "datasets",
+                            DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             # damaged structure, dangling or looping links, unreadable types
             raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
-    enc = tokenizer_factory()
-    from gpt2job.model.tokenizer import EOT
-    rows = enc.encode_batch(texts, allowed_special={EOT}) if texts else []
-    return PromptSet.from_lists(rows, "prompts")
 
 
 def _read_token_dataset(path, ds):
@@ -130,25 +157,37 @@ def _read_token_dataset(path, ds):
     if not isinstance(ds, h5py.Dataset):
         raise UserError("is a group, not a dataset", path, field, DATASET_FIX)
     vlen = h5py.check_vlen_dtype(ds.dtype)
+    if vlen is not None:
+        if ds.ndim != 1 or not isinstance(vlen, np.dtype) or vlen.kind not in "iu":
+            raise UserError(f"variable-length rows must be integers in a 1-D dataset (got {vlen}, ndim {ds.ndim})",
+                            path, field, "store token ids as vlen int32 rows [N]")
+    elif ds.dtype.kind not in "iu" or ds.ndim != 2:
+        raise UserError(f"must be integer token ids, [N, T] or variable-length rows (got dtype {ds.dtype}, "
+                        f"shape {ds.shape})", path, field, "store token ids as int32")
     try:
+        n = ds.shape[0]
         if vlen is not None:
-            if ds.ndim != 1 or not isinstance(vlen, np.dtype) or vlen.kind not in "iu":
-                raise UserError(f"variable-length rows must be integers in a 1-D dataset (got {vlen}, ndim {ds.ndim})",
-                                path, field, "store token ids as vlen int32 rows [N]")
-            rows = ds[()]
-            return PromptSet.from_lists([np.asarray(r, np.int64) for r in rows], field)
-        if ds.dtype.kind not in "iu" or ds.ndim != 2:
-            raise UserError(f"must be integer token ids, [N, T] or variable-length rows (got dtype {ds.dtype}, "
-                            f"shape {ds.shape})", path, field, "store token ids as int32")
-        arr = ds[()].astype(np.int64)                                            # [N, T]
+            lengths, tokens = [], []
+            for a in range(0, n, BLOCK_ROWS):
+                rows = ds[a:a + BLOCK_ROWS]
+                lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
+                tokens.append(to_int32(np.concatenate(rows)) if lengths[-1].sum() else np.zeros(0, np.int32))
+            return PromptSet.from_pieces(lengths, tokens, field)
+        t = ds.shape[1]
+        tokens = np.empty((n, t), np.int32)                                      # [N, T]
+        for a in range(0, n, BLOCK_ROWS):
+            b = min(n, a + BLOCK_ROWS)
+            if ds.dtype == np.int32:
+                ds.read_direct(tokens, np.s_[a:b], np.s_[a:b])
+            else:
+                tokens[a:b] = to_int32(ds[a:b])
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
                         "the file is damaged; write it again")
-    n, t = arr.shape
-    return PromptSet(np.arange(n + 1, dtype=np.int64) * t, arr.reshape(-1), field)
+    return PromptSet(np.arange(n + 1, dtype=np.int64) * t, tokens.reshape(-1), field)
 
 
-def _read_text_dataset(path, ds):
+def _read_text_dataset(path, ds, tokenizer_factory):
     import h5py
     field = "prompts"
     if not isinstance(ds, h5py.Dataset):
@@ -156,23 +195,31 @@ def _read_text_dataset(path, ds):
     if ds.ndim != 1 or (h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SUO"):
         raise UserError(f"must be a 1-D dataset of strings (got dtype {ds.dtype}, shape {ds.shape})", path, field,
                         "write prompts as variable-length UTF-8 strings")
-    try:
-        raw = ds[()]
-    except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
-                        "the file is damaged; write it again")
-    texts = []
-    for i, s in enumerate(raw):
-        if isinstance(s, bytes):
-            try:
-                s = s.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
-                                "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
-        elif not isinstance(s, str):
-            s = str(s)
-        texts.append(s)
-    return texts
+    from gpt2job.model.tokenizer import EOT
+    enc = None
+    lengths, tokens = [], []
+    for a in range(0, ds.shape[0], BLOCK_ROWS):
+        try:
+            raw = ds[a:a + BLOCK_ROWS]
+        except (OSError, RuntimeError) as e:
+            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
+                            "the file is damaged; write it again")
+        texts = []
+        for i, s in enumerate(raw, a):
+            if isinstance(s, bytes):
+                try:
+                    s = s.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
+                                    "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
+            elif not isinstance(s, str):
+                s = str(s)
+            texts.append(s)
+        enc = enc or tokenizer_factory()
+        rows = enc.encode_batch(texts, allowed_special={EOT})
+        lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
+        tokens.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
+    return PromptSet.from_pieces(lengths, tokens, "prompts")
 
 
 @dataclass
@@ -203,11 +250,12 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
     empty = lengths == 0
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)
-    if prompts.tokens.size:
-        bad = (prompts.tokens < 0) | (prompts.tokens >= vocab_size)             # [total]
-        if bad.any():
-            row_of = np.searchsorted(prompts.offsets, np.flatnonzero(bad), side="right") - 1
-            bad_tok[np.unique(row_of)] = True
+    step = BLOCK_ROWS * 16
+    for a in range(0, prompts.tokens.size, step):                              # a block of tokens at a time
+        part = prompts.tokens[a:a + step]
+        bad = np.flatnonzero((part < 0) | (part >= vocab_size))
+        if len(bad):
+            bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
     reasons = {
         "empty": np.flatnonzero(empty),
         f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)":

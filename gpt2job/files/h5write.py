@@ -1,0 +1,277 @@
+"""Writing completed rows into the output's HDF5 file at a million rows a second, beside the master's loop.
+
+h5py converts a variable-length element at a time through the HDF5 API (about 2 us a row measured for the token
+rows); here each dataset is written with one H5Dwrite of HDF5's own in-memory form instead: an array of (length,
+pointer) pairs into the flat token buffer for `completion_tokens`, and of pointers to NUL-terminated UTF-8 strings
+for `completions`. HDF5 still stores each variable-length element on its own (about 0.4 us each measured here):
+`finish_reason`, which holds one of three words, is a fixed-length string since format 2 (0.05 us a row). The rows of a write are one point selection in row order (HDF5 writes
+scattered points in any other order some 40x slower). The file is what plain h5py reads: same datasets, same types.
+
+RowWriter.prepare (NumPy: order, pointers, text) and RowWriter.write (the HDF5 calls, which release the GIL) are
+separate steps so that a writer can run them in two threads. Two writers take rows from the master: WriterThread
+(in the master's process, for small jobs: nothing to start) and files/writer.py's WriterProcess (large jobs: its own
+process and interpreter, so the master's loop never waits for HDF5 or for the GIL). Both create the file themselves,
+from what make_header gives them, and take each group of results as the journal's bytes (files/journal.py).
+"""
+import json
+import os
+import threading
+import time
+
+import numpy as np
+
+from gpt2job.chunks import FINISH_NAMES, Completions
+
+FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
+BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
+TEXT_ROWS = 1 << 12     # rows decoded to text at once
+
+
+def concat(comps):
+    """Several Completions as one (chunk id -1; their copies ride along)."""
+    if len(comps) == 1:
+        return comps[0]
+    lens = np.concatenate([np.diff(c.offsets) for c in comps])
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    base = np.cumsum([0] + [len(c.rows) for c in comps[:-1]])
+    return Completions(-1, np.concatenate([c.rows for c in comps]).astype(np.int64), offsets,
+                       np.concatenate([c.tokens for c in comps]).astype(np.int32),
+                       np.concatenate([c.finish for c in comps]).astype(np.uint8),
+                       np.concatenate([c.copy_rows for c in comps]).astype(np.int64),
+                       np.concatenate([c.copy_src + k for c, k in zip(comps, base)]).astype(np.int64))
+
+
+# ---------------------------------------------------------------- the file
+
+def make_header(path, n, key, attrs, text, vocab_dir, flush_interval):
+    """What a writer needs to create the output (JSON-able): the prompt lengths travel beside it."""
+    return {"path": path, "n": int(n), "key": key, "attrs": attrs, "text": bool(text), "vocab_dir": vocab_dir,
+            "flush_interval": flush_interval}
+
+
+def create_output(header, prompt_lengths):
+    """A new, empty output file at header['path'] (made beside it, then moved there); -> open h5py.File (r+)."""
+    import h5py
+    path, n = header["path"], header["n"]
+    tmp = path + ".tmp"
+    try:
+        with h5py.File(tmp, "w") as f:
+            vint = h5py.vlen_dtype(np.int32)
+            vstr = h5py.string_dtype("utf-8")
+            f.create_dataset("completion_tokens", (n,), dtype=vint)
+            if header["text"]:
+                f.create_dataset("completions", (n,), dtype=vstr)
+                f.create_dataset("text_exact", (n,), dtype=np.uint8)
+            f.create_dataset("done", (n,), dtype=np.uint8)
+            f.create_dataset("finish_reason", (n,), dtype=FINISH_DTYPE)
+            f.create_dataset("prompt_length", data=np.asarray(prompt_lengths).astype(np.int32))
+            for k, v in {**header["key"], **header["attrs"]}.items():
+                f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
+            f.attrs["resume_key"] = json.dumps(header["key"], sort_keys=True)
+            f.attrs["finished"] = 0
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+    return h5py.File(path, "r+")
+
+
+def finish_output(f, summary):
+    """The summary, finished = 1, closed and synced."""
+    f.attrs["summary"] = json.dumps(summary, sort_keys=True)
+    f.attrs["finished"] = 1
+    path = f.filename
+    f.close()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def token_text(header):
+    """The TokenText a writer decodes with, or None (no text)."""
+    if not header["text"]:
+        return None
+    from gpt2job.files.text import TokenText
+    from gpt2job.model.tokenizer import load_tokenizer
+    return TokenText(load_tokenizer(header["vocab_dir"]))
+
+
+# ---------------------------------------------------------------- rows
+
+class RowWriter:
+    """Writes Completions into an open output file (h5py.File), every dataset of the rows at once."""
+
+    def __init__(self, f, text=None):
+        from h5py import h5t
+        self.f, self.text = f, text
+        self.vint = h5t.vlen_create(h5t.NATIVE_INT32)
+        self.vstr = h5t.C_S1.copy()
+        self.vstr.set_size(h5t.VARIABLE)
+        self.vstr.set_cset(h5t.CSET_UTF8)
+        self.names = np.array([FINISH_NAMES[k].encode() for k in range(max(FINISH_NAMES) + 1)], FINISH_DTYPE)
+        self.ds = {k: f[k].id for k in ("completion_tokens", "completions", "text_exact", "done", "finish_reason")
+                   if k in f}
+        self.text = text if "completions" in self.ds else None
+
+    def prepare(self, comp: Completions):
+        """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows."""
+        out = []
+        for a in range(0, len(comp.rows), BATCH_ROWS):
+            b = min(a + BATCH_ROWS, len(comp.rows))
+            o = comp.offsets[a:b + 1]
+            mine = (comp.copy_src >= a) & (comp.copy_src < b)
+            out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
+                                     comp.copy_rows[mine], comp.copy_src[mine] - a))
+        return out
+
+    def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src):
+        n = len(rows)
+        tokens = np.ascontiguousarray(tokens, np.int32)
+        finish = np.asarray(finish)
+        p = {"keep": [tokens]}
+        pairs = np.empty(n, [("len", "<u8"), ("ptr", "<u8")])       # HDF5's hvl_t {size_t len; void *p}
+        pairs["len"] = np.diff(offsets)
+        pairs["ptr"] = np.uint64(tokens.ctypes.data) + (offsets[:-1] * 4).astype(np.uint64)
+        p["completion_tokens"] = pairs
+        if self.text is not None:
+            ptrs, exact = np.empty(n, np.uint64), np.empty(n, np.uint8)
+            for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
+                b = min(n, a + TEXT_ROWS)
+                o = offsets[a:b + 1]
+                buf, starts, ok = self.text.batch_text(o - o[0], tokens[o[0]:o[-1]], finish[a:b])
+                p["keep"].append(buf)
+                ptrs[a:b] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
+                exact[a:b] = ok
+            p["completions"], p["text_exact"] = ptrs, exact
+        p["finish_reason"] = self.names[finish]
+        p["done"] = np.ones(n + len(copy_rows), np.uint8)
+        all_rows = np.concatenate([rows, copy_rows]) if len(copy_rows) else rows
+        order = np.argsort(all_rows, kind="stable")
+        for k in ("completion_tokens", "completions", "text_exact", "finish_reason"):   # a copy: its source's pointers
+            if k in p:
+                p[k] = (np.concatenate([p[k], p[k][copy_src]]) if len(copy_rows) else p[k])[order]
+        p["n"], p["rows"] = len(all_rows), np.asarray(all_rows, np.uint64)[order].reshape(-1, 1)
+        return p
+
+    def write(self, prepared):
+        from h5py import h5s
+        for p in prepared:
+            if not p["n"]:
+                continue
+            space = self.ds["done"].get_space()
+            space.select_elements(p["rows"])
+            mem = h5s.create_simple((p["n"],))
+            for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
+                                ("finish_reason", None), ("done", None)):   # done last
+                if name in p:
+                    self.ds[name].write(mem, space, p[name], mtype)
+
+    def put(self, comp):
+        self.write(self.prepare(comp))
+
+
+# ---------------------------------------------------------------- the writer in a thread (small jobs)
+
+class WriterThread(threading.Thread):
+    """Creates the output, then writes the results put() queues while the master goes on, and flushes the file every
+    flush_interval seconds. put() waits while more than max_rows rows are queued (memory stays bounded when the
+    disk is slower than the results come). The first error it meets is kept and raised, as it is, by the next
+    put(), wait(), finish() or close()."""
+
+    def __init__(self, header, prompt_lengths, text=None, max_rows=1 << 22):
+        super().__init__(name="gpt2job-output-writer", daemon=True)
+        self.header, self.prompt_lengths, self.max_rows, self.text = header, prompt_lengths, max_rows, text
+        self.flush_interval = header["flush_interval"]
+        self.cond = threading.Condition()
+        self.queue, self.queued_rows, self.busy, self.closing, self.error = [], 0, True, None, None
+        self.written_rows, self.write_s = 0, 0.0
+        self.start()
+
+    def put(self, comps, blob=None):
+        with self.cond:
+            self._raise()
+            while self.queued_rows > self.max_rows and self.error is None:
+                self.cond.wait(0.5)
+            self._raise()
+            self.queue += comps
+            self.queued_rows += sum(len(c.rows) for c in comps)
+            self.cond.notify_all()
+
+    def wait(self):
+        """Until every queued row is written and flushed (raises the writer's error, if any)."""
+        with self.cond:
+            self.queue.append("flush")
+            self.cond.notify_all()
+            while (self.queue or self.busy) and self.error is None:
+                self.cond.wait(0.5)
+            self._raise()
+
+    def finish(self, summary):
+        self._end(("finish", summary))
+
+    def close(self):
+        self._end(("close", None), check=False)
+
+    def _end(self, how, check=True):
+        with self.cond:
+            self.closing = how
+            self.cond.notify_all()
+        self.join()
+        if check:
+            self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def run(self):
+        f = None
+        try:
+            f = create_output(self.header, self.prompt_lengths)
+            self.prompt_lengths = None
+            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header))
+            last_flush, dirty = time.monotonic(), False
+            while True:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+                    while not self.queue and not self.closing:
+                        due = self.flush_interval - (time.monotonic() - last_flush)
+                        if dirty and due <= 0:
+                            break
+                        self.cond.wait(max(0.05, due) if dirty else 0.5)
+                    items, self.queue, self.busy = self.queue, [], True
+                    n, self.queued_rows = self.queued_rows, 0
+                    closing = self.closing if not self.queue else None
+                t = time.perf_counter()
+                comps = [c for c in items if not isinstance(c, str)]
+                if comps:
+                    writer.put(concat(comps))
+                    dirty = True
+                if dirty and ("flush" in items or time.monotonic() - last_flush >= self.flush_interval):
+                    f.flush()
+                    last_flush, dirty = time.monotonic(), False
+                self.written_rows += n
+                self.write_s += time.perf_counter() - t
+                if closing:
+                    if closing[0] == "finish":
+                        finish_output(f, closing[1])
+                    f = None
+                    return
+        except BaseException as e:   # kept for the master's thread, which turns it into the one clear line
+            self.error = e
+        finally:
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:
+                    pass
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()

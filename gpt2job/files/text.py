@@ -1,0 +1,126 @@
+"""The `completions` text of many rows at once, without a Python step per row: each token's bytes come from a table
+(built once from the tokenizer), the rows' bytes are gathered with NumPy, and UTF-8 validity is checked per row with
+NumPy too. Only rows that are not exact (invalid UTF-8, a NUL byte, a token the tokenizer does not know) are decoded
+one by one, by row_text, which is the definition: batch_text gives exactly what row_text gives for every row.
+"""
+import codecs
+
+import numpy as np
+
+from gpt2job.chunks import FINISH_STOP, take_ragged
+
+
+def row_text(enc, tokens, finish):
+    """Decoded text of one row (without a stop token) and whether it is exact (no replacement needed)."""
+    toks = tokens[:-1] if finish == FINISH_STOP and len(tokens) else tokens
+    try:
+        raw = enc.decode_bytes([int(t) for t in toks])
+    except (KeyError, ValueError, OverflowError):
+        return "", False
+    try:
+        text = raw.decode("utf-8")
+        exact = True
+    except UnicodeDecodeError:
+        text, exact = raw.decode("utf-8", errors="replace"), False
+    if "\x00" in text:  # HDF5 strings cannot hold NUL
+        text, exact = text.replace("\x00", "\ufffd"), False
+    return text, exact
+
+
+class TokenText:
+    """The tokenizer's bytes of every token id, as one flat table (its last entry a NUL byte), for batch_text."""
+
+    def __init__(self, enc):
+        self.enc = enc
+        self.n_vocab = enc.n_vocab
+        blobs = [enc.decode_single_token_bytes(t) for t in range(self.n_vocab)] + [b"\0"]
+        self.offsets = np.zeros(len(blobs) + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=self.offsets[1:])
+        self.bytes = np.frombuffer(b"".join(blobs), np.uint8)
+
+    def batch_text(self, offsets, tokens, finish):
+        """The text of B rows (row b's tokens: tokens[offsets[b]:offsets[b+1]]) as one buffer of NUL-terminated
+        UTF-8 strings: -> (buffer uint8, starts int64 [B] of each string in it (not in row order when some row is not
+        exact), exact bool [B])."""
+        offsets, tokens = np.asarray(offsets, np.int64), np.asarray(tokens)
+        finish = np.asarray(finish)
+        n = len(offsets) - 1
+        lens = np.diff(offsets)
+        keep_n = lens - ((finish == FINISH_STOP) & (lens > 0))                      # [B] without the stop token
+        row_of = np.repeat(np.arange(n, dtype=np.int64), lens)                      # [T]
+        pos = np.arange(len(tokens), dtype=np.int64) - offsets[:-1][row_of]        # [T] position in its row
+        take = pos < keep_n[row_of]
+        known = (tokens >= 0) & (tokens < self.n_vocab)
+        unknown = np.zeros(n, bool)                                                 # rows with an unknown id: ""
+        if not known[take].all():
+            unknown[row_of[take & ~known]] = True
+        if not known.all():
+            tokens = np.where(known, tokens, 0)
+        slow = unknown.copy()                                                       # rows that are not exact
+        # the token sequence to look up: each row's kept tokens, then the table's NUL entry
+        seq = np.full(int(keep_n.sum()) + n, self.n_vocab, np.int64)
+        first = _cumsum0(keep_n)[:-1] + np.arange(n)                                # [B] a row's first entry in seq
+        seq[first[row_of[take]] + pos[take]] = tokens[take]
+        byte_start, buf = take_ragged(self.offsets, self.bytes, seq)
+        starts = np.append(byte_start[first], len(buf))                             # [B+1]
+        # a NUL inside a row: more than one NUL byte before the next row's start
+        zeros = np.flatnonzero(buf == 0)
+        inner = zeros[:0]
+        if len(zeros) > n:
+            is_end = np.zeros(len(buf), bool)
+            is_end[starts[1:] - 1] = True
+            inner = zeros[~is_end[zeros]]
+        if len(inner):
+            slow[np.searchsorted(starts, inner, side="right") - 1] = True
+        try:      # every row valid UTF-8 (the NUL between rows ends every character): the usual case, one call
+            codecs.utf_8_decode(buf, "strict", True)
+        except UnicodeDecodeError:
+            slow |= _invalid_rows(buf, starts, inner)
+        if not slow.any():
+            return buf, starts[:-1], ~slow
+        # the other rows as row_text makes them: U+FFFD for what is not UTF-8 and for NUL ("" when an id is unknown),
+        # all decoded at once: each row and its NUL, a NUL inside a row made 0xFF (U+FFFD either way). Their text
+        # goes after the buffer, and their starts point there.
+        redo = np.flatnonzero(slow & ~unknown)
+        rep = np.zeros(0, np.uint8)
+        if len(redo):
+            src = _ranges(starts, redo, np.diff(starts)[redo])
+            raw = buf[src]
+            if len(inner):
+                raw[np.isin(src, inner)] = 0xFF
+            rep = np.frombuffer(codecs.utf_8_decode(raw, "replace", True)[0].encode(), np.uint8)
+        out = np.concatenate([buf, rep, np.zeros(1, np.uint8)])        # the last byte: the text of unknown rows, ""
+        starts = starts[:-1].copy()
+        starts[unknown] = len(out) - 1
+        if len(redo):
+            starts[redo] = len(buf) + np.append(0, np.flatnonzero(rep == 0)[:-1] + 1)
+        return out, starts, ~slow
+
+
+def _invalid_rows(buf, starts, inner):
+    """bool [B]: rows that are not valid UTF-8. Everything is decoded at once, each invalid byte escaped to a lone
+    surrogate (U+DC80..U+DCFF: valid UTF-8 never gives one); a code point's row is the number of NULs before it."""
+    if len(inner):     # a NUL inside a row would shift the count: make it another ASCII byte, valid either way
+        buf = buf.copy()
+        buf[inner] = 1
+    cp = np.frombuffer(codecs.utf_8_decode(buf, "surrogateescape", True)[0].encode("utf-32-le", "surrogatepass"),
+                       np.uint32)
+    bad = np.flatnonzero((cp >= 0xDC80) & (cp <= 0xDCFF))
+    invalid = np.zeros(len(starts) - 1, bool)
+    invalid[np.searchsorted(np.flatnonzero(cp == 0), bad)] = True
+    return invalid
+
+
+def _ranges(starts, rows, lens):
+    """Concatenated aranges starts[r] .. starts[r] + lens[k] over rows r = rows[k]: int64 [sum of lens]."""
+    lens = np.asarray(lens, np.int64)
+    first = np.asarray(starts, np.int64)[rows]
+    done = _cumsum0(lens)
+    return np.repeat(first - done[:-1], lens) + np.arange(done[-1], dtype=np.int64)
+
+
+def _cumsum0(x):
+    """[0, x0, x0+x1, ...]: int64 [len(x)+1]."""
+    out = np.zeros(len(x) + 1, np.int64)
+    np.cumsum(x, out=out[1:])
+    return out

@@ -1,0 +1,268 @@
+"""The output writer of large jobs, a process of its own (`python -m gpt2job.files.writer PARENT_PID`, started by
+the master's OutputStore): it creates the output file, writes the rows the master sends, and on `finish` marks the
+file finished. In its own interpreter it never takes the GIL from the master's loop, and it runs its two halves in
+two threads: one reads and prepares the rows (NumPy, text), the other makes the HDF5 calls.
+
+The master sends messages on the writer's stdin: a kind byte, a little-endian uint64 length, the payload:
+  H  the header (JSON, h5write.make_header)        P  the prompt lengths (int32 bytes)
+  R  results: journal record bytes (files/journal.py), the very bytes the master has made durable
+  S  sync: answer "synced" once everything before it is written and flushed
+  F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
+  C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
+It answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The kernel
+ends it with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
+"""
+import json
+import os
+import queue
+import re
+import struct
+import subprocess
+import sys
+import threading
+
+MSG = struct.Struct("<cQ")
+PIPE_BYTES = 1 << 20          # the pipe's buffer (Linux allows up to 1 MiB unprivileged)
+QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
+
+
+# ---------------------------------------------------------------- master side
+
+class WriterProcess:
+    """The master's handle on the writer process (same interface as h5write.WriterThread)."""
+
+    def __init__(self, header, prompt_lengths):
+        import numpy as np
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", str(os.getpid())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        try:
+            import fcntl
+            fcntl.fcntl(self.proc.stdin.fileno(), 1031, PIPE_BYTES)     # F_SETPIPE_SZ
+        except OSError:
+            pass
+        self.error, self.replies = None, queue.Queue()
+        self.cond = threading.Condition()
+        self.outbox, self.queued, self.closed = [], 0, False
+        self.written_rows, self.write_s = None, 0.0
+        self.feeder = threading.Thread(target=self._feed, name="gpt2job-writer-feed", daemon=True)
+        self.reader = threading.Thread(target=self._read, name="gpt2job-writer-read", daemon=True)
+        self.feeder.start()
+        self.reader.start()
+        self._send(b"H", json.dumps(header).encode())
+        self._send(b"P", np.ascontiguousarray(prompt_lengths, np.int32).tobytes())
+
+    def _send(self, kind, payload):
+        with self.cond:
+            self._raise()
+            while self.queued > QUEUE_BYTES and self.error is None:
+                self.cond.wait(0.5)
+            self._raise()
+            self.outbox.append(MSG.pack(kind, len(payload)) + payload if len(payload) < 1 << 16 else
+                               MSG.pack(kind, len(payload)))
+            if len(payload) >= 1 << 16:
+                self.outbox.append(payload)
+            self.queued += len(payload)
+            self.cond.notify_all()
+
+    def _feed(self):
+        while True:
+            with self.cond:
+                while not self.outbox and not self.closed:
+                    self.cond.wait()
+                if not self.outbox:
+                    break
+                parts, self.outbox = self.outbox, []
+            try:
+                for part in parts:
+                    self.proc.stdin.write(part)
+                self.proc.stdin.flush()
+            except (OSError, ValueError) as e:
+                self._fail(self.error or OSError(getattr(e, "errno", None) or 0, "the output writer is gone"))
+                return
+            with self.cond:
+                self.queued -= sum(len(p) for p in parts)
+                self.cond.notify_all()
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+
+    def _read(self):
+        for line in self.proc.stdout:
+            text = line.decode(errors="replace").strip()
+            if text.startswith("error "):
+                code, _, msg = text[6:].partition(" ")
+                self._fail(OSError(int(code), msg) if int(code) else RuntimeError(msg))
+            else:
+                self.replies.put(text)
+        self.replies.put(None)
+
+    def _fail(self, e):
+        with self.cond:
+            self.error = self.error or e
+            self.cond.notify_all()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def _answer(self, want):
+        reply = self.replies.get()
+        if reply != want:
+            self._raise()
+            raise RuntimeError(f"the output writer ended unexpectedly (exit {self.proc.wait()})")
+
+    def put(self, comps, blob):
+        self._send(b"R", blob)
+
+    def wait(self):
+        self._send(b"S", b"")
+        self._answer("synced")
+
+    def finish(self, summary):
+        self._send(b"F", json.dumps(summary, sort_keys=True).encode())
+        self._answer("ok")
+        self._end()
+
+    def close(self):
+        try:
+            self._send(b"C", b"")
+        except Exception:
+            pass
+        self._end()
+
+    def _end(self):
+        with self.cond:
+            self.closed = True
+            self.cond.notify_all()
+        self.feeder.join(timeout=60)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+# ---------------------------------------------------------------- the process
+
+def _die_with_parent(parent):
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:     # the master died before this process could ask
+        os._exit(1)
+
+
+def _messages(stream):
+    while True:
+        head = stream.read(MSG.size)
+        if len(head) < MSG.size:
+            return
+        kind, n = MSG.unpack(head)
+        payload = stream.read(n)
+        if len(payload) < n:
+            return
+        yield kind, payload
+
+
+def _error_line(e):
+    """'error ERRNO MESSAGE' for the master (ERRNO 0 when the error has none: HDF5 names it in its text, if at all)."""
+    code = getattr(e, "errno", None) or 0
+    if not code:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else 0
+    msg = os.strerror(code) if code else ((str(e).splitlines() or [""])[0][:200] or type(e).__name__)
+    return f"error {code} {msg}\n"
+
+
+def main(parent):
+    _die_with_parent(parent)
+    import numpy as np
+    from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, token_text
+    from gpt2job.files.journal import records_of
+    out = sys.stdout
+    todo = queue.Queue(maxsize=4)       # prepared batches for the HDF5 thread
+    failed = []
+
+    def hdf5(writer, f, interval):
+        """The HDF5 half: writes what the other half prepared; after an error it only empties the queue."""
+        import time
+        last = time.monotonic()
+        while True:
+            item = todo.get()
+            try:
+                if item is None:
+                    return
+                if not failed and isinstance(item, threading.Event):
+                    f.flush()
+                    last = time.monotonic()
+                elif not failed:
+                    writer.write(item)
+                    if time.monotonic() - last >= interval:
+                        f.flush()
+                        last = time.monotonic()
+            except BaseException as e:
+                failed.append(e)
+            finally:
+                if isinstance(item, threading.Event):
+                    item.set()
+                todo.task_done()
+
+    stream = sys.stdin.buffer
+    msgs = _messages(stream)
+    f = thread = None
+    try:
+        (_, h), (_, lengths) = next(msgs), next(msgs)
+        header = json.loads(h)
+        f = create_output(header, np.frombuffer(lengths, np.int32))
+        del lengths
+        writer = RowWriter(f, token_text(header))
+        thread = threading.Thread(target=hdf5, args=(writer, f, header["flush_interval"]), daemon=True)
+        thread.start()
+        end = b"C"
+        for kind, payload in msgs:
+            if failed:
+                raise failed[0]
+            if kind == b"R":
+                todo.put(writer.prepare(concat(records_of(payload))))
+            elif kind == b"S":
+                done = threading.Event()
+                todo.put(done)
+                done.wait()
+                if failed:
+                    raise failed[0]
+                out.write("synced\n")
+                out.flush()
+            elif kind in (b"F", b"C"):
+                end = kind
+                summary = json.loads(payload) if kind == b"F" else None
+                break
+        todo.put(None)
+        thread.join()
+        if failed:
+            raise failed[0]
+        if end == b"F":
+            finish_output(f, summary)
+            f = None
+            out.write("ok\n")
+            out.flush()
+    except BaseException as e:
+        try:
+            out.write(_error_line(e))
+            out.flush()
+        except OSError:
+            pass
+        os._exit(1)
+    finally:
+        if f is not None:
+            try:
+                f.close()
+            except Exception:
+                pass
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]))
