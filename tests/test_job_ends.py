@@ -62,3 +62,29 @@ def test_a_refused_start_releases_every_rank(tmp_path, mistake):
                         timeout=DEADLINE)
     assert p.returncode == 2, p.stderr
     assert not os.path.exists(str(out) + ".lock")
+
+
+def test_a_job_never_finishes_with_a_row_missing(tmp_path, monkeypatch, capsys):
+    """A scheduler bug that loses a row (here: the first chunk drops its last row) must not end in an output
+    marked finished: the master checks every row before it writes `finished`, and says so (exit 3)."""
+    from gpt2job.cli import main
+    from gpt2job.cluster.scheduler import Scheduler
+    inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
+    write_token_input(inp, [[1, 2], [3, 4, 5], [6], [7, 8]])
+    make = Scheduler.make_chunk
+    lost = []
+
+    def losing(self, rows):
+        if not lost:
+            lost.append(int(rows[-1]))
+            rows = rows[:-1]
+        return make(self, rows)
+
+    monkeypatch.setattr(Scheduler, "make_chunk", losing)
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(var, raising=False)
+    code = main(["run", str(inp), str(out), *TINY, "--chunk-size", "2", "--no-dedup"])
+    err = capsys.readouterr().err
+    assert code == 3 and "ended with 1 row not done" in err, err
+    assert lost and read_output(out)["attrs"]["finished"] == 0
+    assert read_output(out)["done"][lost[0]] == 0

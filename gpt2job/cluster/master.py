@@ -361,7 +361,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         m.progress.close()
         missing = int((~m.store.done).sum())
         if missing:   # never mark an output finished with a row missing, whatever went wrong above
-            raise WorkerFailure(f"internal error: the job ended with {missing} rows not done; they are not marked "
+            raise WorkerFailure(f"internal error: the job ended with {plural(missing, 'row')} not done; it is not marked "
                                 f"finished: run the same command again to compute them")
         sm = m.summary()
         m.store.finish(sm)
