@@ -1,6 +1,7 @@
 """Master side of a job (rank 0): read and validate the input, hand out chunks on demand, write
 results as they arrive, notice failed and hung workers, and summarise."""
 import os
+import resource
 import socket
 import sys
 import time
@@ -10,6 +11,7 @@ import numpy as np
 from gpt2job import __version__
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
+from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
 from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
@@ -25,7 +27,7 @@ from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
 
-class Master:
+class Master(Ending):
     def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None):
         self.s = s
         # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
@@ -47,6 +49,14 @@ class Master:
         self.received = []         # results received, not yet submitted to the journal: (worker, comp, us, t_recv)
         self.in_commit = []        # ... submitted, not yet durable
         self.n_copies = 0
+        self.prepare_s, self.phase_start = {}, time.perf_counter()   # where the time to ready goes, on the master
+
+    def took(self, phase):
+        """Seconds since the last phase of prepare() (the summary's master_prepare_s; GPT2JOB_TRACE prints them)."""
+        now = time.perf_counter()
+        self.prepare_s[phase] = round(now - self.phase_start, 3)
+        self.phase_start = now
+        trace(f"master: {phase} in {self.prepare_s[phase]:.2f} s")
 
     def log(self, msg):
         sys.stderr.write(f"gpt2job: {msg}\n")
@@ -71,6 +81,7 @@ class Master:
             return loaded[0]
 
         self.prompts = read_prompts(s.input, tokenizer)
+        self.took("read_input")
         val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
         if val.n_invalid and not s.skip_invalid:
             raise UserError(val.message(s.input), s.input, self.prompts.source,
@@ -84,14 +95,17 @@ class Master:
         except UserError as e:
             self.enc = None
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
+        self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
                "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
                "settings": s.result_settings()}
+        self.took("fingerprint")
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
                  "backend": s.backend, "chunk_size": s.chunk_size}
         self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
                                  tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir)
+        self.took("open_output")
         if self.store.resumed_rows:
             self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
         bad = np.flatnonzero(self.invalid & ~self.store.done)
@@ -106,10 +120,11 @@ class Master:
             self.n_copies = len(self.copies)
             if self.n_copies:
                 self.log(f"{plural(self.n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is "
-                         "computed once (greedy); "
-                         "--no-dedup computes every one")
+                         "computed once (greedy); --no-dedup computes every one")
+        self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH)
+        self.took("schedule")
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
         n_workers = len(self.channel.ranks) or 1
         todo_tokens = int(self.prompts.lengths[todo].sum()) if len(todo) else 0
@@ -165,8 +180,7 @@ class Master:
         while self.sched.rows_left() or any(w.outstanding for w in self.live()) or self.store.committing() \
                 or self.received:
             if not self.live():
-                self.commit(block=True)
-                self.commit(block=True)
+                self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
                 raise self.no_workers_left()
             if not self.dispatching:
                 self.maybe_start()
@@ -235,7 +249,7 @@ class Master:
                 self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
-            self.stop(w)
+            self.stop_rank(w.rank)
 
     def feed(self, w, upto=PREFETCH):
         """Hand w chunks until it holds upto of them (or none are left)."""
@@ -275,48 +289,6 @@ class Master:
                 self.hung_ranks.append(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
 
-    def hung_processes(self):
-        """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
-        return [r for r in self.hung_ranks if self.channel.owns_process(r)]
-
-    def abort_hung(self, code):
-        self.log(f"rank(s) {self.hung_processes()} still hang; ending the job with MPI_Abort({code})")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.channel.abort(code)
-
-    def stop(self, w):
-        self.stop_rank(w.rank)
-
-    def stop_rank(self, rank):
-        if rank not in self.stopped:
-            self.stopped.add(rank)
-            self.channel.send_stop(rank)
-
-    def no_workers_left(self):
-        errors = [w.error for w in self.workers.values()]
-        messages = {e["error"] for e in errors if e}
-        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
-            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
-        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
-        done = int(self.store.done.sum())
-        msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
-               f"in {self.s.output}")
-        if all(w.error and w.error.get("user_error") for w in self.workers.values()):
-            return UserError(msg, fix="fix the cause above, then run the same command again to resume")
-        return WorkerFailure(msg + "; run the same command again to resume")
-
-    def shutdown_workers(self, wait_local=True):
-        """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
-        with nothing left to compute never starts its loop, a failed start never learns its workers), else they
-        would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead."""
-        for r in self.channel.ranks:
-            if r not in self.hung_ranks:
-                self.stop_rank(r)
-        self.channel.flush()
-        if wait_local and 0 not in self.hung_ranks:
-            self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU
-
     # ---- the end
     def summary(self):
         t_end = time.time()
@@ -332,7 +304,8 @@ class Master:
             "throughput_tokens_per_s": self.generated / span if span > 0 else None,
             "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
             "time_to_first_work_s": start - launch_time(),
-            "wall_s": t_end - launch_time(), "generation_s": span,
+            "wall_s": t_end - launch_time(), "generation_s": span, "master_prepare_s": self.prepare_s,
+            "master_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
             "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
                          "compute_s": round(w.compute_s, 3), "busy_percent": w.busy_percent(),
                          "retired": w.why_retired or None,

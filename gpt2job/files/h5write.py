@@ -13,8 +13,10 @@ separate steps so that a writer can run them in two threads. Two writers take ro
 process and interpreter, so the master's loop never waits for HDF5 or for the GIL). Both create the file themselves,
 from what make_header gives them, and take each group of results as the journal's bytes (files/journal.py).
 """
+import errno
 import json
 import os
+import resource
 import threading
 import time
 
@@ -43,6 +45,26 @@ def concat(comps):
 
 
 # ---------------------------------------------------------------- the file
+
+RESERVE = 16 << 20      # bytes a full disk keeps free before the writer stops (other programs write there too)
+
+
+def check_room(path, need, allocated=0):
+    """Raise the OSError of a full disk (ENOSPC) or of a file-size limit (EFBIG) when `need` more bytes would not
+    fit, before HDF5 finds out itself: HDF5 2.0 can crash (segfault) when a write fails halfway through its own
+    bookkeeping (measured with RLIMIT_FSIZE), where this check gives the one clear line instead. allocated: the
+    file's size as HDF5 has allocated it (its metadata cache writes there later)."""
+    soft = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    try:
+        size = max(os.path.getsize(path), allocated)
+        st = os.statvfs(os.path.dirname(os.path.abspath(path)))
+    except OSError:
+        return
+    if soft != resource.RLIM_INFINITY and size + need + min(RESERVE // 4, soft // 8) > soft:
+        raise OSError(errno.EFBIG, os.strerror(errno.EFBIG))
+    if st.f_bavail * st.f_frsize < need + RESERVE:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
 
 def make_header(path, n, key, attrs, text, vocab_dir, flush_interval):
     """What a writer needs to create the output (JSON-able): the prompt lengths travel beside it."""
@@ -82,7 +104,9 @@ def create_output(header, prompt_lengths):
 
 def finish_output(f, summary):
     """The summary, finished = 1, closed and synced."""
-    f.attrs["summary"] = json.dumps(summary, sort_keys=True)
+    text = json.dumps(summary, sort_keys=True)
+    check_room(f.filename, 4 * len(text) + (256 << 10), f.id.get_filesize())
+    f.attrs["summary"] = text
     f.attrs["finished"] = 1
     path = f.filename
     f.close()
@@ -118,6 +142,7 @@ class RowWriter:
         self.ds = {k: f[k].id for k in ("completion_tokens", "completions", "text_exact", "done", "finish_reason")
                    if k in f}
         self.text = text if "completions" in self.ds else None
+        self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
     def prepare(self, comp: Completions):
         """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows."""
@@ -157,13 +182,22 @@ class RowWriter:
             if k in p:
                 p[k] = (np.concatenate([p[k], p[k][copy_src]]) if len(copy_rows) else p[k])[order]
         p["n"], p["rows"] = len(all_rows), np.asarray(all_rows, np.uint64)[order].reshape(-1, 1)
+        # what the file may grow by, generously: HDF5 stores each variable-length element with a header of its own
+        p["bytes"] = 2 * (128 * p["n"] + 4 * len(tokens) + sum(len(b) for b in p["keep"][1:])) + (64 << 10)
         return p
+
+    def _unallocated(self):
+        """Bytes HDF5 allocates at the first write to a dataset (its whole contiguous storage)."""
+        if self.fresh:
+            self.fresh = [k for k in self.fresh if self.ds[k].get_storage_size() == 0]
+        return sum(self.ds[k].shape[0] * self.ds[k].get_type().get_size() for k in self.fresh)
 
     def write(self, prepared):
         from h5py import h5s
         for p in prepared:
             if not p["n"]:
                 continue
+            check_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
             space = self.ds["done"].get_space()
             space.select_elements(p["rows"])
             mem = h5s.create_simple((p["n"],))

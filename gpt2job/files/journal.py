@@ -47,18 +47,19 @@ def encode_record(c: Completions) -> bytes:
 
 
 def decode_record(payload) -> Completions:
+    """A GJR2 payload as Completions whose arrays are views of it (no copies but the offsets)."""
     cid, b, t, n = (int(x) for x in np.frombuffer(payload, "<i8", 4))
     if len(payload) != 32 + 13 * b + 4 * t + 12 * n:
         raise ValueError("malformed journal record")
     p = 32
-    rows = np.frombuffer(payload, "<i8", b, p).astype(np.int64)
-    copy_rows = np.frombuffer(payload, "<i8", n, p + 8 * b).astype(np.int64)
+    rows = np.frombuffer(payload, "<i8", b, p)
+    copy_rows = np.frombuffer(payload, "<i8", n, p + 8 * b)
     p += 8 * (b + n)
-    tokens = np.frombuffer(payload, "<i4", t, p).astype(np.int32)
+    tokens = np.frombuffer(payload, "<i4", t, p)
     offsets = np.zeros(b + 1, np.int64)
     np.cumsum(np.frombuffer(payload, "<i4", b, p + 4 * t), out=offsets[1:])
     copy_src = np.frombuffer(payload, "<i4", n, p + 4 * (t + b)).astype(np.int64)
-    finish = np.frombuffer(payload, np.uint8, b, p + 4 * (t + b + n)).copy()
+    finish = np.frombuffer(payload, np.uint8, b, p + 4 * (t + b + n))
     if offsets[-1] != t or (n and (copy_src.min() < 0 or copy_src.max() >= b)):
         raise ValueError("malformed journal record")
     return Completions(cid, rows, offsets, tokens, finish, copy_rows, copy_src)
@@ -83,51 +84,65 @@ class JournalReader:
     def __init__(self, path):
         self.path, self.header, self.end = path, None, 0
         self.f = open(path, "rb")
-        try:
-            rec = self._next()
-            if rec is not None and rec[0] == MAGIC_HEAD:
-                self.header = json.loads(rec[1].decode())
-                self.end = self.f.tell()
-        except (ValueError, UnicodeDecodeError):
-            self.header = None
+        head = self.f.read(REC_HEAD.size)
+        if len(head) == REC_HEAD.size:
+            magic, n, crc = REC_HEAD.unpack(head)
+            payload = self.f.read(n) if magic == MAGIC_HEAD else b""
+            if magic == MAGIC_HEAD and len(payload) == n and zlib.crc32(payload) == crc:
+                try:
+                    self.header = json.loads(payload.decode())
+                    self.end = self.f.tell()
+                except (ValueError, UnicodeDecodeError):
+                    self.header = None
         if self.header is None:
             self.f.close()
 
-    def _next(self):
-        head = self.f.read(REC_HEAD.size)
-        if len(head) < REC_HEAD.size:
-            return None
-        magic, n, crc = REC_HEAD.unpack(head)
-        if magic not in (MAGIC_HEAD, MAGIC_REC, MAGIC_REC_V1):
-            return None
-        payload = self.f.read(n)
-        if len(payload) != n or zlib.crc32(payload) != crc:
-            return None
-        return magic, payload
+    def records(self):
+        """Each record's Completions, one by one."""
+        for comps, _ in self.blocks():
+            yield from comps
 
-    def records(self, raw=False):
-        """Each record's Completions (raw: with the record's bytes, as Journal.encode makes them)."""
+    def blocks(self, size=1 << 26):
+        """The good records, a block of the file at a time: (their Completions, their bytes as they are in the file:
+        what Journal.encode made of them)."""
         if self.header is None:
             return
         with self.f:
+            buf = b""
             while True:
-                rec = self._next()
-                if rec is None or rec[0] == MAGIC_HEAD:
+                more = self.f.read(size)
+                buf = buf + more if buf else more
+                view, pos, comps, bad = memoryview(buf), 0, [], False
+                while pos + REC_HEAD.size <= len(buf):
+                    magic, n, crc = REC_HEAD.unpack_from(buf, pos)
+                    if magic not in (MAGIC_REC, MAGIC_REC_V1):
+                        bad = True
+                        break
+                    if pos + REC_HEAD.size + n > len(buf):
+                        break          # the rest of it is in the next block (or cut short, at the end)
+                    payload = view[pos + REC_HEAD.size:pos + REC_HEAD.size + n]
+                    try:
+                        if zlib.crc32(payload) != crc:
+                            raise ValueError("checksum")
+                        comps.append(decode_record(payload) if magic == MAGIC_REC else decode_record_v1(payload))
+                    except ValueError:
+                        bad = True
+                        break
+                    pos += REC_HEAD.size + n
+                if comps:
+                    self.end += pos
+                    yield comps, view[:pos]
+                if bad or not more:
                     return
-                try:
-                    comp = decode_record(rec[1]) if rec[0] == MAGIC_REC else decode_record_v1(rec[1])
-                except ValueError:
-                    return
-                self.end = self.f.tell()
-                yield (comp, REC_HEAD.pack(rec[0], len(rec[1]), zlib.crc32(rec[1])) + rec[1]) if raw else comp
+                buf = buf[pos:]
 
 
 def records_of(blob):
     """The Completions of journal record bytes (Journal.encode)."""
-    out, pos = [], 0
+    out, pos, view = [], 0, memoryview(blob)
     while pos < len(blob):
         magic, n, _ = REC_HEAD.unpack_from(blob, pos)
-        payload = blob[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
+        payload = view[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
         out.append(decode_record(payload) if magic == MAGIC_REC else decode_record_v1(payload))
         pos += REC_HEAD.size + n
     return out

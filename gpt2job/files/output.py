@@ -36,7 +36,6 @@ from gpt2job.files.h5write import WriterThread, make_header
 from gpt2job.files.journal import Journal, JournalReader, io_error
 from gpt2job.files.text import TokenText
 
-REBUILD_ROWS = 1 << 20     # rows read from a journal before they go to the writer
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 
 JOURNAL_SUFFIX = ".journal"
@@ -180,19 +179,13 @@ class OutputStore:
         if reader is None:
             self.journal = Journal(self.journal_path, header=self.key)
             return
-        # the journal, read once, a record at a time: its rows are done and go to the writer, which rebuilds the file
-        batch, blobs, n = [], [], 0
-        for comp, blob in reader.records(raw=True):
-            self.done[comp.all_rows] = True
-            self.completed += _completed_rows(comp)
-            batch.append(comp)
-            blobs.append(blob)
-            n += len(comp.rows)
-            if n >= REBUILD_ROWS:
-                self.writer.put(batch, b"".join(blobs))
-                batch, blobs, n = [], [], 0
-        if batch:
-            self.writer.put(batch, b"".join(blobs))
+        # the journal, read once, a block at a time: its rows are done, and its bytes go to the writer as they are,
+        # which rebuilds the file from them
+        for comps, blob in reader.blocks():
+            for comp in comps:
+                self.done[comp.all_rows] = True
+                self.completed += _completed_rows(comp)
+            self.writer.put(comps, blob)
         self.resumed_rows = int(np.count_nonzero(self.done))
         self.journal = Journal(self.journal_path, truncate_at=reader.end)
 

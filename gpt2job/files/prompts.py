@@ -73,12 +73,11 @@ class PromptSet:
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def fingerprint(self):
-        """sha256 of the offsets and the tokens as little-endian int64, a block at a time."""
+        """sha256 of the offsets (little-endian int64) and the tokens (little-endian int32), read in place. (Format 1
+        hashed the tokens as int64: its outputs are not resumed anyway.)"""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.offsets, "<i8").tobytes())
-        step = BLOCK_ROWS * 16
-        for a in range(0, len(self.tokens), step):
-            h.update(self.tokens[a:a + step].astype("<i8").tobytes())
+        h.update(np.ascontiguousarray(self.offsets, "<i8"))
+        h.update(np.ascontiguousarray(self.tokens, "<i4"))
         return "sha256:" + h.hexdigest()[:32]
 
     @classmethod
@@ -251,11 +250,12 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)
     step = BLOCK_ROWS * 16
-    for a in range(0, prompts.tokens.size, step):                              # a block of tokens at a time
-        part = prompts.tokens[a:a + step]
-        bad = np.flatnonzero((part < 0) | (part >= vocab_size))
-        if len(bad):
-            bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
+    tok = prompts.tokens
+    if tok.size and (tok.min() < 0 or tok.max() >= vocab_size):                # find them, a block at a time
+        for a in range(0, tok.size, step):
+            bad = np.flatnonzero(tok[a:a + step].view(np.uint32) >= vocab_size)   # a negative id is huge as uint32
+            if len(bad):
+                bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
     reasons = {
         "empty": np.flatnonzero(empty),
         f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)":

@@ -40,7 +40,7 @@ class WriterProcess:
             fcntl.fcntl(self.proc.stdin.fileno(), 1031, PIPE_BYTES)     # F_SETPIPE_SZ
         except OSError:
             pass
-        self.error, self.replies = None, queue.Queue()
+        self.path, self.error, self.replies = header["path"], None, queue.Queue()
         self.cond = threading.Condition()
         self.outbox, self.queued, self.closed = [], 0, False
         self.written_rows, self.write_s = None, 0.0
@@ -57,7 +57,7 @@ class WriterProcess:
             while self.queued > QUEUE_BYTES and self.error is None:
                 self.cond.wait(0.5)
             self._raise()
-            self.outbox.append(MSG.pack(kind, len(payload)) + payload if len(payload) < 1 << 16 else
+            self.outbox.append(MSG.pack(kind, len(payload)) + bytes(payload) if len(payload) < 1 << 16 else
                                MSG.pack(kind, len(payload)))
             if len(payload) >= 1 << 16:
                 self.outbox.append(payload)
@@ -76,7 +76,14 @@ class WriterProcess:
                 for part in parts:
                     self.proc.stdin.write(part)
                 self.proc.stdin.flush()
-            except (OSError, ValueError) as e:
+            except (OSError, ValueError) as e:   # the writer ended: what it said, else this
+                self.reader.join(timeout=10)
+                if self.error is None:
+                    try:
+                        from gpt2job.files.h5write import check_room
+                        check_room(self.path, 1 << 20)
+                    except OSError as full:
+                        self._fail(full)
                 self._fail(self.error or OSError(getattr(e, "errno", None) or 0, "the output writer is gone"))
                 return
             with self.cond:
@@ -110,7 +117,10 @@ class WriterProcess:
         reply = self.replies.get()
         if reply != want:
             self._raise()
-            raise RuntimeError(f"the output writer ended unexpectedly (exit {self.proc.wait()})")
+            code = self.proc.wait()
+            from gpt2job.files.h5write import check_room
+            check_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
+            raise RuntimeError(f"the output writer ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
 
     def put(self, comps, blob):
         self._send(b"R", blob)
@@ -181,10 +191,10 @@ def _error_line(e):
 def main(parent):
     _die_with_parent(parent)
     import numpy as np
-    from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, token_text
+    from gpt2job.files.h5write import BATCH_ROWS, RowWriter, concat, create_output, finish_output, token_text
     from gpt2job.files.journal import records_of
     out = sys.stdout
-    todo = queue.Queue(maxsize=4)       # prepared batches for the HDF5 thread
+    todo = queue.Queue(maxsize=4)       # prepared batches (BATCH_ROWS rows at most) for the HDF5 thread
     failed = []
 
     def hdf5(writer, f, interval):
@@ -226,8 +236,15 @@ def main(parent):
         for kind, payload in msgs:
             if failed:
                 raise failed[0]
-            if kind == b"R":
-                todo.put(writer.prepare(concat(records_of(payload))))
+            if kind == b"R":       # a group commit, or a block of a journal being rebuilt: BATCH_ROWS at a time
+                batch, n = [], 0
+                for comp in records_of(payload) + [None]:
+                    if batch and (comp is None or n + len(comp.rows) > BATCH_ROWS):
+                        todo.put(writer.prepare(concat(batch)))
+                        batch, n = [], 0
+                    if comp is not None:
+                        batch.append(comp)
+                        n += len(comp.rows)
             elif kind == b"S":
                 done = threading.Event()
                 todo.put(done)
@@ -245,6 +262,9 @@ def main(parent):
         if failed:
             raise failed[0]
         if end == b"F":
+            import resource
+            summary["output_writer"] = {"process": True, "peak_rss_mb": round(
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
             finish_output(f, summary)
             f = None
             out.write("ok\n")

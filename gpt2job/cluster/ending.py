@@ -1,0 +1,58 @@
+"""How a job's master lets its workers go, whatever the job ended in (cluster/master.py's Master inherits this):
+every rank is told to stop, results still on their way are received, hung ranks are ended with MPI_Abort, and a job
+with no worker left says why."""
+import sys
+import time
+
+from gpt2job.errors import UserError, WorkerFailure
+
+
+class Ending:
+    def hung_processes(self):
+        """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
+        return [r for r in self.hung_ranks if self.channel.owns_process(r)]
+
+    def abort_hung(self, code):
+        self.log(f"rank(s) {self.hung_processes()} still hang; ending the job with MPI_Abort({code})")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.channel.abort(code)
+
+    def stop_rank(self, rank):
+        if rank not in self.stopped:
+            self.stopped.add(rank)
+            self.channel.send_stop(rank)
+
+    def no_workers_left(self):
+        errors = [w.error for w in self.workers.values()]
+        messages = {e["error"] for e in errors if e}
+        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
+            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
+        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
+        done = int(self.store.done.sum())
+        msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
+               f"in {self.s.output}")
+        if all(w.error and w.error.get("user_error") for w in self.workers.values()):
+            return UserError(msg, fix="fix the cause above, then run the same command again to resume")
+        return WorkerFailure(msg + "; run the same command again to resume")
+
+    def shutdown_workers(self, wait_local=True):
+        """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
+        with nothing left to compute never starts its loop, a failed start never learns its workers), else they
+        would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead."""
+        for r in self.channel.ranks:
+            if r not in self.hung_ranks:
+                self.stop_rank(r)
+        # a job ended by an error (a full disk) has results on their way: an MPI worker waits until its result is
+        # received, and MPI cannot finish while it does, so they are received (and dropped: the resume computes
+        # them) until every live worker has answered for its chunks or their deadline has passed
+        deadline = time.monotonic() + self.s.chunk_timeout
+        while any(w.outstanding for w in self.live() if self.channel.owns_process(w.rank)) and \
+                time.monotonic() < deadline:
+            for rank, kind, *data in self.channel.poll():
+                self.workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
+                    self.workers[rank].outstanding.clear()
+            self.channel.wait()
+        self.channel.flush()
+        if wait_local and 0 not in self.hung_ranks:
+            self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU

@@ -1,0 +1,279 @@
+"""Large jobs, at a size CI runs in well under a minute (issue 15 §3; benchmarks/scale_run.py does 10 million rows):
+200,000 W1-like prompts with the synthetic backend (the output then goes through the writer process). The master's
+memory grows by a bounded amount per row; a kill at about half way resumes to the very output of a clean run (and the
+writer process dies with its master); a full disk midway is one clear line, exit 2, with every counted row in the
+journal, and the same command completes once there is room. Also the pieces: batch text equals row_text, dedup stays
+exact when keys collide, journal blocks stop at a damaged record, the synthetic backend's tokens."""
+import json
+import os
+import re
+import resource
+import signal
+import subprocess
+import sys
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, job_env
+from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
+from gpt2job.files.journal import Journal, JournalReader
+
+N = 200_000
+
+
+def write_w1_like(path, n, seed=0):
+    rng = np.random.default_rng(seed)
+    toks = rng.integers(0, 50257, (n, 16)).astype(np.int32)
+    dup = np.flatnonzero(rng.random(n) < 0.08)
+    dup = dup[dup > 0]
+    toks[dup] = toks[(rng.random(len(dup)) * dup).astype(np.int64)]
+    with h5py.File(path, "w") as f:
+        f.create_dataset("prompt_tokens", data=toks)
+
+
+def cmd(inp, out):
+    return [sys.executable, "-m", "gpt2job", "run", str(inp), str(out), "--backend", "synthetic", "--max-new-tokens",
+            "8", "--chunk-size", "546", "--progress-interval", "0.1"]
+
+
+def contents(path):
+    with h5py.File(path, "r") as f:
+        out = {k: [x.tolist() if isinstance(x, np.ndarray) else bytes(x) for x in f[k][()]] for k in f
+               if k not in ("done", "text_exact", "prompt_length")}
+        out.update({k: f[k][()].tolist() for k in ("done", "text_exact", "prompt_length") if k in f})
+        return out, json.loads(f.attrs["summary"]) if "summary" in f.attrs else None
+
+
+def journal_rows(out):
+    return sum(len(c.all_rows) for c in JournalReader(str(out) + ".journal").records())
+
+
+@pytest.fixture(scope="module")
+def job(tmp_path_factory):
+    d = tmp_path_factory.mktemp("scale")
+    inp = d / "in.h5"
+    write_w1_like(inp, N)
+    clean = d / "clean.h5"
+    p = subprocess.run(cmd(inp, clean), env=job_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    return d, inp, contents(clean)
+
+
+def test_master_memory_per_row_is_bounded(job):
+    d, inp, (_, sm) = job
+    small = d / "small_in.h5"
+    write_w1_like(small, N // 10, seed=1)
+    p = subprocess.run(cmd(small, d / "small.h5"), env=job_env(), capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    with h5py.File(d / "small.h5", "r") as f:
+        small_mb = json.loads(f.attrs["summary"])["master_peak_rss_mb"]
+    per_row = (sm["master_peak_rss_mb"] - small_mb) * 2**20 / (N - N // 10)
+    # README: about 170 bytes a row of 16 prompt tokens (the tokens are 64 of them) beyond a fixed ~200 MB
+    assert per_row < 400, (sm["master_peak_rss_mb"], small_mb, per_row)
+    assert sm["output_writer"]["process"] and sm["duplicate_prompts"] > 0
+
+
+def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_master(job):
+    d, inp, (want, _) = job
+    out = d / "kill.h5"
+    p = subprocess.Popen(cmd(inp, out), env=job_env(), stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    for line in p.stderr:
+        m = re.match(r"progress: (\d+)/", line)
+        if m and int(m.group(1)) >= N // 2:
+            break
+    writers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_writer_of(pid, p.pid)]
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in writers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert writers and not any(_alive(w) for w in writers), "the writer process outlived its master"
+    kept = journal_rows(out)
+    assert 0 < kept < N
+    r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got, sm = contents(out)
+    assert sm["rows_resumed"] == kept and got == want
+
+
+def _is_writer_of(pid, parent):
+    try:
+        stat = open(f"/proc/{pid}/stat").read()
+        return int(stat[stat.rindex(")") + 2:].split()[1]) == parent and \
+            b"gpt2job.files.writer" in open(f"/proc/{pid}/cmdline", "rb").read()
+    except (OSError, ValueError):
+        return False
+
+
+def _alive(pid):
+    try:
+        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] not in "ZX"
+    except OSError:
+        return False
+
+
+def test_full_disk_midway_is_one_line_then_the_resume_completes(job):
+    d, inp, (want, _) = job
+    out = d / "disk.h5"
+    limit = os.path.getsize(d / "clean.h5") // 2
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    p = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300,
+                       preexec_fn=small_disk)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert len(errors) == 1 and "completed rows are kept" in errors[0] and "free disk space" in errors[0]
+    kept = journal_rows(out)
+    assert 0 < kept
+    r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    got, sm = contents(out)
+    assert sm["rows_resumed"] == kept and got == want
+
+
+def test_full_disk_under_mpirun_releases_every_rank(tmp_path):
+    """Results on their way when the master stops for a full disk: it receives them, so no rank waits for ever
+    (without that, MPI_Finalize hung with the workers blocked in their sends)."""
+    from conftest import require_mpirun
+    require_mpirun()
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_w1_like(inp, 60_000)
+
+    def small_disk():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4 << 20, 4 << 20))
+
+    p = subprocess.run(["mpirun", "-np", "3", "--oversubscribe"] + cmd(inp, out) + ["--chunk-size", "200"],
+                       env=job_env(GPT2JOB_WRITER="process"), capture_output=True, text=True, timeout=120,
+                       preexec_fn=small_disk)
+    errors = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "free disk space" in errors[0], p.stderr[-3000:]
+    assert 0 < journal_rows(out) < 60_000
+
+
+# ---------------------------------------------------------------- the pieces
+
+def test_batch_text_is_row_text(vocab_dir):
+    from gpt2job.files.text import TokenText, row_text
+    from gpt2job.model.tokenizer import load_tokenizer
+    enc = load_tokenizer(vocab_dir)
+    tt = TokenText(enc)
+    single = [t for t in range(enc.n_vocab) if len(enc.decode_single_token_bytes(t)) == 1]   # raw bytes, NUL too
+    rng = np.random.default_rng(3)
+    for mix in (0.0, 0.3, 0.9):
+        rows = [np.where(rng.random(k) < mix, rng.choice(single, k), rng.integers(0, enc.n_vocab + 2, k))
+                for k in rng.integers(0, 10, 3000)]
+        offsets = np.zeros(len(rows) + 1, np.int64)
+        np.cumsum([len(r) for r in rows], out=offsets[1:])
+        finish = rng.integers(0, 3, len(rows)).astype(np.uint8)
+        buf, starts, exact = tt.batch_text(offsets, np.concatenate(rows).astype(np.int32), finish)
+        for b, r in enumerate(rows):
+            s = int(starts[b])
+            got = bytes(buf[s:s + int(np.argmax(buf[s:] == 0))]).decode()
+            assert (got, bool(exact[b])) == row_text(enc, r.astype(np.int32), finish[b]), (r, finish[b])
+
+
+def test_dedup_stays_exact_when_keys_collide(monkeypatch):
+    from gpt2job.files import dedup
+    from gpt2job.files.prompts import PromptSet
+    weak = dedup.prompt_keys
+    monkeypatch.setattr(dedup, "prompt_keys", lambda p: weak(p) & np.uint64(3))     # 4 keys for every prompt
+    rng = np.random.default_rng(4)
+    for width in (None, 3, 4):
+        pool = [rng.integers(0, 3, width if width else rng.integers(0, 4)).tolist() for _ in range(12)]
+        rows = [pool[i] for i in rng.integers(0, len(pool), 200)]
+        p = PromptSet.from_lists(rows, "t")
+        sel = np.sort(rng.choice(len(rows), 150, replace=False))
+        reps, copies = dedup.group_identical(p, sel)
+        first, want = {}, {}
+        for r in sel.tolist():
+            rep = first.setdefault(tuple(rows[r]), r)
+            if rep != r:
+                want.setdefault(rep, []).append(r)
+        assert reps.tolist() == sorted(first.values())
+        assert {k: v.tolist() for k, v in copies.as_dict().items()} == want
+
+
+def test_journal_blocks_stop_at_a_cut_or_damaged_record(tmp_path):
+    path = str(tmp_path / "j")
+    comps = [Completions(k, np.arange(k * 3, k * 3 + 3), np.array([0, 2, 2, 5]), np.arange(5, dtype=np.int32) + k,
+                         np.array([FINISH_LENGTH, FINISH_STOP, FINISH_LENGTH], np.uint8),
+                         np.array([100 + k]), np.array([2])) for k in range(6)]
+    j = Journal(path, header={"k": 1})
+    j.append_many(comps[:2])
+    j.submit(Journal.encode(comps[2:]))       # the group commit in the background
+    j.wait()
+    j.close()
+    ends = [os.path.getsize(path) - sum(len(Journal.encode([c])) for c in comps[k:]) for k in range(7)]
+    got = [c for comps_, _ in JournalReader(path).blocks(size=50) for c in comps_]
+    assert [c.chunk_id for c in got] == list(range(6)) and got[3].copy_rows.tolist() == [103]
+    assert got[5].expanded().rows.tolist() == [15, 16, 17, 105] and got[5].n_generated == 8
+    with open(path, "r+b") as f:
+        f.truncate(ends[5] + 7)                    # the last record cut short
+    r = JournalReader(path)
+    assert len(list(r.records())) == 5 and r.end == ends[5]
+    with open(path, "r+b") as f:
+        f.seek(ends[2] + 30)                        # a damaged byte in the third record
+        f.write(b"\xff")
+    r = JournalReader(path)
+    assert len(list(r.records())) == 2 and r.end == ends[2]
+
+
+def test_synthetic_tokens_depend_on_the_prompt_not_on_the_chunk():
+    from gpt2job.backends.synthetic import SyntheticBackend
+    from gpt2job.model.config import GPT2Config
+    from gpt2job.settings import GenerationSettings, SamplingSettings
+    rng = np.random.default_rng(5)
+    toks = rng.integers(0, 50257, (40, 6)).astype(np.int32)
+    toks[30] = toks[3]
+
+    def run(settings, rows):
+        be = SyntheticBackend(GPT2Config(vocab_size=100, eos_token_id=7), settings)
+        c = be.generate(Chunk(0, rows, np.arange(len(rows) + 1, dtype=np.int64) * 6, toks[rows].reshape(-1)))
+        return [c.row_tokens(i).tolist() for i in range(len(rows))], c.finish.tolist()
+
+    greedy = GenerationSettings(max_new_tokens=50, eos_token_id=7)
+    whole, fin = run(greedy, np.arange(40))
+    assert whole == run(greedy, np.arange(20))[0] + run(greedy, np.arange(20, 40))[0]
+    assert whole[30] == whole[3] and whole[3] != whole[4] and all(0 <= t < 100 for r in whole for t in r)
+    assert all((r[-1] == 7) == (f == FINISH_STOP) and 7 not in r[:-1] for r, f in zip(whole, fin))
+    assert FINISH_STOP in fin and FINISH_LENGTH in fin
+    sampled = GenerationSettings(max_new_tokens=50, eos_token_id=7, sampling=SamplingSettings(temperature=1.0, seed=2))
+    s = run(sampled, np.arange(40))[0]
+    assert s[30] != s[3] and s == run(sampled, np.arange(40))[0]
+
+
+def test_the_output_readers_see_what_h5py_would_have_written(tmp_path, vocab_dir):
+    """RowWriter's raw HDF5 writes (hvl_t pairs, char pointers, copies sharing their source's) read back with plain
+    h5py as the rows written one by one would."""
+    from gpt2job.files.h5write import RowWriter, create_output, make_header, token_text
+    n = 50
+    hdr = make_header(str(tmp_path / "o.h5"), n, {"k": 1}, {}, True, vocab_dir, 2.0)
+    f = create_output(hdr, np.full(n, 4))
+    rng = np.random.default_rng(6)
+    rows = rng.permutation(n)[:30]
+    lens = rng.integers(0, 6, 30)
+    offsets = np.zeros(31, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    comp = Completions(0, rows, offsets, rng.integers(0, 50257, offsets[-1]).astype(np.int32),
+                       rng.integers(0, 3, 30).astype(np.uint8), np.setdiff1d(np.arange(n), rows)[:10],
+                       rng.integers(0, 30, 10))
+    RowWriter(f, token_text(hdr)).put(comp)
+    f.close()
+    full = comp.expanded()
+    with h5py.File(tmp_path / "o.h5", "r") as g:
+        toks, fin, done, text = g["completion_tokens"][()], g["finish_reason"][()], g["done"][()], g["completions"][()]
+        assert g["finish_reason"].dtype == np.dtype("S7")
+    names = {0: b"length", 1: b"stop", 2: b"invalid"}
+    from gpt2job.files.text import row_text
+    from gpt2job.model.tokenizer import load_tokenizer
+    enc = load_tokenizer(vocab_dir)
+    for i, r in enumerate(full.rows):
+        assert toks[r].tolist() == full.row_tokens(i).tolist() and done[r] == 1 and fin[r] == names[full.finish[i]]
+        assert text[r].decode() == row_text(enc, full.row_tokens(i), full.finish[i])[0]
+    untouched = np.setdiff1d(np.arange(n), full.rows)
+    assert all(len(toks[r]) == 0 and done[r] == 0 and fin[r] == b"" for r in untouched)
