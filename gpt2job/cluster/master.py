@@ -1,7 +1,6 @@
 """Master side of a job (rank 0): read and validate the input, hand out chunks on demand, write
 results as they arrive, notice failed and hung workers, and summarise."""
 import os
-import resource
 import socket
 import sys
 import time
@@ -17,7 +16,7 @@ from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.output import OutputStore
-from gpt2job.files.progress import Progress, print_summary
+from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, group_identical
 from gpt2job.files.prompts import read_prompts, validate
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
@@ -305,7 +304,7 @@ class Master(Ending):
             "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
             "time_to_first_work_s": start - launch_time(),
             "wall_s": t_end - launch_time(), "generation_s": span, "master_prepare_s": self.prepare_s,
-            "master_peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+            "master_peak_rss_mb": peak_rss_mb(),
             "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
                          "compute_s": round(w.compute_s, 3), "busy_percent": w.busy_percent(),
                          "retired": w.why_retired or None,

@@ -1,8 +1,19 @@
 """What the user sees of a running job: progress (a bar on a terminal, periodic lines in a log) and the summary."""
+import resource
 import sys
 import time
 
 from gpt2job.errors import plural
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MB: VmHWM (getrusage's maxrss of a process started by another one
+    counts that one's memory at the fork), else getrusage."""
+    try:
+        with open("/proc/self/status") as f:
+            return round(int(next(x for x in f if x.startswith("VmHWM:")).split()[1]) / 1024)
+    except (OSError, StopIteration, ValueError):
+        return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
 
 
 def fmt_duration(s):

@@ -262,9 +262,8 @@ def main(parent):
         if failed:
             raise failed[0]
         if end == b"F":
-            import resource
-            summary["output_writer"] = {"process": True, "peak_rss_mb": round(
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+            from gpt2job.files.progress import peak_rss_mb
+            summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb()}
             finish_output(f, summary)
             f = None
             out.write("ok\n")
