@@ -17,6 +17,10 @@
     (gpt2job.cli.main). Counted: clear errors (exit 2, one 'gpt2job: error:' line naming the file),
     successes, tracebacks, hangs (> --hang-timeout s), other exits.
 
+(c) --scale N: ten-million-row jobs (benchmarks/scale_run.py): the synthetic backend through mpirun on N W1-like rows,
+    clean (time, peak memory of the master and of the output writer), killed at 50% and resumed (time to ready,
+    identical), a full disk midway (exit 2, one line, nothing lost) and resumed.
+
 Takes about 3 minutes for the kills and 1-2 minutes for 300 fuzz cases on 2 cores.
 
 --gpu runs the GPU fault runs instead (benchmarks/reliability_gpu.py: out of memory with another process holding
@@ -351,6 +355,12 @@ def main():
     ap.add_argument("--gpu-budget", type=float, default=450.0,
                     help="--gpu: seconds after which no further kill starts (the table reports the runs made)")
     ap.add_argument("--results", help="append one JSON line per scenario here")
+    ap.add_argument("--scale", type=int, default=0, metavar="N",
+                    help="the large-job figures (benchmarks/scale_run.py): N W1-like rows with the synthetic backend, "
+                         "clean, killed at 50%% and resumed, full disk midway and resumed (0 to skip; 10000000 for "
+                         "RESULTS.md)")
+    ap.add_argument("--scale-ranks", type=int, default=3, help="--scale: mpirun ranks (1: one process)")
+    ap.add_argument("--scale-dir", default="/tmp", help="--scale: where its big files go (removed afterwards)")
     a = ap.parse_args()
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gpt2job-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -373,6 +383,15 @@ def main():
     if a.fuzz:
         c = fuzz_experiment(a.fuzz, a.seed, workdir, a.hang_timeout, a.jobs)
         failed |= any(c.get(k, 0) for k in ("traceback", "hang", "crash", "bad_success"))
+    if a.scale:
+        import scale_run
+        res = scale_run.scale_experiment(a.scale, tempfile.mkdtemp(prefix="gpt2job-scale-", dir=a.scale_dir),
+                                         a.scale_ranks, mutations.VOCAB_DIR if (mutations.VOCAB_DIR / "vocab.bpe").is_file()
+                                         else None, keep=bool(a.keep))
+        failed |= not (res and res["ok"])
+        if a.results and res:
+            with open(a.results, "a") as f:
+                f.write(json.dumps({"scenario": "scale", **res}) + "\n")
     print(f"\ntotal {time.monotonic() - t0:.0f} s")
     if not a.keep:
         if failed:
