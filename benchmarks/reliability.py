@@ -361,6 +361,7 @@ def main():
                          "RESULTS.md)")
     ap.add_argument("--scale-ranks", type=int, default=3, help="--scale: mpirun ranks (1: one process)")
     ap.add_argument("--scale-dir", default="/tmp", help="--scale: where its big files go (removed afterwards)")
+    ap.add_argument("--scale-chunk-size", type=int, default=0, help="--scale: --chunk-size of its jobs (0: default)")
     a = ap.parse_args()
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gpt2job-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -387,7 +388,7 @@ def main():
         import scale_run
         res = scale_run.scale_experiment(a.scale, tempfile.mkdtemp(prefix="gpt2job-scale-", dir=a.scale_dir),
                                          a.scale_ranks, mutations.VOCAB_DIR if (mutations.VOCAB_DIR / "vocab.bpe").is_file()
-                                         else None, keep=bool(a.keep))
+                                         else None, keep=bool(a.keep), chunk_size=a.scale_chunk_size)
         failed |= not (res and res["ok"])
         if a.results and res:
             with open(a.results, "a") as f:

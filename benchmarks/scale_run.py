@@ -173,7 +173,7 @@ def journal_rows(out):
     return sum(len(c.all_rows) for comps, _ in j.blocks() for c in comps)
 
 
-def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False):
+def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0):
     d = Path(workdir) / "scale"
     d.mkdir(parents=True, exist_ok=True)
     inp = d / "in.h5"
@@ -181,12 +181,13 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False):
     write_input(str(inp), n)
     print(f"scale: {n:,} W1-like prompts written in {time.monotonic() - t:.1f} s ({inp.stat().st_size / 2**20:.0f} MB)",
           flush=True)
-    res = {"rows": n, "ranks": ranks, "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+    extra = ["--chunk-size", str(chunk_size)] if chunk_size else []
+    res = {"rows": n, "ranks": ranks, "chunk_size": chunk_size or "default", "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
            "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GB",
            "load_before": round(os.getloadavg()[0], 2)}
     try:
         clean = d / "clean.h5"
-        r = run(job_cmd(inp, clean, ranks, vocab_dir), n)
+        r = run(job_cmd(inp, clean, ranks, vocab_dir, extra), n)
         if r["rc"] != 0:
             print("scale: the clean run failed:\n" + "\n".join(r["stderr"][-20:]))
             return None
@@ -201,9 +202,9 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False):
         want = digest(clean)
         # kill at 50%, then the same command
         out = d / "kill.h5"
-        k = run(job_cmd(inp, out, ranks, vocab_dir), n, kill_at=n // 2)
+        k = run(job_cmd(inp, out, ranks, vocab_dir, extra), n, kill_at=n // 2)
         kept = journal_rows(out) if os.path.exists(str(out) + ".journal") else 0
-        r2 = run(job_cmd(inp, out, ranks, vocab_dir), n)
+        r2 = run(job_cmd(inp, out, ranks, vocab_dir, extra), n)
         sm2 = summary(out) if r2["rc"] == 0 else {}
         res["kill"] = {"killed_at_rows": k["killed_at_rows"], "journal_rows": kept, "resume_rc": r2["rc"],
                        "resume_wall_s": r2["wall_s"], "resume_time_to_ready_s": _r(sm2.get("time_to_ready_s")),
@@ -215,10 +216,10 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False):
         # full disk midway, then the same command with room
         out = d / "disk.h5"
         fsize = clean.stat().st_size // 2
-        f1 = run(job_cmd(inp, out, ranks, vocab_dir), n, fsize=fsize)
+        f1 = run(job_cmd(inp, out, ranks, vocab_dir, extra), n, fsize=fsize)
         errors = [x for x in f1["stderr"] if x.startswith("gpt2job: error:")]
         kept = journal_rows(out) if os.path.exists(str(out) + ".journal") else 0
-        r3 = run(job_cmd(inp, out, ranks, vocab_dir), n)
+        r3 = run(job_cmd(inp, out, ranks, vocab_dir, extra), n)
         sm3 = summary(out) if r3["rc"] == 0 else {}
         res["disk"] = {"limit_mb": round(fsize / 2**20), "rc": f1["rc"], "error_lines": errors[:2],
                        "traceback": any("Traceback" in x for x in f1["stderr"]), "journal_rows": kept,
