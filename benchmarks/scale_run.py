@@ -39,14 +39,6 @@ from master_scale import write_input  # noqa: E402  (W1-like: 16 random tokens, 
 BLOCK = 1 << 20
 
 
-def job_env():
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-               OMPI_MCA_rmaps_base_oversubscribe="1", PRTE_MCA_rmaps_default_mapping_policy=":oversubscribe")
-    return env
-
-
 def job_cmd(inp, out, ranks, vocab_dir, extra=()):
     cmd = [sys.executable, "-m", "gpt2job", "run", str(inp), str(out), "--backend", "synthetic", "--model",
            "random:gpt2", "--max-new-tokens", "8", "--progress-interval", "1"] + list(extra)
@@ -97,6 +89,7 @@ def run(cmd, n, kill_at=None, fsize=None, timeout=1800):
             resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
 
     t0 = time.monotonic()
+    from reliability import job_env   # the environment every benchmark job runs with (imports this lazily)
     p = subprocess.Popen(cmd, env=job_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          start_new_session=True, cwd=str(ROOT), preexec_fn=limit)
     peak, lines, progress = {}, [], [0]
