@@ -2,11 +2,14 @@
 their flat int64 buffer form (MPI messages; token ids travel as int32, two to a word). Every layer imports this; it
 imports nothing of gpt2job."""
 from dataclasses import dataclass, field
+from typing import Optional
 
 import numpy as np
 
-FINISH_LENGTH, FINISH_STOP, FINISH_INVALID = 0, 1, 2
-FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_INVALID: "invalid"}
+# FINISH_STOP: the last token is EOS or a stop token id; FINISH_STOP_STRING: the text contains a stop string (the
+# completion's text ends before it; the tokens keep all that was generated). Both are "stop" in the output.
+FINISH_LENGTH, FINISH_STOP, FINISH_INVALID, FINISH_STOP_STRING = 0, 1, 2, 3
+FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_INVALID: "invalid", FINISH_STOP_STRING: "stop"}
 
 
 def take_ragged(offsets, values, idx):
@@ -21,13 +24,58 @@ def take_ragged(offsets, values, idx):
     return out, np.asarray(values)[src]
 
 
+# The per-row generation settings a chunk may carry (the input file's optional datasets of the same names), in
+# this order on the wire: (name, dtype).
+ROW_FIELDS = (("max_new_tokens", np.int32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+              ("seed", np.int64), ("repetition_penalty", np.float32))
+
+
+@dataclass
+class RowParams:
+    """The generation settings of each row of a chunk, every value resolved (the job's flag where the input file has
+    none for the row): arrays [B] named as ROW_FIELDS, and each row's stop strings, UTF-8 with a NUL after each:
+    row b's are stop_bytes[stop_offsets[b]:stop_offsets[b+1]]. A chunk without RowParams uses the job's settings for
+    every row (the usual case: nothing more crosses MPI)."""
+    max_new_tokens: np.ndarray      # [B] int32 >= 1
+    temperature: np.ndarray         # [B] float32 >= 0 (0: greedy)
+    top_k: np.ndarray               # [B] int32 >= 0 (0: off)
+    top_p: np.ndarray               # [B] float32 in (0, 1]
+    seed: np.ndarray                # [B] int64 >= 0
+    repetition_penalty: np.ndarray  # [B] float32 > 0 (1: off)
+    stop_offsets: np.ndarray        # [B+1] int64
+    stop_bytes: np.ndarray          # [stop_offsets[-1]] uint8
+
+    def stops(self, b):
+        """Row b's stop strings: a tuple of str."""
+        raw = bytes(self.stop_bytes[self.stop_offsets[b]:self.stop_offsets[b + 1]])
+        return tuple(x.decode("utf-8") for x in raw.split(b"\0")[:-1])
+
+    def take(self, idx):
+        """Rows idx (in that order) as a RowParams of their own."""
+        idx = np.asarray(idx, np.int64)
+        so, sb = take_ragged(self.stop_offsets, self.stop_bytes, idx)
+        return RowParams(*(np.asarray(getattr(self, n))[idx] for n, _ in ROW_FIELDS), so, sb.astype(np.uint8))
+
+    @classmethod
+    def of(cls, stops=None, **arrays):
+        """From arrays named as ROW_FIELDS and stops: a list (one entry per row) of sequences of str."""
+        vals = [np.ascontiguousarray(arrays[n], t) for n, t in ROW_FIELDS]
+        B = len(vals[0])
+        stops = stops if stops is not None else [()] * B
+        blobs = [b"".join(x.encode("utf-8") + b"\0" for x in row) for row in stops]
+        so = np.zeros(B + 1, np.int64)
+        np.cumsum([len(b) for b in blobs], out=so[1:])
+        return cls(*vals, so, np.frombuffer(b"".join(blobs), np.uint8).copy())
+
+
 @dataclass
 class Chunk:
-    """A unit of work: prompts (token ids) with the input row each answers."""
+    """A unit of work: prompts (token ids) with the input row each answers, and (optionally) per-row settings."""
     chunk_id: int
     rows: np.ndarray         # [B] int64 input row indices
     offsets: np.ndarray      # [B+1] int64 into tokens
     tokens: np.ndarray       # [sum of prompt lengths] int32
+    params: Optional[RowParams] = None
 
     def prompts(self):
         return [self.tokens[self.offsets[i]:self.offsets[i + 1]] for i in range(len(self.rows))]
@@ -101,21 +149,44 @@ def _unpack32(words, n):
     return np.ascontiguousarray(words).view(np.int32)[:n]
 
 
+def _encode_params(p: RowParams):
+    """RowParams as int64 words: each ROW_FIELDS array as int64 (floats by their float64 bits), stop_offsets
+    (B+1), then the stop bytes padded to whole words."""
+    cols = [np.asarray(getattr(p, n)).astype(np.float64).view(np.int64) if np.dtype(t).kind == "f"
+            else np.asarray(getattr(p, n), np.int64) for n, t in ROW_FIELDS]
+    sb = np.asarray(p.stop_bytes, np.uint8)
+    pad = np.zeros((-len(sb)) % 8, np.uint8)
+    return np.concatenate(cols + [np.asarray(p.stop_offsets, np.int64), np.concatenate([sb, pad]).view(np.int64)])
+
+
+def _decode_params(words, b):
+    cols, p = [], 0
+    for n, t in ROW_FIELDS:
+        w = words[p:p + b]; p += b
+        cols.append(w.view(np.float64).astype(t) if np.dtype(t).kind == "f" else w.astype(t))
+    so = words[p:p + b + 1].copy(); p += b + 1
+    sb = np.ascontiguousarray(words[p:]).view(np.uint8)[:int(so[-1])].copy()
+    return RowParams(*cols, so, sb)
+
+
 def encode_chunk(c: Chunk) -> np.ndarray:
-    """[chunk_id, B, T, rows(B), offsets(B+1), tokens (T int32, two to a word)]"""
+    """[chunk_id, B, T, P, rows(B), offsets(B+1), tokens (T int32, two to a word), params (P words)]"""
     b, t = len(c.rows), int(c.offsets[-1]) if len(c.offsets) else 0
-    return np.concatenate([np.array([c.chunk_id, b, t], np.int64), np.asarray(c.rows, np.int64),
-                           np.asarray(c.offsets, np.int64), _pack32(c.tokens)])
+    params = _encode_params(c.params) if c.params is not None else np.zeros(0, np.int64)
+    return np.concatenate([np.array([c.chunk_id, b, t, len(params)], np.int64), np.asarray(c.rows, np.int64),
+                           np.asarray(c.offsets, np.int64), _pack32(c.tokens), params])
 
 
 def decode_chunk(buf: np.ndarray) -> Chunk:
-    cid, b, t = int(buf[0]), int(buf[1]), int(buf[2])
-    rows = buf[3:3 + b].copy()
-    offsets = buf[3 + b:4 + 2 * b].copy()
-    words = buf[4 + 2 * b:]
-    if len(offsets) != b + 1 or offsets[-1] != t or len(words) != (t + 1) // 2:
+    cid, b, t, n_params = int(buf[0]), int(buf[1]), int(buf[2]), int(buf[3])
+    rows = buf[4:4 + b].copy()
+    offsets = buf[4 + b:5 + 2 * b].copy()
+    end = len(buf) - n_params
+    words = buf[5 + 2 * b:end]
+    if len(offsets) != b + 1 or offsets[-1] != t or len(words) != (t + 1) // 2 or n_params < 0:
         raise ValueError(f"malformed chunk buffer (chunk {cid})")
-    return Chunk(cid, rows, offsets, _unpack32(words, t).copy())
+    params = _decode_params(buf[end:], b) if n_params else None
+    return Chunk(cid, rows, offsets, _unpack32(words, t).copy(), params)
 
 
 def encode_completions(c: Completions, compute_us=0) -> np.ndarray:

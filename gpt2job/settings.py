@@ -2,7 +2,7 @@
 a backend needs to generate (GenerationSettings with its SamplingSettings). Plain data: imports nothing of gpt2job.
 """
 from dataclasses import asdict, dataclass, field
-from typing import Optional
+from typing import Optional, Tuple
 
 DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says otherwise (the CPU backend)
 
@@ -27,10 +27,20 @@ class SamplingSettings:
 
 @dataclass(frozen=True)
 class GenerationSettings:
+    """The job's generation settings on a worker. A chunk's RowParams (chunks.py), when it has them, replace
+    max_new_tokens, the sampling settings, repetition_penalty and stop for its rows."""
     max_new_tokens: int = 16
     ignore_eos: bool = False
     eos_token_id: int = 50256
     sampling: SamplingSettings = field(default_factory=SamplingSettings)
+    stop_token_ids: Tuple[int, ...] = ()   # a generated id in this set ends the row (finish "stop"), besides EOS
+    stop: Tuple[str, ...] = ()             # stop strings (vLLM's): the row ends once its text contains one
+    repetition_penalty: float = 1.0        # transformers' meaning; 1: off
+    vocab_dir: Optional[str] = None        # the tokenizer's files, for stop strings (None: the default places)
+
+    def stop_ids(self):
+        """The ids that end a row: EOS (unless ignore_eos) and stop_token_ids."""
+        return tuple(sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else {self.eos_token_id})))
 
 
 @dataclass(frozen=True)
@@ -56,18 +66,30 @@ class JobSettings:
     chunk_timeout: float = 120.0     # the least time a worker gets for a chunk before it is declared hung
     progress_interval: float = 10.0  # seconds between progress lines when not on a terminal
     dedup: bool = True               # greedy: compute identical prompts once (copies get that completion)
+    stop: Tuple[str, ...] = ()       # --stop (repeatable)
+    stop_token_ids: Tuple[int, ...] = ()
+    repetition_penalty: float = 1.0
 
     def generation(self, eos_token_id):
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, eos_token_id=eos_token_id,
             sampling=SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
-                                      seed=self.seed))
+                                      seed=self.seed),
+            stop_token_ids=tuple(self.stop_token_ids), stop=tuple(self.stop),
+            repetition_penalty=self.repetition_penalty, vocab_dir=self.vocab_dir)
 
     def result_settings(self):
         """The settings that change the completions: a resume must match them exactly."""
         d = asdict(self)
         keep = ("max_new_tokens", "ignore_eos", "temperature", "top_k", "top_p", "seed", "dtype")
         out = {k: d[k] for k in keep}
+        # added after format 2: recorded only when used, so outputs of earlier runs still resume
+        if self.stop:
+            out["stop"] = list(self.stop)
+        if self.stop_token_ids:
+            out["stop_token_ids"] = sorted(self.stop_token_ids)
+        if self.repetition_penalty != 1.0:
+            out["repetition_penalty"] = self.repetition_penalty
         if self.temperature <= 0:  # greedy: the sampling knobs do not matter
             for k in ("top_k", "top_p", "seed"):
                 out.pop(k)
