@@ -22,9 +22,12 @@ class Pause:
 
     submit: now is the time to submit further chunks (their preparation and upload overlap this compute).
     ready(): has the device reached the point the host is about to block on? The worker may do its own work
-    (send results) until it is; the backend blocks on it once resumed."""
+    (send results) until it is; the backend blocks on it once resumed.
+    generated: tokens of the chunk being computed that have reached the host so far (progress within a chunk;
+    -1: not known at this pause)."""
     submit: bool
     ready: Callable[[], bool]
+    generated: int = -1
 
 
 class Backend:
