@@ -8,6 +8,10 @@ pair compared. For refactors: "token-identical, no speed loss" measured in one d
 Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16. Token cases: each speed case, W2 fp32,
 W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32, and the tiny checkpoints of
 tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy. Prints a table last; JSON lines to OUT/ab.jsonl.
+
+--features adds speed cases that only the new tree can run (the same repeats, interleaved with nothing), each set
+against a speed case of the new tree measured above: the mixed-settings workload (W2's prompts with per-row
+max_new_tokens, temperature, top-k/top-p, seeds and stop strings: benchmarks/workloads.py w2mix) against W2 fp16.
 """
 import argparse
 import json
@@ -64,6 +68,7 @@ def main():
     ap.add_argument("--work", default="/tmp/gpt2job-ab")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--model", default="random:gpt2")
+    ap.add_argument("--features", action="store_true", help="also the new tree's feature cases (see above)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script: a tiny model, tiny workloads, the numpy backend, float32 only")
     a = ap.parse_args()
@@ -79,9 +84,12 @@ def main():
     py = [sys.executable]
     if not os.path.isfile(os.path.join(hf, "config.json")):
         subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", a.model], check=True)
+    small = ["--n-w1", "48", "--n-w2", "6", "--w2-min", "4", "--w2-max", "24"] if a.smoke else []
     if not os.path.isfile(os.path.join(wl, "w2.h5")):
-        small = ["--n-w1", "48", "--n-w2", "6", "--w2-min", "4", "--w2-max", "24"] if a.smoke else []
         subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w2", *small],
+                       check=True)
+    if a.features and not os.path.isfile(os.path.join(wl, "w2mix.h5")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w2mix", *small],
                        check=True)
     # the tiny checkpoints' prompts, as an input file
     tiny_in = os.path.join(a.work, "tiny.h5")
@@ -109,7 +117,14 @@ def main():
         "tiny cuda fp16 eos": (tiny_model, tiny_in, ["--dtype", "float16", "--max-new-tokens", "12"], "cuda"),
         "tiny numpy eos": (tiny_model, tiny_in, ["--max-new-tokens", "12"], "numpy"),
     }
+    # new tree only: name -> (input, flags, the new tree's speed case it is set against)
+    features = {
+        "W2 fp16 mixed": (os.path.join(wl, "w2mix.h5"), ["--dtype", "float16", "--max-new-tokens", "256",
+                                                          "--ignore-eos"], "W2 fp16"),
+    } if a.features else {}
     if a.smoke:
+        features = {k.replace("fp16", "fp32"): (i, ["--dtype", "float32"] + f[2:], ref.replace("fp16", "fp32"))
+                    for k, (i, f, ref) in features.items()}
         for cases in (speed, once):
             for k in [k for k in cases if "fp16" in k or "cuda" in k]:
                 del cases[k]
@@ -140,6 +155,20 @@ def main():
                "runs": {t: [r.get("tput") for r in got[t]] for t in got}, "identical": ident, "rows_differ": ndiff}
         rows.append(rec)
         append_jsonl(res_path, {"kind": "ab", **rec})
+    for name, (inp, flags, ref) in features.items():
+        got = [run(a.new, inp, out("new", name, i), hf, flags, backend=backend,
+                   log=os.path.join(logs, f"new-{name.replace(' ', '_')}-{i}.log")) for i in range(a.repeats)]
+        for i, r in enumerate(got):
+            print(f"{name} #{i} new: {r}", flush=True)
+        base = next((r for r in rows if r["case"] == ref), None)
+        ok = all(r["rc"] == 0 for r in got) and base is not None and base["new_tok_s"]
+        med = statistics.median(r["tput"] for r in got) if ok else None
+        rec = {"case": name, "old_tok_s": None, "new_tok_s": med, "ratio": med / base["new_tok_s"] if ok else None,
+               "against": ref, "old_ready_s": None, "new_ready_s": statistics.median(r["ready"] for r in got) if ok
+               else None, "runs": {"new": [r.get("tput") for r in got]}, "identical": True, "rows_differ": 0,
+               "tail": [r.get("tail") for r in got if r["rc"]]}
+        rows.append(rec)
+        append_jsonl(res_path, {"kind": "ab-feature", **rec})
     for name, (model, inp, flags, backend) in once.items():
         r = {t: run(trees[t], inp, out(t, name), model, flags, backend=backend,
                     log=os.path.join(logs, f"{t}-{name.replace(' ', '_')}.log")) for t in trees}
@@ -151,7 +180,11 @@ def main():
         append_jsonl(res_path, {"kind": "ab", **rec})
     print("\ncase                 old tok/s    new tok/s   new/old  ready old/new (s)  tokens identical")
     for r in rows:
-        if "ratio" in r:
+        if "against" in r:
+            ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
+            print(f"{r['case']:<20} {'':>10} {r['new_tok_s'] or 0:>12,.0f} {ratio:>9}  (new / new {r['against']})  "
+                  f"ready {r['new_ready_s'] or 0:.2f}")
+        elif "ratio" in r:
             ratio = f"{r['ratio']:.3f}" if r["ratio"] else "-"
             print(f"{r['case']:<20} {r['old_tok_s'] or 0:>10,.0f} {r['new_tok_s'] or 0:>12,.0f} {ratio:>9}  "
                   f"{r['old_ready_s'] or 0:>6.2f} / {r['new_ready_s'] or 0:<6.2f}    {r['identical']} "
@@ -159,7 +192,7 @@ def main():
         else:
             print(f"{r['case']:<20} {'':>10} {'':>12} {'':>9}  {'':>15}    {r['identical']} "
                   f"({r['rows_differ']} rows differ) rc {r['rc']}")
-    return 0 if all(r["identical"] for r in rows) else 1
+    return 0 if all(r["identical"] and not r.get("tail") for r in rows) else 1
 
 
 if __name__ == "__main__":

@@ -27,6 +27,9 @@ WORKLOADS = {
            "what": "2,048 prompts, lengths uniform 32..512, 256 new tokens, --ignore-eos"},
     "w3": {"file": "w3.h5", "max_new_tokens": 8, "ignore_eos": False,
            "what": "W1 repeated 8 times (65,536 prompts), 8 new tokens"},
+    "w2mix": {"file": "w2mix.h5", "max_new_tokens": 256, "ignore_eos": True,
+              "what": "W2's prompts with per-row max_new_tokens 1..256, temperature 0..1.2 (a third greedy), "
+                      "top-k/top-p/seed per row, stop strings on half the rows"},
 }
 EOT = 50256
 

@@ -6,6 +6,9 @@
   w2.h5      W2: 2,048 prompts, lengths uniform 32..512, tokens uniform [0, 50257)  256 new tokens, --ignore-eos
              (vlen int32, numpy seed 2)
   w3.h5      W3: W1 repeated 8 times, 65,536 x 16 (2-D int32)                     8 new tokens
+  w2mix.h5   W2's prompts with per-row settings (numpy seed 3): max_new_tokens uniform 1..256, temperature 0 on a
+             third of the rows and uniform 0.05..1.2 on the rest, top_k 0/40, top_p 1/0.9, seed = row, stop strings
+             ([".", " the"] or ["\n"]) on half the rows                      --ignore-eos
   warmup.h5  64 prompts of W1, for the kernel-cache warm-up job
   workloads.json  what was written (sizes, the seed workload's path or 'random(seed=0)', new tokens, flags)
 
@@ -46,6 +49,29 @@ def w2_prompts(n=2048, lo=32, hi=512, seed=2, vocab=50257):
     return [rng.integers(0, vocab, int(L)).astype(np.int32) for L in lengths]
 
 
+def write_mixed(path, rows, seed=3):
+    """rows (W2's prompts) with the per-row settings datasets of the mixed-settings workload."""
+    import h5py
+    rng = np.random.default_rng(seed)
+    n = len(rows)
+    temp = rng.uniform(0.05, 1.2, n).astype(np.float32)
+    temp[rng.random(n) < 1 / 3] = 0.0
+    stop = np.array([["", ""]] * n, dtype=object)
+    pick = rng.random(n)
+    stop[pick < 0.25] = [".", " the"]
+    stop[(pick >= 0.25) & (pick < 0.5), 0] = "\n"
+    with h5py.File(path + ".tmp", "w") as f:
+        ds = f.create_dataset("prompt_tokens", (n,), dtype=h5py.vlen_dtype(np.int32))
+        ds[...] = np.array([np.asarray(r, np.int32) for r in rows] + [None], dtype=object)[:-1]
+        f["max_new_tokens"] = rng.integers(1, 257, n).astype(np.int32)
+        f["temperature"] = temp
+        f["top_k"] = np.where(rng.random(n) < 0.5, 40, 0).astype(np.int32)
+        f["top_p"] = np.where(rng.random(n) < 0.5, 0.9, 1.0).astype(np.float32)
+        f["seed"] = np.arange(n, dtype=np.int64)
+        f.create_dataset("stop", data=stop, dtype=h5py.string_dtype())
+    os.replace(path + ".tmp", path)
+
+
 def make(outdir, which=("w1", "w2", "w3"), seed_workload=None, n_w1=8192, n_w2=2048, w2_min=32, w2_max=512,
          w3_repeat=8, vocab=50257):
     os.makedirs(outdir, exist_ok=True)
@@ -61,6 +87,10 @@ def make(outdir, which=("w1", "w2", "w3"), seed_workload=None, n_w1=8192, n_w2=2
         elif name == "w2":
             rows = w2_prompts(n_w2, w2_min, w2_max, vocab=vocab)
             write_vlen(path, rows)
+            n, ntok = len(rows), int(sum(len(r) for r in rows))
+        elif name == "w2mix":
+            rows = w2_prompts(n_w2, w2_min, w2_max, vocab=vocab)
+            write_mixed(path, rows)
             n, ntok = len(rows), int(sum(len(r) for r in rows))
         elif name == "w3":
             w3 = np.tile(w1, (w3_repeat, 1))
