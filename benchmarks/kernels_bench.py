@@ -7,7 +7,8 @@ Kernels: ours fp32 (SIMT FFMA, k-slices of 8 and 16) vs torch fp32 with TF32 off
 --e2e: W1 tok/s of one 8,192-prompt chunk computed in-process: fp32 and fp16 with every prompt token computed
 (KernelOptions(prefix_share=False), as GPT2JOB_PREFIX_SHARE=0) and by default (shared prompt prefixes computed
 once), and the fp16 default of stop 7. Each configuration is a KernelOptions over the environment's.
---profile: device time per kernel kind over one W1 chunk (CUDA events around every launch).
+--profile: device time per kernel kind over one W1 chunk (CUDA events around every launch); --profile-prompts N
+its size.
 --w2: W2 (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
@@ -226,6 +227,8 @@ def main():
     ap.add_argument("--e2e", action="store_true")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--profile-dtypes", default="float16,float32")
+    ap.add_argument("--profile-prompts", type=int, default=8192,
+                    help="--profile: W1 prompts in the chunk (546: what each of 15 workers gets)")
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--configs", default="", help="--e2e configurations to run, comma-separated (default: all): "
                     + ", ".join(c[0] for c in E2E_CONFIGS))
@@ -234,7 +237,7 @@ def main():
     a = ap.parse_args()
     rows = [] if a.no_kernels else bench_kernels([int(x) for x in a.m.split(",")], a.reps)
     if a.profile:
-        profile(a.profile_dtypes.split(","))
+        profile(a.profile_dtypes.split(","), chunk=w1_chunk(a.profile_prompts), label=f"W1 {a.profile_prompts}")
     want = set(a.configs.split(",")) if a.configs else None
     e2e = bench_e2e([c for c in E2E_CONFIGS if want is None or c[0] in want]) if a.e2e else {}
     if a.w2:
