@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# gpt2job launcher: ./run_inference.sh IN.h5 OUT.h5 [flags of `python -m gpt2job run`]
+# gpt2job launcher: ./run_inference.sh IN OUT.h5 [flags of `python -m gpt2job run`]
+# IN: an input HDF5, or a .txt (one prompt per line) or .jsonl file (the master converts it beside OUT.h5).
 #
 # Started by mpirun (e.g. `mpirun -np 16 --hostfile hostfile ./run_inference.sh IN OUT`): runs this
 # rank's part of the job (rank 0 the master, the others workers).

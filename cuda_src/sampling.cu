@@ -1,5 +1,6 @@
 // Token selection on the GPU, the rules of gpt2job/model/sampling.py (one block per logits row):
 //   argmax_rows: greedy, lowest index on ties.
+//   sample_rows_params: the same per row with each row's own settings and repetition penalty.
 //   sample_rows: p = softmax(l / T) in float64; top-k keeps p >= k-th largest p (ties kept);
 //     top-p keeps p >= t where t is the p at which the descending cumulative kept mass first reaches
 //     top_p * kept mass; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the kept tokens in index
@@ -63,15 +64,9 @@ __device__ float block_max_f(float v, float* red) {
     return red[0];
 }
 
-// Greedy: out[r] = argmax(logits[r, :V]) (first index of the maximum).
-extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ out, int R)
+// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch).
+__device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, float* sv, int* si)
 {
-    __shared__ float sv[32];
-    __shared__ int si[32];
-    const int r = blockIdx.x;
-    if (r >= R) return;
-    const float* l = logits + (size_t)r * ld;
     float best = -INFINITY;
     int bi = 0x7fffffff;
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
@@ -97,15 +92,24 @@ argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ o
             const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
             if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
         }
-        if (lane == 0) out[r] = bi;
+        if (lane == 0) *out_r = bi;
     }
 }
 
-// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]].
+// Greedy: out[r] = argmax(logits[r, :V]) (first index of the maximum).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
-sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __restrict__ rows,
-            const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
-            int top_k, double top_p, int* __restrict__ out, int R)
+argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ out, int R)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    block_argmax(logits + (size_t)r * ld, V, out + r, sv, si);
+}
+
+// One row's sampled token (rules 2-5) into *out_r, by the whole block: l [V] its logits, rid its prompt row id.
+__device__ __forceinline__ void sample_block(const float* l, int V, long long rid, int step, unsigned long long seed,
+                                             double temperature, int top_k, double top_p, int* out_r)
 {
     __shared__ double red[32];
     __shared__ float redf[32];
@@ -114,10 +118,7 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
     __shared__ unsigned s_prefix;
     __shared__ double s_above;
     __shared__ int s_best;
-    const int r = blockIdx.x;
-    if (r >= R) return;
     const int tid = threadIdx.x;
-    const float* l = logits + (size_t)r * ld;
 
     // softmax statistics, float64 as NumPy
     float mx = -INFINITY;
@@ -226,7 +227,6 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
     double wprefix = 0.0, total = 0.0;
     const int nw = blockDim.x >> 5;
     for (int w = 0; w < nw; w++) { if (w < warp) wprefix += red[w]; total += red[w]; }
-    const long long rid = rows[seqidx ? seqidx[r] : r];
     const double x = uniform01(seed, (unsigned long long)rid, (unsigned long long)step) * total;
     double run = wprefix + incl - local;
     if (run + local > x) {
@@ -236,8 +236,68 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
         }
     }
     __syncthreads();
-    if (tid == 0) out[r] = s_best == 0x7fffffff ? V - 1 : s_best;
+    if (tid == 0) *out_r = s_best == 0x7fffffff ? V - 1 : s_best;
 #undef PROB
+}
+
+// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]].
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __restrict__ rows,
+            const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
+            int top_k, double top_p, int* __restrict__ out, int R)
+{
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    sample_block(logits + (size_t)r * ld, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p,
+                 out + r);
+}
+
+// Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
+// prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]. First the repetition penalty
+// (transformers' rule, float32) on the tokens the sequence has seen (seen: bitmap [slots, words], its row
+// q - seq_base; null or penalty 1: none), written into the logits in place; then the argmax (temperature <= 0)
+// or the sampling rules. The logits are read back after the block's writes: not through __restrict__ / const
+// (the read-only cache could serve stale values).
+extern "C" __global__ void __launch_bounds__(SEL_THREADS)
+sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ rows, const int* __restrict__ seqidx,
+                   int step, const unsigned long long* __restrict__ seeds, const double* __restrict__ temps,
+                   const int* __restrict__ top_ks, const double* __restrict__ top_ps,
+                   const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
+                   int* __restrict__ out, int R)
+{
+    __shared__ float sv[32];
+    __shared__ int si[32];
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    const int q = seqidx[r];
+    float* l = logits + (size_t)r * ld;
+    const float pen = penalties[q];
+    if (seen != nullptr && pen != 1.0f) {
+        const unsigned* bits = seen + (size_t)(q - seq_base) * words;
+        for (int i = threadIdx.x; i < V; i += blockDim.x) {
+            if ((bits[i >> 5] >> (i & 31)) & 1u) {
+                const float v = l[i];
+                l[i] = v < 0.0f ? v * pen : v / pen;
+            }
+        }
+        __syncthreads();
+    }
+    const double temperature = temps[q];
+    if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
+    else sample_block(l, V, rows[q], step, seeds[q], temperature, top_ks[q], top_ps[q], out + r);
+}
+
+// The repetition penalty's seen tokens: sequence seq[i] (its bitmap row seq[i] - seq_base, words uint32 each)
+// has seen token tok[i]; called with a group's prompt tokens before its prefill's selection, and with each decode
+// step's input tokens (the previous step's output) before its selection (twin: model/sampling.py mark_seen).
+extern "C" __global__ void mark_seen(const int* __restrict__ tok, const int* __restrict__ seq, int n, int seq_base,
+                                     unsigned* __restrict__ bits, int words)
+{
+    const int i = blockIdx.x * blockDim.x + threadIdx.x;
+    if (i < n) {
+        const int t = tok[i];
+        atomicOr(&bits[(size_t)(seq[i] - seq_base) * words + (t >> 5)], 1u << (t & 31));
+    }
 }
 
 // Greedy selection from the fp16 LM-head GEMM's EPI_ARGMAX partials: part [R, ld] float2 {value, column bits},

@@ -12,6 +12,16 @@ from gpt2job.errors import UserError, WorkerFailure
 EXIT_USAGE = 2
 
 RUN_EPILOG = """\
+IN forms:
+  FILE.h5             input HDF5: 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids)
+  FILE.txt            one prompt per line (blank lines skipped)
+  FILE.jsonl          one JSON value per line: "text", {"prompt": ...}/{"text": ...}, {"tokens": [...]} or [ids]
+                      A .txt/.jsonl file is converted first, by the same rules as `python -m gpt2job prompts`,
+                      into OUT.prompts-HASH.h5 next to OUT (HASH: of the file's bytes; the master writes it, the
+                      workers never read IN). The same file again reuses it and resumes OUT; a changed file is
+                      refused as a changed input (--overwrite starts over). e.g. a first job in one line:
+                        python -m gpt2job run jobs/example_prompts.txt out.h5 --model gpt2
+
 --model forms:
   DIR                 Hugging Face folder: config.json + model.safetensors (or sharded)
   FILE.bin            the old system's flat float32 parameter file
@@ -67,6 +77,27 @@ def _float_in(name, lo, hi, lo_open=False):
     return parse
 
 
+def _stop_string(v):
+    if not v or "\0" in v:
+        raise argparse.ArgumentTypeError(f"--stop must be non-empty text without NUL, got {v!r}")
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError:
+        raise argparse.ArgumentTypeError(f"--stop must be UTF-8 text, got {v!r}")
+    return v
+
+
+def _id_list(v):
+    """'5' or '5,7' -> [5] or [5, 7] (the vocabulary's bounds are checked once the model is known)."""
+    try:
+        ids = [int(x) for x in v.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--stop-token-ids must be integers, got {v!r}")
+    if not ids or min(ids) < 0:
+        raise argparse.ArgumentTypeError(f"--stop-token-ids must be token ids >= 0, got {v!r}")
+    return ids
+
+
 def build_parser():
     p = Parser(prog="gpt2job", description="Batch GPT-2 generation: HDF5 prompts in, HDF5 completions out.")
     p.add_argument("--version", action="version", version=f"gpt2job {__version__}")
@@ -91,7 +122,8 @@ def build_parser():
                        description="Generate completions for every prompt of IN and write them to OUT.\n"
                                    "Run it under mpirun for many workers; rank 0 is the master.",
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    r.add_argument("input", help="input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids)")
+    r.add_argument("input", help="prompts: input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids), "
+                                 "or a .txt (one prompt per line) or .jsonl file, converted first (see below)")
     r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
     r.add_argument("--model", default="random:gpt2",
                    help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
@@ -133,6 +165,20 @@ def build_parser():
                         "chunk's size and the worker's speed; default 120)")
     r.add_argument("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
                    help="seconds between progress lines when output is not a terminal (default 10)")
+    r.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_string,
+                   help="stop string (repeatable; vLLM's `stop`): a row ends once its generated text contains one "
+                        "(finish_reason 'stop'); `completions` ends before it, `completion_tokens` keep every "
+                        "token generated, `stop_reason` names it. A per-row 'stop' dataset in IN replaces these "
+                        "for its rows")
+    r.add_argument("--stop-token-ids", action="extend", nargs="+", default=[], metavar="ID", type=_id_list,
+                   help="token ids that end a row like <|endoftext|> (vLLM's `stop_token_ids`; space or comma "
+                        "separated): the id is kept in completion_tokens, left out of `completions`, and named in "
+                        "`stop_reason`; they stop a row even with --ignore-eos")
+    r.add_argument("--repetition-penalty", type=_float_in("--repetition-penalty", 0, 1e6, lo_open=True),
+                   default=1.0, metavar="P",
+                   help="transformers' repetition penalty: the logit of every token already in the prompt or "
+                        "the completion is divided by P when positive, multiplied by P when negative; > 1 "
+                        "discourages repeats, 1.0 (default) is off")
     r.add_argument("--no-dedup", action="store_true",
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
@@ -142,10 +188,18 @@ def build_parser():
     sh.add_argument("--limit", type=_positive_int("--limit", 0), default=10, help="rows to print (default 10)")
     sh.add_argument("--start", type=_positive_int("--start", 0), default=0, help="first row to print")
 
-    v = sub.add_parser("validate", help="compare an output's tokens with expected tokens")
-    v.add_argument("output")
-    v.add_argument("answer", help="int32 file [N, new_tokens] or another output file")
+    v = sub.add_parser("validate", help="compare an output's tokens with expected tokens, or check an input file",
+                       description="validate OUT ANSWER: compare an output's tokens with expected tokens. "
+                                   "validate IN: check an input file as `run` would before starting (prompts and "
+                                   "per-row settings datasets), for --model and --max-new-tokens.")
+    v.add_argument("output", help="an output file (with ANSWER), or an input file (alone)")
+    v.add_argument("answer", nargs="?", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)
+    v.add_argument("--model", default="random:gpt2", help="input check: the model the job will run (its positions "
+                   "and vocabulary; default random:gpt2, GPT-2's shapes)")
+    v.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
+                   help="input check: the job's --max-new-tokens (rows without their own)")
+    v.add_argument("--vocab-dir", help="input check: tokenizer files, for text prompts (env GPT2_VOCAB_DIR)")
 
     ex = sub.add_parser("export", help="write an output's completed rows as JSON lines",
                         description="Write one JSON object per completed row of OUT (row, prompt, completion, "
@@ -166,6 +220,7 @@ def build_parser():
 
 def cmd_run(a):
     from gpt2job.cluster.job import run_job
+    from gpt2job.model.tokenizer import vocab_dir_from   # --vocab-dir or GPT2_VOCAB_DIR: workers match stop strings
     from gpt2job.settings import JobSettings
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
@@ -174,9 +229,11 @@ def cmd_run(a):
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
-                    vocab_dir=a.vocab_dir, overwrite=a.overwrite, skip_invalid=a.skip_invalid,
+                    vocab_dir=vocab_dir_from(a.vocab_dir), overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
-                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup)
+                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup,
+                    stop=tuple(dict.fromkeys(a.stop)), repetition_penalty=a.repetition_penalty,
+                    stop_token_ids=tuple(sorted({i for ids in a.stop_token_ids for i in ids})))
     return run_job(s)
 
 
@@ -208,7 +265,9 @@ def cmd_export(a):
 
 
 def cmd_validate(a):
-    from gpt2job.files.validate import report_validation
+    from gpt2job.files.validate import check_input, report_validation
+    if a.answer is None:
+        return check_input(a.output, a.model, a.max_new_tokens, a.vocab_dir)
     return report_validation(a.output, a.answer, a.tolerance)
 
 

@@ -106,3 +106,110 @@ def test_draws_differ_across_steps_rows_and_seeds():
     by_row = set(select_tokens(logits, list(range(64)), 0, s).tolist())
     by_seed = {int(select_tokens(logits[:1], [0], 0, SamplingSettings(1.0, seed=k))[0]) for k in range(64)}
     assert min(len(by_step), len(by_row), len(by_seed)) > 25
+
+
+# ---- per-row settings and the repetition penalty (model/sampling.py select_rows; sampling.cu sample_rows_params)
+
+from gpt2job.chunks import RowParams  # noqa: E402
+from gpt2job.model.sampling import (RowSettings, mark_seen, penalize, sample_rows_params, seen_mask,  # noqa: E402
+                                    seen_words, select_rows)
+
+GOLDEN_ROWS = RowParams.of(max_new_tokens=[4] * 6, temperature=[0.9, 0, 1.3, 0.7, 0, 2.0], top_k=[20, 0, 0, 5, 3, 1],
+                           top_p=[0.95, 1, 0.8, 1, 0.5, 1], seed=[42, 1, 7, 2 ** 62, 9, 3],
+                           repetition_penalty=[1, 1.3, 1.2, 0.8, 2, 1.5])
+
+
+def golden_seen():
+    """Each row has seen its own greedy argmax (row 3 its smallest logit too): [6, W] bitmap."""
+    lg = golden_logits()
+    bits = np.zeros((6, seen_words(50)), np.uint32)
+    mark_seen(bits, list(lg.argmax(1)) + [int(np.argmin(lg[3]))], list(range(6)) + [3], 0)
+    return bits
+
+
+def test_penalty_is_transformers_rule_by_hand():
+    """RepetitionPenaltyLogitsProcessor: a seen token's logit is divided by p when positive, multiplied when
+    negative; unseen tokens keep theirs."""
+    lg = np.array([[2.0, -1.5, 0.5, 3.0, -0.25]], np.float32)
+    seen = np.array([[True, True, False, True, True]])
+    got = penalize(lg, seen, np.array([2.0], np.float32))
+    np.testing.assert_array_equal(got, np.array([[1.0, -3.0, 0.5, 1.5, -0.5]], np.float32))
+    got = penalize(lg, seen, np.array([0.5], np.float32))   # p < 1 favours the seen tokens
+    np.testing.assert_array_equal(got, np.array([[4.0, -0.75, 0.5, 6.0, -0.125]], np.float32))
+    assert got.dtype == np.float32
+
+
+def test_penalty_applies_before_greedy_and_temperature():
+    lg = np.array([[3.0, 2.9, 0.0]], np.float32)
+    rs = RowSettings.of(RowParams.of(max_new_tokens=[1], temperature=[0.0], top_k=[0], top_p=[1.0], seed=[0],
+                                     repetition_penalty=[1.2]), None, 1)
+    seen = np.array([[True, False, False]])
+    assert select_rows(lg, [0], 0, rs, seen).tolist() == [1]       # 3.0 / 1.2 = 2.5 < 2.9
+    assert select_rows(lg, [0], 0, rs, None).tolist() == [0]
+
+
+def test_seen_bitmap_round_trip():
+    bits = np.zeros((3, seen_words(70)), np.uint32)
+    assert bits.shape == (3, 3)
+    mark_seen(bits, [0, 31, 32, 69, 69, 5], [7, 7, 8, 9, 9, 9], 7)
+    m = seen_mask(bits, 70)
+    assert sorted(map(tuple, np.argwhere(m).tolist())) == [(0, 0), (0, 31), (1, 32), (2, 5), (2, 69)]
+    assert bits[0, 0] == np.uint32(1 | (1 << 31)) and bits[2, 2] == np.uint32(1 << 5)
+
+
+def test_per_row_tokens_golden():
+    rs = RowSettings.of(GOLDEN_ROWS, GenerationSettings(), 6)
+    seen = seen_mask(golden_seen(), 50)
+    got = [select_rows(golden_logits(), list(range(100, 106)), step, rs, seen).tolist() for step in range(3)]
+    assert got == [[48, 32, 37, 36, 5, 6], [48, 32, 28, 29, 5, 6], [16, 32, 1, 29, 5, 6]]
+    assert select_rows(golden_logits(), list(range(100, 106)), 0, rs, None).tolist() == [48, 24, 37, 39, 10, 12]
+
+
+def test_kernel_twin_reads_each_rows_settings_by_its_sequence():
+    """sample_rows_params: logits row r is sequence seqidx[r] (settings, input row and bitmap row q - seq_base)."""
+    rs = RowSettings.of(GOLDEN_ROWS, GenerationSettings(), 6)
+    perm = np.array([4, 0, 5, 2, 3, 1])
+    bits = golden_seen()
+    lg = golden_logits()[perm]                                   # logits row r belongs to sequence perm[r]
+    pad = lambda a: np.concatenate([np.ones(3, a.dtype) * 9, a])   # noqa: E731  sequences 0..2: not this group
+    got = sample_rows_params(lg, pad(np.arange(100, 106)), perm + 3, 0, pad(rs.seed), pad(rs.temperature),
+                             pad(rs.top_k), pad(rs.top_p), pad(rs.penalty), bits, 3)
+    assert got.tolist() == np.array([48, 32, 37, 36, 5, 6])[perm].tolist()
+    # penalty 1 everywhere: the bitmap does not matter
+    ones = np.ones(6, np.float32)
+    np.testing.assert_array_equal(
+        sample_rows_params(lg, np.arange(100, 106), perm, 0, rs.seed, rs.temperature, rs.top_k, rs.top_p, ones,
+                           bits, 0),
+        sample_rows_params(lg, np.arange(100, 106), perm, 0, rs.seed, rs.temperature, rs.top_k, rs.top_p, ones,
+                           None, 0))
+
+
+def test_temperature_zero_rows_among_sampled_rows_are_the_argmax():
+    lg = np.random.default_rng(4).normal(0, 3, (40, 300)).astype(np.float32)
+    t = np.where(np.arange(40) % 3 == 0, 0.0, 1.1)
+    rs = RowSettings.of(RowParams.of(max_new_tokens=np.ones(40), temperature=t, top_k=np.full(40, 50),
+                                     top_p=np.full(40, 0.9), seed=np.arange(40), repetition_penalty=np.ones(40)),
+                        None, 40)
+    got = select_rows(lg, np.arange(40), 3, rs)
+    greedy = t == 0
+    np.testing.assert_array_equal(got[greedy], lg[greedy].argmax(1))
+    assert (got[~greedy] != lg[~greedy].argmax(1)).any()           # the others do sample
+    # a sampled row draws as the job-wide rule does with its settings
+    for b in np.flatnonzero(~greedy)[:5]:
+        s = SamplingSettings(float(t[b]), 50, float(np.float32(0.9)), int(b))
+        assert got[b] == select_tokens(lg[b:b + 1], [b], 3, s)[0]
+
+
+def test_shared_settings_keep_the_job_wide_kernels():
+    gs = GenerationSettings(sampling=SamplingSettings(0.7, 5, 0.9, 3))
+    assert RowSettings.of(None, gs, 4).shared() is gs.sampling
+    assert RowSettings.of(None, GenerationSettings(repetition_penalty=1.1), 4).shared() is None
+    same = RowParams.of(max_new_tokens=[1, 9], temperature=[0.5, 0.5], top_k=[0, 0], top_p=[1, 1], seed=[4, 4],
+                        repetition_penalty=[1, 1])
+    assert RowSettings.of(same, gs, 2).shared() == SamplingSettings(0.5, 0, 1.0, 4)
+    greedy = RowParams.of(max_new_tokens=[1, 9], temperature=[0, 0], top_k=[0, 7], top_p=[1, 0.5], seed=[4, 5],
+                          repetition_penalty=[1, 1])
+    assert RowSettings.of(greedy, gs, 2).shared().greedy
+    mixed = RowParams.of(max_new_tokens=[1, 9], temperature=[0, 0.5], top_k=[0, 0], top_p=[1, 1], seed=[4, 4],
+                         repetition_penalty=[1, 1])
+    assert RowSettings.of(mixed, gs, 2).shared() is None

@@ -88,3 +88,95 @@ def test_an_exception_is_reported_with_the_chunk_it_happened_in():
 
     err = Loop(Failing(), FakeLink([chunk(7), STOP]), 3).serve()
     assert err["chunk"] == 7 and err["rank"] == 3 and "RuntimeError: boom" in err["error"]
+
+
+class Clock:
+    """The worker's clock, moved on by the backend: 1 ms a decode step."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def monotonic(self):
+        return self.now
+
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, s):
+        self.now += s
+
+
+class DecodingBackend(LoggingBackend):
+    """Each chunk decodes `steps` steps of 1 ms, one pause a step, with `generated` the tokens so far."""
+
+    def __init__(self, clock, steps=2000, rows=4):
+        super().__init__()
+        self.clock, self.steps, self.rows = clock, steps, rows
+
+    def run(self):
+        chunk = self.pending.pop(0)
+        self.log.append(("compute", chunk.chunk_id))
+        for step in range(1, self.steps + 1):
+            self.clock.now += 0.001
+            yield Pause(submit=step == 1, ready=lambda: True, generated=self.rows * step)
+        n = len(chunk.rows)
+        return Completions(chunk.chunk_id, chunk.rows, np.zeros(n + 1, np.int64), np.zeros(0, np.int32),
+                           np.zeros(n, np.uint8))
+
+
+class ReportingLink(FakeLink):
+    def __init__(self, inbox, clock):
+        super().__init__(inbox)
+        self.clock, self.events = clock, []
+
+    def send_result(self, comp, us):
+        super().send_result(comp, us)
+        self.events.append(("result", comp.chunk_id))
+
+    def send_progress(self, chunk_id, tokens):
+        self.events.append(("progress", chunk_id, tokens, self.clock.now))
+
+
+def test_progress_is_reported_within_a_chunk_at_most_every_half_second(monkeypatch):
+    """Two chunks of 2 s each (2,000 decode steps of 1 ms, a pause each): the worker reports the chunk computing and
+    its tokens so far about every REPORT_EVERY seconds, not at every pause, each report before that chunk's
+    result."""
+    from gpt2job.cluster import worker
+    clock = Clock()
+    monkeypatch.setattr(worker, "time", clock)
+    link = ReportingLink([chunk(0), chunk(1), STOP], clock)
+    be = DecodingBackend(clock)
+    assert Loop(be, link, 1).serve() is None
+    assert link.sent == [0, 1]
+    reports = [e for e in link.events if e[0] == "progress"]
+    assert 6 <= len(reports) <= 8, reports                 # 4 s at one report per 0.5 s, not 4,000
+    times = [e[3] for e in reports]
+    assert min(b - a for a, b in zip(times, times[1:])) >= worker.REPORT_EVERY - 1e-9
+    kinds = [e[:2] for e in link.events]
+    for cid in (0, 1):
+        mine = [i for i, e in enumerate(link.events) if e[:2] == ("progress", cid)]
+        assert len(mine) >= 3 and max(mine) < kinds.index(("result", cid))              # within the chunk
+        assert kinds.index(("result", cid - 1)) < min(mine) if cid else True              # not before it began
+        counts = [link.events[i][2] for i in mine]
+        assert counts == sorted(counts) and all(0 < c <= 8000 for c in counts)
+
+
+def test_no_report_without_a_token_count_and_never_a_repeated_one(monkeypatch):
+    """A backend that does not know its count (generated -1) sends nothing; an unchanged count is not sent again."""
+    from gpt2job.cluster import worker
+    clock = Clock()
+    monkeypatch.setattr(worker, "time", clock)
+
+    class Stuck(DecodingBackend):
+        def run(self):
+            chunk = self.pending.pop(0)
+            for step in range(3000):
+                self.clock.now += 0.001
+                yield Pause(submit=False, ready=lambda: True, generated=-1 if step < 1500 else 7)
+            n = len(chunk.rows)
+            return Completions(chunk.chunk_id, chunk.rows, np.zeros(n + 1, np.int64), np.zeros(0, np.int32),
+                               np.zeros(n, np.uint8))
+
+    link = ReportingLink([chunk(3), STOP], clock)
+    Loop(Stuck(clock), link, 1).serve()
+    assert [e[:3] for e in link.events if e[0] == "progress"] == [("progress", 3, 7)]

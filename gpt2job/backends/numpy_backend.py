@@ -2,11 +2,14 @@
 the reference GPT-2 (gpt2job/model/reference.py) and the reference token selection (model/sampling.py)."""
 import numpy as np
 
-from gpt2job.backends import Backend
-from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Completions
+from gpt2job.backends import Backend, Pause
+from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
-from gpt2job.model.sampling import select_tokens
+from gpt2job.model.sampling import RowSettings, select_rows, select_tokens
+from gpt2job.model.stops import StopStrings
 from gpt2job.settings import GenerationSettings
+
+_READY = lambda: True   # noqa: E731  (nothing to wait for on the CPU)
 
 
 class NumpyBackend(Backend):
@@ -18,38 +21,81 @@ class NumpyBackend(Backend):
         self.settings = settings
         self.batch_size = batch_size
 
-    def generate(self, chunk):
+    def run(self):
+        """The oldest submitted chunk, pausing after each micro-batch (the worker reports progress there)."""
+        chunk = self._submitted.popleft()
         prompts = chunk.prompts()
+        rs = RowSettings.of(chunk.params, self.settings, len(prompts))
         token_lists, finish = [], []
         for s in range(0, len(prompts), self.batch_size):
-            t, f = generate_batch(self.params, prompts[s:s + self.batch_size],
-                                  chunk.rows[s:s + self.batch_size], self.settings)
+            part = np.arange(s, min(s + self.batch_size, len(prompts)))
+            t, f = generate_batch(self.params, prompts[s:s + self.batch_size], chunk.rows[part], self.settings,
+                                  rs.take(part))
             token_lists += t
             finish += f
+            yield Pause(submit=True, ready=_READY, generated=sum(len(x) for x in token_lists))
         return Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, finish)
+
+    def generate(self, chunk):
+        self.submit(chunk)
+        steps = self.run()
+        while True:
+            try:
+                next(steps)
+            except StopIteration as done:
+                return done.value
 
     def describe(self):
         return {"backend": self.name, "dtype": "float32", "device": "cpu"}
 
 
-def generate_batch(params, prompts, rows, gs: GenerationSettings):
-    """Reference generation for one batch. Returns (list of generated token lists, list of finish codes)."""
+def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSettings = None):
+    """Reference generation for one batch (rs: each row's settings; None: the job's). Returns (list of generated
+    token lists, list of finish codes). A row leaves the batch when it ends (its limit, a stop token id, a stop
+    string); the rows left compute on."""
     B = len(prompts)
-    cache_len = max(len(p) for p in prompts) + gs.max_new_tokens
-    cache, lengths, logits = reference.prefill(params, prompts, cache_len)   # logits [B, V]
+    rs = RowSettings.of(None, gs, B) if rs is None else rs
+    lens = np.array([len(p) for p in prompts], np.int64)
+    cache_len = int((lens + rs.max_new_tokens).max()) if B else 0
     out = [[] for _ in range(B)]
     finish = [FINISH_LENGTH] * B
-    done = np.zeros(B, dtype=bool)
-    for step in range(gs.max_new_tokens):
-        tok = select_tokens(logits, rows, step, gs.sampling)                # [B]
-        for b in np.flatnonzero(~done):
-            out[b].append(int(tok[b]))
-            if not gs.ignore_eos and tok[b] == gs.eos_token_id:
-                done[b] = True
-                finish[b] = FINISH_STOP
-        if done.all() or step == gs.max_new_tokens - 1:
+    n_max = int(rs.max_new_tokens.max()) if B else 0
+    if n_max <= 0:
+        return out, finish
+    cache, lengths, logits = reference.prefill(params, prompts, cache_len)   # logits [B, V]
+    shared = rs.shared()              # one SamplingSettings for every row (else per-row selection)
+    stop_ids = set(gs.stop_ids())
+    stops = StopStrings.of(rs.stops, gs.vocab_dir, params.config.vocab_size)
+    seen = None                       # [B, V] bool: tokens of the prompt or generated (repetition penalty)
+    if rs.penalized:
+        seen = np.zeros((B, params.config.vocab_size), bool)
+        for b, p in enumerate(prompts):
+            seen[b, np.asarray(p, np.int64)] = True
+        seen &= (rs.penalty != 1)[:, None]
+    act = np.arange(B)                # the rows still in the batch (rows of cache, lengths, logits)
+    row_ids = np.asarray(rows, np.int64)
+    for step in range(n_max):
+        if shared is not None:
+            tok = select_tokens(logits, row_ids[act], step, shared)                          # [A]
+        else:
+            tok = select_rows(logits, row_ids[act], step, rs.take(act), None if seen is None else seen[act])
+        leave = np.zeros(len(act), bool)
+        for i, b in enumerate(act):
+            t = int(tok[i])
+            out[b].append(t)
+            if seen is not None:
+                seen[b, t] = rs.penalty[b] != 1
+            if t in stop_ids:
+                finish[b], leave[i] = FINISH_STOP, True
+            elif stops is not None and stops.feed(b, t):
+                finish[b], leave[i] = FINISH_STOP_STRING, True
+            elif len(out[b]) >= rs.max_new_tokens[b]:
+                leave[i] = True
+        if leave.all():
             break
-        logits = reference.decode_step(params, cache, tok, lengths + step)   # [B, V]
+        if leave.any():   # the rows that ended leave the batch
+            keep = ~leave
+            act, tok, lengths = act[keep], tok[keep], lengths[keep]
+            cache = [(k[keep], v[keep]) for k, v in cache]
+        logits = reference.decode_step(params, cache, tok, lengths + step)   # [A, V]
     return out, finish
-
-

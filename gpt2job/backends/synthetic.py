@@ -3,8 +3,9 @@
 Its tokens are a deterministic function of the prompt and the step (greedy), or of (seed, row, prompt, step) when
 sampling, so that every rule the real backends keep holds here too: a completion never depends on the rank, the
 chunk or the batch it ran in, and identical prompts get identical greedy completions (dedup stays exact). A token
-equal to the model's end-of-text id ends the row ("stop") unless --ignore-eos. The model config (vocabulary size,
-end-of-text id) comes from --model; its weights are never read or generated. It computes millions of tokens per
+equal to the model's end-of-text id (unless --ignore-eos) or to a stop token id ends the row ("stop"); a chunk's
+per-row max_new_tokens apply (its other per-row settings and stop strings do not). The model config (vocabulary
+size, end-of-text id) comes from --model; its weights are never read or generated. It computes millions of tokens per
 second on one core: the master, the journal and the output are what a job with it measures.
 """
 import numpy as np
@@ -50,20 +51,24 @@ class SyntheticBackend(Backend):
 
     def generate(self, chunk):
         gs, s = self.settings, self.settings.sampling
-        b, n = len(chunk.rows), gs.max_new_tokens
+        b = len(chunk.rows)
+        mnt = (np.asarray(chunk.params.max_new_tokens, np.int64) if chunk.params is not None
+               else np.full(b, gs.max_new_tokens, np.int64))                              # [B] each row's limit
+        n = int(mnt.max()) if b else 0
         key = _prompt_keys(chunk.offsets, chunk.tokens)                                     # [B]
         if not s.greedy:   # sampling: the row and the seed matter too, as with the real backends
             key = _mix(key ^ _mix(np.asarray(chunk.rows, np.uint64) ^ _mix(np.full(b, s.seed, np.uint64))))
         steps = np.arange(1, n + 1, dtype=np.uint64)
         toks = (_mix(key[:, None] ^ (steps[None, :] * np.uint64(0xD1B54A32D192ED03))) % np.uint64(self.vocab))
         toks = toks.astype(np.int32)                                                        # [B, n]
-        lengths = np.full(b, n, np.int64)
+        lengths = mnt.copy()
         finish = np.full(b, FINISH_LENGTH, np.uint8)
-        if not gs.ignore_eos:
-            eos = toks == gs.eos_token_id
-            hit = eos.any(axis=1)
+        ids = gs.stop_ids()
+        if ids and n:
+            stop = np.isin(toks, ids) & (np.arange(n)[None, :] < mnt[:, None])               # [B, n]
+            hit = stop.any(axis=1)
             if hit.any():
-                lengths[hit] = eos[hit].argmax(axis=1) + 1          # the stop token is part of the completion
+                lengths[hit] = stop[hit].argmax(axis=1) + 1          # the stop token is part of the completion
                 finish[hit] = FINISH_STOP
         offsets = np.zeros(b + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])

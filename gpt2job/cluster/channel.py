@@ -1,13 +1,19 @@
 """How the master and its workers talk: one small interface, two transports.
 
-Master side (`Channel`): send_chunk, send_stop, poll (every message waiting), wait (idle a moment), flush.
+Master side (`Channel`): send_chunk, send_stop, poll (every message waiting), take_reports (the progress reports
+poll set aside), wait (idle a moment), flush.
   * MpiChannel: the worker ranks 1..N-1. Chunks and results travel as int64 buffers (Isend/Recv; the master
     never blocks on one worker); hello, error and stop are small pickled messages.
   * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.
   * Mux: both at once (a node with more GPUs than worker ranks).
-Worker side (`MasterLink`): receive, send_hello, send_result, send_error, sending, finish, wait_for_stop.
+Worker side (`MasterLink`): receive, send_hello, send_result, send_error, send_progress, in_flight, finish,
+wait_for_stop.
   * MpiMasterLink and QueueMasterLink, the two ends of the above.
-Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info).
+Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info)
+from poll(); and progress reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports():
+kept apart from poll's messages, so that code waiting for results or errors (the end of a job) never mistakes one
+for them. A worker sends at most one every ~0.5 s, never waiting for it (a report the master has not taken yet
+is dropped rather than waited for).
 """
 import queue
 import time
@@ -21,6 +27,8 @@ TAG_STOP = 2      # master -> worker: pickled reason string
 TAG_HELLO = 3     # worker -> master: pickled dict (host, backend, time to ready, preferred chunk size)
 TAG_RESULT = 4    # worker -> master: int64 completions buffer
 TAG_ERROR = 5     # worker -> master: pickled dict (rank, host, chunk, error, traceback)
+TAG_PROGRESS = 6  # worker -> master: int64 [chunk id, tokens of it generated so far]
+MAX_REPORTS_IN_FLIGHT = 4   # a worker with this many progress sends unfinished skips the next report
 
 STOP = object()   # what a worker's receive() returns when the master says stop
 
@@ -51,6 +59,7 @@ class MpiChannel:
         self.sends = []          # (request, buffer, rank) in flight
         self.abandoned = []      # sends to forgotten ranks: never waited for, kept alive for MPI
         self.encoded = {}        # chunk id -> its buffer, encoded ahead of time
+        self.reports = []        # (rank, chunk id, tokens so far) received, not taken yet
 
     def encode_ahead(self, chunks):
         self.encoded.update((c.chunk_id, encode_chunk(c)) for c in chunks)
@@ -79,11 +88,19 @@ class MpiChannel:
                 buf = np.empty(st.Get_count(self.MPI.INT64_T), dtype=np.int64)
                 self.comm.Recv(buf, source=src, tag=TAG_RESULT)
                 msgs.append((src, "result", *decode_completions(buf), time.time()))
+            elif tag == TAG_PROGRESS:
+                buf = np.empty(2, dtype=np.int64)
+                self.comm.Recv(buf, source=src, tag=TAG_PROGRESS)
+                self.reports.append((src, int(buf[0]), int(buf[1])))
             elif tag in (TAG_HELLO, TAG_ERROR):
                 msgs.append((src, "hello" if tag == TAG_HELLO else "error", self.comm.recv(source=src, tag=tag)))
             else:
                 self.comm.recv(source=src, tag=tag)
         return msgs
+
+    def take_reports(self):
+        reports, self.reports = self.reports, []
+        return reports
 
     def progress(self):
         """Move the sends on (a chunk in flight moves only while the master calls into MPI)."""
@@ -115,6 +132,7 @@ class ThreadChannel:
         self.worker = worker_thread
         self.ranks = [0]
         self.held = []           # a message wait() took off the queue, handed out by the next poll()
+        self.reports = []        # progress reports, for take_reports()
 
     def encode_ahead(self, chunks):
         pass
@@ -134,7 +152,13 @@ class ThreadChannel:
             try:
                 msgs.append((0, *self.worker.outbox.get_nowait()))
             except queue.Empty:
-                return msgs
+                break
+        self.reports += [m for m in msgs if m[1] == "progress"]
+        return [m for m in msgs if m[1] != "progress"]
+
+    def take_reports(self):
+        reports, self.reports = [(rank, chunk_id, tokens) for rank, _, chunk_id, tokens in self.reports], []
+        return reports
 
     def progress(self):
         pass
@@ -189,6 +213,9 @@ class Mux:
     def poll(self):
         return [m for c in self.channels for m in c.poll()]
 
+    def take_reports(self):
+        return [r for c in self.channels if hasattr(c, "take_reports") for r in c.take_reports()]
+
     def progress(self):
         for c in self.channels:
             c.progress()
@@ -222,6 +249,7 @@ class MpiMasterLink:
         self.MPI, self.comm = MPI, comm
         self.status = MPI.Status()
         self.sending = None      # (request, buffer) of the result in flight: the next chunk computes meanwhile
+        self.reporting = []      # (request, buffer) of progress reports in flight
 
     def receive(self, block):
         """The next chunk, STOP, or None when nothing is waiting (only when not block)."""
@@ -255,6 +283,15 @@ class MpiMasterLink:
         self.finish()
         buf = encode_completions(comp, compute_us)
         self.sending = (self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf)
+
+    def send_progress(self, chunk_id, tokens):
+        """Tell the master how many tokens of the chunk have been generated so far. Never waits: small, sent
+        without blocking; skipped while earlier reports are still on their way."""
+        self.reporting = [x for x in self.reporting if not x[0].Test()]
+        if len(self.reporting) >= MAX_REPORTS_IN_FLIGHT:
+            return
+        buf = np.array([chunk_id, tokens], dtype=np.int64)
+        self.reporting.append((self.comm.Isend(buf, dest=0, tag=TAG_PROGRESS), buf))
 
     def in_flight(self):
         """Is a result send still in flight? Testing it moves it on (a large message goes out only while this
@@ -294,6 +331,9 @@ class QueueMasterLink:
 
     def send_result(self, comp, compute_us):
         self.outbox.put(("result", comp, compute_us, time.time()))
+
+    def send_progress(self, chunk_id, tokens):
+        self.outbox.put(("progress", chunk_id, tokens))
 
     def in_flight(self):
         return False

@@ -1,12 +1,20 @@
 """The job: rank 0 is the master (cluster/master.py: reads and validates the input, hands out chunks on
 demand, writes results as they arrive); ranks 1..N-1 are workers (cluster/worker.py: one backend each).
-With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py."""
+With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py.
+
+A text or JSONL input (`run prompts.txt OUT`) is converted by the master alone, into OUT.prompts-HASH.h5 next to
+the output (files/prompt_files.py convert_for_run), before anything else is made: the workers never read the input
+(they get token chunks over MPI), so it needs no shared folder beyond the output's own."""
+import dataclasses
+import sys
+
 from gpt2job import envs
 from gpt2job.backends import gpu_count, pycuda_available
 from gpt2job.cluster import faults
 from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi
-from gpt2job.cluster.master import run_master
+from gpt2job.cluster.master import Master, run_master
 from gpt2job.cluster.worker import run_worker
+from gpt2job.files.prompt_files import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.settings import JobSettings
 
 
@@ -34,8 +42,36 @@ def run_job(s: JobSettings):
     fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
-        return run_master(s, None, master_gpu_slot(s, None, 0), fault_plan)
+        return master_with_input(s, None, master_gpu_slot(s, None, 0), fault_plan)
     gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
-        return run_master(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
+        return master_with_input(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
     return run_worker(s, comm, gpu_slot, fault_plan)
+
+
+def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
+    """The master, after converting a text or JSONL input. A refused input releases every worker rank (they are
+    starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
+    kept names it (prompt_files.tidy_conversions)."""
+    converted = created = None
+    try:
+        if is_text_input(s.input):
+            converted, created = convert_for_run(s.input, s.output, log=log)
+            s = dataclasses.replace(s, input=converted)
+    except BaseException:
+        if comm is not None:
+            Master(s, comm).shutdown_workers()
+        raise
+    ok = False
+    try:
+        code = run_master(s, comm, local_slot, fault_plan)
+        ok = True
+        return code
+    finally:
+        if converted:
+            tidy_conversions(s.output, converted, created, ok)
+
+
+def log(msg):
+    sys.stderr.write(f"gpt2job: {msg}\n")
+    sys.stderr.flush()

@@ -19,6 +19,7 @@ from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, group_identical
 from gpt2job.files.prompts import read_prompts, validate
+from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
@@ -80,8 +81,10 @@ class Master(Ending):
             return loaded[0]
 
         self.prompts = read_prompts(s.input, tokenizer)
+        self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
         self.took("read_input")
-        val = validate(self.prompts, cfg.n_positions, cfg.vocab_size, s.max_new_tokens)
+        val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
+                       self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         if val.n_invalid and not s.skip_invalid:
             raise UserError(val.message(s.input), s.input, self.prompts.source,
                             "fix those prompts, lower --max-new-tokens, or pass --skip-invalid to mark them "
@@ -94,16 +97,20 @@ class Master(Ending):
         except UserError as e:
             self.enc = None
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
+        check_job_stops(s, cfg.vocab_size, self.rows, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
                "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
                "settings": s.result_settings()}
+        if self.rows:   # only then: outputs without per-row settings keep their key (and resume)
+            key["row_settings"] = self.rows.key()
         self.took("fingerprint")
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
                  "backend": s.backend, "chunk_size": s.chunk_size}
         self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
-                                 tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir)
+                                 tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir,
+                                 stops=stops_header(s, cfg.eos_token_id, self.rows))
         self.took("open_output")
         if self.store.resumed_rows:
             self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
@@ -112,7 +119,7 @@ class Master(Ending):
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
                                              np.full(len(bad), FINISH_INVALID, np.uint8))])
         todo = np.flatnonzero(~self.store.done)
-        if s.dedup and s.temperature <= 0:
+        if s.dedup and s.temperature <= 0 and self.rows is None:   # per-row settings: rows differ beyond prompts
             # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
             # its copies get the same result. Only among rows not done, so that a resume finishes every row.
             todo, self.copies = group_identical(self.prompts, todo)
@@ -122,17 +129,20 @@ class Master(Ending):
                          "computed once (greedy); --no-dedup computes every one")
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
-                               prefetch=PREFETCH)
+                               prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens)
         self.took("schedule")
         self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
         n_workers = len(self.channel.ranks) or 1
         todo_tokens = int(self.prompts.lengths[todo].sum()) if len(todo) else 0
+        new = f"{s.max_new_tokens} new each" if self.rows is None else \
+            f"{int(self.rows.max_new_tokens[todo].sum()):,} new in all; {self.rows.describe()}" + \
+            ("; no dedup" if s.dedup and s.temperature <= 0 else "")
         self.log(f"starting: {plural(len(todo), 'prompt')} to compute ({plural(todo_tokens, 'prompt token')}, up to "
-                 f"{s.max_new_tokens} new each) of {len(self.prompts)} in {s.input}; "
+                 f"{new}) of {len(self.prompts)} in {s.input}; "
                  f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
                  f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
-    def record(self, w: WorkerState, added, compute_us, t_recv):
+    def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
         """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,
         copies of its prompts excluded; None if nothing was new)."""
         self.t_last = max(self.t_last or 0.0, t_recv)
@@ -144,7 +154,7 @@ class Master(Ending):
         w.chunks += 1
         w.compute_s += compute_us / 1e6
         self.generated += new_tokens
-        self.progress.update(new_rows, new_tokens)
+        self.progress.update(new_rows, new_tokens, chunk_id)   # in place of the chunk's in-chunk reports
 
     def commit(self, block=False):
         """The group commit: once the results submitted last are durable (journal written and synced, in the
@@ -153,8 +163,8 @@ class Master(Ending):
         added = self.store.collect(block)
         if added is None:
             return False
-        for (w, _, us, t_recv), a in zip(self.in_commit, added):
-            self.record(w, a, us, t_recv)
+        for (w, comp, us, t_recv), a in zip(self.in_commit, added):
+            self.record(w, a, us, t_recv, comp.chunk_id)
         self.in_commit = []
         if self.received:
             self.in_commit, self.received = self.received, []
@@ -187,6 +197,10 @@ class Master(Ending):
             polled = time.monotonic()    # every message that came before this is handled next
             for rank, kind, *data in msgs:
                 self.handle(self.workers[rank], kind, *data)
+            for rank, chunk_id, tokens in self.channel.take_reports():   # progress within chunks still out
+                if chunk_id in self.workers[rank].outstanding:
+                    out = self.workers[rank].outstanding[chunk_id]
+                    self.progress.report(chunk_id, tokens, len(out.chunk.rows), out.new_tokens)
             self.commit()
             if polled - last_check > 0.5:    # hung workers, finished sends: however busy the master is
                 last_check = polled
@@ -259,11 +273,11 @@ class Master(Ending):
                 return
             if self.t_start is None:
                 self.t_start = time.time()
+                self.progress.begin()
             if w.first_sent is None:
                 w.first_sent = time.time()
             self.channel.send_chunk(w.rank, chunk)
-            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(),
-                                                        len(chunk.rows) * self.s.max_new_tokens)
+            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(), self.sched.new_tokens(chunk))
             trace(f"master: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) to rank {w.rank}")
 
     def retire(self, w, why):
@@ -271,6 +285,7 @@ class Master(Ending):
         self.channel.forget(w.rank)
         for out in w.outstanding.values():
             self.sched.give_back(out.chunk)
+            self.progress.drop(out.chunk.chunk_id)
         w.outstanding = {}
         for other in self.live():
             if other.ready and self.dispatching:

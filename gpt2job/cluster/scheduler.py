@@ -14,7 +14,7 @@ from gpt2job.settings import DEFAULT_CHUNK
 class Outstanding:
     chunk: Chunk
     sent_at: float
-    new_tokens: int      # upper bound of tokens to generate (rows x max_new_tokens)
+    new_tokens: int      # upper bound of tokens to generate (the sum of its rows' max_new_tokens)
 
 
 @dataclass
@@ -50,8 +50,10 @@ class WorkerState:
 
 class Scheduler:
     def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
-                 prefetch=2):
+                 prefetch=2, row_settings=None, max_new_tokens=16):
         self.prompts = prompts
+        self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
+        self.max_new_tokens = max_new_tokens
         lengths = prompts.lengths[rows]
         # longest prompts first: homogeneous chunks (little padding) and the long tail early
         self.queue = rows[np.argsort(-lengths, kind="stable")].astype(np.int64)   # rows not yet handed out
@@ -110,9 +112,16 @@ class Scheduler:
             offsets, tokens = np.arange(len(rows) + 1, dtype=np.int64) * w, self.prompts.tokens.reshape(-1, w)[rows]
         else:
             offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, rows)
-        chunk = Chunk(self.next_id, rows, offsets, tokens.reshape(-1).astype(np.int32, copy=False))
+        params = self.row_settings.params(rows) if self.row_settings is not None else None
+        chunk = Chunk(self.next_id, rows, offsets, tokens.reshape(-1).astype(np.int32, copy=False), params)
         self.next_id += 1
         return chunk
+
+    def new_tokens(self, chunk):
+        """The most tokens a chunk can generate: its rows' own max_new_tokens, or the job's for each."""
+        if chunk.params is not None:
+            return int(chunk.params.max_new_tokens.sum(dtype=np.int64))
+        return len(chunk.rows) * self.max_new_tokens
 
     def give_back(self, chunk):
         """A chunk whose worker failed: first in line for the next worker."""

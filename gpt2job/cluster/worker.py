@@ -2,8 +2,10 @@
 
 The worker owns its loop. The backend computes a chunk as a generator (Backend.run) that pauses wherever the
 host would wait for the device; at each pause the worker does its own work: it takes in the chunks that
-arrived and submits them (their preparation and upload overlap the compute), and moves its last result send
-on. The same loop runs in an MPI worker rank and in the master's own worker thread; only the link differs."""
+arrived and submits them (their preparation and upload overlap the compute), moves its last result send
+on, and at most every REPORT_EVERY seconds tells the master how many tokens of the chunk it has generated so far
+(Pause.generated: progress within a chunk, for the master's progress line; a send that never waits). The same loop
+runs in an MPI worker rank and in the master's own worker thread; only the link differs."""
 import queue
 import socket
 import threading
@@ -20,6 +22,7 @@ from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings
 
 PREFETCH = 2            # chunks submitted at once: the next one is uploaded before the current one ends
+REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker (decode steps are ~1 ms)
 
 
 def build_backend(s: JobSettings, gpu_slot):
@@ -51,6 +54,8 @@ class Loop:
         self.backend, self.link, self.rank = backend, link, rank
         self.waiting, self.in_flight = deque(), deque()
         self.stopping = False
+        self.last_report = time.monotonic()   # the first report comes REPORT_EVERY after the loop starts
+        self.reported = None                  # (chunk id, tokens) of the last report
 
     def take(self, block, limit):
         """Take every message waiting (block: wait for one when there is nothing to compute), then submit chunks
@@ -82,8 +87,20 @@ class Loop:
                 return done.value
             if pause.submit:       # the device computes: chunks submitted now upload meanwhile
                 self.take(block=False, limit=PREFETCH)
+            if pause.generated > 0:
+                self.report(pause.generated)
             while not pause.ready() and self.link.in_flight():
                 time.sleep(0.0002)
+
+    def report(self, generated):
+        """Progress within the chunk computing (the oldest submitted), at most every REPORT_EVERY seconds."""
+        now = time.monotonic()
+        if now - self.last_report < REPORT_EVERY or not self.in_flight:
+            return
+        here = (self.in_flight[0], int(generated))
+        if here != self.reported:
+            self.last_report, self.reported = now, here
+            self.link.send_progress(*here)
 
     def serve(self):
         """Compute until told to stop. Returns None after STOP, or the error report of the exception that ended

@@ -5,7 +5,8 @@ their next tool:
      "text_exact": true}
 
 `prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
-output is still there; `completion`/`text_exact` when the output has text; every other per-row dataset of the
+output is still there; `completion`/`text_exact` when the output has text; `stop_reason` (after `finish_reason`)
+when the job used stop strings or stop token ids; every other per-row dataset of the
 output that holds one value or one list per row (log-probabilities, sample indices, ...) is exported under its
 own name. Rows are read in blocks: any size of output exports in bounded memory. The file is written beside its
 final name and renamed into place, so a failed export leaves no half file."""
@@ -19,7 +20,7 @@ from gpt2job.errors import UserError, plural
 from gpt2job.files.h5files import contents, open_readable
 
 BLOCK = 1 << 15
-BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length")
+BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason")
 
 
 def _text(x):
@@ -81,6 +82,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                         continue
                     cols = {"completion_tokens": f["completion_tokens"][a:b],
                             "finish_reason": f["finish_reason"][a:b]}
+                    if "stop_reason" in f:
+                        cols["stop_reason"] = f["stop_reason"][a:b]
                     if "completions" in f:
                         cols["completion"] = f["completions"][a:b]
                         cols["text_exact"] = f["text_exact"][a:b]
@@ -96,6 +99,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                             rec["completion"] = _text(cols["completion"][i])
                         rec["completion_tokens"] = _plain(cols["completion_tokens"][i])
                         rec["finish_reason"] = _text(cols["finish_reason"][i])
+                        if "stop_reason" in cols:
+                            rec["stop_reason"] = _text(cols["stop_reason"][i])
                         if "text_exact" in cols:
                             rec["text_exact"] = bool(cols["text_exact"][i])
                         for k in extra:

@@ -4,7 +4,7 @@ import json
 
 import numpy as np
 
-from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, Completions
+from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
 
 BLOCK_ROWS = 1 << 20
 
@@ -42,7 +42,7 @@ def h5_has_completed_rows(path):
 def records_from_h5(path):
     """The completed rows of an unfinished output that has no journal, as Completions of up to BLOCK_ROWS rows."""
     import h5py
-    codes = {v: k for k, v in FINISH_NAMES.items()}
+    codes = {v: k for k, v in FINISH_NAMES.items() if k != FINISH_STOP_STRING}    # "stop": see stop_codes
     with h5py.File(path, "r") as f:
         for a in range(0, len(f["done"]), BLOCK_ROWS):
             done = np.flatnonzero(f["done"][a:a + BLOCK_ROWS] == 1)
@@ -50,5 +50,19 @@ def records_from_h5(path):
                 continue
             toks = f["completion_tokens"][a:a + BLOCK_ROWS]
             reasons = f["finish_reason"][a:a + BLOCK_ROWS]
-            finish = [codes.get(r.decode() if isinstance(r, bytes) else r, 0) for r in reasons[done]]
+            finish = np.array([codes.get(r.decode() if isinstance(r, bytes) else r, 0) for r in reasons[done]],
+                              np.uint8)
+            if "stop_reason" in f:
+                stop_codes(finish, [toks[i] for i in done], f["stop_reason"][a:a + BLOCK_ROWS][done])
             yield Completions.from_lists(-1, done + a, [toks[i] for i in done], finish)
+
+
+def stop_codes(finish, tokens, stop_reason):
+    """"stop" is two codes: FINISH_STOP (the last token is EOS or a stop token id: stop_reason "" or that id) and
+    FINISH_STOP_STRING (stop_reason the stop string). finish (uint8, FINISH_STOP for both) is set in place from each
+    row's stop_reason and last token."""
+    for k in np.flatnonzero(finish == FINISH_STOP).tolist():
+        r = stop_reason[k]
+        r = r.decode("utf-8", "replace") if isinstance(r, bytes) else str(r)
+        if r and not (len(tokens[k]) and r == str(int(tokens[k][-1]))):
+            finish[k] = FINISH_STOP_STRING

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from gpt2job.chunks import FINISH_NAMES, Completions
+from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
@@ -66,10 +66,11 @@ def check_room(path, need, allocated=0):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
 
-def make_header(path, n, key, attrs, text, vocab_dir, flush_interval):
-    """What a writer needs to create the output (JSON-able): the prompt lengths travel beside it."""
+def make_header(path, n, key, attrs, text, vocab_dir, flush_interval, stops=None):
+    """What a writer needs to create the output (JSON-able): the prompt lengths travel beside it. stops: the job's
+    stops (row_settings.stops_header), None when it has none."""
     return {"path": path, "n": int(n), "key": key, "attrs": attrs, "text": bool(text), "vocab_dir": vocab_dir,
-            "flush_interval": flush_interval}
+            "flush_interval": flush_interval, "stops": stops}
 
 
 def create_output(header, prompt_lengths):
@@ -87,6 +88,8 @@ def create_output(header, prompt_lengths):
                 f.create_dataset("text_exact", (n,), dtype=np.uint8)
             f.create_dataset("done", (n,), dtype=np.uint8)
             f.create_dataset("finish_reason", (n,), dtype=FINISH_DTYPE)
+            if header.get("stops"):     # only a job with stops: other outputs stay as they were
+                f.create_dataset("stop_reason", (n,), dtype=vstr)
             f.create_dataset("prompt_length", data=np.asarray(prompt_lengths).astype(np.int32))
             for k, v in {**header["key"], **header["attrs"]}.items():
                 f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
@@ -117,6 +120,12 @@ def finish_output(f, summary):
         os.close(fd)
 
 
+def stop_table(header):
+    """The StopTable a writer cuts text with and names stop reasons from, or None (the job has no stops)."""
+    from gpt2job.files.row_settings import stop_table_of
+    return stop_table_of(header)
+
+
 def token_text(header):
     """The TokenText a writer decodes with, or None (no text)."""
     if not header["text"]:
@@ -131,16 +140,19 @@ def token_text(header):
 class RowWriter:
     """Writes Completions into an open output file (h5py.File), every dataset of the rows at once."""
 
-    def __init__(self, f, text=None):
+    def __init__(self, f, text=None, stops=None):
         from h5py import h5t
-        self.f, self.text = f, text
+        self.f, self.text, self.stops = f, text, stops     # stops: a row_settings.StopTable, or None
         self.vint = h5t.vlen_create(h5t.NATIVE_INT32)
         self.vstr = h5t.C_S1.copy()
         self.vstr.set_size(h5t.VARIABLE)
         self.vstr.set_cset(h5t.CSET_UTF8)
         self.names = np.array([FINISH_NAMES[k].encode() for k in range(max(FINISH_NAMES) + 1)], FINISH_DTYPE)
-        self.ds = {k: f[k].id for k in ("completion_tokens", "completions", "text_exact", "done", "finish_reason")
-                   if k in f}
+        self.ds = {k: f[k].id for k in ("completion_tokens", "completions", "text_exact", "done", "finish_reason",
+                                         "stop_reason") if k in f}
+        if "stop_reason" not in self.ds:
+            self.stops = None
+        self.cut = self.stops is not None and self.text is not None and (self.stops.per_row or self.stops.job)
         self.text = text if "completions" in self.ds else None
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
@@ -164,27 +176,59 @@ class RowWriter:
         pairs["len"] = np.diff(offsets)
         pairs["ptr"] = np.uint64(tokens.ctypes.data) + (offsets[:-1] * 4).astype(np.uint64)
         p["completion_tokens"] = pairs
+        hits = {}                               # row index -> the stop string its text was cut before
         if self.text is not None:
             ptrs, exact = np.empty(n, np.uint64), np.empty(n, np.uint8)
             for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
                 b = min(n, a + TEXT_ROWS)
                 o = offsets[a:b + 1]
-                buf, starts, ok = self.text.batch_text(o - o[0], tokens[o[0]:o[-1]], finish[a:b])
+                oo, tt = o - o[0], tokens[o[0]:o[-1]]
+                buf, starts, ok = self.text.batch_text(oo, tt, finish[a:b])
+                if self.cut:
+                    from gpt2job.files.text import cut_rows
+                    buf, starts, ok, cut = cut_rows(self.text.enc, (buf, starts, ok), oo, tt, finish[a:b],
+                                                    lambda k: self.stops.of(int(rows[a + k])))
+                    hits.update((a + k, v) for k, v in cut.items())
                 p["keep"].append(buf)
                 ptrs[a:b] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
                 exact[a:b] = ok
             p["completions"], p["text_exact"] = ptrs, exact
         p["finish_reason"] = self.names[finish]
+        if self.stops is not None:
+            p["stop_reason"] = self._reasons(offsets, tokens, finish, hits, p["keep"])
         p["done"] = np.ones(n + len(copy_rows), np.uint8)
         all_rows = np.concatenate([rows, copy_rows]) if len(copy_rows) else rows
         order = np.argsort(all_rows, kind="stable")
-        for k in ("completion_tokens", "completions", "text_exact", "finish_reason"):   # a copy: its source's pointers
+        for k in ("completion_tokens", "completions", "text_exact", "finish_reason", "stop_reason"):   # a copy: its
+            # source's pointers
             if k in p:
                 p[k] = (np.concatenate([p[k], p[k][copy_src]]) if len(copy_rows) else p[k])[order]
         p["n"], p["rows"] = len(all_rows), np.asarray(all_rows, np.uint64)[order].reshape(-1, 1)
         # what the file may grow by, generously: HDF5 stores each variable-length element with a header of its own
         p["bytes"] = 2 * (128 * p["n"] + 4 * len(tokens) + sum(len(b) for b in p["keep"][1:])) + (64 << 10)
         return p
+
+    def _reasons(self, offsets, tokens, finish, hits, keep):
+        """stop_reason pointers [n] (vLLM's stop_reason): the stop string a row's text was cut before, a stop token
+        id (not EOS) as decimal text for a row that ended at one, "" otherwise."""
+        reasons = dict(hits)
+        at_id = np.flatnonzero((finish == FINISH_STOP) & (np.diff(offsets) > 0))
+        if len(at_id) and self.stops.ids:
+            for k, t in zip(at_id.tolist(), tokens[offsets[at_id + 1] - 1].tolist()):
+                if k not in reasons:
+                    reasons[k] = self.stops.id_reason(t)
+        # a stop string whose text was not cut (no tokenizer here, or the match is not in the decoded text): the
+        # row's own strings' first match is unknown; "" says so
+        words = sorted(set(reasons.values()) - {""})
+        blob = b"".join(w.encode("utf-8") + b"\0" for w in words) + b"\0"
+        buf = np.frombuffer(blob, np.uint8)
+        keep.append(buf)
+        where = dict(zip(words, np.cumsum([0] + [len(w.encode("utf-8")) + 1 for w in words[:-1]]).tolist()))
+        ptrs = np.full(len(finish), np.uint64(buf.ctypes.data) + np.uint64(len(blob) - 1), np.uint64)
+        for k, w in reasons.items():
+            if w:
+                ptrs[k] = np.uint64(buf.ctypes.data) + np.uint64(where[w])
+        return ptrs
 
     def _unallocated(self):
         """Bytes HDF5 allocates at the first write to a dataset (its whole contiguous storage)."""
@@ -202,7 +246,7 @@ class RowWriter:
             space.select_elements(p["rows"])
             mem = h5s.create_simple((p["n"],))
             for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
-                                ("finish_reason", None), ("done", None)):   # done last
+                                ("finish_reason", None), ("stop_reason", self.vstr), ("done", None)):   # done last
                 if name in p:
                     self.ds[name].write(mem, space, p[name], mtype)
 
@@ -269,7 +313,8 @@ class WriterThread(threading.Thread):
         try:
             f = create_output(self.header, self.prompt_lengths)
             self.prompt_lengths = None
-            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header))
+            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header),
+                               stop_table(self.header))
             last_flush, dirty = time.monotonic(), False
             while True:
                 with self.cond:

@@ -15,9 +15,12 @@ HDF5 layout (row i answers prompt i):
   text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;
                                       0 when invalid UTF-8 or NUL had to be replaced by U+FFFD
   done               uint8      [N]   1 when the row is complete
-  finish_reason      S7         [N]   "length", "stop", "invalid" ("" while not done); fixed-length ASCII since
+  finish_reason      S7         [N]   "length", "stop" (EOS, a stop id or a stop string), "invalid" ("" while not
+                                      done); fixed-length ASCII since
                                       format 2 (gpt2job_format 1: vlen str)
   prompt_length      int32      [N]
+  stop_reason        vlen str   [N]   only in jobs with stops: the stop string the text was cut before, a stop token
+                                      id (not EOS) as decimal text, "" otherwise (vLLM's stop_reason)
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
@@ -55,7 +58,7 @@ class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 
     def __init__(self, path, n_rows, key, prompt_lengths, attrs=None, tokenizer=None, overwrite=False,
-                 flush_interval=2.0, vocab_dir=None):
+                 flush_interval=2.0, vocab_dir=None, stops=None):
         self.path = os.path.abspath(path)
         self.attrs = attrs or {}
         self.journal_path = self.path + JOURNAL_SUFFIX
@@ -65,6 +68,7 @@ class OutputStore:
         self.enc = tokenizer
         self.text = TokenText(tokenizer) if tokenizer is not None else None
         self.vocab_dir = vocab_dir     # where a writer process loads the same tokenizer
+        self.stops = stops             # the job's stops for the writer (row_settings.stops_header), or None
         self.flush_interval = flush_interval
         self.done = np.zeros(n_rows, dtype=bool)
         self.writer = None
@@ -193,7 +197,7 @@ class OutputStore:
         """The writer that creates the output file and writes its rows: a thread of this process for small jobs, a
         process of its own for large ones (files/writer.py; GPT2JOB_WRITER chooses)."""
         header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
-                             self.flush_interval)
+                             self.flush_interval, self.stops)
         kind = envs.get("GPT2JOB_WRITER")
         if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
             from gpt2job.files.writer import WriterProcess

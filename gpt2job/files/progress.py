@@ -24,34 +24,81 @@ def fmt_duration(s):
 
 
 class Progress:
+    """The job's progress in prompts and generated tokens, as it happens. Completed chunks count once durable
+    (update); a chunk still computing counts with the tokens its worker reported so far (report: every ~0.5 s per
+    worker), replaced by its real count when its result counts (update with its chunk id) and dropped when the chunk
+    goes to another worker (drop). The percentage is the share of the work done: rows done, plus a running chunk's
+    rows in proportion to its tokens so far over its most tokens; it reaches 100% only with every row done.
+    Lines are printed at most every `interval` seconds (0.2 s on a terminal, as a bar); close() prints the last one,
+    always."""
+
     def __init__(self, total, already=0, interval=10.0, stream=None):
         self.total = total
         self.done = already
         self.already = already
-        self.tokens = 0
+        self.tokens = 0            # tokens of the results counted
+        self.running = {}          # chunk id -> (tokens so far, its rows, its most tokens): chunks still computing
         self.stream = stream or sys.stderr
         self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = 0.2 if self.tty else interval
         self.start = time.monotonic()
         self.last = 0.0
+        self.shown = None          # (done, generated) of the last line printed
 
-    def update(self, rows, tokens):
+    def begin(self):
+        """Work is handed out: the rates and the ETA count from now, not from the job's start-up."""
+        self.start = time.monotonic()
+
+    @property
+    def generated(self):
+        """Tokens generated so far: the results counted and the reports of the chunks still computing."""
+        return self.tokens + sum(t for t, _, _ in self.running.values())
+
+    def fraction(self):
+        if not self.total:
+            return 1.0
+        partial = sum(rows * min(t, most) / most for t, rows, most in self.running.values() if most > 0)
+        f = (self.done + partial) / self.total
+        return min(f, 0.999) if self.done < self.total else 1.0
+
+    def report(self, chunk_id, tokens, rows, most):
+        """A worker's report from within a chunk: `tokens` of its `rows` prompts reached the host (at most
+        `most`). A later report of the chunk replaces an earlier one."""
+        if tokens >= 0:
+            self.running[chunk_id] = (int(tokens), int(rows), int(most))
+            self.tick()
+
+    def drop(self, chunk_id):
+        """The chunk left its worker (retired): what it reported does not count."""
+        self.running.pop(chunk_id, None)
+
+    def update(self, rows, tokens, chunk_id=None):
+        """A result counts (durable): its new rows and tokens, in place of the chunk's reports."""
+        self.running.pop(chunk_id, None)
         self.done += rows
         self.tokens += tokens
+        self.tick()
+
+    def tick(self):
         now = time.monotonic()
         if now - self.last >= self.interval:
             self.last = now
             self.show(now)
 
-    def show(self, now=None):
+    def line(self, now=None):
         now = time.monotonic() if now is None else now
         el = max(now - self.start, 1e-9)
-        rate = self.tokens / el
-        rows_rate = (self.done - self.already) / el
-        eta = (self.total - self.done) / rows_rate if rows_rate > 0 else None
-        pct = 100.0 * self.done / self.total if self.total else 100.0
-        text = (f"{self.done}/{self.total} prompts ({pct:.1f}%), {rate:,.0f} tokens/s, "
-                f"elapsed {fmt_duration(el)}, ETA {fmt_duration(eta)}")
+        generated = self.generated
+        f = self.fraction()
+        gained = f - (self.already / self.total if self.total else 0.0)
+        eta = el * (1.0 - f) / gained if gained > 0 else None
+        pct = 100.0 * f
+        return pct, (f"{self.done}/{self.total} prompts ({pct:.1f}%), {plural(generated, 'token')} generated, "
+                     f"{generated / el:,.0f} tokens/s, elapsed {fmt_duration(el)}, ETA {fmt_duration(eta)}")
+
+    def show(self, now=None):
+        pct, text = self.line(now)
+        self.shown = (self.done, self.generated)
         if self.tty:
             width = 30
             filled = int(width * pct / 100)
@@ -61,8 +108,11 @@ class Progress:
         self.stream.flush()
 
     def close(self):
-        """The last line, always (a log ends with the final count, 100% when the job finished)."""
-        self.show()
+        """The last line, always (a log ends with the final count, 100% when the job finished), unless the line
+        just printed says the same."""
+        self.running.clear()
+        if self.shown != (self.done, self.generated):
+            self.show()
         if self.tty:
             self.stream.write("\n")
             self.stream.flush()

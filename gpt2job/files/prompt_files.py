@@ -84,24 +84,9 @@ def _write_error(output, e):
     return UserError(f"cannot write ({reason})", output, "output", fix)
 
 
-def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
+def _write_h5(output, tmp, texts, tokens, attrs):
+    """Write the input HDF5 file at tmp, then move it to output (atomic: a reader sees the old file or the new)."""
     import h5py
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise UserError("folder does not exist", output, "output", f"create {out_dir} first")
-    if os.path.isdir(output):
-        raise UserError("is a folder", output, "output", "give a file name, e.g. prompts.h5")
-    if source.endswith(".bin") or tokens_per_row:
-        texts, tokens = None, read_int32_file(source, tokens_per_row)
-    else:
-        texts, tokens = read_prompt_file(source)
-    if os.path.exists(output) and not overwrite:
-        raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
-    if texts is not None and tokenize:
-        from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
-        enc = load_tokenizer(vocab_dir_from(vocab_dir))
-        tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
-    tmp = output + ".tmp"
     try:
         with h5py.File(tmp, "w") as f:
             if texts is not None:
@@ -112,7 +97,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
                 ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
                 for i, t in enumerate(tokens):
                     ds[i] = np.asarray(t, np.int32)
-            f.attrs["source"] = os.path.abspath(source)
+            f.attrs.update(attrs)
         os.replace(tmp, output)
     except (OSError, RuntimeError) as e:
         try:
@@ -120,8 +105,157 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         except OSError:
             pass
         raise _write_error(output, e)
+
+
+def _check_output_folder(output, field="output", example="prompts.h5"):
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise UserError("folder does not exist", output, field, f"create {out_dir} first")
+    if os.path.isdir(output):
+        raise UserError("is a folder", output, field, f"give a file name, e.g. {example}")
+
+
+def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
+    _check_output_folder(output)
+    if source.endswith(".bin") or tokens_per_row:
+        texts, tokens = None, read_int32_file(source, tokens_per_row)
+    else:
+        texts, tokens = read_prompt_file(source)
+    if os.path.exists(output) and not overwrite:
+        raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
+    if texts is not None and tokenize:
+        from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
+        enc = load_tokenizer(vocab_dir_from(vocab_dir))
+        tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
+    _write_h5(output, output + ".tmp", texts, tokens, {"source": os.path.abspath(source)})
     n = len(texts) if texts is not None else len(tokens)
     kind = "text prompt" if texts is not None else "token prompt"
     dataset = "prompts" if texts is not None else "prompt_tokens"
     print(f"gpt2job: wrote {plural(n, kind)} ('{dataset}') to {output}")
     return 0
+
+
+# ---------------------------------------------------------------- `run` on a text or JSONL file
+
+TEXT_EXTENSIONS = (".txt", ".jsonl", ".ndjson")     # `run` converts these on the fly (read_prompt_file's rules)
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
+CONVERSION = 1                                      # bump when read_prompt_file's rules change what it makes
+INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
+             "a .jsonl file")
+
+
+def is_text_input(path):
+    """Does `run` convert this input first? Decided by the extension; an input that is neither a text file nor
+    HDF5 (by its signature, whatever its extension) is refused here with one line. A missing file or an
+    HDF5-named one is left to the HDF5 reader, which names what is wrong with it."""
+    low = str(path).lower()
+    if low.endswith(TEXT_EXTENSIONS):
+        return True
+    if low.endswith(HDF5_EXTENSIONS) or not os.path.isfile(path) or _has_hdf5_signature(path):
+        return False
+    if low.endswith(".bin"):
+        raise UserError("a raw int32 token file is not run directly", path, "input",
+                        f"convert it first: python -m gpt2job prompts {path} in.h5 --tokens-per-row T")
+    ext = os.path.splitext(low)[1]
+    raise UserError(f"is not an HDF5 file, and its extension ({ext or 'none'}) is not .txt or .jsonl", path,
+                    "input", INPUT_FIX)
+
+
+def _has_hdf5_signature(path):
+    """The HDF5 signature at offset 0, 512, 1024, ... (a user block may precede it)."""
+    sig, offset = b"\x89HDF\r\n\x1a\n", 0
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            while offset + len(sig) <= size:
+                f.seek(offset)
+                if f.read(len(sig)) == sig:
+                    return True
+                offset = 512 if offset == 0 else 2 * offset
+    except OSError:
+        return False
+    return False
+
+
+def converted_path(output, digest):
+    """Where `run SOURCE OUTPUT` puts SOURCE's prompts: OUTPUT.prompts-HASH.h5, HASH from SOURCE's bytes."""
+    return f"{output}.prompts-{digest.split(':')[-1][:12]}.h5"
+
+
+def convert_for_run(source, output, log=None):
+    """The input HDF5 for `run SOURCE OUTPUT` with a text or JSONL SOURCE, next to the output (the master's node
+    writes it; the workers get token chunks, never the input). The same rules and errors as the `prompts` command,
+    checked before anything is written. Its name holds a hash of SOURCE's bytes: the same SOURCE reuses it (a rerun
+    resumes the output), a changed SOURCE gets a file of its own (and the output's resume check refuses it as a
+    changed input, while the output's own input stays as it was). Written atomically. Returns (its path, whether
+    this call wrote it)."""
+    import hashlib
+    import tempfile
+    log = log or (lambda msg: None)
+    _check_output_folder(output, example="out.h5")
+    texts, tokens = read_prompt_file(source)        # every check of the `prompts` command, before any write
+    if not (texts or tokens):
+        raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
+    with open(source, "rb") as f:
+        digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    target = converted_path(output, digest)
+    what = plural(len(texts) if texts is not None else len(tokens), "text prompt" if texts is not None else
+                  "token prompt")
+    old = _conversion_attrs(target) if os.path.exists(target) else None
+    if old is not None and old.get("source_sha256") == digest and old.get("gpt2job_conversion") == CONVERSION:
+        log(f"{what} of {source}: unchanged, read from {target}")
+        return target, False
+    if os.path.isdir(target):
+        raise UserError("is a folder", target, "input", f"remove it: `run` converts {source} there")
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(target)))
+    os.close(fd)
+    _write_h5(target, tmp, texts, tokens, {"source": os.path.abspath(source), "source_sha256": digest,
+                                           "gpt2job_conversion": CONVERSION})
+    log(f"{what} of {source} converted to {target}")
+    return target, True
+
+
+def conversions_of(output):
+    """The files convert_for_run made for this output (any version of its source)."""
+    import glob
+    return [p for p in glob.glob(glob.escape(str(output)) + ".prompts-*.h5") if _conversion_attrs(p) is not None]
+
+
+def output_input(output):
+    """The input an output file records (its 'input' attribute, an absolute path), or None."""
+    import h5py
+    try:
+        with h5py.File(output, "r") as f:
+            v = f.attrs.get("input")
+            return v.decode() if isinstance(v, bytes) else v
+    except (OSError, RuntimeError, ValueError):
+        return None
+
+
+def tidy_conversions(output, converted, created, ok):
+    """After `run` on a text input: a job that ended well keeps its conversion and drops those of earlier versions of
+    the source that the output no longer names; a failed one removes the conversion it wrote unless the output (an
+    earlier job's, kept) names it (one it found, it leaves: another run of the same command may be using it).
+    Nothing left this way blocks or changes a later run."""
+    if not ok and not created:
+        return
+    named = output_input(output) if os.path.exists(output) else None
+    for p in conversions_of(output) if ok else [converted]:
+        if os.path.abspath(p) != named and (not ok or os.path.abspath(p) != os.path.abspath(converted)):
+            try:
+                os.remove(p)
+            except OSError:
+                pass
+
+
+def _conversion_attrs(path):
+    """The attributes convert_for_run recorded in path, or None when path is something else."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            if "source_sha256" not in f.attrs:
+                return None
+            return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
+    except (OSError, RuntimeError, ValueError):
+        return None

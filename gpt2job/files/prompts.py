@@ -242,10 +242,14 @@ class Validation:
 
 
 def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
-    """Flag empty prompts, prompts too long to leave room for max_new_tokens (settings.max_prompt_length), ids
-    outside the vocabulary."""
+    """Flag empty prompts, prompts too long to leave room for max_new_tokens (settings.max_prompt_length: the job's,
+    or an int array [N], each row's own from the input's per-row settings), ids outside the vocabulary."""
     lengths = prompts.lengths                                                   # [N]
-    limit = max_prompt_length(n_positions, max_new_tokens)
+    per_row = np.ndim(max_new_tokens) > 0
+    if per_row:   # max_prompt_length of each row, as arrays
+        limit = n_positions - np.maximum(np.asarray(max_new_tokens, np.int64), 1) + 1
+    else:
+        limit = max_prompt_length(n_positions, max_new_tokens)
     empty = lengths == 0
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)
@@ -256,10 +260,12 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
             bad = np.flatnonzero(tok[a:a + step].view(np.uint32) >= vocab_size)   # a negative id is huge as uint32
             if len(bad):
                 bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
+    long_reason = ("too long for the room their own max_new_tokens leaves (n_positions "
+                   f"{n_positions} - max_new_tokens + 1)" if per_row else
+                   f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)")
     reasons = {
         "empty": np.flatnonzero(empty),
-        f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)":
-            np.flatnonzero(too_long),
+        long_reason: np.flatnonzero(too_long),
         f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok),
     }
     return Validation(empty | too_long | bad_tok, reasons)

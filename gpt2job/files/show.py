@@ -24,6 +24,7 @@ def show(path, start=0, limit=10):
                   + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
         stop = min(n, start + limit)
         has_text = "completions" in f
+        stop_reason = f["stop_reason"] if "stop_reason" in f else None
         for i in range(start, stop):
             if not done[i]:
                 print(f"[{i}] (not done)")
@@ -36,5 +37,9 @@ def show(path, start=0, limit=10):
                 text = f["completions"][i]
                 text = text.decode() if isinstance(text, bytes) else text
                 line += f"  {text!r}" + ("" if f["text_exact"][i] else " (lossy: see completion_tokens)")
+            why = stop_reason[i] if stop_reason is not None else b""
+            why = why.decode("utf-8", "replace") if isinstance(why, bytes) else why
+            if why:
+                line += f"  (stop_reason {why!r})"
             print(line)
     return 0

@@ -2,21 +2,35 @@
 (built once from the tokenizer), the rows' bytes are gathered with NumPy, and UTF-8 validity is checked per row with
 NumPy too. Only rows that are not exact (invalid UTF-8, a NUL byte, a token the tokenizer does not know) are decoded
 one by one, by row_text, which is the definition: batch_text gives exactly what row_text gives for every row.
+
+Stop strings: the text of a row that stopped (FINISH_STOP_STRING, or FINISH_STOP with stop strings) ends before the
+earliest occurrence of any of its stop strings (vLLM's output: the stop string is not part of the text). Such rows
+take the slow path (cut_rows), row by row.
 """
 import codecs
 
 import numpy as np
 
-from gpt2job.chunks import FINISH_STOP, take_ragged
+from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING, take_ragged
 
 
-def row_text(enc, tokens, finish):
-    """Decoded text of one row (without a stop token) and whether it is exact (no replacement needed)."""
+def row_text(enc, tokens, finish, stops=()):
+    """Decoded text of one row (without a stop token; cut before its first stop string when it stopped) and whether
+    it is exact (no replacement needed)."""
+    text, exact, _ = row_text_stop(enc, tokens, finish, stops)
+    return text, exact
+
+
+def row_text_stop(enc, tokens, finish, stops=()):
+    """row_text's (text, exact), and the stop string the text was cut before (None when not cut)."""
     toks = tokens[:-1] if finish == FINISH_STOP and len(tokens) else tokens
     try:
         raw = enc.decode_bytes([int(t) for t in toks])
     except (KeyError, ValueError, OverflowError):
-        return "", False
+        return "", False, None
+    hit = None
+    if stops and finish in (FINISH_STOP, FINISH_STOP_STRING):
+        raw, hit = cut_at_stop(raw, stops)
     try:
         text = raw.decode("utf-8")
         exact = True
@@ -24,7 +38,19 @@ def row_text(enc, tokens, finish):
         text, exact = raw.decode("utf-8", errors="replace"), False
     if "\x00" in text:  # HDF5 strings cannot hold NUL
         text, exact = text.replace("\x00", "\ufffd"), False
-    return text, exact
+    return text, exact, hit
+
+
+def cut_at_stop(raw, stops):
+    """(raw before the earliest occurrence of any of the stop strings, that stop string) or (raw, None). The search
+    is on the bytes, so a stop string split across tokens (or within one) is found; at one place the first listed
+    wins."""
+    at, hit = len(raw) + 1, None
+    for s in stops:
+        i = raw.find(s.encode("utf-8"))
+        if 0 <= i < at:
+            at, hit = i, s
+    return (raw[:at], hit) if hit is not None else (raw, None)
 
 
 class TokenText:
@@ -95,6 +121,31 @@ class TokenText:
         if len(redo):
             starts[redo] = len(buf) + np.append(0, np.flatnonzero(rep == 0)[:-1] + 1)
         return out, starts, ~slow
+
+
+def cut_rows(enc, text, offsets, tokens, finish, stops_of):
+    """Rows of a batch_text result (text = (buffer, starts, exact)) whose text a stop string cuts, redone by
+    row_text_stop: stops_of(b) gives row b's stop strings. -> (buffer, starts, exact, {b: the stop string}); the
+    redone rows' text goes after the buffer."""
+    buf, starts, exact = text
+    finish = np.asarray(finish)
+    extra, hits, at = [], {}, len(buf)
+    starts, exact = starts.copy(), exact.copy()
+    for b in np.flatnonzero((finish == FINISH_STOP) | (finish == FINISH_STOP_STRING)).tolist():
+        stops = stops_of(b)
+        if not stops:
+            continue
+        t, ok, hit = row_text_stop(enc, tokens[offsets[b]:offsets[b + 1]], int(finish[b]), stops)
+        if hit is None:
+            continue
+        hits[b] = hit
+        piece = t.encode("utf-8") + b"\0"
+        extra.append(piece)
+        starts[b], exact[b] = at, ok
+        at += len(piece)
+    if extra:
+        buf = np.concatenate([buf, np.frombuffer(b"".join(extra), np.uint8)])
+    return buf, starts, exact, hits
 
 
 def _invalid_rows(buf, starts, inner):

@@ -68,3 +68,25 @@ def report_validation(output, expected_path, tolerance, out=sys.stdout):
         out.write(f"gpt2job:   first mismatch: row {row}, token {pos}: got {got}, expected {want}\n")
     out.flush()
     return 0 if ok else EXIT_VALIDATION_FAILED
+
+
+def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, out=sys.stdout):
+    """`gpt2job validate IN`: every check `run` makes of an input file before work starts, without running it: the
+    prompts (empty, too long for the model's positions and each row's max_new_tokens, ids outside the vocabulary)
+    and the per-row settings datasets (files/row_settings.py). Raises the UserError `run` would; 0 when it is fine."""
+    from gpt2job.errors import plural
+    from gpt2job.files.prompts import read_prompts, validate
+    from gpt2job.files.row_settings import read_row_settings
+    from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
+    from gpt2job.model.weights import load_config
+    from gpt2job.settings import JobSettings
+    cfg = load_config(model)
+    prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir_from(vocab_dir)))
+    rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
+    val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
+    if val.n_invalid:
+        raise UserError(val.message(path), path, prompts.source, "fix those prompts, or run with --skip-invalid")
+    out.write(f"gpt2job: {path}: {plural(len(prompts), 'prompt')} ('{prompts.source}')"
+              + (f", {rows.describe()}" if rows else "") + f": valid for {model} (n_positions {cfg.n_positions}, "
+              f"vocabulary {cfg.vocab_size})\n")
+    return 0

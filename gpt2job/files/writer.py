@@ -4,7 +4,8 @@ file finished. In its own interpreter it never takes the GIL from the master's l
 two threads: one reads and prepares the rows (NumPy, text), the other makes the HDF5 calls.
 
 The master sends messages on the writer's stdin: a kind byte, a little-endian uint64 length, the payload:
-  H  the header (JSON, h5write.make_header)        P  the prompt lengths (int32 bytes)
+  H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
+     file it names, not sent)                      P  the prompt lengths (int32 bytes)
   R  results: journal record bytes (files/journal.py), the very bytes the master has made durable
   S  sync: answer "synced" once everything before it is written and flushed
   F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
@@ -191,7 +192,8 @@ def _error_line(e):
 def main(parent):
     _die_with_parent(parent)
     import numpy as np
-    from gpt2job.files.h5write import BATCH_ROWS, RowWriter, concat, create_output, finish_output, token_text
+    from gpt2job.files.h5write import (BATCH_ROWS, RowWriter, concat, create_output, finish_output, stop_table,
+                                       token_text)
     from gpt2job.files.journal import records_of
     out = sys.stdout
     todo = queue.Queue(maxsize=4)       # prepared batches (BATCH_ROWS rows at most) for the HDF5 thread
@@ -229,7 +231,7 @@ def main(parent):
         header = json.loads(h)
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
-        writer = RowWriter(f, token_text(header))
+        writer = RowWriter(f, token_text(header), stop_table(header))   # per-row stops: read from the input
         thread = threading.Thread(target=hdf5, args=(writer, f, header["flush_interval"]), daemon=True)
         thread.start()
         end = b"C"

@@ -12,10 +12,15 @@ Rules for one row of logits l (float32, [V]):
      reaches top_p * (kept sum); its smallest p is the threshold t; keep the tokens with p >= t.
   5. u = uniform(seed, row, step) in [0, 1); walk the kept tokens in index order and return the first
      whose running sum exceeds u * (kept sum).
+Per-row settings and the repetition penalty (applied first, to the raw logits): RowSettings, select_rows.
 """
+from dataclasses import dataclass
+from typing import Optional
+
 import numpy as np
 
-from gpt2job.settings import SamplingSettings
+from gpt2job.chunks import RowParams
+from gpt2job.settings import GenerationSettings, SamplingSettings
 
 MASK64 = (1 << 64) - 1
 
@@ -57,9 +62,128 @@ def select_tokens(logits, rows, step, s: SamplingSettings):
         return np.argmax(logits, axis=-1).astype(np.int64)       # [B]
     out = np.empty(len(rows), dtype=np.int64)
     for b, row in enumerate(rows):
-        p = kept_probs(logits[b], s)                             # [V]
-        c = np.cumsum(p)                                         # [V], index order
-        u = uniform(s.seed, int(row), step)
-        # c is flat across dropped tokens, so the first index past u * total is always a kept one
-        out[b] = min(int(np.searchsorted(c, u * c[-1], side="right")), p.size - 1)
+        out[b] = _draw(kept_probs(logits[b], s), s.seed, row, step)
     return out
+
+
+def _draw(p, seed, row, step):
+    """The token u = uniform(seed, row, step) picks from kept probabilities p [V] (rule 5)."""
+    c = np.cumsum(p)                                             # [V], index order
+    u = uniform(int(seed), int(row), int(step))
+    # c is flat across dropped tokens, so the first index past u * total is always a kept one
+    return min(int(np.searchsorted(c, u * c[-1], side="right")), p.size - 1)
+
+
+# ---------------------------------------------------------------- per-row settings and the repetition penalty
+#
+# A chunk may carry per-row settings (chunks.RowParams); the rows of one batch then select with their own
+# temperature / top-k / top-p / seed (temperature <= 0: the argmax) and their own repetition penalty, applied to the
+# raw logits first (transformers' RepetitionPenaltyLogitsProcessor): for every token id in the row's prompt or
+# generated so far, l = l * p if l < 0 else l / p, in float32. The tokens a row has seen are a bitmap per row,
+# uint32 words [rows, ceil(V / 32)], bit t % 32 of word t // 32 for token t (the GPU keeps the same one).
+
+
+@dataclass
+class RowSettings:
+    """Every row's generation settings, resolved: the chunk's RowParams, else the job's. Arrays [B]."""
+    max_new_tokens: np.ndarray   # [B] int64 >= 1 (a job may ask 0: then every row is 0)
+    temperature: np.ndarray      # [B] float64, <= 0: greedy
+    top_k: np.ndarray            # [B] int32, 0: off
+    top_p: np.ndarray            # [B] float64
+    seed: np.ndarray             # [B] uint64
+    penalty: np.ndarray          # [B] float32, 1: off
+    stops: tuple                 # [B] tuples of str
+    job: Optional[SamplingSettings] = None   # the job's sampling settings, when every row uses them (no RowParams)
+
+    @classmethod
+    def of(cls, params: Optional[RowParams], gs: GenerationSettings, B):
+        if params is None:
+            s = gs.sampling
+            return cls(np.full(B, gs.max_new_tokens, np.int64), np.full(B, s.temperature, np.float64),
+                       np.full(B, s.top_k, np.int32), np.full(B, s.top_p, np.float64),
+                       np.full(B, s.seed & MASK64, np.uint64), np.full(B, gs.repetition_penalty, np.float32),
+                       (tuple(gs.stop),) * B, s)
+        return cls(np.asarray(params.max_new_tokens, np.int64), np.asarray(params.temperature, np.float64),
+                   np.asarray(params.top_k, np.int32), np.asarray(params.top_p, np.float64),
+                   np.asarray(params.seed, np.int64).astype(np.uint64),
+                   np.asarray(params.repetition_penalty, np.float32), tuple(params.stops(b) for b in range(B)))
+
+    def take(self, idx):
+        """Rows idx, in that order."""
+        idx = np.asarray(idx, np.int64)
+        return RowSettings(self.max_new_tokens[idx], self.temperature[idx], self.top_k[idx], self.top_p[idx],
+                           self.seed[idx], self.penalty[idx], tuple(self.stops[i] for i in idx), self.job)
+
+    @property
+    def penalized(self):
+        return bool((self.penalty != 1).any())
+
+    def shared(self):
+        """The SamplingSettings every row selects with when they all share one and no row is penalized (the
+        job-wide kernels then serve the batch), else None (the per-row selection)."""
+        if self.penalized:
+            return None
+        if self.job is not None:
+            return self.job
+        if not len(self.temperature) or (self.temperature <= 0).all():
+            return SamplingSettings()
+        cols = (self.temperature, self.top_k, self.top_p, self.seed)
+        if all((c == c[0]).all() for c in cols):
+            return SamplingSettings(float(cols[0][0]), int(cols[1][0]), float(cols[2][0]), int(cols[3][0]))
+        return None
+
+
+def seen_words(V):
+    """uint32 words of a row of the seen-tokens bitmap."""
+    return (V + 31) // 32
+
+
+def mark_seen(bits, tok, seq, seq_base):
+    """Twin of sampling.cu mark_seen, in place: bits [S, W] uint32; token tok[i] seen by row seq[i] - seq_base."""
+    tok = np.asarray(tok, np.int64)                                        # [n]
+    s = np.asarray(seq, np.int64) - seq_base                               # [n]
+    np.bitwise_or.at(bits, (s, tok >> 5), (np.uint32(1) << (tok & 31).astype(np.uint32)))
+
+
+def seen_mask(bits, V):
+    """bits [S, W] uint32 -> [S, V] bool."""
+    b8 = np.ascontiguousarray(bits, np.uint32).astype("<u4").view(np.uint8)          # [S, 4 W]
+    return np.unpackbits(b8, axis=1, bitorder="little")[:, :V].astype(bool)
+
+
+def penalize(logits, seen, penalty):
+    """transformers' repetition penalty: logits [B, V] float32, seen [B, V] bool, penalty [B] float32 ->
+    [B, V] float32: l * p where l < 0, else l / p, on the seen tokens only."""
+    lg = np.asarray(logits, np.float32)
+    p = np.asarray(penalty, np.float32)[:, None]                           # [B, 1]
+    return np.where(seen, np.where(lg < 0, lg * p, lg / p), lg).astype(np.float32)
+
+
+def select_rows(logits, rows, step, rs: RowSettings, seen=None):
+    """Per-row selection: logits [B, V] float32 of rows with settings rs ([B]), rows [B] input row indices, seen
+    [B, V] bool (None: no penalty) -> [B] int64. Row b: the penalty, then the argmax (temperature <= 0) or rules
+    2-5 with its own temperature / top-k / top-p / seed."""
+    if seen is not None:
+        logits = penalize(logits, seen, rs.penalty)                        # [B, V]
+    out = np.empty(len(rows), dtype=np.int64)
+    for b, row in enumerate(rows):
+        if rs.temperature[b] <= 0:
+            out[b] = int(np.argmax(logits[b]))
+            continue
+        s = SamplingSettings(float(rs.temperature[b]), int(rs.top_k[b]), float(rs.top_p[b]), int(rs.seed[b]))
+        out[b] = _draw(kept_probs(logits[b], s), s.seed, row, step)
+    return out
+
+
+def sample_rows_params(logits, rows, seqidx, step, seed, temperature, top_k, top_p, penalty, bits, seq_base):
+    """Twin of sampling.cu sample_rows_params: logits [R, V] float32; logits row r is sequence q = seqidx[r], whose
+    settings are seed/temperature/top_k/top_p/penalty[q] ([Q] each) and input row rows[q]; bits [S, W] uint32
+    (seen tokens of sequence q: row q - seq_base; None: no penalty) -> [R] int64."""
+    q = np.asarray(seqidx, np.int64)                                       # [R]
+    rs = RowSettings(np.zeros(len(q), np.int64), np.asarray(temperature, np.float64)[q],
+                     np.asarray(top_k, np.int32)[q], np.asarray(top_p, np.float64)[q],
+                     np.asarray(seed, np.uint64)[q], np.asarray(penalty, np.float32)[q], ((),) * len(q))
+    seen = None
+    if bits is not None:
+        seen = seen_mask(bits, logits.shape[1])[q - seq_base] & (rs.penalty != 1)[:, None]   # [R, V]
+    return select_rows(logits, np.asarray(rows, np.int64)[q], step, rs, seen)

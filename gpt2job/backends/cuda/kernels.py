@@ -383,3 +383,18 @@ class Kernels:
             self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step),
                         np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
                         np.float64(top_p), out, R)
+
+    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiPi", 1024)
+
+    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R):
+        """Each row its own settings and penalty: sel (rows.RowSel) holds their device arrays and seen bitmap."""
+        if R:
+            self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), sel.seed,
+                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, out, R)
+
+    MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
+
+    def mark_seen(self, stream, tok, seq, n, seq_base, bits, words):
+        """bits[seq[i] - seq_base, tok[i] // 32] |= 1 << tok[i] % 32, i < n (the penalty's seen tokens)."""
+        if n:
+            self.launch(self.MARK_SEEN, ((n + 255) // 256, 1, 1), stream, tok, seq, n, seq_base, bits, words)

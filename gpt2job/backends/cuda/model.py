@@ -247,12 +247,16 @@ class Model:
         self.p.logits(hl, self.head_w, logits, m, self.V, self.cfg.n_embd, self.Vpad)
         return logits
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None):
         """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
-        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step)."""
+        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step). sel (rows.RowSel):
+        each row's own settings and penalty, on the materialised logits (sampling is then unused)."""
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
         for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
+            if sel is not None:
+                k.sample_params(st, self._logits(hl, m), Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
+                continue
             tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sampling.greedy else None
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn

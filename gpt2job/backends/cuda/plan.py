@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.chunks import Chunk, Completions
+from gpt2job.chunks import Chunk, Completions, take_ragged
 from gpt2job.errors import UserError
 from gpt2job.settings import max_prompt_length
 
@@ -13,11 +13,18 @@ PREFILL_TILE_ROWS = 16   # query rows per attention_prefill tile (the kernel's A
 
 
 def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
-    """Every prompt has a token, fits the model's positions with max_new_tokens more, and every token id is in the
-    vocabulary; else a UserError."""
+    """Every prompt has a token, fits the model's positions with max_new_tokens more (an int, or [B]: each row's
+    own), and every token id is in the vocabulary; else a UserError."""
     if len(lens) and lens.min() < 1:
         raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
-    if len(lens) and int(lens.max()) > max_prompt_length(n_positions, max_new_tokens):
+    if np.ndim(max_new_tokens):   # settings.max_prompt_length of each row
+        mnt = np.asarray(max_new_tokens, np.int64)
+        over = np.flatnonzero(lens > n_positions - np.maximum(mnt, 1) + 1)
+        if len(over):
+            b = int(over[0])
+            raise UserError(f"prompt length {int(lens[b])} + {int(mnt[b])} new tokens exceeds the model's "
+                            f"{n_positions} positions", None, "max_new_tokens", "use shorter prompts or fewer tokens")
+    elif len(lens) and int(lens.max()) > max_prompt_length(n_positions, max_new_tokens):
         raise UserError(f"prompt length {int(lens.max())} + {max_new_tokens} new tokens exceeds the model's "
                         f"{n_positions} positions", None, "max_new_tokens", "use shorter prompts or fewer tokens")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
@@ -28,8 +35,11 @@ def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
 class Layout:
     """What a chunk uploads, its prompts in the order they run (the share plan's, else the chunk's): int32 words
     tokens[T] pos[T] seq[T] last[B] arange[B] (pad to 8 bytes), then rows int64[B], then the prefill attention
-    tiles int32[NT, 2] (8-byte aligned), then the shared-prefix copies int32[E, 3]. T counts the computed tokens
-    (a shared prefix is computed once)."""
+    tiles int32[NT, 2] (8-byte aligned), then the shared-prefix copies int32[E, 3]; with per-row selection (sel, a
+    sampling.RowSettings in run order) then (8-byte aligned) seed uint64[B] temperature float64[B] top_p float64[B]
+    top_k int32[B] penalty float32[B], and with a penalty every prompt's tokens int32[TP] and their prompt
+    int32[TP] (all of them: the shared prefixes too; the seen-tokens bitmap is set from them). T counts the
+    computed tokens (a shared prefix is computed once)."""
     B: int
     T: int
     lens: np.ndarray        # [B] prompt lengths
@@ -44,13 +54,20 @@ class Layout:
     copies: np.ndarray      # [E, 3] int32 shared-prefix key/value rows {dst, src, pos}
     copy_off: np.ndarray    # [B+1] prompt b's copies: copy_off[b]..copy_off[b+1]
     n32: int                # int32 words before rows
+    sel: object = None      # sampling.RowSettings in run order (None: the job's settings, no per-row part)
+    ptok: np.ndarray = None     # [TP] int32 every prompt token, run order (penalty only)
+    ptok_off: np.ndarray = None  # [B+1] prompt b's: ptok[ptok_off[b]:ptok_off[b+1]]
 
     @classmethod
-    def of(cls, offsets, lens, tokens, rows, share, tiles):
+    def of(cls, offsets, lens, tokens, rows, share, tiles, sel=None):
         """The layout of prompts (prompt b: tokens[offsets[b]:offsets[b+1]], lens[b] of them, answering input row
         rows[b]), with share a prefix_share.SharePlan (or None: every token computed, the chunk's order) and tiles:
-        whether the prefill attention kernel runs (else no tiles)."""
+        whether the prefill attention kernel runs (else no tiles); sel: the per-row settings, run order."""
         B = len(rows)
+        ptok = ptok_off = None
+        if sel is not None and sel.penalized:
+            ptok_off, ptok = take_ragged(offsets, tokens, share.perm if share is not None else np.arange(B))
+            ptok = ptok.astype(np.int32)
         if share is not None:   # the plan's order; offsets/T/tokens from here on count computed tokens only
             rows, lens, offsets = rows[share.perm], share.lens, share.offsets
             tokens, pos_of_tok, seq_of_tok = share.tokens, share.positions, share.seq
@@ -69,7 +86,7 @@ class Layout:
         n32 = 3 * T + 2 * B
         n32 += n32 & 1
         return cls(B, T, lens, offsets, tokens, pos_of_tok, seq_of_tok, last, rows, tiles, tile_off, copies, copy_off,
-                   n32)
+                   n32, sel, ptok, ptok_off)
 
     # byte offsets of the parts
     @property
@@ -85,8 +102,19 @@ class Layout:
         return 4 * self.n32 + 8 * self.B + 8 * len(self.tiles)
 
     @property
+    def at_params(self):
+        """seed[B] at_params, temperature[B] + 8 B, top_p[B] + 16 B, top_k[B] + 24 B, penalty[B] + 28 B."""
+        n = self.at_copies + 12 * len(self.copies)
+        return n + (-n) % 8 if self.sel is not None else n
+
+    @property
+    def at_ptok(self):
+        """every prompt token [TP] at_ptok, their prompt [TP] + 4 TP."""
+        return self.at_params + (32 * self.B if self.sel is not None else 0)
+
+    @property
     def nbytes(self):
-        return self.at_copies + 12 * len(self.copies)
+        return self.at_ptok + (8 * len(self.ptok) if self.ptok is not None else 0)
 
     def write(self, host):
         """Write the upload into host (uint8, at least nbytes)."""
@@ -99,7 +127,18 @@ class Layout:
         h32[3 * T + B:3 * T + 2 * B] = np.arange(B, dtype=np.int32)
         host[self.at_rows:self.at_tiles].view(np.int64)[:] = self.rows
         host[self.at_tiles:self.at_copies].view(np.int32)[:] = self.tiles.reshape(-1)
-        host[self.at_copies:self.nbytes].view(np.int32)[:] = self.copies.reshape(-1)
+        host[self.at_copies:self.at_copies + 12 * len(self.copies)].view(np.int32)[:] = self.copies.reshape(-1)
+        if self.sel is not None:
+            rs, a = self.sel, self.at_params
+            for i, (arr, t) in enumerate(((rs.seed, np.uint64), (rs.temperature, np.float64), (rs.top_p, np.float64))):
+                host[a + 8 * i * B:a + 8 * (i + 1) * B].view(t)[:] = arr
+            host[a + 24 * B:a + 28 * B].view(np.int32)[:] = rs.top_k
+            host[a + 28 * B:a + 32 * B].view(np.float32)[:] = rs.penalty
+        if self.ptok is not None:
+            TP, a = len(self.ptok), self.at_ptok
+            host[a:a + 4 * TP].view(np.int32)[:] = self.ptok
+            host[a + 4 * TP:a + 8 * TP].view(np.int32)[:] = np.repeat(np.arange(B, dtype=np.int32),
+                                                                      np.diff(self.ptok_off))
 
 
 def prefill_passes(offsets, b0, b1, max_rows):
@@ -211,14 +250,15 @@ def preferred_chunk(chunk, head_rows_asked, head_rows):
 
 
 def split_chunk(chunk):
-    """The chunk's prompts in two halves (its order, its chunk_id): [first half, second half]."""
+    """The chunk's prompts in two halves (its order, its chunk_id, its rows' params): [first half, second half]."""
     B = len(chunk.rows)
     offsets = np.asarray(chunk.offsets, np.int64)
     parts = []
     for a, b in ((0, B // 2), (B // 2, B)):
         t0, t1 = int(offsets[a]), int(offsets[b])
+        params = chunk.params.take(np.arange(a, b)) if chunk.params is not None else None
         parts.append(Chunk(chunk.chunk_id, np.asarray(chunk.rows[a:b], np.int64), offsets[a:b + 1] - t0,
-                           np.asarray(chunk.tokens[t0:t1], np.int32)))
+                           np.asarray(chunk.tokens[t0:t1], np.int32), params))
     return parts
 
 

@@ -61,12 +61,13 @@ def lexicographic(offsets, tokens):
     return perm, lcp
 
 
-def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
+def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     """The share plan of a chunk (prompt b: tokens[offsets[b]:offsets[b+1]]), or None when it would save less
     than min_saving of the prefill tokens, or when its order needs more KV groups than the chunk's own order (a
     group's cache is as long as its longest prompt, and the lexicographic order mixes lengths: more groups mean
     smaller decode batches). groups_of(lens) -> [(b0, b1)]: the KV groups for prompts of these lengths in this
-    order (plan.kv_groups)."""
+    order (plan.kv_groups); with extra ([B] int, chunk order: each prompt's new tokens, when they differ),
+    groups_of gets the prompts' lengths + extra in that order instead."""
     offsets = np.asarray(offsets, np.int64)
     tokens = np.asarray(tokens, np.int32)
     lens0 = np.diff(offsets)
@@ -78,8 +79,13 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING):
     skip = np.minimum(lcp, lens - 1)
     if skip.sum() < min_saving * lens.sum():
         return None
-    groups = groups_of(lens)
-    if len(groups) > len(groups_of(lens0)):
+    if extra is None:
+        groups = groups_of(lens)
+        ungrouped = groups_of(lens0)
+    else:
+        extra = np.asarray(extra, np.int64)
+        groups, ungrouped = groups_of(lens + extra[perm]), groups_of(lens0 + extra)
+    if len(groups) > len(ungrouped):
         return None
     for b0, _ in groups:
         skip[b0] = 0

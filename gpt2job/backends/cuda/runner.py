@@ -10,7 +10,7 @@ Per chunk:
   * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the GPU,
     so each step is launched before the previous step's tokens reach the host (one token id per row downloaded,
     logits never leave the GPU). A sequence that stopped is dropped from the step after next.
-  * KV cache: per layer [slots, S, C] for K and V, S = longest prompt + max_new_tokens of the group. Sequences are
+  * KV cache: per layer [slots, S, C] for K and V, S = the group's longest prompt + its own max_new_tokens. Sequences are
     grouped (plan.kv_groups: even groups) so that the cache fits the KV budget (plan.memory_plan).
   * out of memory (an allocation fails during a chunk, or when it is submitted): the runner waits for the GPU, frees
     its buffers, halves its sizes (the KV budget, prefill rows, head rows; not below their floors) and computes the
@@ -32,10 +32,12 @@ from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.device import Upload
 from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
                                         size_floors, split_chunk)
-from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
+from gpt2job.backends.cuda.rows import RowPlan, group_sel
+from gpt2job.chunks import FINISH_LENGTH, Chunk, Completions
+from gpt2job.model.sampling import RowSettings
 from gpt2job.settings import GenerationSettings
 
-COMPUTING = Pause(submit=True, ready=lambda: True)   # the GPU computes: the worker may submit chunks now
+_READY = lambda: True   # noqa: E731  (the GPU computes: the worker may submit chunks now)
 
 
 @dataclass
@@ -50,6 +52,7 @@ class ChunkPlan:
     groups: Optional[list]            # the share plan's KV groups (None: the runner's own)
     perm: Optional[np.ndarray]        # the share plan's order of the chunk's prompts (None: the chunk's order)
     shared_tokens: int                # prompt tokens not computed (shared prefixes)
+    rows: RowPlan                     # each row's settings (run order) and the host's checks of its tokens
     phases: List[Any] = field(default_factory=list)   # (kind, start event, end event) of prefill / decode steps
     last_down: Optional[tuple] = None                   # (start, end) events of the last token download
 
@@ -153,12 +156,15 @@ class Runner:
         offsets = np.asarray(chunk.offsets, np.int64)
         lens = np.diff(offsets)
         tokens = np.asarray(chunk.tokens, np.int32)
-        check_prompts(lens, tokens, cfg.n_positions, cfg.vocab_size, settings.max_new_tokens)
+        rs = RowSettings.of(chunk.params, settings, B)
+        check_prompts(lens, tokens, cfg.n_positions, cfg.vocab_size,
+                      settings.max_new_tokens if chunk.params is None else rs.max_new_tokens)
         rows = np.asarray(chunk.rows, np.int64)
         sp = None
-        if share and B > 1 and settings.max_new_tokens > 0:
-            sp = prefix_share.plan(offsets, tokens, lambda ls: self.kv_groups(ls, settings.max_new_tokens))
-        lay = Layout.of(offsets, lens, tokens, rows, sp, self.model.prefill_attn)
+        if share and B > 1 and (rs.max_new_tokens > 0).any():   # KV groups by each row's length + new tokens
+            sp = prefix_share.plan(offsets, tokens, lambda need: self.kv_groups(need, 0), extra=rs.max_new_tokens)
+        rp = RowPlan(rs.take(sp.perm) if sp is not None else rs, settings, cfg.vocab_size)
+        lay = Layout.of(offsets, lens, tokens, rows, sp, self.model.prefill_attn, rp.rs if rp.per_row else None)
         u = self.dev.take_upload(lay.nbytes)
         lay.write(u.host)
         ev0, ev1 = drv.Event(), drv.Event()
@@ -169,7 +175,7 @@ class Runner:
         u.done_evt = ev1
         return ChunkPlan(chunk, settings, lay, u, (ev0, ev1), sp.groups if sp is not None else None,
                          sp.perm if sp is not None else None,
-                         int(chunk.offsets[-1]) - lay.T if sp is not None else 0)
+                         int(chunk.offsets[-1]) - lay.T if sp is not None else 0, rp)
 
     def submit(self, chunk, settings):
         self.pending.append(self._plan(chunk, settings))
@@ -238,16 +244,16 @@ class Runner:
         return join_completions(chunk, parts)
 
     def _run(self, plan):
-        drv, gs, lay = self.dev.drv, plan.settings, plan.layout
+        drv, rp, lay = self.dev.drv, plan.rows, plan.layout
         chunk, B = plan.chunk, lay.B
-        out = np.zeros((B, max(gs.max_new_tokens, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
+        out = np.zeros((B, max(rp.n_max, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
         gen = np.zeros(B, np.int64)
         finish = np.full(B, FINISH_LENGTH, np.uint8)
         self.dev.compute.wait_for_event(plan.ev_up[1])
         ev_c0 = drv.Event()
         ev_c0.record(self.dev.compute)
-        if B and gs.max_new_tokens > 0:
-            groups = plan.groups or self.kv_groups(lay.lens, gs.max_new_tokens)
+        if B and rp.n_max > 0:
+            groups = plan.groups or self.kv_groups(lay.lens + rp.mnt, 0)
             for b0, b1 in groups:
                 yield from self._run_group(plan, b0, b1, out, gen, finish)
         ev_c1 = drv.Event()
@@ -295,31 +301,33 @@ class Runner:
             yield pb0, pb1, r0, x
 
     def _run_group(self, plan, b0, b1, out, gen, finish):
-        drv, dev, model, gs = self.dev.drv, self.dev, self.model, plan.settings
-        sampling, lens = gs.sampling, plan.layout.lens
+        drv, dev, model, rp = self.dev.drv, self.dev, self.model, plan.rows
+        sampling, lens, mnt = rp.shared, plan.layout.lens, rp.mnt
         ns = b1 - b0
-        S = int(lens[b0:b1].max()) + gs.max_new_tokens
+        S = int((lens[b0:b1] + mnt[b0:b1]).max())   # each row's prompt and new tokens
+        n_max = int(mnt[b0:b1].max())
         kv = self._kv_cache(ns, S)
         tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in self.decode_buffers(ns)]
         dev.step_buffers(ns)
         ev_p0 = drv.Event()
         ev_p0.record(dev.compute)
+        sel = group_sel(self.k, dev, rp, plan.layout, int(plan.upload.dev), b0, b1, model.V)
+        kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
-                         tok_dev + 4 * (pb0 - b0), sampling)
-        yield COMPUTING                    # the prefill runs on the GPU: the next chunk may upload meanwhile
+                         tok_dev + 4 * (pb0 - b0), sampling, **kw)
+        yield Pause(True, _READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
         # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
         # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
         # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
-        # batch from step s+1 on (its next input gathered on the GPU).
-        eos = gs.eos_token_id
+        # batch from step s+1 on (its next input gathered on the GPU); so does a row at its own max_new_tokens.
         alive = np.ones(ns, bool)           # row b0 + i has not stopped (as far as the host knows)
         flight = (0, np.arange(b0, b1), dev.download_tokens(tok_dev, ns, 0), ev_p0)   # (step, rows, download, start)
-        for step in range(1, gs.max_new_tokens + 1):
+        for step in range(1, n_max + 1):
             nxt = None
-            if step < gs.max_new_tokens:
+            if step < n_max:
                 prev_rows = flight[1]
-                keep = alive[prev_rows - b0]
+                keep = alive[prev_rows - b0] & (mnt[prev_rows] > step)
                 rows = prev_rows[keep]
                 n = len(rows)
                 if n:
@@ -336,13 +344,15 @@ class Runner:
                     if gather:
                         p_tok = tok_dev + 4 * ns
                         self.k.gather_tokens(dev.compute, tok_dev, sdev + 8 * n, p_tok, n)
+                    if sel is not None and sel.seen:   # the penalty's seen tokens: this step's input ones
+                        self.k.mark_seen(dev.compute, p_tok, sdev + 4 * n, n, b0, sel.seen, sel.words)
                     x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
-                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling)
-                    yield COMPUTING
+                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw)
+                    yield Pause(True, _READY, int(gen.sum()))
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
             # the previous step's tokens reach the host (the step just launched computes meanwhile)
             pstep, prows, (e0, e1, host), start = flight
-            yield Pause(submit=False, ready=e1.query)
+            yield Pause(submit=False, ready=e1.query, generated=int(gen.sum()))
             e1.synchronize()
             plan.last_down = (e0, e1)
             plan.phases.append(("prefill" if pstep == 0 else "decode", start, e1))
@@ -351,10 +361,7 @@ class Runner:
             prows, tok = prows[live], tok[live]
             out[prows, pstep] = tok
             gen[prows] = pstep + 1
-            if not gs.ignore_eos:
-                stop = tok == eos
-                finish[prows[stop]] = FINISH_STOP
-                alive[prows[stop] - b0] = False
+            alive[prows[rp.check(prows, tok, finish)] - b0] = False   # stop ids, stop strings
             if nxt is None:
                 break
             flight = nxt

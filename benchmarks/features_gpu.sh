@@ -1,0 +1,50 @@
+#!/bin/bash
+# The checks of the per-row settings / stops / repetition penalty work on a GPU machine, in one call; a short table
+# last. Run from an archived tree beside the old one (see RESULTS.md):
+#   source .device/on-device.sh && bash benchmarks/features_gpu.sh
+# Stages (each time-boxed, each in its own processes; logs under $OUT/logs):
+#   tests     the GPU tests of the new kernels and paths, and the regression subset of the earlier GPU tests
+#   vs-hf     benchmarks/features_check.py: our cuda fp32 backend against transformers fp32 generate (GPT-2 124M
+#             shapes, seeded weights) on each feature; JSON lines to $OUT/features.jsonl
+#   ab        benchmarks/ab_trees.py --features against $OLD: W1/W2 speed and tokens with none of the options (the
+#             >= 97% check), and the mixed-settings workload against W2 fp16 (>= 85%)
+#   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
+# Knobs: STAGES (tests,vs-hf,ab,profile), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+OUT=${OUT:-$PWD/bench-out}
+mkdir -p "$OUT/logs"
+STAGES=${STAGES:-tests,vs-hf,ab,profile}
+OLD=${OLD:-../.old}
+REPEATS=${REPEATS:-2}
+declare -A RC
+has() { case ",$STAGES," in *",$1,"*) return 0;; esac; return 1; }
+stage() {   # stage NAME SECONDS CMD...
+    local name=$1 secs=$2; shift 2
+    local t=$(date +%s)
+    echo "=== $name (limit ${secs}s) $(date +%T)"
+    timeout -k 10 "$secs" "$@" > "$OUT/logs/$name.log" 2>&1
+    RC[$name]=$?
+    grep -v -e "^PyCUDA WARNING" -e '^Loading weights' "$OUT/logs/$name.log" | tail -n "${TAIL:-12}"
+    echo "=== $name rc=${RC[$name]} in $(( $(date +%s) - t ))s"
+}
+if has tests; then
+    TAIL=25 stage tests ${T_TESTS:-300} python3 -m pytest -q -x --maxfail=10 tests/test_cuda_sampling.py \
+        tests/test_cuda_kernels.py tests/test_cuda_faults.py \
+        -k "${TESTS_K:-sampling or row or stop or penalty or seen or full_sequences or rows_are_the_same or last_logits or test_cuda_faults}"
+fi
+if has vs-hf; then
+    TAIL=20 stage vs-hf ${T_HF:-240} python3 benchmarks/features_check.py --backend cuda --results "$OUT/features.jsonl" \
+        ${HF_ARGS:-}
+fi
+if has ab; then
+    TAIL=16 stage ab ${T_AB:-420} python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats "$REPEATS" --features \
+        --out "$OUT"
+fi
+if has profile; then
+    TAIL=30 stage profile ${T_PROF:-150} python3 benchmarks/kernels_bench.py --no-kernels --profile \
+        --profile-dtypes float16 --profile-prompts 546
+fi
+echo
+echo "stage      rc"
+for s in tests vs-hf ab profile; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

@@ -1,0 +1,295 @@
+"""Per-row generation settings: optional datasets of the input file beside the prompts, one value per row.
+
+  max_new_tokens, top_k, seed               integers (a negative value: no value for that row); floats are
+                                            accepted too (NaN: no value; other values must be whole numbers)
+  temperature, top_p, repetition_penalty    numbers (NaN, or a negative integer in an integer dataset: no value)
+  stop                                      UTF-8 strings, [N] (one stop string per row) or [N, K] (up to K);
+                                            "" is no value
+
+A row without a value takes the job's flag (--max-new-tokens, ..., --stop). Every value is read into NumPy arrays
+(about 36 bytes a row, resolved, plus the stop strings' bytes) and checked before work starts: the first bad row
+of a dataset is one clear line (UserError, exit 2). Only `stop` makes a Python object per row, while it is read.
+"""
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from gpt2job.chunks import ROW_FIELDS, RowParams, take_ragged
+from gpt2job.errors import UserError, plural
+
+NUMERIC = tuple(n for n, _ in ROW_FIELDS)
+STOP = "stop"
+ROW_DATASETS = NUMERIC + (STOP,)
+INTEGER = ("max_new_tokens", "top_k", "seed")
+BLOCK_ROWS = 1 << 18
+FIX = "one value per row; NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
+
+# (what a value must be, the test on the values as stored: float32/int32/int64 arrays)
+RULES = {
+    "max_new_tokens": ("an integer >= 1", lambda v: v >= 1),
+    "temperature": ("a finite number >= 0", lambda v: np.isfinite(v) & (v >= 0)),
+    "top_k": ("an integer >= 0", lambda v: v >= 0),
+    "top_p": ("a number in (0, 1]", lambda v: (v > 0) & (v <= 1)),
+    "seed": ("an integer in 0..2^63-1", lambda v: v >= 0),
+    "repetition_penalty": ("a finite number > 0", lambda v: np.isfinite(v) & (v > 0)),
+}
+
+
+def stop_blob(stops):
+    """Stop strings as RowParams stores a row's: UTF-8, a NUL after each."""
+    return b"".join(s.encode("utf-8") + b"\0" for s in stops)
+
+
+@dataclass
+class RowSettings:
+    """The input's per-row settings, resolved (the job's flag where a row has no value)."""
+    given: tuple             # the per-row datasets the input has
+    values: dict             # name -> [N] array (ROW_FIELDS dtype), every row resolved
+    stops: "StopTable"       # each row's stop strings, resolved
+    fingerprint: str         # of the datasets as stored and the flags they fall back to (the resume key)
+
+    @property
+    def max_new_tokens(self):
+        return self.values["max_new_tokens"]
+
+    def key(self):
+        """What the output's resume key records of them."""
+        return {"datasets": list(self.given), "fingerprint": self.fingerprint}
+
+    def params(self, rows):
+        """RowParams of these rows (a chunk's)."""
+        rows = np.asarray(rows, np.int64)
+        so, sb = self.stops.take(rows)
+        return RowParams(*(self.values[n][rows] for n in NUMERIC), so, sb)
+
+    def describe(self):
+        return f"per-row {', '.join(self.given)} from the input"
+
+
+class StopTable:
+    """Each row's stop strings: the input's `stop` dataset where a row has some, else the job's --stop. Flat arrays
+    (RowParams' form): row i's own are raw_bytes[raw_offsets[i]:raw_offsets[i+1]], none when that is empty."""
+
+    def __init__(self, job_stops, raw_offsets=None, raw_bytes=None, ids=(), eos=None):
+        self.job = tuple(job_stops)
+        self.ids, self.eos = frozenset(int(i) for i in ids), eos   # stop token ids; EOS when it stops a row
+        blob = np.frombuffer(stop_blob(self.job), np.uint8)
+        self.per_row = raw_offsets is not None
+        if self.per_row:
+            # the job's strings as one more row at the end (row N), which rows without their own point to
+            self.offsets = np.append(raw_offsets, raw_offsets[-1] + len(blob)).astype(np.int64)
+            self.bytes = np.concatenate([raw_bytes, blob]).astype(np.uint8)
+            self.n = len(raw_offsets) - 1
+        self.job_blob = blob
+
+    @property
+    def any(self):
+        return self.per_row or bool(self.job)
+
+    def take(self, rows):
+        """(offsets [B+1], bytes) of these rows' stop strings."""
+        rows = np.asarray(rows, np.int64)
+        if not self.per_row:
+            b = len(self.job_blob)
+            return np.arange(len(rows) + 1, dtype=np.int64) * b, np.tile(self.job_blob, len(rows))
+        own = self.offsets[rows + 1] > self.offsets[rows]
+        return take_ragged(self.offsets, self.bytes, np.where(own, rows, self.n))
+
+    def id_reason(self, last_token):
+        """stop_reason of a row that ended at a stop token (FINISH_STOP): a stop token id as decimal text, "" for EOS
+        (vLLM: None for EOS, the id for stop_token_ids)."""
+        t = int(last_token)
+        return "" if t == self.eos or t not in self.ids else str(t)
+
+    def of(self, row):
+        """Row row's stop strings: a tuple of str."""
+        if not self.per_row:
+            return self.job
+        raw = bytes(self.bytes[self.offsets[row]:self.offsets[row + 1]])
+        return tuple(x.decode("utf-8") for x in raw.split(b"\0")[:-1]) if raw else self.job
+
+
+def present(f):
+    """The per-row datasets an open input file has."""
+    return tuple(n for n in ROW_DATASETS if n in f)
+
+
+def read_row_settings(path, n_rows, s):
+    """The input's per-row settings resolved against the job's flags (JobSettings s), every value checked; None
+    when the input has none of the datasets (the job's flags then hold for every row, as before)."""
+    from gpt2job.files.h5files import open_readable
+    with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
+        given = present(f)
+        if not given:
+            return None
+        h = hashlib.sha256()
+        h.update(json.dumps({n: getattr(s, n) for n in NUMERIC} | {"stop": list(s.stop)}, sort_keys=True).encode())
+        values, stops = {}, StopTable(s.stop)
+        try:
+            for name in NUMERIC:
+                if name in f:
+                    values[name] = _read_numeric(path, f[name], name, n_rows, getattr(s, name), h)
+                else:
+                    values[name] = np.full(n_rows, getattr(s, name), dict(ROW_FIELDS)[name])
+            if STOP in f:
+                so, sb = read_stop_dataset(path, f[STOP], n_rows, h)
+                stops = StopTable(s.stop, so, sb)
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
+            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
+                            path, "per-row settings", "the file is damaged; write it again")
+        return RowSettings(given, values, stops, "sha256:" + h.hexdigest()[:32])
+
+
+def _check_shape(path, ds, name, n_rows, ndims=(1,)):
+    import h5py
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError("is a group, not a dataset", path, name, FIX)
+    if ds.ndim not in ndims or ds.shape[0] != n_rows:
+        want = " or ".join({1: "[N]", 2: "[N, K]"}[d] for d in ndims)
+        raise UserError(f"has shape {ds.shape}: it must be {want} with N = {n_rows}, one entry per prompt", path,
+                        name, FIX)
+
+
+def _refuse(path, name, bad_rows_first, n_bad, what, got):
+    raise UserError(f"row {bad_rows_first} is {got}: each value must be {what} "
+                    f"({plural(n_bad, 'row')} bad)", path, name, FIX)
+
+
+def _read_numeric(path, ds, name, n_rows, default, h):
+    """One numeric dataset resolved: [N] of its ROW_FIELDS dtype; h hashes it as stored."""
+    _check_shape(path, ds, name, n_rows)
+    kind = ds.dtype.kind
+    if kind not in "iuf":
+        raise UserError(f"has dtype {ds.dtype}: it must be numbers", path, name, FIX)
+    dtype = np.dtype(dict(ROW_FIELDS)[name])
+    out = np.empty(n_rows, dtype)
+    what, ok = RULES[name]
+    first, n_bad = None, 0
+    h.update(f"{name}:{ds.dtype.str}".encode())
+    for a in range(0, n_rows, BLOCK_ROWS):
+        raw = ds[a:a + BLOCK_ROWS]
+        h.update(np.ascontiguousarray(raw, raw.dtype.newbyteorder("<")))
+        with np.errstate(over="ignore", invalid="ignore"):    # out of float32's range: inf, refused below
+            vals, bad, missing = _convert(raw, kind, name, dtype)
+            bad |= ~missing & ~ok(vals)
+        vals[missing] = default
+        out[a:a + len(raw)] = vals
+        if bad.any():
+            idx = np.flatnonzero(bad)
+            if first is None:
+                first = (a + int(idx[0]), raw[idx[0]])
+            n_bad += len(idx)
+    if first is not None:
+        _refuse(path, name, first[0], n_bad, what, _show(first[1]))
+    return out
+
+
+def _convert(raw, kind, name, dtype):
+    """A block as stored -> (values in dtype, bad: not representable there, missing: no value)."""
+    if kind == "f":
+        raw = raw.astype(np.float64)
+        missing = np.isnan(raw)
+        bad = np.zeros(len(raw), bool)
+        if name in INTEGER:           # whole numbers within the integer type
+            lim = np.iinfo(dtype)
+            bad = ~missing & ((raw != np.floor(raw)) | (raw < lim.min) | (raw >= float(lim.max) + 1))
+        return np.where(missing | bad, 0, raw).astype(dtype), bad, missing
+    missing = raw < 0 if kind == "i" else np.zeros(len(raw), bool)
+    bad = np.zeros(len(raw), bool)
+    if dtype.kind == "i":             # beyond the type (a uint64 seed above 2^63-1, a huge max_new_tokens)
+        bad = ~missing & (raw > np.iinfo(dtype).max)
+    return np.where(missing | bad, 0, raw).astype(dtype), bad, missing
+
+
+def _show(v):
+    v = v.item() if hasattr(v, "item") else v
+    return repr(v) if isinstance(v, float) else str(v)
+
+
+def read_stop_dataset(path, ds, n_rows, h=None):
+    """The `stop` dataset as flat arrays: (offsets int64 [N+1], bytes uint8): row i's stop strings, a NUL after
+    each, in bytes[offsets[i]:offsets[i+1]] (empty: the row has none of its own). h hashes it as stored."""
+    import h5py
+    _check_shape(path, ds, STOP, n_rows, (1, 2))
+    if h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SO":
+        raise UserError(f"has dtype {ds.dtype}: it must be UTF-8 strings", path, STOP,
+                        "write stop strings as variable-length UTF-8 strings, [N] or [N, K]; \"\" for none")
+    lengths, pieces = [], []
+    first, n_bad = None, 0
+    if h is not None:
+        h.update(f"stop:{ds.shape[1:]}".encode())
+    for a in range(0, n_rows, BLOCK_ROWS):
+        raw = ds[a:a + BLOCK_ROWS]
+        raw = raw.reshape(len(raw), -1)
+        blobs = []
+        for i, row in enumerate(raw, a):
+            parts = []
+            for x in row:
+                b = x if isinstance(x, bytes) else str(x).encode("utf-8")
+                if not b:
+                    continue
+                try:
+                    b.decode("utf-8")
+                    good = b"\0" not in b
+                except UnicodeDecodeError:
+                    good = False
+                if not good:
+                    n_bad += 1
+                    first = first or (i, b)
+                    continue
+                parts.append(b + b"\0")
+            blobs.append(b"".join(parts))
+        lens = np.fromiter(map(len, blobs), np.int64, len(blobs))
+        blob = b"".join(blobs)
+        if h is not None:
+            h.update(lens.astype("<i8").tobytes())
+            h.update(blob)
+        lengths.append(lens)
+        pieces.append(np.frombuffer(blob, np.uint8))
+    if first is not None:
+        raise UserError(f"row {first[0]} is {first[1][:40]!r}: each stop string must be UTF-8 text without NUL "
+                        f"({plural(n_bad, 'string')} bad)", path, STOP,
+                        "write stop strings as variable-length UTF-8 strings; \"\" for none")
+    offsets = np.zeros(n_rows + 1, np.int64)
+    if lengths:
+        np.cumsum(np.concatenate(lengths), out=offsets[1:])
+    return offsets, (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8))
+
+
+def stops_header(s, eos_token_id, rows):
+    """What the output's writer needs to know of the job's stops (JSON-able; h5write.make_header), None when the
+    job uses none (its output then has no stop_reason). rows: the input's RowSettings or None."""
+    per_row = rows is not None and STOP in rows.given
+    if not (s.stop or s.stop_token_ids or per_row):
+        return None
+    import os
+    return {"stop": list(s.stop), "stop_token_ids": sorted(int(i) for i in s.stop_token_ids),
+            "eos": None if s.ignore_eos else int(eos_token_id), "input": os.path.abspath(s.input) if per_row else None}
+
+
+def stop_table_of(header):
+    """The StopTable of a writer (from stops_header), the input's `stop` dataset read again (rather than sent
+    through the writer's pipe) where the job has one; None when the job uses no stops."""
+    st = header.get("stops")
+    if not st:
+        return None
+    so = sb = None
+    if st.get("input"):
+        import h5py
+        with h5py.File(st["input"], "r") as f:
+            so, sb = read_stop_dataset(st["input"], f[STOP], header["n"])
+    return StopTable(st["stop"], so, sb, st["stop_token_ids"], st["eos"])
+
+
+def check_job_stops(s, vocab_size, rows, enc):
+    """Before work starts: every --stop-token-ids id in the vocabulary; stop strings need the tokenizer (they are
+    matched on the generated text)."""
+    bad = [i for i in s.stop_token_ids if not 0 <= i < vocab_size]
+    if bad:
+        raise UserError(f"{', '.join(map(str, bad))} outside the vocabulary 0..{vocab_size - 1}",
+                        field="--stop-token-ids", fix="give ids of this model's vocabulary")
+    if enc is None and (s.stop or (rows is not None and STOP in rows.given)):
+        raise UserError("stop strings need the tokenizer, which was not found", field="--stop" if s.stop else STOP,
+                        fix="pass --vocab-dir (or set GPT2_VOCAB_DIR) to a folder with vocab.bpe and encoder.json")

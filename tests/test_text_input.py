@@ -1,0 +1,160 @@
+"""`run` on a text or JSONL prompt file (feature 9): converted on the fly by the master, with the `prompts` command's
+rules and errors, into OUT.prompts-HASH.h5 next to the output; the same result as converting first; a rerun resumes;
+a changed file is refused as a changed input; a bad file is one line, exit 2, and leaves nothing behind."""
+import os
+import subprocess
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import ROOT, job_env, read_output, run_gpt2job
+from test_inputs import assert_one_clear_line
+
+MODEL = "random:n_layer=2,n_head=2,n_embd=32,vocab_size=50257"
+TEXT = "The capital of France is\nOnce upon a time\n\nWater boils at\nThe best way to learn is\nHello, world\n"
+
+
+def args(inp, out, vocab_dir, *more):
+    return ["run", inp, out, "--backend", "numpy", "--model", MODEL, "--max-new-tokens", 6, "--vocab-dir", vocab_dir,
+            "--chunk-size", 2, *more]
+
+
+def files(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def conversions(out):
+    return sorted(p.name for p in out.parent.glob(out.name + ".prompts-*.h5"))
+
+
+def same_result(a, b):
+    ra, rb = read_output(a), read_output(b)
+    assert ra["done"].all() and rb["done"].all()
+    assert [t.tolist() for t in ra["tokens"]] == [t.tolist() for t in rb["tokens"]]
+    assert ra["text"] == rb["text"] and ra["finish"] == rb["finish"]
+    assert ra["attrs"]["input_fingerprint"] == rb["attrs"]["input_fingerprint"]
+
+
+@pytest.mark.parametrize("np_", [None, 3])
+def test_a_text_file_runs_as_if_converted_first(tmp_path, vocab_dir, np_):
+    src = tmp_path / "p.txt"
+    src.write_text(TEXT, encoding="utf-8")
+    run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    run_gpt2job(args(tmp_path / "in.h5", tmp_path / "first.h5", vocab_dir), check=0)
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(src, out, vocab_dir), np_=np_, check=0)
+    assert "5 text prompts of" in p.stderr and "converted to" in p.stderr, p.stderr
+    same_result(out, tmp_path / "first.h5")
+    assert len(read_output(out)["tokens"]) == 5
+    (conv,) = conversions(out)
+    assert read_output(out)["attrs"]["input"] == str(tmp_path / conv)   # `export` finds the prompts there
+    with h5py.File(tmp_path / conv) as f:
+        assert f.attrs["source"] == str(src)
+    assert not [n for n in files(tmp_path) if n.endswith((".tmp", ".lock", ".journal"))]
+    exported = tmp_path / "out.jsonl"
+    run_gpt2job(["export", out, exported], check=0)
+    assert '"prompt": "Water boils at"' in exported.read_text()
+
+
+def test_a_jsonl_file_of_text_and_one_of_tokens(tmp_path, vocab_dir):
+    src = tmp_path / "p.jsonl"
+    src.write_text('"The capital of France is"\n{"prompt": "Once upon a time"}\n{"text": "Hello"}\n')
+    run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    run_gpt2job(args(tmp_path / "in.h5", tmp_path / "first.h5", vocab_dir), check=0)
+    run_gpt2job(args(src, tmp_path / "out.h5", vocab_dir), check=0)
+    same_result(tmp_path / "out.h5", tmp_path / "first.h5")
+    toks = tmp_path / "t.jsonl"
+    toks.write_text('{"tokens": [464, 3139, 286]}\n[15496, 11]\n')
+    p = run_gpt2job(args(toks, tmp_path / "t.h5", vocab_dir), check=0)
+    assert "2 token prompts of" in p.stderr
+    with h5py.File(tmp_path / conversions(tmp_path / "t.h5")[0]) as f:
+        assert [r.tolist() for r in f["prompt_tokens"][()]] == [[464, 3139, 286], [15496, 11]]
+
+
+def test_a_rerun_resumes_and_a_changed_file_is_refused(tmp_path, vocab_dir):
+    src, out = tmp_path / "p.txt", tmp_path / "out.h5"
+    src.write_text(TEXT, encoding="utf-8")
+    clean = tmp_path / "clean.h5"
+    run_gpt2job(args(src, clean, vocab_dir), check=0)
+    # the master's own worker fails on its 3rd chunk: 2 chunks (4 rows) are kept, exit 3
+    p = run_gpt2job(args(src, out, vocab_dir), env=job_env(GPT2JOB_FAULT="0:3:raise"))
+    assert p.returncode == 3, p.stderr
+    (conv,) = conversions(out)
+    # a changed text file: refused as a changed input; the output and its own conversion are kept as they were
+    src.write_text(TEXT.replace("Hello, world", "Goodbye, world"), encoding="utf-8")
+    assert_one_clear_line(run_gpt2job(args(src, out, vocab_dir)), str(out), "different model, input or settings",
+                          "input_fingerprint")
+    assert conversions(out) == [conv] and os.path.exists(str(out) + ".journal")
+    # the same file again: the same conversion, resumed, equal to a clean run
+    src.write_text(TEXT, encoding="utf-8")
+    p = run_gpt2job(args(src, out, vocab_dir), check=0)
+    assert "unchanged, read from" in p.stderr and "resuming" in p.stderr and "4 of 5 rows already done" in p.stderr
+    same_result(out, clean)
+    assert conversions(out) == [conv]
+    # finished: the same command says so; the changed file with --overwrite starts over and drops the old conversion
+    assert "already complete" in run_gpt2job(args(src, out, vocab_dir), check=0).stderr
+    src.write_text(TEXT.replace("Hello, world", "Goodbye, world"), encoding="utf-8")
+    run_gpt2job(args(src, out, vocab_dir, "--overwrite"), check=0)
+    assert len(conversions(out)) == 1 and conversions(out) != [conv]
+    assert read_output(out)["done"].all()
+
+
+@pytest.mark.parametrize("np_", [None, 3])
+@pytest.mark.parametrize("name,content,frag", [
+    ("empty.jsonl", '"fine"\n""\n', "line 2: empty text prompt"),
+    ("mixed.jsonl", '"text"\n{"tokens": [1, 2]}\n', "mixes text prompts and token prompts"),
+    ("notjson.jsonl", '"fine"\n{not json}\n', "line 2 is not JSON"),
+    ("nul.txt", "a\x00b\n", "NUL"),
+    ("blank.txt", "\n  \n", "holds no prompt"),
+    ("table.csv", "a,b\n1,2\n", "is not an HDF5 file, and its extension (.csv) is not .txt or .jsonl"),
+])
+def test_a_bad_prompt_file_is_one_line_exit_2_and_leaves_nothing(tmp_path, name, content, frag, np_):
+    src = tmp_path / name
+    src.write_text(content)
+    before = files(tmp_path)
+    p = run_gpt2job(["run", src, tmp_path / "out.h5", "--backend", "numpy", "--model", MODEL], np_=np_, timeout=120)
+    assert_one_clear_line(p, str(src), frag)
+    assert files(tmp_path) == before
+    if name.endswith((".jsonl", ".txt")) and name != "blank.txt":   # word for word the `prompts` command's line
+        q = run_gpt2job(["prompts", src, tmp_path / "x.h5"])
+        assert [x for x in q.stderr.splitlines() if x.startswith("gpt2job: error")] == \
+            [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error")]
+
+
+def test_a_failed_start_after_the_conversion_leaves_nothing_and_the_corrected_rerun_runs(tmp_path, vocab_dir):
+    src, out = tmp_path / "p.txt", tmp_path / "out.h5"
+    src.write_text(TEXT)
+    p = run_gpt2job(args(src, out, vocab_dir, "--max-new-tokens", 100000))    # refused once the model is known
+    assert_one_clear_line(p, "--max-new-tokens")
+    assert files(tmp_path) == ["p.txt"]
+    run_gpt2job(args(src, out, vocab_dir), check=0)
+
+
+def test_a_raw_token_file_and_an_hdf5_file_of_any_name(tmp_path, vocab_dir):
+    raw = tmp_path / "input.bin"
+    np.arange(32, dtype="<i4").tofile(raw)
+    assert_one_clear_line(run_gpt2job(["run", raw, tmp_path / "o.h5", "--model", MODEL]), str(raw),
+                          "python -m gpt2job prompts")
+    src = tmp_path / "p.txt"
+    src.write_text(TEXT)
+    run_gpt2job(["prompts", src, tmp_path / "prompts.data"], check=0)      # HDF5 by its content, not its name
+    run_gpt2job(args(tmp_path / "prompts.data", tmp_path / "o.h5", vocab_dir), check=0)
+    assert not conversions(tmp_path / "o.h5")
+
+
+def test_run_inference_sh_takes_the_example_text_file(tmp_path, vocab_dir):
+    from conftest import require_mpirun
+    require_mpirun()
+    assert (ROOT / "jobs" / "example_prompts.txt").is_file()
+    out = tmp_path / "out.h5"
+    p = subprocess.run([str(ROOT / "run_inference.sh"), "jobs/example_prompts.txt", str(out), "--model", MODEL,
+                        "--max-new-tokens", "4", "--vocab-dir", vocab_dir], cwd=ROOT, env=job_env(NP=3),
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert read_output(out)["done"].all() and "converted to" in p.stderr
+
+
+def test_run_help_says_it_takes_text_files():
+    out = run_gpt2job(["run", "-h"], check=0).stdout
+    assert ".txt" in out and ".jsonl" in out and ".prompts-" in out
