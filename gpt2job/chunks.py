@@ -96,6 +96,11 @@ class Completions:
     finish: np.ndarray       # [B] uint8 FINISH_* code
     copy_rows: np.ndarray = field(default_factory=lambda: _NONE)    # [C] int64
     copy_src: np.ndarray = field(default_factory=lambda: _NONE)     # [C] int64 index into rows
+    # with GenerationSettings.logprobs: each generated token's log-probability under the model (log_softmax of the
+    # raw logits), aligned with tokens; with top_logprobs K > 0 also the K most likely ids of each step and theirs
+    logprobs: Optional[np.ndarray] = None       # [sum of generated lengths] float32
+    top_ids: Optional[np.ndarray] = None        # [sum of generated lengths, K] int32
+    top_logprobs: Optional[np.ndarray] = None   # [sum of generated lengths, K] float32
 
     @property
     def all_rows(self):

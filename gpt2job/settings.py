@@ -37,6 +37,8 @@ class GenerationSettings:
     stop: Tuple[str, ...] = ()             # stop strings (vLLM's): the row ends once its text contains one
     repetition_penalty: float = 1.0        # transformers' meaning; 1: off
     vocab_dir: Optional[str] = None        # the tokenizer's files, for stop strings (None: the default places)
+    logprobs: bool = False                 # each generated token's log-probability (Completions.logprobs)
+    top_logprobs: int = 0                  # and the K most likely tokens of each step (Completions.top_*)
 
     def stop_ids(self):
         """The ids that end a row: EOS (unless ignore_eos) and stop_token_ids."""
@@ -69,6 +71,9 @@ class JobSettings:
     stop: Tuple[str, ...] = ()       # --stop (repeatable)
     stop_token_ids: Tuple[int, ...] = ()
     repetition_penalty: float = 1.0
+    logprobs: bool = False           # --logprobs (implied by --top-logprobs K > 0)
+    top_logprobs: int = 0            # --top-logprobs K
+    num_samples: int = 1             # --num-samples N: output rows [prompts * N]
 
     def generation(self, eos_token_id):
         return GenerationSettings(
@@ -76,7 +81,8 @@ class JobSettings:
             sampling=SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                       seed=self.seed),
             stop_token_ids=tuple(self.stop_token_ids), stop=tuple(self.stop),
-            repetition_penalty=self.repetition_penalty, vocab_dir=self.vocab_dir)
+            repetition_penalty=self.repetition_penalty, vocab_dir=self.vocab_dir,
+            logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs)
 
     def result_settings(self):
         """The settings that change the completions: a resume must match them exactly."""
@@ -90,6 +96,10 @@ class JobSettings:
             out["stop_token_ids"] = sorted(self.stop_token_ids)
         if self.repetition_penalty != 1.0:
             out["repetition_penalty"] = self.repetition_penalty
+        if self.logprobs or self.top_logprobs:
+            out["logprobs"], out["top_logprobs"] = True, self.top_logprobs
+        if self.num_samples != 1:
+            out["num_samples"] = self.num_samples
         if self.temperature <= 0:  # greedy: the sampling knobs do not matter
             for k in ("top_k", "top_p", "seed"):
                 out.pop(k)
