@@ -11,7 +11,11 @@ tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy. Prints a table last; 
 
 --features adds speed cases that only the new tree can run (the same repeats, interleaved with nothing), each set
 against a speed case of the new tree measured above: the mixed-settings workload (W2's prompts with per-row
-max_new_tokens, temperature, top-k/top-p, seeds and stop strings: benchmarks/workloads.py w2mix) against W2 fp16.
+max_new_tokens, temperature, top-k/top-p, seeds and stop strings: benchmarks/workloads.py w2mix) against W2 fp16;
+W1 x4 sampled (W1 with each prompt 4 times in a row: workloads.py w1x4; temperature 0.8, top-k 40, seed 7) against
+W1 fp16, the same without prefix sharing (GPT2JOB_PREFIX_SHARE=0) against it, and W1 with --num-samples 4 (same
+sampling) against W1 x4 sampled: the ratio n=4 / x4 is the shared-prefill check of --num-samples; W1 fp16 with
+--logprobs and with --top-logprobs 5 against W1 fp16 (the cost of log-probabilities).
 """
 import argparse
 import json
@@ -28,7 +32,7 @@ from bench_common import ROOT, append_jsonl, read_output  # noqa: E402
 from run_workloads import mpirun_cmd  # noqa: E402
 
 
-def run(tree, inp, out, model, extra, backend, log=None):
+def run(tree, inp, out, model, extra, backend, log=None, env=None):
     tree = os.path.abspath(tree)
     cmd = mpirun_cmd(2) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend",
                            backend, "--overwrite", *extra]
@@ -36,6 +40,7 @@ def run(tree, inp, out, model, extra, backend, log=None):
                                             else ""), CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1")
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+    e.update(env or {})
     e["GPT2JOB_LAUNCH_TIME"] = repr(time.time())
     p = subprocess.run(cmd, env=e, cwd=tree, capture_output=True, text=True, timeout=900)
     if log:
@@ -88,8 +93,8 @@ def main():
     if not os.path.isfile(os.path.join(wl, "w2.h5")):
         subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w2", *small],
                        check=True)
-    if a.features and not os.path.isfile(os.path.join(wl, "w2mix.h5")):
-        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w2mix", *small],
+    if a.features and not all(os.path.isfile(os.path.join(wl, f)) for f in ("w2mix.h5", "w1x4.h5")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w2mix,w1x4", *small],
                        check=True)
     # the tiny checkpoints' prompts, as an input file
     tiny_in = os.path.join(a.work, "tiny.h5")
@@ -117,14 +122,25 @@ def main():
         "tiny cuda fp16 eos": (tiny_model, tiny_in, ["--dtype", "float16", "--max-new-tokens", "12"], "cuda"),
         "tiny numpy eos": (tiny_model, tiny_in, ["--max-new-tokens", "12"], "numpy"),
     }
-    # new tree only: name -> (input, flags, the new tree's speed case it is set against)
+    # new tree only: name -> (input, flags, the new tree's case it is set against[, environment]), in order (a case
+    # may be set against a feature case above it)
+    sampled = ["--dtype", "float16", "--max-new-tokens", "8", "--temperature", "0.8", "--top-k", "40", "--seed", "7"]
     features = {
         "W2 fp16 mixed": (os.path.join(wl, "w2mix.h5"), ["--dtype", "float16", "--max-new-tokens", "256",
                                                           "--ignore-eos"], "W2 fp16"),
+        # --num-samples 4 against the same prompts written 4 times in a row (whose prefill the CUDA backend's
+        # prefix sharing shares too: adjacent copies land in one chunk), and against those without prefix sharing
+        "W1 fp16 x4 sampled": (os.path.join(wl, "w1x4.h5"), sampled, "W1 fp16"),
+        "W1 fp16 x4 unshared": (os.path.join(wl, "w1x4.h5"), sampled, "W1 fp16 x4 sampled",
+                                {"GPT2JOB_PREFIX_SHARE": "0"}),
+        "W1 fp16 n=4": (w1, sampled + ["--num-samples", "4"], "W1 fp16 x4 sampled"),
+        # --logprobs: the LM head writes logits and a kernel reads them, instead of the fused greedy argmax
+        "W1 fp16 logprobs": (w1, speed["W1 fp16"][1] + ["--logprobs"], "W1 fp16"),
+        "W1 fp16 top-5": (w1, speed["W1 fp16"][1] + ["--top-logprobs", "5"], "W1 fp16"),
     } if a.features else {}
     if a.smoke:
-        features = {k.replace("fp16", "fp32"): (i, ["--dtype", "float32"] + f[2:], ref.replace("fp16", "fp32"))
-                    for k, (i, f, ref) in features.items()}
+        features = {k.replace("fp16", "fp32"): (i, ["--dtype", "float32"] + f[2:], ref.replace("fp16", "fp32"), *more)
+                    for k, (i, f, ref, *more) in features.items()}
         for cases in (speed, once):
             for k in [k for k in cases if "fp16" in k or "cuda" in k]:
                 del cases[k]
@@ -155,9 +171,10 @@ def main():
                "runs": {t: [r.get("tput") for r in got[t]] for t in got}, "identical": ident, "rows_differ": ndiff}
         rows.append(rec)
         append_jsonl(res_path, {"kind": "ab", **rec})
-    for name, (inp, flags, ref) in features.items():
+    for name, (inp, flags, ref, *env) in features.items():
         got = [run(a.new, inp, out("new", name, i), hf, flags, backend=backend,
-                   log=os.path.join(logs, f"new-{name.replace(' ', '_')}-{i}.log")) for i in range(a.repeats)]
+                   log=os.path.join(logs, f"new-{name.replace(' ', '_').replace('=', '')}-{i}.log"),
+                   env=env[0] if env else None) for i in range(a.repeats)]
         for i, r in enumerate(got):
             print(f"{name} #{i} new: {r}", flush=True)
         base = next((r for r in rows if r["case"] == ref), None)

@@ -30,6 +30,8 @@ WORKLOADS = {
     "w2mix": {"file": "w2mix.h5", "max_new_tokens": 256, "ignore_eos": True,
               "what": "W2's prompts with per-row max_new_tokens 1..256, temperature 0..1.2 (a third greedy), "
                       "top-k/top-p/seed per row, stop strings on half the rows"},
+    "w1x4": {"file": "w1x4.h5", "max_new_tokens": 8, "ignore_eos": False,
+             "what": "W1 with each prompt 4 times in a row (32,768 prompts): the input --num-samples 4 replaces"},
 }
 EOT = 50256
 

@@ -6,6 +6,7 @@
   w2.h5      W2: 2,048 prompts, lengths uniform 32..512, tokens uniform [0, 50257)  256 new tokens, --ignore-eos
              (vlen int32, numpy seed 2)
   w3.h5      W3: W1 repeated 8 times, 65,536 x 16 (2-D int32)                     8 new tokens
+  w1x4.h5    W1 with each prompt 4 times in a row (adjacent), 32,768 x 16: what `--num-samples 4` on W1 replaces
   w2mix.h5   W2's prompts with per-row settings (numpy seed 3): max_new_tokens uniform 1..256, temperature 0 on a
              third of the rows and uniform 0.05..1.2 on the rest, top_k 0/40, top_p 1/0.9, seed = row, stop strings
              ([".", " the"] or ["\n"]) on half the rows                      --ignore-eos
@@ -92,6 +93,10 @@ def make(outdir, which=("w1", "w2", "w3"), seed_workload=None, n_w1=8192, n_w2=2
             rows = w2_prompts(n_w2, w2_min, w2_max, vocab=vocab)
             write_mixed(path, rows)
             n, ntok = len(rows), int(sum(len(r) for r in rows))
+        elif name == "w1x4":
+            x4 = np.repeat(w1, 4, axis=0)       # prompt i at rows 4i..4i+3
+            write_2d(path, x4)
+            n, ntok = len(x4), x4.size
         elif name == "w3":
             w3 = np.tile(w1, (w3_repeat, 1))
             write_2d(path, w3)

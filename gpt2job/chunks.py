@@ -111,13 +111,30 @@ class Completions:
     def all_finish(self):
         return np.concatenate([self.finish, self.finish[self.copy_src]]) if len(self.copy_rows) else self.finish
 
+    @property
+    def top_k(self):
+        """K of the top log-probabilities (0: none stored)."""
+        return 0 if self.top_ids is None else int(np.shape(self.top_ids)[1])
+
     def expanded(self):
-        """The copies as rows of their own (with their tokens), after the rows."""
+        """The copies as rows of their own (with their tokens and log-probabilities), after the rows."""
         if not len(self.copy_rows):
             return self
         idx = np.concatenate([np.arange(len(self.rows)), self.copy_src])
+        out = self.take(idx)
+        out.rows = self.all_rows
+        return out
+
+    def take(self, idx):
+        """Rows idx (of rows, in that order, repeats allowed) as Completions of their own, without copies; their
+        log-probabilities go with their tokens."""
+        idx = np.asarray(idx, np.int64)
         offsets, tokens = take_ragged(self.offsets, self.tokens, idx)
-        return Completions(self.chunk_id, self.all_rows, offsets, tokens, self.finish[idx])
+        out = Completions(self.chunk_id, np.asarray(self.rows)[idx], offsets, tokens, np.asarray(self.finish)[idx])
+        for name in ("logprobs", "top_ids", "top_logprobs"):
+            if getattr(self, name) is not None:
+                setattr(out, name, take_ragged(self.offsets, getattr(self, name), idx)[1])
+        return out
 
     @classmethod
     def from_lists(cls, chunk_id, rows, token_lists, finish):
@@ -195,10 +212,19 @@ def decode_chunk(buf: np.ndarray) -> Chunk:
 
 
 def encode_completions(c: Completions, compute_us=0) -> np.ndarray:
-    """[chunk_id, B, compute_us, T, rows(B), offsets(B+1), finish(B), tokens (T int32, two to a word)]"""
+    """[chunk_id, B, compute_us, T, rows(B), offsets(B+1), finish(B), tokens (T int32, two to a word)], then only
+    with log-probabilities: [K, logprobs (T float32), top ids (T x K int32), top logprobs (T x K float32)], each
+    two to a word (without them the message is what it was before log-probabilities existed)."""
     b, t = len(c.rows), int(c.offsets[-1])
-    return np.concatenate([np.array([c.chunk_id, b, compute_us, t], np.int64), np.asarray(c.rows, np.int64),
-                           np.asarray(c.offsets, np.int64), np.asarray(c.finish, np.int64), _pack32(c.tokens)])
+    parts = [np.array([c.chunk_id, b, compute_us, t], np.int64), np.asarray(c.rows, np.int64),
+             np.asarray(c.offsets, np.int64), np.asarray(c.finish, np.int64), _pack32(c.tokens)]
+    if c.logprobs is not None:
+        k = c.top_k
+        parts += [np.array([k], np.int64), _pack32(np.asarray(c.logprobs, np.float32).view(np.int32))]
+        if k:
+            parts += [_pack32(np.asarray(c.top_ids, np.int32).reshape(-1)),
+                      _pack32(np.asarray(c.top_logprobs, np.float32).reshape(-1).view(np.int32))]
+    return np.concatenate(parts)
 
 
 def decode_completions(buf: np.ndarray):
@@ -208,7 +234,18 @@ def decode_completions(buf: np.ndarray):
     rows = buf[p:p + b]; p += b
     offsets = buf[p:p + b + 1]; p += b + 1
     finish = buf[p:p + b].astype(np.uint8); p += b
-    words = buf[p:]
-    if len(offsets) != b + 1 or offsets[-1] != t or len(finish) != b or len(words) != (t + 1) // 2:
+    nw = (t + 1) // 2
+    words, rest = buf[p:p + nw], buf[p + nw:]
+    if len(offsets) != b + 1 or offsets[-1] != t or len(finish) != b or len(words) != nw:
         raise ValueError(f"malformed completions buffer (chunk {cid})")
-    return Completions(cid, rows, offsets, _unpack32(words, t), finish), us
+    c = Completions(cid, rows, offsets, _unpack32(words, t), finish)
+    if len(rest):    # log-probabilities
+        k = int(rest[0])
+        nk = (t * k + 1) // 2
+        if k < 0 or len(rest) != 1 + nw + (2 * nk if k else 0):
+            raise ValueError(f"malformed completions buffer (chunk {cid})")
+        c.logprobs = _unpack32(rest[1:1 + nw], t).view(np.float32)
+        if k:
+            c.top_ids = _unpack32(rest[1 + nw:1 + nw + nk], t * k).reshape(t, k)
+            c.top_logprobs = _unpack32(rest[1 + nw + nk:], t * k).view(np.float32).reshape(t, k)
+    return c, us

@@ -65,6 +65,15 @@ def _positive_int(name, minimum=1):
     return parse
 
 
+def _int_in(name, lo, hi):
+    def parse(v):
+        n = _positive_int(name, lo)(v)
+        if n > hi:
+            raise argparse.ArgumentTypeError(f"{name} must be <= {hi}, got {n}")
+        return n
+    return parse
+
+
 def _float_in(name, lo, hi, lo_open=False):
     def parse(v):
         try:
@@ -179,6 +188,16 @@ def build_parser():
                    help="transformers' repetition penalty: the logit of every token already in the prompt or "
                         "the completion is divided by P when positive, multiplied by P when negative; > 1 "
                         "discourages repeats, 1.0 (default) is off")
+    r.add_argument("--logprobs", action="store_true",
+                   help="store each generated token's log-probability under the model (log_softmax of the raw "
+                        "logits, before temperature, top-k/top-p and repetition penalty) in `completion_logprobs`")
+    r.add_argument("--top-logprobs", type=_int_in("--top-logprobs", 0, 20), default=0, metavar="K",
+                   help="also store the K (0..20) most likely tokens of each step and their log-probabilities "
+                        "(`top_logprob_ids`, `top_logprobs`); implies --logprobs")
+    r.add_argument("--num-samples", type=_int_in("--num-samples", 1, 1000), default=1, metavar="N",
+                   help="N completions of every prompt (vLLM's n, transformers' num_return_sequences; 1..1000): "
+                        "output rows [prompts x N], row r is sample r %% N of prompt r // N (datasets prompt_index, "
+                        "sample_index); a prompt's prefill is computed once for its N samples")
     r.add_argument("--no-dedup", action="store_true",
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
@@ -229,10 +248,12 @@ def cmd_run(a):
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
+                    num_samples=a.num_samples,
                     vocab_dir=vocab_dir_from(a.vocab_dir), overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup,
                     stop=tuple(dict.fromkeys(a.stop)), repetition_penalty=a.repetition_penalty,
+                    logprobs=a.logprobs or a.top_logprobs > 0, top_logprobs=a.top_logprobs,
                     stop_token_ids=tuple(sorted({i for ids in a.stop_token_ids for i in ids})))
     return run_job(s)
 
@@ -241,6 +262,10 @@ def _warn_unused_sampling_flags(a):
     """Greedy decoding ignores the sampling knobs: say so once (as transformers does), from one rank only."""
     if a.temperature > 0:
         return
+    if a.num_samples > 1 and world_rank() in (None, 0):
+        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} at --temperature 0 (greedy decoding) gives "
+                         f"{a.num_samples} identical samples of each prompt (rows with their own temperature in the "
+                         "input aside); give --temperature > 0 to sample\n")
     given = [f"{flag} {value}" for flag, value, default in (("--top-k", a.top_k, 0), ("--top-p", a.top_p, 1.0),
                                                              ("--seed", a.seed, 0)) if value != default]
     if given and world_rank() in (None, 0):

@@ -39,6 +39,7 @@ class GenerationSettings:
     vocab_dir: Optional[str] = None        # the tokenizer's files, for stop strings (None: the default places)
     logprobs: bool = False                 # each generated token's log-probability (Completions.logprobs)
     top_logprobs: int = 0                  # and the K most likely tokens of each step (Completions.top_*)
+    score: bool = False                    # `score`: no new tokens; each row's tokens 1..L-1 and their logprobs
 
     def stop_ids(self):
         """The ids that end a row: EOS (unless ignore_eos) and stop_token_ids."""
@@ -74,6 +75,8 @@ class JobSettings:
     logprobs: bool = False           # --logprobs (implied by --top-logprobs K > 0)
     top_logprobs: int = 0            # --top-logprobs K
     num_samples: int = 1             # --num-samples N: output rows [prompts * N]
+    score: bool = False              # `score IN OUT`: log-likelihoods of given tokens (files/score_input.py)
+    prepend_eos: bool = False        # score --prepend-eos: <|endoftext|> before each row (its first token is scored)
 
     def generation(self, eos_token_id):
         return GenerationSettings(
@@ -82,7 +85,7 @@ class JobSettings:
                                       seed=self.seed),
             stop_token_ids=tuple(self.stop_token_ids), stop=tuple(self.stop),
             repetition_penalty=self.repetition_penalty, vocab_dir=self.vocab_dir,
-            logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs)
+            logprobs=self.logprobs or self.top_logprobs > 0, top_logprobs=self.top_logprobs, score=self.score)
 
     def result_settings(self):
         """The settings that change the completions: a resume must match them exactly."""
@@ -100,6 +103,8 @@ class JobSettings:
             out["logprobs"], out["top_logprobs"] = True, self.top_logprobs
         if self.num_samples != 1:
             out["num_samples"] = self.num_samples
+        if self.score:
+            out["score"], out["prepend_eos"] = True, self.prepend_eos
         if self.temperature <= 0:  # greedy: the sampling knobs do not matter
             for k in ("top_k", "top_p", "seed"):
                 out.pop(k)

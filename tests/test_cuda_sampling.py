@@ -278,3 +278,68 @@ def test_progress_within_a_chunk():
     finally:
         be.close()
     assert seen == sorted(seen) and max(seen) > 0 and seen[-1] <= comp.n_generated == 120
+
+
+# ---------------------------------------------------------------- log-probabilities (logprobs.cu)
+
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+@pytest.mark.parametrize("V", [1000, 50257])
+def test_token_logprobs(K, k, V):
+    """logprobs.cu token_logprobs against model/logprobs.py: the chosen token's value, the top k (ties at the top
+    and at the boundary: the lower id first), a chosen token outside the top k, rows of a padded leading dimension."""
+    from gpt2job.model.logprobs import token_logprobs
+    R, ld = 37, V + 64
+    lg = (RNG.standard_normal((R, ld), dtype=np.float32) * 4).astype(np.float32)
+    lg[:5, 3:30:3] = 9.5                                               # ties at the top
+    lg[5:9, :] = 0.0                                                   # all equal
+    lg[9, -200:] = 50.0                                                # big values at the end
+    tok = RNG.integers(0, V, R).astype(np.int32)
+    tok[:3] = lg[:3, :V].argmax(1)
+    lp, ids, vals = gpu(np.zeros(R, np.float32)), gpu(np.zeros(R * max(k, 1), np.int32)), gpu(np.zeros(R * max(k, 1),
+                                                                                                     np.float32))
+    K.logprobs(None, gpu(lg), ld, V, gpu(tok), k, lp, ids, vals, R)
+    ref_lp, ref_ids, ref_top = token_logprobs(lg[:, :V], tok, k)
+    np.testing.assert_allclose(back(lp, R, np.float32), ref_lp, atol=2e-5, rtol=1e-6)
+    if k:
+        np.testing.assert_array_equal(back(ids, (R, k), np.int32), ref_ids)
+        np.testing.assert_allclose(back(vals, (R, k), np.float32), ref_top, atol=2e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("k", [0, 4])
+@pytest.mark.parametrize("sampled", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_backend_logprobs_match_numpy(k, sampled, dtype):
+    """CUDA fp32 --logprobs (--top-logprobs k) equals the NumPy backend within 1e-4 (tokens identical), greedy and
+    sampled, with shared prefixes and small head groups / KV groups; fp16: the greedy tokens of the fast path and
+    log-probabilities close to fp32's."""
+    params = tiny_params(6)
+    sam = SamplingSettings(1.2, 30, 0.9, 3) if sampled else SamplingSettings()
+    gs = GenerationSettings(max_new_tokens=6, ignore_eos=True, eos_token_id=999, sampling=sam, logprobs=True,
+                            top_logprobs=k)
+    chunks = [stem_chunk(25, 1000, seed=8), stem_chunk(25, 1000, seed=9, chunk_id=1,
+                                                        params=mixed_params(25, seed=2, penalty=True))]
+    refs = [compute(NumpyBackend(params, gs), c) for c in chunks]
+    from gpt2job.backends.cuda.backend import CudaBackend
+    for kw in ({}, {"max_prefill_rows": 40, "head_rows": 3}) if dtype == "float32" else ({},):
+        be = CudaBackend(params, gs, dtype=dtype, **kw)
+        try:
+            if kw:
+                be.runner.kv_budget = 1
+            got = [compute(be, c) for c in chunks]
+        finally:
+            be.close()
+        for g, r in zip(got, refs):
+            if dtype == "float16":
+                assert g.logprobs.shape == (g.offsets[-1],) and np.isfinite(g.logprobs).all()
+                if not sampled and r.tokens.tolist() == g.tokens.tolist():
+                    np.testing.assert_allclose(g.logprobs, r.logprobs, atol=0.05)
+                continue
+            assert_same(g, r)
+            np.testing.assert_allclose(g.logprobs, r.logprobs, atol=1e-4)
+            if k:
+                np.testing.assert_array_equal(g.top_ids, r.top_ids)
+                np.testing.assert_allclose(g.top_logprobs, r.top_logprobs, atol=1e-4)
+            else:
+                assert g.top_ids is None and r.top_ids is None
+    off = run_cuda(params, dataclasses.replace(gs, logprobs=False, top_logprobs=0), chunks[:1])[0][0]
+    assert off.logprobs is None and off.tokens.tolist() == refs[0].tokens.tolist()

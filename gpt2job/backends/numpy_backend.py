@@ -5,6 +5,7 @@ import numpy as np
 from gpt2job.backends import Backend, Pause
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
+from gpt2job.model.logprobs import Recorder
 from gpt2job.model.sampling import RowSettings, select_rows, select_tokens
 from gpt2job.model.stops import StopStrings
 from gpt2job.settings import GenerationSettings
@@ -26,15 +27,26 @@ class NumpyBackend(Backend):
         chunk = self._submitted.popleft()
         prompts = chunk.prompts()
         rs = RowSettings.of(chunk.params, self.settings, len(prompts))
-        token_lists, finish = [], []
+        token_lists, finish, lps = [], [], []
+        gs = self.settings
         for s in range(0, len(prompts), self.batch_size):
             part = np.arange(s, min(s + self.batch_size, len(prompts)))
-            t, f = generate_batch(self.params, prompts[s:s + self.batch_size], chunk.rows[part], self.settings,
-                                  rs.take(part))
+            rec = Recorder(len(part), gs.top_logprobs) if gs.logprobs else None
+            t, f = generate_batch(self.params, prompts[s:s + self.batch_size], chunk.rows[part], gs, rs.take(part),
+                                  rec)
             token_lists += t
             finish += f
+            if rec is not None:
+                lps.append(rec.flat())
             yield Pause(submit=True, ready=_READY, generated=sum(len(x) for x in token_lists))
-        return Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, finish)
+        comp = Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, finish)
+        if gs.logprobs:
+            k = gs.top_logprobs
+            comp.logprobs = np.concatenate([x[0] for x in lps]) if lps else np.zeros(0, np.float32)
+            if k:
+                comp.top_ids = np.concatenate([x[1] for x in lps]) if lps else np.zeros((0, k), np.int32)
+                comp.top_logprobs = np.concatenate([x[2] for x in lps]) if lps else np.zeros((0, k), np.float32)
+        return comp
 
     def generate(self, chunk):
         self.submit(chunk)
@@ -49,9 +61,9 @@ class NumpyBackend(Backend):
         return {"backend": self.name, "dtype": "float32", "device": "cpu"}
 
 
-def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSettings = None):
-    """Reference generation for one batch (rs: each row's settings; None: the job's). Returns (list of generated
-    token lists, list of finish codes). A row leaves the batch when it ends (its limit, a stop token id, a stop
+def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSettings = None, rec: Recorder = None):
+    """Reference generation for one batch (rs: each row's settings; None: the job's; rec: collects each step's
+    log-probabilities from the raw logits). Returns (list of generated token lists, list of finish codes). A row leaves the batch when it ends (its limit, a stop token id, a stop
     string); the rows left compute on."""
     B = len(prompts)
     rs = RowSettings.of(None, gs, B) if rs is None else rs
@@ -79,6 +91,8 @@ def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSetting
             tok = select_tokens(logits, row_ids[act], step, shared)                          # [A]
         else:
             tok = select_rows(logits, row_ids[act], step, rs.take(act), None if seen is None else seen[act])
+        if rec is not None:   # logits are still the raw ones (the penalty works on a copy)
+            rec.add(act, logits, tok)
         leave = np.zeros(len(act), bool)
         for i, b in enumerate(act):
             t = int(tok[i])

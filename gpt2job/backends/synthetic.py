@@ -73,7 +73,14 @@ class SyntheticBackend(Backend):
         offsets = np.zeros(b + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
         flat = toks.reshape(-1) if not (lengths < n).any() else toks[np.arange(n)[None, :] < lengths[:, None]]
-        return Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offsets, flat, finish)
+        comp = Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offsets, flat, finish)
+        if gs.logprobs:   # stand-ins of the right shapes (no model): the token's -(id % 1000) / 100, K ids after it
+            comp.logprobs = (-(flat % 1000) / 100).astype(np.float32)
+            if gs.top_logprobs:
+                j = np.arange(gs.top_logprobs)
+                comp.top_ids = ((flat[:, None] + j) % self.vocab).astype(np.int32)
+                comp.top_logprobs = (comp.logprobs[:, None] - j).astype(np.float32)
+        return comp
 
     def describe(self):
         return {"backend": self.name, "dtype": "none", "device": "cpu (synthetic tokens, no model)"}

@@ -89,7 +89,9 @@ class Master(Ending):
             raise UserError(val.message(s.input), s.input, self.prompts.source,
                             "fix those prompts, lower --max-new-tokens, or pass --skip-invalid to mark them "
                             "'invalid' and run the rest")
-        self.invalid = val.invalid
+        N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
+        self.n_rows = len(self.prompts) * N
+        self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
         if val.n_invalid:
             self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
         try:
@@ -100,20 +102,20 @@ class Master(Ending):
         check_job_stops(s, cfg.vocab_size, self.rows, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
-               "input_fingerprint": self.prompts.fingerprint(), "n_rows": len(self.prompts),
+               "input_fingerprint": self.prompts.fingerprint(), "n_rows": self.n_rows,
                "settings": s.result_settings()}
         if self.rows:   # only then: outputs without per-row settings keep their key (and resume)
             key["row_settings"] = self.rows.key()
         self.took("fingerprint")
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
-                 "backend": s.backend, "chunk_size": s.chunk_size}
-        self.store = OutputStore(s.output, len(self.prompts), key, self.prompts.lengths, attrs=attrs,
+                 "backend": s.backend, "chunk_size": s.chunk_size, **({"num_samples": N} if N > 1 else {})}
+        self.store = OutputStore(s.output, self.n_rows, key, self.prompts.lengths, attrs=attrs,
                                  tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir,
                                  stops=stops_header(s, cfg.eos_token_id, self.rows))
         self.took("open_output")
         if self.store.resumed_rows:
-            self.log(f"resuming {s.output}: {self.store.resumed_rows} of {len(self.prompts)} rows already done")
+            self.log(f"resuming {s.output}: {self.store.resumed_rows} of {self.n_rows} rows already done")
         bad = np.flatnonzero(self.invalid & ~self.store.done)
         if len(bad):
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
@@ -122,23 +124,24 @@ class Master(Ending):
         if s.dedup and s.temperature <= 0 and self.rows is None:   # per-row settings: rows differ beyond prompts
             # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
             # its copies get the same result. Only among rows not done, so that a resume finishes every row.
-            todo, self.copies = group_identical(self.prompts, todo)
+            todo, self.copies = group_identical(self.prompts, todo, N)
             self.n_copies = len(self.copies)
             if self.n_copies:
                 self.log(f"{plural(self.n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is "
                          "computed once (greedy); --no-dedup computes every one")
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
-                               prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens)
+                               prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens,
+                               num_samples=N)
         self.took("schedule")
-        self.progress = Progress(len(self.prompts), int(self.store.done.sum()), s.progress_interval)
+        self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval)
         n_workers = len(self.channel.ranks) or 1
-        todo_tokens = int(self.prompts.lengths[todo].sum()) if len(todo) else 0
+        todo_tokens = int(self.prompts.lengths[todo // N].sum()) if len(todo) else 0
         new = f"{s.max_new_tokens} new each" if self.rows is None else \
-            f"{int(self.rows.max_new_tokens[todo].sum()):,} new in all; {self.rows.describe()}" + \
+            f"{int(self.rows.max_new_tokens[todo // N].sum()):,} new in all; {self.rows.describe()}" + \
             ("; no dedup" if s.dedup and s.temperature <= 0 else "")
         self.log(f"starting: {plural(len(todo), 'prompt')} to compute ({plural(todo_tokens, 'prompt token')}, up to "
-                 f"{new}) of {len(self.prompts)} in {s.input}; "
+                 f"{new}) of {self.n_rows} in {s.input}{f' ({N} samples of each prompt)' if N > 1 else ''}; "
                  f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
                  f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
@@ -263,6 +266,8 @@ class Master(Ending):
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
             self.stop_rank(w.rank)
+        elif kind == "failed":   # its process died (only an MPI with ULFM says so): ending.py rank_died
+            self.rank_died(w, *data)
 
     def feed(self, w, upto=PREFETCH):
         """Hand w chunks until it holds upto of them (or none are left)."""
@@ -312,7 +317,7 @@ class Master(Ending):
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
         return {
-            "rows_total": len(self.prompts), "rows_resumed": self.store.resumed_rows,
+            "rows_total": self.n_rows, "rows_resumed": self.store.resumed_rows,
             "rows_invalid": int(self.invalid.sum()), "duplicate_prompts": self.n_copies,
             "generated_tokens": self.generated,
             "throughput_tokens_per_s": self.generated / span if span > 0 else None,

@@ -50,11 +50,15 @@ class WorkerState:
 
 class Scheduler:
     def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
-                 prefetch=2, row_settings=None, max_new_tokens=16):
+                 prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1):
         self.prompts = prompts
         self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
         self.max_new_tokens = max_new_tokens
-        lengths = prompts.lengths[rows]
+        # --num-samples N: rows are output rows, row r the sample r % N of prompt r // N (prompts are never copied:
+        # a chunk gathers its tokens through r // N); a prompt's samples stay adjacent and in one chunk
+        self.num_samples = max(1, int(num_samples))
+        rows = np.asarray(rows, np.int64)
+        lengths = prompts.lengths[rows // self.num_samples if self.num_samples > 1 else rows]
         # longest prompts first: homogeneous chunks (little padding) and the long tail early
         self.queue = rows[np.argsort(-lengths, kind="stable")].astype(np.int64)   # rows not yet handed out
         self.head = 0                                                              # ... from queue[head] on
@@ -98,21 +102,41 @@ class Scheduler:
         if self.even_size is None:
             k = max(1 if n == 1 else self.prefetch, math.ceil(self.total / (n * pref)))
             self.even_size = max(1, math.ceil(self.total / (k * n)))
+            N = self.num_samples
+            if N > 1:   # whole prompts: a multiple of N rows
+                self.even_size = (self.even_size + N - 1) // N * N
         size = self.chunk_size or self.even_size
-        rows = self.queue[self.head:self.head + size]
-        self.head += len(rows)
+        end = self.sample_boundary(self.head, min(len(self.queue), self.head + size))
+        rows = self.queue[self.head:end]
+        self.head = end
         return self.make_chunk(rows)
 
+    def sample_boundary(self, head, end):
+        """The end of a chunk queue[head:end], moved back so that it does not split the samples of a prompt (they are
+        adjacent in the queue) unless the chunk would hold only some samples of one prompt (a chunk smaller than
+        --num-samples)."""
+        N = self.num_samples
+        if N == 1 or end >= len(self.queue):
+            return end
+        prompt = self.queue[end - 1] // N
+        if self.queue[end] // N != prompt:
+            return end
+        k = end - 1
+        while k > head and self.queue[k - 1] // N == prompt:
+            k -= 1
+        return k if k > head else end
+
     def make_chunk(self, rows):
-        """The chunk of these prompt rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
+        """The chunk of these (output) rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
         workers wait while the master builds their first chunks)."""
         rows = np.asarray(rows, np.int64)
+        prompt = rows // self.num_samples if self.num_samples > 1 else rows     # the input row of each output row
         w = getattr(self.prompts, "width", None)
         if w:     # every prompt as long (a 2-D input): rows of a [N, w] array
-            offsets, tokens = np.arange(len(rows) + 1, dtype=np.int64) * w, self.prompts.tokens.reshape(-1, w)[rows]
+            offsets, tokens = np.arange(len(rows) + 1, dtype=np.int64) * w, self.prompts.tokens.reshape(-1, w)[prompt]
         else:
-            offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, rows)
-        params = self.row_settings.params(rows) if self.row_settings is not None else None
+            offsets, tokens = take_ragged(self.prompts.offsets, self.prompts.tokens, prompt)
+        params = self.row_settings.params(prompt) if self.row_settings is not None else None
         chunk = Chunk(self.next_id, rows, offsets, tokens.reshape(-1).astype(np.int32, copy=False), params)
         self.next_id += 1
         return chunk

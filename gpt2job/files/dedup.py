@@ -4,6 +4,8 @@ never taken for a copy). No Python object per row: 10 million W1-like prompts ta
 row while it runs.
 
 Copies holds the result, for the master: which later rows repeat a computed row, as flat arrays."""
+import dataclasses
+
 import numpy as np
 
 from gpt2job.chunks import Completions, take_ragged
@@ -100,24 +102,28 @@ class Copies:
         first = self.starts[k[hit]]
         count = self.starts[k[hit] + 1] - first
         at = np.repeat(first - np.cumsum(count) + count, count) + np.arange(count.sum())
-        return Completions(comp.chunk_id, comp.rows, comp.offsets, comp.tokens, comp.finish, self.rows[at],
-                           np.repeat(hit, count))
+        # (replace: the log-probabilities stay; a copy gets its source's, as its tokens)
+        return dataclasses.replace(comp, copy_rows=self.rows[at], copy_src=np.repeat(hit, count))
 
 
-def group_identical(prompts, rows):
+def group_identical(prompts, rows, num_samples=1):
     """Group rows whose prompts are identical token sequences.
 
     Returns (representatives, copies): representatives are the rows (in the given order) whose prompt no earlier row
-    of `rows` has; copies (a Copies) gives each representative that has copies the later rows with its prompt."""
+    of `rows` has; copies (a Copies) gives each representative that has copies the later rows with its prompt.
+    num_samples N > 1 (--num-samples): rows are output rows, row r's prompt is prompt r // N (its N samples are
+    then copies of one another)."""
     rows = np.asarray(rows, np.int64)
     if len(rows) < 2:
         return rows, Copies()
+    N = max(1, int(num_samples))
+    of = (lambda r: r // N) if N > 1 else (lambda r: r)      # the prompt of output rows
     # sort the keys with each row's position in its low bits (one uint64 sort, far faster than an argsort): rows
     # whose keys agree in the high bits are neighbours, the earliest first; a pair that agrees only there is a
     # collision like any other, and the token check below rejects it
     n = len(rows)
     low = np.uint64(max(1, (n - 1).bit_length()))
-    packed = prompt_keys(prompts)[rows]
+    packed = prompt_keys(prompts)[of(rows)]
     packed >>= low
     packed <<= low
     packed |= np.arange(n, dtype=np.uint64)
@@ -132,13 +138,13 @@ def group_identical(prompts, rows):
     later = ~new_key
     cand, rep = order[later], first[later]                              # positions in rows
     del order, first, new_key, later
-    same = same_prompts(prompts, rows[cand], rows[rep])
+    same = same_prompts(prompts, of(rows[cand]), of(rows[rep]))
     miss = np.sort(cand[~same])       # rows whose group's first has another prompt (a collision): a few at most
     cand, rep = cand[same], rep[same]
     if len(miss) > 1:                 # among themselves, by their tokens
         first, extra = {}, []
         for k in miss.tolist():
-            r = first.setdefault(prompts.prompt(rows[k]).tobytes(), k)
+            r = first.setdefault(prompts.prompt(of(rows[k])).tobytes(), k)
             if r != k:
                 extra.append((k, r))
         if extra:

@@ -6,9 +6,12 @@ their next tool:
 
 `prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
 output is still there; `completion`/`text_exact` when the output has text; `stop_reason` (after `finish_reason`)
-when the job used stop strings or stop token ids; every other per-row dataset of the
+when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per completion token) and with
+--top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
+[{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); every other per-row dataset of the
 output that holds one value or one list per row (log-probabilities, sample indices, ...) is exported under its
-own name. Rows are read in blocks: any size of output exports in bounded memory. The file is written beside its
+own name. With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample
+r % N of prompt r // N, whose prompt it shows). Rows are read in blocks: any size of output exports in bounded memory. The file is written beside its
 final name and renamed into place, so a failed export leaves no half file."""
 import json
 import os
@@ -20,7 +23,8 @@ from gpt2job.errors import UserError, plural
 from gpt2job.files.h5files import contents, open_readable
 
 BLOCK = 1 << 15
-BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason")
+BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
+            "completion_logprobs", "top_logprob_ids", "top_logprobs", "prompt_index", "sample_index")
 
 
 def _text(x):
@@ -36,6 +40,18 @@ def _plain(v):
     if isinstance(v, np.generic):
         return v.item()
     return v
+
+
+def _floats(a):
+    """float32 values as the shortest decimals that read back as them (not float64's long tails)."""
+    return [float(x) for x in np.asarray(a, np.float32).astype(str)]
+
+
+def _tops(ids, vals, k):
+    """A row's flattened top ids / logprobs (n_generated x k, step-major: h5logprobs.py) as a list per token of
+    {"id", "logprob"}, most likely first."""
+    ids, vals = np.asarray(ids, np.int64).tolist(), _floats(vals)
+    return [[{"id": ids[j], "logprob": vals[j]} for j in range(s, s + k)] for s in range(0, len(ids), k)]
 
 
 def _input_prompts(path, n):
@@ -66,8 +82,10 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         n = len(f["done"])
         extra = [k for k in f.keys() if k not in BUILT_IN and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]
+        topk = int(f["top_logprobs"].attrs.get("top_logprobs_k", 1)) if "top_logprobs" in f else 0
         inp = f.attrs.get("input")
-        fin, pkey, pds = _input_prompts(_text(inp), n) if inp is not None else (None, None, None)
+        samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
+        fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
         if pds is None:
             stream.write(f"gpt2job: the input {_text(inp) if inp is not None else '(not recorded)'} is not there "
                          "(or has other rows): exporting without the prompts\n")
@@ -88,11 +106,21 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                         cols["completion"] = f["completions"][a:b]
                         cols["text_exact"] = f["text_exact"][a:b]
                     if pds is not None:
-                        cols[pkey] = pds[a:b]
+                        cols[pkey] = pds[a:b] if samples == 1 else \
+                            pds[a // samples:(b - 1) // samples + 1][np.arange(a, b) // samples - a // samples]
+                    for k in ("prompt_index", "sample_index"):
+                        if k in f:
+                            cols[k] = f[k][a:b]
+                    for k in ("completion_logprobs", "top_logprob_ids", "top_logprobs"):
+                        if k in f:
+                            cols[k] = f[k][a:b]
                     for k in extra:
                         cols[k] = f[k][a:b]
                     for i in np.flatnonzero(done):
                         rec = {"row": a + int(i)}
+                        for k in ("prompt_index", "sample_index"):
+                            if k in cols:
+                                rec[k] = int(cols[k][i])
                         if pkey in cols:
                             rec[pkey] = _plain(cols[pkey][i])
                         if "completion" in cols:
@@ -103,6 +131,10 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                             rec["stop_reason"] = _text(cols["stop_reason"][i])
                         if "text_exact" in cols:
                             rec["text_exact"] = bool(cols["text_exact"][i])
+                        if "completion_logprobs" in cols:
+                            rec["logprobs"] = _floats(cols["completion_logprobs"][i])
+                        if "top_logprobs" in cols:
+                            rec["top_logprobs"] = _tops(cols["top_logprob_ids"][i], cols["top_logprobs"][i], topk)
                         for k in extra:
                             rec[k] = _plain(cols[k][i])
                         out.write(json.dumps(rec, ensure_ascii=False) + "\n")

@@ -54,7 +54,24 @@ def records_from_h5(path):
                               np.uint8)
             if "stop_reason" in f:
                 stop_codes(finish, [toks[i] for i in done], f["stop_reason"][a:a + BLOCK_ROWS][done])
-            yield Completions.from_lists(-1, done + a, [toks[i] for i in done], finish)
+            comp = Completions.from_lists(-1, done + a, [toks[i] for i in done], finish)
+            if "completion_logprobs" in f:     # --logprobs: they go into the journal with their rows
+                _read_logprobs(f, comp, done, a)
+            yield comp
+
+
+def _read_logprobs(f, comp, done, a):
+    """comp (rows a + done of the file) gets the rows' log-probabilities and top K (h5logprobs.py layout)."""
+    b = a + BLOCK_ROWS
+    lp = f["completion_logprobs"][a:b]
+    comp.logprobs = np.concatenate([np.asarray(lp[i], np.float32) for i in done] + [np.zeros(0, np.float32)])
+    if "top_logprobs" in f:
+        k = int(f["top_logprobs"].attrs["top_logprobs_k"])
+        ids, top = f["top_logprob_ids"][a:b], f["top_logprobs"][a:b]
+        comp.top_ids = np.concatenate([np.asarray(ids[i], np.int32) for i in done] + [np.zeros(0, np.int32)]
+                                      ).reshape(-1, k)
+        comp.top_logprobs = np.concatenate([np.asarray(top[i], np.float32) for i in done] +
+                                           [np.zeros(0, np.float32)]).reshape(-1, k)
 
 
 def stop_codes(finish, tokens, stop_reason):

@@ -23,6 +23,7 @@ import time
 import numpy as np
 
 from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
+from gpt2job.files import h5logprobs
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
@@ -37,11 +38,11 @@ def concat(comps):
     offsets = np.zeros(len(lens) + 1, np.int64)
     np.cumsum(lens, out=offsets[1:])
     base = np.cumsum([0] + [len(c.rows) for c in comps[:-1]])
-    return Completions(-1, np.concatenate([c.rows for c in comps]).astype(np.int64), offsets,
+    return h5logprobs.concat_into(Completions(-1, np.concatenate([c.rows for c in comps]).astype(np.int64), offsets,
                        np.concatenate([c.tokens for c in comps]).astype(np.int32),
                        np.concatenate([c.finish for c in comps]).astype(np.uint8),
                        np.concatenate([c.copy_rows for c in comps]).astype(np.int64),
-                       np.concatenate([c.copy_src + k for c, k in zip(comps, base)]).astype(np.int64))
+                       np.concatenate([c.copy_src + k for c, k in zip(comps, base)]).astype(np.int64)), comps)
 
 
 # ---------------------------------------------------------------- the file
@@ -74,7 +75,9 @@ def make_header(path, n, key, attrs, text, vocab_dir, flush_interval, stops=None
 
 
 def create_output(header, prompt_lengths):
-    """A new, empty output file at header['path'] (made beside it, then moved there); -> open h5py.File (r+)."""
+    """A new, empty output file at header['path'] (made beside it, then moved there); -> open h5py.File (r+). With
+    attrs num_samples N > 1, rows [prompts * N]: prompt_index (int64) and sample_index (int32) say which prompt and
+    sample each row is, and prompt_lengths (per prompt) are repeated per row."""
     import h5py
     path, n = header["path"], header["n"]
     tmp = path + ".tmp"
@@ -90,7 +93,15 @@ def create_output(header, prompt_lengths):
             f.create_dataset("finish_reason", (n,), dtype=FINISH_DTYPE)
             if header.get("stops"):     # only a job with stops: other outputs stay as they were
                 f.create_dataset("stop_reason", (n,), dtype=vstr)
-            f.create_dataset("prompt_length", data=np.asarray(prompt_lengths).astype(np.int32))
+            h5logprobs.create_datasets(f, header)      # only a job with --logprobs
+            samples = int(header["attrs"].get("num_samples", 1))   # --num-samples N: row r = sample r % N of
+            lengths = np.asarray(prompt_lengths).astype(np.int32)   # prompt r // N (prompt_lengths: per prompt)
+            if samples > 1:
+                r = np.arange(n, dtype=np.int64)
+                f.create_dataset("prompt_index", data=r // samples)
+                f.create_dataset("sample_index", data=(r % samples).astype(np.int32))
+                lengths = np.repeat(lengths, samples) if len(lengths) * samples == n else lengths
+            f.create_dataset("prompt_length", data=lengths)
             for k, v in {**header["key"], **header["attrs"]}.items():
                 f.attrs[k] = v if isinstance(v, (int, float, str)) else json.dumps(v, sort_keys=True)
             f.attrs["resume_key"] = json.dumps(header["key"], sort_keys=True)
@@ -154,6 +165,8 @@ class RowWriter:
             self.stops = None
         self.cut = self.stops is not None and self.text is not None and (self.stops.per_row or self.stops.job)
         self.text = text if "completions" in self.ds else None
+        self.lp = h5logprobs.Columns(f)                # log-probabilities (none: present() False)
+        self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
     def prepare(self, comp: Completions):
@@ -164,10 +177,10 @@ class RowWriter:
             o = comp.offsets[a:b + 1]
             mine = (comp.copy_src >= a) & (comp.copy_src < b)
             out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
-                                     comp.copy_rows[mine], comp.copy_src[mine] - a))
+                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1])))
         return out
 
-    def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src):
+    def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src, lp_part=None):
         n = len(rows)
         tokens = np.ascontiguousarray(tokens, np.int32)
         finish = np.asarray(finish)
@@ -196,16 +209,19 @@ class RowWriter:
         p["finish_reason"] = self.names[finish]
         if self.stops is not None:
             p["stop_reason"] = self._reasons(offsets, tokens, finish, hits, p["keep"])
+        self.lp.prepare(p, offsets, lp_part)
         p["done"] = np.ones(n + len(copy_rows), np.uint8)
         all_rows = np.concatenate([rows, copy_rows]) if len(copy_rows) else rows
         order = np.argsort(all_rows, kind="stable")
-        for k in ("completion_tokens", "completions", "text_exact", "finish_reason", "stop_reason"):   # a copy: its
+        for k in ("completion_tokens", "completions", "text_exact", "finish_reason", "stop_reason",   # a copy: its
+                  *h5logprobs.NAMES):
             # source's pointers
             if k in p:
                 p[k] = (np.concatenate([p[k], p[k][copy_src]]) if len(copy_rows) else p[k])[order]
         p["n"], p["rows"] = len(all_rows), np.asarray(all_rows, np.uint64)[order].reshape(-1, 1)
         # what the file may grow by, generously: HDF5 stores each variable-length element with a header of its own
         p["bytes"] = 2 * (128 * p["n"] + 4 * len(tokens) + sum(len(b) for b in p["keep"][1:])) + (64 << 10)
+        p["bytes"] += 2 * p.pop("lp_bytes", 0)
         return p
 
     def _reasons(self, offsets, tokens, finish, hits, keep):
@@ -246,7 +262,8 @@ class RowWriter:
             space.select_elements(p["rows"])
             mem = h5s.create_simple((p["n"],))
             for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
-                                ("finish_reason", None), ("stop_reason", self.vstr), ("done", None)):   # done last
+                                ("finish_reason", None), ("stop_reason", self.vstr),
+                                *self.lp.types.items(), ("done", None)):   # done last
                 if name in p:
                     self.ds[name].write(mem, space, p[name], mtype)
 

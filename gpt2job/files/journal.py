@@ -6,8 +6,9 @@ Format: a header record (JSON: the resume key) then records of completed rows, e
 length, crc32) + payload. A record written now (GJR2) holds one chunk's completions in their compact form (45 bytes a
 row of 8 tokens, 12 a copy): chunk id, rows B, tokens T, copies C (int64 each), rows (int64 [B]), copy rows (int64
 [C]), tokens (int32 [T]), lengths (int32 [B]), copy sources (int32 [C]: the row whose completion a copy has),
-finish codes (uint8 [B]), all little-endian. Records of older journals (GJR1: the int64 buffer of chunks.py) are
-read too. Results received together are appended with one write and one fsync (append_many: a group commit)."""
+finish codes (uint8 [B]), all little-endian. A chunk with log-probabilities (--logprobs) is a GJR3 record: the GJR2
+payload, then K (int64), the logprobs (float32 [T]), the top ids (int32 [T, K]) and top logprobs (float32 [T, K]);
+chunks without them stay GJR2. Records of older journals (GJR1: the int64 buffer of chunks.py) are read too. Results received together are appended with one write and one fsync (append_many: a group commit)."""
 import errno
 import json
 import os
@@ -21,7 +22,7 @@ import numpy as np
 from gpt2job.chunks import Completions
 from gpt2job.errors import UserError
 
-MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC = b"GJH1", b"GJR1", b"GJR2"
+MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC, MAGIC_REC_LP = b"GJH1", b"GJR1", b"GJR2", b"GJR3"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 
 
@@ -46,10 +47,20 @@ def encode_record(c: Completions) -> bytes:
                      np.asarray(c.finish, np.uint8).tobytes()))
 
 
-def decode_record(payload) -> Completions:
-    """A GJR2 payload as Completions whose arrays are views of it (no copies but the offsets)."""
+def encode_logprobs(c: Completions) -> bytes:
+    """What a GJR3 record adds to the GJR2 payload: K, logprobs [T], top ids [T, K], top logprobs [T, K]."""
+    parts = [np.array([c.top_k], "<i8").tobytes(), np.asarray(c.logprobs, "<f4").tobytes()]
+    if c.top_k:
+        parts += [np.asarray(c.top_ids, "<i4").tobytes(), np.asarray(c.top_logprobs, "<f4").tobytes()]
+    return b"".join(parts)
+
+
+def decode_record(payload, with_logprobs=False) -> Completions:
+    """A GJR2 payload (with_logprobs: GJR3) as Completions whose arrays are views of it (no copies but the
+    offsets)."""
     cid, b, t, n = (int(x) for x in np.frombuffer(payload, "<i8", 4))
-    if len(payload) != 32 + 13 * b + 4 * t + 12 * n:
+    size = 32 + 13 * b + 4 * t + 12 * n
+    if (len(payload) < size + 8) if with_logprobs else (len(payload) != size):
         raise ValueError("malformed journal record")
     p = 32
     rows = np.frombuffer(payload, "<i8", b, p)
@@ -62,7 +73,23 @@ def decode_record(payload) -> Completions:
     finish = np.frombuffer(payload, np.uint8, b, p + 4 * (t + b + n))
     if offsets[-1] != t or (n and (copy_src.min() < 0 or copy_src.max() >= b)):
         raise ValueError("malformed journal record")
-    return Completions(cid, rows, offsets, tokens, finish, copy_rows, copy_src)
+    c = Completions(cid, rows, offsets, tokens, finish, copy_rows, copy_src)
+    if with_logprobs:
+        k = int(np.frombuffer(payload, "<i8", 1, size)[0])
+        if k < 0 or len(payload) != size + 8 + 4 * t * (1 + 2 * k):
+            raise ValueError("malformed journal record")
+        c.logprobs = np.frombuffer(payload, "<f4", t, size + 8)
+        if k:
+            c.top_ids = np.frombuffer(payload, "<i4", t * k, size + 8 + 4 * t).reshape(t, k)
+            c.top_logprobs = np.frombuffer(payload, "<f4", t * k, size + 8 + 4 * t * (1 + k)).reshape(t, k)
+    return c
+
+
+def decode_any(magic, payload) -> Completions:
+    """The Completions of a record of any kind (GJR1, GJR2, GJR3)."""
+    if magic == MAGIC_REC_V1:
+        return decode_record_v1(payload)
+    return decode_record(payload, magic == MAGIC_REC_LP)
 
 
 def decode_record_v1(payload) -> Completions:
@@ -115,7 +142,7 @@ class JournalReader:
                 view, pos, comps, bad = memoryview(buf), 0, [], False
                 while pos + REC_HEAD.size <= len(buf):
                     magic, n, crc = REC_HEAD.unpack_from(buf, pos)
-                    if magic not in (MAGIC_REC, MAGIC_REC_V1):
+                    if magic not in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP):
                         bad = True
                         break
                     if pos + REC_HEAD.size + n > len(buf):
@@ -124,7 +151,7 @@ class JournalReader:
                     try:
                         if zlib.crc32(payload) != crc:
                             raise ValueError("checksum")
-                        comps.append(decode_record(payload) if magic == MAGIC_REC else decode_record_v1(payload))
+                        comps.append(decode_any(magic, payload))
                     except ValueError:
                         bad = True
                         break
@@ -143,7 +170,7 @@ def records_of(blob):
     while pos < len(blob):
         magic, n, _ = REC_HEAD.unpack_from(blob, pos)
         payload = view[pos + REC_HEAD.size: pos + REC_HEAD.size + n]
-        out.append(decode_record(payload) if magic == MAGIC_REC else decode_record_v1(payload))
+        out.append(decode_any(magic, payload))
         pos += REC_HEAD.size + n
     return out
 
@@ -189,7 +216,10 @@ class Journal:
         parts = []
         for c in comps:
             payload = encode_record(c)
-            parts += [REC_HEAD.pack(MAGIC_REC, len(payload), zlib.crc32(payload)), payload]
+            magic = MAGIC_REC
+            if c.logprobs is not None:
+                payload, magic = payload + encode_logprobs(c), MAGIC_REC_LP
+            parts += [REC_HEAD.pack(magic, len(payload), zlib.crc32(payload)), payload]
         return b"".join(parts)
 
     def append(self, comp: Completions):

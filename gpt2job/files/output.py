@@ -21,6 +21,9 @@ HDF5 layout (row i answers prompt i):
   prompt_length      int32      [N]
   stop_reason        vlen str   [N]   only in jobs with stops: the stop string the text was cut before, a stop token
                                       id (not EOS) as decimal text, "" otherwise (vLLM's stop_reason)
+  completion_logprobs vlen float32 [N] only with --logprobs: each generated token's log-probability (h5write.py)
+  top_logprob_ids    vlen int32 [N]   only with --top-logprobs K: per row n_generated x K ids, step-major (attribute
+  top_logprobs       vlen float32 [N] top_logprobs_k = K on both), and their log-probabilities
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
@@ -32,7 +35,7 @@ import time
 import numpy as np
 
 from gpt2job import envs
-from gpt2job.chunks import FINISH_INVALID, Completions, take_ragged
+from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.errors import AlreadyComplete, UserError
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import WriterThread, make_header
@@ -271,8 +274,7 @@ class OutputStore:
                 keep = np.flatnonzero(new)
                 full = comp.expanded()
                 computed = int(np.diff(full.offsets)[keep[keep < len(comp.rows)]].sum())
-                offsets, tokens = take_ragged(full.offsets, full.tokens, keep)
-                comp = Completions(comp.chunk_id, rows[keep], offsets, tokens, full.finish[keep])
+                comp = full.take(keep)     # tokens and log-probabilities
                 rows = comp.rows
             self.done[rows] = True      # rows repeated within comps are taken once
             fresh.append(comp)

@@ -59,7 +59,7 @@ class RowSettings:
         return {"datasets": list(self.given), "fingerprint": self.fingerprint}
 
     def params(self, rows):
-        """RowParams of these rows (a chunk's)."""
+        """RowParams of these input rows (a chunk's; with --num-samples N, output row r's input row is r // N)."""
         rows = np.asarray(rows, np.int64)
         so, sb = self.stops.take(rows)
         return RowParams(*(self.values[n][rows] for n in NUMERIC), so, sb)
@@ -72,8 +72,9 @@ class StopTable:
     """Each row's stop strings: the input's `stop` dataset where a row has some, else the job's --stop. Flat arrays
     (RowParams' form): row i's own are raw_bytes[raw_offsets[i]:raw_offsets[i+1]], none when that is empty."""
 
-    def __init__(self, job_stops, raw_offsets=None, raw_bytes=None, ids=(), eos=None):
+    def __init__(self, job_stops, raw_offsets=None, raw_bytes=None, ids=(), eos=None, num_samples=1):
         self.job = tuple(job_stops)
+        self.num_samples = num_samples     # of(): output rows, sample r % N of input row r // N (--num-samples N)
         self.ids, self.eos = frozenset(int(i) for i in ids), eos   # stop token ids; EOS when it stops a row
         blob = np.frombuffer(stop_blob(self.job), np.uint8)
         self.per_row = raw_offsets is not None
@@ -104,9 +105,10 @@ class StopTable:
         return "" if t == self.eos or t not in self.ids else str(t)
 
     def of(self, row):
-        """Row row's stop strings: a tuple of str."""
+        """Output row row's stop strings (those of its input row): a tuple of str."""
         if not self.per_row:
             return self.job
+        row //= self.num_samples
         raw = bytes(self.bytes[self.offsets[row]:self.offsets[row + 1]])
         return tuple(x.decode("utf-8") for x in raw.split(b"\0")[:-1]) if raw else self.job
 
@@ -266,7 +268,8 @@ def stops_header(s, eos_token_id, rows):
         return None
     import os
     return {"stop": list(s.stop), "stop_token_ids": sorted(int(i) for i in s.stop_token_ids),
-            "eos": None if s.ignore_eos else int(eos_token_id), "input": os.path.abspath(s.input) if per_row else None}
+            "eos": None if s.ignore_eos else int(eos_token_id), "input": os.path.abspath(s.input) if per_row else None,
+            "num_samples": s.num_samples}
 
 
 def stop_table_of(header):
@@ -276,11 +279,12 @@ def stop_table_of(header):
     if not st:
         return None
     so = sb = None
+    n_samples = int(st.get("num_samples", 1))        # the output's rows: input rows x --num-samples
     if st.get("input"):
         import h5py
         with h5py.File(st["input"], "r") as f:
-            so, sb = read_stop_dataset(st["input"], f[STOP], header["n"])
-    return StopTable(st["stop"], so, sb, st["stop_token_ids"], st["eos"])
+            so, sb = read_stop_dataset(st["input"], f[STOP], header["n"] // n_samples)
+    return StopTable(st["stop"], so, sb, st["stop_token_ids"], st["eos"], n_samples)
 
 
 def check_job_stops(s, vocab_size, rows, enc):

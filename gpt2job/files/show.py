@@ -25,6 +25,9 @@ def show(path, start=0, limit=10):
         stop = min(n, start + limit)
         has_text = "completions" in f
         stop_reason = f["stop_reason"] if "stop_reason" in f else None
+        lps = f["completion_logprobs"] if "completion_logprobs" in f else None
+        tops = (f["top_logprob_ids"], f["top_logprobs"], int(f["top_logprobs"].attrs["top_logprobs_k"])) \
+            if "top_logprobs" in f else None
         for i in range(start, stop):
             if not done[i]:
                 print(f"[{i}] (not done)")
@@ -33,6 +36,8 @@ def show(path, start=0, limit=10):
             reason = reason.decode() if isinstance(reason, bytes) else reason
             toks = np.asarray(f["completion_tokens"][i]).tolist()
             line = f"[{i}] {reason:7s} {toks}"
+            if "prompt_index" in f and "sample_index" in f:   # --num-samples: which prompt, which of its samples
+                line = f"[{i}] prompt {int(f['prompt_index'][i])} sample {int(f['sample_index'][i])} {reason:7s} {toks}"
             if has_text:
                 text = f["completions"][i]
                 text = text.decode() if isinstance(text, bytes) else text
@@ -42,4 +47,9 @@ def show(path, start=0, limit=10):
             if why:
                 line += f"  (stop_reason {why!r})"
             print(line)
+            if lps is not None:
+                print("      logprobs " + " ".join(f"{x:.3f}" for x in np.asarray(lps[i]).tolist()))
+            if tops is not None and len(tops[0][i]):   # the first token's alternatives (export has them all)
+                alt = zip(np.asarray(tops[0][i][:tops[2]]).tolist(), np.asarray(tops[1][i][:tops[2]]).tolist())
+                print("      top at token 0: " + ", ".join(f"{t} {v:.3f}" for t, v in alt))
     return 0

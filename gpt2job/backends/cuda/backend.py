@@ -60,8 +60,8 @@ class CudaBackend(Backend):
         t0.record(dev.compute)
         t0.synchronize()
         free = dev.free_memory()
-        # the head buffers to reserve: a job-wide penalty selects on materialised logits even when greedy
-        greedy = self.settings.sampling.greedy and self.settings.repetition_penalty == 1
+        # the head buffers to reserve: a job-wide penalty or --logprobs selects on materialised logits even when greedy
+        greedy = self.settings.sampling.greedy and self.settings.repetition_penalty == 1 and not self.settings.logprobs
         self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
                              share_gpus=share_gpus, greedy=greedy)
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,

@@ -60,6 +60,7 @@ class Device:
         self._bufs = {}      # name -> (allocation, bytes)
         self._uploads = []   # Upload pairs
         self.tok_host = self.step_host = np.empty(0, np.int32)   # pinned by step_buffers
+        self.lp_host = None    # pinned: two steps' log-probabilities (--logprobs; logprobs.StepLogprobs)
 
     def open_streams(self):
         self.compute = self.drv.Stream()

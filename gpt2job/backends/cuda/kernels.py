@@ -10,39 +10,18 @@ compiles each one once per node, whatever the number of ranks; `python -m gpt2jo
 job (compile_modules, without a GPU).
 """
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from gpt2job.backends.cuda import cuda_src_dir
 from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
+from gpt2job.backends.cuda.kernels_select import KERNELS, Kernel, SelectKernels, _kernel  # noqa: F401 (re-exported)
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX = 0, 1, 2, 3, 4, 5
-
-
-@dataclass(frozen=True)
-class Kernel:
-    """A kernel of cuda_src/<source>, launched with blocks of `threads` threads."""
-    name: str
-    source: str
-    signature: str
-    threads: int
-    block: tuple = field(init=False, repr=False)   # (threads, 1, 1)
-
-    def __post_init__(self):
-        object.__setattr__(self, "block", (self.threads, 1, 1))
-
-
-KERNELS = []   # every Kernel record, in the order they are defined below
-
-
-def _kernel(name, source, signature, threads):
-    k = Kernel(name, source, signature, threads)
-    KERNELS.append(k)
-    return k
 
 
 # ---------------------------------------------------------------- fp16 product tile variants
@@ -186,7 +165,7 @@ def ptr(a):
     return int(a)
 
 
-class Kernels:
+class Kernels(SelectKernels):
     """Every kernel the options ask for, compiled and loaded into the current context; typed launchers."""
 
     def __init__(self, local_rank=0, options=KernelOptions()):
@@ -353,48 +332,3 @@ class Kernels:
             nw = n_tiles * H   # one warp per (tile, head), 4 warps per block
             self.launch(self.ATTENTION_PREFILL, ((nw + 3) // 4, 1, 1), stream, qkv, kc, vc, row_slot, slot_base,
                         row_pos, out, tiles, n_tiles, row_base, H, S, np.float32(scale))
-
-    # ---------------------------------------------------------------- token selection (sampling.cu)
-
-    GATHER_TOKENS = _kernel("gather_tokens", "sampling.cu", "PPPi", 256)
-
-    def gather_tokens(self, stream, src, idx, dst, n):
-        """dst[i] = src[idx[i]], int32, i < n."""
-        if n:
-            self.launch(self.GATHER_TOKENS, ((n + 255) // 256, 1, 1), stream, src, idx, dst, n)
-
-    ARGMAX_PARTIALS = _kernel("argmax_partials", "sampling.cu", "PiiPi", 256)
-
-    def argmax_partials(self, stream, part, ld, n, out, R):
-        """out[r] = the column of the largest of the n EPI_ARGMAX partials of row r (lowest column on ties)."""
-        if R:
-            self.launch(self.ARGMAX_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, R)
-
-    ARGMAX_ROWS = _kernel("argmax_rows", "sampling.cu", "PiiPi", 1024)
-
-    def argmax(self, stream, logits, ld, V, out, R):
-        if R:
-            self.launch(self.ARGMAX_ROWS, (R, 1, 1), stream, logits, ld, V, out, R)
-
-    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiQdidPi", 1024)
-
-    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R):
-        if R:
-            self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step),
-                        np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
-                        np.float64(top_p), out, R)
-
-    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiPi", 1024)
-
-    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R):
-        """Each row its own settings and penalty: sel (rows.RowSel) holds their device arrays and seen bitmap."""
-        if R:
-            self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), sel.seed,
-                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, out, R)
-
-    MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
-
-    def mark_seen(self, stream, tok, seq, n, seq_base, bits, words):
-        """bits[seq[i] - seq_base, tok[i] // 32] |= 1 << tok[i] % 32, i < n (the penalty's seen tokens)."""
-        if n:
-            self.launch(self.MARK_SEEN, ((n + 255) // 256, 1, 1), stream, tok, seq, n, seq_base, bits, words)

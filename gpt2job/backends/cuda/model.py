@@ -247,17 +247,17 @@ class Model:
         self.p.logits(hl, self.head_w, logits, m, self.V, self.cfg.n_embd, self.Vpad)
         return logits
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, lp=None):
         """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
         argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step). sel (rows.RowSel):
-        each row's own settings and penalty, on the materialised logits (sampling is then unused)."""
+        each row's own settings and penalty, on the materialised logits (sampling is then unused). lp
+        (logprobs.LogprobOut, --logprobs): the chosen tokens' log-probabilities (and top K) from the materialised
+        logits too (the fused greedy head writes none)."""
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
         for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
-            if sel is not None:
-                k.sample_params(st, self._logits(hl, m), Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
-                continue
-            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sampling.greedy else None
+            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sampling.greedy and sel is None and lp is None \
+                else None
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
                 # columns, then their argmax; the logits never reach memory
@@ -268,11 +268,15 @@ class Model:
                 k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m)
                 continue
             logits = self._logits(hl, m)
-            if sampling.greedy:
+            if sel is not None:
+                k.sample_params(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
+            elif sampling.greedy:
                 k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
             else:
                 k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sampling.seed, sampling.temperature,
                          sampling.top_k, sampling.top_p, p_out + 4 * g0, m)
+            if lp is not None:   # the raw logits, the tokens just chosen
+                k.logprobs(st, logits, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m)
 
     def logits_to_host(self, x, n, p_rowidx, idx_base, out):
         """The logits of n rows of x (as _ln_f picks them) into out [n, V] float32 on the host (tests)."""

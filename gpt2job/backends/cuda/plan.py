@@ -267,6 +267,10 @@ def join_completions(chunk, parts):
     offsets = np.zeros(1, np.int64)
     for p in parts:
         offsets = np.concatenate([offsets, offsets[-1] + np.asarray(p.offsets[1:], np.int64)])
-    return Completions(chunk.chunk_id, np.concatenate([np.asarray(p.rows, np.int64) for p in parts]), offsets,
-                       np.concatenate([np.asarray(p.tokens, np.int32) for p in parts]),
-                       np.concatenate([np.asarray(p.finish, np.uint8) for p in parts]))
+    out = Completions(chunk.chunk_id, np.concatenate([np.asarray(p.rows, np.int64) for p in parts]), offsets,
+                      np.concatenate([np.asarray(p.tokens, np.int32) for p in parts]),
+                      np.concatenate([np.asarray(p.finish, np.uint8) for p in parts]))
+    for name in ("logprobs", "top_ids", "top_logprobs"):    # with --logprobs: theirs, in the same order
+        if all(getattr(p, name) is not None for p in parts):
+            setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
+    return out

@@ -38,9 +38,10 @@ class SharePlan:
         return 1.0 - int(self.offsets[-1]) / total if total else 0.0
 
 
-def lexicographic(offsets, tokens):
+def lexicographic(offsets, tokens, first=None):
     """(perm [B], lcp [B]): prompts in lexicographic token order (a prefix before the prompts it starts), and
-    lcp[i] = length of the common prefix of prompts perm[i-1] and perm[i] (lcp[0] = 0)."""
+    lcp[i] = length of the common prefix of prompts perm[i-1] and perm[i] (lcp[0] = 0). first ([B] ints >= 0,
+    optional): sort by it first, then by the tokens."""
     offsets = np.asarray(offsets, np.int64)
     lens = np.diff(offsets)
     B, L = len(lens), int(lens.max()) if len(lens) else 0
@@ -52,7 +53,11 @@ def lexicographic(offsets, tokens):
         mat[np.repeat(np.arange(B), lens), col] = tokens
     # rows as big-endian byte strings (token + 1 >= 0): byte order = token order, so a sort of the strings is the
     # lexicographic order (numpy compares void items byte by byte; np.lexsort over L keys is far slower for long L)
-    keys = np.ascontiguousarray((mat + 1).astype(">u4")).view(np.dtype((np.void, 4 * max(L, 1)))).ravel()   # [B]
+    kmat = mat + 1
+    if first is not None:                                                 # [B, 1 + L]: the primary key in front
+        kmat = np.concatenate([np.asarray(first, np.int64).reshape(B, 1).astype(np.int32), kmat], axis=1)
+    kmat = np.ascontiguousarray(kmat.astype(">u4"))                       # (big-endian after any concatenation)
+    keys = kmat.view(np.dtype((np.void, 4 * max(kmat.shape[1], 1)))).ravel()   # [B]
     perm = np.argsort(keys, kind="stable")                                # [B]
     srt = mat[perm]                                                       # [B, L]
     differ = (srt[1:] != srt[:-1]) | (srt[1:] < 0)                       # [B-1, L]
@@ -74,19 +79,22 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     B = len(lens0)
     if B < 2 or B * int(lens0.max()) > MAX_MATRIX:
         return None
+    need = lens0 if extra is None else lens0 + np.asarray(extra, np.int64)   # [B] positions each prompt's cache needs
     perm, lcp = lexicographic(offsets, tokens)
-    lens = lens0[perm]
-    skip = np.minimum(lcp, lens - 1)
-    if skip.sum() < min_saving * lens.sum():
+    skip = np.minimum(lcp, lens0[perm] - 1)
+    if skip.sum() < min_saving * lens0.sum():
         return None
-    if extra is None:
-        groups = groups_of(lens)
-        ungrouped = groups_of(lens0)
-    else:
-        extra = np.asarray(extra, np.int64)
-        groups, ungrouped = groups_of(lens + extra[perm]), groups_of(lens0 + extra)
+    groups, ungrouped = groups_of(need[perm]), groups_of(need)
+    if len(groups) > len(ungrouped) and (lcp == lens0[perm]).any():
+        # the lexicographic order mixes lengths, but the chunk holds identical prompts (the samples of --num-samples):
+        # the most positions first instead (the scheduler's order, so its KV groups), lexicographic among equal needs.
+        # Identical prompts and prefixes among equal needs still share; prefixes across lengths mostly not
+        perm, lcp = lexicographic(offsets, tokens, first=int(need.max()) - need)
+        skip = np.minimum(lcp, lens0[perm] - 1)
+        groups = groups_of(need[perm])
     if len(groups) > len(ungrouped):
         return None
+    lens = lens0[perm]
     for b0, _ in groups:
         skip[b0] = 0
     if skip.sum() < min_saving * lens.sum():

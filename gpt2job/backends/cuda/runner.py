@@ -30,6 +30,7 @@ import numpy as np
 from gpt2job.backends import Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.device import Upload
+from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
                                         size_floors, split_chunk)
 from gpt2job.backends.cuda.rows import RowPlan, group_sel
@@ -249,13 +250,14 @@ class Runner:
         out = np.zeros((B, max(rp.n_max, 0)), np.int32)   # generated tokens, row b: out[b, :gen[b]]
         gen = np.zeros(B, np.int64)
         finish = np.full(B, FINISH_LENGTH, np.uint8)
+        lp = StepLogprobs.of(self.dev, plan.settings, B, rp.n_max)   # OFF unless --logprobs
         self.dev.compute.wait_for_event(plan.ev_up[1])
         ev_c0 = drv.Event()
         ev_c0.record(self.dev.compute)
         if B and rp.n_max > 0:
             groups = plan.groups or self.kv_groups(lay.lens + rp.mnt, 0)
             for b0, b1 in groups:
-                yield from self._run_group(plan, b0, b1, out, gen, finish)
+                yield from self._run_group(plan, b0, b1, out, gen, finish, lp)
         ev_c1 = drv.Event()
         ev_c1.record(self.dev.compute)
         ev_c1.synchronize()
@@ -268,13 +270,14 @@ class Runner:
         for kind, a, b in plan.phases:   # device time of prefill / decode steps (ms)
             entry[kind + "_ms"] = entry.get(kind + "_ms", 0.0) + b.time_since(a)
         self.timeline.append(entry)
+        back = None
         if plan.perm is not None:   # back to the chunk's order (the prompts ran in the share plan's)
             back = np.argsort(plan.perm)
             out, gen, finish = out[back], gen[back], finish[back]
         offs = np.zeros(B + 1, np.int64)
         np.cumsum(gen, out=offs[1:])
         flat = out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
-        return Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish)
+        return lp.attach(Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish), gen, back)
 
     @staticmethod
     def decode_buffers(ns):
@@ -300,7 +303,7 @@ class Runner:
                                    tiles=plan.pass_tiles(pb0, pb1), copies=(plan.p_copies + 12 * c0, c1 - c0))
             yield pb0, pb1, r0, x
 
-    def _run_group(self, plan, b0, b1, out, gen, finish):
+    def _run_group(self, plan, b0, b1, out, gen, finish, lp):
         drv, dev, model, rp = self.dev.drv, self.dev, self.model, plan.rows
         sampling, lens, mnt = rp.shared, plan.layout.lens, rp.mnt
         ns = b1 - b0
@@ -309,19 +312,21 @@ class Runner:
         kv = self._kv_cache(ns, S)
         tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in self.decode_buffers(ns)]
         dev.step_buffers(ns)
+        lp.group(ns)
         ev_p0 = drv.Event()
         ev_p0.record(dev.compute)
         sel = group_sel(self.k, dev, rp, plan.layout, int(plan.upload.dev), b0, b1, model.V)
         kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
-                         tok_dev + 4 * (pb0 - b0), sampling, **kw)
+                         tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
         yield Pause(True, _READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
         # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
         # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
         # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
         # batch from step s+1 on (its next input gathered on the GPU); so does a row at its own max_new_tokens.
         alive = np.ones(ns, bool)           # row b0 + i has not stopped (as far as the host knows)
+        lp.download(ns, 0)                  # (before the tokens: their download's event covers it)
         flight = (0, np.arange(b0, b1), dev.download_tokens(tok_dev, ns, 0), ev_p0)   # (step, rows, download, start)
         for step in range(1, n_max + 1):
             nxt = None
@@ -347,8 +352,9 @@ class Runner:
                     if sel is not None and sel.seen:   # the penalty's seen tokens: this step's input ones
                         self.k.mark_seen(dev.compute, p_tok, sdev + 4 * n, n, b0, sel.seen, sel.words)
                     x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
-                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw)
+                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw, **lp.kw(n))
                     yield Pause(True, _READY, int(gen.sum()))
+                    lp.download(n, step % 2)
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
             # the previous step's tokens reach the host (the step just launched computes meanwhile)
             pstep, prows, (e0, e1, host), start = flight
@@ -358,6 +364,7 @@ class Runner:
             plan.phases.append(("prefill" if pstep == 0 else "decode", start, e1))
             tok = host[:len(prows)]
             live = alive[prows - b0]                 # rows stopped before pstep computed it for nothing
+            lp.take(pstep % 2, len(live), live, prows[live], pstep)
             prows, tok = prows[live], tok[live]
             out[prows, pstep] = tok
             gen[prows] = pstep + 1

@@ -1,0 +1,85 @@
+"""The token selection kernels' registry records and launchers (sampling.cu, logprobs.cu), a mixin of Kernels
+(kernels.py, which launches them through Kernels.launch), and the registry's record type: Kernel, KERNELS, _kernel
+(every record of kernels.py is made here too)."""
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """A kernel of cuda_src/<source>, launched with blocks of `threads` threads."""
+    name: str
+    source: str
+    signature: str
+    threads: int
+    block: tuple = field(init=False, repr=False)   # (threads, 1, 1)
+
+    def __post_init__(self):
+        object.__setattr__(self, "block", (self.threads, 1, 1))
+
+
+KERNELS = []   # every Kernel record, in the order they are defined below
+
+
+def _kernel(name, source, signature, threads):
+    k = Kernel(name, source, signature, threads)
+    KERNELS.append(k)
+    return k
+
+
+class SelectKernels:
+    """Launchers of the token selection kernels (Kernels inherits them)."""
+
+    GATHER_TOKENS = _kernel("gather_tokens", "sampling.cu", "PPPi", 256)
+
+    def gather_tokens(self, stream, src, idx, dst, n):
+        """dst[i] = src[idx[i]], int32, i < n."""
+        if n:
+            self.launch(self.GATHER_TOKENS, ((n + 255) // 256, 1, 1), stream, src, idx, dst, n)
+
+    ARGMAX_PARTIALS = _kernel("argmax_partials", "sampling.cu", "PiiPi", 256)
+
+    def argmax_partials(self, stream, part, ld, n, out, R):
+        """out[r] = the column of the largest of the n EPI_ARGMAX partials of row r (lowest column on ties)."""
+        if R:
+            self.launch(self.ARGMAX_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, R)
+
+    ARGMAX_ROWS = _kernel("argmax_rows", "sampling.cu", "PiiPi", 1024)
+
+    def argmax(self, stream, logits, ld, V, out, R):
+        if R:
+            self.launch(self.ARGMAX_ROWS, (R, 1, 1), stream, logits, ld, V, out, R)
+
+    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiQdidPi", 1024)
+
+    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R):
+        if R:
+            self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step),
+                        np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
+                        np.float64(top_p), out, R)
+
+    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiPi", 1024)
+
+    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R):
+        """Each row its own settings and penalty: sel (rows.RowSel) holds their device arrays and seen bitmap."""
+        if R:
+            self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), sel.seed,
+                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, out, R)
+
+    MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
+
+    def mark_seen(self, stream, tok, seq, n, seq_base, bits, words):
+        """bits[seq[i] - seq_base, tok[i] // 32] |= 1 << tok[i] % 32, i < n (the penalty's seen tokens)."""
+        if n:
+            self.launch(self.MARK_SEEN, ((n + 255) // 256, 1, 1), stream, tok, seq, n, seq_base, bits, words)
+
+    TOKEN_LOGPROBS = _kernel("token_logprobs", "logprobs.cu", "PiiPiPPPi", 256)
+
+    def logprobs(self, stream, logits, ld, V, tok, k, lp, top_ids, top_vals, R):
+        """lp[r] = log_softmax(logits[r, :V])[tok[r]] (float32); k > 0: top_ids / top_vals [R, k] the k most likely
+        ids (descending, ties to the lower id) and their log-probabilities (model/logprobs.py's rules)."""
+        if R:
+            assert 0 <= k <= 20
+            self.launch(self.TOKEN_LOGPROBS, (R, 1, 1), stream, logits, ld, V, tok, int(k), lp, top_ids if k else 0,
+                        top_vals if k else 0, R)

@@ -1,0 +1,129 @@
+"""The input of `python -m gpt2job score IN OUT`: each row's full token sequence and the first position scored.
+
+Input forms (HDF5):
+  prompts / prompt_tokens         texts / token rows: every token but the first is scored (the first has no
+                                  prediction: it is the condition, as transformers' loss treats it)
+  context + continuation          texts: each is tokenized on its own and the ids concatenated (lm-eval-harness'
+  context_tokens + continuation_tokens   rule); token rows: concatenated. Only the continuation's tokens are scored.
+                                  An empty context scores the continuation from its second token (no prediction for
+                                  the first), unless --prepend-eos.
+With --prepend-eos every row starts with <|endoftext|> (50256), so that its first token is scored too
+(lm-eval-harness' convention for rows without context).
+
+A worker scores positions 1..L-1 of every row (it needs no more than the tokens); the master keeps positions
+start..L-1 of each row (trim) before the journal: the output holds only the scored tokens.
+"""
+import hashlib
+
+import numpy as np
+
+from gpt2job.chunks import Completions
+from gpt2job.errors import UserError
+from gpt2job.files.h5files import contents, open_readable
+from gpt2job.files.prompts import PromptSet, Validation, _read_text_dataset, _read_token_dataset, read_prompts
+
+PAIRS = (("context_tokens", "continuation_tokens"), ("context", "continuation"))
+FIX = ("write 'prompts' (texts) or 'prompt_tokens' (token rows), or 'context' + 'continuation' (texts) or "
+       "'context_tokens' + 'continuation_tokens' (token rows) of equal length; see README 'Scoring'")
+
+
+def _pair_names(path):
+    with open_readable(path, "input", "give an HDF5 file (see README 'Scoring')") as f:
+        for a, b in PAIRS:
+            if a in f or b in f:
+                if not (a in f and b in f):
+                    raise UserError(f"has '{a if a in f else b}' without '{b if a in f else a}' ({contents(f)})",
+                                    path, "datasets", FIX)
+                return a, b
+    return None
+
+
+def _read_dataset(path, name, tokenizer_factory):
+    with open_readable(path, "input", FIX) as f:
+        ds = f[name]
+        try:
+            ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
+                  _read_text_dataset(path, ds, tokenizer_factory))
+        except UserError as e:   # the readers name their own dataset: name this one
+            raise UserError(str(e).replace("prompt_tokens", name).replace("prompts", name)) from None
+    ps.source = name
+    return ps
+
+
+def read_score_input(path, tokenizer_factory, prepend_eos=False, eos=50256):
+    """-> (PromptSet of the full rows, starts [N] int64: the first scored position of each row, >= 1)."""
+    pair = _pair_names(path)
+    if pair is None:
+        ps = read_prompts(path, tokenizer_factory)
+        starts = np.ones(len(ps), np.int64)
+        ctx_len = np.zeros(len(ps), np.int64)
+    else:
+        ctx, cont = (_read_dataset(path, n, tokenizer_factory) for n in pair)
+        if len(ctx) != len(cont):
+            raise UserError(f"has {len(ctx)} rows but '{pair[1]}' has {len(cont)}", path, pair[0], FIX)
+        n = len(ctx)
+        lens = ctx.lengths.astype(np.int64) + cont.lengths                                   # [N]
+        offsets = np.zeros(n + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        # row i: context i then continuation i (two ragged arrays interleaved)
+        both = np.concatenate([ctx.tokens, cont.tokens])
+        parts = np.stack([ctx.offsets[:-1], len(ctx.tokens) + cont.offsets[:-1]], 1).reshape(-1)   # [2N] starts
+        plens = np.stack([ctx.lengths, cont.lengths], 1).reshape(-1).astype(np.int64)
+        # token t of the result: its piece's start in `both` + (t - the piece's start in the result)
+        src = np.repeat(parts - np.concatenate([[0], np.cumsum(plens)[:-1]]), plens) + np.arange(plens.sum())
+        ps = PromptSet(offsets, both[src], f"{pair[0]}+{pair[1]}")
+        ctx_len = ctx.lengths.astype(np.int64)
+        starts = np.maximum(ctx_len, 1)
+    if prepend_eos:
+        lens = ps.lengths.astype(np.int64) + 1
+        offsets = np.zeros(len(ps) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        tokens = np.full(int(offsets[-1]), eos, np.int32)
+        keep = np.ones(len(tokens), bool)
+        keep[offsets[:-1]] = False
+        tokens[keep] = ps.tokens
+        ps = PromptSet(offsets, tokens, ps.source)
+        starts = ctx_len + 1
+    return ps, starts
+
+
+def starts_fingerprint(starts):
+    """For the resume key: the same tokens split differently into context and continuation are another job."""
+    return "sha256:" + hashlib.sha256(np.ascontiguousarray(starts, "<i8")).hexdigest()[:32]
+
+
+def validate_score(prompts: PromptSet, starts, n_positions, vocab_size):
+    """Flag rows with nothing to score (fewer than 2 tokens, or an empty continuation), rows longer than
+    n_positions (nothing is generated: the model's whole window is the limit), ids outside the vocabulary."""
+    lengths = prompts.lengths.astype(np.int64)
+    nothing = lengths - np.asarray(starts, np.int64) < 1
+    too_long = lengths > n_positions
+    bad_tok = np.zeros(len(prompts), bool)
+    tok = prompts.tokens
+    if tok.size and (tok.min() < 0 or tok.max() >= vocab_size):
+        bad = np.flatnonzero(tok.view(np.uint32) >= vocab_size)
+        bad_tok[np.searchsorted(prompts.offsets, bad, side="right") - 1] = True
+    reasons = {"with nothing to score (fewer than 2 tokens, or an empty continuation)": np.flatnonzero(nothing),
+               f"longer than {n_positions} tokens (the model's n_positions)": np.flatnonzero(too_long),
+               f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok)}
+    return Validation(nothing | too_long | bad_tok, reasons)
+
+
+def trim(comp: Completions, starts):
+    """A worker's Completions (row b: tokens 1..L-1 and their logprobs) -> only tokens starts[row]..L-1 of each."""
+    rows = np.asarray(comp.rows, np.int64)
+    if not len(rows):
+        return comp
+    drop = np.asarray(starts, np.int64)[rows] - 1                                       # [B] >= 0
+    if not drop.any():
+        return comp
+    lens = np.diff(comp.offsets) - drop
+    new_off = np.zeros(len(rows) + 1, np.int64)
+    np.cumsum(np.maximum(lens, 0), out=new_off[1:])
+    src = np.repeat(comp.offsets[:-1] + drop - new_off[:-1], np.maximum(lens, 0)) + np.arange(new_off[-1])
+    out = Completions(comp.chunk_id, rows, new_off, np.asarray(comp.tokens)[src].astype(np.int32), comp.finish,
+                      comp.copy_rows, comp.copy_src)
+    if comp.logprobs is not None:
+        out.logprobs = np.asarray(comp.logprobs, np.float32)[src]
+    return out
+
