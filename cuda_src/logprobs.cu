@@ -5,6 +5,8 @@
 //   K > 0: top_ids[r, :K] / top_vals[r, :K] = the K largest logits, descending, the lower id first on ties, and
 //   their l - lse. Each thread keeps its own best K while it reads its columns (one pass over the row for all of it),
 //   then K rounds of a block argmax over the threads' heads merge them.
+//   greedy != 0: the token is chosen here too, the argmax of the row (lowest id on ties, as argmax_rows), and
+//   written to tok[r]: greedy --logprobs reads the logits once instead of twice (argmax_rows, then this).
 #include <math.h>
 
 #define LP_THREADS 256
@@ -16,7 +18,7 @@ __device__ __forceinline__ bool lp_better(float av, int ai, float bv, int bi) {
 }
 
 extern "C" __global__ void __launch_bounds__(LP_THREADS)
-token_logprobs(const float* __restrict__ logits, int ld, int V, const int* __restrict__ tok, int K,
+token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict__ tok, int greedy, int K,
                float* __restrict__ lp_out, int* __restrict__ top_ids, float* __restrict__ top_vals, int R)
 {
     const int r = blockIdx.x;
@@ -32,9 +34,10 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, const int* __res
     int ti[LP_MAX_K];
     int n = 0;
     float m = -INFINITY, s = 0.0f;   // this thread's running max and sum of exp(l - m)
+    int mi = LP_NONE;                // the first column of this thread's max
     for (int i = threadIdx.x; i < V; i += blockDim.x) {
         const float v = l[i];
-        if (v > m) { s = s * __expf(m - v) + 1.0f; m = v; } else { s += __expf(v - m); }
+        if (v > m) { s = s * __expf(m - v) + 1.0f; m = v; mi = i; } else { s += __expf(v - m); }
         if (K > 0 && (n < K || v > tv[K - 1])) {   // ids rise along the loop: an equal value is never better
             int j = n < K ? n++ : K - 1;
             while (j > 0 && v > tv[j - 1]) { tv[j] = tv[j - 1]; ti[j] = ti[j - 1]; --j; }
@@ -54,6 +57,18 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, const int* __res
     for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
     if (lane == 0) s_d[warp] = part;
     __syncthreads();
+    if (greedy) {   // the row's argmax: the lowest column holding the block max
+        int bi = (m == bm) ? mi : LP_NONE;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) bi = min(bi, __shfl_xor_sync(0xffffffffu, bi, o));
+        if (lane == 0) s_i[warp] = bi;
+        __syncthreads();
+        if (threadIdx.x == 0) {
+            for (int w = 0; w < nw; ++w) bi = min(bi, s_i[w]);
+            tok[r] = bi == LP_NONE ? V - 1 : bi;   // (a row of NaN: V - 1, as no column is > -inf)
+        }
+        __syncthreads();
+    }
     if (threadIdx.x == 0) {
         double total = 0.0;
         for (int w = 0; w < nw; ++w) total += s_d[w];

@@ -305,6 +305,28 @@ def test_token_logprobs(K, k, V):
         np.testing.assert_allclose(back(vals, (R, k), np.float32), ref_top, atol=2e-5, rtol=1e-6)
 
 
+@pytest.mark.parametrize("k", [0, 3])
+def test_token_logprobs_greedy(K, k):
+    """greedy=True: token_logprobs writes the row's argmax (argmax_rows' rule: the lowest id on ties) as the token,
+    then its log-probability and the top k, as the kernel does given that token."""
+    from gpt2job.model.logprobs import token_logprobs
+    R, V = 29, 50257
+    ld = V + 47
+    lg = (RNG.standard_normal((R, ld), dtype=np.float32) * 4).astype(np.float32)
+    lg[:4, 100:4000:700] = 11.0                                        # ties at the top: the lowest id wins
+    lg[4:6, :] = -1.0                                                  # all equal: id 0
+    want = lg[:, :V].argmax(1).astype(np.int32)
+    tok = gpu(np.full(R, -5, np.int32))
+    lp, ids, vals = gpu(np.zeros(R, np.float32)), gpu(np.zeros(R * max(k, 1), np.int32)), gpu(np.zeros(R * max(k, 1),
+                                                                                                     np.float32))
+    K.logprobs(None, gpu(lg), ld, V, tok, k, lp, ids, vals, R, greedy=True)
+    np.testing.assert_array_equal(back(tok, R, np.int32), want)
+    ref_lp, ref_ids, ref_top = token_logprobs(lg[:, :V], want, k)
+    np.testing.assert_allclose(back(lp, R, np.float32), ref_lp, atol=2e-5, rtol=1e-6)
+    if k:
+        np.testing.assert_array_equal(back(ids, (R, k), np.int32), ref_ids)
+
+
 @pytest.mark.parametrize("k", [0, 4])
 @pytest.mark.parametrize("sampled", [False, True])
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -343,3 +365,27 @@ def test_backend_logprobs_match_numpy(k, sampled, dtype):
                 assert g.top_ids is None and r.top_ids is None
     off = run_cuda(params, dataclasses.replace(gs, logprobs=False, top_logprobs=0), chunks[:1])[0][0]
     assert off.logprobs is None and off.tokens.tolist() == refs[0].tokens.tolist()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_backend_score_matches_numpy(dtype):
+    """`score` (GenerationSettings.score, backends/cuda/score.py): CUDA fp32 log P(token_t | tokens_<t) of every
+    position 1..L-1 equals the NumPy backend within 1e-4 (the same tokens and offsets), in one KV group and pass and
+    with small prefill passes, head groups and KV groups; fp16 within 0.05."""
+    params = tiny_params(7)
+    gs = GenerationSettings(max_new_tokens=1, eos_token_id=999, logprobs=True, score=True)
+    chunks = [stem_chunk(25, 1000, seed=10), stem_chunk(7, 1000, seed=11, chunk_id=1)]
+    refs = [compute(NumpyBackend(params, gs), c) for c in chunks]
+    from gpt2job.backends.cuda.backend import CudaBackend
+    for kw in ({}, {"max_prefill_rows": 40, "head_rows": 3}) if dtype == "float32" else ({},):
+        be = CudaBackend(params, gs, dtype=dtype, **kw)
+        try:
+            if kw:
+                be.runner.kv_budget = 1
+            got = [compute(be, c) for c in chunks]
+        finally:
+            be.close()
+        for g, r in zip(got, refs):
+            assert g.rows.tolist() == r.rows.tolist() and g.offsets.tolist() == r.offsets.tolist()
+            assert g.tokens.tolist() == r.tokens.tolist() and g.finish.tolist() == r.finish.tolist()
+            np.testing.assert_allclose(g.logprobs, r.logprobs, atol=1e-4 if dtype == "float32" else 0.05)

@@ -74,12 +74,13 @@ class SelectKernels:
         if n:
             self.launch(self.MARK_SEEN, ((n + 255) // 256, 1, 1), stream, tok, seq, n, seq_base, bits, words)
 
-    TOKEN_LOGPROBS = _kernel("token_logprobs", "logprobs.cu", "PiiPiPPPi", 256)
+    TOKEN_LOGPROBS = _kernel("token_logprobs", "logprobs.cu", "PiiPiiPPPi", 256)
 
-    def logprobs(self, stream, logits, ld, V, tok, k, lp, top_ids, top_vals, R):
+    def logprobs(self, stream, logits, ld, V, tok, k, lp, top_ids, top_vals, R, greedy=False):
         """lp[r] = log_softmax(logits[r, :V])[tok[r]] (float32); k > 0: top_ids / top_vals [R, k] the k most likely
-        ids (descending, ties to the lower id) and their log-probabilities (model/logprobs.py's rules)."""
+        ids (descending, ties to the lower id) and their log-probabilities (model/logprobs.py's rules). greedy: tok[r]
+        is written first, the argmax of the row (argmax_rows' rule)."""
         if R:
             assert 0 <= k <= 20
-            self.launch(self.TOKEN_LOGPROBS, (R, 1, 1), stream, logits, ld, V, tok, int(k), lp, top_ids if k else 0,
-                        top_vals if k else 0, R)
+            self.launch(self.TOKEN_LOGPROBS, (R, 1, 1), stream, logits, ld, V, tok, int(bool(greedy)), int(k), lp,
+                        top_ids if k else 0, top_vals if k else 0, R)

@@ -256,7 +256,7 @@ class Model:
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
         for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
-            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sampling.greedy and sel is None and lp is None \
+            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sel is None and lp is None and sampling.greedy \
                 else None
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
@@ -270,6 +270,9 @@ class Model:
             logits = self._logits(hl, m)
             if sel is not None:
                 k.sample_params(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
+            elif sampling.greedy and lp is not None:   # the argmax and the logprobs in one read of the logits
+                k.logprobs(st, logits, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m, greedy=True)
+                continue
             elif sampling.greedy:
                 k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
             else:
