@@ -9,18 +9,19 @@ poll set aside), wait (idle a moment), flush.
 Worker side (`MasterLink`): receive, send_hello, send_result, send_error, send_progress, in_flight, finish,
 wait_for_stop.
   * MpiMasterLink and QueueMasterLink, the two ends of the above.
-Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info)
-from poll(); and progress reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports():
-kept apart from poll's messages, so that code waiting for results or errors (the end of a job) never mistakes one
-for them. A worker sends at most one every ~0.5 s, never waiting for it (a report the master has not taken yet
-is dropped rather than waited for).
-"""
+Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info),
+("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and progress
+reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
+messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends
+at most one every ~0.5 s, never waiting for it (a report the master has not taken yet is dropped rather than
+waited for)."""
 import queue
 import time
 
 import numpy as np
 
 from gpt2job.chunks import decode_chunk, decode_completions, encode_chunk, encode_completions
+from gpt2job.cluster.faults import STOP_AFTER_DEATH, dead_ranks, process_failure
 
 TAG_WORK = 1      # master -> worker: int64 chunk buffer
 TAG_STOP = 2      # master -> worker: pickled reason string
@@ -60,6 +61,12 @@ class MpiChannel:
         self.abandoned = []      # sends to forgotten ranks: never waited for, kept alive for MPI
         self.encoded = {}        # chunk id -> its buffer, encoded ahead of time
         self.reports = []        # (rank, chunk id, tokens so far) received, not taken yet
+        # ULFM (mpirun --with-ft ulfm): a dead rank makes MPI calls that involve it raise these error classes
+        # instead of mpirun ending the job; each dead rank is told once to the master as ("failed", why)
+        comm.Set_errhandler(MPI.ERRORS_RETURN)
+        self.failed = set()      # ranks known dead
+        self.news = []           # ("failed" messages) for the next poll
+        self.any_source = True   # False: failures cannot be acknowledged (faults.dead_ranks): probe rank by rank
 
     def encode_ahead(self, chunks):
         self.encoded.update((c.chunk_id, encode_chunk(c)) for c in chunks)
@@ -68,10 +75,20 @@ class MpiChannel:
         buf = self.encoded.pop(chunk.chunk_id, None)
         if buf is None:
             buf = encode_chunk(chunk)
-        self.sends.append((self.comm.Isend(buf, dest=rank, tag=TAG_WORK), buf, rank))
+        self._send(lambda: self.comm.Isend(buf, dest=rank, tag=TAG_WORK), buf, rank)
 
-    def send_stop(self, rank):
-        self.sends.append((self.comm.isend("stop", dest=rank, tag=TAG_STOP), None, rank))
+    def send_stop(self, rank, why="stop"):
+        self._send(lambda: self.comm.isend(why, dest=rank, tag=TAG_STOP), None, rank)
+
+    def _send(self, isend, buf, rank):
+        """A send to a dead rank is not made: the master learns of the death at its next poll, and the chunk goes
+        to another worker then."""
+        if rank in self.failed:
+            return
+        try:
+            self.sends.append((isend(), buf, rank))
+        except self.MPI.Exception as e:
+            self.news += self.dead_after(e)
 
     def forget(self, rank):
         """A retired rank: its sends in flight may never be received (a hung rank), so they are not waited for."""
@@ -82,21 +99,48 @@ class MpiChannel:
         """Every message already here, received before any is handled (storing a result takes a while: each
         completion is timed when it reached the master, not after the ones before it were stored)."""
         msgs, st = [], self.status
-        while self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st):
-            src, tag = st.Get_source(), st.Get_tag()
-            if tag == TAG_RESULT:
-                buf = np.empty(st.Get_count(self.MPI.INT64_T), dtype=np.int64)
-                self.comm.Recv(buf, source=src, tag=TAG_RESULT)
-                msgs.append((src, "result", *decode_completions(buf), time.time()))
-            elif tag == TAG_PROGRESS:
-                buf = np.empty(2, dtype=np.int64)
-                self.comm.Recv(buf, source=src, tag=TAG_PROGRESS)
-                self.reports.append((src, int(buf[0]), int(buf[1])))
-            elif tag in (TAG_HELLO, TAG_ERROR):
-                msgs.append((src, "hello" if tag == TAG_HELLO else "error", self.comm.recv(source=src, tag=tag)))
-            else:
-                self.comm.recv(source=src, tag=tag)
+        while True:
+            try:
+                if not self._probe(st):
+                    break
+                self._receive(st, msgs)
+            except self.MPI.Exception as e:   # a dead rank (ULFM); any other error ends the job as before
+                self.news += self.dead_after(e)
+        msgs, self.news = msgs + self.news, []
         return msgs
+
+    def _probe(self, st):
+        if self.any_source:
+            return self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st)
+        return any(self.comm.Iprobe(source=r, tag=self.MPI.ANY_TAG, status=st)
+                   for r in self.ranks if r not in self.failed)
+
+    def _receive(self, st, msgs):
+        src, tag = st.Get_source(), st.Get_tag()
+        if tag == TAG_RESULT:
+            buf = np.empty(st.Get_count(self.MPI.INT64_T), dtype=np.int64)
+            self.comm.Recv(buf, source=src, tag=TAG_RESULT)
+            msgs.append((src, "result", *decode_completions(buf), time.time()))
+        elif tag == TAG_PROGRESS:
+            buf = np.empty(2, dtype=np.int64)
+            self.comm.Recv(buf, source=src, tag=TAG_PROGRESS)
+            self.reports.append((src, int(buf[0]), int(buf[1])))
+        elif tag in (TAG_HELLO, TAG_ERROR):
+            msgs.append((src, "hello" if tag == TAG_HELLO else "error", self.comm.recv(source=src, tag=tag)))
+        else:
+            self.comm.recv(source=src, tag=tag)
+
+    def dead_after(self, e):
+        """MPI raised e: the ("failed", why) messages of the ranks found dead since the last time; e again when it
+        is no process failure or names no new dead rank (nothing to retire: the job cannot go on)."""
+        if not process_failure(self.MPI, e):
+            raise e
+        dead, self.any_source = dead_ranks(self.MPI, self.comm, self.ranks)
+        dead -= self.failed
+        if not dead:
+            raise e
+        self.failed |= dead
+        return [(r, "failed", f"its process died ({e.Get_error_string().strip()})") for r in sorted(dead)]
 
     def take_reports(self):
         reports, self.reports = self.reports, []
@@ -104,7 +148,16 @@ class MpiChannel:
 
     def progress(self):
         """Move the sends on (a chunk in flight moves only while the master calls into MPI)."""
-        self.sends = [x for x in self.sends if not x[0].Test()]
+        self.sends = [x for x in self.sends if not self._sent(x)]
+
+    def _sent(self, send):
+        try:
+            return send[0].Test()
+        except self.MPI.Exception as e:   # to a rank now dead (ULFM): never waited for again
+            if send[2] not in self.failed:
+                self.news += self.dead_after(e)
+            self.abandoned.append(send)
+            return True
 
     def wait(self):
         self.progress()
@@ -140,7 +193,7 @@ class ThreadChannel:
     def send_chunk(self, rank, chunk):
         self.worker.inbox.put(chunk)
 
-    def send_stop(self, rank):
+    def send_stop(self, rank, why="stop"):
         self.worker.inbox.put(STOP)
 
     def forget(self, rank):
@@ -204,8 +257,8 @@ class Mux:
     def send_chunk(self, rank, chunk):
         self.by_rank[rank].send_chunk(rank, chunk)
 
-    def send_stop(self, rank):
-        self.by_rank[rank].send_stop(rank)
+    def send_stop(self, rank, why="stop"):
+        self.by_rank[rank].send_stop(rank, why)
 
     def forget(self, rank):
         self.by_rank[rank].forget(rank)
@@ -261,7 +314,7 @@ class MpiMasterLink:
             buf = np.empty(self.status.Get_count(self.MPI.INT64_T), dtype=np.int64)
             self.comm.Recv(buf, source=0, tag=TAG_WORK)
             return decode_chunk(buf)
-        self.comm.recv(source=0, tag=self.status.Get_tag())
+        self.end_without_finalize = self.comm.recv(source=0, tag=self.status.Get_tag()) == STOP_AFTER_DEATH
         return STOP
 
     def _wait_for_message(self, block):

@@ -1,9 +1,10 @@
 """How a job's master lets its workers go, whatever the job ended in (cluster/master.py's Master inherits this):
-every rank is told to stop, results still on their way are received, hung ranks are ended with MPI_Abort, and a job
-with no worker left says why."""
+every rank is told to stop, results still on their way are received, hung ranks are ended with MPI_Abort, ranks MPI
+says are dead (ULFM) are left alone, and a job with no worker left says why."""
 import sys
 import time
 
+from gpt2job.cluster.faults import STOP_AFTER_DEATH
 from gpt2job.errors import UserError, WorkerFailure
 
 
@@ -21,7 +22,18 @@ class Ending:
     def stop_rank(self, rank):
         if rank not in self.stopped:
             self.stopped.add(rank)
-            self.channel.send_stop(rank)
+            self.channel.send_stop(rank, STOP_AFTER_DEATH if self.peer_died else "stop")
+
+    def rank_died(self, w, why):
+        """MPI says w's process died (ULFM): its chunks go to the others, as for a worker that failed; nothing is sent
+        to it, not even stop, and no MPI_Abort is needed for it at the end (even if it was first thought hung)."""
+        if w.rank in self.hung_ranks:
+            self.hung_ranks.remove(w.rank)
+        self.stopped.add(w.rank)
+        self.peer_died = True
+        if not w.retired:
+            self.log(f"worker rank {w.rank} on {w.host}: {why}; its chunks go to others")
+            self.retire(w, why)
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
@@ -52,6 +64,8 @@ class Ending:
             for rank, kind, *data in self.channel.poll():
                 self.workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
                     self.workers[rank].outstanding.clear()
+                if kind == "failed" and rank in self.hung_ranks:   # dead now: no MPI_Abort for it
+                    self.hung_ranks.remove(rank)
             self.channel.wait()
         self.channel.flush()
         if wait_local and 0 not in self.hung_ranks:

@@ -149,7 +149,10 @@ def work(s: JobSettings, link, rank, gpu_slot, fault_plan):
 
 
 def run_worker(s: JobSettings, comm, gpu_slot, fault_plan):
-    work(s, MpiMasterLink(comm), comm.Get_rank(), gpu_slot, fault_plan)
+    link = MpiMasterLink(comm)
+    work(s, link, comm.Get_rank(), gpu_slot, fault_plan)
+    if getattr(link, "end_without_finalize", False):   # a rank died (ULFM): see faults.STOP_AFTER_DEATH
+        faults.end_without_finalize(0)
     return 0
 
 
