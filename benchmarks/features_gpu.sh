@@ -6,15 +6,16 @@
 #   tests     the GPU tests of the new kernels and paths, and the regression subset of the earlier GPU tests
 #   vs-hf     benchmarks/features_check.py: our cuda fp32 backend against transformers fp32 generate (GPT-2 124M
 #             shapes, seeded weights) on each feature; JSON lines to $OUT/features.jsonl
+#   score     benchmarks/score_check.py --backend cuda: `score` jobs against transformers' log_softmax (fp32)
 #   ab        benchmarks/ab_trees.py --features against $OLD: W1/W2 speed and tokens with none of the options (the
 #             >= 97% check), and the mixed-settings workload against W2 fp16 (>= 85%)
 #   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
-# Knobs: STAGES (tests,vs-hf,ab,profile), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
+# Knobs: STAGES (tests,vs-hf,score,ab,profile), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
 mkdir -p "$OUT/logs"
-STAGES=${STAGES:-tests,vs-hf,ab,profile}
+STAGES=${STAGES:-tests,vs-hf,score,ab,profile}
 OLD=${OLD:-../.old}
 REPEATS=${REPEATS:-2}
 declare -A RC
@@ -37,6 +38,9 @@ if has vs-hf; then
     TAIL=20 stage vs-hf ${T_HF:-240} python3 benchmarks/features_check.py --backend cuda --results "$OUT/features.jsonl" \
         ${HF_ARGS:-}
 fi
+if has score; then
+    TAIL=12 stage score ${T_SCORE:-150} python3 benchmarks/score_check.py --backend cuda
+fi
 if has ab; then
     TAIL=16 stage ab ${T_AB:-420} python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats "$REPEATS" --features \
         --out "$OUT"
@@ -47,4 +51,4 @@ if has profile; then
 fi
 echo
 echo "stage      rc"
-for s in tests vs-hf ab profile; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

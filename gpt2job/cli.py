@@ -38,6 +38,14 @@ exit codes:
   130  interrupted (Ctrl-C): completed rows are kept; the same command resumes"""
 
 
+SCORE_DESCRIPTION = """\
+Per-token log-likelihoods of given rows: for each scored token t, log P(token_t | tokens before it) (log_softmax of
+the model's float32 logits, computed in float64, stored as float32), with each row's sum and count.
+Rows: 'prompts'/'prompt_tokens' score every token but the first (it has no prediction; --prepend-eos scores it too,
+given <|endoftext|>). 'context'+'continuation' texts are tokenized separately and concatenated (lm-eval-harness'
+rule; 'context_tokens'+'continuation_tokens' are concatenated): only the continuation is scored."""
+
+
 class Parser(argparse.ArgumentParser):
     def error(self, message):
         # prog is "gpt2job" for the main parser, "gpt2job run" for a command's
@@ -202,6 +210,22 @@ def build_parser():
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
 
+    sc = sub.add_parser("score", help="log-likelihoods of given texts or token rows (under mpirun like run)",
+                        description=SCORE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc.add_argument("input", help="input HDF5 with 'prompts'/'prompt_tokens' (every token but the first is scored) or "
+                                  "'context'+'continuation' / 'context_tokens'+'continuation_tokens' (the "
+                                  "continuation is scored), or a .txt/.jsonl file of texts (as for run)")
+    sc.add_argument("output", help="output HDF5 (token_logprobs, scored_tokens, sum_logprob, n_tokens); resumed "
+                                   "like run's")
+    for flag in ("--model", "--backend", "--dtype", "--chunk-size", "--vocab-dir", "--overwrite", "--skip-invalid",
+                 "--share-gpus", "--chunk-timeout", "--progress-interval"):
+        act = next(x for x in r._actions if flag in x.option_strings)
+        sc._add_action(act)
+    sc.add_argument("--prepend-eos", action="store_true",
+                    help="put <|endoftext|> (50256) before every row so that its first token is scored too "
+                         "(lm-eval-harness' convention); by default the first token of a row without context is "
+                         "only the condition (as transformers' loss)")
+
     sh = sub.add_parser("show", help="print results of an output file")
     sh.add_argument("output")
     sh.add_argument("--limit", type=_positive_int("--limit", 0), default=10, help="rows to print (default 10)")
@@ -255,6 +279,21 @@ def cmd_run(a):
                     stop=tuple(dict.fromkeys(a.stop)), repetition_penalty=a.repetition_penalty,
                     logprobs=a.logprobs or a.top_logprobs > 0, top_logprobs=a.top_logprobs,
                     stop_token_ids=tuple(sorted({i for ids in a.stop_token_ids for i in ids})))
+    return run_job(s)
+
+
+def cmd_score(a):
+    from gpt2job.cluster.job import run_job
+    from gpt2job.model.tokenizer import vocab_dir_from
+    from gpt2job.settings import JobSettings
+    if a.backend == "numpy" and a.dtype == "float16":
+        raise UserError("float16 runs only on the cuda backend", field="--dtype",
+                        fix="use --dtype float32 with --backend numpy")
+    s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=1, backend=a.backend,
+                    dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=vocab_dir_from(a.vocab_dir),
+                    overwrite=a.overwrite, skip_invalid=a.skip_invalid, share_gpus=a.share_gpus,
+                    chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=False,
+                    logprobs=True, score=True, prepend_eos=a.prepend_eos)
     return run_job(s)
 
 
@@ -337,7 +376,7 @@ def _gpu_arch():
 def main(argv=None):
     try:
         a = build_parser().parse_args(argv)
-        return {"run": cmd_run, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate, "export": cmd_export,
+        return {"run": cmd_run, "score": cmd_score, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate, "export": cmd_export,
                 "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
         if world_rank() in (None, 0):   # one line from the master, not one per rank

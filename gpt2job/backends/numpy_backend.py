@@ -5,7 +5,7 @@ import numpy as np
 from gpt2job.backends import Backend, Pause
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
-from gpt2job.model.logprobs import Recorder
+from gpt2job.model.logprobs import Recorder, token_logprobs
 from gpt2job.model.sampling import RowSettings, select_rows, select_tokens
 from gpt2job.model.stops import StopStrings
 from gpt2job.settings import GenerationSettings
@@ -26,6 +26,8 @@ class NumpyBackend(Backend):
         """The oldest submitted chunk, pausing after each micro-batch (the worker reports progress there)."""
         chunk = self._submitted.popleft()
         prompts = chunk.prompts()
+        if self.settings.score:
+            return (yield from score_rows(self.params, chunk, self.batch_size))
         rs = RowSettings.of(chunk.params, self.settings, len(prompts))
         token_lists, finish, lps = [], [], []
         gs = self.settings
@@ -113,3 +115,23 @@ def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSetting
             cache = [(k[keep], v[keep]) for k, v in cache]
         logits = reference.decode_step(params, cache, tok, lengths + step)   # [A, V]
     return out, finish
+
+
+def score_rows(params, chunk, batch_size):
+    """`score`: each row's tokens 1..L-1 and log P(token_t | tokens_<t) (model/logprobs.py's rule), finish "length".
+    A row at a time (reference.full_logits): its values do not depend on the chunk it came in (BLAS rounds a
+    batched product by its shape), so any ranks and chunk sizes give the same bits."""
+    prompts = chunk.prompts()
+    token_lists, lps = [], []
+    done = 0
+    for s in range(0, len(prompts), batch_size):
+        for p in prompts[s:s + batch_size]:
+            toks = np.asarray(p, np.int64)[None]                                                # [1, L]
+            logits = reference.full_logits(params, toks)[0, :-1]                                # [L-1, V]
+            token_lists.append(toks[0, 1:])
+            lps.append(token_logprobs(logits, toks[0, 1:])[0])
+            done += len(p) - 1
+        yield Pause(submit=True, ready=_READY, generated=done)
+    comp = Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, [FINISH_LENGTH] * len(prompts))
+    comp.logprobs = np.concatenate(lps).astype(np.float32) if lps else np.zeros(0, np.float32)
+    return comp

@@ -15,6 +15,7 @@ from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mp
 from gpt2job.cluster.master import Master, run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.files.prompt_files import convert_for_run, is_text_input, tidy_conversions
+from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
 
 
@@ -56,7 +57,8 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     converted = created = None
     try:
         if is_text_input(s.input):
-            converted, created = convert_for_run(s.input, s.output, log=log)
+            convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
+            converted, created = convert(s.input, s.output, log=log)
             s = dataclasses.replace(s, input=converted)
     except BaseException:
         if comm is not None:

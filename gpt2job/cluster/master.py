@@ -9,6 +9,7 @@ import numpy as np
 
 from gpt2job import __version__
 from gpt2job.chunks import FINISH_INVALID, Completions
+from gpt2job.cluster import faults
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
@@ -20,6 +21,7 @@ from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, group_identical
 from gpt2job.files.prompts import read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
+from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
@@ -39,6 +41,7 @@ class Master(Ending):
         self.workers = {}
         self.hung_ranks = []
         self.stopped = set()       # ranks told to stop (each is told once)
+        self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
         self.first_ready = None    # when the first worker said it was ready (monotonic)
@@ -80,14 +83,20 @@ class Master(Ending):
                 loaded.append(load_tokenizer(vocab_dir))
             return loaded[0]
 
-        self.prompts = read_prompts(s.input, tokenizer)
-        self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
-        self.took("read_input")
-        val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
-                       self.rows.max_new_tokens if self.rows else s.max_new_tokens)
+        if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
+            self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
+            self.rows = None
+            self.took("read_input")
+            val = validate_score(self.prompts, self.score_starts, cfg.n_positions, cfg.vocab_size)
+        else:
+            self.prompts = read_prompts(s.input, tokenizer)
+            self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
+            self.took("read_input")
+            val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
+                           self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         if val.n_invalid and not s.skip_invalid:
             raise UserError(val.message(s.input), s.input, self.prompts.source,
-                            "fix those prompts, lower --max-new-tokens, or pass --skip-invalid to mark them "
+                            f"fix those prompts{'' if s.score else ', lower --max-new-tokens'}, or pass --skip-invalid to mark them "
                             "'invalid' and run the rest")
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
@@ -95,7 +104,7 @@ class Master(Ending):
         if val.n_invalid:
             self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
         try:
-            self.enc = tokenizer()
+            self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
             self.enc = None
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
@@ -104,6 +113,8 @@ class Master(Ending):
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
                "input_fingerprint": self.prompts.fingerprint(), "n_rows": self.n_rows,
                "settings": s.result_settings()}
+        if s.score:     # the same tokens split otherwise into context and continuation are another job
+            key["score_starts"] = starts_fingerprint(self.score_starts)
         if self.rows:   # only then: outputs without per-row settings keep their key (and resume)
             key["row_settings"] = self.rows.key()
         self.took("fingerprint")
@@ -121,7 +132,7 @@ class Master(Ending):
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
                                              np.full(len(bad), FINISH_INVALID, np.uint8))])
         todo = np.flatnonzero(~self.store.done)
-        if s.dedup and s.temperature <= 0 and self.rows is None:   # per-row settings: rows differ beyond prompts
+        if s.dedup and s.temperature <= 0 and self.rows is None and not s.score:   # per-row settings, score: no
             # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
             # its copies get the same result. Only among rows not done, so that a resume finishes every row.
             todo, self.copies = group_identical(self.prompts, todo, N)
@@ -237,6 +248,8 @@ class Master(Ending):
     def handle(self, w, kind, *data):
         if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)
             comp, us, *t_recv = data
+            if self.s.score:   # the worker scored tokens 1..L-1 of each row: keep the scored ones
+                comp = trim(comp, self.score_starts)
             w.outstanding.pop(comp.chunk_id, None)
             w.last_progress = time.monotonic()
             self.received.append((w, comp, us, t_recv[0] if t_recv else time.time()))
@@ -378,4 +391,6 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         m.abort_hung(2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1)
     if m.hung_processes():
         m.abort_hung(code)
+    if m.peer_died:
+        faults.end_without_finalize(code)
     return code

@@ -20,6 +20,7 @@ import sys
 import numpy as np
 
 from gpt2job.errors import UserError, plural
+from gpt2job.files import score_output
 from gpt2job.files.h5files import contents, open_readable
 
 BLOCK = 1 << 15
@@ -76,7 +77,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
     if not os.path.isdir(folder):
         raise UserError("folder does not exist", jsonl_path, "export", f"create {folder} first")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
-        if "completion_tokens" not in f or "done" not in f:
+        scored = "scored_tokens" in f     # a finished `score` output (files/score_output.py)
+        if ("completion_tokens" not in f and not scored) or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
                             "datasets", "give an output file written by gpt2job run")
         n = len(f["done"])
@@ -93,7 +95,9 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         written = 0
         try:
             with open(tmp, "w", encoding="utf-8") as out:
-                for a in range(0, n, BLOCK):
+                if scored:
+                    written = score_output.export_rows(f, lambda r: out.write(json.dumps(r) + "\n"))
+                for a in range(0, 0 if scored else n, BLOCK):
                     b = min(n, a + BLOCK)
                     done = f["done"][a:b]
                     if not done.any():

@@ -23,7 +23,7 @@ import time
 import numpy as np
 
 from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
-from gpt2job.files import h5logprobs
+from gpt2job.files import h5logprobs, score_output
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
@@ -120,6 +120,7 @@ def finish_output(f, summary):
     """The summary, finished = 1, closed and synced."""
     text = json.dumps(summary, sort_keys=True)
     check_room(f.filename, 4 * len(text) + (256 << 10), f.id.get_filesize())
+    score_output.finalize(f)     # a score job's datasets get their names (nothing for a run)
     f.attrs["summary"] = text
     f.attrs["finished"] = 1
     path = f.filename

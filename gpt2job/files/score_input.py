@@ -127,3 +127,67 @@ def trim(comp: Completions, starts):
         out.logprobs = np.asarray(comp.logprobs, np.float32)[src]
     return out
 
+
+
+def jsonl_pairs(path):
+    """Is path a .jsonl file of {"context": ..., "continuation": ...} objects (its first line says)?"""
+    import json
+    if not str(path).lower().endswith((".jsonl", ".ndjson")):
+        return False
+    try:
+        with open(path, "rb") as f:
+            for line in f:
+                if line.strip():
+                    obj = json.loads(line)
+                    return isinstance(obj, dict) and "context" in obj and "continuation" in obj
+    except (OSError, ValueError):
+        return False      # convert_for_run names what is wrong
+    return False
+
+
+def convert_pairs(source, output, log=None):
+    """convert_for_run for a JSONL file of {"context", "continuation"} objects (both texts, or both lists of token
+    ids): the input HDF5 (context + continuation, or context_tokens + continuation_tokens) at
+    OUTPUT.prompts-HASH.h5, reused while SOURCE is unchanged. -> (its path, whether this call wrote it)."""
+    import json
+    import os
+    import h5py
+    from gpt2job.files.prompt_files import CONVERSION, _conversion_attrs, converted_path
+    try:
+        with open(source, "rb") as f:
+            raw = f.read()
+        lines = [(n, json.loads(x)) for n, x in enumerate(raw.decode("utf-8").splitlines(), 1) if x.strip()]
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot be read as JSON lines ({e})", source, "source", "write one JSON object per line")
+    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    ctx, cont, kinds = [], [], set()
+    for n, obj in lines:
+        if not (isinstance(obj, dict) and "context" in obj and "continuation" in obj):
+            raise UserError(f"line {n} is not an object with 'context' and 'continuation'", source, f"line {n}",
+                            'write {"context": "...", "continuation": "..."} on every line')
+        for v in (obj["context"], obj["continuation"]):
+            kinds.add("text" if isinstance(v, str) else "tokens" if isinstance(v, list) and
+                      all(isinstance(t, int) and not isinstance(t, bool) for t in v) else "bad")
+        if kinds - {"text", "tokens"} or len(kinds) > 1:
+            raise UserError(f"line {n}: context and continuation must both be texts or both token id lists, in "
+                            "every line", source, f"line {n}", "use one kind per file")
+        ctx.append(obj["context"])
+        cont.append(obj["continuation"])
+    target = converted_path(output, digest)
+    old = _conversion_attrs(target) if os.path.exists(target) else None
+    if old is not None and old.get("source_sha256") == digest and old.get("gpt2job_conversion") == CONVERSION:
+        return target, False
+    tmp = target + ".tmp"
+    with h5py.File(tmp, "w") as f:
+        for name, rows in (("context", ctx), ("continuation", cont)):
+            if kinds == {"text"}:
+                f.create_dataset(name, data=rows, dtype=h5py.string_dtype("utf-8"))
+            else:
+                d = f.create_dataset(name + "_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
+                for i, r in enumerate(rows):
+                    d[i] = np.asarray(r, np.int32)
+        f.attrs.update({"source": os.path.abspath(source), "source_sha256": digest, "gpt2job_conversion": CONVERSION})
+    os.replace(tmp, target)
+    if log:
+        log(f"{len(ctx)} context/continuation pairs of {source} converted to {target}")
+    return target, True

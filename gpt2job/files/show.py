@@ -9,6 +9,9 @@ from gpt2job.files.h5files import contents, open_readable
 
 def show(path, start=0, limit=10):
     with open_readable(path, "file", "give an output file written by gpt2job run") as f:
+        if "scored_tokens" in f and "done" in f:     # a finished `score` output
+            from gpt2job.files.score_output import show_rows
+            return show_rows(f, path, start, limit)
         if "completion_tokens" not in f or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", path, "datasets",
                             "give an output file written by gpt2job run")

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 from gpt2job.backends import Backend
-from gpt2job.backends.cuda import prefix_share
+from gpt2job.backends.cuda import prefix_share, score
 from gpt2job.backends.cuda.device import Device
 from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
@@ -118,11 +118,13 @@ class CudaBackend(Backend):
 
     def submit(self, chunk):
         """Check and plan the chunk and start uploading it on the copy stream; returns at once."""
+        if self.settings.score:   # `score`: no prefix sharing, no decoding (score.py)
+            return score.submit(self.runner, chunk, self.settings)
         self.runner.submit(chunk, self.settings)
 
     def run(self):
         """Compute the oldest submitted chunk: a generator of Pauses that returns its Completions."""
-        return self.runner.run()
+        return score.run(self.runner) if self.settings.score else self.runner.run()
 
     def warm_up(self):
         """Two 4-token prompts, 2 new tokens, through every stage (first launches, pinned buffers) so that the
