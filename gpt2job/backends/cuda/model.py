@@ -267,8 +267,11 @@ class Model:
                            self.cfg.n_embd, EPI_ARGMAX, False, variant=tile)
                 k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m)
                 continue
-            logits = self._logits(hl, m)
+            logits = raw = self._logits(hl, m)
             if sel is not None:
+                if lp is not None and sel.seen:   # the penalty rewrites the logits: the log-probabilities read a copy
+                    raw = self.dev.buf("logits_raw", self.head_rows * Vp * 4)
+                    self.dev.drv.memcpy_dtod_async(raw, logits, m * Vp * 4, st)
                 k.sample_params(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
             elif sampling.greedy and lp is not None:   # the argmax and the logprobs in one read of the logits
                 k.logprobs(st, logits, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m, greedy=True)
@@ -279,7 +282,7 @@ class Model:
                 k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sampling.seed, sampling.temperature,
                          sampling.top_k, sampling.top_p, p_out + 4 * g0, m)
             if lp is not None:   # the raw logits, the tokens just chosen
-                k.logprobs(st, logits, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m)
+                k.logprobs(st, raw, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m)
 
     def logits_to_host(self, x, n, p_rowidx, idx_base, out):
         """The logits of n rows of x (as _ln_f picks them) into out [n, V] float32 on the host (tests)."""
