@@ -1,0 +1,84 @@
+"""Where the mixed-settings workload (benchmarks/workloads.py w2mix) loses speed against W2: the same job with one
+of its settings taken away at a time, through the real pipeline (mpirun, master + one GPU worker), fp16.
+
+  python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR]
+
+  mixed            w2mix as it is: per-row max_new_tokens 1..256, temperature 0..1.2, top-k/top-p, stop strings
+  no stops         without the stop dataset
+  greedy, ragged   without stops, temperature 0 everywhere: per-row max_new_tokens only (the fused greedy head)
+  W2, 128 new      W2's prompts, every row 128 new tokens (about the mixed rows' mean), --ignore-eos
+  W2, 256 new      W2 itself
+Prints tok/s of each and its ratio to W2; JSON lines to OUT/mix.jsonl.
+"""
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ab_trees import run  # noqa: E402
+from bench_common import ROOT  # noqa: E402
+
+
+def variant(src, dst, drop=(), greedy=False):
+    import h5py
+    import numpy as np
+    shutil.copy(src, dst)
+    with h5py.File(dst, "a") as f:
+        for name in drop:
+            del f[name]
+        if greedy:
+            f["temperature"][...] = np.zeros(f["temperature"].shape, np.float32)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--work", default="/tmp/gpt2job-mix")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model and workloads, numpy)")
+    a = ap.parse_args()
+    model, be, small, dt = "random:gpt2", "cuda", [], "float16"
+    if a.smoke:
+        model, be, dt = "random:n_layer=2,n_head=2,n_embd=32,n_positions=1024,vocab_size=50257:1", "numpy", "float32"
+        small, a.work = ["--n-w1", "48", "--n-w2", "6", "--w2-min", "4", "--w2-max", "24"], a.work + "-smoke"
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.work, exist_ok=True)
+    py, hf, wl = [sys.executable], os.path.join(a.work, "hf-model"), os.path.join(a.work, "workloads")
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", model],
+                       check=True)
+    if not os.path.isfile(os.path.join(wl, "w2mix.h5")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w2,w2mix", *small],
+                       check=True)
+    mix, w2 = os.path.join(wl, "w2mix.h5"), os.path.join(wl, "w2.h5")
+    nostop, greedy = os.path.join(a.work, "nostop.h5"), os.path.join(a.work, "greedy.h5")
+    variant(mix, nostop, drop=("stop",))
+    variant(mix, greedy, drop=("stop",), greedy=True)
+    f16 = ["--dtype", dt, "--ignore-eos"]
+    cases = [("mixed", mix, f16 + ["--max-new-tokens", "256"]), ("no stops", nostop, f16 + ["--max-new-tokens", "256"]),
+             ("greedy, ragged", greedy, f16 + ["--max-new-tokens", "256"]),
+             ("W2, 128 new", w2, f16 + ["--max-new-tokens", "128"]), ("W2, 256 new", w2, f16 + ["--max-new-tokens", "256"])]
+    run(ROOT, os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, ["--dtype", dt,
+                                                                                    "--max-new-tokens", "2"], be)
+    res = {}
+    for name, inp, flags in cases:
+        got = [run(ROOT, inp, os.path.join(a.work, f"out-{i}.h5"), hf, flags, be) for i in range(a.repeats)]
+        ok = all(r["rc"] == 0 for r in got)
+        res[name] = statistics.median(r["tput"] for r in got) if ok else None
+        rec = {"kind": "mix-breakdown", "case": name, "tok_s": res[name], "runs": [r.get("tput") for r in got],
+               "tokens": got[0].get("tokens"), "tail": [r.get("tail") for r in got if r["rc"]]}
+        print(json.dumps(rec), flush=True)
+        with open(os.path.join(a.out, "mix.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    base = res.get("W2, 256 new")
+    print(f"\n{'case':<16} {'tok/s':>10} {'/ W2':>6}")
+    for name, v in res.items():
+        print(f"{name:<16} {v or 0:>10,.0f} {v / base if v and base else 0:>6.3f}")
+
+
+if __name__ == "__main__":
+    main()
