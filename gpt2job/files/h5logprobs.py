@@ -15,7 +15,8 @@ NAMES = ("completion_logprobs", "top_logprob_ids", "top_logprobs")
 
 def wanted(header):
     """(logprobs on, K) of the job whose output header (h5write.make_header) this is: from its settings."""
-    s = header["key"].get("settings") or {}
+    s = header["key"].get("settings")
+    s = s if isinstance(s, dict) else {}     # (a key made by hand, in tests, may hold anything there)
     return bool(s.get("logprobs")), int(s.get("top_logprobs") or 0)
 
 
