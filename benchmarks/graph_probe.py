@@ -1,5 +1,5 @@
 """What a decode step costs at small batches, launched kernel by kernel vs replayed as a CUDA graph
-(gpt2job/backends/cuda/graphs.py), and what it must cost: the bytes it has to read (weights + the KV cache).
+(benchmarks/graphs.py), and what it must cost: the bytes it has to read (weights + the KV cache).
 
   python3 benchmarks/graph_probe.py [--rows 137,546,1024,2048,8192] [--dtype float16] [--steps 50]
 
@@ -20,6 +20,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def main():
@@ -30,7 +31,7 @@ def main():
     ap.add_argument("--results", default=None)
     a = ap.parse_args()
     from gpt2job.backends.cuda.backend import CudaBackend
-    from gpt2job.backends.cuda.graphs import Graph
+    from graphs import Graph
     from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
     from gpt2job.settings import GenerationSettings

@@ -289,6 +289,9 @@ def cmd_score(a):
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
+    if a.backend == "synthetic":   # its tokens stand in for generation; it has no model to score with
+        raise UserError("score needs a model: the synthetic backend only generates", field="--backend",
+                        fix="use --backend numpy, cuda or auto")
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=1, backend=a.backend,
                     dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=vocab_dir_from(a.vocab_dir),
                     overwrite=a.overwrite, skip_invalid=a.skip_invalid, share_gpus=a.share_gpus,

@@ -223,3 +223,17 @@ def test_jsonl_context_continuation(tmp_path, params):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "continuation": [1]}\n')
     p = run_gpt2job(score_job(tmp_path / "bad.jsonl", tmp_path / "bad.h5"), check=2)
     assert "both be texts or both token id lists" in p.stderr
+
+
+def test_refused_starts_are_one_line(tmp_path):
+    """The synthetic backend has no model to score with; a JSONL of pairs for an output in a missing folder: one
+    line each, exit 2, nothing written."""
+    write_token_input(tmp_path / "in.h5", rows_of(5, 2))
+    p = run_gpt2job(["score", tmp_path / "in.h5", tmp_path / "o.h5", "--model", MODEL, "--backend", "synthetic"],
+                    check=2)
+    assert "--backend" in p.stderr and "Traceback" not in p.stderr and not (tmp_path / "o.h5").exists()
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"context": "The cat", "continuation": " sat"}\n')
+    p = run_gpt2job(score_job(pairs, tmp_path / "missing" / "o.h5"), check=2)
+    assert "folder does not exist" in p.stderr and "Traceback" not in p.stderr
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.h5", "pairs.jsonl"]

@@ -2,7 +2,7 @@
 the reference GPT-2 (gpt2job/model/reference.py) and the reference token selection (model/sampling.py)."""
 import numpy as np
 
-from gpt2job.backends import Backend, Pause
+from gpt2job.backends import READY, Backend, Pause, compute
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
 from gpt2job.model.logprobs import Recorder, token_logprobs
@@ -10,7 +10,6 @@ from gpt2job.model.sampling import RowSettings, select_rows, select_tokens
 from gpt2job.model.stops import StopStrings
 from gpt2job.settings import GenerationSettings
 
-_READY = lambda: True   # noqa: E731  (nothing to wait for on the CPU)
 
 
 class NumpyBackend(Backend):
@@ -40,7 +39,7 @@ class NumpyBackend(Backend):
             finish += f
             if rec is not None:
                 lps.append(rec.flat())
-            yield Pause(submit=True, ready=_READY, generated=sum(len(x) for x in token_lists))
+            yield Pause(submit=True, ready=READY, generated=sum(len(x) for x in token_lists))
         comp = Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, finish)
         if gs.logprobs:
             k = gs.top_logprobs
@@ -51,13 +50,8 @@ class NumpyBackend(Backend):
         return comp
 
     def generate(self, chunk):
-        self.submit(chunk)
-        steps = self.run()
-        while True:
-            try:
-                next(steps)
-            except StopIteration as done:
-                return done.value
+        """One chunk, to the end (tests, scripts: with nothing else submitted)."""
+        return compute(self, chunk)
 
     def describe(self):
         return {"backend": self.name, "dtype": "float32", "device": "cpu"}
@@ -131,7 +125,7 @@ def score_rows(params, chunk, batch_size):
             token_lists.append(toks[0, 1:])
             lps.append(token_logprobs(logits, toks[0, 1:])[0])
             done += len(p) - 1
-        yield Pause(submit=True, ready=_READY, generated=done)
+        yield Pause(submit=True, ready=READY, generated=done)
     comp = Completions.from_lists(chunk.chunk_id, chunk.rows, token_lists, [FINISH_LENGTH] * len(prompts))
     comp.logprobs = np.concatenate(lps).astype(np.float32) if lps else np.zeros(0, np.float32)
     return comp

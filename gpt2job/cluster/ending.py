@@ -64,8 +64,10 @@ class Ending:
             for rank, kind, *data in self.channel.poll():
                 self.workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
                     self.workers[rank].outstanding.clear()
-                if kind == "failed" and rank in self.hung_ranks:   # dead now: no MPI_Abort for it
-                    self.hung_ranks.remove(rank)
+                if kind == "failed":   # dead now: no MPI_Abort for it; the survivors skip MPI_Finalize
+                    self.peer_died = True
+                    if rank in self.hung_ranks:
+                        self.hung_ranks.remove(rank)
             self.channel.wait()
         self.channel.flush()
         if wait_local and 0 not in self.hung_ranks:

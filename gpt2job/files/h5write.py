@@ -119,7 +119,8 @@ def create_output(header, prompt_lengths):
 def finish_output(f, summary):
     """The summary, finished = 1, closed and synced."""
     text = json.dumps(summary, sort_keys=True)
-    check_room(f.filename, 4 * len(text) + (256 << 10), f.id.get_filesize())
+    extra = 12 * f["done"].shape[0] if score_output.is_score(f) else 0   # sum_logprob and n_tokens, 12 B a row
+    check_room(f.filename, 4 * len(text) + extra + (256 << 10), f.id.get_filesize())
     score_output.finalize(f)     # a score job's datasets get their names (nothing for a run)
     f.attrs["summary"] = text
     f.attrs["finished"] = 1

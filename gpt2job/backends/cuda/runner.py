@@ -27,7 +27,7 @@ from typing import Any, List, Optional
 
 import numpy as np
 
-from gpt2job.backends import Pause
+from gpt2job.backends import READY, Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.device import Upload
 from gpt2job.backends.cuda.logprobs import StepLogprobs
@@ -38,7 +38,6 @@ from gpt2job.chunks import FINISH_LENGTH, Chunk, Completions
 from gpt2job.model.sampling import RowSettings
 from gpt2job.settings import GenerationSettings
 
-_READY = lambda: True   # noqa: E731  (the GPU computes: the worker may submit chunks now)
 
 
 @dataclass
@@ -320,7 +319,7 @@ class Runner:
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
-        yield Pause(True, _READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
+        yield Pause(True, READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
         # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
         # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
         # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
@@ -353,7 +352,7 @@ class Runner:
                         self.k.mark_seen(dev.compute, p_tok, sdev + 4 * n, n, b0, sel.seen, sel.words)
                     x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
                     model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw, **lp.kw(n))
-                    yield Pause(True, _READY, int(gen.sum()))
+                    yield Pause(True, READY, int(gen.sum()))
                     lp.download(n, step % 2)
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
             # the previous step's tokens reach the host (the step just launched computes meanwhile)

@@ -1,6 +1,7 @@
 """CUDA graphs through the driver API (PyCUDA has none): the launches a function makes on a stream are captured once
-and replayed with one call. A decode step of a small batch is ~100 kernel launches at several microseconds of host
-time each, more than the GPU needs for the step; replayed as a graph it costs one launch.
+and replayed with one call. An experiment (benchmarks/graph_probe.py), not used by the engine: a decode step of a
+small batch is ~100 kernel launches, but measured on an H200 the host stays ahead of the GPU and a replayed step
+saves only 5-9% (RESULTS.md, session 12); worth wiring in once the small-batch kernels are fast.
 
 ctypes on libcuda rather than NVIDIA's cuda-python: five functions, no new dependency, and it works on PyCUDA's
 current context as is. A captured graph holds the kernels' arguments as they were: replay it only while every
