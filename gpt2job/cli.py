@@ -312,7 +312,8 @@ def _warn_unused_sampling_flags(a):
                                                              ("--seed", a.seed, 0)) if value != default]
     if given and world_rank() in (None, 0):
         sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect at "
-                         "--temperature 0 (greedy decoding); give --temperature > 0 to sample\n")
+                         "--temperature 0 (greedy decoding) except on rows with a temperature of their own in the "
+                         "input; give --temperature > 0 to sample\n")
 
 
 def cmd_prompts(a):

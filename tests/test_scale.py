@@ -181,7 +181,7 @@ def test_dedup_stays_exact_when_keys_collide(monkeypatch):
     from gpt2job.files import dedup
     from gpt2job.files.prompts import PromptSet
     weak = dedup.prompt_keys
-    monkeypatch.setattr(dedup, "prompt_keys", lambda p: weak(p) & np.uint64(3))     # 4 keys for every prompt
+    monkeypatch.setattr(dedup, "prompt_keys", lambda p, *rows: weak(p, *rows) & np.uint64(3))   # 4 keys in all
     rng = np.random.default_rng(4)
     for width in (None, 3, 4):
         pool = [rng.integers(0, 3, width if width else rng.integers(0, 4)).tolist() for _ in range(12)]

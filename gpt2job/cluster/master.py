@@ -89,7 +89,7 @@ class Master(Ending):
             self.took("read_input")
             val = validate_score(self.prompts, self.score_starts, cfg.n_positions, cfg.vocab_size)
         else:
-            self.prompts = read_prompts(s.input, tokenizer)
+            self.prompts = read_prompts(s.input, tokenizer, cfg.vocab_size)   # uint16 ids when they fit
             self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
@@ -295,7 +295,8 @@ class Master(Ending):
             if w.first_sent is None:
                 w.first_sent = time.time()
             self.channel.send_chunk(w.rank, chunk)
-            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(), self.sched.new_tokens(chunk))
+            most = int(chunk.offsets[-1]) - len(chunk.rows) if self.s.score else self.sched.new_tokens(chunk)  # tokens
+            w.outstanding[chunk.chunk_id] = Outstanding(chunk, time.monotonic(), most)
             trace(f"master: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) to rank {w.rank}")
 
     def retire(self, w, why):
@@ -380,15 +381,18 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
         m.shutdown_workers(wait_local=False)
-        if not m.hung_processes():
+        if not m.hung_processes() and not m.peer_died:
             raise
-        # mpirun would wait for the hung ranks for ever: say what happened, then end them all
+        # mpirun would wait for the hung ranks (after a death: in MPI_Finalize) for ever: say what happened, end
         if isinstance(e, (UserError, WorkerFailure)):
             sys.stderr.write(f"gpt2job: error: {e}\n")
         else:
             import traceback
             traceback.print_exc()
-        m.abort_hung(2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1)
+        code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
+        if not m.hung_processes():
+            faults.end_without_finalize(code)
+        m.abort_hung(code)
     if m.hung_processes():
         m.abort_hung(code)
     if m.peer_died:

@@ -58,9 +58,14 @@ class Scheduler:
         # a chunk gathers its tokens through r // N); a prompt's samples stay adjacent and in one chunk
         self.num_samples = max(1, int(num_samples))
         rows = np.asarray(rows, np.int64)
-        lengths = prompts.lengths[rows // self.num_samples if self.num_samples > 1 else rows]
-        # longest prompts first: homogeneous chunks (little padding) and the long tail early
-        self.queue = rows[np.argsort(-lengths, kind="stable")].astype(np.int64)   # rows not yet handed out
+        # longest prompts first: homogeneous chunks (little padding) and the long tail early; prompts all as long
+        # (a 2-D input, W1): the rows in their order, as given (not copied: 8 bytes a row, not 28)
+        every = prompts.lengths
+        if len(every) and every.min() == every.max():
+            self.queue = rows                                                      # rows not yet handed out
+        else:
+            lengths = every[rows // self.num_samples if self.num_samples > 1 else rows]
+            self.queue = rows[np.argsort(-lengths, kind="stable")]
         self.head = 0                                                              # ... from queue[head] on
         self.total = len(self.queue)
         self.even_size = None      # adaptive chunk size, fixed at the first chunk

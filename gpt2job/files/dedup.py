@@ -1,7 +1,7 @@
 """Identical prompts (greedy dedup), found with NumPy: a 64-bit key per prompt (its tokens and length), the rows
 sorted by key, and every row whose key an earlier row has compared token by token with that row (a key collision is
-never taken for a copy). No Python object per row: 10 million W1-like prompts take about 2 s here and ~40 bytes a
-row while it runs.
+never taken for a copy). No Python object per row: 10 million W1-like prompts take about 1-2 s here and ~17 bytes
+a row while it runs (the keys, sorted in place into the rows' order, and a flag per row).
 
 Copies holds the result, for the master: which later rows repeat a computed row, as flat arrays."""
 import dataclasses
@@ -25,34 +25,46 @@ def mix64(x):
 _MULT = np.random.default_rng(20261130).integers(0, 1 << 63, 1024, dtype=np.uint64) * np.uint64(2) + np.uint64(1)
 
 
-def prompt_keys(prompts):
-    """A 64-bit key for every prompt of a PromptSet: the sum of its tokens times a per-position multiplier, mixed
-    with its length (uint64 [N]). Equal prompts have equal keys; unequal ones rarely do (a collision is never taken
-    for a copy: group_identical compares the tokens)."""
-    n = len(prompts)
+def prompt_keys(prompts, rows=None):
+    """A 64-bit key for every prompt of a PromptSet (or for prompts[rows]): the sum of its tokens times a
+    per-position multiplier, mixed with its length (uint64 [N]). Equal prompts have equal keys; unequal ones rarely
+    do (a collision is never taken for a copy: group_identical compares the tokens). Keys depend on the tokens'
+    dtype (uint16 or int32): they are compared within one job only. Computed a block at a time, in place."""
+    n = len(prompts) if rows is None else len(rows)
     keys = np.zeros(n, np.uint64)
     lens = prompts.lengths
     w = prompts.width
+    per = 8 // prompts.tokens.itemsize        # tokens to a 64-bit word
     for a in range(0, n, KEY_ROWS):
         b = min(n, a + KEY_ROWS)
-        o = prompts.offsets[a:b + 1]
-        if w and w % 2 == 0 and w <= len(_MULT):
-            tok = None
-        else:
-            tok = prompts.tokens[o[0]:o[-1]].astype(np.uint64)
-        if w is not None and w <= len(_MULT):     # every prompt as long: a [rows, w] product, no per-token index
-            if w and w % 2 == 0:                  # two tokens to a 64-bit word, read in place
-                words = prompts.tokens[o[0]:o[-1]].reshape(b - a, w).view(np.uint64)
-                keys[a:b] = np.einsum("ij,j->i", words, _MULT[:w // 2])
+        if rows is not None:                  # these prompts, gathered (a block's worth at a time)
+            r = rows[a:b]
+            if w is not None:                 # (a grid's offsets are never made)
+                off = np.arange(b - a + 1, dtype=np.int64) * w
+                toks = prompts.tokens.reshape(-1, w)[r].reshape(-1) if w else prompts.tokens[:0]
+            else:
+                off, toks = take_ragged(prompts.offsets, prompts.tokens, r)
+            blens = lens[r]
+        else:                                 # (a grid's offsets are never made: w is known)
+            off = np.arange(a, b + 1, dtype=np.int64) * w if w is not None else prompts.offsets[a:b + 1]
+            toks, blens = prompts.tokens, lens[a:b]
+        o0, o1 = int(off[0]), int(off[-1])
+        if w is not None and w <= len(_MULT) * (per if w % per == 0 else 1):   # every prompt as long: [rows, w]
+            if w and w % per == 0:             # several tokens to a 64-bit word, read in place
+                words = toks[o0:o1].reshape(b - a, w).view(np.uint64)
+                keys[a:b] = np.einsum("ij,j->i", words, _MULT[:w // per])
             elif w:
-                keys[a:b] = np.einsum("ij,j->i", tok.reshape(b - a, w), _MULT[:w])
-            continue
-        row_of = np.repeat(np.arange(b - a), lens[a:b])
-        pos = np.arange(len(tok), dtype=np.int64) - (o[:-1] - o[0])[row_of]
-        h = tok * _MULT[pos % len(_MULT)] + (pos // len(_MULT)).astype(np.uint64)
-        nz = lens[a:b] > 0
-        keys[a:b][nz] = np.add.reduceat(h, (o[:-1] - o[0])[nz]) if len(h) else 0
-    return mix64(keys ^ mix64(lens.astype(np.uint64)))
+                keys[a:b] = np.einsum("ij,j->i", toks[o0:o1].astype(np.uint64).reshape(b - a, w), _MULT[:w])
+        else:
+            tok = toks[o0:o1].astype(np.uint64)
+            row_of = np.repeat(np.arange(b - a), blens)
+            pos = np.arange(len(tok), dtype=np.int64) - (off[:-1] - o0)[row_of]
+            h = tok * _MULT[pos % len(_MULT)] + (pos // len(_MULT)).astype(np.uint64)
+            nz = blens > 0
+            keys[a:b][nz] = np.add.reduceat(h, (off[:-1] - o0)[nz]) if len(h) else 0
+        keys[a:b] ^= mix64(blens.astype(np.uint64))
+        keys[a:b] = mix64(keys[a:b])
+    return keys
 
 
 def same_prompts(prompts, a, b):
@@ -106,6 +118,14 @@ class Copies:
         return dataclasses.replace(comp, copy_rows=self.rows[at], copy_src=np.repeat(hit, count))
 
 
+def _every_prompt(rows, n_prompts):
+    """Is rows 0, 1, ..., n_prompts - 1 (checked a block at a time)?"""
+    if len(rows) != n_prompts:
+        return False
+    return all((rows[a:a + KEY_ROWS] == np.arange(a, min(len(rows), a + KEY_ROWS))).all()
+               for a in range(0, len(rows), KEY_ROWS))
+
+
 def group_identical(prompts, rows, num_samples=1):
     """Group rows whose prompts are identical token sequences.
 
@@ -123,21 +143,27 @@ def group_identical(prompts, rows, num_samples=1):
     # collision like any other, and the token check below rejects it
     n = len(rows)
     low = np.uint64(max(1, (n - 1).bit_length()))
-    packed = prompt_keys(prompts)[of(rows)]
-    packed >>= low
-    packed <<= low
-    packed |= np.arange(n, dtype=np.uint64)
+    packed = prompt_keys(prompts, None if N == 1 and _every_prompt(rows, len(prompts)) else of(rows))   # [n] (8 B)
+    for a in range(0, n, KEY_ROWS):           # in place: no temporaries of n
+        b = min(n, a + KEY_ROWS)
+        packed[a:b] >>= low
+        packed[a:b] <<= low
+        packed[a:b] |= np.arange(a, b, dtype=np.uint64)
     packed.sort()
-    order = (packed & np.uint64((1 << int(low)) - 1)).astype(np.int64)             # positions in rows
-    packed >>= low
-    new_key = np.empty(n, bool)
+    new_key = np.empty(n, bool)              # [n] does sorted position i start a group?
     new_key[0] = True
-    np.not_equal(packed[1:], packed[:-1], out=new_key[1:])
-    del packed
-    first = order[new_key][np.cumsum(new_key) - 1]     # [n] for each sorted position: its group's first
-    later = ~new_key
-    cand, rep = order[later], first[later]                              # positions in rows
-    del order, first, new_key, later
+    for a in range(1, n, KEY_ROWS):
+        b = min(n, a + KEY_ROWS)
+        np.not_equal(packed[a:b] >> low, packed[a - 1:b - 1] >> low, out=new_key[a:b])
+    packed &= np.uint64((1 << int(low)) - 1)
+    order = packed.view(np.int64)             # positions in rows, in key order (packed's memory, reused)
+    # the sorted positions that repeat a key (few): each run of them follows its group's first position
+    later = np.flatnonzero(~new_key)
+    del new_key
+    run_start = np.r_[True, later[1:] != later[:-1] + 1] if len(later) else np.zeros(0, bool)
+    first_pos = np.maximum.accumulate(np.where(run_start, later - 1, 0)) if len(later) else later
+    cand, rep = order[later], order[first_pos]                         # positions in rows
+    del order, packed, later, first_pos, run_start
     same = same_prompts(prompts, of(rows[cand]), of(rows[rep]))
     miss = np.sort(cand[~same])       # rows whose group's first has another prompt (a collision): a few at most
     cand, rep = cand[same], rep[same]

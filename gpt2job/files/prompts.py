@@ -7,7 +7,7 @@ import hashlib
 import itertools
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -37,27 +37,85 @@ def to_int32(tokens):
     return out
 
 
-@dataclass
-class PromptSet:
-    """All prompts as one flat token array: prompt i is tokens[offsets[i]:offsets[i+1]]. 4 bytes a token and 8 a
-    prompt (plus 4 for its cached length): no Python object per prompt."""
-    offsets: np.ndarray   # [N+1] int64
-    tokens: np.ndarray    # [total] int32 (an id outside int32 is -1: invalid, as it was)
-    source: str           # which dataset they came from
-    _lengths: np.ndarray = field(default=None, repr=False, compare=False)
+def narrow_ids(vocab_size):
+    """uint16 when every valid id of this vocabulary fits (GPT-2's 50,257 < 65,536), else None (int32)."""
+    return np.uint16 if vocab_size is not None and 0 < vocab_size <= 1 << 16 else None
 
-    def __post_init__(self):
-        self.offsets = np.asarray(self.offsets, np.int64)
-        self.tokens = to_int32(self.tokens)
+
+class TokenBlocks:
+    """Token blocks as they are read, kept as uint16 while every id is valid for vocab_size (0 <= id < vocab_size,
+    checked on the int32 ids before narrowing); the first invalid id turns the whole set back into int32, so that
+    validate() reports it as it was (never a wrapped id). vocab_size None (or too large for uint16): int32."""
+
+    def __init__(self, vocab_size=None):
+        self.vocab_size = vocab_size
+        self.dtype = narrow_ids(vocab_size) or np.int32
+        self.blocks = []
+
+    def fits(self, block):
+        """May this int32 block be stored as self.dtype? (False turns the set back into int32.)"""
+        if self.dtype == np.int32:
+            return True
+        if block.size and (block.min() < 0 or block.max() >= self.vocab_size):
+            self.widen()
+            return False
+        return True
+
+    def widen(self):
+        self.dtype = np.int32
+        self.blocks = [b.astype(np.int32) for b in self.blocks]
+
+    def add(self, block):
+        block = to_int32(block)
+        if self.fits(block) and self.dtype != np.int32:     # (fits may widen the blocks before: append after)
+            block = block.astype(self.dtype)
+        self.blocks.append(block)
+
+    def result(self):
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, self.dtype)
+
+
+class PromptSet:
+    """All prompts as one flat token array: prompt i is tokens[offsets[i]:offsets[i+1]]. 2 bytes a token (uint16,
+    when read for a vocabulary below 65,536 and every id is valid; else int32) and, for prompts of different
+    lengths, 8 a prompt (plus 4 for its cached length): no Python object per prompt. Prompts all as long (a 2-D
+    input, PromptSet.grid) hold their tokens only: offsets are made if asked for, lengths are one value broadcast."""
+
+    def __init__(self, offsets, tokens, source):
+        self._offsets = np.asarray(offsets, np.int64)     # [N+1] int64 (None: a grid's, made when asked for)
+        self.tokens = np.asarray(tokens)                  # [total] uint16 or int32 (an id outside int32 is -1)
+        if self.tokens.dtype != np.uint16:    # uint16: only as read_prompts narrows them (every id checked)
+            self.tokens = to_int32(self.tokens)
+        self.source = source                              # which dataset they came from
+        self._n = len(self._offsets) - 1
+        self._lengths = None
+
+    @classmethod
+    def grid(cls, tokens, source):
+        """Prompts all as long: tokens [N, T] (int32, or uint16 as read_prompts narrows them)."""
+        self = cls(np.zeros(1, np.int64), tokens.reshape(-1), source)
+        self._n, self._width, self._offsets = tokens.shape[0], tokens.shape[1], None
+        return self
+
+    def __repr__(self):
+        return f"PromptSet({len(self)} prompts, {self.tokens.size} {self.tokens.dtype} tokens, from {self.source!r})"
 
     def __len__(self):
-        return len(self.offsets) - 1
+        return self._n
+
+    @property
+    def offsets(self):
+        """int64 [N+1] (a grid's: made once, when first asked for; the master's paths never ask)."""
+        if self._offsets is None:
+            self._offsets = np.arange(self._n + 1, dtype=np.int64) * self._width
+        return self._offsets
 
     @property
     def lengths(self):
-        """int32 [N], computed once."""
+        """int32 [N], computed once (a grid's: one value broadcast, read-only)."""
         if self._lengths is None:
-            self._lengths = np.diff(self.offsets).astype(np.int32)
+            self._lengths = np.diff(self._offsets).astype(np.int32) if self._offsets is not None else \
+                np.broadcast_to(np.int32(self._width), (self._n,))
         return self._lengths
 
     @property
@@ -70,14 +128,23 @@ class PromptSet:
         return self._width
 
     def prompt(self, i):
+        if self._offsets is None:
+            return self.tokens[i * self._width:(i + 1) * self._width]
         return self.tokens[self.offsets[i]:self.offsets[i + 1]]
 
     def fingerprint(self):
-        """sha256 of the offsets (little-endian int64) and the tokens (little-endian int32), read in place. (Format 1
-        hashed the tokens as int64: its outputs are not resumed anyway.)"""
+        """sha256 of the offsets (little-endian int64) and the tokens (little-endian int32), a block at a time (a
+        grid's offsets made a block at a time, uint16 ids hashed as the int32 they stand for: the same digest as
+        int32 tokens and stored offsets). (Format 1 hashed the tokens as int64: its outputs are not resumed anyway.)"""
         h = hashlib.sha256()
-        h.update(np.ascontiguousarray(self.offsets, "<i8"))
-        h.update(np.ascontiguousarray(self.tokens, "<i4"))
+        if self._offsets is not None:
+            h.update(np.ascontiguousarray(self._offsets, "<i8"))
+        else:
+            for a in range(0, self._n + 1, BLOCK_ROWS):
+                h.update(np.arange(a, min(self._n + 1, a + BLOCK_ROWS), dtype="<i8") * self._width)
+        step = BLOCK_ROWS * 16
+        for a in range(0, self.tokens.size, step):
+            h.update(np.ascontiguousarray(self.tokens[a:a + step], "<i4"))
         return "sha256:" + h.hexdigest()[:32]
 
     @classmethod
@@ -93,7 +160,8 @@ class PromptSet:
         lengths = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
         offsets = np.zeros(len(lengths) + 1, np.int64)
         np.cumsum(lengths, out=offsets[1:])
-        tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
+        if isinstance(tokens, list):
+            tokens = np.concatenate(tokens) if tokens else np.zeros(0, np.int32)
         return cls(offsets, tokens, source)
 
 
@@ -132,16 +200,16 @@ def probe_readable(path):
         pass
 
 
-def read_prompts(path, tokenizer_factory):
+def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
-    prompts."""
+    prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
     probe_readable(path)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         try:
             if "prompt_tokens" in f:
-                return _read_token_dataset(path, f["prompt_tokens"])
+                return _read_token_dataset(path, f["prompt_tokens"], vocab_size)
             if "prompts" in f:
-                return _read_text_dataset(path, f["prompts"], tokenizer_factory)
+                return _read_text_dataset(path, f["prompts"], tokenizer_factory, vocab_size)
             raise UserError(f"no 'prompts' or 'prompt_tokens' dataset ({contents(f)})", path, "datasets",
                             DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
@@ -150,7 +218,7 @@ def read_prompts(path, tokenizer_factory):
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
 
 
-def _read_token_dataset(path, ds):
+def _read_token_dataset(path, ds, vocab_size=None):
     import h5py
     field = "prompt_tokens"
     if not isinstance(ds, h5py.Dataset):
@@ -166,27 +234,38 @@ def _read_token_dataset(path, ds):
     try:
         n = ds.shape[0]
         if vlen is not None:
-            lengths, tokens = [], []
+            lengths, tokens = [], TokenBlocks(vocab_size)
             for a in range(0, n, BLOCK_ROWS):
                 rows = ds[a:a + BLOCK_ROWS]
                 lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
-                tokens.append(to_int32(np.concatenate(rows)) if lengths[-1].sum() else np.zeros(0, np.int32))
-            return PromptSet.from_pieces(lengths, tokens, field)
+                tokens.add(np.concatenate(rows) if lengths[-1].sum() else np.zeros(0, np.int32))
+            return PromptSet.from_pieces(lengths, tokens.result(), field)
         t = ds.shape[1]
-        tokens = np.empty((n, t), np.int32)                                      # [N, T]
+        blocks = TokenBlocks(vocab_size)
+        tokens = np.empty((n, t), blocks.dtype)                                  # [N, T]
+        buf = np.empty((min(n, BLOCK_ROWS), t), np.int32) if ds.dtype == np.int32 else None
         for a in range(0, n, BLOCK_ROWS):
             b = min(n, a + BLOCK_ROWS)
-            if ds.dtype == np.int32:
+            if buf is not None and tokens.dtype == np.int32:
                 ds.read_direct(tokens, np.s_[a:b], np.s_[a:b])
+                continue
+            if buf is not None:
+                block = buf[:b - a]
+                ds.read_direct(block, np.s_[a:b], np.s_[:b - a])
             else:
-                tokens[a:b] = to_int32(ds[a:b])
+                block = to_int32(ds[a:b])
+            if not blocks.fits(block):           # an invalid id: int32 from here on, as it was
+                wide = np.empty((n, t), np.int32)
+                wide[:a] = tokens[:a]
+                tokens = wide
+            tokens[a:b] = block
     except (OSError, RuntimeError) as e:
         raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
                         "the file is damaged; write it again")
-    return PromptSet(np.arange(n + 1, dtype=np.int64) * t, tokens.reshape(-1), field)
+    return PromptSet.grid(tokens, field)
 
 
-def _read_text_dataset(path, ds, tokenizer_factory):
+def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     import h5py
     field = "prompts"
     if not isinstance(ds, h5py.Dataset):
@@ -196,7 +275,7 @@ def _read_text_dataset(path, ds, tokenizer_factory):
                         "write prompts as variable-length UTF-8 strings")
     from gpt2job.model.tokenizer import EOT
     enc = None
-    lengths, tokens = [], []
+    lengths, tokens = [], TokenBlocks(vocab_size)
     for a in range(0, ds.shape[0], BLOCK_ROWS):
         try:
             raw = ds[a:a + BLOCK_ROWS]
@@ -217,8 +296,8 @@ def _read_text_dataset(path, ds, tokenizer_factory):
         enc = enc or tokenizer_factory()
         rows = enc.encode_batch(texts, allowed_special={EOT})
         lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
-        tokens.append(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
-    return PromptSet.from_pieces(lengths, tokens, "prompts")
+        tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
+    return PromptSet.from_pieces(lengths, tokens.result(), "prompts")
 
 
 @dataclass
@@ -254,10 +333,12 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)
     step = BLOCK_ROWS * 16
-    tok = prompts.tokens
+    tok = prompts.tokens          # int32, or uint16 (never negative)
     if tok.size and (tok.min() < 0 or tok.max() >= vocab_size):                # find them, a block at a time
         for a in range(0, tok.size, step):
-            bad = np.flatnonzero(tok[a:a + step].view(np.uint32) >= vocab_size)   # a negative id is huge as uint32
+            block = tok[a:a + step]
+            bad = np.flatnonzero((block.view(np.uint32) if block.dtype == np.int32 else block) >= vocab_size)
+            # (a negative id is huge as uint32)
             if len(bad):
                 bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
     long_reason = ("too long for the room their own max_new_tokens leaves (n_positions "

@@ -1,0 +1,84 @@
+"""The master's prompts in 2 bytes a token (issue "reliability" §3): uint16 ids when the model's vocabulary fits,
+checked before narrowing (an id that does not fit is reported as it was, never wrapped); the resume key, dedup and
+the chunks' int32 tokens the same as with int32 prompts; a 2-D input holds no offsets."""
+import h5py
+import numpy as np
+import pytest
+
+from gpt2job.cluster.scheduler import Scheduler
+from gpt2job.files import prompts as P
+from gpt2job.files.dedup import group_identical
+from gpt2job.files.prompts import PromptSet, read_prompts, validate
+
+
+def write(path, rows=None, grid=None, dtype=np.int32):
+    with h5py.File(path, "w") as f:
+        if grid is not None:
+            f.create_dataset("prompt_tokens", data=np.asarray(grid, dtype))
+        else:
+            ds = f.create_dataset("prompt_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.dtype(dtype)))
+            for i, r in enumerate(rows):
+                ds[i] = np.asarray(r, dtype)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(P, "BLOCK_ROWS", 4)      # several blocks: a bad id after uint16 blocks widens them
+
+
+@pytest.mark.parametrize("kind", ["vlen", "grid", "grid64"])
+def test_uint16_when_every_id_fits_and_the_same_fingerprint(tmp_path, small_blocks, kind):
+    rng = np.random.default_rng(0)
+    grid = rng.integers(0, 50257, (11, 16))
+    path = tmp_path / "in.h5"
+    if kind == "vlen":
+        write(path, rows=[r[:1 + i % 16] for i, r in enumerate(grid)])
+    else:
+        write(path, grid=grid, dtype=np.int64 if kind == "grid64" else np.int32)
+    wide, narrow = read_prompts(str(path), None), read_prompts(str(path), None, 50257)
+    assert wide.tokens.dtype == np.int32 and narrow.tokens.dtype == np.uint16
+    assert (wide.tokens == narrow.tokens).all() and (wide.lengths == narrow.lengths).all()
+    assert wide.fingerprint() == narrow.fingerprint() == PromptSet(wide.offsets, wide.tokens, "x").fingerprint()
+    assert read_prompts(str(path), None, 70000).tokens.dtype == np.int32        # a vocabulary too large for uint16
+    if kind != "vlen":
+        assert narrow._offsets is None and narrow.width == 16 and len(narrow) == 11
+        assert (narrow.offsets == np.arange(12) * 16).all()
+
+
+@pytest.mark.parametrize("kind", ["vlen", "grid"])
+def test_an_id_that_does_not_fit_is_reported_not_wrapped(tmp_path, small_blocks, kind):
+    grid = np.ones((10, 4), np.int64)
+    grid[6, 2], grid[8, 0] = 65536 + 7, -1            # uint16 would make them 7 and 65535
+    path = tmp_path / "in.h5"
+    write(path, rows=list(grid) if kind == "vlen" else None, grid=None if kind == "vlen" else grid)
+    p = read_prompts(str(path), None, 1000)
+    assert p.tokens.dtype == np.int32 and p.tokens[6 * 4 + 2] == 65536 + 7 and p.tokens[8 * 4] == -1
+    val = validate(p, 128, 1000, 4)
+    assert np.flatnonzero(val.invalid).tolist() == [6, 8]
+    assert "outside 0..999 (rows 6, 8)" in val.message("in.h5")
+    big = read_prompts(str(path), None, 50257)       # 65543 >= 50257 too
+    assert big.fingerprint() == read_prompts(str(path), None).fingerprint()
+
+
+@pytest.mark.parametrize("width", [None, 16, 6, 0])
+def test_dedup_and_chunks_agree_with_int32(width):
+    rng = np.random.default_rng(width or 1)
+    pool = [rng.integers(0, 50257, width if width is not None else rng.integers(1, 9)) for _ in range(40)]
+    rows = [pool[i] for i in rng.integers(0, len(pool), 300)]
+    wide = PromptSet.from_lists(rows, "t")
+    if width is not None:
+        narrow = PromptSet.grid(np.array(rows, np.uint16).reshape(len(rows), width), "t")
+    else:
+        narrow = PromptSet(wide.offsets, wide.tokens.astype(np.uint16), "t")
+    assert narrow.tokens.dtype == np.uint16
+    for sel, n in ((np.arange(300), 1), (np.sort(rng.choice(300, 200, replace=False)), 1), (np.arange(600), 2)):
+        a, ca = group_identical(wide, sel, n)
+        b, cb = group_identical(narrow, sel, n)
+        assert a.tolist() == b.tolist() and ca.rows.tolist() == cb.rows.tolist() and ca.reps.tolist() == cb.reps.tolist()
+    sa, sb = Scheduler(wide, np.arange(300), chunk_size=64), Scheduler(narrow, np.arange(300), chunk_size=64)
+    for _ in range(5):
+        x, y = sa._take(64, 1), sb._take(64, 1)
+        assert y.tokens.dtype == np.int32 and (x.tokens == y.tokens).all() and (x.offsets == y.offsets).all()
+        assert (x.rows == y.rows).all()
+    if width:
+        assert narrow._offsets is None      # nothing on these paths made a grid's offsets
