@@ -18,7 +18,6 @@ sampling) against W1 x4 sampled: the ratio n=4 / x4 is the shared-prefill check 
 --logprobs and with --top-logprobs 5 against W1 fp16 (the cost of log-probabilities).
 """
 import argparse
-import json
 import os
 import statistics
 import subprocess

@@ -22,7 +22,7 @@ import time
 
 import numpy as np
 
-from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
+from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
 from gpt2job.files import h5logprobs, score_output
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)

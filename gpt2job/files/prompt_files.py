@@ -85,18 +85,37 @@ def _write_error(output, e):
 
 
 def _write_h5(output, tmp, texts, tokens, attrs):
-    """Write the input HDF5 file at tmp, then move it to output (atomic: a reader sees the old file or the new)."""
+    """Write the input HDF5 file (prompts or prompt_tokens) at tmp, then move it to output."""
+    import h5py
+
+    def fill(f):
+        if texts is not None:
+            f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
+        elif isinstance(tokens, np.ndarray):
+            f.create_dataset("prompt_tokens", data=tokens.astype(np.int32))
+        else:
+            ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
+            for i, t in enumerate(tokens):
+                ds[i] = np.asarray(t, np.int32)
+    write_atomically(output, tmp, fill, attrs)
+
+
+def temp_beside(target):
+    """A new empty temporary file's path in target's folder (moved onto target once written)."""
+    import tempfile
+    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
+                               dir=os.path.dirname(os.path.abspath(target)))
+    os.close(fd)
+    return tmp
+
+
+def write_atomically(output, tmp, fill, attrs):
+    """An HDF5 file written at tmp by fill(file) with attrs, then moved to output (a reader sees the old file or the
+    new); a failed write leaves no tmp and raises one line."""
     import h5py
     try:
         with h5py.File(tmp, "w") as f:
-            if texts is not None:
-                f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
-            elif isinstance(tokens, np.ndarray):
-                f.create_dataset("prompt_tokens", data=tokens.astype(np.int32))
-            else:
-                ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
-                for i, t in enumerate(tokens):
-                    ds[i] = np.asarray(t, np.int32)
+            fill(f)
             f.attrs.update(attrs)
         os.replace(tmp, output)
     except (OSError, RuntimeError) as e:
@@ -190,7 +209,6 @@ def convert_for_run(source, output, log=None):
     changed input, while the output's own input stays as it was). Written atomically. Returns (its path, whether
     this call wrote it)."""
     import hashlib
-    import tempfile
     log = log or (lambda msg: None)
     _check_output_folder(output, example="out.h5")
     texts, tokens = read_prompt_file(source)        # every check of the `prompts` command, before any write
@@ -207,9 +225,7 @@ def convert_for_run(source, output, log=None):
         return target, False
     if os.path.isdir(target):
         raise UserError("is a folder", target, "input", f"remove it: `run` converts {source} there")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(target)))
-    os.close(fd)
+    tmp = temp_beside(target)
     _write_h5(target, tmp, texts, tokens, {"source": os.path.abspath(source), "source_sha256": digest,
                                            "gpt2job_conversion": CONVERSION})
     log(f"{what} of {source} converted to {target}")

@@ -152,9 +152,8 @@ def convert_pairs(source, output, log=None):
     import json
     import os
     import h5py
-    import tempfile
-    from gpt2job.files.prompt_files import (CONVERSION, _check_output_folder, _conversion_attrs, _write_error,
-                                            converted_path)
+    from gpt2job.files.prompt_files import (CONVERSION, _check_output_folder, _conversion_attrs, converted_path,
+                                            temp_beside, write_atomically)
     _check_output_folder(output, example="out.h5")
     try:
         with open(source, "rb") as f:
@@ -182,27 +181,18 @@ def convert_pairs(source, output, log=None):
         return target, False
     if os.path.isdir(target):
         raise UserError("is a folder", target, "input", f"remove it: `score` converts {source} there")
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(target)))
-    os.close(fd)
-    try:   # written whole, then moved in place (prompt_files._write_h5's way)
-        with h5py.File(tmp, "w") as f:
-            for name, rows in (("context", ctx), ("continuation", cont)):
-                if kinds == {"text"}:
-                    f.create_dataset(name, data=rows, dtype=h5py.string_dtype("utf-8"))
-                else:
-                    d = f.create_dataset(name + "_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
-                    for i, r in enumerate(rows):
-                        d[i] = np.asarray(r, np.int32)
-            f.attrs.update({"source": os.path.abspath(source), "source_sha256": digest,
-                            "gpt2job_conversion": CONVERSION})
-        os.replace(tmp, target)
-    except (OSError, RuntimeError) as e:
-        try:
-            os.remove(tmp)
-        except OSError:
-            pass
-        raise _write_error(target, e)
+
+    def fill(f):
+        for name, rows in (("context", ctx), ("continuation", cont)):
+            if kinds == {"text"}:
+                f.create_dataset(name, data=rows, dtype=h5py.string_dtype("utf-8"))
+            else:
+                d = f.create_dataset(name + "_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
+                for i, r in enumerate(rows):
+                    d[i] = np.asarray(r, np.int32)
+
+    write_atomically(target, temp_beside(target), fill, {"source": os.path.abspath(source), "source_sha256": digest,
+                                                         "gpt2job_conversion": CONVERSION})
     if log:
         log(f"{len(ctx)} context/continuation pairs of {source} converted to {target}")
     return target, True

@@ -60,8 +60,8 @@ def resolve(spec):
     found = cached_snapshot(repo_id)
     if found:
         return found
-    fix = (f"give a folder with config.json + model.safetensors (for example one saved with "
-           f"save_pretrained(dir, safe_serialization=True)), or random:gpt2 for random weights")
+    fix = ("give a folder with config.json + model.safetensors (for example one saved with "
+           "save_pretrained(dir, safe_serialization=True)), or random:gpt2 for random weights")
     if importlib.util.find_spec("huggingface_hub") is None:
         raise UserError(f"no such file or folder, and {repo_id} is not in the Hugging Face cache ({hub_cache()}); "
                         "pip install 'gpt2job[hub]' to download it", spec, "--model", fix)
