@@ -30,6 +30,16 @@ ROW_FIELDS = (("max_new_tokens", np.int32), ("temperature", np.float32), ("top_k
               ("seed", np.int64), ("repetition_penalty", np.float32))
 
 
+def pack_stops(stops):
+    """A row's stop strings as RowParams stores them: UTF-8, a NUL after each."""
+    return b"".join(s.encode("utf-8") + b"\0" for s in stops)
+
+
+def unpack_stops(raw):
+    """pack_stops' bytes back to the tuple of str."""
+    return tuple(x.decode("utf-8") for x in bytes(raw).split(b"\0")[:-1])
+
+
 @dataclass
 class RowParams:
     """The generation settings of each row of a chunk, every value resolved (the job's flag where the input file has
@@ -47,8 +57,7 @@ class RowParams:
 
     def stops(self, b):
         """Row b's stop strings: a tuple of str."""
-        raw = bytes(self.stop_bytes[self.stop_offsets[b]:self.stop_offsets[b + 1]])
-        return tuple(x.decode("utf-8") for x in raw.split(b"\0")[:-1])
+        return unpack_stops(self.stop_bytes[self.stop_offsets[b]:self.stop_offsets[b + 1]])
 
     def take(self, idx):
         """Rows idx (in that order) as a RowParams of their own."""
@@ -62,7 +71,7 @@ class RowParams:
         vals = [np.ascontiguousarray(arrays[n], t) for n, t in ROW_FIELDS]
         B = len(vals[0])
         stops = stops if stops is not None else [()] * B
-        blobs = [b"".join(x.encode("utf-8") + b"\0" for x in row) for row in stops]
+        blobs = [pack_stops(row) for row in stops]
         so = np.zeros(B + 1, np.int64)
         np.cumsum([len(b) for b in blobs], out=so[1:])
         return cls(*vals, so, np.frombuffer(b"".join(blobs), np.uint8).copy())

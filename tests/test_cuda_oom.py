@@ -14,6 +14,7 @@ from bisect import bisect_right
 import numpy as np
 import pytest
 
+from gpt2job.backends import drive
 from gpt2job.backends.cuda.plan import (KV_FLOOR, MemoryPlan, join_completions, memory_plan, preferred_chunk,
                                         size_floors, split_chunk)
 from gpt2job.chunks import FINISH_STOP, Chunk, Completions
@@ -345,17 +346,14 @@ def compute_all(runner, chunks, gs):
     """Like the worker: one chunk submitted while idle, the next at the first pause."""
     out, waiting = [], list(chunks)
     runner.submit(waiting.pop(0), gs)
+
+    def on_pause(pause):
+        if pause.submit and waiting and len(runner.pending) < 1:
+            runner.submit(waiting.pop(0), gs)
+        pause.ready()
+
     while runner.pending:
-        steps = runner.run()
-        while True:
-            try:
-                pause = next(steps)
-            except StopIteration as done:
-                out.append(done.value)
-                break
-            if pause.submit and waiting and len(runner.pending) < 1:
-                runner.submit(waiting.pop(0), gs)
-            pause.ready()
+        out.append(drive(runner.run(), on_pause))
         if waiting and not runner.pending:
             runner.submit(waiting.pop(0), gs)
     return out

@@ -10,7 +10,7 @@ import pytest
 
 drv = pytest.importorskip("pycuda.driver")
 
-from gpt2job.backends import compute  # noqa: E402
+from gpt2job.backends import compute, drive  # noqa: E402
 from gpt2job.backends.cuda.options import KernelOptions  # noqa: E402
 from gpt2job.backends.cuda.rows import RowSel  # noqa: E402
 from gpt2job.backends.numpy_backend import NumpyBackend  # noqa: E402
@@ -268,13 +268,8 @@ def test_progress_within_a_chunk():
     be = CudaBackend(params, gs, dtype="float32")
     try:
         be.submit(stem_chunk(20, 1000, seed=7))
-        steps, seen = be.run(), []
-        while True:
-            try:
-                seen.append(next(steps).generated)
-            except StopIteration as done:
-                comp = done.value
-                break
+        seen = []
+        comp = drive(be.run(), lambda p: seen.append(p.generated))
     finally:
         be.close()
     assert seen == sorted(seen) and max(seen) > 0 and seen[-1] <= comp.n_generated == 120

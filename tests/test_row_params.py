@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpt2job.backends import Pause, compute
+from gpt2job.backends import Pause, compute, drive
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.plan import Layout, check_prompts, join_completions, kv_groups, split_chunk
 from gpt2job.backends.numpy_backend import NumpyBackend
@@ -99,15 +99,13 @@ def test_stop_token_ids_end_the_row_and_keep_the_token(tiny):
 def test_pauses_after_each_micro_batch_count_the_tokens_so_far(tiny):
     be = NumpyBackend(tiny, GS, batch_size=2)
     be.submit(chunk_of(prompts_of(5), params=params_of(5, max_new_tokens=[1, 2, 3, 4, 5])))
-    steps, seen = be.run(), []
-    while True:
-        try:
-            p = next(steps)
-        except StopIteration as done:
-            comp = done.value
-            break
+    seen = []
+
+    def on_pause(p):
         assert isinstance(p, Pause) and p.submit and p.ready()
         seen.append(p.generated)
+
+    comp = drive(be.run(), on_pause)
     assert seen == [3, 10, 15] and comp.n_generated == 15
 
 
@@ -308,15 +306,8 @@ def test_runner_per_row_limits_stop_ids_stop_strings_and_progress(fake, monkeypa
     ch = chunk_of(prompts, params=params_of(23, max_new_tokens=mnt, stops=stops))
     runner = stand_in_runner(share)
     runner.submit(ch, gs)
-    steps, progress = runner.run(), []
-    while True:
-        try:
-            p = next(steps)
-        except StopIteration as done:
-            got = done.value
-            break
-        progress.append(p.generated)
-        p.ready()
+    progress = []
+    got = drive(runner.run(), lambda p: (progress.append(p.generated), p.ready()))
     want = expected(ch, gs, mnt, stops, table)
     oom.assert_same(got, want)
     assert {FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING} <= set(want.finish.tolist())
@@ -343,18 +334,9 @@ def test_runner_halves_keep_each_rows_params(fake):
         return real_prepare(chunk, settings, share)
     runner.prepare = prepare
     runner.submit(ch, gs)
-    got = compute_runner(runner)
+    got = drive(runner.run())
     assert calls[:3] == [9, 4, 5]
     oom.assert_same(got, expected(ch, gs, mnt))
-
-
-def compute_runner(runner):
-    steps = runner.run()
-    while True:
-        try:
-            next(steps)
-        except StopIteration as done:
-            return done.value
 
 
 class SelModel(oom.FakeModel):
@@ -414,7 +396,7 @@ def test_runner_per_row_selection_reads_its_rows_settings_and_seen_tokens(fake, 
     runner.fit()
     dev.reserve_uploads(2, 20 * 4096)
     runner.submit(ch, gs)
-    got = compute_runner(runner)
+    got = drive(runner.run())
     want = []
     for b, p in enumerate(prompts):
         seq, seen, gen = [int(t) for t in p], set(int(t) for t in p), []

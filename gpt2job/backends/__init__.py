@@ -62,12 +62,18 @@ class Backend:
 def compute(backend: Backend, chunk: Chunk) -> Completions:
     """Submit one chunk and run it to the end, ignoring the pauses (tests, warm-up, scripts)."""
     backend.submit(chunk)
-    steps = backend.run()
+    return drive(backend.run())
+
+
+def drive(steps, on_pause=None):
+    """Run a run() generator to its end, calling on_pause(pause) at each pause; returns its Completions."""
     while True:
         try:
-            next(steps)
+            pause = next(steps)
         except StopIteration as done:
             return done.value
+        if on_pause is not None:
+            on_pause(pause)
 
 
 # ---------------------------------------------------------------- what this machine has

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.chunks import ROW_FIELDS, RowParams, take_ragged
+from gpt2job.chunks import ROW_FIELDS, RowParams, pack_stops, take_ragged, unpack_stops
 from gpt2job.errors import UserError, plural
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
@@ -35,11 +35,6 @@ RULES = {
     "seed": ("an integer in 0..2^63-1", lambda v: v >= 0),
     "repetition_penalty": ("a finite number > 0", lambda v: np.isfinite(v) & (v > 0)),
 }
-
-
-def stop_blob(stops):
-    """Stop strings as RowParams stores a row's: UTF-8, a NUL after each."""
-    return b"".join(s.encode("utf-8") + b"\0" for s in stops)
 
 
 @dataclass
@@ -76,7 +71,7 @@ class StopTable:
         self.job = tuple(job_stops)
         self.num_samples = num_samples     # of(): output rows, sample r % N of input row r // N (--num-samples N)
         self.ids, self.eos = frozenset(int(i) for i in ids), eos   # stop token ids; EOS when it stops a row
-        blob = np.frombuffer(stop_blob(self.job), np.uint8)
+        blob = np.frombuffer(pack_stops(self.job), np.uint8)
         self.per_row = raw_offsets is not None
         if self.per_row:
             # the job's strings as one more row at the end (row N), which rows without their own point to
@@ -109,8 +104,8 @@ class StopTable:
         if not self.per_row:
             return self.job
         row //= self.num_samples
-        raw = bytes(self.bytes[self.offsets[row]:self.offsets[row + 1]])
-        return tuple(x.decode("utf-8") for x in raw.split(b"\0")[:-1]) if raw else self.job
+        raw = self.bytes[self.offsets[row]:self.offsets[row + 1]]
+        return unpack_stops(raw) if len(raw) else self.job
 
 
 def present(f):
