@@ -38,7 +38,7 @@ RULES = {
 
 
 @dataclass
-class RowSettings:
+class InputRowSettings:
     """The input's per-row settings, resolved (the job's flag where a row has no value)."""
     given: tuple             # the per-row datasets the input has
     values: dict             # name -> [N] array (ROW_FIELDS dtype), every row resolved
@@ -136,7 +136,7 @@ def read_row_settings(path, n_rows, s):
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
                             path, "per-row settings", "the file is damaged; write it again")
-        return RowSettings(given, values, stops, "sha256:" + h.hexdigest()[:32])
+        return InputRowSettings(given, values, stops, "sha256:" + h.hexdigest()[:32])
 
 
 def _check_shape(path, ds, name, n_rows, ndims=(1,)):
@@ -257,7 +257,7 @@ def read_stop_dataset(path, ds, n_rows, h=None):
 
 def stops_header(s, eos_token_id, rows):
     """What the output's writer needs to know of the job's stops (JSON-able; h5write.make_header), None when the
-    job uses none (its output then has no stop_reason). rows: the input's RowSettings or None."""
+    job uses none (its output then has no stop_reason). rows: the input's InputRowSettings or None."""
     per_row = rows is not None and STOP in rows.given
     if not (s.stop or s.stop_token_ids or per_row):
         return None
