@@ -116,11 +116,11 @@ TABLE = [b"ab", b"c", b"de", b"\xe2\x82", b"\xac!", b"x"]   # token 3 + 4: the e
 
 def test_stop_strings_match_across_token_boundaries():
     s = StopStrings([("cd",), ("\u20ac",), ("zz", "bc"), ()], TABLE)
-    assert [s.feed(0, t) for t in (0, 1, 2)] == [False, False, True]
-    assert [s.feed(1, t) for t in (5, 3, 4)] == [False, False, True]     # UTF-8 bytes across two tokens
-    assert [s.feed(2, t) for t in (0, 1)] == [False, True]
-    assert not s.has(3) and not s.feed(3, 0)
-    assert s.tail[0] == b"e" and s.tail[1] == b"\xac!"[-2:]          # only what a match could still start in
+    toks = np.array([[0, 1, 2], [5, 3, 4], [0, 1, 2], [0, 1, 2]])
+    ends = [s.ends(np.arange(4), toks[:, k], lambda b: toks[b, :k]).tolist() for k in range(3)]
+    assert ends[0] == [False] * 4
+    assert ends[1] == [False, False, True, False]                        # "bc": row 2 ends at its second token
+    assert ends[2][:2] == [True, True] and not ends[2][3]                # the euro sign: UTF-8 bytes of two tokens
     assert StopStrings.of([(), ()], None, 10) is None                    # no stop strings: no tokenizer needed
 
 
@@ -301,7 +301,8 @@ def test_runner_per_row_limits_stop_ids_stop_strings_and_progress(fake, monkeypa
     prompts = [np.concatenate([stem[:rng.integers(1, 6)], rng.integers(0, oom.V, rng.integers(1, 6))])
                for _ in range(23)]
     mnt = rng.integers(1, 8, 23)
-    stops = [("ab", "q") if b % 3 == 0 else () for b in range(23)]
+    doubled = tuple(c * 2 for c in "abcdefghij")                           # a letter twice: from two tokens
+    stops = [("ab", "q") if b % 3 == 0 else doubled if b % 3 == 1 else () for b in range(23)]
     gs = GenerationSettings(max_new_tokens=4, ignore_eos=False, eos_token_id=oom.EOS, stop_token_ids=(11,))
     ch = chunk_of(prompts, params=params_of(23, max_new_tokens=mnt, stops=stops))
     runner = stand_in_runner(share)

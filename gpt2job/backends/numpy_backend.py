@@ -90,6 +90,7 @@ def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSetting
         if rec is not None:   # logits are still the raw ones (the penalty works on a copy)
             rec.add(act, logits, tok)
         leave = np.zeros(len(act), bool)
+        at_stop = np.zeros(len(act), bool) if stops is None else stops.ends(act, tok, out.__getitem__)
         for i, b in enumerate(act):
             t = int(tok[i])
             out[b].append(t)
@@ -97,7 +98,7 @@ def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSetting
                 seen[b, t] = rs.penalty[b] != 1
             if t in stop_ids:
                 finish[b], leave[i] = FINISH_STOP, True
-            elif stops is not None and stops.feed(b, t):
+            elif at_stop[i]:
                 finish[b], leave[i] = FINISH_STOP_STRING, True
             elif len(out[b]) >= rs.max_new_tokens[b]:
                 leave[i] = True

@@ -43,20 +43,19 @@ class RowPlan:
         self.stop_ids = np.array(ids, np.int64)
         self.stops = StopStrings.of(rs.stops, gs.vocab_dir, vocab_size)   # None unless a row has stop strings
 
-    def check(self, prows, tok, finish):
-        """Tokens tok [n] of rows prows [n] (run order) reached the host: set the finish code of the rows they end
-        (a stop id: FINISH_STOP, winning over a stop string completed by the same token); returns that mask [n]."""
+    def check(self, prows, tok, finish, out, step):
+        """Tokens tok [n] of rows prows [n] (run order) reached the host, the rows' generated tokens before them in
+        out[:, :step]: set the finish code of the rows they end (a stop id: FINISH_STOP, winning over a stop string
+        completed by the same token); returns that mask [n]."""
         if self.eos is not None:
             ended = tok == self.eos
         else:
             ended = np.isin(tok, self.stop_ids) if len(self.stop_ids) else np.zeros(len(tok), bool)
         finish[prows[ended]] = FINISH_STOP
         if self.stops is not None:
-            for i in np.flatnonzero(~ended):
-                b = int(prows[i])
-                if self.stops.feed(b, tok[i]):
-                    ended[i] = True
-                    finish[b] = FINISH_STOP_STRING
+            hit = self.stops.ends(prows, tok, lambda b: out[b, :step]) & ~ended
+            finish[prows[hit]] = FINISH_STOP_STRING
+            ended |= hit
         return ended
 
 

@@ -367,7 +367,7 @@ class Runner:
             prows, tok = prows[live], tok[live]
             out[prows, pstep] = tok
             gen[prows] = pstep + 1
-            alive[prows[rp.check(prows, tok, finish)] - b0] = False   # stop ids, stop strings
+            alive[prows[rp.check(prows, tok, finish, out, pstep)] - b0] = False   # stop ids, stop strings
             if nxt is None:
                 break
             flight = nxt
