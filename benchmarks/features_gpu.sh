@@ -10,7 +10,9 @@
 #   ab        benchmarks/ab_trees.py --features against $OLD: W1/W2 speed and tokens with none of the options (the
 #             >= 97% check), and the mixed-settings workload against W2 fp16 (>= 85%)
 #   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
-# Knobs: STAGES (tests,vs-hf,score,ab,profile), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
+#   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case (1,024 rows)
+#   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling and mix only when named), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -49,6 +51,12 @@ if has profile; then
     TAIL=30 stage profile ${T_PROF:-150} python3 benchmarks/kernels_bench.py --no-kernels --profile \
         --profile-dtypes float16 --profile-prompts 546
 fi
+if has sampling; then
+    TAIL=20 stage sampling ${T_SAMPLING:-120} python3 benchmarks/sampling_bench.py --rows 1024 --out "$OUT"
+fi
+if has mix; then
+    TAIL=8 stage mix ${T_MIX:-300} python3 benchmarks/mix_breakdown.py --repeats "$REPEATS" --out "$OUT"
+fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

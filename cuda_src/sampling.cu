@@ -1,23 +1,21 @@
 // Token selection on the GPU, the rules of gpt2job/model/sampling.py (one block per logits row):
 //   argmax_rows: greedy, lowest index on ties.
 //   sample_rows_params: the same per row with each row's own settings and repetition penalty.
-//   sample_rows: p = softmax(l / T) in float64; top-k keeps p >= k-th largest p (ties kept);
-//     top-p keeps p >= t where t is the p at which the descending cumulative kept mass first reaches
-//     top_p * kept mass; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the kept tokens in index
-//     order and take the first whose running sum exceeds u * kept sum (V - 1 if none).
-// The k-th largest p and the top-p threshold are found by radix selection on the float32 logit bits
-// (p is a non-decreasing function of the logit).
+//   sample_rows: p = softmax(l / T) in float64; top-k keeps the logits >= the k-th largest (ties kept); top-p keeps
+//     the logits >= t, the logit at which the kept p summed in descending logit order first reach top_p * the kept
+//     sum; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the kept tokens in index order and take the
+//     first whose running sum exceeds u * kept sum (V - 1 if none).
+// The k-th largest logit and the top-p threshold are found on the float32 logit keys (fkey: unsigned, ordered as
+// the floats): a histogram of the row over value buckets picks the bucket that holds the threshold, then radix
+// passes over the keys of that bucket only pick the exact key (see sample_block for why not the keys' radix alone).
 #include "common.cuh"
 
 #define SEL_THREADS 1024
-
-__device__ __forceinline__ unsigned fkey(float f) {
+#define NB 256            // value buckets of a row (sample_block)
+#define FULL 0xffffffffu
+__device__ __forceinline__ unsigned fkey(float f) {   // -0 and +0 one key: they compare equal as floats
     unsigned u = __float_as_uint(f);
-    return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
-__device__ __forceinline__ float kfloat(unsigned k) {
-    unsigned u = (k & 0x80000000u) ? (k & 0x7fffffffu) : ~k;
-    return __uint_as_float(u);
+    return f == 0.0f ? 0x80000000u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
@@ -107,170 +105,325 @@ argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ o
     block_argmax(logits + (size_t)r * ld, V, out + r, sv, si);
 }
 
-// One row's sampled token (rules 2-5) into *out_r, by the whole block: l [V] its logits, rid its prompt row id.
-__device__ __forceinline__ void sample_block(const float* l, int V, long long rid, int step, unsigned long long seed,
-                                             double temperature, int top_k, double top_p, int* out_r)
+// Block-wide maximum of unsigned values (red: shared scratch of 32 entries).
+__device__ unsigned block_max_u(unsigned v, unsigned* red) {
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    v = __reduce_max_sync(FULL, v);
+    __syncthreads();
+    if (lane == 0) red[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = __reduce_max_sync(FULL, (lane < (int)(blockDim.x >> 5)) ? red[lane] : 0u);
+        if (lane == 0) red[0] = v;
+    }
+    __syncthreads();
+    return red[0];
+}
+
+// sample_block's shared scratch: reductions, one histogram (value buckets or key digits) and what a pick found.
+struct SampleShared {
+    double red[32];
+    float redf[32];
+    unsigned redu[32];
+    unsigned cnt[NB];
+    double sum[NB];
+    int pick;             // pick_first: the entry picked
+    double above;         //   the count / mass of the entries before it
+    double target;        //   the target it used
+    int best;             // the walk's token
+};
+
+// Value bucket of logit v: 0 for the row's largest logits, non-decreasing as v decreases (a monotone function of
+// v, so a bucket is an interval of keys); NB - 1 holds everything at least (NB - 1) / scale below the maximum.
+__device__ __forceinline__ int vbucket(float v, float mx, float scale) {
+    const float d = (mx - v) * scale;
+    return d < (float)(NB - 1) ? (int)d : NB - 1;   // NaN (scale inf, d 0 * inf): NB - 1
+}
+
+// Warp 0 picks, over positions j = 0..n-1 in the order of decreasing logits (entry e = rev ? n-1-j : j of cnt /
+// sum), the first nonempty entry at which above + the running total (counts, or with mass the sums) reaches target
+// (frac > 0: target = frac * the total of all entries); when none does (rounding), the last nonempty entry.
+// sh.pick, sh.above (above + the total before the entry), sh.target. Every thread calls it (it ends in a barrier).
+__device__ void pick_first(SampleShared& sh, int n, bool rev, bool mass, double above, double target, double frac)
 {
-    __shared__ double red[32];
-    __shared__ float redf[32];
-    __shared__ unsigned int hcnt[256];
-    __shared__ double hsum[256];
-    __shared__ unsigned s_prefix;
-    __shared__ double s_above;
-    __shared__ int s_best;
+    if (threadIdx.x < 32) {
+        const int lane = threadIdx.x, per = (n + 31) >> 5;
+        double tot = 0.0;
+        bool any = false;
+        for (int q = 0; q < per; q++) {
+            const int j = lane * per + q;
+            if (j < n) {
+                const int e = rev ? n - 1 - j : j;
+                if (sh.cnt[e]) { tot += mass ? sh.sum[e] : (double)sh.cnt[e]; any = true; }
+            }
+        }
+        double incl = tot;
+#pragma unroll
+        for (int o = 1; o < 32; o <<= 1) {
+            const double t = __shfl_up_sync(FULL, incl, o);
+            if (lane >= o) incl += t;
+        }
+        if (frac > 0.0) target = frac * __shfl_sync(FULL, incl, 31);
+        const unsigned hit = __ballot_sync(FULL, any && above + incl >= target);
+        const unsigned has = __ballot_sync(FULL, any);
+        const int who = hit ? __ffs(hit) - 1 : (has ? 31 - __clz(has) : 0);
+        if (lane == who) {
+            double run = above + incl - tot, before = run;
+            int pick = rev ? n - 1 : 0;
+            for (int q = 0; q < per; q++) {
+                const int j = lane * per + q;
+                if (j >= n) break;
+                const int e = rev ? n - 1 - j : j;
+                if (!sh.cnt[e]) continue;
+                const double v = mass ? sh.sum[e] : (double)sh.cnt[e];
+                pick = e;
+                before = run;
+                if (hit && run + v >= target) break;
+                run += v;
+            }
+            sh.pick = pick;
+            sh.above = before;
+            sh.target = target;
+        }
+    }
+    __syncthreads();
+}
+
+// exp((double)v / T - zmax): a token's probability times the softmax denominator. Sums of these stand for sums of
+// probabilities everywhere below (the thresholds and the walk compare them with each other), so no division.
+__device__ __forceinline__ double escore(float v, double temperature, double zmax) {
+    return exp((double)v / temperature - zmax);
+}
+
+// Adds this thread's count / mass of bucket NB - 1 (summed per thread: most of a peaked row lands there) to the
+// histogram, one atomic per warp.
+__device__ __forceinline__ void flush_last(SampleShared& sh, unsigned n, double mass) {
+    n = __reduce_add_sync(FULL, n);
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) mass += __shfl_xor_sync(FULL, mass, o);
+    if ((threadIdx.x & 31) == 0 && n) { atomicAdd(&sh.cnt[NB - 1], n); atomicAdd(&sh.sum[NB - 1], mass); }
+}
+
+// The key of the threshold inside value bucket b (sh.above: the count / mass of the buckets before it): radix passes
+// of 8 bits over the keys of the bucket's elements that count (top-k: every element; mass, top-p: keys >= kmin and
+// e > 0), from the highest bit where the bucket's keys differ; each pass picks, from the largest digit down, the
+// first where the running count / mass reaches target, as a selection over the whole row would.
+__device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int b, bool mass, unsigned kmin,
+                               double temperature, double zmax, double target, SampleShared& sh)
+{
     const int tid = threadIdx.x;
-
-    // softmax statistics, float64 as NumPy
-    float mx = -INFINITY;
-    for (int i = tid; i < V; i += blockDim.x) mx = fmaxf(mx, l[i]);
-    const double zmax = (double)block_max_f(mx, redf) / temperature;
-    double s = 0.0;
-    for (int i = tid; i < V; i += blockDim.x) s += exp((double)l[i] / temperature - zmax);
-    const double denom = block_sum_d(s, red);
-#define PROB(v) (exp((double)(v) / temperature - zmax) / denom)
-
-    // top-k: k-th largest logit key by 4 radix passes of 8 bits (counts)
-    double pk = -1.0;  // keep p >= pk
-    if (top_k > 0 && top_k < V) {
-        if (tid == 0) { s_prefix = 0u; s_above = 0.0; }
-        for (int pass = 0; pass < 4; pass++) {
-            const int shift = 24 - 8 * pass;
-            const unsigned mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
-            for (int i = tid; i < 256; i += blockDim.x) hcnt[i] = 0u;
-            __syncthreads();
-            const unsigned prefix = s_prefix;
-            for (int i = tid; i < V; i += blockDim.x) {
-                const unsigned k = fkey(l[i]);
-                if ((k & mask) == prefix) atomicAdd(&hcnt[(k >> shift) & 255u], 1u);
+    double above = sh.above;
+    unsigned hi = 0u, lo_inv = 0u;
+    for (int i = tid; i < V; i += blockDim.x) {
+        const float v = l[i];
+        if (vbucket(v, mx, scale) == b) { const unsigned k = fkey(v); hi = max(hi, k); lo_inv = max(lo_inv, ~k); }
+    }
+    hi = block_max_u(hi, sh.redu);
+    const unsigned lo = ~block_max_u(lo_inv, sh.redu);
+    if (hi == lo) return hi;
+    int top = 31 - __clz(hi ^ lo);                       // the highest bit not decided
+    unsigned prefix = hi & ~((2u << top) - 1u);          // top 31: 2u << 31 is 0, the mask 0
+    while (top >= 0) {
+        const int width = min(8, top + 1), shift = top + 1 - width;
+        const unsigned fixed = ~((2u << top) - 1u);
+        for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+        __syncthreads();
+        for (int i = tid; i < V; i += blockDim.x) {
+            const float v = l[i];
+            const unsigned k = fkey(v);
+            if ((k & fixed) != prefix || vbucket(v, mx, scale) != b) continue;
+            const unsigned d = (k >> shift) & ((1u << width) - 1u);
+            if (mass) {
+                if (k < kmin) continue;
+                const double e = escore(v, temperature, zmax);
+                if (!(e > 0.0)) continue;
+                atomicAdd(&sh.sum[d], e);
             }
-            __syncthreads();
-            if (tid == 0) {
-                double above = s_above;   // count of keys greater than the prefix range
-                unsigned d = 0;
-                for (int dd = 255; dd >= 0; dd--) {
-                    if (above + hcnt[dd] >= (double)top_k) { d = (unsigned)dd; break; }
-                    above += hcnt[dd];
-                }
-                s_above = above;
-                s_prefix = prefix | (d << shift);
-            }
-            __syncthreads();
+            atomicAdd(&sh.cnt[d], 1u);
         }
-        pk = PROB(kfloat(s_prefix));
+        __syncthreads();
+        pick_first(sh, 1 << width, true, mass, above, target, 0.0);
+        above = sh.above;
+        prefix |= (unsigned)sh.pick << shift;
+        top = shift - 1;
         __syncthreads();
     }
+    return prefix;
+}
 
-    // top-p: the largest kept key K with (kept mass of keys >= K) >= top_p * kept mass
-    double pt = pk;
-    if (top_p > 0.0 && top_p < 1.0) {
-        double ks = 0.0;
-        for (int i = tid; i < V; i += blockDim.x) { const double p = PROB(l[i]); if (p >= pk) ks += p; }
-        const double target = top_p * block_sum_d(ks, red);
-        if (tid == 0) { s_prefix = 0u; s_above = 0.0; }
-        for (int pass = 0; pass < 4; pass++) {
-            const int shift = 24 - 8 * pass;
-            const unsigned mask = pass == 0 ? 0u : (0xffffffffu << (shift + 8));
-            for (int i = tid; i < 256; i += blockDim.x) { hsum[i] = 0.0; hcnt[i] = 0u; }
-            __syncthreads();
-            const unsigned prefix = s_prefix;
-            for (int i = tid; i < V; i += blockDim.x) {
-                const unsigned k = fkey(l[i]);
-                if ((k & mask) == prefix) {
-                    const double p = PROB(l[i]);
-                    if (p >= pk && p > 0.0) {
-                        atomicAdd(&hsum[(k >> shift) & 255u], p);
-                        atomicAdd(&hcnt[(k >> shift) & 255u], 1u);
-                    }
-                }
-            }
-            __syncthreads();
-            if (tid == 0) {
-                double above = s_above, cum = 0.0;
-                int d = -1;
-                for (int dd = 255; dd >= 0; dd--) {
-                    if (hcnt[dd] == 0u) continue;
-                    if (above + cum + hsum[dd] >= target) { d = dd; break; }
-                    cum += hsum[dd];
-                }
-                if (d < 0) {  // rounding: the mass never reaches the target; fall to the smallest kept
-                    for (int dd = 0; dd < 256; dd++) if (hcnt[dd]) { d = dd; break; }
-                    cum = 0.0;
-                    for (int dd = 255; dd > d; dd--) cum += hsum[dd];
-                    if (d < 0) d = 0;
-                }
-                s_above = above + cum;
-                s_prefix = prefix | ((unsigned)d << shift);
-            }
-            __syncthreads();
-        }
-        pt = PROB(kfloat(s_prefix));
-        __syncthreads();
-    }
-
-    // walk the kept tokens in index order: thread tid owns a contiguous segment
+// One row's sampled token (rules 2-5) into *out_r, by the whole block: l [V] its logits (shared or global memory),
+// rid its prompt row id. Thread tid owns the contiguous segment [i0, i1) of the row (the walk is in index order).
+// Kept tokens are those whose key is >= the threshold's key: p is a non-decreasing function of the key, so this is
+// rule 3-4's p >= threshold p but for distinct logits whose float64 p round to the same value.
+// Why value buckets: the keys' top byte (sign and high exponent bits) is the same for nearly all logits of a row,
+// so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that:
+// 4-6 ms per 1,024 rows with top-p). Buckets of equal width in logit (the NB - 1 buckets span
+// min(max - min, 32 T), 32 nats of probability ratio) spread them; everything further below lands in bucket NB - 1.
+__device__ void sample_block(const float* l, int V, long long rid, int step, unsigned long long seed,
+                             double temperature, int top_k, double top_p, int* out_r)
+{
+    __shared__ SampleShared sh;
+    const int tid = threadIdx.x;
     const int seg = (V + blockDim.x - 1) / blockDim.x;
-    const int i0 = tid * seg, i1 = min(V, i0 + seg);
-    double local = 0.0;
-    for (int i = i0; i < i1; i++) { const double p = PROB(l[i]); if (p >= pt) local += p; }
-    // exclusive block scan of local sums (double): warp scan then warp totals
+    const int i0 = min(V, tid * seg), i1 = min(V, i0 + seg);
+
+    float mx = -INFINITY, mn = INFINITY;
+    for (int i = tid; i < V; i += blockDim.x) { const float v = l[i]; mx = fmaxf(mx, v); mn = fminf(mn, v); }
+    mx = block_max_f(mx, sh.redf);
+    mn = -block_max_f(-mn, sh.redf);
+    const float scale = (float)(NB - 1) / fminf(mx - mn, (float)(32.0 * temperature));
+    const bool topk = top_k > 0 && top_k < V, topp = top_p > 0.0 && top_p < 1.0;
+    const bool mass = topp && !topk;   // the top-p histogram in this pass (with top-k it needs the top-k key first)
+    const double zmax = (double)mx / temperature;
+
+    // the segment's sum of e (float64, as NumPy); the histogram of the buckets: counts (top-k) or mass (top-p)
+    for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+    __syncthreads();
+    double esum = 0.0, last_mass = 0.0;
+    unsigned last_n = 0u;
+    for (int i = i0; i < i1; i++) {
+        const float v = l[i];
+        const double e = escore(v, temperature, zmax);
+        esum += e;
+        if (topk || (mass && e > 0.0)) {
+            const int b = vbucket(v, mx, scale);
+            if (b == NB - 1) { last_n++; last_mass += e; continue; }
+            atomicAdd(&sh.cnt[b], 1u);
+            if (mass) atomicAdd(&sh.sum[b], e);
+        }
+    }
+    flush_last(sh, last_n, last_mass);
+    __syncthreads();
+
+    unsigned K = 0u;   // kept: key >= K
+    if (topk) {        // the k-th largest key
+        pick_first(sh, NB, false, false, 0.0, (double)top_k, 0.0);
+        K = bucket_key(l, V, mx, scale, sh.pick, false, 0u, temperature, zmax, (double)top_k, sh);
+        __syncthreads();
+    }
+    if (topp) {        // the largest key whose kept mass at or above it reaches top_p * the kept mass
+        if (topk) {
+            for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+            __syncthreads();
+            last_mass = 0.0;
+            last_n = 0u;
+            for (int i = tid; i < V; i += blockDim.x) {
+                const float v = l[i];
+                if (fkey(v) < K) continue;
+                const double e = escore(v, temperature, zmax);
+                if (!(e > 0.0)) continue;
+                const int b = vbucket(v, mx, scale);
+                if (b == NB - 1) { last_n++; last_mass += e; continue; }
+                atomicAdd(&sh.cnt[b], 1u);
+                atomicAdd(&sh.sum[b], e);
+            }
+            flush_last(sh, last_n, last_mass);
+            __syncthreads();
+        }
+        pick_first(sh, NB, false, true, 0.0, 0.0, top_p);
+        K = bucket_key(l, V, mx, scale, sh.pick, true, K, temperature, zmax, sh.target, sh);
+        __syncthreads();
+    }
+    const bool cut = topk || topp;
+
+    // walk the kept tokens in index order: the segments' kept mass, an exclusive block scan, then the segment that
+    // holds u * the total walks its tokens
+    double local = esum;
+    if (cut) {
+        local = 0.0;
+        for (int i = i0; i < i1; i++) { const float v = l[i]; if (fkey(v) >= K) local += escore(v, temperature, zmax); }
+    }
     const int lane = tid & 31, warp = tid >> 5;
     double incl = local;
 #pragma unroll
     for (int o = 1; o < 32; o <<= 1) {
-        const double t = __shfl_up_sync(0xffffffffu, incl, o);
+        const double t = __shfl_up_sync(FULL, incl, o);
         if (lane >= o) incl += t;
     }
     __syncthreads();
-    if (lane == 31) red[warp] = incl;
-    if (tid == 0) s_best = 0x7fffffff;
+    if (lane == 31) sh.red[warp] = incl;
+    if (tid == 0) sh.best = 0x7fffffff;
     __syncthreads();
     double wprefix = 0.0, total = 0.0;
     const int nw = blockDim.x >> 5;
-    for (int w = 0; w < nw; w++) { if (w < warp) wprefix += red[w]; total += red[w]; }
+    for (int w = 0; w < nw; w++) { if (w < warp) wprefix += sh.red[w]; total += sh.red[w]; }
     const double x = uniform01(seed, (unsigned long long)rid, (unsigned long long)step) * total;
     double run = wprefix + incl - local;
     if (run + local > x) {
         for (int i = i0; i < i1; i++) {
-            const double p = PROB(l[i]);
-            if (p >= pt) { run += p; if (run > x) { atomicMin(&s_best, i); break; } }
+            const float v = l[i];
+            if (!cut || fkey(v) >= K) {
+                run += escore(v, temperature, zmax);
+                if (run > x) { atomicMin(&sh.best, i); break; }
+            }
         }
     }
     __syncthreads();
-    if (tid == 0) *out_r = s_best == 0x7fffffff ? V - 1 : s_best;
-#undef PROB
+    if (tid == 0) *out_r = sh.best == 0x7fffffff ? V - 1 : sh.best;
 }
 
-// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]].
+// A row of logits into shared memory (a sampled row reads its logits a few times over): float4 loads, several in
+// flight per thread, where src is 16-byte aligned.
+__device__ void load_row(float* dst, const float* src, int V)
+{
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const int head = min(V, (int)(((16u - ((unsigned)(size_t)src & 15u)) & 15u) >> 2));
+    for (int i = tid; i < head; i += nt) dst[i] = src[i];
+    const float4* s4 = (const float4*)(src + head);
+    float* d = dst + head;
+    const int n4 = (V - head) >> 2;
+    for (int i = tid; i < n4; i += 4 * nt) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) if (i + u * nt < n4) v[u] = s4[i + u * nt];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = i + u * nt;
+            if (j < n4) { d[4 * j] = v[u].x; d[4 * j + 1] = v[u].y; d[4 * j + 2] = v[u].z; d[4 * j + 3] = v[u].w; }
+        }
+    }
+    for (int i = head + 4 * n4 + tid; i < V; i += nt) dst[i] = src[i];
+    __syncthreads();
+}
+
+// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]]. cache: the launch gave V floats of
+// dynamic shared memory for the row.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __restrict__ rows,
             const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
-            int top_k, double top_p, int* __restrict__ out, int R)
+            int top_k, double top_p, int cache, int* __restrict__ out, int R)
 {
+    extern __shared__ float srow[];
     const int r = blockIdx.x;
     if (r >= R) return;
-    sample_block(logits + (size_t)r * ld, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p,
-                 out + r);
+    const float* l = logits + (size_t)r * ld;
+    if (cache) { load_row(srow, l, V); l = srow; }
+    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r);
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
 // prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]. First the repetition penalty
 // (transformers' rule, float32) on the tokens the sequence has seen (seen: bitmap [slots, words], its row
-// q - seq_base; null or penalty 1: none), written into the logits in place; then the argmax (temperature <= 0)
-// or the sampling rules. The logits are read back after the block's writes: not through __restrict__ / const
+// q - seq_base; null or penalty 1: none); then the argmax (temperature <= 0) or the sampling rules. A sampled row
+// with cache (V floats of dynamic shared memory) is penalized in its shared copy; otherwise the penalty is written
+// into the logits in place, and they are read back after the block's writes: not through __restrict__ / const
 // (the read-only cache could serve stale values).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ rows, const int* __restrict__ seqidx,
                    int step, const unsigned long long* __restrict__ seeds, const double* __restrict__ temps,
                    const int* __restrict__ top_ks, const double* __restrict__ top_ps,
                    const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
-                   int* __restrict__ out, int R)
+                   int cache, int* __restrict__ out, int R)
 {
+    extern __shared__ float srow[];
     __shared__ float sv[32];
     __shared__ int si[32];
     const int r = blockIdx.x;
     if (r >= R) return;
     const int q = seqidx[r];
+    const double temperature = temps[q];
     float* l = logits + (size_t)r * ld;
+    if (cache && temperature > 0.0) { load_row(srow, l, V); l = srow; }
     const float pen = penalties[q];
     if (seen != nullptr && pen != 1.0f) {
         const unsigned* bits = seen + (size_t)(q - seq_base) * words;
@@ -282,7 +435,6 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
         }
         __syncthreads();
     }
-    const double temperature = temps[q];
     if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
     else sample_block(l, V, rows[q], step, seeds[q], temperature, top_ks[q], top_ps[q], out + r);
 }

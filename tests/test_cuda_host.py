@@ -228,16 +228,18 @@ class _FakeDrv:
 
     class device_attribute:
         MULTIPROCESSOR_COUNT = "sm_count"
+        MAX_SHARED_MEMORY_PER_BLOCK_OPTIN = "smem_optin"
 
     class function_attribute:
         MAX_DYNAMIC_SHARED_SIZE_BYTES = "max_dyn_smem"
+        SHARED_SIZE_BYTES = "static_smem"
 
     class _Device:
         def compute_capability(self):
             return _FakeDrv.cc
 
         def get_attribute(self, attr):
-            return 132
+            return {"sm_count": 132, "smem_optin": 232448}[attr]
 
     class Context:
         @staticmethod
@@ -268,6 +270,10 @@ class _FakeDrv:
 
         def set_attribute(self, attr, value):
             self.smem = value
+
+        def get_attribute(self, attr):
+            assert attr == "static_smem"
+            return 4096
 
     class _Module:
         def __init__(self, text):
@@ -316,6 +322,7 @@ def ck(monkeypatch, tmp_path):
 def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch):
     every = ck.Kernels(0, KernelOptions(f16_variants=ALL_TILES))   # every kernel in its module, signature checked
     assert every.f16_variants == tuple(ck.F16_TILES)
+    assert every.row_cache_floats == (232448 - 4096) // 4   # a GPT-2 row of logits (50,257) fits: sampled from it
     assert len({t.module for t in ck.F16_TILES.values()}) == len(ck.F16_TILES)   # one module each: parallel nvcc
     for k in ck.KERNELS:   # the block size is the kernel's __launch_bounds__ where it declares one
         bounds = every.funcs[k.name].bounds

@@ -422,19 +422,38 @@ def test_gather_tokens(K, n):
 
 SAMPLERS = [SamplingSettings(1.0, 0, 1.0, 1), SamplingSettings(0.7, 40, 1.0, 2), SamplingSettings(1.3, 0, 0.9, 3),
             SamplingSettings(0.8, 50, 0.8, 4), SamplingSettings(1.0, 1, 1.0, 5), SamplingSettings(2.0, 0, 0.05, 6),
-            SamplingSettings(1.0, 3, 0.5, 2 ** 63 + 5)]
+            SamplingSettings(1.0, 3, 0.5, 2 ** 63 + 5), SamplingSettings(1e-3, 0, 0.9, 7),
+            SamplingSettings(1.0, 0, 0.999999, 8), SamplingSettings(0.05, 40, 0.9, 9),
+            SamplingSettings(1.0, 999, 0.95, 10)]
+
+
+def selection_logits(R, V, dist):
+    """Logits [R, V] for the selection tests: seeded normals, flat (std 0.55, a random GPT-2's) or peaky (std 3),
+    with a row of equal logits, a row whose 40 largest tie, a row with one far outlier at the bottom (the value
+    buckets of sample_block span the row's range) and a row with many zeros of both signs."""
+    lg = (RNG.standard_normal((R, V), dtype=np.float32) * (0.55 if dist == "flat" else 3.0)).astype(np.float32)
+    lg[0] = 1.5
+    lg[1, RNG.choice(V, 40, replace=False)] = lg[1].max() + 1.0
+    lg[2, int(RNG.integers(0, V))] = -1e4
+    lg[3, RNG.choice(V, V // 4, replace=False)] = RNG.choice(np.array([0.0, -0.0], np.float32), V // 4)   # +-0 tie
+    return lg
 
 
 @pytest.mark.parametrize("s", SAMPLERS)
-@pytest.mark.parametrize("V", [1000, 50257])
-def test_sample_rows(K, s, V):
-    R = 64
-    lg = (RNG.standard_normal((R, V), dtype=np.float32) * 3).astype(np.float32)
+@pytest.mark.parametrize("V,dist,cache", [(1000, "peaky", True), (1000, "flat", True), (50257, "peaky", True),
+                                          (50257, "flat", True), (50257, "peaky", False), (50257, "flat", False),
+                                          (70001, "flat", True)])
+def test_sample_rows(K, s, V, dist, cache):
+    """sample_rows against model/sampling.py, the row in shared memory (cache, where V fits) or read from global
+    memory."""
+    R = 48
+    lg = selection_logits(R, V, dist)
     rows = RNG.integers(0, 10 ** 6, R).astype(np.int64)
     seqidx = RNG.permutation(R).astype(np.int32)
     step = int(RNG.integers(0, 20))
     out = poisoned(R, np.int32)
-    K.sample(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), step, s.seed, s.temperature, s.top_k, s.top_p, out, R)
+    K.sample(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), step, s.seed, s.temperature, s.top_k, s.top_p, out, R,
+             cache=cache)
     got = back(out, R, np.int32)
     ref = sampling.select_tokens(lg, rows[seqidx], step, s)
     np.testing.assert_array_equal(got, ref)

@@ -78,11 +78,13 @@ def random_row_settings(Q, greedy_share=0.3):
 
 
 @pytest.mark.parametrize("penalty", [False, True])
-@pytest.mark.parametrize("V", [1000, 50257])
-def test_sample_rows_params(K, penalty, V):
+@pytest.mark.parametrize("V,std,cache", [(1000, 3.0, True), (50257, 3.0, True), (50257, 0.55, True),
+                                         (50257, 0.55, False), (70001, 3.0, True)])
+def test_sample_rows_params(K, penalty, V, std, cache):
+    """The row in shared memory (cache, where V fits: penalized there) or in global memory (penalized in place)."""
     R, Q, base = 64, 80, 9
-    lg = (RNG.standard_normal((R, V), dtype=np.float32) * 3).astype(np.float32)
-    lg[:, :40] = 4.0                                                   # ties and seen tokens near the top
+    lg = (RNG.standard_normal((R, V), dtype=np.float32) * std).astype(np.float32)
+    lg[:, :40] = 4.0 * std / 3                                         # ties and seen tokens near the top
     rows = RNG.integers(0, 10 ** 6, Q).astype(np.int64)
     seqidx = (RNG.permutation(Q - base)[:R] + base).astype(np.int32)   # sequences base.. of this group
     t, k, p, seed, pen = random_row_settings(Q)
@@ -96,7 +98,7 @@ def test_sample_rows_params(K, penalty, V):
     dbits = gpu(bits)
     arrs = [gpu(a) for a in (seed, t, p, k, pen)]                       # held: freed when the test ends
     sel = RowSel(*(int(a) for a in arrs), int(dbits), W, base)
-    K.sample_params(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), 7, sel, out, R)
+    K.sample_params(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), 7, sel, out, R, cache=cache)
     got = back(out, R, np.int32)
     ref = sampling.sample_rows_params(lg, rows, seqidx, 7, seed, t, k, p, pen, bits, base)
     np.testing.assert_array_equal(got, ref)
@@ -106,7 +108,8 @@ def test_sample_rows_params(K, penalty, V):
     np.testing.assert_array_equal(got[greedy], pl[greedy].argmax(1))
     # without a bitmap (seen 0): no penalty
     out2 = gpu(np.full(R, -7, np.int32))
-    K.sample_params(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), 7, dataclasses.replace(sel, seen=0), out2, R)
+    K.sample_params(None, gpu(lg), V, V, gpu(rows), gpu(seqidx), 7, dataclasses.replace(sel, seen=0), out2, R,
+                    cache=cache)
     np.testing.assert_array_equal(back(out2, R, np.int32),
                                   sampling.sample_rows_params(lg, rows, seqidx, 7, seed, t, k, p, pen, None, base))
 

@@ -7,9 +7,11 @@ cuda_src/sampling.cu implements exactly these rules (same hash, same kept set, s
 Rules for one row of logits l (float32, [V]):
   1. temperature <= 0 or no sampling: the argmax (lowest index on ties).
   2. p = softmax(l / T).
-  3. top-k (k > 0): keep tokens whose p is >= the k-th largest p (ties at the boundary are kept).
-  4. top-p (0 < top_p < 1): among the kept, sort by p descending, take the shortest prefix whose sum
-     reaches top_p * (kept sum); its smallest p is the threshold t; keep the tokens with p >= t.
+  3. top-k (k > 0): keep tokens whose logit is >= the k-th largest logit (ties at the boundary are kept).
+  4. top-p (0 < top_p < 1): among the kept with p > 0, sort by logit descending, take the shortest prefix
+     whose sum of p reaches top_p * (kept sum); its smallest logit is the threshold t; keep the tokens with
+     logit >= t. (Rules 3-4 compare logits, as transformers' top-k / top-p warpers do: p is a non-decreasing
+     function of the logit, so these are the tokens of largest p, ties kept.)
   5. u = uniform(seed, row, step) in [0, 1); walk the kept tokens in index order and return the first
      whose running sum exceeds u * (kept sum).
 Per-row settings and the repetition penalty (applied first, to the raw logits): RowSettings, select_rows.
@@ -41,19 +43,20 @@ def uniform(seed, row, step):
 
 def kept_probs(logits, s: SamplingSettings):
     """logits: [V] float32 -> probabilities [V] float64 with the dropped tokens set to 0."""
-    z = logits.astype(np.float64) / s.temperature                # [V]
+    lg = np.asarray(logits, np.float32)                          # [V]
+    z = lg.astype(np.float64) / s.temperature                    # [V]
     p = np.exp(z - z.max())                                      # [V]
     p /= p.sum()
+    keep = np.ones(p.size, bool)                                 # [V]
     if 0 < s.top_k < p.size:
-        kth = np.partition(p, p.size - s.top_k)[p.size - s.top_k]
-        p = np.where(p >= kth, p, 0.0)                           # [V]
+        keep &= lg >= np.partition(lg, p.size - s.top_k)[p.size - s.top_k]
     if 0.0 < s.top_p < 1.0:
-        order = np.sort(p[p > 0])[::-1]                           # kept probs, descending
-        csum = np.cumsum(order)
+        cand = np.flatnonzero(keep & (p > 0))
+        order = cand[np.argsort(-lg[cand], kind="stable")]       # kept, logits descending
+        csum = np.cumsum(p[order])
         cut = int(np.searchsorted(csum, s.top_p * csum[-1]))      # first prefix reaching the mass
-        t = order[min(cut, order.size - 1)]
-        p = np.where(p >= t, p, 0.0)
-    return p
+        keep &= lg >= lg[order[min(cut, order.size - 1)]]
+    return np.where(keep, p, 0.0)
 
 
 def select_tokens(logits, rows, step, s: SamplingSettings):

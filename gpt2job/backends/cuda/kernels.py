@@ -182,6 +182,7 @@ class Kernels(SelectKernels):
             f = mods[k.source].get_function(k.name)
             f.prepare(k.signature)
             self.funcs[k.name] = f
+        self.setup_row_cache(drv)
         for t in self.tiles:
             for out_half in (True, False):
                 f = mods[t.module].get_function(t.kernel(out_half))
@@ -202,9 +203,9 @@ class Kernels(SelectKernels):
             from gpt2job.backends.cuda.tensor_maps import TensorMapCache
             self.tmaps = TensorMapCache(drv)
 
-    def launch(self, k, grid, stream, *args):
+    def launch(self, k, grid, stream, *args, shared=0):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
-        self.funcs[k.name].prepared_async_call(grid, k.block, stream, *args)
+        self.funcs[k.name].prepared_async_call(grid, k.block, stream, *args, shared_size=shared)
 
     # ---------------------------------------------------------------- matrix products
 

@@ -51,21 +51,40 @@ class SelectKernels:
         if R:
             self.launch(self.ARGMAX_ROWS, (R, 1, 1), stream, logits, ld, V, out, R)
 
-    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiQdidPi", 1024)
+    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiQdidiPi", 1024)
+    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiiPi", 1024)
 
-    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R):
+    def setup_row_cache(self, drv):
+        """Let the sampling kernels take a row of logits into dynamic shared memory (they read it several times):
+        self.row_cache_floats is the longest row that fits, beside their static shared memory."""
+        optin = drv.Context.get_device().get_attribute(drv.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        fits = []
+        for k in (self.SAMPLE_ROWS, self.SAMPLE_ROWS_PARAMS):
+            f = self.funcs[k.name]
+            room = optin - f.get_attribute(drv.function_attribute.SHARED_SIZE_BYTES)
+            f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, room)
+            fits.append(room // 4)
+        self.row_cache_floats = min(fits)
+
+    def _row_cache(self, V, cache):
+        """(flag, dynamic shared bytes) of a sampling launch over rows of V logits."""
+        return (1, 4 * V) if cache and V <= self.row_cache_floats else (0, 0)
+
+    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R, cache=True):
+        """cache False: the logits are read from global memory each time (tests of that path)."""
         if R:
+            flag, smem = self._row_cache(V, cache)
             self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step),
                         np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
-                        np.float64(top_p), out, R)
+                        np.float64(top_p), flag, out, R, shared=smem)
 
-    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiPi", 1024)
-
-    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R):
+    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R, cache=True):
         """Each row its own settings and penalty: sel (rows.RowSel) holds their device arrays and seen bitmap."""
         if R:
+            flag, smem = self._row_cache(V, cache)
             self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), sel.seed,
-                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, out, R)
+                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, flag, out, R,
+                        shared=smem)
 
     MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
 
