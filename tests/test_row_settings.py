@@ -305,3 +305,27 @@ def test_validate_checks_an_input_file_as_run_would(tmp_path):
     with h5py.File(inp, "a") as f:
         f["seed"] = np.array([0, 1, 2, 3, 4, 1.5])
     assert_one_clear_line(run_gpt2job(["validate", inp, "--model", TINY_HF]), "seed: row 5 is 1.5")
+
+
+def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab_dir):
+    """With a `stop` dataset (or --stop) the worker builds the stop strings' token table at start-up (about half a
+    second), so that the first chunk does not; without stop strings it does not load the tokenizer at all."""
+    from gpt2job.cluster.worker import build_backend
+    from gpt2job.files.row_settings import has_stop_dataset
+    from gpt2job.model.stops import token_bytes
+    plain, stopped, text = tmp_path / "plain.h5", tmp_path / "stop.h5", tmp_path / "p.txt"
+    make_input(plain)
+    make_input(stopped, stop=np.array(["x"] * N, object))
+    text.write_text("a prompt\n")
+    assert (has_stop_dataset(plain), has_stop_dataset(stopped), has_stop_dataset(text)) == (False, True, False)
+    token_bytes.cache_clear()
+    build_backend(settings(plain, model=SMALL, backend="numpy", vocab_dir=vocab_dir), 0)
+    assert token_bytes.cache_info().currsize == 0
+    for s in (settings(stopped, model=SMALL, backend="numpy", vocab_dir=vocab_dir),
+              settings(plain, model=SMALL, backend="numpy", vocab_dir=vocab_dir, stop=("y",))):
+        token_bytes.cache_clear()
+        build_backend(s, 0)
+        assert token_bytes.cache_info().currsize == 1
+        assert token_bytes.cache_info().hits == 0
+        token_bytes(vocab_dir, 50257)                   # what StopStrings.of asks for: built already
+        assert token_bytes.cache_info().hits == 1

@@ -113,6 +113,17 @@ def present(f):
     return tuple(n for n in ROW_DATASETS if n in f)
 
 
+def has_stop_dataset(path):
+    """Whether the input at path is an HDF5 file with a `stop` dataset (False when it cannot be read: the master
+    reports that)."""
+    try:
+        import h5py
+        with h5py.File(path, "r") as f:
+            return STOP in f
+    except Exception:
+        return False
+
+
 def read_row_settings(path, n_rows, s):
     """The input's per-row settings resolved against the job's flags (JobSettings s), every value checked; None
     when the input has none of the datasets (the job's flags then hold for every row, as before)."""
