@@ -12,7 +12,8 @@
 #   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
 #   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case (1,024 rows)
 #   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling and mix only when named), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
+#   small     benchmarks/small_chunks.py: W3 by chunk size, ragged prompts in 512-prompt chunks (issue 14), busy %
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix and small only when named), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -57,6 +58,9 @@ fi
 if has mix; then
     TAIL=8 stage mix ${T_MIX:-300} python3 benchmarks/mix_breakdown.py --repeats "$REPEATS" --out "$OUT"
 fi
+if has small; then
+    TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT"
+fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix small; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

@@ -1,0 +1,97 @@
+"""Issue 14's first two rows on one GPU, through the real pipeline (mpirun, master + one GPU worker), fp16:
+
+  python3 benchmarks/small_chunks.py [--repeats 1] [--out DIR] [--sizes 8192,2048,1024,546,137]
+
+  W3 by chunk size   W3 (W1's 8,192 prompts x 8, 16 tokens, 8 new), --no-dedup, --chunk-size N: tok/s and N / 8192
+  ragged, small      2,048 prompts, half of 4-32 tokens and half of 256-448 (seeded, interleaved), 128 new,
+                     --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048)
+Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
+result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a table last.
+"""
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import ROOT, read_output  # noqa: E402
+from run_workloads import run_job  # noqa: E402
+
+
+def ragged_prompts(path, n=2048, seed=5, vocab=50257):
+    import h5py
+    rng = np.random.default_rng(seed)
+    lens = np.where(np.arange(n) % 2 == 0, rng.integers(4, 33, n), rng.integers(256, 449, n))
+    with h5py.File(path + ".tmp", "w") as f:
+        ds = f.create_dataset("prompt_tokens", (n,), dtype=h5py.vlen_dtype(np.int32))
+        for i, L in enumerate(lens):
+            ds[i] = rng.integers(0, vocab, int(L)).astype(np.int32)
+    os.replace(path + ".tmp", path)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=1)
+    ap.add_argument("--sizes", default="8192,2048,1024,546,137")
+    ap.add_argument("--work", default="/tmp/gpt2job-small")
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model, numpy, few rows)")
+    a = ap.parse_args()
+    model, be, dt, small = "random:gpt2", "cuda", "float16", []
+    if a.smoke:
+        model, be, dt = "random:n_layer=2,n_head=2,n_embd=32,n_positions=1024,vocab_size=50257:1", "numpy", "float32"
+        small, a.work = ["--n-w1", "64"], a.work + "-smoke"
+    os.makedirs(a.out, exist_ok=True)
+    os.makedirs(a.work, exist_ok=True)
+    py, hf, wl = [sys.executable], os.path.join(a.work, "hf-model"), os.path.join(a.work, "workloads")
+    if not os.path.isfile(os.path.join(hf, "config.json")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", model], check=True)
+    if not os.path.isfile(os.path.join(wl, "w3.h5")):
+        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w3", *small],
+                       check=True)
+    ragged = os.path.join(a.work, "ragged.h5")
+    if not os.path.isfile(ragged):
+        ragged_prompts(ragged, n=64 if a.smoke else 2048)
+    w3 = os.path.join(wl, "w3.h5")
+    sizes = [int(x) for x in a.sizes.split(",")]
+    if a.smoke:
+        sizes = [64, 16]
+    cases = [(f"W3 chunk {n}", w3, 8, ["--no-dedup", "--chunk-size", str(n)]) for n in sizes]
+    rs = 256 if not a.smoke else 16
+    cases += [("ragged chunk 512", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs)]),
+              ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048)])]
+    run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False)
+    res = {}
+    for name, inp, new, extra in cases:
+        got = []
+        for i in range(a.repeats):
+            r = run_job(inp, os.path.join(a.work, f"out-{i}.h5"), hf, be, dt, 1, new, False, extra=extra)
+            sm = r["summary"] or {}
+            ws = sm.get("workers") or [{}]
+            got.append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),
+                        "busy": [w.get("busy_percent") for w in ws], "chunks": [w.get("chunks") for w in ws],
+                        "tail": r["log_tail"][-600:] if r["rc"] else ""})
+        ok = all(g["rc"] == 0 for g in got)
+        tput = statistics.median(g["tok_s"] for g in got) if ok else None
+        busy = statistics.median(g["busy"][0] for g in got) if ok and got[0]["busy"][0] is not None else None
+        res[name] = (tput, busy, got[0]["chunks"][0])
+        rec = {"kind": "small-chunks", "case": name, "tok_s": tput, "busy_percent": busy, "runs": got,
+               "flags": extra, "max_new_tokens": new}
+        print(json.dumps(rec), flush=True)
+        with open(os.path.join(a.out, "small_chunks.jsonl"), "a") as f:
+            f.write(json.dumps(rec) + "\n")
+    base = res.get(cases[0][0], (None,))[0]
+    one = res.get("ragged one chunk", (None,))[0]
+    print(f"\n{'case':<20} {'tok/s':>10} {'ratio':>6} {'busy %':>7} {'chunks':>6}")
+    for name, (t, busy, chunks) in res.items():
+        ref = one if name.startswith("ragged") else base
+        print(f"{name:<20} {t or 0:>10,.0f} {t / ref if t and ref else 0:>6.3f} {busy if busy is not None else '-':>7}"
+              f" {chunks if chunks is not None else '-':>6}")
+
+
+if __name__ == "__main__":
+    main()
