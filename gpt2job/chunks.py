@@ -26,7 +26,7 @@ def take_ragged(offsets, values, idx):
 
 # The per-row generation settings a chunk may carry (the input file's optional datasets of the same names), in
 # this order on the wire: (name, dtype).
-ROW_FIELDS = (("max_new_tokens", np.int32), ("temperature", np.float32), ("top_k", np.int32), ("top_p", np.float32),
+ROW_FIELDS = (("max_new_tokens", np.int32), ("temperature", np.float64), ("top_k", np.int32), ("top_p", np.float64),
               ("seed", np.int64), ("repetition_penalty", np.float32))
 
 
@@ -47,9 +47,10 @@ class RowParams:
     row b's are stop_bytes[stop_offsets[b]:stop_offsets[b+1]]. A chunk without RowParams uses the job's settings for
     every row (the usual case: nothing more crosses MPI)."""
     max_new_tokens: np.ndarray      # [B] int32 >= 1
-    temperature: np.ndarray         # [B] float32 >= 0 (0: greedy)
+    temperature: np.ndarray         # [B] float64 >= 0 (0: greedy); float64 as the flag: a row without a value
+                                    # draws exactly as a job without the dataset
     top_k: np.ndarray               # [B] int32 >= 0 (0: off)
-    top_p: np.ndarray               # [B] float32 in (0, 1]
+    top_p: np.ndarray               # [B] float64 in (0, 1]
     seed: np.ndarray                # [B] int64 >= 0
     repetition_penalty: np.ndarray  # [B] float32 > 0 (1: off)
     stop_offsets: np.ndarray        # [B+1] int64

@@ -87,7 +87,7 @@ def test_values_resolve_against_the_flags(tmp_path):
     ("max_new_tokens", np.array([1, 2, 2.5, 1, 1, 1]), "row 2 is 2.5: each value must be an integer >= 1"),
     ("max_new_tokens", np.array([1, 2 ** 40, 1, 1, 1, 1], np.int64), "row 1 is 1099511627776"),
     ("temperature", np.array([0, 0, 0, np.inf, 0, -0.5]), "row 3 is inf: each value must be a finite number >= 0 (2 rows"),
-    ("temperature", np.array([0, 0, 0, 0, 1e300, 0]), "row 4 is 1e+300"),
+    ("repetition_penalty", np.array([1, 1, 1, 1, 1e300, 1]), "row 4 is 1e+300"),   # beyond float32: refused
     ("top_k", np.array([1, 1, 1, 1, 1, -2.0]), "row 5 is -2.0: each value must be an integer >= 0"),
     ("top_p", np.array([1, 0, 1, 1, 1.5, 1], np.float32), "row 1 is 0.0: each value must be a number in (0, 1] (2 rows"),
     ("seed", np.array([0, 2 ** 63, 0, 0, 0, 0], np.uint64), "row 1 is 9223372036854775808: each value must be an integer in 0..2^63-1"),
@@ -329,3 +329,21 @@ def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab
         assert token_bytes.cache_info().hits == 0
         token_bytes(vocab_dir, 50257)                   # what StopStrings.of asks for: built already
         assert token_bytes.cache_info().hits == 1
+
+
+def test_a_row_without_a_value_draws_exactly_as_the_job_wide_flag(tmp_path):
+    """Per-row temperature / top_p are float64, as the flags: a row that takes the flag's value (NaN) samples the
+    same tokens as a job without the dataset (float32 would round 0.7 and 0.9 and could change a draw)."""
+    from gpt2job.model.sampling import RowSettings, select_rows, select_tokens
+    inp = tmp_path / "in.h5"
+    make_input(inp, temperature=np.full(N, np.nan, np.float32), top_p=np.full(N, np.nan, np.float32))
+    s = settings(inp, temperature=0.7, top_p=0.9, top_k=0, seed=3)
+    rows = read_row_settings(inp, N, s)
+    p = rows.params(np.arange(N))
+    assert p.temperature.dtype == np.float64 and (p.temperature == 0.7).all() and (p.top_p == 0.9).all()
+    rs = RowSettings.of(p, s.generation(50256), N)
+    lg = np.random.default_rng(0).standard_normal((N, 50257)).astype(np.float32)
+    ids = np.arange(N) * 11
+    for step in range(4):
+        job = select_tokens(lg, ids, step, s.generation(50256).sampling)
+        np.testing.assert_array_equal(select_rows(lg, ids, step, rs), job)

@@ -7,7 +7,7 @@
                                             "" is no value
 
 A row without a value takes the job's flag (--max-new-tokens, ..., --stop). Every value is read into NumPy arrays
-(about 36 bytes a row, resolved, plus the stop strings' bytes) and checked before work starts: the first bad row
+(about 44 bytes a row, resolved, plus the stop strings' bytes) and checked before work starts: the first bad row
 of a dataset is one clear line (UserError, exit 2). Only `stop` makes a Python object per row, while it is read.
 """
 import hashlib
@@ -26,7 +26,7 @@ INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
 FIX = "one value per row; NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
 
-# (what a value must be, the test on the values as stored: float32/int32/int64 arrays)
+# (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
 RULES = {
     "max_new_tokens": ("an integer >= 1", lambda v: v >= 1),
     "temperature": ("a finite number >= 0", lambda v: np.isfinite(v) & (v >= 0)),
@@ -179,7 +179,7 @@ def _read_numeric(path, ds, name, n_rows, default, h):
     for a in range(0, n_rows, BLOCK_ROWS):
         raw = ds[a:a + BLOCK_ROWS]
         h.update(np.ascontiguousarray(raw, raw.dtype.newbyteorder("<")))
-        with np.errstate(over="ignore", invalid="ignore"):    # out of float32's range: inf, refused below
+        with np.errstate(over="ignore", invalid="ignore"):    # out of the dtype's range: inf, refused below
             vals, bad, missing = _convert(raw, kind, name, dtype)
             bad |= ~missing & ~ok(vals)
         vals[missing] = default
