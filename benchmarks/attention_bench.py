@@ -1,0 +1,79 @@
+"""Device time of decode attention (transformer.cu, one warp per (row, head)) against the bytes it must read:
+each row reads its keys and values 0..p of every head, (p + 1) * H * D * 2 (K and V) * element size.
+
+  python3 benchmarks/attention_bench.py [--repeats 7] [--out DIR]
+
+Shapes: W2's decode (2,048 rows, positions uniform 32..767, GPT-2 124M heads: H 12, D 64, S 768) and a W1 decode
+step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launches (the grouped one for D 64).
+Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OUT/attention.jsonl.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    a = ap.parse_args()
+    import pycuda.driver as drv
+    from gpt2job.backends.cuda.kernels import Kernels
+    from gpt2job.backends.cuda.options import KernelOptions
+    drv.init()
+    ctx = drv.Device(0).make_context()
+    try:
+        K = Kernels(0, KernelOptions())
+        H, D, S = 12, 64, 768
+        C = H * D
+        rng = np.random.default_rng(0)
+        os.makedirs(a.out, exist_ok=True)
+        print(f"{'shape':<10} {'kernel':<8} {'ms':>8} {'GB/s':>7}")
+        for shape, R, lo, hi in (("W2", 2048, 32, 767), ("W1 546", 546, 16, 23)):
+            pos = rng.integers(lo, hi + 1, R).astype(np.int32)
+            kc = drv.mem_alloc(R * S * C * 2)
+            vc = drv.mem_alloc(R * S * C * 2)
+            block = (rng.random(1 << 24, np.float32) * 2 - 1).astype(np.float16)   # seeded values in [-1, 1)
+            for buf in (kc, vc):   # the block again and again, each copy shifted by 7 values
+                n = R * S * C
+                for off in range(0, n, len(block) - 7):
+                    m = min(len(block), n - off)
+                    drv.memcpy_htod(int(buf) + 2 * off, block[:m])
+            qkv = drv.to_device((rng.random(R * 3 * C, np.float32) * 2 - 1).astype(np.float16))
+            slot = drv.to_device(np.arange(R, dtype=np.int32))
+            dpos = drv.to_device(pos)
+            nbytes = int((pos.astype(np.int64) + 1).sum()) * H * D * 2 * 2
+            out = drv.mem_alloc(R * C * 2)
+
+            def call():
+                K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S, 0.125)
+            call()
+            drv.Context.synchronize()
+            times = []
+            for _ in range(a.repeats):
+                e0, e1 = drv.Event(), drv.Event()
+                e0.record()
+                call()
+                e1.record()
+                e1.synchronize()
+                times.append(e1.time_since(e0))
+            ms = statistics.median(times)
+            print(f"{shape:<10} {'grouped':<8} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
+            with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
+                f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": "grouped", "rows": R,
+                                    "bytes": nbytes, "ms": ms, "runs_ms": times}) + "\n")
+            for buf in (kc, vc):
+                buf.free()
+    finally:
+        ctx.pop()
+        ctx.detach()
+
+
+if __name__ == "__main__":
+    main()
