@@ -116,7 +116,8 @@ F16_TILES = {t.name: t for t in (
     _staged("tma256s", 256, 3, 2),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
-F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3")
+F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3",
+               "t64x128k64s4")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 
