@@ -4,7 +4,8 @@
 
   W3 by chunk size   W3 (W1's 8,192 prompts x 8, 16 tokens, 8 new), --no-dedup, --chunk-size N: tok/s and N / 8192
   ragged, small      2,048 prompts, half of 4-32 tokens and half of 256-448 (seeded, interleaved), 128 new,
-                     --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048)
+                     --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048). (The raw
+                     lines of 2026-11-30 named "ragged chunk 512" ran --chunk-size 256, as their flags say.)
 Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
 result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a table last.
 """
@@ -61,8 +62,8 @@ def main():
     if a.smoke:
         sizes = [64, 16]
     cases = [(f"W3 chunk {n}", w3, 8, ["--no-dedup", "--chunk-size", str(n)]) for n in sizes]
-    rs = 256 if not a.smoke else 16
-    cases += [("ragged chunk 512", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs)]),
+    rs = 512 if not a.smoke else 16
+    cases += [(f"ragged chunk {rs}", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs)]),
               ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048)])]
     run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False)
     res = {}

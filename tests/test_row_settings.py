@@ -329,6 +329,8 @@ def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab
         assert token_bytes.cache_info().hits == 0
         token_bytes(vocab_dir, 50257)                   # what StopStrings.of asks for: built already
         assert token_bytes.cache_info().hits == 1
+    # no tokenizer: the worker still starts (only a chunk whose rows have stop strings needs it, and says so)
+    build_backend(settings(stopped, model=SMALL, backend="numpy", vocab_dir=str(tmp_path / "none")), 0)
 
 
 def test_a_row_without_a_value_draws_exactly_as_the_job_wide_flag(tmp_path):

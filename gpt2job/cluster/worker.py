@@ -36,7 +36,10 @@ def build_backend(s: JobSettings, gpu_slot):
     if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
         backend.warm_up()
     if s.stop or has_stop_dataset(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
-        token_bytes(s.vocab_dir, getattr(params, "config", params).vocab_size)
+        try:
+            token_bytes(s.vocab_dir, getattr(params, "config", params).vocab_size)
+        except UserError:   # no tokenizer here: only a chunk whose rows have stop strings needs it (and says so)
+            pass
     return backend
 
 

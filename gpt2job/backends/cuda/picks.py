@@ -52,7 +52,9 @@ class TilePicker:
         tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
         if not out_half and N > 16384 and mma is not None:
             return mma
-        if M < 4096:   # decode-sized products, measured at 137, 546 and 2,048 rows (RESULTS.md, session 13)
+        # decode-sized products, measured at 137, 546 and 2,048 rows, one run each (RESULTS.md, session 13; the
+        # variants are within ~30% there, some within noise); prefill passes this small take the same picks unmeasured
+        if M < 4096:
             small = "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
             if small in vs:
                 return small
