@@ -10,12 +10,12 @@ Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OU
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import event_ms, pycuda_kernels  # noqa: E402
 
 
 def main():
@@ -23,13 +23,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
-    import pycuda.driver as drv
-    from gpt2job.backends.cuda.kernels import Kernels
-    from gpt2job.backends.cuda.options import KernelOptions
-    drv.init()
-    ctx = drv.Device(0).make_context()
-    try:
-        K = Kernels(0, KernelOptions())
+    with pycuda_kernels() as (drv, K):
         H, D, S = 12, 64, 768
         C = H * D
         rng = np.random.default_rng(0)
@@ -51,28 +45,14 @@ def main():
             nbytes = int((pos.astype(np.int64) + 1).sum()) * H * D * 2 * 2
             out = drv.mem_alloc(R * C * 2)
 
-            def call():
-                K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S, 0.125)
-            call()
-            drv.Context.synchronize()
-            times = []
-            for _ in range(a.repeats):
-                e0, e1 = drv.Event(), drv.Event()
-                e0.record()
-                call()
-                e1.record()
-                e1.synchronize()
-                times.append(e1.time_since(e0))
-            ms = statistics.median(times)
+            ms, times = event_ms(drv, lambda: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S,
+                                                          0.125), a.repeats)
             print(f"{shape:<10} {'grouped':<8} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
             with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
                 f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": "grouped", "rows": R,
                                     "bytes": nbytes, "ms": ms, "runs_ms": times}) + "\n")
             for buf in (kc, vc):
                 buf.free()
-    finally:
-        ctx.pop()
-        ctx.detach()
 
 
 if __name__ == "__main__":

@@ -1,11 +1,13 @@
 """Helpers shared by the benchmark scripts: paths, the workload definitions, prompt files, result records.
 
-Nothing here needs a GPU, torch or pycuda.
+Nothing here needs a GPU, torch or pycuda, but pycuda_kernels and event_ms (pycuda imported there).
 """
+import contextlib
 import datetime
 import json
 import os
 import socket
+import statistics
 import subprocess
 import sys
 
@@ -182,3 +184,33 @@ def _numeric(c):
         return True
     except ValueError:
         return s == "-"
+
+
+@contextlib.contextmanager
+def pycuda_kernels():
+    """(pycuda.driver, Kernels with the default options) in a context of its own on GPU 0, popped at the end."""
+    import pycuda.driver as drv
+    from gpt2job.backends.cuda.kernels import Kernels
+    from gpt2job.backends.cuda.options import KernelOptions
+    drv.init()
+    ctx = drv.Device(0).make_context()
+    try:
+        yield drv, Kernels(0, KernelOptions())
+    finally:
+        ctx.pop()
+        ctx.detach()
+
+
+def event_ms(drv, fn, repeats):
+    """fn()'s device time in ms, by CUDA events: the median of repeats launches after one warm-up; and all of them."""
+    fn()
+    drv.Context.synchronize()
+    times = []
+    for _ in range(repeats):
+        e0, e1 = drv.Event(), drv.Event()
+        e0.record()
+        fn()
+        e1.record()
+        e1.synchronize()
+        times.append(e1.time_since(e0))
+    return statistics.median(times), times

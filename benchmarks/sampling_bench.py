@@ -11,12 +11,12 @@ OUT/sampling.jsonl.
 import argparse
 import json
 import os
-import statistics
 import sys
 
 import numpy as np
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import event_ms, pycuda_kernels  # noqa: E402
 
 
 def main():
@@ -26,14 +26,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
-    import pycuda.driver as drv
-    from gpt2job.backends.cuda.kernels import Kernels
-    from gpt2job.backends.cuda.options import KernelOptions
     from gpt2job.backends.cuda.rows import RowSel
-    drv.init()
-    ctx = drv.Device(0).make_context()
-    try:
-        K = Kernels(0, KernelOptions())
+    with pycuda_kernels() as (drv, K):
         R, V = a.rows, a.vocab
         rng = np.random.default_rng(0)
 
@@ -81,26 +75,13 @@ def main():
             host = (rng.standard_normal((R, V), dtype=np.float32) * std).astype(np.float32)
             lg = gpu(host)
             for name, fn in cases:
-                fn(lg)   # warm-up
-                drv.Context.synchronize()
-                times = []
-                for _ in range(a.repeats):
-                    e0, e1 = drv.Event(), drv.Event()
-                    e0.record()
-                    fn(lg)
-                    e1.record()
-                    e1.synchronize()
-                    times.append(e1.time_since(e0))
-                ms = statistics.median(times)
+                ms, times = event_ms(drv, lambda: fn(lg), a.repeats)
                 gbs = R * V * 4 / (ms * 1e-3) / 1e9
                 print(f"{dist:<6} {name:<24} {ms:>8.3f} {gbs:>7.0f}", flush=True)
                 with open(os.path.join(a.out, "sampling.jsonl"), "a") as f:
                     f.write(json.dumps({"kind": "sampling-bench", "logits": dist, "case": name, "rows": R, "vocab": V,
                                         "ms": ms, "runs_ms": times}) + "\n")
             lg.free()
-    finally:
-        ctx.pop()
-        ctx.detach()
 
 
 if __name__ == "__main__":
