@@ -274,6 +274,8 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     const float scale = (float)(NB - 1) / fminf(mx - mn, (float)(32.0 * temperature));
     const bool topk = top_k > 0 && top_k < V, topp = top_p > 0.0 && top_p < 1.0;
     const bool mass = topp && !topk;   // the top-p histogram in this pass (with top-k it needs the top-k key first)
+    const bool cut = topk || topp;
+    const bool need_e = mass || !cut;  // top-k alone needs no e until the walk over the kept few
     const double zmax = (double)mx / temperature;
 
     // the segment's sum of e (float64, as NumPy); the histogram of the buckets: counts (top-k) or mass (top-p)
@@ -283,7 +285,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     unsigned last_n = 0u;
     for (int i = i0; i < i1; i++) {
         const float v = l[i];
-        const double e = escore(v, temperature, zmax);
+        const double e = need_e ? escore(v, temperature, zmax) : 0.0;
         esum += e;
         if (topk || (mass && e > 0.0)) {
             const int b = vbucket(v, mx, scale);
@@ -324,7 +326,6 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
         K = bucket_key(l, V, mx, scale, sh.pick, true, K, temperature, zmax, sh.target, sh);
         __syncthreads();
     }
-    const bool cut = topk || topp;
 
     // walk the kept tokens in index order: the segments' kept mass, an exclusive block scan, then the segment that
     // holds u * the total walks its tokens
