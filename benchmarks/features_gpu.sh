@@ -13,7 +13,9 @@
 #   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case (1,024 rows)
 #   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
 #   small     benchmarks/small_chunks.py: W3 by chunk size, ragged prompts in 512-prompt chunks (issue 14), busy %
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix and small only when named), OLD (../.old), REPEATS (2), TESTS_K (a pytest -k expression).
+#   load      benchmarks/load_bench.py: time to ready with GPT-2 XL shapes (float32 safetensors, float16), against $OLD
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small and load only when named), OLD (../.old), REPEATS (2),
+# TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -45,7 +47,7 @@ if has score; then
     TAIL=12 stage score ${T_SCORE:-150} python3 benchmarks/score_check.py --backend cuda
 fi
 if has ab; then
-    TAIL=16 stage ab ${T_AB:-420} python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats "$REPEATS" --features \
+    TAIL=16 stage ab ${T_AB:-420} python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats "$REPEATS" ${AB_ARGS---features} \
         --out "$OUT"
 fi
 if has profile; then
@@ -61,6 +63,9 @@ fi
 if has small; then
     TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT"
 fi
+if has load; then
+    TAIL=8 stage load ${T_LOAD:-300} python3 benchmarks/load_bench.py --old "$OLD" --repeats "$REPEATS" --out "$OUT"
+fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix small; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix small load; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

@@ -17,6 +17,33 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
     for (int c = threadIdx.x; c < C; c += blockDim.x) o[c] = a[c] + b[c];
 }
 
+// The fp16 products' weights from the float32 checkpoint, rounded on the GPU so that the host neither transposes
+// nor converts (NumPy twin: reference.f16_weight). half_t: out[n, k] = half(w[k, n]), a [K, N] Conv1D weight as
+// stored to the products' [N, K], through 32 x 32 tiles in shared memory (reads and writes coalesced); blocks of
+// 256 threads, grid (ceil(N / 32), ceil(K / 32)). half_of: out[i] = half(a[i]) (the LM head, [V, C] as stored).
+extern "C" __global__ void half_t(const float* __restrict__ w, __half* __restrict__ out, int K, int N)
+{
+    __shared__ float t[32][33];
+    const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
+    const int n0 = blockIdx.x * 32, k0 = blockIdx.y * 32;
+    for (int i = ty; i < 32; i += 8) {
+        const int k = k0 + i, n = n0 + tx;
+        if (k < K && n < N) t[i][tx] = w[(size_t)k * N + n];
+    }
+    __syncthreads();
+    for (int i = ty; i < 32; i += 8) {
+        const int n = n0 + i, k = k0 + tx;
+        if (n < N && k < K) out[(size_t)n * K + k] = __float2half_rn(t[tx][i]);
+    }
+}
+
+extern "C" __global__ void half_of(const float* __restrict__ a, __half* __restrict__ out, unsigned long long n)
+{
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
+         i += (unsigned long long)gridDim.x * blockDim.x)
+        out[i] = __float2half_rn(a[i]);
+}
+
 #define LN_NV 8   // fast path: C % 4 == 0 and C <= 1024
 __device__ __forceinline__ void store4(float* p, float a, float b, float c, float d) {
     *reinterpret_cast<float4*>(p) = make_float4(a, b, c, d);

@@ -309,6 +309,26 @@ def test_embed(K):
     np.testing.assert_array_equal(back(out, (R, C), np.float32), reference.embed(wte, wpe, tok, pos))
 
 
+@pytest.mark.parametrize("K_,N", [(1, 1), (31, 33), (100, 77), (768, 2304), (1600, 6400)])
+def test_half_weights(K, K_, N):
+    """half_t / half_of against reference.f16_weight, bitwise, on values that round every way: ties to even, the
+    largest half, past it (inf), half subnormals and below them (to +-0), infinities (NaN weights are refused when
+    the model loads)."""
+    w = (RNG.standard_normal((K_, N)) * 0.05).astype(np.float32)
+    edge = np.array([65504, 65519.99, 65520, 1e6, -1e6, 6e-8, 3e-8, 2.9e-8, -6.1e-5, 1 + 2 ** -11, 1 + 3 * 2 ** -11,
+                     np.inf, -np.inf, 0.0, -0.0], np.float32)
+    flat = w.reshape(-1)
+    flat[:min(flat.size, edge.size)] = edge[:flat.size]
+    out = poisoned((N, K_), np.float16)
+    K.half_t(None, gpu(w), out, K_, N)
+    np.testing.assert_array_equal(back(out, (N, K_), np.float16).view(np.uint16),
+                                  reference.f16_weight(w).view(np.uint16))
+    out = poisoned((K_, N), np.float16)
+    K.half_of(None, gpu(w), out, w.size)
+    np.testing.assert_array_equal(back(out, (K_, N), np.float16).view(np.uint16),
+                                  reference.f16_weight(w, transpose=False).view(np.uint16))
+
+
 @pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
                                           (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])

@@ -45,6 +45,14 @@ def embed(wte, wpe, tokens, positions):
     return wte[tokens] + wpe[positions]
 
 
+def f16_weight(w, transpose=True):
+    """A float32 weight as the fp16 products read it: [K, N] (Conv1D, as stored) -> [N, K] float16, or without
+    transpose (the LM head) only rounded; round to nearest even, as the GPU's half_t / half_of."""
+    w = np.asarray(w, np.float32)
+    with np.errstate(over="ignore"):   # beyond the largest half: inf, as on the GPU
+        return np.ascontiguousarray(w.T if transpose else w).astype(np.float16)
+
+
 def softmax(x, axis=-1):
     m = x.max(axis=axis, keepdims=True)
     e = np.exp(x - m)

@@ -4,6 +4,7 @@ Layout: 8-byte little-endian header size N, N bytes of JSON {name: {dtype, shape
 then the raw little-endian tensor bytes. Reading validates every entry against the file size.
 """
 import json
+import mmap
 import os
 import struct
 
@@ -75,23 +76,28 @@ def read_header(path):
 
 
 def load(path, names=None):
-    """Map tensor name -> float32/int ndarray (BF16 and F16 are widened to float32)."""
+    """Map tensor name -> float32/int ndarray (BF16 and F16 are widened to float32). The file is memory-mapped
+    read-only: float32 and integer tensors are views of it (no copy; the pages are shared with every rank of the
+    node that maps the same file), MAP_POPULATE maps them all at once rather than a page fault at a time."""
     header, start, _ = read_header(path)
+    flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
+    try:
+        with open(path, "rb") as f:
+            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "file", "check the path and permissions")
     out = {}
-    with open(path, "rb") as f:
-        for name, info in header.items():
-            if names is not None and name not in names:
-                continue
-            a, b = info["data_offsets"]
-            f.seek(start + a)
-            buf = f.read(b - a)
-            dt = DTYPES[info["dtype"]]
-            arr = np.frombuffer(buf, dtype=np.dtype(dt).newbyteorder("<")).reshape(info["shape"])
-            if info["dtype"] == "BF16":
-                arr = (arr.astype(np.uint32) << 16).view(np.float32)
-            elif arr.dtype.kind == "f":
-                arr = arr.astype(np.float32)
-            out[name] = arr
+    for name, info in header.items():
+        if names is not None and name not in names:
+            continue
+        a, b = info["data_offsets"]
+        dt = np.dtype(DTYPES[info["dtype"]]).newbyteorder("<")
+        arr = np.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize, offset=start + a).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            arr = (arr.astype(np.uint32) << 16).view(np.float32)
+        elif arr.dtype.kind == "f":
+            arr = arr.astype(np.float32, copy=False)
+        out[name] = arr
     return out
 
 

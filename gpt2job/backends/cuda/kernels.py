@@ -287,6 +287,19 @@ class Kernels(SelectKernels):
         if R:
             self.launch(self.EMBED, (R, 1, 1), stream, tok, pos, wte, wpe, x, R, C)
 
+    HALF_T = _kernel("half_t", "transformer.cu", "PPii", 256)
+    HALF_OF = _kernel("half_of", "transformer.cu", "PPQ", 256)
+
+    def half_t(self, stream, w, out, K, N):
+        """out [N, K] half = w [K, N] float32 transposed and rounded (reference.f16_weight)."""
+        if K and N:
+            self.launch(self.HALF_T, ((N + 31) // 32, (K + 31) // 32, 1), stream, w, out, K, N)
+
+    def half_of(self, stream, a, out, n):
+        """out [n] half = a [n] float32 rounded (reference.f16_weight, transpose=False)."""
+        if n:
+            self.launch(self.HALF_OF, (min((n + 255) // 256, 4096), 1, 1), stream, a, out, int(n))
+
     LAYERNORM = {False: _kernel("layernorm_f32", "transformer.cu", "PPiPPPiif", 256),
                  True: _kernel("layernorm_f16", "transformer.cu", "PPiPPPiif", 256)}
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH, EPI_QKV, EPI_RESID,
                                            F16_TILES)
+from gpt2job.backends.cuda.device import UPLOAD_SCRATCH
 from gpt2job.errors import UserError
 
 ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_tanh": EPI_GELU_TANH,
@@ -81,11 +82,12 @@ class F16Products:
     def __init__(self, kernels, device, head_rows, fuse_argmax):
         self.k, self.dev, self.head_rows, self.fuse_argmax = kernels, device, head_rows, fuse_argmax
 
-    def weight(self, w):
-        return self.dev.upload(np.asarray(w, np.float32).T, np.float16)
+    def weight(self, w):   # [K, N] float32 -> [N, K] half, on the GPU (reference.f16_weight)
+        K, N = np.shape(w)
+        return self.dev.upload_half(w, lambda src, out: self.k.half_t(self.dev.compute, src, out, K, N))
 
-    def head_weight(self, head, V, Vpad):
-        return self.dev.upload(head, np.float16)                # [V, C] = [N, K]
+    def head_weight(self, head, V, Vpad):   # [V, C] = [N, K] as stored, rounded on the GPU
+        return self.dev.upload_half(head, lambda src, out: self.k.half_of(self.dev.compute, src, out, np.size(head)))
 
     def linear(self, A, W, out, bias, M, N, K, mode, out_half):
         self.k.gemm_f16(self.dev.compute, A, K, W, K, out, N, bias, M, N, K, mode, out_half)
@@ -149,6 +151,7 @@ class Model:
         self.lnf_w = up(params.ln_f_w)
         self.lnf_b = up(params.ln_f_b)
         self.head_w = p.head_weight(np.asarray(params.head, np.float32), self.V, self.Vpad)   # params.head: [V, C]
+        device.drop(UPLOAD_SCRATCH)
 
     # ---------------------------------------------------------------- sizes
 
