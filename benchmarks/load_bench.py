@@ -56,7 +56,8 @@ def write_checkpoint(folder, size):
 
 
 def job(tree, inp, out, model, dtype):
-    e = dict(os.environ, PYTHONPATH=os.path.abspath(tree), CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1",
+    path = os.path.abspath(tree) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
+    e = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1",
              OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", GPT2JOB_LAUNCH_TIME=repr(time.time()))
     cmd = mpirun_cmd(2) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend", "cuda",
                            "--dtype", dtype, "--max-new-tokens", "4", "--overwrite"]
