@@ -85,3 +85,46 @@ def test_prebuild_stops_when_the_queue_is_empty():
     sched = Scheduler(ps, np.arange(30, dtype=np.int64), chunk_size=20, prefetch=2)
     sched.prebuild(4, 64)
     assert [len(c.rows) for c in sched.built] == [20, 10] and sched.rows_left() == 30
+
+
+def ragged_set(n, seed=5):
+    """Half the prompts of 4-32 tokens, half of 256-448, interleaved (small_chunks.py's ragged workload)."""
+    rng = np.random.default_rng(seed)
+    lens = np.where(np.arange(n) % 2 == 0, rng.integers(4, 33, n), rng.integers(256, 449, n))
+    offsets = np.zeros(n + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    return PromptSet(offsets, rng.integers(0, 50257, int(offsets[-1])).astype(np.int64), "test")
+
+
+def test_ragged_prompts_go_out_in_chunks_of_equal_work():
+    """Without --chunk-size, ragged prompts are chunked by estimated work: with 2 workers and 2 chunks each
+    (handed out 0, 1 to the first chunk of each, then 2, 3), each worker's share is within 10% of half the work;
+    equal-row chunks (the same queue cut into 4) give one worker 1.2x the other's. Every row goes out once."""
+    from gpt2job.cluster.scheduler import position_cost
+    ps = ragged_set(4096)
+    c = position_cost("float16", 768)
+    cost = lambda rows: float(np.sum(ps.lengths[rows] + 128 + c * 128 * (ps.lengths[rows] + 64)))   # noqa: E731
+    sched = Scheduler(ps, np.arange(4096, dtype=np.int64), prefetch=2, max_new_tokens=128, position_cost=c)
+    assert sched.by_cost
+    w = WorkerState(rank=1, preferred_chunk=8192)
+    chunks = []
+    while (ch := sched.next_chunk(w, 2)) is not None:
+        chunks.append(ch.rows)
+    assert sorted(np.concatenate(chunks).tolist()) == list(range(4096))
+    total = cost(np.arange(4096))
+    shares = [sum(cost(ch) for ch in chunks[i::2]) / total for i in range(2)]
+    assert len(chunks) == 4 and all(abs(x - 0.5) < 0.05 for x in shares), shares
+    assert len(chunks[0]) < len(chunks[-1])                          # the long prompts in the smaller chunks
+    eq = Scheduler(ps, np.arange(4096, dtype=np.int64), prefetch=2, max_new_tokens=128)   # no position cost
+    rows = [ch.rows for ch in iter(lambda: eq.next_chunk(w, 2), None)]
+    a, b = (sum(cost(ch) for ch in rows[i::2]) for i in range(2))
+    assert not eq.by_cost and max(a, b) / min(a, b) > 1.2
+
+
+def test_equal_rows_where_every_row_is_the_same_work_or_the_chunk_size_is_given():
+    from gpt2job.cluster.scheduler import position_cost
+    c = position_cost("float16", 768)
+    ps = ragged_set(300)
+    assert not Scheduler(ps, np.arange(300, dtype=np.int64), chunk_size=50, position_cost=c).by_cost
+    same = PromptSet(np.arange(301, dtype=np.int64) * 16, np.zeros(300 * 16, np.int64), "test")
+    assert not Scheduler(same, np.arange(300, dtype=np.int64), position_cost=c).by_cost

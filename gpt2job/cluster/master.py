@@ -12,7 +12,7 @@ from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster import faults
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import Ending
-from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState
+from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
 from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
@@ -143,7 +143,7 @@ class Master(Ending):
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens,
-                               num_samples=N)
+                               num_samples=N, position_cost=0.0 if s.score else position_cost(s.dtype, cfg.n_embd))
         self.took("schedule")
         self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval)
         n_workers = len(self.channel.ranks) or 1
@@ -240,10 +240,9 @@ class Master(Ending):
         for depth in range(1, PREFETCH + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
-        size = self.s.chunk_size or self.sched.even_size
-        if size:
-            self.log(f"{plural(len(ready), 'worker')} ready: chunks of {plural(size, 'prompt')}"
-                     f"{' (--chunk-size)' if self.s.chunk_size else ''}, {PREFETCH} out with each worker at a time")
+        if self.s.chunk_size or self.sched.even_size:
+            self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {PREFETCH} out with each worker "
+                     "at a time")
 
     def handle(self, w, kind, *data):
         if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)

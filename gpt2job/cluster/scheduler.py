@@ -10,6 +10,18 @@ from gpt2job.chunks import Chunk, take_ragged
 from gpt2job.settings import DEFAULT_CHUNK
 
 
+# A row's work, in units of one token through the weights: its P prompt and G new tokens each pass the weights once,
+# and each new token reads the keys and values of its context (P + G / 2 positions on average), each position
+# costing about (the GPU's FLOP/s / its bytes/s) / (6 n_embd) of a token through the weights in fp16 (2-byte keys and
+# values), ~27 / n_embd on an H100/H200 at the speeds measured; fp32's slower products make it ~5 / n_embd.
+POSITION_COST = {"float16": 27.0, "float32": 5.0}
+COST_BLOCK = 1 << 16   # rows whose cost is estimated at once (no per-row array is kept)
+
+
+def position_cost(dtype, n_embd):
+    return POSITION_COST.get(dtype, POSITION_COST["float16"]) / max(1, n_embd)
+
+
 @dataclass
 class Outstanding:
     chunk: Chunk
@@ -50,7 +62,7 @@ class WorkerState:
 
 class Scheduler:
     def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
-                 prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1):
+                 prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1, position_cost=0.0):
         self.prompts = prompts
         self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
         self.max_new_tokens = max_new_tokens
@@ -69,6 +81,16 @@ class Scheduler:
         self.head = 0                                                              # ... from queue[head] on
         self.total = len(self.queue)
         self.even_size = None      # adaptive chunk size, fixed at the first chunk
+        # chunks of equal work rather than equal rows when rows differ in work (ragged prompts, per-row
+        # max_new_tokens) and the chunk size is the scheduler's: long prompts then go out in smaller chunks, so that
+        # workers given the longest ones do not finish last
+        self.position_cost = position_cost
+        varied = (len(every) and every.min() != every.max()) or (
+            row_settings is not None and len(row_settings.max_new_tokens) and
+            row_settings.max_new_tokens.min() != row_settings.max_new_tokens.max())
+        self.by_cost = bool(varied) and not chunk_size and position_cost > 0
+        self.cost_left = self.cost(0, self.total) if self.by_cost else 0.0
+        self.cost_target = None    # the work of a chunk, fixed at the first chunk
         self.retry = deque()
         self.built = deque()       # chunks made ahead by prebuild(), handed out in order
         self.chunk_size = chunk_size
@@ -76,6 +98,43 @@ class Scheduler:
         self.deadline_factor = deadline_factor
         self.prefetch = prefetch
         self.next_id = 0
+
+    def row_costs(self, lo, hi):
+        """The estimated work of queue[lo:hi] (see POSITION_COST), float64 per row."""
+        rows = self.queue[lo:hi]
+        prompt = rows // self.num_samples if self.num_samples > 1 else rows
+        P = self.prompts.lengths[prompt].astype(np.float64)
+        G = (self.row_settings.max_new_tokens[prompt].astype(np.float64) if self.row_settings is not None
+             else np.full(len(rows), float(self.max_new_tokens)))
+        return P + G + self.position_cost * G * (P + G / 2)
+
+    def cost(self, lo, hi):
+        return sum(float(self.row_costs(i, min(hi, i + COST_BLOCK)).sum()) for i in range(lo, hi, COST_BLOCK))
+
+    def end_by_cost(self, head, target, most):
+        """The end of the chunk from queue[head] whose rows' work first reaches target (at least one row, at most
+        `most`); the rest joins it when it would be a chunk of under a quarter of target."""
+        end, acc = head, 0.0
+        stop = min(len(self.queue), head + most)
+        while end < stop:
+            hi = min(stop, end + COST_BLOCK)
+            c = np.cumsum(self.row_costs(end, hi)) + acc
+            i = int(np.searchsorted(c, target))        # first row where the work reaches target
+            if i < len(c):
+                end, acc = end + i + 1, float(c[i])
+                break
+            end, acc = hi, float(c[-1])
+        if self.cost_left - acc < 0.25 * target and len(self.queue) - head <= most:
+            end = len(self.queue)
+        return max(end, head + 1)
+
+    def describe(self):
+        """How the rows are chunked, for the log."""
+        n = self.chunk_size or self.even_size
+        what = f"chunks of {n:,} prompt{'s' * (n != 1)}"
+        if self.chunk_size:
+            return what + " (--chunk-size)"
+        return what + " on average, of equal estimated work (fewer where prompts are long)" if self.by_cost else what
 
     def rows_left(self):
         return (len(self.queue) - self.head + sum(len(c.rows) for c in self.retry)
@@ -110,8 +169,16 @@ class Scheduler:
             N = self.num_samples
             if N > 1:   # whole prompts: a multiple of N rows
                 self.even_size = (self.even_size + N - 1) // N * N
+            if self.by_cost:
+                self.cost_target = self.cost_left / (k * n)
         size = self.chunk_size or self.even_size
-        end = self.sample_boundary(self.head, min(len(self.queue), self.head + size))
+        if self.by_cost:   # at most 4 times the even size: a chunk of cheap rows stays within what a worker holds
+            end = self.end_by_cost(self.head, self.cost_target, max(4 * self.even_size, pref))
+        else:
+            end = min(len(self.queue), self.head + size)
+        end = self.sample_boundary(self.head, end)
+        if self.by_cost:
+            self.cost_left -= self.cost(self.head, end)
         rows = self.queue[self.head:end]
         self.head = end
         return self.make_chunk(rows)
