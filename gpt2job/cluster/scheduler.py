@@ -161,10 +161,12 @@ class Scheduler:
         if self.head >= len(self.queue):
             return None
         # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
-        # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most.
+        # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most. Equal rows:
+        # at least `prefetch` chunks per worker (measured faster for even prompts); equal work: one is enough (every
+        # worker's first `prefetch` chunks go out at once anyway, and a bigger batch computes faster)
         n = max(1, n_active_workers)
         if self.even_size is None:
-            k = max(1 if n == 1 else self.prefetch, math.ceil(self.total / (n * pref)))
+            k = max(1 if n == 1 or self.by_cost else self.prefetch, math.ceil(self.total / (n * pref)))
             self.even_size = max(1, math.ceil(self.total / (k * n)))
             N = self.num_samples
             if N > 1:   # whole prompts: a multiple of N rows
