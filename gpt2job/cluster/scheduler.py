@@ -11,10 +11,12 @@ from gpt2job.settings import DEFAULT_CHUNK
 
 
 # A row's work, in units of one token through the weights: its P prompt and G new tokens each pass the weights once,
-# and each new token reads the keys and values of its context (P + G / 2 positions on average), each position
-# costing about (the GPU's FLOP/s / its bytes/s) / (6 n_embd) of a token through the weights in fp16 (2-byte keys and
-# values), ~27 / n_embd on an H100/H200 at the speeds measured; fp32's slower products make it ~5 / n_embd.
-POSITION_COST = {"float16": 27.0, "float32": 5.0}
+# and each new token reads the keys and values of its context (P + G / 2 positions on average) at POSITION_COST /
+# n_embd units a position. A position's 4 n_layer n_embd bytes (fp16) against a token's 24 n_layer n_embd^2 FLOPs
+# makes it (FLOP/s / bytes/s) / (6 n_embd); at the speeds of decode-sized products (well below the chip's peak) that
+# is ~7 / n_embd in fp16, the value fitted to two H200s' times (benchmarks/gpus_ragged.py, RESULTS.md); fp32's
+# slower products (7x) outweigh its 2x bytes.
+POSITION_COST = {"float16": 7.0, "float32": 2.0}
 COST_BLOCK = 1 << 16   # rows whose cost is estimated at once (no per-row array is kept)
 
 
