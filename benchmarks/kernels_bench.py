@@ -29,17 +29,23 @@ SHAPES = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_up", 768, 3072), ("m
           ("lm_head", 768, 50257)]
 
 
-def median_ms(fn, reps, torch):
+def median_ms(fn, reps, torch, inner=8):
+    """The median over reps of the GPU time of one call of fn: `inner` calls queued behind a sleeping kernel, then
+    timed between two events. Without the sleep, a call the GPU finishes sooner than the host launches it (a
+    decode-sized product: a few us, against ~10-20 us of Python and launch per call) is timed at the host's pace.
+    (Repeated calls find their operands in L2, which the forward pass's other layers would have evicted.)"""
     fn()
     torch.cuda.synchronize()
     ts = []
     for _ in range(reps):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda._sleep(inner * 100_000)     # ~50 us of GPU time per call queued behind it
         a.record()
-        fn()
+        for _ in range(inner):
+            fn()
         b.record()
         b.synchronize()
-        ts.append(a.elapsed_time(b))
+        ts.append(a.elapsed_time(b) / inner)
     return float(np.median(ts))
 
 
