@@ -16,7 +16,7 @@ class TilePicker:
         adds) on 128x128 tiles except attention-out at decode sizes; the LM head is not staged. Otherwise: wide
         float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave
         model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps)
-        t64x128k64s4 under 256 rows with K < 2048, else tma128. Variants not compiled are
+        tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are
         skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
@@ -52,10 +52,10 @@ class TilePicker:
         tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
         if not out_half and N > 16384 and mma is not None:
             return mma
-        # decode-sized products: the GPU times measured at 137, 546 and 2,048 rows (RESULTS.md, session 14); prefill
-        # passes this small take the same picks unmeasured
+        # decode-sized products, measured at 137, 546 and 2,048 rows, one run each (RESULTS.md, session 13; the
+        # variants are within ~30% there, some within noise); prefill passes this small take the same picks unmeasured
         if M < 4096:
-            small = "t64x128k64s4" if M < 256 and K < 2048 else "tma128"
+            small = "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
             if small in vs:
                 return small
         waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
