@@ -129,3 +129,54 @@ def test_equal_rows_where_every_row_is_the_same_work_or_the_chunk_size_is_given(
     assert not Scheduler(ps, np.arange(300, dtype=np.int64), chunk_size=50, position_cost=c).by_cost
     same = PromptSet(np.arange(301, dtype=np.int64) * 16, np.zeros(300 * 16, np.int64), "test")
     assert not Scheduler(same, np.arange(300, dtype=np.int64), position_cost=c).by_cost
+
+
+class RecordingChannel:
+    """Two worker ranks that only record the chunks sent to them (the cluster/channel.py interface)."""
+    ranks = [1, 2]
+
+    def __init__(self):
+        self.sent = {1: [], 2: []}
+
+    def encode_ahead(self, chunks):
+        pass
+
+    def send_chunk(self, rank, chunk):
+        self.sent[rank].append(chunk)
+
+    def forget(self, rank):
+        pass
+
+
+def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
+    """Equal-work chunks are about one per worker. When work starts with one of two workers ready (the start-up
+    grace passed), that worker must not take both: it holds one chunk at a time until the other is ready, which
+    then gets its own; once both are ready, the early one holds its usual prefetch again."""
+    import time
+    import h5py
+    from gpt2job.cluster.master import Master
+    from gpt2job.settings import JobSettings
+    ps = ragged_set(512)
+    inp = tmp_path / "ragged.h5"
+    with h5py.File(inp, "w") as f:
+        ds = f.create_dataset("prompt_tokens", (len(ps),), dtype=h5py.vlen_dtype(np.int32))
+        for i in range(len(ps)):
+            ds[i] = ps.tokens[ps.offsets[i]:ps.offsets[i + 1]] % 1000
+    s = JobSettings(input=str(inp), output=str(tmp_path / "out.h5"), backend="numpy", max_new_tokens=64,
+                    model="random:n_layer=2,n_head=2,n_embd=32,vocab_size=1000,n_positions=1024")
+    ch = RecordingChannel()
+    m = Master(s, None, channel=ch)
+    m.prepare()
+    try:
+        assert m.sched.by_cost
+        m.workers = {r: WorkerState(rank=r) for r in ch.ranks}
+        m.handle(m.workers[1], "hello", {"host": "a", "preferred_chunk": 8192})
+        m.first_ready = time.monotonic() - 60      # the start-up grace is over; rank 2 is still loading
+        m.maybe_start()
+        assert m.dispatching and len(ch.sent[1]) == 1 and m.sched.rows_left() > 0
+        m.handle(m.workers[2], "hello", {"host": "b", "preferred_chunk": 8192})
+        assert len(ch.sent[2]) >= 1
+        rows = np.concatenate([c.rows for r in ch.sent for c in ch.sent[r]])
+        assert m.sched.rows_left() == 0 and sorted(rows.tolist()) == list(range(len(ps)))
+    finally:
+        m.store.close()

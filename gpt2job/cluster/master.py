@@ -265,9 +265,13 @@ class Master(Ending):
                 self.channel.encode_ahead(self.sched.built)
             self.first_ready = self.first_ready or w.last_progress
             if self.dispatching:
-                if self.t_ready is None and all(x.ready for x in self.live()):
+                every = all(x.ready for x in self.live())
+                if self.t_ready is None and every:
                     self.t_ready = time.time()
                 self.feed(w)
+                if every and self.sched.by_cost:    # the early workers held one chunk each until now (feed)
+                    for other in self.live():
+                        self.feed(other)
         elif kind == "error":
             (info,) = data
             w.host = info.get("host", w.host)
@@ -284,6 +288,10 @@ class Master(Ending):
     def feed(self, w, upto=PREFETCH):
         """Hand w chunks until it holds upto of them (or none are left)."""
         n_active = max(1, len(self.live()))
+        if self.sched.by_cost and not all(x.ready for x in self.live()):
+            # equal-work chunks are about one per worker: a worker that started early holds one at a time until
+            # every worker is ready, so that the late ones still find theirs
+            upto = min(upto, 1)
         while len(w.outstanding) < upto:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
