@@ -22,32 +22,20 @@ import os
 import statistics
 import subprocess
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, append_jsonl, read_output  # noqa: E402
-from run_workloads import mpirun_cmd  # noqa: E402
+from bench_common import ROOT, append_jsonl  # noqa: E402
+from run_workloads import run_job  # noqa: E402
 
 
 def run(tree, inp, out, model, extra, backend, log=None, env=None):
-    tree = os.path.abspath(tree)
-    cmd = mpirun_cmd(2) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend",
-                           backend, "--overwrite", *extra]
-    e = dict(os.environ, PYTHONPATH=tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH")
-                                            else ""), CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1")
-    e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
-    e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-    e.update(env or {})
-    e["GPT2JOB_LAUNCH_TIME"] = repr(time.time())
-    p = subprocess.run(cmd, env=e, cwd=tree, capture_output=True, text=True, timeout=900)
-    if log:
-        with open(log, "w") as f:
-            f.write("$ " + " ".join(cmd) + "\n" + p.stdout + p.stderr)
-    if p.returncode != 0:
-        return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
-    sm = read_output(out)[0]
+    """One job of `tree` on one GPU, its flags in extra."""
+    r = run_job(inp, out, model, backend, None, 1, None, False, log=log, timeout=900, extra=extra, env=env, tree=tree)
+    if r["rc"] != 0:
+        return {"rc": r["rc"], "tail": r["log_tail"][-1500:]}
+    sm = r["summary"]
     return {"rc": 0, "tput": sm.get("throughput_tokens_per_s"), "ready": sm.get("time_to_ready_s"),
             "tokens": sm.get("generated_tokens")}
 

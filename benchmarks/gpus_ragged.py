@@ -13,33 +13,23 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
-import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, read_output  # noqa: E402
-from run_workloads import mpirun_cmd  # noqa: E402
+from bench_common import ROOT  # noqa: E402
+from run_workloads import run_job  # noqa: E402
 from small_chunks import ragged_prompts  # noqa: E402
 
 
 def job(tree, gpus, inp, out, model, backend="cuda", new=128):
-    tree = os.path.abspath(tree)
-    path = tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    e = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES=",".join(map(str, range(gpus))),
-             PYTHONUNBUFFERED="1", OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1",
-             GPT2JOB_LAUNCH_TIME=repr(time.time()))
-    cmd = mpirun_cmd(gpus + 1) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend",
-                                  backend, "--dtype", "float16" if backend == "cuda" else "float32",
-                                  "--max-new-tokens", str(new), "--ignore-eos",
-                                  "--overwrite"]
-    p = subprocess.run(cmd, env=e, cwd=tree, capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1500:]}
-    sm = read_output(out)[0]
-    chunking = next((ln for ln in p.stderr.splitlines() if " ready: chunks" in ln), "")
+    r = run_job(inp, out, model, backend, "float16" if backend == "cuda" else "float32", gpus, new, True,
+                timeout=600, tree=tree)
+    if r["rc"] != 0:
+        return {"rc": r["rc"], "tail": r["log_tail"][-1500:]}
+    sm = r["summary"]
+    chunking = next((ln for ln in r["output"].splitlines() if " ready: chunks" in ln), "")
     return {"rc": 0, "tok_s": sm["throughput_tokens_per_s"], "chunking": chunking.strip(),
             "workers": [{k: w.get(k) for k in ("rank", "chunks", "rows", "compute_s", "busy_percent")}
                         for w in sm["workers"]]}

@@ -4,13 +4,14 @@ Writes a Hugging Face checkpoint folder of the size's real shapes once (seeded v
 published), then, for each tree (--old, then --new, interleaved, --repeats times), runs the real job on 4 short
 prompts (mpirun: master + one GPU worker) and reads the summary: the job's time to ready (launch to every rank
 ready) and the worker's init (model read + GPU set-up). The first round warms the page cache and the kernel cache and
-is not counted. Then, in this process with the new tree, where the worker's time goes: the checkpoint read and
+is not counted. Then, in a process of its own with the new tree, where the worker's time goes: the checkpoint read and
 checked (load_params) and the CUDA backend built (weights uploaded and converted, kernels loaded, warm-up).
 Prints a table last; JSON lines to OUT/load.jsonl.
 
   python3 benchmarks/load_bench.py [--size gpt2-xl] [--old .old] [--repeats 3] [--dtype float16]
 """
 import argparse
+import json
 import os
 import statistics
 import subprocess
@@ -20,8 +21,8 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, append_jsonl, read_output  # noqa: E402
-from run_workloads import mpirun_cmd  # noqa: E402
+from bench_common import ROOT, append_jsonl  # noqa: E402
+from run_workloads import run_job  # noqa: E402
 
 
 def write_checkpoint(folder, size):
@@ -56,33 +57,39 @@ def write_checkpoint(folder, size):
 
 
 def job(tree, inp, out, model, dtype):
-    path = os.path.abspath(tree) + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else "")
-    e = dict(os.environ, PYTHONPATH=path, CUDA_VISIBLE_DEVICES="0", PYTHONUNBUFFERED="1",
-             OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", GPT2JOB_LAUNCH_TIME=repr(time.time()))
-    cmd = mpirun_cmd(2) + [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend", "cuda",
-                           "--dtype", dtype, "--max-new-tokens", "4", "--overwrite"]
-    p = subprocess.run(cmd, env=e, cwd=os.path.abspath(tree), capture_output=True, text=True, timeout=600)
-    if p.returncode != 0:
-        return {"rc": p.returncode, "tail": (p.stdout + p.stderr)[-1200:]}
-    sm = read_output(out)[0]
+    r = run_job(inp, out, model, "cuda", dtype, 1, 4, False, timeout=600, tree=tree)
+    if r["rc"] != 0:
+        return {"rc": r["rc"], "tail": r["log_tail"][-1200:]}
+    sm = r["summary"]
     return {"rc": 0, "ready": sm["time_to_ready_s"], "init": sm["workers"][0].get("init_s")}
 
 
-def breakdown(model, dtype):
-    """Where the worker's time goes, in this process (the new tree: ROOT)."""
-    sys.path.insert(0, ROOT)
-    from gpt2job.backends import make_backend
-    from gpt2job.model.weights import load_params
-    from gpt2job.settings import GenerationSettings
-    t0 = time.perf_counter()
-    params = load_params(model)
-    t1 = time.perf_counter()
-    be = make_backend("cuda", params, GenerationSettings(max_new_tokens=4), dtype=dtype)
-    t2 = time.perf_counter()
-    be.warm_up()
-    t3 = time.perf_counter()
-    be.close()
-    return {"load_params_s": t1 - t0, "backend_s": t2 - t1, "warm_up_s": t3 - t2}
+BREAKDOWN = """
+import json, sys, time
+from gpt2job.backends import make_backend
+from gpt2job.model.weights import load_params
+from gpt2job.settings import GenerationSettings
+model, dtype = sys.argv[1:3]
+t0 = time.perf_counter()
+params = load_params(model)
+t1 = time.perf_counter()
+be = make_backend("cuda", params, GenerationSettings(max_new_tokens=4), dtype=dtype)
+t2 = time.perf_counter()
+be.warm_up()
+t3 = time.perf_counter()
+be.close()
+print(json.dumps({"load_params_s": t1 - t0, "backend_s": t2 - t1, "warm_up_s": t3 - t2}))
+"""
+
+
+def breakdown(tree, model, dtype):
+    """Where the worker's time goes, in a process of its own running `tree`."""
+    tree = os.path.abspath(tree)
+    e = dict(os.environ, CUDA_VISIBLE_DEVICES="0",
+             PYTHONPATH=tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
+    p = subprocess.run([sys.executable, "-c", BREAKDOWN, model, dtype], env=e, cwd=tree, capture_output=True,
+                       text=True, timeout=600, check=True)
+    return json.loads(p.stdout.strip().splitlines()[-1])
 
 
 def main():
@@ -118,7 +125,7 @@ def main():
                   + ("  (warm-up round, not counted)" if i == 0 else ""), flush=True)
             if i:
                 runs[name].append(r)
-    parts = breakdown(model, a.dtype)
+    parts = breakdown(a.new, model, a.dtype)
     print("\ntree  size      dtype     ready s (median)  worker init s   runs")
     for name, rs in runs.items():
         if not rs:

@@ -36,14 +36,17 @@ def mpirun_cmd(np_, mpirun_args=None):
 
 
 def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None, timeout=1800, extra=(),
-            mpirun_args=None, env=None):
-    """One job; returns a dict with rc, the summary (None on failure), e2e wall time and the command."""
+            mpirun_args=None, env=None, tree=ROOT):
+    """One job of the gpt2job in folder `tree` (another commit's `git archive`, for A/B runs); dtype or max_new
+    None: the job's default (or what extra says). env: variables added to this process's. Returns a dict with rc,
+    the summary (None on failure), e2e wall time, the command and the job's output (stdout and stderr)."""
     job = [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend", backend,
-           "--dtype", dtype, "--max-new-tokens", str(max_new), "--overwrite"] + \
-          (["--ignore-eos"] if ignore_eos else []) + list(extra)
+           *(["--dtype", dtype] if dtype else []), *(["--max-new-tokens", str(max_new)] if max_new else []),
+           "--overwrite"] + (["--ignore-eos"] if ignore_eos else []) + list(extra)
     cmd = job if gpus == 0 else mpirun_cmd(gpus + 1, mpirun_args) + job
-    e = dict(os.environ if env is None else env)
-    e["PYTHONPATH"] = ROOT + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
+    tree = os.path.abspath(tree)
+    e = dict(os.environ, **(env or {}))
+    e["PYTHONPATH"] = tree + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT", "1")
     e.setdefault("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
     e["PYTHONUNBUFFERED"] = "1"
@@ -61,7 +64,7 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
         if logf:
             logf.write("$ " + " ".join(cmd) + "\n")
             logf.flush()
-        p = subprocess.run(cmd, env=e, cwd=ROOT, stdout=logf or subprocess.PIPE, stderr=subprocess.STDOUT,
+        p = subprocess.run(cmd, env=e, cwd=tree, stdout=logf or subprocess.PIPE, stderr=subprocess.STDOUT,
                            text=True, timeout=timeout)
         rc, text = p.returncode, (p.stdout or "")
     except subprocess.TimeoutExpired:
@@ -79,7 +82,8 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
             summary = read_output(out)[0]
         except Exception as ex:  # noqa: BLE001
             text += f"\n(could not read the summary: {ex})"
-    return {"rc": rc, "summary": summary, "e2e_wall_s": e2e, "cmd": " ".join(cmd), "log_tail": text[-3000:]}
+    return {"rc": rc, "summary": summary, "e2e_wall_s": e2e, "cmd": " ".join(cmd), "log_tail": text[-3000:],
+            "output": text}
 
 
 def record_of(res, workload, dtype, gpus, model, backend, n_prompts, max_new, ignore_eos, log, warmup=False):

@@ -207,3 +207,35 @@ def test_random_spec_fields_are_named_and_parsed():
     assert load_config("random:n_layer=2,scale_attn_by_inverse_layer_idx=false").scale_attn_by_inverse_layer_idx is False
     assert load_config("random:n_layer=2,scale_attn_by_inverse_layer_idx=1").scale_attn_by_inverse_layer_idx is True
     assert load_config("random:n_layer=2,layer_norm_epsilon=1e-6").layer_norm_epsilon == 1e-6
+
+
+def test_a_checkpoint_rewritten_during_a_job_changes_neither_weights_nor_faults(tiny_copy):
+    """Loaded float32 tensors are views of the memory-mapped file. Saving over the file (safetensors_io.save:
+    a new file renamed over it) leaves a loaded job's weights as they were; the NumPy backend, which reads its
+    weights for the whole job, owns a copy, so even a rewrite in place (or a truncation, which would fault a view
+    with SIGBUS) leaves it alone."""
+    from gpt2job.backends.numpy_backend import NumpyBackend
+    from gpt2job.settings import JobSettings
+    path = os.path.join(tiny_copy, "model.safetensors")
+    before = load_params(str(tiny_copy))
+    wte = before.wte.copy()
+    safetensors_io.save(path, {k: np.zeros_like(v) for k, v in safetensors_io.load(path).items()})
+    np.testing.assert_array_equal(before.wte, wte)                 # the old bytes: the file was replaced
+    again = load_params(str(tiny_copy))
+    backend = NumpyBackend(again, JobSettings(input="a", output="b").generation(again.config.eos_token_id))
+    with open(path, "r+b") as f:                                   # rewritten in place, then truncated
+        header = f.read(8)
+        f.seek(8 + struct.unpack("<Q", header)[0])
+        f.write(b"\x01" * 4096)
+        f.truncate(os.path.getsize(path) // 2)
+    assert not np.any(backend.params.wte) and all(not np.any(v) for v in backend.params.layers[0].values())
+
+
+def test_a_file_system_without_mmap_reads_the_file_instead(tiny_copy, monkeypatch):
+    import mmap
+
+    def no_mmap(*a, **k):
+        raise OSError(19, "No such device")
+    want = load_params(str(tiny_copy))
+    monkeypatch.setattr(mmap, "mmap", no_mmap)
+    assert_same_params(load_params(str(tiny_copy)), want)

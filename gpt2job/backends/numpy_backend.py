@@ -17,7 +17,7 @@ class NumpyBackend(Backend):
     name = "numpy"
 
     def __init__(self, params, settings: GenerationSettings, batch_size=32):
-        self.params = params
+        self.params = params.in_memory()   # read for the whole job: not views of the checkpoint file
         self.settings = settings
         self.batch_size = batch_size
 

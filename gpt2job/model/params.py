@@ -49,3 +49,14 @@ class GPT2Params:
     def head(self):
         return self.wte if self.lm_head is None else self.lm_head
 
+    def in_memory(self):
+        """These parameters with every array owned by the process. Loaded tensors may be views of the memory-mapped
+        checkpoint: whoever reads them for the whole job (the NumPy backend) copies them, so that a file replaced,
+        rewritten or truncated during the job neither changes its weights nor faults it."""
+        def own(a):
+            return None if a is None else np.array(a, copy=True)
+        return GPT2Params(self.config, own(self.wte), own(self.wpe),
+                          [{k: own(v) for k, v in layer.items()} for layer in self.layers],
+                          own(self.ln_f_w), own(self.ln_f_b), own(self.lm_head), self.source, self.fingerprint,
+                          dict(self.extra))
+

@@ -83,7 +83,10 @@ def load(path, names=None):
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     try:
         with open(path, "rb") as f:
-            mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+            try:
+                mm = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)
+            except OSError:     # a file system without mmap: the bytes read into memory instead
+                mm = f.read()
     except OSError as e:
         raise UserError(f"cannot read ({e.strerror})", path, "file", "check the path and permissions")
     out = {}
@@ -102,7 +105,8 @@ def load(path, names=None):
 
 
 def save(path, tensors, metadata=None):
-    """Write name -> ndarray as safetensors (used by tests and by the random-weights exporter)."""
+    """Write name -> ndarray as safetensors (used by tests and by the random-weights exporter). Written to a
+    temporary file renamed over path: a job that has the old file mapped keeps reading the old bytes."""
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)
@@ -115,8 +119,14 @@ def save(path, tensors, metadata=None):
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
-        for data in blobs:
-            f.write(data)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)))
+            f.write(raw)
+            for data in blobs:
+                f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -89,17 +89,23 @@ class Device:
         self._allocs.append(g)
         return g
 
-    def upload_half(self, a, convert):
+    def upload_half(self, a, convert, rows=None):
         """A float16 device array made from float32 array a on the GPU, kept until close: a goes up as float32 into
-        the pool's buffer UPLOAD_SCRATCH, then convert(scratch, out) rounds it into the new array on the compute
-        stream (the host neither converts nor transposes: 6 GB of GPT-2 XL weights took seconds that way)."""
+        the pool's buffer UPLOAD_SCRATCH, then convert(scratch, out, part) rounds it into the new array on the
+        compute stream (the host neither converts nor transposes: 6 GB of GPT-2 XL weights took seconds that way).
+        rows: when each row of a converts alone, it goes up `rows` rows at a time (out then points at the part's
+        first row), so that the scratch stays that small (GPT-2 XL's LM head whole would be 321 MB)."""
         a = np.ascontiguousarray(a, np.float32)
-        scratch = self.buf(UPLOAD_SCRATCH, a.nbytes)
-        self.compute.synchronize()          # the previous weight's conversion has read the scratch
-        self.drv.memcpy_htod(scratch, a)
         g = self.drv.mem_alloc(max(a.size * 2, 16))
         self._allocs.append(g)
-        convert(scratch, g)
+        step = rows or max(len(a), 1)
+        row = a[0].size if a.ndim and len(a) else 0
+        for r0 in range(0, max(len(a), 1), step):
+            part = a[r0:r0 + step] if a.ndim else a
+            scratch = self.buf(UPLOAD_SCRATCH, part.nbytes)
+            self.compute.synchronize()          # the previous conversion has read the scratch
+            self.drv.memcpy_htod(scratch, part)
+            convert(scratch, int(g) + 2 * r0 * row, part)
         return g
 
     def drop(self, name):

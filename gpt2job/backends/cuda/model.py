@@ -84,10 +84,12 @@ class F16Products:
 
     def weight(self, w):   # [K, N] float32 -> [N, K] half, on the GPU (reference.f16_weight)
         K, N = np.shape(w)
-        return self.dev.upload_half(w, lambda src, out: self.k.half_t(self.dev.compute, src, out, K, N))
+        return self.dev.upload_half(w, lambda src, out, _: self.k.half_t(self.dev.compute, src, out, K, N))
 
-    def head_weight(self, head, V, Vpad):   # [V, C] = [N, K] as stored, rounded on the GPU
-        return self.dev.upload_half(head, lambda src, out: self.k.half_of(self.dev.compute, src, out, np.size(head)))
+    def head_weight(self, head, V, Vpad):   # [V, C] = [N, K] as stored, rounded on the GPU, 4C rows at a time
+        C = np.shape(head)[1]               # (the scratch then stays as small as the MLP's weights need)
+        return self.dev.upload_half(head, lambda src, out, part: self.k.half_of(self.dev.compute, src, out, part.size),
+                                    rows=4 * C)
 
     def linear(self, A, W, out, bias, M, N, K, mode, out_half):
         self.k.gemm_f16(self.dev.compute, A, K, W, K, out, N, bias, M, N, K, mode, out_half)
