@@ -22,6 +22,7 @@ from gpt2job.files.dedup import Copies, group_identical
 from gpt2job.files.prompts import read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
+from gpt2job.files.validate import report_validation
 from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
@@ -268,10 +269,8 @@ class Master(Ending):
                 every = all(x.ready for x in self.live())
                 if self.t_ready is None and every:
                     self.t_ready = time.time()
-                self.feed(w)
-                if every and self.sched.by_cost:    # the early workers held one chunk each until now (feed)
-                    for other in self.live():
-                        self.feed(other)
+                for other in [w] + (self.live() if every and self.sched.by_cost else []):   # see feed
+                    self.feed(other)
         elif kind == "error":
             (info,) = data
             w.host = info.get("host", w.host)
@@ -289,9 +288,7 @@ class Master(Ending):
         """Hand w chunks until it holds upto of them (or none are left)."""
         n_active = max(1, len(self.live()))
         if self.sched.by_cost and not all(x.ready for x in self.live()):
-            # equal-work chunks are about one per worker: a worker that started early holds one at a time until
-            # every worker is ready, so that the late ones still find theirs
-            upto = min(upto, 1)
+            upto = 1    # equal-work chunks are ~1 per worker: the early ones hold one each, the late find theirs
         while len(w.outstanding) < upto:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
@@ -332,9 +329,8 @@ class Master(Ending):
     # ---- the end
     def summary(self):
         t_end = time.time()
-        # Generation time runs from the first chunk handed out (workers start as soon as each is ready,
-        # not when the last one is) to the last completion at the master: never shorter than the
-        # "all ranks ready -> last completion" span, so the throughput is never flattered.
+        # Generation time runs from the first chunk handed out (workers start as soon as each is ready) to the last
+        # completion at the master: never shorter than "all ranks ready -> last completion", never flattering.
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
         return {
@@ -365,10 +361,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.shutdown_workers()
             m.log(f"{s.output} is already complete with these settings: nothing to do "
                   "(--overwrite computes it again)")
-            if s.validate:
-                from gpt2job.files.validate import report_validation
-                return report_validation(s.output, s.validate, s.validate_tolerance)
-            return 0
+            return report_validation(s.output, s.validate, s.validate_tolerance)
         if m.sched.rows_left():
             m.run(local_slot)
         m.progress.close()
@@ -380,10 +373,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         m.store.finish(sm)
         m.shutdown_workers()
         print_summary(sm)
-        code = 0
-        if s.validate:
-            from gpt2job.files.validate import report_validation
-            code = report_validation(s.output, s.validate, s.validate_tolerance)
+        code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind

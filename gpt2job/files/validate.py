@@ -53,6 +53,10 @@ def compare(ours, expected):
 
 
 def report_validation(output, expected_path, tolerance, out=sys.stdout):
+    """Compare a finished output's tokens with expected_path's (the exit code: 0 within tolerance; 0 when no
+    reference is given)."""
+    if not expected_path:
+        return 0
     ours = _read_tokens_h5(output)
     expected = read_expected(expected_path, len(ours))
     if len(expected) != len(ours):
