@@ -14,7 +14,10 @@
 #   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
 #   small     benchmarks/small_chunks.py: W3 by chunk size, ragged prompts in 512-prompt chunks (issue 14), busy %
 #   load      benchmarks/load_bench.py: time to ready with GPT-2 XL shapes (float32 safetensors, float16), against $OLD
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small and load only when named), OLD (../.old), REPEATS (2),
+#   products  benchmarks/decode_products.py: decode-sized products, every tile variant against cuBLAS (GPU time)
+#   master    benchmarks/master_scale.py (15 and 63 simulated workers, with text) and store_costs.py on this
+#             machine's cores (the master's ceiling; issue 15's >= 1M rows/s)
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master only when named), OLD (../.old), REPEATS (2),
 # TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
@@ -66,6 +69,15 @@ fi
 if has load; then
     TAIL=8 stage load ${T_LOAD:-300} python3 benchmarks/load_bench.py --old "$OLD" --repeats "$REPEATS" --out "$OUT"
 fi
+if has products; then
+    TAIL=40 stage products ${T_PRODUCTS:-240} python3 benchmarks/decode_products.py --out "$OUT"
+fi
+if has master; then
+    VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
+    TAIL=6 stage master ${T_MASTER:-300} python3 benchmarks/master_scale.py --workers 15,63 --rows ${MASTER_ROWS:-2000000} \
+        --vocab-dir "$VOCAB" --json "$OUT/master_scale.jsonl"
+    TAIL=20 stage store ${T_STORE:-120} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/store_costs.py --json "$OUT/store_costs.jsonl"
+fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix small load; do has $s && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix small load products master store; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

@@ -282,3 +282,13 @@ DEF_GEMM_F16(gemm_f16_t128x128k64s3, 128, 128, 64, 64, 32, 3, 2)
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 6
 DEF_GEMM_F16(gemm_f16_t64x128k64s4, 64, 128, 64, 32, 32, 4, 3)
 #endif
+// narrow tiles for decode-sized products (a few hundred rows): more blocks over the SMs, the same K order
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 7
+DEF_GEMM_F16(gemm_f16_t64x64k64s4, 64, 64, 64, 32, 32, 4, 3)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 8
+DEF_GEMM_F16(gemm_f16_t32x64k64s4, 32, 64, 64, 32, 16, 4, 4)
+#endif
+#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 9
+DEF_GEMM_F16(gemm_f16_t32x128k64s4, 32, 128, 64, 32, 32, 4, 2)
+#endif

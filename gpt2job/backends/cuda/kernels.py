@@ -100,6 +100,9 @@ F16_TILES = {t.name: t for t in (
     _mma("t256x128k64s3", 4, 256, 128, 64, 64, 64, 3),
     _mma("t128x128k64s3", 5, 128, 128, 64, 64, 32, 3),
     _mma("t64x128k64s4", 6, 64, 128, 64, 32, 32, 4),
+    _mma("t64x64k64s4", 7, 64, 64, 64, 32, 32, 4),
+    _mma("t32x64k64s4", 8, 32, 64, 64, 32, 16, 4),
+    _mma("t32x128k64s4", 9, 32, 128, 64, 32, 32, 4),
     # 128x128x64, 2 warpgroups of wgmma m64n128k16, 3 cp.async stages (+1 KB alignment)
     F16Tile("wgmma", "wgmma", 128, 128, 128, 256, 99328, 99328, (), "sm_90a"),
     # TMA loads, mbarrier pipeline, 2 consumer warpgroups of wgmma m64nBNk16 + 1 producer warp
