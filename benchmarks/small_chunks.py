@@ -1,12 +1,14 @@
 """Issue 14's first two rows on one GPU, through the real pipeline (mpirun, master + one GPU worker), fp16:
 
   python3 benchmarks/small_chunks.py [--repeats 1] [--out DIR] [--sizes 8192,2048,1024,546,137]
+      [--configs 'old=.prev;new=.;new-s4=.@GPT2JOB_F16_VARIANTS=...']
 
   W3 by chunk size   W3 (W1's 8,192 prompts x 8, 16 tokens, 8 new), --no-dedup, --chunk-size N: tok/s and N / 8192
   ragged, small      2,048 prompts, half of 4-32 tokens and half of 256-448 (seeded, interleaved), 128 new,
                      --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048). (The raw
                      lines of 2026-11-30 named "ragged chunk 512" ran --chunk-size 256, as their flags say.)
-Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
+With --configs, each case runs in every configuration in turn (a tree and environment variables), and each
+configuration's tokens are compared with the first's (first repeat). Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
 result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a table last.
 """
 import argparse
@@ -19,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, read_output  # noqa: E402
+from bench_common import ROOT  # noqa: E402
 from run_workloads import run_job  # noqa: E402
 
 
@@ -40,6 +42,9 @@ def main():
     ap.add_argument("--sizes", default="8192,2048,1024,546,137")
     ap.add_argument("--work", default="/tmp/gpt2job-small")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--configs", default=f"this={ROOT}",
+                    help="'name=TREE[@VAR=VALUE...]' separated by ';': trees (git archive COMMIT into a folder) and "
+                         "environment to compare, run interleaved; tokens compared with the first")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model, numpy, few rows)")
     a = ap.parse_args()
     model, be, dt, small = "random:gpt2", "cuda", "float16", []
@@ -65,34 +70,64 @@ def main():
     rs = 512 if not a.smoke else 16
     cases += [(f"ragged chunk {rs}", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs)]),
               ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048)])]
-    run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False)
+    configs = parse_configs(a.configs)
+    for tree, env in configs.values():
+        run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False, tree=tree,
+                env=env)
     res = {}
     for name, inp, new, extra in cases:
-        got = []
+        got = {c: [] for c in configs}
         for i in range(a.repeats):
-            r = run_job(inp, os.path.join(a.work, f"out-{i}.h5"), hf, be, dt, 1, new, False, extra=extra)
-            sm = r["summary"] or {}
-            ws = sm.get("workers") or [{}]
-            got.append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),
-                        "busy": [w.get("busy_percent") for w in ws], "chunks": [w.get("chunks") for w in ws],
-                        "tail": r["log_tail"][-600:] if r["rc"] else ""})
-        ok = all(g["rc"] == 0 for g in got)
-        tput = statistics.median(g["tok_s"] for g in got) if ok else None
-        busy = statistics.median(g["busy"][0] for g in got) if ok and got[0]["busy"][0] is not None else None
-        res[name] = (tput, busy, got[0]["chunks"][0])
-        rec = {"kind": "small-chunks", "case": name, "tok_s": tput, "busy_percent": busy, "runs": got,
-               "flags": extra, "max_new_tokens": new}
-        print(json.dumps(rec), flush=True)
-        with open(os.path.join(a.out, "small_chunks.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    base = res.get(cases[0][0], (None,))[0]
-    one = res.get("ragged one chunk", (None,))[0]
-    print(f"\n{'case':<20} {'tok/s':>10} {'ratio':>6} {'busy %':>7} {'chunks':>6}")
-    for name, (t, busy, chunks) in res.items():
-        ref = one if name.startswith("ragged") else base
-        print(f"{name:<20} {t or 0:>10,.0f} {t / ref if t and ref else 0:>6.3f} {busy if busy is not None else '-':>7}"
-              f" {chunks if chunks is not None else '-':>6}")
+            for c, (tree, env) in configs.items():    # interleaved: drifts of the machine hit every configuration
+                out = os.path.join(a.work, f"out-{c}-{i}.h5")
+                r = run_job(inp, out, hf, be, dt, 1, new, False, extra=extra, tree=tree, env=env)
+                sm = r["summary"] or {}
+                ws = sm.get("workers") or [{}]
+                got[c].append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),
+                               "busy": [w.get("busy_percent") for w in ws], "chunks": [w.get("chunks") for w in ws],
+                               "tail": r["log_tail"][-600:] if r["rc"] else ""})
+        first = next(iter(configs))
+        for c in configs:
+            runs = got[c]
+            ok = all(g["rc"] == 0 for g in runs)
+            tput = statistics.median(g["tok_s"] for g in runs) if ok else None
+            busy = statistics.median(g["busy"][0] for g in runs) if ok and runs[0]["busy"][0] is not None else None
+            same = same_tokens(os.path.join(a.work, f"out-{first}-0.h5"), os.path.join(a.work, f"out-{c}-0.h5")) \
+                if ok and all(x["rc"] == 0 for x in got[first]) else None
+            res[c, name] = (tput, busy, runs[0]["chunks"][0], same)
+            rec = {"kind": "small-chunks", "config": c, "tree": configs[c][0], "env": configs[c][1], "case": name,
+                   "tok_s": tput, "busy_percent": busy, "same_tokens_as": first if same else None,
+                   "differing_rows": None if same is None else same[1], "runs": runs, "flags": extra,
+                   "max_new_tokens": new}
+            print(json.dumps(rec), flush=True)
+            with open(os.path.join(a.out, "small_chunks.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    print(f"\n{'config':<10} {'case':<20} {'tok/s':>10} {'ratio':>6} {'busy %':>7} {'chunks':>6} {'rows differing':>14}")
+    for (c, name), (t, busy, chunks, same) in res.items():
+        ref = res.get((c, "ragged one chunk" if name.startswith("ragged") else cases[0][0]), (None,))[0]
+        print(f"{c:<10} {name:<20} {t or 0:>10,.0f} {t / ref if t and ref else 0:>6.3f} "
+              f"{busy if busy is not None else '-':>7} {chunks if chunks is not None else '-':>6} "
+              f"{same[1] if same else '-':>14}")
 
+
+def parse_configs(text):
+    """'name=TREE[@VAR=VALUE[@VAR=VALUE]]' separated by ';' -> {name: (tree, {VAR: VALUE})}; the first is the
+    reference of the token comparison."""
+    out = {}
+    for part in filter(None, (x.strip() for x in text.split(";"))):
+        name, rest = part.split("=", 1)
+        tree, *envs = rest.split("@")
+        out[name] = (tree, dict(e.split("=", 1) for e in envs))
+    return out
+
+
+def same_tokens(a, b):
+    """(every row's tokens equal, how many rows differ) of two outputs."""
+    import h5py
+    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
+        ta, tb = fa["completion_tokens"][()], fb["completion_tokens"][()]
+    rows = sum(1 for x, y in zip(ta, tb) if not np.array_equal(x, y)) + abs(len(ta) - len(tb))
+    return rows == 0, rows
 
 if __name__ == "__main__":
     main()
