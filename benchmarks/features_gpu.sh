@@ -18,7 +18,8 @@
 #   master    benchmarks/master_scale.py (15 and 63 simulated workers, with text) and store_costs.py on this
 #             machine's cores (the master's ceiling; issue 15's >= 1M rows/s)
 # Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master only when named), OLD (../.old), REPEATS (2),
-# TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds).
+# TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
+# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -64,7 +65,8 @@ if has mix; then
     TAIL=8 stage mix ${T_MIX:-300} python3 benchmarks/mix_breakdown.py --repeats "$REPEATS" --out "$OUT"
 fi
 if has small; then
-    TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT"
+    TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT" \
+        ${SMALL_CONFIGS:+--configs "$SMALL_CONFIGS"} ${SMALL_SIZES:+--sizes "$SMALL_SIZES"}
 fi
 if has load; then
     TAIL=8 stage load ${T_LOAD:-300} python3 benchmarks/load_bench.py --old "$OLD" --repeats "$REPEATS" --out "$OUT"
