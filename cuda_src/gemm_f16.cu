@@ -289,13 +289,3 @@ DEF_GEMM_F16(gemm_f16_t64x64k64s4, 64, 64, 64, 32, 32, 4, 3)
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 8
 DEF_GEMM_F16(gemm_f16_t32x64k64s4, 32, 64, 64, 32, 16, 4, 4)
 #endif
-#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 9
-DEF_GEMM_F16(gemm_f16_t32x128k64s4, 32, 128, 64, 32, 32, 4, 2)
-#endif
-// ... with deeper pipelines: a decode-sized product waits on its loads, so more of them in flight
-#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 10
-DEF_GEMM_F16(gemm_f16_t32x64k64s8, 32, 64, 64, 32, 16, 8, 2)
-#endif
-#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 11
-DEF_GEMM_F16(gemm_f16_t64x64k64s6, 64, 64, 64, 32, 32, 6, 2)
-#endif

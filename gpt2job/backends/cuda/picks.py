@@ -3,8 +3,8 @@ tables), among the variants compiled. Pure Python: a TilePicker holds the tile r
 names of the compiled variants, the GPU's SM count and the kernel options."""
 
 
-NARROW = ("t32x64k64s8", "t32x64k64s4")   # narrow decode tiles, the preferred first (when compiled)
-NARROW_OUTPUTS = 800_000                   # products of at most this many outputs (rows x columns) take them
+NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) ...
+NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 
 
 class TilePicker:
@@ -20,7 +20,7 @@ class TilePicker:
         adds) on 128x128 tiles except attention-out at decode sizes; the LM head is not staged. Otherwise: wide
         float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave
         model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps)
-        a NARROW tile up to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else
+        the NARROW tile up to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else
         wgmma. Variants not compiled are
         skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
@@ -58,12 +58,11 @@ class TilePicker:
         if not out_half and N > 16384 and mma is not None:
             return mma
         # decode-sized products (RESULTS.md, sessions 13 and 15: GPU times at 137-2,048 rows, then whole jobs);
-        # prefill passes this small take the same picks. Under ~800k outputs a product makes too few 64-row tiles to
-        # fill the SMs: narrow 32x64 tiles with a deep pipeline (its K loop waits on loads); no TMA kernel there (a
-        # TMA descriptor is made on the host per operand, which a decode step cannot afford).
+        # prefill passes this small take the same picks. Up to ~800k outputs a product makes too few larger tiles to
+        # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows).
         if M < 4096:
-            narrow = [v for v in NARROW if v in vs] if M * N <= NARROW_OUTPUTS else []
-            small = narrow[0] if narrow else "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
+            small = NARROW if M * N <= NARROW_OUTPUTS and NARROW in vs else \
+                "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
             if small in vs:
                 return small
         waves128 = ((M + 127) // 128) * ((N + 127) // 128) / (4 * self.n_sm)   # in units of 4 waves
