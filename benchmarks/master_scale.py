@@ -32,6 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
+from bench_common import git_commit  # noqa: E402
 from gpt2job.chunks import Chunk, decode_completions, encode_chunk, encode_completions  # noqa: E402
 from gpt2job.settings import JobSettings  # noqa: E402
 
@@ -202,8 +203,7 @@ def one(n_workers, a, inp, out):
     span = sm["generation_s"]
     busy = [ch.workers[r].busy_s / span for r in ch.workers] if span else [0]
     res = {
-        "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                 cwd=ROOT).stdout.strip(), "text": m.enc is not None,
+        "commit": git_commit(), "text": m.enc is not None,
         "workers": n_workers, "tok_s_each": a.tok_s, "demand_tok_s": n_workers * a.tok_s,
         "chunk_size": a.chunk_size, "rows": rows, "tokens": toks, "results": ch.n_results,
         "prepare_s": round(t_prep, 2), "span_s": round(span, 3), "run_s": round(t2 - t1, 3),
