@@ -1,8 +1,12 @@
 """Decode-sized fp16 products (the layer products of GPT-2 124M at a few hundred rows), every tile variant against
-cuBLAS, as the forward pass meets them: 12 copies of the weights (one per layer, 28-57 MB in all: more than the
-L2 keeps), the calls queued behind a sleeping kernel and timed on the GPU, each call on the next copy.
+cuBLAS, as the forward pass meets them: copies of the weights, each call on the next one, the calls queued behind a
+sleeping kernel and timed on the GPU. --copies 0 (the default): as many as make twice the H200's 50 MB L2 (at least
+12, one per layer); the figures of RESULTS.md session 15 ran with 12 (then only the MLP weights, 57 MB, exceeded the
+L2: QKV's 42 MB and attention-out's 14 MB could stay in it). cuBLAS runs the bare product (fp16 out, no bias, no
+epilogue), ours the model's epilogue: the comparison favours cuBLAS.
 
   python3 benchmarks/decode_products.py [--m 137,546,1024,2048] [--variants t64x128k64s4,tma128,...] [--reps 5]
+      [--copies N]
 
 Prints one line per (shape, rows, variant) with the GPU time per call and the relative error against an fp32
 product, then a table last: per shape and row count, the fastest variant, the time of the current pick
@@ -21,6 +25,7 @@ from kernels_bench import SHAPES  # noqa: E402
 
 MODES = {"qkv": 0, "attn_out": 3, "mlp_up": 1, "mlp_down": 3}   # the epilogue each product has in the model
 LAYERS = 12
+L2_BYTES = 50 << 20      # the H200's L2
 
 
 def gpu_ms(calls, reps, torch):
@@ -46,6 +51,7 @@ def main():
     ap.add_argument("--m", default="137,546,1024,2048")
     ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4")
     ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--copies", type=int, default=0, help="weight copies (0: twice the L2's 50 MB, at least 12)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
     import torch
@@ -69,7 +75,8 @@ def main():
                 continue
             mode = MODES[shape]
             out_half = mode != 3
-            Ws = [(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half() for _ in range(LAYERS)]
+            copies = a.copies or max(LAYERS, -(-2 * L2_BYTES // (2 * N * K)))
+            Ws = [(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half() for _ in range(copies)]
             Wts = [W.t() for W in Ws]
             bias = torch.randn(N, device="cuda", generator=g)
             for M in (int(x) for x in a.m.split(",")):
@@ -94,7 +101,7 @@ def main():
                 res["cublas"] = gpu_ms([lambda Wt=Wt: torch.matmul(A, Wt, out=C16) for Wt in Wts], a.reps, torch)
                 print(f"{shape:8s} M={M:5d} {'torch.matmul':14s} {1e3 * res['cublas']:7.1f} us", flush=True)
                 pick = picker.pick_f16(M, N, out_half, K)
-                rec = {"kind": "decode-product", "shape": shape, "M": M, "N": N, "K": K, "mode": mode,
+                rec = {"kind": "decode-product", "shape": shape, "M": M, "N": N, "K": K, "mode": mode, "copies": copies,
                        "us": {v: round(1e3 * t, 2) for v, t in res.items()}, "pick": pick}
                 rows_out.append(rec)
                 with open(os.path.join(a.out, "decode_products.jsonl"), "a") as f:

@@ -88,7 +88,10 @@ def breakdown(tree, model, dtype):
     e = dict(os.environ, CUDA_VISIBLE_DEVICES="0",
              PYTHONPATH=tree + (os.pathsep + os.environ["PYTHONPATH"] if os.environ.get("PYTHONPATH") else ""))
     p = subprocess.run([sys.executable, "-c", BREAKDOWN, model, dtype], env=e, cwd=tree, capture_output=True,
-                       text=True, timeout=600, check=True)
+                       text=True, timeout=600)
+    if p.returncode:
+        print(f"breakdown failed (rc {p.returncode}):\n{p.stderr[-2000:]}", flush=True)
+        return None
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
@@ -125,7 +128,6 @@ def main():
                   + ("  (warm-up round, not counted)" if i == 0 else ""), flush=True)
             if i:
                 runs[name].append(r)
-    parts = breakdown(a.new, model, a.dtype)
     print("\ntree  size      dtype     ready s (median)  worker init s   runs")
     for name, rs in runs.items():
         if not rs:
@@ -135,9 +137,11 @@ def main():
                "runs": [[round(r["ready"], 3), round(r["init"], 3)] for r in rs]}
         append_jsonl(os.path.join(a.out, "load.jsonl"), rec)
         print(f"{name:5s} {a.size:9s} {a.dtype:9s} {rec['ready_s']:16.2f} {rec['init_s']:15.2f}   {len(rs)}")
-    append_jsonl(os.path.join(a.out, "load.jsonl"), {"kind": "load-breakdown", "size": a.size, "dtype": a.dtype,
-                                                     **parts})
-    print("new tree, in-process: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
+    parts = breakdown(a.new, model, a.dtype)     # after the records: a failure here loses no measured run
+    if parts:
+        append_jsonl(os.path.join(a.out, "load.jsonl"), {"kind": "load-breakdown", "size": a.size, "dtype": a.dtype,
+                                                         **parts})
+        print("new tree, a process of its own: " + ", ".join(f"{k} {v:.2f}" for k, v in parts.items()))
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
     None: the job's default (or what extra says). env: variables added to this process's. Returns a dict with rc,
     the summary (None on failure), e2e wall time, the command and the job's output (stdout and stderr)."""
     job = [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend", backend,
-           *(["--dtype", dtype] if dtype else []), *(["--max-new-tokens", str(max_new)] if max_new else []),
+           *(["--dtype", dtype] if dtype else []), *(["--max-new-tokens", str(max_new)] if max_new is not None else []),
            "--overwrite"] + (["--ignore-eos"] if ignore_eos else []) + list(extra)
     cmd = job if gpus == 0 else mpirun_cmd(gpus + 1, mpirun_args) + job
     tree = os.path.abspath(tree)

@@ -96,7 +96,7 @@ def main():
                 if ok and all(x["rc"] == 0 for x in got[first]) else None
             res[c, name] = (tput, busy, runs[0]["chunks"][0], same)
             rec = {"kind": "small-chunks", "config": c, "tree": configs[c][0], "env": configs[c][1], "case": name,
-                   "tok_s": tput, "busy_percent": busy, "same_tokens_as": first if same else None,
+                   "tok_s": tput, "busy_percent": busy, "same_tokens_as": first if same and same[0] else None,
                    "differing_rows": None if same is None else same[1], "runs": runs, "flags": extra,
                    "max_new_tokens": new}
             print(json.dumps(rec), flush=True)

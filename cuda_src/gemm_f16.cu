@@ -1,7 +1,7 @@
 // Tensor-core matrix product: C[M,N] (=|+=) epilogue(A[M,K] @ B[N,K]^T + bias), fp16 inputs, fp32 accumulation.
 // A row-major [M,K] (lda), B row-major [N,K] (ldb: weights stored K-contiguous, i.e. transposed Conv1D),
 // C row-major (ldc), out half or float. Needs K % 8 == 0, lda/ldb % 8 == 0, 16-byte aligned bases.
-// mma.sync m16n8k16 tile variants with ldmatrix and a cp.async pipeline (below); GEMM_F16_PART 1..6 compiles
+// mma.sync m16n8k16 tile variants with ldmatrix and a cp.async pipeline (below); GEMM_F16_PART 1..8 compiles
 // one of them (each variant is a module of its own). The wgmma and TMA kernels (gemm_wgmma.cu, gemm_tma.cu)
 // include this file with GEMM_F16_PART 99 for its helpers and the shared epilogue.
 #include "common.cuh"

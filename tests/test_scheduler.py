@@ -147,12 +147,12 @@ class RecordingChannel:
     def forget(self, rank):
         pass
 
+    def send_stop(self, rank, why="stop"):
+        self.sent[rank].append(why)
 
-def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
-    """Equal-work chunks are about one per worker. When work starts with one of two workers ready (the start-up
-    grace passed), that worker must not take both: it holds one chunk at a time until the other is ready, which
-    then gets its own; once both are ready, the early one holds its usual prefetch again."""
-    import time
+
+def ragged_master(tmp_path):
+    """A Master on 512 ragged prompts (equal-work chunks) with a RecordingChannel, prepared, no worker ready yet."""
     import h5py
     from gpt2job.cluster.master import Master
     from gpt2job.settings import JobSettings
@@ -167,16 +167,45 @@ def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
     ch = RecordingChannel()
     m = Master(s, None, channel=ch)
     m.prepare()
+    m.workers = {r: WorkerState(rank=r) for r in ch.ranks}
+    return m, ch, len(ps)
+
+
+def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
+    """Equal-work chunks are about one per worker. When work starts with one of two workers ready (the start-up
+    grace passed), that worker must not take them all: it holds one chunk at a time until the other is ready, which
+    then gets its own; once both are ready, the early one holds its usual prefetch again."""
+    import time
+    from gpt2job.cluster.worker import PREFETCH
+    m, ch, n = ragged_master(tmp_path)
     try:
         assert m.sched.by_cost
-        m.workers = {r: WorkerState(rank=r) for r in ch.ranks}
-        m.handle(m.workers[1], "hello", {"host": "a", "preferred_chunk": 8192})
+        hello = {"host": "a", "preferred_chunk": 64}     # about 8 chunks of equal work
+        m.handle(m.workers[1], "hello", hello)
         m.first_ready = time.monotonic() - 60      # the start-up grace is over; rank 2 is still loading
         m.maybe_start()
-        assert m.dispatching and len(ch.sent[1]) == 1 and m.sched.rows_left() > 0
-        m.handle(m.workers[2], "hello", {"host": "b", "preferred_chunk": 8192})
-        assert len(ch.sent[2]) >= 1
+        assert m.dispatching and len(ch.sent[1]) == 1 and len(m.workers[1].outstanding) == 1
+        m.handle(m.workers[2], "hello", hello)
+        assert len(m.workers[2].outstanding) == PREFETCH and len(m.workers[1].outstanding) == PREFETCH
         rows = np.concatenate([c.rows for r in ch.sent for c in ch.sent[r]])
-        assert m.sched.rows_left() == 0 and sorted(rows.tolist()) == list(range(len(ps)))
+        assert len(set(rows.tolist())) == len(rows) and m.sched.rows_left() == n - len(rows) > 0
+    finally:
+        m.store.close()
+
+
+def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path):
+    """A worker left behind at start-up (retired: its share goes to the others) that says hello later gets a stop,
+    never a chunk: a chunk sent to it would be outside every live worker's outstanding work."""
+    import time
+    m, ch, n = ragged_master(tmp_path)
+    try:
+        m.handle(m.workers[1], "hello", {"host": "a", "preferred_chunk": 64})
+        m.first_ready = time.monotonic() - 60
+        m.maybe_start()
+        m.run_started, m.startup_timeout = time.monotonic() - 100, 10
+        m.check_hung(time.monotonic())
+        assert m.workers[2].retired
+        m.handle(m.workers[2], "hello", {"host": "b", "preferred_chunk": 64})
+        assert ch.sent[2] == ["stop"] and not m.workers[2].outstanding
     finally:
         m.store.close()

@@ -242,7 +242,8 @@ class Master(Ending):
             for w in ready:
                 self.feed(w, depth)
         if self.s.chunk_size or self.sched.even_size:
-            self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {PREFETCH} out with each worker "
+            held = 1 if self.sched.by_cost and not all_ready else PREFETCH
+            self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
                      "at a time")
 
     def handle(self, w, kind, *data):
@@ -257,6 +258,8 @@ class Master(Ending):
                 self.feed(w)
         elif kind == "hello":
             (info,) = data
+            if w.retired:      # ready after its start-up deadline: the job went on without it
+                return self.stop_rank(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
             w.last_progress = time.monotonic()
@@ -285,10 +288,13 @@ class Master(Ending):
             self.rank_died(w, *data)
 
     def feed(self, w, upto=PREFETCH):
-        """Hand w chunks until it holds upto of them (or none are left)."""
+        """Hand w chunks until it holds upto of them (or none are left); one at most while a worker is not ready
+        and chunks are of equal work (about one per worker: the late worker still finds its own)."""
+        if w.retired:
+            return
         n_active = max(1, len(self.live()))
         if self.sched.by_cost and not all(x.ready for x in self.live()):
-            upto = 1    # equal-work chunks are ~1 per worker: the early ones hold one each, the late find theirs
+            upto = 1
         while len(w.outstanding) < upto:
             chunk = self.sched.next_chunk(w, n_active)
             if chunk is None:
@@ -342,12 +348,7 @@ class Master(Ending):
             "time_to_first_work_s": start - launch_time(),
             "wall_s": t_end - launch_time(), "generation_s": span, "master_prepare_s": self.prepare_s,
             "master_peak_rss_mb": peak_rss_mb(),
-            "workers": [{"rank": w.rank, "host": w.host, "rows": w.rows, "tokens": w.tokens, "chunks": w.chunks,
-                         "compute_s": round(w.compute_s, 3), "busy_percent": w.busy_percent(),
-                         "retired": w.why_retired or None,
-                         **{k: w.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options")
-                            if k in w.info}}
-                        for w in self.workers.values()],
+            "workers": [w.summary() for w in self.workers.values()],
         }
 
 

@@ -61,6 +61,14 @@ class WorkerState:
     def seconds_per_token(self):
         return self.compute_s / self.computed_tokens if self.computed_tokens else None
 
+    def summary(self):
+        """Its line of the job summary's `workers`."""
+        return {"rank": self.rank, "host": self.host, "rows": self.rows, "tokens": self.tokens, "chunks": self.chunks,
+                "compute_s": round(self.compute_s, 3), "busy_percent": self.busy_percent(),
+                "retired": self.why_retired or None,
+                **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options")
+                   if k in self.info}}
+
 
 class Scheduler:
     def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
@@ -164,8 +172,9 @@ class Scheduler:
             return None
         # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
         # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most. Equal rows:
-        # at least `prefetch` chunks per worker (measured faster for even prompts); equal work: one is enough (every
-        # worker's first `prefetch` chunks go out at once anyway, and a bigger batch computes faster)
+        # at least `prefetch` chunks per worker (measured faster for even prompts); equal work: one is enough (when
+        # every worker is ready, all first chunks go out at once, and a bigger batch computes faster; while one is
+        # not, the master lets each ready worker hold one chunk only: Master.feed)
         n = max(1, n_active_workers)
         if self.even_size is None:
             k = max(1 if n == 1 or self.by_cost else self.prefetch, math.ceil(self.total / (n * pref)))

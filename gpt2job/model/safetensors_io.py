@@ -78,7 +78,9 @@ def read_header(path):
 def load(path, names=None):
     """Map tensor name -> float32/int ndarray (BF16 and F16 are widened to float32). The file is memory-mapped
     read-only: float32 and integer tensors are views of it (no copy; the pages are shared with every rank of the
-    node that maps the same file), MAP_POPULATE maps them all at once rather than a page fault at a time."""
+    node that maps the same file), MAP_POPULATE maps them all at once rather than a page fault at a time. The CUDA
+    backend reads them once, to upload; the NumPy backend, which reads them for the whole job, copies them
+    (GPT2Params.in_memory): each NumPy rank then holds its own copy."""
     header, start, _ = read_header(path)
     flags = mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0)
     try:
@@ -106,7 +108,8 @@ def load(path, names=None):
 
 def save(path, tensors, metadata=None):
     """Write name -> ndarray as safetensors (used by tests and by the random-weights exporter). Written to a
-    temporary file renamed over path: a job that has the old file mapped keeps reading the old bytes."""
+    temporary file renamed over path: a job that has the old file mapped keeps reading the old bytes (a symbolic
+    link at path is replaced by the file)."""
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
         arr = np.ascontiguousarray(arr)

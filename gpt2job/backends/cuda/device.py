@@ -98,10 +98,10 @@ class Device:
         a = np.ascontiguousarray(a, np.float32)
         g = self.drv.mem_alloc(max(a.size * 2, 16))
         self._allocs.append(g)
-        step = rows or max(len(a), 1)
-        row = a[0].size if a.ndim and len(a) else 0
+        step = rows or max(len(a), 1)           # (a is at least 1-D here)
+        row = a[0].size if len(a) else 0
         for r0 in range(0, max(len(a), 1), step):
-            part = a[r0:r0 + step] if a.ndim else a
+            part = a[r0:r0 + step]
             scratch = self.buf(UPLOAD_SCRATCH, part.nbytes)
             self.compute.synchronize()          # the previous conversion has read the scratch
             self.drv.memcpy_htod(scratch, part)
