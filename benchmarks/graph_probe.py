@@ -1,5 +1,5 @@
 """What a decode step costs at small batches, launched kernel by kernel vs replayed as a CUDA graph
-(benchmarks/graphs.py), and what it must cost: the bytes it has to read (weights + the KV cache).
+(gpt2job/backends/cuda/graphs.py), and what it must cost: the bytes it has to read (weights + the KV cache).
 
   python3 benchmarks/graph_probe.py [--rows 137,546,1024,2048,8192] [--dtype float16] [--steps 50]
 
@@ -31,7 +31,7 @@ def main():
     ap.add_argument("--results", default=None)
     a = ap.parse_args()
     from gpt2job.backends.cuda.backend import CudaBackend
-    from graphs import Graph
+    from gpt2job.backends.cuda.graphs import Graph
     from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
     from gpt2job.settings import GenerationSettings

@@ -857,3 +857,34 @@ def test_too_many_ranks_is_user_error():
     from gpt2job.errors import UserError
     with pytest.raises(UserError, match="only"):
         CudaBackend(tiny_params(), GenerationSettings(), local_rank=_NGPU)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
+    """options.cuda_graphs: greedy decode steps are captured once per (rows, buffers) and replayed. Chunks of equal
+    prompts (one row count: captured, then replayed, and replayed again by the next chunk of that shape) and of
+    ragged prompts (another row count and cache shape) give the tokens of the steps launched one by one; sampling
+    runs as launched."""
+    from gpt2job.backends.cuda.backend import CudaBackend
+    params = tiny_params(3)
+    params.lm_head = np.random.default_rng(4).standard_normal(params.wte.shape).astype(np.float32) * 0.3
+    gs = GenerationSettings(max_new_tokens=12, ignore_eos=True)
+    chunks = [make_chunk(np.full(40, 9), 1000, seed=1, chunk_id=0), make_chunk(np.full(40, 9), 1000, seed=2, chunk_id=1),
+              make_chunk(RNG.integers(1, 30, 33), 1000, seed=3, chunk_id=2)]
+    sampled = dataclasses.replace(gs, sampling=SamplingSettings(temperature=0.8, top_k=20, seed=7))
+    out = {}
+    for graphs in (False, True):
+        for settings in (gs, sampled):
+            be = CudaBackend(params, settings, dtype=dtype, options=KernelOptions(cuda_graphs=graphs))
+            try:
+                got = [compute(be, c) for c in chunks]
+                if graphs:
+                    assert (be.runner.graphs.replays > 0) == settings.sampling.greedy, be.runner.graphs.replays
+                    if settings.sampling.greedy:   # chunk 2 replays chunk 1's graph: one capture per row count
+                        assert be.runner.graphs.captures < be.runner.graphs.replays
+            finally:
+                be.close()
+            out[graphs, settings.sampling.greedy] = got
+    for greedy in (True, False):
+        for a, b in zip(out[False, greedy], out[True, greedy]):
+            assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets)

@@ -16,6 +16,7 @@ import numpy as np
 from gpt2job.backends import Backend
 from gpt2job.backends.cuda import prefix_share, score
 from gpt2job.backends.cuda.device import Device
+from gpt2job.backends.cuda.graphs import StepGraphs
 from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
@@ -67,6 +68,10 @@ class CudaBackend(Backend):
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,
                          self.cfg.n_positions, self.model.activation_bytes, self.runner.pool_bytes)
         self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
+        if self.options.cuda_graphs:
+            tm = self.kernels.tmaps
+            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.generation, tm.epoch if tm else 0))
+            dev.own(self.runner.graphs)
         self.model.set_head_rows(mp.head_rows)
         self._reserve(free, mp.reduced)
 

@@ -61,6 +61,7 @@ class Device:
         self._owned = []     # objects with device memory of their own (free() before the context goes)
         self._allocs = []    # uploaded arrays (the weights)
         self._bufs = {}      # name -> (allocation, bytes)
+        self.generation = 0  # bumped whenever a pool buffer is allocated or freed (a captured graph is then stale)
         self._uploads = []   # Upload pairs
         self.tok_host = self.step_host = np.empty(0, np.int32)   # pinned by step_buffers
         self.lp_host = None    # pinned: two steps' log-probabilities (--logprobs; logprobs.StepLogprobs)
@@ -112,6 +113,7 @@ class Device:
         """Free the pool's buffer `name`, if any, once the compute stream's work is done."""
         cur = self._bufs.pop(name, None)
         if cur is not None:
+            self.generation += 1
             self.compute.synchronize()
             cur[0].free()
 
@@ -138,6 +140,7 @@ class Device:
                 self.compute.synchronize()
                 cur[0].free()
                 del self._bufs[name]   # (when the allocation below fails, no freed buffer stays in the pool)
+            self.generation += 1
             self._bufs[name] = (self.drv.mem_alloc(nbytes), nbytes)
         return int(self._bufs[name][0])
 
@@ -146,6 +149,7 @@ class Device:
         use (the work grows them again, to the sizes it needs)."""
         self.compute.synchronize()
         self.copy.synchronize()
+        self.generation += 1
         for b, _ in self._bufs.values():
             b.free()
         self._bufs = {}

@@ -22,6 +22,7 @@ class KernelOptions:
     prefill_attn: bool = True            # fp16 prefill attention on tensor cores (head size 64)
     tma_staged: bool = True              # fp16 products on the staged-epilogue TMA kernels where picked
     tma_persistent: bool = False         # the persistent twins of the TMA kernels, where compiled
+    cuda_graphs: bool = False            # greedy decode steps replayed as CUDA graphs (graphs.StepGraphs)
 
     def __post_init__(self):
         if self.f32_bk not in (0, 8, 16):
@@ -42,7 +43,8 @@ class KernelOptions:
                    prefix_share=envs.get("GPT2JOB_PREFIX_SHARE"),
                    prefill_attn=envs.get("GPT2JOB_PREFILL_ATTN"),
                    tma_staged=envs.get("GPT2JOB_TMA_STAGED"),
-                   tma_persistent=envs.get("GPT2JOB_TMA_PERSISTENT"))
+                   tma_persistent=envs.get("GPT2JOB_TMA_PERSISTENT"),
+                   cuda_graphs=envs.get("GPT2JOB_CUDA_GRAPHS"))
 
     def describe(self):
         """The switches as plain data (JSON), for the job summary."""

@@ -92,6 +92,7 @@ class Runner:
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
         self.timeline = []
         self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
+        self.graphs = None            # graphs.StepGraphs: greedy decode steps replayed (options.cuda_graphs)
 
     # ---------------------------------------------------------------- buffers
 
@@ -350,8 +351,15 @@ class Runner:
                         self.k.gather_tokens(dev.compute, tok_dev, sdev + 8 * n, p_tok, n)
                     if sel is not None and sel.seen:   # the penalty's seen tokens: this step's input ones
                         self.k.mark_seen(dev.compute, p_tok, sdev + 4 * n, n, b0, sel.seen, sel.words)
-                    x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
-                    model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw, **lp.kw(n))
+                    def decode(n=n, p_tok=p_tok, step=step):
+                        x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
+                        model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw,
+                                     **lp.kw(n))
+                    if self.graphs is not None and sampling.greedy and not kw and not lp.on:
+                        # greedy: the launches depend only on these (the step number is not used)
+                        self.graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0]), decode)
+                    else:
+                        decode()
                     yield Pause(True, READY, int(gen.sum()))
                     lp.download(n, step % 2)
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)

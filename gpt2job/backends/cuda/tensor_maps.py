@@ -61,6 +61,7 @@ class TensorMapCache:
         self.host = drv.pagelocked_empty(128 * max_entries, np.uint8)
         self.dev = drv.mem_alloc(128 * max_entries)
         self._slots = {}
+        self.epoch = 0       # bumped when the slots are reused (a captured graph's descriptors are then stale)
 
     def get(self, stream, ptr, rows, cols, ld, box_rows):
         """Device address of the descriptor; its copy is queued on stream (None: the default stream)."""
@@ -74,6 +75,7 @@ class TensorMapCache:
                 else:
                     stream.synchronize()
                 self._slots.clear()
+                self.epoch += 1
             i = self._slots[key] = len(self._slots)
             self.host[128 * i:128 * (i + 1)] = memoryview(encode_f16_rows(ptr, rows, cols, ld, box_rows))
             if stream is None:

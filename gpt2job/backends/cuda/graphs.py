@@ -1,7 +1,7 @@
 """CUDA graphs through the driver API (PyCUDA has none): the launches a function makes on a stream are captured once
-and replayed with one call. An experiment (benchmarks/graph_probe.py), not used by the engine: a decode step of a
-small batch is ~100 kernel launches, but measured on an H200 the host stays ahead of the GPU and a replayed step
-saves only 5-9% (RESULTS.md, session 12); worth wiring in once the small-batch kernels are fast.
+and replayed with one call. StepGraphs replays the greedy decode steps of small batches (options.cuda_graphs): a
+step is ~100 kernel launches whose gaps are ~0.14 ms, 12-22% of a step of 137-546 rows on an H200
+(benchmarks/graph_probe.py; RESULTS.md, session 15).
 
 ctypes on libcuda rather than NVIDIA's cuda-python: five functions, no new dependency, and it works on PyCUDA's
 current context as is. A captured graph holds the kernels' arguments as they were: replay it only while every
@@ -65,3 +65,52 @@ class Graph:
         if self.graph:
             _cuda().cuGraphDestroy(self.graph)
             self.graph = ctypes.c_void_p()
+
+
+class StepGraphs:
+    """Decode steps as graphs, by key: the first time a key is seen the step runs as launched (it grows the pool's
+    buffers and fills the TMA descriptor cache: nothing may allocate or synchronise under capture), the second time
+    it is captured and replayed, afterwards replayed. The key holds everything the captured launches baked in
+    (row count, buffer addresses, cache shape); generation() changes whenever a pool buffer or descriptor slot may
+    have moved, and then every graph is dropped. A capture that fails turns graphs off for good (steps run as
+    launched: the same kernels, so the same tokens)."""
+
+    def __init__(self, stream, generation, most=64):
+        self.stream, self.generation, self.most = stream, generation, most
+        self.graphs, self.seen, self.gen = {}, set(), None
+        self.on, self.replays, self.captures = True, 0, 0
+
+    def run(self, key, step):
+        gen = self.generation()
+        if gen != self.gen:
+            self.free()
+            self.gen = gen
+        g = self.graphs.get(key) if self.on else None
+        if g is not None:
+            g.launch()
+            self.replays += 1
+            return
+        if not self.on or key not in self.seen:
+            self.seen.add(key)
+            step()
+            return
+        if len(self.graphs) >= self.most:
+            self.free()
+        try:
+            g = Graph(self.stream, step)
+        except Exception as e:   # noqa: BLE001  (GraphError, or a call the capture does not allow)
+            import sys
+            sys.stderr.write(f"gpt2job: warning: CUDA graph capture failed ({e}); decode steps run as launched\n")
+            self.on = False
+            step()
+            return
+        self.graphs[key] = g
+        self.captures += 1
+        g.launch()
+        self.replays += 1
+
+    def free(self):
+        """Destroy every graph (before the buffers they use go, and before the context)."""
+        for g in self.graphs.values():
+            g.close()
+        self.graphs, self.seen = {}, set()
