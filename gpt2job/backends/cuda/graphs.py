@@ -49,11 +49,15 @@ class Graph:
         self.graph, self.exec = ctypes.c_void_p(), ctypes.c_void_p()
         _check(lib.cuStreamBeginCapture_v2(self.stream, CAPTURE_THREAD_LOCAL), "cuStreamBeginCapture")
         try:
-            fn()
-        finally:   # end the capture even when fn failed, or the stream stays unusable
-            rc = lib.cuStreamEndCapture(self.stream, ctypes.byref(self.graph))
-        _check(rc, "cuStreamEndCapture")
-        _check(lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph, 0), "cuGraphInstantiate")
+            try:
+                fn()
+            finally:   # end the capture even when fn failed, or the stream stays unusable
+                rc = lib.cuStreamEndCapture(self.stream, ctypes.byref(self.graph))
+            _check(rc, "cuStreamEndCapture")
+            _check(lib.cuGraphInstantiateWithFlags(ctypes.byref(self.exec), self.graph, 0), "cuGraphInstantiate")
+        except BaseException:
+            self.close()     # a graph captured but not instantiated is destroyed too
+            raise
 
     def launch(self):
         _check(_cuda().cuGraphLaunch(self.exec, self.stream), "cuGraphLaunch")

@@ -77,6 +77,13 @@ class Unplanned:
     error: BaseException
 
 
+def replayable(sampling, kw, logprobs):
+    """Whether a decode step may be replayed as a graph: greedy with the job's selection (sampling None: rows with
+    settings of their own or a penalty, kw then holds their selection) and no log-probabilities (their buffers
+    change per step)."""
+    return sampling is not None and sampling.greedy and not kw and not logprobs
+
+
 class Runner:
     def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
                  greedy=True):
@@ -355,7 +362,7 @@ class Runner:
                         x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
                         model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw,
                                      **lp.kw(n))
-                    if self.graphs is not None and sampling.greedy and not kw and not lp.on:
+                    if self.graphs is not None and replayable(sampling, kw, lp.on):
                         # greedy: the launches depend only on these (the step number is not used)
                         self.graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0]), decode)
                     else:
