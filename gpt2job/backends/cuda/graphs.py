@@ -71,6 +71,13 @@ class Graph:
             self.graph = ctypes.c_void_p()
 
 
+def replayable(sampling, kw, logprobs):
+    """Whether a decode step may be replayed as a graph: greedy with the job's selection (sampling None: rows with
+    settings of their own or a penalty, kw then holds their selection) and no log-probabilities (their buffers
+    change per step)."""
+    return sampling is not None and sampling.greedy and not kw and not logprobs
+
+
 class StepGraphs:
     """Decode steps as graphs, by key: the first time a key is seen the step runs as launched (it grows the pool's
     buffers and fills the TMA descriptor cache: nothing may allocate or synchronise under capture), the second time

@@ -30,6 +30,7 @@ import numpy as np
 from gpt2job.backends import READY, Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.device import Upload
+from gpt2job.backends.cuda.graphs import replayable
 from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
                                         size_floors, split_chunk)
@@ -75,13 +76,6 @@ class Unplanned:
     chunk: Chunk
     settings: GenerationSettings
     error: BaseException
-
-
-def replayable(sampling, kw, logprobs):
-    """Whether a decode step may be replayed as a graph: greedy with the job's selection (sampling None: rows with
-    settings of their own or a penalty, kw then holds their selection) and no log-probabilities (their buffers
-    change per step)."""
-    return sampling is not None and sampling.greedy and not kw and not logprobs
 
 
 class Runner:
