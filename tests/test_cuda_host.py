@@ -407,3 +407,58 @@ def test_only_greedy_steps_with_the_job_s_selection_are_replayed_as_graphs():
     assert not replayable(sampled, {}, False)
     assert not replayable(None, {"sel": object()}, False)      # a penalty, or per-row settings
     assert not replayable(greedy, {}, True)                     # --logprobs
+
+
+class FakeGraph:
+    """graphs.Graph without a GPU: 'captures' fn by running it (a test's step records its calls), replays it."""
+    made, fail = [], False
+
+    def __init__(self, stream, fn):
+        if FakeGraph.fail:
+            raise RuntimeError("capture not allowed")
+        self.fn, self.closed = fn, False
+        FakeGraph.made.append(self)
+
+    def launch(self):
+        assert not self.closed
+        self.fn()
+
+    def close(self):
+        self.closed = True
+
+
+def test_step_graphs_run_first_capture_second_replay_after_and_drop_on_a_new_generation(monkeypatch):
+    from gpt2job.backends.cuda import graphs
+    monkeypatch.setattr(graphs, "Graph", FakeGraph)
+    monkeypatch.setattr(FakeGraph, "made", [])
+    monkeypatch.setattr(FakeGraph, "fail", False)
+    gen = [0]
+    g = graphs.StepGraphs(None, lambda: gen[0])
+    calls = []
+    for _ in range(4):
+        g.run("a", lambda: calls.append("a"))
+    assert calls == ["a"] * 4 and g.captures == 1 and g.replays == 3 and len(FakeGraph.made) == 1
+    gen[0] += 1                                  # a pool buffer moved: the graph is dropped, the key runs eagerly
+    g.run("a", lambda: calls.append("a"))
+    assert FakeGraph.made[0].closed and g.captures == 1 and not g.graphs
+    g.run("a", lambda: calls.append("a"))
+    assert g.captures == 2 and len(calls) == 6
+
+
+def test_step_graphs_stop_capturing_when_graphs_do_not_pay_and_turn_off_when_a_capture_fails(monkeypatch):
+    from gpt2job.backends.cuda import graphs
+    monkeypatch.setattr(graphs, "Graph", FakeGraph)
+    monkeypatch.setattr(FakeGraph, "made", [])
+    monkeypatch.setattr(FakeGraph, "fail", False)
+    g = graphs.StepGraphs(None, lambda: 0, warm=2, payback=4)
+    for key in range(6):                         # each row count twice: a capture each, one replay each
+        g.run(key, lambda: None)
+        g.run(key, lambda: None)
+    assert g.captures == 2 and g.replays == 2     # after 2 captures with too few replays: run as launched
+    monkeypatch.setattr(FakeGraph, "fail", True)
+    h = graphs.StepGraphs(None, lambda: 0)
+    ran = []
+    h.run("k", lambda: ran.append(1))
+    h.run("k", lambda: ran.append(1))            # the capture fails: the step runs as launched, graphs are off
+    h.run("k", lambda: ran.append(1))
+    assert not h.on and len(ran) == 3 and h.captures == 0

@@ -84,10 +84,13 @@ class StepGraphs:
     it is captured and replayed, afterwards replayed. The key holds everything the captured launches baked in
     (row count, buffer addresses, cache shape); generation() changes whenever a pool buffer or descriptor slot may
     have moved, and then every graph is dropped. A capture that fails turns graphs off for good (steps run as
-    launched: the same kernels, so the same tokens)."""
+    launched: the same kernels, so the same tokens). A capture costs about a step of host time more than a launch:
+    once `warm` graphs were captured, another is captured only while graphs were replayed `payback` times as often
+    as captured (rows that stop at every few steps change the row count, so the key, faster than graphs pay)."""
 
-    def __init__(self, stream, generation, most=64):
+    def __init__(self, stream, generation, most=64, warm=16, payback=4):
         self.stream, self.generation, self.most = stream, generation, most
+        self.warm, self.payback = warm, payback
         self.graphs, self.seen, self.gen = {}, set(), None
         self.on, self.replays, self.captures = True, 0, 0
 
@@ -101,7 +104,8 @@ class StepGraphs:
             g.launch()
             self.replays += 1
             return
-        if not self.on or key not in self.seen:
+        paying = self.captures < self.warm or self.replays >= self.payback * self.captures
+        if not self.on or key not in self.seen or not paying:
             self.seen.add(key)
             step()
             return
