@@ -26,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, append_jsonl  # noqa: E402
+from bench_common import ROOT, append_jsonl, same_tokens  # noqa: E402
 from run_workloads import run_job  # noqa: E402
 
 
@@ -38,18 +38,6 @@ def run(tree, inp, out, model, extra, backend, log=None, env=None):
     sm = r["summary"]
     return {"rc": 0, "tput": sm.get("throughput_tokens_per_s"), "ready": sm.get("time_to_ready_s"),
             "tokens": sm.get("generated_tokens")}
-
-
-def tokens_of(path):
-    import h5py
-    with h5py.File(path, "r") as f:
-        return [np.asarray(t) for t in f["completion_tokens"][()]]
-
-
-def same_tokens(a, b):
-    ta, tb = tokens_of(a), tokens_of(b)
-    rows = sum(1 for x, y in zip(ta, tb) if x.tolist() != y.tolist())
-    return rows == 0 and len(ta) == len(tb), rows
 
 
 def main():

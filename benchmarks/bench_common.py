@@ -59,6 +59,20 @@ def load_seed_prompts(path=None, n=8192, plen=16, seed=0):
     return rng.integers(0, 50257, (n, plen)).astype(np.int32), f"random(seed={seed})"
 
 
+def tokens_of(path):
+    """The completion_tokens rows of an output, as arrays."""
+    import h5py
+    with h5py.File(path, "r") as f:
+        return [np.asarray(t) for t in f["completion_tokens"][()]]
+
+
+def same_tokens(a, b):
+    """(every row's tokens equal, how many rows differ: a row only one output has counts) of two outputs."""
+    ta, tb = tokens_of(a), tokens_of(b)
+    rows = sum(1 for x, y in zip(ta, tb) if not np.array_equal(x, y)) + abs(len(ta) - len(tb))
+    return rows == 0, rows
+
+
 def read_prompt_tokens(path):
     """The prompt token rows of an input HDF5 file (dataset prompt_tokens, vlen or 2-D) as a list."""
     import h5py

@@ -15,10 +15,8 @@ import os
 import statistics
 import sys
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT  # noqa: E402
+from bench_common import ROOT, tokens_of  # noqa: E402
 from run_workloads import run_job  # noqa: E402
 from small_chunks import ragged_prompts  # noqa: E402
 
@@ -33,12 +31,6 @@ def job(tree, gpus, inp, out, model, backend="cuda", new=128):
     return {"rc": 0, "tok_s": sm["throughput_tokens_per_s"], "chunking": chunking.strip(),
             "workers": [{k: w.get(k) for k in ("rank", "chunks", "rows", "compute_s", "busy_percent")}
                         for w in sm["workers"]]}
-
-
-def tokens(path):
-    import h5py
-    with h5py.File(path, "r") as f:
-        return [np.asarray(t) for t in f["completion_tokens"][()]]
 
 
 def main():
@@ -85,7 +77,7 @@ def main():
             mid = min(rs, key=lambda r: abs(r["tok_s"] - med))
             same = None
             if g == 2:
-                ta, tb = tokens(outs[t, 1]), tokens(outs[t, 2])
+                ta, tb = tokens_of(outs[t, 1]), tokens_of(outs[t, 2])
                 same = sum(x.tolist() == y.tolist() for x, y in zip(ta, tb)) / len(ta)
             rec = {"kind": "gpus-ragged", "tree": t, "gpus": g, "prompts": a.prompts, "tok_s": med,
                    "ratio_to_1": med / one if one else None, "runs": [r["tok_s"] for r in rs],

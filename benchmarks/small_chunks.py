@@ -21,7 +21,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT  # noqa: E402
+from bench_common import ROOT, same_tokens  # noqa: E402
 from run_workloads import run_job  # noqa: E402
 
 
@@ -121,13 +121,6 @@ def parse_configs(text):
     return out
 
 
-def same_tokens(a, b):
-    """(every row's tokens equal, how many rows differ) of two outputs."""
-    import h5py
-    with h5py.File(a, "r") as fa, h5py.File(b, "r") as fb:
-        ta, tb = fa["completion_tokens"][()], fb["completion_tokens"][()]
-    rows = sum(1 for x, y in zip(ta, tb) if not np.array_equal(x, y)) + abs(len(ta) - len(tb))
-    return rows == 0, rows
 
 if __name__ == "__main__":
     main()
