@@ -318,6 +318,7 @@ class Runner:
         ev_p0.record(dev.compute)
         sel = group_sel(self.k, dev, rp, plan.layout, int(plan.upload.dev), b0, b1, model.V)
         kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
+        graphs = self.graphs if self.graphs is not None and replayable(sampling, kw, lp.on) else None
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
@@ -356,9 +357,9 @@ class Runner:
                         x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
                         model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw,
                                      **lp.kw(n))
-                    if self.graphs is not None and replayable(sampling, kw, lp.on):
+                    if graphs is not None:
                         # greedy: the launches depend only on these (the step number is not used)
-                        self.graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0]), decode)
+                        graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0]), decode)
                     else:
                         decode()
                     yield Pause(True, READY, int(gen.sum()))
