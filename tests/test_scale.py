@@ -282,3 +282,37 @@ def test_the_output_readers_see_what_h5py_would_have_written(tmp_path, vocab_dir
         assert text[r].decode() == row_text(enc, full.row_tokens(i), full.finish[i])[0]
     untouched = np.setdiff1d(np.arange(n), full.rows)
     assert all(len(toks[r]) == 0 and done[r] == 0 and fin[r] == b"" for r in untouched)
+
+
+@pytest.mark.parametrize("layout", ["runs", "scattered"])
+def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tmp_path, vocab_dir, layout):
+    """The same results through WriterThread (text made in place) and WriterProcess (text made by its text process,
+    several batches in flight): the same file. Rows in runs of 546 (written as hyperslabs) and every other row (more
+    runs than MAX_RUNS: written as points)."""
+    from gpt2job.files.h5write import MAX_RUNS, WriterThread, make_header
+    from gpt2job.files.writer import WriterProcess
+    n = 12_000
+    rng = np.random.default_rng(7)
+    rows = np.arange(n) if layout == "runs" else np.arange(0, n, 2)
+    assert 5 * 546 > MAX_RUNS      # scattered: every row of a write (5 chunks) is a run of its own
+    comps = []
+    for k, a in enumerate(range(0, len(rows), 546)):
+        r = rows[a:a + 546]
+        lens = rng.integers(0, 9, len(r))
+        offsets = np.zeros(len(r) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        comps.append(Completions(k, r, offsets, rng.integers(0, 50257, offsets[-1]).astype(np.int32),
+                                 rng.integers(0, 3, len(r)).astype(np.uint8)))
+    got = []
+    for kind in (WriterThread, WriterProcess):
+        hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n, {"k": 1}, {}, True, vocab_dir, 60)
+        w = kind(hdr, np.full(n, 16, np.int32))
+        for a in range(0, len(comps), 5):
+            w.put(comps[a:a + 5], Journal.encode(comps[a:a + 5]))
+        w.finish({})
+        got.append(contents(hdr["path"])[0])
+    assert got[0] == got[1]
+    done = np.zeros(n, bool)
+    done[rows] = True
+    assert got[0]["done"] == done.astype(int).tolist()
+    assert sum(len(t) for t in got[0]["completion_tokens"]) == sum(len(c.tokens) for c in comps)

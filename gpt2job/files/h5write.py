@@ -4,14 +4,17 @@ h5py converts a variable-length element at a time through the HDF5 API (about 2 
 rows); here each dataset is written with one H5Dwrite of HDF5's own in-memory form instead: an array of (length,
 pointer) pairs into the flat token buffer for `completion_tokens`, and of pointers to NUL-terminated UTF-8 strings
 for `completions`. HDF5 still stores each variable-length element on its own (about 0.4 us each measured here):
-`finish_reason`, which holds one of three words, is a fixed-length string since format 2 (0.05 us a row). The rows of a write are one point selection in row order (HDF5 writes
-scattered points in any other order some 40x slower). The file is what plain h5py reads: same datasets, same types.
+`finish_reason`, which holds one of three words, is a fixed-length string since format 2. The rows of a write are
+selected in row order (HDF5 writes scattered points in any other order some 40x slower), as runs of consecutive rows
+where they come in few runs (select_rows: a fixed-size column then costs about nothing per row). The file is what
+plain h5py reads: same datasets, same types.
 
-RowWriter.prepare (NumPy: order, pointers, text) and RowWriter.write (the HDF5 calls, which release the GIL) are
-separate steps so that a writer can run them in two threads. Two writers take rows from the master: WriterThread
-(in the master's process, for small jobs: nothing to start) and files/writer.py's WriterProcess (large jobs: its own
-process and interpreter, so the master's loop never waits for HDF5 or for the GIL). Both create the file themselves,
-from what make_header gives them, and take each group of results as the journal's bytes (files/journal.py).
+RowText.make (the rows' text), RowWriter.prepare (NumPy: order, pointers) and RowWriter.write (the HDF5 calls: h5py
+holds the GIL through them) are separate steps. Two writers take rows from the master: WriterThread (in the master's
+process, for small jobs: nothing to start) and files/writer.py's WriterProcess (large jobs: its own process, and the
+text made by another, so that neither the master's loop nor the text waits for HDF5 or for the GIL). Both create the
+file themselves, from what make_header gives them, and take each group of results as the journal's bytes
+(files/journal.py).
 """
 import errno
 import json
@@ -28,6 +31,7 @@ from gpt2job.files import h5logprobs, score_output
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
 TEXT_ROWS = 1 << 12     # rows decoded to text at once
+MAX_RUNS = 256          # select_rows: a write of this many runs of consecutive rows or more selects points
 
 
 def concat(comps):
@@ -150,12 +154,43 @@ def token_text(header):
 
 # ---------------------------------------------------------------- rows
 
+class RowText:
+    """The `completions` text of a batch of rows (text.TokenText), cut before stop strings (a StopTable, or None)."""
+
+    def __init__(self, text, stops):
+        self.text, self.stops = text, stops
+        self.cut = stops is not None and bool(stops.per_row or stops.job)
+
+    def make(self, rows, offsets, tokens, finish):
+        """-> (buffer of NUL-terminated UTF-8 strings, starts int64 [n] into it, exact bool [n], {row index: the stop
+        string its text was cut before})."""
+        n = len(rows)
+        bufs, starts, exact, hits, at = [], np.empty(n, np.int64), np.empty(n, bool), {}, 0
+        for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
+            b = min(n, a + TEXT_ROWS)
+            o = offsets[a:b + 1]
+            oo, tt = o - o[0], tokens[o[0]:o[-1]]
+            buf, st, ok = self.text.batch_text(oo, tt, finish[a:b])
+            if self.cut:
+                from gpt2job.files.text import cut_rows
+                buf, st, ok, cut = cut_rows(self.text.enc, (buf, st, ok), oo, tt, finish[a:b],
+                                            lambda k: self.stops.of(int(rows[a + k])))
+                hits.update((a + k, v) for k, v in cut.items())
+            bufs.append(buf)
+            starts[a:b] = st + at
+            exact[a:b] = ok
+            at += len(buf)
+        buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
+        return buf, starts, exact, hits
+
+
 class RowWriter:
     """Writes Completions into an open output file (h5py.File), every dataset of the rows at once."""
 
     def __init__(self, f, text=None, stops=None):
+        """text: the TokenText the rows' text is made with (None: prepare() is given it, or the output has none)."""
         from h5py import h5t
-        self.f, self.text, self.stops = f, text, stops     # stops: a row_settings.StopTable, or None
+        self.f, self.stops = f, stops     # stops: a row_settings.StopTable, or None
         self.vint = h5t.vlen_create(h5t.NATIVE_INT32)
         self.vstr = h5t.C_S1.copy()
         self.vstr.set_size(h5t.VARIABLE)
@@ -165,24 +200,33 @@ class RowWriter:
                                          "stop_reason") if k in f}
         if "stop_reason" not in self.ds:
             self.stops = None
-        self.cut = self.stops is not None and self.text is not None and (self.stops.per_row or self.stops.job)
-        self.text = text if "completions" in self.ds else None
+        self.has_text = "completions" in self.ds     # its text: made by row_text, or given to prepare()
+        self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None
         self.lp = h5logprobs.Columns(f)                # log-probabilities (none: present() False)
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
-    def prepare(self, comp: Completions):
-        """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows."""
+    def prepare(self, comp: Completions, texts=None):
+        """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows.
+        texts: RowText.make's result for each of those batches, made elsewhere (None: made here)."""
         out = []
-        for a in range(0, len(comp.rows), BATCH_ROWS):
+        for k, a in enumerate(range(0, len(comp.rows), BATCH_ROWS)):
             b = min(a + BATCH_ROWS, len(comp.rows))
             o = comp.offsets[a:b + 1]
             mine = (comp.copy_src >= a) & (comp.copy_src < b)
             out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
-                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1])))
+                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]),
+                                     None if texts is None else texts[k]))
         return out
 
-    def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src, lp_part=None):
+    def batches(self, comp: Completions):
+        """(rows, offsets from 0, tokens, finish) of each batch prepare() makes of comp: what RowText.make takes."""
+        for a in range(0, len(comp.rows), BATCH_ROWS):
+            b = min(a + BATCH_ROWS, len(comp.rows))
+            o = comp.offsets[a:b + 1]
+            yield comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b]
+
+    def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src, lp_part=None, text=None):
         n = len(rows)
         tokens = np.ascontiguousarray(tokens, np.int32)
         finish = np.asarray(finish)
@@ -192,22 +236,11 @@ class RowWriter:
         pairs["ptr"] = np.uint64(tokens.ctypes.data) + (offsets[:-1] * 4).astype(np.uint64)
         p["completion_tokens"] = pairs
         hits = {}                               # row index -> the stop string its text was cut before
-        if self.text is not None:
-            ptrs, exact = np.empty(n, np.uint64), np.empty(n, np.uint8)
-            for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
-                b = min(n, a + TEXT_ROWS)
-                o = offsets[a:b + 1]
-                oo, tt = o - o[0], tokens[o[0]:o[-1]]
-                buf, starts, ok = self.text.batch_text(oo, tt, finish[a:b])
-                if self.cut:
-                    from gpt2job.files.text import cut_rows
-                    buf, starts, ok, cut = cut_rows(self.text.enc, (buf, starts, ok), oo, tt, finish[a:b],
-                                                    lambda k: self.stops.of(int(rows[a + k])))
-                    hits.update((a + k, v) for k, v in cut.items())
-                p["keep"].append(buf)
-                ptrs[a:b] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
-                exact[a:b] = ok
-            p["completions"], p["text_exact"] = ptrs, exact
+        if self.has_text:
+            buf, starts, exact, hits = text if text is not None else self.row_text.make(rows, offsets, tokens, finish)
+            p["keep"].append(buf)
+            p["completions"] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
+            p["text_exact"] = exact.astype(np.uint8)
         p["finish_reason"] = self.names[finish]
         if self.stops is not None:
             p["stop_reason"] = self._reasons(offsets, tokens, finish, hits, p["keep"])
@@ -261,7 +294,7 @@ class RowWriter:
                 continue
             check_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
             space = self.ds["done"].get_space()
-            space.select_elements(p["rows"])
+            select_rows(space, p["rows"])
             mem = h5s.create_simple((p["n"],))
             for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
                                 ("finish_reason", None), ("stop_reason", self.vstr),
@@ -271,6 +304,23 @@ class RowWriter:
 
     def put(self, comp):
         self.write(self.prepare(comp))
+
+
+def select_rows(space, rows):
+    """Select sorted rows [n, 1] of a 1-d dataspace: as runs of consecutive rows (hyperslabs) when they come in few
+    runs, as a chunk's rows do (a fixed-size column then costs about nothing per row, a point about 0.1 us; an
+    OR of k runs costs O(k^2), hence MAX_RUNS), else as points."""
+    flat = rows[:, 0]
+    breaks = np.flatnonzero(np.diff(flat) != 1) + 1
+    if len(breaks) >= MAX_RUNS:
+        space.select_elements(rows)
+        return
+    from h5py import h5s
+    starts = np.concatenate([[0], breaks])
+    ends = np.append(breaks, len(flat))
+    space.select_none()
+    for a, b in zip(starts.tolist(), ends.tolist()):
+        space.select_hyperslab((int(flat[a]),), (b - a,), op=h5s.SELECT_OR)
 
 
 # ---------------------------------------------------------------- the writer in a thread (small jobs)

@@ -1,7 +1,8 @@
 """The output writer of large jobs, a process of its own (`python -m gpt2job.files.writer PARENT_PID`, started by
 the master's OutputStore): it creates the output file, writes the rows the master sends, and on `finish` marks the
-file finished. In its own interpreter it never takes the GIL from the master's loop, and it runs its two halves in
-two threads: one reads and prepares the rows (NumPy, text), the other makes the HDF5 calls.
+file finished. In its own interpreter it never takes the GIL from the master's loop. One thread reads the master's
+messages, another prepares the rows and makes the HDF5 calls, and the rows' text is made by a process of its own
+(TextProcess): h5py holds the GIL through its calls, so text made by a thread here would wait for them.
 
 The master sends messages on the writer's stdin: a kind byte, a little-endian uint64 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
@@ -29,6 +30,14 @@ QUEUE_BYTES = 256 << 20       # results the master may have queued for the write
 
 # ---------------------------------------------------------------- master side
 
+def _grow_pipe(pipe):
+    try:
+        import fcntl
+        fcntl.fcntl(pipe.fileno(), 1031, PIPE_BYTES)     # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
 class WriterProcess:
     """The master's handle on the writer process (same interface as h5write.WriterThread)."""
 
@@ -36,11 +45,7 @@ class WriterProcess:
         import numpy as np
         self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", str(os.getpid())],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        try:
-            import fcntl
-            fcntl.fcntl(self.proc.stdin.fileno(), 1031, PIPE_BYTES)     # F_SETPIPE_SZ
-        except OSError:
-            pass
+        _grow_pipe(self.proc.stdin)
         self.path, self.error, self.replies = header["path"], None, queue.Queue()
         self.cond = threading.Condition()
         self.outbox, self.queued, self.closed = [], 0, False
@@ -154,6 +159,90 @@ class WriterProcess:
             self.proc.wait()
 
 
+# ---------------------------------------------------------------- the text process
+
+BATCH = struct.Struct("<QQ")          # rows n, tokens T; then rows int64 [n], offsets int64 [n+1], tokens int32 [T],
+                                      # finish uint8 [n]
+TEXT = struct.Struct("<QQQ")          # rows n, buffer bytes, hits JSON bytes; then the buffer, starts int64 [n],
+                                      # exact uint8 [n], the hits
+
+
+class TextProcess:
+    """The writer's handle on its text process (`python -m gpt2job.files.writer --text PARENT_PID`), which makes the
+    `completions` text of each batch (h5write.RowText) while the writer makes HDF5 calls: h5py holds the GIL
+    through them, so text made by a thread of the writer waits for them (RESULTS.md, session 16). Batches are
+    answered in the order they were sent: send(), then take() once per batch."""
+
+    def __init__(self, header):
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", "--text", str(os.getpid())],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        for pipe in (self.proc.stdin, self.proc.stdout):
+            _grow_pipe(pipe)
+        h = json.dumps(header).encode()
+        self.proc.stdin.write(struct.pack("<Q", len(h)) + h)
+
+    def send(self, rows, offsets, tokens, finish):
+        import numpy as np
+        w = self.proc.stdin
+        w.write(BATCH.pack(len(rows), len(tokens)))
+        for a, t in ((rows, np.int64), (offsets, np.int64), (tokens, np.int32), (finish, np.uint8)):
+            w.write(memoryview(np.ascontiguousarray(a, t)).cast("B"))
+        w.flush()
+
+    def take(self):
+        import numpy as np
+        r = self.proc.stdout
+        head = r.read(TEXT.size)
+        if len(head) < TEXT.size:
+            code = self.proc.wait()
+            raise RuntimeError(f"the output writer's text process ended unexpectedly "
+                               f"({f'signal {-code}' if code < 0 else f'exit {code}'})")
+        n, nbuf, nhits = TEXT.unpack(head)
+        buf = np.frombuffer(r.read(nbuf), np.uint8).copy()     # (writable: HDF5 takes pointers into it)
+        starts = np.frombuffer(r.read(8 * n), np.int64)
+        exact = np.frombuffer(r.read(n), np.uint8).astype(bool)
+        hits = {int(k): v for k, v in json.loads(r.read(nhits)).items()}
+        return buf, starts, exact, hits
+
+    def close(self):
+        try:
+            self.proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def text_main(parent):
+    """The text process: reads the header, then batches; answers each with its text."""
+    _die_with_parent(parent)
+    import numpy as np
+    from gpt2job.files.h5write import RowText, stop_table, token_text
+    r, w = sys.stdin.buffer, sys.stdout.buffer
+    header = json.loads(r.read(struct.unpack("<Q", r.read(8))[0]))
+    maker = RowText(token_text(header), stop_table(header))
+    while True:
+        head = r.read(BATCH.size)
+        if len(head) < BATCH.size:
+            return
+        n, t = BATCH.unpack(head)
+        rows = np.frombuffer(r.read(8 * n), np.int64)
+        offsets = np.frombuffer(r.read(8 * (n + 1)), np.int64)
+        tokens = np.frombuffer(r.read(4 * t), np.int32)
+        finish = np.frombuffer(r.read(n), np.uint8)
+        buf, starts, exact, hits = maker.make(rows, offsets, tokens, finish)
+        h = json.dumps({str(k): v for k, v in hits.items()}).encode()
+        w.write(TEXT.pack(n, len(buf), len(h)))
+        w.write(memoryview(np.ascontiguousarray(buf)).cast("B"))
+        w.write(memoryview(np.ascontiguousarray(starts, np.int64)).cast("B"))
+        w.write(memoryview(np.ascontiguousarray(exact, np.uint8)).cast("B"))
+        w.write(h)
+        w.flush()
+
+
 # ---------------------------------------------------------------- the process
 
 def _die_with_parent(parent):
@@ -192,15 +281,15 @@ def _error_line(e):
 def main(parent):
     _die_with_parent(parent)
     import numpy as np
-    from gpt2job.files.h5write import (BATCH_ROWS, RowWriter, concat, create_output, finish_output, stop_table,
-                                       token_text)
+    from gpt2job.files.h5write import BATCH_ROWS, RowWriter, concat, create_output, finish_output, stop_table
     from gpt2job.files.journal import records_of
     out = sys.stdout
-    todo = queue.Queue(maxsize=4)       # prepared batches (BATCH_ROWS rows at most) for the HDF5 thread
+    todo = queue.Queue(maxsize=4)       # batches (BATCH_ROWS rows at most) for the HDF5 thread
     failed = []
 
-    def hdf5(writer, f, interval):
-        """The HDF5 half: writes what the other half prepared; after an error it only empties the queue."""
+    def hdf5(writer, f, interval, texts):
+        """The HDF5 half: prepares and writes each batch (its text from the text process); after an error it only
+        empties the queue."""
         import time
         last = time.monotonic()
         while True:
@@ -212,7 +301,8 @@ def main(parent):
                     f.flush()
                     last = time.monotonic()
                 elif not failed:
-                    writer.write(item)
+                    comp, parts = item
+                    writer.write(writer.prepare(comp, [texts.take() for _ in range(parts)] if texts else None))
                     if time.monotonic() - last >= interval:
                         f.flush()
                         last = time.monotonic()
@@ -225,14 +315,15 @@ def main(parent):
 
     stream = sys.stdin.buffer
     msgs = _messages(stream)
-    f = thread = None
+    f = thread = texts = None
     try:
         (_, h), (_, lengths) = next(msgs), next(msgs)
         header = json.loads(h)
+        texts = TextProcess(header) if header["text"] else None
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
-        writer = RowWriter(f, token_text(header), stop_table(header))   # per-row stops: read from the input
-        thread = threading.Thread(target=hdf5, args=(writer, f, header["flush_interval"]), daemon=True)
+        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from `texts`
+        thread = threading.Thread(target=hdf5, args=(writer, f, header["flush_interval"], texts), daemon=True)
         thread.start()
         end = b"C"
         for kind, payload in msgs:
@@ -242,7 +333,11 @@ def main(parent):
                 batch, n = [], 0
                 for comp in records_of(payload) + [None]:
                     if batch and (comp is None or n + len(comp.rows) > BATCH_ROWS):
-                        todo.put(writer.prepare(concat(batch)))
+                        whole = concat(batch)
+                        parts = list(writer.batches(whole))
+                        for part in parts if texts else ():
+                            texts.send(*part)
+                        todo.put((whole, len(parts)))
                         batch, n = [], 0
                     if comp is not None:
                         batch.append(comp)
@@ -278,6 +373,8 @@ def main(parent):
             pass
         os._exit(1)
     finally:
+        if texts is not None:
+            texts.close()
         if f is not None:
             try:
                 f.close()
@@ -286,4 +383,7 @@ def main(parent):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    if sys.argv[1] == "--text":
+        text_main(int(sys.argv[2]))
+    else:
+        main(int(sys.argv[1]))
