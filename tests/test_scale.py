@@ -90,7 +90,8 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
     deadline = time.time() + 10
     while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in writers) and time.time() < deadline:
         time.sleep(0.05)
-    assert writers and not any(_alive(w) for w in writers), "the writer process outlived its master"
+    assert len(writers) == (2 if "completions" in want else 1)     # the writer, and its text process with text
+    assert not any(_alive(w) for w in writers), "the writer process outlived its master"
     kept = journal_rows(out)
     assert 0 < kept < N
     r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300)
@@ -316,3 +317,16 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     done[rows] = True
     assert got[0]["done"] == done.astype(int).tolist()
     assert sum(len(t) for t in got[0]["completion_tokens"]) == sum(len(c.tokens) for c in comps)
+
+
+def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(tmp_path):
+    """The text process fails (here: no tokenizer files): the writer passes its error line on, the master raises
+    it, and neither process is left behind."""
+    from gpt2job.files.h5write import make_header
+    from gpt2job.files.writer import WriterProcess
+    hdr = make_header(str(tmp_path / "o.h5"), 10, {"k": 1}, {}, True, str(tmp_path / "no-vocab"), 60)
+    w = WriterProcess(hdr, np.ones(10, np.int32))
+    with pytest.raises(RuntimeError, match="vocab.bpe: --vocab-dir: missing"):
+        w.wait()
+    w.close()
+    assert [p.poll() for p in w.procs] == [1, 1]

@@ -206,25 +206,22 @@ class RowWriter:
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
-    def prepare(self, comp: Completions, texts=None):
+    def prepare(self, comp: Completions, text=None):
         """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows.
-        texts: RowText.make's result for each of those batches, made elsewhere (None: made here)."""
+        text: RowText.make's result for comp's rows, made elsewhere (None: made here)."""
         out = []
-        for k, a in enumerate(range(0, len(comp.rows), BATCH_ROWS)):
-            b = min(a + BATCH_ROWS, len(comp.rows))
-            o = comp.offsets[a:b + 1]
-            mine = (comp.copy_src >= a) & (comp.copy_src < b)
-            out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
-                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]),
-                                     None if texts is None else texts[k]))
-        return out
-
-    def batches(self, comp: Completions):
-        """(rows, offsets from 0, tokens, finish) of each batch prepare() makes of comp: what RowText.make takes."""
         for a in range(0, len(comp.rows), BATCH_ROWS):
             b = min(a + BATCH_ROWS, len(comp.rows))
             o = comp.offsets[a:b + 1]
-            yield comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b]
+            mine = (comp.copy_src >= a) & (comp.copy_src < b)
+            part = None
+            if text is not None:    # rows a..b of it (the strings stay where they are in the one buffer)
+                buf, starts, exact, hits = text
+                part = buf, starts[a:b], exact[a:b], {k - a: v for k, v in hits.items() if a <= k < b}
+            out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
+                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]),
+                                     part))
+        return out
 
     def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src, lp_part=None, text=None):
         n = len(rows)

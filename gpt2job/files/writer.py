@@ -1,18 +1,21 @@
 """The output writer of large jobs, a process of its own (`python -m gpt2job.files.writer PARENT_PID`, started by
 the master's OutputStore): it creates the output file, writes the rows the master sends, and on `finish` marks the
-file finished. In its own interpreter it never takes the GIL from the master's loop. One thread reads the master's
-messages, another prepares the rows and makes the HDF5 calls, and the rows' text is made by a process of its own
-(TextProcess): h5py holds the GIL through its calls, so text made by a thread here would wait for them.
+file finished. In its own interpreter it never takes the GIL from the master's loop. When the output has text, a
+second process (`... --text PARENT_PID`) stands between the master and the writer: it passes the master's messages
+on and adds, after each group of results, their `completions` text (h5write.RowText). The text is then made while
+the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them (RESULTS.md,
+session 16). Each process is one loop in one thread.
 
-The master sends messages on the writer's stdin: a kind byte, a little-endian uint64 length, the payload:
+The master sends messages on the first process's stdin: a kind byte, a little-endian uint64 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
      file it names, not sent)                      P  the prompt lengths (int32 bytes)
   R  results: journal record bytes (files/journal.py), the very bytes the master has made durable
   S  sync: answer "synced" once everything before it is written and flushed
   F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
   C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
-It answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The kernel
-ends it with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
+The text process adds  T  the text of the R before it (TEXT, below), and  E  its own error (an "error" line).
+The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The
+kernel ends both with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
 """
 import json
 import os
@@ -43,9 +46,19 @@ class WriterProcess:
 
     def __init__(self, header, prompt_lengths):
         import numpy as np
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", str(os.getpid())],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        _grow_pipe(self.proc.stdin)
+        me = str(os.getpid())
+        self.procs = []              # [text process,] writer: the master writes to the first, reads the last
+        if header["text"]:
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", "--text", me],
+                                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True))
+            _grow_pipe(self.procs[0].stdout)
+        self.procs.append(subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", me],
+                                           stdin=self.procs[0].stdout if self.procs else subprocess.PIPE,
+                                           stdout=subprocess.PIPE, close_fds=True))
+        if len(self.procs) > 1:
+            self.procs[0].stdout.close()     # the writer's now
+        self.stdin, self.stdout, self.proc = self.procs[0].stdin, self.procs[-1].stdout, self.procs[-1]
+        _grow_pipe(self.stdin)
         self.path, self.error, self.replies = header["path"], None, queue.Queue()
         self.cond = threading.Condition()
         self.outbox, self.queued, self.closed = [], 0, False
@@ -80,8 +93,8 @@ class WriterProcess:
                 parts, self.outbox = self.outbox, []
             try:
                 for part in parts:
-                    self.proc.stdin.write(part)
-                self.proc.stdin.flush()
+                    self.stdin.write(part)
+                self.stdin.flush()
             except (OSError, ValueError) as e:   # the writer ended: what it said, else this
                 self.reader.join(timeout=10)
                 if self.error is None:
@@ -96,12 +109,12 @@ class WriterProcess:
                 self.queued -= sum(len(p) for p in parts)
                 self.cond.notify_all()
         try:
-            self.proc.stdin.close()
+            self.stdin.close()
         except OSError:
             pass
 
     def _read(self):
-        for line in self.proc.stdout:
+        for line in self.stdout:
             text = line.decode(errors="replace").strip()
             if text.startswith("error "):
                 code, _, msg = text[6:].partition(" ")
@@ -152,95 +165,90 @@ class WriterProcess:
             self.closed = True
             self.cond.notify_all()
         self.feeder.join(timeout=60)
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
 
 # ---------------------------------------------------------------- the text process
 
-BATCH = struct.Struct("<QQ")          # rows n, tokens T; then rows int64 [n], offsets int64 [n+1], tokens int32 [T],
-                                      # finish uint8 [n]
-TEXT = struct.Struct("<QQQ")          # rows n, buffer bytes, hits JSON bytes; then the buffer, starts int64 [n],
-                                      # exact uint8 [n], the hits
-
-
-class TextProcess:
-    """The writer's handle on its text process (`python -m gpt2job.files.writer --text PARENT_PID`), which makes the
-    `completions` text of each batch (h5write.RowText) while the writer makes HDF5 calls: h5py holds the GIL
-    through them, so text made by a thread of the writer waits for them (RESULTS.md, session 16). Batches are
-    answered in the order they were sent: send(), then take() once per batch."""
-
-    def __init__(self, header):
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", "--text", str(os.getpid())],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
-        for pipe in (self.proc.stdin, self.proc.stdout):
-            _grow_pipe(pipe)
-        h = json.dumps(header).encode()
-        self.proc.stdin.write(struct.pack("<Q", len(h)) + h)
-
-    def send(self, rows, offsets, tokens, finish):
-        import numpy as np
-        w = self.proc.stdin
-        w.write(BATCH.pack(len(rows), len(tokens)))
-        for a, t in ((rows, np.int64), (offsets, np.int64), (tokens, np.int32), (finish, np.uint8)):
-            w.write(memoryview(np.ascontiguousarray(a, t)).cast("B"))
-        w.flush()
-
-    def take(self):
-        import numpy as np
-        r = self.proc.stdout
-        head = r.read(TEXT.size)
-        if len(head) < TEXT.size:
-            code = self.proc.wait()
-            raise RuntimeError(f"the output writer's text process ended unexpectedly "
-                               f"({f'signal {-code}' if code < 0 else f'exit {code}'})")
-        n, nbuf, nhits = TEXT.unpack(head)
-        buf = np.frombuffer(r.read(nbuf), np.uint8).copy()     # (writable: HDF5 takes pointers into it)
-        starts = np.frombuffer(r.read(8 * n), np.int64)
-        exact = np.frombuffer(r.read(n), np.uint8).astype(bool)
-        hits = {int(k): v for k, v in json.loads(r.read(nhits)).items()}
-        return buf, starts, exact, hits
-
-    def close(self):
-        try:
-            self.proc.stdin.close()
-        except OSError:
-            pass
-        try:
-            self.proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits bytes H; then the buffer (NUL-terminated
+                                 # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
 
 
 def text_main(parent):
-    """The text process: reads the header, then batches; answers each with its text."""
+    """The text process: passes every message on; after each R, a T with the text of its rows (its records' rows in
+    order, copies left out: a copy takes its source's text)."""
     _die_with_parent(parent)
     import numpy as np
-    from gpt2job.files.h5write import RowText, stop_table, token_text
-    r, w = sys.stdin.buffer, sys.stdout.buffer
-    header = json.loads(r.read(struct.unpack("<Q", r.read(8))[0]))
-    maker = RowText(token_text(header), stop_table(header))
-    while True:
-        head = r.read(BATCH.size)
-        if len(head) < BATCH.size:
-            return
-        n, t = BATCH.unpack(head)
-        rows = np.frombuffer(r.read(8 * n), np.int64)
-        offsets = np.frombuffer(r.read(8 * (n + 1)), np.int64)
-        tokens = np.frombuffer(r.read(4 * t), np.int32)
-        finish = np.frombuffer(r.read(n), np.uint8)
-        buf, starts, exact, hits = maker.make(rows, offsets, tokens, finish)
-        h = json.dumps({str(k): v for k, v in hits.items()}).encode()
-        w.write(TEXT.pack(n, len(buf), len(h)))
-        w.write(memoryview(np.ascontiguousarray(buf)).cast("B"))
-        w.write(memoryview(np.ascontiguousarray(starts, np.int64)).cast("B"))
-        w.write(memoryview(np.ascontiguousarray(exact, np.uint8)).cast("B"))
-        w.write(h)
-        w.flush()
+    from gpt2job.files.h5write import RowText, concat, stop_table, token_text
+    from gpt2job.files.journal import records_of
+    out = sys.stdout.buffer
+    maker = None
+    try:
+        for kind, payload in _messages(sys.stdin.buffer):
+            if kind == b"H":
+                header = json.loads(payload)
+                maker = RowText(token_text(header), stop_table(header))
+            out.write(MSG.pack(kind, len(payload)))
+            out.write(payload)
+            if kind == b"R":
+                comps = records_of(payload)
+                if comps:
+                    whole = concat(comps)
+                    text = maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish)
+                else:
+                    text = (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {})
+                buf, starts, exact, hits = text
+                h = json.dumps({str(k): v for k, v in hits.items()}).encode()
+                parts = [TEXT.pack(len(starts), len(buf), len(h)), buf, np.ascontiguousarray(starts, np.int64),
+                         np.ascontiguousarray(exact, np.uint8), h]
+                parts = [memoryview(x).cast("B") for x in parts]
+                out.write(MSG.pack(b"T", sum(len(x) for x in parts)))
+                for x in parts:
+                    out.write(x)
+            out.flush()
+            if kind in (b"F", b"C"):
+                return
+    except BaseException as e:       # the writer says it to the master
+        line = _error_line(e).encode()
+        try:
+            out.write(MSG.pack(b"E", len(line)) + line)
+            out.flush()
+        except OSError:
+            pass
+        os._exit(1)
+
+
+class Relayed(Exception):
+    """The text process's error, as its line for the master."""
+
+    def __init__(self, line):
+        super().__init__(line)
+        self.line = line
+
+
+def _relayed(msgs):
+    """The messages, the text process's error (E) raised as Relayed."""
+    for kind, payload in msgs:
+        if kind == b"E":
+            raise Relayed(payload.decode(errors="replace"))
+        yield kind, payload
+
+
+def _text_of(payload):
+    """T's payload -> (buffer, starts, exact, hits): RowText.make's result."""
+    import numpy as np
+    n, nbuf, nhits = TEXT.unpack_from(payload)
+    at = TEXT.size
+    buf = np.frombuffer(payload, np.uint8, nbuf, at)
+    starts = np.frombuffer(payload, np.int64, n, at + nbuf)
+    exact = np.frombuffer(payload, np.uint8, n, at + nbuf + 8 * n).astype(bool)
+    hits = {int(k): v for k, v in json.loads(bytes(payload[at + nbuf + 9 * n:])).items()}
+    return buf, starts, exact, hits
 
 
 # ---------------------------------------------------------------- the process
@@ -279,85 +287,44 @@ def _error_line(e):
 
 
 def main(parent):
+    """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them)."""
     _die_with_parent(parent)
+    import time
+
     import numpy as np
-    from gpt2job.files.h5write import BATCH_ROWS, RowWriter, concat, create_output, finish_output, stop_table
+    from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, stop_table
     from gpt2job.files.journal import records_of
     out = sys.stdout
-    todo = queue.Queue(maxsize=4)       # batches (BATCH_ROWS rows at most) for the HDF5 thread
-    failed = []
-
-    def hdf5(writer, f, interval, texts):
-        """The HDF5 half: prepares and writes each batch (its text from the text process); after an error it only
-        empties the queue."""
-        import time
-        last = time.monotonic()
-        while True:
-            item = todo.get()
-            try:
-                if item is None:
-                    return
-                if not failed and isinstance(item, threading.Event):
-                    f.flush()
-                    last = time.monotonic()
-                elif not failed:
-                    comp, parts = item
-                    writer.write(writer.prepare(comp, [texts.take() for _ in range(parts)] if texts else None))
-                    if time.monotonic() - last >= interval:
-                        f.flush()
-                        last = time.monotonic()
-            except BaseException as e:
-                failed.append(e)
-            finally:
-                if isinstance(item, threading.Event):
-                    item.set()
-                todo.task_done()
-
-    stream = sys.stdin.buffer
-    msgs = _messages(stream)
-    f = thread = texts = None
+    msgs = _relayed(_messages(sys.stdin.buffer))
+    f = None
     try:
         (_, h), (_, lengths) = next(msgs), next(msgs)
         header = json.loads(h)
-        texts = TextProcess(header) if header["text"] else None
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
-        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from `texts`
-        thread = threading.Thread(target=hdf5, args=(writer, f, header["flush_interval"], texts), daemon=True)
-        thread.start()
-        end = b"C"
+        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
+        interval, last, dirty = header["flush_interval"], time.monotonic(), False
+        end, comps = b"C", None
         for kind, payload in msgs:
-            if failed:
-                raise failed[0]
-            if kind == b"R":       # a group commit, or a block of a journal being rebuilt: BATCH_ROWS at a time
-                batch, n = [], 0
-                for comp in records_of(payload) + [None]:
-                    if batch and (comp is None or n + len(comp.rows) > BATCH_ROWS):
-                        whole = concat(batch)
-                        parts = list(writer.batches(whole))
-                        for part in parts if texts else ():
-                            texts.send(*part)
-                        todo.put((whole, len(parts)))
-                        batch, n = [], 0
-                    if comp is not None:
-                        batch.append(comp)
-                        n += len(comp.rows)
-            elif kind == b"S":
-                done = threading.Event()
-                todo.put(done)
-                done.wait()
-                if failed:
-                    raise failed[0]
-                out.write("synced\n")
-                out.flush()
+            if kind == b"R":
+                comps = records_of(payload)
+                if comps and not header["text"]:
+                    writer.put(concat(comps))
+                    dirty = True
+            elif kind == b"T":         # the text of the R just before it
+                if comps:
+                    writer.write(writer.prepare(concat(comps), _text_of(payload)))
+                    dirty = True
             elif kind in (b"F", b"C"):
                 end = kind
                 summary = json.loads(payload) if kind == b"F" else None
                 break
-        todo.put(None)
-        thread.join()
-        if failed:
-            raise failed[0]
+            if kind == b"S" or (dirty and time.monotonic() - last >= interval):
+                f.flush()
+                last, dirty = time.monotonic(), False
+            if kind == b"S":
+                out.write("synced\n")
+                out.flush()
         if end == b"F":
             from gpt2job.files.progress import peak_rss_mb
             summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb()}
@@ -367,14 +334,12 @@ def main(parent):
             out.flush()
     except BaseException as e:
         try:
-            out.write(_error_line(e))
+            out.write(e.line if isinstance(e, Relayed) else _error_line(e))
             out.flush()
         except OSError:
             pass
         os._exit(1)
     finally:
-        if texts is not None:
-            texts.close()
         if f is not None:
             try:
                 f.close()
