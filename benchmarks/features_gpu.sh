@@ -17,7 +17,9 @@
 #   products  benchmarks/decode_products.py: decode-sized products, every tile variant against cuBLAS (GPU time)
 #   master    benchmarks/master_scale.py (15 and 63 simulated workers, with text) and store_costs.py on this
 #             machine's cores (the master's ceiling; issue 15's >= 1M rows/s)
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master only when named), OLD (../.old), REPEATS (2),
+#   scale     benchmarks/reliability.py --scale: 10M W1-like rows through mpirun, a master and 15 synthetic workers
+#             (clean, killed at half and resumed, full disk), on this machine's cores
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
 # TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
 # SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes).
 export PYTHONUNBUFFERED=1
@@ -80,6 +82,11 @@ if has master; then
         --vocab-dir "$VOCAB" --json "$OUT/master_scale.jsonl"
     TAIL=20 stage store ${T_STORE:-120} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/store_costs.py --json "$OUT/store_costs.jsonl"
 fi
+if has scale; then
+    VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
+    TAIL=30 stage scale ${T_SCALE:-300} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/reliability.py --kills 0 --fuzz 0 \
+        --scale ${SCALE_ROWS:-10000000} --scale-ranks ${SCALE_RANKS:-16} --results "$OUT/scale.jsonl"
+fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix small load products master store; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix small load products master store scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
