@@ -219,8 +219,16 @@ def one(n_workers, a, inp, out):
         "cpu_s_run_and_finish": round(cpu2 - cpu1, 2), "cpu_s_prepare": round(cpu1 - cpu0, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "output_mb": round((os.path.getsize(out)) / 2**20),
+        "output_writer": _writer_summary(out),
     }
     return res
+
+
+def _writer_summary(out):
+    """The output's summary's output_writer entry (the writer process's seconds), or None."""
+    import h5py
+    with h5py.File(out, "r") as f:
+        return json.loads(f.attrs["summary"]).get("output_writer") if "summary" in f.attrs else None
 
 
 def main():

@@ -186,10 +186,16 @@ def text_main(parent):
     import numpy as np
     from gpt2job.files.h5write import RowText, concat, stop_table, token_text
     from gpt2job.files.journal import records_of
+    import time
     out = sys.stdout.buffer
     maker = None
+    spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
     try:
-        for kind, payload in _messages(sys.stdin.buffer):
+        for kind, payload in _messages(sys.stdin.buffer, spent):
+            t0 = time.perf_counter()
+            if kind == b"F":     # its seconds, for the summary (the writer takes them out)
+                x = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
+                out.write(MSG.pack(b"X", len(x)) + x)
             if kind == b"H":
                 header = json.loads(payload)
                 maker = RowText(token_text(header), stop_table(header))
@@ -203,6 +209,9 @@ def text_main(parent):
                 else:
                     text = (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {})
                 buf, starts, exact, hits = text
+                t1 = time.perf_counter()
+                spent["text_s"] += t1 - t0
+                t0 = t1
                 h = json.dumps({str(k): v for k, v in hits.items()}).encode()
                 parts = [TEXT.pack(len(starts), len(buf), len(h)), buf, np.ascontiguousarray(starts, np.int64),
                          np.ascontiguousarray(exact, np.uint8), h]
@@ -211,6 +220,7 @@ def text_main(parent):
                 for x in parts:
                     out.write(x)
             out.flush()
+            spent["send_s"] += time.perf_counter() - t0
             if kind in (b"F", b"C"):
                 return
     except BaseException as e:       # the writer says it to the master
@@ -264,14 +274,19 @@ def _die_with_parent(parent):
         os._exit(1)
 
 
-def _messages(stream):
+def _messages(stream, spent=None):
+    """(kind, payload) of each message; spent["wait_s"] (when given) adds up the seconds spent waiting to read."""
+    import time
     while True:
+        t = time.perf_counter()
         head = stream.read(MSG.size)
-        if len(head) < MSG.size:
-            return
-        kind, n = MSG.unpack(head)
-        payload = stream.read(n)
-        if len(payload) < n:
+        payload = b""
+        if len(head) == MSG.size:
+            kind, n = MSG.unpack(head)
+            payload = stream.read(n)
+        if spent is not None:
+            spent["wait_s"] += time.perf_counter() - t
+        if len(head) < MSG.size or len(payload) < n:
             return
         yield kind, payload
 
@@ -295,7 +310,8 @@ def main(parent):
     from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, stop_table
     from gpt2job.files.journal import records_of
     out = sys.stdout
-    msgs = _relayed(_messages(sys.stdin.buffer))
+    spent = {"wait_s": 0.0, "write_s": 0.0}     # seconds reading its input, and preparing and writing rows
+    msgs = _relayed(_messages(sys.stdin.buffer, spent))
     f = None
     try:
         (_, h), (_, lengths) = next(msgs), next(msgs)
@@ -304,8 +320,9 @@ def main(parent):
         del lengths
         writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
-        end, comps = b"C", None
+        end, comps, text_spent = b"C", None, None
         for kind, payload in msgs:
+            t = time.perf_counter()
             if kind == b"R":
                 comps = records_of(payload)
                 if comps and not header["text"]:
@@ -315,6 +332,8 @@ def main(parent):
                 if comps:
                     writer.write(writer.prepare(concat(comps), _text_of(payload)))
                     dirty = True
+            elif kind == b"X":
+                text_spent = json.loads(payload)
             elif kind in (b"F", b"C"):
                 end = kind
                 summary = json.loads(payload) if kind == b"F" else None
@@ -325,9 +344,13 @@ def main(parent):
             if kind == b"S":
                 out.write("synced\n")
                 out.flush()
+            spent["write_s"] += time.perf_counter() - t
         if end == b"F":
             from gpt2job.files.progress import peak_rss_mb
-            summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb()}
+            summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
+                                        **{k: round(v, 3) for k, v in spent.items()}}
+            if text_spent is not None:
+                summary["output_writer"]["text_process"] = text_spent
             finish_output(f, summary)
             f = None
             out.write("ok\n")
