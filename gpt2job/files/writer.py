@@ -31,7 +31,7 @@ import threading
 MSG = struct.Struct("<cQ")
 PIPE_BYTES = 1 << 20          # the pipe's buffer (Linux allows up to 1 MiB unprivileged)
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
-BATCH_BYTES = 256 << 10       # result bytes (about 5,000 rows of 8 tokens) joined into one batch at most (_batched)
+BATCH_BYTES = 4 << 20         # result bytes (about 80,000 rows of 8 tokens) joined into one batch at most (_batched)
 OUTBOX_BYTES = 256 << 20      # output a text process may queue for the writer before it waits
 
 
