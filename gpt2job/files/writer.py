@@ -32,7 +32,6 @@ MSG = struct.Struct("<cQ")
 PIPE_BYTES = 1 << 20          # the pipe's buffer (Linux allows up to 1 MiB unprivileged)
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
 BATCH_BYTES = 4 << 20         # result bytes (about 80,000 rows of 8 tokens) joined into one batch at most (_batched)
-OUTBOX_BYTES = 256 << 20      # output a text process may queue for the writer before it waits
 
 
 # ---------------------------------------------------------------- master side
@@ -205,20 +204,12 @@ def text_main(parent, i, n):
     import numpy as np
     from gpt2job.files.h5write import RowText, concat, stop_table, token_text
     from gpt2job.files.journal import records_of
-    out = Outbox(sys.stdout.fileno())
+    out = sys.stdout.buffer
     maker = None
     spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
     inbox, k = Inbox(sys.stdin.fileno(), spent), 0
-    msgs = _batched(inbox) if i == 0 else iter(inbox.next, None)
     try:
-        while True:
-            t = time.perf_counter()
-            out.wait(None, OUTBOX_BYTES)
-            out.wait(inbox)         # never wait for input while output waits (the master may be waiting for it)
-            spent["send_s"] += time.perf_counter() - t
-            kind, payload = next(msgs, (None, None))
-            if kind is None:
-                break
+        for kind, payload in _batched(inbox) if i == 0 else iter(inbox.next, None):
             t = time.perf_counter()
             parts = [MSG.pack(kind, len(payload)), payload]
             mine = kind == b"R" and k % n == i
@@ -232,26 +223,27 @@ def text_main(parent, i, n):
                 whole = concat(comps) if comps else None
                 buf, starts, exact, hits = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
                                             else (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {}))
-                h = json.dumps({str(r): hit for r, hit in hits.items()}).encode()
+                h = json.dumps({str(k): v for k, v in hits.items()}).encode()
                 text = [memoryview(x).cast("B") for x in (TEXT.pack(len(starts), len(buf), len(h)), buf,
                                                            np.ascontiguousarray(starts, np.int64),
                                                            np.ascontiguousarray(exact, np.uint8), h)]
                 parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
             elif kind == b"F":     # its seconds, for the summary (the writer takes them out)
-                x = json.dumps({name: round(sec, 3) for name, sec in spent.items()}).encode()
+                x = json.dumps({k: round(v, 3) for k, v in spent.items()}).encode()
                 parts = [MSG.pack(b"X", len(x)), x] + parts
-            spent["text_s"] += time.perf_counter() - t
-            out.put(parts)
-            out.push()
+            t1 = time.perf_counter()
+            spent["text_s"] += t1 - t
+            for x in parts:
+                out.write(x)
+            out.flush()
+            spent["send_s"] += time.perf_counter() - t1
             if kind in (b"F", b"C"):
-                break
-        out.wait()
+                return
     except BaseException as e:       # the writer says it to the master
         line = _error_line(e).encode()
         try:
-            os.set_blocking(out.fd, True)
-            out.wait()      # whole messages before it
-            os.write(out.fd, MSG.pack(b"E", len(line)) + line)
+            out.write(MSG.pack(b"E", len(line)) + line)
+            out.flush()
         except OSError:
             pass
         os._exit(1)
@@ -303,7 +295,7 @@ class Inbox:
     known (waiting()). spent["wait_s"] adds up the seconds spent waiting for input."""
 
     def __init__(self, fd, spent):
-        self.fd, self.spent, self.buf, self.pos, self.eof = fd, spent, bytearray(), 0, False
+        self.fd, self.spent, self.buf, self.pos = fd, spent, bytearray(), 0
 
     def _whole(self):
         """The length of the message at the buffer's start when it is all there, else 0."""
@@ -318,7 +310,6 @@ class Inbox:
             self.pos = 0
         data = os.read(self.fd, 1 << 20)
         self.buf += data
-        self.eof = not data
         return bool(data)
 
     def waiting(self):
@@ -342,43 +333,6 @@ class Inbox:
         a = self.pos + MSG.size
         self.pos = a + n
         return kind, bytes(memoryview(self.buf)[a:a + n])
-
-
-class Outbox:
-    """A text process's output: written without blocking while it has input to work on, queued in memory meanwhile
-    (up to OUTBOX_BYTES), so that it makes the next batch's text while the writer is busy (a pipe holds 1 MiB)."""
-
-    def __init__(self, fd):
-        import collections
-        os.set_blocking(fd, False)
-        self.fd, self.parts, self.queued = fd, collections.deque(), 0
-
-    def put(self, parts):
-        for x in parts:
-            x = memoryview(x).cast("B")
-            if len(x):
-                self.parts.append(x)
-                self.queued += len(x)
-
-    def push(self):
-        """Write what the pipe takes now."""
-        while self.parts:
-            try:
-                n = os.write(self.fd, self.parts[0])
-            except BlockingIOError:
-                return
-            self.queued -= n
-            if n == len(self.parts[0]):
-                self.parts.popleft()
-            else:
-                self.parts[0] = self.parts[0][n:]
-
-    def wait(self, inbox=None, limit=0):
-        """Write until at most `limit` bytes are queued; with an inbox, stop as soon as a whole message waits there."""
-        import select
-        while self.queued > limit and not (inbox is not None and inbox.waiting()):
-            select.select([inbox.fd] if inbox is not None and not inbox.eof else [], [self.fd], [])
-            self.push()
 
 
 def _batched(inbox):
