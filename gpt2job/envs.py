@@ -50,8 +50,6 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
     Var("GPT2JOB_WRITER", "str", "auto",
         "tests and benchmarks: who writes the output file: thread, process, or auto (a process from 100,000 rows)"),
-    Var("GPT2JOB_TEXT_PROCESSES", "int", 0, "benchmarks: processes making the text beside the writer process "
-        "(0: 2 on machines of 8 cores or more, else 1)"),
 )}
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}

@@ -90,8 +90,7 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
     deadline = time.time() + 10
     while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in writers) and time.time() < deadline:
         time.sleep(0.05)
-    from gpt2job.files.writer import text_process_count
-    assert len(writers) == 1 + ("completions" in want) * text_process_count()     # the writer, its text processes
+    assert len(writers) == (2 if "completions" in want else 1)     # the writer, and its text process with text
     assert not any(_alive(w) for w in writers), "the writer process outlived its master"
     kept = journal_rows(out)
     assert 0 < kept < N
@@ -286,12 +285,11 @@ def test_the_output_readers_see_what_h5py_would_have_written(tmp_path, vocab_dir
     assert all(len(toks[r]) == 0 and done[r] == 0 and fin[r] == b"" for r in untouched)
 
 
-@pytest.mark.parametrize("layout,text_processes", [("runs", 1), ("scattered", 1), ("runs", 2), ("scattered", 3)])
-def test_the_writer_process_and_its_text_processes_write_what_the_thread_writes(tmp_path, vocab_dir, layout,
-                                                                               text_processes):
-    """The same results through WriterThread (text made in place) and WriterProcess (text made by 1-3 text
-    processes, batches in flight): the same file. Rows in runs of 546 (written as hyperslabs) and every other row
-    (more runs than MAX_RUNS: written as points)."""
+@pytest.mark.parametrize("layout", ["runs", "scattered"])
+def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tmp_path, vocab_dir, layout):
+    """The same results through WriterThread (text made in place) and WriterProcess (text made by its text process,
+    batches in flight): the same file. Rows in runs of 546 (written as hyperslabs) and every other row (more runs
+    than MAX_RUNS: written as points)."""
     from gpt2job.files.h5write import MAX_RUNS, WriterThread, make_header
     from gpt2job.files.writer import WriterProcess
     n = 12_000
@@ -309,7 +307,7 @@ def test_the_writer_process_and_its_text_processes_write_what_the_thread_writes(
     got = []
     for kind in (WriterThread, WriterProcess):
         hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n, {"k": 1}, {}, True, vocab_dir, 60)
-        w = kind(hdr, np.full(n, 16, np.int32), **({"text_processes": text_processes} if kind is WriterProcess else {}))
+        w = kind(hdr, np.full(n, 16, np.int32))
         for a in range(0, len(comps), 5):
             w.put(comps[a:a + 5], Journal.encode(comps[a:a + 5]))
             if a == 10:
@@ -317,9 +315,10 @@ def test_the_writer_process_and_its_text_processes_write_what_the_thread_writes(
         w.finish({})
         got.append(contents(hdr["path"])[0])
         if kind is WriterProcess:
-            assert len(w.procs) == text_processes + 1
+            assert len(w.procs) == 2
             with h5py.File(hdr["path"], "r") as f:
-                assert len(json.loads(f.attrs["summary"])["output_writer"]["text_processes"]) == text_processes
+                assert set(json.loads(f.attrs["summary"])["output_writer"]["text_process"]) == {"wait_s", "text_s",
+                                                                                               "send_s"}
     assert got[0] == got[1]
     done = np.zeros(n, bool)
     done[rows] = True
@@ -328,13 +327,13 @@ def test_the_writer_process_and_its_text_processes_write_what_the_thread_writes(
 
 
 def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(tmp_path):
-    """The first of two text processes fails (here: no tokenizer files): the second and the writer pass its error
-    line on, the master raises it, and no process is left behind."""
+    """The text process fails (here: no tokenizer files): the writer passes its error line on, the master raises
+    it, and neither process is left behind."""
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess
     hdr = make_header(str(tmp_path / "o.h5"), 10, {"k": 1}, {}, True, str(tmp_path / "no-vocab"), 60)
-    w = WriterProcess(hdr, np.ones(10, np.int32), text_processes=2)
+    w = WriterProcess(hdr, np.ones(10, np.int32))
     with pytest.raises(RuntimeError, match="vocab.bpe: --vocab-dir: missing"):
         w.wait()
     w.close()
-    assert [p.poll() for p in w.procs] == [1, 0, 1]     # the second text process passed the error on, then ended
+    assert [p.poll() for p in w.procs] == [1, 1]

@@ -27,10 +27,10 @@ import numpy as np
 
 from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
 from gpt2job.files import h5logprobs, score_output
+from gpt2job.files.text import RowText
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
-TEXT_ROWS = 1 << 12     # rows decoded to text at once
 MAX_RUNS = 256          # select_rows: a write of this many runs of consecutive rows or more selects points
 
 
@@ -154,36 +154,6 @@ def token_text(header):
 
 # ---------------------------------------------------------------- rows
 
-class RowText:
-    """The `completions` text of a batch of rows (text.TokenText), cut before stop strings (a StopTable, or None)."""
-
-    def __init__(self, text, stops):
-        self.text, self.stops = text, stops
-        self.cut = stops is not None and bool(stops.per_row or stops.job)
-
-    def make(self, rows, offsets, tokens, finish):
-        """-> (buffer of NUL-terminated UTF-8 strings, starts int64 [n] into it, exact bool [n], {row index: the stop
-        string its text was cut before})."""
-        n = len(rows)
-        bufs, starts, exact, hits, at = [], np.empty(n, np.int64), np.empty(n, bool), {}, 0
-        for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
-            b = min(n, a + TEXT_ROWS)
-            o = offsets[a:b + 1]
-            oo, tt = o - o[0], tokens[o[0]:o[-1]]
-            buf, st, ok = self.text.batch_text(oo, tt, finish[a:b])
-            if self.cut:
-                from gpt2job.files.text import cut_rows
-                buf, st, ok, cut = cut_rows(self.text.enc, (buf, st, ok), oo, tt, finish[a:b],
-                                            lambda k: self.stops.of(int(rows[a + k])))
-                hits.update((a + k, v) for k, v in cut.items())
-            bufs.append(buf)
-            starts[a:b] = st + at
-            exact[a:b] = ok
-            at += len(buf)
-        buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
-        return buf, starts, exact, hits
-
-
 class RowWriter:
     """Writes Completions into an open output file (h5py.File), every dataset of the rows at once."""
 
@@ -201,7 +171,7 @@ class RowWriter:
         if "stop_reason" not in self.ds:
             self.stops = None
         self.has_text = "completions" in self.ds     # its text: made by row_text, or given to prepare()
-        self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None
+        self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None   # text.py
         self.lp = h5logprobs.Columns(f)                # log-probabilities (none: present() False)
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet

@@ -13,6 +13,8 @@ import numpy as np
 
 from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING, take_ragged
 
+TEXT_ROWS = 1 << 12     # rows decoded to text at once (RowText)
+
 
 def row_text(enc, tokens, finish, stops=()):
     """Decoded text of one row (without a stop token; cut before its first stop string when it stopped) and whether
@@ -175,3 +177,32 @@ def _cumsum0(x):
     out = np.zeros(len(x) + 1, np.int64)
     np.cumsum(x, out=out[1:])
     return out
+
+
+class RowText:
+    """The `completions` text of a batch of rows (TokenText), cut before stop strings (a StopTable, or None)."""
+
+    def __init__(self, text, stops):
+        self.text, self.stops = text, stops
+        self.cut = stops is not None and bool(stops.per_row or stops.job)
+
+    def make(self, rows, offsets, tokens, finish):
+        """-> (buffer of NUL-terminated UTF-8 strings, starts int64 [n] into it, exact bool [n], {row index: the stop
+        string its text was cut before})."""
+        n = len(rows)
+        bufs, starts, exact, hits, at = [], np.empty(n, np.int64), np.empty(n, bool), {}, 0
+        for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
+            b = min(n, a + TEXT_ROWS)
+            o = offsets[a:b + 1]
+            oo, tt = o - o[0], tokens[o[0]:o[-1]]
+            buf, st, ok = self.text.batch_text(oo, tt, finish[a:b])
+            if self.cut:
+                buf, st, ok, cut = cut_rows(self.text.enc, (buf, st, ok), oo, tt, finish[a:b],
+                                            lambda k: self.stops.of(int(rows[a + k])))
+                hits.update((a + k, v) for k, v in cut.items())
+            bufs.append(buf)
+            starts[a:b] = st + at
+            exact[a:b] = ok
+            at += len(buf)
+        buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
+        return buf, starts, exact, hits

@@ -1,0 +1,124 @@
+"""The pipes between the master, the text process and the writer process (files/writer.py, files/text_process.py):
+messages framed as a kind byte, a little-endian uint64 length and the payload; an Inbox that reads them; results
+joined into batches; a child process that dies with the master; errors as one line."""
+import os
+import re
+import struct
+
+MSG = struct.Struct("<cQ")
+PIPE_BYTES = 1 << 20          # a pipe's buffer (Linux allows up to 1 MiB unprivileged)
+BATCH_BYTES = 4 << 20         # result bytes (about 80,000 rows of 8 tokens) joined into one batch at most (batched)
+
+
+def grow_pipe(pipe):
+    try:
+        import fcntl
+        fcntl.fcntl(pipe.fileno(), 1031, PIPE_BYTES)     # F_SETPIPE_SZ
+    except OSError:
+        pass
+
+
+def die_with_parent(parent):
+    try:
+        import ctypes
+        import signal
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:     # the master died before this process could ask
+        os._exit(1)
+
+
+class Inbox:
+    """The messages on a pipe, read with os.read into a buffer of its own, so that whether another one is waiting is
+    known (waiting()). spent["wait_s"] adds up the seconds spent waiting for input."""
+
+    def __init__(self, fd, spent):
+        self.fd, self.spent, self.buf, self.pos = fd, spent, bytearray(), 0
+
+    def _whole(self):
+        """The length of the message at the buffer's start when it is all there, else 0."""
+        if len(self.buf) - self.pos < MSG.size:
+            return 0
+        n = MSG.size + MSG.unpack_from(self.buf, self.pos)[1]
+        return n if len(self.buf) - self.pos >= n else 0
+
+    def _read(self):
+        if self.pos > (len(self.buf) >> 1):
+            del self.buf[:self.pos]
+            self.pos = 0
+        data = os.read(self.fd, 1 << 20)
+        self.buf += data
+        return bool(data)
+
+    def waiting(self):
+        """Whether a whole message can be had without waiting."""
+        import select
+        while not self._whole():
+            if not select.select([self.fd], [], [], 0)[0] or not self._read():
+                return False
+        return True
+
+    def next(self):
+        """(kind, payload) of the next message, or None at the end of input."""
+        import time
+        t = time.perf_counter()
+        while not self._whole():
+            if not self._read():
+                self.spent["wait_s"] += time.perf_counter() - t
+                return None
+        self.spent["wait_s"] += time.perf_counter() - t
+        kind, n = MSG.unpack_from(self.buf, self.pos)
+        a = self.pos + MSG.size
+        self.pos = a + n
+        return kind, bytes(memoryview(self.buf)[a:a + n])
+
+
+def batched(inbox):
+    """The inbox's messages, with consecutive R's joined into one (up to BATCH_BYTES) while more are waiting: a
+    writer that falls behind catches up in larger batches (batches of 256 KB made the writer slower on the device
+    machine: RESULTS.md, session 16). A T or E stays right behind its R."""
+    pending, size = [], 0
+    while True:
+        if pending and (size >= BATCH_BYTES or not inbox.waiting()):
+            yield b"R", b"".join(pending)
+            pending, size = [], 0
+        msg = inbox.next()
+        if msg is None:
+            break
+        if msg[0] == b"R":
+            pending.append(msg[1])
+            size += len(msg[1])
+            continue
+        if pending:
+            yield b"R", b"".join(pending)
+            pending, size = [], 0
+        yield msg
+    if pending:
+        yield b"R", b"".join(pending)
+
+
+def error_line(e):
+    """'error ERRNO MESSAGE' for the master (ERRNO 0 when the error has none: HDF5 names it in its text, if at all)."""
+    code = getattr(e, "errno", None) or 0
+    if not code:
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else 0
+    msg = os.strerror(code) if code else ((str(e).splitlines() or [""])[0][:200] or type(e).__name__)
+    return f"error {code} {msg}\n"
+
+
+class Relayed(Exception):
+    """The text process's error, as its line for the master."""
+
+    def __init__(self, line):
+        super().__init__(line)
+        self.line = line
+
+
+def relayed(msgs):
+    """The messages, the text process's error (E) raised as Relayed."""
+    for kind, payload in msgs:
+        if kind == b"E":
+            raise Relayed(payload.decode(errors="replace"))
+        yield kind, payload

@@ -1,0 +1,85 @@
+"""The output's text process (`python -m gpt2job.files.text_process PARENT_PID`, started by files/writer.py's
+WriterProcess between the master and the writer process when the output has text): it passes the master's
+messages on, joins consecutive results into batches (pipes.batched), and after each batch sends a T message with
+the `completions` text of its rows (text.RowText). The text is then made while the writer makes HDF5 calls; a
+thread of the writer could not do that, as h5py holds the GIL through them (RESULTS.md, session 16). Before F it
+sends X (its seconds, for the summary); when it fails, E (its error as an "error" line, which the writer relays).
+"""
+import json
+import os
+import struct
+import sys
+
+from gpt2job.files.pipes import MSG, Inbox, batched, die_with_parent, error_line
+
+TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits bytes H; then the buffer (NUL-terminated
+                                 # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
+
+
+def text_main(parent):
+    """The text process: passes every message on, joining consecutive R's into batches, and after each R sends a T
+    with the text of its rows (its records' rows in order, copies left out: a copy takes its source's text). The
+    text is made before the R is passed on: the writer then writes the previous batch meanwhile, where it would
+    otherwise wait for this one's text."""
+    die_with_parent(parent)
+    import time
+
+    import numpy as np
+    from gpt2job.files.h5write import concat, stop_table, token_text
+    from gpt2job.files.journal import records_of
+    from gpt2job.files.text import RowText
+    out = sys.stdout.buffer
+    maker = None
+    spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
+    try:
+        for kind, payload in batched(Inbox(sys.stdin.fileno(), spent)):
+            t = time.perf_counter()
+            parts = [MSG.pack(kind, len(payload)), payload]
+            if kind == b"H":
+                header = json.loads(payload)
+                maker = RowText(token_text(header), stop_table(header))
+            elif kind == b"R":
+                comps = records_of(payload)
+                whole = concat(comps) if comps else None
+                buf, starts, exact, hits = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
+                                            else (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {}))
+                h = json.dumps({str(r): hit for r, hit in hits.items()}).encode()
+                text = [memoryview(x).cast("B") for x in (TEXT.pack(len(starts), len(buf), len(h)), buf,
+                                                           np.ascontiguousarray(starts, np.int64),
+                                                           np.ascontiguousarray(exact, np.uint8), h)]
+                parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
+            elif kind == b"F":     # its seconds, for the summary (the writer takes them out)
+                x = json.dumps({name: round(sec, 3) for name, sec in spent.items()}).encode()
+                parts = [MSG.pack(b"X", len(x)), x] + parts
+            t1 = time.perf_counter()
+            spent["text_s"] += t1 - t
+            for x in parts:
+                out.write(x)
+            out.flush()
+            spent["send_s"] += time.perf_counter() - t1
+            if kind in (b"F", b"C"):
+                return
+    except BaseException as e:       # the writer says it to the master
+        line = error_line(e).encode()
+        try:
+            out.write(MSG.pack(b"E", len(line)) + line)
+            out.flush()
+        except OSError:
+            pass
+        os._exit(1)
+
+
+def read_text(payload):
+    """T's payload -> (buffer, starts, exact, hits): RowText.make's result."""
+    import numpy as np
+    n, nbuf, nhits = TEXT.unpack_from(payload)
+    at = TEXT.size
+    buf = np.frombuffer(payload, np.uint8, nbuf, at)
+    starts = np.frombuffer(payload, np.int64, n, at + nbuf)
+    exact = np.frombuffer(payload, np.uint8, n, at + nbuf + 8 * n).astype(bool)
+    hits = {int(k): v for k, v in json.loads(bytes(payload[at + nbuf + 9 * n:])).items()}
+    return buf, starts, exact, hits
+
+
+if __name__ == "__main__":
+    text_main(int(sys.argv[1]))
