@@ -258,7 +258,7 @@ class FakeModel:
     def __init__(self, dev, head_rows, n_positions=64):
         self.dev = dev
         self.cfg = types.SimpleNamespace(n_embd=C, n_layer=1, n_positions=n_positions, vocab_size=V, d_mlp=4 * C)
-        self.V = V
+        self.V = self.Vpad = V
         self.head_rows = head_rows
         self.p = types.SimpleNamespace(head_rows=head_rows)
 
@@ -454,6 +454,30 @@ def test_fit_shrinks_until_the_reserve_fits_and_fails_at_the_floors(fake):
     with pytest.raises(FakeDrv.MemoryError):
         runner.fit()
     assert (runner.max_prefill_rows, model.head_rows) == size_floors(8192, 512, 64)
+
+
+@pytest.mark.parametrize("penalty,k", [(True, None), (False, 3), (True, 3)])
+def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(fake, penalty, k):
+    """A job-wide penalty's seen bitmap, --logprobs' step buffer and (both) the raw logits' copy are in the pool
+    before the first chunk, and in the bytes memory_plan sizes the KV cache with."""
+    from gpt2job.backends.cuda.device import Device
+    from gpt2job.backends.cuda.rows import option_buffers
+    from gpt2job.backends.cuda.runner import Runner
+    from gpt2job.model.sampling import seen_words
+    dev = Device(0)
+    dev.open_streams()
+    model = FakeModel(dev, 64)
+    plain = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event())
+    runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), penalty=penalty, logprobs_k=k)
+    want = dict(option_buffers(64, model, penalty, k))
+    names = {"seen"} if penalty else set()
+    if k is not None:
+        names |= {"logprobs", "logits_raw"} if penalty else {"logprobs"}
+    assert set(want) == names
+    assert want.get("seen", 0) == 64 * seen_words(V) * 4 * penalty
+    assert runner.pool_bytes(4096, 64) - plain.pool_bytes(4096, 64) == sum(max(n, 16) for n in want.values())
+    runner.reserve()
+    assert all(dev._bufs[name][1] >= n for name, n in want.items())
 
 
 def test_close_after_a_lost_context_only_drops_it(fake):

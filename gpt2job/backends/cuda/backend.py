@@ -21,6 +21,7 @@ from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
 from gpt2job.backends.cuda.plan import memory_plan, preferred_chunk
+from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError
@@ -64,9 +65,15 @@ class CudaBackend(Backend):
         # the head buffers to reserve: a job-wide penalty or --logprobs selects on materialised logits even when greedy
         greedy = self.settings.sampling.greedy and self.settings.repetition_penalty == 1 and not self.settings.logprobs
         self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
-                             share_gpus=share_gpus, greedy=greedy)
+                             share_gpus=share_gpus, greedy=greedy, penalty=self.settings.repetition_penalty != 1,
+                             logprobs_k=self.settings.top_logprobs if self.settings.logprobs else None)
+        options = self.runner.options
+
+        def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
+            return self.model.activation_bytes(rows, head_rows) + sum(
+                n for _, n in option_buffers(head_rows, self.model, *options))
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,
-                         self.cfg.n_positions, self.model.activation_bytes, self.runner.pool_bytes)
+                         self.cfg.n_positions, estimate, self.runner.pool_bytes)
         self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps

@@ -34,7 +34,7 @@ from gpt2job.backends.cuda.graphs import replayable
 from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
                                         size_floors, split_chunk)
-from gpt2job.backends.cuda.rows import RowPlan, group_sel
+from gpt2job.backends.cuda.rows import RowPlan, group_sel, option_buffers
 from gpt2job.chunks import FINISH_LENGTH, Chunk, Completions
 from gpt2job.model.sampling import RowSettings
 from gpt2job.settings import GenerationSettings
@@ -80,7 +80,7 @@ class Unplanned:
 
 class Runner:
     def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
-                 greedy=True):
+                 greedy=True, penalty=False, logprobs_k=None):
         self.dev, self.model, self.k = device, model, kernels
         self.cfg = model.cfg
         self.kv_budget = kv_budget
@@ -89,6 +89,7 @@ class Runner:
         self.t0 = t0                  # event: the timeline's origin
         self.share_gpus = share_gpus  # ranks share the GPU: the KV cache is not reserved ahead
         self.greedy = greedy          # the head buffers to reserve (argmax partials or logits)
+        self.options = (penalty, logprobs_k)   # a job-wide penalty, --logprobs' K (None: off): rows.option_buffers
         self.floors = size_floors(self.max_prefill_rows, model.head_rows, self.cfg.n_positions)
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
         self.timeline = []
@@ -100,7 +101,7 @@ class Runner:
     def pool_bytes(self, rows, head_rows):
         """Device bytes reserve() takes besides the KV cache at these sizes, the two uploads included."""
         parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
-                 + self.model.head_buffers(self.greedy, head_rows))
+                 + self.model.head_buffers(self.greedy, head_rows) + option_buffers(head_rows, self.model, *self.options))
         return sum(max(int(n), 16) for _, n in parts) + 2 * 20 * rows
 
     def reserve(self):
@@ -112,7 +113,7 @@ class Runner:
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
-        for name, nbytes in self.model.head_buffers(self.greedy):
+        for name, nbytes in self.model.head_buffers(self.greedy) + option_buffers(hr, self.model, *self.options):
             dev.buf(name, nbytes)
         dev.step_buffers(hr)
 
