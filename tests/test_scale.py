@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, job_env
+from conftest import ROOT, VOCAB_DIR, job_env
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
 from gpt2job.files.journal import Journal, JournalReader
 
@@ -35,8 +35,10 @@ def write_w1_like(path, n, seed=0):
 
 
 def cmd(inp, out):
+    """The job (with its text, and so the writer's text process, where the vocabulary files are present)."""
+    text = ["--vocab-dir", str(VOCAB_DIR)] if (VOCAB_DIR / "vocab.bpe").is_file() else []
     return [sys.executable, "-m", "gpt2job", "run", str(inp), str(out), "--backend", "synthetic", "--max-new-tokens",
-            "8", "--chunk-size", "546", "--progress-interval", "0.1"]
+            "8", "--chunk-size", "546", "--progress-interval", "0.1"] + text
 
 
 def contents(path):
@@ -90,6 +92,7 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
     deadline = time.time() + 10
     while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in writers) and time.time() < deadline:
         time.sleep(0.05)
+    assert ("completions" in want) == (VOCAB_DIR / "vocab.bpe").is_file()
     assert len(writers) == (2 if "completions" in want else 1)     # the writer, and its text process with text
     assert not any(_alive(w) for w in writers), "the writer process outlived its master"
     kept = journal_rows(out)
@@ -103,8 +106,9 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
 def _is_writer_of(pid, parent):
     try:
         stat = open(f"/proc/{pid}/stat").read()
-        return int(stat[stat.rindex(")") + 2:].split()[1]) == parent and \
-            b"gpt2job.files.writer" in open(f"/proc/{pid}/cmdline", "rb").read()
+        cmd = open(f"/proc/{pid}/cmdline", "rb").read()
+        return int(stat[stat.rindex(")") + 2:].split()[1]) == parent and (
+            b"gpt2job.files.writer" in cmd or b"gpt2job.files.text_process" in cmd)
     except (OSError, ValueError):
         return False
 
@@ -288,13 +292,13 @@ def test_the_output_readers_see_what_h5py_would_have_written(tmp_path, vocab_dir
 @pytest.mark.parametrize("layout", ["runs", "scattered"])
 def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tmp_path, vocab_dir, layout):
     """The same results through WriterThread (text made in place) and WriterProcess (text made by its text process,
-    batches in flight): the same file. Rows in runs of 546 (written as hyperslabs) and every other row (more runs
-    than MAX_RUNS: written as points)."""
+    batches in flight): the same file. Chunks of 546 rows with a gap after each (a write of 5 chunks: 5 runs,
+    selected as hyperslabs), and every other row (a run per row, more than MAX_RUNS: selected as points)."""
     from gpt2job.files.h5write import MAX_RUNS, WriterThread, make_header
     from gpt2job.files.writer import WriterProcess
     n = 12_000
     rng = np.random.default_rng(7)
-    rows = np.arange(n) if layout == "runs" else np.arange(0, n, 2)
+    rows = (np.arange(n).reshape(-1, 600)[:, :546].reshape(-1) if layout == "runs" else np.arange(0, n, 2))
     assert 5 * 546 > MAX_RUNS      # scattered: every row of a write (5 chunks) is a run of its own
     comps = []
     for k, a in enumerate(range(0, len(rows), 546)):
@@ -317,8 +321,8 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
         if kind is WriterProcess:
             assert len(w.procs) == 2
             with h5py.File(hdr["path"], "r") as f:
-                assert set(json.loads(f.attrs["summary"])["output_writer"]["text_process"]) == {"wait_s", "text_s",
-                                                                                               "send_s"}
+                assert set(json.loads(f.attrs["summary"])["output_writer"]["text_process"]) == {
+                    "peak_rss_mb", "wait_s", "text_s", "send_s"}
     assert got[0] == got[1]
     done = np.zeros(n, bool)
     done[rows] = True
@@ -337,3 +341,56 @@ def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(
         w.wait()
     w.close()
     assert [p.poll() for p in w.procs] == [1, 1]
+
+
+def test_select_rows_takes_runs_points_and_repeated_rows(tmp_path):
+    """select_rows: rows in a few runs (hyperslabs), in many runs (points), and a row repeated within a write
+    (points: an OR of runs would merge it and select fewer elements than the buffer holds), each written in order."""
+    from h5py import h5s
+
+    from gpt2job.files.h5write import MAX_RUNS, select_rows
+    with h5py.File(tmp_path / "s.h5", "w") as f:
+        ds = f.create_dataset("c", (4 * MAX_RUNS,), dtype=np.int32)
+        for rows in ([3, 4, 5, 9, 10, 20], list(range(0, 4 * MAX_RUNS, 2)), [5, 5, 6, 7]):
+            ds[...] = -1
+            r = np.asarray(rows, np.uint64).reshape(-1, 1)
+            space = ds.id.get_space()
+            select_rows(space, r)
+            assert space.get_select_npoints() == len(rows)
+            vals = np.arange(100, 100 + len(rows), dtype=np.int32)
+            ds.id.write(h5s.create_simple((len(rows),)), space, vals)
+            want = np.full(4 * MAX_RUNS, -1, np.int32)
+            want[np.asarray(rows)] = vals                     # (a repeated row: the last value)
+            assert ds[...].tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("text", [False, True])
+def test_the_writer_process_flushes_rows_of_a_quiet_job(tmp_path, vocab_dir, text):
+    """Rows written, then no message for a while: the writer flushes them once flush_interval has passed, so a kill
+    of the job then leaves them in the file (the journal has them anyway)."""
+    from gpt2job.files.h5write import make_header
+    from gpt2job.files.writer import WriterProcess
+    hdr = make_header(str(tmp_path / "q.h5"), 200, {"k": 1}, {}, text, vocab_dir, 0.3)
+    w = WriterProcess(hdr, np.ones(200, np.int32))
+    comps = [Completions.from_lists(0, list(range(100)), [[5, 6, 7]] * 100, [FINISH_LENGTH] * 100)]
+    w.put(comps, Journal.encode(comps))
+    time.sleep(2.5)
+    for p in w.procs:
+        p.kill()
+    for p in w.procs:
+        p.wait()
+    with h5py.File(hdr["path"], "r") as f:
+        assert int(f["done"][()].sum()) == 100
+
+
+def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_dir):
+    from gpt2job.files.h5write import make_header
+    from gpt2job.files.writer import WriterProcess
+    hdr = make_header(str(tmp_path / "k.h5"), 10, {"k": 1}, {}, True, vocab_dir, 60)
+    w = WriterProcess(hdr, np.ones(10, np.int32))
+    w.wait()
+    w.procs[0].kill()
+    w.procs[0].wait()
+    with pytest.raises((RuntimeError, OSError), match="text process ended unexpectedly \\(signal 9\\)|gone"):
+        w.finish({})
+    w.close()

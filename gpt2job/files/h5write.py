@@ -177,21 +177,24 @@ class RowWriter:
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
     def prepare(self, comp: Completions, text=None):
-        """The buffers of HDF5 writes of these rows (their copies too): a list for write(), one per BATCH_ROWS rows.
-        text: RowText.make's result for comp's rows, made elsewhere (None: made here)."""
-        out = []
+        """The buffers of HDF5 writes of these rows (their copies too), for write(): one per BATCH_ROWS rows, each
+        made when write() comes to it. text: RowText.make's result for comp's rows, made elsewhere (None: made
+        here)."""
+        hits, h = (sorted(text[3].items()) if text is not None else []), 0
         for a in range(0, len(comp.rows), BATCH_ROWS):
             b = min(a + BATCH_ROWS, len(comp.rows))
             o = comp.offsets[a:b + 1]
             mine = (comp.copy_src >= a) & (comp.copy_src < b)
             part = None
             if text is not None:    # rows a..b of it (the strings stay where they are in the one buffer)
-                buf, starts, exact, hits = text
-                part = buf, starts[a:b], exact[a:b], {k - a: v for k, v in hits.items() if a <= k < b}
-            out.append(self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
-                                     comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]),
-                                     part))
-        return out
+                buf, starts, exact, _ = text
+                mine_hits = {}
+                while h < len(hits) and hits[h][0] < b:
+                    mine_hits[hits[h][0] - a] = hits[h][1]
+                    h += 1
+                part = buf, starts[a:b], exact[a:b], mine_hits
+            yield self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
+                                comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]), part)
 
     def _prepare(self, rows, offsets, tokens, finish, copy_rows, copy_src, lp_part=None, text=None):
         n = len(rows)
@@ -278,8 +281,9 @@ def select_rows(space, rows):
     runs, as a chunk's rows do (a fixed-size column then costs about nothing per row, a point about 0.1 us; an
     OR of k runs costs O(k^2), hence MAX_RUNS), else as points."""
     flat = rows[:, 0]
-    breaks = np.flatnonzero(np.diff(flat) != 1) + 1
-    if len(breaks) >= MAX_RUNS:
+    step = np.diff(flat)
+    breaks = np.flatnonzero(step != 1) + 1
+    if len(breaks) + 1 >= MAX_RUNS or (step <= 0).any():    # (an OR of runs would merge a repeated row)
         space.select_elements(rows)
         return
     from h5py import h5s

@@ -19,9 +19,12 @@ def grow_pipe(pipe):
 
 
 def die_with_parent(parent):
+    """Ends this process with the master (PR_SET_PDEATHSIG); Ctrl-C (SIGINT to the whole process group) is the
+    master's to handle: it closes its writer, which then finishes what it has."""
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         import ctypes
-        import signal
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG
     except (OSError, AttributeError):
         pass
@@ -58,6 +61,11 @@ class Inbox:
             if not select.select([self.fd], [], [], 0)[0] or not self._read():
                 return False
         return True
+
+    def wait(self, timeout):
+        """Until input arrives or `timeout` seconds have passed."""
+        import select
+        select.select([self.fd], [], [], max(timeout, 0))
 
     def next(self):
         """(kind, payload) of the next message, or None at the end of input."""

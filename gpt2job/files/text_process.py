@@ -23,15 +23,17 @@ def text_main(parent):
     otherwise wait for this one's text."""
     die_with_parent(parent)
     import time
-
-    import numpy as np
-    from gpt2job.files.h5write import concat, stop_table, token_text
-    from gpt2job.files.journal import records_of
-    from gpt2job.files.text import RowText
-    out = sys.stdout.buffer
-    maker = None
+    out = os.fdopen(os.dup(1), "wb")    # the messages; fd 1 then goes where stderr goes: a stray print cannot
+    os.dup2(2, 1)                       # break their framing
+    sys.stdout = sys.stderr
     spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
     try:
+        import numpy as np
+        from gpt2job.files.h5write import concat, stop_table, token_text
+        from gpt2job.files.journal import records_of
+        from gpt2job.files.progress import peak_rss_mb
+        from gpt2job.files.text import RowText
+        maker = None
         for kind, payload in batched(Inbox(sys.stdin.fileno(), spent)):
             t = time.perf_counter()
             parts = [MSG.pack(kind, len(payload)), payload]
@@ -49,7 +51,8 @@ def text_main(parent):
                                                            np.ascontiguousarray(exact, np.uint8), h)]
                 parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
             elif kind == b"F":     # its seconds, for the summary (the writer takes them out)
-                x = json.dumps({name: round(sec, 3) for name, sec in spent.items()}).encode()
+                x = json.dumps({"peak_rss_mb": peak_rss_mb(),
+                                **{name: round(sec, 3) for name, sec in spent.items()}}).encode()
                 parts = [MSG.pack(b"X", len(x)), x] + parts
             t1 = time.perf_counter()
             spent["text_s"] += t1 - t

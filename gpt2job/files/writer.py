@@ -16,6 +16,7 @@ The text process sends each R followed by  T  (its rows' text), X (its seconds) 
 The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The
 kernel ends both with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
 """
+import itertools
 import json
 import os
 import queue
@@ -124,10 +125,17 @@ class WriterProcess:
         reply = self.replies.get()
         if reply != want:
             self._raise()
-            code = self.proc.wait()
+            codes = []
+            for proc in self.procs:    # the text process first: its end ends the writer's input
+                try:
+                    codes.append(proc.wait(timeout=10))
+                except subprocess.TimeoutExpired:
+                    codes.append(0)
             from gpt2job.files.h5write import check_room
             check_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
-            raise RuntimeError(f"the output writer ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
+            who, code = next(((i, c) for i, c in enumerate(codes) if c), (len(codes) - 1, codes[-1]))
+            name = "the output writer" + ("'s text process" if who < len(codes) - 1 else "")
+            raise RuntimeError(f"{name} ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
 
     def put(self, comps, blob):
         self._send(b"R", blob)
@@ -174,17 +182,31 @@ def main(parent):
     from gpt2job.files.text_process import read_text
     out = sys.stdout
     spent = {"wait_s": 0.0, "write_s": 0.0}     # seconds reading its input, and preparing and writing rows
-    msgs = relayed(batched(Inbox(sys.stdin.fileno(), spent)))
+    inbox = Inbox(sys.stdin.fileno(), spent)
+    msgs = relayed(batched(inbox))
     f = None
     try:
-        (_, h), (_, lengths) = next(msgs), next(msgs)
+        first = list(itertools.islice(msgs, 2))
+        if len(first) < 2:       # the input ended before the header: the master (or the text process) is gone
+            return
+        (_, h), (_, lengths) = first
         header = json.loads(h)
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
         writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
-        for kind, payload in msgs:
+        while True:
+            while dirty and not inbox.waiting():   # a quiet job: the rows written are flushed once it is time
+                due = interval - (time.monotonic() - last)
+                if due <= 0:
+                    f.flush()
+                    last, dirty = time.monotonic(), False
+                else:
+                    inbox.wait(due)
+            kind, payload = next(msgs, (None, None))
+            if kind is None:
+                break
             t = time.perf_counter()
             if kind == b"R":
                 comps = records_of(payload)
