@@ -37,7 +37,7 @@ class Inbox:
     known (waiting()). spent["wait_s"] adds up the seconds spent waiting for input."""
 
     def __init__(self, fd, spent):
-        self.fd, self.spent, self.buf, self.pos = fd, spent, bytearray(), 0
+        self.fd, self.spent, self.buf, self.pos, self.eof = fd, spent, bytearray(), 0, False
 
     def _whole(self):
         """The length of the message at the buffer's start when it is all there, else 0."""
@@ -52,6 +52,7 @@ class Inbox:
             self.pos = 0
         data = os.read(self.fd, 1 << 20)
         self.buf += data
+        self.eof = not data
         return bool(data)
 
     def waiting(self):

@@ -197,7 +197,7 @@ def main(parent):
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
         while True:
-            while dirty and not inbox.waiting():   # a quiet job: the rows written are flushed once it is time
+            while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
                 due = interval - (time.monotonic() - last)
                 if due <= 0:
                     f.flush()
