@@ -79,13 +79,13 @@ def group_sel(kernels, dev, rp: RowPlan, lay, base, b0, b1, V):
 
 def option_buffers(head_rows, model, penalty, logprobs_k):
     """(name, bytes) of the pool buffers a job's options take for KV groups of head_rows rows, for the worker's
-    reserve (Runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide penalty's seen bitmap (group_sel), --logprobs' step buffer
-    (logprobs.StepLogprobs) and, with both, the copy of the raw logits the log-probabilities read (Model.select). A
-    penalty that only some rows of the input ask for is not known at start: its bitmap grows at its first chunk."""
+    reserve (Runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide
+    penalty's seen bitmap (group_sel), --logprobs' step buffer (logprobs.StepLogprobs) and, with both, the copy of
+    the raw logits the log-probabilities read (Model.select). A penalty that only some rows of the input ask for is
+    not known at start: its bitmap grows at its first chunk."""
     out = [("seen", head_rows * seen_words(model.V) * 4)] if penalty else []
     if logprobs_k is not None:
         out.append(("logprobs", 4 * head_rows * (1 + 2 * logprobs_k)))
         if penalty:
             out.append(("logits_raw", head_rows * model.Vpad * 4))
     return out
-

@@ -101,7 +101,8 @@ class Runner:
     def pool_bytes(self, rows, head_rows):
         """Device bytes reserve() takes besides the KV cache at these sizes, the two uploads included."""
         parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
-                 + self.model.head_buffers(self.greedy, head_rows) + option_buffers(head_rows, self.model, *self.options))
+                 + self.model.head_buffers(self.greedy, head_rows)
+                 + option_buffers(head_rows, self.model, *self.options))
         return sum(max(int(n), 16) for _, n in parts) + 2 * 20 * rows
 
     def reserve(self):
