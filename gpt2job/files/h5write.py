@@ -171,7 +171,7 @@ class RowWriter:
         if "stop_reason" not in self.ds:
             self.stops = None
         self.has_text = "completions" in self.ds     # its text: made by row_text, or given to prepare()
-        self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None   # text.py
+        self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None
         self.lp = h5logprobs.Columns(f)                # log-probabilities (none: present() False)
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
