@@ -21,7 +21,7 @@
 #             (clean, killed at half and resumed, full disk), on this machine's cores
 # Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
 # TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
-# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes).
+# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes), PRODUCTS_ARGS (decode_products.py's).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -74,7 +74,7 @@ if has load; then
     TAIL=8 stage load ${T_LOAD:-300} python3 benchmarks/load_bench.py --old "$OLD" --repeats "$REPEATS" --out "$OUT"
 fi
 if has products; then
-    TAIL=40 stage products ${T_PRODUCTS:-240} python3 benchmarks/decode_products.py --out "$OUT"
+    TAIL=40 stage products ${T_PRODUCTS:-240} python3 benchmarks/decode_products.py --out "$OUT" ${PRODUCTS_ARGS:-}
 fi
 if has master; then
     VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
