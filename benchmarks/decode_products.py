@@ -49,7 +49,7 @@ def gpu_ms(calls, reps, torch):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="137,546,1024,2048")
-    ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4,t32x32k64s4,t16x64k64s4,t32x32k64s8")
+    ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4,t32x32k64s8")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=0, help="weight copies (0: twice the L2's 50 MB, at least 12)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))

@@ -1,7 +1,7 @@
 // Tensor-core matrix product: C[M,N] (=|+=) epilogue(A[M,K] @ B[N,K]^T + bias), fp16 inputs, fp32 accumulation.
 // A row-major [M,K] (lda), B row-major [N,K] (ldb: weights stored K-contiguous, i.e. transposed Conv1D),
 // C row-major (ldc), out half or float. Needs K % 8 == 0, lda/ldb % 8 == 0, 16-byte aligned bases.
-// mma.sync m16n8k16 tile variants with ldmatrix and a cp.async pipeline (below); GEMM_F16_PART 1..11 compiles
+// mma.sync m16n8k16 tile variants with ldmatrix and a cp.async pipeline (below); GEMM_F16_PART 1..9 compiles
 // one of them (each variant is a module of its own). The wgmma and TMA kernels (gemm_wgmma.cu, gemm_tma.cu)
 // include this file with GEMM_F16_PART 99 for its helpers and the shared epilogue.
 #include "common.cuh"
@@ -289,13 +289,8 @@ DEF_GEMM_F16(gemm_f16_t64x64k64s4, 64, 64, 64, 32, 32, 4, 3)
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 8
 DEF_GEMM_F16(gemm_f16_t32x64k64s4, 32, 64, 64, 32, 16, 4, 4)
 #endif
-// narrower still: fewer bytes per block and K step (a decode product's block streams its K loop alone)
+// the narrowest: fewer bytes per block and K step; a decode product whose 32x32 tiles all fit on the SMs at once
+// (at most ~160 rows of 768 columns) then runs each K loop faster
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 9
-DEF_GEMM_F16(gemm_f16_t32x32k64s4, 32, 32, 64, 16, 16, 4, 8)
-#endif
-#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 10
-DEF_GEMM_F16(gemm_f16_t16x64k64s4, 16, 64, 64, 16, 16, 4, 8)
-#endif
-#if !defined(GEMM_F16_PART) || GEMM_F16_PART == 11
 DEF_GEMM_F16(gemm_f16_t32x32k64s8, 32, 32, 64, 16, 16, 8, 4)
 #endif

@@ -158,8 +158,9 @@ def test_tile_picks_are_the_ones_measured_fastest():
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
     assert [k.pick_f16(546, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
                                                        (768, False, 3072))] == ["t64x128k64s4", "t32x64k64s4"] * 2
-    assert {k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))} == {"t32x64k64s4"}
+    assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
+                                                       (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
+    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
     assert k.pick_f16(2048, 2304, True, 768) == "wgmma" and k.pick_f16(2048, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     k = picker(tma_staged=False)
@@ -187,8 +188,9 @@ def test_tile_picks_are_the_ones_measured_fastest():
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
     assert [k.pick_f16(546, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
                                                        (768, False, 3072))] == ["t64x128k64s4", "t32x64k64s4"] * 2
-    assert {k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))} == {"t32x64k64s4"}
+    assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
+                                                       (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
+    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
     assert k.pick_f16(2048, 2304, True, 768) == "wgmma" and k.pick_f16(2048, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick

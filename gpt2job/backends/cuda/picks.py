@@ -5,6 +5,7 @@ names of the compiled variants, the GPU's SM count and the kernel options."""
 
 NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) ...
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
+NARROWEST = "t32x32k64s8"   # ... and of products whose 32x32 tiles fit on the SMs in one wave
 
 
 class TilePicker:
@@ -20,8 +21,8 @@ class TilePicker:
         adds) on 128x128 tiles except attention-out at decode sizes; the LM head is not staged. Otherwise: wide
         float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave
         model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps)
-        the NARROW tile up to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else
-        wgmma. Variants not compiled are
+        the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up to NARROW_OUTPUTS
+        outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are
         skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
@@ -59,7 +60,11 @@ class TilePicker:
             return mma
         # decode-sized products (RESULTS.md, sessions 13 and 15: GPU times at 137-2,048 rows, then whole jobs);
         # prefill passes this small take the same picks. Up to ~800k outputs a product makes too few larger tiles to
-        # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows).
+        # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows); 32x32
+        # tiles with 8 stages where they make at most one block per SM (session 17: 137 x 768 products 23-30% faster;
+        # with more blocks than SMs they were slower)
+        if M < 4096 and NARROWEST in vs and -(-M // 32) * -(-N // 32) <= self.n_sm:
+            return NARROWEST
         if M < 4096:
             small = NARROW if M * N <= NARROW_OUTPUTS and NARROW in vs else \
                 "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
