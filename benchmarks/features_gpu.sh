@@ -21,7 +21,8 @@
 #             (clean, killed at half and resumed, full disk), on this machine's cores
 # Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
 # TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
-# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes), PRODUCTS_ARGS (decode_products.py's).
+# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes), PRODUCTS_ARGS (decode_products.py's),
+# PROFILE_PROMPTS (546).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -58,7 +59,7 @@ if has ab; then
 fi
 if has profile; then
     TAIL=30 stage profile ${T_PROF:-150} python3 benchmarks/kernels_bench.py --no-kernels --profile \
-        --profile-dtypes float16 --profile-prompts 546
+        --profile-dtypes float16 --profile-prompts ${PROFILE_PROMPTS:-546}
 fi
 if has sampling; then
     TAIL=20 stage sampling ${T_SAMPLING:-120} python3 benchmarks/sampling_bench.py --rows 1024 --out "$OUT"

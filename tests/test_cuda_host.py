@@ -161,7 +161,10 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
                                                        (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
-    assert k.pick_f16(2048, 2304, True, 768) == "wgmma" and k.pick_f16(2048, 768, False, 3072) == "tma128"
+    # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
+    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
+                                                        (768, False, 3072))] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     k = picker(tma_staged=False)
     assert k.pick_f16(131072, 2304, True, 768) == "tma128"
@@ -183,7 +186,7 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert k.pick_f16(131072, 768, False, 768) == "tma128s"
     assert k.pick_f16(8192, 768, False, 768) == "tma192s"
     assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
-    assert k.pick_f16(4096, 768, False, 3072) == "tma192"          # not measured below 8192 rows
+    assert k.pick_f16(4096, 768, False, 3072) == "tma128s"
     assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
     assert [k.pick_f16(546, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
@@ -191,7 +194,10 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
                                                        (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
-    assert k.pick_f16(2048, 2304, True, 768) == "wgmma" and k.pick_f16(2048, 768, False, 3072) == "tma128"
+    # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
+    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
+                                                        (768, False, 3072))] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
     assert picker().pick_argmax(8192, 50257) == "tma192p" and k.pick_argmax(8192, 50257) == "tma192p"
