@@ -162,8 +162,9 @@ def test_tile_picks_are_the_ones_measured_fastest():
                                                        (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
     # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
-    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                        (768, False, 3072))] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in (
+        (2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))] == [
+        "tma192s", "tma128s", "tma128", "tma128s"]
     assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     k = picker(tma_staged=False)
@@ -195,8 +196,9 @@ def test_tile_picks_are_the_ones_measured_fastest():
                                                        (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
     # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
-    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                        (768, False, 3072))] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in (
+        (2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))] == [
+        "tma192s", "tma128s", "tma128", "tma128s"]
     assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
     # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick

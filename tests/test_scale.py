@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, VOCAB_DIR, job_env
+from conftest import VOCAB_DIR, job_env
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
 from gpt2job.files.journal import Journal, JournalReader
 

@@ -227,11 +227,15 @@ class Master(Ending):
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
 
+    def all_ready(self):
+        """Every live worker has said it is ready."""
+        return all(w.ready for w in self.live())
+
     def maybe_start(self):
         """Hand out work once every worker is ready (or START_GRACE_S after the first one was), so
         that the chunks are shared by all of them rather than grabbed by the first to start."""
         ready = [w for w in self.live() if w.ready]
-        all_ready = len(ready) == len(self.live())
+        all_ready = self.all_ready()
         if not ready or not (all_ready or time.monotonic() - self.first_ready > START_GRACE_S):
             return
         self.dispatching = True
@@ -269,7 +273,7 @@ class Master(Ending):
                 self.channel.encode_ahead(self.sched.built)
             self.first_ready = self.first_ready or w.last_progress
             if self.dispatching:
-                every = all(x.ready for x in self.live())
+                every = self.all_ready()
                 if self.t_ready is None and every:
                     self.t_ready = time.time()
                 for other in [w] + (self.live() if every and self.sched.by_cost else []):   # see feed
@@ -293,7 +297,7 @@ class Master(Ending):
         if w.retired:
             return
         n_active = max(1, len(self.live()))
-        if self.sched.by_cost and not all(x.ready for x in self.live()):
+        if self.sched.by_cost and not self.all_ready():
             upto = 1
         while len(w.outstanding) < upto:
             chunk = self.sched.next_chunk(w, n_active)

@@ -5,8 +5,8 @@ names of the compiled variants, the GPU's SM count and the kernel options."""
 
 NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) ...
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
-STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 NARROWEST = "t32x32k64s8"   # ... and of products whose 32x32 tiles fit on the SMs in one wave
+STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 
 
 class TilePicker:
@@ -17,14 +17,14 @@ class TilePicker:
         self.options = options
 
     def pick_f16(self, M, N, out_half=True, K=768):
-        """The tile for an M x N x K product. From STAGED_FROM rows, the staged-epilogue kernels (options.tma_staged):
-        half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float outputs (the residual
-        adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not staged. Otherwise: wide
-        float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave
-        model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps)
-        the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up to NARROW_OUTPUTS
-        outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are
-        skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
+        """The tile for an M x N x K product. From STAGED_FROM rows, the staged-epilogue kernels
+        (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
+        outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
+        staged. Otherwise: wide float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA
+        tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
+        4,096 rows (decode steps) the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up
+        to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not
+        compiled are skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
