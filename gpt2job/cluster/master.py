@@ -227,15 +227,13 @@ class Master(Ending):
     def live(self):
         return [w for w in self.workers.values() if not w.retired]
 
-    def all_ready(self):
-        """Every live worker has said it is ready."""
+    def all_ready(self):   # every live worker has said it is ready
         return all(w.ready for w in self.live())
 
     def maybe_start(self):
         """Hand out work once every worker is ready (or START_GRACE_S after the first one was), so
         that the chunks are shared by all of them rather than grabbed by the first to start."""
-        ready = [w for w in self.live() if w.ready]
-        all_ready = self.all_ready()
+        ready, all_ready = [w for w in self.live() if w.ready], self.all_ready()
         if not ready or not (all_ready or time.monotonic() - self.first_ready > START_GRACE_S):
             return
         self.dispatching = True
