@@ -330,6 +330,40 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     assert sum(len(t) for t in got[0]["completion_tokens"]) == sum(len(c.tokens) for c in comps)
 
 
+def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the_thread_writes(tmp_path, vocab_dir):
+    """Several chunks per message, each with copies (deduplicated prompts) and log-probabilities (top 2), through the
+    text process's batches: the file is the thread writer's."""
+    from gpt2job.files.h5write import WriterThread, make_header
+    from gpt2job.files.writer import WriterProcess
+    n, k = 4_000, 2
+    rng = np.random.default_rng(8)
+    comps = []
+    for c, a in enumerate(range(0, n, 400)):     # rows a..a+299 computed, a+300..a+399 copies of some of them
+        lens = rng.integers(0, 7, 300)
+        offsets = np.zeros(301, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        t = int(offsets[-1])
+        comp = Completions(c, np.arange(a, a + 300), offsets, rng.integers(0, 50257, t).astype(np.int32),
+                           rng.integers(0, 3, 300).astype(np.uint8), np.arange(a + 300, a + 400),
+                           rng.integers(0, 300, 100))
+        comp.logprobs = -rng.random(t).astype(np.float32)
+        comp.top_ids = rng.integers(0, 50257, (t, k)).astype(np.int32)
+        comp.top_logprobs = -rng.random((t, k)).astype(np.float32)
+        comps.append(comp)
+    got = []
+    for kind in (WriterThread, WriterProcess):
+        hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n,
+                          {"k": 1, "settings": {"logprobs": True, "top_logprobs": k}}, {}, True, vocab_dir, 60)
+        w = kind(hdr, np.full(n, 16, np.int32))
+        for a in range(0, len(comps), 4):
+            w.put(comps[a:a + 4], Journal.encode(comps[a:a + 4]))
+        w.finish({})
+        got.append(contents(hdr["path"])[0])
+    assert got[0] == got[1]
+    assert got[0]["done"] == [1] * n and "top_logprobs" in got[0]
+    assert got[0]["completion_tokens"][350] == got[0]["completion_tokens"][int(comps[0].copy_src[50])]
+
+
 def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(tmp_path):
     """The text process fails (here: no tokenizer files): the writer passes its error line on, the master raises
     it, and neither process is left behind."""
