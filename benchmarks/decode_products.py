@@ -6,7 +6,7 @@ L2: QKV's 42 MB and attention-out's 14 MB could stay in it). cuBLAS runs the bar
 epilogue), ours the model's epilogue: the comparison favours cuBLAS.
 
   python3 benchmarks/decode_products.py [--m 137,546,1024,2048] [--variants t64x128k64s4,tma128,...] [--reps 5]
-      [--copies N]
+      [--copies N] [--shapes qkv,attn_out,mlp_up,mlp_down,lm_head]
 
 Prints one line per (shape, rows, variant) with the GPU time per call and the relative error against an fp32
 product, then a table last: per shape and row count, the fastest variant, the time of the current pick
@@ -23,7 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from kernels_bench import SHAPES  # noqa: E402
 
-MODES = {"qkv": 0, "attn_out": 3, "mlp_up": 1, "mlp_down": 3}   # the epilogue each product has in the model
+MODES = {"qkv": 0, "attn_out": 3, "mlp_up": 1, "mlp_down": 3, "lm_head": 0}   # each product's epilogue in the model
+FLOAT_OUT = ("attn_out", "mlp_down", "lm_head")   # float outputs: the residual adds, the logits (materialised: sampling,
+                                                  # per-row settings, --logprobs)
 LAYERS = 12
 L2_BYTES = 50 << 20      # the H200's L2
 
@@ -50,6 +52,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="137,546,1024,2048")
     ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4,t32x32k64s8")
+    ap.add_argument("--shapes", default="qkv,attn_out,mlp_up,mlp_down", help="of " + ",".join(MODES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=0, help="weight copies (0: twice the L2's 50 MB, at least 12)")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
@@ -71,10 +74,10 @@ def main():
         picker = TilePicker(F16_TILES, F16_DEFAULT, k.n_sm, KernelOptions())   # the production picks
         g = torch.Generator(device="cuda").manual_seed(0)
         for shape, K, N in SHAPES:
-            if shape not in MODES:
+            if shape not in a.shapes.split(","):
                 continue
             mode = MODES[shape]
-            out_half = mode != 3
+            out_half = shape not in FLOAT_OUT
             copies = a.copies or max(LAYERS, -(-2 * L2_BYTES // (2 * N * K)))
             Ws = [(torch.randn(N, K, device="cuda", generator=g) / K ** 0.5).half() for _ in range(copies)]
             Wts = [W.t() for W in Ws]
