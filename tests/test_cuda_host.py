@@ -148,6 +148,20 @@ def picker(variants=None, **opts):
     return TilePicker(F16_TILES, F16_DEFAULT if variants is None else variants, 132, KernelOptions(**opts))
 
 
+def check_decode_and_mid_picks(k):
+    """The picks under 8,192 rows of GPT-2 124M's four layer products (QKV, attention out, MLP up, MLP down)."""
+    layer = ((2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))
+    # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
+    assert [k.pick_f16(546, *p) for p in layer] == ["t64x128k64s4", "t32x64k64s4"] * 2
+    # ... and 32x32 tiles where they fit on the SMs in one wave (session 17)
+    assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k64s4", "t32x32k64s8"] * 2
+    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
+    # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
+    assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
+    assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
+
+
 def test_tile_picks_are_the_ones_measured_fastest():
     # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
     from gpt2job.backends.cuda.kernels import F16_TILES
@@ -155,18 +169,7 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert k.pick_f16(131072, 2304, True, 768) == "tma192s"
     assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
     assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
-    # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
-    assert [k.pick_f16(546, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))] == ["t64x128k64s4", "t32x64k64s4"] * 2
-    assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
-    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
-    # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
-    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in (
-        (2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))] == [
-        "tma192s", "tma128s", "tma128", "tma128s"]
-    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
-    assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
+    check_decode_and_mid_picks(k)
     k = picker(tma_staged=False)
     assert k.pick_f16(131072, 2304, True, 768) == "tma128"
     assert k.pick_f16(131072, 768, False, 3072) == "tma256"
@@ -189,18 +192,7 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
     assert k.pick_f16(4096, 768, False, 3072) == "tma128s"
     assert k.pick_f16(8192, 50257, False, 768) == "t128x128k64s3"   # the LM head is not staged
-    # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
-    assert [k.pick_f16(546, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))] == ["t64x128k64s4", "t32x64k64s4"] * 2
-    assert [k.pick_f16(137, n, h, kd) for n, h, kd in ((2304, True, 768), (768, False, 768), (3072, True, 768),
-                                                       (768, False, 3072))] == ["t32x64k64s4", "t32x32k64s8"] * 2
-    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
-    # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
-    assert [k.pick_f16(2048, n, h, kd) for n, h, kd in (
-        (2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))] == [
-        "tma192s", "tma128s", "tma128", "tma128s"]
-    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
-    assert k.pick_f16(546, 50257, False, 768) == "t128x128k64s3"    # the LM head keeps its pick
+    check_decode_and_mid_picks(k)
     # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
     assert picker().pick_argmax(8192, 50257) == "tma192p" and k.pick_argmax(8192, 50257) == "tma192p"
     assert picker(("tma192s", "tma128")).pick_argmax(8192, 50257) == "tma192s"
