@@ -64,10 +64,10 @@ class TilePicker:
         # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows); 32x32
         # tiles with 8 stages where they make at most one block per SM (session 17: 137 x 768 products 23-30% faster;
         # with more blocks than SMs they were slower)
-        if M < 4096 and NARROWEST in vs and -(-M // 32) * -(-N // 32) <= self.n_sm:
-            return NARROWEST
         if M < 4096:
-            small = NARROW if M * N <= NARROW_OUTPUTS and NARROW in vs else \
+            one_wave = -(-M // 32) * -(-N // 32) <= self.n_sm      # of 32x32 blocks
+            small = NARROWEST if one_wave and NARROWEST in vs else \
+                NARROW if M * N <= NARROW_OUTPUTS and NARROW in vs else \
                 "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
             if small in vs:
                 return small
