@@ -12,6 +12,9 @@
 #   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
 #   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case (1,024 rows)
 #   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
+#   mixprof   benchmarks/kernels_bench.py --mix: the mixed workload's chunk in-process, device time per kernel kind and
+#             per decode-step size, against W2's prompts with 128 new tokens
+#   attn      benchmarks/attention_bench.py in the tree ATTN_TREE (default .): decode attention against its bytes
 #   small     benchmarks/small_chunks.py: W3 by chunk size, ragged prompts in 512-prompt chunks (issue 14), busy %
 #   load      benchmarks/load_bench.py: time to ready with GPT-2 XL shapes (float32 safetensors, float16), against $OLD
 #   products  benchmarks/decode_products.py: decode-sized products, every tile variant against cuBLAS (GPU time)
@@ -19,8 +22,8 @@
 #             machine's cores (the master's ceiling; issue 15's >= 1M rows/s)
 #   scale     benchmarks/reliability.py --scale: 10M W1-like rows through mpirun, a master and 15 synthetic workers
 #             (clean, killed at half and resumed, full disk), on this machine's cores
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
-# TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, mixprof, attn, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
+# ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
 # SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes), PRODUCTS_ARGS (decode_products.py's),
 # PROFILE_PROMPTS (546).
 export PYTHONUNBUFFERED=1
@@ -67,6 +70,12 @@ fi
 if has mix; then
     TAIL=8 stage mix ${T_MIX:-300} python3 benchmarks/mix_breakdown.py --repeats "$REPEATS" --out "$OUT"
 fi
+if has mixprof; then
+    TAIL=70 stage mixprof ${T_MIXPROF:-300} python3 benchmarks/kernels_bench.py --no-kernels --mix --reps "$REPEATS"
+fi
+if has attn; then
+    TAIL=12 stage attn ${T_ATTN:-200} bash -c "cd ${ATTN_TREE:-.} && python3 benchmarks/attention_bench.py --out '$OUT'"
+fi
 if has small; then
     TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT" \
         ${SMALL_CONFIGS:+--configs "$SMALL_CONFIGS"} ${SMALL_SIZES:+--sizes "$SMALL_SIZES"}
@@ -90,4 +99,4 @@ if has scale; then
 fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix small load products master store scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done

@@ -10,6 +10,9 @@ once), and the fp16 default of stop 7. Each configuration is a KernelOptions ove
 --profile: device time per kernel kind over one W1 chunk (CUDA events around every launch); --profile-prompts N
 its size.
 --w2: W2 (2,048 prompts of 32..512 tokens, 256 new), the stop-7 vs the current fp16 default.
+--mix: the mixed-settings workload as one chunk (W2's prompts, workloads.py's per-row settings), fp16, against W2's
+prompts with 128 new tokens each, greedy with only the per-row max_new_tokens, and sampled without stop strings:
+tok/s (median of --reps) and device time per kernel kind and per decode-step size.
 Timed with CUDA events after warm-up, median of repeats. PyCUDA runs in torch's primary context.
 """
 import argparse
@@ -23,7 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import load_seed_prompts  # noqa: E402
-from workloads import w2_prompts  # noqa: E402
+from workloads import mixed_settings, w2_prompts  # noqa: E402
 
 SHAPES = [("qkv", 768, 2304), ("attn_out", 768, 768), ("mlp_up", 768, 3072), ("mlp_down", 3072, 768),
           ("lm_head", 768, 50257)]
@@ -178,6 +181,111 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
             be.close()
 
 
+MIX_CASES = ("W2 prompts, 128 new", "greedy, per-row max_new_tokens", "sampled, no stop strings", "mixed")
+
+
+def mix_chunk(case, n=2048):
+    """W2's prompts (longest first) with the mixed workload's settings as `case` (MIX_CASES) keeps them."""
+    from gpt2job.chunks import RowParams
+    rows = w2_prompts(n)
+    cols, stop = mixed_settings(n)
+    order = np.argsort([-len(r) for r in rows], kind="stable")
+    ch = _chunk([rows[i] for i in order])
+    if case == MIX_CASES[0]:
+        return ch
+    temp = np.zeros(n) if case == MIX_CASES[1] else cols["temperature"].astype(np.float64)
+    stops = [tuple(x for x in stop[i] if x) for i in order] if case == MIX_CASES[3] else None
+    ch.params = RowParams.of(stops=stops, max_new_tokens=cols["max_new_tokens"][order], temperature=temp[order],
+                             top_k=cols["top_k"][order], top_p=cols["top_p"][order].astype(np.float64),
+                             seed=cols["seed"][order], repetition_penalty=np.ones(n, np.float32))
+    return ch
+
+
+def bucket(n):
+    """The label of a forward pass of n rows (-1: a prefill pass) in mix_profile's table."""
+    return "prefill" if n < 0 else next(f">={x}" for x in (1536, 1024, 512, 256, 128, 0) if n >= x)
+
+
+def mix_profile(reps):
+    """Each MIX_CASES chunk: tok/s (median of reps, no events), then one run with events around every launch (CUDA
+    graphs off): device time per kernel kind, and per decode-step size (rows in the step)."""
+    import pycuda.driver as drv
+    from gpt2job.backends import compute
+    from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.model.config import PRESETS
+    from gpt2job.model.weights import random_params
+    from gpt2job.settings import GenerationSettings
+    params = random_params(PRESETS["gpt2"], 0)
+    gs = GenerationSettings(max_new_tokens=128, ignore_eos=True)
+    be = CudaBackend(params, gs, dtype="float16")
+    try:
+        for case in MIX_CASES:
+            chunk = mix_chunk(case)
+            compute(be, chunk)
+            ts = []
+            for _ in range(reps):
+                t = time.perf_counter()
+                c = compute(be, chunk)
+                ts.append(time.perf_counter() - t)
+            wall = float(np.median(ts))
+            tl = be.timeline[-1]
+            print(f"mix {case}: {c.n_generated} tokens in {wall * 1e3:.1f} ms = {c.n_generated / wall:,.0f} tok/s; "
+                  f"prefill {tl.get('prefill_ms', 0):.1f} ms, decode {tl.get('decode_ms', 0):.1f} ms (device)",
+                  flush=True)
+            k, stream, model = be.kernels, be.device.compute, be.model
+            recs, cur = [], {"n": 0}
+            saved = {}
+            for name in ("gemm_f16", "layernorm", "kv_copy", "attention", "attention_prefill", "embed", "argmax",
+                         "argmax_partials", "sample", "sample_params", "gather_tokens", "mark_seen", "logprobs"):
+                if not hasattr(k, name):
+                    continue
+                saved[name] = orig = getattr(k, name)
+
+                def wrap(*a, _o=orig, _n=name, **kw):
+                    e0, e1 = drv.Event(), drv.Event()
+                    e0.record(stream)
+                    _o(*a, **kw)
+                    e1.record(stream)
+                    lab = _n
+                    if _n == "gemm_f16":
+                        lab = f"gemm_f16 N={a[9]} K={a[10]}"
+                    recs.append((lab, cur["n"], e0, e1))
+                setattr(k, name, wrap)
+            fwd = model.forward
+
+            steps = {}
+
+            def forward(n, *a, **kw):
+                cur["n"] = -1 if kw.get("tiles") is not None else n   # -1: a prefill pass
+                b = bucket(cur["n"])
+                steps[b] = steps.get(b, 0) + 1
+                return fwd(n, *a, **kw)
+            model.forward = forward
+            graphs, be.runner.graphs = be.runner.graphs, None   # events may not be recorded under a graph capture
+            try:
+                t = time.perf_counter()
+                compute(be, chunk)
+                ewall = (time.perf_counter() - t) * 1e3
+            finally:
+                be.runner.graphs = graphs
+                model.forward = fwd
+                for name, orig in saved.items():
+                    setattr(k, name, orig)
+            kinds, sizes = {}, {}
+            for lab, n, e0, e1 in recs:
+                ms = e1.time_since(e0)
+                kinds[lab] = kinds.get(lab, 0.0) + ms
+                sizes[bucket(n)] = sizes.get(bucket(n), 0.0) + ms
+            print(f"  with events: wall {ewall:.1f} ms, kernels {sum(kinds.values()):.1f} ms")
+            for lab, v in sorted(kinds.items(), key=lambda x: -x[1])[:12]:
+                print(f"   {v:8.2f} ms  {lab}")
+            for b, v in sizes.items():
+                print(f"   rows {b:>8s}: {steps.get(b, 0):4d} passes, {v:8.2f} ms of kernels, "
+                      f"{v / max(steps.get(b, 1), 1):.3f} ms a pass")
+    finally:
+        be.close()
+
+
 def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
     """configs: (label, dtype, {KernelOptions field: value}) over the environment's options -- e.g. f16_variants,
     prefill_attn, f32_bk."""
@@ -238,6 +346,7 @@ def main():
     ap.add_argument("--no-kernels", action="store_true")
     ap.add_argument("--configs", default="", help="--e2e configurations to run, comma-separated (default: all): "
                     + ", ".join(c[0] for c in E2E_CONFIGS))
+    ap.add_argument("--mix", action="store_true", help="the mixed-settings workload's costs (see above)")
     ap.add_argument("--w2", action="store_true", help="also W2-like in-process timing (2,048 prompts of 32..512, "
                     "256 new tokens), the stop-7 vs the current fp16 default, and a short W2 profile")
     a = ap.parse_args()
@@ -246,6 +355,8 @@ def main():
         profile(a.profile_dtypes.split(","), chunk=w1_chunk(a.profile_prompts), label=f"W1 {a.profile_prompts}")
     want = set(a.configs.split(",")) if a.configs else None
     e2e = bench_e2e([c for c in E2E_CONFIGS if want is None or c[0] in want]) if a.e2e else {}
+    if a.mix:
+        mix_profile(a.reps)
     if a.w2:
         w2 = w2_chunk()
         if a.profile:

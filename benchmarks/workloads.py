@@ -50,25 +50,30 @@ def w2_prompts(n=2048, lo=32, hi=512, seed=2, vocab=50257):
     return [rng.integers(0, vocab, int(L)).astype(np.int32) for L in lengths]
 
 
-def write_mixed(path, rows, seed=3):
-    """rows (W2's prompts) with the per-row settings datasets of the mixed-settings workload."""
-    import h5py
+def mixed_settings(n, seed=3):
+    """The mixed-settings workload's per-row datasets for n rows: {name: array}, and each row's stop strings."""
     rng = np.random.default_rng(seed)
-    n = len(rows)
     temp = rng.uniform(0.05, 1.2, n).astype(np.float32)
     temp[rng.random(n) < 1 / 3] = 0.0
     stop = np.array([["", ""]] * n, dtype=object)
     pick = rng.random(n)
     stop[pick < 0.25] = [".", " the"]
     stop[(pick >= 0.25) & (pick < 0.5), 0] = "\n"
+    cols = {"max_new_tokens": rng.integers(1, 257, n).astype(np.int32), "temperature": temp,
+            "top_k": np.where(rng.random(n) < 0.5, 40, 0).astype(np.int32),
+            "top_p": np.where(rng.random(n) < 0.5, 0.9, 1.0).astype(np.float32), "seed": np.arange(n, dtype=np.int64)}
+    return cols, stop
+
+
+def write_mixed(path, rows, seed=3):
+    """rows (W2's prompts) with the per-row settings datasets of the mixed-settings workload."""
+    import h5py
+    cols, stop = mixed_settings(len(rows), seed)
     with h5py.File(path + ".tmp", "w") as f:
-        ds = f.create_dataset("prompt_tokens", (n,), dtype=h5py.vlen_dtype(np.int32))
+        ds = f.create_dataset("prompt_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
         ds[...] = np.array([np.asarray(r, np.int32) for r in rows] + [None], dtype=object)[:-1]
-        f["max_new_tokens"] = rng.integers(1, 257, n).astype(np.int32)
-        f["temperature"] = temp
-        f["top_k"] = np.where(rng.random(n) < 0.5, 40, 0).astype(np.int32)
-        f["top_p"] = np.where(rng.random(n) < 0.5, 0.9, 1.0).astype(np.float32)
-        f["seed"] = np.arange(n, dtype=np.int64)
+        for name, col in cols.items():
+            f[name] = col
         f.create_dataset("stop", data=stop, dtype=h5py.string_dtype())
     os.replace(path + ".tmp", path)
 

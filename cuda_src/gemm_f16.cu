@@ -32,6 +32,7 @@ __device__ __forceinline__ float2 load2(const __half* p, bool both, bool vec) {
 // (keys, values) go straight into the KV cache kc, vc [slots, S, kvC] at (row_slot[r] - slot_base, row_pos[r]).
 #define EPI_QKV 4
 #define EPI_ARGMAX 5   // out float only: per-chunk (max, argmax) partials, see below; reduce with argmax_partials
+#define EPI_ARGMAX_LSE 6   // EPI_ARGMAX and each chunk's sum of exp(v - max): reduce with argmax_logprob_partials
 template <typename T> struct kIsHalf { static constexpr bool value = false; };
 template <> struct kIsHalf<__half> { static constexpr bool value = true; };
 
@@ -50,9 +51,11 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                                                   __half* __restrict__ vc, int kvC)
 {
     const int lane = threadIdx.x & 31;
-    if (mode == EPI_ARGMAX) {
+    if (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE) {
         // greedy LM head: per (row, WN-column chunk) the largest value and its lowest column, written as
-        // float2 {value, int bits of column} to C viewed as float2 [M, ldc] (ldc = number of WN chunks)
+        // float2 {value, int bits of column} to C viewed as float2 [M, ldc] (ldc = number of WN chunks);
+        // EPI_ARGMAX_LSE (greedy --logprobs): float4 {value, column bits, sum over the chunk of exp(v - value), 0}
+        // [M, ldc], the chunk's share of the row's softmax denominator
 #pragma unroll
         for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
@@ -81,8 +84,28 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                     }
                 }
                 const int chunk = col0 / WN_;
-                if ((lane & 3) == 0 && row < M && bi != 0x7fffffff)
+                if (mode == EPI_ARGMAX_LSE) {   // every lane of the quad holds the chunk's max now
+                    float se = 0.f;
+#pragma unroll
+                    for (int ni = 0; ni < NI; ni++) {
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const int col = col0 + ni * 8 + (lane & 3) * 2 + e;
+                            if (col < N) {
+                                float v = acc[mi][ni][half_ * 2 + e];
+                                if (bias != nullptr) v += bias[col];
+                                se += __expf(v - best);
+                            }
+                        }
+                    }
+                    se += __shfl_xor_sync(0xffffffffu, se, 1);
+                    se += __shfl_xor_sync(0xffffffffu, se, 2);
+                    if ((lane & 3) == 0 && row < M && bi != 0x7fffffff)
+                        reinterpret_cast<float4*>(C)[(size_t)row * ldc + chunk] =
+                            make_float4(best, __int_as_float(bi), se, 0.f);
+                } else if ((lane & 3) == 0 && row < M && bi != 0x7fffffff) {
                     reinterpret_cast<float2*>(C)[(size_t)row * ldc + chunk] = make_float2(best, __int_as_float(bi));
+                }
             }
         }
         return;

@@ -163,7 +163,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     // persistent tile order: N tiles fastest (the blocks running at once share their A rows), except for the greedy
     // LM head (EPI_ARGMAX): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and would be read from memory
     // once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2
-    const bool m_fast = PERSIST && mode == EPI_ARGMAX;
+    const bool m_fast = PERSIST && (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE);
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
         m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * TMA_BM;
         n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)blockIdx.x) * TBN;
@@ -204,7 +204,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     int it = 0;   // k-blocks consumed so far (all tiles)
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
     const bool qkv_out = kIsHalf<OutT>::value && mode == EPI_QKV;
-    const bool staged = STAGED && mode != EPI_ARGMAX && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
+    const bool staged = STAGED && mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
                         ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
                         ((size_t)N * sizeof(OutT)) % 16 == 0 &&
                         (!qkv_out || (kvC % 8 == 0 && (size_t)kc % 16 == 0 && (size_t)vc % 16 == 0));

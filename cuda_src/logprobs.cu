@@ -101,3 +101,39 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict_
         __syncthreads();                          // s_v / s_i are read before the next round writes them
     }
 }
+
+// Greedy --logprobs (K = 0) from the fp16 LM head's EPI_ARGMAX_LSE partials, the logits never in memory: part [R, ld]
+// float4 {chunk max, column bits, sum over the chunk of exp(l - chunk max), 0}, n chunks a row in increasing column
+// order. tok[r] = the row's argmax (argmax_partials' rule: the largest, the lowest column on ties); lp_out[r] = its
+// log-probability, max - lse = -log(sum over chunks of s_c exp(m_c - max)), summed in double. One warp per row.
+extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n, int* __restrict__ tok,
+                                                   float* __restrict__ lp_out, int R)
+{
+    const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    const int lane = threadIdx.x & 31;
+    if (r >= R) return;
+    const float4* p = part + (size_t)r * ld;
+    float best = -INFINITY;
+    int bi = LP_NONE;
+    for (int i = lane; i < n; i += 32) {
+        const float4 v = p[i];
+        if (bi == LP_NONE || v.x > best) { best = v.x; bi = __float_as_int(v.y); }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {   // every lane ends with the row's (max, column)
+        const float ov = __shfl_xor_sync(0xffffffffu, best, o);
+        const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+        if (oi != LP_NONE && (bi == LP_NONE || lp_better(ov, oi, best, bi))) { best = ov; bi = oi; }
+    }
+    double s = 0.0;
+    for (int i = lane; i < n; i += 32) {
+        const float4 v = p[i];
+        s += (double)v.z * exp((double)v.x - (double)best);
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+    if (lane == 0) {
+        tok[r] = bi;
+        lp_out[r] = (float)(-log(s));
+    }
+}

@@ -168,7 +168,8 @@ def test_gemm_f32_padded_ld_no_bias(K):
 F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64)]
 
 
-from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_QKV, F16_TILES  # noqa: E402
+from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_QKV, F16_TILES  # noqa: E402
+from gpt2job.model.logprobs import token_logprobs  # noqa: E402
 
 _VARIANTS = list(F16_TILES)
 
@@ -253,7 +254,9 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
                                      "tma128s", "tma192p", "tma256p"])
 @pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8), (1100, 5000, 64)])
 def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
-    """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties)."""
+    """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties); the
+    EPI_ARGMAX_LSE partials + argmax_partials(lp=) give the same tokens and their log-probabilities as the NumPy
+    twin (model/logprobs.py) gives from that output."""
     A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
     W = (RNG.standard_normal((Kd, N), dtype=np.float32) / np.float32(math.sqrt(Kd))).astype(np.float16)
     W[:, N - 1] = W[:, N // 2]            # exact duplicate columns: ties must go to the lower index
@@ -269,6 +272,13 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     out = poisoned(M, np.int32)
     K.argmax_partials(None, part, nch + 3, nch, out, M)
     np.testing.assert_array_equal(back(out, M, np.int32), ref)
+    part4 = poisoned((M, nch + 3, 4), np.float32)
+    K.gemm_f16(None, gA, Kd, gW, Kd, part4, nch + 3, None, M, N, Kd, EPI_ARGMAX_LSE, False, variant=variant)
+    out, lp = poisoned(M, np.int32), poisoned(M, np.float32)
+    K.argmax_partials(None, part4, nch + 3, nch, out, M, lp=lp)
+    np.testing.assert_array_equal(back(out, M, np.int32), ref)
+    want, _, _ = token_logprobs(back(logits, (M, N), np.float32), ref)
+    np.testing.assert_allclose(back(lp, M, np.float32), want, atol=2e-5, rtol=1e-6)
 
 
 # ---------------------------------------------------------------- per-row kernels

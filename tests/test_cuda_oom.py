@@ -275,7 +275,7 @@ class FakeModel:
         hr = self.head_rows if head_rows is None else head_rows
         return [("x", rows * C * 4), ("fc", rows * 4 * C * 4), ("hl", hr * C * 4)]
 
-    def head_buffers(self, greedy, head_rows=None):
+    def head_buffers(self, greedy, head_rows=None, lse=False):
         return [("logits", (self.head_rows if head_rows is None else head_rows) * V * 4)]
 
     def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None):

@@ -62,8 +62,10 @@ class CudaBackend(Backend):
         t0.record(dev.compute)
         t0.synchronize()
         free = dev.free_memory()
-        # the head buffers to reserve: a job-wide penalty or --logprobs selects on materialised logits even when greedy
-        greedy = self.settings.sampling.greedy and self.settings.repetition_penalty == 1 and not self.settings.logprobs
+        # the head buffers to reserve: a job-wide penalty or --top-logprobs selects on materialised logits even when
+        # greedy (--logprobs alone: the fused greedy head sums the softmax too)
+        s = self.settings
+        greedy = s.sampling.greedy and s.repetition_penalty == 1 and (not s.logprobs or s.top_logprobs == 0)
         self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
                              share_gpus=share_gpus, greedy=greedy, penalty=self.settings.repetition_penalty != 1,
                              logprobs_k=self.settings.top_logprobs if self.settings.logprobs else None)

@@ -21,7 +21,7 @@ from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
-EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX = 0, 1, 2, 3, 4, 5
+EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE = 0, 1, 2, 3, 4, 5, 6
 
 
 # ---------------------------------------------------------------- fp16 product tile variants
@@ -259,7 +259,8 @@ class Kernels(SelectKernels):
         mode EPI_QKV (out_half): qkv = (row_slot, row_pos, slot_base, S, kc, vc, C): columns [C, 3C) go to the
         KV cache instead of the output.
         mode EPI_ARGMAX (float out): C gets float2 [M, ldc] partials (max, column) per F16_TILES[variant].wn
-        columns, ldc >= ceil(N / wn); reduce them with argmax_partials."""
+        columns, ldc >= ceil(N / wn); reduce them with argmax_partials. EPI_ARGMAX_LSE: float4 [M, ldc] partials (max,
+        column, the chunk's sum of exp(value - max), 0); reduce them with argmax_partials(..., lp=)."""
         if M == 0:
             return
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
@@ -267,7 +268,7 @@ class Kernels(SelectKernels):
         grid = ((N + t.bn - 1) // t.bn, (M + t.bm - 1) // t.bm, 1)
         if t.persistent:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * t.blocks_per_sm), 1, 1)
-        if mode == EPI_ARGMAX:
+        if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE):
             assert not out_half and ldc >= (N + t.wn - 1) // t.wn
         if mode == EPI_QKV:
             assert out_half and qkv is not None and qkv[6] % 2 == 0

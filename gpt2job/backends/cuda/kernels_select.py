@@ -40,10 +40,16 @@ class SelectKernels:
 
     ARGMAX_PARTIALS = _kernel("argmax_partials", "sampling.cu", "PiiPi", 256)
 
-    def argmax_partials(self, stream, part, ld, n, out, R):
-        """out[r] = the column of the largest of the n EPI_ARGMAX partials of row r (lowest column on ties)."""
+    ARGMAX_LOGPROB_PARTIALS = _kernel("argmax_logprob_partials", "logprobs.cu", "PiiPPi", 256)
+
+    def argmax_partials(self, stream, part, ld, n, out, R, lp=None):
+        """out[r] = the column of the largest of the n EPI_ARGMAX partials of row r (lowest column on ties). lp: the
+        partials are EPI_ARGMAX_LSE's, and lp[r] (float32) gets that column's log-probability (--logprobs)."""
         if R:
-            self.launch(self.ARGMAX_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, R)
+            if lp is None:
+                self.launch(self.ARGMAX_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, R)
+            else:
+                self.launch(self.ARGMAX_LOGPROB_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, lp, R)
 
     ARGMAX_ROWS = _kernel("argmax_rows", "sampling.cu", "PiiPi", 1024)
 

@@ -6,7 +6,8 @@ Float32: plain FP32 FMA products (no TF32; split-K for decode-sized products), w
 [K, N]. Float16: tensor-core products with fp32 accumulation (Kernels.pick_f16 chooses the tile per product shape),
 weights transposed to K-contiguous fp16 [N, K]; the residual stream, layer-norm statistics, softmax and logits stay
 fp32. Fusions: the QKV product's epilogue writes keys and values straight into the KV cache (EPI_QKV); greedy fp16
-selects tokens in the LM head's epilogue (EPI_ARGMAX), so the logits never reach memory; fp16 prefill attention
+selects tokens in the LM head's epilogue (EPI_ARGMAX; with --logprobs alone EPI_ARGMAX_LSE, which also sums each
+chunk's share of the softmax), so the logits never reach memory; fp16 prefill attention
 with head size 64 runs on tensor cores over tiles of up to 16 consecutive tokens of one prompt (attention_prefill).
 """
 import math
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH, EPI_QKV, EPI_RESID,
+from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH, EPI_QKV, EPI_RESID,
                                            F16_TILES)
 from gpt2job.backends.cuda.device import UPLOAD_SCRATCH
 from gpt2job.errors import UserError
@@ -183,14 +184,14 @@ class Model:
         return [("x", rows * C * 4), ("h", rows * C * e), ("qkv", rows * 3 * C * e), ("att", rows * C * e),
                 ("fc", rows * self.cfg.d_mlp * e), ("hl", hr * C * e)]
 
-    def head_buffers(self, greedy, head_rows=None):
+    def head_buffers(self, greedy, head_rows=None, lse=False):
         """(name, bytes) of the pool buffers the head writes: the split-K workspace (fp32), then the argmax
-        partials (greedy fp16 with the fused head) or the logits."""
+        partials (greedy fp16 with the fused head; lse: with the sums of --logprobs) or the logits."""
         hr = self.head_rows if head_rows is None else head_rows
         out = self.p.workspaces(hr)
         tile = self.p.argmax_tile(hr, self.V, self.cfg.n_embd) if greedy else None
         if tile is not None:
-            out.append(("argmax_part", hr * -(-self.V // F16_TILES[tile].wn) * 8))
+            out.append(("argmax_part", hr * -(-self.V // F16_TILES[tile].wn) * (16 if lse else 8)))
         else:
             out.append(("logits", hr * self.Vpad * 4))
         return out
@@ -257,20 +258,21 @@ class Model:
         argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step). sel (rows.RowSel):
         each row's own settings and penalty, on the materialised logits (sampling is then unused). lp
         (logprobs.LogprobOut, --logprobs): the chosen tokens' log-probabilities (and top K) from the materialised
-        logits too (the fused greedy head writes none)."""
+        logits too, except greedy without top K on the fused head, whose epilogue sums each chunk's exp too."""
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
+        fused = sel is None and sampling.greedy and (lp is None or lp.k == 0)
         for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
-            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if sel is None and lp is None and sampling.greedy \
-                else None
+            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if fused else None
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
-                # columns, then their argmax; the logits never reach memory
+                # columns (and with lp the sum of exp(logit - that max)), then their argmax (and its log-probability);
+                # the logits never reach memory
                 nch = (V + F16_TILES[tile].wn - 1) // F16_TILES[tile].wn
-                part = self.dev.buf("argmax_part", self.head_rows * nch * 8)
+                part = self.dev.buf("argmax_part", self.head_rows * nch * (8 if lp is None else 16))
                 k.gemm_f16(st, hl, self.cfg.n_embd, self.head_w, self.cfg.n_embd, part, nch, None, m, V,
-                           self.cfg.n_embd, EPI_ARGMAX, False, variant=tile)
-                k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m)
+                           self.cfg.n_embd, EPI_ARGMAX if lp is None else EPI_ARGMAX_LSE, False, variant=tile)
+                k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m, lp=None if lp is None else lp.at(g0)[0])
                 continue
             logits = raw = self._logits(hl, m)
             if sel is not None:

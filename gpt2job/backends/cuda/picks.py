@@ -20,7 +20,7 @@ class TilePicker:
         """The tile for an M x N x K product. From STAGED_FROM rows, the staged-epilogue kernels
         (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
         outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
-        staged. Otherwise: wide float outputs (the LM head) on the mma.sync 128x128 tiles; K >= 2048 on the TMA
+        staged. Otherwise: wide float outputs (the LM head) on tma128 (else the mma.sync 128x128 tiles); K >= 2048 on the TMA
         tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
         4,096 rows (decode steps) the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up
         to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not
@@ -47,7 +47,7 @@ class TilePicker:
         vs = self.variants
         if self.options.argmax_variant:
             return self.options.argmax_variant
-        for v in ("tma192p", "tma192s", "tma128s", "tma128p"):   # fastest first
+        for v in ("tma192p", "tma192s", "tma128s", "tma128p", "t128x128k64s3"):   # fastest first
             if v in vs:
                 return v
         return self.pick_f16(M, N, False, K)
@@ -57,8 +57,11 @@ class TilePicker:
         # an mma.sync variant (runs anywhere): the measured best one, else the first compiled
         mma = "t128x128k64s3" if "t128x128k64s3" in vs else next((v for v in vs if tiles[v].family == "mma"), None)
         tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
-        if not out_half and N > 16384 and mma is not None:
-            return mma
+        if not out_half and N > 16384:   # the LM head's logits (session 18: tma128 7-16% faster at 1,024-8,192 rows)
+            if "tma128" in vs:
+                return "tma128"
+            if mma is not None:
+                return mma
         # decode-sized products (RESULTS.md, sessions 13 and 15: GPU times at 137-2,048 rows, then whole jobs);
         # prefill passes this small take the same picks. Up to ~800k outputs a product makes too few larger tiles to
         # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows); 32x32

@@ -40,7 +40,6 @@ from gpt2job.model.sampling import RowSettings
 from gpt2job.settings import GenerationSettings
 
 
-
 @dataclass
 class ChunkPlan:
     """A submitted chunk: its layout (prompts in the order they run), its upload and the device addresses of the
@@ -101,7 +100,7 @@ class Runner:
     def pool_bytes(self, rows, head_rows):
         """Device bytes reserve() takes besides the KV cache at these sizes, the two uploads included."""
         parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
-                 + self.model.head_buffers(self.greedy, head_rows)
+                 + self.model.head_buffers(self.greedy, head_rows, lse=self.options[1] == 0)
                  + option_buffers(head_rows, self.model, *self.options))
         return sum(max(int(n), 16) for _, n in parts) + 2 * 20 * rows
 
@@ -114,7 +113,8 @@ class Runner:
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
-        for name, nbytes in self.model.head_buffers(self.greedy) + option_buffers(hr, self.model, *self.options):
+        head = self.model.head_buffers(self.greedy, lse=self.options[1] == 0)
+        for name, nbytes in head + option_buffers(hr, self.model, *self.options):
             dev.buf(name, nbytes)
         dev.step_buffers(hr)
 
