@@ -8,7 +8,8 @@ The master sends messages (files/pipes.py) on the first process's stdin: a kind 
 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
      file it names, not sent)                      P  the prompt lengths (int32 bytes)
-  R  results: journal record bytes (files/journal.py), the very bytes the master has made durable
+  R  results: journal record bytes (files/journal.py), the very bytes the master has made durable (from the text
+     process: a batch of them joined into one record)
   S  sync: answer "synced" once everything before it is written and flushed
   F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
   C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
