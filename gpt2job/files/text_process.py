@@ -1,9 +1,10 @@
 """The output's text process (`python -m gpt2job.files.text_process PARENT_PID`, started by files/writer.py's
 WriterProcess between the master and the writer process when the output has text): it passes the master's
 messages on, joins consecutive results into batches (pipes.batched), each passed on as one journal record, and
-after each batch sends a T message with the `completions` text of its rows (text.RowText). The text is then made while the writer makes HDF5 calls; a
-thread of the writer could not do that, as h5py holds the GIL through them (RESULTS.md, session 16). Before F it
-sends X (its seconds, for the summary); when it fails, E (its error as an "error" line, which the writer relays).
+after each batch sends a T message with the `completions` text of its rows (text.RowText). The text is then made
+while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them
+(RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
+"error" line, which the writer relays).
 """
 import json
 import os
