@@ -20,12 +20,13 @@
 #   products  benchmarks/decode_products.py: decode-sized products, every tile variant against cuBLAS (GPU time)
 #   master    benchmarks/master_scale.py (15 and 63 simulated workers, with text) and store_costs.py on this
 #             machine's cores (the master's ceiling; issue 15's >= 1M rows/s)
+#   writer    benchmarks/writer_ab.py: master_scale.py in $OLD and in this tree in turn (the output writer's rows/s)
 #   scale     benchmarks/reliability.py --scale: 10M W1-like rows through mpirun, a master and 15 synthetic workers
 #             (clean, killed at half and resumed, full disk), on this machine's cores
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, mixprof, attn, small, load, products, master, scale only when named), OLD (../.old), REPEATS (2),
-# ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS (--features; empty: the A/B cases only), T_<STAGE> (seconds),
-# SMALL_CONFIGS, SMALL_SIZES (small_chunks.py --configs, --sizes), PRODUCTS_ARGS (decode_products.py's),
-# PROFILE_PROMPTS (546).
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, mixprof, attn, small, load, products, master, writer,
+# scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
+# (--features; empty: the A/B cases only), T_<STAGE> (seconds), SMALL_CONFIGS, SMALL_SIZES (small_chunks.py
+# --configs, --sizes), PRODUCTS_ARGS (decode_products.py's), PROFILE_PROMPTS (546).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -92,6 +93,11 @@ if has master; then
         --vocab-dir "$VOCAB" --json "$OUT/master_scale.jsonl"
     TAIL=20 stage store ${T_STORE:-120} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/store_costs.py --json "$OUT/store_costs.jsonl"
 fi
+if has writer; then
+    VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
+    TAIL=12 stage writer ${T_WRITER:-400} python3 benchmarks/writer_ab.py --old "$OLD" --repeats "$REPEATS" \
+        --rows ${MASTER_ROWS:-2000000} --vocab-dir "$VOCAB" --out "$OUT"
+fi
 if has scale; then
     VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
     TAIL=30 stage scale ${T_SCALE:-300} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/reliability.py --kills 0 --fuzz 0 \
@@ -99,4 +105,4 @@ if has scale; then
 fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store writer scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
