@@ -105,4 +105,6 @@ if has scale; then
 fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store writer scale; do [ -n "${RC[$s]}" ] && printf '%-10s %s\n' "$s" "${RC[$s]}"; done
+for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store writer scale; do
+    if [ -n "${RC[$s]}" ]; then printf '%-10s %s\n' "$s" "${RC[$s]}"; fi
+done

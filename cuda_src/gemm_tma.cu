@@ -204,7 +204,8 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     int it = 0;   // k-blocks consumed so far (all tiles)
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
     const bool qkv_out = kIsHalf<OutT>::value && mode == EPI_QKV;
-    const bool staged = STAGED && mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
+    const bool staged = STAGED && mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE &&
+                        (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
                         ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
                         ((size_t)N * sizeof(OutT)) % 16 == 0 &&
                         (!qkv_out || (kvC % 8 == 0 && (size_t)kc % 16 == 0 && (size_t)vc % 16 == 0));

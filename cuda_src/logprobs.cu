@@ -106,8 +106,8 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict_
 // float4 {chunk max, column bits, sum over the chunk of exp(l - chunk max), 0}, n chunks a row in increasing column
 // order. tok[r] = the row's argmax (argmax_partials' rule: the largest, the lowest column on ties); lp_out[r] = its
 // log-probability, max - lse = -log(sum over chunks of s_c exp(m_c - max)), summed in double. One warp per row.
-extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n, int* __restrict__ tok,
-                                                   float* __restrict__ lp_out, int R)
+extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n,
+                                                   int* __restrict__ tok, float* __restrict__ lp_out, int R)
 {
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH, EPI_QKV, EPI_RESID,
-                                           F16_TILES)
+from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH,
+                                           EPI_QKV, EPI_RESID, F16_TILES)
 from gpt2job.backends.cuda.device import UPLOAD_SCRATCH
 from gpt2job.errors import UserError
 

@@ -20,8 +20,8 @@ class TilePicker:
         """The tile for an M x N x K product. From STAGED_FROM rows, the staged-epilogue kernels
         (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
         outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
-        staged. Otherwise: wide float outputs (the LM head) on tma128 (else the mma.sync 128x128 tiles); K >= 2048 on the TMA
-        tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
+        staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K >=
+        2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
         4,096 rows (decode steps) the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up
         to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not
         compiled are skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
@@ -43,7 +43,8 @@ class TilePicker:
     def pick_argmax(self, M, N, K=768):
         """The tile of the greedy LM head (the product with the (max, argmax) epilogue): options.argmax_variant if
         set, else a persistent TMA kernel where compiled (it walks the M tiles fastest, so the vocabulary matrix,
-        larger than the L2, is read from memory once, not once per 128 rows), else the plain product's pick."""
+        larger than the L2, is read from memory once, not once per 128 rows), else the mma.sync 128x128 tile, else
+        the plain product's pick."""
         vs = self.variants
         if self.options.argmax_variant:
             return self.options.argmax_variant
@@ -57,7 +58,8 @@ class TilePicker:
         # an mma.sync variant (runs anywhere): the measured best one, else the first compiled
         mma = "t128x128k64s3" if "t128x128k64s3" in vs else next((v for v in vs if tiles[v].family == "mma"), None)
         tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
-        if not out_half and N > 16384:   # the LM head's logits (session 18: tma128 7-16% faster at 1,024-8,192 rows)
+        if not out_half and N > 16384:   # the LM head's logits (RESULTS.md, session 18: tma128 11-28% faster than
+            # the mma.sync tile at 546-8,192 rows)
             if "tma128" in vs:
                 return "tma128"
             if mma is not None:
