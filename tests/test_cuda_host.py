@@ -152,19 +152,13 @@ def check_decode_and_mid_picks(k):
     """The picks under 8,192 rows of GPT-2 124M's four layer products (QKV, attention out, MLP up, MLP down)."""
     layer = ((2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
-    assert [k.pick_f16(511, *p) for p in layer] == ["t64x128k64s4", "t32x64k64s4"] * 2
+    assert [k.pick_f16(546, *p) for p in layer] == ["t64x128k64s4", "t32x64k64s4"] * 2
     # ... and 32x32 tiles where they fit on the SMs in one wave (session 17)
     assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k64s4", "t32x32k64s8"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
-    # from 512 rows (session 18): the staged kernels for half outputs (128x128 tiles while they fit in one wave,
-    # else 128x192), for residual adds beyond 800k outputs or with K 3072 from 1,024 rows
-    assert [k.pick_f16(546, *p) for p in layer] == ["tma128s", "t32x64k64s4", "tma128s", "t32x64k64s4"]
-    assert [k.pick_f16(1024, *p) for p in layer] == ["tma192s", "t32x64k64s4", "tma192s", "tma128s"]
-    assert [k.pick_f16(1536, *p) for p in layer] == ["tma192s", "tma128s", "tma192s", "tma128s"]
-    assert k.pick_f16(1023, 768, False, 3072) == "t32x64k64s4" and k.pick_f16(511, 2304, True, 768) == "t64x128k64s4"
     # prefill passes and decode steps of 1,800-8,191 rows (session 17): staged, residual adds on 128x128 tiles
-    assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma192s", "tma128s"]
-    assert [k.pick_f16(4096, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
     assert k.pick_f16(546, 50257, False, 768) == "tma128"    # the LM head's logits (session 18)
 
 

@@ -6,7 +6,7 @@ names of the compiled variants, the GPU's SM count and the kernel options."""
 NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) ...
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 NARROWEST = "t32x32k64s8"   # ... and of products whose 32x32 tiles fit on the SMs in one wave
-STAGED_FROM = 512           # the staged-epilogue TMA kernels from this many rows, where they measured faster (_staged)
+STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 
 
 class TilePicker:
@@ -17,40 +17,28 @@ class TilePicker:
         self.options = options
 
     def pick_f16(self, M, N, out_half=True, K=768):
-        """The tile for an M x N x K product. Where _staged names one, the staged-epilogue kernels
-        (options.tma_staged; not the LM head). Otherwise: wide float outputs (the LM head's logits) on tma128, else
-        the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of
-        128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps) the NARROWEST tile where its
-        blocks fit on the SMs at once, else the NARROW tile up to NARROW_OUTPUTS outputs, else tma128 for K >= 2048,
-        t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are skipped; options.tma_persistent takes
-        the persistent twin of the pick where compiled."""
+        """The tile for an M x N x K product. From STAGED_FROM rows, the staged-epilogue kernels
+        (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
+        outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
+        staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K >=
+        2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
+        4,096 rows (decode steps) the NARROWEST tile where its blocks fit on the SMs at once, else the NARROW tile up
+        to NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not
+        compiled are skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
-        if self.options.tma_staged and (out_half or N <= 16384):
-            v = self._staged(M, N, out_half, K)
+        if self.options.tma_staged and M >= STAGED_FROM and (out_half or N <= 16384):
+            if out_half:
+                v = "tma192s" if N < 3072 or M > 16384 else "tma128"
+            else:
+                v = "tma128s" if K >= 2048 or M > 16384 or M < 8192 else "tma192s"
             if v in vs:
                 return v
         v = self._pick_f16(M, N, out_half, K, vs)
         if self.options.tma_persistent and v + "p" in vs:
             return v + "p"
         return v
-
-    def _staged(self, M, N, out_half, K):
-        """The staged-epilogue kernel of a product, or None (RESULTS.md, sessions 17 and 18), from STAGED_FROM
-        rows. Half outputs: under 4,096 rows 128x128 tiles while they fit on the SMs in one wave, else 128x192; from
-        4,096 rows 128x192 except mlp-up up to 16,384 rows (plain tma128). Float outputs (the residual adds): beyond
-        NARROW_OUTPUTS outputs, or with K >= 2048 from 1,024 rows (the narrow tiles are faster below), on 128x128
-        tiles except attention-out at 8,192-16,384 rows."""
-        if M < STAGED_FROM:
-            return None
-        if out_half:
-            if M < 4096:
-                return "tma128s" if -(-M // 128) * -(-N // 128) <= self.n_sm else "tma192s"
-            return "tma192s" if N < 3072 or M > 16384 else "tma128"
-        if M * N > NARROW_OUTPUTS or (K >= 2048 and M >= 1024):
-            return "tma128s" if K >= 2048 or M > 16384 or M < 8192 else "tma192s"
-        return None
 
     def pick_argmax(self, M, N, K=768):
         """The tile of the greedy LM head (the product with the (max, argmax) epilogue): options.argmax_variant if
