@@ -480,6 +480,35 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
     assert all(dev._bufs[name][1] >= n for name, n in want.items())
 
 
+@pytest.mark.parametrize("greedy,lse", [(True, False), (True, True), (False, False)])
+def test_the_head_reserves_argmax_partials_with_their_sums_for_greedy_logprobs(greedy, lse):
+    """Greedy fp16 with --logprobs alone keeps the fused head: its partials are float4 (max, column, sum of exp)
+    instead of float2, and no logits are reserved; a head that is not greedy reserves the logits."""
+    from gpt2job.backends.cuda.kernels import F16_TILES
+    from gpt2job.backends.cuda.model import Model
+    tile = "tma192p"
+    stub = types.SimpleNamespace(head_rows=64, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768),
+                                 p=types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: tile))
+    got = dict(Model.head_buffers(stub, greedy, 64, lse=lse))
+    nch = -(-50257 // F16_TILES[tile].wn)
+    assert got == ({"argmax_part": 64 * nch * (16 if lse else 8)} if greedy else {"logits": 64 * 50304 * 4})
+
+
+@pytest.mark.parametrize("k,lse", [(None, False), (0, True), (3, False)])
+def test_the_runner_asks_the_head_for_the_sums_only_with_logprobs_alone(fake, k, lse):
+    from gpt2job.backends.cuda.device import Device
+    from gpt2job.backends.cuda.runner import Runner
+    dev = Device(0)
+    dev.open_streams()
+    model = FakeModel(dev, 64)
+    asked = []
+    model.head_buffers = lambda greedy, head_rows=None, lse=False: asked.append(lse) or []
+    runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), logprobs_k=k)
+    runner.pool_bytes(4096, 64)
+    runner.reserve()
+    assert asked == [lse, lse]
+
+
 def test_close_after_a_lost_context_only_drops_it(fake):
     dev, runner = make_runner(False)
     live = len(fake.heap.live)
