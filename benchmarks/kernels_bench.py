@@ -233,8 +233,7 @@ def mix_profile(reps):
                   f"prefill {tl.get('prefill_ms', 0):.1f} ms, decode {tl.get('decode_ms', 0):.1f} ms (device)",
                   flush=True)
             k, stream, model = be.kernels, be.device.compute, be.model
-            recs, cur = [], {"n": 0}
-            saved = {}
+            recs, cur, saved = [], {"n": 0}, {}
             for name in ("gemm_f16", "layernorm", "kv_copy", "attention", "attention_prefill", "embed", "argmax",
                          "argmax_partials", "sample", "sample_params", "gather_tokens", "mark_seen", "logprobs"):
                 if not hasattr(k, name):
@@ -251,9 +250,7 @@ def mix_profile(reps):
                         lab = f"gemm_f16 N={a[9]} K={a[10]}"
                     recs.append((lab, cur["n"], e0, e1))
                 setattr(k, name, wrap)
-            fwd = model.forward
-
-            steps = {}
+            fwd, steps = model.forward, {}
 
             def forward(n, *a, **kw):
                 cur["n"] = -1 if kw.get("tiles") is not None else n   # -1: a prefill pass
