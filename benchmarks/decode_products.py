@@ -3,9 +3,9 @@ cuBLAS, as the forward pass meets them: copies of the weights, each call on the 
 sleeping kernel and timed on the GPU. --copies 0 (the default): as many as make twice the H200's 50 MB L2 (at least
 12, one per layer); the figures of RESULTS.md session 15 ran with 12 (then only the MLP weights, 57 MB, exceeded the
 L2: QKV's 42 MB and attention-out's 14 MB could stay in it). cuBLAS runs the bare product (fp16 out, no bias, no
-epilogue), ours the model's epilogue: the comparison favours cuBLAS. The figures are the throughput of independent
-calls: in a decode step each product waits for the one before it, so a kernel's start-up and tail count in full
-there (RESULTS.md, session 18: picks faster here were slower in whole jobs); check a pick in jobs before it lands.
+epilogue), ours the model's epilogue (QKV excepted: a plain one here, the KV cache writes in the model): the
+comparison favours cuBLAS. Picks faster here were slower in whole jobs (RESULTS.md, session 18): check a pick in
+jobs before it lands.
 
   python3 benchmarks/decode_products.py [--m 137,546,1024,2048] [--variants t64x128k64s4,tma128,...] [--reps 5]
       [--copies N] [--shapes qkv,attn_out,mlp_up,mlp_down,lm_head]
