@@ -4,8 +4,8 @@ sleeping kernel and timed on the GPU. --copies 0 (the default): as many as make 
 12, one per layer); the figures of RESULTS.md session 15 ran with 12 (then only the MLP weights, 57 MB, exceeded the
 L2: QKV's 42 MB and attention-out's 14 MB could stay in it). cuBLAS runs the bare product (fp16 out, no bias, no
 epilogue), ours the model's epilogue (QKV excepted: a plain one here, the KV cache writes in the model): the
-comparison favours cuBLAS. Picks faster here were slower in whole jobs (RESULTS.md, session 18): check a pick in
-jobs before it lands.
+comparison favours cuBLAS. Picks faster here were slower in whole jobs (RESULTS.md, session 18): check a pick with
+decode_step_bench.py (a whole step, as the runner replays it) and in jobs before it lands.
 
   python3 benchmarks/decode_products.py [--m 137,546,1024,2048] [--variants t64x128k64s4,tma128,...] [--reps 5]
       [--copies N] [--shapes qkv,attn_out,mlp_up,mlp_down,lm_head]

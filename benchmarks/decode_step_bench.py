@@ -1,0 +1,102 @@
+"""One whole decode step on the GPU (the layers, ln_f and the greedy fp16 LM head, as the runner launches it),
+replayed as a CUDA graph as the runner replays it, under different product picks: what a pick change does to a step,
+where each product waits for the one before it (decode_products.py times one product at a time; RESULTS.md, session
+18: picks it measured faster made whole jobs slower).
+
+    python3 benchmarks/decode_step_bench.py [--rows 137,546,1024,1536,2048] [--ctx 24,400] [--reps 30] [--out DIR]
+
+Configurations: "picks" (picks.py as it is); "staged512" (the reverted 92a7e8f rule: staged TMA kernels from 512
+rows, half outputs on 128x128 tiles while they fit in one wave else 128x192, residual adds beyond 800k outputs or
+with K >= 2048 from 1,024 rows); "staged512-no-qkv" (the same but QKV keeps its pick). GPT-2 124M shapes, seeded
+weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
+replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
+"""
+import argparse
+import json
+import os
+import sys
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def staged512(orig, n_sm, skip_qkv):
+    """The 92a7e8f pick rule over orig (the picker's pick_f16), for products of 512-4,095 rows."""
+    def pick(M, N, out_half=True, K=768):
+        if 512 <= M < 1800 or (out_half and 1800 <= M < 4096):
+            if out_half and not (skip_qkv and N == 3 * 768):
+                return "tma128s" if -(-M // 128) * -(-N // 128) <= n_sm else "tma192s"
+            if not out_half and (M * N > 800_000 or (K >= 2048 and M >= 1024)):
+                return "tma128s"
+        return orig(M, N, out_half, K)
+    return pick
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rows", default="137,546,1024,1536,2048")
+    ap.add_argument("--ctx", default="24,400")
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    a = ap.parse_args()
+    from gpt2job.backends.cuda.backend import CudaBackend
+    from gpt2job.backends.cuda.graphs import Graph
+    from gpt2job.model.config import PRESETS
+    from gpt2job.model.weights import random_params
+    from gpt2job.settings import GenerationSettings, SamplingSettings
+    os.makedirs(a.out, exist_ok=True)
+    be = CudaBackend(random_params(PRESETS["gpt2"], 0), GenerationSettings(max_new_tokens=8, ignore_eos=True),
+                     dtype="float16")
+    dev, model, k = be.device, be.model, be.kernels
+    drv, st = dev.drv, dev.compute
+    orig = k.pick_f16
+    configs = {"picks": orig, "staged512": staged512(orig, k.n_sm, False),
+               "staged512-no-qkv": staged512(orig, k.n_sm, True)}
+    greedy = SamplingSettings()
+    rng = np.random.default_rng(0)
+    res = []
+    try:
+        for ctx in (int(c) for c in a.ctx.split(",")):
+            for n in (int(r) for r in a.rows.split(",")):
+                S = ctx + 1
+                kv = be.runner._kv_cache(n, S)
+                drv.memset_d8(int(dev.buf("kv", 1)), 0, 2 * model.cfg.n_layer * n * S * model.cfg.n_embd * model.elt)
+                tok, pos, seq, rows, out = (int(dev.upload(v, t)) for v, t in (
+                    (rng.integers(0, model.V, n), np.int32), (np.full(n, ctx - 1), np.int32),
+                    (np.arange(n), np.int32), (np.arange(n), np.int64), (np.zeros(n), np.int32)))
+                base = None
+                for name, pick in configs.items():
+                    k.pick_f16 = pick
+
+                    def step():
+                        x = model.forward(n, tok, pos, seq, 0, S, kv)
+                        model.select(x, n, None, 0, seq, rows, 1, out, greedy)
+                    step()                      # grows the buffers, fills the TMA descriptor cache
+                    st.synchronize()
+                    g = Graph(st, step)
+                    times = []
+                    for _ in range(a.reps + 3):
+                        e0, e1 = drv.Event(), drv.Event()
+                        e0.record(st)
+                        g.launch()
+                        e1.record(st)
+                        e1.synchronize()
+                        times.append(e1.time_since(e0))
+                    g.close()
+                    ms = float(np.median(times[3:]))
+                    base = base or ms
+                    rec = {"bench": "decode_step", "config": name, "rows": n, "ctx": ctx, "ms": round(ms, 4),
+                           "vs_picks": round(ms / base, 3)}
+                    res.append(rec)
+                    print(f"ctx {ctx:4d} rows {n:5d} {name:18s} {ms:7.3f} ms  {ms / base:.3f}", flush=True)
+                    with open(os.path.join(a.out, "decode_step.jsonl"), "a") as f:
+                        f.write(json.dumps(rec) + "\n")
+                k.pick_f16 = orig
+    finally:
+        k.pick_f16 = orig
+        be.close()
+
+
+if __name__ == "__main__":
+    main()
