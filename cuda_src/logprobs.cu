@@ -106,6 +106,8 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict_
 // float4 {chunk max, column bits, sum over the chunk of exp(l - chunk max), 0}, n chunks a row in increasing column
 // order. tok[r] = the row's argmax (argmax_partials' rule: the largest, the lowest column on ties); lp_out[r] = its
 // log-probability, max - lse = -log(sum over chunks of s_c exp(m_c - max)), summed in double. One warp per row.
+// Twin: model/logprobs.py token_logprobs at each row's argmax (tests/test_cuda_kernels.py
+// test_gemm_f16_argmax_epilogue, every tile variant's epilogue with this reduction).
 extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n,
                                                    int* __restrict__ tok, float* __restrict__ lp_out, int R)
 {
