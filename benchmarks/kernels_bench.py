@@ -129,6 +129,18 @@ def w2_chunk(n_prompts=2048, lo=32, hi=512):
     return _chunk(sorted(rows, key=len, reverse=True))
 
 
+def timed_compute(be, chunk, reps):
+    """The chunk computed once (warm-up: compiles, allocates), then reps times: (median seconds, last Completions)."""
+    from gpt2job.backends import compute
+    compute(be, chunk)
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        c = compute(be, chunk)
+        ts.append(time.perf_counter() - t)
+    return float(np.median(ts)), c
+
+
 def profile(dtypes, new=8, chunk=None, label="W1"):
     """Device time per kernel kind over one chunk (events around every launch)."""
     import pycuda.driver as drv
@@ -221,13 +233,7 @@ def mix_profile(reps):
     try:
         for case in MIX_CASES:
             chunk = mix_chunk(case)
-            compute(be, chunk)
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                c = compute(be, chunk)
-                ts.append(time.perf_counter() - t)
-            wall = float(np.median(ts))
+            wall, c = timed_compute(be, chunk, reps)
             tl = be.timeline[-1]
             print(f"mix {case}: {c.n_generated} tokens in {wall * 1e3:.1f} ms = {c.n_generated / wall:,.0f} tok/s; "
                   f"prefill {tl.get('prefill_ms', 0):.1f} ms, decode {tl.get('decode_ms', 0):.1f} ms (device)",
@@ -286,7 +292,6 @@ def mix_profile(reps):
 def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
     """configs: (label, dtype, {KernelOptions field: value}) over the environment's options -- e.g. f16_variants,
     prefill_attn, f32_bk."""
-    from gpt2job.backends import compute
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.backends.cuda.options import KernelOptions
     from gpt2job.model.config import PRESETS
@@ -299,13 +304,7 @@ def bench_e2e(configs, new=8, chunk=None, reps=3, label="W1"):
     for name, dt, opts in configs:
         be = CudaBackend(params, gs, dtype=dt, options=dataclasses.replace(KernelOptions.from_env(), **opts))
         try:
-            compute(be, chunk)                       # warm-up (compiles, allocates)
-            ts = []
-            for _ in range(reps):
-                t = time.perf_counter()
-                c = compute(be, chunk)
-                ts.append(time.perf_counter() - t)
-            dt_s = float(np.median(ts))
+            dt_s, c = timed_compute(be, chunk, reps)
             tps = c.n_generated / dt_s
             tl = be.timeline[-1]
             print(f"e2e {label} {name}: {c.n_generated} tokens in {dt_s * 1e3:.1f} ms (median of {reps}) = "
