@@ -15,8 +15,7 @@
 // persistent with a staged epilogue (gemm_f16_tma<BN>s): the consumers write the finished tile into shared memory
 // and 128 threads hand one row each to the bulk-copy unit (cp.async.bulk; EPI_RESID with cp.reduce.async.bulk
 // .add.f32, the fp32 residual added in L2, never read into the SM; EPI_QKV with the key and value columns copied
-// straight into their KV-cache rows), then go on to the next tile's MMAs while the copies drain; or that in clusters
-// of two CTAs that share the B tile's loads (gemm_f16_tma<BN>c: TMA multicast, half the B bytes from the L2).
+// straight into their KV-cache rows), then go on to the next tile's MMAs while the copies drain.
 // Build: -gencode=arch=compute_90a,code=sm_90a.
 #define GEMM_F16_PART 99   // helpers and the shared epilogue of gemm_f16.cu, none of its kernels
 #include "gemm_f16.cu"
@@ -47,31 +46,6 @@ __device__ __forceinline__ void mbar_wait(unsigned long long* bar, unsigned pari
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaDesc* desc, int c0, int c1, unsigned long long* bar) {
     asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n"
                  ::"r"(smem_u32(dst)), "l"((unsigned long long)desc), "r"(c0), "r"(c1), "r"(smem_u32(bar)) : "memory");
-}
-
-// the same box, written at the same shared-memory offset of every CTA in ctaMask (of this cluster), completing
-// bytes on the mbarrier at bar's offset in each of them
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaDesc* desc, int c0, int c1,
-                                                      unsigned long long* bar, unsigned short mask) {
-    asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::cluster"
-                 " [%0], [%1, {%2, %3}], [%4], %5;\n"
-                 ::"r"(smem_u32(dst)), "l"((unsigned long long)desc), "r"(c0), "r"(c1), "r"(smem_u32(bar)), "h"(mask)
-                 : "memory");
-}
-// arrive on the mbarrier at bar's offset in CTA `cta` of this cluster (release at CTA scope, as CUTLASS's
-// ClusterBarrier::arrive: a cluster-scope release made each stage's release wait on this thread's earlier stores)
-__device__ __forceinline__ void mbar_arrive_remote(unsigned long long* bar, unsigned cta) {
-    asm volatile("{\n.reg .b32 ra;\nmapa.shared::cluster.u32 ra, %0, %1;\n"
-                 "mbarrier.arrive.shared::cluster.b64 _, [ra];\n}\n"
-                 ::"r"(smem_u32(bar)), "r"(cta) : "memory");
-}
-__device__ __forceinline__ unsigned cluster_ctarank() {
-    unsigned r;
-    asm volatile("mov.u32 %0, %%cluster_ctarank;\n" : "=r"(r));
-    return r;
-}
-__device__ __forceinline__ void cluster_sync() {   // every thread of every CTA of the cluster
-    asm volatile("barrier.cluster.arrive.release;\nbarrier.cluster.wait.acquire;\n" ::: "memory");
 }
 
 // bulk copies from shared to global memory (sizes and addresses multiples of 16 bytes), one bulk group per thread
@@ -166,15 +140,10 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
 // EPI_ARGMAX, see m_fast below); the stage ring and its barrier phases run on across tiles, so the producer loads
 // the next tile while the consumers run the epilogue of this one. STAGED (persistent only): the epilogue goes through shared memory and bulk copies (see
 // the top of the file) where the output allows it (16-byte aligned rows, not EPI_ARGMAX), else the register one.
-// CL = 2 (persistent only): clusters of two CTAs on M tiles 2i and 2i + 1 of the same N tile. They share the B tile:
-// each loads half of its rows (tmB's box is TBN / 2 rows) into both CTAs (TMA multicast), so a CTA reads 128 + TBN / 2
-// rows from the L2 per k-block, not 128 + TBN. A stage is refilled only once the consumers of both CTAs released it
-// (empty[s] counts the 8 warps of each), and neither CTA exits while the other may still arrive on its barriers.
-template <int TBN, int ST, bool PERSIST, typename OutT, bool STAGED = false, int CL = 1>
+template <int TBN, int ST, bool PERSIST, typename OutT, bool STAGED = false>
 __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
     static_assert(PERSIST || !STAGED, "the staged epilogue is for persistent grids");
-    static_assert(CL == 1 || (CL == 2 && PERSIST), "clusters of two, persistent grids only");
     constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
     constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = STAGED ? TMA_BM * CROW : 0;
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -188,67 +157,49 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int nk = (K + TMA_BK - 1) / TMA_BK;
     const int n_tiles = (N + TBN - 1) / TBN;
-    const int tile0 = PERSIST ? (int)blockIdx.x / CL : 0, tile_step = PERSIST ? (int)gridDim.x / CL : 1;
-    const unsigned rank = CL > 1 ? cluster_ctarank() : 0;
-    const int m_tiles = (M + TMA_BM * CL - 1) / (TMA_BM * CL);   // of a cluster: CL tiles of 128 rows
+    const int tile0 = PERSIST ? blockIdx.x : 0, tile_step = PERSIST ? gridDim.x : 1;
+    const int m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = PERSIST ? n_tiles * m_tiles : 1;
     // persistent tile order: N tiles fastest (the blocks running at once share their A rows), except for the greedy
     // LM head (EPI_ARGMAX): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and would be read from memory
     // once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2
     const bool m_fast = PERSIST && (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE);
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
-        m0 = ((PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * CL + (int)rank) * TMA_BM;
+        m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * TMA_BM;
         n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)blockIdx.x) * TBN;
     };
     if (tid == 0) {
 #pragma unroll
         for (int s = 0; s < ST; s++) {
             mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 8 * CL);
+            mbar_init(&empty[s], 8);
         }
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
-    if (CL > 1)
-        cluster_sync();   // the other CTA's loads and arrivals find these barriers initialised
-    else
-        __syncthreads();
+    __syncthreads();
 
-    if (warp == 8) {   // producer: lane 0 issues the loads; in a cluster the whole warp walks the loop with it
-        // (converged: its other lanes then wait for the cluster barrier at the end without competing with lane 0)
-        if (CL == 1 && lane != 0) return;
+    if (warp == 8) {   // producer
         if (lane == 0) {
             // the descriptors were written by a copy: order that before the TMA unit reads them
             asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
             asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
-        }
-        int it = 0;   // k-blocks loaded so far (all tiles): stage it % ST, phase it / ST
-        for (int tile = tile0; tile < tile_end; tile += tile_step) {
-            int m0, n0;
-            origin(tile, m0, n0);
-            for (int kb = 0; kb < nk; kb++, it++) {
-                const int s = it % ST;
-                if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
-                if (lane == 0) {
+            int it = 0;   // k-blocks loaded so far (all tiles): stage it % ST, phase it / ST
+            for (int tile = tile0; tile < tile_end; tile += tile_step) {
+                int m0, n0;
+                origin(tile, m0, n0);
+                for (int kb = 0; kb < nk; kb++, it++) {
+                    const int s = it % ST;
+                    if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
                     mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
                     tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
-                    if (CL > 1)   // this CTA's half of the B rows, into both
-                        tma_load_2d_multicast(Bs + s * TBN * TMA_BK + rank * (TBN / 2) * TMA_BK, tmB, kb * TMA_BK,
-                                              n0 + rank * (TBN / 2), &full[s], 3);
-                    else
-                        tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
+                    tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
                 }
-                if (CL > 1) __syncwarp();
             }
         }
-        if (CL > 1) cluster_sync();
         return;
     }
 
     const int wg = warp >> 2;
-    auto release = [&](unsigned long long* bar) {   // this warp is done reading a stage (of both CTAs' loads)
-        mbar_arrive(bar);
-        if (CL > 1) mbar_arrive_remote(bar, rank ^ 1);
-    };
     float acc[1][TBN / 8][4];
     int it = 0;   // k-blocks consumed so far (all tiles)
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
@@ -279,11 +230,11 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
             wg_commit();
             wg_wait1();                                 // k-block it - 1's batch has retired: release its stage
             wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-            if (kb > 0 && lane == 0) release(&empty[(it - 1) % ST]);
+            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
         }
         wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-        if (PERSIST && nk > 0 && lane == 0) release(&empty[(it - 1) % ST]);   // the tile's last stage
+        if (PERSIST && nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);   // the tile's last stage
         if (STAGED && staged) {
             staged_epilogue<TBN, CROW, OutT>(acc, Cs, tid, m0, n0, have_copies, GEMM_F16_PASS);
             have_copies = true;
@@ -293,7 +244,6 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
         }
     }
     if (STAGED && have_copies && tid < TMA_BM) bulk_wait_all();   // shared memory stays valid until read
-    if (CL > 1) cluster_sync();
 }
 
 // name: gemm_f16_tma<TBN>[p]_<out> (p: persistent, s: staged); records in
@@ -308,17 +258,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
     { gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
 
-// ... staged, in clusters of two CTAs sharing the B tile (see gemm_tma_impl)
-#define DEF_GEMM_TMA_CL(NAME, TBN, STH, STF)                                                                    \
-    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TMA_THREADS, 1)                    \
-    NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { gemm_tma_impl<TBN, STH, true, __half, true, 2>(tmA, tmB, GEMM_F16_PASS); }                                \
-    extern "C" __global__ void __cluster_dims__(2, 1, 1) __launch_bounds__(TMA_THREADS, 1)                    \
-    NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { gemm_tma_impl<TBN, STF, true, float, true, 2>(tmA, tmB, GEMM_F16_PASS); }
-
-// GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue, 3 the same in clusters of
-// two; set by
+// GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
 // gpt2job/backends/cuda/kernels.py): compile one variant only (they compile in parallel); neither set: all of them
 #ifndef GEMM_TMA_PERSIST
 #define GEMM_TMA_PERSIST -1
@@ -350,10 +290,4 @@ DEF_GEMM_TMA2(gemm_f16_tma192s, 192, 4, 3, 1, true, true)
 #endif
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 2)
 DEF_GEMM_TMA2(gemm_f16_tma256s, 256, 3, 2, 1, true, true)
-#endif
-#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 3)
-DEF_GEMM_TMA_CL(gemm_f16_tma128c, 128, 5, 4)
-#endif
-#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 192 && GEMM_TMA_PERSIST == 3)
-DEF_GEMM_TMA_CL(gemm_f16_tma192c, 192, 4, 3)
 #endif

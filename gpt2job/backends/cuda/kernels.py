@@ -45,7 +45,6 @@ class F16Tile:
     persistent: bool = False   # as many blocks as fit at once, each looping over tiles (TMA "p" and "s" variants)
     blocks_per_sm: int = 0     # TMA: blocks per SM (its __launch_bounds__): the wave model and persistent grids
     efficiency: float = 0.0    # plain TMA: relative speed per tile column (H100 kernel table), for the wave model
-    cluster: int = 1           # TMA: CTAs per cluster (2: pairs of M tiles share the B tile's loads)
 
     @property
     def source(self):
@@ -86,13 +85,12 @@ def _staged_smem(bn, stages, out_half):
     return stages * (128 + bn) * 64 * 2 + 128 * row + 1024 + 16 * stages
 
 
-def _staged(name, bn, stages_half, stages_float, cluster=1):
+def _staged(name, bn, stages_half, stages_float):
     """Persistent TMA kernel with the staged epilogue: the finished tile goes out through shared memory by bulk
-    copies (EPI_RESID as a bulk add in L2). cluster 2: in CTA pairs that share the B tile's loads."""
+    copies (EPI_RESID as a bulk add in L2)."""
     return F16Tile(name, "tma", 128, bn, bn, 288, _staged_smem(bn, stages_half, True),
-                   _staged_smem(bn, stages_float, False),
-                   ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=%d" % (2 if cluster == 1 else 3)), "sm_90a",
-                   True, 1, cluster=cluster)
+                   _staged_smem(bn, stages_float, False), ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=2"), "sm_90a",
+                   True, 1)
 
 
 F16_TILES = {t.name: t for t in (
@@ -119,8 +117,6 @@ F16_TILES = {t.name: t for t in (
     _staged("tma128s", 128, 5, 4),
     _staged("tma192s", 192, 4, 3),
     _staged("tma256s", 256, 3, 2),
-    _staged("tma128c", 128, 5, 4, cluster=2),
-    _staged("tma192c", 192, 4, 3, cluster=2),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3",
@@ -204,14 +200,6 @@ class Kernels(SelectKernels):
             raise ValueError(f"argmax variant {forced} (GPT2JOB_ARGMAX_VARIANT): not a compiled fp16 variant "
                              f"(compiled: {', '.join(variants)})")
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
-        self.cluster_slots = {}   # (tile, out_half) -> clusters that run at once (a cluster kernel's persistent grid)
-        for t in self.tiles:
-            if t.cluster > 1:
-                from gpt2job.backends.cuda.clusters import max_active_clusters
-                fit = max_active_clusters(cubins[t.module], [(t.kernel(h), t.smem(h)) for h in (True, False)],
-                                          t.threads, t.cluster, self.n_sm)
-                for h in (True, False):
-                    self.cluster_slots[t.name, h] = fit[t.kernel(h)] or self.n_sm * t.blocks_per_sm // t.cluster
         picker = TilePicker(F16_TILES, variants, self.n_sm, options)
         self.pick_f16, self.pick_argmax = picker.pick_f16, picker.pick_argmax
         self.tmaps = None
@@ -278,10 +266,8 @@ class Kernels(SelectKernels):
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
         t = F16_TILES[variant or self.pick_f16(M, N, out_half, K)]
         grid = ((N + t.bn - 1) // t.bn, (M + t.bm - 1) // t.bm, 1)
-        if t.persistent:   # as many blocks (clusters) as fit at once, each looping over tiles
-            cl = t.cluster
-            slots = self.cluster_slots[t.name, out_half] if cl > 1 else self.n_sm * t.blocks_per_sm
-            grid = (min(grid[0] * -(-grid[1] // cl), slots) * cl, 1, 1)
+        if t.persistent:   # as many blocks as fit at once, each looping over tiles
+            grid = (min(grid[0] * grid[1], self.n_sm * t.blocks_per_sm), 1, 1)
         if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE):
             assert not out_half and ldc >= (N + t.wn - 1) // t.wn
         if mode == EPI_QKV:
@@ -292,8 +278,7 @@ class Kernels(SelectKernels):
             sb = S = kvC = 0
         tm = ()
         if t.family == "tma":
-            tm = (self.tmaps.get(stream, ptr(A), M, K, lda, t.bm),
-                  self.tmaps.get(stream, ptr(B), N, K, ldb, t.bn // t.cluster))   # a cluster's CTAs: a share each
+            tm = (self.tmaps.get(stream, ptr(A), M, K, lda, t.bm), self.tmaps.get(stream, ptr(B), N, K, ldb, t.bn))
         f, block, smem = self._f16[t.name, out_half]
         f.prepared_async_call(grid, block, stream, *tm, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,
                               ptr(rs), ptr(rp), int(sb), int(S), ptr(kc), ptr(vc), int(kvC), shared_size=smem)
