@@ -5,13 +5,11 @@ where each product waits for the one before it (decode_products.py times one pro
 
     python3 benchmarks/decode_step_bench.py [--rows 137,546,1024,1536,2048] [--ctx 24,400] [--reps 30] [--out DIR]
 
-Configurations: "picks" (picks.py as it is, kernels launched with PDL where the options say so: the default);
-"picks-nopdl" (the same launched as PyCUDA launches them, without programmatic dependent launch); "staged512" (the reverted 92a7e8f rule: staged TMA kernels from 512
+Configurations: "picks" (picks.py as it is); "staged512" (the reverted 92a7e8f rule: staged TMA kernels from 512
 rows, half outputs on 128x128 tiles while they fit in one wave else 128x192, residual adds beyond 800k outputs or
 with K >= 2048 from 1,024 rows); "staged512-no-qkv" (the same but QKV keeps its pick). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
-replays) and the ratio to "picks", and the same for the step launched kernel by kernel ("eager": the host's launch
-cost shows there when it exceeds the GPU's time); JSON lines to OUT/decode_step.jsonl.
+replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
 """
 import argparse
 import json
@@ -40,7 +38,6 @@ def main():
     ap.add_argument("--rows", default="137,546,1024,1536,2048")
     ap.add_argument("--ctx", default="24,400")
     ap.add_argument("--reps", type=int, default=30)
-    ap.add_argument("--configs", default="picks,picks-nopdl,staged512,staged512-no-qkv")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
     from gpt2job.backends.cuda.backend import CudaBackend
@@ -53,14 +50,9 @@ def main():
                      dtype="float16")
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
-    from gpt2job.backends.cuda.kernels import F16_TILES
     orig = k.pick_f16
-    configs = {"picks": orig, "picks-nopdl": orig, "staged512": staged512(orig, k.n_sm, False),
+    configs = {"picks": orig, "staged512": staged512(orig, k.n_sm, False),
                "staged512-no-qkv": staged512(orig, k.n_sm, True)}
-    configs = {c: configs[c] for c in a.configs.split(",")}
-    with_pdl = (k._launch, k._f16)
-    without_pdl = (dict(k.funcs), {key: (k.funcs[F16_TILES[key[0]].kernel(key[1])], b, sm)
-                                   for key, (_, b, sm) in k._f16.items()})
     greedy = SamplingSettings()
     rng = np.random.default_rng(0)
     res = []
@@ -76,7 +68,6 @@ def main():
                 base = None
                 for name, pick in configs.items():
                     k.pick_f16 = pick
-                    k._launch, k._f16 = without_pdl if name.endswith("-nopdl") else with_pdl
 
                     def step():
                         x = model.forward(n, tok, pos, seq, 0, S, kv)
@@ -93,28 +84,17 @@ def main():
                         e1.synchronize()
                         times.append(e1.time_since(e0))
                     g.close()
-                    eager = []
-                    for _ in range(a.reps + 3):
-                        e0, e1 = drv.Event(), drv.Event()
-                        e0.record(st)
-                        step()
-                        e1.record(st)
-                        e1.synchronize()
-                        eager.append(e1.time_since(e0))
-                    ms, ems = float(np.median(times[3:])), float(np.median(eager[3:]))
-                    base = base or (ms, ems)
+                    ms = float(np.median(times[3:]))
+                    base = base or ms
                     rec = {"bench": "decode_step", "config": name, "rows": n, "ctx": ctx, "ms": round(ms, 4),
-                           "vs_picks": round(ms / base[0], 3), "eager_ms": round(ems, 4),
-                           "eager_vs_picks": round(ems / base[1], 3)}
+                           "vs_picks": round(ms / base, 3)}
                     res.append(rec)
-                    print(f"ctx {ctx:4d} rows {n:5d} {name:18s} graph {ms:7.3f} ms  {ms / base[0]:.3f}   "
-                          f"eager {ems:7.3f} ms  {ems / base[1]:.3f}", flush=True)
+                    print(f"ctx {ctx:4d} rows {n:5d} {name:18s} {ms:7.3f} ms  {ms / base:.3f}", flush=True)
                     with open(os.path.join(a.out, "decode_step.jsonl"), "a") as f:
                         f.write(json.dumps(rec) + "\n")
                 k.pick_f16 = orig
     finally:
         k.pick_f16 = orig
-        k._launch, k._f16 = with_pdl
         be.close()
 
 

@@ -3,17 +3,6 @@
 #include <cuda_fp16.h>
 #include <stdint.h>
 
-// Programmatic dependent launch (sm_90; gpt2job/backends/cuda/launch.py): every kernel calls this first, before it
-// touches global memory. It waits until the kernels before it on the stream have ended and their writes are
-// visible (for a launch made without the attribute there is nothing to wait for). No early trigger
-// (griddepcontrol.launch_dependents after the wait made decode steps 3-14% slower: the next kernel's blocks were
-// placed on whatever SMs had room while this one ran).
-__device__ __forceinline__ void pdl_enter() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // Epilogue modes of the matrix products (runtime argument, uniform per launch).
 #define EPI_BIAS 0        // out = acc + bias
 #define EPI_GELU_TANH 1   // out = gelu_new(acc + bias)

@@ -253,10 +253,10 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 #define DEF_GEMM_TMA2(NAME, TBN, STH, STF, MINB, PERSIST, STAGED)                                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { pdl_enter(); gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                 \
+    { gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { pdl_enter(); gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
+    { gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
 
 // GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
 // gpt2job/backends/cuda/kernels.py): compile one variant only (they compile in parallel); neither set: all of them

@@ -8,7 +8,6 @@
 //   greedy != 0: the token is chosen here too, the argmax of the row (lowest id on ties, as argmax_rows), and
 //   written to tok[r]: greedy --logprobs reads the logits once instead of twice (argmax_rows, then this).
 #include <math.h>
-#include "common.cuh"
 
 #define LP_THREADS 256
 #define LP_MAX_K 20
@@ -22,7 +21,6 @@ extern "C" __global__ void __launch_bounds__(LP_THREADS)
 token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict__ tok, int greedy, int K,
                float* __restrict__ lp_out, int* __restrict__ top_ids, float* __restrict__ top_vals, int R)
 {
-    pdl_enter();
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
@@ -113,7 +111,6 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict_
 extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n,
                                                    int* __restrict__ tok, float* __restrict__ lp_out, int R)
 {
-    pdl_enter();
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= R) return;

@@ -98,7 +98,6 @@ __device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ out, int R)
 {
-    pdl_enter();
     __shared__ float sv[32];
     __shared__ int si[32];
     const int r = blockIdx.x;
@@ -395,7 +394,6 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
             const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
             int top_k, double top_p, int cache, int* __restrict__ out, int R)
 {
-    pdl_enter();
     extern __shared__ float srow[];
     const int r = blockIdx.x;
     if (r >= R) return;
@@ -418,7 +416,6 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
                    const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
                    int cache, int* __restrict__ out, int R)
 {
-    pdl_enter();
     extern __shared__ float srow[];
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -449,7 +446,6 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
 extern "C" __global__ void mark_seen(const int* __restrict__ tok, const int* __restrict__ seq, int n, int seq_base,
                                      unsigned* __restrict__ bits, int words)
 {
-    pdl_enter();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         const int t = tok[i];
@@ -461,7 +457,6 @@ extern "C" __global__ void mark_seen(const int* __restrict__ tok, const int* __r
 // n chunks per row in increasing column order; largest value, lowest column on ties. One warp per row.
 extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int ld, int n, int* __restrict__ out, int R)
 {
-    pdl_enter();
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= R) return;
@@ -487,7 +482,6 @@ extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int 
 extern "C" __global__ void gather_tokens(const int* __restrict__ src, const int* __restrict__ idx, int* __restrict__ dst,
                                          int n)
 {
-    pdl_enter();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = src[idx[i]];
 }

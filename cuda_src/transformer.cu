@@ -9,7 +9,6 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
                                  const float* __restrict__ wte, const float* __restrict__ wpe,
                                  float* __restrict__ x, int R, int C)
 {
-    pdl_enter();
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* a = wte + (size_t)tok[r] * C;
@@ -24,7 +23,6 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
 // 256 threads, grid (ceil(N / 32), ceil(K / 32)). half_of: out[i] = half(a[i]) (the LM head, [V, C] as stored).
 extern "C" __global__ void half_t(const float* __restrict__ w, __half* __restrict__ out, int K, int N)
 {
-    pdl_enter();
     __shared__ float t[32][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     const int n0 = blockIdx.x * 32, k0 = blockIdx.y * 32;
@@ -41,7 +39,6 @@ extern "C" __global__ void half_t(const float* __restrict__ w, __half* __restric
 
 extern "C" __global__ void half_of(const float* __restrict__ a, __half* __restrict__ out, unsigned long long n)
 {
-    pdl_enter();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)
         out[i] = __float2half_rn(a[i]);
@@ -113,11 +110,11 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
 
 extern "C" __global__ void layernorm_f32(const float* x, const int* rowidx, int idx_base, const float* w, const float* b,
                                          float* out, int R, int C, float eps)
-{ pdl_enter(); layernorm_impl<float>(x, rowidx, idx_base, w, b, out, R, C, eps); }
+{ layernorm_impl<float>(x, rowidx, idx_base, w, b, out, R, C, eps); }
 
 extern "C" __global__ void layernorm_f16(const float* x, const int* rowidx, int idx_base, const float* w, const float* b,
                                          __half* out, int R, int C, float eps)
-{ pdl_enter(); layernorm_impl<__half>(x, rowidx, idx_base, w, b, out, R, C, eps); }
+{ layernorm_impl<__half>(x, rowidx, idx_base, w, b, out, R, C, eps); }
 
 // Shared prompt prefixes (gpt2job/backends/cuda/prefix_share.py): for each entry {dst, src, pos} of ent [n, 3],
 // copy the key and value rows at position pos of cache slot src - slot_base into slot dst - slot_base (kc, vc:
@@ -146,10 +143,10 @@ __device__ __forceinline__ void kv_copy_impl(const int* __restrict__ ent, int n,
 }
 
 extern "C" __global__ void kv_copy_f32(const int* ent, int n, int slot_base, float* kc, float* vc, int S, int C)
-{ pdl_enter(); kv_copy_impl<float>(ent, n, slot_base, kc, vc, S, C); }
+{ kv_copy_impl<float>(ent, n, slot_base, kc, vc, S, C); }
 
 extern "C" __global__ void kv_copy_f16(const int* ent, int n, int slot_base, __half* kc, __half* vc, int S, int C)
-{ pdl_enter(); kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
+{ kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
 
 // Causal attention over the cache, one warp per (query row r, head h); ragged: each row carries its own
 // slot and absolute position p and sees keys 0..p of its slot. Online softmax over 32-key tiles,
@@ -270,12 +267,12 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_f32(const float* qkv, const float* kc, const float* vc, const int* row_slot, int slot_base,
               const int* row_pos, float* out, int R, int H, int D, int S, float scale)
-{ pdl_enter(); attention_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ attention_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
               const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ pdl_enter(); attention_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ attention_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 // Grouped variant (D % 8 == 0, D / 8 a power of two dividing 32, i.e. D in {8, 16, 32, 64, 128}): one warp per
 // (row, head), split into G = 256 / D groups of D / 8 lanes; lane li of a group owns dims 8 li .. 8 li + 7
@@ -374,9 +371,9 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_grouped_f32(const float* qkv, const float* kc, const float* vc, const int* row_slot, int slot_base,
                       const int* row_pos, float* out, int R, int H, int D, int S, float scale)
-{ pdl_enter(); attention_grouped_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ attention_grouped_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_grouped_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
                       const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ pdl_enter(); attention_grouped_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ attention_grouped_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }

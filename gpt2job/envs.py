@@ -43,7 +43,6 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_TMA_STAGED", "bool", True, "fp16 products on the staged-epilogue TMA kernels where picked"),
     Var("GPT2JOB_TMA_PERSISTENT", "bool", False, "persistent twins of the TMA kernels where compiled"),
     Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "greedy decode steps replayed as CUDA graphs"),
-    Var("GPT2JOB_PDL", "bool", True, "kernels launched with programmatic dependent launch (Hopper)"),
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),

@@ -321,28 +321,8 @@ def _preprocess(src, no_extern_c, arch, options, include_dirs, cache_dir):
     return _preprocess_text(src, arch, tuple(options), tuple(include_dirs)).encode()
 
 
-class _FakePdl:
-    """launch.PdlModules on the preprocessed text: a kernel launched with PDL must wait (pdl_enter) before anything
-    else it does, and take the arguments its PyCUDA twin takes."""
-
-    def __init__(self, cubins):
-        self.texts = {k: v.decode() for k, v in cubins.items()}
-        self.launched = set()
-
-    def function(self, module, name, signature):
-        text = self.texts[module]
-        sig, _ = kernel_in(text, name)
-        assert sig == signature, name
-        body = text[text.index("{", re.search(rf"(?<!\w){name}\s*\(", text).end()) + 1:]
-        assert body.lstrip().startswith("pdl_enter();"), f"{name} does not start with pdl_enter()"
-        self.launched.add(name)
-        return types.SimpleNamespace(set_max_dynamic_shared=lambda n: None)
-
-
 @pytest.fixture
 def ck(monkeypatch, tmp_path):
-    import gpt2job.backends.cuda.launch as launch
-    monkeypatch.setattr(launch, "PdlModules", _FakePdl)
     fake_pycuda = types.ModuleType("pycuda")
     fake_compiler = types.ModuleType("pycuda.compiler")
     fake_compiler.compile = _preprocess
@@ -360,8 +340,6 @@ def ck(monkeypatch, tmp_path):
 def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch):
     every = ck.Kernels(0, KernelOptions(f16_variants=ALL_TILES))   # every kernel in its module, signature checked
     assert every.f16_variants == tuple(ck.F16_TILES)
-    assert every.pdl.launched == set(every.funcs)     # each launched with PDL, each waiting first (_FakePdl)
-    assert ck.Kernels(0, KernelOptions(f16_variants=ALL_TILES, pdl=False)).pdl is None
     assert every.row_cache_floats == (232448 - 4096) // 4   # a GPT-2 row of logits (50,257) fits: sampled from it
     assert len({t.module for t in ck.F16_TILES.values()}) == len(ck.F16_TILES)   # one module each: parallel nvcc
     for k in ck.KERNELS:   # the block size is the kernel's __launch_bounds__ where it declares one

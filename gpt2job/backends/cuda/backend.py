@@ -54,9 +54,8 @@ class CudaBackend(Backend):
     def _setup(self, params, local_rank, share_gpus):
         dev = self.device
         self.kernels = Kernels(local_rank, self.options)
-        for owned in (self.kernels.tmaps, self.kernels.pdl):
-            if owned is not None:
-                dev.own(owned)
+        if self.kernels.tmaps is not None:
+            dev.own(self.kernels.tmaps)
         dev.open_streams()
         self.model = Model(dev, self.kernels, params, self.dtype, self.options, self.head_rows)
         t0 = dev.drv.Event()   # the timeline's origin

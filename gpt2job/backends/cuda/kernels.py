@@ -182,7 +182,6 @@ class Kernels(SelectKernels):
         mods = {key: drv.module_from_buffer(cubin) for key, cubin in cubins.items()}
         self.funcs = {}
         self._f16 = {}   # (tile, out_half) -> (function, block, shared memory): the launch's lookups at once
-        self.dyn_smem = {}   # kernel -> the dynamic shared memory it was allowed above 48 KB
         for k in KERNELS:
             f = mods[k.source].get_function(k.name)
             f.prepare(k.signature)
@@ -193,24 +192,9 @@ class Kernels(SelectKernels):
                 f = mods[t.module].get_function(t.kernel(out_half))
                 if t.smem(out_half) > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, t.smem(out_half))
-                    self.dyn_smem[t.kernel(out_half)] = t.smem(out_half)
                 f.prepare(t.signature)
                 self.funcs[t.kernel(out_half)] = f
-        # what launches them: these PyCUDA functions, or their twins launched with PDL (launch.py) on Hopper
-        self.pdl = None
-        self._launch = dict(self.funcs)
-        if options.pdl and drv.Context.get_device().compute_capability() >= (9, 0):
-            from gpt2job.backends.cuda.launch import PdlModules
-            self.pdl = PdlModules(cubins)
-            sigs = {k.name: (k.source, k.signature) for k in KERNELS}
-            sigs.update({t.kernel(h): (t.module, t.signature) for t in self.tiles for h in (True, False)})
-            for name, (module, signature) in sigs.items():
-                self._launch[name] = self.pdl.function(module, name, signature)
-                if name in self.dyn_smem:
-                    self._launch[name].set_max_dynamic_shared(self.dyn_smem[name])
-        for t in self.tiles:
-            for out_half in (True, False):
-                self._f16[t.name, out_half] = (self._launch[t.kernel(out_half)], (t.threads, 1, 1), t.smem(out_half))
+                self._f16[t.name, out_half] = (f, (t.threads, 1, 1), t.smem(out_half))
         forced = options.argmax_variant
         if forced and forced not in variants:
             raise ValueError(f"argmax variant {forced} (GPT2JOB_ARGMAX_VARIANT): not a compiled fp16 variant "
@@ -225,7 +209,7 @@ class Kernels(SelectKernels):
 
     def launch(self, k, grid, stream, *args, shared=0):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
-        self._launch[k.name].prepared_async_call(grid, k.block, stream, *args, shared_size=shared)
+        self.funcs[k.name].prepared_async_call(grid, k.block, stream, *args, shared_size=shared)
 
     # ---------------------------------------------------------------- matrix products
 

@@ -69,7 +69,6 @@ class SelectKernels:
             f = self.funcs[k.name]
             room = optin - f.get_attribute(drv.function_attribute.SHARED_SIZE_BYTES)
             f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, room)
-            self.dyn_smem[k.name] = room
             fits.append(room // 4)
         self.row_cache_floats = min(fits)
 

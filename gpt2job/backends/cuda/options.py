@@ -23,7 +23,6 @@ class KernelOptions:
     tma_staged: bool = True              # fp16 products on the staged-epilogue TMA kernels where picked
     tma_persistent: bool = False         # the persistent twins of the TMA kernels, where compiled
     cuda_graphs: bool = True             # greedy decode steps replayed as CUDA graphs (graphs.StepGraphs)
-    pdl: bool = True                     # programmatic dependent launch on Hopper (launch.py)
 
     def __post_init__(self):
         if self.f32_bk not in (0, 8, 16):
@@ -45,8 +44,7 @@ class KernelOptions:
                    prefill_attn=envs.get("GPT2JOB_PREFILL_ATTN"),
                    tma_staged=envs.get("GPT2JOB_TMA_STAGED"),
                    tma_persistent=envs.get("GPT2JOB_TMA_PERSISTENT"),
-                   cuda_graphs=envs.get("GPT2JOB_CUDA_GRAPHS"),
-                   pdl=envs.get("GPT2JOB_PDL"))
+                   cuda_graphs=envs.get("GPT2JOB_CUDA_GRAPHS"))
 
     def describe(self):
         """The switches as plain data (JSON), for the job summary."""
