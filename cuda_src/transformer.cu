@@ -289,6 +289,22 @@ __device__ __forceinline__ void load8f(const __half* p, float* f) {
 #pragma unroll
     for (int j = 0; j < 4; j++) { const float2 t = __half22float2(h[j]); f[2 * j] = t.x; f[2 * j + 1] = t.y; }
 }
+// 8 elements as loaded (16 bytes of fp16, 32 of fp32), converted to float only when used (unpack8f)
+template <typename T> struct Raw8;
+template <> struct Raw8<__half> { uint4 v; };
+template <> struct Raw8<float> { float4 a, b; };
+__device__ __forceinline__ void load_raw(const __half* p, Raw8<__half>& r) { r.v = *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ void load_raw(const float* p, Raw8<float>& r) {
+    r.a = reinterpret_cast<const float4*>(p)[0];
+    r.b = reinterpret_cast<const float4*>(p)[1];
+}
+__device__ __forceinline__ void unpack8f(const Raw8<__half>& r, float* f) { load8f(reinterpret_cast<const __half*>(&r.v), f); }
+__device__ __forceinline__ void unpack8f(const Raw8<float>& r, float* f) {
+    f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w; f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
+}
+#ifndef ATT_KEYS
+#define ATT_KEYS 4       // key steps of a group whose loads are issued together (attention_grouped_impl)
+#endif
 __device__ __forceinline__ void store8(float* p, const float* f) {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
@@ -320,29 +336,39 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
 #pragma unroll
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
-    // keys j = g + G t; all lanes of the warp run the same number of iterations (shuffles stay converged)
+    // keys j = g + G t, in that order; all lanes of the warp run the same number of iterations (shuffles stay
+    // converged). The keys and values of ATT_KEYS steps are loaded before any of them is used: the loads of a warp
+    // in flight at once are what keeps the memory busy (the cache is read once, at HBM speed or not at all).
     const int nit = (p + G) / G;
-#pragma unroll 2
-    for (int t = 0; t < nit; t++) {
-        const int j = g + G * t;
-        const bool ok = j <= p;
-        float kf[8], vf[8];
-        if (ok) {
-            load8f(kc + base + (size_t)j * C, kf);
-            load8f(vc + base + (size_t)j * C, vf);
+    for (int t0 = 0; t0 < nit; t0 += ATT_KEYS) {
+        Raw8<T> kr[ATT_KEYS], vr[ATT_KEYS];
+#pragma unroll
+        for (int u = 0; u < ATT_KEYS; u++) {
+            const int j = g + G * (t0 + u);
+            if (j <= p) {
+                load_raw(kc + base + (size_t)j * C, kr[u]);
+                load_raw(vc + base + (size_t)j * C, vr[u]);
+            }
         }
-        float s = 0.f;
 #pragma unroll
-        for (int i = 0; i < 8; i++) s = fmaf(q[i], ok ? kf[i] : 0.f, s);
-        for (int o = 1; o < LPG; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
-        if (ok) {
-            const float mn = fmaxf(m, s);
-            const float corr = expf(m - mn);   // m = -inf at the first key: corr = 0
-            const float e = expf(s - mn);
-            l = l * corr + e;
+        for (int u = 0; u < ATT_KEYS; u++) {
+            const bool ok = g + G * (t0 + u) <= p;   // false past step nit - 1 for every lane
+            float kf[8], vf[8];
+            unpack8f(kr[u], kf);
+            unpack8f(vr[u], vf);
+            float s = 0.f;
 #pragma unroll
-            for (int i = 0; i < 8; i++) acc[i] = fmaf(e, vf[i], acc[i] * corr);
-            m = mn;
+            for (int i = 0; i < 8; i++) s = fmaf(q[i], ok ? kf[i] : 0.f, s);
+            for (int o = 1; o < LPG; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+            if (ok) {
+                const float mn = fmaxf(m, s);
+                const float corr = expf(m - mn);   // m = -inf at the first key: corr = 0
+                const float e = expf(s - mn);
+                l = l * corr + e;
+#pragma unroll
+                for (int i = 0; i < 8; i++) acc[i] = fmaf(e, vf[i], acc[i] * corr);
+                m = mn;
+            }
         }
     }
     // merge the groups: lanes lane and lane ^ o (o >= LPG) hold the same dims of different groups
