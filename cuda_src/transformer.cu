@@ -302,9 +302,6 @@ __device__ __forceinline__ void unpack8f(const Raw8<__half>& r, float* f) { load
 __device__ __forceinline__ void unpack8f(const Raw8<float>& r, float* f) {
     f[0] = r.a.x; f[1] = r.a.y; f[2] = r.a.z; f[3] = r.a.w; f[4] = r.b.x; f[5] = r.b.y; f[6] = r.b.z; f[7] = r.b.w;
 }
-#ifndef ATT_KEYS
-#define ATT_KEYS 4       // key steps of a group whose loads are issued together (attention_grouped_impl)
-#endif
 __device__ __forceinline__ void store8(float* p, const float* f) {
     reinterpret_cast<float4*>(p)[0] = make_float4(f[0], f[1], f[2], f[3]);
     reinterpret_cast<float4*>(p)[1] = make_float4(f[4], f[5], f[6], f[7]);
@@ -316,7 +313,8 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-template <typename T>
+// KEYS: key steps of a group whose loads are issued together (2 or 4, see the loop)
+template <typename T, int KEYS>
 __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
                                                        const T* __restrict__ vc, const int* __restrict__ row_slot,
                                                        int slot_base, const int* __restrict__ row_pos,
@@ -337,13 +335,14 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
     // keys j = g + G t, in that order; all lanes of the warp run the same number of iterations (shuffles stay
-    // converged). The keys and values of ATT_KEYS steps are loaded before any of them is used: the loads of a warp
-    // in flight at once are what keeps the memory busy (the cache is read once, at HBM speed or not at all).
+    // converged). The keys and values of KEYS steps are loaded before any of them is used: the loads of a warp in
+    // flight at once are what keeps the memory busy on long contexts (KEYS 4: 94 registers, fewer warps an SM; on
+    // short ones the steps past the last key and the lower occupancy cost more than that gains: KEYS 2).
     const int nit = (p + G) / G;
-    for (int t0 = 0; t0 < nit; t0 += ATT_KEYS) {
-        Raw8<T> kr[ATT_KEYS], vr[ATT_KEYS];
+    for (int t0 = 0; t0 < nit; t0 += KEYS) {
+        Raw8<T> kr[KEYS], vr[KEYS];
 #pragma unroll
-        for (int u = 0; u < ATT_KEYS; u++) {
+        for (int u = 0; u < KEYS; u++) {
             const int j = g + G * (t0 + u);
             if (j <= p) {
                 load_raw(kc + base + (size_t)j * C, kr[u]);
@@ -351,7 +350,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             }
         }
 #pragma unroll
-        for (int u = 0; u < ATT_KEYS; u++) {
+        for (int u = 0; u < KEYS; u++) {
             const bool ok = g + G * (t0 + u) <= p;   // false past step nit - 1 for every lane
             float kf[8], vf[8];
             unpack8f(kr[u], kf);
@@ -394,12 +393,12 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     }
 }
 
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_grouped_f32(const float* qkv, const float* kc, const float* vc, const int* row_slot, int slot_base,
-                      const int* row_pos, float* out, int R, int H, int D, int S, float scale)
-{ attention_grouped_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
-
-extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
-attention_grouped_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
-                      const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ attention_grouped_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+#define DEF_ATTENTION_GROUPED(NAME, T, KEYS)                                                                   \
+    extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                               \
+    NAME(const T* qkv, const T* kc, const T* vc, const int* row_slot, int slot_base, const int* row_pos, T* out, \
+         int R, int H, int D, int S, float scale)                                                                \
+    { attention_grouped_impl<T, KEYS>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 2)
+DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 2)
+DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4)    // long contexts (Kernels.attention)
+DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4)

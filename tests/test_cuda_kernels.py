@@ -342,9 +342,11 @@ def test_half_weights(K, K_, N):
 @pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
                                           (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])
-def test_attention(K, H, D, grouped, half):
+@pytest.mark.parametrize("keys", [2, 4])
+def test_attention(K, H, D, grouped, half, keys):
     """Ragged prefill of several prompts, then one decode step, against reference.attention (each row's key and
-    value put into the cache first, as the QKV product's EPI_QKV epilogue does)."""
+    value put into the cache first, as the QKV product's EPI_QKV epilogue does); the grouped kernel with 2 and 4 key
+    steps loaded ahead (Kernels.attention picks by the cache's length)."""
     C = H * D
     lens = RNG.integers(1, 70, 5)
     nsl, S = len(lens), int(lens.max()) + 2
@@ -367,7 +369,7 @@ def test_attention(K, H, D, grouped, half):
         g_qkv, g_seq, g_pos = gpu(qkv), gpu((seq + slot_base).astype(np.int32)), gpu(pos.astype(np.int32))
         out = poisoned((R, C), dt)
         K.attention(None, half, g_qkv, gpu(kc_h), gpu(vc_h), g_seq, slot_base, g_pos, out, R, H, D, S, scale,
-                    grouped=grouped)
+                    grouped=grouped, keys=keys if grouped else None)
         got = back(out, (R, C), dt).astype(np.float32)
         q32 = qkv.astype(np.float32)
         for r in range(R):

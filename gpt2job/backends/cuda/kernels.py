@@ -320,22 +320,31 @@ class Kernels(SelectKernels):
         if n:
             self.launch(self.KV_COPY[half], (n, 1, 1), stream, ent, n, slot_base, kc, vc, S, C)
 
-    ATTENTION = {(False, False): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (False, True): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, False): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
+    ATTENTION = {(False, False, 0): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (False, True, 0): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 2): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 2): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
+    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 2
+                                # (W2's S of 768: 8-13% faster; W1's ~24: 4 was slower; RESULTS.md, session 19)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
-                  grouped=None):
+                  grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
-        16, 32, 64, 128): the lane-group kernel, else the lane-per-key one."""
+        16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps
+        loaded ahead, 2 or 4 (default: 4 from ATTENTION_LONG_FROM cache positions). Each gives the same results."""
         if R:
             assert D <= 128
             if grouped is None:
                 grouped = D in (8, 16, 32, 64, 128)
             assert not grouped or D in (8, 16, 32, 64, 128)
+            if not grouped:
+                keys = 0
+            elif keys is None:
+                keys = 4 if S >= self.ATTENTION_LONG_FROM else 2
             nw = R * H
-            self.launch(self.ATTENTION[grouped, half], ((nw + 3) // 4, 1, 1), stream,
+            self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
 
     ATTENTION_PREFILL = _kernel("attention_prefill_f16", "attention_prefill.cu", "PPPPiPPPiiiif", 128)
