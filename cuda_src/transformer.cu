@@ -313,7 +313,7 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// KEYS: key steps of a group whose loads are issued together (2 or 4, see the loop)
+// KEYS: key steps of a group whose loads are issued together (1 or 4, see the loop)
 template <typename T, int KEYS>
 __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
                                                        const T* __restrict__ vc, const int* __restrict__ row_slot,
@@ -335,38 +335,55 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
     // keys j = g + G t, in that order; all lanes of the warp run the same number of iterations (shuffles stay
-    // converged). The keys and values of KEYS steps are loaded before any of them is used: the loads of a warp in
-    // flight at once are what keeps the memory busy on long contexts (KEYS 4: 94 registers, fewer warps an SM; on
-    // short ones the steps past the last key and the lower occupancy cost more than that gains: KEYS 2).
+    // converged). KEYS > 1: the keys and values of KEYS steps are loaded before any of them is used, as raw 16-byte
+    // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
+    // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
+    // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
     const int nit = (p + G) / G;
-    for (int t0 = 0; t0 < nit; t0 += KEYS) {
-        Raw8<T> kr[KEYS], vr[KEYS];
+    auto step = [&](bool ok, const float* kf, const float* vf) {
+        float s = 0.f;
 #pragma unroll
-        for (int u = 0; u < KEYS; u++) {
-            const int j = g + G * (t0 + u);
-            if (j <= p) {
-                load_raw(kc + base + (size_t)j * C, kr[u]);
-                load_raw(vc + base + (size_t)j * C, vr[u]);
-            }
+        for (int i = 0; i < 8; i++) s = fmaf(q[i], ok ? kf[i] : 0.f, s);
+        for (int o = 1; o < LPG; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
+        if (ok) {
+            const float mn = fmaxf(m, s);
+            const float corr = expf(m - mn);   // m = -inf at the first key: corr = 0
+            const float e = expf(s - mn);
+            l = l * corr + e;
+#pragma unroll
+            for (int i = 0; i < 8; i++) acc[i] = fmaf(e, vf[i], acc[i] * corr);
+            m = mn;
         }
-#pragma unroll
-        for (int u = 0; u < KEYS; u++) {
-            const bool ok = g + G * (t0 + u) <= p;   // false past step nit - 1 for every lane
+    };
+    if constexpr (KEYS == 1) {
+#pragma unroll 2
+        for (int t = 0; t < nit; t++) {
+            const int j = g + G * t;
+            const bool ok = j <= p;
             float kf[8], vf[8];
-            unpack8f(kr[u], kf);
-            unpack8f(vr[u], vf);
-            float s = 0.f;
-#pragma unroll
-            for (int i = 0; i < 8; i++) s = fmaf(q[i], ok ? kf[i] : 0.f, s);
-            for (int o = 1; o < LPG; o <<= 1) s += __shfl_xor_sync(0xffffffffu, s, o);
             if (ok) {
-                const float mn = fmaxf(m, s);
-                const float corr = expf(m - mn);   // m = -inf at the first key: corr = 0
-                const float e = expf(s - mn);
-                l = l * corr + e;
+                load8f(kc + base + (size_t)j * C, kf);
+                load8f(vc + base + (size_t)j * C, vf);
+            }
+            step(ok, kf, vf);
+        }
+    } else {
+        for (int t0 = 0; t0 < nit; t0 += KEYS) {
+            Raw8<T> kr[KEYS], vr[KEYS];
 #pragma unroll
-                for (int i = 0; i < 8; i++) acc[i] = fmaf(e, vf[i], acc[i] * corr);
-                m = mn;
+            for (int u = 0; u < KEYS; u++) {
+                const int j = g + G * (t0 + u);
+                if (j <= p) {
+                    load_raw(kc + base + (size_t)j * C, kr[u]);
+                    load_raw(vc + base + (size_t)j * C, vr[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                float kf[8], vf[8];
+                unpack8f(kr[u], kf);
+                unpack8f(vr[u], vf);
+                step(g + G * (t0 + u) <= p, kf, vf);   // false past step nit - 1 for every lane
             }
         }
     }
@@ -398,7 +415,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     NAME(const T* qkv, const T* kc, const T* vc, const int* row_slot, int slot_base, const int* row_pos, T* out, \
          int R, int H, int D, int S, float scale)                                                                \
     { attention_grouped_impl<T, KEYS>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
-DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 2)
-DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 2)
+DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1)
+DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4)    // long contexts (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4)

@@ -322,18 +322,18 @@ class Kernels(SelectKernels):
 
     ATTENTION = {(False, False, 0): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (False, True, 0): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, False, 2): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 2): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
-    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 2
-                                # (W2's S of 768: 8-13% faster; W1's ~24: 4 was slower; RESULTS.md, session 19)
+    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1
+                                # (W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, session 19)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
         16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps
-        loaded ahead, 2 or 4 (default: 4 from ATTENTION_LONG_FROM cache positions). Each gives the same results."""
+        loaded ahead, 1 or 4 (default: 4 from ATTENTION_LONG_FROM cache positions). Each gives the same results."""
         if R:
             assert D <= 128
             if grouped is None:
@@ -342,7 +342,7 @@ class Kernels(SelectKernels):
             if not grouped:
                 keys = 0
             elif keys is None:
-                keys = 4 if S >= self.ATTENTION_LONG_FROM else 2
+                keys = 4 if S >= self.ATTENTION_LONG_FROM else 1
             nw = R * H
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
