@@ -347,6 +347,8 @@ def test_attention(K, H, D, grouped, half, keys):
     """Ragged prefill of several prompts, then one decode step, against reference.attention (each row's key and
     value put into the cache first, as the QKV product's EPI_QKV epilogue does); the grouped kernel with 1 and 4 key
     steps loaded ahead (Kernels.attention picks by the cache's length)."""
+    if not grouped and keys != 1:
+        pytest.skip("the lane-per-key kernel has one form")
     C = H * D
     lens = RNG.integers(1, 70, 5)
     nsl, S = len(lens), int(lens.max()) + 2
