@@ -86,6 +86,7 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
         m = re.match(r"progress: (\d+)/", line)
         if m and int(m.group(1)) >= N // 2:
             break
+    os.kill(p.pid, signal.SIGSTOP)     # the master stops journaling now; its writer processes are found, then killed
     writers = [pid for pid in os.listdir("/proc") if pid.isdigit() and _is_writer_of(pid, p.pid)]
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
@@ -96,7 +97,9 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
     assert len(writers) == (2 if "completions" in want else 1)     # the writer, and its text process with text
     assert not any(_alive(w) for w in writers), "the writer process outlived its master"
     kept = journal_rows(out)
-    assert 0 < kept < N
+    # kept == N: the kill came after the last row was journaled but before the output was marked finished (a busy
+    # machine prints the half-way line late); that resume must give the same output too
+    assert 0 < kept <= N
     r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     got, sm = contents(out)
