@@ -61,16 +61,22 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
 #pragma unroll
             for (int half_ = 0; half_ < 2; half_++) {
                 const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+                // this lane's value at (ni, e), bias added, and its column (both passes below walk them alike)
+                auto value = [&](int ni, int e, int col) {
+                    float v = acc[mi][ni][half_ * 2 + e];
+                    if (bias != nullptr) v += bias[col];
+                    return v;
+                };
+                auto column = [&](int ni, int e) { return col0 + ni * 8 + (lane & 3) * 2 + e; };
                 float best = -INFINITY;
                 int bi = 0x7fffffff;
 #pragma unroll
                 for (int ni = 0; ni < NI; ni++) {
 #pragma unroll
                     for (int e = 0; e < 2; e++) {
-                        const int col = col0 + ni * 8 + (lane & 3) * 2 + e;
+                        const int col = column(ni, e);
                         if (col < N) {
-                            float v = acc[mi][ni][half_ * 2 + e];
-                            if (bias != nullptr) v += bias[col];
+                            const float v = value(ni, e, col);
                             if (v > best || bi == 0x7fffffff) { best = v; bi = col; }
                         }
                     }
@@ -90,12 +96,8 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                     for (int ni = 0; ni < NI; ni++) {
 #pragma unroll
                         for (int e = 0; e < 2; e++) {
-                            const int col = col0 + ni * 8 + (lane & 3) * 2 + e;
-                            if (col < N) {
-                                float v = acc[mi][ni][half_ * 2 + e];
-                                if (bias != nullptr) v += bias[col];
-                                se += __expf(v - best);
-                            }
+                            const int col = column(ni, e);
+                            if (col < N) se += __expf(value(ni, e, col) - best);
                         }
                     }
                     se += __shfl_xor_sync(0xffffffffu, se, 1);
