@@ -246,6 +246,178 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     if (STAGED && have_copies && tid < TMA_BM) bulk_wait_all();   // shared memory stays valid until read
 }
 
+// ------------------------------------------------------------------------------------------------------------
+// DRAFT, not run on a GPU yet (session 19): ping-pong. 384 threads: warpgroup 0 is the producer (its warp 0, lane 0
+// issues the TMA loads; setmaxnreg.dec to 40 registers), warpgroups 1 and 2 are consumers (setmaxnreg.inc to 232)
+// that each compute whole 128 x TBN tiles. The CTA's tiles i = 0, 1, 2, ... (blockIdx.x + i * gridDim.x) alternate
+// between the two; their main loops take turns (named barriers 1 and 2: tile i's main loop starts once tile i - 1's
+// has ended), so one consumer's epilogue (staged, into its own shared-memory rows) runs while the other's MMAs do.
+// Each stage is read by one consumer: empty[s] counts its 4 warps.
+#define PP_THREADS 384
+__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_arrive(int id, int n) {
+    asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
+
+template <int TBN, int ST, typename OutT>
+__device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
+{
+    constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
+    constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = TMA_BM * CROW;   // per consumer
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __half* As = reinterpret_cast<__half*>(base);                           // [ST][128 x 64]
+    __half* Bs = reinterpret_cast<__half*>(base + ST * A_BYTES);            // [ST][TBN x 64]
+    unsigned char* Cs0 = base + ST * (A_BYTES + B_BYTES);                   // [2][128][CROW]
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(Cs0 + 2 * C_BYTES);
+    unsigned long long* empty = full + ST;
+    const int tid = threadIdx.x, wgi = tid >> 7, t = tid & 127, warp = t >> 5, lane = tid & 31;
+    const int nk = (K + TMA_BK - 1) / TMA_BK;
+    const int n_tiles = (N + TBN - 1) / TBN, m_tiles = (M + TMA_BM - 1) / TMA_BM;
+    const int tile_end = n_tiles * m_tiles;
+    const int my_tiles = blockIdx.x < tile_end ? (tile_end - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    if (tid == 0) {
+#pragma unroll
+        for (int s = 0; s < ST; s++) {
+            mbar_init(&full[s], 1);
+            mbar_init(&empty[s], 4);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads();
+
+    if (wgi == 0) {   // producer
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
+        if (warp == 0 && lane == 0) {
+            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
+            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
+            int it = 0;
+            for (int i = 0; i < my_tiles; i++) {
+                const int tile = blockIdx.x + i * gridDim.x;
+                const int m0 = (tile / n_tiles) * TMA_BM, n0 = (tile % n_tiles) * TBN;
+                for (int kb = 0; kb < nk; kb++, it++) {
+                    const int s = it % ST;
+                    if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);
+                    mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+                    tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
+                    tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
+                }
+            }
+        }
+        return;
+    }
+
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const int c = wgi - 1;                         // this consumer: tiles i with i % 2 == c
+    unsigned char* Cs = Cs0 + c * C_BYTES;
+    const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV, resid = mode == EPI_RESID;
+    // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV); else the register one
+    const bool staged = mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
+                        ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
+                        ((size_t)N * sizeof(OutT)) % 16 == 0 &&
+                        (!qkvm || (kvC % 8 == 0 && (size_t)kc % 16 == 0 && (size_t)vc % 16 == 0));
+    float acc[2][TBN / 8][4];
+    bool have_copies = false;
+    int it = 0;
+    for (int i = 0; i < my_tiles; i++) {
+        if ((i & 1) != c) { it += nk; continue; }  // the other consumer's tile: its stages
+        const int tile = blockIdx.x + i * gridDim.x;
+        const int m0 = (tile / n_tiles) * TMA_BM, n0 = (tile % n_tiles) * TBN;
+        if (i > 0) named_sync(1 + c, 256);         // tile i - 1's main loop has ended
+#pragma unroll
+        for (int h = 0; h < 2; h++)
+#pragma unroll
+            for (int j = 0; j < TBN / 8; j++)
+#pragma unroll
+                for (int r = 0; r < 4; r++) acc[h][j][r] = 0.f;
+        for (int kb = 0; kb < nk; kb++, it++) {
+            const int s = it % ST;
+            mbar_wait(&full[s], (it / ST) & 1);
+            const __half* as = As + s * TMA_BM * TMA_BK;
+            const __half* bs = Bs + s * TBN * TMA_BK;
+            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+            wg_fence_acc<TBN / 2>(&acc[1][0][0]);
+            wg_fence();
+#pragma unroll
+            for (int ks = 0; ks < TMA_BK / 16; ks++) {
+                wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
+                wgmma_bn<TBN>(&acc[1][0][0], wg_desc(as + 64 * TMA_BK + ks * 16), wg_desc(bs + ks * 16));
+            }
+            wg_commit();
+            wg_wait1();
+            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+            wg_fence_acc<TBN / 2>(&acc[1][0][0]);
+            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        }
+        wg_wait0();
+        wg_fence_acc<TBN / 2>(&acc[0][0][0]);
+        wg_fence_acc<TBN / 2>(&acc[1][0][0]);
+        if (nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        if (i + 1 < my_tiles) named_arrive(2 - c, 256);   // tile i + 1's main loop may start
+        if (!staged) {
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+                gemm_f16_epilogue<1, TBN / 8, TBN, OutT>(reinterpret_cast<float(&)[1][TBN / 8][4]>(acc[h]),
+                                                         m0 + h * 64 + warp * 16, n0, C, ldc, bias, M, N, mode,
+                                                         row_slot, row_pos, slot_base, S, kc, vc, kvC);
+            continue;
+        }
+        // epilogue: this consumer's 128 rows through its staging rows; thread t copies row t out
+        if (have_copies) bulk_wait_read();
+        named_sync(3 + c, 128);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            unsigned char* srow = Cs + (h * 64 + warp * 16 + (lane >> 2)) * CROW;
+#pragma unroll
+            for (int j = 0; j < TBN / 8; j++) {
+                const int cl = j * 8 + (lane & 3) * 2, col = n0 + cl;
+                float b0 = 0.f, b1 = 0.f;
+                if (bias != nullptr && col < N) { b0 = bias[col]; b1 = bias[col + 1]; }
+#pragma unroll
+                for (int half_ = 0; half_ < 2; half_++) {
+                    float v0 = acc[h][j][half_ * 2] + b0, v1 = acc[h][j][half_ * 2 + 1] + b1;
+                    if (!resid && !qkvm) { v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode); }
+                    store2(reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl, v0, v1, true, true);
+                }
+            }
+        }
+        fence_async_smem();
+        named_sync(3 + c, 128);
+        const int row = m0 + t;
+        if (row < M) {
+            const int w = min(TBN, N - n0);
+            const unsigned char* src = Cs + t * CROW;
+            if (resid) {
+                bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
+            } else if (qkvm) {
+                const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+                for (int cc = n0; cc < n0 + w;) {
+                    const int part = cc < kvC ? 0 : (cc < 2 * kvC ? 1 : 2);
+                    const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
+                    __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + cc
+                                            : (part == 1 ? kc : vc) + kvoff + (cc - part * kvC);
+                    bulk_store(dst, src + (cc - n0) * 2, (end - cc) * 2);
+                    cc = end;
+                }
+            } else {
+                bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
+            }
+        }
+        bulk_commit();
+        have_copies = true;
+    }
+    if (have_copies) bulk_wait_all();
+}
+
+// DRAFT (see gemm_tma_pp_impl): the staged epilogue needs 16-byte aligned output rows; the host picks it only then
+#define DEF_GEMM_TMA_PP(NAME, TBN, STH, STF)                                                                    \
+    extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
+    NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
+    { gemm_tma_pp_impl<TBN, STH, __half>(tmA, tmB, GEMM_F16_PASS); }                                            \
+    extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
+    NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
+    { gemm_tma_pp_impl<TBN, STF, float>(tmA, tmB, GEMM_F16_PASS); }
+
 // name: gemm_f16_tma<TBN>[p]_<out> (p: persistent, s: staged); records in
 // gpt2job/backends/cuda/kernels.py F16_TILES
 #define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST) DEF_GEMM_TMA2(NAME, TBN, ST, ST, MINB, PERSIST, false)
@@ -290,4 +462,7 @@ DEF_GEMM_TMA2(gemm_f16_tma192s, 192, 4, 3, 1, true, true)
 #endif
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 256 && GEMM_TMA_PERSIST == 2)
 DEF_GEMM_TMA2(gemm_f16_tma256s, 256, 3, 2, 1, true, true)
+#endif
+#if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 4)
+DEF_GEMM_TMA_PP(gemm_f16_tma128pp, 128, 4, 2)
 #endif

@@ -370,6 +370,18 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
             assert t.smem_half == t.smem_float == sth * (128 + tbn) * 64 * 2 + 1024 + 64, name
         assert max(t.smem_half, t.smem_float) <= 227 * 1024, name   # fits an H100 block
         seen.add(name)
+    for bn_, name, tbn, sth, stf in re.findall(       # ping-pong (draft)
+            r"GEMM_TMA_BN == (\d+) && GEMM_TMA_PERSIST == 4\)\nDEF_GEMM_TMA_PP\(gemm_f16_(\w+), (\d+), (\d+), (\d+)\)",
+            text["gemm_tma.cu"]):
+        t = ck.F16_TILES[name]
+        tbn, sth, stf = int(tbn), int(sth), int(stf)
+        assert t.defines == (f"-DGEMM_TMA_BN={bn_}", "-DGEMM_TMA_PERSIST=4") and int(bn_) == tbn == t.bn == t.wn
+        assert (t.family, t.threads, t.persistent, t.blocks_per_sm) == ("tma", 384, True, 1), name
+        for st, half, smem in ((sth, True, t.smem_half), (stf, False, t.smem_float)):
+            row = tbn * 2 + 16 if half else tbn * 4 + 32
+            assert smem == st * (128 + tbn) * 64 * 2 + 2 * 128 * row + 1024 + 16 * st, name
+            assert smem <= 227 * 1024, name
+        seen.add(name)
     d = dict(re.findall(r"#define (WG_\w+) (\d+)", text["gemm_wgmma.cu"]))
     t = ck.F16_TILES["wgmma"]
     assert (t.bm, t.bn, t.wn) == (int(d["WG_BM"]), int(d["WG_BN"]), int(d["WG_BN"]))

@@ -117,6 +117,10 @@ F16_TILES = {t.name: t for t in (
     _staged("tma128s", 128, 5, 4),
     _staged("tma192s", 192, 4, 3),
     _staged("tma256s", 256, 3, 2),
+    # DRAFT, never run on a GPU (session 19): ping-pong consumers (gemm_tma.cu gemm_tma_pp_impl); picked nowhere
+    F16Tile("tma128pp", "tma", 128, 128, 128, 384, 4 * 256 * 64 * 2 + 2 * 128 * 272 + 1024 + 16 * 4,
+            2 * 256 * 64 * 2 + 2 * 128 * 544 + 1024 + 16 * 2, ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a",
+            True, 1),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3",
