@@ -247,7 +247,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// DRAFT, not run on a GPU yet (session 19): ping-pong. 384 threads: warpgroup 0 is the producer (its warp 0, lane 0
+// Ping-pong (gemm_f16_tma128pp). 384 threads: warpgroup 0 is the producer (its warp 0, lane 0
 // issues the TMA loads; setmaxnreg.dec to 40 registers), warpgroups 1 and 2 are consumers (setmaxnreg.inc to 232)
 // that each compute whole 128 x TBN tiles. The CTA's tiles i = 0, 1, 2, ... (blockIdx.x + i * gridDim.x) alternate
 // between the two; their main loops take turns (named barriers 1 and 2: tile i's main loop starts once tile i - 1's
@@ -263,12 +263,15 @@ template <int TBN, int ST, typename OutT>
 __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
     constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
-    constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = TMA_BM * CROW;   // per consumer
+    // staging rows per consumer: the whole tile for half outputs, float outputs in two passes of 64 rows (the room
+    // of two float tiles would leave two stages)
+    constexpr int SR = kIsHalf<OutT>::value ? 128 : 64;
+    constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = SR * CROW;   // per consumer
     extern __shared__ __align__(1024) unsigned char smem_raw[];
     unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
     __half* As = reinterpret_cast<__half*>(base);                           // [ST][128 x 64]
     __half* Bs = reinterpret_cast<__half*>(base + ST * A_BYTES);            // [ST][TBN x 64]
-    unsigned char* Cs0 = base + ST * (A_BYTES + B_BYTES);                   // [2][128][CROW]
+    unsigned char* Cs0 = base + ST * (A_BYTES + B_BYTES);                   // [2][SR][CROW]
     unsigned long long* full = reinterpret_cast<unsigned long long*>(Cs0 + 2 * C_BYTES);
     unsigned long long* empty = full + ST;
     const int tid = threadIdx.x, wgi = tid >> 7, t = tid & 127, warp = t >> 5, lane = tid & 31;
@@ -324,6 +327,15 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
         const int tile = blockIdx.x + i * gridDim.x;
         const int m0 = (tile / n_tiles) * TMA_BM, n0 = (tile % n_tiles) * TBN;
         if (i > 0) named_sync(1 + c, 256);         // tile i - 1's main loop has ended
+        // the tile's bias, loaded now: in the epilogue each load would wait behind the stores before it
+        float bpre[TBN / 8][2];
+#pragma unroll
+        for (int j = 0; j < TBN / 8; j++) {
+            const int col = n0 + j * 8 + (lane & 3) * 2;
+            const bool have = bias != nullptr && col < N;   // N even here
+            bpre[j][0] = have ? __ldg(bias + col) : 0.f;
+            bpre[j][1] = have ? __ldg(bias + col + 1) : 0.f;
+        }
 #pragma unroll
         for (int h = 0; h < 2; h++)
 #pragma unroll
@@ -362,54 +374,56 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
                                                          row_slot, row_pos, slot_base, S, kc, vc, kvC);
             continue;
         }
-        // epilogue: this consumer's 128 rows through its staging rows; thread t copies row t out
-        if (have_copies) bulk_wait_read();
-        named_sync(3 + c, 128);
+        // epilogue: this consumer's rows through its staging rows, SR rows a pass; thread t < SR copies row t out
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
-            unsigned char* srow = Cs + (h * 64 + warp * 16 + (lane >> 2)) * CROW;
+        for (int p = 0; p < 128 / SR; p++) {
+            if (have_copies) bulk_wait_read();
+            named_sync(3 + c, 128);
 #pragma unroll
-            for (int j = 0; j < TBN / 8; j++) {
-                const int cl = j * 8 + (lane & 3) * 2, col = n0 + cl;
-                float b0 = 0.f, b1 = 0.f;
-                if (bias != nullptr && col < N) { b0 = bias[col]; b1 = bias[col + 1]; }
+            for (int hh = 0; hh < SR / 64; hh++) {
+                const int h = p * (SR / 64) + hh;
+                unsigned char* srow = Cs + (hh * 64 + warp * 16 + (lane >> 2)) * CROW;
 #pragma unroll
-                for (int half_ = 0; half_ < 2; half_++) {
-                    float v0 = acc[h][j][half_ * 2] + b0, v1 = acc[h][j][half_ * 2 + 1] + b1;
-                    if (!resid && !qkvm) { v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode); }
-                    store2(reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl, v0, v1, true, true);
+                for (int j = 0; j < TBN / 8; j++) {
+                    const int cl = j * 8 + (lane & 3) * 2;
+#pragma unroll
+                    for (int half_ = 0; half_ < 2; half_++) {
+                        float v0 = acc[h][j][half_ * 2] + bpre[j][0], v1 = acc[h][j][half_ * 2 + 1] + bpre[j][1];
+                        if (!resid && !qkvm) { v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode); }
+                        store2(reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl, v0, v1, true, true);
+                    }
                 }
             }
-        }
-        fence_async_smem();
-        named_sync(3 + c, 128);
-        const int row = m0 + t;
-        if (row < M) {
-            const int w = min(TBN, N - n0);
-            const unsigned char* src = Cs + t * CROW;
-            if (resid) {
-                bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
-            } else if (qkvm) {
-                const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
-                for (int cc = n0; cc < n0 + w;) {
-                    const int part = cc < kvC ? 0 : (cc < 2 * kvC ? 1 : 2);
-                    const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
-                    __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + cc
-                                            : (part == 1 ? kc : vc) + kvoff + (cc - part * kvC);
-                    bulk_store(dst, src + (cc - n0) * 2, (end - cc) * 2);
-                    cc = end;
+            fence_async_smem();
+            named_sync(3 + c, 128);
+            const int row = m0 + p * SR + t;
+            if (t < SR && row < M) {
+                const int w = min(TBN, N - n0);
+                const unsigned char* src = Cs + t * CROW;
+                if (resid) {
+                    bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
+                } else if (qkvm) {
+                    const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+                    for (int cc = n0; cc < n0 + w;) {
+                        const int part = cc < kvC ? 0 : (cc < 2 * kvC ? 1 : 2);
+                        const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
+                        __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + cc
+                                                : (part == 1 ? kc : vc) + kvoff + (cc - part * kvC);
+                        bulk_store(dst, src + (cc - n0) * 2, (end - cc) * 2);
+                        cc = end;
+                    }
+                } else {
+                    bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
                 }
-            } else {
-                bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
             }
+            bulk_commit();
+            have_copies = true;
         }
-        bulk_commit();
-        have_copies = true;
     }
     if (have_copies) bulk_wait_all();
 }
 
-// DRAFT (see gemm_tma_pp_impl): the staged epilogue needs 16-byte aligned output rows; the host picks it only then
+// the staged epilogue needs 16-byte aligned output rows (else the register one, see gemm_tma_pp_impl)
 #define DEF_GEMM_TMA_PP(NAME, TBN, STH, STF)                                                                    \
     extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
@@ -464,5 +478,5 @@ DEF_GEMM_TMA2(gemm_f16_tma192s, 192, 4, 3, 1, true, true)
 DEF_GEMM_TMA2(gemm_f16_tma256s, 256, 3, 2, 1, true, true)
 #endif
 #if !defined(GEMM_TMA_BN) || (GEMM_TMA_BN == 128 && GEMM_TMA_PERSIST == 4)
-DEF_GEMM_TMA_PP(gemm_f16_tma128pp, 128, 4, 2)
+DEF_GEMM_TMA_PP(gemm_f16_tma128pp, 128, 4, 4)
 #endif

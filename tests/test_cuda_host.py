@@ -166,8 +166,11 @@ def test_tile_picks_are_the_ones_measured_fastest():
     # the picks measured fastest on H100 (benchmarks/RESULTS.md kernel tables): staged epilogues by default
     from gpt2job.backends.cuda.kernels import F16_TILES
     k = picker()
-    assert k.pick_f16(131072, 2304, True, 768) == "tma192s"
-    assert k.pick_f16(8192, 768, False, 3072) == "tma128s"
+    for M, N, half, K in ((131072, 2304, True, 768), (8192, 768, False, 3072), (8192, 3072, True, 768),
+                          (5000, 768, False, 768)):
+        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows
+    assert k.pick_f16(4999, 2304, True, 768) == "tma192s"
+    assert k.pick_f16(4096, 768, False, 3072) == "tma128s"
     assert k.pick_f16(8192, 50257, False, 768) == "tma128"   # the LM head is not staged
     check_decode_and_mid_picks(k)
     k = picker(tma_staged=False)
@@ -185,7 +188,7 @@ def test_tile_picks_are_the_ones_measured_fastest():
     k = picker(every, tma_staged=False, tma_persistent=True)
     assert k.pick_f16(131072, 3072, True, 768) == "tma128p"
     assert k.pick_f16(8192, 50257, False, 768) == "tma128p"
-    k = picker(every)
+    k = picker(tuple(v for v in every if v != "tma128pp"))   # the staged picks without the ping-pong kernel
     assert k.pick_f16(131072, 2304, True, 768) == "tma192s"
     assert k.pick_f16(8192, 3072, True, 768) == "tma128"
     assert k.pick_f16(131072, 768, False, 768) == "tma128s"
@@ -370,16 +373,16 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
             assert t.smem_half == t.smem_float == sth * (128 + tbn) * 64 * 2 + 1024 + 64, name
         assert max(t.smem_half, t.smem_float) <= 227 * 1024, name   # fits an H100 block
         seen.add(name)
-    for bn_, name, tbn, sth, stf in re.findall(       # ping-pong (draft)
-            r"GEMM_TMA_BN == (\d+) && GEMM_TMA_PERSIST == 4\)\nDEF_GEMM_TMA_PP\(gemm_f16_(\w+), (\d+), (\d+), (\d+)\)",
+    for bn_, per, name, tbn, sth, stf in re.findall(       # ping-pong
+            r"GEMM_TMA_BN == (\d+) && GEMM_TMA_PERSIST == (\d+)\)\nDEF_GEMM_TMA_PP\(gemm_f16_(\w+), (\d+), (\d+), (\d+)\)",
             text["gemm_tma.cu"]):
         t = ck.F16_TILES[name]
         tbn, sth, stf = int(tbn), int(sth), int(stf)
-        assert t.defines == (f"-DGEMM_TMA_BN={bn_}", "-DGEMM_TMA_PERSIST=4") and int(bn_) == tbn == t.bn == t.wn
+        assert t.defines == (f"-DGEMM_TMA_BN={bn_}", f"-DGEMM_TMA_PERSIST={per}") and int(bn_) == tbn == t.bn == t.wn
         assert (t.family, t.threads, t.persistent, t.blocks_per_sm) == ("tma", 384, True, 1), name
         for st, half, smem in ((sth, True, t.smem_half), (stf, False, t.smem_float)):
-            row = tbn * 2 + 16 if half else tbn * 4 + 32
-            assert smem == st * (128 + tbn) * 64 * 2 + 2 * 128 * row + 1024 + 16 * st, name
+            row, rows = (tbn * 2 + 16, 128) if half else (tbn * 4 + 32, 64)
+            assert smem == st * (128 + tbn) * 64 * 2 + 2 * rows * row + 1024 + 16 * st, name
             assert smem <= 227 * 1024, name
         seen.add(name)
     d = dict(re.findall(r"#define (WG_\w+) (\d+)", text["gemm_wgmma.cu"]))
@@ -400,7 +403,7 @@ def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
     k = ck.Kernels(0)                       # the default variants of a Hopper GPU
     assert k.f16_variants == ck.F16_DEFAULT and k.tmaps is not None
     assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
-    assert k.pick_f16(131072, 2304, True, 768) == "tma192s" and k.pick_argmax(8192, 50257) == "tma192p"
+    assert k.pick_f16(131072, 2304, True, 768) == "tma128pp" and k.pick_argmax(8192, 50257) == "tma192p"
     monkeypatch.setattr(_FakeDrv, "cc", (8, 0))
     k = ck.Kernels(0)                       # elsewhere mma.sync only, no TMA descriptors
     assert k.f16_variants == ck.F16_DEFAULT_NOT_HOPPER and k.tmaps is None

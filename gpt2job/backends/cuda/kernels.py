@@ -117,13 +117,14 @@ F16_TILES = {t.name: t for t in (
     _staged("tma128s", 128, 5, 4),
     _staged("tma192s", 192, 4, 3),
     _staged("tma256s", 256, 3, 2),
-    # DRAFT, never run on a GPU (session 19): ping-pong consumers (gemm_tma.cu gemm_tma_pp_impl); picked nowhere
+    # ping-pong: two consumer warpgroups on alternate 128x128 tiles (gemm_tma.cu gemm_tma_pp_impl); 384 threads,
+    # staging rows for each consumer (float outputs: 64 rows at a time)
     F16Tile("tma128pp", "tma", 128, 128, 128, 384, 4 * 256 * 64 * 2 + 2 * 128 * 272 + 1024 + 16 * 4,
-            2 * 256 * 64 * 2 + 2 * 128 * 544 + 1024 + 16 * 2, ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a",
+            4 * 256 * 64 * 2 + 2 * 64 * 544 + 1024 + 16 * 4, ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a",
             True, 1),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
-F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "wgmma", "t128x128k64s3",
+F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "tma128pp", "wgmma", "t128x128k64s3",
                "t64x128k64s4", "t32x64k64s4", "t32x32k64s8")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
