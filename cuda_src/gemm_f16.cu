@@ -41,55 +41,14 @@ template <int BK_> __device__ __forceinline__ int swz_t(int row, int chunk) {
     return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3);
 }
 
-// What the epilogue of a warp tile reads from memory (bias, EPI_RESID's residual, EPI_QKV's cache cells), loaded by
-// epilogue_preload before the main loop: small decode products are short, and these loads' latency would otherwise
-// end the kernel (the compiler cannot move a load above the stores before it). Same values, same sums.
-template <int MI, int NI> struct EpiPre {
-    float2 bv[NI];
-    float2 old[MI][2][NI];
-    int kvrow[MI][2];
-};
-
-template <int MI, int NI, typename OutT>
-__device__ __forceinline__ void epilogue_preload(EpiPre<MI, NI>& p, int row0, int col0, const OutT* C, int ldc,
-                                                 const float* __restrict__ bias, int M, int N, int mode,
-                                                 const int* __restrict__ row_slot, const int* __restrict__ row_pos,
-                                                 int slot_base, int S)
-{
-    const int lane = threadIdx.x & 31;
-    const bool qkvm = kIsHalf<OutT>::value && (mode == EPI_QKV), resid = mode == EPI_RESID;
-#pragma unroll
-    for (int ni = 0; ni < NI; ni++) {
-        const int col = col0 + ni * 8 + (lane & 3) * 2;
-        p.bv[ni] = make_float2(0.f, 0.f);
-        if (bias != nullptr && col < N) { p.bv[ni].x = bias[col]; if (col + 1 < N) p.bv[ni].y = bias[col + 1]; }
-    }
-#pragma unroll
-    for (int mi = 0; mi < MI; mi++)
-#pragma unroll
-        for (int half_ = 0; half_ < 2; half_++) {
-            const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
-            p.kvrow[mi][half_] = (qkvm && row < M) ? (row_slot[row] - slot_base) * S + row_pos[row] : 0;
-#pragma unroll
-            for (int ni = 0; ni < NI; ni++) {
-                const int col = col0 + ni * 8 + (lane & 3) * 2;
-                p.old[mi][half_][ni] = make_float2(0.f, 0.f);
-                if (resid && row < M && col < N)
-                    p.old[mi][half_][ni] = load2(C + (size_t)row * ldc + col, col + 1 < N, (ldc & 1) == 0);
-            }
-        }
-}
-
 // Epilogue shared by the templated mma.sync kernels and the wgmma kernel: acc[mi][ni][4] is the m16n8 fragment
-// layout (this warp's rows row0 + 16 mi + lane / 4 (+ 8), columns col0 + 8 ni + 2 (lane % 4) (+ 1)). pre: the
-// values epilogue_preload loaded (nullptr: load them here).
+// layout (this warp's rows row0 + 16 mi + lane / 4 (+ 8), columns col0 + 8 ni + 2 (lane % 4) (+ 1)).
 template <int MI, int NI, int WN_, typename OutT>
 __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int row0, int col0, OutT* __restrict__ C,
                                                   int ldc, const float* __restrict__ bias, int M, int N, int mode,
                                                   const int* __restrict__ row_slot, const int* __restrict__ row_pos,
                                                   int slot_base, int S, __half* __restrict__ kc,
-                                                  __half* __restrict__ vc, int kvC,
-                                                  const EpiPre<MI, NI>* pre = nullptr)
+                                                  __half* __restrict__ vc, int kvC)
 {
     const int lane = threadIdx.x & 31;
     if (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE) {
@@ -168,8 +127,7 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
 #pragma unroll
         for (int half_ = 0; half_ < 2; half_++) {
             const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
-            kvrow[mi][half_] = pre != nullptr ? pre->kvrow[mi][half_]
-                             : (qkvm && row < M) ? (row_slot[row] - slot_base) * S + row_pos[row] : 0;
+            kvrow[mi][half_] = (qkvm && row < M) ? (row_slot[row] - slot_base) * S + row_pos[row] : 0;
         }
 #pragma unroll
     for (int g = 0; g < NI; g += EG) {
@@ -178,8 +136,7 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
         for (int e = 0; e < EG; e++) {
             const int col = col0 + (g + e) * 8 + (lane & 3) * 2;
             bv[e] = make_float2(0.f, 0.f);
-            if (pre != nullptr) bv[e] = pre->bv[g + e];
-            else if (bias != nullptr && col < N) { bv[e].x = bias[col]; if (col + 1 < N) bv[e].y = bias[col + 1]; }
+            if (bias != nullptr && col < N) { bv[e].x = bias[col]; if (col + 1 < N) bv[e].y = bias[col + 1]; }
         }
 #pragma unroll
         for (int mi = 0; mi < MI; mi++) {
@@ -192,8 +149,7 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                     for (int e = 0; e < EG; e++) {
                         const int col = col0 + (g + e) * 8 + (lane & 3) * 2;
                         old[half_][e] = make_float2(0.f, 0.f);
-                        if (pre != nullptr) old[half_][e] = pre->old[mi][half_][g + e];
-                        else if (row < M && col < N)
+                        if (row < M && col < N)
                             old[half_][e] = load2(C + (size_t)row * ldc + col, col + 1 < N, vec);
                     }
                 }
@@ -282,12 +238,6 @@ __device__ __forceinline__ void gemm_f16_tmpl(const __half* __restrict__ A, int 
         if (s < nk) load_tile(s, s * BK_);
         cp_async_commit();
     }
-    // small warp tiles (the decode products' picks) load their epilogue's inputs now (EpiPre)
-    constexpr bool PRE = MI * NI <= 4;   // (t64x128k64s4 would spill: 80 registers a thread)
-    EpiPre<MI, NI> pre;
-    if (PRE && mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE)
-        epilogue_preload<MI, NI, OutT>(pre, m0 + wm * WM_, n0 + wn * WN_, C, ldc, bias, M, N, mode, row_slot, row_pos,
-                                       slot_base, S);
     for (int t = 0; t < nk; t++) {
         cp_async_wait<ST_ - 2>();
         __syncthreads();
@@ -324,7 +274,7 @@ __device__ __forceinline__ void gemm_f16_tmpl(const __half* __restrict__ A, int 
     cp_async_wait<0>();
 
     gemm_f16_epilogue<MI, NI, WN_, OutT>(acc, m0 + wm * WM_, n0 + wn * WN_, C, ldc, bias, M, N, mode, row_slot, row_pos,
-                                          slot_base, S, kc, vc, kvC, PRE ? &pre : nullptr);
+                                          slot_base, S, kc, vc, kvC);
 }
 
 #define GEMM_F16_ARGS(OutT) const __half* A, int lda, const __half* B, int ldb, OutT* C, int ldc, const float* bias, \
