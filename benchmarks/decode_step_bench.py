@@ -5,9 +5,8 @@ where each product waits for the one before it (decode_products.py times one pro
 
     python3 benchmarks/decode_step_bench.py [--rows 137,546,1024,1536,2048] [--ctx 24,400] [--reps 30] [--out DIR]
 
-Configurations: "picks" (picks.py as it is); "staged512" (the reverted 92a7e8f rule: staged TMA kernels from 512
-rows, half outputs on 128x128 tiles while they fit in one wave else 128x192, residual adds beyond 800k outputs or
-with K >= 2048 from 1,024 rows); "staged512-no-qkv" (the same but QKV keeps its pick). GPT-2 124M shapes, seeded
+Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
+N rows instead of picks.PINGPONG_FROM: 1,024 and 1,800). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
 replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
 """
@@ -21,14 +20,13 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def staged512(orig, n_sm, skip_qkv):
-    """The 92a7e8f pick rule over orig (the picker's pick_f16), for products of 512-4,095 rows."""
+def pingpong_from(orig, lo):
+    """orig (the picker's pick_f16), with the layer products of lo rows or more on tma128pp."""
+    from gpt2job.backends.cuda.picks import PINGPONG_FROM
+
     def pick(M, N, out_half=True, K=768):
-        if 512 <= M < 1800 or (out_half and 1800 <= M < 4096):
-            if out_half and not (skip_qkv and N == 3 * 768):
-                return "tma128s" if -(-M // 128) * -(-N // 128) <= n_sm else "tma192s"
-            if not out_half and (M * N > 800_000 or (K >= 2048 and M >= 1024)):
-                return "tma128s"
+        if lo <= M < PINGPONG_FROM and N <= 16384:
+            return "tma128pp"
         return orig(M, N, out_half, K)
     return pick
 
@@ -51,8 +49,7 @@ def main():
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
-    configs = {"picks": orig, "staged512": staged512(orig, k.n_sm, False),
-               "staged512-no-qkv": staged512(orig, k.n_sm, True)}
+    configs = {"picks": orig, "pp-from-1024": pingpong_from(orig, 1024), "pp-from-1800": pingpong_from(orig, 1800)}
     greedy = SamplingSettings()
     rng = np.random.default_rng(0)
     res = []
