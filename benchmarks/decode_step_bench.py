@@ -6,7 +6,7 @@ where each product waits for the one before it (decode_products.py times one pro
     python3 benchmarks/decode_step_bench.py [--rows 137,546,1024,1536,2048] [--ctx 24,400] [--reps 30] [--out DIR]
 
 Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
-N rows instead of picks.PINGPONG_FROM: 1,024 and 1,800). GPT-2 124M shapes, seeded
+N rows instead of picks.PINGPONG_FROM: 256 and 512). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
 replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
 """
@@ -49,7 +49,7 @@ def main():
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
-    configs = {"picks": orig, "pp-from-1024": pingpong_from(orig, 1024), "pp-from-1800": pingpong_from(orig, 1800)}
+    configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512)}
     greedy = SamplingSettings()
     rng = np.random.default_rng(0)
     res = []

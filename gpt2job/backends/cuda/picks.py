@@ -7,7 +7,7 @@ NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) 
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 NARROWEST = "t32x32k64s8"   # ... and of products whose 32x32 tiles fit on the SMs in one wave
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
-PINGPONG_FROM = 5000        # the ping-pong kernel (tma128pp) for the layer products from this many rows
+PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows
 
 
 class TilePicker:
@@ -19,8 +19,8 @@ class TilePicker:
 
     def pick_f16(self, M, N, out_half=True, K=768):
         """The tile for an M x N x K product. From PINGPONG_FROM rows, the layer products (N <= 16,384) on the
-        ping-pong kernel tma128pp (RESULTS.md, session 20). From STAGED_FROM rows, the staged-epilogue kernels
-        (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
+        ping-pong kernel tma128pp (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the
+        staged-epilogue kernels (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
         outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
         staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K >=
         2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else mma.sync; under
@@ -30,9 +30,9 @@ class TilePicker:
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
+        if self.options.tma_staged and M >= PINGPONG_FROM and N <= 16384 and "tma128pp" in vs:
+            return "tma128pp"
         if self.options.tma_staged and M >= STAGED_FROM and (out_half or N <= 16384):
-            if M >= PINGPONG_FROM and N <= 16384 and "tma128pp" in vs:
-                return "tma128pp"
             if out_half:
                 v = "tma192s" if N < 3072 or M > 16384 else "tma128"
             else:
