@@ -15,7 +15,9 @@
 // persistent with a staged epilogue (gemm_f16_tma<BN>s): the consumers write the finished tile into shared memory
 // and 128 threads hand one row each to the bulk-copy unit (cp.async.bulk; EPI_RESID with cp.reduce.async.bulk
 // .add.f32, the fp32 residual added in L2, never read into the SM; EPI_QKV with the key and value columns copied
-// straight into their KV-cache rows), then go on to the next tile's MMAs while the copies drain.
+// straight into their KV-cache rows), then go on to the next tile's MMAs while the copies drain. And the ping-pong
+// kernel gemm_f16_tma128pp (gemm_tma_pp_impl, 384 threads): two consumer warpgroups on alternate tiles, so one's
+// epilogue runs while the other's MMAs do.
 // Build: -gencode=arch=compute_90a,code=sm_90a.
 #define GEMM_F16_PART 99   // helpers and the shared epilogue of gemm_f16.cu, none of its kernels
 #include "gemm_f16.cu"
