@@ -40,7 +40,8 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_FUSE_ARGMAX", "bool", True, "greedy fp16 LM head with the (max, argmax) epilogue"),
     Var("GPT2JOB_PREFIX_SHARE", "bool", True, "prompts of a chunk that start alike compute that prefix once"),
     Var("GPT2JOB_PREFILL_ATTN", "bool", True, "fp16 prefill attention on tensor cores (head size 64)"),
-    Var("GPT2JOB_TMA_STAGED", "bool", True, "fp16 products on the staged-epilogue and ping-pong TMA kernels where picked"),
+    Var("GPT2JOB_TMA_STAGED", "bool", True,
+        "fp16 products on the staged-epilogue and ping-pong TMA kernels where picked"),
     Var("GPT2JOB_TMA_PERSISTENT", "bool", False, "persistent twins of the TMA kernels where compiled"),
     Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "greedy decode steps replayed as CUDA graphs"),
     # ---- tests and benchmarks
