@@ -249,14 +249,16 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 }
 
 // ------------------------------------------------------------------------------------------------------------
-// Ping-pong (gemm_f16_tma128pp). 384 threads: warpgroup 0 is the producer (its warp 0, lane 0
-// issues the TMA loads; setmaxnreg.dec to 40 registers), warpgroups 1 and 2 are consumers (setmaxnreg.inc to 232)
-// that each compute whole 128 x TBN tiles. The CTA's tiles i = 0, 1, 2, ... (blockIdx.x + i * gridDim.x) alternate
+// Ping-pong (gemm_f16_tma128pp). 384 threads: warpgroup 0 is the producer (its warp 0, lane 0 issues the TMA
+// loads; setmaxnreg.dec to 40 registers), warpgroups 1 and 2 are consumers (setmaxnreg.inc to 232) that each
+// compute whole 128 x TBN tiles. The CTA's tiles i = 0, 1, 2, ... (blockIdx.x + i * gridDim.x) alternate
 // between the two; their main loops take turns (named barriers 1 and 2: tile i's main loop starts once tile i - 1's
 // has ended), so one consumer's epilogue (staged, into its own shared-memory rows) runs while the other's MMAs do.
 // Each stage is read by one consumer: empty[s] counts its 4 warps.
 #define PP_THREADS 384
-__device__ __forceinline__ void named_sync(int id, int n) { asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory"); }
+__device__ __forceinline__ void named_sync(int id, int n) {
+    asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(n) : "memory");
+}
 __device__ __forceinline__ void named_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
