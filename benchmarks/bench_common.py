@@ -215,6 +215,24 @@ def pycuda_kernels():
         ctx.detach()
 
 
+@contextlib.contextmanager
+def torch_kernels(variants=()):
+    """(torch, Kernels compiling the named fp16 tile variants; none: the GPU's default set), PyCUDA on torch's
+    primary context of its current GPU, popped at the end: our products and torch's on the same operands."""
+    import torch
+    torch.zeros(1, device="cuda")
+    import pycuda.driver as drv
+    from gpt2job.backends.cuda.kernels import Kernels
+    from gpt2job.backends.cuda.options import KernelOptions
+    drv.init()
+    ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
+    ctx.push()
+    try:
+        yield torch, Kernels(0, KernelOptions(f16_variants=tuple(variants)))
+    finally:
+        ctx.pop()
+
+
 def event_ms(drv, fn, repeats):
     """fn()'s device time in ms, by CUDA events: the median of repeats launches after one warm-up; and all of them."""
     fn()

@@ -17,6 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import torch_kernels  # noqa: E402
 from kernels_bench import SHAPES, median_ms  # noqa: E402
 
 
@@ -30,17 +31,9 @@ def main():
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--torch", action="store_true", help="also torch.matmul (cuBLAS) on the same operands")
     a = ap.parse_args()
-    import torch
-    torch.zeros(1, device="cuda")
-    import pycuda.driver as drv
-    drv.init()
-    ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
-    ctx.push()
-    try:
-        from gpt2job.backends.cuda.kernels import F16_TILES, Kernels
-        from gpt2job.backends.cuda.options import KernelOptions
-        vs = a.variants.split(",")
-        k = Kernels(0, KernelOptions(f16_variants=tuple(vs)))
+    vs = a.variants.split(",")
+    with torch_kernels(vs) as (torch, k):
+        from gpt2job.backends.cuda.kernels import F16_TILES
         _, K, N = next(s for s in SHAPES if s[0] == a.shape)
         M = a.m
         g = torch.Generator(device="cuda").manual_seed(0)
@@ -101,8 +94,6 @@ def main():
                 ms = median_ms(lambda: torch.matmul(A, Wpt, out=Cp), a.reps, torch)
                 print(f"probe {a.shape} M={M} K={K} N={N} torch.matmul, N padded to {Np} {flop / ms / 1e9:6.0f} TFLOP/s "
                       f"({ms:.3f} ms)")
-    finally:
-        ctx.pop()
 
 
 if __name__ == "__main__":

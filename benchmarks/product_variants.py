@@ -15,6 +15,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import torch_kernels  # noqa: E402
 
 SHAPES = (("qkv", 2304, 768, 0, True), ("attn_out", 768, 768, 3, False), ("mlp_up", 3072, 768, 1, True),
           ("mlp_down", 768, 3072, 3, False), ("upnogelu", 3072, 768, 0, True))   # name, N, K, mode, half out
@@ -27,18 +29,8 @@ def main():
     ap.add_argument("--shapes", default=",".join(s[0] for s in SHAPES))
     ap.add_argument("--reps", type=int, default=20)
     a = ap.parse_args()
-    import torch
-    torch.zeros(1, device="cuda")
-    import pycuda.driver as drv
-    drv.init()
-    ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
-    ctx.push()
-    try:
-        from gpt2job.backends.cuda.kernels import Kernels
-        from gpt2job.backends.cuda.options import KernelOptions
-        vs = a.variants.split(",")
-        k = Kernels(0, KernelOptions(f16_variants=tuple(vs)))
-
+    vs = a.variants.split(",")
+    with torch_kernels(vs) as (torch, k):
         def us(fn):
             fn()
             torch.cuda.synchronize()
@@ -70,8 +62,6 @@ def main():
                 line += f"  cublas {us(lambda: torch.matmul(A, W.t())):7.1f}"
                 differ = [v for v in vs if not torch.equal(outs[v], outs[vs[0]])]
                 print(line, "same" if not differ else "DIFFER " + ",".join(differ), flush=True)
-    finally:
-        ctx.pop()
 
 
 if __name__ == "__main__":

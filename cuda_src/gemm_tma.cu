@@ -85,6 +85,31 @@ template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned lon
 #define TMA_BK 64
 #define TMA_THREADS 288
 
+// One thread's bulk copies of row `row` of a staged tile (its w columns from n0, at src in shared memory): EPI_RESID
+// (resid) as a bulk add into the fp32 residual, EPI_QKV (qkvm) the q columns to C and the key and value columns to
+// the row's KV-cache slot and position, else a plain store.
+template <typename OutT>
+__device__ __forceinline__ void staged_row_out(const unsigned char* src, int row, int n0, int w, bool resid, bool qkvm,
+                                               OutT* C, int ldc, const int* row_slot, const int* row_pos,
+                                               int slot_base, int S, __half* kc, __half* vc, int kvC)
+{
+    if (resid) {
+        bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
+    } else if (qkvm) {
+        const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
+        for (int c = n0; c < n0 + w;) {
+            const int part = c < kvC ? 0 : (c < 2 * kvC ? 1 : 2);
+            const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
+            __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + c
+                                    : (part == 1 ? kc : vc) + kvoff + (c - part * kvC);
+            bulk_store(dst, src + (c - n0) * 2, (end - c) * 2);
+            c = end;
+        }
+    } else {
+        bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
+    }
+}
+
 // Staged epilogue of one 128 x TBN tile (consumer threads 0-255; acc in the wgmma fragment layout): wait until
 // the previous tile's bulk copies have read the staging rows, write bias + activation (EPI_RESID: bias only, the
 // residual is added by the bulk reduction) into them, then thread r < 128 copies row r of the tile out.
@@ -114,25 +139,9 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
     consumers_sync();
     if (tid < TMA_BM) {
         const int row = m0 + tid;
-        if (row < M) {
-            const int w = min(TBN, N - n0);   // columns of this tile (N * sizeof(OutT) is a multiple of 16)
-            const unsigned char* src = Cs + tid * CROW;
-            if (resid) {
-                bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
-            } else if (qkvm) {   // q columns to C, key and value columns to the row's KV-cache slot and position
-                const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
-                for (int c = n0; c < n0 + w;) {
-                    const int part = c < kvC ? 0 : (c < 2 * kvC ? 1 : 2);
-                    const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
-                    __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + c
-                                            : (part == 1 ? kc : vc) + kvoff + (c - part * kvC);
-                    bulk_store(dst, src + (c - n0) * 2, (end - c) * 2);
-                    c = end;
-                }
-            } else {
-                bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
-            }
-        }
+        if (row < M)   // the tile's columns (N * sizeof(OutT) is a multiple of 16)
+            staged_row_out(Cs + tid * CROW, row, n0, min(TBN, N - n0), resid, qkvm, C, ldc, row_slot, row_pos,
+                           slot_base, S, kc, vc, kvC);
         bulk_commit();
     }
 }
@@ -401,25 +410,9 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
             fence_async_smem();
             named_sync(3 + c, 128);
             const int row = m0 + p * SR + t;
-            if (t < SR && row < M) {
-                const int w = min(TBN, N - n0);
-                const unsigned char* src = Cs + t * CROW;
-                if (resid) {
-                    bulk_add_f32(reinterpret_cast<float*>(C + (size_t)row * ldc + n0), src, w * 4);
-                } else if (qkvm) {
-                    const size_t kvoff = ((size_t)(row_slot[row] - slot_base) * S + row_pos[row]) * kvC;
-                    for (int cc = n0; cc < n0 + w;) {
-                        const int part = cc < kvC ? 0 : (cc < 2 * kvC ? 1 : 2);
-                        const int end = min(n0 + w, part == 2 ? n0 + w : (part + 1) * kvC);
-                        __half* dst = part == 0 ? reinterpret_cast<__half*>(C) + (size_t)row * ldc + cc
-                                                : (part == 1 ? kc : vc) + kvoff + (cc - part * kvC);
-                        bulk_store(dst, src + (cc - n0) * 2, (end - cc) * 2);
-                        cc = end;
-                    }
-                } else {
-                    bulk_store(C + (size_t)row * ldc + n0, src, w * (int)sizeof(OutT));
-                }
-            }
+            if (t < SR && row < M)
+                staged_row_out(Cs + t * CROW, row, n0, min(TBN, N - n0), resid, qkvm, C, ldc, row_slot, row_pos,
+                               slot_base, S, kc, vc, kvC);
             bulk_commit();
             have_copies = true;
         }
