@@ -85,6 +85,40 @@ template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned lon
 #define TMA_BK 64
 #define TMA_THREADS 288
 
+// The stage ring of the TMA kernels. Its barriers, set up by one thread: full[s] takes the producer's arrival and
+// the stage's bytes, empty[s] one arrival per consumer warp that reads the stage. The producer thread orders the
+// descriptors' copy before the TMA unit reads them (acquire_tensormaps), then loads each tile's nk k-blocks (A rows
+// from m0, B rows from n0; load_tile_stages). it: k-blocks loaded so far over all tiles (stage it % ST, phase
+// it / ST); a stage is refilled once its consumers released it, and full[s] completes when both boxes have landed.
+template <int ST>
+__device__ __forceinline__ void init_stage_barriers(unsigned long long* full, unsigned long long* empty,
+                                                    unsigned consumer_warps) {
+#pragma unroll
+    for (int s = 0; s < ST; s++) {
+        mbar_init(&full[s], 1);
+        mbar_init(&empty[s], consumer_warps);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+__device__ __forceinline__ void acquire_tensormaps(const TmaDesc* tmA, const TmaDesc* tmB) {
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
+    asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
+}
+template <int TBN, int ST>
+__device__ __forceinline__ void load_tile_stages(const TmaDesc* tmA, const TmaDesc* tmB, __half* As, __half* Bs,
+                                                 unsigned long long* full, unsigned long long* empty, int m0, int n0,
+                                                 int nk, int& it)
+{
+    constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
+    for (int kb = 0; kb < nk; kb++, it++) {
+        const int s = it % ST;
+        if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
+        mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
+        tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
+        tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
+    }
+}
+
 // One thread's bulk copies of row `row` of a staged tile (its w columns from n0, at src in shared memory): EPI_RESID
 // (resid) as a bulk add into the fp32 residual, EPI_QKV (qkvm) the q columns to C and the key and value columns to
 // the row's KV-cache slot and position, else a plain store.
@@ -179,32 +213,17 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
         m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * TMA_BM;
         n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)blockIdx.x) * TBN;
     };
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < ST; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 8);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    if (tid == 0) init_stage_barriers<ST>(full, empty, 8);   // empty: the 8 consumer warps
     __syncthreads();
 
     if (warp == 8) {   // producer
         if (lane == 0) {
-            // the descriptors were written by a copy: order that before the TMA unit reads them
-            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
-            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
-            int it = 0;   // k-blocks loaded so far (all tiles): stage it % ST, phase it / ST
+            acquire_tensormaps(tmA, tmB);
+            int it = 0;
             for (int tile = tile0; tile < tile_end; tile += tile_step) {
                 int m0, n0;
                 origin(tile, m0, n0);
-                for (int kb = 0; kb < nk; kb++, it++) {
-                    const int s = it % ST;
-                    if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
-                    mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-                    tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
-                    tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
-                }
+                load_tile_stages<TBN, ST>(tmA, tmB, As, Bs, full, empty, m0, n0, nk, it);
             }
         }
         return;
@@ -292,32 +311,18 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     const int n_tiles = (N + TBN - 1) / TBN, m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = n_tiles * m_tiles;
     const int my_tiles = blockIdx.x < tile_end ? (tile_end - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
-    if (tid == 0) {
-#pragma unroll
-        for (int s = 0; s < ST; s++) {
-            mbar_init(&full[s], 1);
-            mbar_init(&empty[s], 4);
-        }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-    }
+    if (tid == 0) init_stage_barriers<ST>(full, empty, 4);   // empty: one consumer's 4 warps
     __syncthreads();
 
     if (wgi == 0) {   // producer
         asm volatile("setmaxnreg.dec.sync.aligned.u32 40;\n" ::: "memory");
         if (warp == 0 && lane == 0) {
-            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
-            asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
+            acquire_tensormaps(tmA, tmB);
             int it = 0;
             for (int i = 0; i < my_tiles; i++) {
                 const int tile = blockIdx.x + i * gridDim.x;
-                const int m0 = (tile / n_tiles) * TMA_BM, n0 = (tile % n_tiles) * TBN;
-                for (int kb = 0; kb < nk; kb++, it++) {
-                    const int s = it % ST;
-                    if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);
-                    mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-                    tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
-                    tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
-                }
+                load_tile_stages<TBN, ST>(tmA, tmB, As, Bs, full, empty, (tile / n_tiles) * TMA_BM,
+                                          (tile % n_tiles) * TBN, nk, it);
             }
         }
         return;

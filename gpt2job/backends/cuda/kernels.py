@@ -78,11 +78,11 @@ def _tma(name, bn, stages, blocks, persist, efficiency=0.0):
                    "sm_90a", persist > 0, blocks, efficiency)
 
 
-def _staged_smem(bn, stages, out_half):
-    """Shared memory of a staged-epilogue kernel: stages, the output tile's rows (gemm_tma.cu StagedRow), 1 KB
-    alignment, barriers."""
+def _staged_smem(bn, stages, out_half, rows=128):
+    """Shared memory of a staged-epilogue kernel: stages, `rows` staging rows of the output tile (gemm_tma.cu
+    StagedRow), 1 KB alignment, barriers."""
     row = bn * 2 + 16 if out_half else bn * 4 + (0 if bn == 256 else 32)
-    return stages * (128 + bn) * 64 * 2 + 128 * row + 1024 + 16 * stages
+    return stages * (128 + bn) * 64 * 2 + rows * row + 1024 + 16 * stages
 
 
 def _staged(name, bn, stages_half, stages_float):
@@ -119,9 +119,8 @@ F16_TILES = {t.name: t for t in (
     _staged("tma256s", 256, 3, 2),
     # ping-pong: two consumer warpgroups on alternate 128x128 tiles (gemm_tma.cu gemm_tma_pp_impl); 384 threads,
     # staging rows for each consumer (float outputs: 64 rows at a time)
-    F16Tile("tma128pp", "tma", 128, 128, 128, 384, 4 * 256 * 64 * 2 + 2 * 128 * 272 + 1024 + 16 * 4,
-            4 * 256 * 64 * 2 + 2 * 64 * 544 + 1024 + 16 * 4, ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a",
-            True, 1),
+    F16Tile("tma128pp", "tma", 128, 128, 128, 384, _staged_smem(128, 4, True, 2 * 128),
+            _staged_smem(128, 4, False, 2 * 64), ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a", True, 1),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "tma128pp", "wgmma", "t128x128k64s3",
