@@ -26,7 +26,8 @@
 # Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, mixprof, attn, small, load, products, master, writer,
 # scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
 # (--features; empty: the A/B cases only), T_<STAGE> (seconds), SMALL_CONFIGS, SMALL_SIZES (small_chunks.py
-# --configs, --sizes), PRODUCTS_ARGS (decode_products.py's), PROFILE_PROMPTS (546).
+# --configs, --sizes), PRODUCTS_ARGS (decode_products.py's), PROFILE_PROMPTS (546), WRITER_ARGS (writer_ab.py's:
+# "--old . --new-layout flat" compares the output layouts), SCALE_LAYOUT (vlen; flat).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -96,12 +97,13 @@ fi
 if has writer; then
     VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
     TAIL=12 stage writer ${T_WRITER:-400} python3 benchmarks/writer_ab.py --old "$OLD" --repeats "$REPEATS" \
-        --rows ${MASTER_ROWS:-2000000} --vocab-dir "$VOCAB" --out "$OUT"
+        --rows ${MASTER_ROWS:-2000000} --vocab-dir "$VOCAB" --out "$OUT" ${WRITER_ARGS:-}
 fi
 if has scale; then
     VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
     TAIL=30 stage scale ${T_SCALE:-300} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/reliability.py --kills 0 --fuzz 0 \
-        --scale ${SCALE_ROWS:-10000000} --scale-ranks ${SCALE_RANKS:-16} --results "$OUT/scale.jsonl"
+        --scale ${SCALE_ROWS:-10000000} --scale-ranks ${SCALE_RANKS:-16} --scale-layout ${SCALE_LAYOUT:-vlen} \
+        --results "$OUT/scale.jsonl"
 fi
 echo
 echo "stage      rc"

@@ -2,7 +2,7 @@
 commit to the journal, HDF5 writer thread) serves N simulated workers on the CPU.
 
     python benchmarks/master_scale.py [--workers 15,63] [--tok-s 600000] [--rows 2000000] [--chunk-size 546]
-        [--new-tokens 8] [--dir /tmp/gpt2job-master-scale] [--keep] [--json results.jsonl]
+        [--new-tokens 8] [--layout vlen|flat] [--dir /tmp/gpt2job-master-scale] [--keep] [--json results.jsonl]
 
 Each simulated worker (SimChannel) computes the chunks it is sent one after another, each taking
 rows x new tokens / --tok-s seconds of wall time (W1-type chunks: 546 prompts of 16 tokens, 8 new, is what each of
@@ -174,7 +174,8 @@ def one(n_workers, a, inp, out):
         if os.path.exists(p):
             os.remove(p)
     s = JobSettings(input=inp, output=out, model=a.model, max_new_tokens=a.new_tokens, backend="synthetic",
-                    chunk_size=a.chunk_size, vocab_dir=a.vocab_dir, progress_interval=1e9, chunk_timeout=600)
+                    chunk_size=a.chunk_size, vocab_dir=a.vocab_dir, progress_interval=1e9, chunk_timeout=600,
+                    layout=a.layout)
     pool = ResultPool(a.model, a.new_tokens, a.chunk_size)
     ch = SimChannel(n_workers, a.tok_s, a.new_tokens, pool)
     m = Master(s, None, channel=ch)
@@ -203,7 +204,7 @@ def one(n_workers, a, inp, out):
     span = sm["generation_s"]
     busy = [ch.workers[r].busy_s / span for r in ch.workers] if span else [0]
     res = {
-        "commit": git_commit(), "text": m.enc is not None,
+        "commit": git_commit(), "text": m.enc is not None, "layout": a.layout,
         "workers": n_workers, "tok_s_each": a.tok_s, "demand_tok_s": n_workers * a.tok_s,
         "chunk_size": a.chunk_size, "rows": rows, "tokens": toks, "results": ch.n_results,
         "prepare_s": round(t_prep, 2), "span_s": round(span, 3), "run_s": round(t2 - t1, 3),
@@ -242,6 +243,7 @@ def main():
     ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR") or os.path.join(ROOT, "..", "shared",
                                                                                           "gpt2-vocab"))
     ap.add_argument("--no-text", action="store_true", help="no tokenizer: the output without its 'completions' text")
+    ap.add_argument("--layout", choices=("vlen", "flat"), default="vlen", help="the output's layout (run --layout)")
     ap.add_argument("--dir", default="/tmp/gpt2job-master-scale")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", help="append one JSON line per run")
@@ -279,7 +281,8 @@ def main():
 
 def _passed(a):
     return ["--tok-s", str(a.tok_s), "--rows", str(a.rows), "--chunk-size", str(a.chunk_size), "--new-tokens",
-            str(a.new_tokens), "--model", a.model, "--dir", a.dir] + (["--vocab-dir", a.vocab_dir] if a.vocab_dir else []) \
+            str(a.new_tokens), "--model", a.model, "--dir", a.dir, "--layout", a.layout] \
+        + (["--vocab-dir", a.vocab_dir] if a.vocab_dir else []) \
         + (["--no-text"] if a.no_text else [])
 
 

@@ -362,6 +362,7 @@ def main():
     ap.add_argument("--scale-ranks", type=int, default=3, help="--scale: mpirun ranks (1: one process)")
     ap.add_argument("--scale-dir", default="/tmp", help="--scale: where its big files go (removed afterwards)")
     ap.add_argument("--scale-chunk-size", type=int, default=0, help="--scale: --chunk-size of its jobs (0: default)")
+    ap.add_argument("--scale-layout", choices=("vlen", "flat"), default="vlen", help="--scale: --layout of its jobs")
     a = ap.parse_args()
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gpt2job-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -388,7 +389,8 @@ def main():
         import scale_run
         res = scale_run.scale_experiment(a.scale, tempfile.mkdtemp(prefix="gpt2job-scale-", dir=a.scale_dir),
                                          a.scale_ranks, mutations.VOCAB_DIR if (mutations.VOCAB_DIR / "vocab.bpe").is_file()
-                                         else None, keep=bool(a.keep), chunk_size=a.scale_chunk_size)
+                                         else None, keep=bool(a.keep), chunk_size=a.scale_chunk_size,
+                                         layout=a.scale_layout)
         failed |= not (res and res["ok"])
         if a.results and res:
             with open(a.results, "a") as f:

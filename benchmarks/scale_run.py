@@ -140,13 +140,21 @@ def summary(out):
 def digest(path):
     """sha256 of every per-row dataset, a block of rows at a time."""
     import h5py
+    from gpt2job.files import h5flat
     h = {}
     with h5py.File(path, "r") as f:
-        names = [k for k in f if isinstance(f[k], h5py.Dataset)]
+        flat = h5flat.dataset_names(f)     # --layout flat: its rows' values, not the order they were written in
+        names = [k for k in f if isinstance(f[k], h5py.Dataset) and k not in flat]
+        names += [k for k in h5flat.TOKEN_COLUMNS + (h5flat.TEXT,) if k not in f and h5flat.has(f, k)]
         n = len(f["done"])
         for k in names:
             d = hashlib.sha256()
             for a in range(0, n, BLOCK):
+                if k not in f:       # a flat column: its rows' lengths and values (in row order)
+                    counts, vals = h5flat.values(f, k, a, a + BLOCK)
+                    d.update(counts.tobytes())
+                    d.update(vals.tobytes())
+                    continue
                 x = f[k][a:a + BLOCK]
                 if x.dtype == object:
                     if len(x) and isinstance(x[0], np.ndarray):
@@ -166,7 +174,7 @@ def journal_rows(out):
     return sum(len(c.all_rows) for comps, _ in j.blocks() for c in comps)
 
 
-def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0):
+def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0, layout="vlen"):
     d = Path(workdir) / "scale"
     d.mkdir(parents=True, exist_ok=True)
     inp = d / "in.h5"
@@ -174,8 +182,9 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size
     write_input(str(inp), n)
     print(f"scale: {n:,} W1-like prompts written in {time.monotonic() - t:.1f} s ({inp.stat().st_size / 2**20:.0f} MB)",
           flush=True)
-    extra = ["--chunk-size", str(chunk_size)] if chunk_size else []
-    res = {"rows": n, "ranks": ranks, "chunk_size": chunk_size or "default", "commit": _commit(), "date": time.strftime("%Y-%m-%d"),
+    extra = (["--chunk-size", str(chunk_size)] if chunk_size else []) + ["--layout", layout]
+    res = {"rows": n, "ranks": ranks, "chunk_size": chunk_size or "default", "layout": layout, "commit": _commit(),
+           "date": time.strftime("%Y-%m-%d"),
            "machine": f"{os.cpu_count()} cores, {os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2**30:.0f} GB",
            "load_before": round(os.getloadavg()[0], 2)}
     try:

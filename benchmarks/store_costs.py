@@ -8,7 +8,8 @@ One JSON line per piece (median of 3 repeats, us per row): HDF5 writes of 8-toke
 65,536 rows a call; a vlen UTF-8 string column (35 bytes a row) from char pointers; finish_reason as a vlen string
 and as S7; a uint8 column; the text of a row by row_text (tiktoken and Python a row) and by TokenText.batch_text
 (4,096 rows a call; tokens drawn from the whole vocabulary: about 5% of rows are not valid UTF-8); the journal:
-records encoded, written and fsynced, 15 chunks of 546 rows a group.
+records encoded, written and fsynced, 15 chunks of 546 rows a group; whole rows through RowWriter in each output
+layout (--layout vlen / flat).
 """
 import argparse
 import json
@@ -131,6 +132,46 @@ def text_pieces(vocab_dir):
             "text: row_text, a row at a time": median_us(one_by_one, 20000)}
 
 
+def layout_pieces(vocab_dir, d, n=1 << 19, group=8192):
+    """Whole rows through the writer's RowWriter in each output layout (run --layout): 8 tokens a row, the text
+    made beforehand by RowText (as the text process does), groups of 8,192 rows in a shuffled order; us a row for
+    RowWriter.prepare and RowWriter.write, each."""
+    from gpt2job.chunks import Completions
+    from gpt2job.files.h5write import RowWriter, create_output, make_header
+    from gpt2job.files.text import RowText, TokenText
+    from gpt2job.model.tokenizer import load_tokenizer
+    tt = TokenText(load_tokenizer(vocab_dir))
+    rng = np.random.default_rng(3)
+    out = {}
+    for layout in ("vlen", "flat"):
+        def go(spent):
+            key = {"settings": {"layout": layout} if layout == "flat" else {}}
+            f = create_output(make_header(os.path.join(d, "l.h5"), n, key, {}, True, None, 2.0),
+                              np.full(n, 16, np.int32))
+            w, rt = RowWriter(f, tt, None), RowText(tt, None)
+            for c in rng.permutation(n // group).tolist():
+                rows = np.arange(c * group, (c + 1) * group, dtype=np.int64)
+                comp = Completions(-1, rows, np.arange(group + 1, dtype=np.int64) * 8,
+                                   rng.integers(0, 50000, group * 8).astype(np.int32), np.zeros(group, np.uint8))
+                text = rt.make(rows, comp.offsets, comp.tokens, comp.finish)
+                t0 = time.perf_counter()
+                prepared = list(w.prepare(comp, text))
+                t1 = time.perf_counter()
+                w.write(prepared)
+                spent[0] += t1 - t0
+                spent[1] += time.perf_counter() - t1
+            f.close()
+        runs = []
+        for _ in range(3):
+            spent = [0.0, 0.0]
+            go(spent)
+            runs.append(spent)
+        for i, what in enumerate(("prepare", "write")):
+            out[f"rows, layout {layout}: RowWriter.{what} (tokens, text, flags)"] = round(
+                1e6 * statistics.median(r[i] for r in runs) / n, 3)
+    return out
+
+
 def journal_piece(d):
     from gpt2job.chunks import Completions
     from gpt2job.files.journal import Journal
@@ -159,6 +200,7 @@ def main():
         res = hdf5_pieces(a.rows, d)
         if os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):
             res.update(text_pieces(a.vocab_dir))
+            res.update(layout_pieces(a.vocab_dir, d))
         res.update(journal_piece(d))
     lines = [{"bench": "store_costs", "piece": k, "us_per_row": v, "rows_per_s": round(1e6 / v) if v else None,
               "date": time.strftime("%Y-%m-%d"), "load_before": load} for k, v in res.items()]

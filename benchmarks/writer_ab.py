@@ -4,6 +4,9 @@ and the medians last. For writer changes, whose effect the 2-core CPU machine ca
 cores).
 
     python3 benchmarks/writer_ab.py --old .old [--new .] [--repeats 3] [--rows 2000000] [--vocab-dir DIR] [--out DIR]
+        [--old-layout vlen] [--new-layout flat]
+
+--old . --old-layout vlen --new-layout flat compares this tree's two output layouts (run --layout).
 """
 import argparse
 import json
@@ -24,6 +27,8 @@ def main():
     ap.add_argument("--workers", type=int, default=15)
     ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR", ""))
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--old-layout", default="vlen", help="run --layout of the old tree's runs (vlen: not passed)")
+    ap.add_argument("--new-layout", default="vlen", help="and of the new tree's")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     got = {"old": [], "new": []}
@@ -32,6 +37,8 @@ def main():
             tree = os.path.abspath(getattr(a, name))
             cmd = [sys.executable, os.path.join(tree, "benchmarks", "master_scale.py"), "--workers", str(a.workers),
                    "--rows", str(a.rows), "--vocab-dir", a.vocab_dir]
+            layout = getattr(a, name + "_layout")
+            cmd += ["--layout", layout] if layout != "vlen" else []
             p = subprocess.run(cmd, cwd=tree, capture_output=True, text=True, timeout=600)
             lines = [x for x in p.stdout.splitlines() if x.startswith("{")]
             if p.returncode or not lines:
@@ -42,7 +49,7 @@ def main():
             print(f"{name} run {i}: {res['rows_per_s_to_file_complete']:,} rows/s to the file complete, "
                   f"{res['rows_per_s']:,} dispatched; writer {res.get('output_writer')}", flush=True)
             with open(os.path.join(a.out, "writer_ab.jsonl"), "a") as f:
-                f.write(json.dumps({"bench": "writer_ab", "tree": name, "path": tree, **res}) + "\n")
+                f.write(json.dumps({"bench": "writer_ab", "tree": name, "path": tree, "layout": layout, **res}) + "\n")
     print(f"\n{'tree':5s} {'median rows/s to the file complete':>36s}  runs")
     for name, v in got.items():
         print(f"{name:5s} {statistics.median(v) if v else float('nan'):>36,.0f}  {v}")

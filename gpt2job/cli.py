@@ -206,6 +206,10 @@ def build_parser():
                    help="N completions of every prompt (vLLM's n, transformers' num_return_sequences; 1..1000): "
                         "output rows [prompts x N], row r is sample r %% N of prompt r // N (datasets prompt_index, "
                         "sample_index); a prompt's prefill is computed once for its N samples")
+    r.add_argument("--layout", choices=("vlen", "flat"), default="vlen",
+                   help="how OUT stores each row's tokens and text: vlen (default: one variable-length element a "
+                        "row, f['completions'][i]) or flat (for millions of rows: one flat array with a start and "
+                        "a length per row, written several times faster; see the README)")
     r.add_argument("--no-dedup", action="store_true",
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
@@ -272,7 +276,7 @@ def cmd_run(a):
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
-                    num_samples=a.num_samples,
+                    num_samples=a.num_samples, layout=a.layout,
                     vocab_dir=vocab_dir_from(a.vocab_dir), overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup,

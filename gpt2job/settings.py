@@ -77,6 +77,7 @@ class JobSettings:
     num_samples: int = 1             # --num-samples N: output rows [prompts * N]
     score: bool = False              # `score IN OUT`: log-likelihoods of given tokens (files/score_input.py)
     prepend_eos: bool = False        # score --prepend-eos: <|endoftext|> before each row (its first token is scored)
+    layout: str = "vlen"             # --layout: the output's variable-length columns (files/h5flat.py: "flat")
 
     def generation(self, eos_token_id):
         return GenerationSettings(
@@ -105,6 +106,8 @@ class JobSettings:
             out["num_samples"] = self.num_samples
         if self.score:
             out["score"], out["prepend_eos"] = True, self.prepend_eos
+        if self.layout != "vlen":    # not the completions, but the file's form: a resume must write the same
+            out["layout"] = self.layout
         if self.temperature <= 0:  # greedy: the sampling knobs do not matter
             for k in ("top_k", "top_p", "seed"):
                 out.pop(k)

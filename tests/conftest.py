@@ -59,14 +59,17 @@ def write_token_input(path, rows):
 
 
 def read_output(path):
+    """An output's rows and attributes, in either layout (--layout vlen or flat)."""
     import h5py
+    from gpt2job.files.h5flat import has, rows
     with h5py.File(path, "r") as f:
-        out = {"tokens": [np.asarray(t) for t in f["completion_tokens"][()]],
+        n = len(f["done"])
+        out = {"tokens": [np.asarray(t) for t in rows(f, "completion_tokens", 0, n)],
                "done": f["done"][()], "finish": [x.decode() if isinstance(x, bytes) else x
                                                  for x in f["finish_reason"][()]],
                "attrs": dict(f.attrs)}
-        if "completions" in f:
-            out["text"] = [x.decode() if isinstance(x, bytes) else x for x in f["completions"][()]]
+        if has(f, "completions"):
+            out["text"] = [x.decode() if isinstance(x, bytes) else x for x in rows(f, "completions", 0, n)]
             out["text_exact"] = f["text_exact"][()]
     return out
 

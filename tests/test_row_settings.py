@@ -213,9 +213,9 @@ def test_stop_token_ids_end_rows_and_are_named_in_stop_reason(tmp_path):
 def _write(tmp_path, vocab_dir, comps, stops, per_row=None, kind="thread"):
     """An output of N rows written by the writer (thread or process) from these Completions; -> its completions,
     text_exact, stop_reason and finish_reason."""
-    from gpt2job.files.h5write import WriterThread, make_header
+    from gpt2job.files.h5write import make_header
     from gpt2job.files.journal import Journal
-    from gpt2job.files.writer import WriterProcess
+    from gpt2job.files.writer import WriterProcess, WriterThread
     inp = tmp_path / "in.h5"
     make_input(inp) if per_row is None else make_input(inp, stop=per_row)
     st = {"stop": list(stops), "stop_token_ids": [13], "eos": 50256, "input": str(inp) if per_row is not None else None}

@@ -297,8 +297,8 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     """The same results through WriterThread (text made in place) and WriterProcess (text made by its text process,
     batches in flight): the same file. Chunks of 546 rows with a gap after each (a write of 5 chunks: 5 runs,
     selected as hyperslabs), and every other row (a run per row, more than MAX_RUNS: selected as points)."""
-    from gpt2job.files.h5write import MAX_RUNS, WriterThread, make_header
-    from gpt2job.files.writer import WriterProcess
+    from gpt2job.files.h5write import MAX_RUNS, make_header
+    from gpt2job.files.writer import WriterProcess, WriterThread
     n = 12_000
     rng = np.random.default_rng(7)
     rows = (np.arange(n).reshape(-1, 600)[:, :546].reshape(-1) if layout == "runs" else np.arange(0, n, 2))
@@ -336,8 +336,8 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
 def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the_thread_writes(tmp_path, vocab_dir):
     """Several chunks per message, each with copies (deduplicated prompts) and log-probabilities (top 2), through the
     text process's batches: the file is the thread writer's."""
-    from gpt2job.files.h5write import WriterThread, make_header
-    from gpt2job.files.writer import WriterProcess
+    from gpt2job.files.h5write import make_header
+    from gpt2job.files.writer import WriterProcess, WriterThread
     n, k = 4_000, 2
     rng = np.random.default_rng(8)
     comps = []

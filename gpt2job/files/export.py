@@ -10,9 +10,10 @@ when the job used stop strings or stop token ids; with --logprobs `logprobs` (on
 --top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
 [{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); every other per-row dataset of the
 output that holds one value or one list per row (log-probabilities, sample indices, ...) is exported under its
-own name. With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample
-r % N of prompt r // N, whose prompt it shows). Rows are read in blocks: any size of output exports in bounded memory. The file is written beside its
-final name and renamed into place, so a failed export leaves no half file."""
+own name. With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample r % N of prompt
+r // N, whose prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
+in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
+place, so a failed export leaves no half file."""
 import json
 import os
 import sys
@@ -20,7 +21,7 @@ import sys
 import numpy as np
 
 from gpt2job.errors import UserError, plural
-from gpt2job.files import score_output
+from gpt2job.files import h5flat, score_output
 from gpt2job.files.h5files import contents, open_readable
 
 BLOCK = 1 << 15
@@ -78,13 +79,15 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         raise UserError("folder does not exist", jsonl_path, "export", f"create {folder} first")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
         scored = "scored_tokens" in f     # a finished `score` output (files/score_output.py)
-        if ("completion_tokens" not in f and not scored) or "done" not in f:
+        if (not h5flat.has(f, "completion_tokens") and not scored) or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
                             "datasets", "give an output file written by gpt2job run")
         n = len(f["done"])
-        extra = [k for k in f.keys() if k not in BUILT_IN and getattr(f[k], "shape", None)
+        own = set(BUILT_IN) | set(h5flat.dataset_names(f))
+        extra = [k for k in f.keys() if k not in own and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]
-        topk = int(f["top_logprobs"].attrs.get("top_logprobs_k", 1)) if "top_logprobs" in f else 0
+        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        topk = int(top.attrs.get("top_logprobs_k", 1)) if top is not None else 0
         inp = f.attrs.get("input")
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
@@ -102,12 +105,12 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                     done = f["done"][a:b]
                     if not done.any():
                         continue
-                    cols = {"completion_tokens": f["completion_tokens"][a:b],
+                    cols = {"completion_tokens": h5flat.rows(f, "completion_tokens", a, b),
                             "finish_reason": f["finish_reason"][a:b]}
                     if "stop_reason" in f:
                         cols["stop_reason"] = f["stop_reason"][a:b]
-                    if "completions" in f:
-                        cols["completion"] = f["completions"][a:b]
+                    if h5flat.has(f, "completions"):
+                        cols["completion"] = h5flat.rows(f, "completions", a, b)
                         cols["text_exact"] = f["text_exact"][a:b]
                     if pds is not None:
                         cols[pkey] = pds[a:b] if samples == 1 else \
@@ -116,8 +119,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                         if k in f:
                             cols[k] = f[k][a:b]
                     for k in ("completion_logprobs", "top_logprob_ids", "top_logprobs"):
-                        if k in f:
-                            cols[k] = f[k][a:b]
+                        if h5flat.has(f, k):
+                            cols[k] = h5flat.rows(f, k, a, b)
                     for k in extra:
                         cols[k] = f[k][a:b]
                     for i in np.flatnonzero(done):

@@ -58,22 +58,21 @@ def concat_into(out, comps):
 
 
 class Columns:
-    """RowWriter's part for these datasets of an open output (present() False: the output has none)."""
+    """RowWriter's part for these datasets of an open output (ds empty and flat False: the output has none)."""
 
     def __init__(self, f):
         from h5py import h5t
         self.ds = {k: f[k].id for k in NAMES if k in f}
-        self.k = int(f["top_logprobs"].attrs["top_logprobs_k"]) if "top_logprobs" in self.ds else 0
+        self.flat = "completion_logprobs_data" in f      # the flat layout's (h5flat.Appender writes them)
+        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        self.k = int(top.attrs["top_logprobs_k"]) if top is not None else 0
         self.types = {"completion_logprobs": h5t.vlen_create(h5t.NATIVE_FLOAT),
                       "top_logprob_ids": h5t.vlen_create(h5t.NATIVE_INT32),
                       "top_logprobs": h5t.vlen_create(h5t.NATIVE_FLOAT)}
 
-    def present(self):
-        return bool(self.ds)
-
     def part(self, comp, t0, t1):
         """comp's arrays of its tokens t0..t1 (a batch of its rows), or None without these datasets."""
-        if not self.ds:
+        if not self.ds and not self.flat:
             return None
         return tuple(a[t0:t1] for a in arrays(comp, self.k))
 

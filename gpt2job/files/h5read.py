@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
+from gpt2job.files import h5flat
 
 BLOCK_ROWS = 1 << 20
 
@@ -48,14 +49,14 @@ def records_from_h5(path):
             done = np.flatnonzero(f["done"][a:a + BLOCK_ROWS] == 1)
             if len(done) == 0:
                 continue
-            toks = f["completion_tokens"][a:a + BLOCK_ROWS]
+            toks = h5flat.rows(f, "completion_tokens", a, a + BLOCK_ROWS)
             reasons = f["finish_reason"][a:a + BLOCK_ROWS]
             finish = np.array([codes.get(r.decode() if isinstance(r, bytes) else r, 0) for r in reasons[done]],
                               np.uint8)
             if "stop_reason" in f:
                 stop_codes(finish, [toks[i] for i in done], f["stop_reason"][a:a + BLOCK_ROWS][done])
             comp = Completions.from_lists(-1, done + a, [toks[i] for i in done], finish)
-            if "completion_logprobs" in f:     # --logprobs: they go into the journal with their rows
+            if h5flat.has(f, "completion_logprobs"):     # --logprobs: they go into the journal with their rows
                 _read_logprobs(f, comp, done, a)
             yield comp
 
@@ -63,11 +64,12 @@ def records_from_h5(path):
 def _read_logprobs(f, comp, done, a):
     """comp (rows a + done of the file) gets the rows' log-probabilities and top K (h5logprobs.py layout)."""
     b = a + BLOCK_ROWS
-    lp = f["completion_logprobs"][a:b]
+    lp = h5flat.rows(f, "completion_logprobs", a, b)
     comp.logprobs = np.concatenate([np.asarray(lp[i], np.float32) for i in done] + [np.zeros(0, np.float32)])
-    if "top_logprobs" in f:
-        k = int(f["top_logprobs"].attrs["top_logprobs_k"])
-        ids, top = f["top_logprob_ids"][a:b], f["top_logprobs"][a:b]
+    if h5flat.has(f, "top_logprobs"):
+        top_ds = f["top_logprobs"] if "top_logprobs" in f else f["top_logprobs_data"]
+        k = int(top_ds.attrs["top_logprobs_k"])
+        ids, top = h5flat.rows(f, "top_logprob_ids", a, b), h5flat.rows(f, "top_logprobs", a, b)
         comp.top_ids = np.concatenate([np.asarray(ids[i], np.int32) for i in done] + [np.zeros(0, np.int32)]
                                       ).reshape(-1, k)
         comp.top_logprobs = np.concatenate([np.asarray(top[i], np.float32) for i in done] +

@@ -10,8 +10,8 @@ where they come in few runs (select_rows: a fixed-size column then costs about n
 plain h5py reads: same datasets, same types.
 
 RowText.make (the rows' text), RowWriter.prepare (NumPy: order, pointers) and RowWriter.write (the HDF5 calls: h5py
-holds the GIL through them) are separate steps. Two writers take rows from the master: WriterThread (in the master's
-process, for small jobs: nothing to start) and files/writer.py's WriterProcess (large jobs: its own process, and the
+holds the GIL through them) are separate steps. Two writers take rows from the master (files/writer.py): WriterThread
+(in the master's process, for small jobs: nothing to start) and WriterProcess (large jobs: its own process, and the
 text made by another, so that neither the master's loop nor the text waits for HDF5 or for the GIL). Both create the
 file themselves, from what make_header gives them, and take each group of results as the journal's bytes
 (files/journal.py).
@@ -20,17 +20,16 @@ import errno
 import json
 import os
 import resource
-import threading
-import time
 
 import numpy as np
 
 from gpt2job.chunks import FINISH_NAMES, FINISH_STOP, Completions
-from gpt2job.files import h5logprobs, score_output
+from gpt2job.files import h5flat, h5logprobs, score_output
 from gpt2job.files.text import RowText
 
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
+FLAT_ROWS = ("completion_tokens_start", "completion_tokens_count", "completions_start", "completions_size")
 MAX_RUNS = 256          # select_rows: a write of this many runs of consecutive rows or more selects points
 
 
@@ -87,17 +86,21 @@ def create_output(header, prompt_lengths):
     tmp = path + ".tmp"
     try:
         with h5py.File(tmp, "w") as f:
-            vint = h5py.vlen_dtype(np.int32)
             vstr = h5py.string_dtype("utf-8")
-            f.create_dataset("completion_tokens", (n,), dtype=vint)
+            if h5flat.wanted(header):       # --layout flat: flat arrays and a start and length per row
+                lp, k = h5logprobs.wanted(header)
+                h5flat.create_datasets(f, n, header["text"], k if lp else None)
+            else:
+                f.create_dataset("completion_tokens", (n,), dtype=h5py.vlen_dtype(np.int32))
+                if header["text"]:
+                    f.create_dataset("completions", (n,), dtype=vstr)
+                h5logprobs.create_datasets(f, header)      # only a job with --logprobs
             if header["text"]:
-                f.create_dataset("completions", (n,), dtype=vstr)
                 f.create_dataset("text_exact", (n,), dtype=np.uint8)
             f.create_dataset("done", (n,), dtype=np.uint8)
             f.create_dataset("finish_reason", (n,), dtype=FINISH_DTYPE)
             if header.get("stops"):     # only a job with stops: other outputs stay as they were
                 f.create_dataset("stop_reason", (n,), dtype=vstr)
-            h5logprobs.create_datasets(f, header)      # only a job with --logprobs
             samples = int(header["attrs"].get("num_samples", 1))   # --num-samples N: row r = sample r % N of
             lengths = np.asarray(prompt_lengths).astype(np.int32)   # prompt r // N (prompt_lengths: per prompt)
             if samples > 1:
@@ -117,7 +120,8 @@ def create_output(header, prompt_lengths):
         except OSError:
             pass
         raise
-    return h5py.File(path, "r+")
+    # a chunk cache that holds the flat layout's growing chunks (h5flat.py): appends then never read a chunk back
+    return h5py.File(path, "r+", rdcc_nbytes=64 << 20)
 
 
 def finish_output(f, summary):
@@ -167,12 +171,13 @@ class RowWriter:
         self.vstr.set_cset(h5t.CSET_UTF8)
         self.names = np.array([FINISH_NAMES[k].encode() for k in range(max(FINISH_NAMES) + 1)], FINISH_DTYPE)
         self.ds = {k: f[k].id for k in ("completion_tokens", "completions", "text_exact", "done", "finish_reason",
-                                         "stop_reason") if k in f}
+                                         "stop_reason", *FLAT_ROWS) if k in f}
         if "stop_reason" not in self.ds:
             self.stops = None
-        self.has_text = "completions" in self.ds     # its text: made by row_text, or given to prepare()
+        self.flat = h5flat.Appender(f) if h5flat.is_flat(f) else None     # --layout flat
+        self.has_text = h5flat.has(f, "completions")     # its text: made by row_text, or given to prepare()
         self.row_text = RowText(text, self.stops) if self.has_text and text is not None else None
-        self.lp = h5logprobs.Columns(f)                # log-probabilities (none: present() False)
+        self.lp = h5logprobs.Columns(f)                # log-probabilities, if the output has them
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
 
@@ -201,32 +206,36 @@ class RowWriter:
         tokens = np.ascontiguousarray(tokens, np.int32)
         finish = np.asarray(finish)
         p = {"keep": [tokens]}
-        pairs = np.empty(n, [("len", "<u8"), ("ptr", "<u8")])       # HDF5's hvl_t {size_t len; void *p}
-        pairs["len"] = np.diff(offsets)
-        pairs["ptr"] = np.uint64(tokens.ctypes.data) + (offsets[:-1] * 4).astype(np.uint64)
-        p["completion_tokens"] = pairs
-        hits = {}                               # row index -> the stop string its text was cut before
+        hits, buf = {}, None                    # row index -> the stop string its text was cut before
         if self.has_text:
             buf, starts, exact, hits = text if text is not None else self.row_text.make(rows, offsets, tokens, finish)
             p["keep"].append(buf)
-            p["completions"] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
             p["text_exact"] = exact.astype(np.uint8)
+        if self.flat is not None:
+            self.flat.prepare(p, offsets, tokens, None if buf is None else (buf, starts), lp_part)
+        else:
+            pairs = np.empty(n, [("len", "<u8"), ("ptr", "<u8")])       # HDF5's hvl_t {size_t len; void *p}
+            pairs["len"] = np.diff(offsets)
+            pairs["ptr"] = np.uint64(tokens.ctypes.data) + (offsets[:-1] * 4).astype(np.uint64)
+            p["completion_tokens"] = pairs
+            if buf is not None:
+                p["completions"] = np.uint64(buf.ctypes.data) + starts.astype(np.uint64)
+            self.lp.prepare(p, offsets, lp_part)
         p["finish_reason"] = self.names[finish]
         if self.stops is not None:
             p["stop_reason"] = self._reasons(offsets, tokens, finish, hits, p["keep"])
-        self.lp.prepare(p, offsets, lp_part)
         p["done"] = np.ones(n + len(copy_rows), np.uint8)
         all_rows = np.concatenate([rows, copy_rows]) if len(copy_rows) else rows
         order = np.argsort(all_rows, kind="stable")
         for k in ("completion_tokens", "completions", "text_exact", "finish_reason", "stop_reason",   # a copy: its
-                  *h5logprobs.NAMES):
-            # source's pointers
+                  *h5logprobs.NAMES, *FLAT_ROWS):
+            # source's pointers (or starts and lengths)
             if k in p:
                 p[k] = (np.concatenate([p[k], p[k][copy_src]]) if len(copy_rows) else p[k])[order]
         p["n"], p["rows"] = len(all_rows), np.asarray(all_rows, np.uint64)[order].reshape(-1, 1)
         # what the file may grow by, generously: HDF5 stores each variable-length element with a header of its own
         p["bytes"] = 2 * (128 * p["n"] + 4 * len(tokens) + sum(len(b) for b in p["keep"][1:])) + (64 << 10)
-        p["bytes"] += 2 * p.pop("lp_bytes", 0)
+        p["bytes"] += 2 * p.pop("lp_bytes", 0) + p.pop("flat_bytes", 0)
         return p
 
     def _reasons(self, offsets, tokens, finish, hits, keep):
@@ -263,12 +272,14 @@ class RowWriter:
             if not p["n"]:
                 continue
             check_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
+            if self.flat is not None:     # the data first: a row's start is written only once its data is there
+                self.flat.write(p)
             space = self.ds["done"].get_space()
             select_rows(space, p["rows"])
             mem = h5s.create_simple((p["n"],))
             for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
                                 ("finish_reason", None), ("stop_reason", self.vstr),
-                                *self.lp.types.items(), ("done", None)):   # done last
+                                *self.lp.types.items(), *((k, None) for k in FLAT_ROWS), ("done", None)):   # done last
                 if name in p:
                     self.ds[name].write(mem, space, p[name], mtype)
 
@@ -292,105 +303,3 @@ def select_rows(space, rows):
     space.select_none()
     for a, b in zip(starts.tolist(), ends.tolist()):
         space.select_hyperslab((int(flat[a]),), (b - a,), op=h5s.SELECT_OR)
-
-
-# ---------------------------------------------------------------- the writer in a thread (small jobs)
-
-class WriterThread(threading.Thread):
-    """Creates the output, then writes the results put() queues while the master goes on, and flushes the file every
-    flush_interval seconds. put() waits while more than max_rows rows are queued (memory stays bounded when the
-    disk is slower than the results come). The first error it meets is kept and raised, as it is, by the next
-    put(), wait(), finish() or close()."""
-
-    def __init__(self, header, prompt_lengths, text=None, max_rows=1 << 22):
-        super().__init__(name="gpt2job-output-writer", daemon=True)
-        self.header, self.prompt_lengths, self.max_rows, self.text = header, prompt_lengths, max_rows, text
-        self.flush_interval = header["flush_interval"]
-        self.cond = threading.Condition()
-        self.queue, self.queued_rows, self.busy, self.closing, self.error = [], 0, True, None, None
-        self.written_rows, self.write_s = 0, 0.0
-        self.start()
-
-    def put(self, comps, blob=None):
-        with self.cond:
-            self._raise()
-            while self.queued_rows > self.max_rows and self.error is None:
-                self.cond.wait(0.5)
-            self._raise()
-            self.queue += comps
-            self.queued_rows += sum(len(c.rows) for c in comps)
-            self.cond.notify_all()
-
-    def wait(self):
-        """Until every queued row is written and flushed (raises the writer's error, if any)."""
-        with self.cond:
-            self.queue.append("flush")
-            self.cond.notify_all()
-            while (self.queue or self.busy) and self.error is None:
-                self.cond.wait(0.5)
-            self._raise()
-
-    def finish(self, summary):
-        self._end(("finish", summary))
-
-    def close(self):
-        self._end(("close", None), check=False)
-
-    def _end(self, how, check=True):
-        with self.cond:
-            self.closing = how
-            self.cond.notify_all()
-        self.join()
-        if check:
-            self._raise()
-
-    def _raise(self):
-        if self.error is not None:
-            raise self.error
-
-    def run(self):
-        f = None
-        try:
-            f = create_output(self.header, self.prompt_lengths)
-            self.prompt_lengths = None
-            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header),
-                               stop_table(self.header))
-            last_flush, dirty = time.monotonic(), False
-            while True:
-                with self.cond:
-                    self.busy = False
-                    self.cond.notify_all()
-                    while not self.queue and not self.closing:
-                        due = self.flush_interval - (time.monotonic() - last_flush)
-                        if dirty and due <= 0:
-                            break
-                        self.cond.wait(max(0.05, due) if dirty else 0.5)
-                    items, self.queue, self.busy = self.queue, [], True
-                    n, self.queued_rows = self.queued_rows, 0
-                    closing = self.closing if not self.queue else None
-                t = time.perf_counter()
-                comps = [c for c in items if not isinstance(c, str)]
-                if comps:
-                    writer.put(concat(comps))
-                    dirty = True
-                if dirty and ("flush" in items or time.monotonic() - last_flush >= self.flush_interval):
-                    f.flush()
-                    last_flush, dirty = time.monotonic(), False
-                self.written_rows += n
-                self.write_s += time.perf_counter() - t
-                if closing:
-                    if closing[0] == "finish":
-                        finish_output(f, closing[1])
-                    f = None
-                    return
-        except BaseException as e:   # kept for the master's thread, which turns it into the one clear line
-            self.error = e
-        finally:
-            if f is not None:
-                try:
-                    f.close()
-                except Exception:
-                    pass
-            with self.cond:
-                self.busy = False
-                self.cond.notify_all()

@@ -38,9 +38,10 @@ from gpt2job import envs
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.errors import AlreadyComplete, UserError
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
-from gpt2job.files.h5write import WriterThread, make_header
+from gpt2job.files.h5write import make_header
 from gpt2job.files.journal import Journal, JournalReader, io_error
 from gpt2job.files.text import TokenText
+from gpt2job.files.writer import WriterProcess, WriterThread
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 
@@ -203,7 +204,6 @@ class OutputStore:
                              self.flush_interval, self.stops)
         kind = envs.get("GPT2JOB_WRITER")
         if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
-            from gpt2job.files.writer import WriterProcess
             self.writer = WriterProcess(header, self.prompt_lengths)
         else:
             self.writer = WriterThread(header, self.prompt_lengths, text=self.text)

@@ -4,6 +4,7 @@ import json
 import numpy as np
 
 from gpt2job.errors import UserError, plural
+from gpt2job.files import h5flat
 from gpt2job.files.h5files import contents, open_readable
 
 
@@ -12,7 +13,7 @@ def show(path, start=0, limit=10):
         if "scored_tokens" in f and "done" in f:     # a finished `score` output
             from gpt2job.files.score_output import show_rows
             return show_rows(f, path, start, limit)
-        if "completion_tokens" not in f or "done" not in f:
+        if not h5flat.has(f, "completion_tokens") or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", path, "datasets",
                             "give an output file written by gpt2job run")
         done = f["done"][()]
@@ -26,23 +27,26 @@ def show(path, start=0, limit=10):
             print(f"  generated {sm.get('generated_tokens')} tokens"
                   + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
         stop = min(n, start + limit)
-        has_text = "completions" in f
+        has_text = h5flat.has(f, "completions")
         stop_reason = f["stop_reason"] if "stop_reason" in f else None
-        lps = f["completion_logprobs"] if "completion_logprobs" in f else None
-        tops = (f["top_logprob_ids"], f["top_logprobs"], int(f["top_logprobs"].attrs["top_logprobs_k"])) \
-            if "top_logprobs" in f else None
+        cols = {k: h5flat.rows(f, k, start, stop) for k in ("completion_tokens", "completions", "completion_logprobs",
+                                                           "top_logprob_ids", "top_logprobs") if h5flat.has(f, k)}
+        lps = cols.get("completion_logprobs")
+        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        tops = (cols["top_logprob_ids"], cols["top_logprobs"], int(top.attrs["top_logprobs_k"])) \
+            if top is not None else None
         for i in range(start, stop):
             if not done[i]:
                 print(f"[{i}] (not done)")
                 continue
             reason = f["finish_reason"][i]
             reason = reason.decode() if isinstance(reason, bytes) else reason
-            toks = np.asarray(f["completion_tokens"][i]).tolist()
+            toks = np.asarray(cols["completion_tokens"][i - start]).tolist()
             line = f"[{i}] {reason:7s} {toks}"
             if "prompt_index" in f and "sample_index" in f:   # --num-samples: which prompt, which of its samples
                 line = f"[{i}] prompt {int(f['prompt_index'][i])} sample {int(f['sample_index'][i])} {reason:7s} {toks}"
             if has_text:
-                text = f["completions"][i]
+                text = cols["completions"][i - start]
                 text = text.decode() if isinstance(text, bytes) else text
                 line += f"  {text!r}" + ("" if f["text_exact"][i] else " (lossy: see completion_tokens)")
             why = stop_reason[i] if stop_reason is not None else b""
@@ -51,8 +55,9 @@ def show(path, start=0, limit=10):
                 line += f"  (stop_reason {why!r})"
             print(line)
             if lps is not None:
-                print("      logprobs " + " ".join(f"{x:.3f}" for x in np.asarray(lps[i]).tolist()))
-            if tops is not None and len(tops[0][i]):   # the first token's alternatives (export has them all)
-                alt = zip(np.asarray(tops[0][i][:tops[2]]).tolist(), np.asarray(tops[1][i][:tops[2]]).tolist())
+                print("      logprobs " + " ".join(f"{x:.3f}" for x in np.asarray(lps[i - start]).tolist()))
+            if tops is not None and len(tops[0][i - start]):   # the first token's alternatives (export: all)
+                ids, vals = tops[0][i - start][:tops[2]], tops[1][i - start][:tops[2]]
+                alt = zip(np.asarray(ids).tolist(), np.asarray(vals).tolist())
                 print("      top at token 0: " + ", ".join(f"{t} {v:.3f}" for t, v in alt))
     return 0

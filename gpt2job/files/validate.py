@@ -7,6 +7,7 @@ import sys
 import numpy as np
 
 from gpt2job.errors import UserError
+from gpt2job.files import h5flat
 from gpt2job.files.h5files import contents, open_readable
 
 EXIT_VALIDATION_FAILED = 4
@@ -14,10 +15,10 @@ EXIT_VALIDATION_FAILED = 4
 
 def _read_tokens_h5(path):
     with open_readable(path, "file", "give a gpt2job output file or an int32 answer file") as f:
-        if "completion_tokens" not in f:
+        if not h5flat.has(f, "completion_tokens"):
             raise UserError(f"no 'completion_tokens' dataset ({contents(f)})", path, "completion_tokens",
                             "give a gpt2job output file or an int32 answer file")
-        return [np.asarray(r, np.int64) for r in f["completion_tokens"][()]]
+        return [np.asarray(r, np.int64) for r in h5flat.rows(f, "completion_tokens", 0, len(f["done"]))]
 
 
 def read_expected(path, n_rows):

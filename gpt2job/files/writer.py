@@ -1,8 +1,10 @@
-"""The output writer of large jobs, a process of its own (`python -m gpt2job.files.writer PARENT_PID`, started by
-the master's OutputStore): it creates the output file, writes the rows the master sends, and on `finish` marks the
-file finished. In its own interpreter it never takes the GIL from the master's loop. When the output has text, the
-text process (files/text_process.py) stands between the master and the writer and adds each batch's text. Each
-process is one loop in one thread.
+"""The output writers the master's OutputStore starts: WriterThread (small jobs: a thread in the master's process,
+nothing to start) and WriterProcess (large jobs). Both create the output file themselves, write the rows the master
+gives them with h5write.RowWriter, and on `finish` mark the file finished.
+
+The writer process (`python -m gpt2job.files.writer PARENT_PID`), in its own interpreter, never takes the GIL from
+the master's loop. When the output has text, the text process (files/text_process.py) stands between the master and
+the writer and adds each batch's text. Each process is one loop in one thread.
 
 The master sends messages (files/pipes.py) on the first process's stdin: a kind byte, a little-endian uint64
 length, the payload:
@@ -24,7 +26,9 @@ import queue
 import subprocess
 import sys
 import threading
+import time
 
+from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, stop_table, token_text
 from gpt2job.files.pipes import MSG, Inbox, Relayed, batched, die_with_parent, error_line, grow_pipe, relayed
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
@@ -33,7 +37,7 @@ QUEUE_BYTES = 256 << 20       # results the master may have queued for the write
 # ---------------------------------------------------------------- master side
 
 class WriterProcess:
-    """The master's handle on the writer process (same interface as h5write.WriterThread)."""
+    """The master's handle on the writer process (same interface as WriterThread)."""
 
     def __init__(self, header, prompt_lengths):
         import numpy as np
@@ -170,15 +174,114 @@ class WriterProcess:
                 proc.wait()
 
 
+# ---------------------------------------------------------------- the writer in a thread (small jobs)
+
+class WriterThread(threading.Thread):
+    """Creates the output, then writes the results put() queues while the master goes on, and flushes the file every
+    flush_interval seconds. put() waits while more than max_rows rows are queued (memory stays bounded when the
+    disk is slower than the results come). The first error it meets is kept and raised, as it is, by the next
+    put(), wait(), finish() or close()."""
+
+    def __init__(self, header, prompt_lengths, text=None, max_rows=1 << 22):
+        super().__init__(name="gpt2job-output-writer", daemon=True)
+        self.header, self.prompt_lengths, self.max_rows, self.text = header, prompt_lengths, max_rows, text
+        self.flush_interval = header["flush_interval"]
+        self.cond = threading.Condition()
+        self.queue, self.queued_rows, self.busy, self.closing, self.error = [], 0, True, None, None
+        self.written_rows, self.write_s = 0, 0.0
+        self.start()
+
+    def put(self, comps, blob=None):
+        with self.cond:
+            self._raise()
+            while self.queued_rows > self.max_rows and self.error is None:
+                self.cond.wait(0.5)
+            self._raise()
+            self.queue += comps
+            self.queued_rows += sum(len(c.rows) for c in comps)
+            self.cond.notify_all()
+
+    def wait(self):
+        """Until every queued row is written and flushed (raises the writer's error, if any)."""
+        with self.cond:
+            self.queue.append("flush")
+            self.cond.notify_all()
+            while (self.queue or self.busy) and self.error is None:
+                self.cond.wait(0.5)
+            self._raise()
+
+    def finish(self, summary):
+        self._end(("finish", summary))
+
+    def close(self):
+        self._end(("close", None), check=False)
+
+    def _end(self, how, check=True):
+        with self.cond:
+            self.closing = how
+            self.cond.notify_all()
+        self.join()
+        if check:
+            self._raise()
+
+    def _raise(self):
+        if self.error is not None:
+            raise self.error
+
+    def run(self):
+        f = None
+        try:
+            f = create_output(self.header, self.prompt_lengths)
+            self.prompt_lengths = None
+            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header),
+                               stop_table(self.header))
+            last_flush, dirty = time.monotonic(), False
+            while True:
+                with self.cond:
+                    self.busy = False
+                    self.cond.notify_all()
+                    while not self.queue and not self.closing:
+                        due = self.flush_interval - (time.monotonic() - last_flush)
+                        if dirty and due <= 0:
+                            break
+                        self.cond.wait(max(0.05, due) if dirty else 0.5)
+                    items, self.queue, self.busy = self.queue, [], True
+                    n, self.queued_rows = self.queued_rows, 0
+                    closing = self.closing if not self.queue else None
+                t = time.perf_counter()
+                comps = [c for c in items if not isinstance(c, str)]
+                if comps:
+                    writer.put(concat(comps))
+                    dirty = True
+                if dirty and ("flush" in items or time.monotonic() - last_flush >= self.flush_interval):
+                    f.flush()
+                    last_flush, dirty = time.monotonic(), False
+                self.written_rows += n
+                self.write_s += time.perf_counter() - t
+                if closing:
+                    if closing[0] == "finish":
+                        finish_output(f, closing[1])
+                    f = None
+                    return
+        except BaseException as e:   # kept for the master's thread, which turns it into the one clear line
+            self.error = e
+        finally:
+            if f is not None:
+                try:
+                    f.close()
+                except Exception:
+                    pass
+            with self.cond:
+                self.busy = False
+                self.cond.notify_all()
+
+
 # ---------------------------------------------------------------- the process
 
 def main(parent):
     """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them)."""
     die_with_parent(parent)
-    import time
-
     import numpy as np
-    from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, stop_table
     from gpt2job.files.journal import records_of
     from gpt2job.files.text_process import read_text
     out = sys.stdout

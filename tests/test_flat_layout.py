@@ -1,0 +1,105 @@
+"""`run --layout flat` (files/h5flat.py): the same rows as the default layout, column for column, through the writer
+thread and the writer process, with stops, repeated prompts, log-probabilities; export and show give the same
+lines; a resume rebuilds it; a resume with the other layout is refused."""
+import json
+
+import h5py
+import numpy as np
+import pytest
+
+from conftest import TINY_TEXT_MODEL, job_env, read_output, run_gpt2job, write_token_input
+from gpt2job.files import h5flat
+
+COLUMNS = ("completion_tokens", "completions", "completion_logprobs", "top_logprob_ids", "top_logprobs")
+
+
+def columns(path):
+    """Every per-row column of an output, in either layout, as plain lists."""
+    with h5py.File(path, "r") as f:
+        n = len(f["done"])
+        out = {k: [np.asarray(v).tolist() if not isinstance(v, bytes) else v for v in h5flat.rows(f, k, 0, n)]
+               for k in COLUMNS if h5flat.has(f, k)}
+        for k in ("done", "finish_reason", "text_exact", "stop_reason", "prompt_length"):
+            if k in f:
+                out[k] = f[k][()].tolist()
+        out["layout"] = "flat" if h5flat.is_flat(f) else "vlen"
+    return out
+
+
+def prompts(n, seed=0):
+    rng = np.random.default_rng(seed)
+    rows = [rng.integers(0, 50257, int(rng.integers(1, 9))).tolist() for _ in range(n)]
+    for i in range(0, n, 7):      # repeated prompts: the greedy job computes them once (dedup copies)
+        rows[i] = rows[0]
+    return rows
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_flat_layout_holds_the_same_rows(tmp_path, vocab_dir, writer):
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, prompts(300))
+    common = ["--model", TINY_TEXT_MODEL, "--backend", "numpy", "--max-new-tokens", "6", "--vocab-dir", vocab_dir,
+              "--stop", "e", "--stop-token-ids", "13", "--top-logprobs", "2", "--chunk-size", "37"]
+    got = {}
+    for layout in ("vlen", "flat"):
+        out = tmp_path / f"{layout}.h5"
+        run_gpt2job(["run", inp, out, "--layout", layout, *common], env=job_env(GPT2JOB_WRITER=writer), check=0)
+        got[layout] = columns(out)
+    vlen, flat = got["vlen"], got["flat"]
+    assert flat.pop("layout") == "flat" and vlen.pop("layout") == "vlen"
+    assert set(vlen) == set(flat) and set(COLUMNS) <= set(flat)
+    assert vlen == flat
+    assert all(vlen["done"]) and any(r == b"stop" for r in vlen["finish_reason"])
+    with h5py.File(tmp_path / "flat.h5", "r") as f:     # dedup copies point at their source's data
+        start, count = f["completion_tokens_start"][()], f["completion_tokens_count"][()]
+        assert start[7] == start[0] and count[7] == count[0] > 0
+        assert len(f["completion_tokens_data"]) < count.sum()
+        assert "completion_tokens" not in f and "completions" not in f
+    for cmd in ("export", "show"):
+        lines = {}
+        for layout in ("vlen", "flat"):
+            out = tmp_path / f"{layout}.h5"
+            args = ["export", out, tmp_path / f"{layout}.jsonl"] if cmd == "export" else ["show", out, "--limit", "20"]
+            p = run_gpt2job(args, check=0)
+            lines[layout] = ((tmp_path / f"{layout}.jsonl").read_text() if cmd == "export"     # show: its rows
+                             else "\n".join(x for x in p.stdout.splitlines() if x.startswith(("[", "      "))))
+        assert lines["vlen"] == lines["flat"], cmd
+    assert len(lines["flat"].splitlines()) > 20
+
+
+def test_flat_layout_resumes_and_refuses_the_other_layout(tmp_path):
+    inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
+    write_token_input(inp, prompts(120, seed=1))
+    args = ["--model", "random:n_layer=2,n_head=2,n_embd=32,vocab_size=50257", "--backend", "numpy",
+            "--max-new-tokens", "5", "--chunk-size", "16", "--layout", "flat", "--logprobs"]
+    run_gpt2job(["run", inp, full, *args], check=0)
+    run_gpt2job(["run", inp, out, *args], check=0)
+    with h5py.File(out, "r+") as f:        # as if killed with the journal lost: rows 40.. not done
+        f["done"][40:] = 0
+        f.attrs["finished"] = 0
+    p = run_gpt2job(["run", inp, out, *args[:-3], "--layout", "vlen", "--logprobs"])
+    assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
+    run_gpt2job(["run", inp, out, *args], check=0)
+    a, b = columns(full), columns(out)
+    assert a == b and all(b["done"])
+    assert json.loads(read_output(out)["attrs"]["settings"])["layout"] == "flat"
+
+
+def test_text_span_and_gather():
+    buf = np.frombuffer(b"ab\0\0xyz\0c\0", np.uint8)
+    blob, st, sizes = h5flat.text_span(buf, np.array([0, 3, 4, 8]))        # consecutive: one slice
+    assert blob.tobytes() == buf.tobytes() and st.tolist() == [0, 3, 4, 8] and sizes.tolist() == [2, 0, 3, 1]
+    blob, st, sizes = h5flat.text_span(buf, np.array([8, 0, 0]))            # out of order, repeated
+    assert [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"ab"]
+    far = np.concatenate([buf, np.ones(10000, np.uint8), buf])           # far apart: gathered
+    blob, st, sizes = h5flat.text_span(far, np.array([10008, 0, 10004]) + len(buf) * np.array([1, 0, 1]))
+    assert len(blob) == 9 and [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"xyz"]
+    data = np.arange(1000)
+    start, count = np.array([900, 0, 5, 400, 0]), np.array([3, 2, 4, 0, 0])
+    old, h5flat.READ_GAP = h5flat.READ_GAP, 10       # far apart: separate reads
+    try:
+        flat, at = h5flat._gather(data, start, count)
+    finally:
+        h5flat.READ_GAP = old
+    assert len(flat) < 20
+    assert [flat[s:s + c].tolist() for s, c in zip(at, count)] == [data[s:s + c].tolist() for s, c in zip(start, count)]
