@@ -134,14 +134,19 @@ def text_pieces(vocab_dir):
 
 def layout_pieces(vocab_dir, d, n=1 << 19, group=8192):
     """Whole rows through the writer's RowWriter in each output layout (run --layout): 8 tokens a row, the text
-    made beforehand by RowText (as the text process does), groups of 8,192 rows in a shuffled order; us a row for
-    RowWriter.prepare and RowWriter.write, each."""
+    made beforehand by RowText (as the text process does), groups of 8,192 rows in a shuffled order, each a range of
+    rows with 8% holes whose rows come as copies in other groups (greedy dedup: repeated prompts anywhere in the
+    input); us a row for RowWriter.prepare and RowWriter.write, each."""
     from gpt2job.chunks import Completions
     from gpt2job.files.h5write import RowWriter, create_output, make_header
     from gpt2job.files.text import RowText, TokenText
     from gpt2job.model.tokenizer import load_tokenizer
     tt = TokenText(load_tokenizer(vocab_dir))
     rng = np.random.default_rng(3)
+    holes = rng.permutation(n)[:n // 12]          # rows that are copies of a row of another group
+    is_hole = np.zeros(n, bool)
+    is_hole[holes] = True
+    src_group = rng.integers(0, n // group, len(holes))
     out = {}
     for layout in ("vlen", "flat"):
         def go(spent):
@@ -151,8 +156,11 @@ def layout_pieces(vocab_dir, d, n=1 << 19, group=8192):
             w, rt = RowWriter(f, tt, None), RowText(tt, None)
             for c in rng.permutation(n // group).tolist():
                 rows = np.arange(c * group, (c + 1) * group, dtype=np.int64)
-                comp = Completions(-1, rows, np.arange(group + 1, dtype=np.int64) * 8,
-                                   rng.integers(0, 50000, group * 8).astype(np.int32), np.zeros(group, np.uint8))
+                rows = rows[~is_hole[rows]]
+                copies = holes[src_group == c]
+                comp = Completions(-1, rows, np.arange(len(rows) + 1, dtype=np.int64) * 8,
+                                   rng.integers(0, 50000, len(rows) * 8).astype(np.int32), np.zeros(len(rows), np.uint8),
+                                   copies.astype(np.int64), rng.integers(0, len(rows), len(copies)))
                 text = rt.make(rows, comp.offsets, comp.tokens, comp.finish)
                 t0 = time.perf_counter()
                 prepared = list(w.prepare(comp, text))
@@ -160,6 +168,9 @@ def layout_pieces(vocab_dir, d, n=1 << 19, group=8192):
                 w.write(prepared)
                 spent[0] += t1 - t0
                 spent[1] += time.perf_counter() - t1
+            t1 = time.perf_counter()
+            w.flush()         # (the flat layout's scattered rows wait until then)
+            spent[1] += time.perf_counter() - t1
             f.close()
         runs = []
         for _ in range(3):

@@ -30,6 +30,10 @@ from gpt2job.files.text import RowText
 FINISH_DTYPE = "S7"     # finish_reason: fixed-length ASCII, "" (zeros) while not done; format 2 (was vlen str)
 BATCH_ROWS = 1 << 16    # rows per H5Dwrite: the temporaries stay small (large first-touch allocations are slow here)
 FLAT_ROWS = ("completion_tokens_start", "completion_tokens_count", "completions_start", "completions_size")
+MIN_BLOCK_ROWS = 64     # dense_blocks: fewer rows close together are selected one by one
+FIXED = ("text_exact", "finish_reason", *FLAT_ROWS, "done")     # the fixed-size per-row columns (done last)
+LATER_ROWS = 1 << 20    # the flat layout's scattered rows wait until this many (or a flush), then
+LATER_SPAN = 256        # a block may span 256 rows per row (a read and a write of a few bytes a row, ~0.1 us a point)
 MAX_RUNS = 256          # select_rows: a write of this many runs of consecutive rows or more selects points
 
 
@@ -180,6 +184,7 @@ class RowWriter:
         self.lp = h5logprobs.Columns(f)                # log-probabilities, if the output has them
         self.ds.update(self.lp.ds)
         self.fresh = list(self.ds)      # datasets whose storage is not allocated yet
+        self.later, self.later_n = [], 0    # write(): the flat layout's scattered rows, written by write_later()
 
     def prepare(self, comp: Completions, text=None):
         """The buffers of HDF5 writes of these rows (their copies too), for write(): one per BATCH_ROWS rows, each
@@ -274,17 +279,94 @@ class RowWriter:
             check_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
             if self.flat is not None:     # the data first: a row's start is written only once its data is there
                 self.flat.write(p)
-            space = self.ds["done"].get_space()
-            select_rows(space, p["rows"])
-            mem = h5s.create_simple((p["n"],))
+            rows = p["rows"][:, 0]
+            blocks, rest = dense_blocks(rows)
+            if self.flat is not None and len(rest):      # every column fixed-size: the scattered rows wait (later)
+                self.later.append((p["rows"][rest], {k: p[k][rest] for k in FIXED if k in p}))
+                self.later_n += len(rest)
+                rest = rest[:0]
+            space = mem = None
             for name, mtype in (("completion_tokens", self.vint), ("completions", self.vstr), ("text_exact", None),
                                 ("finish_reason", None), ("stop_reason", self.vstr),
                                 *self.lp.types.items(), *((k, None) for k in FLAT_ROWS), ("done", None)):   # done last
-                if name in p:
-                    self.ds[name].write(mem, space, p[name], mtype)
+                if name not in p:
+                    continue
+                ds, values = self.ds[name], p[name]
+                if mtype is None and blocks:     # a fixed-size column: its dense blocks read, updated, written
+                    for lo, hi, a, b in blocks:
+                        write_block(ds, lo, hi, rows[a:b], values[a:b])
+                    if len(rest):
+                        sp = ds.get_space()
+                        sp.select_elements(p["rows"][rest])
+                        ds.write(h5s.create_simple((len(rest),)), sp, np.ascontiguousarray(values[rest]))
+                    continue
+                if space is None:
+                    space, mem = ds.get_space(), h5s.create_simple((p["n"],))
+                    select_rows(space, p["rows"])
+                ds.write(mem, space, values, mtype)
+        if self.later_n >= LATER_ROWS:
+            self.write_later()
+
+    def write_later(self):
+        """The flat layout's scattered rows of earlier writes (mostly copies of repeated prompts, anywhere in the
+        file), sorted and written together: close enough then for dense blocks of a wider span."""
+        if not self.later_n:
+            return
+        rows = np.concatenate([r for r, _ in self.later])
+        order = np.argsort(rows[:, 0], kind="stable")
+        rows = rows[order]
+        cols = {k: np.concatenate([c[k] for _, c in self.later])[order] for k in self.later[0][1]}
+        self.later, self.later_n = [], 0
+        check_room(self.f.filename, self._unallocated() + (64 << 10), self.f.id.get_filesize())
+        blocks, rest = dense_blocks(rows[:, 0], 4096, LATER_SPAN)
+        for name in cols:     # (FIXED's order: done last)
+            ds, values = self.ds[name], cols[name]
+            for lo, hi, a, b in blocks:
+                write_block(ds, lo, hi, rows[a:b, 0], values[a:b])
+            if len(rest):
+                from h5py import h5s
+                sp = ds.get_space()
+                sp.select_elements(rows[rest])
+                ds.write(h5s.create_simple((len(rest),)), sp, np.ascontiguousarray(values[rest]))
+
+    def flush(self):
+        """Everything written (the waiting rows too) and the file flushed."""
+        self.write_later()
+        self.f.flush()
 
     def put(self, comp):
         self.write(self.prepare(comp))
+
+
+def dense_blocks(rows, gap=32, span=4):
+    """The sorted rows [n] of a write as dense blocks and the rest: ([(first row, end row, a, b)] for rows[a:b] that lie
+    close together (no two consecutive ones more than gap apart, the block at most span x its rows plus 4,096 long),
+    the indices of the other rows). A fixed-size column writes a block as one read and one write of the rows between
+    (a few bytes a row, whatever is there), where selecting the rows themselves costs ~0.1 us each, and far more when
+    they are far apart: a group of chunks is a few ranges of rows with holes (repeated prompts), and their copies lie
+    anywhere."""
+    n = len(rows)
+    if n < MIN_BLOCK_ROWS:
+        return [], np.arange(n)
+    cut = np.flatnonzero(np.diff(rows) > gap) + 1
+    first, end = np.concatenate([[0], cut]), np.append(cut, n)
+    count, lo, hi = end - first, rows[first].astype(np.int64), rows[end - 1].astype(np.int64) + 1
+    ok = (count >= MIN_BLOCK_ROWS) & (hi - lo <= span * count + 4096)
+    blocks = [(int(lo[i]), int(hi[i]), int(first[i]), int(end[i])) for i in np.flatnonzero(ok).tolist()]
+    return blocks, np.flatnonzero(~np.repeat(ok, count))
+
+
+def write_block(ds, lo, hi, rows, values):
+    """Rows (sorted, in lo..hi-1) of the fixed-size dataset ds (a DatasetID) set to values: lo..hi-1 read, updated,
+    written back."""
+    from h5py import h5s
+    buf = np.empty(hi - lo, ds.dtype)
+    space = ds.get_space()
+    space.select_hyperslab((lo,), (hi - lo,))
+    mem = h5s.create_simple((hi - lo,))
+    ds.read(mem, space, buf)
+    buf[rows - lo] = values
+    ds.write(mem, space, buf)
 
 
 def select_rows(space, rows):

@@ -254,12 +254,13 @@ class WriterThread(threading.Thread):
                     writer.put(concat(comps))
                     dirty = True
                 if dirty and ("flush" in items or time.monotonic() - last_flush >= self.flush_interval):
-                    f.flush()
+                    writer.flush()
                     last_flush, dirty = time.monotonic(), False
                 self.written_rows += n
                 self.write_s += time.perf_counter() - t
                 if closing:
                     if closing[0] == "finish":
+                        writer.write_later()
                         finish_output(f, closing[1])
                     f = None
                     return
@@ -304,7 +305,7 @@ def main(parent):
             while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
                 due = interval - (time.monotonic() - last)
                 if due <= 0:
-                    f.flush()
+                    writer.flush()
                     last, dirty = time.monotonic(), False
                 else:
                     inbox.wait(due)
@@ -328,7 +329,7 @@ def main(parent):
                 summary = json.loads(payload) if kind == b"F" else None
                 break
             if kind == b"S" or (dirty and time.monotonic() - last >= interval):
-                f.flush()
+                writer.flush()
                 last, dirty = time.monotonic(), False
             if kind == b"S":
                 out.write("synced\n")
@@ -340,6 +341,7 @@ def main(parent):
                                         **{k: round(v, 3) for k, v in spent.items()}}
             if text_spent is not None:
                 summary["output_writer"]["text_process"] = text_spent
+            writer.write_later()
             finish_output(f, summary)
             f = None
             out.write("ok\n")
