@@ -1,9 +1,8 @@
 """The output's text process (`python -m gpt2job.files.text_process PARENT_PID`, started by files/writer.py's
 WriterProcess between the master and the writer process when the output has text): it passes the master's
 messages on, joins consecutive results into batches (pipes.batched), each passed on as one journal record, and
-after each batch sends a T message with the `completions` text of its rows (text.RowText), or passes the batch on
-as W, for the writer to make its text (a third of the rows: SHARE). The text is then made while the writer makes
-HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them
+after each batch sends a T message with the `completions` text of its rows (text.RowText). The text is then made
+while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them
 (RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
 "error" line, which the writer relays).
 """
@@ -14,8 +13,6 @@ import sys
 
 from gpt2job.files.pipes import MSG, Inbox, batched, die_with_parent, error_line
 
-SHARE = 2 / 3     # of the rows whose text this process makes; the writer makes the rest's (W), with time to spare
-                  # for it now that its HDF5 writes are cheaper (RESULTS.md, session 21)
 TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits bytes H; then the buffer (NUL-terminated
                                  # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
 
@@ -37,7 +34,7 @@ def text_main(parent):
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
         from gpt2job.files.text import RowText
-        maker, seen, made = None, 0, 0
+        maker = None
         for kind, payload in batched(Inbox(sys.stdin.fileno(), spent)):
             t = time.perf_counter()
             parts = [MSG.pack(kind, len(payload)), payload]
@@ -50,16 +47,6 @@ def text_main(parent):
                 if len(comps) > 1:    # the batch as one record: the writer decodes it in one go (~0.1 us a row less)
                     payload = Journal.encode([whole])
                     parts = [MSG.pack(kind, len(payload)), payload]
-                n = len(whole.rows) if comps else 0
-                seen += n
-                if made + n > SHARE * seen:      # the writer makes this batch's text
-                    parts = [MSG.pack(b"W", len(payload)), payload]
-                    for x in parts:
-                        out.write(x)
-                    out.flush()
-                    spent["text_s"] += time.perf_counter() - t
-                    continue
-                made += n
                 buf, starts, exact, hits = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
                                             else (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {}))
                 h = json.dumps({str(r): hit for r, hit in hits.items()}).encode()

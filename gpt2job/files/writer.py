@@ -15,8 +15,7 @@ length, the payload:
   S  sync: answer "synced" once everything before it is written and flushed
   F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
   C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
-The text process sends each R followed by  T  (its rows' text), or as  W  (results whose text the writer makes), X
-(its seconds) before F, E (its error line).
+The text process sends each R followed by  T  (its rows' text), X (its seconds) before F, E (its error line).
 The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The
 kernel ends both with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
 """
@@ -299,8 +298,7 @@ def main(parent):
         header = json.loads(h)
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
-        # per-row stops: read from the input; text: from T, or made here for W
-        writer = RowWriter(f, token_text(header), stop_table(header))
+        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
         while True:
@@ -315,9 +313,9 @@ def main(parent):
             if kind is None:
                 break
             t = time.perf_counter()
-            if kind in (b"R", b"W"):
+            if kind == b"R":
                 comps = records_of(payload)
-                if comps and (kind == b"W" or not header["text"]):
+                if comps and not header["text"]:
                     writer.put(concat(comps))
                     dirty = True
             elif kind == b"T":         # the text of the R just before it
