@@ -292,11 +292,12 @@ def test_the_output_readers_see_what_h5py_would_have_written(tmp_path, vocab_dir
     assert all(len(toks[r]) == 0 and done[r] == 0 and fin[r] == b"" for r in untouched)
 
 
-@pytest.mark.parametrize("layout", ["runs", "scattered"])
-def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tmp_path, vocab_dir, layout):
+@pytest.mark.parametrize("layout,texts", [("runs", 1), ("scattered", 1), ("runs", 2)])
+def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tmp_path, vocab_dir, layout, texts):
     """The same results through WriterThread (text made in place) and WriterProcess (text made by its text process,
-    batches in flight): the same file. Chunks of 546 rows with a gap after each (a write of 5 chunks: 5 runs,
-    selected as hyperslabs), and every other row (a run per row, more than MAX_RUNS: selected as points)."""
+    or two of them taking turns, batches in flight): the same file. Chunks of 546 rows with a gap after each (a
+    write of 5 chunks: 5 runs, selected as hyperslabs), and every other row (a run per row, more than MAX_RUNS:
+    selected as points)."""
     from gpt2job.files.h5write import MAX_RUNS, make_header
     from gpt2job.files.writer import WriterProcess, WriterThread
     n = 12_000
@@ -314,7 +315,7 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     got = []
     for kind in (WriterThread, WriterProcess):
         hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n, {"k": 1}, {}, True, vocab_dir, 60)
-        w = kind(hdr, np.full(n, 16, np.int32))
+        w = kind(hdr, np.full(n, 16, np.int32), **({"text_processes": texts} if kind is WriterProcess else {}))
         for a in range(0, len(comps), 5):
             w.put(comps[a:a + 5], Journal.encode(comps[a:a + 5]))
             if a == 10:
@@ -322,10 +323,11 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
         w.finish({})
         got.append(contents(hdr["path"])[0])
         if kind is WriterProcess:
-            assert len(w.procs) == 2
+            assert len(w.procs) == 1 + texts
             with h5py.File(hdr["path"], "r") as f:
-                assert set(json.loads(f.attrs["summary"])["output_writer"]["text_process"]) == {
-                    "peak_rss_mb", "wait_s", "text_s", "send_s"}
+                spent = json.loads(f.attrs["summary"])["output_writer"]["text_process"]
+            for x in ([spent] if texts == 1 else spent):
+                assert set(x) == {"peak_rss_mb", "wait_s", "text_s", "send_s"}
     assert got[0] == got[1]
     done = np.zeros(n, bool)
     done[rows] = True
@@ -333,9 +335,11 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     assert sum(len(t) for t in got[0]["completion_tokens"]) == sum(len(c.tokens) for c in comps)
 
 
-def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the_thread_writes(tmp_path, vocab_dir):
+@pytest.mark.parametrize("texts", [1, 2])
+def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the_thread_writes(tmp_path, vocab_dir,
+                                                                                              texts):
     """Several chunks per message, each with copies (deduplicated prompts) and log-probabilities (top 2), through the
-    text process's batches: the file is the thread writer's."""
+    text process's batches (one process, or two taking turns): the file is the thread writer's."""
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess, WriterThread
     n, k = 4_000, 2
@@ -357,7 +361,7 @@ def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the
     for kind in (WriterThread, WriterProcess):
         hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n,
                           {"k": 1, "settings": {"logprobs": True, "top_logprobs": k}}, {}, True, vocab_dir, 60)
-        w = kind(hdr, np.full(n, 16, np.int32))
+        w = kind(hdr, np.full(n, 16, np.int32), **({"text_processes": texts} if kind is WriterProcess else {}))
         for a in range(0, len(comps), 4):
             w.put(comps[a:a + 4], Journal.encode(comps[a:a + 4]))
         w.finish({})
@@ -373,11 +377,13 @@ def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess
     hdr = make_header(str(tmp_path / "o.h5"), 10, {"k": 1}, {}, True, str(tmp_path / "no-vocab"), 60)
-    w = WriterProcess(hdr, np.ones(10, np.int32))
-    with pytest.raises(RuntimeError, match="vocab.bpe: --vocab-dir: missing"):
-        w.wait()
-    w.close()
-    assert [p.poll() for p in w.procs] == [1, 1]
+    for texts in (1, 2):
+        w = WriterProcess(hdr, np.ones(10, np.int32), text_processes=texts)
+        with pytest.raises(RuntimeError, match="vocab.bpe: --vocab-dir: missing"):
+            w.wait()
+        w.close()
+        codes = [p.poll() for p in w.procs]       # (a second text process passes the first's error on, then ends)
+        assert codes[0] == codes[-1] == 1 and None not in codes
 
 
 def test_select_rows_takes_runs_points_and_repeated_rows(tmp_path):
@@ -424,7 +430,7 @@ def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_di
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess
     hdr = make_header(str(tmp_path / "k.h5"), 10, {"k": 1}, {}, True, vocab_dir, 60)
-    w = WriterProcess(hdr, np.ones(10, np.int32))
+    w = WriterProcess(hdr, np.ones(10, np.int32), text_processes=2)
     w.wait()
     w.procs[0].kill()
     w.procs[0].wait()

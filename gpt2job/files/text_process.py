@@ -1,7 +1,9 @@
-"""The output's text process (`python -m gpt2job.files.text_process PARENT_PID`, started by files/writer.py's
-WriterProcess between the master and the writer process when the output has text): it passes the master's
-messages on, joins consecutive results into batches (pipes.batched), each passed on as one journal record, and
-after each batch sends a T message with the `completions` text of its rows (text.RowText). The text is then made
+"""The output's text processes (`python -m gpt2job.files.text_process PARENT_PID [INDEX COUNT]`, started by
+files/writer.py's WriterProcess in a chain between the master and the writer process when the output has text): the
+first passes the master's messages on, joins consecutive results into batches (pipes.batched), each passed on as one
+journal record, and after each batch sends a T message with the `completions` text of its rows (text.RowText). With
+COUNT processes, batch k's text is made by process k % COUNT: the first passes the others' batches on as U (the
+process's index, then the batch), and each process makes the text of its own U's and passes the rest on. The text is then made
 while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them
 (RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
 "error" line, which the writer relays).
@@ -17,11 +19,11 @@ TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits byt
                                  # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
 
 
-def text_main(parent):
-    """The text process: passes every message on, joining consecutive R's into batches, and after each R sends a T
-    with the text of its rows (its records' rows in order, copies left out: a copy takes its source's text). The
-    text is made before the R is passed on: the writer then writes the previous batch meanwhile, where it would
-    otherwise wait for this one's text."""
+def text_main(parent, index=0, count=1):
+    """Text process `index` of `count`: passes every message on, joining consecutive R's into batches (the first),
+    and after each R whose text it makes sends a T with the text of its rows (its records' rows in order, copies
+    left out: a copy takes its source's text). The text is made before the R is passed on: the writer then writes
+    the previous batch meanwhile, where it would otherwise wait for this one's text."""
     die_with_parent(parent)
     import time
     out = os.fdopen(os.dup(1), "wb")    # the messages; fd 1 then goes where stderr goes: a stray print cannot
@@ -34,14 +36,21 @@ def text_main(parent):
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
         from gpt2job.files.text import RowText
-        maker = None
+        maker, batch = None, 0
         for kind, payload in batched(Inbox(sys.stdin.fileno(), spent)):
             t = time.perf_counter()
             parts = [MSG.pack(kind, len(payload)), payload]
-            if kind == b"H":
+            if kind == b"R" and index == 0 and batch % count:      # another process's batch
+                parts = [MSG.pack(b"U", len(payload) + 1), bytes([batch % count]), payload]
+                batch += 1
+            elif kind == b"H":
                 header = json.loads(payload)
                 maker = RowText(token_text(header), stop_table(header))
-            elif kind == b"R":
+            elif (kind == b"R" and index == 0) or (kind == b"U" and payload[0] == index):
+                if kind == b"U":
+                    payload, kind = payload[1:], b"R"
+                    parts = [MSG.pack(kind, len(payload)), payload]
+                batch += 1
                 comps = records_of(payload)
                 whole = concat(comps) if comps else None
                 if len(comps) > 1:    # the batch as one record: the writer decodes it in one go (~0.1 us a row less)
@@ -54,7 +63,7 @@ def text_main(parent):
                                                            np.ascontiguousarray(starts, np.int64),
                                                            np.ascontiguousarray(exact, np.uint8), h)]
                 parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
-            elif kind == b"F":     # its seconds, for the summary (the writer takes them out)
+            elif kind == b"F":     # its seconds, for the summary (the writer takes them out; upstream's came before)
                 x = json.dumps({"peak_rss_mb": peak_rss_mb(),
                                 **{name: round(sec, 3) for name, sec in spent.items()}}).encode()
                 parts = [MSG.pack(b"X", len(x)), x] + parts
@@ -89,4 +98,4 @@ def read_text(payload):
 
 
 if __name__ == "__main__":
-    text_main(int(sys.argv[1]))
+    text_main(int(sys.argv[1]), *(int(x) for x in sys.argv[2:4]))

@@ -15,7 +15,8 @@ length, the payload:
   S  sync: answer "synced" once everything before it is written and flushed
   F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
   C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
-The text process sends each R followed by  T  (its rows' text), X (its seconds) before F, E (its error line).
+The text process sends each R followed by  T  (its rows' text), X (its seconds) before F, E (its error line); with
+two or more, U between them (text_process.py).
 The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The
 kernel ends both with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
 """
@@ -32,6 +33,9 @@ from gpt2job.files.h5write import RowWriter, concat, create_output, finish_outpu
 from gpt2job.files.pipes import MSG, Inbox, Relayed, batched, die_with_parent, error_line, grow_pipe, relayed
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
+# text processes of a writer process: one makes ~1M rows of text a second (RESULTS.md, session 21), the bound of a
+# large job's output; a second where the master's node has cores to spare
+TEXT_PROCESSES = 2 if (os.cpu_count() or 1) >= 8 else 1
 
 
 # ---------------------------------------------------------------- master side
@@ -39,18 +43,21 @@ QUEUE_BYTES = 256 << 20       # results the master may have queued for the write
 class WriterProcess:
     """The master's handle on the writer process (same interface as WriterThread)."""
 
-    def __init__(self, header, prompt_lengths):
+    def __init__(self, header, prompt_lengths, text_processes=None):
+        """text_processes: how many text processes make the text (None: TEXT_PROCESSES; only with text)."""
         import numpy as np
         me = str(os.getpid())
-        # [the text process,] the writer, reading the text process: the master writes to the first, reads the last
+        # [the text processes,] the writer, each reading the one before: the master writes to the first, reads the last
+        n = (TEXT_PROCESSES if text_processes is None else text_processes) if header["text"] else 0
         self.procs = []
-        for module in ("text_process",) * bool(header["text"]) + ("writer",):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "gpt2job.files." + module, me],
+        for i, module in enumerate(("text_process",) * n + ("writer",)):
+            self.procs.append(subprocess.Popen([sys.executable, "-m", "gpt2job.files." + module, me]
+                                               + ([str(i), str(n)] if i < n else []),
                                                stdin=self.procs[-1].stdout if self.procs else subprocess.PIPE,
                                                stdout=subprocess.PIPE, close_fds=True))
-        if len(self.procs) > 1:
-            grow_pipe(self.procs[0].stdout)
-            self.procs[0].stdout.close()     # the writer's now
+        for p in self.procs[:-1]:
+            grow_pipe(p.stdout)
+            p.stdout.close()     # the next process's now
         self.stdin, self.stdout, self.proc = self.procs[0].stdin, self.procs[-1].stdout, self.procs[-1]
         grow_pipe(self.stdin)
         self.path, self.error, self.replies = header["path"], None, queue.Queue()
@@ -322,8 +329,8 @@ def main(parent):
                 if comps:
                     writer.write(writer.prepare(concat(comps), read_text(payload)))
                     dirty = True
-            elif kind == b"X":
-                text_spent = json.loads(payload)
+            elif kind == b"X":         # each text process's seconds
+                text_spent = (text_spent or []) + [json.loads(payload)]
             elif kind in (b"F", b"C"):
                 end = kind
                 summary = json.loads(payload) if kind == b"F" else None
@@ -340,7 +347,7 @@ def main(parent):
             summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
                                         **{k: round(v, 3) for k, v in spent.items()}}
             if text_spent is not None:
-                summary["output_writer"]["text_process"] = text_spent
+                summary["output_writer"]["text_process"] = text_spent[0] if len(text_spent) == 1 else text_spent
             writer.write_later()
             finish_output(f, summary)
             f = None
