@@ -1,4 +1,4 @@
-"""Writing completed rows into the output's HDF5 file at a million rows a second, beside the master's loop.
+"""Writing completed rows into the output's HDF5 file, beside the master's loop.
 
 h5py converts a variable-length element at a time through the HDF5 API (about 2 us a row measured for the token
 rows); here each dataset is written with one H5Dwrite of HDF5's own in-memory form instead: an array of (length,
@@ -6,8 +6,10 @@ pointer) pairs into the flat token buffer for `completion_tokens`, and of pointe
 for `completions`. HDF5 still stores each variable-length element on its own (about 0.4 us each measured here):
 `finish_reason`, which holds one of three words, is a fixed-length string since format 2. The rows of a write are
 selected in row order (HDF5 writes scattered points in any other order some 40x slower), as runs of consecutive rows
-where they come in few runs (select_rows: a fixed-size column then costs about nothing per row). The file is what
-plain h5py reads: same datasets, same types.
+where they come in few runs (select_rows: a fixed-size column then costs about nothing per row); a fixed-size column
+writes the dense blocks of a write's rows as one read and one write of the rows between (dense_blocks). The file is
+what plain h5py reads: same datasets, same types. With `--layout flat` (files/h5flat.py) the tokens, text and
+log-probabilities are appended to flat arrays instead, and each row gets a start and a length.
 
 RowText.make (the rows' text), RowWriter.prepare (NumPy: order, pointers) and RowWriter.write (the HDF5 calls: h5py
 holds the GIL through them) are separate steps. Two writers take rows from the master (files/writer.py): WriterThread
