@@ -103,3 +103,17 @@ def test_text_span_and_gather():
         h5flat.READ_GAP = old
     assert len(flat) < 20
     assert [flat[s:s + c].tolist() for s, c in zip(at, count)] == [data[s:s + c].tolist() for s, c in zip(start, count)]
+
+
+def test_flat_layout_under_mpirun_with_samples(tmp_path):
+    """A master and two workers, sampled, two samples a prompt: the same rows in both layouts."""
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, prompts(40, seed=2))
+    args = ["--model", "random:n_layer=2,n_head=2,n_embd=32,vocab_size=50257", "--backend", "numpy",
+            "--max-new-tokens", "4", "--chunk-size", "7", "--num-samples", "2", "--temperature", "0.8", "--seed", "5"]
+    got = {}
+    for layout in ("vlen", "flat"):
+        run_gpt2job(["run", inp, tmp_path / f"{layout}.h5", "--layout", layout, *args], np_=3, check=0)
+        got[layout] = columns(tmp_path / f"{layout}.h5")
+        assert got[layout].pop("layout") == layout
+    assert got["vlen"] == got["flat"] and len(got["flat"]["done"]) == 80 and all(got["flat"]["done"])
