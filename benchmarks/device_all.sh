@@ -16,7 +16,8 @@
 #   w2         our engine, W2, fp16, 1 GPU
 #   w3         our engine, W3, $W3_DTYPES, each GPU count in $GPUS (added by default when GPUS has a count > 1),
 #              --no-dedup (W3 is W1 eight times over: computing each distinct prompt once would not measure scaling)
-#   baselines  transformers + compact engine: W1 fp16/fp32, W2 fp16 (transformers W2 last: ~70 s)
+#   baselines  transformers + compact engine: W1 fp16/fp32, W2 fp16 (both in length-sorted batches; transformers W2
+#              last)
 # (f) results: $OUT/results.jsonl (one JSON line per run/check), $OUT/bench.png, logs in $OUT/logs; $OUT is
 # ./bench-out when unset. Output HDF5 files and token files stay under $BENCH_DIR (/tmp): they derive from the
 # seed workload. Each part is time-boxed (T_CHECK, T_W1, ... seconds). About 5-6 minutes on one H100.
@@ -41,7 +42,7 @@ W3_DTYPES=${W3_DTYPES:-float16,float32}
 W1_DEDUP=${W1_DEDUP:-on,off}   # W1 with repeated prompts computed once (the default) and with every prompt computed
 BASELINES=${BASELINES:-compact:w1:float16,compact:w1:float32,transformers:w1:float16,transformers:w1:float32,compact:w2:float16,transformers:w2:float16}
 WL_ARGS=()
-BASE_ARGS=()
+BASE_ARGS=(--hf-sort-w2)   # transformers' W2 in length-sorted batches too (left padding wastes less), as the compact engine's
 CHECK_ARGS=()
 if [ "${TINY:-0}" = 1 ]; then      # CPU smoke test of the whole script
     MODEL='random:n_layer=2,n_head=2,n_embd=32,n_positions=1024,vocab_size=50257:1'
@@ -49,7 +50,7 @@ if [ "${TINY:-0}" = 1 ]; then      # CPU smoke test of the whole script
     W1_DTYPES=float32; W2_DTYPES=float32; W3_DTYPES=float32
     BASELINES=compact:w1:float16,compact:w1:float32,transformers:w1:float32,compact:w2:float32,transformers:w2:float32
     WL_ARGS=(--n-w1 32 --n-w2 8 --w2-min 4 --w2-max 24 --w3-repeat 2)
-    BASE_ARGS=(--hf-batch-w2 4 --compact-batch-w2 4)
+    BASE_ARGS+=(--hf-batch-w2 4 --compact-batch-w2 4)
     CHECK_ARGS=(--n-logit-prompts 16)
     BENCH_DIR=${BENCH_DIR}-tiny
 fi
