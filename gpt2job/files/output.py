@@ -4,12 +4,12 @@ a thread of its own) plus the HDF5 file the user reads.
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
 file is written beside the master's loop by a writer (files/h5write.py: a thread for small jobs, files/writer.py: a
 process of its own for large ones) that creates the file, then writes the rows as they come, flushing every few
-seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a
-time, while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and
-`finished = 1`, and the journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is
-resumed only by the same model, input and settings.
+seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a time,
+while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
+journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
+same model, input and settings.
 
-HDF5 layout (row i answers prompt i):
+HDF5 layout (row i answers prompt i; with --layout flat the variable-length columns are flat arrays, files/h5flat.py):
   completion_tokens  vlen int32 [N]   generated token ids (the truth; includes the stop token)
   completions        vlen str   [N]   decoded text without the stop token (when a tokenizer is known)
   text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;

@@ -3,9 +3,9 @@ files/writer.py's WriterProcess in a chain between the master and the writer pro
 first passes the master's messages on, joins consecutive results into batches (pipes.batched), each passed on as one
 journal record, and after each batch sends a T message with the `completions` text of its rows (text.RowText). With
 COUNT processes, batch k's text is made by process k % COUNT: the first passes the others' batches on as U (the
-process's index, then the batch), and each process makes the text of its own U's and passes the rest on. The text is then made
-while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through them
-(RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
+process's index, then the batch), and each process makes the text of its own U's and passes the rest on. The text is
+then made while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through
+them (RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
 "error" line, which the writer relays).
 """
 import json
