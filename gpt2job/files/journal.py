@@ -34,7 +34,8 @@ def io_error(path, e, what="write"):
         m = re.search(r"errno = (\d+)", str(e))
         code = int(m.group(1)) if m else None
     reason = os.strerror(code) if code else str(e).splitlines()[0][:160]
-    fix = ("free disk space, then run the same command again to resume" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    fix = ("free disk space, then run the same command again to resume" if full
            else "check the path and its permissions, then run the same command again")
     return UserError(f"cannot {what} ({reason}); completed rows are kept", path, "output", fix)
 
