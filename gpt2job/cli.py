@@ -209,7 +209,7 @@ def build_parser():
     r.add_argument("--layout", choices=("vlen", "flat"), default="vlen",
                    help="how OUT stores each row's tokens and text: vlen (default: one variable-length element a "
                         "row, f['completions'][i]) or flat (for millions of rows: one flat array with a start and "
-                        "a length per row, written several times faster; see the README)")
+                        "a length per row, about a quarter of the writer's work a row; see the README)")
     r.add_argument("--no-dedup", action="store_true",
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
