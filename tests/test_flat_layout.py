@@ -117,3 +117,35 @@ def test_flat_layout_under_mpirun_with_samples(tmp_path):
         got[layout] = columns(tmp_path / f"{layout}.h5")
         assert got[layout].pop("layout") == layout
     assert got["vlen"] == got["flat"] and len(got["flat"]["done"]) == 80 and all(got["flat"]["done"])
+
+
+def test_dense_blocks_and_rows_held_back(tmp_path, monkeypatch):
+    """dense_blocks: close rows as blocks, far ones alone; RowWriter (flat) holds scattered rows back and writes them
+    at LATER_ROWS and at flush(), each row once."""
+    from gpt2job.chunks import Completions
+    from gpt2job.files import h5write
+    a = np.array([5, 9, 12] + list(range(100, 300, 2)), np.int64)
+    blocks, rest = h5write.dense_blocks(a.astype(np.uint64))
+    assert [(lo, hi) for lo, hi, _, _ in blocks] == [(100, 299)] and a[rest].tolist() == [5, 9, 12]
+    monkeypatch.setattr(h5write, "LATER_ROWS", 10)
+    n = 60_000
+    f = h5write.create_output(h5write.make_header(str(tmp_path / "o.h5"), n, {"settings": {"layout": "flat"}}, {},
+                                                  False, None, 60), np.ones(n, np.int32))
+    w = h5write.RowWriter(f, None, None)
+
+    def put(r):
+        w.put(Completions(0, r, np.arange(len(r) + 1, dtype=np.int64), (r % 1000).astype(np.int32),
+                          np.zeros(len(r), np.uint8)))
+    put(a)
+    assert w.later_n == 3 and f["done"][100] == 1 and f["done"][5] == 0      # the block now, 3 rows held back
+    b = np.arange(10_000, 18_000, 1000)
+    put(b)                                                                     # 11 held back: all written
+    assert w.later_n == 0 and f["done"][5] == 1 and f["done"][17_000] == 1
+    put(np.array([50_000]))
+    assert w.later_n == 1 and f["done"][50_000] == 0
+    w.flush()
+    every = np.concatenate([a, b, [50_000]])
+    assert f["done"][()].sum() == len(every) and f["done"][50_000] == 1
+    got = h5flat.rows(f, "completion_tokens", 0, n)
+    assert all(got[int(r)].tolist() == [int(r) % 1000] for r in every)
+    f.close()

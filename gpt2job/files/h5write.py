@@ -294,7 +294,8 @@ class RowWriter:
                 if name not in p:
                     continue
                 ds, values = self.ds[name], p[name]
-                if mtype is None and blocks:     # a fixed-size column: its dense blocks read, updated, written
+                if mtype is None and (blocks or self.flat is not None):   # a fixed-size column: its dense blocks
+                    # read, updated, written (the flat layout's other rows are held back)
                     for lo, hi, a, b in blocks:
                         write_block(ds, lo, hi, rows[a:b], values[a:b])
                     if len(rest):
