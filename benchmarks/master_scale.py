@@ -63,7 +63,7 @@ class SimChannel:
         start = max(now, w.free_at)
         w.free_at = start + len(chunk.rows) * self.new_tokens / self.tok_s
         w.busy_s += w.free_at - start
-        w.queue.append((w.free_at, chunk.chunk_id, len(chunk.rows), buf[3:3 + len(chunk.rows)]))
+        w.queue.append((w.free_at, chunk.chunk_id, len(chunk.rows), buf[4:4 + len(chunk.rows)]))   # (its rows)
         self.t["send"] += time.perf_counter() - t0
 
     def send_stop(self, rank):
