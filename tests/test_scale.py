@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import VOCAB_DIR, job_env
+from conftest import ROOT, VOCAB_DIR, job_env
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
 from gpt2job.files.journal import Journal, JournalReader
 
@@ -437,3 +437,13 @@ def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_di
     with pytest.raises((RuntimeError, OSError), match="text process ended unexpectedly \\(signal 9\\)|gone"):
         w.finish({})
     w.close()
+
+
+def test_the_master_benchmark_s_simulated_workers_answer_for_their_chunks(tmp_path):
+    """benchmarks/master_scale.py: every row of the input comes back once (its simulated workers once answered with
+    rows shifted by a word, which made every result take the master's slow path and lose a row)."""
+    p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "master_scale.py"), "--workers", "3", "--rows", "20000",
+                        "--chunk-size", "200", "--no-text", "--dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300, cwd=str(ROOT))
+    res = json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
+    assert res["rows"] == 20000 and res["tokens"] == 20000 * 8
