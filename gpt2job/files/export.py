@@ -86,7 +86,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         own = set(BUILT_IN) | set(h5flat.dataset_names(f))
         extra = [k for k in f.keys() if k not in own and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]
-        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        top = h5flat.top_dataset(f)
         topk = int(top.attrs.get("top_logprobs_k", 1)) if top is not None else 0
         inp = f.attrs.get("input")
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N

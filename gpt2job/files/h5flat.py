@@ -44,6 +44,11 @@ def has(f, name):
     return name in f or (name + "_data" in f and is_flat(f))
 
 
+def top_dataset(f):
+    """The dataset that carries --top-logprobs' K (attribute top_logprobs_k) in either layout, or None."""
+    return f["top_logprobs"] if "top_logprobs" in f else f["top_logprobs_data"] if has(f, "top_logprobs") else None
+
+
 def dataset_names(f):
     """The names of the flat layout's own datasets in f (none in the default layout)."""
     if not is_flat(f):

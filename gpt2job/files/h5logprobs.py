@@ -10,6 +10,8 @@ form (HDF5's (length, pointer) pairs into the flat arrays).
 """
 import numpy as np
 
+from gpt2job.files import h5flat
+
 NAMES = ("completion_logprobs", "top_logprob_ids", "top_logprobs")
 
 
@@ -64,7 +66,7 @@ class Columns:
         from h5py import h5t
         self.ds = {k: f[k].id for k in NAMES if k in f}
         self.flat = "completion_logprobs_data" in f      # the flat layout's (h5flat.Appender writes them)
-        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        top = h5flat.top_dataset(f)
         self.k = int(top.attrs["top_logprobs_k"]) if top is not None else 0
         self.types = {"completion_logprobs": h5t.vlen_create(h5t.NATIVE_FLOAT),
                       "top_logprob_ids": h5t.vlen_create(h5t.NATIVE_INT32),

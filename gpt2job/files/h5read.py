@@ -67,8 +67,7 @@ def _read_logprobs(f, comp, done, a):
     lp = h5flat.rows(f, "completion_logprobs", a, b)
     comp.logprobs = np.concatenate([np.asarray(lp[i], np.float32) for i in done] + [np.zeros(0, np.float32)])
     if h5flat.has(f, "top_logprobs"):
-        top_ds = f["top_logprobs"] if "top_logprobs" in f else f["top_logprobs_data"]
-        k = int(top_ds.attrs["top_logprobs_k"])
+        k = int(h5flat.top_dataset(f).attrs["top_logprobs_k"])
         ids, top = h5flat.rows(f, "top_logprob_ids", a, b), h5flat.rows(f, "top_logprobs", a, b)
         comp.top_ids = np.concatenate([np.asarray(ids[i], np.int32) for i in done] + [np.zeros(0, np.int32)]
                                       ).reshape(-1, k)

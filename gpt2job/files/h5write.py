@@ -294,14 +294,8 @@ class RowWriter:
                 if name not in p:
                     continue
                 ds, values = self.ds[name], p[name]
-                if mtype is None and (blocks or self.flat is not None):   # a fixed-size column: its dense blocks
-                    # read, updated, written (the flat layout's other rows are held back)
-                    for lo, hi, a, b in blocks:
-                        write_block(ds, lo, hi, rows[a:b], values[a:b])
-                    if len(rest):
-                        sp = ds.get_space()
-                        sp.select_elements(p["rows"][rest])
-                        ds.write(h5s.create_simple((len(rest),)), sp, np.ascontiguousarray(values[rest]))
+                if mtype is None and (blocks or self.flat is not None):   # a fixed-size column (the flat
+                    write_fixed(ds, p["rows"], values, blocks, rest)        # layout's other rows are held back)
                     continue
                 if space is None:
                     space, mem = ds.get_space(), h5s.create_simple((p["n"],))
@@ -323,19 +317,17 @@ class RowWriter:
         check_room(self.f.filename, self._unallocated() + (64 << 10), self.f.id.get_filesize())
         blocks, rest = dense_blocks(rows[:, 0], 4096, LATER_SPAN)
         for name in cols:     # (FIXED's order: done last)
-            ds, values = self.ds[name], cols[name]
-            for lo, hi, a, b in blocks:
-                write_block(ds, lo, hi, rows[a:b, 0], values[a:b])
-            if len(rest):
-                from h5py import h5s
-                sp = ds.get_space()
-                sp.select_elements(rows[rest])
-                ds.write(h5s.create_simple((len(rest),)), sp, np.ascontiguousarray(values[rest]))
+            write_fixed(self.ds[name], rows, cols[name], blocks, rest)
 
     def flush(self):
         """Everything written (the waiting rows too) and the file flushed."""
         self.write_later()
         self.f.flush()
+
+    def finish(self, summary):
+        """Everything written (the waiting rows too), then the file finished (finish_output: closed and synced)."""
+        self.write_later()
+        finish_output(self.f, summary)
 
     def put(self, comp):
         self.write(self.prepare(comp))
@@ -357,6 +349,18 @@ def dense_blocks(rows, gap=32, span=4):
     ok = (count >= MIN_BLOCK_ROWS) & (hi - lo <= span * count + 4096)
     blocks = [(int(lo[i]), int(hi[i]), int(first[i]), int(end[i])) for i in np.flatnonzero(ok).tolist()]
     return blocks, np.flatnonzero(~np.repeat(ok, count))
+
+
+def write_fixed(ds, rows, values, blocks, rest):
+    """Rows [n, 1] (sorted) of the fixed-size dataset ds (a DatasetID) set to values [n]: dense_blocks' blocks as
+    write_block, the rest as points."""
+    for lo, hi, a, b in blocks:
+        write_block(ds, lo, hi, rows[a:b, 0], values[a:b])
+    if len(rest):
+        from h5py import h5s
+        space = ds.get_space()
+        space.select_elements(rows[rest])
+        ds.write(h5s.create_simple((len(rest),)), space, np.ascontiguousarray(values[rest]))
 
 
 def write_block(ds, lo, hi, rows, values):

@@ -32,7 +32,7 @@ def show(path, start=0, limit=10):
         cols = {k: h5flat.rows(f, k, start, stop) for k in ("completion_tokens", "completions", "completion_logprobs",
                                                            "top_logprob_ids", "top_logprobs") if h5flat.has(f, k)}
         lps = cols.get("completion_logprobs")
-        top = f["top_logprobs"] if "top_logprobs" in f else f.get("top_logprobs_data")
+        top = h5flat.top_dataset(f)
         tops = (cols["top_logprob_ids"], cols["top_logprobs"], int(top.attrs["top_logprobs_k"])) \
             if top is not None else None
         for i in range(start, stop):

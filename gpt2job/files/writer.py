@@ -29,7 +29,7 @@ import sys
 import threading
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output, finish_output, stop_table, token_text
+from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table, token_text
 from gpt2job.files.pipes import MSG, Inbox, Relayed, batched, die_with_parent, error_line, grow_pipe, relayed
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
@@ -267,18 +267,13 @@ class WriterThread(threading.Thread):
                 self.write_s += time.perf_counter() - t
                 if closing:
                     if closing[0] == "finish":
-                        writer.write_later()
-                        finish_output(f, closing[1])
+                        writer.finish(closing[1])
                     f = None
                     return
         except BaseException as e:   # kept for the master's thread, which turns it into the one clear line
             self.error = e
         finally:
-            if f is not None:
-                try:
-                    f.close()
-                except Exception:
-                    pass
+            close_quietly(f)
             with self.cond:
                 self.busy = False
                 self.cond.notify_all()
@@ -348,8 +343,7 @@ def main(parent):
                                         **{k: round(v, 3) for k, v in spent.items()}}
             if text_spent is not None:
                 summary["output_writer"]["text_process"] = text_spent[0] if len(text_spent) == 1 else text_spent
-            writer.write_later()
-            finish_output(f, summary)
+            writer.finish(summary)
             f = None
             out.write("ok\n")
             out.flush()
@@ -361,11 +355,16 @@ def main(parent):
             pass
         os._exit(1)
     finally:
-        if f is not None:
-            try:
-                f.close()
-            except Exception:
-                pass
+        close_quietly(f)
+
+
+def close_quietly(f):
+    """Close an output left unfinished (an error is on its way already; the journal has its rows)."""
+    if f is not None:
+        try:
+            f.close()
+        except Exception:
+            pass
 
 
 if __name__ == "__main__":
