@@ -1,6 +1,7 @@
-"""The pipes between the master, the text process and the writer process (files/writer.py, files/text_process.py):
+"""The pipes between the master, the text processes and the writer process (files/writer.py, files/text_process.py):
 messages framed as a kind byte, a little-endian uint64 length and the payload; an Inbox that reads them; results
-joined into batches; a child process that dies with the master; errors as one line."""
+joined into batches; the text processes' pipes read in turn; a child process that dies with the master; errors as one
+line."""
 import os
 import re
 import struct
@@ -118,16 +119,69 @@ def error_line(e):
 
 
 class Relayed(Exception):
-    """The text process's error, as its line for the master."""
+    """A text process's error, as its line for the master."""
 
     def __init__(self, line):
         super().__init__(line)
         self.line = line
 
 
-def relayed(msgs):
-    """The messages, the text process's error (E) raised as Relayed."""
-    for kind, payload in msgs:
-        if kind == b"E":
-            raise Relayed(payload.decode(errors="replace"))
-        yield kind, payload
+class InTurn:
+    """The text processes' messages in the order the master sent them (files/writer.py: WriterProcess deals its
+    units out in turn): H and P from the first pipe; then a unit from each pipe in turn, an R with the T after it or
+    an S; then F, with each process's X before it (read from every pipe), or C. A text process's E is raised as
+    Relayed. The messages end early where the pipe whose turn it is ends (its process, or the master, is gone).
+    `box` is the inbox whose turn it is."""
+
+    def __init__(self, inboxes):
+        self.inboxes, self.turn = inboxes, 0
+
+    @property
+    def box(self):
+        return self.inboxes[self.turn]
+
+    def _next(self, box):
+        msg = box.next()
+        if msg is not None and msg[0] == b"E":
+            raise Relayed(msg[1].decode(errors="replace"))
+        return msg
+
+    def __iter__(self):
+        for _ in range(2):      # H, P
+            msg = self._next(self.inboxes[0])
+            if msg is None:
+                return
+            yield msg
+        seconds = {}
+        while True:
+            msg = self._next(self.box)
+            if msg is None:
+                return
+            kind = msg[0]
+            if kind == b"X":
+                seconds[self.turn] = msg
+                continue
+            if kind == b"F":
+                for i, box in enumerate(self.inboxes):
+                    while i not in seconds:
+                        other = self._next(box)
+                        if other is None:
+                            return
+                        if other[0] == b"X":
+                            seconds[i] = other
+                    if i != self.turn:
+                        while (other := self._next(box)) is not None and other[0] != b"F":
+                            pass
+                yield from (seconds[i] for i in sorted(seconds))
+                yield msg
+                return
+            yield msg
+            if kind == b"R":
+                text = self._next(self.box)
+                if text is None:
+                    return
+                yield text
+            if kind in (b"R", b"S"):
+                self.turn = (self.turn + 1) % len(self.inboxes)
+            elif kind == b"C":
+                return

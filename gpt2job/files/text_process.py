@@ -1,29 +1,31 @@
-"""The output's text processes (`python -m gpt2job.files.text_process PARENT_PID [INDEX COUNT]`, started by
-files/writer.py's WriterProcess in a chain between the master and the writer process when the output has text): the
-first passes the master's messages on, joins consecutive results into batches (pipes.batched), each passed on as one
-journal record, and after each batch sends a T message with the `completions` text of its rows (text.RowText). With
-COUNT processes, batch k's text is made by process k % COUNT: the first passes the others' batches on as U (the
-process's index, then the batch), and each process makes the text of its own U's and passes the rest on. The text is
-then made while the writer makes HDF5 calls; a thread of the writer could not do that, as h5py holds the GIL through
-them (RESULTS.md, session 16). Before F it sends X (its seconds, for the summary); when it fails, E (its error as an
-"error" line, which the writer relays).
+"""The output's text processes (`python -m gpt2job.files.text_process PARENT_PID INDEX`, started by files/writer.py's
+WriterProcess when the output has text). The master deals its batches of results out to them in turn; each adds the
+`completions` text of its batches' rows (text.RowText) and passes them on to the writer, which reads the text
+processes in the same turn (pipes.InTurn). The text is then made while the writer makes HDF5 calls (a thread of the
+writer could not do that: h5py holds the GIL through them, RESULTS.md, session 16), by as many processes as the node
+has cores for, each reading only its own batches.
+
+Each message it reads is answered with:
+  H  (the header) kept; passed on by the first process only      P, S, C  passed on
+  R  (a batch: journal records) passed on as one record, then T (its rows' text)
+  F  X (its seconds, for the summary), then F
+and when it fails, E (its error as an "error" line, which the writer relays).
 """
 import json
 import os
 import struct
 import sys
 
-from gpt2job.files.pipes import MSG, Inbox, batched, die_with_parent, error_line
+from gpt2job.files.pipes import MSG, Inbox, die_with_parent, error_line
 
 TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits bytes H; then the buffer (NUL-terminated
                                  # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
 
 
-def text_main(parent, index=0, count=1):
-    """Text process `index` of `count`: passes every message on, joining consecutive R's into batches (the first),
-    and after each R whose text it makes sends a T with the text of its rows (its records' rows in order, copies
-    left out: a copy takes its source's text). The text is made before the R is passed on: the writer then writes
-    the previous batch meanwhile, where it would otherwise wait for this one's text."""
+def text_main(parent, index=0):
+    """Text process `index`: after each R, a T with the text of its rows (its records' rows in order, copies left
+    out: a copy takes its source's text). The text is made before the R is passed on: the writer then writes the
+    previous batch meanwhile, where it would otherwise wait for this one's text."""
     die_with_parent(parent)
     import time
     out = os.fdopen(os.dup(1), "wb")    # the messages; fd 1 then goes where stderr goes: a stray print cannot
@@ -36,21 +38,17 @@ def text_main(parent, index=0, count=1):
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
         from gpt2job.files.text import RowText
-        maker, batch = None, 0
-        for kind, payload in batched(Inbox(sys.stdin.fileno(), spent)):
+        inbox, maker = Inbox(sys.stdin.fileno(), spent), None
+        while (msg := inbox.next()) is not None:
+            kind, payload = msg
             t = time.perf_counter()
             parts = [MSG.pack(kind, len(payload)), payload]
-            if kind == b"R" and index == 0 and batch % count:      # another process's batch
-                parts = [MSG.pack(b"U", len(payload) + 1), bytes([batch % count]), payload]
-                batch += 1
-            elif kind == b"H":
+            if kind == b"H":
                 header = json.loads(payload)
                 maker = RowText(token_text(header), stop_table(header))
-            elif (kind == b"R" and index == 0) or (kind == b"U" and payload[0] == index):
-                if kind == b"U":
-                    payload, kind = payload[1:], b"R"
-                    parts = [MSG.pack(kind, len(payload)), payload]
-                batch += 1
+                if index:
+                    parts = []
+            elif kind == b"R":
                 comps = records_of(payload)
                 whole = concat(comps) if comps else None
                 if len(comps) > 1:    # the batch as one record: the writer decodes it in one go (~0.1 us a row less)
@@ -63,7 +61,7 @@ def text_main(parent, index=0, count=1):
                                                            np.ascontiguousarray(starts, np.int64),
                                                            np.ascontiguousarray(exact, np.uint8), h)]
                 parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
-            elif kind == b"F":     # its seconds, for the summary (the writer takes them out; upstream's came before)
+            elif kind == b"F":     # its seconds, for the summary
                 x = json.dumps({"peak_rss_mb": peak_rss_mb(),
                                 **{name: round(sec, 3) for name, sec in spent.items()}}).encode()
                 parts = [MSG.pack(b"X", len(x)), x] + parts
@@ -98,4 +96,4 @@ def read_text(payload):
 
 
 if __name__ == "__main__":
-    text_main(int(sys.argv[1]), *(int(x) for x in sys.argv[2:4]))
+    text_main(int(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 0)

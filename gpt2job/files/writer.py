@@ -2,23 +2,24 @@
 nothing to start) and WriterProcess (large jobs). Both create the output file themselves, write the rows the master
 gives them with h5write.RowWriter, and on `finish` mark the file finished.
 
-The writer process (`python -m gpt2job.files.writer PARENT_PID`), in its own interpreter, never takes the GIL from
-the master's loop. When the output has text, the text process (files/text_process.py) stands between the master and
-the writer and adds each batch's text. Each process is one loop in one thread.
+The writer process (`python -m gpt2job.files.writer PARENT_PID [FD ...]`), in its own interpreter, never takes the
+GIL from the master's loop. When the output has text, text processes (files/text_process.py) stand between the master
+and the writer: the master deals its units out to them in turn, each adds its units' text, and the writer reads their
+pipes (the FDs) in the same turn (pipes.InTurn). Without text the writer reads the master's messages on its stdin.
+Each process is one loop in one thread.
 
-The master sends messages (files/pipes.py) on the first process's stdin: a kind byte, a little-endian uint64
-length, the payload:
+The master sends messages (files/pipes.py): a kind byte, a little-endian uint64 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
-     file it names, not sent)                      P  the prompt lengths (int32 bytes)
-  R  results: journal record bytes (files/journal.py), the very bytes the master has made durable (from the text
-     process: a batch of them joined into one record)
-  S  sync: answer "synced" once everything before it is written and flushed
-  F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit
-  C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone)
-The text process sends each R followed by  T  (its rows' text), X (its seconds) before F, E (its error line); with
-two or more, U between them (text_process.py).
+     file it names, not sent); to every text process      P  the prompt lengths (int32 bytes); to the first
+  R  results: journal record bytes (files/journal.py), the very bytes the master has made durable; the results
+     queued while the master's feeder was busy go as one R (up to pipes.BATCH_BYTES): a unit
+  S  sync: answer "synced" once everything before it is written and flushed: a unit
+  F  finish (JSON summary): write the rest, mark the file finished, sync it, answer "ok", exit; to every text process
+  C  close: write the rest, leave the file unfinished, exit (also at end of input: the master is gone); to every one
+A text process sends each R followed by T (its rows' text), X (its seconds) before F, E (its error line).
 The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MESSAGE" (then it exits with 1). The
-kernel ends both with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal has every row.
+kernel ends every one of them with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal
+has every row.
 """
 import itertools
 import json
@@ -30,7 +31,8 @@ import threading
 import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table, token_text
-from gpt2job.files.pipes import MSG, Inbox, Relayed, batched, die_with_parent, error_line, grow_pipe, relayed
+from gpt2job.files.pipes import (BATCH_BYTES, MSG, Inbox, InTurn, Relayed, batched, die_with_parent, error_line,
+                                 grow_pipe)
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
 # text processes of a writer process: one makes ~1M rows of text a second (RESULTS.md, session 21), the bound of a
@@ -47,19 +49,26 @@ class WriterProcess:
         """text_processes: how many text processes make the text (None: TEXT_PROCESSES; only with text)."""
         import numpy as np
         me = str(os.getpid())
-        # [the text processes,] the writer, each reading the one before: the master writes to the first, reads the last
         n = (TEXT_PROCESSES if text_processes is None else text_processes) if header["text"] else 0
-        self.procs = []
-        for i, module in enumerate(("text_process",) * n + ("writer",)):
-            self.procs.append(subprocess.Popen([sys.executable, "-m", "gpt2job.files." + module, me]
-                                               + ([str(i), str(n)] if i < n else []),
-                                               stdin=self.procs[-1].stdout if self.procs else subprocess.PIPE,
-                                               stdout=subprocess.PIPE, close_fds=True))
-        for p in self.procs[:-1]:
-            grow_pipe(p.stdout)
-            p.stdout.close()     # the next process's now
-        self.stdin, self.stdout, self.proc = self.procs[0].stdin, self.procs[-1].stdout, self.procs[-1]
-        grow_pipe(self.stdin)
+        # the text processes, then the writer, which reads their output: the master writes to the text processes
+        # (or, without text, to the writer) and reads the writer's answers
+        self.procs = [subprocess.Popen([sys.executable, "-m", "gpt2job.files.text_process", me, str(i)],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                      for i in range(n)]
+        texts = [p.stdout for p in self.procs]
+        for pipe in texts:
+            grow_pipe(pipe)
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", me]
+                                     + [str(pipe.fileno()) for pipe in texts],
+                                     stdin=subprocess.DEVNULL if n else subprocess.PIPE, stdout=subprocess.PIPE,
+                                     pass_fds=[pipe.fileno() for pipe in texts], close_fds=True)
+        for pipe in texts:
+            pipe.close()     # the writer's now
+        self.procs.append(self.proc)
+        self.pipes = [p.stdin for p in self.procs[:-1]] or [self.proc.stdin]
+        for pipe in self.pipes:
+            grow_pipe(pipe)
+        self.stdout = self.proc.stdout
         self.path, self.error, self.replies = header["path"], None, queue.Queue()
         self.cond = threading.Condition()
         self.outbox, self.queued, self.closed = [], 0, False
@@ -77,27 +86,37 @@ class WriterProcess:
             while self.queued > QUEUE_BYTES and self.error is None:
                 self.cond.wait(0.5)
             self._raise()
-            self.outbox.append(MSG.pack(kind, len(payload)) + bytes(payload) if len(payload) < 1 << 16 else
-                               MSG.pack(kind, len(payload)))
-            if len(payload) >= 1 << 16:
-                self.outbox.append(payload)
+            self.outbox.append((kind, payload))
             self.queued += len(payload)
             self.cond.notify_all()
 
     def _feed(self):
+        """Writes the queued messages: H, F and C to every pipe, P to the first, and the units (consecutive R's
+        joined, or an S) to each pipe in turn: the writer reads them back in that turn."""
+        turn = 0
         while True:
             with self.cond:
                 while not self.outbox and not self.closed:
                     self.cond.wait()
                 if not self.outbox:
                     break
-                parts, self.outbox = self.outbox, []
+                msgs, self.outbox = self.outbox, []
             try:
-                for part in parts:
-                    self.stdin.write(part)
-                self.stdin.flush()
-            except (OSError, ValueError) as e:   # the writer ended: what it said, else this
+                for kind, parts in units(msgs):
+                    size = sum(len(x) for x in parts)
+                    if kind in (b"H", b"F", b"C"):
+                        pipes = self.pipes[turn:] + self.pipes[:turn]
+                    else:
+                        pipes = [self.pipes[0 if kind == b"P" else turn]]
+                        turn = turn if kind == b"P" else (turn + 1) % len(self.pipes)
+                    for pipe in pipes:
+                        pipe.write(MSG.pack(kind, size))
+                        for x in parts:
+                            pipe.write(x)
+                        pipe.flush()
+            except (OSError, ValueError) as e:   # the writer or a text process ended: what the writer said, else this
                 self.reader.join(timeout=10)
+                self._close_pipes()
                 if self.error is None:
                     try:
                         from gpt2job.files.h5write import check_room
@@ -107,12 +126,16 @@ class WriterProcess:
                 self._fail(self.error or OSError(getattr(e, "errno", None) or 0, "the output writer is gone"))
                 return
             with self.cond:
-                self.queued -= sum(len(p) for p in parts)
+                self.queued -= sum(len(payload) for _, payload in msgs)
                 self.cond.notify_all()
-        try:
-            self.stdin.close()
-        except OSError:
-            pass
+        self._close_pipes()
+
+    def _close_pipes(self):
+        for pipe in self.pipes:
+            try:
+                pipe.close()
+            except (OSError, ValueError):
+                pass
 
     def _read(self):
         for line in self.stdout:
@@ -137,8 +160,12 @@ class WriterProcess:
         reply = self.replies.get()
         if reply != want:
             self._raise()
+            with self.cond:        # the writer is gone: the text processes end with their input
+                self.closed = True
+                self.cond.notify_all()
+            self.feeder.join(timeout=10)
             codes = []
-            for proc in self.procs:    # the text process first: its end ends the writer's input
+            for proc in self.procs:
                 try:
                     codes.append(proc.wait(timeout=10))
                 except subprocess.TimeoutExpired:
@@ -173,12 +200,34 @@ class WriterProcess:
             self.closed = True
             self.cond.notify_all()
         self.feeder.join(timeout=60)
+        self._close_pipes()
         for proc in self.procs:
             try:
                 proc.wait(timeout=60)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def units(msgs):
+    """(kind, payloads) of what is sent: consecutive R's joined into one (up to BATCH_BYTES), every other message as
+    it is. A writer that falls behind thus catches up in larger batches (batches of 256 KB made the writer slower on
+    the device machine: RESULTS.md, session 16)."""
+    pending, size = [], 0
+    for kind, payload in msgs:
+        if kind == b"R" and size < BATCH_BYTES:
+            pending.append(payload)
+            size += len(payload)
+            continue
+        if pending:
+            yield b"R", pending
+            pending, size = [], 0
+        if kind == b"R":
+            pending, size = [payload], len(payload)
+        else:
+            yield kind, [payload]
+    if pending:
+        yield b"R", pending
 
 
 # ---------------------------------------------------------------- the writer in a thread (small jobs)
@@ -281,20 +330,26 @@ class WriterThread(threading.Thread):
 
 # ---------------------------------------------------------------- the process
 
-def main(parent):
-    """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them)."""
+def main(parent, fds):
+    """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them). fds: the
+    text processes' pipes, read in turn (none: the master's messages on stdin)."""
     die_with_parent(parent)
     import numpy as np
     from gpt2job.files.journal import records_of
     from gpt2job.files.text_process import read_text
     out = sys.stdout
     spent = {"wait_s": 0.0, "write_s": 0.0}     # seconds reading its input, and preparing and writing rows
-    inbox = Inbox(sys.stdin.fileno(), spent)
-    msgs = relayed(batched(inbox))
+    if fds:
+        turns = InTurn([Inbox(fd, spent) for fd in fds])
+        msgs = iter(turns)
+    else:
+        turns = None
+        inbox = Inbox(sys.stdin.fileno(), spent)
+        msgs = batched(inbox)
     f = None
     try:
         first = list(itertools.islice(msgs, 2))
-        if len(first) < 2:       # the input ended before the header: the master (or the text process) is gone
+        if len(first) < 2:       # the input ended before the header: the master (or a text process) is gone
             return
         (_, h), (_, lengths) = first
         header = json.loads(h)
@@ -304,6 +359,7 @@ def main(parent):
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
         while True:
+            inbox = turns.box if turns else inbox
             while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
                 due = interval - (time.monotonic() - last)
                 if due <= 0:
@@ -368,4 +424,4 @@ def close_quietly(f):
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]))
+    main(int(sys.argv[1]), [int(x) for x in sys.argv[2:]])
