@@ -386,6 +386,29 @@ def test_an_error_of_the_text_process_reaches_the_master_and_both_processes_end(
         assert codes[0] == codes[-1] == 1 and None not in codes
 
 
+def test_the_writer_reads_the_text_processes_in_the_turn_the_master_dealt_their_units():
+    """pipes.InTurn: H and P from the first pipe, then a unit from each pipe in turn (an R and its T, or an S), the
+    X's of every pipe before F. Once a unit's last message is handed out, `box` is the next unit's pipe: the writer
+    waits for input there (it waited on the pipe just read, and so for that text process's next unit, while the other's
+    was ready)."""
+    from gpt2job.files.pipes import MSG, Inbox, InTurn, Relayed
+
+    def pipe(*msgs):
+        r, w = os.pipe()
+        os.write(w, b"".join(MSG.pack(k, len(p)) + p for k, p in msgs))
+        os.close(w)
+        return Inbox(r, {"wait_s": 0.0})
+    a = pipe((b"H", b"h"), (b"P", b"p"), (b"R", b"r0"), (b"T", b"t0"), (b"R", b"r2"), (b"T", b"t2"), (b"X", b"x0"),
+             (b"F", b"f"))
+    b = pipe((b"S", b"s1"), (b"X", b"x1"), (b"F", b"f"))
+    turns = InTurn([a, b])
+    got = [(payload, turns.turn) for kind, payload in turns]
+    assert [g[0] for g in got] == [b"h", b"p", b"r0", b"t0", b"s1", b"r2", b"t2", b"x0", b"x1", b"f"]
+    assert [g[1] for g in got[:7]] == [0, 0, 0, 1, 0, 0, 1]     # after t0: b's turn; after s1: a's; after t2: b's
+    with pytest.raises(Relayed, match="error 0 boom"):      # a text process's error, in its turn
+        list(InTurn([pipe((b"H", b"h"), (b"P", b"p"), (b"S", b"")), pipe((b"E", b"error 0 boom\n"))]))
+
+
 def test_select_rows_takes_runs_points_and_repeated_rows(tmp_path):
     """select_rows: rows in a few runs (hyperslabs), in many runs (points), and a row repeated within a write
     (points: an OR of runs would merge it and select fewer elements than the buffer holds), each written in order."""

@@ -175,13 +175,13 @@ class InTurn:
                 yield from (seconds[i] for i in sorted(seconds))
                 yield msg
                 return
-            yield msg
             if kind == b"R":
-                text = self._next(self.box)
-                if text is None:
+                yield msg
+                msg = self._next(self.box)
+                if msg is None:
                     return
-                yield text
-            if kind in (b"R", b"S"):
-                self.turn = (self.turn + 1) % len(self.inboxes)
-            elif kind == b"C":
+            if kind in (b"R", b"S"):    # the next pipe's turn before the unit's last message is handled: the writer
+                self.turn = (self.turn + 1) % len(self.inboxes)    # then waits on the pipe its next message comes from
+            yield msg
+            if kind == b"C":
                 return
