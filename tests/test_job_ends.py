@@ -88,3 +88,22 @@ def test_a_job_never_finishes_with_a_row_missing(tmp_path, monkeypatch, capsys):
     assert code == 3 and "ended with 1 row not done" in err, err
     assert lost and read_output(out)["attrs"]["finished"] == 0
     assert read_output(out)["done"][lost[0]] == 0
+
+
+@pytest.mark.parametrize("layout", ["vlen", "flat"])
+def test_a_job_of_a_million_rows_with_the_default_layout_says_flat_writes_it_faster(tmp_path, monkeypatch, capsys,
+                                                                                     layout):
+    """From BIG_JOB_ROWS rows (here lowered to 3) the start is followed by one line naming --layout flat, unless the
+    job uses it."""
+    from gpt2job.cli import main
+    from gpt2job.cluster import master
+    monkeypatch.setattr(master, "BIG_JOB_ROWS", 3)
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"):
+        monkeypatch.delenv(var, raising=False)
+    inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
+    write_token_input(inp, [[1, 2], [3, 4, 5], [6], [7, 8]])
+    assert main(["run", str(inp), str(out), *TINY, "--layout", layout]) == 0
+    notes = [x for x in capsys.readouterr().err.splitlines() if "--layout flat" in x]
+    assert notes == ([] if layout == "flat" else
+                     ['gpt2job: note: for 4 rows, --layout flat writes the output about twice as fast '
+                      '(README, "The flat layout")'])
