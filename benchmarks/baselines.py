@@ -348,6 +348,7 @@ def main(argv=None):
         agree = agreement(toks, ours.get((w, d)))
         rec = base_record(engine=engine, workload=w, dtype=d, gpus=1, model=hf_dir, device=device,
                           prompts=len(P), max_new_tokens=new, batch=len(batches[0]), n_batches=len(batches),
+                          order=("length-sorted" if w == "w2" and (engine == "compact" or a.hf_sort_w2) else "input"),
                           generated_tokens=gen, time_s=elapsed, wall_s=wall, load_s=load_s, throughput_tok_s=tps,
                           status=status, tokens_file=tok_file, agreement_with_ours=agree,
                           torch=torch.__version__, transformers=_tf_version())
