@@ -28,7 +28,6 @@ from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
-BIG_JOB_ROWS = 1_000_000  # from here the default layout's writer (~0.6M rows/s) lags a fast job: the start line says so
 
 
 class Master(Ending):
@@ -157,9 +156,6 @@ class Master(Ending):
                  f"{new}) of {self.n_rows} in {s.input}{f' ({N} samples of each prompt)' if N > 1 else ''}; "
                  f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
                  f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
-        if s.layout == "vlen" and len(todo) >= BIG_JOB_ROWS and not s.score:
-            self.log(f"note: for {len(todo):,} rows, --layout flat writes the output about twice as fast "
-                     "(README, \"The flat layout\")")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
         """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,

@@ -3,7 +3,7 @@ a thread of its own) plus the HDF5 file the user reads.
 
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
 file is written beside the master's loop by a writer (files/h5write.py: a thread for small jobs, files/writer.py: a
-process of its own for large ones) that creates the file, then writes the rows as they come, flushing every few
+process of its own for large ones: files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
 seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a time,
 while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
@@ -44,6 +44,7 @@ from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterProcess, WriterThread
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
+BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
 JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
@@ -202,6 +203,9 @@ class OutputStore:
         process of its own for large ones (files/writer.py; GPT2JOB_WRITER chooses)."""
         header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
                              self.flush_interval, self.stops)
+        if self.n >= BIG_JOB_ROWS and self.enc is not None and self.key["settings"].get("layout", "vlen") == "vlen":
+            sys.stderr.write(f"gpt2job: note: for {self.n:,} rows, --layout flat writes the output about twice as "
+                             "fast (README, \"The flat layout\")\n")
         kind = envs.get("GPT2JOB_WRITER")
         if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
             self.writer = WriterProcess(header, self.prompt_lengths)

@@ -1,7 +1,7 @@
-"""The pipes between the master, the text processes and the writer process (files/writer.py, files/text_process.py):
-messages framed as a kind byte, a little-endian uint64 length and the payload; an Inbox that reads them; results
-joined into batches; the text processes' pipes read in turn; a child process that dies with the master; errors as one
-line."""
+"""The pipes between the master, the text processes and the writer process (files/writer.py, writer_process.py,
+text_process.py): messages framed as a kind byte, a little-endian uint64 length and the payload; an Inbox that reads
+them; results joined into batches (units, batched); the text processes' pipes read in turn (InTurn); a child process
+that dies with the master; errors as one line."""
 import os
 import re
 import struct
@@ -108,6 +108,27 @@ def batched(inbox):
         yield b"R", b"".join(pending)
 
 
+def units(msgs):
+    """(kind, payloads) of what is sent: consecutive R's joined into one (up to BATCH_BYTES), every other message as
+    it is. A writer that falls behind thus catches up in larger batches (batches of 256 KB made the writer slower on
+    the device machine: RESULTS.md, session 16)."""
+    pending, size = [], 0
+    for kind, payload in msgs:
+        if kind == b"R" and size < BATCH_BYTES:
+            pending.append(payload)
+            size += len(payload)
+            continue
+        if pending:
+            yield b"R", pending
+            pending, size = [], 0
+        if kind == b"R":
+            pending, size = [payload], len(payload)
+        else:
+            yield kind, [payload]
+    if pending:
+        yield b"R", pending
+
+
 def error_line(e):
     """'error ERRNO MESSAGE' for the master (ERRNO 0 when the error has none: HDF5 names it in its text, if at all)."""
     code = getattr(e, "errno", None) or 0
@@ -130,7 +151,7 @@ class InTurn:
     """The text processes' messages in the order the master sent them (files/writer.py: WriterProcess deals its
     units out in turn): H and P from the first pipe; then a unit from each pipe in turn, an R with the T after it or
     an S; then F, with each process's X before it (read from every pipe), or C. A text process's E is raised as
-    Relayed. The messages end early where the pipe whose turn it is ends (its process, or the master, is gone).
+    Relayed. The messages end early where a pipe ends before its F or C (its process, or the master, is gone).
     `box` is the inbox whose turn it is."""
 
     def __init__(self, inboxes):
@@ -161,17 +182,16 @@ class InTurn:
             if kind == b"X":
                 seconds[self.turn] = msg
                 continue
-            if kind == b"F":
+            if kind == b"F":     # every other pipe holds its X and F now: the units before F were all read
                 for i, box in enumerate(self.inboxes):
-                    while i not in seconds:
-                        other = self._next(box)
-                        if other is None:
-                            return
-                        if other[0] == b"X":
-                            seconds[i] = other
-                    if i != self.turn:
-                        while (other := self._next(box)) is not None and other[0] != b"F":
-                            pass
+                    if i == self.turn:
+                        continue
+                    x, f = self._next(box), self._next(box)
+                    if x is None or f is None:
+                        return
+                    if (x[0], f[0]) != (b"X", b"F"):
+                        raise RuntimeError(f"text process {i}: {x[0]!r} {f[0]!r} where X F belong")
+                    seconds[i] = x
                 yield from (seconds[i] for i in sorted(seconds))
                 yield msg
                 return

@@ -2,8 +2,8 @@
 WriterProcess when the output has text). The master deals its batches of results out to them in turn; each adds the
 `completions` text of its batches' rows (text.RowText) and passes them on to the writer, which reads the text
 processes in the same turn (pipes.InTurn). The text is then made while the writer makes HDF5 calls (a thread of the
-writer could not do that: h5py holds the GIL through them, RESULTS.md, session 16), by as many processes as the node
-has cores for, each reading only its own batches.
+writer could not do that: h5py holds the GIL through them, RESULTS.md, session 16), by one or two processes
+(writer.TEXT_PROCESSES), each reading only its own batches.
 
 Each message it reads is answered with:
   H  (the header) kept; passed on by the first process only      P, S, C  passed on

@@ -2,11 +2,11 @@
 nothing to start) and WriterProcess (large jobs). Both create the output file themselves, write the rows the master
 gives them with h5write.RowWriter, and on `finish` mark the file finished.
 
-The writer process (`python -m gpt2job.files.writer PARENT_PID [FD ...]`), in its own interpreter, never takes the
-GIL from the master's loop. When the output has text, text processes (files/text_process.py) stand between the master
-and the writer: the master deals its units out to them in turn, each adds its units' text, and the writer reads their
-pipes (the FDs) in the same turn (pipes.InTurn). Without text the writer reads the master's messages on its stdin.
-Each process is one loop in one thread.
+The writer process (files/writer_process.py), in its own interpreter, never takes the GIL from the master's loop.
+When the output has text, text processes (files/text_process.py) stand between the master and the writer: the
+master deals its units out to them in turn, each adds its units' text, and the writer reads their pipes in the same
+turn (pipes.InTurn). Without text the writer reads the master's messages on its stdin. Each process is one loop in
+one thread.
 
 The master sends messages (files/pipes.py): a kind byte, a little-endian uint64 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input
@@ -21,7 +21,7 @@ The writer answers on stdout, one line each: "synced", "ok", or "error ERRNO MES
 kernel ends every one of them with the master (PR_SET_PDEATHSIG): a killed job leaves no writer behind; its journal
 has every row.
 """
-import itertools
+import fcntl
 import json
 import os
 import queue
@@ -31,8 +31,7 @@ import threading
 import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table, token_text
-from gpt2job.files.pipes import (BATCH_BYTES, MSG, Inbox, InTurn, Relayed, batched, die_with_parent, error_line,
-                                 grow_pipe)
+from gpt2job.files.pipes import MSG, grow_pipe, units
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
 # text processes of a writer process: one makes ~1M rows of text a second (RESULTS.md, session 21), the bound of a
@@ -55,10 +54,12 @@ class WriterProcess:
         self.procs = [subprocess.Popen([sys.executable, "-m", "gpt2job.files.text_process", me, str(i)],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
                       for i in range(n)]
-        texts = [p.stdout for p in self.procs]
+        texts = [os.fdopen(fcntl.fcntl(p.stdout.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), "rb") for p in self.procs]
+        for p in self.procs:           # (copies numbered 3 or more: the writer's stdin and stdout replace 0 to 2)
+            p.stdout.close()
         for pipe in texts:
             grow_pipe(pipe)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer", me]
+        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer_process", me]
                                      + [str(pipe.fileno()) for pipe in texts],
                                      stdin=subprocess.DEVNULL if n else subprocess.PIPE, stdout=subprocess.PIPE,
                                      pass_fds=[pipe.fileno() for pipe in texts], close_fds=True)
@@ -114,8 +115,8 @@ class WriterProcess:
                         for x in parts:
                             pipe.write(x)
                         pipe.flush()
-            except (OSError, ValueError) as e:   # the writer or a text process ended: what the writer said, else this
-                self.reader.join(timeout=10)
+            except (OSError, ValueError) as e:   # the writer or a text process ended: what the writer said, else
+                self.reader.join(timeout=10)     # a full disk, else which process ended
                 self._close_pipes()
                 if self.error is None:
                     try:
@@ -123,7 +124,8 @@ class WriterProcess:
                         check_room(self.path, 1 << 20)
                     except OSError as full:
                         self._fail(full)
-                self._fail(self.error or OSError(getattr(e, "errno", None) or 0, "the output writer is gone"))
+                self._fail(self.error or self._ended(wait_s=10) or
+                           OSError(getattr(e, "errno", None) or 0, "the output writer is gone"))
                 return
             with self.cond:
                 self.queued -= sum(len(payload) for _, payload in msgs)
@@ -164,17 +166,27 @@ class WriterProcess:
                 self.closed = True
                 self.cond.notify_all()
             self.feeder.join(timeout=10)
-            codes = []
-            for proc in self.procs:
-                try:
-                    codes.append(proc.wait(timeout=10))
-                except subprocess.TimeoutExpired:
-                    codes.append(0)
+            ended = self._ended(wait_s=10)
             from gpt2job.files.h5write import check_room
             check_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
-            who, code = next(((i, c) for i, c in enumerate(codes) if c), (len(codes) - 1, codes[-1]))
-            name = "the output writer" + ("'s text process" if who < len(codes) - 1 else "")
-            raise RuntimeError(f"{name} ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
+            self._raise()                      # (what the feeder found meanwhile: the same, or what the writer said)
+            raise ended or RuntimeError("the output writer ended unexpectedly (exit 0)")
+
+    def _ended(self, wait_s):
+        """The error naming the process that ended first, as far as exit codes tell (a signal before an exit code:
+        the others then end on their broken pipes), or None when each exited 0 or is still running."""
+        codes = []
+        for proc in self.procs:
+            try:
+                codes.append(proc.wait(timeout=wait_s))
+            except subprocess.TimeoutExpired:
+                codes.append(0)
+        bad = [(c >= 0, i, c) for i, c in enumerate(codes) if c]
+        if not bad:
+            return None
+        _, who, code = min(bad)
+        name = "the output writer" + ("'s text process" if who < len(codes) - 1 else "")
+        return RuntimeError(f"{name} ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
 
     def put(self, comps, blob):
         self._send(b"R", blob)
@@ -200,6 +212,10 @@ class WriterProcess:
             self.closed = True
             self.cond.notify_all()
         self.feeder.join(timeout=60)
+        if self.feeder.is_alive():      # stuck in a write (a stuck writer): closing its pipe would wait for that write
+            for proc in self.procs:
+                proc.kill()
+            self.feeder.join()          # (its write then fails: it closes the pipes)
         self._close_pipes()
         for proc in self.procs:
             try:
@@ -207,27 +223,6 @@ class WriterProcess:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
-
-
-def units(msgs):
-    """(kind, payloads) of what is sent: consecutive R's joined into one (up to BATCH_BYTES), every other message as
-    it is. A writer that falls behind thus catches up in larger batches (batches of 256 KB made the writer slower on
-    the device machine: RESULTS.md, session 16)."""
-    pending, size = [], 0
-    for kind, payload in msgs:
-        if kind == b"R" and size < BATCH_BYTES:
-            pending.append(payload)
-            size += len(payload)
-            continue
-        if pending:
-            yield b"R", pending
-            pending, size = [], 0
-        if kind == b"R":
-            pending, size = [payload], len(payload)
-        else:
-            yield kind, [payload]
-    if pending:
-        yield b"R", pending
 
 
 # ---------------------------------------------------------------- the writer in a thread (small jobs)
@@ -328,92 +323,6 @@ class WriterThread(threading.Thread):
                 self.cond.notify_all()
 
 
-# ---------------------------------------------------------------- the process
-
-def main(parent, fds):
-    """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them). fds: the
-    text processes' pipes, read in turn (none: the master's messages on stdin)."""
-    die_with_parent(parent)
-    import numpy as np
-    from gpt2job.files.journal import records_of
-    from gpt2job.files.text_process import read_text
-    out = sys.stdout
-    spent = {"wait_s": 0.0, "write_s": 0.0}     # seconds reading its input, and preparing and writing rows
-    if fds:
-        turns = InTurn([Inbox(fd, spent) for fd in fds])
-        msgs = iter(turns)
-    else:
-        turns = None
-        inbox = Inbox(sys.stdin.fileno(), spent)
-        msgs = batched(inbox)
-    f = None
-    try:
-        first = list(itertools.islice(msgs, 2))
-        if len(first) < 2:       # the input ended before the header: the master (or a text process) is gone
-            return
-        (_, h), (_, lengths) = first
-        header = json.loads(h)
-        f = create_output(header, np.frombuffer(lengths, np.int32))
-        del lengths
-        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
-        interval, last, dirty = header["flush_interval"], time.monotonic(), False
-        end, comps, text_spent = b"C", None, None
-        while True:
-            inbox = turns.box if turns else inbox
-            while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
-                due = interval - (time.monotonic() - last)
-                if due <= 0:
-                    writer.flush()
-                    last, dirty = time.monotonic(), False
-                else:
-                    inbox.wait(due)
-            kind, payload = next(msgs, (None, None))
-            if kind is None:
-                break
-            t = time.perf_counter()
-            if kind == b"R":
-                comps = records_of(payload)
-                if comps and not header["text"]:
-                    writer.put(concat(comps))
-                    dirty = True
-            elif kind == b"T":         # the text of the R just before it
-                if comps:
-                    writer.write(writer.prepare(concat(comps), read_text(payload)))
-                    dirty = True
-            elif kind == b"X":         # each text process's seconds
-                text_spent = (text_spent or []) + [json.loads(payload)]
-            elif kind in (b"F", b"C"):
-                end = kind
-                summary = json.loads(payload) if kind == b"F" else None
-                break
-            if kind == b"S" or (dirty and time.monotonic() - last >= interval):
-                writer.flush()
-                last, dirty = time.monotonic(), False
-            if kind == b"S":
-                out.write("synced\n")
-                out.flush()
-            spent["write_s"] += time.perf_counter() - t
-        if end == b"F":
-            from gpt2job.files.progress import peak_rss_mb
-            summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
-                                        **{k: round(v, 3) for k, v in spent.items()}}
-            if text_spent is not None:
-                summary["output_writer"]["text_process"] = text_spent[0] if len(text_spent) == 1 else text_spent
-            writer.finish(summary)
-            f = None
-            out.write("ok\n")
-            out.flush()
-    except BaseException as e:
-        try:
-            out.write(e.line if isinstance(e, Relayed) else error_line(e))
-            out.flush()
-        except OSError:
-            pass
-        os._exit(1)
-    finally:
-        close_quietly(f)
-
-
 def close_quietly(f):
     """Close an output left unfinished (an error is on its way already; the journal has its rows)."""
     if f is not None:
@@ -421,7 +330,3 @@ def close_quietly(f):
             f.close()
         except Exception:
             pass
-
-
-if __name__ == "__main__":
-    main(int(sys.argv[1]), [int(x) for x in sys.argv[2:]])

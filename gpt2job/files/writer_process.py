@@ -1,0 +1,103 @@
+"""The writer process (`python -m gpt2job.files.writer_process PARENT_PID [FD ...]`, started by files/writer.py's
+WriterProcess for large jobs): creates the output, writes the rows it is sent with h5write.RowWriter, flushes the file
+every flush_interval seconds and when asked (S), and on F marks it finished. Its input: the master's messages on stdin
+(files/writer.py lists them), or with text the text processes' pipes FD ..., read in the turn the master dealt them
+(pipes.InTurn). One loop in one thread: h5py holds the GIL through HDF5 calls, so a second thread would wait for them.
+"""
+import itertools
+import json
+import os
+import sys
+import time
+
+from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table
+from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
+from gpt2job.files.writer import close_quietly
+
+
+def main(parent, fds):
+    """The writer: one loop (h5py holds the GIL through HDF5 calls: a second thread would wait for them). fds: the
+    text processes' pipes, read in turn (none: the master's messages on stdin)."""
+    die_with_parent(parent)
+    import numpy as np
+    from gpt2job.files.journal import records_of
+    from gpt2job.files.text_process import read_text
+    out = sys.stdout
+    spent = {"wait_s": 0.0, "write_s": 0.0}     # seconds reading its input, and preparing and writing rows
+    if fds:
+        turns = InTurn([Inbox(fd, spent) for fd in fds])
+        msgs = iter(turns)
+    else:
+        turns = None
+        inbox = Inbox(sys.stdin.fileno(), spent)
+        msgs = batched(inbox)
+    f = None
+    try:
+        first = list(itertools.islice(msgs, 2))
+        if len(first) < 2:       # the input ended before the header: the master (or a text process) is gone
+            return
+        (_, h), (_, lengths) = first
+        header = json.loads(h)
+        f = create_output(header, np.frombuffer(lengths, np.int32))
+        del lengths
+        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
+        interval, last, dirty = header["flush_interval"], time.monotonic(), False
+        end, comps, text_spent = b"C", None, None
+        while True:
+            inbox = turns.box if turns else inbox
+            while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
+                due = interval - (time.monotonic() - last)
+                if due <= 0:
+                    writer.flush()
+                    last, dirty = time.monotonic(), False
+                else:
+                    inbox.wait(due)
+            kind, payload = next(msgs, (None, None))
+            if kind is None:
+                break
+            t = time.perf_counter()
+            if kind == b"R":
+                comps = records_of(payload)
+                if comps and not header["text"]:
+                    writer.put(concat(comps))
+                    dirty = True
+            elif kind == b"T":         # the text of the R just before it
+                if comps:
+                    writer.write(writer.prepare(concat(comps), read_text(payload)))
+                    dirty = True
+            elif kind == b"X":         # each text process's seconds
+                text_spent = (text_spent or []) + [json.loads(payload)]
+            elif kind in (b"F", b"C"):
+                end = kind
+                summary = json.loads(payload) if kind == b"F" else None
+                break
+            if kind == b"S" or (dirty and time.monotonic() - last >= interval):
+                writer.flush()
+                last, dirty = time.monotonic(), False
+            if kind == b"S":
+                out.write("synced\n")
+                out.flush()
+            spent["write_s"] += time.perf_counter() - t
+        if end == b"F":
+            from gpt2job.files.progress import peak_rss_mb
+            summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
+                                        **{k: round(v, 3) for k, v in spent.items()}}
+            if text_spent is not None:
+                summary["output_writer"]["text_process"] = text_spent[0] if len(text_spent) == 1 else text_spent
+            writer.finish(summary)
+            f = None
+            out.write("ok\n")
+            out.flush()
+    except BaseException as e:
+        try:
+            out.write(e.line if isinstance(e, Relayed) else error_line(e))
+            out.flush()
+        except OSError:
+            pass
+        os._exit(1)
+    finally:
+        close_quietly(f)
+
+
+if __name__ == "__main__":
+    main(int(sys.argv[1]), [int(x) for x in sys.argv[2:]])
