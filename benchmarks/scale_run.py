@@ -51,7 +51,7 @@ def job_cmd(inp, out, ranks, vocab_dir, extra=()):
 
 def session(sid):
     """pid -> (role, VmHWM kB) of the live processes of session sid: master (rank 0, or the one process), writer
-    (files/writer.py), text (files/text_process.py), worker, other (mpirun, prted)."""
+    (files/writer_process.py), text (files/text_process.py), worker, other (mpirun, prted)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
@@ -64,7 +64,7 @@ def session(sid):
         except (OSError, ValueError, IndexError):
             continue
         rank = next((int(e.split(b"=")[1]) for e in env if e.startswith(b"OMPI_COMM_WORLD_RANK=")), None)
-        role = ("writer" if b"gpt2job.files.writer" in cmd else "text" if b"gpt2job.files.text_process" in cmd else
+        role = ("writer" if b"gpt2job.files.writer_process" in cmd else "text" if b"gpt2job.files.text_process" in cmd else
                 "other" if b"gpt2job" not in cmd or b"run" not in cmd else
                 "master" if rank in (None, 0) else "worker")
         out[int(pid)] = (role, int(hwm.group(1)) if hwm else 0)

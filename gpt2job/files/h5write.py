@@ -14,7 +14,7 @@ log-probabilities are appended to flat arrays instead, and each row gets a start
 RowText.make (the rows' text), RowWriter.prepare (NumPy: order, pointers) and RowWriter.write (the HDF5 calls: h5py
 holds the GIL through them) are separate steps. Two writers take rows from the master (files/writer.py): WriterThread
 (in the master's process, for small jobs: nothing to start) and WriterProcess (large jobs: its own process, and the
-text made by another, so that neither the master's loop nor the text waits for HDF5 or for the GIL). Both create the
+text made by others, so that neither the master's loop nor the text waits for HDF5 or for the GIL). Both create the
 file themselves, from what make_header gives them, and take each group of results as the journal's bytes
 (files/journal.py).
 """
