@@ -11,7 +11,7 @@ set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
 
-# started by an MPI launcher: the same variables as gpt2job/devices.py MPI_ENV_VARS
+# started by an MPI launcher: the same variables as gpt2job/cluster/devices.py MPI_ENV_VARS
 if [ -n "${OMPI_COMM_WORLD_SIZE:-}${PMIX_RANK:-}${PMI_RANK:-}${PMI_SIZE:-}${MPI_LOCALNRANKS:-}" ]; then
     exec "$python" -m gpt2job run "$@"
 fi

@@ -41,7 +41,8 @@ EOT = 50256
 def seed_workload_path(cli_value=None):
     """--seed-workload, else $GPT2JOB_SEED_WORKLOAD, else .device/seed-workload/input.bin, else
     ../shared/seed-workload/input.bin; None when none exists (callers fall back to random prompts)."""
-    for p in (cli_value, os.environ.get("GPT2JOB_SEED_WORKLOAD")) + SEED_CANDIDATES:
+    from gpt2job import envs
+    for p in (cli_value, envs.get("GPT2JOB_SEED_WORKLOAD")) + SEED_CANDIDATES:
         if p and os.path.isfile(p):
             return os.path.abspath(p)
     return None

@@ -1,4 +1,4 @@
-"""Command line: `python -m gpt2job {prompts,run,show,validate,build-kernels} ...`.
+"""Command line: `python -m gpt2job {prompts,run,score,show,validate,export,build-kernels} ...`.
 
 A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
 """

@@ -275,14 +275,14 @@ def ulfm_available():
 
 
 def rank_pids(tag):
-    """pid -> MPI rank of this job's processes (started with GPT2JOB_TEST_TAG=tag)."""
+    """pid -> MPI rank of this job's processes (started with TESTS_PROCESS_TAG=tag)."""
     out = {}
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
         except OSError:
             continue
-        if f"GPT2JOB_TEST_TAG={tag}".encode() in env:
+        if f"TESTS_PROCESS_TAG={tag}".encode() in env:
             for e in env:
                 if e.startswith(b"OMPI_COMM_WORLD_RANK="):
                     out[int(pid)] = int(e.split(b"=")[1])
@@ -306,7 +306,7 @@ def test_a_killed_gpu_worker_loses_nothing(tmp_path, mp_job):
     if ulfm:
         cmd += ["--chunk-timeout", "5"]        # the dead worker's chunks go to the other one after this
     tag = uuid.uuid4().hex
-    p = subprocess.Popen(cmd, env=mp_env(GPT2JOB_TEST_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen(cmd, env=mp_env(TESTS_PROCESS_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          text=True, start_new_session=True, cwd=str(ROOT))
     deadline = time.monotonic() + 120
     while journal_rows(out) < 64 and p.poll() is None and time.monotonic() < deadline:

@@ -69,3 +69,47 @@ def test_a_second_run_on_the_same_output_waits_then_refuses(tmp_path):
     assert p.returncode == 2 and "another gpt2job run is writing this output" in p.stderr
     run_gpt2job(args(inp, out), check=0)
     assert not os.path.exists(str(out) + ".lock")
+
+
+def test_a_resume_whose_writer_fails_while_the_journal_is_replayed_is_one_line(tmp_path, monkeypatch, capsys):
+    """The writer fails (here: as on a full disk) while the resumed job hands it the journal's rows: one line, exit 2
+    (it was a traceback, exit 1, where the failure came before the replay ended: journals over one block)."""
+    import errno
+
+    from gpt2job.cli import main
+    from gpt2job.files import output
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[i + 1, i + 2] for i in range(40)])
+    p = run_gpt2job(args(inp, out), env=job_env(GPT2JOB_FAULT="0:3:raise"))
+    assert p.returncode == 3 and os.path.exists(str(out) + ".journal"), p.stderr
+
+    class FullDisk(output.WriterThread):
+        def put(self, comps, blob=None):
+            raise OSError(errno.EFBIG, "File too large")
+
+    monkeypatch.setattr(output, "WriterThread", FullDisk)
+    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS", "GPT2JOB_FAULT"):
+        monkeypatch.delenv(var, raising=False)
+    assert main([str(a) for a in args(inp, out)]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(err) == 1 and "File too large" in err[0] and "completed rows are kept" in err[0], err
+
+
+def test_an_unfinished_output_without_journal_whose_rows_cannot_be_read_is_one_line(tmp_path):
+    """The journal is gone and the output's rows are damaged (its attributes still read): one line naming the fix,
+    exit 2, and no half-made journal left to block the corrected rerun."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[i + 1, i + 2] for i in range(40)])
+    assert run_gpt2job(args(inp, out), env=job_env(GPT2JOB_FAULT="0:3:raise")).returncode == 3
+    os.remove(str(out) + ".journal")
+    data = bytearray(out.read_bytes())
+    at = data.rfind(b"GCOL")           # the last global heap collection (the variable-length rows' data)
+    assert at > 0
+    data[at:at + 4] = b"XXXX"
+    out.write_bytes(bytes(data))
+    p = run_gpt2job(args(inp, out))
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    errors = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(errors) == 1 and "its rows cannot be read" in errors[0] and "--overwrite" in errors[0], p.stderr
+    assert not os.path.exists(str(out) + ".journal.tmp")
+    assert run_gpt2job(args(inp, out) + ["--overwrite"]).returncode == 0

@@ -2,6 +2,7 @@
 thread and the writer process, with stops, repeated prompts, log-probabilities; export and show give the same
 lines; a resume rebuilds it; a resume with the other layout is refused."""
 import json
+import re
 
 import h5py
 import numpy as np
@@ -10,6 +11,7 @@ import pytest
 from conftest import TINY_TEXT_MODEL, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.files import h5flat
 
+re_kept = re.compile(r"(\d+) of \d+ rows are complete and kept")
 COLUMNS = ("completion_tokens", "completions", "completion_logprobs", "top_logprob_ids", "top_logprobs")
 
 
@@ -149,3 +151,24 @@ def test_dense_blocks_and_rows_held_back(tmp_path, monkeypatch):
     got = h5flat.rows(f, "completion_tokens", 0, n)
     assert all(got[int(r)].tolist() == [int(r) % 1000] for r in every)
     f.close()
+
+
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_a_job_that_stops_early_leaves_its_kept_rows_in_a_flat_output(tmp_path, writer):
+    """A worker error ends the job after some chunks (one process: no other worker): every row the job says it kept
+    is in the file, the flat layout's held-back rows (small writes, copies of repeated prompts) included, as with
+    the default layout."""
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, prompts(40))
+    got = {}
+    for layout in ("vlen", "flat"):
+        out = tmp_path / f"{layout}.h5"
+        p = run_gpt2job(["run", inp, out, "--layout", layout, "--model", TINY_TEXT_MODEL, "--backend", "numpy",
+                         "--max-new-tokens", "4", "--chunk-size", "4"],
+                        env=job_env(GPT2JOB_WRITER=writer, GPT2JOB_FAULT="0:4:raise"))
+        assert p.returncode == 3, p.stderr
+        kept = int(re_kept.search(p.stderr)[1])
+        got[layout] = columns(out)
+        assert 0 < kept < 40 and sum(got[layout]["done"]) == kept, p.stderr
+    got["vlen"].pop("layout"), got["flat"].pop("layout")
+    assert got["vlen"] == got["flat"]

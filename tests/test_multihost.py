@@ -130,7 +130,7 @@ def test_three_hosts_give_the_same_output_as_one(tmp_path, hosts, expected):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"10.213.0.{i} slots=1\n" for i in range(1, N_HOSTS + 1)))
     many = tmp_path / "many.h5"
-    env = job_env(GPT2JOB_NETNS_PREFIX=PREFIX)
+    env = job_env(TESTS_NETNS_PREFIX=PREFIX)
     # mpirun itself runs on host 1, in its namespace with its own hostname
     cmd = ["ip", "netns", "exec", hosts[0], "unshare", "--uts", "sh", "-c", 'hostname "$0" && exec "$@"',
            hosts[0]] + multihost_cmd(hostfile, args(many), N_HOSTS)

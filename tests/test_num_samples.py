@@ -116,6 +116,21 @@ def test_scheduler_keeps_a_prompts_samples_in_one_chunk():
         assert (np.diff(lens) <= 0).all()                    # still the longest prompts first
 
 
+def test_chunks_of_equal_work_keep_a_long_prompt_s_samples_together():
+    """Chunks cut by estimated work (ragged prompts, the default chunk size): one long prompt's 4 samples outweigh a
+    chunk's share of the work, and the chunk holds all 4 (it held 3, and the long prefill was computed twice)."""
+    from gpt2job.cluster.scheduler import position_cost
+    ps = PromptSet.from_lists([np.arange(900) % 50] + [np.arange(5)] * 7, "t")
+    sched = Scheduler(ps, np.arange(8 * 4), 0, num_samples=4, max_new_tokens=16,
+                      position_cost=position_cost("float16", 768))
+    assert sched.by_cost
+    chunks = []
+    while (c := sched.next_chunk(WorkerState(rank=1, preferred_chunk=64), 2)) is not None:
+        chunks.append(c.rows // 4)
+    assert all(not np.isin(a, b).any() for i, a in enumerate(chunks) for b in chunks[i + 1:])
+    assert chunks[0].tolist() == [0, 0, 0, 0] and sorted(np.concatenate(chunks).tolist()) == sorted(list(range(8)) * 4)
+
+
 def test_greedy_samples_are_identical_and_computed_once(tmp_path):
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     ps = prompts(5, seed=3)

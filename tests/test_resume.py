@@ -34,9 +34,9 @@ def job_args(inp, out, chunk=1):
 
 
 def rank_pids(tag):
-    """pid -> MPI rank of the python processes started with GPT2JOB_TEST_TAG=tag (only this test's)."""
+    """pid -> MPI rank of the python processes started with TESTS_PROCESS_TAG=tag (only this test's)."""
     out = {}
-    mark = f"GPT2JOB_TEST_TAG={tag}".encode()
+    mark = f"TESTS_PROCESS_TAG={tag}".encode()
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -60,7 +60,7 @@ def journal_rows(path):
 
 def kill_midway(cmd, out, victim, min_rows=4):
     tag = uuid.uuid4().hex
-    p = subprocess.Popen(cmd, env=job_env(GPT2JOB_TEST_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    p = subprocess.Popen(cmd, env=job_env(TESTS_PROCESS_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                          start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:

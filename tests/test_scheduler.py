@@ -195,7 +195,8 @@ def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
 
 def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path):
     """A worker left behind at start-up (retired: its share goes to the others) that says hello later gets a stop,
-    never a chunk: a chunk sent to it would be outside every live worker's outstanding work."""
+    never a chunk: a chunk sent to it would be outside every live worker's outstanding work. It is then no longer
+    hung: the job's end does not abort it."""
     import time
     m, ch, n = ragged_master(tmp_path)
     try:
@@ -205,7 +206,43 @@ def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path)
         m.run_started, m.startup_timeout = time.monotonic() - 100, 10
         m.check_hung(time.monotonic())
         assert m.workers[2].retired
+        assert m.hung_ranks == [2]
         m.handle(m.workers[2], "hello", {"host": "b", "preferred_chunk": 64})
         assert ch.sent[2] == ["stop"] and not m.workers[2].outstanding
+        assert m.hung_ranks == []      # a job that then succeeds does not end in MPI_Abort for it
+    finally:
+        m.store.close()
+
+
+def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path):
+    """A job that ends (here: an error) while a worker rank still computes its chunks receives their results for up
+    to chunk_timeout; a rank still computing then counts as hung (MPI_Abort ends it), for MPI_Finalize would wait
+    for its result's send for ever."""
+    import dataclasses
+
+    class Quiet(RecordingChannel):     # the ranks are processes of their own; nothing arrives
+        def poll(self):
+            return []
+
+        def wait(self):
+            pass
+
+        def flush(self):
+            pass
+
+        def join(self, timeout=None):
+            pass
+
+        def owns_process(self, rank):
+            return True
+
+    m, ch, n = ragged_master(tmp_path)
+    try:
+        m.channel = Quiet()
+        m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
+        m.workers[1].outstanding = {7: object()}
+        m.shutdown_workers()
+        assert m.hung_ranks == [1] and m.hung_processes() == [1]
+        assert m.channel.sent == {1: ["stop"], 2: ["stop"]}     # each told to stop first
     finally:
         m.store.close()

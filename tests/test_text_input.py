@@ -108,6 +108,7 @@ def test_a_rerun_resumes_and_a_changed_file_is_refused(tmp_path, vocab_dir):
     ("nul.txt", "a\x00b\n", "NUL"),
     ("blank.txt", "\n  \n", "holds no prompt"),
     ("table.csv", "a,b\n1,2\n", "is not an HDF5 file, and its extension (.csv) is not .txt or .jsonl"),
+    ("big.jsonl", '{"tokens": [464, 99999999999]}\n', "line 1: token id 99999999999 is out of range"),
 ])
 def test_a_bad_prompt_file_is_one_line_exit_2_and_leaves_nothing(tmp_path, name, content, frag, np_):
     src = tmp_path / name
@@ -158,3 +159,16 @@ def test_run_inference_sh_takes_the_example_text_file(tmp_path, vocab_dir):
 def test_run_help_says_it_takes_text_files():
     out = run_gpt2job(["run", "-h"], check=0).stdout
     assert ".txt" in out and ".jsonl" in out and ".prompts-" in out
+
+
+def test_prompt_files_split_lines_at_newlines_only_and_know_jsonl_in_any_case(tmp_path):
+    """A line is what ends at "\n" ("\r\n" too): a JSON string may hold U+2028, a text line a form feed (str.splitlines
+    split both); a .JSONL file is JSON lines like a .jsonl one."""
+    from gpt2job.files.prompt_files import read_prompt_file
+    src = tmp_path / "UP.JSONL"
+    src.write_text('{"prompt": "a\u2028b"}\r\n"c\u0085d"\n', encoding="utf-8")
+    assert read_prompt_file(str(src)) == (["a\u2028b", "c\u0085d"], None)
+    txt = tmp_path / "pages.txt"
+    txt.write_text("page one\x0cpage two\r\nthird\n", encoding="utf-8")
+    assert read_prompt_file(str(txt)) == (["page one\x0cpage two", "third"], None)
+

@@ -35,6 +35,10 @@ class Ending:
             self.log(f"worker rank {w.rank} on {w.host}: {why}; its chunks go to others")
             self.retire(w, why)
 
+    def _still_computing(self):
+        return [w for w in self.live() if w.outstanding and self.channel.owns_process(w.rank)
+                and w.rank not in self.hung_ranks]
+
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
         messages = {e["error"] for e in errors if e}
@@ -42,7 +46,7 @@ class Ending:
             return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
         done = int(self.store.done.sum())
-        msg = (f"no worker is left ({reasons}); {done} of {len(self.prompts)} rows are complete and kept "
+        msg = (f"no worker is left ({reasons}); {done} of {self.n_rows} rows are complete and kept "
                f"in {self.s.output}")
         if all(w.error and w.error.get("user_error") for w in self.workers.values()):
             return UserError(msg, fix="fix the cause above, then run the same command again to resume")
@@ -57,10 +61,9 @@ class Ending:
                 self.stop_rank(r)
         # a job ended by an error (a full disk) has results on their way: an MPI worker waits until its result is
         # received, and MPI cannot finish while it does, so they are received (and dropped: the resume computes
-        # them) until every live worker has answered for its chunks or their deadline has passed
+        # them) until every live worker has answered for its chunks or chunk_timeout has passed
         deadline = time.monotonic() + self.s.chunk_timeout
-        while any(w.outstanding for w in self.live() if self.channel.owns_process(w.rank)) and \
-                time.monotonic() < deadline:
+        while self._still_computing() and time.monotonic() < deadline:
             for rank, kind, *data in self.channel.poll():
                 self.workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
                     self.workers[rank].outstanding.clear()
@@ -69,6 +72,10 @@ class Ending:
                     if rank in self.hung_ranks:
                         self.hung_ranks.remove(rank)
             self.channel.wait()
+        for w in self._still_computing():   # MPI_Finalize would wait for their results' sends for ever: end them
+            self.log(f"worker rank {w.rank} on {w.host} still computes {len(w.outstanding)} chunk(s) past the job's "
+                     "end")
+            self.hung_ranks.append(w.rank)
         self.channel.flush()
         if wait_local and 0 not in self.hung_ranks:
             self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU

@@ -260,7 +260,8 @@ class Master(Ending):
                 self.feed(w)
         elif kind == "hello":
             (info,) = data
-            if w.retired:      # ready after its start-up deadline: the job went on without it
+            if w.retired:      # ready after its start-up deadline: the job went on without it (no abort at its end)
+                self.hung_ranks = [r for r in self.hung_ranks if r != w.rank]
                 return self.stop_rank(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
@@ -349,8 +350,7 @@ class Master(Ending):
             "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
             "time_to_first_work_s": start - launch_time(),
             "wall_s": t_end - launch_time(), "generation_s": span, "master_prepare_s": self.prepare_s,
-            "master_peak_rss_mb": peak_rss_mb(),
-            "workers": [w.summary() for w in self.workers.values()],
+            "master_peak_rss_mb": peak_rss_mb(), "workers": [w.summary() for w in self.workers.values()],
         }
 
 

@@ -197,9 +197,10 @@ class Scheduler:
         return self.make_chunk(rows)
 
     def sample_boundary(self, head, end):
-        """The end of a chunk queue[head:end], moved back so that it does not split the samples of a prompt (they are
-        adjacent in the queue) unless the chunk would hold only some samples of one prompt (a chunk smaller than
-        --num-samples)."""
+        """The end of a chunk queue[head:end], moved so that it does not split the samples of a prompt (they are
+        adjacent in the queue): back to the prompt's first sample, or, where the chunk would hold only some samples
+        of that one prompt, on to its last (chunks of equal work: one long prompt's samples can outweigh a chunk),
+        unless --chunk-size is below --num-samples."""
         N = self.num_samples
         if N == 1 or end >= len(self.queue):
             return end
@@ -209,7 +210,11 @@ class Scheduler:
         k = end - 1
         while k > head and self.queue[k - 1] // N == prompt:
             k -= 1
-        return k if k > head else end
+        if k > head or 0 < self.chunk_size < N:
+            return k if k > head else end
+        while end < len(self.queue) and self.queue[end] // N == prompt:
+            end += 1
+        return end
 
     def make_chunk(self, rows):
         """The chunk of these (output) rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and

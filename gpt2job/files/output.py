@@ -2,8 +2,8 @@
 a thread of its own) plus the HDF5 file the user reads.
 
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
-file is written beside the master's loop by a writer (files/h5write.py: a thread for small jobs, files/writer.py: a
-process of its own for large ones: files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
+file is written beside the master's loop by a writer (files/writer.py: a thread for small jobs, a process of its own
+for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
 seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a time,
 while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
@@ -179,8 +179,15 @@ class OutputStore:
             # an unfinished file without journal: its rows go into a new journal first, which replaces nothing until
             # it holds them all; from then on it is the truth, as after any run
             journal = Journal(self.journal_path + ".tmp", header=self.key)
-            for batch in records_from_h5(self.path):
-                journal.append_many([batch])
+            try:
+                for batch in records_from_h5(self.path):
+                    journal.append_many([batch])
+            except (OSError, RuntimeError, KeyError, ValueError) as e:    # attributes readable, rows not: a torn file
+                journal.close()
+                os.remove(self.journal_path + ".tmp")
+                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
+                raise UserError(f"its rows cannot be read ({why}) and it has no journal", self.path, "output",
+                                "pass --overwrite to compute it anew, or restore its .journal file") from None
             journal.close()
             os.replace(self.journal_path + ".tmp", self.journal_path)
             reader = JournalReader(self.journal_path)
@@ -194,7 +201,10 @@ class OutputStore:
             for comp in comps:
                 self.done[comp.all_rows] = True
                 self.completed += _completed_rows(comp)
-            self.writer.put(comps, blob)
+            try:
+                self.writer.put(comps, blob)
+            except (OSError, RuntimeError) as e:     # the writer failed meanwhile (a full disk)
+                raise io_error(self.path, e)
         self.resumed_rows = int(np.count_nonzero(self.done))
         self.journal = Journal(self.journal_path, truncate_at=reader.end)
 

@@ -37,11 +37,11 @@ def read_prompt_file(path):
         raise UserError(f"not valid UTF-8 (byte {e.start})", path, "source", "save the file as UTF-8")
     if "\x00" in text:
         raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
-    if not path.endswith((".jsonl", ".ndjson")):
-        return [line for line in text.splitlines() if line.strip()], None
+    if not path.lower().endswith((".jsonl", ".ndjson")):
+        return [line for line in lines_of(text) if line.strip()], None
     texts, tokens = [], []
     first = {}   # kind -> the line it first appeared on
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(lines_of(text), 1):
         if not line.strip():
             continue
         try:
@@ -57,6 +57,7 @@ def read_prompt_file(path):
             texts.append(obj)
         elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
             kind = "token"
+            check_ids(obj, path, n)
             tokens.append(obj)
         else:
             raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
@@ -70,6 +71,20 @@ def read_prompt_file(path):
             raise UserError(f"a {kind} prompt, but line {first[other]} is a {other} prompt: the file mixes text "
                             "prompts and token prompts", path, f"line {n}", "use one kind per file")
     return (texts, None) if texts or not tokens else (None, tokens)
+
+
+def lines_of(text):
+    """The lines of a file's text: split at "\n" only (a "\r" before it dropped), as JSON lines and text editors do;
+    str.splitlines would also split at U+2028, form feeds and other separators inside a line."""
+    return [x[:-1] if x.endswith("\r") else x for x in text.split("\n")]
+
+
+def check_ids(ids, path, n):
+    """Token ids of line n that int32 can hold (the model's own range is checked with the job)."""
+    bad = next((t for t in ids if not -(1 << 31) <= t < (1 << 31)), None)
+    if bad is not None:
+        raise UserError(f"line {n}: token id {bad} is out of range", path, f"line {n}",
+                        "give token ids of the model's vocabulary")
 
 
 def _write_error(output, e):
@@ -118,12 +133,14 @@ def write_atomically(output, tmp, fill, attrs):
             fill(f)
             f.attrs.update(attrs)
         os.replace(tmp, output)
-    except (OSError, RuntimeError) as e:
+    except BaseException as e:
         try:
             os.remove(tmp)
         except OSError:
             pass
-        raise _write_error(output, e)
+        if isinstance(e, (OSError, RuntimeError)):
+            raise _write_error(output, e)
+        raise
 
 
 def _check_output_folder(output, field="output", example="prompts.h5"):
@@ -158,7 +175,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".ndjson")     # `run` converts these on the fly (read_prompt_file's rules)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
-CONVERSION = 1                                      # bump when read_prompt_file's rules change what it makes
+CONVERSION = 2                                      # bump when read_prompt_file's rules change what it makes
 INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
              "a .jsonl file")
 

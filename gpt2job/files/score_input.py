@@ -152,13 +152,13 @@ def convert_pairs(source, output, log=None):
     import json
     import os
     import h5py
-    from gpt2job.files.prompt_files import (CONVERSION, _check_output_folder, _conversion_attrs, converted_path,
-                                            temp_beside, write_atomically)
+    from gpt2job.files.prompt_files import (CONVERSION, _check_output_folder, _conversion_attrs, check_ids,
+                                            converted_path, lines_of, temp_beside, write_atomically)
     _check_output_folder(output, example="out.h5")
     try:
         with open(source, "rb") as f:
             raw = f.read()
-        lines = [(n, json.loads(x)) for n, x in enumerate(raw.decode("utf-8").splitlines(), 1) if x.strip()]
+        lines = [(n, json.loads(x)) for n, x in enumerate(lines_of(raw.decode("utf-8")), 1) if x.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot be read as JSON lines ({e})", source, "source", "write one JSON object per line")
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()
@@ -173,6 +173,8 @@ def convert_pairs(source, output, log=None):
         if kinds - {"text", "tokens"} or len(kinds) > 1:
             raise UserError(f"line {n}: context and continuation must both be texts or both token id lists, in "
                             "every line", source, f"line {n}", "use one kind per file")
+        if kinds == {"tokens"}:
+            check_ids(obj["context"] + obj["continuation"], source, n)
         ctx.append(obj["context"])
         cont.append(obj["continuation"])
     target = converted_path(output, digest)

@@ -312,7 +312,9 @@ class WriterThread(threading.Thread):
                 if closing:
                     if closing[0] == "finish":
                         writer.finish(closing[1])
-                    f = None
+                        f = None
+                    else:
+                        flush_quietly(writer)
                     return
         except BaseException as e:   # kept for the master's thread, which turns it into the one clear line
             self.error = e
@@ -330,3 +332,12 @@ def close_quietly(f):
             f.close()
         except Exception:
             pass
+
+
+def flush_quietly(writer):
+    """At a close (the job stops early): the rows held back written too (the flat layout's scattered rows), so that
+    the file shows every row the job kept; a failure here is not the job's error (the journal has the rows)."""
+    try:
+        writer.flush()
+    except Exception:
+        pass

@@ -12,7 +12,7 @@ import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
-from gpt2job.files.writer import close_quietly
+from gpt2job.files.writer import close_quietly, flush_quietly
 
 
 def main(parent, fds):
@@ -88,6 +88,8 @@ def main(parent, fds):
             f = None
             out.write("ok\n")
             out.flush()
+        else:
+            flush_quietly(writer)
     except BaseException as e:
         try:
             out.write(e.line if isinstance(e, Relayed) else error_line(e))
