@@ -27,7 +27,7 @@
 # scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
 # (--features; empty: the A/B cases only), T_<STAGE> (seconds), SMALL_CONFIGS, SMALL_SIZES (small_chunks.py
 # --configs, --sizes), PRODUCTS_ARGS (decode_products.py's), PROFILE_PROMPTS (546), WRITER_ARGS (writer_ab.py's:
-# "--old . --new-layout flat" compares the output layouts), SCALE_LAYOUT (vlen; flat).
+# "--old . --new-layout flat" compares the output layouts), SCALE_LAYOUT (vlen; flat), SCALE_CLEAN_RUNS (1).
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 OUT=${OUT:-$PWD/bench-out}
@@ -102,7 +102,7 @@ fi
 if has scale; then
     VOCAB=${GPT2_VOCAB_DIR:-$PWD/.device/gpt2-vocab}
     TAIL=30 stage scale ${T_SCALE:-300} env GPT2_VOCAB_DIR="$VOCAB" python3 benchmarks/reliability.py --kills 0 --fuzz 0 \
-        --scale ${SCALE_ROWS:-10000000} --scale-ranks ${SCALE_RANKS:-16} --scale-layout ${SCALE_LAYOUT:-vlen} \
+        --scale ${SCALE_ROWS:-10000000} --scale-ranks ${SCALE_RANKS:-16} --scale-layout ${SCALE_LAYOUT:-vlen} --scale-clean-runs ${SCALE_CLEAN_RUNS:-1} \
         --results "$OUT/scale.jsonl"
 fi
 echo
