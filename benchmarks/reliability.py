@@ -364,6 +364,7 @@ def main():
     ap.add_argument("--scale-chunk-size", type=int, default=0, help="--scale: --chunk-size of its jobs (0: default)")
     ap.add_argument("--scale-layout", choices=("vlen", "flat"), default="vlen", help="--scale: --layout of its jobs")
     ap.add_argument("--scale-clean-runs", type=int, default=1, help="--scale: the clean run this many times (median)")
+    ap.add_argument("--scale-only-clean", action="store_true", help="--scale: the clean runs only (A/B of speed)")
     a = ap.parse_args()
     workdir = Path(a.keep) if a.keep else Path(tempfile.mkdtemp(prefix="gpt2job-reliability-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +392,8 @@ def main():
         res = scale_run.scale_experiment(a.scale, tempfile.mkdtemp(prefix="gpt2job-scale-", dir=a.scale_dir),
                                          a.scale_ranks, mutations.VOCAB_DIR if (mutations.VOCAB_DIR / "vocab.bpe").is_file()
                                          else None, keep=bool(a.keep), chunk_size=a.scale_chunk_size,
-                                         layout=a.scale_layout, clean_runs=a.scale_clean_runs)
+                                         layout=a.scale_layout, clean_runs=a.scale_clean_runs,
+                                         only_clean=a.scale_only_clean)
         failed |= not (res and res["ok"])
         if a.results and res:
             with open(a.results, "a") as f:

@@ -174,9 +174,10 @@ def journal_rows(out):
     return sum(len(c.all_rows) for comps, _ in j.blocks() for c in comps)
 
 
-def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0, layout="vlen", clean_runs=1):
+def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0, layout="vlen", clean_runs=1,
+                     only_clean=False):
     """clean_runs: the clean run that many times (its figures: the first run's, the rows/s of every run and their
-    median); then kill and disk once."""
+    median); then kill and disk once (only_clean: not)."""
     d = Path(workdir) / "scale"
     d.mkdir(parents=True, exist_ok=True)
     inp = d / "in.h5"
@@ -213,6 +214,9 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size
             res["clean"]["runs_rows_per_s_to_file_complete"] = runs
             res["clean"]["median_rows_per_s_to_file_complete"] = round(float(np.median(runs)))
         print(f"scale clean: {json.dumps(res['clean'])}", flush=True)
+        if only_clean:
+            res["ok"] = True
+            return res
         want = digest(clean)
         # kill at 50%, then the same command
         out = d / "kill.h5"
