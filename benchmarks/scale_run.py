@@ -174,6 +174,11 @@ def journal_rows(out):
     return sum(len(c.all_rows) for comps, _ in j.blocks() for c in comps)
 
 
+def to_file_rate(n, r, sm):
+    """Rows a second from every rank ready to the output file complete (r: run()'s result, sm: the job's summary)."""
+    return round(n / (r["wall_s"] - sm["time_to_ready_s"]))
+
+
 def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size=0, layout="vlen", clean_runs=1,
                      only_clean=False):
     """clean_runs: the clean run that many times (its figures: the first run's, the rows/s of every run and their
@@ -201,14 +206,14 @@ def scale_experiment(n, workdir, ranks=3, vocab_dir=None, keep=False, chunk_size
                         sm.get("master_peak_rss_mb"), "writer": sm.get("output_writer"),
                         "time_to_ready_s": _r(sm["time_to_ready_s"]), "generation_s": round(sm["generation_s"], 2),
                         "rows_per_s": round(n / sm["generation_s"]), "master_prepare_s": sm.get("master_prepare_s"),
-                        "rows_per_s_to_file_complete": round(n / (r["wall_s"] - sm["time_to_ready_s"])),
+                        "rows_per_s_to_file_complete": to_file_rate(n, r, sm),
                         "output_mb": round(clean.stat().st_size / 2**20)}
         runs = [res["clean"]["rows_per_s_to_file_complete"]]
         for i in range(1, clean_runs):     # the same job again, from scratch
             again = d / f"clean{i}.h5"
             ri = run(job_cmd(inp, again, ranks, vocab_dir, extra), n)
             if ri["rc"] == 0:
-                runs.append(round(n / (ri["wall_s"] - summary(again)["time_to_ready_s"])))
+                runs.append(to_file_rate(n, ri, summary(again)))
             again.unlink(missing_ok=True)
         if clean_runs > 1:
             res["clean"]["runs_rows_per_s_to_file_complete"] = runs

@@ -31,3 +31,8 @@ class AlreadyComplete(Exception):
 def plural(n, word, words=None):
     """'1 prompt', '2 prompts' (words: the plural when it is not word + 's')."""
     return f"{n:,} {word if n == 1 else (words or word + 's')}"
+
+
+def first_line(e, limit=120):
+    """An exception's message for a one-line error: its first line (at most limit characters), or its type's name."""
+    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__

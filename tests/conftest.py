@@ -120,3 +120,12 @@ def run_gpt2job(args, np_=None, env=None, timeout=300, check=None):
     if check is not None and p.returncode != check:
         raise AssertionError(f"exit {p.returncode} (expected {check})\nstdout:\n{p.stdout}\nstderr:\n{p.stderr}")
     return p
+
+
+def as_one_process(monkeypatch):
+    """The CLI called in this process (cli.main) runs as one process: no MPI launcher's variables from a test run
+    under mpirun."""
+    from gpt2job.cluster.devices import MPI_ENV_VARS
+    for var in MPI_ENV_VARS:
+        monkeypatch.delenv(var, raising=False)
+

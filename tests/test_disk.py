@@ -6,7 +6,7 @@ import subprocess
 
 import numpy as np
 
-from conftest import TINY_HF, gpt2job_cmd, job_env, read_output, run_gpt2job, write_token_input
+from conftest import TINY_HF, as_one_process, gpt2job_cmd, job_env, read_output, run_gpt2job, write_token_input
 
 N = 300
 
@@ -88,8 +88,8 @@ def test_a_resume_whose_writer_fails_while_the_journal_is_replayed_is_one_line(t
             raise OSError(errno.EFBIG, "File too large")
 
     monkeypatch.setattr(output, "WriterThread", FullDisk)
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS", "GPT2JOB_FAULT"):
-        monkeypatch.delenv(var, raising=False)
+    as_one_process(monkeypatch)
+    monkeypatch.delenv("GPT2JOB_FAULT", raising=False)
     assert main([str(a) for a in args(inp, out)]) == 2
     err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("gpt2job: error:")]
     assert len(err) == 1 and "File too large" in err[0] and "completed rows are kept" in err[0], err

@@ -5,7 +5,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY_HF, VOCAB_DIR, read_output, run_gpt2job, write_token_input
+from conftest import TINY_HF, VOCAB_DIR, as_one_process, read_output, run_gpt2job, write_token_input
 
 TINY = ["--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "3"]
 DEADLINE = 90   # seconds: a hang fails the test instead of the suite
@@ -81,8 +81,7 @@ def test_a_job_never_finishes_with_a_row_missing(tmp_path, monkeypatch, capsys):
         return make(self, rows)
 
     monkeypatch.setattr(Scheduler, "make_chunk", losing)
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"):
-        monkeypatch.delenv(var, raising=False)
+    as_one_process(monkeypatch)
     code = main(["run", str(inp), str(out), *TINY, "--chunk-size", "2", "--no-dedup"])
     err = capsys.readouterr().err
     assert code == 3 and "ended with 1 row not done" in err, err
@@ -100,8 +99,7 @@ def test_a_job_of_a_million_rows_with_the_default_layout_says_flat_writes_it_fas
     if not (VOCAB_DIR / "vocab.bpe").is_file():
         pytest.skip("no GPT-2 vocabulary files (../shared/gpt2-vocab): no text, no note")
     monkeypatch.setattr(output, "BIG_JOB_ROWS", 3)
-    for var in ("OMPI_COMM_WORLD_SIZE", "PMIX_RANK", "PMI_RANK", "PMI_SIZE", "MPI_LOCALNRANKS"):
-        monkeypatch.delenv(var, raising=False)
+    as_one_process(monkeypatch)
     inp, out = tmp_path / "in.h5", tmp_path / "o.h5"
     write_token_input(inp, [[1, 2], [3, 4, 5], [6], [7, 8]])
     assert main(["run", str(inp), str(out), *TINY, "--layout", layout, "--vocab-dir", str(VOCAB_DIR)]) == 0

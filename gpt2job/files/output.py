@@ -36,7 +36,8 @@ import numpy as np
 
 from gpt2job import envs
 from gpt2job.chunks import FINISH_INVALID, Completions
-from gpt2job.errors import AlreadyComplete, UserError
+from gpt2job.errors import AlreadyComplete, UserError, first_line
+from gpt2job.files import h5flat
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
 from gpt2job.files.journal import Journal, JournalReader, io_error
@@ -185,8 +186,7 @@ class OutputStore:
             except (OSError, RuntimeError, KeyError, ValueError) as e:    # attributes readable, rows not: a torn file
                 journal.close()
                 os.remove(self.journal_path + ".tmp")
-                why = str(e).splitlines()[0][:120] if str(e) else type(e).__name__
-                raise UserError(f"its rows cannot be read ({why}) and it has no journal", self.path, "output",
+                raise UserError(f"its rows cannot be read ({first_line(e)}) and it has no journal", self.path, "output",
                                 "pass --overwrite to compute it anew, or restore its .journal file") from None
             journal.close()
             os.replace(self.journal_path + ".tmp", self.journal_path)
@@ -213,7 +213,7 @@ class OutputStore:
         process of its own for large ones (files/writer.py; GPT2JOB_WRITER chooses)."""
         header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
                              self.flush_interval, self.stops)
-        if self.n >= BIG_JOB_ROWS and self.enc is not None and self.key["settings"].get("layout", "vlen") == "vlen":
+        if self.n >= BIG_JOB_ROWS and self.enc is not None and not h5flat.wanted(header):
             sys.stderr.write(f"gpt2job: note: for {self.n:,} rows, --layout flat writes the output about twice as "
                              "fast (README, \"The flat layout\")\n")
         kind = envs.get("GPT2JOB_WRITER")

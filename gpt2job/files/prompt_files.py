@@ -6,7 +6,7 @@ import re
 
 import numpy as np
 
-from gpt2job.errors import UserError, plural
+from gpt2job.errors import UserError, first_line, plural
 
 
 def read_int32_file(path, width):
@@ -93,7 +93,7 @@ def _write_error(output, e):
     if code is None:
         m = re.search(r"errno = (\d+)", str(e))
         code = int(m.group(1)) if m else None
-    reason = os.strerror(code) if code else (str(e).splitlines()[0][:120] if str(e) else type(e).__name__)
+    reason = os.strerror(code) if code else first_line(e)
     fix = "free disk space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
         "check the folder and its permissions"
     return UserError(f"cannot write ({reason})", output, "output", fix)

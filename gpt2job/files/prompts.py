@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.errors import UserError, plural
+from gpt2job.errors import UserError, first_line, plural
 from gpt2job.files.h5files import contents, open_readable
 from gpt2job.settings import max_prompt_length
 
@@ -214,7 +214,7 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
                             DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             # damaged structure, dangling or looping links, unreadable types
-            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
+            raise UserError(f"cannot be read ({first_line(e)})",
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
 
 

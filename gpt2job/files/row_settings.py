@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2job.chunks import ROW_FIELDS, RowParams, pack_stops, take_ragged, unpack_stops
-from gpt2job.errors import UserError, plural
+from gpt2job.errors import UserError, first_line, plural
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
 STOP = "stop"
@@ -145,7 +145,7 @@ def read_row_settings(path, n_rows, s):
                 so, sb = read_stop_dataset(path, f[STOP], n_rows, h)
                 stops = StopTable(s.stop, so, sb)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
-            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120] if str(e) else type(e).__name__})",
+            raise UserError(f"cannot be read ({first_line(e)})",
                             path, "per-row settings", "the file is damaged; write it again")
         return InputRowSettings(given, values, stops, "sha256:" + h.hexdigest()[:32])
 

@@ -107,9 +107,11 @@ class WriterProcess:
                     size = sum(len(x) for x in parts)
                     if kind in (b"H", b"F", b"C"):
                         pipes = self.pipes[turn:] + self.pipes[:turn]
-                    else:
-                        pipes = [self.pipes[0 if kind == b"P" else turn]]
-                        turn = turn if kind == b"P" else (turn + 1) % len(self.pipes)
+                    elif kind == b"P":
+                        pipes = self.pipes[:1]
+                    else:                       # a unit: the pipe whose turn it is
+                        pipes = [self.pipes[turn]]
+                        turn = (turn + 1) % len(self.pipes)
                     for pipe in pipes:
                         pipe.write(MSG.pack(kind, size))
                         for x in parts:
