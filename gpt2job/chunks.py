@@ -16,11 +16,21 @@ def take_ragged(offsets, values, idx):
     """Items idx (in that order, repeats allowed) of a ragged array whose item i is values[offsets[i]:offsets[i+1]],
     as a new ragged array: (offsets [len(idx)+1] int64, values), gathered without a Python loop."""
     offsets, idx = np.asarray(offsets, np.int64), np.asarray(idx, np.int64)
-    lens = offsets[idx + 1] - offsets[idx]                                           # [n]
+    first = offsets[idx]                                                             # [n]
+    lens = offsets[idx + 1] - first
     out = np.zeros(len(idx) + 1, np.int64)                                           # [n+1]
     np.cumsum(lens, out=out[1:])
-    # value t of the result is value (start of its item) + (t - start of the item in the result)
-    src = np.repeat(offsets[idx] - out[:-1], lens) + np.arange(out[-1], dtype=np.int64)   # [sum of lens]
+    if lens.size and not lens.all():     # an empty item takes no place: the steps below go from item to item
+        first, lens = first[lens > 0], lens[lens > 0]
+    # the source index of each value taken: +1 from one value to the next within an item, and at an item's start
+    # the step from the previous item's last value to its first; their running sum (one pass fewer than
+    # repeat + arange + add)
+    src = np.ones(int(out[-1]), np.int64)                                            # [sum of lens]
+    if src.size:
+        at = np.cumsum(lens[:-1])
+        src[0] = first[0]
+        src[at] = first[1:] - (first[:-1] + lens[:-1] - 1)
+        np.cumsum(src, out=src)
     return out, np.asarray(values)[src]
 
 

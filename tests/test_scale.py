@@ -178,8 +178,10 @@ def test_batch_text_is_row_text(vocab_dir):
     tt = TokenText(enc)
     single = [t for t in range(enc.n_vocab) if len(enc.decode_single_token_bytes(t)) == 1]   # raw bytes, NUL too
     rng = np.random.default_rng(3)
-    for mix in (0.0, 0.3, 0.9):
-        rows = [np.where(rng.random(k) < mix, rng.choice(single, k), rng.integers(0, enc.n_vocab + 2, k))
+    plain = np.flatnonzero(tt.plain)       # a batch of these alone has no row to check: the other path
+    for mix in (0.0, 0.3, 0.9, None):
+        rows = [rng.choice(plain, k) if mix is None else
+                np.where(rng.random(k) < mix, rng.choice(single, k), rng.integers(0, enc.n_vocab + 2, k))
                 for k in rng.integers(0, 10, 3000)]
         offsets = np.zeros(len(rows) + 1, np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
