@@ -113,3 +113,17 @@ def test_an_unfinished_output_without_journal_whose_rows_cannot_be_read_is_one_l
     assert len(errors) == 1 and "its rows cannot be read" in errors[0] and "--overwrite" in errors[0], p.stderr
     assert not os.path.exists(str(out) + ".journal.tmp")
     assert run_gpt2job(args(inp, out) + ["--overwrite"]).returncode == 0
+
+
+def test_writeback_starts_the_files_writing_and_lets_go_of_it(tmp_path):
+    from gpt2job.files.h5write import Writeback
+    path = tmp_path / "out.bin"
+    with open(path, "wb") as f:
+        f.write(b"x" * (4 << 20))       # dirty pages, not synced
+        f.flush()
+        wb = Writeback(str(path))
+        wb.start()
+        wb.close()
+    assert wb.rc == 0 and wb.fd is None
+    wb.start()                          # after close: nothing
+    assert wb.thread is not None and not wb.thread.is_alive()

@@ -186,10 +186,11 @@ def test_batch_text_is_row_text(vocab_dir):
         offsets = np.zeros(len(rows) + 1, np.int64)
         np.cumsum([len(r) for r in rows], out=offsets[1:])
         finish = rng.integers(0, 3, len(rows)).astype(np.uint8)
-        buf, starts, exact = tt.batch_text(offsets, np.concatenate(rows).astype(np.int32), finish)
+        buf, starts, sizes, exact = tt.batch_text(offsets, np.concatenate(rows).astype(np.int32), finish)
         for b, r in enumerate(rows):
             s = int(starts[b])
-            got = bytes(buf[s:s + int(np.argmax(buf[s:] == 0))]).decode()
+            assert sizes[b] == int(np.argmax(buf[s:] == 0))        # the string ends at its first NUL
+            got = bytes(buf[s:s + sizes[b]]).decode()
             assert (got, bool(exact[b])) == row_text(enc, r.astype(np.int32), finish[b]), (r, finish[b])
 
 

@@ -79,13 +79,17 @@ def create_datasets(f, n, text, logprobs_k):
                     np.int32(logprobs_k)
 
 
-def text_span(buf, starts):
+def text_span(buf, starts, sizes=None):
     """NUL-terminated strings at starts [n] in buf -> (their bytes one after another, each with its NUL; starts
-    [n] into that; sizes [n] without the NUL)."""
+    [n] into that; sizes [n] without the NUL). sizes: the strings' sizes when known (files/text.py's Text: then buf is
+    not searched for their NULs)."""
     starts = np.asarray(starts, np.int64)
     n = len(starts)
     if n == 0:
         return np.zeros(0, np.uint8), starts, starts.copy()
+    if sizes is not None:
+        sizes = np.asarray(sizes, np.int64)
+        return _span(buf, starts, sizes)
     # the usual case (files/text.py's batch_text): the strings one after another in row order, each ending where
     # the next starts; then the span holds exactly n NULs
     last = starts[-1] + int(np.argmax(buf[starts[-1]:] == 0))
@@ -94,7 +98,12 @@ def text_span(buf, starts):
         sizes = np.diff(np.append(starts, last + 1)) - 1
         return buf[starts[0]:last + 1], starts - starts[0], sizes
     zeros = np.flatnonzero(buf == 0)
-    sizes = zeros[np.searchsorted(zeros, starts)] - starts
+    return _span(buf, starts, zeros[np.searchsorted(zeros, starts)] - starts)
+
+
+def _span(buf, starts, sizes):
+    """text_span's result from the strings' sizes."""
+    n = len(starts)
     lens = sizes + 1
     lo, hi = int(starts.min()), int((starts + lens).max())
     if hi - lo <= 2 * int(lens.sum()) + 4096:    # rows redone after the buffer (not valid UTF-8, cut at a stop
@@ -116,8 +125,8 @@ class Appender:
 
     def prepare(self, p, offsets, tokens, text=None, lp_part=None):
         """Adds to RowWriter's prepared batch p its per-row columns (starts relative to the batch's data, made
-        absolute by write()) and the data to append: offsets [n+1] into tokens; text: (buffer, starts) of the rows'
-        NUL-terminated strings; lp_part: h5logprobs.Columns.part's arrays or None."""
+        absolute by write()) and the data to append: offsets [n+1] into tokens; text: (buffer, starts, sizes) of the
+        rows' NUL-terminated strings; lp_part: h5logprobs.Columns.part's arrays or None."""
         p["completion_tokens_start"] = offsets[:-1].astype(np.int64)
         p["completion_tokens_count"] = np.diff(offsets).astype(np.int32)
         data = {"completion_tokens_data": tokens}

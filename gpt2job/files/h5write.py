@@ -147,6 +147,41 @@ def finish_output(f, summary):
         os.close(fd)
 
 
+class Writeback:
+    """Starts the kernel writing a file's dirty pages to disk without waiting for it (Linux sync_file_range,
+    SYNC_FILE_RANGE_WRITE), from a thread (ctypes lets go of the GIL), after each periodic flush of a large output:
+    otherwise the final fsync writes the whole file while the job waits (with much memory, the kernel starts on its
+    own only once gigabytes are dirty). Nothing where the call is missing."""
+
+    def __init__(self, path):
+        import ctypes
+        try:
+            self.call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            self.fd = os.open(path, os.O_RDONLY)
+        except (AttributeError, OSError):
+            self.call, self.fd = None, None
+        self.thread, self.rc = None, None
+
+    def start(self):
+        import ctypes
+        import threading
+        if self.fd is None or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.thread = threading.Thread(target=self._run, args=(ctypes.c_int64(0),), name="gpt2job-writeback",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, zero):
+        self.rc = self.call(self.fd, zero, zero, 2)     # the whole file (offset 0, length 0: to its end), no wait
+
+    def close(self):
+        if self.thread is not None:
+            self.thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 def stop_table(header):
     """The StopTable a writer cuts text with and names stop reasons from, or None (the job has no stops)."""
     from gpt2job.files.row_settings import stop_table_of
@@ -192,19 +227,19 @@ class RowWriter:
         """The buffers of HDF5 writes of these rows (their copies too), for write(): one per BATCH_ROWS rows, each
         made when write() comes to it. text: RowText.make's result for comp's rows, made elsewhere (None: made
         here)."""
-        hits, h = (sorted(text[3].items()) if text is not None else []), 0
+        hits, h = (sorted(text.hits.items()) if text is not None else []), 0
         for a in range(0, len(comp.rows), BATCH_ROWS):
             b = min(a + BATCH_ROWS, len(comp.rows))
             o = comp.offsets[a:b + 1]
             mine = (comp.copy_src >= a) & (comp.copy_src < b)
             part = None
             if text is not None:    # rows a..b of it (the strings stay where they are in the one buffer)
-                buf, starts, exact, _ = text
                 mine_hits = {}
                 while h < len(hits) and hits[h][0] < b:
                     mine_hits[hits[h][0] - a] = hits[h][1]
                     h += 1
-                part = buf, starts[a:b], exact[a:b], mine_hits
+                part = text._replace(starts=text.starts[a:b], sizes=text.sizes[a:b], exact=text.exact[a:b],
+                                     hits=mine_hits)
             yield self._prepare(comp.rows[a:b], o - o[0], comp.tokens[o[0]:o[-1]], comp.finish[a:b],
                                 comp.copy_rows[mine], comp.copy_src[mine] - a, self.lp.part(comp, o[0], o[-1]), part)
 
@@ -215,11 +250,12 @@ class RowWriter:
         p = {"keep": [tokens]}
         hits, buf = {}, None                    # row index -> the stop string its text was cut before
         if self.has_text:
-            buf, starts, exact, hits = text if text is not None else self.row_text.make(rows, offsets, tokens, finish)
+            t = text if text is not None else self.row_text.make(rows, offsets, tokens, finish)
+            buf, starts, hits = t.buf, t.starts, t.hits
             p["keep"].append(buf)
-            p["text_exact"] = exact.astype(np.uint8)
+            p["text_exact"] = t.exact.astype(np.uint8)
         if self.flat is not None:
-            self.flat.prepare(p, offsets, tokens, None if buf is None else (buf, starts), lp_part)
+            self.flat.prepare(p, offsets, tokens, None if buf is None else (buf, starts, t.sizes), lp_part)
         else:
             pairs = np.empty(n, [("len", "<u8"), ("ptr", "<u8")])       # HDF5's hvl_t {size_t len; void *p}
             pairs["len"] = np.diff(offsets)

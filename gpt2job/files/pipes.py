@@ -35,17 +35,11 @@ def die_with_parent(parent):
 
 class Inbox:
     """The messages on a pipe, read with os.read into a buffer of its own, so that whether another one is waiting is
-    known (waiting()). spent["wait_s"] adds up the seconds spent waiting for input."""
+    known (waiting()); a large message's rest is read straight into its own buffer (each byte copied once).
+    spent["wait_s"] adds up the seconds spent reading and waiting for input."""
 
     def __init__(self, fd, spent):
         self.fd, self.spent, self.buf, self.pos, self.eof = fd, spent, bytearray(), 0, False
-
-    def _whole(self):
-        """The length of the message at the buffer's start when it is all there, else 0."""
-        if len(self.buf) - self.pos < MSG.size:
-            return 0
-        n = MSG.size + MSG.unpack_from(self.buf, self.pos)[1]
-        return n if len(self.buf) - self.pos >= n else 0
 
     def _read(self):
         if self.pos > (len(self.buf) >> 1):
@@ -57,12 +51,17 @@ class Inbox:
         return bool(data)
 
     def waiting(self):
-        """Whether a whole message can be had without waiting."""
+        """Whether a message has begun to arrive (its sender writes the rest at once)."""
         import select
-        while not self._whole():
-            if not select.select([self.fd], [], [], 0)[0] or not self._read():
-                return False
-        return True
+        import time
+        t = time.perf_counter()
+        try:
+            while len(self.buf) - self.pos < MSG.size:
+                if not select.select([self.fd], [], [], 0)[0] or not self._read():
+                    return False
+            return True
+        finally:
+            self.spent["wait_s"] += time.perf_counter() - t
 
     def wait(self, timeout):
         """Until input arrives or `timeout` seconds have passed."""
@@ -70,18 +69,32 @@ class Inbox:
         select.select([self.fd], [], [], max(timeout, 0))
 
     def next(self):
-        """(kind, payload) of the next message, or None at the end of input."""
+        """(kind, payload) of the next message, or None at the end of input (a message cut off too)."""
         import time
         t = time.perf_counter()
-        while not self._whole():
-            if not self._read():
-                self.spent["wait_s"] += time.perf_counter() - t
-                return None
-        self.spent["wait_s"] += time.perf_counter() - t
-        kind, n = MSG.unpack_from(self.buf, self.pos)
-        a = self.pos + MSG.size
-        self.pos = a + n
-        return kind, bytes(memoryview(self.buf)[a:a + n])
+        try:
+            while len(self.buf) - self.pos < MSG.size:
+                if not self._read():
+                    return None
+            kind, n = MSG.unpack_from(self.buf, self.pos)
+            a = self.pos + MSG.size
+            if len(self.buf) - a >= n:
+                self.pos = a + n
+                return kind, bytes(memoryview(self.buf)[a:a + n])
+            payload = bytearray(n)      # the rest read into the message's own buffer
+            have = len(self.buf) - a
+            payload[:have] = self.buf[a:]
+            self.buf, self.pos = bytearray(), 0
+            view = memoryview(payload)
+            while have < n:
+                k = os.readv(self.fd, [view[have:]])
+                if not k:
+                    self.eof = True
+                    return None
+                have += k
+            return kind, payload
+        finally:
+            self.spent["wait_s"] += time.perf_counter() - t
 
 
 def batched(inbox):

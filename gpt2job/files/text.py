@@ -9,12 +9,22 @@ earliest occurrence of any of its stop strings (vLLM's output: the stop string i
 take the slow path (cut_rows), row by row.
 """
 import codecs
+from typing import NamedTuple
 
 import numpy as np
 
 from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING, take_ragged
 
 TEXT_ROWS = 1 << 12     # rows decoded to text at once (RowText)
+
+
+class Text(NamedTuple):
+    """The text of n rows (RowText.make): NUL-terminated UTF-8 strings in one buffer."""
+    buf: np.ndarray      # uint8: the strings, each ending in a NUL
+    starts: np.ndarray   # int64 [n]: each row's string in buf (in row order, except rows redone or cut after it)
+    sizes: np.ndarray    # int64 [n]: each string's bytes without its NUL
+    exact: np.ndarray    # bool [n]: the text is the tokens' bytes (no U+FFFD replacements)
+    hits: dict           # {row index: the stop string the row's text was cut before}
 
 
 def row_text(enc, tokens, finish, stops=()):
@@ -73,7 +83,7 @@ class TokenText:
     def batch_text(self, offsets, tokens, finish):
         """The text of B rows (row b's tokens: tokens[offsets[b]:offsets[b+1]]) as one buffer of NUL-terminated
         UTF-8 strings: -> (buffer uint8, starts int64 [B] of each string in it (not in row order when some row is not
-        exact), exact bool [B])."""
+        exact), sizes int64 [B] of each string without its NUL, exact bool [B])."""
         offsets, tokens = np.asarray(offsets, np.int64), np.asarray(tokens)
         finish = np.asarray(finish)
         n = len(offsets) - 1
@@ -122,8 +132,9 @@ class TokenText:
                 bad |= _invalid_rows(sub, sub_starts, sub_inner)
             slow[check[bad]] = True
             inner = src[sub_inner]
+        sizes = np.diff(starts) - 1
         if not slow.any():
-            return buf, starts[:-1], ~slow
+            return buf, starts[:-1], sizes, ~slow
         # the other rows as row_text makes them: U+FFFD for what is not UTF-8 and for NUL ("" when an id is unknown),
         # all decoded at once: each row and its NUL, a NUL inside a row made 0xFF (U+FFFD either way). Their text
         # goes after the buffer, and their starts point there.
@@ -137,10 +148,12 @@ class TokenText:
             rep = np.frombuffer(codecs.utf_8_decode(raw, "replace", True)[0].encode(), np.uint8)
         out = np.concatenate([buf, rep, np.zeros(1, np.uint8)])        # the last byte: the text of unknown rows, ""
         starts = starts[:-1].copy()
-        starts[unknown] = len(out) - 1
+        starts[unknown], sizes[unknown] = len(out) - 1, 0
         if len(redo):
-            starts[redo] = len(buf) + np.append(0, np.flatnonzero(rep == 0)[:-1] + 1)
-        return out, starts, ~slow
+            ends = np.flatnonzero(rep == 0)                                # each redone row's NUL in rep
+            starts[redo] = len(buf) + np.append(0, ends[:-1] + 1)
+            sizes[redo] = ends - np.append(0, ends[:-1] + 1)
+        return out, starts, sizes, ~slow
 
 
 def _is_utf8(b):
@@ -157,13 +170,13 @@ def _row_of(offsets, positions):
 
 
 def cut_rows(enc, text, offsets, tokens, finish, stops_of):
-    """Rows of a batch_text result (text = (buffer, starts, exact)) whose text a stop string cuts, redone by
-    row_text_stop: stops_of(b) gives row b's stop strings. -> (buffer, starts, exact, {b: the stop string}); the
+    """Rows of a batch_text result (text = (buffer, starts, sizes, exact)) whose text a stop string cuts, redone by
+    row_text_stop: stops_of(b) gives row b's stop strings. -> (buffer, starts, sizes, exact, {b: the stop string}); the
     redone rows' text goes after the buffer."""
-    buf, starts, exact = text
+    buf, starts, sizes, exact = text
     finish = np.asarray(finish)
     extra, hits, at = [], {}, len(buf)
-    starts, exact = starts.copy(), exact.copy()
+    starts, sizes, exact = starts.copy(), sizes.copy(), exact.copy()
     for b in np.flatnonzero((finish == FINISH_STOP) | (finish == FINISH_STOP_STRING)).tolist():
         stops = stops_of(b)
         if not stops:
@@ -174,11 +187,11 @@ def cut_rows(enc, text, offsets, tokens, finish, stops_of):
         hits[b] = hit
         piece = t.encode("utf-8") + b"\0"
         extra.append(piece)
-        starts[b], exact[b] = at, ok
+        starts[b], sizes[b], exact[b] = at, len(piece) - 1, ok
         at += len(piece)
     if extra:
         buf = np.concatenate([buf, np.frombuffer(b"".join(extra), np.uint8)])
-    return buf, starts, exact, hits
+    return buf, starts, sizes, exact, hits
 
 
 def _invalid_rows(buf, starts, inner):
@@ -218,22 +231,21 @@ class RowText:
         self.cut = stops is not None and bool(stops.per_row or stops.job)
 
     def make(self, rows, offsets, tokens, finish):
-        """-> (buffer of NUL-terminated UTF-8 strings, starts int64 [n] into it, exact bool [n], {row index: the stop
-        string its text was cut before})."""
+        """-> Text of these rows."""
         n = len(rows)
-        bufs, starts, exact, hits, at = [], np.empty(n, np.int64), np.empty(n, bool), {}, 0
+        bufs, hits, at = [], {}, 0
+        starts, sizes, exact = np.empty(n, np.int64), np.empty(n, np.int64), np.empty(n, bool)
         for a in range(0, n, TEXT_ROWS):    # a block of rows at a time, in the order they came
             b = min(n, a + TEXT_ROWS)
             o = offsets[a:b + 1]
             oo, tt = o - o[0], tokens[o[0]:o[-1]]
-            buf, st, ok = self.text.batch_text(oo, tt, finish[a:b])
+            buf, st, sz, ok = self.text.batch_text(oo, tt, finish[a:b])
             if self.cut:
-                buf, st, ok, cut = cut_rows(self.text.enc, (buf, st, ok), oo, tt, finish[a:b],
-                                            lambda k: self.stops.of(int(rows[a + k])))
+                buf, st, sz, ok, cut = cut_rows(self.text.enc, (buf, st, sz, ok), oo, tt, finish[a:b],
+                                                lambda k: self.stops.of(int(rows[a + k])))
                 hits.update((a + k, v) for k, v in cut.items())
             bufs.append(buf)
-            starts[a:b] = st + at
-            exact[a:b] = ok
+            starts[a:b], sizes[a:b], exact[a:b] = st + at, sz, ok
             at += len(buf)
         buf = bufs[0] if len(bufs) == 1 else np.concatenate(bufs) if bufs else np.zeros(0, np.uint8)
-        return buf, starts, exact, hits
+        return Text(buf, starts, sizes, exact, hits)

@@ -19,7 +19,8 @@ import sys
 from gpt2job.files.pipes import MSG, Inbox, die_with_parent, error_line
 
 TEXT = struct.Struct("<QQQ")     # T's payload: rows n, buffer bytes B, hits bytes H; then the buffer (NUL-terminated
-                                 # UTF-8 strings) [B], starts int64 [n], exact uint8 [n], the hits (JSON) [H]
+                                 # UTF-8 strings) [B], starts int64 [n], sizes int64 [n], exact uint8 [n], the hits
+                                 # (JSON) [H]
 
 
 def text_main(parent, index=0):
@@ -37,7 +38,7 @@ def text_main(parent, index=0):
         from gpt2job.files.h5write import concat, stop_table, token_text
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
-        from gpt2job.files.text import RowText
+        from gpt2job.files.text import RowText, Text
         inbox, maker = Inbox(sys.stdin.fileno(), spent), None
         while (msg := inbox.next()) is not None:
             kind, payload = msg
@@ -54,12 +55,13 @@ def text_main(parent, index=0):
                 if len(comps) > 1:    # the batch as one record: the writer decodes it in one go (~0.1 us a row less)
                     payload = Journal.encode([whole])
                     parts = [MSG.pack(kind, len(payload)), payload]
-                buf, starts, exact, hits = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
-                                            else (np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, bool), {}))
-                h = json.dumps({str(r): hit for r, hit in hits.items()}).encode()
-                text = [memoryview(x).cast("B") for x in (TEXT.pack(len(starts), len(buf), len(h)), buf,
-                                                           np.ascontiguousarray(starts, np.int64),
-                                                           np.ascontiguousarray(exact, np.uint8), h)]
+                made = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
+                        else Text(np.zeros(0, np.uint8), *(np.zeros(0, np.int64),) * 2, np.zeros(0, bool), {}))
+                h = json.dumps({str(r): hit for r, hit in made.hits.items()}).encode()
+                text = [memoryview(x).cast("B") for x in (TEXT.pack(len(made.starts), len(made.buf), len(h)), made.buf,
+                                                           np.ascontiguousarray(made.starts, np.int64),
+                                                           np.ascontiguousarray(made.sizes, np.int64),
+                                                           np.ascontiguousarray(made.exact, np.uint8), h)]
                 parts += [MSG.pack(b"T", sum(len(x) for x in text))] + text
             elif kind == b"F":     # its seconds, for the summary
                 x = json.dumps({"peak_rss_mb": peak_rss_mb(),
@@ -84,15 +86,17 @@ def text_main(parent, index=0):
 
 
 def read_text(payload):
-    """T's payload -> (buffer, starts, exact, hits): RowText.make's result."""
+    """T's payload -> the text.Text that RowText.make gave."""
     import numpy as np
+    from gpt2job.files.text import Text
     n, nbuf, nhits = TEXT.unpack_from(payload)
     at = TEXT.size
     buf = np.frombuffer(payload, np.uint8, nbuf, at)
     starts = np.frombuffer(payload, np.int64, n, at + nbuf)
-    exact = np.frombuffer(payload, np.uint8, n, at + nbuf + 8 * n).astype(bool)
-    hits = {int(k): v for k, v in json.loads(bytes(payload[at + nbuf + 9 * n:])).items()}
-    return buf, starts, exact, hits
+    sizes = np.frombuffer(payload, np.int64, n, at + nbuf + 8 * n)
+    exact = np.frombuffer(payload, np.uint8, n, at + nbuf + 16 * n).astype(bool)
+    hits = {int(k): v for k, v in json.loads(bytes(payload[at + nbuf + 17 * n:])).items()}
+    return Text(buf, starts, sizes, exact, hits)
 
 
 if __name__ == "__main__":

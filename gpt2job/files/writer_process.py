@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table
+from gpt2job.files.h5write import RowWriter, Writeback, concat, create_output, stop_table
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
 from gpt2job.files.writer import close_quietly, flush_quietly
 
@@ -41,6 +41,7 @@ def main(parent, fds):
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
         writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
+        writeback = Writeback(f.filename)
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
         while True:
@@ -49,6 +50,7 @@ def main(parent, fds):
                 due = interval - (time.monotonic() - last)
                 if due <= 0:
                     writer.flush()
+                    writeback.start()
                     last, dirty = time.monotonic(), False
                 else:
                     inbox.wait(due)
@@ -73,11 +75,13 @@ def main(parent, fds):
                 break
             if kind == b"S" or (dirty and time.monotonic() - last >= interval):
                 writer.flush()
+                writeback.start()
                 last, dirty = time.monotonic(), False
             if kind == b"S":
                 out.write("synced\n")
                 out.flush()
             spent["write_s"] += time.perf_counter() - t
+        writeback.close()
         if end == b"F":
             from gpt2job.files.progress import peak_rss_mb
             summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
