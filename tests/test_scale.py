@@ -194,6 +194,22 @@ def test_batch_text_is_row_text(vocab_dir):
             assert (got, bool(exact[b])) == row_text(enc, r.astype(np.int32), finish[b]), (r, finish[b])
 
 
+def test_take_ragged_gathers_items_in_order_with_repeats_and_empty_items():
+    from gpt2job.chunks import take_ragged
+    rng = np.random.default_rng(5)
+    for _ in range(500):
+        lens = rng.integers(0, 4, rng.integers(1, 7))          # empty items among them
+        offsets = np.zeros(len(lens) + 1, np.int64)
+        np.cumsum(lens, out=offsets[1:])
+        values = rng.integers(0, 1000, (int(offsets[-1]), 2)).astype(np.int32)     # 2-D values: rows are items' parts
+        idx = rng.integers(0, len(lens), rng.integers(0, 9))
+        out, got = take_ragged(offsets, values, idx)
+        want = [values[offsets[i]:offsets[i + 1]] for i in idx]
+        assert out.tolist() == np.cumsum([0] + [len(w) for w in want]).tolist()
+        assert got.dtype == values.dtype and got.shape == (int(out[-1]), 2)
+        assert got.tolist() == (np.concatenate(want).tolist() if want else [])
+
+
 def test_dedup_stays_exact_when_keys_collide(monkeypatch):
     from gpt2job.files import dedup
     from gpt2job.files.prompts import PromptSet
