@@ -34,8 +34,8 @@ from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table, 
 from gpt2job.files.pipes import MSG, grow_pipe, units
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
-# text processes of a writer process: one makes ~1M rows of text a second (RESULTS.md, session 21), the bound of a
-# large job's output; a second where the master's node has cores to spare
+# text processes of a writer process: one makes ~1.2M rows of text a second (RESULTS.md, session 23), about what the
+# writer then writes; a second where the master's node has cores to spare
 TEXT_PROCESSES = 2 if (os.cpu_count() or 1) >= 8 else 1
 
 
