@@ -116,7 +116,7 @@ def test_an_unfinished_output_without_journal_whose_rows_cannot_be_read_is_one_l
 
 
 def test_writeback_starts_the_files_writing_and_lets_go_of_it(tmp_path):
-    from gpt2job.files.h5write import Writeback
+    from gpt2job.files.writer_process import Writeback
     path = tmp_path / "out.bin"
     with open(path, "wb") as f:
         f.write(b"x" * (4 << 20))       # dirty pages, not synced

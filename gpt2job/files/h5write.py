@@ -147,41 +147,6 @@ def finish_output(f, summary):
         os.close(fd)
 
 
-class Writeback:
-    """Starts the kernel writing a file's dirty pages to disk without waiting for it (Linux sync_file_range,
-    SYNC_FILE_RANGE_WRITE), from a thread (ctypes lets go of the GIL), after each periodic flush of a large output:
-    otherwise the final fsync writes the whole file while the job waits (with much memory, the kernel starts on its
-    own only once gigabytes are dirty). Nothing where the call is missing."""
-
-    def __init__(self, path):
-        import ctypes
-        try:
-            self.call = ctypes.CDLL(None, use_errno=True).sync_file_range
-            self.fd = os.open(path, os.O_RDONLY)
-        except (AttributeError, OSError):
-            self.call, self.fd = None, None
-        self.thread, self.rc = None, None
-
-    def start(self):
-        import ctypes
-        import threading
-        if self.fd is None or (self.thread is not None and self.thread.is_alive()):
-            return
-        self.thread = threading.Thread(target=self._run, args=(ctypes.c_int64(0),), name="gpt2job-writeback",
-                                       daemon=True)
-        self.thread.start()
-
-    def _run(self, zero):
-        self.rc = self.call(self.fd, zero, zero, 2)     # the whole file (offset 0, length 0: to its end), no wait
-
-    def close(self):
-        if self.thread is not None:
-            self.thread.join()
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-
 def stop_table(header):
     """The StopTable a writer cuts text with and names stop reasons from, or None (the job has no stops)."""
     from gpt2job.files.row_settings import stop_table_of

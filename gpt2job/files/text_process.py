@@ -56,7 +56,8 @@ def text_main(parent, index=0):
                     payload = Journal.encode([whole])
                     parts = [MSG.pack(kind, len(payload)), payload]
                 made = (maker.make(whole.rows, whole.offsets, whole.tokens, whole.finish) if comps
-                        else Text(np.zeros(0, np.uint8), *(np.zeros(0, np.int64),) * 2, np.zeros(0, bool), {}))
+                        else Text(np.zeros(0, np.uint8), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                                  np.zeros(0, bool), {}))
                 h = json.dumps({str(r): hit for r, hit in made.hits.items()}).encode()
                 text = [memoryview(x).cast("B") for x in (TEXT.pack(len(made.starts), len(made.buf), len(h)), made.buf,
                                                            np.ascontiguousarray(made.starts, np.int64),

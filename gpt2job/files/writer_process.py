@@ -10,7 +10,7 @@ import os
 import sys
 import time
 
-from gpt2job.files.h5write import RowWriter, Writeback, concat, create_output, stop_table
+from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
 from gpt2job.files.writer import close_quietly, flush_quietly
 
@@ -103,6 +103,41 @@ def main(parent, fds):
         os._exit(1)
     finally:
         close_quietly(f)
+
+
+class Writeback:
+    """Starts the kernel writing a file's dirty pages to disk without waiting for it (Linux sync_file_range,
+    SYNC_FILE_RANGE_WRITE), from a thread (ctypes lets go of the GIL), after each periodic flush of a large output:
+    otherwise the final fsync writes the whole file while the job waits (with much memory, the kernel starts on its
+    own only once gigabytes are dirty). Nothing where the call is missing."""
+
+    def __init__(self, path):
+        import ctypes
+        try:
+            self.call = ctypes.CDLL(None, use_errno=True).sync_file_range
+            self.fd = os.open(path, os.O_RDONLY)
+        except (AttributeError, OSError):
+            self.call, self.fd = None, None
+        self.thread, self.rc = None, None
+
+    def start(self):
+        import ctypes
+        import threading
+        if self.fd is None or (self.thread is not None and self.thread.is_alive()):
+            return
+        self.thread = threading.Thread(target=self._run, args=(ctypes.c_int64(0),), name="gpt2job-writeback",
+                                       daemon=True)
+        self.thread.start()
+
+    def _run(self, zero):
+        self.rc = self.call(self.fd, zero, zero, 2)     # the whole file (offset 0, length 0: to its end), no wait
+
+    def close(self):
+        if self.thread is not None:
+            self.thread.join()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
 
 if __name__ == "__main__":
