@@ -127,6 +127,7 @@ struct SampleShared {
     unsigned redu[32];
     unsigned cnt[NB];
     double sum[NB];
+    unsigned fx[4][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
     int pick;             // pick_first: the entry picked
     double above;         //   the count / mass of the entries before it
     double target;        //   the target it used
@@ -195,13 +196,45 @@ __device__ __forceinline__ double escore(float v, double temperature, double zma
     return exp((double)v / temperature - zmax);
 }
 
+// The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
+// compare-and-swap loop on this GPU (SASS ATOMS.CAST.SPIN.64), and a row's ~50,000 adds into a few hundred buckets
+// made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A mass m in [0, 2^16) becomes
+// q = m * 2^47 rounded down, added as four 16-bit digits, each digit summed in its own uint32 (at most ~50,300 adds
+// of < 2^16 a bucket: no overflow); the sum, with every digit in place, is exact (no rounding, in any order).
+__device__ __forceinline__ void fx_add(SampleShared& sh, int b, double m) {
+    const unsigned long long q = __double2ull_rz(m * 0x1p47);
+#pragma unroll
+    for (int d = 0; d < 4; d++) {
+        const unsigned v = (unsigned)(q >> (16 * d)) & 0xffffu;
+        if (v) atomicAdd(&sh.fx[d][b], v);
+    }
+}
+
+// An empty histogram (counts, masses, fixed-point digits); then a barrier before it is added to.
+__device__ __forceinline__ void hist_clear(SampleShared& sh) {
+    for (int i = threadIdx.x; i < NB; i += blockDim.x) {
+        sh.cnt[i] = 0u;
+        sh.sum[i] = 0.0;
+        sh.fx[0][i] = sh.fx[1][i] = sh.fx[2][i] = sh.fx[3][i] = 0u;
+    }
+}
+
+// sh.sum from the fixed-point digits fx_add summed (after a barrier); then a barrier before sh.sum is read.
+__device__ __forceinline__ void hist_masses(SampleShared& sh) {
+    for (int i = threadIdx.x; i < NB; i += blockDim.x) {
+        const unsigned long long q = (unsigned long long)sh.fx[0][i] + ((unsigned long long)sh.fx[1][i] << 16)
+                                   + ((unsigned long long)sh.fx[2][i] << 32) + ((unsigned long long)sh.fx[3][i] << 48);
+        sh.sum[i] = (double)q * 0x1p-47;
+    }
+}
+
 // Adds this thread's count / mass of bucket NB - 1 (summed per thread: most of a peaked row lands there) to the
 // histogram, one atomic per warp.
 __device__ __forceinline__ void flush_last(SampleShared& sh, unsigned n, double mass) {
     n = __reduce_add_sync(FULL, n);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mass += __shfl_xor_sync(FULL, mass, o);
-    if ((threadIdx.x & 31) == 0 && n) { atomicAdd(&sh.cnt[NB - 1], n); atomicAdd(&sh.sum[NB - 1], mass); }
+    if ((threadIdx.x & 31) == 0 && n) { atomicAdd(&sh.cnt[NB - 1], n); fx_add(sh, NB - 1, mass); }
 }
 
 // The key of the threshold inside value bucket b (sh.above: the count / mass of the buckets before it): radix passes
@@ -279,7 +312,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     const double zmax = (double)mx / temperature;
 
     // the segment's sum of e (float64, as NumPy); the histogram of the buckets: counts (top-k) or mass (top-p)
-    for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+    hist_clear(sh);
     __syncthreads();
     double esum = 0.0, last_mass = 0.0;
     unsigned last_n = 0u;
@@ -291,10 +324,12 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
             const int b = vbucket(v, mx, scale);
             if (b == NB - 1) { last_n++; last_mass += e; continue; }
             atomicAdd(&sh.cnt[b], 1u);
-            if (mass) atomicAdd(&sh.sum[b], e);
+            if (mass) fx_add(sh, b, e);
         }
     }
     flush_last(sh, last_n, last_mass);
+    __syncthreads();
+    hist_masses(sh);
     __syncthreads();
 
     unsigned K = 0u;   // kept: key >= K
@@ -305,7 +340,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     }
     if (topp) {        // the largest key whose kept mass at or above it reaches top_p * the kept mass
         if (topk) {
-            for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+            hist_clear(sh);
             __syncthreads();
             last_mass = 0.0;
             last_n = 0u;
@@ -317,9 +352,11 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
                 const int b = vbucket(v, mx, scale);
                 if (b == NB - 1) { last_n++; last_mass += e; continue; }
                 atomicAdd(&sh.cnt[b], 1u);
-                atomicAdd(&sh.sum[b], e);
+                fx_add(sh, b, e);
             }
             flush_last(sh, last_n, last_mass);
+            __syncthreads();
+            hist_masses(sh);
             __syncthreads();
         }
         pick_first(sh, NB, false, true, 0.0, 0.0, top_p);
