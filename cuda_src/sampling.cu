@@ -329,8 +329,10 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     }
     flush_last(sh, last_n, last_mass);
     __syncthreads();
-    hist_masses(sh);
-    __syncthreads();
+    if (mass) {        // (the same for the whole block: the row's settings)
+        hist_masses(sh);
+        __syncthreads();
+    }
 
     unsigned K = 0u;   // kept: key >= K
     if (topk) {        // the k-th largest key
