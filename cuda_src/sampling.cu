@@ -199,8 +199,9 @@ __device__ __forceinline__ double escore(float v, double temperature, double zma
 // The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
 // compare-and-swap loop on this GPU (SASS ATOMS.CAST.SPIN.64), and a row's ~50,000 adds into a few hundred buckets
 // made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A mass m in [0, 2^16) becomes
-// q = m * 2^47 rounded down, added as four 16-bit digits, each digit summed in its own uint32 (at most ~50,300 adds
-// of < 2^16 a bucket: no overflow); the sum, with every digit in place, is exact (no rounding, in any order).
+// q = m * 2^47 rounded down (each mass low by less than 2^-47), added as four 16-bit digits, each digit summed in its
+// own uint32: no overflow while a bucket gets at most 65,536 adds, so V <= SAMPLE_MAX_V (Kernels.sample checks).
+// The sum of the q's is exact, in any order.
 __device__ __forceinline__ void fx_add(SampleShared& sh, int b, double m) {
     const unsigned long long q = __double2ull_rz(m * 0x1p47);
 #pragma unroll

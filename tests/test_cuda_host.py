@@ -500,3 +500,12 @@ def test_decode_attention_kernel_by_cache_length():
         "attention_grouped_f16", "attention_grouped_f16", "attention_grouped_long_f16", "attention_grouped_long_f16",
         "attention_grouped_long_f32", "attention_f16"]
     assert launched[0][1] == (30, 1, 1) and launched[0][2] == 24     # 10 rows x 12 heads, 4 warps a block
+
+
+def test_gpu_sampling_refuses_a_vocabulary_its_bucket_sums_cannot_hold():
+    from gpt2job.backends.cuda.kernels_select import SAMPLE_MAX_V, SelectKernels
+    k = types.SimpleNamespace(row_cache_floats=60000)
+    assert SelectKernels._row_cache(k, 50257, True) == (1, 4 * 50257)
+    assert SelectKernels._row_cache(k, SAMPLE_MAX_V, True) == (0, 0)        # too long for the row cache
+    with pytest.raises(ValueError, match="at most 65,504 tokens"):
+        SelectKernels._row_cache(k, SAMPLE_MAX_V + 1, True)

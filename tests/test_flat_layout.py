@@ -89,12 +89,13 @@ def test_flat_layout_resumes_and_refuses_the_other_layout(tmp_path):
 
 def test_text_span_and_gather():
     buf = np.frombuffer(b"ab\0\0xyz\0c\0", np.uint8)
-    blob, st, sizes = h5flat.text_span(buf, np.array([0, 3, 4, 8]))        # consecutive: one slice
+    blob, st, sizes = h5flat.text_span(buf, np.array([0, 3, 4, 8]), np.array([2, 0, 3, 1]))    # consecutive: one slice
     assert blob.tobytes() == buf.tobytes() and st.tolist() == [0, 3, 4, 8] and sizes.tolist() == [2, 0, 3, 1]
-    blob, st, sizes = h5flat.text_span(buf, np.array([8, 0, 0]))            # out of order, repeated
+    blob, st, sizes = h5flat.text_span(buf, np.array([8, 0, 0]), np.array([1, 2, 2]))          # out of order, repeated
     assert [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"ab"]
     far = np.concatenate([buf, np.ones(10000, np.uint8), buf])           # far apart: gathered
-    blob, st, sizes = h5flat.text_span(far, np.array([10008, 0, 10004]) + len(buf) * np.array([1, 0, 1]))
+    blob, st, sizes = h5flat.text_span(far, np.array([10008, 0, 10004]) + len(buf) * np.array([1, 0, 1]),
+                                       np.array([1, 2, 3]))
     assert len(blob) == 9 and [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"xyz"]
     data = np.arange(1000)
     start, count = np.array([900, 0, 5, 400, 0]), np.array([3, 2, 4, 0, 0])

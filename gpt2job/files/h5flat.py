@@ -79,36 +79,18 @@ def create_datasets(f, n, text, logprobs_k):
                     np.int32(logprobs_k)
 
 
-def text_span(buf, starts, sizes=None):
-    """NUL-terminated strings at starts [n] in buf -> (their bytes one after another, each with its NUL; starts
-    [n] into that; sizes [n] without the NUL). sizes: the strings' sizes when known (files/text.py's Text: then buf is
-    not searched for their NULs)."""
-    starts = np.asarray(starts, np.int64)
+def text_span(buf, starts, sizes):
+    """NUL-terminated strings at starts [n] in buf, of sizes [n] bytes without their NUL (files/text.py's Text) ->
+    (their bytes one after another, each with its NUL; starts [n] into that; sizes)."""
+    starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
     n = len(starts)
     if n == 0:
-        return np.zeros(0, np.uint8), starts, starts.copy()
-    if sizes is not None:
-        sizes = np.asarray(sizes, np.int64)
-        return _span(buf, starts, sizes)
-    # the usual case (files/text.py's batch_text): the strings one after another in row order, each ending where
-    # the next starts; then the span holds exactly n NULs
-    last = starts[-1] + int(np.argmax(buf[starts[-1]:] == 0))
-    if (np.diff(starts) > 0).all() and (buf[starts[1:] - 1] == 0).all() and buf[last] == 0 \
-            and np.count_nonzero(buf[starts[0]:last + 1] == 0) == n:
-        sizes = np.diff(np.append(starts, last + 1)) - 1
-        return buf[starts[0]:last + 1], starts - starts[0], sizes
-    zeros = np.flatnonzero(buf == 0)
-    return _span(buf, starts, zeros[np.searchsorted(zeros, starts)] - starts)
-
-
-def _span(buf, starts, sizes):
-    """text_span's result from the strings' sizes."""
-    n = len(starts)
+        return np.zeros(0, np.uint8), starts, sizes
     lens = sizes + 1
     lo, hi = int(starts.min()), int((starts + lens).max())
-    if hi - lo <= 2 * int(lens.sum()) + 4096:    # rows redone after the buffer (not valid UTF-8, cut at a stop
-        return buf[lo:hi], starts - lo, sizes    # string): the span as it is, a few unused bytes in it
-    at = np.zeros(n + 1, np.int64)
+    if hi - lo <= 2 * int(lens.sum()) + 4096:    # the usual case, the strings one after another (rows redone after
+        return buf[lo:hi], starts - lo, sizes    # the buffer: not valid UTF-8, cut at a stop string): the span as it
+    at = np.zeros(n + 1, np.int64)               # is, a few unused bytes in it
     np.cumsum(lens, out=at[1:])
     idx = np.repeat(starts - at[:-1], lens) + np.arange(at[-1], dtype=np.int64)
     return buf[idx], at[:-1], sizes

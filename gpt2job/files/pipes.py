@@ -83,7 +83,7 @@ class Inbox:
                 return kind, bytes(memoryview(self.buf)[a:a + n])
             payload = bytearray(n)      # the rest read into the message's own buffer
             have = len(self.buf) - a
-            payload[:have] = self.buf[a:]
+            payload[:have] = memoryview(self.buf)[a:]
             self.buf, self.pos = bytearray(), 0
             view = memoryview(payload)
             while have < n:

@@ -31,7 +31,7 @@ def main(parent, fds):
         turns = None
         inbox = Inbox(sys.stdin.fileno(), spent)
         msgs = batched(inbox)
-    f = None
+    f = writeback = None
     try:
         first = list(itertools.islice(msgs, 2))
         if len(first) < 2:       # the input ended before the header: the master (or a text process) is gone
@@ -81,7 +81,6 @@ def main(parent, fds):
                 out.write("synced\n")
                 out.flush()
             spent["write_s"] += time.perf_counter() - t
-        writeback.close()
         if end == b"F":
             from gpt2job.files.progress import peak_rss_mb
             summary["output_writer"] = {"process": True, "peak_rss_mb": peak_rss_mb(),
@@ -103,6 +102,8 @@ def main(parent, fds):
         os._exit(1)
     finally:
         close_quietly(f)
+        if writeback is not None:      # (its second descriptor closed after the file: closing it could drop the
+            writeback.close()          # file's lock where locks are per process, as on NFS)
 
 
 class Writeback:
