@@ -127,7 +127,7 @@ struct SampleShared {
     unsigned redu[32];
     unsigned cnt[NB];
     double sum[NB];
-    unsigned fx[4][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
+    unsigned fx[5][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
     int pick;             // pick_first: the entry picked
     double above;         //   the count / mass of the entries before it
     double target;        //   the target it used
@@ -198,15 +198,16 @@ __device__ __forceinline__ double escore(float v, double temperature, double zma
 
 // The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
 // compare-and-swap loop on this GPU (SASS ATOMS.CAST.SPIN.64), and a row's ~50,000 adds into a few hundred buckets
-// made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A mass m in [0, 2^16) becomes
-// q = m * 2^47 rounded down (each mass low by less than 2^-47), added as four 16-bit digits, each digit summed in its
-// own uint32: no overflow while a bucket gets at most 65,536 adds, so V <= SAMPLE_MAX_V (Kernels.sample checks).
-// The sum of the q's is exact, in any order.
+// made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A mass m in [0, 2^15) (a logit's
+// at most 1, a warp's flush at most 32 x ceil(V / 1,024)) becomes q = m * 2^40 rounded down (low by less than
+// 2^-40), added as five 11-bit digits (bits 0-54), each digit summed in its own uint32: no overflow while a bucket
+// gets at most 2^21 adds, and a bucket's total (at most V * 2^40) fits 64 bits: V <= SAMPLE_MAX_V (2^20 - 1,024;
+// checked by Kernels.sample). The sum of the q's is exact, in any order.
 __device__ __forceinline__ void fx_add(SampleShared& sh, int b, double m) {
-    const unsigned long long q = __double2ull_rz(m * 0x1p47);
+    const unsigned long long q = __double2ull_rz(m * 0x1p40);
 #pragma unroll
-    for (int d = 0; d < 4; d++) {
-        const unsigned v = (unsigned)(q >> (16 * d)) & 0xffffu;
+    for (int d = 0; d < 5; d++) {
+        const unsigned v = (unsigned)(q >> (11 * d)) & 0x7ffu;
         if (v) atomicAdd(&sh.fx[d][b], v);
     }
 }
@@ -216,16 +217,17 @@ __device__ __forceinline__ void hist_clear(SampleShared& sh) {
     for (int i = threadIdx.x; i < NB; i += blockDim.x) {
         sh.cnt[i] = 0u;
         sh.sum[i] = 0.0;
-        sh.fx[0][i] = sh.fx[1][i] = sh.fx[2][i] = sh.fx[3][i] = 0u;
+        sh.fx[0][i] = sh.fx[1][i] = sh.fx[2][i] = sh.fx[3][i] = sh.fx[4][i] = 0u;
     }
 }
 
 // sh.sum from the fixed-point digits fx_add summed (after a barrier); then a barrier before sh.sum is read.
 __device__ __forceinline__ void hist_masses(SampleShared& sh) {
     for (int i = threadIdx.x; i < NB; i += blockDim.x) {
-        const unsigned long long q = (unsigned long long)sh.fx[0][i] + ((unsigned long long)sh.fx[1][i] << 16)
-                                   + ((unsigned long long)sh.fx[2][i] << 32) + ((unsigned long long)sh.fx[3][i] << 48);
-        sh.sum[i] = (double)q * 0x1p-47;
+        unsigned long long q = 0;
+#pragma unroll
+        for (int d = 0; d < 5; d++) q += (unsigned long long)sh.fx[d][i] << (11 * d);
+        sh.sum[i] = (double)q * 0x1p-40;
     }
 }
 

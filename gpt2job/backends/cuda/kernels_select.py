@@ -20,7 +20,7 @@ class Kernel:
 
 
 KERNELS = []   # every Kernel record, in the order they are defined below
-SAMPLE_MAX_V = 65536 - 32     # the sampling kernels' bucket masses: at most 65,536 adds a bucket (sampling.cu, fx_add)
+SAMPLE_MAX_V = (1 << 20) - 1024   # the longest rows of logits the sampling kernels' fixed-point bucket masses hold (fx_add)
 
 
 def _kernel(name, source, signature, threads):
@@ -77,7 +77,7 @@ class SelectKernels:
         """(flag, dynamic shared bytes) of a sampling launch over rows of V logits."""
         if V > SAMPLE_MAX_V:
             raise ValueError(f"sampling on the GPU takes vocabularies of at most {SAMPLE_MAX_V:,} tokens, not {V:,} "
-                             "(its bucket masses are 32-bit sums of 16-bit digits: sampling.cu)")
+                             "(its fixed-point bucket masses: sampling.cu)")
         return (1, 4 * V) if cache and V <= self.row_cache_floats else (0, 0)
 
     def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R, cache=True):
