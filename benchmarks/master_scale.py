@@ -257,8 +257,10 @@ def main():
     if a.no_text:    # a folder without the vocabulary: the master runs without a tokenizer
         a.vocab_dir = os.path.join(a.dir, "no-vocabulary")
         os.makedirs(a.vocab_dir, exist_ok=True)
-    elif not os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):
-        a.vocab_dir = None
+    elif not os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):    # (a run without text would look faster)
+        raise SystemExit(f"master_scale.py: no vocab.bpe in {a.vocab_dir}: pass --vocab-dir DIR, or --no-text")
+    else:
+        a.vocab_dir = os.path.abspath(a.vocab_dir)
     inp, out = os.path.join(a.dir, "in.h5"), os.path.join(a.dir, "out.h5")
     if not os.path.exists(inp) or _rows(inp) != a.rows:
         write_input(inp, a.rows)
@@ -286,8 +288,7 @@ def main():
 def _passed(a):
     return ["--tok-s", str(a.tok_s), "--rows", str(a.rows), "--chunk-size", str(a.chunk_size), "--new-tokens",
             str(a.new_tokens), "--model", a.model, "--dir", a.dir, "--layout", a.layout] \
-        + (["--vocab-dir", a.vocab_dir] if a.vocab_dir else []) \
-        + (["--no-text"] if a.no_text else [])
+        + ["--vocab-dir", a.vocab_dir] + (["--no-text"] if a.no_text else [])
 
 
 def _rows(path):

@@ -31,6 +31,8 @@ def main():
     ap.add_argument("--new-layout", default="vlen", help="and of the new tree's")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
+    if a.vocab_dir:     # each tree's run starts in that tree: a relative path would name another folder there
+        a.vocab_dir = os.path.abspath(a.vocab_dir)
     got = {"old": [], "new": []}
     for i in range(a.repeats):
         for name in ("old", "new"):
