@@ -429,6 +429,47 @@ def test_the_writer_reads_the_text_processes_in_the_turn_the_master_dealt_their_
         list(InTurn([pipe((b"H", b"h"), (b"P", b"p"), (b"S", b"")), pipe((b"E", b"error 0 boom\n"))]))
 
 
+def test_inbox_returns_messages_whole_and_in_order_however_the_pipe_splits_them():
+    """pipes.Inbox: messages of 0 B to 3 MB (a large one's rest is read straight into its own buffer), written in
+    pieces of random sizes with pauses; waiting() is true once a message has begun; a message cut off by the end of
+    input gives None."""
+    import threading
+    import time
+
+    from gpt2job.files.pipes import MSG, Inbox
+    rng = np.random.default_rng(6)
+    sizes = [0, 1, 5, 1 << 20, 3 << 20, 17, (1 << 20) - 9, 2 << 20, 0, 4096]
+    msgs = [(bytes([65 + i]), rng.integers(0, 256, n, dtype=np.uint8).tobytes()) for i, n in enumerate(sizes)]
+    blob = b"".join(MSG.pack(k, len(p)) + p for k, p in msgs) + MSG.pack(b"R", 100) + b"cut"
+    r, w = os.pipe()
+
+    def write():
+        at = 0
+        while at < len(blob):
+            n = int(rng.integers(1, 3 << 20))
+            at += os.write(w, blob[at:at + n])
+            if rng.random() < 0.3:
+                time.sleep(0.01)
+        os.close(w)
+    t = threading.Thread(target=write)
+    t.start()
+    box = Inbox(r, {"wait_s": 0.0})
+    got = []
+    while (m := box.next()) is not None:
+        got.append((m[0], bytes(m[1])))
+    t.join()
+    os.close(r)
+    assert got == msgs                             # all of them, whole, in order; the cut one: None
+    r, w = os.pipe()
+    box = Inbox(r, {"wait_s": 0.0})
+    assert not box.waiting()
+    os.write(w, MSG.pack(b"R", 4) + b"ab")         # begun, not whole: waiting, and next() waits for the rest
+    assert box.waiting()
+    threading.Timer(0.05, lambda: (os.write(w, b"cd"), os.close(w))).start()
+    assert box.next() == (b"R", b"abcd") and box.next() is None
+    os.close(r)
+
+
 def test_select_rows_takes_runs_points_and_repeated_rows(tmp_path):
     """select_rows: rows in a few runs (hyperslabs), in many runs (points), and a row repeated within a write
     (points: an OR of runs would merge it and select fewer elements than the buffer holds), each written in order."""
