@@ -33,6 +33,17 @@ def plural(n, word, words=None):
     return f"{n:,} {word if n == 1 else (words or word + 's')}"
 
 
+def errno_of(e):
+    """An I/O error's errno: its own, else the 'errno = N' HDF5 writes into its message (h5py's errors often carry
+    none); None when neither says."""
+    code = getattr(e, "errno", None)
+    if not code:
+        import re
+        m = re.search(r"errno = (\d+)", str(e))
+        code = int(m.group(1)) if m else None
+    return code or None
+
+
 def first_line(e, limit=120):
     """An exception's message for a one-line error: its first line (at most limit characters), or its type's name."""
     return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__

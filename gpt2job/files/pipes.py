@@ -3,8 +3,9 @@ text_process.py): messages framed as a kind byte, a little-endian uint64 length 
 them; results joined into batches (units, batched); the text processes' pipes read in turn (InTurn); a child process
 that dies with the master; errors as one line."""
 import os
-import re
 import struct
+
+from gpt2job.errors import errno_of
 
 MSG = struct.Struct("<cQ")
 PIPE_BYTES = 1 << 20          # a pipe's buffer (Linux allows up to 1 MiB unprivileged)
@@ -144,10 +145,7 @@ def units(msgs):
 
 def error_line(e):
     """'error ERRNO MESSAGE' for the master (ERRNO 0 when the error has none: HDF5 names it in its text, if at all)."""
-    code = getattr(e, "errno", None) or 0
-    if not code:
-        m = re.search(r"errno = (\d+)", str(e))
-        code = int(m.group(1)) if m else 0
+    code = errno_of(e) or 0
     msg = os.strerror(code) if code else ((str(e).splitlines() or [""])[0][:200] or type(e).__name__)
     return f"error {code} {msg}\n"
 

@@ -2,11 +2,10 @@
 import errno
 import json
 import os
-import re
 
 import numpy as np
 
-from gpt2job.errors import UserError, first_line, plural
+from gpt2job.errors import UserError, errno_of, first_line, plural
 
 
 def read_int32_file(path, width):
@@ -89,10 +88,7 @@ def check_ids(ids, path, n):
 
 def _write_error(output, e):
     """One line for a failed write: the reason, not HDF5's internals (it names the .tmp file and its flags)."""
-    code = getattr(e, "errno", None)
-    if code is None:
-        m = re.search(r"errno = (\d+)", str(e))
-        code = int(m.group(1)) if m else None
+    code = errno_of(e)
     reason = os.strerror(code) if code else first_line(e)
     fix = "free disk space" if code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else \
         "check the folder and its permissions"
