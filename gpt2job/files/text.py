@@ -114,9 +114,10 @@ class TokenText:
         check = np.flatnonzero(check & ~unknown)
         inner = np.zeros(0, np.int64)                                               # positions in buf of inner NULs
         if len(check):
-            src = _ranges(starts, check, np.diff(starts)[check])                    # their bytes, each with its NUL
+            spans = np.diff(starts)[check]
+            src = _ranges(starts, check, spans)                                     # their bytes, each with its NUL
             sub = buf[src]
-            sub_starts = _cumsum0(np.diff(starts)[check])
+            sub_starts = _cumsum0(spans)
             zeros = np.flatnonzero(sub == 0)
             sub_inner = zeros[:0]
             if len(zeros) > len(check):      # a NUL inside a row: more than one NUL byte before the next row's start
@@ -125,7 +126,7 @@ class TokenText:
                 sub_inner = zeros[~is_end[zeros]]
             bad = np.zeros(len(check), bool)
             if len(sub_inner):
-                bad[np.searchsorted(sub_starts, sub_inner, side="right") - 1] = True
+                bad[_row_of(sub_starts, sub_inner)] = True
             try:      # the NUL after each row ends every character: one call checks them all
                 codecs.utf_8_decode(sub, "strict", True)
             except UnicodeDecodeError:
@@ -151,8 +152,8 @@ class TokenText:
         starts[unknown], sizes[unknown] = len(out) - 1, 0
         if len(redo):
             ends = np.flatnonzero(rep == 0)                                # each redone row's NUL in rep
-            starts[redo] = len(buf) + np.append(0, ends[:-1] + 1)
-            sizes[redo] = ends - np.append(0, ends[:-1] + 1)
+            firsts = np.append(0, ends[:-1] + 1)
+            starts[redo], sizes[redo] = len(buf) + firsts, ends - firsts
         return out, starts, sizes, ~slow
 
 
@@ -165,7 +166,7 @@ def _is_utf8(b):
 
 
 def _row_of(offsets, positions):
-    """The row of each token position (offsets: [B+1] of the rows' tokens): int64 [len(positions)]."""
+    """The row of each position (offsets [B+1]: row b holds positions offsets[b]..offsets[b+1]-1): int64."""
     return np.searchsorted(offsets, positions, side="right") - 1
 
 

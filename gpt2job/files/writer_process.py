@@ -42,6 +42,11 @@ def main(parent, fds):
         del lengths
         writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
         writeback = Writeback(f.filename)
+
+        def flush():     # the rows to the file, and its pages on their way to disk: -> the time of it
+            writer.flush()
+            writeback.start()
+            return time.monotonic()
         interval, last, dirty = header["flush_interval"], time.monotonic(), False
         end, comps, text_spent = b"C", None, None
         while True:
@@ -49,9 +54,7 @@ def main(parent, fds):
             while dirty and not inbox.waiting() and not inbox.eof:   # a quiet job: flushed once it is time
                 due = interval - (time.monotonic() - last)
                 if due <= 0:
-                    writer.flush()
-                    writeback.start()
-                    last, dirty = time.monotonic(), False
+                    last, dirty = flush(), False
                 else:
                     inbox.wait(due)
             kind, payload = next(msgs, (None, None))
@@ -74,9 +77,7 @@ def main(parent, fds):
                 summary = json.loads(payload) if kind == b"F" else None
                 break
             if kind == b"S" or (dirty and time.monotonic() - last >= interval):
-                writer.flush()
-                writeback.start()
-                last, dirty = time.monotonic(), False
+                last, dirty = flush(), False
             if kind == b"S":
                 out.write("synced\n")
                 out.flush()
