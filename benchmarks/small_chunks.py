@@ -10,10 +10,15 @@
 With --configs, each case runs in every configuration in turn (a tree and environment variables), and each
 configuration's tokens are compared with the first's (first repeat). Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
 result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a table last.
+With GPT2JOB_TRACE=1 in a configuration's environment (...@GPT2JOB_TRACE=1), the line also gives the GPU's idle
+time between chunks from the worker's device timeline (CUDA events): from a chunk's last GPU work to the next chunk's
+first launch (trees without the first_launch field: to its compute start, which misses the host's preparation), as
+a % of the span from the first chunk's start to the last one's end ("gaps %"), and the median gap in ms.
 """
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -85,29 +90,60 @@ def main():
                 ws = sm.get("workers") or [{}]
                 got[c].append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),
                                "busy": [w.get("busy_percent") for w in ws], "chunks": [w.get("chunks") for w in ws],
-                               "tail": r["log_tail"][-600:] if r["rc"] else ""})
+                               "gaps": chunk_gaps(r["output"]), "tail": r["log_tail"][-600:] if r["rc"] else ""})
         first = next(iter(configs))
         for c in configs:
             runs = got[c]
             ok = all(g["rc"] == 0 for g in runs)
             tput = statistics.median(g["tok_s"] for g in runs) if ok else None
             busy = statistics.median(g["busy"][0] for g in runs) if ok and runs[0]["busy"][0] is not None else None
+            gaps = statistics.median(g["gaps"]["percent"] for g in runs) if ok and runs[0]["gaps"] else None
             same = same_tokens(os.path.join(a.work, f"out-{first}-0.h5"), os.path.join(a.work, f"out-{c}-0.h5")) \
                 if ok and all(x["rc"] == 0 for x in got[first]) else None
-            res[c, name] = (tput, busy, runs[0]["chunks"][0], same)
+            res[c, name] = (tput, busy, gaps, runs[0]["chunks"][0], same)
             rec = {"kind": "small-chunks", "config": c, "tree": configs[c][0], "env": configs[c][1], "case": name,
-                   "tok_s": tput, "busy_percent": busy, "same_tokens_as": first if same and same[0] else None,
+                   "tok_s": tput, "busy_percent": busy, "gpu_gaps_percent": gaps,
+                   "same_tokens_as": first if same and same[0] else None,
                    "differing_rows": None if same is None else same[1], "runs": runs, "flags": extra,
                    "max_new_tokens": new}
             print(json.dumps(rec), flush=True)
             with open(os.path.join(a.out, "small_chunks.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
-    print(f"\n{'config':<10} {'case':<20} {'tok/s':>10} {'ratio':>6} {'busy %':>7} {'chunks':>6} {'rows differing':>14}")
-    for (c, name), (t, busy, chunks, same) in res.items():
+    print(f"\n{'config':<10} {'case':<20} {'tok/s':>10} {'ratio':>6} {'busy %':>7} {'gaps %':>7} {'chunks':>6} "
+          f"{'rows differing':>14}")
+    for (c, name), (t, busy, gaps, chunks, same) in res.items():
         ref = res.get((c, "ragged one chunk" if name.startswith("ragged") else cases[0][0]), (None,))[0]
         print(f"{c:<10} {name:<20} {t or 0:>10,.0f} {t / ref if t and ref else 0:>6.3f} "
-              f"{busy if busy is not None else '-':>7} {chunks if chunks is not None else '-':>6} "
-              f"{same[1] if same else '-':>14}")
+              f"{busy if busy is not None else '-':>7} {f'{gaps:.2f}' if gaps is not None else '-':>7} "
+              f"{chunks if chunks is not None else '-':>6} {same[1] if same else '-':>14}")
+
+
+TIMELINE = re.compile(r"chunk (-?\d+) device timeline \(ms since start\): (.*)$")
+
+
+def chunk_gaps(output):
+    """The GPU's idle time between chunks from a traced job's device timeline lines (one worker): {"percent": the
+    gaps' sum over the span from the first chunk's start to the last one's end, "median_ms", "chunks"}, or None
+    (not traced, or fewer than two chunks)."""
+    spans = []
+    for line in output.splitlines():
+        m = TIMELINE.search(line)
+        if not m:
+            continue
+        f = {}
+        for item in m.group(2).split(", "):
+            k, _, v = item.partition(" ")
+            f[k] = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", v)]   # (ms since the start: never negative)
+        if "compute" in f:
+            start = f["first_launch"][0] if "first_launch" in f else f["compute"][0]
+            spans.append((start, f["compute"][1]))
+    if len(spans) < 2:
+        return None
+    spans.sort()
+    gaps = [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
+    total = spans[-1][1] - spans[0][0]
+    return {"percent": round(100 * sum(gaps) / total, 3) if total > 0 else None,
+            "median_ms": round(statistics.median(gaps), 4), "chunks": len(spans)}
 
 
 def parse_configs(text):

@@ -589,8 +589,15 @@ def test_backend_float16_close_and_overlapped_chunks():
         for e in be.timeline:
             assert e["upload"][0] <= e["upload"][1] and e["compute"][0] <= e["compute"][1]
         assert be.timeline[1]["upload"][1] <= be.timeline[0]["compute"][1]   # uploaded while chunk 0 computed
+        # each next chunk's prefill queued behind the chunk before (Runner._start_next), after its last GPU work
+        assert be.runner.early_starts == 2
+        for a, b in zip(be.timeline, be.timeline[1:]):
+            assert a["compute"][1] <= b["compute"][0] <= b["first_launch"]
         info = be.describe()
         assert info["device"] and info["kernel_options"]["fuse_argmax"] is True
+        for o, c in zip(outs, chunks):   # the same tokens as each chunk computed alone (nothing started early)
+            assert_same(o, compute(be, c))
+        assert be.runner.early_starts == 2
     finally:
         be.close()
     first = np.array([o.row_tokens(i)[0] for o in outs for i in range(len(LENS))])

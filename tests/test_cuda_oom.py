@@ -374,9 +374,43 @@ def test_stand_in_runner_matches_the_reference_with_room(fake, share):
     dev, runner = make_runner(share)
     got = compute_all(runner, chunks, GS)
     assert runner.oom_events == 0 and fake.heap.failed == 0
+    assert runner.early_starts == len(chunks) - 1   # each next chunk started at the end of the one before
     for g, c in zip(got, chunks):
         assert_same(g, reference(c, GS))
     assert any((reference(c, GS).finish == FINISH_STOP).any() for c in chunks)
+
+
+def test_the_next_chunk_s_prefill_is_queued_before_the_chunk_ends_and_its_error_stays_its_own(fake):
+    """Runner._start_next: once a chunk has queued its last decode step, the next submitted chunk's prefill is
+    launched behind it, before the chunk's result is returned; an error of that early start is raised by the next
+    chunk's own run(), not by the chunk finishing."""
+    rng = np.random.default_rng(7)
+    chunks = [random_chunk(rng, 23, chunk_id=i) for i in range(3)]
+    dev, runner = make_runner(False)
+    log, forward = [], runner.model.forward
+
+    def logged(R, *a, tiles=None, **kw):
+        if tiles is not None:                      # a prefill pass (decode steps pass no tiles)
+            log.append("prefill")
+            if log.count("prefill") == 3:
+                raise ValueError("the third chunk's prefill fails")
+        return forward(R, *a, tiles=tiles, **kw)
+    runner.model.forward = logged
+    runner.submit(chunks[0], GS)
+    got = []
+    for i in range(3):
+        def on_pause(pause, i=i):
+            if pause.submit and i + 1 < 3 and not runner.pending:
+                runner.submit(chunks[i + 1], GS)
+        if i < 2:
+            got.append(drive(runner.run(), on_pause))
+            log.append(f"chunk {i} returned")
+        else:
+            with pytest.raises(ValueError, match="third chunk"):
+                drive(runner.run(), on_pause)
+    assert log == ["prefill", "prefill", "chunk 0 returned", "prefill", "chunk 1 returned"]
+    for g, c in zip(got, chunks):
+        assert_same(g, reference(c, GS))
 
 
 @pytest.mark.parametrize("share", [False, True])

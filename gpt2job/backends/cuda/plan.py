@@ -1,13 +1,17 @@
 """The host-side planning of the CUDA backend, pure NumPy (CPU tests import it without pycuda): the prompt checks,
 the layout of a chunk's upload, the prefill passes and attention tiles, the KV groups, the buffer sizes for the
-device memory a worker has (memory_plan), and a chunk in halves (split_chunk, join_completions)."""
-from dataclasses import dataclass
+device memory a worker has (memory_plan), a chunk in halves (split_chunk, join_completions), and what the runner
+holds of a submitted chunk (ChunkPlan, Unplanned)."""
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
 
 import numpy as np
 
+from gpt2job.backends.cuda.device import Upload
+from gpt2job.backends.cuda.rows import RowPlan
 from gpt2job.chunks import Chunk, Completions, take_ragged
 from gpt2job.errors import UserError
-from gpt2job.settings import max_prompt_length
+from gpt2job.settings import GenerationSettings, max_prompt_length
 
 PREFILL_TILE_ROWS = 16   # query rows per attention_prefill tile (the kernel's AP_TILE)
 
@@ -250,7 +254,22 @@ def preferred_chunk(chunk, head_rows_asked, head_rows):
 
 
 def split_chunk(chunk):
-    """The chunk's prompts in two halves (its order, its chunk_id, its rows' params): [first half, second half]."""
+    """The chunk's prompts in two halves (its order, its chunk_id, its rows' params): [first half, second half]
+    (Runner._in_halves, when memory ran out).
+
+    Why the halves' tokens are those of a run with room: each part runs the same model on the same prompts, and the
+    kernels compute each row by itself: the embedding, the layer norms, the products (a row of the output is its
+    input row times the weights, summed over K in one order whatever the number of rows), attention (a row reads its
+    own prompt's keys, in key blocks counted from position 0, whichever tile or pass it is in), the argmax (ties to
+    the lowest index). A prompt whose prefix a prompt now in the other half computed for it (prefix sharing) computes
+    that prefix itself: the same rows, so the same keys and values as the copies. KV groups only decide which
+    sequences share a step. Where it may not hold: the row count of a product picks its fp16 tile variant
+    (picks.py), and variants that sum in another order would round differently (fp32: split-K is chosen by row count
+    and head rows, model.py); a near tie (two logits within that rounding) could then pick the other token. The same
+    holds for the smaller KV groups and prefill passes the halved budgets give later chunks, and already for a clean
+    run, whose KV groups follow the free memory. tests/test_cuda_kernels.py checks that fp16 product rows are bitwise
+    the same for every variant a Hopper worker compiles and every row count; tests/test_cuda_faults.py that W1
+    tokens are identical under memory pressure and after a failure mid-chunk."""
     B = len(chunk.rows)
     offsets = np.asarray(chunk.offsets, np.int64)
     parts = []
@@ -274,3 +293,41 @@ def join_completions(chunk, parts):
         if all(getattr(p, name) is not None for p in parts):
             setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
     return out
+
+
+@dataclass
+class ChunkPlan:
+    """A submitted chunk: its layout (prompts in the order they run), its upload and the device addresses of the
+    parts of it (Layout)."""
+    chunk: Chunk
+    settings: GenerationSettings
+    layout: Layout
+    upload: Upload
+    ev_up: tuple                      # (start, end) events of the upload on the copy stream
+    groups: Optional[list]            # the share plan's KV groups (None: the runner's own)
+    perm: Optional[np.ndarray]        # the share plan's order of the chunk's prompts (None: the chunk's order)
+    shared_tokens: int                # prompt tokens not computed (shared prefixes)
+    rows: RowPlan                     # each row's settings (run order) and the host's checks of its tokens
+    phases: List[Any] = field(default_factory=list)   # (kind, start event, end event) of prefill / decode steps
+    last_down: Optional[tuple] = None                   # (start, end) events of the last token download
+    ev_end: Optional[Any] = None                        # event after its last GPU work (its last decode step)
+
+    def __post_init__(self):
+        lay, base = self.layout, int(self.upload.dev)
+        T, B = lay.T, lay.B
+        self.p_tok, self.p_pos, self.p_seq = base, base + 4 * T, base + 8 * T
+        self.p_last, self.p_arange = base + 12 * T, base + 12 * T + 4 * B
+        self.p_rows, self.p_tiles, self.p_copies = base + lay.at_rows, base + lay.at_tiles, base + lay.at_copies
+
+    def pass_tiles(self, pb0, pb1):
+        """attention_prefill tiles of the prefill pass over prompts pb0..pb1-1: (pointer, count, row_base)."""
+        t0, t1 = int(self.layout.tile_off[pb0]), int(self.layout.tile_off[pb1])
+        return self.p_tiles + 8 * t0, t1 - t0, int(self.layout.offsets[pb0])
+
+
+@dataclass
+class Unplanned:
+    """A submitted chunk whose plan or upload ran out of memory: run() computes it in halves."""
+    chunk: Chunk
+    settings: GenerationSettings
+    error: BaseException

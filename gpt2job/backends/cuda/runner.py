@@ -14,67 +14,27 @@ Per chunk:
     grouped (plan.kv_groups: even groups) so that the cache fits the KV budget (plan.memory_plan).
   * out of memory (an allocation fails during a chunk, or when it is submitted): the runner waits for the GPU, frees
     its buffers, halves its sizes (the KV budget, prefill rows, head rows; not below their floors) and computes the
-    chunk in two halves, each the same way (down to one prompt, whose failure is the chunk's error). See _in_halves
-    for why the tokens stay those of a run with room.
+    chunk in two halves, each the same way (down to one prompt, whose failure is the chunk's error). See
+    plan.split_chunk for why the tokens stay those of a run with room.
+  * between chunks: once a chunk's last decode step is launched, the next submitted chunk's prefill is launched
+    behind it (_start_next), so the GPU does not wait while the host finishes the chunk and the worker sends it.
 Uploads run on the copy stream, compute on the compute stream: a chunk submitted while another computes uploads
 meanwhile. self.timeline gets one dict per chunk with CUDA-event times (ms since the backend started) of its
 upload, compute and last download, and the device time of its prefill and decode steps.
 """
 import sys
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, List, Optional
-
 import numpy as np
 
 from gpt2job.backends import READY, Pause
 from gpt2job.backends.cuda import prefix_share
-from gpt2job.backends.cuda.device import Upload
 from gpt2job.backends.cuda.graphs import replayable
 from gpt2job.backends.cuda.logprobs import StepLogprobs
-from gpt2job.backends.cuda.plan import (KV_FLOOR, Layout, check_prompts, join_completions, kv_groups, prefill_passes,
-                                        size_floors, split_chunk)
+from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, join_completions,
+                                        kv_groups, prefill_passes, size_floors, split_chunk)
 from gpt2job.backends.cuda.rows import RowPlan, group_sel, option_buffers
-from gpt2job.chunks import FINISH_LENGTH, Chunk, Completions
+from gpt2job.chunks import FINISH_LENGTH, Completions
 from gpt2job.model.sampling import RowSettings
-from gpt2job.settings import GenerationSettings
-
-
-@dataclass
-class ChunkPlan:
-    """A submitted chunk: its layout (prompts in the order they run), its upload and the device addresses of the
-    parts of it (plan.Layout)."""
-    chunk: Chunk
-    settings: GenerationSettings
-    layout: Layout
-    upload: Upload
-    ev_up: tuple                      # (start, end) events of the upload on the copy stream
-    groups: Optional[list]            # the share plan's KV groups (None: the runner's own)
-    perm: Optional[np.ndarray]        # the share plan's order of the chunk's prompts (None: the chunk's order)
-    shared_tokens: int                # prompt tokens not computed (shared prefixes)
-    rows: RowPlan                     # each row's settings (run order) and the host's checks of its tokens
-    phases: List[Any] = field(default_factory=list)   # (kind, start event, end event) of prefill / decode steps
-    last_down: Optional[tuple] = None                   # (start, end) events of the last token download
-
-    def __post_init__(self):
-        lay, base = self.layout, int(self.upload.dev)
-        T, B = lay.T, lay.B
-        self.p_tok, self.p_pos, self.p_seq = base, base + 4 * T, base + 8 * T
-        self.p_last, self.p_arange = base + 12 * T, base + 12 * T + 4 * B
-        self.p_rows, self.p_tiles, self.p_copies = base + lay.at_rows, base + lay.at_tiles, base + lay.at_copies
-
-    def pass_tiles(self, pb0, pb1):
-        """attention_prefill tiles of the prefill pass over prompts pb0..pb1-1: (pointer, count, row_base)."""
-        t0, t1 = int(self.layout.tile_off[pb0]), int(self.layout.tile_off[pb1])
-        return self.p_tiles + 8 * t0, t1 - t0, int(self.layout.offsets[pb0])
-
-
-@dataclass
-class Unplanned:
-    """A submitted chunk whose plan or upload ran out of memory: run() computes it in halves."""
-    chunk: Chunk
-    settings: GenerationSettings
-    error: BaseException
 
 
 class Runner:
@@ -94,6 +54,9 @@ class Runner:
         self.timeline = []
         self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
         self.graphs = None            # graphs.StepGraphs: greedy decode steps replayed (options.cuda_graphs)
+        self.next_started = None      # (plan, its run generator or the error that ended it): _start_next
+        self.early_starts = 0         # chunks whose prefill was queued behind the chunk before (_start_next)
+        self.halving = 0              # _in_halves calls running: no chunk starts early in them
 
     # ---------------------------------------------------------------- buffers
 
@@ -197,7 +160,35 @@ class Runner:
 
     def run(self):
         """Compute the oldest submitted chunk; yields Pauses, returns its Completions."""
-        return (yield from self._guarded(self.pending.popleft(), 0))
+        plan = self.pending.popleft()
+        started, self.next_started = self.next_started, None
+        if started is None or started[0] is not plan:
+            return (yield from self._guarded(plan, 0))
+        plan, steps = started
+        if isinstance(steps, BaseException):
+            raise steps
+        yield Pause(True, READY, 0)   # its first pause, taken by _start_next: the prefill computes (submit now)
+        return (yield from steps)
+
+    def _start_next(self):
+        """Called once the computing chunk has queued all its GPU work: launch the next submitted chunk's prefill behind
+        it, so that the GPU goes on while the host reads the last tokens and the worker sends the result (GPU idle
+        between small chunks). Its generator stops at its first pause, before any download (the pinned slots the
+        finishing chunk reads stay untouched; shared device buffers are ordered by the stream); run() resumes it."""
+        if self.next_started is not None or self.halving or not self.pending:
+            return
+        plan = self.pending[0]
+        if not isinstance(plan, ChunkPlan) or not plan.layout.B or plan.rows.n_max <= 0:
+            return
+        steps = self._guarded(plan, 0)
+        try:
+            next(steps)
+        except StopIteration:   # (not reached: a chunk with a prefill pauses after it)
+            return
+        except Exception as e:
+            steps = e
+        self.next_started = (plan, steps)
+        self.early_starts += 1
 
     def _guarded(self, plan, depth):
         """Run a plan; when memory runs out, compute its chunk in halves instead (_in_halves)."""
@@ -217,21 +208,7 @@ class Runner:
         """The chunk ran out of memory (err): wait for the GPU, free the buffer pool and the idle uploads, halve the
         sizes, then compute the chunk's two halves (each guarded the same way) and join their completions. A single
         prompt that runs out of memory raises err: the worker reports it and the master gives the chunk to another.
-
-        Why the tokens are those of a run with room: each part runs the same model on the same prompts, and the
-        kernels compute each row by itself: the embedding, the layer norms, the products (a row of the output is its
-        input row times the weights, summed over K in one order whatever the number of rows), attention (a row
-        reads its own prompt's keys, in key blocks counted from position 0, whichever tile or pass it is in), the
-        argmax (ties to the lowest index). A prompt whose prefix a prompt now in the other half computed for it
-        (prefix sharing) computes that prefix itself: the same rows, so the same keys and values as the copies. KV
-        groups only decide which sequences share a step. Where it may not hold: the row count of a product picks
-        its fp16 tile variant (picks.py), and variants that sum in another order would round differently (fp32:
-        split-K is chosen by row count and head rows, model.py); a near tie (two logits within that rounding) could
-        then pick the other token. The same holds for the smaller KV groups and prefill passes the halved budgets
-        give later chunks, and already for a clean run, whose KV groups follow the free memory.
-        tests/test_cuda_kernels.py checks that fp16 product rows are bitwise the same for every variant a Hopper
-        worker compiles and every row count; tests/test_cuda_faults.py that W1 tokens are identical under memory
-        pressure and after a failure mid-chunk."""
+        The tokens are those of a run with room: see plan.split_chunk."""
         self.dev.release()
         self.shrink()
         self.oom_events += 1
@@ -243,8 +220,12 @@ class Runner:
         if B <= 1:
             raise err
         parts = []
-        for part in split_chunk(chunk):
-            parts.append((yield from self._guarded(self._plan(part, settings), depth + 1)))
+        self.halving += 1   # the next chunk waits for the last half (a half's end is not the chunk's)
+        try:
+            for part in split_chunk(chunk):
+                parts.append((yield from self._guarded(self._plan(part, settings), depth + 1)))
+        finally:
+            self.halving -= 1
         return join_completions(chunk, parts)
 
     def _run(self, plan):
@@ -259,15 +240,19 @@ class Runner:
         ev_c0.record(self.dev.compute)
         if B and rp.n_max > 0:
             groups = plan.groups or self.kv_groups(lay.lens + rp.mnt, 0)
-            for b0, b1 in groups:
-                yield from self._run_group(plan, b0, b1, out, gen, finish, lp)
-        ev_c1 = drv.Event()
-        ev_c1.record(self.dev.compute)
+            for i, (b0, b1) in enumerate(groups):
+                yield from self._run_group(plan, b0, b1, out, gen, finish, lp, last=i == len(groups) - 1)
+        ev_c1 = plan.ev_end
+        if ev_c1 is None:
+            ev_c1 = drv.Event()
+            ev_c1.record(self.dev.compute)
         ev_c1.synchronize()
         t = lambda ev: ev.time_since(self.t0)  # noqa: E731
         entry = {"chunk_id": chunk.chunk_id, "prompts": B, "generated": int(gen.sum()),
                  "shared_prefix_tokens": plan.shared_tokens,
                  "upload": (t(plan.ev_up[0]), t(plan.ev_up[1])), "compute": (t(ev_c0), t(ev_c1))}
+        if plan.phases:   # the first prefill launch: from the compute start to it, the host was preparing
+            entry["first_launch"] = t(plan.phases[0][1])
         if plan.last_down is not None:
             entry["download"] = (t(plan.last_down[0]), t(plan.last_down[1]))
         for kind, a, b in plan.phases:   # device time of prefill / decode steps (ms)
@@ -306,7 +291,7 @@ class Runner:
                                    tiles=plan.pass_tiles(pb0, pb1), copies=(plan.p_copies + 12 * c0, c1 - c0))
             yield pb0, pb1, r0, x
 
-    def _run_group(self, plan, b0, b1, out, gen, finish, lp):
+    def _run_group(self, plan, b0, b1, out, gen, finish, lp, last=True):
         drv, dev, model, rp = self.dev.drv, self.dev, self.model, plan.rows
         sampling, lens, mnt = rp.shared, plan.layout.lens, rp.mnt
         ns = b1 - b0
@@ -367,6 +352,10 @@ class Runner:
                     yield Pause(True, READY, int(gen.sum()))
                     lp.download(n, step % 2)
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
+            if last and plan.ev_end is None and (nxt is None or step == n_max - 1):   # the chunk's last launch
+                plan.ev_end = drv.Event()
+                plan.ev_end.record(dev.compute)
+                self._start_next()
             # the previous step's tokens reach the host (the step just launched computes meanwhile)
             pstep, prows, (e0, e1, host), start = flight
             yield Pause(submit=False, ready=e1.query, generated=int(gen.sum()))
