@@ -13,7 +13,8 @@ result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a t
 With GPT2JOB_TRACE=1 in a configuration's environment (...@GPT2JOB_TRACE=1), the line also gives the GPU's idle
 time between chunks from the worker's device timeline (CUDA events): from a chunk's last GPU work to the next chunk's
 first launch (trees without the first_launch field: to its compute start, which misses the host's preparation), as
-a % of the span from the first chunk's start to the last one's end ("gaps %"), and the median gap in ms.
+a % of the span from the first chunk's start to the last one's end ("gaps %": with --gpus N, the largest of the
+workers'), and the median gap in ms.
 """
 import argparse
 import json
@@ -50,6 +51,8 @@ def main():
     ap.add_argument("--configs", default=f"this={ROOT}",
                     help="'name=TREE[@VAR=VALUE...]' separated by ';': trees (git archive COMMIT into a folder) and "
                          "environment to compare, run interleaved; tokens compared with the first")
+    ap.add_argument("--gpus", type=int, default=1, help="worker ranks, one GPU each (busy %% and gaps %%: the "
+                                                            "first worker's, and the largest of the workers')")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model, numpy, few rows)")
     a = ap.parse_args()
     model, be, dt, small = "random:gpt2", "cuda", "float16", []
@@ -85,7 +88,7 @@ def main():
         for i in range(a.repeats):
             for c, (tree, env) in configs.items():    # interleaved: drifts of the machine hit every configuration
                 out = os.path.join(a.work, f"out-{c}-{i}.h5")
-                r = run_job(inp, out, hf, be, dt, 1, new, False, extra=extra, tree=tree, env=env)
+                r = run_job(inp, out, hf, be, dt, a.gpus, new, False, extra=extra, tree=tree, env=env)
                 sm = r["summary"] or {}
                 ws = sm.get("workers") or [{}]
                 got[c].append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),
@@ -118,32 +121,38 @@ def main():
               f"{chunks if chunks is not None else '-':>6} {same[1] if same else '-':>14}")
 
 
-TIMELINE = re.compile(r"chunk (-?\d+) device timeline \(ms since start\): (.*)$")
+TIMELINE = re.compile(r"rank (\d+): chunk (-?\d+) device timeline \(ms since start\): (.*)$")
 
 
 def chunk_gaps(output):
-    """The GPU's idle time between chunks from a traced job's device timeline lines (one worker): {"percent": the
-    gaps' sum over the span from the first chunk's start to the last one's end, "median_ms", "chunks"}, or None
-    (not traced, or fewer than two chunks)."""
-    spans = []
+    """The GPU's idle time between chunks from a traced job's device timeline lines, per worker rank: {"percent":
+    the largest of the workers' (the gaps' sum over the span from its first chunk's start to its last one's end),
+    "per_rank": {rank: percent}, "median_ms": the median gap over all workers}, or None (not traced, or no worker
+    with two chunks)."""
+    spans = {}
     for line in output.splitlines():
         m = TIMELINE.search(line)
         if not m:
             continue
         f = {}
-        for item in m.group(2).split(", "):
+        for item in m.group(3).split(", "):
             k, _, v = item.partition(" ")
             f[k] = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", v)]   # (ms since the start: never negative)
         if "compute" in f:
             start = f["first_launch"][0] if "first_launch" in f else f["compute"][0]
-            spans.append((start, f["compute"][1]))
-    if len(spans) < 2:
+            spans.setdefault(int(m.group(1)), []).append((start, f["compute"][1]))
+    per, gaps = {}, []
+    for rank, sp in sorted(spans.items()):
+        if len(sp) < 2:
+            continue
+        sp.sort()
+        g = [max(0.0, b[0] - a[1]) for a, b in zip(sp, sp[1:])]
+        total = sp[-1][1] - sp[0][0]
+        per[rank] = round(100 * sum(g) / total, 3) if total > 0 else 0.0
+        gaps += g
+    if not per:
         return None
-    spans.sort()
-    gaps = [max(0.0, b[0] - a[1]) for a, b in zip(spans, spans[1:])]
-    total = spans[-1][1] - spans[0][0]
-    return {"percent": round(100 * sum(gaps) / total, 3) if total > 0 else None,
-            "median_ms": round(statistics.median(gaps), 4), "chunks": len(spans)}
+    return {"percent": max(per.values()), "per_rank": per, "median_ms": round(statistics.median(gaps), 4)}
 
 
 def parse_configs(text):

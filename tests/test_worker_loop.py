@@ -180,3 +180,34 @@ def test_no_report_without_a_token_count_and_never_a_repeated_one(monkeypatch):
     link = ReportingLink([chunk(3), STOP], clock)
     Loop(Stuck(clock), link, 1).serve()
     assert [e[:3] for e in link.events if e[0] == "progress"] == [("progress", 3, 7)]
+
+
+def test_a_gpu_worker_reports_its_chunks_gpu_time_as_their_compute_time():
+    """worker.device_us: with a device timeline (the CUDA backend's), a chunk's compute time sent to the master is
+    its GPU time (first launch to last GPU work; the parts of a chunk computed in halves added); without one, the
+    host's time computing it."""
+    from gpt2job.cluster.worker import device_us
+
+    class TimedBackend(LoggingBackend):
+        def __init__(self):
+            super().__init__()
+            self.timeline = []
+
+        def run(self):
+            cid = self.pending[0].chunk_id
+            comp = yield from super().run()
+            t = 10.0 * cid
+            self.timeline.append({"chunk_id": cid, "compute": (t, t + 3.0), "first_launch": t + 0.5})
+            if cid == 1:   # in two halves
+                self.timeline.append({"chunk_id": cid, "compute": (t + 4.0, t + 6.0), "first_launch": t + 4.25})
+            return comp
+
+    class UsLink(FakeLink):
+        def send_result(self, comp, us):
+            self.sent.append((comp.chunk_id, us))
+
+    link = UsLink([chunk(0), chunk(1), STOP])
+    assert Loop(TimedBackend(), link, 1).serve() is None
+    assert link.sent == [(0, 2500), (1, 2500 + 1750)]
+    assert device_us(LoggingBackend(), 0) is None
+    assert device_us(TimedBackend(), 0) is None    # an empty timeline

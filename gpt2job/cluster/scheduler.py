@@ -52,8 +52,9 @@ class WorkerState:
     last_result: float = None                      # when its last result reached the master
 
     def busy_percent(self):
-        """Its compute time as a share of its span from the first chunk sent to the last result received: what
-        is missing was spent waiting for work or for its results to reach the master."""
+        """Its compute time (a GPU worker's: its chunks' GPU time, worker.device_us) as a share of its span from the
+        first chunk sent to the last result received: what is missing was spent waiting for work or for its results
+        to reach the master, or the GPU waiting for the host."""
         if self.first_sent is None or self.last_result is None or self.last_result <= self.first_sent:
             return None
         return round(min(100.0, 100.0 * self.compute_s / (self.last_result - self.first_sent)), 1)

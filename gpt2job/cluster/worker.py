@@ -43,6 +43,20 @@ def build_backend(s: JobSettings, gpu_slot):
     return backend
 
 
+def device_us(backend, chunk_id):
+    """The GPU time of the chunk just computed, from the backend's device timeline (CUDA events: from its first
+    launch to its last GPU work, each part of a chunk computed in halves), in us; None without a timeline. It is what
+    the worker reports as the chunk's compute time, so the summary's busy % is the GPU's: the host's time computing
+    a chunk also counts time the GPU waited."""
+    timeline = getattr(backend, "timeline", None)
+    us = None
+    for e in reversed(timeline or ()):
+        if e.get("chunk_id") != chunk_id or "first_launch" not in e:
+            break
+        us = (us or 0) + int(1000 * (e["compute"][1] - e["first_launch"]))
+    return us
+
+
 def error_info(rank, e, chunk_id=None):
     return {"rank": rank, "host": socket.gethostname(), "chunk": chunk_id, "user_error": isinstance(e, UserError),
             "error": f"{type(e).__name__}: {e}" if not isinstance(e, UserError) else str(e),
@@ -120,7 +134,9 @@ class Loop:
                     return None
                 t = time.perf_counter()
                 comp = self.compute()
-                us = int((time.perf_counter() - t) * 1e6)
+                us = device_us(self.backend, comp.chunk_id)
+                if us is None:
+                    us = int((time.perf_counter() - t) * 1e6)
                 self.in_flight.popleft()
                 t = time.perf_counter()
                 self.link.send_result(comp, us)

@@ -20,7 +20,7 @@ Per chunk:
     behind it (_start_next), so the GPU does not wait while the host finishes the chunk and the worker sends it.
 Uploads run on the copy stream, compute on the compute stream: a chunk submitted while another computes uploads
 meanwhile. self.timeline gets one dict per chunk with CUDA-event times (ms since the backend started) of its
-upload, compute and last download, and the device time of its prefill and decode steps.
+upload, compute, first launch and last download, and the device time of its prefill and decode steps.
 """
 import sys
 from collections import deque
@@ -51,7 +51,7 @@ class Runner:
         self.options = (penalty, logprobs_k)   # a job-wide penalty, --logprobs' K (None: off): rows.option_buffers
         self.floors = size_floors(self.max_prefill_rows, model.head_rows, self.cfg.n_positions)
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
-        self.timeline = []
+        self.timeline = deque(maxlen=4096)   # the last chunks' (a job of small chunks has very many)
         self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
         self.graphs = None            # graphs.StepGraphs: greedy decode steps replayed (options.cuda_graphs)
         self.next_started = None      # (plan, its run generator or the error that ended it): _start_next
