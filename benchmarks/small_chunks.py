@@ -117,7 +117,7 @@ def main():
     for (c, name), (t, busy, gaps, chunks, same) in res.items():
         ref = res.get((c, "ragged one chunk" if name.startswith("ragged") else cases[0][0]), (None,))[0]
         print(f"{c:<10} {name:<20} {t or 0:>10,.0f} {t / ref if t and ref else 0:>6.3f} "
-              f"{busy if busy is not None else '-':>7} {f'{gaps:.2f}' if gaps is not None else '-':>7} "
+              f"{f'{busy:.1f}' if busy is not None else '-':>7} {f'{gaps:.2f}' if gaps is not None else '-':>7} "
               f"{chunks if chunks is not None else '-':>6} {same[1] if same else '-':>14}")
 
 

@@ -591,7 +591,8 @@ def test_backend_float16_close_and_overlapped_chunks():
         assert be.timeline[1]["upload"][1] <= be.timeline[0]["compute"][1]   # uploaded while chunk 0 computed
         # each next chunk's prefill queued behind the chunk before (Runner._start_next), after its last GPU work
         assert be.runner.early_starts == 2
-        for a, b in zip(be.timeline, be.timeline[1:]):
+        tl = list(be.timeline)
+        for a, b in zip(tl, tl[1:]):
             assert a["compute"][1] <= b["compute"][0] <= b["first_launch"]
         info = be.describe()
         assert info["device"] and info["kernel_options"]["fuse_argmax"] is True

@@ -433,6 +433,23 @@ def test_an_allocation_failing_mid_chunk_computes_it_in_halves(fake, share, caps
         assert int(a) in fake.heap.live, name
 
 
+def test_the_next_chunk_running_out_of_memory_as_it_starts_early_is_computed_in_halves(fake, capsys):
+    """The next chunk's KV cache does not fit when its prefill is started behind the chunk before (_start_next): the
+    early start frees, shrinks and computes it in halves, the chunk before finishes with its own tokens, and no
+    chunk starts early inside the halves."""
+    rng = np.random.default_rng(8)
+    small, large = random_chunk(rng, 4, chunk_id=0), random_chunk(rng, 40, chunk_id=1)
+    dev, runner = make_runner(False, kv_budget=1 << 20, share_gpus=True)
+    big = 6 * (12 + 8 + GS.max_new_tokens) * runner.model.kv_bytes_per_position()   # caches of > 6 prompts fail
+    dev.buf = name_allocations(dev)
+    fake.heap.fail = lambda n: fake.heap.naming == "kv" and n > big
+    got = compute_all(runner, [small, large], GS)
+    assert runner.early_starts == 1 and runner.oom_events >= 3 and runner.halving == 0
+    assert_same(got[0], reference(small, GS))
+    assert_same(got[1], reference(large, GS))
+    assert "out of GPU memory in chunk 1 (40 prompts" in capsys.readouterr().err
+
+
 def name_allocations(dev):
     """dev.buf, telling the heap which pool buffer is being allocated (heap.naming)."""
     buf = dev.buf

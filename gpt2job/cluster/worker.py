@@ -44,16 +44,17 @@ def build_backend(s: JobSettings, gpu_slot):
 
 
 def device_us(backend, chunk_id):
-    """The GPU time of the chunk just computed, from the backend's device timeline (CUDA events: from its first
-    launch to its last GPU work, each part of a chunk computed in halves), in us; None without a timeline. It is what
-    the worker reports as the chunk's compute time, so the summary's busy % is the GPU's: the host's time computing
-    a chunk also counts time the GPU waited."""
+    """The GPU time of the chunk just computed, from the backend's device timeline (CUDA events: the span from its
+    first launch to its last GPU work, each part of a chunk computed in halves), in us; None without a timeline. It
+    is what the worker reports as the chunk's compute time, so the summary's busy % is the GPU's: the host's time
+    computing a chunk also counts time the GPU waited between chunks."""
     timeline = getattr(backend, "timeline", None)
     us = None
     for e in reversed(timeline or ()):
-        if e.get("chunk_id") != chunk_id or "first_launch" not in e:
+        if e.get("chunk_id") != chunk_id:
             break
-        us = (us or 0) + int(1000 * (e["compute"][1] - e["first_launch"]))
+        if "first_launch" in e:   # (a part with nothing to generate launched nothing)
+            us = (us or 0) + int(1000 * (e["compute"][1] - e["first_launch"]))
     return us
 
 

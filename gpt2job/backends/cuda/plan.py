@@ -3,15 +3,17 @@ the layout of a chunk's upload, the prefill passes and attention tiles, the KV g
 device memory a worker has (memory_plan), a chunk in halves (split_chunk, join_completions), and what the runner
 holds of a submitted chunk (ChunkPlan, Unplanned)."""
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, List, Optional
 
 import numpy as np
 
-from gpt2job.backends.cuda.device import Upload
-from gpt2job.backends.cuda.rows import RowPlan
 from gpt2job.chunks import Chunk, Completions, take_ragged
 from gpt2job.errors import UserError
 from gpt2job.settings import GenerationSettings, max_prompt_length
+
+if TYPE_CHECKING:   # ChunkPlan's field types only
+    from gpt2job.backends.cuda.device import Upload
+    from gpt2job.backends.cuda.rows import RowPlan
 
 PREFILL_TILE_ROWS = 16   # query rows per attention_prefill tile (the kernel's AP_TILE)
 
@@ -302,12 +304,12 @@ class ChunkPlan:
     chunk: Chunk
     settings: GenerationSettings
     layout: Layout
-    upload: Upload
+    upload: "Upload"
     ev_up: tuple                      # (start, end) events of the upload on the copy stream
     groups: Optional[list]            # the share plan's KV groups (None: the runner's own)
     perm: Optional[np.ndarray]        # the share plan's order of the chunk's prompts (None: the chunk's order)
     shared_tokens: int                # prompt tokens not computed (shared prefixes)
-    rows: RowPlan                     # each row's settings (run order) and the host's checks of its tokens
+    rows: "RowPlan"                   # each row's settings (run order) and the host's checks of its tokens
     phases: List[Any] = field(default_factory=list)   # (kind, start event, end event) of prefill / decode steps
     last_down: Optional[tuple] = None                   # (start, end) events of the last token download
     ev_end: Optional[Any] = None                        # event after its last GPU work (its last decode step)

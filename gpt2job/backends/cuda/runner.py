@@ -164,7 +164,7 @@ class Runner:
         started, self.next_started = self.next_started, None
         if started is None or started[0] is not plan:
             return (yield from self._guarded(plan, 0))
-        plan, steps = started
+        steps = started[1]
         if isinstance(steps, BaseException):
             raise steps
         yield Pause(True, READY, 0)   # its first pause, taken by _start_next: the prefill computes (submit now)
@@ -183,8 +183,8 @@ class Runner:
         steps = self._guarded(plan, 0)
         try:
             next(steps)
-        except StopIteration:   # (not reached: a chunk with a prefill pauses after it)
-            return
+        except StopIteration as done:   # (a chunk with a prefill pauses after it: kept for safety)
+            steps = _returns(done.value)
         except Exception as e:
             steps = e
         self.next_started = (plan, steps)
@@ -387,3 +387,9 @@ class Runner:
             for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
                 self.model.logits_to_host(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, res[pb0:pb1])
         return res
+
+
+def _returns(value):
+    """A run generator that has finished: it returns value at once."""
+    return value
+    yield  # noqa: a generator
