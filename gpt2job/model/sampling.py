@@ -114,8 +114,11 @@ class RowSettings:
     def take(self, idx):
         """Rows idx, in that order."""
         idx = np.asarray(idx, np.int64)
+        # the job's settings (no RowParams): every row has the job's stop strings (no loop over a chunk's rows)
+        stops = self.stops[:1] * len(idx) if self.job is not None and self.stops else \
+            tuple(self.stops[i] for i in idx)
         return RowSettings(self.max_new_tokens[idx], self.temperature[idx], self.top_k[idx], self.top_p[idx],
-                           self.seed[idx], self.penalty[idx], tuple(self.stops[i] for i in idx), self.job)
+                           self.seed[idx], self.penalty[idx], stops, self.job)
 
     @property
     def penalized(self):

@@ -210,7 +210,7 @@ class StopStrings:
     def of(cls, stops, vocab_dir, vocab_size):
         """A matcher for rows with these stop strings, or None when no row has one (the token table, which needs
         the tokenizer, is built only then)."""
-        if not any(s for row in stops for s in row):
+        if not any(s for row in set(stops) for s in row):   # (set: a chunk's rows mostly share their stops)
             return None
         return cls(stops, token_bytes(vocab_dir, vocab_size))
 

@@ -52,12 +52,14 @@ def lexicographic(offsets, tokens, first=None):
         col = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lens)
         mat[np.repeat(np.arange(B), lens), col] = tokens
     # rows as big-endian byte strings (token + 1 >= 0): byte order = token order, so a sort of the strings is the
-    # lexicographic order (numpy compares void items byte by byte; np.lexsort over L keys is far slower for long L)
+    # lexicographic order (numpy compares void items byte by byte; np.lexsort over L keys is far slower for long L).
+    # Two bytes a token where every key fits (GPT-2's vocabulary does): half the bytes to compare, the same order
     kmat = mat + 1
     if first is not None:                                                 # [B, 1 + L]: the primary key in front
         kmat = np.concatenate([np.asarray(first, np.int64).reshape(B, 1).astype(np.int32), kmat], axis=1)
-    kmat = np.ascontiguousarray(kmat.astype(">u4"))                       # (big-endian after any concatenation)
-    keys = kmat.view(np.dtype((np.void, 4 * max(kmat.shape[1], 1)))).ravel()   # [B]
+    wide = kmat.size and int(kmat.max()) > 0xFFFF
+    kmat = np.ascontiguousarray(kmat.astype(">u4" if wide else ">u2"))   # (big-endian after any concatenation)
+    keys = kmat.view(np.dtype((np.void, kmat.itemsize * max(kmat.shape[1], 1)))).ravel()   # [B]
     perm = np.argsort(keys, kind="stable")                                # [B]
     srt = mat[perm]                                                       # [B, L]
     differ = (srt[1:] != srt[:-1]) | (srt[1:] < 0)                       # [B-1, L]
@@ -106,9 +108,9 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     np.cumsum(ncomp, out=coff[1:])
     ar = np.arange(B, dtype=np.int32)                                     # [B]
     seq = np.repeat(ar, ncomp)                                            # [T'] int32
-    pos = np.arange(int(coff[-1]), dtype=np.int64)                        # [T'] -> position of each computed token
-    pos -= np.repeat(coff[:-1] - skip, ncomp)
-    src_tok = np.repeat(offsets[:-1][perm], ncomp) + pos                  # [T'] index into the chunk's tokens
+    pos = np.arange(int(coff[-1]), dtype=np.int32)                        # [T'] -> position of each computed token
+    pos -= np.repeat((coff[:-1] - skip).astype(np.int32), ncomp)        # (int32: a chunk has < 2^31 tokens)
+    src_tok = np.repeat(offsets[:-1][perm], ncomp) + pos                  # [T'] int64 index into the chunk's tokens
     # copies: position p of prompt i (p < skip[i]) comes from the last prompt before i that computed p
     P = int(skip.max())
     p_col = np.arange(P, dtype=np.int64)[:, None]                         # [P, 1]
@@ -125,5 +127,5 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     copies[:, 1] = last.reshape(-1)[where * B + dst]
     copies[:, 2] = where
     return SharePlan(perm=perm, lens=lens, skip=skip, offsets=coff, tokens=tokens[src_tok],
-                     positions=pos.astype(np.int32), seq=seq, copies=copies, copy_off=copy_off,
+                     positions=pos, seq=seq, copies=copies, copy_off=copy_off,
                      groups=list(groups))
