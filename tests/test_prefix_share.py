@@ -102,6 +102,21 @@ def test_lexicographic_puts_a_prefix_before_its_extensions():
     assert lcp.tolist() == [0, 0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("vocab", [50, 50257, 70000])
+def test_lexicographic_is_the_sorted_order_with_narrow_and_wide_tokens(vocab):
+    """Keys of two bytes a token while every token + 1 fits, four beyond (a vocabulary over 65,535): the order and
+    the common prefixes are those of sorting the prompts as Python lists, prefixes first, ties by index."""
+    prompts = prompts_with_stems(200, seed=vocab % 7, vocab=vocab)
+    prompts += [np.array([vocab - 1] * 3), np.array([vocab - 1, 0]), np.array([0])]
+    perm, lcp = prefix_share.lexicographic(*flat(prompts))
+    want = sorted(range(len(prompts)), key=lambda i: (prompts[i].tolist(), i))
+    assert perm.tolist() == want
+    for j in range(1, len(want)):
+        a, b = prompts[want[j - 1]].tolist(), prompts[want[j]].tolist()
+        n = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+        assert lcp[j] == n
+
+
 def test_copies_rebuild_the_full_caches_of_the_reference_model():
     """Caches holding only the computed rows (the rest NaN), after reference.kv_copy (the twin of the kv_copy
     kernel), equal the caches of running every prompt in full, in the CUDA layout [slots, S, C]."""
