@@ -142,7 +142,7 @@ def timed_compute(be, chunk, reps):
 
 
 def profile(dtypes, new=8, chunk=None, label="W1"):
-    """Device time per kernel kind over one chunk (events around every launch)."""
+    """Device time per kernel kind over one chunk (events around every launch, CUDA graphs off)."""
     import pycuda.driver as drv
     from gpt2job.backends import compute
     from gpt2job.backends.cuda.backend import CudaBackend
@@ -156,6 +156,8 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
         be = CudaBackend(params, gs, dtype=dt)
         try:
             compute(be, chunk)
+            be.runner.graphs = None   # every launch eager: a step replayed as a CUDA graph has no launches to time
+            B = len(chunk.rows)       # a product of more rows than prompts is a prefill pass
             recs = []
             k, stream = be.kernels, be.device.compute
             for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_copy", "attention", "attention_prefill", "embed",
@@ -169,9 +171,9 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
                     e1.record(stream)
                     if _n.startswith("gemm"):
                         M, N, K = a[8], a[9], a[10]
-                        lab = f"{_n} N={N} K={K} {'prefill' if M > 8192 else 'decode/head'} {k.pick_f16(M, N, a[12], K) if _n == 'gemm_f16' and 'variant' not in kw else ''}"
+                        lab = f"{_n} N={N} K={K} {'prefill' if M > B else 'decode/head'} {k.pick_f16(M, N, a[12], K) if _n == 'gemm_f16' and 'variant' not in kw else ''}"
                     elif _n == "attention":
-                        lab = f"attention {'prefill' if a[9] > 8192 else 'decode'}"
+                        lab = f"attention {'prefill' if a[9] > B else 'decode'}"
                     elif _n == "attention_prefill":
                         lab = "attention_prefill (tensor cores)"
                     else:
