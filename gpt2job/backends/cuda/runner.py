@@ -24,6 +24,7 @@ upload, compute, first launch and last download, and the device time of its pref
 """
 import sys
 from collections import deque
+
 import numpy as np
 
 from gpt2job.backends import READY, Pause
