@@ -1,5 +1,5 @@
 """Opening an HDF5 file the user named, with one clear line when it cannot be read."""
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, first_line
 
 
 def open_readable(path, field, fix):
@@ -10,7 +10,7 @@ def open_readable(path, field, fix):
     except FileNotFoundError:
         raise UserError("no such file", path, field, "check the path")
     except (OSError, ValueError) as e:
-        raise UserError(f"not a readable HDF5 file ({str(e).splitlines()[0][:120]})", path, field, fix)
+        raise UserError(f"not a readable HDF5 file ({first_line(e)})", path, field, fix)
 
 
 def contents(f, limit=8):

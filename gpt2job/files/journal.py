@@ -20,7 +20,7 @@ import zlib
 import numpy as np
 
 from gpt2job.chunks import Completions
-from gpt2job.errors import UserError, errno_of
+from gpt2job.errors import UserError, errno_of, first_line
 
 MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC, MAGIC_REC_LP = b"GJH1", b"GJR1", b"GJR2", b"GJR3"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
@@ -29,7 +29,7 @@ REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 def io_error(path, e, what="write"):
     """A UserError for an OSError, or for HDF5's RuntimeError that carries 'errno = N' in its text."""
     code = errno_of(e)
-    reason = os.strerror(code) if code else str(e).splitlines()[0][:160]
+    reason = os.strerror(code) if code else first_line(e, 160)
     full = code in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     fix = ("free disk space, then run the same command again to resume" if full
            else "check the path and its permissions, then run the same command again")

@@ -260,7 +260,7 @@ def _read_token_dataset(path, ds, vocab_size=None):
                 tokens = wide
             tokens[a:b] = block
     except (OSError, RuntimeError) as e:
-        raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
+        raise UserError(f"cannot be read ({first_line(e)})", path, field,
                         "the file is damaged; write it again")
     return PromptSet.grid(tokens, field)
 
@@ -280,7 +280,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
         try:
             raw = ds[a:a + BLOCK_ROWS]
         except (OSError, RuntimeError) as e:
-            raise UserError(f"cannot be read ({str(e).splitlines()[0][:120]})", path, field,
+            raise UserError(f"cannot be read ({first_line(e)})", path, field,
                             "the file is damaged; write it again")
         texts = []
         for i, s in enumerate(raw, a):
