@@ -6,6 +6,7 @@ import contextlib
 import datetime
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -247,3 +248,22 @@ def event_ms(drv, fn, repeats):
         e1.synchronize()
         times.append(e1.time_since(e0))
     return statistics.median(times), times
+
+
+TIMELINE = re.compile(r"rank (\d+): chunk (-?\d+) device timeline \(ms since start\): (.*)$")
+
+
+def device_timelines(text):
+    """The workers' device timeline lines in a traced job's output (GPT2JOB_TRACE=1, gpt2job/cluster/worker.py):
+    [(rank, chunk id, {name: (start, end) or a number})], times in ms since the worker's backend started."""
+    out = []
+    for line in text.splitlines():
+        m = TIMELINE.search(line)
+        if m:
+            fields = {}
+            for item in m.group(3).split(", "):
+                name, _, v = item.partition(" ")
+                x = [float(t) for t in re.findall(r"\d+(?:\.\d+)?", v)]   # (ms since the start: never negative)
+                fields[name] = tuple(x) if len(x) == 2 else x[0]
+            out.append((int(m.group(1)), int(m.group(2)), fields))
+    return out

@@ -9,12 +9,12 @@ chunk was computing while it was uploaded.
 """
 import argparse
 import os
-import re
 import subprocess
 import sys
 import tempfile
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import ROOT, device_timelines  # noqa: E402
 
 
 def main():
@@ -34,12 +34,7 @@ def main():
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         sys.exit(p.stdout + p.stderr)
-    rows = {}
-    for line in p.stderr.splitlines():
-        m = re.search(r"chunk (\d+) device timeline \(ms since start\): (.*)", line)
-        if m:
-            rows[int(m.group(1))] = {k: (float(x), float(y)) for k, x, y in
-                                     re.findall(r"(\w+) ([\d.]+)-([\d.]+)", m.group(2))}
+    rows = {chunk: fields for _, chunk, fields in device_timelines(p.stderr)}
     print(f"{'chunk':>5}  {'upload (ms)':>19}  {'compute (ms)':>21}  uploaded while computing")
     overlapped = 0
     for c in sorted(rows):

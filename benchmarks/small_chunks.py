@@ -19,7 +19,6 @@ workers'), and the median gap in ms.
 import argparse
 import json
 import os
-import re
 import statistics
 import subprocess
 import sys
@@ -27,7 +26,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, same_tokens  # noqa: E402
+from bench_common import ROOT, device_timelines, same_tokens  # noqa: E402
 from run_workloads import run_job  # noqa: E402
 
 
@@ -121,26 +120,15 @@ def main():
               f"{chunks if chunks is not None else '-':>6} {same[1] if same else '-':>14}")
 
 
-TIMELINE = re.compile(r"rank (\d+): chunk (-?\d+) device timeline \(ms since start\): (.*)$")
-
-
 def chunk_gaps(output):
     """The GPU's idle time between chunks from a traced job's device timeline lines, per worker rank: {"percent":
     the largest of the workers' (the gaps' sum over the span from its first chunk's start to its last one's end),
     "per_rank": {rank: percent}, "median_ms": the median gap over all workers}, or None (not traced, or no worker
     with two chunks)."""
     spans = {}
-    for line in output.splitlines():
-        m = TIMELINE.search(line)
-        if not m:
-            continue
-        f = {}
-        for item in m.group(3).split(", "):
-            k, _, v = item.partition(" ")
-            f[k] = [float(x) for x in re.findall(r"\d+(?:\.\d+)?", v)]   # (ms since the start: never negative)
+    for rank, _, f in device_timelines(output):
         if "compute" in f:
-            start = f["first_launch"][0] if "first_launch" in f else f["compute"][0]
-            spans.setdefault(int(m.group(1)), []).append((start, f["compute"][1]))
+            spans.setdefault(rank, []).append((f.get("first_launch", f["compute"][0]), f["compute"][1]))
     per, gaps = {}, []
     for rank, sp in sorted(spans.items()):
         if len(sp) < 2:
