@@ -4,9 +4,12 @@ where each product waits for the one before it (decode_products.py times one pro
 18: picks it measured faster made whole jobs slower).
 
     python3 benchmarks/decode_step_bench.py [--rows 137,546,1024,1536,2048] [--ctx 24,400] [--reps 30] [--out DIR]
+                                            [--configs picks,...]
 
 Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
-N rows instead of picks.PINGPONG_FROM: 256 and 512). GPT-2 124M shapes, seeded
+N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" / "attn-keys-8" (decode attention under
+ATTENTION_LONG_FROM positions always with 1 / 8 key steps loaded ahead); "ln-plain" / "ln-prefetch" (layer norm
+always without / with its weights loaded with the row). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
 replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
 """
@@ -36,6 +39,7 @@ def main():
     ap.add_argument("--rows", default="137,546,1024,1536,2048")
     ap.add_argument("--ctx", default="24,400")
     ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--configs", default="picks,pp-from-256,pp-from-512", help="which of the configurations to run")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
     from gpt2job.backends.cuda.backend import CudaBackend
@@ -49,7 +53,11 @@ def main():
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
-    configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512)}
+    configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512),
+               "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig}
+    configs = {name: configs[name] for name in a.configs.split(",")}
+    kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0}, "attn-keys-8": {"ATTENTION_SHORT_WARPS": 1 << 20},
+                    "ln-plain": {"LN_PREFETCH_ROWS": -1}, "ln-prefetch": {"LN_PREFETCH_ROWS": 1 << 30}}
     greedy = SamplingSettings()
     rng = np.random.default_rng(0)
     res = []
@@ -65,6 +73,9 @@ def main():
                 base = None
                 for name, pick in configs.items():
                     k.pick_f16 = pick
+                    for attr in ("ATTENTION_SHORT_WARPS", "LN_PREFETCH_ROWS"):
+                        k.__dict__.pop(attr, None)        # the class's value
+                    k.__dict__.update(kernel_attrs.get(name, {}))
 
                     def step():
                         x = model.forward(n, tok, pos, seq, 0, S, kv)

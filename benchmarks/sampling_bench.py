@@ -1,7 +1,7 @@
 """Device time of token selection on a decode step's logits [R, V] (cuda_src/sampling.cu), per settings case:
 the greedy argmax, job-wide sampling (sample_rows) and per-row settings (sample_rows_params, w2mix's mix).
 
-  python3 benchmarks/sampling_bench.py [--rows 1024] [--repeats 5] [--out DIR]
+  python3 benchmarks/sampling_bench.py [--rows 1024] [--repeats 5] [--out DIR] [--only CASE-TEXT]
 
 Logits are seeded normals: "flat" (std 0.55, what a randomly initialised GPT-2 gives) and "peaky" (std 3).
 Bytes: one read of the logits is R * V * 4; a kernel that needs several passes reads them several times (mostly
@@ -25,6 +25,7 @@ def main():
     ap.add_argument("--vocab", type=int, default=50257)
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--only", default="", help="run only the cases whose name contains this text (for a profiler)")
     a = ap.parse_args()
     from gpt2job.backends.cuda.rows import RowSel
     with pycuda_kernels() as (drv, K):
@@ -80,6 +81,8 @@ def main():
             host = (rng.standard_normal((R, V), dtype=np.float32) * std).astype(np.float32)
             lg = gpu(host)
             for name, fn in cases:
+                if a.only not in name:
+                    continue
                 ms, times = event_ms(drv, lambda: fn(lg), a.repeats)
                 gbs = R * V * 4 / (ms * 1e-3) / 1e9
                 print(f"{dist:<6} {name:<26} {ms:>8.3f} {gbs:>7.0f}", flush=True)

@@ -54,7 +54,10 @@ __device__ __forceinline__ void store4(__half* p, float a, float b, float c, flo
 }
 
 // One warp per row: out[r] = (x[in] - mean) / sqrt(var + eps) * w + b, in = rowidx ? rowidx[r] - idx_base : r.
-template <typename OutT>
+// PREFETCH: the weight and bias loads are issued with the row's, so that a step of few rows does not wait for
+// their latency again after the statistics (48 more registers: slower on a few thousand rows; Kernels.layernorm).
+// The same arithmetic either way.
+template <typename OutT, bool PREFETCH>
 __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, const int* __restrict__ rowidx, int idx_base,
                                                const float* __restrict__ w, const float* __restrict__ b,
                                                OutT* __restrict__ out, int R, int C, float eps)
@@ -68,14 +71,21 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
     if ((C & 3) == 0 && C <= 32 * 4 * LN_NV) {
         // fast path: the row held in registers (16-byte loads), two-pass statistics from registers
         const int C4 = C >> 2;
-        float4 v[LN_NV];
+        constexpr int NW = PREFETCH ? LN_NV : 1;
+        float4 v[LN_NV], ww[NW], bb[NW];
+        const float4 zero = make_float4(0.f, 0.f, 0.f, 0.f);
         float s = 0.f;
 #pragma unroll
         for (int i = 0; i < LN_NV; i++) {
             const int c4 = lane + 32 * i;
-            v[i] = c4 < C4 ? reinterpret_cast<const float4*>(xr)[c4] : make_float4(0.f, 0.f, 0.f, 0.f);
-            s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
+            v[i] = c4 < C4 ? reinterpret_cast<const float4*>(xr)[c4] : zero;
+            if constexpr (PREFETCH) {
+                ww[i] = c4 < C4 ? reinterpret_cast<const float4*>(w)[c4] : zero;
+                bb[i] = c4 < C4 ? reinterpret_cast<const float4*>(b)[c4] : zero;
+            }
         }
+#pragma unroll
+        for (int i = 0; i < LN_NV; i++) s += (v[i].x + v[i].y) + (v[i].z + v[i].w);
         const float mean = warp_sum(s) / (float)C;
         float q = 0.f;
 #pragma unroll
@@ -91,9 +101,11 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
         for (int i = 0; i < LN_NV; i++) {
             const int c4 = lane + 32 * i;
             if (c4 < C4) {
-                const float4 ww = reinterpret_cast<const float4*>(w)[c4], bb = reinterpret_cast<const float4*>(b)[c4];
-                store4(o + 4 * c4, (v[i].x - mean) / den * ww.x + bb.x, (v[i].y - mean) / den * ww.y + bb.y,
-                       (v[i].z - mean) / den * ww.z + bb.z, (v[i].w - mean) / den * ww.w + bb.w);
+                float4 wi, bi;
+                if constexpr (PREFETCH) { wi = ww[i]; bi = bb[i]; }
+                else { wi = reinterpret_cast<const float4*>(w)[c4]; bi = reinterpret_cast<const float4*>(b)[c4]; }
+                store4(o + 4 * c4, (v[i].x - mean) / den * wi.x + bi.x, (v[i].y - mean) / den * wi.y + bi.y,
+                       (v[i].z - mean) / den * wi.z + bi.z, (v[i].w - mean) / den * wi.w + bi.w);
             }
         }
         return;
@@ -108,13 +120,14 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
     for (int c = lane; c < C; c += 32) o[c] = from_f<OutT>((xr[c] - mean) / den * w[c] + b[c]);
 }
 
-extern "C" __global__ void layernorm_f32(const float* x, const int* rowidx, int idx_base, const float* w, const float* b,
-                                         float* out, int R, int C, float eps)
-{ layernorm_impl<float>(x, rowidx, idx_base, w, b, out, R, C, eps); }
-
-extern "C" __global__ void layernorm_f16(const float* x, const int* rowidx, int idx_base, const float* w, const float* b,
-                                         __half* out, int R, int C, float eps)
-{ layernorm_impl<__half>(x, rowidx, idx_base, w, b, out, R, C, eps); }
+#define DEF_LAYERNORM(NAME, OutT, PREFETCH)                                                                    \
+    extern "C" __global__ void NAME(const float* x, const int* rowidx, int idx_base, const float* w, const float* b, \
+                                    OutT* out, int R, int C, float eps)                                         \
+    { layernorm_impl<OutT, PREFETCH>(x, rowidx, idx_base, w, b, out, R, C, eps); }
+DEF_LAYERNORM(layernorm_f32, float, false)
+DEF_LAYERNORM(layernorm_f16, __half, false)
+DEF_LAYERNORM(layernorm_prefetch_f32, float, true)
+DEF_LAYERNORM(layernorm_prefetch_f16, __half, true)
 
 // Shared prompt prefixes (gpt2job/backends/cuda/prefix_share.py): for each entry {dst, src, pos} of ent [n, 3],
 // copy the key and value rows at position pos of cache slot src - slot_base into slot dst - slot_base (kc, vc:
@@ -339,6 +352,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
+    // KEYS 8 (fp16): a short context's keys all in one round of loads, for steps whose warps fit on the SMs at once.
     const int nit = (p + G) / G;
     auto step = [&](bool ok, const float* kf, const float* vf) {
         float s = 0.f;
@@ -419,3 +433,4 @@ DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1)
 DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4)    // long contexts (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4)
+DEF_ATTENTION_GROUPED(attention_grouped_short_f16, __half, 8)  // short contexts, few rows (Kernels.attention)

@@ -285,9 +285,12 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
 
 @pytest.mark.parametrize("C", [64, 768, 1600, 37])
 @pytest.mark.parametrize("half", [False, True])
-def test_layernorm(K, C, half):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_layernorm(K, C, half, prefetch, monkeypatch):
     """Rows of variance ~9 and, every third row, of variance ~1e-6 (mean 0: no cancellation), where the epsilon (1e-5)
-    sets the scale: a missing or misplaced epsilon gives those rows 3x the output. Each row against float64."""
+    sets the scale: a missing or misplaced epsilon gives those rows 3x the output. Each row against float64; the
+    kernel that loads the weights with the row (decode steps) and the other one bitwise the same."""
+    monkeypatch.setattr(K, "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
     R, Rin = 45, 60
     x = (RNG.standard_normal((Rin, C), dtype=np.float32) * 3 + 1).astype(np.float32)
     x[::3] = RNG.standard_normal((len(x[::3]), C), dtype=np.float32) * np.float32(1e-3)
@@ -301,6 +304,12 @@ def test_layernorm(K, C, half):
         K.layernorm(None, half, gpu(x), gpu(rowidx) if rowidx is not None else None, base, gpu(w), gpu(b), out, R, C,
                     1e-5)
         got = back(out, (R, C), odt)
+        monkeypatch.setattr(K, "LN_PREFETCH_ROWS", -1 if prefetch else 1 << 30)
+        other = poisoned((R, C), odt)
+        K.layernorm(None, half, gpu(x), gpu(rowidx) if rowidx is not None else None, base, gpu(w), gpu(b), other, R,
+                    C, 1e-5)
+        monkeypatch.setattr(K, "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
+        np.testing.assert_array_equal(back(other, (R, C), odt), got)
         ref = reference.layer_norm(src.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5)
         low = src.var(axis=1) < 1e-4
         assert low.sum() >= 8
@@ -342,13 +351,16 @@ def test_half_weights(K, K_, N):
 @pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
                                           (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("keys", [1, 4])
+@pytest.mark.parametrize("keys", [1, 4, 8])
 def test_attention(K, H, D, grouped, half, keys):
     """Ragged prefill of several prompts, then one decode step, against reference.attention (each row's key and
-    value put into the cache first, as the QKV product's EPI_QKV epilogue does); the grouped kernel with 1 and 4 key
-    steps loaded ahead (Kernels.attention picks by the cache's length)."""
+    value put into the cache first, as the QKV product's EPI_QKV epilogue does); the grouped kernel with 1, 4 and
+    (fp16) 8 key steps loaded ahead (Kernels.attention picks by the cache's length and the step's warps), each
+    bitwise the same as with 1."""
     if not grouped and keys != 1:
         pytest.skip("the lane-per-key kernel has one form")
+    if keys == 8 and not half:
+        pytest.skip("8 key steps ahead: fp16 only")
     C = H * D
     lens = RNG.integers(1, 70, 5)
     nsl, S = len(lens), int(lens.max()) + 2
@@ -373,6 +385,11 @@ def test_attention(K, H, D, grouped, half, keys):
         K.attention(None, half, g_qkv, gpu(kc_h), gpu(vc_h), g_seq, slot_base, g_pos, out, R, H, D, S, scale,
                     grouped=grouped, keys=keys if grouped else None)
         got = back(out, (R, C), dt).astype(np.float32)
+        if grouped and keys != 1:
+            one = poisoned((R, C), dt)
+            K.attention(None, half, g_qkv, gpu(kc_h), gpu(vc_h), g_seq, slot_base, g_pos, one, R, H, D, S, scale,
+                        grouped=True, keys=1)
+            np.testing.assert_array_equal(back(one, (R, C), dt).astype(np.float32), got)
         q32 = qkv.astype(np.float32)
         for r in range(R):
             ref_k[seq[r], :, pos[r]] = q32[r, C:2 * C].reshape(H, D)

@@ -308,13 +308,20 @@ class Kernels(SelectKernels):
         if n:
             self.launch(self.HALF_OF, (min((n + 255) // 256, 4096), 1, 1), stream, a, out, int(n))
 
-    LAYERNORM = {False: _kernel("layernorm_f32", "transformer.cu", "PPiPPPiif", 256),
-                 True: _kernel("layernorm_f16", "transformer.cu", "PPiPPPiif", 256)}
+    LN_ROWS = 8   # rows (warps) a layer-norm block
+    LAYERNORM = {(False, False): _kernel("layernorm_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (True, False): _kernel("layernorm_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (False, True): _kernel("layernorm_prefetch_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (True, True): _kernel("layernorm_prefetch_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS)}
+    LN_PREFETCH_ROWS = 1024   # up to this many rows, the kernel that loads the weights with the row (decode steps of
+                              # 137-1,024 rows 8-2% faster, 2,048 rows 1.5% slower: RESULTS.md, session 25)
 
     def layernorm(self, stream, half, x, rowidx, idx_base, w, b, out, R, C, eps):
+        """out [R, C] = layer norm of x's rows (row i: x row rowidx[i] - idx_base when rowidx is given, else row i),
+        reference.layer_norm; the same results from either kernel."""
         if R:
-            self.launch(self.LAYERNORM[half], ((R + 7) // 8, 1, 1), stream, x, rowidx, idx_base, w, b, out, R, C,
-                        np.float32(eps))
+            self.launch(self.LAYERNORM[half, R <= self.LN_PREFETCH_ROWS], (-(-R // self.LN_ROWS), 1, 1), stream, x,
+                        rowidx, idx_base, w, b, out, R, C, np.float32(eps))
 
     KV_COPY = {False: _kernel("kv_copy_f32", "transformer.cu", "PiiPPii", 128),
                True: _kernel("kv_copy_f16", "transformer.cu", "PiiPPii", 128)}
@@ -329,15 +336,19 @@ class Kernels(SelectKernels):
                  (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
+                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
     ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1
                                 # (W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, session 19)
+    ATTENTION_SHORT_WARPS = 16  # fp16, S under ATTENTION_LONG_FROM: all key steps loaded at once (8 ahead) while the
+                                # step's warps fit this many an SM (RESULTS.md, session 25)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
         16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps
-        loaded ahead, 1 or 4 (default: 4 from ATTENTION_LONG_FROM cache positions). Each gives the same results."""
+        loaded ahead, 1, 4 or 8 (fp16) (default: 4 from ATTENTION_LONG_FROM cache positions, else 8 for fp16 steps of
+        at most ATTENTION_SHORT_WARPS warps an SM, else 1). Each gives the same results."""
         if R:
             assert D <= 128
             if grouped is None:
@@ -345,9 +356,10 @@ class Kernels(SelectKernels):
             assert not grouped or D in (8, 16, 32, 64, 128)
             if not grouped:
                 keys = 0
-            elif keys is None:
-                keys = 4 if S >= self.ATTENTION_LONG_FROM else 1
             nw = R * H
+            if grouped and keys is None:
+                keys = 4 if S >= self.ATTENTION_LONG_FROM else \
+                    8 if half and nw <= self.ATTENTION_SHORT_WARPS * self.n_sm else 1
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
 
