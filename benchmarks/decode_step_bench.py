@@ -9,7 +9,8 @@ where each product waits for the one before it (decode_products.py times one pro
 Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
 N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" / "attn-keys-8" (decode attention under
 ATTENTION_LONG_FROM positions always with 1 / 8 key steps loaded ahead); "ln-plain" / "ln-prefetch" (layer norm
-always without / with its weights loaded with the row). GPT-2 124M shapes, seeded
+always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
+picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
 replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
 """
@@ -34,6 +35,14 @@ def pingpong_from(orig, lo):
     return pick
 
 
+def swapped(orig, swaps):
+    """orig (the picker's pick_f16), with each pick named in swaps replaced by its value."""
+    def pick(M, N, out_half=True, K=768):
+        v = orig(M, N, out_half, K)
+        return swaps.get(v, v)
+    return pick
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", default="137,546,1024,1536,2048")
@@ -54,7 +63,8 @@ def main():
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
     configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512),
-               "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig}
+               "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig,
+               "k64": swapped(orig, {"t32x32k128s4": "t32x32k64s8", "t32x64k128s4": "t32x64k64s4"})}
     configs = {name: configs[name] for name in a.configs.split(",")}
     kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0}, "attn-keys-8": {"ATTENTION_SHORT_WARPS": 1 << 20},
                     "ln-plain": {"LN_PREFETCH_ROWS": -1}, "ln-prefetch": {"LN_PREFETCH_ROWS": 1 << 30}}

@@ -152,10 +152,12 @@ def check_decode_and_mid_picks(k):
     """The picks under 8,192 rows of GPT-2 124M's four layer products (QKV, attention out, MLP up, MLP down)."""
     layer = ((2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
-    assert [k.pick_f16(546, *p) for p in layer] == ["t64x128k64s4", "t32x64k64s4"] * 2
+    # on 128-wide k slices where the 32x64 blocks fit two an SM at once (session 25)
+    assert [k.pick_f16(546, *p) for p in layer] == ["t64x128k64s4", "t32x64k128s4"] * 2
+    assert [k.pick_f16(256, *p) for p in layer] == ["t32x64k64s4", "t32x64k128s4"] * 2
     # ... and 32x32 tiles where they fit on the SMs in one wave (session 17)
-    assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k64s4", "t32x32k64s8"] * 2
-    assert k.pick_f16(160, 768, False, 768) == "t32x32k64s8" and k.pick_f16(161, 768, False, 768) == "t32x64k64s4"
+    assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k128s4", "t32x32k128s4"] * 2
+    assert k.pick_f16(160, 768, False, 768) == "t32x32k128s4" and k.pick_f16(161, 768, False, 768) == "t32x64k128s4"
     # prefill passes and decode steps of 1,024-8,191 rows: the ping-pong kernel where compiled (session 20), else
     # from 1,800 rows staged, residual adds on 128x128 tiles (session 17)
     if "tma128pp" in k.variants:
@@ -173,7 +175,7 @@ def test_tile_picks_are_the_ones_measured_fastest():
     for M, N, half, K in ((131072, 2304, True, 768), (8192, 768, False, 3072), (8192, 3072, True, 768),
                           (1024, 768, False, 768)):
         assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows
-    assert k.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"
+    assert k.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
     assert k.pick_f16(8192, 50257, False, 768) == "tma128"   # the LM head is not staged
     check_decode_and_mid_picks(k)
     k = picker(tma_staged=False)

@@ -103,6 +103,8 @@ F16_TILES = {t.name: t for t in (
     _mma("t64x64k64s4", 7, 64, 64, 64, 32, 32, 4),
     _mma("t32x64k64s4", 8, 32, 64, 64, 32, 16, 4),
     _mma("t32x32k64s8", 9, 32, 32, 64, 16, 16, 8),
+    _mma("t32x32k128s4", 10, 32, 32, 128, 16, 16, 4),
+    _mma("t32x64k128s4", 11, 32, 64, 128, 32, 16, 4),
     # 128x128x64, 2 warpgroups of wgmma m64n128k16, 3 cp.async stages (+1 KB alignment)
     F16Tile("wgmma", "wgmma", 128, 128, 128, 256, 99328, 99328, (), "sm_90a"),
     # TMA loads, mbarrier pipeline, 2 consumer warpgroups of wgmma m64nBNk16 + 1 producer warp
@@ -124,7 +126,7 @@ F16_TILES = {t.name: t for t in (
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "tma128pp", "wgmma", "t128x128k64s3",
-               "t64x128k64s4", "t32x64k64s4", "t32x32k64s8")
+               "t64x128k64s4", "t32x64k64s4", "t32x64k128s4", "t32x32k128s4")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 
