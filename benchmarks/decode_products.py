@@ -53,7 +53,8 @@ def gpu_ms(calls, reps, torch):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--m", default="137,546,1024,2048")
-    ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4,t32x32k64s8")
+    ap.add_argument("--variants", default="t64x128k64s4,tma128,wgmma,t64x64k64s4,t32x64k64s4,t32x64k128s4,"
+                                          "t32x32k128s4,t32x32k64s8")
     ap.add_argument("--shapes", default="qkv,attn_out,mlp_up,mlp_down", help="of " + ",".join(MODES))
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--copies", type=int, default=0, help="weight copies (0: twice the L2's 50 MB, at least 12)")

@@ -12,7 +12,7 @@ ATTENTION_LONG_FROM positions always with 1 / 8 key steps loaded ahead); "ln-pla
 always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
 picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
-replays) and the ratio to "picks"; JSON lines to OUT/decode_step.jsonl.
+replays) and the ratio to the first of --configs; JSON lines to OUT/decode_step.jsonl.
 """
 import argparse
 import json

@@ -13,7 +13,9 @@ for c in $CASES; do
         python3 benchmarks/decode_step_bench.py --configs picks --rows "$r" --ctx "$x" --reps 1 --out /tmp/ncu-x \
         > "$OUT/step-$r-$x.csv" 2> "$OUT/step-$r-$x.err"
     echo "ncu rc=$?"
-    python3 benchmarks/ncu_step.py "$OUT/step-$r-$x.csv" --steps 5 --label "$r rows ctx $x" | tee -a "$OUT/ncu_step.txt" | head -30
+    python3 benchmarks/ncu_step.py "$OUT/step-$r-$x.csv" --steps 5 --label "$r rows ctx $x" > "$OUT/step-$r-$x.txt"
+    cat "$OUT/step-$r-$x.txt" >> "$OUT/ncu_step.txt"
+    head -30 "$OUT/step-$r-$x.txt"
 done
 SECT="--section SpeedOfLight --section ComputeWorkloadAnalysis --section WarpStateStats --section SchedulerStats --section InstructionStats --section MemoryWorkloadAnalysis"
 timeout 200 ncu --clock-control none -k regex:sample_rows_params --launch-count 1 $SECT \

@@ -320,8 +320,8 @@ DEF_GEMM_F16(gemm_f16_t32x64k64s4, 32, 64, 64, 32, 16, 4, 4)
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 9
 DEF_GEMM_F16(gemm_f16_t32x32k64s8, 32, 32, 64, 16, 16, 8, 4)
 #endif
-// the narrow decode tiles with 128-wide k slices: half the K loop's iterations and barriers (a step of ~137 rows
-// 6% faster); 32x64 only while its blocks fit on the SMs at once, two an SM (picks.py)
+// the narrow decode tiles with 128-wide k slices: half the K loop's iterations and barriers, which bound a decode
+// product whose blocks all run at once; 32x64 only while its blocks fit on the SMs at once, two an SM (picks.py)
 #if !defined(GEMM_F16_PART) || GEMM_F16_PART == 10
 DEF_GEMM_F16(gemm_f16_t32x32k128s4, 32, 32, 128, 16, 16, 4, 3)
 #endif

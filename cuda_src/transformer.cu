@@ -55,8 +55,8 @@ __device__ __forceinline__ void store4(__half* p, float a, float b, float c, flo
 
 // One warp per row: out[r] = (x[in] - mean) / sqrt(var + eps) * w + b, in = rowidx ? rowidx[r] - idx_base : r.
 // PREFETCH: the weight and bias loads are issued with the row's, so that a step of few rows does not wait for
-// their latency again after the statistics (48 more registers: slower on a few thousand rows; Kernels.layernorm).
-// The same arithmetic either way.
+// their latency again after the statistics (51 more registers: picked for a decode step's rows only,
+// Kernels.layernorm). The same arithmetic either way.
 template <typename OutT, bool PREFETCH>
 __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, const int* __restrict__ rowidx, int idx_base,
                                                const float* __restrict__ w, const float* __restrict__ b,
@@ -326,7 +326,7 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// KEYS: key steps of a group whose loads are issued together (1 or 4, see the loop)
+// KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop)
 template <typename T, int KEYS>
 __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
                                                        const T* __restrict__ vc, const int* __restrict__ row_slot,
@@ -352,7 +352,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
-    // KEYS 8 (fp16): a short context's keys all in one round of loads, for steps whose warps fit on the SMs at once.
+    // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the SMs
+    // at once.
     const int nit = (p + G) / G;
     auto step = [&](bool ok, const float* kf, const float* vf) {
         float s = 0.f;

@@ -176,6 +176,12 @@ def test_tile_picks_are_the_ones_measured_fastest():
                           (1024, 768, False, 768)):
         assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows
     assert k.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
+    # a variant list without the 128-wide k-slice tiles (the default before session 25): their 64-wide twins
+    old = [v for v in F16_TILES if v not in ("t32x32k128s4", "t32x64k128s4")]
+    k_old = picker(old)
+    assert k_old.pick_f16(137, 768, False, 3072) == "t32x32k64s8"
+    assert k_old.pick_f16(137, 3072, True, 768) == "t32x64k64s4"
+    assert k_old.pick_f16(546, 768, False, 768) == "t32x64k64s4"
     assert k.pick_f16(8192, 50257, False, 768) == "tma128"   # the LM head is not staged
     check_decode_and_mid_picks(k)
     k = picker(tma_staged=False)
@@ -509,6 +515,22 @@ def test_decode_attention_kernel_by_cache_length():
         "attention_grouped_long_f16", "attention_grouped_long_f32", "attention_f16", "attention_grouped_short_f16",
         "attention_grouped_f16", "attention_grouped_f32"]
     assert launched[0][1] == (30, 1, 1) and launched[0][2] == 24     # 10 rows x 12 heads, 4 warps a block
+
+
+def test_layer_norm_kernel_by_rows():
+    """Up to LN_PREFETCH_ROWS rows (decode steps) the layer norm that loads its weights with the row, above the
+    other (fewer registers); fp16 and fp32 alike, 8 rows a block."""
+    from gpt2job.backends.cuda.kernels import Kernels
+    k = object.__new__(Kernels)
+    launched = []
+    k.launch = lambda kernel, grid, stream, *args: launched.append((kernel.name, grid))
+    for half in (True, False):
+        for R in (1, Kernels.LN_PREFETCH_ROWS, Kernels.LN_PREFETCH_ROWS + 1):
+            k.layernorm(None, half, 1, None, 0, 2, 3, 4, R, 768, 1e-5)
+    k.layernorm(None, True, 1, None, 0, 2, 3, 4, 0, 768, 1e-5)                # no rows: no launch
+    assert launched == [("layernorm_prefetch_f16", (1, 1, 1)), ("layernorm_prefetch_f16", (128, 1, 1)),
+                        ("layernorm_f16", (129, 1, 1)), ("layernorm_prefetch_f32", (1, 1, 1)),
+                        ("layernorm_prefetch_f32", (128, 1, 1)), ("layernorm_f32", (129, 1, 1))]
 
 
 def test_gpu_sampling_refuses_a_vocabulary_its_bucket_sums_cannot_hold():

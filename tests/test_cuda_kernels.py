@@ -289,8 +289,9 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
 def test_layernorm(K, C, half, prefetch, monkeypatch):
     """Rows of variance ~9 and, every third row, of variance ~1e-6 (mean 0: no cancellation), where the epsilon (1e-5)
     sets the scale: a missing or misplaced epsilon gives those rows 3x the output. Each row against float64; the
-    kernel that loads the weights with the row (decode steps) and the other one bitwise the same."""
-    monkeypatch.setattr(K, "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
+    kernel that loads the weights with the row (decode steps) and the other one bitwise the same (C 64 and 768: the
+    fast path, where they differ; C 1600 and 37 take the same path in both)."""
+    monkeypatch.setattr(type(K), "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
     R, Rin = 45, 60
     x = (RNG.standard_normal((Rin, C), dtype=np.float32) * 3 + 1).astype(np.float32)
     x[::3] = RNG.standard_normal((len(x[::3]), C), dtype=np.float32) * np.float32(1e-3)
@@ -304,11 +305,11 @@ def test_layernorm(K, C, half, prefetch, monkeypatch):
         K.layernorm(None, half, gpu(x), gpu(rowidx) if rowidx is not None else None, base, gpu(w), gpu(b), out, R, C,
                     1e-5)
         got = back(out, (R, C), odt)
-        monkeypatch.setattr(K, "LN_PREFETCH_ROWS", -1 if prefetch else 1 << 30)
+        monkeypatch.setattr(type(K), "LN_PREFETCH_ROWS", -1 if prefetch else 1 << 30)
         other = poisoned((R, C), odt)
         K.layernorm(None, half, gpu(x), gpu(rowidx) if rowidx is not None else None, base, gpu(w), gpu(b), other, R,
                     C, 1e-5)
-        monkeypatch.setattr(K, "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
+        monkeypatch.setattr(type(K), "LN_PREFETCH_ROWS", 1 << 30 if prefetch else -1)
         np.testing.assert_array_equal(back(other, (R, C), odt), got)
         ref = reference.layer_norm(src.astype(np.float64), w.astype(np.float64), b.astype(np.float64), 1e-5)
         low = src.var(axis=1) < 1e-4

@@ -315,8 +315,8 @@ class Kernels(SelectKernels):
                  (True, False): _kernel("layernorm_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
                  (False, True): _kernel("layernorm_prefetch_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
                  (True, True): _kernel("layernorm_prefetch_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS)}
-    LN_PREFETCH_ROWS = 1024   # up to this many rows, the kernel that loads the weights with the row (decode steps of
-                              # 137-1,024 rows 8-2% faster, 2,048 rows 1.5% slower: RESULTS.md, session 25)
+    LN_PREFETCH_ROWS = 1024   # up to this many rows (decode steps), the kernel that loads the weights with the row:
+                              # faster there; larger passes not measured in whole jobs (RESULTS.md, session 25)
 
     def layernorm(self, stream, half, x, rowidx, idx_base, w, b, out, R, C, eps):
         """out [R, C] = layer norm of x's rows (row i: x row rowidx[i] - idx_base when rowidx is given, else row i),
@@ -342,8 +342,8 @@ class Kernels(SelectKernels):
                  (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
     ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1
                                 # (W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, session 19)
-    ATTENTION_SHORT_WARPS = 16  # fp16, S under ATTENTION_LONG_FROM: all key steps loaded at once (8 ahead) while the
-                                # step's warps fit this many an SM (RESULTS.md, session 25)
+    ATTENTION_SHORT_WARPS = 16  # fp16, S under ATTENTION_LONG_FROM: 8 key steps loaded at once (a round of loads, not
+                                # 8) while the step's warps fit this many an SM (RESULTS.md, session 25)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):

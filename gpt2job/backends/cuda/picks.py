@@ -6,7 +6,8 @@ names of the compiled variants, the GPU's SM count and the kernel options."""
 NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) ...
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 NARROW_K128 = "t32x64k128s4"  # ... its twin on 128-wide k slices where its blocks fit on the SMs in one wave, two an SM
-NARROWEST = "t32x32k128s4"  # ... and of products whose 32x32 tiles fit on the SMs in one wave
+NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 tiles fit on the SMs in one wave: the
+                                              # first compiled (the second: the default until session 25)
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows
 
@@ -25,11 +26,10 @@ class TilePicker:
         (plain tma128), float outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows;
         the LM head is not staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync
         128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles,
-        wgmma from 4, else mma.sync; under 4,096 rows (decode steps) the NARROWEST tile where its blocks fit on the
+        wgmma from 4, else mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks fit on the
         SMs at once, else the NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to NARROW_OUTPUTS
-        outputs, else tma128 for K >= 2048, t64x128k64s4
-        under 1,024 rows, else wgmma. Variants not compiled are skipped; options.tma_persistent takes the persistent
-        twin of the pick where compiled."""
+        outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are
+        skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
@@ -74,14 +74,14 @@ class TilePicker:
         # decode-sized products (RESULTS.md, sessions 13 and 15: GPU times at 137-2,048 rows, then whole jobs);
         # prefill passes this small take the same picks. Up to ~800k outputs a product makes too few larger tiles to
         # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows); 32x32
-        # tiles with 8 stages where they make at most one block per SM (session 17: 137 x 768 products 23-30% faster;
-        # with more blocks than SMs they were slower)
-        # with 128-wide k slices (session 25: half the K loop's barriers; a 137-row step 6% faster; 32x64 blocks
-        # in two waves made a 256-row step 10% slower)
+        # tiles where they make at most one block per SM (session 17; with more blocks than SMs they were slower).
+        # Both on 128-wide k slices where their blocks still fit on the SMs at once (session 25: half the K loop's
+        # barriers; 32x64 blocks in two waves made steps slower)
         if M < 4096:
             one_wave = -(-M // 32) * -(-N // 32) <= self.n_sm      # of 32x32 blocks
             narrow = NARROW_K128 if -(-M // 32) * -(-N // 64) <= 2 * self.n_sm and NARROW_K128 in vs else NARROW
-            small = NARROWEST if one_wave and NARROWEST in vs else \
+            narrowest = next((v for v in NARROWEST if v in vs), None)
+            small = narrowest if one_wave and narrowest else \
                 narrow if M * N <= NARROW_OUTPUTS and narrow in vs else \
                 "tma128" if K >= 2048 else "t64x128k64s4" if M < 1024 else "wgmma"
             if small in vs:
