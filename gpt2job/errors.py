@@ -1,4 +1,5 @@
 """User-facing errors: one clear line naming the file, the field and the fix (exit code 2)."""
+import re
 
 
 class UserError(Exception):
@@ -38,12 +39,12 @@ def errno_of(e):
     none); None when neither says."""
     code = getattr(e, "errno", None)
     if not code:
-        import re
         m = re.search(r"errno = (\d+)", str(e))
         code = int(m.group(1)) if m else None
     return code or None
 
 
 def first_line(e, limit=120):
-    """An exception's message for a one-line error: its first line (at most limit characters), or its type's name."""
-    return str(e).splitlines()[0][:limit] if str(e) else type(e).__name__
+    """An exception's message for a one-line error: its first line (at most limit characters), or its type's name
+    when that line is empty."""
+    return (str(e).splitlines() or [""])[0][:limit] or type(e).__name__

@@ -5,7 +5,7 @@ that dies with the master; errors as one line."""
 import os
 import struct
 
-from gpt2job.errors import errno_of
+from gpt2job.errors import errno_of, first_line
 
 MSG = struct.Struct("<cQ")
 PIPE_BYTES = 1 << 20          # a pipe's buffer (Linux allows up to 1 MiB unprivileged)
@@ -146,7 +146,7 @@ def units(msgs):
 def error_line(e):
     """'error ERRNO MESSAGE' for the master (ERRNO 0 when the error has none: HDF5 names it in its text, if at all)."""
     code = errno_of(e) or 0
-    msg = os.strerror(code) if code else ((str(e).splitlines() or [""])[0][:200] or type(e).__name__)
+    msg = os.strerror(code) if code else first_line(e, 200)
     return f"error {code} {msg}\n"
 
 
