@@ -10,7 +10,10 @@
 #   ab        benchmarks/ab_trees.py --features against $OLD: W1/W2 speed and tokens with none of the options (the
 #             >= 97% check), and the mixed-settings workload against W2 fp16 (>= 85%)
 #   profile   the per-kernel profile of one 546-prompt W1 chunk, fp16 (the small-chunk question of issue 14)
-#   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case (1,024 rows)
+#   sampling  benchmarks/sampling_bench.py: device time of token selection per settings case ($SAMPLING_ROWS rows,
+#             1,024), in $OLD first as stage sampling-old when SAMPLING_OLD=1
+#   step      benchmarks/decode_step_bench.py: one decode step replayed as a graph, per configuration ($STEP_CONFIGS,
+#             default picks; $STEP_ROWS, $STEP_CTX)
 #   mix       benchmarks/mix_breakdown.py: the mixed-settings workload with one setting taken away at a time
 #   mixprof   benchmarks/kernels_bench.py --mix: the mixed workload's chunk in-process, device time per kernel kind and
 #             per decode-step size, against W2's prompts with 128 new tokens
@@ -23,8 +26,8 @@
 #   writer    benchmarks/writer_ab.py: master_scale.py in $OLD and in this tree in turn (the output writer's rows/s)
 #   scale     benchmarks/reliability.py --scale: 10M W1-like rows through mpirun, a master and 15 synthetic workers
 #             (clean, killed at half and resumed, full disk), on this machine's cores
-# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, mix, mixprof, attn, small, load, products, master, writer,
-# scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
+# Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, step, mix, mixprof, attn, small, load, products, master,
+# writer, scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
 # (--features; empty: the A/B cases only), T_<STAGE> (seconds), SMALL_CONFIGS, SMALL_SIZES (small_chunks.py
 # --configs, --sizes), PRODUCTS_ARGS (decode_products.py's), PROFILE_PROMPTS (546), WRITER_ARGS (writer_ab.py's:
 # "--old . --new-layout flat" compares the output layouts), SCALE_LAYOUT (vlen; flat), SCALE_CLEAN_RUNS (1).
@@ -67,7 +70,15 @@ if has profile; then
         --profile-dtypes float16 --profile-prompts ${PROFILE_PROMPTS:-546}
 fi
 if has sampling; then
-    TAIL=20 stage sampling ${T_SAMPLING:-120} python3 benchmarks/sampling_bench.py --rows 1024 --out "$OUT"
+    if [ "${SAMPLING_OLD:-0}" = 1 ]; then
+        TAIL=20 stage sampling-old ${T_SAMPLING:-150} bash -c "cd '$OLD' && python3 benchmarks/sampling_bench.py \
+            --rows ${SAMPLING_ROWS:-1024} --out '$OUT/sampling-old'"
+    fi
+    TAIL=20 stage sampling ${T_SAMPLING:-150} python3 benchmarks/sampling_bench.py --rows ${SAMPLING_ROWS:-1024} --out "$OUT"
+fi
+if has step; then
+    TAIL=20 stage step ${T_STEP:-200} python3 benchmarks/decode_step_bench.py --configs ${STEP_CONFIGS:-picks} \
+        --rows ${STEP_ROWS:-137,546,1024,2048} --ctx ${STEP_CTX:-24,400} --out "$OUT"
 fi
 if has mix; then
     TAIL=8 stage mix ${T_MIX:-300} python3 benchmarks/mix_breakdown.py --repeats "$REPEATS" --out "$OUT"
@@ -107,6 +118,7 @@ if has scale; then
 fi
 echo
 echo "stage      rc"
-for s in tests vs-hf score ab profile sampling mix mixprof attn small load products master store writer scale; do
+for s in tests vs-hf score ab profile sampling-old sampling step mix mixprof attn small load products master store writer \
+    scale; do
     if [ -n "${RC[$s]}" ]; then printf '%-10s %s\n' "$s" "${RC[$s]}"; fi
 done

@@ -12,6 +12,7 @@
 
 #define SEL_THREADS 1024
 #define NB 256            // value buckets of a row (sample_block)
+#define SAMPLE_LIST 4096  // elements of a threshold bucket that bucket_key walks as a list rather than the row
 #define FULL 0xffffffffu
 __device__ __forceinline__ unsigned fkey(float f) {   // -0 and +0 one key: they compare equal as floats
     unsigned u = __float_as_uint(f);
@@ -128,6 +129,8 @@ struct SampleShared {
     unsigned cnt[NB];
     double sum[NB];
     unsigned fx[5][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
+    int list[SAMPLE_LIST];   // bucket_key: the threshold bucket's elements, collected once
+    unsigned nlist;
     int pick;             // pick_first: the entry picked
     double above;         //   the count / mass of the entries before it
     double target;        //   the target it used
@@ -192,8 +195,11 @@ __device__ void pick_first(SampleShared& sh, int n, bool rev, bool mass, double 
 
 // exp((double)v / T - zmax): a token's probability times the softmax denominator. Sums of these stand for sums of
 // probabilities everywhere below (the thresholds and the walk compare them with each other), so no division.
-__device__ __forceinline__ double escore(float v, double temperature, double zmax) {
-    return exp((double)v / temperature - zmax);
+// v / T is taken as v * (1 / T) (invt, one float64 fma with the subtraction instead of a division, about half of
+// this function's instructions): z differs from NumPy's v / T by at most an ulp, below what the order of the
+// float64 sums (a block scan here, a cumsum there) already changes.
+__device__ __forceinline__ double escore(float v, double invt, double zmax) {
+    return exp(fma((double)v, invt, -zmax));
 }
 
 // The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
@@ -240,44 +246,68 @@ __device__ __forceinline__ void flush_last(SampleShared& sh, unsigned n, double 
     if ((threadIdx.x & 31) == 0 && n) { atomicAdd(&sh.cnt[NB - 1], n); fx_add(sh, NB - 1, mass); }
 }
 
-// The key of the threshold inside value bucket b (sh.above: the count / mass of the buckets before it): radix passes
-// of 8 bits over the keys of the bucket's elements that count (top-k: every element; mass, top-p: keys >= kmin and
-// e > 0), from the highest bit where the bucket's keys differ; each pass picks, from the largest digit down, the
-// first where the running count / mass reaches target, as a selection over the whole row would.
+// The key of the threshold inside value bucket b (sh.above: the count / mass of the buckets before it; sh.cnt[b]: the
+// bucket's elements that count: top-k every element; mass, top-p: keys >= kmin and e > 0): radix passes of 8 bits
+// over those elements' keys, from the highest bit where they differ; each pass picks, from the largest digit down,
+// the first where the running count / mass reaches target, as a selection over the whole row would. A bucket of at
+// most SAMPLE_LIST such elements is collected in one pass over the row and the radix passes walk that list (the
+// row's passes were most of a sampled row's time); a larger one is read from the row each pass. The digits' masses
+// are summed in fixed point (fx_add), so the pick does not depend on the order of the adds.
 __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int b, bool mass, unsigned kmin,
-                               double temperature, double zmax, double target, SampleShared& sh)
+                               double invt, double zmax, double target, SampleShared& sh)
 {
     const int tid = threadIdx.x;
     double above = sh.above;
+    const bool listed = sh.cnt[b] <= SAMPLE_LIST;
+    if (tid == 0) sh.nlist = 0u;
+    __syncthreads();
+    // an element counts: in bucket b, and with mass a key >= kmin and e > 0 (as the histogram that picked b)
+    auto counts = [&](float v, unsigned k) {
+        return vbucket(v, mx, scale) == b && (!mass || (k >= kmin && escore(v, invt, zmax) > 0.0));
+    };
     unsigned hi = 0u, lo_inv = 0u;
     for (int i = tid; i < V; i += blockDim.x) {
         const float v = l[i];
-        if (vbucket(v, mx, scale) == b) { const unsigned k = fkey(v); hi = max(hi, k); lo_inv = max(lo_inv, ~k); }
+        const unsigned k = fkey(v);
+        if (!counts(v, k)) continue;
+        hi = max(hi, k);
+        lo_inv = max(lo_inv, ~k);
+        if (listed) sh.list[atomicAdd(&sh.nlist, 1u)] = i;
     }
     hi = block_max_u(hi, sh.redu);
     const unsigned lo = ~block_max_u(lo_inv, sh.redu);
     if (hi == lo) return hi;
+    const int n = (int)sh.nlist;                        // (final: block_max_u ended in barriers)
     int top = 31 - __clz(hi ^ lo);                       // the highest bit not decided
     unsigned prefix = hi & ~((2u << top) - 1u);          // top 31: 2u << 31 is 0, the mask 0
     while (top >= 0) {
         const int width = min(8, top + 1), shift = top + 1 - width;
         const unsigned fixed = ~((2u << top) - 1u);
-        for (int i = tid; i < NB; i += blockDim.x) { sh.cnt[i] = 0u; sh.sum[i] = 0.0; }
+        hist_clear(sh);
         __syncthreads();
-        for (int i = tid; i < V; i += blockDim.x) {
-            const float v = l[i];
-            const unsigned k = fkey(v);
-            if ((k & fixed) != prefix || vbucket(v, mx, scale) != b) continue;
+        auto add = [&](float v, unsigned k) {
             const unsigned d = (k >> shift) & ((1u << width) - 1u);
-            if (mass) {
-                if (k < kmin) continue;
-                const double e = escore(v, temperature, zmax);
-                if (!(e > 0.0)) continue;
-                atomicAdd(&sh.sum[d], e);
-            }
+            if (mass) fx_add(sh, d, escore(v, invt, zmax));
             atomicAdd(&sh.cnt[d], 1u);
+        };
+        if (listed) {
+            for (int j = tid; j < n; j += blockDim.x) {
+                const float v = l[sh.list[j]];
+                const unsigned k = fkey(v);
+                if ((k & fixed) == prefix) add(v, k);
+            }
+        } else {
+            for (int i = tid; i < V; i += blockDim.x) {
+                const float v = l[i];
+                const unsigned k = fkey(v);
+                if ((k & fixed) == prefix && counts(v, k)) add(v, k);
+            }
         }
         __syncthreads();
+        if (mass) {
+            hist_masses(sh);
+            __syncthreads();
+        }
         pick_first(sh, 1 << width, true, mass, above, target, 0.0);
         above = sh.above;
         prefix |= (unsigned)sh.pick << shift;
@@ -312,7 +342,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     const bool mass = topp && !topk;   // the top-p histogram in this pass (with top-k it needs the top-k key first)
     const bool cut = topk || topp;
     const bool need_e = mass || !cut;  // top-k alone needs no e until the walk over the kept few
-    const double zmax = (double)mx / temperature;
+    const double zmax = (double)mx / temperature, invt = 1.0 / temperature;
 
     // the segment's sum of e (float64, as NumPy); the histogram of the buckets: counts (top-k) or mass (top-p)
     hist_clear(sh);
@@ -321,7 +351,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     unsigned last_n = 0u;
     for (int i = i0; i < i1; i++) {
         const float v = l[i];
-        const double e = need_e ? escore(v, temperature, zmax) : 0.0;
+        const double e = need_e ? escore(v, invt, zmax) : 0.0;
         esum += e;
         if (topk || (mass && e > 0.0)) {
             const int b = vbucket(v, mx, scale);
@@ -340,7 +370,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     unsigned K = 0u;   // kept: key >= K
     if (topk) {        // the k-th largest key
         pick_first(sh, NB, false, false, 0.0, (double)top_k, 0.0);
-        K = bucket_key(l, V, mx, scale, sh.pick, false, 0u, temperature, zmax, (double)top_k, sh);
+        K = bucket_key(l, V, mx, scale, sh.pick, false, 0u, invt, zmax, (double)top_k, sh);
         __syncthreads();
     }
     if (topp) {        // the largest key whose kept mass at or above it reaches top_p * the kept mass
@@ -352,7 +382,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
             for (int i = tid; i < V; i += blockDim.x) {
                 const float v = l[i];
                 if (fkey(v) < K) continue;
-                const double e = escore(v, temperature, zmax);
+                const double e = escore(v, invt, zmax);
                 if (!(e > 0.0)) continue;
                 const int b = vbucket(v, mx, scale);
                 if (b == NB - 1) { last_n++; last_mass += e; continue; }
@@ -365,7 +395,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
             __syncthreads();
         }
         pick_first(sh, NB, false, true, 0.0, 0.0, top_p);
-        K = bucket_key(l, V, mx, scale, sh.pick, true, K, temperature, zmax, sh.target, sh);
+        K = bucket_key(l, V, mx, scale, sh.pick, true, K, invt, zmax, sh.target, sh);
         __syncthreads();
     }
 
@@ -374,7 +404,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     double local = esum;
     if (cut) {
         local = 0.0;
-        for (int i = i0; i < i1; i++) { const float v = l[i]; if (fkey(v) >= K) local += escore(v, temperature, zmax); }
+        for (int i = i0; i < i1; i++) { const float v = l[i]; if (fkey(v) >= K) local += escore(v, invt, zmax); }
     }
     const int lane = tid & 31, warp = tid >> 5;
     double incl = local;
@@ -396,7 +426,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
         for (int i = i0; i < i1; i++) {
             const float v = l[i];
             if (!cut || fkey(v) >= K) {
-                run += escore(v, temperature, zmax);
+                run += escore(v, invt, zmax);
                 if (run > x) { atomicMin(&sh.best, i); break; }
             }
         }

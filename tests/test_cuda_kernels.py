@@ -511,6 +511,24 @@ def test_sample_rows(K, s, V, dist, cache):
     np.testing.assert_array_equal(got, ref)
 
 
+@pytest.mark.parametrize("crowd", [4000, 4096, 4097, 12000])
+@pytest.mark.parametrize("s", [SamplingSettings(1.0, 2000, 1.0, 1), SamplingSettings(1.0, 0, 0.5, 2),
+                               SamplingSettings(0.5, 3000, 0.7, 3)])
+def test_sample_rows_crowded_bucket(K, s, crowd):
+    """The threshold's value bucket holds `crowd` elements (distinct logits within a 0.001 band, the rest 6 below):
+    up to sampling.cu's SAMPLE_LIST (4,096) bucket_key walks them as a list, above it reads the row in each radix
+    pass; both against model/sampling.py."""
+    R, V = 8, 50257
+    lg = np.full((R, V), -5.0, np.float32) + RNG.standard_normal((R, V), dtype=np.float32) * 0.1
+    for r in range(R):
+        idx = RNG.choice(V, crowd, replace=False)
+        lg[r, idx] = 1.0 + RNG.random(crowd, dtype=np.float32) * 1e-3
+    rows = np.arange(R, dtype=np.int64) * 3
+    out = poisoned(R, np.int32)
+    K.sample(None, gpu(lg), V, V, gpu(rows), 0, 5, s.seed, s.temperature, s.top_k, s.top_p, out, R)
+    np.testing.assert_array_equal(back(out, R, np.int32), sampling.select_tokens(lg, rows, 5, s))
+
+
 # ---------------------------------------------------------------- end to end
 
 def tiny_params(seed=0, **over):
