@@ -26,6 +26,7 @@
 #   writer    benchmarks/writer_ab.py: master_scale.py in $OLD and in this tree in turn (the output writer's rows/s)
 #   scale     benchmarks/reliability.py --scale: 10M W1-like rows through mpirun, a master and 15 synthetic workers
 #             (clean, killed at half and resumed, full disk), on this machine's cores
+# SMALL_FLAGS: small_chunks.py --flags (more job flags for every case, e.g. sampling).
 # Knobs: STAGES (tests,vs-hf,score,ab,profile; sampling, step, mix, mixprof, attn, small, load, products, master,
 # writer, scale only when named), OLD (../.old), REPEATS (2), ATTN_TREE, TESTS_K (a pytest -k expression), AB_ARGS
 # (--features; empty: the A/B cases only), T_<STAGE> (seconds), SMALL_CONFIGS, SMALL_SIZES (small_chunks.py
@@ -91,7 +92,7 @@ if has attn; then
 fi
 if has small; then
     TAIL=10 stage small ${T_SMALL:-400} python3 benchmarks/small_chunks.py --repeats "$REPEATS" --out "$OUT" \
-        ${SMALL_CONFIGS:+--configs "$SMALL_CONFIGS"} ${SMALL_SIZES:+--sizes "$SMALL_SIZES"}
+        ${SMALL_CONFIGS:+--configs "$SMALL_CONFIGS"} ${SMALL_SIZES:+--sizes "$SMALL_SIZES"} ${SMALL_FLAGS:+--flags "$SMALL_FLAGS"}
 fi
 if has load; then
     TAIL=8 stage load ${T_LOAD:-300} python3 benchmarks/load_bench.py --old "$OLD" --repeats "$REPEATS" --out "$OUT"

@@ -1,12 +1,13 @@
 """Issue 14's first two rows on one GPU, through the real pipeline (mpirun, master + one GPU worker), fp16:
 
   python3 benchmarks/small_chunks.py [--repeats 1] [--out DIR] [--sizes 8192,2048,1024,546,137]
-      [--configs 'old=.prev;new=.;new-s4=.@GPT2JOB_F16_VARIANTS=...']
+      [--configs 'old=.prev;new=.;new-s4=.@GPT2JOB_F16_VARIANTS=...'] [--flags '--temperature 0.8 ...']
 
   W3 by chunk size   W3 (W1's 8,192 prompts x 8, 16 tokens, 8 new), --no-dedup, --chunk-size N: tok/s and N / 8192
   ragged, small      2,048 prompts, half of 4-32 tokens and half of 256-448 (seeded, interleaved), 128 new,
                      --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048). (The raw
                      lines of 2026-11-30 named "ragged chunk 512" ran --chunk-size 256, as their flags say.)
+--flags: more job flags for every case (sampled jobs: '--temperature 0.8 --top-k 40 --seed 7').
 With --configs, each case runs in every configuration in turn (a tree and environment variables), and each
 configuration's tokens are compared with the first's (first repeat). Each line also gives the worker's busy % (its compute time over its span from the first chunk sent to the last
 result: what the job summary reports). JSON lines to OUT/small_chunks.jsonl; a table last.
@@ -19,6 +20,7 @@ workers'), and the median gap in ms.
 import argparse
 import json
 import os
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,6 +55,7 @@ def main():
     ap.add_argument("--gpus", type=int, default=1, help="worker ranks, one GPU each (busy %% and gaps %%: the "
                                                             "first worker's, and the largest of the workers')")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model, numpy, few rows)")
+    ap.add_argument("--flags", default="", help="more job flags for every case, e.g. '--temperature 0.8 --top-k 40'")
     a = ap.parse_args()
     model, be, dt, small = "random:gpt2", "cuda", "float16", []
     if a.smoke:
@@ -73,10 +76,12 @@ def main():
     sizes = [int(x) for x in a.sizes.split(",")]
     if a.smoke:
         sizes = [64, 16]
-    cases = [(f"W3 chunk {n}", w3, 8, ["--no-dedup", "--chunk-size", str(n)]) for n in sizes]
+    more = shlex.split(a.flags)
+    cases = [(f"W3 chunk {n}", w3, 8, ["--no-dedup", "--chunk-size", str(n), *more]) for n in sizes]
     rs = 512 if not a.smoke else 16
-    cases += [(f"ragged chunk {rs}", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs)]),
-              ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048)])]
+    cases += [(f"ragged chunk {rs}", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs), *more]),
+              ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048),
+                                                 *more])]
     configs = parse_configs(a.configs)
     for tree, env in configs.values():
         run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False, tree=tree,

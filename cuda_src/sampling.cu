@@ -459,23 +459,25 @@ __device__ void load_row(float* dst, const float* src, int V)
     __syncthreads();
 }
 
-// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]]. cache: the launch gave V floats of
-// dynamic shared memory for the row.
+// rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]]. step_at: null, or where the step
+// number is in device memory (then step is not used: a decode step replayed as a CUDA graph reads its step there).
+// cache: the launch gave V floats of dynamic shared memory for the row.
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __restrict__ rows,
-            const int* __restrict__ seqidx, int step, unsigned long long seed, double temperature,
-            int top_k, double top_p, int cache, int* __restrict__ out, int R)
+            const int* __restrict__ seqidx, int step, const int* __restrict__ step_at, unsigned long long seed,
+            double temperature, int top_k, double top_p, int cache, int* __restrict__ out, int R)
 {
     extern __shared__ float srow[];
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
     if (cache) { load_row(srow, l, V); l = srow; }
+    if (step_at != nullptr) step = *step_at;
     sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r);
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
-// prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]. First the repetition penalty
+// prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]; step_at as sample_rows'. First the repetition penalty
 // (transformers' rule, float32) on the tokens the sequence has seen (seen: bitmap [slots, words], its row
 // q - seq_base; null or penalty 1: none); then the argmax (temperature <= 0) or the sampling rules. A sampled row
 // with cache (V floats of dynamic shared memory) is penalized in its shared copy; otherwise the penalty is written
@@ -483,7 +485,7 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
 // (the read-only cache could serve stale values).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ rows, const int* __restrict__ seqidx,
-                   int step, const unsigned long long* __restrict__ seeds, const double* __restrict__ temps,
+                   int step, const int* __restrict__ step_at, const unsigned long long* __restrict__ seeds, const double* __restrict__ temps,
                    const int* __restrict__ top_ks, const double* __restrict__ top_ps,
                    const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
                    int cache, int* __restrict__ out, int R)
@@ -509,7 +511,8 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
         __syncthreads();
     }
     if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
-    else sample_block(l, V, rows[q], step, seeds[q], temperature, top_ks[q], top_ps[q], out + r);
+    else sample_block(l, V, rows[q], step_at != nullptr ? *step_at : step, seeds[q], temperature, top_ks[q],
+                      top_ps[q], out + r);
 }
 
 // The repetition penalty's seen tokens: sequence seq[i] (its bitmap row seq[i] - seq_base, words uint32 each)

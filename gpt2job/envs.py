@@ -43,7 +43,7 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_TMA_STAGED", "bool", True,
         "fp16 products on the staged-epilogue and ping-pong TMA kernels where picked"),
     Var("GPT2JOB_TMA_PERSISTENT", "bool", False, "persistent twins of the TMA kernels where compiled"),
-    Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "greedy decode steps replayed as CUDA graphs"),
+    Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "decode steps replayed as CUDA graphs"),
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),

@@ -426,18 +426,6 @@ def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
         ck.Kernels(0, KernelOptions(f16_variants=("v0",)))
 
 
-def test_only_greedy_steps_with_the_job_s_selection_are_replayed_as_graphs():
-    """A decode step is replayed as a CUDA graph only when greedy with the job's selection and no log-probabilities:
-    rows with settings of their own or a penalty have no shared sampling (None) and their own selection in kw."""
-    from gpt2job.backends.cuda.graphs import replayable
-    from gpt2job.settings import SamplingSettings
-    greedy, sampled = SamplingSettings(), SamplingSettings(temperature=0.8, seed=1)
-    assert greedy.greedy and replayable(greedy, {}, False)
-    assert not replayable(sampled, {}, False)
-    assert not replayable(None, {"sel": object()}, False)      # a penalty, or per-row settings
-    assert not replayable(greedy, {}, True)                     # --logprobs
-
-
 class FakeGraph:
     """graphs.Graph without a GPU: 'captures' fn by running it (a test's step records its calls), replays it."""
     made, fail = [], False

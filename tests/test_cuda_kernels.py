@@ -16,7 +16,7 @@ drv = pytest.importorskip("pycuda.driver")
 from gpt2job.backends import compute
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.numpy_backend import NumpyBackend
-from gpt2job.chunks import Chunk
+from gpt2job.chunks import Chunk, RowParams
 from gpt2job.model import reference, sampling
 from gpt2job.model.config import GPT2Config
 from gpt2job.settings import GenerationSettings, SamplingSettings
@@ -919,10 +919,10 @@ def test_too_many_ranks_is_user_error():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
-    """options.cuda_graphs: greedy decode steps are captured once per (rows, buffers) and replayed. Chunks of equal
+    """options.cuda_graphs: decode steps are captured once per (rows, buffers) and replayed. Chunks of equal
     prompts (one row count: captured, then replayed, and replayed again by the next chunk of that shape) and of
-    ragged prompts (another row count and cache shape) give the tokens of the steps launched one by one; sampling
-    runs as launched."""
+    ragged prompts (another row count and cache shape) give the tokens of the steps launched one by one: greedy,
+    sampled (the step's number read from the GPU) and with per-row settings and a repetition penalty."""
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(3)
     params.lm_head = np.random.default_rng(4).standard_normal(params.wte.shape).astype(np.float32) * 0.3
@@ -930,19 +930,26 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
     chunks = [make_chunk(np.full(40, 9), 1000, seed=1, chunk_id=0), make_chunk(np.full(40, 9), 1000, seed=2, chunk_id=1),
               make_chunk(RNG.integers(1, 30, 33), 1000, seed=3, chunk_id=2)]
     sampled = dataclasses.replace(gs, sampling=SamplingSettings(temperature=0.8, top_k=20, seed=7))
+    rng = np.random.default_rng(5)
+
+    def per_row(c):
+        B = len(c.rows)
+        return dataclasses.replace(c, params=RowParams.of(
+            max_new_tokens=np.full(B, 12), temperature=np.where(np.arange(B) % 3 == 0, 0.0, 0.9),
+            top_k=np.where(np.arange(B) % 2 == 0, 0, 30), top_p=np.where(np.arange(B) % 4 == 1, 0.8, 1.0),
+            seed=rng.integers(0, 2 ** 62, B), repetition_penalty=np.where(np.arange(B) % 5 == 0, 1.3, 1.0)))
+    cases = {"greedy": (gs, chunks), "sampled": (sampled, chunks), "per-row": (gs, [per_row(c) for c in chunks])}
     out = {}
     for graphs in (False, True):
-        for settings in (gs, sampled):
+        for name, (settings, cs) in cases.items():
             be = CudaBackend(params, settings, dtype=dtype, options=KernelOptions(cuda_graphs=graphs))
             try:
-                got = [compute(be, c) for c in chunks]
-                if graphs:
-                    assert (be.runner.graphs.replays > 0) == settings.sampling.greedy, be.runner.graphs.replays
-                    if settings.sampling.greedy:   # replays outnumber captures (one capture per key)
-                        assert be.runner.graphs.captures < be.runner.graphs.replays
+                got = [compute(be, c) for c in cs]
+                if graphs:   # replays outnumber captures (one capture per key)
+                    assert 0 < be.runner.graphs.captures < be.runner.graphs.replays, name
             finally:
                 be.close()
-            out[graphs, settings.sampling.greedy] = got
-    for greedy in (True, False):
-        for a, b in zip(out[False, greedy], out[True, greedy]):
-            assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets)
+            out[graphs, name] = got
+    for name in cases:
+        for a, b in zip(out[False, name], out[True, name]):
+            assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets), name

@@ -299,7 +299,7 @@ class FakeModel:
             xs[i, 0] = mix(cache[slot[i], :pos[i] + 1, 0])
         return x
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, step_at=0):
         heap = FakeDrv.heap
         self.dev.buf("hl", self.head_rows * C * 4)
         self.dev.buf("logits", self.head_rows * V * 4)

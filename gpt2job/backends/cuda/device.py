@@ -181,9 +181,10 @@ class Device:
 
     def step_buffers(self, n):
         """Pinned host room for two decode steps of n rows: their inputs (step_host, 3 int32 per row: a step's
-        upload may still wait for the GPU while the next step's is written) and their tokens (tok_host)."""
-        if self.step_host.size < 6 * n:
-            self.step_host = self.drv.pagelocked_empty(max(6 * n, 6144), np.int32)
+        upload may still wait for the GPU while the next step's is written; its last two int32 the two steps'
+        numbers) and their tokens (tok_host)."""
+        if self.step_host.size < 6 * n + 2:
+            self.step_host = self.drv.pagelocked_empty(max(6 * n + 2, 6144), np.int32)
         if self.tok_host.size < 2 * n:
             self.tok_host = self.drv.pagelocked_empty(max(2 * n, 2048), np.int32)
 

@@ -1,5 +1,5 @@
 """CUDA graphs through the driver API (PyCUDA has none): the launches a function makes on a stream are captured once
-and replayed with one call. StepGraphs replays the greedy decode steps of small batches (options.cuda_graphs): a
+and replayed with one call. StepGraphs replays the decode steps of small batches (options.cuda_graphs): a
 step is ~100 kernel launches whose gaps are ~0.14 ms, 12-22% of a step of 137-546 rows on an H200
 (benchmarks/graph_probe.py; RESULTS.md, session 15).
 
@@ -69,13 +69,6 @@ class Graph:
         if self.graph:
             _cuda().cuGraphDestroy(self.graph)
             self.graph = ctypes.c_void_p()
-
-
-def replayable(sampling, kw, logprobs):
-    """Whether a decode step may be replayed as a graph: greedy with the job's selection (sampling None: rows with
-    settings of their own or a penalty, kw then holds their selection) and no log-probabilities (their buffers
-    change per step)."""
-    return sampling is not None and sampling.greedy and not kw and not logprobs
 
 
 class StepGraphs:

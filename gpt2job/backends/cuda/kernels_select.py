@@ -58,8 +58,8 @@ class SelectKernels:
         if R:
             self.launch(self.ARGMAX_ROWS, (R, 1, 1), stream, logits, ld, V, out, R)
 
-    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiQdidiPi", 1024)
-    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPiiiPi", 1024)
+    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiPQdidiPi", 1024)
+    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPPiiiPi", 1024)
 
     def setup_row_cache(self, drv):
         """Let the sampling kernels take a row of logits into dynamic shared memory (they read it several times):
@@ -80,21 +80,23 @@ class SelectKernels:
                              "(its fixed-point bucket masses: sampling.cu)")
         return (1, 4 * V) if cache and V <= self.row_cache_floats else (0, 0)
 
-    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R, cache=True):
-        """cache False: the logits are read from global memory each time (tests of that path)."""
+    def sample(self, stream, logits, ld, V, rows, seqidx, step, seed, temperature, top_k, top_p, out, R, cache=True,
+               step_at=0):
+        """cache False: the logits are read from global memory each time (tests of that path). step_at: 0, or the
+        device address of an int32 that holds the step number (then step is not used; a replayed graph's step)."""
         if R:
             flag, smem = self._row_cache(V, cache)
-            self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step),
+            self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step), step_at,
                         np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
                         np.float64(top_p), flag, out, R, shared=smem)
 
-    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R, cache=True):
+    def sample_params(self, stream, logits, ld, V, rows, seqidx, step, sel, out, R, cache=True, step_at=0):
         """Each row its own settings and penalty: sel (rows.RowSel) holds their device arrays and seen bitmap."""
         if R:
             flag, smem = self._row_cache(V, cache)
-            self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), sel.seed,
-                        sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, flag, out, R,
-                        shared=smem)
+            self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), step_at,
+                        sel.seed, sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, flag,
+                        out, R, shared=smem)
 
     MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
 

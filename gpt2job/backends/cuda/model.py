@@ -253,9 +253,10 @@ class Model:
         self.p.logits(hl, self.head_w, logits, m, self.V, self.cfg.n_embd, self.Vpad)
         return logits
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, lp=None):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, lp=None, step_at=0):
         """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
-        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step). sel (rows.RowSel):
+        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step; step_at: 0, or the
+        device address of an int32 that holds the step instead, Kernels.sample). sel (rows.RowSel):
         each row's own settings and penalty, on the materialised logits (sampling is then unused). lp
         (logprobs.LogprobOut, --logprobs): the chosen tokens' log-probabilities (and top K) from the materialised
         logits too, except greedy without top K on the fused head, whose epilogue sums each chunk's exp too."""
@@ -279,7 +280,8 @@ class Model:
                 if lp is not None and sel.seen:   # the penalty rewrites the logits: the log-probabilities read a copy
                     raw = self.dev.buf("logits_raw", self.head_rows * Vp * 4)
                     self.dev.drv.memcpy_dtod_async(raw, logits, m * Vp * 4, st)
-                k.sample_params(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m)
+                k.sample_params(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sel, p_out + 4 * g0, m,
+                                step_at=step_at)
             elif sampling.greedy and lp is not None:   # the argmax and the logprobs in one read of the logits
                 k.logprobs(st, logits, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m, greedy=True)
                 continue
@@ -287,7 +289,7 @@ class Model:
                 k.argmax(st, logits, Vp, V, p_out + 4 * g0, m)
             else:
                 k.sample(st, logits, Vp, V, p_rows, p_seqidx + 4 * g0, step, sampling.seed, sampling.temperature,
-                         sampling.top_k, sampling.top_p, p_out + 4 * g0, m)
+                         sampling.top_k, sampling.top_p, p_out + 4 * g0, m, step_at=step_at)
             if lp is not None:   # the raw logits, the tokens just chosen
                 k.logprobs(st, raw, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m)
 

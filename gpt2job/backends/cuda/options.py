@@ -22,7 +22,7 @@ class KernelOptions:
     prefill_attn: bool = True            # fp16 prefill attention on tensor cores (head size 64)
     tma_staged: bool = True              # fp16 products on the staged-epilogue TMA kernels where picked
     tma_persistent: bool = False         # the persistent twins of the TMA kernels, where compiled
-    cuda_graphs: bool = True             # greedy decode steps replayed as CUDA graphs (graphs.StepGraphs)
+    cuda_graphs: bool = True             # decode steps replayed as CUDA graphs (graphs.StepGraphs)
 
     def __post_init__(self):
         if self.f32_bk not in (0, 8, 16):

@@ -29,7 +29,6 @@ import numpy as np
 
 from gpt2job.backends import READY, Pause
 from gpt2job.backends.cuda import prefix_share
-from gpt2job.backends.cuda.graphs import replayable
 from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, join_completions,
                                         kv_groups, prefill_passes, size_floors, split_chunk)
@@ -54,7 +53,7 @@ class Runner:
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
         self.timeline = deque(maxlen=4096)   # the last chunks' (a job of small chunks has very many)
         self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
-        self.graphs = None            # graphs.StepGraphs: greedy decode steps replayed (options.cuda_graphs)
+        self.graphs = None            # graphs.StepGraphs: decode steps replayed (options.cuda_graphs)
         self.next_started = None      # (plan, its run generator or the error that ended it): _start_next
         self.early_starts = 0         # chunks whose prefill was queued behind the chunk before (_start_next)
         self.halving = 0              # _in_halves calls running: no chunk starts early in them
@@ -271,8 +270,9 @@ class Runner:
     @staticmethod
     def decode_buffers(ns):
         """(name, bytes) of the pool buffers of a KV group of ns sequences: tok_out ([0, ns): a step's tokens;
-        [ns, 2 ns): the next step's input when rows left) and step_in (a step's positions, rows, gather indices)."""
-        return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4)]
+        [ns, 2 ns): the next step's input when rows left) and step_in (a step's positions, rows, gather indices;
+        then at int32 3 ns the step's number, which sampling reads there)."""
+        return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4 + 4)]
 
     def _kv_cache(self, ns, S):
         """The KV cache of ns sequences of S positions: [(keys, values)] per layer, in pool buffer kv."""
@@ -306,7 +306,12 @@ class Runner:
         ev_p0.record(dev.compute)
         sel = group_sel(self.k, dev, rp, plan.layout, int(plan.upload.dev), b0, b1, model.V)
         kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
-        graphs = self.graphs if self.graphs is not None and replayable(sampling, kw, lp.on) else None
+        # decode steps are replayed as graphs, except with log-probabilities (their buffers change per step)
+        graphs = self.graphs if self.graphs is not None and not lp.on else None
+        # sampling reads the step's number from the GPU (uploaded with each step): a replayed step reads its own
+        sampled = sel is not None or not sampling.greedy
+        step_at = sdev + 12 * ns if sampled else 0
+        gkey = (plan.p_rows, sel, sampling) if sampled else ()   # what else a sampled step's launches bake in
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
@@ -335,6 +340,10 @@ class Runner:
                     ev_d0 = drv.Event()
                     ev_d0.record(dev.compute)
                     drv.memcpy_htod_async(sdev, sh[:3 * n if gather else 2 * n], dev.compute)
+                    if sampled:
+                        at = dev.step_host[-2 + step % 2:][:1]
+                        at[0] = step
+                        drv.memcpy_htod_async(step_at, at, dev.compute)
                     p_tok = tok_dev
                     if gather:
                         p_tok = tok_dev + 4 * ns
@@ -344,10 +353,10 @@ class Runner:
                     def decode(n=n, p_tok=p_tok, step=step):
                         x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
                         model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw,
-                                     **lp.kw(n))
+                                     **lp.kw(n), step_at=step_at)
                     if graphs is not None:
-                        # greedy: the launches depend only on these (the step number is not used)
-                        graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0]), decode)
+                        # the launches depend only on these (the step number is read from step_at)
+                        graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0], *gkey), decode)
                     else:
                         decode()
                     yield Pause(True, READY, int(gen.sum()))
