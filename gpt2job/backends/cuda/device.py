@@ -188,6 +188,12 @@ class Device:
         if self.tok_host.size < 2 * n:
             self.tok_host = self.drv.pagelocked_empty(max(2 * n, 2048), np.int32)
 
+    def upload_step_number(self, p_at, step):
+        """Queue step (int32) to device address p_at on the compute stream, from pinned slot step % 2."""
+        at = self.step_host[-2 + step % 2:][:1]
+        at[0] = step
+        self.drv.memcpy_htod_async(p_at, at, self.compute)
+
     def download_tokens(self, p_out, n, slot):
         """Copy n int32 from the GPU into pinned slot (0 or 1) of tok_host after the compute stream's work so far:
         (start event, end event, host view), the view valid once the end event completed."""

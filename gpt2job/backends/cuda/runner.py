@@ -306,12 +306,9 @@ class Runner:
         ev_p0.record(dev.compute)
         sel = group_sel(self.k, dev, rp, plan.layout, int(plan.upload.dev), b0, b1, model.V)
         kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
-        # decode steps are replayed as graphs, except with log-probabilities (their buffers change per step)
-        graphs = self.graphs if self.graphs is not None and not lp.on else None
-        # sampling reads the step's number from the GPU (uploaded with each step): a replayed step reads its own
-        sampled = sel is not None or not sampling.greedy
-        step_at = sdev + 12 * ns if sampled else 0
-        gkey = (plan.p_rows, sel, sampling) if sampled else ()   # what else a sampled step's launches bake in
+        graphs = self.graphs if self.graphs is not None and not lp.on else None   # (logprobs: buffers move per step)
+        # sampling reads each step's number on the GPU (a replay reads its own); gkey: what else its launches bake in
+        step_at, gkey = (sdev + 12 * ns, (plan.p_rows, sel, sampling)) if sel or not sampling.greedy else (0, ())
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
@@ -340,10 +337,8 @@ class Runner:
                     ev_d0 = drv.Event()
                     ev_d0.record(dev.compute)
                     drv.memcpy_htod_async(sdev, sh[:3 * n if gather else 2 * n], dev.compute)
-                    if sampled:
-                        at = dev.step_host[-2 + step % 2:][:1]
-                        at[0] = step
-                        drv.memcpy_htod_async(step_at, at, dev.compute)
+                    if step_at:
+                        dev.upload_step_number(step_at, step)
                     p_tok = tok_dev
                     if gather:
                         p_tok = tok_dev + 4 * ns
