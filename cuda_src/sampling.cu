@@ -477,16 +477,16 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
-// prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]; step_at as sample_rows'. First the repetition penalty
-// (transformers' rule, float32) on the tokens the sequence has seen (seen: bitmap [slots, words], its row
-// q - seq_base; null or penalty 1: none); then the argmax (temperature <= 0) or the sampling rules. A sampled row
-// with cache (V floats of dynamic shared memory) is penalized in its shared copy; otherwise the penalty is written
-// into the logits in place, and they are read back after the block's writes: not through __restrict__ / const
-// (the read-only cache could serve stale values).
+// prompt row rows[q] and its own seed / temperature / top_k / top_p / penalty [q]; step_at as sample_rows'. First
+// the repetition penalty (transformers' rule, float32) on the tokens the sequence has seen (seen: bitmap [slots,
+// words], its row q - seq_base; null or penalty 1: none); then the argmax (temperature <= 0) or the sampling rules.
+// A sampled row with cache (V floats of dynamic shared memory) is penalized in its shared copy; otherwise the
+// penalty is written into the logits in place, and they are read back after the block's writes: not through
+// __restrict__ / const (the read-only cache could serve stale values).
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ rows, const int* __restrict__ seqidx,
-                   int step, const int* __restrict__ step_at, const unsigned long long* __restrict__ seeds, const double* __restrict__ temps,
-                   const int* __restrict__ top_ks, const double* __restrict__ top_ps,
+                   int step, const int* __restrict__ step_at, const unsigned long long* __restrict__ seeds,
+                   const double* __restrict__ temps, const int* __restrict__ top_ks, const double* __restrict__ top_ps,
                    const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
                    int cache, int* __restrict__ out, int R)
 {
