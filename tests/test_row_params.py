@@ -255,7 +255,7 @@ fake = oom.fake
 class RowsModel(oom.FakeModel):
     """The stand-in model; rows with their own settings would select with sel (these tests keep the job's)."""
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, step_at=0):
         assert sel is None
         super().select(x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling)
 
@@ -344,11 +344,13 @@ class SelModel(oom.FakeModel):
     """The stand-in model with a stand-in per-row rule read through sel's device pointers: a seen token (per the
     bitmap) of a penalized row moves to the next id, then a sampled row (temperature > 0) adds seed % 5."""
 
-    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None):
+    def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, step_at=0):
         super().select(x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling)
         if sel is None or not n:
             return
         heap = oom.FakeDrv.heap
+        if step:   # a decode step: sampling reads the step's number on the GPU (a replayed graph's own)
+            assert step_at and heap.i32(step_at, 1)[0] == step
         q = heap.i32(p_seqidx, n).copy()
         Q = int(q.max()) + 1
         seed = heap.view(sel.seed, 8 * Q).view(np.uint64)
