@@ -308,7 +308,7 @@ class Runner:
         kw = {} if sel is None else {"sel": sel}    # None: the job's selection, the call of before
         graphs = self.graphs if self.graphs is not None and not lp.on else None   # (logprobs: buffers move per step)
         # sampling reads each step's number on the GPU (a replay reads its own); gkey: what else its launches bake in
-        step_at, gkey = (sdev + 12 * ns, (plan.p_rows, sel, sampling)) if sel or not sampling.greedy else (0, ())
+        step_at, gkey = (sdev + 12 * ns, (plan.p_rows, sel, sampling)) if kw or not sampling.greedy else (0, ())
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
