@@ -10,7 +10,9 @@ Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel t
 N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" / "attn-keys-8" (decode attention under
 ATTENTION_LONG_FROM positions always with 1 / 8 key steps loaded ahead); "ln-plain" / "ln-prefetch" (layer norm
 always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
-picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS). GPT-2 124M shapes, seeded
+picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS); "tiles:WIDE:NARROW:lo:hi" (the layer
+products of lo..hi-1 rows on the tiles WIDE (N > K: QKV, MLP up) and NARROW (the others), "-" the pick; compile
+them with GPT2JOB_F16_VARIANTS where they are not by default). GPT-2 124M shapes, seeded
 weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
 replays) and the ratio to the first of --configs; JSON lines to OUT/decode_step.jsonl.
 """
@@ -33,6 +35,25 @@ def pingpong_from(orig, lo):
             return "tma128pp"
         return orig(M, N, out_half, K)
     return pick
+
+
+def tiles(orig, spec):
+    """orig, with the layer products of lo <= M < hi rows on named tiles: spec "tiles:WIDE:NARROW:lo:hi", WIDE for
+    N > K (QKV, MLP up), NARROW for the others; "-" keeps orig's pick."""
+    _, wide, narrow, lo, hi = spec.split(":")
+
+    def pick(M, N, out_half=True, K=768):
+        v = wide if N > K else narrow
+        if int(lo) <= M < int(hi) and N <= 16384 and v != "-":
+            return v
+        return orig(M, N, out_half, K)
+    return pick
+
+
+def config(orig, name):
+    if name.startswith("tiles:"):
+        return tiles(orig, name)
+    raise SystemExit(f"unknown configuration {name}")
 
 
 def swapped(orig, swaps):
@@ -65,7 +86,7 @@ def main():
     configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512),
                "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig,
                "k64": swapped(orig, {"t32x32k128s4": "t32x32k64s8", "t32x64k128s4": "t32x64k64s4"})}
-    configs = {name: configs[name] for name in a.configs.split(",")}
+    configs = {name: configs[name] if name in configs else config(orig, name) for name in a.configs.split(",")}
     kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0}, "attn-keys-8": {"ATTENTION_SHORT_WARPS": 1 << 20},
                     "ln-plain": {"LN_PREFETCH_ROWS": -1}, "ln-prefetch": {"LN_PREFETCH_ROWS": 1 << 30}}
     greedy = SamplingSettings()

@@ -36,14 +36,15 @@ def mpirun_cmd(np_, mpirun_args=None):
 
 
 def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None, timeout=1800, extra=(),
-            mpirun_args=None, env=None, tree=ROOT):
+            mpirun_args=None, env=None, tree=ROOT, ranks=None):
     """One job of the gpt2job in folder `tree` (another commit's `git archive`, for A/B runs); dtype or max_new
-    None: the job's default (or what extra says). env: variables added to this process's. Returns a dict with rc,
-    the summary (None on failure), e2e wall time, the command and the job's output (stdout and stderr)."""
+    None: the job's default (or what extra says). env: variables added to this process's. ranks: mpirun's -np
+    (default gpus + 1: a worker per GPU). Returns a dict with rc, the summary (None on failure), e2e wall time, the
+    command and the job's output (stdout and stderr)."""
     job = [sys.executable, "-m", "gpt2job", "run", inp, out, "--model", model, "--backend", backend,
            *(["--dtype", dtype] if dtype else []), *(["--max-new-tokens", str(max_new)] if max_new is not None else []),
            "--overwrite"] + (["--ignore-eos"] if ignore_eos else []) + list(extra)
-    cmd = job if gpus == 0 else mpirun_cmd(gpus + 1, mpirun_args) + job
+    cmd = job if gpus == 0 else mpirun_cmd(ranks or gpus + 1, mpirun_args) + job
     tree = os.path.abspath(tree)
     e = dict(os.environ, **(env or {}))
     e["PYTHONPATH"] = tree + (os.pathsep + e["PYTHONPATH"] if e.get("PYTHONPATH") else "")
