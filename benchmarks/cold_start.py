@@ -36,8 +36,7 @@ def nvcc_wrapper(folder):
     return folder
 
 
-def one(work, inp, ranks, cache, calls, wrapper):
-    gpus = max(gpu_count(), 1)
+def one(work, inp, gpus, ranks, cache, calls, wrapper):
     env = {"GPT2JOB_PYCUDA_CACHE": cache, "NVCC_CALLS": calls, "PATH": wrapper + os.pathsep + os.environ["PATH"]}
     extra = ["--share-gpus"] if ranks - 1 > gpus else []
     r = run_job(inp, os.path.join(work, f"out{ranks}.h5"), "random:gpt2", "cuda", "float16", gpus, 8, False,
@@ -68,6 +67,7 @@ def main():
     make(work, which=("w1",))
     inp = os.path.join(work, "w1.h5")
     wrapper = nvcc_wrapper(os.path.join(work, "bin"))
+    gpus = max(gpu_count(), 1)
     rows = []
     for ranks in (int(x) for x in a.ranks.split(",")):
         for rep in range(a.repeats + 1):
@@ -75,7 +75,7 @@ def main():
             if kind == "cold":   # a fresh cache (the warm run reuses the last cold run's)
                 cache = tempfile.mkdtemp(prefix="cache-", dir=work)
             calls = os.path.join(work, f"nvcc-{ranks}-{rep}.txt")
-            rec = dict(one(work, inp, ranks, cache, calls, wrapper), start=kind)
+            rec = dict(one(work, inp, gpus, ranks, cache, calls, wrapper), start=kind)
             rows.append(rec)
             with open(os.path.join(a.out, "cold_start.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")

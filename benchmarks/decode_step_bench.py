@@ -26,17 +26,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def pingpong_from(orig, lo):
-    """orig (the picker's pick_f16), with the layer products of lo rows or more on tma128pp."""
-    from gpt2job.backends.cuda.picks import PINGPONG_FROM
-
-    def pick(M, N, out_half=True, K=768):
-        if lo <= M < PINGPONG_FROM and N <= 16384:
-            return "tma128pp"
-        return orig(M, N, out_half, K)
-    return pick
-
-
 def tiles(orig, spec):
     """orig, with the layer products of lo <= M < hi rows on named tiles: spec "tiles:WIDE:NARROW:lo:hi", WIDE for
     N > K (QKV, MLP up), NARROW for the others; "-" keeps orig's pick."""
@@ -83,7 +72,9 @@ def main():
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
-    configs = {"picks": orig, "pp-from-256": pingpong_from(orig, 256), "pp-from-512": pingpong_from(orig, 512),
+    from gpt2job.backends.cuda.picks import PINGPONG_FROM
+    pp_from = {f"pp-from-{lo}": tiles(orig, f"tiles:tma128pp:tma128pp:{lo}:{PINGPONG_FROM}") for lo in (256, 512)}
+    configs = {"picks": orig, **pp_from,
                "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig,
                "k64": swapped(orig, {"t32x32k128s4": "t32x32k64s8", "t32x64k128s4": "t32x64k64s4"})}
     configs = {name: configs[name] if name in configs else config(orig, name) for name in a.configs.split(",")}
