@@ -11,10 +11,13 @@ N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" / "attn-keys-
 ATTENTION_LONG_FROM positions always with 1 / 8 key steps loaded ahead); "ln-plain" / "ln-prefetch" (layer norm
 always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
 picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS); "tiles:WIDE:NARROW:lo:hi" (the layer
-products of lo..hi-1 rows on the tiles WIDE (N > K: QKV, MLP up) and NARROW (the others), "-" the pick; compile
-them with GPT2JOB_F16_VARIANTS where they are not by default). GPT-2 124M shapes, seeded
-weights, fp16; each row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph
-replays) and the ratio to the first of --configs; JSON lines to OUT/decode_step.jsonl.
+products of lo..hi-1 rows on the tiles WIDE (N > K: QKV, MLP up) and NARROW (the others), "-" and all other
+products no-swap's pick; compile them with GPT2JOB_F16_VARIANTS where they are not by default); "no-swap" (the picks without the swapped tiles of
+gemm_swap.cu); "swap:lo:hi" (no-swap, with the narrow layer products (N <= K) of lo..hi-1 rows on the swapped
+tiles); "swap-all:lo:hi" (the same for every layer product); a name ending in "+carve100" also sets every kernel's
+preferred shared-memory carveout to 100% (the others: the default). GPT-2 124M shapes, seeded weights, fp16; each
+row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph replays) and the ratio to the
+first of --configs; JSON lines to OUT/decode_step.jsonl.
 """
 import argparse
 import json
@@ -39,9 +42,22 @@ def tiles(orig, spec):
     return pick
 
 
-def config(orig, name):
+def swap_rows(orig, swap, spec):
+    """orig, with the narrow layer products (N <= K) of lo <= M < hi rows on the swapped tiles (picks.TilePicker.
+    pick_swap, where compiled): spec "swap:lo:hi"; "swap-all:lo:hi": every layer product."""
+    kind, lo, hi = spec.split(":")
+
+    def pick(M, N, out_half=True, K=768):
+        v = swap(M, N) if int(lo) <= M < int(hi) and N <= (K if kind == "swap" else 16384) else None
+        return v or orig(M, N, out_half, K)
+    return pick
+
+
+def config(orig, name, swap=None):
     if name.startswith("tiles:"):
         return tiles(orig, name)
+    if name.startswith(("swap:", "swap-all:")):
+        return swap_rows(orig, swap, name)
     raise SystemExit(f"unknown configuration {name}")
 
 
@@ -72,12 +88,18 @@ def main():
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
     orig = k.pick_f16
-    from gpt2job.backends.cuda.picks import PINGPONG_FROM
+    from gpt2job.backends.cuda.kernels import F16_TILES
+    from gpt2job.backends.cuda.picks import PINGPONG_FROM, TilePicker
+    unswapped = TilePicker(F16_TILES, [v for v in k.f16_variants if F16_TILES[v].family != "swap"], k.n_sm,
+                           k.options)
     pp_from = {f"pp-from-{lo}": tiles(orig, f"tiles:tma128pp:tma128pp:{lo}:{PINGPONG_FROM}") for lo in (256, 512)}
     configs = {"picks": orig, **pp_from,
+               "no-swap": unswapped.pick_f16,
                "attn-keys-1": orig, "attn-keys-8": orig, "ln-plain": orig, "ln-prefetch": orig,
                "k64": swapped(orig, {"t32x32k128s4": "t32x32k64s8", "t32x64k128s4": "t32x64k64s4"})}
-    configs = {name: configs[name] if name in configs else config(orig, name) for name in a.configs.split(",")}
+    base_of = {name: name.split("+")[0] for name in a.configs.split(",")}   # "+carve100": see below
+    configs = {name: configs[b] if b in configs else config(unswapped.pick_f16, b, orig.__self__.pick_swap)
+               for name, b in base_of.items()}
     kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0}, "attn-keys-8": {"ATTENTION_SHORT_WARPS": 1 << 20},
                     "ln-plain": {"LN_PREFETCH_ROWS": -1}, "ln-prefetch": {"LN_PREFETCH_ROWS": 1 << 30}}
     greedy = SamplingSettings()
@@ -97,7 +119,10 @@ def main():
                     k.pick_f16 = pick
                     for attr in ("ATTENTION_SHORT_WARPS", "LN_PREFETCH_ROWS"):
                         k.__dict__.pop(attr, None)        # the class's value
-                    k.__dict__.update(kernel_attrs.get(name, {}))
+                    k.__dict__.update(kernel_attrs.get(base_of[name], {}))
+                    carve = 100 if name.endswith("+carve100") else -1   # -1: the driver's choice (the default)
+                    for f in k.funcs.values():   # "+carve100": every kernel asks for the largest shared memory
+                        f.set_attribute(drv.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, carve)
 
                     def step():
                         x = model.forward(n, tok, pos, seq, 0, S, kv)

@@ -1,5 +1,5 @@
 // Hopper warpgroup matrix-multiply helpers (wgmma, sm_90a): shared-memory descriptors for 128-byte-swizzled
-// K-major tiles, fences, and m64nNk16 (fp16 in, fp32 accumulators) for N = 128, 192, 256.
+// K-major tiles, fences, and m64nNk16 (fp16 in, fp32 accumulators) for N = 128, 192, 256 (and 16-112 below).
 // Accumulator layout of m64nN per warp w of the warpgroup: rows 16 w + lane / 4 (+ 8), columns 8 j + 2 (lane % 4)
 // (+ 1) in d[4 j .. 4 j + 3], the m16n8 fragment layout of mma.sync (gemm_f16_epilogue reads it as acc[1][N/8][4]).
 #pragma once
@@ -112,5 +112,61 @@ __device__ __forceinline__ void wgmma_m64n256k16(float* d, unsigned long long a,
           "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
           "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
           "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+        : "l"(a), "l"(b), "r"(1));
+}
+
+// m64nNk16 for the token rows a warpgroup of the swapped decode tiles (gemm_swap.cu, kernels.py F16_TILES):
+// d[N / 2] += A(64x16) * B(Nx16)^T, same accumulator layout.
+// WG_D8(i): accumulators d[i .. i + 7] as asm operands
+#define WG_D8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                 "+f"(d[i + 6]), "+f"(d[i + 7])
+template <int N> __device__ __forceinline__ void wgmma_m64k16(float* d, unsigned long long a, unsigned long long b);
+template <> __device__ __forceinline__ void wgmma_m64k16<16>(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %10, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n16k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7"
+        "}, %8, %9, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0)
+        : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<32>(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %18, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n32k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15"
+        "}, %16, %17, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8)
+        : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<48>(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %26, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n48k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+        "%22, %23"
+        "}, %24, %25, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16)
+        : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<80>(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %42, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n80k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39"
+        "}, %40, %41, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32)
+        : "l"(a), "l"(b), "r"(1));
+}
+template <> __device__ __forceinline__ void wgmma_m64k16<112>(float* d, unsigned long long a, unsigned long long b) {
+    asm volatile(
+        "{\n.reg .pred p;\nsetp.ne.b32 p, %58, 0;\n"
+        "wgmma.mma_async.sync.aligned.m64n112k16.f32.f16.f16 {"
+        "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "
+        "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "
+        "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55"
+        "}, %56, %57, p, 1, 1, 0, 0;\n}\n"
+        : WG_D8(0), WG_D8(8), WG_D8(16), WG_D8(24), WG_D8(32), WG_D8(40), WG_D8(48)
         : "l"(a), "l"(b), "r"(1));
 }

@@ -153,15 +153,19 @@ def check_decode_and_mid_picks(k):
     layer = ((2304, True, 768), (768, False, 768), (3072, True, 768), (768, False, 3072))
     # decode-sized products (RESULTS.md, sessions 13 and 15): narrow tiles up to 800k outputs
     # on 128-wide k slices where the 32x64 blocks fit two an SM at once (session 25)
-    assert [k.pick_f16(546, *p) for p in layer] == ["t64x128k64s4", "t32x64k128s4"] * 2
-    assert [k.pick_f16(256, *p) for p in layer] == ["t32x64k64s4", "t32x64k128s4"] * 2
+    # ... and from SWAP_ROWS[0] (192) rows on the swapped tiles, sized to the product (session 28)
+    assert [k.pick_f16(546, *p) for p in layer] == ["s80x128", "s64x64", "s112x128", "s64x64"]
+    assert [k.pick_f16(256, *p) for p in layer] == ["s96x64", "s32x64", "s80x128", "s32x64"]
+    assert [k.pick_f16(192, *p) for p in layer] == ["s64x64", "s32x64", "s96x64", "s32x64"]
+    assert [k.pick_f16(191, *p) for p in layer] == ["t32x64k128s4", "t32x64k128s4", "t32x64k64s4", "t32x64k128s4"]
     # ... and 32x32 tiles where they fit on the SMs in one wave (session 17)
     assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k128s4", "t32x32k128s4"] * 2
     assert k.pick_f16(160, 768, False, 768) == "t32x32k128s4" and k.pick_f16(161, 768, False, 768) == "t32x64k128s4"
     # prefill passes and decode steps of 1,024-8,191 rows: the ping-pong kernel where compiled (session 20), else
     # from 1,800 rows staged, residual adds on 128x128 tiles (session 17)
     if "tma128pp" in k.variants:
-        assert [k.pick_f16(m, *p) for m in (1024, 1799, 2048) for p in layer] == ["tma128pp"] * 12
+        assert [k.pick_f16(m, *p) for m in (1025, 1799, 2048) for p in layer] == ["tma128pp"] * 12
+        assert [k.pick_f16(1024, *p) for p in layer] == ["tma128pp", "s96x64"] * 2
         return
     assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
     assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
@@ -173,11 +177,20 @@ def test_tile_picks_are_the_ones_measured_fastest():
     from gpt2job.backends.cuda.kernels import F16_TILES
     k = picker()
     for M, N, half, K in ((131072, 2304, True, 768), (8192, 768, False, 3072), (8192, 3072, True, 768),
-                          (1024, 768, False, 768)):
-        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows
-    assert k.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
+                          (1025, 768, False, 768), (1024, 2304, True, 768)):
+        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows (but the
+        # narrow ones, N <= K, of up to SWAP_ROWS[1] rows)
+    # the swapped tiles (session 28): the fewest waves of blocks, then the fewest rows loaded a block
+    assert [k.pick_swap(m, 768) for m in (137, 192, 256, 546, 1023, 1024)] == \
+        ["s32x64", "s32x64", "s32x64", "s64x64", "s96x64", "s96x64"]
+    assert k.pick_f16(1023, 768, False, 3072) == "s96x64"
+    every = picker(tuple(F16_TILES))
+    assert [every.pick_swap(546, n) for n in (768, 2304, 3072)] == ["s64x64", "s80x128", "s112x128"]
+    assert picker([v for v in F16_TILES if F16_TILES[v].family != "swap"]).pick_swap(546, 768) is None
+    k_narrow = picker([v for v in F16_TILES if F16_TILES[v].family != "swap"])
+    assert k_narrow.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
     # a variant list without the 128-wide k-slice tiles (the default before session 25): their 64-wide twins
-    old = [v for v in F16_TILES if v not in ("t32x32k128s4", "t32x64k128s4")]
+    old = [v for v in F16_TILES if v not in ("t32x32k128s4", "t32x64k128s4") and F16_TILES[v].family != "swap"]
     k_old = picker(old)
     assert k_old.pick_f16(137, 768, False, 3072) == "t32x32k64s8"
     assert k_old.pick_f16(137, 3072, True, 768) == "t32x64k64s4"
@@ -360,7 +373,8 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
         bounds = every.funcs[k.name].bounds
         assert bounds is None or bounds[0] == k.threads, k.name
     src = cuda_src_dir()
-    text = {f: open(os.path.join(src, f)).read() for f in ("gemm_f16.cu", "gemm_tma.cu", "gemm_wgmma.cu")}
+    text = {f: open(os.path.join(src, f)).read() for f in ("gemm_f16.cu", "gemm_tma.cu", "gemm_wgmma.cu",
+                                                           "gemm_swap.cu")}
     seen = set()
     for part, name, bm, bn, bk, wm, wn, st, minb in re.findall(
             r"GEMM_F16_PART == (\d+)\nDEF_GEMM_F16\(gemm_f16_(\w+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+), (\d+)\)",
@@ -396,6 +410,15 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
             assert smem == st * (128 + tbn) * 64 * 2 + 2 * rows * row + 1024 + 16 * st, name
             assert smem <= 227 * 1024, name
         seen.add(name)
+    assert "DEF_GEMM_SWAP_EXPANDED(SWAP_NAME, SWAP_WR, SWAP_WN, SWAP_ST)" in text["gemm_swap.cu"]
+    for t in (t for t in ck.F16_TILES.values() if t.family == "swap"):   # swapped: token rows bm x weight rows bn
+        d = dict(x[2:].split("=") for x in t.defines)
+        wr, wn, st = int(d["SWAP_WR"]), int(d["SWAP_WN"]), int(d["SWAP_ST"])
+        assert d["SWAP_NAME"] == f"gemm_f16_{t.name}" and t.name == f"s{t.bm}x{t.bn}" and wr == t.bn in (64, 128)
+        assert t.bm == (wn if wr == 128 else 2 * wn) and wn % 16 == 0 and (t.threads, t.blocks_per_sm) == (288, 1)
+        assert t.smem_half == t.smem_float == st * (wr + t.bm) * 64 * 2 + 1024 + 16 * st <= 227 * 1024, t.name
+        assert st * (wr + t.bm) * 64 * 2 >= 2 * wn * 72 * 4, t.name   # the transposed blocks fit in the stages
+        seen.add(t.name)
     d = dict(re.findall(r"#define (WG_\w+) (\d+)", text["gemm_wgmma.cu"]))
     t = ck.F16_TILES["wgmma"]
     assert (t.bm, t.bn, t.wn) == (int(d["WG_BM"]), int(d["WG_BN"]), int(d["WG_BN"]))
@@ -405,7 +428,7 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
         for out_half in (True, False):
             f = every.funcs[t.kernel(out_half)]
             assert f.bounds[0] == t.threads and f.smem == (t.smem(out_half) if t.smem(out_half) > 48 * 1024 else None)
-            if t.family == "tma":
+            if t.uses_tma:
                 assert f.bounds[1] == t.blocks_per_sm
 
 

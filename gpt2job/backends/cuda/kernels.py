@@ -33,7 +33,8 @@ _F16_SIG = "PiPiPiPiiiiPPiiPPi"   # gemm_f16.cu GEMM_F16_ARGS: A, lda, B, ldb, C
 class F16Tile:
     """An fp16 product tile variant: kernels gemm_f16_<name>_outh (half output) and _outf (float output)."""
     name: str
-    family: str              # "mma" (mma.sync, gemm_f16.cu), "wgmma" (gemm_wgmma.cu), "tma" (gemm_tma.cu)
+    family: str              # "mma" (mma.sync, gemm_f16.cu), "wgmma" (gemm_wgmma.cu), "tma" (gemm_tma.cu),
+                             # "swap" (gemm_swap.cu: the operands swapped, decode-sized products)
     bm: int                  # block tile rows
     bn: int                  # block tile columns
     wn: int                  # warp tile width: EPI_ARGMAX writes one (max, column) partial per wn columns
@@ -48,7 +49,7 @@ class F16Tile:
 
     @property
     def source(self):
-        return {"mma": "gemm_f16.cu", "wgmma": "gemm_wgmma.cu", "tma": "gemm_tma.cu"}[self.family]
+        return {"mma": "gemm_f16.cu"}.get(self.family, f"gemm_{self.family}.cu")
 
     @property
     def module(self):
@@ -57,7 +58,11 @@ class F16Tile:
 
     @property
     def signature(self):
-        return ("PP" if self.family == "tma" else "") + _F16_SIG   # TMA: the A and B descriptors in front
+        return ("PP" if self.uses_tma else "") + _F16_SIG
+
+    @property
+    def uses_tma(self):   # TMA descriptors of A and B: the kernel's first two arguments
+        return self.family in ("tma", "swap")
 
     def kernel(self, out_half):
         return f"gemm_f16_{self.name}_{'outh' if out_half else 'outf'}"
@@ -76,6 +81,18 @@ def _tma(name, bn, stages, blocks, persist, efficiency=0.0):
     smem = stages * (128 + bn) * 64 * 2 + 1024 + 64   # stages x (A + B tile) + 1 KB alignment + barriers
     return F16Tile(name, "tma", 128, bn, bn, 288, smem, smem, ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=%d" % persist),
                    "sm_90a", persist > 0, blocks, efficiency)
+
+
+def _swap(bt, wr):
+    """Swapped decode tile (gemm_swap.cu): bt token rows x wr weight rows (output columns) a block, as many
+    stages of 64-wide k slices as fit (up to 12), one block an SM."""
+    stage = (wr + bt) * 64 * 2
+    stages = min(12, (227 * 1024 - 1024 - 16 * 12) // stage)
+    smem = stages * stage + 1024 + 16 * stages
+    return F16Tile(f"s{bt}x{wr}", "swap", bt, wr, 16, 288, smem, smem,
+                   (f"-DSWAP_NAME=gemm_f16_s{bt}x{wr}", f"-DSWAP_WR={wr}",
+                    f"-DSWAP_WN={bt if wr == 128 else bt // 2}", f"-DSWAP_ST={stages}"),
+                   "sm_90a", False, 1)
 
 
 def _staged_smem(bn, stages, out_half, rows=128):
@@ -123,10 +140,13 @@ F16_TILES = {t.name: t for t in (
     # staging rows for each consumer (float outputs: 64 rows at a time)
     F16Tile("tma128pp", "tma", 128, 128, 128, 384, _staged_smem(128, 4, True, 2 * 128),
             _staged_smem(128, 4, False, 2 * 64), ("-DGEMM_TMA_BN=128", "-DGEMM_TMA_PERSIST=4"), "sm_90a", True, 1),
+    # swapped decode tiles (gemm_swap.cu): token rows x weight rows, sized to the product by picks.TilePicker.pick_swap
+    _swap(32, 64), _swap(64, 64), _swap(96, 64), _swap(48, 128), _swap(80, 128), _swap(112, 128),
 )}
 # compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
 F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "tma128pp", "wgmma", "t128x128k64s3",
-               "t64x128k64s4", "t32x64k64s4", "t32x64k128s4", "t32x32k128s4")
+               "t64x128k64s4", "t32x64k64s4", "t32x64k128s4", "t32x32k128s4",
+               "s32x64", "s64x64", "s96x64", "s48x128", "s80x128", "s112x128")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 
@@ -209,7 +229,7 @@ class Kernels(SelectKernels):
         picker = TilePicker(F16_TILES, variants, self.n_sm, options)
         self.pick_f16, self.pick_argmax = picker.pick_f16, picker.pick_argmax
         self.tmaps = None
-        if any(t.family == "tma" for t in self.tiles):
+        if any(t.uses_tma for t in self.tiles):
             from gpt2job.backends.cuda.tensor_maps import TensorMapCache
             self.tmaps = TensorMapCache(drv)
 
@@ -283,7 +303,7 @@ class Kernels(SelectKernels):
             rs = rp = kc = vc = 0
             sb = S = kvC = 0
         tm = ()
-        if t.family == "tma":
+        if t.uses_tma:
             tm = (self.tmaps.get(stream, ptr(A), M, K, lda, t.bm), self.tmaps.get(stream, ptr(B), N, K, ldb, t.bn))
         f, block, smem = self._f16[t.name, out_half]
         f.prepared_async_call(grid, block, stream, *tm, ptr(A), lda, ptr(B), ldb, ptr(C), ldc, ptr(bias), M, N, K, mode,

@@ -10,6 +10,8 @@ NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 
                                               # first compiled (the second: the default until session 25)
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows
+SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both
+                            # ends included; the wide ones, N > K, only under PINGPONG_FROM)
 
 
 class TilePicker:
@@ -20,19 +22,26 @@ class TilePicker:
         self.options = options
 
     def pick_f16(self, M, N, out_half=True, K=768):
-        """The tile for an M x N x K product. From PINGPONG_FROM rows, the layer products (N <= 16,384) on the
-        ping-pong kernel tma128pp (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the
-        staged-epilogue kernels (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows
-        (plain tma128), float outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows;
-        the LM head is not staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync
-        128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles,
-        wgmma from 4, else mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks fit on the
-        SMs at once, else the NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to NARROW_OUTPUTS
-        outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are
-        skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
+        """The tile for an M x N x K product. The layer products (N <= 16,384, not the LM head) of SWAP_ROWS rows on
+        the swapped tiles (pick_swap), the wide ones (N > K: QKV, MLP up) only under PINGPONG_FROM rows (RESULTS.md,
+        session 28: decode steps 6-16% shorter at 192-1,024 rows; tma128pp was faster for the wide ones at 1,024
+        rows). Else, from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
+        (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the staged-epilogue kernels
+        (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
+        outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
+        staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K
+        >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else
+        mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks fit on the SMs at once, else the
+        NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to NARROW_OUTPUTS outputs, else tma128
+        for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are skipped;
+        options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
+        if N <= 16384 and SWAP_ROWS[0] <= M <= SWAP_ROWS[1] and (N <= K or M < PINGPONG_FROM):
+            swap = self.pick_swap(M, N)
+            if swap:
+                return swap
         if self.options.tma_staged and M >= PINGPONG_FROM and N <= 16384 and "tma128pp" in vs:
             return "tma128pp"
         if self.options.tma_staged and M >= STAGED_FROM and (out_half or N <= 16384):
@@ -59,6 +68,21 @@ class TilePicker:
             if v in vs:
                 return v
         return self.pick_f16(M, N, False, K)
+
+    def pick_swap(self, M, N):
+        """The compiled swapped tile (gemm_swap.cu, one block an SM) for M token rows and N output columns, or None:
+        the fewest waves of blocks x the rows each block loads (weight + token rows, for every k slice), ties to the
+        smaller block."""
+        best = None
+        for v in self.variants:
+            t = self.tiles[v]
+            if t.family != "swap":
+                continue
+            waves = -(-(-(-M // t.bm) * -(-N // t.bn)) // self.n_sm)
+            key = (waves * (t.bm + t.bn), t.bm * t.bn)
+            if best is None or key < best[0]:
+                best = (key, v)
+        return best and best[1]
 
     def _pick_f16(self, M, N, out_half, K, vs):
         tiles = self.tiles

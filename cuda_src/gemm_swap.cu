@@ -1,0 +1,122 @@
+// Decode-sized fp16 products with the operands swapped (sm_90a): C = epilogue(A[M,K] @ B[N,K]^T + bias) as in
+// gemm_f16.cu, computed as C^T = B A^T, so the weights B fill wgmma's 64-row side and the few hundred token rows
+// of A its N side, which any multiple of 8 fits. A block takes WR weight rows (output columns) x BT token rows:
+// a grid of about one block per SM with little padding, where the unswapped tiles round the tokens up to 32-128
+// rows and run in two waves (RESULTS.md, session 28; cuBLAS picks this form at these sizes).
+//
+// 288 threads: warps 0-7 are two consumer warpgroups, each computing a 64 (weights) x WN (tokens) block with
+// wgmma m64nWNk16 (WR = 128: the warpgroups take weight rows 0-63 and 64-127; WR = 64: both take the 64 weight
+// rows, and token rows 0..WN-1 and WN..2WN-1); warp 8 is the producer (one thread issues the TMA loads). The
+// stage ring and its barriers are gemm_tma.cu's (tmA: the tokens, box 64 x BT; tmB: the weights, box 64 x WR).
+// The epilogue is gemm_f16_epilogue's, bit for bit: the finished block goes through shared memory (the stages,
+// free once both warpgroups are done) to the unswapped fragment layout, each warp taking 16 output columns.
+// Build: -gencode=arch=compute_90a,code=sm_90a -DSWAP_NAME=.. -DSWAP_WR=.. -DSWAP_WN=.. -DSWAP_ST=.. (kernels.py
+// F16_TILES).
+#define GEMM_TMA_BN 0   // gemm_tma.cu's helpers, none of its kernels
+#define GEMM_TMA_PERSIST 0
+#include "gemm_tma.cu"
+
+#define SWAP_THREADS 288
+#define SWAP_ROW 72   // floats per row of the transposed block in shared memory (64 + 8: the reads are conflict-free)
+
+template <int WR, int WN, int ST, typename OutT>
+__device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
+{
+    static_assert(WR == 64 || WR == 128, "64 or 128 weight rows");
+    static_assert(WN % 16 == 0 && WN <= 128, "token rows a warpgroup: a multiple of 16");
+    constexpr int BT = WR == 128 ? WN : 2 * WN;                  // token rows a block
+    constexpr int W_BYTES = WR * TMA_BK * 2, T_BYTES = BT * TMA_BK * 2;
+    static_assert(ST * (W_BYTES + T_BYTES) >= 2 * WN * SWAP_ROW * 4, "the transposed blocks fit in the stages");
+    extern __shared__ __align__(1024) unsigned char smem_raw[];
+    unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    __half* Ws = reinterpret_cast<__half*>(base);                            // [ST][WR x 64]
+    __half* Ts = reinterpret_cast<__half*>(base + ST * W_BYTES);             // [ST][BT x 64]
+    unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (W_BYTES + T_BYTES));
+    unsigned long long* empty = full + ST;
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int nk = (K + TMA_BK - 1) / TMA_BK;
+    const int n0 = blockIdx.x * WR, m0 = blockIdx.y * BT;   // first output column (weight row) and token row
+    if (tid == 0) init_stage_barriers<ST>(full, empty, 8);   // empty: the 8 consumer warps
+    __syncthreads();
+
+    if (warp == 8) {   // producer
+        if (lane == 0) {
+            acquire_tensormaps(tmA, tmB);
+            for (int kb = 0; kb < nk; kb++) {
+                const int s = kb % ST;
+                if (kb >= ST) mbar_wait(&empty[s], ((kb / ST) - 1) & 1);   // the consumers released it - ST
+                mbar_expect_tx(&full[s], W_BYTES + T_BYTES);
+                tma_load_2d(Ws + s * WR * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
+                tma_load_2d(Ts + s * BT * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
+            }
+        }
+        return;
+    }
+
+    const int wg = warp >> 2, w4 = warp & 3;
+    const int w_off = WR == 128 ? 64 * wg : 0, t_off = WR == 128 ? 0 : WN * wg;   // this warpgroup's block
+    float acc[WN / 2];
+#pragma unroll
+    for (int i = 0; i < WN / 2; i++) acc[i] = 0.f;
+    for (int kb = 0; kb < nk; kb++) {
+        const int s = kb % ST;
+        mbar_wait(&full[s], (kb / ST) & 1);
+        const __half* ws = Ws + s * WR * TMA_BK + w_off * TMA_BK;
+        const __half* ts = Ts + s * BT * TMA_BK + t_off * TMA_BK;
+        wg_fence_acc<WN / 2>(acc);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
+            wgmma_m64k16<WN>(acc, wg_desc(ws + ks * 16), wg_desc(ts + ks * 16));
+        wg_commit();
+        wg_wait1();                                 // k-block kb - 1's batch has retired: release its stage
+        wg_fence_acc<WN / 2>(acc);
+        if (kb > 0 && lane == 0) mbar_arrive(&empty[(kb - 1) % ST]);
+    }
+    wg_wait0();
+    wg_fence_acc<WN / 2>(acc);
+
+    // transpose through shared memory: both warpgroups' MMAs have read their last stage (and every TMA load has
+    // landed: each was waited for), so the stages are free
+    consumers_sync();
+    float* tb = reinterpret_cast<float*>(base) + wg * WN * SWAP_ROW;   // [WN tokens][64 weight rows (+ pad)]
+#pragma unroll
+    for (int j = 0; j < WN / 8; j++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)   // m64nWN: weight row 16 w4 + lane / 4 (+ 8), token 8 j + 2 (lane % 4) (+ 1)
+            tb[(8 * j + 2 * (lane & 3) + (r & 1)) * SWAP_ROW + 16 * w4 + (lane >> 2) + 8 * (r >> 1)] = acc[4 * j + r];
+    named_sync(2 + wg, 128);
+    // 16 token rows at a time, the loop kept rolled: the code stays short. Inside a decode step the kernel runs
+    // after other kernels, and unrolled (a 4x larger module) the widest tiles were slower there than any other tile
+    // (RESULTS.md, session 28)
+#pragma unroll 1
+    for (int mi = 0; mi < WN / 16; mi++) {
+        float out[1][2][4];   // m16n8: token 16 mi + lane / 4 (+ 8), weight row 16 w4 + 8 ni + 2 (lane % 4) (+ 1)
+#pragma unroll
+        for (int ni = 0; ni < 2; ni++)
+#pragma unroll
+            for (int h = 0; h < 2; h++) {
+                const float2 v = *reinterpret_cast<const float2*>(
+                    tb + (16 * mi + (lane >> 2) + 8 * h) * SWAP_ROW + 16 * w4 + 8 * ni + 2 * (lane & 3));
+                out[0][ni][2 * h] = v.x;
+                out[0][ni][2 * h + 1] = v.y;
+            }
+        gemm_f16_epilogue<1, 2, 16, OutT>(out, m0 + t_off + 16 * mi, n0 + w_off + 16 * w4, C, ldc, bias, M, N, mode,
+                                          row_slot, row_pos, slot_base, S, kc, vc, kvC);
+    }
+}
+
+// name: gemm_f16_s<BT>x<WR>_<out>; records in gpt2job/backends/cuda/kernels.py F16_TILES
+#define DEF_GEMM_SWAP(NAME, WR, WN, ST)                                                                          \
+    extern "C" __global__ void __launch_bounds__(SWAP_THREADS, 1)                                               \
+    NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                  \
+    { gemm_swap_impl<WR, WN, ST, __half>(tmA, tmB, GEMM_F16_PASS); }                                             \
+    extern "C" __global__ void __launch_bounds__(SWAP_THREADS, 1)                                               \
+    NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                   \
+    { gemm_swap_impl<WR, WN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
+
+// SWAP_NAME, SWAP_WR, SWAP_WN, SWAP_ST: the one variant this module compiles (set by kernels.py)
+#define DEF_GEMM_SWAP_EXPANDED(...) DEF_GEMM_SWAP(__VA_ARGS__)   // SWAP_NAME expanded before ## pastes it
+#if defined(SWAP_NAME)
+DEF_GEMM_SWAP_EXPANDED(SWAP_NAME, SWAP_WR, SWAP_WN, SWAP_ST)
+#endif
