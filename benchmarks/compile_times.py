@@ -1,8 +1,9 @@
 """Compile time of each kernel module of the default set, one at a time, with nvcc's default options and with extra
 ones (default `-split-compile=0`: the NVVM optimizer and ptxas work on a module's kernels in parallel threads), and
-whether every kernel's machine code (its ELF `.text.<kernel>` section) comes out byte for byte the same. Runs on
-any machine with nvcc (no GPU): a cold node's time to ready is set by its longest module compile (RESULTS.md,
-session 27), so the max column is the one that matters on a many-core node.
+whether every kernel's machine code (its ELF `.text.<kernel>` section) comes out byte for byte the same, and the
+size of the module's largest kernel (a kernel whose code the SM has not cached fetches it as it runs: RESULTS.md,
+session 28). Runs on any machine with nvcc (no GPU): a cold node's time to ready is set by its longest module
+compile (RESULTS.md, session 27), so the max column is the one that matters on a many-core node.
 
   python3 benchmarks/compile_times.py [--extra=-split-compile=0] [--variants tma128pp,...] [--json FILE]
 """
@@ -45,7 +46,7 @@ def main():
     variants = tuple(v for v in a.variants.split(",") if v) or F16_DEFAULT
     extra = tuple(a.extra.split())
     rows = []
-    print(f"{'module':28s} {'default s':>9s} {'extra s':>8s}  kernels  machine code", flush=True)
+    print(f"{'module':28s} {'default s':>9s} {'extra s':>8s}  kernels  largest KB  machine code", flush=True)
     for key, fname, defs, arch in module_jobs(variants):
         with open(os.path.join(src, fname)) as fh:
             text = fh.read()
@@ -56,10 +57,12 @@ def main():
             times.append(time.perf_counter() - t)
         a_, b_ = (text_sections(c) for c in cubins)
         same = a_ == b_
+        largest = max(len(v) for v in a_.values()) / 1024   # the machine code of its largest kernel (default options)
         rows.append({"module": key, "default_s": round(times[0], 2), "extra_s": round(times[1], 2),
-                     "kernels": len(a_), "text_identical": same, "extra": a.extra})
-        print(f"{key:28s} {times[0]:9.1f} {times[1]:8.1f}  {len(a_):7d}  {'identical' if same else 'DIFFERENT'}",
-              flush=True)
+                     "kernels": len(a_), "largest_kernel_kb": round(largest, 1), "text_identical": same,
+                     "extra": a.extra})
+        print(f"{key:28s} {times[0]:9.1f} {times[1]:8.1f}  {len(a_):7d}  {largest:10.0f}  "
+              f"{'identical' if same else 'DIFFERENT'}", flush=True)
     d = [r["default_s"] for r in rows]
     e = [r["extra_s"] for r in rows]
     print(f"{'sum':28s} {sum(d):9.1f} {sum(e):8.1f}\n{'max (the critical path)':28s} {max(d):9.1f} {max(e):8.1f}  "
