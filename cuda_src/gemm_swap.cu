@@ -1,8 +1,9 @@
 // Decode-sized fp16 products with the operands swapped (sm_90a): C = epilogue(A[M,K] @ B[N,K]^T + bias) as in
 // gemm_f16.cu, computed as C^T = B A^T, so the weights B fill wgmma's 64-row side and the few hundred token rows
-// of A its N side, which any multiple of 8 fits. A block takes WR weight rows (output columns) x BT token rows:
-// a grid of about one block per SM with little padding, where the unswapped tiles round the tokens up to 32-128
-// rows and run in two waves (RESULTS.md, session 28; cuBLAS picks this form at these sizes).
+// of A its N side (any multiple of 8 for wgmma; 16 here, the epilogue's row groups). A block takes WR weight rows
+// (output columns) x BT token rows: a grid of about one block per SM with little padding, where the unswapped tiles
+// round the tokens up to 32-128 rows and run in two waves (RESULTS.md, session 28; cuBLAS picks this form at these
+// sizes).
 //
 // 288 threads: warps 0-7 are two consumer warpgroups, each computing a 64 (weights) x WN (tokens) block with
 // wgmma m64nWNk16 (WR = 128: the warpgroups take weight rows 0-63 and 64-127; WR = 64: both take the 64 weight
@@ -17,7 +18,8 @@
 #include "gemm_tma.cu"
 
 #define SWAP_THREADS 288
-#define SWAP_ROW 72   // floats per row of the transposed block in shared memory (64 + 8: the reads are conflict-free)
+#define SWAP_ROW 72   // floats per row of the transposed block in shared memory (64 + 8: the reads are free of bank
+                      // conflicts, the writes two-way)
 
 template <int WR, int WN, int ST, typename OutT>
 __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
@@ -85,7 +87,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
 #pragma unroll
         for (int r = 0; r < 4; r++)   // m64nWN: weight row 16 w4 + lane / 4 (+ 8), token 8 j + 2 (lane % 4) (+ 1)
             tb[(8 * j + 2 * (lane & 3) + (r & 1)) * SWAP_ROW + 16 * w4 + (lane >> 2) + 8 * (r >> 1)] = acc[4 * j + r];
-    named_sync(2 + wg, 128);
+    named_sync(2 + wg, 128);   // (each warp reads back only its own 16 columns: a warp barrier would do)
     // 16 token rows at a time, the loop kept rolled: the code stays short. Inside a decode step the kernel runs
     // after other kernels, and unrolled (a 4x larger module) the widest tiles were slower there than any other tile
     // (RESULTS.md, session 28)
