@@ -120,9 +120,10 @@ def main():
                     for attr in ("ATTENTION_SHORT_WARPS", "LN_PREFETCH_ROWS"):
                         k.__dict__.pop(attr, None)        # the class's value
                     k.__dict__.update(kernel_attrs.get(base_of[name], {}))
-                    carve = 100 if name.endswith("+carve100") else -1   # -1: the driver's choice (the default)
-                    for f in k.funcs.values():   # "+carve100": every kernel asks for the largest shared memory
-                        f.set_attribute(drv.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, carve)
+                    if any(c.endswith("+carve100") for c in configs):   # every kernel asks for the largest shared
+                        carve = 100 if name.endswith("+carve100") else -1  # memory; -1: the driver's choice (default)
+                        for f in k.funcs.values():
+                            f.set_attribute(drv.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, carve)
 
                     def step():
                         x = model.forward(n, tok, pos, seq, 0, S, kv)

@@ -186,9 +186,9 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert k.pick_f16(1023, 768, False, 3072) == "s96x64"
     every = picker(tuple(F16_TILES))
     assert [every.pick_swap(546, n) for n in (768, 2304, 3072)] == ["s64x64", "s80x128", "s112x128"]
-    assert picker([v for v in F16_TILES if F16_TILES[v].family != "swap"]).pick_swap(546, 768) is None
-    k_narrow = picker([v for v in F16_TILES if F16_TILES[v].family != "swap"])
-    assert k_narrow.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
+    k_unswapped = picker([v for v in F16_TILES if F16_TILES[v].family != "swap"])
+    assert k_unswapped.pick_swap(546, 768) is None
+    assert k_unswapped.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM
     # a variant list without the 128-wide k-slice tiles (the default before session 25): their 64-wide twins
     old = [v for v in F16_TILES if v not in ("t32x32k128s4", "t32x64k128s4") and F16_TILES[v].family != "swap"]
     k_old = picker(old)
