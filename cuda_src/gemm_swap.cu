@@ -44,13 +44,8 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
     if (warp == 8) {   // producer
         if (lane == 0) {
             acquire_tensormaps(tmA, tmB);
-            for (int kb = 0; kb < nk; kb++) {
-                const int s = kb % ST;
-                if (kb >= ST) mbar_wait(&empty[s], ((kb / ST) - 1) & 1);   // the consumers released it - ST
-                mbar_expect_tx(&full[s], W_BYTES + T_BYTES);
-                tma_load_2d(Ws + s * WR * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
-                tma_load_2d(Ts + s * BT * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
-            }
+            int it = 0;   // gemm_tma.cu's loads with the roles swapped: the weights (tmB) are its A
+            load_tile_stages<BT, ST, WR>(tmB, tmA, Ws, Ts, full, empty, n0, m0, nk, it);
         }
         return;
     }

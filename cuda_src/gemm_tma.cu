@@ -104,17 +104,18 @@ __device__ __forceinline__ void acquire_tensormaps(const TmaDesc* tmA, const Tma
     asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmA) : "memory");
     asm volatile("fence.proxy.tensormap::generic.acquire.gpu [%0], 128;\n" ::"l"(tmB) : "memory");
 }
-template <int TBN, int ST>
+// TBM: A's rows a tile (gemm_swap.cu passes the weights as A: its WR rows)
+template <int TBN, int ST, int TBM = TMA_BM>
 __device__ __forceinline__ void load_tile_stages(const TmaDesc* tmA, const TmaDesc* tmB, __half* As, __half* Bs,
                                                  unsigned long long* full, unsigned long long* empty, int m0, int n0,
                                                  int nk, int& it)
 {
-    constexpr int A_BYTES = TMA_BM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
+    constexpr int A_BYTES = TBM * TMA_BK * 2, B_BYTES = TBN * TMA_BK * 2;
     for (int kb = 0; kb < nk; kb++, it++) {
         const int s = it % ST;
         if (it >= ST) mbar_wait(&empty[s], ((it / ST) - 1) & 1);   // the consumers released it - ST
         mbar_expect_tx(&full[s], A_BYTES + B_BYTES);
-        tma_load_2d(As + s * TMA_BM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
+        tma_load_2d(As + s * TBM * TMA_BK, tmA, kb * TMA_BK, m0, &full[s]);
         tma_load_2d(Bs + s * TBN * TMA_BK, tmB, kb * TMA_BK, n0, &full[s]);
     }
 }
