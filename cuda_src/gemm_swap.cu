@@ -21,11 +21,95 @@
 #define SWAP_ROW 72   // floats per row of the transposed block in shared memory (64 + 8: the reads are free of bank
                       // conflicts, the writes two-way)
 
+__device__ __forceinline__ void store4(float* p, const float (&v)[4]) {
+    *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+}
+__device__ __forceinline__ void store4(__half* p, const float (&v)[4]) {   // rounded as store2's half2 pairs
+    const __half2 a = __floats2half2_rn(v[0], v[1]), b = __floats2half2_rn(v[2], v[3]);
+    uint2 u;
+    u.x = *reinterpret_cast<const unsigned*>(&a);
+    u.y = *reinterpret_cast<const unsigned*>(&b);
+    *reinterpret_cast<uint2*>(p) = u;
+}
+__device__ __forceinline__ float4 load4(const float* p) { return *reinterpret_cast<const float4*>(p); }
+__device__ __forceinline__ float4 load4(const __half* p) {
+    const uint2 u = *reinterpret_cast<const uint2*>(p);
+    const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&u.x)),
+                 b = __half22float2(*reinterpret_cast<const __half2*>(&u.y));
+    return make_float4(a.x, a.y, b.x, b.y);
+}
+
+// The outputs of one warpgroup's block, from its transposed tile tb ([WN tokens][SWAP_ROW floats], 64 output
+// columns from col0, tokens from row0). Each lane takes 4 adjacent columns of a token row, a warp 2 rows, so every
+// store (and EPI_RESID's residual load) covers whole 32-byte sectors; gemm_f16_epilogue's fragment order wrote 16
+// bytes a row and instruction, and took about half of a wide product's time here (RESULTS.md, session 29). Each
+// element's arithmetic is gemm_f16_epilogue's, so the bits are the same: acc + bias, then the residual add
+// (EPI_RESID), the activation, or nothing for EPI_QKV (its key and value columns go to the KV cache), rounded
+// alike (fp16: round to nearest, as __floats2half2_rn).
+template <int WN, typename OutT>
+__device__ __forceinline__ void swap_epilogue(const float* tb, int row0, int col0, OutT* __restrict__ C, int ldc,
+                                              const float* __restrict__ bias, int M, int N, int mode,
+                                              const int* __restrict__ row_slot, const int* __restrict__ row_pos,
+                                              int slot_base, int S, __half* __restrict__ kc, __half* __restrict__ vc,
+                                              int kvC)
+{
+    const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3;
+    const int c = 4 * (lane & 15), col = col0 + c;
+    if (col >= N) return;
+    float bv[4];
+#pragma unroll
+    for (int j = 0; j < 4; j++) bv[j] = (bias != nullptr && col + j < N) ? bias[col + j] : 0.f;
+    const bool resid = mode == EPI_RESID;
+    const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV;
+    // 4 columns as one vector: all inside the product, aligned (ldc and, for the cache, kvC multiples of 4), and
+    // for EPI_QKV on one side of the q / key / value boundaries
+    const bool vec = col + 3 < N && (ldc & 3) == 0 && (!qkvm || (kvC & 3) == 0);
+#pragma unroll 2
+    for (int i = 0; i < WN / 8; i++) {
+        const int t = 8 * i + 2 * w4 + (lane >> 4), row = row0 + t;   // token row: in the block, in the product
+        if (row >= M) break;
+        const float4 a = *reinterpret_cast<const float4*>(tb + t * SWAP_ROW + c);
+        float v[4] = {a.x + bv[0], a.y + bv[1], a.z + bv[2], a.w + bv[3]};
+        OutT* crow = C + (size_t)row * ldc;
+        const size_t kvoff = qkvm ? (size_t)((row_slot[row] - slot_base) * S + row_pos[row]) * kvC : 0;
+        if (vec) {
+            if (qkvm && col >= kvC) {
+                store4(col < 2 * kvC ? kc + kvoff + (col - kvC) : vc + kvoff + (col - 2 * kvC), v);
+                continue;
+            }
+            if (resid) {
+                const float4 o = load4(crow + col);
+                v[0] += o.x; v[1] += o.y; v[2] += o.z; v[3] += o.w;
+            } else if (!qkvm) {
+#pragma unroll
+                for (int j = 0; j < 4; j++) v[j] = apply_act_fast(v[j], mode);
+            }
+            store4(crow + col, v);
+            continue;
+        }
+#pragma unroll
+        for (int j = 0; j < 4; j++) {   // one element at a time: the edges of the product, odd strides
+            const int cj = col + j;
+            if (cj >= N) break;
+            OutT* dst = crow + cj;
+            float x = v[j];
+            if (qkvm && cj >= kvC) {
+                dst = reinterpret_cast<OutT*>(cj < 2 * kvC ? kc + kvoff + (cj - kvC) : vc + kvoff + (cj - 2 * kvC));
+            } else if (resid) {
+                x += to_f(*dst);
+            } else if (!qkvm) {
+                x = apply_act_fast(x, mode);
+            }
+            *dst = from_f<OutT>(x);
+        }
+    }
+}
+
 template <int WR, int WN, int ST, typename OutT>
 __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
     static_assert(WR == 64 || WR == 128, "64 or 128 weight rows");
-    static_assert(WN % 16 == 0 && WN <= 128, "token rows a warpgroup: a multiple of 16");
+    static_assert(WN % 16 == 0 && WN <= 256, "token rows a warpgroup: a multiple of 16");
     constexpr int BT = WR == 128 ? WN : 2 * WN;                  // token rows a block
     constexpr int W_BYTES = WR * TMA_BK * 2, T_BYTES = BT * TMA_BK * 2;
     static_assert(ST * (W_BYTES + T_BYTES) >= 2 * WN * SWAP_ROW * 4, "the transposed blocks fit in the stages");
@@ -82,25 +166,27 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
 #pragma unroll
         for (int r = 0; r < 4; r++)   // m64nWN: weight row 16 w4 + lane / 4 (+ 8), token 8 j + 2 (lane % 4) (+ 1)
             tb[(8 * j + 2 * (lane & 3) + (r & 1)) * SWAP_ROW + 16 * w4 + (lane >> 2) + 8 * (r >> 1)] = acc[4 * j + r];
-    named_sync(2 + wg, 128);   // (each warp reads back only its own 16 columns: a warp barrier would do)
-    // 16 token rows at a time, the loop kept rolled: the code stays short. Inside a decode step the kernel runs
-    // after other kernels, and unrolled (a 4x larger module) the widest tiles were slower there than any other tile
-    // (RESULTS.md, session 28)
+    named_sync(2 + wg, 128);   // each warp reads back rows the warpgroup's other warps wrote
+    if (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE) {   // (the greedy LM head: never picked here, kept correct)
 #pragma unroll 1
-    for (int mi = 0; mi < WN / 16; mi++) {
-        float out[1][2][4];   // m16n8: token 16 mi + lane / 4 (+ 8), weight row 16 w4 + 8 ni + 2 (lane % 4) (+ 1)
+        for (int mi = 0; mi < WN / 16; mi++) {
+            float out[1][2][4];   // m16n8: token 16 mi + lane / 4 (+ 8), weight row 16 w4 + 8 ni + 2 (lane % 4) (+ 1)
 #pragma unroll
-        for (int ni = 0; ni < 2; ni++)
+            for (int ni = 0; ni < 2; ni++)
 #pragma unroll
-            for (int h = 0; h < 2; h++) {
-                const float2 v = *reinterpret_cast<const float2*>(
-                    tb + (16 * mi + (lane >> 2) + 8 * h) * SWAP_ROW + 16 * w4 + 8 * ni + 2 * (lane & 3));
-                out[0][ni][2 * h] = v.x;
-                out[0][ni][2 * h + 1] = v.y;
-            }
-        gemm_f16_epilogue<1, 2, 16, OutT>(out, m0 + t_off + 16 * mi, n0 + w_off + 16 * w4, C, ldc, bias, M, N, mode,
-                                          row_slot, row_pos, slot_base, S, kc, vc, kvC);
+                for (int h = 0; h < 2; h++) {
+                    const float2 v = *reinterpret_cast<const float2*>(
+                        tb + (16 * mi + (lane >> 2) + 8 * h) * SWAP_ROW + 16 * w4 + 8 * ni + 2 * (lane & 3));
+                    out[0][ni][2 * h] = v.x;
+                    out[0][ni][2 * h + 1] = v.y;
+                }
+            gemm_f16_epilogue<1, 2, 16, OutT>(out, m0 + t_off + 16 * mi, n0 + w_off + 16 * w4, C, ldc, bias, M, N,
+                                              mode, row_slot, row_pos, slot_base, S, kc, vc, kvC);
+        }
+        return;
     }
+    swap_epilogue<WN, OutT>(tb, m0 + t_off, n0 + w_off, C, ldc, bias, M, N, mode, row_slot, row_pos, slot_base, S,
+                            kc, vc, kvC);
 }
 
 // name: gemm_f16_s<BT>x<WR>_<out>; records in gpt2job/backends/cuda/kernels.py F16_TILES

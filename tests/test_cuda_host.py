@@ -165,7 +165,7 @@ def check_decode_and_mid_picks(k):
     # from 1,800 rows staged, residual adds on 128x128 tiles (session 17)
     if "tma128pp" in k.variants:
         assert [k.pick_f16(m, *p) for m in (1025, 1799, 2048) for p in layer] == ["tma128pp"] * 12
-        assert [k.pick_f16(1024, *p) for p in layer] == ["tma128pp", "s96x64"] * 2
+        assert [k.pick_f16(1024, *p) for p in layer] == ["s160x128", "s96x64", "s208x128", "s96x64"]
         return
     assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
     assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
@@ -177,15 +177,16 @@ def test_tile_picks_are_the_ones_measured_fastest():
     from gpt2job.backends.cuda.kernels import F16_TILES
     k = picker()
     for M, N, half, K in ((131072, 2304, True, 768), (8192, 768, False, 3072), (8192, 3072, True, 768),
-                          (1025, 768, False, 768), (1024, 2304, True, 768)):
-        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from PINGPONG_FROM rows (but the
-        # narrow ones, N <= K, of up to SWAP_ROWS[1] rows)
-    # the swapped tiles (session 28): the fewest waves of blocks, then the fewest rows loaded a block
+                          (1025, 768, False, 768), (1025, 2304, True, 768)):
+        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from SWAP_ROWS[1] + 1 rows
+    # the swapped tiles (sessions 28-29): the fewest waves of blocks, then the fewest rows loaded a block
     assert [k.pick_swap(m, 768) for m in (137, 192, 256, 546, 1023, 1024)] == \
         ["s32x64", "s32x64", "s32x64", "s64x64", "s96x64", "s96x64"]
     assert k.pick_f16(1023, 768, False, 3072) == "s96x64"
     every = picker(tuple(F16_TILES))
     assert [every.pick_swap(546, n) for n in (768, 2304, 3072)] == ["s64x64", "s80x128", "s112x128"]
+    assert [every.pick_swap(m, n) for m in (768, 1024) for n in (2304, 3072)] == \
+        ["s112x128", "s160x128", "s160x128", "s208x128"]
     k_unswapped = picker([v for v in F16_TILES if F16_TILES[v].family != "swap"])
     assert k_unswapped.pick_swap(546, 768) is None
     assert k_unswapped.pick_f16(1023, 768, False, 3072) == "t32x64k64s4"     # 32 x 12 blocks: more than fit two an SM

@@ -11,7 +11,7 @@ NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows
 SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both
-                            # ends included; the wide ones, N > K, only under PINGPONG_FROM)
+                            # ends included)
 
 
 class TilePicker:
@@ -23,9 +23,9 @@ class TilePicker:
 
     def pick_f16(self, M, N, out_half=True, K=768):
         """The tile for an M x N x K product. The layer products (N <= 16,384, not the LM head) of SWAP_ROWS rows on
-        the swapped tiles (pick_swap), the wide ones (N > K: QKV, MLP up) only under PINGPONG_FROM rows (RESULTS.md,
-        session 28: decode steps 6-16% shorter at 192-1,024 rows; tma128pp was faster for the wide ones at 1,024
-        rows). Else, from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
+        the swapped tiles (pick_swap; RESULTS.md, sessions 28-29: decode steps 6-16% shorter at 192-1,024 rows, then
+        a few % more with their coalesced epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows). Else,
+        from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
         (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the staged-epilogue kernels
         (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
         outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
@@ -38,7 +38,7 @@ class TilePicker:
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
-        if N <= 16384 and SWAP_ROWS[0] <= M <= SWAP_ROWS[1] and (N <= K or M < PINGPONG_FROM):
+        if N <= 16384 and SWAP_ROWS[0] <= M <= SWAP_ROWS[1]:
             swap = self.pick_swap(M, N)
             if swap:
                 return swap
