@@ -3,7 +3,7 @@
 pair compared. For refactors: "token-identical, no speed loss" measured in one device call.
 
   git archive 6ebac9a | (mkdir -p .old && tar -x -C .old)      # the old tree (ignored folder, carried)
-  python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR]
+  python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR] [--cases "W1 fp16,W2 fp16"]
 
 Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16. Token cases: each speed case, W2 fp32,
 W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32, and the tiny checkpoints of
@@ -49,6 +49,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--model", default="random:gpt2")
     ap.add_argument("--features", action="store_true", help="also the new tree's feature cases (see above)")
+    ap.add_argument("--cases", default="", help="only these cases (names, comma-separated; default: all)")
     ap.add_argument("--smoke", action="store_true",
                     help="CPU check of this script: a tiny model, tiny workloads, the numpy backend, float32 only")
     a = ap.parse_args()
@@ -120,6 +121,9 @@ def main():
             for k in [k for k in cases if "fp16" in k or "cuda" in k]:
                 del cases[k]
         once = {k: (m, i, f, backend) for k, (m, i, f, _b) in once.items()}
+    if a.cases:
+        keep = set(a.cases.split(","))
+        speed, once, features = ({k: v for k, v in d.items() if k in keep} for d in (speed, once, features))
     trees = {"old": a.old, "new": a.new}
     out = lambda tag, name, i=0: os.path.join(a.work, f"{tag}-{name.replace(' ', '_')}-{i}.h5")  # noqa: E731
     for tag, tree in trees.items():   # compile caches warm, for both dtypes
