@@ -42,65 +42,74 @@ __device__ __forceinline__ float4 load4(const __half* p) {
 // The outputs of one warpgroup's block, from its transposed tile tb ([WN tokens][SWAP_ROW floats], 64 output
 // columns from col0, tokens from row0). Each lane takes 4 adjacent columns of a token row, a warp 2 rows, so every
 // store (and EPI_RESID's residual load) covers whole 32-byte sectors; gemm_f16_epilogue's fragment order wrote 16
-// bytes a row and instruction, and took about half of a wide product's time here (RESULTS.md, session 29). Each
+// bytes a row and instruction, and took about half of a wide product's time here (RESULTS.md, session 29). What
+// would wait on memory is fetched before: the lane's bias bv (before the K loop), each token row's KV-cache cell
+// for EPI_QKV (kvrow, in shared memory), and EPI_RESID's residuals G rows at a time ahead of their stores. Each
 // element's arithmetic is gemm_f16_epilogue's, so the bits are the same: acc + bias, then the residual add
-// (EPI_RESID), the activation, or nothing for EPI_QKV (its key and value columns go to the KV cache), rounded
-// alike (fp16: round to nearest, as __floats2half2_rn).
+// (EPI_RESID), the activation, or nothing for EPI_QKV (its key and value columns go to the KV cache), rounded alike
+// (fp16: round to nearest, as __floats2half2_rn).
 template <int WN, typename OutT>
-__device__ __forceinline__ void swap_epilogue(const float* tb, int row0, int col0, OutT* __restrict__ C, int ldc,
-                                              const float* __restrict__ bias, int M, int N, int mode,
-                                              const int* __restrict__ row_slot, const int* __restrict__ row_pos,
-                                              int slot_base, int S, __half* __restrict__ kc, __half* __restrict__ vc,
-                                              int kvC)
+__device__ __forceinline__ void swap_epilogue(const float* tb, const float (&bv)[4], const int* kvrow, int row0,
+                                              int col0, OutT* __restrict__ C, int ldc, int M, int N, int mode,
+                                              __half* __restrict__ kc, __half* __restrict__ vc, int kvC)
 {
+    constexpr int IT = WN / 8, G = 4;   // 2 token rows a warp and iteration; G iterations' loads at once
     const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3;
     const int c = 4 * (lane & 15), col = col0 + c;
     if (col >= N) return;
-    float bv[4];
-#pragma unroll
-    for (int j = 0; j < 4; j++) bv[j] = (bias != nullptr && col + j < N) ? bias[col + j] : 0.f;
     const bool resid = mode == EPI_RESID;
     const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV;
     // 4 columns as one vector: all inside the product, aligned (ldc and, for the cache, kvC multiples of 4), and
     // for EPI_QKV on one side of the q / key / value boundaries
     const bool vec = col + 3 < N && (ldc & 3) == 0 && (!qkvm || (kvC & 3) == 0);
-#pragma unroll 2
-    for (int i = 0; i < WN / 8; i++) {
-        const int t = 8 * i + 2 * w4 + (lane >> 4), row = row0 + t;   // token row: in the block, in the product
-        if (row >= M) break;
-        const float4 a = *reinterpret_cast<const float4*>(tb + t * SWAP_ROW + c);
-        float v[4] = {a.x + bv[0], a.y + bv[1], a.z + bv[2], a.w + bv[3]};
-        OutT* crow = C + (size_t)row * ldc;
-        const size_t kvoff = qkvm ? (size_t)((row_slot[row] - slot_base) * S + row_pos[row]) * kvC : 0;
-        if (vec) {
-            if (qkvm && col >= kvC) {
-                store4(col < 2 * kvC ? kc + kvoff + (col - kvC) : vc + kvoff + (col - 2 * kvC), v);
-                continue;
-            }
-            if (resid) {
-                const float4 o = load4(crow + col);
-                v[0] += o.x; v[1] += o.y; v[2] += o.z; v[3] += o.w;
-            } else if (!qkvm) {
+#pragma unroll 1
+    for (int i0 = 0; i0 < IT; i0 += G) {
+        float4 a[G], o[G];
 #pragma unroll
-                for (int j = 0; j < 4; j++) v[j] = apply_act_fast(v[j], mode);
+        for (int g = 0; g < G; g++) {
+            const int t = 8 * (i0 + g) + 2 * w4 + (lane >> 4), row = row0 + t;   // token row: block, product
+            o[g] = make_float4(0.f, 0.f, 0.f, 0.f);
+            if (i0 + g < IT) {
+                a[g] = *reinterpret_cast<const float4*>(tb + t * SWAP_ROW + c);
+                if (resid && vec && row < M) o[g] = load4(C + (size_t)row * ldc + col);
             }
-            store4(crow + col, v);
-            continue;
         }
 #pragma unroll
-        for (int j = 0; j < 4; j++) {   // one element at a time: the edges of the product, odd strides
-            const int cj = col + j;
-            if (cj >= N) break;
-            OutT* dst = crow + cj;
-            float x = v[j];
-            if (qkvm && cj >= kvC) {
-                dst = reinterpret_cast<OutT*>(cj < 2 * kvC ? kc + kvoff + (cj - kvC) : vc + kvoff + (cj - 2 * kvC));
-            } else if (resid) {
-                x += to_f(*dst);
-            } else if (!qkvm) {
-                x = apply_act_fast(x, mode);
+        for (int g = 0; g < G; g++) {
+            const int t = 8 * (i0 + g) + 2 * w4 + (lane >> 4), row = row0 + t;
+            if (i0 + g >= IT || row >= M) break;
+            float v[4] = {a[g].x + bv[0], a[g].y + bv[1], a[g].z + bv[2], a[g].w + bv[3]};
+            OutT* crow = C + (size_t)row * ldc;
+            const size_t kvoff = qkvm ? (size_t)kvrow[t] * kvC : 0;
+            if (vec) {
+                if (qkvm && col >= kvC) {
+                    store4(col < 2 * kvC ? kc + kvoff + (col - kvC) : vc + kvoff + (col - 2 * kvC), v);
+                    continue;
+                }
+                if (resid) {
+                    v[0] += o[g].x; v[1] += o[g].y; v[2] += o[g].z; v[3] += o[g].w;
+                } else if (!qkvm) {
+#pragma unroll
+                    for (int j = 0; j < 4; j++) v[j] = apply_act_fast(v[j], mode);
+                }
+                store4(crow + col, v);
+                continue;
             }
-            *dst = from_f<OutT>(x);
+#pragma unroll
+            for (int j = 0; j < 4; j++) {   // one element at a time: the edges of the product, odd strides
+                const int cj = col + j;
+                if (cj >= N) break;
+                OutT* dst = crow + cj;
+                float x = v[j];
+                if (qkvm && cj >= kvC) {
+                    dst = reinterpret_cast<OutT*>(cj < 2 * kvC ? kc + kvoff + (cj - kvC) : vc + kvoff + (cj - 2 * kvC));
+                } else if (resid) {
+                    x += to_f(*dst);
+                } else if (!qkvm) {
+                    x = apply_act_fast(x, mode);
+                }
+                *dst = from_f<OutT>(x);
+            }
         }
     }
 }
@@ -119,6 +128,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
     __half* Ts = reinterpret_cast<__half*>(base + ST * W_BYTES);             // [ST][BT x 64]
     unsigned long long* full = reinterpret_cast<unsigned long long*>(base + ST * (W_BYTES + T_BYTES));
     unsigned long long* empty = full + ST;
+    int* kvrow = reinterpret_cast<int*>(empty + ST);   // [BT]: EPI_QKV, each token row's KV-cache cell
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int nk = (K + TMA_BK - 1) / TMA_BK;
     const int n0 = blockIdx.x * WR, m0 = blockIdx.y * BT;   // first output column (weight row) and token row
@@ -136,6 +146,15 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
 
     const int wg = warp >> 2, w4 = warp & 3;
     const int w_off = WR == 128 ? 64 * wg : 0, t_off = WR == 128 ? 0 : WN * wg;   // this warpgroup's block
+    // the epilogue's inputs that do not depend on the product, fetched while the first stages load: the bias of
+    // this lane's 4 columns (swap_epilogue's), the KV-cache cells of the block's token rows (one a thread; int:
+    // the cache holds far fewer than 2^31 cells)
+    float bv[4];
+    const int bcol = n0 + w_off + 4 * (lane & 15);
+#pragma unroll
+    for (int j = 0; j < 4; j++) bv[j] = (bias != nullptr && bcol + j < N) ? bias[bcol + j] : 0.f;
+    if (mode == EPI_QKV && tid < BT)
+        kvrow[tid] = m0 + tid < M ? (row_slot[m0 + tid] - slot_base) * S + row_pos[m0 + tid] : 0;
     float acc[WN / 2];
 #pragma unroll
     for (int i = 0; i < WN / 2; i++) acc[i] = 0.f;
@@ -185,8 +204,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
         }
         return;
     }
-    swap_epilogue<WN, OutT>(tb, m0 + t_off, n0 + w_off, C, ldc, bias, M, N, mode, row_slot, row_pos, slot_base, S,
-                            kc, vc, kvC);
+    swap_epilogue<WN, OutT>(tb, bv, kvrow + t_off, m0 + t_off, n0 + w_off, C, ldc, M, N, mode, kc, vc, kvC);
 }
 
 // name: gemm_f16_s<BT>x<WR>_<out>; records in gpt2job/backends/cuda/kernels.py F16_TILES

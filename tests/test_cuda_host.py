@@ -417,7 +417,8 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
         wr, wn, st = int(d["SWAP_WR"]), int(d["SWAP_WN"]), int(d["SWAP_ST"])
         assert d["SWAP_NAME"] == f"gemm_f16_{t.name}" and t.name == f"s{t.bm}x{t.bn}" and wr == t.bn in (64, 128)
         assert t.bm == (wn if wr == 128 else 2 * wn) and wn % 16 == 0 and (t.threads, t.blocks_per_sm) == (288, 1)
-        assert t.smem_half == t.smem_float == st * (wr + t.bm) * 64 * 2 + 1024 + 16 * st <= 227 * 1024, t.name
+        assert t.smem_half == t.smem_float == st * (wr + t.bm) * 64 * 2 + 1024 + 16 * st + 4 * t.bm <= 227 * 1024, \
+            t.name
         assert st * (wr + t.bm) * 64 * 2 >= 2 * wn * 72 * 4, t.name   # the transposed blocks fit in the stages
         seen.add(t.name)
     d = dict(re.findall(r"#define (WG_\w+) (\d+)", text["gemm_wgmma.cu"]))

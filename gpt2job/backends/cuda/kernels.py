@@ -84,11 +84,11 @@ def _tma(name, bn, stages, blocks, persist, efficiency=0.0):
 
 
 def _swap(bt, wr):
-    """Swapped decode tile (gemm_swap.cu): bt token rows x wr weight rows (output columns) a block, as many
-    stages of 64-wide k slices as fit (up to 12), one block an SM."""
+    """Swapped decode tile (gemm_swap.cu): bt token rows x wr weight rows (output columns) a block, one an SM, as
+    many stages of 64-wide k slices as fit (up to 12) beside 1 KB alignment, their barriers and bt KV-cache cells."""
     stage = (wr + bt) * 64 * 2
-    stages = min(12, (227 * 1024 - 1024 - 16 * 12) // stage)
-    smem = stages * stage + 1024 + 16 * stages
+    stages = min(12, (227 * 1024 - 1024 - 16 * 12 - 4 * bt) // stage)
+    smem = stages * stage + 1024 + 16 * stages + 4 * bt
     return F16Tile(f"s{bt}x{wr}", "swap", bt, wr, 16, 288, smem, smem,
                    (f"-DSWAP_NAME=gemm_f16_s{bt}x{wr}", f"-DSWAP_WR={wr}",
                     f"-DSWAP_WN={bt if wr == 128 else bt // 2}", f"-DSWAP_ST={stages}"),
