@@ -1,16 +1,17 @@
 // Decode-sized fp16 products with the operands swapped (sm_90a): C = epilogue(A[M,K] @ B[N,K]^T + bias) as in
 // gemm_f16.cu, computed as C^T = B A^T, so the weights B fill wgmma's 64-row side and the few hundred token rows
-// of A its N side (any multiple of 8 for wgmma; 16 here, the epilogue's row groups). A block takes WR weight rows
-// (output columns) x BT token rows: a grid of about one block per SM with little padding, where the unswapped tiles
-// round the tokens up to 32-128 rows and run in two waves (RESULTS.md, session 28; cuBLAS picks this form at these
-// sizes).
+// of A its N side (any multiple of 8 for wgmma; 16 here, the argmax epilogue's row groups). A block takes WR
+// weight rows (output columns) x BT token rows: a grid of about one block per SM with little padding, where the
+// unswapped tiles round the tokens up to 32-128 rows and run in two waves (RESULTS.md, sessions 28-29; cuBLAS picks
+// this form at these sizes).
 //
 // 288 threads: warps 0-7 are two consumer warpgroups, each computing a 64 (weights) x WN (tokens) block with
 // wgmma m64nWNk16 (WR = 128: the warpgroups take weight rows 0-63 and 64-127; WR = 64: both take the 64 weight
 // rows, and token rows 0..WN-1 and WN..2WN-1); warp 8 is the producer (one thread issues the TMA loads). The
 // stage ring and its barriers are gemm_tma.cu's (tmA: the tokens, box 64 x BT; tmB: the weights, box 64 x WR).
-// The epilogue is gemm_f16_epilogue's, bit for bit: the finished block goes through shared memory (the stages,
-// free once both warpgroups are done) to the unswapped fragment layout, each warp taking 16 output columns.
+// The finished block goes through shared memory (the stages, free once both warpgroups are done) back to the
+// unswapped layout, and out through swap_epilogue: gemm_f16_epilogue's arithmetic, so every tile gives the same
+// bits, with whole-sector stores (the greedy head's argmax epilogue, never picked here, takes gemm_f16_epilogue).
 // Build: -gencode=arch=compute_90a,code=sm_90a -DSWAP_NAME=.. -DSWAP_WR=.. -DSWAP_WN=.. -DSWAP_ST=.. (kernels.py
 // F16_TILES).
 #define GEMM_TMA_BN 0   // gemm_tma.cu's helpers, none of its kernels
