@@ -42,13 +42,13 @@ __device__ __forceinline__ float4 load4(const __half* p) {
 
 // The outputs of one warpgroup's block, from its transposed tile tb ([WN tokens][SWAP_ROW floats], 64 output
 // columns from col0, tokens from row0). Each lane takes 4 adjacent columns of a token row, a warp 2 rows, so every
-// store (and EPI_RESID's residual load) covers whole 32-byte sectors; gemm_f16_epilogue's fragment order wrote 16
-// bytes a row and instruction, and took about half of a wide product's time here (RESULTS.md, session 29). What
-// would wait on memory is fetched before: the lane's bias bv (before the K loop), each token row's KV-cache cell
-// for EPI_QKV (kvrow, in shared memory), and EPI_RESID's residuals G rows at a time ahead of their stores. Each
-// element's arithmetic is gemm_f16_epilogue's, so the bits are the same: acc + bias, then the residual add
-// (EPI_RESID), the activation, or nothing for EPI_QKV (its key and value columns go to the KV cache), rounded alike
-// (fp16: round to nearest, as __floats2half2_rn).
+// store (and EPI_RESID's residual load) covers whole 32-byte sectors where the rows start 32-byte aligned (GPT-2's
+// shapes); gemm_f16_epilogue's fragment order wrote 16 (half) or 32 (float) bytes a row and instruction, and took
+// 30-50% of a wide product's time here (RESULTS.md, session 29). What would wait on memory is fetched before: the
+// lane's bias bv (before the K loop), each token row's KV-cache cell for EPI_QKV (kvrow, in shared memory), and
+// EPI_RESID's residuals G rows at a time ahead of their stores. Each element's arithmetic is gemm_f16_epilogue's,
+// so the bits are the same: acc + bias, then the residual add (EPI_RESID), the activation, or nothing for EPI_QKV
+// (its key and value columns go to the KV cache), rounded alike (fp16: round to nearest, as __floats2half2_rn).
 template <int WN, typename OutT>
 __device__ __forceinline__ void swap_epilogue(const float* tb, const float (&bv)[4], const int* kvrow, int row0,
                                               int col0, OutT* __restrict__ C, int ldc, int M, int N, int mode,
@@ -121,6 +121,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
     static_assert(WR == 64 || WR == 128, "64 or 128 weight rows");
     static_assert(WN % 16 == 0 && WN <= 256, "token rows a warpgroup: a multiple of 16");
     constexpr int BT = WR == 128 ? WN : 2 * WN;                  // token rows a block
+    static_assert(BT <= 256, "a TMA box of at most 256 rows; kvrow: a consumer thread a token row");
     constexpr int W_BYTES = WR * TMA_BK * 2, T_BYTES = BT * TMA_BK * 2;
     static_assert(ST * (W_BYTES + T_BYTES) >= 2 * WN * SWAP_ROW * 4, "the transposed blocks fit in the stages");
     extern __shared__ __align__(1024) unsigned char smem_raw[];
@@ -154,7 +155,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
     const int bcol = n0 + w_off + 4 * (lane & 15);
 #pragma unroll
     for (int j = 0; j < 4; j++) bv[j] = (bias != nullptr && bcol + j < N) ? bias[bcol + j] : 0.f;
-    if (mode == EPI_QKV && tid < BT)
+    if (mode == EPI_QKV && tid < BT)   // (EPI_QKV has half outputs: Kernels.gemm_f16 asserts it)
         kvrow[tid] = m0 + tid < M ? (row_slot[m0 + tid] - slot_base) * S + row_pos[m0 + tid] : 0;
     float acc[WN / 2];
 #pragma unroll
