@@ -9,7 +9,8 @@ NARROW_K128 = "t32x64k128s4"  # ... its twin on 128-wide k slices where its bloc
 NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 tiles fit on the SMs in one wave: the
                                               # first compiled (the second: the default until session 25)
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
-PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows
+PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows (where no
+                            # swapped tile is compiled: else from SWAP_ROWS[1] + 1)
 SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both
                             # ends included)
 
