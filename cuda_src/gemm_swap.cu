@@ -160,21 +160,11 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
     float acc[WN / 2];
 #pragma unroll
     for (int i = 0; i < WN / 2; i++) acc[i] = 0.f;
-    for (int kb = 0; kb < nk; kb++) {
-        const int s = kb % ST;
-        mbar_wait(&full[s], (kb / ST) & 1);
-        const __half* ws = Ws + s * WR * TMA_BK + w_off * TMA_BK;
-        const __half* ts = Ts + s * BT * TMA_BK + t_off * TMA_BK;
-        wg_fence_acc<WN / 2>(acc);
-        wg_fence();
-#pragma unroll
-        for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
-            wgmma_m64k16<WN>(acc, wg_desc(ws + ks * 16), wg_desc(ts + ks * 16));
-        wg_commit();
-        wg_wait1();                                 // k-block kb - 1's batch has retired: release its stage
-        wg_fence_acc<WN / 2>(acc);
-        if (kb > 0 && lane == 0) mbar_arrive(&empty[(kb - 1) % ST]);
-    }
+    int it = 0;
+    consume_tile_stages<ST, WN / 2>(acc, full, empty, nk, it, lane, [&](int s, int ks) {
+        wgmma_m64k16<WN>(acc, wg_desc(Ws + s * WR * TMA_BK + w_off * TMA_BK + ks * 16),
+                         wg_desc(Ts + s * BT * TMA_BK + t_off * TMA_BK + ks * 16));
+    });
     wg_wait0();
     wg_fence_acc<WN / 2>(acc);
 

@@ -120,6 +120,27 @@ __device__ __forceinline__ void load_tile_stages(const TmaDesc* tmA, const TmaDe
     }
 }
 
+// The consumers' side of the stage ring, for one tile: each k-block waits for its stage, runs mma(s, ks) for its
+// four k16 steps (one wgmma batch into the NACC accumulators at acc), and releases the stage of the batch before
+// once that one has retired (a warp's lane 0 arrives on empty). it: k-blocks consumed so far over all tiles.
+template <int ST, int NACC, typename Mma>
+__device__ __forceinline__ void consume_tile_stages(float* acc, unsigned long long* full, unsigned long long* empty,
+                                                    int nk, int& it, int lane, Mma mma)
+{
+    for (int kb = 0; kb < nk; kb++, it++) {
+        const int s = it % ST;
+        mbar_wait(&full[s], (it / ST) & 1);
+        wg_fence_acc<NACC>(acc);
+        wg_fence();
+#pragma unroll
+        for (int ks = 0; ks < TMA_BK / 16; ks++) mma(s, ks);   // k16 step: +32 bytes inside the 128-byte rows
+        wg_commit();
+        wg_wait1();                                 // k-block it - 1's batch has retired: release its stage
+        wg_fence_acc<NACC>(acc);
+        if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+    }
+}
+
 // One thread's bulk copies of row `row` of a staged tile (its w columns from n0, at src in shared memory): EPI_RESID
 // (resid) as a bulk add into the fp32 residual, EPI_QKV (qkvm) the q columns to C and the key and value columns to
 // the row's KV-cache slot and position, else a plain store.
@@ -248,21 +269,10 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
         for (int j = 0; j < TBN / 8; j++)
 #pragma unroll
             for (int r = 0; r < 4; r++) acc[0][j][r] = 0.f;
-        for (int kb = 0; kb < nk; kb++, it++) {
-            const int s = it % ST;
-            mbar_wait(&full[s], (it / ST) & 1);
+        consume_tile_stages<ST, TBN / 2>(&acc[0][0][0], full, empty, nk, it, lane, [&](int s, int ks) {
             const __half* as = As + s * TMA_BM * TMA_BK + wg * 64 * TMA_BK;   // this warpgroup's 64 rows
-            const __half* bs = Bs + s * TBN * TMA_BK;
-            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-            wg_fence();
-#pragma unroll
-            for (int ks = 0; ks < TMA_BK / 16; ks++)   // k16 step: +32 bytes inside the 128-byte swizzled rows
-                wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
-            wg_commit();
-            wg_wait1();                                 // k-block it - 1's batch has retired: release its stage
-            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
-        }
+            wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(Bs + s * TBN * TMA_BK + ks * 16));
+        });
         wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
         if (PERSIST && nk > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);   // the tile's last stage
