@@ -5,14 +5,15 @@ can name the kernel, its grid, block, cluster and time:
   ncu --section LaunchStats --section SpeedOfLight --section MemoryWorkloadAnalysis -k regex:'nvjet|gemm|sm90|cutlass' \
       python3 benchmarks/cublas_probe.py --m 546,1024
 
-Without ncu it prints each product's median GPU time (us) as torch's events measure it.
+It also prints each product's median GPU time (us): each call queued behind a sleeping kernel (kernels_bench.median_ms),
+so that a call shorter than its launch is not timed at the host's pace.
 """
 import argparse
 import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from kernels_bench import SHAPES  # noqa: E402
+from kernels_bench import SHAPES, median_ms  # noqa: E402
 
 
 def main():
@@ -30,15 +31,8 @@ def main():
         for M in (int(x) for x in a.m.split(",")):
             A = torch.randn(M, K, device="cuda", generator=g).half()
             C = torch.empty(M, N, device="cuda", dtype=torch.half)
-            ts = []
-            for _ in range(a.calls):
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                torch.matmul(A, W.t(), out=C)
-                e1.record()
-                e1.synchronize()
-                ts.append(e0.elapsed_time(e1) * 1e3)
-            print(f"cublas-probe {shape} M={M} N={N} K={K} us={sorted(ts)[len(ts) // 2]:.1f}", flush=True)
+            us = 1e3 * median_ms(lambda: torch.matmul(A, W.t(), out=C), a.calls, torch, inner=1)
+            print(f"cublas-probe {shape} M={M} N={N} K={K} us={us:.1f}", flush=True)
 
 
 if __name__ == "__main__":
