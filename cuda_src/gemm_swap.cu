@@ -54,12 +54,15 @@ __device__ __forceinline__ void swap_epilogue(const float* tb, const float (&bv)
                                               int col0, OutT* __restrict__ C, int ldc, int M, int N, int mode,
                                               __half* __restrict__ kc, __half* __restrict__ vc, int kvC)
 {
-    constexpr int IT = WN / 8, G = 4;   // 2 token rows a warp and iteration; G iterations' loads at once
+    // 2 token rows a warp and iteration; EPI_RESID (float outputs) loads G iterations' residuals at once, half
+    // outputs have nothing to load (a group of 1 keeps their code small: 4 made it slower, RESULTS.md session 30)
+    constexpr bool HALF = kIsHalf<OutT>::value;
+    constexpr int IT = WN / 8, G = HALF ? 1 : 4;
     const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3;
     const int c = 4 * (lane & 15), col = col0 + c;
     if (col >= N) return;
-    const bool resid = mode == EPI_RESID;
-    const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV;
+    const bool resid = !HALF && mode == EPI_RESID;   // (EPI_RESID has float outputs: Kernels.gemm_f16 asserts it)
+    const bool qkvm = HALF && mode == EPI_QKV;
     // 4 columns as one vector: all inside the product, aligned (ldc and, for the cache, kvC multiples of 4), and
     // for EPI_QKV on one side of the q / key / value boundaries
     const bool vec = col + 3 < N && (ldc & 3) == 0 && (!qkvm || (kvC & 3) == 0);

@@ -294,8 +294,8 @@ class Kernels(SelectKernels):
         grid = ((N + t.bn - 1) // t.bn, (M + t.bm - 1) // t.bm, 1)
         if t.persistent:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * t.blocks_per_sm), 1, 1)
-        if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE):
-            assert not out_half and ldc >= (N + t.wn - 1) // t.wn
+        if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_RESID):   # float outputs (EPI_RESID: the fp32 residual stream)
+            assert not out_half and (mode == EPI_RESID or ldc >= (N + t.wn - 1) // t.wn)
         if mode == EPI_QKV:
             assert out_half and qkv is not None and qkv[6] % 2 == 0
             rs, rp, sb, S, kc, vc, kvC = qkv
