@@ -54,10 +54,11 @@ __device__ __forceinline__ void swap_epilogue(const float* tb, const float (&bv)
                                               int col0, OutT* __restrict__ C, int ldc, int M, int N, int mode,
                                               __half* __restrict__ kc, __half* __restrict__ vc, int kvC)
 {
-    // 2 token rows a warp and iteration; EPI_RESID (float outputs) loads G iterations' residuals at once, half
-    // outputs have nothing to load (a group of 1 keeps their code small: 4 made it slower, RESULTS.md session 30)
+    // 2 token rows a warp and iteration; EPI_RESID (float outputs) loads G iterations' residuals at once (8: steps
+    // ~1% shorter than with 4 or 2), half outputs have nothing to load (a group of 1 halves their machine code: 4
+    // made them slower; RESULTS.md, session 30)
     constexpr bool HALF = kIsHalf<OutT>::value;
-    constexpr int IT = WN / 8, G = HALF ? 1 : 4;
+    constexpr int IT = WN / 8, G = HALF ? 1 : 8;
     const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3;
     const int c = 4 * (lane & 15), col = col0 + c;
     if (col >= N) return;
