@@ -122,6 +122,31 @@ def run_gpt2job(args, np_=None, env=None, timeout=300, check=None):
     return p
 
 
+def crash_after_a_kept_chunk(args, out, env, timeout=120):
+    """Run the CLI (one process) until its journal holds a chunk, then kill it (SIGKILL: a crash). Its worker hangs
+    on its 3rd chunk, so the master is alive to journal the first two: a worker that exits instead can take the
+    process down before the master journaled anything (seen on a busy CI machine)."""
+    import signal
+    from gpt2job.files.journal import read_journal
+    env = dict(env, GPT2JOB_FAULT="0:3:hang")
+    p = subprocess.Popen(gpt2job_cmd(args), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True, cwd=str(ROOT))
+    journal, deadline = str(out) + ".journal", time.time() + timeout
+    try:
+        while not (os.path.exists(journal) and any(len(r.rows) for r in read_journal(journal)[1])):
+            if p.poll() is not None:
+                raise AssertionError(f"the job ended (exit {p.returncode}) before it journaled a chunk:\n"
+                                     f"{p.stderr.read()}")
+            if time.time() > deadline:
+                raise AssertionError("the job journaled no chunk in time")
+            time.sleep(0.05)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)    # the writer's process too, where it has one
+        p.wait(timeout=60)
+        p.stderr.close()
+
+
 def as_one_process(monkeypatch):
     """The CLI called in this process (cli.main) runs as one process: no MPI launcher's variables from a test run
     under mpirun."""

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, run_gpt2job, write_token_input
+from conftest import crash_after_a_kept_chunk, job_env, run_gpt2job, write_token_input
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk, Completions, decode_completions, encode_completions
 from gpt2job.files.journal import Journal, read_journal, records_of
@@ -219,13 +219,12 @@ def test_output_without_logprobs_keeps_its_layout(workload, tmp_path):
 
 @pytest.mark.parametrize("process", [False, True])
 def test_resume_after_a_crash_gives_the_clean_file(workload, tmp_path, process):
-    """The process dies on its 3rd chunk; the journal's records carry the log-probabilities; the rerun's file is
-    the clean run's (with the writer in a thread and in a process of its own)."""
+    """The process is killed once a chunk is journaled; the journal's records carry the log-probabilities; the
+    rerun's file is the clean run's (with the writer in a thread and in a process of its own)."""
     inp, _, clean = workload
     out = tmp_path / "out.h5"
     env = {"GPT2JOB_WRITER": "process"} if process else {}
-    p = run_gpt2job(job(inp, out, "--chunk-size", 2), env=job_env(GPT2JOB_FAULT="0:3:exit", **env))
-    assert p.returncode != 0
+    crash_after_a_kept_chunk(job(inp, out, "--chunk-size", 2), out, job_env(**env))
     _, recs, _ = read_journal(str(out) + ".journal")
     assert recs and all(r.logprobs is not None and r.top_ids.shape[1] == K for r in recs)
     run_gpt2job(job(inp, out, "--chunk-size", 2), env=job_env(**env), check=0)

@@ -8,7 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import job_env, run_gpt2job, write_token_input
+from conftest import crash_after_a_kept_chunk, job_env, run_gpt2job, write_token_input
 from gpt2job.backends.cuda.score import completions, score_rows
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk
@@ -165,14 +165,7 @@ def test_mpirun_equals_one_process(workload, tmp_path):
 def test_resume_after_a_crash(workload, tmp_path):
     inp, _, clean = workload
     out = tmp_path / "out.h5"
-    for _ in range(5):   # the worker thread's exit can come before the master journaled a chunk (a busy CI machine):
-        # then there is nothing to resume; crash again until some rows were kept
-        for f in (out, tmp_path / "out.h5.journal", tmp_path / "out.h5.lock"):
-            f.unlink(missing_ok=True)
-        p = run_gpt2job(score_job(inp, out, "--chunk-size", 2), env=job_env(GPT2JOB_FAULT="0:3:exit"))
-        assert p.returncode != 0 and (tmp_path / "out.h5.journal").exists()
-        if sum(len(r.rows) for r in read_journal(str(out) + ".journal")[1]):
-            break
+    crash_after_a_kept_chunk(score_job(inp, out, "--chunk-size", 2), out, job_env())
     p = run_gpt2job(score_job(inp, out, "--chunk-size", 2), check=0)
     assert "resuming" in p.stderr
     a, b = read_score(clean), read_score(out)
