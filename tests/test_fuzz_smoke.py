@@ -15,7 +15,7 @@ N_CASES = 30
 def test_mutated_inputs_and_models_give_clear_errors_or_success(tmp_path):
     out = tmp_path / "fuzz.json"
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fuzz_inputs.py"), "--cases", str(N_CASES),
-                        "--seed", "1", "--light", "--timeout", "15", "--jobs", "2", "--workdir", str(tmp_path),
+                        "--seed", "1", "--light", "--timeout", "60", "--jobs", "2", "--workdir", str(tmp_path),
                         "--json-out", str(out)], capture_output=True, text=True, timeout=600, cwd=str(ROOT))
     assert p.returncode == 0, p.stdout + p.stderr
     assert len(json.loads(out.read_text())) == N_CASES

@@ -23,14 +23,17 @@ fork = multiprocessing.get_context("fork")
 
 class Counted(Unit):
     """A unit whose compiles are counted in a file (one line per compile, any process), optionally slow, or done by
-    a stand-in that returns the text's hash instead of running nvcc."""
-    log = slow = fake = None
+    a stand-in that returns the text's hash instead of running nvcc; with a rendezvous (a barrier), each compile
+    waits there for another process's compile to reach it too."""
+    log = slow = fake = rendezvous = None
 
     def compile(self):
         with open(Counted.log, "a") as fh:
             fh.write(f"{os.getpid()} {self.name}\n")
         if Counted.slow:
             time.sleep(Counted.slow)
+        if Counted.rendezvous is not None:
+            Counted.rendezvous.wait(timeout=60)
         return hashlib.sha256(self.text.encode()).digest() * 4 if Counted.fake else super().compile()
 
 
@@ -39,6 +42,7 @@ def counted(tmp_path, monkeypatch):
     monkeypatch.setattr(Counted, "log", str(tmp_path / "compiles.log"))
     monkeypatch.setattr(Counted, "slow", 0)
     monkeypatch.setattr(Counted, "fake", False)
+    monkeypatch.setattr(Counted, "rendezvous", None)
     open(Counted.log, "w").close()
     return lambda: [line.split() for line in open(Counted.log)]
 
@@ -120,14 +124,14 @@ def test_four_processes_asking_at_once_compile_once_and_load_the_same_bytes(tmp_
 
 def test_different_modules_compile_at_once_across_processes(tmp_path, counted, monkeypatch):
     monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
-    monkeypatch.setattr(Counted, "slow", 1.0)
     monkeypatch.setattr(Counted, "fake", True)
+    # each compile waits for the other process's: compiles one after the other break the barrier (60 s) and fail
+    monkeypatch.setattr(Counted, "rendezvous", fork.Barrier(2))
     units = [Counted(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(2)]
     out = _run_together(2, str(tmp_path / "cache"), units, threads=1)   # one thread each: parallel only across
     compiles = counted()
     assert sorted(name for _, name in compiles) == ["m0.cu", "m1.cu"]   # each once
     assert len({pid for pid, _ in compiles}) == 2                      # one by each process, at the same time
-    assert max(dt for *_, dt in out) < 1.8
     assert out[0][1] == out[1][1]
 
 

@@ -160,7 +160,9 @@ def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
     write_token_input(inp, [[1, 2, 3], [4, 5]])
     env = {k: v for k, v in job_env(NP=2, GPT2JOB_FAULT="1:1:hang").items()   # the worker hangs on its chunk
            if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
-    p = launcher([inp, out, *TINY], env=env, start_new_session=True)   # its own group, as a terminal's job
+    # its own group, as a terminal's job, with SIGINT as a terminal gives it (not ignored, whatever pytest inherited)
+    p = launcher([inp, out, *TINY], env=env, start_new_session=True,
+                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
         time.sleep(0.2)

@@ -58,10 +58,15 @@ def journal_rows(path):
     return sum(len(r.rows) for r in records)
 
 
-def kill_midway(cmd, out, victim, min_rows=4):
+def kill_midway(cmd, out, victim, chunk=1, min_rows=4):
+    """Run cmd until its journal holds min_rows rows, then SIGKILL the victim (mpirun or the one process, the master
+    or a worker). Every worker hangs on the chunk after those that hold min_rows, so that the job cannot end before
+    the kill however slowly the test process polls."""
     tag = uuid.uuid4().hex
-    p = subprocess.Popen(cmd, env=job_env(TESTS_PROCESS_TAG=tag), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                         start_new_session=True)
+    k = -(-min_rows // chunk) + 1
+    fault = ",".join(f"{r}:{k}:hang" for r in range(3))     # rank 0 alone, or the master and two workers
+    p = subprocess.Popen(cmd, env=job_env(TESTS_PROCESS_TAG=tag, GPT2JOB_FAULT=fault), stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, start_new_session=True)
     deadline = time.time() + 120
     while time.time() < deadline:
         if os.path.exists(str(out) + ".journal") and journal_rows(out) >= min_rows:
@@ -81,12 +86,25 @@ def kill_midway(cmd, out, victim, min_rows=4):
     finally:
         os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
     time.sleep(0.2)
-    # mpirun is gone; make sure no orphaned rank keeps writing
-    for pid in rank_pids(tag):
+    # mpirun is gone; make sure no orphaned rank keeps writing, and that they are gone before the journal is read
+    orphans = list(rank_pids(tag))
+    for pid in orphans:
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
             pass
+    deadline = time.time() + 30
+    while any(_running(pid) for pid in orphans) and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def _running(pid):
+    """Is process pid there and not a zombie?"""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 @pytest.mark.parametrize("victim,np_,chunk", [("process", None, 1), ("process", None, 4), ("mpirun", 3, 3),
@@ -96,7 +114,7 @@ def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_,
         require_mpirun()
     inp, clean = workload
     out = tmp_path / "out.h5"
-    kill_midway(gpt2job_cmd(job_args(inp, out, chunk), np_), out, victim)
+    kill_midway(gpt2job_cmd(job_args(inp, out, chunk), np_), out, victim, chunk)
     kept = journal_rows(out)
     assert 0 < kept < N, kept
     run_gpt2job(job_args(inp, out, chunk), np_=np_, check=0)

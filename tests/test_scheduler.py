@@ -1,5 +1,7 @@
 """The master's work queue: chunks carry exactly their prompts' tokens, every row goes out once (longest prompts
 first), a failed worker's chunk goes out again first, and rows_left counts what is still to hand out."""
+import time
+
 import numpy as np
 
 from gpt2job.files.prompts import PromptSet
@@ -240,9 +242,50 @@ def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path
     try:
         m.channel = Quiet()
         m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
+        for r in (1, 2):
+            m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
         m.workers[1].outstanding = {7: object()}
         m.shutdown_workers()
         assert m.hung_ranks == [1] and m.hung_processes() == [1]
         assert m.channel.sent == {1: ["stop"], 2: ["stop"]}     # each told to stop first
+    finally:
+        m.store.close()
+
+
+def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadline(tmp_path):
+    """A job can end before a rank became ready (the others did the work). That rank reads its stop once ready; one
+    that hangs at start-up never does, and mpirun would wait for it for ever. So the end waits for its hello until
+    the start-up deadline (5 x chunk_timeout from the run's start) and then counts it hung (MPI_Abort ends it); a
+    rank that says hello in that wait is let go."""
+    import dataclasses
+
+    class Starting(RecordingChannel):   # rank 1 says hello at its third poll; rank 2 never says anything
+        polls = 0
+
+        def poll(self):
+            self.polls += 1
+            return [(1, "hello", {"host": "a"})] if self.polls == 3 else []
+
+        def wait(self):
+            time.sleep(0.01)
+
+        def flush(self):
+            pass
+
+        def owns_process(self, rank):
+            return True
+
+    m, ch, n = ragged_master(tmp_path)
+    try:
+        m.channel = Starting()
+        m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
+        m.run_started = time.monotonic()
+        m.shutdown_workers(wait_local=False)
+        m.wait_for_starting()
+        waited = time.monotonic() - m.run_started
+        assert m.hung_ranks == [2] and m.hung_processes() == [2]
+        assert 1.0 <= waited < 5, waited                      # until the deadline, not longer
+        assert m.channel.sent == {1: ["stop"], 2: ["stop"]}
+        assert m.workers[2].summary()["retired"] == "not ready when the job ended"
     finally:
         m.store.close()

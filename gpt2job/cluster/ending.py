@@ -30,6 +30,7 @@ class Ending:
         if w.rank in self.hung_ranks:
             self.hung_ranks.remove(w.rank)
         self.stopped.add(w.rank)
+        self.heard.add(w.rank)
         self.peer_died = True
         if not w.retired:
             self.log(f"worker rank {w.rank} on {w.host}: {why}; its chunks go to others")
@@ -38,6 +39,31 @@ class Ending:
     def _still_computing(self):
         return [w for w in self.live() if w.outstanding and self.channel.owns_process(w.rank)
                 and w.rank not in self.hung_ranks]
+
+    def _starting(self):
+        """Ranks of their own process the master has not heard from (no hello, error or death) and not hung."""
+        return [r for r in self.channel.ranks if self.channel.owns_process(r) and r not in self.heard
+                and r not in self.hung_ranks]
+
+    def wait_for_starting(self):
+        """After shutdown_workers, at a job's successful end: a rank still starting reads its stop once it is ready;
+        one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
+        start-up deadline (5 x chunk_timeout from the run's start, as check_hung), then count the silent ones hung
+        (abort_hung ends them). The wait costs no wall time: mpirun ends only once every rank has."""
+        deadline = self.run_started + 5 * self.s.chunk_timeout
+        while self._starting() and time.monotonic() < deadline:
+            for rank, kind, *_ in self.channel.poll():   # results are dropped, as above
+                if kind in ("hello", "error", "failed"):
+                    self.heard.add(rank)
+                if kind == "hello" and rank in self.hung_ranks:   # ready after its start-up deadline (handle)
+                    self.hung_ranks.remove(rank)
+                    self.stop_rank(rank)
+                if kind == "failed":
+                    self.peer_died = True
+            self.channel.wait()
+        for r in self._starting():
+            self.log(f"worker rank {r} did not become ready within {5 * self.s.chunk_timeout:.0f} s; ending it")
+            self.hung_ranks.append(r)
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]

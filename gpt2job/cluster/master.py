@@ -42,6 +42,8 @@ class Master(Ending):
         self.workers = {}
         self.hung_ranks = []
         self.stopped = set()       # ranks told to stop (each is told once)
+        self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
+        self.run_started = time.monotonic()   # start-up deadlines count from here (run() sets it again)
         self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
@@ -260,6 +262,7 @@ class Master(Ending):
                 self.feed(w)
         elif kind == "hello":
             (info,) = data
+            self.heard.add(w.rank)
             if w.retired:      # ready after its start-up deadline: the job went on without it (no abort at its end)
                 self.hung_ranks = [r for r in self.hung_ranks if r != w.rank]
                 return self.stop_rank(w.rank)
@@ -279,6 +282,7 @@ class Master(Ending):
                     self.feed(other)
         elif kind == "error":
             (info,) = data
+            self.heard.add(w.rank)
             w.host = info.get("host", w.host)
             where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
             self.log(f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}")
@@ -364,19 +368,20 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.shutdown_workers()
             m.log(f"{s.output} is already complete with these settings: nothing to do "
                   "(--overwrite computes it again)")
-            return report_validation(s.output, s.validate, s.validate_tolerance)
-        if m.sched.rows_left():
-            m.run(local_slot)
-        m.progress.close()
-        missing = int((~m.store.done).sum())
-        if missing:   # never mark an output finished with a row missing, whatever went wrong above
-            raise WorkerFailure(f"internal error: the job ended with {plural(missing, 'row')} not done; it is not marked "
-                                f"finished: run the same command again to compute them")
-        sm = m.summary()
-        m.store.finish(sm)
-        m.shutdown_workers()
-        print_summary(sm)
+        else:
+            if m.sched.rows_left():
+                m.run(local_slot)
+            m.progress.close()
+            missing = int((~m.store.done).sum())
+            if missing:   # never mark an output finished with a row missing, whatever went wrong above
+                raise WorkerFailure(f"internal error: the job ended with {plural(missing, 'row')} not done; it is not "
+                                    f"marked finished: run the same command again to compute them")
+            sm = m.summary()
+            m.store.finish(sm)
+            m.shutdown_workers()
+            print_summary(sm)
         code = report_validation(s.output, s.validate, s.validate_tolerance)
+        m.wait_for_starting()
     except BaseException as e:
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
