@@ -51,6 +51,9 @@ class Ending:
         start-up deadline (5 x chunk_timeout from the run's start, as check_hung), then count the silent ones hung
         (abort_hung ends them). The wait costs no wall time: mpirun ends only once every rank has."""
         deadline = self.run_started + 5 * self.s.chunk_timeout
+        if self._starting() and time.monotonic() < deadline:
+            self.log(f"rank(s) {self._starting()} still starting: waiting for them to stop (at most "
+                     f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
         while self._starting() and time.monotonic() < deadline:
             for rank, kind, *_ in self.channel.poll():   # results are dropped, as above
                 if kind in ("hello", "error", "failed"):
