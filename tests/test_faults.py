@@ -99,6 +99,17 @@ def test_a_worker_hanging_at_start_up_is_left_behind(tmp_path, inp_and_clean):
     assert [t.tolist() for t in read_output(out)["tokens"]] == clean
 
 
+def test_a_rerun_with_nothing_left_ends_though_a_rank_hangs_at_start_up(tmp_path, inp_and_clean):
+    """The already-complete path too waits for ranks still starting until their deadline, then ends the silent ones
+    (before, mpirun waited for the hung rank for ever)."""
+    inp, _ = inp_and_clean
+    out = tmp_path / "out.h5"
+    run_gpt2job(args(inp, out), check=0)
+    p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:0:hang"), timeout=120,
+                    check=0)
+    assert "already complete" in p.stderr and "worker rank 1 did not become ready within 5 s" in p.stderr
+
+
 def _ulfm_available():
     import shutil
     import subprocess

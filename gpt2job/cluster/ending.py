@@ -40,7 +40,7 @@ class Ending:
         return [w for w in self.live() if w.outstanding and self.channel.owns_process(w.rank)
                 and w.rank not in self.hung_ranks]
 
-    def _starting(self):
+    def starting(self):
         """Ranks of their own process the master has not heard from (no hello, error or death) and not hung."""
         return [r for r in self.channel.ranks if self.channel.owns_process(r) and r not in self.heard
                 and r not in self.hung_ranks]
@@ -48,23 +48,32 @@ class Ending:
     def wait_for_starting(self):
         """After shutdown_workers, at a job's successful end: a rank still starting reads its stop once it is ready;
         one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
-        start-up deadline (5 x chunk_timeout from the run's start, as check_hung), then count the silent ones hung
-        (abort_hung ends them). The wait costs no wall time: mpirun ends only once every rank has."""
-        deadline = self.run_started + 5 * self.s.chunk_timeout
-        if self._starting() and time.monotonic() < deadline:
-            self.log(f"rank(s) {self._starting()} still starting: waiting for them to stop (at most "
-                     f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
-        while self._starting() and time.monotonic() < deadline:
-            for rank, kind, *_ in self.channel.poll():   # results are dropped, as above
-                if kind in ("hello", "error", "failed"):
+        start-up deadline (5 x chunk_timeout from the run's start, as check_hung; from now when the job had nothing
+        to run), then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends
+        only once every rank has. Interrupted (Ctrl-C, an MPI error), the silent ones count hung at once."""
+        start = self.run_started if self.run_started is not None else time.monotonic()
+        deadline = start + 5 * self.s.chunk_timeout
+        try:
+            if self.starting() and time.monotonic() < deadline:
+                self.log(f"rank(s) {self.starting()} still starting: waiting for them to stop (at most "
+                         f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
+            while self.starting() and time.monotonic() < deadline:
+                for rank, kind, *data in self.channel.poll():
+                    if kind not in ("hello", "error", "failed"):
+                        continue       # results, reports: only hung ranks still send them; dropped
                     self.heard.add(rank)
-                if kind == "hello" and rank in self.hung_ranks:   # ready after its start-up deadline (handle)
-                    self.hung_ranks.remove(rank)
-                    self.stop_rank(rank)
-                if kind == "failed":
-                    self.peer_died = True
-            self.channel.wait()
-        for r in self._starting():
+                    if kind == "error":
+                        self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
+                    if kind == "failed":   # dead: no MPI_Abort for it; the survivors skip MPI_Finalize
+                        self.peer_died = True
+                    if rank in self.hung_ranks:   # ready or failed after its deadline: it waits for its stop (handle)
+                        self.hung_ranks.remove(rank)
+                        if kind != "failed":
+                            self.stop_rank(rank)
+                self.channel.wait()
+        except BaseException as e:   # the job is done: end them rather than wait
+            self.log(f"stopped waiting for the ranks still starting ({type(e).__name__})")
+        for r in self.starting():
             self.log(f"worker rank {r} did not become ready within {5 * self.s.chunk_timeout:.0f} s; ending it")
             self.hung_ranks.append(r)
 

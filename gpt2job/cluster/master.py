@@ -43,7 +43,7 @@ class Master(Ending):
         self.hung_ranks = []
         self.stopped = set()       # ranks told to stop (each is told once)
         self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
-        self.run_started = time.monotonic()   # start-up deadlines count from here (run() sets it again)
+        self.run_started = None    # run(): start-up deadlines count from here
         self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
@@ -381,7 +381,6 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.shutdown_workers()
             print_summary(sm)
         code = report_validation(s.output, s.validate, s.validate_tolerance)
-        m.wait_for_starting()
     except BaseException as e:
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
@@ -398,6 +397,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         if not m.hung_processes():
             faults.end_without_finalize(code)
         m.abort_hung(code)
+    m.wait_for_starting()
     if m.hung_processes():
         m.abort_hung(code)
     if m.peer_died:

@@ -66,7 +66,7 @@ class WorkerState:
         """Its line of the job summary's `workers`."""
         return {"rank": self.rank, "host": self.host, "rows": self.rows, "tokens": self.tokens, "chunks": self.chunks,
                 "compute_s": round(self.compute_s, 3), "busy_percent": self.busy_percent(),
-                "retired": self.why_retired or (None if self.ready else "not ready when the job ended"),
+                "retired": self.why_retired or None, "ready": self.ready,
                 **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options")
                    if k in self.info}}
 

@@ -131,7 +131,8 @@ def print_summary(sm, out=None):
               f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
               f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
     for w in sm["workers"]:
-        extra = f", retired: {w['retired']}" if w.get("retired") else ""
+        extra = f", retired: {w['retired']}" if w.get("retired") else \
+            ", not ready when the job ended" if w.get("ready") is False else ""
         busy = f" ({w['busy_percent']:.0f}% busy)" if w.get("busy_percent") is not None else ""
         out.write(f"gpt2job:   rank {w['rank']} on {w['host']} ({w.get('backend', '?')}, {w.get('device', '?')}): "
                   f"{plural(w['rows'], 'row')}, {plural(w['tokens'], 'token')}, {plural(w['chunks'], 'chunk')}, "
