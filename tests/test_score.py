@@ -12,7 +12,6 @@ from conftest import crash_after_a_kept_chunk, job_env, run_gpt2job, write_token
 from gpt2job.backends.cuda.score import completions, score_rows
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk
-from gpt2job.files.journal import read_journal
 from gpt2job.model import reference
 from gpt2job.model.logprobs import log_softmax
 from gpt2job.model.weights import load_params

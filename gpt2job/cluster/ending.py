@@ -4,7 +4,7 @@ says are dead (ULFM) are left alone, and a job with no worker left says why."""
 import sys
 import time
 
-from gpt2job.cluster.faults import STOP_AFTER_DEATH
+from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
 from gpt2job.errors import UserError, WorkerFailure
 
 
@@ -18,6 +18,19 @@ class Ending:
         sys.stdout.flush()
         sys.stderr.flush()
         self.channel.abort(code)
+
+    def end_after_error(self, e):
+        """The job failed while ranks hang (or after a death): mpirun would wait for them (after a death: in
+        MPI_Finalize) for ever. Say what happened, then end: MPI_Abort, or without MPI_Finalize. Never returns."""
+        if isinstance(e, (UserError, WorkerFailure)):
+            sys.stderr.write(f"gpt2job: error: {e}\n")
+        else:
+            import traceback
+            traceback.print_exc()
+        code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
+        if not self.hung_processes():
+            end_without_finalize(code)
+        self.abort_hung(code)
 
     def stop_rank(self, rank):
         if rank not in self.stopped:

@@ -387,16 +387,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
         m.shutdown_workers(wait_local=False)
         if not m.hung_processes() and not m.peer_died:
             raise
-        # mpirun would wait for the hung ranks (after a death: in MPI_Finalize) for ever: say what happened, end
-        if isinstance(e, (UserError, WorkerFailure)):
-            sys.stderr.write(f"gpt2job: error: {e}\n")
-        else:
-            import traceback
-            traceback.print_exc()
-        code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
-        if not m.hung_processes():
-            faults.end_without_finalize(code)
-        m.abort_hung(code)
+        m.end_after_error(e)
     m.wait_for_starting()
     if m.hung_processes():
         m.abort_hung(code)
