@@ -7,7 +7,7 @@ import sys
 
 from gpt2job import __version__
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import UserError, WorkerFailure
+from gpt2job.errors import Reported, UserError, WorkerFailure
 
 EXIT_USAGE = 2
 
@@ -393,6 +393,8 @@ def main(argv=None):
     except WorkerFailure as e:
         sys.stderr.write(f"gpt2job: error: {e}\n")
         return 3
+    except Reported as e:   # the master printed it (then waited for ranks still starting)
+        return e.code
     except KeyboardInterrupt:
         sys.stderr.write("gpt2job: interrupted; completed rows are kept: run the same command again to resume\n")
         return 130

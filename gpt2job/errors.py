@@ -25,6 +25,15 @@ class WorkerFailure(Exception):
     """Raised on the master when no worker is left to finish the job."""
 
 
+class Reported(Exception):
+    """A failed job's master already printed its error (it then waited for ranks still starting): the process exits
+    with .code and prints nothing more."""
+
+    def __init__(self, code):
+        super().__init__(code)
+        self.code = code
+
+
 class AlreadyComplete(Exception):
     """The output is finished with these very settings: nothing is left to do (exit 0)."""
 

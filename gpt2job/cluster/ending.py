@@ -5,7 +5,7 @@ import sys
 import time
 
 from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
-from gpt2job.errors import UserError, WorkerFailure
+from gpt2job.errors import Reported, UserError, WorkerFailure
 
 
 class Ending:
@@ -19,18 +19,29 @@ class Ending:
         sys.stderr.flush()
         self.channel.abort(code)
 
-    def end_after_error(self, e):
-        """The job failed while ranks hang (or after a death): mpirun would wait for them (after a death: in
-        MPI_Finalize) for ever. Say what happened, then end: MPI_Abort, or without MPI_Finalize. Never returns."""
+    def release_after_error(self, e):
+        """The job failed with e, which the caller raises once this returns: shutdown_workers, and where the ranks
+        would keep mpirun waiting for ever (hung ones; after a death, in MPI_Finalize; one that hangs in its
+        start-up) say what happened first, wait for the ranks still starting (not after Ctrl-C), then end: MPI_Abort
+        for hung ranks, without MPI_Finalize after a death, else raise Reported (the error is printed)."""
+        self.shutdown_workers(wait_local=False)
+        waiting = bool(self.starting()) and not isinstance(e, KeyboardInterrupt)
+        if not (self.hung_processes() or self.peer_died or waiting):
+            return
         if isinstance(e, (UserError, WorkerFailure)):
             sys.stderr.write(f"gpt2job: error: {e}\n")
         else:
             import traceback
             traceback.print_exc()
+        sys.stderr.flush()
         code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
-        if not self.hung_processes():
+        if waiting:
+            self.wait_for_starting(quiet=True)
+        if self.hung_processes():
+            self.abort_hung(code)
+        if self.peer_died:
             end_without_finalize(code)
-        self.abort_hung(code)
+        raise Reported(code) from e
 
     def stop_rank(self, rank):
         if rank not in self.stopped:
@@ -58,8 +69,8 @@ class Ending:
         return [r for r in self.channel.ranks if self.channel.owns_process(r) and r not in self.heard
                 and r not in self.hung_ranks]
 
-    def wait_for_starting(self):
-        """After shutdown_workers, at a job's successful end: a rank still starting reads its stop once it is ready;
+    def wait_for_starting(self, quiet=False):
+        """After shutdown_workers, at a job's end: a rank still starting reads its stop once it is ready;
         one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
         start-up deadline (5 x chunk_timeout from the run's start, as check_hung; from now when the job had nothing
         to run), then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends
@@ -67,7 +78,7 @@ class Ending:
         start = self.run_started if self.run_started is not None else time.monotonic()
         deadline = start + 5 * self.s.chunk_timeout
         try:
-            if self.starting() and time.monotonic() < deadline:
+            if self.starting() and time.monotonic() < deadline and not quiet:
                 self.log(f"rank(s) {self.starting()} still starting: waiting for them to stop (at most "
                          f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
             while self.starting() and time.monotonic() < deadline:

@@ -60,9 +60,9 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
             convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
             converted, created = convert(s.input, s.output, log=log)
             s = dataclasses.replace(s, input=converted)
-    except BaseException:
+    except BaseException as e:
         if comm is not None:
-            Master(s, comm).shutdown_workers()
+            Master(s, comm).release_after_error(e)
         raise
     ok = False
     try:

@@ -384,10 +384,8 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
     except BaseException as e:
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
-        m.shutdown_workers(wait_local=False)
-        if not m.hung_processes() and not m.peer_died:
-            raise
-        m.end_after_error(e)
+        m.release_after_error(e)
+        raise
     m.wait_for_starting()
     if m.hung_processes():
         m.abort_hung(code)
