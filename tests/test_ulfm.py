@@ -242,7 +242,7 @@ def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the
     m.sched = SimpleNamespace(give_back=given_back.append)
     m.progress = SimpleNamespace(drop=lambda chunk_id: None)
     m.log = logs.append
-    m.hung_ranks, m.stopped, m.dispatching = [2], set(), False    # first thought hung, then found dead
+    m.hung_ranks, m.stopped, m.heard, m.dispatching = [2], set(), set(), False   # first thought hung, then dead
     m.workers[2].outstanding = {7: Outstanding(chunk(7), 0.0, 6)}
     comm.dead.append(2)
     for rank, kind, *data in m.channel.poll():
