@@ -74,7 +74,8 @@ class Ending:
         one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
         start-up deadline (5 x chunk_timeout from the run's start, as check_hung; from now when the job had nothing
         to run), then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends
-        only once every rank has. Interrupted (Ctrl-C, an MPI error), the silent ones count hung at once."""
+        only once every rank has. Interrupted (Ctrl-C, an MPI error), the silent ones count hung at once. quiet:
+        no line for the wait nor for ranks whose start-up failed."""
         start = self.run_started if self.run_started is not None else time.monotonic()
         deadline = start + 5 * self.s.chunk_timeout
         try:
@@ -86,7 +87,7 @@ class Ending:
                     if kind not in ("hello", "error", "failed"):
                         continue       # results, reports: only hung ranks still send them; dropped
                     self.heard.add(rank)
-                    if kind == "error":
+                    if kind == "error" and not quiet:   # (quiet: after the job's own error, one line of it)
                         self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
                     if kind == "failed":   # dead: no MPI_Abort for it; the survivors skip MPI_Finalize
                         self.peer_died = True
