@@ -66,7 +66,7 @@ class SimChannel:
         w.queue.append((w.free_at, chunk.chunk_id, len(chunk.rows), np.asarray(chunk.rows, np.int64)))
         self.t["send"] += time.perf_counter() - t0
 
-    def send_stop(self, rank):
+    def send_stop(self, rank, why="stop"):   # (the channel interface: cluster/channel.py)
         pass
 
     def forget(self, rank):
