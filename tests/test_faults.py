@@ -93,10 +93,14 @@ def test_a_worker_hanging_at_start_up_is_left_behind(tmp_path, inp_and_clean):
     # start-up deadline 5 x 3 s, for the healthy rank too on a busy machine. The job mostly ends before it (rank 2
     # starts 10 s after it is ready: START_GRACE_S); its end then waits for rank 1 until the deadline, and ends it
     p = run_gpt2job(args(inp, out, "--chunk-timeout", 3), np_=3, env=job_env(GPT2JOB_FAULT="1:0:hang"),
-                    timeout=120, check=0)
+                    timeout=120)
+    # MPI_Abort(0) ends rank 1; Open MPI's mpirun sometimes dies of a segfault tearing the job down (as below)
+    assert p.returncode == 0 or (p.returncode == -11 and "Errorcode: 0" in p.stderr), p.stderr
     assert "worker rank 1 did not become ready within 15 s" in p.stderr
-    assert "never became ready" in p.stdout or "not ready when the job ended" in p.stdout, p.stdout
-    assert [t.tolist() for t in read_output(out)["tokens"]] == clean
+    res = read_output(out)
+    rank1 = next(w for w in json.loads(res["attrs"]["summary"])["workers"] if w["rank"] == 1)
+    assert rank1["ready"] is False and rank1["rows"] == 0    # (stdout's summary says so too, unless mpirun crashed)
+    assert [t.tolist() for t in res["tokens"]] == clean
 
 
 def test_a_rerun_with_nothing_left_ends_though_a_rank_hangs_at_start_up(tmp_path, inp_and_clean):
@@ -105,9 +109,10 @@ def test_a_rerun_with_nothing_left_ends_though_a_rank_hangs_at_start_up(tmp_path
     inp, _ = inp_and_clean
     out = tmp_path / "out.h5"
     run_gpt2job(args(inp, out), check=0)
-    p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:0:hang"), timeout=120,
-                    check=0)
-    assert "already complete" in p.stderr and "worker rank 1 did not become ready within 5 s" in p.stderr
+    p = run_gpt2job(args(inp, out, "--chunk-timeout", 1), np_=3, env=job_env(GPT2JOB_FAULT="1:0:hang"), timeout=120)
+    assert "already complete" in p.stderr and "worker rank 1 did not become ready within 5 s" in p.stderr, p.stderr
+    # MPI_Abort(0); Open MPI's mpirun sometimes dies of a segfault tearing the job down (as in the tests above)
+    assert p.returncode == 0 or (p.returncode == -11 and "Errorcode: 0" in p.stderr), p.stderr
 
 
 def test_a_failed_start_ends_though_a_rank_hangs_at_start_up(tmp_path, inp_and_clean):

@@ -288,5 +288,9 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
         assert m.channel.sent == {1: ["stop"], 2: ["stop"]}
         sm = m.workers[2].summary()
         assert sm["ready"] is False and sm["retired"] is None
+        m.channel.polls, m.channel.poll = 0, lambda: (_ for _ in ()).throw(KeyboardInterrupt())
+        m.heard, m.hung_ranks, m.run_started = set(), [], time.monotonic()
+        assert isinstance(m.wait_for_starting(), KeyboardInterrupt)      # Ctrl-C in the wait: they are ended now
+        assert m.hung_ranks == [1, 2]
     finally:
         m.store.close()

@@ -8,6 +8,9 @@ from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
 from gpt2job.errors import Reported, UserError, WorkerFailure
 
 
+QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks still starting says so after this long
+
+
 class Ending:
     def hung_processes(self):
         """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
@@ -35,8 +38,8 @@ class Ending:
             traceback.print_exc()
         sys.stderr.flush()
         code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
-        if waiting:
-            self.wait_for_starting(quiet=True)
+        if waiting and isinstance(self.wait_for_starting(quiet=True), KeyboardInterrupt):
+            code = 130
         if self.hung_processes():
             self.abort_hung(code)
         if self.peer_died:
@@ -74,20 +77,22 @@ class Ending:
         one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
         start-up deadline (5 x chunk_timeout from the run's start, as check_hung; from now when the job had nothing
         to run), then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends
-        only once every rank has. Interrupted (Ctrl-C, an MPI error), the silent ones count hung at once. quiet:
-        no line for the wait nor for ranks whose start-up failed."""
-        start = self.run_started if self.run_started is not None else time.monotonic()
-        deadline = start + 5 * self.s.chunk_timeout
+        only once every rank has. quiet (after the job's own error line): no line for ranks whose start-up failed,
+        and the line for the wait only once it has lasted QUIET_WAIT_S. Interrupted (Ctrl-C, an MPI error), the
+        silent ones count hung at once; returns that exception (None when not interrupted)."""
+        now = time.monotonic()
+        deadline, said = (self.run_started if self.run_started is not None else now) + 5 * self.s.chunk_timeout, None
         try:
-            if self.starting() and time.monotonic() < deadline and not quiet:
-                self.log(f"rank(s) {self.starting()} still starting: waiting for them to stop (at most "
-                         f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
             while self.starting() and time.monotonic() < deadline:
+                if said is None and (not quiet or time.monotonic() - now > QUIET_WAIT_S):
+                    said = self.starting()
+                    self.log(f"rank(s) {said} still starting: waiting for them to stop (at most "
+                             f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")
                 for rank, kind, *data in self.channel.poll():
                     if kind not in ("hello", "error", "failed"):
                         continue       # results, reports: only hung ranks still send them; dropped
                     self.heard.add(rank)
-                    if kind == "error" and not quiet:   # (quiet: after the job's own error, one line of it)
+                    if kind == "error" and not quiet:
                         self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
                     if kind == "failed":   # dead: no MPI_Abort for it; the survivors skip MPI_Finalize
                         self.peer_died = True
@@ -96,11 +101,16 @@ class Ending:
                         if kind != "failed":
                             self.stop_rank(rank)
                 self.channel.wait()
-        except BaseException as e:   # the job is done: end them rather than wait
-            self.log(f"stopped waiting for the ranks still starting ({type(e).__name__})")
+        except BaseException as e:   # the job is over: end them rather than wait
+            for r in self.starting():
+                self.log(f"worker rank {r} still starting when the wait was interrupted ({type(e).__name__}); "
+                         "ending it")
+                self.hung_ranks.append(r)
+            return e
         for r in self.starting():
             self.log(f"worker rank {r} did not become ready within {5 * self.s.chunk_timeout:.0f} s; ending it")
             self.hung_ranks.append(r)
+        return None
 
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]

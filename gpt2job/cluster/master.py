@@ -386,7 +386,8 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
         m.release_after_error(e)
         raise
-    m.wait_for_starting()
+    if isinstance(m.wait_for_starting(), KeyboardInterrupt):
+        code = 130
     if m.hung_processes():
         m.abort_hung(code)
     if m.peer_died:
