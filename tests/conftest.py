@@ -110,8 +110,7 @@ def run_gpt2job(args, np_=None, env=None, timeout=300, check=None):
     if np_ is not None:
         require_mpirun()
     for attempt in range(2):
-        p = subprocess.run(gpt2job_cmd(args, np_), env=env or job_env(), capture_output=True, text=True,
-                           timeout=timeout, cwd=str(ROOT))
+        p = _run_in_own_session(gpt2job_cmd(args, np_), env or job_env(), timeout)
         # Open MPI itself failed to start (seen once in ~10 suite runs, right after a killed job): nothing of
         # ours ran, so start it once more
         if not (np_ is not None and "PMIx server's listener thread failed to start" in p.stderr):
@@ -145,6 +144,33 @@ def crash_after_a_kept_chunk(args, out, env, timeout=120):
             os.killpg(p.pid, signal.SIGKILL)    # the writer's process too, where it has one
         p.wait(timeout=60)
         p.stderr.close()
+
+
+def _run_in_own_session(cmd, env, timeout):
+    """subprocess.run in a session of its own, all of which is killed on a timeout: killing mpirun alone left a
+    rank that hangs (a test's fault plan) running after its test (mpirun puts each rank in a process group of its
+    own, in mpirun's session)."""
+    p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(ROOT),
+                         start_new_session=True)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_session(p.pid)
+        p.communicate(timeout=30)
+        raise
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
+def kill_session(sid):
+    """SIGKILL every process of session sid."""
+    import signal
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:   # (state, ppid, pgrp, session)
+                    os.kill(int(pid), signal.SIGKILL)
+        except (OSError, ValueError, IndexError):
+            pass
 
 
 def as_one_process(monkeypatch):
