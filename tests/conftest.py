@@ -161,16 +161,31 @@ def _run_in_own_session(cmd, env, timeout):
     return subprocess.CompletedProcess(cmd, p.returncode, out, err)
 
 
+def proc_stat(pid):
+    """The fields of /proc/PID/stat after the command's name (state, ppid, pgrp, session, ...); None when gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+
+
+def alive(pid):
+    """Is process pid there, and neither a zombie nor dead?"""
+    st = proc_stat(pid)
+    return st is not None and st[0] not in ("Z", "X")
+
+
 def kill_session(sid):
     """SIGKILL every process of session sid."""
     import signal
     for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                if int(f.read().rsplit(")", 1)[1].split()[3]) == sid:   # (state, ppid, pgrp, session)
-                    os.kill(int(pid), signal.SIGKILL)
-        except (OSError, ValueError, IndexError):
-            pass
+        st = proc_stat(pid)
+        if st is not None and int(st[3]) == sid:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except OSError:
+                pass
 
 
 def as_one_process(monkeypatch):

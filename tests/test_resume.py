@@ -10,7 +10,7 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
+from conftest import alive, gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.files.journal import read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
@@ -94,17 +94,8 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4):
         except OSError:
             pass
     deadline = time.time() + 30
-    while any(_running(pid) for pid in orphans) and time.time() < deadline:
+    while any(alive(pid) for pid in orphans) and time.time() < deadline:
         time.sleep(0.05)
-
-
-def _running(pid):
-    """Is process pid there and not a zombie?"""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 @pytest.mark.parametrize("victim,np_,chunk", [("process", None, 1), ("process", None, 4), ("mpirun", 3, 3),

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, VOCAB_DIR, job_env
+from conftest import ROOT, VOCAB_DIR, alive, job_env, proc_stat
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Chunk, Completions
 from gpt2job.files.journal import Journal, JournalReader
 from gpt2job.files.writer import TEXT_PROCESSES
@@ -94,11 +94,11 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
     os.kill(p.pid, signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
-    while any(os.path.exists(f"/proc/{w}") and _alive(w) for w in writers) and time.time() < deadline:
+    while any(os.path.exists(f"/proc/{w}") and alive(w) for w in writers) and time.time() < deadline:
         time.sleep(0.05)
     assert ("completions" in want) == (VOCAB_DIR / "vocab.bpe").is_file()
     assert len(writers) == (1 + TEXT_PROCESSES if "completions" in want else 1)   # the writer, and text processes
-    assert not any(_alive(w) for w in writers), "the writer process outlived its master"
+    assert not any(alive(w) for w in writers), "the writer process outlived its master"
     kept = journal_rows(out)
     assert 0 < kept < N
     r = subprocess.run(cmd(inp, out), env=job_env(), capture_output=True, text=True, timeout=300)
@@ -108,20 +108,13 @@ def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_mast
 
 
 def _is_writer_of(pid, parent):
+    st = proc_stat(pid)
     try:
-        stat = open(f"/proc/{pid}/stat").read()
         cmd = open(f"/proc/{pid}/cmdline", "rb").read()
-        return int(stat[stat.rindex(")") + 2:].split()[1]) == parent and (
-            b"gpt2job.files.writer" in cmd or b"gpt2job.files.text_process" in cmd)
-    except (OSError, ValueError):
-        return False
-
-
-def _alive(pid):
-    try:
-        return open(f"/proc/{pid}/stat").read().split(") ")[1][0] not in "ZX"
     except OSError:
         return False
+    return st is not None and int(st[1]) == parent and (
+        b"gpt2job.files.writer" in cmd or b"gpt2job.files.text_process" in cmd)
 
 
 def test_full_disk_midway_is_one_line_then_the_resume_completes(job):
