@@ -153,6 +153,25 @@ class RecordingChannel:
         self.sent[rank].append(why)
 
 
+class OwnProcesses(RecordingChannel):
+    """The two ranks as processes of their own (the end waits for them, aborts them when hung); nothing arrives."""
+
+    def poll(self):
+        return []
+
+    def wait(self):
+        pass
+
+    def flush(self, seconds=10.0):
+        pass
+
+    def join(self, timeout=None):
+        pass
+
+    def owns_process(self, rank):
+        return True
+
+
 def ragged_master(tmp_path):
     """A Master on 512 ragged prompts (equal-work chunks) with a RecordingChannel, prepared, no worker ready yet."""
     import h5py
@@ -222,25 +241,9 @@ def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path
     for its result's send for ever."""
     import dataclasses
 
-    class Quiet(RecordingChannel):     # the ranks are processes of their own; nothing arrives
-        def poll(self):
-            return []
-
-        def wait(self):
-            pass
-
-        def flush(self):
-            pass
-
-        def join(self, timeout=None):
-            pass
-
-        def owns_process(self, rank):
-            return True
-
     m, ch, n = ragged_master(tmp_path)
     try:
-        m.channel = Quiet()
+        m.channel = OwnProcesses()
         m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
         for r in (1, 2):
             m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
@@ -259,7 +262,7 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
     rank that says hello in that wait is let go."""
     import dataclasses
 
-    class Starting(RecordingChannel):   # rank 1 says hello at its third poll; rank 2 never says anything
+    class Starting(OwnProcesses):   # rank 1 says hello at its third poll; rank 2 never says anything
         polls = 0
 
         def poll(self):
@@ -268,12 +271,6 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
 
         def wait(self):
             time.sleep(0.01)
-
-        def flush(self):
-            pass
-
-        def owns_process(self, rank):
-            return True
 
     m, ch, n = ragged_master(tmp_path)
     try:
