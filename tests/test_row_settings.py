@@ -309,7 +309,8 @@ def test_validate_checks_an_input_file_as_run_would(tmp_path):
 
 def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab_dir):
     """With a `stop` dataset (or --stop) the worker builds the stop strings' token table at start-up (about half a
-    second), so that the first chunk does not; without stop strings it does not load the tokenizer at all."""
+    second) and runs a matcher once, so that the first chunk does not; without stop strings it does not load the
+    tokenizer at all."""
     from gpt2job.cluster.worker import build_backend
     from gpt2job.files.row_settings import has_stop_dataset
     from gpt2job.model.stops import token_bytes
@@ -327,8 +328,9 @@ def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab
         build_backend(s, 0)
         assert token_bytes.cache_info().currsize == 1
         assert token_bytes.cache_info().hits == 0
-        token_bytes(vocab_dir, 50257)                   # what StopStrings.of asks for: built already
+        table = token_bytes(vocab_dir, 50257)           # what StopStrings.of asks for: built already
         assert token_bytes.cache_info().hits == 1
+        assert table.last_words.cache_info().currsize == 1   # and a matcher ran once (stops.prepare)
     # no tokenizer: the worker still starts (only a chunk whose rows have stop strings needs it, and says so)
     build_backend(settings(stopped, model=SMALL, backend="numpy", vocab_dir=str(tmp_path / "none")), 0)
 

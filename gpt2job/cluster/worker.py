@@ -19,7 +19,7 @@ from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import launch_time, trace
 from gpt2job.errors import UserError
 from gpt2job.files.row_settings import has_stop_dataset
-from gpt2job.model.stops import token_bytes
+from gpt2job.model import stops
 from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings
 
@@ -37,7 +37,7 @@ def build_backend(s: JobSettings, gpu_slot):
         backend.warm_up()
     if s.stop or has_stop_dataset(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
         try:
-            token_bytes(s.vocab_dir, getattr(params, "config", params).vocab_size)
+            stops.prepare(s.vocab_dir, getattr(params, "config", params).vocab_size)
         except UserError:   # no tokenizer here: only a chunk whose rows have stop strings needs it (and says so)
             pass
     return backend

@@ -42,6 +42,15 @@ def token_bytes(vocab_dir, vocab_size):
     return TokenTable(out)
 
 
+def prepare(vocab_dir, vocab_size):
+    """What a worker whose chunks have stop strings does before it is ready, so that its first chunk does not: the
+    token table (~0.2-0.5 s), and a matcher built and run once, which imports what NumPy loads lazily and builds the
+    table's words for strings of up to 9 bytes (RESULTS.md, session 32: the first chunk's matcher took 61 ms on an
+    H200 host without this, 10x a later one)."""
+    table = token_bytes(vocab_dir, vocab_size)
+    StopStrings([("\n\n",)], table).ends(np.zeros(1, np.int64), np.zeros(1, np.int64), lambda b: [0])
+
+
 class Candidates(collections.namedtuple("Candidates", "inside edge")):
     """A stop string s's candidate tokens: inside: int32 [k] ascending, the tokens that hold s; edge: int64 [r, 3]
     rows (j, lo, hi), j ascending and lo < hi: TokenTable.order[lo:hi] are the tokens that begin with s's last j
