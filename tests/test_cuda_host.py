@@ -553,3 +553,34 @@ def test_gpu_sampling_refuses_a_vocabulary_its_bucket_sums_cannot_hold():
     assert SelectKernels._row_cache(k, SAMPLE_MAX_V, True) == (0, 0)        # too long for the row cache
     with pytest.raises(ValueError, match="at most 1,047,552 tokens"):
         SelectKernels._row_cache(k, SAMPLE_MAX_V + 1, True)
+
+
+def test_replayed_steps_of_a_shrinking_group_compute_a_few_row_counts():
+    """Rows leaving a group at every step change its row count, and with it a step graph's key: a replayed step
+    computes the next of plan.STEP_ROWS rows instead (at most the group's; above the last, the live rows)."""
+    from gpt2job.backends.cuda.plan import STEP_ROWS, step_rows
+    assert [step_rows(n, 2048) for n in (1, 8, 9, 100, 384, 385, 512, 513, 2000)] == \
+        [8, 8, 12, 128, 384, 512, 512, 513, 2000]
+    assert step_rows(37, 40) == 40 and step_rows(40, 40) == 40
+    counts = {step_rows(n, 2048) for n in range(1, 513)}
+    assert counts == set(STEP_ROWS)
+    assert all(step_rows(n, 2048) <= max(8, 1.5 * n) for n in range(1, 2049))   # at most half as many again
+
+
+def test_a_padded_step_gives_its_padding_rows_a_row_that_has_left_at_position_0():
+    """plan.step_inputs: the live rows' positions and KV rows, their places in the step before when rows left; a
+    padded step (m > n) adds rows of a KV slot no longer read (a row of the group that has left), at position 0,
+    reading any token of the step before: what a padding row writes and reads touches no live row."""
+    import numpy as np
+    from gpt2job.backends.cuda.plan import step_inputs
+    lens = np.array([5, 6, 7, 8, 9, 10], np.int64)   # the plan's rows 0..5: a group b0 = 2, ns = 4 (rows 2..5)
+    sh = np.full(12, -1, np.int32)
+    assert step_inputs(sh, lens, np.array([2, 3, 4, 5]), np.ones(4, bool), 3, 4, 2, 4) == 8   # nobody left
+    assert sh[:8].tolist() == [9, 10, 11, 12, 2, 3, 4, 5]
+    sh[:] = -1
+    keep = np.array([True, False, True, True])        # row 3 left after the step before
+    assert step_inputs(sh, lens, np.array([2, 4, 5]), keep, 3, 3, 2, 4) == 9
+    assert sh[:9].tolist() == [9, 11, 12, 2, 4, 5, 0, 2, 3]
+    sh[:] = -1
+    assert step_inputs(sh, lens, np.array([4, 5]), np.array([False, True, True]), 4, 4, 2, 4) == 12   # padded
+    assert sh.tolist() == [12, 13, 0, 0, 4, 5, 2, 2, 1, 2, 0, 0]

@@ -922,7 +922,9 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
     """options.cuda_graphs: decode steps are captured once per (rows, buffers) and replayed. Chunks of equal
     prompts (one row count: captured, then replayed, and replayed again by the next chunk of that shape) and of
     ragged prompts (another row count and cache shape) give the tokens of the steps launched one by one: greedy,
-    sampled (the step's number read from the GPU) and with per-row settings and a repetition penalty."""
+    sampled (the step's number read from the GPU) and with per-row settings and a repetition penalty; and rows that
+    leave at every step (per-row max_new_tokens), whose replayed steps compute runner.STEP_ROWS rows (padding rows
+    after the live ones: a row that has left, at position 0)."""
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(3)
     params.lm_head = np.random.default_rng(4).standard_normal(params.wte.shape).astype(np.float32) * 0.3
@@ -932,13 +934,14 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
     sampled = dataclasses.replace(gs, sampling=SamplingSettings(temperature=0.8, top_k=20, seed=7))
     rng = np.random.default_rng(5)
 
-    def per_row(c):
+    def per_row(c, ragged=False):
         B = len(c.rows)
         return dataclasses.replace(c, params=RowParams.of(
-            max_new_tokens=np.full(B, 12), temperature=np.where(np.arange(B) % 3 == 0, 0.0, 0.9),
+            max_new_tokens=1 + np.arange(B) % 12 if ragged else np.full(B, 12), temperature=np.where(np.arange(B) % 3 == 0, 0.0, 0.9),
             top_k=np.where(np.arange(B) % 2 == 0, 0, 30), top_p=np.where(np.arange(B) % 4 == 1, 0.8, 1.0),
             seed=rng.integers(0, 2 ** 62, B), repetition_penalty=np.where(np.arange(B) % 5 == 0, 1.3, 1.0)))
-    cases = {"greedy": (gs, chunks), "sampled": (sampled, chunks), "per-row": (gs, [per_row(c) for c in chunks])}
+    cases = {"greedy": (gs, chunks), "sampled": (sampled, chunks), "per-row": (gs, [per_row(c) for c in chunks]),
+             "rows leaving": (gs, [per_row(c, ragged=True) for c in chunks])}
     out = {}
     for graphs in (False, True):
         for name, (settings, cs) in cases.items():

@@ -1,7 +1,8 @@
 """The host-side planning of the CUDA backend, pure NumPy (CPU tests import it without pycuda): the prompt checks,
-the layout of a chunk's upload, the prefill passes and attention tiles, the KV groups, the buffer sizes for the
-device memory a worker has (memory_plan), a chunk in halves (split_chunk, join_completions), and what the runner
-holds of a submitted chunk (ChunkPlan, Unplanned)."""
+the layout of a chunk's upload, the prefill passes and attention tiles, the KV groups, a decode step's inputs
+(step_rows, step_inputs), the buffer sizes for the device memory a worker has (memory_plan), a chunk in halves
+(split_chunk, join_completions), and what the runner holds of a submitted chunk (ChunkPlan, Unplanned)."""
+import bisect
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, List, Optional
 
@@ -35,6 +36,39 @@ def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
                         f"{n_positions} positions", None, "max_new_tokens", "use shorter prompts or fewer tokens")
     if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
         raise UserError("a token id is outside the vocabulary", None, "tokens", "check the tokenizer")
+
+
+# Row counts a replayed decode step computes once rows have left its group: the live rows, then padding rows (a
+# row that has left, at position 0: its KV-cache slot is no longer read, its attention reads one position; a row's
+# values do not depend on the other rows), so that rows leaving at every step (per-row max_new_tokens, stops)
+# replay a few graphs instead of launching each step anew. Under 512 rows a launched step costs the host ~2 ms, more
+# than the GPU's step (RESULTS.md, session 32); above, the GPU paces the steps and padding would only add work.
+STEP_ROWS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+
+
+def step_rows(n, ns):
+    """The rows a replayed step computes for n live rows of a group of ns: n, or the next of STEP_ROWS (at most
+    ns)."""
+    i = bisect.bisect_left(STEP_ROWS, n)
+    return n if i == len(STEP_ROWS) else min(STEP_ROWS[i], ns)
+
+
+def step_inputs(sh, lens, rows, keep, step, m, b0, ns):
+    """A decode step's inputs, into the int32 host array sh (room for 3 m): the positions [m] and KV rows [m] of its
+    rows (the live rows, of lengths lens[rows]; then m - n padding rows), and when it gathers its input tokens (rows
+    left at the step before: keep is False for them; or padding rows), the previous step's place of each [m].
+    Returns the number of values to upload (2 m, or 3 m with the gather)."""
+    n = len(rows)
+    gather = m > n or not keep.all()
+    sh[0:n] = lens[rows] + step - 1
+    sh[m:m + n] = rows
+    if gather:
+        sh[2 * m:2 * m + n] = np.flatnonzero(keep)
+    if m > n:   # padding rows: a row of the group (from b0, ns rows) that has left, position 0, any input token
+        left = np.ones(ns, bool)
+        left[rows - b0] = False
+        sh[n:m], sh[m + n:2 * m], sh[2 * m + n:3 * m] = 0, b0 + int(np.argmax(left)), 0
+    return 3 * m if gather else 2 * m
 
 
 @dataclass

@@ -31,7 +31,7 @@ from gpt2job.backends import READY, Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, join_completions,
-                                        kv_groups, prefill_passes, size_floors, split_chunk)
+                                        kv_groups, prefill_passes, size_floors, split_chunk, step_inputs, step_rows)
 from gpt2job.backends.cuda.rows import RowPlan, group_sel, option_buffers
 from gpt2job.chunks import FINISH_LENGTH, Completions
 from gpt2job.model.sampling import RowSettings
@@ -328,30 +328,29 @@ class Runner:
                 rows = prev_rows[keep]
                 n = len(rows)
                 if n:
-                    gather = not keep.all()
-                    sh = dev.step_host[(step % 2) * 3 * ns:][:3 * n]
-                    sh[0:n] = lens[rows] + step - 1
-                    sh[n:2 * n] = rows
-                    if gather:
-                        sh[2 * n:3 * n] = np.flatnonzero(keep)
+                    # m rows computed: n live ones, then (replayed steps) padding rows (step_rows)
+                    m = step_rows(n, ns) if graphs is not None and n < ns else n
+                    sh = dev.step_host[(step % 2) * 3 * ns:][:3 * m]
+                    count = step_inputs(sh, lens, rows, keep, step, m, b0, ns)
+                    gather = count == 3 * m
                     ev_d0 = drv.Event()
                     ev_d0.record(dev.compute)
-                    drv.memcpy_htod_async(sdev, sh[:3 * n if gather else 2 * n], dev.compute)
+                    drv.memcpy_htod_async(sdev, sh[:count], dev.compute)
                     if step_at:
                         dev.upload_step_number(step_at, step)
                     p_tok = tok_dev
                     if gather:
                         p_tok = tok_dev + 4 * ns
-                        self.k.gather_tokens(dev.compute, tok_dev, sdev + 8 * n, p_tok, n)
+                        self.k.gather_tokens(dev.compute, tok_dev, sdev + 8 * m, p_tok, m)
                     if sel is not None and sel.seen:   # the penalty's seen tokens: this step's input ones
-                        self.k.mark_seen(dev.compute, p_tok, sdev + 4 * n, n, b0, sel.seen, sel.words)
-                    def decode(n=n, p_tok=p_tok, step=step):
-                        x = model.forward(n, p_tok, sdev, sdev + 4 * n, b0, S, kv)
-                        model.select(x, n, None, 0, sdev + 4 * n, plan.p_rows, step, tok_dev, sampling, **kw,
-                                     **lp.kw(n), step_at=step_at)
+                        self.k.mark_seen(dev.compute, p_tok, sdev + 4 * m, n, b0, sel.seen, sel.words)
+                    def decode(m=m, p_tok=p_tok, step=step):
+                        x = model.forward(m, p_tok, sdev, sdev + 4 * m, b0, S, kv)
+                        model.select(x, m, None, 0, sdev + 4 * m, plan.p_rows, step, tok_dev, sampling, **kw,
+                                     **lp.kw(m), step_at=step_at)
                     if graphs is not None:
                         # the launches depend only on these (the step number is read from step_at)
-                        graphs.run((n, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0], *gkey), decode)
+                        graphs.run((m, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0], *gkey), decode)
                     else:
                         decode()
                     yield Pause(True, READY, int(gen.sum()))
