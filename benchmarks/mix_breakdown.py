@@ -1,14 +1,16 @@
 """Where the mixed-settings workload (benchmarks/workloads.py w2mix) loses speed against W2: the same job with one
 of its settings taken away at a time, through the real pipeline (mpirun, master + one GPU worker), fp16.
 
-  python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR]
+  python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR] [--trees 'old=.old;new=.']
 
   mixed            w2mix as it is: per-row max_new_tokens 1..256, temperature 0..1.2, top-k/top-p, stop strings
   no stops         without the stop dataset
   greedy, ragged   without stops, temperature 0 everywhere: per-row max_new_tokens only (the fused greedy head)
   W2, 128 new      W2's prompts, every row 128 new tokens (about the mixed rows' mean), --ignore-eos
   W2, 256 new      W2 itself
-Prints tok/s of each and its ratio to W2; JSON lines to OUT/mix.jsonl.
+Prints tok/s of each and its ratio to W2; JSON lines to OUT/mix.jsonl. With --trees, every case runs in each
+source tree in turn (repeats interleaved), and each tree's tokens of the first repeat are compared with the first
+tree's.
 """
 import argparse
 import json
@@ -20,7 +22,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from ab_trees import run  # noqa: E402
-from bench_common import ROOT  # noqa: E402
+from bench_common import ROOT, same_tokens  # noqa: E402
 
 
 def variant(src, dst, drop=(), greedy=False):
@@ -40,6 +42,7 @@ def main():
     ap.add_argument("--work", default="/tmp/gpt2job-mix")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model and workloads, numpy)")
+    ap.add_argument("--trees", default="", help="'name=path;...': source trees to compare (default: this one)")
     a = ap.parse_args()
     model, be, small, dt = "random:gpt2", "cuda", [], "float16"
     if a.smoke:
@@ -64,20 +67,29 @@ def main():
              ("W2, 128 new", w2, f16 + ["--max-new-tokens", "128"]), ("W2, 256 new", w2, f16 + ["--max-new-tokens", "256"])]
     run(ROOT, os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, ["--dtype", dt,
                                                                                     "--max-new-tokens", "2"], be)
+    trees = [t.split("=", 1) for t in a.trees.split(";") if t] or [("", ROOT)]
     res = {}
     for name, inp, flags in cases:
-        got = [run(ROOT, inp, os.path.join(a.work, f"out-{i}.h5"), hf, flags, be) for i in range(a.repeats)]
-        ok = all(r["rc"] == 0 for r in got)
-        res[name] = statistics.median(r["tput"] for r in got) if ok else None
-        rec = {"kind": "mix-breakdown", "case": name, "tok_s": res[name], "runs": [r.get("tput") for r in got],
-               "tokens": got[0].get("tokens"), "tail": [r.get("tail") for r in got if r["rc"]]}
-        print(json.dumps(rec), flush=True)
-        with open(os.path.join(a.out, "mix.jsonl"), "a") as f:
-            f.write(json.dumps(rec) + "\n")
-    base = res.get("W2, 256 new")
-    print(f"\n{'case':<16} {'tok/s':>10} {'/ W2':>6}")
-    for name, v in res.items():
-        print(f"{name:<16} {v or 0:>10,.0f} {v / base if v and base else 0:>6.3f}")
+        got = {t: [] for t, _ in trees}
+        for i in range(a.repeats):
+            for t, path in trees:
+                got[t].append(run(os.path.abspath(path), inp, os.path.join(a.work, f"out-{t}{i}.h5"), hf, flags, be))
+        for t, _ in trees:
+            ok = all(r["rc"] == 0 for r in got[t])
+            res[t, name] = statistics.median(r["tput"] for r in got[t]) if ok else None
+            first = os.path.join(a.work, f"out-{trees[0][0]}0.h5")
+            same = same_tokens(first, os.path.join(a.work, f"out-{t}0.h5")) if ok and os.path.exists(first) else None
+            rec = {"kind": "mix-breakdown", "tree": t or ROOT, "case": name, "tok_s": res[t, name],
+                   "runs": [r.get("tput") for r in got[t]], "tokens": got[t][0].get("tokens"),
+                   "rows_differing_from_first_tree": same and same[1],
+                   "tail": [r.get("tail") for r in got[t] if r["rc"]]}
+            print(json.dumps(rec), flush=True)
+            with open(os.path.join(a.out, "mix.jsonl"), "a") as f:
+                f.write(json.dumps(rec) + "\n")
+    print(f"\n{'tree':<8} {'case':<16} {'tok/s':>10} {'/ W2':>6}")
+    for (t, name), v in res.items():
+        base = res.get((t, "W2, 256 new"))
+        print(f"{t:<8} {name:<16} {v or 0:>10,.0f} {v / base if v and base else 0:>6.3f}")
 
 
 if __name__ == "__main__":
