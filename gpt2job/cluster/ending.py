@@ -38,13 +38,19 @@ class Ending:
             traceback.print_exc()
         sys.stderr.flush()
         code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
-        if waiting and isinstance(self.wait_for_starting(quiet=True), KeyboardInterrupt):
+        raise Reported(self.end_ranks(code, wait=waiting, quiet=True)) from e
+
+    def end_ranks(self, code, wait=True, quiet=False):
+        """The last of a job's end, once shutdown_workers told every rank to stop: wait for the ranks still starting
+        (wait_for_starting), end the hung ones with MPI_Abort(code), and after a death end without MPI_Finalize.
+        Returns the exit code when the process may go on to exit: code, or 130 when Ctrl-C cut the wait."""
+        if wait and isinstance(self.wait_for_starting(quiet=quiet), KeyboardInterrupt):
             code = 130
         if self.hung_processes():
             self.abort_hung(code)
         if self.peer_died:
             end_without_finalize(code)
-        raise Reported(code) from e
+        return code
 
     def stop_rank(self, rank):
         if rank not in self.stopped:

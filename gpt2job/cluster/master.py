@@ -9,7 +9,6 @@ import numpy as np
 
 from gpt2job import __version__
 from gpt2job.chunks import FINISH_INVALID, Completions
-from gpt2job.cluster import faults
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
@@ -386,10 +385,4 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
         m.release_after_error(e)
         raise
-    if isinstance(m.wait_for_starting(), KeyboardInterrupt):
-        code = 130
-    if m.hung_processes():
-        m.abort_hung(code)
-    if m.peer_died:
-        faults.end_without_finalize(code)
-    return code
+    return m.end_ranks(code)

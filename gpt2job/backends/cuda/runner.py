@@ -329,7 +329,7 @@ class Runner:
                 n = len(rows)
                 if n:
                     # m rows computed: n live ones, then (replayed steps) padding rows (step_rows)
-                    m = step_rows(n, ns) if graphs is not None and n < ns else n
+                    m = step_rows(n, ns) if graphs is not None else n
                     sh = dev.step_host[(step % 2) * 3 * ns:][:3 * m]
                     count = step_inputs(sh, lens, rows, keep, step, m, b0, ns)
                     gather = count == 3 * m
