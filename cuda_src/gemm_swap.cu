@@ -165,9 +165,9 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
 #pragma unroll
     for (int i = 0; i < WN / 2; i++) acc[i] = 0.f;
     int it = 0;
+    const unsigned long long dW = wg_desc(Ws + w_off * TMA_BK), dT = wg_desc(Ts + t_off * TMA_BK);   // stage 0
     consume_tile_stages<ST, WN / 2>(acc, full, empty, nk, it, lane, [&](int s, int ks) {
-        wgmma_m64k16<WN>(acc, wg_desc(Ws + s * WR * TMA_BK + w_off * TMA_BK + ks * 16),
-                         wg_desc(Ts + s * BT * TMA_BK + t_off * TMA_BK + ks * 16));
+        wgmma_m64k16<WN>(acc, wg_desc_at(dW, s * W_BYTES + ks * 32), wg_desc_at(dT, s * T_BYTES + ks * 32));
     });
     wg_wait0();
     wg_fence_acc<WN / 2>(acc);

@@ -127,9 +127,10 @@ template <int ST, int NACC, typename Mma>
 __device__ __forceinline__ void consume_tile_stages(float* acc, unsigned long long* full, unsigned long long* empty,
                                                     int nk, int& it, int lane, Mma mma)
 {
+    int s = it % ST, prev = 0;   // the stage of k-block it and of the one before; counted, not divided, per k-block
+    unsigned phase = (it / ST) & 1;
     for (int kb = 0; kb < nk; kb++, it++) {
-        const int s = it % ST;
-        mbar_wait(&full[s], (it / ST) & 1);
+        mbar_wait(&full[s], phase);
         wg_fence_acc<NACC>(acc);
         wg_fence();
 #pragma unroll
@@ -137,7 +138,9 @@ __device__ __forceinline__ void consume_tile_stages(float* acc, unsigned long lo
         wg_commit();
         wg_wait1();                                 // k-block it - 1's batch has retired: release its stage
         wg_fence_acc<NACC>(acc);
-        if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
+        if (kb > 0 && lane == 0) mbar_arrive(&empty[prev]);
+        prev = s;
+        if (++s == ST) { s = 0; phase ^= 1u; }
     }
 }
 
@@ -252,6 +255,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     }
 
     const int wg = warp >> 2;
+    const unsigned long long dA = wg_desc(As + wg * 64 * TMA_BK), dB = wg_desc(Bs);   // stage 0; this warpgroup's rows
     float acc[1][TBN / 8][4];
     int it = 0;   // k-blocks consumed so far (all tiles)
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
@@ -270,8 +274,8 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
 #pragma unroll
             for (int r = 0; r < 4; r++) acc[0][j][r] = 0.f;
         consume_tile_stages<ST, TBN / 2>(&acc[0][0][0], full, empty, nk, it, lane, [&](int s, int ks) {
-            const __half* as = As + s * TMA_BM * TMA_BK + wg * 64 * TMA_BK;   // this warpgroup's 64 rows
-            wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(Bs + s * TBN * TMA_BK + ks * 16));
+            wgmma_bn<TBN>(&acc[0][0][0], wg_desc_at(dA, (s * TMA_BM * TMA_BK + ks * 16) * 2),
+                          wg_desc_at(dB, (s * TBN * TMA_BK + ks * 16) * 2));
         });
         wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
@@ -340,6 +344,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     }
 
     asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    const unsigned long long dA = wg_desc(As), dB = wg_desc(Bs);   // stage 0 (wg_desc_at moves them)
     const int c = wgi - 1;                         // this consumer: tiles i with i % 2 == c
     unsigned char* Cs = Cs0 + c * C_BYTES;
     const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV, resid = mode == EPI_RESID;
@@ -374,15 +379,15 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
         for (int kb = 0; kb < nk; kb++, it++) {
             const int s = it % ST;
             mbar_wait(&full[s], (it / ST) & 1);
-            const __half* as = As + s * TMA_BM * TMA_BK;
-            const __half* bs = Bs + s * TBN * TMA_BK;
+            const unsigned a_at = s * A_BYTES, b_at = s * B_BYTES;
             wg_fence_acc<TBN / 2>(&acc[0][0][0]);
             wg_fence_acc<TBN / 2>(&acc[1][0][0]);
             wg_fence();
 #pragma unroll
             for (int ks = 0; ks < TMA_BK / 16; ks++) {
-                wgmma_bn<TBN>(&acc[0][0][0], wg_desc(as + ks * 16), wg_desc(bs + ks * 16));
-                wgmma_bn<TBN>(&acc[1][0][0], wg_desc(as + 64 * TMA_BK + ks * 16), wg_desc(bs + ks * 16));
+                const unsigned long long b = wg_desc_at(dB, b_at + ks * 32);
+                wgmma_bn<TBN>(&acc[0][0][0], wg_desc_at(dA, a_at + ks * 32), b);
+                wgmma_bn<TBN>(&acc[1][0][0], wg_desc_at(dA, a_at + 64 * TMA_BK * 2 + ks * 32), b);
             }
             wg_commit();
             wg_wait1();

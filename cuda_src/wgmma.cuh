@@ -12,6 +12,13 @@ __device__ __forceinline__ unsigned long long wg_desc(const void* smem) {
     d |= (unsigned long long)1 << 62;                      // 128-byte swizzle
     return d;
 }
+// Descriptor d moved by `bytes` (a multiple of 16): the start-address field is address >> 4 in bits 0-13 and shared
+// addresses stay below 256 KB, so a 32-bit add of the low word never carries out of the field. A k-loop builds its
+// base descriptors once and moves them: wg_desc at every k16 step cost ~15 instructions (the generic-to-shared
+// conversion reads the shared window each time), and a decode product's k-loop was bound by issuing them.
+__device__ __forceinline__ unsigned long long wg_desc_at(unsigned long long d, unsigned bytes) {
+    return (d & 0xFFFFFFFF00000000ull) | (unsigned)((unsigned)d + (bytes >> 4));
+}
 
 __device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
 __device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
