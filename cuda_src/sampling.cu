@@ -14,6 +14,8 @@
 #define NB 256            // value buckets of a row (sample_block)
 #define SAMPLE_LIST 4096  // elements of a threshold bucket that bucket_key walks as a list rather than the row
 #define FULL 0xffffffffu
+#define FX_DIGITS 3       // fx_add: a fixed-point mass as FX_DIGITS digits of FX_BITS bits
+#define FX_BITS 14
 __device__ __forceinline__ unsigned fkey(float f) {   // -0 and +0 one key: they compare equal as floats
     unsigned u = __float_as_uint(f);
     return f == 0.0f ? 0x80000000u : (u & 0x80000000u) ? ~u : (u | 0x80000000u);
@@ -128,7 +130,8 @@ struct SampleShared {
     unsigned redu[32];
     unsigned cnt[NB];
     double sum[NB];
-    unsigned fx[5][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
+    unsigned fx[FX_DIGITS][NB];   // the value buckets' masses in fixed point while a pass adds them (fx_add)
+    unsigned long long lastq[32];  // each warp's mass of bucket NB - 1 in fixed point (flush_last)
     int list[SAMPLE_LIST];   // bucket_key: the threshold bucket's elements, collected once
     unsigned nlist;
     int pick;             // pick_first: the entry picked
@@ -203,17 +206,18 @@ __device__ __forceinline__ double escore(float v, double invt, double zmax) {
 }
 
 // The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
-// compare-and-swap loop on this GPU (SASS ATOMS.CAST.SPIN.64), and a row's ~50,000 adds into a few hundred buckets
-// made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A mass m in [0, 2^15) (a logit's
-// at most 1, a warp's flush at most 32 x ceil(V / 1,024)) becomes q = m * 2^40 rounded down (low by less than
-// 2^-40), added as five 11-bit digits (bits 0-54), each digit summed in its own uint32: no overflow while a bucket
-// gets at most 2^21 adds, and a bucket's total (at most V * 2^40) fits 64 bits: V <= SAMPLE_MAX_V (2^20 - 1,024;
-// checked by Kernels.sample). The sum of the q's is exact, in any order.
+// compare-and-swap loop on this GPU (SASS ATOMS.CAST.SPIN.64, also for 64-bit integers), and a row's ~50,000 adds
+// into a few hundred buckets made those loops wait on each other; 32-bit integer adds are native (ATOMS.ADD). A
+// logit's mass m in [0, 1] becomes q = m * 2^40 rounded down (low by less than 2^-40; fxq), added as three 14-bit
+// digits (bits 0-41), each digit summed in its own uint32: no overflow while a bucket gets at most 2^18 adds, V <=
+// SAMPLE_MAX_V (checked by Kernels.sample). The sum of the q's is exact, in any order. A warp's sum of many logits
+// (flush_last) is one q in the warp's own slot instead.
+__device__ __forceinline__ unsigned long long fxq(double m) { return __double2ull_rz(m * 0x1p40); }
 __device__ __forceinline__ void fx_add(SampleShared& sh, int b, double m) {
-    const unsigned long long q = __double2ull_rz(m * 0x1p40);
+    const unsigned long long q = fxq(m);
 #pragma unroll
-    for (int d = 0; d < 5; d++) {
-        const unsigned v = (unsigned)(q >> (11 * d)) & 0x7ffu;
+    for (int d = 0; d < FX_DIGITS; d++) {
+        const unsigned v = (unsigned)(q >> (FX_BITS * d)) & ((1u << FX_BITS) - 1u);
         if (v) atomicAdd(&sh.fx[d][b], v);
     }
 }
@@ -223,27 +227,35 @@ __device__ __forceinline__ void hist_clear(SampleShared& sh) {
     for (int i = threadIdx.x; i < NB; i += blockDim.x) {
         sh.cnt[i] = 0u;
         sh.sum[i] = 0.0;
-        sh.fx[0][i] = sh.fx[1][i] = sh.fx[2][i] = sh.fx[3][i] = sh.fx[4][i] = 0u;
+#pragma unroll
+        for (int d = 0; d < FX_DIGITS; d++) sh.fx[d][i] = 0u;
     }
 }
 
-// sh.sum from the fixed-point digits fx_add summed (after a barrier); then a barrier before sh.sum is read.
-__device__ __forceinline__ void hist_masses(SampleShared& sh) {
+// sh.sum from the fixed-point digits fx_add summed (after a barrier), and with last the warps' flush_last slots in
+// bucket NB - 1; then a barrier before sh.sum is read.
+__device__ __forceinline__ void hist_masses(SampleShared& sh, bool last) {
     for (int i = threadIdx.x; i < NB; i += blockDim.x) {
         unsigned long long q = 0;
 #pragma unroll
-        for (int d = 0; d < 5; d++) q += (unsigned long long)sh.fx[d][i] << (11 * d);
+        for (int d = 0; d < FX_DIGITS; d++) q += (unsigned long long)sh.fx[d][i] << (FX_BITS * d);
+        if (last && i == NB - 1)
+            for (int w = 0; w < (int)(blockDim.x >> 5); w++) q += sh.lastq[w];
         sh.sum[i] = (double)q * 0x1p-40;
     }
 }
 
 // Adds this thread's count / mass of bucket NB - 1 (summed per thread: most of a peaked row lands there) to the
-// histogram, one atomic per warp.
+// histogram: one count atomic per warp, the warp's mass in its slot (hist_masses(sh, true) adds the slots). Every
+// warp calls it once per histogram.
 __device__ __forceinline__ void flush_last(SampleShared& sh, unsigned n, double mass) {
     n = __reduce_add_sync(FULL, n);
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) mass += __shfl_xor_sync(FULL, mass, o);
-    if ((threadIdx.x & 31) == 0 && n) { atomicAdd(&sh.cnt[NB - 1], n); fx_add(sh, NB - 1, mass); }
+    if ((threadIdx.x & 31) == 0) {
+        if (n) atomicAdd(&sh.cnt[NB - 1], n);
+        sh.lastq[threadIdx.x >> 5] = n ? fxq(mass) : 0ull;
+    }
 }
 
 // The key of the threshold inside value bucket b (sh.above: the count / mass of the buckets before it; sh.cnt[b]: the
@@ -305,7 +317,7 @@ __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int
         }
         __syncthreads();
         if (mass) {
-            hist_masses(sh);
+            hist_masses(sh, false);
             __syncthreads();
         }
         pick_first(sh, 1 << width, true, mass, above, target, 0.0);
@@ -325,8 +337,10 @@ __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int
 // so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that:
 // 4-6 ms per 1,024 rows with top-p). Buckets of equal width in logit (the NB - 1 buckets span
 // min(max - min, 32 T), 32 nats of probability ratio) spread them; everything further below lands in bucket NB - 1.
+// mm: this thread's part of the row's maximum and minimum, when the caller already has them (load_row), else
+// null and a pass over the row finds them.
 __device__ void sample_block(const float* l, int V, long long rid, int step, unsigned long long seed,
-                             double temperature, int top_k, double top_p, int* out_r)
+                             double temperature, int top_k, double top_p, int* out_r, const float2* mm)
 {
     __shared__ SampleShared sh;
     const int tid = threadIdx.x;
@@ -334,7 +348,8 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     const int i0 = min(V, tid * seg), i1 = min(V, i0 + seg);
 
     float mx = -INFINITY, mn = INFINITY;
-    for (int i = tid; i < V; i += blockDim.x) { const float v = l[i]; mx = fmaxf(mx, v); mn = fminf(mn, v); }
+    if (mm != nullptr) { mx = mm->x; mn = mm->y; }
+    else for (int i = tid; i < V; i += blockDim.x) { const float v = l[i]; mx = fmaxf(mx, v); mn = fminf(mn, v); }
     mx = block_max_f(mx, sh.redf);
     mn = -block_max_f(-mn, sh.redf);
     const float scale = (float)(NB - 1) / fminf(mx - mn, (float)(32.0 * temperature));
@@ -363,7 +378,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     flush_last(sh, last_n, last_mass);
     __syncthreads();
     if (mass) {        // (the same for the whole block: the row's settings)
-        hist_masses(sh);
+        hist_masses(sh, true);
         __syncthreads();
     }
 
@@ -391,7 +406,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
             }
             flush_last(sh, last_n, last_mass);
             __syncthreads();
-            hist_masses(sh);
+            hist_masses(sh, true);
             __syncthreads();
         }
         pick_first(sh, NB, false, true, 0.0, 0.0, top_p);
@@ -436,12 +451,15 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
 }
 
 // A row of logits into shared memory (a sampled row reads its logits a few times over): float4 loads, several in
-// flight per thread, where src is 16-byte aligned.
-__device__ void load_row(float* dst, const float* src, int V)
+// flight per thread, where src is 16-byte aligned. Returns this thread's part of the row's {maximum, minimum}
+// (sample_block's first pass, taken while loading).
+__device__ float2 load_row(float* dst, const float* src, int V)
 {
     const int tid = threadIdx.x, nt = blockDim.x;
+    float mx = -INFINITY, mn = INFINITY;
+    auto put = [&](float* p, float v) { *p = v; mx = fmaxf(mx, v); mn = fminf(mn, v); };
     const int head = min(V, (int)(((16u - ((unsigned)(size_t)src & 15u)) & 15u) >> 2));
-    for (int i = tid; i < head; i += nt) dst[i] = src[i];
+    for (int i = tid; i < head; i += nt) put(dst + i, src[i]);
     const float4* s4 = (const float4*)(src + head);
     float* d = dst + head;
     const int n4 = (V - head) >> 2;
@@ -452,11 +470,13 @@ __device__ void load_row(float* dst, const float* src, int V)
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             const int j = i + u * nt;
-            if (j < n4) { d[4 * j] = v[u].x; d[4 * j + 1] = v[u].y; d[4 * j + 2] = v[u].z; d[4 * j + 3] = v[u].w; }
+            if (j < n4) { put(d + 4 * j, v[u].x); put(d + 4 * j + 1, v[u].y); put(d + 4 * j + 2, v[u].z);
+                          put(d + 4 * j + 3, v[u].w); }
         }
     }
-    for (int i = head + 4 * n4 + tid; i < V; i += nt) dst[i] = src[i];
+    for (int i = head + 4 * n4 + tid; i < V; i += nt) put(dst + i, src[i]);
     __syncthreads();
+    return make_float2(mx, mn);
 }
 
 // rows: int64 prompt row ids; the row id of logits row r is rows[seqidx[r]]. step_at: null, or where the step
@@ -471,9 +491,11 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
-    if (cache) { load_row(srow, l, V); l = srow; }
+    float2 mm;
+    if (cache) { mm = load_row(srow, l, V); l = srow; }
     if (step_at != nullptr) step = *step_at;
-    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r);
+    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r,
+                 cache ? &mm : nullptr);
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
@@ -498,9 +520,12 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
     const int q = seqidx[r];
     const double temperature = temps[q];
     float* l = logits + (size_t)r * ld;
-    if (cache && temperature > 0.0) { load_row(srow, l, V); l = srow; }
+    float2 mm;
+    bool have_mm = false;   // mm is the row's as sample_block will read it (not after a penalty)
+    if (cache && temperature > 0.0) { mm = load_row(srow, l, V); l = srow; have_mm = true; }
     const float pen = penalties[q];
     if (seen != nullptr && pen != 1.0f) {
+        have_mm = false;
         const unsigned* bits = seen + (size_t)(q - seq_base) * words;
         for (int i = threadIdx.x; i < V; i += blockDim.x) {
             if ((bits[i >> 5] >> (i & 31)) & 1u) {
@@ -512,7 +537,7 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
     }
     if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
     else sample_block(l, V, rows[q], step_at != nullptr ? *step_at : step, seeds[q], temperature, top_ks[q],
-                      top_ps[q], out + r);
+                      top_ps[q], out + r, have_mm ? &mm : nullptr);
 }
 
 // The repetition penalty's seen tokens: sequence seq[i] (its bitmap row seq[i] - seq_base, words uint32 each)

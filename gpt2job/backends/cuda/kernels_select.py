@@ -20,7 +20,7 @@ class Kernel:
 
 
 KERNELS = []   # every Kernel record, in the order they are defined below
-SAMPLE_MAX_V = (1 << 20) - 1024   # the longest logit rows the sampling kernels' fixed-point masses hold (fx_add)
+SAMPLE_MAX_V = 1 << 18   # the longest logit rows the sampling kernels' fixed-point masses hold (fx_add)
 
 
 def _kernel(name, source, signature, threads):
