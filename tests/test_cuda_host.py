@@ -551,7 +551,7 @@ def test_gpu_sampling_refuses_a_vocabulary_its_bucket_sums_cannot_hold():
     k = types.SimpleNamespace(row_cache_floats=60000)
     assert SelectKernels._row_cache(k, 50257, True) == (1, 4 * 50257)
     assert SelectKernels._row_cache(k, SAMPLE_MAX_V, True) == (0, 0)        # too long for the row cache
-    with pytest.raises(ValueError, match="at most 1,047,552 tokens"):
+    with pytest.raises(ValueError, match="at most 262,144 tokens"):
         SelectKernels._row_cache(k, SAMPLE_MAX_V + 1, True)
 
 
