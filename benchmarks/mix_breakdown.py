@@ -1,7 +1,7 @@
 """Where the mixed-settings workload (benchmarks/workloads.py w2mix) loses speed against W2: the same job with one
 of its settings taken away at a time, through the real pipeline (mpirun, master + one GPU worker), fp16.
 
-  python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR] [--trees 'old=.old;new=.']
+  python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR] [--trees 'old=.old;new=.'] [--cases 'mixed;W2, 256 new']
 
   mixed            w2mix as it is: per-row max_new_tokens 1..256, temperature 0..1.2, top-k/top-p, stop strings
   no stops         without the stop dataset
@@ -43,6 +43,7 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model and workloads, numpy)")
     ap.add_argument("--trees", default="", help="'name=path;...': source trees to compare (default: this one)")
+    ap.add_argument("--cases", default="", help="'name;name': only these cases (default: all; W2, 256 new is the base)")
     a = ap.parse_args()
     model, be, small, dt = "random:gpt2", "cuda", [], "float16"
     if a.smoke:
@@ -65,6 +66,8 @@ def main():
     cases = [("mixed", mix, f16 + ["--max-new-tokens", "256"]), ("no stops", nostop, f16 + ["--max-new-tokens", "256"]),
              ("greedy, ragged", greedy, f16 + ["--max-new-tokens", "256"]),
              ("W2, 128 new", w2, f16 + ["--max-new-tokens", "128"]), ("W2, 256 new", w2, f16 + ["--max-new-tokens", "256"])]
+    if a.cases:
+        cases = [c for c in cases if c[0] in a.cases.split(";")]
     run(ROOT, os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, ["--dtype", dt,
                                                                                     "--max-new-tokens", "2"], be)
     trees = [t.split("=", 1) for t in a.trees.split(";") if t] or [("", ROOT)]
