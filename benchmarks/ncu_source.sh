@@ -1,7 +1,8 @@
 #!/bin/bash
-# On the GPU machine: Nsight Compute's stall samples per CUDA source line of one kernel, in a copy of this tree whose
-# kernels are compiled with -lineinfo (the shipped build has none). Prints the lines with the most samples; the
-# whole source page (CSV) and the details page go to $OUT.
+# On the GPU machine: Nsight Compute's stall samples per SASS instruction of one kernel, in a copy of this tree whose
+# kernels are compiled with -lineinfo (the shipped build has none; pycuda compiles from a temporary file, so the
+# report has no CUDA source page). Writes $OUT/LABEL-details.txt and $OUT/LABEL-stalls.txt (stall reasons, the
+# instructions with the most samples, the hottest loop's SASS) and prints the head of the latter.
 #   source .device/on-device.sh && OUT=$OUT/ncu bash benchmarks/ncu_source.sh LABEL KERNEL-REGEX python3 SCRIPT ARGS...
 # e.g. ... ncu_source.sh sampling sample_rows_params python3 benchmarks/sampling_bench.py --rows 2048 --repeats 1 \
 #          --only "params w2mix mix"
@@ -15,26 +16,33 @@ sed -i 's/("-std=c++17", \*defs)/("-std=c++17", "-lineinfo", *defs)/' "$tree/gpt
 grep -q '"-lineinfo"' "$tree/gpt2job/backends/cuda/kernels.py" || { echo "ncu_source: could not add -lineinfo"; exit 1; }
 export GPT2JOB_PYCUDA_CACHE=/tmp/ncu-lineinfo-cache
 cd "$tree" || exit 1
-timeout 240 ncu --clock-control none --import-source yes -k "regex:$re" --launch-skip 1 --launch-count 1 \
+rep=/tmp/ncu-$lab   # the report stays on the machine: $OUT takes few files
+timeout 240 ncu --clock-control none -k "regex:$re" --launch-skip 1 --launch-count 1 \
     --section SourceCounters --section WarpStateStats --section SpeedOfLight --section InstructionStats \
-    -f -o "$OUT/$lab" "$@" > "$OUT/$lab-run.txt" 2>&1
-echo "=== ncu $lab rc=$? ($(tail -c 300 "$OUT/$lab-run.txt" | tr '\n' ' ' | cut -c1-200))"
-ncu -i "$OUT/$lab.ncu-rep" --page details > "$OUT/$lab-details.txt" 2>&1
+    -f -o "$rep" "$@" > "$rep-run.txt" 2>&1
+echo "=== ncu $lab rc=$? ($(tail -c 300 "$rep-run.txt" | tr '\n' ' ' | cut -c1-200))"
+ncu -i "$rep.ncu-rep" --page details > "$OUT/$lab-details.txt" 2>&1
 grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Executed Instructions  " "$OUT/$lab-details.txt" | head -6
-ncu -i "$OUT/$lab.ncu-rep" --page source --csv --print-source cuda > "$OUT/$lab-source-cuda.csv" 2>&1
-ncu -i "$OUT/$lab.ncu-rep" --page source --csv --print-source sass > "$OUT/$lab-source-sass.csv" 2>&1
-python3 - "$OUT/$lab-source-cuda.csv" <<'PY'
+ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2>&1
+python3 - "$rep-sass.csv" > "$OUT/$lab-stalls.txt" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1], errors="replace")))
-hdr = next((i for i, r in enumerate(rows) if any("Sampling" in c for c in r)), None)
-if hdr is None:
-    print("no source table:", " | ".join(" ".join(r) for r in rows[:3])[:300]); sys.exit()
-h = rows[hdr]
-col = next(i for i, c in enumerate(h) if "Warp Stall Sampling (All" in c)
-ins = next((i for i, c in enumerate(h) if c.startswith("Instructions Executed")), None)
-body = [r for r in rows[hdr + 1:] if len(r) > col and r[col].replace(",", "").replace(".", "").isdigit()]
-tot = sum(float(r[col].replace(",", "")) for r in body) or 1
-print(f"{'samples %':>9} {'inst':>12}  line")
-for r in sorted(body, key=lambda r: -float(r[col].replace(",", "")))[:30]:
-    print(f"{100 * float(r[col].replace(',', '')) / tot:9.1f} {r[ins] if ins is not None else '':>12}  {r[0][:6]} {r[1].strip()[:110]}")
+hdr = next(i for i, r in enumerate(rows) if "Warp Stall Sampling (All Samples)" in r)
+h, body = rows[hdr], rows[hdr + 1:]
+ci, ie = h.index("Warp Stall Sampling (All Samples)"), h.index("Instructions Executed")
+stall = [i for i, c in enumerate(h) if c.startswith("stall_") and "Not Issued" not in c]
+f = lambda x: float(x.replace(",", "")) if x.replace(",", "").replace(".", "").isdigit() else 0.0  # noqa: E731
+tot = sum(f(r[ci]) for r in body) or 1
+print(f"stall samples by reason (% of {tot:.0f}):")
+for k, v in sorted(((h[i], sum(f(r[i]) for r in body)) for i in stall), key=lambda x: -x[1])[:10]:
+    print(f"  {k:28s} {100 * v / tot:5.1f}")
+print("instructions with the most samples: % of samples, executed, SASS")
+for r in sorted(body, key=lambda r: -f(r[ci]))[:30]:
+    print(f"  {100 * f(r[ci]) / tot:5.1f} {f(r[ie]):>12,.0f}  {r[1][:90]}")
+hot = max(f(r[ie]) for r in body) / 2
+print(f"the hottest loop (instructions executed >= {hot:,.0f}): executed, samples, SASS")
+for r in body:
+    if f(r[ie]) >= hot:
+        print(f"  {f(r[ie]):>12,.0f} {f(r[ci]):>6,.0f}  {r[1][:90]}")
 PY
+head -14 "$OUT/$lab-stalls.txt"
