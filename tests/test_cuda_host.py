@@ -157,18 +157,26 @@ def check_decode_and_mid_picks(k):
     assert [k.pick_f16(546, *p) for p in layer] == ["s80x128", "s64x64", "s112x128", "s64x64"]
     assert [k.pick_f16(256, *p) for p in layer] == ["s96x64", "s32x64", "s80x128", "s32x64"]
     assert [k.pick_f16(192, *p) for p in layer] == ["s64x64", "s32x64", "s96x64", "s32x64"]
-    assert [k.pick_f16(191, *p) for p in layer] == ["t32x64k128s4", "t32x64k128s4", "t32x64k64s4", "t32x64k128s4"]
+    # ... the products with more outputs than inputs (QKV, MLP up) from SWAP_WIDE_FROM (128) rows (session 33)
+    assert [k.pick_f16(191, *p) for p in layer] == ["s64x64", "t32x64k128s4", "s96x64", "t32x64k128s4"]
+    assert [k.pick_f16(127, *p) for p in layer] == ["t32x64k128s4", "t32x32k128s4"] * 2
     # ... and 32x32 tiles where they fit on the SMs in one wave (session 17)
-    assert [k.pick_f16(137, *p) for p in layer] == ["t32x64k128s4", "t32x32k128s4"] * 2
+    assert [k.pick_f16(137, *p) for p in layer] == ["s64x64", "t32x32k128s4", "s96x64", "t32x32k128s4"]
     assert k.pick_f16(160, 768, False, 768) == "t32x32k128s4" and k.pick_f16(161, 768, False, 768) == "t32x64k128s4"
     # prefill passes and decode steps of 1,024-8,191 rows: the ping-pong kernel where compiled (session 20), else
     # from 1,800 rows staged, residual adds on 128x128 tiles (session 17)
     if "tma128pp" in k.variants:
-        assert [k.pick_f16(m, *p) for m in (1025, 1799, 2048) for p in layer] == ["tma128pp"] * 12
+        # ... the others (attention out, MLP down) swapped up to SWAP_NARROW_TO (2,048) rows (session 33)
+        assert [k.pick_f16(m, *p) for m in (1025, 1799, 2048) for p in layer] == \
+            ["tma128pp", "s96x64", "tma128pp", "s96x64"] + ["tma128pp", "s112x128"] * 4
+        assert [k.pick_f16(2049, *p) for p in layer] == ["tma128pp"] * 4
         assert [k.pick_f16(1024, *p) for p in layer] == ["s160x128", "s96x64", "s208x128", "s96x64"]
         return
-    assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "tma128s", "tma128", "tma128s"]
-    assert k.pick_f16(1799, 2304, True, 768) == "wgmma" and k.pick_f16(1799, 768, False, 3072) == "tma128"
+    swapped = any(k.tiles[v].family == "swap" for v in k.variants)
+    assert [k.pick_f16(2048, *p) for p in layer] == ["tma192s", "s112x128", "tma128", "s112x128"] if swapped else \
+        ["tma192s", "tma128s", "tma128", "tma128s"]
+    assert k.pick_f16(1799, 2304, True, 768) == "wgmma"
+    assert k.pick_f16(1799, 768, False, 3072) == ("s112x128" if swapped else "tma128")
     assert k.pick_f16(546, 50257, False, 768) == "tma128"    # the LM head's logits (session 18)
 
 
@@ -177,8 +185,8 @@ def test_tile_picks_are_the_ones_measured_fastest():
     from gpt2job.backends.cuda.kernels import F16_TILES
     k = picker()
     for M, N, half, K in ((131072, 2304, True, 768), (8192, 768, False, 3072), (8192, 3072, True, 768),
-                          (1025, 768, False, 768), (1025, 2304, True, 768)):
-        assert k.pick_f16(M, N, half, K) == "tma128pp"   # the layer products from SWAP_ROWS[1] + 1 rows
+                          (2049, 768, False, 768), (1025, 2304, True, 768)):
+        assert k.pick_f16(M, N, half, K) == "tma128pp"   # from SWAP_ROWS[1] + 1 rows (N > K), SWAP_NARROW_TO + 1
     # the swapped tiles (sessions 28-29): the fewest waves of blocks, then the fewest rows loaded a block
     assert [k.pick_swap(m, 768) for m in (137, 192, 256, 546, 1023, 1024)] == \
         ["s32x64", "s32x64", "s32x64", "s64x64", "s96x64", "s96x64"]

@@ -12,7 +12,10 @@ STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many row
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows (where no
                             # swapped tile is compiled: else from SWAP_ROWS[1] + 1)
 SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both
-                            # ends included)
+                            # ends included) ...
+SWAP_WIDE_FROM = 128        # ... from this many for those with more outputs than inputs (QKV, MLP up) ...
+SWAP_NARROW_TO = 2048       # ... and up to this many for the others (attention out, MLP down): measured at 137 and
+                            # 2,048 rows once their k-loops issued fewer instructions (RESULTS.md, session 33)
 
 
 class TilePicker:
@@ -25,7 +28,8 @@ class TilePicker:
     def pick_f16(self, M, N, out_half=True, K=768):
         """The tile for an M x N x K product. The layer products (N <= 16,384, not the LM head) of SWAP_ROWS rows on
         the swapped tiles (pick_swap; RESULTS.md, sessions 28-29: decode steps 6-16% shorter at 192-1,024 rows, then
-        a few % more with their coalesced epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows). Else,
+        a few % more with their coalesced epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows), and
+        those with N > K from SWAP_WIDE_FROM rows, those with N <= K up to SWAP_NARROW_TO rows (session 33). Else,
         from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
         (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the staged-epilogue kernels
         (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
@@ -39,7 +43,8 @@ class TilePicker:
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
-        if N <= 16384 and SWAP_ROWS[0] <= M <= SWAP_ROWS[1]:
+        lo, hi = (SWAP_WIDE_FROM, SWAP_ROWS[1]) if N > K else (SWAP_ROWS[0], SWAP_NARROW_TO)
+        if N <= 16384 and lo <= M <= hi:
             swap = self.pick_swap(M, N)
             if swap:
                 return swap
