@@ -79,6 +79,22 @@ def test_plan_declines_when_little_is_shared():
     assert prefix_share.plan(offsets[:2], tokens[:16], even_groups(1)) is None      # one prompt
 
 
+@pytest.mark.parametrize("seed", range(6))
+def test_skip_bound_is_above_what_a_plan_skips(seed):
+    """skip_bound (the first PEEK tokens only) never rules out a plan: it is at least the positions the
+    lexicographic order skips, on prompts with shared stems, repeats, prefixes of others and prompts shorter than PEEK."""
+    prompts = prompts_with_stems(50, seed=seed, vocab=6 if seed % 2 else 50)
+    offsets, tokens = flat(prompts)
+    perm, lcp = prefix_share.lexicographic(offsets, tokens)
+    skipped = int(np.minimum(lcp, np.diff(offsets)[perm] - 1).sum())
+    assert skipped <= prefix_share.skip_bound(offsets, tokens) <= int((np.diff(offsets) - 1).sum())
+    rng = np.random.default_rng(seed)                                    # unrelated prompts: PEEK - 1 a prompt
+    offsets, tokens = flat([rng.integers(0, 50257, int(n)) for n in rng.integers(8, 40, 64)])
+    assert prefix_share.skip_bound(offsets, tokens) == 64 * (prefix_share.PEEK - 1)
+    wide = tokens + (1 << 20)                                            # 21-bit ids: 3 tokens packed, not 4
+    assert prefix_share.skip_bound(offsets, wide) == 64 * 2
+
+
 def test_plan_declines_when_its_order_needs_more_kv_groups():
     """4 long and 12 short prompts with one stem: in the chunk's order (longest first) their caches fit 2 KV groups;
     in lexicographic order the lengths mix, every group needs the long cache, and 4 groups would be needed."""
