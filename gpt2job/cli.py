@@ -7,9 +7,8 @@ import sys
 
 from gpt2job import __version__
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import Reported, UserError, WorkerFailure
+from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
 
-EXIT_USAGE = 2
 
 RUN_EPILOG = """\
 IN forms:
@@ -389,10 +388,10 @@ def main(argv=None):
     except UserError as e:
         if world_rank() in (None, 0):   # one line from the master, not one per rank
             sys.stderr.write(f"gpt2job: error: {e}\n")
-        return EXIT_USAGE
+        return exit_code(e)
     except WorkerFailure as e:
         sys.stderr.write(f"gpt2job: error: {e}\n")
-        return 3
+        return exit_code(e)
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:

@@ -34,6 +34,11 @@ class Reported(Exception):
         self.code = code
 
 
+def exit_code(e):
+    """The process's exit status for a job that ended in e: 2 a user mistake, 3 no worker left, 1 anything else."""
+    return 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
+
+
 class AlreadyComplete(Exception):
     """The output is finished with these very settings: nothing is left to do (exit 0)."""
 

@@ -5,7 +5,7 @@ import sys
 import time
 
 from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
-from gpt2job.errors import Reported, UserError, WorkerFailure
+from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
 
 
 QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks still starting says so after this long
@@ -37,8 +37,7 @@ class Ending:
             import traceback
             traceback.print_exc()
         sys.stderr.flush()
-        code = 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
-        raise Reported(self.end_ranks(code, wait=waiting, quiet=True)) from e
+        raise Reported(self.end_ranks(exit_code(e), wait=waiting, quiet=True)) from e
 
     def end_ranks(self, code, wait=True, quiet=False):
         """The last of a job's end, once shutdown_workers told every rank to stop: wait for the ranks still starting
