@@ -85,7 +85,8 @@ def skip_bound(offsets, tokens):
         col[has] = tokens[offsets[:-1][has] + j].astype(np.uint64) + np.uint64(1)
         key = (key << np.uint64(bits)) | col
     order = np.argsort(key)
-    same = key[order][1:] == key[order][:-1]                              # [B-1] neighbours in sorted order
+    sk = key[order]
+    same = sk[1:] == sk[:-1]                                              # [B-1] neighbours in sorted order
     shared = np.zeros(len(lens), bool)
     shared[order[1:][same]] = True
     shared[order[:-1][same]] = True
