@@ -1,8 +1,9 @@
 #!/bin/bash
 # On the GPU machine: Nsight Compute's stall samples per SASS instruction of one kernel, in a copy of this tree whose
 # kernels are compiled with -lineinfo (the shipped build has none; pycuda compiles from a temporary file, so the
-# report has no CUDA source page). Writes $OUT/LABEL-details.txt and $OUT/LABEL-stalls.txt (stall reasons, the
-# instructions with the most samples, the hottest loop's SASS) and prints the head of the latter.
+# report has no CUDA source page). Writes $OUT/LABEL-details.txt, $OUT/LABEL-stalls.txt (stall reasons, the
+# instructions with the most samples, the hottest loop's SASS) and $OUT/LABEL-sass.tsv (every instruction: address,
+# samples, executed, SASS) and prints the head of the stalls.
 #   source .device/on-device.sh && OUT=$OUT/ncu bash benchmarks/ncu_source.sh LABEL KERNEL-REGEX python3 SCRIPT ARGS...
 # e.g. ... ncu_source.sh sampling sample_rows_params python3 benchmarks/sampling_bench.py --rows 2048 --repeats 1 \
 #          --only "params w2mix mix"
@@ -24,7 +25,7 @@ echo "=== ncu $lab rc=$? ($(tail -c 300 "$rep-run.txt" | tr '\n' ' ' | cut -c1-2
 ncu -i "$rep.ncu-rep" --page details > "$OUT/$lab-details.txt" 2>&1
 grep -E "Duration|Issue Slots Busy|Warp Cycles Per Issued|Executed Instructions  " "$OUT/$lab-details.txt" | head -6
 ncu -i "$rep.ncu-rep" --page source --csv --print-source sass > "$rep-sass.csv" 2>&1
-python3 - "$rep-sass.csv" > "$OUT/$lab-stalls.txt" <<'PY'
+python3 - "$rep-sass.csv" "$OUT/$lab-sass.tsv" > "$OUT/$lab-stalls.txt" <<'PY'
 import csv, sys
 rows = list(csv.reader(open(sys.argv[1], errors="replace")))
 hdr = next(i for i, r in enumerate(rows) if "Warp Stall Sampling (All Samples)" in r)
@@ -39,6 +40,9 @@ for k, v in sorted(((h[i], sum(f(r[i]) for r in body)) for i in stall), key=lamb
 print("instructions with the most samples: % of samples, executed, SASS")
 for r in sorted(body, key=lambda r: -f(r[ci]))[:30]:
     print(f"  {100 * f(r[ci]) / tot:5.1f} {f(r[ie]):>12,.0f}  {r[1][:90]}")
+with open(sys.argv[2], "w") as out:   # every instruction: the SASS address, samples, executed, text (to map
+    for r in body:                    # onto source lines of a local `nvcc -lineinfo` build with nvdisasm -g)
+        out.write(f"{r[0]}\t{f(r[ci]):.0f}\t{f(r[ie]):.0f}\t{r[1]}\n")
 hot = max(f(r[ie]) for r in body) / 2
 print(f"the hottest loop (instructions executed >= {hot:,.0f}): executed, samples, SASS")
 for r in body:

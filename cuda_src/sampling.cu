@@ -65,33 +65,51 @@ __device__ float block_max_f(float v, float* red) {
     return red[0];
 }
 
-// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch).
+// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch). A thread
+// keeps four float4 loads in flight (a row is read once, from global memory: one dependent load at a time left a
+// block waiting on the memory's latency ~50 times); its indices are not visited in order, so ties compare indices.
+__device__ __forceinline__ void argmax_take(float v, int i, float& best, int& bi) {
+    if (bi == 0x7fffffff || v > best || (v == best && i < bi)) { best = v; bi = i; }
+}
 __device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, float* sv, int* si)
 {
+    const int tid = threadIdx.x, nt = blockDim.x;
     float best = -INFINITY;
     int bi = 0x7fffffff;
-    for (int i = threadIdx.x; i < V; i += blockDim.x) {
-        const float v = l[i];
-        if (v > best || (bi == 0x7fffffff)) { if (v > best || bi == 0x7fffffff) { best = v; bi = i; } }
+    const int head = min(V, (int)(((16u - ((unsigned)(size_t)l & 15u)) & 15u) >> 2));
+    for (int i = tid; i < head; i += nt) argmax_take(l[i], i, best, bi);
+    const float4* l4 = (const float4*)(l + head);
+    const int n4 = (V - head) >> 2;
+    for (int i = tid; i < n4; i += 4 * nt) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) if (i + u * nt < n4) v[u] = l4[i + u * nt];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = i + u * nt, c = head + 4 * j;
+            if (j < n4) { argmax_take(v[u].x, c, best, bi); argmax_take(v[u].y, c + 1, best, bi);
+                          argmax_take(v[u].z, c + 2, best, bi); argmax_take(v[u].w, c + 3, best, bi); }
+        }
     }
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    for (int i = head + 4 * n4 + tid; i < V; i += nt) argmax_take(l[i], i, best, bi);
+    const int lane = tid & 31, warp = tid >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
         const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-        if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+        if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
     }
     if (lane == 0) { sv[warp] = best; si[warp] = bi; }
     __syncthreads();
     if (warp == 0) {
-        const int nw = blockDim.x >> 5;
+        const int nw = nt >> 5;
         best = lane < nw ? sv[lane] : -INFINITY;
         bi = lane < nw ? si[lane] : 0x7fffffff;
 #pragma unroll
         for (int o = 16; o > 0; o >>= 1) {
             const float ov = __shfl_xor_sync(0xffffffffu, best, o);
             const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
-            if (ov > best || (ov == best && oi < bi)) { best = ov; bi = oi; }
+            if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
         }
         if (lane == 0) *out_r = bi;
     }
@@ -337,10 +355,10 @@ __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int
 // so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that:
 // 4-6 ms per 1,024 rows with top-p). Buckets of equal width in logit (the NB - 1 buckets span
 // min(max - min, 32 T), 32 nats of probability ratio) spread them; everything further below lands in bucket NB - 1.
-// mm: this thread's part of the row's maximum and minimum, when the caller already has them (load_row), else
-// null and a pass over the row finds them.
+// mm: this thread's part of the row's maximum and minimum when have_mm (load_row found them), else a pass over the
+// row finds them (by value: a pointer put mm in local memory).
 __device__ void sample_block(const float* l, int V, long long rid, int step, unsigned long long seed,
-                             double temperature, int top_k, double top_p, int* out_r, const float2* mm)
+                             double temperature, int top_k, double top_p, int* out_r, float2 mm, bool have_mm)
 {
     __shared__ SampleShared sh;
     const int tid = threadIdx.x;
@@ -348,7 +366,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     const int i0 = min(V, tid * seg), i1 = min(V, i0 + seg);
 
     float mx = -INFINITY, mn = INFINITY;
-    if (mm != nullptr) { mx = mm->x; mn = mm->y; }
+    if (have_mm) { mx = mm.x; mn = mm.y; }
     else for (int i = tid; i < V; i += blockDim.x) { const float v = l[i]; mx = fmaxf(mx, v); mn = fminf(mn, v); }
     mx = block_max_f(mx, sh.redf);
     mn = -block_max_f(-mn, sh.redf);
@@ -491,11 +509,10 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
-    float2 mm;
+    float2 mm = make_float2(0.0f, 0.0f);
     if (cache) { mm = load_row(srow, l, V); l = srow; }
     if (step_at != nullptr) step = *step_at;
-    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r,
-                 cache ? &mm : nullptr);
+    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r, mm, cache);
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
@@ -520,7 +537,7 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
     const int q = seqidx[r];
     const double temperature = temps[q];
     float* l = logits + (size_t)r * ld;
-    float2 mm;
+    float2 mm = make_float2(0.0f, 0.0f);
     bool have_mm = false;   // mm is the row's as sample_block will read it (not after a penalty)
     if (cache && temperature > 0.0) { mm = load_row(srow, l, V); l = srow; have_mm = true; }
     const float pen = penalties[q];
@@ -537,7 +554,7 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
     }
     if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
     else sample_block(l, V, rows[q], step_at != nullptr ? *step_at : step, seeds[q], temperature, top_ks[q],
-                      top_ps[q], out + r, have_mm ? &mm : nullptr);
+                      top_ps[q], out + r, mm, have_mm);
 }
 
 // The repetition penalty's seen tokens: sequence seq[i] (its bitmap row seq[i] - seq_base, words uint32 each)
