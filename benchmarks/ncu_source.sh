@@ -5,6 +5,7 @@
 # instructions with the most samples, the hottest loop's SASS) and $OUT/LABEL-sass.tsv (every instruction: address,
 # samples, executed, SASS) and prints the head of the stalls.
 #   source .device/on-device.sh && OUT=$OUT/ncu bash benchmarks/ncu_source.sh LABEL KERNEL-REGEX python3 SCRIPT ARGS...
+# Then, on any machine with nvcc: python3 benchmarks/ncu_lines.py LABEL-sass.tsv KERNEL (samples by source line).
 # e.g. ... ncu_source.sh sampling sample_rows_params python3 benchmarks/sampling_bench.py --rows 2048 --repeats 1 \
 #          --only "params w2mix mix"
 set -u
