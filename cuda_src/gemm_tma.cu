@@ -376,25 +376,12 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
             for (int j = 0; j < TBN / 8; j++)
 #pragma unroll
                 for (int r = 0; r < 4; r++) acc[h][j][r] = 0.f;
-        for (int kb = 0; kb < nk; kb++, it++) {
-            const int s = it % ST;
-            mbar_wait(&full[s], (it / ST) & 1);
-            const unsigned a_at = s * A_BYTES, b_at = s * B_BYTES;
-            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-            wg_fence_acc<TBN / 2>(&acc[1][0][0]);
-            wg_fence();
-#pragma unroll
-            for (int ks = 0; ks < TMA_BK / 16; ks++) {
-                const unsigned long long b = wg_desc_at(dB, b_at + ks * 32);
-                wgmma_bn<TBN>(&acc[0][0][0], wg_desc_at(dA, a_at + ks * 32), b);
-                wgmma_bn<TBN>(&acc[1][0][0], wg_desc_at(dA, a_at + 64 * TMA_BK * 2 + ks * 32), b);
-            }
-            wg_commit();
-            wg_wait1();
-            wg_fence_acc<TBN / 2>(&acc[0][0][0]);
-            wg_fence_acc<TBN / 2>(&acc[1][0][0]);
-            if (kb > 0 && lane == 0) mbar_arrive(&empty[(it - 1) % ST]);
-        }
+        // both 64-row halves of the tile (acc[0], acc[1], contiguous: TBN accumulators) per k16 step
+        consume_tile_stages<ST, TBN>(&acc[0][0][0], full, empty, nk, it, lane, [&](int s, int ks) {
+            const unsigned long long b = wg_desc_at(dB, s * B_BYTES + ks * 32);
+            wgmma_bn<TBN>(&acc[0][0][0], wg_desc_at(dA, s * A_BYTES + ks * 32), b);
+            wgmma_bn<TBN>(&acc[1][0][0], wg_desc_at(dA, s * A_BYTES + 64 * TMA_BK * 2 + ks * 32), b);
+        });
         wg_wait0();
         wg_fence_acc<TBN / 2>(&acc[0][0][0]);
         wg_fence_acc<TBN / 2>(&acc[1][0][0]);
