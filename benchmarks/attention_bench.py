@@ -1,10 +1,13 @@
 """Device time of decode attention (transformer.cu, one warp per (row, head)) against the bytes it must read:
 each row reads its keys and values 0..p of every head, (p + 1) * H * D * 2 (K and V) * element size.
 
-  python3 benchmarks/attention_bench.py [--repeats 7] [--out DIR]
+  python3 benchmarks/attention_bench.py [--repeats 7] [--out DIR] [--tail]
 
 Shapes: W2's decode (2,048 rows, positions uniform 32..767, GPT-2 124M heads: H 12, D 64, S 768) and a W1 decode
 step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launches (the grouped one for D 64).
+--tail adds the late steps of a batch that rows leave (the mixed-settings workload's): 1,024, 512, 256, 128 and
+64 rows at positions uniform 272..767 (one warp per (row, head): fewer rows, fewer warps an SM), each with the
+runner's pick and with 4 and 8 key steps loaded at once (the same results).
 Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OUT/attention.jsonl.
 """
 import argparse
@@ -22,14 +25,18 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--tail", action="store_true", help="also 1,024-128 rows at late positions (see above)")
     a = ap.parse_args()
     with pycuda_kernels() as (drv, K):
         H, D, S = 12, 64, 768
         C = H * D
         rng = np.random.default_rng(0)
         os.makedirs(a.out, exist_ok=True)
-        print(f"{'shape':<10} {'kernel':<8} {'ms':>8} {'GB/s':>7}")
-        for shape, R, lo, hi in (("W2", 2048, 32, 767), ("W1 546", 546, 16, 23)):
+        print(f"{'shape':<10} {'kernel':<10} {'ms':>8} {'GB/s':>7}")
+        shapes = [("W2", 2048, 32, 767), ("W1 546", 546, 16, 23)]
+        if a.tail:
+            shapes += [(f"tail {R}", R, 272, 767) for R in (1024, 512, 256, 128, 64)]
+        for shape, R, lo, hi in shapes:
             pos = rng.integers(lo, hi + 1, R).astype(np.int32)
             kc = drv.mem_alloc(R * S * C * 2)
             vc = drv.mem_alloc(R * S * C * 2)
@@ -45,12 +52,15 @@ def main():
             nbytes = int((pos.astype(np.int64) + 1).sum()) * H * D * 2 * 2
             out = drv.mem_alloc(R * C * 2)
 
-            ms, times = event_ms(drv, lambda: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S,
-                                                          0.125), a.repeats)
-            print(f"{shape:<10} {'grouped':<8} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
-            with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
-                f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": "grouped", "rows": R,
-                                    "bytes": nbytes, "ms": ms, "runs_ms": times}) + "\n")
+            # the runner's pick (keys None); the tail shapes also with 4 and 8 key steps loaded at once
+            for keys in ((None,) if not shape.startswith("tail") else (None, 4, 8)):
+                ms, times = event_ms(drv, lambda keys=keys: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R,
+                                                                        H, D, S, 0.125, keys=keys), a.repeats)
+                kern = "grouped" + ("" if keys is None else f" k{keys}")
+                print(f"{shape:<10} {kern:<10} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
+                with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
+                    f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": kern, "rows": R,
+                                        "bytes": nbytes, "ms": ms, "runs_ms": times}) + "\n")
             for buf in (kc, vc):
                 buf.free()
 
