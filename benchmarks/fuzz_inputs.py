@@ -186,7 +186,6 @@ def m_in_compressed_flip(rng, d):
 def m_in_wrong_dtype(rng, d):
     p = Path(d) / "in.h5"
     hp = h5()
-    rows = base_prompts()
     kind = rng.choice(["float2d", "vlen_float", "bool2d", "int8_2d", "uint64_2d", "strings", "int1d", "int3d",
                        "scalar", "compound", "vlen_uint8", "vlen_int16", "opaque", "float16_2d", "enum",
                        "int64_2d_big", "vlen_str_as_tokens", "ref"])

@@ -102,7 +102,7 @@ def bench_kernels(ms, reps):
                 print(f"{name:9s} M={M:6d} K={K:5d} N={N:6d}  " +
                       "  ".join(f"{kk}={tf[kk]:.0f}TF({res[kk]:.3f}ms)" for kk in res) +
                       f"  err32={err32:.1e} err16max={err16:.1e}", flush=True)
-                del A32, W32, C32, A16, W16, W16t, C16
+                A32 = W32 = C32 = A16 = W16 = W16t = C16 = None   # (the timed lambdas above have run)
                 torch.cuda.empty_cache()
     finally:
         ctx.pop()

@@ -9,8 +9,6 @@ import shutil
 import subprocess
 import sys
 
-import pytest
-
 from conftest import ROOT, TINY_TEXT_MODEL, require_mpirun
 
 SHELL = re.compile(r"^(python3? |\./run_inference\.sh|mpirun |bash |NP=\d+ )")
