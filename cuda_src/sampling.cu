@@ -65,9 +65,32 @@ __device__ float block_max_f(float v, float* red) {
     return red[0];
 }
 
-// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch). A thread
-// keeps four float4 loads in flight (a row is read once, from global memory: one dependent load at a time left a
-// block waiting on the memory's latency ~50 times); its indices are not visited in order, so ties compare indices.
+// f(i, src[i]) for this thread's share of a row src[0, V) in global memory, read once: float4 loads, four in flight
+// per thread, where src is 16-byte aligned (one dependent load at a time left a block waiting on the memory's
+// latency ~50 times a row). A thread's indices are not visited in increasing order.
+template <typename F>
+__device__ __forceinline__ void row_visit(const float* src, int V, F f)
+{
+    const int tid = threadIdx.x, nt = blockDim.x;
+    const int head = min(V, (int)(((16u - ((unsigned)(size_t)src & 15u)) & 15u) >> 2));
+    for (int i = tid; i < head; i += nt) f(i, src[i]);
+    const float4* s4 = (const float4*)(src + head);
+    const int n4 = (V - head) >> 2;
+    for (int i = tid; i < n4; i += 4 * nt) {
+        float4 v[4];
+#pragma unroll
+        for (int u = 0; u < 4; u++) if (i + u * nt < n4) v[u] = s4[i + u * nt];
+#pragma unroll
+        for (int u = 0; u < 4; u++) {
+            const int j = i + u * nt, c = head + 4 * j;
+            if (j < n4) { f(c, v[u].x); f(c + 1, v[u].y); f(c + 2, v[u].z); f(c + 3, v[u].w); }
+        }
+    }
+    for (int i = head + 4 * n4 + tid; i < V; i += nt) f(i, src[i]);
+}
+
+// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch). The row
+// is read with row_visit: a thread's indices are not visited in order, so ties compare indices.
 __device__ __forceinline__ void argmax_take(float v, int i, float& best, int& bi) {
     if (bi == 0x7fffffff || v > best || (v == best && i < bi)) { best = v; bi = i; }
 }
@@ -76,22 +99,7 @@ __device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, 
     const int tid = threadIdx.x, nt = blockDim.x;
     float best = -INFINITY;
     int bi = 0x7fffffff;
-    const int head = min(V, (int)(((16u - ((unsigned)(size_t)l & 15u)) & 15u) >> 2));
-    for (int i = tid; i < head; i += nt) argmax_take(l[i], i, best, bi);
-    const float4* l4 = (const float4*)(l + head);
-    const int n4 = (V - head) >> 2;
-    for (int i = tid; i < n4; i += 4 * nt) {
-        float4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) if (i + u * nt < n4) v[u] = l4[i + u * nt];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int j = i + u * nt, c = head + 4 * j;
-            if (j < n4) { argmax_take(v[u].x, c, best, bi); argmax_take(v[u].y, c + 1, best, bi);
-                          argmax_take(v[u].z, c + 2, best, bi); argmax_take(v[u].w, c + 3, best, bi); }
-        }
-    }
-    for (int i = head + 4 * n4 + tid; i < V; i += nt) argmax_take(l[i], i, best, bi);
+    row_visit(l, V, [&](int i, float v) { argmax_take(v, i, best, bi); });
     const int lane = tid & 31, warp = tid >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
@@ -468,31 +476,12 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     if (tid == 0) *out_r = sh.best == 0x7fffffff ? V - 1 : sh.best;
 }
 
-// A row of logits into shared memory (a sampled row reads its logits a few times over): float4 loads, several in
-// flight per thread, where src is 16-byte aligned. Returns this thread's part of the row's {maximum, minimum}
-// (sample_block's first pass, taken while loading).
+// A row of logits into shared memory (a sampled row reads its logits a few times over), read with row_visit.
+// Returns this thread's part of the row's {maximum, minimum} (sample_block's first pass, taken while loading).
 __device__ float2 load_row(float* dst, const float* src, int V)
 {
-    const int tid = threadIdx.x, nt = blockDim.x;
     float mx = -INFINITY, mn = INFINITY;
-    auto put = [&](float* p, float v) { *p = v; mx = fmaxf(mx, v); mn = fminf(mn, v); };
-    const int head = min(V, (int)(((16u - ((unsigned)(size_t)src & 15u)) & 15u) >> 2));
-    for (int i = tid; i < head; i += nt) put(dst + i, src[i]);
-    const float4* s4 = (const float4*)(src + head);
-    float* d = dst + head;
-    const int n4 = (V - head) >> 2;
-    for (int i = tid; i < n4; i += 4 * nt) {
-        float4 v[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) if (i + u * nt < n4) v[u] = s4[i + u * nt];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-            const int j = i + u * nt;
-            if (j < n4) { put(d + 4 * j, v[u].x); put(d + 4 * j + 1, v[u].y); put(d + 4 * j + 2, v[u].z);
-                          put(d + 4 * j + 3, v[u].w); }
-        }
-    }
-    for (int i = head + 4 * n4 + tid; i < V; i += nt) put(dst + i, src[i]);
+    row_visit(src, V, [&](int i, float v) { dst[i] = v; mx = fmaxf(mx, v); mn = fminf(mn, v); });
     __syncthreads();
     return make_float2(mx, mn);
 }
