@@ -25,7 +25,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
-    ap.add_argument("--tail", action="store_true", help="also 1,024-128 rows at late positions (see above)")
+    ap.add_argument("--tail", action="store_true", help="also 1,024-64 rows at late positions (see above)")
     a = ap.parse_args()
     with pycuda_kernels() as (drv, K):
         H, D, S = 12, 64, 768

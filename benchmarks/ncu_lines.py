@@ -18,6 +18,7 @@ import sys
 import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 
 
 def tool(name):
@@ -36,13 +37,17 @@ def opcode(sass):
 
 
 def line_map(source, kernel, arch, defines):
-    """{SASS offset: (source line, opcode)} of kernel in a -lineinfo build of source."""
+    """{SASS offset: (source line, opcode)} of kernel in a -lineinfo build of source: the runtime build's nvcc command
+    line (kcache.nvcc_cubin) with -lineinfo where ncu_source.sh puts it."""
+    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    with open(source) as fh:
+        cubin = nvcc_cubin(fh.read(), arch, ("-std=c++17", "-lineinfo", *["-D" + x for x in defines]),
+                           [os.path.dirname(os.path.abspath(source))], nvcc=tool("nvcc"))
     with tempfile.TemporaryDirectory() as d:
-        cubin = os.path.join(d, "k.cubin")
-        subprocess.run([tool("nvcc"), "--cubin", "-std=c++17", "-lineinfo", "-arch", arch,
-                        "-I", os.path.dirname(source), *["-D" + x for x in defines], source, "-o", cubin],
-                       check=True)
-        dis = subprocess.run([tool("nvdisasm"), "-g", "-c", cubin], capture_output=True, text=True, check=True).stdout
+        path = os.path.join(d, "k.cubin")
+        with open(path, "wb") as fh:
+            fh.write(cubin)
+        dis = subprocess.run([tool("nvdisasm"), "-g", "-c", path], capture_output=True, text=True, check=True).stdout
     at = dis.find(f"\t.section\t.text.{kernel},")
     if at < 0:
         sys.exit(f"ncu_lines: no function {kernel} in {source}")
