@@ -327,7 +327,7 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
 }
 
 // KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop)
-template <typename T, int KEYS>
+template <typename T, int KEYS, bool AHEAD = false>
 __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
                                                        const T* __restrict__ vc, const int* __restrict__ row_slot,
                                                        int slot_base, const int* __restrict__ row_pos,
@@ -352,8 +352,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
-    // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the SMs
-    // at once.
+    // AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168 registers): the
+    // fewer warps an SM, the more a warp's own loads in flight decide the speed (RESULTS.md, session 35).
     const int nit = (p + G) / G;
     auto step = [&](bool ok, const float* kf, const float* vf) {
         float s = 0.f;
@@ -382,7 +382,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             }
             step(ok, kf, vf);
         }
-    } else {
+    } else if constexpr (!AHEAD) {
         for (int t0 = 0; t0 < nit; t0 += KEYS) {
             Raw8<T> kr[KEYS], vr[KEYS];
 #pragma unroll
@@ -399,6 +399,32 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
                 unpack8f(kr[u], kf);
                 unpack8f(vr[u], vf);
                 step(g + G * (t0 + u) <= p, kf, vf);   // false past step nit - 1 for every lane
+            }
+        }
+    } else {   // AHEAD: the next round's loads are issued before this round's steps
+        Raw8<T> kr[KEYS], vr[KEYS];
+        auto load_round = [&](int t0) {
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                const int j = g + G * (t0 + u);
+                if (j <= p) {
+                    load_raw(kc + base + (size_t)j * C, kr[u]);
+                    load_raw(vc + base + (size_t)j * C, vr[u]);
+                }
+            }
+        };
+        load_round(0);
+        for (int t0 = 0; t0 < nit; t0 += KEYS) {
+            Raw8<T> kn[KEYS], vn[KEYS];
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) { kn[u] = kr[u]; vn[u] = vr[u]; }
+            load_round(t0 + KEYS);
+#pragma unroll
+            for (int u = 0; u < KEYS; u++) {
+                float kf[8], vf[8];
+                unpack8f(kn[u], kf);
+                unpack8f(vn[u], vf);
+                step(g + G * (t0 + u) <= p, kf, vf);
             }
         }
     }
@@ -425,13 +451,12 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     }
 }
 
-#define DEF_ATTENTION_GROUPED(NAME, T, KEYS)                                                                   \
+#define DEF_ATTENTION_GROUPED(NAME, T, KEYS, AHEAD)                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                               \
     NAME(const T* qkv, const T* kc, const T* vc, const int* row_slot, int slot_base, const int* row_pos, T* out, \
          int R, int H, int D, int S, float scale)                                                                \
-    { attention_grouped_impl<T, KEYS>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
-DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1)
-DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1)
-DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4)    // long contexts (Kernels.attention)
-DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4)
-DEF_ATTENTION_GROUPED(attention_grouped_short_f16, __half, 8)  // steps of few warps an SM (Kernels.attention)
+    { attention_grouped_impl<T, KEYS, AHEAD>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1, false)
+DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)
+DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4, false)    // long contexts (Kernels.attention)
+DEF_ATTENTION_GROUPED(attention_grouped_ahead_f16, __half, 8, true)  // fp16 from ATTENTION_LONG_FROM, few warps
