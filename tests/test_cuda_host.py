@@ -515,11 +515,10 @@ def test_step_graphs_stop_capturing_when_graphs_do_not_pay_and_turn_off_when_a_c
 
 
 def test_decode_attention_kernel_by_cache_length():
-    """The grouped fp16 decode attention loads 8 key steps a round with the next round's in flight while the step's
+    """The grouped decode attention loads 8 key steps a round with the next round's in flight (fp16) while the step's
     warps fit ATTENTION_SHORT_WARPS an SM (a small chunk's step, the last rows of a batch that rows leave), at any
-    cache length, and from ATTENTION_LONG_FROM cache positions (W2's long contexts) at any row count; fp32 loads 4
-    from there; else 1 (W1's ~24 positions in big steps), where loading ahead was slower; the lane-per-key kernel
-    has no such choice."""
+    cache length; else 4 from ATTENTION_LONG_FROM cache positions (W2's long contexts), else 1 (W1's ~24 positions
+    in big steps), where 4 was slower; the lane-per-key kernel has no such choice."""
     from gpt2job.backends.cuda.kernels import Kernels
     k = object.__new__(Kernels)
     k.n_sm = 132
@@ -538,7 +537,7 @@ def test_decode_attention_kernel_by_cache_length():
     assert [name for name, _, _ in launched] == [
         "attention_grouped_ahead_f16", "attention_grouped_ahead_f16", "attention_grouped_ahead_f16",
         "attention_grouped_ahead_f16", "attention_grouped_long_f32", "attention_f16", "attention_grouped_ahead_f16",
-        "attention_grouped_f16", "attention_grouped_ahead_f16", "attention_grouped_ahead_f16", "attention_grouped_f32"]
+        "attention_grouped_f16", "attention_grouped_ahead_f16", "attention_grouped_long_f16", "attention_grouped_f32"]
     assert launched[0][1] == (30, 1, 1) and launched[0][2] == 24     # 10 rows x 12 heads, 4 warps a block
 
 

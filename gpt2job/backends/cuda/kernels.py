@@ -358,19 +358,20 @@ class Kernels(SelectKernels):
                  (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 8): _kernel("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
-    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads key steps ahead, not 1
+    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1
                                 # (W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, session 19)
-    ATTENTION_SHORT_WARPS = 16  # fp16: key steps loaded ahead while the step's warps fit this many an SM, at any S
-                                # (RESULTS.md, sessions 25, 34 and 35)
+    ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round, the next round's in flight, while the step's warps fit
+                                # this many an SM, at any S (RESULTS.md, sessions 25, 34 and 35)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
         16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps
-        loaded ahead: 1 or 4 (fp32), 1 or 8 (fp16: 8 a round, the next round's in flight) (default: the more from
-        ATTENTION_LONG_FROM cache positions, or for fp16 steps of at most ATTENTION_SHORT_WARPS warps an SM; else 1).
-        Each gives the same results."""
+        loaded ahead, 1, 4 or 8 (fp16: 8 a round with the next round's in flight) (default: 8 for fp16 steps of at
+        most ATTENTION_SHORT_WARPS warps an SM, else 4 from ATTENTION_LONG_FROM cache positions, else 1). Each
+        gives the same results."""
         if R:
             assert D <= 128
             if grouped is None:
@@ -380,8 +381,8 @@ class Kernels(SelectKernels):
                 keys = 0
             nw = R * H
             if grouped and keys is None:
-                ahead = S >= self.ATTENTION_LONG_FROM or (half and nw <= self.ATTENTION_SHORT_WARPS * self.n_sm)
-                keys = (8 if half else 4) if ahead else 1
+                keys = 8 if half and nw <= self.ATTENTION_SHORT_WARPS * self.n_sm else \
+                    4 if S >= self.ATTENTION_LONG_FROM else 1
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
 
