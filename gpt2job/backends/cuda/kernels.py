@@ -369,9 +369,8 @@ class Kernels(SelectKernels):
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
         16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps
-        loaded ahead, 1, 4 or 8 (fp16: 8 a round with the next round's in flight) (default: 8 for fp16 steps of at
-        most ATTENTION_SHORT_WARPS warps an SM, else 4 from ATTENTION_LONG_FROM cache positions, else 1). Each
-        gives the same results."""
+        loaded ahead, 1, 4 or 8 (fp16, the next 8 in flight) (default: 8 for fp16 steps of at most
+        ATTENTION_SHORT_WARPS warps an SM, else 4 from ATTENTION_LONG_FROM cache positions, else 1): same results."""
         if R:
             assert D <= 128
             if grouped is None:
