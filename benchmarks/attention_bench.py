@@ -7,8 +7,8 @@ Shapes: W2's decode (2,048 rows, positions uniform 32..767, GPT-2 124M heads: H 
 step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launches (the grouped one for D 64).
 --tail adds the late steps of a batch that rows leave (the mixed-settings workload's): 1,024, 512, 256, 128 and
 64 rows at positions uniform 272..767 (one warp per (row, head): fewer rows, fewer warps an SM), each with the
-runner's pick and with 1, 4 and 8 key steps loaded ahead (8: a round, the next round's in flight; the same
-results).
+runner's pick and with 1, 4 and 8 key steps loaded ahead ("k9": 8 a round, the next round's in flight; the
+same results).
 Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OUT/attention.jsonl.
 """
 import argparse
@@ -53,8 +53,8 @@ def main():
             nbytes = int((pos.astype(np.int64) + 1).sum()) * H * D * 2 * 2
             out = drv.mem_alloc(R * C * 2)
 
-            # the runner's pick (keys None); the tail shapes also with 1, 4 and 8 key steps loaded ahead
-            for keys in ((None,) if not shape.startswith("tail") else (None, 1, 4, 8)):
+            # the runner's pick (keys None); the tail shapes also with 1, 4, 8 and 8 + 8 key steps loaded ahead
+            for keys in ((None,) if not shape.startswith("tail") else (None, 1, 4, 8, 9)):
                 ms, times = event_ms(drv, lambda keys=keys: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R,
                                                                         H, D, S, 0.125, keys=keys), a.repeats)
                 kern = "grouped" + ("" if keys is None else f" k{keys}")

@@ -352,9 +352,9 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
-    // AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168 registers), for
-    // steps whose warps fit on the SMs at once: the fewer warps an SM, the more a warp's own loads in flight decide
-    // the speed (RESULTS.md, session 35).
+    // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the
+    // SMs at once. AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168
+    // registers: 3 blocks an SM), for steps whose warps fit on the SMs at that occupancy (RESULTS.md, session 35).
     const int nit = (p + G) / G;
     auto step = [&](bool ok, const float* kf, const float* vf) {
         float s = 0.f;
@@ -461,4 +461,5 @@ DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1, false)
 DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4, false)    // long contexts (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4, false)
-DEF_ATTENTION_GROUPED(attention_grouped_ahead_f16, __half, 8, true)  // steps of few warps an SM (Kernels.attention)
+DEF_ATTENTION_GROUPED(attention_grouped_short_f16, __half, 8, false)  // steps of few warps an SM (Kernels.attention)
+DEF_ATTENTION_GROUPED(attention_grouped_ahead_f16, __half, 8, true)   // steps of fewer still

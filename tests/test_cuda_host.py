@@ -515,10 +515,11 @@ def test_step_graphs_stop_capturing_when_graphs_do_not_pay_and_turn_off_when_a_c
 
 
 def test_decode_attention_kernel_by_cache_length():
-    """The grouped decode attention loads 8 key steps a round with the next round's in flight (fp16) while the step's
-    warps fit ATTENTION_SHORT_WARPS an SM (a small chunk's step, the last rows of a batch that rows leave), at any
-    cache length; else 4 from ATTENTION_LONG_FROM cache positions (W2's long contexts), else 1 (W1's ~24 positions
-    in big steps), where 4 was slower; the lane-per-key kernel has no such choice."""
+    """The grouped decode attention loads 8 key steps a round (fp16) while the step's warps fit ATTENTION_SHORT_WARPS
+    an SM (a small chunk's step, the last rows of a batch that rows leave), with the next round's in flight while
+    they fit ATTENTION_AHEAD_WARPS (that kernel's occupancy), at any cache length; else 4 from ATTENTION_LONG_FROM
+    cache positions (W2's long contexts), else 1 (W1's ~24 positions in big steps), where 4 was slower; the
+    lane-per-key kernel has no such choice."""
     from gpt2job.backends.cuda.kernels import Kernels
     k = object.__new__(Kernels)
     k.n_sm = 132
@@ -528,16 +529,18 @@ def test_decode_attention_kernel_by_cache_length():
         k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, 10, 12, 64, S, 0.125)
     k.attention(None, False, 1, 2, 3, 4, 0, 5, 6, 10, 12, 64, 768, 0.125)
     k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, 10, 3, 40, 768, 0.125)       # D 40: lane per key
-    rows = Kernels.ATTENTION_SHORT_WARPS * 132 // 12                            # the most rows of 12 heads on 8
-    k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows, 12, 64, 24, 0.125)
-    k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows + 1, 12, 64, 24, 0.125)
-    k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows, 12, 64, 768, 0.125)
-    k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows + 1, 12, 64, 768, 0.125)
+    for warps in (Kernels.ATTENTION_AHEAD_WARPS, Kernels.ATTENTION_SHORT_WARPS):
+        rows = warps * 132 // 12                                                # the most rows of 12 heads on them
+        for S in (24, 768):
+            k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows, 12, 64, S, 0.125)
+            k.attention(None, True, 1, 2, 3, 4, 0, 5, 6, rows + 1, 12, 64, S, 0.125)
     k.attention(None, False, 1, 2, 3, 4, 0, 5, 6, 10, 12, 64, 24, 0.125)      # fp32: 1
+    ahead, short = "attention_grouped_ahead_f16", "attention_grouped_short_f16"
     assert [name for name, _, _ in launched] == [
-        "attention_grouped_ahead_f16", "attention_grouped_ahead_f16", "attention_grouped_ahead_f16",
-        "attention_grouped_ahead_f16", "attention_grouped_long_f32", "attention_f16", "attention_grouped_ahead_f16",
-        "attention_grouped_f16", "attention_grouped_ahead_f16", "attention_grouped_long_f16", "attention_grouped_f32"]
+        ahead, ahead, ahead, ahead, "attention_grouped_long_f32", "attention_f16",
+        ahead, short, ahead, short,                                             # 132 / 133 rows at S 24, 768
+        short, "attention_grouped_f16", short, "attention_grouped_long_f16",    # 176 / 177 rows
+        "attention_grouped_f32"]
     assert launched[0][1] == (30, 1, 1) and launched[0][2] == 24     # 10 rows x 12 heads, 4 warps a block
 
 
