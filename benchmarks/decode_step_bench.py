@@ -120,7 +120,7 @@ def main():
                 base = None
                 for name, pick in configs.items():
                     k.pick_f16 = pick
-                    for attr in ("ATTENTION_SHORT_WARPS", "LN_PREFETCH_ROWS"):
+                    for attr in ("ATTENTION_SHORT_WARPS", "ATTENTION_AHEAD_WARPS", "LN_PREFETCH_ROWS"):
                         k.__dict__.pop(attr, None)        # the class's value
                     k.__dict__.update(kernel_attrs.get(base_of[name], {}))
                     if any(c.endswith("+carve100") for c in configs):   # every kernel asks for the largest shared
