@@ -383,28 +383,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             }
             step(ok, kf, vf);
         }
-    } else if constexpr (!AHEAD) {
-        for (int t0 = 0; t0 < nit; t0 += KEYS) {
-            Raw8<T> kr[KEYS], vr[KEYS];
-#pragma unroll
-            for (int u = 0; u < KEYS; u++) {
-                const int j = g + G * (t0 + u);
-                if (j <= p) {
-                    load_raw(kc + base + (size_t)j * C, kr[u]);
-                    load_raw(vc + base + (size_t)j * C, vr[u]);
-                }
-            }
-#pragma unroll
-            for (int u = 0; u < KEYS; u++) {
-                float kf[8], vf[8];
-                unpack8f(kr[u], kf);
-                unpack8f(vr[u], vf);
-                step(g + G * (t0 + u) <= p, kf, vf);   // false past step nit - 1 for every lane
-            }
-        }
-    } else {   // AHEAD: the next round's loads are issued before this round's steps
-        Raw8<T> kr[KEYS], vr[KEYS];
-        auto load_round = [&](int t0) {
+    } else {   // rounds of KEYS steps whose loads are issued together
+        auto load_round = [&](int t0, Raw8<T>* kr, Raw8<T>* vr) {
 #pragma unroll
             for (int u = 0; u < KEYS; u++) {
                 const int j = g + G * (t0 + u);
@@ -414,19 +394,27 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
                 }
             }
         };
-        load_round(0);
-        for (int t0 = 0; t0 < nit; t0 += KEYS) {
-            Raw8<T> kn[KEYS], vn[KEYS];
-#pragma unroll
-            for (int u = 0; u < KEYS; u++) { kn[u] = kr[u]; vn[u] = vr[u]; }
-            load_round(t0 + KEYS);
+        auto run_round = [&](int t0, const Raw8<T>* kr, const Raw8<T>* vr) {
 #pragma unroll
             for (int u = 0; u < KEYS; u++) {
                 float kf[8], vf[8];
-                unpack8f(kn[u], kf);
-                unpack8f(vn[u], vf);
-                step(g + G * (t0 + u) <= p, kf, vf);
+                unpack8f(kr[u], kf);
+                unpack8f(vr[u], vf);
+                step(g + G * (t0 + u) <= p, kf, vf);   // false past step nit - 1 for every lane
             }
+        };
+        Raw8<T> kn[KEYS], vn[KEYS];   // AHEAD: the next round's words, loaded before this round's steps run
+        if constexpr (AHEAD) load_round(0, kn, vn);
+        for (int t0 = 0; t0 < nit; t0 += KEYS) {
+            Raw8<T> kr[KEYS], vr[KEYS];
+            if constexpr (AHEAD) {
+#pragma unroll
+                for (int u = 0; u < KEYS; u++) { kr[u] = kn[u]; vr[u] = vn[u]; }
+                load_round(t0 + KEYS, kn, vn);
+            } else {
+                load_round(t0, kr, vr);
+            }
+            run_round(t0, kr, vr);
         }
     }
     // merge the groups: lanes lane and lane ^ o (o >= LPG) hold the same dims of different groups
