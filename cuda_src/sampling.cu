@@ -443,9 +443,14 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     // walk the kept tokens in index order: the segments' kept mass, an exclusive block scan, then the segment that
     // holds u * the total walks its tokens
     double local = esum;
+    bool any = i1 > i0;   // a kept token in the segment (only such a segment can hold the pick)
     if (cut) {
         local = 0.0;
-        for (int i = i0; i < i1; i++) { const float v = l[i]; if (fkey(v) >= K) local += escore(v, invt, zmax); }
+        any = false;
+        for (int i = i0; i < i1; i++) {
+            const float v = l[i];
+            if (fkey(v) >= K) { local += escore(v, invt, zmax); any = true; }
+        }
     }
     const int lane = tid & 31, warp = tid >> 5;
     double incl = local;
@@ -460,17 +465,42 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     __syncthreads();
     double wprefix = 0.0, total = 0.0;
     const int nw = blockDim.x >> 5;
-    for (int w = 0; w < nw; w++) { if (w < warp) wprefix += sh.red[w]; total += sh.red[w]; }
+#pragma unroll
+    for (int w = 0; w < SEL_THREADS / 32; w++) {   // (unrolled: the loads are not each waited for in turn)
+        if (w < nw) { const double t = sh.red[w]; if (w < warp) wprefix += t; total += t; }
+    }
     const double x = uniform01(seed, (unsigned long long)rid, (unsigned long long)step) * total;
-    double run = wprefix + incl - local;
-    if (run + local > x) {
-        for (int i = i0; i < i1; i++) {
-            const float v = l[i];
-            if (!cut || fkey(v) >= K) {
-                run += escore(v, invt, zmax);
-                if (run > x) { atomicMin(&sh.best, i); break; }
+    const double run = wprefix + incl - local;
+    // A thread whose segment keeps a token and ends above x walks it: its first kept token at which run + the e's so
+    // far exceed x (the least such index of all walks is the token). A warp walks its walking lanes' segments
+    // together, lowest lane first: 32 of a segment's e at once, then added to run in index order by every lane
+    // (shuffled), so the sums are the one thread's serial sums, bit for bit, without its 50 exp in turn.
+    unsigned walkers = __ballot_sync(FULL, any && run + local > x);
+    while (walkers) {
+        const int src = __ffs(walkers) - 1;
+        double r = __shfl_sync(FULL, run, src);
+        const int s0 = __shfl_sync(FULL, i0, src), s1 = __shfl_sync(FULL, i1, src);
+        int found = -1;
+        for (int base = s0; base < s1 && found < 0; base += 32) {
+            const int i = base + lane;
+            double e = 0.0;
+            bool kept = false;
+            if (i < s1) {
+                const float v = l[i];
+                kept = !cut || fkey(v) >= K;
+                if (kept) e = escore(v, invt, zmax);
+            }
+            for (unsigned k = __ballot_sync(FULL, kept); k; k &= k - 1) {
+                const int j = __ffs(k) - 1;
+                r += __shfl_sync(FULL, e, j);
+                if (r > x) { found = base + j; break; }
             }
         }
+        if (found >= 0) {
+            if (lane == 0) atomicMin(&sh.best, found);
+            break;
+        }
+        walkers &= walkers - 1;
     }
     __syncthreads();
     if (tid == 0) *out_r = sh.best == 0x7fffffff ? V - 1 : sh.best;
