@@ -21,10 +21,14 @@ __device__ __forceinline__ float gelu_erf_f(float x) {
 
 // the same GELU through the sigmoid identity 0.5 (1 + tanh(u)) = 1 / (1 + exp(-2 u)): one fast exp and one fast
 // division instead of tanhf's branches (a few fp32 ulps off; the fp16 products' epilogues use it). Large negative
-// x: exp overflows to inf and x / inf = -0; large positive x: x / 1.
+// x: exp overflows to inf and x / inf = -0; large positive x: x / 1. The exp is __expf's (2^(y log2 e), ex2.approx)
+// with subnormal results flushed to zero (.ftz): they vanish in 1 + e all the same, so every result keeps its bits,
+// without __expf's three instructions a call that scale such arguments into range.
 __device__ __forceinline__ float gelu_tanh_fast(float x) {
     const float k2 = 2.0f * 0.7978845608028654f;
-    return __fdividef(x, 1.0f + __expf(-k2 * (x + 0.044715f * x * x * x)));
+    float e;
+    asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(e) : "f"(-k2 * (x + 0.044715f * x * x * x) * 1.4426950408889634f));
+    return __fdividef(x, 1.0f + e);
 }
 
 __device__ __forceinline__ float apply_act(float v, int mode) {

@@ -306,6 +306,32 @@ __device__ __forceinline__ void named_arrive(int id, int n) {
     asm volatile("bar.arrive %0, %1;\n" ::"r"(id), "r"(n) : "memory");
 }
 
+// Pass p of a ping-pong consumer's staged epilogue: rows p * SR .. p * SR + SR - 1 of its tile (acc, in the wgmma
+// fragment layout) + bias (bpre) into its staging rows Cs, with the activation ACT (EPI_GELU_TANH, EPI_GELU_ERF, or
+// EPI_BIAS: none; EPI_RESID and EPI_QKV add the bias only). ACT is a template argument: the loops unroll into one
+// straight run over the thread's 2 x TBN / 2 elements (a branch on the launch's mode between every four elements
+// kept the compiler from overlapping their GELUs, and a GELU epilogue outlasted the other consumer's main loop).
+template <int ACT, int TBN, int SR, int CROW, typename OutT>
+__device__ __forceinline__ void pp_stage_pass(const float (&acc)[2][TBN / 8][4], const float (&bpre)[TBN / 8][2],
+                                              unsigned char* Cs, int p, int warp, int lane)
+{
+#pragma unroll
+    for (int hh = 0; hh < SR / 64; hh++) {
+        const int h = p * (SR / 64) + hh;
+        unsigned char* srow = Cs + (hh * 64 + warp * 16 + (lane >> 2)) * CROW;
+#pragma unroll
+        for (int j = 0; j < TBN / 8; j++) {
+            const int cl = j * 8 + (lane & 3) * 2;
+#pragma unroll
+            for (int half_ = 0; half_ < 2; half_++) {
+                float v0 = acc[h][j][half_ * 2] + bpre[j][0], v1 = acc[h][j][half_ * 2 + 1] + bpre[j][1];
+                if (ACT != EPI_BIAS) { v0 = apply_act_fast(v0, ACT); v1 = apply_act_fast(v1, ACT); }
+                store2(reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl, v0, v1, true, true);
+            }
+        }
+    }
+}
+
 template <int TBN, int ST, typename OutT>
 __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {
@@ -315,7 +341,9 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     constexpr int SR = kIsHalf<OutT>::value ? 128 : 64;
     constexpr int CROW = StagedRow<TBN, OutT>::bytes, C_BYTES = SR * CROW;   // per consumer
     extern __shared__ __align__(1024) unsigned char smem_raw[];
-    unsigned char* base = reinterpret_cast<unsigned char*>(((size_t)smem_raw + 1023) & ~(size_t)1023);
+    // aligned by offset, not through an integer: the compiler then knows the staging rows are shared memory (STS
+    // stores, not generic ones)
+    unsigned char* base = smem_raw + ((1024u - (smem_u32(smem_raw) & 1023u)) & 1023u);
     __half* As = reinterpret_cast<__half*>(base);                           // [ST][128 x 64]
     __half* Bs = reinterpret_cast<__half*>(base + ST * A_BYTES);            // [ST][TBN x 64]
     unsigned char* Cs0 = base + ST * (A_BYTES + B_BYTES);                   // [2][SR][CROW]
@@ -348,6 +376,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     const int c = wgi - 1;                         // this consumer: tiles i with i % 2 == c
     unsigned char* Cs = Cs0 + c * C_BYTES;
     const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV, resid = mode == EPI_RESID;
+    const int act = (mode == EPI_GELU_TANH || mode == EPI_GELU_ERF) ? mode : EPI_BIAS;   // the staged rows' activation
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV); else the register one
     const bool staged = mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
                         ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
@@ -400,21 +429,9 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
         for (int p = 0; p < 128 / SR; p++) {
             if (have_copies) bulk_wait_read();
             named_sync(3 + c, 128);
-#pragma unroll
-            for (int hh = 0; hh < SR / 64; hh++) {
-                const int h = p * (SR / 64) + hh;
-                unsigned char* srow = Cs + (hh * 64 + warp * 16 + (lane >> 2)) * CROW;
-#pragma unroll
-                for (int j = 0; j < TBN / 8; j++) {
-                    const int cl = j * 8 + (lane & 3) * 2;
-#pragma unroll
-                    for (int half_ = 0; half_ < 2; half_++) {
-                        float v0 = acc[h][j][half_ * 2] + bpre[j][0], v1 = acc[h][j][half_ * 2 + 1] + bpre[j][1];
-                        if (!resid && !qkvm) { v0 = apply_act_fast(v0, mode); v1 = apply_act_fast(v1, mode); }
-                        store2(reinterpret_cast<OutT*>(srow + half_ * 8 * CROW) + cl, v0, v1, true, true);
-                    }
-                }
-            }
+            if (act == EPI_GELU_TANH) pp_stage_pass<EPI_GELU_TANH, TBN, SR, CROW, OutT>(acc, bpre, Cs, p, warp, lane);
+            else if (act == EPI_GELU_ERF) pp_stage_pass<EPI_GELU_ERF, TBN, SR, CROW, OutT>(acc, bpre, Cs, p, warp, lane);
+            else pp_stage_pass<EPI_BIAS, TBN, SR, CROW, OutT>(acc, bpre, Cs, p, warp, lane);
             fence_async_smem();
             named_sync(3 + c, 128);
             const int row = m0 + p * SR + t;
