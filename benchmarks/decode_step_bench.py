@@ -16,7 +16,9 @@ products of lo..hi-1 rows on the tiles WIDE (N > K: QKV, MLP up) and NARROW (the
 products no-swap's pick; compile them with GPT2JOB_F16_VARIANTS where they are not by default); "no-swap" (the picks without the swapped tiles of
 gemm_swap.cu); "swap:lo:hi" (no-swap, with the narrow layer products (N <= K) of lo..hi-1 rows on the swapped
 tiles); "swap-all:lo:hi" (the same for every layer product); a name ending in "+carve100" also sets every kernel's
-preferred shared-memory carveout to 100% (the others: the default). GPT-2 124M shapes, seeded weights, fp16; each
+preferred shared-memory carveout to 100% (the others: the default); a name ending in "+nopdl" replays the step
+without programmatic edges between its kernels (graphs.Graph pdl=False; the others: with them on Hopper, as the
+runner replays steps). GPT-2 124M shapes, seeded weights, fp16; each
 row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph replays) and the ratio to the
 first of --configs; JSON lines to OUT/decode_step.jsonl.
 """
@@ -88,6 +90,7 @@ def main():
                      dtype="float16")
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
+    hopper = dev.dev.compute_capability()[0] >= 9   # programmatic edges (graphs.Graph pdl)
     orig = k.pick_f16
     from gpt2job.backends.cuda.kernels import F16_TILES
     from gpt2job.backends.cuda.picks import PINGPONG_FROM, TilePicker
@@ -133,7 +136,7 @@ def main():
                         model.select(x, n, None, 0, seq, rows, 1, out, greedy)
                     step()                      # grows the buffers, fills the TMA descriptor cache
                     st.synchronize()
-                    g = Graph(st, step)
+                    g = Graph(st, step, pdl=hopper and not name.endswith("+nopdl"))
                     times = []
                     for _ in range(a.reps + 3):
                         e0, e1 = drv.Event(), drv.Event()

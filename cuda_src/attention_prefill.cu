@@ -38,6 +38,7 @@ attention_prefill_f16(const __half* __restrict__ qkv, const __half* __restrict__
                       __half* __restrict__ out, const int2* __restrict__ tiles, int n_tiles, int row_base,
                       int H, int S, float scale)
 {
+    pdl_wait();
     // per warp: [stage][K, V][key][dim] (swizzled); Q passes through stage 1's K buffer, O through stage 0's
     __shared__ __align__(128) __half smem[AP_WARPS][AP_STAGES][2][AP_KB * AP_D];
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;

@@ -9,6 +9,19 @@
 #define EPI_GELU_ERF 2    // out = gelu(acc + bias)   (exact, erf)
 #define EPI_RESID 3       // out += acc + bias         (out is the fp32 residual stream)
 
+// Every kernel's first statement (tests/test_cuda_compile.py checks it). In a decode step replayed as a CUDA graph,
+// each kernel is launched as soon as every block of the kernel before it has ended, not once that kernel's end and
+// writes have been made known (programmatic dependent launch, Hopper on; gpt2job/backends/cuda/graphs.py): it waits
+// here, before any read or write of device memory, until the kernels before it have finished and their writes are
+// visible. Elsewhere (plain launches, GPUs before Hopper) it returns at once. (No block triggers its dependants
+// earlier: launched at each block's start, the next kernel's blocks sat on the SMs and made steps up to 15% slower;
+// benchmarks/RESULTS.md, session 38.)
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ float gelu_tanh_f(float x) {
     // 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), as gpt2job.model.reference.gelu_tanh
     const float k = 0.7978845608028654f;

@@ -284,9 +284,11 @@ __device__ __forceinline__ void gemm_f16_tmpl(const __half* __restrict__ A, int 
 #define GEMM_F16_PASS A, lda, B, ldb, C, ldc, bias, M, N, K, mode, row_slot, row_pos, slot_base, S, kc, vc, kvC
 #define DEF_GEMM_F16(NAME, BM_, BN_, BK_, WM_, WN_, ST_, MINB)                                              \
     extern "C" __global__ void __launch_bounds__((BM_ / WM_) * (BN_ / WN_) * 32, MINB)                     \
-    NAME##_outh(GEMM_F16_ARGS(__half)) { gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, __half>(GEMM_F16_PASS); } \
+    NAME##_outh(GEMM_F16_ARGS(__half))                                                                      \
+    { pdl_wait(); gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, __half>(GEMM_F16_PASS); }                      \
     extern "C" __global__ void __launch_bounds__((BM_ / WM_) * (BN_ / WN_) * 32, MINB)                     \
-    NAME##_outf(GEMM_F16_ARGS(float)) { gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, float>(GEMM_F16_PASS); }
+    NAME##_outf(GEMM_F16_ARGS(float))                                                                       \
+    { pdl_wait(); gemm_f16_tmpl<BM_, BN_, BK_, WM_, WN_, ST_, float>(GEMM_F16_PASS); }
 
 // name: t<BM>x<BN>k<BK>s<stages>; each has its record (tile, threads, smem, part) in
 // gpt2job/backends/cuda/kernels.py F16_TILES

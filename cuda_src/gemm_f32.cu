@@ -170,13 +170,16 @@ __device__ __forceinline__ void gemm_f32_impl(const float* __restrict__ A, int l
     int slot_base, int S, float* kc, float* vc, int kvC
 #define GEMM_F32_PASS A, lda, B, ldb, C, ldc, bias, M, N, K, mode, vecA, vecB, vecC, kps, ws, row_slot, row_pos, \
     slot_base, S, kc, vc, kvC
-extern "C" __global__ void __launch_bounds__(256) gemm_f32(GEMM_F32_ARGS) { gemm_f32_impl<8>(GEMM_F32_PASS); }
-extern "C" __global__ void __launch_bounds__(256) gemm_f32_k16(GEMM_F32_ARGS) { gemm_f32_impl<16>(GEMM_F32_PASS); }
+extern "C" __global__ void __launch_bounds__(256) gemm_f32(GEMM_F32_ARGS)
+{ pdl_wait(); gemm_f32_impl<8>(GEMM_F32_PASS); }
+extern "C" __global__ void __launch_bounds__(256) gemm_f32_k16(GEMM_F32_ARGS)
+{ pdl_wait(); gemm_f32_impl<16>(GEMM_F32_PASS); }
 
 // out = epilogue(sum_z ws[z] + bias) for the split-K path of gemm_f32 (slices added in z order).
 extern "C" __global__ void splitk_reduce_f32(const float* __restrict__ ws, int nsplit, float* __restrict__ C, int ldc,
                                              const float* __restrict__ bias, int M, int N, int mode)
 {
+    pdl_wait();
     const size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (size_t)M * N) return;
     const int row = (int)(i / N), col = (int)(i - (size_t)row * N);

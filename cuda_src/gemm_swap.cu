@@ -207,10 +207,10 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
 #define DEF_GEMM_SWAP(NAME, WR, WN, ST)                                                                          \
     extern "C" __global__ void __launch_bounds__(SWAP_THREADS, 1)                                               \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                  \
-    { gemm_swap_impl<WR, WN, ST, __half>(tmA, tmB, GEMM_F16_PASS); }                                             \
+    { pdl_wait(); gemm_swap_impl<WR, WN, ST, __half>(tmA, tmB, GEMM_F16_PASS); }                                 \
     extern "C" __global__ void __launch_bounds__(SWAP_THREADS, 1)                                               \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                   \
-    { gemm_swap_impl<WR, WN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
+    { pdl_wait(); gemm_swap_impl<WR, WN, ST, float>(tmA, tmB, GEMM_F16_PASS); }
 
 // SWAP_NAME, SWAP_WR, SWAP_WN, SWAP_ST: the one variant this module compiles (set by kernels.py)
 #define DEF_GEMM_SWAP_EXPANDED(...) DEF_GEMM_SWAP(__VA_ARGS__)   // SWAP_NAME expanded before ## pastes it

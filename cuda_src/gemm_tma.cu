@@ -449,10 +449,10 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
 #define DEF_GEMM_TMA_PP(NAME, TBN, STH, STF)                                                                    \
     extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { gemm_tma_pp_impl<TBN, STH, __half>(tmA, tmB, GEMM_F16_PASS); }                                            \
+    { pdl_wait(); gemm_tma_pp_impl<TBN, STH, __half>(tmA, tmB, GEMM_F16_PASS); }                                \
     extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { gemm_tma_pp_impl<TBN, STF, float>(tmA, tmB, GEMM_F16_PASS); }
+    { pdl_wait(); gemm_tma_pp_impl<TBN, STF, float>(tmA, tmB, GEMM_F16_PASS); }
 
 // name: gemm_f16_tma<TBN>[p]_<out> (p: persistent, s: staged); records in
 // gpt2job/backends/cuda/kernels.py F16_TILES
@@ -461,10 +461,10 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
 #define DEF_GEMM_TMA2(NAME, TBN, STH, STF, MINB, PERSIST, STAGED)                                              \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                              \
+    { pdl_wait(); gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                  \
     extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
+    { pdl_wait(); gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
 
 // GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
 // gpt2job/backends/cuda/kernels.py): compile one variant only (they compile in parallel); neither set: all of them

@@ -82,6 +82,6 @@ __device__ __forceinline__ void gemm_wgmma_impl(GEMM_F16_ARGS(OutT))
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_f16_wgmma_outh(GEMM_F16_ARGS(__half))
-{ gemm_wgmma_impl<__half>(GEMM_F16_PASS); }
+{ pdl_wait(); gemm_wgmma_impl<__half>(GEMM_F16_PASS); }
 extern "C" __global__ void __launch_bounds__(256, 2) gemm_f16_wgmma_outf(GEMM_F16_ARGS(float))
-{ gemm_wgmma_impl<float>(GEMM_F16_PASS); }
+{ pdl_wait(); gemm_wgmma_impl<float>(GEMM_F16_PASS); }

@@ -9,6 +9,8 @@
 //   written to tok[r]: greedy --logprobs reads the logits once instead of twice (argmax_rows, then this).
 #include <math.h>
 
+#include "common.cuh"
+
 #define LP_THREADS 256
 #define LP_MAX_K 20
 #define LP_NONE 0x7fffffff
@@ -21,6 +23,7 @@ extern "C" __global__ void __launch_bounds__(LP_THREADS)
 token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict__ tok, int greedy, int K,
                float* __restrict__ lp_out, int* __restrict__ top_ids, float* __restrict__ top_vals, int R)
 {
+    pdl_wait();
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
@@ -111,6 +114,7 @@ token_logprobs(const float* __restrict__ logits, int ld, int V, int* __restrict_
 extern "C" __global__ void argmax_logprob_partials(const float4* __restrict__ part, int ld, int n,
                                                    int* __restrict__ tok, float* __restrict__ lp_out, int R)
 {
+    pdl_wait();
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= R) return;

@@ -127,6 +127,7 @@ __device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, 
 extern "C" __global__ void __launch_bounds__(SEL_THREADS)
 argmax_rows(const float* __restrict__ logits, int ld, int V, int* __restrict__ out, int R)
 {
+    pdl_wait();
     __shared__ float sv[32];
     __shared__ int si[32];
     const int r = blockIdx.x;
@@ -524,6 +525,7 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
             const int* __restrict__ seqidx, int step, const int* __restrict__ step_at, unsigned long long seed,
             double temperature, int top_k, double top_p, int cache, int* __restrict__ out, int R)
 {
+    pdl_wait();
     extern __shared__ float srow[];
     const int r = blockIdx.x;
     if (r >= R) return;
@@ -548,6 +550,7 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
                    const float* __restrict__ penalties, const unsigned* __restrict__ seen, int words, int seq_base,
                    int cache, int* __restrict__ out, int R)
 {
+    pdl_wait();
     extern __shared__ float srow[];
     __shared__ float sv[32];
     __shared__ int si[32];
@@ -582,6 +585,7 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
 extern "C" __global__ void mark_seen(const int* __restrict__ tok, const int* __restrict__ seq, int n, int seq_base,
                                      unsigned* __restrict__ bits, int words)
 {
+    pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) {
         const int t = tok[i];
@@ -593,6 +597,7 @@ extern "C" __global__ void mark_seen(const int* __restrict__ tok, const int* __r
 // n chunks per row in increasing column order; largest value, lowest column on ties. One warp per row.
 extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int ld, int n, int* __restrict__ out, int R)
 {
+    pdl_wait();
     const int r = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     const int lane = threadIdx.x & 31;
     if (r >= R) return;
@@ -618,6 +623,7 @@ extern "C" __global__ void argmax_partials(const float2* __restrict__ part, int 
 extern "C" __global__ void gather_tokens(const int* __restrict__ src, const int* __restrict__ idx, int* __restrict__ dst,
                                          int n)
 {
+    pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = src[idx[i]];
 }

@@ -9,6 +9,7 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
                                  const float* __restrict__ wte, const float* __restrict__ wpe,
                                  float* __restrict__ x, int R, int C)
 {
+    pdl_wait();
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* a = wte + (size_t)tok[r] * C;
@@ -23,6 +24,7 @@ extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restr
 // 256 threads, grid (ceil(N / 32), ceil(K / 32)). half_of: out[i] = half(a[i]) (the LM head, [V, C] as stored).
 extern "C" __global__ void half_t(const float* __restrict__ w, __half* __restrict__ out, int K, int N)
 {
+    pdl_wait();
     __shared__ float t[32][33];
     const int tx = threadIdx.x & 31, ty = threadIdx.x >> 5;
     const int n0 = blockIdx.x * 32, k0 = blockIdx.y * 32;
@@ -39,6 +41,7 @@ extern "C" __global__ void half_t(const float* __restrict__ w, __half* __restric
 
 extern "C" __global__ void half_of(const float* __restrict__ a, __half* __restrict__ out, unsigned long long n)
 {
+    pdl_wait();
     for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n;
          i += (unsigned long long)gridDim.x * blockDim.x)
         out[i] = __float2half_rn(a[i]);
@@ -123,7 +126,7 @@ __device__ __forceinline__ void layernorm_impl(const float* __restrict__ x, cons
 #define DEF_LAYERNORM(NAME, OutT, PREFETCH)                                                                    \
     extern "C" __global__ void NAME(const float* x, const int* rowidx, int idx_base, const float* w, const float* b, \
                                     OutT* out, int R, int C, float eps)                                         \
-    { layernorm_impl<OutT, PREFETCH>(x, rowidx, idx_base, w, b, out, R, C, eps); }
+    { pdl_wait(); layernorm_impl<OutT, PREFETCH>(x, rowidx, idx_base, w, b, out, R, C, eps); }
 DEF_LAYERNORM(layernorm_f32, float, false)
 DEF_LAYERNORM(layernorm_f16, __half, false)
 DEF_LAYERNORM(layernorm_prefetch_f32, float, true)
@@ -156,10 +159,10 @@ __device__ __forceinline__ void kv_copy_impl(const int* __restrict__ ent, int n,
 }
 
 extern "C" __global__ void kv_copy_f32(const int* ent, int n, int slot_base, float* kc, float* vc, int S, int C)
-{ kv_copy_impl<float>(ent, n, slot_base, kc, vc, S, C); }
+{ pdl_wait(); kv_copy_impl<float>(ent, n, slot_base, kc, vc, S, C); }
 
 extern "C" __global__ void kv_copy_f16(const int* ent, int n, int slot_base, __half* kc, __half* vc, int S, int C)
-{ kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
+{ pdl_wait(); kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
 
 // Causal attention over the cache, one warp per (query row r, head h); ragged: each row carries its own
 // slot and absolute position p and sees keys 0..p of its slot. Online softmax over 32-key tiles,
@@ -280,12 +283,12 @@ __device__ __forceinline__ void attention_impl(const T* __restrict__ qkv, const 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_f32(const float* qkv, const float* kc, const float* vc, const int* row_slot, int slot_base,
               const int* row_pos, float* out, int R, int H, int D, int S, float scale)
-{ attention_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ pdl_wait(); attention_impl<float>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)
 attention_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
               const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ attention_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+{ pdl_wait(); attention_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 // Grouped variant (D % 8 == 0, D / 8 a power of two dividing 32, i.e. D in {8, 16, 32, 64, 128}): one warp per
 // (row, head), split into G = 256 / D groups of D / 8 lanes; lane li of a group owns dims 8 li .. 8 li + 7
@@ -444,7 +447,10 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                               \
     NAME(const T* qkv, const T* kc, const T* vc, const int* row_slot, int slot_base, const int* row_pos, T* out, \
          int R, int H, int D, int S, float scale)                                                                \
-    { attention_grouped_impl<T, KEYS, AHEAD>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+    {                                                                                                          \
+        pdl_wait();                                                                                            \
+        attention_grouped_impl<T, KEYS, AHEAD>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); \
+    }
 DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1, false)
 DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4, false)    // long contexts (Kernels.attention)

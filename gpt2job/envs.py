@@ -44,6 +44,8 @@ VARS = {v.name: v for v in (
         "fp16 products on the staged-epilogue and ping-pong TMA kernels where picked"),
     Var("GPT2JOB_TMA_PERSISTENT", "bool", False, "persistent twins of the TMA kernels where compiled"),
     Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "decode steps replayed as CUDA graphs"),
+    Var("GPT2JOB_GRAPH_PDL", "bool", True, "the replayed decode steps' kernels launched while the one before ends "
+        "(programmatic dependent launch, Hopper on)"),
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),

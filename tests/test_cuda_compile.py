@@ -28,3 +28,20 @@ def test_all_kernels_compile(tmp_path):
         results = list(ex.map(lambda p: _compile(p, str(tmp_path)), FILES))
     failed = [(os.path.basename(p), log) for p, rc, log in results if rc != 0]
     assert not failed, "\n".join(f"{name}:\n{log}" for name, log in failed)
+
+
+def test_every_kernel_waits_for_the_kernels_before_it_first():
+    """A decode step's graph lets each kernel start while the one before it runs (graphs.py, programmatic edges):
+    every kernel must begin with pdl_wait() (common.cuh), or it could read its inputs before they are written."""
+    import re
+    seen = []
+    for path in FILES:
+        with open(path) as fh:
+            text = fh.read()
+        for m in re.finditer(r"__global__", text):
+            body = text[text.index("{", m.end()) + 1:]
+            first = re.sub(r"[\s\\]+", " ", body[:200]).strip()
+            line = text.count("\n", 0, m.start()) + 1
+            seen.append(f"{os.path.basename(path)}:{line}")
+            assert first.startswith("pdl_wait();"), f"{seen[-1]}: the kernel starts with {first[:40]!r}"
+    assert len(seen) >= 25, seen

@@ -463,10 +463,10 @@ class FakeGraph:
     """graphs.Graph without a GPU: 'captures' fn by running it (a test's step records its calls), replays it."""
     made, fail = [], False
 
-    def __init__(self, stream, fn):
+    def __init__(self, stream, fn, pdl=False):
         if FakeGraph.fail:
             raise RuntimeError("capture not allowed")
-        self.fn, self.closed = fn, False
+        self.fn, self.closed, self.pdl = fn, False, pdl
         FakeGraph.made.append(self)
 
     def launch(self):
@@ -483,11 +483,12 @@ def test_step_graphs_run_first_capture_second_replay_after_and_drop_on_a_new_gen
     monkeypatch.setattr(FakeGraph, "made", [])
     monkeypatch.setattr(FakeGraph, "fail", False)
     gen = [0]
-    g = graphs.StepGraphs(None, lambda: gen[0])
+    g = graphs.StepGraphs(None, lambda: gen[0], pdl=True)
     calls = []
     for _ in range(4):
         g.run("a", lambda: calls.append("a"))
     assert calls == ["a"] * 4 and g.captures == 1 and g.replays == 3 and len(FakeGraph.made) == 1
+    assert FakeGraph.made[0].pdl                 # programmatic edges asked for, as the backend says
     gen[0] += 1                                  # a pool buffer moved: the graph is dropped, the key runs eagerly
     g.run("a", lambda: calls.append("a"))
     assert FakeGraph.made[0].closed and g.captures == 1 and not g.graphs

@@ -962,7 +962,8 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
     ragged prompts (another row count and cache shape) give the tokens of the steps launched one by one: greedy,
     sampled (the step's number read from the GPU) and with per-row settings and a repetition penalty; and rows that
     leave at every step (per-row max_new_tokens), whose replayed steps compute runner.STEP_ROWS rows (padding rows
-    after the live ones: a row that has left, at position 0)."""
+    after the live ones: a row that has left, at position 0). The same with the graphs' kernel -> kernel edges
+    programmatic (options.graph_pdl; on Hopper each graph has such edges)."""
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(3)
     params.lm_head = np.random.default_rng(4).standard_normal(params.wte.shape).astype(np.float32) * 0.3
@@ -981,16 +982,22 @@ def test_decode_steps_replayed_as_cuda_graphs_give_the_same_tokens(dtype):
     cases = {"greedy": (gs, chunks), "sampled": (sampled, chunks), "per-row": (gs, [per_row(c) for c in chunks]),
              "rows leaving": (gs, [per_row(c, ragged=True) for c in chunks])}
     out = {}
-    for graphs in (False, True):
+    # launched; replayed; replayed with programmatic edges between the kernels (options.graph_pdl, Hopper on)
+    for graphs, pdl in ((False, False), (True, False), (True, True)):
         for name, (settings, cs) in cases.items():
-            be = CudaBackend(params, settings, dtype=dtype, options=KernelOptions(cuda_graphs=graphs))
+            be = CudaBackend(params, settings, dtype=dtype, options=KernelOptions(cuda_graphs=graphs, graph_pdl=pdl))
             try:
                 got = [compute(be, c) for c in cs]
                 if graphs:   # replays outnumber captures (one capture per key)
-                    assert 0 < be.runner.graphs.captures < be.runner.graphs.replays, name
+                    sg = be.runner.graphs
+                    assert 0 < sg.captures < sg.replays, name
+                    hopper = be.device.dev.compute_capability()[0] >= 9
+                    assert sg.pdl == (pdl and hopper) and all(
+                        (g.pdl_edges > 0) == sg.pdl for g in sg.graphs.values()), name
             finally:
                 be.close()
-            out[graphs, name] = got
+            out[graphs, pdl, name] = got
     for name in cases:
-        for a, b in zip(out[False, name], out[True, name]):
-            assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets), name
+        for key in ((True, False), (True, True)):
+            for a, b in zip(out[False, False, name], out[(*key, name)]):
+                assert np.array_equal(a.tokens, b.tokens) and np.array_equal(a.offsets, b.offsets), (name, key)

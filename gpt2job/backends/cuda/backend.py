@@ -79,7 +79,8 @@ class CudaBackend(Backend):
         self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps
-            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.generation, tm.epoch if tm else 0))
+            pdl = self.options.graph_pdl and dev.dev.compute_capability()[0] >= 9   # griddepcontrol: Hopper on
+            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.generation, tm.epoch if tm else 0), pdl=pdl)
             dev.own(self.runner.graphs)
         self.model.set_head_rows(mp.head_rows)
         self._reserve(free, mp.reduced)

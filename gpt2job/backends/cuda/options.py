@@ -23,6 +23,7 @@ class KernelOptions:
     tma_staged: bool = True              # fp16 products on the staged-epilogue TMA kernels where picked
     tma_persistent: bool = False         # the persistent twins of the TMA kernels, where compiled
     cuda_graphs: bool = True             # decode steps replayed as CUDA graphs (graphs.StepGraphs)
+    graph_pdl: bool = True               # ... with programmatic dependent launch between their kernels (Hopper on)
 
     def __post_init__(self):
         if self.f32_bk not in (0, 8, 16):
@@ -44,7 +45,8 @@ class KernelOptions:
                    prefill_attn=envs.get("GPT2JOB_PREFILL_ATTN"),
                    tma_staged=envs.get("GPT2JOB_TMA_STAGED"),
                    tma_persistent=envs.get("GPT2JOB_TMA_PERSISTENT"),
-                   cuda_graphs=envs.get("GPT2JOB_CUDA_GRAPHS"))
+                   cuda_graphs=envs.get("GPT2JOB_CUDA_GRAPHS"),
+                   graph_pdl=envs.get("GPT2JOB_GRAPH_PDL"))
 
     def describe(self):
         """The switches as plain data (JSON), for the job summary."""
