@@ -89,6 +89,20 @@ def have_mpirun():
     return shutil.which("mpirun") is not None
 
 
+def cuda_or_skip():
+    """(pycuda.driver initialised, the number of GPUs) for a GPU test module, called at its top: the module is
+    skipped where pycuda or a GPU is missing (CI's machine has neither)."""
+    drv = pytest.importorskip("pycuda.driver")
+    try:
+        drv.init()
+        n = drv.Device.count()
+    except Exception:  # pragma: no cover
+        n = 0
+    if n == 0:
+        pytest.skip("no CUDA GPU", allow_module_level=True)
+    return drv, n
+
+
 def require_mpirun():
     """Skip without mpirun, except under CI, which installs Open MPI ('.[test]'): there it is a broken set-up
     that would otherwise skip every MPI and fault test in silence."""

@@ -26,16 +26,9 @@ import uuid
 import numpy as np
 import pytest
 
-from conftest import ROOT, have_mpirun, job_env, read_output, run_gpt2job, write_token_input
+from conftest import ROOT, cuda_or_skip, have_mpirun, job_env, read_output, run_gpt2job, write_token_input
 
-drv = pytest.importorskip("pycuda.driver")
-try:
-    drv.init()
-    NGPU = drv.Device.count()
-except Exception:  # pragma: no cover
-    NGPU = 0
-if NGPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
+drv, NGPU = cuda_or_skip()
 
 MODEL = "random:gpt2"
 HOG = ROOT / "tests" / "gpu_hog.py"

@@ -11,7 +11,9 @@ import zlib
 import numpy as np
 import pytest
 
-drv = pytest.importorskip("pycuda.driver")
+from conftest import cuda_or_skip
+
+drv, _NGPU = cuda_or_skip()
 
 from gpt2job.backends import compute
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
@@ -20,14 +22,6 @@ from gpt2job.chunks import Chunk, RowParams
 from gpt2job.model import reference, sampling
 from gpt2job.model.config import GPT2Config
 from gpt2job.settings import GenerationSettings, SamplingSettings
-
-try:
-    drv.init()
-    _NGPU = drv.Device.count()
-except Exception:  # pragma: no cover
-    _NGPU = 0
-if _NGPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

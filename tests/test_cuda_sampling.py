@@ -8,7 +8,9 @@ import zlib
 import numpy as np
 import pytest
 
-drv = pytest.importorskip("pycuda.driver")
+from conftest import cuda_or_skip
+
+drv, _NGPU = cuda_or_skip()
 
 from gpt2job.backends import compute, drive  # noqa: E402
 from gpt2job.backends.cuda.options import KernelOptions  # noqa: E402
@@ -18,14 +20,6 @@ from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING, Chunk, RowParams  # 
 from gpt2job.model import sampling  # noqa: E402
 from gpt2job.model.config import GPT2Config  # noqa: E402
 from gpt2job.settings import GenerationSettings, SamplingSettings  # noqa: E402
-
-try:
-    drv.init()
-    _NGPU = drv.Device.count()
-except Exception:  # pragma: no cover
-    _NGPU = 0
-if _NGPU == 0:
-    pytest.skip("no CUDA GPU", allow_module_level=True)
 
 
 @pytest.fixture(scope="module")
