@@ -17,8 +17,8 @@ products no-swap's pick; compile them with GPT2JOB_F16_VARIANTS where they are n
 gemm_swap.cu); "swap:lo:hi" (no-swap, with the narrow layer products (N <= K) of lo..hi-1 rows on the swapped
 tiles); "swap-all:lo:hi" (the same for every layer product); a name ending in "+carve100" also sets every kernel's
 preferred shared-memory carveout to 100% (the others: the default); a name ending in "+nopdl" replays the step
-without programmatic edges between its kernels (graphs.Graph pdl=False; the others: with them on Hopper, as the
-runner replays steps). GPT-2 124M shapes, seeded weights, fp16; each
+without programmatic edges between its kernels (graphs.Graph pdl=False; the others: with them where the runner
+replays steps with them, on Hopper unless GPT2JOB_GRAPH_PDL=0). GPT-2 124M shapes, seeded weights, fp16; each
 row at position ctx - 1 of its own KV slot. Prints ms per step (median of --reps graph replays) and the ratio to the
 first of --configs; JSON lines to OUT/decode_step.jsonl.
 """
@@ -90,7 +90,7 @@ def main():
                      dtype="float16")
     dev, model, k = be.device, be.model, be.kernels
     drv, st = dev.drv, dev.compute
-    hopper = dev.dev.compute_capability()[0] >= 9   # programmatic edges (graphs.Graph pdl)
+    pdl = getattr(be.runner.graphs, "pdl", False)   # programmatic edges as the runner replays steps (the backend's)
     orig = k.pick_f16
     from gpt2job.backends.cuda.kernels import F16_TILES
     from gpt2job.backends.cuda.picks import PINGPONG_FROM, TilePicker
@@ -136,7 +136,7 @@ def main():
                         model.select(x, n, None, 0, seq, rows, 1, out, greedy)
                     step()                      # grows the buffers, fills the TMA descriptor cache
                     st.synchronize()
-                    g = Graph(st, step, pdl=hopper and not name.endswith("+nopdl"))
+                    g = Graph(st, step, pdl=pdl and not name.endswith("+nopdl"))
                     times = []
                     for _ in range(a.reps + 3):
                         e0, e1 = drv.Event(), drv.Event()
