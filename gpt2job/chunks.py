@@ -177,6 +177,37 @@ class Completions:
         return n
 
 
+def merge_chunks(chunks):
+    """Chunks as one batch, with the first one's chunk_id: their rows one after the other, each row's settings kept
+    (all the chunks have RowParams, or none has). split_completions undoes it."""
+    if len(chunks) == 1:
+        return chunks[0]
+    lens = np.concatenate([np.diff(np.asarray(c.offsets, np.int64)) for c in chunks])
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    params = None
+    if chunks[0].params is not None:
+        ps = [c.params for c in chunks]
+        base = np.cumsum([0] + [int(p.stop_offsets[-1]) for p in ps[:-1]])     # where each chunk's stop bytes go
+        so = np.concatenate([np.zeros(1, np.int64)] + [np.asarray(p.stop_offsets[1:], np.int64) + o
+                                                       for p, o in zip(ps, base)])
+        params = RowParams(*(np.concatenate([getattr(p, n) for p in ps]) for n, _ in ROW_FIELDS), so,
+                           np.concatenate([np.asarray(p.stop_bytes, np.uint8) for p in ps]))
+    return Chunk(chunks[0].chunk_id, np.concatenate([np.asarray(c.rows, np.int64) for c in chunks]), offsets,
+                 np.concatenate([np.asarray(c.tokens, np.int32) for c in chunks]), params)
+
+
+def split_completions(comp, members):
+    """The Completions of a merged batch (merge_chunks) as its chunks' own: members [(chunk_id, rows)] in the
+    batch's order."""
+    out, b = [], 0
+    for chunk_id, n in members:
+        part = comp.take(np.arange(b, b + n))
+        part.chunk_id, b = chunk_id, b + n
+        out.append(part)
+    return out
+
+
 # ---------------------------------------------------------------- flat buffers (MPI messages)
 
 def _pack32(tokens):

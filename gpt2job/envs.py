@@ -46,6 +46,8 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_CUDA_GRAPHS", "bool", True, "decode steps replayed as CUDA graphs"),
     Var("GPT2JOB_GRAPH_PDL", "bool", True, "the replayed decode steps' kernels launched while the one before ends "
         "(programmatic dependent launch, Hopper on)"),
+    Var("GPT2JOB_MERGE_CHUNKS", "bool", True, "a GPU worker computes the chunks it holds as one batch of up to "
+        "its batch size, as a bigger --chunk-size would"),
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),

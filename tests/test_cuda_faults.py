@@ -10,6 +10,9 @@ it: a tiny job per GPU slot).
   * A CUDA error in the middle of a chunk (GPT2JOB_FAULT=1:2:cuda: a kernel reads an illegal address, and the
     context is lost): in a 2-worker job (2 GPUs, or --share-gpus on one) the worker reports it and is retired, its
     chunks go to the other worker, the output equals a clean run's and the summary says why the worker was retired.
+    The same in a worker's first batch of merged chunks (GPT2JOB_FAULT=1:1:cuda, its chunks merged): every chunk
+    of the batch goes to the other worker. (The 2-worker jobs otherwise run GPT2JOB_MERGE_CHUNKS=0: one 32-prompt
+    chunk a batch, so that the faults land mid-job.)
   * A GPU worker killed (SIGKILL) mid-job: under `mpirun --with-ft ulfm` the job finishes without it; without ULFM
     (Open MPI 4) mpirun ends the job and the same command resumes it. Either way the output equals a clean run's.
 """
@@ -42,7 +45,7 @@ def one_gpu_env(**extra):
 
 
 def mp_env(**extra):
-    return job_env(CUDA_VISIBLE_DEVICES="0,1" if NGPU >= 2 else "0", **extra)
+    return job_env(CUDA_VISIBLE_DEVICES="0,1" if NGPU >= 2 else "0", **{"GPT2JOB_MERGE_CHUNKS": 0, **extra})
 
 
 MP_SHARE = [] if NGPU >= 2 else ["--share-gpus"]
@@ -243,10 +246,12 @@ def mp_job(tmp_path_factory):
     return inp, tokens_of(clean), extra
 
 
-def test_a_cuda_error_mid_chunk_retires_the_worker_and_the_job_finishes(tmp_path, mp_job):
+@pytest.mark.parametrize("fault, merge", [("1:2:cuda", 0), ("1:1:cuda", 1)])
+def test_a_cuda_error_mid_chunk_retires_the_worker_and_the_job_finishes(tmp_path, mp_job, fault, merge):
     inp, clean, extra = mp_job
     out = tmp_path / "fault.h5"
-    p = run_gpt2job(cli_args(inp, out, *extra), np_=3, env=mp_env(GPT2JOB_FAULT="1:2:cuda"), timeout=300)
+    p = run_gpt2job(cli_args(inp, out, *extra), np_=3, env=mp_env(GPT2JOB_FAULT=fault, GPT2JOB_MERGE_CHUNKS=merge),
+                    timeout=300)
     print(p.stderr[-3000:])
     assert p.returncode == 0, p.stderr
     assert "worker rank 1 on" in p.stderr and "failed during chunk" in p.stderr

@@ -137,3 +137,27 @@ def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(
     summary = json.loads(read_output(out)["attrs"]["summary"])
     busy = summary["workers"][0]["busy_percent"]
     assert busy is not None and 0 < busy <= 100
+
+
+@pytest.mark.parametrize("np_", [None, 3])
+def test_small_chunks_are_computed_in_batches_with_the_same_results(tmp_path, np_):
+    """--chunk-size below a worker's batch (the synthetic backend computes up to 8,192 rows at once, as a GPU
+    worker): the master hands each worker enough chunks for two batches and the worker computes them merged; every
+    row gets the same completion as with one chunk per batch (GPT2JOB_MERGE_CHUNKS=0), each chunk is journaled and
+    counted on its own."""
+    rng = np.random.default_rng(3)
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [rng.integers(0, 50257, int(n)) for n in rng.integers(1, 30, 300)])
+    got = {}
+    for merge in ("1", "0"):
+        out = tmp_path / f"out{merge}.h5"
+        p = run_gpt2job(["run", inp, out, "--model", "random:gpt2", "--backend", "synthetic", "--max-new-tokens", "5",
+                         "--chunk-size", "7", "--progress-interval", "1000", "--temperature", "0.8", "--seed", "4"],
+                        np_=np_, env=job_env(GPT2JOB_MERGE_CHUNKS=merge, GPT2JOB_TRACE=1), check=0)
+        got[merge] = read_output(out)
+        summary = json.loads(got[merge]["attrs"]["summary"])
+        assert sum(w["chunks"] for w in summary["workers"]) == 43 and sum(w["rows"] for w in summary["workers"]) == 300
+        assert ("computed as one batch" in p.stderr) == (merge == "1"), p.stderr    # the master's window
+        assert ("as one batch) submitted" in p.stderr) == (merge == "1"), p.stderr  # the workers' batches
+    assert got["1"]["done"].all()
+    assert [t.tolist() for t in got["1"]["tokens"]] == [t.tolist() for t in got["0"]["tokens"]]

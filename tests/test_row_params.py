@@ -11,7 +11,8 @@ from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.plan import Layout, check_prompts, join_completions, kv_groups, split_chunk
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.backends.synthetic import SyntheticBackend
-from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, Completions, RowParams
+from gpt2job.chunks import (FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, Completions, RowParams,
+                            merge_chunks, split_completions)
 from gpt2job.errors import UserError
 from gpt2job.model.config import GPT2Config
 from gpt2job.model.sampling import RowSettings
@@ -205,6 +206,29 @@ def test_split_and_join_carry_the_params():
              for c in (a, b)]
     joined = join_completions(ch, parts)
     assert joined.rows.tolist() == ch.rows.tolist() and np.diff(joined.offsets).tolist() == [1, 2, 3, 4, 5]
+
+
+def test_merged_chunks_keep_each_rows_prompt_and_settings_and_split_back():
+    """chunks.merge_chunks (a worker's chunks as one batch) and split_completions (each chunk's result again), the
+    log-probabilities with their tokens."""
+    prompts = prompts_of(5)
+    a = chunk_of(prompts[:2], rows=[4, 9], chunk_id=7,
+                 params=params_of(2, max_new_tokens=[1, 2], stops=[("a",), ("b", "c")]))
+    b = chunk_of(prompts[2:], rows=[1, 2, 3], chunk_id=8,
+                 params=params_of(3, max_new_tokens=[3, 4, 5], stops=[(), ("d",), ("é",)]))
+    m = merge_chunks([a, b])
+    assert m.chunk_id == 7 and m.rows.tolist() == [4, 9, 1, 2, 3]
+    assert [p.tolist() for p in m.prompts()] == [np.asarray(p).tolist() for p in prompts]
+    assert m.params.max_new_tokens.tolist() == [1, 2, 3, 4, 5]
+    assert [m.params.stops(i) for i in range(5)] == [("a",), ("b", "c"), (), ("d",), ("é",)]
+    comp = Completions.from_lists(7, m.rows, [[r] * int(n) for r, n in zip(m.rows, m.params.max_new_tokens)],
+                                  [0, 1, 0, 1, 0])
+    comp.logprobs = -np.arange(15, dtype=np.float32)
+    pa, pb = split_completions(comp, [(7, 2), (8, 3)])
+    assert (pa.chunk_id, pa.rows.tolist(), pa.tokens.tolist(), pa.finish.tolist()) == (7, [4, 9], [4, 9, 9], [0, 1])
+    assert (pb.chunk_id, pb.rows.tolist(), pb.finish.tolist()) == (8, [1, 2, 3], [0, 1, 0])
+    assert pb.tokens.tolist() == [1] * 3 + [2] * 4 + [3] * 5 and pb.logprobs.tolist() == list(-np.arange(3, 15.0))
+    assert merge_chunks([a]) is a
 
 
 def test_prompt_checks_use_each_rows_own_limit():

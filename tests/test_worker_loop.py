@@ -1,5 +1,7 @@
 """The worker's compute loop (gpt2job.cluster.worker.Loop) with a fake backend that logs what it is asked to do
 and a fake link to the master."""
+from collections import deque
+
 import numpy as np
 
 from gpt2job.backends import Pause
@@ -211,3 +213,97 @@ def test_a_gpu_worker_reports_its_chunks_gpu_time_as_their_compute_time():
     assert link.sent == [(0, 2500), (1, 2500 + 1750)]
     assert device_us(LoggingBackend(), 0) is None
     assert device_us(TimedBackend(), 0) is None    # an empty timeline
+
+
+# ---------------------------------------------------------------- chunks merged into one batch
+
+class BatchingBackend(LoggingBackend):
+    """A backend that computes up to batch_rows rows at once (as the CUDA backend says): its Completions give row r
+    the tokens [r, r] (so that each chunk's result can be checked after the split)."""
+    batch_rows = 4
+
+    def __init__(self):
+        super().__init__()
+        self.batches = []
+
+    def submit(self, chunk):
+        super().submit(chunk)
+        self.batches.append(chunk.rows.tolist())
+
+    def run(self):
+        chunk = self.pending.pop(0)
+        self.log.append(("compute", chunk.chunk_id))
+        yield Pause(submit=True, ready=lambda: True, generated=2 * len(chunk.rows))
+        n = len(chunk.rows)
+        return Completions(chunk.chunk_id, chunk.rows, np.arange(n + 1, dtype=np.int64) * 2,
+                           np.repeat(chunk.rows, 2).astype(np.int32), np.zeros(n, np.uint8))
+
+
+class ResultLink(FakeLink):
+    def __init__(self, inbox):
+        super().__init__(inbox)
+        self.results, self.progress = [], []
+
+    def send_result(self, comp, us):
+        super().send_result(comp, us)
+        self.results.append((comp, us))
+
+    def send_progress(self, chunk_id, tokens):
+        self.progress.append((chunk_id, tokens))
+
+
+def rows_chunk(i, rows, params=None):
+    n = len(rows)
+    return Chunk(i, np.asarray(rows, np.int64), np.arange(n + 1, dtype=np.int64), np.full(n, 5, np.int32), params)
+
+
+def test_chunks_held_together_are_computed_as_one_batch_and_answered_each_on_its_own(monkeypatch):
+    """batch_rows 4, four chunks waiting: the first batch takes chunks as far as they fit (1 + 2 + 1 rows; the next
+    2 would make 6), the last chunk is the next batch; each chunk's result goes back on its own, with its own rows
+    and tokens and its share of its batch's compute time."""
+    from gpt2job.cluster import worker
+    monkeypatch.setattr(worker, "device_us", lambda backend, chunk_id: 3000)
+    link = ResultLink([rows_chunk(0, [0]), rows_chunk(1, [10, 11]), rows_chunk(2, [20]), rows_chunk(3, [30, 31]),
+                       STOP])
+    be = BatchingBackend()
+    assert Loop(be, link, 1).serve() is None
+    assert be.batches == [[0, 10, 11, 20], [30, 31]]
+    assert link.sent == [0, 1, 2, 3]
+    got = {c.chunk_id: (c.rows.tolist(), c.tokens.tolist(), us) for c, us in link.results}
+    assert got[0] == ([0], [0, 0], 750) and got[1] == ([10, 11], [10, 10, 11, 11], 1500)
+    assert got[2] == ([20], [20, 20], 750)
+    assert got[3] == ([30, 31], [30, 30, 31, 31], 3000)
+
+
+def test_progress_of_a_merged_batch_is_reported_for_each_of_its_chunks(monkeypatch):
+    from gpt2job.cluster import worker
+    clock = Clock()
+    monkeypatch.setattr(worker, "time", clock)
+    link = ResultLink([rows_chunk(0, [0, 1, 2]), STOP])
+    loop = Loop(BatchingBackend(), link, 1)
+    loop.waiting.extend([rows_chunk(5, [0, 1, 2]), rows_chunk(6, [3])])
+    loop.take(block=False, limit=1)
+    assert loop.in_flight == deque([5]) and loop.members[5] == [(5, 3), (6, 1)]
+    clock.now += 1
+    loop.report(8)
+    assert link.progress == [(5, 6), (6, 2)]
+
+
+def test_chunks_with_and_without_row_settings_are_not_merged():
+    from gpt2job.chunks import RowParams
+    p = RowParams.of(max_new_tokens=[3], temperature=[0.0], top_k=[0], top_p=[1.0], seed=[0], repetition_penalty=[1])
+    link = ResultLink([rows_chunk(0, [0]), rows_chunk(1, [1], p), rows_chunk(2, [2]), STOP])
+    be = BatchingBackend()
+    be.batch_rows = 8
+    Loop(be, link, 1).serve()
+    assert be.batches == [[0], [1], [2]] and link.sent == [0, 1, 2]
+
+
+def test_without_merging_each_chunk_is_its_own_batch(monkeypatch):
+    monkeypatch.setenv("GPT2JOB_MERGE_CHUNKS", "0")
+    from gpt2job import envs
+    monkeypatch.setattr(envs, "_values", {})
+    link = ResultLink([rows_chunk(0, [0]), rows_chunk(1, [1]), rows_chunk(2, [2]), STOP])
+    be = BatchingBackend()
+    Loop(be, link, 1).serve()
+    assert be.batches == [[0], [1], [2]]

@@ -40,6 +40,8 @@ class Backend:
     decides what else to do: the backend calls nothing of the worker. Results come in submission order."""
     name = "abstract"
     preferred_chunk = DEFAULT_CHUNK     # prompts per chunk this backend runs well with
+    batch_rows = 0                      # rows it computes faster as one batch: the worker merges smaller chunks
+                                        # into batches of up to this many (0: one chunk at a time)
 
     def submit(self, chunk: Chunk):
         self.__dict__.setdefault("_submitted", deque()).append(chunk)

@@ -44,6 +44,7 @@ class SyntheticBackend(Backend):
     """Deterministic tokens in [0, vocab_size) without a model (tests and benchmarks)."""
     name = "synthetic"
     preferred_chunk = 8192
+    batch_rows = 8192      # as a GPU worker: the worker merges smaller chunks into batches of up to this many rows
 
     def __init__(self, config, settings: GenerationSettings):
         self.vocab = int(config.vocab_size)

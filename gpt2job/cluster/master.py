@@ -215,6 +215,7 @@ class Master(Ending):
                 self.handle(self.workers[rank], kind, *data)
             for rank, chunk_id, tokens in self.channel.take_reports():   # progress within chunks still out
                 if chunk_id in self.workers[rank].outstanding:
+                    self.workers[rank].last_progress = time.monotonic()   # computing: not hung
                     out = self.workers[rank].outstanding[chunk_id]
                     self.progress.report(chunk_id, tokens, len(out.chunk.rows), out.new_tokens)
             self.commit()
@@ -241,13 +242,15 @@ class Master(Ending):
         if all_ready:
             self.t_ready = time.time()
         trace(f"master: {len(ready)} of {len(self.live())} workers ready, handing out chunks")
-        for depth in range(1, PREFETCH + 1):   # every worker's first chunk before any worker's second
+        held = max(self.window(w) for w in ready)
+        for depth in range(1, held + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
         if self.s.chunk_size or self.sched.even_size:
-            held = 1 if self.sched.by_cost and not all_ready else PREFETCH
+            held = 1 if self.sched.by_cost and not all_ready else held
+            merged = f", up to {held // PREFETCH} computed as one batch" if held > PREFETCH else ""
             self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
-                     "at a time")
+                     f"at a time{merged}")
 
     def handle(self, w, kind, *data):
         if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)
@@ -267,6 +270,7 @@ class Master(Ending):
                 return self.stop_rank(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
+            w.batch_rows = int(info.get("batch_rows", 0))
             w.last_progress = time.monotonic()
             if self.first_ready is None and not self.dispatching:
                 # the master is idle until every worker is ready: gather (and encode) the first chunks now
@@ -293,11 +297,18 @@ class Master(Ending):
         elif kind == "failed":   # its process died (only an MPI with ULFM says so): ending.py rank_died
             self.rank_died(w, *data)
 
-    def feed(self, w, upto=PREFETCH):
-        """Hand w chunks until it holds upto of them (or none are left); one at most while a worker is not ready
-        and chunks are of equal work (about one per worker: the late worker still finds its own)."""
+    def window(self, w):
+        """The chunks w holds at a time: PREFETCH; where --chunk-size makes chunks smaller than the batch the worker
+        computes at once (its batch_rows: it merges the chunks it holds), enough for PREFETCH such batches."""
+        size = self.s.chunk_size
+        return PREFETCH * (w.batch_rows // size if 0 < size < w.batch_rows else 1)
+
+    def feed(self, w, upto=None):
+        """Hand w chunks until it holds upto of them (default: its window) or none are left; one at most while a
+        worker is not ready and chunks are of equal work (about one per worker: the late worker finds its own)."""
         if w.retired:
             return
+        upto = self.window(w) if upto is None else upto
         n_active = max(1, len(self.live()))
         if self.sched.by_cost and not self.all_ready():
             upto = 1

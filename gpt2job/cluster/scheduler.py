@@ -39,6 +39,7 @@ class WorkerState:
     retired: bool = False
     why_retired: str = ""
     preferred_chunk: int = DEFAULT_CHUNK
+    batch_rows: int = 0                            # rows it computes as one batch, its chunks merged (0: a chunk)
     outstanding: dict = field(default_factory=dict)   # chunk_id -> Outstanding
     last_progress: float = 0.0
     rows: int = 0
@@ -67,8 +68,8 @@ class WorkerState:
         return {"rank": self.rank, "host": self.host, "rows": self.rows, "tokens": self.tokens, "chunks": self.chunks,
                 "compute_s": round(self.compute_s, 3), "busy_percent": self.busy_percent(),
                 "retired": self.why_retired or None, "ready": self.ready,
-                **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options")
-                   if k in self.info}}
+                **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options",
+                                                 "batch_rows") if k in self.info}}
 
 
 class Scheduler:

@@ -5,7 +5,13 @@ host would wait for the device; at each pause the worker does its own work: it t
 arrived and submits them (their preparation and upload overlap the compute), moves its last result send
 on, and at most every REPORT_EVERY seconds tells the master how many tokens of the chunk it has generated so far
 (Pause.generated: progress within a chunk, for the master's progress line; a send that never waits). The same loop
-runs in an MPI worker rank and in the master's own worker thread; only the link differs."""
+runs in an MPI worker rank and in the master's own worker thread; only the link differs.
+
+Chunks are the master's unit of work (handing out, journaling, retrying); the GPU's batch is the worker's. A backend
+that computes big batches faster (CUDA: the per-row cost of a decode step falls with its rows) says how many rows it
+takes at once (batch_rows): the worker then submits the chunks it holds together, up to that many rows, as one batch
+(chunks.merge_chunks), and sends each chunk's result on its own. A failed batch is reported as its first chunk's
+error; the master hands out again every chunk the worker held."""
 import queue
 import socket
 import threading
@@ -13,7 +19,9 @@ import time
 import traceback
 from collections import deque
 
+from gpt2job import envs
 from gpt2job.backends import make_backend
+from gpt2job.chunks import merge_chunks, split_completions
 from gpt2job.cluster import faults
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import launch_time, trace
@@ -64,17 +72,24 @@ def error_info(rank, e, chunk_id=None):
             "traceback": traceback.format_exc(limit=8)}
 
 
+def batch_rows(backend):
+    """The rows this worker computes at once, its chunks merged (0: one chunk at a time)."""
+    return int(getattr(backend, "batch_rows", 0)) if envs.get("GPT2JOB_MERGE_CHUNKS") else 0
+
+
 def hello_info(backend, t0):
     return {"host": socket.gethostname(), "ready_s": time.time() - launch_time(), "init_s": time.time() - t0,
-            "preferred_chunk": backend.preferred_chunk, **backend.describe()}
+            "preferred_chunk": backend.preferred_chunk, "batch_rows": batch_rows(backend), **backend.describe()}
 
 
 class Loop:
-    """The compute loop of one worker: chunks received but not submitted (waiting), submitted (in_flight)."""
+    """The compute loop of one worker: chunks received but not submitted (waiting), batches submitted (in_flight:
+    their first chunk's id; members: the chunks of a merged batch, [(chunk_id, rows)])."""
 
     def __init__(self, backend, link, rank):
         self.backend, self.link, self.rank = backend, link, rank
-        self.waiting, self.in_flight = deque(), deque()
+        self.waiting, self.in_flight, self.members = deque(), deque(), {}
+        self.batch_rows = batch_rows(backend)
         self.stopping = False
         self.last_report = time.monotonic()   # the first report comes REPORT_EVERY after the loop starts
         self.reported = None                  # (chunk id, tokens) of the last report
@@ -92,12 +107,26 @@ class Loop:
             self.waiting.append(msg)
             trace(f"rank {self.rank}: chunk {msg.chunk_id} received")
         while self.waiting and len(self.in_flight) < limit:
-            chunk = self.waiting.popleft()
+            chunk = self.next_batch()
             self.in_flight.append(chunk.chunk_id)
             t = time.perf_counter()
             self.backend.submit(chunk)
-            trace(f"rank {self.rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts) submitted in "
+            merged = self.members.get(chunk.chunk_id)
+            trace(f"rank {self.rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts"
+                  f"{'' if merged is None else ', chunks %s as one batch' % [c for c, _ in merged]}) submitted in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
+
+    def next_batch(self):
+        """The oldest waiting chunk, with the ones after it that fit in batch_rows merged into it."""
+        batch = [self.waiting.popleft()]
+        rows = len(batch[0].rows)
+        while (self.waiting and rows + len(self.waiting[0].rows) <= self.batch_rows
+               and (self.waiting[0].params is None) == (batch[0].params is None)):
+            batch.append(self.waiting.popleft())
+            rows += len(batch[-1].rows)
+        if len(batch) > 1:
+            self.members[batch[0].chunk_id] = [(c.chunk_id, len(c.rows)) for c in batch]
+        return merge_chunks(batch)
 
     def compute(self):
         """Run the oldest submitted chunk; between its steps, submit more work and move the result send on."""
@@ -122,7 +151,13 @@ class Loop:
         here = (self.in_flight[0], int(generated))
         if here != self.reported:
             self.last_report, self.reported = now, here
-            self.link.send_progress(*here)
+            members = self.members.get(here[0])
+            if members is None:
+                self.link.send_progress(*here)
+                return
+            total = sum(n for _, n in members)   # a merged batch: its tokens shared out by rows
+            for chunk_id, n in members:
+                self.link.send_progress(chunk_id, here[1] * n // total)
 
     def serve(self):
         """Compute until told to stop. Returns None after STOP, or the error report of the exception that ended
@@ -140,7 +175,13 @@ class Loop:
                     us = int((time.perf_counter() - t) * 1e6)
                 self.in_flight.popleft()
                 t = time.perf_counter()
-                self.link.send_result(comp, us)
+                members = self.members.pop(comp.chunk_id, None)
+                if members is None:
+                    self.link.send_result(comp, us)
+                else:   # each chunk's result on its own; the batch's GPU time shared out by rows
+                    total = sum(n for _, n in members)
+                    for part, (_, n) in zip(split_completions(comp, members), members):
+                        self.link.send_result(part, us * n // total)
                 trace(f"rank {self.rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
                       f"{1e3 * (time.perf_counter() - t):.1f} ms")
                 timeline = getattr(self.backend, "timeline", None)

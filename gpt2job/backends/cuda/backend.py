@@ -103,6 +103,10 @@ class CudaBackend(Backend):
                             "GPU memory", "free the GPU (nvidia-smi lists the processes holding it), or run a "
                             "smaller model or fewer ranks per GPU") from e
         self.preferred_chunk = preferred_chunk(type(self).preferred_chunk, self.head_rows, self.model.head_rows)
+        # smaller chunks merged up to it (cluster/worker.py); fp16 only: its product rows are bitwise the same for any
+        # row count (tests/test_cuda_kernels.py), fp32's split-K follows the row count (plan.split_chunk), and the
+        # chunks a batch merges depend on when they arrive
+        self.batch_rows = self.preferred_chunk if self.dtype == "float16" else 0
         if reduced or self.model.head_rows < self.head_rows:
             sys.stderr.write(f"gpt2job: warning: GPU {dev.gpu_index} has {free / 2 ** 20:,.0f} MiB free after the "
                              f"weights: buffers reduced to {runner.sizes()}; asking for chunks of at most "
