@@ -307,3 +307,51 @@ def test_without_merging_each_chunk_is_its_own_batch(monkeypatch):
     be = BatchingBackend()
     Loop(be, link, 1).serve()
     assert be.batches == [[0], [1], [2]]
+
+
+def test_while_a_batch_computes_the_next_is_submitted_full_or_behind_its_last_launch():
+    """Chunks that arrive one by one while a batch computes (the master's answers to its results) are not submitted
+    as a small batch at the first pause: only once the batch is full, or when the computing one has launched its last
+    work (Pause.last: the next is then launched right behind it)."""
+    inbox = deque()
+
+    class Arriving(BatchingBackend):
+        def run(self):
+            chunk = self.pending.pop(0)
+            self.log.append(("compute", chunk.chunk_id))
+            if chunk.chunk_id == 0:
+                for i, last in ((1, False), (2, False), (3, True)):
+                    inbox.append(rows_chunk(i, [i]))
+                    yield Pause(submit=True, ready=lambda: True, last=last)
+                    self.log.append(("paused", i))
+            n = len(chunk.rows)
+            return Completions(chunk.chunk_id, chunk.rows, np.zeros(n + 1, np.int64), np.zeros(0, np.int32),
+                               np.zeros(n, np.uint8))
+
+    class Link(ResultLink):
+        def receive(self, block):
+            return inbox.popleft() if inbox else (STOP if block else None)
+
+    be = Arriving()
+    link = Link([])
+    inbox.append(rows_chunk(0, [0]))
+    assert Loop(be, link, 1).serve() is None
+    assert be.batches == [[0], [1, 2, 3]]
+    assert be.log.index(("submit", 1)) > be.log.index(("paused", 2))   # at the last pause, not before
+    assert link.sent == [0, 1, 2, 3]
+
+
+def test_a_full_batch_is_submitted_at_any_pause():
+    """Full: the next waiting chunk does not fit in batch_rows (4), or another as large as its last would not."""
+    loop = Loop(BatchingBackend(), ResultLink([]), 1)
+    loop.in_flight.append(9)                       # a batch computes
+    loop.waiting.extend([rows_chunk(1, [1]), rows_chunk(2, [2])])
+    loop.take(block=False, limit=PREFETCH, partial=False)
+    assert loop.backend.batches == []              # 2 rows: room for more
+    loop.waiting.append(rows_chunk(3, [3, 4, 5]))
+    loop.take(block=False, limit=PREFETCH, partial=False)
+    assert loop.backend.batches == [[1, 2]]        # chunk 3 does not fit: full as it is
+    loop.in_flight.pop()
+    loop.waiting.extend([rows_chunk(4, [6])])      # 3 + 1 rows: another 1-row chunk would not fit
+    loop.take(block=False, limit=PREFETCH, partial=False)
+    assert loop.backend.batches == [[1, 2], [3, 4, 5, 6]]
