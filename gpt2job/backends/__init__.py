@@ -24,13 +24,10 @@ class Pause:
     ready(): has the device reached the point the host is about to block on? The worker may do its own work
     (send results) until it is; the backend blocks on it once resumed.
     generated: tokens of the chunk being computed that have reached the host so far (progress within a chunk;
-    -1: not known at this pause).
-    last: the chunk's last work is launched: a chunk submitted now is launched right behind it (a worker that
-    merges chunks into batches submits a batch that is not full only then)."""
+    -1: not known at this pause)."""
     submit: bool
     ready: Callable[[], bool]
     generated: int = -1
-    last: bool = False
 
 
 READY = lambda: True   # noqa: E731  (a Pause whose device point is already reached)

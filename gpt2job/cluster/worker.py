@@ -10,9 +10,7 @@ runs in an MPI worker rank and in the master's own worker thread; only the link 
 Chunks are the master's unit of work (handing out, journaling, retrying); the GPU's batch is the worker's. A backend
 that computes big batches faster (CUDA: the per-row cost of a decode step falls with its rows) says how many rows it
 takes at once (batch_rows): the worker then submits the chunks it holds together, up to that many rows, as one batch
-(chunks.merge_chunks), and sends each chunk's result on its own. While the device computes, it submits a batch only
-once it is full or the computing one has launched its last work (Pause.last): the chunks that the master sends back
-for a finished batch arrive one by one, and a batch submitted at the first of them would be a small one. A failed batch is reported as its first chunk's
+(chunks.merge_chunks), and sends each chunk's result on its own. A failed batch is reported as its first chunk's
 error; the master hands out again every chunk the worker held."""
 import queue
 import socket
@@ -96,9 +94,9 @@ class Loop:
         self.last_report = time.monotonic()   # the first report comes REPORT_EVERY after the loop starts
         self.reported = None                  # (chunk id, tokens) of the last report
 
-    def take(self, block, limit, partial=True):
-        """Take every message waiting (block: wait for one when there is nothing to compute), then submit batches
-        until `limit` are submitted (partial False: full ones only)."""
+    def take(self, block, limit):
+        """Take every message waiting (block: wait for one when there is nothing to compute), then submit chunks
+        until `limit` are submitted."""
         while not self.stopping:
             msg = self.link.receive(block and not self.waiting and not self.in_flight)
             if msg is None:
@@ -108,7 +106,7 @@ class Loop:
                 break
             self.waiting.append(msg)
             trace(f"rank {self.rank}: chunk {msg.chunk_id} received")
-        while self.waiting and len(self.in_flight) < limit and (partial or self.batch_full()):
+        while self.waiting and len(self.in_flight) < limit:
             chunk = self.next_batch()
             self.in_flight.append(chunk.chunk_id)
             t = time.perf_counter()
@@ -117,15 +115,6 @@ class Loop:
             trace(f"rank {self.rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts"
                   f"{'' if merged is None else ', chunks %s as one batch' % [c for c, _ in merged]}) submitted in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
-
-    def batch_full(self):
-        """Is the next batch full: does it end at a chunk that does not fit, or would another like its last not?"""
-        rows = 0
-        for c in self.waiting:
-            if rows + len(c.rows) > self.batch_rows or (c.params is None) != (self.waiting[0].params is None):
-                return True
-            rows += len(c.rows)
-        return rows + len(self.waiting[-1].rows) > self.batch_rows
 
     def next_batch(self):
         """The oldest waiting chunk, with the ones after it that fit in batch_rows merged into it."""
@@ -148,7 +137,7 @@ class Loop:
             except StopIteration as done:
                 return done.value
             if pause.submit:       # the device computes: chunks submitted now upload meanwhile
-                self.take(block=False, limit=PREFETCH, partial=not self.batch_rows or pause.last)
+                self.take(block=False, limit=PREFETCH)
             if pause.generated > 0:
                 self.report(pause.generated)
             while not pause.ready() and self.link.in_flight():

@@ -312,7 +312,7 @@ class Runner:
         for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
             model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
-        yield Pause(True, READY, int(gen.sum()), last and n_max <= 1)   # the prefill computes: submit and upload now
+        yield Pause(True, READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
         # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
         # output, on the GPU, so the GPU never waits for the host between steps. A row that stops (EOS) at step s-1
         # is known only after step s was launched: it computes step s for nothing (dropped here) and leaves the
@@ -353,7 +353,7 @@ class Runner:
                         graphs.run((m, p_tok, sdev, tok_dev, b0, S, ns, kv[0][0], *gkey), decode)
                     else:
                         decode()
-                    yield Pause(True, READY, int(gen.sum()), last and step == n_max - 1)   # (last: _start_next)
+                    yield Pause(True, READY, int(gen.sum()))
                     lp.download(n, step % 2)
                     nxt = (step, rows, dev.download_tokens(tok_dev, n, step % 2), ev_d0)
             if last and plan.ev_end is None and (nxt is None or step == n_max - 1):   # the chunk's last launch
