@@ -50,7 +50,8 @@ VARS = {v.name: v for v in (
         "its batch size, as a bigger --chunk-size would"),
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
-        "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up), MODE raise|hang|exit"),
+        "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up; chunks merged into one "
+        "batch count once), MODE raise|hang|exit"),
     Var("GPT2JOB_SHARED", "str", "", "tests and benchmarks: the shared/ folder (default ../shared)"),
     Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
     Var("GPT2JOB_WRITER", "str", "auto",

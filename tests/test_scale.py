@@ -82,9 +82,10 @@ def test_master_memory_per_row_is_bounded(job):
 def test_kill_at_half_then_resume_is_identical_and_the_writer_dies_with_its_master(job):
     d, inp, (want, _) = job
     out = d / "kill.h5"
-    # the worker hangs at its 250th chunk of ~340 (after the half-way line): the job cannot end before the kill
-    p = subprocess.Popen(cmd(inp, out), env=job_env(GPT2JOB_FAULT="0:250:hang"), stderr=subprocess.PIPE,
-                         stdout=subprocess.DEVNULL, text=True)
+    # the worker hangs at its 250th chunk of ~340 (after the half-way line): the job cannot end before the kill (one
+    # chunk a batch: merged, a batch counts once, and there would be ~25)
+    p = subprocess.Popen(cmd(inp, out), env=job_env(GPT2JOB_FAULT="0:250:hang", GPT2JOB_MERGE_CHUNKS=0),
+                         stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     for line in p.stderr:
         m = re.match(r"progress: (\d+)/", line)
         if m and int(m.group(1)) >= N // 2:
