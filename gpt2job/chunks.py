@@ -199,12 +199,17 @@ def merge_chunks(chunks):
 
 def split_completions(comp, members):
     """The Completions of a merged batch (merge_chunks) as its chunks' own: members [(chunk_id, rows)] in the
-    batch's order."""
+    batch's order. Each is a slice of the batch's arrays (views: a batch has up to thousands of chunks)."""
     out, b = [], 0
     for chunk_id, n in members:
-        part = comp.take(np.arange(b, b + n))
-        part.chunk_id, b = chunk_id, b + n
+        t0, t1 = int(comp.offsets[b]), int(comp.offsets[b + n])
+        part = Completions(chunk_id, comp.rows[b:b + n], comp.offsets[b:b + n + 1] - t0, comp.tokens[t0:t1],
+                           comp.finish[b:b + n])
+        for name in ("logprobs", "top_ids", "top_logprobs"):
+            if getattr(comp, name) is not None:
+                setattr(part, name, getattr(comp, name)[t0:t1])
         out.append(part)
+        b += n
     return out
 
 

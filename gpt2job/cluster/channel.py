@@ -301,7 +301,8 @@ class MpiMasterLink:
         from mpi4py import MPI
         self.MPI, self.comm = MPI, comm
         self.status = MPI.Status()
-        self.sending = None      # (request, buffer) of the result in flight: the next chunk computes meanwhile
+        self.sending = []        # (request, buffer) of the results in flight (a merged batch's chunks: several at
+                                 # once, none waiting for the one before): the next batch computes meanwhile
         self.reporting = []      # (request, buffer) of progress reports in flight
 
     def receive(self, block):
@@ -333,9 +334,8 @@ class MpiMasterLink:
         self.comm.send(info, dest=0, tag=TAG_ERROR)
 
     def send_result(self, comp, compute_us):
-        self.finish()
         buf = encode_completions(comp, compute_us)
-        self.sending = (self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf)
+        self.sending.append((self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf))
 
     def send_progress(self, chunk_id, tokens):
         """Tell the master how many tokens of the chunk have been generated so far. Never waits: small, sent
@@ -349,14 +349,13 @@ class MpiMasterLink:
     def in_flight(self):
         """Is a result send still in flight? Testing it moves it on (a large message goes out only while this
         rank calls into MPI: without this it waited for the next decode step, 10-80 ms measured)."""
-        if self.sending is not None and self.sending[0].Test():
-            self.sending = None
-        return self.sending is not None
+        self.sending = [x for x in self.sending if not x[0].Test()]
+        return bool(self.sending)
 
     def finish(self):
-        if self.sending is not None:
-            self.sending[0].Wait()
-            self.sending = None
+        for request, _ in self.sending:
+            request.Wait()
+        self.sending = []
 
     def wait_for_stop(self):
         """After reporting a failure: drop any queued work until the master says stop."""

@@ -3,9 +3,10 @@ backend (inject), so the production worker loop holds no test code. For real: wh
 an MPI with fault tolerance (ULFM: Open MPI 5's `mpirun --with-ft ulfm`), for the master's channel.
 
 Plan text (tests pass it in GPT2JOB_FAULT): RANK:K:MODE[,...]: rank RANK fails on its K-th chunk (K=0: during
-start-up; chunks a worker merged into one batch count as one) with MODE raise (an exception), hang (stops answering), exit (the process exits, status 17, without
-MPI_Finalize), kill (the process is killed: SIGKILL, as by the kernel's OOM killer or kill -9) or cuda (a real CUDA
-error in the middle of the chunk: a kernel reads an illegal address, which loses the GPU context; cuda backend only).
+start-up; chunks a worker merged into one batch count as one) with MODE raise (an exception), hang (stops
+answering), exit (the process exits, status 17, without MPI_Finalize), kill (the process is killed: SIGKILL, as by
+the kernel's OOM killer or kill -9) or cuda (a real CUDA error in the middle of the chunk: a kernel reads an illegal
+address, which loses the GPU context; cuda backend only).
 
 Under ULFM a killed rank is reported to the ranks that talk to it (MPI_ERR_PROC_FAILED); one that exits non-zero
 without MPI_Finalize is not (Open MPI 5.0): to the master it is a rank that stopped answering."""

@@ -2,7 +2,7 @@
 
 The worker owns its loop. The backend computes a chunk as a generator (Backend.run) that pauses wherever the
 host would wait for the device; at each pause the worker does its own work: it takes in the chunks that
-arrived and submits them (their preparation and upload overlap the compute), moves its last result send
+arrived and submits them (their preparation and upload overlap the compute), moves its result sends
 on, and at most every REPORT_EVERY seconds tells the master how many tokens of the chunk it has generated so far
 (Pause.generated: progress within a chunk, for the master's progress line; a send that never waits). The same loop
 runs in an MPI worker rank and in the master's own worker thread; only the link differs.
@@ -129,7 +129,7 @@ class Loop:
         return merge_chunks(batch)
 
     def compute(self):
-        """Run the oldest submitted chunk; between its steps, submit more work and move the result send on."""
+        """Run the oldest submitted batch; between its steps, submit more work and move the result sends on."""
         steps = self.backend.run()
         while True:
             try:
@@ -161,7 +161,7 @@ class Loop:
 
     def serve(self):
         """Compute until told to stop. Returns None after STOP, or the error report of the exception that ended
-        it. With the device idle only one chunk is submitted before computing (a second submit would hold the
+        it. With the device idle only one batch is submitted before computing (a second submit would hold the
         idle device back); the rest are submitted at the pauses."""
         try:
             while True:
