@@ -2,7 +2,8 @@
 commit to the journal, HDF5 writer thread) serves N simulated workers on the CPU.
 
     python benchmarks/master_scale.py [--workers 15,63] [--tok-s 600000] [--rows 2000000] [--chunk-size 546]
-        [--new-tokens 8] [--layout vlen|flat] [--dir /tmp/gpt2job-master-scale] [--keep] [--json results.jsonl]
+        [--new-tokens 8] [--layout vlen|flat] [--batch-rows 0] [--dir /tmp/gpt2job-master-scale] [--keep]
+        [--json results.jsonl]
 
 Each simulated worker (SimChannel) computes the chunks it is sent one after another, each taking
 rows x new tokens / --tok-s seconds of wall time (W1-type chunks: 546 prompts of 16 tokens, 8 new, is what each of
@@ -16,6 +17,10 @@ Reported per N: rows/s and tokens/s the master sustained (first chunk out -> las
 finish(): the HDF5 file complete), the demand (N x tok/s), how the master's main thread spent the span (receiving,
 committing = journal write + fsync, dispatching, writing: the writer thread's own time, idle), process CPU time,
 peak RSS, and the workers' mean busy % (below 100%: the master did not keep up).
+
+--batch-rows N: the workers say they compute up to N rows at once, as an fp16 GPU worker does (8,192: the master then
+keeps 2 x N // chunk size chunks with each), and compute so: the chunks that have arrived when a worker is free start
+together, up to N rows, and all their results are ready when the batch ends.
 """
 import argparse
 import json
@@ -40,15 +45,16 @@ from gpt2job.settings import JobSettings  # noqa: E402
 class SimWorker:
     def __init__(self, rank):
         self.rank, self.queue, self.free_at, self.busy_s = rank, [], 0.0, 0.0
+        self.pending, self.running = [], None    # --batch-rows: chunks not started; (end, [(id, rows)]) computing
 
 
 class SimChannel:
     """N workers that compute at a set speed; the cluster/channel.py interface."""
 
-    def __init__(self, n, tok_s, new_tokens, pool):
+    def __init__(self, n, tok_s, new_tokens, pool, batch_rows=0):
         self.workers = {r: SimWorker(r) for r in range(1, n + 1)}
         self.ranks = list(self.workers)
-        self.tok_s, self.new_tokens, self.pool = tok_s, new_tokens, pool
+        self.tok_s, self.new_tokens, self.pool, self.batch_rows = tok_s, new_tokens, pool, batch_rows
         self.hello_sent, self.n_results = False, 0
         self.t = {"receive": 0.0, "send": 0.0, "idle": 0.0}
 
@@ -60,6 +66,10 @@ class SimChannel:
         encode_chunk(chunk)                             # what MpiChannel does before Isend (its cost)
         w = self.workers[rank]
         now = time.monotonic()
+        if self.batch_rows:
+            w.pending.append((now, chunk.chunk_id, np.asarray(chunk.rows, np.int64)))
+            self.t["send"] += time.perf_counter() - t0
+            return
         start = max(now, w.free_at)
         w.free_at = start + len(chunk.rows) * self.new_tokens / self.tok_s
         w.busy_s += w.free_at - start
@@ -77,9 +87,12 @@ class SimChannel:
         msgs = []
         if not self.hello_sent:
             self.hello_sent = True
-            msgs = [(r, "hello", {"host": "sim", "backend": "sim", "preferred_chunk": 8192}) for r in self.ranks]
+            msgs = [(r, "hello", {"host": "sim", "backend": "sim", "preferred_chunk": 8192,
+                                  "batch_rows": self.batch_rows}) for r in self.ranks]
         now = time.monotonic()
         for w in self.workers.values():
+            if self.batch_rows:
+                self.batches(w, now)
             while w.queue and w.queue[0][0] <= now:
                 done_at, cid, b, rows = w.queue.pop(0)
                 buf = self.pool.result(cid, rows)
@@ -89,12 +102,33 @@ class SimChannel:
         self.t["receive"] += time.perf_counter() - t0
         return msgs
 
+    def batches(self, w, now):
+        """--batch-rows: end the batch computing by now (its results join w.queue, ready at its end) and start the
+        next from the chunks arrived by then, up to batch_rows rows; until a batch ends after now."""
+        while True:
+            if w.running is not None:
+                end, batch = w.running
+                if end > now:
+                    return
+                w.queue += [(end, cid, len(rows), rows) for cid, rows in batch]
+                w.free_at, w.running = end, None
+            if not w.pending or max(w.free_at, w.pending[0][0]) > now:
+                return
+            start, batch, n = max(w.free_at, w.pending[0][0]), [], 0
+            while w.pending and w.pending[0][0] <= start and (not batch or n + len(w.pending[0][2]) <= self.batch_rows):
+                _, cid, rows = w.pending.pop(0)
+                batch.append((cid, rows))
+                n += len(rows)
+            dur = n * self.new_tokens / self.tok_s
+            w.running, w.busy_s = (start + dur, batch), w.busy_s + dur
+
     def progress(self):
         pass
 
     def wait(self):
         t0 = time.perf_counter()
-        nxt = min((w.queue[0][0] for w in self.workers.values() if w.queue), default=None)
+        nxt = min([w.queue[0][0] for w in self.workers.values() if w.queue]
+                  + [w.running[0] for w in self.workers.values() if w.running is not None], default=None)
         pause = 0.0005 if nxt is None else min(0.0005, max(0.0, nxt - time.monotonic()))
         time.sleep(pause)
         self.t["idle"] += time.perf_counter() - t0
@@ -177,7 +211,7 @@ def one(n_workers, a, inp, out):
                     chunk_size=a.chunk_size, vocab_dir=a.vocab_dir, progress_interval=1e9, chunk_timeout=600,
                     layout=a.layout)
     pool = ResultPool(a.model, a.new_tokens, a.chunk_size)
-    ch = SimChannel(n_workers, a.tok_s, a.new_tokens, pool)
+    ch = SimChannel(n_workers, a.tok_s, a.new_tokens, pool, a.batch_rows)
     m = Master(s, None, channel=ch)
     t0 = time.perf_counter()
     cpu0 = time.process_time()
@@ -210,7 +244,7 @@ def one(n_workers, a, inp, out):
     res = {
         "commit": git_commit(), "text": m.enc is not None, "layout": a.layout,
         "workers": n_workers, "tok_s_each": a.tok_s, "demand_tok_s": n_workers * a.tok_s,
-        "chunk_size": a.chunk_size, "rows": rows, "tokens": toks, "results": ch.n_results,
+        "chunk_size": a.chunk_size, "batch_rows": a.batch_rows, "rows": rows, "tokens": toks, "results": ch.n_results,
         "prepare_s": round(t_prep, 2), "span_s": round(span, 3), "run_s": round(t2 - t1, 3),
         "finish_s": round(t3 - t2, 3),
         "rows_per_s": round(rows / span), "tokens_per_s": round(toks / span),
@@ -248,6 +282,8 @@ def main():
                                                                                           "gpt2-vocab"))
     ap.add_argument("--no-text", action="store_true", help="no tokenizer: the output without its 'completions' text")
     ap.add_argument("--layout", choices=("vlen", "flat"), default="vlen", help="the output's layout (run --layout)")
+    ap.add_argument("--batch-rows", type=int, default=0, help="the workers merge chunks into batches of up to this "
+                                                              "many rows (see above; 0: one chunk at a time)")
     ap.add_argument("--dir", default="/tmp/gpt2job-master-scale")
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--json", help="append one JSON line per run")
@@ -287,7 +323,8 @@ def main():
 
 def _passed(a):
     return ["--tok-s", str(a.tok_s), "--rows", str(a.rows), "--chunk-size", str(a.chunk_size), "--new-tokens",
-            str(a.new_tokens), "--model", a.model, "--dir", a.dir, "--layout", a.layout] \
+            str(a.new_tokens), "--model", a.model, "--dir", a.dir, "--layout", a.layout,
+            "--batch-rows", str(a.batch_rows)] \
         + ["--vocab-dir", a.vocab_dir] + (["--no-text"] if a.no_text else [])
 
 

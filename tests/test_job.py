@@ -157,7 +157,7 @@ def test_small_chunks_are_computed_in_batches_with_the_same_results(tmp_path, np
         got[merge] = read_output(out)
         summary = json.loads(got[merge]["attrs"]["summary"])
         assert sum(w["chunks"] for w in summary["workers"]) == 43 and sum(w["rows"] for w in summary["workers"]) == 300
-        assert ("computed as one batch" in p.stderr) == (merge == "1"), p.stderr    # the master's window
+        assert ("computed in batches of up to 8,192 prompts" in p.stderr) == (merge == "1"), p.stderr   # its window
         assert ("as one batch) submitted" in p.stderr) == (merge == "1"), p.stderr  # the workers' batches
     assert got["1"]["done"].all()
     assert [t.tolist() for t in got["1"]["tokens"]] == [t.tolist() for t in got["0"]["tokens"]]

@@ -518,11 +518,13 @@ def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_di
     w.close()
 
 
-def test_the_master_benchmark_s_simulated_workers_answer_for_their_chunks(tmp_path):
+@pytest.mark.parametrize("batch_rows", [0, 1000])
+def test_the_master_benchmark_s_simulated_workers_answer_for_their_chunks(tmp_path, batch_rows):
     """benchmarks/master_scale.py: every row of the input comes back once (its simulated workers once answered with
-    rows shifted by a word, which made every result take the master's slow path and lose a row)."""
+    rows shifted by a word, which made every result take the master's slow path and lose a row); also when they
+    compute merged batches (--batch-rows: 2 x 5 chunks out with each)."""
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "master_scale.py"), "--workers", "3", "--rows", "20000",
-                        "--chunk-size", "200", "--no-text", "--dir", str(tmp_path)], capture_output=True, text=True,
-                       timeout=300, cwd=str(ROOT))
+                        "--chunk-size", "200", "--no-text", "--dir", str(tmp_path), "--batch-rows", str(batch_rows)],
+                       capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     res = json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
-    assert res["rows"] == 20000 and res["tokens"] == 20000 * 8
+    assert res["rows"] == 20000 and res["tokens"] == 20000 * 8 and res["batch_rows"] == batch_rows

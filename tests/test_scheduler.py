@@ -291,3 +291,15 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
         assert m.hung_ranks == [1, 2]
     finally:
         m.store.close()
+
+
+def test_a_merging_worker_holds_two_batches_of_small_chunks():
+    """Scheduler.window: --chunk-size 100 against a worker that computes 1,000 rows at once: 2 x 10 chunks out with
+    it; a worker that does not merge, or chunks as large as its batch: prefetch."""
+    ps = prompt_set(1000)
+    merging, plain = WorkerState(rank=1, batch_rows=1000), WorkerState(rank=2)
+    sched = Scheduler(ps, np.arange(1000, dtype=np.int64), chunk_size=100, prefetch=2)
+    assert sched.window(merging) == 20 and sched.window(plain) == 2
+    assert Scheduler(ps, np.arange(1000), chunk_size=300, prefetch=2).window(merging) == 6
+    assert Scheduler(ps, np.arange(1000), chunk_size=1000, prefetch=2).window(merging) == 2
+    assert Scheduler(ps, np.arange(1000), prefetch=2).window(merging) == 2     # the scheduler's own chunk size

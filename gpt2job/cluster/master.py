@@ -242,13 +242,14 @@ class Master(Ending):
         if all_ready:
             self.t_ready = time.time()
         trace(f"master: {len(ready)} of {len(self.live())} workers ready, handing out chunks")
-        held = max(self.window(w) for w in ready)
+        held = max(self.sched.window(w) for w in ready)
         for depth in range(1, held + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
         if self.s.chunk_size or self.sched.even_size:
             held = 1 if self.sched.by_cost and not all_ready else held
-            merged = f", up to {held // PREFETCH} computed as one batch" if held > PREFETCH else ""
+            rows = max(w.batch_rows for w in ready)
+            merged = f", computed in batches of up to {rows:,} prompts" if held > PREFETCH else ""
             self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
                      f"at a time{merged}")
 
@@ -297,18 +298,12 @@ class Master(Ending):
         elif kind == "failed":   # its process died (only an MPI with ULFM says so): ending.py rank_died
             self.rank_died(w, *data)
 
-    def window(self, w):
-        """The chunks w holds at a time: PREFETCH; where --chunk-size makes chunks smaller than the batch the worker
-        computes at once (its batch_rows: it merges the chunks it holds), enough for PREFETCH such batches."""
-        size = self.s.chunk_size
-        return PREFETCH * (w.batch_rows // size if 0 < size < w.batch_rows else 1)
-
     def feed(self, w, upto=None):
         """Hand w chunks until it holds upto of them (default: its window) or none are left; one at most while a
         worker is not ready and chunks are of equal work (about one per worker: the late worker finds its own)."""
         if w.retired:
             return
-        upto = self.window(w) if upto is None else upto
+        upto = self.sched.window(w) if upto is None else upto
         n_active = max(1, len(self.live()))
         if self.sched.by_cost and not self.all_ready():
             upto = 1

@@ -218,6 +218,12 @@ class Scheduler:
             end += 1
         return end
 
+    def window(self, worker: WorkerState):
+        """The chunks `worker` holds at a time: prefetch; where --chunk-size makes chunks smaller than the batch the
+        worker computes at once (its batch_rows: it merges the chunks it holds), enough for prefetch such batches."""
+        size = self.chunk_size
+        return self.prefetch * (worker.batch_rows // size if 0 < size < worker.batch_rows else 1)
+
     def make_chunk(self, rows):
         """The chunk of these (output) rows, gathered without a Python loop (a chunk can hold 10^4-10^5 prompts, and
         workers wait while the master builds their first chunks)."""
