@@ -84,7 +84,7 @@ def hello_info(backend, t0):
 
 class Loop:
     """The compute loop of one worker: chunks received but not submitted (waiting), batches submitted (in_flight:
-    their first chunk's id; members: the chunks of a merged batch, [(chunk_id, rows)])."""
+    their first chunk's id; members: each batch's chunks, [(chunk_id, rows)], one unless merged)."""
 
     def __init__(self, backend, link, rank):
         self.backend, self.link, self.rank = backend, link, rank
@@ -111,9 +111,9 @@ class Loop:
             self.in_flight.append(chunk.chunk_id)
             t = time.perf_counter()
             self.backend.submit(chunk)
-            merged = self.members.get(chunk.chunk_id)
+            ids = [c for c, _ in self.members[chunk.chunk_id]]
             trace(f"rank {self.rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts"
-                  f"{'' if merged is None else ', chunks %s as one batch' % [c for c, _ in merged]}) submitted in "
+                  f"{', chunks %s as one batch' % ids if len(ids) > 1 else ''}) submitted in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
 
     def next_batch(self):
@@ -124,8 +124,7 @@ class Loop:
                and (self.waiting[0].params is None) == (batch[0].params is None)):
             batch.append(self.waiting.popleft())
             rows += len(batch[-1].rows)
-        if len(batch) > 1:
-            self.members[batch[0].chunk_id] = [(c.chunk_id, len(c.rows)) for c in batch]
+        self.members[batch[0].chunk_id] = [(c.chunk_id, len(c.rows)) for c in batch]
         return merge_chunks(batch)
 
     def compute(self):
@@ -151,10 +150,7 @@ class Loop:
         here = (self.in_flight[0], int(generated))
         if here != self.reported:
             self.last_report, self.reported = now, here
-            members = self.members.get(here[0])
-            if members is None:
-                self.link.send_progress(*here)
-                return
+            members = self.members[here[0]]
             total = sum(n for _, n in members)   # a merged batch: its tokens shared out by rows
             for chunk_id, n in members:
                 self.link.send_progress(chunk_id, here[1] * n // total)
@@ -175,13 +171,10 @@ class Loop:
                     us = int((time.perf_counter() - t) * 1e6)
                 self.in_flight.popleft()
                 t = time.perf_counter()
-                members = self.members.pop(comp.chunk_id, None)
-                if members is None:
-                    self.link.send_result(comp, us)
-                else:   # each chunk's result on its own; the batch's GPU time shared out by rows
-                    total = sum(n for _, n in members)
-                    for part, (_, n) in zip(split_completions(comp, members), members):
-                        self.link.send_result(part, us * n // total)
+                members = self.members.pop(comp.chunk_id)   # each chunk's result on its own; the batch's GPU
+                total = sum(n for _, n in members)            # time shared out by rows
+                for part, (_, n) in zip(split_completions(comp, members), members):
+                    self.link.send_result(part, us * n // total)
                 trace(f"rank {self.rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
                       f"{1e3 * (time.perf_counter() - t):.1f} ms")
                 timeline = getattr(self.backend, "timeline", None)
