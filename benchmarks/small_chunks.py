@@ -4,6 +4,7 @@
       [--configs 'old=.prev;new=.;new-s4=.@GPT2JOB_F16_VARIANTS=...'] [--flags '--temperature 0.8 ...']
 
   W3 by chunk size   W3 (W1's 8,192 prompts x 8, 16 tokens, 8 new), --no-dedup, --chunk-size N: tok/s and N / 8192
+  W1 one chunk       (--w1) W1 itself, --no-dedup, default chunking: one chunk of 8,192
   ragged, small      2,048 prompts, half of 4-32 tokens and half of 256-448 (seeded, interleaved), 128 new,
                      --ignore-eos, --chunk-size 512, against the same in one chunk (--chunk-size 2048). (The raw
                      lines of 2026-11-30 named "ragged chunk 512" ran --chunk-size 256, as their flags say.)
@@ -56,6 +57,10 @@ def main():
                                                             "first worker's, and the largest of the workers')")
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model, numpy, few rows)")
     ap.add_argument("--flags", default="", help="more job flags for every case, e.g. '--temperature 0.8 --top-k 40'")
+    ap.add_argument("--w1", action="store_true", help="also W1 (8,192 x 16 tokens, 8 new, --no-dedup) as one chunk: "
+                                                       "a one-chunk job, its start and end not hidden by other chunks")
+    ap.add_argument("--keep-logs", action="store_true", help="each run's output in OUT/logs/ (with GPT2JOB_TRACE=1: "
+                                                               "benchmarks/job_ends.py reads them)")
     a = ap.parse_args()
     model, be, dt, small = "random:gpt2", "cuda", "float16", []
     if a.smoke:
@@ -82,6 +87,8 @@ def main():
     cases += [(f"ragged chunk {rs}", ragged, 128, ["--ignore-eos", "--chunk-size", str(rs), *more]),
               ("ragged one chunk", ragged, 128, ["--ignore-eos", "--chunk-size", str(8 * rs if a.smoke else 2048),
                                                  *more])]
+    if a.w1:
+        cases.append(("W1 one chunk", os.path.join(wl, "w1.h5"), 8, ["--no-dedup", *more]))
     configs = parse_configs(a.configs)
     for tree, env in configs.values():
         run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False, tree=tree,
@@ -93,6 +100,10 @@ def main():
             for c, (tree, env) in configs.items():    # interleaved: drifts of the machine hit every configuration
                 out = os.path.join(a.work, f"out-{c}-{i}.h5")
                 r = run_job(inp, out, hf, be, dt, a.gpus, new, False, extra=extra, tree=tree, env=env)
+                if a.keep_logs:
+                    os.makedirs(os.path.join(a.out, "logs"), exist_ok=True)
+                    with open(os.path.join(a.out, "logs", f"{c}-{name.replace(' ', '_')}-{i}.log"), "w") as f:
+                        f.write(r["output"])
                 sm = r["summary"] or {}
                 ws = sm.get("workers") or [{}]
                 got[c].append({"rc": r["rc"], "tok_s": sm.get("throughput_tokens_per_s"),

@@ -261,6 +261,7 @@ class Master(Ending):
             w.outstanding.pop(comp.chunk_id, None)
             w.last_progress = time.monotonic()
             self.received.append((w, comp, us, t_recv[0] if t_recv else time.time()))
+            trace(f"master: chunk {comp.chunk_id} result from rank {w.rank}, received {self.received[-1][3]:.4f}")
             if not w.retired:
                 self.feed(w)
         elif kind == "hello":

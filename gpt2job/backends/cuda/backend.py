@@ -10,6 +10,7 @@ preferred chunk, which the worker's hello passes to the master) on a GPU another
 """
 import dataclasses
 import sys
+import time
 
 import numpy as np
 
@@ -61,6 +62,7 @@ class CudaBackend(Backend):
         t0 = dev.drv.Event()   # the timeline's origin
         t0.record(dev.compute)
         t0.synchronize()
+        t0_wall = time.time()   # the origin in wall-clock time: traced timelines line up with the master's lines
         free = dev.free_memory()
         # the head buffers to reserve: a job-wide penalty or --top-logprobs selects on materialised logits even when
         # greedy (--logprobs alone: the fused greedy head sums the softmax too)
@@ -68,7 +70,8 @@ class CudaBackend(Backend):
         greedy = s.sampling.greedy and s.repetition_penalty == 1 and (not s.logprobs or s.top_logprobs == 0)
         self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
                              share_gpus=share_gpus, greedy=greedy, penalty=self.settings.repetition_penalty != 1,
-                             logprobs_k=self.settings.top_logprobs if self.settings.logprobs else None)
+                             logprobs_k=self.settings.top_logprobs if self.settings.logprobs else None,
+                             t0_wall=t0_wall)
         options = self.runner.options
 
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs

@@ -39,13 +39,13 @@ from gpt2job.model.sampling import RowSettings
 
 class Runner:
     def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
-                 greedy=True, penalty=False, logprobs_k=None):
+                 greedy=True, penalty=False, logprobs_k=None, t0_wall=None):
         self.dev, self.model, self.k = device, model, kernels
         self.cfg = model.cfg
         self.kv_budget = kv_budget
         self.max_prefill_rows = int(max_prefill_rows)
         self.share_prefixes = share_prefixes   # submit plans shared prompt prefixes (options.prefix_share)
-        self.t0 = t0                  # event: the timeline's origin
+        self.t0, self.t0_wall = t0, t0_wall   # event: the timeline's origin; its time.time()
         self.share_gpus = share_gpus  # ranks share the GPU: the KV cache is not reserved ahead
         self.greedy = greedy          # the head buffers to reserve (argmax partials or logits)
         self.options = (penalty, logprobs_k)   # a job-wide penalty, --logprobs' K (None: off): rows.option_buffers
@@ -250,7 +250,8 @@ class Runner:
         t = lambda ev: ev.time_since(self.t0)  # noqa: E731
         entry = {"chunk_id": chunk.chunk_id, "prompts": B, "generated": int(gen.sum()),
                  "shared_prefix_tokens": plan.shared_tokens,
-                 "upload": (t(plan.ev_up[0]), t(plan.ev_up[1])), "compute": (t(ev_c0), t(ev_c1))}
+                 "upload": (t(plan.ev_up[0]), t(plan.ev_up[1])), "compute": (t(ev_c0), t(ev_c1)),
+                 "origin": self.t0_wall}
         if plan.phases:   # the first prefill launch: from the compute start to it, the host was preparing
             entry["first_launch"] = t(plan.phases[0][1])
         if plan.last_down is not None:

@@ -1,0 +1,80 @@
+"""Where a traced job's worker span goes (GPT2JOB_TRACE=1 jobs' output, e.g. `small_chunks.py --keep-logs`):
+
+  python3 benchmarks/job_ends.py LOG [LOG ...]
+
+The summary's busy % is a worker's GPU time over its span, from its first chunk sent to its last result received
+by the master. Per worker rank this splits the span into
+  start    first chunk sent -> the first batch's first GPU launch (receiving, the first submit, planning)
+  between  the GPU idle between batches (a batch's last GPU work -> the next batch's first launch)
+  inside   the batches' own GPU spans (first launch -> last GPU work): what busy % counts
+  end      the last batch's last GPU work -> its last result received by the master (copy back, split, send)
+from the master's lines (chunk handed out, result received) and the worker's device timelines (CUDA events, put on
+the wall clock by their `origin`: the time.time() at the backend's first event; the ranks share a node's clock).
+Trees before the `origin` field: start / between / end are not split. One line per log and rank, in ms.
+"""
+import re
+import sys
+
+TRACE = re.compile(r"gpt2job trace (\d+\.\d+) (.*)$")
+SENT = re.compile(r"master: chunk (-?\d+) \(\d+ prompts\) to rank (\d+)")
+RESULT = re.compile(r"master: chunk (-?\d+) result from rank (\d+), received (\d+\.\d+)")
+TIMELINE = re.compile(r"rank (\d+): chunk (-?\d+) device timeline \(ms since start\): (.*)$")
+
+
+def fields(text):
+    out = {}
+    for item in text.split(", "):
+        name, _, v = item.partition(" ")
+        x = [float(t) for t in re.findall(r"\d+(?:\.\d+)?", v)]
+        out[name] = tuple(x) if len(x) == 2 else (x[0] if x else None)
+    return out
+
+
+def analyse(text):
+    """{rank: {"span", "start", "between", "inside", "end", "batches"} in ms}."""
+    first_sent, last_recv, batches = {}, {}, {}
+    for line in text.splitlines():
+        m = TRACE.search(line)
+        if not m:
+            continue
+        t, msg = float(m.group(1)), m.group(2)
+        if (s := SENT.match(msg)):
+            first_sent.setdefault(int(s.group(2)), t)
+        elif (r := RESULT.match(msg)):
+            rank = int(r.group(2))
+            last_recv[rank] = max(last_recv.get(rank, 0.0), float(r.group(3)))
+        elif (d := TIMELINE.match(msg)):
+            f = fields(d.group(3))
+            if "compute" in f:
+                batches.setdefault(int(d.group(1)), []).append(f)
+    res = {}
+    for rank, fs in sorted(batches.items()):
+        if rank not in first_sent or rank not in last_recv:
+            continue
+        spans = sorted((f.get("first_launch", f["compute"][0]), f["compute"][1], f.get("origin")) for f in fs)
+        inside = sum(b - a for a, b, _ in spans)
+        between = sum(max(0.0, n[0] - p[1]) for p, n in zip(spans, spans[1:]))
+        span = 1e3 * (last_recv[rank] - first_sent[rank])
+        row = {"span": span, "inside": inside, "between": between, "batches": len(spans), "start": None, "end": None}
+        origin = spans[0][2]
+        if origin:
+            row["start"] = origin * 1e3 + spans[0][0] - first_sent[rank] * 1e3
+            row["end"] = last_recv[rank] * 1e3 - (origin * 1e3 + spans[-1][1])
+        res[rank] = row
+    return res
+
+
+def main():
+    print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'start':>7} {'between':>7} "
+          f"{'end':>7} {'busy %':>6}")
+    for path in sys.argv[1:]:
+        with open(path) as f:
+            res = analyse(f.read())
+        for rank, r in res.items():
+            fmt = lambda x: f"{x:.1f}" if x is not None else "-"   # noqa: E731
+            print(f"{path[-44:]:<44} {rank:>4} {r['batches']:>7} {r['span']:>8.1f} {r['inside']:>8.1f} "
+                  f"{fmt(r['start']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} {100 * r['inside'] / r['span']:>6.1f}")
+
+
+if __name__ == "__main__":
+    main()
