@@ -4,10 +4,12 @@
 
 The summary's busy % is a worker's GPU time over its span, from its first chunk sent to its last result received
 by the master. Per worker rank this splits the span into
-  start    first chunk sent -> the first batch's first GPU launch (receiving, the first submit, planning)
+  start    first chunk sent -> the first batch's first GPU launch; "recv" of it: until the worker had received
+           its first chunk, the rest preparing the first batch (receiving more, planning, uploading)
   between  the GPU idle between batches (a batch's last GPU work -> the next batch's first launch)
   inside   the batches' own GPU spans (first launch -> last GPU work): what busy % counts
-  end      the last batch's last GPU work -> its last result received by the master (copy back, split, send)
+  end      the last batch's last GPU work -> its last result received by the master; "back" of it: until the
+           worker's loop had the batch's completions, the rest splitting, sending and the master receiving
 from the master's lines (chunk handed out, result received) and the worker's device timelines (CUDA events, put on
 the wall clock by their `origin`: the time.time() at the backend's first event; the ranks share a node's clock).
 Trees before the `origin` field: start / between / end are not split. One line per log and rank, in ms.
@@ -17,6 +19,8 @@ import sys
 
 TRACE = re.compile(r"gpt2job trace (\d+\.\d+) (.*)$")
 SENT = re.compile(r"master: chunk (-?\d+) \(\d+ prompts\) to rank (\d+)")
+RECEIVED = re.compile(r"rank (\d+): chunk (-?\d+) received$")
+COMPUTED = re.compile(r"rank (\d+): chunk (-?\d+) computed in .* back at (\d+\.\d+)")
 RESULT = re.compile(r"master: chunk (-?\d+) result from rank (\d+), received (\d+\.\d+)")
 TIMELINE = re.compile(r"rank (\d+): chunk (-?\d+) device timeline \(ms since start\): (.*)$")
 
@@ -32,7 +36,7 @@ def fields(text):
 
 def analyse(text):
     """{rank: {"span", "start", "between", "inside", "end", "batches"} in ms}."""
-    first_sent, last_recv, batches = {}, {}, {}
+    first_sent, last_recv, batches, first_in, back = {}, {}, {}, {}, {}
     for line in text.splitlines():
         m = TRACE.search(line)
         if not m:
@@ -43,6 +47,10 @@ def analyse(text):
         elif (r := RESULT.match(msg)):
             rank = int(r.group(2))
             last_recv[rank] = max(last_recv.get(rank, 0.0), float(r.group(3)))
+        elif (g := RECEIVED.match(msg)):
+            first_in.setdefault(int(g.group(1)), t)
+        elif (c := COMPUTED.match(msg)):
+            back[int(c.group(1))] = float(c.group(3))
         elif (d := TIMELINE.match(msg)):
             f = fields(d.group(3))
             if "compute" in f:
@@ -55,25 +63,31 @@ def analyse(text):
         inside = sum(b - a for a, b, _ in spans)
         between = sum(max(0.0, n[0] - p[1]) for p, n in zip(spans, spans[1:]))
         span = 1e3 * (last_recv[rank] - first_sent[rank])
-        row = {"span": span, "inside": inside, "between": between, "batches": len(spans), "start": None, "end": None}
+        row = {"span": span, "inside": inside, "between": between, "batches": len(spans), "start": None, "end": None,
+               "recv": None, "back": None}
         origin = spans[0][2]
         if origin:
             row["start"] = origin * 1e3 + spans[0][0] - first_sent[rank] * 1e3
             row["end"] = last_recv[rank] * 1e3 - (origin * 1e3 + spans[-1][1])
+            if rank in first_in:
+                row["recv"] = 1e3 * (first_in[rank] - first_sent[rank])
+            if rank in back:
+                row["back"] = back[rank] * 1e3 - (origin * 1e3 + spans[-1][1])
         res[rank] = row
     return res
 
 
 def main():
-    print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'start':>7} {'between':>7} "
-          f"{'end':>7} {'busy %':>6}")
+    print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'start':>7} {'(recv)':>7} "
+          f"{'between':>7} {'end':>7} {'(back)':>7} {'busy %':>6}")
     for path in sys.argv[1:]:
         with open(path) as f:
             res = analyse(f.read())
         for rank, r in res.items():
             fmt = lambda x: f"{x:.1f}" if x is not None else "-"   # noqa: E731
             print(f"{path[-44:]:<44} {rank:>4} {r['batches']:>7} {r['span']:>8.1f} {r['inside']:>8.1f} "
-                  f"{fmt(r['start']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} {100 * r['inside'] / r['span']:>6.1f}")
+                  f"{fmt(r['start']):>7} {fmt(r['recv']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} "
+                  f"{fmt(r['back']):>7} {100 * r['inside'] / r['span']:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ def main():
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--smoke", action="store_true", help="CPU check of this script (tiny model and workloads, numpy)")
     ap.add_argument("--trees", default="", help="'name=path;...': source trees to compare (default: this one)")
+    ap.add_argument("--keep-logs", action="store_true", help="each job's output in OUT/logs/ (with GPT2JOB_TRACE=1: "
+                                                               "benchmarks/job_ends.py reads them)")
     ap.add_argument("--cases", default="", help="'name;name': only these cases (default: all; W2, 256 new is the base)")
     a = ap.parse_args()
     model, be, small, dt = "random:gpt2", "cuda", [], "float16"
@@ -76,7 +78,12 @@ def main():
         got = {t: [] for t, _ in trees}
         for i in range(a.repeats):
             for t, path in trees:
-                got[t].append(run(os.path.abspath(path), inp, os.path.join(a.work, f"out-{t}{i}.h5"), hf, flags, be))
+                log = os.path.join(a.out, "logs", f"mix-{t}-{name.replace(' ', '_').replace(',', '')}-{i}.log") \
+                    if a.keep_logs else None
+                if log:
+                    os.makedirs(os.path.dirname(log), exist_ok=True)
+                got[t].append(run(os.path.abspath(path), inp, os.path.join(a.work, f"out-{t}{i}.h5"), hf, flags, be,
+                                  log=log))
         for t, _ in trees:
             ok = all(r["rc"] == 0 for r in got[t])
             res[t, name] = statistics.median(r["tput"] for r in got[t]) if ok else None

@@ -104,6 +104,8 @@ class Clock:
     def perf_counter(self):
         return self.now
 
+    time = perf_counter
+
     def sleep(self, s):
         self.now += s
 
@@ -307,3 +309,13 @@ def test_without_merging_each_chunk_is_its_own_batch(monkeypatch):
     be = BatchingBackend()
     Loop(be, link, 1).serve()
     assert be.batches == [[0], [1], [2]]
+
+
+def test_an_idle_worker_submits_a_full_batch_without_receiving_the_chunks_behind_it():
+    """batch_rows 4: with the device idle the worker stops taking messages once it holds 4 rows and submits them;
+    the chunks still to come (a window of many small ones takes a while to receive) wait for the batch's pause."""
+    link = ResultLink([rows_chunk(0, [0]), rows_chunk(1, [10, 11]), rows_chunk(2, [20]), rows_chunk(3, [30]), STOP])
+    loop = Loop(BatchingBackend(), link, 1)
+    loop.take(block=True, limit=1)
+    assert loop.backend.batches == [[0, 10, 11, 20]]
+    assert [getattr(m, "chunk_id", m) for m in link.inbox] == [3, STOP]

@@ -9,7 +9,7 @@ TRACE = envs.get("GPT2JOB_TRACE")
 
 def trace(msg):
     if TRACE:
-        sys.stderr.write(f"gpt2job trace {time.time():.3f} {msg}\n")
+        sys.stderr.write(f"gpt2job trace {time.time():.4f} {msg}\n")
         sys.stderr.flush()
 
 

@@ -96,8 +96,11 @@ class Loop:
 
     def take(self, block, limit):
         """Take every message waiting (block: wait for one when there is nothing to compute), then submit chunks
-        until `limit` are submitted."""
+        until `limit` are submitted. With the device idle, a full batch goes at once: the chunks still arriving
+        (a window of many small ones takes ~0.1 ms a chunk to receive) are taken at the batch's first pause."""
         while not self.stopping:
+            if self.batch_rows and not self.in_flight and self.waiting_rows() >= self.batch_rows:
+                break
             msg = self.link.receive(block and not self.waiting and not self.in_flight)
             if msg is None:
                 break
@@ -115,6 +118,9 @@ class Loop:
             trace(f"rank {self.rank}: chunk {chunk.chunk_id} ({len(chunk.rows)} prompts"
                   f"{', chunks %s as one batch' % ids if len(ids) > 1 else ''}) submitted in "
                   f"{1e3 * (time.perf_counter() - t):.1f} ms")
+
+    def waiting_rows(self):
+        return sum(len(c.rows) for c in self.waiting)
 
     def next_batch(self):
         """The oldest waiting chunk, with the ones after it that fit in batch_rows merged into it."""
@@ -166,6 +172,7 @@ class Loop:
                     return None
                 t = time.perf_counter()
                 comp = self.compute()
+                t_back = time.time()
                 us = device_us(self.backend, comp.chunk_id)
                 if us is None:
                     us = int((time.perf_counter() - t) * 1e6)
@@ -176,7 +183,7 @@ class Loop:
                 for part, (_, n) in zip(split_completions(comp, members), members):
                     self.link.send_result(part, us * n // total)
                 trace(f"rank {self.rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
-                      f"{1e3 * (time.perf_counter() - t):.1f} ms")
+                      f"{1e3 * (time.perf_counter() - t):.1f} ms, back at {t_back:.4f}")
                 timeline = getattr(self.backend, "timeline", None)
                 if timeline:
                     trace(f"rank {self.rank}: chunk {comp.chunk_id} device timeline (ms since start): "
