@@ -1,6 +1,6 @@
 """Where a traced job's worker span goes (GPT2JOB_TRACE=1 jobs' output, e.g. `small_chunks.py --keep-logs`):
 
-  python3 benchmarks/job_ends.py LOG [LOG ...]
+  python3 benchmarks/job_ends.py [--medians] LOG [LOG ...]
 
 The summary's busy % is a worker's GPU time over its span, from its first chunk sent to its last result received
 by the master. Per worker rank this splits the span into
@@ -12,9 +12,12 @@ by the master. Per worker rank this splits the span into
            worker's loop had the batch's completions, the rest splitting, sending and the master receiving
 from the master's lines (chunk handed out, result received) and the worker's device timelines (CUDA events, put on
 the wall clock by their `origin`: the time.time() at the backend's first event; the ranks share a node's clock).
-Trees before the `origin` field: start / between / end are not split. One line per log and rank, in ms.
+Trees before the `origin` field: start / between / end are not split. One line per log and rank, in ms; with
+--medians one per configuration and case (logs named NAME-REPEAT.log, as small_chunks.py --keep-logs writes them),
+each column the median over the repeats.
 """
 import re
+import statistics
 import sys
 
 TRACE = re.compile(r"gpt2job trace (\d+\.\d+) (.*)$")
@@ -78,16 +81,26 @@ def analyse(text):
 
 
 def main():
+    args = sys.argv[1:]
+    medians = "--medians" in args
+    rows = []
+    for path in (p for p in args if p != "--medians"):
+        with open(path) as f:
+            for rank, r in analyse(f.read()).items():
+                rows.append((re.sub(r"-\d+\.log$", "", path.rsplit("/", 1)[-1]) if medians else path, rank, r))
+    if medians:
+        groups = {}
+        for name, rank, r in rows:
+            groups.setdefault((name, rank), []).append(r)
+        rows = [(name, rank, {k: statistics.median(x[k] for x in rs) if all(x[k] is not None for x in rs) else None
+                              for k in rs[0]}) for (name, rank), rs in groups.items()]
     print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'start':>7} {'(recv)':>7} "
           f"{'between':>7} {'end':>7} {'(back)':>7} {'busy %':>6}")
-    for path in sys.argv[1:]:
-        with open(path) as f:
-            res = analyse(f.read())
-        for rank, r in res.items():
-            fmt = lambda x: f"{x:.1f}" if x is not None else "-"   # noqa: E731
-            print(f"{path[-44:]:<44} {rank:>4} {r['batches']:>7} {r['span']:>8.1f} {r['inside']:>8.1f} "
-                  f"{fmt(r['start']):>7} {fmt(r['recv']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} "
-                  f"{fmt(r['back']):>7} {100 * r['inside'] / r['span']:>6.1f}")
+    for path, rank, r in rows:
+        fmt = lambda x: f"{x:.1f}" if x is not None else "-"   # noqa: E731
+        print(f"{path[-44:]:<44} {rank:>4} {r['batches']:>7.0f} {r['span']:>8.1f} {r['inside']:>8.1f} "
+              f"{fmt(r['start']):>7} {fmt(r['recv']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} "
+              f"{fmt(r['back']):>7} {100 * r['inside'] / r['span']:>6.1f}")
 
 
 if __name__ == "__main__":

@@ -59,6 +59,7 @@ def main():
     ap.add_argument("--flags", default="", help="more job flags for every case, e.g. '--temperature 0.8 --top-k 40'")
     ap.add_argument("--w1", action="store_true", help="also W1 (8,192 x 16 tokens, 8 new, --no-dedup) as one chunk: "
                                                        "a one-chunk job, its start and end not hidden by other chunks")
+    ap.add_argument("--only", default="", help="only the cases whose names start with one of these (comma-separated)")
     ap.add_argument("--keep-logs", action="store_true", help="each run's output in OUT/logs/ (with GPT2JOB_TRACE=1: "
                                                                "benchmarks/job_ends.py reads them)")
     a = ap.parse_args()
@@ -89,6 +90,8 @@ def main():
                                                  *more])]
     if a.w1:
         cases.append(("W1 one chunk", os.path.join(wl, "w1.h5"), 8, ["--no-dedup", *more]))
+    if a.only:
+        cases = [c for c in cases if any(c[0].startswith(p) for p in a.only.split(","))]
     configs = parse_configs(a.configs)
     for tree, env in configs.values():
         run_job(os.path.join(wl, "warmup.h5"), os.path.join(a.work, "warm.h5"), hf, be, dt, 1, 2, False, tree=tree,

@@ -440,3 +440,11 @@ def test_runner_per_row_selection_reads_its_rows_settings_and_seen_tokens(fake, 
     oom.assert_same(got, Completions.from_lists(0, ch.rows, want, [FINISH_LENGTH] * 17))
     if share:
         assert runner.timeline[-1]["shared_prefix_tokens"] > 0
+
+
+def test_every_row_s_stop_strings_decode_as_each_row_alone():
+    stops = [(".", " the"), (), (".", " the"), ("é\n",), (), ("", "x")]
+    p = params_of(6, stops=stops)
+    assert p.all_stops() == tuple(p.stops(b) for b in range(6))
+    assert p.all_stops() == ((".", " the"), (), (".", " the"), ("é\n",), (), ("", "x"))
+    assert params_of(0).all_stops() == ()

@@ -152,6 +152,9 @@ class RecordingChannel:
     def send_stop(self, rank, why="stop"):
         self.sent[rank].append(why)
 
+    def flush(self, seconds=10.0, oldest=None):
+        pass
+
 
 class OwnProcesses(RecordingChannel):
     """The two ranks as processes of their own (the end waits for them, aborts them when hung); nothing arrives."""
@@ -160,9 +163,6 @@ class OwnProcesses(RecordingChannel):
         return []
 
     def wait(self):
-        pass
-
-    def flush(self, seconds=10.0):
         pass
 
     def join(self, timeout=None):

@@ -246,6 +246,7 @@ class Master(Ending):
         for depth in range(1, held + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
+        self.channel.flush(0.02, oldest=len(ready))   # the first chunks (idle GPUs wait): moved now, not at our pace
         if self.s.chunk_size or self.sched.even_size:
             held = 1 if self.sched.by_cost and not all_ready else held
             rows = max(w.batch_rows for w in ready)

@@ -109,7 +109,7 @@ class RowSettings:
         return cls(np.asarray(params.max_new_tokens, np.int64), np.asarray(params.temperature, np.float64),
                    np.asarray(params.top_k, np.int32), np.asarray(params.top_p, np.float64),
                    np.asarray(params.seed, np.int64).astype(np.uint64),
-                   np.asarray(params.repetition_penalty, np.float32), tuple(params.stops(b) for b in range(B)))
+                   np.asarray(params.repetition_penalty, np.float32), params.all_stops())
 
     def take(self, idx):
         """Rows idx, in that order."""

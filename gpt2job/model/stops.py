@@ -165,8 +165,9 @@ class StopStrings:
         """stops: [B] sequences of str (empty strings never match); table: a TokenTable or token id -> bytes."""
         self.table = tb = TokenTable.of(table)
         self.V = V = len(tb)
-        sid = {}
-        per_row = [sorted({sid.setdefault(s.encode("utf-8"), len(sid)) for s in row if s}) for row in stops]
+        sid, memo = {}, {}   # (memo: rows mostly share their stop strings; each distinct row once)
+        per_row = [memo[row] if row in memo else memo.setdefault(
+            row, sorted({sid.setdefault(s.encode("utf-8"), len(sid)) for s in row if s})) for row in stops]
         self.strings = list(sid)                                                              # [N] distinct
         with_stops = [b for b, x in enumerate(per_row) if x]
         R = len(with_stops)

@@ -18,6 +18,7 @@ import numpy as np
 MIN_SAVING = 0.05          # share only when at least this fraction of the prefill tokens is saved
 MAX_MATRIX = 32 << 20      # prompts x longest prompt above this: no plan (the padded sort matrix gets large)
 PEEK = 4                   # leading tokens that skip_bound compares (at most) before the plan sorts prompts
+BOUND_CELLS = 1 << 18      # prompts x longest prompt above this: skip_bound first (below, the whole sort is as cheap)
 
 
 @dataclass
@@ -104,7 +105,8 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     tokens = np.asarray(tokens, np.int32)
     lens0 = np.diff(offsets)
     B = len(lens0)
-    if B < 2 or B * int(lens0.max()) > MAX_MATRIX or skip_bound(offsets, tokens) < min_saving * lens0.sum():
+    cells = B * int(lens0.max()) if B else 0
+    if B < 2 or cells > MAX_MATRIX or cells > BOUND_CELLS and skip_bound(offsets, tokens) < min_saving * lens0.sum():
         return None
     need = lens0 if extra is None else lens0 + np.asarray(extra, np.int64)   # [B] positions each prompt's cache needs
     perm, lcp = lexicographic(offsets, tokens)
