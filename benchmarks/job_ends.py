@@ -12,7 +12,8 @@ by the master. Per worker rank this splits the span into
            worker's loop had the batch's completions, the rest splitting, sending and the master receiving
 from the master's lines (chunk handed out, result received) and the worker's device timelines (CUDA events, put on
 the wall clock by their `origin`: the time.time() at the backend's first event; the ranks share a node's clock).
-Trees before the `origin` field: start / between / end are not split. One line per log and rank, in ms; with
+Logs of trees before 1530bbb (no per-result master lines) give nothing; where the origin has 3 decimals (the trees
+of session 40's calls) start, end and "back" are +-0.5 ms. One line per log and rank, in ms; with
 --medians one per configuration and case (logs named NAME-REPEAT.log, as small_chunks.py --keep-logs writes them),
 each column the median over the repeats.
 """

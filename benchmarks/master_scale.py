@@ -133,7 +133,7 @@ class SimChannel:
         time.sleep(pause)
         self.t["idle"] += time.perf_counter() - t0
 
-    def flush(self, seconds=10.0, oldest=None):
+    def flush(self, seconds=10.0, firsts=False):
         pass
 
     def owns_process(self, rank):

@@ -152,7 +152,7 @@ class RecordingChannel:
     def send_stop(self, rank, why="stop"):
         self.sent[rank].append(why)
 
-    def flush(self, seconds=10.0, oldest=None):
+    def flush(self, seconds=10.0, firsts=False):
         pass
 
 

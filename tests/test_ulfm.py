@@ -338,3 +338,23 @@ def test_with_ulfm_a_killed_worker_is_retired_and_the_job_ends_normally(tmp_path
     # after a death every rank ends without MPI_Finalize (faults.STOP_AFTER_DEATH): Open MPI 5.0 now and then
     # waited in it for ever for the dead rank (rc None here: killed at the deadline), 1 to 4 jobs in 8
     assert rc == 0, log
+
+
+def test_flushing_the_first_chunks_waits_for_each_worker_s_first_send_only(channel):
+    """At the start the master moves each worker's first chunk on at once (their GPUs wait for them); the window's
+    other chunks, which a worker holding a full batch takes only at its batch's first pause, are not waited for."""
+    import time
+    comm = FakeComm(3)
+    c = channel(comm)
+    comm.deliver = False
+    for rank, i in ((1, 1), (2, 2), (1, 3), (2, 4)):
+        c.send_chunk(rank, chunk(i))
+    assert [(s[2], s[3]) for s in c.sends] == [(1, True), (2, True), (1, False), (2, False)]
+    for s in c.sends[:2]:
+        s[0].Test = lambda: True            # the workers took their first chunks
+    t = time.monotonic()
+    c.flush(5.0, firsts=True)
+    assert time.monotonic() - t < 1.0
+    assert [(s[2], s[3]) for s in c.sends] == [(1, False), (2, False)]
+    c.send_chunk(1, chunk(5))               # a later chunk to a worker fed before is no first one
+    assert c.sends[-1][3] is False

@@ -56,7 +56,8 @@ class MpiChannel:
         self.MPI, self.comm = MPI, comm
         self.status = MPI.Status()
         self.ranks = list(range(1, comm.Get_size()))
-        self.sends = []          # (request, buffer, rank) in flight
+        self.sends = []          # (request, buffer, rank, the rank's first chunk?) in flight
+        self.fed = set()         # ranks sent a chunk
         self.abandoned = []      # sends to forgotten ranks: never waited for, kept alive for MPI
         self.encoded = {}        # chunk id -> its buffer, encoded ahead of time
         self.reports = []        # (rank, chunk id, tokens so far) received, not taken yet
@@ -74,21 +75,21 @@ class MpiChannel:
         buf = self.encoded.pop(chunk.chunk_id, None)
         if buf is None:
             buf = encode_chunk(chunk)
-        self._send(lambda: self.comm.Isend(buf, dest=rank, tag=TAG_WORK), buf, rank)
-        # a chunk moves only while the master calls into MPI: the oldest (its worker waits) moves now, not after
-        if len(self.sends) > 1 and self._sent(self.sends[0]):   # a window of many (118: ~4 ms later, traced)
+        self._send(lambda: self.comm.Isend(buf, dest=rank, tag=TAG_WORK), buf, rank, rank not in self.fed)
+        self.fed.add(rank)
+        if len(self.sends) > 1 and self._sent(self.sends[0]):   # the oldest moves now, not after a window of many
             self.sends.pop(0)
 
     def send_stop(self, rank, why="stop"):
         self._send(lambda: self.comm.isend(why, dest=rank, tag=TAG_STOP), None, rank)
 
-    def _send(self, isend, buf, rank):
+    def _send(self, isend, buf, rank, first=False):
         """A send to a dead rank is not made: the master learns of the death at its next poll, and the chunk goes
         to another worker then."""
         if rank in self.failed:
             return
         try:
-            self.sends.append((isend(), buf, rank))
+            self.sends.append((isend(), buf, rank, first))
         except self.MPI.Exception as e:
             self.news += self.dead_after(e)
 
@@ -165,13 +166,12 @@ class MpiChannel:
         self.progress()
         time.sleep(0.0001 if self.sends else 0.0005)
 
-    def flush(self, seconds=10.0, oldest=None):
-        """Wait (at most `seconds`) for the sends in flight (the `oldest` ones only, if given), without sleeping for
-        the first 20 ms: the workers' first chunks, which their idle GPUs wait for (at the main loop's pace a 2 MB
-        chunk took ~6 ms to arrive, traced)."""
-        start, wanted = time.monotonic(), {id(x) for x in self.sends[:oldest]}
+    def flush(self, seconds=10.0, firsts=False):
+        """Wait (at most `seconds`) for the sends in flight (firsts: each worker's first chunk only: its GPU waits),
+        not sleeping for the first 20 ms (at the main loop's pace W2's 2 MB chunk took ~6 ms to arrive, traced)."""
+        start = time.monotonic()
         self.progress()
-        while any(id(x) in wanted for x in self.sends) and time.monotonic() < start + seconds:
+        while any(x[3] or not firsts for x in self.sends) and time.monotonic() < start + seconds:
             time.sleep(0.001 if time.monotonic() > start + 0.02 else 0)
             self.progress()
 
@@ -227,7 +227,7 @@ class ThreadChannel:
         except queue.Empty:
             pass
 
-    def flush(self, seconds=10.0, oldest=None):
+    def flush(self, seconds=10.0, firsts=False):
         pass
 
     def owns_process(self, rank):
@@ -282,9 +282,9 @@ class Mux:
         if self.channels:
             self.channels[0].wait()
 
-    def flush(self, seconds=10.0, oldest=None):
+    def flush(self, seconds=10.0, firsts=False):
         for c in self.channels:
-            c.flush(seconds, oldest)
+            c.flush(seconds, firsts)
 
     def join(self, timeout):
         for c in self.channels:

@@ -12,7 +12,7 @@ from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
-from gpt2job.cluster.trace import launch_time, trace
+from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.output import OutputStore
@@ -246,7 +246,7 @@ class Master(Ending):
         for depth in range(1, held + 1):   # every worker's first chunk before any worker's second
             for w in ready:
                 self.feed(w, depth)
-        self.channel.flush(0.02, oldest=len(ready))   # the first chunks (idle GPUs wait): moved now, not at our pace
+        self.channel.flush(0.02, firsts=True)   # the first chunks (idle GPUs wait): moved now, not at our pace
         if self.s.chunk_size or self.sched.even_size:
             held = 1 if self.sched.by_cost and not all_ready else held
             rows = max(w.batch_rows for w in ready)
@@ -262,7 +262,8 @@ class Master(Ending):
             w.outstanding.pop(comp.chunk_id, None)
             w.last_progress = time.monotonic()
             self.received.append((w, comp, us, t_recv[0] if t_recv else time.time()))
-            trace(f"master: chunk {comp.chunk_id} result from rank {w.rank}, received {self.received[-1][3]:.4f}")
+            if TRACE:
+                trace(f"master: chunk {comp.chunk_id} result from rank {w.rank}, received {self.received[-1][3]:.4f}")
             if not w.retired:
                 self.feed(w)
         elif kind == "hello":

@@ -187,7 +187,8 @@ class Loop:
                 timeline = getattr(self.backend, "timeline", None)
                 if timeline:
                     trace(f"rank {self.rank}: chunk {comp.chunk_id} device timeline (ms since start): "
-                          + ", ".join(f"{k} {v[0]:.3f}-{v[1]:.3f}" if isinstance(v, tuple) else f"{k} {v:.3f}"
+                          + ", ".join(f"{k} {v[0]:.3f}-{v[1]:.3f}" if isinstance(v, tuple) else
+                                      f"{k} {v:.6f}" if k == "origin" else f"{k} {v:.3f}"
                                       for k, v in timeline[-1].items() if isinstance(v, (tuple, float))))
                 if self.stopping and not self.in_flight and not self.waiting:
                     return None

@@ -35,7 +35,8 @@ def keep_host_memory(touch=64 << 20):
     megabytes. glibc maps each one fresh (page faults on first touch) and unmaps it when freed, so the first chunk's
     preparation, which the idle GPU waits for, was several times slower than the next ones' (a W2 chunk's layout:
     ~11 ms against ~2 on the CPU machine). Arrays up to 32 MiB (glibc's most) now come from the heap, freed heap
-    stays mapped, and `touch` bytes of it are touched once here. Elsewhere than glibc: nothing."""
+    (up to 4 x touch) stays mapped, and `touch` bytes of it are touched once here: for the whole process (in a
+    one-process job the master's too). Elsewhere than glibc: nothing."""
     try:
         libc = ctypes.CDLL("libc.so.6")
         M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
