@@ -7,7 +7,8 @@ by the master. Per worker rank this splits the span into
   start    first chunk sent -> the first batch's first GPU launch; "recv" of it: until the worker had received
            its first chunk, the rest preparing the first batch (receiving more, planning, uploading)
   between  the GPU idle between batches (a batch's last GPU work -> the next batch's first launch)
-  inside   the batches' own GPU spans (first launch -> last GPU work): what busy % counts
+  inside   the batches' own GPU spans (first launch -> last GPU work): what busy % counts; of it the GPU time of
+           prefill and of decode steps (their events' spans, summed: "inside" less both is the GPU idle inside batches)
   end      the last batch's last GPU work -> its last result received by the master; "back" of it: until the
            worker's loop had the batch's completions, the rest splitting, sending and the master receiving
 from the master's lines (chunk handed out, result received) and the worker's device timelines (CUDA events, put on
@@ -39,7 +40,7 @@ def fields(text):
 
 
 def analyse(text):
-    """{rank: {"span", "start", "between", "inside", "end", "batches"} in ms}."""
+    """{rank: {"span", "start", "recv", "between", "inside", "prefill", "decode", "end", "back", "batches"} in ms}."""
     first_sent, last_recv, batches, first_in, back = {}, {}, {}, {}, {}
     for line in text.splitlines():
         m = TRACE.search(line)
@@ -68,6 +69,8 @@ def analyse(text):
         between = sum(max(0.0, n[0] - p[1]) for p, n in zip(spans, spans[1:]))
         span = 1e3 * (last_recv[rank] - first_sent[rank])
         row = {"span": span, "inside": inside, "between": between, "batches": len(spans), "start": None, "end": None,
+               "prefill": sum(f.get("prefill_ms") or 0.0 for f in fs),
+               "decode": sum(f.get("decode_ms") or 0.0 for f in fs),
                "recv": None, "back": None}
         origin = spans[0][2]
         if origin:
@@ -95,11 +98,13 @@ def main():
             groups.setdefault((name, rank), []).append(r)
         rows = [(name, rank, {k: statistics.median(x[k] for x in rs) if all(x[k] is not None for x in rs) else None
                               for k in rs[0]}) for (name, rank), rs in groups.items()]
-    print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'start':>7} {'(recv)':>7} "
+    print(f"{'log':<44} {'rank':>4} {'batches':>7} {'span ms':>8} {'inside':>8} {'prefill':>8} {'decode':>8} "
+          f"{'start':>7} {'(recv)':>7} "
           f"{'between':>7} {'end':>7} {'(back)':>7} {'busy %':>6}")
     for path, rank, r in rows:
         fmt = lambda x: f"{x:.1f}" if x is not None else "-"   # noqa: E731
         print(f"{path[-44:]:<44} {rank:>4} {r['batches']:>7.0f} {r['span']:>8.1f} {r['inside']:>8.1f} "
+              f"{r['prefill']:>8.1f} {r['decode']:>8.1f} "
               f"{fmt(r['start']):>7} {fmt(r['recv']):>7} {r['between']:>7.1f} {fmt(r['end']):>7} "
               f"{fmt(r['back']):>7} {100 * r['inside'] / r['span']:>6.1f}")
 

@@ -15,7 +15,7 @@ gpt2job trace 1000.0020 rank 1: chunk 0 received
 gpt2job trace 1000.0030 rank 1: chunk 1 received
 gpt2job trace 1000.0500 rank 1: chunk 0 computed in 20.0 ms, sent in 0.1 ms, back at 1000.0410
 gpt2job trace 1000.0500 rank 1: chunk 0 device timeline (ms since start): upload 1.0-2.0, compute 2.0-30.0, \
-origin 999.9900, first_launch 15.000
+origin 999.9900, first_launch 15.000, prefill_ms 6.000, decode_ms 7.000
 gpt2job trace 1000.0600 master: chunk 0 result from rank 1, received 1000.0450
 gpt2job trace 1000.0800 rank 1: chunk 1 computed in 40.0 ms, sent in 0.1 ms, back at 1000.0750
 gpt2job trace 1000.0800 rank 1: chunk 1 device timeline (ms since start): upload 20.0-21.0, compute 31.0-80.0, \
@@ -33,6 +33,7 @@ def test_job_ends_splits_a_worker_s_span_into_start_between_inside_and_end():
     assert r["span"] == pytest.approx(80.0)
     assert r["inside"] == pytest.approx(15.0 + 48.0)
     assert r["between"] == pytest.approx(2.0)
+    assert r["prefill"] == pytest.approx(6.0) and r["decode"] == pytest.approx(7.0)   # (the second batch has none)
     assert r["start"] == pytest.approx(5.0) and r["recv"] == pytest.approx(2.0)
     assert r["end"] == pytest.approx(10.0) and r["back"] == pytest.approx(5.0)
     assert r["start"] + r["inside"] + r["between"] + r["end"] == pytest.approx(r["span"])
