@@ -82,6 +82,13 @@ def hello_info(backend, t0):
             "preferred_chunk": backend.preferred_chunk, "batch_rows": batch_rows(backend), **backend.describe()}
 
 
+def by_rows(members, amount):
+    """A batch's amount (tokens generated, GPU time) shared out to its chunks, members [(chunk_id, rows)], by their
+    rows: [(chunk_id, share)]."""
+    total = sum(n for _, n in members)
+    return [(chunk_id, amount * n // total) for chunk_id, n in members]
+
+
 class Loop:
     """The compute loop of one worker: chunks received but not submitted (waiting), batches submitted (in_flight:
     their first chunk's id; members: each batch's chunks, [(chunk_id, rows)], one unless merged)."""
@@ -156,10 +163,8 @@ class Loop:
         here = (self.in_flight[0], int(generated))
         if here != self.reported:
             self.last_report, self.reported = now, here
-            members = self.members[here[0]]
-            total = sum(n for _, n in members)   # a merged batch: its tokens shared out by rows
-            for chunk_id, n in members:
-                self.link.send_progress(chunk_id, here[1] * n // total)
+            for chunk_id, tokens in by_rows(self.members[here[0]], here[1]):
+                self.link.send_progress(chunk_id, tokens)
 
     def serve(self):
         """Compute until told to stop. Returns None after STOP, or the error report of the exception that ended
@@ -178,10 +183,9 @@ class Loop:
                     us = int((time.perf_counter() - t) * 1e6)
                 self.in_flight.popleft()
                 t = time.perf_counter()
-                members = self.members.pop(comp.chunk_id)   # each chunk's result on its own; the batch's GPU
-                total = sum(n for _, n in members)            # time shared out by rows
-                for part, (_, n) in zip(split_completions(comp, members), members):
-                    self.link.send_result(part, us * n // total)
+                members = self.members.pop(comp.chunk_id)   # each chunk's result on its own
+                for part, (_, part_us) in zip(split_completions(comp, members), by_rows(members, us)):
+                    self.link.send_result(part, part_us)
                 trace(f"rank {self.rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
                       f"{1e3 * (time.perf_counter() - t):.1f} ms, back at {t_back:.4f}")
                 timeline = getattr(self.backend, "timeline", None)
