@@ -66,10 +66,6 @@ class RowParams:
     stop_offsets: np.ndarray        # [B+1] int64
     stop_bytes: np.ndarray          # [stop_offsets[-1]] uint8
 
-    def stops(self, b):
-        """Row b's stop strings: a tuple of str."""
-        return unpack_stops(self.stop_bytes[self.stop_offsets[b]:self.stop_offsets[b + 1]])
-
     def all_stops(self):
         """Every row's stop strings, [B] tuples of str: each distinct row decoded once (rows mostly share theirs;
         one decode a row took ~5 ms for 2,048 rows, while the first chunk's GPU waits)."""

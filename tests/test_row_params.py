@@ -12,7 +12,7 @@ from gpt2job.backends.cuda.plan import Layout, check_prompts, join_completions, 
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.backends.synthetic import SyntheticBackend
 from gpt2job.chunks import (FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, Completions, RowParams,
-                            merge_chunks, split_completions)
+                            merge_chunks, split_completions, unpack_stops)
 from gpt2job.errors import UserError
 from gpt2job.model.config import GPT2Config
 from gpt2job.model.sampling import RowSettings
@@ -201,7 +201,7 @@ def test_split_and_join_carry_the_params():
     ch = chunk_of(prompts, params=pr)
     a, b = split_chunk(ch)
     assert a.params.max_new_tokens.tolist() == [1, 2] and b.params.max_new_tokens.tolist() == [3, 4, 5]
-    assert [b.params.stops(i) for i in range(3)] == [("b", "c"), (), ("d",)]
+    assert list(b.params.all_stops()) == [("b", "c"), (), ("d",)]
     parts = [Completions.from_lists(0, c.rows, [[7] * int(m) for m in c.params.max_new_tokens], [0] * len(c.rows))
              for c in (a, b)]
     joined = join_completions(ch, parts)
@@ -220,7 +220,7 @@ def test_merged_chunks_keep_each_rows_prompt_and_settings_and_split_back():
     assert m.chunk_id == 7 and m.rows.tolist() == [4, 9, 1, 2, 3]
     assert [p.tolist() for p in m.prompts()] == [np.asarray(p).tolist() for p in prompts]
     assert m.params.max_new_tokens.tolist() == [1, 2, 3, 4, 5]
-    assert [m.params.stops(i) for i in range(5)] == [("a",), ("b", "c"), (), ("d",), ("é",)]
+    assert list(m.params.all_stops()) == [("a",), ("b", "c"), (), ("d",), ("é",)]
     comp = Completions.from_lists(7, m.rows, [[r] * int(n) for r, n in zip(m.rows, m.params.max_new_tokens)],
                                   [0, 1, 0, 1, 0])
     comp.logprobs = -np.arange(15, dtype=np.float32)
@@ -445,6 +445,6 @@ def test_runner_per_row_selection_reads_its_rows_settings_and_seen_tokens(fake, 
 def test_every_row_s_stop_strings_decode_as_each_row_alone():
     stops = [(".", " the"), (), (".", " the"), ("é\n",), (), ("", "x")]
     p = params_of(6, stops=stops)
-    assert p.all_stops() == tuple(p.stops(b) for b in range(6))
+    assert p.all_stops() == tuple(unpack_stops(p.stop_bytes[p.stop_offsets[b]:p.stop_offsets[b + 1]]) for b in range(6))
     assert p.all_stops() == ((".", " the"), (), (".", " the"), ("é\n",), (), ("", "x"))
     assert params_of(0).all_stops() == ()

@@ -69,11 +69,11 @@ def test_values_resolve_against_the_flags(tmp_path):
     # a chunk's rows, in the scheduler's (length) order: every field and each row's stops, "" -> --stop
     p = rs.params([5, 0, 2, 4])
     assert p.max_new_tokens.tolist() == [8, 2, 5, 4] and p.seed.dtype == np.int64
-    assert [p.stops(b) for b in range(4)] == [("x",), ("END",), ("b", "cd"), ("é",)]
+    assert list(p.all_stops()) == [("x",), ("END",), ("b", "cd"), ("é",)]
     # without a stop dataset every row has --stop; the fingerprint follows the datasets and the flags
     make_input(tmp_path / "b.h5", seed=np.array([1, 2, 3, 4, 5, 6]))
     rb = read_row_settings(tmp_path / "b.h5", N, s)
-    assert [rb.params([0, 1]).stops(b) for b in range(2)] == [("END",), ("END",)]
+    assert list(rb.params([0, 1]).all_stops()) == [("END",), ("END",)]
     assert rb.key()["datasets"] == ["seed"]
     assert read_row_settings(tmp_path / "b.h5", N, s).fingerprint == rb.fingerprint
     assert read_row_settings(tmp_path / "b.h5", N, settings(inp, seed=12)).fingerprint != rb.fingerprint
