@@ -35,6 +35,28 @@ def test_prefill_passes_cover_every_prompt_once_within_the_row_limit():
     assert list(prefill_passes(offsets, 0, 50, 10 ** 9)) == [(0, 50)]
 
 
+def _passes_by_loop(offsets, b0, b1, max_rows):
+    """prefill_passes' rule prompt by prompt: each pass takes prompts while they fit (at least one)."""
+    p0 = b0
+    while p0 < b1:
+        p1 = p0 + 1
+        while p1 < b1 and offsets[p1 + 1] - offsets[p0] <= max_rows:
+            p1 += 1
+        yield p0, p1
+        p0 = p1
+
+
+def test_prefill_passes_take_as_many_prompts_as_fit_the_same_as_a_loop_over_the_prompts():
+    rng = np.random.default_rng(5)
+    for _ in range(300):
+        B = int(rng.integers(1, 80))
+        offsets = np.concatenate([[0], np.cumsum(rng.integers(1, 30, B))])
+        b0 = int(rng.integers(0, B))
+        b1 = int(rng.integers(b0 + 1, B + 1))
+        limit = int(rng.integers(1, 200))
+        assert list(prefill_passes(offsets, b0, b1, limit)) == list(_passes_by_loop(offsets, b0, b1, limit))
+
+
 def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
     rng = np.random.default_rng(1)
     for _ in range(200):

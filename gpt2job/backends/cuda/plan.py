@@ -183,12 +183,13 @@ class Layout:
 
 def prefill_passes(offsets, b0, b1, max_rows):
     """Split prompts b0..b1-1 (prompt b is tokens offsets[b]..offsets[b+1]) into passes of whole prompts
-    holding at most max_rows tokens (a longer prompt gets a pass of its own). Yields (first, end)."""
+    holding at most max_rows tokens (a longer prompt gets a pass of its own), each as many as fit. Yields (first,
+    end). (A search per pass: a loop over the prompts took ~1.5 ms of W1's 8,192 before its first launch.)"""
+    offsets = np.asarray(offsets, np.int64)
     p0 = b0
     while p0 < b1:
-        p1 = p0 + 1
-        while p1 < b1 and offsets[p1 + 1] - offsets[p0] <= max_rows:
-            p1 += 1
+        fit = int(np.searchsorted(offsets, offsets[p0] + max_rows, side="right")) - 1   # offsets[fit] - start <= max
+        p1 = min(max(fit, p0 + 1), b1)
         yield p0, p1
         p0 = p1
 
