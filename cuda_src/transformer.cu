@@ -3,6 +3,7 @@
 // (embed, layer_norm, kv_copy, attention), compared in tests/test_cuda_kernels.py.
 // Suffix _f32: activations float; _f16: activations half (statistics and softmax always in fp32).
 #include "common.cuh"
+#include "mma.cuh"
 
 // x[r, :] = wte[tok[r], :] + wpe[pos[r], :]   (fp32 residual stream)
 extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restrict__ pos,
@@ -329,24 +330,21 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop)
-template <typename T, int KEYS, bool AHEAD = false>
-__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
-                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
-                                                       int slot_base, const int* __restrict__ row_pos,
-                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
+// One warp's walk of one (row, head): qh its query (D values), kh / vh its head's keys / values at position 0 (the
+// next position C elements on: the cache, or a copy of the row in shared memory), p its position (it sees keys
+// 0..p), oh its output. KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop).
+template <typename T, int KEYS, bool AHEAD>
+__device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* __restrict__ kh,
+                                            const T* __restrict__ vh, int C, int D, int p, float scale,
+                                            T* __restrict__ oh)
 {
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-    const int gw = blockIdx.x * ATT_WARPS + warp;
-    const int r = gw / H, h = gw - r * H;
-    if (r >= R) return;
-    const int C = H * D;
+    const int lane = threadIdx.x & 31;
     const int LPG = D >> 3, G = 32 / LPG;
     const int g = lane / LPG, d0 = (lane - g * LPG) * 8;
-    const int p = row_pos[r];
-    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
+    const T* kd = kh + d0;   // this lane's 8 dimensions of the head at position 0
+    const T* vd = vh + d0;
     float q[8], acc[8];
-    load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
+    load8f(qh + d0, q);
 #pragma unroll
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
@@ -381,8 +379,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             const bool ok = j <= p;
             float kf[8], vf[8];
             if (ok) {
-                load8f(kc + base + (size_t)j * C, kf);
-                load8f(vc + base + (size_t)j * C, vf);
+                load8f(kd + (size_t)j * C, kf);
+                load8f(vd + (size_t)j * C, vf);
             }
             step(ok, kf, vf);
         }
@@ -392,8 +390,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             for (int u = 0; u < KEYS; u++) {
                 const int j = g + G * (t0 + u);
                 if (j <= p) {
-                    load_raw(kc + base + (size_t)j * C, kr[u]);
-                    load_raw(vc + base + (size_t)j * C, vr[u]);
+                    load_raw(kd + (size_t)j * C, kr[u]);
+                    load_raw(vd + (size_t)j * C, vr[u]);
                 }
             }
         };
@@ -439,9 +437,66 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
         const float inv = 1.f / l;
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[i] *= inv;
-        store8(out + (size_t)r * C + (size_t)h * D + d0, acc);
+        store8(oh + d0, acc);
     }
 }
+
+template <typename T, int KEYS, bool AHEAD = false>
+__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
+                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
+                                                       int slot_base, const int* __restrict__ row_pos,
+                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
+{
+    const int gw = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
+    const int r = gw / H, h = gw - r * H;
+    if (r >= R) return;
+    const int C = H * D;
+    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D;
+    attend_head<T, KEYS, AHEAD>(qkv + (size_t)r * 3 * C + (size_t)h * D, kc + base, vc + base, C, D, row_pos[r], scale,
+                                out + (size_t)r * C + (size_t)h * D);
+}
+
+// Decode attention over short caches (Kernels.attention: fp16, when a row's keys and values fit in shared memory
+// and the step has many rows): one block per row, its warps taking the heads in turn. A row's keys at positions
+// 0..p are one contiguous run in the cache ([p + 1, C] of its slot), and so are its values: the block copies both
+// into shared memory with 16-byte cp.async, all in flight at once, then each warp walks a head from there as
+// attention_grouped (KEYS 1) does from the cache: the same operations in the same order, the same results bit for
+// bit. (The grouped kernel reads each position's 128 bytes of a head a warp at a time, in ~5 dependent rounds at
+// W1's ~20 positions: ~3 TB/s.) Dynamic shared memory: 2 (p + 1) C elements (the launch gives 2 S C).
+#define ATT_ROWS_THREADS 512   // at most: Kernels.attention launches 32 x the heads (GPT-2 XL: 25) or this
+template <typename T>
+__device__ __forceinline__ void attention_rows_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
+                                                    const T* __restrict__ vc, const int* __restrict__ row_slot,
+                                                    int slot_base, const int* __restrict__ row_pos,
+                                                    T* __restrict__ out, int R, int H, int D, int S, float scale)
+{
+    extern __shared__ __align__(16) unsigned char att_rows_smem[];
+    const int r = blockIdx.x;
+    if (r >= R) return;
+    const int C = H * D, p = row_pos[r];
+    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C;
+    T* ks = reinterpret_cast<T*>(att_rows_smem);
+    T* vs = ks + (size_t)(p + 1) * C;                    // (C * sizeof(T) a multiple of 16: Kernels.attention)
+    const int n16 = (p + 1) * C * (int)sizeof(T) / 16;
+    const uint4* kg = reinterpret_cast<const uint4*>(kc + base);
+    const uint4* vg = reinterpret_cast<const uint4*>(vc + base);
+    for (int i = threadIdx.x; i < n16; i += blockDim.x) {
+        cp_async16(reinterpret_cast<uint4*>(ks) + i, kg + i, true);
+        cp_async16(reinterpret_cast<uint4*>(vs) + i, vg + i, true);
+    }
+    cp_async_commit();
+    cp_async_wait<0>();
+    __syncthreads();
+    for (int h = threadIdx.x >> 5; h < H; h += blockDim.x >> 5)
+        attend_head<T, 1, false>(qkv + (size_t)r * 3 * C + (size_t)h * D, ks + (size_t)h * D, vs + (size_t)h * D, C,
+                                 D, p, scale, out + (size_t)r * C + (size_t)h * D);
+}
+
+extern "C" __global__ void __launch_bounds__(ATT_ROWS_THREADS)
+attention_rows_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
+                   const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
+{ pdl_wait(); attention_rows_impl<__half>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
+
 
 #define DEF_ATTENTION_GROUPED(NAME, T, KEYS, AHEAD)                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                               \

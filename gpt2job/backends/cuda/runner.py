@@ -259,17 +259,13 @@ class Runner:
         for kind, a, b in plan.phases:   # device time of prefill / decode steps (ms)
             entry[kind + "_ms"] = entry.get(kind + "_ms", 0.0) + b.time_since(a)
         self.timeline.append(entry)
-        back = None
-        if plan.perm is not None:   # back to the chunk's order (the prompts ran in the share plan's)
-            back = np.empty(B, np.int64)
-            back[plan.perm] = np.arange(B)   # (the inverse permutation; an argsort took 0.3 ms of a W1 chunk's end)
+        back = None if plan.perm is None else np.empty(B, np.int64)
+        if back is not None:   # back to the chunk's order (the prompts ran in the share plan's): the inverse
+            back[plan.perm] = np.arange(B)   # permutation (an argsort took 0.3 ms of a W1 chunk's end)
             out, gen, finish = out[back], gen[back], finish[back]
-        offs = np.zeros(B + 1, np.int64)
-        np.cumsum(gen, out=offs[1:])
-        if B and int(gen.min()) == out.shape[1]:   # every row generated them all (greedy W1): no mask to apply
-            flat = out.reshape(-1)
-        else:
-            flat = out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
+        offs = np.concatenate([np.zeros(1, np.int64), np.cumsum(gen)])
+        full = B and int(gen.min()) == out.shape[1]   # every row generated them all (greedy W1): no mask to apply
+        flat = out.reshape(-1) if full else out[np.arange(out.shape[1])[None, :] < gen[:, None]].astype(np.int32)
         return lp.attach(Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish), gen, back)
 
     @staticmethod
