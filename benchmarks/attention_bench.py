@@ -10,8 +10,9 @@ step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launc
 runner's pick and with 1, 4 and 8 key steps loaded ahead ("k9": 8 a round, the next round's in flight; the
 same results).
 --short adds W1-like steps over a 24-position cache (S 24: a W1 chunk's group), 8,192 / 2,048 / 546 rows at
-positions 16..23, each with the runner's pick, 1 key step ("k1": one warp per (row, head)) and a block per row
-("k0": the row's keys and values copied to shared memory first; the same results).
+positions 16..23, each with the runner's pick, 1 key step ("k1": one warp per (row, head)) and the rows kernel
+with 2 and 3 row buffers ("rows2", "rows3": blocks that copy whole rows into shared memory ahead of the one they
+compute; the same results).
 Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OUT/attention.jsonl.
 """
 import argparse
@@ -42,7 +43,7 @@ def main():
         if a.tail:
             shapes += [(f"tail {R}", R, 272, 767, 768, (None, 1, 4, 8, 9)) for R in (1024, 512, 256, 128, 64)]
         if a.short:
-            shapes += [(f"S24 {R}", R, 16, 23, 24, (None, 1, 0)) for R in (8192, 2048, 546)]
+            shapes += [(f"S24 {R}", R, 16, 23, 24, (None, 1, "rows2", "rows3")) for R in (8192, 2048, 546)]
         for shape, R, lo, hi, S, picks in shapes:
             pos = rng.integers(lo, hi + 1, R).astype(np.int32)
             kc = drv.mem_alloc(R * S * C * 2)
@@ -61,9 +62,13 @@ def main():
 
             # the runner's pick (keys None); the tail shapes also with 1, 4, 8 and 8 + 8 key steps loaded ahead
             for keys in picks:
-                ms, times = event_ms(drv, lambda keys=keys: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R,
-                                                                        H, D, S, 0.125, keys=keys), a.repeats)
-                kern = "grouped" + ("" if keys is None else f" k{keys}")
+                if isinstance(keys, str):   # the rows kernel with at most this many row buffers
+                    K.ATTENTION_ROWS_BUFFERS = int(keys[-1])
+                ms, times = event_ms(drv, lambda keys=keys: K.attention(
+                    None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S, 0.125,
+                    keys=0 if isinstance(keys, str) else keys), a.repeats)
+                K.__dict__.pop("ATTENTION_ROWS_BUFFERS", None)
+                kern = keys if isinstance(keys, str) else "grouped" + ("" if keys is None else f" k{keys}")
                 print(f"{shape:<10} {kern:<10} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
                 with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
                     f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": kern, "rows": R, "S": S,

@@ -22,24 +22,37 @@ class AttentionKernels:
     ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round while the step's warps fit this many an SM, at any S
     ATTENTION_AHEAD_WARPS = 12  # ... and the next round's in flight while they fit this many (3 blocks an SM)
 
-    # fp16 steps that would take key steps one at a time (many rows, S < ATTENTION_LONG_FROM) run a block per row
-    # instead when a row's keys and values (2 S C halves) fit in this many bytes of shared memory: the block copies
-    # them whole, then walks the heads from there (the same results; RESULTS.md, session 41)
-    ATTENTION_ROWS = _kernel("attention_rows_f16", "transformer.cu", "PPPPiPPiiiif", 512)   # threads: at most
-    ATTENTION_ROWS_SMEM = 96 * 1024
+    # fp16 steps that would take key steps one at a time (many rows, S < ATTENTION_LONG_FROM) run blocks that each
+    # copy whole rows (keys, values, query) into shared memory, up to this many rows in buffers at once (3: the
+    # next two in flight), where that many buffers of 2 S C + C halves fit (the same results; RESULTS.md, session 41)
+    ATTENTION_ROWS = {2: _kernel("attention_rows2_f16", "transformer.cu", "PPPPiPPiiiif", 384),   # threads: at most
+                      3: _kernel("attention_rows3_f16", "transformer.cu", "PPPPiPPiiiif", 384)}
+    ATTENTION_ROWS_BUFFERS = 3   # 0: never
 
     def setup_attention(self, drv):
-        """Let attention_rows_f16 take the dynamic shared memory it may be given (beyond the default 48 KB)."""
-        optin = drv.Context.get_device().get_attribute(drv.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
-        self.funcs[self.ATTENTION_ROWS.name].set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, optin)
-        self.attention_smem_optin = optin
+        """Let the rows kernels take the dynamic shared memory they may be given (beyond the default 48 KB)."""
+        dev = drv.Context.get_device()
+        optin = dev.get_attribute(drv.device_attribute.MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+        self.attention_smem_sm = dev.get_attribute(drv.device_attribute.MAX_SHARED_MEMORY_PER_MULTIPROCESSOR)
+        rooms = []
+        for k in self.ATTENTION_ROWS.values():
+            f = self.funcs[k.name]
+            rooms.append(optin - f.get_attribute(drv.function_attribute.SHARED_SIZE_BYTES))
+            f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, rooms[-1])
+        self.attention_smem_room = min(rooms)
+
+    def rows_buffers(self, H, D, S):
+        """How many row buffers the rows kernel gets at this shape (0: it does not run)."""
+        per = (2 * S + 1) * H * D * 2
+        fit = [n for n in self.ATTENTION_ROWS if n <= self.ATTENTION_ROWS_BUFFERS and n * per <= self.attention_smem_room]
+        return max(fit, default=0)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
         16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps loaded
-        ahead, 1, 4, 8 or 9 (fp16; 9: 8 and the next 8 in flight), or 0 with grouped: a block per row, the row's
-        keys and values copied to shared memory first (fp16) (default: by the constants above). Same results."""
+        ahead, 1, 4, 8 or 9 (fp16; 9: 8 and the next 8 in flight), or 0 with grouped: blocks that copy whole rows
+        into shared memory ahead of the one they compute (fp16) (default: by the constants above). Same results."""
         if R:
             assert D <= 128
             grouped = D in (8, 16, 32, 64, 128) if grouped is None else grouped
@@ -47,18 +60,20 @@ class AttentionKernels:
             if not grouped:
                 keys = 0
             nw = R * H
-            smem = 2 * S * H * D * 2
             if grouped and keys is None:
                 per_sm = nw / self.n_sm
                 keys = 9 if half and per_sm <= self.ATTENTION_AHEAD_WARPS else 8 if half and \
                     per_sm <= self.ATTENTION_SHORT_WARPS else 4 if S >= self.ATTENTION_LONG_FROM else 1
-                if keys == 1 and half and smem <= min(self.ATTENTION_ROWS_SMEM, self.attention_smem_optin):
+                if keys == 1 and half and (H * D) % 8 == 0 and self.rows_buffers(H, D, S):
                     keys = 0
             if grouped and keys == 0:
-                assert half and (H * D) % 8 == 0 and smem <= self.attention_smem_optin
-                self.launch(self.ATTENTION_ROWS, (R, 1, 1), stream, qkv, kc, vc, row_slot, slot_base, row_pos, out,
-                            R, H, D, S, np.float32(scale), shared=smem,
-                            block=(min(32 * H, self.ATTENTION_ROWS.threads), 1, 1))
+                nbuf = self.rows_buffers(H, D, S)
+                assert half and (H * D) % 8 == 0 and nbuf
+                smem = nbuf * (2 * S + 1) * H * D * 2
+                per_sm = max(1, self.attention_smem_sm // (smem + 1024))   # blocks an SM (1 KB: the system's)
+                self.launch(self.ATTENTION_ROWS[nbuf], (min(R, per_sm * self.n_sm), 1, 1), stream, qkv, kc, vc,
+                            row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale), shared=smem,
+                            block=(min(32 * H, self.ATTENTION_ROWS[nbuf].threads), 1, 1))
                 return
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
