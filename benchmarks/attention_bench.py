@@ -1,7 +1,7 @@
 """Device time of decode attention (transformer.cu, one warp per (row, head)) against the bytes it must read:
 each row reads its keys and values 0..p of every head, (p + 1) * H * D * 2 (K and V) * element size.
 
-  python3 benchmarks/attention_bench.py [--repeats 7] [--out DIR] [--tail] [--short]
+  python3 benchmarks/attention_bench.py [--repeats 7] [--out DIR] [--tail]
 
 Shapes: W2's decode (2,048 rows, positions uniform 32..767, GPT-2 124M heads: H 12, D 64, S 768) and a W1 decode
 step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launches (the grouped one for D 64).
@@ -9,10 +9,6 @@ step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launc
 64 rows at positions uniform 272..767 (one warp per (row, head): fewer rows, fewer warps an SM), each with the
 runner's pick and with 1, 4 and 8 key steps loaded ahead ("k9": 8 a round, the next round's in flight; the
 same results).
---short adds W1-like steps over a 24-position cache (S 24: a W1 chunk's group), 8,192 / 2,048 / 546 rows at
-positions 16..23, each with the runner's pick, 1 key step ("k1": one warp per (row, head)) and the rows kernel
-with 2 and 3 row buffers ("rows2", "rows3": blocks that copy whole rows into shared memory ahead of the one they
-compute; the same results).
 Prints ms (median after a warm-up) and GB/s of the bytes above; JSON lines to OUT/attention.jsonl.
 """
 import argparse
@@ -31,20 +27,17 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tail", action="store_true", help="also 1,024-64 rows at late positions (see above)")
-    ap.add_argument("--short", action="store_true", help="also W1-like steps over a 24-position cache (see above)")
     a = ap.parse_args()
     with pycuda_kernels() as (drv, K):
-        H, D = 12, 64
+        H, D, S = 12, 64, 768
         C = H * D
         rng = np.random.default_rng(0)
         os.makedirs(a.out, exist_ok=True)
         print(f"{'shape':<10} {'kernel':<10} {'ms':>8} {'GB/s':>7}")
-        shapes = [("W2", 2048, 32, 767, 768, (None,)), ("W1 546", 546, 16, 23, 768, (None,))]
+        shapes = [("W2", 2048, 32, 767), ("W1 546", 546, 16, 23)]
         if a.tail:
-            shapes += [(f"tail {R}", R, 272, 767, 768, (None, 1, 4, 8, 9)) for R in (1024, 512, 256, 128, 64)]
-        if a.short:
-            shapes += [(f"S24 {R}", R, 16, 23, 24, (None, 1, "rows2", "rows3")) for R in (8192, 2048, 546)]
-        for shape, R, lo, hi, S, picks in shapes:
+            shapes += [(f"tail {R}", R, 272, 767) for R in (1024, 512, 256, 128, 64)]
+        for shape, R, lo, hi in shapes:
             pos = rng.integers(lo, hi + 1, R).astype(np.int32)
             kc = drv.mem_alloc(R * S * C * 2)
             vc = drv.mem_alloc(R * S * C * 2)
@@ -61,17 +54,13 @@ def main():
             out = drv.mem_alloc(R * C * 2)
 
             # the runner's pick (keys None); the tail shapes also with 1, 4, 8 and 8 + 8 key steps loaded ahead
-            for keys in picks:
-                if isinstance(keys, str):   # the rows kernel with at most this many row buffers
-                    K.ATTENTION_ROWS_BUFFERS = int(keys[-1])
-                ms, times = event_ms(drv, lambda keys=keys: K.attention(
-                    None, True, qkv, kc, vc, slot, 0, dpos, out, R, H, D, S, 0.125,
-                    keys=0 if isinstance(keys, str) else keys), a.repeats)
-                K.__dict__.pop("ATTENTION_ROWS_BUFFERS", None)
-                kern = keys if isinstance(keys, str) else "grouped" + ("" if keys is None else f" k{keys}")
+            for keys in ((None,) if not shape.startswith("tail") else (None, 1, 4, 8, 9)):
+                ms, times = event_ms(drv, lambda keys=keys: K.attention(None, True, qkv, kc, vc, slot, 0, dpos, out, R,
+                                                                        H, D, S, 0.125, keys=keys), a.repeats)
+                kern = "grouped" + ("" if keys is None else f" k{keys}")
                 print(f"{shape:<10} {kern:<10} {ms:>8.3f} {nbytes / (ms * 1e-3) / 1e9:>7.0f}", flush=True)
                 with open(os.path.join(a.out, "attention.jsonl"), "a") as f:
-                    f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": kern, "rows": R, "S": S,
+                    f.write(json.dumps({"kind": "attention-bench", "shape": shape, "kernel": kern, "rows": R,
                                         "bytes": nbytes, "ms": ms, "runs_ms": times}) + "\n")
             for buf in (kc, vc):
                 buf.free()

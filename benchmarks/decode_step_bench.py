@@ -7,9 +7,8 @@ where each product waits for the one before it (decode_products.py times one pro
                                             [--configs picks,...]
 
 Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
-N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" (decode attention never with 8 key steps a round
-nor a block per row: 1 under ATTENTION_LONG_FROM positions, 4 from there) / "attn-no-rows" (never the rows kernel, the
-rest as picked) / "attn-rows2" (the rows kernel with two row buffers at most) / "attn-keys-8" (always 8) / "attn-ahead" (always 8 with the
+N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" (decode attention never with 8 key steps a round:
+1 under ATTENTION_LONG_FROM positions, 4 from there) / "attn-keys-8" (always 8) / "attn-ahead" (always 8 with the
 next 8 in flight); "ln-plain" / "ln-prefetch" (layer norm
 always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
 picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS); "tiles:WIDE:NARROW:lo:hi" (the layer
@@ -100,14 +99,12 @@ def main():
     pp_from = {f"pp-from-{lo}": tiles(orig, f"tiles:tma128pp:tma128pp:{lo}:{PINGPONG_FROM}") for lo in (256, 512)}
     configs = {"picks": orig, **pp_from,
                "no-swap": unswapped.pick_f16,
-               "attn-keys-1": orig, "attn-no-rows": orig, "attn-rows2": orig, "attn-keys-8": orig, "attn-ahead": orig, "ln-plain": orig,
-               "ln-prefetch": orig,
+               "attn-keys-1": orig, "attn-keys-8": orig, "attn-ahead": orig, "ln-plain": orig, "ln-prefetch": orig,
                "k64": swapped(orig, {"t32x32k128s4": "t32x32k64s8", "t32x64k128s4": "t32x64k64s4"})}
     base_of = {name: name.split("+")[0] for name in a.configs.split(",")}   # "+carve100": see below
     configs = {name: configs[b] if b in configs else config(unswapped.pick_f16, b, orig.__self__.pick_swap)
                for name, b in base_of.items()}
-    kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0, "ATTENTION_AHEAD_WARPS": 0, "ATTENTION_ROWS_BUFFERS": 0},
-                    "attn-no-rows": {"ATTENTION_ROWS_BUFFERS": 0}, "attn-rows2": {"ATTENTION_ROWS_BUFFERS": 2},
+    kernel_attrs = {"attn-keys-1": {"ATTENTION_SHORT_WARPS": 0, "ATTENTION_AHEAD_WARPS": 0},
                     "attn-keys-8": {"ATTENTION_SHORT_WARPS": 1 << 20, "ATTENTION_AHEAD_WARPS": 0},
                     "attn-ahead": {"ATTENTION_AHEAD_WARPS": 1 << 20},
                     "ln-plain": {"LN_PREFETCH_ROWS": -1}, "ln-prefetch": {"LN_PREFETCH_ROWS": 1 << 30}}
@@ -126,8 +123,7 @@ def main():
                 base = None
                 for name, pick in configs.items():
                     k.pick_f16 = pick
-                    for attr in ("ATTENTION_SHORT_WARPS", "ATTENTION_AHEAD_WARPS", "ATTENTION_ROWS_BUFFERS",
-                                 "LN_PREFETCH_ROWS"):
+                    for attr in ("ATTENTION_SHORT_WARPS", "ATTENTION_AHEAD_WARPS", "LN_PREFETCH_ROWS"):
                         k.__dict__.pop(attr, None)        # the class's value
                     k.__dict__.update(kernel_attrs.get(base_of[name], {}))
                     if any(c.endswith("+carve100") for c in configs):   # every kernel asks for the largest shared

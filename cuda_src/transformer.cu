@@ -3,7 +3,6 @@
 // (embed, layer_norm, kv_copy, attention), compared in tests/test_cuda_kernels.py.
 // Suffix _f32: activations float; _f16: activations half (statistics and softmax always in fp32).
 #include "common.cuh"
-#include "mma.cuh"
 
 // x[r, :] = wte[tok[r], :] + wpe[pos[r], :]   (fp32 residual stream)
 extern "C" __global__ void embed(const int* __restrict__ tok, const int* __restrict__ pos,
@@ -330,21 +329,24 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// One warp's walk of one (row, head): qh its query (D values), kh / vh its head's keys / values at position 0 (the
-// next position C elements on: the cache, or a copy of the row in shared memory), p its position (it sees keys
-// 0..p), oh its output. KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop).
-template <typename T, int KEYS, bool AHEAD>
-__device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* __restrict__ kh,
-                                            const T* __restrict__ vh, int C, int D, int p, float scale,
-                                            T* __restrict__ oh)
+// KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop)
+template <typename T, int KEYS, bool AHEAD = false>
+__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
+                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
+                                                       int slot_base, const int* __restrict__ row_pos,
+                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
 {
-    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gw = blockIdx.x * ATT_WARPS + warp;
+    const int r = gw / H, h = gw - r * H;
+    if (r >= R) return;
+    const int C = H * D;
     const int LPG = D >> 3, G = 32 / LPG;
     const int g = lane / LPG, d0 = (lane - g * LPG) * 8;
-    const T* kd = kh + d0;   // this lane's 8 dimensions of the head at position 0
-    const T* vd = vh + d0;
+    const int p = row_pos[r];
+    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
     float q[8], acc[8];
-    load8f(qh + d0, q);
+    load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
 #pragma unroll
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
@@ -379,8 +381,8 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
             const bool ok = j <= p;
             float kf[8], vf[8];
             if (ok) {
-                load8f(kd + (size_t)j * C, kf);
-                load8f(vd + (size_t)j * C, vf);
+                load8f(kc + base + (size_t)j * C, kf);
+                load8f(vc + base + (size_t)j * C, vf);
             }
             step(ok, kf, vf);
         }
@@ -390,8 +392,8 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
             for (int u = 0; u < KEYS; u++) {
                 const int j = g + G * (t0 + u);
                 if (j <= p) {
-                    load_raw(kd + (size_t)j * C, kr[u]);
-                    load_raw(vd + (size_t)j * C, vr[u]);
+                    load_raw(kc + base + (size_t)j * C, kr[u]);
+                    load_raw(vc + base + (size_t)j * C, vr[u]);
                 }
             }
         };
@@ -437,92 +439,9 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
         const float inv = 1.f / l;
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[i] *= inv;
-        store8(oh + d0, acc);
+        store8(out + (size_t)r * C + (size_t)h * D + d0, acc);
     }
 }
-
-template <typename T, int KEYS, bool AHEAD = false>
-__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
-                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
-                                                       int slot_base, const int* __restrict__ row_pos,
-                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
-{
-    const int gw = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
-    const int r = gw / H, h = gw - r * H;
-    if (r >= R) return;
-    const int C = H * D;
-    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D;
-    attend_head<T, KEYS, AHEAD>(qkv + (size_t)r * 3 * C + (size_t)h * D, kc + base, vc + base, C, D, row_pos[r], scale,
-                                out + (size_t)r * C + (size_t)h * D);
-}
-
-// Decode attention over short caches (Kernels.attention: fp16, when NBUF rows' keys and values fit in shared memory
-// and the step has many rows): as many blocks as fit on the SMs at once, each taking rows blockIdx.x, + gridDim.x,
-// ... A row's keys at positions 0..p are one contiguous run in the cache ([p + 1, C] of its slot), and so are its
-// values: the block copies them and the row's query into one of NBUF shared-memory buffers with 16-byte cp.async,
-// NBUF - 1 rows ahead of the one it computes, whose heads its warps walk in turn as attention_grouped (KEYS 1)
-// walks them from the cache: the same operations in the same order, the same results bit for bit. (The grouped
-// kernel keeps ~2 KB a warp in flight, ~9 MB on the chip: ~2.9 TB/s at W1's 8,192 rows and ~20 positions.)
-// Dynamic shared memory: NBUF (2 S C + C) elements.
-#define ATT_ROWS_THREADS 384   // at most: Kernels.attention launches 32 x the heads (GPT-2: 12-25) or this
-template <typename T, int NBUF>
-__device__ __forceinline__ void attention_rows_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
-                                                    const T* __restrict__ vc, const int* __restrict__ row_slot,
-                                                    int slot_base, const int* __restrict__ row_pos,
-                                                    T* __restrict__ out, int R, int H, int D, int S, float scale)
-{
-    extern __shared__ __align__(16) unsigned char att_rows_smem[];
-    __shared__ int buf_pos[NBUF];   // the position p of the row in each buffer
-    const int C = H * D, step = gridDim.x;
-    const size_t per = 2 * (size_t)S * C + C;   // elements of a buffer: keys [S, C], values [S, C], query [C]
-    T* bufs = reinterpret_cast<T*>(att_rows_smem);
-    // row r into buffer b (one cp.async group; C * sizeof(T) is a multiple of 16: Kernels.attention)
-    auto issue = [&](int r, int b) {
-        const int p = row_pos[r];
-        const size_t base = (size_t)(row_slot[r] - slot_base) * S * C;
-        uint4* kb = reinterpret_cast<uint4*>(bufs + b * per);
-        uint4* vb = reinterpret_cast<uint4*>(bufs + b * per + (size_t)S * C);
-        uint4* qb = reinterpret_cast<uint4*>(bufs + b * per + 2 * (size_t)S * C);
-        const uint4* kg = reinterpret_cast<const uint4*>(kc + base);
-        const uint4* vg = reinterpret_cast<const uint4*>(vc + base);
-        const uint4* qg = reinterpret_cast<const uint4*>(qkv + (size_t)r * 3 * C);
-        const int n16 = (p + 1) * C * (int)sizeof(T) / 16, q16 = C * (int)sizeof(T) / 16;
-        for (int i = threadIdx.x; i < n16; i += blockDim.x) {
-            cp_async16(kb + i, kg + i, true);
-            cp_async16(vb + i, vg + i, true);
-        }
-        for (int i = threadIdx.x; i < q16; i += blockDim.x) cp_async16(qb + i, qg + i, true);
-        if (threadIdx.x == 0) buf_pos[b] = p;
-    };
-    for (int k = 0; k < NBUF - 1; k++) {   // the first NBUF - 1 rows
-        const int r = blockIdx.x + k * step;
-        if (r < R) issue(r, k);
-        cp_async_commit();
-    }
-    for (int r = blockIdx.x, k = 0; r < R; r += step, k++) {
-        const int ahead = r + (NBUF - 1) * step;   // into the buffer computed at k - 1 (freed by its last barrier)
-        if (ahead < R) issue(ahead, (k + NBUF - 1) % NBUF);
-        cp_async_commit();
-        cp_async_wait<NBUF - 1>();               // row r's group has landed (the NBUF - 1 after it may not)
-        __syncthreads();
-        const int b = k % NBUF, p = buf_pos[b];
-        const T* kb = bufs + b * per;
-        for (int h = threadIdx.x >> 5; h < H; h += blockDim.x >> 5)
-            attend_head<T, 1, false>(kb + 2 * (size_t)S * C + (size_t)h * D, kb + (size_t)h * D,
-                                     kb + (size_t)S * C + (size_t)h * D, C, D, p, scale, out + (size_t)r * C + (size_t)h * D);
-        __syncthreads();
-    }
-}
-
-extern "C" __global__ void __launch_bounds__(ATT_ROWS_THREADS, 1)
-attention_rows2_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
-                    const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ pdl_wait(); attention_rows_impl<__half, 2>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
-
-extern "C" __global__ void __launch_bounds__(ATT_ROWS_THREADS, 1)
-attention_rows3_f16(const __half* qkv, const __half* kc, const __half* vc, const int* row_slot, int slot_base,
-                    const int* row_pos, __half* out, int R, int H, int D, int S, float scale)
-{ pdl_wait(); attention_rows_impl<__half, 3>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); }
 
 #define DEF_ATTENTION_GROUPED(NAME, T, KEYS, AHEAD)                                                            \
     extern "C" __global__ void __launch_bounds__(ATT_WARPS * 32)                                               \

@@ -384,19 +384,18 @@ def test_half_weights(K, K_, N):
 @pytest.mark.parametrize("H,D,grouped", [(4, 16, True), (12, 64, True), (25, 64, True), (2, 128, True), (3, 40, False),
                                           (3, 5, False), (12, 64, False), (3, 8, True), (2, 32, True)])
 @pytest.mark.parametrize("half", [False, True])
-@pytest.mark.parametrize("keys", [0, 1, 4, 8, 9])
+@pytest.mark.parametrize("keys", [1, 4, 8, 9])
 def test_attention(K, H, D, grouped, half, keys):
     """Ragged prefill of several prompts, then one decode step, against reference.attention (each row's key and
     value put into the cache first, as the QKV product's EPI_QKV epilogue does); the grouped kernel with 1, 4 and
-    (fp16) 8 key steps (9: 8 and the next 8 in flight) loaded ahead, or (0, fp16) a block per row from a copy of
-    the row in shared memory (Kernels.attention picks by the cache's length and the step's warps), each bitwise
-    the same as with 1."""
+    (fp16) 8 key steps (9: 8 and the next 8 in flight) loaded ahead (Kernels.attention picks by the cache's length
+    and the step's warps), each bitwise the same as with 1."""
     if not grouped and keys != 1:
         pytest.skip("the lane-per-key kernel has one form")
-    if keys in (0, 8, 9) and not half:
-        pytest.skip("8 key steps a round (9: the next round's in flight), a block per row (0): fp16 only")
+    if keys in (8, 9) and not half:
+        pytest.skip("8 key steps a round (9: the next round's in flight): fp16 only")
     C = H * D
-    lens = RNG.integers(1, 70 if keys else 21, 5)   # (a block per row: the row's cache in shared memory)
+    lens = RNG.integers(1, 70, 5)
     nsl, S = len(lens), int(lens.max()) + 2
     dt = np.float16 if half else np.float32
     scale = 1.0 / math.sqrt(D) / 3.0
@@ -416,8 +415,6 @@ def test_attention(K, H, D, grouped, half, keys):
         kc_h[seq, pos], vc_h[seq, pos] = qkv[:, C:2 * C], qkv[:, 2 * C:]
         g_qkv, g_seq, g_pos = gpu(qkv), gpu((seq + slot_base).astype(np.int32)), gpu(pos.astype(np.int32))
         out = poisoned((R, C), dt)
-        if keys == 0 and not K.rows_buffers(H, D, S):
-            pytest.skip("the rows kernel: not even two rows' buffers fit in shared memory at this shape")
         K.attention(None, half, g_qkv, gpu(kc_h), gpu(vc_h), g_seq, slot_base, g_pos, out, R, H, D, S, scale,
                     grouped=grouped, keys=keys if grouped else None)
         got = back(out, (R, C), dt).astype(np.float32)
@@ -436,39 +433,6 @@ def test_attention(K, H, D, grouped, half, keys):
             ref = reference.attention(q, ref_k[s:s + 1], ref_v[s:s + 1], np.array([[pos[r]]]), np.array([pos[r] + 1]),
                                       scale)
             assert rel(got[r], ref.reshape(C)) < (2e-3 if half else 1e-5), (phase, r)
-
-
-@pytest.mark.parametrize("nbuf", [2, 3])
-def test_attention_rows_kernel_pipelines_many_rows_a_block_bitwise_as_the_grouped_one(K, nbuf):
-    """The rows kernel (fp16, a row's keys, values and query copied into shared memory, nbuf - 1 rows ahead of the
-    one computed) over a decode step of more rows than its blocks, so that each block computes several: bitwise the
-    same output as the grouped kernel with 1 key step, and the reference's within fp16."""
-    H, D, S, R = 12, 64, 24, 700
-    C = H * D
-    scale = 1.0 / math.sqrt(D)
-    pos = RNG.integers(0, S, R).astype(np.int32)
-    slot_base = 3
-    slots = (RNG.permutation(R) + slot_base).astype(np.int32)
-    kc = RNG.standard_normal((R, S, C), dtype=np.float32).astype(np.float16)
-    vc = RNG.standard_normal((R, S, C), dtype=np.float32).astype(np.float16)
-    qkv = RNG.standard_normal((R, 3 * C), dtype=np.float32).astype(np.float16)
-    args = (gpu(qkv), gpu(kc), gpu(vc), gpu(slots), slot_base, gpu(pos))
-    one, rows = poisoned((R, C), np.float16), poisoned((R, C), np.float16)
-    K.attention(None, True, *args[:6], one, R, H, D, S, scale, keys=1)
-    K.ATTENTION_ROWS_BUFFERS = nbuf
-    try:
-        assert K.rows_buffers(H, D, S) == nbuf
-        K.attention(None, True, *args[:6], rows, R, H, D, S, scale, keys=0)
-    finally:
-        del K.ATTENTION_ROWS_BUFFERS
-    got = back(rows, (R, C), np.float16)
-    np.testing.assert_array_equal(got.view(np.uint16), back(one, (R, C), np.float16).view(np.uint16))
-    heads = lambda a: a.astype(np.float32).reshape(1, -1, H, D).transpose(0, 2, 1, 3)  # noqa: E731
-    for r in RNG.choice(R, 12, replace=False):
-        s, p = int(slots[r]) - slot_base, int(pos[r])
-        ref = reference.attention(heads(qkv[r, :C]), heads(kc[s, :p + 1]), heads(vc[s, :p + 1]), np.array([[p]]),
-                                  np.array([p + 1]), scale)
-        assert rel(got[r].astype(np.float32), ref.reshape(C)) < 2e-3, r
 
 
 @pytest.mark.parametrize("H", [12, 2])

@@ -16,8 +16,7 @@ import numpy as np
 
 from gpt2job.backends.cuda import cuda_src_dir
 from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
-from gpt2job.backends.cuda.kernels_attention import AttentionKernels
-from gpt2job.backends.cuda.kernels_select import KERNELS, Kernel, SelectKernels, _kernel, ptr  # noqa: F401 (re-exported)
+from gpt2job.backends.cuda.kernels_select import KERNELS, Kernel, SelectKernels, _kernel  # noqa: F401 (re-exported)
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
@@ -185,7 +184,18 @@ def compile_modules(jobs, folder, threads=8):
     return cache.get_all(units, threads), cache.compiled
 
 
-class Kernels(SelectKernels, AttentionKernels):
+def ptr(a):
+    """Device pointer (int) of a DeviceAllocation, a GPUArray, an int, or None (-> 0)."""
+    if a is None:
+        return 0
+    if isinstance(a, int):
+        return a
+    if hasattr(a, "gpudata"):
+        return int(a.gpudata)
+    return int(a)
+
+
+class Kernels(SelectKernels):
     """Every kernel the options ask for, compiled and loaded into the current context; typed launchers."""
 
     def __init__(self, local_rank=0, options=KernelOptions()):
@@ -203,7 +213,6 @@ class Kernels(SelectKernels, AttentionKernels):
             f.prepare(k.signature)
             self.funcs[k.name] = f
         self.setup_row_cache(drv)
-        self.setup_attention(drv)
         for t in self.tiles:
             for out_half in (True, False):
                 f = mods[t.module].get_function(t.kernel(out_half))
@@ -224,10 +233,9 @@ class Kernels(SelectKernels, AttentionKernels):
             from gpt2job.backends.cuda.tensor_maps import TensorMapCache
             self.tmaps = TensorMapCache(drv)
 
-    def launch(self, k, grid, stream, *args, shared=0, block=None):
-        """Launch kernel record k (blocks of its threads unless block says otherwise)."""
+    def launch(self, k, grid, stream, *args, shared=0):
         args = [ptr(a) if not isinstance(a, (int, float, np.integer, np.floating)) else a for a in args]
-        self.funcs[k.name].prepared_async_call(grid, block or k.block, stream, *args, shared_size=shared)
+        self.funcs[k.name].prepared_async_call(grid, k.block, stream, *args, shared_size=shared)
 
     # ---------------------------------------------------------------- matrix products
 
@@ -344,3 +352,49 @@ class Kernels(SelectKernels, AttentionKernels):
         """Shared-prefix key/value rows: ent int32 [n, 3] {dst, src, pos} (see prefix_share.py)."""
         if n:
             self.launch(self.KV_COPY[half], (n, 1, 1), stream, ent, n, slot_base, kc, vc, S, C)
+
+    ATTENTION = {(False, False, 0): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (False, True, 0): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 9): _kernel("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
+    ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1
+                                # (W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, session 19)
+    ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round while the step's warps fit this many an SM, at any S
+    ATTENTION_AHEAD_WARPS = 12  # ... and the next round's in flight while they fit this many (3 blocks an SM)
+
+    def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
+                  grouped=None, keys=None):
+        """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8,
+        16, 32, 64, 128): the lane-group kernel, else the lane-per-key one. keys: the grouped kernel's key steps loaded
+        ahead, 1, 4, 8 or 9 (fp16; 9: 8 and the next 8 in flight) (default: by the constants above). Same results."""
+        if R:
+            assert D <= 128
+            grouped = D in (8, 16, 32, 64, 128) if grouped is None else grouped
+            assert not grouped or D in (8, 16, 32, 64, 128)
+            if not grouped:
+                keys = 0
+            nw = R * H
+            if grouped and keys is None:
+                per_sm = nw / self.n_sm
+                keys = 9 if half and per_sm <= self.ATTENTION_AHEAD_WARPS else 8 if half and \
+                    per_sm <= self.ATTENTION_SHORT_WARPS else 4 if S >= self.ATTENTION_LONG_FROM else 1
+            self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
+                        qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
+
+    ATTENTION_PREFILL = _kernel("attention_prefill_f16", "attention_prefill.cu", "PPPPiPPPiiiif", 128)
+
+    def attention_prefill(self, stream, qkv, kc, vc, row_slot, slot_base, row_pos, out, tiles, n_tiles, row_base,
+                          H, D, S, scale):
+        """Tensor-core causal attention (fp16, D == 64) of the rows covered by tiles: int32 [n_tiles, 2] pairs
+        {first_row, n_rows} (8-byte aligned), each 1..16 rows of ONE sequence (one slot), e.g. consecutive tokens
+        of a prompt. first_row counts from the chunk's first row; qkv, row_slot, row_pos and out point at the
+        pass's first row, which is chunk row row_base. Same results as attention(half=True) on those rows."""
+        if n_tiles:
+            assert D == 64 and ptr(tiles) % 8 == 0
+            nw = n_tiles * H   # one warp per (tile, head), 4 warps per block
+            self.launch(self.ATTENTION_PREFILL, ((nw + 3) // 4, 1, 1), stream, qkv, kc, vc, row_slot, slot_base,
+                        row_pos, out, tiles, n_tiles, row_base, H, S, np.float32(scale))

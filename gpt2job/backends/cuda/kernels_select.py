@@ -29,17 +29,6 @@ def _kernel(name, source, signature, threads):
     return k
 
 
-def ptr(a):
-    """Device pointer (int) of a DeviceAllocation, a GPUArray, an int, or None (-> 0)."""
-    if a is None:
-        return 0
-    if isinstance(a, int):
-        return a
-    if hasattr(a, "gpudata"):
-        return int(a.gpudata)
-    return int(a)
-
-
 class SelectKernels:
     """Launchers of the token selection kernels (Kernels inherits them)."""
 
