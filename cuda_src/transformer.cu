@@ -329,23 +329,24 @@ __device__ __forceinline__ void store8(__half* p, const float* f) {
     *reinterpret_cast<uint4*>(p) = *reinterpret_cast<const uint4*>(h);
 }
 
-// One warp's walk of one (row, head): qh its query (D values), kh / vh its head's keys / values in the cache at
-// position 0 (the next position C elements on), p its position (it sees keys 0..p), oh its output. KEYS: key steps
-// of a group whose loads are issued together (1, 4 or 8, see the loop). (A function of its own, apart from finding
-// the row's slot: so written, the long fp16 kernel compiles to 80 registers instead of 94, 6 blocks an SM instead
-// of 5; RESULTS.md, session 41.)
-template <typename T, int KEYS, bool AHEAD>
-__device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* __restrict__ kh,
-                                            const T* __restrict__ vh, int C, int D, int p, float scale,
-                                            T* __restrict__ oh)
+// KEYS: key steps of a group whose loads are issued together (1, 4 or 8, see the loop)
+template <typename T, int KEYS, bool AHEAD = false>
+__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
+                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
+                                                       int slot_base, const int* __restrict__ row_pos,
+                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
 {
-    const int lane = threadIdx.x & 31;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int gw = blockIdx.x * ATT_WARPS + warp;
+    const int r = gw / H, h = gw - r * H;
+    if (r >= R) return;
+    const int C = H * D;
     const int LPG = D >> 3, G = 32 / LPG;
     const int g = lane / LPG, d0 = (lane - g * LPG) * 8;
-    const T* kd = kh + d0;   // this lane's 8 dimensions of the head at position 0
-    const T* vd = vh + d0;
+    const int p = row_pos[r];
+    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
     float q[8], acc[8];
-    load8f(qh + d0, q);
+    load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
 #pragma unroll
     for (int i = 0; i < 8; i++) { q[i] *= scale; acc[i] = 0.f; }
     float m = -INFINITY, l = 0.f;
@@ -380,8 +381,8 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
             const bool ok = j <= p;
             float kf[8], vf[8];
             if (ok) {
-                load8f(kd + (size_t)j * C, kf);
-                load8f(vd + (size_t)j * C, vf);
+                load8f(kc + base + (size_t)j * C, kf);
+                load8f(vc + base + (size_t)j * C, vf);
             }
             step(ok, kf, vf);
         }
@@ -391,8 +392,8 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
             for (int u = 0; u < KEYS; u++) {
                 const int j = g + G * (t0 + u);
                 if (j <= p) {
-                    load_raw(kd + (size_t)j * C, kr[u]);
-                    load_raw(vd + (size_t)j * C, vr[u]);
+                    load_raw(kc + base + (size_t)j * C, kr[u]);
+                    load_raw(vc + base + (size_t)j * C, vr[u]);
                 }
             }
         };
@@ -438,23 +439,8 @@ __device__ __forceinline__ void attend_head(const T* __restrict__ qh, const T* _
         const float inv = 1.f / l;
 #pragma unroll
         for (int i = 0; i < 8; i++) acc[i] *= inv;
-        store8(oh + d0, acc);
+        store8(out + (size_t)r * C + (size_t)h * D + d0, acc);
     }
-}
-
-template <typename T, int KEYS, bool AHEAD = false>
-__device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv, const T* __restrict__ kc,
-                                                       const T* __restrict__ vc, const int* __restrict__ row_slot,
-                                                       int slot_base, const int* __restrict__ row_pos,
-                                                       T* __restrict__ out, int R, int H, int D, int S, float scale)
-{
-    const int gw = blockIdx.x * ATT_WARPS + (threadIdx.x >> 5);
-    const int r = gw / H, h = gw - r * H;
-    if (r >= R) return;
-    const int C = H * D;
-    const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D;
-    attend_head<T, KEYS, AHEAD>(qkv + (size_t)r * 3 * C + (size_t)h * D, kc + base, vc + base, C, D, row_pos[r], scale,
-                                out + (size_t)r * C + (size_t)h * D);
 }
 
 #define DEF_ATTENTION_GROUPED(NAME, T, KEYS, AHEAD)                                                            \
