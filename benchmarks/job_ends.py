@@ -16,7 +16,8 @@ the wall clock by their `origin`: the time.time() at the backend's first event; 
 Logs of trees before 1530bbb (no per-result master lines) give nothing; where the origin has 3 decimals (the trees
 of session 40's calls) start, end and "back" are +-0.5 ms. One line per log and rank, in ms; with
 --medians one per configuration and case (logs named NAME-REPEAT.log, as small_chunks.py --keep-logs writes them),
-each column the median over the repeats.
+each column the median over the repeats. A chunk computed in halves (out of memory) has a timeline line per
+half (trees from session 41): each counts as a batch, the gap between them as GPU idle between batches.
 """
 import re
 import statistics

@@ -186,10 +186,11 @@ def test_no_report_without_a_token_count_and_never_a_repeated_one(monkeypatch):
     assert [e[:3] for e in link.events if e[0] == "progress"] == [("progress", 3, 7)]
 
 
-def test_a_gpu_worker_reports_its_chunks_gpu_time_as_their_compute_time():
+def test_a_gpu_worker_reports_its_chunks_gpu_time_as_their_compute_time(monkeypatch, capsys):
     """worker.device_us: with a device timeline (the CUDA backend's), a chunk's compute time sent to the master is
     its GPU time (first launch to last GPU work; the parts of a chunk computed in halves added); without one, the
-    host's time computing it."""
+    host's time computing it. Traced, each part's timeline is a line of its own (benchmarks/job_ends.py)."""
+    from gpt2job.cluster import trace, worker
     from gpt2job.cluster.worker import device_us
 
     class TimedBackend(LoggingBackend):
@@ -215,6 +216,13 @@ def test_a_gpu_worker_reports_its_chunks_gpu_time_as_their_compute_time():
     assert link.sent == [(0, 2500), (1, 2500 + 1750)]
     assert device_us(LoggingBackend(), 0) is None
     assert device_us(TimedBackend(), 0) is None    # an empty timeline
+    monkeypatch.setattr(trace, "TRACE", True)
+    monkeypatch.setattr(worker, "TRACE", True)
+    capsys.readouterr()
+    assert Loop(TimedBackend(), UsLink([chunk(0), chunk(1), STOP]), 1).serve() is None
+    lines = [line for line in capsys.readouterr().err.splitlines() if "device timeline" in line]
+    assert [line.split(": chunk ")[1].split(" ")[0] for line in lines] == ["0", "1", "1"]
+    assert "compute 14.000-16.000" in lines[2] and "first_launch 14.250" in lines[2]
 
 
 # ---------------------------------------------------------------- chunks merged into one batch

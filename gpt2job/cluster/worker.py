@@ -24,7 +24,7 @@ from gpt2job.backends import make_backend
 from gpt2job.chunks import merge_chunks, split_completions
 from gpt2job.cluster import faults
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
-from gpt2job.cluster.trace import launch_time, trace
+from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.errors import UserError
 from gpt2job.files.row_settings import has_stop_dataset
 from gpt2job.model import stops
@@ -56,14 +56,22 @@ def device_us(backend, chunk_id):
     first launch to its last GPU work, each part of a chunk computed in halves), in us; None without a timeline. It
     is what the worker reports as the chunk's compute time, so the summary's busy % is the GPU's: the host's time
     computing a chunk also counts time the GPU waited between chunks."""
-    timeline = getattr(backend, "timeline", None)
     us = None
-    for e in reversed(timeline or ()):
-        if e.get("chunk_id") != chunk_id:
-            break
+    for e in chunk_entries(backend, chunk_id):
         if "first_launch" in e:   # (a part with nothing to generate launched nothing)
             us = (us or 0) + int(1000 * (e["compute"][1] - e["first_launch"]))
     return us
+
+
+def chunk_entries(backend, chunk_id):
+    """The device timeline's entries of the chunk just computed, oldest first: one, or one per part of a chunk
+    computed in halves (their chunk id is the chunk's); [] without a timeline."""
+    out = []
+    for e in reversed(getattr(backend, "timeline", None) or ()):
+        if e.get("chunk_id") != chunk_id:
+            break
+        out.append(e)
+    return out[::-1]
 
 
 def error_info(rank, e, chunk_id=None):
@@ -188,12 +196,11 @@ class Loop:
                     self.link.send_result(part, part_us)
                 trace(f"rank {self.rank}: chunk {comp.chunk_id} computed in {us / 1e3:.1f} ms, sent in "
                       f"{1e3 * (time.perf_counter() - t):.1f} ms, back at {t_back:.4f}")
-                timeline = getattr(self.backend, "timeline", None)
-                if timeline:
+                for entry in chunk_entries(self.backend, comp.chunk_id) if TRACE else ():   # (halves: each)
                     trace(f"rank {self.rank}: chunk {comp.chunk_id} device timeline (ms since start): "
                           + ", ".join(f"{k} {v[0]:.3f}-{v[1]:.3f}" if isinstance(v, tuple) else
                                       f"{k} {v:.6f}" if k == "origin" else f"{k} {v:.3f}"
-                                      for k, v in timeline[-1].items() if isinstance(v, (tuple, float))))
+                                      for k, v in entry.items() if isinstance(v, (tuple, float))))
                 if self.stopping and not self.in_flight and not self.waiting:
                     return None
         except Exception as e:
