@@ -381,8 +381,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             const bool ok = j <= p;
             float kf[8], vf[8];
             if (ok) {
-                load8f(kc + base + (size_t)j * C, kf);
-                load8f(vc + base + (size_t)j * C, vf);
+                load8f(kc + base + j * C, kf);
+                load8f(vc + base + j * C, vf);
             }
             step(ok, kf, vf);
         }
@@ -392,8 +392,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
             for (int u = 0; u < KEYS; u++) {
                 const int j = g + G * (t0 + u);
                 if (j <= p) {
-                    load_raw(kc + base + (size_t)j * C, kr[u]);
-                    load_raw(vc + base + (size_t)j * C, vr[u]);
+                    load_raw(kc + base + j * C, kr[u]);
+                    load_raw(vc + base + j * C, vr[u]);
                 }
             }
         };
