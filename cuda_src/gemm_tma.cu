@@ -84,6 +84,7 @@ template <> __device__ __forceinline__ void wgmma_bn<256>(float* d, unsigned lon
 #define TMA_BM 128
 #define TMA_BK 64
 #define TMA_THREADS 288
+#define TMA_WIDE_N 16384   // products wider than this (the LM head): M tiles fastest (gemm_tma_impl); kernels.py's twin
 
 // The stage ring of the TMA kernels. Its barriers, set up by one thread: full[s] takes the producer's arrival and
 // the stage's bytes, empty[s] one arrival per consumer warp that reads the stage. The producer thread orders the
@@ -205,9 +206,9 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
     }
 }
 
-// PERSIST = false: one block per output tile (grid: N tiles x M tiles). PERSIST = true: a grid of at most as many
-// blocks as fit on the GPU at once, block b taking tiles b, b + gridDim.x, ... (N tiles fastest; M tiles fastest for
-// EPI_ARGMAX, see m_fast below); the stage ring and its barrier phases run on across tiles, so the producer loads
+// PERSIST = false: one block per output tile (grid: N tiles x M tiles; M tiles x N tiles where N > TMA_WIDE_N, see
+// m_fast below). PERSIST = true: a grid of at most as many blocks as fit on the GPU at once, block b taking tiles b,
+// b + gridDim.x, ... (N tiles fastest; M tiles fastest where m_fast); the stage ring and its barrier phases run on across tiles, so the producer loads
 // the next tile while the consumers run the epilogue of this one. STAGED (persistent only): the epilogue goes through shared memory and bulk copies (see
 // the top of the file) where the output allows it (16-byte aligned rows, not EPI_ARGMAX), else the register one.
 template <int TBN, int ST, bool PERSIST, typename OutT, bool STAGED = false>
@@ -230,13 +231,14 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     const int tile0 = PERSIST ? blockIdx.x : 0, tile_step = PERSIST ? gridDim.x : 1;
     const int m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = PERSIST ? n_tiles * m_tiles : 1;
-    // persistent tile order: N tiles fastest (the blocks running at once share their A rows), except for the greedy
-    // LM head (EPI_ARGMAX): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and would be read from memory
-    // once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2
-    const bool m_fast = PERSIST && (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE);
+    // tile order: N tiles fastest (the blocks running at once share their A rows), except for the LM head (the greedy
+    // one's EPI_ARGMAX, or N > TMA_WIDE_N: the logits): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and
+    // would be read from memory once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2.
+    // Without PERSIST the grid says it: Kernels.gemm_f16 launches M tiles x N tiles where N > TMA_WIDE_N
+    const bool m_fast = N > TMA_WIDE_N || (PERSIST && (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE));
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
-        m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)blockIdx.y) * TMA_BM;
-        n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)blockIdx.x) * TBN;
+        m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)(m_fast ? blockIdx.x : blockIdx.y)) * TMA_BM;
+        n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)(m_fast ? blockIdx.y : blockIdx.x)) * TBN;
     };
     if (tid == 0) init_stage_barriers<ST>(full, empty, 8);   // empty: the 8 consumer warps
     __syncthreads();

@@ -159,7 +159,8 @@ def test_gemm_f32_padded_ld_no_bias(K):
     assert np.isnan(got[:, N:]).all()
 
 
-F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64)]
+F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (200, 768, 3072), (5, 50257, 64),
+              (260, 20000, 64)]   # (wider than TMA_WIDE_N: the TMA tiles walk M tiles fastest)
 
 
 from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_QKV, F16_TILES  # noqa: E402

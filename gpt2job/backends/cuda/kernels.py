@@ -22,6 +22,7 @@ from gpt2job.backends.cuda.picks import TilePicker
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE = 0, 1, 2, 3, 4, 5, 6
+TMA_WIDE_N = 16384   # gemm_tma.cu's: products wider than this (the LM head) walk M tiles fastest
 
 
 # ---------------------------------------------------------------- fp16 product tile variants
@@ -186,13 +187,9 @@ def compile_modules(jobs, folder, threads=8):
 
 def ptr(a):
     """Device pointer (int) of a DeviceAllocation, a GPUArray, an int, or None (-> 0)."""
-    if a is None:
-        return 0
-    if isinstance(a, int):
-        return a
-    if hasattr(a, "gpudata"):
-        return int(a.gpudata)
-    return int(a)
+    if a is None or isinstance(a, int):
+        return a or 0
+    return int(a.gpudata) if hasattr(a, "gpudata") else int(a)
 
 
 class Kernels(SelectKernels):
@@ -292,6 +289,8 @@ class Kernels(SelectKernels):
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
         t = F16_TILES[variant or self.pick_f16(M, N, out_half, K)]
         grid = ((N + t.bn - 1) // t.bn, (M + t.bm - 1) // t.bm, 1)
+        if t.family == "tma" and not t.persistent and N > TMA_WIDE_N:   # the LM head's logits: M tiles fastest (the
+            grid = (grid[1], grid[0], 1)                                # vocabulary is read once; gemm_tma.cu)
         if t.persistent:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * t.blocks_per_sm), 1, 1)
         if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_RESID):   # float outputs (EPI_RESID: the fp32 residual stream)
