@@ -345,6 +345,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     const int g = lane / LPG, d0 = (lane - g * LPG) * 8;
     const int p = row_pos[r];
     const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
+    // key j at base + j * C: j * C in 32 bits (j <= p < S <= n_positions; it fits), which keeps the long fp16 kernel at
+    // 80 registers with nothing spilled (94 with 64-bit products; RESULTS.md, session 42)
     float q[8], acc[8];
     load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
 #pragma unroll
