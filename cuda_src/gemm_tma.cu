@@ -208,9 +208,10 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
 
 // PERSIST = false: one block per output tile (grid: N tiles x M tiles; M tiles x N tiles where N > TMA_WIDE_N, see
 // m_fast below). PERSIST = true: a grid of at most as many blocks as fit on the GPU at once, block b taking tiles b,
-// b + gridDim.x, ... (N tiles fastest; M tiles fastest where m_fast); the stage ring and its barrier phases run on across tiles, so the producer loads
-// the next tile while the consumers run the epilogue of this one. STAGED (persistent only): the epilogue goes through shared memory and bulk copies (see
-// the top of the file) where the output allows it (16-byte aligned rows, not EPI_ARGMAX), else the register one.
+// b + gridDim.x, ... (N tiles fastest; M tiles fastest where m_fast); the stage ring and its barrier phases run on
+// across tiles, so the producer loads the next tile while the consumers run the epilogue of this one. STAGED
+// (persistent only): the epilogue goes through shared memory and bulk copies (see the top of the file) where the
+// output allows it (16-byte aligned rows, not EPI_ARGMAX), else the register one.
 template <int TBN, int ST, bool PERSIST, typename OutT, bool STAGED = false>
 __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(OutT))
 {

@@ -455,6 +455,8 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
     t = ck.F16_TILES["wgmma"]
     assert (t.bm, t.bn, t.wn) == (int(d["WG_BM"]), int(d["WG_BN"]), int(d["WG_BN"]))
     assert t.smem_half == (int(d["WG_BM"]) + int(d["WG_BN"])) * int(d["WG_BK"]) * 2 * int(d["WG_ST"]) + 1024
+    # the grid kernels.py launches for wide products and the tile order gemm_tma.cu reads from it agree
+    assert int(re.search(r"#define TMA_WIDE_N (\d+)", text["gemm_tma.cu"]).group(1)) == ck.TMA_WIDE_N
     assert seen | {"wgmma"} == set(ck.F16_TILES)
     for t in ck.F16_TILES.values():
         for out_half in (True, False):
