@@ -4,6 +4,8 @@ of its settings taken away at a time, through the real pipeline (mpirun, master 
   python3 benchmarks/mix_breakdown.py [--repeats 1] [--out DIR] [--trees 'old=.old;new=.'] [--cases 'mixed;W2, 256 new']
 
   mixed            w2mix as it is: per-row max_new_tokens 1..256, temperature 0..1.2, top-k/top-p, stop strings
+  no top-k/top-p   without the top_k and top_p datasets: the mixed workload as issue 13 states it (per-row
+                   max_new_tokens 1..256, temperature 0..1.2, stop strings; and seeds)
   no stops         without the stop dataset
   greedy, ragged   without stops, temperature 0 everywhere: per-row max_new_tokens only (the fused greedy head)
   W2, 128 new      W2's prompts, every row 128 new tokens (about the mixed rows' mean), --ignore-eos
@@ -62,10 +64,14 @@ def main():
                        check=True)
     mix, w2 = os.path.join(wl, "w2mix.h5"), os.path.join(wl, "w2.h5")
     nostop, greedy = os.path.join(a.work, "nostop.h5"), os.path.join(a.work, "greedy.h5")
+    nocut = os.path.join(a.work, "nocut.h5")
+    variant(mix, nocut, drop=("top_k", "top_p"))
     variant(mix, nostop, drop=("stop",))
     variant(mix, greedy, drop=("stop",), greedy=True)
     f16 = ["--dtype", dt, "--ignore-eos"]
-    cases = [("mixed", mix, f16 + ["--max-new-tokens", "256"]), ("no stops", nostop, f16 + ["--max-new-tokens", "256"]),
+    cases = [("mixed", mix, f16 + ["--max-new-tokens", "256"]),
+             ("no top-k/top-p", nocut, f16 + ["--max-new-tokens", "256"]),
+             ("no stops", nostop, f16 + ["--max-new-tokens", "256"]),
              ("greedy, ragged", greedy, f16 + ["--max-new-tokens", "256"]),
              ("W2, 128 new", w2, f16 + ["--max-new-tokens", "128"]), ("W2, 256 new", w2, f16 + ["--max-new-tokens", "256"])]
     if a.cases:
