@@ -5,7 +5,8 @@ pair compared. For refactors: "token-identical, no speed loss" measured in one d
   git archive 6ebac9a | (mkdir -p .old && tar -x -C .old)      # the old tree (ignored folder, carried)
   python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR] [--cases "W1 fp16,W2 fp16"]
 
-Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16. Token cases: each speed case, W2 fp32,
+Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16, W1 fp16 sampled at temperature 1 (no
+top-k / top-p, seed 7). Token cases: each speed case, W2 fp32,
 W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32, and the tiny checkpoints of
 tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy. Prints a table last; JSON lines to OUT/ab.jsonl.
 
@@ -87,6 +88,8 @@ def main():
         "W1 fp16": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup"]),
         "W1 fp32": (w1, ["--dtype", "float32", "--max-new-tokens", "8", "--no-dedup"]),
         "W2 fp16": (w2, ["--dtype", "float16", "--max-new-tokens", "256", "--ignore-eos"]),
+        "W1 fp16 T=1": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup", "--temperature", "1",
+                             "--seed", "7"]),
     }
     once = {
         "W2 fp32": (hf, w2, ["--dtype", "float32", "--max-new-tokens", "256", "--ignore-eos"], "cuda"),

@@ -1,10 +1,10 @@
 // Token selection on the GPU, the rules of gpt2job/model/sampling.py (one block per logits row):
 //   argmax_rows: greedy, lowest index on ties.
 //   sample_rows_params: the same per row with each row's own settings and repetition penalty.
-//   sample_rows: p = softmax(l / T) in float64; top-k keeps the logits >= the k-th largest (ties kept); top-p keeps
-//     the logits >= t, the logit at which the kept p summed in descending logit order first reach top_p * the kept
-//     sum; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the kept tokens in index order and take the
-//     first whose running sum exceeds u * kept sum (V - 1 if none).
+//   sample_rows: p = softmax(l / T) (each exponential in float32, the sums in float64); top-k keeps the logits >=
+//     the k-th largest (ties kept); top-p keeps the logits >= t, the logit at which the kept p summed in descending
+//     logit order first reach top_p * the kept sum; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the
+//     kept tokens in index order and take the first whose running sum exceeds u * kept sum (V - 1 if none).
 // The k-th largest logit and the top-p threshold are found on the float32 logit keys (fkey: unsigned, ordered as
 // the floats): a histogram of the row over value buckets picks the bucket that holds the threshold, then radix
 // passes over the keys of that bucket only pick the exact key (see sample_block for why not the keys' radix alone).
@@ -223,13 +223,13 @@ __device__ void pick_first(SampleShared& sh, int n, bool rev, bool mass, double 
     __syncthreads();
 }
 
-// exp((double)v / T - zmax): a token's probability times the softmax denominator. Sums of these stand for sums of
+// exp(v / T - zmax): a token's probability times the softmax denominator. Sums of these stand for sums of
 // probabilities everywhere below (the thresholds and the walk compare them with each other), so no division.
-// v / T is taken as v * (1 / T) (invt, one float64 fma with the subtraction instead of a division, about half of
-// this function's instructions): z differs from NumPy's v / T by at most an ulp, below what the order of the
-// float64 sums (a block scan here, a cumsum there) already changes.
+// The exponent is taken in float64 as v * (1 / T) - zmax (one fma; NumPy divides: at most an ulp apart) and rounded
+// to float32, the exponential taken in float32 (expf, as model/sampling.py's np.exp on float32): far fewer
+// instructions than float64 exp in a kernel bound by them (RESULTS.md, session 43). The sums stay float64.
 __device__ __forceinline__ double escore(float v, double invt, double zmax) {
-    return exp(fma((double)v, invt, -zmax));
+    return (double)expf((float)fma((double)v, invt, -zmax));
 }
 
 // The value buckets' masses are summed in fixed point: a float64 (or float32) atomicAdd to shared memory is a
@@ -359,7 +359,7 @@ __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int
 // One row's sampled token (rules 2-5) into *out_r, by the whole block: l [V] its logits (shared or global memory),
 // rid its prompt row id. Thread tid owns the contiguous segment [i0, i1) of the row (the walk is in index order).
 // Kept tokens are those whose key is >= the threshold's key: p is a non-decreasing function of the key, so this is
-// rule 3-4's p >= threshold p but for distinct logits whose float64 p round to the same value.
+// rule 3-4's p >= threshold p but for distinct logits whose p round to the same value.
 // Why value buckets: the keys' top byte (sign and high exponent bits) is the same for nearly all logits of a row,
 // so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that:
 // 4-6 ms per 1,024 rows with top-p). Buckets of equal width in logit (the NB - 1 buckets span

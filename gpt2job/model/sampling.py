@@ -6,7 +6,8 @@ cuda_src/sampling.cu implements exactly these rules (same hash, same kept set, s
 
 Rules for one row of logits l (float32, [V]):
   1. temperature <= 0 or no sampling: the argmax (lowest index on ties).
-  2. p = softmax(l / T).
+  2. p = softmax(l / T): z = l / T - max(l / T) in float64, exp(z) in float32 (z rounded to float32 first: the
+     GPU's float32 exponential is far cheaper than its float64 one; RESULTS.md, session 43), the sums in float64.
   3. top-k (k > 0): keep tokens whose logit is >= the k-th largest logit (ties at the boundary are kept).
   4. top-p (0 < top_p < 1): among the kept with p > 0, sort by logit descending, take the shortest prefix
      whose sum of p reaches top_p * (kept sum); its smallest logit is the threshold t; keep the tokens with
@@ -45,7 +46,7 @@ def kept_probs(logits, s: SamplingSettings):
     """logits: [V] float32 -> probabilities [V] float64 with the dropped tokens set to 0."""
     lg = np.asarray(logits, np.float32)                          # [V]
     z = lg.astype(np.float64) / s.temperature                    # [V]
-    p = np.exp(z - z.max())                                      # [V]
+    p = np.exp((z - z.max()).astype(np.float32)).astype(np.float64)   # [V] (rule 2)
     p /= p.sum()
     keep = np.ones(p.size, bool)                                 # [V]
     if 0 < s.top_k < p.size:
