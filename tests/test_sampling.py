@@ -213,3 +213,14 @@ def test_shared_settings_keep_the_job_wide_kernels():
     mixed = RowParams.of(max_new_tokens=[1, 9], temperature=[0, 0.5], top_k=[0, 0], top_p=[1, 1], seed=[4, 4],
                          repetition_penalty=[1, 1])
     assert RowSettings.of(mixed, gs, 2).shared() is None
+
+
+def test_twin_ties_margin_finds_a_top_p_cut_on_a_boundary():
+    """tests/twin_ties.py (the GPU selection tests excuse a differing row only below its TIE): a top-p target that
+    equals a kept mass is a tie; the golden rows' cuts and draws are far from one."""
+    from twin_ties import TIE, margin
+    lg = np.log(np.array([0.4, 0.3, 0.2, 0.1], np.float32))
+    assert margin(lg, SamplingSettings(1.0, 0, 0.7, 1), 0, 0) < TIE            # 0.4 + 0.3 reaches 0.7
+    assert margin(lg, SamplingSettings(1.0, 0, 0.75, 1), 0, 0) > 0.01
+    assert margin(lg, SamplingSettings(), 0, 0) == np.inf                       # greedy
+    assert min(margin(golden_logits()[b], GOLDEN, b, 0) for b in range(6)) > 1e-4
