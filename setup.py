@@ -2,7 +2,7 @@ from setuptools import find_namespace_packages, setup
 
 setup(
     name="gpt2job",
-    version="0.1.0",
+    version="0.2.0",
     description="Batch GPT-2 text generation over MPI: HDF5 prompts in, HDF5 completions out",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",

@@ -71,3 +71,32 @@ __device__ __forceinline__ float warp_max(float v) {
     for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
     return v;
 }
+
+// Sampling rule 6 (gpt2job/model/sampling.py tempered_pick: a row sampled with a temperature alone, by chunks of
+// TCHUNK columns): the steps that the selection kernels (sampling.cu tempered_row) and the fp16 LM head's epilogue
+// (gemm_f16.cu EPI_TEMPERED) share, so that both give a row the same bits and token. __f*_rn keep nvcc from fusing.
+#define TCHUNK 64
+__device__ __forceinline__ unsigned lowbias32(unsigned x) {
+    x ^= x >> 16;
+    x *= 0x7feb352du;
+    x ^= x >> 15;
+    x *= 0x846ca68bu;
+    return x ^ (x >> 16);
+}
+// a column's e = exp(z - m), m its chunk's largest z: the special function unit's exponential (__expf: a few
+// instructions, where the epilogue runs it on every logit; NumPy's exp differs by ulps, tests/twin_ties.py)
+__device__ __forceinline__ float tempered_e(float z, float m) { return __expf(__fsub_rn(z, m)); }
+// a group's sum of its 8 columns' e (column order): ((e0 + e1) + (e2 + e3)) + ((e4 + e5) + (e6 + e7)), from the pair
+// sums p_q = e_2q + e_2q+1
+__device__ __forceinline__ float tempered_group(float p0, float p1, float p2, float p3) {
+    return __fadd_rn(__fadd_rn(p0, p1), __fadd_rn(p2, p3));
+}
+// chunk j of the row with this key, its largest z m and its sum S: returns its value (log-mass + Gumbel noise), t
+// the threshold of its draw
+__device__ __forceinline__ float tempered_chunk(unsigned key, int j, float m, float S, float& t) {
+    const unsigned h1 = lowbias32(key + (unsigned)(2 * j) * 0x9E3779B9u);
+    const unsigned h2 = lowbias32(key + (unsigned)(2 * j + 1) * 0x9E3779B9u);
+    const float u = __fmul_rn(__fadd_rn((float)(h1 >> 9), 0.5f), 0x1p-23f);   // (0, 1)
+    t = __fmul_rn(__fmul_rn((float)(h2 >> 8), 0x1p-24f), S);                   // [0, 1) * S
+    return __fsub_rn(__fadd_rn(m, logf(S)), logf(-logf(u)));
+}

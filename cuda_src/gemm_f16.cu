@@ -33,6 +33,10 @@ __device__ __forceinline__ float2 load2(const __half* p, bool both, bool vec) {
 #define EPI_QKV 4
 #define EPI_ARGMAX 5   // out float only: per-chunk (max, argmax) partials, see below; reduce with argmax_partials
 #define EPI_ARGMAX_LSE 6   // EPI_ARGMAX and each chunk's sum of exp(v - max): reduce with argmax_logprob_partials
+#define EPI_TEMPERED 7     // sampling rule 6's partials per 64 columns (tempered_epilogue): reduce with argmax_partials
+__device__ __forceinline__ bool argmax_mode(int mode) {
+    return mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE || mode == EPI_TEMPERED;
+}
 template <typename T> struct kIsHalf { static constexpr bool value = false; };
 template <> struct kIsHalf<__half> { static constexpr bool value = true; };
 
@@ -40,6 +44,96 @@ template <int BK_> __device__ __forceinline__ int swz_t(int row, int chunk) {
     if (BK_ == 128) return row * 128 + ((chunk ^ (row & 7)) << 3);
     if (BK_ == 64) return row * 64 + ((chunk ^ (row & 7)) << 3);
     return row * 32 + ((chunk ^ ((row >> 1) & 3)) << 3);
+}
+
+// EPI_TEMPERED: the fp16 LM head of rows sampled with a temperature alone (model/sampling.py rule 6), the logits never
+// written: per (row, chunk of TCHUNK columns) a float2 {value, column bits} to C viewed as float2 [M, ldc] (ldc >=
+// ceil(N / 64)); argmax_partials picks each row's. rp [M] int2: {key, float bits of 1 / T}; 1 / T = 0 for a greedy
+// row, whose partials are EPI_ARGMAX's, per 64 columns (its largest logit and the lowest column holding it). A sampled
+// row's partial is its chunk's value and the column its draw picks (common.cuh tempered_*): chunk c of the warp's
+// columns is ni = 8 c .. 8 c + 7, group a = ni - 8 c, lane quad q holding its columns 8 a + 2 q, + 1; the quad's
+// shuffles make the sums sampling.cu tempered_row makes, in its order, so both give a row the same token. No bias.
+template <int MI, int NI>
+__device__ __forceinline__ void tempered_epilogue(float (&acc)[MI][NI][4], int row0, int col0, float2* C, int ldc,
+                                                  int M, int N, const int2* __restrict__ rp)
+{
+    if constexpr (NI % 8 != 0) {
+        __trap();   // (never launched: Model.select takes EPI_TEMPERED only on tiles whose wn is a multiple of 64)
+    } else {
+        const int lane = threadIdx.x & 31, q = lane & 3, quad0 = lane & ~3;
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+            for (int half_ = 0; half_ < 2; half_++) {
+                const int row = row0 + mi * 16 + (lane >> 2) + half_ * 8;
+                const int2 p = row < M ? rp[row] : make_int2(0, 0);
+                const float invt = __int_as_float(p.y);
+                const bool greedy = !(invt > 0.f);
+                const float sc = greedy ? 1.f : invt;
+#pragma unroll
+                for (int c = 0; c < NI / 8; c++) {
+                    const int j = (col0 >> 6) + c, cc = col0 + TCHUNK * c + 2 * q;   // lane's column of group 0
+                    float z[8][2], m = -INFINITY;
+                    int first = 0x7fffffff;
+#pragma unroll
+                    for (int a = 0; a < 8; a++)
+#pragma unroll
+                        for (int e = 0; e < 2; e++) {
+                            const bool ok = cc + 8 * a + e < N;
+                            z[a][e] = ok ? __fmul_rn(acc[mi][8 * c + a][half_ * 2 + e], sc) : -INFINITY;
+                            if (ok && (z[a][e] > m || first == 0x7fffffff)) { m = z[a][e]; first = cc + 8 * a + e; }
+                        }
+#pragma unroll
+                    for (int o = 1; o < 4; o <<= 1) {   // the chunk's largest z, its lowest column
+                        const float om = __shfl_xor_sync(0xffffffffu, m, o);
+                        const int of = __shfl_xor_sync(0xffffffffu, first, o);
+                        if (of != 0x7fffffff && (first == 0x7fffffff || om > m || (om == m && of < first))) {
+                            m = om; first = of;
+                        }
+                    }
+                    const bool live = first != 0x7fffffff;   // (a chunk past N: nothing written)
+                    const float mm = live ? m : 0.f;
+                    float G[8], Cs[8], run = 0.f;
+#pragma unroll
+                    for (int a = 0; a < 8; a++) {
+#pragma unroll
+                        for (int e = 0; e < 2; e++) z[a][e] = tempered_e(z[a][e], mm);   // z now holds e
+                        const float pq = __fadd_rn(z[a][0], z[a][1]);
+                        const float x1 = __fadd_rn(pq, __shfl_xor_sync(0xffffffffu, pq, 1));
+                        G[a] = __fadd_rn(x1, __shfl_xor_sync(0xffffffffu, x1, 2));   // = tempered_group's bits
+                        run = __fadd_rn(run, G[a]);
+                        Cs[a] = run;
+                    }
+                    float t;
+                    const float val = tempered_chunk((unsigned)p.x, j, mm, run, t);
+                    int ga = -1, glast = 0;
+                    float before = 0.f, blast = 0.f;
+#pragma unroll
+                    for (int a = 0; a < 8; a++) {
+                        if (G[a] > 0.f) { glast = a; blast = a ? Cs[a - 1] : 0.f; }
+                        if (ga < 0 && Cs[a] > t) { ga = a; before = a ? Cs[a - 1] : 0.f; }
+                    }
+                    if (ga < 0) { ga = glast; before = blast; }
+                    float my0 = 0.f, my1 = 0.f;
+#pragma unroll
+                    for (int a = 0; a < 8; a++) if (a == ga) { my0 = z[a][0]; my1 = z[a][1]; }
+                    int pick = -1, last = 0;
+#pragma unroll
+                    for (int k = 0; k < 8; k++) {   // column 8 ga + k: lane quad0 + k / 2, its e of column k % 2
+                        const float ek = __shfl_sync(0xffffffffu, (k & 1) ? my1 : my0, quad0 + (k >> 1));
+                        before = __fadd_rn(before, ek);
+                        if (ek > 0.f) last = k;
+                        if (pick < 0 && before > t) pick = k;
+                    }
+                    if (q == 0 && row < M && live) {
+                        const int col = col0 + TCHUNK * c + 8 * ga + (pick < 0 ? last : pick);
+                        C[(size_t)row * ldc + j] = greedy ? make_float2(m, __int_as_float(first))
+                                                          : make_float2(val, __int_as_float(col));
+                    }
+                }
+            }
+        }
+    }
 }
 
 // Epilogue shared by the templated mma.sync kernels and the wgmma kernel: acc[mi][ni][4] is the m16n8 fragment
@@ -52,6 +146,11 @@ __device__ __forceinline__ void gemm_f16_epilogue(float (&acc)[MI][NI][4], int r
                                                   __half* __restrict__ vc, int kvC)
 {
     const int lane = threadIdx.x & 31;
+    if (mode == EPI_TEMPERED) {
+        tempered_epilogue<MI, NI>(acc, row0, col0, reinterpret_cast<float2*>(C), ldc, M, N,
+                                  reinterpret_cast<const int2*>(row_slot));
+        return;
+    }
     if (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE) {
         // greedy LM head: per (row, WN-column chunk) the largest value and its lowest column, written as
         // float2 {value, int bits of column} to C viewed as float2 [M, ldc] (ldc = number of WN chunks);

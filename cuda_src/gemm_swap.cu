@@ -182,7 +182,7 @@ __device__ __forceinline__ void gemm_swap_impl(const TmaDesc* tmA, const TmaDesc
         for (int r = 0; r < 4; r++)   // m64nWN: weight row 16 w4 + lane / 4 (+ 8), token 8 j + 2 (lane % 4) (+ 1)
             tb[(8 * j + 2 * (lane & 3) + (r & 1)) * SWAP_ROW + 16 * w4 + (lane >> 2) + 8 * (r >> 1)] = acc[4 * j + r];
     named_sync(2 + wg, 128);   // each warp reads back rows the warpgroup's other warps wrote
-    if (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE) {   // (the greedy LM head: never picked here, kept correct)
+    if (argmax_mode(mode)) {   // (the greedy LM head: never picked here, kept correct)
 #pragma unroll 1
         for (int mi = 0; mi < WN / 16; mi++) {
             float out[1][2][4];   // m16n8: token 16 mi + lane / 4 (+ 8), weight row 16 w4 + 8 ni + 2 (lane % 4) (+ 1)

@@ -236,7 +236,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     // one's EPI_ARGMAX, or N > TMA_WIDE_N: the logits): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and
     // would be read from memory once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2.
     // Without PERSIST the grid says it: Kernels.gemm_f16 launches M tiles x N tiles where N > TMA_WIDE_N
-    const bool m_fast = N > TMA_WIDE_N || (PERSIST && (mode == EPI_ARGMAX || mode == EPI_ARGMAX_LSE));
+    const bool m_fast = N > TMA_WIDE_N || (PERSIST && argmax_mode(mode));
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
         m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)(m_fast ? blockIdx.x : blockIdx.y)) * TMA_BM;
         n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)(m_fast ? blockIdx.y : blockIdx.x)) * TBN;
@@ -263,7 +263,7 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     int it = 0;   // k-blocks consumed so far (all tiles)
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV)
     const bool qkv_out = kIsHalf<OutT>::value && mode == EPI_QKV;
-    const bool staged = STAGED && mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE &&
+    const bool staged = STAGED && !argmax_mode(mode) &&
                         (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
                         ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
                         ((size_t)N * sizeof(OutT)) % 16 == 0 &&
@@ -381,7 +381,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     const bool qkvm = kIsHalf<OutT>::value && mode == EPI_QKV, resid = mode == EPI_RESID;
     const int act = (mode == EPI_GELU_TANH || mode == EPI_GELU_ERF) ? mode : EPI_BIAS;   // the staged rows' activation
     // the staged epilogue needs 16-byte aligned output rows (and KV-cache rows for EPI_QKV); else the register one
-    const bool staged = mode != EPI_ARGMAX && mode != EPI_ARGMAX_LSE && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
+    const bool staged = !argmax_mode(mode) && (mode != EPI_RESID || !kIsHalf<OutT>::value) &&
                         ((size_t)C % 16 == 0) && ((size_t)ldc * sizeof(OutT)) % 16 == 0 &&
                         ((size_t)N * sizeof(OutT)) % 16 == 0 &&
                         (!qkvm || (kvC % 8 == 0 && (size_t)kc % 16 == 0 && (size_t)vc % 16 == 0));

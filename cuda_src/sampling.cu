@@ -5,6 +5,7 @@
 //     the k-th largest (ties kept); top-p keeps the logits >= t, the logit at which the kept p summed in descending
 //     logit order first reach top_p * the kept sum; u = uniform(seed, row, step) (splitmix64, 24 bits); walk the
 //     kept tokens in index order and take the first whose running sum exceeds u * kept sum (V - 1 if none).
+//     A row with neither top-k nor top-p takes rule 6 instead (tempered_row): one pass over the row, by chunks.
 // The k-th largest logit and the top-p threshold are found on the float32 logit keys (fkey: unsigned, ordered as
 // the floats): a histogram of the row over value buckets picks the bucket that holds the threshold, then radix
 // passes over the keys of that bucket only pick the exact key (see sample_block for why not the keys' radix alone).
@@ -27,9 +28,12 @@ __device__ __forceinline__ unsigned long long splitmix64(unsigned long long x) {
     x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
     return x ^ (x >> 31);
 }
+__device__ __forceinline__ unsigned long long row_hash(unsigned long long seed, unsigned long long row,
+                                                       unsigned long long step) {
+    return splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step);
+}
 __device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long row, unsigned long long step) {
-    unsigned long long x = splitmix64(splitmix64(splitmix64(seed) ^ row) ^ step);
-    return (double)(x >> 40) / (double)(1u << 24);
+    return (double)(row_hash(seed, row, step) >> 40) / (double)(1u << 24);
 }
 
 // Block-wide reductions for SEL_THREADS threads (red: shared scratch of 32 entries).
@@ -507,6 +511,104 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
     if (tid == 0) *out_r = sh.best == 0x7fffffff ? V - 1 : sh.best;
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// Rule 6 (model/sampling.py tempered_pick): a row sampled with a temperature alone. Each warp takes four chunks of
+// TCHUNK columns at a time, eight lanes a chunk, lane a of the eight holding its group a (columns 64 j + 8 a .. + 7:
+// two 16-byte loads where the row is aligned; a warp reads 1 KB in a row). The twin's operations in the twin's order
+// (common.cuh's tempered_*, shared with the LM head's EPI_TEMPERED epilogue; the sums C_a one group after another,
+// read through shuffles) give each chunk its Gumbel-perturbed log-mass and the column it would pick; the block's
+// largest perturbed chunk wins. The row is read once, and a lane's steps are few and independent of the other
+// chunks' (RESULTS.md, session 44: the walk of rules 2-5 was issue-bound; a warp a chunk latency-bound; a thread a
+// chunk thrashed the L1).
+__device__ __forceinline__ bool plain_row(double temperature, int top_k, double top_p, int V) {
+    return temperature > 0.0 && !(top_k > 0 && top_k < V) && !(top_p > 0.0 && top_p < 1.0);
+}
+// columns c..c+7 of the row (-inf past V): two 16-byte loads where the row allows (vec: 16-byte aligned)
+__device__ __forceinline__ void load_group(const float* l, int V, int c, bool vec, float (&v)[8]) {
+    if (vec && c + 8 <= V) {
+        const float4 x = *reinterpret_cast<const float4*>(l + c), y = *reinterpret_cast<const float4*>(l + c + 4);
+        v[0] = x.x; v[1] = x.y; v[2] = x.z; v[3] = x.w; v[4] = y.x; v[5] = y.y; v[6] = y.z; v[7] = y.w;
+    } else {
+#pragma unroll
+        for (int k = 0; k < 8; k++) v[k] = c + k < V ? l[c + k] : -INFINITY;
+    }
+}
+__device__ void tempered_row(const float* l, int V, double temperature, unsigned long long seed, long long rid,
+                             int step, int* out_r, float* sv, int* si)
+{
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+    const int a = lane & 7, lead = lane & ~7;    // this lane's group; the chunk's first lane
+    const int n = (V + TCHUNK - 1) / TCHUNK, per = 4 * nw;   // chunks; chunks the block takes at a time
+    const float invt = (float)(1.0 / temperature);
+    const unsigned key = (unsigned)(row_hash(seed, (unsigned long long)rid, (unsigned long long)step) >> 32);
+    const bool vec = ((size_t)l & 15) == 0;
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    float v[8];
+    int j = 4 * warp + (lane >> 3);
+    load_group(l, V, j * TCHUNK + 8 * a, vec, v);
+    for (int j0 = 4 * warp; j0 < n; j0 += per, j += per) {   // (the same trip count in every lane of the warp)
+        float z[8], m = -INFINITY;
+#pragma unroll
+        for (int k = 0; k < 8; k++) { z[k] = __fmul_rn(v[k], invt); m = fmaxf(m, z[k]); }
+        load_group(l, V, (j + per) * TCHUNK + 8 * a, vec, v);   // the next chunk, in flight meanwhile
+#pragma unroll
+        for (int o = 1; o < 8; o <<= 1) m = fmaxf(m, __shfl_xor_sync(FULL, m, o));
+        const bool live = j < n;
+        if (!live) m = 0.f;   // (a chunk past the row: all -inf; nothing below is kept)
+        float e[8];
+#pragma unroll
+        for (int k = 0; k < 8; k++) e[k] = tempered_e(z[k], m);
+        const float G = tempered_group(__fadd_rn(e[0], e[1]), __fadd_rn(e[2], e[3]), __fadd_rn(e[4], e[5]),
+                                       __fadd_rn(e[6], e[7]));
+        float C = 0.f, before = 0.f, mine = 0.f;   // C_a = G_0 + ... + G_a added in turn, in all 8 lanes alike
+#pragma unroll
+        for (int b = 0; b < 8; b++) {
+            if (b == a) before = C;
+            C = __fadd_rn(C, __shfl_sync(FULL, G, lead + b));
+            if (b == a) mine = C;
+        }
+        float t;
+        const float val = tempered_chunk(key, j, m, C, t);
+        // the group it picks: the first whose C_a exceeds t, else the last with G_a > 0; in it, from C_(a-1), the
+        // e's added in column order: the first column where the sum exceeds t, else its last with e > 0
+        const unsigned hit = (__ballot_sync(FULL, mine > t) >> lead) & 0xffu;
+        const unsigned pos = (__ballot_sync(FULL, G > 0.f) >> lead) & 0xffu;
+        int pick = -1, last = 0;
+#pragma unroll
+        for (int k = 0; k < 8; k++) {
+            before = __fadd_rn(before, e[k]);
+            if (e[k] > 0.f) last = k;
+            if (pick < 0 && before > t) pick = k;
+        }
+        const int ga = hit ? __ffs(hit) - 1 : 31 - __clz(pos | 1u);
+        pick = __shfl_sync(FULL, pick < 0 ? last : pick, lead + ga);
+        if (live && val > best) {   // (a lane's chunks in increasing order: a tie keeps the lower one)
+            best = val;
+            bi = j * TCHUNK + 8 * ga + pick;
+        }
+    }
+#pragma unroll
+    for (int o = 8; o < 32; o <<= 1) {   // the warp's four chunk slots (each slot's 8 lanes agree)
+        const float ov = __shfl_xor_sync(FULL, best, o);
+        const int oi = __shfl_xor_sync(FULL, bi, o);
+        if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
+    }
+    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
+    __syncthreads();
+    if (warp == 0) {
+        best = lane < nw ? sv[lane] : -INFINITY;
+        bi = lane < nw ? si[lane] : 0x7fffffff;
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) {
+            const float ov = __shfl_xor_sync(FULL, best, o);
+            const int oi = __shfl_xor_sync(FULL, bi, o);
+            if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
+        }
+        if (lane == 0) *out_r = bi;
+    }
+}
+
 // A row of logits into shared memory (a sampled row reads its logits a few times over), read with row_visit.
 // Returns this thread's part of the row's {maximum, minimum} (sample_block's first pass, taken while loading).
 __device__ float2 load_row(float* dst, const float* src, int V)
@@ -527,13 +629,20 @@ sample_rows(const float* __restrict__ logits, int ld, int V, const long long* __
 {
     pdl_wait();
     extern __shared__ float srow[];
+    __shared__ float sv[32];
+    __shared__ int si[32];
     const int r = blockIdx.x;
     if (r >= R) return;
     const float* l = logits + (size_t)r * ld;
+    if (step_at != nullptr) step = *step_at;
+    const long long rid = rows[seqidx ? seqidx[r] : r];
+    if (plain_row(temperature, top_k, top_p, V)) {
+        tempered_row(l, V, temperature, seed, rid, step, out + r, sv, si);
+        return;
+    }
     float2 mm = make_float2(0.0f, 0.0f);
     if (cache) { mm = load_row(srow, l, V); l = srow; }
-    if (step_at != nullptr) step = *step_at;
-    sample_block(l, V, rows[seqidx ? seqidx[r] : r], step, seed, temperature, top_k, top_p, out + r, mm, cache);
+    sample_block(l, V, rid, step, seed, temperature, top_k, top_p, out + r, mm, cache);
 }
 
 // Per-row settings (twin: model/sampling.py sample_rows_params): logits row r is sequence q = seqidx[r], with
@@ -558,10 +667,11 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
     if (r >= R) return;
     const int q = seqidx[r];
     const double temperature = temps[q];
+    const bool plain = plain_row(temperature, top_ks[q], top_ps[q], V);   // rule 6: one read, in global memory
     float* l = logits + (size_t)r * ld;
     float2 mm = make_float2(0.0f, 0.0f);
     bool have_mm = false;   // mm is the row's as sample_block will read it (not after a penalty)
-    if (cache && temperature > 0.0) { mm = load_row(srow, l, V); l = srow; have_mm = true; }
+    if (cache && temperature > 0.0 && !plain) { mm = load_row(srow, l, V); l = srow; have_mm = true; }
     const float pen = penalties[q];
     if (seen != nullptr && pen != 1.0f) {
         have_mm = false;
@@ -574,8 +684,10 @@ sample_rows_params(float* logits, int ld, int V, const long long* __restrict__ r
         }
         __syncthreads();
     }
+    const int st = step_at != nullptr ? *step_at : step;
     if (temperature <= 0.0) block_argmax(l, V, out + r, sv, si);
-    else sample_block(l, V, rows[q], step_at != nullptr ? *step_at : step, seeds[q], temperature, top_ks[q],
+    else if (plain) tempered_row(l, V, temperature, seeds[q], rows[q], st, out + r, sv, si);
+    else sample_block(l, V, rows[q], st, seeds[q], temperature, top_ks[q],
                       top_ps[q], out + r, mm, have_mm);
 }
 
@@ -626,4 +738,24 @@ extern "C" __global__ void gather_tokens(const int* __restrict__ src, const int*
     pdl_wait();
     const int i = blockIdx.x * blockDim.x + threadIdx.x;
     if (i < n) dst[i] = src[idx[i]];
+}
+
+// Rule 6's row parameters for the LM head's EPI_TEMPERED epilogue: out[r] = {key, float bits of 1 / T} of logits
+// row r (sequence q = seqidx[r], prompt row rows[q]); 1 / T = 0 for a greedy row (T <= 0). The settings are the
+// job's (seed, temperature) or, where seeds / temps are not null, each sequence's [q]; step_at as sample_rows'.
+extern "C" __global__ void tempered_keys(const long long* __restrict__ rows, const int* __restrict__ seqidx, int step,
+                                         const int* __restrict__ step_at, unsigned long long seed,
+                                         const unsigned long long* __restrict__ seeds, double temperature,
+                                         const double* __restrict__ temps, int2* __restrict__ out, int R)
+{
+    pdl_wait();
+    const int r = blockIdx.x * blockDim.x + threadIdx.x;
+    if (r >= R) return;
+    const int q = seqidx[r];
+    const double t = temps != nullptr ? temps[q] : temperature;
+    const unsigned long long s = seeds != nullptr ? seeds[q] : seed;
+    const int st = step_at != nullptr ? *step_at : step;
+    out[r] = t > 0.0 ? make_int2((int)(unsigned)(row_hash(s, (unsigned long long)rows[q], (unsigned long long)st) >> 32),
+                                 __float_as_int((float)(1.0 / t)))
+                     : make_int2(0, 0);
 }

@@ -164,7 +164,7 @@ F16_SHAPES = [(1, 8, 8), (77, 1000, 64), (300, 2304, 768), (129, 3072, 768), (20
               (260, 20000, 64)]   # (wider than TMA_WIDE_N: the TMA tiles walk M tiles fastest)
 
 
-from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_QKV, F16_TILES  # noqa: E402
+from gpt2job.backends.cuda.kernels import EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_QKV, EPI_TEMPERED, F16_TILES  # noqa: E402
 from gpt2job.model.logprobs import token_logprobs  # noqa: E402
 
 _VARIANTS = list(F16_TILES)
@@ -313,6 +313,59 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     np.testing.assert_array_equal(back(out, M, np.int32), ref)
     want, _, _ = token_logprobs(back(logits, (M, N), np.float32), ref)
     np.testing.assert_allclose(back(lp, M, np.float32), want, atol=2e-5, rtol=1e-6)
+
+
+
+@pytest.mark.parametrize("variant", ["tma192p", "tma192s", "tma128s", "tma128p", "tma128", "wgmma"])
+@pytest.mark.parametrize("M,N,Kd", [(300, 50257, 768), (77, 1000, 64), (5, 100, 8)])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_gemm_f16_tempered_epilogue(K, variant, M, N, Kd, per_row):
+    """tempered_keys against model/sampling.py tempered_key; the EPI_TEMPERED partials + argmax_partials give the
+    same tokens as the selection kernel on the same kernel's fp32 output (sampling rule 6; greedy rows, temperature
+    0, its argmax), bit for bit, and as the NumPy twin but for near ties; the job's settings or each row's."""
+    from gpt2job.backends.cuda.rows import RowSel
+    A = RNG.standard_normal((M, Kd), dtype=np.float32).astype(np.float16)
+    W = (RNG.standard_normal((Kd, N), dtype=np.float32) * np.float32(3 / math.sqrt(Kd))).astype(np.float16)
+    gA, gW = gpu(A), gpu(np.ascontiguousarray(W.T))
+    logits = poisoned((M, N), np.float32)
+    K.gemm_f16(None, gA, Kd, gW, Kd, logits, N, None, M, N, Kd, 0, False, variant=variant)
+    lg = back(logits, (M, N), np.float32)
+    Q, step = M + 4, int(RNG.integers(0, 300))
+    rows = RNG.integers(0, 10 ** 6, Q).astype(np.int64)
+    seqidx = RNG.permutation(Q)[:M].astype(np.int32)
+    seeds = RNG.integers(0, 2 ** 63, Q).astype(np.uint64)
+    temps = np.where(np.arange(Q) % 3 == 0, 0.0, RNG.uniform(0.05, 2.0, Q)) if per_row else np.full(Q, 0.8)
+    if not per_row:
+        seeds[:] = seeds[0]
+    ones, zeros = np.ones(Q), np.zeros(Q, np.int32)
+    arrs = [gpu(a) for a in (seeds, temps, ones, zeros, ones.astype(np.float32))]
+    sel = RowSel(*map(int, arrs), 0, 0, 0, True)
+    keys = poisoned((M, 2), np.int32)
+    if per_row:
+        K.tempered_keys(None, gpu(rows), gpu(seqidx), step, keys, M, sel=sel)
+    else:
+        K.tempered_keys(None, gpu(rows), gpu(seqidx), step, keys, M, seed=int(seeds[0]), temperature=0.8)
+    q = seqidx
+    want_keys = [sampling.tempered_key(int(seeds[i]), int(rows[i]), step) if temps[i] > 0 else 0 for i in q]
+    kv = back(keys, (M, 2), np.int32)
+    np.testing.assert_array_equal(kv[:, 0].view(np.uint32), np.array(want_keys, np.uint32))
+    inv = np.where(temps[q] > 0, (1.0 / np.where(temps[q] > 0, temps[q], 1.0)).astype(np.float32), np.float32(0))
+    np.testing.assert_array_equal(kv[:, 1].view(np.float32), inv)
+    nch = -(-N // 64)
+    part = poisoned((M, nch + 3, 2), np.float32)
+    K.gemm_f16(None, gA, Kd, gW, Kd, part, nch + 3, None, M, N, Kd, EPI_TEMPERED, False, variant=variant, qkv=keys)
+    out = poisoned(M, np.int32)
+    K.argmax_partials(None, part, nch + 3, nch, out, M)
+    got = back(out, M, np.int32)
+    ref = poisoned(M, np.int32)                      # the selection kernel on the same logits
+    K.sample_params(None, logits, N, N, gpu(rows), gpu(seqidx), step, sel, ref, M)
+    np.testing.assert_array_equal(got, back(ref, M, np.int32))
+    ss = [SamplingSettings(float(temps[i]), 0, 1.0, int(seeds[i])) for i in q]
+    want = sampling.select_rows(lg, rows[q], step, sampling.RowSettings(
+        np.ones(M, np.int64), temps[q], np.zeros(M, np.int32), np.ones(M), seeds[q], np.ones(M, np.float32), ()))
+    assert_same_but_ties(got, want, lambda b: margin(lg[b], ss[b], rows[q][b], step))
+    if M > 100:
+        assert (got != lg.argmax(1))[temps[q] > 0].mean() > 0.3   # the sampled rows do sample
 
 
 # ---------------------------------------------------------------- per-row kernels
@@ -506,7 +559,8 @@ def test_gather_tokens(K, n):
     np.testing.assert_array_equal(back(out, n, np.int32), src[idx])
 
 
-SAMPLERS = [SamplingSettings(1.0, 0, 1.0, 1), SamplingSettings(0.7, 40, 1.0, 2), SamplingSettings(1.3, 0, 0.9, 3),
+SAMPLERS = [SamplingSettings(1.0, 0, 1.0, 1), SamplingSettings(0.05, 0, 1.0, 11), SamplingSettings(2.5, 0, 0.0, 12),
+            SamplingSettings(0.9, 2000, 1.0, 13), SamplingSettings(0.7, 40, 1.0, 2), SamplingSettings(1.3, 0, 0.9, 3),
             SamplingSettings(0.8, 50, 0.8, 4), SamplingSettings(1.0, 1, 1.0, 5), SamplingSettings(2.0, 0, 0.05, 6),
             SamplingSettings(1.0, 3, 0.5, 2 ** 63 + 5), SamplingSettings(1e-3, 0, 0.9, 7),
             SamplingSettings(1.0, 0, 0.999999, 8), SamplingSettings(0.05, 40, 0.9, 9),
@@ -531,7 +585,7 @@ def selection_logits(R, V, dist):
                                           (70001, "flat", True)])
 def test_sample_rows(K, s, V, dist, cache):
     """sample_rows against model/sampling.py, the row in shared memory (cache, where V fits) or read from global
-    memory."""
+    memory; rows with a temperature alone (top-k off or >= V, top-p off) by rule 6."""
     R = 48
     lg = selection_logits(R, V, dist)
     rows = RNG.integers(0, 10 ** 6, R).astype(np.int64)

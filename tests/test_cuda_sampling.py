@@ -259,9 +259,46 @@ def test_backend_greedy_params_keep_the_fast_path_float16():
         assert got.row_tokens(b).tolist() == full.row_tokens(b)[:mnt[b]].tolist()
 
 
+@pytest.mark.parametrize("per_row", [False, True])
+def test_backend_tempered_head_matches_the_selection_kernels_float16(per_row, monkeypatch):
+    """fp16 rows sampled with a temperature and neither top-k nor top-p take sampling rule 6 in the LM head's
+    epilogue (EPI_TEMPERED): the same tokens as the logits and the selection kernels (fuse_argmax off), job-wide and
+    with per-row settings (greedy rows among them); a row with top-k among them sends the batch to the selection
+    kernels, which give its rule-6 rows the same tokens."""
+    from gpt2job.backends.cuda import model
+    from gpt2job.backends.cuda.backend import CudaBackend
+    monkeypatch.setattr(model, "TEMPERED_MIN_ROWS", 1)   # the fused head at this test's 40 rows too
+    params = tiny_params(5)
+    gs = GenerationSettings(max_new_tokens=6, ignore_eos=True, sampling=SamplingSettings(0.9, 0, 1.0, 3))
+    B = 40
+    t = np.where(np.arange(B) % 3 == 0, 0.0, np.random.default_rng(2).uniform(0.3, 1.5, B))
+    pr = RowParams.of(max_new_tokens=np.arange(B) % 6 + 1, temperature=t, top_k=np.zeros(B), top_p=np.ones(B),
+                      seed=np.arange(B) * 7, repetition_penalty=np.ones(B))
+    chunk = stem_chunk(B, 1000, seed=8, params=pr if per_row else None)
+    outs = []
+    for fuse in (True, False):
+        be = CudaBackend(params, gs, dtype="float16", options=KernelOptions(fuse_argmax=fuse))
+        try:
+            outs.append(compute(be, chunk))
+            if per_row:   # one row with top-k: the batch's logits are written, rule 6 still picks the others
+                k = np.zeros(B, np.int32)
+                k[1] = 5
+                outs.append(compute(be, dataclasses.replace(chunk, params=dataclasses.replace(pr, top_k=k))))
+        finally:
+            be.close()
+    assert_same(outs[0], outs[len(outs) // 2])
+    if per_row:
+        assert_same(outs[1], outs[3])
+        for b in range(B):
+            if b != 1 and outs[1].rows[b] == outs[0].rows[b]:
+                assert outs[1].row_tokens(b).tolist() == outs[0].row_tokens(b).tolist()
+
+
 def test_progress_within_a_chunk():
     """Pause.generated counts the chunk's tokens that reached the host, never more than the completions hold."""
+    from gpt2job.backends.cuda import model
     from gpt2job.backends.cuda.backend import CudaBackend
+    monkeypatch.setattr(model, "TEMPERED_MIN_ROWS", 1)   # the fused head at this test's 40 rows too
     params = tiny_params(5)
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=True)
     be = CudaBackend(params, gs, dtype="float32")

@@ -1,12 +1,13 @@
 """Token selection rules and per-prompt determinism of sampling."""
 import numpy as np
+import pytest
 
 from gpt2job.chunks import Chunk
 from gpt2job.settings import GenerationSettings
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.model.config import GPT2Config
 from gpt2job.settings import SamplingSettings
-from gpt2job.model.sampling import kept_probs, select_tokens, uniform
+from gpt2job.model.sampling import kept_probs, lowbias32, select_tokens, tempered_key, tempered_pick, uniform
 from gpt2job.model.weights import random_params
 
 
@@ -95,6 +96,56 @@ def test_sampled_tokens_golden_per_step():
 
 def test_sampled_tokens_golden_per_row():
     assert select_tokens(golden_logits(), list(range(10, 16)), 0, GOLDEN).tolist() == [48, 24, 7, 29, 5, 12]
+
+
+
+# ---- rule 6: a temperature alone (no top-k / top-p): by chunks of 64 columns, Gumbel-perturbed chunk masses
+
+def test_rule_6_key_and_hash_golden_values():
+    assert tempered_key(42, 3, 5) == 2864298224 and tempered_key(42, 5, 3) == 3572914101
+    assert lowbias32(np.array([0, 1, 2 ** 31], np.uint32)).tolist() == [0, 1753845952, 3427483940]
+
+
+def test_rule_6_tokens_golden():
+    s = SamplingSettings(temperature=0.9, seed=42)
+    got = [select_tokens(golden_logits(), list(range(6)), step, s).tolist() for step in range(3)]
+    assert got == [[42, 23, 28, 39, 10, 20], [37, 23, 45, 27, 14, 48], [48, 44, 37, 29, 47, 41]]
+    assert got[1][2] == tempered_pick(golden_logits()[2], 0.9, tempered_key(42, 2, 1))
+    lg = np.random.default_rng(5).normal(0, 1, (3, 1000)).astype(np.float32)      # 16 chunks, the last one short
+    assert select_tokens(lg, [7, 8, 9], 4, SamplingSettings(1.3, seed=2)).tolist() == [622, 51, 152]
+
+
+@pytest.mark.parametrize("temperature,V", [(0.5, 5), (1.0, 200), (1.7, 150)])
+def test_rule_6_follows_softmax_over_t(temperature, V):
+    """Token frequencies of 40,000 draws (rows and steps) against softmax(l / T): within 4.5 standard errors each,
+    and a chi-square below its 99.99% point; across several chunks (V 150, 200) and inside one (V 5)."""
+    lg = np.random.default_rng(V).normal(0, 1.5, V).astype(np.float32)
+    p = np.exp((lg / temperature).astype(np.float64))
+    p /= p.sum()
+    s = SamplingSettings(temperature=temperature, seed=9)
+    toks = np.concatenate([select_tokens(np.tile(lg, (8000, 1)), np.arange(8000), step, s) for step in range(5)])
+    n = toks.size
+    freq = np.bincount(toks, minlength=V) / n
+    assert (np.abs(freq - p) < 4.5 * np.sqrt(p * (1 - p) / n) + 1e-9).all()
+    big = p * n >= 5
+    chi2 = (((freq - p) * n) ** 2 / (p * n))[big].sum()
+    dof = big.sum() - 1
+    assert chi2 < dof + 3.9 * np.sqrt(2 * dof) + 10, (chi2, dof)
+
+
+def test_rule_6_is_only_for_rows_without_top_k_or_top_p():
+    lg = golden_logits()
+    for s in (SamplingSettings(0.9, 20, 1.0, 42), SamplingSettings(0.9, 0, 0.95, 42)):
+        want = [_draw_ref(lg[b], s, b) for b in range(6)]
+        assert select_tokens(lg, list(range(6)), 0, s).tolist() == want
+    s = SamplingSettings(0.9, 50, 1.0, 42)                       # top-k = V keeps every token: rule 6
+    assert select_tokens(lg, list(range(6)), 0, s).tolist() == [
+        tempered_pick(lg[b], 0.9, tempered_key(42, b, 0)) for b in range(6)]
+
+
+def _draw_ref(logits, s, row):
+    from gpt2job.model.sampling import _draw
+    return _draw(kept_probs(logits, s), s.seed, row, 0)
 
 
 def test_draws_differ_across_steps_rows_and_seeds():
@@ -224,3 +275,12 @@ def test_twin_ties_margin_finds_a_top_p_cut_on_a_boundary():
     assert margin(lg, SamplingSettings(1.0, 0, 0.75, 1), 0, 0) > 0.01
     assert margin(lg, SamplingSettings(), 0, 0) == np.inf                       # greedy
     assert min(margin(golden_logits()[b], GOLDEN, b, 0) for b in range(6)) > 1e-4
+
+
+def test_twin_ties_margin_of_rule_6_rows():
+    from twin_ties import TIE, margin
+    s = SamplingSettings(0.9, 0, 1.0, 42)
+    assert min(margin(golden_logits()[b], s, b, 0) for b in range(6)) > 1e-4
+    flat = np.zeros(128, np.float32)                                   # two chunks alike: values apart by noise
+    assert 0 < margin(flat, s, 0, 0) < 10
+    assert margin(flat[:64], s, 0, 0) > TIE                            # one chunk: its draw's margin only

@@ -1,11 +1,13 @@
 """Near ties of the sampling rules (model/sampling.py): rows where a GPU selection kernel may rightly pick another
-token than the NumPy twin. Both follow the same rules in float32 exponentials, but CUDA's expf (within 2 ulps) and
-NumPy's exp are not always the same bits, so the masses they sum differ by up to ~1e-7 relative: a row whose top-p
-cut or draw falls closer than that to the boundary between two tokens can go either way (a row 3e-9 from its top-p
-cut did; benchmarks/RESULTS.md, session 44). The tests compare every other row exactly."""
+token than the NumPy twin. Both follow the same rules in float32 exponentials, but CUDA's expf / __expf (within 2
+ulps) and NumPy's exp are not always the same bits, so the masses they sum differ by up to ~1e-7 relative: a row
+whose top-p cut, draw or (rule 6) best chunk falls closer than that to the boundary between two tokens can go either
+way (a row 3e-9 from its top-p cut did; benchmarks/RESULTS.md, session 44). The tests compare every other row
+exactly, and the GPU's two ways to a rule-6 token (selection kernel, LM head epilogue) with each other always."""
 import numpy as np
 
-from gpt2job.model.sampling import kept_probs, penalize, seen_mask, uniform
+from gpt2job.model.sampling import (kept_probs, penalize, plain, seen_mask, tempered_chunks, tempered_key,
+                                    uniform)
 from gpt2job.settings import SamplingSettings
 
 TIE = 1e-6   # relative distance below which a row's pick counts as a tie
@@ -13,10 +15,16 @@ TIE = 1e-6   # relative distance below which a row's pick counts as a tie
 
 def margin(logits, s: SamplingSettings, row, step):
     """The relative distance of a sampled row's top-p cut and of its draw to the nearest boundary between two
-    tokens (rules 4-5 in float64; inf for a greedy row)."""
+    tokens (rules 4-5 in float64), or (rule 6) of its best chunk's value to the next one's and of its draw to the
+    nearest sum of its chunk's e's; inf for a greedy row."""
     if s.greedy:
         return np.inf
     lg = np.asarray(logits, np.float32)
+    if plain(s, lg.size):   # rule 6: the two best chunks' values, and the draw inside the best one
+        e, _, _, val, t = tempered_chunks(lg, s.temperature, tempered_key(int(s.seed), int(row), int(step)))
+        j = int(np.argmax(val))
+        gap = val[j] - np.partition(val, -2)[-2] if val.size > 1 else np.inf
+        return min(gap, np.min(np.abs(np.cumsum(e[j].astype(np.float64)) - t[j])) / t[j])
     out = np.inf
     if 0.0 < s.top_p < 1.0:
         p = kept_probs(lg, SamplingSettings(s.temperature, s.top_k, 1.0, s.seed))   # before the cut

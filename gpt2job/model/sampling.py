@@ -15,6 +15,10 @@ Rules for one row of logits l (float32, [V]):
      function of the logit, so these are the tokens of largest p, ties kept.)
   5. u = uniform(seed, row, step) in [0, 1); walk the kept tokens in index order and return the first
      whose running sum exceeds u * (kept sum).
+  6. A row with a temperature and neither top-k nor top-p (rules 3-4 would keep every token) takes rules 2-5's
+     distribution in one pass instead (tempered_pick): each chunk of 64 columns draws its Gumbel-perturbed log-mass
+     and a token inside it; the largest perturbed chunk wins (exact sampling from softmax(l / T) in one pass: the
+     fp16 LM head draws it in its epilogue, its logits never written; RESULTS.md, session 44).
 Per-row settings and the repetition penalty (applied first, to the raw logits): RowSettings, select_rows.
 """
 from dataclasses import dataclass
@@ -42,6 +46,72 @@ def uniform(seed, row, step):
     return (x >> 40) / float(1 << 24)
 
 
+def tempered_key(seed, row, step):
+    """The 32-bit key of rule 6's random numbers for (seed, row, step): the high half of uniform's hash."""
+    return splitmix64(splitmix64(splitmix64(seed & MASK64) ^ (row & MASK64)) ^ (step & MASK64)) >> 32
+
+
+def lowbias32(x):
+    """The lowbias32 integer hash of uint32 array x (mod 2^32)."""
+    x = np.asarray(x, np.uint32).copy()
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    return x ^ (x >> np.uint32(16))
+
+
+CHUNK = 64   # rule 6's chunk of columns
+
+
+def plain(s: SamplingSettings, V):
+    """A sampled row whose top-k and top-p keep every token: rule 6 picks its token."""
+    return s.temperature > 0 and not 0 < s.top_k < V and not 0.0 < s.top_p < 1.0
+
+
+def tempered_chunks(logits, temperature, key):
+    """Rule 6's chunks of one row, float32 throughout: logits [V] -> (e [n, 64], G [n, 8], C [n, 8], value [n],
+    t [n]). z = l * (1 / T) (1 / T rounded to float32); chunk j holds columns 64 j + 8 a + k (group a < 8, k < 8;
+    past V: none, e = 0); m_j = its largest z, e = exp(z - m_j), p_q = e_2q + e_2q+1 (q < 4) and G_a = (p_0 + p_1) +
+    (p_2 + p_3) over a group's columns, C_a = G_0 + ... + G_a added in turn, S_j = C_7. From h = lowbias32(key + i *
+    0x9E3779B9) with i = 2 j and 2 j + 1: u = ((h >> 9) + 1/2) / 2^23 in (0, 1), w = (h >> 8) / 2^24 in [0, 1).
+    Chunk j's value (m_j + log S_j) - log(-log u) (its log-mass plus Gumbel noise), its draw's threshold t = w S_j."""
+    lg = np.asarray(logits, np.float32)
+    n = -(-lg.size // CHUNK)
+    z = np.full(n * CHUNK, -np.inf, np.float32)
+    z[:lg.size] = lg * np.float32(1.0 / temperature)
+    z = z.reshape(n, CHUNK)                                      # [n, 64]
+    m = z.max(axis=1)                                            # [n]
+    e = np.exp(z - m[:, None])                                   # [n, 64] float32; 0 past V
+    p = e[:, 0::2] + e[:, 1::2]                                  # [n, 32] pairs, 4 a group
+    G = (p[:, 0::4] + p[:, 1::4]) + (p[:, 2::4] + p[:, 3::4])    # [n, 8]
+    C = np.cumsum(G, axis=1, dtype=np.float32)                   # [n, 8] in turn
+    S = C[:, -1]                                                 # [n]
+    h = lowbias32(np.uint32(key) + np.arange(2 * n, dtype=np.uint32) * np.uint32(0x9E3779B9))
+    u = ((h[0::2] >> np.uint32(9)).astype(np.float32) + np.float32(0.5)) * np.float32(2.0 ** -23)
+    w = (h[1::2] >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return e, G, C, (m + np.log(S)) - np.log(-np.log(u)), w * S
+
+
+def tempered_pick(logits, temperature, key):
+    """Rule 6 for one row: logits [V] -> token. The chunk of largest value wins (lowest on ties) and draws: the first
+    group a with C_a > t (else the last with G_a > 0), then in it from C_(a-1) the e's added in column order, the
+    first column where the sum exceeds t (else its last column with e > 0). cuda_src/sampling.cu tempered_row and
+    the LM head's EPI_TEMPERED epilogue (gemm_f16.cu) do the same operations in this order (the exponential aside:
+    theirs is the GPU's __expf, a few ulps from NumPy's: tests/twin_ties.py)."""
+    e, G, C, val, t = tempered_chunks(logits, temperature, key)
+    j = int(np.argmax(val))
+    above = np.flatnonzero(C[j] > t[j])
+    a = int(above[0]) if above.size else int(np.flatnonzero(G[j] > 0)[-1])
+    run = C[j, a - 1] if a else np.float32(0)
+    group = e[j, 8 * a:8 * a + 8]
+    for c in range(8):
+        run = np.float32(run + group[c])
+        if run > t[j]:
+            return CHUNK * j + 8 * a + c
+    return CHUNK * j + 8 * a + int(np.flatnonzero(group > 0)[-1])
+
+
 def kept_probs(logits, s: SamplingSettings):
     """logits: [V] float32 -> probabilities [V] float64 with the dropped tokens set to 0."""
     lg = np.asarray(logits, np.float32)                          # [V]
@@ -66,8 +136,15 @@ def select_tokens(logits, rows, step, s: SamplingSettings):
         return np.argmax(logits, axis=-1).astype(np.int64)       # [B]
     out = np.empty(len(rows), dtype=np.int64)
     for b, row in enumerate(rows):
-        out[b] = _draw(kept_probs(logits[b], s), s.seed, row, step)
+        out[b] = _pick(logits[b], s, row, step)
     return out
+
+
+def _pick(logits, s: SamplingSettings, row, step):
+    """One sampled row's token: rule 6, or rules 2-5."""
+    if plain(s, np.shape(logits)[-1]):
+        return tempered_pick(logits, s.temperature, tempered_key(int(s.seed), int(row), int(step)))
+    return _draw(kept_probs(logits, s), s.seed, row, step)
 
 
 def _draw(p, seed, row, step):
@@ -169,7 +246,7 @@ def penalize(logits, seen, penalty):
 def select_rows(logits, rows, step, rs: RowSettings, seen=None):
     """Per-row selection: logits [B, V] float32 of rows with settings rs ([B]), rows [B] input row indices, seen
     [B, V] bool (None: no penalty) -> [B] int64. Row b: the penalty, then the argmax (temperature <= 0) or rules
-    2-5 with its own temperature / top-k / top-p / seed."""
+    2-6 with its own temperature / top-k / top-p / seed."""
     if seen is not None:
         logits = penalize(logits, seen, rs.penalty)                        # [B, V]
     out = np.empty(len(rows), dtype=np.int64)
@@ -178,7 +255,7 @@ def select_rows(logits, rows, step, rs: RowSettings, seen=None):
             out[b] = int(np.argmax(logits[b]))
             continue
         s = SamplingSettings(float(rs.temperature[b]), int(rs.top_k[b]), float(rs.top_p[b]), int(rs.seed[b]))
-        out[b] = _draw(kept_probs(logits[b], s), s.seed, row, step)
+        out[b] = _pick(logits[b], s, row, step)
     return out
 
 

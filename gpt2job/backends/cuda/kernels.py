@@ -21,7 +21,7 @@ from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
-EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE = 0, 1, 2, 3, 4, 5, 6
+EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_TEMPERED = range(8)
 TMA_WIDE_N = 16384   # gemm_tma.cu's: products wider than this (the LM head) walk M tiles fastest
 
 
@@ -283,7 +283,8 @@ class Kernels(SelectKernels):
         KV cache instead of the output.
         mode EPI_ARGMAX (float out): C gets float2 [M, ldc] partials (max, column) per F16_TILES[variant].wn
         columns, ldc >= ceil(N / wn); reduce them with argmax_partials. EPI_ARGMAX_LSE: float4 [M, ldc] partials (max,
-        column, the chunk's sum of exp(value - max), 0); reduce them with argmax_partials(..., lp=)."""
+        column, the chunk's sum of exp(value - max), 0); reduce them with argmax_partials(..., lp=). EPI_TEMPERED
+        (rule 6, wn % 64 == 0): float2 (value, column) per 64 columns, qkv = tempered_keys' [M] int2."""
         if M == 0:
             return
         assert K % 8 == 0 and lda % 8 == 0 and ldb % 8 == 0 and ptr(A) % 16 == 0 and ptr(B) % 16 == 0
@@ -293,14 +294,14 @@ class Kernels(SelectKernels):
             grid = (grid[1], grid[0], 1)                                # vocabulary is read once; gemm_tma.cu)
         if t.persistent:   # as many blocks as fit at once, each looping over tiles
             grid = (min(grid[0] * grid[1], self.n_sm * t.blocks_per_sm), 1, 1)
-        if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_RESID):   # float outputs (EPI_RESID: the fp32 residual stream)
+        if mode in (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_TEMPERED, EPI_RESID):   # float outputs (EPI_RESID: residual)
             assert not out_half and (mode == EPI_RESID or ldc >= (N + t.wn - 1) // t.wn)
         if mode == EPI_QKV:
             assert out_half and qkv is not None and qkv[6] % 2 == 0
             rs, rp, sb, S, kc, vc, kvC = qkv
         else:
-            rs = rp = kc = vc = 0
-            sb = S = kvC = 0
+            rs, rp = (qkv if mode == EPI_TEMPERED else 0), 0
+            kc = vc = sb = S = kvC = 0
         tm = ()
         if t.uses_tma:
             tm = (self.tmaps.get(stream, ptr(A), M, K, lda, t.bm), self.tmaps.get(stream, ptr(B), N, K, ldb, t.bn))

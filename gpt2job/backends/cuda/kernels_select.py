@@ -5,6 +5,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpt2job.model.sampling import plain
+from gpt2job.settings import SamplingSettings
+
 
 @dataclass(frozen=True)
 class Kernel:
@@ -85,7 +88,8 @@ class SelectKernels:
         """cache False: the logits are read from global memory each time (tests of that path). step_at: 0, or the
         device address of an int32 that holds the step number (then step is not used; a replayed graph's step)."""
         if R:
-            flag, smem = self._row_cache(V, cache)
+            # rule 6 (temperature alone) reads the row once, from global memory: no copy, more blocks an SM
+            flag, smem = self._row_cache(V, cache and not plain(SamplingSettings(temperature, top_k, top_p), V))
             self.launch(self.SAMPLE_ROWS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, np.int32(step), step_at,
                         np.uint64(seed & ((1 << 64) - 1)), np.float64(temperature), np.int32(top_k),
                         np.float64(top_p), flag, out, R, shared=smem)
@@ -97,6 +101,16 @@ class SelectKernels:
             self.launch(self.SAMPLE_ROWS_PARAMS, (R, 1, 1), stream, logits, ld, V, rows, seqidx, int(step), step_at,
                         sel.seed, sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, flag,
                         out, R, shared=smem)
+
+    TEMPERED_KEYS = _kernel("tempered_keys", "sampling.cu", "PPiPQPdPPi", 256)
+
+    def tempered_keys(self, stream, rows, seqidx, step, out, R, seed=0, temperature=0.0, sel=None, step_at=0):
+        """out [R] int2: each logits row's {key, 1 / T} of sampling rule 6 for the LM head's EPI_TEMPERED epilogue,
+        from the job's seed and temperature, or each row's (sel: rows.RowSel); step_at as sample's."""
+        if R:
+            self.launch(self.TEMPERED_KEYS, ((R + 255) // 256, 1, 1), stream, rows, seqidx, np.int32(step), step_at,
+                        np.uint64(seed & ((1 << 64) - 1)), sel.seed if sel else 0, np.float64(temperature),
+                        sel.temp if sel else 0, out, R)
 
     MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
 

@@ -7,8 +7,10 @@ Float32: plain FP32 FMA products (no TF32; split-K for decode-sized products), w
 weights transposed to K-contiguous fp16 [N, K]; the residual stream, layer-norm statistics, softmax and logits stay
 fp32. Fusions: the QKV product's epilogue writes keys and values straight into the KV cache (EPI_QKV); greedy fp16
 selects tokens in the LM head's epilogue (EPI_ARGMAX; with --logprobs alone EPI_ARGMAX_LSE, which also sums each
-chunk's share of the softmax), so the logits never reach memory; fp16 prefill attention
-with head size 64 runs on tensor cores over tiles of up to 16 consecutive tokens of one prompt (attention_prefill).
+chunk's share of the softmax), and so does fp16 sampling with a temperature alone in large batches (EPI_TEMPERED:
+model/sampling.py rule 6, per 64 columns a Gumbel-perturbed log-mass and a draw), so the logits never reach memory;
+fp16 prefill attention with head size 64 runs on tensor cores over tiles of up to 16 consecutive tokens of one
+prompt (attention_prefill).
 """
 import math
 from dataclasses import dataclass
@@ -16,13 +18,19 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2job.backends.cuda.kernels import (EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_BIAS, EPI_GELU_ERF, EPI_GELU_TANH,
-                                           EPI_QKV, EPI_RESID, F16_TILES)
+                                           EPI_QKV, EPI_RESID, EPI_TEMPERED, F16_TILES)
 from gpt2job.backends.cuda.device import UPLOAD_SCRATCH
 from gpt2job.errors import UserError
+from gpt2job.model.sampling import CHUNK, plain
 
 ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_tanh": EPI_GELU_TANH,
                "gelu_fast": EPI_GELU_TANH}
 SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: up to 4 K slices of a float row, N < 4096
+# Rule 6 in the LM head's epilogue from this many head rows (fewer: the logits and the selection kernel, the same
+# tokens bit for bit). Measured: 8,192-row heads +9% on W1 sampled at temperature 1; the mixed workload's shrinking
+# batches gained nothing measurable with it at every size (RESULTS.md, session 44), and below a few thousand rows the
+# epilogue's per-tile chains (one warpgroup, latency-bound) are not shown to pay.
+TEMPERED_MIN_ROWS = 4096
 
 
 def check_config(cfg, dtype):
@@ -262,17 +270,28 @@ class Model:
         logits too, except greedy without top K on the fused head, whose epilogue sums each chunk's exp too."""
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
-        fused = sel is None and sampling.greedy and (lp is None or lp.k == 0)
+        # rule 6 of model/sampling.py (rows without top-k / top-p, no penalty): chosen in the head's epilogue too
+        tempered = lp is None and (sel.plain if sel is not None else plain(sampling, V))
+        fused = tempered or (sel is None and sampling.greedy and (lp is None or lp.k == 0))
         for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
             tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if fused else None
+            if tile is not None and tempered and (m < TEMPERED_MIN_ROWS or F16_TILES[tile].wn % CHUNK):
+                tile = None   # (rule 6's chunks of 64 columns must not straddle a warp's columns)
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
-                # columns (and with lp the sum of exp(logit - that max)), then their argmax (and its log-probability);
-                # the logits never reach memory
-                nch = (V + F16_TILES[tile].wn - 1) // F16_TILES[tile].wn
+                # columns (and with lp the sum of exp(logit - that max); tempered: per 64 columns, the chunk's
+                # perturbed log-mass and the column it draws), then their argmax (and its log-probability); the
+                # logits never reach memory
+                wn = CHUNK if tempered else F16_TILES[tile].wn
+                nch = (V + wn - 1) // wn
                 part = self.dev.buf("argmax_part", self.head_rows * nch * (8 if lp is None else 16))
+                mode, keys = EPI_ARGMAX if lp is None else EPI_ARGMAX_LSE, None
+                if tempered:
+                    mode, keys = EPI_TEMPERED, self.dev.buf("tempered", self.head_rows * 8)
+                    job = (sampling.seed, sampling.temperature) if sel is None else (0, 0.0)
+                    k.tempered_keys(st, p_rows, p_seqidx + 4 * g0, step, keys, m, *job, sel=sel, step_at=step_at)
                 k.gemm_f16(st, hl, self.cfg.n_embd, self.head_w, self.cfg.n_embd, part, nch, None, m, V,
-                           self.cfg.n_embd, EPI_ARGMAX if lp is None else EPI_ARGMAX_LSE, False, variant=tile)
+                           self.cfg.n_embd, mode, False, variant=tile, qkv=keys)
                 k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m, lp=None if lp is None else lp.at(g0)[0])
                 continue
             logits = raw = self._logits(hl, m)

@@ -25,6 +25,7 @@ class RowSel:
     seen: int
     words: int
     seq_base: int
+    plain: bool = False   # every row greedy or taking sampling rule 6 (no top-k / top-p), none penalized
 
 
 class RowPlan:
@@ -74,7 +75,10 @@ def group_sel(kernels, dev, rp: RowPlan, lay, base, b0, b1, V):
         t0, t1, TP = int(lay.ptok_off[b0]), int(lay.ptok_off[b1]), len(lay.ptok)
         at = base + lay.at_ptok
         kernels.mark_seen(dev.compute, at + 4 * t0, at + 4 * TP + 4 * t0, t1 - t0, b0, seen, words)
-    return RowSel(a, a + 8 * B, a + 16 * B, a + 24 * B, a + 28 * B, seen, words, b0)
+    k, p, t = rp.rs.top_k[b0:b1], rp.rs.top_p[b0:b1], rp.rs.temperature[b0:b1]
+    cut = ((k > 0) & (k < V)) | ((p > 0) & (p < 1))
+    plain = not rp.penalized and not (cut & (t > 0)).any()
+    return RowSel(a, a + 8 * B, a + 16 * B, a + 24 * B, a + 28 * B, seen, words, b0, plain)
 
 
 def option_buffers(head_rows, model, penalty, logprobs_k):
