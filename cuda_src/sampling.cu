@@ -755,7 +755,6 @@ extern "C" __global__ void tempered_keys(const long long* __restrict__ rows, con
     const double t = temps != nullptr ? temps[q] : temperature;
     const unsigned long long s = seeds != nullptr ? seeds[q] : seed;
     const int st = step_at != nullptr ? *step_at : step;
-    out[r] = t > 0.0 ? make_int2((int)(unsigned)(row_hash(s, (unsigned long long)rows[q], (unsigned long long)st) >> 32),
-                                 __float_as_int((float)(1.0 / t)))
-                     : make_int2(0, 0);
+    const unsigned key = (unsigned)(row_hash(s, (unsigned long long)rows[q], (unsigned long long)st) >> 32);
+    out[r] = t > 0.0 ? make_int2((int)key, __float_as_int((float)(1.0 / t))) : make_int2(0, 0);
 }
