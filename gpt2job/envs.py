@@ -37,7 +37,7 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_F16_VARIANTS", "str", "", "fp16 product tile variants to compile: names, comma-separated, or all"),
     Var("GPT2JOB_ARGMAX_VARIANT", "str", "", "the fp16 variant of the greedy LM head with the argmax epilogue"),
     Var("GPT2JOB_F32_BK", "str", "", "fp32 product k-slice: 8 or 16 (default: chosen per shape)"),
-    Var("GPT2JOB_FUSE_ARGMAX", "bool", True, "greedy fp16 LM head with the (max, argmax) epilogue"),
+    Var("GPT2JOB_FUSE_ARGMAX", "bool", True, "fp16 LM head choosing in its epilogue (greedy; rule-6 sampling)"),
     Var("GPT2JOB_PREFIX_SHARE", "bool", True, "prompts of a chunk that start alike compute that prefix once"),
     Var("GPT2JOB_PREFILL_ATTN", "bool", True, "fp16 prefill attention on tensor cores (head size 64)"),
     Var("GPT2JOB_TMA_STAGED", "bool", True,
