@@ -29,7 +29,7 @@ SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: up to 4 K s
 # Rule 6 in the LM head's epilogue from this many head rows (fewer: the logits and the selection kernel, the same
 # tokens bit for bit). Measured: 8,192-row heads +9% on W1 sampled at temperature 1; the mixed workload's shrinking
 # batches gained nothing measurable with it at every size (RESULTS.md, session 44), and below a few thousand rows the
-# epilogue's per-tile chains (one warpgroup, latency-bound) are not shown to pay.
+# epilogue's per-tile chains (one warpgroup, latency-bound) are not shown to pay (benchmarks/tempered_head.py).
 TEMPERED_MIN_ROWS = 4096
 
 
