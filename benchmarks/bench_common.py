@@ -235,6 +235,14 @@ def torch_kernels(variants=()):
         ctx.pop()
 
 
+def to_gpu(drv, x):
+    """A device copy of array x (pycuda allocation, at least 16 bytes)."""
+    x = np.ascontiguousarray(x)
+    g = drv.mem_alloc(max(x.nbytes, 16))
+    drv.memcpy_htod(g, x)
+    return g
+
+
 def event_ms(drv, fn, repeats):
     """fn()'s device time in ms, by CUDA events: the median of repeats launches after one warm-up; and all of them."""
     fn()

@@ -16,7 +16,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import event_ms, pycuda_kernels  # noqa: E402
+from bench_common import event_ms, pycuda_kernels, to_gpu  # noqa: E402
 
 
 def main():
@@ -31,13 +31,7 @@ def main():
     with pycuda_kernels() as (drv, K):
         R, V = a.rows, a.vocab
         rng = np.random.default_rng(0)
-
-        def gpu(x):
-            x = np.ascontiguousarray(x)
-            g = drv.mem_alloc(max(x.nbytes, 16))
-            drv.memcpy_htod(g, x)
-            return g
-
+        gpu = lambda x: to_gpu(drv, x)  # noqa: E731
         keep = []
         rows = gpu(np.arange(R, dtype=np.int64))
         seqidx = gpu(np.arange(R, dtype=np.int32))

@@ -18,7 +18,7 @@ import sys
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import event_ms, pycuda_kernels  # noqa: E402
+from bench_common import event_ms, pycuda_kernels, to_gpu  # noqa: E402
 
 
 def main():
@@ -37,13 +37,7 @@ def main():
     table = []
     with pycuda_kernels() as (drv, K):
         rng = np.random.default_rng(0)
-
-        def gpu(x):
-            x = np.ascontiguousarray(x)
-            g = drv.mem_alloc(max(x.nbytes, 16))
-            drv.memcpy_htod(g, x)
-            return g
-
+        gpu = lambda x: to_gpu(drv, x)  # noqa: E731
         W = gpu((rng.standard_normal((V, C), dtype=np.float32) * np.float32(0.55 / np.sqrt(C))).astype(np.float16))
         for M in [int(r) for r in a.rows.split(",")]:
             hl = gpu(rng.standard_normal((M, C), dtype=np.float32).astype(np.float16))
