@@ -64,9 +64,16 @@ def lowbias32(x):
 CHUNK = 64   # rule 6's chunk of columns
 
 
+def takes_rule_6(temperature, top_k, top_p, V):
+    """Whether rows (scalars or arrays) with these settings take rule 6: a temperature, and a top-k and top-p that
+    keep every token (cuda_src/sampling.cu plain_row)."""
+    t, k, p = np.asarray(temperature), np.asarray(top_k), np.asarray(top_p)
+    return (t > 0) & ~((k > 0) & (k < V)) & ~((p > 0) & (p < 1))
+
+
 def plain(s: SamplingSettings, V):
     """A sampled row whose top-k and top-p keep every token: rule 6 picks its token."""
-    return s.temperature > 0 and not 0 < s.top_k < V and not 0.0 < s.top_p < 1.0
+    return bool(takes_rule_6(s.temperature, s.top_k, s.top_p, V))
 
 
 def tempered_chunks(logits, temperature, key):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING
-from gpt2job.model.sampling import RowSettings, seen_words
+from gpt2job.model.sampling import RowSettings, seen_words, takes_rule_6
 from gpt2job.model.stops import StopStrings
 
 
@@ -75,9 +75,8 @@ def group_sel(kernels, dev, rp: RowPlan, lay, base, b0, b1, V):
         t0, t1, TP = int(lay.ptok_off[b0]), int(lay.ptok_off[b1]), len(lay.ptok)
         at = base + lay.at_ptok
         kernels.mark_seen(dev.compute, at + 4 * t0, at + 4 * TP + 4 * t0, t1 - t0, b0, seen, words)
-    k, p, t = rp.rs.top_k[b0:b1], rp.rs.top_p[b0:b1], rp.rs.temperature[b0:b1]
-    cut = ((k > 0) & (k < V)) | ((p > 0) & (p < 1))
-    plain = not rp.penalized and not (cut & (t > 0)).any()
+    t = rp.rs.temperature[b0:b1]
+    plain = not rp.penalized and bool(((t <= 0) | takes_rule_6(t, rp.rs.top_k[b0:b1], rp.rs.top_p[b0:b1], V)).all())
     return RowSel(a, a + 8 * B, a + 16 * B, a + 24 * B, a + 28 * B, seen, words, b0, plain)
 
 
