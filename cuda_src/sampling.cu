@@ -35,6 +35,11 @@ __device__ __forceinline__ unsigned long long row_hash(unsigned long long seed, 
 __device__ __forceinline__ double uniform01(unsigned long long seed, unsigned long long row, unsigned long long step) {
     return (double)(row_hash(seed, row, step) >> 40) / (double)(1u << 24);
 }
+// rule 6's key (model/sampling.py tempered_key): the high half of the same hash
+__device__ __forceinline__ unsigned tempered_key(unsigned long long seed, unsigned long long row,
+                                                 unsigned long long step) {
+    return (unsigned)(row_hash(seed, row, step) >> 32);
+}
 
 // Block-wide reductions for SEL_THREADS threads (red: shared scratch of 32 entries).
 __device__ double block_sum_d(double v, double* red) {
@@ -93,18 +98,15 @@ __device__ __forceinline__ void row_visit(const float* src, int V, F f)
     for (int i = head + 4 * n4 + tid; i < V; i += nt) f(i, src[i]);
 }
 
-// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0 (sv, si: shared scratch). The row
-// is read with row_visit: a thread's indices are not visited in order, so ties compare indices.
+// A thread's running argmax: ties compare indices (row_visit does not visit a thread's indices in order).
 __device__ __forceinline__ void argmax_take(float v, int i, float& best, int& bi) {
     if (bi == 0x7fffffff || v > best || (v == best && i < bi)) { best = v; bi = i; }
 }
-__device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, float* sv, int* si)
+// Every thread's (best, bi) -> the block's largest best, the lowest bi on ties, in out_r by thread 0 (sv, si: shared
+// scratch of 32).
+__device__ __forceinline__ void block_argmax_merge(float best, int bi, int* out_r, float* sv, int* si)
 {
-    const int tid = threadIdx.x, nt = blockDim.x;
-    float best = -INFINITY;
-    int bi = 0x7fffffff;
-    row_visit(l, V, [&](int i, float v) { argmax_take(v, i, best, bi); });
-    const int lane = tid & 31, warp = tid >> 5;
+    const int nt = blockDim.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
 #pragma unroll
     for (int o = 16; o > 0; o >>= 1) {
         const float ov = __shfl_xor_sync(0xffffffffu, best, o);
@@ -125,6 +127,14 @@ __device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, 
         }
         if (lane == 0) *out_r = bi;
     }
+}
+// Block-wide argmax of l[0, V) (first index of the maximum), in out_r by thread 0, the row read with row_visit.
+__device__ __forceinline__ void block_argmax(const float* l, int V, int* out_r, float* sv, int* si)
+{
+    float best = -INFINITY;
+    int bi = 0x7fffffff;
+    row_visit(l, V, [&](int i, float v) { argmax_take(v, i, best, bi); });
+    block_argmax_merge(best, bi, out_r, sv, si);
 }
 
 // Greedy: out[r] = argmax(logits[r, :V]) (first index of the maximum).
@@ -540,7 +550,7 @@ __device__ void tempered_row(const float* l, int V, double temperature, unsigned
     const int a = lane & 7, lead = lane & ~7;    // this lane's group; the chunk's first lane
     const int n = (V + TCHUNK - 1) / TCHUNK, per = 4 * nw;   // chunks; chunks the block takes at a time
     const float invt = (float)(1.0 / temperature);
-    const unsigned key = (unsigned)(row_hash(seed, (unsigned long long)rid, (unsigned long long)step) >> 32);
+    const unsigned key = tempered_key(seed, (unsigned long long)rid, (unsigned long long)step);
     const bool vec = ((size_t)l & 15) == 0;
     float best = -INFINITY;
     int bi = 0x7fffffff;
@@ -588,25 +598,7 @@ __device__ void tempered_row(const float* l, int V, double temperature, unsigned
             bi = j * TCHUNK + 8 * ga + pick;
         }
     }
-#pragma unroll
-    for (int o = 8; o < 32; o <<= 1) {   // the warp's four chunk slots (each slot's 8 lanes agree)
-        const float ov = __shfl_xor_sync(FULL, best, o);
-        const int oi = __shfl_xor_sync(FULL, bi, o);
-        if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
-    }
-    if (lane == 0) { sv[warp] = best; si[warp] = bi; }
-    __syncthreads();
-    if (warp == 0) {
-        best = lane < nw ? sv[lane] : -INFINITY;
-        bi = lane < nw ? si[lane] : 0x7fffffff;
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) {
-            const float ov = __shfl_xor_sync(FULL, best, o);
-            const int oi = __shfl_xor_sync(FULL, bi, o);
-            if (oi != 0x7fffffff && (bi == 0x7fffffff || ov > best || (ov == best && oi < bi))) { best = ov; bi = oi; }
-        }
-        if (lane == 0) *out_r = bi;
-    }
+    block_argmax_merge(best, bi, out_r, sv, si);
 }
 
 // A row of logits into shared memory (a sampled row reads its logits a few times over), read with row_visit.
@@ -755,6 +747,6 @@ extern "C" __global__ void tempered_keys(const long long* __restrict__ rows, con
     const double t = temps != nullptr ? temps[q] : temperature;
     const unsigned long long s = seeds != nullptr ? seeds[q] : seed;
     const int st = step_at != nullptr ? *step_at : step;
-    const unsigned key = (unsigned)(row_hash(s, (unsigned long long)rows[q], (unsigned long long)st) >> 32);
+    const unsigned key = tempered_key(s, (unsigned long long)rows[q], (unsigned long long)st);
     out[r] = t > 0.0 ? make_int2((int)key, __float_as_int((float)(1.0 / t))) : make_int2(0, 0);
 }
