@@ -27,10 +27,9 @@ ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_ta
                "gelu_fast": EPI_GELU_TANH}
 SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: up to 4 K slices of a float row, N < 4096
 # Rule 6 in the LM head's epilogue from this many head rows (fewer: the logits and the selection kernel, the same
-# tokens bit for bit). Measured: 8,192-row heads +9% on W1 sampled at temperature 1; the mixed workload's shrinking
-# batches gained nothing measurable with it at every size (RESULTS.md, session 44), and below a few thousand rows the
-# epilogue's per-tile chains (one warpgroup, latency-bound) are not shown to pay (benchmarks/tempered_head.py).
-TEMPERED_MIN_ROWS = 4096
+# tokens bit for bit). benchmarks/tempered_head.py: the fused head is 0.80-0.84 of logits + selection from 546 to
+# 8,192 rows (RESULTS.md, session 45); below 512 rows not measured, so not used there.
+TEMPERED_MIN_ROWS = 512
 
 
 def check_config(cfg, dtype):
