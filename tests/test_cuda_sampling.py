@@ -296,9 +296,7 @@ def test_backend_tempered_head_matches_the_selection_kernels_float16(per_row, mo
 
 def test_progress_within_a_chunk():
     """Pause.generated counts the chunk's tokens that reached the host, never more than the completions hold."""
-    from gpt2job.backends.cuda import model
     from gpt2job.backends.cuda.backend import CudaBackend
-    monkeypatch.setattr(model, "TEMPERED_MIN_ROWS", 1)   # the fused head at this test's 40 rows too
     params = tiny_params(5)
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=True)
     be = CudaBackend(params, gs, dtype="float32")
