@@ -27,6 +27,9 @@ Cases (greedy unless said; EOS stops rows unless said):
                    token: transformers matches over prompt + generated text, ours (vLLM's) over generated text only
   mixed-rows       one chunk of every greedy feature at once: per-row penalty, max_new_tokens and stop strings, job
                    stop_token_ids, and the first 4 prompts again with other settings (same prompt, other row)
+  logprobs         --logprobs --top-logprobs 5, per-row penalty 1.0/1.3 | log_softmax of generate(output_logits=True)'s
+                   raw logits (float64): each token's log-probability and the top 5 ids and values (largest absolute
+                   difference against --lp-tol; top ids compared where the next value is more than it apart)
   sampled-split    ours only: a chunk of mixed per-row sampling settings (temperature 0..1.3, top-k, top-p, seed,
                    penalty, max_new_tokens, stops: "e" on every 4th row) computed as one chunk = again = two chunks
                    = reversed = interleaved in two chunks taken in reverse order (rows keep their ids)
@@ -67,7 +70,7 @@ from gpt2job.settings import GenerationSettings, SamplingSettings  # noqa: E402
 
 FIN = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_STOP_STRING: "stop-string"}
 ALL_CASES = ("rep-job", "rep-rows", "max-new-rows", "max-new-over-job", "stop-ids", "stop-str-job", "stop-str-rows",
-             "stop-str-prompt", "mixed-rows", "sampled-split", "sampled-job-split", "temp0-in-sampled")
+             "stop-str-prompt", "mixed-rows", "logprobs", "sampled-split", "sampled-job-split", "temp0-in-sampled")
 TEXT = ("The old lighthouse keeper climbed the stairs every evening at six. He wiped the salt from the glass, "
         "trimmed the wick, and wrote the weather in a small leather book. Ships passed far out on the grey water, "
         "and none of their sailors knew his name. In the spring of that year a storm came up from the south. "
@@ -221,6 +224,7 @@ class Ctx:
             chunk = Chunk(self._chunk_id, rows[idx].copy(), off, np.concatenate(ps).astype(np.int32),
                           rp.take(idx) if rp is not None else None)
             comp = compute(be, chunk)
+            self.last = comp
             assert np.array_equal(np.asarray(comp.rows), rows[idx]), "completions rows differ from the chunk's"
             for j, i in enumerate(idx):
                 out[i] = ([int(t) for t in comp.row_tokens(j)], int(comp.finish[j]))
@@ -264,6 +268,22 @@ class Ctx:
             fin = FINISH_LENGTH
         self._hf_cache[key] = (gen, fin, scores)
         return self._hf_cache[key]
+
+    def hf_raw_logprobs(self, prompt, max_new, eos_ids, penalty):
+        """transformers' greedy generate for one row (as hf_run) with output_logits=True -> (new tokens, the
+        log_softmax of each step's raw logits [n, V] float64)."""
+        torch = self.torch
+        from transformers import GenerationConfig
+        kw = dict(do_sample=False, num_beams=1, max_new_tokens=int(max_new), pad_token_id=self.eos,
+                  eos_token_id=sorted(int(t) for t in eos_ids) or None, repetition_penalty=float(penalty),
+                  return_dict_in_generate=True, output_logits=True)
+        ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long, device=self.dev)
+        with torch.inference_mode():
+            res = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(**kw))
+        gen = res.sequences[0].tolist()[len(prompt):]
+        lg = np.stack([x[0].double().cpu().numpy() for x in res.logits])
+        lg = lg - lg.max(1, keepdims=True)
+        return gen, lg - np.log(np.exp(lg).sum(1, keepdims=True))
 
     def close(self):
         self.close_backend()
@@ -475,7 +495,7 @@ def pick_stop_ids(base, max_new, eos, k=3):
 
 # ---------------------------------------------------------------- the cases
 
-def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag=""):
+def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=1e-4):
     """Every case -> list of result dicts (case, rows, identical, first_difference, expected, passed, note); tag is
     appended to the case names."""
     B, eos = len(prompts), ctx.eos
@@ -555,6 +575,35 @@ def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag=""):
             add(case, ours, ref, sc, note=f"stop ids {ids[:2]}; {sum(bool(x) for x in st)} rows with a stop string; "
                                           f"{stopped(ref)}",
                 labels=[f"row {i} (p={pen[i]}, max_new={mn[i]}, stops={st[i]})" for i in range(n)])
+        elif case == "logprobs":
+            K = 5
+            pen = [(1.0, 1.3)[i % 2] for i in range(B)]
+            gs = GenerationSettings(max_new_tokens=max_new, eos_token_id=eos, logprobs=True, top_logprobs=K)
+            hf = [ctx.hf_raw_logprobs(p, max_new, eos_on, pen[i]) for i, p in enumerate(prompts)]
+            ours = ctx.ours(prompts, gs, row_params(B, max_new, penalty=pen))
+            comp = ctx.last
+            ref = [(g, FINISH_STOP if g and g[-1] == eos else FINISH_LENGTH) for g, _ in hf]
+            worst, ids_bad, steps = 0.0, 0, 0
+            for i, ((g, lp), (t, _)) in enumerate(zip(hf, ours)):
+                if t != g:
+                    continue   # counted by compare below
+                o0, o1 = comp.offsets[i], comp.offsets[i + 1]
+                mine, top_ids, top_lp = comp.logprobs[o0:o1], comp.top_ids[o0:o1], comp.top_logprobs[o0:o1]
+                for s_, tok in enumerate(t):
+                    order = np.argsort(-lp[s_], kind="stable")[:K + 1]
+                    worst = max(worst, abs(float(mine[s_]) - lp[s_, tok]),
+                                float(np.max(np.abs(top_lp[s_] - lp[s_, order[:K]]))))
+                    gaps = -np.diff(lp[s_, order])           # ids are only defined where values are apart
+                    sure = [k for k in range(K) if (k == 0 or gaps[k - 1] > lp_tol) and gaps[k] > lp_tol]
+                    ids_bad += any(int(top_ids[s_, k]) != int(order[k]) for k in sure)
+                    steps += 1
+            same, ties, first = compare(ours, ref)
+            r = dict(case="logprobs" + tag, rows=B, identical=same, near_ties=ties, first_difference=first,
+                     expected="match", passed=same == B and worst <= lp_tol and ids_bad == 0 and steps > 0,
+                     note=f"{steps} steps, penalty 1.0/1.3 by row; largest |logprob difference| {worst:.3g} "
+                          f"(tol {lp_tol:g}); steps whose top {K} ids differ: {ids_bad}")
+            results.append(r)
+            log(f"logprobs{tag}: {same}/{B} identical; {r['note']}", flush=True)
         elif case in ("stop-str-job", "stop-str-rows", "stop-str-prompt") and not have_tok:
             skipped(case, "no GPT-2 vocabulary files (--vocab-dir)")
         elif case in ("stop-str-job", "stop-str-rows"):
@@ -700,6 +749,8 @@ def main(argv=None):
     ap.add_argument("--tie-tol", type=float, default=TIE_TOL,
                     help="a row whose first difference is a token transformers scores within this of its top one "
                          "counts as a near tie (fp32 rounding), not a failure (default %(default)g)")
+    ap.add_argument("--lp-tol", type=float, default=1e-4,
+                    help="the logprobs case: largest |log-probability difference| allowed (default %(default)g)")
     ap.add_argument("--results", help="append one JSON line per case here")
     a = ap.parse_args(argv)
     TIE_TOL = a.tie_tol
@@ -714,7 +765,8 @@ def main(argv=None):
           f"on {a.hf_device}; vocab {ctx.vocab_dir}", flush=True)
     try:
         prompts = make_prompts(ctx, a.prompts, a.max_new, a.seed)
-        results = run_cases(ctx, prompts, a.max_new, [c.strip() for c in a.cases.split(",") if c.strip()])
+        results = run_cases(ctx, prompts, a.max_new, [c.strip() for c in a.cases.split(",") if c.strip()],
+                            lp_tol=a.lp_tol)
     finally:
         ctx.close()
     neg = [c.strip() for c in a.negative_cases.split(",") if c.strip()]

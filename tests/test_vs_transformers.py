@@ -37,7 +37,7 @@ def results(tmp_path_factory):
 def test_every_case_agrees_with_transformers_or_differs_where_expected(results):
     bad = {k: (r["identical"], r["rows"], r["first_difference"]) for k, r in results.items() if r["passed"] is False}
     assert not bad
-    assert set(results) >= {"rep-job", "rep-rows", "max-new-rows", "max-new-over-job", "stop-ids", "mixed-rows",
+    assert set(results) >= {"rep-job", "rep-rows", "max-new-rows", "max-new-over-job", "stop-ids", "mixed-rows", "logprobs",
                             "sampled-split: two chunks", "sampled-split: reversed", "sampled-job-split",
                             "temp0-in-sampled", "temp0-in-sampled (vs transformers)", "rep-job [negative logits]",
                             "rep-rows [negative logits]", "mixed-rows [negative logits]"}
@@ -50,6 +50,7 @@ def test_the_checks_bite(results):
     assert not results["rep-job"]["note"].startswith("penalty 1.3; it changed 0/")
     assert "stop_token_ids []" not in results["stop-ids"]["note"]
     assert not results["stop-ids"]["note"].endswith(" 0/6 rows stopped")
+    assert " 0 steps" not in results["logprobs"]["note"] and results["logprobs"]["passed"] is True
     assert "largest reference logit -" in results["rep-job [negative logits]"]["note"]
     if not HAVE_VOCAB:
         pytest.skip("GPT-2 vocabulary files not present: stop-string cases skipped")
