@@ -495,7 +495,7 @@ def pick_stop_ids(base, max_new, eos, k=3):
 
 # ---------------------------------------------------------------- the cases
 
-def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=1e-4):
+def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=1e-3):
     """Every case -> list of result dicts (case, rows, identical, first_difference, expected, passed, note); tag is
     appended to the case names."""
     B, eos = len(prompts), ctx.eos
@@ -583,7 +583,7 @@ def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=
             ours = ctx.ours(prompts, gs, row_params(B, max_new, penalty=pen))
             comp = ctx.last
             ref = [(g, FINISH_STOP if g and g[-1] == eos else FINISH_LENGTH) for g, _ in hf]
-            worst, ids_bad, steps = 0.0, 0, 0
+            worst, at, rel, ids_bad, steps = 0.0, 0.0, 0.0, 0, 0
             for i, ((g, lp), (t, _)) in enumerate(zip(hf, ours)):
                 if t != g:
                     continue   # counted by compare below
@@ -591,8 +591,10 @@ def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=
                 mine, top_ids, top_lp = comp.logprobs[o0:o1], comp.top_ids[o0:o1], comp.top_logprobs[o0:o1]
                 for s_, tok in enumerate(t):
                     order = np.argsort(-lp[s_], kind="stable")[:K + 1]
-                    worst = max(worst, abs(float(mine[s_]) - lp[s_, tok]),
-                                float(np.max(np.abs(top_lp[s_] - lp[s_, order[:K]]))))
+                    for a, b in ((float(mine[s_]), lp[s_, tok]), *zip(top_lp[s_], lp[s_, order[:K]])):
+                        d = abs(float(a) - float(b))
+                        worst, at = (d, float(b)) if d > worst else (worst, at)
+                        rel = max(rel, d / max(1.0, abs(float(b))))
                     gaps = -np.diff(lp[s_, order])           # ids are only defined where values are apart
                     sure = [k for k in range(K) if (k == 0 or gaps[k - 1] > lp_tol) and gaps[k] > lp_tol]
                     ids_bad += any(int(top_ids[s_, k]) != int(order[k]) for k in sure)
@@ -600,8 +602,8 @@ def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=
             same, ties, first = compare(ours, ref)
             r = dict(case="logprobs" + tag, rows=B, identical=same, near_ties=ties, first_difference=first,
                      expected="match", passed=same == B and worst <= lp_tol and ids_bad == 0 and steps > 0,
-                     note=f"{steps} steps, penalty 1.0/1.3 by row; largest |logprob difference| {worst:.3g} "
-                          f"(tol {lp_tol:g}); steps whose top {K} ids differ: {ids_bad}")
+                     note=f"{steps} steps, penalty 1.0/1.3 by row; largest |logprob difference| {worst:.3g} (at "
+                          f"{at:.4g}), relative {rel:.3g} (tol {lp_tol:g}); steps whose top {K} ids differ: {ids_bad}")
             results.append(r)
             log(f"logprobs{tag}: {same}/{B} identical; {r['note']}", flush=True)
         elif case in ("stop-str-job", "stop-str-rows", "stop-str-prompt") and not have_tok:
@@ -749,7 +751,9 @@ def main(argv=None):
     ap.add_argument("--tie-tol", type=float, default=TIE_TOL,
                     help="a row whose first difference is a token transformers scores within this of its top one "
                          "counts as a near tie (fp32 rounding), not a failure (default %(default)g)")
-    ap.add_argument("--lp-tol", type=float, default=1e-4,
+    # two fp32 forward passes of GPT-2 124M shapes (logits ~20) drift apart by ~1e-4 over 20 decode steps (our NumPy
+    # reference against transformers: 1.25e-4); reading the penalised logits instead would be off by whole units
+    ap.add_argument("--lp-tol", type=float, default=1e-3,
                     help="the logprobs case: largest |log-probability difference| allowed (default %(default)g)")
     ap.add_argument("--results", help="append one JSON line per case here")
     a = ap.parse_args(argv)
