@@ -5,6 +5,8 @@ each row reads its keys and values 0..p of every head, (p + 1) * H * D * 2 (K an
 
 Shapes: W2's decode (2,048 rows, positions uniform 32..767, GPT-2 124M heads: H 12, D 64, S 768) and a W1 decode
 step of a 546-prompt chunk (positions 16..23), fp16, the kernel the runner launches (the grouped one for D 64).
+--w1: also W1's 8,192-row decode step in the runner's cache layout (S 24 = 16 prompt + 8 new tokens: a row's keys
+are one contiguous run), positions 16..23. --only NAME,...: just those shapes (e.g. "W1 8192", for a profiler).
 --tail adds the late steps of a batch that rows leave (the mixed-settings workload's): 1,024, 512, 256, 128 and
 64 rows at positions uniform 272..767 (one warp per (row, head): fewer rows, fewer warps an SM), each with the
 runner's pick and with 1, 4 and 8 key steps loaded ahead ("k9": 8 a round, the next round's in flight; the
@@ -27,17 +29,23 @@ def main():
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--tail", action="store_true", help="also 1,024-64 rows at late positions (see above)")
+    ap.add_argument("--w1", action="store_true", help="also W1's 8,192-row step, S 24 (see above)")
+    ap.add_argument("--only", default="", help="'name,name': only these shapes")
     a = ap.parse_args()
     with pycuda_kernels() as (drv, K):
-        H, D, S = 12, 64, 768
+        H, D = 12, 64
         C = H * D
         rng = np.random.default_rng(0)
         os.makedirs(a.out, exist_ok=True)
         print(f"{'shape':<10} {'kernel':<10} {'ms':>8} {'GB/s':>7}")
-        shapes = [("W2", 2048, 32, 767), ("W1 546", 546, 16, 23)]
+        shapes = [("W2", 2048, 32, 767, 768), ("W1 546", 546, 16, 23, 768)]
+        if a.w1:
+            shapes += [("W1 8192", 8192, 16, 23, 24)]
         if a.tail:
-            shapes += [(f"tail {R}", R, 272, 767) for R in (1024, 512, 256, 128, 64)]
-        for shape, R, lo, hi in shapes:
+            shapes += [(f"tail {R}", R, 272, 767, 768) for R in (1024, 512, 256, 128, 64)]
+        if a.only:
+            shapes = [x for x in shapes if x[0] in a.only.split(",")]
+        for shape, R, lo, hi, S in shapes:
             pos = rng.integers(lo, hi + 1, R).astype(np.int32)
             kc = drv.mem_alloc(R * S * C * 2)
             vc = drv.mem_alloc(R * S * C * 2)
