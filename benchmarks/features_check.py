@@ -192,6 +192,7 @@ class Ctx:
         self._hf_cache, self._crit = {}, {}
         self._be, self._be_gs = None, None
         self._chunk_id = 0
+        self.last = None   # the Completions of ours()' last chunk (the logprobs case reads them)
 
     # ours ------------------------------------------------------------
     def backend_for(self, gs):

@@ -456,7 +456,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
         attention_grouped_impl<T, KEYS, AHEAD>(qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale); \
     }
 DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1, false)
-DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)
+DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)       // fp16: the tests' one-step form (not picked)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4, false)    // long contexts (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4, false)
 DEF_ATTENTION_GROUPED(attention_grouped_pair_f16, __half, 2, false)   // short caches (Kernels.attention)
