@@ -66,6 +66,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import ROOT, append_jsonl, base_record, print_table  # noqa: E402
 from gpt2job.backends import compute, make_backend  # noqa: E402
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, RowParams  # noqa: E402
+from gpt2job.model.logprobs import log_softmax  # noqa: E402
 from gpt2job.settings import GenerationSettings, SamplingSettings  # noqa: E402
 
 FIN = {FINISH_LENGTH: "length", FINISH_STOP: "stop", FINISH_STOP_STRING: "stop-string"}
@@ -239,25 +240,30 @@ class Ctx:
             self._crit[key] = StopStringCriteria(self.tok, list(stops))
         return self._crit[key]
 
+    def hf_generate(self, prompt, max_new, eos_ids=(), penalty=1.0, stops=(), **outputs):
+        """transformers' greedy generate for one row, alone, returning a dict with the outputs asked for
+        (output_scores=True, output_logits=True)."""
+        torch = self.torch
+        from transformers import GenerationConfig
+        kw = dict(do_sample=False, num_beams=1, max_new_tokens=int(max_new), pad_token_id=self.eos,
+                  eos_token_id=sorted(int(t) for t in eos_ids) or None, repetition_penalty=float(penalty),
+                  return_dict_in_generate=True, **outputs)
+        extra = {}
+        if stops:
+            kw["stop_strings"] = list(stops)
+            extra["tokenizer"] = self.tok
+        ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long, device=self.dev)
+        with torch.inference_mode():
+            return self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(**kw),
+                                    **extra)
+
     def hf_run(self, prompt, max_new, eos_ids=(), penalty=1.0, stops=()):
         """transformers' greedy generate for one row, alone -> (new tokens, finish code, processed scores
         [n, V] float32 or None)."""
         key = (tuple(int(t) for t in prompt), int(max_new), tuple(sorted(eos_ids)), float(penalty), tuple(stops))
         if key in self._hf_cache:
             return self._hf_cache[key]
-        torch = self.torch
-        from transformers import GenerationConfig
-        kw = dict(do_sample=False, num_beams=1, max_new_tokens=int(max_new), pad_token_id=self.eos,
-                  eos_token_id=sorted(int(t) for t in eos_ids) or None, repetition_penalty=float(penalty),
-                  return_dict_in_generate=True, output_scores=True)
-        extra = {}
-        if stops:
-            kw["stop_strings"] = list(stops)
-            extra["tokenizer"] = self.tok
-        ids = torch.tensor([list(key[0])], dtype=torch.long, device=self.dev)
-        with torch.inference_mode():
-            res = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(**kw),
-                                   **extra)
+        res = self.hf_generate(key[0], max_new, eos_ids, penalty, stops, output_scores=True)
         seq = res.sequences[0].tolist()
         gen = seq[len(key[0]):]
         scores = np.stack([s[0].float().cpu().numpy() for s in res.scores]) if res.scores else None
@@ -271,20 +277,11 @@ class Ctx:
         return self._hf_cache[key]
 
     def hf_raw_logprobs(self, prompt, max_new, eos_ids, penalty):
-        """transformers' greedy generate for one row (as hf_run) with output_logits=True -> (new tokens, the
-        log_softmax of each step's raw logits [n, V] float64)."""
-        torch = self.torch
-        from transformers import GenerationConfig
-        kw = dict(do_sample=False, num_beams=1, max_new_tokens=int(max_new), pad_token_id=self.eos,
-                  eos_token_id=sorted(int(t) for t in eos_ids) or None, repetition_penalty=float(penalty),
-                  return_dict_in_generate=True, output_logits=True)
-        ids = torch.tensor([[int(t) for t in prompt]], dtype=torch.long, device=self.dev)
-        with torch.inference_mode():
-            res = self.hf.generate(ids, attention_mask=torch.ones_like(ids), generation_config=GenerationConfig(**kw))
-        gen = res.sequences[0].tolist()[len(prompt):]
-        lg = np.stack([x[0].double().cpu().numpy() for x in res.logits])
-        lg = lg - lg.max(1, keepdims=True)
-        return gen, lg - np.log(np.exp(lg).sum(1, keepdims=True))
+        """transformers' greedy generate for one row with output_logits=True -> (new tokens, the log_softmax of each
+        step's raw logits [n, V] float64, model/logprobs.py's)."""
+        res = self.hf_generate(prompt, max_new, eos_ids, penalty, output_logits=True)
+        return res.sequences[0].tolist()[len(prompt):], log_softmax(np.stack([x[0].float().cpu().numpy()
+                                                                              for x in res.logits]))
 
     def close(self):
         self.close_backend()
