@@ -357,8 +357,8 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // words (fewer registers than floats): more loads of a warp in flight, which long contexts need to keep the
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
-    // KEYS 2 (fp16, caches under 128 positions): two steps' loads in flight at 64 registers (8 blocks an SM, KEYS 1
-    // has 9): whole W1 decode steps of 8,192 and 546 rows 4-5% shorter (RESULTS.md, session 46).
+    // KEYS 3 (fp16, caches under 128 positions): three steps' loads in flight at 71 registers (7 blocks an SM, KEYS 1
+    // has 9): W1's 6 steps a group in two rounds (RESULTS.md, session 46: 2.5-8% shorter than KEYS 2 at the kernel).
     // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the
     // SMs at once. AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168
     // registers: 3 blocks an SM), for steps whose warps fit on the SMs at that occupancy (RESULTS.md, session 35).
@@ -459,6 +459,6 @@ DEF_ATTENTION_GROUPED(attention_grouped_f32, float, 1, false)
 DEF_ATTENTION_GROUPED(attention_grouped_f16, __half, 1, false)       // fp16: the tests' one-step form (not picked)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f32, float, 4, false)    // long contexts (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_long_f16, __half, 4, false)
-DEF_ATTENTION_GROUPED(attention_grouped_pair_f16, __half, 2, false)   // short caches (Kernels.attention)
+DEF_ATTENTION_GROUPED(attention_grouped_three_f16, __half, 3, false)  // short caches (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_short_f16, __half, 8, false)  // steps of few warps an SM (Kernels.attention)
 DEF_ATTENTION_GROUPED(attention_grouped_ahead_f16, __half, 8, true)   // steps of fewer still

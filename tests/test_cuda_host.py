@@ -543,7 +543,7 @@ def test_decode_attention_kernel_by_cache_length():
     """The grouped decode attention loads 8 key steps a round (fp16) while the step's warps fit ATTENTION_SHORT_WARPS
     an SM (a small chunk's step, the last rows of a batch that rows leave), with the next round's in flight while
     they fit ATTENTION_AHEAD_WARPS (that kernel's occupancy), at any cache length; else 4 from ATTENTION_LONG_FROM
-    cache positions (W2's long contexts), else 2 in fp16 and 1 in fp32 (W1's ~24 positions in big steps), where 4
+    cache positions (W2's long contexts), else 3 in fp16 and 1 in fp32 (W1's ~24 positions in big steps), where 4
     was slower; the lane-per-key kernel has no such choice."""
     from gpt2job.backends.cuda.kernels import Kernels
     k = object.__new__(Kernels)
@@ -564,7 +564,7 @@ def test_decode_attention_kernel_by_cache_length():
     assert [name for name, _, _ in launched] == [
         ahead, ahead, ahead, ahead, "attention_grouped_long_f32", "attention_f16",
         ahead, short, ahead, short,                                             # 132 / 133 rows at S 24, 768
-        short, "attention_grouped_pair_f16", short, "attention_grouped_long_f16",   # 176 / 177 rows
+        short, "attention_grouped_three_f16", short, "attention_grouped_long_f16",  # 176 / 177 rows
         "attention_grouped_f32"]
     assert launched[0][1] == (30, 1, 1) and launched[0][2] == 24     # 10 rows x 12 heads, 4 warps a block
 

@@ -358,19 +358,19 @@ class Kernels(SelectKernels):
                  (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 2): _kernel("attention_grouped_pair_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 3): _kernel("attention_grouped_three_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 9): _kernel("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
     ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1 (fp16:
-                                # 2; W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, sessions 19, 46)
+                                # 3; W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, sessions 19, 46)
     ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round while the step's warps fit this many an SM, at any S
     ATTENTION_AHEAD_WARPS = 12  # ... and the next round's in flight while they fit this many (3 blocks an SM)
 
     def attention(self, stream, half, qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, scale,
                   grouped=None, keys=None):
         """Causal attention of R rows over the cache, one warp per (row, head). grouped (default: when D in 8, 16, 32,
-        64, 128): the lane-group kernel, else the lane-per-key one. keys: its key steps loaded ahead, 1, 2, 4, 8 or 9
-        (2, 8, 9: fp16; 9: 8 and the next 8 in flight) (default: by the constants above). Same results."""
+        64, 128): the lane-group kernel, else the lane-per-key one. keys: its key steps loaded ahead, 1, 3, 4, 8 or 9
+        (3, 8, 9: fp16; 9: 8 and the next 8 in flight) (default: by the constants above). Same results."""
         if R:
             assert D <= 128
             grouped = D in (8, 16, 32, 64, 128) if grouped is None else grouped
@@ -381,7 +381,7 @@ class Kernels(SelectKernels):
             if grouped and keys is None:
                 per_sm = nw / self.n_sm
                 keys = 9 if half and per_sm <= self.ATTENTION_AHEAD_WARPS else 8 if half and \
-                    per_sm <= self.ATTENTION_SHORT_WARPS else 4 if S >= self.ATTENTION_LONG_FROM else 2 if half else 1
+                    per_sm <= self.ATTENTION_SHORT_WARPS else 4 if S >= self.ATTENTION_LONG_FROM else 3 if half else 1
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
 
