@@ -40,12 +40,15 @@ class Backoff:
     def __init__(self, most=0.0005):
         self.most, self.pause = most, 0.0001
 
-    def reset(self):
-        self.pause = 0.0001
-
     def sleep(self):
         time.sleep(self.pause)
         self.pause = min(self.pause * 2, self.most)
+
+
+def probe_twice(probe):
+    """probe() and, finding nothing, once more: Open MPI's Iprobe looks for a match before it moves incoming messages
+    on, so one that came while we slept is seen by the second call, not a sleep later (RESULTS.md, session 47)."""
+    return probe() or probe()
 
 
 # ---------------------------------------------------------------- master side
@@ -84,8 +87,7 @@ class MpiChannel:
         self._send(lambda: self.comm.isend(why, dest=rank, tag=TAG_STOP), None, rank)
 
     def _send(self, isend, buf, rank, first=False):
-        """A send to a dead rank is not made: the master learns of the death at its next poll, and the chunk goes
-        to another worker then."""
+        """No send to a dead rank: the master learns of the death at its next poll; the chunk goes elsewhere."""
         if rank in self.failed:
             return
         try:
@@ -113,10 +115,8 @@ class MpiChannel:
         return msgs
 
     def _probe(self, st):
-        if self.any_source:
-            return self.comm.Iprobe(source=self.MPI.ANY_SOURCE, tag=self.MPI.ANY_TAG, status=st)
-        return any(self.comm.Iprobe(source=r, tag=self.MPI.ANY_TAG, status=st)
-                   for r in self.ranks if r not in self.failed)
+        ranks = [self.MPI.ANY_SOURCE] if self.any_source else [r for r in self.ranks if r not in self.failed]
+        return probe_twice(lambda: any(self.comm.Iprobe(source=r, tag=self.MPI.ANY_TAG, status=st) for r in ranks))
 
     def _receive(self, st, msgs):
         src, tag = st.Get_source(), st.Get_tag()
@@ -323,7 +323,7 @@ class MpiMasterLink:
 
     def _wait_for_message(self, block):
         backoff = Backoff()
-        while not self.comm.Iprobe(source=0, tag=self.MPI.ANY_TAG, status=self.status):
+        while not probe_twice(lambda: self.comm.Iprobe(source=0, tag=self.MPI.ANY_TAG, status=self.status)):
             if not block:
                 return False
             backoff.sleep()
@@ -341,8 +341,8 @@ class MpiMasterLink:
         self.sending.append((self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf))
 
     def send_progress(self, chunk_id, tokens):
-        """Tell the master how many tokens of the chunk have been generated so far. Never waits: small, sent
-        without blocking; skipped while earlier reports are still on their way."""
+        """The tokens of the chunk generated so far, to the master; never waits (skipped while MAX_REPORTS_IN_FLIGHT
+        earlier ones are on their way)."""
         self.reporting = [x for x in self.reporting if not x[0].Test()]
         if len(self.reporting) >= MAX_REPORTS_IN_FLIGHT:
             return
