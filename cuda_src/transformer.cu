@@ -358,7 +358,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
     // KEYS 3 (fp16, caches under 128 positions): three steps' loads in flight at 71 registers (7 blocks an SM, KEYS 1
-    // has 9): W1's 6 steps a group in two rounds (RESULTS.md, session 46: 2.5-8% shorter than KEYS 2 at the kernel).
+    // has 9): W1's 6 steps a group in two rounds (RESULTS.md, sessions 46-47: whole W1 steps ~1% shorter than KEYS 2).
     // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the
     // SMs at once. AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168
     // registers: 3 blocks an SM), for steps whose warps fit on the SMs at that occupancy (RESULTS.md, session 35).

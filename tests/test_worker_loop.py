@@ -327,3 +327,37 @@ def test_an_idle_worker_submits_a_full_batch_without_receiving_the_chunks_behind
     loop.take(block=True, limit=1)
     assert loop.backend.batches == [[0, 10, 11, 20]]
     assert [getattr(m, "chunk_id", m) for m in link.inbox] == [3, STOP]
+
+
+class ProgressingComm:
+    """Iprobe as Open MPI's: a call that finds nothing moves the incoming messages on, so a message that arrived
+    meanwhile is matched only by the next call."""
+
+    def __init__(self, arrived):
+        self.arrived, self.moved, self.calls = arrived, False, 0
+
+    def Iprobe(self, source, tag, status=None):
+        self.calls += 1
+        if self.moved:
+            return True
+        self.moved = self.arrived
+        return False
+
+
+def test_a_message_that_arrived_while_the_rank_slept_is_seen_in_that_poll():
+    """MpiMasterLink's poll probes again when its first Iprobe finds nothing: the message that Iprobe moved in is
+    taken now, not one backoff sleep later (the master's poll, MpiChannel._probe, does the same)."""
+    from types import SimpleNamespace
+
+    from gpt2job.cluster.channel import MpiChannel, MpiMasterLink
+    mpi = SimpleNamespace(ANY_TAG=-1, ANY_SOURCE=-2)
+    link = object.__new__(MpiMasterLink)
+    link.MPI, link.status = mpi, None
+    link.comm = ProgressingComm(arrived=True)
+    assert link._wait_for_message(block=False) and link.comm.calls == 2
+    link.comm = ProgressingComm(arrived=False)
+    assert not link._wait_for_message(block=False) and link.comm.calls == 2
+    master = object.__new__(MpiChannel)
+    master.MPI, master.any_source, master.ranks, master.failed = mpi, True, [1, 2], set()
+    master.comm = ProgressingComm(arrived=True)
+    assert master._probe(None) and master.comm.calls == 2
