@@ -72,6 +72,7 @@ class CompactGPT2:
         self.decode_backends = [SDPBackend.CUDNN_ATTENTION]
         self.fused = torch.device(device).type == "cuda" and dtype != torch.float32 and fused_decode
         self.use_fused = False                # this generate() call's choice
+        self.refused = None                   # cuDNN's error when it refused a decode step (the matmul path since)
 
         def t(a, transpose=False):
             a = np.ascontiguousarray(a.T if transpose else a)
@@ -103,8 +104,9 @@ class CompactGPT2:
             try:
                 with torch.nn.attention.sdpa_kernel(self.decode_backends):
                     return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)[:, :, 0]
-            except RuntimeError:              # cuDNN does not take it here: the matmul path from now on
+            except RuntimeError as e:         # cuDNN does not take it here: the matmul path from now on
                 self.fused = self.use_fused = False
+                self.refused = str(e).strip().splitlines()[0][:200]
         sc = torch.matmul(q * self.scale, k[:, :, :hi].transpose(-1, -2)).float() + mask[..., :hi]
         return torch.matmul(torch.softmax(sc, dim=-1).to(self.dt), v[:, :, :hi])[:, :, 0]
 
@@ -333,8 +335,10 @@ def main(argv=None):
             load_s = time.perf_counter() - t0
             toks, elapsed, wall = run_engine(eng, P, batches, new, torch, cuda)
             status = "ok"
+            path = decode_path(eng, new)
         except torch.cuda.OutOfMemoryError as e:
             toks, elapsed, wall, load_s, status = None, None, None, None, f"OOM: {str(e)[:120]}"
+            path = None
         finally:
             eng = None
             if cuda:
@@ -350,16 +354,27 @@ def main(argv=None):
                           prompts=len(P), max_new_tokens=new, batch=len(batches[0]), n_batches=len(batches),
                           order=("length-sorted" if w == "w2" and (engine == "compact" or a.hf_sort_w2) else "input"),
                           generated_tokens=gen, time_s=elapsed, wall_s=wall, load_s=load_s, throughput_tok_s=tps,
-                          status=status, tokens_file=tok_file, agreement_with_ours=agree,
+                          status=status, tokens_file=tok_file, agreement_with_ours=agree, decode_attention=path,
                           torch=torch.__version__, transformers=_tf_version())
         append_jsonl(a.results, rec)
         print(f"{engine} {w} {d}: {fmt_int(tps)} tok/s ({fmt_s(elapsed)} s, batch {len(batches[0])} x "
-              f"{len(batches)}) {status}", flush=True)
+              f"{len(batches)}) {status}{'; decode attention: ' + path if path else ''}", flush=True)
         rows.append([engine, w, d, len(batches[0]), fmt_int(gen), fmt_s(elapsed), fmt_int(tps),
                      "-" if agree is None else f"{agree:.2%}", status])
     print()
     print_table(["engine", "workload", "dtype", "batch", "generated", "time_s", "tok/s", "=ours", "status"], rows)
     return 0 if all(r[-1] == "ok" for r in rows) else 1
+
+
+def decode_path(eng, new):
+    """How the compact engine's decode steps attended (cuDNN's fused kernel, or the matmul path: short decodes,
+    fp32, or cuDNN refused a step, with its error): a run that lost cuDNN halfway is not the fair baseline. None for
+    transformers."""
+    if not isinstance(eng, CompactGPT2):
+        return None
+    if eng.refused:
+        return f"matmul (cuDNN refused: {eng.refused})"
+    return "cudnn" if eng.fused and new >= eng.FUSED_MIN_NEW else "matmul"
 
 
 def self_check(device=None):
