@@ -335,7 +335,7 @@ def main(argv=None):
             load_s = time.perf_counter() - t0
             toks, elapsed, wall = run_engine(eng, P, batches, new, torch, cuda)
             status = "ok"
-            path = decode_path(eng, new)
+            path = decode_path(eng)
         except torch.cuda.OutOfMemoryError as e:
             toks, elapsed, wall, load_s, status = None, None, None, None, f"OOM: {str(e)[:120]}"
             path = None
@@ -366,15 +366,15 @@ def main(argv=None):
     return 0 if all(r[-1] == "ok" for r in rows) else 1
 
 
-def decode_path(eng, new):
-    """How the compact engine's decode steps attended (cuDNN's fused kernel, or the matmul path: short decodes,
-    fp32, or cuDNN refused a step, with its error): a run that lost cuDNN halfway is not the fair baseline. None for
-    transformers."""
+def decode_path(eng):
+    """How the compact engine's last batch's decode steps attended (cuDNN's fused kernel, or the matmul path: short
+    decodes, fp32, or cuDNN refused a step, with its error): a run that lost cuDNN halfway is not the fair baseline.
+    None for transformers."""
     if not isinstance(eng, CompactGPT2):
         return None
     if eng.refused:
         return f"matmul (cuDNN refused: {eng.refused})"
-    return "cudnn" if eng.fused and new >= eng.FUSED_MIN_NEW else "matmul"
+    return "cudnn" if eng.use_fused else "matmul"
 
 
 def self_check(device=None):

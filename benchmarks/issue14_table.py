@@ -14,6 +14,9 @@ import os
 import statistics
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_common import fmt_int as fmt  # noqa: E402
+
 TARGETS = {   # issue 14's "must hold" numbers
     "w1 float16": 800_000, "w1 float32": 90_000, "w2 float16": 200_000,
     "chunk 546": 0.60, "chunk 1024": 0.80, "chunk 137": 0.25, "idle": 3.0, "gpus 2": 1.85, "xl ready": 8.0,
@@ -41,10 +44,6 @@ def verdict(value, target, higher_is_better=True):
         return "met"
     short = (target - value) / target if higher_is_better else (value - target) / target
     return f"missed by {100 * short:.0f}%"
-
-
-def fmt(x, digits=0):
-    return "-" if x is None else f"{x:,.{digits}f}"
 
 
 def ours(recs, workload, dtype, gpus=1):

@@ -95,7 +95,7 @@ def record_of(res, workload, dtype, gpus, model, backend, n_prompts, max_new, ig
         prompts=n_prompts, max_new_tokens=max_new, ignore_eos=ignore_eos, rc=res["rc"],
         throughput_tok_s=sm.get("throughput_tokens_per_s"), generated_tokens=sm.get("generated_tokens"),
         time_to_ready_s=sm.get("time_to_ready_s"), wall_s=sm.get("wall_s"), generation_s=sm.get("generation_s"),
-        duplicate_prompts=sm.get("duplicate_prompts", 0), no_dedup="--no-dedup" in res["cmd"],
+        duplicate_prompts=sm.get("duplicate_prompts", 0),
         prefix_share=(workers[0].get("kernel_options") or {}).get("prefix_share") if workers else None,
         e2e_wall_s=round(res["e2e_wall_s"], 3), command=res["cmd"], log=log,
         workers=[{k: w.get(k) for k in ("rank", "device", "rows", "tokens", "chunks", "compute_s", "init_s")}
