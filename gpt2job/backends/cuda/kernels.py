@@ -240,10 +240,10 @@ class Kernels(SelectKernels):
     SPLITK_REDUCE = _kernel("splitk_reduce_f32", "gemm_f32.cu", "PiPiPiii", 256)
 
     def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, split=None, ws=None, qkv=None, bk=None):
-        """C = epilogue(A[M, K] @ B[K, N] + bias), plain fp32 FMA. split: K slices (None: automatic, > 1 when the
-        128x128 tiles fill under two waves of the GPU and K is large); split > 1 needs ws, a float workspace of
-        split * M * N. bk: k-slice per stage, 8 or 16 (None: options.f32_bk, else 16 except for decode-sized
-        products with a long K). mode EPI_QKV: qkv = (row_slot, row_pos, slot_base, S, kc, vc, C), as gemm_f16."""
+        """C = epilogue(A[M, K] @ B[K, N] + bias), plain fp32 FMA. split: K slices (None: automatic, see below); split
+        > 1 needs ws, a float workspace of split * M * N. bk: k-slice per stage, 8 or 16 (None: options.f32_bk, else
+        16 except for decode-sized products with a long K). mode EPI_QKV: qkv = (row_slot, row_pos, slot_base, S, kc,
+        vc, C), as gemm_f16."""
         if M == 0:
             return
         if mode == EPI_QKV:
@@ -254,9 +254,9 @@ class Kernels(SelectKernels):
             rs = rp = kc = vc = 0
             sb = S = kvC = 0
         tiles = ((N + 127) // 128) * ((M + 127) // 128)
-        if split is None:
-            split = 1
-            if ws is not None and K >= 512 and 132 <= tiles < 2 * 2 * 132:
+        if split is None:   # K >= 512: slices where the tiles fill under two waves (132..527) or under half the SMs
+            split = 1       # (<= 66; 546 rows: 30); W2's 2,048 rows (96) keep one: the architecture commit's fp32 bits
+            if ws is not None and K >= 512 and (132 <= tiles < 2 * 2 * 132 or 2 * tiles <= 132):
                 split = 2 if tiles >= 2 * 132 else 4
         kps = K
         if split > 1:
