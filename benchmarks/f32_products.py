@@ -38,11 +38,11 @@ def main():
                 W = torch.randn(K, N, device="cuda", generator=g) / K ** 0.5
                 C = torch.empty(M, N, device="cuda")
                 ref = A.double() @ W.double()
-                ws = torch.empty(4 * M * N, device="cuda") if M <= SPLIT_ROWS and N < 4096 else None
+                ws = torch.empty(8 * M * N, device="cuda") if M <= SPLIT_ROWS and N < 4096 else None
 
                 def ours():
                     k.gemm_f32(None, A.data_ptr(), K, W.data_ptr(), N, C.data_ptr(), N, None, M, N, K, 0,
-                               ws=ws.data_ptr() if ws is not None else None)
+                               ws=ws.data_ptr() if ws is not None else None, ws_slices=8)
                 ms = {"ours": median_ms(ours, a.reps, torch)}
                 ours()
                 torch.cuda.synchronize()

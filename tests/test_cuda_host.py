@@ -626,16 +626,20 @@ def test_a_padded_step_gives_its_padding_rows_a_row_that_has_left_at_position_0(
 
 
 def test_f32_products_split_k_where_the_tiles_fill_little_of_the_gpu():
-    """gemm_f32's automatic K slices (the launches recorded, no GPU): 546-row decode products (a 15-worker share of
-    W1: 30 tiles) split in 4; W2's 2,048 rows (96 tiles) keep one slice, as the architecture commit did."""
+    """gemm_f32's automatic K slices (the launches recorded, no GPU): decode-sized products whose tiles fill under
+    half the SMs split in 4, or more up to a block an SM (at most 8, and as many as the workspace holds): 546 rows, a
+    15-worker share of W1, 30 tiles: 4; 137 rows, 12 tiles: 8; W2's 2,048 rows (96 tiles) keep one, as 477a0a5."""
     from gpt2job.backends.cuda.kernels import Kernels
     k = object.__new__(Kernels)
     k.options, launches = KernelOptions(), []
     k.launch = lambda kernel, grid, stream, *args, **kw: launches.append((kernel.name, grid))
-    for M, N, K, split in ((546, 768, 3072, 4), (546, 768, 768, 4), (137, 768, 3072, 4), (2048, 768, 3072, 1),
-                           (546, 3072, 768, 1), (8192, 768, 3072, 2), (4096, 768, 768, 4), (546, 768, 256, 1)):
+    for M, N, K, slices, split in ((546, 768, 3072, 64, 4), (546, 768, 768, 64, 4), (137, 768, 3072, 64, 8),
+                                   (137, 768, 3072, 3, 3), (137, 3072, 768, 64, 4), (300, 768, 768, 64, 7),
+                                   (2048, 768, 3072, 64, 1),
+                                   (546, 3072, 768, 64, 1), (8192, 768, 3072, 64, 2), (4096, 768, 768, 64, 4),
+                                   (546, 768, 256, 64, 1)):
         launches.clear()
-        k.gemm_f32(None, 256, K, 256, N, 256, N, 0, M, N, K, 0, ws=256)
+        k.gemm_f32(None, 256, K, 256, N, 256, N, 0, M, N, K, 0, ws=256, ws_slices=slices)
         assert launches[0][1][2] == split, (M, N, K)
         assert [name for name, _ in launches[1:]] == (["splitk_reduce_f32"] if split > 1 else [])
     launches.clear()

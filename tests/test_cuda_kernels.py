@@ -104,7 +104,10 @@ def test_gemm_f32(K, shape, mode):
     got = back(Cg, (M, N), np.float32)
     ref = epilogue_ref(A.astype(np.float64) @ B.astype(np.float64), bias, mode, resid)
     assert np.isfinite(got).all()
-    assert rel(got, ref) < 2e-5
+    # (or within 1e-6: a lone GELU-erf output at x < -4 is under 1e-4, and 1 + erf(x / sqrt 2) there cancels to a few
+    # ulps of 1 in float32, so its relative error can pass 2e-5: 6e-5 at x = -4.5; a seed drew one on the 1 x 1 x 1
+    # shape in session 48)
+    assert rel(got, ref) < 2e-5 or np.abs(got - ref).max() < 1e-6
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-5)
 
 

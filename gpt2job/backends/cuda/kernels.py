@@ -239,11 +239,12 @@ class Kernels(SelectKernels):
                 16: _kernel("gemm_f32_k16", "gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi", 256)}
     SPLITK_REDUCE = _kernel("splitk_reduce_f32", "gemm_f32.cu", "PiPiPiii", 256)
 
-    def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, split=None, ws=None, qkv=None, bk=None):
+    def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, split=None, ws=None, qkv=None, bk=None,
+                 ws_slices=4):
         """C = epilogue(A[M, K] @ B[K, N] + bias), plain fp32 FMA. split: K slices (None: automatic, see below); split
-        > 1 needs ws, a float workspace of split * M * N. bk: k-slice per stage, 8 or 16 (None: options.f32_bk, else
-        16 except for decode-sized products with a long K). mode EPI_QKV: qkv = (row_slot, row_pos, slot_base, S, kc,
-        vc, C), as gemm_f16."""
+        > 1 needs ws, a float workspace of split * M * N (automatic: ws_slices * M * N). bk: k-slice per stage, 8 or 16
+        (None: options.f32_bk, else 16 except for decode-sized products with a long K). mode EPI_QKV: qkv = (row_slot,
+        row_pos, slot_base, S, kc, vc, C), as gemm_f16."""
         if M == 0:
             return
         if mode == EPI_QKV:
@@ -254,10 +255,10 @@ class Kernels(SelectKernels):
             rs = rp = kc = vc = 0
             sb = S = kvC = 0
         tiles = ((N + 127) // 128) * ((M + 127) // 128)
-        if split is None:   # K >= 512: slices where the tiles fill under two waves (132..527) or under half the SMs
-            split = 1       # (<= 66; 546 rows: 30); W2's 2,048 rows (96) keep one: the architecture commit's fp32 bits
+        if split is None:   # K >= 512: slices where the tiles fill under two waves (132..527), or under half the SMs
+            split = 1       # (<= 66: 4-8, at most a block an SM past 4); W2's 2,048 rows (96) keep one: 477a0a5's bits
             if ws is not None and K >= 512 and (132 <= tiles < 2 * 2 * 132 or 2 * tiles <= 132):
-                split = 2 if tiles >= 2 * 132 else 4
+                split = (2 if tiles >= 2 * 132 else 4) if tiles >= 132 else min(8, ws_slices, max(4, 132 // tiles))
         kps = K
         if split > 1:
             kps = ((K + split - 1) // split + 7) // 8 * 8
@@ -271,9 +272,8 @@ class Kernels(SelectKernels):
                     M, N, K, mode, vec_a, vec_b, vec_c, kps, ptr(ws) if split > 1 else 0, ptr(rs), ptr(rp), int(sb),
                     int(S), ptr(kc), ptr(vc), int(kvC))
         if split > 1:
-            n = M * N
-            self.launch(self.SPLITK_REDUCE, ((n + 255) // 256, 1, 1), stream, ptr(ws), split, ptr(C), ldc, ptr(bias),
-                        M, N, mode)
+            self.launch(self.SPLITK_REDUCE, ((M * N + 255) // 256, 1, 1), stream, ptr(ws), split, ptr(C), ldc,
+                        ptr(bias), M, N, mode)
 
     def gemm_f16(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, out_half, variant=None, qkv=None):
         """C = epilogue(A[M, K] @ B[N, K]^T + bias) on tensor cores, fp32 accumulation; B is K-contiguous. Needs K,

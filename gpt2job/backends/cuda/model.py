@@ -25,7 +25,8 @@ from gpt2job.model.sampling import CHUNK, plain
 
 ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_tanh": EPI_GELU_TANH,
                "gelu_fast": EPI_GELU_TANH}
-SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: up to 4 K slices of a float row, N < 4096
+SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace per head row: 4 K slices of a float row, N < 4096 (more
+                              # of fewer rows)
 # Rule 6 in the LM head's epilogue from this many head rows (fewer: the logits and the selection kernel, the same
 # tokens bit for bit). benchmarks/tempered_head.py: the fused head is 0.80-0.84 of logits + selection from 546 to
 # 8,192 rows (RESULTS.md, session 45); at 64-256 rows the two are even, so the selection kernels keep those.
@@ -64,10 +65,11 @@ class F32Products:
         return self.dev.upload(ht)
 
     def linear(self, A, W, out, bias, M, N, K, mode, out_half):
-        ws = None
+        ws, slices = None, 0
         if M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
             ws = self.dev.buf("splitk", SPLITK_BYTES * self.head_rows)
-        self.k.gemm_f32(self.dev.compute, A, K, W, N, out, N, bias, M, N, K, mode, ws=ws)
+            slices = SPLITK_BYTES * self.head_rows // max(4 * M * N, 1)   # (K slices of M x N floats it holds)
+        self.k.gemm_f32(self.dev.compute, A, K, W, N, out, N, bias, M, N, K, mode, ws=ws, ws_slices=slices)
 
     def qkv(self, h, W, q_out, bias, R, C, cache):
         self.k.gemm_f32(self.dev.compute, h, C, W, 3 * C, q_out, 3 * C, bias, R, 3 * C, C, EPI_QKV, qkv=cache)
