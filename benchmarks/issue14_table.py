@@ -9,13 +9,12 @@ token computed, GPT2JOB_PREFIX_SHARE=0 and --no-dedup), defaults.jsonl (W1 with 
 gpus_ragged.jsonl, load.jsonl (load_bench.py, GPT-2 XL), check.jsonl (check_vs_transformers.py), cold_start.jsonl.
 """
 import argparse
-import json
 import os
 import statistics
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import fmt_int as fmt  # noqa: E402
+from bench_common import fmt_int as fmt, read_jsonl  # noqa: E402
 
 TARGETS = {   # issue 14's "must hold" numbers
     "w1 float16": 800_000, "w1 float32": 90_000, "w2 float16": 200_000,
@@ -25,11 +24,7 @@ TARGETS = {   # issue 14's "must hold" numbers
 
 
 def lines(folder, name):
-    path = os.path.join(folder, name)
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(x) for x in f if x.strip()]
+    return read_jsonl([os.path.join(folder, name)])
 
 
 def med(xs):

@@ -4,15 +4,19 @@
 
 Rank 0 sends BYTES (default 655,360: W1's chunk message) with Isend and spins on Test; rank 1 polls with Iprobe,
 sleeping 0.1 ms, doubling to MOST_SLEEP_S (default 0.0005, the workers' Backoff; 0: spin) between polls, then
-receives. Each poll probes twice when the first finds nothing (gpt2job.cluster.channel.probe_twice); --once probes
-once, as before session 47. Prints the medians over 30 messages of "probe" (send started -> the probe saw it) and
+receives: the workers' own Backoff and probe_twice (gpt2job.cluster.channel: a poll probes again when the first
+Iprobe finds nothing); --once probes once, as before session 47. Prints the medians over 30 messages of "probe" (send started -> the probe saw it) and
 "recv" (-> the data received), in ms.
 """
+import os
 import sys
 import time
 
 import numpy as np
 from mpi4py import MPI
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from gpt2job.cluster.channel import Backoff, probe_twice  # noqa: E402
 
 
 def main():
@@ -32,14 +36,13 @@ def main():
                 pass
             comm.send(t0, dest=1, tag=2)
         else:
-            pause = 0.0001
+            backoff = Backoff(most)
 
             def probe():
                 return comm.Iprobe(source=0, tag=1, status=st)
-            while not (probe() or (twice and probe())):
+            while not (probe_twice(probe) if twice else probe()):
                 if most:
-                    time.sleep(pause)
-                    pause = min(pause * 2, most)
+                    backoff.sleep()
             tp = time.time()
             out = np.empty(st.Get_count(MPI.INT64_T), np.int64)
             comm.Recv(out, source=0, tag=1)
