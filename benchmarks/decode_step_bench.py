@@ -8,9 +8,9 @@ where each product waits for the one before it (decode_products.py times one pro
 
 Configurations: "picks" (picks.py as it is); "pp-from-N" (the ping-pong kernel tma128pp for the layer products from
 N rows instead of picks.PINGPONG_FROM: 256 and 512); "attn-keys-1" (decode attention never with 8 key steps a round:
-3 (fp16; 1 fp32) under ATTENTION_LONG_FROM positions, 4 from there; the name predates the 3) / "attn-keys-8" (always 8) / "attn-ahead" (always 8 with the
-next 8 in flight); "ln-plain" / "ln-prefetch" (layer norm
-always without / with its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
+3 (fp16; 1 fp32) under ATTENTION_LONG_FROM positions, 4 from there; the name predates the 3) / "attn-keys-8" (always
+8) / "attn-ahead" (always 8 with the next 8 in flight); "ln-plain" / "ln-prefetch" (layer norm always without / with
+its weights loaded with the row); "k64" (the narrow decode tiles on 64-wide k slices, as
 picked until session 25: compile t32x32k64s8 too, with GPT2JOB_F16_VARIANTS); "tiles:WIDE:NARROW:lo:hi" (the layer
 products of lo..hi-1 rows on the tiles WIDE (N > K: QKV, MLP up) and NARROW (the others), "-" and all other
 products no-swap's pick; compile them with GPT2JOB_F16_VARIANTS where they are not by default); "no-swap" (the picks without the swapped tiles of

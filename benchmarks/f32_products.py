@@ -50,8 +50,8 @@ def main():
                 ms["cublas"] = median_ms(lambda: torch.matmul(A, W, out=C), a.reps, torch)
                 err["cublas"] = ((C.double() - ref).norm() / ref.norm()).item()
                 tf = {lab: 2.0 * M * N * K / (v * 1e-3) / 1e12 for lab, v in ms.items()}
-                rec = {"bench": "f32_products", "shape": name, "M": M, "K": K, "N": N, "split_workspace": ws is not None,
-                       "ms": ms, "tflops": tf, "rel_err": err}
+                rec = {"bench": "f32_products", "shape": name, "M": M, "K": K, "N": N,
+                       "split_workspace": ws is not None, "ms": ms, "tflops": tf, "rel_err": err}
                 append_jsonl(os.path.join(a.out, "f32_products.jsonl"), rec)
                 table.append(rec)
                 del A, W, C, ref, ws

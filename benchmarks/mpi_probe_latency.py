@@ -5,8 +5,8 @@
 Rank 0 sends BYTES (default 655,360: W1's chunk message) with Isend and spins on Test; rank 1 polls with Iprobe,
 sleeping 0.1 ms, doubling to MOST_SLEEP_S (default 0.0005, the workers' Backoff; 0: spin) between polls, then
 receives: the workers' own Backoff and probe_twice (gpt2job.cluster.channel: a poll probes again when the first
-Iprobe finds nothing); --once probes once, as before session 47. Prints the medians over 30 messages of "probe" (send started -> the probe saw it) and
-"recv" (-> the data received), in ms.
+Iprobe finds nothing); --once probes once, as before session 47. Prints the medians over 30 messages of "probe"
+(send started -> the probe saw it) and "recv" (-> the data received), in ms.
 """
 import os
 import sys
