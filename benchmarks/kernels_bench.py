@@ -171,7 +171,8 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
                     e1.record(stream)
                     if _n.startswith("gemm"):
                         M, N, K = a[8], a[9], a[10]
-                        lab = f"{_n} N={N} K={K} {'prefill' if M > B else 'decode/head'} {k.pick_f16(M, N, a[12], K) if _n == 'gemm_f16' and 'variant' not in kw else ''}"
+                        tile = kw.get("variant") or (k.pick_f16(M, N, a[12], K) if _n == "gemm_f16" else "")
+                        lab = f"{_n} N={N} K={K} {'prefill' if M > B else 'decode/head'} {tile}"
                     elif _n == "attention":
                         lab = f"attention {'prefill' if a[9] > B else 'decode'}"
                     elif _n == "attention_prefill":

@@ -357,6 +357,13 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     const int n_tiles = (N + TBN - 1) / TBN, m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = n_tiles * m_tiles;
     const int my_tiles = blockIdx.x < tile_end ? (tile_end - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
+    // N tiles fastest, except for the LM head (the greedy one's argmax epilogues, or the logits): M tiles fastest, so
+    // that the vocabulary is read from memory once (as gemm_tma_impl's m_fast)
+    const bool m_fast = N > TMA_WIDE_N || argmax_mode(mode);
+    auto origin = [&](int tile, int& m0, int& n0) {
+        m0 = (m_fast ? tile % m_tiles : tile / n_tiles) * TMA_BM;
+        n0 = (m_fast ? tile / m_tiles : tile % n_tiles) * TBN;
+    };
     if (tid == 0) init_stage_barriers<ST>(full, empty, 4);   // empty: one consumer's 4 warps
     __syncthreads();
 
@@ -366,9 +373,9 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
             acquire_tensormaps(tmA, tmB);
             int it = 0;
             for (int i = 0; i < my_tiles; i++) {
-                const int tile = blockIdx.x + i * gridDim.x;
-                load_tile_stages<TBN, ST>(tmA, tmB, As, Bs, full, empty, (tile / n_tiles) * TMA_BM,
-                                          (tile % n_tiles) * TBN, nk, it);
+                int m0, n0;
+                origin(blockIdx.x + i * gridDim.x, m0, n0);
+                load_tile_stages<TBN, ST>(tmA, tmB, As, Bs, full, empty, m0, n0, nk, it);
             }
         }
         return;
@@ -390,8 +397,8 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     int it = 0;
     for (int i = 0; i < my_tiles; i++) {
         if ((i & 1) != c) { it += nk; continue; }  // the other consumer's tile: its stages
-        const int tile = blockIdx.x + i * gridDim.x;
-        const int m0 = (tile / n_tiles) * TMA_BM, n0 = (tile % n_tiles) * TBN;
+        int m0, n0;
+        origin(blockIdx.x + i * gridDim.x, m0, n0);
         if (i > 0) named_sync(1 + c, 256);         // tile i - 1's main loop has ended
         // the tile's bias, loaded now: in the epilogue each load would wait behind the stores before it
         float bpre[TBN / 8][2];

@@ -288,7 +288,7 @@ def test_gemm_f16_qkv_into_cache(K, variant, C, R):
 
 
 @pytest.mark.parametrize("variant", ["t128x128k64s3", "t64x128k64s4", "t128x256k64s3", "wgmma", "tma192", "tma192s",
-                                     "tma128s", "tma192p", "tma256p"])
+                                     "tma128s", "tma192p", "tma256p", "tma128pp"])
 @pytest.mark.parametrize("M,N,Kd", [(77, 1000, 64), (300, 50257, 768), (5, 33, 8), (1100, 5000, 64)])
 def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
     """EPI_ARGMAX partials + argmax_partials == argmax of the same kernel's fp32 output (lowest index on ties); the
@@ -319,7 +319,7 @@ def test_gemm_f16_argmax_epilogue(K, variant, M, N, Kd):
 
 
 
-@pytest.mark.parametrize("variant", ["tma192p", "tma192s", "tma128s", "tma128p", "tma128", "wgmma"])
+@pytest.mark.parametrize("variant", ["tma192p", "tma192s", "tma128s", "tma128p", "tma128", "wgmma", "tma128pp"])
 @pytest.mark.parametrize("M,N,Kd", [(300, 50257, 768), (77, 1000, 64), (5, 100, 8)])
 @pytest.mark.parametrize("per_row", [False, True])
 def test_gemm_f16_tempered_epilogue(K, variant, M, N, Kd, per_row):

@@ -358,3 +358,20 @@ def test_flushing_the_first_chunks_waits_for_each_worker_s_first_send_only(chann
     assert [(s[2], s[3]) for s in c.sends] == [(1, False), (2, False)]
     c.send_chunk(1, chunk(5))               # a later chunk to a worker fed before is no first one
     assert c.sends[-1][3] is False
+
+
+def test_flushing_the_first_chunks_polls_them_without_sleeping(channel, monkeypatch):
+    """A large send moves only while the master calls into MPI: the flush of the first chunks polls back to back for
+    its first 20 ms (a sleep(0) between polls took ~0.5 ms on the GPU machine: W1's first chunk arrived in 1-3 ms
+    instead of ~0.4), then once a millisecond."""
+    import time
+    comm = FakeComm(2)
+    c = channel(comm)
+    comm.deliver = False
+    c.send_chunk(1, chunk(1))
+    polls = []
+    c.sends[0][0].Test = lambda: polls.append(1) or len(polls) >= 50   # taken at the 50th poll
+    sleeps = []
+    monkeypatch.setattr(time, "sleep", sleeps.append)
+    c.flush(5.0, firsts=True)
+    assert len(polls) == 50 and sleeps == [] and c.sends == []

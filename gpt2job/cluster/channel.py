@@ -7,8 +7,7 @@ poll set aside), wait (idle a moment), flush.
   * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.
   * Mux: both at once (a node with more GPUs than worker ranks).
 Worker side (`MasterLink`): receive, send_hello, send_result, send_error, send_progress, in_flight, finish,
-wait_for_stop.
-  * MpiMasterLink and QueueMasterLink, the two ends of the above.
+wait_for_stop: MpiMasterLink and QueueMasterLink, the two ends of the above.
 Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info),
 ("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and progress
 reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
@@ -168,11 +167,12 @@ class MpiChannel:
 
     def flush(self, seconds=10.0, firsts=False):
         """Wait (at most `seconds`) for the sends in flight (firsts: each worker's first chunk only: its GPU waits),
-        not sleeping for the first 20 ms (at the main loop's pace W2's 2 MB chunk took ~6 ms to arrive, traced)."""
+        polling back to back for the first 20 ms: a send moves only inside MPI calls (RESULTS.md, session 49)."""
         start = time.monotonic()
         self.progress()
         while any(x[3] or not firsts for x in self.sends) and time.monotonic() < start + seconds:
-            time.sleep(0.001 if time.monotonic() > start + 0.02 else 0)
+            if time.monotonic() > start + 0.02:
+                time.sleep(0.001)
             self.progress()
 
     def owns_process(self, rank):

@@ -116,7 +116,10 @@ class Layout:
         else:
             T = int(offsets[-1]) if B else 0
             seq_of_tok = np.repeat(np.arange(B, dtype=np.int32), lens)
-            pos_of_tok = (np.arange(T, dtype=np.int64) - np.repeat(offsets[:-1], lens)).astype(np.int32)
+            # in int32 throughout (a chunk holds far fewer than 2^31 tokens): fewer bytes to write than through
+            # int64, on the first chunk's way to the GPU (W1: 0.39 -> 0.22 ms on the CPU machine)
+            pos_of_tok = np.arange(T, dtype=np.int32)
+            pos_of_tok -= np.repeat(np.asarray(offsets[:-1], np.int32), lens)
             copies, copy_off = np.zeros((0, 3), np.int32), np.zeros(B + 1, np.int64)
         last = (offsets[1:] - 1).astype(np.int32)
         if tiles:
