@@ -252,9 +252,8 @@ def test_tile_picks_are_the_ones_measured_fastest():
     assert k.pick_f16(4096, 768, False, 3072) == "tma128s"
     assert k.pick_f16(8192, 50257, False, 768) == "tma128"   # the LM head is not staged
     check_decode_and_mid_picks(k)
-    # the greedy LM head: a persistent TMA kernel (M tiles fastest), the ping-pong one first, else the plain
-    # product's pick
-    assert picker(every).pick_argmax(8192, 50257) == "tma128pp" and k.pick_argmax(8192, 50257) == "tma192p"
+    # the greedy LM head: a persistent TMA kernel (M tiles fastest), else the plain product's pick
+    assert picker().pick_argmax(8192, 50257) == "tma192p" and k.pick_argmax(8192, 50257) == "tma192p"
     assert picker(("tma192s", "tma128")).pick_argmax(8192, 50257) == "tma192s"
     assert picker(("tma128", "t128x128k64s3")).pick_argmax(8192, 50257) == "t128x128k64s3"
     assert picker(argmax_variant="tma128s").pick_argmax(8192, 50257) == "tma128s"
@@ -472,7 +471,7 @@ def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
     k = ck.Kernels(0)                       # the default variants of a Hopper GPU
     assert k.f16_variants == ck.F16_DEFAULT and k.tmaps is not None
     assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
-    assert k.pick_f16(131072, 2304, True, 768) == "tma128pp" and k.pick_argmax(8192, 50257) == "tma128pp"
+    assert k.pick_f16(131072, 2304, True, 768) == "tma128pp" and k.pick_argmax(8192, 50257) == "tma192p"
     monkeypatch.setattr(_FakeDrv, "cc", (8, 0))
     k = ck.Kernels(0)                       # elsewhere mma.sync only, no TMA descriptors
     assert k.f16_variants == ck.F16_DEFAULT_NOT_HOPPER and k.tmaps is None

@@ -128,8 +128,8 @@ F16_TILES = {t.name: t for t in (
     _tma("tma128", 128, 3, 2, 0, 0.9),
     _tma("tma192", 192, 4, 1, 0, 0.97),
     _tma("tma256", 256, 4, 1, 0, 1.0),
-    # persistent twins: load the next tile during the epilogue (slower for the layer products; tma192p: the greedy
-    # LM head's where tma128pp is not compiled, picks.pick_argmax: the M tiles fastest, the vocabulary read once)
+    # persistent twins: load the next tile during the epilogue (slower for the layer products; tma192p serves
+    # the greedy LM head: it walks the M tiles fastest, so the vocabulary matrix is read once)
     _tma("tma128p", 128, 3, 2, 1),
     _tma("tma192p", 192, 4, 1, 1),
     _tma("tma256p", 256, 4, 1, 1),

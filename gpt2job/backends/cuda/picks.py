@@ -65,14 +65,13 @@ class TilePicker:
     def pick_argmax(self, M, N, K=768):
         """The tile of the greedy LM head (the product with the (max, argmax) epilogue): options.argmax_variant if
         set, else a persistent TMA kernel where compiled (it walks the M tiles fastest, so the vocabulary matrix,
-        larger than the L2, is read from memory once, not once per 128 rows): the ping-pong one first (one
-        consumer's epilogue runs while the other's MMAs do; RESULTS.md, session 49: the head alone 3-7% shorter
-        than on tma192p in graphs replayed with PDL, at 546-8,192 rows; whole decode steps 0-0.4%), else the
-        mma.sync 128x128 tile, else the plain product's pick."""
+        larger than the L2, is read from memory once, not once per 128 rows), else the mma.sync 128x128 tile, else
+        the plain product's pick. (The ping-pong tma128pp, M tiles fastest too for the head, measured no faster in
+        whole decode steps: RESULTS.md, session 49.)"""
         vs = self.variants
         if self.options.argmax_variant:
             return self.options.argmax_variant
-        for v in ("tma128pp", "tma192p", "tma192s", "tma128s", "tma128p", "t128x128k64s3"):   # fastest first
+        for v in ("tma192p", "tma192s", "tma128s", "tma128p", "t128x128k64s3"):   # fastest first
             if v in vs:
                 return v
         return self.pick_f16(M, N, False, K)
