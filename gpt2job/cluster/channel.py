@@ -167,7 +167,7 @@ class MpiChannel:
 
     def flush(self, seconds=10.0, firsts=False):
         """Wait (at most `seconds`) for the sends in flight (firsts: each worker's first chunk only: its GPU waits),
-        polling back to back for the first 20 ms: a send moves only inside MPI calls (RESULTS.md, session 49)."""
+        polling back to back for 20 ms (a send moves only inside MPI calls: 2 MB took 6 ms at the loop's pace)."""
         start = time.monotonic()
         self.progress()
         while any(x[3] or not firsts for x in self.sends) and time.monotonic() < start + seconds:
