@@ -206,6 +206,18 @@ __device__ __forceinline__ void staged_epilogue(float (&acc)[1][TBN / 8][4], uns
     }
 }
 
+// The tile order of a persistent grid (tile t: the t-th of the M x N tiles): N tiles fastest (the blocks running at
+// once share their A rows), except for the LM head (the greedy one's argmax epilogues, or N > TMA_WIDE_N: the
+// logits): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and would be read from memory once per 128 rows;
+// M tiles fastest reads it once while A (a few MB) stays in the L2.
+__device__ __forceinline__ bool persistent_m_fast(int N, int mode) { return N > TMA_WIDE_N || argmax_mode(mode); }
+template <int TBN>
+__device__ __forceinline__ void persistent_origin(int tile, bool m_fast, int m_tiles, int n_tiles, int& m0, int& n0)
+{
+    m0 = (m_fast ? tile % m_tiles : tile / n_tiles) * TMA_BM;
+    n0 = (m_fast ? tile / m_tiles : tile % n_tiles) * TBN;
+}
+
 // PERSIST = false: one block per output tile (grid: N tiles x M tiles; M tiles x N tiles where N > TMA_WIDE_N, see
 // m_fast below). PERSIST = true: a grid of at most as many blocks as fit on the GPU at once, block b taking tiles b,
 // b + gridDim.x, ... (N tiles fastest; M tiles fastest where m_fast); the stage ring and its barrier phases run on
@@ -232,14 +244,15 @@ __device__ __forceinline__ void gemm_tma_impl(const TmaDesc* tmA, const TmaDesc*
     const int tile0 = PERSIST ? blockIdx.x : 0, tile_step = PERSIST ? gridDim.x : 1;
     const int m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = PERSIST ? n_tiles * m_tiles : 1;
-    // tile order: N tiles fastest (the blocks running at once share their A rows), except for the LM head (the greedy
-    // one's EPI_ARGMAX, or N > TMA_WIDE_N: the logits): there B (the vocabulary, 77 MB in fp16) outgrows the L2 and
-    // would be read from memory once per 128 rows; M tiles fastest reads it once while A (a few MB) stays in the L2.
-    // Without PERSIST the grid says it: Kernels.gemm_f16 launches M tiles x N tiles where N > TMA_WIDE_N
-    const bool m_fast = N > TMA_WIDE_N || (PERSIST && argmax_mode(mode));
+    // without PERSIST the grid says the tile order: Kernels.gemm_f16 launches M tiles x N tiles where N > TMA_WIDE_N
+    const bool m_fast = PERSIST ? persistent_m_fast(N, mode) : N > TMA_WIDE_N;
     auto origin = [&](int tile, int& m0, int& n0) {   // first row and column of a tile
-        m0 = (PERSIST ? (m_fast ? tile % m_tiles : tile / n_tiles) : (int)(m_fast ? blockIdx.x : blockIdx.y)) * TMA_BM;
-        n0 = (PERSIST ? (m_fast ? tile / m_tiles : tile % n_tiles) : (int)(m_fast ? blockIdx.y : blockIdx.x)) * TBN;
+        if constexpr (PERSIST) {
+            persistent_origin<TBN>(tile, m_fast, m_tiles, n_tiles, m0, n0);
+        } else {
+            m0 = (int)(m_fast ? blockIdx.x : blockIdx.y) * TMA_BM;
+            n0 = (int)(m_fast ? blockIdx.y : blockIdx.x) * TBN;
+        }
     };
     if (tid == 0) init_stage_barriers<ST>(full, empty, 8);   // empty: the 8 consumer warps
     __syncthreads();
@@ -357,13 +370,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     const int n_tiles = (N + TBN - 1) / TBN, m_tiles = (M + TMA_BM - 1) / TMA_BM;
     const int tile_end = n_tiles * m_tiles;
     const int my_tiles = blockIdx.x < tile_end ? (tile_end - 1 - (int)blockIdx.x) / (int)gridDim.x + 1 : 0;
-    // N tiles fastest, except for the LM head (the greedy one's argmax epilogues, or the logits): M tiles fastest, so
-    // that the vocabulary is read from memory once (as gemm_tma_impl's m_fast)
-    const bool m_fast = N > TMA_WIDE_N || argmax_mode(mode);
-    auto origin = [&](int tile, int& m0, int& n0) {
-        m0 = (m_fast ? tile % m_tiles : tile / n_tiles) * TMA_BM;
-        n0 = (m_fast ? tile / m_tiles : tile % n_tiles) * TBN;
-    };
+    const bool m_fast = persistent_m_fast(N, mode);
     if (tid == 0) init_stage_barriers<ST>(full, empty, 4);   // empty: one consumer's 4 warps
     __syncthreads();
 
@@ -374,7 +381,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
             int it = 0;
             for (int i = 0; i < my_tiles; i++) {
                 int m0, n0;
-                origin(blockIdx.x + i * gridDim.x, m0, n0);
+                persistent_origin<TBN>(blockIdx.x + i * gridDim.x, m_fast, m_tiles, n_tiles, m0, n0);
                 load_tile_stages<TBN, ST>(tmA, tmB, As, Bs, full, empty, m0, n0, nk, it);
             }
         }
@@ -398,7 +405,7 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     for (int i = 0; i < my_tiles; i++) {
         if ((i & 1) != c) { it += nk; continue; }  // the other consumer's tile: its stages
         int m0, n0;
-        origin(blockIdx.x + i * gridDim.x, m0, n0);
+        persistent_origin<TBN>(blockIdx.x + i * gridDim.x, m_fast, m_tiles, n_tiles, m0, n0);
         if (i > 0) named_sync(1 + c, 256);         // tile i - 1's main loop has ended
         // the tile's bias, loaded now: in the epilogue each load would wait behind the stores before it
         float bpre[TBN / 8][2];
