@@ -243,16 +243,17 @@ def to_gpu(drv, x):
     return g
 
 
-def event_ms(drv, fn, repeats):
-    """fn()'s device time in ms, by CUDA events: the median of repeats launches after one warm-up; and all of them."""
+def event_ms(drv, fn, repeats, stream=None):
+    """fn()'s device time in ms, by CUDA events (on stream: the one fn launches on; None: the default stream): the
+    median of repeats launches after one warm-up; and all of them."""
     fn()
     drv.Context.synchronize()
     times = []
     for _ in range(repeats):
         e0, e1 = drv.Event(), drv.Event()
-        e0.record()
+        e0.record(stream)
         fn()
-        e1.record()
+        e1.record(stream)
         e1.synchronize()
         times.append(e1.time_since(e0))
     return statistics.median(times), times

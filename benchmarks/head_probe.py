@@ -1,9 +1,9 @@
 """The greedy fp16 LM head alone (the product with the (max, argmax) epilogue, GPT-2 124M shapes, seeded weights)
 on each named tile, three ways: launched back to back (eager), replayed as a CUDA graph, and replayed with
 programmatic dependent launch between its kernels (as the runner replays decode steps on Hopper). GPU ms a head,
-median of --reps rounds of 8 heads. (The kernels_bench.py --profile figure, events around every launch inside a
-W1 chunk, put tma128pp 12% under tma192p; alone, and in whole replayed steps, the two are within a few %: RESULTS.md,
-session 49.)
+median of --reps rounds of 8 heads after one (bench_common.event_ms). (The kernels_bench.py --profile figure,
+events around every launch inside a W1 chunk, put tma128pp 12% under tma192p; alone, and in whole replayed steps,
+the two are within a few %: RESULTS.md, session 49.)
 
   python3 benchmarks/head_probe.py [--rows 8192,2048,546] [--tiles tma192p,tma128pp] [--reps 10] [--out DIR]
 
@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import append_jsonl, base_record, print_table  # noqa: E402
+from bench_common import append_jsonl, base_record, event_ms, print_table  # noqa: E402
 
 MODES = ("eager", "graph", "graph+pdl")
 
@@ -59,17 +59,10 @@ def main():
                 st.synchronize()
                 for mode in MODES:
                     g = None if mode == "eager" else Graph(st, eight, pdl=mode == "graph+pdl")
-                    ts = []
-                    for _ in range(a.reps + 3):
-                        e0, e1 = drv.Event(), drv.Event()
-                        e0.record(st)
-                        eight() if g is None else g.launch()
-                        e1.record(st)
-                        e1.synchronize()
-                        ts.append(e1.time_since(e0) / 8)
+                    ms, _ = event_ms(drv, eight if g is None else g.launch, a.reps, stream=st)
                     if g is not None:
                         g.close()
-                    res[v, mode] = float(np.median(ts[3:]))
+                    res[v, mode] = ms / 8
                     append_jsonl(os.path.join(a.out, "head_probe.jsonl"),
                                  base_record(bench="head_probe", rows=M, tile=v, mode=mode, ms=round(res[v, mode], 4)))
             for mode in MODES:
