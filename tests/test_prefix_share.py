@@ -118,19 +118,24 @@ def test_lexicographic_puts_a_prefix_before_its_extensions():
     assert lcp.tolist() == [0, 0, 1, 2, 3]
 
 
+@pytest.mark.parametrize("max_len", [12, 48])
 @pytest.mark.parametrize("vocab", [50, 50257, 70000])
-def test_lexicographic_is_the_sorted_order_with_narrow_and_wide_tokens(vocab):
-    """Keys of two bytes a token while every token + 1 fits, four beyond (a vocabulary over 65,535): the order and
-    the common prefixes are those of sorting the prompts as Python lists, prefixes first, ties by index."""
-    prompts = prompts_with_stems(200, seed=vocab % 7, vocab=vocab)
+def test_lexicographic_is_the_sorted_order_with_narrow_and_wide_tokens(vocab, max_len):
+    """Keys of two bytes a token while every token + 1 fits, four beyond (a vocabulary over 65,535), sorted by
+    np.lexsort up to LEXSORT_KEYS columns and as byte strings beyond (max_len 48): the order and the common
+    prefixes are those of sorting the prompts as Python lists, prefixes first, ties by index; with a primary key
+    `first`, by it first (the common prefixes still of the tokens alone)."""
+    prompts = prompts_with_stems(200, seed=vocab % 7, vocab=vocab, max_len=max_len)
     prompts += [np.array([vocab - 1] * 3), np.array([vocab - 1, 0]), np.array([0])]
-    perm, lcp = prefix_share.lexicographic(*flat(prompts))
-    want = sorted(range(len(prompts)), key=lambda i: (prompts[i].tolist(), i))
-    assert perm.tolist() == want
-    for j in range(1, len(want)):
-        a, b = prompts[want[j - 1]].tolist(), prompts[want[j]].tolist()
-        n = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
-        assert lcp[j] == n
+    first = np.random.default_rng(vocab).integers(0, 3, len(prompts))
+    for key in (None, first):
+        perm, lcp = prefix_share.lexicographic(*flat(prompts), first=key)
+        want = sorted(range(len(prompts)), key=lambda i: (0 if key is None else key[i], prompts[i].tolist(), i))
+        assert perm.tolist() == want
+        for j in range(1, len(want)):
+            a, b = prompts[want[j - 1]].tolist(), prompts[want[j]].tolist()
+            n = next((k for k in range(min(len(a), len(b))) if a[k] != b[k]), min(len(a), len(b)))
+            assert lcp[j] == n
 
 
 def test_copies_rebuild_the_full_caches_of_the_reference_model():

@@ -19,6 +19,7 @@ MIN_SAVING = 0.05          # share only when at least this fraction of the prefi
 MAX_MATRIX = 32 << 20      # prompts x longest prompt above this: no plan (the padded sort matrix gets large)
 PEEK = 4                   # leading tokens that skip_bound compares (at most) before the plan sorts prompts
 BOUND_CELLS = 1 << 18      # prompts x longest prompt above this: skip_bound first (below, the whole sort is as cheap)
+LEXSORT_KEYS = 32          # key columns up to which np.lexsort orders the prompts (over that, one sort of byte strings)
 
 
 @dataclass
@@ -47,26 +48,31 @@ def lexicographic(offsets, tokens, first=None):
     offsets = np.asarray(offsets, np.int64)
     lens = np.diff(offsets)
     B, L = len(lens), int(lens.max()) if len(lens) else 0
+    # keys: token + 1, 0 past a prompt's end (below every token), two bytes a token where every key fits (GPT-2's
+    # vocabulary does), else four; the primary key `first` in front
+    wide = len(tokens) and int(np.max(tokens)) + 1 > 0xFFFF or first is not None and B and int(np.max(first)) > 0xFFFF
+    kt = np.dtype(np.uint32 if wide else np.uint16)
+    F = 0 if first is None else 1
+    kmat = np.zeros((B, F + L), kt)                                       # [B, F + L]
     if B and int(lens.min()) == L:                                        # equal lengths: a plain reshape
-        mat = np.asarray(tokens, np.int32).reshape(B, L)                  # [B, L]
+        kmat[:, F:] = np.asarray(tokens).reshape(B, L) + 1
     else:
-        mat = np.full((B, L), -1, np.int32)                               # [B, L] padded with -1 (< every token)
-        col = np.arange(int(offsets[-1]), dtype=np.int64) - np.repeat(offsets[:-1], lens)
-        mat[np.repeat(np.arange(B), lens), col] = tokens
-    # rows as big-endian byte strings (token + 1 >= 0): byte order = token order, so a sort of the strings is the
-    # lexicographic order (numpy compares void items byte by byte; np.lexsort over L keys is far slower for long L).
-    # Two bytes a token where every key fits (GPT-2's vocabulary does): half the bytes to compare, the same order
-    kmat = mat + 1
-    if first is not None:                                                 # [B, 1 + L]: the primary key in front
-        kmat = np.concatenate([np.asarray(first, np.int64).reshape(B, 1).astype(np.int32), kmat], axis=1)
-    wide = kmat.size and int(kmat.max()) > 0xFFFF
-    kmat = np.ascontiguousarray(kmat.astype(">u4" if wide else ">u2"))   # (big-endian after any concatenation)
-    keys = kmat.view(np.dtype((np.void, kmat.itemsize * max(kmat.shape[1], 1)))).ravel()   # [B]
-    perm = np.argsort(keys, kind="stable")                                # [B]
-    srt = mat[perm]                                                       # [B, L]
-    differ = (srt[1:] != srt[:-1]) | (srt[1:] < 0)                       # [B-1, L]
+        at = np.arange(int(offsets[-1]), dtype=np.int64)                 # [T] -> its cell of kmat, row-major
+        at += np.repeat(np.arange(B, dtype=np.int64) * (F + L) + F - offsets[:-1], lens)
+        kmat.reshape(-1)[at] = (np.asarray(tokens) + 1).astype(kt)
+    if F:
+        kmat[:, 0] = first
+    if F + L <= LEXSORT_KEYS:   # short prompts: one stable sort a key column, the last key primary
+        perm = np.lexsort(kmat.T[::-1])                                   # [B]
+    else:   # long ones: rows as big-endian byte strings (byte order = key order), compared only as far as they differ
+        be = np.ascontiguousarray(kmat.astype(kt.newbyteorder(">")))
+        perm = np.argsort(be.view(np.dtype((np.void, be.itemsize * max(be.shape[1], 1)))).ravel(), kind="stable")
+    srt = kmat[perm, F:]                                                  # [B, L]
+    differ = np.ones((max(B - 1, 0), L + 1), bool)                        # [B-1, L+1]: column L stops every row
+    np.not_equal(srt[1:], srt[:-1], out=differ[:, :L])
+    differ[:, :L] |= srt[1:] == 0                                         # past the end of a prompt: not shared
     lcp = np.zeros(B, np.int64)
-    lcp[1:] = np.where(differ.any(axis=1), differ.argmax(axis=1), L)
+    lcp[1:] = differ.argmax(axis=1)
     return perm, lcp
 
 
@@ -137,21 +143,23 @@ def plan(offsets, tokens, groups_of, min_saving=MIN_SAVING, extra=None):
     seq = np.repeat(ar, ncomp)                                            # [T'] int32
     pos = np.arange(int(coff[-1]), dtype=np.int32)                        # [T'] -> position of each computed token
     pos -= np.repeat((coff[:-1] - skip).astype(np.int32), ncomp)        # (int32: a chunk has < 2^31 tokens)
-    src_tok = np.repeat(offsets[:-1][perm], ncomp) + pos                  # [T'] int64 index into the chunk's tokens
-    # copies: position p of prompt i (p < skip[i]) comes from the last prompt before i that computed p
+    src_tok = np.repeat(offsets[:-1][perm].astype(np.int32), ncomp) + pos   # [T'] int32 index into the chunk's tokens
+    # copies: position p of prompt i (p < skip[i]) comes from the last prompt before i that computed p. That is the
+    # last j < i with skip[j] <= p: every prompt between them skips more than p, so each shares p + 1 tokens with
+    # the one before it, and prompt j is longer than p. ([P, B] cells: at most MAX_MATRIX, so int32 indices.)
     P = int(skip.max())
-    p_col = np.arange(P, dtype=np.int64)[:, None]                         # [P, 1]
-    computed = (p_col >= skip[None, :]) & (p_col < lens[None, :])        # [P, B] prompt i computes position p
-    last = np.where(computed, ar[None, :], np.int32(-1))                  # [P, B]
+    last = np.where(skip.astype(np.int32)[None, :] <= np.arange(P, dtype=np.int32)[:, None], ar[None, :],
+                    np.int32(-1))                                         # [P, B] j where skip[j] <= p
     np.maximum.accumulate(last, axis=1, out=last)
     copy_off = np.zeros(B + 1, np.int64)
     np.cumsum(skip, out=copy_off[1:])
     E = int(copy_off[-1])
     dst = np.repeat(ar, skip)                                             # [E] by prompt, then position
-    where = np.arange(E, dtype=np.int64) - np.repeat(copy_off[:-1], skip)   # [E]
+    where = np.arange(E, dtype=np.int32)
+    where -= np.repeat(copy_off[:-1].astype(np.int32), skip)             # [E] the position
     copies = np.empty((E, 3), np.int32)                                   # [E, 3] {dst, src, position}
     copies[:, 0] = dst
-    copies[:, 1] = last.reshape(-1)[where * B + dst]
+    copies[:, 1] = last.reshape(-1)[where * np.int32(B) + dst]
     copies[:, 2] = where
     return SharePlan(perm=perm, lens=lens, skip=skip, offsets=coff, tokens=tokens[src_tok],
                      positions=pos, seq=seq, copies=copies, copy_off=copy_off,
