@@ -4,9 +4,9 @@ the host work a default job's first chunk waits for before its prefill starts (n
     python3 benchmarks/share_plan_bench.py [--old TREE] [--repeats 40] [--seed-workload PATH]
 
 Cases: W1 (the seed workload's 8,192 prompts of 16 tokens; seeded random ones without it), W1's first 546 prompts (a
-15-worker share), and 2,048 ragged prompts of 4-448 tokens on 16 shared stems (the byte-string sort for long
-prompts). Prints the median ms per plan (and per lexicographic sort) of each tree, and whether the two trees' plans
-are identical; one JSON line per case with --json.
+15-worker share), and 2,048 ragged prompts of 17-441 tokens (16 shared stems of 4-255 seeded tokens, tails of 0-191:
+the byte-string sort for long prompts). Prints the median ms per plan (and per lexicographic sort) of each tree, and
+whether the two trees' plans are identical; one JSON line per case with --json.
 """
 import argparse
 import importlib.util
