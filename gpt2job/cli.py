@@ -4,8 +4,9 @@ A user mistake prints one line (file, field, fix) and exits with 2; a failed val
 """
 import argparse
 import sys
+import time
 
-from gpt2job import __version__
+from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
 
@@ -129,10 +130,10 @@ def build_parser():
     pr.add_argument("--tokenize", action="store_true",
                     help="store token ids ('prompt_tokens') instead of text ('prompts'); needs the tokenizer")
     pr.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
-    pr.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    pr.add_argument("--overwrite", action="store_true", help="replace an existing prompts file (never a job's output)")
     pr.add_argument("--tokens-per-row", type=_positive_int("--tokens-per-row", 0), default=0,
                     help="read SOURCE as the old system's raw int32 token file [N, T] with T tokens per row "
-                         "(implied for .bin files; 16 for the seed workload's input.bin)")
+                         "(a .bin file needs it; 16 for the seed workload's input.bin)")
 
     r = sub.add_parser("run", help="run a generation job (under mpirun: rank 0 is the master)",
                        description="Generate completions for every prompt of IN and write them to OUT.\n"
@@ -343,51 +344,30 @@ def cmd_validate(a):
 
 
 def cmd_build_kernels(a):
-    """The modules a job's Kernels loads (the same options, GPT2JOB_F16_VARIANTS included), compiled into this
-    node's cache where missing; nvcc needs no GPU."""
-    import re
-    import time
-    from gpt2job.backends.cuda.kcache import cache_dir
-    from gpt2job.backends.cuda.kernels import choose_variants, compile_modules, module_jobs
-    from gpt2job.backends.cuda.options import KernelOptions
-    arch, why = (a.arch, "--arch") if a.arch else (_gpu_arch(), "this node's GPU")
-    if not arch:
-        arch, why = "sm_90a", "no GPU seen here: the default"
-    m = re.fullmatch(r"sm_(\d+)(\d)a?", arch)
-    if m is None:
-        raise UserError(f"{arch!r} is not a GPU architecture", field="--arch", fix="give sm_XY, e.g. sm_90a (Hopper)")
-    try:
-        jobs = module_jobs(choose_variants(KernelOptions.from_env(), lambda: (int(m[1]), int(m[2])) == (9, 0)))
-    except ValueError as e:
-        raise UserError(str(e), field="GPT2JOB_F16_VARIANTS", fix="unset it, or name variants of kernels.py") from None
-    t0, folder = time.time(), cache_dir()
-    _, compiled = compile_modules(jobs, folder)
-    print(f"gpt2job: kernels for {arch} ({why}), {len(jobs)} modules in {folder}: {len(compiled)} compiled, "
-          f"{len(jobs) - len(compiled)} already there ({time.time() - t0:.1f} s)")
-    return 0
+    from gpt2job.backends.cuda.prebuild import build_kernels
+    return build_kernels(a.arch)
 
 
-def _gpu_arch():
-    """sm_XY of this node's first GPU (no CUDA context made), or "" without a GPU or a working pycuda."""
-    from gpt2job.backends import gpu_count, pycuda_available
-    if not gpu_count() or not pycuda_available():
-        return ""
-    try:
-        import pycuda.driver as drv
-        drv.init()
-        return "sm_%d%d" % drv.Device(0).compute_capability()
-    except Exception:   # pycuda without a usable driver: as without a GPU
-        return ""
+# A mistake every rank finds at its start (a bad flag or variable): the master's line is the one printed. Another rank
+# waits this long before it exits, since mpirun ends the job (and could drop the master's line) when any rank exits
+# with an error; the master's exit ends it sooner. A mistake only this rank found is printed by it after the wait.
+RANK_ERROR_GRACE_S = 3.0
 
 
 def main(argv=None):
+    rank = world_rank()
     try:
+        unknown = envs.check_environment()
+        if unknown and rank in (None, 0):
+            sys.stderr.write(f"gpt2job: warning: {', '.join(unknown)}: not a gpt2job variable, ignored (gpt2job/envs.py "
+                             "declares them all)\n")
         a = build_parser().parse_args(argv)
         return {"run": cmd_run, "score": cmd_score, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate, "export": cmd_export,
                 "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
-        if world_rank() in (None, 0):   # one line from the master, not one per rank
-            sys.stderr.write(f"gpt2job: error: {e}\n")
+        if rank not in (None, 0):
+            time.sleep(RANK_ERROR_GRACE_S)
+        sys.stderr.write(f"gpt2job: error: {e}\n" if rank in (None, 0) else f"gpt2job: error (rank {rank}): {e}\n")
         return exit_code(e)
     except WorkerFailure as e:
         sys.stderr.write(f"gpt2job: error: {e}\n")

@@ -1,7 +1,9 @@
 """Every environment variable gpt2job reads, declared once: name, type, default, meaning. Read them only
 through this module (`envs.get("GPT2JOB_TRACE")`); each is parsed once per process, with one truth rule for
 switches: 1/true/yes/on and 0/false/no/off (any case); unset or empty is the default; anything else is a user
-error naming the variable.
+error naming the variable. `check_environment()` parses every one that is set when a command starts (a bad value is
+an error before any work, also where the job would never read it), and names GPT2JOB_* variables that are not
+declared here (a misspelt name would otherwise do nothing, silently).
 
 Users choose things with flags; these variables are for the cluster set-up (cache paths, lock waits), for
 benchmarks (kernel A/B switches that never change results; the CUDA backend gathers them into one options
@@ -20,6 +22,8 @@ class Var:
     kind: str          # "bool", "int", "float", "str"
     default: Any
     meaning: str
+    choices: tuple = ()     # str: the values allowed (besides unset or empty)
+    least: float = None     # int, float: the smallest value allowed
 
 
 VARS = {v.name: v for v in (
@@ -29,14 +33,14 @@ VARS = {v.name: v for v in (
     Var("HF_HOME", "str", "", "Hugging Face home: the hub cache is HF_HOME/hub (default ~/.cache/huggingface)"),
     Var("HF_HUB_OFFLINE", "bool", False, "never download a --model NAME missing from the cache"),
     Var("GPT2JOB_PYCUDA_CACHE", "str", "", "kernel cache root (default ~/.cache/gpt2job/pycuda)"),
-    Var("GPT2JOB_LOCK_WAIT", "float", 30.0, "seconds a run waits for another writer of the same output"),
+    Var("GPT2JOB_LOCK_WAIT", "float", 30.0, "seconds a run waits for another writer of the same output", least=0),
     Var("GPT2JOB_LAUNCH_TIME", "float", 0.0,
         "when the job was launched (run_inference.sh sets it; 0: the process's own start), for time to ready"),
     Var("GPT2JOB_TRACE", "bool", False, "timing lines on stderr: chunks handed out, received, computed, stored"),
     # ---- kernel A/B switches (benchmarks; same results, other speed)
     Var("GPT2JOB_F16_VARIANTS", "str", "", "fp16 product tile variants to compile: names, comma-separated, or all"),
     Var("GPT2JOB_ARGMAX_VARIANT", "str", "", "the fp16 variant of the greedy LM head with the argmax epilogue"),
-    Var("GPT2JOB_F32_BK", "str", "", "fp32 product k-slice: 8 or 16 (default: chosen per shape)"),
+    Var("GPT2JOB_F32_BK", "str", "", "fp32 product k-slice: 8 or 16 (default: chosen per shape)", ("8", "16")),
     Var("GPT2JOB_FUSE_ARGMAX", "bool", True, "fp16 LM head choosing in its epilogue (greedy; rule-6 sampling)"),
     Var("GPT2JOB_PREFIX_SHARE", "bool", True, "prompts of a chunk that start alike compute that prefix once"),
     Var("GPT2JOB_PREFILL_ATTN", "bool", True, "fp16 prefill attention on tensor cores (head size 64)"),
@@ -55,7 +59,8 @@ VARS = {v.name: v for v in (
     Var("GPT2JOB_SHARED", "str", "", "tests and benchmarks: the shared/ folder (default ../shared)"),
     Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
     Var("GPT2JOB_WRITER", "str", "auto",
-        "tests and benchmarks: who writes the output file: thread, process, or auto (a process from 100,000 rows)"),
+        "tests and benchmarks: who writes the output file: thread, process, or auto (a process from 100,000 rows)",
+        ("thread", "process", "auto")),
 )}
 
 _TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off"}
@@ -64,16 +69,24 @@ _values = {}
 
 def _parse(var, raw):
     if var.kind == "str":
-        return raw
+        if not var.choices or raw.strip() in var.choices:
+            return raw
+        raise UserError(f"{raw!r} is not one of {', '.join(var.choices)} ({var.meaning})", None, var.name,
+                        f"unset it or give one of {', '.join(var.choices)}")
     if var.kind == "bool":
         low = raw.strip().lower()
         if low in _TRUE or low in _FALSE:
             return low in _TRUE
     else:
         try:
-            return int(raw) if var.kind == "int" else float(raw)
+            value = int(raw) if var.kind == "int" else float(raw)
         except ValueError:
-            pass
+            value = None
+        if value is not None and var.least is not None and not value >= var.least:
+            raise UserError(f"{raw!r} is below {var.least:g} ({var.meaning})", None, var.name,
+                            f"unset it or give a {var.kind} of at least {var.least:g}")
+        if value is not None:
+            return value
     raise UserError(f"{raw!r} is not a valid {var.kind} ({var.meaning})", None, var.name,
                     f"unset it or give a {'switch: 1 or 0' if var.kind == 'bool' else var.kind}")
 
@@ -85,3 +98,13 @@ def get(name):
         raw = os.environ.get(name)
         _values[name] = var.default if raw is None or raw.strip() == "" else _parse(var, raw)
     return _values[name]
+
+
+def check_environment():
+    """Parse every declared variable that is set (a bad value: the UserError get() would raise later; the values are
+    not kept: get() reads them when asked, as before); returns the GPT2JOB_* names set that are not declared, sorted."""
+    for name, var in VARS.items():
+        raw = os.environ.get(name)
+        if raw is not None and raw.strip() != "":
+            _parse(var, raw)
+    return sorted(n for n in os.environ if n.startswith("GPT2JOB_") and n not in VARS)

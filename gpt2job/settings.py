@@ -50,6 +50,7 @@ class GenerationSettings:
 class JobSettings:
     input: str
     output: str
+    converted_from: str = ""   # the user's text or JSONL input that `input` was converted from (job.py), for messages
     model: str = "random:gpt2"
     max_new_tokens: int = 16
     ignore_eos: bool = False

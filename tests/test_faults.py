@@ -55,7 +55,7 @@ def test_a_worker_failing_at_start_up_is_reported(tmp_path, inp_and_clean):
     out = tmp_path / "out.h5"
     p = run_gpt2job(args(inp, out, "--backend", "cuda"), np_=2, env=job_env(CUDA_VISIBLE_DEVICES=""))
     assert p.returncode == 2, p.stderr
-    assert "worker rank 1 on" in p.stderr and "during start-up" in p.stderr
+    assert "during start-up" not in p.stderr   # every worker failed alike: the job's one error line says it
     errors = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
     assert len(errors) == 1 and ("pycuda" in errors[0] or "GPU" in errors[0]), p.stderr
 

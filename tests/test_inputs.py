@@ -4,7 +4,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import TINY_HF, read_output, run_gpt2job, write_token_input
+from conftest import TINY_HF, job_env, read_output, run_gpt2job, write_token_input
 
 
 def assert_one_clear_line(p, *fragments):
@@ -177,3 +177,75 @@ def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
     assert_one_clear_line(run([inp, inp, "--overwrite"]), "both the input and the output")
     p = run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", "200"])
     assert_one_clear_line(p, "--max-new-tokens", "leaves no room")
+
+
+def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
+    """--overwrite sets the finished output aside (OUT.replaced): a run that completes no row (here its one worker
+    fails at start-up) puts it back untouched; one that stops part-way leaves it aside; the run that finishes the
+    replacement (the same command without --overwrite resumes it) removes it."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5], [6], [7, 8]])
+    base = ["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "4", "--chunk-size", "1"]
+    run_gpt2job(base, check=0)
+    before = out.read_bytes()
+    replaced = tmp_path / "out.h5.replaced"
+    p = run_gpt2job(base + ["--overwrite", "--seed", "1"], env=job_env(GPT2JOB_FAULT="0:0:raise"))
+    assert p.returncode != 0 and out.read_bytes() == before and not replaced.exists(), p.stderr
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["in.h5", "out.h5"]
+    p = run_gpt2job(base + ["--overwrite", "--ignore-eos"], env=job_env(GPT2JOB_FAULT="0:3:raise"))
+    assert p.returncode != 0 and replaced.read_bytes() == before, p.stderr
+    assert f"stays in {replaced}" in p.stderr
+    run_gpt2job(base + ["--ignore-eos"], check=0)
+    assert not replaced.exists() and read_output(out)["done"].all()
+    assert all(len(t) == 4 for t in read_output(out)["tokens"])
+
+
+def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):
+    inp, out, txt = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "p.txt"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "2"], check=0)
+    txt.write_text("hello\n")
+    before = {p: p.read_bytes() for p in (inp, out)}
+    for args, frag in ((["export", out, out, "--overwrite"], "is an HDF5 file"),
+                       (["export", out, inp, "--overwrite"], "is an HDF5 file"),
+                       (["export", out, tmp_path], "is a folder"),
+                       (["prompts", txt, out, "--overwrite"], "is a gpt2job output"),
+                       (["prompts", txt, txt, "--overwrite"], "is the source file itself")):
+        assert_one_clear_line(run_gpt2job(args), frag)
+    assert {p: p.read_bytes() for p in (inp, out)} == before and txt.read_text() == "hello\n"
+
+
+def test_environment_variables_are_checked_when_a_command_starts(tmp_path):
+    """Also those the command would never read (the numpy backend reads no kernel switch): a bad value is one line
+    naming the variable; a GPT2JOB_ name that is not declared is a warning."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]])
+    for name, value, frag in (("GPT2JOB_PREFIX_SHARE", "2", "not a valid bool"),
+                              ("GPT2JOB_WRITER", "thred", "not one of thread, process, auto"),
+                              ("GPT2JOB_LOCK_WAIT", "-5", "below 0")):
+        p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy"], env=job_env(**{name: value}))
+        assert_one_clear_line(p, name, frag)
+        assert not out.exists()
+    p = run_gpt2job(["show", tmp_path / "missing.h5"], env=job_env(GPT2JOB_PREFIXSHARE="0"))
+    assert "warning: GPT2JOB_PREFIXSHARE: not a gpt2job variable" in p.stderr
+    assert_one_clear_line(p, "missing.h5")
+
+
+def test_a_flag_mistake_under_mpirun_is_the_masters_one_line(tmp_path):
+    """Every rank finds it; the worker ranks wait (cli.RANK_ERROR_GRACE_S) so that the master's line is not lost
+    when mpirun ends the job at the first rank's exit."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]])
+    for _ in range(3):
+        p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--max-new-tokens", "0"], np_=3)
+        assert_one_clear_line(p, "--max-new-tokens")
+        assert "(rank " not in p.stderr
+
+
+def test_the_output_and_validate_paths_are_checked_before_any_work(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]])
+    assert_one_clear_line(run([inp, tmp_path, "--backend", "numpy"]), "is a folder")
+    p = run([inp, out, "--backend", "numpy", "--validate", tmp_path / "nope.bin"])
+    assert_one_clear_line(p, "nope.bin", "--validate", "no such file")
+    assert "starting" not in p.stderr and not out.exists()

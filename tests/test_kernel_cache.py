@@ -227,8 +227,9 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
     assert {a for a, _ in made} == {"sm_90", "sm_90a"}
     assert cli.main(["build-kernels", "--arch", "sm_90a", "--dtype", "float16"]) == 0
     assert len(made) == len(hopper) and f"0 compiled, {len(hopper)} already there" in capsys.readouterr().out
-    other = module_jobs(F16_DEFAULT_NOT_HOPPER)   # another GPU: the mma.sync tiles, all among Hopper's
+    other = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))   # another GPU: the mma.sync tiles, built for its own arch
     assert cli.main(["build-kernels", "--arch", "sm_80"]) == 0
-    assert len(made) == len(hopper) and f"0 compiled, {len(other)} already there" in capsys.readouterr().out
+    assert len(made) == len(hopper) + len(other) and f"{len(other)} compiled, 0 already there" in capsys.readouterr().out
+    assert {a for a, _ in made[len(hopper):]} == {"sm_80"}   # an sm_90 cubin would not load there
     assert cli.main(["build-kernels", "--arch", "hopper"]) == 2
     assert "--arch" in capsys.readouterr().err

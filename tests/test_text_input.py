@@ -172,3 +172,13 @@ def test_prompt_files_split_lines_at_newlines_only_and_know_jsonl_in_any_case(tm
     txt.write_text("page one\x0cpage two\r\nthird\n", encoding="utf-8")
     assert read_prompt_file(str(txt)) == (["page one\x0cpage two", "third"], None)
 
+
+
+def test_invalid_prompts_of_a_text_file_name_that_file(tmp_path, vocab_dir):
+    """GPT-2's token ids do not fit a model of 1,000 tokens: the error names the user's file, not its conversion."""
+    from conftest import TINY_HF
+    inp, out = tmp_path / "p.txt", tmp_path / "out.h5"
+    inp.write_text(TEXT)
+    p = run_gpt2job(["run", inp, out, "--backend", "numpy", "--model", str(TINY_HF), "--vocab-dir", vocab_dir])
+    line = assert_one_clear_line(p, f"{inp}: prompts: ", "outside 0..999")
+    assert ".prompts-" not in line and files(tmp_path) == ["p.txt"]

@@ -27,6 +27,7 @@ class Ending:
         would keep mpirun waiting for ever (hung ones; after a death, in MPI_Finalize; one that hangs in its
         start-up) say what happened first, wait for the ranks still starting (not after Ctrl-C), then end: MPI_Abort
         for hung ranks, without MPI_Finalize after a death, else raise Reported (the error is printed)."""
+        self.say_held()
         self.shutdown_workers(wait_local=False)
         waiting = bool(self.starting()) and not isinstance(e, KeyboardInterrupt)
         if not (self.hung_processes() or self.peer_died or waiting):
@@ -117,11 +118,31 @@ class Ending:
             self.hung_ranks.append(r)
         return None
 
+    def worker_failed(self, w, where, info):
+        """A worker's error report: a line (and its traceback, unless a user mistake). A user mistake at start-up is
+        held while no worker is ready: where every worker fails alike, the job's own error line says it once
+        (no_workers_left); once one is ready, or the job ends otherwise, the held lines are said."""
+        line = f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}"
+        if info.get("user_error") and where == "start-up" and not any(x.ready for x in self.workers.values()):
+            self.held.append(line)
+            return
+        self.say_held()
+        self.log(line)
+        if not info.get("user_error"):
+            self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
+
+    def say_held(self):
+        for line in self.held:
+            self.log(line)
+        self.held = []
+
     def no_workers_left(self):
         errors = [w.error for w in self.workers.values()]
         messages = {e["error"] for e in errors if e}
         if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
+            self.held = []
             return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
+        self.say_held()
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
         done = int(self.store.done.sum())
         msg = (f"no worker is left ({reasons}); {done} of {self.n_rows} rows are complete and kept "

@@ -59,7 +59,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
         if is_text_input(s.input):
             convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
             converted, created = convert(s.input, s.output, log=log)
-            s = dataclasses.replace(s, input=converted)
+            s = dataclasses.replace(s, input=converted, converted_from=s.input)
     except BaseException as e:
         if comm is not None:
             Master(s, comm).release_after_error(e)

@@ -42,6 +42,7 @@ class Master(Ending):
         self.hung_ranks = []
         self.stopped = set()       # ranks told to stop (each is told once)
         self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
+        self.held = []             # lines of start-up failures not said yet (Ending.worker_failed)
         self.run_started = None    # run(): start-up deadlines count from here
         self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
         self.t_ready = None        # every worker ready
@@ -77,6 +78,8 @@ class Master(Ending):
                             "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
+        if s.validate and not os.path.isfile(s.validate):   # said now, not after the job
+            raise UserError("no such file", s.validate, "--validate", "give the answer file, or leave --validate out")
         vocab_dir = vocab_dir_from(s.vocab_dir)
         loaded = []
 
@@ -96,15 +99,16 @@ class Master(Ending):
             self.took("read_input")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.rows.max_new_tokens if self.rows else s.max_new_tokens)
+        shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
         if val.n_invalid and not s.skip_invalid:
-            raise UserError(val.message(s.input), s.input, self.prompts.source,
+            raise UserError(val.message(shown), shown, self.prompts.source,
                             f"fix those prompts{'' if s.score else ', lower --max-new-tokens'}, or pass --skip-invalid to mark them "
                             "'invalid' and run the rest")
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
         if val.n_invalid:
-            self.log(val.message(s.input) + " -- marked 'invalid' (--skip-invalid)")
+            self.log(val.message(shown) + " -- marked 'invalid' (--skip-invalid)")
         try:
             self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
@@ -273,6 +277,7 @@ class Master(Ending):
                 self.hung_ranks = [r for r in self.hung_ranks if r != w.rank]
                 return self.stop_rank(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
+            self.say_held()    # the job goes on: ranks that failed at start-up are worth a line each now
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
             w.batch_rows = int(info.get("batch_rows", 0))
             w.last_progress = time.monotonic()
@@ -292,9 +297,7 @@ class Master(Ending):
             self.heard.add(w.rank)
             w.host = info.get("host", w.host)
             where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
-            self.log(f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}")
-            if not info.get("user_error"):
-                self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
+            self.worker_failed(w, where, info)
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
             self.stop_rank(w.rank)

@@ -71,12 +71,19 @@ def _input_prompts(path, n):
 
 
 def export(out_path, jsonl_path, overwrite=False, stream=None):
+    import h5py
     stream = stream or sys.stderr
-    if os.path.exists(jsonl_path) and not overwrite:
-        raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
     folder = os.path.dirname(os.path.abspath(jsonl_path))
     if not os.path.isdir(folder):
         raise UserError("folder does not exist", jsonl_path, "export", f"create {folder} first")
+    if os.path.isdir(jsonl_path):
+        raise UserError("is a folder", jsonl_path, "export", "give a file name, e.g. out.jsonl")
+    if os.path.exists(jsonl_path):
+        if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
+            raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",
+                            "choose another file name, e.g. out.jsonl")
+        if not overwrite:
+            raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
         scored = "scored_tokens" in f     # a finished `score` output (files/score_output.py)
         if (not h5flat.has(f, "completion_tokens") and not scored) or "done" not in f:

@@ -7,7 +7,9 @@ for large ones, files/writer_process.py) that creates the file, then writes the 
 seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a time,
 while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
-same model, input and settings.
+same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced, OUT.journal.replaced)
+until the run that replaces them finishes: a run that completes nothing puts them back, one that stops part-way
+leaves them there (its own rows resume as usual).
 
 HDF5 layout (row i answers prompt i; with --layout flat the variable-length columns are flat arrays, files/h5flat.py):
   completion_tokens  vlen int32 [N]   generated token ids (the truth; includes the stop token)
@@ -27,10 +29,8 @@ HDF5 layout (row i answers prompt i; with --layout flat the variable-length colu
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
               finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
 """
-import fcntl
 import os
 import sys
-import time
 
 import numpy as np
 
@@ -41,23 +41,13 @@ from gpt2job.files import h5flat
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
 from gpt2job.files.journal import Journal, JournalReader, io_error
+from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
 from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterProcess, WriterThread
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
-JOURNAL_SUFFIX = ".journal"
-LOCK_SUFFIX = ".lock"
-
-
-def _same_file(fd, path):
-    """Is the open file fd still the file at path (not removed or replaced since it was opened)?"""
-    try:
-        a, b = os.fstat(fd), os.stat(path)
-    except OSError:
-        return False
-    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
 class OutputStore:
@@ -65,9 +55,10 @@ class OutputStore:
 
     def __init__(self, path, n_rows, key, prompt_lengths, attrs=None, tokenizer=None, overwrite=False,
                  flush_interval=2.0, vocab_dir=None, stops=None):
-        self.path = os.path.abspath(path)
+        self.files = OutputPaths(path)    # OUT, its journal, lock and set-aside files
+        self.path = self.files.path
         self.attrs = attrs or {}
-        self.journal_path = self.path + JOURNAL_SUFFIX
+        self.journal_path = self.files.journal
         self.n = n_rows
         self.key = key
         self.prompt_lengths = prompt_lengths
@@ -84,59 +75,34 @@ class OutputStore:
         self._open(overwrite)
 
     # ---- opening: fresh, resume, or refuse
-    def _lock(self, wait_s=None):
-        """One job writes an output at a time. A run killed a moment ago may leave ranks that still
-        write for a second or two: wait for them rather than write beside them."""
-        if wait_s is None:
-            wait_s = envs.get("GPT2JOB_LOCK_WAIT")
-        path = self.path + LOCK_SUFFIX
-        try:
-            self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise io_error(path, e)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                if _same_file(self.lock_fd, path):
-                    return
-                # the holder removed the lock file as it released it: lock the file now at that path instead
-                os.close(self.lock_fd)
-                self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            except OSError:
-                if time.monotonic() > deadline:
-                    os.close(self.lock_fd)
-                    raise UserError(f"another gpt2job run is writing this output (lock {path} held for "
-                                    f"{wait_s:.0f} s)", self.path, "output",
-                                    "wait for that run to end, or write to another output path")
-                time.sleep(0.2)
-
-    def _unlock(self, remove):
-        fd, self.lock_fd = getattr(self, "lock_fd", None), None
-        if fd is None:
-            return
-        if remove:
-            try:
-                os.remove(self.path + LOCK_SUFFIX)
-            except OSError:
-                pass
-        os.close(fd)
-
     def _open(self, overwrite):
         out_dir = os.path.dirname(self.path)
         if not os.path.isdir(out_dir):
             raise UserError("folder does not exist", self.path, "output", f"create {out_dir} first")
-        self._lock()
+        if os.path.isdir(self.path):
+            raise UserError("is a folder", self.path, "output", f"give a file path, e.g. {self.path}/out.h5")
+        self.files.lock()
         try:
             self._open_locked(overwrite)
         except (UserError, AlreadyComplete):   # refused before writing anything: no lock file left behind
             self._stop_writer()
-            self._unlock(remove=True)
+            self._put_back()
+            self.files.unlock(remove=True)
             raise
         except BaseException:
             self._stop_writer()
-            self._unlock(remove=False)
+            self._put_back()
+            self.files.unlock(remove=False)
             raise
+
+    def _put_back(self):
+        """A start that failed after --overwrite set the output aside: its files back (the new ones removed)."""
+        if self.files.aside:
+            try:
+                self.files.remove()
+                self.files.settle_aside(restore=True)
+            except UserError:
+                pass
 
     def _stop_writer(self):
         if self.writer is not None:
@@ -151,7 +117,7 @@ class OutputStore:
             if exists and not jexists and read_status(self.path)[0] is None:
                 raise UserError("exists and is not a gpt2job output: --overwrite replaces only gpt2job outputs",
                                 self.path, "output", "choose another output path, or remove the file yourself")
-            self._remove_files()
+            self.files.set_aside()
             exists = jexists = False
         reader = None
         if jexists:
@@ -230,18 +196,9 @@ class OutputStore:
             return False
         if has_completed_rows():
             return False
-        self._remove_files()
+        self.files.remove()
         sys.stderr.write(f"gpt2job: {self.path} held no completed rows (made with other settings): starting afresh\n")
         return True
-
-    def _remove_files(self):
-        for p in (self.path, self.journal_path):
-            try:
-                os.remove(p)
-            except FileNotFoundError:
-                pass
-            except OSError as e:
-                raise io_error(p, e, "remove")
 
     def _key_diff(self, key):
         return [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
@@ -343,7 +300,8 @@ class OutputStore:
             raise io_error(self.path, e)
         self.journal.close()
         os.remove(self.journal_path)
-        self._unlock(remove=True)
+        self.files.settle_aside(restore=False)
+        self.files.unlock(remove=True)
 
     def close(self, discard_if_empty=False):
         """Leave an unfinished output resumable (after an error). discard_if_empty: when no row has a result (a
@@ -362,10 +320,14 @@ class OutputStore:
         discard = discard_if_empty and self.completed == 0
         if discard:
             try:
-                self._remove_files()
+                self.files.remove()
+                self.files.settle_aside(restore=True)   # what --overwrite set aside (now or by a run that stopped)
             except UserError:
                 discard = False
-        self._unlock(remove=discard)
+        elif self.files.replaced():
+            sys.stderr.write(f"gpt2job: the output this run replaces stays in {self.path + REPLACED_SUFFIX} until "
+                             "it finishes\n")
+        self.files.unlock(remove=discard)
 
 
 def _completed_rows(comp: Completions):

@@ -153,8 +153,15 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         texts, tokens = None, read_int32_file(source, tokens_per_row)
     else:
         texts, tokens = read_prompt_file(source)
-    if os.path.exists(output) and not overwrite:
-        raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
+    if os.path.exists(output):
+        from gpt2job.files.h5read import read_status
+        if os.path.exists(source) and os.path.samefile(source, output):
+            raise UserError("is the source file itself", output, "output", "give another name for the prompts file")
+        if read_status(output)[0] is not None:   # completed work: never replaced by a prompts file
+            raise UserError("is a gpt2job output (results): `prompts` never replaces one", output, "output",
+                            "choose another name for the prompts file")
+        if not overwrite:
+            raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
     if texts is not None and tokenize:
         from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
         enc = load_tokenizer(vocab_dir_from(vocab_dir))

@@ -42,7 +42,7 @@ class F16Tile:
     smem_half: int           # dynamic shared memory, bytes, of the half-output kernel
     smem_float: int          # ... of the float-output kernel
     defines: tuple           # nvcc -D flags of its module
-    arch: str                # sm_90 (mma.sync runs on any later GPU too) or sm_90a (wgmma, TMA: Hopper only)
+    arch: str                # sm_90 (mma.sync: any GPU, compiled for its own arch, module_jobs) or sm_90a (Hopper)
     persistent: bool = False   # as many blocks as fit at once, each looping over tiles (TMA "p" and "s" variants)
     blocks_per_sm: int = 0     # TMA: blocks per SM (its __launch_bounds__): the wave model and persistent grids
     efficiency: float = 0.0    # plain TMA: relative speed per tile column (H100 kernel table), for the wave model
@@ -154,21 +154,20 @@ def choose_variants(options, hopper):
     """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's default set (hopper(),
     asked only then: wgmma and TMA need Hopper, sm_90)."""
     variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
-    if not variants:
-        variants = F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER
+    variants = variants or (F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER)
     for v in variants:
         if v not in F16_TILES:
             raise ValueError(f"unknown fp16 GEMM variant {v!r}")
     return variants
 
 
-def module_jobs(variants):
-    """The modules to compile, each once: (module, source file, nvcc defines, arch): every source of KERNELS, then
-    the tiles' modules."""
-    jobs = [(f, f, (), "sm_90") for f in sorted({k.source for k in KERNELS})]
+def module_jobs(variants, cc=(9, 0)):
+    """The modules to compile, each once: (module, source file, nvcc defines, arch): every source of KERNELS, then the
+    tiles'. Those of sm_90 records for the GPU's own arch (compute capability cc): a cubin loads only there."""
+    arch = "sm_%d%d" % tuple(cc)
+    jobs = [(f, f, (), arch) for f in sorted({k.source for k in KERNELS})]
     for t in (F16_TILES[v] for v in variants):
-        if (t.module, t.source, t.defines, t.arch) not in jobs:
-            jobs.append((t.module, t.source, t.defines, t.arch))
+        jobs += [j for j in [(t.module, t.source, t.defines, arch if t.arch == "sm_90" else t.arch)] if j not in jobs]
     return jobs
 
 
@@ -197,10 +196,11 @@ class Kernels(SelectKernels):
     def __init__(self, local_rank=0, options=KernelOptions()):
         import pycuda.driver as drv
         self.options = options
-        variants = choose_variants(options, lambda: drv.Context.get_device().compute_capability() == (9, 0))
+        cc = drv.Context.get_device().compute_capability()
+        variants = choose_variants(options, lambda: cc == (9, 0))
         self.f16_variants = variants
         self.tiles = [F16_TILES[v] for v in variants]
-        cubins, _ = compile_modules(module_jobs(variants), cache_dir())
+        cubins, _ = compile_modules(module_jobs(variants, cc), cache_dir())
         mods = {key: drv.module_from_buffer(cubin) for key, cubin in cubins.items()}
         self.funcs = {}
         self._f16 = {}   # (tile, out_half) -> (function, block, shared memory): the launch's lookups at once

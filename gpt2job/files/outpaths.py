@@ -1,0 +1,113 @@
+"""The files of one output path OUT (files/output.py owns the job's use of them): OUT itself, OUT.journal, the lock
+OUT.lock that keeps two runs from writing one output, and what --overwrite sets aside until the run replacing it
+finishes, OUT.replaced and OUT.journal.replaced."""
+import fcntl
+import os
+import time
+
+from gpt2job import envs
+from gpt2job.errors import UserError
+from gpt2job.files.journal import io_error
+
+JOURNAL_SUFFIX = ".journal"
+LOCK_SUFFIX = ".lock"
+REPLACED_SUFFIX = ".replaced"
+
+
+def _same_file(fd, path):
+    """Is the open file fd still the file at path (not removed or replaced since it was opened)?"""
+    try:
+        a, b = os.fstat(fd), os.stat(path)
+    except OSError:
+        return False
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+class OutputPaths:
+    def __init__(self, path):
+        self.path = os.path.abspath(path)
+        self.journal = self.path + JOURNAL_SUFFIX
+        self.lock_fd = None
+        self.aside = False      # set_aside moved files in this run
+
+    def lock(self, wait_s=None):
+        """One job writes an output at a time. A run killed a moment ago may leave ranks that still
+        write for a second or two: wait for them rather than write beside them."""
+        if wait_s is None:
+            wait_s = envs.get("GPT2JOB_LOCK_WAIT")
+        path = self.path + LOCK_SUFFIX
+        try:
+            self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise io_error(path, e)
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                if _same_file(self.lock_fd, path):
+                    return
+                # the holder removed the lock file as it released it: lock the file now at that path instead
+                os.close(self.lock_fd)
+                self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(self.lock_fd)
+                    self.lock_fd = None
+                    raise UserError(f"another gpt2job run is writing this output (lock {path} held for "
+                                    f"{wait_s:.0f} s)", self.path, "output",
+                                    "wait for that run to end, or write to another output path")
+                time.sleep(0.2)
+
+    def unlock(self, remove):
+        fd, self.lock_fd = self.lock_fd, None
+        if fd is None:
+            return
+        if remove:
+            try:
+                os.remove(self.path + LOCK_SUFFIX)
+            except OSError:
+                pass
+        os.close(fd)
+
+    def remove(self):
+        """OUT and its journal, where they exist."""
+        for p in (self.path, self.journal):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise io_error(p, e, "remove")
+
+    def set_aside(self):
+        """--overwrite: OUT and its journal moved to their REPLACED_SUFFIX names. Where those exist already (a
+        replacing run stopped part-way), they still hold the output being replaced: the stopped run's files go."""
+        if self.replaced():
+            self.remove()
+            return
+        for p in (self.path, self.journal):
+            try:
+                os.replace(p, p + REPLACED_SUFFIX)
+                self.aside = True
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise io_error(p, e, "move aside")
+
+    def replaced(self):
+        """Does a set-aside file exist (of this run, or of a replacing run that stopped)?"""
+        return any(os.path.exists(p + REPLACED_SUFFIX) for p in (self.path, self.journal))
+
+    def settle_aside(self, restore):
+        """The set-aside files put back (restore: the run replacing them completed nothing and its own files are
+        gone) or removed (it finished)."""
+        for p in (self.path, self.journal):
+            try:
+                if restore:
+                    os.replace(p + REPLACED_SUFFIX, p)
+                else:
+                    os.remove(p + REPLACED_SUFFIX)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                raise io_error(p + REPLACED_SUFFIX, e, "restore" if restore else "remove")
