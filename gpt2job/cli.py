@@ -3,6 +3,7 @@
 A user mistake prints one line (file, field, fix) and exits with 2; a failed validation exits with 4.
 """
 import argparse
+import os
 import sys
 import time
 
@@ -272,6 +273,8 @@ def cmd_run(a):
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
+    if a.validate and not os.path.isfile(a.validate):   # said now, not after the job
+        raise UserError("no such file", a.validate, "--validate", "give the answer file, or leave --validate out")
     _warn_unused_sampling_flags(a)
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,

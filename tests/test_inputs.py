@@ -249,3 +249,14 @@ def test_the_output_and_validate_paths_are_checked_before_any_work(tmp_path):
     p = run([inp, out, "--backend", "numpy", "--validate", tmp_path / "nope.bin"])
     assert_one_clear_line(p, "nope.bin", "--validate", "no such file")
     assert "starting" not in p.stderr and not out.exists()
+
+
+def test_stop_strings_without_a_tokenizer_are_one_line(tmp_path):
+    """No vocabulary files (an empty --vocab-dir) and no download: --stop cannot match; the note that the output
+    would have no text is not printed before that error."""
+    inp, out, empty = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "empty"
+    write_token_input(inp, [[1, 2, 3]])
+    empty.mkdir()
+    p = run([inp, out, "--backend", "numpy", "--stop", "foo", "--vocab-dir", empty])
+    assert_one_clear_line(p, "--stop", "stop strings need the tokenizer")
+    assert "no tokenizer" not in p.stderr and not out.exists()

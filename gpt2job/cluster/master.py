@@ -78,8 +78,6 @@ class Master(Ending):
                             "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
-        if s.validate and not os.path.isfile(s.validate):   # said now, not after the job
-            raise UserError("no such file", s.validate, "--validate", "give the answer file, or leave --validate out")
         vocab_dir = vocab_dir_from(s.vocab_dir)
         loaded = []
 
@@ -113,6 +111,7 @@ class Master(Ending):
             self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
             self.enc = None
+            check_job_stops(s, cfg.vocab_size, self.rows, None)   # stop strings need it: that error, not the note
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
         check_job_stops(s, cfg.vocab_size, self.rows, self.enc)
         self.took("validate")
