@@ -98,9 +98,11 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         inp = f.attrs.get("input")
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
-        if pds is None:
-            stream.write(f"gpt2job: the input {_text(inp) if inp is not None else '(not recorded)'} is not there "
-                         "(or has other rows): exporting without the prompts\n")
+        if pds is None and not scored:   # (a score output's rows carry their tokens: score_output.export_rows)
+            where = _text(inp) if inp is not None else "(not recorded)"
+            why = "has no 'prompts' or 'prompt_tokens' of its rows" if inp is not None and os.path.exists(where) \
+                else "is not there"
+            stream.write(f"gpt2job: the input {where} {why}: exporting without the prompts\n")
         tmp = jsonl_path + ".tmp"
         written = 0
         try:
