@@ -49,7 +49,6 @@ PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
 
-
 class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 

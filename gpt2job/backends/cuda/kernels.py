@@ -105,9 +105,8 @@ def _staged_smem(bn, stages, out_half, rows=128):
 def _staged(name, bn, stages_half, stages_float):
     """Persistent TMA kernel with the staged epilogue: the finished tile goes out through shared memory by bulk
     copies (EPI_RESID as a bulk add in L2)."""
-    return F16Tile(name, "tma", 128, bn, bn, 288, _staged_smem(bn, stages_half, True),
-                   _staged_smem(bn, stages_float, False), ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=2"), "sm_90a",
-                   True, 1)
+    return F16Tile(name, "tma", 128, bn, bn, 288, _staged_smem(bn, stages_half, True), _staged_smem(bn, stages_float,
+                   False), ("-DGEMM_TMA_BN=%d" % bn, "-DGEMM_TMA_PERSIST=2"), "sm_90a", True, 1)
 
 
 F16_TILES = {t.name: t for t in (
@@ -151,8 +150,7 @@ F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 
 def choose_variants(options, hopper):
-    """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's default set (hopper(),
-    asked only then: wgmma and TMA need Hopper, sm_90)."""
+    """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's (hopper(): wgmma, TMA)."""
     variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
     variants = variants or (F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER)
     for v in variants:
@@ -167,7 +165,9 @@ def module_jobs(variants, cc=(9, 0)):
     arch = "sm_%d%d" % tuple(cc)
     jobs = [(f, f, (), arch) for f in sorted({k.source for k in KERNELS})]
     for t in (F16_TILES[v] for v in variants):
-        jobs += [j for j in [(t.module, t.source, t.defines, arch if t.arch == "sm_90" else t.arch)] if j not in jobs]
+        job = (t.module, t.source, t.defines, arch if t.arch == "sm_90" else t.arch)
+        if job not in jobs:
+            jobs.append(job)
     return jobs
 
 
