@@ -93,9 +93,9 @@ class RowParams:
 
 @dataclass
 class Chunk:
-    """A unit of work: prompts (token ids) with the input row each answers, and (optionally) per-row settings."""
+    """A unit of work: prompts (token ids) with the output row each answers, and (optionally) per-row settings."""
     chunk_id: int
-    rows: np.ndarray         # [B] int64 input row indices
+    rows: np.ndarray         # [B] int64 output rows (with --num-samples N, row r answers prompt r // N)
     offsets: np.ndarray      # [B+1] int64 into tokens
     tokens: np.ndarray       # [sum of prompt lengths] int32
     params: Optional[RowParams] = None

@@ -10,6 +10,7 @@ import time
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
+from gpt2job.model.logprobs import MAX_TOP
 
 
 RUN_EPILOG = """\
@@ -200,7 +201,7 @@ def build_parser():
     r.add_argument("--logprobs", action="store_true",
                    help="store each generated token's log-probability under the model (log_softmax of the raw "
                         "logits, before temperature, top-k/top-p and repetition penalty) in `completion_logprobs`")
-    r.add_argument("--top-logprobs", type=_int_in("--top-logprobs", 0, 20), default=0, metavar="K",
+    r.add_argument("--top-logprobs", type=_int_in("--top-logprobs", 0, MAX_TOP), default=0, metavar="K",
                    help="also store the K (0..20) most likely tokens of each step and their log-probabilities "
                         "(`top_logprob_ids`, `top_logprobs`); implies --logprobs")
     r.add_argument("--num-samples", type=_int_in("--num-samples", 1, 1000), default=1, metavar="N",

@@ -55,7 +55,7 @@ VARS = {v.name: v for v in (
     # ---- tests and benchmarks
     Var("GPT2JOB_FAULT", "str", "",
         "tests only: RANK:K:MODE[,...] makes rank RANK fail on its K-th chunk (0: start-up; chunks merged into one "
-        "batch count once), MODE raise|hang|exit"),
+        "batch count once), MODE raise|hang|exit|kill|cuda (faults.py)"),
     Var("GPT2JOB_SHARED", "str", "", "tests and benchmarks: the shared/ folder (default ../shared)"),
     Var("GPT2JOB_SEED_WORKLOAD", "str", "", "benchmarks: the seed workload's folder or input.bin"),
     Var("GPT2JOB_WRITER", "str", "auto",

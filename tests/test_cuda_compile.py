@@ -11,23 +11,33 @@ SRC = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 
 FILES = sorted(glob.glob(os.path.join(SRC, "*.cu")))
 
 
-def _compile(path, tmp):
+def _compile(path, tmp, defines=(), name=None):
     with open(path) as fh:
         text = fh.read()
     arch = ["-gencode=arch=compute_90a,code=sm_90a"] if "wgmma" in text else ["-arch=sm_90"]
-    out = os.path.join(tmp, os.path.basename(path) + ".cubin")
-    cmd = ["nvcc", *arch, "-std=c++17", "-cubin", "-I", SRC, "-o", out, path]
+    out = os.path.join(tmp, (name or os.path.basename(path)) + ".cubin")
+    cmd = ["nvcc", *arch, "-std=c++17", "-cubin", *defines, "-I", SRC, "-o", out, path]
     r = subprocess.run(cmd, capture_output=True, text=True)
-    return path, r.returncode, r.stdout + r.stderr
+    return name or path, r.returncode, r.stdout + r.stderr
+
+
+def _swap_tiles():
+    """gemm_swap.cu makes its kernel only under a tile's defines (SWAP_NAME, ...): the narrowest and the widest
+    swapped tiles, compiled as kernels.py compiles them."""
+    from gpt2job.backends.cuda.kernels import F16_TILES
+    swap = sorted((t for t in F16_TILES.values() if t.family == "swap"), key=lambda t: t.bm * t.bn)
+    return [(os.path.join(SRC, t.source), t.defines, t.name) for t in (swap[0], swap[-1])]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_all_kernels_compile(tmp_path):
     assert FILES, "no cuda_src/*.cu files"
+    jobs = [(p, (), None) for p in FILES] + _swap_tiles()
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
-        results = list(ex.map(lambda p: _compile(p, str(tmp_path)), FILES))
+        results = list(ex.map(lambda j: _compile(j[0], str(tmp_path), j[1], j[2]), jobs))
     failed = [(os.path.basename(p), log) for p, rc, log in results if rc != 0]
     assert not failed, "\n".join(f"{name}:\n{log}" for name, log in failed)
+    assert os.path.getsize(tmp_path / (jobs[-1][2] + ".cubin")) > 10_000   # a swapped tile's kernel was made
 
 
 def test_every_kernel_waits_for_the_kernels_before_it_first():

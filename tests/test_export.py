@@ -36,7 +36,10 @@ def test_export_text_prompts_and_unfinished_rows(tmp_path, vocab_dir):
     run_gpt2job(["export", out, js], check=0)
     got = rows_of(js)
     assert [r["prompt"] for r in got] == ["Hello world", "Über café"]
-    assert all(isinstance(r["completion"], str) and isinstance(r["text_exact"], bool) for r in got)
+    res = read_output(out)   # each row's own text and tokens (not, say, row 0's for every row)
+    assert [r["completion"] for r in got] == res["text"] and len(set(res["text"])) == 2
+    assert [r["text_exact"] for r in got] == [bool(x) for x in res["text_exact"]]
+    assert [r["completion_tokens"] for r in got] == [t.tolist() for t in res["tokens"]]
     with h5py.File(out, "r+") as f:          # as if the job had been killed after row 0
         f["done"][1] = 0
         f.attrs["finished"] = 0

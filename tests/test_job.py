@@ -73,6 +73,9 @@ def test_text_prompts_end_to_end(tmp_path, vocab_dir):
             assert text == raw.decode("utf-8", errors="replace").replace("\x00", "\ufffd")
     shown = run_gpt2job(["show", out, "--limit", 2], check=0).stdout
     assert "4 of 4 rows done, finished" in shown
+    for i in range(2):   # each row shown with its own tokens and text
+        line = next(x for x in shown.splitlines() if x.startswith(f"[{i}] "))
+        assert f" {res['tokens'][i].tolist()}  {res['text'][i]!r}" in line, line
 
 
 def test_two_dimensional_token_input_and_tokens_win_over_text(tmp_path, expected):
@@ -137,6 +140,12 @@ def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(
     summary = json.loads(read_output(out)["attrs"]["summary"])
     busy = summary["workers"][0]["busy_percent"]
     assert busy is not None and 0 < busy <= 100
+    # the figure itself: compute time over the span from the first chunk sent to the last result received
+    from gpt2job.cluster.scheduler import WorkerState
+    w = WorkerState(rank=1, compute_s=0.75, first_sent=100.0, last_result=101.0)
+    assert w.busy_percent() == 75.0 and w.summary()["busy_percent"] == 75.0
+    w.compute_s = 1.5   # never over 100
+    assert w.busy_percent() == 100.0 and WorkerState(rank=1, compute_s=1.0).busy_percent() is None
 
 
 @pytest.mark.parametrize("np_", [None, 3])

@@ -14,7 +14,6 @@ from gpt2job.backends import Backend
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Completions
 from gpt2job.settings import GenerationSettings
 
-_M = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 
 def _mix(x):

@@ -1,18 +1,18 @@
 """How the master and its workers talk: one small interface, two transports.
 
-Master side (`Channel`): send_chunk, send_stop, poll (every message waiting), take_reports (the progress reports
-poll set aside), wait (idle a moment), flush.
+Master side (what MpiChannel, ThreadChannel and Mux each offer): send_chunk, send_stop, poll (every message
+waiting), take_reports (the progress reports poll set aside), wait (idle a moment), flush.
   * MpiChannel: the worker ranks 1..N-1. Chunks and results travel as int64 buffers (Isend/Recv; the master
     never blocks on one worker); hello, error and stop are small pickled messages.
   * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.
   * Mux: both at once (a node with more GPUs than worker ranks).
-Worker side (`MasterLink`): receive, send_hello, send_result, send_error, send_progress, in_flight, finish,
-wait_for_stop: MpiMasterLink and QueueMasterLink, the two ends of the above.
+Worker side (what MpiMasterLink and QueueMasterLink each offer): receive, send_hello, send_result, send_error,
+send_progress, in_flight, finish, wait_for_stop: the two ends of the above.
 Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info),
 ("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and progress
 reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
 messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends
-at most one every ~0.5 s, never waiting for it (one the master has not taken yet is dropped, not waited for)."""
+at most one every ~0.5 s, never waiting for it (skipped while MAX_REPORTS_IN_FLIGHT earlier ones are on their way)."""
 import queue
 import time
 

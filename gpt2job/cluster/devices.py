@@ -39,8 +39,9 @@ def local_size():
 
 
 def node_worker_index(comm):
-    """(index of this rank among the worker ranks on its node, worker ranks on the node); rank 0 is the
-    master and uses no GPU. Collective over comm: every rank calls it once at start-up."""
+    """(index of this rank among the worker ranks on its node, worker ranks on the node); rank 0, the master, is
+    not counted (its own worker may take a GPU after these: job.master_gpu_slot). Collective over comm: every rank
+    calls it once at start-up."""
     from mpi4py import MPI
     node = comm.Split_type(MPI.COMM_TYPE_SHARED)
     ranks = node.allgather(comm.Get_rank())

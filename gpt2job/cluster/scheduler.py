@@ -28,7 +28,7 @@ def position_cost(dtype, n_embd):
 class Outstanding:
     chunk: Chunk
     sent_at: float
-    new_tokens: int      # upper bound of tokens to generate (the sum of its rows' max_new_tokens)
+    new_tokens: int      # upper bound of tokens to generate (its rows' max_new_tokens summed; score: tokens scored)
 
 
 @dataclass

@@ -8,10 +8,10 @@ their next tool:
 output is still there; `completion`/`text_exact` when the output has text; `stop_reason` (after `finish_reason`)
 when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per completion token) and with
 --top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
-[{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); every other per-row dataset of the
-output that holds one value or one list per row (log-probabilities, sample indices, ...) is exported under its
-own name. With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample r % N of prompt
-r // N, whose prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
+[{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); any other per-row dataset of the output
+(not in BUILT_IN) that holds one value or one list per row is exported under its own name (prompt_length is not).
+With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample r % N of prompt r // N, whose
+prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
 in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
 place, so a failed export leaves no half file."""
 import json
@@ -57,7 +57,8 @@ def _tops(ids, vals, k):
 
 
 def _input_prompts(path, n):
-    """(name, dataset) of the input's prompts when the input is still there and has n rows; else (None, None)."""
+    """(open file, key, dataset) of the input's prompts when the input is still there and has n rows; else
+    (None, None, None)."""
     import h5py
     try:
         f = h5py.File(path, "r")

@@ -15,8 +15,8 @@ RowText.make (the rows' text), RowWriter.prepare (NumPy: order, pointers) and Ro
 holds the GIL through them) are separate steps. Two writers take rows from the master (files/writer.py): WriterThread
 (in the master's process, for small jobs: nothing to start) and WriterProcess (large jobs: its own process, and the
 text made by others, so that neither the master's loop nor the text waits for HDF5 or for the GIL). Both create the
-file themselves, from what make_header gives them, and take each group of results as the journal's bytes
-(files/journal.py).
+file themselves, from what make_header gives them; WriterProcess takes each group of results as the journal's bytes
+(files/journal.py), WriterThread as Completions.
 """
 import errno
 import json

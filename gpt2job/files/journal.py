@@ -8,7 +8,7 @@ row of 8 tokens, 12 a copy): chunk id, rows B, tokens T, copies C (int64 each), 
 [C]), tokens (int32 [T]), lengths (int32 [B]), copy sources (int32 [C]: the row whose completion a copy has),
 finish codes (uint8 [B]), all little-endian. A chunk with log-probabilities (--logprobs) is a GJR3 record: the GJR2
 payload, then K (int64), the logprobs (float32 [T]), the top ids (int32 [T, K]) and top logprobs (float32 [T, K]);
-chunks without them stay GJR2. Records of older journals (GJR1: the int64 buffer of chunks.py) are read too. Results
+chunks without them stay GJR2. Records of older journals (GJR1: chunks.py's former int64 buffer) are read too. Results
 received together are appended with one write and one fsync (append_many: a group commit)."""
 import errno
 import json

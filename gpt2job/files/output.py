@@ -11,7 +11,8 @@ same model, input and settings. The files --overwrite replaces are set aside (OU
 until the run that replaces them finishes: a run that completes nothing puts them back, one that stops part-way
 leaves them there (its own rows resume as usual).
 
-HDF5 layout (row i answers prompt i; with --layout flat the variable-length columns are flat arrays, files/h5flat.py):
+HDF5 layout (row i answers prompt i, with --num-samples N prompt i // N; with --layout flat the variable-length
+columns are flat arrays, files/h5flat.py):
   completion_tokens  vlen int32 [N]   generated token ids (the truth; includes the stop token)
   completions        vlen str   [N]   decoded text without the stop token (when a tokenizer is known)
   text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;
@@ -23,7 +24,7 @@ HDF5 layout (row i answers prompt i; with --layout flat the variable-length colu
   prompt_length      int32      [N]
   stop_reason        vlen str   [N]   only in jobs with stops: the stop string the text was cut before, a stop token
                                       id (not EOS) as decimal text, "" otherwise (vLLM's stop_reason)
-  completion_logprobs vlen float32 [N] only with --logprobs: each generated token's log-probability (h5write.py)
+  completion_logprobs vlen float32 [N] only with --logprobs: each generated token's log-probability (h5logprobs.py)
   top_logprob_ids    vlen int32 [N]   only with --top-logprobs K: per row n_generated x K ids, step-major (attribute
   top_logprobs       vlen float32 [N] top_logprobs_k = K on both), and their log-probabilities
   attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),

@@ -80,10 +80,6 @@ class StopTable:
             self.n = len(raw_offsets) - 1
         self.job_blob = blob
 
-    @property
-    def any(self):
-        return self.per_row or bool(self.job)
-
     def take(self, rows):
         """(offsets [B+1], bytes) of these rows' stop strings."""
         rows = np.asarray(rows, np.int64)

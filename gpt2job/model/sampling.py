@@ -138,7 +138,7 @@ def kept_probs(logits, s: SamplingSettings):
 
 
 def select_tokens(logits, rows, step, s: SamplingSettings):
-    """logits: [B, V] float32, rows: [B] prompt row indices -> chosen token ids [B] int64."""
+    """logits: [B, V] float32, rows: [B] output rows -> chosen token ids [B] int64."""
     if s.greedy:
         return np.argmax(logits, axis=-1).astype(np.int64)       # [B]
     out = np.empty(len(rows), dtype=np.int64)
@@ -251,7 +251,7 @@ def penalize(logits, seen, penalty):
 
 
 def select_rows(logits, rows, step, rs: RowSettings, seen=None):
-    """Per-row selection: logits [B, V] float32 of rows with settings rs ([B]), rows [B] input row indices, seen
+    """Per-row selection: logits [B, V] float32 of rows with settings rs ([B]), rows [B] output rows, seen
     [B, V] bool (None: no penalty) -> [B] int64. Row b: the penalty, then the argmax (temperature <= 0) or rules
     2-6 with its own temperature / top-k / top-p / seed."""
     if seen is not None:
@@ -268,7 +268,7 @@ def select_rows(logits, rows, step, rs: RowSettings, seen=None):
 
 def sample_rows_params(logits, rows, seqidx, step, seed, temperature, top_k, top_p, penalty, bits, seq_base):
     """Twin of sampling.cu sample_rows_params: logits [R, V] float32; logits row r is sequence q = seqidx[r], whose
-    settings are seed/temperature/top_k/top_p/penalty[q] ([Q] each) and input row rows[q]; bits [S, W] uint32
+    settings are seed/temperature/top_k/top_p/penalty[q] ([Q] each) and output row rows[q]; bits [S, W] uint32
     (seen tokens of sequence q: row q - seq_base; None: no penalty) -> [R] int64."""
     q = np.asarray(seqidx, np.int64)                                       # [R]
     rs = RowSettings(np.zeros(len(q), np.int64), np.asarray(temperature, np.float64)[q],

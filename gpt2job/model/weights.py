@@ -259,22 +259,21 @@ def load_hf_dir(directory):
                 continue  # causal-mask buffers of the published checkpoints
             tensors[key] = (arr, path)
 
-    def take(key, shape):
+    def take(key):
         arr, path = tensors.pop(key)
         if not _finite(arr):
             raise UserError("contains NaN or infinite values", path, key, "the weights are corrupt; re-save them")
         return np.ascontiguousarray(arr)
 
-    g = global_shapes(cfg)
-    layers = [{n: take(f"h.{i}.{n}", s) for n, s in layer_shapes(cfg).items()} for i in range(cfg.n_layer)]
-    wte = take("wte.weight", g["wte.weight"])
+    layers = [{n: take(f"h.{i}.{n}") for n in layer_shapes(cfg)} for i in range(cfg.n_layer)]
+    wte = take("wte.weight")
     head = None
     if "lm_head.weight" in tensors:
-        head = take("lm_head.weight", g["wte.weight"])
+        head = take("lm_head.weight")
         if np.array_equal(head, wte):
             head = None
-    p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight", g["wpe.weight"]), layers=layers,
-                   ln_f_w=take("ln_f.weight", g["ln_f.weight"]), ln_f_b=take("ln_f.bias", g["ln_f.bias"]),
+    p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight"), layers=layers,
+                   ln_f_w=take("ln_f.weight"), ln_f_b=take("ln_f.bias"),
                    lm_head=head, source=os.path.abspath(directory))
     p.fingerprint = fingerprint(directory)
     return p

@@ -12,7 +12,8 @@ Objects, each calling only the ones below it (none calls back into its owner):
   plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
   prefix_share.py  pure NumPy: which prompt prefixes a chunk computes once
   tensor_maps.py   TMA descriptors of the Hopper products
-Only device.py, kernels.py and kcache.py import pycuda, and only when a backend is built or kernels compile.
+Only device.py, kernels.py (Kernels), kcache.py (compile_cubin) and prebuild.py (gpu_arch) import pycuda, each only when
+called: when a backend is built, kernels compile or build-kernels looks for the node's GPU.
 """
 import importlib.util
 import os

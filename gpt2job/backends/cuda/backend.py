@@ -22,7 +22,7 @@ from gpt2job.backends.cuda.graphs import StepGraphs
 from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
-from gpt2job.backends.cuda.plan import memory_plan, preferred_chunk
+from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, memory_plan, preferred_chunk
 from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner
 from gpt2job.chunks import Chunk
@@ -96,8 +96,10 @@ class CudaBackend(Backend):
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
             return self.model.activation_bytes(rows, head_rows) + sum(
                 n for _, n in option_buffers(head_rows, self.model, *options))
+        def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
+            return self.runner.pool_bytes(rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,
-                         self.cfg.n_positions, estimate, self.runner.pool_bytes)
+                         self.cfg.n_positions, estimate, reserved)
         self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps
@@ -111,13 +113,12 @@ class CudaBackend(Backend):
         """Allocate the large buffers now, before the worker says it is ready (Runner.reserve; shrunk while an
         allocation fails): growing them during the first chunk would put allocations, and the synchronisations that
         come with freeing a smaller buffer, inside the timed generation. Then the pinned uploads of two chunks (the
-        worker keeps two submitted) of up to 6 x max_prefill_rows tokens (plan.Layout: 12 bytes per token, ~20 per
-        prompt, 12 per shared-prefix copy: W2's 2,048 prompts of 32-512 tokens take 7 MB; a chunk that needs more
-        grows them then, while the GPU may wait)."""
+        worker keeps two submitted) of plan.UPLOAD_ROW_BYTES a prefill row (W2's 2,048 prompts of 32-512 tokens
+        take 7 MB; a chunk that needs more grows them then, while the GPU may wait)."""
         runner, dev = self.runner, self.device
         try:
             runner.fit()
-            dev.reserve_uploads(2, 72 * runner.max_prefill_rows)
+            dev.reserve_uploads(2, UPLOAD_ROW_BYTES * runner.max_prefill_rows)
         except Exception as e:
             if not dev.is_oom(e):
                 raise

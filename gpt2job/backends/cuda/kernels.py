@@ -5,8 +5,8 @@ the current CUDA context and launches it cheaply (prepared calls).
 
 A signature has one letter per parameter of the kernel in cuda_src (P pointer, i int, f float, d double,
 Q unsigned long long); tests/test_cuda_host.py checks every record against the preprocessed .cu.
-pycuda is imported only when Kernels is built. The modules come from the node's kernel cache (kcache.py), which compiles
-each one once per node, whatever the number of ranks; `python -m gpt2job build-kernels` fills it first (no GPU needed).
+pycuda is imported only when Kernels is built or a module compiles. The node's kernel cache (kcache.py) compiles each
+module once per node, whatever the number of ranks; `python -m gpt2job build-kernels` fills it first (no GPU needed).
 """
 import os
 from dataclasses import dataclass

@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.model.sampling import plain
 from gpt2job.settings import SamplingSettings
 
@@ -126,6 +127,6 @@ class SelectKernels:
         ids (descending, ties to the lower id) and their log-probabilities (model/logprobs.py's rules). greedy: tok[r]
         is written first, the argmax of the row (argmax_rows' rule)."""
         if R:
-            assert 0 <= k <= 20
+            assert 0 <= k <= MAX_TOP
             self.launch(self.TOKEN_LOGPROBS, (R, 1, 1), stream, logits, ld, V, tok, int(bool(greedy)), int(k), lp,
                         top_ids if k else 0, top_vals if k else 0, R)

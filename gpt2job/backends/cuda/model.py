@@ -263,7 +263,7 @@ class Model:
 
     def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, lp=None, step_at=0):
         """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
-        argmax or sampling (row i draws with input row p_rows[p_seqidx[i]]'s seed at this step; step_at: 0, or the
+        argmax or sampling (row i draws with output row p_rows[p_seqidx[i]]'s seed at this step; step_at: 0, or the
         device address of an int32 that holds the step instead, Kernels.sample). sel (rows.RowSel):
         each row's own settings and penalty, on the materialised logits (sampling is then unused). lp
         (logprobs.LogprobOut, --logprobs): the chosen tokens' log-probabilities (and top K) from the materialised

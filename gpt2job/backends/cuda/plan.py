@@ -88,7 +88,7 @@ class Layout:
     positions: np.ndarray   # [T] int32 their positions
     seq: np.ndarray         # [T] int32 their prompt
     last: np.ndarray        # [B] int32 the row of each prompt's last token
-    rows: np.ndarray        # [B] int64 the input row of each prompt
+    rows: np.ndarray        # [B] int64 the output row of each prompt
     tiles: np.ndarray       # [NT, 2] int32 attention_prefill tiles {first_row, n_rows}
     tile_off: np.ndarray    # [B+1] prompt b's tiles: tile_off[b]..tile_off[b+1]
     copies: np.ndarray      # [E, 3] int32 shared-prefix key/value rows {dst, src, pos}
@@ -100,7 +100,7 @@ class Layout:
 
     @classmethod
     def of(cls, offsets, lens, tokens, rows, share, tiles, sel=None):
-        """The layout of prompts (prompt b: tokens[offsets[b]:offsets[b+1]], lens[b] of them, answering input row
+        """The layout of prompts (prompt b: tokens[offsets[b]:offsets[b+1]], lens[b] of them, answering output row
         rows[b]), with share a prefix_share.SharePlan (or None: every token computed, the chunk's order) and tiles:
         whether the prefill attention kernel runs (else no tiles); sel: the per-row settings, run order."""
         B = len(rows)
@@ -245,6 +245,8 @@ def kv_groups(lens, extra, bytes_per_position, budget):
 # ---------------------------------------------------------------- device memory (sizes), and chunks in parts
 
 KV_FLOOR = 64 << 20    # bytes: the least KV cache budget
+UPLOAD_ROW_BYTES = 72  # a chunk upload's bytes per prefill row, pinned and on the GPU (Layout: 12 bytes a token, up
+                       # to 6 tokens a row with each prompt's ~20 bytes; a chunk that needs more grows its upload)
 HEAD_FLOOR = 64        # the fewest LM head rows the buffers shrink to
 CHUNK_FLOOR = 64       # the fewest prompts per chunk a worker with little memory asks for
 
@@ -268,7 +270,7 @@ def memory_plan(free, share_gpus, rows, head_rows, chunk, n_positions, estimate,
     """The buffer sizes of a worker with `free` bytes of device memory left after its weights and kernels.
 
     estimate(rows, head_rows): the activation bytes the KV budget leaves room for (Model.activation_bytes: an upper
-    bound); reserve(rows, head_rows): the bytes the buffer pool reserves besides the KV cache (Runner.pool_bytes).
+    bound); reserve(rows, head_rows): the bytes reserved besides the KV cache (Runner.pool_bytes and the uploads).
     The sizes asked for (rows, head_rows, chunk) whenever their estimate takes at most half the memory, with the
     KV budget f x (free - estimate) (f = 0.8; 0.4 when ranks share the GPU: they all measured the same free
     memory), at least KV_FLOOR: so nothing changes on a GPU with room. Otherwise rows and head rows halve together

@@ -2,7 +2,7 @@
 selection (Kernels.sample_params: own temperature / top-k / top-p / seed, repetition penalty through a seen-tokens
 bitmap per KV slot), stop token ids and stop strings (model/stops.py, checked as each step's tokens reach the
 host). A chunk without RowParams, without stop strings and without a penalty selects with the job's kernels (the
-fused fp16 greedy head among them): RowPlan.shared is then the job's SamplingSettings and RowPlan.sel None.
+fused fp16 greedy head among them): RowPlan.shared is then the job's SamplingSettings and group_sel returns None.
 """
 from dataclasses import dataclass
 

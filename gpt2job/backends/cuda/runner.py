@@ -61,11 +61,11 @@ class Runner:
     # ---------------------------------------------------------------- buffers
 
     def pool_bytes(self, rows, head_rows):
-        """Device bytes reserve() takes besides the KV cache at these sizes, the two uploads included."""
+        """Device bytes reserve() takes besides the KV cache at these sizes (the chunks' uploads: the backend's)."""
         parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
                  + self.model.head_buffers(self.greedy, head_rows, lse=self.options[1] == 0)
                  + option_buffers(head_rows, self.model, *self.options))
-        return sum(max(int(n), 16) for _, n in parts) + 2 * 20 * rows
+        return sum(max(int(n), 16) for _, n in parts)
 
     def reserve(self):
         """Allocate the pool's buffers at the current sizes: the activations at their largest, the decode steps'
