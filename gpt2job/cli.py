@@ -34,6 +34,7 @@ IN forms:
 
 exit codes:
   0    done (also when the output was already complete with these settings)
+  1    an internal error (with its traceback)
   2    a user mistake: one line naming the file, the field and the fix
   3    no worker left: completed rows are kept; run the same command again to resume
   4    --validate failed: more mismatched tokens than --validate-tolerance
