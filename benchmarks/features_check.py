@@ -50,7 +50,8 @@ token's start). The tokenizer is GPT-2's: vocab.bpe + encoder.json from --vocab-
 Prints one line per case as it goes and a table last; --results appends one JSON line per case. A row whose first
 difference is a token transformers scores within --tie-tol (1e-3) of its top one counts as a near tie (fp32 rounding),
 not a failure; the first difference shows transformers' top1-top2 gap and how far below our token scored. Exit status
-1 when a case expected to match does not.
+1 when a case expected to match does not. tests/test_vs_transformers.py runs the cases on tests/fixtures/tiny-hf; where
+torch is absent (CI) it replays transformers' outputs recorded where it ran (Ctx replay / record, save_reference).
 """
 import argparse
 import json
@@ -129,26 +130,72 @@ def write_hf(directory, seed=0, **shape):
 
 
 def write_negative(model_dir, out_dir, shift=40.0, seed=0):
-    """A copy of model_dir whose every logit is about `shift` lower (all negative), written by save_pretrained, so
-    that the repetition penalty's sign rule (l * p where l < 0, l / p where l >= 0) decides tokens: dividing a
-    negative logit would favour repeats. For a unit direction c: wte loses its component along c and gains
-    +1 * c (tied head: every logit gets (h . c) * 1), and ln_f.bias gets -shift * c, so h . c is about -shift
-    for every position. The model's other behaviour is a little changed (the input embeddings too). -> out_dir"""
-    import torch
-    from transformers import GPT2LMHeadModel
-    m = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32) if _tf_major() >= 5 else \
-        GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32)
-    assert m.lm_head.weight.data_ptr() == m.transformer.wte.weight.data_ptr(), "write_negative needs a tied head"
-    g = torch.Generator().manual_seed(seed + 7)
-    c = torch.randn(m.config.n_embd, generator=g)
-    c /= c.norm()
-    with torch.no_grad():
-        w = m.transformer.wte.weight
-        w.sub_(torch.outer(w @ c, c)).add_(c[None, :])
-        m.transformer.ln_f.bias.sub_(shift * c)
+    """A copy of model_dir (a save_pretrained folder of one safetensors file, tied head) whose every logit is about
+    `shift` lower (all negative), so that the repetition penalty's sign rule (l * p where l < 0, l / p where l >= 0)
+    decides tokens: dividing a negative logit would favour repeats. For a unit direction c: wte loses its component
+    along c and gains +1 * c (tied head: every logit gets (h . c) * 1), and ln_f.bias gets -shift * c, so h . c is
+    about -shift for every position. The model's other behaviour is a little changed (the input embeddings too).
+    NumPy only (no torch: tests replay transformers' recorded outputs on it, see Ctx). -> out_dir"""
+    from gpt2job.model import safetensors_io
+    files = [f for f in os.listdir(model_dir) if f.endswith(".safetensors")]
+    assert len(files) == 1, "write_negative reads one model.safetensors"
+    tensors = dict(safetensors_io.load(os.path.join(model_dir, files[0])))
+    pre = "transformer." if "transformer.wte.weight" in tensors else ""
+    assert "lm_head.weight" not in tensors, "write_negative needs a tied head"
+    wte = tensors[pre + "wte.weight"].astype(np.float32)
+    c = np.random.default_rng(seed + 7).standard_normal(wte.shape[1]).astype(np.float32)
+    c /= np.linalg.norm(c)
+    tensors[pre + "wte.weight"] = (wte - np.outer(wte @ c, c) + c[None, :]).astype(np.float32)
+    tensors[pre + "ln_f.bias"] = (tensors[pre + "ln_f.bias"].astype(np.float32) - shift * c).astype(np.float32)
     os.makedirs(out_dir, exist_ok=True)
-    m.save_pretrained(out_dir, safe_serialization=True)
+    for f in os.listdir(model_dir):   # config.json, generation_config.json
+        if f.endswith(".json"):
+            shutil.copy(os.path.join(model_dir, f), out_dir)
+    safetensors_io.save(os.path.join(out_dir, "model.safetensors"), tensors, metadata={"format": "pt"})
     return out_dir
+
+
+# ---------------------------------------------------------------- transformers' outputs, recorded
+
+def load_reference(path):
+    """{key: value} of a file save_reference wrote (np.load of an .npz; keys JSON text)."""
+    with np.load(path) as z:
+        out = {}
+        for k in z.files:
+            key, part = k.rsplit("|", 1)
+            out.setdefault(key, {})[part] = z[k]
+    return {k: _from_arrays(v) for k, v in out.items()}
+
+
+def save_reference(record, path):
+    arrays = {}
+    for key, value in record.items():
+        for part, arr in _to_arrays(value).items():
+            arrays[f"{key}|{part}"] = arr
+    np.savez_compressed(path, **arrays)
+
+
+def has_stop_strings(key):
+    """Does a recorded call (its key) pass stop strings?"""
+    kind, _, args = json.loads(key)
+    return kind == "run" and bool(args[4])
+
+
+def _to_arrays(value):
+    """hf_run's (tokens, finish, scores or None) or hf_raw_logprobs' (tokens, log-probabilities)."""
+    if len(value) == 3:
+        gen, fin, scores = value
+        out = {"gen": np.asarray(gen, np.int64), "fin": np.asarray([fin], np.int64)}
+        if scores is not None:
+            out["scores"] = np.asarray(scores, np.float32)
+        return out
+    return {"gen": np.asarray(value[0], np.int64), "lp": np.asarray(value[1], np.float64)}
+
+
+def _from_arrays(parts):
+    if "lp" in parts:
+        return [int(t) for t in parts["gen"]], parts["lp"]
+    return [int(t) for t in parts["gen"]], int(parts["fin"][0]), parts.get("scores")
 
 
 # ---------------------------------------------------------------- the two engines
@@ -157,10 +204,29 @@ class Ctx:
     """The model on both sides: our params + backend name/dtype, transformers' model and tokenizer."""
 
     def __init__(self, model_dir, backend="numpy", dtype="float32", vocab_dir=None, hf_device="cpu",
-                 attn="eager", threads=None):
+                 attn="eager", threads=None, replay=None, record=None, name=""):
+        """replay: transformers' outputs recorded before ({key: value}, load_reference), used instead of running
+        it (no torch needed); record: a dict that gets every output this Ctx computes; name: this model's part of
+        their keys."""
+        from gpt2job.model.weights import load_params
+        self.replay, self.record, self.name = replay, record, name
+        self.model_dir, self.backend, self.dtype, self.dev = model_dir, backend, dtype, hf_device
+        self.params = load_params(model_dir)
+        self.cfg = self.params.config
+        self.eos = int(self.cfg.eos_token_id)
+        self.vocab_dir = vocab_dir
+        self.tok = None          # transformers' tokenizer (its stop-string criterion; English prompts)
+        if vocab_dir:
+            from gpt2job.model.stops import token_bytes
+            self.table = token_bytes(vocab_dir, self.cfg.vocab_size)
+        self._hf_cache, self._crit = {}, {}
+        self._be, self._be_gs = None, None
+        self._chunk_id = 0
+        self.last = None   # the Completions of ours()' last chunk (the logprobs case reads them)
+        if replay is not None:
+            return
         import torch
         from transformers import GPT2LMHeadModel
-        from gpt2job.model.weights import load_params
         self.torch = torch
         import transformers
         transformers.logging.set_verbosity_error()
@@ -174,26 +240,14 @@ class Ctx:
                         setattr(obj, k, v)
                 except Exception:  # noqa: BLE001
                     pass
-        self.model_dir, self.backend, self.dtype, self.dev = model_dir, backend, dtype, hf_device
-        self.params = load_params(model_dir)
-        self.cfg = self.params.config
-        self.eos = int(self.cfg.eos_token_id)
         self.hf = GPT2LMHeadModel.from_pretrained(model_dir, dtype=torch.float32, attn_implementation=attn) \
             if _tf_major() >= 5 else GPT2LMHeadModel.from_pretrained(model_dir, torch_dtype=torch.float32,
                                                                      attn_implementation=attn)
         self.hf = self.hf.to(hf_device).eval()
         gc = self.hf.generation_config
         gc.eos_token_id, gc.bos_token_id, gc.pad_token_id = None, None, self.eos
-        self.vocab_dir = vocab_dir
-        self.tok = None
         if vocab_dir:
             self.tok = hf_tokenizer(vocab_dir, self.cfg.vocab_size)
-            from gpt2job.model.stops import token_bytes
-            self.table = token_bytes(vocab_dir, self.cfg.vocab_size)
-        self._hf_cache, self._crit = {}, {}
-        self._be, self._be_gs = None, None
-        self._chunk_id = 0
-        self.last = None   # the Completions of ours()' last chunk (the logprobs case reads them)
 
     # ours ------------------------------------------------------------
     def backend_for(self, gs):
@@ -263,6 +317,10 @@ class Ctx:
         key = (tuple(int(t) for t in prompt), int(max_new), tuple(sorted(eos_ids)), float(penalty), tuple(stops))
         if key in self._hf_cache:
             return self._hf_cache[key]
+        ref = self._ref_key("run", key)
+        if self.replay is not None:
+            self._hf_cache[key] = self._replayed(ref)
+            return self._hf_cache[key]
         res = self.hf_generate(key[0], max_new, eos_ids, penalty, stops, output_scores=True)
         seq = res.sequences[0].tolist()
         gen = seq[len(key[0]):]
@@ -274,14 +332,34 @@ class Ctx:
         else:
             fin = FINISH_LENGTH
         self._hf_cache[key] = (gen, fin, scores)
+        if self.record is not None:
+            self.record[ref] = self._hf_cache[key]
         return self._hf_cache[key]
+
+    def _replayed(self, ref):
+        if ref not in self.replay:   # the cases' calls follow our outputs (stops are picked from them)
+            raise AssertionError(f"transformers' output for {ref} was not recorded: our outputs changed since the "
+                                 "recording (or it is stale; record it again where torch and transformers run)")
+        return self.replay[ref]
+
+    def _ref_key(self, kind, key):
+        """The key of a transformers output in a recording: JSON text of the kind, this model's name and the
+        call's arguments."""
+        return json.dumps([kind, self.name, [list(k) if isinstance(k, tuple) else k for k in key]])
 
     def hf_raw_logprobs(self, prompt, max_new, eos_ids, penalty):
         """transformers' greedy generate for one row with output_logits=True -> (new tokens, the log_softmax of each
         step's raw logits [n, V] float64, model/logprobs.py's)."""
+        ref = self._ref_key("logprobs", (tuple(int(t) for t in prompt), int(max_new), tuple(sorted(eos_ids)),
+                                         float(penalty)))
+        if self.replay is not None:
+            return self._replayed(ref)
         res = self.hf_generate(prompt, max_new, eos_ids, penalty, output_logits=True)
-        return res.sequences[0].tolist()[len(prompt):], log_softmax(np.stack([x[0].float().cpu().numpy()
-                                                                              for x in res.logits]))
+        out = (res.sequences[0].tolist()[len(prompt):], log_softmax(np.stack([x[0].float().cpu().numpy()
+                                                                             for x in res.logits])))
+        if self.record is not None:
+            self.record[ref] = out
+        return out
 
     def close(self):
         self.close_backend()
@@ -499,7 +577,7 @@ def run_cases(ctx, prompts, max_new, cases=ALL_CASES, log=print, tag="", lp_tol=
     B, eos = len(prompts), ctx.eos
     gs0 = GenerationSettings(max_new_tokens=max_new, eos_token_id=eos, vocab_dir=ctx.vocab_dir)
     base_hf = [ctx.hf_run(p, max_new)[0] for p in prompts]          # greedy, no stops (ignore eos)
-    have_tok = ctx.tok is not None
+    have_tok = ctx.vocab_dir is not None    # (stop strings: ours matches them with the vocabulary's bytes)
     results = []
 
     def add(case, ours, ref, scores=None, expected="match", note="", labels=None):
