@@ -1,9 +1,14 @@
-"""A floor for W1 like for like on this GPU: the time of its matrix products done by cuBLAS alone (torch.matmul, fp16,
-bare: no bias, GELU or residual) in W1's order, back to back as one CUDA graph, plus the bytes every engine must move
-besides the products' operands (decode attention's keys and values, prefill attention, residual adds with their layer
-norms fused, moved_bytes) at this GPU's measured copy bandwidth. No engine that computes every prompt and prefill token
-(issue 14's like-for-like row) with cuBLAS-class products, its kernels one after another (each needs the one before,
-as in every engine measured here), finishes W1 sooner; host work and launches are not counted.
+"""A floor for W1 like for like on this GPU, for a serial engine: the time of its matrix products done by cuBLAS
+alone (torch.matmul, fp16, bare: no bias, GELU or residual) in W1's order, back to back as one CUDA graph, plus the
+bytes such an engine must still move besides the products' operands (moved_bytes) at this GPU's measured copy
+bandwidth. It holds for an engine that computes every prompt and prefill token (issue 14's like-for-like row,
+the last layer too for every row) with cuBLAS-class products whose epilogues take the bias, GELU and residual add
+(as ours do, at cuBLAS's bare speed), and whose other kernels (layer norms, attention) run one after another, each
+needing the one before; host work and launches are not counted. Not covered, and each would lower it: the last
+layer computed only for the rows whose next token is chosen (their keys and values aside); layer norms fused into
+the residual products (cross-tile row statistics); attention fused into the QKV product; memory-bound kernels
+overlapped with products (two streams on halves of the batch); read-mostly kernels (decode attention) run faster
+than a copy (~4-10% on HBM3e).
 
     python3 benchmarks/w1_floor.py [--reps 5] [--json FILE]
 
@@ -24,14 +29,13 @@ C, L, V, B, P, NEW = 768, 12, 50257, 8192, 16, 8
 
 
 def moved_bytes():
-    """The fewest bytes besides the products' operands, as a fused engine would move them: attention reads q, k, v
-    (decode: the cache's keys and values, and q) and writes its output (the keys and values reach the cache from
-    the QKV product's output, counted there); each residual add with the layer norm after it reads and writes the
-    fp32 residual and writes the fp16 normalised rows (10 bytes an element, twice a layer); ln_f on the rows whose
-    next token is chosen."""
+    """The fewest bytes besides the products' operands for that engine: attention reads q, k, v (decode: the cache's
+    keys and values, and q) and writes its output (the keys and values reach the cache from the QKV product's output,
+    counted there); each layer norm reads the fp32 residual and writes its fp16 rows (6 bytes an element, twice a
+    layer; the residual add itself is in the products' epilogues); ln_f on the rows whose next token is chosen."""
     rows_p = B * P
-    prefill = L * rows_p * (3 * C * 2 + C * 2 + 2 * 10 * C) + B * C * (4 + 2)
-    decode = sum(L * B * ((P + s) * 2 * C * 2 + 2 * C * 2 + 2 * 10 * C) + B * C * (4 + 2) for s in range(1, NEW))
+    prefill = L * rows_p * (3 * C * 2 + C * 2 + 2 * 6 * C) + B * C * (4 + 2)
+    decode = sum(L * B * ((P + s) * 2 * C * 2 + 2 * C * 2 + 2 * 6 * C) + B * C * (4 + 2) for s in range(1, NEW))
     return prefill, decode
 
 
