@@ -181,8 +181,9 @@ def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
     """--overwrite sets the finished output aside (OUT.replaced): a run that completes no row (here its one worker
-    fails at start-up) puts it back untouched; one that stops part-way leaves it aside; the run that finishes the
-    replacement (the same command without --overwrite resumes it) removes it."""
+    fails at start-up) puts it back untouched; a run that finishes removes it; one that stops part-way leaves it, and
+    no later run touches it (the resume that finishes says it is there; another --overwrite is refused): which
+    output to keep is the user's choice."""
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2, 3], [4, 5], [6], [7, 8]])
     base = ["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "4", "--chunk-size", "1"]
@@ -190,14 +191,31 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
     before = out.read_bytes()
     replaced = tmp_path / "out.h5.replaced"
     p = run_gpt2job(base + ["--overwrite", "--seed", "1"], env=job_env(GPT2JOB_FAULT="0:0:raise"))
-    assert p.returncode != 0 and out.read_bytes() == before and not replaced.exists(), p.stderr
+    assert p.returncode != 0 and out.read_bytes() == before and "is put back as it was" in p.stderr, p.stderr
     assert sorted(f.name for f in tmp_path.iterdir()) == ["in.h5", "out.h5"]
-    p = run_gpt2job(base + ["--overwrite", "--ignore-eos"], env=job_env(GPT2JOB_FAULT="0:3:raise"))
-    assert p.returncode != 0 and replaced.read_bytes() == before, p.stderr
+    run_gpt2job(base + ["--overwrite", "--ignore-eos"], check=0)   # finished: the old output is gone
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["in.h5", "out.h5"]
+    finished = out.read_bytes()
+    p = run_gpt2job(base + ["--overwrite"], env=job_env(GPT2JOB_FAULT="0:3:raise"))
+    assert p.returncode != 0 and replaced.read_bytes() == finished, p.stderr
     assert f"stays in {replaced}" in p.stderr
-    run_gpt2job(base + ["--ignore-eos"], check=0)
-    assert not replaced.exists() and read_output(out)["done"].all()
-    assert all(len(t) == 4 for t in read_output(out)["tokens"])
+    assert_one_clear_line(run_gpt2job(base + ["--overwrite", "--ignore-eos"]), "out.h5.replaced exists")
+    assert replaced.read_bytes() == finished and not read_output(out)["done"].all()
+    p = run_gpt2job(base, check=0)   # the same command without --overwrite resumes the replacing run
+    assert read_output(out)["done"].all() and replaced.read_bytes() == finished and "is left as it is" in p.stderr
+
+
+def test_runs_never_touch_a_replaced_file_they_did_not_make(tmp_path):
+    inp, out, other = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "out.h5.replaced"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    other.write_text("my notes\n")
+    base = ["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "2"]
+    p = run_gpt2job(base, env=job_env(GPT2JOB_FAULT="0:0:raise"))
+    assert p.returncode != 0 and not out.exists() and other.read_text() == "my notes\n"
+    p = run_gpt2job(base, check=0)
+    assert other.read_text() == "my notes\n" and "is left as it is" in p.stderr
+    assert_one_clear_line(run_gpt2job(base + ["--overwrite"]), "out.h5.replaced exists")
+    assert other.read_text() == "my notes\n" and read_output(out)["done"].all()
 
 
 def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):

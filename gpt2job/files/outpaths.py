@@ -80,11 +80,13 @@ class OutputPaths:
                 raise io_error(p, e, "remove")
 
     def set_aside(self):
-        """--overwrite: OUT and its journal moved to their REPLACED_SUFFIX names. Where those exist already (a
-        replacing run stopped part-way), they still hold the output being replaced: the stopped run's files go."""
+        """--overwrite: OUT and its journal moved to their REPLACED_SUFFIX names. Where one of those exists already
+        (set aside by an earlier run that did not finish, or some other file) nothing is moved: a UserError (which
+        of the outputs to keep is the user's choice; none is removed here)."""
         if self.replaced():
-            self.remove()
-            return
+            raise UserError(f"{self.path + REPLACED_SUFFIX} exists (an output an earlier --overwrite run set aside "
+                            "until it finished, or another file): nothing is moved", self.path, "output",
+                            "rerun without --overwrite to resume that run, or move or remove the .replaced file")
         for p in (self.path, self.journal):
             try:
                 os.replace(p, p + REPLACED_SUFFIX)
@@ -99,8 +101,11 @@ class OutputPaths:
         return any(os.path.exists(p + REPLACED_SUFFIX) for p in (self.path, self.journal))
 
     def settle_aside(self, restore):
-        """The set-aside files put back (restore: the run replacing them completed nothing and its own files are
-        gone) or removed (it finished)."""
+        """The files this run set aside (only those: self.aside) put back (restore: it completed nothing and its
+        own files are gone) or removed (it finished)."""
+        if not self.aside:
+            return
+        self.aside = False
         for p in (self.path, self.journal):
             try:
                 if restore:

@@ -9,7 +9,8 @@ while it gets on with the job. When the job finishes the HDF5 file gets its fina
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
 same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced, OUT.journal.replaced)
 until the run that replaces them finishes: a run that completes nothing puts them back, one that stops part-way
-leaves them there (its own rows resume as usual).
+leaves them there (its own rows resume as usual), and only the run that set them aside ever moves or removes them
+(files/outpaths.py).
 
 HDF5 layout (row i answers prompt i, with --num-samples N prompt i // N; with --layout flat the variable-length
 columns are flat arrays, files/h5flat.py):
@@ -103,6 +104,8 @@ class OutputStore:
                 self.files.settle_aside(restore=True)
             except UserError:
                 pass
+            else:
+                sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
 
     def _stop_writer(self):
         if self.writer is not None:
@@ -301,6 +304,7 @@ class OutputStore:
         self.journal.close()
         os.remove(self.journal_path)
         self.files.settle_aside(restore=False)
+        self._say_replaced()
         self.files.unlock(remove=True)
 
     def close(self, discard_if_empty=False):
@@ -321,13 +325,23 @@ class OutputStore:
         if discard:
             try:
                 self.files.remove()
-                self.files.settle_aside(restore=True)   # what --overwrite set aside (now or by a run that stopped)
+                if self.files.aside:   # what this run's --overwrite set aside, as it was
+                    self.files.settle_aside(restore=True)
+                    sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
             except UserError:
                 discard = False
-        elif self.files.replaced():
+        elif self.files.aside:
             sys.stderr.write(f"gpt2job: the output this run replaces stays in {self.path + REPLACED_SUFFIX} until "
-                             "it finishes\n")
+                             "it finishes (the same command without --overwrite resumes it)\n")
+        self._say_replaced()
         self.files.unlock(remove=discard)
+
+    def _say_replaced(self):
+        """A set-aside file this run did not make (an earlier --overwrite run's, or another file) is never touched:
+        say that it is there."""
+        if self.files.replaced() and not self.files.aside:
+            sys.stderr.write(f"gpt2job: {self.path + REPLACED_SUFFIX} (set aside by an earlier --overwrite run, or "
+                             "another file) is left as it is: remove it once it is not needed\n")
 
 
 def _completed_rows(comp: Completions):
