@@ -82,10 +82,10 @@ def _parse(var, raw):
             value = int(raw) if var.kind == "int" else float(raw)
         except ValueError:
             value = None
-        if value is not None and var.least is not None and not value >= var.least:
-            raise UserError(f"{raw!r} is below {var.least:g} ({var.meaning})", None, var.name,
-                            f"unset it or give a {var.kind} of at least {var.least:g}")
         if value is not None:
+            if var.least is not None and not value >= var.least:
+                raise UserError(f"{raw!r} is below {var.least:g} ({var.meaning})", None, var.name,
+                                f"unset it or give a {var.kind} of at least {var.least:g}")
             return value
     raise UserError(f"{raw!r} is not a valid {var.kind} ({var.meaning})", None, var.name,
                     f"unset it or give a {'switch: 1 or 0' if var.kind == 'bool' else var.kind}")

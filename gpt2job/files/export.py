@@ -22,7 +22,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, score_output
-from gpt2job.files.h5files import contents, open_readable
+from gpt2job.files.h5files import check_output_path, contents, open_readable
 
 BLOCK = 1 << 15
 BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
@@ -74,11 +74,7 @@ def _input_prompts(path, n):
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
-    folder = os.path.dirname(os.path.abspath(jsonl_path))
-    if not os.path.isdir(folder):
-        raise UserError("folder does not exist", jsonl_path, "export", f"create {folder} first")
-    if os.path.isdir(jsonl_path):
-        raise UserError("is a folder", jsonl_path, "export", "give a file name, e.g. out.jsonl")
+    check_output_path(jsonl_path, "export", "out.jsonl")
     if os.path.exists(jsonl_path):
         if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",

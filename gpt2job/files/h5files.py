@@ -1,5 +1,17 @@
-"""Opening an HDF5 file the user named, with one clear line when it cannot be read."""
+"""Opening an HDF5 file the user named, with one clear line when it cannot be read; checking a path a command will
+write."""
+import os
+
 from gpt2job.errors import UserError, first_line
+
+
+def check_output_path(output, field="output", example="prompts.h5"):
+    """A file the command will write at output: its folder exists and output is not a folder; else a UserError."""
+    out_dir = os.path.dirname(os.path.abspath(output))
+    if not os.path.isdir(out_dir):
+        raise UserError("folder does not exist", output, field, f"create {out_dir} first")
+    if os.path.isdir(output):
+        raise UserError("is a folder", output, field, f"give a file name, e.g. {example}")
 
 
 def open_readable(path, field, fix):

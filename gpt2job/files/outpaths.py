@@ -97,7 +97,7 @@ class OutputPaths:
                 raise io_error(p, e, "move aside")
 
     def replaced(self):
-        """Does a set-aside file exist (of this run, or of a replacing run that stopped)?"""
+        """Does a file exist at a set-aside name (this run's, an earlier replacing run's, or another file)?"""
         return any(os.path.exists(p + REPLACED_SUFFIX) for p in (self.path, self.journal))
 
     def settle_aside(self, restore):

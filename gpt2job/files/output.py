@@ -40,6 +40,7 @@ from gpt2job import envs
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.errors import AlreadyComplete, UserError, first_line
 from gpt2job.files import h5flat
+from gpt2job.files.h5files import check_output_path
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
 from gpt2job.files.journal import Journal, JournalReader, io_error
@@ -77,35 +78,25 @@ class OutputStore:
 
     # ---- opening: fresh, resume, or refuse
     def _open(self, overwrite):
-        out_dir = os.path.dirname(self.path)
-        if not os.path.isdir(out_dir):
-            raise UserError("folder does not exist", self.path, "output", f"create {out_dir} first")
-        if os.path.isdir(self.path):
-            raise UserError("is a folder", self.path, "output", f"give a file path, e.g. {self.path}/out.h5")
+        check_output_path(self.path, example="out.h5")
         self.files.lock()
         try:
             self._open_locked(overwrite)
-        except (UserError, AlreadyComplete):   # refused before writing anything: no lock file left behind
+        except BaseException as e:   # a refusal (UserError, AlreadyComplete) wrote nothing: no lock file left behind
             self._stop_writer()
-            self._put_back()
-            self.files.unlock(remove=True)
-            raise
-        except BaseException:
-            self._stop_writer()
-            self._put_back()
-            self.files.unlock(remove=False)
+            try:
+                self._put_back()
+            except UserError:
+                pass
+            self.files.unlock(remove=isinstance(e, (UserError, AlreadyComplete)))
             raise
 
     def _put_back(self):
-        """A start that failed after --overwrite set the output aside: its files back (the new ones removed)."""
+        """What this run's --overwrite set aside, back as it was (this run's own files removed first)."""
         if self.files.aside:
-            try:
-                self.files.remove()
-                self.files.settle_aside(restore=True)
-            except UserError:
-                pass
-            else:
-                sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
+            self.files.remove()
+            self.files.settle_aside(restore=True)
+            sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
 
     def _stop_writer(self):
         if self.writer is not None:
@@ -325,9 +316,7 @@ class OutputStore:
         if discard:
             try:
                 self.files.remove()
-                if self.files.aside:   # what this run's --overwrite set aside, as it was
-                    self.files.settle_aside(restore=True)
-                    sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
+                self._put_back()
             except UserError:
                 discard = False
         elif self.files.aside:

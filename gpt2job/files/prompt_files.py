@@ -6,6 +6,7 @@ import os
 import numpy as np
 
 from gpt2job.errors import UserError, errno_of, first_line, plural
+from gpt2job.files.h5files import check_output_path
 
 
 def read_int32_file(path, width):
@@ -139,16 +140,8 @@ def write_atomically(output, tmp, fill, attrs):
         raise
 
 
-def _check_output_folder(output, field="output", example="prompts.h5"):
-    out_dir = os.path.dirname(os.path.abspath(output))
-    if not os.path.isdir(out_dir):
-        raise UserError("folder does not exist", output, field, f"create {out_dir} first")
-    if os.path.isdir(output):
-        raise UserError("is a folder", output, field, f"give a file name, e.g. {example}")
-
-
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
-    _check_output_folder(output)
+    check_output_path(output)
     if source.endswith(".bin") or tokens_per_row:
         texts, tokens = None, read_int32_file(source, tokens_per_row)
     else:
@@ -230,7 +223,7 @@ def convert_for_run(source, output, log=None):
     this call wrote it)."""
     import hashlib
     log = log or (lambda msg: None)
-    _check_output_folder(output, example="out.h5")
+    check_output_path(output, example="out.h5")
     texts, tokens = read_prompt_file(source)        # every check of the `prompts` command, before any write
     if not (texts or tokens):
         raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")

@@ -152,9 +152,10 @@ def convert_pairs(source, output, log=None):
     import json
     import os
     import h5py
-    from gpt2job.files.prompt_files import (CONVERSION, _check_output_folder, _conversion_attrs, check_ids,
-                                            converted_path, lines_of, temp_beside, write_atomically)
-    _check_output_folder(output, example="out.h5")
+    from gpt2job.files.h5files import check_output_path
+    from gpt2job.files.prompt_files import (CONVERSION, _conversion_attrs, check_ids, converted_path, lines_of,
+                                            temp_beside, write_atomically)
+    check_output_path(output, example="out.h5")
     try:
         with open(source, "rb") as f:
             raw = f.read()
