@@ -132,7 +132,7 @@ def main():
                             f.set_attribute(drv.function_attribute.PREFERRED_SHARED_MEMORY_CARVEOUT, carve)
 
                     def step():
-                        x = model.forward(n, tok, pos, seq, 0, S, kv)
+                        x, _, _ = model.forward(n, tok, pos, seq, 0, S, kv)
                         model.select(x, n, None, 0, seq, rows, 1, out, greedy)
                     step()                      # grows the buffers, fills the TMA descriptor cache
                     st.synchronize()

@@ -53,7 +53,7 @@ def main():
         p_out = dev.buf("probe_out", 4 * n)
 
         def one_step():
-            x = model.forward(n, tok_dev, sdev, sdev + 4 * n, 0, S, kv)
+            x, _, _ = model.forward(n, tok_dev, sdev, sdev + 4 * n, 0, S, kv)
             model.select(x, n, None, 0, sdev + 4 * n, rows_dev, step, p_out, be.settings.sampling)
 
         one_step()                      # grows every pool buffer this size needs (no allocation under capture)

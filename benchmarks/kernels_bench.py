@@ -244,7 +244,8 @@ def mix_profile(reps):
             k, stream, model = be.kernels, be.device.compute, be.model
             recs, cur, saved = [], {"n": 0}, {}
             for name in ("gemm_f16", "layernorm", "kv_copy", "attention", "attention_prefill", "embed", "argmax",
-                         "argmax_partials", "sample", "sample_params", "gather_tokens", "mark_seen", "logprobs"):
+                         "take_rows", "argmax_partials", "sample", "sample_params", "gather_tokens", "mark_seen",
+                         "logprobs"):
                 if not hasattr(k, name):
                     continue
                 saved[name] = orig = getattr(k, name)

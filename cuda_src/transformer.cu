@@ -1,6 +1,6 @@
-// Per-row kernels of the GPT-2 forward pass: embedding, layer norm, shared-prefix KV copies, causal attention
-// (keys and values reach the cache from the QKV product's epilogue, EPI_QKV). NumPy twins: gpt2job.model.reference
-// (embed, layer_norm, kv_copy, attention), compared in tests/test_cuda_kernels.py.
+// Per-row kernels of the GPT-2 forward pass: embedding, layer norm, shared-prefix KV copies, the last layer's rows,
+// causal attention (keys and values reach the cache from the QKV product's epilogue, EPI_QKV). NumPy twins:
+// gpt2job.model.reference (embed, layer_norm, kv_copy, take_rows, attention), compared in tests/test_cuda_kernels.py.
 // Suffix _f32: activations float; _f16: activations half (statistics and softmax always in fp32).
 #include "common.cuh"
 
@@ -163,6 +163,20 @@ extern "C" __global__ void kv_copy_f32(const int* ent, int n, int slot_base, flo
 
 extern "C" __global__ void kv_copy_f16(const int* ent, int n, int slot_base, __half* kc, __half* vc, int S, int C)
 { pdl_wait(); kv_copy_impl<__half>(ent, n, slot_base, kc, vc, S, C); }
+
+// The rows the last layer still computes (Model.forward's `heads`): dst row i = src row idx[i] - idx_base (idx
+// NULL: src row i), `width` 4-byte words a row, row strides in words. One block per row. NumPy twin:
+// gpt2job.model.reference.take_rows.
+extern "C" __global__ void take_rows(const int* __restrict__ idx, int idx_base, const unsigned* __restrict__ src,
+                                     int src_ld, unsigned* __restrict__ dst, int dst_ld, int width, int n)
+{
+    pdl_wait();
+    const int i = blockIdx.x;
+    if (i >= n) return;
+    const unsigned* s = src + (size_t)(idx ? idx[i] - idx_base : i) * src_ld;
+    unsigned* d = dst + (size_t)i * dst_ld;
+    for (int c = threadIdx.x; c < width; c += blockDim.x) d[c] = s[c];
+}
 
 // Causal attention over the cache, one warp per (query row r, head h); ragged: each row carries its own
 // slot and absolute position p and sees keys 0..p of its slot. Online softmax over 32-key tiles,

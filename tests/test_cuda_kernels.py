@@ -869,6 +869,71 @@ def test_kv_copy(K, half, C):
     np.testing.assert_array_equal(back(gv, (nsl, S, C), dt), rv)
 
 
+@pytest.mark.parametrize("width,src_ld,dst_ld", [(384, 1152, 1152), (768, 768, 768), (1, 1, 1), (5, 7, 6)])
+def test_take_rows(K, width, src_ld, dst_ld):
+    """The last layer's rows: take_rows against reference.take_rows, picked by index (with a base) and in order;
+    the words between rows (strides wider than the row) stay as they were."""
+    R, n, base = 50, 17, 30
+    src = RNG.integers(0, 2 ** 32, (R, src_ld), dtype=np.uint32)
+    idx = np.sort(RNG.choice(R, n, replace=False)).astype(np.int32) + base
+    for ix in (idx, None):
+        out = gpu(np.full((n, dst_ld), 7, np.uint32))
+        K.take_rows(None, None if ix is None else gpu(ix), base, gpu(src), src_ld, out, dst_ld, width, n)
+        got = back(out, (n, dst_ld), np.uint32)
+        want = reference.take_rows(src[:, :width] if ix is not None else src[:n, :width], ix, base)
+        np.testing.assert_array_equal(got[:, :width], want)
+        assert (got[:, width:] == 7).all()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("share", [False, True])
+def test_last_layer_on_the_head_rows_alone(dtype, share):
+    """Model.forward with heads (the last layer past its keys and values on each prompt's last row only) gives
+    those rows' residual stream as the full pass does (fp32: bit for bit; fp16: the products' residual adds may round
+    in another order), and the same keys and values: several prefill passes, shared prefixes, one-token prompts; head
+    size 64 (fp16: the prefill attention kernel on the full pass, the per-row one on the head rows). A pass whose
+    rows are all head rows, or (fp16) more than 0.8 of them, runs in full."""
+    from gpt2job.backends.cuda.backend import CudaBackend
+    params = tiny_params(8, n_layer=3, n_head=1)
+    prompts = stem_prompts(40, 1000, seed=3) + [np.array([5]), np.array([9]), np.array([11])]
+    lens = np.array([len(p) for p in prompts])
+    offsets = np.zeros(len(prompts) + 1, np.int64)
+    offsets[1:] = np.cumsum(lens)
+    chunk = Chunk(0, np.arange(len(prompts)), offsets, np.concatenate(prompts).astype(np.int32))
+    be = CudaBackend(params, GenerationSettings(max_new_tokens=1), dtype=dtype, max_prefill_rows=90,
+                     options=KernelOptions(prefix_share=share))
+    try:
+        runner, C = be.runner, params.config.n_embd
+        plan = runner.prepare(chunk, be.settings, share)
+        lay = plan.layout
+        be.device.compute.wait_for_event(plan.ev_up[1])
+        S = int(lay.lens.max())
+        got, expect, compacted = {}, 0, 0
+        for heads in (False, True):
+            kv = runner._kv_cache(lay.B, S)
+            rows, caches = [], []
+            for pb0, pb1, r0, x, (ridx, base) in runner._prefill(plan, 0, lay.B, S, kv, heads=heads):
+                n, R = pb1 - pb0, int(lay.offsets[pb1]) - r0
+                xs = back(x, (R, C), np.float32)
+                rows.append(xs[:n] if ridx is None else xs[np.asarray(lay.offsets[pb0 + 1:pb1 + 1]) - 1 - r0])
+                expect += heads and n < R and (dtype == "float32" or 5 * n <= 4 * R)
+                compacted += heads and ridx is None
+            caches = [back(k, (lay.B, S, C), np.float16 if dtype == "float16" else np.float32) for k in kv[-1]]
+            got[heads] = np.concatenate(rows), caches
+        plan.upload.busy = False
+        assert compacted == expect >= 3
+        if dtype == "float32":
+            np.testing.assert_array_equal(got[True][0], got[False][0])
+        else:
+            a, b = got[True][0], got[False][0]
+            print(f"fp16: {(a == b).mean():.4f} of the values equal, largest difference {np.abs(a - b).max():.3g}")
+            assert rel(a, b) < 1e-3
+        for a, b in zip(got[True][1], got[False][1]):
+            np.testing.assert_array_equal(a, b)
+    finally:
+        be.close()
+
+
 def stem_prompts(n, vocab, seed=0):
     """Prompts built from a few shared stems plus random tails: repeats, and prompts that prefix others."""
     rng = np.random.default_rng(seed)

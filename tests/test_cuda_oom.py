@@ -278,7 +278,7 @@ class FakeModel:
     def head_buffers(self, greedy, head_rows=None, lse=False):
         return [("logits", (self.head_rows if head_rows is None else head_rows) * V * 4)]
 
-    def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None):
+    def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None, heads=None):
         heap, buf = FakeDrv.heap, self.dev.buf
         x = buf("x", R * C * 4)
         buf("fc", R * 4 * C * 4)
@@ -297,7 +297,7 @@ class FakeModel:
         xs = heap.view(x, R * C * 4).view(np.int64).reshape(R, C // 2)
         for i in range(R):                             # "attention": the slot's keys up to this row's position
             xs[i, 0] = mix(cache[slot[i], :pos[i] + 1, 0])
-        return x
+        return (x, None, 0) if heads is None else (x, *heads[:2])   # (every row computed: the head rows in place)
 
     def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, step_at=0):
         heap = FakeDrv.heap

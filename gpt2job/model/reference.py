@@ -124,6 +124,12 @@ def kv_copy(k_cache, v_cache, copies, slot_base=0):
     return k, v
 
 
+def take_rows(src, idx=None, idx_base=0):
+    """Rows of src (twin of cuda_src/transformer.cu take_rows, on rows of any type): row i = src[idx[i] - idx_base],
+    or src itself when idx is None. Returns a new array."""
+    return src.copy() if idx is None else src[np.asarray(idx, np.int64) - idx_base]
+
+
 def new_kv_cache(cfg, batch, length):
     """One (k, v) pair per layer, each [B, H, S, D] float32."""
     shape = (batch, cfg.n_head, length, cfg.d_head)

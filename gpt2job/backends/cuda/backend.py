@@ -198,7 +198,7 @@ class CudaBackend(Backend):
 
     def last_logits(self, prompts):
         """Logits [B, V] float32 at each prompt's last position (prompts: list of 1-D int arrays), computed by the
-        real prefill and head (Runner.last_logits) in this backend's dtype. For tests and fp16-vs-fp32 checks."""
+        real prefill and head (score.last_logits) in this backend's dtype. For tests and fp16-vs-fp32 checks."""
         B = len(prompts)
         lens = np.array([len(p) for p in prompts], np.int64)
         offsets = np.zeros(B + 1, np.int64)
@@ -210,6 +210,6 @@ class CudaBackend(Backend):
             raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
         plan = self.runner.prepare(Chunk(-1, np.arange(B, dtype=np.int64), offsets, tokens), self.settings, False)
         try:
-            return self.runner.last_logits(plan)
+            return score.last_logits(self.runner, plan)
         finally:
             plan.upload.busy = False

@@ -3,10 +3,9 @@ block size) beside the method that launches it, and one record per fp16 product 
 shared memory, compile flags, arch). Kernels(local_rank, options) compiles what the records name, loads it into
 the current CUDA context and launches it cheaply (prepared calls).
 
-A signature has one letter per parameter of the kernel in cuda_src (P pointer, i int, f float, d double,
-Q unsigned long long); tests/test_cuda_host.py checks every record against the preprocessed .cu.
-pycuda is imported only when Kernels is built or a module compiles. The node's kernel cache (kcache.py) compiles each
-module once per node, whatever the number of ranks; `python -m gpt2job build-kernels` fills it first (no GPU needed).
+A signature has one letter per kernel parameter (P pointer, i int, f float, d double, Q unsigned long long), checked
+against the preprocessed .cu by tests/test_cuda_host.py. pycuda is imported only when Kernels is built or a module
+compiles; the node's kernel cache (kcache.py) compiles each module once per node, `build-kernels` fills it ahead.
 """
 import os
 from dataclasses import dataclass
@@ -247,13 +246,10 @@ class Kernels(SelectKernels):
         row_pos, slot_base, S, kc, vc, C), as gemm_f16."""
         if M == 0:
             return
-        if mode == EPI_QKV:
-            assert qkv is not None
-            split = 1
-            rs, rp, sb, S, kc, vc, kvC = qkv
+        if mode == EPI_QKV:   # (one K slice: the epilogue writes keys and values to the cache)
+            split, (rs, rp, sb, S, kc, vc, kvC) = 1, qkv
         else:
-            rs = rp = kc = vc = 0
-            sb = S = kvC = 0
+            rs = rp = kc = vc = sb = S = kvC = 0
         tiles = ((N + 127) // 128) * ((M + 127) // 128)
         if split is None:   # K >= 512: slices where the tiles fill under two waves (132..527), or under half the SMs
             split = 1       # (<= 66: 4-8, at most a block an SM past 4); W2's 2,048 rows (96) keep one: 477a0a5's bits
@@ -299,8 +295,7 @@ class Kernels(SelectKernels):
             assert out_half and qkv is not None and qkv[6] % 2 == 0
             rs, rp, sb, S, kc, vc, kvC = qkv
         else:
-            rs, rp = (qkv if mode == EPI_TEMPERED else 0), 0
-            kc = vc = sb = S = kvC = 0
+            rs, rp, kc, vc, sb, S, kvC = (qkv if mode == EPI_TEMPERED else 0), 0, 0, 0, 0, 0, 0
         tm = ()
         if t.uses_tma:
             tm = (self.tmaps.get(stream, ptr(A), M, K, lda, t.bm), self.tmaps.get(stream, ptr(B), N, K, ldb, t.bn))
@@ -352,6 +347,13 @@ class Kernels(SelectKernels):
         if n:
             self.launch(self.KV_COPY[half], (n, 1, 1), stream, ent, n, slot_base, kc, vc, S, C)
 
+    TAKE_ROWS = _kernel("take_rows", "transformer.cu", "PiPiPiii", 256)
+
+    def take_rows(self, stream, idx, idx_base, src, src_ld, dst, dst_ld, width, n):
+        """dst row i = src row idx[i] - idx_base (idx None: row i), width 4-byte words a row, strides in words."""
+        if n:
+            self.launch(self.TAKE_ROWS, (n, 1, 1), stream, idx, idx_base, src, src_ld, dst, dst_ld, width, n)
+
     ATTENTION = {(False, False, 0): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (False, True, 0): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
@@ -372,11 +374,9 @@ class Kernels(SelectKernels):
         64, 128): the lane-group kernel, else the lane-per-key one. keys: its key steps loaded ahead, 1, 3, 4, 8 or 9
         (3, 8, 9: fp16; 9: 8 and the next 8 in flight) (default: by the constants above). Same results."""
         if R:
-            assert D <= 128
             grouped = D in (8, 16, 32, 64, 128) if grouped is None else grouped
-            assert not grouped or D in (8, 16, 32, 64, 128)
-            if not grouped:
-                keys = 0
+            assert D <= 128 and (not grouped or D in (8, 16, 32, 64, 128))
+            keys = keys if grouped else 0
             nw = R * H
             if grouped and keys is None:
                 per_sm = nw / self.n_sm

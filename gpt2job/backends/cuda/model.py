@@ -63,9 +63,9 @@ class F32Products:
         ht[:, :V] = head.T
         return self.dev.upload(ht)
 
-    def linear(self, A, W, out, bias, M, N, K, mode, out_half):
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):
         ws, slices = None, 0
-        if M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
+        if split and M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
             ws = self.dev.buf("splitk", SPLITK_BYTES * self.head_rows)
             slices = SPLITK_BYTES * self.head_rows // max(4 * M * N, 1)   # (K slices of M x N floats it holds)
         self.k.gemm_f32(self.dev.compute, A, K, W, N, out, N, bias, M, N, K, mode, ws=ws, ws_slices=slices)
@@ -100,7 +100,7 @@ class F16Products:
         return self.dev.upload_half(head, lambda src, out, part: self.k.half_of(self.dev.compute, src, out, part.size),
                                     rows=4 * C)
 
-    def linear(self, A, W, out, bias, M, N, K, mode, out_half):
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):
         self.k.gemm_f16(self.dev.compute, A, K, W, K, out, N, bias, M, N, K, mode, out_half)
 
     def qkv(self, h, W, q_out, bias, R, C, cache):
@@ -206,12 +206,15 @@ class Model:
 
     # ---------------------------------------------------------------- the passes
 
-    def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None):
+    def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None, heads=None):
         """Run the layers on R rows (token ids / positions / slots at the given device pointers) with the KV cache
         kv [(keys, values) per layer] of slots slot_base.. of S positions. tiles (prefill passes): (device pointer,
         count, row_base) of the pass's attention_prefill tiles, used when self.prefill_attn. copies (prefill
         passes): (device pointer, count) of the pass's shared-prefix {dst, src, pos} key/value rows, copied in
-        each layer before its attention. Returns the residual stream (before ln_f): pool buffer x."""
+        each layer before its attention. heads (prefill passes): (p_rowidx, idx_base, n), the n rows whose next
+        token is chosen (row i: row p_rowidx[i] - idx_base): the last layer then computes keys and values for
+        every row and the rest for those rows alone (_take_heads). Returns (x, p_rowidx, idx_base): the residual
+        stream before ln_f (pool buffer x) and where select finds the head rows in it ((None, 0): rows 0..n-1)."""
         cfg, k, st, p, half = self.cfg, self.k, self.dev.compute, self.p, self.half
         C, H, D, F = cfg.n_embd, cfg.n_head, cfg.d_head, cfg.d_mlp
         e = self.elt
@@ -223,6 +226,7 @@ class Model:
         fc = buf("fc", R * F * e)
         k.embed(st, p_tok, p_pos, self.wte, self.wpe, x, R, C)
         eps = cfg.layer_norm_epsilon
+        at = (None, 0) if heads is None else heads[:2]
         for li, L in enumerate(self.layers):
             kc, vc = kv[li]
             k.layernorm(st, half, x, None, 0, L.ln1_w, L.ln1_b, h, R, C, eps)
@@ -232,16 +236,38 @@ class Model:
             scale = 1.0 / math.sqrt(D)
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= float(li + 1)
-            if tiles is not None and self.prefill_attn:
+            rows, q, seq, pos = R, qkv, p_seq, p_pos
+            if heads is not None and li == cfg.n_layer - 1 and self._take_heads(R, heads, p_seq, p_pos):
+                rows, (q, seq, pos), at = heads[2], (fc, h, h + 4 * heads[2]), (None, 0)
+            if tiles is not None and self.prefill_attn and rows == R:
                 k.attention_prefill(st, qkv, kc, vc, p_seq, slot_base, p_pos, att, tiles[0], tiles[1], tiles[2],
                                     H, D, S, scale)
             else:
-                k.attention(st, half, qkv, kc, vc, p_seq, slot_base, p_pos, att, R, H, D, S, scale)
-            p.linear(att, L.proj_w, x, L.proj_b, R, C, C, EPI_RESID, False)
-            k.layernorm(st, half, x, None, 0, L.ln2_w, L.ln2_b, h, R, C, eps)
-            p.linear(h, L.fc_w, fc, L.fc_b, R, F, C, self.act_mode, True)
-            p.linear(fc, L.fc2_w, x, L.fc2_b, R, C, F, EPI_RESID, False)
-        return x
+                k.attention(st, half, q, kc, vc, seq, slot_base, pos, att, rows, H, D, S, scale)
+            whole = rows == R   # (fp32: no split-K for the head rows: their sums as in the full pass, bit for bit)
+            p.linear(att, L.proj_w, x, L.proj_b, rows, C, C, EPI_RESID, False, whole)
+            k.layernorm(st, half, x, None, 0, L.ln2_w, L.ln2_b, h, rows, C, eps)
+            p.linear(h, L.fc_w, fc, L.fc_b, rows, F, C, self.act_mode, True, whole)
+            p.linear(fc, L.fc2_w, x, L.fc2_b, rows, C, F, EPI_RESID, False, whole)
+        return (x, *at)
+
+    def _take_heads(self, R, heads, p_seq, p_pos):
+        """Before the last layer's attention, when it saves work: the head rows' queries (stride 3C) to the front of
+        pool buffer fc, their slots and positions to h, their residual rows (through fc) to the front of x. False
+        (nothing moved) when every row is a head row or fc cannot hold them (fp16: more than 0.8 R head rows)."""
+        p_rowidx, base, n = heads
+        C, e, buf = self.cfg.n_embd, self.elt, self.dev.buf
+        qb = n * 3 * C * e
+        if n >= R or qb + n * C * 4 > R * self.cfg.d_mlp * e:
+            return False
+        x, h, qkv, fc = buf("x", 0), buf("h", 0), buf("qkv", 0), buf("fc", 0)
+        take, st, qw = self.k.take_rows, self.dev.compute, C * e // 4   # (rows in 4-byte words)
+        take(st, p_rowidx, base, qkv, 3 * qw, fc, 3 * qw, qw, n)
+        take(st, p_rowidx, base, x, C, fc + qb, C, C, n)
+        take(st, None, 0, fc + qb, C, x, C, C, n)
+        take(st, p_rowidx, base, p_seq, 1, h, 1, 1, n)
+        take(st, p_rowidx, base, p_pos, 1, h + 4 * n, 1, 1, n)
+        return True
 
     def _ln_f(self, x, n, p_rowidx, idx_base):
         """ln_f of n rows of x (row i: x row p_rowidx[i] - idx_base when p_rowidx is given, else row i) in groups

@@ -3,8 +3,8 @@ as a generator that pauses wherever the host would wait for the GPU (gpt2job.bac
 
 Per chunk:
   * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its sequence
-    slot and position; ragged causal attention reads the slot's KV cache; the LM head and token selection run only
-    on each prompt's last position. Prompts that start alike compute that prefix once (prefix_share.py:
+    slot and position; ragged causal attention reads the slot's KV cache; the last layer past its keys and values,
+    the LM head and token selection run only on each prompt's last position. Prompts that start alike compute that prefix once (prefix_share.py:
     lexicographic order, the shared key/value rows copied per layer by kv_copy). Passes hold at most
     max_prefill_rows tokens (whole prompts).
   * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the GPU,
@@ -282,16 +282,20 @@ class Runner:
         kvbase = self.dev.buf("kv", 2 * L * per)
         return [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
 
-    def _prefill(self, plan, b0, b1, S, kv):
+    def _prefill(self, plan, b0, b1, S, kv, heads=False):
         """The forward pass over prompts b0..b1-1 (KV group slots from b0), in passes of whole prompts of at most
-        max_prefill_rows tokens: yields (first prompt, end prompt, first row, residual stream) after each pass."""
+        max_prefill_rows tokens: yields (first prompt, end prompt, first row, residual stream, where its prompts'
+        last rows are: Model.select's (p_rowidx, idx_base)) a pass. heads: only those rows are needed after the
+        last layer (Model.forward's heads), else every row is (score.py)."""
         lay = plan.layout
         for pb0, pb1 in prefill_passes(lay.offsets, b0, b1, self.max_prefill_rows):
             r0, r1 = int(lay.offsets[pb0]), int(lay.offsets[pb1])
             c0, c1 = int(lay.copy_off[pb0]), int(lay.copy_off[pb1])
-            x = self.model.forward(r1 - r0, plan.p_tok + 4 * r0, plan.p_pos + 4 * r0, plan.p_seq + 4 * r0, b0, S, kv,
-                                   tiles=plan.pass_tiles(pb0, pb1), copies=(plan.p_copies + 12 * c0, c1 - c0))
-            yield pb0, pb1, r0, x
+            last = (plan.p_last + 4 * pb0, r0, pb1 - pb0)
+            x, *at = self.model.forward(r1 - r0, plan.p_tok + 4 * r0, plan.p_pos + 4 * r0, plan.p_seq + 4 * r0, b0,
+                                        S, kv, tiles=plan.pass_tiles(pb0, pb1),
+                                        copies=(plan.p_copies + 12 * c0, c1 - c0), heads=last if heads else None)
+            yield pb0, pb1, r0, x, (at if heads else last[:2])
 
     def _run_group(self, plan, b0, b1, out, gen, finish, lp, last=True):
         drv, dev, model, rp = self.dev.drv, self.dev, self.model, plan.rows
@@ -310,8 +314,8 @@ class Runner:
         graphs = self.graphs if self.graphs is not None and not lp.on else None   # (logprobs: buffers move per step)
         # sampling reads each step's number on the GPU (a replay reads its own); gkey: what else its launches bake in
         step_at, gkey = (sdev + 12 * ns, (plan.p_rows, sel, sampling)) if kw or not sampling.greedy else (0, ())
-        for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
-            model.select(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, plan.p_arange + 4 * pb0, plan.p_rows, 0,
+        for pb0, pb1, _, x, at in self._prefill(plan, b0, b1, S, kv, heads=True):
+            model.select(x, pb1 - pb0, *at, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
         yield Pause(True, READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile
         # Decode. Step s is launched before step s-1's tokens reach the host: its input tokens are step s-1's
@@ -346,7 +350,7 @@ class Runner:
                     if sel is not None and sel.seen:   # the penalty's seen tokens: this step's input ones
                         self.k.mark_seen(dev.compute, p_tok, sdev + 4 * m, n, b0, sel.seen, sel.words)
                     def decode(m=m, p_tok=p_tok, step=step):
-                        x = model.forward(m, p_tok, sdev, sdev + 4 * m, b0, S, kv)
+                        x, _, _ = model.forward(m, p_tok, sdev, sdev + 4 * m, b0, S, kv)
                         model.select(x, m, None, 0, sdev + 4 * m, plan.p_rows, step, tok_dev, sampling, **kw,
                                      **lp.kw(m), step_at=step_at)
                     if graphs is not None:
@@ -377,21 +381,6 @@ class Runner:
             if nxt is None:
                 break
             flight = nxt
-
-    # ---------------------------------------------------------------- tests
-
-    def last_logits(self, plan):
-        """Logits [B, V] float32 at each prompt's last position of a plan prepared without sharing: the same
-        prefill passes and head as run(), the logits downloaded instead of a token selected (tests, checks)."""
-        lay = plan.layout
-        res = np.empty((lay.B, self.model.V), np.float32)
-        self.dev.compute.wait_for_event(plan.ev_up[1])
-        S = int(lay.lens.max())
-        for b0, b1 in self.kv_groups(np.full(lay.B, S), 0):
-            kv = self._kv_cache(b1 - b0, S)
-            for pb0, pb1, r0, x in self._prefill(plan, b0, b1, S, kv):
-                self.model.logits_to_host(x, pb1 - pb0, plan.p_last + 4 * pb0, r0, res[pb0:pb1])
-        return res
 
 
 def _returns(value):

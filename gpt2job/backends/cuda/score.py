@@ -10,6 +10,8 @@ next tokens, the Completions) are score_rows / completions, tested on the CPU (t
 
 Not done here: a chunk that runs out of GPU memory is not halved (generation's Runner._in_halves): the worker
 reports the error and the master hands the chunk to another worker.
+
+last_logits: the logits at each prompt's last position, downloaded (tests and fp16-vs-fp32 checks).
 """
 import numpy as np
 
@@ -70,7 +72,7 @@ def _score(runner, plan):
         for b0, b1 in runner.kv_groups(lens, 0):
             S = int(lens[b0:b1].max())
             kv = runner._kv_cache(b1 - b0, S)
-            for pb0, pb1, r0, x in runner._prefill(plan, b0, b1, S, kv):
+            for pb0, pb1, r0, x, _ in runner._prefill(plan, b0, b1, S, kv):
                 ridx, tgt = score_rows(offsets, tokens, pb0, pb1)
                 n = len(ridx)
                 if not n:
@@ -89,3 +91,17 @@ def _score(runner, plan):
                 done += n
                 yield Pause(submit=True, ready=READY, generated=done)
     return completions(chunk, offsets, tokens, lp_at)
+
+
+def last_logits(runner, plan):
+    """Logits [B, V] float32 at each prompt's last position of a plan prepared without sharing: the same
+    prefill passes and head as a generation, the logits downloaded instead of a token selected (tests, checks)."""
+    lay = plan.layout
+    res = np.empty((lay.B, runner.model.V), np.float32)
+    runner.dev.compute.wait_for_event(plan.ev_up[1])
+    S = int(lay.lens.max())
+    for b0, b1 in runner.kv_groups(np.full(lay.B, S), 0):
+        kv = runner._kv_cache(b1 - b0, S)
+        for pb0, pb1, _, x, at in runner._prefill(plan, b0, b1, S, kv, heads=True):
+            runner.model.logits_to_host(x, pb1 - pb0, *at, res[pb0:pb1])
+    return res
