@@ -892,7 +892,8 @@ def test_last_layer_on_the_head_rows_alone(dtype, share):
     those rows' residual stream as the full pass does (fp32: bit for bit; fp16: within rounding, 2e-5 at most on
     the GPU machine, 7% of the values equal) and the same keys and values: several prefill passes, shared prefixes,
     one-token prompts; head size 64 (fp16: the prefill attention kernel on the full pass, the per-row one on the
-    head rows). A pass whose rows are all head rows, or (fp16) more than 0.8 of them, runs in full."""
+    head rows). The caches are NaN before each run. Every pass compacts here but one of only head rows (share off),
+    which runs in full (as one with (fp16) more than 0.8 of its rows head rows would: the count checked allows it)."""
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(8, n_layer=3, n_head=1)
     prompts = stem_prompts(40, 1000, seed=3) + [np.array([5]), np.array([9]), np.array([11])]
@@ -909,8 +910,11 @@ def test_last_layer_on_the_head_rows_alone(dtype, share):
         be.device.compute.wait_for_event(plan.ev_up[1])
         S = int(lay.lens.max())
         got, expect, compacted = {}, 0, 0
+        assert (plan.shared_tokens > 0) == share
         for heads in (False, True):
             kv = runner._kv_cache(lay.B, S)
+            be.device.compute.synchronize()
+            drv.memset_d8(kv[0][0], 0xFF, 2 * len(kv) * lay.B * S * C * be.model.elt)   # NaN in fp16 and fp32
             rows, caches = [], []
             for pb0, pb1, r0, x, (ridx, base) in runner._prefill(plan, 0, lay.B, S, kv, heads=heads):
                 n, R = pb1 - pb0, int(lay.offsets[pb1]) - r0

@@ -10,7 +10,8 @@ selects tokens in the LM head's epilogue (EPI_ARGMAX; with --logprobs alone EPI_
 chunk's share of the softmax), and so does fp16 sampling with a temperature alone in large batches (EPI_TEMPERED:
 model/sampling.py rule 6, per 64 columns a Gumbel-perturbed log-mass and a draw), so the logits never reach memory;
 fp16 prefill attention with head size 64 runs on tensor cores over tiles of up to 16 consecutive tokens of one
-prompt (attention_prefill).
+prompt (attention_prefill). A generation's prefill runs the last layer past its keys and values on each prompt's last
+row alone (forward's heads, _take_heads).
 """
 import math
 from dataclasses import dataclass
@@ -136,7 +137,8 @@ class Layer:
 
 class Model:
     """The weights on the device and the passes over them. Activations live in the device's buffer pool (x: the
-    fp32 residual stream; h, qkv, att, fc in the precision's type; hl: ln_f of the head rows)."""
+    fp32 residual stream; h, qkv, att, fc in the precision's type; hl: ln_f of the head rows; in the last layer with
+    heads, fc and h also hold the head rows' queries, residual rows, slots and positions for a moment)."""
 
     def __init__(self, device, kernels, params, dtype, options, head_rows):
         cfg = self.cfg = params.config
@@ -244,7 +246,7 @@ class Model:
                                     H, D, S, scale)
             else:
                 k.attention(st, half, q, kc, vc, seq, slot_base, pos, att, rows, H, D, S, scale)
-            whole = rows == R   # (fp32: no split-K for the head rows: their sums as in the full pass, bit for bit)
+            whole = rows == R   # (fp32 head rows: no split-K, so the full pass's sums bit for bit where it split none)
             p.linear(att, L.proj_w, x, L.proj_b, rows, C, C, EPI_RESID, False, whole)
             k.layernorm(st, half, x, None, 0, L.ln2_w, L.ln2_b, h, rows, C, eps)
             p.linear(h, L.fc_w, fc, L.fc_b, rows, F, C, self.act_mode, True, whole)
@@ -258,7 +260,7 @@ class Model:
         p_rowidx, base, n = heads
         C, e, buf = self.cfg.n_embd, self.elt, self.dev.buf
         qb = n * 3 * C * e
-        if n >= R or qb + n * C * 4 > R * self.cfg.d_mlp * e:
+        if n >= R or qb + n * C * 4 > R * self.cfg.d_mlp * e or 8 * n > R * C * e:
             return False
         x, h, qkv, fc = buf("x", 0), buf("h", 0), buf("qkv", 0), buf("fc", 0)
         take, st, qw = self.k.take_rows, self.dev.compute, C * e // 4   # (rows in 4-byte words)

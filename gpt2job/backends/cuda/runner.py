@@ -4,9 +4,9 @@ as a generator that pauses wherever the host would wait for the GPU (gpt2job.bac
 Per chunk:
   * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its sequence
     slot and position; ragged causal attention reads the slot's KV cache; the last layer past its keys and values,
-    the LM head and token selection run only on each prompt's last position. Prompts that start alike compute that prefix once (prefix_share.py:
-    lexicographic order, the shared key/value rows copied per layer by kv_copy). Passes hold at most
-    max_prefill_rows tokens (whole prompts).
+    the LM head and token selection run only on each prompt's last position (Model.forward's heads). Prompts that
+    start alike compute that prefix once (prefix_share.py: lexicographic order, the shared key/value rows copied per
+    layer by kv_copy). Passes hold at most max_prefill_rows tokens (whole prompts).
   * decode: one row per still-active sequence; a step's input tokens are the previous step's output, on the GPU,
     so each step is launched before the previous step's tokens reach the host (one token id per row downloaded,
     logits never leave the GPU). A sequence that stopped is dropped from the step after next.

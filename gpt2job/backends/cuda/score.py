@@ -2,7 +2,8 @@
 position t = 1..L-1, log P(token_t | tokens_<t) under the model.
 
 A chunk is planned without prefix sharing (Runner.prepare(..., share=False)) and run through the same prefill passes
-as a generation (Runner._prefill: KV groups, passes of whole prompts); after each pass every position but each
+as a generation (Runner._prefill: KV groups, passes of whole prompts), but with the last layer on every row (a
+generation runs it past its keys and values on each prompt's last row alone); after each pass every position but each
 prompt's last goes through ln_f and the LM head in groups of head_rows (Model._ln_f / Model._logits), and
 Kernels.logprobs (cuda_src/logprobs.cu) takes the log_softmax of the next token, the "chosen" id. The values of a
 pass are downloaded before the next pass (its residual stream is reused). The pure-NumPy parts (which rows, which
