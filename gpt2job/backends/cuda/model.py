@@ -256,7 +256,7 @@ class Model:
     def _take_heads(self, R, heads, p_seq, p_pos):
         """Before the last layer's attention, when it saves work: the head rows' queries (stride 3C) to the front of
         pool buffer fc, their slots and positions to h, their residual rows (through fc) to the front of x. False
-        (nothing moved) when every row is a head row or fc cannot hold them (fp16: more than 0.8 R head rows)."""
+        (nothing moved) when every row is a head row, or fc or h cannot hold them (fp16: more than 0.8 R head rows)."""
         p_rowidx, base, n = heads
         C, e, buf = self.cfg.n_embd, self.elt, self.dev.buf
         qb = n * 3 * C * e
