@@ -64,7 +64,7 @@ class F32Products:
         ht[:, :V] = head.T
         return self.dev.upload(ht)
 
-    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):   # split False: one K slice
         ws, slices = None, 0
         if split and M <= self.head_rows and N < 4096:   # decode-sized products may take the split-K path
             ws = self.dev.buf("splitk", SPLITK_BYTES * self.head_rows)
@@ -101,7 +101,7 @@ class F16Products:
         return self.dev.upload_half(head, lambda src, out, part: self.k.half_of(self.dev.compute, src, out, part.size),
                                     rows=4 * C)
 
-    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):
+    def linear(self, A, W, out, bias, M, N, K, mode, out_half, split=True):   # (fp16 products never split K)
         self.k.gemm_f16(self.dev.compute, A, K, W, K, out, N, bias, M, N, K, mode, out_half)
 
     def qkv(self, h, W, q_out, bias, R, C, cache):
