@@ -38,7 +38,8 @@ exit codes:
   2    a user mistake: one line naming the file, the field and the fix
   3    no worker left: completed rows are kept; run the same command again to resume
   4    --validate failed: more mismatched tokens than --validate-tolerance
-  130  interrupted (Ctrl-C): completed rows are kept; the same command resumes"""
+  130  interrupted (Ctrl-C): completed rows are kept; the same command resumes
+  143  (a shell's status) ended by SIGTERM, said in one line: completed rows are kept; the same command resumes"""
 
 
 SCORE_DESCRIPTION = """\

@@ -58,10 +58,10 @@ def journal_rows(path):
     return sum(len(r.rows) for r in records)
 
 
-def kill_midway(cmd, out, victim, chunk=1, min_rows=4):
-    """Run cmd until its journal holds min_rows rows, then SIGKILL the victim (mpirun or the one process, the master
-    or a worker). Every worker hangs on the chunk after those that hold min_rows, so that the job cannot end before
-    the kill however slowly the test process polls."""
+def kill_midway(cmd, out, victim, chunk=1, min_rows=4, sig=signal.SIGKILL):
+    """Run cmd until its journal holds min_rows rows, then send sig (SIGKILL) to the victim (mpirun or the one
+    process, the master or a worker). Every worker hangs on the chunk after those that hold min_rows, so that the job
+    cannot end before the kill however slowly the test process polls. Returns the job's stderr."""
     tag = uuid.uuid4().hex
     k = -(-min_rows // chunk) + 1
     fault = ",".join(f"{r}:{k}:hang" for r in range(3))     # rank 0 alone, or the master and two workers
@@ -76,13 +76,13 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4):
         p.kill()
         raise AssertionError("the job made no progress")
     if victim == "mpirun" or victim == "process":
-        os.kill(p.pid, signal.SIGKILL)
+        os.kill(p.pid, sig)
     else:
         ranks = rank_pids(tag)
         pid = next(pid for pid, r in ranks.items() if (r == 0) == (victim == "master"))
-        os.kill(pid, signal.SIGKILL)
+        os.kill(pid, sig)
     try:
-        p.wait(timeout=60)
+        _, err = p.communicate(timeout=60)
     finally:
         os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
     time.sleep(0.2)
@@ -96,16 +96,26 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4):
     deadline = time.time() + 30
     while any(alive(pid) for pid in orphans) and time.time() < deadline:
         time.sleep(0.05)
+    return err.decode(errors="replace")
 
 
-@pytest.mark.parametrize("victim,np_,chunk", [("process", None, 1), ("process", None, 4), ("mpirun", 3, 3),
-                                              ("master", 3, 1), ("master", 3, 5), ("worker", 3, 2)])
-def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_, chunk):
+TERM_LINE = "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again to resume"
+
+
+@pytest.mark.parametrize("victim,np_,chunk,sig", [("process", None, 1, "KILL"), ("process", None, 4, "KILL"),
+                                                  ("mpirun", 3, 3, "KILL"), ("master", 3, 1, "KILL"),
+                                                  ("master", 3, 5, "KILL"), ("worker", 3, 2, "KILL"),
+                                                  ("process", None, 2, "TERM"), ("master", 3, 2, "TERM")])
+def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_, chunk, sig):
+    """A job killed part-way (SIGKILL; or SIGTERM, as a batch system's time limit sends it, which the master says in
+    one line) resumes to the clean run's output, no row computed twice."""
     if np_:
         require_mpirun()
     inp, clean = workload
     out = tmp_path / "out.h5"
-    kill_midway(gpt2job_cmd(job_args(inp, out, chunk), np_), out, victim, chunk)
+    err = kill_midway(gpt2job_cmd(job_args(inp, out, chunk), np_), out, victim, chunk,
+                      sig=getattr(signal, "SIG" + sig))
+    assert sig == "KILL" or TERM_LINE in err.splitlines(), err   # (mpirun ends a dead worker's job with SIGTERM too)
     kept = journal_rows(out)
     assert 0 < kept < N, kept
     run_gpt2job(job_args(inp, out, chunk), np_=np_, check=0)

@@ -6,7 +6,10 @@ A text or JSONL input (`run prompts.txt OUT`) is converted by the master alone, 
 the output (files/prompt_files.py convert_for_run), before anything else is made: the workers never read the input
 (they get token chunks over MPI), so it needs no shared folder beyond the output's own."""
 import dataclasses
+import os
+import signal
 import sys
+import threading
 
 from gpt2job import envs
 from gpt2job.backends import gpu_count, pycuda_available
@@ -53,25 +56,43 @@ def run_job(s: JobSettings):
 def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     """The master, after converting a text or JSONL input. A refused input releases every worker rank (they are
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
-    kept names it (prompt_files.tidy_conversions)."""
+    kept names it (prompt_files.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
     converted = created = None
-    try:
-        if is_text_input(s.input):
-            convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
-            converted, created = convert(s.input, s.output, log=log)
-            s = dataclasses.replace(s, input=converted, converted_from=s.input)
-    except BaseException as e:
-        if comm is not None:
-            Master(s, comm).release_after_error(e)
-        raise
+    restore = say_on_sigterm()
     ok = False
     try:
+        try:
+            if is_text_input(s.input):
+                convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
+                converted, created = convert(s.input, s.output, log=log)
+                s = dataclasses.replace(s, input=converted, converted_from=s.input)
+        except BaseException as e:
+            if comm is not None:
+                Master(s, comm).release_after_error(e)
+            raise
         code = run_master(s, comm, local_slot, fault_plan)
         ok = True
         return code
     finally:
         if converted:
             tidy_conversions(s.output, converted, created, ok)
+        restore()
+
+
+def say_on_sigterm():
+    """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line, then the signal
+    ends the process as it did before (what a kill leaves: the rows already written stay, the same command resumes).
+    Returns what puts the handler before back (from a thread other than the main one nothing is set: Python sets
+    handlers from the main thread alone)."""
+    if threading.current_thread() is not threading.main_thread():
+        return lambda: None
+
+    def on_term(signum, frame):
+        log("terminated (SIGTERM); the rows already written are kept: run the same command again to resume")
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGTERM)
+    before = signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
 def log(msg):
