@@ -157,11 +157,12 @@ def profile(dtypes, new=8, chunk=None, label="W1"):
         try:
             compute(be, chunk)
             be.runner.graphs = None   # every launch eager: a step replayed as a CUDA graph has no launches to time
-            B = len(chunk.rows)       # a product of more rows than prompts is a prefill pass
+            B = len(chunk.rows)       # a product of more rows than prompts is a prefill pass (the last layer's
+            # products and attention on the head rows, B of them, count with the decode steps' here)
             recs = []
             k, stream = be.kernels, be.device.compute
             for name in ("gemm_f16", "gemm_f32", "layernorm", "kv_copy", "attention", "attention_prefill", "embed",
-                         "argmax", "argmax_partials", "sample", "gather_tokens"):
+                         "argmax", "argmax_partials", "sample", "gather_tokens", "take_rows"):
                 orig = getattr(k, name)
 
                 def wrap(*a, _o=orig, _n=name, **kw):
