@@ -88,7 +88,11 @@ def say_on_sigterm():
         return lambda: None
 
     def on_term(signum, frame):
-        log("terminated (SIGTERM); the rows already written are kept: run the same command again to resume")
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
+        try:
+            log("terminated (SIGTERM); the rows already written are kept: run the same command again to resume")
+        except OSError:   # stderr gone (a closed pipe): the signal still ends the process
+            pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         os.kill(os.getpid(), signal.SIGTERM)
     before = signal.signal(signal.SIGTERM, on_term)
