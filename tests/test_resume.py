@@ -128,6 +128,25 @@ def test_kill_and_resume_gives_identical_output(tmp_path, workload, victim, np_,
     assert not os.path.exists(str(out) + ".journal")
 
 
+def test_sigterm_with_stderr_gone_still_ends_by_the_signal(tmp_path, workload):
+    """SIGTERM when nobody reads stderr any more (its pipe closed): the master's line cannot be written, and the
+    signal still ends the process (status -15, as before the line existed; it was 1)."""
+    inp, _ = workload
+    out = tmp_path / "out.h5"
+    p = subprocess.Popen(gpt2job_cmd(job_args(inp, out)), env=job_env(GPT2JOB_FAULT="0:6:hang"),
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.time() + 120
+        while not (os.path.exists(str(out) + ".journal") and journal_rows(out) >= 4):
+            assert time.time() < deadline and p.poll() is None, "the job made no progress"
+            time.sleep(0.05)
+        p.stderr.close()
+        os.kill(p.pid, signal.SIGTERM)
+        assert p.wait(timeout=60) == -signal.SIGTERM
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+
+
 def test_journal_records_of_many_rows_read_back_whole(tmp_path):
     """Every row of every record comes back, in records of 1, 3 and 5 rows, after reopening for appends."""
     from gpt2job.chunks import Completions
