@@ -239,8 +239,10 @@ class Model:
             if cfg.scale_attn_by_inverse_layer_idx:
                 scale /= float(li + 1)
             rows, q, seq, pos = R, qkv, p_seq, p_pos
-            if heads is not None and li == cfg.n_layer - 1 and self._take_heads(R, heads, p_seq, p_pos):
-                rows, (q, seq, pos), at = heads[2], (fc, h, h + 4 * heads[2]), (None, 0)
+            if heads is not None and li == cfg.n_layer - 1:
+                moved = self._take_heads(R, heads, p_seq, p_pos, x, h, qkv, fc)
+                if moved is not None:
+                    rows, (q, seq, pos), at = heads[2], moved, (None, 0)
             if tiles is not None and self.prefill_attn and rows == R:
                 k.attention_prefill(st, qkv, kc, vc, p_seq, slot_base, p_pos, att, tiles[0], tiles[1], tiles[2],
                                     H, D, S, scale)
@@ -253,23 +255,23 @@ class Model:
             p.linear(fc, L.fc2_w, x, L.fc2_b, rows, C, F, EPI_RESID, False, whole)
         return (x, *at)
 
-    def _take_heads(self, R, heads, p_seq, p_pos):
+    def _take_heads(self, R, heads, p_seq, p_pos, x, h, qkv, fc):
         """Before the last layer's attention, when it saves work: the head rows' queries (stride 3C) to the front of
-        pool buffer fc, their slots and positions to h, their residual rows (through fc) to the front of x. False
-        (nothing moved) when every row is a head row, or fc or h cannot hold them (fp16: more than 0.8 R head rows)."""
+        pool buffer fc, their slots and positions to h, their residual rows (through fc) to the front of x. Returns
+        where their queries, slots and positions now are; None (nothing moved) when every row is a head row, or fc
+        or h cannot hold them (fp16: more than 0.8 R head rows)."""
         p_rowidx, base, n = heads
-        C, e, buf = self.cfg.n_embd, self.elt, self.dev.buf
+        C, e = self.cfg.n_embd, self.elt
         qb = n * 3 * C * e
         if n >= R or qb + n * C * 4 > R * self.cfg.d_mlp * e or 8 * n > R * C * e:
-            return False
-        x, h, qkv, fc = buf("x", 0), buf("h", 0), buf("qkv", 0), buf("fc", 0)
+            return None
         take, st, qw = self.k.take_rows, self.dev.compute, C * e // 4   # (rows in 4-byte words)
         take(st, p_rowidx, base, qkv, 3 * qw, fc, 3 * qw, qw, n)
         take(st, p_rowidx, base, x, C, fc + qb, C, C, n)
         take(st, None, 0, fc + qb, C, x, C, C, n)
         take(st, p_rowidx, base, p_seq, 1, h, 1, 1, n)
         take(st, p_rowidx, base, p_pos, 1, h + 4 * n, 1, 1, n)
-        return True
+        return fc, h, h + 4 * n
 
     def _ln_f(self, x, n, p_rowidx, idx_base):
         """ln_f of n rows of x (row i: x row p_rowidx[i] - idx_base when p_rowidx is given, else row i) in groups
