@@ -182,3 +182,39 @@ def test_invalid_prompts_of_a_text_file_name_that_file(tmp_path, vocab_dir):
     p = run_gpt2job(["run", inp, out, "--backend", "numpy", "--model", str(TINY_HF), "--vocab-dir", vocab_dir])
     line = assert_one_clear_line(p, f"{inp}: prompts: ", "outside 0..999")
     assert ".prompts-" not in line and files(tmp_path) == ["p.txt"]
+
+
+def test_a_conversion_killed_mid_write_leaves_nothing_after_the_next_run(tmp_path, vocab_dir):
+    """SIGKILL (or SIGTERM) mid-conversion leaves the temporary file; the rerun's conversion removes it, and a job that
+    ends well removes those of other versions of the source. A live writer's file stays."""
+    import hashlib
+    import signal
+    import socket
+    import sys
+    import time
+    src, out = tmp_path / "p.txt", tmp_path / "out.h5"
+    src.write_text(TEXT, encoding="utf-8")
+    target = f"{out}.prompts-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}.h5"
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gpt2job.files.prompt_files import "
+                               "write_atomically\nwrite_atomically(sys.argv[1], lambda f: time.sleep(60), {})", target],
+                              cwd=ROOT, env=job_env())
+    left = f"{target}.{socket.gethostname()}.{writer.pid}.tmp"
+    for _ in range(600):
+        if os.path.exists(left) or writer.poll() is not None:
+            break
+        time.sleep(0.05)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait()
+    assert os.path.exists(left)
+    sleeper = subprocess.Popen(["sleep", "60"])   # a live process's write, and an older source version's dead one
+    live = f"{out}.prompts-0123456789ab.h5.{socket.gethostname()}.{sleeper.pid}.tmp"
+    other = f"{out}.prompts-0123456789ab.h5.{socket.gethostname()}.{writer.pid}.tmp"
+    for path in (live, other):
+        open(path, "wb").close()
+    try:
+        run_gpt2job(args(src, out, vocab_dir), check=0)
+        assert read_output(out)["done"].all()
+        assert not os.path.exists(left) and not os.path.exists(other) and os.path.exists(live)
+    finally:
+        sleeper.kill()
+        sleeper.wait()

@@ -96,8 +96,8 @@ def _write_error(output, e):
     return UserError(f"cannot write ({reason})", output, "output", fix)
 
 
-def _write_h5(output, tmp, texts, tokens, attrs):
-    """Write the input HDF5 file (prompts or prompt_tokens) at tmp, then move it to output."""
+def _write_h5(output, texts, tokens, attrs):
+    """Write the input HDF5 file (prompts or prompt_tokens) at output, atomically."""
     import h5py
 
     def fill(f):
@@ -109,22 +109,43 @@ def _write_h5(output, tmp, texts, tokens, attrs):
             ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
             for i, t in enumerate(tokens):
                 ds[i] = np.asarray(t, np.int32)
-    write_atomically(output, tmp, fill, attrs)
+    write_atomically(output, fill, attrs)
 
 
-def temp_beside(target):
-    """A new empty temporary file's path in target's folder (moved onto target once written)."""
-    import tempfile
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(target) + ".", suffix=".tmp",
-                               dir=os.path.dirname(os.path.abspath(target)))
-    os.close(fd)
-    return tmp
+def remove_dead_temps(targets):
+    """Remove the temporary files of the targets (a glob pattern) that a process of this host left when it was
+    killed mid-write (its pid is gone). Those of a live process, or of another host (which this host cannot check),
+    stay."""
+    import glob
+    import socket
+    for path in glob.glob(f"{targets}.{glob.escape(socket.gethostname())}.*.tmp"):
+        pid = path[:-len(".tmp")].rsplit(".", 1)[-1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            try:
+                os.remove(path)
+            except OSError:
+                pass
 
 
-def write_atomically(output, tmp, fill, attrs):
-    """An HDF5 file written at tmp by fill(file) with attrs, then moved to output (a reader sees the old file or the
-    new); a failed write leaves no tmp and raises one line."""
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+def write_atomically(output, fill, attrs):
+    """An HDF5 file written by fill(file) with attrs at a temporary name beside output, then moved to output (a
+    reader sees the old file or the new); a failed write leaves no temporary file and raises one line, and a write
+    killed mid-way leaves one that the next write of output removes."""
+    import glob
+    import socket
     import h5py
+    remove_dead_temps(glob.escape(output))
+    tmp = f"{output}.{socket.gethostname()}.{os.getpid()}.tmp"
     try:
         with h5py.File(tmp, "w") as f:
             fill(f)
@@ -159,7 +180,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
         enc = load_tokenizer(vocab_dir_from(vocab_dir))
         tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
-    _write_h5(output, output + ".tmp", texts, tokens, {"source": os.path.abspath(source)})
+    _write_h5(output, texts, tokens, {"source": os.path.abspath(source)})
     n = len(texts) if texts is not None else len(tokens)
     kind = "text prompt" if texts is not None else "token prompt"
     dataset = "prompts" if texts is not None else "prompt_tokens"
@@ -238,8 +259,7 @@ def convert_for_run(source, output, log=None):
         return target, False
     if os.path.isdir(target):
         raise UserError("is a folder", target, "input", f"remove it: `run` converts {source} there")
-    tmp = temp_beside(target)
-    _write_h5(target, tmp, texts, tokens, {"source": os.path.abspath(source), "source_sha256": digest,
+    _write_h5(target, texts, tokens, {"source": os.path.abspath(source), "source_sha256": digest,
                                            "gpt2job_conversion": CONVERSION})
     log(f"{what} of {source} converted to {target}")
     return target, True
@@ -266,7 +286,11 @@ def tidy_conversions(output, converted, created, ok):
     """After `run` on a text input: a job that ended well keeps its conversion and drops those of earlier versions of
     the source that the output no longer names; a failed one removes the conversion it wrote unless the output (an
     earlier job's, kept) names it (one it found, it leaves: another run of the same command may be using it).
-    Nothing left this way blocks or changes a later run."""
+    A job that ended well also removes what killed conversions left (remove_dead_temps). Nothing left this way
+    blocks or changes a later run."""
+    if ok:
+        import glob
+        remove_dead_temps(glob.escape(str(output)) + ".prompts-*.h5")
     if not ok and not created:
         return
     named = output_input(output) if os.path.exists(output) else None

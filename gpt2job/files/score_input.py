@@ -154,7 +154,7 @@ def convert_pairs(source, output, log=None):
     import h5py
     from gpt2job.files.h5files import check_output_path
     from gpt2job.files.prompt_files import (CONVERSION, _conversion_attrs, check_ids, converted_path, lines_of,
-                                            temp_beside, write_atomically)
+                                            write_atomically)
     check_output_path(output, example="out.h5")
     try:
         with open(source, "rb") as f:
@@ -194,8 +194,8 @@ def convert_pairs(source, output, log=None):
                 for i, r in enumerate(rows):
                     d[i] = np.asarray(r, np.int32)
 
-    write_atomically(target, temp_beside(target), fill, {"source": os.path.abspath(source), "source_sha256": digest,
-                                                         "gpt2job_conversion": CONVERSION})
+    write_atomically(target, fill, {"source": os.path.abspath(source), "source_sha256": digest,
+                                    "gpt2job_conversion": CONVERSION})
     if log:
         log(f"{len(ctx)} context/continuation pairs of {source} converted to {target}")
     return target, True
