@@ -29,7 +29,7 @@ fi
 # (Open MPI 4 and 5; the exit code is kept) and PMIx's complaint about the ranks it could not reach after it; and
 # libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI, harmless)
 without_banner() {
-    trap '' INT    # Ctrl-C: keep passing mpirun's last words on until it has gone
+    trap '' INT TERM   # keep passing mpirun's last words on until it has gone
     awk '
         /^--------------------+$/ {
             if (!open) { open = 1; block = $0 "\n"; next }
@@ -44,16 +44,38 @@ without_banner() {
         END { if (open) printf "%s", block }'
 }
 
-interrupted() {
-    echo "run_inference.sh: interrupted; completed rows are kept: run the same command again to resume" >&2
-    exit 130
+# Ctrl-C (SIGINT) or SIGTERM to this script (`timeout`, `kill`): passed on to mpirun, which ends the ranks; then one
+# line and 130 / 143. mpirun runs in the background, in a process group of its own (set -m), so that the trap runs at
+# once (bash runs a trap only after a foreground command ends: a foreground mpirun went on without this script after
+# a SIGTERM) and mpirun gets each signal once (a terminal's Ctrl-C reaches this script's group, not mpirun's).
+mpirun_pid=""
+stop() {   # SIGNAL CODE
+    set +e
+    trap '' INT TERM
+    if [ -n "$mpirun_pid" ]; then
+        kill -s "$1" "$mpirun_pid" 2>/dev/null
+        wait "$mpirun_pid"
+    fi
+    wait "$filter" 2>/dev/null   # mpirun's last words, before ours
+    local what=interrupted; [ "$1" = TERM ] && what="terminated (SIGTERM)"
+    echo "run_inference.sh: $what; completed rows are kept: run the same command again to resume" >&2
+    exit "$2"
 }
 
 launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; exits with mpirun's code
-    trap interrupted INT
-    set +e
-    { mpirun "$@" 2>&1 1>&3 3>&- | without_banner >&2; } 3>&1
-    exit "${PIPESTATUS[0]}"
+    exec 3> >(without_banner >&2)
+    filter=$!
+    trap 'stop INT 130' INT
+    trap 'stop TERM 143' TERM
+    set +e -m
+    mpirun "$@" 2>&3 3>&- </dev/null &
+    mpirun_pid=$!
+    set +m
+    exec 3>&-
+    wait "$mpirun_pid"
+    local code=$?
+    wait "$filter" 2>/dev/null
+    exit "$code"
 }
 
 export GPT2JOB_LAUNCH_TIME="$("$python" -c 'import time; print(time.time())')"

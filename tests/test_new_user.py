@@ -174,6 +174,36 @@ def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
     assert "prterun" not in err and "mpirun" not in err, err
 
 
+
+def test_run_inference_sigterm_to_the_script_ends_every_rank_and_the_rerun_resumes(tmp_path):
+    """`timeout` or `kill` signals the script alone: mpirun gets it and ends the ranks (they went on without the
+    script before: a hanging worker forever)."""
+    require_mpirun()
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    env = {k: v for k, v in job_env(NP=2).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    p = launcher([inp, out, *TINY], env={**env, "GPT2JOB_FAULT": "1:1:hang"}, start_new_session=True)
+    ours = ["pgrep", "-f", str(out)]
+    try:
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
+            time.sleep(0.2)
+        time.sleep(1.0)
+        p.send_signal(signal.SIGTERM)
+        _, err = p.communicate(timeout=60)
+        assert p.returncode == 143, err
+        assert err.splitlines()[-1].startswith("run_inference.sh: terminated (SIGTERM); completed rows are kept"), err
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
+            time.sleep(0.2)
+        assert subprocess.run(ours, capture_output=True, text=True).stdout == ""
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", str(out)])
+    q = launcher([inp, out, *TINY], env=env)
+    _, err = q.communicate(timeout=120)
+    assert q.returncode == 0, err
+    assert read_output(out)["done"].all()
+
 # ---------------------------------------------------------------- 9: model errors name the real problem
 
 @pytest.mark.parametrize("kind", ["x.pkl", "pytorch_model.bin", "folder of pytorch_model.bin"])
