@@ -11,6 +11,7 @@ from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
 from gpt2job.model.logprobs import MAX_TOP
+from gpt2job.settings import MIN_TEMPERATURE
 
 
 RUN_EPILOG = """\
@@ -98,6 +99,13 @@ def _float_in(name, lo, hi, lo_open=False):
     return parse
 
 
+def _temperature(v):
+    x = _float_in("--temperature", 0, 100)(v)
+    if 0 < x < MIN_TEMPERATURE:
+        raise argparse.ArgumentTypeError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100], got {v}")
+    return x
+
+
 def _stop_string(v):
     if not v or "\0" in v:
         raise argparse.ArgumentTypeError(f"--stop must be non-empty text without NUL, got {v!r}")
@@ -155,7 +163,7 @@ def build_parser():
     r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
-    r.add_argument("--temperature", type=_float_in("--temperature", 0, 100), default=0.0,
+    r.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sampling temperature; 0 (default) is greedy argmax")
     r.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0,
                    help="sample only among the K most likely tokens (0: no limit)")

@@ -5,6 +5,9 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
 DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says otherwise (the CPU backend)
+# the least temperature above 0: below it 1/T times a logit overflows float32 (vLLM takes such values as greedy; here
+# they are refused, the flag and a row's own value alike)
+MIN_TEMPERATURE = 1e-5
 
 
 def max_prompt_length(n_positions, max_new_tokens):

@@ -2,6 +2,7 @@
 finishes with the right output; with no worker left the job stops with a clear message and the
 completed rows are kept for a resume. (GPT2JOB_FAULT='RANK:K:MODE' is the test switch.)"""
 import json
+import os
 
 import numpy as np
 import pytest
@@ -73,6 +74,16 @@ def test_no_worker_left_keeps_completed_rows_for_resume(tmp_path, inp_and_clean)
     res = read_output(out)
     assert [t.tolist() for t in res["tokens"]] == clean
     assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
+
+
+def test_no_worker_left_before_any_row_says_none_is_kept(tmp_path, inp_and_clean):
+    inp, _ = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out), np_=3, env=job_env(GPT2JOB_FAULT="1:1:raise,2:1:raise"))
+    assert p.returncode == 3, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(line) == 1 and line[0].endswith("no row was completed; run the same command again"), p.stderr
+    assert not os.path.exists(out)   # (it said "0 of N rows are complete and kept in OUT" before)
 
 
 def test_no_worker_left_while_one_hangs_still_ends_the_job(tmp_path, inp_and_clean):

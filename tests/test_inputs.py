@@ -94,6 +94,7 @@ def test_bad_input_files(tmp_path, case):
 @pytest.mark.parametrize("flags,frag", [
     (["--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
     (["--temperature", "-1"], "--temperature must be in"),
+    (["--temperature", "1e-39"], "--temperature must be 0 (greedy) or in [1e-05, 100]"),   # 1 / T overflows
     (["--top-p", "0"], "--top-p must be in"),
     (["--top-k", "x"], "--top-k must be an integer"),
     (["--backend", "tpu"], "invalid choice"),

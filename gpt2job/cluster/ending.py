@@ -145,11 +145,13 @@ class Ending:
         self.say_held()
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
         done = int(self.store.done.sum())
-        msg = (f"no worker is left ({reasons}); {done} of {self.n_rows} rows are complete and kept "
-               f"in {self.s.output}")
+        kept = f"{done} of {self.n_rows} rows are complete and kept in {self.s.output}" if done else \
+            "no row was completed"
+        msg = f"no worker is left ({reasons}); {kept}"
+        again = "run the same command again" + (" to resume" if done else "")
         if all(w.error and w.error.get("user_error") for w in self.workers.values()):
-            return UserError(msg, fix="fix the cause above, then run the same command again to resume")
-        return WorkerFailure(msg + "; run the same command again to resume")
+            return UserError(msg, fix=f"fix the cause above, then {again}")
+        return WorkerFailure(f"{msg}; {again}")
 
     def shutdown_workers(self, wait_local=True):
         """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job

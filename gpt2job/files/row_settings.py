@@ -18,6 +18,7 @@ import numpy as np
 
 from gpt2job.chunks import ROW_FIELDS, RowParams, pack_stops, take_ragged, unpack_stops
 from gpt2job.errors import UserError, first_line, plural
+from gpt2job.settings import MIN_TEMPERATURE
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
 STOP = "stop"
@@ -29,7 +30,8 @@ FIX = "one value per row; NaN (float datasets) or a negative number (integer dat
 # (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
 RULES = {
     "max_new_tokens": ("an integer >= 1", lambda v: v >= 1),
-    "temperature": ("a finite number >= 0", lambda v: np.isfinite(v) & (v >= 0)),
+    "temperature": (f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}",
+                    lambda v: np.isfinite(v) & ((v == 0) | (v >= np.float32(MIN_TEMPERATURE)))),
     "top_k": ("an integer >= 0", lambda v: v >= 0),
     "top_p": ("a number in (0, 1]", lambda v: (v > 0) & (v <= 1)),
     "seed": ("an integer in 0..2^63-1", lambda v: v >= 0),
