@@ -131,7 +131,9 @@ def test_finished_output_needs_overwrite_and_other_settings_are_refused(tmp_path
     assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
     assert not os.path.exists(str(out) + ".lock")
     assert_one_clear_line(run([inp, out, "--ignore-eos"]), "different model, input or settings",
-                          "--overwrite")
+                          "(--ignore-eos: was False, now True)", "--overwrite")
+    assert_one_clear_line(run([inp, out, "--backend", "synthetic"]), "different model, input or settings",
+                          "backend: was None, now 'synthetic'")   # made-up tokens never join a model's
     assert not os.path.exists(str(out) + ".lock")
     p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--max-new-tokens", "5", "--overwrite"])
     assert p.returncode == 0

@@ -122,6 +122,8 @@ class Master(Ending):
             key["score_starts"] = starts_fingerprint(self.score_starts)
         if self.rows:   # only then: outputs without per-row settings keep their key (and resume)
             key["row_settings"] = self.rows.key()
+        if s.backend == "synthetic":   # made-up tokens: never mixed with a model's on a resume
+            key["backend"] = "synthetic"
         self.took("fingerprint")
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),

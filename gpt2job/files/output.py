@@ -52,6 +52,14 @@ PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
 
+def _difference(name, was, now):
+    """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64)."""
+    if name == "settings" and isinstance(was, dict) and isinstance(now, dict):
+        return ", ".join(f"--{k.replace('_', '-')}: was {was.get(k, 'not given')!r}, now {now.get(k, 'not given')!r}"
+                         for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
+    return f"{name}: was {was!r}, now {now!r}"
+
+
 class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 
@@ -206,7 +214,7 @@ class OutputStore:
                             "choose another output path, or pass --overwrite to start over")
         diff = self._key_diff(key)
         if diff:
-            details = ", ".join(f"{k}: was {key.get(k)!r}, now {self.key.get(k)!r}" for k in diff[:4])
+            details = ", ".join(_difference(k, key.get(k), self.key.get(k)) for k in diff[:4])
             raise UserError(f"was started with a different model, input or settings ({details})", where,
                             "resume", "rerun with the original settings, choose another output path, "
                                       "or pass --overwrite to start over")
