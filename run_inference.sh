@@ -27,7 +27,8 @@ fi
 
 # mpirun's own messages that only repeat what our one line said: the banner after a rank's non-zero exit
 # (Open MPI 4 and 5; the exit code is kept) and PMIx's complaint about the ranks it could not reach after it; and
-# libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI, harmless)
+# libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI, harmless);
+# "Abort is in progress...hit ctrl-c again" when a signal reached mpirun twice (the group's and ours: our line says it)
 without_banner() {
     trap '' INT TERM   # keep passing mpirun's last words on until it has gone
     awk '
@@ -40,25 +41,32 @@ without_banner() {
         open { block = block $0 "\n"; next }
         /PMIX ERROR: PMIX_ERR_UNREACH/ { next }
         /^\[warn\] Epoll [A-Z]+\([0-9]+\) on fd [0-9]+ failed/ { next }
-        { print; fflush() }
+        /[Aa]bort is (already )?in progress.*hit ctrl-c again/ { gap = 1; next }
+        gap && /^$/ { gap = 0; next }
+        { gap = 0; print; fflush() }
         END { if (open) printf "%s", block }'
 }
 
-# Ctrl-C (SIGINT) or SIGTERM to this script (`timeout`, `kill`): passed on to mpirun, which ends the ranks; then one
-# line and 130 / 143. mpirun runs in the background, in a process group of its own (set -m), so that the trap runs at
-# once (bash runs a trap only after a foreground command ends: a foreground mpirun went on without this script after
-# a SIGTERM) and mpirun gets each signal once (a terminal's Ctrl-C reaches this script's group, not mpirun's).
+# mpirun runs in the background of this script's process group: a signal to the script then runs its trap at once
+# (bash runs a trap only after a foreground command ends: SIGTERM to the script alone, from `timeout` or `kill`, left
+# a foreground mpirun and its ranks running). Ctrl-C, Ctrl-Z and a closed terminal reach the whole group, mpirun
+# included, as before; SIGTERM is passed on. Then one line and 130 / 143 / 129. An mpirun still running 10 s after a
+# SIGINT or SIGHUP (one sent to this script alone) gets SIGTERM.
 mpirun_pid=""
 stop() {   # SIGNAL CODE
     set +e
-    trap '' INT TERM
+    trap '' INT TERM HUP
+    exec 3>&-
     if [ -n "$mpirun_pid" ]; then
-        kill -s "$1" "$mpirun_pid" 2>/dev/null
+        [ "$1" = TERM ] && kill -s TERM "$mpirun_pid" 2>/dev/null
+        local i=0
+        while kill -0 "$mpirun_pid" 2>/dev/null && [ "$i" -lt 100 ]; do sleep 0.1; i=$((i + 1)); done
+        kill -s TERM "$mpirun_pid" 2>/dev/null
         wait "$mpirun_pid"
     fi
     wait "$filter" 2>/dev/null   # mpirun's last words, before ours
-    local what=interrupted; [ "$1" = TERM ] && what="terminated (SIGTERM)"
-    echo "run_inference.sh: $what; completed rows are kept: run the same command again to resume" >&2
+    local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
+    echo "run_inference.sh: $what; completed rows are kept: run the same command again to resume" >&2 2>/dev/null
     exit "$2"
 }
 
@@ -67,10 +75,11 @@ launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; 
     filter=$!
     trap 'stop INT 130' INT
     trap 'stop TERM 143' TERM
-    set +e -m
-    mpirun "$@" 2>&3 3>&- </dev/null &
+    trap 'stop HUP 129' HUP
+    set +e
+    # (a subshell that execs: a background command would start with SIGINT ignored, and Ctrl-C would not reach it)
+    ( trap - INT QUIT; exec mpirun "$@" 2>&3 3>&- </dev/null ) &
     mpirun_pid=$!
-    set +m
     exec 3>&-
     wait "$mpirun_pid"
     local code=$?

@@ -175,9 +175,10 @@ def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
 
 
 
-def test_run_inference_sigterm_to_the_script_ends_every_rank_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("to", ["script", "group"])
+def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, to):
     """`timeout` or `kill` signals the script alone: mpirun gets it and ends the ranks (they went on without the
-    script before: a hanging worker forever)."""
+    script before: a hanging worker forever). A batch system may signal the group: mpirun gets it twice."""
     require_mpirun()
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2, 3], [4, 5]])
@@ -189,10 +190,11 @@ def test_run_inference_sigterm_to_the_script_ends_every_rank_and_the_rerun_resum
         while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
             time.sleep(0.2)
         time.sleep(1.0)
-        p.send_signal(signal.SIGTERM)
+        p.send_signal(signal.SIGTERM) if to == "script" else os.killpg(p.pid, signal.SIGTERM)
         _, err = p.communicate(timeout=60)
         assert p.returncode == 143, err
         assert err.splitlines()[-1].startswith("run_inference.sh: terminated (SIGTERM); completed rows are kept"), err
+        assert err.splitlines()[-2].startswith("gpt2job: "), err   # nothing of mpirun's between
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
             time.sleep(0.2)

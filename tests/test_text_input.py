@@ -189,16 +189,17 @@ def test_a_conversion_killed_mid_write_leaves_nothing_after_the_next_run(tmp_pat
     ends well removes those of other versions of the source. A live writer's file stays."""
     import hashlib
     import signal
-    import socket
     import sys
     import time
+    from gpt2job.files.prompt_files import _writer
     src, out = tmp_path / "p.txt", tmp_path / "out.h5"
     src.write_text(TEXT, encoding="utf-8")
     target = f"{out}.prompts-{hashlib.sha256(src.read_bytes()).hexdigest()[:12]}.h5"
     writer = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom gpt2job.files.prompt_files import "
                                "write_atomically\nwrite_atomically(sys.argv[1], lambda f: time.sleep(60), {})", target],
                               cwd=ROOT, env=job_env())
-    left = f"{target}.{socket.gethostname()}.{writer.pid}.tmp"
+    tag = _writer()[0]   # host and pid namespace
+    left = f"{target}.{tag}.{writer.pid}.tmp"
     for _ in range(600):
         if os.path.exists(left) or writer.poll() is not None:
             break
@@ -207,14 +208,16 @@ def test_a_conversion_killed_mid_write_leaves_nothing_after_the_next_run(tmp_pat
     writer.wait()
     assert os.path.exists(left)
     sleeper = subprocess.Popen(["sleep", "60"])   # a live process's write, and an older source version's dead one
-    live = f"{out}.prompts-0123456789ab.h5.{socket.gethostname()}.{sleeper.pid}.tmp"
-    other = f"{out}.prompts-0123456789ab.h5.{socket.gethostname()}.{writer.pid}.tmp"
-    for path in (live, other):
+    live = f"{out}.prompts-0123456789ab.h5.{tag}.{sleeper.pid}.tmp"
+    other = f"{out}.prompts-0123456789ab.h5.{tag}.{writer.pid}.tmp"
+    elsewhere = f"{out}.prompts-0123456789ab.h5.{tag}9.{writer.pid}.tmp"   # another container's: not checked
+    for path in (live, other, elsewhere):
         open(path, "wb").close()
     try:
         run_gpt2job(args(src, out, vocab_dir), check=0)
         assert read_output(out)["done"].all()
-        assert not os.path.exists(left) and not os.path.exists(other) and os.path.exists(live)
+        assert not os.path.exists(left) and not os.path.exists(other)
+        assert os.path.exists(live) and os.path.exists(elsewhere)
     finally:
         sleeper.kill()
         sleeper.wait()

@@ -112,13 +112,22 @@ def _write_h5(output, texts, tokens, attrs):
     write_atomically(output, fill, attrs)
 
 
-def remove_dead_temps(targets):
-    """Remove the temporary files of the targets (a glob pattern) that a process of this host left when it was
-    killed mid-write (its pid is gone). Those of a live process, or of another host (which this host cannot check),
-    stay."""
-    import glob
+def _writer():
+    """This process's temporary-file tag: host, pid namespace (containers on one host share its name) and pid."""
     import socket
-    for path in glob.glob(f"{targets}.{glob.escape(socket.gethostname())}.*.tmp"):
+    try:
+        ns = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        ns = 0
+    return f"{socket.gethostname()}-{ns}", os.getpid()
+
+
+def remove_dead_temps(targets):
+    """Remove the temporary files of the targets (a glob pattern) that a process of this host and pid namespace
+    left when it was killed mid-write (its pid is gone). Those of a live process, or of another host or container
+    (which this process cannot check), stay."""
+    import glob
+    for path in glob.glob(f"{targets}.{glob.escape(_writer()[0])}.*.tmp"):
         pid = path[:-len(".tmp")].rsplit(".", 1)[-1]
         if pid.isdigit() and not _pid_alive(int(pid)):
             try:
@@ -142,10 +151,9 @@ def write_atomically(output, fill, attrs):
     reader sees the old file or the new); a failed write leaves no temporary file and raises one line, and a write
     killed mid-way leaves one that the next write of output removes."""
     import glob
-    import socket
     import h5py
     remove_dead_temps(glob.escape(output))
-    tmp = f"{output}.{socket.gethostname()}.{os.getpid()}.tmp"
+    tmp = "{}.{}.{}.tmp".format(output, *_writer())
     try:
         with h5py.File(tmp, "w") as f:
             fill(f)
