@@ -45,3 +45,26 @@ def test_export_text_prompts_and_unfinished_rows(tmp_path, vocab_dir):
         f.attrs["finished"] = 0
     p = run_gpt2job(["export", out, js, "--overwrite"], check=0)
     assert "1 row not done" in p.stderr and len(rows_of(js)) == 1
+
+
+def test_show_and_export_of_an_output_a_process_has_open_for_writing_say_so(tmp_path):
+    """A running job holds its output open (HDF5's lock): one line saying so, not 'not a readable HDF5 file
+    (... unable to lock file, errno = 11 ...' cut short, with the fix 'give an output file'."""
+    import subprocess
+    import sys
+    from conftest import ROOT, job_env
+    from test_inputs import assert_one_clear_line
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "3"], check=0)
+    holder = subprocess.Popen([sys.executable, "-c", "import h5py, sys, time\nf = h5py.File(sys.argv[1], 'r+')\n"
+                               "print('open', flush=True)\ntime.sleep(60)", str(out)], cwd=ROOT, env=job_env(),
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "open"
+        for args in (["show", out], ["export", out, tmp_path / "x.jsonl"]):
+            assert_one_clear_line(run_gpt2job(args), str(out), "open for writing in another process",
+                                  "once that job has ended")
+    finally:
+        holder.kill()
+        holder.wait()

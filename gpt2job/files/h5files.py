@@ -1,8 +1,9 @@
 """Opening an HDF5 file the user named, with one clear line when it cannot be read; checking a path a command will
 write."""
+import errno
 import os
 
-from gpt2job.errors import UserError, first_line
+from gpt2job.errors import UserError, errno_of, first_line
 
 
 def check_output_path(output, field="output", example="prompts.h5"):
@@ -22,6 +23,9 @@ def open_readable(path, field, fix):
     except FileNotFoundError:
         raise UserError("no such file", path, field, "check the path")
     except (OSError, ValueError) as e:
+        if errno_of(e) in (errno.EAGAIN, errno.EACCES) and "lock" in str(e):   # HDF5's lock: a writer has it open
+            raise UserError("is open for writing in another process (a job still running?)", path, field,
+                            "run this again once that job has ended (its progress lines say how far it is)")
         raise UserError(f"not a readable HDF5 file ({first_line(e)})", path, field, fix)
 
 
