@@ -87,6 +87,11 @@ launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; 
     exit "$code"
 }
 
+if [ -n "${NP:-}" ] && ! [[ "$NP" =~ ^[1-9][0-9]*$ ]]; then
+    echo "run_inference.sh: error: NP=$NP: must be a number of ranks >= 1 (fix: e.g. NP=3 for the master and 2 workers, or leave NP unset: one worker per GPU)" >&2
+    exit 2
+fi
+
 export GPT2JOB_LAUNCH_TIME="$("$python" -c 'import time; print(time.time())')"
 if [ "$(id -u)" = "0" ]; then
     export OMPI_ALLOW_RUN_AS_ROOT=1 OMPI_ALLOW_RUN_AS_ROOT_CONFIRM=1

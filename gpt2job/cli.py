@@ -165,11 +165,11 @@ def build_parser():
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     r.add_argument("--temperature", type=_temperature, default=0.0,
                    help="sampling temperature; 0 (default) is greedy argmax")
-    r.add_argument("--top-k", type=_positive_int("--top-k", 0), default=0,
+    r.add_argument("--top-k", type=_int_in("--top-k", 0, 2 ** 31 - 1), default=0,
                    help="sample only among the K most likely tokens (0: no limit)")
     r.add_argument("--top-p", type=_float_in("--top-p", 0, 1, lo_open=True), default=1.0,
                    help="nucleus sampling: the smallest set of tokens holding this probability (default 1.0)")
-    r.add_argument("--seed", type=_positive_int("--seed", 0), default=0,
+    r.add_argument("--seed", type=_int_in("--seed", 0, 2 ** 63 - 1), default=0,
                    help="sampling seed; the same seed gives the same completions for any ranks/chunks")
     r.add_argument("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
                    help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible); synthetic: "

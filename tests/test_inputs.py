@@ -97,6 +97,8 @@ def test_bad_input_files(tmp_path, case):
     (["--temperature", "1e-39"], "--temperature must be 0 (greedy) or in [1e-05, 100]"),   # 1 / T overflows
     (["--top-p", "0"], "--top-p must be in"),
     (["--top-k", "x"], "--top-k must be an integer"),
+    (["--top-k", str(2 ** 31), "--temperature", "1"], "--top-k must be <= 2147483647"),   # int32 (a worker's crash)
+    (["--seed", str(2 ** 64)], "--seed must be <= 9223372036854775807"),   # (wrapped to --seed 0 before)
     (["--backend", "tpu"], "invalid choice"),
     (["--backend", "numpy", "--dtype", "float16"], "float16 runs only on the cuda backend"),
     (["--model", "/nonexistent/model"], "no such file or directory"),

@@ -154,6 +154,16 @@ def test_run_inference_shows_only_our_error_line(tmp_path):
     assert err.splitlines() == [f"gpt2job: error: {tmp_path / 'missing.h5'}: input: no such file (fix: check the path)"]
 
 
+@pytest.mark.parametrize("np_", ["abc", "0", "-3"])
+def test_run_inference_refuses_a_bad_np_in_one_line(tmp_path, np_):
+    env = {k: v for k, v in job_env(NP=np_).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    p = launcher([tmp_path / "in.h5", tmp_path / "out.h5", *TINY], env=env)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.splitlines() == [
+        f"run_inference.sh: error: NP={np_}: must be a number of ranks >= 1 (fix: e.g. NP=3 for the master and 2 "
+        "workers, or leave NP unset: one worker per GPU)"], err
+
+
 def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
     require_mpirun()
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"

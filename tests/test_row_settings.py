@@ -83,14 +83,14 @@ def test_values_resolve_against_the_flags(tmp_path):
 
 
 @pytest.mark.parametrize("name, data, frag", [
-    ("max_new_tokens", np.array([1, 2, 0, 0, 3, 4], np.int32), "row 2 is 0: each value must be an integer >= 1 (2 rows"),
-    ("max_new_tokens", np.array([1, 2, 2.5, 1, 1, 1]), "row 2 is 2.5: each value must be an integer >= 1"),
+    ("max_new_tokens", np.array([1, 2, 0, 0, 3, 4], np.int32), "row 2 is 0: each value must be an integer in 1..2^31-1 (2 rows"),
+    ("max_new_tokens", np.array([1, 2, 2.5, 1, 1, 1]), "row 2 is 2.5: each value must be an integer in 1..2^31-1"),
     ("max_new_tokens", np.array([1, 2 ** 40, 1, 1, 1, 1], np.int64), "row 1 is 1099511627776"),
     ("temperature", np.array([0, 0, 0, np.inf, 0, -0.5]), "row 3 is inf: each value must be 0 (greedy) or a finite "
      "number >= 1e-05 (2 rows"),
     ("temperature", np.array([0, 1e-39, 1e-5, 0, 0, 0], np.float32), "row 1 is 1.00000021"),   # 1 / T overflows float32
     ("repetition_penalty", np.array([1, 1, 1, 1, 1e300, 1]), "row 4 is 1e+300"),   # beyond float32: refused
-    ("top_k", np.array([1, 1, 1, 1, 1, -2.0]), "row 5 is -2.0: each value must be an integer >= 0"),
+    ("top_k", np.array([1, 1, 1, 1, 1, -2.0]), "row 5 is -2.0: each value must be an integer in 0..2^31-1"),
     ("top_p", np.array([1, 0, 1, 1, 1.5, 1], np.float32), "row 1 is 0.0: each value must be a number in (0, 1] (2 rows"),
     ("seed", np.array([0, 2 ** 63, 0, 0, 0, 0], np.uint64), "row 1 is 9223372036854775808: each value must be an integer in 0..2^63-1"),
     ("repetition_penalty", np.array([1, 1, 1, 1, 1, 0]), "row 5 is 0: each value must be a finite number > 0"),
