@@ -391,3 +391,6 @@ def main(argv=None):
     except KeyboardInterrupt:
         sys.stderr.write("gpt2job: interrupted; completed rows are kept: run the same command again to resume\n")
         return 130
+    except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)
+        return 141

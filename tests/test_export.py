@@ -68,3 +68,18 @@ def test_show_and_export_of_an_output_a_process_has_open_for_writing_say_so(tmp_
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
+    """`show OUT | head -1`: the reader goes away; no BrokenPipeError traceback."""
+    import subprocess
+    import sys
+    from conftest import ROOT, job_env
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3 + i % 7] for i in range(3000)])
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "2"], check=0)
+    p = subprocess.run(f"'{sys.executable}' -m gpt2job show '{out}' --limit 3000 | head -1; "
+                       "echo \"status ${PIPESTATUS[0]}\" >&2", shell=True, executable="/bin/bash", cwd=ROOT,
+                       env=job_env(), capture_output=True, text=True, timeout=120)
+    assert p.stdout.startswith(f"{out}: 3,000 of 3,000 rows done, finished"), p.stdout
+    assert p.stderr.strip() == "status 141", p.stderr

@@ -221,3 +221,11 @@ def test_a_conversion_killed_mid_write_leaves_nothing_after_the_next_run(tmp_pat
     finally:
         sleeper.kill()
         sleeper.wait()
+
+
+@pytest.mark.parametrize("name, content", [("p.txt", "Hello\nWorld\n"), ("p.jsonl", '"Hello"\n{"prompt": "World"}\n')])
+def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, content):
+    from gpt2job.files.prompt_files import read_prompt_file
+    src = tmp_path / name
+    src.write_bytes(b"\xef\xbb\xbf" + content.encode())   # as some editors save UTF-8
+    assert read_prompt_file(str(src)) == (["Hello", "World"], None)

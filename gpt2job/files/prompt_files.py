@@ -32,7 +32,7 @@ def read_prompt_file(path):
     except OSError as e:
         raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")   # (a leading byte-order mark, as some editors save, is not text)
     except UnicodeDecodeError as e:
         raise UserError(f"not valid UTF-8 (byte {e.start})", path, "source", "save the file as UTF-8")
     if "\x00" in text:
@@ -200,7 +200,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
 
 TEXT_EXTENSIONS = (".txt", ".jsonl", ".ndjson")     # `run` converts these on the fly (read_prompt_file's rules)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
-CONVERSION = 2                                      # bump when read_prompt_file's rules change what it makes
+CONVERSION = 3                                      # bump when read_prompt_file's rules change what it makes
 INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
              "a .jsonl file")
 

@@ -159,7 +159,7 @@ def convert_pairs(source, output, log=None):
     try:
         with open(source, "rb") as f:
             raw = f.read()
-        lines = [(n, json.loads(x)) for n, x in enumerate(lines_of(raw.decode("utf-8")), 1) if x.strip()]
+        lines = [(n, json.loads(x)) for n, x in enumerate(lines_of(raw.decode("utf-8-sig")), 1) if x.strip()]
     except (OSError, ValueError) as e:
         raise UserError(f"cannot be read as JSON lines ({e})", source, "source", "write one JSON object per line")
     digest = "sha256:" + hashlib.sha256(raw).hexdigest()

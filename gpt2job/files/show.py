@@ -19,7 +19,7 @@ def show(path, start=0, limit=10):
         done = f["done"][()]
         n = len(done)
         state = "finished" if f.attrs.get("finished", 0) else "unfinished (run the same command to resume)"
-        print(f"{path}: {int(done.sum())} of {plural(n, 'row')} done, {state}")
+        print(f"{path}: {int(done.sum()):,} of {plural(n, 'row')} done, {state}")
         print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
         if "summary" in f.attrs:
             sm = json.loads(f.attrs["summary"])
