@@ -130,6 +130,14 @@ def test_a_refused_start_is_one_line_exit_2_and_leaves_nothing(tmp_path):
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.h5"]
 
 
+def test_a_prompt_too_long_for_its_own_max_new_tokens_says_to_lower_that(tmp_path):
+    inp = tmp_path / "in.h5"
+    make_input(inp, max_new_tokens=np.array([1, 1, 200, -1, 1, 1], np.int32))   # the tiny model: 128 positions
+    p = run_gpt2job(["run", inp, tmp_path / "out.h5", "--model", TINY_HF, "--backend", "synthetic"])
+    assert_one_clear_line(p, str(inp), "1 too long for the room their own max_new_tokens leaves", "(row 2)",
+                          "lower the input's max_new_tokens (--max-new-tokens for rows without one)")
+
+
 @pytest.mark.parametrize("flags, frag", [
     (["--stop", ""], "--stop must be non-empty"),
     (["--stop-token-ids", "3,x"], "--stop-token-ids must be integers"),

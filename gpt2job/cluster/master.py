@@ -18,7 +18,7 @@ from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, group_identical
-from gpt2job.files.prompts import read_prompts, validate
+from gpt2job.files.prompts import invalid_fix, read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
 from gpt2job.files.validate import report_validation
@@ -99,9 +99,7 @@ class Master(Ending):
                            self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
         if val.n_invalid and not s.skip_invalid:
-            raise UserError(val.message(shown), shown, self.prompts.source,
-                            f"fix those prompts{'' if s.score else ', lower --max-new-tokens'}, or pass --skip-invalid to mark them "
-                            "'invalid' and run the rest")
+            raise UserError(val.message(shown), shown, self.prompts.source, invalid_fix(s.score, self.rows))
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid

@@ -320,6 +320,17 @@ class Validation:
                 "invalid: " + "; ".join(parts))
 
 
+def invalid_fix(score, rows):
+    """The fix for a job's invalid prompts. rows: the input's per-row settings (None: it has none)."""
+    if score:
+        lower = ""
+    elif rows is not None and "max_new_tokens" in rows.given:   # the row's own value wins over the flag
+        lower = ", lower the input's max_new_tokens (--max-new-tokens for rows without one)"
+    else:
+        lower = ", lower --max-new-tokens"
+    return f"fix those prompts{lower}, or pass --skip-invalid to mark them 'invalid' and run the rest"
+
+
 def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
     """Flag empty prompts, prompts too long to leave room for max_new_tokens (settings.max_prompt_length: the job's,
     or an int array [N], each row's own from the input's per-row settings), ids outside the vocabulary."""
