@@ -198,3 +198,25 @@ def test_resume_with_other_settings_is_refused(tmp_path, workload):
     assert p.returncode == 2 and "different model, input or settings" in p.stderr and "seed" in p.stderr
     assert os.path.exists(str(out) + ".journal")          # kept for a resume with the right settings
     run_gpt2job(job_args(inp, out), check=0)
+
+
+def test_show_and_export_count_the_rows_only_the_journal_holds(tmp_path, workload):
+    """A job killed before its writer caught up: the journal holds rows the file does not (made here by clearing
+    `done` of journaled rows). show and export say how many; the rerun adds them without computing them again."""
+    import h5py
+    inp, _ = workload
+    out = tmp_path / "out.h5"
+    kill_midway(gpt2job_cmd(job_args(inp, out)), out, "process")
+    _, records, _ = read_journal(str(out) + ".journal")
+    journaled = sorted({int(r) for rec in records for r in rec.rows})
+    with h5py.File(out, "r+") as f:
+        f["done"][journaled[:3]] = 0    # the writer had not reached them
+        in_file = int(f["done"][()].sum())
+    shown = run_gpt2job(["show", out, "--limit", "0"], check=0).stdout.splitlines()[0]
+    assert shown == (f"{out}: {in_file} of {N} rows done, unfinished (run the same command to resume); "
+                     f"{len(journaled) - in_file} more are complete in its journal (the next run adds them)"), shown
+    p = run_gpt2job(["export", out, tmp_path / "x.jsonl"], check=0)
+    assert (f"({N - in_file} rows not done, {len(journaled) - in_file} of them complete in its journal: run the same "
+            "command again to add them and finish the rest)") in p.stderr, p.stderr
+    p = run_gpt2job(job_args(inp, out), check=0)
+    assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == len(journaled)

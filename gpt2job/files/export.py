@@ -23,6 +23,7 @@ import numpy as np
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, score_output
 from gpt2job.files.h5files import check_output_path, contents, open_readable
+from gpt2job.files.journal import rows_only_in_journal
 
 BLOCK = 1 << 15
 BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
@@ -87,6 +88,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
                             "datasets", "give an output file written by gpt2job run")
         n = len(f["done"])
+        pending = 0 if scored else rows_only_in_journal(str(out_path), f)
         own = set(BUILT_IN) | set(h5flat.dataset_names(f))
         extra = [k for k in f.keys() if k not in own and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]
@@ -164,7 +166,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
             if fin is not None:
                 fin.close()
     missing = n - written
+    todo = f", {pending:,} of them complete in its journal: run the same command again to add them and finish the " \
+        "rest" if pending else ": run the job again to finish them"
     stream.write(f"gpt2job: exported {plural(written, 'row')} to {jsonl_path}"
-                 + (f" ({plural(missing, 'row')} not done: run the job again to finish them)" if missing else "")
-                 + "\n")
+                 + (f" ({plural(missing, 'row')} not done{todo})" if missing else "") + "\n")
     return 0

@@ -19,7 +19,7 @@ import zlib
 
 import numpy as np
 
-from gpt2job.chunks import Completions
+from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.errors import UserError, errno_of, first_line
 
 MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC, MAGIC_REC_LP = b"GJH1", b"GJR1", b"GJR2", b"GJR3"
@@ -283,3 +283,21 @@ class Journal:
             self.f.close()
         except OSError:
             pass
+
+
+def rows_only_in_journal(output, f):
+    """Rows complete in OUTPUT.journal that the open output file f does not hold yet (a job killed before its writer
+    caught up: the next run of the same command adds them): their count, 0 without a journal of f's run."""
+    path = output + ".journal"
+    if not os.path.exists(path) or "done" not in f or "resume_key" not in f.attrs:
+        return 0
+    try:
+        reader = JournalReader(path)
+    except OSError:
+        return 0
+    if reader.header is None or json.dumps(reader.header, sort_keys=True) != f.attrs["resume_key"]:
+        return 0
+    seen = np.zeros(len(f["done"]), bool)
+    for comp in reader.records():
+        seen[np.asarray(comp.all_rows)[np.asarray(comp.all_finish) != FINISH_INVALID]] = True
+    return int(np.count_nonzero(seen & (f["done"][()] == 0)))

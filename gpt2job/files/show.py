@@ -6,6 +6,7 @@ import numpy as np
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat
 from gpt2job.files.h5files import contents, open_readable
+from gpt2job.files.journal import rows_only_in_journal
 
 
 def show(path, start=0, limit=10):
@@ -19,7 +20,9 @@ def show(path, start=0, limit=10):
         done = f["done"][()]
         n = len(done)
         state = "finished" if f.attrs.get("finished", 0) else "unfinished (run the same command to resume)"
-        print(f"{path}: {int(done.sum()):,} of {plural(n, 'row')} done, {state}")
+        pending = rows_only_in_journal(str(path), f)
+        print(f"{path}: {int(done.sum()):,} of {plural(n, 'row')} done, {state}"
+              + (f"; {pending:,} more are complete in its journal (the next run adds them)" if pending else ""))
         print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
         if "summary" in f.attrs:
             sm = json.loads(f.attrs["summary"])
