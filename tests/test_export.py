@@ -45,6 +45,20 @@ def test_export_text_prompts_and_unfinished_rows(tmp_path, vocab_dir):
         f.attrs["finished"] = 0
     p = run_gpt2job(["export", out, js, "--overwrite"], check=0)
     assert "1 row not done" in p.stderr and len(rows_of(js)) == 1
+    src.write_text("Hello world\nÜber cafe\n")   # the input made again with other prompts (as many)
+    run_gpt2job(["prompts", src, inp, "--overwrite"], check=0)
+    p = run_gpt2job(["export", out, js, "--overwrite"], check=0)
+    assert f"the input {inp} holds other prompts than when {out} was made: exporting without the prompts" in p.stderr
+    assert "prompt" not in rows_of(js)[0]   # (it paired the new prompts with the old completions)
+
+
+def test_export_leaves_out_token_prompts_that_changed(tmp_path):
+    inp, out, js = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "out.jsonl"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "3"], check=0)
+    write_token_input(inp, [[1, 2, 3], [4, 6]])
+    p = run_gpt2job(["export", out, js], check=0)
+    assert "holds other prompts than when" in p.stderr and "prompt_tokens" not in rows_of(js)[0]
 
 
 def test_show_and_export_of_an_output_a_process_has_open_for_writing_say_so(tmp_path):

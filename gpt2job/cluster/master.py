@@ -125,7 +125,8 @@ class Master(Ending):
         self.took("fingerprint")
         attrs = {"gpt2job_version": __version__, "model": s.model, "input": os.path.abspath(s.input),
                  "input_dataset": self.prompts.source, "model_config": cfg.to_dict(),
-                 "backend": s.backend, "chunk_size": s.chunk_size, **({"num_samples": N} if N > 1 else {})}
+                 "backend": s.backend, "chunk_size": s.chunk_size, **({"num_samples": N} if N > 1 else {}),
+                 **({"input_text_digest": self.prompts.text_digest} if self.prompts.text_digest else {})}
         self.store = OutputStore(s.output, self.n_rows, key, self.prompts.lengths, attrs=attrs,
                                  tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir,
                                  stops=stops_header(s, cfg.eos_token_id, self.rows))

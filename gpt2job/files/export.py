@@ -72,6 +72,26 @@ def _input_prompts(path, n):
     return None, None, None
 
 
+def _same_prompts(out, path, key, ds):
+    """Does the input still hold the prompts the output was made from (the resume key's input_fingerprint, or for
+    text the input_text_digest the master recorded)? An output that recorded neither: taken as yes."""
+    import hashlib
+    from gpt2job.files.prompts import BLOCK_ROWS, hash_texts, read_prompts
+    if key == "prompt_tokens":
+        want = out.attrs.get("input_fingerprint")
+        try:
+            return want is None or read_prompts(path, None).fingerprint() == _text(want)
+        except UserError:
+            return False
+    want = out.attrs.get("input_text_digest")
+    if want is None:
+        return True
+    h = hashlib.sha256()
+    for a in range(0, len(ds), BLOCK_ROWS):
+        hash_texts(h, ds[a:a + BLOCK_ROWS])
+    return "sha256:" + h.hexdigest()[:32] == _text(want)
+
+
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
@@ -97,7 +117,12 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         inp = f.attrs.get("input")
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
-        if pds is None and not scored:   # (a score output's rows carry their tokens: score_output.export_rows)
+        if pds is not None and not _same_prompts(f, _text(inp), pkey, pds):
+            stream.write(f"gpt2job: the input {_text(inp)} holds other prompts than when {out_path} was made: "
+                         "exporting without the prompts\n")
+            fin.close()
+            fin = pkey = pds = None
+        elif pds is None and not scored:   # (a score output's rows carry their tokens: score_output.export_rows)
             where = _text(inp) if inp is not None else "(not recorded)"
             why = "has no 'prompts' or 'prompt_tokens' of its rows" if inp is not None and os.path.exists(where) \
                 else "is not there"

@@ -87,6 +87,7 @@ class PromptSet:
         if self.tokens.dtype != np.uint16:    # uint16: only as read_prompts narrows them (every id checked)
             self.tokens = to_int32(self.tokens)
         self.source = source                              # which dataset they came from
+        self.text_digest = None                           # of a text input's prompts as stored (hash_texts)
         self._n = len(self._offsets) - 1
         self._lengths = None
 
@@ -275,13 +276,14 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
                         "write prompts as variable-length UTF-8 strings")
     from gpt2job.model.tokenizer import EOT
     enc = None
-    lengths, tokens = [], TokenBlocks(vocab_size)
+    lengths, tokens, digest = [], TokenBlocks(vocab_size), hashlib.sha256()
     for a in range(0, ds.shape[0], BLOCK_ROWS):
         try:
             raw = ds[a:a + BLOCK_ROWS]
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot be read ({first_line(e)})", path, field,
                             "the file is damaged; write it again")
+        hash_texts(digest, raw)
         texts = []
         for i, s in enumerate(raw, a):
             if isinstance(s, bytes):
@@ -297,7 +299,18 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
         rows = enc.encode_batch(texts, allowed_special={EOT})
         lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
         tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
-    return PromptSet.from_pieces(lengths, tokens.result(), "prompts")
+    prompts = PromptSet.from_pieces(lengths, tokens.result(), "prompts")
+    prompts.text_digest = "sha256:" + digest.hexdigest()[:32]
+    return prompts
+
+
+def hash_texts(h, rows):
+    """Add a block of BLOCK_ROWS text prompts as stored (bytes; str as UTF-8) to the digest h: their lengths, then
+    their bytes. The output records the input's (input_text_digest): export pairs completions with prompts only
+    while the input still holds the same ones."""
+    data = [r if isinstance(r, bytes) else str(r).encode("utf-8") for r in rows]
+    h.update(np.fromiter(map(len, data), np.int64, len(data)).astype("<i8").tobytes())
+    h.update(b"".join(data))
 
 
 @dataclass
