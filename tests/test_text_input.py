@@ -1,6 +1,7 @@
 """`run` on a text or JSONL prompt file (feature 9): converted on the fly by the master, with the `prompts` command's
 rules and errors, into OUT.prompts-HASH.h5 next to the output; the same result as converting first; a rerun resumes;
 a changed file is refused as a changed input; a bad file is one line, exit 2, and leaves nothing behind."""
+import json
 import os
 import subprocess
 
@@ -8,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, job_env, read_output, run_gpt2job
+from conftest import ROOT, TINY_HF, job_env, read_output, run_gpt2job
 from test_inputs import assert_one_clear_line
 
 MODEL = "random:n_layer=2,n_head=2,n_embd=32,vocab_size=50257"
@@ -167,10 +168,10 @@ def test_prompt_files_split_lines_at_newlines_only_and_know_jsonl_in_any_case(tm
     from gpt2job.files.prompt_files import read_prompt_file
     src = tmp_path / "UP.JSONL"
     src.write_text('{"prompt": "a\u2028b"}\r\n"c\u0085d"\n', encoding="utf-8")
-    assert read_prompt_file(str(src)) == (["a\u2028b", "c\u0085d"], None)
+    assert read_prompt_file(str(src))[:2] == (["a\u2028b", "c\u0085d"], None)
     txt = tmp_path / "pages.txt"
     txt.write_text("page one\x0cpage two\r\nthird\n", encoding="utf-8")
-    assert read_prompt_file(str(txt)) == (["page one\x0cpage two", "third"], None)
+    assert read_prompt_file(str(txt))[:2] == (["page one\x0cpage two", "third"], None)
 
 
 
@@ -228,4 +229,40 @@ def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, conte
     from gpt2job.files.prompt_files import read_prompt_file
     src = tmp_path / name
     src.write_bytes(b"\xef\xbb\xbf" + content.encode())   # as some editors save UTF-8
-    assert read_prompt_file(str(src)) == (["Hello", "World"], None)
+    assert read_prompt_file(str(src))[:2] == (["Hello", "World"], None)
+
+
+def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
+    """The per-row datasets' fields on a JSONL line apply to that row (they were ignored, silently); a line without
+    one takes the flag."""
+    src, out = tmp_path / "p.jsonl", tmp_path / "out.h5"
+    src.write_text('{"tokens": [1, 2, 3], "max_new_tokens": 3, "temperature": 0}\n'
+                   '{"tokens": [4, 5], "top_k": 5, "seed": 7, "stop": ["x", "yz"]}\n'
+                   '{"tokens": [6, 7, 8], "stop": "q", "repetition_penalty": 1.5}\n[9, 10]\n')
+    run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    with h5py.File(tmp_path / "in.h5") as f:
+        assert f["max_new_tokens"][()].tolist() == [3, -1, -1, -1]
+        assert f["temperature"][()][0] == 0 and np.isnan(f["temperature"][()][1:]).all()
+        assert f["seed"][()].tolist() == [-1, 7, -1, -1] and f["top_k"][()].tolist() == [-1, 5, -1, -1]
+        assert [[x.decode() for x in r] for r in f["stop"][()]] == [["", ""], ["x", "yz"], ["q", ""], ["", ""]]
+    run_gpt2job(["run", src, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", 6,
+                 "--ignore-eos", "--vocab-dir", vocab_dir], check=0)
+    got = read_output(out)
+    assert [len(t) for t in got["tokens"]][::3] == [3, 6]   # (rows 1 and 2 may meet their stop strings)
+    assert json.loads(got["attrs"]["resume_key"])["row_settings"]["datasets"] == [
+        "max_new_tokens", "temperature", "top_k", "seed", "repetition_penalty", "stop"]
+
+
+@pytest.mark.parametrize("line, frag", [
+    ('{"prompt": "a", "max_new_tokens": 0}', "line 2: max_new_tokens is 0: it must be an integer in 1..2^31-1"),
+    ('{"prompt": "a", "max_new_tokens": 2.5}', "line 2: max_new_tokens is 2.5"),
+    ('{"prompt": "a", "temperature": "hot"}', "line 2: temperature is 'hot'"),
+    ('{"prompt": "a", "top_p": 1.5}', "line 2: top_p is 1.5: it must be a number in (0, 1]"),
+    ('{"prompt": "a", "seed": 18446744073709551616}', "line 2: seed is 18446744073709551616"),
+    ('{"prompt": "a", "stop": [1]}', "line 2: stop must be a string or a list of strings"),
+])
+def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, frag):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "fine"}\n' + line + "\n")
+    assert_one_clear_line(run_gpt2job(["prompts", src, tmp_path / "in.h5"]), str(src), frag)
+    assert files(tmp_path) == ["p.jsonl"]

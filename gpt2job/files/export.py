@@ -5,8 +5,8 @@ their next tool:
      "text_exact": true}
 
 `prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
-output is still there; `completion`/`text_exact` when the output has text; `stop_reason` (after `finish_reason`)
-when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per completion token) and with
+output is still there and holds the same prompts; `completion`/`text_exact` when the output has text; `stop_reason`
+(after `finish_reason`) when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per completion token) and with
 --top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
 [{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); any other per-row dataset of the output
 (not in BUILT_IN) that holds one value or one list per row is exported under its own name (prompt_length is not).

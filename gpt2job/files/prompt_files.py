@@ -7,6 +7,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, errno_of, first_line, plural
 from gpt2job.files.h5files import check_output_path
+from gpt2job.files.jsonl_settings import JsonlRows
 
 
 def read_int32_file(path, width):
@@ -25,7 +26,7 @@ def read_int32_file(path, width):
 
 
 def read_prompt_file(path):
-    """-> (list of texts or None, list of token lists or None)."""
+    """-> (list of texts or None, list of token lists or None, the per-row settings of a JSONL file's lines)."""
     try:
         with open(path, "rb") as f:
             raw = f.read()
@@ -37,8 +38,9 @@ def read_prompt_file(path):
         raise UserError(f"not valid UTF-8 (byte {e.start})", path, "source", "save the file as UTF-8")
     if "\x00" in text:
         raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
+    rows = JsonlRows()
     if not path.lower().endswith((".jsonl", ".ndjson")):
-        return [line for line in lines_of(text) if line.strip()], None
+        return [line for line in lines_of(text) if line.strip()], None, rows
     texts, tokens = [], []
     first = {}   # kind -> the line it first appeared on
     for n, line in enumerate(lines_of(text), 1):
@@ -49,6 +51,7 @@ def read_prompt_file(path):
         except ValueError as e:
             raise UserError(f"line {n} is not JSON ({e.msg})", path, f"line {n}", "write one JSON value per line")
         if isinstance(obj, dict):
+            rows.add(len(texts) + len(tokens), obj, path, n)
             obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
         if isinstance(obj, str):
             if "\x00" in obj:
@@ -70,7 +73,7 @@ def read_prompt_file(path):
             other = "text" if kind == "token" else "token"
             raise UserError(f"a {kind} prompt, but line {first[other]} is a {other} prompt: the file mixes text "
                             "prompts and token prompts", path, f"line {n}", "use one kind per file")
-    return (texts, None) if texts or not tokens else (None, tokens)
+    return ((texts, None) if texts or not tokens else (None, tokens)) + (rows,)
 
 
 def lines_of(text):
@@ -96,8 +99,9 @@ def _write_error(output, e):
     return UserError(f"cannot write ({reason})", output, "output", fix)
 
 
-def _write_h5(output, texts, tokens, attrs):
-    """Write the input HDF5 file (prompts or prompt_tokens) at output, atomically."""
+def _write_h5(output, texts, tokens, rows, attrs):
+    """Write the input HDF5 file (prompts or prompt_tokens, and the per-row settings' datasets) at output,
+    atomically."""
     import h5py
 
     def fill(f):
@@ -109,6 +113,7 @@ def _write_h5(output, texts, tokens, attrs):
             ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
             for i, t in enumerate(tokens):
                 ds[i] = np.asarray(t, np.int32)
+        rows.write(f, len(texts if texts is not None else tokens))
     write_atomically(output, fill, attrs)
 
 
@@ -172,9 +177,9 @@ def write_atomically(output, fill, attrs):
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     check_output_path(output)
     if source.endswith(".bin") or tokens_per_row:
-        texts, tokens = None, read_int32_file(source, tokens_per_row)
+        texts, tokens, rows = None, read_int32_file(source, tokens_per_row), JsonlRows()
     else:
-        texts, tokens = read_prompt_file(source)
+        texts, tokens, rows = read_prompt_file(source)
     if os.path.exists(output):
         from gpt2job.files.h5read import read_status
         if os.path.exists(source) and os.path.samefile(source, output):
@@ -188,7 +193,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
         enc = load_tokenizer(vocab_dir_from(vocab_dir))
         tokens, texts = enc.encode_batch(texts, allowed_special={EOT}), None
-    _write_h5(output, texts, tokens, {"source": os.path.abspath(source)})
+    _write_h5(output, texts, tokens, rows, {"source": os.path.abspath(source)})
     n = len(texts) if texts is not None else len(tokens)
     kind = "text prompt" if texts is not None else "token prompt"
     dataset = "prompts" if texts is not None else "prompt_tokens"
@@ -253,7 +258,7 @@ def convert_for_run(source, output, log=None):
     import hashlib
     log = log or (lambda msg: None)
     check_output_path(output, example="out.h5")
-    texts, tokens = read_prompt_file(source)        # every check of the `prompts` command, before any write
+    texts, tokens, rows = read_prompt_file(source)   # every check of the `prompts` command, before any write
     if not (texts or tokens):
         raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
     with open(source, "rb") as f:
@@ -267,7 +272,7 @@ def convert_for_run(source, output, log=None):
         return target, False
     if os.path.isdir(target):
         raise UserError("is a folder", target, "input", f"remove it: `run` converts {source} there")
-    _write_h5(target, texts, tokens, {"source": os.path.abspath(source), "source_sha256": digest,
+    _write_h5(target, texts, tokens, rows, {"source": os.path.abspath(source), "source_sha256": digest,
                                            "gpt2job_conversion": CONVERSION})
     log(f"{what} of {source} converted to {target}")
     return target, True

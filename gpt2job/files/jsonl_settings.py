@@ -1,0 +1,65 @@
+"""Per-row settings given in a JSONL prompts file: {"prompt": "...", "max_new_tokens": 8, "temperature": 0.7,
+"stop": ["\n"]}. The fields are those of the input's per-row datasets (files/row_settings.py); the conversion
+(files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
+(NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
+import numpy as np
+
+from gpt2job.errors import UserError
+from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP
+
+FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
+LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 - 1}   # the datasets' int32 / int64
+
+
+class JsonlRows:
+    """The per-row settings of a JSONL file's lines, as read: name -> {prompt index: value}."""
+
+    def __init__(self):
+        self.values = {}
+
+    def add(self, i, obj, path, n):
+        """The settings fields of line n's object (prompt i), checked."""
+        for name in ROW_DATASETS:
+            if name in obj and obj[name] is not None:
+                self.values.setdefault(name, {})[i] = _value(name, obj[name], path, n)
+
+    def write(self, f, n_rows):
+        """The datasets, into the HDF5 file f being written (only those some line gave)."""
+        import h5py
+        for name, given in self.values.items():
+            rows, vals = np.fromiter(given, np.int64, len(given)), list(given.values())
+            if name == STOP:
+                k = max(map(len, vals))
+                data = np.full((n_rows, k), "", object)
+                for r, stops in zip(rows, vals):
+                    data[r, :len(stops)] = stops
+                f.create_dataset(name, data=data[:, 0] if k == 1 else data, dtype=h5py.string_dtype("utf-8"))
+            elif name in INTEGER:
+                data = np.full(n_rows, -1, np.int64)
+                data[rows] = vals
+                f.create_dataset(name, data=data)
+            else:
+                data = np.full(n_rows, np.nan, np.float64)
+                data[rows] = vals
+                f.create_dataset(name, data=data)
+
+
+def _value(name, v, path, n):
+    where = f"line {n}"
+    if name == STOP:
+        stops = [v] if isinstance(v, str) else v
+        if not isinstance(stops, list) or not all(isinstance(x, str) and x and "\x00" not in x for x in stops):
+            raise UserError(f"line {n}: stop must be a string or a list of strings (not empty, without NUL)", path,
+                            where, FIX)
+        return tuple(stops)
+    integral = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGER and not integral):
+        raise UserError(f"line {n}: {name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
+    if name in INTEGER:
+        v = int(v)
+        ok = 0 <= v <= LIMITS[name] and bool(RULES[name][1](np.array([v], np.int64))[0])
+    else:
+        ok = bool(RULES[name][1](np.array([v], np.float64))[0])
+    if not ok:
+        raise UserError(f"line {n}: {name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
+    return v
