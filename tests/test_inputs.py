@@ -233,7 +233,7 @@ def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):
                        (["export", out, inp, "--overwrite"], "is an HDF5 file"),
                        (["export", out, tmp_path], "is a folder"),
                        (["prompts", txt, out, "--overwrite"], "is a gpt2job output"),
-                       (["prompts", txt, txt, "--overwrite"], "is the source file itself")):
+                       (["prompts", txt, txt, "--overwrite"], "is a .txt name, but this command writes an HDF5")):
         assert_one_clear_line(run_gpt2job(args), frag)
     assert {p: p.read_bytes() for p in (inp, out)} == before and txt.read_text() == "hello\n"
 
@@ -297,3 +297,13 @@ def test_a_worker_rank_waits_before_its_user_error_line(monkeypatch, capsys):
     monkeypatch.setenv("OMPI_COMM_WORLD_RANK", "0")
     assert cli.main(["run", "in.h5", "out.h5", "--max-new-tokens", "0"]) == 2
     assert slept == [cli.RANK_ERROR_GRACE_S] and "gpt2job: error: " in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["out.jsonl", "out.TXT", "out.json"])
+def test_an_output_named_as_text_is_refused(tmp_path, name):
+    """`run IN out.jsonl` wrote an HDF5 file named .jsonl; export makes JSON lines."""
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2], [3, 4, 5]])
+    assert_one_clear_line(run([inp, tmp_path / name]), str(tmp_path / name), "this command writes an HDF5 file",
+                          "export OUT.h5 out.jsonl")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5"]

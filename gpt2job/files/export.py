@@ -95,7 +95,7 @@ def _same_prompts(out, path, key, ds):
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
-    check_output_path(jsonl_path, "export", "out.jsonl")
+    check_output_path(jsonl_path, "export", "out.jsonl", hdf5=False)
     if os.path.exists(jsonl_path):
         if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",

@@ -6,8 +6,15 @@ import os
 from gpt2job.errors import UserError, errno_of, first_line
 
 
-def check_output_path(output, field="output", example="prompts.h5"):
-    """A file the command will write at output: its folder exists and output is not a folder; else a UserError."""
+TEXT_NAMES = (".jsonl", ".ndjson", ".json", ".txt", ".csv", ".tsv")   # an HDF5 file by such a name is a surprise
+
+
+def check_output_path(output, field="output", example="prompts.h5", hdf5=True):
+    """A file the command will write at output: its folder exists, output is not a folder and (hdf5: the file is
+    HDF5) its name is not a text format's; else a UserError."""
+    if hdf5 and str(output).lower().endswith(TEXT_NAMES):
+        raise UserError(f"is a {os.path.splitext(str(output))[1]} name, but this command writes an HDF5 file", output,
+                        field, f"name it like {example} (`python -m gpt2job export OUT.h5 out.jsonl` writes JSON lines)")
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise UserError("folder does not exist", output, field, f"create {out_dir} first")
