@@ -185,6 +185,14 @@ def test_export(workload, tmp_path):
         assert r["sum_logprob"] == pytest.approx(got["sum"][r["row"]])
     p = run_gpt2job(["show", clean, "--limit", 2], check=0)
     assert "score output" in p.stdout and "n_tokens" in p.stdout and "[1]" in p.stdout
+    # an unfinished one (a job killed, to be resumed: the run's names, no sums yet) exports the same records
+    part = tmp_path / "part.h5"
+    run_gpt2job(score_job(workload[0], part, "--chunk-size", 2), env=job_env(GPT2JOB_FAULT="0:3:raise"), check=3)
+    run_gpt2job(["export", part, tmp_path / "p.jsonl"], check=0)
+    some = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
+    assert some and all(r == recs[r["row"]] for r in some), (some[:1], recs[:1])
+    p = run_gpt2job(["show", part, "--limit", 40], check=0)
+    assert "score output" in p.stdout and "unfinished" in p.stdout and "(not done)" in p.stdout, p.stdout
 
 
 def test_text_input(tmp_path, vocab_dir, params):

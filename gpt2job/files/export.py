@@ -103,12 +103,12 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         if not overwrite:
             raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
-        scored = "scored_tokens" in f     # a finished `score` output (files/score_output.py)
+        scored = score_output.is_score(f)     # a `score` output (files/score_output.py), finished or not
         if (not h5flat.has(f, "completion_tokens") and not scored) or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
                             "datasets", "give an output file written by gpt2job run")
         n = len(f["done"])
-        pending = 0 if scored else rows_only_in_journal(str(out_path), f)
+        pending = rows_only_in_journal(str(out_path), f)
         own = set(BUILT_IN) | set(h5flat.dataset_names(f))
         extra = [k for k in f.keys() if k not in own and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]

@@ -43,6 +43,17 @@ def finalize(f):
     f.create_dataset("n_tokens", data=counts)
 
 
+def _rows(f, a, b):
+    """Rows a..b of a score output, finished or not (an unfinished one has the run's names and no sums yet):
+    (token log-probabilities, scored tokens, sum_logprob, n_tokens, finish_reason)."""
+    fin = f["finish_reason"][a:b]
+    if "token_logprobs" in f:
+        return (f["token_logprobs"][a:b], f["scored_tokens"][a:b], f["sum_logprob"][a:b], f["n_tokens"][a:b], fin)
+    lp = [np.asarray(r, np.float32) for r in f["completion_logprobs"][a:b]]
+    sums = np.array([np.nan if x == b"invalid" else r.astype(np.float64).sum() for r, x in zip(lp, fin)], np.float64)
+    return lp, f["completion_tokens"][a:b], sums, np.array([len(r) for r in lp], np.int32), fin
+
+
 def export_rows(f, write):
     """`export` of a score output: write(record) for each done row, {"row", "logprobs", "sum_logprob", "n_tokens",
     "scored_tokens", "finish_reason"}; -> rows written."""
@@ -51,8 +62,7 @@ def export_rows(f, write):
         done = np.flatnonzero(f["done"][a:a + BLOCK])
         if not len(done):
             continue
-        lp, toks = f["token_logprobs"][a:a + BLOCK], f["scored_tokens"][a:a + BLOCK]
-        sums, counts, fin = f["sum_logprob"][a:a + BLOCK], f["n_tokens"][a:a + BLOCK], f["finish_reason"][a:a + BLOCK]
+        lp, toks, sums, counts, fin = _rows(f, a, a + BLOCK)
         for i in done:
             s = float(sums[i])
             write({"row": a + int(i), "logprobs": [float(x) for x in np.asarray(lp[i], np.float32).astype(str)],
@@ -62,14 +72,23 @@ def export_rows(f, write):
     return written
 
 
-def show_rows(f, path, start, limit):
-    """`show` of a finished score output: per row its count, sum and first log-probabilities."""
+def show_rows(f, path, start, limit, pending=0):
+    """`show` of a score output: per row its count, sum and first log-probabilities."""
     done = f["done"][()]
-    print(f"{path}: score output, {int(done.sum())} of {len(done)} rows done, finished")
+    state = "finished" if f.attrs.get("finished", 0) else "unfinished (run the same command to resume)"
+    print(f"{path}: score output, {int(done.sum()):,} of {len(done):,} rows done, {state}"
+          + (f"; {pending:,} more are complete in its journal (the next run adds them)" if pending else ""))
     print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
-    for i in range(start, min(len(done), start + limit)):
-        lp = np.asarray(f["token_logprobs"][i], np.float32)
+    stop = min(len(done), start + limit)
+    if stop <= start:
+        return 0
+    lps, _, sums, counts, fin = _rows(f, start, stop)
+    for i in range(start, stop):
+        if not done[i]:
+            print(f"  [{i}] (not done)")
+            continue
+        lp = np.asarray(lps[i - start], np.float32)
         head = ", ".join(f"{x:.3f}" for x in lp[:6]) + (", ..." if len(lp) > 6 else "")
-        print(f"  [{i}] {f['finish_reason'][i].decode()}: n_tokens {int(f['n_tokens'][i])}, sum_logprob "
-              f"{float(f['sum_logprob'][i]):.4f}; token_logprobs [{head}]")
+        print(f"  [{i}] {fin[i - start].decode()}: n_tokens {int(counts[i - start])}, sum_logprob "
+              f"{float(sums[i - start]):.4f}; token_logprobs [{head}]")
     return 0
