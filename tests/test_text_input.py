@@ -266,3 +266,14 @@ def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, fra
     src.write_text('{"prompt": "fine"}\n' + line + "\n")
     assert_one_clear_line(run_gpt2job(["prompts", src, tmp_path / "in.h5"]), str(src), frag)
     assert files(tmp_path) == ["p.jsonl"]
+
+
+def test_validate_takes_a_jsonl_file_as_run_does(tmp_path):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"tokens": [1, 2, 3], "max_new_tokens": 200}\n[4, 5]\n')   # the tiny model: 128 positions
+    assert_one_clear_line(run_gpt2job(["validate", src, "--model", TINY_HF]), str(src), "(row 0)",
+                          "lower the input's max_new_tokens")
+    src.write_text('{"tokens": [1, 2, 3], "max_new_tokens": 20}\n[4, 5]\n')
+    p = run_gpt2job(["validate", src, "--model", TINY_HF], check=0)
+    assert "2 prompts ('prompt_tokens'), per-row max_new_tokens from the input: valid" in p.stdout
+    assert files(tmp_path) == ["p.jsonl"]

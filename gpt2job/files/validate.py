@@ -78,9 +78,20 @@ def report_validation(output, expected_path, tolerance, out=sys.stdout):
 def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, out=sys.stdout):
     """`gpt2job validate IN`: every check `run` makes of an input file before work starts, without running it: the
     prompts (empty, too long for the model's positions and each row's max_new_tokens, ids outside the vocabulary)
-    and the per-row settings datasets (files/row_settings.py). Raises the UserError `run` would; 0 when it is fine."""
+    and the per-row settings datasets (files/row_settings.py); a text or JSONL file converted as `run` does (into a
+    temporary folder). Raises the UserError `run` would; 0 when it is fine."""
+    import tempfile
+    from gpt2job.files.prompt_files import convert_for_run, is_text_input
+    if not is_text_input(path):
+        return _check_input(path, path, model, max_new_tokens, vocab_dir, out)
+    with tempfile.TemporaryDirectory() as folder:
+        converted, _ = convert_for_run(path, os.path.join(folder, "validate.h5"))
+        return _check_input(converted, path, model, max_new_tokens, vocab_dir, out)
+
+
+def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     from gpt2job.errors import plural
-    from gpt2job.files.prompts import read_prompts, validate
+    from gpt2job.files.prompts import invalid_fix, read_prompts, validate
     from gpt2job.files.row_settings import read_row_settings
     from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
     from gpt2job.model.weights import load_config
@@ -90,8 +101,8 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
     if val.n_invalid:
-        raise UserError(val.message(path), path, prompts.source, "fix those prompts, or run with --skip-invalid")
-    out.write(f"gpt2job: {path}: {plural(len(prompts), 'prompt')} ('{prompts.source}')"
+        raise UserError(val.message(shown), shown, prompts.source, invalid_fix(False, rows))
+    out.write(f"gpt2job: {shown}: {plural(len(prompts), 'prompt')} ('{prompts.source}')"
               + (f", {rows.describe()}" if rows else "") + f": valid for {model} (n_positions {cfg.n_positions}, "
               f"vocabulary {cfg.vocab_size})\n")
     return 0
