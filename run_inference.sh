@@ -27,11 +27,15 @@ fi
 
 # mpirun's own messages that only repeat what our one line said: the banner after a rank's non-zero exit
 # (Open MPI 4 and 5; the exit code is kept) and PMIx's complaint about the ranks it could not reach after it; and
-# libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI, harmless);
-# "Abort is in progress...hit ctrl-c again" when a signal reached mpirun twice (the group's and ours: our line says it)
+# libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI,
+# harmless); "Abort is in progress...hit ctrl-c again" when a signal reached mpirun twice (the group's and ours: our
+# line says it)
 without_banner() {
-    trap '' INT TERM   # keep passing mpirun's last words on until it has gone
-    awk '
+    trap '' INT TERM HUP   # keep passing mpirun's last words on until it has gone
+    # mawk (Debian's awk) fills its input buffer before it prints a line: -W interactive passes each on as it comes
+    local awk=(awk)
+    awk -W version 2>/dev/null | grep -qi mawk && awk=(awk -W interactive)
+    "${awk[@]}" '
         /^--------------------+$/ {
             if (!open) { open = 1; block = $0 "\n"; next }
             block = block $0 "\n"; open = 0
@@ -88,7 +92,8 @@ launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; 
 }
 
 if [ -n "${NP:-}" ] && ! [[ "$NP" =~ ^[1-9][0-9]*$ ]]; then
-    echo "run_inference.sh: error: NP=$NP: must be a number of ranks >= 1 (fix: e.g. NP=3 for the master and 2 workers, or leave NP unset: one worker per GPU)" >&2
+    echo "run_inference.sh: error: NP=$NP: must be a number of ranks >= 1 (fix: e.g. NP=3 for the master and" \
+        "2 workers, or leave NP unset: one worker per GPU)" >&2
     exit 2
 fi
 

@@ -249,8 +249,8 @@ def build_parser():
 
     v = sub.add_parser("validate", help="compare an output's tokens with expected tokens, or check an input file",
                        description="validate OUT ANSWER: compare an output's tokens with expected tokens. "
-                                   "validate IN: check an input file (HDF5, .txt or .jsonl) as `run` would before starting "
-                                   "(prompts and per-row settings), for --model and --max-new-tokens.")
+                                   "validate IN: check an input file (HDF5, .txt or .jsonl) as `run` would before "
+                                   "starting (prompts and per-row settings), for --model and --max-new-tokens.")
     v.add_argument("output", help="an output file (with ANSWER), or an input file (alone)")
     v.add_argument("answer", nargs="?", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)

@@ -76,10 +76,15 @@ def test_no_worker_left_keeps_completed_rows_for_resume(tmp_path, inp_and_clean)
     assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
 
 
-def test_no_worker_left_before_any_row_says_none_is_kept(tmp_path, inp_and_clean):
+@pytest.mark.parametrize("invalid", [False, True])
+def test_no_worker_left_before_any_row_says_none_is_kept(tmp_path, inp_and_clean, invalid):
     inp, _ = inp_and_clean
     out = tmp_path / "out.h5"
-    p = run_gpt2job(args(inp, out), np_=3, env=job_env(GPT2JOB_FAULT="1:1:raise,2:1:raise"))
+    if invalid:   # a row marked 'invalid' is done, but no completed work: nothing is kept either
+        inp = tmp_path / "in.h5"
+        write_token_input(inp, [[1, 2, 3], [], [4, 5]])
+    p = run_gpt2job(args(inp, out, *(["--skip-invalid"] if invalid else [])), np_=3,
+                    env=job_env(GPT2JOB_FAULT="1:1:raise,2:1:raise"))
     assert p.returncode == 3, p.stderr
     line = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
     assert len(line) == 1 and line[0].endswith("no row was completed; run the same command again"), p.stderr

@@ -134,6 +134,11 @@ def test_finished_output_needs_overwrite_and_other_settings_are_refused(tmp_path
     assert not os.path.exists(str(out) + ".lock")
     assert_one_clear_line(run([inp, out, "--ignore-eos"]), "different model, input or settings",
                           "(--ignore-eos: was False, now True)", "--overwrite")
+    assert_one_clear_line(run([inp, out, "--temperature", "0.7"]), "(--temperature: was 0.0, now 0.7)")   # alone
+    os.rename(out, tmp_path / "out.json")   # an output made under a text format's name still resumes
+    again = run([inp, tmp_path / "out.json"])
+    assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
+    os.rename(tmp_path / "out.json", out)
     assert_one_clear_line(run([inp, out, "--backend", "synthetic"]), "different model, input or settings",
                           "backend: was None, now 'synthetic'")   # made-up tokens never join a model's
     assert not os.path.exists(str(out) + ".lock")
@@ -233,7 +238,7 @@ def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):
                        (["export", out, inp, "--overwrite"], "is an HDF5 file"),
                        (["export", out, tmp_path], "is a folder"),
                        (["prompts", txt, out, "--overwrite"], "is a gpt2job output"),
-                       (["prompts", txt, txt, "--overwrite"], "is a .txt name, but this command writes an HDF5")):
+                       (["prompts", txt, txt, "--overwrite"], "is the source file itself")):
         assert_one_clear_line(run_gpt2job(args), frag)
     assert {p: p.read_bytes() for p in (inp, out)} == before and txt.read_text() == "hello\n"
 

@@ -2,6 +2,7 @@
 refused, greedy runs say the sampling flags do nothing, usage hints and --version, run_inference.sh shows only
 our line and handles Ctrl-C, model errors name the real problem, and the prompts command is as strict as run."""
 import os
+import select
 import signal
 import subprocess
 import time
@@ -196,12 +197,15 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
     p = launcher([inp, out, *TINY], env={**env, "GPT2JOB_FAULT": "1:1:hang"}, start_new_session=True)
     ours = ["pgrep", "-f", str(out)]
     try:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
-            time.sleep(0.2)
-        time.sleep(1.0)
+        seen, deadline = "", time.monotonic() + 90
+        while "worker ready" not in seen and time.monotonic() < deadline:
+            if select.select([p.stderr], [], [], 0.5)[0]:
+                seen += os.read(p.stderr.fileno(), 1 << 16).decode()
+        assert "worker ready" in seen, seen   # each line passed on as it comes (mawk held them all to the end)
+        time.sleep(0.5)
         p.send_signal(signal.SIGTERM) if to == "script" else os.killpg(p.pid, signal.SIGTERM)
         _, err = p.communicate(timeout=60)
+        err = seen + err
         assert p.returncode == 143, err
         assert err.splitlines()[-1].startswith("run_inference.sh: terminated (SIGTERM); completed rows are kept"), err
         assert err.splitlines()[-2].startswith("gpt2job: "), err   # nothing of mpirun's between

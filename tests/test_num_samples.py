@@ -180,7 +180,7 @@ def test_resume_gives_the_clean_output(job, tmp_path):
         assert json.loads(f.attrs["summary"])["rows_resumed"] == kept
     p = run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", 6,
                      "--num-samples", 2, *SAMPLED])
-    assert p.returncode == 2 and "--num-samples: was 3, now 2" in p.stderr, p.stderr   # another N is another job: refused
+    assert p.returncode == 2 and "--num-samples: was 3, now 2" in p.stderr, p.stderr   # another N: another job
 
 
 def test_show_and_export_name_prompt_and_sample(job, tmp_path):

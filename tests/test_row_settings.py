@@ -83,7 +83,8 @@ def test_values_resolve_against_the_flags(tmp_path):
 
 
 @pytest.mark.parametrize("name, data, frag", [
-    ("max_new_tokens", np.array([1, 2, 0, 0, 3, 4], np.int32), "row 2 is 0: each value must be an integer in 1..2^31-1 (2 rows"),
+    ("max_new_tokens", np.array([1, 2, 0, 0, 3, 4], np.int32),
+     "row 2 is 0: each value must be an integer in 1..2^31-1 (2 rows"),
     ("max_new_tokens", np.array([1, 2, 2.5, 1, 1, 1]), "row 2 is 2.5: each value must be an integer in 1..2^31-1"),
     ("max_new_tokens", np.array([1, 2 ** 40, 1, 1, 1, 1], np.int64), "row 1 is 1099511627776"),
     ("temperature", np.array([0, 0, 0, np.inf, 0, -0.5]), "row 3 is inf: each value must be 0 (greedy) or a finite "

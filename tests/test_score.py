@@ -191,6 +191,9 @@ def test_export(workload, tmp_path):
     run_gpt2job(["export", part, tmp_path / "p.jsonl"], check=0)
     some = [json.loads(x) for x in open(tmp_path / "p.jsonl")]
     assert some and all(r == recs[r["row"]] for r in some), (some[:1], recs[:1])
+    run_gpt2job(score_job(workload[0], tmp_path / "eos.h5", "--prepend-eos"), check=0)   # its key: rows with EOS
+    p = run_gpt2job(["export", tmp_path / "eos.h5", tmp_path / "eos.jsonl"], check=0)
+    assert "other prompts" not in p.stderr, p.stderr
     p = run_gpt2job(["show", part, "--limit", 40], check=0)
     assert "score output" in p.stdout and "unfinished" in p.stdout and "(not done)" in p.stdout, p.stdout
 

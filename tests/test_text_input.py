@@ -254,7 +254,7 @@ def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
 
 
 @pytest.mark.parametrize("line, frag", [
-    ('{"prompt": "a", "max_new_tokens": 0}', "line 2: max_new_tokens is 0: it must be an integer in 1..2^31-1"),
+    ('{"prompt": "a", "max_new_tokens": 0}', "p.jsonl: line 2: max_new_tokens is 0: it must be an integer in 1..2^31"),
     ('{"prompt": "a", "max_new_tokens": 2.5}', "line 2: max_new_tokens is 2.5"),
     ('{"prompt": "a", "temperature": "hot"}', "line 2: temperature is 'hot'"),
     ('{"prompt": "a", "top_p": 1.5}', "line 2: top_p is 1.5: it must be a number in (0, 1]"),

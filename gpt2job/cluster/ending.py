@@ -144,11 +144,11 @@ class Ending:
             return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
         self.say_held()
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
-        done = int(self.store.done.sum())
-        kept = f"{done} of {self.n_rows} rows are complete and kept in {self.s.output}" if done else \
+        done = int(self.store.done.sum())    # (rows marked 'invalid' too: an output without a completed one is removed)
+        kept = f"{done} of {self.n_rows} rows are complete and kept in {self.s.output}" if self.store.completed else \
             "no row was completed"
         msg = f"no worker is left ({reasons}); {kept}"
-        again = "run the same command again" + (" to resume" if done else "")
+        again = "run the same command again" + (" to resume" if self.store.completed else "")
         if all(w.error and w.error.get("user_error") for w in self.workers.values()):
             return UserError(msg, fix=f"fix the cause above, then {again}")
         return WorkerFailure(f"{msg}; {again}")

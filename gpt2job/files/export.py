@@ -6,8 +6,8 @@ their next tool:
 
 `prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
 output is still there and holds the same prompts; `completion`/`text_exact` when the output has text; `stop_reason`
-(after `finish_reason`) when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per completion token) and with
---top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
+(after `finish_reason`) when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per
+completion token) and with --top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
 [{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); any other per-row dataset of the output
 (not in BUILT_IN) that holds one value or one list per row is exported under its own name (prompt_length is not).
 With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sample r % N of prompt r // N, whose
@@ -117,7 +117,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         inp = f.attrs.get("input")
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
-        if pds is not None and not _same_prompts(f, _text(inp), pkey, pds):
+        if pds is not None and not scored and not _same_prompts(f, _text(inp), pkey, pds):
             stream.write(f"gpt2job: the input {_text(inp)} holds other prompts than when {out_path} was made: "
                          "exporting without the prompts\n")
             fin.close()

@@ -11,10 +11,12 @@ TEXT_NAMES = (".jsonl", ".ndjson", ".json", ".txt", ".csv", ".tsv")   # an HDF5 
 
 def check_output_path(output, field="output", example="prompts.h5", hdf5=True):
     """A file the command will write at output: its folder exists, output is not a folder and (hdf5: the file is
-    HDF5) its name is not a text format's; else a UserError."""
-    if hdf5 and str(output).lower().endswith(TEXT_NAMES):
+    HDF5) a new file's name is not a text format's (an output made under such a name still resumes); else a
+    UserError."""
+    if hdf5 and str(output).lower().endswith(TEXT_NAMES) and not os.path.exists(output) and \
+            not os.path.exists(f"{output}.journal"):
         raise UserError(f"is a {os.path.splitext(str(output))[1]} name, but this command writes an HDF5 file", output,
-                        field, f"name it like {example} (`python -m gpt2job export OUT.h5 out.jsonl` writes JSON lines)")
+                        field, f"name it like {example} (`export OUT.h5 out.jsonl` writes JSON lines)")
     out_dir = os.path.dirname(os.path.abspath(output))
     if not os.path.isdir(out_dir):
         raise UserError("folder does not exist", output, field, f"create {out_dir} first")

@@ -49,17 +49,17 @@ def _value(name, v, path, n):
     if name == STOP:
         stops = [v] if isinstance(v, str) else v
         if not isinstance(stops, list) or not all(isinstance(x, str) and x and "\x00" not in x for x in stops):
-            raise UserError(f"line {n}: stop must be a string or a list of strings (not empty, without NUL)", path,
+            raise UserError("stop must be a string or a list of strings (not empty, without NUL)", path,
                             where, FIX)
         return tuple(stops)
     integral = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGER and not integral):
-        raise UserError(f"line {n}: {name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
+        raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     if name in INTEGER:
         v = int(v)
         ok = 0 <= v <= LIMITS[name] and bool(RULES[name][1](np.array([v], np.int64))[0])
     else:
         ok = bool(RULES[name][1](np.array([v], np.float64))[0])
     if not ok:
-        raise UserError(f"line {n}: {name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
+        raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     return v

@@ -47,17 +47,25 @@ from gpt2job.files.journal import Journal, JournalReader, io_error
 from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
 from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterProcess, WriterThread
+from gpt2job.settings import JobSettings
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
 
 def _difference(name, was, now):
-    """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64)."""
-    if name == "settings" and isinstance(was, dict) and isinstance(now, dict):
-        return ", ".join(f"--{k.replace('_', '-')}: was {was.get(k, 'not given')!r}, now {now.get(k, 'not given')!r}"
-                         for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k))
-    return f"{name}: was {was!r}, now {now!r}"
+    """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64; a setting
+    one of them does not record has its default)."""
+    if name != "settings" or not isinstance(was, dict) or not isinstance(now, dict):
+        return f"{name}: was {was!r}, now {now!r}"
+    if bool(was.get("score")) != bool(now.get("score")):
+        made, this = ("score", "run") if was.get("score") else ("run", "score")
+        return f"it is an output of `{made}`, not of `{this}`"
+    fields = JobSettings.__dataclass_fields__
+    old, new = ({k: d.get(k, fields[k].default if k in fields else None) for k in set(was) | set(now)}
+                for d in (was, now))
+    return ", ".join(f"--{k.replace('_', '-')}: was {old[k]!r}, now {new[k]!r}"
+                     for k in sorted(old) if old[k] != new[k])
 
 
 class OutputStore:
@@ -214,7 +222,8 @@ class OutputStore:
                             "choose another output path, or pass --overwrite to start over")
         diff = self._key_diff(key)
         if diff:
-            details = ", ".join(_difference(k, key.get(k), self.key.get(k)) for k in diff[:4])
+            details = [_difference(k, key.get(k), self.key.get(k)) for k in diff[:4]]
+            details = ", ".join([d for d in details if d.startswith("it is an output of")] or details)
             raise UserError(f"was started with a different model, input or settings ({details})", where,
                             "resume", "rerun with the original settings, choose another output path, "
                                       "or pass --overwrite to start over")

@@ -341,7 +341,7 @@ def invalid_fix(score, rows):
         lower = ", lower the input's max_new_tokens (--max-new-tokens for rows without one)"
     else:
         lower = ", lower --max-new-tokens"
-    return f"fix those prompts{lower}, or pass --skip-invalid to mark them 'invalid' and run the rest"
+    return f"fix those prompts{lower}, or run with --skip-invalid to mark them 'invalid' and compute the rest"
 
 
 def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
