@@ -258,6 +258,7 @@ def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
     ('{"prompt": "a", "max_new_tokens": 2.5}', "line 2: max_new_tokens is 2.5"),
     ('{"prompt": "a", "temperature": "hot"}', "line 2: temperature is 'hot'"),
     ('{"prompt": "a", "top_p": 1.5}', "line 2: top_p is 1.5: it must be a number in (0, 1]"),
+    ('{"prompt": "a", "temperature": 1' + "0" * 400 + '}', "line 2: temperature is 1000"),
     ('{"prompt": "a", "seed": 18446744073709551616}', "line 2: seed is 18446744073709551616"),
     ('{"prompt": "a", "stop": [1]}', "line 2: stop must be a string or a list of strings"),
 ])

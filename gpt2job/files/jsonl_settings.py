@@ -59,7 +59,7 @@ def _value(name, v, path, n):
         v = int(v)
         ok = 0 <= v <= LIMITS[name] and bool(RULES[name][1](np.array([v], np.int64))[0])
     else:
-        ok = bool(RULES[name][1](np.array([v], np.float64))[0])
+        ok = abs(v) < 1e300 and bool(RULES[name][1](np.array([v], np.float64))[0])   # (a huge JSON integer)
     if not ok:
         raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     return v
