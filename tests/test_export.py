@@ -97,3 +97,26 @@ def test_show_into_a_pipe_closed_early_ends_quietly(tmp_path):
                        env=job_env(), capture_output=True, text=True, timeout=120)
     assert p.stdout.startswith(f"{out}: 3,000 of 3,000 rows done, finished"), p.stdout
     assert p.stderr.strip() == "status 141", p.stderr
+
+
+def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
+    """export's check reads the input in blocks (bounded memory) and gets PromptSet.fingerprint's digest, for every
+    layout of prompt_tokens and across block boundaries."""
+    import numpy as np
+    import gpt2job.files.prompts as prompts
+    monkeypatch.setattr(prompts, "BLOCK_ROWS", 7)
+    rng = np.random.default_rng(0)
+    for kind in ("grid", "grid16", "vlen", "vlen64", "empty"):
+        path = tmp_path / f"{kind}.h5"
+        with h5py.File(path, "w") as f:
+            if kind.startswith("grid") or kind == "empty":
+                f["prompt_tokens"] = rng.integers(0, 50000, (0 if kind == "empty" else 23, 5)).astype(
+                    np.uint16 if kind == "grid16" else np.int32)
+            else:
+                ds = f.create_dataset("prompt_tokens", (23,), dtype=h5py.vlen_dtype(
+                    np.int64 if kind == "vlen64" else np.int32))
+                for i in range(23):
+                    ds[i] = rng.integers(0, 50000, rng.integers(1, 9))
+        want = prompts.read_prompts(str(path), None, 50257).fingerprint()
+        with h5py.File(path) as f:
+            assert prompts.token_fingerprint(f["prompt_tokens"]) == want, kind
