@@ -239,3 +239,19 @@ def test_a_file_system_without_mmap_reads_the_file_instead(tiny_copy, monkeypatc
     want = load_params(str(tiny_copy))
     monkeypatch.setattr(mmap, "mmap", no_mmap)
     assert_same_params(load_params(str(tiny_copy)), want)
+
+
+@pytest.mark.parametrize("header_bytes", [0x280, 0x380, 0x10280])
+def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path, header_bytes):
+    """The 8-byte header length 0x0280 is b"\\x80\\x02...", a pickle's start: such files (a shard of 1,408 bytes of
+    header, seen) were refused as pickles."""
+    import json
+    import struct
+    from gpt2job.model.safetensors_io import read_header
+    data = np.arange(6, dtype=np.float32).tobytes()
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2, 3], "data_offsets": [0, len(data)]}}).encode()
+    header += b" " * (header_bytes - len(header))
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(struct.pack("<Q", len(header)) + header + data)
+    got, start, _ = read_header(str(path))
+    assert list(got) == ["w"] and start == 8 + header_bytes

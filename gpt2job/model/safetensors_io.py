@@ -22,9 +22,16 @@ PICKLE_FIX = "convert with model.save_pretrained(dir, safe_serialization=True), 
 
 
 def is_pickle(head):
-    """Do these first bytes start a pickle stream (protocol 2-5, as torch.save writes) or a zip archive (PyTorch's
-    default format since 1.6)?"""
+    """Do these first bytes (at least 9) start a pickle stream (protocol 2-5, as torch.save writes) or a zip archive
+    (PyTorch's default format since 1.6)? A safetensors file's header length (8 bytes) can start as a pickle does
+    (0x0280 bytes: "\x80\x02"); its JSON header's "{" follows."""
+    if looks_like_safetensors(head):
+        return False
     return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or head[:4] == b"PK\x03\x04"
+
+
+def looks_like_safetensors(head):
+    return len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30)
 
 
 def read_header(path):
@@ -32,14 +39,15 @@ def read_header(path):
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            head = f.read(8)
+            head = f.read(9)
+            f.seek(8)
             if is_pickle(head):
                 raise UserError("is a pickle file, not safetensors: pickle refused, gpt2job never unpickles model "
                                 "files", path, "header", PICKLE_FIX)
             if len(head) < 8:
                 raise UserError("file is too short to be safetensors", path, "header",
                                 "re-save the checkpoint with save_pretrained(safe_serialization=True)")
-            (n,) = struct.unpack("<Q", head)
+            (n,) = struct.unpack("<Q", head[:8])
             if n > MAX_HEADER or 8 + n > size:
                 raise UserError(f"header size {n} is larger than the file", path, "header",
                                 "the file is truncated or not safetensors; copy it again")

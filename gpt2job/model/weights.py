@@ -12,7 +12,7 @@ import re
 import numpy as np
 
 from gpt2job.model import safetensors_io
-from gpt2job.model.safetensors_io import PICKLE_FIX, is_pickle
+from gpt2job.model.safetensors_io import PICKLE_FIX, is_pickle, looks_like_safetensors
 from gpt2job.model.config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
 from gpt2job.errors import UserError
 from gpt2job.model import hub
@@ -320,7 +320,7 @@ def _file_kind(path):
         return None
     if is_pickle(head):
         return "pickle"
-    if len(head) >= 9 and head[8:9] == b"{" and int.from_bytes(head[:8], "little") < (1 << 30):
+    if looks_like_safetensors(head):
         return "safetensors"
     return None
 
