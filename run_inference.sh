@@ -103,6 +103,11 @@ if [ "$(id -u)" = "0" ]; then
 fi
 
 hostfile="${HOSTFILE:-$here/hostfile}"
+if [ -n "${HOSTFILE:-}" ] && [ ! -f "$HOSTFILE" ]; then
+    echo "run_inference.sh: error: HOSTFILE=$HOSTFILE: no such file (fix: give a hostfile, or leave HOSTFILE unset" \
+        "for ./hostfile)" >&2
+    exit 2
+fi
 me="$(hostname)"; me_short="$(hostname -s 2>/dev/null || echo "$me")"
 remote_hosts=""
 if [ -f "$hostfile" ]; then
@@ -111,7 +116,7 @@ if [ -f "$hostfile" ]; then
 fi
 
 if [ -n "$remote_hosts" ]; then
-    slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
+    slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*[[:space:]]slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2
     launch -np "$np" --hostfile "$hostfile" --bind-to none "$here/run_inference.sh" "$@"

@@ -176,7 +176,7 @@ def build_parser():
                         "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
     r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float32 (exact, default) or float16 (tensor cores; cuda only)")
-    r.add_argument("--chunk-size", type=_positive_int("--chunk-size", 0), default=0,
+    r.add_argument("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,
                    help="prompts per work chunk (0, default: equal chunks, the same number per worker, "
                         "each at most the backend's preferred size)")
     r.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")

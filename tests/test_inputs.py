@@ -99,6 +99,7 @@ def test_bad_input_files(tmp_path, case):
     (["--top-k", "x"], "--top-k must be an integer"),
     (["--top-k", str(2 ** 31), "--temperature", "1"], "--top-k must be <= 2147483647"),   # int32 (a worker's crash)
     (["--seed", str(2 ** 64)], "--seed must be <= 9223372036854775807"),   # (wrapped to --seed 0 before)
+    (["--chunk-size", str(10 ** 20)], "--chunk-size must be <= 2147483647"),   # (an h5py TypeError, exit 1)
     (["--backend", "tpu"], "invalid choice"),
     (["--backend", "numpy", "--dtype", "float16"], "float16 runs only on the cuda backend"),
     (["--model", "/nonexistent/model"], "no such file or directory"),

@@ -8,7 +8,7 @@ import pytest
 
 from conftest import (ROOT, TINY_HF, TINY_TEXT_MODEL, job_env, read_output, run_gpt2job, write_token_input,
                       require_mpirun)
-
+from test_inputs import assert_one_clear_line
 
 @pytest.fixture
 def token_input(tmp_path, expected):
@@ -125,6 +125,12 @@ def test_validate_against_answer_file(tmp_path, token_input, expected):
     p = run_gpt2job(["validate", out, answer], check=4)
     assert "1 of 120 tokens differ" in p.stdout and "row 3, token 4" in p.stdout and "FAIL" in p.stdout
     p = run_gpt2job(["validate", out, answer, "--tolerance", 0.01], check=0)
+    answer.write_bytes(b"")   # an empty answer passed ("0 of 0 tokens differ: PASS")
+    assert_one_clear_line(run_gpt2job(["validate", out, answer]), str(answer), "0 bytes is not")
+    with h5py.File(tmp_path / "strs.h5", "w") as f:   # not token ids: a ValueError traceback, exit 1
+        f.create_dataset("completion_tokens", data=np.array(["a"] * 8, object), dtype=h5py.string_dtype())
+        f["done"] = np.ones(8, np.uint8)
+    assert_one_clear_line(run_gpt2job(["validate", out, tmp_path / "strs.h5"]), "are not rows of token ids")
 
 
 def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(tmp_path):

@@ -165,6 +165,25 @@ def test_run_inference_refuses_a_bad_np_in_one_line(tmp_path, np_):
         "workers, or leave NP unset: one worker per GPU)"], err
 
 
+def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(tmp_path):
+    """`slots=4 max_slots=8` on two nodes is 8 ranks (max_slots was read: 16); a HOSTFILE that is not there is one
+    line (it ran locally)."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mpirun").write_text('#!/bin/sh\necho "mpirun $*"\n')
+    (fake / "mpirun").chmod(0o755)
+    hosts = tmp_path / "hosts"
+    hosts.write_text("# nodes\nnode01 slots=4 max_slots=8\nnode02   slots=4\tmax_slots=8\n")
+    env = {k: v for k, v in job_env().items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_", "NP"))}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith(f"mpirun -np 8 --hostfile {hosts} "), out + err
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(tmp_path / "none")})
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.startswith(f"run_inference.sh: error: HOSTFILE={tmp_path / 'none'}: no such"), err
+
+
 def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
     require_mpirun()
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"

@@ -255,3 +255,26 @@ def test_a_safetensors_header_whose_length_starts_like_a_pickle_is_read(tmp_path
     path.write_bytes(struct.pack("<Q", len(header)) + header + data)
     got, start, _ = read_header(str(path))
     assert list(got) == ["w"] and start == 8 + header_bytes
+
+
+@pytest.mark.parametrize("change, frag", [
+    ({"scale_attn_weights": False}, "scale_attn_weights false"),            # was ignored: other logits
+    ({"scale_attn_by_inverse_layer_idx": "false"}, "must be true or false"),  # was read as true
+    ({"layer_norm_epsilon": -1}, "must be a positive number"),
+])
+def test_config_fields_we_cannot_honour_are_refused(change, frag):
+    from gpt2job.model.config import config_from_hf_dict
+    d = json.loads((TINY_HF / "config.json").read_text())
+    with pytest.raises(UserError) as e:
+        config_from_hf_dict({**d, **change})
+    assert frag in str(e.value)
+
+
+@pytest.mark.parametrize("spec, frag", [("random:gpt2:-1", "seed -1 is not an integer in 0..2^63-1"),
+                                        ("random:n_layer=2,n_head=2,n_embd=32,layer_norm_epsilon=-1",
+                                         "layer_norm_epsilon must be a positive number")])
+def test_random_specs_are_checked_as_config_json_is(spec, frag):
+    from gpt2job.model.weights import load_config
+    with pytest.raises(UserError) as e:
+        load_config(spec)
+    assert frag in str(e.value)

@@ -6,7 +6,7 @@ import sys
 
 import numpy as np
 
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, first_line
 from gpt2job.files import h5flat
 from gpt2job.files.h5files import contents, open_readable
 
@@ -14,11 +14,17 @@ EXIT_VALIDATION_FAILED = 4
 
 
 def _read_tokens_h5(path):
-    with open_readable(path, "file", "give a gpt2job output file or an int32 answer file") as f:
-        if not h5flat.has(f, "completion_tokens"):
-            raise UserError(f"no 'completion_tokens' dataset ({contents(f)})", path, "completion_tokens",
-                            "give a gpt2job output file or an int32 answer file")
-        return [np.asarray(r, np.int64) for r in h5flat.rows(f, "completion_tokens", 0, len(f["done"]))]
+    fix = "give a gpt2job output file or an int32 answer file"
+    with open_readable(path, "file", fix) as f:
+        if not h5flat.has(f, "completion_tokens") or "done" not in f:
+            raise UserError(f"no 'completion_tokens' and 'done' datasets ({contents(f)})", path, "completion_tokens",
+                            fix)
+        try:
+            rows = h5flat.rows(f, "completion_tokens", 0, len(f["done"]))
+            return [np.asarray(r).astype(np.int64, casting="safe") for r in rows]
+        except (KeyError, TypeError, ValueError) as e:   # strings, floats, a scalar: not token ids
+            raise UserError(f"its completion_tokens are not rows of token ids ({first_line(e)})", path,
+                            "completion_tokens", fix)
 
 
 def read_expected(path, n_rows):
@@ -30,7 +36,7 @@ def read_expected(path, n_rows):
     if is_h5:
         return _read_tokens_h5(path)
     size = os.path.getsize(path)
-    if n_rows == 0 or size % (4 * n_rows):
+    if n_rows == 0 or size == 0 or size % (4 * n_rows):
         raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, "--validate",
                         "give an int32 file of shape [N, new_tokens] with one row per prompt")
     arr = np.fromfile(path, dtype="<i4").reshape(n_rows, -1)

@@ -55,6 +55,11 @@ def config_from_hf_dict(d, path="config.json"):
             raise UserError(f"must be an integer, got {value!r}", path, name, "write integer sizes as in GPT-2's config.json")
         return value
 
+    def boolean(name, value):
+        if not isinstance(value, bool):
+            raise UserError(f"must be true or false, got {value!r}", path, name, "write a JSON boolean")
+        return value
+
     def number(name, value):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
             raise UserError(f"must be a positive number, got {value!r}", path, name, "fix the model config")
@@ -63,6 +68,9 @@ def config_from_hf_dict(d, path="config.json"):
     eos = get("eos_token_id", default=EOT_TOKEN)
     if isinstance(eos, list):  # some configs list several stop tokens; GPT-2 has one
         eos = eos[0] if eos else EOT_TOKEN
+    if boolean("scale_attn_weights", get("scale_attn_weights", default=True)) is not True:
+        raise UserError("scale_attn_weights false (attention scores not divided by sqrt(head size)) is not supported",
+                        path, "scale_attn_weights", "give a GPT-2 checkpoint (GPT-2 scales them)")
     mt = d.get("model_type", "gpt2")
     if mt != "gpt2":
         raise UserError(f"model_type is {mt!r}, only 'gpt2' is supported", path, "model_type",
@@ -75,7 +83,8 @@ def config_from_hf_dict(d, path="config.json"):
         vocab_size=integer("vocab_size", get("vocab_size", default=50257)),
         layer_norm_epsilon=number("layer_norm_epsilon", get("layer_norm_epsilon", default=1e-5)),
         activation_function=str(get("activation_function", default="gelu_new")),
-        scale_attn_by_inverse_layer_idx=bool(get("scale_attn_by_inverse_layer_idx", default=False)),
+        scale_attn_by_inverse_layer_idx=boolean("scale_attn_by_inverse_layer_idx",
+                                                get("scale_attn_by_inverse_layer_idx", default=False)),
         eos_token_id=integer("eos_token_id", eos),
         n_inner=integer("n_inner", get("n_inner", default=0) or 0),
     )
@@ -90,6 +99,9 @@ def validate_config(cfg, path):
         if not 0 < getattr(cfg, name) <= most:
             raise UserError(f"{name} must be in 1..{most}, got {getattr(cfg, name)}", path, name,
                             "fix the model config")
+    if not (math.isfinite(cfg.layer_norm_epsilon) and cfg.layer_norm_epsilon > 0):
+        raise UserError(f"layer_norm_epsilon must be a positive number, got {cfg.layer_norm_epsilon}", path,
+                        "layer_norm_epsilon", "fix the model config")
     if cfg.n_inner < 0:
         raise UserError(f"n_inner must be >= 0, got {cfg.n_inner}", path, "n_inner", "fix the model config")
     if cfg.n_embd % cfg.n_head:

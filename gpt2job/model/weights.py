@@ -30,8 +30,10 @@ def parse_random_spec(spec):
     name, _, seed = body.partition(":")
     try:
         seed = int(seed) if seed else 0
+        if not 0 <= seed < 2 ** 63:
+            raise ValueError
     except ValueError:
-        raise UserError(f"seed {seed!r} is not an integer", spec, "--model", "write random:gpt2:SEED")
+        raise UserError(f"seed {seed!r} is not an integer in 0..2^63-1", spec, "--model", "write random:gpt2:SEED")
     if name in PRESETS:
         return PRESETS[name], seed
     fields = {}
