@@ -120,3 +120,21 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
         want = prompts.read_prompts(str(path), None, 50257).fingerprint()
         with h5py.File(path) as f:
             assert prompts.token_fingerprint(f["prompt_tokens"]) == want, kind
+
+
+def test_a_resume_without_the_tokenizer_is_refused_where_rows_have_text(tmp_path, vocab_dir):
+    """The rows kept would lose their text (the file was rebuilt without the column; export cannot add it back)."""
+    import numpy as np
+    from conftest import job_env
+    from test_inputs import assert_one_clear_line
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3 + i] for i in range(8)])
+    args = ["run", inp, out, "--model", TINY_TEXT_MODEL, "--backend", "numpy", "--max-new-tokens", "3",
+            "--chunk-size", "2", "--no-dedup"]
+    run_gpt2job([*args, "--vocab-dir", vocab_dir], env=job_env(GPT2JOB_FAULT="0:3:raise"), check=3)
+    no_vocab = {k: v for k, v in job_env().items() if k != "GPT2_VOCAB_DIR"}
+    assert_one_clear_line(run_gpt2job([*args, "--vocab-dir", tmp_path / "none"], env=no_vocab), str(out),
+                          "holds completion text, but the tokenizer was not found")
+    run_gpt2job([*args, "--vocab-dir", vocab_dir], check=0)
+    res = read_output(out)
+    assert res["done"].all() and all(isinstance(t, str) for t in res["text"]), res["text"]

@@ -1,5 +1,6 @@
 """Master side of a job (rank 0): read and validate the input, hand out chunks on demand, write
 results as they arrive, notice failed and hung workers, and summarise."""
+import functools
 import os
 import socket
 import sys
@@ -15,6 +16,7 @@ from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, posit
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
+from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, group_identical
@@ -79,13 +81,7 @@ class Master(Ending):
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
         vocab_dir = vocab_dir_from(s.vocab_dir)
-        loaded = []
-
-        def tokenizer():   # built once: for text prompts and for the output's text
-            if not loaded:
-                loaded.append(load_tokenizer(vocab_dir))
-            return loaded[0]
-
+        tokenizer = functools.cache(lambda: load_tokenizer(vocab_dir))   # built once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
             self.rows = None
@@ -110,6 +106,7 @@ class Master(Ending):
         except UserError as e:
             self.enc = None
             check_job_stops(s, cfg.vocab_size, self.rows, None)   # stop strings need it: that error, not the note
+            check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
         check_job_stops(s, cfg.vocab_size, self.rows, self.enc)
         self.took("validate")

@@ -1,10 +1,12 @@
 """Reading an existing output file before a job decides what to do with it: its status and resume key, whether it
 holds completed rows, and those rows (for an unfinished output whose journal is gone), a block of rows at a time."""
 import json
+import os
 
 import numpy as np
 
 from gpt2job.chunks import FINISH_INVALID, FINISH_NAMES, FINISH_STOP, FINISH_STOP_STRING, Completions
+from gpt2job.errors import UserError
 from gpt2job.files import h5flat
 
 BLOCK_ROWS = 1 << 20
@@ -84,3 +86,19 @@ def stop_codes(finish, tokens, stop_reason):
         r = r.decode("utf-8", "replace") if isinstance(r, bytes) else str(r)
         if r and not (len(tokens[k]) and r == str(int(tokens[k][-1]))):
             finish[k] = FINISH_STOP_STRING
+
+
+def check_text_kept(output, overwrite):
+    """A job without its tokenizer writes no text: it must not resume an unfinished output that has text, whose rows
+    would lose theirs (the file is rebuilt without the column). A UserError then."""
+    import h5py
+    if overwrite or not os.path.isfile(output) or read_status(output)[0] is not False:
+        return
+    try:
+        with h5py.File(output, "r") as f:
+            has_text = h5flat.has(f, "completions")
+    except (OSError, ValueError):
+        return
+    if has_text:
+        raise UserError("holds completion text, but the tokenizer was not found: the rows kept would lose theirs",
+                        output, "tokenizer", "pass the --vocab-dir (or GPT2_VOCAB_DIR) of the run that started it")
