@@ -213,7 +213,7 @@ def build_parser():
                         "logits, before temperature, top-k/top-p and repetition penalty) in `completion_logprobs`")
     r.add_argument("--top-logprobs", type=_int_in("--top-logprobs", 0, MAX_TOP), default=0, metavar="K",
                    help="also store the K (0..20) most likely tokens of each step and their log-probabilities "
-                        "(`top_logprob_ids`, `top_logprobs`); implies --logprobs")
+                        "(`top_logprob_ids`, `top_logprobs`); K > 0 implies --logprobs (0, the default: neither)")
     r.add_argument("--num-samples", type=_int_in("--num-samples", 1, 1000), default=1, metavar="N",
                    help="N completions of every prompt (vLLM's n, transformers' num_return_sequences; 1..1000): "
                         "output rows [prompts x N], row r is sample r %% N of prompt r // N (datasets prompt_index, "

@@ -9,6 +9,7 @@ Users choose things with flags; these variables are for the cluster set-up (cach
 benchmarks (kernel A/B switches that never change results; the CUDA backend gathers them into one options
 object recorded in the output's summary) and for tests (fault injection).
 """
+import math
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -80,6 +81,8 @@ def _parse(var, raw):
     else:
         try:
             value = int(raw) if var.kind == "int" else float(raw)
+            if not math.isfinite(value):   # (nan, inf: a time to ready of nan s)
+                value = None
         except ValueError:
             value = None
         if value is not None:
