@@ -233,3 +233,5 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
     assert {a for a, _ in made[len(hopper):]} == {"sm_80"}   # an sm_90 cubin would not load there
     assert cli.main(["build-kernels", "--arch", "hopper"]) == 2
     assert "--arch" in capsys.readouterr().err
+    assert cli.main(["build-kernels", "--arch", "sm_75"]) == 2   # (nvcc's traceback, exit 1)
+    assert "compute capability 8.0 or later" in capsys.readouterr().err

@@ -19,6 +19,9 @@ def build_kernels(arch_flag):
     if m is None:
         raise UserError(f"{arch!r} is not a GPU architecture", field="--arch", fix="give sm_XY, e.g. sm_90a (Hopper)")
     cc = (int(m[1]), int(m[2]))
+    if cc < (8, 0):   # the kernels use compute capability 8.0's instructions (README)
+        raise UserError(f"{arch} is older than the kernels need (compute capability 8.0 or later)", field="--arch",
+                        fix="give the nodes' GPU, sm_80 or later (sm_90a: Hopper)")
     try:
         jobs = module_jobs(choose_variants(KernelOptions.from_env(), lambda: cc == (9, 0)), cc)
     except ValueError as e:
