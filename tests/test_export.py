@@ -104,6 +104,7 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
     layout of prompt_tokens and across block boundaries."""
     import numpy as np
     import gpt2job.files.prompts as prompts
+    from gpt2job.files import export
     monkeypatch.setattr(prompts, "BLOCK_ROWS", 7)
     rng = np.random.default_rng(0)
     for kind in ("grid", "grid16", "vlen", "vlen64", "empty"):
@@ -119,7 +120,7 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
                     ds[i] = rng.integers(0, 50000, rng.integers(1, 9))
         want = prompts.read_prompts(str(path), None, 50257).fingerprint()
         with h5py.File(path) as f:
-            assert prompts.token_fingerprint(f["prompt_tokens"]) == want, kind
+            assert export.token_fingerprint(f["prompt_tokens"]) == want, kind
 
 
 def test_a_resume_without_the_tokenizer_is_refused_where_rows_have_text(tmp_path, vocab_dir):

@@ -14,6 +14,7 @@ With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sam
 prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
 in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
 place, so a failed export leaves no half file."""
+import hashlib
 import json
 import os
 import sys
@@ -21,7 +22,7 @@ import sys
 import numpy as np
 
 from gpt2job.errors import UserError, plural
-from gpt2job.files import h5flat, score_output
+from gpt2job.files import h5flat, prompts, score_output
 from gpt2job.files.h5files import check_output_path, contents, open_readable
 from gpt2job.files.journal import rows_only_in_journal
 
@@ -72,11 +73,38 @@ def _input_prompts(path, n):
     return None, None, None
 
 
+def token_fingerprint(ds):
+    """PromptSet.fingerprint (files/prompts.py) of a prompt_tokens dataset ([N, T] or vlen rows), read a block at a
+    time: the same digest (offsets as int64, then every token as int32) without holding the prompts."""
+    import h5py
+    h, n, step = hashlib.sha256(), ds.shape[0], prompts.BLOCK_ROWS
+    vlen = h5py.check_vlen_dtype(ds.dtype) is not None
+    total = 0
+    h.update(np.zeros(1, "<i8"))
+    for a in range(0, n, step):   # the offsets 1..N
+        lengths = np.fromiter(map(len, ds[a:a + step]), np.int64) if vlen else \
+            np.full(min(step, n - a), ds.shape[1], np.int64)
+        h.update((total + np.cumsum(lengths)).astype("<i8"))
+        total += int(lengths.sum())
+    for a in range(0, n, step):
+        rows = ds[a:a + step]
+        block = (np.concatenate(list(rows)) if len(rows) else np.zeros(0, np.int32)) if vlen else rows.reshape(-1)
+        h.update(np.ascontiguousarray(prompts.to_int32(block), "<i4"))
+    return "sha256:" + h.hexdigest()[:32]
+
+
+def texts_digest(ds):
+    """The digest of a text prompts dataset as stored, read a block at a time: what prompts._read_text_dataset
+    records as PromptSet.text_digest (the output's input_text_digest)."""
+    h = hashlib.sha256()
+    for a in range(0, len(ds), prompts.BLOCK_ROWS):
+        prompts.hash_texts(h, ds[a:a + prompts.BLOCK_ROWS])
+    return "sha256:" + h.hexdigest()[:32]
+
+
 def _same_prompts(out, path, key, ds):
     """Does the input still hold the prompts the output was made from (the resume key's input_fingerprint, or for
     text the input_text_digest the master recorded)? An output that recorded neither: taken as yes."""
-    import hashlib
-    from gpt2job.files.prompts import BLOCK_ROWS, hash_texts, token_fingerprint
     if key == "prompt_tokens":
         want = out.attrs.get("input_fingerprint")
         try:
@@ -84,12 +112,7 @@ def _same_prompts(out, path, key, ds):
         except (OSError, RuntimeError, TypeError, ValueError):   # (a damaged input: its prompts are not exported)
             return False
     want = out.attrs.get("input_text_digest")
-    if want is None:
-        return True
-    h = hashlib.sha256()
-    for a in range(0, len(ds), BLOCK_ROWS):
-        hash_texts(h, ds[a:a + BLOCK_ROWS])
-    return "sha256:" + h.hexdigest()[:32] == _text(want)
+    return want is None or texts_digest(ds) == _text(want)
 
 
 def export(out_path, jsonl_path, overwrite=False, stream=None):

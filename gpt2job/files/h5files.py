@@ -4,6 +4,7 @@ import errno
 import os
 
 from gpt2job.errors import UserError, errno_of, first_line
+from gpt2job.files.journal import JOURNAL_SUFFIX
 
 
 TEXT_NAMES = (".jsonl", ".ndjson", ".json", ".txt", ".csv", ".tsv")   # an HDF5 file by such a name is a surprise
@@ -14,7 +15,7 @@ def check_output_path(output, field="output", example="prompts.h5", hdf5=True):
     HDF5) a new file's name is not a text format's (an output made under such a name still resumes); else a
     UserError."""
     if hdf5 and str(output).lower().endswith(TEXT_NAMES) and not os.path.exists(output) and \
-            not os.path.exists(f"{output}.journal"):
+            not os.path.exists(f"{output}{JOURNAL_SUFFIX}"):
         raise UserError(f"is a {os.path.splitext(str(output))[1]} name, but this command writes an HDF5 file", output,
                         field, f"name it like {example} (`export OUT.h5 out.jsonl` writes JSON lines)")
     out_dir = os.path.dirname(os.path.abspath(output))

@@ -22,6 +22,8 @@ import numpy as np
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.errors import UserError, errno_of, first_line
 
+JOURNAL_SUFFIX = ".journal"   # OUT's journal is OUT.journal
+
 MAGIC_HEAD, MAGIC_REC_V1, MAGIC_REC, MAGIC_REC_LP = b"GJH1", b"GJR1", b"GJR2", b"GJR3"
 REC_HEAD = struct.Struct("<4sQI")  # magic, payload length, crc32
 
@@ -288,7 +290,7 @@ class Journal:
 def rows_only_in_journal(output, f):
     """Rows complete in OUTPUT.journal that the open output file f does not hold yet (a job killed before its writer
     caught up: the next run of the same command adds them): their count, 0 without a journal of f's run."""
-    path = output + ".journal"
+    path = output + JOURNAL_SUFFIX
     if not os.path.exists(path) or "done" not in f or "resume_key" not in f.attrs:
         return 0
     try:

@@ -7,9 +7,8 @@ import time
 
 from gpt2job import envs
 from gpt2job.errors import UserError
-from gpt2job.files.journal import io_error
+from gpt2job.files.journal import JOURNAL_SUFFIX, io_error
 
-JOURNAL_SUFFIX = ".journal"
 LOCK_SUFFIX = ".lock"
 REPLACED_SUFFIX = ".replaced"
 

@@ -304,26 +304,6 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     return prompts
 
 
-def token_fingerprint(ds):
-    """PromptSet.fingerprint of a prompt_tokens dataset ([N, T] or vlen rows), read a block at a time: the same
-    digest (offsets as int64, then every token as int32) without holding the prompts (export's check)."""
-    import h5py
-    h, n = hashlib.sha256(), ds.shape[0]
-    vlen = h5py.check_vlen_dtype(ds.dtype) is not None
-    total = 0
-    h.update(np.zeros(1, "<i8"))
-    for a in range(0, n, BLOCK_ROWS):   # the offsets 1..N
-        lengths = np.fromiter(map(len, ds[a:a + BLOCK_ROWS]), np.int64) if vlen else \
-            np.full(min(BLOCK_ROWS, n - a), ds.shape[1], np.int64)
-        h.update((total + np.cumsum(lengths)).astype("<i8"))
-        total += int(lengths.sum())
-    for a in range(0, n, BLOCK_ROWS):
-        rows = ds[a:a + BLOCK_ROWS]
-        block = (np.concatenate(list(rows)) if len(rows) else np.zeros(0, np.int32)) if vlen else rows.reshape(-1)
-        h.update(np.ascontiguousarray(to_int32(block), "<i4"))
-    return "sha256:" + h.hexdigest()[:32]
-
-
 def hash_texts(h, rows):
     """Add a block of BLOCK_ROWS text prompts as stored (bytes; str as UTF-8) to the digest h: their lengths, then
     their bytes. The output records the input's (input_text_digest): export pairs completions with prompts only
