@@ -130,4 +130,11 @@ else
 fi
 workers=$(( ngpu > 0 ? ngpu : 2 ))
 np="${NP:-$(( workers + 1 ))}"
+# Open MPI 4 starts even a one-machine job through ssh/rsh and stops where neither is installed (containers:
+# "plm_rsh_agent: ssh : rsh ... could not be found"); its "isolated" launcher starts local ranks without them (Open
+# MPI 5 needs neither and ignores the setting). Not inside a batch allocation, whose own launcher mpirun picks.
+if ! command -v ssh >/dev/null 2>&1 && ! command -v rsh >/dev/null 2>&1 \
+    && [ -z "${OMPI_MCA_plm:-}${OMPI_MCA_plm_rsh_agent:-}${SLURM_JOB_ID:-}${PBS_JOBID:-}${LSB_JOBID:-}" ]; then
+    export OMPI_MCA_plm=isolated
+fi
 launch -np "$np" --oversubscribe "$here/run_inference.sh" "$@"

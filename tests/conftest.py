@@ -85,6 +85,19 @@ def job_env(**extra):
     return env
 
 
+# what job_env adds for the suite's own mpirun lines; fresh_env removes them (a machine's own MPI settings stay: a
+# container's OMPI_MCA_plm=isolated, without which Open MPI 4 cannot start ranks there)
+SUITE_MPI_VARS = ("OMPI_ALLOW_RUN_AS_ROOT", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "OMPI_MCA_rmaps_base_oversubscribe",
+                  "PRTE_MCA_rmaps_default_mapping_policy")
+
+
+def fresh_env(**extra):
+    """job_env without the suite's MPI settings: what a user's shell has when they start run_inference.sh."""
+    env = {k: v for k, v in job_env().items() if k not in SUITE_MPI_VARS}
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
 def have_mpirun():
     return shutil.which("mpirun") is not None
 

@@ -5,13 +5,14 @@ import os
 import select
 import signal
 import subprocess
+import sys
 import time
 
 import h5py
 import numpy as np
 import pytest
 
-from conftest import ROOT, TINY_HF, job_env, read_output, require_mpirun, run_gpt2job, write_token_input
+from conftest import ROOT, TINY_HF, fresh_env, job_env, read_output, require_mpirun, run_gpt2job, write_token_input
 from test_inputs import assert_one_clear_line
 
 TINY = ["--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "3"]
@@ -148,7 +149,7 @@ def launcher(args, **kw):
 
 def test_run_inference_shows_only_our_error_line(tmp_path):
     require_mpirun()
-    env = {k: v for k, v in job_env(NP=3).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    env = fresh_env(NP=3)
     p = launcher([tmp_path / "missing.h5", tmp_path / "out.h5", *TINY], env=env)
     out, err = p.communicate(timeout=120)
     assert p.returncode == 2, err
@@ -157,7 +158,7 @@ def test_run_inference_shows_only_our_error_line(tmp_path):
 
 @pytest.mark.parametrize("np_", ["abc", "0", "-3"])
 def test_run_inference_refuses_a_bad_np_in_one_line(tmp_path, np_):
-    env = {k: v for k, v in job_env(NP=np_).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    env = fresh_env(NP=np_)
     p = launcher([tmp_path / "in.h5", tmp_path / "out.h5", *TINY], env=env)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and err.splitlines() == [
@@ -174,7 +175,7 @@ def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(
     (fake / "mpirun").chmod(0o755)
     hosts = tmp_path / "hosts"
     hosts.write_text("# nodes\nnode01 slots=4 max_slots=8\nnode02   slots=4\tmax_slots=8\n")
-    env = {k: v for k, v in job_env().items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_", "NP"))}
+    env = {k: v for k, v in fresh_env().items() if k != "NP"}
     env["PATH"] = f"{fake}:{env['PATH']}"
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
     out, err = p.communicate(timeout=60)
@@ -184,12 +185,38 @@ def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(
     assert p.returncode == 2 and err.startswith(f"run_inference.sh: error: HOSTFILE={tmp_path / 'none'}: no such"), err
 
 
+def test_run_inference_starts_local_ranks_without_ssh_on_open_mpi_4(tmp_path):
+    """Open MPI 4.1's mpirun stopped a one-machine job where no ssh or rsh is installed ("plm_rsh_agent: ssh : rsh
+    ... could not be found", exit 243; seen on a container): the launcher picks its isolated launcher there, and
+    leaves the choice to mpirun where ssh exists, the user chose, or a batch system runs the job."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    for d in ("/usr/bin", "/bin", os.path.dirname(sys.executable)):   # the tools the script uses, no ssh or rsh
+        for f in (os.listdir(d) if os.path.isdir(d) else []):
+            if f not in ("ssh", "rsh", "mpirun") and not (fake / f).exists():
+                (fake / f).symlink_to(os.path.join(d, f))
+    (fake / "mpirun").write_text('#!/bin/sh\necho "plm=$OMPI_MCA_plm"\n')
+    (fake / "mpirun").chmod(0o755)
+    base = {k: v for k, v in fresh_env(HOSTFILE=ROOT / "hostfile").items()
+            if k not in ("OMPI_MCA_plm", "OMPI_MCA_plm_rsh_agent", "SLURM_JOB_ID", "PBS_JOBID", "LSB_JOBID")}
+
+    def plm(**extra):
+        p = launcher(["in.h5", "out.h5"], env={**base, "PATH": str(fake), **extra})
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, out + err
+        return out.strip()
+    assert plm() == "plm=isolated"
+    assert plm(OMPI_MCA_plm="rsh") == "plm=rsh"
+    assert plm(SLURM_JOB_ID="7") == "plm="
+    (fake / "ssh").symlink_to("/bin/true")
+    assert plm() == "plm="
+
+
 def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
     require_mpirun()
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2, 3], [4, 5]])
-    env = {k: v for k, v in job_env(NP=2, GPT2JOB_FAULT="1:1:hang").items()   # the worker hangs on its chunk
-           if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    env = fresh_env(NP=2, GPT2JOB_FAULT="1:1:hang")   # the worker hangs on its chunk
     # its own group, as a terminal's job, with SIGINT as a terminal gives it (not ignored, whatever pytest inherited)
     p = launcher([inp, out, *TINY], env=env, start_new_session=True,
                  preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
@@ -212,14 +239,17 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
     require_mpirun()
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2, 3], [4, 5]])
-    env = {k: v for k, v in job_env(NP=2).items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_"))}
+    env = fresh_env(NP=2)
     p = launcher([inp, out, *TINY], env={**env, "GPT2JOB_FAULT": "1:1:hang"}, start_new_session=True)
     ours = ["pgrep", "-f", str(out)]
     try:
         seen, deadline = "", time.monotonic() + 90
         while "worker ready" not in seen and time.monotonic() < deadline:
             if select.select([p.stderr], [], [], 0.5)[0]:
-                seen += os.read(p.stderr.fileno(), 1 << 16).decode()
+                got = os.read(p.stderr.fileno(), 1 << 16).decode()
+                if not got:   # the launcher ended (mpirun could not start: its message is in seen)
+                    break
+                seen += got
         assert "worker ready" in seen, seen   # each line passed on as it comes (mawk held them all to the end)
         time.sleep(0.5)
         p.send_signal(signal.SIGTERM) if to == "script" else os.killpg(p.pid, signal.SIGTERM)

@@ -9,7 +9,7 @@ import shutil
 import subprocess
 import sys
 
-from conftest import ROOT, TINY_TEXT_MODEL, require_mpirun
+from conftest import ROOT, SUITE_MPI_VARS, TINY_TEXT_MODEL, require_mpirun
 
 SHELL = re.compile(r"^(python3? |\./run_inference\.sh|mpirun |bash |NP=\d+ )")
 NOT_RUN = {   # command -> why this test does not run it
@@ -58,8 +58,8 @@ def test_every_readme_command_runs_as_written(tmp_path, vocab_dir):
     for name in ("run_inference.sh", "hostfile"):
         shutil.copy2(ROOT / name, tmp_path / name)
     shutil.copytree(ROOT / "jobs", tmp_path / "jobs")
-    # a fresh machine: no MPI settings (the test suite's own allow-root and oversubscribe ones removed)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PRTE_", "PMIX_", "GPT2JOB_"))}
+    # a fresh machine: the test suite's own MPI settings (allow-root, oversubscribe) and GPT2JOB_ ones removed
+    env = {k: v for k, v in os.environ.items() if k not in SUITE_MPI_VARS and not k.startswith("GPT2JOB_")}
     env.update(PYTHONPATH=str(ROOT), GPT2_VOCAB_DIR=vocab_dir,
                PATH=os.path.dirname(sys.executable) + os.pathsep + env.get("PATH", ""))
     ran = []
