@@ -137,4 +137,6 @@ if ! command -v ssh >/dev/null 2>&1 && ! command -v rsh >/dev/null 2>&1 \
     && [ -z "${OMPI_MCA_plm:-}${OMPI_MCA_plm_rsh_agent:-}${SLURM_JOB_ID:-}${PBS_JOBID:-}${LSB_JOBID:-}" ]; then
     export OMPI_MCA_plm=isolated
 fi
-launch -np "$np" --oversubscribe "$here/run_inference.sh" "$@"
+# --bind-to none: Open MPI 4 binds each rank of a job of 2 ranks to one core (its default up to 2 ranks), where the
+# worker's threads and a cold node's kernel compiles (8 at once) then share that core
+launch -np "$np" --oversubscribe --bind-to none "$here/run_inference.sh" "$@"
