@@ -235,3 +235,27 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
     assert "--arch" in capsys.readouterr().err
     assert cli.main(["build-kernels", "--arch", "sm_75"]) == 2   # (nvcc's traceback, exit 1)
     assert "compute capability 8.0 or later" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")   # a file where the cache folder should be (tracebacks before)
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path / "file" / "cache"))
+    monkeypatch.setattr(envs, "_values", {})
+    assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "GPT2JOB_PYCUDA_CACHE: cannot write the kernel cache" in err, err
+
+
+def test_build_kernels_without_nvcc_or_for_an_arch_nvcc_lacks_is_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(envs, "_values", {})
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    if shutil.which("nvcc"):
+        kcache.nvcc_version.cache_clear()
+        assert cli.main(["build-kernels", "--arch", "sm_1000"]) == 2   # nvcc's traceback before
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and "this nvcc cannot compile for sm_1000 (fix: give one it knows: sm_80" in err
+    monkeypatch.setenv("PATH", str(tmp_path))
+    kcache.nvcc_version.cache_clear()
+    try:
+        assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
+    finally:
+        kcache.nvcc_version.cache_clear()
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "nvcc not found" in err and "module load cuda" in err, err

@@ -2,9 +2,10 @@
 included), compiled into this node's kernel cache (kcache.py) where missing, once per node before a job; nvcc needs
 no GPU."""
 import re
+import subprocess
 import time
 
-from gpt2job.backends.cuda.kcache import cache_dir
+from gpt2job.backends.cuda import kcache
 from gpt2job.backends.cuda.kernels import choose_variants, compile_modules, module_jobs
 from gpt2job.backends.cuda.options import KernelOptions
 from gpt2job.errors import UserError
@@ -26,11 +27,34 @@ def build_kernels(arch_flag):
         jobs = module_jobs(choose_variants(KernelOptions.from_env(), lambda: cc == (9, 0)), cc)
     except ValueError as e:
         raise UserError(str(e), field="GPT2JOB_F16_VARIANTS", fix="unset it, or name variants of kernels.py") from None
-    t0, folder = time.time(), cache_dir()
-    _, compiled = compile_modules(jobs, folder)
+    try:
+        kcache.nvcc_version()
+    except RuntimeError as e:   # no nvcc on PATH, or one that does not run
+        raise UserError(str(e).split(": put")[0],
+                        fix="put the CUDA toolkit's bin folder on PATH, e.g. module load cuda") from None
+    known = nvcc_codes()
+    if known and arch.rstrip("a") not in known:
+        raise UserError(f"this nvcc cannot compile for {arch}", field="--arch",
+                        fix="give one it knows: " + ", ".join(c for c in known if int(c[3:]) >= 80))
+    t0 = time.time()
+    try:
+        folder = kcache.cache_dir()
+        _, compiled = compile_modules(jobs, folder)
+    except OSError as e:   # a folder not writable, or a file where a folder should be
+        raise UserError(f"cannot write the kernel cache ({e.strerror})", path=e.filename, field="GPT2JOB_PYCUDA_CACHE",
+                        fix="set GPT2JOB_PYCUDA_CACHE to a folder you can write") from None
     print(f"gpt2job: kernels for {arch} ({why}), {len(jobs)} modules in {folder}: {len(compiled)} compiled, "
           f"{len(jobs) - len(compiled)} already there ({time.time() - t0:.1f} s)")
     return 0
+
+
+def nvcc_codes():
+    """The sm_XY that nvcc can compile for (`nvcc --list-gpu-code`, in its order), or [] where it does not say."""
+    try:
+        r = subprocess.run(["nvcc", "--list-gpu-code"], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [c for c in r.stdout.split() if re.fullmatch(r"sm_\d+", c)] if r.returncode == 0 else []
 
 
 def gpu_arch():
