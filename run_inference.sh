@@ -57,6 +57,8 @@ without_banner() {
 # included, as before; SIGTERM is passed on. Then one line and 130 / 143 / 129. An mpirun still running 10 s after a
 # SIGINT or SIGHUP (one sent to this script alone) gets SIGTERM.
 mpirun_pid=""
+again="run the same command again to resume"   # (--overwrite again would set the completed rows aside)
+for arg in "$@"; do [ "$arg" = --overwrite ] && again="run the same command without --overwrite to resume"; done
 stop() {   # SIGNAL CODE
     set +e
     trap '' INT TERM HUP
@@ -70,7 +72,7 @@ stop() {   # SIGNAL CODE
     fi
     wait "$filter" 2>/dev/null   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    echo "run_inference.sh: $what; completed rows are kept: run the same command again to resume" >&2 2>/dev/null
+    echo "run_inference.sh: $what; completed rows are kept: $again" >&2 2>/dev/null
     exit "$2"
 }
 

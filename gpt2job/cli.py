@@ -9,7 +9,7 @@ import time
 
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
+from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
@@ -389,7 +389,7 @@ def main(argv=None):
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:
-        sys.stderr.write("gpt2job: interrupted; completed rows are kept: run the same command again to resume\n")
+        sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {rerun('--overwrite' in (argv or sys.argv))}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

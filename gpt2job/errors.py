@@ -43,6 +43,13 @@ class AlreadyComplete(Exception):
     """The output is finished with these very settings: nothing is left to do (exit 0)."""
 
 
+def rerun(overwrite, resume=True):
+    """What to run after a job ended early: the same command, less --overwrite where it had it (run again, that
+    flag would set the completed rows aside and start over)."""
+    return ("run the same command without --overwrite" if overwrite else "run the same command again") + \
+        (" to resume" if resume else "")
+
+
 def plural(n, word, words=None):
     """'1 prompt', '2 prompts' (words: the plural when it is not word + 's')."""
     return f"{n:,} {word if n == 1 else (words or word + 's')}"

@@ -76,6 +76,22 @@ def test_no_worker_left_keeps_completed_rows_for_resume(tmp_path, inp_and_clean)
     assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept
 
 
+def test_a_failed_overwrite_run_says_to_resume_without_overwrite(tmp_path, inp_and_clean):
+    """The same command again would set the kept rows aside (or be refused, an earlier output set aside): the line
+    says to drop --overwrite, and that resumes."""
+    inp, clean = inp_and_clean
+    out = tmp_path / "out.h5"
+    p = run_gpt2job(args(inp, out, "--overwrite"), np_=3, env=job_env(GPT2JOB_FAULT="1:3:raise,2:3:raise"))
+    assert p.returncode == 3, p.stderr
+    line = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(line) == 1 and line[0].endswith("; run the same command without --overwrite to resume"), p.stderr
+    kept = int(read_output(out)["done"].sum())
+    p = run_gpt2job(args(inp, out), np_=3, check=0)
+    res = read_output(out)
+    assert [t.tolist() for t in res["tokens"]] == clean
+    assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept > 0
+
+
 @pytest.mark.parametrize("invalid", [False, True])
 def test_no_worker_left_before_any_row_says_none_is_kept(tmp_path, inp_and_clean, invalid):
     inp, _ = inp_and_clean

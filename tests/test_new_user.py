@@ -242,7 +242,8 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1, 2, 3], [4, 5]])
     env = fresh_env(NP=2)
-    p = launcher([inp, out, *TINY], env={**env, "GPT2JOB_FAULT": "1:1:hang"}, start_new_session=True)
+    over = ["--overwrite"] if to == "group" else []   # then both lines say to resume without it
+    p = launcher([inp, out, *TINY, *over], env={**env, "GPT2JOB_FAULT": "1:1:hang"}, start_new_session=True)
     ours = ["pgrep", "-f", str(out)]
     try:
         seen, deadline = "", time.monotonic() + 90
@@ -258,8 +259,10 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
         _, err = p.communicate(timeout=60)
         err = seen + err
         assert p.returncode == 143, err
-        assert err.splitlines()[-1].startswith("run_inference.sh: terminated (SIGTERM); completed rows are kept"), err
+        again = "run the same command " + ("without --overwrite" if over else "again") + " to resume"
+        assert err.splitlines()[-1] == f"run_inference.sh: terminated (SIGTERM); completed rows are kept: {again}", err
         assert err.splitlines()[-2].startswith("gpt2job: "), err   # nothing of mpirun's between
+        assert all(x.endswith(again) for x in err.splitlines() if "terminated (SIGTERM)" in x), err
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
             time.sleep(0.2)

@@ -5,7 +5,7 @@ import sys
 import time
 
 from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
-from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
+from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
 
 
 QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks still starting says so after this long
@@ -148,7 +148,7 @@ class Ending:
         kept = f"{done} of {self.n_rows} rows are complete and kept in {self.s.output}" if self.store.completed else \
             "no row was completed"
         msg = f"no worker is left ({reasons}); {kept}"
-        again = "run the same command again" + (" to resume" if self.store.completed else "")
+        again = rerun(self.s.overwrite, resume=bool(self.store.completed))
         if all(w.error and w.error.get("user_error") for w in self.workers.values()):
             return UserError(msg, fix=f"fix the cause above, then {again}")
         return WorkerFailure(f"{msg}; {again}")

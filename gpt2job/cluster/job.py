@@ -17,6 +17,7 @@ from gpt2job.cluster import faults
 from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi
 from gpt2job.cluster.master import Master, run_master
 from gpt2job.cluster.worker import run_worker
+from gpt2job.errors import rerun
 from gpt2job.files.prompt_files import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -58,7 +59,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
     kept names it (prompt_files.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
     converted = created = None
-    restore = say_on_sigterm()
+    restore = say_on_sigterm(s.overwrite)
     ok = False
     try:
         try:
@@ -79,7 +80,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
         restore()
 
 
-def say_on_sigterm():
+def say_on_sigterm(overwrite=False):
     """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line, then the signal
     ends the process as it did before (what a kill leaves: the rows already written stay, the same command resumes).
     Returns what puts the handler before back (from a thread other than the main one nothing is set: Python sets
@@ -90,7 +91,7 @@ def say_on_sigterm():
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         try:
-            log("terminated (SIGTERM); the rows already written are kept: run the same command again to resume")
+            log(f"terminated (SIGTERM); the rows already written are kept: {rerun(overwrite)}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
