@@ -118,6 +118,13 @@ if [ -f "$hostfile" ]; then
 fi
 
 if [ -n "$remote_hosts" ]; then
+    no_slots="$(grep -v -e '^[[:space:]]*#' -e '[[:space:]]slots=[0-9]' "$hostfile" | awk 'NF {print $1; exit}' \
+        || true)"
+    if [ -z "${NP:-}" ] && [ -n "$no_slots" ]; then   # (mpirun's own default for it differs by MPI and version)
+        echo "run_inference.sh: error: $hostfile: host $no_slots has no slots=N, so the ranks cannot be counted" \
+            "(fix: write '$no_slots slots=N', N its GPUs, plus 1 on the master's node; or set NP)" >&2
+        exit 2
+    fi
     slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*[[:space:]]slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2

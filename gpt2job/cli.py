@@ -389,7 +389,8 @@ def main(argv=None):
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:
-        sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {rerun('--overwrite' in (argv or sys.argv))}\n")
+        again = rerun("--overwrite" in (argv or sys.argv))
+        sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {again}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)
