@@ -46,3 +46,16 @@ def test_a_job_runs_on_a_model_name_from_the_cache(tmp_path):
     errors = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
     assert len(errors) == 1 and "gpt2-medium" in errors[0] and "config.json + model.safetensors" in errors[0]
     assert not os.path.exists(tmp_path / "c.h5")
+
+
+def test_a_name_cached_only_as_a_pickle_says_so(tmp_path, monkeypatch):
+    """transformers with PyTorch cached pytorch_model.bin alone for years: "not in the Hugging Face cache" was
+    wrong there; the line names the file, why it is not loaded, and how to save it as safetensors."""
+    snap = fake_cache(tmp_path)
+    (snap / "model.safetensors").rename(snap / "pytorch_model.bin")
+    monkeypatch.setattr(hub, "hub_cache", lambda: str(tmp_path))
+    monkeypatch.setattr(hub.envs, "get", lambda name: "1" if name == "HF_HUB_OFFLINE" else "")
+    with pytest.raises(UserError) as e:
+        hub.resolve("gpt2")
+    assert f"only as pytorch_model.bin in the Hugging Face cache ({snap}: a pickle" in str(e.value)
+    assert "(fix: save it once as safetensors: GPT2LMHeadModel.from_pretrained(NAME)" in str(e.value)

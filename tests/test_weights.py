@@ -278,3 +278,23 @@ def test_random_specs_are_checked_as_config_json_is(spec, frag):
     with pytest.raises(UserError) as e:
         load_config(spec)
     assert frag in str(e.value)
+
+
+def test_a_tensor_missing_from_a_sharded_checkpoint_names_the_index(tmp_path):
+    """The line named model.safetensors, which a sharded folder does not have."""
+    folder = tmp_path / "sharded"
+    folder.mkdir()
+    shutil.copy(TINY_HF / "config.json", folder / "config.json")
+    tensors = safetensors_io.load(str(TINY_HF / "model.safetensors"))
+    names = sorted(tensors)
+    dropped = next(n for n in names if n.endswith("ln_f.weight"))
+    halves = [names[: len(names) // 2], names[len(names) // 2:]]
+    weight_map = {}
+    for i, part in enumerate(halves):
+        shard = f"model-0000{i + 1}-of-00002.safetensors"
+        safetensors_io.save(str(folder / shard), {n: tensors[n] for n in part if n != dropped})
+        weight_map.update({n: shard for n in part if n != dropped})
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    with pytest.raises(UserError) as e:
+        load_params(str(folder))
+    assert str(e.value).startswith(f"{folder / 'model.safetensors.index.json'}: ln_f.weight: tensor missing"), e.value

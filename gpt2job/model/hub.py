@@ -31,8 +31,9 @@ def _complete(folder):
         f == "model.safetensors" or f == "model.safetensors.index.json" for f in os.listdir(folder))
 
 
-def cached_snapshot(repo_id):
-    """The cached snapshot folder of repo_id (its main revision first), or None."""
+def snapshots(repo_id):
+    """repo_id's cached snapshot folders, its main revision first."""
+    out = []
     names = [repo_id] + [short for short, full in ALIASES.items() if full == repo_id]   # legacy cache names too
     for name in names:
         repo = os.path.join(hub_cache(), "models--" + name.replace("/", "--"))
@@ -44,11 +45,20 @@ def cached_snapshot(repo_id):
                 main = f.read().strip()
         except OSError:
             main = None
-        order = sorted(os.listdir(snaps), key=lambda r: r != main)
-        for rev in order:
-            if _complete(os.path.join(snaps, rev)):
-                return os.path.join(snaps, rev)
-    return None
+        out += [os.path.join(snaps, rev) for rev in sorted(os.listdir(snaps), key=lambda r: r != main)]
+    return out
+
+
+def cached_snapshot(repo_id):
+    """The cached snapshot folder of repo_id with config.json and safetensors weights (main revision first), or
+    None."""
+    return next((s for s in snapshots(repo_id) if _complete(s)), None)
+
+
+def pickle_only(repo_id):
+    """A cached snapshot of repo_id that has pytorch_model.bin and no safetensors weights (what transformers with
+    PyTorch cached before safetensors), or None."""
+    return next((s for s in snapshots(repo_id) if os.path.isfile(os.path.join(s, "pytorch_model.bin"))), None)
 
 
 def resolve(spec):
@@ -62,12 +72,18 @@ def resolve(spec):
         return found
     fix = ("give a folder with config.json + model.safetensors (for example one saved with "
            "save_pretrained(dir, safe_serialization=True)), or random:gpt2 for random weights")
+    pickled = pickle_only(repo_id)
+    where = (f"only as pytorch_model.bin in the Hugging Face cache ({pickled}: a pickle, which gpt2job never loads)"
+             if pickled else f"not in the Hugging Face cache ({hub_cache()})")
+    if pickled:
+        fix = ("save it once as safetensors: GPT2LMHeadModel.from_pretrained(NAME).save_pretrained(DIR, "
+               "safe_serialization=True) with transformers, then --model DIR")
     if importlib.util.find_spec("huggingface_hub") is None:
-        raise UserError(f"no such file or folder, and {repo_id} is not in the Hugging Face cache ({hub_cache()}); "
-                        "pip install 'gpt2job[hub]' to download it", spec, "--model", fix)
+        raise UserError(f"no such file or folder, and {repo_id} is {where}; pip install 'gpt2job[hub]' to download "
+                        "its safetensors", spec, "--model", fix)
     if envs.get("HF_HUB_OFFLINE"):
-        raise UserError(f"no such file or folder, and {repo_id} is not in the Hugging Face cache ({hub_cache()}) "
-                        "while HF_HUB_OFFLINE is set", spec, "--model", fix)
+        raise UserError(f"no such file or folder, and {repo_id} is {where} while HF_HUB_OFFLINE is set", spec,
+                        "--model", fix)
     from huggingface_hub import snapshot_download
     try:
         return snapshot_download(repo_id, allow_patterns=FILES, cache_dir=hub_cache())

@@ -221,6 +221,8 @@ def _tensor_index(directory):
 def _check_tensors(index, cfg, directory):
     """Every tensor the config needs is there, float, of its shape; none the config does not use."""
     src = os.path.join(directory, "model.safetensors")
+    if not os.path.isfile(src):   # sharded: the index names the tensors
+        src = os.path.join(directory, "model.safetensors.index.json")
     g = global_shapes(cfg)
     need = {f"h.{i}.{n}": s for i in range(cfg.n_layer) for n, s in layer_shapes(cfg).items()}
     need.update({k: g[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")})
