@@ -57,6 +57,11 @@ without_banner() {
 # included, as before; SIGTERM is passed on. Then one line and 130 / 143 / 129. An mpirun still running 10 s after a
 # SIGINT or SIGHUP (one sent to this script alone) gets SIGTERM.
 mpirun_pid=""
+filter_done() {   # the filter has passed every line on (bash before 4.4 cannot wait for it: then it is watched)
+    wait "$filter" 2>/dev/null && return
+    local i=0
+    while kill -0 "$filter" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
+}
 again="run the same command again to resume"   # (--overwrite again would set the completed rows aside)
 for arg in "$@"; do [ "$arg" = --overwrite ] && again="run the same command without --overwrite to resume"; done
 stop() {   # SIGNAL CODE
@@ -70,7 +75,7 @@ stop() {   # SIGNAL CODE
         kill -s TERM "$mpirun_pid" 2>/dev/null
         wait "$mpirun_pid"
     fi
-    wait "$filter" 2>/dev/null   # mpirun's last words, before ours
+    filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
     echo "run_inference.sh: $what; completed rows are kept: $again" >&2 2>/dev/null
     exit "$2"
@@ -89,7 +94,7 @@ launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; 
     exec 3>&-
     wait "$mpirun_pid"
     local code=$?
-    wait "$filter" 2>/dev/null
+    filter_done
     exit "$code"
 }
 
