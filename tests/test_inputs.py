@@ -216,6 +216,30 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
     assert read_output(out)["done"].all() and replaced.read_bytes() == finished and "is left as it is" in p.stderr
 
 
+@pytest.mark.parametrize("journal", ["with rows", "without rows"])
+def test_a_journal_of_other_settings_never_replaces_a_finished_output(tmp_path, journal):
+    """A finished output put back beside the journal of an --overwrite run that stopped (or a journal of a failed
+    start that completed nothing): the journal's run resumed and rebuilt OUT from itself, or removed OUT as holding
+    no rows, and the finished rows were gone. Refused now, naming both; moving the journal away keeps the output."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5], [6], [7, 8]])
+    base = ["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "4", "--chunk-size", "1"]
+    run_gpt2job(base, check=0)
+    finished = out.read_bytes()
+    fault = "0:3:raise" if journal == "with rows" else "0:1:kill"   # (a kill: no cleanup)
+    run_gpt2job(base + ["--overwrite", "--ignore-eos"], env=job_env(GPT2JOB_FAULT=fault))
+    (tmp_path / "out.h5.replaced").replace(out)   # the user puts the finished output back
+    assert (tmp_path / "out.h5.journal").exists()
+    for flags in (["--ignore-eos"], []):   # the journal's settings, then the output's own
+        p = run_gpt2job(base + flags)
+        assert_one_clear_line(p, "out.h5: output: is a finished output of other settings than the journal beside it",
+                              "--ignore-eos: was False, now True", "move ", "out.h5.journal away to keep")
+        assert out.read_bytes() == finished
+    (tmp_path / "out.h5.journal").rename(tmp_path / "elsewhere.journal")
+    p = run_gpt2job(base, check=0)
+    assert "already complete" in (p.stdout + p.stderr).lower() and out.read_bytes() == finished, p.stdout + p.stderr
+
+
 def test_runs_never_touch_a_replaced_file_they_did_not_make(tmp_path):
     inp, out, other = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "out.h5.replaced"
     write_token_input(inp, [[1, 2, 3], [4, 5]])

@@ -68,6 +68,13 @@ def _difference(name, was, now):
                      for k in sorted(old) if old[k] != new[k])
 
 
+def _differences(was, now):
+    """What differs between two resume keys, as _difference says it (the first four)."""
+    names = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    details = [_difference(k, was.get(k), now.get(k)) for k in names[:4]]
+    return ", ".join([d for d in details if d.startswith("it is an output of")] or details)
+
+
 class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 
@@ -137,10 +144,13 @@ class OutputStore:
                 raise io_error(self.journal_path, e, "read")
             if reader.header is None:
                 reader, jexists = None, False
-            elif self._start_afresh_if_empty(reader.header, self._journal_has_completed_rows):
-                reader, exists, jexists = None, False, False
             else:
-                self._check_key(reader.header, self.journal_path)
+                if exists:
+                    self._check_pair(reader.header)
+                if self._start_afresh_if_empty(reader.header, self._journal_has_completed_rows):
+                    reader, exists, jexists = None, False, False
+                else:
+                    self._check_key(reader.header, self.journal_path)
         from_h5 = False
         if exists and not jexists:
             finished, key = read_status(self.path)
@@ -216,14 +226,25 @@ class OutputStore:
     def _journal_has_completed_rows(self):
         return any(_completed_rows(r) for r in JournalReader(self.journal_path).records())
 
+    def _check_pair(self, journal_key):
+        """OUT and its journal are one run's. A journal beside a gpt2job output of other settings (a finished output
+        put back after an --overwrite run that stopped, a journal left from elsewhere) must neither rebuild OUT from
+        itself nor remove it: refused, the choice is the user's. Nothing is said where they agree, or where OUT is
+        unreadable (a crash mid-write: the journal is the truth)."""
+        finished, key = read_status(self.path)
+        if key is None or key == journal_key:
+            return
+        raise UserError(f"is {'a finished' if finished else 'an unfinished'} output of other settings than the journal "
+                        f"beside it ({_differences(key, journal_key)}), so neither is resumed or replaced", self.path,
+                        "output", f"move {self.journal_path} away to keep {self.path}, or move {self.path} away to "
+                                  "resume the journal's run, or pass --overwrite to start over")
+
     def _check_key(self, key, where):
         if key is None:
             raise UserError("has no record of its settings", where, "resume_key",
                             "choose another output path, or pass --overwrite to start over")
-        diff = self._key_diff(key)
-        if diff:
-            details = [_difference(k, key.get(k), self.key.get(k)) for k in diff[:4]]
-            details = ", ".join([d for d in details if d.startswith("it is an output of")] or details)
+        if self._key_diff(key):
+            details = _differences(key, self.key)
             raise UserError(f"was started with a different model, input or settings ({details})", where,
                             "resume", "rerun with the original settings, choose another output path, "
                                       "or pass --overwrite to start over")
