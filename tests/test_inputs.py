@@ -266,6 +266,32 @@ def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):
                        (["prompts", txt, txt, "--overwrite"], "is the source file itself")):
         assert_one_clear_line(run_gpt2job(args), frag)
     assert {p: p.read_bytes() for p in (inp, out)} == before and txt.read_text() == "hello\n"
+    notes = tmp_path / "notes.txt"   # someone's text file: `prompts --overwrite` wrote HDF5 into it
+    notes.write_text("my notes\n")
+    assert_one_clear_line(run_gpt2job(["prompts", txt, notes, "--overwrite"]), "is not an HDF5 prompts file")
+    assert notes.read_text() == "my notes\n"
+    blank = tmp_path / "blank.txt"   # `prompts` wrote 0 prompts where `run` refuses the file
+    blank.write_text("\n  \n")
+    assert_one_clear_line(run_gpt2job(["prompts", blank, tmp_path / "b.h5"]), "holds no prompt")
+    assert not (tmp_path / "b.h5").exists()
+
+
+def test_export_never_replaces_the_job_s_own_text_input_and_finds_a_moved_conversion(tmp_path, vocab_dir):
+    """`export OUT src.txt --overwrite` replaced the text file the job was run on (a rerun then saw another input);
+    an output moved with its conversion OUT.prompts-HASH.h5 was exported without its prompts ("is not there")."""
+    src, out = tmp_path / "src.txt", tmp_path / "out.h5"
+    src.write_text("1 2 3\n4 5\n")
+    run_gpt2job(["run", src, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "2",
+                 "--vocab-dir", vocab_dir], check=0)
+    assert_one_clear_line(run_gpt2job(["export", out, src, "--overwrite"]), "is the input of", "export never replaces")
+    assert src.read_text() == "1 2 3\n4 5\n"
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for f in tmp_path.glob("out.h5*"):
+        f.rename(moved / f.name)
+    p = run_gpt2job(["export", moved / "out.h5", tmp_path / "o.jsonl"], check=0)
+    assert "without the prompts" not in p.stderr, p.stderr
+    assert '"prompt": "1 2 3"' in (tmp_path / "o.jsonl").read_text()
 
 
 def test_environment_variables_are_checked_when_a_command_starts(tmp_path):

@@ -115,6 +115,29 @@ def _same_prompts(out, path, key, ds):
     return want is None or texts_digest(ds) == _text(want)
 
 
+def _where_now(out_path, inp):
+    """The recorded input, or, where it is not there, the file of its name beside the output (moved together, as a
+    `run` of a text file's conversion OUT.prompts-HASH.h5 is; the prompts are checked against the output after)."""
+    near = os.path.join(os.path.dirname(os.path.abspath(out_path)), os.path.basename(inp))
+    return inp if os.path.exists(inp) or not os.path.exists(near) else near
+
+
+def _never_the_input(jsonl_path, out_path, inp):
+    """--overwrite replaces an earlier export, never the job's input or the text file it was converted from."""
+    if inp is None or not os.path.exists(jsonl_path):
+        return
+    import h5py
+    mine = [inp]
+    try:
+        with h5py.File(inp, "r") as fin:
+            mine.append(_text(fin.attrs.get("source", "")))   # a conversion's .txt or .jsonl
+    except (OSError, ValueError):
+        pass
+    if any(p and os.path.exists(p) and os.path.samefile(p, jsonl_path) for p in mine):
+        raise UserError(f"is the input of {out_path} (its prompts): export never replaces it", jsonl_path, "export",
+                        "choose another file name, e.g. out.jsonl")
+
+
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
@@ -138,6 +161,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         top = h5flat.top_dataset(f)
         topk = int(top.attrs.get("top_logprobs_k", 1)) if top is not None else 0
         inp = f.attrs.get("input")
+        inp = None if inp is None else _where_now(out_path, _text(inp))
+        _never_the_input(jsonl_path, out_path, inp)
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
         if pds is not None and not scored and not _same_prompts(f, _text(inp), pkey, pds):

@@ -180,6 +180,8 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         texts, tokens, rows = None, read_int32_file(source, tokens_per_row), JsonlRows()
     else:
         texts, tokens, rows = read_prompt_file(source)
+        if not (texts or tokens):   # as `run` refuses the file (an input of no rows is refused by run, too)
+            raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
     if os.path.exists(output):
         from gpt2job.files.h5read import read_status
         if os.path.exists(source) and os.path.samefile(source, output):
@@ -189,6 +191,10 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
                             "choose another name for the prompts file")
         if not overwrite:
             raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
+        import h5py
+        if not h5py.is_hdf5(output):   # a user's text file: --overwrite replaces prompts files only
+            raise UserError("is not an HDF5 prompts file: --overwrite replaces only those", output, "output",
+                            "choose another name, e.g. prompts.h5")
     if texts is not None and tokenize:
         from gpt2job.model.tokenizer import EOT, load_tokenizer, vocab_dir_from
         enc = load_tokenizer(vocab_dir_from(vocab_dir))
