@@ -261,6 +261,12 @@ def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
     ('{"prompt": "a", "temperature": 1' + "0" * 400 + '}', "line 2: temperature is 1000"),
     ('{"prompt": "a", "seed": 18446744073709551616}', "line 2: seed is 18446744073709551616"),
     ('{"prompt": "a", "stop": [1]}', "line 2: stop must be a string or a list of strings"),
+    # a field named almost like a setting ran the row with the flag's value (16 greedy tokens), silently
+    ('{"prompt": "a", "temprature": 0.9}', "line 2: field 'temprature' is not a gpt2job field (did you mean "
+                                           "'temperature'?) (fix: name it 'temperature'"),
+    ('{"prompt": "a", "max_tokens": 2, "id": 7}', "line 2: field 'max_tokens' is not a gpt2job field (did you mean "
+                                                  "'max_new_tokens'?)"),
+    ('{"prompt": "a", "topP": 0.9}', "did you mean 'top_p'?"),
 ])
 def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, frag):
     src = tmp_path / "p.jsonl"

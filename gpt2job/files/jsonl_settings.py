@@ -2,12 +2,15 @@
 "stop": ["\n"]}. The fields are those of the input's per-row datasets (files/row_settings.py); the conversion
 (files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
 (NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
+import difflib
+
 import numpy as np
 
 from gpt2job.errors import UserError
 from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
+KNOWN = (*ROW_DATASETS, "prompt", "text", "tokens", "prompt_tokens")   # the fields gpt2job reads from a line
 LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 - 1}   # the datasets' int32 / int64
 
 
@@ -18,7 +21,15 @@ class JsonlRows:
         self.values = {}
 
     def add(self, i, obj, path, n):
-        """The settings fields of line n's object (prompt i), checked."""
+        """The settings fields of line n's object (prompt i), checked. A field named almost like one (temprature,
+        vLLM's max_tokens) is refused: ignored, it ran the row with the flag's value; other fields (an id) are the
+        user's own."""
+        for key in obj:
+            if key not in KNOWN:
+                near = difflib.get_close_matches(str(key).lower(), ROW_DATASETS, n=1, cutoff=0.75)
+                if near:
+                    raise UserError(f"field {key!r} is not a gpt2job field (did you mean {near[0]!r}?)", path,
+                                    f"line {n}", f"name it {near[0]!r}, or rename it if it is your own data")
         for name in ROW_DATASETS:
             if name in obj and obj[name] is not None:
                 self.values.setdefault(name, {})[i] = _value(name, obj[name], path, n)
