@@ -1,5 +1,6 @@
 """End-to-end jobs: one process, and under mpirun with 1, 2, 3 and 4 ranks."""
 import json
+import shutil
 import subprocess
 
 import h5py
@@ -133,6 +134,27 @@ def test_validate_against_answer_file(tmp_path, token_input, expected):
         f.create_dataset("completion_tokens", data=np.array(["a"] * 8, object), dtype=h5py.string_dtype())
         f["done"] = np.ones(8, np.uint8)
     assert_one_clear_line(run_gpt2job(["validate", out, tmp_path / "strs.h5"]), "are not rows of token ids")
+
+
+def test_validate_against_an_output_compares_row_ends_and_only_its_done_rows(tmp_path, token_input, expected):
+    """Against another gpt2job output: a row of ours that goes on past where the other's stopped is a difference
+    (it passed: only the expected row's length was compared); an unfinished expected output's rows that are not done
+    are not compared, and the line says how many (it passed on '0 of 0 tokens' for them)."""
+    base = ["run", token_input, "--model", TINY_HF, "--max-new-tokens", expected.max_new]
+    run_gpt2job([base[0], base[1], tmp_path / "long.h5", *base[2:], "--ignore-eos"], check=0)
+    run_gpt2job([base[0], base[1], tmp_path / "short.h5", *base[2:], "--ignore-eos", "--max-new-tokens", "2"], check=0)
+    p = run_gpt2job(["validate", tmp_path / "long.h5", tmp_path / "short.h5"], check=4)
+    assert "FAIL" in p.stdout and "token 2: got" in p.stdout and "expected the row's end" in p.stdout, p.stdout
+    run_gpt2job(["validate", tmp_path / "long.h5", tmp_path / "long.h5"], check=0)
+    part = tmp_path / "part.h5"
+    shutil.copy(tmp_path / "long.h5", part)
+    with h5py.File(part, "r+") as f:
+        f["done"][1:] = 0
+        f.attrs["finished"] = 0
+    p = run_gpt2job(["validate", tmp_path / "long.h5", part], check=0)
+    n = len(expected.greedy_ignore_eos)
+    assert f"{n - 1:,} of {n:,} rows are not done in {part}: compared the other 1" in p.stdout, p.stdout
+    assert f"0 of {expected.max_new} tokens differ" in p.stdout and "PASS" in p.stdout, p.stdout
 
 
 def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(tmp_path):

@@ -21,20 +21,21 @@ def _read_tokens_h5(path):
                             fix)
         try:
             rows = h5flat.rows(f, "completion_tokens", 0, len(f["done"]))
-            return [np.asarray(r).astype(np.int64, casting="safe") for r in rows]
+            return [np.asarray(r).astype(np.int64, casting="safe") for r in rows], f["done"][()] == 1
         except (KeyError, TypeError, ValueError) as e:   # strings, floats, a scalar: not token ids
             raise UserError(f"its completion_tokens are not rows of token ids ({first_line(e)})", path,
                             "completion_tokens", fix)
 
 
 def read_expected(path, n_rows):
-    """-> list of expected token arrays, one per row."""
+    """-> (expected token arrays, one per row; the rows to compare, or None for all; whether a row's length is
+    expected too: a gpt2job output's rows end where that job's ended them, an answer file's are its width)."""
     if not os.path.isfile(path):
         raise UserError("no such file", path, "--validate", "give the expected-tokens file")
     with open(path, "rb") as f:
         is_h5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
     if is_h5:
-        return _read_tokens_h5(path)
+        return (*_read_tokens_h5(path), True)
     size = os.path.getsize(path)
     if n_rows == 0 or size == 0 or size % (4 * n_rows):
         raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, "--validate",
@@ -43,22 +44,25 @@ def read_expected(path, n_rows):
     if arr.shape[1] % 2 == 0 and arr[:, 0::2].any() and not arr[:, 1::2].any():   # token ids < 2^31: high words 0
         raise UserError("every second int32 is 0: int64 tokens, not int32", path, "--validate",
                         "write the tokens as int32, e.g. numpy: tokens.astype('<i4').tofile(path)")
-    return [r.astype(np.int64) for r in arr]
+    return [r.astype(np.int64) for r in arr], None, False
 
 
-def compare(ours, expected):
-    """Token-by-token comparison over each row's expected length (a missing token is a mismatch)."""
+def compare(ours, expected, exact=False):
+    """Token-by-token comparison over each row's expected length (a missing token is a mismatch; exact: a token
+    past it too)."""
     total = mismatched = 0
     first = None
     for i, (a, e) in enumerate(zip(ours, expected)):
         n = len(e)
-        total += n
-        a = a[:n]
-        diff = np.flatnonzero(a != e[:len(a)]).tolist() + list(range(len(a), n))
+        extra = max(0, len(a) - n) if exact else 0
+        total += n + extra
+        a = a[:n + extra]
+        m = min(len(a), n)
+        diff = np.flatnonzero(a[:m] != e[:m]).tolist() + list(range(m, n + extra))
         mismatched += len(diff)
         if diff and first is None:
             j = diff[0]
-            first = (i, j, int(a[j]) if j < len(a) else None, int(e[j]))
+            first = (i, j, int(a[j]) if j < len(a) else None, int(e[j]) if j < n else None)
     return total, mismatched, first
 
 
@@ -67,18 +71,27 @@ def report_validation(output, expected_path, tolerance, out=sys.stdout):
     reference is given)."""
     if not expected_path:
         return 0
-    ours = _read_tokens_h5(output)
-    expected = read_expected(expected_path, len(ours))
+    ours, _ = _read_tokens_h5(output)
+    expected, done, exact = read_expected(expected_path, len(ours))
     if len(expected) != len(ours):
         raise UserError(f"has {len(expected)} rows, the output has {len(ours)}", expected_path, "--validate",
                         "compare outputs of the same input")
-    total, bad, first = compare(ours, expected)
+    rows = np.arange(len(ours)) if done is None else np.flatnonzero(done)
+    if len(rows) == 0:
+        raise UserError("has no completed row to compare with", expected_path, "--validate",
+                        "give a finished output, or rerun its job to finish it")
+    if len(rows) < len(ours):   # an unfinished expected output: its missing rows are no evidence either way
+        out.write(f"gpt2job: validate: {len(ours) - len(rows):,} of {len(ours):,} rows are not done in "
+                  f"{expected_path}: compared the other {len(rows):,}\n")
+    total, bad, first = compare([ours[i] for i in rows], [expected[i] for i in rows], exact)
+    if first:
+        first = (int(rows[first[0]]), *first[1:])
     rate = bad / total if total else 0.0
     ok = rate <= tolerance
     out.write(f"gpt2job: validate against {expected_path}: {bad} of {total} tokens differ "
               f"({100 * rate:.4f}%, tolerance {100 * tolerance:.4f}%): {'PASS' if ok else 'FAIL'}\n")
     if first:
-        row, pos, got, want = first
+        row, pos, got, want = (x if x is not None else "the row's end" for x in first)
         out.write(f"gpt2job:   first mismatch: row {row}, token {pos}: got {got}, expected {want}\n")
     out.flush()
     return 0 if ok else EXIT_VALIDATION_FAILED
