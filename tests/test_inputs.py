@@ -1,4 +1,5 @@
 """Every user mistake: one line naming the file, the field and the fix; exit code 2; no traceback."""
+import json
 import os
 import h5py
 import numpy as np
@@ -309,6 +310,12 @@ def test_environment_variables_are_checked_when_a_command_starts(tmp_path):
     p = run_gpt2job(["show", tmp_path / "missing.h5"], env=job_env(GPT2JOB_PREFIXSHARE="0"))
     assert "warning: GPT2JOB_PREFIXSHARE: not a gpt2job variable" in p.stderr
     assert_one_clear_line(p, "missing.h5")
+    for value in ("-5", "1e12"):   # no launch time of this job: time to ready was 1.8e9 s, the wall time negative
+        p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--overwrite"],
+                        env=job_env(GPT2JOB_LAUNCH_TIME=value), check=0)
+        assert p.stderr.count(f"warning: GPT2JOB_LAUNCH_TIME={float(value):g} is not this job's launch time") == 1
+        summary = json.loads(read_output(out)["attrs"]["summary"])
+        assert 0 <= summary["time_to_ready_s"] < 600 and 0 <= summary["wall_s"] < 600, summary
 
 
 def test_a_flag_mistake_under_mpirun_is_the_masters_one_line(tmp_path):
