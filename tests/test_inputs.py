@@ -123,7 +123,9 @@ def test_foreign_output_file_is_never_clobbered(tmp_path):
     inp, out = tmp_path / "in.h5", tmp_path / "precious.h5"
     write_token_input(inp, [[1, 2]])
     out.write_bytes(b"my thesis data")
-    assert_one_clear_line(run([inp, out]), "is not a gpt2job output", "--overwrite")
+    assert_one_clear_line(run([inp, out]), "is not a gpt2job output", "remove the file yourself")
+    assert out.read_bytes() == b"my thesis data"   # (the line said to pass --overwrite, which then refused the file)
+    assert_one_clear_line(run([inp, out, "--overwrite"]), "--overwrite replaces only gpt2job outputs")
     assert out.read_bytes() == b"my thesis data"
 
 

@@ -156,7 +156,8 @@ class OutputStore:
             finished, key = read_status(self.path)
             if finished is None:
                 raise UserError("exists and is not a gpt2job output (or is damaged with no journal)", self.path,
-                                "output", "choose another output path, or pass --overwrite to replace it")
+                                "output", "choose another output path, or remove the file yourself (--overwrite "
+                                          "replaces only gpt2job outputs)")
             if not self._start_afresh_if_empty(key, lambda: h5_has_completed_rows(self.path)):
                 self._check_key(key, self.path)
                 if finished:
