@@ -189,7 +189,8 @@ def test_job_with_row_settings_dedups_nothing_and_resumes_only_identical(tmp_pat
     assert "already complete" in run_gpt2job(cmd, check=0).stderr
     with h5py.File(inp, "a") as f:
         f["max_new_tokens"][0] = 2
-    assert_one_clear_line(run_gpt2job(cmd), "row_settings", "--overwrite")
+    assert_one_clear_line(run_gpt2job(cmd), "(the values of the input's per-row settings (max_new_tokens) are not "
+                                            "those it was started with)", "--overwrite")   # (a fingerprint before)
     run_gpt2job(cmd + ["--overwrite"], check=0)
     assert len(read_output(out)["tokens"][0]) == 2
     # the same input without per-row datasets: the key has no row_settings (outputs made before them resume)

@@ -85,7 +85,7 @@ def test_a_rerun_resumes_and_a_changed_file_is_refused(tmp_path, vocab_dir):
     # a changed text file: refused as a changed input; the output and its own conversion are kept as they were
     src.write_text(TEXT.replace("Hello, world", "Goodbye, world"), encoding="utf-8")
     assert_one_clear_line(run_gpt2job(args(src, out, vocab_dir)), str(out), "different model, input or settings",
-                          "input_fingerprint")
+                          "(the input holds other prompts than it was started with)")   # (two sha256 digests before)
     assert conversions(out) == [conv] and os.path.exists(str(out) + ".journal")
     # the same file again: the same conversion, resumed, equal to a clean run
     src.write_text(TEXT, encoding="utf-8")

@@ -56,6 +56,17 @@ BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s
 def _difference(name, was, now):
     """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64; a setting
     one of them does not record has its default)."""
+    said = {"input_fingerprint": "the input holds other prompts than it was started with",
+            "model_fingerprint": "the model's weights are not those it was started with"}
+    if name in said:   # (two sha256 digests said nothing a reader could act on)
+        return said[name]
+    if name == "row_settings" and isinstance(was, dict) and isinstance(now, dict):
+        if was.get("datasets") != now.get("datasets"):
+            return f"per-row settings datasets: was {was.get('datasets')}, now {now.get('datasets')}"
+        return (f"the values of the input's per-row settings ({', '.join(map(str, now.get('datasets') or []))}) are "
+                "not those it was started with")
+    if name == "row_settings":
+        return "per-row settings: " + ("the input has none now" if was else "the input has them now")
     if name != "settings" or not isinstance(was, dict) or not isinstance(now, dict):
         return f"{name}: was {was!r}, now {now!r}"
     if bool(was.get("score")) != bool(now.get("score")):
