@@ -265,7 +265,7 @@ def build_parser():
                                     "completion_tokens, finish_reason, text_exact, and every other per-row dataset "
                                     "such as log-probabilities) to a .jsonl file.")
     ex.add_argument("output", help="output HDF5 written by gpt2job run")
-    ex.add_argument("jsonl", help="JSON lines file to write")
+    ex.add_argument("jsonl", help="JSON lines file to write (- for standard output)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing JSON lines file")
 
     bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "

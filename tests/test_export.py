@@ -25,6 +25,20 @@ def test_export_token_prompts(tmp_path):
     p = run_gpt2job(["export", out, js])
     assert p.returncode == 2 and "--overwrite" in p.stderr
     assert run_gpt2job(["export", out, js, "--overwrite"]).returncode == 0
+    p = run_gpt2job(["export", out, "-"], check=0)   # standard output (it wrote a file named '-')
+    assert [json.loads(x) for x in p.stdout.splitlines()] == got and "to standard output" in p.stderr
+    assert not (tmp_path / "-").exists()
+
+
+def test_show_past_the_last_row_and_on_a_folder_say_so(tmp_path):
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "3"], check=0)
+    p = run_gpt2job(["show", out, "--start", "100"], check=0)
+    assert "(--start 100 is past the last row, 1: no row shown)" in p.stdout, p.stdout
+    p = run_gpt2job(["show", tmp_path])
+    assert p.returncode == 2 and p.stderr.strip() == f"gpt2job: error: {tmp_path}: file: is a folder (fix: give an " \
+        "output file written by gpt2job run)", p.stderr
 
 
 def test_export_text_prompts_and_unfinished_rows(tmp_path, vocab_dir):

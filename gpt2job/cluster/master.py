@@ -129,7 +129,7 @@ class Master(Ending):
                                  stops=stops_header(s, cfg.eos_token_id, self.rows))
         self.took("open_output")
         if self.store.resumed_rows:
-            self.log(f"resuming {s.output}: {self.store.resumed_rows} of {self.n_rows} rows already done")
+            self.log(f"resuming {s.output}: {self.store.resumed_rows:,} of {self.n_rows:,} rows already done")
         bad = np.flatnonzero(self.invalid & ~self.store.done)
         if len(bad):
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),

@@ -15,6 +15,7 @@ prompt it shows). Outputs of either layout (--layout vlen or flat) export the sa
 in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
 place, so a failed export leaves no half file."""
 import hashlib
+import contextlib
 import json
 import os
 import sys
@@ -141,8 +142,10 @@ def _never_the_input(jsonl_path, out_path, inp):
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
-    check_output_path(jsonl_path, "export", "out.jsonl", hdf5=False)
-    if os.path.exists(jsonl_path):
+    to_stdout = jsonl_path == "-"   # `export OUT - | jq ...`
+    if not to_stdout:
+        check_output_path(jsonl_path, "export", "out.jsonl", hdf5=False)
+    if not to_stdout and os.path.exists(jsonl_path):
         if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",
                             "choose another file name, e.g. out.jsonl")
@@ -162,7 +165,8 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         topk = int(top.attrs.get("top_logprobs_k", 1)) if top is not None else 0
         inp = f.attrs.get("input")
         inp = None if inp is None else _where_now(out_path, _text(inp))
-        _never_the_input(jsonl_path, out_path, inp)
+        if not to_stdout:
+            _never_the_input(jsonl_path, out_path, inp)
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
         if pds is not None and not scored and not _same_prompts(f, _text(inp), pkey, pds):
@@ -178,7 +182,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         tmp = jsonl_path + ".tmp"
         written = 0
         try:
-            with open(tmp, "w", encoding="utf-8") as out:
+            with contextlib.nullcontext(sys.stdout) if to_stdout else open(tmp, "w", encoding="utf-8") as out:
                 if scored:
                     written = score_output.export_rows(f, lambda r: out.write(json.dumps(r) + "\n"))
                 for a in range(0, 0 if scored else n, BLOCK):
@@ -228,8 +232,10 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                         out.write(json.dumps(rec, ensure_ascii=False) + "\n")
                         written += 1
                 out.flush()
-                os.fsync(out.fileno())
-            os.replace(tmp, jsonl_path)
+                if not to_stdout:
+                    os.fsync(out.fileno())
+            if not to_stdout:
+                os.replace(tmp, jsonl_path)
         except OSError as e:
             if os.path.exists(tmp):
                 os.remove(tmp)
@@ -241,6 +247,6 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
     missing = n - written
     todo = f", {pending:,} of them complete in its journal: run the same command again to add them and finish the " \
         "rest" if pending else ": run the job again to finish them"
-    stream.write(f"gpt2job: exported {plural(written, 'row')} to {jsonl_path}"
+    stream.write(f"gpt2job: exported {plural(written, 'row')} to {'standard output' if to_stdout else jsonl_path}"
                  + (f" ({plural(missing, 'row')} not done{todo})" if missing else "") + "\n")
     return 0

@@ -28,6 +28,8 @@ def check_output_path(output, field="output", example="prompts.h5", hdf5=True):
 def open_readable(path, field, fix):
     """h5py.File(path, "r"), or a UserError naming the file, the field and the fix."""
     import h5py
+    if os.path.isdir(path):   # (HDF5 said "file read failed: time = ...")
+        raise UserError("is a folder", path, field, fix)
     try:
         return h5py.File(path, "r")
     except FileNotFoundError:

@@ -29,6 +29,8 @@ def show(path, start=0, limit=10):
             print(f"  generated {sm.get('generated_tokens')} tokens"
                   + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
         stop = min(n, start + limit)
+        if start >= n and n:   # (only the header was printed)
+            print(f"  (--start {start} is past the last row, {n - 1}: no row shown)")
         has_text = h5flat.has(f, "completions")
         stop_reason = f["stop_reason"] if "stop_reason" in f else None
         cols = {k: h5flat.rows(f, k, start, stop) for k in ("completion_tokens", "completions", "completion_logprobs",
