@@ -152,7 +152,8 @@ def test_too_short_rows_are_refused_or_skipped(tmp_path):
 
 def test_mpirun_equals_one_process(workload, tmp_path):
     inp, _, clean = workload
-    run_gpt2job(score_job(inp, tmp_path / "mpi.h5", "--chunk-size", 2), np_=3, check=0)
+    p = run_gpt2job(score_job(inp, tmp_path / "mpi.h5", "--chunk-size", 2), np_=3, check=0)
+    assert " to score (" in p.stderr and "new each" not in p.stderr, p.stderr   # ('up to 1 new each' before)
     a, b = read_score(clean), read_score(tmp_path / "mpi.h5")
     # the same rows; values to float32 rounding (BLAS under mpirun may split a product over other threads)
     assert [x.tolist() for x in a["tokens"]] == [x.tolist() for x in b["tokens"]] and a["n"].tolist() == b["n"].tolist()

@@ -154,8 +154,9 @@ class Master(Ending):
         new = f"{s.max_new_tokens} new each" if self.rows is None else \
             f"{int(self.rows.max_new_tokens[todo // N].sum()):,} new in all; {self.rows.describe()}" + \
             ("; no dedup" if s.dedup and s.temperature <= 0 else "")
-        self.log(f"starting: {plural(len(todo), 'prompt')} to compute ({plural(todo_tokens, 'prompt token')}, up to "
-                 f"{new}) of {self.n_rows} in {s.input}{f' ({N} samples of each prompt)' if N > 1 else ''}; "
+        new = "" if s.score else f", up to {new}"   # (score: 'up to 1 new each' said of no new token)
+        self.log(f"starting: {plural(len(todo), 'prompt')} to {'score' if s.score else 'compute'} "
+                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows} in {s.input}{f' ({N} samples of each prompt)' if N > 1 else ''}; "
                  f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
                  f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
