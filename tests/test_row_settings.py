@@ -370,3 +370,19 @@ def test_a_row_without_a_value_draws_exactly_as_the_job_wide_flag(tmp_path):
     for step in range(4):
         job = select_tokens(lg, ids, step, s.generation(50256).sampling)
         np.testing.assert_array_equal(select_rows(lg, ids, step, rs), job)
+
+
+def test_a_max_new_tokens_flag_no_row_takes_is_not_checked(tmp_path):
+    """Every row has its own max_new_tokens: the flag's value leaves no room for a prompt, but no row takes it (it
+    was refused before the input was read); a row without its own value still is."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    with h5py.File(inp, "a") as f:
+        f["max_new_tokens"] = np.array([2, 3], np.int32)
+    cmd = ["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "100000", "--ignore-eos"]
+    run_gpt2job(cmd, check=0)
+    assert [len(t) for t in read_output(out)["tokens"]] == [2, 3]
+    with h5py.File(inp, "a") as f:
+        f["max_new_tokens"][1] = -1   # this row takes the flag
+    p = run_gpt2job(cmd + ["--overwrite"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "row 1" in p.stderr, p.stderr

@@ -75,9 +75,6 @@ class Master(Ending):
         s = self.s
         cfg = load_config(s.model)
         self.cfg = cfg
-        if max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:
-            raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
-                            "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
         vocab_dir = vocab_dir_from(s.vocab_dir)
@@ -91,6 +88,10 @@ class Master(Ending):
             self.prompts = read_prompts(s.input, tokenizer, cfg.vocab_size)   # uint16 ids when they fit
             self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
+            if (self.rows is None or "max_new_tokens" not in self.rows.given) and \
+                    max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (a row without its own value: validate)
+                raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
+                                "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
