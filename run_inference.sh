@@ -62,8 +62,17 @@ filter_done() {   # the filter has passed every line on (bash before 4.4 cannot 
     local i=0
     while kill -0 "$filter" 2>/dev/null && [ "$i" -lt 50 ]; do sleep 0.1; i=$((i + 1)); done
 }
-again="run the same command again to resume"   # (--overwrite again would set the completed rows aside)
-for arg in "$@"; do [ "$arg" = --overwrite ] && again="run the same command without --overwrite to resume"; done
+overwrite=0
+for arg in "$@"; do if [ "$arg" = --overwrite ]; then overwrite=1; fi; done
+out_arg="${2:-}"
+# what to rerun: --overwrite again would set this run's rows aside; where it kept none (it put back what it had set
+# aside) the same command is right
+again() {
+    if [ "$overwrite" = 0 ]; then echo "run the same command again to resume"
+    elif [ -e "$out_arg.replaced" ] || [ -e "$out_arg.journal" ]; then
+        echo "run the same command without --overwrite to resume"
+    else echo "run the same command again"; fi
+}
 stop() {   # SIGNAL CODE
     set +e
     trap '' INT TERM HUP
@@ -77,7 +86,7 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    echo "run_inference.sh: $what; completed rows are kept: $again" >&2 2>/dev/null
+    echo "run_inference.sh: $what; completed rows are kept: $(again)" >&2 2>/dev/null
     exit "$2"
 }
 
@@ -118,19 +127,22 @@ fi
 me="$(hostname)"; me_short="$(hostname -s 2>/dev/null || echo "$me")"
 remote_hosts=""
 if [ -f "$hostfile" ]; then
-    remote_hosts="$(grep -v '^[[:space:]]*#' "$hostfile" | awk 'NF {print $1}' \
+    remote_hosts="$(grep -v '^[[:space:]]*#' "$hostfile" | awk 'NF {sub(/:[0-9]+$/, "", $1); print $1}' \
         | grep -v -x -e localhost -e 127.0.0.1 -e "$me" -e "$me_short" || true)"
 fi
 
 if [ -n "$remote_hosts" ]; then
-    no_slots="$(grep -v -e '^[[:space:]]*#' -e '[[:space:]]slots=[0-9]' "$hostfile" | awk 'NF {print $1; exit}' \
-        || true)"
-    if [ -z "${NP:-}" ] && [ -n "$no_slots" ]; then   # (mpirun's own default for it differs by MPI and version)
-        echo "run_inference.sh: error: $hostfile: host $no_slots has no slots=N, so the ranks cannot be counted" \
-            "(fix: write '$no_slots slots=N', N its GPUs, plus 1 on the master's node; or set NP)" >&2
+    # each host's ranks: Open MPI's "HOST slots=N" or MPICH's "HOST:N"; a host with neither is refused (mpirun's own
+    # default for it differs by MPI and version)
+    no_slots="$(grep -v -e '^[[:space:]]*#' -e '[[:space:]]slots=[0-9]' -e '^[[:space:]]*[^[:space:]]*:[0-9]' \
+        "$hostfile" | awk 'NF {print $1; exit}' || true)"
+    if [ -z "${NP:-}" ] && [ -n "$no_slots" ]; then
+        echo "run_inference.sh: error: $hostfile: host $no_slots has no count of ranks, so they cannot be counted" \
+            "(fix: set NP, or write '$no_slots slots=N' (Open MPI; N its GPUs, plus 1 on the master's node))" >&2
         exit 2
     fi
-    slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n 's/.*[[:space:]]slots=\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
+    slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n -e 's/.*[[:space:]]slots=\([0-9]*\).*/\1/p' \
+        -e 's/^[[:space:]]*[^[:space:]]*:\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2
     launch -np "$np" --hostfile "$hostfile" --bind-to none "$here/run_inference.sh" "$@"

@@ -10,6 +10,8 @@ import time
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
+from gpt2job.files.journal import JOURNAL_SUFFIX
+from gpt2job.files.outpaths import REPLACED_SUFFIX
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
@@ -370,6 +372,7 @@ RANK_ERROR_GRACE_S = 3.0
 
 def main(argv=None):
     rank = world_rank()
+    a = None
     try:
         unknown = envs.check_environment()
         if unknown and rank in (None, 0):
@@ -389,8 +392,11 @@ def main(argv=None):
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:
-        again = rerun("--overwrite" in (argv or sys.argv))
-        sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {again}\n")
+        if a is None or a.command not in ("run", "score"):
+            sys.stderr.write("gpt2job: interrupted\n")
+        else:   # an --overwrite run that kept nothing has put back what it set aside: the same command is right
+            kept = not a.overwrite or any(os.path.exists(a.output + x) for x in (REPLACED_SUFFIX, JOURNAL_SUFFIX))
+            sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {rerun(a.overwrite, kept)}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

@@ -44,10 +44,12 @@ class AlreadyComplete(Exception):
 
 
 def rerun(overwrite, resume=True):
-    """What to run after a job ended early: the same command, less --overwrite where it had it (run again, that
-    flag would set the completed rows aside and start over)."""
-    return ("run the same command without --overwrite" if overwrite else "run the same command again") + \
-        (" to resume" if resume else "")
+    """What to run after a job ended early: the same command; less --overwrite where it had it and its rows are kept
+    (run again, that flag would set them aside and start over). resume False: this run kept nothing (an --overwrite
+    run then put back what it had set aside), so the same command is right."""
+    if not resume:
+        return "run the same command again"
+    return ("run the same command without --overwrite" if overwrite else "run the same command again") + " to resume"
 
 
 def plural(n, word, words=None):

@@ -90,6 +90,13 @@ def test_a_failed_overwrite_run_says_to_resume_without_overwrite(tmp_path, inp_a
     res = read_output(out)
     assert [t.tolist() for t in res["tokens"]] == clean
     assert json.loads(res["attrs"]["summary"])["rows_resumed"] == kept > 0
+    # an --overwrite run that completes nothing puts the finished output back: the same command is the right one
+    # (a first form of the line said "without --overwrite", which then resumed nothing or was refused)
+    before = out.read_bytes()
+    p = run_gpt2job(args(inp, out, "--overwrite"), np_=3, env=job_env(GPT2JOB_FAULT="1:1:raise,2:1:raise"))
+    line = [x for x in p.stderr.splitlines() if x.startswith("gpt2job: error:")]
+    assert len(line) == 1 and line[0].endswith("no row was completed; run the same command again"), p.stderr
+    assert out.read_bytes() == before
 
 
 @pytest.mark.parametrize("invalid", [False, True])

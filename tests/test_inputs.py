@@ -236,7 +236,7 @@ def test_a_journal_of_other_settings_never_replaces_a_finished_output(tmp_path, 
     for flags in (["--ignore-eos"], []):   # the journal's settings, then the output's own
         p = run_gpt2job(base + flags)
         assert_one_clear_line(p, "out.h5: output: is a finished output of other settings than the journal beside it",
-                              "--ignore-eos: was False, now True", "move ", "out.h5.journal away to keep")
+                              "--ignore-eos: the output False, the journal True", "move ", "out.h5.journal away to keep")
         assert out.read_bytes() == finished
     (tmp_path / "out.h5.journal").rename(tmp_path / "elsewhere.journal")
     p = run_gpt2job(base, check=0)
@@ -273,6 +273,14 @@ def test_export_and_prompts_never_replace_an_hdf5_output(tmp_path):
     notes.write_text("my notes\n")
     assert_one_clear_line(run_gpt2job(["prompts", txt, notes, "--overwrite"]), "is not an HDF5 prompts file")
     assert notes.read_text() == "my notes\n"
+    data = tmp_path / "data.h5"   # an HDF5 file of other data: not a prompts file either
+    with h5py.File(data, "w") as f:
+        f["measurements"] = np.arange(3)
+    assert_one_clear_line(run_gpt2job(["prompts", txt, data, "--overwrite"]), "is not an HDF5 prompts file")
+    with h5py.File(data, "r") as f:
+        assert f["measurements"][()].tolist() == [0, 1, 2]
+    assert run_gpt2job(["prompts", txt, tmp_path / "p.h5"]).returncode == 0   # a prompts file is replaced
+    assert run_gpt2job(["prompts", txt, tmp_path / "p.h5", "--overwrite"]).returncode == 0
     blank = tmp_path / "blank.txt"   # `prompts` wrote 0 prompts where `run` refuses the file
     blank.write_text("\n  \n")
     assert_one_clear_line(run_gpt2job(["prompts", blank, tmp_path / "b.h5"]), "holds no prompt")
@@ -295,6 +303,10 @@ def test_export_never_replaces_the_job_s_own_text_input_and_finds_a_moved_conver
     p = run_gpt2job(["export", moved / "out.h5", tmp_path / "o.jsonl"], check=0)
     assert "without the prompts" not in p.stderr, p.stderr
     assert '"prompt": "1 2 3"' in (tmp_path / "o.jsonl").read_text()
+    src.rename(moved / "src.txt")   # the source moved with them is the job's input still
+    p = run_gpt2job(["export", moved / "out.h5", moved / "src.txt", "--overwrite"])
+    assert_one_clear_line(p, "is the input of", "export never replaces")
+    assert (moved / "src.txt").read_text() == "1 2 3\n4 5\n"
 
 
 def test_environment_variables_are_checked_when_a_command_starts(tmp_path):

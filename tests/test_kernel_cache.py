@@ -258,4 +258,15 @@ def test_build_kernels_without_nvcc_or_for_an_arch_nvcc_lacks_is_one_line(tmp_pa
     finally:
         kcache.nvcc_version.cache_clear()
     err = capsys.readouterr().err
-    assert len(err.splitlines()) == 1 and "nvcc not found" in err and "module load cuda" in err, err
+    assert err == "gpt2job: error: nvcc: not found on PATH (the CUDA kernels are compiled by nvcc, CUDA 12+) (fix: " \
+        "put the CUDA toolkit's bin folder on PATH, e.g. module load cuda)\n", err
+    (tmp_path / "nvcc").write_text("#!/bin/sh\necho 'line one error' >&2\necho 'line two' >&2\nexit 1\n")
+    (tmp_path / "nvcc").chmod(0o755)   # an nvcc that does not run: its first line, in the one line
+    kcache.nvcc_version.cache_clear()
+    try:
+        assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
+    finally:
+        kcache.nvcc_version.cache_clear()
+    err = capsys.readouterr().err
+    assert err == "gpt2job: error: nvcc: `nvcc --version` failed (line one error) (fix: put the CUDA toolkit's bin " \
+        "folder on PATH, e.g. module load cuda)\n", err

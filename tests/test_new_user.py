@@ -184,11 +184,15 @@ def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and err.splitlines() == [
-        f"run_inference.sh: error: {hosts}: host node02 has no slots=N, so the ranks cannot be counted (fix: write "
-        "'node02 slots=N', N its GPUs, plus 1 on the master's node; or set NP)"], err
+        f"run_inference.sh: error: {hosts}: host node02 has no count of ranks, so they cannot be counted (fix: set NP, "
+        "or write 'node02 slots=N' (Open MPI; N its GPUs, plus 1 on the master's node))"], err
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts), "NP": "6"})
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.startswith(f"mpirun -np 6 --hostfile {hosts} "), out + err
+    hosts.write_text("node01:4\nnode02:3\n")   # MPICH's form: counted too (refused by the first form of the check)
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith(f"mpirun -np 7 --hostfile {hosts} "), out + err
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(tmp_path / "none")})
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and err.startswith(f"run_inference.sh: error: HOSTFILE={tmp_path / 'none'}: no such"), err

@@ -275,6 +275,16 @@ def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, fra
     assert files(tmp_path) == ["p.jsonl"]
 
 
+def test_a_jsonl_field_that_only_resembles_a_setting_is_warned_of_once(tmp_path):
+    """'step' (a user's own field, perhaps) resembles 'stop': a warning, once; the file is converted (refusing it, as
+    a first form of the check did, broke files that worked)."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "a", "step": 3, "id": 1}\n{"prompt": "b", "step": 4, "id": 2}\n')
+    p = run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    assert p.stderr.count("warning") == 1 and "field 'step' is not a gpt2job field and is ignored (a setting is " \
+        "named 'stop')" in p.stderr, p.stderr
+
+
 def test_validate_takes_a_jsonl_file_as_run_does(tmp_path):
     src = tmp_path / "p.jsonl"
     src.write_text('{"tokens": [1, 2, 3], "max_new_tokens": 200}\n[4, 5]\n')   # the tiny model: 128 positions

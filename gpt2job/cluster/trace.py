@@ -4,6 +4,7 @@ import sys
 import time
 
 from gpt2job import PROCESS_START, envs
+from gpt2job.cluster.devices import world_rank
 
 TRACE = envs.get("GPT2JOB_TRACE")
 
@@ -21,10 +22,11 @@ LAUNCH_BEFORE_S = 7 * 86400   # a launch time further back than this before the 
 def launch_time():
     """When the job started: run_inference.sh exports GPT2JOB_LAUNCH_TIME; else this process's start. A value that
     cannot be this job's launch (after the process started, or days before: set by hand, or left from another job)
-    is said once and not used (it made time to ready 1.8e9 s, or the wall time negative)."""
+    is not used, and the master says so once (it made time to ready 1.8e9 s, or the wall time negative)."""
     t = envs.get("GPT2JOB_LAUNCH_TIME")
     if t and not PROCESS_START - LAUNCH_BEFORE_S <= t <= PROCESS_START + 60:   # (+60: clocks of other nodes)
-        sys.stderr.write(f"gpt2job: warning: GPT2JOB_LAUNCH_TIME={t:g} is not this job's launch time (a Unix time "
-                         "up to 7 days before it started): times count from this process's start\n")
+        if world_rank() in (None, 0):
+            sys.stderr.write(f"gpt2job: warning: GPT2JOB_LAUNCH_TIME={t:g} is not this job's launch time (a Unix time "
+                             "up to 7 days before it started): times count from each process's start\n")
         t = 0
     return t or PROCESS_START

@@ -131,7 +131,8 @@ def _never_the_input(jsonl_path, out_path, inp):
     mine = [inp]
     try:
         with h5py.File(inp, "r") as fin:
-            mine.append(_text(fin.attrs.get("source", "")))   # a conversion's .txt or .jsonl
+            source = _text(fin.attrs.get("source", ""))   # a conversion's .txt or .jsonl, where it is now
+            mine.append(source and _where_now(out_path, source))
     except (OSError, ValueError):
         pass
     if any(p and os.path.exists(p) and os.path.samefile(p, jsonl_path) for p in mine):
@@ -237,7 +238,9 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
             if not to_stdout:
                 os.replace(tmp, jsonl_path)
         except OSError as e:
-            if os.path.exists(tmp):
+            if to_stdout and isinstance(e, BrokenPipeError):   # `export OUT - | head`: cli ends quietly, as for show
+                raise
+            if not to_stdout and os.path.exists(tmp):
                 os.remove(tmp)
             raise UserError(f"cannot write ({e.strerror or e})", jsonl_path, "export",
                             "check the path, its permissions and the free disk space")

@@ -3,6 +3,7 @@
 (files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
 (NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
 import difflib
+import sys
 
 import numpy as np
 
@@ -11,6 +12,7 @@ from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
 KNOWN = (*ROW_DATASETS, "prompt", "text", "tokens", "prompt_tokens")   # the fields gpt2job reads from a line
+ALIASES = {"max_tokens": "max_new_tokens"}   # vLLM's and OpenAI's name for it
 LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 - 1}   # the datasets' int32 / int64
 
 
@@ -19,17 +21,22 @@ class JsonlRows:
 
     def __init__(self):
         self.values = {}
+        self.warned = set()   # fields named like a setting, said once
 
     def add(self, i, obj, path, n):
-        """The settings fields of line n's object (prompt i), checked. A field named almost like one (temprature,
-        vLLM's max_tokens) is refused: ignored, it ran the row with the flag's value; other fields (an id) are the
-        user's own."""
+        """The settings fields of line n's object (prompt i), checked. Other fields are the user's own (an id), but
+        one that is surely a setting misnamed (temprature, topP, vLLM's max_tokens: ignored, it ran the row with the
+        flag's value) is refused, and one that resembles a setting (step, seeds) is warned of once."""
         for key in obj:
             if key not in KNOWN:
-                near = difflib.get_close_matches(str(key).lower(), ROW_DATASETS, n=1, cutoff=0.75)
-                if near:
-                    raise UserError(f"field {key!r} is not a gpt2job field (did you mean {near[0]!r}?)", path,
-                                    f"line {n}", f"name it {near[0]!r}, or rename it if it is your own data")
+                setting, sure = near_setting(str(key))
+                if sure:
+                    raise UserError(f"field {key!r} is not a gpt2job field (did you mean {setting!r}?)", path,
+                                    f"line {n}", f"name it {setting!r}, or rename it if it is your own data")
+                if setting and key not in self.warned:
+                    self.warned.add(key)
+                    sys.stderr.write(f"gpt2job: warning: {path}: line {n}: field {key!r} is not a gpt2job field and "
+                                     f"is ignored (a setting is named {setting!r})\n")
         for name in ROW_DATASETS:
             if name in obj and obj[name] is not None:
                 self.values.setdefault(name, {})[i] = _value(name, obj[name], path, n)
@@ -74,3 +81,30 @@ def _value(name, v, path, n):
     if not ok:
         raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     return v
+
+
+def _squash(name):
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _edits(a, b):
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+def near_setting(key):
+    """(the per-row setting a field's name stands for, or resembles; whether surely): surely for another spelling
+    (topP, Max-New-Tokens), a known alias (max_tokens) or a long name two edits from one (temprature); resembles
+    by difflib (step ~ stop, seeds ~ seed: perhaps the user's own field)."""
+    if key in ALIASES:
+        return ALIASES[key], True
+    for name in ROW_DATASETS:
+        if _squash(key) == _squash(name) or (len(key) >= 8 and _edits(key.lower(), name) <= 2):
+            return name, True
+    near = difflib.get_close_matches(key.lower(), ROW_DATASETS, n=1, cutoff=0.75)
+    return (near[0] if near else None), False

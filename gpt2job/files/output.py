@@ -53,36 +53,40 @@ PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
 
 
-def _difference(name, was, now):
+def _difference(name, was, now, pair=False):
     """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64; a setting
-    one of them does not record has its default)."""
-    said = {"input_fingerprint": "the input holds other prompts than it was started with",
-            "model_fingerprint": "the model's weights are not those it was started with"}
+    one of them does not record has its default). pair: the keys of an output (was) and the journal beside it
+    (now), said as such."""
+    a, b = ("the output", "the journal") if pair else ("was", "now")
+    said = {"input_fingerprint": ("other prompts", "the input holds other prompts than it was started with"),
+            "model_fingerprint": ("other model weights", "the model's weights are not those it was started with")}
     if name in said:   # (two sha256 digests said nothing a reader could act on)
-        return said[name]
+        return said[name][0 if pair else 1]
     if name == "row_settings" and isinstance(was, dict) and isinstance(now, dict):
         if was.get("datasets") != now.get("datasets"):
-            return f"per-row settings datasets: was {was.get('datasets')}, now {now.get('datasets')}"
+            return f"per-row settings datasets: {a} {was.get('datasets')}, {b} {now.get('datasets')}"
+        if pair:
+            return "other values of the per-row settings"
         return (f"the values of the input's per-row settings ({', '.join(map(str, now.get('datasets') or []))}) are "
                 "not those it was started with")
     if name == "row_settings":
-        return "per-row settings: " + ("the input has none now" if was else "the input has them now")
+        return f"per-row settings: {a} {'with' if was else 'without'}, {b} {'with' if now else 'without'}"
     if name != "settings" or not isinstance(was, dict) or not isinstance(now, dict):
-        return f"{name}: was {was!r}, now {now!r}"
+        return f"{name}: {a} {was!r}, {b} {now!r}"
     if bool(was.get("score")) != bool(now.get("score")):
         made, this = ("score", "run") if was.get("score") else ("run", "score")
-        return f"it is an output of `{made}`, not of `{this}`"
+        return f"{a} is of `{made}`, {b} of `{this}`" if pair else f"it is an output of `{made}`, not of `{this}`"
     fields = JobSettings.__dataclass_fields__
     old, new = ({k: d.get(k, fields[k].default if k in fields else None) for k in set(was) | set(now)}
                 for d in (was, now))
-    return ", ".join(f"--{k.replace('_', '-')}: was {old[k]!r}, now {new[k]!r}"
+    return ", ".join(f"--{k.replace('_', '-')}: {a} {old[k]!r}, {b} {new[k]!r}"
                      for k in sorted(old) if old[k] != new[k])
 
 
-def _differences(was, now):
+def _differences(was, now, pair=False):
     """What differs between two resume keys, as _difference says it (the first four)."""
     names = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-    details = [_difference(k, was.get(k), now.get(k)) for k in names[:4]]
+    details = [_difference(k, was.get(k), now.get(k), pair) for k in names[:4]]
     return ", ".join([d for d in details if d.startswith("it is an output of")] or details)
 
 
@@ -247,8 +251,8 @@ class OutputStore:
         if key is None or key == journal_key:
             return
         raise UserError(f"is {'a finished' if finished else 'an unfinished'} output of other settings than the journal "
-                        f"beside it ({_differences(key, journal_key)}), so neither is resumed or replaced", self.path,
-                        "output", f"move {self.journal_path} away to keep {self.path}, or move {self.path} away to "
+                        f"beside it ({_differences(key, journal_key, pair=True)}), so neither is resumed or replaced",
+                        self.path, "output", f"move {self.journal_path} away to keep {self.path}, or move {self.path} away to "
                                   "resume the journal's run, or pass --overwrite to start over")
 
     def _check_key(self, key, where):

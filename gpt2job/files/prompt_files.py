@@ -174,6 +174,16 @@ def write_atomically(output, fill, attrs):
         raise
 
 
+def _is_prompts_file(path):
+    """An HDF5 file with a prompts dataset (what `prompts` writes, or any gpt2job input)."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            return "prompts" in f or "prompt_tokens" in f
+    except (OSError, ValueError):
+        return False
+
+
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     check_output_path(output)
     if source.endswith(".bin") or tokens_per_row:
@@ -191,8 +201,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
                             "choose another name for the prompts file")
         if not overwrite:
             raise UserError("already exists", output, "output", "choose another name or pass --overwrite")
-        import h5py
-        if not h5py.is_hdf5(output):   # a user's text file: --overwrite replaces prompts files only
+        if not _is_prompts_file(output):   # a user's text or HDF5 data file: --overwrite replaces prompts files only
             raise UserError("is not an HDF5 prompts file: --overwrite replaces only those", output, "output",
                             "choose another name, e.g. prompts.h5")
     if texts is not None and tokenize:

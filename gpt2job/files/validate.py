@@ -41,7 +41,9 @@ def read_expected(path, n_rows):
         raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, "--validate",
                         "give an int32 file of shape [N, new_tokens] with one row per prompt")
     arr = np.fromfile(path, dtype="<i4").reshape(n_rows, -1)
-    if arr.shape[1] % 2 == 0 and arr[:, 0::2].any() and not arr[:, 1::2].any():   # token ids < 2^31: high words 0
+    # token ids < 2^31: an int64 file's high words are 0 (4 columns at least: a 2-wide int32 file of tokens then zeros
+    # is not taken for one)
+    if arr.shape[1] >= 4 and arr.shape[1] % 2 == 0 and arr[:, 0::2].any() and not arr[:, 1::2].any():
         raise UserError("every second int32 is 0: int64 tokens, not int32", path, "--validate",
                         "write the tokens as int32, e.g. numpy: tokens.astype('<i4').tofile(path)")
     return [r.astype(np.int64) for r in arr], None, False

@@ -30,8 +30,10 @@ def build_kernels(arch_flag):
     try:
         kcache.nvcc_version()
     except RuntimeError as e:   # no nvcc on PATH, or one that does not run
-        raise UserError(str(e).split(": put")[0],
-                        fix="put the CUDA toolkit's bin folder on PATH, e.g. module load cuda") from None
+        why = "not found on PATH (the CUDA kernels are compiled by nvcc, CUDA 12+)" if "not found" in str(e) else \
+            f"`nvcc --version` failed ({(str(e).split('failed: ', 1)[-1].splitlines() or ['no output'])[0][:120]})"
+        raise UserError(why, field="nvcc", fix="put the CUDA toolkit's bin folder on PATH, e.g. module load cuda") \
+            from None
     known = nvcc_codes()
     if known and arch.rstrip("a") not in known:
         raise UserError(f"this nvcc cannot compile for {arch}", field="--arch",
