@@ -10,8 +10,7 @@ import time
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
-from gpt2job.files.journal import JOURNAL_SUFFIX
-from gpt2job.files.outpaths import REPLACED_SUFFIX
+from gpt2job.files.outpaths import rows_kept
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
@@ -392,11 +391,9 @@ def main(argv=None):
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:
-        if a is None or a.command not in ("run", "score"):
-            sys.stderr.write("gpt2job: interrupted\n")
-        else:   # an --overwrite run that kept nothing has put back what it set aside: the same command is right
-            kept = not a.overwrite or any(os.path.exists(a.output + x) for x in (REPLACED_SUFFIX, JOURNAL_SUFFIX))
-            sys.stderr.write(f"gpt2job: interrupted; completed rows are kept: {rerun(a.overwrite, kept)}\n")
+        job = a is not None and a.command in ("run", "score")
+        sys.stderr.write("gpt2job: interrupted" + (f"; completed rows are kept: "
+                         f"{rerun(a.overwrite, rows_kept(a.output, a.overwrite))}" if job else "") + "\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

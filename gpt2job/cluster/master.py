@@ -89,7 +89,7 @@ class Master(Ending):
             self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
             if (self.rows is None or "max_new_tokens" not in self.rows.given) and \
-                    max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (a row without its own value: validate)
+                    max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
                 raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
                                 "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
@@ -156,10 +156,11 @@ class Master(Ending):
             f"{int(self.rows.max_new_tokens[todo // N].sum()):,} new in all; {self.rows.describe()}" + \
             ("; no dedup" if s.dedup and s.temperature <= 0 else "")
         new = "" if s.score else f", up to {new}"   # (score: 'up to 1 new each' said of no new token)
+        samples = f" ({N} samples of each prompt)" if N > 1 else ""
+        ranks = plural(len(self.channel.ranks) + 1, "rank") if self.channel.ranks else "one process"
         self.log(f"starting: {plural(len(todo), 'prompt')} to {'score' if s.score else 'compute'} "
-                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows} in {s.input}{f' ({N} samples of each prompt)' if N > 1 else ''}; "
-                 f"{plural(n_workers, 'worker')} ({plural(len(self.channel.ranks) + 1, 'rank') if self.channel.ranks else 'one process'}); "
-                 f"model {s.model}, backend {s.backend}, dtype {s.dtype}")
+                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows} in {s.input}{samples}; "
+                 f"{plural(n_workers, 'worker')} ({ranks}); model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
         """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,

@@ -14,8 +14,8 @@ With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sam
 prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
 in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
 place, so a failed export leaves no half file."""
-import hashlib
 import contextlib
+import hashlib
 import json
 import os
 import sys

@@ -13,6 +13,12 @@ LOCK_SUFFIX = ".lock"
 REPLACED_SUFFIX = ".replaced"
 
 
+def rows_kept(path, overwrite):
+    """Did a run that ended early keep rows of its own at OUT (it leaves its journal, or what it set aside)? Not
+    where an --overwrite run that kept nothing put back what it had set aside: then the same command is right."""
+    return not overwrite or any(os.path.exists(path + x) for x in (REPLACED_SUFFIX, JOURNAL_SUFFIX))
+
+
 def _same_file(fd, path):
     """Is the open file fd still the file at path (not removed or replaced since it was opened)?"""
     try:

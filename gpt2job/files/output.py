@@ -252,8 +252,9 @@ class OutputStore:
             return
         raise UserError(f"is {'a finished' if finished else 'an unfinished'} output of other settings than the journal "
                         f"beside it ({_differences(key, journal_key, pair=True)}), so neither is resumed or replaced",
-                        self.path, "output", f"move {self.journal_path} away to keep {self.path}, or move {self.path} away to "
-                                  "resume the journal's run, or pass --overwrite to start over")
+                        self.path, "output", f"move {self.journal_path} away to keep {self.path}, or move "
+                                             f"{self.path} away to resume the journal's run, or pass --overwrite to "
+                                             "start over")
 
     def _check_key(self, key, where):
         if key is None:
