@@ -43,10 +43,12 @@ class GenerationSettings:
     logprobs: bool = False                 # each generated token's log-probability (Completions.logprobs)
     top_logprobs: int = 0                  # and the K most likely tokens of each step (Completions.top_*)
     score: bool = False                    # `score`: no new tokens; each row's tokens 1..L-1 and their logprobs
+    more_eos_ids: Tuple[int, ...] = ()     # the model config's other end ids (its eos_token_id list)
 
     def stop_ids(self):
-        """The ids that end a row: EOS (unless ignore_eos) and stop_token_ids."""
-        return tuple(sorted(set(self.stop_token_ids) | (set() if self.ignore_eos else {self.eos_token_id})))
+        """The ids that end a row: EOS (unless ignore_eos; every id of the config's list) and stop_token_ids."""
+        eos = set() if self.ignore_eos else {self.eos_token_id, *self.more_eos_ids}
+        return tuple(sorted(set(self.stop_token_ids) | eos))
 
 
 @dataclass(frozen=True)
@@ -83,9 +85,10 @@ class JobSettings:
     prepend_eos: bool = False        # score --prepend-eos: <|endoftext|> before each row (its first token is scored)
     layout: str = "vlen"             # --layout: the output's variable-length columns (files/h5flat.py: "flat")
 
-    def generation(self, eos_token_id):
+    def generation(self, eos_token_id, more_eos_ids=()):
         return GenerationSettings(
             max_new_tokens=self.max_new_tokens, ignore_eos=self.ignore_eos, eos_token_id=eos_token_id,
+            more_eos_ids=tuple(more_eos_ids),
             sampling=SamplingSettings(temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                                       seed=self.seed),
             stop_token_ids=tuple(self.stop_token_ids), stop=tuple(self.stop),

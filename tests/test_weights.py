@@ -298,3 +298,31 @@ def test_a_tensor_missing_from_a_sharded_checkpoint_names_the_index(tmp_path):
     with pytest.raises(UserError) as e:
         load_params(str(folder))
     assert str(e.value).startswith(f"{folder / 'model.safetensors.index.json'}: ln_f.weight: tensor missing"), e.value
+
+
+def test_every_id_of_a_config_s_eos_list_ends_a_row(tmp_path):
+    """transformers ends a row at any id of a config's eos_token_id list; only the first ended one here. The list
+    is kept when the model is saved; a config of one id keeps its old form (random models their fingerprint)."""
+    from conftest import read_output, run_gpt2job, write_token_input
+    model = tmp_path / "m"
+    shutil.copytree(TINY_HF, model)
+    cfg = json.loads((model / "config.json").read_text())
+    first = cfg.get("eos_token_id", 50256)
+    cfg["eos_token_id"] = [first, 789]   # 789: the tiny model's first greedy token after [1, 2]
+    (model / "config.json").write_text(json.dumps(cfg))
+    assert load_config(str(model)).more_eos_token_ids == (789,)
+    assert "more_eos_token_ids" not in GPT2Config().to_dict()
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[1, 2], [3, 4]])
+    base = ["run", inp, "--model", model, "--backend", "numpy", "--max-new-tokens", "6"]
+    run_gpt2job([*base[:2], tmp_path / "a.h5", *base[2:], "--ignore-eos"], check=0)
+    full = [t.tolist() for t in read_output(tmp_path / "a.h5")["tokens"]]
+    assert full[0][0] == 789 and 789 not in full[1][:5], full
+    run_gpt2job([*base[:2], tmp_path / "b.h5", *base[2:]], check=0)
+    got = read_output(tmp_path / "b.h5")
+    assert got["tokens"][0].tolist() == [789] and got["finish"][0] == "stop"
+    row1 = full[1][:full[1].index(first) + 1] if first in full[1] else full[1]
+    assert got["tokens"][1].tolist() == row1
+    saved = tmp_path / "saved"
+    save_hf_dir(load_params(str(model)), str(saved))
+    assert json.loads((saved / "config.json").read_text())["eos_token_id"] == [first, 789]

@@ -39,7 +39,8 @@ def build_backend(s: JobSettings, gpu_slot):
     """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs. The synthetic
     backend (tests and benchmarks) needs the model's config only: no weights are read or generated."""
     params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
-    gen = s.generation(getattr(params, "config", params).eos_token_id)
+    cfg = getattr(params, "config", params)
+    gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)
     backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
     if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
         backend.warm_up()

@@ -21,6 +21,7 @@ class GPT2Config:
     scale_attn_by_inverse_layer_idx: bool = False
     eos_token_id: int = EOT_TOKEN
     n_inner: int = 0  # 0 means 4 * n_embd
+    more_eos_token_ids: tuple = ()   # a config's eos_token_id list past its first: each ends a row as EOS does
 
     @property
     def d_head(self):
@@ -31,7 +32,10 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
     def to_dict(self):
-        return asdict(self)
+        d = asdict(self)
+        if not d["more_eos_token_ids"]:   # (as before the field: random models keep their fingerprint)
+            del d["more_eos_token_ids"]
+        return d
 
 
 PRESETS = {
@@ -66,8 +70,9 @@ def config_from_hf_dict(d, path="config.json"):
         return float(value)
 
     eos = get("eos_token_id", default=EOT_TOKEN)
-    if isinstance(eos, list):  # some configs list several stop tokens; GPT-2 has one
-        eos = eos[0] if eos else EOT_TOKEN
+    more = ()
+    if isinstance(eos, list):  # some configs list several end tokens (transformers stops at any); GPT-2 has one
+        eos, more = (eos[0], tuple(integer("eos_token_id", e) for e in eos[1:])) if eos else (EOT_TOKEN, ())
     if boolean("scale_attn_weights", get("scale_attn_weights", default=True)) is not True:
         raise UserError("scale_attn_weights false (attention scores not divided by sqrt(head size)) is not supported",
                         path, "scale_attn_weights", "give a GPT-2 checkpoint (GPT-2 scales them)")
@@ -87,6 +92,7 @@ def config_from_hf_dict(d, path="config.json"):
                                                 get("scale_attn_by_inverse_layer_idx", default=False)),
         eos_token_id=integer("eos_token_id", eos),
         n_inner=integer("n_inner", get("n_inner", default=0) or 0),
+        more_eos_token_ids=more,
     )
     # reorder_and_upcast_attn is the same function up to rounding: attention scores are float32 here anyway
     validate_config(cfg, path)

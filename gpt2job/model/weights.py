@@ -37,7 +37,7 @@ def parse_random_spec(spec):
     if name in PRESETS:
         return PRESETS[name], seed
     fields = {}
-    known = list(GPT2Config.__dataclass_fields__)
+    known = [k for k in GPT2Config.__dataclass_fields__ if k != "more_eos_token_ids"]   # (read from a config's list)
     for item in filter(None, name.split(",")):
         k, eq, v = item.partition("=")
         if not eq:
@@ -386,6 +386,8 @@ def save_hf_dir(params, directory, prefix="transformer."):
     safetensors_io.save(os.path.join(directory, "model.safetensors"), tensors, {"format": "pt"})
     d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **cfg.to_dict()}
     d["bos_token_id"] = cfg.eos_token_id
+    if d.pop("more_eos_token_ids", None):   # written back as the config's list
+        d["eos_token_id"] = [cfg.eos_token_id, *cfg.more_eos_token_ids]
     if not d["n_inner"]:
         d["n_inner"] = None
     with open(os.path.join(directory, "config.json"), "w") as f:
