@@ -252,21 +252,19 @@ def test_build_kernels_without_nvcc_or_for_an_arch_nvcc_lacks_is_one_line(tmp_pa
         err = capsys.readouterr().err
         assert len(err.splitlines()) == 1 and "cannot compile for sm_1000 (fix: give one it knows: sm_80" in err
     monkeypatch.setenv("PATH", str(tmp_path))
-    kcache.nvcc_version.cache_clear()
-    try:
-        assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
-    finally:
+
+    def refused():   # build-kernels with the nvcc on PATH now (its version asked afresh): exit 2, stderr
         kcache.nvcc_version.cache_clear()
-    err = capsys.readouterr().err
+        try:
+            assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
+        finally:
+            kcache.nvcc_version.cache_clear()
+        return capsys.readouterr().err
+    err = refused()
     assert err == "gpt2job: error: nvcc: not found on PATH (the CUDA kernels are compiled by nvcc, CUDA 12+) (fix: " \
         "put the CUDA toolkit's bin folder on PATH, e.g. module load cuda)\n", err
     (tmp_path / "nvcc").write_text("#!/bin/sh\necho 'line one error' >&2\necho 'line two' >&2\nexit 1\n")
     (tmp_path / "nvcc").chmod(0o755)   # an nvcc that does not run: its first line, in the one line
-    kcache.nvcc_version.cache_clear()
-    try:
-        assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 2
-    finally:
-        kcache.nvcc_version.cache_clear()
-    err = capsys.readouterr().err
+    err = refused()
     assert err == "gpt2job: error: nvcc: `nvcc --version` failed (line one error) (fix: put the CUDA toolkit's bin " \
         "folder on PATH, e.g. module load cuda)\n", err

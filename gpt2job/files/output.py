@@ -83,10 +83,14 @@ def _difference(name, was, now, pair=False):
                      for k in sorted(old) if old[k] != new[k])
 
 
+def _differing(was, now):
+    """The names whose values differ between two resume keys, sorted."""
+    return [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
 def _differences(was, now, pair=False):
     """What differs between two resume keys, as _difference says it (the first four)."""
-    names = [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-    details = [_difference(k, was.get(k), now.get(k), pair) for k in names[:4]]
+    details = [_difference(k, was.get(k), now.get(k), pair) for k in _differing(was, now)[:4]]
     return ", ".join([d for d in details if d.startswith("it is an output of")] or details)
 
 
@@ -237,7 +241,7 @@ class OutputStore:
         return True
 
     def _key_diff(self, key):
-        return [k for k in sorted(set(key) | set(self.key)) if key.get(k) != self.key.get(k)]
+        return _differing(key, self.key)
 
     def _journal_has_completed_rows(self):
         return any(_completed_rows(r) for r in JournalReader(self.journal_path).records())
