@@ -207,6 +207,11 @@ def test_backend_job_wide_penalty_and_stop_ids_match_numpy():
         ref = compute(NumpyBackend(params, gs), chunk)
         assert (ref.finish == FINISH_STOP).any()
         assert_same(run_cuda(params, gs, [chunk])[0][0], ref)
+        # a config's eos_token_id list: its other ids end rows as EOS does (GenerationSettings.more_eos_ids)
+        gs = dataclasses.replace(gs, ignore_eos=False, stop_token_ids=(), more_eos_ids=(stop,))
+        ref = compute(NumpyBackend(params, gs), chunk)
+        assert (np.diff(ref.offsets) < 8).any()   # rows ended by it
+        assert_same(run_cuda(params, gs, [chunk])[0][0], ref)
 
 
 def test_backend_stop_strings_match_numpy(vocab_dir):

@@ -138,6 +138,8 @@ def test_greedy_samples_are_identical_and_computed_once(tmp_path):
     p = run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", 5,
                      "--num-samples", 4], check=0)
     assert "identical samples" in p.stderr
+    assert "19 rows of identical greedy samples or repeated prompts: each distinct prompt is computed once" in p.stderr
+    assert "repeat an earlier prompt" not in p.stderr   # (said of samples, it read as a user's repeated prompts)
     res = read_output(out)
     toks = [t.tolist() for t in res["tokens"]]
     assert len(toks) == 24 and all(toks[4 * (r // 4)] == t for r, t in enumerate(toks))

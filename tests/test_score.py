@@ -78,13 +78,16 @@ def workload(tmp_path_factory):
     inp = d / "in.h5"
     write_token_input(inp, rows)
     clean = d / "clean.h5"
-    run_gpt2job(score_job(inp, clean, "--chunk-size", 2), check=0)
-    return inp, rows, clean
+    p = run_gpt2job(score_job(inp, clean, "--chunk-size", 2), check=0)
+    return inp, rows, clean, p
 
 
 def test_job_output_sums_and_counts(workload, params):
-    inp, rows, clean = workload
+    inp, rows, clean, p = workload
     got = read_score(clean)
+    n = sum(len(r) - 1 for r in rows)   # the progress and summary lines say scored, not generated
+    assert f"{n} tokens scored" in p.stderr and f"{n} tokens scored" in p.stdout and "scored tokens/s" in p.stdout
+    assert "generated" not in p.stdout + p.stderr
     assert got["settings"]["score"] is True and got["settings"]["prepend_eos"] is False
     for b, r in enumerate(rows):
         assert got["tokens"][b].tolist() == r[1:].tolist()
@@ -151,7 +154,7 @@ def test_too_short_rows_are_refused_or_skipped(tmp_path):
 
 
 def test_mpirun_equals_one_process(workload, tmp_path):
-    inp, _, clean = workload
+    inp, _, clean, _ = workload
     p = run_gpt2job(score_job(inp, tmp_path / "mpi.h5", "--chunk-size", 2), np_=3, check=0)
     assert " to score (" in p.stderr and "new each" not in p.stderr, p.stderr   # ('up to 1 new each' before)
     a, b = read_score(clean), read_score(tmp_path / "mpi.h5")
@@ -163,7 +166,7 @@ def test_mpirun_equals_one_process(workload, tmp_path):
 
 
 def test_resume_after_a_crash(workload, tmp_path):
-    inp, _, clean = workload
+    inp, _, clean, _ = workload
     out = tmp_path / "out.h5"
     crash_after_a_kept_chunk(score_job(inp, out, "--chunk-size", 2), out, job_env())
     p = run_gpt2job(score_job(inp, out, "--chunk-size", 2), check=0)
@@ -175,7 +178,7 @@ def test_resume_after_a_crash(workload, tmp_path):
 
 
 def test_export(workload, tmp_path):
-    _, rows, clean = workload
+    _, rows, clean, _ = workload
     run_gpt2job(["export", clean, tmp_path / "o.jsonl"], check=0)
     recs = [json.loads(x) for x in open(tmp_path / "o.jsonl")]
     got = read_score(clean)

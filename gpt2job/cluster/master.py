@@ -19,7 +19,7 @@ from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
-from gpt2job.files.dedup import Copies, group_identical
+from gpt2job.files.dedup import Copies, copies_line, group_identical
 from gpt2job.files.prompts import invalid_fix, read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
@@ -57,6 +57,7 @@ class Master(Ending):
         self.received = []         # results received, not yet submitted to the journal: (worker, comp, us, t_recv)
         self.in_commit = []        # ... submitted, not yet durable
         self.n_copies = 0
+        self.verb = "scored" if s.score else "generated"   # what the progress and summary lines call the tokens
         self.prepare_s, self.phase_start = {}, time.perf_counter()   # where the time to ready goes, on the master
 
     def took(self, phase):
@@ -142,14 +143,13 @@ class Master(Ending):
             todo, self.copies = group_identical(self.prompts, todo, N)
             self.n_copies = len(self.copies)
             if self.n_copies:
-                self.log(f"{plural(self.n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is "
-                         "computed once (greedy); --no-dedup computes every one")
+                self.log(copies_line(self.n_copies, N))
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens,
                                num_samples=N, position_cost=0.0 if s.score else position_cost(s.dtype, cfg.n_embd))
         self.took("schedule")
-        self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval)
+        self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval, verb=self.verb)
         n_workers = len(self.channel.ranks) or 1
         todo_tokens = int(self.prompts.lengths[todo // N].sum()) if len(todo) else 0
         new = f"{s.max_new_tokens} new each" if self.rows is None else \
@@ -390,7 +390,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             sm = m.summary()
             m.store.finish(sm)
             m.shutdown_workers()
-            print_summary(sm)
+            print_summary(sm, verb=m.verb)
         code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:

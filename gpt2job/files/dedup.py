@@ -9,6 +9,7 @@ import dataclasses
 import numpy as np
 
 from gpt2job.chunks import Completions, take_ragged
+from gpt2job.errors import plural
 
 KEY_ROWS = 1 << 18      # rows keyed at once (bounded temporaries)
 
@@ -124,6 +125,15 @@ def _every_prompt(rows, n_prompts):
         return False
     return all((rows[a:a + KEY_ROWS] == np.arange(a, min(len(rows), a + KEY_ROWS))).all()
                for a in range(0, len(rows), KEY_ROWS))
+
+
+def copies_line(n_copies, num_samples=1):
+    """The master's line for rows that group_identical found to be copies."""
+    if num_samples > 1:   # the N greedy samples of a prompt are copies of one another, as are repeated prompts
+        return (f"{plural(n_copies, 'row')} of identical greedy samples or repeated prompts: each distinct prompt "
+                f"is computed once; --no-dedup computes every one")
+    return (f"{plural(n_copies, 'prompt repeats', 'prompts repeat')} an earlier prompt: each is computed once "
+            "(greedy); --no-dedup computes every one")
 
 
 def group_identical(prompts, rows, num_samples=1):

@@ -32,8 +32,9 @@ class Progress:
     Lines are printed at most every `interval` seconds (0.2 s on a terminal, as a bar); close() prints the last one,
     always."""
 
-    def __init__(self, total, already=0, interval=10.0, stream=None):
+    def __init__(self, total, already=0, interval=10.0, stream=None, verb="generated"):
         self.total = total
+        self.verb = verb           # "scored" for `score` (its tokens are the input's)
         self.done = already
         self.already = already
         self.tokens = 0            # tokens of the results counted
@@ -93,7 +94,7 @@ class Progress:
         gained = f - (self.already / self.total if self.total else 0.0)
         eta = el * (1.0 - f) / gained if gained > 0 else None
         pct = 100.0 * f
-        return pct, (f"{self.done}/{self.total} prompts ({pct:.1f}%), {plural(generated, 'token')} generated, "
+        return pct, (f"{self.done}/{self.total} prompts ({pct:.1f}%), {plural(generated, 'token')} {self.verb}, "
                      f"{generated / el:,.0f} tokens/s, elapsed {fmt_duration(el)}, ETA {fmt_duration(eta)}")
 
     def show(self, now=None):
@@ -118,16 +119,16 @@ class Progress:
             self.stream.flush()
 
 
-def print_summary(sm, out=None):
+def print_summary(sm, out=None, verb="generated"):
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
     dup = sm.get("duplicate_prompts")
     dup = f", {plural(dup, 'duplicate prompt')} computed once" if dup else ""
     out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']} resumed, {sm['rows_invalid']} "
-              f"invalid{dup}), {plural(sm['generated_tokens'], 'token')} generated\n")
+              f"invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
     ready = sm["time_to_ready_s"]
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
-    out.write(f"gpt2job: throughput {tput:,.0f} generated tokens/s (first chunk out -> last result, "
+    out.write(f"gpt2job: throughput {tput:,.0f} {verb} tokens/s (first chunk out -> last result, "
               f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
               f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
     for w in sm["workers"]:
