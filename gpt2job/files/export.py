@@ -24,7 +24,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, prompts, score_output
-from gpt2job.files.h5files import check_output_path, contents, open_readable
+from gpt2job.files.h5files import check_output_path, contents, open_readable, reading
 from gpt2job.files.journal import rows_only_in_journal
 
 BLOCK = 1 << 15
@@ -152,7 +152,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                             "choose another file name, e.g. out.jsonl")
         if not overwrite:
             raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
-    with open_readable(out_path, "file", "give an output file written by gpt2job run") as f:
+    with open_readable(out_path, "file", "give an output file written by gpt2job run") as f, reading(out_path):
         scored = score_output.is_score(f)     # a `score` output (files/score_output.py), finished or not
         if (not h5flat.has(f, "completion_tokens") and not scored) or "done" not in f:
             raise UserError(f"not a gpt2job output (no completion_tokens/done; {contents(f)})", out_path,
@@ -237,11 +237,12 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                     os.fsync(out.fileno())
             if not to_stdout:
                 os.replace(tmp, jsonl_path)
-        except OSError as e:
-            if to_stdout and isinstance(e, BrokenPipeError):   # `export OUT - | head`: cli ends quietly, as for show
-                raise
+        except BaseException as e:
             if not to_stdout and os.path.exists(tmp):
                 os.remove(tmp)
+            # `export OUT - | head`: cli ends quietly, as for show; no errno: HDF5's, reading OUT (`reading`)
+            if not isinstance(e, OSError) or e.errno is None or (to_stdout and isinstance(e, BrokenPipeError)):
+                raise
             raise UserError(f"cannot write ({e.strerror or e})", jsonl_path, "export",
                             "check the path, its permissions and the free disk space")
         finally:

@@ -1,5 +1,6 @@
 """Opening an HDF5 file the user named, with one clear line when it cannot be read; checking a path a command will
 write."""
+import contextlib
 import errno
 import os
 
@@ -50,3 +51,17 @@ def contents(f, limit=8):
     if not names:
         return "it has no dataset"
     return "its datasets: " + ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
+
+
+@contextlib.contextmanager
+def reading(path):
+    """Reads of an open output: where HDF5 itself fails (a damaged file: an OSError without an errno, or a KeyError
+    "Unable to ..."), one line naming the file, not a traceback."""
+    try:
+        yield
+    except (KeyError, OSError) as e:
+        why = first_line(e).strip("'\"")   # (a KeyError's text is quoted)
+        if (e.errno is not None) if isinstance(e, OSError) else not why.startswith("Unable to"):
+            raise
+        raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, "file",
+                        "compute it again: the same run command with --overwrite") from None

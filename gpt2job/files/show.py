@@ -5,12 +5,12 @@ import numpy as np
 
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, score_output
-from gpt2job.files.h5files import contents, open_readable
+from gpt2job.files.h5files import contents, open_readable, reading
 from gpt2job.files.journal import rows_only_in_journal
 
 
 def show(path, start=0, limit=10):
-    with open_readable(path, "file", "give an output file written by gpt2job run") as f:
+    with open_readable(path, "file", "give an output file written by gpt2job run") as f, reading(path):
         if score_output.is_score(f) and "done" in f:     # a `score` output
             return score_output.show_rows(f, path, start, limit, rows_only_in_journal(str(path), f))
         if not h5flat.has(f, "completion_tokens") or "done" not in f:
