@@ -133,6 +133,22 @@ def test_a_failed_start_after_the_conversion_leaves_nothing_and_the_corrected_re
     run_gpt2job(args(src, out, vocab_dir), check=0)
 
 
+def test_a_run_refused_beside_another_run_of_the_same_command_leaves_that_run_its_conversion(tmp_path, vocab_dir):
+    """Two runs of one text file into one output, started at once: both convert it (the same file, written
+    atomically); the second is refused at the output's lock, and removed the conversion the first was reading (its
+    output then named an input that was gone: export lost the prompts). The first run is this test holding the lock."""
+    import fcntl
+    src, out = tmp_path / "p.txt", tmp_path / "out.h5"
+    src.write_text(TEXT)
+    with open(f"{out}.lock", "w") as lock:
+        fcntl.lockf(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        p = run_gpt2job(args(src, out, vocab_dir), env=job_env(GPT2JOB_LOCK_WAIT=0))
+        assert_one_clear_line(p, "another gpt2job run is writing this output")
+        assert len(list(tmp_path.glob("out.h5.prompts-*.h5"))) == 1, files(tmp_path)
+    run_gpt2job(args(src, out, vocab_dir), check=0)
+    assert sorted(files(tmp_path)) == sorted(["p.txt", "out.h5", list(tmp_path.glob("out.h5.prompts-*.h5"))[0].name])
+
+
 def test_a_raw_token_file_and_an_hdf5_file_of_any_name(tmp_path, vocab_dir):
     raw = tmp_path / "input.bin"
     np.arange(32, dtype="<i4").tofile(raw)

@@ -19,6 +19,22 @@ def rows_kept(path, overwrite):
     return not overwrite or any(os.path.exists(path + x) for x in (REPLACED_SUFFIX, JOURNAL_SUFFIX))
 
 
+def being_written(path):
+    """Does a process hold OUT's lock now (a run writing it)? A shared lock tried and let go; call it only where this
+    process holds no lock on OUT (closing any descriptor of the file ends this process's locks on it)."""
+    try:
+        fd = os.open(os.path.abspath(path) + LOCK_SUFFIX, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
 def _same_file(fd, path):
     """Is the open file fd still the file at path (not removed or replaced since it was opened)?"""
     try:

@@ -8,6 +8,7 @@ import numpy as np
 from gpt2job.errors import UserError, errno_of, first_line, plural
 from gpt2job.files.h5files import check_output_path
 from gpt2job.files.jsonl_settings import JsonlRows
+from gpt2job.files.outpaths import being_written
 
 
 def read_int32_file(path, width):
@@ -319,8 +320,8 @@ def tidy_conversions(output, converted, created, ok):
     if ok:
         import glob
         remove_dead_temps(glob.escape(str(output)) + ".prompts-*.h5")
-    if not ok and not created:
-        return
+    if not ok and (not created or being_written(output)):   # (another run of the same command, started at the
+        return                                                # same moment, converted it too and is reading it)
     named = output_input(output) if os.path.exists(output) else None
     for p in conversions_of(output) if ok else [converted]:
         if os.path.abspath(p) != named and (not ok or os.path.abspath(p) != os.path.abspath(converted)):
