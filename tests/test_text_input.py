@@ -277,6 +277,7 @@ def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
     ('{"prompt": "a", "temperature": 1' + "0" * 400 + '}', "line 2: temperature is 1000"),
     ('{"prompt": "a", "seed": 18446744073709551616}', "line 2: seed is 18446744073709551616"),
     ('{"prompt": "a", "stop": [1]}', "line 2: stop must be a string or a list of strings"),
+    ('{"prompt": "a", "stop": ""}', "(not empty, without NUL; for the --stop strings leave the field out or give [])"),
     # a field named almost like a setting ran the row with the flag's value (16 greedy tokens), silently
     ('{"prompt": "a", "temprature": 0.9}', "line 2: field 'temprature' is not a gpt2job field (did you mean "
                                            "'temperature'?) (fix: name it 'temperature'"),
@@ -289,6 +290,14 @@ def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, fra
     src.write_text('{"prompt": "fine"}\n' + line + "\n")
     assert_one_clear_line(run_gpt2job(["prompts", src, tmp_path / "in.h5"]), str(src), frag)
     assert files(tmp_path) == ["p.jsonl"]
+
+
+def test_a_jsonl_empty_stop_list_is_the_flag_s_strings_as_a_missing_field(tmp_path):
+    src = tmp_path / "p.jsonl"
+    src.write_text('{"prompt": "a", "stop": []}\n{"prompt": "b"}\n{"prompt": "c", "stop": "."}\n')
+    run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    with h5py.File(tmp_path / "in.h5", "r") as f:
+        assert [x.decode() for x in f["stop"][()]] == ["", "", "."]   # "": the --stop strings (README)
 
 
 def test_a_jsonl_field_that_only_resembles_a_setting_is_warned_of_once(tmp_path):

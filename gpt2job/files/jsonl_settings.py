@@ -67,8 +67,8 @@ def _value(name, v, path, n):
     if name == STOP:
         stops = [v] if isinstance(v, str) else v
         if not isinstance(stops, list) or not all(isinstance(x, str) and x and "\x00" not in x for x in stops):
-            raise UserError("stop must be a string or a list of strings (not empty, without NUL)", path,
-                            where, FIX)
+            raise UserError("stop must be a string or a list of strings (not empty, without NUL; for the --stop "
+                            "strings leave the field out or give [])", path, where, FIX)
         return tuple(stops)
     integral = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGER and not integral):
