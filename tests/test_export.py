@@ -155,13 +155,15 @@ def test_a_resume_without_the_tokenizer_is_refused_where_rows_have_text(tmp_path
     assert res["done"].all() and all(isinstance(t, str) for t in res["text"]), res["text"]
 
 
-def test_show_and_export_of_a_damaged_output_say_so_in_one_line(tmp_path, capsys):
-    """Bytes of a finished output overwritten at one place after another: show and export either work or say in one
-    line that the file is damaged (HDF5's errors were tracebacks, and export's read errors said "cannot write")."""
+def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_path, capsys):
+    """Bytes of a finished output overwritten at one place after another: show, export and validate (either side)
+    work or say in one line that the file is damaged (HDF5's errors were tracebacks; export's read errors said
+    "cannot write")."""
     import pytest
     from gpt2job.errors import UserError
     from gpt2job.files.export import export
     from gpt2job.files.show import show
+    from gpt2job.files.validate import report_validation
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     write_token_input(inp, [[1 + i % 7, 2, 3 + i % 5, 4] for i in range(300)])
     run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "6"], check=0)
@@ -172,7 +174,8 @@ def test_show_and_export_of_a_damaged_output_say_so_in_one_line(tmp_path, capsys
         bad[at:at + 64] = bytes(b ^ 0x5A for b in bad[at:at + 64])
         dmg = tmp_path / "damaged.h5"
         dmg.write_bytes(bad)
-        for do in (lambda: show(str(dmg), 0, 300), lambda: export(str(dmg), str(tmp_path / "d.jsonl"), True)):
+        for do in (lambda: show(str(dmg), 0, 300), lambda: export(str(dmg), str(tmp_path / "d.jsonl"), True),
+                   lambda: report_validation(str(dmg), str(out), 0.0), lambda: report_validation(str(out), str(dmg), 0)):
             try:
                 do()
             except UserError as e:

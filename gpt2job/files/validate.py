@@ -8,21 +8,21 @@ import numpy as np
 
 from gpt2job.errors import UserError, first_line
 from gpt2job.files import h5flat
-from gpt2job.files.h5files import contents, open_readable
+from gpt2job.files.h5files import contents, open_readable, reading
 
 EXIT_VALIDATION_FAILED = 4
 
 
 def _read_tokens_h5(path):
     fix = "give a gpt2job output file or an int32 answer file"
-    with open_readable(path, "file", fix) as f:
+    with open_readable(path, "file", fix) as f, reading(path):
         if not h5flat.has(f, "completion_tokens") or "done" not in f:
             raise UserError(f"no 'completion_tokens' and 'done' datasets ({contents(f)})", path, "completion_tokens",
                             fix)
         try:
             rows = h5flat.rows(f, "completion_tokens", 0, len(f["done"]))
             return [np.asarray(r).astype(np.int64, casting="safe") for r in rows], f["done"][()] == 1
-        except (KeyError, TypeError, ValueError) as e:   # strings, floats, a scalar: not token ids
+        except (TypeError, ValueError) as e:   # strings, floats, a scalar: not token ids
             raise UserError(f"its completion_tokens are not rows of token ids ({first_line(e)})", path,
                             "completion_tokens", fix)
 
