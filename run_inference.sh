@@ -6,7 +6,7 @@
 # rank's part of the job (rank 0 the master, the others workers).
 # Started by hand: launches mpirun itself, on the hosts of ./hostfile if it names any other than this
 # machine, else on this machine with one worker per GPU (2 workers without a GPU) plus the master.
-# NP=N overrides the number of ranks; PYTHON selects the interpreter (default python3).
+# NP=N overrides the number of ranks (at least 2 with a hostfile); PYTHON selects the interpreter (default python3).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"

@@ -21,13 +21,14 @@ IN forms:
   FILE.txt            one prompt per line (blank lines skipped)
   FILE.jsonl          one JSON value per line: "text", {"prompt": ...}/{"text": ...}, {"tokens": [...]} or [ids]
                       A .txt/.jsonl file is converted first, by the same rules as `python -m gpt2job prompts`,
-                      into OUT.prompts-HASH.h5 next to OUT (HASH: of the file's bytes; the master writes it, the
-                      workers never read IN). The same file again reuses it and resumes OUT; a changed file is
+                      into OUT.prompts-HASH.h5 next to OUT (HASH: of the file's bytes; the master writes it; the
+                      workers get token chunks). The same file again reuses it and resumes OUT; a changed file is
                       refused as a changed input (--overwrite starts over). e.g. a first job in one line:
                         python -m gpt2job run jobs/example_prompts.txt out.h5 --model gpt2
 
 --model forms:
   DIR                 Hugging Face folder: config.json + model.safetensors (or sharded)
+  NAME                gpt2, gpt2-medium, ..., org/name: from the Hugging Face cache (README: --model)
   FILE.bin            the old system's flat float32 parameter file
   random:gpt2[:SEED]  seeded random weights of GPT-2's shapes (or gpt2-medium, -large, -xl)
   random:n_layer=2,n_head=2,n_embd=32[:SEED]
@@ -178,8 +179,8 @@ def build_parser():
     r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
                    help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     r.add_argument("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,
-                   help="prompts per work chunk (0, default: equal chunks, the same number per worker, "
-                        "each at most the backend's preferred size)")
+                   help="prompts per work chunk (0, default: k chunks per worker, at most the backend's preferred "
+                        "size; equal in prompts or, ragged or per-row max_new_tokens, in estimated work)")
     r.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
     r.add_argument("--overwrite", action="store_true", help="replace a finished or different output")
     r.add_argument("--skip-invalid", action="store_true",
@@ -290,13 +291,12 @@ def cmd_run(a):
     _warn_unused_sampling_flags(a)
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
-                    seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size,
-                    num_samples=a.num_samples, layout=a.layout,
+                    seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size, num_samples=a.num_samples,
                     vocab_dir=vocab_dir_from(a.vocab_dir), overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup,
                     stop=tuple(dict.fromkeys(a.stop)), repetition_penalty=a.repetition_penalty,
-                    logprobs=a.logprobs or a.top_logprobs > 0, top_logprobs=a.top_logprobs,
+                    logprobs=a.logprobs or a.top_logprobs > 0, top_logprobs=a.top_logprobs, layout=a.layout,
                     stop_token_ids=tuple(sorted({i for ids in a.stop_token_ids for i in ids})))
     return run_job(s)
 

@@ -65,7 +65,7 @@ class JobSettings:
     seed: int = 0
     backend: str = "auto"
     dtype: str = "float32"
-    chunk_size: int = 0              # 0: equal chunks, k per worker, within the backend's preferred size
+    chunk_size: int = 0              # 0: k chunks per worker, within the backend's preferred size (scheduler.py)
     vocab_dir: Optional[str] = None
     overwrite: bool = False
     skip_invalid: bool = False

@@ -159,7 +159,6 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
     """Bytes of a finished output overwritten at one place after another: show, export and validate (either side)
     work or say in one line that the file is damaged (HDF5's errors were tracebacks; export's read errors said
     "cannot write")."""
-    import pytest
     from gpt2job.errors import UserError
     from gpt2job.files.export import export
     from gpt2job.files.show import show

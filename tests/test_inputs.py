@@ -56,6 +56,7 @@ def test_skip_invalid_runs_the_rest(tmp_path):
     write_token_input(inp, [[1, 2, 3], [], [4, 5], [1000]])
     p = run([inp, out, "--skip-invalid"], np_=2)
     assert p.returncode == 0, p.stderr
+    assert f"{inp}: 2 of 4 prompts are invalid: " in p.stderr and "marked 'invalid' (--skip-invalid)" in p.stderr
     res = read_output(out)
     assert res["finish"][1] == res["finish"][3] == "invalid"
     assert len(res["tokens"][1]) == 0 and len(res["tokens"][0]) == 4

@@ -331,13 +331,17 @@ def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab
     second) and runs a matcher once, so that the first chunk does not; without stop strings it does not load the
     tokenizer at all."""
     from gpt2job.cluster.worker import build_backend
-    from gpt2job.files.row_settings import has_stop_dataset
+    from gpt2job.files.row_settings import may_have_stops
     from gpt2job.model.stops import token_bytes
     plain, stopped, text = tmp_path / "plain.h5", tmp_path / "stop.h5", tmp_path / "p.txt"
     make_input(plain)
     make_input(stopped, stop=np.array(["x"] * N, object))
     text.write_text("a prompt\n")
-    assert (has_stop_dataset(plain), has_stop_dataset(stopped), has_stop_dataset(text)) == (False, True, False)
+    # a JSONL input: a worker's s.input is the user's file (only the master converts it; the HDF5 check of it failed,
+    # so per-row stops from JSONL were prepared inside the first chunk)
+    jsonl = tmp_path / "p.jsonl"
+    jsonl.write_text('{"prompt": "a", "stop": "x"}\n')
+    assert [may_have_stops(p) for p in (plain, stopped, text, jsonl)] == [False, True, False, True]
     token_bytes.cache_clear()
     build_backend(settings(plain, model=SMALL, backend="numpy", vocab_dir=vocab_dir), 0)
     assert token_bytes.cache_info().currsize == 0

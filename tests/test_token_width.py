@@ -55,7 +55,7 @@ def test_an_id_that_does_not_fit_is_reported_not_wrapped(tmp_path, small_blocks,
     assert p.tokens.dtype == np.int32 and p.tokens[6 * 4 + 2] == 65536 + 7 and p.tokens[8 * 4] == -1
     val = validate(p, 128, 1000, 4)
     assert np.flatnonzero(val.invalid).tolist() == [6, 8]
-    assert "outside 0..999 (rows 6, 8)" in val.message("in.h5")
+    assert "outside 0..999 (rows 6, 8)" in val.message()
     big = read_prompts(str(path), None, 50257)       # 65543 >= 50257 too
     assert big.fingerprint() == read_prompts(str(path), None).fingerprint()
 

@@ -8,11 +8,11 @@ waiting), take_reports (the progress reports poll set aside), wait (idle a momen
   * Mux: both at once (a node with more GPUs than worker ranks).
 Worker side (what MpiMasterLink and QueueMasterLink each offer): receive, send_hello, send_result, send_error,
 send_progress, in_flight, finish, wait_for_stop: the two ends of the above.
-Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us), ("error", info),
-("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and progress
-reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
-messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends
-at most one every ~0.5 s, never waiting for it (skipped while MAX_REPORTS_IN_FLIGHT earlier ones are on their way)."""
+Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us, time received), ("error",
+info), ("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and
+progress reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
+messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends at
+most one every ~0.5 s, never waiting for it (skipped while MAX_REPORTS_IN_FLIGHT earlier ones are on their way)."""
 import queue
 import time
 

@@ -3,8 +3,9 @@ demand, writes results as they arrive); ranks 1..N-1 are workers (cluster/worker
 With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py.
 
 A text or JSONL input (`run prompts.txt OUT`) is converted by the master alone, into OUT.prompts-HASH.h5 next to
-the output (files/prompt_files.py convert_for_run), before anything else is made: the workers never read the input
-(they get token chunks over MPI), so it needs no shared folder beyond the output's own."""
+the output (files/prompt_files.py convert_for_run), before anything else is made: the workers get token chunks over
+MPI and never read the conversion, so it needs no shared folder beyond the output's own (a worker opens an HDF5 input
+only to see whether it has per-row stop strings, files/row_settings.py may_have_stops)."""
 import dataclasses
 import os
 import signal

@@ -97,12 +97,12 @@ class Master(Ending):
                            self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
         if val.n_invalid and not s.skip_invalid:
-            raise UserError(val.message(shown), shown, self.prompts.source, invalid_fix(s.score, self.rows))
+            raise UserError(val.message(), shown, self.prompts.source, invalid_fix(s.score, self.rows))
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
         if val.n_invalid:
-            self.log(val.message(shown) + " -- marked 'invalid' (--skip-invalid)")
+            self.log(f"{shown}: {val.message()} -- marked 'invalid' (--skip-invalid)")
         try:
             self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
@@ -260,12 +260,12 @@ class Master(Ending):
 
     def handle(self, w, kind, *data):
         if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)
-            comp, us, *t_recv = data
+            comp, us, t_recv = data
             if self.s.score:   # the worker scored tokens 1..L-1 of each row: keep the scored ones
                 comp = trim(comp, self.score_starts)
             w.outstanding.pop(comp.chunk_id, None)
             w.last_progress = time.monotonic()
-            self.received.append((w, comp, us, t_recv[0] if t_recv else time.time()))
+            self.received.append((w, comp, us, t_recv))
             if TRACE:
                 trace(f"master: chunk {comp.chunk_id} result from rank {w.rank}, received {self.received[-1][3]:.4f}")
             if not w.retired:

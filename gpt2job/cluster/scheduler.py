@@ -1,5 +1,6 @@
-"""The master's work queue: which rows go into the next chunk, which chunks are out with which
-worker, and which must be handed out again after a worker fails or hangs."""
+"""The master's work queue: which rows go into the next chunk, which chunks must be handed out again after a
+worker fails or hangs, and each chunk's deadline (the master keeps which chunks are out with which worker,
+WorkerState.outstanding, and asks hung() about them)."""
 import math
 from collections import deque
 from dataclasses import dataclass, field
@@ -252,7 +253,7 @@ class Scheduler:
     def deadline(self, worker: WorkerState, out: Outstanding):
         """How long the worker may take for this chunk before it is declared hung."""
         spt = worker.seconds_per_token()
-        if spt is None:  # first chunk: includes warm-up, be generous
+        if spt is None:  # no result of this worker's yet: no measured speed, be generous
             return 5 * self.min_deadline
         return max(self.min_deadline, self.deadline_factor * spt * out.new_tokens)
 

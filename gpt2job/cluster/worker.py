@@ -26,7 +26,7 @@ from gpt2job.cluster import faults
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.errors import UserError
-from gpt2job.files.row_settings import has_stop_dataset
+from gpt2job.files.row_settings import may_have_stops
 from gpt2job.model import stops
 from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings
@@ -44,7 +44,7 @@ def build_backend(s: JobSettings, gpu_slot):
     backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
     if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
         backend.warm_up()
-    if s.stop or has_stop_dataset(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
+    if s.stop or may_have_stops(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
         try:
             stops.prepare(s.vocab_dir, getattr(params, "config", params).vocab_size)
         except UserError:   # no tokenizer here: only a chunk whose rows have stop strings needs it (and says so)

@@ -103,7 +103,7 @@ def texts_digest(ds):
     return "sha256:" + h.hexdigest()[:32]
 
 
-def _same_prompts(out, path, key, ds):
+def _same_prompts(out, key, ds):
     """Does the input still hold the prompts the output was made from (the resume key's input_fingerprint, or for
     text the input_text_digest the master recorded)? An output that recorded neither: taken as yes."""
     if key == "prompt_tokens":
@@ -170,7 +170,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
             _never_the_input(jsonl_path, out_path, inp)
         samples = int(f.attrs.get("num_samples", 1))      # --num-samples N: row r answers prompt r // N
         fin, pkey, pds = _input_prompts(_text(inp), n // samples) if inp is not None else (None, None, None)
-        if pds is not None and not scored and not _same_prompts(f, _text(inp), pkey, pds):
+        if pds is not None and not scored and not _same_prompts(f, pkey, pds):
             stream.write(f"gpt2job: the input {_text(inp)} holds other prompts than when {out_path} was made: "
                          "exporting without the prompts\n")
             fin.close()

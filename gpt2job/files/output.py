@@ -4,7 +4,7 @@ a thread of its own) plus the HDF5 file the user reads.
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
 file is written beside the master's loop by a writer (files/writer.py: a thread for small jobs, a process of its own
 for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
-seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a record at a time,
+seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a time,
 while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
 same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced, OUT.journal.replaced)

@@ -322,7 +322,7 @@ class Validation:
     def n_invalid(self):
         return int(self.invalid.sum())
 
-    def message(self, path, limit=10):
+    def message(self, limit=10):
         parts = []
         for reason, idx in self.reasons.items():
             if len(idx):

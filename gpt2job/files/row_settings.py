@@ -111,9 +111,12 @@ def present(f):
     return tuple(n for n in ROW_DATASETS if n in f)
 
 
-def has_stop_dataset(path):
-    """Whether the input at path is an HDF5 file with a `stop` dataset (False when it cannot be read: the master
-    reports that)."""
+def may_have_stops(path):
+    """Whether a worker should prepare the stop strings' table: the input is a JSONL file (its lines may give "stop";
+    the master converts it, a worker does not read it), or an HDF5 file with a `stop` dataset (False when it cannot
+    be read: the master reports that)."""
+    if str(path).lower().endswith((".jsonl", ".ndjson")):
+        return True
     try:
         import h5py
         with h5py.File(path, "r") as f:

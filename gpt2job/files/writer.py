@@ -300,7 +300,7 @@ class WriterThread(threading.Thread):
                         self.cond.wait(max(0.05, due) if dirty else 0.5)
                     items, self.queue, self.busy = self.queue, [], True
                     n, self.queued_rows = self.queued_rows, 0
-                    closing = self.closing if not self.queue else None
+                    closing = self.closing
                 t = time.perf_counter()
                 comps = [c for c in items if not isinstance(c, str)]
                 if comps:

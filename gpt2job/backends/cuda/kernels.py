@@ -14,7 +14,7 @@ import numpy as np
 
 from gpt2job.backends.cuda import cuda_src_dir
 from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
-from gpt2job.backends.cuda.kernels_select import KERNELS, Kernel, SelectKernels, _kernel  # noqa: F401 (re-exported)
+from gpt2job.backends.cuda.kernels_select import KERNELS, SelectKernels, _kernel
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
