@@ -189,6 +189,10 @@ class Journal:
     a time: a group commit whose fsync overlaps the master's other work)."""
 
     def __init__(self, path, header=None, truncate_at=None):
+        """A new journal (header: the resume key), or one reopened to append after its last whole record, truncate_at
+        (its reader's end)."""
+        if (header is None) == (truncate_at is None):   # (truncate(None) would empty a journal that holds rows)
+            raise ValueError("Journal: give a header or truncate_at, not both or neither")
         self.path = path
         self.busy, self.error, self.thread = False, None, None
         try:
