@@ -274,7 +274,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     if ds.ndim != 1 or (h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SUO"):
         raise UserError(f"must be a 1-D dataset of strings (got dtype {ds.dtype}, shape {ds.shape})", path, field,
                         "write prompts as variable-length UTF-8 strings")
-    from gpt2job.model.tokenizer import EOT
+    from gpt2job.model.tokenizer import encode_texts
     enc = None
     lengths, tokens, digest = [], TokenBlocks(vocab_size), hashlib.sha256()
     for a in range(0, ds.shape[0], BLOCK_ROWS):
@@ -296,7 +296,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
                 s = str(s)
             texts.append(s)
         enc = enc or tokenizer_factory()
-        rows = enc.encode_batch(texts, allowed_special={EOT})
+        rows = encode_texts(enc, texts)
         lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
         tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
     prompts = PromptSet.from_pieces(lengths, tokens.result(), "prompts")

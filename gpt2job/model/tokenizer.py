@@ -10,6 +10,14 @@ GPT2_PATTERN = r"""'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|
 EOT = "<|endoftext|>"
 
 
+def encode_texts(enc, texts):
+    """Each text's token ids (<|endoftext|> written out is that token). A plain loop: tiktoken's encode_batch hands
+    every text to a thread pool as its own task, ~6x slower for prompt-sized texts (benchmarks/RESULTS.md, session
+    55: 1M prompts took ~43 s to read)."""
+    allowed = {EOT}
+    return [enc.encode(t, allowed_special=allowed) for t in texts]
+
+
 def vocab_dir_from(flag_value):
     return flag_value or envs.get("GPT2_VOCAB_DIR") or None
 
