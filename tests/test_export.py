@@ -182,5 +182,6 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
                 assert "\n" not in str(e) and (tmp_path / "d.jsonl.tmp").exists() is False
     capsys.readouterr()
     damaged = [s for s in said if "the file is damaged" in s]
-    assert damaged and all(s.startswith(f"{tmp_path / 'damaged.h5'}: file: cannot be read") for s in damaged), said
+    assert damaged and all(s.startswith(f"{tmp_path / 'damaged.h5'}: file: cannot be read") for s in damaged), \
+        [s for s in damaged if not s.startswith(f"{tmp_path / 'damaged.h5'}: file: cannot be read")]
     assert not any("cannot write" in s for s in said), said
