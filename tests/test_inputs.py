@@ -30,8 +30,12 @@ def test_invalid_prompts_are_refused_with_count_and_rows(tmp_path):
     write_token_input(inp, rows)
     assert_one_clear_line(run([inp, out]), str(inp), "prompt_tokens", "5 of 7 prompts are invalid",
                                  "1 empty (row 1)", "longer than 125 tokens", "(row 2)",
-                                 "outside 0..999 (rows 3, 4, 6)", "--skip-invalid")
+                                 "outside 0..999 (rows 3, 4, 6)", "lower --max-new-tokens", "--skip-invalid")
     assert not out.exists()
+    write_token_input(inp, [r for r in rows if len(r) < 100])   # none too long: fewer new tokens would mend none
+    p = run([inp, out])
+    assert_one_clear_line(p, "4 of 6 prompts are invalid", "(fix: fix those prompts, or run with --skip-invalid")
+    assert "max-new-tokens" not in p.stderr
 
 
 def test_the_longest_prompt_that_fits_runs(tmp_path):

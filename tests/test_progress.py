@@ -108,3 +108,17 @@ def test_a_job_under_mpirun_starts_with_its_start_line_reports_within_chunks_and
     within = [x for x in progress if x.startswith("progress: 0/400 prompts") and not re.search(r"\), 0 tokens", x)]
     assert within, f"no report from within a chunk:\n{p.stderr}"
     assert "gpt2job: done. 400 rows" in p.stdout
+
+
+def test_the_summary_line_says_when_the_output_was_finished_where_its_last_writes_took_a_second_or_more():
+    """The summary's wall_s is taken before the output's last rows are written (it is stored in the output): at
+    millions of rows the process ended seconds later than the wall it printed."""
+    import io
+    from gpt2job.files.progress import print_summary
+    sm = {"throughput_tokens_per_s": 1000.0, "rows_total": 4, "rows_resumed": 0, "rows_invalid": 0,
+          "generated_tokens": 8, "time_to_ready_s": 1.0, "generation_s": 0.5, "wall_s": 12.0, "workers": []}
+    for finished, said in ((12.4, "wall 12.00 s\n"), (15.0, "wall 12.00 s (output finished at 15.00 s)\n"),
+                           (None, "wall 12.00 s\n")):
+        out = io.StringIO()
+        print_summary(sm, out, finished_s=finished)
+        assert out.getvalue().splitlines()[1].endswith(said.strip()), out.getvalue()

@@ -4,13 +4,14 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 import uuid
 
 import numpy as np
 import pytest
 
-from conftest import alive, gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
+from conftest import ROOT, alive, gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.files.journal import read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
@@ -100,6 +101,21 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4, sig=signal.SIGKILL):
 
 
 TERM_LINE = "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again to resume"
+
+
+def test_sigterm_before_any_row_is_written_says_so(tmp_path):
+    """SIGTERM while nothing is written yet (a text input's conversion, the start): the line said the rows already
+    written were kept; there were none."""
+    code = ("import os, signal, sys; from gpt2job.cluster.job import say_on_sigterm; say_on_sigterm(sys.argv[1]); "
+            "os.kill(os.getpid(), signal.SIGTERM)")
+    for made, line in ((False, "gpt2job: terminated (SIGTERM) before any row was written: run the same command again"),
+                       (True, TERM_LINE)):
+        out = tmp_path / "out.h5"
+        if made:
+            out.write_bytes(b"")
+        p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60,
+                           env=job_env(), cwd=ROOT)
+        assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], p.stderr
 
 
 @pytest.mark.parametrize("victim,np_,chunk,sig", [("process", None, 1, "KILL"), ("process", None, 4, "KILL"),

@@ -19,6 +19,8 @@ from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mp
 from gpt2job.cluster.master import Master, run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import rerun
+from gpt2job.files.journal import JOURNAL_SUFFIX
+from gpt2job.files.outpaths import REPLACED_SUFFIX
 from gpt2job.files.prompt_files import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -60,7 +62,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
     kept names it (prompt_files.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
     converted = created = None
-    restore = say_on_sigterm(s.overwrite)
+    restore = say_on_sigterm(s.output, s.overwrite)
     ok = False
     try:
         try:
@@ -81,7 +83,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
         restore()
 
 
-def say_on_sigterm(overwrite=False):
+def say_on_sigterm(output, overwrite=False):
     """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line, then the signal
     ends the process as it did before (what a kill leaves: the rows already written stay, the same command resumes).
     Returns what puts the handler before back (from a thread other than the main one nothing is set: Python sets
@@ -92,7 +94,10 @@ def say_on_sigterm(overwrite=False):
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         try:
-            log(f"terminated (SIGTERM); the rows already written are kept: {rerun(overwrite)}")
+            if any(os.path.exists(output + x) for x in ("", JOURNAL_SUFFIX, REPLACED_SUFFIX)):
+                log(f"terminated (SIGTERM); the rows already written are kept: {rerun(overwrite)}")
+            else:   # (while a text input was converted, or the job started)
+                log("terminated (SIGTERM) before any row was written: run the same command again")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

@@ -97,7 +97,7 @@ class Master(Ending):
                            self.rows.max_new_tokens if self.rows else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
         if val.n_invalid and not s.skip_invalid:
-            raise UserError(val.message(), shown, self.prompts.source, invalid_fix(s.score, self.rows))
+            raise UserError(val.message(), shown, self.prompts.source, invalid_fix(s.score, self.rows, val))
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
@@ -158,8 +158,8 @@ class Master(Ending):
         new = "" if s.score else f", up to {new}"   # (score: 'up to 1 new each' said of no new token)
         samples = f" ({N} samples of each prompt)" if N > 1 else ""
         ranks = plural(len(self.channel.ranks) + 1, "rank") if self.channel.ranks else "one process"
-        self.log(f"starting: {plural(len(todo), 'prompt')} to {'score' if s.score else 'compute'} "
-                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows} in {s.input}{samples}; "
+        self.log(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
+                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {s.input}{samples}; "
                  f"{plural(n_workers, 'worker')} ({ranks}); model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
@@ -390,7 +390,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             sm = m.summary()
             m.store.finish(sm)
             m.shutdown_workers()
-            print_summary(sm, verb=m.verb)
+            print_summary(sm, verb=m.verb, finished_s=time.time() - launch_time())
         code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:

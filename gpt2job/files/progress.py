@@ -119,18 +119,22 @@ class Progress:
             self.stream.flush()
 
 
-def print_summary(sm, out=None, verb="generated"):
+def print_summary(sm, out=None, verb="generated", finished_s=None):
+    """The summary's lines. finished_s: launch to the output finished (its last rows written after the summary,
+    whose wall_s is taken before; said where it is later by a second or more)."""
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
     dup = sm.get("duplicate_prompts")
     dup = f", {plural(dup, 'duplicate prompt')} computed once" if dup else ""
-    out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']} resumed, {sm['rows_invalid']} "
-              f"invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
+    out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']:,} resumed, "
+              f"{sm['rows_invalid']:,} invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
     ready = sm["time_to_ready_s"]
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
+    wall = f"wall {sm['wall_s']:.2f} s" + (f" (output finished at {finished_s:.2f} s)" if finished_s is not None
+                                           and finished_s >= sm["wall_s"] + 1 else "")
     out.write(f"gpt2job: throughput {tput:,.0f} {verb} tokens/s (first chunk out -> last result, "
-              f"{sm['generation_s']:.2f} s); {ready}; wall {sm['wall_s']:.2f} s\n" if tput else
-              f"gpt2job: nothing new to generate; wall {sm['wall_s']:.2f} s\n")
+              f"{sm['generation_s']:.2f} s); {ready}; {wall}\n" if tput else
+              f"gpt2job: nothing new to generate; {wall}\n")
     for w in sm["workers"]:
         extra = f", retired: {w['retired']}" if w.get("retired") else \
             ", not ready when the job ended" if w.get("ready") is False else ""

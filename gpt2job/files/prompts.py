@@ -317,6 +317,7 @@ def hash_texts(h, rows):
 class Validation:
     invalid: np.ndarray          # [N] bool
     reasons: dict                # reason -> indices (int64 array)
+    too_long: int = 0            # of them, prompts that leave no room for their new tokens
 
     @property
     def n_invalid(self):
@@ -333,9 +334,10 @@ class Validation:
                 "invalid: " + "; ".join(parts))
 
 
-def invalid_fix(score, rows):
-    """The fix for a job's invalid prompts. rows: the input's per-row settings (None: it has none)."""
-    if score:
+def invalid_fix(score, rows, val):
+    """The fix for a job's invalid prompts (val: their Validation). rows: the input's per-row settings (None: it has
+    none)."""
+    if score or not val.too_long:   # (fewer new tokens mend only prompts too long for them)
         lower = ""
     elif rows is not None and "max_new_tokens" in rows.given:   # the row's own value wins over the flag
         lower = ", lower the input's max_new_tokens (--max-new-tokens for rows without one)"
@@ -373,4 +375,4 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
         long_reason: np.flatnonzero(too_long),
         f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok),
     }
-    return Validation(empty | too_long | bad_tok, reasons)
+    return Validation(empty | too_long | bad_tok, reasons, int(too_long.sum()))

@@ -171,7 +171,7 @@ def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
     if val.n_invalid:
-        raise UserError(val.message(), shown, prompts.source, invalid_fix(False, rows))
+        raise UserError(val.message(), shown, prompts.source, invalid_fix(False, rows, val))
     out.write(f"gpt2job: {shown}: {plural(len(prompts), 'prompt')} ('{prompts.source}')"
               + (f", {rows.describe()}" if rows else "") + f": valid for {model} (n_positions {cfg.n_positions}, "
               f"vocabulary {cfg.vocab_size})\n")
