@@ -26,25 +26,38 @@ def read_int32_file(path, width):
     return np.fromfile(path, dtype="<i4").reshape(-1, width)
 
 
-def read_prompt_file(path):
-    """-> (list of texts or None, list of token lists or None, the per-row settings of a JSONL file's lines)."""
+def file_lines(path):
+    """(line number, line) for each line of a UTF-8 text file, read a line at a time (a file of millions of lines
+    is never held whole): split at "\n" only, a "\r" before it dropped, as JSON lines and text editors do
+    (str.splitlines would also split at U+2028, form feeds and other separators inside a line); a leading byte-order
+    mark, as some editors save, is not text."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        f = open(path, "rb")
     except OSError as e:
         raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
-    try:
-        text = raw.decode("utf-8-sig")   # (a leading byte-order mark, as some editors save, is not text)
-    except UnicodeDecodeError as e:
-        raise UserError(f"not valid UTF-8 (byte {e.start})", path, "source", "save the file as UTF-8")
-    if "\x00" in text:
-        raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
+    with f:
+        at = 0   # bytes before this line
+        for n, raw in enumerate(f, 1):
+            bom = 3 if n == 1 and raw.startswith(b"\xef\xbb\xbf") else 0
+            try:
+                line = raw[bom:].decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(f"not valid UTF-8 (byte {at + bom + e.start})", path, "source", "save the file as UTF-8")
+            if "\x00" in line:
+                raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
+            at += len(raw)
+            line = line[:-1] if line.endswith("\n") else line
+            yield n, line[:-1] if line.endswith("\r") else line
+
+
+def read_prompt_file(path):
+    """-> (list of texts or None, list of token lists or None, the per-row settings of a JSONL file's lines)."""
     rows = JsonlRows()
     if not path.lower().endswith((".jsonl", ".ndjson")):
-        return [line for line in lines_of(text) if line.strip()], None, rows
+        return [line for _, line in file_lines(path) if line.strip()], None, rows
     texts, tokens = [], []
     first = {}   # kind -> the line it first appeared on
-    for n, line in enumerate(lines_of(text), 1):
+    for n, line in file_lines(path):
         if not line.strip():
             continue
         try:
