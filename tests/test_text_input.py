@@ -3,6 +3,7 @@ rules and errors, into OUT.prompts-HASH.h5 next to the output; the same result a
 a changed file is refused as a changed input; a bad file is one line, exit 2, and leaves nothing behind."""
 import json
 import os
+import re
 import subprocess
 
 import h5py
@@ -329,3 +330,18 @@ def test_text_prompts_tokenize_as_tiktoken_s_encode_batch(vocab_dir):
     texts = ["Hello world", "", " spaces  and\ttabs\n", "naïve café ☕", f"a{EOT}b", "1234567890" * 30, "don't"]
     assert encode_texts(enc, texts) == enc.encode_batch(texts, allowed_special={EOT})
     assert 50256 in encode_texts(enc, [f"a{EOT}b"])[0]
+
+
+def test_a_prompt_file_is_read_a_line_at_a_time_with_the_rules_of_the_whole_file(tmp_path):
+    """file_lines: split at \\n only (a \\r before it dropped), a leading byte-order mark dropped, a bad UTF-8 byte
+    named by its offset in the file, NUL refused."""
+    from gpt2job.errors import UserError
+    from gpt2job.files.prompt_files import file_lines
+    src = tmp_path / "p.txt"
+    src.write_bytes(b"\xef\xbb\xbf" + "one\r\ntwo\u2028\nthree".encode())
+    assert list(file_lines(str(src))) == [(1, "one"), (2, "two\u2028"), (3, "three")]
+    for data, frag in ((b"ok\n\xffno\n", "not valid UTF-8 (byte 3)"), (b"\xef\xbb\xbfok\n\xff", "(byte 6)"),
+                       (b"a\nb\x00\n", "contains NUL characters")):
+        src.write_bytes(data)
+        with pytest.raises(UserError, match=re.escape(frag)):
+            list(file_lines(str(src)))
