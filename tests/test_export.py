@@ -174,7 +174,8 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
         dmg = tmp_path / "damaged.h5"
         dmg.write_bytes(bad)
         for do in (lambda: show(str(dmg), 0, 300), lambda: export(str(dmg), str(tmp_path / "d.jsonl"), True),
-                   lambda: report_validation(str(dmg), str(out), 0.0), lambda: report_validation(str(out), str(dmg), 0)):
+                   lambda: report_validation(str(dmg), str(out), 0.0),
+                   lambda: report_validation(str(out), str(dmg), 0.0)):
             try:
                 do()
             except UserError as e:

@@ -42,7 +42,8 @@ def file_lines(path):
             try:
                 line = raw[bom:].decode("utf-8")
             except UnicodeDecodeError as e:
-                raise UserError(f"not valid UTF-8 (byte {at + bom + e.start})", path, "source", "save the file as UTF-8")
+                raise UserError(f"not valid UTF-8 (byte {at + bom + e.start})", path, "source",
+                                "save the file as UTF-8")
             if "\x00" in line:
                 raise UserError("contains NUL characters", path, "source", "remove them; HDF5 strings cannot hold NUL")
             at += len(raw)
