@@ -99,11 +99,14 @@ def test_dedup_output_equals_no_dedup_and_workers_compute_each_prompt_once(tmp_p
     assert sa["duplicate_prompts"] == N_COPIES and sb["duplicate_prompts"] == 0
     assert f"{N_COPIES} prompts repeat an earlier prompt" in pa.stderr
     assert f"{N_COPIES} duplicate prompts computed once" in pa.stdout
+    assert "computed, copies aside)" in pa.stdout and "copies aside" not in pb.stdout   # the copies' figure apart
     assert "repeat an earlier prompt" not in pb.stderr and "duplicate prompts" not in pb.stdout
     # delivered rows and tokens: the same whether or not copies were computed once
     for s in (sa, sb):
         assert sum(w["rows"] for w in s["workers"]) == N - N_INVALID
     assert sa["generated_tokens"] == sb["generated_tokens"] == sum(len(t) for t in da["completion_tokens"])
+    assert sum(w["computed_tokens"] for w in sa["workers"]) < sa["generated_tokens"]
+    assert sum(w["computed_tokens"] for w in sb["workers"]) == sb["generated_tokens"]
 
 
 def test_sampling_never_deduplicates(tmp_path, inp):

@@ -67,6 +67,7 @@ class WorkerState:
     def summary(self):
         """Its line of the job summary's `workers`."""
         return {"rank": self.rank, "host": self.host, "rows": self.rows, "tokens": self.tokens, "chunks": self.chunks,
+                "computed_tokens": self.computed_tokens,   # (tokens: with the copies of greedy dedup's prompts)
                 "compute_s": round(self.compute_s, 3), "busy_percent": self.busy_percent(),
                 "retired": self.why_retired or None, "ready": self.ready,
                 **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options",

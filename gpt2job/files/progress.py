@@ -132,7 +132,12 @@ def print_summary(sm, out=None, verb="generated", finished_s=None):
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
     wall = f"wall {sm['wall_s']:.2f} s" + (f" (output finished at {finished_s:.2f} s)" if finished_s is not None
                                            and finished_s >= sm["wall_s"] + 1 else "")
-    out.write(f"gpt2job: throughput {tput:,.0f} {verb} tokens/s (first chunk out -> last result, "
+    computed = sum(w.get("computed_tokens", 0) for w in sm["workers"])
+    if tput and sm.get("duplicate_prompts") and sm["generation_s"] > 0:   # copies count as generated: say both
+        tput = f"{tput:,.0f} {verb} tokens/s ({computed / sm['generation_s']:,.0f} computed, copies aside)"
+    elif tput:
+        tput = f"{tput:,.0f} {verb} tokens/s"
+    out.write(f"gpt2job: throughput {tput} (first chunk out -> last result, "
               f"{sm['generation_s']:.2f} s); {ready}; {wall}\n" if tput else
               f"gpt2job: nothing new to generate; {wall}\n")
     for w in sm["workers"]:
