@@ -98,9 +98,9 @@ def test_dedup_output_equals_no_dedup_and_workers_compute_each_prompt_once(tmp_p
     sa, sb = summary(a), summary(b)
     assert sa["duplicate_prompts"] == N_COPIES and sb["duplicate_prompts"] == 0
     assert f"{N_COPIES} prompts repeat an earlier prompt" in pa.stderr
-    assert f"{N_COPIES} duplicate prompts computed once" in pa.stdout
+    assert f"{N_COPIES} rows copied from an identical prompt's" in pa.stdout
     assert "computed, copies aside)" in pa.stdout and "copies aside" not in pb.stdout   # the copies' figure apart
-    assert "repeat an earlier prompt" not in pb.stderr and "duplicate prompts" not in pb.stdout
+    assert "repeat an earlier prompt" not in pb.stderr and "copied from" not in pb.stdout
     # delivered rows and tokens: the same whether or not copies were computed once
     for s in (sa, sb):
         assert sum(w["rows"] for w in s["workers"]) == N - N_INVALID

@@ -141,6 +141,7 @@ def test_greedy_samples_are_identical_and_computed_once(tmp_path):
     assert "19 rows of identical greedy samples or repeated prompts: each distinct prompt is computed once" in p.stderr
     assert "repeat an earlier prompt" not in p.stderr   # (said of samples, it read as a user's repeated prompts)
     assert "starting: 5 rows to compute" in p.stderr and " of 24 in " in p.stderr   # rows, not prompts
+    assert "19 rows copied from an identical prompt's" in p.stdout   # (it said "duplicate prompts")
     res = read_output(out)
     toks = [t.tolist() for t in res["tokens"]]
     assert len(toks) == 24 and all(toks[4 * (r // 4)] == t for r, t in enumerate(toks))

@@ -122,3 +122,6 @@ def test_the_summary_line_says_when_the_output_was_finished_where_its_last_write
         out = io.StringIO()
         print_summary(sm, out, finished_s=finished)
         assert out.getvalue().splitlines()[1].endswith(said.strip()), out.getvalue()
+    out = io.StringIO()
+    print_summary(dict(sm, throughput_tokens_per_s=None), out, verb="scored")   # (it said "to generate")
+    assert "gpt2job: nothing new to score; wall 12.00 s" in out.getvalue(), out.getvalue()

@@ -108,13 +108,17 @@ def test_sigterm_before_any_row_is_written_says_so(tmp_path):
     written were kept; there were none."""
     code = ("import os, signal, sys; from gpt2job.cluster.job import say_on_sigterm; say_on_sigterm(sys.argv[1]); "
             "os.kill(os.getpid(), signal.SIGTERM)")
-    for made, line in ((False, "gpt2job: terminated (SIGTERM) before any row was written: run the same command again"),
-                       (True, TERM_LINE)):
+    code = code.replace("say_on_sigterm(sys.argv[1])", "say_on_sigterm(sys.argv[1], sys.argv[2] == '1')")
+    # an --overwrite run before it set the old output aside: the old one's rows are kept, the same command is right
+    for made, overwrite, line in (
+            (False, 0, "gpt2job: terminated (SIGTERM) before any row was written: run the same command again"),
+            (True, 0, TERM_LINE),
+            (True, 1, "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again")):
         out = tmp_path / "out.h5"
         if made:
             out.write_bytes(b"")
-        p = subprocess.run([sys.executable, "-c", code, str(out)], capture_output=True, text=True, timeout=60,
-                           env=job_env(), cwd=ROOT)
+        p = subprocess.run([sys.executable, "-c", code, str(out), str(overwrite)], capture_output=True, text=True,
+                           timeout=60, env=job_env(), cwd=ROOT)
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], p.stderr
 
 
@@ -236,3 +240,15 @@ def test_show_and_export_count_the_rows_only_the_journal_holds(tmp_path, workloa
             "command again to add them and finish the rest)") in p.stderr, p.stderr
     p = run_gpt2job(job_args(inp, out), check=0)
     assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == len(journaled)
+
+
+def test_a_journal_is_made_with_a_header_or_reopened_at_an_end_never_neither(tmp_path):
+    """Journal(path) with neither truncated the file to nothing before failing (no caller did; now refused first)."""
+    from gpt2job.files.journal import Journal
+    path = tmp_path / "j"
+    Journal(str(path), header={"k": 1}).close()
+    size = path.stat().st_size
+    for kw in ({}, {"header": {"k": 1}, "truncate_at": size}):
+        with pytest.raises(ValueError, match="a header or truncate_at"):
+            Journal(str(path), **kw)
+    assert path.stat().st_size == size

@@ -14,7 +14,6 @@ With --num-samples N, `prompt_index` and `sample_index` follow `row` (row r: sam
 prompt it shows). Outputs of either layout (--layout vlen or flat) export the same lines. Rows are read
 in blocks: any size of output exports in bounded memory. The file is written beside its final name and renamed into
 place, so a failed export leaves no half file."""
-import contextlib
 import hashlib
 import json
 import os
@@ -59,6 +58,38 @@ def _tops(ids, vals, k):
     return [[{"id": ids[j], "logprob": vals[j]} for j in range(s, s + k)] for s in range(0, len(ids), k)]
 
 
+class _WriteFailed(Exception):
+    """An OSError writing the JSON lines (its __cause__): only these are 'cannot write'; a read of OUT or of the
+    input that fails is said by h5files.reading, naming that file."""
+
+
+class _Sink:
+    """The JSON lines' file (or standard output): writes whose errors are _WriteFailed."""
+
+    def __init__(self, path):
+        self.path = path
+        try:
+            self.f = sys.stdout if path is None else open(path, "w", encoding="utf-8")
+        except OSError as e:
+            raise _WriteFailed() from e
+
+    def write(self, s):
+        try:
+            self.f.write(s)
+        except OSError as e:
+            raise _WriteFailed() from e
+
+    def close(self):
+        """Flush; a file: fsync and close."""
+        try:
+            self.f.flush()
+            if self.path is not None:
+                os.fsync(self.f.fileno())
+                self.f.close()
+        except OSError as e:
+            raise _WriteFailed() from e
+
+
 def _input_prompts(path, n):
     """(open file, key, dataset) of the input's prompts when the input is still there and has n rows; else
     (None, None, None)."""
@@ -67,9 +98,12 @@ def _input_prompts(path, n):
         f = h5py.File(path, "r")
     except (OSError, TypeError, ValueError):
         return None, None, None
-    for name in ("prompts", "prompt_tokens"):
-        if name in f and isinstance(f[name], h5py.Dataset) and len(f[name]) == n:
-            return f, ("prompt" if name == "prompts" else "prompt_tokens"), f[name]
+    try:
+        for name in ("prompts", "prompt_tokens"):
+            if name in f and isinstance(f[name], h5py.Dataset) and len(f[name]) == n:
+                return f, ("prompt" if name == "prompts" else "prompt_tokens"), f[name]
+    except (KeyError, OSError, RuntimeError):   # a damaged input: its prompts are not exported
+        pass
     f.close()
     return None, None, None
 
@@ -110,10 +144,13 @@ def _same_prompts(out, key, ds):
         want = out.attrs.get("input_fingerprint")
         try:
             return want is None or token_fingerprint(ds) == _text(want)
-        except (OSError, RuntimeError, TypeError, ValueError):   # (a damaged input: its prompts are not exported)
+        except (KeyError, OSError, RuntimeError, TypeError, ValueError):   # (a damaged input: no prompts exported)
             return False
     want = out.attrs.get("input_text_digest")
-    return want is None or texts_digest(ds) == _text(want)
+    try:
+        return want is None or texts_digest(ds) == _text(want)
+    except (KeyError, OSError, RuntimeError):   # (a damaged input, as above)
+        return False
 
 
 def _where_now(out_path, inp):
@@ -181,70 +218,77 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                 else "is not there"
             stream.write(f"gpt2job: the input {where} {why}: exporting without the prompts\n")
         tmp = jsonl_path + ".tmp"
-        written = 0
+        written, out = 0, None
         try:
-            with contextlib.nullcontext(sys.stdout) if to_stdout else open(tmp, "w", encoding="utf-8") as out:
-                if scored:
-                    written = score_output.export_rows(f, lambda r: out.write(json.dumps(r) + "\n"))
-                for a in range(0, 0 if scored else n, BLOCK):
-                    b = min(n, a + BLOCK)
-                    done = f["done"][a:b]
-                    if not done.any():
-                        continue
-                    cols = {"completion_tokens": h5flat.rows(f, "completion_tokens", a, b),
-                            "finish_reason": f["finish_reason"][a:b]}
-                    if "stop_reason" in f:
-                        cols["stop_reason"] = f["stop_reason"][a:b]
-                    if h5flat.has(f, "completions"):
-                        cols["completion"] = h5flat.rows(f, "completions", a, b)
-                        cols["text_exact"] = f["text_exact"][a:b]
-                    if pds is not None:
+            out = _Sink(None if to_stdout else tmp)
+            if scored:
+                written = score_output.export_rows(f, lambda r: out.write(json.dumps(r) + "\n"))
+            for a in range(0, 0 if scored else n, BLOCK):
+                b = min(n, a + BLOCK)
+                done = f["done"][a:b]
+                if not done.any():
+                    continue
+                cols = {"completion_tokens": h5flat.rows(f, "completion_tokens", a, b),
+                        "finish_reason": f["finish_reason"][a:b]}
+                if "stop_reason" in f:
+                    cols["stop_reason"] = f["stop_reason"][a:b]
+                if h5flat.has(f, "completions"):
+                    cols["completion"] = h5flat.rows(f, "completions", a, b)
+                    cols["text_exact"] = f["text_exact"][a:b]
+                if pds is not None:
+                    with reading(_text(inp), "input", "restore it, or move it away: export then leaves the "
+                                 "prompts out"):
                         cols[pkey] = pds[a:b] if samples == 1 else \
                             pds[a // samples:(b - 1) // samples + 1][np.arange(a, b) // samples - a // samples]
-                    for k in ("prompt_index", "sample_index"):
-                        if k in f:
-                            cols[k] = f[k][a:b]
-                    for k in ("completion_logprobs", "top_logprob_ids", "top_logprobs"):
-                        if h5flat.has(f, k):
-                            cols[k] = h5flat.rows(f, k, a, b)
-                    for k in extra:
+                for k in ("prompt_index", "sample_index"):
+                    if k in f:
                         cols[k] = f[k][a:b]
-                    for i in np.flatnonzero(done):
-                        rec = {"row": a + int(i)}
-                        for k in ("prompt_index", "sample_index"):
-                            if k in cols:
-                                rec[k] = int(cols[k][i])
-                        if pkey in cols:
-                            rec[pkey] = _plain(cols[pkey][i])
-                        if "completion" in cols:
-                            rec["completion"] = _text(cols["completion"][i])
-                        rec["completion_tokens"] = _plain(cols["completion_tokens"][i])
-                        rec["finish_reason"] = _text(cols["finish_reason"][i])
-                        if "stop_reason" in cols:
-                            rec["stop_reason"] = _text(cols["stop_reason"][i])
-                        if "text_exact" in cols:
-                            rec["text_exact"] = bool(cols["text_exact"][i])
-                        if "completion_logprobs" in cols:
-                            rec["logprobs"] = _floats(cols["completion_logprobs"][i])
-                        if "top_logprobs" in cols:
-                            rec["top_logprobs"] = _tops(cols["top_logprob_ids"][i], cols["top_logprobs"][i], topk)
-                        for k in extra:
-                            rec[k] = _plain(cols[k][i])
-                        out.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                        written += 1
-                out.flush()
-                if not to_stdout:
-                    os.fsync(out.fileno())
+                for k in ("completion_logprobs", "top_logprob_ids", "top_logprobs"):
+                    if h5flat.has(f, k):
+                        cols[k] = h5flat.rows(f, k, a, b)
+                for k in extra:
+                    cols[k] = f[k][a:b]
+                for i in np.flatnonzero(done):
+                    rec = {"row": a + int(i)}
+                    for k in ("prompt_index", "sample_index"):
+                        if k in cols:
+                            rec[k] = int(cols[k][i])
+                    if pkey in cols:
+                        rec[pkey] = _plain(cols[pkey][i])
+                    if "completion" in cols:
+                        rec["completion"] = _text(cols["completion"][i])
+                    rec["completion_tokens"] = _plain(cols["completion_tokens"][i])
+                    rec["finish_reason"] = _text(cols["finish_reason"][i])
+                    if "stop_reason" in cols:
+                        rec["stop_reason"] = _text(cols["stop_reason"][i])
+                    if "text_exact" in cols:
+                        rec["text_exact"] = bool(cols["text_exact"][i])
+                    if "completion_logprobs" in cols:
+                        rec["logprobs"] = _floats(cols["completion_logprobs"][i])
+                    if "top_logprobs" in cols:
+                        rec["top_logprobs"] = _tops(cols["top_logprob_ids"][i], cols["top_logprobs"][i], topk)
+                    for k in extra:
+                        rec[k] = _plain(cols[k][i])
+                    out.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                    written += 1
+            out.close()
             if not to_stdout:
-                os.replace(tmp, jsonl_path)
+                try:
+                    os.replace(tmp, jsonl_path)
+                except OSError as e:
+                    raise _WriteFailed() from e
         except BaseException as e:
             if not to_stdout and os.path.exists(tmp):
+                if out is not None:
+                    out.f.close()
                 os.remove(tmp)
-            # `export OUT - | head`: cli ends quietly, as for show; no errno: HDF5's, reading OUT (`reading`)
-            if not isinstance(e, OSError) or e.errno is None or (to_stdout and isinstance(e, BrokenPipeError)):
+            if not isinstance(e, _WriteFailed):
                 raise
-            raise UserError(f"cannot write ({e.strerror or e})", jsonl_path, "export",
-                            "check the path, its permissions and the free disk space")
+            cause = e.__cause__
+            if to_stdout and isinstance(cause, BrokenPipeError):   # `export OUT - | head`: cli ends quietly, as show
+                raise cause from None
+            raise UserError(f"cannot write ({cause.strerror or cause})", jsonl_path, "export",
+                            "check the path, its permissions and the free disk space") from None
         finally:
             if fin is not None:
                 fin.close()

@@ -46,22 +46,32 @@ def contents(f, limit=8):
     """What an open file holds, for an error about a dataset it lacks: 'its datasets: a, g/b' or 'it has no dataset'."""
     import h5py
     names = []
-    f.visititems(lambda name, obj: (names.append(name) if isinstance(obj, h5py.Dataset) else None)
-                 if len(names) <= limit else True)
+    try:
+        f.visititems(lambda name, obj: (names.append(name) if isinstance(obj, h5py.Dataset) else None)
+                     if len(names) <= limit else True)
+    except (KeyError, OSError, RuntimeError):   # (a damaged file: what could be listed)
+        pass
     if not names:
         return "it has no dataset"
     return "its datasets: " + ", ".join(names[:limit]) + (", ..." if len(names) > limit else "")
 
 
+DAMAGED_OUTPUT_FIX = "compute it again: the same run command with --overwrite"
+
+
 @contextlib.contextmanager
-def reading(path):
-    """Reads of an open output: where HDF5 itself fails (a damaged file: an OSError without an errno, or a KeyError
-    "Unable to ..."), one line naming the file, not a traceback."""
+def reading(path, field="file", fix=DAMAGED_OUTPUT_FIX):
+    """Reads of an open HDF5 file: where they fail, one line naming the file, not a traceback. HDF5 itself failing
+    (a damaged file) raises an OSError without an errno, a KeyError or RuntimeError "Unable to ...", "Can't ..." or
+    "... failed"; an OSError with one is the system's (EIO). A closed pipe (show's output) is not the file's."""
     try:
         yield
-    except (KeyError, OSError) as e:
+    except (KeyError, OSError, RuntimeError) as e:
         why = first_line(e).strip("'\"")   # (a KeyError's text is quoted)
-        if (e.errno is not None) if isinstance(e, OSError) else not why.startswith("Unable to"):
+        if isinstance(e, BrokenPipeError) or (not isinstance(e, OSError) and not (
+                why.startswith(("Unable to", "Can't ")) or " failed" in why)):
             raise
-        raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, "file",
-                        "compute it again: the same run command with --overwrite") from None
+        if isinstance(e, OSError) and errno_of(e) is not None:
+            raise UserError(f"cannot be read ({os.strerror(errno_of(e))})", path, field,
+                            "check the file system, then run this again") from None
+        raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, field, fix) from None

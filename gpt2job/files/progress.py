@@ -124,8 +124,8 @@ def print_summary(sm, out=None, verb="generated", finished_s=None):
     whose wall_s is taken before; said where it is later by a second or more)."""
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
-    dup = sm.get("duplicate_prompts")
-    dup = f", {plural(dup, 'duplicate prompt')} computed once" if dup else ""
+    dup = sm.get("duplicate_prompts")   # (rows whose prompt another row has: --num-samples' greedy samples too)
+    dup = f", {plural(dup, 'row')} copied from an identical prompt's" if dup else ""
     out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']:,} resumed, "
               f"{sm['rows_invalid']:,} invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
     ready = sm["time_to_ready_s"]
@@ -133,13 +133,11 @@ def print_summary(sm, out=None, verb="generated", finished_s=None):
     wall = f"wall {sm['wall_s']:.2f} s" + (f" (output finished at {finished_s:.2f} s)" if finished_s is not None
                                            and finished_s >= sm["wall_s"] + 1 else "")
     computed = sum(w.get("computed_tokens", 0) for w in sm["workers"])
-    if tput and sm.get("duplicate_prompts") and sm["generation_s"] > 0:   # copies count as generated: say both
-        tput = f"{tput:,.0f} {verb} tokens/s ({computed / sm['generation_s']:,.0f} computed, copies aside)"
-    elif tput:
-        tput = f"{tput:,.0f} {verb} tokens/s"
-    out.write(f"gpt2job: throughput {tput} (first chunk out -> last result, "
-              f"{sm['generation_s']:.2f} s); {ready}; {wall}\n" if tput else
-              f"gpt2job: nothing new to generate; {wall}\n")
+    copies = f" ({computed / sm['generation_s']:,.0f} computed, copies aside)" \
+        if tput and sm.get("duplicate_prompts") and sm["generation_s"] > 0 else ""   # copies count as generated
+    out.write(f"gpt2job: throughput {tput:,.0f} {verb} tokens/s{copies}; first chunk out -> last result "
+              f"{sm['generation_s']:.2f} s; {ready}; {wall}\n" if tput else
+              f"gpt2job: nothing new to {'score' if verb == 'scored' else 'generate'}; {wall}\n")
     for w in sm["workers"]:
         extra = f", retired: {w['retired']}" if w.get("retired") else \
             ", not ready when the job ended" if w.get("ready") is False else ""

@@ -24,10 +24,13 @@ def show(path, start=0, limit=10):
               + (f"; {pending:,} more are complete in its journal (the next run adds them)" if pending else ""))
         print(f"  model: {f.attrs.get('model', '?')}   settings: {f.attrs.get('settings', '?')}")
         if "summary" in f.attrs:
-            sm = json.loads(f.attrs["summary"])
-            tput = sm.get("throughput_tokens_per_s")
-            print(f"  generated {sm.get('generated_tokens')} tokens"
-                  + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
+            try:
+                sm = json.loads(f.attrs["summary"])
+                tput = sm.get("throughput_tokens_per_s")
+                print(f"  generated {sm.get('generated_tokens')} tokens"
+                      + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
+            except (ValueError, TypeError, AttributeError):   # (a damaged file: its rows may still be read)
+                print("  summary: cannot be read (the file is damaged)")
         stop = min(n, start + limit)
         if start >= n and n:   # (only the header was printed)
             print(f"  (--start {start} is past the last row, {n - 1}: no row shown)")
