@@ -237,6 +237,9 @@ def test_jsonl_context_continuation(tmp_path, params):
     (tmp_path / "bad.jsonl").write_text('{"context": "a", "continuation": [1]}\n')
     p = run_gpt2job(score_job(tmp_path / "bad.jsonl", tmp_path / "bad.h5"), check=2)
     assert "both be texts or both token id lists" in p.stderr
+    (tmp_path / "bad.jsonl").write_text('{"context": "a", "continuation": "b"}\n{bad\n')   # read a line at a time
+    p = run_gpt2job(score_job(tmp_path / "bad.jsonl", tmp_path / "bad.h5"), check=2)
+    assert f"{tmp_path / 'bad.jsonl'}: line 2: not JSON (" in p.stderr, p.stderr
 
 
 def test_refused_starts_are_one_line(tmp_path):

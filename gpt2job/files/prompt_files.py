@@ -91,10 +91,14 @@ def read_prompt_file(path):
     return ((texts, None) if texts or not tokens else (None, tokens)) + (rows,)
 
 
-def lines_of(text):
-    """The lines of a file's text: split at "\n" only (a "\r" before it dropped), as JSON lines and text editors do;
-    str.splitlines would also split at U+2028, form feeds and other separators inside a line."""
-    return [x[:-1] if x.endswith("\r") else x for x in text.split("\n")]
+def file_digest(path):
+    """"sha256:..." of a file's bytes, read 1 MiB at a time (a conversion's name and its source's record)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return "sha256:" + h.hexdigest()
 
 
 def check_ids(ids, path, n):
@@ -285,14 +289,12 @@ def convert_for_run(source, output, log=None):
     resumes the output), a changed SOURCE gets a file of its own (and the output's resume check refuses it as a
     changed input, while the output's own input stays as it was). Written atomically. Returns (its path, whether
     this call wrote it)."""
-    import hashlib
     log = log or (lambda msg: None)
     check_output_path(output, example="out.h5")
     texts, tokens, rows = read_prompt_file(source)   # every check of the `prompts` command, before any write
     if not (texts or tokens):
         raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
-    with open(source, "rb") as f:
-        digest = "sha256:" + hashlib.sha256(f.read()).hexdigest()
+    digest = file_digest(source)
     target = converted_path(output, digest)
     what = plural(len(texts) if texts is not None else len(tokens), "text prompt" if texts is not None else
                   "token prompt")

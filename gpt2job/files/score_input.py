@@ -153,18 +153,17 @@ def convert_pairs(source, output, log=None):
     import os
     import h5py
     from gpt2job.files.h5files import check_output_path
-    from gpt2job.files.prompt_files import (CONVERSION, _conversion_attrs, check_ids, converted_path, lines_of,
-                                            write_atomically)
+    from gpt2job.files.prompt_files import (CONVERSION, _conversion_attrs, check_ids, converted_path, file_digest,
+                                            file_lines, write_atomically)
     check_output_path(output, example="out.h5")
-    try:
-        with open(source, "rb") as f:
-            raw = f.read()
-        lines = [(n, json.loads(x)) for n, x in enumerate(lines_of(raw.decode("utf-8-sig")), 1) if x.strip()]
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot be read as JSON lines ({e})", source, "source", "write one JSON object per line")
-    digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     ctx, cont, kinds = [], [], set()
-    for n, obj in lines:
+    for n, line in file_lines(source):   # (a line at a time: the file is never held whole)
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except ValueError as e:
+            raise UserError(f"not JSON ({e.msg})", source, f"line {n}", "write one JSON object per line")
         if not (isinstance(obj, dict) and "context" in obj and "continuation" in obj):
             raise UserError(f"line {n} is not an object with 'context' and 'continuation'", source, f"line {n}",
                             'write {"context": "...", "continuation": "..."} on every line')
@@ -178,6 +177,7 @@ def convert_pairs(source, output, log=None):
             check_ids(obj["context"] + obj["continuation"], source, n)
         ctx.append(obj["context"])
         cont.append(obj["continuation"])
+    digest = file_digest(source)
     target = converted_path(output, digest)
     old = _conversion_attrs(target) if os.path.exists(target) else None
     if old is not None and old.get("source_sha256") == digest and old.get("gpt2job_conversion") == CONVERSION:
