@@ -224,13 +224,13 @@ def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path)
         m.handle(m.workers[1], "hello", {"host": "a", "preferred_chunk": 64})
         m.first_ready = time.monotonic() - 60
         m.maybe_start()
-        m.run_started, m.startup_timeout = time.monotonic() - 100, 10
+        m.ending.run_started, m.startup_timeout = time.monotonic() - 100, 10
         m.check_hung(time.monotonic())
         assert m.workers[2].retired
-        assert m.hung_ranks == [2]
+        assert m.ending.hung == [2]
         m.handle(m.workers[2], "hello", {"host": "b", "preferred_chunk": 64})
         assert ch.sent[2] == ["stop"] and not m.workers[2].outstanding
-        assert m.hung_ranks == []      # a job that then succeeds does not end in MPI_Abort for it
+        assert m.ending.hung == []      # a job that then succeeds does not end in MPI_Abort for it
     finally:
         m.store.close()
 
@@ -239,18 +239,17 @@ def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path
     """A job that ends (here: an error) while a worker rank still computes its chunks receives their results for up
     to chunk_timeout; a rank still computing then counts as hung (MPI_Abort ends it), for MPI_Finalize would wait
     for its result's send for ever."""
-    import dataclasses
+    from gpt2job.cluster.ending import Ending
 
     m, ch, n = ragged_master(tmp_path)
     try:
-        m.channel = OwnProcesses()
-        m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
+        m.ending = Ending(OwnProcesses(), 0.2, m.log)
         for r in (1, 2):
             m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
         m.workers[1].outstanding = {7: object()}
-        m.shutdown_workers()
-        assert m.hung_ranks == [1] and m.hung_processes() == [1]
-        assert m.channel.sent == {1: ["stop"], 2: ["stop"]}     # each told to stop first
+        m.ending.shutdown(m.workers)
+        assert m.ending.hung == [1] and m.ending.hung_processes() == [1]
+        assert m.ending.channel.sent == {1: ["stop"], 2: ["stop"]}     # each told to stop first
     finally:
         m.store.close()
 
@@ -260,7 +259,7 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
     that hangs at start-up never does, and mpirun would wait for it for ever. So the end waits for its hello until
     the start-up deadline (5 x chunk_timeout from the run's start) and then counts it hung (MPI_Abort ends it); a
     rank that says hello in that wait is let go."""
-    import dataclasses
+    from gpt2job.cluster.ending import Ending
 
     class Starting(OwnProcesses):   # rank 1 says hello at its third poll; rank 2 never says anything
         polls = 0
@@ -274,21 +273,20 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
 
     m, ch, n = ragged_master(tmp_path)
     try:
-        m.channel = Starting()
-        m.s = dataclasses.replace(m.s, chunk_timeout=0.2)
-        m.run_started = time.monotonic()
-        m.shutdown_workers(wait_local=False)
-        m.wait_for_starting()
-        waited = time.monotonic() - m.run_started
-        assert m.hung_ranks == [2] and m.hung_processes() == [2]
+        end = m.ending = Ending(Starting(), 0.2, m.log)
+        end.run_started = time.monotonic()
+        end.shutdown(m.workers, wait_local=False)
+        end.wait_for_starting()
+        waited = time.monotonic() - end.run_started
+        assert end.hung == [2] and end.hung_processes() == [2]
         assert 1.0 <= waited < 5, waited                      # until the deadline, not longer
-        assert m.channel.sent == {1: ["stop"], 2: ["stop"]}
+        assert end.channel.sent == {1: ["stop"], 2: ["stop"]}
         sm = m.workers[2].summary()
         assert sm["ready"] is False and sm["retired"] is None
-        m.channel.polls, m.channel.poll = 0, lambda: (_ for _ in ()).throw(KeyboardInterrupt())
-        m.heard, m.hung_ranks, m.run_started = set(), [], time.monotonic()
-        assert isinstance(m.wait_for_starting(), KeyboardInterrupt)      # Ctrl-C in the wait: they are ended now
-        assert m.hung_ranks == [1, 2]
+        end.channel.polls, end.channel.poll = 0, lambda: (_ for _ in ()).throw(KeyboardInterrupt())
+        end.heard, end.hung, end.run_started = set(), [], time.monotonic()
+        assert isinstance(end.wait_for_starting(), KeyboardInterrupt)      # Ctrl-C in the wait: they are ended now
+        assert end.hung == [1, 2]
     finally:
         m.store.close()
 

@@ -232,6 +232,7 @@ def test_the_failure_classes_are_mpi4py_s(tmp_path):
 # ---------------------------------------------------------------- the master
 
 def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the_others(channel):
+    from gpt2job.cluster.ending import Ending
     from gpt2job.cluster.master import Master
     comm = FakeComm(4)
     m = Master.__new__(Master)               # only the state the failure path touches
@@ -242,7 +243,8 @@ def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the
     m.sched = SimpleNamespace(give_back=given_back.append)
     m.progress = SimpleNamespace(drop=lambda chunk_id: None)
     m.log = logs.append
-    m.hung_ranks, m.stopped, m.heard, m.dispatching = [2], set(), set(), False   # first thought hung, then dead
+    m.ending, m.dispatching = Ending(m.channel, 1.0, logs.append), False
+    m.ending.hung = [2]                      # first thought hung, then dead
     m.workers[2].outstanding = {7: Outstanding(chunk(7), 0.0, 6)}
     comm.dead.append(2)
     for rank, kind, *data in m.channel.poll():
@@ -250,8 +252,8 @@ def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the
     w = m.workers[2]
     assert w.retired and "died" in w.why_retired and w.outstanding == {}
     assert [c.chunk_id for c in given_back] == [7]
-    assert m.hung_processes() == [] and any("rank 2" in x for x in logs)
-    m.shutdown_workers()
+    assert m.ending.hung_processes() == [] and any("rank 2" in x for x in logs)
+    m.ending.shutdown(m.workers)
     assert sorted(d for d, tag in comm.sent if tag == ch.TAG_STOP) == [1, 3]
 
 

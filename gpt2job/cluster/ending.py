@@ -1,6 +1,7 @@
-"""How a job's master lets its workers go, whatever the job ended in (cluster/master.py's Master inherits this):
-every rank is told to stop, results still on their way are received, hung ranks are ended with MPI_Abort, ranks MPI
-says are dead (ULFM) are left alone, and a job with no worker left says why."""
+"""How a job's master lets its worker ranks go, whatever the job ended in: every rank is told to stop, results still
+on their way are received, hung ranks are ended with MPI_Abort, ranks MPI says are dead (ULFM) are left alone, and a
+job with no worker left says why. The master owns one Ending (Master.ending) and tells it what it hears from each
+rank; a job that fails before it has a master (a refused text input, job.py) makes one of its own."""
 import sys
 import time
 
@@ -12,23 +13,109 @@ QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks stil
 
 
 class Ending:
-    def hung_processes(self):
-        """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
-        return [r for r in self.hung_ranks if self.channel.owns_process(r)]
+    def __init__(self, channel, chunk_timeout, log):
+        self.channel, self.chunk_timeout, self.log = channel, chunk_timeout, log
+        self.hung = []             # ranks counted hung: MPI_Abort ends them unless they are heard from again
+        self.stopped = set()       # ranks told to stop (each is told once)
+        self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
+        self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
+        self.run_started = None    # Master.run: start-up deadlines count from here (none: from the job's end)
+        self.held = []             # lines of start-up failures not said yet (worker_failed)
 
-    def abort_hung(self, code):
-        self.log(f"rank(s) {self.hung_processes()} still hang; ending the job with MPI_Abort({code})")
-        sys.stdout.flush()
-        sys.stderr.flush()
-        self.channel.abort(code)
+    # ---- what the master hears while the job runs
+    def stop(self, rank):
+        if rank not in self.stopped:
+            self.stopped.add(rank)
+            self.channel.send_stop(rank, STOP_AFTER_DEATH if self.peer_died else "stop")
 
-    def release_after_error(self, e):
-        """The job failed with e, which the caller raises once this returns: shutdown_workers, and where the ranks
-        would keep mpirun waiting for ever (hung ones; after a death, in MPI_Finalize; one that hangs in its
-        start-up) say what happened first, wait for the ranks still starting (not after Ctrl-C), then end: MPI_Abort
-        for hung ranks, without MPI_Finalize after a death, else raise Reported (the error is printed)."""
+    def heard_late(self, rank):
+        """A rank counted hung (or left behind at start-up) was heard from after all: it waits for its stop, so it is
+        told to stop and not aborted at the end."""
+        if rank in self.hung:
+            self.hung.remove(rank)
+        self.stop(rank)
+
+    def died(self, rank):
+        """MPI says the rank's process died (ULFM): nothing is sent to it, not even stop, and no MPI_Abort is needed
+        for it at the end (even if it was first thought hung); the survivors end without MPI_Finalize."""
+        if rank in self.hung:
+            self.hung.remove(rank)
+        self.stopped.add(rank)
+        self.heard.add(rank)
+        self.peer_died = True
+
+    def worker_failed(self, w, where, info, any_ready):
+        """A worker's error report: a line (and its traceback, unless a user mistake). A user mistake at start-up is
+        held while no worker is ready (any_ready): where every worker fails alike, the job's own error line says it
+        once (no_workers_left); once one is ready, or the job ends otherwise, the held lines are said."""
+        line = f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}"
+        if info.get("user_error") and where == "start-up" and not any_ready:
+            self.held.append(line)
+            return
         self.say_held()
-        self.shutdown_workers(wait_local=False)
+        self.log(line)
+        if not info.get("user_error"):
+            self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
+
+    def say_held(self):
+        for line in self.held:
+            self.log(line)
+        self.held = []
+
+    def no_workers_left(self, workers, kept, n_rows, s):
+        """The job's error once every worker is retired. kept: the rows kept in the output s.output (None: no row was
+        completed, and the output is removed)."""
+        errors = [w.error for w in workers]
+        messages = {e["error"] for e in errors if e}
+        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
+            self.held = []
+            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
+        self.say_held()
+        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in workers)
+        msg = f"no worker is left ({reasons}); " + (f"{kept} of {n_rows} rows are complete and kept in {s.output}"
+                                                    if kept is not None else "no row was completed")
+        again = rerun(s.overwrite, resume=kept is not None)
+        if all(w.error and w.error.get("user_error") for w in workers):
+            return UserError(msg, fix=f"fix the cause above, then {again}")
+        return WorkerFailure(f"{msg}; {again}")
+
+    # ---- the end
+    def shutdown(self, workers, wait_local=True):
+        """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
+        with nothing left to compute never starts its loop, a failed start never learns its workers), else they
+        would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead. workers: the master's
+        {rank: WorkerState}, for the chunks still out."""
+        for r in self.channel.ranks:
+            if r not in self.hung:
+                self.stop(r)
+        # a job ended by an error (a full disk) has results on their way: an MPI worker waits until its result is
+        # received, and MPI cannot finish while it does, so they are received (and dropped: the resume computes
+        # them) until every live worker has answered for its chunks or chunk_timeout has passed
+        deadline = time.monotonic() + self.chunk_timeout
+        while self._still_computing(workers) and time.monotonic() < deadline:
+            for rank, kind, *data in self.channel.poll():
+                workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
+                    workers[rank].outstanding.clear()
+                if kind == "failed":   # dead now: no MPI_Abort for it; the survivors skip MPI_Finalize
+                    self.peer_died = True
+                    if rank in self.hung:
+                        self.hung.remove(rank)
+            self.channel.wait()
+        for w in self._still_computing(workers):   # MPI_Finalize would wait for their results' sends for ever
+            self.log(f"worker rank {w.rank} on {w.host} still computes {len(w.outstanding)} chunk(s) past the job's "
+                     "end")
+            self.hung.append(w.rank)
+        self.channel.flush()
+        if wait_local and 0 not in self.hung:
+            self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU
+
+    def release_after_error(self, e, workers):
+        """The job failed with e, which the caller raises once this returns: shutdown, and where the ranks would keep
+        mpirun waiting for ever (hung ones; after a death, in MPI_Finalize; one that hangs in its start-up) say what
+        happened first, wait for the ranks still starting (not after Ctrl-C), then end: MPI_Abort for hung ranks,
+        without MPI_Finalize after a death, else raise Reported (the error is printed)."""
+        self.say_held()
+        self.shutdown(workers, wait_local=False)
         waiting = bool(self.starting()) and not isinstance(e, KeyboardInterrupt)
         if not (self.hung_processes() or self.peer_died or waiting):
             return
@@ -38,10 +125,10 @@ class Ending:
             import traceback
             traceback.print_exc()
         sys.stderr.flush()
-        raise Reported(self.end_ranks(exit_code(e), wait=waiting, quiet=True)) from e
+        raise Reported(self.end(exit_code(e), wait=waiting, quiet=True)) from e
 
-    def end_ranks(self, code, wait=True, quiet=False):
-        """The last of a job's end, once shutdown_workers told every rank to stop: wait for the ranks still starting
+    def end(self, code, wait=True, quiet=False):
+        """The last of a job's end, once shutdown told every rank to stop: wait for the ranks still starting
         (wait_for_starting), end the hung ones with MPI_Abort(code), and after a death end without MPI_Finalize.
         Returns the exit code when the process may go on to exit: code, or 130 when Ctrl-C cut the wait."""
         if wait and isinstance(self.wait_for_starting(quiet=quiet), KeyboardInterrupt):
@@ -52,42 +139,35 @@ class Ending:
             end_without_finalize(code)
         return code
 
-    def stop_rank(self, rank):
-        if rank not in self.stopped:
-            self.stopped.add(rank)
-            self.channel.send_stop(rank, STOP_AFTER_DEATH if self.peer_died else "stop")
+    def hung_processes(self):
+        """Hung worker ranks that are processes of their own (a hung thread of the master ends with it)."""
+        return [r for r in self.hung if self.channel.owns_process(r)]
 
-    def rank_died(self, w, why):
-        """MPI says w's process died (ULFM): its chunks go to the others, as for a worker that failed; nothing is sent
-        to it, not even stop, and no MPI_Abort is needed for it at the end (even if it was first thought hung)."""
-        if w.rank in self.hung_ranks:
-            self.hung_ranks.remove(w.rank)
-        self.stopped.add(w.rank)
-        self.heard.add(w.rank)
-        self.peer_died = True
-        if not w.retired:
-            self.log(f"worker rank {w.rank} on {w.host}: {why}; its chunks go to others")
-            self.retire(w, why)
+    def abort_hung(self, code):
+        self.log(f"rank(s) {self.hung_processes()} still hang; ending the job with MPI_Abort({code})")
+        sys.stdout.flush()
+        sys.stderr.flush()
+        self.channel.abort(code)
 
-    def _still_computing(self):
-        return [w for w in self.live() if w.outstanding and self.channel.owns_process(w.rank)
-                and w.rank not in self.hung_ranks]
+    def _still_computing(self, workers):
+        return [w for w in workers.values() if w.outstanding and self.channel.owns_process(w.rank)
+                and w.rank not in self.hung]
 
     def starting(self):
         """Ranks of their own process the master has not heard from (no hello, error or death) and not hung."""
         return [r for r in self.channel.ranks if self.channel.owns_process(r) and r not in self.heard
-                and r not in self.hung_ranks]
+                and r not in self.hung]
 
     def wait_for_starting(self, quiet=False):
-        """After shutdown_workers, at a job's end: a rank still starting reads its stop once it is ready;
-        one that hangs at start-up never does, and mpirun would wait for it for ever. So wait for them until the
-        start-up deadline (5 x chunk_timeout from the run's start, as check_hung; from now when the job had nothing
-        to run), then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends
-        only once every rank has. quiet (after the job's own error line): no line for ranks whose start-up failed,
-        and the line for the wait only once it has lasted QUIET_WAIT_S. Interrupted (Ctrl-C, an MPI error), the
-        silent ones count hung at once; returns that exception (None when not interrupted)."""
+        """After shutdown, at a job's end: a rank still starting reads its stop once it is ready; one that hangs at
+        start-up never does, and mpirun would wait for it for ever. So wait for them until the start-up deadline
+        (5 x chunk_timeout from the run's start, as Master.check_hung; from now when the job had nothing to run),
+        then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends only once
+        every rank has. quiet (after the job's own error line): no line for ranks whose start-up failed, and the line
+        for the wait only once it has lasted QUIET_WAIT_S. Interrupted (Ctrl-C, an MPI error), the silent ones count
+        hung at once; returns that exception (None when not interrupted)."""
         now = time.monotonic()
-        deadline, said = (self.run_started if self.run_started is not None else now) + 5 * self.s.chunk_timeout, None
+        deadline, said = (self.run_started if self.run_started is not None else now) + 5 * self.chunk_timeout, None
         try:
             while self.starting() and time.monotonic() < deadline:
                 if said is None and (not quiet or time.monotonic() - now > QUIET_WAIT_S):
@@ -102,81 +182,18 @@ class Ending:
                         self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
                     if kind == "failed":   # dead: no MPI_Abort for it; the survivors skip MPI_Finalize
                         self.peer_died = True
-                    if rank in self.hung_ranks:   # ready or failed after its deadline: it waits for its stop (handle)
-                        self.hung_ranks.remove(rank)
+                    if rank in self.hung:   # ready or failed after its deadline: it waits for its stop (heard_late)
+                        self.hung.remove(rank)
                         if kind != "failed":
-                            self.stop_rank(rank)
+                            self.stop(rank)
                 self.channel.wait()
         except BaseException as e:   # the job is over: end them rather than wait
             for r in self.starting():
                 self.log(f"worker rank {r} still starting when the wait was interrupted ({type(e).__name__}); "
                          "ending it")
-                self.hung_ranks.append(r)
+                self.hung.append(r)
             return e
         for r in self.starting():
-            self.log(f"worker rank {r} did not become ready within {5 * self.s.chunk_timeout:.0f} s; ending it")
-            self.hung_ranks.append(r)
+            self.log(f"worker rank {r} did not become ready within {5 * self.chunk_timeout:.0f} s; ending it")
+            self.hung.append(r)
         return None
-
-    def worker_failed(self, w, where, info):
-        """A worker's error report: a line (and its traceback, unless a user mistake). A user mistake at start-up is
-        held while no worker is ready: where every worker fails alike, the job's own error line says it once
-        (no_workers_left); once one is ready, or the job ends otherwise, the held lines are said."""
-        line = f"worker rank {w.rank} on {w.host} failed during {where}: {info['error']}"
-        if info.get("user_error") and where == "start-up" and not any(x.ready for x in self.workers.values()):
-            self.held.append(line)
-            return
-        self.say_held()
-        self.log(line)
-        if not info.get("user_error"):
-            self.log("  " + info.get("traceback", "").strip().replace("\n", "\n  "))
-
-    def say_held(self):
-        for line in self.held:
-            self.log(line)
-        self.held = []
-
-    def no_workers_left(self):
-        errors = [w.error for w in self.workers.values()]
-        messages = {e["error"] for e in errors if e}
-        if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
-            self.held = []
-            return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
-        self.say_held()
-        reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in self.workers.values())
-        done = int(self.store.done.sum())    # (rows marked 'invalid' too: an output without a completed one is removed)
-        kept = f"{done} of {self.n_rows} rows are complete and kept in {self.s.output}" if self.store.completed else \
-            "no row was completed"
-        msg = f"no worker is left ({reasons}); {kept}"
-        again = rerun(self.s.overwrite, resume=bool(self.store.completed))
-        if all(w.error and w.error.get("user_error") for w in self.workers.values()):
-            return UserError(msg, fix=f"fix the cause above, then {again}")
-        return WorkerFailure(f"{msg}; {again}")
-
-    def shutdown_workers(self, wait_local=True):
-        """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
-        with nothing left to compute never starts its loop, a failed start never learns its workers), else they
-        would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead."""
-        for r in self.channel.ranks:
-            if r not in self.hung_ranks:
-                self.stop_rank(r)
-        # a job ended by an error (a full disk) has results on their way: an MPI worker waits until its result is
-        # received, and MPI cannot finish while it does, so they are received (and dropped: the resume computes
-        # them) until every live worker has answered for its chunks or chunk_timeout has passed
-        deadline = time.monotonic() + self.s.chunk_timeout
-        while self._still_computing() and time.monotonic() < deadline:
-            for rank, kind, *data in self.channel.poll():
-                self.workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
-                    self.workers[rank].outstanding.clear()
-                if kind == "failed":   # dead now: no MPI_Abort for it; the survivors skip MPI_Finalize
-                    self.peer_died = True
-                    if rank in self.hung_ranks:
-                        self.hung_ranks.remove(rank)
-            self.channel.wait()
-        for w in self._still_computing():   # MPI_Finalize would wait for their results' sends for ever: end them
-            self.log(f"worker rank {w.rank} on {w.host} still computes {len(w.outstanding)} chunk(s) past the job's "
-                     "end")
-            self.hung_ranks.append(w.rank)
-        self.channel.flush()
-        if wait_local and 0 not in self.hung_ranks:
-            self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU

@@ -16,7 +16,9 @@ from gpt2job import envs
 from gpt2job.backends import gpu_count, pycuda_available
 from gpt2job.cluster import faults
 from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi
-from gpt2job.cluster.master import Master, run_master
+from gpt2job.cluster.channel import MpiChannel, Mux
+from gpt2job.cluster.ending import Ending
+from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import rerun
 from gpt2job.files.journal import JOURNAL_SUFFIX
@@ -71,8 +73,8 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
                 converted, created = convert(s.input, s.output, log=log)
                 s = dataclasses.replace(s, input=converted, converted_from=s.input)
         except BaseException as e:
-            if comm is not None:
-                Master(s, comm).release_after_error(e)
+            if comm is not None:   # the workers are starting: each is told to stop (no master is made)
+                Ending(Mux([MpiChannel(comm)]), s.chunk_timeout, log).release_after_error(e, {})
             raise
         code = run_master(s, comm, local_slot, fault_plan)
         ok = True

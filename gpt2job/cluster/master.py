@@ -31,7 +31,7 @@ from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
 
-class Master(Ending):
+class Master:
     def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None):
         self.s = s
         # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
@@ -39,14 +39,9 @@ class Master(Ending):
         self.channel = Mux([channel] if channel is not None else
                            [MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
         self.fault_plan = fault_plan or {}
+        self.ending = Ending(self.channel, s.chunk_timeout, self.log)   # what each rank's process is, how it ends
         self.store = None
         self.workers = {}
-        self.hung_ranks = []
-        self.stopped = set()       # ranks told to stop (each is told once)
-        self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
-        self.held = []             # lines of start-up failures not said yet (Ending.worker_failed)
-        self.run_started = None    # run(): start-up deadlines count from here
-        self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
         self.first_ready = None    # when the first worker said it was ready (monotonic)
@@ -204,13 +199,14 @@ class Master(Ending):
         if local_slot is not None:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
-        self.run_started = time.monotonic()
+        self.ending.run_started = time.monotonic()
         self.startup_timeout = 5 * self.s.chunk_timeout    # loading weights, compiling kernels
         while self.sched.rows_left() or any(w.outstanding for w in self.live()) or self.store.committing() \
                 or self.received:
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
-                raise self.no_workers_left()
+                kept = int(self.store.done.sum()) if self.store.completed else None   # ('invalid' rows count)
+                raise self.ending.no_workers_left(list(self.workers.values()), kept, self.n_rows, self.s)
             if not self.dispatching:
                 self.maybe_start()
             msgs = self.channel.poll()
@@ -272,12 +268,11 @@ class Master(Ending):
                 self.feed(w)
         elif kind == "hello":
             (info,) = data
-            self.heard.add(w.rank)
+            self.ending.heard.add(w.rank)
             if w.retired:      # ready after its start-up deadline: the job went on without it (no abort at its end)
-                self.hung_ranks = [r for r in self.hung_ranks if r != w.rank]
-                return self.stop_rank(w.rank)
+                return self.ending.heard_late(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
-            self.say_held()    # the job goes on: ranks that failed at start-up are worth a line each now
+            self.ending.say_held()    # the job goes on: ranks that failed at start-up are worth a line each now
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
             w.batch_rows = int(info.get("batch_rows", 0))
             w.last_progress = time.monotonic()
@@ -294,15 +289,18 @@ class Master(Ending):
                     self.feed(other)
         elif kind == "error":
             (info,) = data
-            self.heard.add(w.rank)
+            self.ending.heard.add(w.rank)
             w.host = info.get("host", w.host)
             where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
-            self.worker_failed(w, where, info)
+            self.ending.worker_failed(w, where, info, any(x.ready for x in self.workers.values()))
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
-            self.stop_rank(w.rank)
-        elif kind == "failed":   # its process died (only an MPI with ULFM says so): ending.py rank_died
-            self.rank_died(w, *data)
+            self.ending.stop(w.rank)
+        elif kind == "failed":   # its process died (only an MPI with ULFM says so): its chunks go to the others
+            self.ending.died(w.rank)
+            if not w.retired:
+                self.log(f"worker rank {w.rank} on {w.host}: {data[0]}; its chunks go to others")
+                self.retire(w, data[0])
 
     def feed(self, w, upto=None):
         """Hand w chunks until it holds upto of them (default: its window) or none are left; one at most while a
@@ -340,14 +338,14 @@ class Master(Ending):
 
     def check_hung(self, now):
         for w in self.live():
-            if not w.ready and now - self.run_started > self.startup_timeout:
+            if not w.ready and now - self.ending.run_started > self.startup_timeout:
                 self.log(f"worker rank {w.rank} did not become ready within {self.startup_timeout:.0f} s; "
                          "going on without it")
-                self.hung_ranks.append(w.rank)
+                self.ending.hung.append(w.rank)
                 self.retire(w, "never became ready (start-up deadline passed)")
             elif self.sched.hung(w, now):
                 self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
-                self.hung_ranks.append(w.rank)
+                self.ending.hung.append(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
 
     # ---- the end
@@ -376,7 +374,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
             m.prepare()
         except AlreadyComplete:
             # a resubmitted batch script with nothing left to do succeeds (other settings were refused above)
-            m.shutdown_workers()
+            m.ending.shutdown(m.workers)
             m.log(f"{s.output} is already complete with these settings: nothing to do "
                   "(--overwrite computes it again)")
         else:
@@ -389,12 +387,12 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
                                     f"marked finished: run the same command again to compute them")
             sm = m.summary()
             m.store.finish(sm)
-            m.shutdown_workers()
+            m.ending.shutdown(m.workers)
             print_summary(sm, verb=m.verb, finished_s=time.time() - launch_time())
         code = report_validation(s.output, s.validate, s.validate_tolerance)
     except BaseException as e:
         if m.store is not None:
             m.store.close(discard_if_empty=True)   # nothing completed: leave no file behind
-        m.release_after_error(e)
+        m.ending.release_after_error(e, m.workers)
         raise
-    return m.end_ranks(code)
+    return m.ending.end(code)
