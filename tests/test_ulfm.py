@@ -218,7 +218,7 @@ def test_without_the_ulfm_calls_each_rank_is_probed_by_name(channel):
 def test_the_failure_classes_are_mpi4py_s(tmp_path):
     """The names looked up exist in this mpi4py (a subprocess: importing mpi4py.MPI initialises MPI)."""
     pytest.importorskip("mpi4py")
-    code = ("from mpi4py import MPI\nfrom gpt2job.cluster.faults import FAILURE_CLASSES, process_failure\n"
+    code = ("from mpi4py import MPI\nfrom gpt2job.cluster.ulfm import FAILURE_CLASSES, process_failure\n"
             "assert all(hasattr(MPI, n) for n in FAILURE_CLASSES), [n for n in FAILURE_CLASSES if not hasattr(MPI, n)]\n"
             "assert process_failure(MPI, MPI.Exception(MPI.ERR_PROC_FAILED))\n"
             "assert not process_failure(MPI, MPI.Exception(MPI.ERR_OTHER))\nprint('ok')\n")

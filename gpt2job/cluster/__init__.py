@@ -1,3 +1,3 @@
-"""The cluster layer: who is master and who works (job.py), the master (master.py) and its chunk queue
-(scheduler.py), the worker loop (worker.py), the channel between them (channel.py), test fault plans (faults.py)
-and timing lines (trace.py)."""
+"""The cluster layer: who is master and who works (job.py), the master (master.py), its chunk queue (scheduler.py)
+and how it lets every rank go (ending.py), the worker loop (worker.py), the channel between them (channel.py), ranks
+that died under ULFM (ulfm.py), test fault plans (faults.py) and timing lines (trace.py)."""

@@ -19,7 +19,7 @@ import time
 import numpy as np
 
 from gpt2job.chunks import decode_chunk, decode_completions, encode_chunk, encode_completions
-from gpt2job.cluster.faults import STOP_AFTER_DEATH, dead_ranks, process_failure
+from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, dead_ranks, process_failure
 
 TAG_WORK = 1      # master -> worker: int64 chunk buffer
 TAG_STOP = 2      # master -> worker: pickled reason string

@@ -5,7 +5,7 @@ rank; a job that fails before it has a master (a refused text input, job.py) mak
 import sys
 import time
 
-from gpt2job.cluster.faults import STOP_AFTER_DEATH, end_without_finalize
+from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, end_without_finalize
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
 
 
@@ -18,7 +18,7 @@ class Ending:
         self.hung = []             # ranks counted hung: MPI_Abort ends them unless they are heard from again
         self.stopped = set()       # ranks told to stop (each is told once)
         self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
-        self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (faults.py)
+        self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (ulfm.py)
         self.run_started = None    # Master.run: start-up deadlines count from here (none: from the job's end)
         self.held = []             # lines of start-up failures not said yet (worker_failed)
 

@@ -23,6 +23,7 @@ from gpt2job import envs
 from gpt2job.backends import make_backend
 from gpt2job.chunks import merge_chunks, split_completions
 from gpt2job.cluster import faults
+from gpt2job.cluster.ulfm import end_without_finalize
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.errors import UserError
@@ -229,8 +230,8 @@ def work(s: JobSettings, link, rank, gpu_slot, fault_plan):
 def run_worker(s: JobSettings, comm, gpu_slot, fault_plan):
     link = MpiMasterLink(comm)
     work(s, link, comm.Get_rank(), gpu_slot, fault_plan)
-    if getattr(link, "end_without_finalize", False):   # a rank died (ULFM): see faults.STOP_AFTER_DEATH
-        faults.end_without_finalize(0)
+    if getattr(link, "end_without_finalize", False):   # a rank died (ULFM): see ulfm.STOP_AFTER_DEATH
+        end_without_finalize(0)
     return 0
 
 
