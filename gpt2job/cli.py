@@ -281,7 +281,6 @@ def build_parser():
 
 def cmd_run(a):
     from gpt2job.cluster.job import run_job
-    from gpt2job.model.tokenizer import vocab_dir_from   # --vocab-dir or GPT2_VOCAB_DIR: workers match stop strings
     from gpt2job.settings import JobSettings
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
@@ -292,7 +291,7 @@ def cmd_run(a):
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=a.max_new_tokens,
                     ignore_eos=a.ignore_eos, temperature=a.temperature, top_k=a.top_k, top_p=a.top_p,
                     seed=a.seed, backend=a.backend, dtype=a.dtype, chunk_size=a.chunk_size, num_samples=a.num_samples,
-                    vocab_dir=vocab_dir_from(a.vocab_dir), overwrite=a.overwrite, skip_invalid=a.skip_invalid,
+                    vocab_dir=a.vocab_dir, overwrite=a.overwrite, skip_invalid=a.skip_invalid,
                     validate=a.validate, validate_tolerance=a.validate_tolerance, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=not a.no_dedup,
                     stop=tuple(dict.fromkeys(a.stop)), repetition_penalty=a.repetition_penalty,
@@ -303,7 +302,6 @@ def cmd_run(a):
 
 def cmd_score(a):
     from gpt2job.cluster.job import run_job
-    from gpt2job.model.tokenizer import vocab_dir_from
     from gpt2job.settings import JobSettings
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
@@ -312,7 +310,7 @@ def cmd_score(a):
         raise UserError("score needs a model: the synthetic backend only generates", field="--backend",
                         fix="use --backend numpy, cuda or auto")
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=1, backend=a.backend,
-                    dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=vocab_dir_from(a.vocab_dir),
+                    dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=a.vocab_dir,
                     overwrite=a.overwrite, skip_invalid=a.skip_invalid, share_gpus=a.share_gpus,
                     chunk_timeout=a.chunk_timeout, progress_interval=a.progress_interval, dedup=False,
                     logprobs=True, score=True, prepend_eos=a.prepend_eos)

@@ -24,7 +24,7 @@ from gpt2job.files.prompts import invalid_fix, read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
 from gpt2job.files.validate import report_validation
-from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
+from gpt2job.model.tokenizer import load_tokenizer
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 
@@ -73,8 +73,7 @@ class Master:
         self.cfg = cfg
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
-        vocab_dir = vocab_dir_from(s.vocab_dir)
-        tokenizer = functools.cache(lambda: load_tokenizer(vocab_dir))   # built once: text prompts', the output's text
+        tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # built once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
             self.rows = None
@@ -122,7 +121,7 @@ class Master:
                  "backend": s.backend, "chunk_size": s.chunk_size, **({"num_samples": N} if N > 1 else {}),
                  **({"input_text_digest": self.prompts.text_digest} if self.prompts.text_digest else {})}
         self.store = OutputStore(s.output, self.n_rows, key, self.prompts.lengths, attrs=attrs,
-                                 tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=vocab_dir,
+                                 tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=s.vocab_dir,
                                  stops=stops_header(s, cfg.eos_token_id, self.rows))
         self.took("open_output")
         if self.store.resumed_rows:

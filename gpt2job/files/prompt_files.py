@@ -224,8 +224,8 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
             raise UserError("is not an HDF5 prompts file: --overwrite replaces only those", output, "output",
                             "choose another name, e.g. prompts.h5")
     if texts is not None and tokenize:
-        from gpt2job.model.tokenizer import encode_texts, load_tokenizer, vocab_dir_from
-        enc = load_tokenizer(vocab_dir_from(vocab_dir))
+        from gpt2job.model.tokenizer import encode_texts, load_tokenizer
+        enc = load_tokenizer(vocab_dir)
         tokens, texts = encode_texts(enc, texts), None
     _write_h5(output, texts, tokens, rows, {"source": os.path.abspath(source)})
     n = len(texts) if texts is not None else len(tokens)

@@ -163,11 +163,11 @@ def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     from gpt2job.errors import plural
     from gpt2job.files.prompts import invalid_fix, read_prompts, validate
     from gpt2job.files.row_settings import read_row_settings
-    from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
+    from gpt2job.model.tokenizer import load_tokenizer
     from gpt2job.model.weights import load_config
     from gpt2job.settings import JobSettings
     cfg = load_config(model)
-    prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir_from(vocab_dir)))
+    prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir))
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
     if val.n_invalid:

@@ -24,7 +24,7 @@ import operator
 
 import numpy as np
 
-from gpt2job.model.tokenizer import load_tokenizer, vocab_dir_from
+from gpt2job.model.tokenizer import load_tokenizer
 
 CACHE_BYTES = 64 << 20     # candidates kept per TokenTable: a bound on their bytes, whatever the strings' number
 
@@ -32,7 +32,7 @@ CACHE_BYTES = 64 << 20     # candidates kept per TokenTable: a bound on their by
 @functools.lru_cache(maxsize=4)
 def token_bytes(vocab_dir, vocab_size):
     """The TokenTable of every token id below vocab_size (b"" for ids the tokenizer does not know)."""
-    enc = load_tokenizer(vocab_dir_from(vocab_dir))   # the worker's GPT2_VOCAB_DIR when the job named none
+    enc = load_tokenizer(vocab_dir)
     out = []
     for t in range(vocab_size):
         try:

@@ -18,13 +18,12 @@ def encode_texts(enc, texts):
     return [enc.encode(t, allowed_special=allowed) for t in texts]
 
 
-def vocab_dir_from(flag_value):
-    return flag_value or envs.get("GPT2_VOCAB_DIR") or None
-
-
 def load_tokenizer(vocab_dir=None):
-    """A tiktoken Encoding for GPT-2. Raises UserError with the fix when none can be built."""
+    """A tiktoken Encoding for GPT-2, from vocab_dir (a --vocab-dir; none given: GPT2_VOCAB_DIR, read here alone, on
+    each rank and process that needs the tokenizer; neither: tiktoken's own). Raises UserError with the fix when none
+    can be built."""
     import tiktoken
+    vocab_dir = vocab_dir or envs.get("GPT2_VOCAB_DIR")
     if vocab_dir:
         bpe, enc_json = os.path.join(vocab_dir, "vocab.bpe"), os.path.join(vocab_dir, "encoder.json")
         for p in (bpe, enc_json):
