@@ -182,13 +182,14 @@ def test_run_help_says_it_takes_text_files():
 def test_prompt_files_split_lines_at_newlines_only_and_know_jsonl_in_any_case(tmp_path):
     """A line is what ends at "\n" ("\r\n" too): a JSON string may hold U+2028, a text line a form feed (str.splitlines
     split both); a .JSONL file is JSON lines like a .jsonl one."""
-    from gpt2job.files.prompt_files import read_prompt_file
+    from gpt2job.files.jsonl_settings import JsonlRows
+    from gpt2job.files.prompt_files import prompt_blocks
     src = tmp_path / "UP.JSONL"
     src.write_text('{"prompt": "a\u2028b"}\r\n"c\u0085d"\n', encoding="utf-8")
-    assert read_prompt_file(str(src))[:2] == (["a\u2028b", "c\u0085d"], None)
+    assert list(prompt_blocks(str(src), JsonlRows())) == [("text", ["a\u2028b", "c\u0085d"])]
     txt = tmp_path / "pages.txt"
     txt.write_text("page one\x0cpage two\r\nthird\n", encoding="utf-8")
-    assert read_prompt_file(str(txt))[:2] == (["page one\x0cpage two", "third"], None)
+    assert list(prompt_blocks(str(txt), JsonlRows())) == [("text", ["page one\x0cpage two", "third"])]
 
 
 
@@ -243,10 +244,11 @@ def test_a_conversion_killed_mid_write_leaves_nothing_after_the_next_run(tmp_pat
 
 @pytest.mark.parametrize("name, content", [("p.txt", "Hello\nWorld\n"), ("p.jsonl", '"Hello"\n{"prompt": "World"}\n')])
 def test_a_byte_order_mark_is_not_part_of_the_first_prompt(tmp_path, name, content):
-    from gpt2job.files.prompt_files import read_prompt_file
+    from gpt2job.files.jsonl_settings import JsonlRows
+    from gpt2job.files.prompt_files import prompt_blocks
     src = tmp_path / name
     src.write_bytes(b"\xef\xbb\xbf" + content.encode())   # as some editors save UTF-8
-    assert read_prompt_file(str(src))[:2] == (["Hello", "World"], None)
+    assert list(prompt_blocks(str(src), JsonlRows())) == [("text", ["Hello", "World"])]
 
 
 def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
@@ -345,3 +347,74 @@ def test_a_prompt_file_is_read_a_line_at_a_time_with_the_rules_of_the_whole_file
         src.write_bytes(data)
         with pytest.raises(UserError, match=re.escape(frag)):
             list(file_lines(str(src)))
+
+
+@pytest.mark.parametrize("tokens", [False, True])
+def test_a_prompt_file_is_converted_a_block_at_a_time_with_every_line_checked(tmp_path, monkeypatch, tokens):
+    """A text or JSONL file is written a block of BLOCK_LINES prompts at a time (here 3): the same datasets as a file
+    of one block (token rows of one length too, which h5py's ds[a:b] = ... refuses), its per-row settings included;
+    a bad line in a later block, after blocks were written, refuses the file and leaves no file."""
+    import gpt2job.files.prompt_files as P
+    from gpt2job.errors import UserError
+    lines = [{"tokens": [i, i + 1]} if tokens else {"prompt": f"p{i}"} for i in range(8)]
+    lines[4]["temperature"], lines[7]["stop"] = 0.5, ["x", "yy"]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps(o) + "\n" for o in lines))
+    whole, blocks = tmp_path / "whole.h5", tmp_path / "blocks.h5"
+    P.convert(str(src), str(whole))
+    monkeypatch.setattr(P, "BLOCK_LINES", 3)
+    P.convert(str(src), str(blocks))
+    with h5py.File(whole) as a, h5py.File(blocks) as b:
+        assert sorted(a) == sorted(b) == sorted(["prompt_tokens" if tokens else "prompts", "temperature", "stop"])
+        for k in a:
+            x, y = a[k][()], b[k][()]
+            assert [str(np.asarray(v).tolist()) for v in x] == [str(np.asarray(v).tolist()) for v in y], k   # (NaN)
+        assert [t.tolist() for t in b["prompt_tokens"]] == [[i, i + 1] for i in range(8)] if tokens else True
+    src.write_text(src.read_text() + '{"prompt": 5}\n')
+    with pytest.raises(UserError, match="line 9"):
+        P.convert(str(src), str(tmp_path / "bad.h5"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["blocks.h5", "p.jsonl", "whole.h5"]
+
+
+def test_an_unchanged_source_reuses_its_conversion_without_reading_it_again(tmp_path, monkeypatch):
+    """A rerun of `run` or `score` on an unchanged text/JSONL file finds its conversion by the file's digest and does
+    not parse the file again (1M JSONL lines: ~5 s); a changed file is read and converted anew."""
+    import gpt2job.files.prompt_files as P
+    from gpt2job.files.score_input import convert_pairs
+    src, pairs, out = tmp_path / "p.txt", tmp_path / "pairs.jsonl", str(tmp_path / "out.h5")
+    src.write_text("one\ntwo\n")
+    pairs.write_text('{"context": "a", "continuation": " b"}\n')
+    first, wrote = P.convert_for_run(str(src), out)
+    scored, wrote_pairs = convert_pairs(str(pairs), out)
+    assert wrote and wrote_pairs
+
+    def no_reading(*a, **k):
+        raise AssertionError("the unchanged source was read again")
+    monkeypatch.setattr(P, "file_lines", no_reading)
+    assert P.convert_for_run(str(src), out) == (first, False)
+    assert convert_pairs(str(pairs), out) == (scored, False)
+    monkeypatch.undo()
+    src.write_text("one\ntwo\nthree\n")
+    again, wrote = P.convert_for_run(str(src), out)
+    assert wrote and again != first
+    with h5py.File(again) as f:
+        assert f["prompts"].asstr()[()].tolist() == ["one", "two", "three"]
+
+
+def test_text_prompts_are_tokenized_in_small_blocks_with_the_digest_of_the_big_ones(tmp_path, monkeypatch, vocab_dir):
+    """The master tokenizes a text input TOKENIZE_ROWS prompts at a time (each one's ids are Python lists until
+    packed: 1M prompts peaked at 645 MB with blocks of 262,144, 253 MB now); the ids, and the text digest that
+    outputs record and export checks (by blocks of BLOCK_ROWS), are those of one block."""
+    import gpt2job.files.prompts as P
+    from gpt2job.model.tokenizer import load_tokenizer
+    inp = tmp_path / "in.h5"
+    texts = [f"prompt number {i} " * (i % 4 + 1) for i in range(50)]
+    with h5py.File(inp, "w") as f:
+        f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
+    one = P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
+    monkeypatch.setattr(P, "TOKENIZE_ROWS", 4)
+    small = P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
+    assert [small.prompt(i).tolist() for i in range(50)] == [one.prompt(i).tolist() for i in range(50)]
+    assert small.text_digest == one.text_digest and small.fingerprint() == one.fingerprint()
+    monkeypatch.setattr(P, "BLOCK_ROWS", 16)   # the digest is by blocks of BLOCK_ROWS, tokenizing aside
+    assert P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257).text_digest != one.text_digest

@@ -3,7 +3,9 @@
 (files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
 (NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
 import difflib
+import functools
 import sys
+from array import array
 
 import numpy as np
 
@@ -17,7 +19,8 @@ LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 -
 
 
 class JsonlRows:
-    """The per-row settings of a JSONL file's lines, as read: name -> {prompt index: value}."""
+    """The per-row settings of a JSONL file's lines, as read: name -> (prompt indices, values), in compact arrays
+    (16 bytes a value; a stop's strings are a tuple each), for a file of millions of lines."""
 
     def __init__(self):
         self.values = {}
@@ -39,13 +42,17 @@ class JsonlRows:
                                      f"is ignored (a setting is named {setting!r})\n")
         for name in ROW_DATASETS:
             if name in obj and obj[name] is not None:
-                self.values.setdefault(name, {})[i] = _value(name, obj[name], path, n)
+                v = _value(name, obj[name], path, n)
+                if name not in self.values:
+                    self.values[name] = (array("q"), [] if name == STOP else array("q" if name in INTEGER else "d"))
+                self.values[name][0].append(i)
+                self.values[name][1].append(v)
 
     def write(self, f, n_rows):
         """The datasets, into the HDF5 file f being written (only those some line gave)."""
         import h5py
-        for name, given in self.values.items():
-            rows, vals = np.fromiter(given, np.int64, len(given)), list(given.values())
+        for name, (rows, vals) in self.values.items():
+            rows = np.frombuffer(rows, np.int64)
             if name == STOP:
                 k = max(map(len, vals))
                 data = np.full((n_rows, k), "", object)
@@ -54,11 +61,11 @@ class JsonlRows:
                 f.create_dataset(name, data=data[:, 0] if k == 1 else data, dtype=h5py.string_dtype("utf-8"))
             elif name in INTEGER:
                 data = np.full(n_rows, -1, np.int64)
-                data[rows] = vals
+                data[rows] = np.frombuffer(vals, np.int64)
                 f.create_dataset(name, data=data)
             else:
                 data = np.full(n_rows, np.nan, np.float64)
-                data[rows] = vals
+                data[rows] = np.frombuffer(vals, np.float64)
                 f.create_dataset(name, data=data)
 
 
@@ -73,11 +80,11 @@ def _value(name, v, path, n):
     integral = isinstance(v, int) or (isinstance(v, float) and v.is_integer())
     if isinstance(v, bool) or not isinstance(v, (int, float)) or (name in INTEGER and not integral):
         raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
-    if name in INTEGER:
+    if name in INTEGER:   # (each value its own NumPy scalar: the datasets' rules, 3-4x faster than a 1-array)
         v = int(v)
-        ok = 0 <= v <= LIMITS[name] and bool(RULES[name][1](np.array([v], np.int64))[0])
+        ok = 0 <= v <= LIMITS[name] and bool(RULES[name][1](np.int64(v)))
     else:
-        ok = abs(v) < 1e300 and bool(RULES[name][1](np.array([v], np.float64))[0])   # (a huge JSON integer)
+        ok = abs(v) < 1e300 and bool(RULES[name][1](np.float64(v)))   # (a huge JSON integer)
     if not ok:
         raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     return v
@@ -97,6 +104,7 @@ def _edits(a, b):
     return row[-1]
 
 
+@functools.lru_cache(maxsize=4096)   # asked for every line's own fields (an "id" on each of millions of lines)
 def near_setting(key):
     """(the per-row setting a field's name stands for, or resembles; whether surely): surely for another spelling
     (topP, Max-New-Tokens), a known alias (max_tokens) or a long name two edits from one (temprature); resembles

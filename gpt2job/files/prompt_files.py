@@ -10,6 +10,8 @@ from gpt2job.files.h5files import check_output_path
 from gpt2job.files.jsonl_settings import JsonlRows
 from gpt2job.files.outpaths import being_written
 
+BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")
 
 def read_int32_file(path, width):
     """The old system's raw prompt file: int32 little-endian, row-major [N, width]."""
@@ -30,11 +32,16 @@ def file_lines(path):
     """(line number, line) for each line of a UTF-8 text file, read a line at a time (a file of millions of lines
     is never held whole): split at "\n" only, a "\r" before it dropped, as JSON lines and text editors do
     (str.splitlines would also split at U+2028, form feeds and other separators inside a line); a leading byte-order
-    mark, as some editors save, is not text."""
+    mark, as some editors save, is not text. The file is opened now: a missing one is refused before any line is
+    asked for."""
     try:
         f = open(path, "rb")
     except OSError as e:
         raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
+    return _lines(f, path)
+
+
+def _lines(f, path):
     with f:
         at = 0   # bytes before this line
         for n, raw in enumerate(f, 1):
@@ -51,53 +58,75 @@ def file_lines(path):
             yield n, line[:-1] if line.endswith("\r") else line
 
 
-def read_prompt_file(path):
-    """-> (list of texts or None, list of token lists or None, the per-row settings of a JSONL file's lines)."""
-    rows = JsonlRows()
-    if not path.lower().endswith((".jsonl", ".ndjson")):
-        return [line for _, line in file_lines(path) if line.strip()], None, rows
-    texts, tokens = [], []
-    first = {}   # kind -> the line it first appeared on
-    for n, line in file_lines(path):
+def prompt_blocks(path, rows):
+    """A text or JSONL prompts file's prompts, BLOCK_LINES at a time, every line checked as it is read: yields
+    (kind, prompts), kind "text" (str) or "token" (lists of ids), one kind per file. A JSONL line's per-row settings
+    go into rows (a JsonlRows). A file without a prompt is refused once it has been read; one that cannot be opened,
+    at once."""
+    return _blocks(file_lines(path), path, rows)
+
+
+def _blocks(lines, path, rows):
+    jsonl, block, count, first = path.lower().endswith(JSONL_EXTENSIONS), [], 0, {}   # first: kind -> its first line
+    kind = "text"
+    for n, line in lines:
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"line {n} is not JSON ({e.msg})", path, f"line {n}", "write one JSON value per line")
-        if isinstance(obj, dict):
-            rows.add(len(texts) + len(tokens), obj, path, n)
-            obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
-        if isinstance(obj, str):
-            if "\x00" in obj:
-                raise UserError(f"line {n} contains a NUL character", path, f"line {n}", "remove it")
-            kind = "text"
-            texts.append(obj)
-        elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
-            kind = "token"
-            check_ids(obj, path, n)
-            tokens.append(obj)
+        if jsonl:
+            kind, prompt = _jsonl_prompt(line, n, path, rows, count)
+            first.setdefault(kind, n)
+            if len(first) == 2:
+                other = "text" if kind == "token" else "token"
+                raise UserError(f"a {kind} prompt, but line {first[other]} is a {other} prompt: the file mixes text "
+                                "prompts and token prompts", path, f"line {n}", "use one kind per file")
         else:
-            raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
-                            'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
-        if not obj:   # `run` refuses empty prompts: refuse them here, where the line is known
-            raise UserError(f"empty {kind} prompt", path, f"line {n}",
-                            "remove the line or give it a prompt; `run` refuses empty prompts")
-        first.setdefault(kind, n)
-        if len(first) == 2:
-            other = "text" if kind == "token" else "token"
-            raise UserError(f"a {kind} prompt, but line {first[other]} is a {other} prompt: the file mixes text "
-                            "prompts and token prompts", path, f"line {n}", "use one kind per file")
-    return ((texts, None) if texts or not tokens else (None, tokens)) + (rows,)
+            prompt = line
+        block.append(prompt)
+        count += 1
+        if len(block) == BLOCK_LINES:
+            yield kind, block
+            block = []
+    if not count:   # (`run` refuses an input of no rows, too)
+        raise UserError("holds no prompt (every line is blank)", path, "source", "write one prompt per line")
+    if block:
+        yield kind, block
+
+
+def _jsonl_prompt(line, n, path, rows, i):
+    """Line n of a JSONL file, prompt i: (kind, its prompt); its settings fields go into rows."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise UserError(f"line {n} is not JSON ({e.msg})", path, f"line {n}", "write one JSON value per line")
+    if isinstance(obj, dict):
+        rows.add(i, obj, path, n)
+        obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
+    if isinstance(obj, str):
+        if "\x00" in obj:
+            raise UserError(f"line {n} contains a NUL character", path, f"line {n}", "remove it")
+        kind = "text"
+    elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
+        kind = "token"
+        check_ids(obj, path, n)
+    else:
+        raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
+                        'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
+    if not obj:   # `run` refuses empty prompts: refuse them here, where the line is known
+        raise UserError(f"empty {kind} prompt", path, f"line {n}",
+                        "remove the line or give it a prompt; `run` refuses empty prompts")
+    return kind, obj
 
 
 def file_digest(path):
     """"sha256:..." of a file's bytes, read 1 MiB at a time (a conversion's name and its source's record)."""
     import hashlib
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    except OSError as e:
+        raise UserError(f"cannot read ({e.strerror})", path, "source", "check the path")
     return "sha256:" + h.hexdigest()
 
 
@@ -118,22 +147,46 @@ def _write_error(output, e):
     return UserError(f"cannot write ({reason})", output, "output", fix)
 
 
-def _write_h5(output, texts, tokens, rows, attrs):
-    """Write the input HDF5 file (prompts or prompt_tokens, and the per-row settings' datasets) at output,
-    atomically."""
-    import h5py
+class Appender:
+    """A dataset of texts (str) or token lists (vlen int32) in an HDF5 file being written, a block at a time."""
+
+    def __init__(self, f, name, kind):
+        import h5py
+        self.dtype = h5py.string_dtype("utf-8") if kind == "text" else h5py.vlen_dtype(np.int32)
+        self.ds = f.create_dataset(name, (0,), self.dtype, maxshape=(None,), chunks=(8192,))
+        self.kind, self.n = kind, 0
+
+    def add(self, block):
+        self.ds.resize((self.n + len(block),))
+        if self.kind == "text":
+            self.ds[self.n:] = block
+        else:   # (an array of the vlen type, written directly: h5py's ds[a:b] = ... fails on rows of one length)
+            rows = np.empty(len(block), self.dtype)
+            for i, t in enumerate(block):
+                rows[i] = np.asarray(t, np.int32)
+            self.ds.write_direct(rows, dest_sel=np.s_[self.n:self.n + len(rows)])
+        self.n += len(block)
+
+
+def _write_h5(output, blocks, rows, attrs):
+    """Write the input HDF5 file at output, atomically, a block of prompts at a time: blocks of (kind, prompts) as
+    prompt_blocks yields them make prompts or prompt_tokens, or one ("grid", [N, T] int32 array); then the per-row
+    settings' datasets. Returns (prompts written, their kind)."""
+    written = {}
 
     def fill(f):
-        if texts is not None:
-            f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
-        elif isinstance(tokens, np.ndarray):
-            f.create_dataset("prompt_tokens", data=tokens.astype(np.int32))
-        else:
-            ds = f.create_dataset("prompt_tokens", (len(tokens),), dtype=h5py.vlen_dtype(np.int32))
-            for i, t in enumerate(tokens):
-                ds[i] = np.asarray(t, np.int32)
-        rows.write(f, len(texts if texts is not None else tokens))
+        out = None
+        for kind, block in blocks:
+            if kind == "grid":   # a raw int32 file's rows: one 2-D dataset
+                f.create_dataset("prompt_tokens", data=block.astype(np.int32))
+                written.update(n=len(block), kind="token")
+                continue
+            out = out or Appender(f, "prompts" if kind == "text" else "prompt_tokens", kind)
+            out.add(block)
+            written.update(n=out.n, kind=kind)
+        rows.write(f, written["n"])
     write_atomically(output, fill, attrs)
+    return written["n"], written["kind"]
 
 
 def _writer():
@@ -204,13 +257,14 @@ def _is_prompts_file(path):
 
 
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
+    """`python -m gpt2job prompts SOURCE OUTPUT`. The source is read and checked as the output is written (at a
+    temporary name: a source refused half-way leaves nothing)."""
     check_output_path(output)
+    rows = JsonlRows()
     if source.endswith(".bin") or tokens_per_row:
-        texts, tokens, rows = None, read_int32_file(source, tokens_per_row), JsonlRows()
+        blocks = [("grid", read_int32_file(source, tokens_per_row))]
     else:
-        texts, tokens, rows = read_prompt_file(source)
-        if not (texts or tokens):   # as `run` refuses the file (an input of no rows is refused by run, too)
-            raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
+        blocks = prompt_blocks(source, rows)
     if os.path.exists(output):
         from gpt2job.files.h5read import read_status
         if os.path.exists(source) and os.path.samefile(source, output):
@@ -223,23 +277,21 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
         if not _is_prompts_file(output):   # a user's text or HDF5 data file: --overwrite replaces prompts files only
             raise UserError("is not an HDF5 prompts file: --overwrite replaces only those", output, "output",
                             "choose another name, e.g. prompts.h5")
-    if texts is not None and tokenize:
+    if tokenize:
         from gpt2job.model.tokenizer import encode_texts, load_tokenizer
         enc = load_tokenizer(vocab_dir)
-        tokens, texts = encode_texts(enc, texts), None
-    _write_h5(output, texts, tokens, rows, {"source": os.path.abspath(source)})
-    n = len(texts) if texts is not None else len(tokens)
-    kind = "text prompt" if texts is not None else "token prompt"
-    dataset = "prompts" if texts is not None else "prompt_tokens"
-    print(f"gpt2job: wrote {plural(n, kind)} ('{dataset}') to {output}")
+        blocks = (("token", encode_texts(enc, b)) if kind == "text" else (kind, b) for kind, b in blocks)
+    n, kind = _write_h5(output, blocks, rows, {"source": os.path.abspath(source)})
+    dataset = "prompts" if kind == "text" else "prompt_tokens"
+    print(f"gpt2job: wrote {plural(n, kind + ' prompt')} ('{dataset}') to {output}")
     return 0
 
 
 # ---------------------------------------------------------------- `run` on a text or JSONL file
 
-TEXT_EXTENSIONS = (".txt", ".jsonl", ".ndjson")     # `run` converts these on the fly (read_prompt_file's rules)
+TEXT_EXTENSIONS = (".txt", *JSONL_EXTENSIONS)     # `run` converts these on the fly (prompt_blocks's rules)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
-CONVERSION = 3                                      # bump when read_prompt_file's rules change what it makes
+CONVERSION = 3                                      # bump when prompt_blocks's rules change what it makes
 INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
              "a .jsonl file")
 
@@ -284,30 +336,35 @@ def converted_path(output, digest):
 
 def convert_for_run(source, output, log=None):
     """The input HDF5 for `run SOURCE OUTPUT` with a text or JSONL SOURCE, next to the output (the master's node
-    writes it; the workers get token chunks, never the input). The same rules and errors as the `prompts` command,
-    checked before anything is written. Its name holds a hash of SOURCE's bytes: the same SOURCE reuses it (a rerun
+    writes it; the workers get token chunks, never the input). The same rules and errors as the `prompts` command;
+    the source is read and checked as its conversion is written at a temporary name (one refused half-way leaves
+    nothing). Its name holds a hash of SOURCE's bytes: the same SOURCE reuses it without reading it again (a rerun
     resumes the output), a changed SOURCE gets a file of its own (and the output's resume check refuses it as a
-    changed input, while the output's own input stays as it was). Written atomically. Returns (its path, whether
-    this call wrote it)."""
+    changed input, while the output's own input stays as it was). Returns (its path, whether this call wrote it)."""
     log = log or (lambda msg: None)
     check_output_path(output, example="out.h5")
-    texts, tokens, rows = read_prompt_file(source)   # every check of the `prompts` command, before any write
-    if not (texts or tokens):
-        raise UserError("holds no prompt (every line is blank)", source, "source", "write one prompt per line")
+    digest, target = unchanged_conversion(source, output, "run")
+    if digest is None:
+        log(f"prompts of {source}: unchanged, read from {target}")
+        return target, False
+    rows = JsonlRows()
+    attrs = {"source": os.path.abspath(source), "source_sha256": digest, "gpt2job_conversion": CONVERSION}
+    n, kind = _write_h5(target, prompt_blocks(source, rows), rows, attrs)
+    log(f"{plural(n, kind + ' prompt')} of {source} converted to {target}")
+    return target, True
+
+
+def unchanged_conversion(source, output, command):
+    """(SOURCE's digest, where its conversion for OUTPUT goes); the digest is None when a conversion of these very
+    bytes, by these rules, is already there (the source was checked when it was written)."""
     digest = file_digest(source)
     target = converted_path(output, digest)
-    what = plural(len(texts) if texts is not None else len(tokens), "text prompt" if texts is not None else
-                  "token prompt")
     old = _conversion_attrs(target) if os.path.exists(target) else None
     if old is not None and old.get("source_sha256") == digest and old.get("gpt2job_conversion") == CONVERSION:
-        log(f"{what} of {source}: unchanged, read from {target}")
-        return target, False
+        return None, target
     if os.path.isdir(target):
-        raise UserError("is a folder", target, "input", f"remove it: `run` converts {source} there")
-    _write_h5(target, texts, tokens, rows, {"source": os.path.abspath(source), "source_sha256": digest,
-                                           "gpt2job_conversion": CONVERSION})
-    log(f"{what} of {source} converted to {target}")
-    return target, True
+        raise UserError("is a folder", target, "input", f"remove it: `{command}` converts {source} there")
+    return digest, target
 
 
 def conversions_of(output):

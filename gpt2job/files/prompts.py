@@ -19,6 +19,7 @@ DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int
 
 
 BLOCK_ROWS = 1 << 18     # prompts read, converted and checked at once: the input is streamed, never held twice
+TOKENIZE_ROWS = 1 << 14  # text prompts tokenized at once: their ids are Python lists (~50 bytes a token) until packed
 
 
 def to_int32(tokens):
@@ -283,22 +284,23 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot be read ({first_line(e)})", path, field,
                             "the file is damaged; write it again")
-        hash_texts(digest, raw)
-        texts = []
-        for i, s in enumerate(raw, a):
-            if isinstance(s, bytes):
-                try:
-                    s = s.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
-                                    "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
-            elif not isinstance(s, str):
-                s = str(s)
-            texts.append(s)
-        enc = enc or tokenizer_factory()
-        rows = encode_texts(enc, texts)
-        lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
-        tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
+        hash_texts(digest, raw)   # (by blocks of BLOCK_ROWS: outputs record the digest; export checks it)
+        for b in range(0, len(raw), TOKENIZE_ROWS):
+            texts = []
+            for i, s in enumerate(raw[b:b + TOKENIZE_ROWS], a + b):
+                if isinstance(s, bytes):
+                    try:
+                        s = s.decode("utf-8")
+                    except UnicodeDecodeError as e:
+                        raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
+                                        "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
+                elif not isinstance(s, str):
+                    s = str(s)
+                texts.append(s)
+            enc = enc or tokenizer_factory()
+            rows = encode_texts(enc, texts)
+            lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
+            tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
     prompts = PromptSet.from_pieces(lengths, tokens.result(), "prompts")
     prompts.text_digest = "sha256:" + digest.hexdigest()[:32]
     return prompts

@@ -148,16 +148,40 @@ def jsonl_pairs(path):
 def convert_pairs(source, output, log=None):
     """convert_for_run for a JSONL file of {"context", "continuation"} objects (both texts, or both lists of token
     ids): the input HDF5 (context + continuation, or context_tokens + continuation_tokens) at
-    OUTPUT.prompts-HASH.h5, reused while SOURCE is unchanged. -> (its path, whether this call wrote it)."""
-    import json
+    OUTPUT.prompts-HASH.h5, reused without reading SOURCE again while it is unchanged; written as it is read, a block
+    of pairs at a time. -> (its path, whether this call wrote it)."""
     import os
-    import h5py
     from gpt2job.files.h5files import check_output_path
-    from gpt2job.files.prompt_files import (CONVERSION, _conversion_attrs, check_ids, converted_path, file_digest,
-                                            file_lines, write_atomically)
+    from gpt2job.files.prompt_files import CONVERSION, Appender, unchanged_conversion, write_atomically
     check_output_path(output, example="out.h5")
+    digest, target = unchanged_conversion(source, output, "score")
+    if digest is None:
+        return target, False
+    written = []
+
+    def fill(f):
+        out = None
+        for kind, ctx, cont in pair_blocks(source):
+            out = out or [Appender(f, name + ("" if kind == "text" else "_tokens"), kind)
+                          for name in ("context", "continuation")]
+            out[0].add(ctx)
+            out[1].add(cont)
+        written.append(out[0].n)
+
+    write_atomically(target, fill, {"source": os.path.abspath(source), "source_sha256": digest,
+                                    "gpt2job_conversion": CONVERSION})
+    if log:
+        log(f"{written[0]:,} context/continuation pairs of {source} converted to {target}")
+    return target, True
+
+
+def pair_blocks(source):
+    """The pairs of a JSONL file of {"context", "continuation"} objects, every line checked as it is read: yields
+    (kind, contexts, continuations), kind "text" or "token", BLOCK_LINES pairs at a time."""
+    import json
+    from gpt2job.files.prompt_files import BLOCK_LINES, check_ids, file_lines
     ctx, cont, kinds = [], [], set()
-    for n, line in file_lines(source):   # (a line at a time: the file is never held whole)
+    for n, line in file_lines(source):
         if not line.strip():
             continue
         try:
@@ -177,25 +201,8 @@ def convert_pairs(source, output, log=None):
             check_ids(obj["context"] + obj["continuation"], source, n)
         ctx.append(obj["context"])
         cont.append(obj["continuation"])
-    digest = file_digest(source)
-    target = converted_path(output, digest)
-    old = _conversion_attrs(target) if os.path.exists(target) else None
-    if old is not None and old.get("source_sha256") == digest and old.get("gpt2job_conversion") == CONVERSION:
-        return target, False
-    if os.path.isdir(target):
-        raise UserError("is a folder", target, "input", f"remove it: `score` converts {source} there")
-
-    def fill(f):
-        for name, rows in (("context", ctx), ("continuation", cont)):
-            if kinds == {"text"}:
-                f.create_dataset(name, data=rows, dtype=h5py.string_dtype("utf-8"))
-            else:
-                d = f.create_dataset(name + "_tokens", (len(rows),), dtype=h5py.vlen_dtype(np.int32))
-                for i, r in enumerate(rows):
-                    d[i] = np.asarray(r, np.int32)
-
-    write_atomically(target, fill, {"source": os.path.abspath(source), "source_sha256": digest,
-                                    "gpt2job_conversion": CONVERSION})
-    if log:
-        log(f"{len(ctx)} context/continuation pairs of {source} converted to {target}")
-    return target, True
+        if len(ctx) == BLOCK_LINES:
+            yield ("text" if kinds == {"text"} else "token"), ctx, cont
+            ctx, cont = [], []
+    if ctx:
+        yield ("text" if kinds == {"text"} else "token"), ctx, cont
