@@ -72,6 +72,19 @@ def test_group_identical():
     assert reps.tolist() == [0, 1, 3] and copies.as_dict() == {}
 
 
+def test_ragged_prompts_are_keyed_a_bounded_block_of_tokens_at_a_time(monkeypatch):
+    """prompt_keys of ragged prompts works on about KEY_TOKENS tokens at a time (4M prompts of ~34 tokens held ~500 MB
+    of temporaries with blocks of 262,144 rows): the keys, and so the groups, do not depend on the block."""
+    import gpt2job.files.dedup as D
+    p = PromptSet.from_lists(ROWS, "t")
+    rows = np.arange(N)[::-1].copy()
+    keys, sub, groups = D.prompt_keys(p), D.prompt_keys(p, rows), group_identical(p, np.arange(N))
+    monkeypatch.setattr(D, "KEY_TOKENS", 7)        # blocks of one or two prompts
+    assert D.prompt_keys(p).tolist() == keys.tolist() and D.prompt_keys(p, rows).tolist() == sub.tolist()
+    reps, copies = group_identical(p, np.arange(N))
+    assert reps.tolist() == groups[0].tolist() and len(copies) == N_COPIES + 1 == len(groups[1])
+
+
 def test_with_copies_appends_identical_rows():
     copies = Copies(np.array([4, 7]), np.array([0, 1, 3]), np.array([5, 9, 11]))   # 4 -> [5], 7 -> [9, 11]
     comp = Completions.from_lists(3, [4, 6, 7], [[1, 2, 3], [8], [5, 5]], [1, 0, 0])

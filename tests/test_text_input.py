@@ -380,22 +380,23 @@ def test_an_unchanged_source_reuses_its_conversion_without_reading_it_again(tmp_
     """A rerun of `run` or `score` on an unchanged text/JSONL file finds its conversion by the file's digest and does
     not parse the file again (1M JSONL lines: ~5 s); a changed file is read and converted anew."""
     import gpt2job.files.prompt_files as P
+    from gpt2job.files.conversions import convert_for_run
     from gpt2job.files.score_input import convert_pairs
     src, pairs, out = tmp_path / "p.txt", tmp_path / "pairs.jsonl", str(tmp_path / "out.h5")
     src.write_text("one\ntwo\n")
     pairs.write_text('{"context": "a", "continuation": " b"}\n')
-    first, wrote = P.convert_for_run(str(src), out)
+    first, wrote = convert_for_run(str(src), out)
     scored, wrote_pairs = convert_pairs(str(pairs), out)
     assert wrote and wrote_pairs
 
     def no_reading(*a, **k):
         raise AssertionError("the unchanged source was read again")
     monkeypatch.setattr(P, "file_lines", no_reading)
-    assert P.convert_for_run(str(src), out) == (first, False)
+    assert convert_for_run(str(src), out) == (first, False)
     assert convert_pairs(str(pairs), out) == (scored, False)
     monkeypatch.undo()
     src.write_text("one\ntwo\nthree\n")
-    again, wrote = P.convert_for_run(str(src), out)
+    again, wrote = convert_for_run(str(src), out)
     assert wrote and again != first
     with h5py.File(again) as f:
         assert f["prompts"].asstr()[()].tolist() == ["one", "two", "three"]

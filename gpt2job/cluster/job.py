@@ -3,7 +3,7 @@ demand, writes results as they arrive); ranks 1..N-1 are workers (cluster/worker
 With one rank the master computes too, in a thread of its own. They talk through cluster/channel.py.
 
 A text or JSONL input (`run prompts.txt OUT`) is converted by the master alone, into OUT.prompts-HASH.h5 next to
-the output (files/prompt_files.py convert_for_run), before anything else is made: the workers get token chunks over
+the output (files/conversions.py convert_for_run), before anything else is made: the workers get token chunks over
 MPI and never read the conversion, so it needs no shared folder beyond the output's own (a worker opens an HDF5 input
 only to see whether it has per-row stop strings, files/row_settings.py may_have_stops)."""
 import dataclasses
@@ -23,7 +23,7 @@ from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import rerun
 from gpt2job.files.journal import JOURNAL_SUFFIX
 from gpt2job.files.outpaths import REPLACED_SUFFIX, rows_kept
-from gpt2job.files.prompt_files import convert_for_run, is_text_input, tidy_conversions
+from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
 
@@ -62,7 +62,7 @@ def run_job(s: JobSettings):
 def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     """The master, after converting a text or JSONL input. A refused input releases every worker rank (they are
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
-    kept names it (prompt_files.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
+    kept names it (conversions.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
     converted = created = None
     restore = say_on_sigterm(s.output, s.overwrite)
     ok = False

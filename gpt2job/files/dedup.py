@@ -12,6 +12,7 @@ from gpt2job.chunks import Completions, take_ragged
 from gpt2job.errors import plural
 
 KEY_ROWS = 1 << 18      # rows keyed at once (bounded temporaries)
+KEY_TOKENS = 1 << 20    # ragged prompts: about this many tokens keyed at once (each is ~7 int64 temporaries)
 
 
 def mix64(x):
@@ -36,8 +37,10 @@ def prompt_keys(prompts, rows=None):
     lens = prompts.lengths
     w = prompts.width
     per = 8 // prompts.tokens.itemsize        # tokens to a 64-bit word
-    for a in range(0, n, KEY_ROWS):
-        b = min(n, a + KEY_ROWS)
+    step = KEY_ROWS if w is not None else \
+        max(1, min(KEY_ROWS, KEY_TOKENS * len(prompts) // max(1, len(prompts.tokens))))   # by the mean length
+    for a in range(0, n, step):
+        b = min(n, a + step)
         if rows is not None:                  # these prompts, gathered (a block's worth at a time)
             r = rows[a:b]
             if w is not None:                 # (a grid's offsets are never made)

@@ -132,7 +132,8 @@ def trim(comp: Completions, starts):
 def jsonl_pairs(path):
     """Is path a .jsonl file of {"context": ..., "continuation": ...} objects (its first line says)?"""
     import json
-    if not str(path).lower().endswith((".jsonl", ".ndjson")):
+    from gpt2job.files.prompt_files import JSONL_EXTENSIONS
+    if not str(path).lower().endswith(JSONL_EXTENSIONS):
         return False
     try:
         with open(path, "rb") as f:
@@ -152,7 +153,8 @@ def convert_pairs(source, output, log=None):
     of pairs at a time. -> (its path, whether this call wrote it)."""
     import os
     from gpt2job.files.h5files import check_output_path
-    from gpt2job.files.prompt_files import CONVERSION, Appender, unchanged_conversion, write_atomically
+    from gpt2job.files.conversions import CONVERSION, unchanged_conversion
+    from gpt2job.files.prompt_files import Appender, write_atomically
     check_output_path(output, example="out.h5")
     digest, target = unchanged_conversion(source, output, "score")
     if digest is None:

@@ -151,7 +151,7 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
     and the per-row settings datasets (files/row_settings.py); a text or JSONL file converted as `run` does (into a
     temporary folder). Raises the UserError `run` would; 0 when it is fine."""
     import tempfile
-    from gpt2job.files.prompt_files import convert_for_run, is_text_input
+    from gpt2job.files.conversions import convert_for_run, is_text_input
     if not is_text_input(path):
         return _check_input(path, path, model, max_new_tokens, vocab_dir, out)
     with tempfile.TemporaryDirectory() as folder:
