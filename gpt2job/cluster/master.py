@@ -73,25 +73,25 @@ class Master:
         self.cfg = cfg
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
-        tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # built once: text prompts', the output's text
+        tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
-            self.rows = None
+            self.row_settings = None
             self.took("read_input")
             val = validate_score(self.prompts, self.score_starts, cfg.n_positions, cfg.vocab_size)
         else:
             self.prompts = read_prompts(s.input, tokenizer, cfg.vocab_size)   # uint16 ids when they fit
-            self.rows = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
+            self.row_settings = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
-            if (self.rows is None or "max_new_tokens" not in self.rows.given) and \
+            if (self.row_settings is None or "max_new_tokens" not in self.row_settings.given) and \
                     max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
                 raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
                                 "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
-                           self.rows.max_new_tokens if self.rows else s.max_new_tokens)
+                           self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
         if val.n_invalid and not s.skip_invalid:
-            raise UserError(val.message(), shown, self.prompts.source, invalid_fix(s.score, self.rows, val))
+            raise UserError(val.message(), shown, self.prompts.source, invalid_fix(s.score, self.row_settings, val))
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
@@ -101,18 +101,18 @@ class Master:
             self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
             self.enc = None
-            check_job_stops(s, cfg.vocab_size, self.rows, None)   # stop strings need it: that error, not the note
+            check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
             self.log(f"no tokenizer, so no 'completions' text is written ({e})")
-        check_job_stops(s, cfg.vocab_size, self.rows, self.enc)
+        check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
                "input_fingerprint": self.prompts.fingerprint(), "n_rows": self.n_rows,
                "settings": s.result_settings()}
         if s.score:     # the same tokens split otherwise into context and continuation are another job
             key["score_starts"] = starts_fingerprint(self.score_starts)
-        if self.rows:   # only then: outputs without per-row settings keep their key (and resume)
-            key["row_settings"] = self.rows.key()
+        if self.row_settings:   # only then: outputs without per-row settings keep their key (and resume)
+            key["row_settings"] = self.row_settings.key()
         if s.backend == "synthetic":   # made-up tokens: never mixed with a model's on a resume
             key["backend"] = "synthetic"
         self.took("fingerprint")
@@ -122,7 +122,7 @@ class Master:
                  **({"input_text_digest": self.prompts.text_digest} if self.prompts.text_digest else {})}
         self.store = OutputStore(s.output, self.n_rows, key, self.prompts.lengths, attrs=attrs,
                                  tokenizer=self.enc, overwrite=s.overwrite, vocab_dir=s.vocab_dir,
-                                 stops=stops_header(s, cfg.eos_token_id, self.rows))
+                                 stops=stops_header(s, cfg.eos_token_id, self.row_settings))
         self.took("open_output")
         if self.store.resumed_rows:
             self.log(f"resuming {s.output}: {self.store.resumed_rows:,} of {self.n_rows:,} rows already done")
@@ -131,7 +131,7 @@ class Master:
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
                                              np.full(len(bad), FINISH_INVALID, np.uint8))])
         todo = np.flatnonzero(~self.store.done)
-        if s.dedup and s.temperature <= 0 and self.rows is None and not s.score:   # per-row settings, score: no
+        if s.dedup and s.temperature <= 0 and self.row_settings is None and not s.score:   # per-row settings, score: no
             # greedy: a completion depends on the prompt alone, so each distinct prompt is computed once and
             # its copies get the same result. Only among rows not done, so that a resume finishes every row.
             todo, self.copies = group_identical(self.prompts, todo, N)
@@ -140,14 +140,14 @@ class Master:
                 self.log(copies_line(self.n_copies, N))
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
-                               prefetch=PREFETCH, row_settings=self.rows, max_new_tokens=s.max_new_tokens,
+                               prefetch=PREFETCH, row_settings=self.row_settings, max_new_tokens=s.max_new_tokens,
                                num_samples=N, position_cost=0.0 if s.score else position_cost(s.dtype, cfg.n_embd))
         self.took("schedule")
         self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval, verb=self.verb)
         n_workers = len(self.channel.ranks) or 1
         todo_tokens = int(self.prompts.lengths[todo // N].sum()) if len(todo) else 0
-        new = f"{s.max_new_tokens} new each" if self.rows is None else \
-            f"{int(self.rows.max_new_tokens[todo // N].sum()):,} new in all; {self.rows.describe()}" + \
+        new = f"{s.max_new_tokens} new each" if self.row_settings is None else \
+            f"{int(self.row_settings.max_new_tokens[todo // N].sum()):,} new in all; {self.row_settings.describe()}" + \
             ("; no dedup" if s.dedup and s.temperature <= 0 else "")
         new = "" if s.score else f", up to {new}"   # (score: 'up to 1 new each' said of no new token)
         samples = f" ({N} samples of each prompt)" if N > 1 else ""
