@@ -224,7 +224,7 @@ def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path)
         m.handle(m.workers[1], "hello", {"host": "a", "preferred_chunk": 64})
         m.first_ready = time.monotonic() - 60
         m.maybe_start()
-        m.ending.run_started, m.startup_timeout = time.monotonic() - 100, 10
+        m.ending.run_started, m.ending.startup_timeout = time.monotonic() - 100, 10
         m.check_hung(time.monotonic())
         assert m.workers[2].retired
         assert m.ending.hung == [2]

@@ -419,3 +419,14 @@ def test_text_prompts_are_tokenized_in_small_blocks_with_the_digest_of_the_big_o
     assert small.text_digest == one.text_digest and small.fingerprint() == one.fingerprint()
     monkeypatch.setattr(P, "BLOCK_ROWS", 16)   # the digest is by blocks of BLOCK_ROWS, tokenizing aside
     assert P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257).text_digest != one.text_digest
+
+
+def test_prompts_tokenize_loads_no_tokenizer_for_a_file_of_token_prompts(tmp_path):
+    """`prompts --tokenize` tokenizes text blocks only: a JSONL file of token lists needs no tokenizer (a review
+    found the streamed conversion loading it first, and refusing the file without one)."""
+    from gpt2job.files.prompt_files import convert
+    src = tmp_path / "t.jsonl"
+    src.write_text("[1, 2]\n[3]\n")
+    assert convert(str(src), str(tmp_path / "t.h5"), tokenize=True, vocab_dir=str(tmp_path / "no-vocab")) == 0
+    with h5py.File(tmp_path / "t.h5") as f:
+        assert [r.tolist() for r in f["prompt_tokens"]] == [[1, 2], [3]]

@@ -337,7 +337,7 @@ def test_with_ulfm_a_killed_worker_is_retired_and_the_job_ends_normally(tmp_path
     workers = {w["rank"]: w for w in json.loads(res["attrs"]["summary"])["workers"]}
     assert "died" in workers[2]["retired"] and workers[1]["retired"] is None and workers[3]["retired"] is None
     assert sum(w["rows"] for w in workers.values()) == N
-    # after a death every rank ends without MPI_Finalize (faults.STOP_AFTER_DEATH): Open MPI 5.0 now and then
+    # after a death every rank ends without MPI_Finalize (ulfm.STOP_AFTER_DEATH): Open MPI 5.0 now and then
     # waited in it for ever for the dead rank (rc None here: killed at the deadline), 1 to 4 jobs in 8
     assert rc == 0, log
 

@@ -68,7 +68,7 @@ class MpiChannel:
         comm.Set_errhandler(MPI.ERRORS_RETURN)
         self.failed = set()      # ranks known dead
         self.news = []           # ("failed" messages) for the next poll
-        self.any_source = True   # False: failures cannot be acknowledged (faults.dead_ranks): probe rank by rank
+        self.any_source = True   # False: failures cannot be acknowledged (ulfm.dead_ranks): probe rank by rank
 
     def encode_ahead(self, chunks):
         self.encoded.update((c.chunk_id, encode_chunk(c)) for c in chunks)

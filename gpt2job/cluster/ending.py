@@ -15,14 +15,31 @@ QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks stil
 class Ending:
     def __init__(self, channel, chunk_timeout, log):
         self.channel, self.chunk_timeout, self.log = channel, chunk_timeout, log
+        self.startup_timeout = 5 * chunk_timeout   # a rank's start-up (loading weights, compiling kernels) deadline
         self.hung = []             # ranks counted hung: MPI_Abort ends them unless they are heard from again
         self.stopped = set()       # ranks told to stop (each is told once)
         self.heard = set()         # ranks that said they are ready, failed or died: none of them is still starting
         self.peer_died = False     # a rank died (ULFM): every rank ends without MPI_Finalize (ulfm.py)
-        self.run_started = None    # Master.run: start-up deadlines count from here (none: from the job's end)
+        self.run_started = None    # start_clock: start-up deadlines count from here (none: from the job's end)
         self.held = []             # lines of start-up failures not said yet (worker_failed)
 
     # ---- what the master hears while the job runs
+    def start_clock(self):
+        """The master's loop starts: every rank's start-up deadline counts from now."""
+        self.run_started = time.monotonic()
+
+    def late_to_start(self, now):
+        """Is it past the ranks' start-up deadline?"""
+        return now - self.run_started > self.startup_timeout
+
+    def heard_from(self, rank):
+        """The rank said it is ready, or that it failed: it is not starting any more."""
+        self.heard.add(rank)
+
+    def count_hung(self, rank):
+        """The master gave up on the rank (a deadline passed): MPI_Abort ends it unless it is heard from again."""
+        self.hung.append(rank)
+
     def stop(self, rank):
         if rank not in self.stopped:
             self.stopped.add(rank)
@@ -62,9 +79,9 @@ class Ending:
             self.log(line)
         self.held = []
 
-    def no_workers_left(self, workers, kept, n_rows, s):
-        """The job's error once every worker is retired. kept: the rows kept in the output s.output (None: no row was
-        completed, and the output is removed)."""
+    def no_workers_left(self, workers, kept, n_rows, output, overwrite):
+        """The job's error once every worker is retired. kept: the rows kept in output (None: no row was completed,
+        and the output is removed); overwrite: the run's --overwrite (what to rerun)."""
         errors = [w.error for w in workers]
         messages = {e["error"] for e in errors if e}
         if all(e and e.get("user_error") and e.get("chunk") is None for e in errors) and len(messages) == 1:
@@ -72,9 +89,9 @@ class Ending:
             return UserError(messages.pop())   # the same mistake everywhere (a bad model file, too few GPUs)
         self.say_held()
         reasons = "; ".join(f"rank {w.rank} on {w.host}: {w.why_retired}" for w in workers)
-        msg = f"no worker is left ({reasons}); " + (f"{kept} of {n_rows} rows are complete and kept in {s.output}"
+        msg = f"no worker is left ({reasons}); " + (f"{kept} of {n_rows} rows are complete and kept in {output}"
                                                     if kept is not None else "no row was completed")
-        again = rerun(s.overwrite, resume=kept is not None)
+        again = rerun(overwrite, resume=kept is not None)
         if all(w.error and w.error.get("user_error") for w in workers):
             return UserError(msg, fix=f"fix the cause above, then {again}")
         return WorkerFailure(f"{msg}; {again}")
@@ -96,10 +113,8 @@ class Ending:
             for rank, kind, *data in self.channel.poll():
                 workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
                     workers[rank].outstanding.clear()
-                if kind == "failed":   # dead now: no MPI_Abort for it; the survivors skip MPI_Finalize
-                    self.peer_died = True
-                    if rank in self.hung:
-                        self.hung.remove(rank)
+                if kind == "failed":
+                    self.died(rank)
             self.channel.wait()
         for w in self._still_computing(workers):   # MPI_Finalize would wait for their results' sends for ever
             self.log(f"worker rank {w.rank} on {w.host} still computes {len(w.outstanding)} chunk(s) past the job's "
@@ -161,13 +176,13 @@ class Ending:
     def wait_for_starting(self, quiet=False):
         """After shutdown, at a job's end: a rank still starting reads its stop once it is ready; one that hangs at
         start-up never does, and mpirun would wait for it for ever. So wait for them until the start-up deadline
-        (5 x chunk_timeout from the run's start, as Master.check_hung; from now when the job had nothing to run),
+        (startup_timeout from the run's start, as Master.check_hung; from now when the job had nothing to run),
         then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends only once
         every rank has. quiet (after the job's own error line): no line for ranks whose start-up failed, and the line
         for the wait only once it has lasted QUIET_WAIT_S. Interrupted (Ctrl-C, an MPI error), the silent ones count
         hung at once; returns that exception (None when not interrupted)."""
         now = time.monotonic()
-        deadline, said = (self.run_started if self.run_started is not None else now) + 5 * self.chunk_timeout, None
+        deadline, said = (self.run_started if self.run_started is not None else now) + self.startup_timeout, None
         try:
             while self.starting() and time.monotonic() < deadline:
                 if said is None and (not quiet or time.monotonic() - now > QUIET_WAIT_S):
@@ -177,15 +192,14 @@ class Ending:
                 for rank, kind, *data in self.channel.poll():
                     if kind not in ("hello", "error", "failed"):
                         continue       # results, reports: only hung ranks still send them; dropped
-                    self.heard.add(rank)
+                    if kind == "failed":
+                        self.died(rank)
+                        continue
+                    self.heard_from(rank)
                     if kind == "error" and not quiet:
                         self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
-                    if kind == "failed":   # dead: no MPI_Abort for it; the survivors skip MPI_Finalize
-                        self.peer_died = True
-                    if rank in self.hung:   # ready or failed after its deadline: it waits for its stop (heard_late)
-                        self.hung.remove(rank)
-                        if kind != "failed":
-                            self.stop(rank)
+                    if rank in self.hung:   # ready or failed after its deadline: it waits for its stop
+                        self.heard_late(rank)
                 self.channel.wait()
         except BaseException as e:   # the job is over: end them rather than wait
             for r in self.starting():
@@ -194,6 +208,6 @@ class Ending:
                 self.hung.append(r)
             return e
         for r in self.starting():
-            self.log(f"worker rank {r} did not become ready within {5 * self.chunk_timeout:.0f} s; ending it")
+            self.log(f"worker rank {r} did not become ready within {self.startup_timeout:.0f} s; ending it")
             self.hung.append(r)
         return None

@@ -198,14 +198,14 @@ class Master:
         if local_slot is not None:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
-        self.ending.run_started = time.monotonic()
-        self.startup_timeout = 5 * self.s.chunk_timeout    # loading weights, compiling kernels
+        self.ending.start_clock()
         while self.sched.rows_left() or any(w.outstanding for w in self.live()) or self.store.committing() \
                 or self.received:
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
                 kept = int(self.store.done.sum()) if self.store.completed else None   # ('invalid' rows count)
-                raise self.ending.no_workers_left(list(self.workers.values()), kept, self.n_rows, self.s)
+                raise self.ending.no_workers_left(list(self.workers.values()), kept, self.n_rows, self.s.output,
+                                                  self.s.overwrite)
             if not self.dispatching:
                 self.maybe_start()
             msgs = self.channel.poll()
@@ -267,7 +267,7 @@ class Master:
                 self.feed(w)
         elif kind == "hello":
             (info,) = data
-            self.ending.heard.add(w.rank)
+            self.ending.heard_from(w.rank)
             if w.retired:      # ready after its start-up deadline: the job went on without it (no abort at its end)
                 return self.ending.heard_late(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
@@ -288,7 +288,7 @@ class Master:
                     self.feed(other)
         elif kind == "error":
             (info,) = data
-            self.ending.heard.add(w.rank)
+            self.ending.heard_from(w.rank)
             w.host = info.get("host", w.host)
             where = f"chunk {info['chunk']}" if info.get("chunk") is not None else "start-up"
             self.ending.worker_failed(w, where, info, any(x.ready for x in self.workers.values()))
@@ -337,14 +337,14 @@ class Master:
 
     def check_hung(self, now):
         for w in self.live():
-            if not w.ready and now - self.ending.run_started > self.startup_timeout:
-                self.log(f"worker rank {w.rank} did not become ready within {self.startup_timeout:.0f} s; "
+            if not w.ready and self.ending.late_to_start(now):
+                self.log(f"worker rank {w.rank} did not become ready within {self.ending.startup_timeout:.0f} s; "
                          "going on without it")
-                self.ending.hung.append(w.rank)
+                self.ending.count_hung(w.rank)
                 self.retire(w, "never became ready (start-up deadline passed)")
             elif self.sched.hung(w, now):
                 self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
-                self.ending.hung.append(w.rank)
+                self.ending.count_hung(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
 
     # ---- the end

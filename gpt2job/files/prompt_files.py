@@ -149,10 +149,11 @@ def _write_error(output, e):
 class Appender:
     """A dataset of texts (str) or token lists (vlen int32) in an HDF5 file being written, a block at a time."""
 
-    def __init__(self, f, name, kind):
+    def __init__(self, f, name, kind, first_block=8192):
         import h5py
         self.dtype = h5py.string_dtype("utf-8") if kind == "text" else h5py.vlen_dtype(np.int32)
-        self.ds = f.create_dataset(name, (0,), self.dtype, maxshape=(None,), chunks=(8192,))
+        chunk = max(1, min(8192, first_block))   # (a file of a few prompts: chunks of its size, not 128 KiB)
+        self.ds = f.create_dataset(name, (0,), self.dtype, maxshape=(None,), chunks=(chunk,))
         self.kind, self.n = kind, 0
 
     def add(self, block):
@@ -180,7 +181,7 @@ def _write_h5(output, blocks, rows, attrs):
                 f.create_dataset("prompt_tokens", data=block.astype(np.int32))
                 written.update(n=len(block), kind="token")
                 continue
-            out = out or Appender(f, "prompts" if kind == "text" else "prompt_tokens", kind)
+            out = out or Appender(f, "prompts" if kind == "text" else "prompt_tokens", kind, len(block))
             out.add(block)
             written.update(n=out.n, kind=kind)
         rows.write(f, written["n"])
@@ -245,6 +246,17 @@ def write_atomically(output, fill, attrs):
         raise
 
 
+def _tokenized(blocks, vocab_dir):
+    """The blocks with text prompts as token lists (`prompts --tokenize`)."""
+    from gpt2job.model.tokenizer import encode_texts, load_tokenizer
+    enc = None
+    for kind, block in blocks:
+        if kind == "text":
+            enc = enc or load_tokenizer(vocab_dir)
+            kind, block = "token", encode_texts(enc, block)
+        yield kind, block
+
+
 def _is_prompts_file(path):
     """An HDF5 file with a prompts dataset (what `prompts` writes, or any gpt2job input)."""
     import h5py
@@ -257,7 +269,8 @@ def _is_prompts_file(path):
 
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     """`python -m gpt2job prompts SOURCE OUTPUT`. The source is read and checked as the output is written (at a
-    temporary name: a source refused half-way leaves nothing)."""
+    temporary name: a source refused half-way leaves nothing), so the output's own checks (it exists; it holds
+    results) come before those of the source's lines; the tokenizer is loaded for the first text block, if any."""
     check_output_path(output)
     rows = JsonlRows()
     if source.endswith(".bin") or tokens_per_row:
@@ -277,9 +290,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
             raise UserError("is not an HDF5 prompts file: --overwrite replaces only those", output, "output",
                             "choose another name, e.g. prompts.h5")
     if tokenize:
-        from gpt2job.model.tokenizer import encode_texts, load_tokenizer
-        enc = load_tokenizer(vocab_dir)
-        blocks = (("token", encode_texts(enc, b)) if kind == "text" else (kind, b) for kind, b in blocks)
+        blocks = _tokenized(blocks, vocab_dir)
     n, kind = _write_h5(output, blocks, rows, {"source": os.path.abspath(source)})
     dataset = "prompts" if kind == "text" else "prompt_tokens"
     print(f"gpt2job: wrote {plural(n, kind + ' prompt')} ('{dataset}') to {output}")

@@ -285,20 +285,21 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
             raise UserError(f"cannot be read ({first_line(e)})", path, field,
                             "the file is damaged; write it again")
         hash_texts(digest, raw)   # (by blocks of BLOCK_ROWS: outputs record the digest; export checks it)
-        for b in range(0, len(raw), TOKENIZE_ROWS):
-            texts = []
-            for i, s in enumerate(raw[b:b + TOKENIZE_ROWS], a + b):
-                if isinstance(s, bytes):
-                    try:
-                        s = s.decode("utf-8")
-                    except UnicodeDecodeError as e:
-                        raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
-                                        "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
-                elif not isinstance(s, str):
-                    s = str(s)
-                texts.append(s)
-            enc = enc or tokenizer_factory()
-            rows = encode_texts(enc, texts)
+        texts = []
+        for i, s in enumerate(raw, a):
+            if isinstance(s, bytes):
+                try:
+                    s = s.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise UserError(f"row {i} is not valid UTF-8 ({e.reason} at byte {e.start})", path, field,
+                                    "store prompts as UTF-8 text, or give token ids in 'prompt_tokens'")
+            elif not isinstance(s, str):
+                s = str(s)
+            texts.append(s)
+        del raw
+        enc = enc or tokenizer_factory()
+        for b in range(0, len(texts), TOKENIZE_ROWS):
+            rows = encode_texts(enc, texts[b:b + TOKENIZE_ROWS])
             lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
             tokens.add(np.fromiter(itertools.chain.from_iterable(rows), np.int32, int(lengths[-1].sum())))
     prompts = PromptSet.from_pieces(lengths, tokens.result(), "prompts")

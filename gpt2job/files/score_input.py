@@ -164,7 +164,7 @@ def convert_pairs(source, output, log=None):
     def fill(f):
         out = None
         for kind, ctx, cont in pair_blocks(source):
-            out = out or [Appender(f, name + ("" if kind == "text" else "_tokens"), kind)
+            out = out or [Appender(f, name + ("" if kind == "text" else "_tokens"), kind, len(ctx))
                           for name in ("context", "continuation")]
             out[0].add(ctx)
             out[1].add(cont)
