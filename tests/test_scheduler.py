@@ -235,6 +235,23 @@ def test_a_worker_ready_after_its_start_up_deadline_is_stopped_not_fed(tmp_path)
         m.store.close()
 
 
+def test_a_worker_counted_hung_that_then_reports_an_error_is_let_go_not_aborted(tmp_path):
+    """A worker past its deadline (hung: its chunks went to the others) whose error report comes after all is alive
+    and waits for its stop: it is told to stop and no longer counted hung (no MPI_Abort at the job's end)."""
+    import time
+    m, ch, n = ragged_master(tmp_path)
+    try:
+        for r in (1, 2):
+            m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
+        m.workers[2].outstanding = {99: m.workers[2].outstanding.popitem()[1]} if m.workers[2].outstanding else {}
+        m.ending.count_hung(2)
+        m.retire(m.workers[2], "stopped answering (deadline passed)")
+        m.handle(m.workers[2], "error", {"host": "b", "chunk": 99, "error": "CUDA error", "traceback": ""})
+        assert ch.sent[2][-1] == "stop" and m.ending.hung == []
+    finally:
+        m.store.close()
+
+
 def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path):
     """A job that ends (here: an error) while a worker rank still computes its chunks receives their results for up
     to chunk_timeout; a rank still computing then counts as hung (MPI_Abort ends it), for MPI_Finalize would wait

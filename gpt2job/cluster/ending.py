@@ -45,9 +45,9 @@ class Ending:
             self.stopped.add(rank)
             self.channel.send_stop(rank, STOP_AFTER_DEATH if self.peer_died else "stop")
 
-    def heard_late(self, rank):
-        """A rank counted hung (or left behind at start-up) was heard from after all: it waits for its stop, so it is
-        told to stop and not aborted at the end."""
+    def let_go(self, rank):
+        """Tell a rank that said it is ready or failed to stop: it waits for that. One counted hung (or left behind at
+        start-up) that is heard from after all is then no longer aborted at the end."""
         if rank in self.hung:
             self.hung.remove(rank)
         self.stop(rank)
@@ -199,7 +199,7 @@ class Ending:
                     if kind == "error" and not quiet:
                         self.log(f"worker rank {rank} failed during start-up: {data[0].get('error')}")
                     if rank in self.hung:   # ready or failed after its deadline: it waits for its stop
-                        self.heard_late(rank)
+                        self.let_go(rank)
                 self.channel.wait()
         except BaseException as e:   # the job is over: end them rather than wait
             for r in self.starting():

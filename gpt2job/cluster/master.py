@@ -269,7 +269,7 @@ class Master:
             (info,) = data
             self.ending.heard_from(w.rank)
             if w.retired:      # ready after its start-up deadline: the job went on without it (no abort at its end)
-                return self.ending.heard_late(w.rank)
+                return self.ending.let_go(w.rank)
             w.ready, w.host, w.info = True, info.get("host", "?"), info
             self.ending.say_held()    # the job goes on: ranks that failed at start-up are worth a line each now
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
@@ -294,7 +294,7 @@ class Master:
             self.ending.worker_failed(w, where, info, any(x.ready for x in self.workers.values()))
             w.error = info
             self.retire(w, f"error during {where}: {info['error']}")
-            self.ending.stop(w.rank)
+            self.ending.let_go(w.rank)   # (one counted hung that fails after all: no MPI_Abort for it)
         elif kind == "failed":   # its process died (only an MPI with ULFM says so): its chunks go to the others
             self.ending.died(w.rank)
             if not w.retired:
