@@ -160,7 +160,7 @@ def test_prompts_command_errors(tmp_path):
     bad = tmp_path / "p.jsonl"
     bad.write_text('"fine"\n{not json}\n')
     p = run_gpt2job(["prompts", bad, tmp_path / "x.h5"])
-    assert_one_clear_line(p, "line 2 is not JSON")
+    assert_one_clear_line(p, "line 2: not JSON")
     mixed = tmp_path / "m.jsonl"
     mixed.write_text('"text"\n{"tokens": [1, 2]}\n')
     assert_one_clear_line(run_gpt2job(["prompts", mixed, tmp_path / "x.h5"]), "mixes text prompts and token")

@@ -106,7 +106,7 @@ def test_a_rerun_resumes_and_a_changed_file_is_refused(tmp_path, vocab_dir):
 @pytest.mark.parametrize("name,content,frag", [
     ("empty.jsonl", '"fine"\n""\n', "line 2: empty text prompt"),
     ("mixed.jsonl", '"text"\n{"tokens": [1, 2]}\n', "mixes text prompts and token prompts"),
-    ("notjson.jsonl", '"fine"\n{not json}\n', "line 2 is not JSON"),
+    ("notjson.jsonl", '"fine"\n{not json}\n', "line 2: not JSON"),
     ("nul.txt", "a\x00b\n", "NUL"),
     ("blank.txt", "\n  \n", "holds no prompt"),
     ("table.csv", "a,b\n1,2\n", "is not an HDF5 file, and its extension (.csv) is not .txt or .jsonl"),
@@ -430,3 +430,20 @@ def test_prompts_tokenize_loads_no_tokenizer_for_a_file_of_token_prompts(tmp_pat
     assert convert(str(src), str(tmp_path / "t.h5"), tokenize=True, vocab_dir=str(tmp_path / "no-vocab")) == 0
     with h5py.File(tmp_path / "t.h5") as f:
         assert [r.tolist() for r in f["prompt_tokens"]] == [[1, 2], [3]]
+
+
+@pytest.mark.parametrize("line", ['{"prompt": "a \\ud800 b"}', '"\\udfff"', '{"prompt": "ok", "stop": ["\\ud83d"]}'])
+def test_half_a_surrogate_pair_in_a_jsonl_line_is_one_line_naming_it(tmp_path, line):
+    """JSON may spell half a UTF-16 pair (\\ud800), which UTF-8 cannot hold: one line naming the line, no traceback
+    from HDF5's write (before: rc 1 and a UnicodeEncodeError), nothing left behind; a whole pair is text."""
+    src = tmp_path / "p.jsonl"
+    src.write_text('"fine"\n' + line + "\n" + '"\\ud83d\\ude00 pair"\n')
+    p = run_gpt2job(["prompts", src, tmp_path / "x.h5"])
+    assert_one_clear_line(p, "line 2: holds half a UTF-16 surrogate pair")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["p.jsonl"]
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text('{"context": "a", "continuation": "\\ud800"}\n')
+    from gpt2job.errors import UserError
+    from gpt2job.files.score_input import convert_pairs
+    with pytest.raises(UserError, match="line 1: holds half"):
+        convert_pairs(str(pairs), str(tmp_path / "out.h5"))

@@ -93,10 +93,7 @@ def _blocks(lines, path, rows):
 
 def _jsonl_prompt(line, n, path, rows, i):
     """Line n of a JSONL file, prompt i: (kind, its prompt); its settings fields go into rows."""
-    try:
-        obj = json.loads(line)
-    except ValueError as e:
-        raise UserError(f"line {n} is not JSON ({e.msg})", path, f"line {n}", "write one JSON value per line")
+    obj = json_line(line, n, path, "write one JSON value per line")
     if isinstance(obj, dict):
         rows.add(i, obj, path, n)
         obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
@@ -114,6 +111,22 @@ def _jsonl_prompt(line, n, path, rows, i):
         raise UserError(f"empty {kind} prompt", path, f"line {n}",
                         "remove the line or give it a prompt; `run` refuses empty prompts")
     return kind, obj
+
+
+def json_line(line, n, path, fix):
+    """The JSON value of line n. JSON may spell half a UTF-16 pair (\\ud800), which no UTF-8 file can hold:
+    refused here, where the line is known (HDF5's write would fail with a traceback)."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:
+        raise UserError(f"not JSON ({e.msg})", path, f"line {n}", fix)
+    if "\\ud" in line.lower():   # (only an escape makes a lone surrogate: the line itself is valid UTF-8)
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise UserError("holds half a UTF-16 surrogate pair (a \\ud800-\\udfff escape alone)", path, f"line {n}",
+                            "write valid Unicode text") from None
+    return obj
 
 
 def file_digest(path):

@@ -180,16 +180,12 @@ def convert_pairs(source, output, log=None):
 def pair_blocks(source):
     """The pairs of a JSONL file of {"context", "continuation"} objects, every line checked as it is read: yields
     (kind, contexts, continuations), kind "text" or "token", BLOCK_LINES pairs at a time."""
-    import json
-    from gpt2job.files.prompt_files import BLOCK_LINES, check_ids, file_lines
+    from gpt2job.files.prompt_files import BLOCK_LINES, check_ids, file_lines, json_line
     ctx, cont, kinds = [], [], set()
     for n, line in file_lines(source):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except ValueError as e:
-            raise UserError(f"not JSON ({e.msg})", source, f"line {n}", "write one JSON object per line")
+        obj = json_line(line, n, source, "write one JSON object per line")
         if not (isinstance(obj, dict) and "context" in obj and "continuation" in obj):
             raise UserError(f"line {n} is not an object with 'context' and 'continuation'", source, f"line {n}",
                             'write {"context": "...", "continuation": "..."} on every line')
@@ -208,3 +204,5 @@ def pair_blocks(source):
             ctx, cont = [], []
     if ctx:
         yield ("text" if kinds == {"text"} else "token"), ctx, cont
+    elif not kinds:   # (jsonl_pairs saw a pair on the first line: the file changed since)
+        raise UserError("holds no context/continuation pair", source, "source", "write one pair per line")
