@@ -40,7 +40,10 @@ class Master:
                            [MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
         self.fault_plan = fault_plan or {}
         self.ending = Ending(self.channel, s.chunk_timeout, self.log)   # what each rank's process is, how it ends
-        self.store = None
+        # prepare() sets these: the model's config; the prompts, per-row settings, score starts, invalid rows and the
+        # tokenizer of the input; the output store, the chunk queue and the progress lines
+        self.cfg = self.prompts = self.row_settings = self.score_starts = self.invalid = self.enc = None
+        self.n_rows, self.store, self.sched, self.progress = 0, None, None, None
         self.workers = {}
         self.t_ready = None        # every worker ready
         self.t_start = None        # the first chunk handed out: generation starts
@@ -69,14 +72,12 @@ class Master:
     # ---- set-up: input, validation, output
     def prepare(self):
         s = self.s
-        cfg = load_config(s.model)
-        self.cfg = cfg
+        cfg = self.cfg = load_config(s.model)
         if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
             raise UserError("is both the input and the output", s.output, "output", "write to another file")
         tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
-            self.row_settings = None
             self.took("read_input")
             val = validate_score(self.prompts, self.score_starts, cfg.n_positions, cfg.vocab_size)
         else:
