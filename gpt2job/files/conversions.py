@@ -4,10 +4,10 @@ end keeps or removes conversions so that nothing left blocks or changes a later 
 import os
 
 from gpt2job.errors import UserError, plural
-from gpt2job.files.h5files import check_output_path
+from gpt2job.files.h5files import JSONL_EXTENSIONS, check_output_path
 from gpt2job.files.jsonl_settings import JsonlRows
 from gpt2job.files.outpaths import being_written
-from gpt2job.files.prompt_files import JSONL_EXTENSIONS, _write_h5, file_digest, prompt_blocks, remove_dead_temps
+from gpt2job.files.prompt_files import _write_h5, file_digest, prompt_blocks, remove_dead_temps
 
 TEXT_EXTENSIONS = (".txt", *JSONL_EXTENSIONS)     # `run` converts these on the fly (prompt_blocks's rules)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")

@@ -8,7 +8,8 @@ from gpt2job.errors import UserError, errno_of, first_line
 from gpt2job.files.journal import JOURNAL_SUFFIX
 
 
-TEXT_NAMES = (".jsonl", ".ndjson", ".json", ".txt", ".csv", ".tsv")   # an HDF5 file by such a name is a surprise
+JSONL_EXTENSIONS = (".jsonl", ".ndjson")   # JSON lines: prompts (prompt_files), pairs (score_input)
+TEXT_NAMES = (*JSONL_EXTENSIONS, ".json", ".txt", ".csv", ".tsv")   # an HDF5 file by such a name is a surprise
 
 
 def check_output_path(output, field="output", example="prompts.h5", hdf5=True):

@@ -6,11 +6,11 @@ import os
 import numpy as np
 
 from gpt2job.errors import UserError, errno_of, first_line, plural
-from gpt2job.files.h5files import check_output_path
+from gpt2job.files.h5files import JSONL_EXTENSIONS, check_output_path
 from gpt2job.files.jsonl_settings import JsonlRows
 
 BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
-JSONL_EXTENSIONS = (".jsonl", ".ndjson")
+
 
 def read_int32_file(path, width):
     """The old system's raw prompt file: int32 little-endian, row-major [N, width]."""

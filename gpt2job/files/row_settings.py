@@ -115,7 +115,8 @@ def may_have_stops(path):
     """Whether a worker should prepare the stop strings' table: the input is a JSONL file (its lines may give "stop";
     the master converts it, a worker does not read it), or an HDF5 file with a `stop` dataset (False when it cannot
     be read: the master reports that)."""
-    if str(path).lower().endswith((".jsonl", ".ndjson")):
+    from gpt2job.files.h5files import JSONL_EXTENSIONS
+    if str(path).lower().endswith(JSONL_EXTENSIONS):
         return True
     try:
         import h5py

@@ -132,7 +132,7 @@ def trim(comp: Completions, starts):
 def jsonl_pairs(path):
     """Is path a .jsonl file of {"context": ..., "continuation": ...} objects (its first line says)?"""
     import json
-    from gpt2job.files.prompt_files import JSONL_EXTENSIONS
+    from gpt2job.files.h5files import JSONL_EXTENSIONS
     if not str(path).lower().endswith(JSONL_EXTENSIONS):
         return False
     try:
