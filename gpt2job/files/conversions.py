@@ -7,7 +7,7 @@ from gpt2job.errors import UserError, plural
 from gpt2job.files.h5files import JSONL_EXTENSIONS, check_output_path
 from gpt2job.files.jsonl_settings import JsonlRows
 from gpt2job.files.outpaths import being_written
-from gpt2job.files.prompt_files import _write_h5, file_digest, prompt_blocks, remove_dead_temps
+from gpt2job.files.prompt_files import file_digest, prompt_blocks, remove_dead_temps, write_prompts_h5
 
 TEXT_EXTENSIONS = (".txt", *JSONL_EXTENSIONS)     # `run` converts these on the fly (prompt_blocks's rules)
 HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
@@ -69,7 +69,7 @@ def convert_for_run(source, output, log=None):
         return target, False
     rows = JsonlRows()
     attrs = {"source": os.path.abspath(source), "source_sha256": digest, "gpt2job_conversion": CONVERSION}
-    n, kind = _write_h5(target, prompt_blocks(source, rows), rows, attrs)
+    n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, attrs)
     log(f"{plural(n, kind + ' prompt')} of {source} converted to {target}")
     return target, True
 

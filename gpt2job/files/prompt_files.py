@@ -181,7 +181,7 @@ class Appender:
         self.n += len(block)
 
 
-def _write_h5(output, blocks, rows, attrs):
+def write_prompts_h5(output, blocks, rows, attrs):
     """Write the input HDF5 file at output, atomically, a block of prompts at a time: blocks of (kind, prompts) as
     prompt_blocks yields them make prompts or prompt_tokens, or one ("grid", [N, T] int32 array); then the per-row
     settings' datasets. Returns (prompts written, their kind)."""
@@ -304,7 +304,7 @@ def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tok
                             "choose another name, e.g. prompts.h5")
     if tokenize:
         blocks = _tokenized(blocks, vocab_dir)
-    n, kind = _write_h5(output, blocks, rows, {"source": os.path.abspath(source)})
+    n, kind = write_prompts_h5(output, blocks, rows, {"source": os.path.abspath(source)})
     dataset = "prompts" if kind == "text" else "prompt_tokens"
     print(f"gpt2job: wrote {plural(n, kind + ' prompt')} ('{dataset}') to {output}")
     return 0
