@@ -99,13 +99,13 @@ def _jsonl_prompt(line, n, path, rows, i):
         obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
     if isinstance(obj, str):
         if "\x00" in obj:
-            raise UserError(f"line {n} contains a NUL character", path, f"line {n}", "remove it")
+            raise UserError("contains a NUL character", path, f"line {n}", "remove it")
         kind = "text"
     elif isinstance(obj, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in obj):
         kind = "token"
         check_ids(obj, path, n)
     else:
-        raise UserError(f"line {n} is neither a string nor a list of token ids", path, f"line {n}",
+        raise UserError("is neither a string nor a list of token ids", path, f"line {n}",
                         'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
     if not obj:   # `run` refuses empty prompts: refuse them here, where the line is known
         raise UserError(f"empty {kind} prompt", path, f"line {n}",
@@ -146,7 +146,7 @@ def check_ids(ids, path, n):
     """Token ids of line n that int32 can hold (the model's own range is checked with the job)."""
     bad = next((t for t in ids if not -(1 << 31) <= t < (1 << 31)), None)
     if bad is not None:
-        raise UserError(f"line {n}: token id {bad} is out of range", path, f"line {n}",
+        raise UserError(f"token id {bad} is out of range", path, f"line {n}",
                         "give token ids of the model's vocabulary")
 
 

@@ -187,13 +187,13 @@ def pair_blocks(source):
             continue
         obj = json_line(line, n, source, "write one JSON object per line")
         if not (isinstance(obj, dict) and "context" in obj and "continuation" in obj):
-            raise UserError(f"line {n} is not an object with 'context' and 'continuation'", source, f"line {n}",
+            raise UserError("is not an object with 'context' and 'continuation'", source, f"line {n}",
                             'write {"context": "...", "continuation": "..."} on every line')
         for v in (obj["context"], obj["continuation"]):
             kinds.add("text" if isinstance(v, str) else "tokens" if isinstance(v, list) and
                       all(isinstance(t, int) and not isinstance(t, bool) for t in v) else "bad")
         if kinds - {"text", "tokens"} or len(kinds) > 1:
-            raise UserError(f"line {n}: context and continuation must both be texts or both token id lists, in "
+            raise UserError("context and continuation must both be texts or both token id lists, in "
                             "every line", source, f"line {n}", "use one kind per file")
         if kinds == {"tokens"}:
             check_ids(obj["context"] + obj["continuation"], source, n)
