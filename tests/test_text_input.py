@@ -47,6 +47,7 @@ def test_a_text_file_runs_as_if_converted_first(tmp_path, vocab_dir, np_):
     out = tmp_path / "out.h5"
     p = run_gpt2job(args(src, out, vocab_dir), np_=np_, check=0)
     assert "5 text prompts of" in p.stderr and "converted to" in p.stderr, p.stderr
+    assert f" of 5 in {src}; " in p.stderr, p.stderr    # the starting line names the user's file, not its conversion
     same_result(out, tmp_path / "first.h5")
     assert len(read_output(out)["tokens"]) == 5
     (conv,) = conversions(out)

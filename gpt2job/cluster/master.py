@@ -154,7 +154,7 @@ class Master:
         samples = f" ({N} samples of each prompt)" if N > 1 else ""
         ranks = plural(len(self.channel.ranks) + 1, "rank") if self.channel.ranks else "one process"
         self.log(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
-                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {s.input}{samples}; "
+                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {shown}{samples}; "
                  f"{plural(n_workers, 'worker')} ({ranks}); model {s.model}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
