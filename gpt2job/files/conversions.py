@@ -68,8 +68,7 @@ def convert_for_run(source, output, log=None):
         log(f"prompts of {source}: unchanged, read from {target}")
         return target, False
     rows = JsonlRows()
-    attrs = {"source": os.path.abspath(source), "source_sha256": digest, "gpt2job_conversion": CONVERSION}
-    n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, attrs)
+    n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, conversion_attrs(source, digest))
     log(f"{plural(n, kind + ' prompt')} of {source} converted to {target}")
     return target, True
 
@@ -85,6 +84,11 @@ def unchanged_conversion(source, output, command):
     if os.path.isdir(target):
         raise UserError("is a folder", target, "input", f"remove it: `{command}` converts {source} there")
     return digest, target
+
+
+def conversion_attrs(source, digest):
+    """What a conversion records of its source (unchanged_conversion and _conversion_attrs read it back)."""
+    return {"source": os.path.abspath(source), "source_sha256": digest, "gpt2job_conversion": CONVERSION}
 
 
 def conversions_of(output):

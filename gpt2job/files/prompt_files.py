@@ -120,7 +120,7 @@ def json_line(line, n, path, fix):
         obj = json.loads(line)
     except ValueError as e:
         raise UserError(f"not JSON ({e.msg})", path, f"line {n}", fix)
-    if "\\ud" in line.lower():   # (only an escape makes a lone surrogate: the line itself is valid UTF-8)
+    if "\\ud" in line or "\\uD" in line:   # (only an escape makes a lone surrogate: the line is valid UTF-8)
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError:

@@ -151,9 +151,8 @@ def convert_pairs(source, output, log=None):
     ids): the input HDF5 (context + continuation, or context_tokens + continuation_tokens) at
     OUTPUT.prompts-HASH.h5, reused without reading SOURCE again while it is unchanged; written as it is read, a block
     of pairs at a time. -> (its path, whether this call wrote it)."""
-    import os
     from gpt2job.files.h5files import check_output_path
-    from gpt2job.files.conversions import CONVERSION, unchanged_conversion
+    from gpt2job.files.conversions import conversion_attrs, unchanged_conversion
     from gpt2job.files.prompt_files import Appender, write_atomically
     check_output_path(output, example="out.h5")
     digest, target = unchanged_conversion(source, output, "score")
@@ -170,8 +169,7 @@ def convert_pairs(source, output, log=None):
             out[1].add(cont)
         written.append(out[0].n)
 
-    write_atomically(target, fill, {"source": os.path.abspath(source), "source_sha256": digest,
-                                    "gpt2job_conversion": CONVERSION})
+    write_atomically(target, fill, conversion_attrs(source, digest))
     if log:
         log(f"{written[0]:,} context/continuation pairs of {source} converted to {target}")
     return target, True
