@@ -122,6 +122,9 @@ class SimChannel:
             dur = n * self.new_tokens / self.tok_s
             w.running, w.busy_s = (start + dur, batch), w.busy_s + dur
 
+    def take_reports(self):   # (the simulated workers send no progress reports)
+        return []
+
     def progress(self):
         pass
 

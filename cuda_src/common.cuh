@@ -14,8 +14,8 @@
 // writes have been made known (programmatic dependent launch, Hopper on; gpt2job/backends/cuda/graphs.py): it waits
 // here, before any read or write of device memory, until the kernels before it have finished and their writes are
 // visible. Elsewhere (plain launches, GPUs before Hopper) it returns at once. (No block triggers its dependants
-// earlier: launched at each block's start, the next kernel's blocks sat on the SMs and made steps up to 15% slower;
-// benchmarks/RESULTS.md, session 38.)
+// earlier: launched at each block's start, the next kernel's blocks sat on the SMs and made short steps slower;
+// benchmarks/RESULTS.md.)
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;\n" ::: "memory");

@@ -2,7 +2,7 @@
 // gemm_f16.cu, computed as C^T = B A^T, so the weights B fill wgmma's 64-row side and the few hundred token rows
 // of A its N side (any multiple of 8 for wgmma; 16 here, the argmax epilogue's row groups). A block takes WR
 // weight rows (output columns) x BT token rows: a grid of about one block per SM with little padding, where the
-// unswapped tiles round the tokens up to 32-128 rows and run in two waves (RESULTS.md, sessions 28-29; cuBLAS picks
+// unswapped tiles round the tokens up to 32-128 rows and run in two waves (benchmarks/RESULTS.md; cuBLAS picks
 // this form at these sizes).
 //
 // 288 threads: warps 0-7 are two consumer warpgroups, each computing a 64 (weights) x WN (tokens) block with
@@ -44,7 +44,7 @@ __device__ __forceinline__ float4 load4(const __half* p) {
 // columns from col0, tokens from row0). Each lane takes 4 adjacent columns of a token row, a warp 2 rows, so every
 // store (and EPI_RESID's residual load) covers whole 32-byte sectors where the rows start 32-byte aligned (GPT-2's
 // shapes); gemm_f16_epilogue's fragment order wrote 16 (half) or 32 (float) bytes a row and instruction, and took
-// 30-50% of a wide product's time here (RESULTS.md, session 29). What would wait on memory is fetched before: the
+// a large share of a wide product's time here (benchmarks/RESULTS.md). What would wait on memory is fetched before: the
 // lane's bias bv (before the K loop), each token row's KV-cache cell for EPI_QKV (kvrow, in shared memory), and
 // EPI_RESID's residuals G rows at a time ahead of their stores. Each element's arithmetic is gemm_f16_epilogue's,
 // so the bits are the same: acc + bias, then the residual add (EPI_RESID), the activation, or nothing for EPI_QKV
@@ -55,8 +55,8 @@ __device__ __forceinline__ void swap_epilogue(const float* tb, const float (&bv)
                                               __half* __restrict__ kc, __half* __restrict__ vc, int kvC)
 {
     // 2 token rows a warp and iteration; EPI_RESID (float outputs) loads G iterations' residuals at once (8: steps
-    // ~1% shorter than with 4 or 2), half outputs have nothing to load (a group of 1 halves their machine code: 4
-    // made them slower; RESULTS.md, session 30)
+    // a bit shorter than with 4 or 2), half outputs have nothing to load (a group of 1 halves their machine code: 4
+    // made them slower; benchmarks/RESULTS.md)
     constexpr bool HALF = kIsHalf<OutT>::value;
     constexpr int IT = WN / 8, G = HALF ? 1 : 8;
     const int lane = threadIdx.x & 31, w4 = (threadIdx.x >> 5) & 3;

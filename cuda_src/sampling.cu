@@ -241,7 +241,7 @@ __device__ void pick_first(SampleShared& sh, int n, bool rev, bool mass, double 
 // probabilities everywhere below (the thresholds and the walk compare them with each other), so no division.
 // The exponent is taken in float64 as v * (1 / T) - zmax (one fma; NumPy divides: at most an ulp apart) and rounded
 // to float32, the exponential taken in float32 (expf, as model/sampling.py's np.exp on float32): far fewer
-// instructions than float64 exp in a kernel bound by them (RESULTS.md, session 43). The sums stay float64.
+// instructions than float64 exp in a kernel bound by them (benchmarks/RESULTS.md). The sums stay float64.
 __device__ __forceinline__ double escore(float v, double invt, double zmax) {
     return (double)expf((float)fma((double)v, invt, -zmax));
 }
@@ -375,8 +375,8 @@ __device__ unsigned bucket_key(const float* l, int V, float mx, float scale, int
 // Kept tokens are those whose key is >= the threshold's key: p is a non-decreasing function of the key, so this is
 // rule 3-4's p >= threshold p but for distinct logits whose p round to the same value.
 // Why value buckets: the keys' top byte (sign and high exponent bits) is the same for nearly all logits of a row,
-// so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that:
-// 4-6 ms per 1,024 rows with top-p). Buckets of equal width in logit (the NB - 1 buckets span
+// so a radix pass over the whole row sent ~V atomic adds to one or two shared counters (float64 adds at that,
+// which made top-p rows slow: benchmarks/RESULTS.md). Buckets of equal width in logit (the NB - 1 buckets span
 // min(max - min, 32 T), 32 nats of probability ratio) spread them; everything further below lands in bucket NB - 1.
 // mm: this thread's part of the row's maximum and minimum when have_mm (load_row found them), else a pass over the
 // row finds them (by value: a pointer put mm in local memory).
@@ -528,7 +528,7 @@ __device__ void sample_block(const float* l, int V, long long rid, int step, uns
 // (common.cuh's tempered_*, shared with the LM head's EPI_TEMPERED epilogue; the sums C_a one group after another,
 // read through shuffles) give each chunk its Gumbel-perturbed log-mass and the column it would pick; the block's
 // largest perturbed chunk wins. The row is read once, and a lane's steps are few and independent of the other
-// chunks' (RESULTS.md, session 44: the walk of rules 2-5 was issue-bound; a warp a chunk latency-bound; a thread a
+// chunks' (benchmarks/RESULTS.md: the walk of rules 2-5 was issue-bound; a warp a chunk latency-bound; a thread a
 // chunk thrashed the L1).
 __device__ __forceinline__ bool plain_row(double temperature, int top_k, double top_p, int V) {
     return temperature > 0.0 && !(top_k > 0 && top_k < V) && !(top_p > 0.0 && top_p < 1.0);

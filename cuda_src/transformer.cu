@@ -360,7 +360,7 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     const int p = row_pos[r];
     const size_t base = (size_t)(row_slot[r] - slot_base) * S * C + (size_t)h * D + d0;
     // key j at base + j * C: j * C in 32 bits (j <= p < S <= n_positions; it fits), which keeps the long fp16 kernel at
-    // 80 registers with nothing spilled (94 with 64-bit products; RESULTS.md, session 42)
+    // 80 registers with nothing spilled (94 with 64-bit products: benchmarks/RESULTS.md)
     float q[8], acc[8];
     load8f(qkv + (size_t)r * 3 * C + (size_t)h * D + d0, q);
 #pragma unroll
@@ -372,10 +372,10 @@ __device__ __forceinline__ void attention_grouped_impl(const T* __restrict__ qkv
     // memory busy (KEYS 4: 94 registers). KEYS 1: each step loads and then uses its key (55 registers, more warps an
     // SM): faster on short contexts, where the steps past the last key and fewer warps cost more than that gains.
     // KEYS 3 (fp16, caches under 128 positions): three steps' loads in flight at 71 registers (7 blocks an SM, KEYS 1
-    // has 9): W1's 6 steps a group in two rounds (RESULTS.md, sessions 46-47: whole W1 steps ~1% shorter than KEYS 2).
+    // has 9): W1's 6 steps a group in two rounds (whole W1 steps a bit shorter than KEYS 2: RESULTS.md).
     // KEYS 8 (fp16): 8 steps a round (a 64-dim head's first 32 positions in one), for steps whose warps fit on the
     // SMs at once. AHEAD (fp16, KEYS 8): a round's steps run while the next round's loads are in flight (168
-    // registers: 3 blocks an SM), for steps whose warps fit on the SMs at that occupancy (RESULTS.md, session 35).
+    // registers: 3 blocks an SM), for steps whose warps fit on the SMs at that occupancy (benchmarks/RESULTS.md).
     const int nit = (p + G) / G;
     auto step = [&](bool ok, const float* kf, const float* vf) {
         float s = 0.f;

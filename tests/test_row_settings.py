@@ -232,14 +232,15 @@ def test_stop_token_ids_end_rows_and_are_named_in_stop_reason(tmp_path):
 def _write(tmp_path, vocab_dir, comps, stops, per_row=None, kind="thread"):
     """An output of N rows written by the writer (thread or process) from these Completions; -> its completions,
     text_exact, stop_reason and finish_reason."""
-    from gpt2job.files.h5write import make_header
+    from gpt2job.files.h5write import make_header, token_text
     from gpt2job.files.journal import Journal
     from gpt2job.files.writer import WriterProcess, WriterThread
     inp = tmp_path / "in.h5"
     make_input(inp) if per_row is None else make_input(inp, stop=per_row)
     st = {"stop": list(stops), "stop_token_ids": [13], "eos": 50256, "input": str(inp) if per_row is not None else None}
     header = make_header(str(tmp_path / f"out-{kind}.h5"), N, {"k": 1}, {}, True, vocab_dir, 60, st)
-    w = (WriterThread if kind == "thread" else WriterProcess)(header, np.ones(N, np.int32))
+    w = (WriterThread(header, np.ones(N, np.int32), token_text(header)) if kind == "thread" else
+         WriterProcess(header, np.ones(N, np.int32)))
     w.put(comps, Journal.encode(comps))
     w.finish({})
     with h5py.File(header["path"], "r") as f:

@@ -312,7 +312,7 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     or two of them taking turns, batches in flight): the same file. Chunks of 546 rows with a gap after each (a
     write of 5 chunks: 5 runs, selected as hyperslabs), and every other row (a run per row, more than MAX_RUNS:
     selected as points)."""
-    from gpt2job.files.h5write import MAX_RUNS, make_header
+    from gpt2job.files.h5write import MAX_RUNS, make_header, token_text
     from gpt2job.files.writer import WriterProcess, WriterThread
     n = 12_000
     rng = np.random.default_rng(7)
@@ -329,7 +329,8 @@ def test_the_writer_process_and_its_text_process_write_what_the_thread_writes(tm
     got = []
     for kind in (WriterThread, WriterProcess):
         hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n, {"k": 1}, {}, True, vocab_dir, 60)
-        w = kind(hdr, np.full(n, 16, np.int32), **({"text_processes": texts} if kind is WriterProcess else {}))
+        w = kind(hdr, np.full(n, 16, np.int32),
+                 **({"text_processes": texts} if kind is WriterProcess else {"text": token_text(hdr)}))
         for a in range(0, len(comps), 5):
             w.put(comps[a:a + 5], Journal.encode(comps[a:a + 5]))
             if a == 10:
@@ -354,7 +355,7 @@ def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the
                                                                                               texts):
     """Several chunks per message, each with copies (deduplicated prompts) and log-probabilities (top 2), through the
     text process's batches (one process, or two taking turns): the file is the thread writer's."""
-    from gpt2job.files.h5write import make_header
+    from gpt2job.files.h5write import make_header, token_text
     from gpt2job.files.writer import WriterProcess, WriterThread
     n, k = 4_000, 2
     rng = np.random.default_rng(8)
@@ -375,7 +376,8 @@ def test_the_text_process_batches_results_with_copies_and_logprobs_into_what_the
     for kind in (WriterThread, WriterProcess):
         hdr = make_header(str(tmp_path / f"{kind.__name__}.h5"), n,
                           {"k": 1, "settings": {"logprobs": True, "top_logprobs": k}}, {}, True, vocab_dir, 60)
-        w = kind(hdr, np.full(n, 16, np.int32), **({"text_processes": texts} if kind is WriterProcess else {}))
+        w = kind(hdr, np.full(n, 16, np.int32),
+                 **({"text_processes": texts} if kind is WriterProcess else {"text": token_text(hdr)}))
         for a in range(0, len(comps), 4):
             w.put(comps[a:a + 4], Journal.encode(comps[a:a + 4]))
         w.finish({})

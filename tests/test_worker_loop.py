@@ -4,13 +4,13 @@ from collections import deque
 
 import numpy as np
 
-from gpt2job.backends import Pause
+from gpt2job.backends import Backend, Pause
 from gpt2job.chunks import Chunk, Completions
 from gpt2job.cluster.channel import STOP
 from gpt2job.cluster.worker import PREFETCH, Loop
 
 
-class LoggingBackend:
+class LoggingBackend(Backend):
     """submit() queues; run() 'computes' the oldest and pauses once with submit=True, as the CUDA backend does
     while its GPU computes (pauses=False: a backend with no device, like NumPy)."""
 

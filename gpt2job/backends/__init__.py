@@ -42,6 +42,15 @@ class Backend:
     preferred_chunk = DEFAULT_CHUNK     # prompts per chunk this backend runs well with
     batch_rows = 0                      # rows it computes faster as one batch: the worker merges smaller chunks
                                         # into batches of up to this many (0: one chunk at a time)
+    # A device's record of what it computed (the CUDA backend's CUDA events), oldest first: one dict per chunk, or
+    # per part of a chunk computed in parts, with "chunk_id" and times in ms since the backend started:
+    # "compute" (start, end) and, where the part launched anything, "first_launch". Empty: no device timeline
+    # (the worker then reports the host's time computing a chunk).
+    timeline = ()
+
+    def warm_up(self):
+        """Called once before the worker reports ready: first launches and allocations here, not in the first
+        chunk (the CUDA backend); nothing to do for a backend without a device."""
 
     def submit(self, chunk: Chunk):
         self.__dict__.setdefault("_submitted", deque()).append(chunk)

@@ -46,7 +46,7 @@ class Backoff:
 
 def probe_twice(probe):
     """probe() and, finding nothing, once more: Open MPI's Iprobe looks for a match before it moves incoming messages
-    on, so one that came while we slept is seen by the second call, not a sleep later (RESULTS.md, session 47)."""
+    on, so one that came while we slept is seen by the second call, not a sleep later (benchmarks/RESULTS.md)."""
     return probe() or probe()
 
 
@@ -167,7 +167,7 @@ class MpiChannel:
 
     def flush(self, seconds=10.0, firsts=False):
         """Wait (at most `seconds`) for the sends in flight (firsts: each worker's first chunk only: its GPU waits),
-        polling back to back for 20 ms (a send moves only inside MPI calls: 2 MB took 6 ms at the loop's pace)."""
+        polling back to back for 20 ms (a send moves only inside MPI calls: a large one lags at the loop's pace)."""
         start = time.monotonic()
         self.progress()
         while any(x[3] or not firsts for x in self.sends) and time.monotonic() < start + seconds:
@@ -271,7 +271,7 @@ class Mux:
         return [m for c in self.channels for m in c.poll()]
 
     def take_reports(self):
-        return [r for c in self.channels if hasattr(c, "take_reports") for r in c.take_reports()]
+        return [r for c in self.channels for r in c.take_reports()]
 
     def progress(self):
         for c in self.channels:
@@ -351,7 +351,7 @@ class MpiMasterLink:
 
     def in_flight(self):
         """Is a result send still in flight? Testing it moves it on (a large message goes out only while this
-        rank calls into MPI: without this it waited for the next decode step, 10-80 ms measured)."""
+        rank calls into MPI: without this it waited for the next decode step: benchmarks/RESULTS.md)."""
         self.sending = [x for x in self.sending if not x[0].Test()]
         return bool(self.sending)
 

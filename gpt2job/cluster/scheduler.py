@@ -70,8 +70,9 @@ class WorkerState:
                 "computed_tokens": self.computed_tokens,   # (tokens: with the copies of greedy dedup's prompts)
                 "compute_s": round(self.compute_s, 3), "busy_percent": self.busy_percent(),
                 "retired": self.why_retired or None, "ready": self.ready,
-                **{k: self.info.get(k) for k in ("backend", "device", "dtype", "init_s", "kernel_options",
-                                                 "batch_rows") if k in self.info}}
+                **{k: self.info.get(k) for k in ("backend", "device", "gpu_index", "compute_capability", "dtype",
+                                                 "ready_s", "init_s", "kernel_options", "batch_rows")
+                   if k in self.info}}
 
 
 class Scheduler:

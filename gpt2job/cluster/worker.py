@@ -33,7 +33,7 @@ from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings
 
 PREFETCH = 2            # chunks submitted at once: the next one is uploaded before the current one ends
-REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker (decode steps are ~1 ms)
+REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker (many decode steps apart)
 
 
 def build_backend(s: JobSettings, gpu_slot):
@@ -43,8 +43,7 @@ def build_backend(s: JobSettings, gpu_slot):
     cfg = getattr(params, "config", params)
     gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)
     backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
-    if hasattr(backend, "warm_up"):   # the CUDA backend: first launches before "ready", not in the first chunk
-        backend.warm_up()
+    backend.warm_up()   # the CUDA backend: first launches before "ready", not in the first chunk
     if s.stop or may_have_stops(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
         try:
             stops.prepare(s.vocab_dir, getattr(params, "config", params).vocab_size)
@@ -54,8 +53,8 @@ def build_backend(s: JobSettings, gpu_slot):
 
 
 def device_us(backend, chunk_id):
-    """The GPU time of the chunk just computed, from the backend's device timeline (CUDA events: the span from its
-    first launch to its last GPU work, each part of a chunk computed in halves), in us; None without a timeline. It
+    """The GPU time of the chunk just computed, from the backend's device timeline (Backend.timeline: the span from
+    its first launch to its last GPU work, each part of a chunk computed in parts), in us; None without one. It
     is what the worker reports as the chunk's compute time, so the summary's busy % is the GPU's: the host's time
     computing a chunk also counts time the GPU waited between chunks."""
     us = None
@@ -69,7 +68,7 @@ def chunk_entries(backend, chunk_id):
     """The device timeline's entries of the chunk just computed, oldest first: one, or one per part of a chunk
     computed in halves (their chunk id is the chunk's); [] without a timeline."""
     out = []
-    for e in reversed(getattr(backend, "timeline", None) or ()):
+    for e in reversed(backend.timeline):
         if e.get("chunk_id") != chunk_id:
             break
         out.append(e)
@@ -84,7 +83,7 @@ def error_info(rank, e, chunk_id=None):
 
 def batch_rows(backend):
     """The rows this worker computes at once, its chunks merged (0: one chunk at a time)."""
-    return int(getattr(backend, "batch_rows", 0)) if envs.get("GPT2JOB_MERGE_CHUNKS") else 0
+    return int(backend.batch_rows) if envs.get("GPT2JOB_MERGE_CHUNKS") else 0
 
 
 def hello_info(backend, t0):
@@ -114,7 +113,7 @@ class Loop:
     def take(self, block, limit):
         """Take every message waiting (block: wait for one when there is nothing to compute), then submit chunks
         until `limit` are submitted. With the device idle, a full batch goes at once: the chunks still arriving
-        (a window of many small ones takes ~0.1 ms a chunk to receive) are taken at the batch's first pause."""
+        (a window of many small ones, a message each, takes a while to receive) are taken at the batch's first pause."""
         while not self.stopping:
             if self.batch_rows and not self.in_flight and self.waiting_rows() >= self.batch_rows:
                 break

@@ -1,9 +1,9 @@
 """The flat output layout (`run --layout flat`, for jobs of millions of rows): each variable-length column is one flat
 array with a start and a length per row, instead of one HDF5 variable-length element per row.
 
-Why: HDF5 stores every element of a variable-length dataset on its own (0.3-0.6 us each, measured in
-benchmarks/store_costs.py), so with tokens and text one writer process tops out below 1M rows/s; appending a
-batch of rows to a flat array is one contiguous write.
+Why: HDF5 stores every element of a variable-length dataset on its own (a cost per element:
+benchmarks/store_costs.py, RESULTS.md), so with tokens and text one writer process tops out below 1M rows/s;
+appending a batch of rows to a flat array is one contiguous write.
 
   completion_tokens_data   int32   [T]     the generated tokens of every row, a batch of rows after another in the
                                            order they were written (not row order)

@@ -1,11 +1,11 @@
 """Writing completed rows into the output's HDF5 file, beside the master's loop.
 
-h5py converts a variable-length element at a time through the HDF5 API (about 2 us a row measured for the token
+h5py converts a variable-length element at a time through the HDF5 API (several times this module's cost for the token
 rows); here each dataset is written with one H5Dwrite of HDF5's own in-memory form instead: an array of (length,
 pointer) pairs into the flat token buffer for `completion_tokens`, and of pointers to NUL-terminated UTF-8 strings
-for `completions`. HDF5 still stores each variable-length element on its own (about 0.4 us each measured here):
+for `completions`. HDF5 still stores each variable-length element on its own (a fixed cost per element):
 `finish_reason`, which holds one of three words, is a fixed-length string since format 2. The rows of a write are
-selected in row order (HDF5 writes scattered points in any other order some 40x slower), as runs of consecutive rows
+selected in row order (HDF5 writes scattered points in any other order far slower), as runs of consecutive rows
 where they come in few runs (select_rows: a fixed-size column then costs about nothing per row); a fixed-size column
 writes the dense blocks of a write's rows as one read and one write of the rows between (dense_blocks). The file is
 what plain h5py reads: same datasets, same types. With `--layout flat` (files/h5flat.py) the tokens, text and
@@ -145,12 +145,6 @@ def finish_output(f, summary):
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def stop_table(header):
-    """The StopTable a writer cuts text with and names stop reasons from, or None (the job has no stops)."""
-    from gpt2job.files.row_settings import stop_table_of
-    return stop_table_of(header)
 
 
 def token_text(header):

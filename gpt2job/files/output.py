@@ -50,7 +50,7 @@ from gpt2job.files.writer import WriterProcess, WriterThread
 from gpt2job.settings import JobSettings
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
-BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (~0.6M rows/s) lags a fast job: say so once
+BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (under 1M rows/s) lags a fast job: say so once
 
 
 def _difference(name, was, now, pair=False):

@@ -101,7 +101,7 @@ class Inbox:
 def batched(inbox):
     """The inbox's messages, with consecutive R's joined into one (up to BATCH_BYTES) while more are waiting: a
     writer that falls behind catches up in larger batches (batches of 256 KB made the writer slower on the device
-    machine: RESULTS.md, session 16). A T or E stays right behind its R."""
+    machine: benchmarks/RESULTS.md). A T or E stays right behind its R."""
     pending, size = [], 0
     while True:
         if pending and (size >= BATCH_BYTES or not inbox.waiting()):
@@ -125,7 +125,7 @@ def batched(inbox):
 def units(msgs):
     """(kind, payloads) of what is sent: consecutive R's joined into one (up to BATCH_BYTES), every other message as
     it is. A writer that falls behind thus catches up in larger batches (batches of 256 KB made the writer slower on
-    the device machine: RESULTS.md, session 16)."""
+    the device machine: benchmarks/RESULTS.md)."""
     pending, size = [], 0
     for kind, payload in msgs:
         if kind == b"R" and size < BATCH_BYTES:

@@ -2,7 +2,7 @@
 WriterProcess when the output has text). The master deals its batches of results out to them in turn; each adds the
 `completions` text of its batches' rows (text.RowText) and passes them on to the writer, which reads the text
 processes in the same turn (pipes.InTurn). The text is then made while the writer makes HDF5 calls (a thread of the
-writer could not do that: h5py holds the GIL through them, RESULTS.md, session 16), by one or two processes
+writer could not do that: h5py holds the GIL through them: benchmarks/RESULTS.md), by one or two processes
 (writer.TEXT_PROCESSES), each reading only its own batches.
 
 Each message it reads is answered with:
@@ -35,9 +35,10 @@ def text_main(parent, index=0):
     spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
     try:
         import numpy as np
-        from gpt2job.files.h5write import concat, stop_table, token_text
+        from gpt2job.files.h5write import concat, token_text
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
+        from gpt2job.files.row_settings import stop_table_of
         from gpt2job.files.text import RowText, Text
         inbox, maker = Inbox(sys.stdin.fileno(), spent), None
         while (msg := inbox.next()) is not None:
@@ -46,7 +47,7 @@ def text_main(parent, index=0):
             parts = [MSG.pack(kind, len(payload)), payload]
             if kind == b"H":
                 header = json.loads(payload)
-                maker = RowText(token_text(header), stop_table(header))
+                maker = RowText(token_text(header), stop_table_of(header))
                 if index:
                     parts = []
             elif kind == b"R":

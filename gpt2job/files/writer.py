@@ -30,12 +30,14 @@ import sys
 import threading
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table, token_text
+from gpt2job.files.h5write import RowWriter, concat, create_output
 from gpt2job.files.pipes import MSG, grow_pipe, units
+from gpt2job.files.row_settings import stop_table_of
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
-# text processes of a writer process: one makes ~1.2M rows of text a second (RESULTS.md, session 23), about what the
-# writer then writes; a second where the master's node has cores to spare
+MAX_QUEUED_ROWS = 1 << 22     # the same for the writer thread, in rows
+# text processes of a writer process: one makes text about as fast as the writer then writes it (RESULTS.md);
+# a second where the master's node has cores to spare
 TEXT_PROCESSES = 2 if (os.cpu_count() or 1) >= 8 else 1
 
 
@@ -231,13 +233,13 @@ class WriterProcess:
 
 class WriterThread(threading.Thread):
     """Creates the output, then writes the results put() queues while the master goes on, and flushes the file every
-    flush_interval seconds. put() waits while more than max_rows rows are queued (memory stays bounded when the
-    disk is slower than the results come). The first error it meets is kept and raised, as it is, by the next
-    put(), wait(), finish() or close()."""
+    flush_interval seconds. put() waits while more than MAX_QUEUED_ROWS rows are queued (memory stays bounded when
+    the disk is slower than the results come). text: the TokenText of the output's text, or None (no text). The
+    first error it meets is kept and raised, as it is, by the next put(), wait(), finish() or close()."""
 
-    def __init__(self, header, prompt_lengths, text=None, max_rows=1 << 22):
+    def __init__(self, header, prompt_lengths, text):
         super().__init__(name="gpt2job-output-writer", daemon=True)
-        self.header, self.prompt_lengths, self.max_rows, self.text = header, prompt_lengths, max_rows, text
+        self.header, self.prompt_lengths, self.text = header, prompt_lengths, text
         self.flush_interval = header["flush_interval"]
         self.cond = threading.Condition()
         self.queue, self.queued_rows, self.busy, self.closing, self.error = [], 0, True, None, None
@@ -247,7 +249,7 @@ class WriterThread(threading.Thread):
     def put(self, comps, blob=None):
         with self.cond:
             self._raise()
-            while self.queued_rows > self.max_rows and self.error is None:
+            while self.queued_rows > MAX_QUEUED_ROWS and self.error is None:
                 self.cond.wait(0.5)
             self._raise()
             self.queue += comps
@@ -286,8 +288,7 @@ class WriterThread(threading.Thread):
         try:
             f = create_output(self.header, self.prompt_lengths)
             self.prompt_lengths = None
-            writer = RowWriter(f, self.text if self.text is not None else token_text(self.header),
-                               stop_table(self.header))
+            writer = RowWriter(f, self.text, stop_table_of(self.header))
             last_flush, dirty = time.monotonic(), False
             while True:
                 with self.cond:

@@ -10,8 +10,9 @@ import os
 import sys
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output, stop_table
+from gpt2job.files.h5write import RowWriter, concat, create_output
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
+from gpt2job.files.row_settings import stop_table_of
 from gpt2job.files.writer import close_quietly, flush_quietly
 
 
@@ -40,7 +41,7 @@ def main(parent, fds):
         header = json.loads(h)
         f = create_output(header, np.frombuffer(lengths, np.int32))
         del lengths
-        writer = RowWriter(f, None, stop_table(header))   # per-row stops: read from the input; text: from T
+        writer = RowWriter(f, None, stop_table_of(header))   # per-row stops: read from the input; text: from T
         writeback = Writeback(f.filename)
 
         def flush():     # the rows to the file, and its pages on their way to disk: -> the time of it

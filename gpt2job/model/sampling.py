@@ -7,7 +7,7 @@ cuda_src/sampling.cu implements exactly these rules (same hash, same kept set, s
 Rules for one row of logits l (float32, [V]):
   1. temperature <= 0 or no sampling: the argmax (lowest index on ties).
   2. p = softmax(l / T): z = l / T - max(l / T) in float64, exp(z) in float32 (z rounded to float32 first: the
-     GPU's float32 exponential is far cheaper than its float64 one; RESULTS.md, session 43), the sums in float64.
+     GPU's float32 exponential is far cheaper than its float64 one: benchmarks/RESULTS.md), the sums in float64.
   3. top-k (k > 0): keep tokens whose logit is >= the k-th largest logit (ties at the boundary are kept).
   4. top-p (0 < top_p < 1): among the kept with p > 0, sort by logit descending, take the shortest prefix
      whose sum of p reaches top_p * (kept sum); its smallest logit is the threshold t; keep the tokens with
@@ -18,7 +18,7 @@ Rules for one row of logits l (float32, [V]):
   6. A row with a temperature and neither top-k nor top-p (rules 3-4 would keep every token) takes rules 2-5's
      distribution in one pass instead (tempered_pick): each chunk of 64 columns draws its Gumbel-perturbed log-mass
      and a token inside it; the largest perturbed chunk wins (exact sampling from softmax(l / T) in one pass: the
-     fp16 LM head draws it in its epilogue, its logits never written; RESULTS.md, session 44).
+     fp16 LM head draws it in its epilogue, its logits never written: benchmarks/RESULTS.md, "sampling rule 6").
 Per-row settings and the repetition penalty (applied first, to the raw logits): RowSettings, select_rows.
 """
 from dataclasses import dataclass

@@ -44,9 +44,9 @@ def token_bytes(vocab_dir, vocab_size):
 
 def prepare(vocab_dir, vocab_size):
     """What a worker whose chunks have stop strings does before it is ready, so that its first chunk does not: the
-    token table (~0.2-0.5 s), and a matcher built and run once, which imports what NumPy loads lazily and builds the
-    table's words for strings of up to 9 bytes (RESULTS.md, session 32: the first chunk's matcher took 61 ms on an
-    H200 host without this, 10x a later one)."""
+    token table (a fraction of a second), and a matcher built and run once, which imports what NumPy loads lazily
+    and builds the table's words for strings of up to 9 bytes (without this the first chunk's matcher took many
+    times a later one's: benchmarks/RESULTS.md, "the stop strings' first matcher out of the first chunk")."""
     table = token_bytes(vocab_dir, vocab_size)
     StopStrings([("\n\n",)], table).ends(np.zeros(1, np.int64), np.zeros(1, np.int64), lambda b: [0])
 

@@ -12,8 +12,8 @@ EOT = "<|endoftext|>"
 
 def encode_texts(enc, texts):
     """Each text's token ids (<|endoftext|> written out is that token). A plain loop: tiktoken's encode_batch hands
-    every text to a thread pool as its own task, several times slower for prompt-sized texts (benchmarks/RESULTS.md,
-    session 55)."""
+    every text to a thread pool as its own task, several times slower for prompt-sized texts
+    (benchmarks/RESULTS.md)."""
     allowed = {EOT}
     return [enc.encode(t, allowed_special=allowed) for t in texts]
 

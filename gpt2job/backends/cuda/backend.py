@@ -33,8 +33,8 @@ from gpt2job.settings import max_prompt_length
 def keep_host_memory(touch=64 << 20):
     """A chunk's preparation (plan.Layout, the share plan, the message it arrives in) makes NumPy arrays of
     megabytes. glibc maps each one fresh (page faults on first touch) and unmaps it when freed, so the first chunk's
-    preparation, which the idle GPU waits for, was several times slower than the next ones' (a W2 chunk's layout:
-    ~11 ms against ~2 on the CPU machine). Arrays up to 32 MiB (glibc's most) now come from the heap, freed heap
+    preparation, which the idle GPU waits for, was several times slower than the next ones' (a W2 chunk's layout, in
+    benchmarks/RESULTS.md). Arrays up to 32 MiB (glibc's most) now come from the heap, freed heap
     (up to 4 x touch) stays mapped, and `touch` bytes of it are touched once here: for the whole process (in a
     one-process job the master's too). Elsewhere than glibc: nothing."""
     try:

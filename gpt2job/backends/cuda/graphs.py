@@ -1,13 +1,13 @@
 """CUDA graphs through the driver API (PyCUDA has none): the launches a function makes on a stream are captured once
 and replayed with one call. StepGraphs replays the decode steps of small batches (options.cuda_graphs): a
-step is ~100 kernel launches whose gaps are ~0.14 ms, 12-22% of a step of 137-546 rows on an H200
-(benchmarks/graph_probe.py; RESULTS.md, session 15).
+step is ~100 kernel launches, and the gaps between them are a large share of a step of a few hundred rows
+(benchmarks/graph_probe.py, benchmarks/RESULTS.md).
 
 With pdl (Hopper on), every kernel -> kernel edge of a captured graph becomes a programmatic one (programmatic
 dependent launch): a kernel is launched once every block of the kernel before it has ended, without waiting for that
 kernel's end and writes to be made known first, and waits for them in its first statement (`pdl_wait`,
 cuda_src/common.cuh; tests/test_cuda_compile.py checks that every kernel has it). The same kernels and inputs, so
-the same bits; decode steps of 137-8,192 rows 0.3-2.5% shorter (benchmarks/RESULTS.md, session 38).
+the same bits; decode steps a little shorter, most where they are short (benchmarks/RESULTS.md).
 
 ctypes on libcuda rather than NVIDIA's cuda-python: a few functions, no new dependency, and it works on PyCUDA's
 current context as is. A captured graph holds the kernels' arguments as they were: replay it only while every

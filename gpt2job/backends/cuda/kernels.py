@@ -252,7 +252,7 @@ class Kernels(SelectKernels):
             rs = rp = kc = vc = sb = S = kvC = 0
         tiles = ((N + 127) // 128) * ((M + 127) // 128)
         if split is None:   # K >= 512: slices where the tiles fill under two waves (132..527), or under half the SMs
-            split = 1       # (<= 66: 4-8, at most a block an SM past 4); W2's 2,048 rows (96) keep one: 477a0a5's bits
+            split = 1       # (<= 66: 4-8, at most a block an SM past 4); W2's 2,048 rows (96) keep one: unchanged bits
             if ws is not None and K >= 512 and (132 <= tiles < 2 * 2 * 132 or 2 * tiles <= 132):
                 split = (2 if tiles >= 2 * 132 else 4) if tiles >= 132 else min(8, ws_slices, max(4, 132 // tiles))
         kps = K
@@ -330,7 +330,7 @@ class Kernels(SelectKernels):
                  (False, True): _kernel("layernorm_prefetch_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
                  (True, True): _kernel("layernorm_prefetch_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS)}
     LN_PREFETCH_ROWS = 1024   # up to this many rows (decode steps), the kernel that loads the weights with the row:
-                              # faster there; larger passes not measured in whole jobs (RESULTS.md, session 25)
+                              # faster there; larger passes not measured in whole jobs (benchmarks/RESULTS.md)
 
     def layernorm(self, stream, half, x, rowidx, idx_base, w, b, out, R, C, eps):
         """out [R, C] = layer norm of x's rows (row i: x row rowidx[i] - idx_base when rowidx is given, else row i),
@@ -364,7 +364,7 @@ class Kernels(SelectKernels):
                  (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 9): _kernel("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
     ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1 (fp16:
-                                # 3; W2's S of 768: 3.3% faster jobs; W1's ~24: slower; RESULTS.md, sessions 19, 46)
+                                # 3; faster jobs at W2's S of 768, slower at W1's ~24: benchmarks/RESULTS.md)
     ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round while the step's warps fit this many an SM, at any S
     ATTENTION_AHEAD_WARPS = 12  # ... and the next round's in flight while they fit this many (3 blocks an SM)
 

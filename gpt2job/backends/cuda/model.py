@@ -28,8 +28,8 @@ ACTIVATIONS = {"gelu": EPI_GELU_ERF, "gelu_new": EPI_GELU_TANH, "gelu_pytorch_ta
                "gelu_fast": EPI_GELU_TANH}
 SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace a head row: 4 K slices of N < 4096 floats (more for fewer rows)
 # Rule 6 in the LM head's epilogue from this many head rows (fewer: the logits and the selection kernel, the same
-# tokens bit for bit). benchmarks/tempered_head.py: the fused head is 0.80-0.84 of logits + selection from 546 to
-# 8,192 rows (RESULTS.md, session 45); at 64-256 rows the two are even, so the selection kernels keep those.
+# tokens bit for bit). benchmarks/tempered_head.py: the fused head is faster than logits + selection from 546 to
+# 8,192 rows; at 64-256 rows the two are even, so the selection kernels keep those (benchmarks/RESULTS.md).
 TEMPERED_MIN_ROWS = 512
 
 

@@ -7,7 +7,7 @@ NARROW = "t32x64k64s4"      # the decode tile of small products (when compiled) 
 NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 NARROW_K128 = "t32x64k128s4"  # ... its twin on 128-wide k slices where its blocks fit on the SMs in one wave, two an SM
 NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 tiles fit on the SMs in one wave: the
-                                              # first compiled (the second: the default until session 25)
+                                              # first compiled (the second: the earlier default, a fallback)
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows (where no
                             # swapped tile is compiled: else from SWAP_ROWS[1] + 1)
@@ -15,7 +15,7 @@ SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the la
                             # ends included) ...
 SWAP_WIDE_FROM = 128        # ... from this many for those with more outputs than inputs (QKV, MLP up) ...
 SWAP_NARROW_TO = 2048       # ... and up to this many for the others (attention out, MLP down): measured at 137 and
-                            # 2,048 rows once their k-loops issued fewer instructions (RESULTS.md, session 33)
+                            # 2,048 rows once their k-loops issued fewer instructions (benchmarks/RESULTS.md)
 
 
 class TilePicker:
@@ -27,11 +27,11 @@ class TilePicker:
 
     def pick_f16(self, M, N, out_half=True, K=768):
         """The tile for an M x N x K product. The layer products (N <= 16,384, not the LM head) of SWAP_ROWS rows on
-        the swapped tiles (pick_swap; RESULTS.md, sessions 28-29: decode steps 6-16% shorter at 192-1,024 rows, then
-        a few % more with their coalesced epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows), and
-        those with N > K from SWAP_WIDE_FROM rows, those with N <= K up to SWAP_NARROW_TO rows (session 33). Else,
+        the swapped tiles (pick_swap: shorter decode steps at 192-1,024 rows, shorter still with their coalesced
+        epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows; RESULTS.md, "swapped decode products"), and
+        those with N > K from SWAP_WIDE_FROM rows, those with N <= K up to SWAP_NARROW_TO rows. Else,
         from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
-        (options.tma_staged; RESULTS.md, session 20). Else, from STAGED_FROM rows, the staged-epilogue kernels
+        (options.tma_staged; benchmarks/RESULTS.md). Else, from STAGED_FROM rows, the staged-epilogue kernels
         (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
         outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
         staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K
@@ -67,7 +67,7 @@ class TilePicker:
         set, else a persistent TMA kernel where compiled (it walks the M tiles fastest, so the vocabulary matrix,
         larger than the L2, is read from memory once, not once per 128 rows), else the mma.sync 128x128 tile, else
         the plain product's pick. (The ping-pong tma128pp, M tiles fastest too for the head, measured no faster in
-        whole decode steps: RESULTS.md, session 49.)"""
+        whole decode steps: benchmarks/RESULTS.md.)"""
         vs = self.variants
         if self.options.argmax_variant:
             return self.options.argmax_variant
@@ -96,17 +96,17 @@ class TilePicker:
         # an mma.sync variant (runs anywhere): the measured best one, else the first compiled
         mma = "t128x128k64s3" if "t128x128k64s3" in vs else next((v for v in vs if tiles[v].family == "mma"), None)
         tma = [v for v in vs if tiles[v].family == "tma" and not tiles[v].persistent]
-        if not out_half and N > 16384:   # the LM head's logits (RESULTS.md, session 18: tma128 11-28% faster than
-            # the mma.sync tile at 546-8,192 rows)
+        if not out_half and N > 16384:   # the LM head's logits (tma128 faster than the mma.sync
+            # tile at 546-8,192 rows: benchmarks/RESULTS.md)
             if "tma128" in vs:
                 return "tma128"
             if mma is not None:
                 return mma
-        # decode-sized products (RESULTS.md, sessions 13 and 15: GPU times at 137-2,048 rows, then whole jobs);
+        # decode-sized products (benchmarks/RESULTS.md: GPU times at 137-2,048 rows, then whole jobs);
         # prefill passes this small take the same picks. Up to ~800k outputs a product makes too few larger tiles to
         # fill the SMs: 32x64 tiles (a 4-stage pipeline measured as fast as 8 there, and faster at 1,024 rows); 32x32
-        # tiles where they make at most one block per SM (session 17; with more blocks than SMs they were slower).
-        # Both on 128-wide k slices where their blocks still fit on the SMs at once (session 25: half the K loop's
+        # tiles where they make at most one block per SM (with more blocks than SMs they were slower).
+        # Both on 128-wide k slices where their blocks still fit on the SMs at once (half the K loop's
         # barriers; 32x64 blocks in two waves made steps slower)
         if M < 4096:
             one_wave = -(-M // 32) * -(-N // 32) <= self.n_sm      # of 32x32 blocks

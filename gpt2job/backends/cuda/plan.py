@@ -41,8 +41,8 @@ def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
 # Row counts a replayed decode step computes once rows have left its group: the live rows, then padding rows (a
 # row that has left, at position 0: its KV-cache slot is no longer read, its attention reads one position; a row's
 # values do not depend on the other rows), so that rows leaving at every step (per-row max_new_tokens, stops)
-# replay a few graphs instead of launching each step anew. Under 512 rows a launched step costs the host ~2 ms, more
-# than the GPU's step (RESULTS.md, session 32); above, the GPU paces the steps and padding would only add work.
+# replay a few graphs instead of launching each step anew. Under 512 rows a launched step costs the host more time
+# than the GPU's step (benchmarks/RESULTS.md); above, the GPU paces the steps and padding would only add work.
 STEP_ROWS = (8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 
 
@@ -187,7 +187,7 @@ class Layout:
 def prefill_passes(offsets, b0, b1, max_rows):
     """Split prompts b0..b1-1 (prompt b is tokens offsets[b]..offsets[b+1]) into passes of whole prompts
     holding at most max_rows tokens (a longer prompt gets a pass of its own), each as many as fit. Yields (first,
-    end). (A search per pass: a loop over the prompts took ~1.5 ms of W1's 8,192 before its first launch.)"""
+    end). (A search per pass: a loop over the prompts delayed a W1 chunk's first launch; benchmarks/RESULTS.md.)"""
     offsets = np.asarray(offsets, np.int64)
     p0 = b0
     while p0 < b1:

@@ -81,7 +81,7 @@ def skip_bound(offsets, tokens):
     pack into 64 bits, as GPT-2's do; fewer for wider ids): a prompt whose first k tokens (padded) no other prompt
     starts with shares fewer than k tokens with any prompt, so it skips at most k - 1 positions; any other prompt at
     most its length - 1. One sort of B integers where the plan sorts whole prompts: it declines chunks of unrelated
-    prompts (W2's 2,048 random prompts: 14-18 ms of the GPU machine's host before the first chunk's prefill)."""
+    prompts (W2's random prompts) cheaply, where the plan's sort took host time before the first chunk's prefill."""
     lens = np.diff(offsets)
     bits = (int(tokens.max()) + 1).bit_length() if len(tokens) else 1   # token + 1 (0: past the prompt's end)
     k = max(1, min(PEEK, 64 // bits))

@@ -261,7 +261,7 @@ class Runner:
         self.timeline.append(entry)
         back = None if plan.perm is None else np.empty(B, np.int64)
         if back is not None:   # back to the chunk's order (the prompts ran in the share plan's): the inverse
-            back[plan.perm] = np.arange(B)   # permutation (an argsort took 0.3 ms of a W1 chunk's end)
+            back[plan.perm] = np.arange(B)   # permutation (cheaper than an argsort at a chunk's end)
             out, gen, finish = out[back], gen[back], finish[back]
         offs = np.concatenate([np.zeros(1, np.int64), np.cumsum(gen)])
         full = B and int(gen.min()) == out.shape[1]   # every row generated them all (greedy W1): no mask to apply
