@@ -1,5 +1,6 @@
 """Every environment variable that sets gpt2job up, declared once: name, type, default, meaning (the MPI launchers'
-rank variables and CUDA_VISIBLE_DEVICES, which say where a rank runs, are read by cluster/devices.py). Read them only
+rank variables, which say where a rank runs, are read by cluster/devices.py; CUDA_VISIBLE_DEVICES, the GPUs a
+process sees, by backends/__init__.py's gpu_count). Read them only
 through this module (`envs.get("GPT2JOB_TRACE")`); each is parsed once per process, with one truth rule for
 switches: 1/true/yes/on and 0/false/no/off (any case); unset or empty is the default; anything else is a user
 error naming the variable. `check_environment()` parses every one that is set when a command starts (a bad value is

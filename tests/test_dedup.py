@@ -88,7 +88,7 @@ def test_ragged_prompts_are_keyed_a_bounded_block_of_tokens_at_a_time(monkeypatc
 def test_with_copies_appends_identical_rows():
     copies = Copies(np.array([4, 7]), np.array([0, 1, 3]), np.array([5, 9, 11]))   # 4 -> [5], 7 -> [9, 11]
     comp = Completions.from_lists(3, [4, 6, 7], [[1, 2, 3], [8], [5, 5]], [1, 0, 0])
-    out = copies.expand(comp).expanded()
+    out = copies.attach(comp).expanded()
     assert out.chunk_id == 3 and out.rows.tolist() == [4, 6, 7, 5, 9, 11]
     assert [out.row_tokens(i).tolist() for i in range(6)] == [[1, 2, 3], [8], [5, 5], [1, 2, 3], [5, 5], [5, 5]]
     assert out.finish.tolist() == [1, 0, 0, 1, 0, 0]

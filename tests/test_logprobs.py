@@ -157,7 +157,7 @@ def test_journal_records_and_dedup_copies(k, tmp_path):
 def test_dedup_expand_keeps_logprobs():
     from gpt2job.files.dedup import Copies
     comp = sample_comp(K, copies=False)
-    got = Copies(np.array([9], np.int64), np.array([0, 2], np.int64), np.array([20, 21], np.int64)).expand(comp)
+    got = Copies(np.array([9], np.int64), np.array([0, 2], np.int64), np.array([20, 21], np.int64)).attach(comp)
     assert got.copy_rows.tolist() == [20, 21] and got.logprobs is comp.logprobs and got.top_ids is comp.top_ids
 
 

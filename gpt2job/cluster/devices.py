@@ -1,5 +1,6 @@
-"""What the MPI launcher told this process (started by one or not, its ranks), and which GPU a rank uses:
-all read from the environment, before MPI or CUDA is initialised."""
+"""What the MPI launcher told this process (started by one or not, its ranks), read from the environment before
+MPI or CUDA is initialised; and which GPU a worker rank uses (node_worker_index: its index among its node's worker
+ranks, found through MPI at start-up)."""
 import os
 
 # set by Open MPI, PMIx launchers, MPICH/Intel MPI (hydra) and Slurm's PMI: present -> started by an MPI launcher

@@ -184,7 +184,7 @@ class Master:
         if self.received:
             self.in_commit, self.received = self.received, []
             t = time.perf_counter()
-            self.store.submit([self.copies.expand(c) for _, c, _, _ in self.in_commit])
+            self.store.submit([self.copies.attach(c) for _, c, _, _ in self.in_commit])
             trace(f"master: {len(self.in_commit)} results submitted in {1e3 * (time.perf_counter() - t):.1f} ms")
         return True
 

@@ -19,6 +19,8 @@ from gpt2job.settings import DEFAULT_CHUNK
 # slower products (7x) outweigh its 2x bytes.
 POSITION_COST = {"float16": 7.0, "float32": 2.0}
 COST_BLOCK = 1 << 16   # rows whose cost is estimated at once (no per-row array is kept)
+DEADLINE_FACTOR = 10.0   # a chunk's deadline: this many times its worker's measured time for its tokens (at least
+                         # --chunk-timeout)
 
 
 def position_cost(dtype, n_embd):
@@ -76,8 +78,7 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, deadline_factor=10.0,
-                 prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1, position_cost=0.0):
+    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1, position_cost=0.0):
         self.prompts = prompts
         self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
         self.max_new_tokens = max_new_tokens
@@ -110,7 +111,6 @@ class Scheduler:
         self.built = deque()       # chunks made ahead by prebuild(), handed out in order
         self.chunk_size = chunk_size
         self.min_deadline = min_deadline
-        self.deadline_factor = deadline_factor
         self.prefetch = prefetch
         self.next_id = 0
 
@@ -257,7 +257,7 @@ class Scheduler:
         spt = worker.seconds_per_token()
         if spt is None:  # no result of this worker's yet: no measured speed, be generous
             return 5 * self.min_deadline
-        return max(self.min_deadline, self.deadline_factor * spt * out.new_tokens)
+        return max(self.min_deadline, DEADLINE_FACTOR * spt * out.new_tokens)
 
     def hung(self, worker: WorkerState, now):
         if not worker.outstanding or worker.retired:

@@ -106,7 +106,7 @@ class Copies:
     def as_dict(self):
         return {int(r): self.rows[self.starts[k]:self.starts[k + 1]] for k, r in enumerate(self.reps)}
 
-    def expand(self, comp: Completions) -> Completions:
+    def attach(self, comp: Completions) -> Completions:
         """comp with the copies of its rows riding along (copy_rows, copy_src: no tokens gathered), in the order of
         its rows."""
         if not len(self.rows) or not len(comp.rows):

@@ -50,6 +50,7 @@ from gpt2job.files.writer import WriterProcess, WriterThread
 from gpt2job.settings import JobSettings
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
+FLUSH_SECONDS = 2.0        # the writer flushes OUT at least this often while rows come (README: "every few seconds")
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (under 1M rows/s) lags a fast job: say so once
 
 
@@ -98,7 +99,7 @@ class OutputStore:
     """Owns OUT.h5 and OUT.h5.journal for one job (on the master)."""
 
     def __init__(self, path, n_rows, key, prompt_lengths, attrs=None, tokenizer=None, overwrite=False,
-                 flush_interval=2.0, vocab_dir=None, stops=None):
+                 vocab_dir=None, stops=None):
         self.files = OutputPaths(path)    # OUT, its journal, lock and set-aside files
         self.path = self.files.path
         self.attrs = attrs or {}
@@ -110,7 +111,6 @@ class OutputStore:
         self.text = TokenText(tokenizer) if tokenizer is not None else None
         self.vocab_dir = vocab_dir     # where a writer process loads the same tokenizer
         self.stops = stops             # the job's stops for the writer (row_settings.stops_header), or None
-        self.flush_interval = flush_interval
         self.done = np.zeros(n_rows, dtype=bool)
         self.writer = None
         self.inflight = None   # (added, fresh, bytes) of the group whose journal write is in flight
@@ -218,7 +218,7 @@ class OutputStore:
         """The writer that creates the output file and writes its rows: a thread of this process for small jobs, a
         process of its own for large ones (files/writer.py; GPT2JOB_WRITER chooses)."""
         header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
-                             self.flush_interval, self.stops)
+                             FLUSH_SECONDS, self.stops)
         if self.n >= BIG_JOB_ROWS and self.enc is not None and not h5flat.wanted(header):
             sys.stderr.write(f"gpt2job: note: for {self.n:,} rows, --layout flat writes the output about twice as "
                              "fast (README, \"The flat layout\")\n")

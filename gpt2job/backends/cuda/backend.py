@@ -98,8 +98,8 @@ class CudaBackend(Backend):
                 n for _, n in option_buffers(head_rows, self.model, *options))
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
             return self.runner.pool_bytes(rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
-        mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, type(self).preferred_chunk,
-                         self.cfg.n_positions, estimate, reserved)
+        mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, self.cfg.n_positions, estimate,
+                         reserved)
         self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps

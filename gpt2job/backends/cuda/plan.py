@@ -262,30 +262,28 @@ class MemoryPlan:
     prefill_rows: int     # tokens per prefill pass (the activation buffers)
     head_rows: int        # rows per LM head product (ln_f output, logits or argmax partials, decode steps' buffers)
     kv_budget: int        # bytes for the KV cache
-    preferred_chunk: int  # prompts per chunk the worker asks the master for
     reduced: bool         # False: the sizes asked for (the memory allows them)
 
 
-def memory_plan(free, share_gpus, rows, head_rows, chunk, n_positions, estimate, reserve):
+def memory_plan(free, share_gpus, rows, head_rows, n_positions, estimate, reserve):
     """The buffer sizes of a worker with `free` bytes of device memory left after its weights and kernels.
 
     estimate(rows, head_rows): the activation bytes the KV budget leaves room for (Model.activation_bytes: an upper
     bound); reserve(rows, head_rows): the bytes reserved besides the KV cache (Runner.pool_bytes and the uploads).
-    The sizes asked for (rows, head_rows, chunk) whenever their estimate takes at most half the memory, with the
+    The sizes asked for (rows, head_rows) whenever their estimate takes at most half the memory, with the
     KV budget f x (free - estimate) (f = 0.8; 0.4 when ranks share the GPU: they all measured the same free
     memory), at least KV_FLOOR: so nothing changes on a GPU with room. Otherwise rows and head rows halve together
     (not below size_floors) until the pool takes at most a quarter of the memory, the KV budget is f x (free -
-    pool), and the preferred chunk shrinks with the head rows (not below CHUNK_FLOOR)."""
+    pool) (the backend then scales its preferred chunk with the head rows it could allocate: preferred_chunk)."""
     f = 0.4 if share_gpus else 0.8
     est = estimate(rows, head_rows)
     if 2 * est <= free:
-        return MemoryPlan(rows, head_rows, max(int(f * (free - est)), KV_FLOOR), chunk, False)
+        return MemoryPlan(rows, head_rows, max(int(f * (free - est)), KV_FLOOR), False)
     rmin, hmin = size_floors(rows, head_rows, n_positions)
     r, h = rows, head_rows
     while 4 * reserve(r, h) > free and (r > rmin or h > hmin):
         r, h = max(r // 2, rmin), max(h // 2, hmin)
-    return MemoryPlan(r, h, max(int(f * (free - reserve(r, h))), KV_FLOOR),
-                      preferred_chunk(chunk, head_rows, h), True)
+    return MemoryPlan(r, h, max(int(f * (free - reserve(r, h))), KV_FLOOR), True)
 
 
 def preferred_chunk(chunk, head_rows_asked, head_rows):
