@@ -10,6 +10,11 @@
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 python="${PYTHON:-python3}"
+if ! command -v "$python" >/dev/null 2>&1; then
+    echo "run_inference.sh: error: PYTHON=$python: no such interpreter (fix: give a python3 on every node's PATH" \
+        "or a full path, e.g. PYTHON=\$(command -v python3), or leave PYTHON unset for python3)" >&2
+    exit 2
+fi
 
 # started by an MPI launcher: the same variables as gpt2job/cluster/devices.py MPI_ENV_VARS
 if [ -n "${OMPI_COMM_WORLD_SIZE:-}${PMIX_RANK:-}${PMI_RANK:-}${PMI_SIZE:-}${MPI_LOCALNRANKS:-}" ]; then

@@ -103,23 +103,32 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4, sig=signal.SIGKILL):
 TERM_LINE = "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again to resume"
 
 
-def test_sigterm_before_any_row_is_written_says_so(tmp_path):
-    """SIGTERM while nothing is written yet (a text input's conversion, the start): the line said the rows already
-    written were kept; there were none."""
-    code = ("import os, signal, sys; from gpt2job.cluster.job import say_on_sigterm; say_on_sigterm(sys.argv[1]); "
-            "os.kill(os.getpid(), signal.SIGTERM)")
-    code = code.replace("say_on_sigterm(sys.argv[1])", "say_on_sigterm(sys.argv[1], sys.argv[2] == '1')")
-    # an --overwrite run before it set the old output aside: the old one's rows are kept, the same command is right
-    for made, overwrite, line in (
-            (False, 0, "gpt2job: terminated (SIGTERM) before any row was written: run the same command again"),
-            (True, 0, TERM_LINE),
-            (True, 1, "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again")):
-        out = tmp_path / "out.h5"
+def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
+    """SIGTERM while no row is complete yet (a text input's conversion, the model loading, the first chunk): the
+    line said the rows already written were kept; there were none. An output and a journal made at the start, with
+    no record past the journal's header, are no rows either."""
+    from gpt2job.chunks import Completions
+    from gpt2job.files.journal import Journal
+    code = ("import os, signal, sys; from gpt2job.cluster.job import say_on_sigterm; "
+            "say_on_sigterm(sys.argv[1], sys.argv[2] == '1'); os.kill(os.getpid(), signal.SIGTERM)")
+    none = "gpt2job: terminated (SIGTERM) before any row was completed: run the same command again"
+    # an --overwrite run that set the old output aside: that one's rows are kept, the rerun resumes it
+    for i, (made, rows, overwrite, line) in enumerate((
+            (False, 0, 0, none), (True, 0, 0, none), (True, 1, 0, TERM_LINE),
+            ("replaced", 0, 1, "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same "
+                               "command without --overwrite to resume"))):
+        out = tmp_path / f"out{i}.h5"
         if made:
             out.write_bytes(b"")
+            j = Journal(str(out) + ".journal", header={"k": 1})
+            if rows:
+                j.append(Completions.from_lists(0, [0], [[5, 6]], [0]))
+            j.close()
+        if made == "replaced":
+            (tmp_path / f"out{i}.h5.replaced").write_bytes(b"")
         p = subprocess.run([sys.executable, "-c", code, str(out), str(overwrite)], capture_output=True, text=True,
                            timeout=60, env=job_env(), cwd=ROOT)
-        assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], p.stderr
+        assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
 @pytest.mark.parametrize("victim,np_,chunk,sig", [("process", None, 1, "KILL"), ("process", None, 4, "KILL"),
@@ -239,6 +248,22 @@ def test_show_and_export_count_the_rows_only_the_journal_holds(tmp_path, workloa
     assert (f"({N - in_file} rows not done, {len(journaled) - in_file} of them complete in its journal: run the same "
             "command again to add them and finish the rest)") in p.stderr, p.stderr
     p = run_gpt2job(job_args(inp, out), check=0)
+    assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == len(journaled)
+
+
+def test_show_of_an_output_only_its_journal_holds_says_so(tmp_path, workload):
+    """A job stopped before its writer made OUT (its journal alone holds the completed rows): show says how many
+    rows the journal holds and how to get the file, not "no such file"; the rerun resumes them."""
+    inp, _ = workload
+    out = tmp_path / "out.h5"
+    kill_midway(gpt2job_cmd(job_args(inp, out)), out, "process")
+    _, records, _ = read_journal(str(out) + ".journal")
+    journaled = {int(r) for rec in records for r in rec.rows}
+    os.remove(out)
+    p = run_gpt2job(["show", out], check=0)
+    assert p.stdout.splitlines() == [f"{out}: not written yet; its journal holds {len(journaled)} completed rows: "
+                                     "run the same command again to resume (the file is written then)"], p.stdout
+    run_gpt2job(job_args(inp, out), check=0)
     assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == len(journaled)
 
 

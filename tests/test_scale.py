@@ -507,6 +507,22 @@ def test_the_writer_process_flushes_rows_of_a_quiet_job(tmp_path, vocab_dir, tex
         assert int(f["done"][()].sum()) == 100
 
 
+def test_a_ctrl_c_at_the_terminal_does_not_reach_the_writer_s_processes(tmp_path, vocab_dir):
+    """The writer and text processes run in a session of their own: a SIGINT to the master's process group (Ctrl-C)
+    cannot interrupt them while they import (it printed their tracebacks); the master closes them."""
+    from gpt2job.files.h5write import make_header
+    from gpt2job.files.writer import WriterProcess
+    hdr = make_header(str(tmp_path / "c.h5"), 10, {"k": 1}, {}, True, vocab_dir, 60)
+    w = WriterProcess(hdr, np.ones(10, np.int32), text_processes=2)
+    try:
+        assert len(w.procs) == 3
+        for p in w.procs:
+            assert os.getpgid(p.pid) == p.pid != os.getpgid(0)
+    finally:
+        w.finish({})
+        w.close()
+
+
 def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_dir):
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess

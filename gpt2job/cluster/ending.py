@@ -9,7 +9,9 @@ from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, end_without_finalize
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
 
 
-QUIET_WAIT_S = 20.0   # after a failed job's error line, the wait for ranks still starting says so after this long
+SAY_WAIT_S = 5.0      # the wait for ranks still starting says so once it has lasted this long (a job with nothing
+                      # left ends while its workers still load the model: they stop once ready, a second or two)
+QUIET_WAIT_S = 20.0   # ... and this long after a failed job's error line
 
 
 class Ending:
@@ -178,14 +180,15 @@ class Ending:
         start-up never does, and mpirun would wait for it for ever. So wait for them until the start-up deadline
         (startup_timeout from the run's start, as Master.check_hung; from now when the job had nothing to run),
         then count the silent ones hung (abort_hung ends them). The wait costs no wall time: mpirun ends only once
-        every rank has. quiet (after the job's own error line): no line for ranks whose start-up failed, and the line
-        for the wait only once it has lasted QUIET_WAIT_S. Interrupted (Ctrl-C, an MPI error), the silent ones count
-        hung at once; returns that exception (None when not interrupted)."""
+        every rank has. A line for the wait once it has lasted SAY_WAIT_S; quiet (after the job's own error line): no
+        line for ranks whose start-up failed, and the line for the wait only once it has lasted QUIET_WAIT_S.
+        Interrupted (Ctrl-C, an MPI error), the silent ones count hung at once; returns that exception (None when not
+        interrupted)."""
         now = time.monotonic()
         deadline, said = (self.run_started if self.run_started is not None else now) + self.startup_timeout, None
         try:
             while self.starting() and time.monotonic() < deadline:
-                if said is None and (not quiet or time.monotonic() - now > QUIET_WAIT_S):
+                if said is None and time.monotonic() - now > (QUIET_WAIT_S if quiet else SAY_WAIT_S):
                     said = self.starting()
                     self.log(f"rank(s) {said} still starting: waiting for them to stop (at most "
                              f"{deadline - time.monotonic():.0f} s more, their start-up deadline)")

@@ -291,6 +291,34 @@ class Journal:
             pass
 
 
+def journal_has_records(output):
+    """Does OUTPUT.journal hold anything past its header (rows completed by this run or one before it)? Reads one
+    record head: cheap enough for a signal handler."""
+    try:
+        with open(output + JOURNAL_SUFFIX, "rb") as f:
+            head = f.read(REC_HEAD.size)
+            size = os.fstat(f.fileno()).st_size
+    except OSError:
+        return False
+    if len(head) < REC_HEAD.size:
+        return False
+    magic, n, _ = REC_HEAD.unpack(head)
+    return magic == MAGIC_HEAD and size > REC_HEAD.size + n
+
+
+def rows_in_journal(output):
+    """Rows complete in OUTPUT.journal (a job stopped before its writer made OUTPUT): their count; None without a
+    readable journal."""
+    try:
+        reader = JournalReader(output + JOURNAL_SUFFIX)
+    except OSError:
+        return None
+    if reader.header is None:
+        return None
+    rows = [np.asarray(comp.all_rows)[np.asarray(comp.all_finish) != FINISH_INVALID] for comp in reader.records()]
+    return len(np.unique(np.concatenate(rows))) if rows else 0
+
+
 def rows_only_in_journal(output, f):
     """Rows complete in OUTPUT.journal that the open output file f does not hold yet (a job killed before its writer
     caught up: the next run of the same command adds them): their count, 0 without a journal of f's run."""

@@ -21,8 +21,9 @@ def grow_pipe(pipe):
 
 
 def die_with_parent(parent):
-    """Ends this process with the master (PR_SET_PDEATHSIG); Ctrl-C (SIGINT to the whole process group) is the
-    master's to handle: it closes its writer, which then finishes what it has."""
+    """Ends this process with the master (PR_SET_PDEATHSIG); a SIGINT is the master's to handle (it closes its
+    writer, which then finishes what it has): the master starts these processes in a session of their own, so a
+    Ctrl-C at the terminal does not reach them, and one sent to them alone is ignored from here on."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:

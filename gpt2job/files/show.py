@@ -1,15 +1,22 @@
 """`python -m gpt2job show OUT`: print the state and some rows of an output file."""
 import json
+import os
 
 import numpy as np
 
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, score_output
 from gpt2job.files.h5files import contents, open_readable, reading
-from gpt2job.files.journal import rows_only_in_journal
+from gpt2job.files.journal import JOURNAL_SUFFIX, rows_in_journal, rows_only_in_journal
 
 
 def show(path, start=0, limit=10):
+    if not os.path.exists(path) and os.path.exists(str(path) + JOURNAL_SUFFIX):   # stopped before OUT was made
+        held = rows_in_journal(str(path))
+        if held is not None:
+            print(f"{path}: not written yet; its journal holds {plural(held, 'completed row')}: run the same "
+                  f"command again to resume (the file is written then)")
+            return 0
     with open_readable(path, "file", "give an output file written by gpt2job run") as f, reading(path):
         if score_output.is_score(f) and "done" in f:     # a `score` output
             return score_output.show_rows(f, path, start, limit, rows_only_in_journal(str(path), f))

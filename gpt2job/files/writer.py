@@ -52,9 +52,11 @@ class WriterProcess:
         me = str(os.getpid())
         n = (TEXT_PROCESSES if text_processes is None else text_processes) if header["text"] else 0
         # the text processes, then the writer, which reads their output: the master writes to the text processes
-        # (or, without text, to the writer) and reads the writer's answers
+        # (or, without text, to the writer) and reads the writer's answers. Each in a session of its own: a Ctrl-C
+        # (SIGINT to the terminal's process group) is the master's to handle, even while a process is still starting
         self.procs = [subprocess.Popen([sys.executable, "-m", "gpt2job.files.text_process", me, str(i)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                       start_new_session=True)
                       for i in range(n)]
         texts = [os.fdopen(fcntl.fcntl(p.stdout.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), "rb") for p in self.procs]
         for p in self.procs:           # (copies numbered 3 or more: the writer's stdin and stdout replace 0 to 2)
@@ -64,7 +66,8 @@ class WriterProcess:
         self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer_process", me]
                                      + [str(pipe.fileno()) for pipe in texts],
                                      stdin=subprocess.DEVNULL if n else subprocess.PIPE, stdout=subprocess.PIPE,
-                                     pass_fds=[pipe.fileno() for pipe in texts], close_fds=True)
+                                     pass_fds=[pipe.fileno() for pipe in texts], close_fds=True,
+                                     start_new_session=True)
         for pipe in texts:
             pipe.close()     # the writer's now
         self.procs.append(self.proc)
