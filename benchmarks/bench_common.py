@@ -211,7 +211,7 @@ def pycuda_kernels():
     drv.init()
     ctx = drv.Device(0).make_context()
     try:
-        yield drv, Kernels(0, KernelOptions())
+        yield drv, Kernels(KernelOptions())
     finally:
         ctx.pop()
         ctx.detach()
@@ -230,7 +230,7 @@ def torch_kernels(variants=()):
     ctx = drv.Device(torch.cuda.current_device()).retain_primary_context()
     ctx.push()
     try:
-        yield torch, Kernels(0, KernelOptions(f16_variants=tuple(variants)))
+        yield torch, Kernels(KernelOptions(f16_variants=tuple(variants)))
     finally:
         ctx.pop()
 

@@ -73,7 +73,7 @@ def main():
         from gpt2job.backends.cuda.options import KernelOptions
         from gpt2job.backends.cuda.picks import TilePicker
         vs = a.variants.split(",")
-        k = Kernels(0, KernelOptions(f16_variants=tuple(vs)))
+        k = Kernels(KernelOptions(f16_variants=tuple(vs)))
         picker = TilePicker(F16_TILES, F16_DEFAULT, k.n_sm, KernelOptions())   # the production picks
         g = torch.Generator(device="cuda").manual_seed(0)
         for shape, K, N in SHAPES:

@@ -115,7 +115,7 @@ def main():
         for ctx in (int(c) for c in a.ctx.split(",")):
             for n in (int(r) for r in a.rows.split(",")):
                 S = ctx + 1
-                kv = be.runner._kv_cache(n, S)
+                kv = be.runner.kv_cache(n, S)
                 drv.memset_d8(int(dev.buf("kv", 1)), 0, 2 * model.cfg.n_layer * n * S * model.cfg.n_embd * model.elt)
                 tok, pos, seq, rows, out = (int(dev.upload(v, t)) for v, t in (
                     (rng.integers(0, model.V, n), np.int32), (np.full(n, ctx - 1), np.int32),

@@ -44,7 +44,7 @@ def main():
     wbytes *= model.elt
     rows_out = []
     for n in [int(x) for x in a.rows.split(",")]:
-        kv = runner._kv_cache(n, S)
+        kv = runner.kv_cache(n, S)
         tok_dev, sdev = [dev.buf(name, nb) for name, nb in runner.decode_buffers(n)]
         rows_dev = dev.buf("probe_rows", 8 * n)
         drv.memcpy_htod(rows_dev, np.arange(n, dtype=np.int64))

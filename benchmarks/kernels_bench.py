@@ -64,7 +64,7 @@ def bench_kernels(ms, reps):
     ctx.push()
     from gpt2job.backends.cuda.kernels import F16_TILES, Kernels
     from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
-    k = Kernels(0, KernelOptions(f16_variants=ALL_TILES))
+    k = Kernels(KernelOptions(f16_variants=ALL_TILES))
     rows = []
     try:
         for name, K, N in SHAPES:

@@ -390,13 +390,13 @@ def ck(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "pycuda.driver", _FakeDrv)
     monkeypatch.setitem(sys.modules, "pycuda.compiler", fake_compiler)
     import gpt2job.backends.cuda.kernels as ck
-    monkeypatch.setattr(ck, "cache_dir", lambda local_rank=0: str(tmp_path))
+    monkeypatch.setattr(ck, "cache_dir", lambda: str(tmp_path))
     return ck
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch):
-    every = ck.Kernels(0, KernelOptions(f16_variants=ALL_TILES))   # every kernel in its module, signature checked
+    every = ck.Kernels(KernelOptions(f16_variants=ALL_TILES))   # every kernel in its module, signature checked
     assert every.f16_variants == tuple(ck.F16_TILES)
     assert every.row_cache_floats == (232448 - 4096) // 4   # a GPT-2 row of logits (50,257) fits: sampled from it
     assert len({t.module for t in ck.F16_TILES.values()}) == len(ck.F16_TILES)   # one module each: parallel nvcc
@@ -468,19 +468,19 @@ def test_registry_matches_the_cu_sources_and_every_kernel_loads(ck, monkeypatch)
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
-    k = ck.Kernels(0)                       # the default variants of a Hopper GPU
+    k = ck.Kernels()                       # the default variants of a Hopper GPU
     assert k.f16_variants == ck.F16_DEFAULT and k.tmaps is not None
     assert k.funcs["gemm_f16_tma256_outh"].sig == "PP" + ck._F16_SIG
     assert k.pick_f16(131072, 2304, True, 768) == "tma128pp" and k.pick_argmax(8192, 50257) == "tma192p"
     monkeypatch.setattr(_FakeDrv, "cc", (8, 0))
-    k = ck.Kernels(0)                       # elsewhere mma.sync only, no TMA descriptors
+    k = ck.Kernels()                       # elsewhere mma.sync only, no TMA descriptors
     assert k.f16_variants == ck.F16_DEFAULT_NOT_HOPPER and k.tmaps is None
     assert "gemm_f16_tma128_outh" not in k.funcs
     for bad in ("tma128x", "tma256s"):   # misspelt; not compiled by default
         with pytest.raises(ValueError, match="GPT2JOB_ARGMAX_VARIANT"):
-            ck.Kernels(0, KernelOptions(f16_variants=ck.F16_DEFAULT, argmax_variant=bad))
+            ck.Kernels(KernelOptions(f16_variants=ck.F16_DEFAULT, argmax_variant=bad))
     with pytest.raises(ValueError, match="unknown fp16 GEMM variant"):
-        ck.Kernels(0, KernelOptions(f16_variants=("v0",)))
+        ck.Kernels(KernelOptions(f16_variants=("v0",)))
 
 
 class FakeGraph:

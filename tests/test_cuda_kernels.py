@@ -30,7 +30,7 @@ def K():
     from gpt2job.backends.cuda.kernels import Kernels
     ctx = drv.Device(0).make_context()
     try:
-        yield Kernels(0, KernelOptions(f16_variants=ALL_TILES))
+        yield Kernels(KernelOptions(f16_variants=ALL_TILES))
     finally:
         ctx.pop()
         ctx.detach()
@@ -912,11 +912,11 @@ def test_last_layer_on_the_head_rows_alone(dtype, share):
         got, expect, compacted = {}, 0, 0
         assert (plan.shared_tokens > 0) == share
         for heads in (False, True):
-            kv = runner._kv_cache(lay.B, S)
+            kv = runner.kv_cache(lay.B, S)
             be.device.compute.synchronize()
             drv.memset_d8(kv[0][0], 0xFF, 2 * len(kv) * lay.B * S * C * be.model.elt)   # NaN in fp16 and fp32
             rows, caches = [], []
-            for pb0, pb1, r0, x, (ridx, base) in runner._prefill(plan, 0, lay.B, S, kv, heads=heads):
+            for pb0, pb1, r0, x, (ridx, base) in runner.prefill(plan, 0, lay.B, S, kv, heads=heads):
                 n, R = pb1 - pb0, int(lay.offsets[pb1]) - r0
                 xs = back(x, (R, C), np.float32)
                 rows.append(xs[:n] if ridx is None else xs[np.asarray(lay.offsets[pb0 + 1:pb1 + 1]) - 1 - r0])
@@ -924,7 +924,7 @@ def test_last_layer_on_the_head_rows_alone(dtype, share):
                 compacted += heads and ridx is None
             caches = [back(k, (lay.B, S, C), np.float16 if dtype == "float16" else np.float32) for k in kv[-1]]
             got[heads] = np.concatenate(rows), caches
-        plan.upload.busy = False
+        runner.done_with(plan)
         assert compacted == expect >= 3
         if dtype == "float32":
             np.testing.assert_array_equal(got[True][0], got[False][0])
@@ -1075,7 +1075,7 @@ def test_too_many_ranks_is_user_error():
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.errors import UserError
     with pytest.raises(UserError, match="only"):
-        CudaBackend(tiny_params(), GenerationSettings(), local_rank=_NGPU)
+        CudaBackend(tiny_params(), GenerationSettings(), gpu_slot=_NGPU)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])

@@ -28,7 +28,7 @@ def K():
     from gpt2job.backends.cuda.kernels import Kernels
     ctx = drv.Device(0).make_context()
     try:
-        yield Kernels(0, KernelOptions())
+        yield Kernels(KernelOptions())
     finally:
         ctx.pop()
         ctx.detach()

@@ -127,3 +127,27 @@ def test_writeback_starts_the_files_writing_and_lets_go_of_it(tmp_path):
     assert wb.rc == 0 and wb.fd is None
     wb.start()                          # after close: nothing
     assert wb.thread is not None and not wb.thread.is_alive()
+
+
+def test_an_output_whose_folder_cannot_be_written_is_one_line_that_loses_nothing(tmp_path, monkeypatch):
+    """The lock file, the job's first write, cannot be made (a read-only mount: EROFS): the line says so and what to
+    do; it said "completed rows are kept" before any row was computed."""
+    import errno
+
+    import pytest
+
+    from gpt2job.errors import UserError
+    from gpt2job.files.outpaths import LOCK_SUFFIX, OutputPaths
+    out = str(tmp_path / "o.h5")
+    real_open = os.open
+
+    def read_only(path, *a, **k):
+        if str(path).endswith(LOCK_SUFFIX):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), path)
+        return real_open(path, *a, **k)
+
+    monkeypatch.setattr(os, "open", read_only)
+    with pytest.raises(UserError) as e:
+        OutputPaths(out).lock()
+    assert str(e.value) == (f"{out}: output: cannot create its lock file o.h5.lock (Read-only file system) (fix: write "
+                            "the output to a folder you can write to (with free space))")

@@ -198,3 +198,22 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
             said.append(str(e))
     capsys.readouterr()
     assert all(s.startswith(f"{inp}: input: cannot be read") for s in said), said
+
+
+def test_export_says_how_to_get_a_removed_conversion_back(tmp_path, vocab_dir):
+    """A text input's conversion OUT.prompts-HASH.h5 removed after the job: export names it and says that the same
+    `run` command makes it again (it named an internal file with no fix); after that rerun the prompts are back."""
+    src, out, js = tmp_path / "src.txt", tmp_path / "out.h5", tmp_path / "o.jsonl"
+    src.write_text("1 2 3\n4 5\n")
+    job = ["run", src, out, "--model", str(TINY_HF), "--backend", "numpy", "--max-new-tokens", "2",
+           "--vocab-dir", vocab_dir]
+    run_gpt2job(job, check=0)
+    (conversion,) = tmp_path.glob("out.h5.prompts-*.h5")
+    conversion.unlink()
+    p = run_gpt2job(["export", out, js], check=0)
+    assert (f"gpt2job: the input {conversion} is not there (the conversion of the text or JSONL file the job ran on: "
+            "the same `run` command makes it again, then export again): exporting without the prompts") \
+        in p.stderr.splitlines(), p.stderr
+    run_gpt2job(job, check=0)
+    run_gpt2job(["export", out, js, "--overwrite"], check=0)
+    assert [r["prompt"] for r in rows_of(js)] == ["1 2 3", "4 5"]

@@ -115,7 +115,7 @@ def resolve_backend(name):
     return name
 
 
-def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gpus=False):
+def make_backend(name, params, settings, dtype="float32", gpu_slot=0, share_gpus=False):
     """Build the backend a worker runs: 'numpy', 'cuda', 'auto' (cuda when a GPU is visible), or 'synthetic'
     (params is then the model's config alone: no weights are loaded)."""
     asked, name = name, resolve_backend(name)
@@ -138,4 +138,4 @@ def make_backend(name, params, settings, dtype="float32", local_rank=0, share_gp
         raise UserError("pycuda is not installed", None, "--backend cuda",
                         "pip install 'gpt2job[gpu]' on the GPU nodes, or use --backend numpy")
     from gpt2job.backends.cuda.backend import CudaBackend   # lazy: pycuda is imported only there
-    return CudaBackend(params, settings, dtype=dtype, local_rank=local_rank, share_gpus=share_gpus)
+    return CudaBackend(params, settings, dtype=dtype, gpu_slot=gpu_slot, share_gpus=share_gpus)

@@ -20,7 +20,7 @@ from gpt2job.cluster.channel import MpiChannel, Mux
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
-from gpt2job.errors import rerun
+from gpt2job.errors import UserError, rerun
 from gpt2job.files.journal import journal_has_records
 from gpt2job.files.outpaths import REPLACED_SUFFIX, rows_kept
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
@@ -59,7 +59,7 @@ def run_job(s: JobSettings):
     return run_worker(s, comm, gpu_slot, fault_plan)
 
 
-def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
+def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
     """The master, after converting a text or JSONL input. A refused input releases every worker rank (they are
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
     kept names it (conversions.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
@@ -68,6 +68,8 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
     ok = False
     try:
         try:
+            if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
+                raise UserError("is both the input and the output", s.output, "output", "write to another file")
             if is_text_input(s.input):
                 convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
                 converted, created = convert(s.input, s.output, log=log)
@@ -76,7 +78,7 @@ def master_with_input(s: JobSettings, comm, local_slot, fault_plan):
             if comm is not None:   # the workers are starting: each is told to stop (no master is made)
                 Ending(Mux([MpiChannel(comm)]), s.chunk_timeout, log).release_after_error(e, {})
             raise
-        code = run_master(s, comm, local_slot, fault_plan)
+        code = run_master(s, comm, gpu_slot, fault_plan)
         ok = True
         return code
     finally:

@@ -73,8 +73,6 @@ class Master:
     def prepare(self):
         s = self.s
         cfg = self.cfg = load_config(s.model)
-        if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
-            raise UserError("is both the input and the output", s.output, "output", "write to another file")
         tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
@@ -189,14 +187,14 @@ class Master:
         return True
 
     # ---- the loop: serve chunks on demand, never block on one worker
-    def run(self, local_slot):
-        """Serve the MPI workers (if any) and the master's own worker thread (local_slot not None)."""
-        if local_slot is not None:
-            local = LocalWorker(self.s, local_slot, self.fault_plan)
+    def run(self, gpu_slot):
+        """Serve the MPI workers (if any) and the master's own worker thread (gpu_slot not None)."""
+        if gpu_slot is not None:
+            local = LocalWorker(self.s, gpu_slot, self.fault_plan)
             self.channel.add(ThreadChannel(local))
             local.start()
         self.workers = {r: WorkerState(rank=r) for r in self.channel.ranks}
-        if local_slot is not None:
+        if gpu_slot is not None:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
         self.ending.start_clock()
@@ -367,7 +365,7 @@ class Master:
         }
 
 
-def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
+def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None):
     m = Master(s, comm, fault_plan)
     try:
         try:
@@ -379,7 +377,7 @@ def run_master(s: JobSettings, comm, local_slot=None, fault_plan=None):
                   "(--overwrite computes it again)")
         else:
             if m.sched.rows_left():
-                m.run(local_slot)
+                m.run(gpu_slot)
             m.progress.close()
             missing = int((~m.store.done).sum())
             if missing:   # never mark an output finished with a row missing, whatever went wrong above

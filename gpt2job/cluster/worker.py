@@ -42,7 +42,7 @@ def build_backend(s: JobSettings, gpu_slot):
     params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
     cfg = getattr(params, "config", params)
     gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)
-    backend = make_backend(s.backend, params, gen, dtype=s.dtype, local_rank=gpu_slot, share_gpus=s.share_gpus)
+    backend = make_backend(s.backend, params, gen, dtype=s.dtype, gpu_slot=gpu_slot, share_gpus=s.share_gpus)
     backend.warm_up()   # the CUDA backend: first launches before "ready", not in the first chunk
     if s.stop or may_have_stops(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
         try:

@@ -216,6 +216,9 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
             where = _text(inp) if inp is not None else "(not recorded)"
             why = "has no 'prompts' or 'prompt_tokens' of its rows" if inp is not None and os.path.exists(where) \
                 else "is not there"
+            if why == "is not there" and ".prompts-" in os.path.basename(where):   # (conversions.converted_path)
+                why += (" (the conversion of the text or JSONL file the job ran on: the same `run` command makes it "
+                        "again, then export again)")
             stream.write(f"gpt2job: the input {where} {why}: exporting without the prompts\n")
         tmp = jsonl_path + ".tmp"
         written, out = 0, None

@@ -59,8 +59,10 @@ class OutputPaths:
         path = self.path + LOCK_SUFFIX
         try:
             self.lock_fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-        except OSError as e:
-            raise io_error(path, e)
+        except OSError as e:   # the job's first write: nothing is computed yet, nothing is lost
+            raise UserError(f"cannot create its lock file {os.path.basename(path)} "
+                            f"({os.strerror(e.errno) if e.errno else e})", self.path, "output",
+                            "write the output to a folder you can write to (with free space)") from e
         deadline = time.monotonic() + wait_s
         while True:
             try:

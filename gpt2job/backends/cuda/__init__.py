@@ -2,16 +2,22 @@
 
 Objects, each calling only the ones below it (none calls back into its owner):
   backend.py       CudaBackend: the Backend a worker drives (submit, run, warm_up); builds and ties the others
+  score.py         the `score` command's pass on the Runner's prefill (and last_logits for tests)
   runner.py        Runner: a chunk's plan and upload (submit), its KV groups, prefill passes and decode loop (run)
+  rows.py          a chunk's per-row settings on the GPU: limits, token selection's parameters, stop checks
+  logprobs.py      --logprobs: the log-probabilities' buffers and downloads of a chunk
+  graphs.py        StepGraphs: decode steps captured once and replayed as CUDA graphs (the driver API, ctypes)
   model.py         Model: the weights on the GPU, the forward pass, ln_f + LM head + token selection
   device.py        Device: GPU choice, context, streams, memory budget, buffer pool, pinned host buffers
   kernels.py       the kernel registry (one record per kernel and fp16 tile variant) and the launchers
+  kernels_select.py  the token-selection kernels' records and launchers (a mixin of Kernels)
   kcache.py        the node's kernel cache: each module compiled once per node, shared by its ranks
   picks.py         which fp16 tile variant runs a product of a given shape
   options.py       KernelOptions: the kernel A/B switches (speed, not the model), read from GPT2JOB_* once
   plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
   prefix_share.py  pure NumPy: which prompt prefixes a chunk computes once
   tensor_maps.py   TMA descriptors of the Hopper products
+  prebuild.py      `build-kernels`: the node's kernel cache filled before a job (nvcc, no GPU)
 Only device.py, kernels.py (Kernels), kcache.py (compile_cubin) and prebuild.py (gpu_arch) import pycuda, each only when
 called: when a backend is built, kernels compile or build-kernels looks for the node's GPU.
 """

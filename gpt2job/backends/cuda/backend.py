@@ -3,7 +3,8 @@ them, each calling only the ones below it: Device (GPU, context, streams, memory
 KernelOptions ask), Model (weights, forward pass, head), Runner (chunk plans, uploads, the decode loop).
 
 pycuda is imported when a CudaBackend is built (device.py, kernels.py), so the rest of the package imports
-without it. The GPU is chosen from local_rank before CUDA creates a context. Everything large is allocated before
+without it. The GPU is chosen from gpu_slot (the worker's index among its node's worker ranks)
+before CUDA creates a context. Everything large is allocated before
 the worker says it is ready (Runner.fit, warm_up), not inside the first chunk. Their sizes follow the device memory
 left after the weights (plan.memory_plan): the sizes asked for on a GPU with room, smaller ones (and a smaller
 preferred chunk, which the worker's hello passes to the master) on a GPU another process fills.
@@ -52,7 +53,7 @@ class CudaBackend(Backend):
     name = "cuda"
     preferred_chunk = 8192   # prompts per chunk: big batches keep the tensor cores busy
 
-    def __init__(self, params, settings, dtype="float32", local_rank=0, share_gpus=False,
+    def __init__(self, params, settings, dtype="float32", gpu_slot=0, share_gpus=False,
                  max_prefill_rows=131072, head_rows=8192, options=None):
         """options: the kernel A/B switches (default: KernelOptions.from_env(), the GPT2JOB_* variables).
         max_prefill_rows: tokens per prefill pass; head_rows: rows per LM head product (both size the buffers)."""
@@ -64,16 +65,16 @@ class CudaBackend(Backend):
         self.options = KernelOptions.from_env() if options is None else options
         self.max_prefill_rows = int(max_prefill_rows)
         self.head_rows = int(head_rows)
-        self.device = Device(local_rank, share_gpus)
+        self.device = Device(gpu_slot, share_gpus)
         try:
-            self._setup(params, local_rank, share_gpus)
+            self._setup(params, share_gpus)
         except BaseException:
             self.device.abandon()
             raise
 
-    def _setup(self, params, local_rank, share_gpus):
+    def _setup(self, params, share_gpus):
         dev = self.device
-        self.kernels = Kernels(local_rank, self.options)
+        self.kernels = Kernels(self.options)
         if self.kernels.tmaps is not None:
             dev.own(self.kernels.tmaps)
         dev.open_streams()
@@ -104,7 +105,7 @@ class CudaBackend(Backend):
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps
             pdl = self.options.graph_pdl and dev.dev.compute_capability()[0] >= 9   # griddepcontrol: Hopper on
-            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.generation, tm.epoch if tm else 0), pdl=pdl)
+            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.pool_epoch, tm.epoch if tm else 0), pdl=pdl)
             dev.own(self.runner.graphs)
         self.model.set_head_rows(mp.head_rows)
         self._reserve(free, mp.reduced)
@@ -212,4 +213,4 @@ class CudaBackend(Backend):
         try:
             return score.last_logits(self.runner, plan)
         finally:
-            plan.upload.busy = False
+            self.runner.done_with(plan)

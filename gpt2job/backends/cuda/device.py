@@ -40,7 +40,7 @@ class Upload:
 
 
 class Device:
-    def __init__(self, local_rank=0, share_gpus=False):
+    def __init__(self, gpu_slot=0, share_gpus=False):
         # every kernel of a module is loaded with the module (before the worker reports ready), not at its first
         # launch inside the first chunk (CUDA's default is lazy loading); read when CUDA initialises
         os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
@@ -50,18 +50,18 @@ class Device:
         count = drv.Device.count()
         if count == 0:
             raise UserError("no CUDA GPU is visible", None, "backend", "use --backend numpy or run on a GPU node")
-        if local_rank >= count and not share_gpus:
-            raise UserError(f"worker #{local_rank + 1} on this node, but the node has only {count} GPU(s)", None,
+        if gpu_slot >= count and not share_gpus:
+            raise UserError(f"worker #{gpu_slot + 1} on this node, but the node has only {count} GPU(s)", None,
                             "-np", f"start at most {count} worker(s) per node (the master, rank 0, needs no GPU "
                                    f"of its own: mpirun -np {count + 1} on one node), or pass --share-gpus")
         self.share_gpus = share_gpus
-        self.gpu_index = local_rank % count
+        self.gpu_index = gpu_slot % count
         self.dev = drv.Device(self.gpu_index)
         self.ctx = self.dev.make_context()
         self._owned = []     # objects with device memory of their own (free() before the context goes)
         self._allocs = []    # uploaded arrays (the weights)
         self._bufs = {}      # name -> (allocation, bytes)
-        self.generation = 0  # bumped whenever a pool buffer is allocated or freed (a captured graph is then stale)
+        self.pool_epoch = 0  # bumped whenever a pool buffer is allocated or freed (a captured graph is then stale)
         self._uploads = []   # Upload pairs
         self.tok_host = self.step_host = np.empty(0, np.int32)   # pinned by step_buffers
         self.lp_host = None    # pinned: two steps' log-probabilities (--logprobs; logprobs.StepLogprobs)
@@ -113,7 +113,7 @@ class Device:
         """Free the pool's buffer `name`, if any, once the compute stream's work is done."""
         cur = self._bufs.pop(name, None)
         if cur is not None:
-            self.generation += 1
+            self.pool_epoch += 1
             self.compute.synchronize()
             cur[0].free()
 
@@ -140,7 +140,7 @@ class Device:
                 self.compute.synchronize()
                 cur[0].free()
                 del self._bufs[name]   # (when the allocation below fails, no freed buffer stays in the pool)
-            self.generation += 1
+            self.pool_epoch += 1
             self._bufs[name] = (self.drv.mem_alloc(nbytes), nbytes)
         return int(self._bufs[name][0])
 
@@ -149,7 +149,7 @@ class Device:
         use (the work grows them again, to the sizes it needs)."""
         self.compute.synchronize()
         self.copy.synchronize()
-        self.generation += 1
+        self.pool_epoch += 1
         for b, _ in self._bufs.values():
             b.free()
         self._bufs = {}

@@ -131,23 +131,23 @@ class StepGraphs:
     """Decode steps as graphs, by key: the first time a key is seen the step runs as launched (it grows the pool's
     buffers and fills the TMA descriptor cache: nothing may allocate or synchronise under capture), the second time
     it is captured and replayed, afterwards replayed. The key holds everything the captured launches baked in
-    (row count, buffer addresses, cache shape); generation() changes whenever a pool buffer or descriptor slot may
+    (row count, buffer addresses, cache shape); epoch() changes whenever a pool buffer or descriptor slot may
     have moved, and then every graph is dropped. A capture that fails turns graphs off for good (steps run as
     launched: the same kernels, so the same tokens). A capture costs about a step of host time more than a launch:
     once `warm` graphs were captured, another is captured only while graphs were replayed `payback` times as often
     as captured (rows that stop at every few steps change the row count, so the key, faster than graphs pay)."""
 
-    def __init__(self, stream, generation, most=64, warm=16, payback=4, pdl=False):
-        self.stream, self.generation, self.most, self.pdl = stream, generation, most, pdl
+    def __init__(self, stream, epoch, most=64, warm=16, payback=4, pdl=False):
+        self.stream, self.epoch, self.most, self.pdl = stream, epoch, most, pdl
         self.warm, self.payback = warm, payback
-        self.graphs, self.seen, self.gen = {}, set(), None
+        self.graphs, self.seen, self.at_epoch = {}, set(), None
         self.on, self.replays, self.captures = True, 0, 0
 
     def run(self, key, step):
-        gen = self.generation()
-        if gen != self.gen:
+        epoch = self.epoch()
+        if epoch != self.at_epoch:
             self.free()
-            self.gen = gen
+            self.at_epoch = epoch
         g = self.graphs.get(key) if self.on else None
         if g is not None:
             g.launch()

@@ -1,6 +1,6 @@
 """The kernel registry and the launchers: one record per kernel (name, source file, PyCUDA prepared-call signature,
 block size) beside the method that launches it, and one record per fp16 product tile variant (tile shape, threads,
-shared memory, compile flags, arch). Kernels(local_rank, options) compiles what the records name, loads it into
+shared memory, compile flags, arch). Kernels(options) compiles what the records name, loads it into
 the current CUDA context and launches it cheaply (prepared calls).
 
 A signature has one letter per kernel parameter (P pointer, i int, f float, d double, Q unsigned long long), checked
@@ -192,7 +192,7 @@ def ptr(a):
 class Kernels(SelectKernels):
     """Every kernel the options ask for, compiled and loaded into the current context; typed launchers."""
 
-    def __init__(self, local_rank=0, options=KernelOptions()):
+    def __init__(self, options=KernelOptions()):
         import pycuda.driver as drv
         self.options = options
         cc = drv.Context.get_device().compute_capability()

@@ -273,7 +273,7 @@ class Model:
         take(st, p_rowidx, base, p_pos, 1, h + 4 * n, 1, 1, n)
         return fc, h, h + 4 * n
 
-    def _ln_f(self, x, n, p_rowidx, idx_base):
+    def ln_f(self, x, n, p_rowidx, idx_base):
         """ln_f of n rows of x (row i: x row p_rowidx[i] - idx_base when p_rowidx is given, else row i) in groups
         of head_rows: yields (first row, rows, pool buffer hl)."""
         C, e = self.cfg.n_embd, self.elt
@@ -286,13 +286,13 @@ class Model:
                              self.cfg.layer_norm_epsilon)
             yield g0, m, hl
 
-    def _logits(self, hl, m):
+    def logits(self, hl, m):
         logits = self.dev.buf("logits", self.head_rows * self.Vpad * 4)
         self.p.logits(hl, self.head_w, logits, m, self.V, self.cfg.n_embd, self.Vpad)
         return logits
 
     def select(self, x, n, p_rowidx, idx_base, p_seqidx, p_rows, step, p_out, sampling, sel=None, lp=None, step_at=0):
-        """The next token of n rows of x (as _ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
+        """The next token of n rows of x (as ln_f picks them) into p_out (int32): ln_f, LM head, then greedy
         argmax or sampling (row i draws with output row p_rows[p_seqidx[i]]'s seed at this step; step_at: 0, or the
         device address of an int32 that holds the step instead, Kernels.sample). sel (rows.RowSel):
         each row's own settings and penalty, on the materialised logits (sampling is then unused). lp
@@ -303,7 +303,7 @@ class Model:
         # rule 6 of model/sampling.py (rows without top-k / top-p, no penalty): chosen in the head's epilogue too
         tempered = lp is None and (sel.plain if sel is not None else plain(sampling, V))
         fused = tempered or (sel is None and sampling.greedy and (lp is None or lp.k == 0))
-        for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
+        for g0, m, hl in self.ln_f(x, n, p_rowidx, idx_base):
             tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if fused else None
             if tile is not None and tempered and (m < TEMPERED_MIN_ROWS or F16_TILES[tile].wn % CHUNK):
                 tile = None   # (rule 6's chunks of 64 columns must not straddle a warp's columns)
@@ -324,7 +324,7 @@ class Model:
                            self.cfg.n_embd, mode, False, variant=tile, qkv=keys)
                 k.argmax_partials(st, part, nch, nch, p_out + 4 * g0, m, lp=None if lp is None else lp.at(g0)[0])
                 continue
-            logits = raw = self._logits(hl, m)
+            logits = raw = self.logits(hl, m)
             if sel is not None:
                 if lp is not None and sel.seen:   # the penalty rewrites the logits: the log-probabilities read a copy
                     raw = self.dev.buf("logits_raw", self.head_rows * Vp * 4)
@@ -343,10 +343,10 @@ class Model:
                 k.logprobs(st, raw, Vp, V, p_out + 4 * g0, lp.k, *lp.at(g0), m)
 
     def logits_to_host(self, x, n, p_rowidx, idx_base, out):
-        """The logits of n rows of x (as _ln_f picks them) into out [n, V] float32 on the host (tests)."""
+        """The logits of n rows of x (as ln_f picks them) into out [n, V] float32 on the host (tests)."""
         self.dev.buf("logits", self.head_rows * self.Vpad * 4)   # grown before ln_f runs (a greedy fp16 head has none)
-        for g0, m, hl in self._ln_f(x, n, p_rowidx, idx_base):
-            logits = self._logits(hl, m)
+        for g0, m, hl in self.ln_f(x, n, p_rowidx, idx_base):
+            logits = self.logits(hl, m)
             host = np.empty((m, self.Vpad), np.float32)
             self.dev.compute.synchronize()
             self.dev.drv.memcpy_dtoh(host, logits)

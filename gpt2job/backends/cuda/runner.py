@@ -201,7 +201,7 @@ class Runner:
                     raise
                 err = e
             finally:
-                plan.upload.busy = False
+                self.done_with(plan)
         return (yield from self._in_halves(plan.chunk, plan.settings, err, depth))
 
     def _in_halves(self, chunk, settings, err, depth):
@@ -275,14 +275,19 @@ class Runner:
         then at int32 3 ns the step's number, which sampling reads there)."""
         return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4 + 4)]
 
-    def _kv_cache(self, ns, S):
+    @staticmethod
+    def done_with(plan):
+        """The plan is computed (or failed): its pinned upload buffers may take another chunk."""
+        plan.upload.busy = False
+
+    def kv_cache(self, ns, S):
         """The KV cache of ns sequences of S positions: [(keys, values)] per layer, in pool buffer kv."""
         C, L = self.cfg.n_embd, self.cfg.n_layer
         per = ns * S * C * self.model.elt
         kvbase = self.dev.buf("kv", 2 * L * per)
         return [(kvbase + 2 * li * per, kvbase + (2 * li + 1) * per) for li in range(L)]
 
-    def _prefill(self, plan, b0, b1, S, kv, heads=False):
+    def prefill(self, plan, b0, b1, S, kv, heads=False):
         """The forward pass over prompts b0..b1-1 (KV group slots from b0), in passes of whole prompts of at most
         max_prefill_rows tokens: yields (first prompt, end prompt, first row, residual stream, where its prompts'
         last rows are: Model.select's (p_rowidx, idx_base)) a pass. heads: only those rows are needed after the
@@ -303,7 +308,7 @@ class Runner:
         ns = b1 - b0
         S = int((lens[b0:b1] + mnt[b0:b1]).max())   # each row's prompt and new tokens
         n_max = int(mnt[b0:b1].max())
-        kv = self._kv_cache(ns, S)
+        kv = self.kv_cache(ns, S)
         tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in self.decode_buffers(ns)]
         dev.step_buffers(ns)
         lp.group(ns)
@@ -314,7 +319,7 @@ class Runner:
         graphs = self.graphs if self.graphs is not None and not lp.on else None   # (logprobs: buffers move per step)
         # sampling reads each step's number on the GPU (a replay reads its own); gkey: what else its launches bake in
         step_at, gkey = (sdev + 12 * ns, (plan.p_rows, sel, sampling)) if kw or not sampling.greedy else (0, ())
-        for pb0, pb1, _, x, at in self._prefill(plan, b0, b1, S, kv, heads=True):
+        for pb0, pb1, _, x, at in self.prefill(plan, b0, b1, S, kv, heads=True):
             model.select(x, pb1 - pb0, *at, plan.p_arange + 4 * pb0, plan.p_rows, 0,
                          tok_dev + 4 * (pb0 - b0), sampling, **kw, **lp.kw(ns, pb0 - b0))
         yield Pause(True, READY, int(gen.sum()))   # the prefill runs on the GPU: the next chunk may upload meanwhile

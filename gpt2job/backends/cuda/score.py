@@ -2,9 +2,9 @@
 position t = 1..L-1, log P(token_t | tokens_<t) under the model.
 
 A chunk is planned without prefix sharing (Runner.prepare(..., share=False)) and run through the same prefill passes
-as a generation (Runner._prefill: KV groups, passes of whole prompts), but with the last layer on every row (a
+as a generation (Runner.prefill: KV groups, passes of whole prompts), but with the last layer on every row (a
 generation runs it past its keys and values on each prompt's last row alone); after each pass every position but each
-prompt's last goes through ln_f and the LM head in groups of head_rows (Model._ln_f / Model._logits), and
+prompt's last goes through ln_f and the LM head in groups of head_rows (Model.ln_f / Model.logits), and
 Kernels.logprobs (cuda_src/logprobs.cu) takes the log_softmax of the next token, the "chosen" id. The values of a
 pass are downloaded before the next pass (its residual stream is reused). The pure-NumPy parts (which rows, which
 next tokens, the Completions) are score_rows / completions, tested on the CPU (tests/test_score.py).
@@ -56,7 +56,7 @@ def run(runner):
     try:
         return (yield from _score(runner, plan))
     finally:
-        plan.upload.busy = False
+        runner.done_with(plan)
 
 
 def _score(runner, plan):
@@ -72,8 +72,8 @@ def _score(runner, plan):
     if lay.B:
         for b0, b1 in runner.kv_groups(lens, 0):
             S = int(lens[b0:b1].max())
-            kv = runner._kv_cache(b1 - b0, S)
-            for pb0, pb1, r0, x, _ in runner._prefill(plan, b0, b1, S, kv):
+            kv = runner.kv_cache(b1 - b0, S)
+            for pb0, pb1, r0, x, _ in runner.prefill(plan, b0, b1, S, kv):
                 ridx, tgt = score_rows(offsets, tokens, pb0, pb1)
                 n = len(ridx)
                 if not n:
@@ -81,8 +81,8 @@ def _score(runner, plan):
                 io = dev.buf("score_io", 12 * n)             # row indices [n], next tokens [n], log-probs [n]
                 dev.compute.synchronize()
                 drv.memcpy_htod(io, np.concatenate([ridx, tgt]))
-                for g0, m, hl in model._ln_f(x, n, io, r0):
-                    logits = model._logits(hl, m)
+                for g0, m, hl in model.ln_f(x, n, io, r0):
+                    logits = model.logits(hl, m)
                     model.k.logprobs(dev.compute, logits, model.Vpad, model.V, io + 4 * n + 4 * g0, 0,
                                      io + 8 * n + 4 * g0, 0, 0, m)
                 out = np.empty(n, np.float32)
@@ -102,7 +102,7 @@ def last_logits(runner, plan):
     runner.dev.compute.wait_for_event(plan.ev_up[1])
     S = int(lay.lens.max())
     for b0, b1 in runner.kv_groups(np.full(lay.B, S), 0):
-        kv = runner._kv_cache(b1 - b0, S)
-        for pb0, pb1, _, x, at in runner._prefill(plan, b0, b1, S, kv, heads=True):
+        kv = runner.kv_cache(b1 - b0, S)
+        for pb0, pb1, _, x, at in runner.prefill(plan, b0, b1, S, kv, heads=True):
             runner.model.logits_to_host(x, pb1 - pb0, *at, res[pb0:pb1])
     return res
