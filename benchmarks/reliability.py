@@ -11,7 +11,7 @@
     (tokens, finish_reason, done), and the resumed run must not recompute a row that was complete:
     rows in the journal after the kill == summary["rows_resumed"], and the workers' rows add up to the
     rest. A kill that lands after the output was finished must leave it complete and equal (the rerun
-    then says "already complete", exit 2).
+    then says "already complete", exit 0).
 (b) Fuzz: mutated input HDF5 files and model files (benchmarks/fuzz_inputs.py), each run through
     `gpt2job run IN OUT --model M --max-new-tokens 2 --backend numpy` in a forked copy of this process
     (gpt2job.cli.main). Counted: clear errors (exit 2, one 'gpt2job: error:' line naming the file),

@@ -134,12 +134,11 @@ def build_parser():
     p.add_argument("--version", action="version", version=f"gpt2job {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=Parser)
 
-    pr = sub.add_parser("prompts", help="text, JSONL or raw int32 file -> input HDF5",
-                        description="Convert a text file (one prompt per line; blank lines are skipped), a "
-                                    "JSONL file (each line a JSON string, or an object with 'prompt'/'text' or "
-                                    "'tokens'), or the old system's raw int32 token file (.bin with "
-                                    "--tokens-per-row) into an input HDF5 file.")
-    pr.add_argument("source", help="prompts file: .txt (one per line) or .jsonl")
+    pr = sub.add_parser("prompts", help="text, JSONL or raw int32 file -> input HDF5", description="Convert a .txt "
+                        "file (one prompt per line; blank lines skipped), a .jsonl file (each line a JSON string, or "
+                        "an object with 'prompt'/'text' or 'tokens') or a raw int32 token file (.bin, --tokens-per-row)"
+                        " into an input HDF5 file; any other source is refused (an input HDF5 goes to `run` as it is).")
+    pr.add_argument("source", help="prompts file: .txt (one per line), .jsonl (not a .json array) or .bin (raw)")
     pr.add_argument("output", help="input HDF5 file to write")
     pr.add_argument("--tokenize", action="store_true",
                     help="store token ids ('prompt_tokens') instead of text ('prompts'); needs the tokenizer")
@@ -158,10 +157,9 @@ def build_parser():
     r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
     r.add_argument("--model", default="random:gpt2",
                    help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
-                        "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] "
-                        "(seeded random weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] "
-                        "(a small random model; see below). Default: random:gpt2 (random weights: pass your model "
-                        "for real text)")
+                        "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] (seeded random "
+                        "weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] (a small random "
+                        "model; see below). Default: random:gpt2 (random weights: pass your model for real text)")
     r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
@@ -244,8 +242,9 @@ def build_parser():
                          "(lm-eval-harness' convention); by default the first token of a row without context is "
                          "only the condition (as transformers' loss)")
 
-    sh = sub.add_parser("show", help="print results of an output file")
-    sh.add_argument("output")
+    sh = sub.add_parser("show", help="print results of an output file", description="Print an output file's state "
+                        "(rows done, model, settings) and its rows from --start, at most --limit (tokens, text, ...).")
+    sh.add_argument("output", help="output HDF5 written by gpt2job run or score")
     sh.add_argument("--limit", type=_positive_int("--limit", 0), default=10, help="rows to print (default 10)")
     sh.add_argument("--start", type=_positive_int("--start", 0), default=0, help="first row to print")
 
@@ -255,7 +254,8 @@ def build_parser():
                                    "starting (prompts and per-row settings), for --model and --max-new-tokens.")
     v.add_argument("output", help="an output file (with ANSWER), or an input file (alone)")
     v.add_argument("answer", nargs="?", help="int32 file [N, new_tokens] or another output file")
-    v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005)
+    v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005, help="with ANSWER: the "
+                   "largest fraction of compared tokens that may differ (above it: FAIL, exit 4); default 0.0005")
     v.add_argument("--model", default="random:gpt2", help="input check: the model the job will run (its positions "
                    "and vocabulary; default random:gpt2, GPT-2's shapes)")
     v.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
@@ -271,7 +271,8 @@ def build_parser():
     ex.add_argument("--overwrite", action="store_true", help="replace an existing JSON lines file")
 
     bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "
-                        "needed): once per node before a job, so that its ranks start without compiling")
+                        "needed): once per node before a job, so that its ranks start without compiling",
+                        description="Compile the CUDA kernels for --arch into this node's kernel cache (nvcc; no GPU).")
     bk.add_argument("--dtype", choices=("float16", "float32", "both"), default="both",
                     help="the precision of the jobs to come (today both need the same modules)")
     bk.add_argument("--arch", default="", help="the GPU to build for: sm_90a (Hopper: wgmma and TMA products) or "
@@ -373,11 +374,11 @@ def main(argv=None):
     try:
         unknown = envs.check_environment()
         if unknown and rank in (None, 0):
-            sys.stderr.write(f"gpt2job: warning: {', '.join(unknown)}: not a gpt2job variable, ignored (gpt2job/envs.py "
-                             "declares them all)\n")
+            sys.stderr.write(f"gpt2job: warning: {', '.join(unknown)}: not a gpt2job variable, ignored "
+                             "(gpt2job/envs.py declares them all)\n")
         a = build_parser().parse_args(argv)
-        return {"run": cmd_run, "score": cmd_score, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate, "export": cmd_export,
-                "build-kernels": cmd_build_kernels}[a.command](a)
+        return {"run": cmd_run, "score": cmd_score, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate,
+                "export": cmd_export, "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
         if rank not in (None, 0):
             time.sleep(RANK_ERROR_GRACE_S)

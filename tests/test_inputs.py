@@ -194,6 +194,10 @@ def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
     with h5py.File(foreign) as f:
         assert f["x"][()].tolist() == [1, 2, 3]
     assert_one_clear_line(run([inp, inp, "--overwrite"]), "both the input and the output")
+    txt = tmp_path / "p.txt"     # a text input named as the output too: the same line (it said "not a gpt2job output")
+    txt.write_text("1 2 3\n")
+    assert_one_clear_line(run([txt, txt]), "both the input and the output")
+    assert txt.read_text() == "1 2 3\n" and not list(tmp_path.glob("p.txt.*"))
     p = run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", "200"])
     assert_one_clear_line(p, "--max-new-tokens", "leaves no room")
 
@@ -390,3 +394,24 @@ def test_an_output_named_as_text_is_refused(tmp_path, name):
     assert_one_clear_line(run([inp, tmp_path / name]), str(tmp_path / name), "this command writes an HDF5 file",
                           "export OUT.h5 out.jsonl")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.h5"]
+
+
+@pytest.mark.parametrize("command, dataset", [("run", "prompts"), ("run", "prompt_tokens"), ("run", "grid"),
+                                              ("score", "prompts"), ("score", "context"), ("score", "context_tokens")])
+def test_an_input_of_no_rows_is_refused_as_an_empty_text_file_is(tmp_path, command, dataset):
+    """Before: `done. 0 rows`, exit 0, a finished output of nothing. One line, exit 2, nothing left behind."""
+    inp, out = tmp_path / "empty.h5", tmp_path / "out.h5"
+    with h5py.File(inp, "w") as f:
+        text, tokens = h5py.string_dtype(), h5py.vlen_dtype(np.int32)
+        if dataset == "grid":
+            f.create_dataset("prompt_tokens", (0, 4), np.int32)
+        else:   # (a score input's pair: both datasets)
+            for name in [dataset] + ([dataset.replace("context", "continuation")] if "context" in dataset else []):
+                f.create_dataset(name, (0,), tokens if name.endswith("_tokens") else text)
+    field = "prompt_tokens" if dataset == "grid" else dataset
+    more = ["--max-new-tokens", "4"] if command == "run" else []
+    p = run_gpt2job([command, inp, out, "--model", str(TINY_HF), "--backend", "numpy", *more])
+    assert_one_clear_line(p, f"{inp}: {field}: has 0 rows")
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty.h5"]
+    if command == "run":
+        assert_one_clear_line(run_gpt2job(["validate", inp, "--model", str(TINY_HF)]), f"{inp}: {field}: has 0 rows")

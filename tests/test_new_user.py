@@ -166,6 +166,15 @@ def test_run_inference_refuses_a_bad_np_in_one_line(tmp_path, np_):
         "workers, or leave NP unset: one worker per GPU)"], err
 
 
+def test_run_inference_refuses_a_missing_python_in_one_line(tmp_path):
+    """PYTHON naming no interpreter: one line and exit 2 (it was bash's own three lines and 127)."""
+    p = launcher([tmp_path / "in.h5", tmp_path / "out.h5", *TINY], env=fresh_env(PYTHON=str(tmp_path / "none")))
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.splitlines() == [
+        f"run_inference.sh: error: PYTHON={tmp_path / 'none'}: no such interpreter (fix: give a python3 on every "
+        "node's PATH or a full path, e.g. PYTHON=$(command -v python3), or leave PYTHON unset for python3)"], err
+
+
 def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(tmp_path):
     """`slots=4 max_slots=8` on two nodes is 8 ranks (max_slots was read: 16); a HOSTFILE that is not there is one
     line (it ran locally)."""
@@ -386,3 +395,14 @@ def test_a_wrong_dataset_name_lists_the_datasets_the_file_has(tmp_path):
     assert_one_clear_line(run_gpt2job(["run", inp, tmp_path / "o.h5", *TINY]),
                           "no 'prompts' or 'prompt_tokens' dataset", "its datasets: meta/ids, prompt")
     assert_one_clear_line(run_gpt2job(["show", inp]), "its datasets: meta/ids, prompt")
+
+
+def test_every_command_has_a_description_and_every_argument_a_help():
+    """`show -h` and `build-kernels -h` had no description, show's OUT and validate's --tolerance no help."""
+    import argparse
+    from gpt2job.cli import build_parser
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, parser in sub.choices.items():
+        assert parser.description, name
+        assert not [a.dest for a in parser._actions if not a.help], name
+    assert "default 0.0005" in " ".join(run_gpt2job(["validate", "-h"], check=0).stdout.split())   # (wrapped)

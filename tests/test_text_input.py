@@ -448,3 +448,40 @@ def test_half_a_surrogate_pair_in_a_jsonl_line_is_one_line_naming_it(tmp_path, l
     from gpt2job.files.score_input import convert_pairs
     with pytest.raises(UserError, match="line 1: holds half"):
         convert_pairs(str(pairs), str(tmp_path / "out.h5"))
+
+
+@pytest.mark.parametrize("name, content, frags", [
+    ("arr.json", '["The capital of France is", "Hello"]\n', ["a .json file", "one JSON value per line", ".jsonl"]),
+    ("table.csv", "a,b\n1,2\n", ["its extension (.csv) is not .txt, .jsonl or .bin", "as a .txt file"]),
+    ("notes", "hello\n", ["its extension (none) is not .txt, .jsonl or .bin"]),
+])
+def test_prompts_refuses_a_source_whose_extension_it_does_not_take(tmp_path, name, content, frags):
+    """As `run` does (README: a .txt, .jsonl or .bin source): a JSON array file was one text prompt, exit 0."""
+    src = tmp_path / name
+    src.write_text(content)
+    assert_one_clear_line(run_gpt2job(["prompts", src, tmp_path / "x.h5"]), f"{src}: source: ", *frags)
+    assert files(tmp_path) == [name]
+    for ok in ("P.TXT", "p.NDJSON"):   # the extensions it takes, in any case
+        (tmp_path / ok).write_text('"hello"\n')
+        run_gpt2job(["prompts", tmp_path / ok, tmp_path / (ok + ".h5")], check=0)
+    (tmp_path / "rows.raw").write_bytes(np.arange(8, dtype="<i4").tobytes())   # --tokens-per-row: a raw file, any name
+    run_gpt2job(["prompts", tmp_path / "rows.raw", tmp_path / "raw.h5", "--tokens-per-row", 4], check=0)
+
+
+def test_prompts_given_an_hdf5_file_says_so_and_that_run_takes_it(tmp_path):
+    """Before: `in.h5: source: not valid UTF-8 (byte 0)`. By its signature, whatever its name."""
+    src = tmp_path / "p.txt"
+    src.write_text("hello\n")
+    run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
+    (tmp_path / "in.data").write_bytes((tmp_path / "in.h5").read_bytes())
+    with h5py.File(tmp_path / "other.h5", "w") as f:
+        f["x"] = [1, 2]
+    before = files(tmp_path)
+    for name in ("in.h5", "in.data"):
+        line = assert_one_clear_line(run_gpt2job(["prompts", tmp_path / name, tmp_path / "out.h5"]),
+                                     f"{tmp_path / name}: source: is already an HDF5 prompts file",
+                                     f"python -m gpt2job run {tmp_path / name} OUT.h5")
+        assert "UTF-8" not in line
+    assert_one_clear_line(run_gpt2job(["prompts", tmp_path / "other.h5", tmp_path / "out.h5"]),
+                          "source: is an HDF5 file, not a text, JSONL or raw token file")
+    assert files(tmp_path) == before

@@ -103,25 +103,25 @@ class Ending:
         """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
         with nothing left to compute never starts its loop, a failed start never learns its workers), else they
         would wait for ever and keep mpirun alive. Hung ranks are ended by abort_hung instead. workers: the master's
-        {rank: WorkerState}, for the chunks still out."""
+        {rank: WorkerState}, read for the chunks still out (not changed)."""
         for r in self.channel.ranks:
             if r not in self.hung:
                 self.stop(r)
         # a job ended by an error (a full disk) has results on their way: an MPI worker waits until its result is
         # received, and MPI cannot finish while it does, so they are received (and dropped: the resume computes
         # them) until every live worker has answered for its chunks or chunk_timeout has passed
+        out = {r: set(w.outstanding) for r, w in workers.items() if w.outstanding and self.channel.owns_process(r)}
         deadline = time.monotonic() + self.chunk_timeout
-        while self._still_computing(workers) and time.monotonic() < deadline:
+        while self._still_computing(out) and time.monotonic() < deadline:
             for rank, kind, *data in self.channel.poll():
-                workers[rank].outstanding.pop(data[0].chunk_id, None) if kind == "result" else \
-                    workers[rank].outstanding.clear()
+                if rank in out:   # a result answers for its chunk; an error or a death for all of the rank's
+                    out[rank].discard(data[0].chunk_id) if kind == "result" else out[rank].clear()
                 if kind == "failed":
                     self.died(rank)
             self.channel.wait()
-        for w in self._still_computing(workers):   # MPI_Finalize would wait for their results' sends for ever
-            self.log(f"worker rank {w.rank} on {w.host} still computes {len(w.outstanding)} chunk(s) past the job's "
-                     "end")
-            self.hung.append(w.rank)
+        for r in self._still_computing(out):   # MPI_Finalize would wait for their results' sends for ever
+            self.log(f"worker rank {r} on {workers[r].host} still computes {len(out[r])} chunk(s) past the job's end")
+            self.hung.append(r)
         self.channel.flush()
         if wait_local and 0 not in self.hung:
             self.channel.join(timeout=30)   # the master's own worker: lets its backend free the GPU
@@ -166,9 +166,9 @@ class Ending:
         sys.stderr.flush()
         self.channel.abort(code)
 
-    def _still_computing(self, workers):
-        return [w for w in workers.values() if w.outstanding and self.channel.owns_process(w.rank)
-                and w.rank not in self.hung]
+    def _still_computing(self, out):
+        """The ranks with chunks still out (out: {rank: chunk ids}), hung ones aside."""
+        return sorted(r for r, ids in out.items() if ids and r not in self.hung)
 
     def starting(self):
         """Ranks of their own process the master has not heard from (no hello, error or death) and not hung."""

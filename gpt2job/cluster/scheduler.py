@@ -78,7 +78,8 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, prefetch=2, row_settings=None, max_new_tokens=16, num_samples=1, position_cost=0.0):
+    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, prefetch=2, row_settings=None,
+                 max_new_tokens=16, num_samples=1, position_cost=0.0):
         self.prompts = prompts
         self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
         self.max_new_tokens = max_new_tokens

@@ -4,13 +4,11 @@ end keeps or removes conversions so that nothing left blocks or changes a later 
 import os
 
 from gpt2job.errors import UserError, plural
-from gpt2job.files.h5files import JSONL_EXTENSIONS, check_output_path
+from gpt2job.files.h5files import HDF5_EXTENSIONS, TEXT_EXTENSIONS, check_output_path, has_hdf5_signature
 from gpt2job.files.jsonl_settings import JsonlRows
 from gpt2job.files.outpaths import being_written
 from gpt2job.files.prompt_files import file_digest, prompt_blocks, remove_dead_temps, write_prompts_h5
 
-TEXT_EXTENSIONS = (".txt", *JSONL_EXTENSIONS)     # `run` converts these on the fly (prompt_blocks's rules)
-HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
 CONVERSION = 3                                      # bump when prompt_blocks's rules change what it makes
 INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
              "a .jsonl file")
@@ -23,7 +21,7 @@ def is_text_input(path):
     low = str(path).lower()
     if low.endswith(TEXT_EXTENSIONS):
         return True
-    if low.endswith(HDF5_EXTENSIONS) or not os.path.isfile(path) or _has_hdf5_signature(path):
+    if low.endswith(HDF5_EXTENSIONS) or not os.path.isfile(path) or has_hdf5_signature(path):
         return False
     if low.endswith(".bin"):
         raise UserError("a raw int32 token file is not run directly", path, "input",
@@ -31,22 +29,6 @@ def is_text_input(path):
     ext = os.path.splitext(low)[1]
     raise UserError(f"is not an HDF5 file, and its extension ({ext or 'none'}) is not .txt or .jsonl", path,
                     "input", INPUT_FIX)
-
-
-def _has_hdf5_signature(path):
-    """The HDF5 signature at offset 0, 512, 1024, ... (a user block may precede it)."""
-    sig, offset = b"\x89HDF\r\n\x1a\n", 0
-    try:
-        size = os.path.getsize(path)
-        with open(path, "rb") as f:
-            while offset + len(sig) <= size:
-                f.seek(offset)
-                if f.read(len(sig)) == sig:
-                    return True
-                offset = 512 if offset == 0 else 2 * offset
-    except OSError:
-        return False
-    return False
 
 
 def converted_path(output, digest):

@@ -10,6 +10,24 @@ from gpt2job.files.journal import JOURNAL_SUFFIX
 
 JSONL_EXTENSIONS = (".jsonl", ".ndjson")   # JSON lines: prompts (prompt_files), pairs (score_input)
 TEXT_NAMES = (*JSONL_EXTENSIONS, ".json", ".txt", ".csv", ".tsv")   # an HDF5 file by such a name is a surprise
+TEXT_EXTENSIONS = (".txt", *JSONL_EXTENSIONS)     # prompts files: `run` converts them, `prompts` reads them
+HDF5_EXTENSIONS = (".h5", ".hdf5", ".hdf", ".he5")
+
+
+def has_hdf5_signature(path):
+    """The HDF5 signature at offset 0, 512, 1024, ... (a user block may precede it)."""
+    sig, offset = b"\x89HDF\r\n\x1a\n", 0
+    try:
+        size = os.path.getsize(path)
+        with open(path, "rb") as f:
+            while offset + len(sig) <= size:
+                f.seek(offset)
+                if f.read(len(sig)) == sig:
+                    return True
+                offset = 512 if offset == 0 else 2 * offset
+    except OSError:
+        return False
+    return False
 
 
 def check_output_path(output, field="output", example="prompts.h5", hdf5=True):

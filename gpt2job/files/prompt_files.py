@@ -6,7 +6,7 @@ import os
 import numpy as np
 
 from gpt2job.errors import UserError, errno_of, first_line, plural
-from gpt2job.files.h5files import JSONL_EXTENSIONS, check_output_path
+from gpt2job.files.h5files import JSONL_EXTENSIONS, TEXT_EXTENSIONS, check_output_path, has_hdf5_signature
 from gpt2job.files.jsonl_settings import JsonlRows
 
 BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
@@ -280,13 +280,39 @@ def _is_prompts_file(path):
         return False
 
 
+def source_is_raw(source, tokens_per_row=0):
+    """Does the `prompts` command read source as a raw int32 token file (.bin, or any name with --tokens-per-row)?
+    Else it is a prompts file by its extension (.txt, .jsonl, .ndjson, in any case: README's list); an HDF5 file (by
+    its signature, whatever its name) or any other file is refused with what to do instead. A missing file or a
+    folder is left to the reader, which names it."""
+    low = str(source).lower()
+    if os.path.isfile(source) and has_hdf5_signature(source):
+        if _is_prompts_file(source):
+            raise UserError("is already an HDF5 prompts file: there is nothing to convert", source, "source",
+                            f"give it to `run` as it is: python -m gpt2job run {source} OUT.h5")
+        raise UserError("is an HDF5 file, not a text, JSONL or raw token file", source, "source",
+                        "give `prompts` a .txt (one prompt per line), .jsonl or .bin file; `run` takes an HDF5 "
+                        "input with a 'prompts' or 'prompt_tokens' dataset as it is")
+    if low.endswith(".bin") or tokens_per_row:
+        return True
+    if low.endswith(TEXT_EXTENSIONS) or not os.path.isfile(source):   # (a missing file, a folder: the reader's line)
+        return False
+    ext = os.path.splitext(low)[1]
+    if ext == ".json":   # (one JSON document, e.g. an array of prompts, would be one text prompt per line of it)
+        raise UserError("is a .json file, but `prompts` reads JSON lines: one JSON value per line", source,
+                        "source", 'write one prompt per line ("text", {"prompt": "text"} or a list of token ids) in '
+                        "a .jsonl file")
+    raise UserError(f"its extension ({ext or 'none'}) is not .txt, .jsonl or .bin", source, "source",
+                    "save one prompt per line as a .txt file, or one JSON value per line as a .jsonl file")
+
+
 def convert(source, output, tokenize=False, vocab_dir=None, overwrite=False, tokens_per_row=0):
     """`python -m gpt2job prompts SOURCE OUTPUT`. The source is read and checked as the output is written (at a
     temporary name: a source refused half-way leaves nothing), so the output's own checks (it exists; it holds
     results) come before those of the source's lines; the tokenizer is loaded for the first text block, if any."""
     check_output_path(output)
     rows = JsonlRows()
-    if source.endswith(".bin") or tokens_per_row:
+    if source_is_raw(source, tokens_per_row):
         blocks = [("grid", read_int32_file(source, tokens_per_row))]
     else:
         blocks = prompt_blocks(source, rows)

@@ -233,6 +233,7 @@ def _read_token_dataset(path, ds, vocab_size=None):
     elif ds.dtype.kind not in "iu" or ds.ndim != 2:
         raise UserError(f"must be integer token ids, [N, T] or variable-length rows (got dtype {ds.dtype}, "
                         f"shape {ds.shape})", path, field, "store token ids as int32")
+    no_rows(ds, path, field)
     try:
         n = ds.shape[0]
         if vlen is not None:
@@ -267,6 +268,14 @@ def _read_token_dataset(path, ds, vocab_size=None):
     return PromptSet.grid(tokens, field)
 
 
+def no_rows(ds, path, field):
+    """A dataset of 0 rows is refused, as a text file without a prompt is: a job of nothing is a mistake. (The words
+    avoid "prompts": score_input renames the field in the line.)"""
+    if ds.shape[0] == 0:
+        raise UserError("has 0 rows: there is nothing to compute", path, field,
+                        "give an input of at least one row")
+
+
 def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     import h5py
     field = "prompts"
@@ -275,6 +284,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     if ds.ndim != 1 or (h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SUO"):
         raise UserError(f"must be a 1-D dataset of strings (got dtype {ds.dtype}, shape {ds.shape})", path, field,
                         "write prompts as variable-length UTF-8 strings")
+    no_rows(ds, path, field)
     from gpt2job.model.tokenizer import encode_texts
     enc = None
     lengths, tokens, digest = [], TokenBlocks(vocab_size), hashlib.sha256()
