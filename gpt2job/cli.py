@@ -68,6 +68,10 @@ class Parser(argparse.ArgumentParser):
         return a
 
 
+def _each(*parsers):
+    return lambda *a, **k: [p.add_argument(*a, **k) for p in parsers]
+
+
 def _positive_int(name, minimum=1):
     def parse(v):
         try:
@@ -152,14 +156,17 @@ def build_parser():
                        description="Generate completions for every prompt of IN and write them to OUT.\n"
                                    "Run it under mpirun for many workers; rank 0 is the master.",
                        epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sc = sub.add_parser("score", help="log-likelihoods of given texts or token rows (under mpirun like run)",
+                        description=SCORE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    both = _each(r, sc)   # the flags score shares with run
     r.add_argument("input", help="prompts: input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids), "
                                  "or a .txt (one prompt per line) or .jsonl file, converted first (see below)")
     r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
-    r.add_argument("--model", default="random:gpt2",
-                   help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
-                        "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] (seeded random "
-                        "weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] (a small random "
-                        "model; see below). Default: random:gpt2 (random weights: pass your model for real text)")
+    both("--model", default="random:gpt2",
+         help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
+              "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] (seeded random "
+              "weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] (a small random "
+              "model; see below). Default: random:gpt2 (random weights: pass your model for real text)")
     r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
@@ -171,29 +178,29 @@ def build_parser():
                    help="nucleus sampling: the smallest set of tokens holding this probability (default 1.0)")
     r.add_argument("--seed", type=_int_in("--seed", 0, 2 ** 63 - 1), default=0,
                    help="sampling seed; the same seed gives the same completions for any ranks/chunks")
-    r.add_argument("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
-                   help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible); synthetic: "
-                        "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
-    r.add_argument("--dtype", choices=("float32", "float16"), default="float32",
-                   help="float32 (exact, default) or float16 (tensor cores; cuda only)")
-    r.add_argument("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,
-                   help="prompts per work chunk (0, default: k chunks per worker, at most the backend's preferred "
-                        "size; equal in prompts or, ragged or per-row max_new_tokens, in estimated work)")
-    r.add_argument("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
-    r.add_argument("--overwrite", action="store_true", help="replace a finished or different output")
-    r.add_argument("--skip-invalid", action="store_true",
-                   help="run the valid prompts and mark invalid ones 'invalid' instead of refusing to start")
+    both("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
+         help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible); synthetic: "
+              "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
+    both("--dtype", choices=("float32", "float16"), default="float32",
+         help="float32 (exact, default) or float16 (tensor cores; cuda only)")
+    both("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,
+         help="prompts per work chunk (0, default: k chunks per worker, at most the backend's preferred "
+              "size; equal in prompts or, ragged or per-row max_new_tokens, in estimated work)")
+    both("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
+    both("--overwrite", action="store_true", help="replace a finished or different output")
+    both("--skip-invalid", action="store_true",
+         help="run the valid prompts and mark invalid ones 'invalid' instead of refusing to start")
     r.add_argument("--validate", metavar="ANSWER",
                    help="afterwards compare completion tokens with ANSWER: an int32 file [N, new_tokens] or "
                         "another output file; exit code 4 if the mismatch rate exceeds the tolerance")
     r.add_argument("--validate-tolerance", type=_float_in("--validate-tolerance", 0, 1), default=0.0005,
                    help="allowed fraction of mismatched tokens (default 0.0005 = 0.05%%)")
-    r.add_argument("--share-gpus", action="store_true", help="allow more workers on a node than it has GPUs")
-    r.add_argument("--chunk-timeout", type=_float_in("--chunk-timeout", 1, 1e9), default=120.0,
-                   help="least seconds a worker gets for a chunk before it counts as hung (scaled up with the "
-                        "chunk's size and the worker's speed; default 120)")
-    r.add_argument("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
-                   help="seconds between progress lines when output is not a terminal (default 10)")
+    both("--share-gpus", action="store_true", help="allow more workers on a node than it has GPUs")
+    both("--chunk-timeout", type=_float_in("--chunk-timeout", 1, 1e9), default=120.0,
+         help="least seconds a worker gets for a chunk before it counts as hung (scaled up with the "
+              "chunk's size and the worker's speed; default 120)")
+    both("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
+         help="seconds between progress lines when output is not a terminal (default 10)")
     r.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_string,
                    help="stop string (repeatable; vLLM's `stop`): a row ends once its generated text contains one "
                         "(finish_reason 'stop'); `completions` ends before it, `completion_tokens` keep every "
@@ -226,17 +233,11 @@ def build_parser():
                    help="compute every prompt even when another prompt is identical (by default a greedy job "
                         "computes identical prompts once)")
 
-    sc = sub.add_parser("score", help="log-likelihoods of given texts or token rows (under mpirun like run)",
-                        description=SCORE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     sc.add_argument("input", help="input HDF5 with 'prompts'/'prompt_tokens' (every token but the first is scored) or "
                                   "'context'+'continuation' / 'context_tokens'+'continuation_tokens' (the "
                                   "continuation is scored), or a .txt/.jsonl file of texts (as for run)")
     sc.add_argument("output", help="output HDF5 (token_logprobs, scored_tokens, sum_logprob, n_tokens); resumed "
                                    "like run's")
-    for flag in ("--model", "--backend", "--dtype", "--chunk-size", "--vocab-dir", "--overwrite", "--skip-invalid",
-                 "--share-gpus", "--chunk-timeout", "--progress-interval"):
-        act = next(x for x in r._actions if flag in x.option_strings)
-        sc._add_action(act)
     sc.add_argument("--prepend-eos", action="store_true",
                     help="put <|endoftext|> (50256) before every row so that its first token is scored too "
                          "(lm-eval-harness' convention); by default the first token of a row without context is "

@@ -69,7 +69,7 @@ class JobSettings:
     vocab_dir: Optional[str] = None
     overwrite: bool = False
     skip_invalid: bool = False
-    validate: Optional[str] = None
+    validate: Optional[str] = None   # --validate ANSWER: the file the finished output is compared with
     validate_tolerance: float = 0.0005
     share_gpus: bool = False
     chunk_timeout: float = 120.0     # the least time a worker gets for a chunk before it is declared hung
