@@ -11,6 +11,7 @@ Objects, each calling only the ones below it (none calls back into its owner):
   device.py        Device: GPU choice, context, streams, memory budget, buffer pool, pinned host buffers
   kernels.py       the kernel registry (one record per kernel and fp16 tile variant) and the launchers
   kernels_select.py  the token-selection kernels' records and launchers (a mixin of Kernels)
+  registry.py      the kernel record type (Kernel, register, KERNELS) both of them use
   kcache.py        the node's kernel cache: each module compiled once per node, shared by its ranks
   picks.py         which fp16 tile variant runs a product of a given shape
   options.py       KernelOptions: the kernel A/B switches (speed, not the model), read from GPT2JOB_* once

@@ -1,7 +1,7 @@
-"""The kernel registry and the launchers: one record per kernel (name, source file, PyCUDA prepared-call signature,
-block size) beside the method that launches it, and one record per fp16 product tile variant (tile shape, threads,
-shared memory, compile flags, arch). Kernels(options) compiles what the records name, loads it into
-the current CUDA context and launches it cheaply (prepared calls).
+"""The kernel registry and the launchers: one record per kernel (registry.register: name, source file, PyCUDA
+prepared-call signature, block size) beside the method that launches it, and one record per fp16 product tile
+variant (tile shape, threads, shared memory, compile flags, arch). Kernels(options) compiles what the records name,
+loads it into the current CUDA context and launches it cheaply (prepared calls).
 
 A signature has one letter per kernel parameter (P pointer, i int, f float, d double, Q unsigned long long), checked
 against the preprocessed .cu by tests/test_cuda_host.py. pycuda is imported only when Kernels is built or a module
@@ -14,14 +14,14 @@ import numpy as np
 
 from gpt2job.backends.cuda import cuda_src_dir
 from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
-from gpt2job.backends.cuda.kernels_select import KERNELS, SelectKernels, _kernel
+from gpt2job.backends.cuda.kernels_select import SelectKernels
+from gpt2job.backends.cuda.registry import KERNELS, register
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_TEMPERED = range(8)
 TMA_WIDE_N = 16384   # gemm_tma.cu's: products wider than this (the LM head) walk M tiles fastest
-
 
 # ---------------------------------------------------------------- fp16 product tile variants
 
@@ -234,9 +234,9 @@ class Kernels(SelectKernels):
 
     # ---------------------------------------------------------------- matrix products
 
-    GEMM_F32 = {8: _kernel("gemm_f32", "gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi", 256),
-                16: _kernel("gemm_f32_k16", "gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi", 256)}
-    SPLITK_REDUCE = _kernel("splitk_reduce_f32", "gemm_f32.cu", "PiPiPiii", 256)
+    GEMM_F32 = {8: register("gemm_f32", "gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi", 256),
+                16: register("gemm_f32_k16", "gemm_f32.cu", "PiPiPiPiiiiiiiiPPPiiPPi", 256)}
+    SPLITK_REDUCE = register("splitk_reduce_f32", "gemm_f32.cu", "PiPiPiii", 256)
 
     def gemm_f32(self, stream, A, lda, B, ldb, C, ldc, bias, M, N, K, mode, split=None, ws=None, qkv=None, bk=None,
                  ws_slices=4):
@@ -305,14 +305,14 @@ class Kernels(SelectKernels):
 
     # ---------------------------------------------------------------- per-row kernels (transformer.cu)
 
-    EMBED = _kernel("embed", "transformer.cu", "PPPPPii", 256)
+    EMBED = register("embed", "transformer.cu", "PPPPPii", 256)
 
     def embed(self, stream, tok, pos, wte, wpe, x, R, C):
         if R:
             self.launch(self.EMBED, (R, 1, 1), stream, tok, pos, wte, wpe, x, R, C)
 
-    HALF_T = _kernel("half_t", "transformer.cu", "PPii", 256)
-    HALF_OF = _kernel("half_of", "transformer.cu", "PPQ", 256)
+    HALF_T = register("half_t", "transformer.cu", "PPii", 256)
+    HALF_OF = register("half_of", "transformer.cu", "PPQ", 256)
 
     def half_t(self, stream, w, out, K, N):
         """out [N, K] half = w [K, N] float32 transposed and rounded (reference.f16_weight)."""
@@ -325,10 +325,10 @@ class Kernels(SelectKernels):
             self.launch(self.HALF_OF, (min((n + 255) // 256, 4096), 1, 1), stream, a, out, int(n))
 
     LN_ROWS = 8   # rows (warps) a layer-norm block
-    LAYERNORM = {(False, False): _kernel("layernorm_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
-                 (True, False): _kernel("layernorm_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
-                 (False, True): _kernel("layernorm_prefetch_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
-                 (True, True): _kernel("layernorm_prefetch_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS)}
+    LAYERNORM = {(False, False): register("layernorm_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (True, False): register("layernorm_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (False, True): register("layernorm_prefetch_f32", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS),
+                 (True, True): register("layernorm_prefetch_f16", "transformer.cu", "PPiPPPiif", 32 * LN_ROWS)}
     LN_PREFETCH_ROWS = 1024   # up to this many rows (decode steps), the kernel that loads the weights with the row:
                               # faster there; larger passes not measured in whole jobs (benchmarks/RESULTS.md)
 
@@ -339,30 +339,30 @@ class Kernels(SelectKernels):
             self.launch(self.LAYERNORM[half, R <= self.LN_PREFETCH_ROWS], (-(-R // self.LN_ROWS), 1, 1), stream, x,
                         rowidx, idx_base, w, b, out, R, C, np.float32(eps))
 
-    KV_COPY = {False: _kernel("kv_copy_f32", "transformer.cu", "PiiPPii", 128),
-               True: _kernel("kv_copy_f16", "transformer.cu", "PiiPPii", 128)}
+    KV_COPY = {False: register("kv_copy_f32", "transformer.cu", "PiiPPii", 128),
+               True: register("kv_copy_f16", "transformer.cu", "PiiPPii", 128)}
 
     def kv_copy(self, stream, half, ent, n, slot_base, kc, vc, S, C):
         """Shared-prefix key/value rows: ent int32 [n, 3] {dst, src, pos} (see prefix_share.py)."""
         if n:
             self.launch(self.KV_COPY[half], (n, 1, 1), stream, ent, n, slot_base, kc, vc, S, C)
 
-    TAKE_ROWS = _kernel("take_rows", "transformer.cu", "PiPiPiii", 256)
+    TAKE_ROWS = register("take_rows", "transformer.cu", "PiPiPiii", 256)
 
     def take_rows(self, stream, idx, idx_base, src, src_ld, dst, dst_ld, width, n):
         """dst row i = src row idx[i] - idx_base (idx None: row i), width 4-byte words a row, strides in words."""
         if n:
             self.launch(self.TAKE_ROWS, (n, 1, 1), stream, idx, idx_base, src, src_ld, dst, dst_ld, width, n)
 
-    ATTENTION = {(False, False, 0): _kernel("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (False, True, 0): _kernel("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, False, 1): _kernel("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 1): _kernel("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, False, 4): _kernel("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 4): _kernel("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 3): _kernel("attention_grouped_three_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 8): _kernel("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 9): _kernel("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
+    ATTENTION = {(False, False, 0): register("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (False, True, 0): register("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 1): register("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 1): register("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, False, 4): register("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 4): register("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 3): register("attention_grouped_three_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 8): register("attention_grouped_short_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 9): register("attention_grouped_ahead_f16", "transformer.cu", "PPPPiPPiiiif", 128)}
     ATTENTION_LONG_FROM = 128   # cache positions S from which the grouped kernel loads 4 key steps ahead, not 1 (fp16:
                                 # 3; faster jobs at W2's S of 768, slower at W1's ~24: benchmarks/RESULTS.md)
     ATTENTION_SHORT_WARPS = 16  # fp16: 8 key steps a round while the step's warps fit this many an SM, at any S
@@ -385,7 +385,7 @@ class Kernels(SelectKernels):
             self.launch(self.ATTENTION[grouped, half, keys], ((nw + 3) // 4, 1, 1), stream,
                         qkv, kc, vc, row_slot, slot_base, row_pos, out, R, H, D, S, np.float32(scale))
 
-    ATTENTION_PREFILL = _kernel("attention_prefill_f16", "attention_prefill.cu", "PPPPiPPPiiiif", 128)
+    ATTENTION_PREFILL = register("attention_prefill_f16", "attention_prefill.cu", "PPPPiPPPiiiif", 128)
 
     def attention_prefill(self, stream, qkv, kc, vc, row_slot, slot_base, row_pos, out, tiles, n_tiles, row_base,
                           H, D, S, scale):

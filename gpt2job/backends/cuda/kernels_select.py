@@ -1,51 +1,28 @@
 """The token selection kernels' registry records and launchers (sampling.cu, logprobs.cu), a mixin of Kernels
-(kernels.py, which launches them through Kernels.launch), and the registry's record type: Kernel, KERNELS, _kernel
-(every record of kernels.py is made here too)."""
-from dataclasses import dataclass, field
-
+(kernels.py, which launches them through Kernels.launch: self.launch and self.funcs are the subclass's)."""
 import numpy as np
 
+from gpt2job.backends.cuda.registry import register
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.model.sampling import plain
 from gpt2job.settings import SamplingSettings
 
-
-@dataclass(frozen=True)
-class Kernel:
-    """A kernel of cuda_src/<source>, launched with blocks of `threads` threads."""
-    name: str
-    source: str
-    signature: str
-    threads: int
-    block: tuple = field(init=False, repr=False)   # (threads, 1, 1)
-
-    def __post_init__(self):
-        object.__setattr__(self, "block", (self.threads, 1, 1))
-
-
-KERNELS = []   # every Kernel record, in the order they are defined below
 SAMPLE_MAX_V = 1 << 18   # the longest logit rows the sampling kernels' fixed-point masses hold (fx_add)
-
-
-def _kernel(name, source, signature, threads):
-    k = Kernel(name, source, signature, threads)
-    KERNELS.append(k)
-    return k
 
 
 class SelectKernels:
     """Launchers of the token selection kernels (Kernels inherits them)."""
 
-    GATHER_TOKENS = _kernel("gather_tokens", "sampling.cu", "PPPi", 256)
+    GATHER_TOKENS = register("gather_tokens", "sampling.cu", "PPPi", 256)
 
     def gather_tokens(self, stream, src, idx, dst, n):
         """dst[i] = src[idx[i]], int32, i < n."""
         if n:
             self.launch(self.GATHER_TOKENS, ((n + 255) // 256, 1, 1), stream, src, idx, dst, n)
 
-    ARGMAX_PARTIALS = _kernel("argmax_partials", "sampling.cu", "PiiPi", 256)
+    ARGMAX_PARTIALS = register("argmax_partials", "sampling.cu", "PiiPi", 256)
 
-    ARGMAX_LOGPROB_PARTIALS = _kernel("argmax_logprob_partials", "logprobs.cu", "PiiPPi", 256)
+    ARGMAX_LOGPROB_PARTIALS = register("argmax_logprob_partials", "logprobs.cu", "PiiPPi", 256)
 
     def argmax_partials(self, stream, part, ld, n, out, R, lp=None):
         """out[r] = the column of the largest of the n EPI_ARGMAX partials of row r (lowest column on ties). lp: the
@@ -56,14 +33,14 @@ class SelectKernels:
             else:
                 self.launch(self.ARGMAX_LOGPROB_PARTIALS, ((R + 7) // 8, 1, 1), stream, part, ld, n, out, lp, R)
 
-    ARGMAX_ROWS = _kernel("argmax_rows", "sampling.cu", "PiiPi", 1024)
+    ARGMAX_ROWS = register("argmax_rows", "sampling.cu", "PiiPi", 1024)
 
     def argmax(self, stream, logits, ld, V, out, R):
         if R:
             self.launch(self.ARGMAX_ROWS, (R, 1, 1), stream, logits, ld, V, out, R)
 
-    SAMPLE_ROWS = _kernel("sample_rows", "sampling.cu", "PiiPPiPQdidiPi", 1024)
-    SAMPLE_ROWS_PARAMS = _kernel("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPPiiiPi", 1024)
+    SAMPLE_ROWS = register("sample_rows", "sampling.cu", "PiiPPiPQdidiPi", 1024)
+    SAMPLE_ROWS_PARAMS = register("sample_rows_params", "sampling.cu", "PiiPPiPPPPPPPiiiPi", 1024)
 
     def setup_row_cache(self, drv):
         """Let the sampling kernels take a row of logits into dynamic shared memory (they read it several times):
@@ -103,7 +80,7 @@ class SelectKernels:
                         sel.seed, sel.temp, sel.top_k, sel.top_p, sel.penalty, sel.seen, sel.words, sel.seq_base, flag,
                         out, R, shared=smem)
 
-    TEMPERED_KEYS = _kernel("tempered_keys", "sampling.cu", "PPiPQPdPPi", 256)
+    TEMPERED_KEYS = register("tempered_keys", "sampling.cu", "PPiPQPdPPi", 256)
 
     def tempered_keys(self, stream, rows, seqidx, step, out, R, seed=0, temperature=0.0, sel=None, step_at=0):
         """out [R] int2: each logits row's {key, 1 / T} of sampling rule 6 for the LM head's EPI_TEMPERED epilogue,
@@ -113,14 +90,14 @@ class SelectKernels:
                         np.uint64(seed & ((1 << 64) - 1)), sel.seed if sel else 0, np.float64(temperature),
                         sel.temp if sel else 0, out, R)
 
-    MARK_SEEN = _kernel("mark_seen", "sampling.cu", "PPiiPi", 256)
+    MARK_SEEN = register("mark_seen", "sampling.cu", "PPiiPi", 256)
 
     def mark_seen(self, stream, tok, seq, n, seq_base, bits, words):
         """bits[seq[i] - seq_base, tok[i] // 32] |= 1 << tok[i] % 32, i < n (the penalty's seen tokens)."""
         if n:
             self.launch(self.MARK_SEEN, ((n + 255) // 256, 1, 1), stream, tok, seq, n, seq_base, bits, words)
 
-    TOKEN_LOGPROBS = _kernel("token_logprobs", "logprobs.cu", "PiiPiiPPPi", 256)
+    TOKEN_LOGPROBS = register("token_logprobs", "logprobs.cu", "PiiPiiPPPi", 256)
 
     def logprobs(self, stream, logits, ld, V, tok, k, lp, top_ids, top_vals, R, greedy=False):
         """lp[r] = log_softmax(logits[r, :V])[tok[r]] (float32); k > 0: top_ids / top_vals [R, k] the k most likely
