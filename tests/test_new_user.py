@@ -69,7 +69,8 @@ def test_an_output_without_completed_rows_never_blocks_other_settings(tmp_path):
     # one completed row is work to keep: other settings are refused
     out2 = tmp_path / "out2.h5"
     st = OutputStore(str(out2), 2, {"gpt2job_format": 1, "settings": "other"}, np.array([3, 2]))
-    st.add(Completions.from_lists(0, np.array([0]), [[7, 8, 9]], [FINISH_LENGTH]))
+    st.submit([Completions.from_lists(0, np.array([0]), [[7, 8, 9]], [FINISH_LENGTH])])
+    st.collect(block=True)
     st.close(discard_if_empty=True)   # not empty: kept, resumable
     assert leftovers(out2)[:2] == [str(out2), f"{out2}.journal"]
     assert_one_clear_line(run_gpt2job(["run", inp, out2, *TINY]), "different model, input or settings")

@@ -271,17 +271,6 @@ class OutputStore:
                                       "or pass --overwrite to start over")
 
     # ---- while running
-    def add(self, comp: Completions):
-        """Make a chunk's results durable (journal) and queue them for the HDF5 file. Returns what was new
-        (add_many; None when every row was done already: a late duplicate from a retired worker)."""
-        return self.add_many([comp])[0]
-
-    def add_many(self, comps):
-        """Make the results of several chunks durable with one journal write and one fsync (a group commit), then
-        queue them for the HDF5 file. Returns, for each, what was new: (rows, tokens, tokens computed), or None."""
-        self.submit(comps)
-        return self.collect(block=True)
-
     def submit(self, comps):
         """Start making the results of several chunks durable (one journal write and fsync, in the background); none
         counts before collect() returns it. One group at a time. Copies ride along (Completions.copy_rows)."""
@@ -338,7 +327,7 @@ class OutputStore:
         return stats
 
     def wait_written(self):
-        """Until the HDF5 file holds every row added so far, flushed (tests, benchmarks)."""
+        """Until the HDF5 file holds every row added so far, flushed (benchmarks/master_scale.py)."""
         try:
             self.writer.wait()
         except (OSError, RuntimeError) as e:
