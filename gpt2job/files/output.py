@@ -271,6 +271,12 @@ class OutputStore:
                                       "or pass --overwrite to start over")
 
     # ---- while running
+    def add_many(self, comps):
+        """Make the results of several chunks durable with one journal write and one fsync (a group commit), then
+        queue them for the HDF5 file. Returns, for each, what was new: (rows, tokens, tokens computed), or None."""
+        self.submit(comps)
+        return self.collect(block=True)
+
     def submit(self, comps):
         """Start making the results of several chunks durable (one journal write and fsync, in the background); none
         counts before collect() returns it. One group at a time. Copies ride along (Completions.copy_rows)."""
