@@ -192,9 +192,8 @@ def one_kill(i, victim, window, inp, d, clean, rng, cmd=None, n_prompts=N_PROMPT
                            timeout=300)
         info["resume_s"] = round(time.monotonic() - t_rerun, 2)
         runs.append(r.returncode)
+        said_complete = "already complete" in r.stderr
         if r.returncode == 0:
-            break
-        if r.returncode == 2 and "already complete" in r.stderr:
             break
         info.setdefault("rerun_errors", []).append(r.stderr.strip().splitlines()[-1:] or [f"exit {r.returncode}"])
     info["reruns"] = runs
@@ -210,7 +209,7 @@ def one_kill(i, victim, window, inp, d, clean, rng, cmd=None, n_prompts=N_PROMPT
         if not same(res, clean):
             diff = [k for k in ("tokens", "finish", "done") if res[k] != clean[k]]
             problems.append(f"differs from the clean run in {diff}")
-        if runs[-1] == 2 and killed is not None and kept not in (None,) and status != "finished":
+        if said_complete and killed is not None and status != "finished":
             problems.append("rerun said 'already complete' though the killed run had not finished")
         if runs[0] == 0:
             sm = res["summary"] or {}

@@ -6,6 +6,7 @@ class UserError(Exception):
     """A mistake the user can fix. Printed as one line, no traceback; the process exits with 2."""
 
     def __init__(self, message, path=None, field=None, fix=None):
+        self.message = message
         self.path = path
         self.field = field
         self.fix = fix

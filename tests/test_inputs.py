@@ -399,8 +399,9 @@ def test_an_output_named_as_text_is_refused(tmp_path, name):
 @pytest.mark.parametrize("command, dataset", [("run", "prompts"), ("run", "prompt_tokens"), ("run", "grid"),
                                               ("score", "prompts"), ("score", "context"), ("score", "context_tokens")])
 def test_an_input_of_no_rows_is_refused_as_an_empty_text_file_is(tmp_path, command, dataset):
-    """Before: `done. 0 rows`, exit 0, a finished output of nothing. One line, exit 2, nothing left behind."""
-    inp, out = tmp_path / "empty.h5", tmp_path / "out.h5"
+    """Before: `done. 0 rows`, exit 0, a finished output of nothing. One line, exit 2, nothing left behind. (A path
+    with "prompts" in it stays whole in score's pair lines: they once renamed every "prompts" of the line.)"""
+    inp, out = tmp_path / "prompts-empty.h5", tmp_path / "out.h5"
     with h5py.File(inp, "w") as f:
         text, tokens = h5py.string_dtype(), h5py.vlen_dtype(np.int32)
         if dataset == "grid":
@@ -412,6 +413,6 @@ def test_an_input_of_no_rows_is_refused_as_an_empty_text_file_is(tmp_path, comma
     more = ["--max-new-tokens", "4"] if command == "run" else []
     p = run_gpt2job([command, inp, out, "--model", str(TINY_HF), "--backend", "numpy", *more])
     assert_one_clear_line(p, f"{inp}: {field}: has 0 rows")
-    assert sorted(x.name for x in tmp_path.iterdir()) == ["empty.h5"]
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["prompts-empty.h5"]
     if command == "run":
         assert_one_clear_line(run_gpt2job(["validate", inp, "--model", str(TINY_HF)]), f"{inp}: {field}: has 0 rows")

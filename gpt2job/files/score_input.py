@@ -44,8 +44,10 @@ def _read_dataset(path, name, tokenizer_factory):
         try:
             ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
                   _read_text_dataset(path, ds, tokenizer_factory))
-        except UserError as e:   # the readers name their own dataset: name this one
-            raise UserError(str(e).replace("prompt_tokens", name).replace("prompts", name)) from None
+        except UserError as e:   # the readers name their own dataset: name this one (not the words of a path)
+            field = name if e.field in ("prompts", "prompt_tokens") else e.field
+            message = e.message.replace("'prompt_tokens'", f"'{name}'").replace("'prompts'", f"'{name}'")
+            raise UserError(message, e.path, field, e.fix) from None
     ps.source = name
     return ps
 
