@@ -114,12 +114,13 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
     none = "gpt2job: terminated (SIGTERM) before any row was completed: run the same command again"
     # an --overwrite run that set the old output aside: that one's rows are kept, the rerun resumes it
     for i, (made, rows, overwrite, line) in enumerate((
-            (False, 0, 0, none), (True, 0, 0, none), (True, 1, 0, TERM_LINE),
+            (False, 0, 0, none), (True, 0, 0, none), (True, 1, 0, TERM_LINE), ("journal gone", 0, 0, TERM_LINE),
             ("replaced", 0, 1, "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same "
                                "command without --overwrite to resume"))):
         out = tmp_path / f"out{i}.h5"
         if made:
             out.write_bytes(b"")
+        if made and made != "journal gone":   # (an unfinished OUT whose journal is gone: resumed from its rows)
             j = Journal(str(out) + ".journal", header={"k": 1})
             if rows:
                 j.append(Completions.from_lists(0, [0], [[5, 6]], [0]))
@@ -129,6 +130,30 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
         p = subprocess.run([sys.executable, "-c", code, str(out), str(overwrite)], capture_output=True, text=True,
                            timeout=60, env=job_env(), cwd=ROOT)
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
+
+
+def test_a_journal_holds_records_only_past_a_whole_first_record(tmp_path):
+    """journal_has_records (the SIGTERM line's test): a header alone, a first record cut short by a kill (the reader
+    drops it: no row kept), no journal or a torn header: none; a whole record: some."""
+    from gpt2job.chunks import Completions
+    from gpt2job.files.journal import Journal, journal_has_records
+    out = str(tmp_path / "o.h5")
+    assert not journal_has_records(out)
+    Journal(out + ".journal", header={"k": 1}).close()
+    assert not journal_has_records(out)
+    header = os.path.getsize(out + ".journal")
+    j = Journal(out + ".journal", truncate_at=header)
+    j.append(Completions.from_lists(0, [0, 1], [[5, 6], [7]], [0, 0]))
+    j.close()
+    assert journal_has_records(out)
+    whole = os.path.getsize(out + ".journal")
+    for cut in (whole - 1, header + 16, header + 5):   # (each shorter than the one before: a cut, not zeros)
+        with open(out + ".journal", "r+b") as f:
+            f.truncate(cut)
+        assert not journal_has_records(out), cut
+    with open(out + ".journal", "r+b") as f:
+        f.truncate(7)
+    assert not journal_has_records(out)
 
 
 @pytest.mark.parametrize("victim,np_,chunk,sig", [("process", None, 1, "KILL"), ("process", None, 4, "KILL"),

@@ -523,6 +523,30 @@ def test_a_ctrl_c_at_the_terminal_does_not_reach_the_writer_s_processes(tmp_path
         w.close()
 
 
+def test_the_writer_s_processes_end_with_a_killed_master(tmp_path, vocab_dir):
+    """In sessions of their own no group signal reaches them: a master killed (SIGKILL) ends them through
+    PR_SET_PDEATHSIG (pipes.die_with_parent)."""
+    code = (f"import sys, time, numpy as np; from gpt2job.files.h5write import make_header; "
+            f"from gpt2job.files.writer import WriterProcess; "
+            f"w = WriterProcess(make_header({str(tmp_path / 'm.h5')!r}, 10, {{'k': 1}}, {{}}, True, {vocab_dir!r}, 60),"
+            f" np.ones(10, np.int32), text_processes=2); w.wait(); print(*[p.pid for p in w.procs], flush=True); "
+            f"time.sleep(60)")
+    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=job_env(),
+                         cwd=str(ROOT), start_new_session=True)
+    try:
+        children = [int(x) for x in p.stdout.readline().split()]
+        assert len(children) == 3 and all(alive(c) for c in children)
+        os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=30)
+        deadline = time.time() + 20
+        while any(alive(c) for c in children) and time.time() < deadline:
+            time.sleep(0.05)
+        assert not any(alive(c) for c in children)
+    finally:
+        if p.poll() is None:
+            p.kill()
+
+
 def test_a_killed_text_process_is_named_in_the_master_s_error(tmp_path, vocab_dir):
     from gpt2job.files.h5write import make_header
     from gpt2job.files.writer import WriterProcess

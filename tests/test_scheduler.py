@@ -273,6 +273,36 @@ def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path
         m.store.close()
 
 
+def test_the_end_receives_the_results_still_on_their_way_without_changing_the_master_s_state(tmp_path):
+    """A worker whose result arrives during the end's wait has answered for its chunk: not hung. The end waits on
+    its own copy of the chunks out (it popped them from the master's WorkerState)."""
+    from types import SimpleNamespace
+    from gpt2job.cluster.ending import Ending
+
+    class Answering(OwnProcesses):
+        def __init__(self):
+            super().__init__()
+            self.inbox = [(1, "result", SimpleNamespace(chunk_id=7), 0, 0.0)]
+
+        def poll(self):
+            got, self.inbox = self.inbox, []
+            return got
+
+    m, ch, n = ragged_master(tmp_path)
+    try:
+        m.ending = Ending(Answering(), 5.0, m.log)
+        for r in (1, 2):
+            m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
+        out = object()
+        m.workers[1].outstanding = {7: out}
+        t = time.monotonic()
+        m.ending.shutdown(m.workers)
+        assert m.ending.hung == [] and time.monotonic() - t < 4.0      # not the whole chunk_timeout
+        assert m.workers[1].outstanding == {7: out}
+    finally:
+        m.store.close()
+
+
 def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadline(tmp_path):
     """A job can end before a rank became ready (the others did the work). That rank reads its stop once ready; one
     that hangs at start-up never does, and mpirun would wait for it for ever. So the end waits for its hello until

@@ -292,18 +292,23 @@ class Journal:
 
 
 def journal_has_records(output):
-    """Does OUTPUT.journal hold anything past its header (rows completed by this run or one before it)? Reads one
-    record head: cheap enough for a signal handler."""
+    """Does OUTPUT.journal hold a whole record past its header (rows completed by this run or one before it; a
+    record cut short by a kill holds none)? Reads two record heads, not the records: cheap enough for a signal
+    handler."""
     try:
         with open(output + JOURNAL_SUFFIX, "rb") as f:
-            head = f.read(REC_HEAD.size)
             size = os.fstat(f.fileno()).st_size
+            head = f.read(REC_HEAD.size)
+            if len(head) < REC_HEAD.size or REC_HEAD.unpack(head)[0] != MAGIC_HEAD:
+                return False
+            f.seek(REC_HEAD.size + REC_HEAD.unpack(head)[1])
+            first = f.read(REC_HEAD.size)
     except OSError:
         return False
-    if len(head) < REC_HEAD.size:
+    if len(first) < REC_HEAD.size:
         return False
-    magic, n, _ = REC_HEAD.unpack(head)
-    return magic == MAGIC_HEAD and size > REC_HEAD.size + n
+    magic, n, _ = REC_HEAD.unpack(first)
+    return magic in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP) and size >= 2 * REC_HEAD.size + REC_HEAD.unpack(head)[1] + n
 
 
 def rows_in_journal(output):
