@@ -4,11 +4,10 @@
 # A/B's table last. Prepare the old tree on your own machine and carry it:
 #   git archive OLD | (mkdir -p .Y && tar -x -C .Y)
 #   run(command="source .device/on-device.sh && STAGES=tests bash benchmarks/refactor_check.sh .Y", carry=[..., ".Y"])
-#   run(command="source .device/on-device.sh && STAGES=ab bash benchmarks/refactor_check.sh .Y", ...)
+#   run(command="source .device/on-device.sh && STAGES=ab bash benchmarks/refactor_check.sh .Y", ...)   (then shared)
 # STAGES: tests (the CUDA backend's test files and those of score and logprobs, the long product sweeps aside), ab
-# (W1 / W2 in fp16 and fp32, every prompt and prefill token computed, REPEATS runs each interleaved, then one run of
-# each with shared prefixes on), or tests,ab; each stage is time-boxed to fit one call (not yet timed as a whole on
-# the GPU machine: written while none was lent). CASES overrides the A/B's cases.
+# (W1 / W2 in fp16 and fp32, every prompt and prefill token computed, REPEATS runs each interleaved), shared (one run
+# of each with shared prefixes on); each stage is time-boxed to fit one call. CASES overrides the A/B's cases.
 export PYTHONUNBUFFERED=1
 OLD=${1:?usage: refactor_check.sh OLD_TREE}
 cd "$(dirname "$0")/.." || exit 1
@@ -21,20 +20,22 @@ has() { case ",$STAGES," in *",$1,"*) return 0;; esac; return 1; }
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm --format=csv,noheader
 git log --oneline -1 2>/dev/null
 if has tests; then
-    timeout -k 5 300 python3 -m pytest -q -x tests/test_cuda_host.py tests/test_cuda_oom.py tests/test_cuda_faults.py \
+    timeout -k 5 230 python3 -m pytest -q -x tests/test_cuda_host.py tests/test_cuda_oom.py tests/test_cuda_faults.py \
         tests/test_cuda_compile.py tests/test_score.py tests/test_logprobs.py 2>&1 | tail -n 4
     echo "=== GPU host, memory, fault, score and logprobs tests rc=${PIPESTATUS[0]}"
-    timeout -k 5 360 python3 -m pytest -q tests/test_cuda_kernels.py tests/test_cuda_sampling.py \
+    timeout -k 5 320 python3 -m pytest -q tests/test_cuda_kernels.py tests/test_cuda_sampling.py \
         -k "not test_gemm_f16 and not rows_are_the_same" 2>&1 | tail -n 4
     echo "=== kernel and selection tests (not the product sweeps) rc=${PIPESTATUS[0]}"
 fi
 if has ab; then
-    GPT2JOB_PREFIX_SHARE=0 timeout -k 5 420 python3 benchmarks/ab_trees.py --old "$OLD" --new . \
+    GPT2JOB_PREFIX_SHARE=0 timeout -k 5 480 python3 benchmarks/ab_trees.py --old "$OLD" --new . \
         --repeats "$REPEATS" --cases "$CASES" --out "$OUT/like-for-like" > "$OUT/like-for-like.log" 2>&1
     echo "=== A/B, every prompt and prefill token computed rc=$?"
-    timeout -k 5 240 python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats 1 --cases "$CASES" \
+    tail -n 14 "$OUT/like-for-like.log"
+fi
+if has shared; then
+    timeout -k 5 300 python3 benchmarks/ab_trees.py --old "$OLD" --new . --repeats 1 --cases "$CASES" \
         --out "$OUT/shared" > "$OUT/shared.log" 2>&1
     echo "=== A/B, shared prefixes on (--no-dedup as above) rc=$?"
     tail -n 14 "$OUT/shared.log"
-    tail -n 14 "$OUT/like-for-like.log"
 fi
