@@ -6,7 +6,6 @@ journal, and the same command completes once there is room. Also the pieces: bat
 exact when keys collide, journal blocks stop at a damaged record, the synthetic backend's tokens."""
 import json
 import os
-import re
 import resource
 import signal
 import subprocess
