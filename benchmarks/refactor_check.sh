@@ -8,7 +8,7 @@
 # STAGES: tests (the CUDA backend's test files and those of score and logprobs, the long product sweeps aside), ab
 # (W1 / W2 in fp16 and fp32, every prompt and prefill token computed, REPEATS runs each interleaved), shared (one run
 # of each with shared prefixes on), quick (a subset of both in one call); each stage is time-boxed to fit one call.
-# Session 57 on an H100 (RESULTS.md): quick 210 s with a cold start, shared 66 s and ab of W1 fp16 x 7 49 s warm. CASES overrides the A/B's cases.
+# How long each stage took: benchmarks/RESULTS.md, "Session 57 on the GPU".
 export PYTHONUNBUFFERED=1
 OLD=${1:?usage: refactor_check.sh OLD_TREE}
 cd "$(dirname "$0")/.." || exit 1
