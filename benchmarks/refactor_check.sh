@@ -8,7 +8,7 @@
 # STAGES: tests (the CUDA backend's test files and those of score and logprobs, the long product sweeps aside), ab
 # (W1 / W2 in fp16 and fp32, every prompt and prefill token computed, REPEATS runs each interleaved), shared (one run
 # of each with shared prefixes on), quick (a subset of both in one call); each stage is time-boxed to fit one call.
-# How long each stage took: benchmarks/RESULTS.md, "Session 57 on the GPU".
+# How long each stage took: benchmarks/RESULTS.md, "Session 57 on the GPU". CASES overrides the A/B's cases.
 export PYTHONUNBUFFERED=1
 OLD=${1:?usage: refactor_check.sh OLD_TREE}
 cd "$(dirname "$0")/.." || exit 1
