@@ -1,6 +1,7 @@
 """CUDA graphs through the driver API (PyCUDA has none): the launches a function makes on a stream are captured once
-and replayed with one call. StepGraphs replays every decode step but --logprobs ones, whatever its rows (options.cuda_graphs): a
-step is ~100 kernel launches, and the gaps between them are a large share of a step of a few hundred rows
+and replayed with one call. StepGraphs replays every decode step but --logprobs ones, whatever its rows
+(options.cuda_graphs): a step is ~100 kernel launches, and the gaps between them are a large share of a step of a
+few hundred rows
 (benchmarks/graph_probe.py, benchmarks/RESULTS.md).
 
 With pdl (Hopper on), every kernel -> kernel edge of a captured graph becomes a programmatic one (programmatic
