@@ -299,44 +299,52 @@ def journal_has_records(output):
         with open(output + JOURNAL_SUFFIX, "rb") as f:
             size = os.fstat(f.fileno()).st_size
             head = f.read(REC_HEAD.size)
-            if len(head) < REC_HEAD.size or REC_HEAD.unpack(head)[0] != MAGIC_HEAD:
+            if len(head) < REC_HEAD.size:
                 return False
-            f.seek(REC_HEAD.size + REC_HEAD.unpack(head)[1])
+            magic, header_bytes, _ = REC_HEAD.unpack(head)
+            if magic != MAGIC_HEAD:
+                return False
+            f.seek(REC_HEAD.size + header_bytes)
             first = f.read(REC_HEAD.size)
     except OSError:
         return False
     if len(first) < REC_HEAD.size:
         return False
     magic, n, _ = REC_HEAD.unpack(first)
-    return magic in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP) and size >= 2 * REC_HEAD.size + REC_HEAD.unpack(head)[1] + n
+    return magic in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP) and size >= 2 * REC_HEAD.size + header_bytes + n
 
 
-def rows_in_journal(output):
-    """Rows complete in OUTPUT.journal (a job stopped before its writer made OUTPUT): their count; None without a
-    readable journal."""
+def _completed_rows(output):
+    """(the journal's resume key, an iterator of each record's rows with a result: invalid rows left out), or None
+    without a readable OUTPUT.journal."""
     try:
         reader = JournalReader(output + JOURNAL_SUFFIX)
     except OSError:
         return None
     if reader.header is None:
         return None
-    rows = [np.asarray(comp.all_rows)[np.asarray(comp.all_finish) != FINISH_INVALID] for comp in reader.records()]
+    return reader.header, (np.asarray(c.all_rows)[np.asarray(c.all_finish) != FINISH_INVALID] for c in reader.records())
+
+
+def rows_in_journal(output):
+    """Rows complete in OUTPUT.journal (a job stopped before its writer made OUTPUT): their count; None without a
+    readable journal."""
+    journaled = _completed_rows(output)
+    if journaled is None:
+        return None
+    rows = list(journaled[1])
     return len(np.unique(np.concatenate(rows))) if rows else 0
 
 
 def rows_only_in_journal(output, f):
     """Rows complete in OUTPUT.journal that the open output file f does not hold yet (a job killed before its writer
     caught up: the next run of the same command adds them): their count, 0 without a journal of f's run."""
-    path = output + JOURNAL_SUFFIX
-    if not os.path.exists(path) or "done" not in f or "resume_key" not in f.attrs:
+    if not os.path.exists(output + JOURNAL_SUFFIX) or "done" not in f or "resume_key" not in f.attrs:
         return 0
-    try:
-        reader = JournalReader(path)
-    except OSError:
-        return 0
-    if reader.header is None or json.dumps(reader.header, sort_keys=True) != f.attrs["resume_key"]:
+    journaled = _completed_rows(output)
+    if journaled is None or json.dumps(journaled[0], sort_keys=True) != f.attrs["resume_key"]:
         return 0
     seen = np.zeros(len(f["done"]), bool)
-    for comp in reader.records():
-        seen[np.asarray(comp.all_rows)[np.asarray(comp.all_finish) != FINISH_INVALID]] = True
+    for rows in journaled[1]:
+        seen[rows] = True
     return int(np.count_nonzero(seen & (f["done"][()] == 0)))
