@@ -222,7 +222,7 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
 
 def _read_token_dataset(path, ds, vocab_size=None):
     import h5py
-    field = "prompt_tokens"
+    field = ds.name.lstrip("/")   # prompt_tokens (score: context_tokens, continuation_tokens)
     if not isinstance(ds, h5py.Dataset):
         raise UserError("is a group, not a dataset", path, field, DATASET_FIX)
     vlen = h5py.check_vlen_dtype(ds.dtype)
@@ -269,8 +269,7 @@ def _read_token_dataset(path, ds, vocab_size=None):
 
 
 def no_rows(ds, path, field):
-    """A dataset of 0 rows is refused, as a text file without a prompt is: a job of nothing is a mistake. (The words
-    avoid "prompts": score_input renames the field in the line.)"""
+    """A dataset of 0 rows is refused, as a text file without a prompt is: a job of nothing is a mistake."""
     if ds.shape[0] == 0:
         raise UserError("has 0 rows: there is nothing to compute", path, field,
                         "give an input of at least one row")
@@ -278,12 +277,12 @@ def no_rows(ds, path, field):
 
 def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     import h5py
-    field = "prompts"
+    field = ds.name.lstrip("/")   # prompts (score: context, continuation)
     if not isinstance(ds, h5py.Dataset):
         raise UserError("is a group, not a dataset", path, field, DATASET_FIX)
     if ds.ndim != 1 or (h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SUO"):
         raise UserError(f"must be a 1-D dataset of strings (got dtype {ds.dtype}, shape {ds.shape})", path, field,
-                        "write prompts as variable-length UTF-8 strings")
+                        f"write {field} as variable-length UTF-8 strings")
     no_rows(ds, path, field)
     from gpt2job.model.tokenizer import encode_texts
     enc = None

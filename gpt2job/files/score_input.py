@@ -44,11 +44,9 @@ def _read_dataset(path, name, tokenizer_factory):
         try:
             ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
                   _read_text_dataset(path, ds, tokenizer_factory))
-        except UserError as e:   # the readers name their own dataset: name this one (not the words of a path)
-            field = name if e.field in ("prompts", "prompt_tokens") else e.field
-            message, fix = (None if t is None else t.replace("'prompt_tokens'", f"'{name}'").replace(
-                "'prompts'", f"'{name}'").replace("write prompts as", f"write {name} as") for t in (e.message, e.fix))
-            raise UserError(message, e.path, field, fix) from None
+        except UserError as e:   # the readers name the dataset; their fixes quote the prompts' names: this pair's
+            fix = e.fix and e.fix.replace("'prompt_tokens'", f"'{name}'").replace("'prompts'", f"'{name}'")
+            raise UserError(e.message, e.path, e.field, fix) from None
     ps.source = name
     return ps
 
