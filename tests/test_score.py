@@ -254,3 +254,25 @@ def test_refused_starts_are_one_line(tmp_path):
     p = run_gpt2job(score_job(pairs, tmp_path / "missing" / "o.h5"), check=2)
     assert "folder does not exist" in p.stderr and "Traceback" not in p.stderr
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.h5", "pairs.jsonl"]
+
+
+def test_pair_readers_fixes_name_the_pairs_datasets(tmp_path):
+    """A reader's fix quotes the prompts' two datasets; for a pair it names that pair's: 'context' and
+    'context_tokens', never 'context' twice or a prompts name."""
+    from gpt2job.errors import UserError
+    from gpt2job.files.score_input import read_score_input
+    path = tmp_path / "pairs.h5"
+    with h5py.File(path, "w") as f:
+        f.create_group("context")
+        f.create_dataset("continuation", data=np.array([b" sat"], dtype=object), dtype=h5py.string_dtype())
+    with pytest.raises(UserError) as e:
+        read_score_input(path, lambda: None)
+    assert e.value.field == "context" and "is a group" in e.value.message
+    assert "'context' (UTF-8 strings) or 'context_tokens' (int token rows)" in e.value.fix
+    with h5py.File(path, "w") as f:
+        f.create_dataset("context_tokens", data=np.ones((1, 3), np.int32))
+        f.create_group("continuation_tokens")
+    with pytest.raises(UserError) as e:
+        read_score_input(path, lambda: None)
+    assert e.value.field == "continuation_tokens"
+    assert "'continuation' (UTF-8 strings) or 'continuation_tokens' (int token rows)" in e.value.fix

@@ -44,8 +44,9 @@ def _read_dataset(path, name, tokenizer_factory):
         try:
             ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
                   _read_text_dataset(path, ds, tokenizer_factory))
-        except UserError as e:   # the readers name the dataset; their fixes quote the prompts' names: this pair's
-            fix = e.fix and e.fix.replace("'prompt_tokens'", f"'{name}'").replace("'prompts'", f"'{name}'")
+        except UserError as e:   # the readers name the dataset; their fixes quote the prompts' two names: this pair's
+            base = name[:-len("_tokens")] if name.endswith("_tokens") else name
+            fix = e.fix and e.fix.replace("'prompt_tokens'", f"'{base}_tokens'").replace("'prompts'", f"'{base}'")
             raise UserError(e.message, e.path, e.field, fix) from None
     ps.source = name
     return ps
