@@ -87,9 +87,10 @@ def same(a, b):
     return a["tokens"] == b["tokens"] and a["finish"] == b["finish"] and a["done"] == b["done"]
 
 
-def session_pids(sid):
-    """pid -> (ppid, cmdline, environ) of every live process in session sid (the job started with
-    start_new_session=True: mpirun and its ranks)."""
+def session_pids(sid, marker=None):
+    """pid -> environ of every live process in session sid (the job started with start_new_session=True: mpirun
+    and its ranks) or, given marker (b"NAME=value"), with it in its environment (the master's output writer and
+    text processes, which run in sessions of their own)."""
     out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
@@ -97,9 +98,11 @@ def session_pids(sid):
         try:
             stat = open(f"/proc/{pid}/stat").read()
             fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] == "Z" or int(fields[3]) != sid:
+            if fields[0] == "Z":
                 continue
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+            if int(fields[3]) != sid and (marker is None or marker not in env):
+                continue
         except (OSError, ValueError, IndexError):
             continue
         out[int(pid)] = env
@@ -122,8 +125,8 @@ def journal_rows(out):
     return sum(len(r.rows) for r in records)
 
 
-def kill_all(sid):
-    for pid in session_pids(sid):
+def kill_all(sid, marker=None):
+    for pid in session_pids(sid, marker):
         try:
             os.kill(pid, signal.SIGKILL)
         except OSError:
@@ -138,7 +141,9 @@ def one_kill(i, victim, window, inp, d, clean, rng, cmd=None, n_prompts=N_PROMPT
     t_kill = rng.uniform(t_min, window)
     info = {"i": i, "victim": victim, "t_planned": round(t_kill, 2)}
     log = open(d / f"kill{i:02d}.log", "w")
-    p = subprocess.Popen(cmd(inp, out), env=job_env(), stdout=log, stderr=subprocess.STDOUT,
+    tag = f"{os.getpid()}.{i}"                       # in the environment of every process of this run
+    marker = f"RELIABILITY_JOB={tag}".encode()
+    p = subprocess.Popen(cmd(inp, out), env=dict(job_env(), RELIABILITY_JOB=tag), stdout=log, stderr=subprocess.STDOUT,
                          start_new_session=True, cwd=str(ROOT))
     t0 = time.monotonic()
     while time.monotonic() - t0 < t_kill and p.poll() is None:
@@ -162,20 +167,23 @@ def one_kill(i, victim, window, inp, d, clean, rng, cmd=None, n_prompts=N_PROMPT
     info["t_kill"] = round(time.monotonic() - t0, 2)
     if killed is None:
         info["phase"] = "finished before the kill"
+    deadline = time.monotonic() + 2.0
     try:
         p.wait(timeout=2.0)         # mpirun notices a dead rank and ends the job itself
     except subprocess.TimeoutExpired:
         pass
-    survivors = [pid for pid in session_pids(p.pid)]
-    info["survivors"] = len(survivors)   # processes still running 2 s after the kill (killed now)
-    kill_all(p.pid)
+    while session_pids(p.pid, marker) and time.monotonic() < deadline:   # (mpirun killed: its ranks end by themselves)
+        time.sleep(0.05)
+    survivors = [pid for pid in session_pids(p.pid, marker)]
+    info["survivors"] = len(survivors)   # processes still running 2 s after the kill, the writer's too (killed now)
+    kill_all(p.pid, marker)
     try:
         p.wait(timeout=30)
     except subprocess.TimeoutExpired:
         p.kill()
         p.wait()
     time.sleep(0.1)
-    kill_all(p.pid)
+    kill_all(p.pid, marker)
     log.close()
     kept = journal_rows(out)
     info["journal_rows"] = kept

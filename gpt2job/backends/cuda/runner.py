@@ -182,9 +182,7 @@ class Runner:
             return
         steps = self._guarded(plan, 0)
         try:
-            next(steps)
-        except StopIteration as done:   # (a chunk with a prefill pauses after it: kept for safety)
-            steps = _returns(done.value)
+            next(steps)   # (a chunk with prompts and new tokens always pauses after its prefill)
         except Exception as e:
             steps = e
         self.next_started = (plan, steps)
@@ -386,9 +384,3 @@ class Runner:
             if nxt is None:
                 break
             flight = nxt
-
-
-def _returns(value):
-    """A run generator that has finished: it returns value at once."""
-    return value
-    yield  # noqa: a generator
