@@ -186,7 +186,11 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
     assert damaged and all(s.startswith(f"{tmp_path / 'damaged.h5'}: file: cannot be read") for s in damaged), \
         [s for s in damaged if not s.startswith(f"{tmp_path / 'damaged.h5'}: file: cannot be read")]
     assert not any("cannot write" in s for s in said), said
-    # a damaged input: never blamed on the output (whose fix, --overwrite, would recompute it)
+    # a damaged input: never blamed on the output (whose fix, --overwrite, would recompute it). An output that recorded
+    # the input's fingerprint finds the damage before it exports ("holds other prompts": no prompts exported); one
+    # of before fingerprints (none recorded) reads the prompts as it exports them
+    with h5py.File(out, "r+") as f:
+        del f.attrs["input_fingerprint"]
     good, said = inp.read_bytes(), []
     for at in range(len(good) // 40, len(good), len(good) // 20):
         bad = bytearray(good)
@@ -197,7 +201,7 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
         except UserError as e:
             said.append(str(e))
     capsys.readouterr()
-    assert all(s.startswith(f"{inp}: input: cannot be read") for s in said), said
+    assert said and all(s.startswith(f"{inp}: input: cannot be read") for s in said), said
 
 
 def test_export_says_how_to_get_a_removed_conversion_back(tmp_path, vocab_dir):

@@ -177,6 +177,9 @@ def _ulfm_available():
 
 
 def test_with_ulfm_a_dead_worker_s_chunks_are_reassigned_without_a_restart(tmp_path, inp_and_clean):
+    """Under ULFM a worker that exits does not end the job: the master finds it by --chunk-timeout (Open MPI 5.0
+    reports no failure for an exit, cluster/ulfm.py) and the others compute its chunks. ULFM's own failure report
+    (a killed rank) is test_ulfm.py's."""
     import subprocess
     import sys
     if not _ulfm_available():

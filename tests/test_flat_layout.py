@@ -79,10 +79,16 @@ def test_flat_layout_resumes_and_refuses_the_other_layout(tmp_path):
     with h5py.File(out, "r+") as f:        # as if killed with the journal lost: rows 40.. not done
         f["done"][40:] = 0
         f.attrs["finished"] = 0
+        at = int(f["completion_tokens_start"][1])   # a kept row's value (row 0's data is shared by its copies): it
+        # must come back as kept, not recomputed
+        f["completion_logprobs_data"][at] = 0.0
     p = run_gpt2job(["run", inp, out, *args[:-3], "--layout", "vlen", "--logprobs"])
     assert p.returncode == 2 and "--overwrite" in p.stderr and "Traceback" not in p.stderr
     run_gpt2job(["run", inp, out, *args], check=0)
+    assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == 40
     a, b = columns(full), columns(out)
+    assert b["completion_logprobs"][1][0] == 0.0 != a["completion_logprobs"][1][0]
+    b["completion_logprobs"][1][0] = a["completion_logprobs"][1][0]
     # the rows computed again (40..) ran in other batches, where the numpy backend's BLAS may round a sum another way
     # (OpenBLAS 0.3.31: 4 rows' log-probabilities 1 ulp apart): those within 1e-5; the kept rows and every other
     # column exactly

@@ -167,10 +167,10 @@ def test_copies_rebuild_the_full_caches_of_the_reference_model():
 
 def test_seed_workload_saving():
     """On the seed workload (when present) a single group saves about a quarter of the prefill tokens."""
-    import os
-    path = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "seed-workload", "input.bin")
-    if not os.path.isfile(path):
-        pytest.skip("no seed workload (../shared/seed-workload)")
+    from conftest import SHARED
+    path = SHARED / "seed-workload" / "input.bin"
+    if not path.is_file():
+        pytest.skip(f"no seed workload ({path})")
     a = np.fromfile(path, np.int32).reshape(-1, 16)
     offsets = np.arange(len(a) + 1, dtype=np.int64) * 16
     sp = prefix_share.plan(offsets, a.reshape(-1), even_groups(1))
