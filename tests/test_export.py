@@ -221,3 +221,26 @@ def test_export_says_how_to_get_a_removed_conversion_back(tmp_path, vocab_dir):
     run_gpt2job(job, check=0)
     run_gpt2job(["export", out, js, "--overwrite"], check=0)
     assert [r["prompt"] for r in rows_of(js)] == ["1 2 3", "4 5"]
+
+
+def test_export_never_replaces_a_jobs_journal_or_lock(tmp_path):
+    """export --overwrite onto an unfinished job's journal (its only copy of the rows it computed) or lock, or a
+    journal under another name: refused in one line, the file unchanged; the job then resumes with its rows."""
+    import shutil
+    from conftest import crash_after_a_kept_chunk, job_env
+    from gpt2job.files.journal import read_journal
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1 + i % 7, 2, 3] for i in range(12)])
+    args = ["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "3", "--chunk-size", "2"]
+    crash_after_a_kept_chunk(args, out, job_env())
+    journal = str(out) + ".journal"
+    kept = sum(len(r.rows) for r in read_journal(journal)[1])
+    shutil.copy(journal, tmp_path / "copy.bin")
+    (tmp_path / "out.h5.lock").touch()
+    for target in (journal, str(out) + ".lock", tmp_path / "copy.bin"):
+        before = open(target, "rb").read()
+        p = run_gpt2job(["export", out, target, "--overwrite"])
+        assert p.returncode == 2 and "export never replaces one" in p.stderr and "Traceback" not in p.stderr
+        assert open(target, "rb").read() == before
+    p = run_gpt2job(args, check=0)
+    assert json.loads(h5py.File(out, "r").attrs["summary"])["rows_resumed"] >= kept > 0, p.stderr

@@ -24,7 +24,8 @@ import numpy as np
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, prompts, score_output
 from gpt2job.files.h5files import check_output_path, contents, open_readable, reading
-from gpt2job.files.journal import rows_only_in_journal
+from gpt2job.files.journal import JOURNAL_SUFFIX, MAGIC_HEAD, rows_only_in_journal
+from gpt2job.files.outpaths import LOCK_SUFFIX, REPLACED_SUFFIX
 
 BLOCK = 1 << 15
 BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
@@ -177,6 +178,18 @@ def _never_the_input(jsonl_path, out_path, inp):
                         "choose another file name, e.g. out.jsonl")
 
 
+def _job_file(path):
+    """Is path an output's companion (OUT.journal, OUT.lock, OUT.replaced, OUT.journal.replaced) or a journal by its
+    first bytes, whatever its name?"""
+    if path.endswith((JOURNAL_SUFFIX, LOCK_SUFFIX, REPLACED_SUFFIX)):
+        return True
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(MAGIC_HEAD)) == MAGIC_HEAD
+    except OSError:
+        return False
+
+
 def export(out_path, jsonl_path, overwrite=False, stream=None):
     import h5py
     stream = stream or sys.stderr
@@ -187,6 +200,9 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",
                             "choose another file name, e.g. out.jsonl")
+        if _job_file(jsonl_path):      # a job's journal or lock: its rows and its guard, never replaced either
+            raise UserError("is a file of a gpt2job job (a journal, a lock or a set-aside output): export never "
+                            "replaces one", jsonl_path, "export", "choose another file name, e.g. out.jsonl")
         if not overwrite:
             raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f, reading(out_path):
