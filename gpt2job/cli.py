@@ -10,7 +10,7 @@ import time
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
-from gpt2job.files.outpaths import rows_kept
+from gpt2job.files.outpaths import holds_rows, rows_kept
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
@@ -390,10 +390,12 @@ def main(argv=None):
         return exit_code(e)
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
         job = a is not None and a.command in ("run", "score")
+        kept = job and holds_rows(a.output)
         sys.stderr.write("gpt2job: interrupted" + (f"; completed rows are kept: "
-                         f"{rerun(a.overwrite, rows_kept(a.output, a.overwrite))}" if job else "") + "\n")
+                         f"{rerun(a.overwrite, rows_kept(a.output, a.overwrite))}" if kept else
+                         " before any row was completed: run the same command again" if job else "") + "\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

@@ -132,6 +132,28 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
+def test_ctrl_c_before_any_row_is_completed_leaves_no_file_and_says_so(tmp_path):
+    """Ctrl-C (SIGINT) while the first chunk computes: the job removes the files it made and its line says no row
+    was completed (it said the completed rows were kept)."""
+    from gpt2job.files.outpaths import holds_rows
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    p = subprocess.Popen(gpt2job_cmd(["run", inp, out, "--model", "random:n_layer=1,n_head=2,n_embd=16",
+                                      "--backend", "numpy", "--max-new-tokens", "2"]),
+                         env=job_env(GPT2JOB_FAULT="0:1:hang"), stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                         start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not os.path.exists(f"{out}.journal"):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    assert not holds_rows(str(out))
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines()[-1] == "gpt2job: interrupted before any row was completed: run the same command again"
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["in.h5"], err
+
+
 def test_a_journal_holds_records_only_past_a_whole_first_record(tmp_path):
     """journal_has_records (the SIGTERM line's test): a header alone, a first record cut short by a kill (the reader
     drops it: no row kept), no journal or a torn header: none; a whole record: some."""

@@ -21,8 +21,7 @@ from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError, rerun
-from gpt2job.files.journal import JOURNAL_SUFFIX, journal_has_records
-from gpt2job.files.outpaths import REPLACED_SUFFIX, rows_kept
+from gpt2job.files.outpaths import holds_rows, rows_kept
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -98,10 +97,7 @@ def say_on_sigterm(output, overwrite=False):
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         try:
-            # rows kept: in the journal, in what --overwrite set aside, or in an unfinished OUT whose journal is gone
-            # (the run resumes from the file's rows and makes a journal anew)
-            if journal_has_records(output) or os.path.exists(output + REPLACED_SUFFIX) or (
-                    os.path.exists(output) and not os.path.exists(output + JOURNAL_SUFFIX)):
+            if holds_rows(output):
                 log(f"terminated (SIGTERM); the rows already written are kept: "
                     f"{rerun(overwrite, rows_kept(output, overwrite))}")
             else:   # (while a text input was converted, the model loaded, or before the first result came)

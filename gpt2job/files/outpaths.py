@@ -7,7 +7,7 @@ import time
 
 from gpt2job import envs
 from gpt2job.errors import UserError
-from gpt2job.files.journal import JOURNAL_SUFFIX, io_error
+from gpt2job.files.journal import JOURNAL_SUFFIX, io_error, journal_has_records
 
 LOCK_SUFFIX = ".lock"
 REPLACED_SUFFIX = ".replaced"
@@ -17,6 +17,13 @@ def rows_kept(path, overwrite):
     """Did a run that ended early keep rows of its own at OUT (it leaves its journal, or what it set aside)? Not
     where an --overwrite run that kept nothing put back what it had set aside: then the same command is right."""
     return not overwrite or any(os.path.exists(path + x) for x in (REPLACED_SUFFIX, JOURNAL_SUFFIX))
+
+
+def holds_rows(path):
+    """Are rows of OUT kept on disk: in its journal, in what --overwrite set aside, or in an unfinished OUT whose
+    journal is gone (a rerun resumes from the file's rows)? For the line a job stopped by a signal ends with."""
+    return journal_has_records(path) or os.path.exists(path + REPLACED_SUFFIX) or (
+        os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
 
 
 def being_written(path):
