@@ -135,6 +135,17 @@ def test_a_failed_start_after_the_conversion_leaves_nothing_and_the_corrected_re
     run_gpt2job(args(src, out, vocab_dir), check=0)
 
 
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_an_output_that_is_not_a_gpt2job_output_is_refused_before_the_conversion(tmp_path, vocab_dir, overwrite):
+    src, out = tmp_path / "p.txt", tmp_path / "notes.h5"
+    src.write_text(TEXT)
+    out.write_text("my notes\n")
+    p = run_gpt2job(args(src, out, vocab_dir, *(["--overwrite"] if overwrite else [])))
+    assert_one_clear_line(p, "exists and is not a gpt2job output")
+    assert "converted" not in p.stderr and files(tmp_path) == ["notes.h5", "p.txt"]
+    assert out.read_text() == "my notes\n"
+
+
 def test_a_run_refused_beside_another_run_of_the_same_command_leaves_that_run_its_conversion(tmp_path, vocab_dir):
     """Two runs of one text file into one output, started at once: both convert it (the same file, written
     atomically); the second is refused at the output's lock, and removed the conversion the first was reading (its

@@ -21,6 +21,7 @@ from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError, rerun
+from gpt2job.files.output import refuse_foreign
 from gpt2job.files.outpaths import holds_rows, rows_kept
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
@@ -70,6 +71,7 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
             if os.path.exists(s.output) and os.path.exists(s.input) and os.path.samefile(s.input, s.output):
                 raise UserError("is both the input and the output", s.output, "output", "write to another file")
             if is_text_input(s.input):
+                refuse_foreign(s.output, s.overwrite)   # (before a conversion that may take minutes)
                 convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
                 converted, created = convert(s.input, s.output, log=log)
                 s = dataclasses.replace(s, input=converted, converted_from=s.input)

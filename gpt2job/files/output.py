@@ -43,7 +43,7 @@ from gpt2job.files import h5flat
 from gpt2job.files.h5files import check_output_path
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
-from gpt2job.files.journal import Journal, JournalReader, io_error
+from gpt2job.files.journal import JOURNAL_SUFFIX, Journal, JournalReader, io_error
 from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
 from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterProcess, WriterThread
@@ -150,9 +150,7 @@ class OutputStore:
     def _open_locked(self, overwrite):
         exists, jexists = os.path.exists(self.path), os.path.exists(self.journal_path)
         if overwrite:
-            if exists and not jexists and read_status(self.path)[0] is None:
-                raise UserError("exists and is not a gpt2job output: --overwrite replaces only gpt2job outputs",
-                                self.path, "output", "choose another output path, or remove the file yourself")
+            refuse_foreign(self.path, overwrite, jexists)
             self.files.set_aside()
             exists = jexists = False
         reader = None
@@ -172,11 +170,8 @@ class OutputStore:
                     self._check_key(reader.header, self.journal_path)
         from_h5 = False
         if exists and not jexists:
+            refuse_foreign(self.path, overwrite, journal=False)   # (a journal without its header counts as none)
             finished, key = read_status(self.path)
-            if finished is None:
-                raise UserError("exists and is not a gpt2job output (or is damaged with no journal)", self.path,
-                                "output", "choose another output path, or remove the file yourself (--overwrite "
-                                          "replaces only gpt2job outputs)")
             if not self._start_afresh_if_empty(key, lambda: h5_has_completed_rows(self.path)):
                 self._check_key(key, self.path)
                 if finished:
@@ -385,6 +380,17 @@ class OutputStore:
         if self.files.replaced() and not self.files.aside:
             sys.stderr.write(f"gpt2job: {self.path + REPLACED_SUFFIX} (set aside by an earlier --overwrite run, or "
                              "another file) is left as it is: remove it once it is not needed\n")
+
+
+def refuse_foreign(path, overwrite, journal=None):
+    """A file at OUT with no journal (journal: whether it has one; None: look) that is not a gpt2job output (or is
+    damaged) is never written, not even with --overwrite: a UserError. (Also checked before a text's conversion.)"""
+    if not (os.path.exists(path + JOURNAL_SUFFIX) if journal is None else journal) and os.path.exists(path) and \
+            read_status(path)[0] is None:
+        only = "--overwrite replaces only gpt2job outputs"
+        raise UserError("exists and is not a gpt2job output" + (f": {only}" if overwrite else " (or is damaged with "
+                        "no journal)"), path, "output", "choose another output path, or remove the file yourself"
+                        + ("" if overwrite else f" ({only})"))
 
 
 def _completed_rows(comp: Completions):
