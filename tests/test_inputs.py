@@ -200,6 +200,9 @@ def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
     assert txt.read_text() == "1 2 3\n" and not list(tmp_path.glob("p.txt.*"))
     p = run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", "200"])
     assert_one_clear_line(p, "--max-new-tokens", "leaves no room")
+    n_pos = json.loads((TINY_HF / "config.json").read_text())["n_positions"]   # the fix's value works
+    assert f"use at most {n_pos - 1} (the longest prompt has 2 tokens)" in p.stderr, p.stderr
+    run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", n_pos - 1], check=0)
 
 
 def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
@@ -359,6 +362,10 @@ def test_the_output_and_validate_paths_are_checked_before_any_work(tmp_path):
     p = run([inp, out, "--backend", "numpy", "--validate", tmp_path / "nope.bin"])
     assert_one_clear_line(p, "nope.bin", "--validate", "no such file")
     assert "starting" not in p.stderr and not out.exists()
+    (tmp_path / "short.bin").write_bytes(b"\0" * 10)   # not rows of int32: refused before the job, not after it
+    p = run([inp, out, "--backend", "numpy", "--validate", tmp_path / "short.bin"])
+    assert_one_clear_line(p, "short.bin", "--validate", "10 bytes is not 1 rows of int32")
+    assert not out.exists()
 
 
 def test_stop_strings_without_a_tokenizer_are_one_line(tmp_path):

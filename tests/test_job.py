@@ -126,6 +126,8 @@ def test_validate_against_answer_file(tmp_path, token_input, expected):
     p = run_gpt2job(["validate", out, answer], check=4)
     assert "1 of 120 tokens differ" in p.stdout and "row 3, token 4" in p.stdout and "FAIL" in p.stdout
     p = run_gpt2job(["validate", out, answer, "--tolerance", 0.01], check=0)
+    p = run_gpt2job(["validate", out])   # the answer forgotten: not "no 'prompts' dataset"
+    assert_one_clear_line(p, str(out), "is a gpt2job output", f"validate {out} ANSWER")
     np.asarray(expected.greedy_ignore_eos, "<i8").tofile(answer)   # int64 (read as int32 pairs and compared before)
     assert_one_clear_line(run_gpt2job(["validate", out, answer]), str(answer), "int64 tokens, not int32")
     answer.write_bytes(b"")   # an empty answer passed ("0 of 0 tokens differ: PASS")

@@ -23,7 +23,7 @@ from gpt2job.files.dedup import Copies, copies_line, group_identical
 from gpt2job.files.prompts import invalid_fix, read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
-from gpt2job.files.validate import report_validation
+from gpt2job.files.validate import check_answer, report_validation
 from gpt2job.model.tokenizer import load_tokenizer
 from gpt2job.model.weights import fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
@@ -84,8 +84,10 @@ class Master:
             self.took("read_input")
             if (self.row_settings is None or "max_new_tokens" not in self.row_settings.given) and \
                     max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
+                longest = int(self.prompts.lengths.max())   # (a prompt of L tokens takes L + max_new_tokens - 1)
                 raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
-                                "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions}")
+                                "positions", field="--max-new-tokens", fix=f"use at most "
+                                f"{max(cfg.n_positions - longest + 1, 1)} (the longest prompt has {longest} tokens)")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
@@ -94,6 +96,8 @@ class Master:
         N = s.num_samples         # --num-samples: output row r is sample r % N of prompt r // N
         self.n_rows = len(self.prompts) * N
         self.invalid = np.repeat(val.invalid, N) if N > 1 else val.invalid
+        if s.validate:   # its size or rows against the output's: said now, not after the job
+            check_answer(s.validate, self.n_rows)
         if val.n_invalid:
             self.log(f"{shown}: {val.message()} -- marked 'invalid' (--skip-invalid)")
         try:

@@ -90,6 +90,12 @@ class _Expected:
                             "write the tokens as int32, e.g. numpy: tokens.astype('<i4').tofile(path)")
 
 
+def check_answer(path, n_rows):
+    """The UserError report_validation would raise for an expected-tokens file of the wrong size or row count."""
+    with contextlib.ExitStack() as stack:
+        _Expected(stack, path, n_rows)
+
+
 def compare(ours, expected, exact=False):
     """Token-by-token comparison over each row's expected length (a missing token is a mismatch; exact: a token
     past it too)."""
@@ -152,7 +158,12 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
     temporary folder). Raises the UserError `run` would; 0 when it is fine."""
     import tempfile
     from gpt2job.files.conversions import convert_for_run, is_text_input
+    from gpt2job.files.h5read import read_status
     if not is_text_input(path):
+        if read_status(path)[0] is not None:   # (the answer file forgotten)
+            raise UserError("is a gpt2job output, not an input: `validate` with one file checks an input", path,
+                            "validate", f"compare it with the expected tokens: python -m gpt2job validate {path} "
+                            "ANSWER")
         return _check_input(path, path, model, max_new_tokens, vocab_dir, out)
     with tempfile.TemporaryDirectory() as folder:
         converted, _ = convert_for_run(path, os.path.join(folder, "validate.h5"))
