@@ -40,9 +40,8 @@ class Master:
                            [MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
         self.fault_plan = fault_plan or {}
         self.ending = Ending(self.channel, s.chunk_timeout, self.log)   # what each rank's process is, how it ends
-        # prepare() sets these: the model's config; the prompts, per-row settings, score starts, invalid rows and the
-        # tokenizer of the input; the output store, the chunk queue and the progress lines
-        self.cfg = self.prompts = self.row_settings = self.score_starts = self.invalid = self.enc = None
+        # prepare() sets these: the input's prompts, row settings, score starts, invalid rows, tokenizer; store, queue
+        self.prompts = self.row_settings = self.score_starts = self.invalid = self.enc = None
         self.n_rows, self.store, self.sched, self.progress = 0, None, None, None
         self.workers = {}
         self.t_ready = None        # every worker ready
@@ -72,7 +71,7 @@ class Master:
     # ---- set-up: input, validation, output
     def prepare(self):
         s = self.s
-        cfg = self.cfg = load_config(s.model)
+        cfg = load_config(s.model)
         tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)
@@ -84,10 +83,10 @@ class Master:
             self.took("read_input")
             if (self.row_settings is None or "max_new_tokens" not in self.row_settings.given) and \
                     max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
-                longest = int(self.prompts.lengths.max())   # (a prompt of L tokens takes L + max_new_tokens - 1)
+                n = int(self.prompts.lengths.max())   # the longest prompt takes n + max_new_tokens - 1 positions
                 raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
                                 "positions", field="--max-new-tokens", fix=f"use at most "
-                                f"{max(cfg.n_positions - longest + 1, 1)} (the longest prompt has {longest} tokens)")
+                                f"{max(cfg.n_positions - n + 1, 1)} (the longest prompt has {n} tokens)")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
@@ -106,7 +105,8 @@ class Master:
             self.enc = None
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
-            self.log(f"no tokenizer, so no 'completions' text is written ({e})")
+            self.log(f"no tokenizer, so no 'completions' text is written ({e}; once the job is finished, only a run "
+                     "with --overwrite adds it)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
