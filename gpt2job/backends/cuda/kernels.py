@@ -141,10 +141,10 @@ F16_TILES = {t.name: t for t in (
     # swapped decode tiles (gemm_swap.cu): token rows x weight rows, sized to the product by picks.TilePicker.pick_swap
     *(_swap(t, w) for t, w in ((32, 64), (64, 64), (96, 64), (48, 128), (80, 128), (112, 128), (160, 128), (208, 128))),
 )}
-# compiled unless options.f16_variants names others; picks.TilePicker chooses among them per product
-F16_DEFAULT = ("tma128", "tma192", "tma256", "tma128s", "tma192s", "tma192p", "tma128pp", "wgmma", "t128x128k64s3",
-               "t64x128k64s4", "t32x64k64s4", "t32x64k128s4", "t32x32k128s4",
-               "s32x64", "s64x64", "s96x64", "s48x128", "s80x128", "s112x128", "s160x128", "s208x128")
+# compiled unless options.f16_variants names others (picks.TilePicker chooses; tma128s/192s only without tma128pp)
+F16_DEFAULT = ("tma128", "tma192", "tma256", "tma192p", "tma128pp", "wgmma", "t128x128k64s3", "t64x128k64s4",
+               "t32x64k64s4", "t32x64k128s4", "t32x32k128s4", "s32x64", "s64x64", "s96x64", "s48x128", "s80x128",
+               "s112x128", "s160x128", "s208x128")
 F16_DEFAULT_NOT_HOPPER = ("t128x128k64s3",)
 
 

@@ -10,7 +10,7 @@ NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 
                                               # first compiled (the second: the earlier default, a fallback)
 STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows (where no
-                            # swapped tile is compiled: else from SWAP_ROWS[1] + 1)
+                            # swapped tile is compiled: else from SWAP_ROWS[1] + 1, N > K, or SWAP_NARROW_TO + 1)
 SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both
                             # ends included) ...
 SWAP_WIDE_FROM = 128        # ... from this many for those with more outputs than inputs (QKV, MLP up) ...
