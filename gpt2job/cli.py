@@ -230,8 +230,7 @@ def build_parser():
                         "row, f['completions'][i]) or flat (for millions of rows: one flat array with a start and "
                         "a length per row, about a quarter of the writer's work a row; see the README)")
     r.add_argument("--no-dedup", action="store_true",
-                   help="compute every prompt even when another prompt is identical (by default a greedy job "
-                        "computes identical prompts once)")
+                   help="compute every prompt even when another is identical (a greedy job computes them once)")
 
     sc.add_argument("input", help="input HDF5 with 'prompts'/'prompt_tokens' (every token but the first is scored) or "
                                   "'context'+'continuation' / 'context_tokens'+'continuation_tokens' (the "
@@ -391,11 +390,10 @@ def main(argv=None):
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
-        job = a is not None and a.command in ("run", "score")
-        kept = job and holds_rows(a.output)
-        sys.stderr.write("gpt2job: interrupted" + (f"; completed rows are kept: "
-                         f"{rerun(a.overwrite, rows_kept(a.output, a.overwrite))}" if kept else
-                         " before any row was completed: run the same command again" if job else "") + "\n")
+        job, out = a is not None and a.command in ("run", "score"), getattr(a, "output", "")
+        how = "" if not job else f"; completed rows are kept: {rerun(a.overwrite, rows_kept(out, a.overwrite))}" if \
+            holds_rows(out) else " before any row was completed: run the same command again"
+        sys.stderr.write(f"gpt2job: interrupted{how}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

@@ -71,7 +71,7 @@ class Backend:
 
 
 def compute(backend: Backend, chunk: Chunk) -> Completions:
-    """Submit one chunk and run it to the end, ignoring the pauses (tests, warm-up, scripts)."""
+    """Submit one chunk and run it to the end, ignoring the pauses (tests, scripts)."""
     backend.submit(chunk)
     return drive(backend.run())
 

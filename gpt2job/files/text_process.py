@@ -91,7 +91,7 @@ def read_text(payload):
     """T's payload -> the text.Text that RowText.make gave."""
     import numpy as np
     from gpt2job.files.text import Text
-    n, nbuf, nhits = TEXT.unpack_from(payload)
+    n, nbuf, _ = TEXT.unpack_from(payload)   # (and the hits, which the payload then holds)
     at = TEXT.size
     buf = np.frombuffer(payload, np.uint8, nbuf, at)
     starts = np.frombuffer(payload, np.int64, n, at + nbuf)

@@ -1,2 +1,3 @@
-"""The model layer: GPT-2 config and presets, weight loaders (safetensors, flat float32), the tokenizer, the
-NumPy GPT-2 (the reference every kernel is tested against) and token selection."""
+"""The model layer: GPT-2 config and presets, weight loaders (safetensors, flat float32) and models by name from the
+local Hugging Face cache (hub.py), the tokenizer, the NumPy GPT-2 (the reference every kernel is tested against),
+token selection, log-probabilities (logprobs.py) and stop strings (stops.py)."""

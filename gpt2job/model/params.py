@@ -1,5 +1,5 @@
 """The in-memory GPT-2 parameter set: float32 NumPy arrays in Hugging Face's Conv1D layout (x @ W + b)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional
 
 import numpy as np
@@ -41,9 +41,7 @@ class GPT2Params:
     ln_f_w: np.ndarray              # [C]
     ln_f_b: np.ndarray              # [C]
     lm_head: Optional[np.ndarray] = None  # [V, C]; None means tied to wte
-    source: str = ""
-    fingerprint: str = ""
-    extra: dict = field(default_factory=dict)
+    fingerprint: str = ""   # weights.fingerprint of what they were loaded from
 
     @property
     def head(self):
@@ -57,6 +55,5 @@ class GPT2Params:
             return None if a is None else np.array(a, copy=True)
         return GPT2Params(self.config, own(self.wte), own(self.wpe),
                           [{k: own(v) for k, v in layer.items()} for layer in self.layers],
-                          own(self.ln_f_w), own(self.ln_f_b), own(self.lm_head), self.source, self.fingerprint,
-                          dict(self.extra))
+                          own(self.ln_f_w), own(self.ln_f_b), own(self.lm_head), self.fingerprint)
 

@@ -87,7 +87,7 @@ def load_params(spec):
     if spec.startswith("random:"):
         cfg, seed = parse_random_spec(spec)
         p = random_params(cfg, seed)
-        p.source, p.fingerprint = spec, fingerprint(spec)
+        p.fingerprint = fingerprint(spec)
         return p
     if os.path.isdir(spec):
         return load_hf_dir(spec)
@@ -278,7 +278,7 @@ def load_hf_dir(directory):
             head = None
     p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight"), layers=layers,
                    ln_f_w=take("ln_f.weight"), ln_f_b=take("ln_f.bias"),
-                   lm_head=head, source=os.path.abspath(directory))
+                   lm_head=head)
     p.fingerprint = fingerprint(directory)
     return p
 
@@ -357,14 +357,13 @@ def load_flat_file(path, cfg=None):
     wpe, wte = take(g["wpe.weight"]), take(g["wte.weight"])
     if not np.isfinite(data).all():
         raise UserError("contains NaN or infinite values", path, "parameters", "the file is corrupt; copy it again")
-    p = GPT2Params(config=cfg, wte=wte, wpe=wpe, layers=layers, ln_f_w=ln_f_w, ln_f_b=ln_f_b,
-                   source=os.path.abspath(path))
+    p = GPT2Params(config=cfg, wte=wte, wpe=wpe, layers=layers, ln_f_w=ln_f_w, ln_f_b=ln_f_b)
     p.fingerprint = fingerprint(path)
     return p
 
 
 def save_flat_file(params, path):
-    """Write params in the old system's flat layout (tests and conversions)."""
+    """Write params in the old system's flat layout (tests and benchmarks)."""
     cfg = params.config
     with open(path, "wb") as f:
         for i in _layer_order(cfg.n_layer):

@@ -1,7 +1,8 @@
-"""One GPU as the CUDA backend uses it: chosen from the worker's local rank before CUDA makes a context, two streams
-(compute; copy for uploads), the free device memory, a pool of named device buffers, the pinned host buffers of
-chunk uploads and of the decode steps, what an allocation failure looks like (is_oom) and what can be freed after
-one (release), and the release of it all (close), also of a context a CUDA error has lost."""
+"""One GPU as the CUDA backend uses it: chosen by the worker's gpu_slot (its index among its node's workers) before
+CUDA makes a context, two streams (compute; copy for uploads), the free device memory, a pool of named device
+buffers, the pinned host buffers of chunk uploads and of the decode steps, what an allocation failure looks like
+(is_oom) and what can be freed after one (release), and the release of it all (close), also of a context a CUDA
+error has lost."""
 import os
 
 import numpy as np
@@ -54,7 +55,6 @@ class Device:
             raise UserError(f"worker #{gpu_slot + 1} on this node, but the node has only {count} GPU(s)", None,
                             "-np", f"start at most {count} worker(s) per node (the master, rank 0, needs no GPU "
                                    f"of its own: mpirun -np {count + 1} on one node), or pass --share-gpus")
-        self.share_gpus = share_gpus
         self.gpu_index = gpu_slot % count
         self.dev = drv.Device(self.gpu_index)
         self.ctx = self.dev.make_context()
