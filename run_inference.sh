@@ -91,9 +91,12 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    # (gpt2job's own test of rows kept: a journal with a record, a set-aside output, an OUT without its journal)
-    if [ -n "$out_arg" ] && ! "$python" -c 'import sys; from gpt2job.files.outpaths import holds_rows
-sys.exit(0 if holds_rows(sys.argv[1]) else 1)' "$out_arg" 2>/dev/null; then
+    # gpt2job's own test of rows kept (a journal with a record, a set-aside output, an OUT without its journal):
+    # exit 3 where none are (any other failure: the line below, as before)
+    local held=0
+    [ -n "$out_arg" ] && { "$python" -c 'import sys; from gpt2job.files.outpaths import holds_rows
+sys.exit(0 if holds_rows(sys.argv[1]) else 3)' "$out_arg" 2>/dev/null || held=$?; }
+    if [ "$held" = 3 ]; then
         echo "run_inference.sh: $what before any row was completed: run the same command again" >&2 2>/dev/null
         exit "$2"
     fi
