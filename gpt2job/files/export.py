@@ -23,7 +23,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, prompts, score_output
-from gpt2job.files.h5files import check_output_path, contents, open_readable, reading
+from gpt2job.files.h5files import check_output_path, contents, has_hdf5_signature, open_readable, reading
 from gpt2job.files.journal import JOURNAL_SUFFIX, MAGIC_HEAD, rows_only_in_journal
 from gpt2job.files.outpaths import LOCK_SUFFIX, REPLACED_SUFFIX
 
@@ -191,13 +191,12 @@ def _job_file(path):
 
 
 def export(out_path, jsonl_path, overwrite=False, stream=None):
-    import h5py
     stream = stream or sys.stderr
     to_stdout = jsonl_path == "-"   # `export OUT - | jq ...`
     if not to_stdout:
         check_output_path(jsonl_path, "export", "out.jsonl", hdf5=False)
     if not to_stdout and os.path.exists(jsonl_path):
-        if h5py.is_hdf5(jsonl_path):   # an output, an input: never replaced by JSON lines, not even with --overwrite
+        if has_hdf5_signature(jsonl_path):   # an output, an input: never replaced by JSON lines, even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",
                             "choose another file name, e.g. out.jsonl")
         if _job_file(jsonl_path):      # a job's journal or lock: its rows and its guard, never replaced either

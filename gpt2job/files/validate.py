@@ -9,7 +9,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, first_line
 from gpt2job.files import h5flat
-from gpt2job.files.h5files import contents, open_readable, reading
+from gpt2job.files.h5files import contents, has_hdf5_signature, open_readable, reading
 
 EXIT_VALIDATION_FAILED = 4
 
@@ -53,8 +53,7 @@ class _Expected:
     def __init__(self, stack, path, n_rows):
         if not os.path.isfile(path):
             raise UserError("no such file", path, "--validate", "give the expected-tokens file")
-        with open(path, "rb") as f:
-            self.h5 = f.read(8) == b"\x89HDF\r\n\x1a\n"
+        self.h5 = has_hdf5_signature(path)   # (else an int32 answer file, whatever its name)
         self.path, self.exact, self.int64_like = path, self.h5, None
         if self.h5:
             self.f, n = _open_output(stack, path)
