@@ -70,6 +70,7 @@ filter_done() {   # the filter has passed every line on (bash before 4.4 cannot 
 overwrite=0
 for arg in "$@"; do if [ "$arg" = --overwrite ]; then overwrite=1; fi; done
 out_arg="${2:-}"
+run_args=("$@")   # (the stop line finds OUT among them as gpt2job's parser does: flags may come first)
 # what to rerun: --overwrite again would set this run's rows aside; where it kept none (it put back what it had set
 # aside) the same command is right
 again() {
@@ -91,11 +92,13 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    # gpt2job's own test of rows kept (a journal with a record, a set-aside output, an OUT without its journal):
-    # exit 3 where none are (any other failure: the line below, as before)
-    local held=0
-    [ -n "$out_arg" ] && { "$python" -c 'import sys; from gpt2job.files.outpaths import holds_rows
-sys.exit(0 if holds_rows(sys.argv[1]) else 3)' "$out_arg" 2>/dev/null || held=$?; }
+    # OUT as gpt2job's parser finds it, and gpt2job's own test of rows kept (a journal with a record, a set-aside
+    # output, an OUT without its journal): exit 3 where none are (any other failure: $2 and the line below, as before)
+    local held=0 found
+    found=$("$python" -c 'import sys; from gpt2job.cli import build_parser; from gpt2job.files import outpaths
+out = build_parser().parse_args(["run", *sys.argv[1:]]).output; print(out); sys.exit(0 if outpaths.holds_rows(out) else 3)' \
+        "${run_args[@]}" 2>/dev/null) || held=$?
+    [ "$held" = 0 ] || [ "$held" = 3 ] && [ -n "$found" ] && out_arg=$found
     if [ "$held" = 3 ]; then
         echo "run_inference.sh: $what before any row was completed: run the same command again" >&2 2>/dev/null
         exit "$2"

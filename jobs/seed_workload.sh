@@ -14,13 +14,12 @@ if ! [ -f "$seed/input.bin" ]; then
         "workload's input.bin)" >&2
     exit 2
 fi
-work="$(mktemp -d)"
-trap 'rm -rf "$work"' EXIT
-python3 -m gpt2job prompts "$seed/input.bin" "$work/in.h5" --tokens-per-row 16
+inp="$out.input.h5"   # beside the output, which records it (show and export read the prompts there)
+python3 -m gpt2job prompts "$seed/input.bin" "$inp" --tokens-per-row 16 --overwrite
 validate=()
 case "$model" in
     random:*) ;;   # random weights: answer.bin holds the real model's tokens
     *) if [ -f "$seed/answer.bin" ]; then validate=(--validate "$seed/answer.bin"); fi ;;
 esac
-"$here/run_inference.sh" "$work/in.h5" "$out" --model "$model" --max-new-tokens 8 \
+"$here/run_inference.sh" "$inp" "$out" --model "$model" --max-new-tokens 8 \
     --ignore-eos --dtype "${DTYPE:-float32}" --overwrite "${validate[@]}"

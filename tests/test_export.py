@@ -240,7 +240,10 @@ def test_export_never_replaces_a_jobs_journal_or_lock(tmp_path):
     for target in (journal, str(out) + ".lock", tmp_path / "copy.bin"):
         before = open(target, "rb").read()
         p = run_gpt2job(["export", out, target, "--overwrite"])
-        assert p.returncode == 2 and "export never replaces one" in p.stderr and "Traceback" not in p.stderr
+        assert p.returncode == 2 and "export never writes one" in p.stderr and "Traceback" not in p.stderr
         assert open(target, "rb").read() == before
     p = run_gpt2job(args, check=0)
     assert json.loads(h5py.File(out, "r").attrs["summary"])["rows_resumed"] >= kept > 0, p.stderr
+    for name in ("out.h5.lock", "out.h5.journal"):   # not there now: such a name is still refused (a run removes them)
+        p = run_gpt2job(["export", out, tmp_path / name])
+        assert p.returncode == 2 and "export never writes one" in p.stderr and not (tmp_path / name).exists()

@@ -260,6 +260,32 @@ def test_run_inference_ctrl_c_says_so_and_exits_130(tmp_path):
 
 
 
+def test_run_inference_ctrl_c_of_an_overwrite_run_names_what_it_set_aside(tmp_path):
+    """--overwrite of a finished output, Ctrl-C once a chunk of the new run is journaled: the lines name OUT.replaced
+    and say to resume without --overwrite; flags before IN and OUT are fine (the launcher finds OUT as gpt2job does)."""
+    from gpt2job.files.journal import journal_has_records
+    require_mpirun()
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5], [6, 7]])
+    env = fresh_env(NP=2)
+    one = ["--chunk-size", "1"]
+    _, err = launcher([inp, out, *TINY, *one], env=env).communicate(timeout=120)
+    assert read_output(out)["done"].all(), err
+    p = launcher([*one, "--overwrite", inp, out, *TINY], env={**env, "GPT2JOB_FAULT": "1:2:hang"},
+                 start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline and not journal_has_records(str(out)):
+        time.sleep(0.1)
+    time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines()[-2:] == [f"run_inference.sh: the output this run replaces stays in {out}.replaced",
+                                     "run_inference.sh: interrupted; completed rows are kept: run the same command "
+                                     "without --overwrite to resume"], err
+    assert os.path.exists(f"{out}.replaced")
+
+
 @pytest.mark.parametrize("to", ["script", "group"])
 def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, to):
     """`timeout` or `kill` signals the script alone: mpirun gets it and ends the ranks (they went on without the

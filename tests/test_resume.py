@@ -154,6 +154,29 @@ def test_ctrl_c_before_any_row_is_completed_leaves_no_file_and_says_so(tmp_path)
     assert sorted(x.name for x in tmp_path.iterdir()) == ["in.h5"], err
 
 
+def test_ctrl_c_after_a_completed_chunk_says_the_rows_are_kept(tmp_path):
+    """Ctrl-C once a chunk is journaled (the worker hangs on its second): the line says the rows are kept and the
+    same command resumes them."""
+    from gpt2job.files.outpaths import holds_rows
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5], [6, 7]])
+    args = ["run", inp, out, "--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy",
+            "--max-new-tokens", "2", "--chunk-size", "1"]
+    p = subprocess.Popen(gpt2job_cmd(args), env=job_env(GPT2JOB_FAULT="0:2:hang"), stderr=subprocess.PIPE, text=True,
+                         cwd=ROOT, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not holds_rows(str(out)):
+        time.sleep(0.05)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 130, err
+    assert err.splitlines()[-1] == "gpt2job: interrupted; completed rows are kept: run the same command again to " \
+        "resume", err
+    run_gpt2job(args, check=0)
+    assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] >= 1
+
+
 def test_a_journal_holds_records_only_past_a_whole_first_record(tmp_path):
     """journal_has_records (the SIGTERM line's test): a header alone, a first record cut short by a kill (the reader
     drops it: no row kept), no journal or a torn header: none; a whole record: some."""

@@ -144,6 +144,8 @@ def test_an_output_that_is_not_a_gpt2job_output_is_refused_before_the_conversion
     assert_one_clear_line(p, "exists and is not a gpt2job output")
     assert "converted" not in p.stderr and files(tmp_path) == ["notes.h5", "p.txt"]
     assert out.read_text() == "my notes\n"
+    (tmp_path / "folder").mkdir()   # a folder: that line, not "not a gpt2job output"
+    assert_one_clear_line(run_gpt2job(args(src, tmp_path / "folder", vocab_dir)), "is a folder")
 
 
 def test_a_run_refused_beside_another_run_of_the_same_command_leaves_that_run_its_conversion(tmp_path, vocab_dir):

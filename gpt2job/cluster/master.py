@@ -83,10 +83,11 @@ class Master:
             self.took("read_input")
             if (self.row_settings is None or "max_new_tokens" not in self.row_settings.given) and \
                     max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
-                n = int(self.prompts.lengths.max())   # the longest prompt takes n + max_new_tokens - 1 positions
+                ls = self.prompts.lengths
+                n = int(ls[ls <= cfg.n_positions].max(initial=1))   # the longest that can fit takes n + new - 1
                 raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
-                                "positions", field="--max-new-tokens", fix=f"use at most "
-                                f"{max(cfg.n_positions - n + 1, 1)} (the longest prompt has {n} tokens)")
+                                "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions - n + 1} "
+                                f"(the longest prompt that can fit has {n} tokens)")
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)
@@ -105,8 +106,7 @@ class Master:
             self.enc = None
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
-            self.log(f"no tokenizer, so no 'completions' text is written ({e}; once the job is finished, only a run "
-                     "with --overwrite adds it)")
+            self.log(f"no tokenizer, so no 'completions' text is written ({e}; once done, only --overwrite adds it)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),

@@ -195,13 +195,14 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
     to_stdout = jsonl_path == "-"   # `export OUT - | jq ...`
     if not to_stdout:
         check_output_path(jsonl_path, "export", "out.jsonl", hdf5=False)
+        if _job_file(jsonl_path):   # a job's journal or lock (its only rows, its guard; a run removes the lock)
+            raise UserError("is the name or the content of a gpt2job job's file (a journal, a lock or a set-aside "
+                            "output): export never writes one", jsonl_path, "export", "choose another file name, "
+                            "e.g. out.jsonl")
     if not to_stdout and os.path.exists(jsonl_path):
         if has_hdf5_signature(jsonl_path):   # an output, an input: never replaced by JSON lines, even with --overwrite
             raise UserError("is an HDF5 file: export writes JSON lines and never replaces one", jsonl_path, "export",
                             "choose another file name, e.g. out.jsonl")
-        if _job_file(jsonl_path):      # a job's journal or lock: its rows and its guard, never replaced either
-            raise UserError("is a file of a gpt2job job (a journal, a lock or a set-aside output): export never "
-                            "replaces one", jsonl_path, "export", "choose another file name, e.g. out.jsonl")
         if not overwrite:
             raise UserError("exists", jsonl_path, "export", "choose another file name, or pass --overwrite")
     with open_readable(out_path, "file", "give an output file written by gpt2job run") as f, reading(out_path):

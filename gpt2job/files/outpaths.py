@@ -20,9 +20,11 @@ def rows_kept(path, overwrite):
 
 
 def holds_rows(path):
-    """Are rows of OUT kept on disk: in its journal, in what --overwrite set aside, or in an unfinished OUT whose
-    journal is gone (a rerun resumes from the file's rows)? For the line a job stopped by a signal ends with."""
-    return journal_has_records(path) or os.path.exists(path + REPLACED_SUFFIX) or (
+    """Are rows of OUT kept on disk: in its journal, in what --overwrite set aside (OUT or its journal), or in an
+    unfinished OUT whose journal is gone (a rerun resumes from the file's rows)? For the line a job stopped by a
+    signal ends with."""
+    aside = (path + REPLACED_SUFFIX, path + JOURNAL_SUFFIX + REPLACED_SUFFIX)
+    return journal_has_records(path) or any(map(os.path.exists, aside)) or (
         os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
 
 
@@ -114,7 +116,8 @@ class OutputPaths:
         (set aside by an earlier run that did not finish, or some other file) nothing is moved: a UserError (which
         of the outputs to keep is the user's choice; none is removed here)."""
         if self.replaced():
-            raise UserError(f"{self.path + REPLACED_SUFFIX} exists (an output an earlier --overwrite run set aside "
+            there = next(p + REPLACED_SUFFIX for p in (self.path, self.journal) if os.path.exists(p + REPLACED_SUFFIX))
+            raise UserError(f"{there} exists (an output an earlier --overwrite run set aside "
                             "until it finished, or another file): nothing is moved", self.path, "output",
                             "rerun without --overwrite to resume that run, or move or remove the .replaced file")
         for p in (self.path, self.journal):

@@ -385,7 +385,7 @@ class OutputStore:
 def refuse_foreign(path, overwrite, journal=None):
     """A file at OUT with no journal (journal: whether it has one; None: look) that is not a gpt2job output (or is
     damaged) is never written, not even with --overwrite: a UserError. (Also checked before a text's conversion.)"""
-    if not (os.path.exists(path + JOURNAL_SUFFIX) if journal is None else journal) and os.path.exists(path) and \
+    if not (os.path.exists(path + JOURNAL_SUFFIX) if journal is None else journal) and os.path.isfile(path) and \
             read_status(path)[0] is None:
         only = "--overwrite replaces only gpt2job outputs"
         raise UserError("exists and is not a gpt2job output" + (f": {only}" if overwrite else " (or is damaged with "
