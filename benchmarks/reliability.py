@@ -98,10 +98,11 @@ def session_pids(sid, marker=None):
         try:
             stat = open(f"/proc/{pid}/stat").read()
             fields = stat[stat.rindex(")") + 2:].split()
-            if fields[0] == "Z":
+            ours = int(fields[3]) == sid
+            if fields[0] == "Z" or not ours and marker is None:   # (others' environments read only for a marker)
                 continue
             env = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-            if int(fields[3]) != sid and (marker is None or marker not in env):
+            if not ours and marker not in env:
                 continue
         except (OSError, ValueError, IndexError):
             continue

@@ -23,8 +23,7 @@ def holds_rows(path):
     """Are rows of OUT kept on disk: in its journal, in what --overwrite set aside (OUT or its journal), or in an
     unfinished OUT whose journal is gone (a rerun resumes from the file's rows)? For the line a job stopped by a
     signal ends with."""
-    aside = (path + REPLACED_SUFFIX, path + JOURNAL_SUFFIX + REPLACED_SUFFIX)
-    return journal_has_records(path) or any(map(os.path.exists, aside)) or (
+    return journal_has_records(path) or OutputPaths(path).replaced() is not None or (
         os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
 
 
@@ -115,8 +114,8 @@ class OutputPaths:
         """--overwrite: OUT and its journal moved to their REPLACED_SUFFIX names. Where one of those exists already
         (set aside by an earlier run that did not finish, or some other file) nothing is moved: a UserError (which
         of the outputs to keep is the user's choice; none is removed here)."""
-        if self.replaced():
-            there = next(p + REPLACED_SUFFIX for p in (self.path, self.journal) if os.path.exists(p + REPLACED_SUFFIX))
+        there = self.replaced()
+        if there:
             raise UserError(f"{there} exists (an output an earlier --overwrite run set aside "
                             "until it finished, or another file): nothing is moved", self.path, "output",
                             "rerun without --overwrite to resume that run, or move or remove the .replaced file")
@@ -130,8 +129,9 @@ class OutputPaths:
                 raise io_error(p, e, "move aside")
 
     def replaced(self):
-        """Does a file exist at a set-aside name (this run's, an earlier replacing run's, or another file)?"""
-        return any(os.path.exists(p + REPLACED_SUFFIX) for p in (self.path, self.journal))
+        """The first file at a set-aside name (this run's, an earlier replacing run's, or another file), or None."""
+        aside = (p + REPLACED_SUFFIX for p in (self.path, self.journal))
+        return next((p for p in aside if os.path.exists(p)), None)
 
     def settle_aside(self, restore):
         """The files this run set aside (only those: self.aside) put back (restore: it completed nothing and its
