@@ -269,12 +269,12 @@ def build_parser():
     ex.add_argument("output", help="output HDF5 written by gpt2job run")
     ex.add_argument("jsonl", help="JSON lines file to write (- for standard output)")
     ex.add_argument("--overwrite", action="store_true", help="replace an existing JSON lines file")
+    ex.add_argument("--vocab-dir", help="tokenizer files (env GPT2_VOCAB_DIR): the text of a job run without them")
 
     bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "
                         "needed): once per node before a job, so that its ranks start without compiling",
                         description="Compile the CUDA kernels for --arch into this node's kernel cache (nvcc; no GPU).")
-    bk.add_argument("--dtype", choices=("float16", "float32", "both"), default="both",
-                    help="the precision of the jobs to come (today both need the same modules)")
+    bk.add_argument("--dtype", choices=("float16", "float32", "both"), help="ignored: both need the same modules")
     bk.add_argument("--arch", default="", help="the GPU to build for: sm_90a (Hopper: wgmma and TMA products) or "
                     "another sm_XY (mma.sync products); default: this node's GPU, else sm_90a")
     return p
@@ -347,7 +347,7 @@ def cmd_show(a):
 
 def cmd_export(a):
     from gpt2job.files.export import export
-    return export(a.output, a.jsonl, overwrite=a.overwrite)
+    return export(a.output, a.jsonl, overwrite=a.overwrite, vocab_dir=a.vocab_dir)
 
 
 def cmd_validate(a):

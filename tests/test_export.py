@@ -247,3 +247,45 @@ def test_export_never_replaces_a_jobs_journal_or_lock(tmp_path):
     for name in ("out.h5.lock", "out.h5.journal"):   # not there now: such a name is still refused (a run removes them)
         p = run_gpt2job(["export", out, tmp_path / name])
         assert p.returncode == 2 and "export never writes one" in p.stderr and not (tmp_path / name).exists()
+
+
+def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, vocab_dir):
+    """A token job run without the tokenizer files has no 'completions': `export --vocab-dir` decodes each row as the
+    job's writer would have (the same JSON lines as the same job run with them, a stop token left out of the text);
+    without a tokenizer export says so and writes the token ids."""
+    from conftest import job_env
+    from gpt2job.errors import UserError
+    from gpt2job.files import export as export_mod
+    inp = tmp_path / "in.h5"
+    write_token_input(inp, [[464 + i, 2068, 7586, 21831] for i in range(6)] + [[40, 1101, 257]])
+    args = ["run", inp, None, "--model", TINY_TEXT_MODEL, "--backend", "numpy", "--max-new-tokens", "8"]
+    args[2] = tmp_path / "probe.h5"
+    run_gpt2job([*args, "--vocab-dir", vocab_dir], check=0)
+    stop = int(read_output(args[2])["tokens"][0][3])   # row 0 stops at that token (a stop token id)
+    no_vocab = {k: v for k, v in job_env().items() if k != "GPT2_VOCAB_DIR"}
+    with_text, without = tmp_path / "text.h5", tmp_path / "ids.h5"
+    run_gpt2job([*args[:2], with_text, *args[3:], "--stop-token-ids", str(stop), "--vocab-dir", vocab_dir], check=0)
+    p = run_gpt2job([*args[:2], without, *args[3:], "--stop-token-ids", str(stop), "--vocab-dir", tmp_path / "none"],
+                    env=no_vocab, check=0)
+    assert "no tokenizer, so no 'completions' text is written" in p.stderr and "export --vocab-dir" in p.stderr
+    assert "text" not in read_output(without) and read_output(with_text)["finish"][0] == "stop"
+    run_gpt2job(["export", with_text, tmp_path / "a.jsonl"], check=0)
+    run_gpt2job(["export", without, tmp_path / "b.jsonl", "--vocab-dir", vocab_dir], env=no_vocab, check=0)
+    a, b = rows_of(tmp_path / "a.jsonl"), rows_of(tmp_path / "b.jsonl")
+    assert a == b and len(a) == 7 and all("completion" in r and "text_exact" in r for r in a)
+    assert a[0]["finish_reason"] == "stop" and a[0]["completion_tokens"][-1] == stop
+    p = run_gpt2job(["export", without, tmp_path / "c.jsonl", "--vocab-dir", tmp_path / "none"], env=no_vocab)
+    assert p.returncode == 2 and "none" in p.stderr and "Traceback" not in p.stderr
+    assert not (tmp_path / "c.jsonl").exists()
+
+    def no_tokenizer(vocab_dir):
+        raise UserError("missing", "vocab.bpe", "--vocab-dir", "point --vocab-dir at the files")
+    said = []
+    export_mod.load_tokenizer, real = no_tokenizer, export_mod.load_tokenizer
+    try:
+        export_mod.export(str(without), str(tmp_path / "d.jsonl"), stream=type("S", (), {"write": said.append})())
+    finally:
+        export_mod.load_tokenizer = real
+    d = rows_of(tmp_path / "d.jsonl")
+    assert len(d) == 7 and "completion" not in d[0] and d[0]["completion_tokens"] == a[0]["completion_tokens"]
+    assert any(f"{without} has no completion text (its job ran without a tokenizer)" in x for x in said), said

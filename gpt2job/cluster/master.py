@@ -25,7 +25,7 @@ from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
 from gpt2job.files.validate import check_answer, report_validation
 from gpt2job.model.tokenizer import load_tokenizer
-from gpt2job.model.weights import fingerprint, load_config
+from gpt2job.model.weights import describe, fingerprint, load_config
 from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
@@ -49,11 +49,10 @@ class Master:
         self.first_ready = None    # when the first worker said it was ready (monotonic)
         self.dispatching = False   # work is handed out once all workers are ready
         self.t_last = None
-        self.generated = 0
+        self.generated = self.n_copies = 0   # tokens generated; rows given another row's completion (dedup)
         self.copies = Copies()     # representative rows -> rows with the same prompt (greedy dedup)
         self.received = []         # results received, not yet submitted to the journal: (worker, comp, us, t_recv)
         self.in_commit = []        # ... submitted, not yet durable
-        self.n_copies = 0
         self.verb = "scored" if s.score else "generated"   # what the progress and summary lines call the tokens
         self.prepare_s, self.phase_start = {}, time.perf_counter()   # where the time to ready goes, on the master
 
@@ -106,7 +105,8 @@ class Master:
             self.enc = None
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
-            self.log(f"no tokenizer, so no 'completions' text is written ({e}; once done, only --overwrite adds it)")
+            self.log(f"no tokenizer, so no 'completions' text is written ({e}; `export --vocab-dir DIR` decodes it "
+                     "later, and only an --overwrite run adds it to the output)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
@@ -147,17 +147,17 @@ class Master:
                                num_samples=N, position_cost=0.0 if s.score else position_cost(s.dtype, cfg.n_embd))
         self.took("schedule")
         self.progress = Progress(self.n_rows, int(self.store.done.sum()), s.progress_interval, verb=self.verb)
-        n_workers = len(self.channel.ranks) or 1
         todo_tokens = int(self.prompts.lengths[todo // N].sum()) if len(todo) else 0
         new = f"{s.max_new_tokens} new each" if self.row_settings is None else \
             f"{int(self.row_settings.max_new_tokens[todo // N].sum()):,} new in all; {self.row_settings.describe()}" + \
             ("; no dedup" if s.dedup and s.temperature <= 0 else "")
         new = "" if s.score else f", up to {new}"   # (score: 'up to 1 new each' said of no new token)
         samples = f" ({N} samples of each prompt)" if N > 1 else ""
-        ranks = plural(len(self.channel.ranks) + 1, "rank") if self.channel.ranks else "one process"
+        n = len(self.channel.ranks)
+        workers = f"{plural(n, 'worker')} ({plural(n + 1, 'rank')})" if n else "1 worker (one process)"
         self.log(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
                  f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {shown}{samples}; "
-                 f"{plural(n_workers, 'worker')} ({ranks}); model {s.model}, backend {s.backend}, dtype {s.dtype}")
+                 f"{workers}; model {describe(s.model)}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
         """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,

@@ -21,11 +21,14 @@ import sys
 
 import numpy as np
 
+from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, prompts, score_output
 from gpt2job.files.h5files import check_output_path, contents, has_hdf5_signature, open_readable, reading
 from gpt2job.files.journal import JOURNAL_SUFFIX, MAGIC_HEAD, rows_only_in_journal
 from gpt2job.files.outpaths import LOCK_SUFFIX, REPLACED_SUFFIX
+from gpt2job.files.text import row_text
+from gpt2job.model.tokenizer import load_tokenizer
 
 BLOCK = 1 << 15
 BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
@@ -190,7 +193,24 @@ def _job_file(path):
         return False
 
 
-def export(out_path, jsonl_path, overwrite=False, stream=None):
+def _decoder(f, out_path, vocab_dir, stream):
+    """For an output without text (its job had no tokenizer): a function of (tokens, finish_reason) giving the row's
+    (completion, text_exact) as the job's writer would have (files/text.py row_text), or None without a tokenizer."""
+    if h5flat.has(f, "completions"):
+        return None
+    try:
+        enc = load_tokenizer(vocab_dir)
+    except UserError as e:
+        if vocab_dir:
+            raise
+        stream.write(f"gpt2job: {out_path} has no completion text (its job ran without a tokenizer) and {e}: "
+                     "exporting the token ids only\n")
+        return None
+    # (stop strings need a tokenizer at the job's start: a job without text has none, so no text is cut at one)
+    return lambda toks, why: row_text(enc, toks, FINISH_STOP if _text(why) == "stop" else FINISH_LENGTH)
+
+
+def export(out_path, jsonl_path, overwrite=False, stream=None, vocab_dir=None):
     stream = stream or sys.stderr
     to_stdout = jsonl_path == "-"   # `export OUT - | jq ...`
     if not to_stdout:
@@ -215,6 +235,7 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
         own = set(BUILT_IN) | set(h5flat.dataset_names(f))
         extra = [k for k in f.keys() if k not in own and getattr(f[k], "shape", None)
                  and f[k].shape[0] == n and len(f[k].shape) <= 2]
+        decode = None if scored else _decoder(f, out_path, vocab_dir, stream)
         top = h5flat.top_dataset(f)
         topk = int(top.attrs.get("top_logprobs_k", 1)) if top is not None else 0
         inp = f.attrs.get("input")
@@ -276,12 +297,14 @@ def export(out_path, jsonl_path, overwrite=False, stream=None):
                         rec[pkey] = _plain(cols[pkey][i])
                     if "completion" in cols:
                         rec["completion"] = _text(cols["completion"][i])
+                    elif decode is not None:
+                        rec["completion"], exact = decode(cols["completion_tokens"][i], cols["finish_reason"][i])
                     rec["completion_tokens"] = _plain(cols["completion_tokens"][i])
                     rec["finish_reason"] = _text(cols["finish_reason"][i])
                     if "stop_reason" in cols:
                         rec["stop_reason"] = _text(cols["stop_reason"][i])
-                    if "text_exact" in cols:
-                        rec["text_exact"] = bool(cols["text_exact"][i])
+                    if "text_exact" in cols or decode is not None:
+                        rec["text_exact"] = bool(cols["text_exact"][i]) if "text_exact" in cols else exact
                     if "completion_logprobs" in cols:
                         rec["logprobs"] = _floats(cols["completion_logprobs"][i])
                     if "top_logprobs" in cols:

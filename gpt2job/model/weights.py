@@ -96,6 +96,11 @@ def load_params(spec):
     raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
 
 
+def describe(spec):
+    """--model as the starting line names it: random weights say that their text is noise."""
+    return f"{spec} (seeded random weights: the text is noise)" if spec.startswith("random:") else spec
+
+
 def fingerprint(spec):
     """A cheap identity of the model (config + sampled file bytes) for the resume check."""
     spec = hub.resolve(spec)

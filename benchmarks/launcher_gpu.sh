@@ -1,0 +1,62 @@
+#!/bin/bash
+# run_inference.sh as a user runs it on a GPU machine, started by hand (it starts mpirun itself), a table last:
+#   1. W1 fp16 with the defaults (one worker per GPU plus the master);
+#   2. the same with NP=16 --share-gpus (15 workers): tokens identical to 1;
+#   3. W2 fp16 in chunks of 64, SIGTERM to the launcher once generation has run RUN_S seconds (exit 143 and its one
+#      line), the same command again (resumes the kept rows), and W2 uninterrupted: tokens identical;
+#   4. export and show of the resumed output.
+#   source .device/on-device.sh && bash benchmarks/launcher_gpu.sh          # ~2 min on one GPU, kernels cached
+# Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload). A dry run on a CPU:
+#   FLAGS="--backend synthetic" WL_ARGS="--n-w1 512 --n-w2 256" bash benchmarks/launcher_gpu.sh
+export PYTHONUNBUFFERED=1
+cd "$(dirname "$0")/.." || exit 1
+W=${BENCH_DIR:-/tmp/gpt2job-launcher}
+RUN_S=${RUN_S:-1}
+rm -rf "$W" && mkdir -p "$W"
+python3 benchmarks/workloads.py "$W" --which w1,w2 $WL_ARGS > "$W/workloads.log" 2>&1 || { tail -3 "$W/workloads.log"; exit 1; }
+: > "$W/table"
+row() { printf '| %s | %s |\n' "$1" "$2" >> "$W/table"; }
+tps() { grep -o 'throughput [0-9,]* generated tokens/s' "$1" | head -1; }
+same() {   # same NAME_A NAME_B: do the two outputs hold the same tokens in every row?
+    python3 - "$W/$1.h5" "$W/$2.h5" <<'PY'
+import sys, h5py, numpy as np
+a, b = (h5py.File(p, "r") for p in sys.argv[1:3])
+ta, tb = a["completion_tokens"][()], b["completion_tokens"][()]
+diff = sum(not np.array_equal(x, y) for x, y in zip(ta, tb)) + abs(len(ta) - len(tb))
+print(f"{diff} of {len(ta)} rows differ; done {int(a['done'][()].sum())} / {int(b['done'][()].sum())}")
+PY
+}
+read -r -a F16 <<< "${FLAGS:---backend cuda --dtype float16}"   # FLAGS="--backend synthetic": a dry run on a CPU
+
+echo "=== 1. W1, NP unset"
+./run_inference.sh "$W/w1.h5" "$W/a.h5" "${F16[@]}" --max-new-tokens 8 > "$W/a.log" 2>&1
+rc=$?; tail -n 4 "$W/a.log"; row "1. W1, NP unset" "rc=$rc; $(tps "$W/a.log"); $(grep -o '[0-9]* workers\? ([0-9]* ranks)' "$W/a.log" | head -1)"
+
+echo "=== 2. W1, NP=16 --share-gpus"
+NP=16 ./run_inference.sh "$W/w1.h5" "$W/b.h5" "${F16[@]}" --max-new-tokens 8 --share-gpus > "$W/b.log" 2>&1
+rc=$?; tail -n 4 "$W/b.log"; row "2. W1, NP=16 --share-gpus" "rc=$rc; $(tps "$W/b.log"); $(grep -o '[0-9]* workers ready' "$W/b.log" | head -1); against 1: $(same a b)"
+
+echo "=== 3. W2, SIGTERM after ${RUN_S}s of generation, the same command again, and uninterrupted"
+W2=("$W/w2.h5" "$W/c.h5" "${F16[@]}" --max-new-tokens 256 --ignore-eos --chunk-size 64)
+./run_inference.sh "${W2[@]}" > "$W/c.log" 2>&1 &
+pid=$!
+for _ in $(seq 1200); do grep -q "ready: " "$W/c.log" && break; sleep 0.1; done
+sleep "$RUN_S"
+kill -TERM "$pid"; wait "$pid"; rc=$?
+tail -n 3 "$W/c.log"
+row "3a. W2, SIGTERM" "rc=$rc (143 expected); $(grep 'run_inference.sh: ' "$W/c.log" | tail -1 | cut -c1-150)"
+./run_inference.sh "${W2[@]}" > "$W/c2.log" 2>&1
+rc=$?; tail -n 4 "$W/c2.log"
+row "3b. the same command again" "rc=$rc; $(grep -o 'resuming .*' "$W/c2.log" | cut -c1-90)"
+./run_inference.sh "$W/w2.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 256 --ignore-eos --chunk-size 64 > "$W/d.log" 2>&1
+rc=$?; row "3c. W2 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
+
+echo "=== 4. export and show"
+python3 -m gpt2job export "$W/c.h5" "$W/c.jsonl" > "$W/e.log" 2>&1
+rc=$?; row "4. export" "rc=$rc; $(tail -n 1 "$W/e.log" | cut -c1-80); $(wc -l < "$W/c.jsonl") lines"
+python3 -m gpt2job show "$W/c.h5" --limit 1 > "$W/s.log" 2>&1
+rc=$?; row "4. show --limit 1" "rc=$rc; $(wc -l < "$W/s.log") lines"
+echo
+echo "| step | result |"
+echo "| --- | --- |"
+cat "$W/table"
