@@ -49,6 +49,17 @@ def seed_workload_path(cli_value=None):
     return None
 
 
+def vocab_dir(flag=None):
+    """--vocab-dir, else $GPT2_VOCAB_DIR, else .device/gpt2-vocab, else ../shared/gpt2-vocab: the first folder with
+    GPT-2's vocab.bpe and encoder.json ("" when none has them: the tokenizer then falls back to tiktoken's own)."""
+    from gpt2job import envs
+    for d in (flag, envs.get("GPT2_VOCAB_DIR"), os.path.join(ROOT, ".device", "gpt2-vocab"),
+              os.path.join(ROOT, "..", "shared", "gpt2-vocab")):
+        if d and os.path.isfile(os.path.join(d, "vocab.bpe")) and os.path.isfile(os.path.join(d, "encoder.json")):
+            return os.path.abspath(d)
+    return ""
+
+
 def load_seed_prompts(path=None, n=8192, plen=16, seed=0):
     """[n, plen] int32 prompt tokens from the seed workload, or seeded random tokens when it is absent.
     Returns (tokens, source)."""

@@ -64,7 +64,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import ROOT, append_jsonl, base_record, print_table  # noqa: E402
+from bench_common import append_jsonl, base_record, print_table, vocab_dir  # noqa: E402
 from gpt2job.backends import compute, make_backend  # noqa: E402
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, RowParams  # noqa: E402
 from gpt2job.model.logprobs import log_softmax  # noqa: E402
@@ -80,14 +80,6 @@ TEXT = ("The old lighthouse keeper climbed the stairs every evening at six. He w
         "week. When the sky cleared, the children ran down to the beach to look for shells, glass floats and "
         "pieces of rope. Their teacher said that the sea always gives something back after it takes something "
         "away. Nobody in the village believed her, but they repeated it to each other all summer.")
-
-
-def vocab_dir_default(flag=None):
-    for d in (flag, os.environ.get("GPT2_VOCAB_DIR"), os.path.join(ROOT, ".device", "gpt2-vocab"),
-              os.path.join(ROOT, "..", "shared", "gpt2-vocab")):
-        if d and os.path.isfile(os.path.join(d, "vocab.bpe")) and os.path.isfile(os.path.join(d, "encoder.json")):
-            return os.path.abspath(d)
-    return None
 
 
 def write_hf(directory, seed=0, **shape):
@@ -837,7 +829,7 @@ def main(argv=None):
     model = a.model or write_hf(a.write_hf or os.path.join(tempfile.gettempdir(),
                                                            f"features-check-gpt2-124m-s{a.write_seed}"), a.write_seed)
     t0 = time.perf_counter()
-    ctx = Ctx(model, a.backend, a.dtype, vocab_dir_default(a.vocab_dir), a.hf_device, threads=a.threads)
+    ctx = Ctx(model, a.backend, a.dtype, vocab_dir(a.vocab_dir) or None, a.hf_device, threads=a.threads)
     import torch
     import transformers
     print(f"model {model} ({ctx.cfg.n_layer} layers, n_embd {ctx.cfg.n_embd}, vocab {ctx.cfg.vocab_size}, eos "

@@ -37,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import numpy as np  # noqa: E402
 
-from bench_common import git_commit  # noqa: E402
+from bench_common import git_commit, vocab_dir  # noqa: E402
 from gpt2job.chunks import Chunk, decode_completions, encode_chunk, encode_completions  # noqa: E402
 from gpt2job.settings import JobSettings  # noqa: E402
 
@@ -281,8 +281,7 @@ def main():
     ap.add_argument("--chunk-size", type=int, default=546)
     ap.add_argument("--new-tokens", type=int, default=8)
     ap.add_argument("--model", default="random:gpt2")
-    ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR") or os.path.join(ROOT, "..", "shared",
-                                                                                          "gpt2-vocab"))
+    ap.add_argument("--vocab-dir", default=vocab_dir())
     ap.add_argument("--no-text", action="store_true", help="no tokenizer: the output without its 'completions' text")
     ap.add_argument("--layout", choices=("vlen", "flat"), default="vlen", help="the output's layout (run --layout)")
     ap.add_argument("--batch-rows", type=int, default=0, help="the workers merge chunks into batches of up to this "

@@ -17,6 +17,8 @@ import sys
 import tempfile
 import time
 
+from bench_common import vocab_dir
+
 WORDS = "the quick brown fox jumps over lazy dog and then some more words appear in this prompt".split()
 
 # each case: a script run in the tree (argv: source file, scratch folder); its own work only, imports before the clock
@@ -113,8 +115,7 @@ def main():
     ap.add_argument("--lines", type=int, default=1_000_000)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--cases", default=",".join(CASES))
-    ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR") or
-                    os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "gpt2-vocab"))
+    ap.add_argument("--vocab-dir", default=vocab_dir())
     ap.add_argument("--json", help="append one JSON line per run here")
     a = ap.parse_args()
     trees = dict(x.split("=", 1) for x in a.trees.split(";") if x)

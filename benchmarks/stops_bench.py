@@ -24,6 +24,7 @@ import sys
 import time
 
 import numpy as np
+from bench_common import vocab_dir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -101,8 +102,7 @@ def run_case(mod, blobs, stops, streams):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR") or os.path.join(ROOT, "..", "shared",
-                                                                                             "gpt2-vocab"))
+    ap.add_argument("--vocab-dir", default=vocab_dir())
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--impl", action="append", metavar="LABEL=FILE",
                     help="a version of stops.py to benchmark (repeatable; default: package=package)")

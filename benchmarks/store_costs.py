@@ -19,6 +19,8 @@ import sys
 import tempfile
 import time
 
+from bench_common import vocab_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -202,8 +204,7 @@ def journal_piece(d):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1 << 20)
-    ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR") or os.path.join(ROOT, "..", "shared",
-                                                                                          "gpt2-vocab"))
+    ap.add_argument("--vocab-dir", default=vocab_dir())
     ap.add_argument("--json", help="append the JSON lines here")
     a = ap.parse_args()
     load = round(os.getloadavg()[0], 2)

@@ -15,6 +15,8 @@ import statistics
 import subprocess
 import sys
 
+from bench_common import vocab_dir
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -25,7 +27,7 @@ def main():
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--rows", type=int, default=2000000)
     ap.add_argument("--workers", type=int, default=15)
-    ap.add_argument("--vocab-dir", default=os.environ.get("GPT2_VOCAB_DIR", ""))
+    ap.add_argument("--vocab-dir", default=vocab_dir())
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     ap.add_argument("--old-layout", default="vlen", help="run --layout of the old tree's runs (vlen: not passed)")
     ap.add_argument("--new-layout", default="vlen", help="and of the new tree's")

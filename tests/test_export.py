@@ -138,8 +138,8 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
 
 
 def test_a_resume_without_the_tokenizer_is_refused_where_rows_have_text(tmp_path, vocab_dir):
-    """The rows kept would lose their text (the file was rebuilt without the column; export cannot add it back)."""
-    import numpy as np
+    """The rows kept would lose their text (the file was rebuilt without the column; only `export --vocab-dir`
+    would decode it again, outside the output)."""
     from conftest import job_env
     from test_inputs import assert_one_clear_line
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
