@@ -2,17 +2,19 @@
 # run_inference.sh as a user runs it on a GPU machine, started by hand (it starts mpirun itself), a table last:
 #   1. W1 fp16 with the defaults (one worker per GPU plus the master);
 #   2. the same with NP=16 --share-gpus (15 workers): tokens identical to 1;
-#   3. W2 fp16 in chunks of 64, SIGTERM to the launcher once a progress line counts rows done and rows left (exit 143
-#      and its one line), the same command again (resumes the kept rows), and W2 uninterrupted: tokens identical;
+#   3. W3 (65,536 prompts, --no-dedup) with 64 new tokens each, SIGTERM to the launcher once a progress line counts rows done and
+#      rows left (exit 143 and its one line), the same command again (resumes the kept rows), and the job
+#      uninterrupted: tokens identical. (One worker computes the chunks it holds as one batch, up to its efficient
+#      size: a job no bigger than that, W2 for one, completes every row at its last step, and a stop keeps none.)
 #   4. export and show of the resumed output.
 #   source .device/on-device.sh && bash benchmarks/launcher_gpu.sh          # ~2 min on one GPU, kernels cached
 # Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload). A dry run on a CPU:
-#   FLAGS="--backend synthetic" WL_ARGS="--n-w1 512 --n-w2 256" bash benchmarks/launcher_gpu.sh
+#   FLAGS="--backend numpy --model random:n_layer=1,n_head=2,n_embd=32" WL_ARGS="--n-w1 256" bash benchmarks/launcher_gpu.sh
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 W=${BENCH_DIR:-/tmp/gpt2job-launcher}
 rm -rf "$W" && mkdir -p "$W"
-python3 benchmarks/workloads.py "$W" --which w1,w2 $WL_ARGS > "$W/workloads.log" 2>&1 || { tail -3 "$W/workloads.log"; exit 1; }
+python3 benchmarks/workloads.py "$W" --which w1,w3 $WL_ARGS > "$W/workloads.log" 2>&1 || { tail -3 "$W/workloads.log"; exit 1; }
 : > "$W/table"
 row() { printf '| %s | %s |\n' "$1" "$2" >> "$W/table"; }
 tps() { grep -o 'throughput [0-9,]* generated tokens/s' "$1" | head -1; }
@@ -35,9 +37,9 @@ echo "=== 2. W1, NP=16 --share-gpus"
 NP=16 ./run_inference.sh "$W/w1.h5" "$W/b.h5" "${F16[@]}" --max-new-tokens 8 --share-gpus > "$W/b.log" 2>&1
 rc=$?; tail -n 4 "$W/b.log"; row "2. W1, NP=16 --share-gpus" "rc=$rc; $(tps "$W/b.log"); $(grep -o '[0-9]* workers ready' "$W/b.log" | head -1); against 1: $(same a b)"
 
-echo "=== 3. W2, SIGTERM mid-job, the same command again, and uninterrupted"
-W2=("$W/w2.h5" "$W/c.h5" "${F16[@]}" --max-new-tokens 256 --ignore-eos --chunk-size 64 --progress-interval 0.1)
-./run_inference.sh "${W2[@]}" > "$W/c.log" 2>&1 &
+echo "=== 3. W3 with 64 new tokens, SIGTERM mid-job, the same command again, and uninterrupted"
+W3=("$W/w3.h5" "$W/c.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup --progress-interval 0.1)
+./run_inference.sh "${W3[@]}" > "$W/c.log" 2>&1 &
 pid=$!
 # until a progress line (every 0.1 s here) counts rows kept and rows left, at most 120 s
 for _ in $(seq 2400); do
@@ -47,12 +49,12 @@ for _ in $(seq 2400); do
 done
 kill -TERM "$pid"; wait "$pid"; rc=$?
 tail -n 3 "$W/c.log"
-row "3a. W2, SIGTERM" "rc=$rc (143 expected); at $(grep -oE '^progress: [0-9,/]+' "$W/c.log" | tail -1); $(grep 'run_inference.sh: ' "$W/c.log" | tail -1 | cut -c1-150)"
-./run_inference.sh "${W2[@]}" > "$W/c2.log" 2>&1
+row "3a. W3, SIGTERM" "rc=$rc (143 expected); at $(grep -oE '^progress: [0-9,/]+' "$W/c.log" | tail -1); $(grep 'run_inference.sh: ' "$W/c.log" | tail -1 | cut -c1-150)"
+./run_inference.sh "${W3[@]}" > "$W/c2.log" 2>&1
 rc=$?; tail -n 4 "$W/c2.log"
 row "3b. the same command again" "rc=$rc; $(grep -o 'resuming .*' "$W/c2.log" | cut -c1-90)"
-./run_inference.sh "$W/w2.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 256 --ignore-eos --chunk-size 64 > "$W/d.log" 2>&1
-rc=$?; row "3c. W2 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
+./run_inference.sh "$W/w3.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup > "$W/d.log" 2>&1
+rc=$?; row "3c. W3 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
 
 echo "=== 4. export and show"
 python3 -m gpt2job export "$W/c.h5" "$W/c.jsonl" > "$W/e.log" 2>&1
