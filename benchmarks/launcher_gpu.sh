@@ -2,18 +2,21 @@
 # run_inference.sh as a user runs it on a GPU machine, started by hand (it starts mpirun itself), a table last:
 #   1. W1 fp16 with the defaults (one worker per GPU plus the master);
 #   2. the same with NP=16 --share-gpus (15 workers): tokens identical to 1;
-#   3. W3 (65,536 prompts, --no-dedup) with 64 new tokens each, SIGTERM to the launcher once a progress line counts rows done and
-#      rows left (exit 143 and its one line), the same command again (resumes the kept rows), and the job
-#      uninterrupted: tokens identical. (One worker computes the chunks it holds as one batch, up to its efficient
+#   3. W3 (65,536 prompts, --no-dedup) with 64 new tokens each, SIGTERM to the launcher once a progress line counts
+#      rows done and rows left (exit 143 and its one line), the same command again (resumes the kept rows), and the
+#      job uninterrupted: tokens identical. (One worker computes the chunks it holds as one batch, up to its efficient
 #      size: a job no bigger than that, W2 for one, completes every row at its last step, and a stop keeps none.)
 #   4. export and show of the resumed output.
 #   source .device/on-device.sh && bash benchmarks/launcher_gpu.sh          # ~2 min on one GPU, kernels cached
-# Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload). A dry run on a CPU:
-#   FLAGS="--backend numpy --model random:n_layer=1,n_head=2,n_embd=32" WL_ARGS="--n-w1 256" bash benchmarks/launcher_gpu.sh
+# Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload; a folder under /tmp
+# is emptied first). A dry run on a CPU (~3 min on 2 cores):
+#   FLAGS="--backend numpy --model random:n_layer=1,n_head=2,n_embd=32" WL_ARGS="--n-w1 256 --w3-repeat 4" \
+#       bash benchmarks/launcher_gpu.sh
 export PYTHONUNBUFFERED=1
 cd "$(dirname "$0")/.." || exit 1
 W=${BENCH_DIR:-/tmp/gpt2job-launcher}
-rm -rf "$W" && mkdir -p "$W"
+case "$W" in /tmp/?*) rm -rf "$W";; *) [ ! -e "$W" ] || { echo "BENCH_DIR=$W exists and is not under /tmp"; exit 2; };; esac
+mkdir -p "$W"
 python3 benchmarks/workloads.py "$W" --which w1,w3 $WL_ARGS > "$W/workloads.log" 2>&1 || { tail -3 "$W/workloads.log"; exit 1; }
 : > "$W/table"
 row() { printf '| %s | %s |\n' "$1" "$2" >> "$W/table"; }
@@ -27,7 +30,7 @@ diff = sum(not np.array_equal(x, y) for x, y in zip(ta, tb)) + abs(len(ta) - len
 print(f"{diff} of {len(ta)} rows differ; done {int(a['done'][()].sum())} / {int(b['done'][()].sum())}")
 PY
 }
-read -r -a F16 <<< "${FLAGS:---backend cuda --dtype float16}"   # FLAGS="--backend synthetic": a dry run on a CPU
+read -r -a F16 <<< "${FLAGS:---backend cuda --dtype float16}"   # FLAGS: see the dry run above
 
 echo "=== 1. W1, NP unset"
 ./run_inference.sh "$W/w1.h5" "$W/a.h5" "${F16[@]}" --max-new-tokens 8 > "$W/a.log" 2>&1
@@ -52,7 +55,7 @@ tail -n 3 "$W/c.log"
 row "3a. W3, SIGTERM" "rc=$rc (143 expected); at $(grep -oE '^progress: [0-9,/]+' "$W/c.log" | tail -1); $(grep 'run_inference.sh: ' "$W/c.log" | tail -1 | cut -c1-150)"
 ./run_inference.sh "${W3[@]}" > "$W/c2.log" 2>&1
 rc=$?; tail -n 4 "$W/c2.log"
-row "3b. the same command again" "rc=$rc; $(grep -o 'resuming .*' "$W/c2.log" | cut -c1-90)"
+row "3b. the same command again" "rc=$rc; $(grep -oE 'resuming .*|already complete.*|starting: [0-9,]+ prompts' "$W/c2.log" | head -n 1 | cut -c1-90)"
 ./run_inference.sh "$W/w3.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup > "$W/d.log" 2>&1
 rc=$?; row "3c. W3 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
 

@@ -296,7 +296,8 @@ def main():
         a.vocab_dir = os.path.join(a.dir, "no-vocabulary")
         os.makedirs(a.vocab_dir, exist_ok=True)
     elif not os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):    # (a run without text would look faster)
-        raise SystemExit(f"master_scale.py: no vocab.bpe in {a.vocab_dir}: pass --vocab-dir DIR, or --no-text")
+        raise SystemExit(f"master_scale.py: no vocab.bpe in {a.vocab_dir or '(none found)'}: pass --vocab-dir DIR, "
+                         "or --no-text")
     else:
         a.vocab_dir = os.path.abspath(a.vocab_dir)
     inp, out = os.path.join(a.dir, "in.h5"), os.path.join(a.dir, "out.h5")

@@ -14,7 +14,9 @@ rate). Measured here before any engine is built for it:
   python3 benchmarks/overlap_probe.py [--rows 8192,4096] [--reps 9] [--out DIR]
 
 A two-micro-batch engine (half the rows' attention beside the other half's products) would see the --rows 4096 line
-at best, less its halves' lower product efficiency. JSON lines to OUT/overlap_probe.jsonl, a table last.
+at best, less its halves' lower product efficiency. Launches are queued from Python, not replayed as a graph: at a
+few thousand rows a product takes about as long as its launch, and gaps in the alone runs can pass for overlap. The
+12 layers reuse one layer's weights (they stay in the L2). JSON lines to OUT/overlap_probe.jsonl, a table last.
 """
 import argparse
 import os

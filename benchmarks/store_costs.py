@@ -210,7 +210,7 @@ def main():
     load = round(os.getloadavg()[0], 2)
     with tempfile.TemporaryDirectory(prefix="gpt2job-costs-") as d:
         res = hdf5_pieces(a.rows, d)
-        if os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):
+        if a.vocab_dir and os.path.isfile(os.path.join(a.vocab_dir, "vocab.bpe")):
             res.update(text_pieces(a.vocab_dir))
             res.update(layout_pieces(a.vocab_dir, d))
         res.update(journal_piece(d))

@@ -249,13 +249,13 @@ def test_export_never_replaces_a_jobs_journal_or_lock(tmp_path):
         assert p.returncode == 2 and "export never writes one" in p.stderr and not (tmp_path / name).exists()
 
 
-def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, vocab_dir):
+def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, vocab_dir, monkeypatch):
     """A token job run without the tokenizer files has no 'completions': `export --vocab-dir` decodes each row as the
     job's writer would have (the same JSON lines as the same job run with them, a stop token left out of the text);
-    without a tokenizer export says so and writes the token ids."""
+    without a tokenizer export says so and writes the token ids; a folder named that lacks the files is an error."""
     from conftest import job_env
-    from gpt2job.errors import UserError
     from gpt2job.files import export as export_mod
+    from gpt2job.model.tokenizer import NoTokenizer
     inp = tmp_path / "in.h5"
     write_token_input(inp, [[464 + i, 2068, 7586, 21831] for i in range(6)] + [[40, 1101, 257]])
     args = ["run", inp, None, "--model", TINY_TEXT_MODEL, "--backend", "numpy", "--max-new-tokens", "8"]
@@ -274,18 +274,17 @@ def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, voca
     a, b = rows_of(tmp_path / "a.jsonl"), rows_of(tmp_path / "b.jsonl")
     assert a == b and len(a) == 7 and all("completion" in r and "text_exact" in r for r in a)
     assert a[0]["finish_reason"] == "stop" and a[0]["completion_tokens"][-1] == stop
-    p = run_gpt2job(["export", without, tmp_path / "c.jsonl", "--vocab-dir", tmp_path / "none"], env=no_vocab)
-    assert p.returncode == 2 and "none" in p.stderr and "Traceback" not in p.stderr
-    assert not (tmp_path / "c.jsonl").exists()
+    for flag, env in ((["--vocab-dir", tmp_path / "none"], no_vocab), ([], {**no_vocab, "GPT2_VOCAB_DIR": tmp_path})):
+        p = run_gpt2job(["export", without, tmp_path / "c.jsonl", *flag], env=env)
+        assert p.returncode == 2 and "vocab.bpe: --vocab-dir: missing" in p.stderr and "Traceback" not in p.stderr
+        assert not (tmp_path / "c.jsonl").exists()
 
-    def no_tokenizer(vocab_dir):
-        raise UserError("missing", "vocab.bpe", "--vocab-dir", "point --vocab-dir at the files")
+    def no_tokenizer(vocab_dir):   # (tiktoken's own download, offline)
+        raise NoTokenizer("tiktoken could not load the gpt2 encoding (ConnectionError)", "tokenizer", "--vocab-dir")
+    monkeypatch.setattr(export_mod, "load_tokenizer", no_tokenizer)
     said = []
-    export_mod.load_tokenizer, real = no_tokenizer, export_mod.load_tokenizer
-    try:
-        export_mod.export(str(without), str(tmp_path / "d.jsonl"), stream=type("S", (), {"write": said.append})())
-    finally:
-        export_mod.load_tokenizer = real
+    export_mod.export(str(without), str(tmp_path / "d.jsonl"), stream=type("S", (), {"write": said.append})())
     d = rows_of(tmp_path / "d.jsonl")
     assert len(d) == 7 and "completion" not in d[0] and d[0]["completion_tokens"] == a[0]["completion_tokens"]
-    assert any(f"{without} has no completion text (its job ran without a tokenizer)" in x for x in said), said
+    assert any(f"{without} has no completion text (its job ran without a tokenizer) and none loads here (tiktoken could "
+               "not load the gpt2 encoding (ConnectionError)): exporting the token ids" in x for x in said), said

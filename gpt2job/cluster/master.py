@@ -106,7 +106,7 @@ class Master:
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
             self.log(f"no tokenizer, so no 'completions' text is written ({e}; `export --vocab-dir DIR` decodes it "
-                     "later, and only an --overwrite run adds it to the output)")
+                     "later; once the job is done, only an --overwrite run adds it to the output)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),

@@ -5,7 +5,9 @@ their next tool:
      "text_exact": true}
 
 `prompt` is the input's text (or `prompt_tokens`, the ids, for token inputs) when the input file named in the
-output is still there and holds the same prompts; `completion`/`text_exact` when the output has text; `stop_reason`
+output is still there and holds the same prompts; `completion`/`text_exact` when the output has text, or else when a
+tokenizer loads here (--vocab-dir, GPT2_VOCAB_DIR, tiktoken's own): the text decoded as the job's writer would have
+written it (an output whose job ran without a tokenizer); `stop_reason`
 (after `finish_reason`) when the job used stop strings or stop token ids; with --logprobs `logprobs` (one per
 completion token) and with --top-logprobs K `top_logprobs` (per token, its K alternatives, most likely first:
 [{"id": 11, "logprob": -1.23}, ...]; float32 values written shortest); any other per-row dataset of the output
@@ -28,7 +30,7 @@ from gpt2job.files.h5files import check_output_path, contents, has_hdf5_signatur
 from gpt2job.files.journal import JOURNAL_SUFFIX, MAGIC_HEAD, rows_only_in_journal
 from gpt2job.files.outpaths import LOCK_SUFFIX, REPLACED_SUFFIX
 from gpt2job.files.text import row_text
-from gpt2job.model.tokenizer import load_tokenizer
+from gpt2job.model.tokenizer import NoTokenizer, load_tokenizer
 
 BLOCK = 1 << 15
 BUILT_IN = ("completion_tokens", "completions", "text_exact", "done", "finish_reason", "prompt_length", "stop_reason",
@@ -200,11 +202,9 @@ def _decoder(f, out_path, vocab_dir, stream):
         return None
     try:
         enc = load_tokenizer(vocab_dir)
-    except UserError as e:
-        if vocab_dir:
-            raise
-        stream.write(f"gpt2job: {out_path} has no completion text (its job ran without a tokenizer) and {e}: "
-                     "exporting the token ids only\n")
+    except NoTokenizer as e:   # (a folder named by --vocab-dir or GPT2_VOCAB_DIR without the files: its error, exit 2)
+        stream.write(f"gpt2job: {out_path} has no completion text (its job ran without a tokenizer) and none loads "
+                     f"here ({e.message}): exporting the token ids; --vocab-dir DIR decodes the text\n")
         return None
     # (stop strings need a tokenizer at the job's start: a job without text has none, so no text is cut at one)
     return lambda toks, why: row_text(enc, toks, FINISH_STOP if _text(why) == "stop" else FINISH_LENGTH)

@@ -18,6 +18,10 @@ def encode_texts(enc, texts):
     return [enc.encode(t, allowed_special=allowed) for t in texts]
 
 
+class NoTokenizer(UserError):
+    """No folder was named (--vocab-dir, GPT2_VOCAB_DIR) and tiktoken has no gpt2 encoding of its own here."""
+
+
 def load_tokenizer(vocab_dir=None):
     """A tiktoken Encoding for GPT-2, from vocab_dir (a --vocab-dir; none given: GPT2_VOCAB_DIR, read here alone, on
     each rank and process that needs the tokenizer; neither: tiktoken's own). Raises UserError with the fix when none
@@ -41,5 +45,5 @@ def load_tokenizer(vocab_dir=None):
     try:
         return tiktoken.get_encoding("gpt2")
     except Exception as e:
-        raise UserError(f"tiktoken could not load the gpt2 encoding ({type(e).__name__})", "tokenizer",
-                        "--vocab-dir", "pass --vocab-dir DIR (or set GPT2_VOCAB_DIR) with vocab.bpe and encoder.json")
+        raise NoTokenizer(f"tiktoken could not load the gpt2 encoding ({type(e).__name__})", "tokenizer",
+                          "--vocab-dir", "pass --vocab-dir DIR (or set GPT2_VOCAB_DIR) with vocab.bpe and encoder.json")

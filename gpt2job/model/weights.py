@@ -97,8 +97,8 @@ def load_params(spec):
 
 
 def describe(spec):
-    """--model as the starting line names it: random weights say that their text is noise."""
-    return f"{spec} (seeded random weights: the text is noise)" if spec.startswith("random:") else spec
+    """--model as the starting line names it: random weights say that they are not a trained model."""
+    return f"{spec} (seeded random weights, not a trained model)" if spec.startswith("random:") else spec
 
 
 def fingerprint(spec):
