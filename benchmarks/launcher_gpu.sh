@@ -23,11 +23,12 @@ row() { printf '| %s | %s |\n' "$1" "$2" >> "$W/table"; }
 tps() { grep -o 'throughput [0-9,]* generated tokens/s' "$1" | head -1; }
 same() {   # same NAME_A NAME_B: do the two outputs hold the same tokens in every row?
     python3 - "$W/$1.h5" "$W/$2.h5" <<'PY'
-import sys, h5py, numpy as np
-a, b = (h5py.File(p, "r") for p in sys.argv[1:3])
-ta, tb = a["completion_tokens"][()], b["completion_tokens"][()]
-diff = sum(not np.array_equal(x, y) for x, y in zip(ta, tb)) + abs(len(ta) - len(tb))
-print(f"{diff} of {len(ta)} rows differ; done {int(a['done'][()].sum())} / {int(b['done'][()].sum())}")
+import sys, h5py
+sys.path.insert(0, "benchmarks")
+from bench_common import same_tokens, tokens_of
+a, b = sys.argv[1:3]
+done = [int(h5py.File(p, "r")["done"][()].sum()) for p in (a, b)]
+print(f"{same_tokens(a, b)[1]} of {len(tokens_of(a))} rows differ; done {done[0]} / {done[1]}")
 PY
 }
 read -r -a F16 <<< "${FLAGS:---backend cuda --dtype float16}"   # FLAGS: see the dry run above

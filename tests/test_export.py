@@ -286,5 +286,5 @@ def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, voca
     export_mod.export(str(without), str(tmp_path / "d.jsonl"), stream=type("S", (), {"write": said.append})())
     d = rows_of(tmp_path / "d.jsonl")
     assert len(d) == 7 and "completion" not in d[0] and d[0]["completion_tokens"] == a[0]["completion_tokens"]
-    assert any(f"{without} has no completion text (its job ran without a tokenizer) and none loads here (tiktoken could "
-               "not load the gpt2 encoding (ConnectionError)): exporting the token ids" in x for x in said), said
+    assert any(f"{without} has no completion text (its job ran without a tokenizer) and none loads here (tiktoken "
+               "could not load the gpt2 encoding (ConnectionError)): exporting the token ids" in x for x in said), said

@@ -177,7 +177,8 @@ def decode_step(params, cache, next_tokens, positions):
 
 
 def full_logits(params, tokens):
-    """Teacher-forced logits for equal-length rows tokens: [B, T] -> [B, T, V] (the NumPy backend's score; tests, fp16 checks)."""
+    """Teacher-forced logits for equal-length rows tokens: [B, T] -> [B, T, V] (the NumPy backend's score; tests,
+    fp16 checks)."""
     B, T = tokens.shape
     positions = np.broadcast_to(np.arange(T), (B, T))
     cache = new_kv_cache(params.config, B, T)
