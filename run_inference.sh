@@ -92,21 +92,17 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    # OUT as gpt2job's parser finds it, and gpt2job's own test of rows kept (a journal with a record, a set-aside
-    # output, an OUT without its journal): exit 3 where none are (any other failure: $2 and the line below, as before)
-    local held=0 found
-    found=$("$python" -c 'import sys; from gpt2job.cli import build_parser; from gpt2job.files import outpaths
-out = build_parser().parse_args(["run", *sys.argv[1:]]).output; print(out); sys.exit(0 if outpaths.holds_rows(out) else 3)' \
-        "${run_args[@]}" 2>/dev/null) || held=$?
-    [ "$held" = 0 ] || [ "$held" = 3 ] && [ -n "$found" ] && out_arg=$found
-    if [ "$held" = 3 ]; then
-        echo "run_inference.sh: $what before any row was completed: run the same command again" >&2 2>/dev/null
-        exit "$2"
-    fi
+    # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none)
+    local found="" tail=""
+    { IFS= read -r found; IFS= read -r tail; } < <("$python" -c 'import sys; from gpt2job.cli import build_parser
+from gpt2job.files import outpaths
+a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output); print(outpaths.after_stop(a.output, a.overwrite))' \
+        "${run_args[@]}" 2>/dev/null)
+    [ -n "$tail" ] && out_arg=$found || tail="; completed rows are kept: $(again)"
     if [ "$overwrite" = 1 ] && [ -e "$out_arg.replaced" ]; then
         echo "run_inference.sh: the output this run replaces stays in $out_arg.replaced" >&2 2>/dev/null
     fi
-    echo "run_inference.sh: $what; completed rows are kept: $(again)" >&2 2>/dev/null
+    echo "run_inference.sh: $what$tail" >&2 2>/dev/null
     exit "$2"
 }
 

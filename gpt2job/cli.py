@@ -9,8 +9,8 @@ import time
 
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
-from gpt2job.files.outpaths import holds_rows, rows_kept
+from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
+from gpt2job.files.outpaths import after_stop
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
@@ -391,9 +391,7 @@ def main(argv=None):
         return e.code
     except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
         job, out = a is not None and a.command in ("run", "score"), getattr(a, "output", "")
-        how = "" if not job else f"; completed rows are kept: {rerun(a.overwrite, rows_kept(out, a.overwrite))}" if \
-            holds_rows(out) else " before any row was completed: run the same command again"
-        sys.stderr.write(f"gpt2job: interrupted{how}\n")
+        sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite) if job else ''}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

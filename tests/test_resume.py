@@ -100,13 +100,14 @@ def kill_midway(cmd, out, victim, chunk=1, min_rows=4, sig=signal.SIGKILL):
     return err.decode(errors="replace")
 
 
-TERM_LINE = "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same command again to resume"
+TERM_LINE = "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command again to resume"
 
 
 def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
     """SIGTERM while no row is complete yet (a text input's conversion, the model loading, the first chunk): the
     line said the rows already written were kept; there were none. An output and a journal made at the start, with
-    no record past the journal's header, are no rows either."""
+    no record past the journal's header, are no rows either. And after the last row, the output complete: the line
+    said to run the same command to resume (that run said 'already complete')."""
     from gpt2job.chunks import Completions
     from gpt2job.files.journal import Journal
     code = ("import os, signal, sys; from gpt2job.cluster.job import say_on_sigterm; "
@@ -115,12 +116,17 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
     # an --overwrite run that set the old output aside: that one's rows are kept, the rerun resumes it
     for i, (made, rows, overwrite, line) in enumerate((
             (False, 0, 0, none), (True, 0, 0, none), (True, 1, 0, TERM_LINE), ("journal gone", 0, 0, TERM_LINE),
-            ("replaced", 0, 1, "gpt2job: terminated (SIGTERM); the rows already written are kept: run the same "
-                               "command without --overwrite to resume"))):
+            ("replaced", 0, 1, "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command "
+                               "without --overwrite to resume"), ("finished", 0, 0, None))):
         out = tmp_path / f"out{i}.h5"
-        if made:
+        if made == "finished":   # a stop landing after the job's last row (it said the rows were kept: resume)
+            write_token_input(tmp_path / "in.h5", [[1, 2, 3]])
+            run_gpt2job(["run", tmp_path / "in.h5", out, "--model", "random:n_layer=1,n_head=2,n_embd=16",
+                         "--backend", "numpy", "--max-new-tokens", "2"], check=0)
+            line = f"gpt2job: terminated (SIGTERM) after the job had finished: {out} is complete"
+        elif made:
             out.write_bytes(b"")
-        if made and made != "journal gone":   # (an unfinished OUT whose journal is gone: resumed from its rows)
+        if made in (True, "replaced"):   # (an unfinished OUT whose journal is gone: resumed from its rows)
             j = Journal(str(out) + ".journal", header={"k": 1})
             if rows:
                 j.append(Completions.from_lists(0, [0], [[5, 6]], [0]))

@@ -20,9 +20,9 @@ from gpt2job.cluster.channel import MpiChannel, Mux
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.worker import run_worker
-from gpt2job.errors import UserError, rerun
+from gpt2job.errors import UserError
 from gpt2job.files.output import refuse_foreign
-from gpt2job.files.outpaths import holds_rows, rows_kept
+from gpt2job.files.outpaths import after_stop
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -99,11 +99,7 @@ def say_on_sigterm(output, overwrite=False):
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         try:
-            if holds_rows(output):
-                log(f"terminated (SIGTERM); the rows already written are kept: "
-                    f"{rerun(overwrite, rows_kept(output, overwrite))}")
-            else:   # (while a text input was converted, the model loaded, or before the first result came)
-                log("terminated (SIGTERM) before any row was completed: run the same command again")
+            log(f"terminated (SIGTERM){after_stop(output, overwrite)}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)

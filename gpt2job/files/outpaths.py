@@ -6,7 +6,8 @@ import os
 import time
 
 from gpt2job import envs
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, rerun
+from gpt2job.files.h5read import read_status
 from gpt2job.files.journal import JOURNAL_SUFFIX, io_error, journal_has_records
 
 LOCK_SUFFIX = ".lock"
@@ -25,6 +26,22 @@ def holds_rows(path):
     signal ends with."""
     return journal_has_records(path) or OutputPaths(path).replaced() is not None or (
         os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
+
+
+def finished(path):
+    """Is OUT a finished output (marked so, its journal gone, nothing set aside)? A stop can land after the last row."""
+    return (not os.path.exists(path + JOURNAL_SUFFIX) and OutputPaths(path).replaced() is None
+            and read_status(path)[0] is True)
+
+
+def after_stop(path, overwrite):
+    """What follows 'interrupted' or 'terminated (SIGTERM)' in the last line of a job stopped by a signal: what OUT
+    holds and what to run next."""
+    if finished(path):
+        return f" after the job had finished: {path} is complete"
+    if holds_rows(path):
+        return f"; completed rows are kept: {rerun(overwrite, rows_kept(path, overwrite))}"
+    return " before any row was completed: run the same command again"
 
 
 def being_written(path):
