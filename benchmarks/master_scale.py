@@ -257,7 +257,9 @@ def one(n_workers, a, inp, out):
                           "idle (wait)": round(ch.t["idle"], 3)},
         "journal_thread_s": round(journal["journal write+fsync"], 3), "journal_mb": round(
             os.path.getsize(out + ".journal") / 2**20) if os.path.exists(out + ".journal") else None,
-        "writer_thread_s": round(w.write_s, 3), "writer_rows": w.written_rows,
+        # (the writer thread's own seconds; a writer process reports its own: output_writer below)
+        "writer_thread_s": round(w.write_s, 3) if hasattr(w, "write_s") else None,
+        "writer_rows": getattr(w, "written_rows", None),
         "cpu_s_run_and_finish": round(cpu2 - cpu1, 2), "cpu_s_prepare": round(cpu1 - cpu0, 2),
         "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
         "output_mb": round((os.path.getsize(out)) / 2**20),

@@ -55,3 +55,10 @@ def test_every_kernel_waits_for_the_kernels_before_it_first():
             seen.append(f"{os.path.basename(path)}:{line}")
             assert first.startswith("pdl_wait();"), f"{seen[-1]}: the kernel starts with {first[:40]!r}"
     assert len(seen) >= 25, seen
+
+
+def test_the_cuda_backend_runs_every_activation_the_config_accepts():
+    """model/config.py refuses any other activation when it reads a config, so the CUDA model maps exactly these."""
+    from gpt2job.backends.cuda.model import ACTIVATIONS
+    from gpt2job.model.config import SUPPORTED_ACTIVATIONS
+    assert sorted(ACTIVATIONS) == sorted(SUPPORTED_ACTIVATIONS)

@@ -78,7 +78,6 @@ class WriterProcess:
         self.path, self.error, self.replies = header["path"], None, queue.Queue()
         self.cond = threading.Condition()
         self.outbox, self.queued, self.closed = [], 0, False
-        self.written_rows, self.write_s = None, 0.0
         self.feeder = threading.Thread(target=self._feed, name="gpt2job-writer-feed", daemon=True)
         self.reader = threading.Thread(target=self._read, name="gpt2job-writer-read", daemon=True)
         self.feeder.start()
