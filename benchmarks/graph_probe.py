@@ -32,6 +32,7 @@ def main():
     a = ap.parse_args()
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.backends.cuda.graphs import Graph
+    from gpt2job.backends.cuda.runner import decode_buffers
     from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
     from gpt2job.settings import GenerationSettings
@@ -45,7 +46,7 @@ def main():
     rows_out = []
     for n in [int(x) for x in a.rows.split(",")]:
         kv = runner.kv_cache(n, S)
-        tok_dev, sdev = [dev.buf(name, nb) for name, nb in runner.decode_buffers(n)]
+        tok_dev, sdev = [dev.buf(name, nb) for name, nb in decode_buffers(n)]
         rows_dev = dev.buf("probe_rows", 8 * n)
         drv.memcpy_htod(rows_dev, np.arange(n, dtype=np.int64))
         drv.memcpy_htod(tok_dev, np.random.default_rng(n).integers(0, cfg.vocab_size, n).astype(np.int32))

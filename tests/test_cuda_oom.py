@@ -30,7 +30,7 @@ def est(rows, head):       # like Model.activation_bytes of GPT-2 124M fp16
     return rows * 18448 + head * 202752
 
 
-def pool(rows, head):      # like Runner.pool_bytes of a greedy fp16 head
+def pool(rows, head):      # like runner.pool_bytes of a greedy fp16 head
     return rows * 16936 + head * 3652
 
 
@@ -512,12 +512,11 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
     before the first chunk, and in the bytes memory_plan sizes the KV cache with."""
     from gpt2job.backends.cuda.device import Device
     from gpt2job.backends.cuda.rows import option_buffers
-    from gpt2job.backends.cuda.runner import Runner
+    from gpt2job.backends.cuda.runner import Runner, pool_bytes
     from gpt2job.model.sampling import seen_words
     dev = Device(0)
     dev.open_streams()
     model = FakeModel(dev, 64)
-    plain = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event())
     runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), penalty=penalty, logprobs_k=k)
     want = dict(option_buffers(64, model, penalty, k))
     names = {"seen"} if penalty else set()
@@ -525,7 +524,8 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
         names |= {"logprobs", "logits_raw"} if penalty else {"logprobs"}
     assert set(want) == names
     assert want.get("seen", 0) == 64 * seen_words(V) * 4 * penalty
-    assert runner.pool_bytes(4096, 64) - plain.pool_bytes(4096, 64) == sum(max(n, 16) for n in want.values())
+    assert pool_bytes(model, True, (penalty, k), 4096, 64) - pool_bytes(model, True, (False, None), 4096, 64) == sum(
+        max(n, 16) for n in want.values())
     runner.reserve()
     assert all(dev._bufs[name][1] >= n for name, n in want.items())
 
@@ -547,14 +547,14 @@ def test_the_head_reserves_argmax_partials_with_their_sums_for_greedy_logprobs(g
 @pytest.mark.parametrize("k,lse", [(None, False), (0, True), (3, False)])
 def test_the_runner_asks_the_head_for_the_sums_only_with_logprobs_alone(fake, k, lse):
     from gpt2job.backends.cuda.device import Device
-    from gpt2job.backends.cuda.runner import Runner
+    from gpt2job.backends.cuda.runner import Runner, pool_bytes
     dev = Device(0)
     dev.open_streams()
     model = FakeModel(dev, 64)
     asked = []
     model.head_buffers = lambda greedy, head_rows=None, lse=False: asked.append(lse) or []
     runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), logprobs_k=k)
-    runner.pool_bytes(4096, 64)
+    pool_bytes(model, True, runner.options, 4096, 64)
     runner.reserve()
     assert asked == [lse, lse]
 

@@ -25,7 +25,7 @@ from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
 from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, memory_plan, preferred_chunk
 from gpt2job.backends.cuda.rows import option_buffers
-from gpt2job.backends.cuda.runner import Runner
+from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError
 from gpt2job.settings import max_prompt_length
@@ -88,26 +88,25 @@ class CudaBackend(Backend):
         # greedy (--logprobs alone: the fused greedy head sums the softmax too)
         s = self.settings
         greedy = s.sampling.greedy and s.repetition_penalty == 1 and (not s.logprobs or s.top_logprobs == 0)
-        self.runner = Runner(dev, self.model, self.kernels, 0, self.max_prefill_rows, self.options.prefix_share, t0,
-                             share_gpus=share_gpus, greedy=greedy, penalty=self.settings.repetition_penalty != 1,
-                             logprobs_k=self.settings.top_logprobs if self.settings.logprobs else None,
-                             t0_wall=t0_wall)
-        options = self.runner.options
+        options = (s.repetition_penalty != 1, s.top_logprobs if s.logprobs else None)   # (Runner.options)
 
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
             return self.model.activation_bytes(rows, head_rows) + sum(
                 n for _, n in option_buffers(head_rows, self.model, *options))
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
-            return self.runner.pool_bytes(rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
+            return pool_bytes(self.model, greedy, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, self.cfg.n_positions, estimate,
                          reserved)
-        self.runner.kv_budget, self.runner.max_prefill_rows = mp.kv_budget, mp.prefill_rows
+        graphs = None
         if self.options.cuda_graphs:
             tm = self.kernels.tmaps
             pdl = self.options.graph_pdl and dev.dev.compute_capability()[0] >= 9   # griddepcontrol: Hopper on
-            self.runner.graphs = StepGraphs(dev.compute, lambda: (dev.pool_epoch, tm.epoch if tm else 0), pdl=pdl)
-            dev.own(self.runner.graphs)
+            graphs = StepGraphs(dev.compute, lambda: (dev.pool_epoch, tm.epoch if tm else 0), pdl=pdl)
+            dev.own(graphs)
         self.model.set_head_rows(mp.head_rows)
+        self.runner = Runner(dev, self.model, self.kernels, mp.kv_budget, mp.prefill_rows, self.options.prefix_share,
+                             t0, share_gpus=share_gpus, greedy=greedy, penalty=options[0], logprobs_k=options[1],
+                             t0_wall=t0_wall, graphs=graphs)
         self._reserve(free, mp.reduced)
 
     def _reserve(self, free, reduced):

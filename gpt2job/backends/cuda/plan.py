@@ -269,7 +269,7 @@ def memory_plan(free, share_gpus, rows, head_rows, n_positions, estimate, reserv
     """The buffer sizes of a worker with `free` bytes of device memory left after its weights and kernels.
 
     estimate(rows, head_rows): the activation bytes the KV budget leaves room for (Model.activation_bytes: an upper
-    bound); reserve(rows, head_rows): the bytes reserved besides the KV cache (Runner.pool_bytes and the uploads).
+    bound); reserve(rows, head_rows): the bytes reserved besides the KV cache (runner.pool_bytes and the uploads).
     The sizes asked for (rows, head_rows) whenever their estimate takes at most half the memory, with the
     KV budget f x (free - estimate) (f = 0.8; 0.4 when ranks share the GPU: they all measured the same free
     memory), at least KV_FLOOR: so nothing changes on a GPU with room. Otherwise rows and head rows halve together

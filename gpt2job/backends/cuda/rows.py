@@ -82,7 +82,7 @@ def group_sel(kernels, dev, rp: RowPlan, lay, base, b0, b1, V):
 
 def option_buffers(head_rows, model, penalty, logprobs_k):
     """(name, bytes) of the pool buffers a job's options take for KV groups of head_rows rows, for the worker's
-    reserve (Runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide
+    reserve (runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide
     penalty's seen bitmap (group_sel), --logprobs' step buffer (logprobs.StepLogprobs) and, with both, the copy of
     the raw logits the log-probabilities read (Model.select). A penalty that only some rows of the input ask for is
     not known at start: its bitmap grows at its first chunk."""

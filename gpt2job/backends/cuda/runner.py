@@ -37,9 +37,26 @@ from gpt2job.chunks import FINISH_LENGTH, Completions
 from gpt2job.model.sampling import RowSettings
 
 
+def pool_bytes(model, greedy, options, rows, head_rows):
+    """Device bytes Runner.reserve takes besides the KV cache at these sizes (the chunks' uploads: the backend's);
+    options: (a job-wide penalty, --logprobs' K or None), as Runner keeps them."""
+    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(head_rows)
+             + model.head_buffers(greedy, head_rows, lse=options[1] == 0) + option_buffers(head_rows, model, *options))
+    return sum(max(int(n), 16) for _, n in parts)
+
+
+def decode_buffers(ns):
+    """(name, bytes) of the pool buffers of a KV group of ns sequences: tok_out ([0, ns): a step's tokens; [ns, 2 ns):
+    the next step's input when rows left) and step_in (a step's positions, rows, gather indices; then at int32 3 ns
+    the step's number, which sampling reads there)."""
+    return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4 + 4)]
+
+
 class Runner:
     def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
-                 greedy=True, penalty=False, logprobs_k=None, t0_wall=None):
+                 greedy=True, penalty=False, logprobs_k=None, t0_wall=None, graphs=None):
+        """kv_budget, max_prefill_rows and the model's head rows: the sizes of plan.memory_plan (reserve allocates
+        them; an allocation that fails shrinks them)."""
         self.dev, self.model, self.k = device, model, kernels
         self.cfg = model.cfg
         self.kv_budget = kv_budget
@@ -53,26 +70,19 @@ class Runner:
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
         self.timeline = deque(maxlen=4096)   # the last chunks' (a job of small chunks has very many)
         self.oom_events = 0           # allocations that failed during chunks (each shrank the sizes)
-        self.graphs = None            # graphs.StepGraphs: decode steps replayed (options.cuda_graphs)
+        self.graphs = graphs          # graphs.StepGraphs: decode steps replayed (options.cuda_graphs), or None
         self.next_started = None      # (plan, its run generator or the error that ended it): _start_next
         self.early_starts = 0         # chunks whose prefill was queued behind the chunk before (_start_next)
         self.halving = 0              # _in_halves calls running: no chunk starts early in them
 
     # ---------------------------------------------------------------- buffers
 
-    def pool_bytes(self, rows, head_rows):
-        """Device bytes reserve() takes besides the KV cache at these sizes (the chunks' uploads: the backend's)."""
-        parts = (self.model.activation_buffers(rows, head_rows) + self.decode_buffers(head_rows)
-                 + self.model.head_buffers(self.greedy, head_rows, lse=self.options[1] == 0)
-                 + option_buffers(head_rows, self.model, *self.options))
-        return sum(max(int(n), 16) for _, n in parts)
-
     def reserve(self):
         """Allocate the pool's buffers at the current sizes: the activations at their largest, the decode steps'
         buffers, (unless ranks share the GPU: they all measured the same free memory) the KV cache at its budget,
         the LM head's output, and the pinned buffers of two decode steps."""
         dev, hr = self.dev, self.model.head_rows
-        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + self.decode_buffers(hr):
+        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + decode_buffers(hr):
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
@@ -267,13 +277,6 @@ class Runner:
         return lp.attach(Completions(chunk.chunk_id, np.asarray(chunk.rows, np.int64), offs, flat, finish), gen, back)
 
     @staticmethod
-    def decode_buffers(ns):
-        """(name, bytes) of the pool buffers of a KV group of ns sequences: tok_out ([0, ns): a step's tokens;
-        [ns, 2 ns): the next step's input when rows left) and step_in (a step's positions, rows, gather indices;
-        then at int32 3 ns the step's number, which sampling reads there)."""
-        return [("tok_out", 2 * ns * 4), ("step_in", 3 * ns * 4 + 4)]
-
-    @staticmethod
     def done_with(plan):
         """The plan is computed (or failed): its pinned upload buffers may take another chunk."""
         plan.upload.busy = False
@@ -307,7 +310,7 @@ class Runner:
         S = int((lens[b0:b1] + mnt[b0:b1]).max())   # each row's prompt and new tokens
         n_max = int(mnt[b0:b1].max())
         kv = self.kv_cache(ns, S)
-        tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in self.decode_buffers(ns)]
+        tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in decode_buffers(ns)]
         dev.step_buffers(ns)
         lp.group(ns)
         ev_p0 = drv.Event()
