@@ -107,9 +107,7 @@ def _float_in(name, lo, hi, lo_open=False):
 
 def _temperature(v):
     x = _float_in("--temperature", 0, 100)(v)
-    if 0 < x < MIN_TEMPERATURE:
-        raise argparse.ArgumentTypeError(f"--temperature must be 0 (greedy) or in [{MIN_TEMPERATURE}, 100], got {v}")
-    return x
+    return 0.0 if x < MIN_TEMPERATURE else x   # greedy below it (settings.MIN_TEMPERATURE)
 
 
 def _stop_string(v):

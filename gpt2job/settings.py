@@ -5,8 +5,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
 DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says otherwise (the CPU backend)
-# the least temperature above 0 (vLLM's: it samples greedily below it). Far below it 1/T times a logit overflows float32
-# (at 1e-39 every worker failed); here such values are refused, the flag and a row's own value alike
+# the least temperature that samples: below it a temperature is greedy (0), the flag and a row's own value alike, as
+# vLLM does (far below it 1/T times a logit overflows float32: at 1e-39 every worker failed)
 MIN_TEMPERATURE = 1e-5
 
 

@@ -87,9 +87,8 @@ def test_values_resolve_against_the_flags(tmp_path):
      "row 2 is 0: each value must be an integer in 1..2^31-1 (2 rows"),
     ("max_new_tokens", np.array([1, 2, 2.5, 1, 1, 1]), "row 2 is 2.5: each value must be an integer in 1..2^31-1"),
     ("max_new_tokens", np.array([1, 2 ** 40, 1, 1, 1, 1], np.int64), "row 1 is 1099511627776"),
-    ("temperature", np.array([0, 0, 0, np.inf, 0, -0.5]), "row 3 is inf: each value must be 0 (greedy) or a finite "
-     "number >= 1e-05 (2 rows"),
-    ("temperature", np.array([0, 1e-39, 1e-5, 0, 0, 0], np.float32), "row 1 is 1.00000021"),   # 1 / T overflows float32
+    ("temperature", np.array([0, 0, 0, np.inf, 0, -0.5]), "row 3 is inf: each value must be a finite number >= 0 "
+     "(below 1e-05: greedy) (2 rows"),
     ("repetition_penalty", np.array([1, 1, 1, 1, 1e300, 1]), "row 4 is 1e+300"),   # beyond float32: refused
     ("top_k", np.array([1, 1, 1, 1, 1, -2.0]), "row 5 is -2.0: each value must be an integer in 0..2^31-1"),
     ("top_p", np.array([1, 0, 1, 1, 1.5, 1], np.float32), "row 1 is 0.0: each value must be a number in (0, 1] (2 rows"),
@@ -116,9 +115,12 @@ def test_bad_values_name_the_dataset_and_the_first_row(tmp_path, name, data, fra
     assert f"{inp}: {name}: " in str(e.value) and frag in str(e.value), str(e.value)
 
 
-def test_the_least_temperature_as_float32_is_taken(tmp_path):
+def test_the_least_temperature_as_float32_is_taken_and_one_below_it_is_greedy(tmp_path):
+    """As vLLM: a temperature below 1e-5 is greedy (1 / T times a logit overflows float32 at 1e-39: every worker
+    failed; such a row was refused after that)."""
     inp = tmp_path / "in.h5"
-    make_input(inp, temperature=np.array([0, 1e-5, 1, np.nan, 0, 0], np.float32))   # float32(1e-5) < 1e-5
+    temps = np.array([0, 1e-5, 1, np.nan, 1e-39, 9.9e-6], np.float32)   # float32(1e-5) < 1e-5
+    make_input(inp, temperature=temps)
     got = read_row_settings(inp, N, settings(inp, temperature=0.5)).values["temperature"]
     assert got.tolist() == np.array([0, 1e-5, 1, 0.5, 0, 0], np.float32).tolist()
 

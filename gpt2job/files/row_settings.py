@@ -30,8 +30,7 @@ FIX = "one value per row; NaN (float datasets) or a negative number (integer dat
 # (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
 RULES = {
     "max_new_tokens": ("an integer in 1..2^31-1", lambda v: v >= 1),   # (beyond int32: refused by the conversion)
-    "temperature": (f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}",
-                    lambda v: np.isfinite(v) & ((v == 0) | (v >= np.float32(MIN_TEMPERATURE)))),
+    "temperature": (f"a finite number >= 0 (below {MIN_TEMPERATURE}: greedy)", lambda v: np.isfinite(v) & (v >= 0)),
     "top_k": ("an integer in 0..2^31-1", lambda v: v >= 0),
     "top_p": ("a number in (0, 1]", lambda v: (v > 0) & (v <= 1)),
     "seed": ("an integer in 0..2^63-1", lambda v: v >= 0),
@@ -185,6 +184,8 @@ def _read_numeric(path, ds, name, n_rows, default, h):
             vals, bad, missing = _convert(raw, kind, name, dtype)
             bad |= ~missing & ~ok(vals)
         vals[missing] = default
+        if name == "temperature":    # greedy below it, as the flag (settings.MIN_TEMPERATURE)
+            vals[vals < np.float32(MIN_TEMPERATURE)] = 0
         out[a:a + len(raw)] = vals
         if bad.any():
             idx = np.flatnonzero(bad)
