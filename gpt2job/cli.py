@@ -316,20 +316,23 @@ def cmd_score(a):
     return run_job(s)
 
 
+GREEDY = f"--temperature 0, the default, or below {MIN_TEMPERATURE}"
+
+
 def _warn_unused_sampling_flags(a):
     """Greedy decoding ignores the sampling knobs: say so once (as transformers does), from one rank only."""
     if a.temperature > 0:
         return
     if a.num_samples > 1 and world_rank() in (None, 0):
-        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} at --temperature 0 (greedy decoding) gives "
+        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} with greedy decoding ({GREEDY}) gives "
                          f"{a.num_samples} identical samples of each prompt (rows with their own temperature in the "
-                         "input aside); give --temperature > 0 to sample\n")
+                         f"input aside); give --temperature >= {MIN_TEMPERATURE} to sample\n")
     given = [f"{flag} {value}" for flag, value, default in (("--top-k", a.top_k, 0), ("--top-p", a.top_p, 1.0),
                                                              ("--seed", a.seed, 0)) if value != default]
     if given and world_rank() in (None, 0):
-        sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect at "
-                         "--temperature 0 (greedy decoding) except on rows with a temperature of their own in the "
-                         "input; give --temperature > 0 to sample\n")
+        sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
+                         f"greedy decoding ({GREEDY}) except on rows with a temperature of their own in the "
+                         f"input; give --temperature >= {MIN_TEMPERATURE} to sample\n")
 
 
 def cmd_prompts(a):
