@@ -107,18 +107,25 @@ a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output); print(ou
 }
 
 launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; exits with mpirun's code
-    exec 3> >(without_banner >&2)
+    exec 3> >(trap '' USR1; without_banner >&2)   # (USR1 to the group: the ranks' to act on)
     filter=$!
     trap 'stop INT 130' INT
     trap 'stop TERM 143' TERM
     trap 'stop HUP 129' HUP
+    # SIGUSR1 (a batch system's warning ahead of its time limit) to mpirun, which passes it to the ranks: the master
+    # hands out no more chunks and ends the job once those out are done (exit 5)
+    trap '[ -n "$mpirun_pid" ] && kill -s USR1 "$mpirun_pid" 2>/dev/null' USR1
     set +e
     # (a subshell that execs: a background command would start with SIGINT ignored, and Ctrl-C would not reach it)
-    ( trap - INT QUIT; exec mpirun "$@" 2>&3 3>&- </dev/null ) &
+    ( trap - INT QUIT USR1; exec mpirun "$@" 2>&3 3>&- </dev/null ) &
     mpirun_pid=$!
     exec 3>&-
-    wait "$mpirun_pid"
-    local code=$?
+    local code
+    while :; do   # (a trapped USR1 ends a wait early: wait again while mpirun runs)
+        wait "$mpirun_pid"
+        code=$?
+        [ "$code" -gt 128 ] && kill -0 "$mpirun_pid" 2>/dev/null || break
+    done
     filter_done
     exit "$code"
 }

@@ -9,7 +9,7 @@ import time
 
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code
+from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code
 from gpt2job.files.outpaths import after_stop
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
@@ -41,6 +41,7 @@ exit codes:
   2    a user mistake: one line naming the file, the field and the fix
   3    no worker left: completed rows are kept; run the same command again to resume
   4    --validate failed: more mismatched tokens than --validate-tolerance
+  5    stopped on SIGUSR1 once the chunks handed out were done: completed rows are kept; the same command resumes
   130  interrupted (Ctrl-C): completed rows are kept; the same command resumes
   143  (a shell's status) ended by SIGTERM, said in one line: completed rows are kept; the same command resumes"""
 
@@ -385,8 +386,8 @@ def main(argv=None):
             time.sleep(RANK_ERROR_GRACE_S)
         sys.stderr.write(f"gpt2job: error: {e}\n" if rank in (None, 0) else f"gpt2job: error (rank {rank}): {e}\n")
         return exit_code(e)
-    except WorkerFailure as e:
-        sys.stderr.write(f"gpt2job: error: {e}\n")
+    except (WorkerFailure, Stopped) as e:
+        sys.stderr.write(f"gpt2job: {'' if isinstance(e, Stopped) else 'error: '}{e}\n")
         return exit_code(e)
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code

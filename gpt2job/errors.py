@@ -26,6 +26,10 @@ class WorkerFailure(Exception):
     """Raised on the master when no worker is left to finish the job."""
 
 
+class Stopped(Exception):
+    """The job stopped early, as asked (SIGUSR1), once the chunks handed out were done: completed rows are kept."""
+
+
 class Reported(Exception):
     """A failed job's master already printed its error (it then waited for ranks still starting): the process exits
     with .code and prints nothing more."""
@@ -36,8 +40,9 @@ class Reported(Exception):
 
 
 def exit_code(e):
-    """The process's exit status for a job that ended in e: 2 a user mistake, 3 no worker left, 1 anything else."""
-    return 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 1
+    """The process's exit status for a job that ended in e: 2 a user mistake, 3 no worker left, 5 stopped as asked
+    (SIGUSR1), 1 anything else."""
+    return 2 if isinstance(e, UserError) else 3 if isinstance(e, WorkerFailure) else 5 if isinstance(e, Stopped) else 1
 
 
 class AlreadyComplete(Exception):

@@ -5,6 +5,7 @@ import json
 import os
 import select
 import signal
+import re
 import subprocess
 import sys
 import time
@@ -440,3 +441,43 @@ def test_every_command_has_a_description_and_every_argument_a_help():
         assert parser.description, name
         assert not [a.dest for a in parser._actions if not a.help], name
     assert "default 0.0005" in " ".join(run_gpt2job(["validate", "-h"], check=0).stdout.split())   # (wrapped)
+
+
+@pytest.mark.parametrize("to", ["script", "group"])
+def test_run_inference_sigusr1_finishes_the_chunks_out_keeps_their_rows_and_the_rerun_resumes(tmp_path, to):
+    """SIGUSR1 (Slurm's --signal=USR1@SECONDS ahead of a time limit, to every task; or to the script alone): no more
+    chunks go out, those out are finished and kept, every rank ends, exit 5 and one line; the same command resumes,
+    and the rows equal an uninterrupted run's. (The worker ranks ignore it: its default action would end them.)"""
+    from gpt2job.files.journal import journal_has_records
+    require_mpirun()
+    rng = np.random.default_rng(0)
+    inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
+    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(2000)])
+    env = fresh_env(NP=3)
+    tiny = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "4"]
+    p = launcher([inp, out, *tiny, "--chunk-size", "1"], env=env, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 90   # 2,000 chunks of one prompt: seconds of work left when the first is kept
+        while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
+            time.sleep(0.02)
+        p.send_signal(signal.SIGUSR1) if to == "script" else os.killpg(p.pid, signal.SIGUSR1)
+        _, err = p.communicate(timeout=90)
+        ours = ["pgrep", "-f", str(out)]   # every rank ended
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
+            time.sleep(0.2)
+        assert subprocess.run(ours, capture_output=True, text=True).stdout == ""
+    finally:
+        subprocess.run(["pkill", "-KILL", "-f", str(out)])
+    last = err.splitlines()[-1]
+    assert p.returncode == 5, err
+    assert re.fullmatch(rf"gpt2job: stopped \(SIGUSR1\) once the chunks handed out were done: ([\d,]+) of 2,000 rows "
+                        rf"are complete and kept in {re.escape(str(out))}; run the same command again to resume",
+                        last), err
+    kept = int(re.search(r"([\d,]+) of 2,000", last).group(1).replace(",", ""))
+    assert 0 < kept < 2000 and "prterun" not in err and "mpirun" not in err, err
+    q = launcher([inp, out, *tiny, "--chunk-size", "1"], env=env)
+    _, err = q.communicate(timeout=180)
+    assert q.returncode == 0 and f"resuming {out}: {kept:,} of 2,000 rows already done" in err, err
+    run_gpt2job(["run", inp, full, *tiny], check=0)
+    assert [t.tolist() for t in read_output(out)["tokens"]] == [t.tolist() for t in read_output(full)["tokens"]]

@@ -138,6 +138,42 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
+def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resumes(tmp_path):
+    """SIGUSR1 to `python -m gpt2job run` (no MPI): the master's own worker finishes the chunks it holds, their rows
+    are kept, exit 5 and one line; the rerun resumes to the uninterrupted run's rows."""
+    from gpt2job.files.journal import journal_has_records
+    rng = np.random.default_rng(1)
+    inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
+    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(2000)])
+    args = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "4"]
+    p = subprocess.Popen(gpt2job_cmd(["run", inp, out, *args, "--chunk-size", "1"]), env=job_env(),
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60   # 2,000 chunks of one prompt: seconds of work left when the first is kept
+    while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
+        time.sleep(0.02)
+    p.send_signal(signal.SIGUSR1)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 5, err
+    lines = err.splitlines()
+    assert "gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are done, their rows " \
+        "kept" in lines, err
+    assert lines[-1].startswith("gpt2job: stopped (SIGUSR1) once the chunks handed out were done: ") and \
+        lines[-1].endswith(f" of 2,000 rows are complete and kept in {out}; run the same command again to resume"), err
+    assert 0 < read_output(out)["done"].sum() < 2000
+    run_gpt2job(["run", inp, out, *args, "--chunk-size", "1"], check=0)
+    run_gpt2job(["run", inp, full, *args], check=0)
+    assert [t.tolist() for t in read_output(out)["tokens"]] == [t.tolist() for t in read_output(full)["tokens"]]
+
+
+def test_sigusr1_before_any_row_says_so():
+    from gpt2job.cluster.ending import Ending
+    from gpt2job.errors import Stopped, exit_code
+    import types
+    e = Ending.stopped_early(types.SimpleNamespace(completed=0, done=np.zeros(3, bool)), "o.h5", False)
+    assert isinstance(e, Stopped) and exit_code(e) == 5
+    assert str(e) == "stopped (SIGUSR1) before any row was completed: run the same command again"
+
+
 def test_ctrl_c_before_any_row_is_completed_leaves_no_file_and_says_so(tmp_path):
     """Ctrl-C (SIGINT) while the first chunk computes: the job removes the files it made and its line says no row
     was completed (it said the completed rows were kept)."""

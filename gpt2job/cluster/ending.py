@@ -6,7 +6,7 @@ import sys
 import time
 
 from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, end_without_finalize
-from gpt2job.errors import Reported, UserError, WorkerFailure, exit_code, rerun
+from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code, rerun
 
 
 SAY_WAIT_S = 5.0      # the wait for ranks still starting says so once it has lasted this long (a job with nothing
@@ -98,6 +98,15 @@ class Ending:
             return UserError(msg, fix=f"fix the cause above, then {again}")
         return WorkerFailure(f"{msg}; {again}")
 
+    @staticmethod
+    def stopped_early(store, output, overwrite):
+        """The job's end once the chunks out were done after SIGUSR1 (job.stop_on_sigusr1), with rows left. store: the
+        master's OutputStore (nothing completed: the output is removed, as for no_workers_left)."""
+        if not store.completed:
+            return Stopped("stopped (SIGUSR1) before any row was completed: run the same command again")
+        return Stopped(f"stopped (SIGUSR1) once the chunks handed out were done: {int(store.done.sum()):,} of "
+                       f"{len(store.done):,} rows are complete and kept in {output}; {rerun(overwrite)}")
+
     # ---- the end
     def shutdown(self, workers, wait_local=True):
         """Tell every rank to stop, whatever the job ended in: also ranks the master never heard from (a job
@@ -136,8 +145,8 @@ class Ending:
         waiting = bool(self.starting()) and not isinstance(e, KeyboardInterrupt)
         if not (self.hung_processes() or self.peer_died or waiting):
             return
-        if isinstance(e, (UserError, WorkerFailure)):
-            sys.stderr.write(f"gpt2job: error: {e}\n")
+        if isinstance(e, (UserError, WorkerFailure, Stopped)):
+            sys.stderr.write(f"gpt2job: {'' if isinstance(e, Stopped) else 'error: '}{e}\n")
         else:
             import traceback
             traceback.print_exc()

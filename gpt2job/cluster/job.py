@@ -56,6 +56,7 @@ def run_job(s: JobSettings):
     gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
         return master_with_input(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the master's to act on (stop_on_sigusr1): every rank gets it
     return run_worker(s, comm, gpu_slot, fault_plan)
 
 
@@ -65,6 +66,7 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
     kept names it (conversions.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
     converted = created = None
     restore = say_on_sigterm(s.output, s.overwrite)
+    stop, restore_usr1 = stop_on_sigusr1()
     ok = False
     try:
         try:
@@ -79,13 +81,14 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
             if comm is not None:   # the workers are starting: each is told to stop (no master is made)
                 Ending(Mux([MpiChannel(comm)]), s.chunk_timeout, log).release_after_error(e, {})
             raise
-        code = run_master(s, comm, gpu_slot, fault_plan)
+        code = run_master(s, comm, gpu_slot, fault_plan, stop)
         ok = True
         return code
     finally:
         if converted:
             tidy_conversions(s.output, converted, created, ok)
         restore()
+        restore_usr1()
 
 
 def say_on_sigterm(output, overwrite=False):
@@ -106,6 +109,24 @@ def say_on_sigterm(output, overwrite=False):
         os.kill(os.getpid(), signal.SIGTERM)
     before = signal.signal(signal.SIGTERM, on_term)
     return lambda: signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def stop_on_sigusr1():
+    """SIGUSR1 to the master (a batch system's warning ahead of its time limit: Slurm's --signal=USR1@SECONDS; mpirun
+    passes it on to every rank): no more chunks are handed out, the master waits for those out and keeps their rows,
+    and the job ends (exit 5: errors.Stopped); the same command resumes. Returns (the Event set then, what puts the
+    handler before back); from a thread other than the main one no handler is set."""
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        return stop, lambda: None
+
+    def on_usr1(signum, frame):
+        if not stop.is_set():
+            stop.set()   # (os.write: a handler may run inside the main thread's own write to stderr)
+            os.write(2, b"gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are "
+                        b"done, their rows kept\n")
+    before = signal.signal(signal.SIGUSR1, on_usr1)
+    return stop, lambda: signal.signal(signal.SIGUSR1, before if before is not None else signal.SIG_DFL)
 
 
 def log(msg):

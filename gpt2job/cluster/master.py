@@ -4,6 +4,7 @@ import functools
 import os
 import socket
 import sys
+import threading
 import time
 
 import numpy as np
@@ -32,8 +33,9 @@ START_GRACE_S = 10.0    # longest wait for slow-starting workers before the read
 
 
 class Master:
-    def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None):
+    def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None, stop=None):
         self.s = s
+        self.stop = stop or threading.Event()   # set (SIGUSR1, job.py): no more chunks go out, those out are waited for
         # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
         # master's own thread, added by run() when the master computes; or a channel given (benchmarks/master_scale.py)
         self.channel = Mux([channel] if channel is not None else
@@ -42,13 +44,11 @@ class Master:
         self.ending = Ending(self.channel, s.chunk_timeout, self.log)   # what each rank's process is, how it ends
         # prepare() sets these: the input's prompts, row settings, score starts, invalid rows, tokenizer; store, queue
         self.prompts = self.row_settings = self.score_starts = self.invalid = self.enc = None
-        self.n_rows, self.store, self.sched, self.progress = 0, None, None, None
-        self.workers = {}
+        self.n_rows, self.store, self.sched, self.progress, self.workers = 0, None, None, None, {}
         self.t_ready = None        # every worker ready
-        self.t_start = None        # the first chunk handed out: generation starts
+        self.t_start = self.t_last = None   # the first chunk handed out (generation starts); the last result received
         self.first_ready = None    # when the first worker said it was ready (monotonic)
         self.dispatching = False   # work is handed out once all workers are ready
-        self.t_last = None
         self.generated = self.n_copies = 0   # tokens generated; rows given another row's completion (dedup)
         self.copies = Copies()     # representative rows -> rows with the same prompt (greedy dedup)
         self.received = []         # results received, not yet submitted to the journal: (worker, comp, us, t_recv)
@@ -202,8 +202,8 @@ class Master:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
         self.ending.start_clock()
-        while self.sched.rows_left() or any(w.outstanding for w in self.live()) or self.store.committing() \
-                or self.received:
+        while (self.sched.rows_left() and not self.stop.is_set()) or any(w.outstanding for w in self.live()) \
+                or self.store.committing() or self.received:
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
                 kept = int(self.store.done.sum()) if self.store.completed else None   # ('invalid' rows count)
@@ -307,7 +307,7 @@ class Master:
     def feed(self, w, upto=None):
         """Hand w chunks until it holds upto of them (default: its window) or none are left; one at most while a
         worker is not ready and chunks are of equal work (about one per worker: the late worker finds its own)."""
-        if w.retired:
+        if w.retired or self.stop.is_set():
             return
         upto = self.sched.window(w) if upto is None else upto
         n_active = max(1, len(self.live()))
@@ -358,32 +358,32 @@ class Master:
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
         return {
-            "rows_total": self.n_rows, "rows_resumed": self.store.resumed_rows,
-            "rows_invalid": int(self.invalid.sum()), "duplicate_prompts": self.n_copies,
-            "generated_tokens": self.generated,
+            "rows_total": self.n_rows, "rows_resumed": self.store.resumed_rows, "rows_invalid": int(self.invalid.sum()),
+            "duplicate_prompts": self.n_copies, "generated_tokens": self.generated,
             "throughput_tokens_per_s": self.generated / span if span > 0 else None,
             "time_to_ready_s": self.t_ready - launch_time() if self.t_ready else None,   # None: a rank never was
-            "time_to_first_work_s": start - launch_time(),
-            "wall_s": t_end - launch_time(), "generation_s": span, "master_prepare_s": self.prepare_s,
-            "master_peak_rss_mb": peak_rss_mb(), "workers": [w.summary() for w in self.workers.values()],
+            "time_to_first_work_s": start - launch_time(), "wall_s": t_end - launch_time(), "generation_s": span,
+            "master_prepare_s": self.prepare_s, "master_peak_rss_mb": peak_rss_mb(),
+            "workers": [w.summary() for w in self.workers.values()],
         }
 
 
-def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None):
-    m = Master(s, comm, fault_plan)
+def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None, stop=None):
+    m = Master(s, comm, fault_plan, stop=stop)
     try:
         try:
             m.prepare()
         except AlreadyComplete:
             # a resubmitted batch script with nothing left to do succeeds (other settings were refused above)
             m.ending.shutdown(m.workers)
-            m.log(f"{s.output} is already complete with these settings: nothing to do "
-                  "(--overwrite computes it again)")
+            m.log(f"{s.output} is already complete with these settings: nothing to do (--overwrite computes it again)")
         else:
             if m.sched.rows_left():
                 m.run(gpu_slot)
             m.progress.close()
             missing = int((~m.store.done).sum())
+            if missing and m.stop.is_set():
+                raise m.ending.stopped_early(m.store, s.output, s.overwrite)
             if missing:   # never mark an output finished with a row missing, whatever went wrong above
                 raise WorkerFailure(f"internal error: the job ended with {plural(missing, 'row')} not done; it is not "
                                     f"marked finished: run the same command again to compute them")
