@@ -6,6 +6,8 @@
 #      rows done and rows left (exit 143 and its one line), the same command again (resumes the kept rows), and the
 #      job uninterrupted: tokens identical. (One worker computes the chunks it holds as one batch, up to its efficient
 #      size: a job no bigger than that, W2 for one, completes every row at its last step, and a stop keeps none.)
+#   3d. the same with SIGUSR1 in place of SIGTERM: exit 5, the rows of the chunks out kept (none lost), the same command
+#      resumes, tokens identical to the uninterrupted job's.
 #   4. export and show of the resumed output.
 #   source .device/on-device.sh && bash benchmarks/launcher_gpu.sh          # ~2 min on one GPU, kernels cached
 # Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload; a folder under /tmp
@@ -43,14 +45,16 @@ rc=$?; tail -n 4 "$W/b.log"; row "2. W1, NP=16 --share-gpus" "rc=$rc; $(tps "$W/
 
 echo "=== 3. W3 with 64 new tokens, SIGTERM mid-job, the same command again, and uninterrupted"
 W3=("$W/w3.h5" "$W/c.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup --progress-interval 0.1)
+midway() {   # LOG: until a progress line (every 0.1 s here) counts rows kept and rows left, at most 120 s
+    for _ in $(seq 2400); do
+        grep -oE '^progress: [0-9,]+/[0-9,]+' "$1" | tr -d , | tail -n 1 | awk -F'[ /]' '$2 > 0 && $2 < $3 {f = 1} END {exit !f}' \
+            && return
+        sleep 0.05
+    done
+}
 ./run_inference.sh "${W3[@]}" > "$W/c.log" 2>&1 &
 pid=$!
-# until a progress line (every 0.1 s here) counts rows kept and rows left, at most 120 s
-for _ in $(seq 2400); do
-    grep -oE '^progress: [0-9,]+/[0-9,]+' "$W/c.log" | tr -d , | tail -n 1 | awk -F'[ /]' '$2 > 0 && $2 < $3 {f = 1} END {exit !f}' \
-        && break
-    sleep 0.05
-done
+midway "$W/c.log"
 kill -TERM "$pid"; wait "$pid"; rc=$?
 tail -n 3 "$W/c.log"
 row "3a. W3, SIGTERM" "rc=$rc (143 expected); at $(grep -oE '^progress: [0-9,/]+' "$W/c.log" | tail -1); $(grep 'run_inference.sh: ' "$W/c.log" | tail -1 | cut -c1-150)"
@@ -59,6 +63,18 @@ rc=$?; tail -n 4 "$W/c2.log"
 row "3b. the same command again" "rc=$rc; $(grep -oE 'resuming .*|already complete.*|starting: [0-9,]+ prompts' "$W/c2.log" | head -n 1 | cut -c1-90)"
 ./run_inference.sh "$W/w3.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup > "$W/d.log" 2>&1
 rc=$?; row "3c. W3 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
+
+echo "=== 3d. W3 again, SIGUSR1 mid-job (the chunks out finished and kept), the same command again"
+W3U=("$W/w3.h5" "$W/u.h5" "${W3[@]:2}")
+./run_inference.sh "${W3U[@]}" > "$W/u.log" 2>&1 &
+pid=$!
+midway "$W/u.log"
+at=$(grep -oE '^progress: [0-9,/]+' "$W/u.log" | tail -1)
+kill -USR1 "$pid"; wait "$pid"; rc=$?
+tail -n 3 "$W/u.log"
+row "3d. W3, SIGUSR1" "rc=$rc (5 expected); at $at; $(grep -o 'stopped (SIGUSR1).*' "$W/u.log" | tail -1 | cut -c1-150)"
+./run_inference.sh "${W3U[@]}" > "$W/u2.log" 2>&1
+rc=$?; row "3e. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/u2.log" | head -n 1 | cut -c1-90); against 3c: $(same u d)"
 
 echo "=== 4. export and show"
 python3 -m gpt2job export "$W/c.h5" "$W/c.jsonl" > "$W/e.log" 2>&1
