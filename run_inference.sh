@@ -106,15 +106,22 @@ a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output); print(ou
     exit "$2"
 }
 
+usr1() {   # SIGUSR1 (a batch system's warning ahead of its time limit): the master hands out no more chunks and ends
+    # the job once those out are done (exit 5). To mpirun (Open MPI 5 passes it on to every rank; 4.1 does not) and to
+    # the ranks mpirun started on this node (the master among them: it runs on the first host)
+    [ -n "$mpirun_pid" ] || return 0
+    kill -s USR1 "$mpirun_pid" 2>/dev/null
+    pkill -USR1 -P "$mpirun_pid" -f -- "-m gpt2job (run|score) " 2>/dev/null
+    return 0
+}
+
 launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; exits with mpirun's code
     exec 3> >(trap '' USR1; without_banner >&2)   # (USR1 to the group: the ranks' to act on)
     filter=$!
     trap 'stop INT 130' INT
     trap 'stop TERM 143' TERM
     trap 'stop HUP 129' HUP
-    # SIGUSR1 (a batch system's warning ahead of its time limit) to mpirun, which passes it to the ranks: the master
-    # hands out no more chunks and ends the job once those out are done (exit 5)
-    trap '[ -n "$mpirun_pid" ] && kill -s USR1 "$mpirun_pid" 2>/dev/null' USR1
+    trap usr1 USR1
     set +e
     # (a subshell that execs: a background command would start with SIGINT ignored, and Ctrl-C would not reach it)
     ( trap - INT QUIT USR1; exec mpirun "$@" 2>&3 3>&- </dev/null ) &

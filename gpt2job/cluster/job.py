@@ -49,6 +49,8 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
 
 
 def run_job(s: JobSettings):
+    if threading.current_thread() is threading.main_thread():   # the master's to act on (stop_on_sigusr1); every rank
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)           # gets it (mpirun, Slurm): ignored from the start
     fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
     comm = mpi_comm()
     if comm is None or comm.Get_size() == 1:
@@ -56,7 +58,6 @@ def run_job(s: JobSettings):
     gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
     if comm.Get_rank() == 0:
         return master_with_input(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)   # the master's to act on (stop_on_sigusr1): every rank gets it
     return run_worker(s, comm, gpu_slot, fault_plan)
 
 
@@ -115,7 +116,7 @@ def stop_on_sigusr1():
     """SIGUSR1 to the master (a batch system's warning ahead of its time limit: Slurm's --signal=USR1@SECONDS; mpirun
     passes it on to every rank): no more chunks are handed out, the master waits for those out and keeps their rows,
     and the job ends (exit 5: errors.Stopped); the same command resumes. Returns (the Event set then, what puts the
-    handler before back); from a thread other than the main one no handler is set."""
+    handler before back, or SIG_IGN for the default); from a thread other than the main one no handler is set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         return stop, lambda: None
@@ -126,7 +127,9 @@ def stop_on_sigusr1():
             os.write(2, b"gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are "
                         b"done, their rows kept\n")
     before = signal.signal(signal.SIGUSR1, on_usr1)
-    return stop, lambda: signal.signal(signal.SIGUSR1, before if before is not None else signal.SIG_DFL)
+    # afterwards a SIGUSR1 still on its way (the same request passed on twice; Slurm's warning as the job ends) is
+    # ignored: its default action would end the process
+    return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN if before in (None, signal.SIG_DFL) else before)
 
 
 def log(msg):
