@@ -18,6 +18,7 @@ fi
 
 # started by an MPI launcher: the same variables as gpt2job/cluster/devices.py MPI_ENV_VARS
 if [ -n "${OMPI_COMM_WORLD_SIZE:-}${PMIX_RANK:-}${PMI_RANK:-}${PMI_SIZE:-}${MPI_LOCALNRANKS:-}" ]; then
+    trap '' USR1   # (ignored until the master sets its own handler: job.stop_on_sigusr1)
     exec "$python" -m gpt2job run "$@"
 fi
 
@@ -81,7 +82,7 @@ again() {
 }
 stop() {   # SIGNAL CODE
     set +e
-    trap '' INT TERM HUP
+    trap '' INT TERM HUP USR1
     exec 3>&-
     if [ -n "$mpirun_pid" ]; then
         [ "$1" = TERM ] && kill -s TERM "$mpirun_pid" 2>/dev/null
@@ -95,8 +96,9 @@ stop() {   # SIGNAL CODE
     # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none)
     local found="" tail=""
     { IFS= read -r found; IFS= read -r tail; } < <("$python" -c 'import sys; from gpt2job.cli import build_parser
-from gpt2job.files import outpaths
-a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output); print(outpaths.after_stop(a.output, a.overwrite))' \
+from gpt2job.files import outpaths; from gpt2job.cluster.trace import launch_time
+a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output)
+print(outpaths.after_stop(a.output, a.overwrite, launch_time()))' \
         "${run_args[@]}" 2>/dev/null)
     [ -n "$tail" ] && out_arg=$found || tail="; completed rows are kept: $(again)"
     if [ "$overwrite" = 1 ] && [ -e "$out_arg.replaced" ]; then
@@ -133,6 +135,11 @@ launch() {   # mpirun ARGS...: its stdout as is, its stderr without the banner; 
         code=$?
         [ "$code" -gt 128 ] && kill -0 "$mpirun_pid" 2>/dev/null || break
     done
+    if [ "$code" -gt 128 ]; then   # (mpirun ended while the trap ran: its status, kept by bash; 127: none kept)
+        wait "$mpirun_pid"
+        local c=$?
+        [ "$c" = 127 ] || code=$c
+    fi
     filter_done
     exit "$code"
 }

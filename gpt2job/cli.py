@@ -9,6 +9,7 @@ import time
 
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
+from gpt2job.cluster.trace import launch_time
 from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code
 from gpt2job.files.outpaths import after_stop
 from gpt2job.model.logprobs import MAX_TOP
@@ -170,7 +171,7 @@ def build_parser():
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
     r.add_argument("--temperature", type=_temperature, default=0.0,
-                   help="sampling temperature; 0 (default) is greedy argmax")
+                   help=f"sampling temperature; 0 (default), or below {MIN_TEMPERATURE}, is greedy argmax")
     r.add_argument("--top-k", type=_int_in("--top-k", 0, 2 ** 31 - 1), default=0,
                    help="sample only among the K most likely tokens (0: no limit)")
     r.add_argument("--top-p", type=_float_in("--top-p", 0, 1, lo_open=True), default=1.0,
@@ -317,22 +318,20 @@ def cmd_score(a):
     return run_job(s)
 
 
-GREEDY = f"--temperature 0, the default, or below {MIN_TEMPERATURE}"
-
-
 def _warn_unused_sampling_flags(a):
     """Greedy decoding ignores the sampling knobs: say so once (as transformers does), from one rank only."""
     if a.temperature > 0:
         return
+    greedy = f"--temperature 0, the default, or below {MIN_TEMPERATURE}"
     if a.num_samples > 1 and world_rank() in (None, 0):
-        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} with greedy decoding ({GREEDY}) gives "
+        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} with greedy decoding ({greedy}) gives "
                          f"{a.num_samples} identical samples of each prompt (rows with their own temperature in the "
                          f"input aside); give --temperature >= {MIN_TEMPERATURE} to sample\n")
     given = [f"{flag} {value}" for flag, value, default in (("--top-k", a.top_k, 0), ("--top-p", a.top_p, 1.0),
                                                              ("--seed", a.seed, 0)) if value != default]
     if given and world_rank() in (None, 0):
         sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
-                         f"greedy decoding ({GREEDY}) except on rows with a temperature of their own in the "
+                         f"greedy decoding ({greedy}) except on rows with a temperature of their own in the "
                          f"input; give --temperature >= {MIN_TEMPERATURE} to sample\n")
 
 
@@ -393,7 +392,7 @@ def main(argv=None):
         return e.code
     except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
         job, out = a is not None and a.command in ("run", "score"), getattr(a, "output", "")
-        sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite) if job else ''}\n")
+        sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite, launch_time()) if job else ''}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

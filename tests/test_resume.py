@@ -117,13 +117,19 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
     for i, (made, rows, overwrite, line) in enumerate((
             (False, 0, 0, none), (True, 0, 0, none), (True, 1, 0, TERM_LINE), ("journal gone", 0, 0, TERM_LINE),
             ("replaced", 0, 1, "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command "
-                               "without --overwrite to resume"), ("finished", 0, 0, None))):
+                               "without --overwrite to resume"), ("finished", 0, 0, None),
+            ("finished before", 0, 0, TERM_LINE))):
         out = tmp_path / f"out{i}.h5"
-        if made == "finished":   # a stop landing after the job's last row (it said the rows were kept: resume)
-            write_token_input(tmp_path / "in.h5", [[1, 2, 3]])
+        launched = time.time()
+        if made in ("finished", "finished before"):   # a stop landing after the job's last row (it said the rows were
+            write_token_input(tmp_path / "in.h5", [[1, 2, 3]])   # kept: resume); an older finished OUT is another run's
             run_gpt2job(["run", tmp_path / "in.h5", out, "--model", "random:n_layer=1,n_head=2,n_embd=16",
                          "--backend", "numpy", "--max-new-tokens", "2"], check=0)
-            line = f"gpt2job: terminated (SIGTERM) after the job had finished: {out} is complete"
+            if made == "finished":
+                line = f"gpt2job: terminated (SIGTERM) after the job had finished: {out} is complete"
+            else:   # (a run stopped before --overwrite set it aside, or one with other settings)
+                time.sleep(0.05)
+                launched = time.time()
         elif made:
             out.write_bytes(b"")
         if made in (True, "replaced"):   # (an unfinished OUT whose journal is gone: resumed from its rows)
@@ -134,24 +140,29 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
         if made == "replaced":
             (tmp_path / f"out{i}.h5.replaced").write_bytes(b"")
         p = subprocess.run([sys.executable, "-c", code, str(out), str(overwrite)], capture_output=True, text=True,
-                           timeout=60, env=job_env(), cwd=ROOT)
+                           timeout=60, env=job_env(GPT2JOB_LAUNCH_TIME=repr(launched)), cwd=ROOT)
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
-def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("writer", ["thread", "process"])
+def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resumes(tmp_path, writer):
     """SIGUSR1 to `python -m gpt2job run` (no MPI): the master's own worker finishes the chunks it holds, their rows
-    are kept, exit 5 and one line; the rerun resumes to the uninterrupted run's rows."""
+    are kept, exit 5 and one line; the rerun resumes to the uninterrupted run's rows. Slurm's --signal reaches every
+    process of the job step: the output writer's processes too (they ended with it, and the job with exit 2)."""
     from gpt2job.files.journal import journal_has_records
     rng = np.random.default_rng(1)
     inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
     write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(2000)])
     args = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "4"]
-    p = subprocess.Popen(gpt2job_cmd(["run", inp, out, *args, "--chunk-size", "1"]), env=job_env(),
+    p = subprocess.Popen(gpt2job_cmd(["run", inp, out, *args, "--chunk-size", "1"]), env=job_env(GPT2JOB_WRITER=writer),
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60   # 2,000 chunks of one prompt: seconds of work left when the first is kept
     while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.02)
-    p.send_signal(signal.SIGUSR1)
+    children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+    assert bool(children) == (writer == "process"), children   # the writer (and its text processes, with a tokenizer)
+    for pid in [p.pid, *map(int, children)]:
+        os.kill(pid, signal.SIGUSR1)
     _, err = p.communicate(timeout=60)
     assert p.returncode == 5, err
     lines = err.splitlines()

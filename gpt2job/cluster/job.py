@@ -15,10 +15,11 @@ import threading
 from gpt2job import envs
 from gpt2job.backends import gpu_count, pycuda_available
 from gpt2job.cluster import faults
-from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi
+from gpt2job.cluster.devices import local_rank, node_worker_index, started_by_mpi, world_rank
 from gpt2job.cluster.channel import MpiChannel, Mux
 from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
+from gpt2job.cluster.trace import launch_time
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError
 from gpt2job.files.output import refuse_foreign
@@ -49,25 +50,28 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
 
 
 def run_job(s: JobSettings):
-    if threading.current_thread() is threading.main_thread():   # the master's to act on (stop_on_sigusr1); every rank
-        signal.signal(signal.SIGUSR1, signal.SIG_IGN)           # gets it (mpirun, Slurm): ignored from the start
-    fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
-    comm = mpi_comm()
-    if comm is None or comm.Get_size() == 1:
-        return master_with_input(s, None, master_gpu_slot(s, None, 0), fault_plan)
-    gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
-    if comm.Get_rank() == 0:
-        return master_with_input(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan)
-    return run_worker(s, comm, gpu_slot, fault_plan)
+    # SIGUSR1 reaches every rank (mpirun, Slurm): the master acts on it (stop_on_sigusr1) from before MPI's set-up,
+    # which waits for every rank to start; the other ranks ignore it
+    stop, restore_usr1 = stop_on_sigusr1(act=world_rank() in (None, 0))
+    try:
+        fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
+        comm = mpi_comm()
+        if comm is None or comm.Get_size() == 1:
+            return master_with_input(s, None, master_gpu_slot(s, None, 0), fault_plan, stop)
+        gpu_slot, n_node_workers = node_worker_index(comm)   # before any rank initialises CUDA
+        if comm.Get_rank() == 0:
+            return master_with_input(s, comm, master_gpu_slot(s, comm, n_node_workers), fault_plan, stop)
+        return run_worker(s, comm, gpu_slot, fault_plan)
+    finally:
+        restore_usr1()
 
 
-def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
+def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan, stop=None):
     """The master, after converting a text or JSONL input. A refused input releases every worker rank (they are
     starting: each is told to stop) and leaves no file; a job that fails removes its conversion unless the output
-    kept names it (conversions.tidy_conversions). SIGTERM meanwhile: say_on_sigterm."""
+    kept names it (conversions.tidy_conversions). SIGTERM meanwhile: say_on_sigterm; stop: stop_on_sigusr1's."""
     converted = created = None
     restore = say_on_sigterm(s.output, s.overwrite)
-    stop, restore_usr1 = stop_on_sigusr1()
     ok = False
     try:
         try:
@@ -89,7 +93,6 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan):
         if converted:
             tidy_conversions(s.output, converted, created, ok)
         restore()
-        restore_usr1()
 
 
 def say_on_sigterm(output, overwrite=False):
@@ -103,7 +106,7 @@ def say_on_sigterm(output, overwrite=False):
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         try:
-            log(f"terminated (SIGTERM){after_stop(output, overwrite)}")
+            log(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -112,24 +115,27 @@ def say_on_sigterm(output, overwrite=False):
     return lambda: signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
 
 
-def stop_on_sigusr1():
+def stop_on_sigusr1(act=True):
     """SIGUSR1 to the master (a batch system's warning ahead of its time limit: Slurm's --signal=USR1@SECONDS; mpirun
-    passes it on to every rank): no more chunks are handed out, the master waits for those out and keeps their rows,
-    and the job ends (exit 5: errors.Stopped); the same command resumes. Returns (the Event set then, what puts the
-    handler before back, or SIG_IGN for the default); from a thread other than the main one no handler is set."""
+    or run_inference.sh passing it on): no more chunks are handed out, the master waits for those out and keeps their
+    rows, and the job ends (exit 5: errors.Stopped); the same command resumes. act False (another rank): ignored.
+    Returns (the Event set then, what leaves it ignored afterwards: a SIGUSR1 still on its way, the same request
+    passed on twice or Slurm's warning as the job ends, would end the process). From a thread other than the main one
+    nothing is set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         return stop, lambda: None
 
     def on_usr1(signum, frame):
         if not stop.is_set():
-            stop.set()   # (os.write: a handler may run inside the main thread's own write to stderr)
-            os.write(2, b"gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are "
-                        b"done, their rows kept\n")
-    before = signal.signal(signal.SIGUSR1, on_usr1)
-    # afterwards a SIGUSR1 still on its way (the same request passed on twice; Slurm's warning as the job ends) is
-    # ignored: its default action would end the process
-    return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN if before in (None, signal.SIG_DFL) else before)
+            stop.set()
+            try:   # (os.write: a handler may run inside the main thread's own write to stderr)
+                os.write(2, b"gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are "
+                            b"done, their rows kept\n")
+            except OSError:
+                pass
+    signal.signal(signal.SIGUSR1, on_usr1 if act else signal.SIG_IGN)
+    return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def log(msg):

@@ -202,8 +202,8 @@ class Master:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
         self.ending.start_clock()
-        while (self.sched.rows_left() and not self.stop.is_set()) or any(w.outstanding for w in self.live()) \
-                or self.store.committing() or self.received:
+        while (self.sched.rows_left() and not (self.stop.is_set() and self.live())) or self.store.committing() \
+                or any(w.outstanding for w in self.live()) or self.received:   # (stopped, no worker left: that error)
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
                 kept = int(self.store.done.sum()) if self.store.completed else None   # ('invalid' rows count)

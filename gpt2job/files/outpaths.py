@@ -28,16 +28,22 @@ def holds_rows(path):
         os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
 
 
-def finished(path):
-    """Is OUT a finished output (marked so, its journal gone, nothing set aside)? A stop can land after the last row."""
-    return (not os.path.exists(path + JOURNAL_SUFFIX) and OutputPaths(path).replaced() is None
+def finished_since(path, since):
+    """Did a run launched at `since` (a Unix time) finish OUT: marked finished, its journal gone, nothing set aside,
+    written since then? (A stop can land after the last row; an older finished OUT is another run's: one stopped
+    before --overwrite set it aside, or one with other settings.)"""
+    try:
+        written = os.path.getmtime(path)
+    except OSError:
+        return False
+    return (written >= since and not os.path.exists(path + JOURNAL_SUFFIX) and OutputPaths(path).replaced() is None
             and read_status(path)[0] is True)
 
 
-def after_stop(path, overwrite):
-    """What follows 'interrupted' or 'terminated (SIGTERM)' in the last line of a job stopped by a signal: what OUT
-    holds and what to run next."""
-    if finished(path):
+def after_stop(path, overwrite, since):
+    """What follows 'interrupted' or 'terminated (SIGTERM)' in the last line of a job launched at `since` and stopped
+    by a signal: what OUT holds and what to run next."""
+    if finished_since(path, since):
         return f" after the job had finished: {path} is complete"
     if holds_rows(path):
         return f"; completed rows are kept: {rerun(overwrite, rows_kept(path, overwrite))}"

@@ -20,12 +20,27 @@ def grow_pipe(pipe):
         pass
 
 
+def start_process(args, **popen):
+    """subprocess.Popen of a text or writer process, SIGUSR1 blocked in it until die_with_parent ignores it (Slurm's
+    --signal reaches every process of the job step; its default action would end one that is still starting)."""
+    import signal
+    import subprocess
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})
+    try:
+        return subprocess.Popen(args, **popen)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, before)
+
+
 def die_with_parent(parent):
     """Ends this process with the master (PR_SET_PDEATHSIG); a SIGINT is the master's to handle (it closes its
     writer, which then finishes what it has): the master starts these processes in a session of their own, so a
-    Ctrl-C at the terminal does not reach them, and one sent to them alone is ignored from here on."""
+    Ctrl-C at the terminal does not reach them, and one sent to them alone is ignored from here on. So is SIGUSR1,
+    the master's to act on (job.stop_on_sigusr1), which Slurm's --signal sends to every process of the job step."""
     import signal
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGUSR1})   # (start_process blocked it)
     try:
         import ctypes
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)    # PR_SET_PDEATHSIG

@@ -31,7 +31,7 @@ import threading
 import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output
-from gpt2job.files.pipes import MSG, grow_pipe, units
+from gpt2job.files.pipes import MSG, grow_pipe, start_process, units
 from gpt2job.files.row_settings import stop_table_of
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
@@ -54,20 +54,19 @@ class WriterProcess:
         # the text processes, then the writer, which reads their output: the master writes to the text processes
         # (or, without text, to the writer) and reads the writer's answers. Each in a session of its own: a Ctrl-C
         # (SIGINT to the terminal's process group) is the master's to handle, even while a process is still starting
-        self.procs = [subprocess.Popen([sys.executable, "-m", "gpt2job.files.text_process", me, str(i)],
-                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
-                                       start_new_session=True)
+        self.procs = [start_process([sys.executable, "-m", "gpt2job.files.text_process", me, str(i)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True,
+                                    start_new_session=True)
                       for i in range(n)]
         texts = [os.fdopen(fcntl.fcntl(p.stdout.fileno(), fcntl.F_DUPFD_CLOEXEC, 3), "rb") for p in self.procs]
         for p in self.procs:           # (copies numbered 3 or more: the writer's stdin and stdout replace 0 to 2)
             p.stdout.close()
         for pipe in texts:
             grow_pipe(pipe)
-        self.proc = subprocess.Popen([sys.executable, "-m", "gpt2job.files.writer_process", me]
-                                     + [str(pipe.fileno()) for pipe in texts],
-                                     stdin=subprocess.DEVNULL if n else subprocess.PIPE, stdout=subprocess.PIPE,
-                                     pass_fds=[pipe.fileno() for pipe in texts], close_fds=True,
-                                     start_new_session=True)
+        self.proc = start_process([sys.executable, "-m", "gpt2job.files.writer_process", me]
+                                  + [str(pipe.fileno()) for pipe in texts],
+                                  stdin=subprocess.DEVNULL if n else subprocess.PIPE, stdout=subprocess.PIPE,
+                                  pass_fds=[pipe.fileno() for pipe in texts], close_fds=True, start_new_session=True)
         for pipe in texts:
             pipe.close()     # the writer's now
         self.procs.append(self.proc)
