@@ -1,6 +1,11 @@
 """`python -m gpt2job ...`: see gpt2job/cli.py."""
 import os
+import signal
 import sys
+
+# SIGUSR1 reaches every rank of a job (mpirun, Slurm): the master acts on it once it is set up (cluster/job.py), the
+# others ignore it; its default action would end a rank that is still importing
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _limit_blas_threads():
