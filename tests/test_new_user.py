@@ -452,14 +452,15 @@ def test_run_inference_sigusr1_finishes_the_chunks_out_keeps_their_rows_and_the_
     require_mpirun()
     rng = np.random.default_rng(0)
     inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
-    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(2000)])
+    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(3000)])
     env = fresh_env(NP=3)
-    tiny = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "4"]
+    tiny = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "12"]
     p = launcher([inp, out, *tiny, "--chunk-size", "1"], env=env, start_new_session=True)
     try:
-        deadline = time.monotonic() + 90   # 2,000 chunks of one prompt: seconds of work left when the first is kept
+        deadline = time.monotonic() + 90   # 3,000 chunks of one prompt: seconds of work left when the first is kept
         while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
-            time.sleep(0.02)
+            time.sleep(0.01)
+        assert p.poll() is None, "the job ended before the test saw a row kept: make it longer"
         p.send_signal(signal.SIGUSR1) if to == "script" else os.killpg(p.pid, signal.SIGUSR1)
         _, err = p.communicate(timeout=90)
         ours = ["pgrep", "-f", str(out)]   # every rank ended
@@ -471,13 +472,13 @@ def test_run_inference_sigusr1_finishes_the_chunks_out_keeps_their_rows_and_the_
         subprocess.run(["pkill", "-KILL", "-f", str(out)])
     last = err.splitlines()[-1]
     assert p.returncode == 5, err
-    assert re.fullmatch(rf"gpt2job: stopped \(SIGUSR1\) once the chunks handed out were done: ([\d,]+) of 2,000 rows "
+    assert re.fullmatch(rf"gpt2job: stopped \(SIGUSR1\) once the chunks handed out were done: ([\d,]+) of 3,000 rows "
                         rf"are complete and kept in {re.escape(str(out))}; run the same command again to resume",
                         last), err
-    kept = int(re.search(r"([\d,]+) of 2,000", last).group(1).replace(",", ""))
-    assert 0 < kept < 2000 and "prterun" not in err and "mpirun" not in err, err
+    kept = int(re.search(r"([\d,]+) of 3,000", last).group(1).replace(",", ""))
+    assert 0 < kept < 3000 and "prterun" not in err and "mpirun" not in err, err
     q = launcher([inp, out, *tiny, "--chunk-size", "1"], env=env)
     _, err = q.communicate(timeout=180)
-    assert q.returncode == 0 and f"resuming {out}: {kept:,} of 2,000 rows already done" in err, err
+    assert q.returncode == 0 and f"resuming {out}: {kept:,} of 3,000 rows already done" in err, err
     run_gpt2job(["run", inp, full, *tiny], check=0)
     assert [t.tolist() for t in read_output(out)["tokens"]] == [t.tolist() for t in read_output(full)["tokens"]]

@@ -152,13 +152,14 @@ def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resum
     from gpt2job.files.journal import journal_has_records
     rng = np.random.default_rng(1)
     inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
-    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(2000)])
-    args = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "4"]
+    write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(3000)])
+    args = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "12"]
     p = subprocess.Popen(gpt2job_cmd(["run", inp, out, *args, "--chunk-size", "1"]), env=job_env(GPT2JOB_WRITER=writer),
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
-    deadline = time.monotonic() + 60   # 2,000 chunks of one prompt: seconds of work left when the first is kept
+    deadline = time.monotonic() + 60   # 3,000 chunks of one prompt: seconds of work left when the first is kept
     while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
-        time.sleep(0.02)
+        time.sleep(0.01)
+    assert p.poll() is None, "the job ended before the test saw a row kept: make it longer"
     children = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
     assert bool(children) == (writer == "process"), children   # the writer (and its text processes, with a tokenizer)
     for pid in [p.pid, *map(int, children)]:
@@ -169,8 +170,8 @@ def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resum
     assert "gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are done, their rows " \
         "kept" in lines, err
     assert lines[-1].startswith("gpt2job: stopped (SIGUSR1) once the chunks handed out were done: ") and \
-        lines[-1].endswith(f" of 2,000 rows are complete and kept in {out}; run the same command again to resume"), err
-    assert 0 < read_output(out)["done"].sum() < 2000
+        lines[-1].endswith(f" of 3,000 rows are complete and kept in {out}; run the same command again to resume"), err
+    assert 0 < read_output(out)["done"].sum() < 3000
     run_gpt2job(["run", inp, out, *args, "--chunk-size", "1"], check=0)
     run_gpt2job(["run", inp, full, *args], check=0)
     assert [t.tolist() for t in read_output(out)["tokens"]] == [t.tolist() for t in read_output(full)["tokens"]]
