@@ -119,9 +119,9 @@ def stop_on_sigusr1(act=True):
     """SIGUSR1 to the master (a batch system's warning ahead of its time limit: Slurm's --signal=USR1@SECONDS; mpirun
     or run_inference.sh passing it on): no more chunks are handed out, the master waits for those out and keeps their
     rows, and the job ends (exit 5: errors.Stopped); the same command resumes. act False (another rank): ignored.
-    Returns (the Event set then, what leaves it ignored afterwards: a SIGUSR1 still on its way, the same request
-    passed on twice or Slurm's warning as the job ends, would end the process). From a thread other than the main one
-    nothing is set."""
+    Returns (the Event set then, what puts the handler before back: `python -m gpt2job` ignores SIGUSR1 from its first
+    line; or, once one came, ignores it: the same request can come twice, from mpirun and from run_inference.sh). From
+    a thread other than the main one nothing is set."""
     stop = threading.Event()
     if threading.current_thread() is not threading.main_thread():
         return stop, lambda: None
@@ -134,8 +134,8 @@ def stop_on_sigusr1(act=True):
                             b"done, their rows kept\n")
             except OSError:
                 pass
-    signal.signal(signal.SIGUSR1, on_usr1 if act else signal.SIG_IGN)
-    return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    before = signal.signal(signal.SIGUSR1, on_usr1 if act else signal.SIG_IGN)
+    return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN if stop.is_set() else before or signal.SIG_DFL)
 
 
 def log(msg):
