@@ -145,6 +145,15 @@ def test_usage_hints_name_the_right_command_and_version_prints():
 
 # ---------------------------------------------------------------- 8: run_inference.sh
 
+def assert_every_rank_ended(out):
+    """No process of the job on OUT is left (waited for up to 10 s: ranks end after the launcher's line)."""
+    ours = ["pgrep", "-f", str(out)]
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
+        time.sleep(0.2)
+    assert subprocess.run(ours, capture_output=True, text=True).stdout == ""
+
+
 def launcher(args, **kw):
     return subprocess.Popen([str(ROOT / "run_inference.sh"), *[str(a) for a in args]], cwd=str(ROOT),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
@@ -299,7 +308,6 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
     over = ["--overwrite"] if to == "group" else []   # then both lines say to resume without it
     one = ["--chunk-size", "1"]   # the worker computes its first chunk, then hangs on its second
     p = launcher([inp, out, *TINY, *one, *over], env={**env, "GPT2JOB_FAULT": "1:2:hang"}, start_new_session=True)
-    ours = ["pgrep", "-f", str(out)]
     try:
         seen, deadline = "", time.monotonic() + 90
         while "worker ready" not in seen and time.monotonic() < deadline:
@@ -320,10 +328,7 @@ def test_run_inference_sigterm_ends_every_rank_and_the_rerun_resumes(tmp_path, t
         assert err.splitlines()[-1] == f"run_inference.sh: terminated (SIGTERM); completed rows are kept: {again}", err
         assert "prterun" not in err and "mpirun" not in err, err   # nothing of mpirun's
         assert all(x.endswith(again) for x in err.splitlines() if "terminated (SIGTERM)" in x), err
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
-            time.sleep(0.2)
-        assert subprocess.run(ours, capture_output=True, text=True).stdout == ""
+        assert_every_rank_ended(out)
     finally:
         subprocess.run(["pkill", "-KILL", "-f", str(out)])
     q = launcher([inp, out, *TINY, *one], env=env)
@@ -463,11 +468,7 @@ def test_run_inference_sigusr1_finishes_the_chunks_out_keeps_their_rows_and_the_
         assert p.poll() is None, "the job ended before the test saw a row kept: make it longer"
         p.send_signal(signal.SIGUSR1) if to == "script" else os.killpg(p.pid, signal.SIGUSR1)
         _, err = p.communicate(timeout=90)
-        ours = ["pgrep", "-f", str(out)]   # every rank ended
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and subprocess.run(ours, capture_output=True).returncode == 0:
-            time.sleep(0.2)
-        assert subprocess.run(ours, capture_output=True, text=True).stdout == ""
+        assert_every_rank_ended(out)
     finally:
         subprocess.run(["pkill", "-KILL", "-f", str(out)])
     last = err.splitlines()[-1]
