@@ -155,7 +155,7 @@ def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resum
     write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(3000)])
     args = ["--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy", "--max-new-tokens", "12"]
     p = subprocess.Popen(gpt2job_cmd(["run", inp, out, *args, "--chunk-size", "1"]), env=job_env(GPT2JOB_WRITER=writer),
-                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 60   # 3,000 chunks of one prompt: seconds of work left when the first is kept
     while not journal_has_records(str(out)) and time.monotonic() < deadline and p.poll() is None:
         time.sleep(0.01)
@@ -164,8 +164,11 @@ def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resum
     assert bool(children) == (writer == "process"), children   # the writer (and its text processes, with a tokenizer)
     for pid in [p.pid, *map(int, children)]:
         os.kill(pid, signal.SIGUSR1)
-    _, err = p.communicate(timeout=60)
+    summary, err = p.communicate(timeout=60)
     assert p.returncode == 5, err
+    summary = summary.splitlines()   # what the worker did until the stop (no "done." line: the stop's line says it)
+    assert summary[0].startswith("gpt2job: throughput ") and summary[1].startswith("gpt2job:   rank 0 on ") and \
+        " s computing" in summary[1] and len(summary) == 2 and not any("done." in x for x in summary), summary
     lines = err.splitlines()
     assert "gpt2job: SIGUSR1: no more chunks are handed out; the job stops once the chunks out are done, their rows " \
         "kept" in lines, err

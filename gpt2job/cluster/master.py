@@ -353,8 +353,7 @@ class Master:
     # ---- the end
     def summary(self):
         t_end = time.time()
-        # Generation time runs from the first chunk handed out (workers start as soon as each is ready) to the last
-        # completion at the master: never shorter than "all ranks ready -> last completion", never flattering.
+        # generation: the first chunk handed out -> the last result at the master (never shorter than ready -> last)
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
         return {
@@ -382,7 +381,8 @@ def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None, stop=None):
                 m.run(gpu_slot)
             m.progress.close()
             missing = int((~m.store.done).sum())
-            if missing and m.stop.is_set():
+            if missing and m.stop.is_set():   # what the workers did until the stop, then the stop's line
+                print_summary(m.summary(), verb=m.verb, stopped=True)
                 raise m.ending.stopped_early(m.store, s.output, s.overwrite)
             if missing:   # never mark an output finished with a row missing, whatever went wrong above
                 raise WorkerFailure(f"internal error: the job ended with {plural(missing, 'row')} not done; it is not "

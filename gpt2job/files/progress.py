@@ -119,15 +119,17 @@ class Progress:
             self.stream.flush()
 
 
-def print_summary(sm, out=None, verb="generated", finished_s=None):
+def print_summary(sm, out=None, verb="generated", finished_s=None, stopped=False):
     """The summary's lines. finished_s: launch to the output finished (its last rows written after the summary,
-    whose wall_s is taken before; said where it is later by a second or more)."""
+    whose wall_s is taken before; said where it is later by a second or more). stopped: a job stopped early
+    (SIGUSR1), whose own line says which rows are kept: the throughput and each worker's line only."""
     out = out or sys.stdout
     tput = sm["throughput_tokens_per_s"]
     dup = sm.get("duplicate_prompts")   # (rows whose prompt another row has: --num-samples' greedy samples too)
     dup = f", {plural(dup, 'row')} copied from an identical prompt's" if dup else ""
-    out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']:,} resumed, "
-              f"{sm['rows_invalid']:,} invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
+    if not stopped:
+        out.write(f"gpt2job: done. {plural(sm['rows_total'], 'row')} ({sm['rows_resumed']:,} resumed, "
+                  f"{sm['rows_invalid']:,} invalid{dup}), {plural(sm['generated_tokens'], 'token')} {verb}\n")
     ready = sm["time_to_ready_s"]
     ready = f"time to ready {ready:.2f} s (all ranks)" if ready is not None else "not every rank became ready"
     wall = f"wall {sm['wall_s']:.2f} s" + (f" (output finished at {finished_s:.2f} s)" if finished_s is not None
