@@ -125,6 +125,25 @@ def test_the_least_temperature_as_float32_is_taken_and_one_below_it_is_greedy(tm
     assert got.tolist() == np.array([0, 1e-5, 1, 0.5, 0, 0], np.float32).tolist()
 
 
+@pytest.mark.parametrize("name, frag", [
+    ("temprature", "temprature: is not a gpt2job dataset (did you mean 'temperature'?) (fix: name it 'temperature'"),
+    ("max_tokens", "max_tokens: is not a gpt2job dataset (did you mean 'max_new_tokens'?)"),
+    ("topP", "did you mean 'top_p'?"),
+])
+def test_a_misnamed_per_row_dataset_is_refused_as_in_jsonl(tmp_path, name, frag, capsys):
+    """Its rows ran with the flag's value, silently (a JSONL line's field of that name was refused); a dataset that only
+    resembles a setting (seeds) is said once and ignored, and the user's own datasets pass without a word."""
+    inp = tmp_path / "in.h5"
+    make_input(inp, **{name: np.full(N, 0.5)})
+    with pytest.raises(UserError) as e:
+        read_row_settings(inp, N, settings(inp))
+    assert str(e.value).startswith(f"{inp}: {name}: ") and frag in str(e.value), str(e.value)
+    make_input(inp, seeds=np.arange(N), ids=np.arange(N), meta=np.zeros(N))
+    assert read_row_settings(inp, N, settings(inp)) is None
+    assert capsys.readouterr().err == f"gpt2job: warning: {inp}: dataset 'seeds' is not a gpt2job dataset and is " \
+        "ignored (a per-row setting is named 'seed')\n"
+
+
 def test_a_refused_start_is_one_line_exit_2_and_leaves_nothing(tmp_path):
     inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
     make_input(inp, top_p=np.array([1, 1, 1, np.nan, 2, 1]))

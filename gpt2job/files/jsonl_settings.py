@@ -2,19 +2,16 @@
 "stop": ["\n"]}. The fields are those of the input's per-row datasets (files/row_settings.py); the conversion
 (files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
 (NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
-import difflib
-import functools
 import sys
 from array import array
 
 import numpy as np
 
 from gpt2job.errors import UserError
-from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP
+from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP, near_setting
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
 KNOWN = (*ROW_DATASETS, "prompt", "text", "tokens", "prompt_tokens")   # the fields gpt2job reads from a line
-ALIASES = {"max_tokens": "max_new_tokens"}   # vLLM's and OpenAI's name for it
 LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 - 1}   # the datasets' int32 / int64
 
 
@@ -88,31 +85,3 @@ def _value(name, v, path, n):
     if not ok:
         raise UserError(f"{name} is {v!r}: it must be {RULES[name][0]}", path, where, FIX)
     return v
-
-
-def _squash(name):
-    return name.lower().replace("_", "").replace("-", "")
-
-
-def _edits(a, b):
-    """Levenshtein distance."""
-    row = list(range(len(b) + 1))
-    for i, ca in enumerate(a, 1):
-        prev, row[0] = row[0], i
-        for j, cb in enumerate(b, 1):
-            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
-    return row[-1]
-
-
-@functools.lru_cache(maxsize=4096)   # asked for every line's own fields (an "id" on each of millions of lines)
-def near_setting(key):
-    """(the per-row setting a field's name stands for, or resembles; whether surely): surely for another spelling
-    (topP, Max-New-Tokens), a known alias (max_tokens) or a long name two edits from one (temprature); resembles
-    by difflib (step ~ stop, seeds ~ seed: perhaps the user's own field)."""
-    if key in ALIASES:
-        return ALIASES[key], True
-    for name in ROW_DATASETS:
-        if _squash(key) == _squash(name) or (len(key) >= 8 and _edits(key.lower(), name) <= 2):
-            return name, True
-    near = difflib.get_close_matches(key.lower(), ROW_DATASETS, n=1, cutoff=0.75)
-    return (near[0] if near else None), False

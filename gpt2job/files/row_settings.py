@@ -10,8 +10,11 @@ A row without a value takes the job's flag (--max-new-tokens, ..., --stop). Ever
 (about 44 bytes a row, resolved, plus the stop strings' bytes) and checked before work starts: the first bad row
 of a dataset is one clear line (UserError, exit 2). Only `stop` makes a Python object per row, while it is read.
 """
+import difflib
+import functools
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,9 +25,11 @@ from gpt2job.settings import MIN_TEMPERATURE
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
 STOP = "stop"
+PROMPT_DATASETS = ("prompt_tokens", "prompts")   # files/prompts.py's
 ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
+ALIASES = {"max_tokens": "max_new_tokens"}   # vLLM's and OpenAI's name for it
 FIX = "one value per row; NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
 
 # (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
@@ -110,6 +115,50 @@ def present(f):
     return tuple(n for n in ROW_DATASETS if n in f)
 
 
+def _squash(name):
+    return name.lower().replace("_", "").replace("-", "")
+
+
+def _edits(a, b):
+    """Levenshtein distance."""
+    row = list(range(len(b) + 1))
+    for i, ca in enumerate(a, 1):
+        prev, row[0] = row[0], i
+        for j, cb in enumerate(b, 1):
+            prev, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, prev + (ca != cb))
+    return row[-1]
+
+
+@functools.lru_cache(maxsize=4096)   # asked for every JSONL line's own fields (an "id" on each of millions of lines)
+def near_setting(key):
+    """(the per-row setting a JSONL field's or an input dataset's name stands for, or resembles; whether surely):
+    surely for another spelling (topP, Max-New-Tokens), a known alias (max_tokens) or a long name two edits from one
+    (temprature); resembles by difflib (step ~ stop, seeds ~ seed: perhaps the user's own field)."""
+    if key in ALIASES:
+        return ALIASES[key], True
+    for name in ROW_DATASETS:
+        if _squash(key) == _squash(name) or (len(key) >= 8 and _edits(key.lower(), name) <= 2):
+            return name, True
+    near = difflib.get_close_matches(key.lower(), ROW_DATASETS, n=1, cutoff=0.75)
+    return (near[0] if near else None), False
+
+
+def check_names(path, f, known):
+    """An input's top-level names other than known (its prompts) and the per-row datasets: one that is surely a setting
+    misnamed (temprature, topP, vLLM's max_tokens) is refused, as in a JSONL line (its rows would silently take the
+    flag's value); one that resembles a setting (step, seeds) is warned of; the rest are the user's own data."""
+    for key in f:
+        if key in known or key in ROW_DATASETS:
+            continue
+        setting, sure = near_setting(str(key))
+        if sure:
+            raise UserError(f"is not a gpt2job dataset (did you mean {setting!r}?)", path, key,
+                            f"name it {setting!r}, or rename it if it is your own data")
+        if setting:
+            sys.stderr.write(f"gpt2job: warning: {path}: dataset {key!r} is not a gpt2job dataset and is ignored (a "
+                             f"per-row setting is named {setting!r})\n")
+
+
 def may_have_stops(path):
     """Whether a worker should prepare the stop strings' table: the input is a JSONL file (its lines may give "stop";
     the master converts it, a worker does not read it), or an HDF5 file with a `stop` dataset (False when it cannot
@@ -130,6 +179,7 @@ def read_row_settings(path, n_rows, s):
     when the input has none of the datasets (the job's flags then hold for every row, as before)."""
     from gpt2job.files.h5files import open_readable
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
+        check_names(path, f, PROMPT_DATASETS)
         given = present(f)
         if not given:
             return None
