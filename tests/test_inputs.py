@@ -340,7 +340,8 @@ def test_environment_variables_are_checked_when_a_command_starts(tmp_path):
     for name, value, frag in (("GPT2JOB_PREFIX_SHARE", "2", "not a valid bool"),
                               ("GPT2JOB_WRITER", "thred", "not one of thread, process, auto"),
                               ("GPT2JOB_LOCK_WAIT", "-5", "below 0"),
-                              ("GPT2JOB_LAUNCH_TIME", "nan", "not a valid float")):   # (time to ready: nan s)
+                              ("GPT2JOB_LAUNCH_TIME", "nan", "not a valid float"),   # (time to ready: nan s)
+                              ("GPT2JOB_TRACE", "2", "not a valid bool")):   # (read on import: was a traceback)
         p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy"], env=job_env(**{name: value}))
         assert_one_clear_line(p, name, frag)
         assert not out.exists()

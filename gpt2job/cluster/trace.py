@@ -5,8 +5,12 @@ import time
 
 from gpt2job import PROCESS_START, envs
 from gpt2job.cluster.devices import world_rank
+from gpt2job.errors import UserError
 
-TRACE = envs.get("GPT2JOB_TRACE")
+try:
+    TRACE = envs.get("GPT2JOB_TRACE")
+except UserError:   # a bad value: cli.main's check of the environment says so (exit 2), not this import's traceback
+    TRACE = False
 
 
 def trace(msg):
