@@ -1,10 +1,12 @@
 """A full disk (here: a file-size limit) or an unwritable output: one clear message, nothing completed
 is lost, and the same command resumes once there is room."""
+import errno
 import os
 import resource
 import subprocess
 
 import numpy as np
+import pytest
 
 from conftest import TINY_HF, as_one_process, gpt2job_cmd, job_env, read_output, run_gpt2job, write_token_input
 
@@ -151,3 +153,34 @@ def test_an_output_whose_folder_cannot_be_written_is_one_line_that_loses_nothing
         OutputPaths(out).lock()
     assert str(e.value) == (f"{out}: output: cannot create its lock file o.h5.lock (Read-only file system) (fix: write "
                             "the output to a folder you can write to (with free space))")
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_a_folder_made_read_only_before_the_end_leaves_a_complete_output_and_a_warning(tmp_path, monkeypatch, capsys,
+                                                                                     overwrite):
+    """OUT is finished, but its journal (and what --overwrite set aside) cannot be removed: it was a traceback and exit
+    1; now a warning naming the file, exit 0, and the output is complete."""
+    from gpt2job.cli import main
+    inp, out, clean = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "clean.h5"
+    write_token_input(inp, [[i + 1, i + 2] for i in range(40)])
+    run_gpt2job(args(inp, clean), check=0)
+    if overwrite:
+        run_gpt2job(args(inp, out), check=0)
+    real_remove = os.remove
+
+    def read_only_folder(p, *a, **kw):
+        if str(p).startswith(str(out) + ".") and os.path.exists(p):
+            raise PermissionError(errno.EACCES, "Permission denied", str(p))
+        return real_remove(p, *a, **kw)
+
+    monkeypatch.setattr(os, "remove", read_only_folder)
+    as_one_process(monkeypatch)
+    assert main([str(a) for a in args(inp, out)] + (["--overwrite"] if overwrite else [])) == 0
+    left = [f"{out}.journal"] + ([f"{out}.replaced"] if overwrite else [])   # (the earlier output, set aside)
+    warning = f"gpt2job: warning: {out} is complete, but {' and '.join(left)} could not be removed (Permission " \
+        f"denied): remove {'them' if overwrite else 'it'} once the folder is writable again"
+    err = capsys.readouterr().err
+    assert warning in err.splitlines() and "Traceback" not in err and "set aside by an earlier" not in err, err
+    assert all(os.path.exists(p) for p in left)
+    res, want = read_output(out), read_output(clean)
+    assert res["attrs"]["finished"] == 1 and [t.tolist() for t in res["tokens"]] == [t.tolist() for t in want["tokens"]]

@@ -3,6 +3,7 @@ OUT.lock that keeps two runs from writing one output, and what --overwrite sets 
 finishes, OUT.replaced and OUT.journal.replaced."""
 import fcntl
 import os
+import sys
 import time
 
 from gpt2job import envs
@@ -156,19 +157,34 @@ class OutputPaths:
         aside = (p + REPLACED_SUFFIX for p in (self.path, self.journal))
         return next((p for p in aside if os.path.exists(p)), None)
 
-    def settle_aside(self, restore):
-        """The files this run set aside (only those: self.aside) put back (restore: it completed nothing and its
-        own files are gone) or removed (it finished)."""
+    def put_back(self):
+        """The files this run set aside (only those: self.aside) put back: it completed nothing and its own files are
+        gone."""
         if not self.aside:
             return
         self.aside = False
         for p in (self.path, self.journal):
             try:
-                if restore:
-                    os.replace(p + REPLACED_SUFFIX, p)
-                else:
-                    os.remove(p + REPLACED_SUFFIX)
+                os.replace(p + REPLACED_SUFFIX, p)
             except FileNotFoundError:
                 pass
             except OSError as e:
-                raise io_error(p + REPLACED_SUFFIX, e, "restore" if restore else "remove")
+                raise io_error(p + REPLACED_SUFFIX, e, "restore")
+
+    def tidy_finished(self):
+        """Once OUT is finished: its journal and the files this run set aside removed. Those that cannot be (the folder
+        made read-only during the job) are a warning, not the job's error: OUT is complete all the same."""
+        left, why = [], None
+        for p in [self.journal] + ([p + REPLACED_SUFFIX for p in (self.path, self.journal)] if self.aside else []):
+            try:
+                os.remove(p)
+            except FileNotFoundError:
+                pass
+            except OSError as e:
+                left, why = left + [p], why or e.strerror or e
+        if left:   # (self.aside stays: the set-aside files left are this run's, not another's to warn of)
+            sys.stderr.write(f"gpt2job: warning: {self.path} is complete, but {' and '.join(left)} could not be "
+                             f"removed ({why}): remove {'them' if len(left) > 1 else 'it'} once the folder is writable "
+                             "again\n")
+        else:
+            self.aside = False

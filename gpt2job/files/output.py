@@ -137,7 +137,7 @@ class OutputStore:
         """What this run's --overwrite set aside, back as it was (this run's own files removed first)."""
         if self.files.aside:
             self.files.remove()
-            self.files.settle_aside(restore=True)
+            self.files.put_back()
             sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
 
     def _stop_writer(self):
@@ -342,8 +342,7 @@ class OutputStore:
         except (OSError, RuntimeError) as e:
             raise io_error(self.path, e)
         self.journal.close()
-        os.remove(self.journal_path)
-        self.files.settle_aside(restore=False)
+        self.files.tidy_finished()
         self._say_replaced()
         self.files.unlock(remove=True)
 
