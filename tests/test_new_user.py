@@ -168,6 +168,27 @@ def test_run_inference_shows_only_our_error_line(tmp_path):
     assert err.splitlines() == [f"gpt2job: error: {tmp_path / 'missing.h5'}: input: no such file (fix: check the path)"]
 
 
+DASHES = "-" * 74
+
+
+@pytest.mark.parametrize("banner, line", [
+    ([DASHES, "prterun noticed that process rank 2 with PID 25769 on node vm exited on", "signal 9 (Killed).", DASHES],
+     "run_inference.sh: mpirun: process rank 2 with PID 25769 on node vm exited on signal 9 (Killed)"),   # Open MPI 5
+    ([DASHES, "mpirun noticed that process rank 1 with PID 0 on node gpu-3 exited on signal 9 (Killed).", DASHES],
+     "run_inference.sh: mpirun: process rank 1 with PID 0 on node gpu-3 exited on signal 9 (Killed)"),    # 4.1
+    ([DASHES, "prterun detected that one or more processes exited with non-zero status,", DASHES], None),
+    ([DASHES, "Some other message of mpirun's", DASHES], [DASHES, "Some other message of mpirun's", DASHES]),
+])
+def test_run_inference_says_mpirun_s_banner_of_a_killed_rank_in_one_line(banner, line):
+    """A rank killed (kill -9, the OOM killer) is said by mpirun's banner alone: it was shown whole; now one line. The
+    banner after a non-zero exit only repeats our own line (dropped); other blocks pass as they are."""
+    script = f'source <(sed -n "/^without_banner()/,/^}}/p" {ROOT / "run_inference.sh"}); without_banner'
+    p = subprocess.run(["bash", "-c", script], input="\n".join(banner + ["after"]) + "\n", capture_output=True,
+                       text=True, timeout=30)
+    want = [] if line is None else [line] if isinstance(line, str) else line
+    assert p.stdout.splitlines() == want + ["after"], p.stdout + p.stderr
+
+
 @pytest.mark.parametrize("np_", ["abc", "0", "-3"])
 def test_run_inference_refuses_a_bad_np_in_one_line(tmp_path, np_):
     env = fresh_env(NP=np_)
