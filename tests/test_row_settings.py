@@ -96,8 +96,9 @@ def test_values_resolve_against_the_flags(tmp_path):
     ("repetition_penalty", np.array([1, 1, 1, 1, 1, 0]), "row 5 is 0: each value must be a finite number > 0"),
     ("temperature", np.zeros(5), "has shape (5,): it must be [N] with N = 6"),
     ("temperature", np.zeros((6, 2)), "has shape (6, 2): it must be [N]"),
-    ("temperature", np.zeros(6, bool), "has dtype bool: it must be numbers"),
-    ("stop", np.zeros((6, 2, 2), object), "has shape (6, 2, 2): it must be [N] or [N, K]"),
+    ("temperature", np.zeros(6, bool), "has dtype bool: it must be numbers (fix: write it as integers or floats, "),
+    ("stop", np.zeros((6, 2, 2), object), "has shape (6, 2, 2): it must be [N] or [N, K] with N = 6, one entry per "
+     "prompt (fix: write stop strings as variable-length UTF-8 strings"),   # (not the numbers' fix: NaN, -1)
     ("stop", np.array([b"", b"ok", b"\xff\xfe", b"", b"", b""], object), "row 2 is b'\\xff\\xfe': each stop string must be UTF-8 text without NUL (1 string"),
 ])
 def test_bad_values_name_the_dataset_and_the_first_row(tmp_path, name, data, frag):

@@ -30,7 +30,9 @@ ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
 ALIASES = {"max_tokens": "max_new_tokens"}   # vLLM's and OpenAI's name for it
-FIX = "one value per row; NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
+NO_VALUE = "NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
+FIX = f"one value per row; {NO_VALUE}"
+STOP_FIX = "write stop strings as variable-length UTF-8 strings, [N] or [N, K]; \"\" for none"
 
 # (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
 RULES = {
@@ -203,12 +205,13 @@ def read_row_settings(path, n_rows, s):
 
 def _check_shape(path, ds, name, n_rows, ndims=(1,)):
     import h5py
+    fix = STOP_FIX if name == STOP else FIX
     if not isinstance(ds, h5py.Dataset):
-        raise UserError("is a group, not a dataset", path, name, FIX)
+        raise UserError("is a group, not a dataset", path, name, fix)
     if ds.ndim not in ndims or ds.shape[0] != n_rows:
         want = " or ".join({1: "[N]", 2: "[N, K]"}[d] for d in ndims)
         raise UserError(f"has shape {ds.shape}: it must be {want} with N = {n_rows}, one entry per prompt", path,
-                        name, FIX)
+                        name, fix)
 
 
 def _refuse(path, name, bad_rows_first, n_bad, what, got):
@@ -221,7 +224,8 @@ def _read_numeric(path, ds, name, n_rows, default, h):
     _check_shape(path, ds, name, n_rows)
     kind = ds.dtype.kind
     if kind not in "iuf":
-        raise UserError(f"has dtype {ds.dtype}: it must be numbers", path, name, FIX)
+        raise UserError(f"has dtype {ds.dtype}: it must be numbers", path, name,
+                        f"write it as integers or floats, one value per row ({NO_VALUE})")
     dtype = np.dtype(dict(ROW_FIELDS)[name])
     out = np.empty(n_rows, dtype)
     what, ok = RULES[name]
@@ -275,8 +279,7 @@ def read_stop_dataset(path, ds, n_rows, h=None):
     import h5py
     _check_shape(path, ds, STOP, n_rows, (1, 2))
     if h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SO":
-        raise UserError(f"has dtype {ds.dtype}: it must be UTF-8 strings", path, STOP,
-                        "write stop strings as variable-length UTF-8 strings, [N] or [N, K]; \"\" for none")
+        raise UserError(f"has dtype {ds.dtype}: it must be UTF-8 strings", path, STOP, STOP_FIX)
     lengths, pieces = [], []
     first, n_bad = None, 0
     if h is not None:
@@ -311,8 +314,7 @@ def read_stop_dataset(path, ds, n_rows, h=None):
         pieces.append(np.frombuffer(blob, np.uint8))
     if first is not None:
         raise UserError(f"row {first[0]} is {first[1][:40]!r}: each stop string must be UTF-8 text without NUL "
-                        f"({plural(n_bad, 'string')} bad)", path, STOP,
-                        "write stop strings as variable-length UTF-8 strings; \"\" for none")
+                        f"({plural(n_bad, 'string')} bad)", path, STOP, STOP_FIX)
     offsets = np.zeros(n_rows + 1, np.int64)
     if lengths:
         np.cumsum(np.concatenate(lengths), out=offsets[1:])
