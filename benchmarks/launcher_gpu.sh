@@ -8,6 +8,8 @@
 #      size: a job no bigger than that, W2 for one, completes every row at its last step, and a stop keeps none.)
 #   3d. the same with SIGUSR1 in place of SIGTERM: exit 5, the rows of the chunks out kept (none lost), the same command
 #      resumes, tokens identical to the uninterrupted job's.
+#   3f. the same with the worker rank killed (kill -9): mpirun's banner as one line, the same command resumes, tokens
+#      identical to the uninterrupted job's.
 #   4. export and show of the resumed output.
 #   source .device/on-device.sh && bash benchmarks/launcher_gpu.sh          # ~2 min on one GPU, kernels cached
 # Work files under $BENCH_DIR (default /tmp/gpt2job-launcher: they derive from the seed workload; a folder under /tmp
@@ -72,9 +74,24 @@ midway "$W/u.log"
 at=$(grep -oE '^progress: [0-9,/]+' "$W/u.log" | tail -1)
 kill -USR1 "$pid"; wait "$pid"; rc=$?
 tail -n 3 "$W/u.log"
-row "3d. W3, SIGUSR1" "rc=$rc (5 expected); at $at; $(grep -o 'stopped (SIGUSR1).*' "$W/u.log" | tail -1 | cut -c1-150)"
+row "3d. W3, SIGUSR1" "rc=$rc (5 expected); at $at; $(grep -o 'stopped (SIGUSR1).*' "$W/u.log" | tail -1 | cut -c1-150); $(grep -c '^gpt2job:   rank ' "$W/u.log") worker summary line(s)"
 ./run_inference.sh "${W3U[@]}" > "$W/u2.log" 2>&1
 rc=$?; row "3e. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/u2.log" | head -n 1 | cut -c1-90); against 3c: $(same u d)"
+
+echo "=== 3f. W3 again, the worker rank killed (kill -9) mid-job, the same command again"
+W3K=("$W/w3.h5" "$W/k.h5" "${W3[@]:2}")
+./run_inference.sh "${W3K[@]}" > "$W/k.log" 2>&1 &
+pid=$!
+midway "$W/k.log"
+at=$(grep -oE '^progress: [0-9,/]+' "$W/k.log" | tail -1)
+for p in $(pgrep -f -- "-m gpt2job run .*/k.h5"); do   # rank 1: a worker
+    tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=1 && kill -9 "$p"
+done
+wait "$pid"; rc=$?
+tail -n 3 "$W/k.log"
+row "3f. W3, worker killed" "rc=$rc; at $at; $(grep -c -e '^------' "$W/k.log") banner line(s); $(grep 'run_inference.sh: mpirun: ' "$W/k.log" | tail -1 | cut -c1-150)"
+./run_inference.sh "${W3K[@]}" > "$W/k2.log" 2>&1
+rc=$?; row "3g. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/k2.log" | head -n 1 | cut -c1-90); against 3c: $(same k d)"
 
 echo "=== 4. export and show"
 python3 -m gpt2job export "$W/c.h5" "$W/c.jsonl" > "$W/e.log" 2>&1
