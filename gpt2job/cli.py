@@ -179,7 +179,7 @@ def build_parser():
     r.add_argument("--seed", type=_int_in("--seed", 0, 2 ** 63 - 1), default=0,
                    help="sampling seed; the same seed gives the same completions for any ranks/chunks")
     both("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
-         help="numpy (CPU reference), cuda (our kernels), auto (cuda when a GPU is visible); synthetic: "
+         help="numpy (CPU reference), cuda (our kernels), auto (cuda where a GPU and pycuda are); synthetic: "
               "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
     both("--dtype", choices=("float32", "float16"), default="float32",
          help="float32 (exact, default) or float16 (tensor cores; cuda only)")

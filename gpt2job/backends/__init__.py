@@ -116,8 +116,8 @@ def resolve_backend(name):
 
 
 def make_backend(name, params, settings, dtype="float32", gpu_slot=0, share_gpus=False):
-    """Build the backend a worker runs: 'numpy', 'cuda', 'auto' (cuda when a GPU is visible), or 'synthetic'
-    (params is then the model's config alone: no weights are loaded)."""
+    """Build the backend a worker runs: 'numpy', 'cuda', 'auto' (cuda when a GPU and pycuda are here), or
+    'synthetic' (params is then the model's config alone: no weights are loaded)."""
     asked, name = name, resolve_backend(name)
     if name == "synthetic":
         from gpt2job.backends.synthetic import SyntheticBackend

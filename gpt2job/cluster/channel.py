@@ -11,8 +11,8 @@ send_progress, in_flight, finish, wait_for_stop: the two ends of the above.
 Message kinds the master receives: ("hello", info dict), ("result", Completions, compute_us, time received), ("error",
 info), ("failed", why: the rank's process died; only an MPI with fault tolerance, ULFM, says so) from poll(); and
 progress reports, (rank, chunk id, tokens of the chunk generated so far), from take_reports(): kept apart from poll's
-messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends at
-most one every ~0.5 s, never waiting for it (skipped while MAX_REPORTS_IN_FLIGHT earlier ones are on their way)."""
+messages, so that code waiting for results or errors (the end of a job) never mistakes one for them. A worker sends them
+every ~0.5 s at most (one per chunk of its batch), never waiting (skipped while MAX_REPORTS_IN_FLIGHT are in flight)."""
 import queue
 import time
 

@@ -9,7 +9,7 @@ row of 8 tokens, 12 a copy): chunk id, rows B, tokens T, copies C (int64 each), 
 finish codes (uint8 [B]), all little-endian. A chunk with log-probabilities (--logprobs) is a GJR3 record: the GJR2
 payload, then K (int64), the logprobs (float32 [T]), the top ids (int32 [T, K]) and top logprobs (float32 [T, K]);
 chunks without them stay GJR2. Records of older journals (GJR1: chunks.py's former int64 buffer) are read too. Results
-received together are appended with one write and one fsync (append_many: a group commit)."""
+received together are appended with one write and one fsync (Journal.submit / wait: a group commit)."""
 import errno
 import json
 import os

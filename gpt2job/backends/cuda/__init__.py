@@ -1,6 +1,7 @@
 """The CUDA backend: GPT-2 on one GPU with our own kernels (cuda_src/*.cu, compiled at run time by PyCUDA).
 
-Objects, each calling only the ones below it (none calls back into its owner):
+Objects, each calling only the ones below it (none calls back into its owner; Device only frees, as it closes,
+the objects given to Device.own):
   backend.py       CudaBackend: the Backend a worker drives (submit, run, warm_up); builds and ties the others
   score.py         the `score` command's pass on the Runner's prefill (and last_logits for tests)
   runner.py        Runner: a chunk's plan and upload (submit), its KV groups, prefill passes and decode loop (run)
