@@ -63,7 +63,7 @@ fi
 HF=$BENCH_DIR/hf-$(echo "$MODEL" | tr -c 'a-zA-Z0-9\n' '_')
 WL=$BENCH_DIR/workloads
 JOBS=$BENCH_DIR/out
-TOK=$BENCH_DIR/tokens
+TOK=$BENCH_DIR/tokens-${HF##*/hf-}   # per model: another MODEL's transformers tokens were read back as this one's
 rm -f "$JOBS"/*.log "$BENCH_DIR"/check/*.log     # logs of earlier calls on this machine
 RW=(python3 benchmarks/run_workloads.py --workloads-dir "$WL" --model "$HF" --backend "$BACKEND" --results "$RES"
     --out-dir "$JOBS" --no-warmup)
