@@ -172,6 +172,23 @@ if [ -f "$hostfile" ]; then
         | grep -v -x -e localhost -e 127.0.0.1 -e "$me" -e "$me_short" || true)"
 fi
 
+if [ -n "$remote_hosts" ] && command -v getent >/dev/null 2>&1; then
+    # a host name that cannot be resolved: ssh (mpirun's launcher) fails on it after mpirun's banner (exit 255); said
+    # here in one line. Not where ssh's own config reaches the host otherwise (an alias to another name, a proxy)
+    for h in $remote_hosts; do
+        name="$h"; proxied=""
+        if command -v ssh >/dev/null 2>&1; then
+            cfg="$(ssh -G "$h" 2>/dev/null || true)"
+            name="$(awk '$1 == "hostname" {print $2; exit}' <<< "$cfg")"; name="${name:-$h}"
+            proxied="$(awk '($1 == "proxyjump" || $1 == "proxycommand") && $2 != "none" {print 1; exit}' <<< "$cfg")"
+        fi
+        if [ -z "$proxied" ] && ! getent hosts "$name" >/dev/null 2>&1; then
+            echo "run_inference.sh: error: $hostfile: host $h: no such host (its name does not resolve) (fix: correct" \
+                "the host names in $hostfile, or give HOSTFILE=FILE)" >&2
+            exit 2
+        fi
+    done
+fi
 if [ -n "$remote_hosts" ]; then
     # each host's ranks: Open MPI's "HOST slots=N" or MPICH's "HOST:N"; a host with neither is refused (mpirun's own
     # default for it differs by MPI and version)

@@ -214,7 +214,9 @@ def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(
     fake = tmp_path / "bin"
     fake.mkdir()
     (fake / "mpirun").write_text('#!/bin/sh\necho "mpirun $*"\n')
-    (fake / "mpirun").chmod(0o755)
+    (fake / "getent").write_text('#!/bin/sh\nexit 0\n')   # (these made-up node names resolve)
+    for tool in ("mpirun", "getent"):
+        (fake / tool).chmod(0o755)
     hosts = tmp_path / "hosts"
     hosts.write_text("# nodes\nnode01 slots=4 max_slots=8\nnode02   slots=4\tmax_slots=8\n")
     env = {k: v for k, v in fresh_env().items() if k != "NP"}
@@ -238,6 +240,32 @@ def test_run_inference_counts_a_hostfile_s_slots_and_refuses_a_missing_hostfile(
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(tmp_path / "none")})
     _, err = p.communicate(timeout=60)
     assert p.returncode == 2 and err.startswith(f"run_inference.sh: error: HOSTFILE={tmp_path / 'none'}: no such"), err
+
+
+def test_run_inference_refuses_a_hostfile_host_whose_name_does_not_resolve(tmp_path):
+    """ssh (mpirun's launcher) fails on it after mpirun's 14-line banner, exit 255: now one line, exit 2. A host ssh's
+    own config reaches otherwise (an alias to a name that resolves, a ProxyJump) is left to ssh."""
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "mpirun").write_text('#!/bin/sh\necho "mpirun $*"\n')
+    (fake / "getent").write_text('#!/bin/sh\n[ "$2" = node01 ] || [ "$2" = real01 ]\n')   # only these resolve
+    (fake / "ssh").write_text('#!/bin/sh\n[ "$2" = alias01 ] && echo "hostname real01" && exit 0\n'
+                              'echo "hostname $2"; [ "$2" = jump01 ] && echo "proxyjump bastion"; exit 0\n')
+    for tool in ("mpirun", "getent", "ssh"):
+        (fake / tool).chmod(0o755)
+    env = {k: v for k, v in fresh_env().items() if k != "NP"}
+    env["PATH"] = f"{fake}:{env['PATH']}"
+    hosts = tmp_path / "hosts"
+    hosts.write_text("node01 slots=2\nnode2 slots=2\n")
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 2 and err.splitlines() == [
+        f"run_inference.sh: error: {hosts}: host node2: no such host (its name does not resolve) (fix: correct the "
+        f"host names in {hosts}, or give HOSTFILE=FILE)"], err
+    hosts.write_text("node01 slots=2\nalias01 slots=2\njump01 slots=2\n")
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith(f"mpirun -np 6 --hostfile {hosts} "), out + err
 
 
 def test_run_inference_starts_local_ranks_without_ssh_on_open_mpi_4(tmp_path):
