@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (EOT, WORKLOADS, append_jsonl, base_record, fmt_int, fmt_s, print_table,  # noqa: E402
-                          read_prompt_tokens)
+                          read_prompt_tokens, save_tokens, tokens_key)
 
 
 # ---------------------------------------------------------------- the compact PyTorch engine
@@ -348,7 +348,7 @@ def main(argv=None):
         tok_file = None
         if a.tokens_dir and toks is not None:
             tok_file = os.path.join(a.tokens_dir, f"{engine}-{w}-{d}.i32")
-            toks.astype("<i4").tofile(tok_file)
+            save_tokens(tok_file, toks, tokens_key(hf_dir, P, new))
         agree = agreement(toks, ours.get((w, d)))
         rec = base_record(engine=engine, workload=w, dtype=d, gpus=1, model=hf_dir, device=device,
                           prompts=len(P), max_new_tokens=new, batch=len(batches[0]), n_batches=len(batches),

@@ -97,6 +97,36 @@ def read_prompt_tokens(path):
         return [np.asarray(r, np.int32) for r in ds[()]]
 
 
+def tokens_key(model_dir, prompts, new):
+    """What a cached token file answers for: the model's weights (gpt2job's fingerprint of them), the prompts and the
+    new tokens a row. A cache read back for other weights or prompts gave a false 0% agreement (session 61)."""
+    import hashlib
+    from gpt2job.model.weights import fingerprint
+    h = hashlib.sha256(f"{fingerprint(model_dir)} {new} {len(prompts)}".encode())
+    for p in prompts:
+        h.update(np.asarray(p, "<i4").tobytes() + b"|")
+    return h.hexdigest()[:32]
+
+
+def save_tokens(path, toks, key):
+    """toks (int32 [N, new]) to path, with the key (tokens_key) beside it in path.key."""
+    toks.astype("<i4").tofile(path)
+    with open(path + ".key", "w") as f:
+        f.write(key + "\n")
+
+
+def load_tokens(path, key, shape):
+    """The tokens save_tokens wrote for this key, or None (no file, another key, another shape)."""
+    try:
+        with open(path + ".key") as f:
+            if f.read().strip() != key:
+                return None
+        t = np.fromfile(path, "<i4")
+    except OSError:
+        return None
+    return t.reshape(shape) if t.size == shape[0] * shape[1] else None
+
+
 def read_output(path):
     """(summary dict, list of completion token arrays, attrs) of a finished gpt2job output."""
     import h5py

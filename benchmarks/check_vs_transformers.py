@@ -27,20 +27,21 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_common import (ROOT, WORKLOADS, append_jsonl, base_record, print_table, read_output,  # noqa: E402
-                          read_prompt_tokens, tokens_matrix)
+from bench_common import (ROOT, WORKLOADS, append_jsonl, base_record, load_tokens, print_table,  # noqa: E402
+                          read_output, read_prompt_tokens, save_tokens, tokens_key, tokens_matrix)
 import run_workloads  # noqa: E402
 
 FIXTURES = os.path.join(ROOT, "tests", "fixtures")
 
 
 def hf_fp32_tokens(hf_dir, prompts, new, path, batch=8192):
-    """transformers fp32 greedy tokens [N, new] (from path when it exists, else computed and saved)."""
-    if path and os.path.isfile(path):
-        t = np.fromfile(path, "<i4")
-        if t.size == len(prompts) * new:
-            print(f"transformers fp32 tokens from {path}", flush=True)
-            return t.reshape(len(prompts), new)
+    """transformers fp32 greedy tokens [N, new] (from path when it holds them for these weights and prompts, else
+    computed and saved there)."""
+    key = tokens_key(hf_dir, prompts, new)
+    t = load_tokens(path, key, (len(prompts), new)) if path else None
+    if t is not None:
+        print(f"transformers fp32 tokens from {path}", flush=True)
+        return t
     import torch
     import baselines
     baselines.set_precision(torch, "float32")
@@ -54,7 +55,7 @@ def hf_fp32_tokens(hf_dir, prompts, new, path, batch=8192):
     print(f"transformers fp32 greedy tokens computed on {dev} in {time.perf_counter() - t0:.1f} s", flush=True)
     if path:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        out.astype("<i4").tofile(path)
+        save_tokens(path, out, key)
     return out
 
 

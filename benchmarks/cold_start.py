@@ -36,10 +36,10 @@ def nvcc_wrapper(folder):
     return folder
 
 
-def one(work, inp, gpus, ranks, cache, calls, wrapper):
+def one(work, inp, gpus, ranks, cache, calls, wrapper, model="random:gpt2"):
     env = {"GPT2JOB_PYCUDA_CACHE": cache, "NVCC_CALLS": calls, "PATH": wrapper + os.pathsep + os.environ["PATH"]}
     extra = ["--share-gpus"] if ranks - 1 > gpus else []
-    r = run_job(inp, os.path.join(work, f"out{ranks}.h5"), "random:gpt2", "cuda", "float16", gpus, 8, False,
+    r = run_job(inp, os.path.join(work, f"out{ranks}.h5"), model, "cuda", "float16", gpus, 8, False,
                 timeout=600, extra=extra, env=env, ranks=ranks)
     sm = r["summary"] or {}
     workers = sm.get("workers", [])
@@ -61,10 +61,12 @@ def main():
     ap.add_argument("--ranks", default="2,16")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
+    ap.add_argument("--model", default="random:gpt2")
+    ap.add_argument("--seed-workload", help="W1's prompts (workloads.py: its default where not given)")
     a = ap.parse_args()
     os.makedirs(a.out, exist_ok=True)
     work = tempfile.mkdtemp(prefix="gpt2job-cold-")
-    make(work, which=("w1",))
+    make(work, which=("w1",), seed_workload=a.seed_workload)
     inp = os.path.join(work, "w1.h5")
     wrapper = nvcc_wrapper(os.path.join(work, "bin"))
     gpus = max(gpu_count(), 1)
@@ -75,7 +77,7 @@ def main():
             if kind == "cold":   # a fresh cache (the warm run reuses the last cold run's)
                 cache = tempfile.mkdtemp(prefix="cache-", dir=work)
             calls = os.path.join(work, f"nvcc-{ranks}-{rep}.txt")
-            rec = dict(one(work, inp, gpus, ranks, cache, calls, wrapper), start=kind)
+            rec = dict(one(work, inp, gpus, ranks, cache, calls, wrapper, a.model), start=kind, model=a.model)
             rows.append(rec)
             with open(os.path.join(a.out, "cold_start.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")

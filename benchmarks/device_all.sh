@@ -106,3 +106,6 @@ has baselines && part baselines "${T_BASE:-360}" python3 benchmarks/baselines.py
 cp "$JOBS"/*.log "$BENCH_DIR"/check/*.log "$OUT/logs/jobs/" 2>/dev/null
 echo "=== parts: ${STATUS[*]}; total $(( $(date +%s) - T0 ))s"
 python3 benchmarks/plot.py "$RES" --png "$OUT/bench.png" 2>&1 | tail -n 60
+for s in "${STATUS[@]}"; do   # a part that failed fails the script (its callers printed rc=0 and an empty table)
+    case "$s" in *" rc=0 "*) ;; *) exit 1;; esac
+done

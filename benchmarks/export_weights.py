@@ -14,20 +14,24 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402,F401  (puts the repository on sys.path)
-from gpt2job.model.weights import load_params, save_hf_dir
+from gpt2job.model.weights import fingerprint, load_params, save_hf_dir
 
 
 def export(model, directory):
+    """MODEL's weights as a Hugging Face folder at directory, kept where it holds them already (the same MODEL and
+    the same weights there: a checkpoint replaced at the same path is exported again)."""
     stamp = os.path.join(directory, "exported_from.json")
+    source = fingerprint(model)
     if os.path.isfile(stamp) and os.path.isfile(os.path.join(directory, "model.safetensors")):
         with open(stamp) as f:
-            if json.load(f).get("model") == model:
-                print(f"{directory}: already holds {model}", flush=True)
-                return directory
+            held = json.load(f)
+        if held.get("model") == model and held.get("source_fingerprint") == source:
+            print(f"{directory}: already holds {model}", flush=True)
+            return directory
     params = load_params(model)
     save_hf_dir(params, directory)
     with open(stamp, "w") as f:
-        json.dump({"model": model, "fingerprint": params.fingerprint}, f)
+        json.dump({"model": model, "fingerprint": params.fingerprint, "source_fingerprint": source}, f)
     print(f"exported {model} to {directory}", flush=True)
     return directory
 

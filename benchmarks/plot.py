@@ -27,14 +27,21 @@ ENGINES = ["ours", "ours+dedup", "transformers", "compact"]
 def latest(recs):
     """{(engine, workload, dtype, gpus): the last successful record} (warm-ups and checks left out). Our runs that
     computed repeated prompts once (duplicate_prompts > 0) count as engine "ours+dedup"; "ours" computed every
-    prompt, as the baselines do."""
-    out = {}
+    prompt, as the baselines do. Only the newest record's model: a results file appended to by calls with other
+    weights compared ours with another model's baselines."""
+    out, model = {}, newest_model(recs)
     for r in recs:
         if r.get("warmup") or r.get("engine") in (None, "check") or not r.get("throughput_tok_s"):
+            continue
+        if model and r.get("model") not in (None, model):
             continue
         engine = "ours+dedup" if r["engine"] == "ours" and r.get("duplicate_prompts") else r["engine"]
         out[(engine, r.get("workload"), r.get("dtype"), int(r.get("gpus") or 1))] = r
     return out
+
+
+def newest_model(recs):
+    return next((r["model"] for r in reversed(recs) if r.get("model")), None)
 
 
 def checks(recs):
@@ -99,7 +106,8 @@ def plot(recs, png, issue=True):
     ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3, axis="y")
     gpus = sorted({r.get("gpu") for r in recs if r.get("gpu")})
-    fig.suptitle(f"gpt2job, GPT-2 124M random weights, greedy -- {', '.join(gpus) or '?'}", fontsize=10)
+    model = os.path.basename(str(newest_model(recs) or "?").rstrip("/"))
+    fig.suptitle(f"gpt2job, {model}, greedy -- {', '.join(gpus) or '?'}", fontsize=10)
     fig.tight_layout()
     fig.savefig(png, dpi=120)
     print(f"wrote {png}", flush=True)

@@ -103,8 +103,20 @@ def record_of(res, workload, dtype, gpus, model, backend, n_prompts, max_new, ig
 
 
 def ensure_workloads(wdir, names, seed_workload=None):
+    """The workloads `names` in wdir: written where missing, and all of them again where they were made from other
+    prompts than the seed workload asked for (kept, they were measured in its place)."""
+    import json
     import workloads
+    from bench_common import seed_workload_path
     missing = [n for n in names if not os.path.isfile(os.path.join(wdir, WORKLOADS[n]["file"]))]
+    if seed_workload:
+        try:
+            with open(os.path.join(wdir, "workloads.json")) as f:
+                made_from = json.load(f).get("seed_workload")
+        except (OSError, ValueError):
+            made_from = None
+        if made_from != seed_workload_path(seed_workload):
+            missing = list(names)
     if missing or not os.path.isfile(os.path.join(wdir, "warmup.h5")):
         workloads.make(wdir, sorted(set(missing) | {"w1"}), seed_workload)
 

@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -62,19 +63,24 @@ def main():
     ap.add_argument("--only", default="", help="only the cases whose names start with one of these (comma-separated)")
     ap.add_argument("--keep-logs", action="store_true", help="each run's output in OUT/logs/ (with GPT2JOB_TRACE=1: "
                                                                "benchmarks/job_ends.py reads them)")
+    ap.add_argument("--model", default="random:gpt2", help="the weights (exported once into WORK/hf-model)")
+    ap.add_argument("--seed-workload", help="W1/W3's prompts (workloads.py: its default where not given)")
     a = ap.parse_args()
-    model, be, dt, small = "random:gpt2", "cuda", "float16", []
+    model, be, dt, small = a.model, "cuda", "float16", []
     if a.smoke:
         model, be, dt = "random:n_layer=2,n_head=2,n_embd=32,n_positions=1024,vocab_size=50257:1", "numpy", "float32"
         small, a.work = ["--n-w1", "64"], a.work + "-smoke"
     os.makedirs(a.out, exist_ok=True)
     os.makedirs(a.work, exist_ok=True)
     py, hf, wl = [sys.executable], os.path.join(a.work, "hf-model"), os.path.join(a.work, "workloads")
-    if not os.path.isfile(os.path.join(hf, "config.json")):
-        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", model], check=True)
-    if not os.path.isfile(os.path.join(wl, "w3.h5")):
-        subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w3", *small],
-                       check=True)
+    # every run: the export is kept only where it holds this --model, and the prompts are written again (a second
+    # run with other weights or prompts measured the first run's)
+    subprocess.run(py + [os.path.join(ROOT, "benchmarks", "export_weights.py"), hf, "--model", model], check=True)
+    seed = ["--seed-workload", a.seed_workload] if a.seed_workload else []
+    subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w3", *small, *seed],
+                   check=True)
+    if a.keep_logs:   # (job_ends.py reads every log there: an earlier run's were mixed into its medians)
+        shutil.rmtree(os.path.join(a.out, "logs"), ignore_errors=True)
     ragged = os.path.join(a.work, "ragged.h5")
     if not os.path.isfile(ragged):
         ragged_prompts(ragged, n=64 if a.smoke else 2048)
@@ -126,7 +132,7 @@ def main():
                    "tok_s": tput, "busy_percent": busy, "gpu_gaps_percent": gaps,
                    "same_tokens_as": first if same and same[0] else None,
                    "differing_rows": None if same is None else same[1], "runs": runs, "flags": extra,
-                   "max_new_tokens": new}
+                   "max_new_tokens": new, "model": model, "seed_workload": a.seed_workload}
             print(json.dumps(rec), flush=True)
             with open(os.path.join(a.out, "small_chunks.jsonl"), "a") as f:
                 f.write(json.dumps(rec) + "\n")
