@@ -66,32 +66,34 @@ row "3b. the same command again" "rc=$rc; $(grep -oE 'resuming .*|already comple
 ./run_inference.sh "$W/w3.h5" "$W/d.h5" "${F16[@]}" --max-new-tokens 64 --ignore-eos --no-dedup > "$W/d.log" 2>&1
 rc=$?; row "3c. W3 uninterrupted" "rc=$rc; $(tps "$W/d.log"); resumed against it: $(same c d)"
 
+started_midway() {   # NAME: W3 into $W/NAME.h5 in the background ($pid), until midway ($at: the progress then)
+    ./run_inference.sh "$W/w3.h5" "$W/$1.h5" "${W3[@]:2}" > "$W/$1.log" 2>&1 &
+    pid=$!
+    midway "$W/$1.log"
+    at=$(grep -oE '^progress: [0-9,/]+' "$W/$1.log" | tail -1)
+}
+resumed() {   # NAME STEP: the same command again; resumed against the uninterrupted job
+    ./run_inference.sh "$W/w3.h5" "$W/$1.h5" "${W3[@]:2}" > "$W/${1}2.log" 2>&1
+    local rc=$?
+    row "$2. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/${1}2.log" | head -n 1 | cut -c1-90); against 3c: $(same "$1" d)"
+}
+
 echo "=== 3d. W3 again, SIGUSR1 mid-job (the chunks out finished and kept), the same command again"
-W3U=("$W/w3.h5" "$W/u.h5" "${W3[@]:2}")
-./run_inference.sh "${W3U[@]}" > "$W/u.log" 2>&1 &
-pid=$!
-midway "$W/u.log"
-at=$(grep -oE '^progress: [0-9,/]+' "$W/u.log" | tail -1)
+started_midway u
 kill -USR1 "$pid"; wait "$pid"; rc=$?
 tail -n 3 "$W/u.log"
 row "3d. W3, SIGUSR1" "rc=$rc (5 expected); at $at; $(grep -o 'stopped (SIGUSR1).*' "$W/u.log" | tail -1 | cut -c1-150); $(grep -c '^gpt2job:   rank ' "$W/u.log") worker summary line(s)"
-./run_inference.sh "${W3U[@]}" > "$W/u2.log" 2>&1
-rc=$?; row "3e. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/u2.log" | head -n 1 | cut -c1-90); against 3c: $(same u d)"
+resumed u 3e
 
 echo "=== 3f. W3 again, the worker rank killed (kill -9) mid-job, the same command again"
-W3K=("$W/w3.h5" "$W/k.h5" "${W3[@]:2}")
-./run_inference.sh "${W3K[@]}" > "$W/k.log" 2>&1 &
-pid=$!
-midway "$W/k.log"
-at=$(grep -oE '^progress: [0-9,/]+' "$W/k.log" | tail -1)
+started_midway k
 for p in $(pgrep -f -- "-m gpt2job run .*/k.h5"); do   # rank 1: a worker
     tr '\0' '\n' < "/proc/$p/environ" 2>/dev/null | grep -qx OMPI_COMM_WORLD_RANK=1 && kill -9 "$p"
 done
 wait "$pid"; rc=$?
 tail -n 3 "$W/k.log"
 row "3f. W3, worker killed" "rc=$rc; at $at; $(grep -c -e '^------' "$W/k.log") banner line(s); $(grep 'run_inference.sh: mpirun: ' "$W/k.log" | tail -1 | cut -c1-150)"
-./run_inference.sh "${W3K[@]}" > "$W/k2.log" 2>&1
-rc=$?; row "3g. the same command again" "rc=$rc; $(grep -oE 'resuming .*' "$W/k2.log" | head -n 1 | cut -c1-90); against 3c: $(same k d)"
+resumed k 3g
 
 echo "=== 4. export and show"
 python3 -m gpt2job export "$W/c.h5" "$W/c.jsonl" > "$W/e.log" 2>&1
