@@ -167,10 +167,12 @@ class PromptSet:
         return cls(offsets, tokens, source)
 
 
+PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first of these it has is read
+
 PROBE = """
 import sys, h5py
 with h5py.File(sys.argv[1], "r") as f:
-    for name in ("prompt_tokens", "prompts"):
+    for name in %r:
         if name in f:
             d = f[name]
             if getattr(d, "ndim", 0) >= 1:
@@ -179,7 +181,7 @@ with h5py.File(sys.argv[1], "r") as f:
             else:
                 d[()]
             break
-""" % (BLOCK_ROWS, BLOCK_ROWS)
+""" % (PROMPT_DATASETS, BLOCK_ROWS, BLOCK_ROWS)
 
 
 def probe_readable(path):

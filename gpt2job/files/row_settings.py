@@ -21,11 +21,11 @@ import numpy as np
 
 from gpt2job.chunks import ROW_FIELDS, RowParams, pack_stops, take_ragged, unpack_stops
 from gpt2job.errors import UserError, first_line, plural
+from gpt2job.files.prompts import PROMPT_DATASETS
 from gpt2job.settings import MIN_TEMPERATURE
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
 STOP = "stop"
-PROMPT_DATASETS = ("prompt_tokens", "prompts")   # files/prompts.py's
 ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
