@@ -65,7 +65,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import append_jsonl, base_record, print_table, vocab_dir  # noqa: E402
-from gpt2job.backends import compute, make_backend  # noqa: E402
+from gpt2job.backends import make_backend  # noqa: E402
+from gpt2job.backends.base import compute  # noqa: E402
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Chunk, RowParams  # noqa: E402
 from gpt2job.model.logprobs import log_softmax  # noqa: E402
 from gpt2job.settings import GenerationSettings, SamplingSettings  # noqa: E402

@@ -22,7 +22,7 @@ TAIL=8 stage "prefill attention" 180 python3 -m pytest tests/test_cuda_kernels.p
 TAIL=12 stage "generate, blocking launches" 120 env CUDA_LAUNCH_BLOCKING=1 python3 -c "
 import numpy as np, sys; sys.path.insert(0, 'benchmarks')
 from kernels_bench import w1_chunk
-from gpt2job.backends import compute
+from gpt2job.backends.base import compute
 from gpt2job.backends.cuda.backend import CudaBackend
 from gpt2job.model.config import PRESETS
 from gpt2job.model.weights import random_params

@@ -131,7 +131,7 @@ def w2_chunk(n_prompts=2048, lo=32, hi=512):
 
 def timed_compute(be, chunk, reps):
     """The chunk computed once (warm-up: compiles, allocates), then reps times: (median seconds, last Completions)."""
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     compute(be, chunk)
     ts = []
     for _ in range(reps):
@@ -144,7 +144,7 @@ def timed_compute(be, chunk, reps):
 def profile(dtypes, new=8, chunk=None, label="W1"):
     """Device time per kernel kind over one chunk (events around every launch, CUDA graphs off)."""
     import pycuda.driver as drv
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params
@@ -226,7 +226,7 @@ def mix_profile(reps):
     """Each MIX_CASES chunk: tok/s (median of reps, no events), then one run with events around every launch (CUDA
     graphs off): device time per kernel kind, and per decode-step size (rows in the step)."""
     import pycuda.driver as drv
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.model.config import PRESETS
     from gpt2job.model.weights import random_params

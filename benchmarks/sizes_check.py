@@ -13,7 +13,7 @@ import time
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from gpt2job.backends import compute
+from gpt2job.backends.base import compute
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk
 from gpt2job.model.config import PRESETS

@@ -61,7 +61,7 @@ def transformers_tokens(hf_dir, prompts, new):
 
 def numpy_tokens(model, prompts, new):
     """The NumPy backend's greedy tokens [N, new] in this process (the CPU smoke test's reference)."""
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     from gpt2job.backends.numpy_backend import NumpyBackend
     from gpt2job.chunks import Chunk
     from gpt2job.model.weights import load_params

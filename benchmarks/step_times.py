@@ -25,7 +25,7 @@ def main():
     ap.add_argument("--dtype", default="float16")
     ap.add_argument("--out", default=os.environ.get("OUT", "bench-out"))
     a = ap.parse_args()
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     from gpt2job.backends.cuda import runner
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.model.config import PRESETS

@@ -16,7 +16,7 @@ from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
 
 
-RUN_EPILOG = """\
+IN_FORMS = """\
 IN forms:
   FILE.h5             input HDF5: 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids)
   FILE.txt            one prompt per line (blank lines skipped)
@@ -26,7 +26,8 @@ IN forms:
                       workers get token chunks). The same file again reuses it and resumes OUT; a changed file is
                       refused as a changed input (--overwrite starts over). e.g. a first job in one line:
                         python -m gpt2job run jobs/example_prompts.txt out.h5 --model gpt2
-
+"""
+MODEL_AND_EXITS = """\
 --model forms:
   DIR                 Hugging Face folder: config.json + model.safetensors (or sharded)
   NAME                gpt2, gpt2-medium, ..., org/name: from the Hugging Face cache (README: --model)
@@ -155,18 +156,19 @@ def build_parser():
     r = sub.add_parser("run", help="run a generation job (under mpirun: rank 0 is the master)",
                        description="Generate completions for every prompt of IN and write them to OUT.\n"
                                    "Run it under mpirun for many workers; rank 0 is the master.",
-                       epilog=RUN_EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       epilog=IN_FORMS + "\n" + MODEL_AND_EXITS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sc = sub.add_parser("score", help="log-likelihoods of given texts or token rows (under mpirun like run)",
-                        description=SCORE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=SCORE_DESCRIPTION, epilog=MODEL_AND_EXITS,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     both = _each(r, sc)   # the flags score shares with run
     r.add_argument("input", help="prompts: input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids), "
                                  "or a .txt (one prompt per line) or .jsonl file, converted first (see below)")
     r.add_argument("output", help="output HDF5; an unfinished one from the same command is resumed")
     both("--model", default="random:gpt2",
-         help="Hugging Face checkpoint folder (config.json + model.safetensors), the old system's flat "
-              "float32 .bin file, random:gpt2 / random:gpt2-medium / -large / -xl[:SEED] (seeded random "
-              "weights of the real shapes), or random:n_layer=2,n_head=2,n_embd=32[:SEED] (a small random "
-              "model; see below). Default: random:gpt2 (random weights: pass your model for real text)")
+         help="Hugging Face checkpoint folder (config.json + model.safetensors) or a name in the Hugging Face "
+              "cache (gpt2, org/name), the old system's flat float32 .bin file, random:gpt2 / random:gpt2-medium / "
+              "-large / -xl[:SEED] (seeded random weights of the real shapes), or random:n_layer=2,n_head=2,"
+              "n_embd=32[:SEED] (a small random model; see below). Default: random:gpt2 (pass a model for real text)")
     r.add_argument("--max-new-tokens", type=_positive_int("--max-new-tokens"), default=16,
                    help="tokens to generate per prompt (default 16)")
     r.add_argument("--ignore-eos", action="store_true", help="do not stop at <|endoftext|>")
@@ -178,14 +180,16 @@ def build_parser():
                    help="nucleus sampling: the smallest set of tokens holding this probability (default 1.0)")
     r.add_argument("--seed", type=_int_in("--seed", 0, 2 ** 63 - 1), default=0,
                    help="sampling seed; the same seed gives the same completions for any ranks/chunks")
-    both("--backend", choices=("numpy", "cuda", "auto", "synthetic"), default="auto",
-         help="numpy (CPU reference), cuda (our kernels), auto (cuda where a GPU and pycuda are); synthetic: "
-              "for tests and benchmarks only, deterministic tokens without a model (no weights loaded)")
+    synthetic = "; synthetic: for tests and benchmarks only, deterministic tokens without a model (no weights loaded)"
+    for parser, more in ((r, ("synthetic",)), (sc, ())):   # (score needs a model: no synthetic backend)
+        parser.add_argument("--backend", choices=("numpy", "cuda", "auto", *more), default="auto",
+                            help="numpy (CPU reference), cuda (our kernels), auto (cuda where a GPU and pycuda are)"
+                            + synthetic * len(more))
     both("--dtype", choices=("float32", "float16"), default="float32",
          help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     both("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,
          help="prompts per work chunk (0, default: k chunks per worker, at most the backend's preferred "
-              "size; equal in prompts or, ragged or per-row max_new_tokens, in estimated work)")
+              "size; equal in prompts or, `run` with ragged prompts or per-row max_new_tokens, in estimated work)")
     both("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
     both("--overwrite", action="store_true", help="replace a finished or different output")
     both("--skip-invalid", action="store_true",
@@ -307,9 +311,6 @@ def cmd_score(a):
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
-    if a.backend == "synthetic":   # its tokens stand in for generation; it has no model to score with
-        raise UserError("score needs a model: the synthetic backend only generates", field="--backend",
-                        fix="use --backend numpy, cuda or auto")
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=1, backend=a.backend,
                     dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=a.vocab_dir,
                     overwrite=a.overwrite, skip_invalid=a.skip_invalid, share_gpus=a.share_gpus,

@@ -1,7 +1,7 @@
 """Every environment variable that sets gpt2job up, declared once: name, type, default, meaning (the MPI launchers'
 rank variables, which say where a rank runs, are read by cluster/devices.py; CUDA_VISIBLE_DEVICES, the GPUs a
 process sees, by backends/__init__.py's gpu_count). Read them only
-through this module (`envs.get("GPT2JOB_TRACE")`); each is parsed once per process, with one truth rule for
+through this module (`envs.get("GPT2JOB_TRACE")`, which keeps each value for the process), with one truth rule for
 switches: 1/true/yes/on and 0/false/no/off (any case); unset or empty is the default; anything else is a user
 error naming the variable. `check_environment()` parses every one that is set when a command starts (a bad value is
 an error before any work, also where the job would never read it), and names GPT2JOB_* variables that are not

@@ -191,7 +191,7 @@ def test_an_allocation_failing_mid_chunk_is_recovered_in_halves():
     chunk, 7.9 GB for 1,024 prompts of 200 tokens) computes the chunk once with room, then again after this process
     took all but 300 MB of the GPU. The second run frees, shrinks and computes in halves (Runner._in_halves): the
     same tokens."""
-    from gpt2job.backends import compute
+    from gpt2job.backends.base import compute
     from gpt2job.backends.cuda.backend import CudaBackend
     from gpt2job.chunks import Chunk
     from gpt2job.model.weights import load_params

@@ -477,9 +477,9 @@ def test_kernels_compile_the_default_tiles_of_the_gpu(ck, monkeypatch):
     assert k.f16_variants == ck.F16_DEFAULT_NOT_HOPPER and k.tmaps is None
     assert "gemm_f16_tma128_outh" not in k.funcs
     for bad in ("tma128x", "tma256s"):   # misspelt; not compiled by default
-        with pytest.raises(ValueError, match="GPT2JOB_ARGMAX_VARIANT"):
+        with pytest.raises(UserError, match="GPT2JOB_ARGMAX_VARIANT"):
             ck.Kernels(KernelOptions(f16_variants=ck.F16_DEFAULT, argmax_variant=bad))
-    with pytest.raises(ValueError, match="unknown fp16 GEMM variant"):
+    with pytest.raises(UserError, match="unknown fp16 GEMM variant"):
         ck.Kernels(KernelOptions(f16_variants=("v0",)))
 
 

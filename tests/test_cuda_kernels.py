@@ -16,7 +16,7 @@ from twin_ties import assert_same_but_ties, margin
 
 drv, _NGPU = cuda_or_skip()
 
-from gpt2job.backends import compute
+from gpt2job.backends.base import compute
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk, RowParams

@@ -14,7 +14,7 @@ from bisect import bisect_right
 import numpy as np
 import pytest
 
-from gpt2job.backends import drive
+from gpt2job.backends.base import drive
 from gpt2job.backends.cuda.plan import (KV_FLOOR, MemoryPlan, join_completions, memory_plan, preferred_chunk,
                                         size_floors, split_chunk)
 from gpt2job.chunks import FINISH_STOP, Chunk, Completions

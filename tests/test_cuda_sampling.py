@@ -13,7 +13,7 @@ from twin_ties import assert_same_but_ties, params_margins
 
 drv, _NGPU = cuda_or_skip()
 
-from gpt2job.backends import compute, drive  # noqa: E402
+from gpt2job.backends.base import compute, drive  # noqa: E402
 from gpt2job.backends.cuda.options import KernelOptions  # noqa: E402
 from gpt2job.backends.cuda.rows import RowSel  # noqa: E402
 from gpt2job.backends.numpy_backend import NumpyBackend  # noqa: E402

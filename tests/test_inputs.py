@@ -213,6 +213,9 @@ def test_overwrite_never_replaces_a_foreign_file_or_the_input(tmp_path):
     assert_one_clear_line(p, "--max-new-tokens", "leaves no room")
     n_pos = json.loads((TINY_HF / "config.json").read_text())["n_positions"]   # the fix's value works
     assert f"use at most {n_pos - 1} (the longest prompt that can fit has 2 tokens)" in p.stderr, p.stderr
+    v = run_gpt2job(["validate", inp, "--model", str(TINY_HF), "--max-new-tokens", "200"])   # the same check and line
+    assert_one_clear_line(v, "--max-new-tokens", "leaves no room")
+    assert v.stderr == p.stderr
     run_gpt2job(["run", inp, tmp_path / "o.h5", "--model", str(TINY_HF), "--max-new-tokens", n_pos - 1], check=0)
 
 

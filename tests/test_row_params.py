@@ -6,7 +6,7 @@ import dataclasses
 import numpy as np
 import pytest
 
-from gpt2job.backends import Pause, compute, drive
+from gpt2job.backends.base import Pause, compute, drive
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.plan import Layout, check_prompts, join_completions, kv_groups, split_chunk
 from gpt2job.backends.numpy_backend import NumpyBackend

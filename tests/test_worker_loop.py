@@ -4,7 +4,7 @@ from collections import deque
 
 import numpy as np
 
-from gpt2job.backends import Backend, Pause
+from gpt2job.backends.base import Backend, Pause
 from gpt2job.chunks import Chunk, Completions
 from gpt2job.cluster.channel import STOP
 from gpt2job.cluster.worker import PREFETCH, Loop

@@ -2,7 +2,7 @@
 the reference GPT-2 (gpt2job/model/reference.py) and the reference token selection (model/sampling.py)."""
 import numpy as np
 
-from gpt2job.backends import READY, Backend, Pause, compute
+from gpt2job.backends.base import READY, Backend, Pause, compute
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
 from gpt2job.model.logprobs import Recorder, token_logprobs

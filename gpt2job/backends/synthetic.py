@@ -10,7 +10,7 @@ second on one core: the master, the journal and the output are what a job with i
 """
 import numpy as np
 
-from gpt2job.backends import Backend
+from gpt2job.backends.base import Backend
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Completions
 from gpt2job.settings import GenerationSettings
 

@@ -21,13 +21,13 @@ from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, copies_line, group_identical
-from gpt2job.files.prompts import invalid_fix, read_prompts, validate
+from gpt2job.files.prompts import check_room, invalid_fix, read_prompts, validate
 from gpt2job.files.row_settings import check_job_stops, read_row_settings, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score
 from gpt2job.files.validate import check_answer, report_validation
 from gpt2job.model.tokenizer import load_tokenizer
 from gpt2job.model.weights import describe, fingerprint, load_config
-from gpt2job.settings import DEFAULT_CHUNK, JobSettings, max_prompt_length
+from gpt2job.settings import DEFAULT_CHUNK, JobSettings
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
@@ -80,13 +80,8 @@ class Master:
             self.prompts = read_prompts(s.input, tokenizer, cfg.vocab_size)   # uint16 ids when they fit
             self.row_settings = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
-            if (self.row_settings is None or "max_new_tokens" not in self.row_settings.given) and \
-                    max_prompt_length(cfg.n_positions, s.max_new_tokens) < 1:   # (rows without their own: validate)
-                ls = self.prompts.lengths
-                n = int(ls[ls <= cfg.n_positions].max(initial=1))   # the longest that can fit takes n + new - 1
-                raise UserError(f"{s.max_new_tokens} leaves no room for a prompt: the model has {cfg.n_positions} "
-                                "positions", field="--max-new-tokens", fix=f"use at most {cfg.n_positions - n + 1} "
-                                f"(the longest prompt that can fit has {n} tokens)")
+            if self.row_settings is None or "max_new_tokens" not in self.row_settings.given:   # (else: validate)
+                check_room(self.prompts, cfg.n_positions, s.max_new_tokens)
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)

@@ -17,7 +17,6 @@ from gpt2job.settings import max_prompt_length
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
-
 BLOCK_ROWS = 1 << 18     # prompts read, converted and checked at once: the input is streamed, never held twice
 TOKENIZE_ROWS = 1 << 14  # text prompts tokenized at once: their ids are Python lists (~50 bytes a token) until packed
 
@@ -210,12 +209,12 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
     probe_readable(path)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         try:
-            if "prompt_tokens" in f:
-                return _read_token_dataset(path, f["prompt_tokens"], vocab_size)
-            if "prompts" in f:
-                return _read_text_dataset(path, f["prompts"], tokenizer_factory, vocab_size)
-            raise UserError(f"no 'prompts' or 'prompt_tokens' dataset ({contents(f)})", path, "datasets",
-                            DATASET_FIX)
+            tokens, text = PROMPT_DATASETS
+            if tokens in f:
+                return _read_token_dataset(path, f[tokens], vocab_size)
+            if text in f:
+                return _read_text_dataset(path, f[text], tokenizer_factory, vocab_size)
+            raise UserError(f"no '{text}' or '{tokens}' dataset ({contents(f)})", path, "datasets", DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             # damaged structure, dangling or looping links, unreadable types
             raise UserError(f"cannot be read ({first_line(e)})",
@@ -346,6 +345,15 @@ class Validation:
                 parts.append(f"{len(idx)} {reason} ({'row' if len(idx) == 1 else 'rows'} {first}{more})")
         return (f"{self.n_invalid} of {plural(len(self.invalid), 'prompt')} {'is' if self.n_invalid == 1 else 'are'} "
                 "invalid: " + "; ".join(parts))
+
+
+def check_room(prompts: PromptSet, n_positions, max_new_tokens):
+    """The job's max_new_tokens must leave room for a prompt of one token (`run` and `validate IN` alike)."""
+    if max_prompt_length(n_positions, max_new_tokens) < 1:
+        n = int(prompts.lengths[prompts.lengths <= n_positions].max(initial=1))   # the longest that can fit
+        raise UserError(f"{max_new_tokens} leaves no room for a prompt: the model has {n_positions} positions",
+                        field="--max-new-tokens", fix=f"use at most {n_positions - n + 1} (the longest prompt that "
+                        f"can fit has {n} tokens)")
 
 
 def invalid_fix(score, rows, val):

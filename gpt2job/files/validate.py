@@ -171,7 +171,7 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
 
 def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     from gpt2job.errors import plural
-    from gpt2job.files.prompts import invalid_fix, read_prompts, validate
+    from gpt2job.files.prompts import check_room, invalid_fix, read_prompts, validate
     from gpt2job.files.row_settings import read_row_settings
     from gpt2job.model.tokenizer import load_tokenizer
     from gpt2job.model.weights import load_config
@@ -179,6 +179,8 @@ def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     cfg = load_config(model)
     prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir))
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
+    if rows is None or "max_new_tokens" not in rows.given:   # (rows with their own: each in validate)
+        check_room(prompts, cfg.n_positions, max_new_tokens)
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
     if val.n_invalid:
         raise UserError(val.message(), shown, prompts.source, invalid_fix(False, rows, val))

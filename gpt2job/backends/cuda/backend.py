@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from gpt2job.backends import Backend
+from gpt2job.backends.base import Backend
 from gpt2job.backends.cuda import prefix_share, score
 from gpt2job.backends.cuda.device import Device
 from gpt2job.backends.cuda.graphs import StepGraphs

@@ -18,13 +18,13 @@ from gpt2job.backends.cuda.kernels_select import SelectKernels
 from gpt2job.backends.cuda.registry import KERNELS, register
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
+from gpt2job.errors import UserError
 
 # matrix product epilogues (cuda_src/common.cuh, gemm_f16.cu)
 EPI_BIAS, EPI_GELU_TANH, EPI_GELU_ERF, EPI_RESID, EPI_QKV, EPI_ARGMAX, EPI_ARGMAX_LSE, EPI_TEMPERED = range(8)
 TMA_WIDE_N = 16384   # gemm_tma.cu's: products wider than this (the LM head) walk M tiles fastest
 
 # ---------------------------------------------------------------- fp16 product tile variants
-
 _F16_SIG = "PiPiPiPiiiiPPiiPPi"   # gemm_f16.cu GEMM_F16_ARGS: A, lda, B, ldb, C, ldc, bias, M, N, K, mode, + EPI_QKV's
 
 
@@ -152,9 +152,9 @@ def choose_variants(options, hopper):
     """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's (hopper(): wgmma, TMA)."""
     variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
     variants = variants or (F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER)
-    for v in variants:
-        if v not in F16_TILES:
-            raise ValueError(f"unknown fp16 GEMM variant {v!r}")
+    for v in (v for v in variants if v not in F16_TILES):
+        raise UserError(f"unknown fp16 GEMM variant {v!r}", None, "GPT2JOB_F16_VARIANTS",
+                        "unset it, or name variants of F16_TILES in gpt2job/backends/cuda/kernels.py (or all)")
     return variants
 
 
@@ -218,8 +218,8 @@ class Kernels(SelectKernels):
                 self._f16[t.name, out_half] = (f, (t.threads, 1, 1), t.smem(out_half))
         forced = options.argmax_variant
         if forced and forced not in variants:
-            raise ValueError(f"argmax variant {forced} (GPT2JOB_ARGMAX_VARIANT): not a compiled fp16 variant "
-                             f"(compiled: {', '.join(variants)})")
+            raise UserError(f"{forced!r} is not a compiled fp16 variant (compiled: {', '.join(variants)})", None,
+                            "GPT2JOB_ARGMAX_VARIANT", "unset it, or name one of the compiled variants")
         self.n_sm = drv.Context.get_device().get_attribute(drv.device_attribute.MULTIPROCESSOR_COUNT)
         picker = TilePicker(F16_TILES, variants, self.n_sm, options)
         self.pick_f16, self.pick_argmax = picker.pick_f16, picker.pick_argmax

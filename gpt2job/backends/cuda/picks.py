@@ -8,7 +8,7 @@ NARROW_OUTPUTS = 800_000    # ... of at most this many outputs (rows x columns)
 NARROW_K128 = "t32x64k128s4"  # ... its twin on 128-wide k slices where its blocks fit on the SMs in one wave, two an SM
 NARROWEST = ("t32x32k128s4", "t32x32k64s8")   # ... and of products whose 32x32 tiles fit on the SMs in one wave: the
                                               # first compiled (the second: the earlier default, a fallback)
-STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (measured from 1,852)
+STAGED_FROM = 1800          # the staged-epilogue TMA kernels from this many rows (benchmarks/RESULTS.md)
 PINGPONG_FROM = 1024        # the ping-pong kernel (tma128pp) for the layer products from this many rows (where no
                             # swapped tile is compiled: else from SWAP_ROWS[1] + 1, N > K, or SWAP_NARROW_TO + 1)
 SWAP_ROWS = (192, 1024)     # the swapped decode tiles (gemm_swap.cu) for the layer products of this many rows (both

@@ -1,5 +1,5 @@
 """Chunks through the model: submit plans a chunk and starts its upload; run computes the oldest submitted chunk
-as a generator that pauses wherever the host would wait for the GPU (gpt2job.backends.Pause).
+as a generator that pauses wherever the host would wait for the GPU (gpt2job.backends.base.Pause).
 
 Per chunk:
   * prefill: the prompts' tokens packed ragged ([total_tokens, C], no padding), each token carrying its sequence
@@ -27,7 +27,7 @@ from collections import deque
 
 import numpy as np
 
-from gpt2job.backends import READY, Pause
+from gpt2job.backends.base import READY, Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.logprobs import StepLogprobs
 from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, join_completions,

@@ -16,7 +16,7 @@ last_logits: the logits at each prompt's last position, downloaded (tests and fp
 """
 import numpy as np
 
-from gpt2job.backends import READY, Pause
+from gpt2job.backends.base import READY, Pause
 from gpt2job.chunks import FINISH_LENGTH, Completions
 
 
