@@ -278,7 +278,6 @@ def build_parser():
     bk = sub.add_parser("build-kernels", help="compile the CUDA kernels into this node's kernel cache (no GPU "
                         "needed): once per node before a job, so that its ranks start without compiling",
                         description="Compile the CUDA kernels for --arch into this node's kernel cache (nvcc; no GPU).")
-    bk.add_argument("--dtype", choices=("float16", "float32", "both"), help="ignored: both need the same modules")
     bk.add_argument("--arch", default="", help="the GPU to build for: sm_90a (Hopper: wgmma and TMA products) or "
                     "another sm_XY (mma.sync products); default: this node's GPU, else sm_90a")
     return p
@@ -393,7 +392,8 @@ def main(argv=None):
         return e.code
     except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
         job, out = a is not None and a.command in ("run", "score"), getattr(a, "output", "")
-        sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite, launch_time()) if job else ''}\n")
+        if rank in (None, 0):   # (a worker rank: Ctrl-C in its start-up, before it ignores SIGINT; the master says it)
+            sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite, launch_time()) if job else ''}\n")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

@@ -225,7 +225,7 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
     assert os.path.dirname(folder) == str(tmp_path)
     assert len([f for f in os.listdir(folder) if f.endswith(".cubin")]) == len(hopper)
     assert {a for a, _ in made} == {"sm_90", "sm_90a"}
-    assert cli.main(["build-kernels", "--arch", "sm_90a", "--dtype", "float16"]) == 0
+    assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 0
     assert len(made) == len(hopper) and f"0 compiled, {len(hopper)} already there" in capsys.readouterr().out
     other = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))   # another GPU: the mma.sync tiles, built for its own arch
     assert cli.main(["build-kernels", "--arch", "sm_80"]) == 0

@@ -234,6 +234,35 @@ def test_ctrl_c_after_a_completed_chunk_says_the_rows_are_kept(tmp_path):
     assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] >= 1
 
 
+def test_ctrl_c_to_every_rank_ends_the_job_soon_with_one_line(tmp_path):
+    """Ctrl-C as srun and MPICH's launcher pass it on, to every rank at once: the workers ignore it and the master
+    ends the job (they finish the batch they hold). One line, exit 130, no traceback, long before --chunk-timeout
+    (it waited that long for workers already gone, printed a traceback and ended by MPI_Abort(1))."""
+    require_mpirun()
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[i // 50 + 1, i % 50 + 1, 3] for i in range(3000)])
+    tag = uuid.uuid4().hex
+    p = subprocess.Popen(gpt2job_cmd(["run", inp, out, "--model", "random:n_layer=2,n_head=2,n_embd=64", "--backend",
+                                      "numpy", "--max-new-tokens", 32, "--ignore-eos", "--chunk-size", 4], 3),
+                         env=job_env(TESTS_PROCESS_TAG=tag), stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not (os.path.exists(f"{out}.journal") and journal_rows(out) >= 8):
+        time.sleep(0.05)
+    ranks = rank_pids(tag)
+    assert sorted(ranks.values()) == [0, 1, 2] and p.poll() is None, ranks
+    t = time.monotonic()
+    for pid in ranks:
+        os.kill(pid, signal.SIGINT)
+    try:
+        _, err = p.communicate(timeout=90)
+    finally:
+        os.killpg(p.pid, signal.SIGKILL) if p.poll() is None else None
+    assert time.monotonic() - t < 60 and p.returncode == 130, err
+    assert err.count("interrupted") == 1 and "Traceback" not in err and "MPI_Abort" not in err, err
+    assert "gpt2job: interrupted; completed rows are kept: run the same command again to resume" in err, err
+    assert 0 < journal_rows(out) < 3000
+
+
 def test_a_journal_holds_records_only_past_a_whole_first_record(tmp_path):
     """journal_has_records (the SIGTERM line's test): a header alone, a first record cut short by a kill (the reader
     drops it: no row kept), no journal or a torn header: none; a whole record: some."""

@@ -127,9 +127,11 @@ def test_the_least_temperature_as_float32_is_taken_and_one_below_it_is_greedy(tm
 
 
 @pytest.mark.parametrize("name, frag", [
-    ("temprature", "temprature: is not a gpt2job dataset (did you mean 'temperature'?) (fix: name it 'temperature'"),
-    ("max_tokens", "max_tokens: is not a gpt2job dataset (did you mean 'max_new_tokens'?)"),
+    ("temprature", "temprature: is not a gpt2job setting (did you mean 'temperature'?) (fix: name it 'temperature'"),
+    ("max_tokens", "max_tokens: is not a gpt2job setting (did you mean 'max_new_tokens'?)"),
     ("topP", "did you mean 'top_p'?"),
+    ("stop_token_ids", "stop_token_ids: is a setting of the whole job (--stop-token-ids), not of a row"),
+    ("num_samples", "(fix: give --num-samples on the command line, or rename it if it is your own data)"),
 ])
 def test_a_misnamed_per_row_dataset_is_refused_as_in_jsonl(tmp_path, name, frag, capsys):
     """Its rows ran with the flag's value, silently (a JSONL line's field of that name was refused); a dataset that only
@@ -141,8 +143,24 @@ def test_a_misnamed_per_row_dataset_is_refused_as_in_jsonl(tmp_path, name, frag,
     assert str(e.value).startswith(f"{inp}: {name}: ") and frag in str(e.value), str(e.value)
     make_input(inp, seeds=np.arange(N), ids=np.arange(N), meta=np.zeros(N))
     assert read_row_settings(inp, N, settings(inp)) is None
-    assert capsys.readouterr().err == f"gpt2job: warning: {inp}: dataset 'seeds' is not a gpt2job dataset and is " \
-        "ignored (a per-row setting is named 'seed')\n"
+    assert capsys.readouterr().err == f"gpt2job: warning: {inp}: dataset 'seeds' is not a gpt2job setting: ignored " \
+        "(a per-row setting is named 'seed')\n"
+
+
+def test_rows_with_their_own_top_k_top_p_or_seed_that_decode_greedily_are_warned_of(tmp_path, capsys):
+    """As the flags' warning (cli): a row's top_k, top_p or seed does nothing where its temperature is 0, its own or
+    the flag's; they ran greedily without a word (vLLM's temperature defaults to 1)."""
+    inp = tmp_path / "in.h5"
+    make_input(inp, top_k=np.array([3, 3, -1, 3, 3, 3]), temperature=np.array([0, np.nan, 0, 0.7, np.nan, 1e-6]))
+    read_row_settings(inp, N, settings(inp))
+    assert capsys.readouterr().err == f"gpt2job: warning: {inp}: 4 rows with their own top_k decode greedily " \
+        "(temperature 0: their own or --temperature's), where those have no effect; give them a temperature >= " \
+        "1e-05 to sample\n"
+    read_row_settings(inp, N, settings(inp, temperature=0.5))   # rows 1 and 4 take 0.5: two greedy rows left
+    assert "2 rows with their own top_k" in capsys.readouterr().err
+    make_input(inp, top_k=np.full(N, 3), temperature=np.full(N, 0.8))
+    read_row_settings(inp, N, settings(inp))
+    assert capsys.readouterr().err == ""
 
 
 def test_a_refused_start_is_one_line_exit_2_and_leaves_nothing(tmp_path):

@@ -296,11 +296,16 @@ def test_a_jsonl_file_gives_each_row_its_own_settings(tmp_path, vocab_dir):
     ('{"prompt": "a", "stop": [1]}', "line 2: stop must be a string or a list of strings"),
     ('{"prompt": "a", "stop": ""}', "(not empty, without NUL; for the --stop strings leave the field out or give [])"),
     # a field named almost like a setting ran the row with the flag's value (16 greedy tokens), silently
-    ('{"prompt": "a", "temprature": 0.9}', "line 2: field 'temprature' is not a gpt2job field (did you mean "
+    ('{"prompt": "a", "temprature": 0.9}', "line 2: field 'temprature' is not a gpt2job setting (did you mean "
                                            "'temperature'?) (fix: name it 'temperature'"),
-    ('{"prompt": "a", "max_tokens": 2, "id": 7}', "line 2: field 'max_tokens' is not a gpt2job field (did you mean "
+    ('{"prompt": "a", "max_tokens": 2, "id": 7}', "line 2: field 'max_tokens' is not a gpt2job setting (did you mean "
                                                   "'max_new_tokens'?)"),
     ('{"prompt": "a", "topP": 0.9}', "did you mean 'top_p'?"),
+    # a job-wide flag's name: the row went without it, silently
+    ('{"prompt": "a", "stop_token_ids": [66]}', "line 2: field 'stop_token_ids' is a setting of the whole job "
+                                                "(--stop-token-ids), not of a row (fix: give --stop-token-ids on the "
+                                                "command line, or rename it if it is your own data)"),
+    ('{"prompt": "a", "ignore_eos": true}', "field 'ignore_eos' is a setting of the whole job (--ignore-eos)"),
 ])
 def test_a_bad_setting_on_a_jsonl_line_is_one_line_naming_it(tmp_path, line, frag):
     src = tmp_path / "p.jsonl"
@@ -323,8 +328,12 @@ def test_a_jsonl_field_that_only_resembles_a_setting_is_warned_of_once(tmp_path)
     src = tmp_path / "p.jsonl"
     src.write_text('{"prompt": "a", "step": 3, "id": 1}\n{"prompt": "b", "step": 4, "id": 2}\n')
     p = run_gpt2job(["prompts", src, tmp_path / "in.h5"], check=0)
-    assert p.stderr.count("warning") == 1 and "field 'step' is not a gpt2job field and is ignored (a setting is " \
-        "named 'stop')" in p.stderr, p.stderr
+    assert p.stderr.count("warning") == 1 and "field 'step' is not a gpt2job setting: ignored (a per-row setting " \
+        "is named 'stop')" in p.stderr, p.stderr
+    src.write_text('{"prompt": "a", "presence_penalty": 0.5}\n{"prompt": "b", "presence_penalty": 0.5}\n')   # vLLM's
+    p = run_gpt2job(["prompts", src, tmp_path / "in.h5", "--overwrite"], check=0)
+    assert p.stderr.count("warning") == 1 and "line 1: field 'presence_penalty' is not a gpt2job setting (vLLM's): " \
+        "ignored" in p.stderr, p.stderr
 
 
 def test_validate_takes_a_jsonl_file_as_run_does(tmp_path):

@@ -1,7 +1,8 @@
 """How the master and its workers talk: one small interface, two transports.
 
-Master side (what MpiChannel, ThreadChannel and Mux each offer): send_chunk, send_stop, poll (every message
-waiting), take_reports (the progress reports poll set aside), wait (idle a moment), flush.
+Master side (what MpiChannel, ThreadChannel and Mux each offer): send_chunk (encode_ahead: its buffer made before),
+send_stop, poll (every message waiting), take_reports (the progress reports poll set aside), progress (moves sends
+on), wait (idle a moment), flush, forget (a rank gone), owns_process, abort, join (the master's own worker).
   * MpiChannel: the worker ranks 1..N-1. Chunks and results travel as int64 buffers (Isend/Recv; the master
     never blocks on one worker); hello, error and stop are small pickled messages.
   * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.
@@ -318,7 +319,7 @@ class MpiMasterLink:
             buf = np.empty(self.status.Get_count(self.MPI.INT64_T), dtype=np.int64)
             self.comm.Recv(buf, source=0, tag=TAG_WORK)
             return decode_chunk(buf)
-        self.end_without_finalize = self.comm.recv(source=0, tag=self.status.Get_tag()) == STOP_AFTER_DEATH
+        self.peer_died = self.comm.recv(source=0, tag=self.status.Get_tag()) == STOP_AFTER_DEATH   # (ULFM)
         return STOP
 
     def _wait_for_message(self, block):
@@ -341,8 +342,7 @@ class MpiMasterLink:
         self.sending.append((self.comm.Isend(buf, dest=0, tag=TAG_RESULT), buf))
 
     def send_progress(self, chunk_id, tokens):
-        """The tokens of the chunk generated so far, to the master; never waits (skipped while MAX_REPORTS_IN_FLIGHT
-        earlier ones are on their way)."""
+        """Tokens of the chunk generated so far, to the master; never waits (none while MAX_REPORTS_IN_FLIGHT are)."""
         self.reporting = [x for x in self.reporting if not x[0].Test()]
         if len(self.reporting) >= MAX_REPORTS_IN_FLIGHT:
             return

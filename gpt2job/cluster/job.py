@@ -51,8 +51,11 @@ def master_gpu_slot(s: JobSettings, comm, n_node_workers):
 
 def run_job(s: JobSettings):
     # SIGUSR1 reaches every rank (mpirun, Slurm): the master acts on it (stop_on_sigusr1) from before MPI's set-up,
-    # which waits for every rank to start; the other ranks ignore it
+    # which waits for every rank to start; the other ranks ignore it. So do they Ctrl-C (SIGINT: srun and MPICH's
+    # launcher pass it to every rank): the master ends the job, and a worker gone first would leave it waiting
     stop, restore_usr1 = stop_on_sigusr1(act=world_rank() in (None, 0))
+    if world_rank() not in (None, 0) and threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
         fault_plan = faults.parse_plan(envs.get("GPT2JOB_FAULT"))   # tests only; empty otherwise
         comm = mpi_comm()

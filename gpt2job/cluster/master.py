@@ -35,7 +35,7 @@ START_GRACE_S = 10.0    # longest wait for slow-starting workers before the read
 class Master:
     def __init__(self, s: JobSettings, comm, fault_plan=None, channel=None, stop=None):
         self.s = s
-        self.stop = stop or threading.Event()   # set (SIGUSR1, job.py): no more chunks go out, those out are waited for
+        self.stop_asked = stop or threading.Event()   # set (SIGUSR1, job.py): no more chunks out, those out waited for
         # the workers: MPI ranks 1..N-1 (known from the start, so that every end path can stop them), and the
         # master's own thread, added by run() when the master computes; or a channel given (benchmarks/master_scale.py)
         self.channel = Mux([channel] if channel is not None else
@@ -197,7 +197,7 @@ class Master:
             self.workers[0].host = socket.gethostname()
         last_check = 0.0
         self.ending.start_clock()
-        while (self.sched.rows_left() and not (self.stop.is_set() and self.live())) or self.store.committing() \
+        while (self.sched.rows_left() and not (self.stop_asked.is_set() and self.live())) or self.store.committing() \
                 or any(w.outstanding for w in self.live()) or self.received:   # (stopped, no worker left: that error)
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
@@ -302,7 +302,7 @@ class Master:
     def feed(self, w, upto=None):
         """Hand w chunks until it holds upto of them (default: its window) or none are left; one at most while a
         worker is not ready and chunks are of equal work (about one per worker: the late worker finds its own)."""
-        if w.retired or self.stop.is_set():
+        if w.retired or self.stop_asked.is_set():
             return
         upto = self.sched.window(w) if upto is None else upto
         n_active = max(1, len(self.live()))
@@ -376,7 +376,7 @@ def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None, stop=None):
                 m.run(gpu_slot)
             m.progress.close()
             missing = int((~m.store.done).sum())
-            if missing and m.stop.is_set():   # what the workers did until the stop, then the stop's line
+            if missing and m.stop_asked.is_set():   # what the workers did until the stop, then the stop's line
                 print_summary(m.summary(), verb=m.verb, stopped=True)
                 raise m.ending.stopped_early(m.store, s.output, s.overwrite)
             if missing:   # never mark an output finished with a row missing, whatever went wrong above

@@ -229,7 +229,7 @@ def work(s: JobSettings, link, rank, gpu_slot, fault_plan):
 def run_worker(s: JobSettings, comm, gpu_slot, fault_plan):
     link = MpiMasterLink(comm)
     work(s, link, comm.Get_rank(), gpu_slot, fault_plan)
-    if getattr(link, "end_without_finalize", False):   # a rank died (ULFM): see ulfm.STOP_AFTER_DEATH
+    if getattr(link, "peer_died", False):   # the master's stop said a rank died (ULFM): ulfm.STOP_AFTER_DEATH
         end_without_finalize(0)
     return 0
 

@@ -8,7 +8,7 @@ from array import array
 import numpy as np
 
 from gpt2job.errors import UserError
-from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP, near_setting
+from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP, misnamed
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
 KNOWN = (*ROW_DATASETS, "prompt", "text", "tokens", "prompt_tokens")   # the fields gpt2job reads from a line
@@ -28,15 +28,12 @@ class JsonlRows:
         one that is surely a setting misnamed (temprature, topP, vLLM's max_tokens: ignored, it ran the row with the
         flag's value) is refused, and one that resembles a setting (step, seeds) is warned of once."""
         for key in obj:
-            if key not in KNOWN:
-                setting, sure = near_setting(str(key))
-                if sure:
-                    raise UserError(f"field {key!r} is not a gpt2job field (did you mean {setting!r}?)", path,
-                                    f"line {n}", f"name it {setting!r}, or rename it if it is your own data")
-                if setting and key not in self.warned:
+            if key not in KNOWN and (hit := misnamed(str(key))):
+                if hit[1]:
+                    raise UserError(f"field {key!r} {hit[0]}", path, f"line {n}", hit[1])
+                if key not in self.warned:
                     self.warned.add(key)
-                    sys.stderr.write(f"gpt2job: warning: {path}: line {n}: field {key!r} is not a gpt2job field and "
-                                     f"is ignored (a setting is named {setting!r})\n")
+                    sys.stderr.write(f"gpt2job: warning: {path}: line {n}: field {key!r} {hit[0]}\n")
         for name in ROW_DATASETS:
             if name in obj and obj[name] is not None:
                 v = _value(name, obj[name], path, n)

@@ -29,7 +29,13 @@ STOP = "stop"
 ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
-ALIASES = {"max_tokens": "max_new_tokens"}   # vLLM's and OpenAI's name for it
+ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}   # vLLM's and OpenAI's names
+# settings a row cannot have: the job's flags (a row with one would silently take the flag's value) ...
+JOB_WIDE = {"stop_token_ids": "--stop-token-ids", "ignore_eos": "--ignore-eos", "logprobs": "--logprobs",
+            "top_logprobs": "--top-logprobs", "num_samples": "--num-samples"}
+# ... and vLLM's sampling parameters that gpt2job does not have ("n" may be the user's own field: warned of alone)
+NOT_GPT2JOB = ("presence_penalty", "frequency_penalty", "min_p", "min_tokens", "best_of", "n", "logit_bias",
+               "length_penalty", "use_beam_search", "skip_special_tokens", "include_stop_str_in_output")
 NO_VALUE = "NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
 FIX = f"one value per row; {NO_VALUE}"
 STOP_FIX = "write stop strings as variable-length UTF-8 strings, [N] or [N, K]; \"\" for none"
@@ -131,7 +137,6 @@ def _edits(a, b):
     return row[-1]
 
 
-@functools.lru_cache(maxsize=4096)   # asked for every JSONL line's own fields (an "id" on each of millions of lines)
 def near_setting(key):
     """(the per-row setting a JSONL field's or an input dataset's name stands for, or resembles; whether surely):
     surely for another spelling (topP, Max-New-Tokens), a known alias (max_tokens) or a long name two edits from one
@@ -145,20 +150,32 @@ def near_setting(key):
     return (near[0] if near else None), False
 
 
+@functools.lru_cache(maxsize=4096)   # asked for every JSONL line's own fields (an "id" on each of millions of lines)
+def misnamed(key):
+    """What a JSONL field or an input dataset that gpt2job does not read stands for: (what, fix) when it surely is a
+    setting its rows would silently go without (temprature, topP, vLLM's max_tokens, a job-wide flag's name): refused;
+    (what, None) when it may be one (step ~ stop, vLLM's presence_penalty): warned of; None: the user's own data."""
+    if key in JOB_WIDE:
+        return (f"is a setting of the whole job ({JOB_WIDE[key]}), not of a row",
+                f"give {JOB_WIDE[key]} on the command line, or rename it if it is your own data")
+    if key in NOT_GPT2JOB:
+        return "is not a gpt2job setting (vLLM's): ignored", None
+    setting, sure = near_setting(key)
+    if sure:
+        return f"is not a gpt2job setting (did you mean {setting!r}?)", f"name it {setting!r}, or rename it if it is " \
+            "your own data"
+    return (f"is not a gpt2job setting: ignored (a per-row setting is named {setting!r})", None) if setting else None
+
+
 def check_names(path, f, known):
-    """An input's top-level names other than known (its prompts) and the per-row datasets: one that is surely a setting
-    misnamed (temprature, topP, vLLM's max_tokens) is refused, as in a JSONL line (its rows would silently take the
-    flag's value); one that resembles a setting (step, seeds) is warned of; the rest are the user's own data."""
+    """An input's top-level names other than known (its prompts) and the per-row datasets, as misnamed() says: one
+    that surely is a setting is refused, as in a JSONL line; one that may be is warned of; the rest are the user's."""
     for key in f:
-        if key in known or key in ROW_DATASETS:
+        if key in known or key in ROW_DATASETS or not (hit := misnamed(str(key))):
             continue
-        setting, sure = near_setting(str(key))
-        if sure:
-            raise UserError(f"is not a gpt2job dataset (did you mean {setting!r}?)", path, key,
-                            f"name it {setting!r}, or rename it if it is your own data")
-        if setting:
-            sys.stderr.write(f"gpt2job: warning: {path}: dataset {key!r} is not a gpt2job dataset and is ignored (a "
-                             f"per-row setting is named {setting!r})\n")
+        if hit[1]:
+            raise UserError(hit[0], path, key, hit[1])
+        sys.stderr.write(f"gpt2job: warning: {path}: dataset {key!r} {hit[0]}\n")
 
 
 def may_have_stops(path):
@@ -200,7 +217,22 @@ def read_row_settings(path, n_rows, s):
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
             raise UserError(f"cannot be read ({first_line(e)})",
                             path, "per-row settings", "the file is damaged; write it again")
+        warn_greedy_rows(s.converted_from or path, given, values, s)   # (the file the user gave)
         return InputRowSettings(given, values, stops, "sha256:" + h.hexdigest()[:32])
+
+
+def warn_greedy_rows(path, given, values, s):
+    """Rows with their own top_k, top_p or seed that decode greedily (temperature 0, their own or the flag's): those
+    have no effect there, as the flags' own warning says (cli.py); a vLLM user expects sampling (its default is 1)."""
+    own = [n for n in ("top_k", "top_p", "seed") if n in given]
+    greedy = values["temperature"] == 0   # (resolved: a temperature below MIN_TEMPERATURE is 0 here)
+    hit = np.zeros(len(greedy), bool)
+    for name in own:
+        hit |= greedy & (values[name] != getattr(s, name))
+    if hit.any():
+        sys.stderr.write(f"gpt2job: warning: {path}: {plural(int(hit.sum()), 'row')} with their own {', '.join(own)} "
+                         f"decode greedily (temperature 0: their own or --temperature's), where those have no effect; "
+                         f"give them a temperature >= {MIN_TEMPERATURE} to sample\n")
 
 
 def _check_shape(path, ds, name, n_rows, ndims=(1,)):

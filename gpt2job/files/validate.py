@@ -178,7 +178,8 @@ def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
     from gpt2job.settings import JobSettings
     cfg = load_config(model)
     prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir))
-    rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens))
+    rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens,
+                                                             converted_from=shown if shown != path else ""))
     if rows is None or "max_new_tokens" not in rows.given:   # (rows with their own: each in validate)
         check_room(prompts, cfg.n_positions, max_new_tokens)
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
