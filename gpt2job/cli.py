@@ -352,10 +352,10 @@ def cmd_export(a):
 
 
 def cmd_validate(a):
-    from gpt2job.files.validate import check_input, report_validation
+    from gpt2job.files import input_check, validate
     if a.answer is None:
-        return check_input(a.output, a.model, a.max_new_tokens, a.vocab_dir)
-    return report_validation(a.output, a.answer, a.tolerance)
+        return input_check.check_input(a.output, a.model, a.max_new_tokens, a.vocab_dir)
+    return validate.report_validation(a.output, a.answer, a.tolerance)
 
 
 def cmd_build_kernels(a):
