@@ -25,8 +25,8 @@ class JsonlRows:
 
     def add(self, i, obj, path, n):
         """The settings fields of line n's object (prompt i), checked. Other fields are the user's own (an id), but
-        one that is surely a setting misnamed (temprature, topP, vLLM's max_tokens: ignored, it ran the row with the
-        flag's value) is refused, and one that resembles a setting (step, seeds) is warned of once."""
+        one that surely stands for a setting (row_settings.misnamed: temprature, vLLM's max_tokens, stop_token_ids) is
+        refused, and one that may (step, presence_penalty) is warned of once."""
         for key in obj:
             if key not in KNOWN and (hit := misnamed(str(key))):
                 if hit[1]:

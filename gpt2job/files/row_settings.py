@@ -33,7 +33,7 @@ ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tok
 # settings a row cannot have: the job's flags (a row with one would silently take the flag's value) ...
 JOB_WIDE = {"stop_token_ids": "--stop-token-ids", "ignore_eos": "--ignore-eos", "logprobs": "--logprobs",
             "top_logprobs": "--top-logprobs", "num_samples": "--num-samples"}
-# ... and vLLM's sampling parameters that gpt2job does not have ("n" may be the user's own field: warned of alone)
+# ... and vLLM's sampling parameters that gpt2job does not have: warned of, not refused ("n" may be the user's own)
 NOT_GPT2JOB = ("presence_penalty", "frequency_penalty", "min_p", "min_tokens", "best_of", "n", "logit_bias",
                "length_penalty", "use_beam_search", "skip_special_tokens", "include_stop_str_in_output")
 NO_VALUE = "NaN (float datasets) or a negative number (integer datasets) takes the flag's value"

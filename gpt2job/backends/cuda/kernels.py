@@ -152,8 +152,8 @@ def choose_variants(options, hopper):
     """The fp16 tile variants to compile: the options' (all, or those named), else the GPU's (hopper(): wgmma, TMA)."""
     variants = tuple(F16_TILES) if options.f16_variants == ALL_TILES else tuple(options.f16_variants)
     variants = variants or (F16_DEFAULT if hopper() else F16_DEFAULT_NOT_HOPPER)
-    for v in (v for v in variants if v not in F16_TILES):
-        raise UserError(f"unknown fp16 GEMM variant {v!r}", None, "GPT2JOB_F16_VARIANTS",
+    if unknown := [v for v in variants if v not in F16_TILES]:
+        raise UserError(f"unknown fp16 GEMM variant {unknown[0]!r}", None, "GPT2JOB_F16_VARIANTS",
                         "unset it, or name variants of F16_TILES in gpt2job/backends/cuda/kernels.py (or all)")
     return variants
 
