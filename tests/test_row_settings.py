@@ -9,7 +9,8 @@ import pytest
 from conftest import TINY_HF, read_output, run_gpt2job, write_token_input
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.errors import UserError
-from gpt2job.files.row_settings import StopTable, read_row_settings
+from gpt2job.files.row_settings import read_row_settings
+from gpt2job.files.row_stops import StopTable
 from gpt2job.settings import JobSettings
 
 SMALL = "random:n_layer=2,n_head=2,n_embd=32,vocab_size=50257"
@@ -372,7 +373,7 @@ def test_a_worker_builds_the_stop_token_table_before_it_is_ready(tmp_path, vocab
     second) and runs a matcher once, so that the first chunk does not; without stop strings it does not load the
     tokenizer at all."""
     from gpt2job.cluster.worker import build_backend
-    from gpt2job.files.row_settings import may_have_stops
+    from gpt2job.files.row_stops import may_have_stops
     from gpt2job.model.stops import token_bytes
     plain, stopped, text = tmp_path / "plain.h5", tmp_path / "stop.h5", tmp_path / "p.txt"
     make_input(plain)

@@ -27,7 +27,7 @@ from gpt2job.cluster.ulfm import end_without_finalize
 from gpt2job.cluster.channel import STOP, MpiMasterLink, QueueMasterLink
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.errors import UserError
-from gpt2job.files.row_settings import may_have_stops
+from gpt2job.files.row_stops import may_have_stops
 from gpt2job.model import stops
 from gpt2job.model.weights import load_config, load_params
 from gpt2job.settings import JobSettings

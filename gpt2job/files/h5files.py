@@ -94,3 +94,14 @@ def reading(path, field="file", fix=DAMAGED_OUTPUT_FIX):
             raise UserError(f"cannot be read ({os.strerror(errno_of(e))})", path, field,
                             "check the file system, then run this again") from None
         raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, field, fix) from None
+
+
+def check_rows_shape(path, ds, name, n_rows, fix, ndims=(1,)):
+    """An input's per-row dataset: a dataset of N rows ([N], or [N, K] where ndims allows), else one clear line."""
+    import h5py
+    if not isinstance(ds, h5py.Dataset):
+        raise UserError("is a group, not a dataset", path, name, fix)
+    if ds.ndim not in ndims or ds.shape[0] != n_rows:
+        want = " or ".join({1: "[N]", 2: "[N, K]"}[d] for d in ndims)
+        raise UserError(f"has shape {ds.shape}: it must be {want} with N = {n_rows}, one entry per prompt", path,
+                        name, fix)

@@ -78,7 +78,7 @@ def check_room(path, need, allocated=0):
 
 def make_header(path, n, key, attrs, text, vocab_dir, flush_interval, stops=None):
     """What a writer needs to create the output (JSON-able): the prompt lengths travel beside it. stops: the job's
-    stops (row_settings.stops_header), None when it has none."""
+    stops (row_stops.stops_header), None when it has none."""
     return {"path": path, "n": int(n), "key": key, "attrs": attrs, "text": bool(text), "vocab_dir": vocab_dir,
             "flush_interval": flush_interval, "stops": stops}
 
@@ -164,7 +164,7 @@ class RowWriter:
     def __init__(self, f, text=None, stops=None):
         """text: the TokenText the rows' text is made with (None: prepare() is given it, or the output has none)."""
         from h5py import h5t
-        self.f, self.stops = f, stops     # stops: a row_settings.StopTable, or None
+        self.f, self.stops = f, stops     # stops: a row_stops.StopTable, or None
         self.vint = h5t.vlen_create(h5t.NATIVE_INT32)
         self.vstr = h5t.C_S1.copy()
         self.vstr.set_size(h5t.VARIABLE)

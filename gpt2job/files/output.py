@@ -110,7 +110,7 @@ class OutputStore:
         self.enc = tokenizer
         self.text = TokenText(tokenizer) if tokenizer is not None else None
         self.vocab_dir = vocab_dir     # where a writer process loads the same tokenizer
-        self.stops = stops             # the job's stops for the writer (row_settings.stops_header), or None
+        self.stops = stops             # the job's stops for the writer (row_stops.stops_header), or None
         self.done = np.zeros(n_rows, dtype=bool)
         self.writer = None
         self.inflight = None   # (added, fresh, bytes) of the group whose journal write is in flight

@@ -8,7 +8,8 @@
 
 A row without a value takes the job's flag (--max-new-tokens, ..., --stop). Every value is read into NumPy arrays
 (about 44 bytes a row, resolved, plus the stop strings' bytes) and checked before work starts: the first bad row
-of a dataset is one clear line (UserError, exit 2). Only `stop` makes a Python object per row, while it is read.
+of a dataset is one clear line (UserError, exit 2). Only `stop` makes a Python object per row, while it is read
+(files/row_stops.py).
 """
 import difflib
 import functools
@@ -19,13 +20,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.chunks import ROW_FIELDS, RowParams, pack_stops, take_ragged, unpack_stops
+from gpt2job.chunks import ROW_FIELDS, RowParams
 from gpt2job.errors import UserError, first_line, plural
+from gpt2job.files.h5files import check_rows_shape
 from gpt2job.files.prompts import PROMPT_DATASETS
+from gpt2job.files.row_stops import STOP, StopTable, read_stop_dataset
 from gpt2job.settings import MIN_TEMPERATURE
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
-STOP = "stop"
 ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
 BLOCK_ROWS = 1 << 18
@@ -38,7 +40,6 @@ NOT_GPT2JOB = ("presence_penalty", "frequency_penalty", "min_p", "min_tokens", "
                "length_penalty", "use_beam_search", "skip_special_tokens", "include_stop_str_in_output")
 NO_VALUE = "NaN (float datasets) or a negative number (integer datasets) takes the flag's value"
 FIX = f"one value per row; {NO_VALUE}"
-STOP_FIX = "write stop strings as variable-length UTF-8 strings, [N] or [N, K]; \"\" for none"
 
 # (what a value must be, the test on the values as stored: float64/float32/int32/int64 arrays)
 RULES = {
@@ -75,47 +76,6 @@ class InputRowSettings:
 
     def describe(self):
         return f"per-row {', '.join(self.given)} from the input"
-
-
-class StopTable:
-    """Each row's stop strings: the input's `stop` dataset where a row has some, else the job's --stop. Flat arrays
-    (RowParams' form): row i's own are raw_bytes[raw_offsets[i]:raw_offsets[i+1]], none when that is empty."""
-
-    def __init__(self, job_stops, raw_offsets=None, raw_bytes=None, ids=(), eos=None, num_samples=1):
-        self.job = tuple(job_stops)
-        self.num_samples = num_samples     # of(): output rows, sample r % N of input row r // N (--num-samples N)
-        self.ids, self.eos = frozenset(int(i) for i in ids), eos   # stop token ids; EOS when it stops a row
-        blob = np.frombuffer(pack_stops(self.job), np.uint8)
-        self.per_row = raw_offsets is not None
-        if self.per_row:
-            # the job's strings as one more row at the end (row N), which rows without their own point to
-            self.offsets = np.append(raw_offsets, raw_offsets[-1] + len(blob)).astype(np.int64)
-            self.bytes = np.concatenate([raw_bytes, blob]).astype(np.uint8)
-            self.n = len(raw_offsets) - 1
-        self.job_blob = blob
-
-    def take(self, rows):
-        """(offsets [B+1], bytes) of these rows' stop strings."""
-        rows = np.asarray(rows, np.int64)
-        if not self.per_row:
-            b = len(self.job_blob)
-            return np.arange(len(rows) + 1, dtype=np.int64) * b, np.tile(self.job_blob, len(rows))
-        own = self.offsets[rows + 1] > self.offsets[rows]
-        return take_ragged(self.offsets, self.bytes, np.where(own, rows, self.n))
-
-    def id_reason(self, last_token):
-        """stop_reason of a row that ended at a stop token (FINISH_STOP): a stop token id as decimal text, "" for EOS
-        (vLLM: None for EOS, the id for stop_token_ids)."""
-        t = int(last_token)
-        return "" if t == self.eos or t not in self.ids else str(t)
-
-    def of(self, row):
-        """Output row row's stop strings (those of its input row): a tuple of str."""
-        if not self.per_row:
-            return self.job
-        row //= self.num_samples
-        raw = self.bytes[self.offsets[row]:self.offsets[row + 1]]
-        return unpack_stops(raw) if len(raw) else self.job
 
 
 def present(f):
@@ -178,21 +138,6 @@ def check_names(path, f, known):
         sys.stderr.write(f"gpt2job: warning: {path}: dataset {key!r} {hit[0]}\n")
 
 
-def may_have_stops(path):
-    """Whether a worker should prepare the stop strings' table: the input is a JSONL file (its lines may give "stop";
-    the master converts it, a worker does not read it), or an HDF5 file with a `stop` dataset (False when it cannot
-    be read: the master reports that)."""
-    from gpt2job.files.h5files import JSONL_EXTENSIONS
-    if str(path).lower().endswith(JSONL_EXTENSIONS):
-        return True
-    try:
-        import h5py
-        with h5py.File(path, "r") as f:
-            return STOP in f
-    except Exception:
-        return False
-
-
 def read_row_settings(path, n_rows, s):
     """The input's per-row settings resolved against the job's flags (JobSettings s), every value checked; None
     when the input has none of the datasets (the job's flags then hold for every row, as before)."""
@@ -235,17 +180,6 @@ def warn_greedy_rows(path, given, values, s):
                          f"give them a temperature >= {MIN_TEMPERATURE} to sample\n")
 
 
-def _check_shape(path, ds, name, n_rows, ndims=(1,)):
-    import h5py
-    fix = STOP_FIX if name == STOP else FIX
-    if not isinstance(ds, h5py.Dataset):
-        raise UserError("is a group, not a dataset", path, name, fix)
-    if ds.ndim not in ndims or ds.shape[0] != n_rows:
-        want = " or ".join({1: "[N]", 2: "[N, K]"}[d] for d in ndims)
-        raise UserError(f"has shape {ds.shape}: it must be {want} with N = {n_rows}, one entry per prompt", path,
-                        name, fix)
-
-
 def _refuse(path, name, bad_rows_first, n_bad, what, got):
     raise UserError(f"row {bad_rows_first} is {got}: each value must be {what} "
                     f"({plural(n_bad, 'row')} bad)", path, name, FIX)
@@ -253,7 +187,7 @@ def _refuse(path, name, bad_rows_first, n_bad, what, got):
 
 def _read_numeric(path, ds, name, n_rows, default, h):
     """One numeric dataset resolved: [N] of its ROW_FIELDS dtype; h hashes it as stored."""
-    _check_shape(path, ds, name, n_rows)
+    check_rows_shape(path, ds, name, n_rows, FIX)
     kind = ds.dtype.kind
     if kind not in "iuf":
         raise UserError(f"has dtype {ds.dtype}: it must be numbers", path, name,
@@ -303,90 +237,3 @@ def _convert(raw, kind, name, dtype):
 def _show(v):
     v = v.item() if hasattr(v, "item") else v
     return repr(v) if isinstance(v, float) else str(v)
-
-
-def read_stop_dataset(path, ds, n_rows, h=None):
-    """The `stop` dataset as flat arrays: (offsets int64 [N+1], bytes uint8): row i's stop strings, a NUL after
-    each, in bytes[offsets[i]:offsets[i+1]] (empty: the row has none of its own). h hashes it as stored."""
-    import h5py
-    _check_shape(path, ds, STOP, n_rows, (1, 2))
-    if h5py.check_string_dtype(ds.dtype) is None and ds.dtype.kind not in "SO":
-        raise UserError(f"has dtype {ds.dtype}: it must be UTF-8 strings", path, STOP, STOP_FIX)
-    lengths, pieces = [], []
-    first, n_bad = None, 0
-    if h is not None:
-        h.update(f"stop:{ds.shape[1:]}".encode())
-    for a in range(0, n_rows, BLOCK_ROWS):
-        raw = ds[a:a + BLOCK_ROWS]
-        raw = raw.reshape(len(raw), -1)
-        blobs = []
-        for i, row in enumerate(raw, a):
-            parts = []
-            for x in row:
-                b = x if isinstance(x, bytes) else str(x).encode("utf-8")
-                if not b:
-                    continue
-                try:
-                    b.decode("utf-8")
-                    good = b"\0" not in b
-                except UnicodeDecodeError:
-                    good = False
-                if not good:
-                    n_bad += 1
-                    first = first or (i, b)
-                    continue
-                parts.append(b + b"\0")
-            blobs.append(b"".join(parts))
-        lens = np.fromiter(map(len, blobs), np.int64, len(blobs))
-        blob = b"".join(blobs)
-        if h is not None:
-            h.update(lens.astype("<i8").tobytes())
-            h.update(blob)
-        lengths.append(lens)
-        pieces.append(np.frombuffer(blob, np.uint8))
-    if first is not None:
-        raise UserError(f"row {first[0]} is {first[1][:40]!r}: each stop string must be UTF-8 text without NUL "
-                        f"({plural(n_bad, 'string')} bad)", path, STOP, STOP_FIX)
-    offsets = np.zeros(n_rows + 1, np.int64)
-    if lengths:
-        np.cumsum(np.concatenate(lengths), out=offsets[1:])
-    return offsets, (np.concatenate(pieces) if pieces else np.zeros(0, np.uint8))
-
-
-def stops_header(s, eos_token_id, rows):
-    """What the output's writer needs to know of the job's stops (JSON-able; h5write.make_header), None when the
-    job uses none (its output then has no stop_reason). rows: the input's InputRowSettings or None."""
-    per_row = rows is not None and STOP in rows.given
-    if not (s.stop or s.stop_token_ids or per_row):
-        return None
-    import os
-    return {"stop": list(s.stop), "stop_token_ids": sorted(int(i) for i in s.stop_token_ids),
-            "eos": None if s.ignore_eos else int(eos_token_id), "input": os.path.abspath(s.input) if per_row else None,
-            "num_samples": s.num_samples}
-
-
-def stop_table_of(header):
-    """The StopTable of a writer (from stops_header), the input's `stop` dataset read again (rather than sent
-    through the writer's pipe) where the job has one; None when the job uses no stops."""
-    st = header.get("stops")
-    if not st:
-        return None
-    so = sb = None
-    n_samples = int(st.get("num_samples", 1))        # the output's rows: input rows x --num-samples
-    if st.get("input"):
-        import h5py
-        with h5py.File(st["input"], "r") as f:
-            so, sb = read_stop_dataset(st["input"], f[STOP], header["n"] // n_samples)
-    return StopTable(st["stop"], so, sb, st["stop_token_ids"], st["eos"], n_samples)
-
-
-def check_job_stops(s, vocab_size, rows, enc):
-    """Before work starts: every --stop-token-ids id in the vocabulary; stop strings need the tokenizer (they are
-    matched on the generated text)."""
-    bad = [i for i in s.stop_token_ids if not 0 <= i < vocab_size]
-    if bad:
-        raise UserError(f"{', '.join(map(str, bad))} outside the vocabulary 0..{vocab_size - 1}",
-                        field="--stop-token-ids", fix="give ids of this model's vocabulary")
-    if enc is None and (s.stop or (rows is not None and STOP in rows.given)):
-        raise UserError("stop strings need the tokenizer, which was not found", field="--stop" if s.stop else STOP,
-                        fix="pass --vocab-dir (or set GPT2_VOCAB_DIR) to a folder with vocab.bpe and encoder.json")

@@ -38,7 +38,7 @@ def text_main(parent, index=0):
         from gpt2job.files.h5write import concat, token_text
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
-        from gpt2job.files.row_settings import stop_table_of
+        from gpt2job.files.row_stops import stop_table_of
         from gpt2job.files.text import RowText, Text
         inbox, maker = Inbox(sys.stdin.fileno(), spent), None
         while (msg := inbox.next()) is not None:

@@ -32,7 +32,7 @@ import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output
 from gpt2job.files.pipes import MSG, grow_pipe, start_process, units
-from gpt2job.files.row_settings import stop_table_of
+from gpt2job.files.row_stops import stop_table_of
 
 QUEUE_BYTES = 256 << 20       # results the master may have queued for the writer before put() waits
 MAX_QUEUED_ROWS = 1 << 22     # the same for the writer thread, in rows

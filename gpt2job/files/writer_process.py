@@ -12,7 +12,7 @@ import time
 
 from gpt2job.files.h5write import RowWriter, concat, create_output
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
-from gpt2job.files.row_settings import stop_table_of
+from gpt2job.files.row_stops import stop_table_of
 from gpt2job.files.writer import close_quietly, flush_quietly
 
 
