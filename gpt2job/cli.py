@@ -355,7 +355,7 @@ def cmd_validate(a):
     from gpt2job.files import input_check, validate
     if a.answer is None:
         return input_check.check_input(a.output, a.model, a.max_new_tokens, a.vocab_dir)
-    return validate.report_validation(a.output, a.answer, a.tolerance)
+    return validate.report_validation(a.output, a.answer, a.tolerance, field="answer")
 
 
 def cmd_build_kernels(a):

@@ -132,6 +132,8 @@ def test_validate_against_answer_file(tmp_path, token_input, expected):
     assert_one_clear_line(run_gpt2job(["validate", out, answer]), str(answer), "int64 tokens, not int32")
     answer.write_bytes(b"")   # an empty answer passed ("0 of 0 tokens differ: PASS")
     assert_one_clear_line(run_gpt2job(["validate", out, answer]), str(answer), "0 bytes is not")
+    nope = tmp_path / "nope.bin"   # named as the command names it (it said --validate, run's flag)
+    assert_one_clear_line(run_gpt2job(["validate", out, nope]), f"{nope}: answer: no such file")
     with h5py.File(tmp_path / "strs.h5", "w") as f:   # not token ids: a ValueError traceback, exit 1
         f.create_dataset("completion_tokens", data=np.array(["a"] * 8, object), dtype=h5py.string_dtype())
         f["done"] = np.ones(8, np.uint8)

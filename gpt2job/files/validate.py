@@ -50,20 +50,21 @@ class _Expected:
     ends where that job ended it, so our row's length is compared too) or an int32 answer file [N, new_tokens]
     (every row, as wide as the file)."""
 
-    def __init__(self, stack, path, n_rows):
+    def __init__(self, stack, path, n_rows, field):
+        self.field = field   # how the user named the file: run's --validate, the validate command's answer
         if not os.path.isfile(path):
-            raise UserError("no such file", path, "--validate", "give the expected-tokens file")
+            raise UserError("no such file", path, field, "give the expected-tokens file")
         self.h5 = has_hdf5_signature(path)   # (else an int32 answer file, whatever its name)
         self.path, self.exact, self.int64_like = path, self.h5, None
         if self.h5:
             self.f, n = _open_output(stack, path)
             if n != n_rows:
-                raise UserError(f"has {n} rows, the output has {n_rows}", path, "--validate",
+                raise UserError(f"has {n} rows, the output has {n_rows}", path, field,
                                 "compare outputs of the same input")
             return
         size = os.path.getsize(path)
         if n_rows == 0 or size == 0 or size % (4 * n_rows):
-            raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, "--validate",
+            raise UserError(f"{size} bytes is not {n_rows} rows of int32", path, field,
                             "give an int32 file of shape [N, new_tokens] with one row per prompt")
         self.arr = np.memmap(path, dtype="<i4", mode="r").reshape(n_rows, -1)
         self.int64_like = self.arr.shape[1] >= 4 and self.arr.shape[1] % 2 == 0   # until a block says otherwise
@@ -85,14 +86,14 @@ class _Expected:
 
     def check_width(self):
         if self.int64_like and self.seen_low:
-            raise UserError("every second int32 is 0: int64 tokens, not int32", self.path, "--validate",
+            raise UserError("every second int32 is 0: int64 tokens, not int32", self.path, self.field,
                             "write the tokens as int32, e.g. numpy: tokens.astype('<i4').tofile(path)")
 
 
 def check_answer(path, n_rows):
     """The UserError report_validation would raise for an expected-tokens file of the wrong size or row count."""
     with contextlib.ExitStack() as stack:
-        _Expected(stack, path, n_rows)
+        _Expected(stack, path, n_rows, "--validate")
 
 
 def compare(ours, expected, exact=False):
@@ -114,14 +115,14 @@ def compare(ours, expected, exact=False):
     return total, mismatched, first
 
 
-def report_validation(output, expected_path, tolerance, out=sys.stdout):
+def report_validation(output, expected_path, tolerance, out=sys.stdout, field="--validate"):
     """Compare a finished output's tokens with expected_path's (the exit code: 0 within tolerance; 0 when no
     reference is given), a block of rows at a time."""
     if not expected_path:
         return 0
     with contextlib.ExitStack() as stack:
         f, n = _open_output(stack, output)
-        exp = _Expected(stack, expected_path, n)
+        exp = _Expected(stack, expected_path, n, field)
         total = bad = compared = 0
         first = None
         for a in range(0, n, BLOCK):
@@ -134,7 +135,7 @@ def report_validation(output, expected_path, tolerance, out=sys.stdout):
                 first = (a + int(rows[fb[0]]), *fb[1:])
         exp.check_width()
     if compared == 0:
-        raise UserError("has no completed row to compare with", expected_path, "--validate",
+        raise UserError("has no completed row to compare with", expected_path, field,
                         "give a finished output, or rerun its job to finish it")
     if compared < n:   # an unfinished expected output: its missing rows are no evidence either way
         out.write(f"gpt2job: validate: {n - compared:,} of {n:,} rows are not done in "
