@@ -99,6 +99,31 @@ def test_flat_layout_resumes_and_refuses_the_other_layout(tmp_path):
     assert json.loads(read_output(out)["attrs"]["settings"])["layout"] == "flat"
 
 
+def test_rows_marked_done_past_the_values_written_say_resume_not_overwrite(tmp_path):
+    """A job stopped mid-write can leave rows marked done whose values never reached the file (HDF5 is not written in
+    order): export, show and validate failed with an IndexError traceback on the flat layout (and called the default
+    layout's file damaged, advising --overwrite: every completed row lost). Now one line; with the job's journal
+    there (an unfinished output), the fix is the rerun that rebuilds the file."""
+    from gpt2job.errors import UserError
+    from gpt2job.files.export import export
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, prompts(60, seed=2))
+    run_gpt2job(["run", inp, out, "--model", "random:n_layer=1,n_head=2,n_embd=32,vocab_size=50257", "--backend",
+                 "numpy", "--max-new-tokens", "5", "--layout", "flat", "--no-dedup"], check=0)
+    with h5py.File(out, "r+") as f:
+        data = f["completion_tokens_data"]
+        data.resize((len(data) - 7,))   # the last rows' tokens cut off
+        f.attrs["finished"] = 0
+    with pytest.raises(UserError) as e:
+        export(str(out), str(tmp_path / "o.jsonl"), True)
+    assert "the file is damaged" in str(e.value) and "past the end of completion_tokens_data" in str(e.value)
+    (tmp_path / "out.h5.journal").write_bytes(b"")   # its job's journal: an unfinished output
+    p = run_gpt2job(["export", out, tmp_path / "o.jsonl"])
+    assert p.returncode == 2 and "Traceback" not in p.stderr and p.stderr.count("error") == 1, p.stderr
+    assert "cannot be read: its job stopped while writing it" in p.stderr and "--overwrite" not in p.stderr, p.stderr
+    assert f"run the same command again: it resumes, rebuilding the file from {out}.journal" in p.stderr, p.stderr
+
+
 def test_text_span_and_gather():
     buf = np.frombuffer(b"ab\0\0xyz\0c\0", np.uint8)
     blob, st, sizes = h5flat.text_span(buf, np.array([0, 3, 4, 8]), np.array([2, 0, 3, 1]))    # consecutive: one slice

@@ -159,6 +159,9 @@ def test_validate_against_an_output_compares_row_ends_and_only_its_done_rows(tmp
     n = len(expected.greedy_ignore_eos)
     assert f"{n - 1:,} of {n:,} rows are not done in {part}: compared the other 1" in p.stdout, p.stdout
     assert f"0 of {expected.max_new} tokens differ" in p.stdout and "PASS" in p.stdout, p.stdout
+    p = run_gpt2job(["validate", part, tmp_path / "long.h5"], check=0)   # ours unfinished (a stopped job's): the same
+    assert f"{n - 1:,} of {n:,} rows are not done in {part} or {tmp_path / 'long.h5'}: compared the other 1" \
+        in p.stdout and "PASS" in p.stdout, p.stdout   # (its rows not done counted as every token differing: FAIL)
 
 
 def test_a_job_says_what_it_starts_ends_at_100_percent_and_reports_busy_workers(tmp_path):

@@ -105,5 +105,5 @@ def test_a_job_of_a_million_rows_with_the_default_layout_says_flat_writes_it_fas
     assert main(["run", str(inp), str(out), *TINY, "--layout", layout, "--vocab-dir", str(VOCAB_DIR)]) == 0
     notes = [x for x in capsys.readouterr().err.splitlines() if "--layout flat" in x]
     assert notes == ([] if layout == "flat" else
-                     ['gpt2job: note: for 4 rows, --layout flat writes the output about twice as fast '
-                      '(README, "The flat layout")'])
+                     ['gpt2job: note: for 4 rows, --layout flat writes the output about twice as fast on nodes of '
+                      'many cores (README, "The flat layout")'])

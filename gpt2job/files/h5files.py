@@ -79,10 +79,12 @@ DAMAGED_OUTPUT_FIX = "compute it again: the same run command with --overwrite"
 
 
 @contextlib.contextmanager
-def reading(path, field="file", fix=DAMAGED_OUTPUT_FIX):
+def reading(path, field="file", fix=None):
     """Reads of an open HDF5 file: where they fail, one line naming the file, not a traceback. HDF5 itself failing
     (a damaged file) raises an OSError without an errno, a KeyError or RuntimeError "Unable to ...", "Can't ..." or
-    "... failed"; an OSError with one is the system's (EIO). A closed pipe (show's output) is not the file's."""
+    "... failed"; an OSError with one is the system's (EIO). A closed pipe (show's output) is not the file's. An
+    output with a journal is a job's unfinished one: a job stopped by a signal may leave rows marked done whose
+    values never reached the file (HDF5 is not written in order), and a rerun rebuilds them from the journal."""
     try:
         yield
     except (KeyError, OSError, RuntimeError) as e:
@@ -93,7 +95,12 @@ def reading(path, field="file", fix=DAMAGED_OUTPUT_FIX):
         if isinstance(e, OSError) and errno_of(e) is not None:
             raise UserError(f"cannot be read ({os.strerror(errno_of(e))})", path, field,
                             "check the file system, then run this again") from None
-        raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, field, fix) from None
+        if fix is None and os.path.exists(f"{path}{JOURNAL_SUFFIX}"):   # (an input's reads give their own fix)
+            raise UserError(f"cannot be read: its job stopped while writing it (HDF5: {why})", path, field,
+                            f"run the same command again: it resumes, rebuilding the file from {path}{JOURNAL_SUFFIX}; "
+                            "then this again") from None
+        raise UserError(f"cannot be read, the file is damaged (HDF5: {why})", path, field,
+                        fix or DAMAGED_OUTPUT_FIX) from None
 
 
 def check_rows_shape(path, ds, name, n_rows, fix, ndims=(1,)):

@@ -186,6 +186,9 @@ def _gather(data, start, count):
     order = np.argsort(start, kind="stable")
     s, e = start[order], start[order] + count[order]
     reach = np.maximum.accumulate(e)
+    if int(reach[-1]) > len(data):   # rows marked done whose values never reached the file: a job stopped mid-write
+        raise OSError(f"Unable to read rows past the end of {data.name.lstrip('/')} ({int(reach[-1]):,} > "
+                      f"{len(data):,})")
     new = np.ones(n, bool)
     new[1:] = s[1:] > reach[:-1] + READ_GAP
     runs = np.flatnonzero(new)

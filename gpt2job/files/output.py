@@ -216,7 +216,7 @@ class OutputStore:
                              FLUSH_SECONDS, self.stops)
         if self.n >= BIG_JOB_ROWS and self.enc is not None and not h5flat.wanted(header):
             sys.stderr.write(f"gpt2job: note: for {self.n:,} rows, --layout flat writes the output about twice as "
-                             "fast (README, \"The flat layout\")\n")
+                             "fast on nodes of many cores (README, \"The flat layout\")\n")
         kind = envs.get("GPT2JOB_WRITER")
         if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
             self.writer = WriterProcess(header, self.prompt_lengths)

@@ -123,23 +123,27 @@ def report_validation(output, expected_path, tolerance, out=sys.stdout, field="-
     with contextlib.ExitStack() as stack:
         f, n = _open_output(stack, output)
         exp = _Expected(stack, expected_path, n, field)
-        total = bad = compared = 0
+        total = bad = compared = unfinished = 0
         first = None
         for a in range(0, n, BLOCK):
             b = min(n, a + BLOCK)
+            with reading(output):   # (an unfinished output's rows not done are no evidence either: a stopped job's)
+                mine = f["done"][a:b] == 1
+            unfinished += int((~mine).sum())
             ours, (expected, take) = _token_rows(f, output, a, b), exp.block(a, b)
-            rows = np.flatnonzero(take)
+            rows = np.flatnonzero(take & mine)
             t, m, fb = compare([ours[i] for i in rows], [expected[i] for i in rows], exp.exact)
             total, bad, compared = total + t, bad + m, compared + len(rows)
             if fb and first is None:
                 first = (a + int(rows[fb[0]]), *fb[1:])
         exp.check_width()
     if compared == 0:
-        raise UserError("has no completed row to compare with", expected_path, field,
-                        "give a finished output, or rerun its job to finish it")
-    if compared < n:   # an unfinished expected output: its missing rows are no evidence either way
-        out.write(f"gpt2job: validate: {n - compared:,} of {n:,} rows are not done in "
-                  f"{expected_path}: compared the other {compared:,}\n")
+        raise UserError("has no completed row to compare with", output if unfinished == n else expected_path,
+                        "file" if unfinished == n else field, "give a finished output, or rerun its job to finish it")
+    if compared < n:   # an unfinished output, either: its missing rows are no evidence either way
+        where = f"{output} or {expected_path}" if unfinished else expected_path
+        out.write(f"gpt2job: validate: {n - compared:,} of {n:,} rows are not done in {where}: compared the other "
+                  f"{compared:,}\n")
     rate = bad / total if total else 0.0
     ok = rate <= tolerance
     out.write(f"gpt2job: validate against {expected_path}: {bad} of {total} tokens differ "
