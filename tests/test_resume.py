@@ -405,6 +405,8 @@ def test_show_and_export_count_the_rows_only_the_journal_holds(tmp_path, workloa
             "command again to add them and finish the rest)") in p.stderr, p.stderr
     p = run_gpt2job(job_args(inp, out), check=0)
     assert json.loads(read_output(out)["attrs"]["summary"])["rows_resumed"] == len(journaled)
+    shown = run_gpt2job(["show", out, "--limit", "0"], check=0).stdout.splitlines()   # the summary: the last run's
+    assert shown[2].startswith(f"  the last run, which resumed {len(journaled)} rows kept before, generated "), shown
 
 
 def test_show_of_an_output_only_its_journal_holds_says_so(tmp_path, workload):

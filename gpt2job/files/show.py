@@ -33,8 +33,9 @@ def show(path, start=0, limit=10):
         if "summary" in f.attrs:
             try:
                 sm = json.loads(f.attrs["summary"])
-                tput = sm.get("throughput_tokens_per_s")
-                print(f"  generated {sm.get('generated_tokens')} tokens"
+                tput, resumed = sm.get("throughput_tokens_per_s"), sm.get("rows_resumed") or 0
+                last = f"the last run, which resumed {resumed:,} rows kept before, " if resumed else ""   # (its figures)
+                print(f"  {last}generated {sm.get('generated_tokens')} tokens"
                       + (f" at {tput:,.0f} tokens/s" if tput else "") + f", wall {sm.get('wall_s', 0):.2f} s")
             except (ValueError, TypeError, AttributeError):   # (a damaged file: its rows may still be read)
                 print("  summary: cannot be read (the file is damaged)")
