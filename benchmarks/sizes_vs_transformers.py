@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import append_jsonl, base_record, print_table, read_output, tokens_matrix  # noqa: E402
 from export_weights import export  # noqa: E402
 from run_workloads import run_job  # noqa: E402
+from gpt2job.model.weights import load_config  # noqa: E402
 
 LENGTHS = (1, 2, 5, 9, 16, 17, 31, 48, 64, 100, 127, 128, 129, 200, 256, 300)
 
@@ -104,7 +105,6 @@ def main():
         os.makedirs(work, exist_ok=True)
         t0 = time.time()
         hf_dir = export(model, os.path.join(work, "hf"))
-        from gpt2job.model.weights import load_config
         cfg = load_config(hf_dir)
         inp = os.path.join(work, "prompts.h5")
         prompts = write_prompts(inp, a.prompts, cfg.vocab_size, a.seed)

@@ -184,7 +184,7 @@ def build_parser():
     for parser, more in ((r, ("synthetic",)), (sc, ())):   # (score needs a model: no synthetic backend)
         parser.add_argument("--backend", choices=("numpy", "cuda", "auto", *more), default="auto",
                             help="numpy (CPU reference), cuda (our kernels), auto (cuda where a GPU and pycuda are)"
-                            + synthetic * len(more))
+                            + (synthetic if more else ""))
     both("--dtype", choices=("float32", "float16"), default="float32",
          help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     both("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,

@@ -81,8 +81,7 @@ class Master:
             self.prompts = read_prompts(s.input, tokenizer, cfg.vocab_size)   # uint16 ids when they fit
             self.row_settings = read_row_settings(s.input, len(self.prompts), s)    # None: the flags hold for every row
             self.took("read_input")
-            if self.row_settings is None or "max_new_tokens" not in self.row_settings.given:   # (else: validate)
-                check_room(self.prompts, cfg.n_positions, s.max_new_tokens)
+            check_room(self.prompts, cfg.n_positions, s.max_new_tokens, self.row_settings)
             val = validate(self.prompts, cfg.n_positions, cfg.vocab_size,
                            self.row_settings.max_new_tokens if self.row_settings else s.max_new_tokens)
         shown = s.converted_from or s.input   # the file the user gave (a text file: not its conversion)

@@ -2,8 +2,16 @@
 anything (the prompts, the per-row settings; a text or JSONL file converted as `run` converts it)."""
 import os
 import sys
+import tempfile
 
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, plural
+from gpt2job.files.conversions import convert_for_run, is_text_input
+from gpt2job.files.h5read import read_status
+from gpt2job.files.prompts import check_room, invalid_fix, read_prompts, validate
+from gpt2job.files.row_settings import read_row_settings
+from gpt2job.model.tokenizer import load_tokenizer
+from gpt2job.model.weights import load_config
+from gpt2job.settings import JobSettings
 
 
 def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, out=sys.stdout):
@@ -11,9 +19,6 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
     prompts (empty, too long for the model's positions and each row's max_new_tokens, ids outside the vocabulary)
     and the per-row settings datasets (files/row_settings.py); a text or JSONL file converted as `run` does (into a
     temporary folder). Raises the UserError `run` would; 0 when it is fine."""
-    import tempfile
-    from gpt2job.files.conversions import convert_for_run, is_text_input
-    from gpt2job.files.h5read import read_status
     if not is_text_input(path):
         if read_status(path)[0] is not None:   # (the answer file forgotten)
             raise UserError("is a gpt2job output, not an input: `validate` with one file checks an input", path,
@@ -26,18 +31,11 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
 
 
 def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
-    from gpt2job.errors import plural
-    from gpt2job.files.prompts import check_room, invalid_fix, read_prompts, validate
-    from gpt2job.files.row_settings import read_row_settings
-    from gpt2job.model.tokenizer import load_tokenizer
-    from gpt2job.model.weights import load_config
-    from gpt2job.settings import JobSettings
     cfg = load_config(model)
     prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir))
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens,
                                                              converted_from=shown if shown != path else ""))
-    if rows is None or "max_new_tokens" not in rows.given:   # (rows with their own: each in validate)
-        check_room(prompts, cfg.n_positions, max_new_tokens)
+    check_room(prompts, cfg.n_positions, max_new_tokens, rows)
     val = validate(prompts, cfg.n_positions, cfg.vocab_size, rows.max_new_tokens if rows else max_new_tokens)
     if val.n_invalid:
         raise UserError(val.message(), shown, prompts.source, invalid_fix(False, rows, val))

@@ -347,9 +347,9 @@ class Validation:
                 "invalid: " + "; ".join(parts))
 
 
-def check_room(prompts: PromptSet, n_positions, max_new_tokens):
-    """The job's max_new_tokens must leave room for a prompt of one token (`run` and `validate IN` alike)."""
-    if max_prompt_length(n_positions, max_new_tokens) < 1:
+def check_room(prompts: PromptSet, n_positions, max_new_tokens, rows=None):
+    """The job's max_new_tokens leaves room for a prompt (run, validate IN); rows with their own: validate() checks."""
+    if (rows is None or "max_new_tokens" not in rows.given) and max_prompt_length(n_positions, max_new_tokens) < 1:
         n = int(prompts.lengths[prompts.lengths <= n_positions].max(initial=1))   # the longest that can fit
         raise UserError(f"{max_new_tokens} leaves no room for a prompt: the model has {n_positions} positions",
                         field="--max-new-tokens", fix=f"use at most {n_positions - n + 1} (the longest prompt that "

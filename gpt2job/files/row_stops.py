@@ -5,7 +5,7 @@ import numpy as np
 
 from gpt2job.chunks import pack_stops, take_ragged, unpack_stops
 from gpt2job.errors import UserError, plural
-from gpt2job.files.h5files import check_rows_shape
+from gpt2job.files.h5files import JSONL_EXTENSIONS, check_rows_shape
 from gpt2job.files.prompts import BLOCK_ROWS
 
 STOP = "stop"
@@ -57,7 +57,6 @@ def may_have_stops(path):
     """Whether a worker should prepare the stop strings' table: the input is a JSONL file (its lines may give "stop";
     the master converts it, a worker does not read it), or an HDF5 file with a `stop` dataset (False when it cannot
     be read: the master reports that)."""
-    from gpt2job.files.h5files import JSONL_EXTENSIONS
     if str(path).lower().endswith(JSONL_EXTENSIONS):
         return True
     try:
