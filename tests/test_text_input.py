@@ -507,3 +507,55 @@ def test_prompts_given_an_hdf5_file_says_so_and_that_run_takes_it(tmp_path):
     assert_one_clear_line(run_gpt2job(["prompts", tmp_path / "other.h5", tmp_path / "out.h5"]),
                           "source: is an HDF5 file, not a text, JSONL or raw token file")
     assert files(tmp_path) == before
+
+
+def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(tmp_path, monkeypatch, vocab_dir):
+    """A text input's conversion keeps the ids of its prompts (files/token_cache.py): a rerun or resume reads them
+    (a million prompts: ~6 s of tokenizing became ~0.8 s, RESULTS.md). They are what tokenizing the text makes, with
+    the same text digest; another tokenizer, or a file that is not a conversion, tokenizes the text."""
+    import gpt2job.files.prompts as P
+    import gpt2job.model.tokenizer as T
+    from gpt2job.files import token_cache
+    from gpt2job.files.conversions import convert_for_run
+    src = tmp_path / "p.txt"
+    src.write_text("".join(f"prompt {i} is {'long ' * (i % 7)}\n" for i in range(300)) + "<|endoftext|> too\n")
+    conv, created = convert_for_run(str(src), str(tmp_path / "out.h5"), vocab_dir=vocab_dir)
+    assert created
+    enc = lambda: T.load_tokenizer(vocab_dir)   # noqa: E731
+    with h5py.File(conv, "r") as f:
+        assert token_cache.GROUP in f
+        want = P._read_text_dataset(conv, f["prompts"], enc, 50257)
+
+    def no_tokenizing(*a, **k):
+        raise AssertionError("tokenized again")
+    monkeypatch.setattr(T, "encode_texts", no_tokenizing)
+    got = P.read_prompts(conv, enc, 50257)
+    assert got.tokens.dtype == want.tokens.dtype == np.uint16 and len(got) == 301
+    assert (got.offsets == want.offsets).all() and (got.tokens == want.tokens).all()
+    assert got.text_digest == want.text_digest and got.fingerprint() == want.fingerprint()
+    assert got.prompt(300)[0] == 50256          # (<|endoftext|> written out is that token, as when tokenized)
+    assert P.read_prompts(conv, enc, 1000).tokens.dtype == np.int32   # ids past a small vocabulary: kept as int32
+    monkeypatch.setattr(token_cache, "tokenizer_digest", lambda enc: "another")
+    with pytest.raises(AssertionError, match="tokenized again"):      # another tokenizer: the text is read
+        P.read_prompts(conv, enc, 50257)
+
+
+def test_ids_are_read_only_from_a_conversion_and_one_made_without_a_tokenizer_has_none(tmp_path, monkeypatch,
+                                                                                       vocab_dir):
+    import gpt2job.files.prompts as P
+    from gpt2job.files import token_cache
+    from gpt2job.files.conversions import convert_for_run
+    from gpt2job.model.tokenizer import load_tokenizer
+    enc = lambda: load_tokenizer(vocab_dir)   # noqa: E731
+    inp = tmp_path / "mine.h5"    # a user's file with the group: its text is what counts (it may have been edited)
+    with h5py.File(inp, "w") as f:
+        f.create_dataset("prompts", data=["Hello there", "Bye"], dtype=h5py.string_dtype("utf-8"))
+        token_cache.write(f, [0, 1, 2], [7, 8], "sha256:x", enc())
+    assert P.read_prompts(str(inp), enc, 50257).prompt(1).tolist() == enc().encode("Bye")
+    monkeypatch.delenv("GPT2_VOCAB_DIR", raising=False)
+    src = tmp_path / "p.txt"
+    src.write_text("Hello there\nBye\n")
+    conv, _ = convert_for_run(str(src), str(tmp_path / "out.h5"), vocab_dir=str(tmp_path / "no-vocab"))
+    with h5py.File(conv, "r") as f:
+        assert list(f) == ["prompts"]
+    assert P.read_prompts(conv, enc, 50257).prompt(1).tolist() == enc().encode("Bye")

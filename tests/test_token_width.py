@@ -8,7 +8,8 @@ import pytest
 from gpt2job.cluster.scheduler import Scheduler
 from gpt2job.files import prompts as P
 from gpt2job.files.dedup import group_identical
-from gpt2job.files.prompts import PromptSet, read_prompts, validate
+from gpt2job.files.prompt_checks import validate
+from gpt2job.files.prompts import PromptSet, read_prompts
 
 
 def write(path, rows=None, grid=None, dtype=np.int32):

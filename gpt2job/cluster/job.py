@@ -82,8 +82,10 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan, stop=None):
                 raise UserError("is both the input and the output", s.output, "output", "write to another file")
             if is_text_input(s.input):
                 refuse_foreign(s.output, s.overwrite)   # (before a conversion that may take minutes)
-                convert = convert_pairs if s.score and jsonl_pairs(s.input) else convert_for_run   # score: pairs
-                converted, created = convert(s.input, s.output, log=log)
+                if s.score and jsonl_pairs(s.input):   # score: pairs of context and continuation
+                    converted, created = convert_pairs(s.input, s.output, log=log)
+                else:
+                    converted, created = convert_for_run(s.input, s.output, log=log, vocab_dir=s.vocab_dir)
                 s = dataclasses.replace(s, input=converted, converted_from=s.input)
         except BaseException as e:
             if comm is not None:   # the workers are starting: each is told to stop (no master is made)

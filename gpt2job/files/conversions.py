@@ -8,6 +8,7 @@ from gpt2job.files.h5files import HDF5_EXTENSIONS, TEXT_EXTENSIONS, check_output
 from gpt2job.files.jsonl_settings import JsonlRows
 from gpt2job.files.outpaths import being_written
 from gpt2job.files.prompt_files import file_digest, prompt_blocks, remove_dead_temps, write_prompts_h5
+from gpt2job.model.tokenizer import load_tokenizer
 
 CONVERSION = 3                                      # bump when prompt_blocks's rules change what it makes
 INPUT_FIX = ("give an HDF5 input (`python -m gpt2job prompts` makes one), a .txt file (one prompt per line) or "
@@ -36,13 +37,15 @@ def converted_path(output, digest):
     return f"{output}.prompts-{digest.split(':')[-1][:12]}.h5"
 
 
-def convert_for_run(source, output, log=None):
+def convert_for_run(source, output, log=None, vocab_dir=None):
     """The input HDF5 for `run SOURCE OUTPUT` with a text or JSONL SOURCE, next to the output (the master's node
     writes it; the workers get token chunks, never the input). The same rules and errors as the `prompts` command;
     the source is read and checked as its conversion is written at a temporary name (one refused half-way leaves
     nothing). Its name holds a hash of SOURCE's bytes: the same SOURCE reuses it without reading it again (a rerun
     resumes the output), a changed SOURCE gets a file of its own (and the output's resume check refuses it as a
-    changed input, while the output's own input stays as it was). Returns (its path, whether this call wrote it)."""
+    changed input, while the output's own input stays as it was). Text prompts' token ids are kept beside them
+    (files/token_cache.py; tokenized with vocab_dir's tokenizer, where one loads): a rerun reads them, not the text.
+    Returns (its path, whether this call wrote it)."""
     log = log or (lambda msg: None)
     check_output_path(output, example="out.h5")
     digest, target = unchanged_conversion(source, output, "run")
@@ -50,9 +53,17 @@ def convert_for_run(source, output, log=None):
         log(f"prompts of {source}: unchanged, read from {target}")
         return target, False
     rows = JsonlRows()
-    n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, conversion_attrs(source, digest))
+    n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, conversion_attrs(source, digest),
+                               lambda: _tokenizer_or_none(vocab_dir))
     log(f"{plural(n, kind + ' prompt')} of {source} converted to {target}")
     return target, True
+
+
+def _tokenizer_or_none(vocab_dir):
+    try:
+        return load_tokenizer(vocab_dir)
+    except UserError:   # none here: the job tokenizes the text, or says why it cannot
+        return None
 
 
 def unchanged_conversion(source, output, command):

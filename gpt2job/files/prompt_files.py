@@ -7,7 +7,9 @@ import numpy as np
 
 from gpt2job.errors import UserError, errno_of, first_line, plural
 from gpt2job.files.h5files import JSONL_EXTENSIONS, TEXT_EXTENSIONS, check_output_path, has_hdf5_signature
+from gpt2job.files import token_cache
 from gpt2job.files.jsonl_settings import JsonlRows
+from gpt2job.files.prompts import _read_text_dataset
 
 BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
 
@@ -181,10 +183,11 @@ class Appender:
         self.n += len(block)
 
 
-def write_prompts_h5(output, blocks, rows, attrs):
+def write_prompts_h5(output, blocks, rows, attrs, tokenizer_factory=None):
     """Write the input HDF5 file at output, atomically, a block of prompts at a time: blocks of (kind, prompts) as
     prompt_blocks yields them make prompts or prompt_tokens, or one ("grid", [N, T] int32 array); then the per-row
-    settings' datasets. Returns (prompts written, their kind)."""
+    settings' datasets; then, given tokenizer_factory (`run`'s conversions alone), text prompts' ids as they read
+    back (files/token_cache.py), where it gives a tokenizer. Returns (prompts written, their kind)."""
     written = {}
 
     def fill(f):
@@ -198,6 +201,10 @@ def write_prompts_h5(output, blocks, rows, attrs):
             out.add(block)
             written.update(n=out.n, kind=kind)
         rows.write(f, written["n"])
+        enc = tokenizer_factory() if tokenizer_factory is not None and written["kind"] == "text" else None
+        if enc is not None:
+            kept = _read_text_dataset(output, f["prompts"], lambda: enc, enc.n_vocab)   # (uint16 for GPT-2's)
+            token_cache.write(f, kept.offsets, kept.tokens, kept.text_digest, enc)
     write_atomically(output, fill, attrs)
     return written["n"], written["kind"]
 

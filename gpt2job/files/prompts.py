@@ -1,4 +1,4 @@
-"""Input prompts: reading the input HDF5, tokenising text, validating every prompt before work starts.
+"""Input prompts: reading the input HDF5 and tokenising text (files/prompt_checks.py validates them).
 
 Input contract: a dataset `prompt_tokens` (variable-length int rows [N] or a 2-D int array [N, T])
 or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both exist.
@@ -7,13 +7,12 @@ import hashlib
 import itertools
 import os
 import sys
-from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.errors import UserError, first_line, plural
+from gpt2job.errors import UserError, first_line
+from gpt2job.files import token_cache
 from gpt2job.files.h5files import contents, open_readable
-from gpt2job.settings import max_prompt_length
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -66,13 +65,12 @@ class TokenBlocks:
         self.blocks = [b.astype(np.int32) for b in self.blocks]
 
     def add(self, block):
-        block = to_int32(block)
-        if self.fits(block) and self.dtype != np.int32:     # (fits may widen the blocks before: append after)
-            block = block.astype(self.dtype)
-        self.blocks.append(block)
+        block = block if block.dtype == np.uint16 else to_int32(block)   # (uint16: a conversion's kept ids)
+        self.fits(block)                                     # (it may widen the blocks before: append after)
+        self.blocks.append(block.astype(self.dtype, copy=False))
 
     def result(self):
-        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, self.dtype)
+        return np.concatenate(self.blocks) if len(self.blocks) != 1 else self.blocks[0]
 
 
 class PromptSet:
@@ -81,13 +79,13 @@ class PromptSet:
     lengths, 8 a prompt (plus 4 for its cached length): no Python object per prompt. Prompts all as long (a 2-D
     input, PromptSet.grid) hold their tokens only: offsets are made if asked for, lengths are one value broadcast."""
 
-    def __init__(self, offsets, tokens, source):
+    def __init__(self, offsets, tokens, source, text_digest=None):
         self._offsets = np.asarray(offsets, np.int64)     # [N+1] int64 (None: a grid's, made when asked for)
         self.tokens = np.asarray(tokens)                  # [total] uint16 or int32 (an id outside int32 is -1)
         if self.tokens.dtype != np.uint16:    # uint16: only as read_prompts narrows them (every id checked)
             self.tokens = to_int32(self.tokens)
         self.source = source                              # which dataset they came from
-        self.text_digest = None                           # of a text input's prompts as stored (hash_texts)
+        self.text_digest = text_digest                    # of a text input's prompts as stored (hash_texts)
         self._n = len(self._offsets) - 1
         self._lengths = None
 
@@ -212,7 +210,12 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
             tokens, text = PROMPT_DATASETS
             if tokens in f:
                 return _read_token_dataset(path, f[tokens], vocab_size)
-            if text in f:
+            if text in f:   # a conversion's text: the ids it kept, where it did (files/token_cache.py)
+                kept = token_cache.read(f, tokenizer_factory)
+                if kept:
+                    blocks = TokenBlocks(vocab_size)
+                    blocks.add(kept[1])
+                    return PromptSet(kept[0], blocks.result(), "prompts", text_digest=kept[2])
                 return _read_text_dataset(path, f[text], tokenizer_factory, vocab_size)
             raise UserError(f"no '{text}' or '{tokens}' dataset ({contents(f)})", path, "datasets", DATASET_FIX)
         except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
@@ -324,77 +327,3 @@ def hash_texts(h, rows):
     data = [r if isinstance(r, bytes) else str(r).encode("utf-8") for r in rows]
     h.update(np.fromiter(map(len, data), np.int64, len(data)).astype("<i8").tobytes())
     h.update(b"".join(data))
-
-
-@dataclass
-class Validation:
-    invalid: np.ndarray          # [N] bool
-    reasons: dict                # reason -> indices (int64 array)
-    too_long: int = 0            # of them, prompts that leave no room for their new tokens
-
-    @property
-    def n_invalid(self):
-        return int(self.invalid.sum())
-
-    def message(self, limit=10):
-        parts = []
-        for reason, idx in self.reasons.items():
-            if len(idx):
-                first = ", ".join(str(int(i)) for i in idx[:limit])
-                more = ", ..." if len(idx) > limit else ""
-                parts.append(f"{len(idx)} {reason} ({'row' if len(idx) == 1 else 'rows'} {first}{more})")
-        return (f"{self.n_invalid} of {plural(len(self.invalid), 'prompt')} {'is' if self.n_invalid == 1 else 'are'} "
-                "invalid: " + "; ".join(parts))
-
-
-def check_room(prompts: PromptSet, n_positions, max_new_tokens, rows=None):
-    """The job's max_new_tokens leaves room for a prompt (run, validate IN); rows with their own: validate() checks."""
-    if (rows is None or "max_new_tokens" not in rows.given) and max_prompt_length(n_positions, max_new_tokens) < 1:
-        n = int(prompts.lengths[prompts.lengths <= n_positions].max(initial=1))   # the longest that can fit
-        raise UserError(f"{max_new_tokens} leaves no room for a prompt: the model has {n_positions} positions",
-                        field="--max-new-tokens", fix=f"use at most {n_positions - n + 1} (the longest prompt that "
-                        f"can fit has {n} tokens)")
-
-
-def invalid_fix(score, rows, val):
-    """The fix for a job's invalid prompts (val: their Validation). rows: the input's per-row settings (None: it has
-    none)."""
-    if score or not val.too_long:   # (fewer new tokens mend only prompts too long for them)
-        lower = ""
-    elif rows is not None and "max_new_tokens" in rows.given:   # the row's own value wins over the flag
-        lower = ", lower the input's max_new_tokens (--max-new-tokens for rows without one)"
-    else:
-        lower = ", lower --max-new-tokens"
-    return f"fix those prompts{lower}, or run with --skip-invalid to mark them 'invalid' and compute the rest"
-
-
-def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
-    """Flag empty prompts, prompts too long to leave room for max_new_tokens (settings.max_prompt_length: the job's,
-    or an int array [N], each row's own from the input's per-row settings), ids outside the vocabulary."""
-    lengths = prompts.lengths                                                   # [N]
-    per_row = np.ndim(max_new_tokens) > 0
-    if per_row:   # max_prompt_length of each row, as arrays
-        limit = n_positions - np.maximum(np.asarray(max_new_tokens, np.int64), 1) + 1
-    else:
-        limit = max_prompt_length(n_positions, max_new_tokens)
-    empty = lengths == 0
-    too_long = lengths > limit
-    bad_tok = np.zeros(len(prompts), dtype=bool)
-    step = BLOCK_ROWS * 16
-    tok = prompts.tokens          # int32, or uint16 (never negative)
-    if tok.size and (tok.min() < 0 or tok.max() >= vocab_size):                # find them, a block at a time
-        for a in range(0, tok.size, step):
-            block = tok[a:a + step]
-            bad = np.flatnonzero((block.view(np.uint32) if block.dtype == np.int32 else block) >= vocab_size)
-            # (a negative id is huge as uint32)
-            if len(bad):
-                bad_tok[np.searchsorted(prompts.offsets, bad + a, side="right") - 1] = True
-    long_reason = ("too long for the room their own max_new_tokens leaves (n_positions "
-                   f"{n_positions} - max_new_tokens + 1)" if per_row else
-                   f"longer than {limit} tokens (n_positions {n_positions} - max_new_tokens {max_new_tokens} + 1)")
-    reasons = {
-        "empty": np.flatnonzero(empty),
-        long_reason: np.flatnonzero(too_long),
-        f"with token ids outside 0..{vocab_size - 1}": np.flatnonzero(bad_tok),
-    }
-    return Validation(empty | too_long | bad_tok, reasons, int(too_long.sum()))

@@ -20,7 +20,8 @@ import numpy as np
 from gpt2job.chunks import Completions
 from gpt2job.errors import UserError
 from gpt2job.files.h5files import contents, open_readable
-from gpt2job.files.prompts import PromptSet, Validation, _read_text_dataset, _read_token_dataset, read_prompts
+from gpt2job.files.prompt_checks import Validation
+from gpt2job.files.prompts import PromptSet, _read_text_dataset, _read_token_dataset, read_prompts
 
 PAIRS = (("context_tokens", "continuation_tokens"), ("context", "continuation"))
 FIX = ("write 'prompts' (texts) or 'prompt_tokens' (token rows), or 'context' + 'continuation' (texts) or "
