@@ -172,7 +172,8 @@ class Master:
     def commit(self, block=False):
         """The group commit: once the results submitted last are durable (journal written and synced, in the
         background), count them; then submit every result received since, as one group. False while the group in
-        flight is not durable yet (block: wait for it)."""
+        flight is not durable yet (block: wait for it). The writer gets what it lags behind by, as it has room."""
+        self.store.pump()
         added = self.store.collect(block)
         if added is None:
             return False

@@ -15,11 +15,12 @@ from gpt2job.model.weights import load_config
 from gpt2job.settings import JobSettings
 
 
-def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, out=sys.stdout):
+def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, out=None):
     """`gpt2job validate IN`: every check `run` makes of an input file before work starts, without running it: the
     prompts (empty, too long for the model's positions and each row's max_new_tokens, ids outside the vocabulary)
     and the per-row settings datasets (files/row_settings.py); a text or JSONL file converted as `run` does (into a
     temporary folder). Raises the UserError `run` would; 0 when it is fine."""
+    out = out or sys.stdout   # (looked up now: a default bound at import outlives a replaced stdout)
     if not is_text_input(path):
         if read_status(path)[0] is not None:   # (the answer file forgotten)
             raise UserError("is a gpt2job output, not an input: `validate` with one file checks an input", path,

@@ -135,33 +135,43 @@ class JournalReader:
         if self.header is None:
             return
         with self.f:
-            buf = b""
-            while True:
-                more = self.f.read(size)
-                buf = buf + more if buf else more
-                view, pos, comps, bad = memoryview(buf), 0, [], False
-                while pos + REC_HEAD.size <= len(buf):
-                    magic, n, crc = REC_HEAD.unpack_from(buf, pos)
-                    if magic not in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP):
-                        bad = True
-                        break
-                    if pos + REC_HEAD.size + n > len(buf):
-                        break          # the rest of it is in the next block (or cut short, at the end)
-                    payload = view[pos + REC_HEAD.size:pos + REC_HEAD.size + n]
-                    try:
-                        if zlib.crc32(payload) != crc:
-                            raise ValueError("checksum")
-                        comps.append(decode_any(magic, payload))
-                    except ValueError:
-                        bad = True
-                        break
-                    pos += REC_HEAD.size + n
-                if comps:
-                    self.end += pos
-                    yield comps, view[:pos]
-                if bad or not more:
-                    return
-                buf = buf[pos:]
+            for comps, blob in record_blocks(self.f, size=size):
+                self.end += len(blob)
+                yield comps, blob
+
+
+def record_blocks(f, limit=None, size=1 << 26):
+    """The good records of f from where it stands (at most limit bytes of it), a block of about size bytes at a
+    time (a longer record: a block of its own): (their Completions, their bytes). A record cut short or damaged
+    ends them."""
+    buf, left = b"", limit
+    while True:
+        more = f.read(size if left is None else min(size, left))
+        if left is not None:
+            left -= len(more)
+        buf = buf + more if buf else more
+        view, pos, comps, bad = memoryview(buf), 0, [], False
+        while pos + REC_HEAD.size <= len(buf):
+            magic, n, crc = REC_HEAD.unpack_from(buf, pos)
+            if magic not in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP):
+                bad = True
+                break
+            if pos + REC_HEAD.size + n > len(buf):
+                break          # the rest of it is in the next block (or cut short, at the end)
+            payload = view[pos + REC_HEAD.size:pos + REC_HEAD.size + n]
+            try:
+                if zlib.crc32(payload) != crc:
+                    raise ValueError("checksum")
+                comps.append(decode_any(magic, payload))
+            except ValueError:
+                bad = True
+                break
+            pos += REC_HEAD.size + n
+        if comps:
+            yield comps, view[:pos]
+        if bad or not more:
+            return
+        buf = buf[pos:]
 
 
 def records_of(blob):
@@ -195,6 +205,7 @@ class Journal:
             raise ValueError("Journal: give a header or truncate_at, not both or neither")
         self.path = path
         self.busy, self.error, self.thread = False, None, None
+        self.end = 0     # where the durable records end (read it once wait() has returned)
         try:
             if header is not None:
                 self.f = open(path, "wb")
@@ -203,6 +214,7 @@ class Journal:
                 self.f = open(path, "r+b")
                 self.f.truncate(truncate_at)
                 self.f.seek(truncate_at)
+                self.end = truncate_at
         except OSError as e:
             raise io_error(path, e)
 
@@ -213,6 +225,7 @@ class Journal:
         self.f.write(blob)
         self.f.flush()
         os.fsync(self.f.fileno())
+        self.end += len(blob)
 
     @staticmethod
     def encode(comps):

@@ -4,8 +4,9 @@ a thread of its own) plus the HDF5 file the user reads.
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
 file is written beside the master's loop by a writer (files/writer.py: a thread for small jobs, a process of its own
 for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
-seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a time,
-while it gets on with the job. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
+seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a time.
+Rows the writer has no room for (a rebuild's, or a slow disk's) stay in the journal until it has (pump): the master
+never waits on the writer, only the end of the job does. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
 journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
 same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced, OUT.journal.replaced)
 until the run that replaces them finishes: a run that completes nothing puts them back, one that stops part-way
@@ -43,56 +44,16 @@ from gpt2job.files import h5flat
 from gpt2job.files.h5files import check_output_path
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
-from gpt2job.files.journal import JOURNAL_SUFFIX, Journal, JournalReader, io_error
+from gpt2job.files.journal import JOURNAL_SUFFIX, Journal, JournalReader, io_error, record_blocks
 from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
+from gpt2job.files.resume_key import differences, differing
 from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterProcess, WriterThread
-from gpt2job.settings import JobSettings
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 FLUSH_SECONDS = 2.0        # the writer flushes OUT at least this often while rows come (README: "every few seconds")
 BIG_JOB_ROWS = 1_000_000   # from here the default layout's writer (under 1M rows/s) lags a fast job: say so once
-
-
-def _difference(name, was, now, pair=False):
-    """One difference of two resume keys, the settings by their flags (--max-new-tokens: was 32, now 64; a setting
-    one of them does not record has its default). pair: the keys of an output (was) and the journal beside it
-    (now), said as such."""
-    a, b = ("the output", "the journal") if pair else ("was", "now")
-    said = {"input_fingerprint": ("other prompts", "the input holds other prompts than it was started with"),
-            "model_fingerprint": ("other model weights", "the model's weights are not those it was started with")}
-    if name in said:   # (two sha256 digests said nothing a reader could act on)
-        return said[name][0 if pair else 1]
-    if name == "row_settings" and isinstance(was, dict) and isinstance(now, dict):
-        if was.get("datasets") != now.get("datasets"):
-            return f"per-row settings datasets: {a} {was.get('datasets')}, {b} {now.get('datasets')}"
-        if pair:
-            return "other values of the per-row settings"
-        return (f"the values of the input's per-row settings ({', '.join(map(str, now.get('datasets') or []))}) are "
-                "not those it was started with")
-    if name == "row_settings":
-        return f"per-row settings: {a} {'with' if was else 'without'}, {b} {'with' if now else 'without'}"
-    if name != "settings" or not isinstance(was, dict) or not isinstance(now, dict):
-        return f"{name}: {a} {was!r}, {b} {now!r}"
-    if bool(was.get("score")) != bool(now.get("score")):
-        made, this = ("score", "run") if was.get("score") else ("run", "score")
-        return f"{a} is of `{made}`, {b} of `{this}`" if pair else f"it is an output of `{made}`, not of `{this}`"
-    fields = JobSettings.__dataclass_fields__
-    old, new = ({k: d.get(k, fields[k].default if k in fields else None) for k in set(was) | set(now)}
-                for d in (was, now))
-    return ", ".join(f"--{k.replace('_', '-')}: {a} {old[k]!r}, {b} {new[k]!r}"
-                     for k in sorted(old) if old[k] != new[k])
-
-
-def _differing(was, now):
-    """The names whose values differ between two resume keys, sorted."""
-    return [k for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
-
-
-def _differences(was, now, pair=False):
-    """What differs between two resume keys, as _difference says it (the first four)."""
-    details = [_difference(k, was.get(k), now.get(k), pair) for k in _differing(was, now)[:4]]
-    return ", ".join([d for d in details if d.startswith("it is an output of")] or details)
+PUMP_BYTES = 8 << 20       # the rows the writer lags behind by, read back from the journal at most this much a turn
 
 
 class OutputStore:
@@ -114,6 +75,7 @@ class OutputStore:
         self.done = np.zeros(n_rows, dtype=bool)
         self.writer = None
         self.inflight = None   # (added, fresh, bytes) of the group whose journal write is in flight
+        self.lag = None        # (start, stop): journal bytes whose rows the writer had no room for yet (pump)
         self.resumed_rows = 0
         self.completed = 0     # rows done with a result (rows marked 'invalid' are no completed work)
         self._open(overwrite)
@@ -197,15 +159,12 @@ class OutputStore:
             self.journal = Journal(self.journal_path, header=self.key)
             return
         # the journal, read once, a block at a time: its rows are done, and its bytes go to the writer as they are,
-        # which rebuilds the file from them
+        # which rebuilds the file from them; what the writer has no room for yet, it gets as the job goes (pump)
         for comps, blob in reader.blocks():
             for comp in comps:
                 self.done[comp.all_rows] = True
                 self.completed += _completed_rows(comp)
-            try:
-                self.writer.put(comps, blob)
-            except (OSError, RuntimeError) as e:     # the writer failed meanwhile (a full disk)
-                raise io_error(self.path, e)
+            self._put_or_lag(comps, blob, reader.end)
         self.resumed_rows = int(np.count_nonzero(self.done))
         self.journal = Journal(self.journal_path, truncate_at=reader.end)
 
@@ -236,7 +195,7 @@ class OutputStore:
         return True
 
     def _key_diff(self, key):
-        return _differing(key, self.key)
+        return differing(key, self.key)
 
     def _journal_has_completed_rows(self):
         return any(_completed_rows(r) for r in JournalReader(self.journal_path).records())
@@ -250,7 +209,7 @@ class OutputStore:
         if key is None or key == journal_key:
             return
         raise UserError(f"is {'a finished' if finished else 'an unfinished'} output of other settings than the journal "
-                        f"beside it ({_differences(key, journal_key, pair=True)}), so neither is resumed or replaced",
+                        f"beside it ({differences(key, journal_key, pair=True)}), so neither is resumed or replaced",
                         self.path, "output", f"move {self.journal_path} away to keep {self.path}, or move "
                                              f"{self.path} away to resume the journal's run, or pass --overwrite to "
                                              "start over")
@@ -260,7 +219,7 @@ class OutputStore:
             raise UserError("has no record of its settings", where, "resume_key",
                             "choose another output path, or pass --overwrite to start over")
         if self._key_diff(key):
-            details = _differences(key, self.key)
+            details = differences(key, self.key)
             raise UserError(f"was started with a different model, input or settings ({details})", where,
                             "resume", "rerun with the original settings, choose another output path, "
                                       "or pass --overwrite to start over")
@@ -321,14 +280,45 @@ class OutputStore:
         self.inflight = None
         if fresh:
             self.completed += sum(_completed_rows(c) for c in fresh)
-            try:
-                self.writer.put(fresh, blob)
-            except (OSError, RuntimeError) as e:
-                raise io_error(self.path, e)
+            self._put_or_lag(fresh, blob, self.journal.end)
         return stats
+
+    def _put_or_lag(self, comps, blob, end):
+        """Rows made durable (their journal bytes end at end) go to the writer, in journal order; when it has no room
+        (a resume's rebuild, a slow disk) they wait in the journal, not in memory, and the master does not wait."""
+        if self.lag is None and self.writer.has_room():
+            self._put(comps, blob)
+        else:
+            self.lag = (self.lag[0] if self.lag else end - len(blob), end)
+
+    def pump(self, block=False):
+        """Give the writer the next PUMP_BYTES of the rows it lags behind by, if it has room (the master's loop calls
+        this on every turn); block: all of them, waiting for room."""
+        while self.lag is not None and (block or self.writer.has_room()):
+            start, stop = self.lag
+            try:
+                with open(self.journal_path, "rb") as f:
+                    f.seek(start)
+                    comps, blob = next(record_blocks(f, stop - start, PUMP_BYTES), (None, b""))
+            except OSError as e:
+                raise io_error(self.journal_path, e, "read")
+            if not blob:
+                raise UserError("cannot be read back: it ends before the rows it held", self.journal_path, "output",
+                                "run the same command again: it resumes from the rows the journal still holds")
+            self._put(comps, blob)
+            self.lag = (start + len(blob), stop) if start + len(blob) < stop else None
+            if not block:
+                return
+
+    def _put(self, comps, blob):
+        try:
+            self.writer.put(comps, blob)
+        except (OSError, RuntimeError) as e:     # the writer failed meanwhile (a full disk)
+            raise io_error(self.path, e)
 
     def wait_written(self):
         """Until the HDF5 file holds every row added so far, flushed (benchmarks/master_scale.py)."""
+        self.pump(block=True)
         try:
             self.writer.wait()
         except (OSError, RuntimeError) as e:
@@ -337,6 +327,7 @@ class OutputStore:
     def finish(self, summary):
         """Write the last rows and the summary, mark the file finished (synced), drop the journal."""
         self.collect(block=True)
+        self.pump(block=True)
         try:
             self.writer.finish(summary)
         except (OSError, RuntimeError) as e:

@@ -196,6 +196,10 @@ class WriterProcess:
     def put(self, comps, blob):
         self._send(b"R", blob)
 
+    def has_room(self):
+        """Would put() go on at once? (True after an error: put() raises it.)"""
+        return self.queued <= QUEUE_BYTES or self.error is not None
+
     def wait(self):
         self._send(b"S", b"")
         self._answer("synced")
@@ -256,6 +260,9 @@ class WriterThread(threading.Thread):
             self.queue += comps
             self.queued_rows += sum(len(c.rows) for c in comps)
             self.cond.notify_all()
+
+    def has_room(self):
+        return self.queued_rows <= MAX_QUEUED_ROWS or self.error is not None
 
     def wait(self):
         """Until every queued row is written and flushed (raises the writer's error, if any)."""
