@@ -540,6 +540,31 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
         P.read_prompts(conv, enc, 50257)
 
 
+def test_kept_ids_of_a_conversion_edited_afterwards_are_not_used(tmp_path, vocab_dir):
+    """A conversion whose text was changed after it was written (copied and edited, then given to `run`) is
+    tokenized anew: its kept ids are checked against the text's digest (a QA run found the old ids used, an empty
+    prompt let through and the output recording the old digest)."""
+    import shutil
+    src, out = tmp_path / "p.txt", tmp_path / "a.h5"
+    src.write_text("The capital of France is\nOnce upon a time\nWater boils at\n")
+    run_gpt2job(args(src, out, vocab_dir))
+    edited = tmp_path / "edited.h5"
+    shutil.copy(out.parent / conversions(out)[0], edited)
+    with h5py.File(edited, "a") as f:
+        assert "token_cache" in f
+        f["prompts"][0] = "A completely different prompt"
+    fresh = tmp_path / "fresh.h5"
+    with h5py.File(fresh, "w") as f:
+        f.create_dataset("prompts", data=["A completely different prompt", "Once upon a time", "Water boils at"],
+                         dtype=h5py.string_dtype("utf-8"))
+    run_gpt2job(args(edited, tmp_path / "e.h5", vocab_dir))
+    run_gpt2job(args(fresh, tmp_path / "f.h5", vocab_dir))
+    same_result(tmp_path / "e.h5", tmp_path / "f.h5")
+    with h5py.File(edited, "a") as f:
+        f["prompts"][1] = ""
+    assert_one_clear_line(run_gpt2job(args(edited, tmp_path / "e2.h5", vocab_dir)), "1 empty (row 1)")
+
+
 def test_ids_are_read_only_from_a_conversion_and_one_made_without_a_tokenizer_has_none(tmp_path, monkeypatch,
                                                                                        vocab_dir):
     import gpt2job.files.prompts as P

@@ -2,7 +2,9 @@
 on their way are received, hung ranks are ended with MPI_Abort, ranks MPI says are dead (ULFM) are left alone, and a
 job with no worker left says why. The master owns one Ending (Master.ending) and tells it what it hears from each
 rank; a job that fails before it has a master (a refused text input, job.py) makes one of its own."""
+import signal
 import sys
+import threading
 import time
 
 from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, end_without_finalize
@@ -223,3 +225,32 @@ class Ending:
             self.log(f"worker rank {r} did not become ready within {self.startup_timeout:.0f} s; ending it")
             self.hung.append(r)
         return None
+
+
+class CtrlC:
+    """Ctrl-C (SIGINT) in the master's loop, raised between two of its turns (check()): raised anywhere, it could drop
+    a result just taken off the channel and not yet handled, and shutdown then waited chunk_timeout for it (a test
+    hung 1 run in 8 on a loaded machine). A second Ctrl-C raises at once (a loop that is stuck). Only in the main
+    thread, and only where SIGINT has Python's own handler (an ignored one stays ignored)."""
+
+    def __init__(self):
+        self.asked, self.previous = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._on_sigint)
+        return self
+
+    def _on_sigint(self, signum, frame):
+        if self.asked:
+            raise KeyboardInterrupt
+        self.asked = True
+
+    def check(self):
+        if self.asked:
+            raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)

@@ -12,7 +12,7 @@ import numpy as np
 from gpt2job import __version__
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
-from gpt2job.cluster.ending import Ending
+from gpt2job.cluster.ending import CtrlC, Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.cluster.worker import PREFETCH, LocalWorker
@@ -188,8 +188,8 @@ class Master:
         return True
 
     # ---- the loop: serve chunks on demand, never block on one worker
-    def run(self, gpu_slot):
-        """Serve the MPI workers (if any) and the master's own worker thread (gpu_slot not None)."""
+    def run(self, gpu_slot, ctrl_c=None):
+        """Serve the MPI workers (if any) and the master's own worker thread (gpu_slot not None); ctrl_c: CtrlC."""
         if gpu_slot is not None:
             local = LocalWorker(self.s, gpu_slot, self.fault_plan)
             self.channel.add(ThreadChannel(local))
@@ -201,6 +201,7 @@ class Master:
         self.ending.start_clock()
         while (self.sched.rows_left() and not (self.stop_asked.is_set() and self.live())) or self.store.committing() \
                 or any(w.outstanding for w in self.live()) or self.received:   # (stopped, no worker left: that error)
+            ctrl_c and ctrl_c.check()
             if not self.live():
                 self.commit(block=True) and self.commit(block=True)    # what was received counts, then the end
                 kept = int(self.store.done.sum()) if self.store.completed else None   # ('invalid' rows count)
@@ -375,7 +376,8 @@ def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None, stop=None):
             m.log(f"{s.output} is already complete with these settings: nothing to do (--overwrite computes it again)")
         else:
             if m.sched.rows_left():
-                m.run(gpu_slot)
+                with CtrlC() as ctrl_c:   # (raised between the loop's turns)
+                    m.run(gpu_slot, ctrl_c)
             m.progress.close()
             missing = int((~m.store.done).sum())
             if missing and m.stop_asked.is_set():   # what the workers did until the stop, then the stop's line

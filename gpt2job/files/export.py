@@ -134,15 +134,6 @@ def token_fingerprint(ds):
     return "sha256:" + h.hexdigest()[:32]
 
 
-def texts_digest(ds):
-    """The digest of a text prompts dataset as stored, read a block at a time: what prompts._read_text_dataset
-    records as PromptSet.text_digest (the output's input_text_digest)."""
-    h = hashlib.sha256()
-    for a in range(0, len(ds), prompts.BLOCK_ROWS):
-        prompts.hash_texts(h, ds[a:a + prompts.BLOCK_ROWS])
-    return "sha256:" + h.hexdigest()[:32]
-
-
 def _same_prompts(out, key, ds):
     """Does the input still hold the prompts the output was made from (the resume key's input_fingerprint, or for
     text the input_text_digest the master recorded)? An output that recorded neither: taken as yes."""
@@ -154,7 +145,7 @@ def _same_prompts(out, key, ds):
             return False
     want = out.attrs.get("input_text_digest")
     try:
-        return want is None or texts_digest(ds) == _text(want)
+        return want is None or prompts.texts_digest(ds) == _text(want)
     except (KeyError, OSError, RuntimeError):   # (a damaged input, as above)
         return False
 

@@ -210,9 +210,9 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
             tokens, text = PROMPT_DATASETS
             if tokens in f:
                 return _read_token_dataset(path, f[tokens], vocab_size)
-            if text in f:   # a conversion's text: the ids it kept, where it did (files/token_cache.py)
+            if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
                 kept = token_cache.read(f, tokenizer_factory)
-                if kept:
+                if kept and kept[2] == texts_digest(f[text]):
                     blocks = TokenBlocks(vocab_size)
                     blocks.add(kept[1])
                     return PromptSet(kept[0], blocks.result(), "prompts", text_digest=kept[2])
@@ -318,6 +318,15 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     prompts = PromptSet.from_pieces(lengths, tokens.result(), "prompts")
     prompts.text_digest = "sha256:" + digest.hexdigest()[:32]
     return prompts
+
+
+def texts_digest(ds):
+    """The digest of a text prompts dataset as stored, read a block at a time: what _read_text_dataset records as
+    PromptSet.text_digest (an output's input_text_digest; export checks it, read_prompts checks kept ids by it)."""
+    h = hashlib.sha256()
+    for a in range(0, len(ds), BLOCK_ROWS):
+        hash_texts(h, ds[a:a + BLOCK_ROWS])
+    return "sha256:" + h.hexdigest()[:32]
 
 
 def hash_texts(h, rows):

@@ -3,10 +3,12 @@ a resume of the same job reads them instead of tokenizing every prompt again (a 
 on one core, reading the ids ~0.1 s; benchmarks/RESULTS.md).
 
 They are written inside the conversion's atomic write, by the very function that reads text prompts
-(prompts._read_text_dataset), from the text just written: they are the ids a read would make. A conversion is
-gpt2job's own file, named by a hash of its source, never edited: the ids are read back only from such a file, and
-only while the tokenizer is the same (its digest): with another tokenizer, or in a file without them (made before
-they were kept, or when no tokenizer could be loaded), the text is tokenized as before.
+(prompts._read_text_dataset), from the text just written: they are the ids a read would make. They are read back
+only from a conversion (a file with the source_sha256 attribute), only while the tokenizer is the same (its digest),
+and only while the text is the one they were made from (prompts.read_prompts compares the text's digest: hashing
+the text is a read, not a tokenizing; a conversion edited in place, or copied and edited, is tokenized anew). Where
+they are not used (those cases, or a conversion made before they were kept, or without a tokenizer) the text is
+tokenized as before.
 """
 import hashlib
 
@@ -37,8 +39,9 @@ def write(f, offsets, tokens, text_digest, enc):
 
 
 def read(f, tokenizer_factory):
-    """(offsets, tokens, text digest) kept in f (an open conversion whose 'prompts' are text) for the tokenizer
-    tokenizer_factory() gives, or None: tokenize the text."""
+    """(offsets, tokens, the digest of the text they were made from) kept in f (an open conversion whose 'prompts'
+    are text) for the tokenizer tokenizer_factory() gives, or None: tokenize the text. The caller compares the
+    digest with the text's."""
     g = f.get(GROUP)
     if g is None or "source_sha256" not in f.attrs:    # (only a conversion's are read: a user's file may be edited)
         return None
