@@ -484,8 +484,8 @@ def test_rows_the_writer_has_no_room_for_wait_in_the_journal_not_the_master(tmp_
 
 def test_ctrl_c_in_the_masters_loop_is_raised_between_its_turns():
     """The master's loop takes Ctrl-C between two turns (ending.CtrlC): raised anywhere, it could drop a result taken
-    off the channel and not yet handled, and the job's end then waited --chunk-timeout for it (the test above hung 1
-    run in 8 to 40 on a loaded machine; 0 in 100 since). A second Ctrl-C raises at once; an ignored SIGINT stays so."""
+    off the channel and not yet handled, and the job's end then waited --chunk-timeout for it (the test above hung about
+    1 run in 20 on a loaded machine; 0 in 100 since). A second Ctrl-C raises at once; an ignored SIGINT stays so."""
     from gpt2job.cluster.ending import CtrlC
     before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
