@@ -570,3 +570,24 @@ def test_the_master_benchmark_s_simulated_workers_answer_for_their_chunks(tmp_pa
                        capture_output=True, text=True, timeout=300, cwd=str(ROOT))
     res = json.loads([x for x in p.stdout.splitlines() if x.startswith("{")][-1])
     assert res["rows"] == 20000 and res["tokens"] == 20000 * 8 and res["batch_rows"] == batch_rows
+
+
+def test_a_killed_writer_process_is_one_line_whose_fix_is_to_rerun(tmp_path, monkeypatch):
+    """The writer process killed (out of memory, by hand): the job's error names it and says the rows are kept and a
+    rerun resumes (it said "check the path and its permissions", a QA helper found)."""
+    from gpt2job import envs
+    from gpt2job.chunks import FINISH_LENGTH, Completions
+    from gpt2job.errors import UserError
+    from gpt2job.files.output import OutputStore
+    monkeypatch.setattr(envs, "get", lambda name, _get=envs.get: "process" if name == "GPT2JOB_WRITER" else _get(name))
+    st = OutputStore(str(tmp_path / "o.h5"), 10, {"k": 1}, np.ones(10, np.int32))
+    st.add_many([Completions.from_lists(0, np.arange(5), [[7, 8]] * 5, [FINISH_LENGTH] * 5)])
+    for p in st.writer.procs:
+        p.kill()
+        p.wait()
+    with pytest.raises(UserError) as e:
+        st.add_many([Completions.from_lists(1, np.arange(5, 10), [[7, 8]] * 5, [FINISH_LENGTH] * 5)])
+        st.finish({})
+    assert "ended unexpectedly (signal 9); completed rows are kept" in str(e.value), str(e.value)
+    assert "run the same command again to resume" in str(e.value) and "permissions" not in str(e.value)
+    st.close()

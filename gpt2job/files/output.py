@@ -48,7 +48,7 @@ from gpt2job.files.journal import JOURNAL_SUFFIX, Journal, JournalReader, io_err
 from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
 from gpt2job.files.resume_key import differences, differing
 from gpt2job.files.text import TokenText
-from gpt2job.files.writer import WriterProcess, WriterThread
+from gpt2job.files.writer import WriterEnded, WriterProcess, WriterThread
 
 PROCESS_ROWS = 100_000     # GPT2JOB_WRITER=auto: jobs of this many rows or more write with a writer process
 FLUSH_SECONDS = 2.0        # the writer flushes OUT at least this often while rows come (README: "every few seconds")
@@ -314,7 +314,13 @@ class OutputStore:
         try:
             self.writer.put(comps, blob)
         except (OSError, RuntimeError) as e:     # the writer failed meanwhile (a full disk)
-            raise io_error(self.path, e)
+            raise self._writer_failed(e)
+
+    def _writer_failed(self, e):
+        if isinstance(e, WriterEnded):   # (not the path's fault)
+            return UserError(f"{e}; completed rows are kept", self.path, "output", "run the same command again to "
+                             "resume; if it ends again, look for what ends it (the node's memory: dmesg)")
+        return io_error(self.path, e)
 
     def wait_written(self):
         """Until the HDF5 file holds every row added so far, flushed (benchmarks/master_scale.py)."""
@@ -322,7 +328,7 @@ class OutputStore:
         try:
             self.writer.wait()
         except (OSError, RuntimeError) as e:
-            raise io_error(self.path, e)
+            raise self._writer_failed(e)
 
     def finish(self, summary):
         """Write the last rows and the summary, mark the file finished (synced), drop the journal."""
@@ -331,7 +337,7 @@ class OutputStore:
         try:
             self.writer.finish(summary)
         except (OSError, RuntimeError) as e:
-            raise io_error(self.path, e)
+            raise self._writer_failed(e)
         self.journal.close()
         self.files.tidy_finished()
         self._say_replaced()

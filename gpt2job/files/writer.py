@@ -43,6 +43,10 @@ TEXT_PROCESSES = 2 if (os.cpu_count() or 1) >= 8 else 1
 
 # ---------------------------------------------------------------- master side
 
+class WriterEnded(RuntimeError):
+    """The writer process or a text process ended before the job did (killed, out of memory)."""
+
+
 class WriterProcess:
     """The master's handle on the writer process (same interface as WriterThread)."""
 
@@ -175,7 +179,7 @@ class WriterProcess:
             from gpt2job.files.h5write import check_room
             check_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
             self._raise()                      # (what the feeder found meanwhile: the same, or what the writer said)
-            raise ended or RuntimeError("the output writer ended unexpectedly (exit 0)")
+            raise ended or WriterEnded("the output writer ended unexpectedly (exit 0)")
 
     def _ended(self, wait_s):
         """The error naming the process that ended first, as far as exit codes tell (a signal before an exit code:
@@ -191,7 +195,7 @@ class WriterProcess:
             return None
         _, who, code = min(bad)
         name = "the output writer" + ("'s text process" if who < len(codes) - 1 else "")
-        return RuntimeError(f"{name} ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
+        return WriterEnded(f"{name} ended unexpectedly ({f'signal {-code}' if code < 0 else f'exit {code}'})")
 
     def put(self, comps, blob):
         self._send(b"R", blob)
