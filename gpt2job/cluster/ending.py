@@ -230,7 +230,7 @@ class Ending:
 class CtrlC:
     """Ctrl-C (SIGINT) in the master's loop, raised between two of its turns (check()): raised anywhere, it could drop
     a result just taken off the channel and not yet handled, and shutdown then waited chunk_timeout for it (a test
-    hung 1 run in 8 on a loaded machine). A second Ctrl-C raises at once (a loop that is stuck). Only in the main
+    hung about 1 run in 20 on a loaded machine). A second Ctrl-C raises at once (a loop that is stuck). Only in the main
     thread, and only where SIGINT has Python's own handler (an ignored one stays ignored)."""
 
     def __init__(self):

@@ -70,7 +70,9 @@ class TokenBlocks:
         self.blocks.append(block.astype(self.dtype, copy=False))
 
     def result(self):
-        return np.concatenate(self.blocks) if len(self.blocks) != 1 else self.blocks[0]
+        if len(self.blocks) == 1:
+            return self.blocks[0]
+        return np.concatenate(self.blocks) if self.blocks else np.zeros(0, self.dtype)
 
 
 class PromptSet:
