@@ -584,3 +584,18 @@ def test_ids_are_read_only_from_a_conversion_and_one_made_without_a_tokenizer_ha
     with h5py.File(conv, "r") as f:
         assert list(f) == ["prompts"]
     assert P.read_prompts(conv, enc, 50257).prompt(1).tolist() == enc().encode("Bye")
+
+
+def test_validate_in_converts_a_text_file_without_keeping_its_ids(tmp_path, monkeypatch, vocab_dir):
+    """`validate IN`'s conversion is read once and thrown away: it tokenizes the text once, keeping no ids."""
+    import io
+    from gpt2job.files import token_cache
+    from gpt2job.files.input_check import check_input
+
+    def no_keeping(*a, **k):
+        raise AssertionError("ids kept")
+    monkeypatch.setattr(token_cache, "write", no_keeping)
+    src = tmp_path / "p.txt"
+    src.write_text("Hello there\nBye\n")
+    out = io.StringIO()
+    assert check_input(str(src), MODEL, 6, vocab_dir, out) == 0 and "2 prompts" in out.getvalue()

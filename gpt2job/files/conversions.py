@@ -37,15 +37,15 @@ def converted_path(output, digest):
     return f"{output}.prompts-{digest.split(':')[-1][:12]}.h5"
 
 
-def convert_for_run(source, output, log=None, vocab_dir=None):
+def convert_for_run(source, output, log=None, vocab_dir=None, keep_ids=True):
     """The input HDF5 for `run SOURCE OUTPUT` with a text or JSONL SOURCE, next to the output (the master's node
     writes it; the workers get token chunks, never the input). The same rules and errors as the `prompts` command;
     the source is read and checked as its conversion is written at a temporary name (one refused half-way leaves
     nothing). Its name holds a hash of SOURCE's bytes: the same SOURCE reuses it without reading it again (a rerun
     resumes the output), a changed SOURCE gets a file of its own (and the output's resume check refuses it as a
-    changed input, while the output's own input stays as it was). Text prompts' token ids are kept beside them
-    (files/token_cache.py; tokenized with vocab_dir's tokenizer, where one loads): a rerun reads them, not the text.
-    Returns (its path, whether this call wrote it)."""
+    changed input, while the output's own input stays as it was). keep_ids: text prompts' token ids are kept beside
+    them (files/token_cache.py; tokenized with vocab_dir's tokenizer, where one loads): a rerun reads them, not the
+    text (a conversion read once, validate IN's, keeps none). Returns (its path, whether this call wrote it)."""
     log = log or (lambda msg: None)
     check_output_path(output, example="out.h5")
     digest, target = unchanged_conversion(source, output, "run")
@@ -54,7 +54,7 @@ def convert_for_run(source, output, log=None, vocab_dir=None):
         return target, False
     rows = JsonlRows()
     n, kind = write_prompts_h5(target, prompt_blocks(source, rows), rows, conversion_attrs(source, digest),
-                               lambda: _tokenizer_or_none(vocab_dir))
+                               (lambda: _tokenizer_or_none(vocab_dir)) if keep_ids else None)
     log(f"{plural(n, kind + ' prompt')} of {source} converted to {target}")
     return target, True
 

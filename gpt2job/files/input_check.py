@@ -28,7 +28,7 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
                             "ANSWER")
         return _check_input(path, path, model, max_new_tokens, vocab_dir, out)
     with tempfile.TemporaryDirectory() as folder:
-        converted, _ = convert_for_run(path, os.path.join(folder, "validate.h5"), vocab_dir=vocab_dir)
+        converted, _ = convert_for_run(path, os.path.join(folder, "validate.h5"), keep_ids=False)
         return _check_input(converted, path, model, max_new_tokens, vocab_dir, out)
 
 

@@ -3,15 +3,15 @@ a thread of its own) plus the HDF5 file the user reads.
 
 Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
 file is written beside the master's loop by a writer (files/writer.py: a thread for small jobs, a process of its own
-for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every few
-seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a time.
-Rows the writer has no room for (a rebuild's, or a slow disk's) stay in the journal until it has (pump): the master
-never waits on the writer, only the end of the job does. When the job finishes the HDF5 file gets its final
-attributes and `finished = 1`, and the journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by the
-same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced, OUT.journal.replaced)
-until the run that replaces them finishes: a run that completes nothing puts them back, one that stops part-way
-leaves them there (its own rows resume as usual), and only the run that set them aside ever moves or removes them
-(files/outpaths.py).
+for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every
+few seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a
+time. Rows the writer has no room for (a rebuild's, or a slow disk's) stay in the journal until it has (pump): the
+master never waits on the writer, only the end of the job does. When the job finishes the HDF5 file gets its final
+attributes and `finished = 1`, and the journal is deleted. A finished output is never overwritten without
+--overwrite; an unfinished one is resumed only by the same model, input and settings. The files --overwrite replaces
+are set aside (OUT.replaced, OUT.journal.replaced) until the run that replaces them finishes: a run that completes
+nothing puts them back, one that stops part-way leaves them there (its own rows resume as usual), and only the run
+that set them aside ever moves or removes them (files/outpaths.py).
 
 HDF5 layout (row i answers prompt i, with --num-samples N prompt i // N; with --layout flat the variable-length
 columns are flat arrays, files/h5flat.py):

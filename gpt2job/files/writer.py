@@ -91,7 +91,7 @@ class WriterProcess:
     def _send(self, kind, payload):
         with self.cond:
             self._raise()
-            while self.queued > QUEUE_BYTES and self.error is None:
+            while not self.has_room():
                 self.cond.wait(0.5)
             self._raise()
             self.outbox.append((kind, payload))
@@ -258,7 +258,7 @@ class WriterThread(threading.Thread):
     def put(self, comps, blob=None):
         with self.cond:
             self._raise()
-            while self.queued_rows > MAX_QUEUED_ROWS and self.error is None:
+            while not self.has_room():
                 self.cond.wait(0.5)
             self._raise()
             self.queue += comps
@@ -266,6 +266,7 @@ class WriterThread(threading.Thread):
             self.cond.notify_all()
 
     def has_room(self):
+        """As WriterProcess.has_room, in rows."""
         return self.queued_rows <= MAX_QUEUED_ROWS or self.error is not None
 
     def wait(self):
