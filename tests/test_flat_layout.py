@@ -129,7 +129,20 @@ def test_text_span_and_gather():
     blob, st, sizes = h5flat.text_span(buf, np.array([0, 3, 4, 8]), np.array([2, 0, 3, 1]))    # consecutive: one slice
     assert blob.tobytes() == buf.tobytes() and st.tolist() == [0, 3, 4, 8] and sizes.tolist() == [2, 0, 3, 1]
     blob, st, sizes = h5flat.text_span(buf, np.array([8, 0, 0]), np.array([1, 2, 2]))          # out of order, repeated
-    assert [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"ab"]
+    assert [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"c", b"ab", b"ab"] and len(blob) == 5
+    redone = np.frombuffer(b"ab\0stale text\0c\0new\0", np.uint8)  # row 1 decoded again: its first text is not kept
+    blob, st, sizes = h5flat.text_span(redone, np.array([0, 16, 14]), np.array([2, 3, 1]))
+    assert blob.tobytes() == b"ab\0c\0new\0"
+    assert [blob[s:s + n].tobytes() for s, n in zip(st, sizes)] == [b"ab", b"new", b"c"]
+    rng = np.random.default_rng(3)
+    for _ in range(50):   # rows in any order, some of one string, some strings unused: every byte kept is used
+        words = [bytes(rng.integers(1, 255, rng.integers(0, 6), dtype=np.uint8)) + b"\0" for _ in range(12)]
+        pos = np.cumsum([0] + [len(w) for w in words])
+        take = rng.integers(0, 12, rng.integers(1, 20))
+        blob, st, sizes = h5flat.text_span(np.frombuffer(b"".join(words), np.uint8), pos[take],
+                                           np.array([len(words[t]) - 1 for t in take]))
+        assert [blob[s:s + n + 1].tobytes() for s, n in zip(st, sizes)] == [words[t] for t in take]
+        assert len(blob) == sum(len(words[t]) for t in set(take.tolist()))
     far = np.concatenate([buf, np.ones(10000, np.uint8), buf])           # far apart: gathered
     blob, st, sizes = h5flat.text_span(far, np.array([10008, 0, 10004]) + len(buf) * np.array([1, 0, 1]),
                                        np.array([1, 2, 3]))

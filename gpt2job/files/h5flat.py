@@ -81,19 +81,20 @@ def create_datasets(f, n, text, logprobs_k):
 
 def text_span(buf, starts, sizes):
     """NUL-terminated strings at starts [n] in buf, of sizes [n] bytes without their NUL (files/text.py's Text) ->
-    (their bytes one after another, each with its NUL; starts [n] into that; sizes)."""
+    (their bytes with no unused byte between them, each string once with its NUL; starts [n] into that; sizes). The
+    strings are usually one after another (one slice, no copy); rows decoded again (not valid UTF-8, cut at a stop
+    string) have their text after the buffer, and their first text is dropped here."""
     starts, sizes = np.asarray(starts, np.int64), np.asarray(sizes, np.int64)
-    n = len(starts)
-    if n == 0:
+    if len(starts) == 0:
         return np.zeros(0, np.uint8), starts, sizes
-    lens = sizes + 1
-    lo, hi = int(starts.min()), int((starts + lens).max())
-    if hi - lo <= 2 * int(lens.sum()) + 4096:    # the usual case, the strings one after another (rows redone after
-        return buf[lo:hi], starts - lo, sizes    # the buffer: not valid UTF-8, cut at a stop string): the span as it
-    at = np.zeros(n + 1, np.int64)               # is, a few unused bytes in it
-    np.cumsum(lens, out=at[1:])
-    idx = np.repeat(starts - at[:-1], lens) + np.arange(at[-1], dtype=np.int64)
-    return buf[idx], at[:-1], sizes
+    at, first, row = np.unique(starts, return_index=True, return_inverse=True)   # rows of one string: one copy
+    lens = sizes[first] + 1
+    new = np.zeros(len(at) + 1, np.int64)
+    np.cumsum(lens, out=new[1:])
+    cut = (np.flatnonzero(at[1:] != at[:-1] + lens[:-1]) + 1).tolist()          # a string not right after the last
+    pieces = [buf[at[a]:at[b - 1] + lens[b - 1]] for a, b in zip([0] + cut, cut + [len(at)])]
+    blob = pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
+    return blob, new[:-1][row.reshape(-1)], sizes
 
 
 class Appender:
