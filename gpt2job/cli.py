@@ -201,8 +201,8 @@ def build_parser():
                    help="allowed fraction of mismatched tokens (default 0.0005 = 0.05%%)")
     both("--share-gpus", action="store_true", help="allow more workers on a node than it has GPUs")
     both("--chunk-timeout", type=_float_in("--chunk-timeout", 1, 1e9), default=120.0,
-         help="least seconds a worker gets for a chunk before it counts as hung (scaled up with the "
-              "chunk's size and the worker's speed; default 120)")
+         help="least seconds a worker may go without a result or a progress report on its oldest chunk "
+              "before it counts as hung (scaled up with the chunk's size and the worker's speed; default 120)")
     both("--progress-interval", type=_float_in("--progress-interval", 0.1, 1e9), default=10.0,
          help="seconds between progress lines when output is not a terminal (default 10)")
     r.add_argument("--stop", action="append", default=[], metavar="TEXT", type=_stop_string,
@@ -256,7 +256,7 @@ def build_parser():
                        description="validate OUT ANSWER: compare an output's tokens with expected tokens. "
                                    "validate IN: check an input file (HDF5, .txt or .jsonl) as `run` would before "
                                    "starting (prompts and per-row settings), for --model and --max-new-tokens.")
-    v.add_argument("output", help="an output file (with ANSWER), or an input file (alone)")
+    v.add_argument("file", metavar="FILE", help="an output file (with ANSWER), or an input file (alone)")
     v.add_argument("answer", nargs="?", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005, help="with ANSWER: the "
                    "largest fraction of compared tokens that may differ (above it: FAIL, exit 4); default 0.0005")
@@ -354,8 +354,8 @@ def cmd_export(a):
 def cmd_validate(a):
     from gpt2job.files import input_check, validate
     if a.answer is None:
-        return input_check.check_input(a.output, a.model, a.max_new_tokens, a.vocab_dir)
-    return validate.report_validation(a.output, a.answer, a.tolerance, field="answer")
+        return input_check.check_input(a.file, a.model, a.max_new_tokens, a.vocab_dir)
+    return validate.report_validation(a.file, a.answer, a.tolerance, field="answer")
 
 
 def cmd_build_kernels(a):

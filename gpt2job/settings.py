@@ -8,6 +8,10 @@ DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says other
 # the least temperature that samples: below it a temperature is greedy (0), the flag and a row's own value alike, as
 # vLLM does (far below it 1/T times a logit overflows float32: at 1e-39 every worker failed)
 MIN_TEMPERATURE = 1e-5
+# Batches a worker keeps submitted (cluster/worker.py): the next one is prepared and uploaded while the current one
+# computes. The master plans with it (cluster/scheduler.py: chunks built ahead and sent ahead per worker, the least
+# number of chunks per worker) and the CUDA backend reserves that many pinned upload buffers (backends/cuda/backend.py).
+PREFETCH = 2
 
 
 def max_prompt_length(n_positions, max_new_tokens):

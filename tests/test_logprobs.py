@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from conftest import crash_after_a_kept_chunk, job_env, run_gpt2job, write_token_input
+from gpt2job.backends.base import compute
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk, Completions, decode_completions, encode_completions
 from gpt2job.files.journal import Journal, read_journal, records_of
@@ -79,7 +80,7 @@ def test_numpy_backend_matches_the_model(params, sampling):
     gs = GenerationSettings(max_new_tokens=4, ignore_eos=True, sampling=sampling, logprobs=True, top_logprobs=K,
                             repetition_penalty=1.3)
     be = NumpyBackend(params, gs, batch_size=2)
-    comp = be.generate(chunk_of(prompts))
+    comp = compute(be, chunk_of(prompts))
     assert comp.logprobs.shape == (comp.offsets[-1],) and comp.top_ids.shape == comp.top_logprobs.shape == (20, K)
     for b, p in enumerate(prompts):
         sl = slice(comp.offsets[b], comp.offsets[b + 1])
@@ -90,7 +91,7 @@ def test_numpy_backend_matches_the_model(params, sampling):
     assert (comp.top_logprobs[:, :-1] >= comp.top_logprobs[:, 1:]).all()
     assert (comp.logprobs <= comp.top_logprobs[:, 0] + 1e-6).all()
     # off: nothing stored, the same tokens
-    off = NumpyBackend(params, dataclasses.replace(gs, logprobs=False, top_logprobs=0)).generate(chunk_of(prompts))
+    off = compute(NumpyBackend(params, dataclasses.replace(gs, logprobs=False, top_logprobs=0)), chunk_of(prompts))
     assert off.logprobs is None and off.top_ids is None and off.tokens.tolist() == comp.tokens.tolist()
 
 
@@ -308,7 +309,8 @@ def test_cuda_step_logprobs_layout():
     write(s.out(3), [0, 1, 2], {0: -5.0, 1: -6.0, 2: -7.0})                   # step 1: rows 0, 2, 3 (1 stopped)
     s.download(3, 1)
     s.take(1, 3, np.array([True, False, True]), np.array([0, 3]), 1)
-    comp = s.attach(Completions.from_lists(0, [5, 6, 7, 8], [[1, 2], [3], [4], [5, 6]], [0] * 4), np.array([2, 1, 1, 2]))
+    comp = s.attach(Completions.from_lists(0, [5, 6, 7, 8], [[1, 2], [3], [4], [5, 6]], [0] * 4),
+                    np.array([2, 1, 1, 2]))
     assert comp.logprobs.tolist() == [-1, -5, -2, -3, -4, -7]
     assert comp.top_ids[:, 0].tolist() == [0, 0, 1, 2, 3, 2] and comp.top_logprobs[:, 1].tolist() == [-9] * 6
     back = StepLogprobs.of(None, GenerationSettings(), 4, 3).attach(comp, None)   # off: nothing changes

@@ -77,6 +77,7 @@ def test_each_row_draws_with_its_output_row():
     """The rule both backends follow (uniform(seed, row, step), CUDA's sampling.cu the same hash): a chunk's rows are
     output rows, so row r of N samples draws what a lone prompt at row r would: the NumPy backend on a chunk
     the scheduler made equals generating each row by itself with its output row index."""
+    from gpt2job.backends.base import compute
     from gpt2job.backends.numpy_backend import NumpyBackend, generate_batch
     from gpt2job.model.weights import load_config, load_params
     from gpt2job.settings import JobSettings
@@ -91,7 +92,7 @@ def test_each_row_draws_with_its_output_row():
     assert len(chunk.rows) == 6 and (np.bincount(chunk.rows // N) % N == 0).all()   # 7 would split a prompt's samples
     for i, r in enumerate(chunk.rows):
         np.testing.assert_array_equal(chunk.prompts()[i], ps[r // N])
-    comp = NumpyBackend(params, gs).generate(chunk)
+    comp = compute(NumpyBackend(params, gs), chunk)
     for i, r in enumerate(chunk.rows):
         alone, _ = generate_batch(params, [ps[r // N]], [int(r)], gs)
         assert comp.row_tokens(i).tolist() == list(alone[0]), r

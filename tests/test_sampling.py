@@ -4,6 +4,7 @@ import pytest
 
 from gpt2job.chunks import Chunk
 from gpt2job.settings import GenerationSettings
+from gpt2job.backends.base import compute
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.model.config import GPT2Config
 from gpt2job.settings import SamplingSettings
@@ -50,7 +51,7 @@ def _generate(backend, rows, prompts, split):
     for part in np.array_split(np.arange(len(rows)), split):
         ps = [prompts[i] for i in part]
         offsets = np.concatenate([[0], np.cumsum([len(p) for p in ps])])
-        comp = backend.generate(Chunk(0, rows[part], offsets, np.concatenate(ps).astype(np.int32)))
+        comp = compute(backend, Chunk(0, rows[part], offsets, np.concatenate(ps).astype(np.int32)))
         for i, r in enumerate(comp.rows):
             out[int(r)] = comp.row_tokens(i).tolist()
     return out

@@ -200,7 +200,7 @@ def test_a_worker_ready_late_still_finds_equal_work_chunks_left(tmp_path):
     grace passed), that worker must not take them all: it holds one chunk at a time until the other is ready, which
     then gets its own; once both are ready, the early one holds its usual prefetch again."""
     import time
-    from gpt2job.cluster.worker import PREFETCH
+    from gpt2job.settings import PREFETCH
     m, ch, n = ragged_master(tmp_path)
     try:
         assert m.sched.by_cost

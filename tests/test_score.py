@@ -10,6 +10,7 @@ import pytest
 
 from conftest import crash_after_a_kept_chunk, job_env, run_gpt2job, write_token_input
 from gpt2job.backends.cuda.score import completions, score_rows
+from gpt2job.backends.base import compute
 from gpt2job.backends.numpy_backend import NumpyBackend
 from gpt2job.chunks import Chunk
 from gpt2job.model import reference
@@ -50,7 +51,7 @@ def test_numpy_backend_scores_match_direct(params):
     rows = rows_of(0, 7)
     rows[3] = rows[1][:len(rows[1])]                     # equal lengths share a forward pass
     be = NumpyBackend(params, GenerationSettings(max_new_tokens=1, logprobs=True, score=True), batch_size=3)
-    comp = be.generate(chunk_of(rows))
+    comp = compute(be, chunk_of(rows))
     assert comp.rows.tolist() == list(range(10, 17)) and comp.finish.tolist() == [0] * 7
     for b, r in enumerate(rows):
         a, z = comp.offsets[b], comp.offsets[b + 1]

@@ -7,7 +7,8 @@ import numpy as np
 from gpt2job.backends.base import Backend, Pause
 from gpt2job.chunks import Chunk, Completions
 from gpt2job.cluster.channel import STOP
-from gpt2job.cluster.worker import PREFETCH, Loop
+from gpt2job.cluster.worker import Loop
+from gpt2job.settings import PREFETCH
 
 
 class LoggingBackend(Backend):

@@ -52,6 +52,9 @@ class Backend:
         yield  # noqa: a generator that never pauses (no device to wait for)
 
     def generate(self, chunk: Chunk) -> Completions:
+        """A chunk's Completions, for a backend with no device to wait for (the synthetic one): the run() above
+        computes the submitted chunk with it, never pausing. A backend that pauses overrides run() instead. Callers
+        use run() (the worker) or compute() (tests, scripts), never this."""
         raise NotImplementedError
 
     def describe(self) -> dict:

@@ -2,7 +2,7 @@
 the reference GPT-2 (gpt2job/model/reference.py) and the reference token selection (model/sampling.py)."""
 import numpy as np
 
-from gpt2job.backends.base import READY, Backend, Pause, compute
+from gpt2job.backends.base import READY, Backend, Pause
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, FINISH_STOP_STRING, Completions
 from gpt2job.model import reference
 from gpt2job.model.logprobs import Recorder, token_logprobs
@@ -49,18 +49,14 @@ class NumpyBackend(Backend):
                 comp.top_logprobs = np.concatenate([x[2] for x in lps]) if lps else np.zeros((0, k), np.float32)
         return comp
 
-    def generate(self, chunk):
-        """One chunk, to the end (tests, scripts: with nothing else submitted)."""
-        return compute(self, chunk)
-
     def describe(self):
         return {"backend": self.name, "dtype": "float32", "device": "cpu"}
 
 
 def generate_batch(params, prompts, rows, gs: GenerationSettings, rs: RowSettings = None, rec: Recorder = None):
     """Reference generation for one batch (rs: each row's settings; None: the job's; rec: collects each step's
-    log-probabilities from the raw logits). Returns (list of generated token lists, list of finish codes). A row leaves the batch when it ends (its limit, a stop token id, a stop
-    string); the rows left compute on."""
+    log-probabilities from the raw logits). Returns (list of generated token lists, list of finish codes). A row
+    leaves the batch when it ends (its limit, a stop token id, a stop string); the rows left compute on."""
     B = len(prompts)
     rs = RowSettings.of(None, gs, B) if rs is None else rs
     lens = np.array([len(p) for p in prompts], np.int64)

@@ -1,8 +1,8 @@
 """How the master and its workers talk: one small interface, two transports.
 
 Master side (what MpiChannel, ThreadChannel and Mux each offer): send_chunk (encode_ahead: its buffer made before),
-send_stop, poll (every message waiting), take_reports (the progress reports poll set aside), progress (moves sends
-on), wait (idle a moment), flush, forget (a rank gone), owns_process, abort, join (the master's own worker).
+send_stop, poll (every message waiting), take_reports (the progress reports poll set aside), progress (moves MPI's
+sends on), wait, flush, forget (a rank gone), owns_process; abort (MpiChannel, Mux), join (ThreadChannel, Mux).
   * MpiChannel: the worker ranks 1..N-1. Chunks and results travel as int64 buffers (Isend/Recv; the master
     never blocks on one worker); hello, error and stop are small pickled messages.
   * ThreadChannel: the master's own worker thread (rank 0 computing), through two queues.

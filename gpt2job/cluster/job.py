@@ -5,7 +5,7 @@ With one rank the master computes too, in a thread of its own. They talk through
 A text or JSONL input (`run prompts.txt OUT`) is converted by the master alone, into OUT.prompts-HASH.h5 next to
 the output (files/conversions.py convert_for_run), before anything else is made: the workers get token chunks over
 MPI and never read the conversion, so it needs no shared folder beyond the output's own (a worker opens an HDF5 input
-only to see whether it has per-row stop strings, files/row_settings.py may_have_stops)."""
+only to see whether it has per-row stop strings, files/row_stops.py may_have_stops)."""
 import dataclasses
 import os
 import signal

@@ -15,7 +15,7 @@ from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import CtrlC, Ending
 from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
 from gpt2job.cluster.trace import TRACE, launch_time, trace
-from gpt2job.cluster.worker import PREFETCH, LocalWorker
+from gpt2job.cluster.worker import LocalWorker
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
@@ -29,7 +29,7 @@ from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim
 from gpt2job.files.validate import check_answer, report_validation
 from gpt2job.model.tokenizer import load_tokenizer
 from gpt2job.model.weights import describe, fingerprint, load_config
-from gpt2job.settings import DEFAULT_CHUNK, JobSettings
+from gpt2job.settings import DEFAULT_CHUNK, PREFETCH, JobSettings
 
 START_GRACE_S = 10.0    # longest wait for slow-starting workers before the ready ones begin
 
@@ -156,8 +156,8 @@ class Master:
                  f"{workers}; model {describe(s.model)}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
-        """Count a result the store has made durable (added: its new rows, tokens and tokens the worker computed,
-        copies of its prompts excluded; None if nothing was new)."""
+        """Count a result the store has made durable (added: its new rows and tokens, copies of its prompts included,
+        and the tokens the worker computed, copies excluded; None if nothing was new)."""
         self.t_last = max(self.t_last or 0.0, t_recv)
         w.last_result = t_recv
         new_rows, new_tokens, computed = added or (0, 0, 0)
@@ -215,7 +215,7 @@ class Master:
                 self.handle(self.workers[rank], kind, *data)
             for rank, chunk_id, tokens in self.channel.take_reports():   # progress within chunks still out
                 if chunk_id in self.workers[rank].outstanding:
-                    self.workers[rank].last_progress = time.monotonic()   # computing: not hung
+                    self.workers[rank].last_heard = time.monotonic()   # computing: not hung
                     out = self.workers[rank].outstanding[chunk_id]
                     self.progress.report(chunk_id, tokens, len(out.chunk.rows), out.new_tokens)
             self.commit()
@@ -260,7 +260,7 @@ class Master:
             if self.s.score:   # the worker scored tokens 1..L-1 of each row: keep the scored ones
                 comp = trim(comp, self.score_starts)
             w.outstanding.pop(comp.chunk_id, None)
-            w.last_progress = time.monotonic()
+            w.last_heard = time.monotonic()
             self.received.append((w, comp, us, t_recv))
             if TRACE:
                 trace(f"master: chunk {comp.chunk_id} result from rank {w.rank}, received {self.received[-1][3]:.4f}")
@@ -275,12 +275,12 @@ class Master:
             self.ending.say_held()    # the job goes on: ranks that failed at start-up are worth a line each now
             w.preferred_chunk = int(info.get("preferred_chunk", DEFAULT_CHUNK))
             w.batch_rows = int(info.get("batch_rows", 0))
-            w.last_progress = time.monotonic()
+            w.last_heard = time.monotonic()
             if self.first_ready is None and not self.dispatching:
                 # the master is idle until every worker is ready: gather (and encode) the first chunks now
                 self.sched.prebuild(len(self.live()), w.preferred_chunk)
                 self.channel.encode_ahead(self.sched.built)
-            self.first_ready = self.first_ready or w.last_progress
+            self.first_ready = self.first_ready or w.last_heard
             if self.dispatching:
                 every = self.all_ready()
                 if self.t_ready is None and every:

@@ -44,7 +44,7 @@ class WorkerState:
     preferred_chunk: int = DEFAULT_CHUNK
     batch_rows: int = 0                            # rows it computes as one batch, its chunks merged (0: a chunk)
     outstanding: dict = field(default_factory=dict)   # chunk_id -> Outstanding
-    last_progress: float = 0.0
+    last_heard: float = 0.0                        # its last hello, result or progress report (hung() counts from it)
     rows: int = 0
     tokens: int = 0                                # delivered: copies of deduplicated prompts included
     computed_tokens: int = 0                       # computed by this worker (its speed)
@@ -254,7 +254,8 @@ class Scheduler:
         self.retry.append(chunk)
 
     def deadline(self, worker: WorkerState, out: Outstanding):
-        """How long the worker may take for this chunk before it is declared hung."""
+        """How long the worker may stay silent on this chunk (no result, no progress report: hung() counts from the
+        later of the chunk's send and the worker's last report) before it is declared hung."""
         spt = worker.seconds_per_token()
         if spt is None:  # no result of this worker's yet: no measured speed, be generous
             return 5 * self.min_deadline
@@ -264,5 +265,5 @@ class Scheduler:
         if not worker.outstanding or worker.retired:
             return False
         head = min(worker.outstanding.values(), key=lambda o: o.sent_at)
-        started = max(head.sent_at, worker.last_progress)
+        started = max(head.sent_at, worker.last_heard)
         return now - started > self.deadline(worker, head)

@@ -30,9 +30,8 @@ from gpt2job.errors import UserError
 from gpt2job.files.row_stops import may_have_stops
 from gpt2job.model import stops
 from gpt2job.model.weights import load_config, load_params
-from gpt2job.settings import JobSettings
+from gpt2job.settings import PREFETCH, JobSettings
 
-PREFETCH = 2            # chunks submitted at once: the next one is uploaded before the current one ends
 REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker (many decode steps apart)
 
 

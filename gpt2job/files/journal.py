@@ -327,7 +327,7 @@ def journal_has_records(output):
     return magic in (MAGIC_REC, MAGIC_REC_V1, MAGIC_REC_LP) and size >= 2 * REC_HEAD.size + header_bytes + n
 
 
-def _completed_rows(output):
+def _journal_rows(output):
     """(the journal's resume key, an iterator of each record's rows with a result: invalid rows left out), or None
     without a readable OUTPUT.journal."""
     try:
@@ -342,7 +342,7 @@ def _completed_rows(output):
 def rows_in_journal(output):
     """Rows complete in OUTPUT.journal (a job stopped before its writer made OUTPUT): their count; None without a
     readable journal."""
-    journaled = _completed_rows(output)
+    journaled = _journal_rows(output)
     if journaled is None:
         return None
     rows = list(journaled[1])
@@ -354,7 +354,7 @@ def rows_only_in_journal(output, f):
     caught up: the next run of the same command adds them): their count, 0 without a journal of f's run."""
     if not os.path.exists(output + JOURNAL_SUFFIX) or "done" not in f or "resume_key" not in f.attrs:
         return 0
-    journaled = _completed_rows(output)
+    journaled = _journal_rows(output)
     if journaled is None or json.dumps(journaled[0], sort_keys=True) != f.attrs["resume_key"]:
         return 0
     seen = np.zeros(len(f["done"]), bool)

@@ -1,17 +1,19 @@
 """Durable output: the journal (files/journal.py, one write and fsync per group of results received together, in
 a thread of its own) plus the HDF5 file the user reads.
 
-Results are durable the moment their journal record is synced; only then do they count (done, progress). The HDF5
-file is written beside the master's loop by a writer (files/writer.py: a thread for small jobs, a process of its own
-for large ones, files/writer_process.py) that creates the file, then writes the rows as they come, flushing every
-few seconds. A resumed job's writer builds the file anew from the journal, which the master reads once, a block at a
-time. Rows the writer has no room for (a rebuild's, or a slow disk's) stay in the journal until it has (pump): the
-master never waits on the writer, only the end of the job does. When the job finishes the HDF5 file gets its final
-attributes and `finished = 1`, and the journal is deleted. A finished output is never overwritten without
---overwrite; an unfinished one is resumed only by the same model, input and settings. The files --overwrite replaces
-are set aside (OUT.replaced, OUT.journal.replaced) until the run that replaces them finishes: a run that completes
-nothing puts them back, one that stops part-way leaves them there (its own rows resume as usual), and only the run
-that set them aside ever moves or removes them (files/outpaths.py).
+Results are durable the moment their journal record is synced; only then do they count for the master (collect()
+returns them; `done` marks their rows as they are submitted, so that a row repeated within a group is taken once,
+and is cleared again if the journal write fails). The HDF5 file is written beside the master's loop by a writer
+(files/writer.py: a thread for small jobs, a process of its own for large ones, files/writer_process.py) that
+creates the file, then writes the rows as they come, flushing every few seconds. A resumed job's writer builds the
+file anew from the journal, which the master reads once, a block at a time. Rows the writer has no room for (a
+rebuild's, or a slow disk's) stay in the journal until it has (pump): the master never waits on the writer, only the
+end of the job does. When the job finishes the HDF5 file gets its final attributes and `finished = 1`, and the
+journal is deleted. A finished output is never overwritten without --overwrite; an unfinished one is resumed only by
+the same model, input and settings. The files --overwrite replaces are set aside (OUT.replaced,
+OUT.journal.replaced) until the run that replaces them finishes: a run that completes nothing puts them back, one
+that stops part-way leaves them there (its own rows resume as usual), and only the run that set them aside ever
+moves or removes them (files/outpaths.py).
 
 HDF5 layout (row i answers prompt i, with --num-samples N prompt i // N; with --layout flat the variable-length
 columns are flat arrays, files/h5flat.py):
@@ -163,7 +165,7 @@ class OutputStore:
         for comps, blob in reader.blocks():
             for comp in comps:
                 self.done[comp.all_rows] = True
-                self.completed += _completed_rows(comp)
+                self.completed += _count_completed(comp)
             self._put_or_lag(comps, blob, reader.end)
         self.resumed_rows = int(np.count_nonzero(self.done))
         self.journal = Journal(self.journal_path, truncate_at=reader.end)
@@ -197,8 +199,9 @@ class OutputStore:
     def _key_diff(self, key):
         return differing(key, self.key)
 
-    def _journal_has_completed_rows(self):
-        return any(_completed_rows(r) for r in JournalReader(self.journal_path).records())
+    def _journal_has_completed_rows(self):   # (journal_has_records, cheap enough for a signal handler, also counts
+                                             # a record that holds only rows marked 'invalid')
+        return any(_count_completed(r) for r in JournalReader(self.journal_path).records())
 
     def _check_pair(self, journal_key):
         """OUT and its journal are one run's. A journal beside a gpt2job output of other settings (a finished output
@@ -242,7 +245,7 @@ class OutputStore:
             if not new.any():
                 stats.append(None)
                 continue
-            computed = int(comp.offsets[-1])     # the rows the worker ran (its copies not)
+            computed = int(comp.offsets[-1])     # the tokens the worker generated (its prompts' copies' not)
             if not new.all():    # some rows were done already (a late duplicate, a retried chunk): keep the others
                 keep = np.flatnonzero(new)
                 full = comp.expanded()
@@ -279,7 +282,7 @@ class OutputStore:
                 raise
         self.inflight = None
         if fresh:
-            self.completed += sum(_completed_rows(c) for c in fresh)
+            self.completed += sum(_count_completed(c) for c in fresh)
             self._put_or_lag(fresh, blob, self.journal.end)
         return stats
 
@@ -389,6 +392,6 @@ def refuse_foreign(path, overwrite, journal=None):
                         + ("" if overwrite else f" ({only})"))
 
 
-def _completed_rows(comp: Completions):
+def _count_completed(comp: Completions):
     """Rows of comp with a result (not marked 'invalid'), copies included."""
     return int(np.count_nonzero(np.asarray(comp.all_finish) != FINISH_INVALID))

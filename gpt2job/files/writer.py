@@ -6,7 +6,7 @@ The writer process (files/writer_process.py), in its own interpreter, never take
 When the output has text, text processes (files/text_process.py) stand between the master and the writer: the
 master deals its units out to them in turn, each adds its units' text, and the writer reads their pipes in the same
 turn (pipes.InTurn). Without text the writer reads the master's messages on its stdin. Each process is one loop in
-one thread.
+one thread (the writer also starts a short write-back thread after each periodic flush: writer_process.Writeback).
 
 The master sends messages (files/pipes.py): a kind byte, a little-endian uint64 length, the payload:
   H  the header (JSON, h5write.make_header: with the job's stops; a per-row `stop` dataset is read from the input

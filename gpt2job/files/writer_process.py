@@ -2,7 +2,8 @@
 WriterProcess for large jobs): creates the output, writes the rows it is sent with h5write.RowWriter, flushes the file
 every flush_interval seconds and when asked (S), and on F marks it finished. Its input: the master's messages on stdin
 (files/writer.py lists them), or with text the text processes' pipes FD ..., read in the turn the master dealt them
-(pipes.InTurn). One loop in one thread: h5py holds the GIL through HDF5 calls, so a second thread would wait for them.
+(pipes.InTurn). One loop in one thread: h5py holds the GIL through HDF5 calls, so a second thread would wait for them
+(only Writeback's call, which holds no HDF5 lock, runs in a thread of its own after each flush).
 """
 import itertools
 import json

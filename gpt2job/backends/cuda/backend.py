@@ -28,7 +28,7 @@ from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError
-from gpt2job.settings import max_prompt_length
+from gpt2job.settings import PREFETCH, max_prompt_length
 
 
 def keep_host_memory(touch=64 << 20):
@@ -112,13 +112,13 @@ class CudaBackend(Backend):
     def _reserve(self, free, reduced):
         """Allocate the large buffers now, before the worker says it is ready (Runner.reserve; shrunk while an
         allocation fails): growing them during the first chunk would put allocations, and the synchronisations that
-        come with freeing a smaller buffer, inside the timed generation. Then the pinned uploads of two chunks (the
-        worker keeps two submitted) of plan.UPLOAD_ROW_BYTES a prefill row (W2's 2,048 prompts of 32-512 tokens
+        come with freeing a smaller buffer, inside the timed generation. Then the pinned uploads of the PREFETCH batches
+        the worker keeps submitted of plan.UPLOAD_ROW_BYTES a prefill row (W2's 2,048 prompts of 32-512 tokens
         take 7 MB; a chunk that needs more grows them then, while the GPU may wait)."""
         runner, dev = self.runner, self.device
         try:
             runner.fit()
-            dev.reserve_uploads(2, UPLOAD_ROW_BYTES * runner.max_prefill_rows)
+            dev.reserve_uploads(PREFETCH, UPLOAD_ROW_BYTES * runner.max_prefill_rows)
         except Exception as e:
             if not dev.is_oom(e):
                 raise
