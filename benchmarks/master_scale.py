@@ -152,6 +152,7 @@ class ResultPool:
 
     def __init__(self, model, new_tokens, max_rows, n=32):
         from gpt2job.backends import make_backend
+        from gpt2job.backends.base import compute
         from gpt2job.model.weights import load_config
         cfg = load_config(model)
         s = JobSettings(input="", output="", model=model, max_new_tokens=new_tokens, backend="synthetic")
@@ -161,7 +162,7 @@ class ResultPool:
         for k in range(n):
             toks = rng.integers(0, cfg.vocab_size, (max_rows, 16)).astype(np.int32)
             chunk = Chunk(k, np.arange(max_rows), np.arange(max_rows + 1, dtype=np.int64) * 16, toks.reshape(-1))
-            self.full.append(be.generate(chunk))
+            self.full.append(compute(be, chunk))
         self.cache = {}
 
     def result(self, cid, rows):

@@ -257,7 +257,7 @@ def build_parser():
                                    "validate IN: check an input file (HDF5, .txt or .jsonl) as `run` would before "
                                    "starting (prompts and per-row settings), for --model and --max-new-tokens.")
     v.add_argument("file", metavar="FILE", help="an output file (with ANSWER), or an input file (alone)")
-    v.add_argument("answer", nargs="?", help="int32 file [N, new_tokens] or another output file")
+    v.add_argument("answer", nargs="?", metavar="ANSWER", help="int32 file [N, new_tokens] or another output file")
     v.add_argument("--tolerance", type=_float_in("--tolerance", 0, 1), default=0.0005, help="with ANSWER: the "
                    "largest fraction of compared tokens that may differ (above it: FAIL, exit 4); default 0.0005")
     v.add_argument("--model", default="random:gpt2", help="input check: the model the job will run (its positions "

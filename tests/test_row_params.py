@@ -182,10 +182,10 @@ def test_synthetic_backend_per_row_limits_and_stop_ids():
     cfg = GPT2Config(n_layer=1, n_head=1, n_embd=8, n_positions=64, vocab_size=7)
     gs = GenerationSettings(max_new_tokens=9, ignore_eos=True, eos_token_id=6)
     prompts = prompts_of(20, vocab=7)
-    full = SyntheticBackend(cfg, gs).generate(chunk_of(prompts))
+    full = compute(SyntheticBackend(cfg, gs), chunk_of(prompts))
     mnt = np.arange(20) % 9 + 1
-    got = SyntheticBackend(cfg, dataclasses.replace(gs, stop_token_ids=(3,))).generate(
-        chunk_of(prompts, params=params_of(20, max_new_tokens=mnt)))
+    got = compute(SyntheticBackend(cfg, dataclasses.replace(gs, stop_token_ids=(3,))),
+                  chunk_of(prompts, params=params_of(20, max_new_tokens=mnt)))
     for b in range(20):
         t = full.row_tokens(b)[:mnt[b]].tolist()
         n = t.index(3) + 1 if 3 in t else len(t)

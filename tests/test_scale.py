@@ -251,6 +251,7 @@ def test_journal_blocks_stop_at_a_cut_or_damaged_record(tmp_path):
 
 
 def test_synthetic_tokens_depend_on_the_prompt_not_on_the_chunk():
+    from gpt2job.backends.base import compute
     from gpt2job.backends.synthetic import SyntheticBackend
     from gpt2job.model.config import GPT2Config
     from gpt2job.settings import GenerationSettings, SamplingSettings
@@ -260,7 +261,7 @@ def test_synthetic_tokens_depend_on_the_prompt_not_on_the_chunk():
 
     def run(settings, rows):
         be = SyntheticBackend(GPT2Config(vocab_size=100, eos_token_id=7), settings)
-        c = be.generate(Chunk(0, rows, np.arange(len(rows) + 1, dtype=np.int64) * 6, toks[rows].reshape(-1)))
+        c = compute(be, Chunk(0, rows, np.arange(len(rows) + 1, dtype=np.int64) * 6, toks[rows].reshape(-1)))
         return [c.row_tokens(i).tolist() for i in range(len(rows))], c.finish.tolist()
 
     greedy = GenerationSettings(max_new_tokens=50, eos_token_id=7)

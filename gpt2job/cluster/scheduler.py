@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gpt2job.chunks import Chunk, take_ragged
-from gpt2job.settings import DEFAULT_CHUNK
+from gpt2job.settings import DEFAULT_CHUNK, PREFETCH
 
 
 # A row's work, in units of one token through the weights: its P prompt and G new tokens each pass the weights once,
@@ -78,7 +78,7 @@ class WorkerState:
 
 
 class Scheduler:
-    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, prefetch=2, row_settings=None,
+    def __init__(self, prompts, rows, chunk_size=0, min_deadline=120.0, prefetch=PREFETCH, row_settings=None,
                  max_new_tokens=16, num_samples=1, position_cost=0.0):
         self.prompts = prompts
         self.row_settings = row_settings    # the input's per-row settings (files/row_settings.py): each chunk's own
