@@ -112,8 +112,8 @@ class CudaBackend(Backend):
     def _reserve(self, free, reduced):
         """Allocate the large buffers now, before the worker says it is ready (Runner.reserve; shrunk while an
         allocation fails): growing them during the first chunk would put allocations, and the synchronisations that
-        come with freeing a smaller buffer, inside the timed generation. Then the pinned uploads of the PREFETCH batches
-        the worker keeps submitted of plan.UPLOAD_ROW_BYTES a prefill row (W2's 2,048 prompts of 32-512 tokens
+        come with freeing a smaller buffer, inside the timed generation. Then PREFETCH pinned upload buffers (one a
+        batch the worker keeps submitted), of plan.UPLOAD_ROW_BYTES a prefill row (W2's 2,048 prompts of 32-512 tokens
         take 7 MB; a chunk that needs more grows them then, while the GPU may wait)."""
         runner, dev = self.runner, self.device
         try:
