@@ -21,23 +21,27 @@ def _compile(path, tmp, defines=(), name=None):
     return name or path, r.returncode, r.stdout + r.stderr
 
 
-def _swap_tiles():
+def _tile_jobs():
     """gemm_swap.cu makes its kernel only under a tile's defines (SWAP_NAME, ...): the narrowest and the widest
-    swapped tiles, compiled as kernels.py compiles them."""
+    swapped tiles. gemm_tma.cu, the longest to compile whole (~75 s of one core), tile by tile: the same kernels
+    (its defines only pick among them), in parallel. Each as kernels.py compiles it."""
     from gpt2job.backends.cuda.kernels import F16_TILES
     swap = sorted((t for t in F16_TILES.values() if t.family == "swap"), key=lambda t: t.bm * t.bn)
-    return [(os.path.join(SRC, t.source), t.defines, t.name) for t in (swap[0], swap[-1])]
+    tma = [t for t in F16_TILES.values() if t.source == "gemm_tma.cu"]
+    return [(os.path.join(SRC, t.source), t.defines, t.name) for t in (*tma, swap[0], swap[-1])]
 
 
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 def test_all_kernels_compile(tmp_path):
     assert FILES, "no cuda_src/*.cu files"
-    jobs = [(p, (), None) for p in FILES] + _swap_tiles()
+    first = os.path.join(SRC, "gemm_f16.cu")   # the longest whole file (~35 s): first, beside the tiles
+    tiles = _tile_jobs()
+    jobs = [(first, (), None), *tiles, *((p, (), None) for p in FILES if p != first and not p.endswith("gemm_tma.cu"))]
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as ex:
         results = list(ex.map(lambda j: _compile(j[0], str(tmp_path), j[1], j[2]), jobs))
     failed = [(os.path.basename(p), log) for p, rc, log in results if rc != 0]
     assert not failed, "\n".join(f"{name}:\n{log}" for name, log in failed)
-    assert os.path.getsize(tmp_path / (jobs[-1][2] + ".cubin")) > 10_000   # a swapped tile's kernel was made
+    assert os.path.getsize(tmp_path / (tiles[-1][2] + ".cubin")) > 10_000   # a swapped tile's kernel was made
 
 
 def test_every_kernel_waits_for_the_kernels_before_it_first():
