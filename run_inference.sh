@@ -4,8 +4,8 @@
 #
 # Started by mpirun (e.g. `mpirun -np 16 --hostfile hostfile ./run_inference.sh IN OUT`): runs this
 # rank's part of the job (rank 0 the master, the others workers).
-# Started by hand: launches mpirun itself, on the hosts of ./hostfile if it names any other than this
-# machine, else on this machine with one worker per GPU (2 workers without a GPU) plus the master.
+# Started by hand: launches mpirun itself, on the hosts of the hostfile beside this script (or HOSTFILE) if it names
+# any other than this machine, else on this machine with one worker per GPU (2 workers without a GPU) plus the master.
 # NP=N overrides the number of ranks (at least 2 with a hostfile); PYTHON selects the interpreter (default python3).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -97,11 +97,14 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none)
+    # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none) once
+    # no rank holds OUT's lock (mpirun may end first: the master's SIGTERM handler may still be putting files back)
     local found="" tail=""
-    { IFS= read -r found; IFS= read -r tail; } < <("$python" -c 'import sys; from gpt2job.cli import build_parser
+    { IFS= read -r found; IFS= read -r tail; } < <("$python" -c 'import sys, time; from gpt2job.cli import build_parser
 from gpt2job.files import outpaths; from gpt2job.cluster.trace import launch_time
-a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output)
+a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output, flush=True)
+t = time.monotonic() + 10
+while outpaths.being_written(a.output) and time.monotonic() < t: time.sleep(0.1)
 print(outpaths.after_stop(a.output, a.overwrite, launch_time()))' \
         "${run_args[@]}" 2>/dev/null)
     [ -n "$tail" ] && out_arg=$found || tail="; completed rows are kept: $(again)"
@@ -162,7 +165,7 @@ fi
 hostfile="${HOSTFILE:-$here/hostfile}"
 if [ -n "${HOSTFILE:-}" ] && [ ! -f "$HOSTFILE" ]; then
     echo "run_inference.sh: error: HOSTFILE=$HOSTFILE: no such file (fix: give a hostfile, or leave HOSTFILE unset" \
-        "for ./hostfile)" >&2
+        "for the hostfile beside run_inference.sh)" >&2
     exit 2
 fi
 me="$(hostname)"; me_short="$(hostname -s 2>/dev/null || echo "$me")"

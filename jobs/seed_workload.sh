@@ -21,5 +21,9 @@ case "$model" in
     random:*) ;;   # random weights: answer.bin holds the real model's tokens
     *) if [ -f "$seed/answer.bin" ]; then validate=(--validate "$seed/answer.bin"); fi ;;
 esac
-"$here/run_inference.sh" "$inp" "$out" --model "$model" --max-new-tokens 8 \
-    --ignore-eos --dtype "${DTYPE:-float32}" --overwrite "${validate[@]}"
+# A finished OUT is computed again (a benchmark: --overwrite); one a stopped run left (its journal) is resumed.
+# exec: a signal to this script is run_inference.sh's, which passes it on
+again=(--overwrite)
+if [ -e "$out.journal" ]; then again=(); fi
+exec "$here/run_inference.sh" "$inp" "$out" --model "$model" --max-new-tokens 8 \
+    --ignore-eos --dtype "${DTYPE:-float32}" "${again[@]}" "${validate[@]}"

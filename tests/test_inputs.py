@@ -160,7 +160,7 @@ def test_finished_output_needs_overwrite_and_other_settings_are_refused(tmp_path
     assert again.returncode == 0 and "already complete" in again.stderr, again.stderr
     os.rename(tmp_path / "out.json", out)
     assert_one_clear_line(run([inp, out, "--backend", "synthetic"]), "different model, input or settings",
-                          "backend: was None, now 'synthetic'")   # made-up tokens never join a model's
+                          "(--backend synthetic: was no, now yes)")   # made-up tokens never join a model's
     assert not os.path.exists(str(out) + ".lock")
     p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--max-new-tokens", "5", "--overwrite"])
     assert p.returncode == 0
@@ -238,8 +238,11 @@ def test_overwrite_keeps_the_old_output_until_the_new_one_finishes(tmp_path):
     finished = out.read_bytes()
     p = run_gpt2job(base + ["--overwrite"], env=job_env(GPT2JOB_FAULT="0:3:raise"))
     assert p.returncode != 0 and replaced.read_bytes() == finished, p.stderr
-    assert f"stays in {replaced}" in p.stderr
+    assert f"stays in {replaced} (the same command without --overwrite resumes this run; remove it once" in p.stderr
     assert_one_clear_line(run_gpt2job(base + ["--overwrite", "--ignore-eos"]), "out.h5.replaced exists")
+    fix = assert_one_clear_line(run_gpt2job(base + ["--ignore-eos"]), "was started with a different")   # (not
+    assert f"({replaced} is what an --overwrite run set aside: to go back to it, remove" in fix   # --overwrite)
+    assert "--overwrite to start over" not in fix
     assert replaced.read_bytes() == finished and not read_output(out)["done"].all()
     p = run_gpt2job(base, check=0)   # the same command without --overwrite resumes the replacing run
     assert read_output(out)["done"].all() and replaced.read_bytes() == finished and "is left as it is" in p.stderr

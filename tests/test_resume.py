@@ -144,6 +144,31 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
         assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
+def test_sigterm_of_an_overwrite_run_with_no_row_yet_puts_the_old_output_back(tmp_path):
+    """SIGTERM (a batch system's time limit) while an --overwrite run has completed no row: the output it set aside
+    goes back, as after Ctrl-C, and the original command finds it complete (it stayed in OUT.replaced, and the
+    original command computed every row again)."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    base = ["run", inp, out, "--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy",
+            "--max-new-tokens", "2"]
+    run_gpt2job(base, check=0)
+    before = out.read_bytes()
+    p = subprocess.Popen(gpt2job_cmd(base + ["--max-new-tokens", "3", "--overwrite"]),
+                         env=job_env(GPT2JOB_FAULT="0:1:hang"), stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60   # (its first chunk hangs: set aside, started, no row)
+    while time.monotonic() < deadline and not (os.path.exists(f"{out}.replaced") and os.path.exists(f"{out}.journal")):
+        time.sleep(0.05)
+    time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM and err.splitlines()[-2:] == [
+        f"gpt2job: {out} is put back as it was before this run",
+        "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command again"], err
+    assert out.read_bytes() == before and not os.path.exists(f"{out}.replaced")
+    assert "already complete" in run_gpt2job(base, check=0).stderr
+
+
 @pytest.mark.parametrize("writer", ["thread", "process"])
 def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resumes(tmp_path, writer):
     """SIGUSR1 to `python -m gpt2job run` (no MPI): the master's own worker finishes the chunks it holds, their rows

@@ -23,7 +23,7 @@ from gpt2job.cluster.trace import launch_time
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError
 from gpt2job.files.output import refuse_foreign
-from gpt2job.files.outpaths import after_stop
+from gpt2job.files.outpaths import after_stop, put_back_unstarted
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -103,6 +103,7 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan, stop=None):
 def say_on_sigterm(output, overwrite=False):
     """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line, then the signal
     ends the process as it did before (what a kill leaves: the rows already written stay, the same command resumes).
+    An --overwrite run that has no row of its own yet first puts back the output it set aside, as after Ctrl-C.
     Returns what puts the handler before back (from a thread other than the main one nothing is set: Python sets
     handlers from the main thread alone)."""
     if threading.current_thread() is not threading.main_thread():
@@ -110,7 +111,14 @@ def say_on_sigterm(output, overwrite=False):
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
+        back = None
         try:
+            back = put_back_unstarted(output) if overwrite else None
+        except UserError:   # (a file that cannot be moved back: the line below says what OUT holds)
+            pass
+        try:
+            if back:
+                log(f"{back} is put back as it was before this run")
             log(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass

@@ -13,6 +13,7 @@ from gpt2job.files.journal import JOURNAL_SUFFIX, io_error, journal_has_records
 
 LOCK_SUFFIX = ".lock"
 REPLACED_SUFFIX = ".replaced"
+_HELD = {}   # OUT -> the OutputPaths of this process's run while it holds OUT's lock (put_back_unstarted)
 
 
 def rows_kept(path, overwrite):
@@ -49,6 +50,18 @@ def after_stop(path, overwrite, since):
     if holds_rows(path):
         return f"; completed rows are kept: {rerun(overwrite, rows_kept(path, overwrite))}"
     return " before any row was completed: run the same command again"
+
+
+def put_back_unstarted(path):
+    """SIGTERM ends the master without its output's close (job.say_on_sigterm). Where this process's run had set
+    OUT's files aside (--overwrite) and its journal holds no row yet, they go back as the close puts them back after
+    Ctrl-C or an error, so that the original command finds that output again. Returns OUT where it did, else None."""
+    files = _HELD.get(os.path.abspath(path))
+    if files is None or not files.aside or journal_has_records(files.path):
+        return None
+    files.remove()
+    files.put_back()
+    return files.path
 
 
 def being_written(path):
@@ -100,6 +113,7 @@ class OutputPaths:
             try:
                 fcntl.lockf(self.lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 if _same_file(self.lock_fd, path):
+                    _HELD[self.path] = self
                     return
                 # the holder removed the lock file as it released it: lock the file now at that path instead
                 os.close(self.lock_fd)
@@ -117,6 +131,8 @@ class OutputPaths:
         fd, self.lock_fd = self.lock_fd, None
         if fd is None:
             return
+        if _HELD.get(self.path) is self:
+            del _HELD[self.path]
         if remove:
             try:
                 os.remove(self.path + LOCK_SUFFIX)

@@ -222,10 +222,12 @@ class OutputStore:
             raise UserError("has no record of its settings", where, "resume_key",
                             "choose another output path, or pass --overwrite to start over")
         if self._key_diff(key):
-            details = differences(key, self.key)
-            raise UserError(f"was started with a different model, input or settings ({details})", where,
-                            "resume", "rerun with the original settings, choose another output path, "
-                                      "or pass --overwrite to start over")
+            details, aside = differences(key, self.key), self.files.replaced()
+            raise UserError(f"was started with a different model, input or settings ({details})", where, "resume",
+                            "rerun with the original settings, choose another output path, or pass --overwrite to "
+                            "start over" if not aside else "rerun with the original settings, or choose another "
+                            f"output path ({aside} is what an --overwrite run set aside: to go back to it, remove "
+                            f"{self.path} and its journal, then rename it without .replaced)")
 
     # ---- while running
     def add_many(self, comps):
@@ -368,8 +370,8 @@ class OutputStore:
             except UserError:
                 discard = False
         elif self.files.aside:
-            sys.stderr.write(f"gpt2job: the output this run replaces stays in {self.path + REPLACED_SUFFIX} until "
-                             "it finishes (the same command without --overwrite resumes it)\n")
+            sys.stderr.write(f"gpt2job: the output this run replaces stays in {self.path + REPLACED_SUFFIX} (the "
+                             "same command without --overwrite resumes this run; remove it once it is not needed)\n")
         self._say_replaced()
         self.files.unlock(remove=discard)
 
