@@ -158,8 +158,8 @@ def build_parser():
                                    "Run it under mpirun for many workers; rank 0 is the master.",
                        epilog=IN_FORMS + "\n" + MODEL_AND_EXITS, formatter_class=argparse.RawDescriptionHelpFormatter)
     sc = sub.add_parser("score", help="log-likelihoods of given texts or token rows (under mpirun like run)",
-                        description=SCORE_DESCRIPTION, epilog=MODEL_AND_EXITS,
-                        formatter_class=argparse.RawDescriptionHelpFormatter)
+                        description=SCORE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
+                        epilog="\n".join(x for x in MODEL_AND_EXITS.split("\n") if not x.startswith("  4 ")))
     both = _each(r, sc)   # the flags score shares with run
     r.add_argument("input", help="prompts: input HDF5 with 'prompts' (UTF-8 strings) or 'prompt_tokens' (token ids), "
                                  "or a .txt (one prompt per line) or .jsonl file, converted first (see below)")

@@ -154,6 +154,16 @@ def test_too_short_rows_are_refused_or_skipped(tmp_path):
     assert "longer than 1024" in p.stderr
 
 
+def test_per_row_generation_settings_are_said_to_be_ignored(tmp_path):
+    """`run` says what of an input it does not use; `score` said nothing of the per-row settings it ignores."""
+    write_token_input(tmp_path / "in.h5", rows_of(2, 3))
+    with h5py.File(tmp_path / "in.h5", "a") as f:
+        f["max_new_tokens"] = np.array([3, 4, 5], np.int32)
+    p = run_gpt2job(score_job(tmp_path / "in.h5", tmp_path / "out.h5"), check=0)
+    assert f"gpt2job: warning: {tmp_path / 'in.h5'}: max_new_tokens: per-row generation settings, which `score` " \
+        "ignores" in p.stderr, p.stderr
+
+
 def test_mpirun_equals_one_process(workload, tmp_path):
     inp, _, clean, _ = workload
     p = run_gpt2job(score_job(inp, tmp_path / "mpi.h5", "--chunk-size", 2), np_=3, check=0)

@@ -107,6 +107,8 @@ def test_a_rerun_resumes_and_a_changed_file_is_refused(tmp_path, vocab_dir):
 @pytest.mark.parametrize("name,content,frag", [
     ("empty.jsonl", '"fine"\n""\n', "line 2: empty text prompt"),
     ("mixed.jsonl", '"text"\n{"tokens": [1, 2]}\n', "mixes text prompts and token prompts"),
+    ("typed.jsonl", '{"tokens": "1 2 3"}\n', "line 1: 'tokens' is not a list of token ids"),   # (not a text)
+    ("two.jsonl", '"a"\n{"prompt": "b", "text": "c"}\n', "line 2: gives 'prompt' and 'text': two prompts"),
     ("notjson.jsonl", '"fine"\n{not json}\n', "line 2: not JSON"),
     ("nul.txt", "a\x00b\n", "NUL"),
     ("blank.txt", "\n  \n", "holds no prompt"),

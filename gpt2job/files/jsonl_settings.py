@@ -11,7 +11,8 @@ from gpt2job.errors import UserError
 from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP, misnamed
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
-KNOWN = (*ROW_DATASETS, "prompt", "text", "tokens", "prompt_tokens")   # the fields gpt2job reads from a line
+PROMPT_FIELDS = {"prompt": None, "text": str, "tokens": list, "prompt_tokens": list}   # a line's prompt: its type
+KNOWN = (*ROW_DATASETS, *PROMPT_FIELDS)   # the fields gpt2job reads from a line
 LIMITS = {"max_new_tokens": 2 ** 31 - 1, "top_k": 2 ** 31 - 1, "seed": 2 ** 63 - 1}   # the datasets' int32 / int64
 
 

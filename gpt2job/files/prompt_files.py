@@ -8,7 +8,7 @@ import numpy as np
 from gpt2job.errors import UserError, errno_of, first_line, plural
 from gpt2job.files.h5files import JSONL_EXTENSIONS, TEXT_EXTENSIONS, check_output_path, has_hdf5_signature
 from gpt2job.files import token_cache
-from gpt2job.files.jsonl_settings import JsonlRows
+from gpt2job.files.jsonl_settings import PROMPT_FIELDS, JsonlRows
 from gpt2job.files.prompts import _read_text_dataset
 
 BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
@@ -98,7 +98,14 @@ def _jsonl_prompt(line, n, path, rows, i):
     obj = json_line(line, n, path, "write one JSON value per line")
     if isinstance(obj, dict):
         rows.add(i, obj, path, n)
-        obj = next((obj[k] for k in ("prompt", "text", "tokens", "prompt_tokens") if k in obj), None)
+        given = [k for k in PROMPT_FIELDS if k in obj]
+        if len(given) > 1:
+            raise UserError(f"gives {given[0]!r} and {given[1]!r}: two prompts", path, f"line {n}",
+                            "give one prompt field a line")
+        obj, want = (obj[given[0]], PROMPT_FIELDS[given[0]]) if given else (None, None)
+        if want is not None and not isinstance(obj, want):   # ({"tokens": "1 2 3"} is not the text "1 2 3")
+            raise UserError(f"{given[0]!r} is not {'a string' if want is str else 'a list of token ids'}", path,
+                            f"line {n}", 'write {"text": "text"} or {"tokens": [1, 2, 3]}')
     if isinstance(obj, str):
         if "\x00" in obj:
             raise UserError("contains a NUL character", path, f"line {n}", "remove it")
@@ -109,9 +116,9 @@ def _jsonl_prompt(line, n, path, rows, i):
     else:
         raise UserError("is neither a string nor a list of token ids", path, f"line {n}",
                         'write "text", {"prompt": "text"} or {"tokens": [1, 2, 3]}')
-    if not obj:   # `run` refuses empty prompts: refuse them here, where the line is known
+    if not obj:   # refused here, where the line is known (`run --skip-invalid` does not reach a file's lines)
         raise UserError(f"empty {kind} prompt", path, f"line {n}",
-                        "remove the line or give it a prompt; `run` refuses empty prompts")
+                        "remove the line or give it a prompt: a text or JSONL input holds none, even with --skip-invalid")
     return kind, obj
 
 

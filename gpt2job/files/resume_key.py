@@ -21,6 +21,8 @@ def _difference(name, was, now, pair=False):
                 "not those it was started with")
     if name == "row_settings":
         return f"per-row settings: {a} {'with' if was else 'without'}, {b} {'with' if now else 'without'}"
+    if name == "backend":   # (recorded for --backend synthetic's made-up tokens alone, never a model's backend)
+        return f"--backend synthetic: {a} {'yes' if was else 'no'}, {b} {'yes' if now else 'no'}"
     if name != "settings" or not isinstance(was, dict) or not isinstance(now, dict):
         return f"{name}: {a} {was!r}, {b} {now!r}"
     if bool(was.get("score")) != bool(now.get("score")):
