@@ -97,14 +97,14 @@ stop() {   # SIGNAL CODE
     fi
     filter_done   # mpirun's last words, before ours
     local what=interrupted; [ "$1" != INT ] && what="terminated (SIG$1)"
-    # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none) once
-    # no rank holds OUT's lock (mpirun may end first: the master's SIGTERM handler may still be putting files back)
+    # OUT as gpt2job's parser finds it, and gpt2job's own account of it (a finished output, rows kept, or none); with
+    # --overwrite once no rank holds OUT's lock (mpirun may end first: the master may still be putting OUT back)
     local found="" tail=""
     { IFS= read -r found; IFS= read -r tail; } < <("$python" -c 'import sys, time; from gpt2job.cli import build_parser
 from gpt2job.files import outpaths; from gpt2job.cluster.trace import launch_time
 a = build_parser().parse_args(["run", *sys.argv[1:]]); print(a.output, flush=True)
-t = time.monotonic() + 10
-while outpaths.being_written(a.output) and time.monotonic() < t: time.sleep(0.1)
+t = time.monotonic() + 5
+while a.overwrite and outpaths.being_written(a.output) and time.monotonic() < t: time.sleep(0.1)
 print(outpaths.after_stop(a.output, a.overwrite, launch_time()))' \
         "${run_args[@]}" 2>/dev/null)
     [ -n "$tail" ] && out_arg=$found || tail="; completed rows are kept: $(again)"

@@ -162,11 +162,40 @@ def test_sigterm_of_an_overwrite_run_with_no_row_yet_puts_the_old_output_back(tm
     time.sleep(0.5)
     p.send_signal(signal.SIGTERM)
     _, err = p.communicate(timeout=60)
-    assert p.returncode == -signal.SIGTERM and err.splitlines()[-2:] == [
-        f"gpt2job: {out} is put back as it was before this run",
-        "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command again"], err
+    assert p.returncode == -signal.SIGTERM and err.splitlines()[-1] == f"gpt2job: terminated (SIGTERM) before any " \
+        f"row was completed: {out} is as it was before this run; run the same command again", err
     assert out.read_bytes() == before and not os.path.exists(f"{out}.replaced")
     assert "already complete" in run_gpt2job(base, check=0).stderr
+
+
+def test_the_sigterm_put_back_waits_for_the_new_output_and_never_runs_while_finishing(tmp_path):
+    """put_back_unstarted runs in a signal handler, at any moment of the run: it puts back only where its run set
+    files aside, its journal is there and empty, and its own OUT is made. Before that the writer may still move its
+    new OUT over the one put back (OUT.tmp); once the journal is gone the run is finishing: OUT is the finished
+    new output, which the put-back removed."""
+    from gpt2job.files.journal import Journal
+    from gpt2job.files.outpaths import OutputPaths, put_back_unstarted
+    out = str(tmp_path / "out.h5")
+    for name, text in (("out.h5", "old"), ("out.h5.journal", "old journal")):
+        (tmp_path / name).write_text(text)
+    files = OutputPaths(out)
+    files.lock()
+    try:
+        files.set_aside()
+        assert put_back_unstarted(out) is None                     # no journal yet
+        Journal(out + ".journal", header={"k": 1}).close()
+        (tmp_path / "out.h5.tmp").write_text("being made")
+        assert put_back_unstarted(out) is None                     # the writer still making OUT
+        os.replace(tmp_path / "out.h5.tmp", out)
+        os.rename(out + ".journal", tmp_path / "j")                # finishing: the journal removed first
+        assert put_back_unstarted(out) is None and (tmp_path / "out.h5.replaced").exists()
+        os.rename(tmp_path / "j", out + ".journal")
+        assert put_back_unstarted(out) == out                      # made, empty journal: put back
+        assert (tmp_path / "out.h5").read_text() == "old" and (tmp_path / "out.h5.journal").read_text() == "old journal"
+        assert not files.aside and put_back_unstarted(out) is None
+    finally:
+        files.unlock(remove=True)
+    assert put_back_unstarted(out) is None                         # (no run of this process holds OUT)
 
 
 @pytest.mark.parametrize("writer", ["thread", "process"])

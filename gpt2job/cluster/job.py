@@ -111,14 +111,9 @@ def say_on_sigterm(output, overwrite=False):
 
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
-        back = None
+        if overwrite:
+            put_back_unstarted(output)   # (the line below says what OUT holds then)
         try:
-            back = put_back_unstarted(output) if overwrite else None
-        except UserError:   # (a file that cannot be moved back: the line below says what OUT holds)
-            pass
-        try:
-            if back:
-                log(f"{back} is put back as it was before this run")
             log(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass

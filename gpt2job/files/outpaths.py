@@ -47,6 +47,10 @@ def after_stop(path, overwrite, since):
     by a signal: what OUT holds and what to run next."""
     if finished_since(path, since):
         return f" after the job had finished: {path} is complete"
+    # an --overwrite run stopped before it set a finished OUT aside, or one that put it back: OUT is the old output
+    if overwrite and os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX) and \
+            OutputPaths(path).replaced() is None and read_status(path)[0] is True:
+        return f" before any row was completed: {path} is as it was before this run; run the same command again"
     if holds_rows(path):
         return f"; completed rows are kept: {rerun(overwrite, rows_kept(path, overwrite))}"
     return " before any row was completed: run the same command again"
@@ -54,13 +58,23 @@ def after_stop(path, overwrite, since):
 
 def put_back_unstarted(path):
     """SIGTERM ends the master without its output's close (job.say_on_sigterm). Where this process's run had set
-    OUT's files aside (--overwrite) and its journal holds no row yet, they go back as the close puts them back after
-    Ctrl-C or an error, so that the original command finds that output again. Returns OUT where it did, else None."""
+    OUT's files aside (--overwrite) and has no row yet (its journal is there, empty: not yet finishing, which
+    removes it first) and its own OUT is made (no OUT.tmp: the writer moves nothing onto OUT later), they go back,
+    as the close puts them back after Ctrl-C or an error, so that the original command finds that output again.
+    Each step leaves what a kill there left before this: the empty journal goes first, then one rename puts OUT
+    back over this run's. Returns OUT where it did, else None."""
     files = _HELD.get(os.path.abspath(path))
-    if files is None or not files.aside or journal_has_records(files.path):
+    if files is None or not files.aside or not os.path.exists(files.journal) or journal_has_records(files.path) or \
+            not os.path.exists(files.path) or os.path.exists(files.path + ".tmp"):   # (h5write.create_output's)
         return None
-    files.remove()
-    files.put_back()
+    try:
+        os.remove(files.journal)
+        for p in (files.path, files.journal):
+            if os.path.exists(p + REPLACED_SUFFIX):
+                os.replace(p + REPLACED_SUFFIX, p)
+    except OSError:   # (what is left is what a kill leaves: the line that follows says what OUT holds)
+        return None
+    files.aside = False
     return files.path
 
 

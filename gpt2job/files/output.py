@@ -227,7 +227,7 @@ class OutputStore:
                             "rerun with the original settings, choose another output path, or pass --overwrite to "
                             "start over" if not aside else "rerun with the original settings, or choose another "
                             f"output path ({aside} is what an --overwrite run set aside: to go back to it, remove "
-                            f"{self.path} and its journal, then rename it without .replaced)")
+                            f"{self.path} and its journal, then take .replaced off the set-aside files' names)")
 
     # ---- while running
     def add_many(self, comps):
