@@ -30,26 +30,26 @@ def holds_rows(path):
         os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX))
 
 
-def finished_since(path, since):
-    """Did a run launched at `since` (a Unix time) finish OUT: marked finished, its journal gone, nothing set aside,
-    written since then? (A stop can land after the last row; an older finished OUT is another run's: one stopped
-    before --overwrite set it aside, or one with other settings.)"""
+def finished_at(path):
+    """When OUT was written, where it is a finished output alone (marked finished, its journal gone, nothing set
+    aside); else None. (A stop can land after the last row: written since the launch, the run finished it. An older
+    finished OUT is another run's: one stopped before --overwrite set it aside, one that put it back, or one with other
+    settings.)"""
     try:
         written = os.path.getmtime(path)
     except OSError:
-        return False
-    return (written >= since and not os.path.exists(path + JOURNAL_SUFFIX) and OutputPaths(path).replaced() is None
-            and read_status(path)[0] is True)
+        return None
+    alone = not os.path.exists(path + JOURNAL_SUFFIX) and OutputPaths(path).replaced() is None
+    return written if alone and read_status(path)[0] is True else None
 
 
 def after_stop(path, overwrite, since):
     """What follows 'interrupted' or 'terminated (SIGTERM)' in the last line of a job launched at `since` and stopped
     by a signal: what OUT holds and what to run next."""
-    if finished_since(path, since):
+    written = finished_at(path)
+    if written is not None and written >= since:
         return f" after the job had finished: {path} is complete"
-    # an --overwrite run stopped before it set a finished OUT aside, or one that put it back: OUT is the old output
-    if overwrite and os.path.exists(path) and not os.path.exists(path + JOURNAL_SUFFIX) and \
-            OutputPaths(path).replaced() is None and read_status(path)[0] is True:
+    if written is not None and overwrite:   # an older finished OUT that this --overwrite run did not replace
         return f" before any row was completed: {path} is as it was before this run; run the same command again"
     if holds_rows(path):
         return f"; completed rows are kept: {rerun(overwrite, rows_kept(path, overwrite))}"
@@ -69,12 +69,9 @@ def put_back_unstarted(path):
         return None
     try:
         os.remove(files.journal)
-        for p in (files.path, files.journal):
-            if os.path.exists(p + REPLACED_SUFFIX):
-                os.replace(p + REPLACED_SUFFIX, p)
-    except OSError:   # (what is left is what a kill leaves: the line that follows says what OUT holds)
+        files.put_back()
+    except (OSError, UserError):   # (what is left is what a kill leaves: the line that follows says what OUT holds)
         return None
-    files.aside = False
     return files.path
 
 
