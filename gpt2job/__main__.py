@@ -1,11 +1,7 @@
-"""`python -m gpt2job ...`: see gpt2job/cli.py."""
+"""`python -m gpt2job ...` and the installed `gpt2job` command: the process's set-up, then gpt2job/cli.py."""
 import os
 import signal
 import sys
-
-# SIGUSR1 reaches every rank of a job (mpirun, Slurm): the master acts on it once it is set up (cluster/job.py), the
-# others ignore it; its default action would end a rank that is still importing
-signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 def _limit_blas_threads():
@@ -18,12 +14,18 @@ def _limit_blas_threads():
             os.environ.setdefault(t, per_rank)
 
 
-_limit_blas_threads()
+def main():
+    # SIGUSR1 reaches every rank of a job (mpirun, Slurm): the master acts on it once it is set up (cluster/job.py),
+    # the others ignore it; its default action would end a rank that is still importing
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    _limit_blas_threads()
+    from gpt2job.cli import main as cli_main
+    code = cli_main()
+    # Python's exit then waits for the threads still ending; a second Ctrl-C there printed a traceback ("Exception
+    # ignored in: <module 'threading'>"): end at once instead (completed rows are in the journal already)
+    signal.signal(signal.SIGINT, lambda *_: os._exit(code or 130))
+    sys.exit(code)
 
-from gpt2job.cli import main
 
-code = main()
-# Python's exit then waits for the threads still ending; a second Ctrl-C there printed a traceback ("Exception ignored
-# in: <module 'threading'>"): end at once instead (completed rows are in the journal already)
-signal.signal(signal.SIGINT, lambda *_: os._exit(code or 130))
-sys.exit(code)
+if __name__ == "__main__":
+    main()

@@ -139,6 +139,16 @@ class Completions:
         """K of the top log-probabilities (0: none stored)."""
         return 0 if self.top_ids is None else int(np.shape(self.top_ids)[1])
 
+    def logprob_arrays(self, k):
+        """(logprobs [T] float32, top ids [T, k] int32, top logprobs [T, k] float32); where it has none (rows
+        marked invalid have no tokens; a backend without them): NaN and id -1."""
+        t = int(self.offsets[-1])
+        lp = self.logprobs if self.logprobs is not None else np.full(t, np.nan, np.float32)
+        have_top = self.top_ids is not None and self.top_k == k
+        ids = self.top_ids if have_top else np.full((t, k), -1, np.int32)
+        top = self.top_logprobs if have_top else np.full((t, k), np.nan, np.float32)
+        return np.asarray(lp, np.float32), np.asarray(ids, np.int32), np.asarray(top, np.float32)
+
     def expanded(self):
         """The copies as rows of their own (with their tokens and log-probabilities), after the rows."""
         if not len(self.copy_rows):
@@ -213,6 +223,30 @@ def split_completions(comp, members):
                 setattr(part, name, getattr(comp, name)[t0:t1])
         out.append(part)
         b += n
+    return out
+
+
+def concat_completions(comps, chunk_id=-1):
+    """Several Completions as one, their rows one after the other (a chunk computed in parts, or a group of results
+    for the writer); their copies ride along, and log-probabilities where any of them has some (logprob_arrays)."""
+    if len(comps) == 1 and comps[0].chunk_id == chunk_id:
+        return comps[0]
+    lens = np.concatenate([np.diff(c.offsets) for c in comps])
+    offsets = np.zeros(len(lens) + 1, np.int64)
+    np.cumsum(lens, out=offsets[1:])
+    base = np.cumsum([0] + [len(c.rows) for c in comps[:-1]])
+    out = Completions(chunk_id, np.concatenate([c.rows for c in comps]).astype(np.int64), offsets,
+                      np.concatenate([c.tokens for c in comps]).astype(np.int32),
+                      np.concatenate([c.finish for c in comps]).astype(np.uint8),
+                      np.concatenate([c.copy_rows for c in comps]).astype(np.int64),
+                      np.concatenate([c.copy_src + k for c, k in zip(comps, base)]).astype(np.int64))
+    if any(c.logprobs is not None for c in comps):
+        k = max(c.top_k for c in comps)
+        parts = [c.logprob_arrays(k) for c in comps]
+        out.logprobs = np.concatenate([p[0] for p in parts])
+        if k:
+            out.top_ids = np.concatenate([p[1] for p in parts])
+            out.top_logprobs = np.concatenate([p[2] for p in parts])
     return out
 
 

@@ -4,6 +4,8 @@ a backend needs to generate (GenerationSettings with its SamplingSettings). Plai
 from dataclasses import asdict, dataclass, field
 from typing import Optional, Tuple
 
+import numpy as np
+
 DEFAULT_CHUNK = 64    # prompts per chunk a backend prefers unless it says otherwise (the CPU backend)
 # the least temperature that samples: below it a temperature is greedy (0), the flag and a row's own value alike, as
 # vLLM does (far below it 1/T times a logit overflows float32: at 1e-39 every worker failed)
@@ -16,7 +18,10 @@ PREFETCH = 2
 
 def max_prompt_length(n_positions, max_new_tokens):
     """The longest prompt that leaves room for max_new_tokens new tokens: the last new token is never fed
-    back, so a prompt of L tokens uses positions 0 .. L + max_new_tokens - 2."""
+    back, so a prompt of L tokens uses positions 0 .. L + max_new_tokens - 2. max_new_tokens: an int, or an int
+    array (each row's own: an array of limits)."""
+    if np.ndim(max_new_tokens) > 0:
+        return n_positions - np.maximum(np.asarray(max_new_tokens, np.int64), 1) + 1
     return n_positions - max(max_new_tokens, 1) + 1
 
 

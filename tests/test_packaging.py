@@ -58,3 +58,10 @@ def test_plain_install_finds_the_kernel_sources_it_installed(source_copy, tmp_pa
     where, pycuda = r.stdout.split()
     assert where == str(target / "gpt2job" / "cuda_src") and pycuda == "False"
     assert sorted(os.listdir(where)) == KERNEL_SOURCES
+    # the installed `gpt2job` command runs what `python -m gpt2job` runs, with its set-up (SIGUSR1 ignored from the
+    # start, BLAS threads shared between a node's ranks): it called gpt2job.cli:main, past that set-up
+    script = target / "bin" / "gpt2job"
+    assert "from gpt2job.__main__ import main" in script.read_text()
+    r = subprocess.run([sys.executable, str(script), "--version"], cwd=elsewhere, capture_output=True, text=True,
+                       timeout=60, env={**os.environ, "PYTHONPATH": str(target)})
+    assert r.returncode == 0 and r.stdout.startswith("gpt2job "), r.stdout + r.stderr

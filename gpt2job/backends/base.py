@@ -29,7 +29,10 @@ class Backend:
     """What a worker drives: submit(chunk) takes a chunk and returns at once (validation, preparation, upload
     started); run() computes the oldest submitted chunk, as a generator that yields a Pause wherever the host
     would wait for the device and returns the chunk's Completions. Between the steps the worker, not the backend,
-    decides what else to do: the backend calls nothing of the worker. Results come in submission order."""
+    decides what else to do: the backend calls nothing of the worker. Results come in submission order. The worker
+    may call submit() while a run() is paused (at a Pause with submit=True: the next chunk's upload overlaps this
+    one's compute), and the CUDA backend's run() launches the next submitted chunk's prefill before it returns
+    (cuda/runner.py, Runner._start_next), so more than one chunk may be in flight in a backend at once."""
     name = "abstract"
     preferred_chunk = DEFAULT_CHUNK     # prompts per chunk this backend runs well with
     batch_rows = 0                      # rows it computes faster as one batch: the worker merges smaller chunks

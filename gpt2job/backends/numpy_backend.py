@@ -24,9 +24,9 @@ class NumpyBackend(Backend):
     def run(self):
         """The oldest submitted chunk, pausing after each micro-batch (the worker reports progress there)."""
         chunk = self._submitted.popleft()
-        prompts = chunk.prompts()
         if self.settings.score:
             return (yield from score_rows(self.params, chunk, self.batch_size))
+        prompts = chunk.prompts()
         rs = RowSettings.of(chunk.params, self.settings, len(prompts))
         token_lists, finish, lps = [], [], []
         gs = self.settings

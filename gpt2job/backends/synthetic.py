@@ -12,16 +12,9 @@ import numpy as np
 
 from gpt2job.backends.base import Backend
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP, Completions
+from gpt2job.files.dedup import mix64
 from gpt2job.settings import GenerationSettings
 
-
-
-def _mix(x):
-    """splitmix64's finaliser on uint64 arrays (wrapping)."""
-    x = x + np.uint64(0x9E3779B97F4A7C15)
-    x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-    x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
 
 
 def _prompt_keys(offsets, tokens):
@@ -29,14 +22,14 @@ def _prompt_keys(offsets, tokens):
     offsets = np.asarray(offsets, np.int64)
     lens = np.diff(offsets)
     if len(tokens) == 0:
-        return _mix(lens.astype(np.uint64))
+        return mix64(lens.astype(np.uint64))
     pos = np.arange(len(tokens), dtype=np.int64) - np.repeat(offsets[:-1], lens)        # [T] position in its row
-    h = _mix(np.asarray(tokens, np.int64).astype(np.uint64) ^ (pos.astype(np.uint64) << np.uint64(32)))
+    h = mix64(np.asarray(tokens, np.int64).astype(np.uint64) ^ (pos.astype(np.uint64) << np.uint64(32)))
     keys = np.zeros(len(lens), np.uint64)
     nonempty = lens > 0
     with np.errstate(over="ignore"):
         keys[nonempty] = np.add.reduceat(h, offsets[:-1][nonempty])
-    return _mix(keys ^ lens.astype(np.uint64))
+    return mix64(keys ^ lens.astype(np.uint64))
 
 
 class SyntheticBackend(Backend):
@@ -57,9 +50,9 @@ class SyntheticBackend(Backend):
         n = int(mnt.max()) if b else 0
         key = _prompt_keys(chunk.offsets, chunk.tokens)                                     # [B]
         if not s.greedy:   # sampling: the row and the seed matter too, as with the real backends
-            key = _mix(key ^ _mix(np.asarray(chunk.rows, np.uint64) ^ _mix(np.full(b, s.seed, np.uint64))))
+            key = mix64(key ^ mix64(np.asarray(chunk.rows, np.uint64) ^ mix64(np.full(b, s.seed, np.uint64))))
         steps = np.arange(1, n + 1, dtype=np.uint64)
-        toks = (_mix(key[:, None] ^ (steps[None, :] * np.uint64(0xD1B54A32D192ED03))) % np.uint64(self.vocab))
+        toks = (mix64(key[:, None] ^ (steps[None, :] * np.uint64(0xD1B54A32D192ED03))) % np.uint64(self.vocab))
         toks = toks.astype(np.int32)                                                        # [B, n]
         lengths = mnt.copy()
         finish = np.full(b, FINISH_LENGTH, np.uint8)

@@ -177,7 +177,7 @@ class Master:
         added = self.store.collect(block)
         if added is None:
             return False
-        for (w, comp, us, t_recv), a in zip(self.in_commit, added):
+        for (w, comp, us, t_recv), a in zip(self.in_commit, added):   # (collect: in the order submitted)
             self.record(w, a, us, t_recv, comp.chunk_id)
         self.in_commit = []
         if self.received:
@@ -351,7 +351,7 @@ class Master:
     # ---- the end
     def summary(self):
         t_end = time.time()
-        # generation: the first chunk handed out -> the last result at the master (never shorter than ready -> last)
+        # generation: the first chunk handed out -> the last result at the master
         start = self.t_start or t_end
         span = (self.t_last - start) if self.t_last else 0.0
         return {

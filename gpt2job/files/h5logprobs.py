@@ -35,30 +35,6 @@ def create_datasets(f, header):
             f.create_dataset(name, (n,), dtype=h5py.vlen_dtype(t)).attrs["top_logprobs_k"] = np.int32(k)
 
 
-def arrays(comp, k):
-    """(logprobs [T], top ids [T, k], top logprobs [T, k]) of comp; where it has none (rows marked invalid have no
-    tokens; a backend without them): NaN and id -1."""
-    t = int(comp.offsets[-1])
-    lp = comp.logprobs if comp.logprobs is not None else np.full(t, np.nan, np.float32)
-    ids = comp.top_ids if comp.top_ids is not None and comp.top_k == k else np.full((t, k), -1, np.int32)
-    top = comp.top_logprobs if comp.top_logprobs is not None and comp.top_k == k else np.full((t, k), np.nan,
-                                                                                              np.float32)
-    return np.asarray(lp, np.float32), np.asarray(ids, np.int32), np.asarray(top, np.float32)
-
-
-def concat_into(out, comps):
-    """out (h5write.concat of comps) gets their log-probabilities, when any of them has some."""
-    if all(c.logprobs is None for c in comps):
-        return out
-    k = max(c.top_k for c in comps)
-    parts = [arrays(c, k) for c in comps]
-    out.logprobs = np.concatenate([p[0] for p in parts])
-    if k:
-        out.top_ids = np.concatenate([p[1] for p in parts])
-        out.top_logprobs = np.concatenate([p[2] for p in parts])
-    return out
-
-
 class Columns:
     """RowWriter's part for these datasets of an open output (ds empty and flat False: the output has none)."""
 
@@ -76,7 +52,7 @@ class Columns:
         """comp's arrays of its tokens t0..t1 (a batch of its rows), or None without these datasets."""
         if not self.ds and not self.flat:
             return None
-        return tuple(a[t0:t1] for a in arrays(comp, self.k))
+        return tuple(a[t0:t1] for a in comp.logprob_arrays(self.k))
 
     def prepare(self, p, offsets, part):
         """Adds to RowWriter's prepared batch p the (length, pointer) pairs [n] of each dataset: offsets [n+1] of

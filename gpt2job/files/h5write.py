@@ -39,22 +39,25 @@ LATER_SPAN = 256        # a block may span 256 rows per row (a read and a write 
 MAX_RUNS = 256          # select_rows: a write of this many runs of consecutive rows or more selects points
 
 
-def concat(comps):
-    """Several Completions as one (chunk id -1; their copies ride along)."""
-    if len(comps) == 1:
-        return comps[0]
-    lens = np.concatenate([np.diff(c.offsets) for c in comps])
-    offsets = np.zeros(len(lens) + 1, np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    base = np.cumsum([0] + [len(c.rows) for c in comps[:-1]])
-    return h5logprobs.concat_into(Completions(-1, np.concatenate([c.rows for c in comps]).astype(np.int64), offsets,
-                       np.concatenate([c.tokens for c in comps]).astype(np.int32),
-                       np.concatenate([c.finish for c in comps]).astype(np.uint8),
-                       np.concatenate([c.copy_rows for c in comps]).astype(np.int64),
-                       np.concatenate([c.copy_src + k for c, k in zip(comps, base)]).astype(np.int64)), comps)
-
-
 # ---------------------------------------------------------------- the file
+
+def close_quietly(f):
+    """Close an output left unfinished (an error is on its way already; the journal has its rows)."""
+    if f is not None:
+        try:
+            f.close()
+        except Exception:
+            pass
+
+
+def flush_quietly(writer):
+    """At a close (the job stops early): the rows held back written too (the flat layout's scattered rows), so that
+    the file shows every row the job kept; a failure here is not the job's error (the journal has the rows)."""
+    try:
+        writer.flush()
+    except Exception:
+        pass
+
 
 RESERVE = 16 << 20      # bytes a full disk keeps free before the writer stops (other programs write there too)
 

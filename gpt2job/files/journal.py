@@ -57,7 +57,7 @@ def encode_logprobs(c: Completions) -> bytes:
 
 def decode_record(payload, with_logprobs=False) -> Completions:
     """A GJR2 payload (with_logprobs: GJR3) as Completions whose arrays are views of it (no copies but the
-    offsets)."""
+    offsets and copy_src)."""
     cid, b, t, n = (int(x) for x in np.frombuffer(payload, "<i8", 4))
     size = 32 + 13 * b + 4 * t + 12 * n
     if (len(payload) < size + 8) if with_logprobs else (len(payload) != size):

@@ -15,24 +15,8 @@ OUT.journal.replaced) until the run that replaces them finishes: a run that comp
 that stops part-way leaves them there (its own rows resume as usual), and only the run that set them aside ever
 moves or removes them (files/outpaths.py).
 
-HDF5 layout (row i answers prompt i, with --num-samples N prompt i // N; with --layout flat the variable-length
-columns are flat arrays, files/h5flat.py):
-  completion_tokens  vlen int32 [N]   generated token ids (the truth; includes the stop token)
-  completions        vlen str   [N]   decoded text without the stop token (when a tokenizer is known)
-  text_exact         uint8      [N]   1 when `completions` is exactly the tokens' bytes as UTF-8;
-                                      0 when invalid UTF-8 or NUL had to be replaced by U+FFFD
-  done               uint8      [N]   1 when the row is complete
-  finish_reason      S7         [N]   "length", "stop" (EOS, a stop id or a stop string), "invalid" ("" while not
-                                      done); fixed-length ASCII since
-                                      format 2 (gpt2job_format 1: vlen str)
-  prompt_length      int32      [N]
-  stop_reason        vlen str   [N]   only in jobs with stops: the stop string the text was cut before, a stop token
-                                      id (not EOS) as decimal text, "" otherwise (vLLM's stop_reason)
-  completion_logprobs vlen float32 [N] only with --logprobs: each generated token's log-probability (h5logprobs.py)
-  top_logprob_ids    vlen int32 [N]   only with --top-logprobs K: per row n_generated x K ids, step-major (attribute
-  top_logprobs       vlen float32 [N] top_logprobs_k = K on both), and their log-probabilities
-  attributes: gpt2job_version, model, model_fingerprint, input, input_fingerprint, settings (JSON),
-              finished, and when finished: summary (JSON: timings, throughput, per-worker counts).
+The datasets and attributes users read are README.md's "HDF5 contract" (files/h5write.py makes them; with
+--layout flat, files/h5flat.py).
 """
 import os
 import sys
@@ -266,8 +250,9 @@ class OutputStore:
         return self.inflight is not None
 
     def collect(self, block=False):
-        """What the group submitted last added, once it is durable (from then on its rows count): for each chunk
-        (rows, tokens, tokens computed by the worker: copies excluded), or None where nothing was new. None while
+        """What the group submitted last added, once it is durable (from then on its rows count): for each chunk,
+        in the order submit() got them, (rows, tokens, tokens computed by the worker: copies excluded), or None
+        where nothing was new. None while
         it is not durable yet (block: wait for it); [] when no group was submitted."""
         if self.inflight is None:
             return []

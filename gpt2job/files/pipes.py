@@ -117,7 +117,7 @@ class Inbox:
 def batched(inbox):
     """The inbox's messages, with consecutive R's joined into one (up to BATCH_BYTES) while more are waiting: a
     writer that falls behind catches up in larger batches (batches of 256 KB made the writer slower on the device
-    machine: benchmarks/RESULTS.md). A T or E stays right behind its R."""
+    machine: benchmarks/RESULTS.md); any other message keeps its place."""
     pending, size = [], 0
     while True:
         if pending and (size >= BATCH_BYTES or not inbox.waiting()):

@@ -56,10 +56,7 @@ def validate(prompts: PromptSet, n_positions, vocab_size, max_new_tokens):
     or an int array [N], each row's own from the input's per-row settings), ids outside the vocabulary."""
     lengths = prompts.lengths                                                   # [N]
     per_row = np.ndim(max_new_tokens) > 0
-    if per_row:   # max_prompt_length of each row, as arrays
-        limit = n_positions - np.maximum(np.asarray(max_new_tokens, np.int64), 1) + 1
-    else:
-        limit = max_prompt_length(n_positions, max_new_tokens)
+    limit = max_prompt_length(n_positions, max_new_tokens)
     empty = lengths == 0
     too_long = lengths > limit
     bad_tok = np.zeros(len(prompts), dtype=bool)

@@ -23,14 +23,13 @@ import numpy as np
 from gpt2job.chunks import ROW_FIELDS, RowParams
 from gpt2job.errors import UserError, first_line, plural
 from gpt2job.files.h5files import check_rows_shape
-from gpt2job.files.prompts import PROMPT_DATASETS
+from gpt2job.files.prompts import BLOCK_ROWS, PROMPT_DATASETS
 from gpt2job.files.row_stops import STOP, StopTable, read_stop_dataset
 from gpt2job.settings import MIN_TEMPERATURE
 
 NUMERIC = tuple(n for n, _ in ROW_FIELDS)
 ROW_DATASETS = NUMERIC + (STOP,)
 INTEGER = ("max_new_tokens", "top_k", "seed")
-BLOCK_ROWS = 1 << 18
 ALIASES = {"max_tokens": "max_new_tokens", "max_completion_tokens": "max_new_tokens"}   # vLLM's and OpenAI's names
 # settings a row cannot have: the job's flags (a row with one would silently take the flag's value) ...
 JOB_WIDE = {"stop_token_ids": "--stop-token-ids", "ignore_eos": "--ignore-eos", "logprobs": "--logprobs",

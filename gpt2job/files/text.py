@@ -27,15 +27,16 @@ class Text(NamedTuple):
     hits: dict           # {row index: the stop string the row's text was cut before}
 
 
-def row_text(enc, tokens, finish, stops=()):
-    """Decoded text of one row (without a stop token; cut before its first stop string when it stopped) and whether
-    it is exact (no replacement needed)."""
-    text, exact, _ = row_text_stop(enc, tokens, finish, stops)
+def row_text(enc, tokens, finish):
+    """Decoded text of one row (without a stop token) and whether it is exact (no replacement needed); with stop
+    strings: row_text_stop."""
+    text, exact, _ = row_text_stop(enc, tokens, finish)
     return text, exact
 
 
 def row_text_stop(enc, tokens, finish, stops=()):
-    """row_text's (text, exact), and the stop string the text was cut before (None when not cut)."""
+    """row_text's (text, exact), cut before the row's first stop string when it stopped, and the stop string the
+    text was cut before (None when not cut)."""
     toks = tokens[:-1] if finish == FINISH_STOP and len(tokens) else tokens
     try:
         raw = enc.decode_bytes([int(t) for t in toks])

@@ -35,7 +35,8 @@ def text_main(parent, index=0):
     spent = {"wait_s": 0.0, "text_s": 0.0, "send_s": 0.0}     # its seconds: reading, making text, writing
     try:
         import numpy as np
-        from gpt2job.files.h5write import concat, token_text
+        from gpt2job.chunks import concat_completions
+        from gpt2job.files.h5write import token_text
         from gpt2job.files.journal import Journal, records_of
         from gpt2job.files.progress import peak_rss_mb
         from gpt2job.files.row_stops import stop_table_of
@@ -52,7 +53,7 @@ def text_main(parent, index=0):
                     parts = []
             elif kind == b"R":
                 comps = records_of(payload)
-                whole = concat(comps) if comps else None
+                whole = concat_completions(comps) if comps else None
                 if len(comps) > 1:    # the batch as one record: the writer decodes it in one go (~0.1 us a row less)
                     payload = Journal.encode([whole])
                     parts = [MSG.pack(kind, len(payload)), payload]

@@ -30,7 +30,8 @@ import sys
 import threading
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output
+from gpt2job.chunks import concat_completions
+from gpt2job.files.h5write import RowWriter, close_quietly, create_output, flush_quietly
 from gpt2job.files.pipes import MSG, grow_pipe, start_process, units
 from gpt2job.files.row_stops import stop_table_of
 
@@ -318,7 +319,7 @@ class WriterThread(threading.Thread):
                 t = time.perf_counter()
                 comps = [c for c in items if not isinstance(c, str)]
                 if comps:
-                    writer.put(concat(comps))
+                    writer.put(concat_completions(comps))
                     dirty = True
                 if dirty and ("flush" in items or time.monotonic() - last_flush >= self.flush_interval):
                     writer.flush()
@@ -339,21 +340,3 @@ class WriterThread(threading.Thread):
             with self.cond:
                 self.busy = False
                 self.cond.notify_all()
-
-
-def close_quietly(f):
-    """Close an output left unfinished (an error is on its way already; the journal has its rows)."""
-    if f is not None:
-        try:
-            f.close()
-        except Exception:
-            pass
-
-
-def flush_quietly(writer):
-    """At a close (the job stops early): the rows held back written too (the flat layout's scattered rows), so that
-    the file shows every row the job kept; a failure here is not the job's error (the journal has the rows)."""
-    try:
-        writer.flush()
-    except Exception:
-        pass

@@ -11,10 +11,10 @@ import os
 import sys
 import time
 
-from gpt2job.files.h5write import RowWriter, concat, create_output
+from gpt2job.chunks import concat_completions
+from gpt2job.files.h5write import RowWriter, close_quietly, create_output, flush_quietly
 from gpt2job.files.pipes import Inbox, InTurn, Relayed, batched, die_with_parent, error_line
 from gpt2job.files.row_stops import stop_table_of
-from gpt2job.files.writer import close_quietly, flush_quietly
 
 
 def main(parent, fds):
@@ -66,11 +66,11 @@ def main(parent, fds):
             if kind == b"R":
                 comps = records_of(payload)
                 if comps and not header["text"]:
-                    writer.put(concat(comps))
+                    writer.put(concat_completions(comps))
                     dirty = True
             elif kind == b"T":         # the text of the R just before it
                 if comps:
-                    writer.write(writer.prepare(concat(comps), read_text(payload)))
+                    writer.write(writer.prepare(concat_completions(comps), read_text(payload)))
                     dirty = True
             elif kind == b"X":         # each text process's seconds
                 text_spent = (text_spent or []) + [json.loads(payload)]

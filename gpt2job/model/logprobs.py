@@ -54,10 +54,10 @@ class Recorder:
             self.ids[b].append(ids[i])
             self.top[b].append(top[i])
 
-    def flat(self, order=None):
-        """(logprobs [T] float32, top ids [T, k] int32 or None, top logprobs [T, k] float32 or None), rows in order
-        (default: all, in turn), aligned with their flattened tokens."""
-        order = range(len(self.lp)) if order is None else order
+    def flat(self):
+        """(logprobs [T] float32, top ids [T, k] int32 or None, top logprobs [T, k] float32 or None), the rows in
+        turn, aligned with their flattened tokens."""
+        order = range(len(self.lp))
         lp = np.array([x for b in order for x in self.lp[b]], np.float32)
         if not self.k:
             return lp, None, None

@@ -83,7 +83,7 @@ def read_header(path):
     return header, start, size
 
 
-def load(path, names=None):
+def load(path):
     """Map tensor name -> float32/int ndarray (BF16 and F16 are widened to float32). The file is memory-mapped
     read-only: float32 and integer tensors are views of it (no copy; the pages are shared with every rank of the
     node that maps the same file), MAP_POPULATE maps them all at once rather than a page fault at a time. The CUDA
@@ -101,8 +101,6 @@ def load(path, names=None):
         raise UserError(f"cannot read ({e.strerror})", path, "file", "check the path and permissions")
     out = {}
     for name, info in header.items():
-        if names is not None and name not in names:
-            continue
         a, b = info["data_offsets"]
         dt = np.dtype(DTYPES[info["dtype"]]).newbyteorder("<")
         arr = np.frombuffer(mm, dtype=dt, count=(b - a) // dt.itemsize, offset=start + a).reshape(info["shape"])

@@ -174,7 +174,7 @@ def _draw(p, seed, row, step):
 @dataclass
 class RowSettings:
     """Every row's generation settings, resolved: the chunk's RowParams, else the job's. Arrays [B]."""
-    max_new_tokens: np.ndarray   # [B] int64 >= 1 (a job may ask 0: then every row is 0)
+    max_new_tokens: np.ndarray   # [B] int64 >= 1
     temperature: np.ndarray      # [B] float64, <= 0: greedy
     top_k: np.ndarray            # [B] int32, 0: off
     top_p: np.ndarray            # [B] float64

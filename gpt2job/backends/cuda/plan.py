@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any, List, Optional
 
 import numpy as np
 
-from gpt2job.chunks import Chunk, Completions, take_ragged
+from gpt2job.chunks import Chunk, concat_completions, take_ragged
 from gpt2job.errors import UserError
 from gpt2job.settings import GenerationSettings, max_prompt_length
 
@@ -323,16 +323,7 @@ def split_chunk(chunk):
 
 def join_completions(chunk, parts):
     """The Completions of a chunk computed in consecutive parts (split_chunk), in the chunk's order."""
-    offsets = np.zeros(1, np.int64)
-    for p in parts:
-        offsets = np.concatenate([offsets, offsets[-1] + np.asarray(p.offsets[1:], np.int64)])
-    out = Completions(chunk.chunk_id, np.concatenate([np.asarray(p.rows, np.int64) for p in parts]), offsets,
-                      np.concatenate([np.asarray(p.tokens, np.int32) for p in parts]),
-                      np.concatenate([np.asarray(p.finish, np.uint8) for p in parts]))
-    for name in ("logprobs", "top_ids", "top_logprobs"):    # with --logprobs: theirs, in the same order
-        if all(getattr(p, name) is not None for p in parts):
-            setattr(out, name, np.concatenate([getattr(p, name) for p in parts]))
-    return out
+    return concat_completions(parts, chunk.chunk_id)
 
 
 @dataclass
