@@ -5,7 +5,8 @@ import time
 import numpy as np
 
 from gpt2job.files.prompts import PromptSet
-from gpt2job.cluster.scheduler import Scheduler, WorkerState
+from gpt2job.cluster.scheduler import Scheduler
+from gpt2job.cluster.workers import WorkerState
 
 
 def prompt_set(n, seed=0):

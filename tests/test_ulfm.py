@@ -20,7 +20,7 @@ import pytest
 from conftest import ROOT, TINY_HF, job_env, read_output, run_gpt2job, write_token_input
 from gpt2job.chunks import Chunk
 from gpt2job.cluster import channel as ch
-from gpt2job.cluster.scheduler import Outstanding, WorkerState
+from gpt2job.cluster.workers import Outstanding, WorkerState
 
 PROC_FAILED, PENDING, REVOKED, OTHER = 75, 76, 77, 16
 

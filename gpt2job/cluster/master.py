@@ -13,9 +13,10 @@ from gpt2job import __version__
 from gpt2job.chunks import FINISH_INVALID, Completions
 from gpt2job.cluster.channel import MpiChannel, Mux, ThreadChannel
 from gpt2job.cluster.ending import CtrlC, Ending
-from gpt2job.cluster.scheduler import Outstanding, Scheduler, WorkerState, position_cost
+from gpt2job.cluster.scheduler import Scheduler, position_cost
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.cluster.worker import LocalWorker
+from gpt2job.cluster.workers import Outstanding, WorkerState
 from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
 from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
