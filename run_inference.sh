@@ -22,6 +22,13 @@ if [ -n "${OMPI_COMM_WORLD_SIZE:-}${PMIX_RANK:-}${PMI_RANK:-}${PMI_SIZE:-}${MPI_
     exec "$python" -m gpt2job run "$@"
 fi
 
+if [ "${1:-}" = "--version" ]; then
+    exec "$python" -m gpt2job --version
+fi
+if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then   # the launcher's own part (this file's head), then run's flags
+    sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+    echo
+fi
 if [ "$#" -lt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
     exec "$python" -m gpt2job run "$@"
 fi
@@ -171,7 +178,8 @@ fi
 me="$(hostname)"; me_short="$(hostname -s 2>/dev/null || echo "$me")"
 remote_hosts=""
 if [ -f "$hostfile" ]; then
-    remote_hosts="$(grep -v '^[[:space:]]*#' "$hostfile" | awk 'NF {sub(/:[0-9]+$/, "", $1); print $1}' \
+    remote_hosts="$(grep -v '^[[:space:]]*#' "$hostfile" \
+        | awk 'NF {if (gsub(/:/, ":", $1) == 1) sub(/:[0-9]+$/, "", $1); print $1}' \
         | grep -v -x -e localhost -e 127.0.0.1 -e "$me" -e "$me_short" || true)"
 fi
 
@@ -185,6 +193,8 @@ if [ -n "$remote_hosts" ] && command -v getent >/dev/null 2>&1; then
             name="$(awk '$1 == "hostname" {print $2; exit}' <<< "$cfg")"; name="${name:-$h}"
             proxied="$(awk '($1 == "proxyjump" || $1 == "proxycommand") && $2 != "none" {print 1; exit}' <<< "$cfg")"
         fi
+        # (an address needs no lookup: getent looks an IP up in reverse, which fails where no name is recorded)
+        [[ "$name" =~ ^[0-9]+(\.[0-9]+){3}$ || "$name" == *:*:* ]] && continue
         if [ -z "$proxied" ] && ! getent hosts "$name" >/dev/null 2>&1; then
             echo "run_inference.sh: error: $hostfile: host $h: no such host (its name does not resolve) (fix: correct" \
                 "the host names in $hostfile, or give HOSTFILE=FILE)" >&2
@@ -193,9 +203,9 @@ if [ -n "$remote_hosts" ] && command -v getent >/dev/null 2>&1; then
     done
 fi
 if [ -n "$remote_hosts" ]; then
-    # each host's ranks: Open MPI's "HOST slots=N" or MPICH's "HOST:N"; a host with neither is refused (mpirun's own
-    # default for it differs by MPI and version)
-    no_slots="$(grep -v -e '^[[:space:]]*#' -e '[[:space:]]slots=[0-9]' -e '^[[:space:]]*[^[:space:]]*:[0-9]' \
+    # each host's ranks: Open MPI's "HOST slots=N" or MPICH's "HOST:N" (HOST without a colon: an IPv6 address has
+    # several); a host with neither is refused (mpirun's own default for it differs by MPI and version)
+    no_slots="$(grep -v -e '^[[:space:]]*#' -e '[[:space:]]slots=[0-9]' -e '^[[:space:]]*[^[:space:]:]*:[0-9]' \
         "$hostfile" | awk 'NF {print $1; exit}' || true)"
     if [ -z "${NP:-}" ] && [ -n "$no_slots" ]; then
         echo "run_inference.sh: error: $hostfile: host $no_slots has no count of ranks, so they cannot be counted" \
@@ -203,7 +213,7 @@ if [ -n "$remote_hosts" ]; then
         exit 2
     fi
     slots="$(grep -v '^[[:space:]]*#' "$hostfile" | sed -n -e 's/.*[[:space:]]slots=\([0-9]*\).*/\1/p' \
-        -e 's/^[[:space:]]*[^[:space:]]*:\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
+        -e 's/^[[:space:]]*[^[:space:]:]*:\([0-9]*\).*/\1/p' | awk '{s+=$1} END {print s+0}')"
     np="${NP:-$slots}"
     [ "$np" -ge 2 ] || np=2
     launch -np "$np" --hostfile "$hostfile" --bind-to none "$here/run_inference.sh" "$@"

@@ -14,7 +14,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench_common  # noqa: E402,F401  (puts the repository on sys.path)
-from gpt2job.model.weights import fingerprint, load_params, save_hf_dir
+from gpt2job.model.hf_dir import save_hf_dir
+from gpt2job.model.weights import fingerprint, load_params
 
 
 def export(model, directory):

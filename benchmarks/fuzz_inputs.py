@@ -707,8 +707,9 @@ def m_flat_bin(rng, d):
     elif kind == "small":
         p.write_bytes(bytes(rng.randrange(1, 100000)))
     elif kind == "tiny_model_flat":  # the tiny model's weights written flat: a size no preset has
-        from gpt2job.model.weights import load_hf_dir, save_flat_file
-        save_flat_file(load_hf_dir(str(TINY_HF)), str(p))
+        from gpt2job.model import hf_dir
+        from gpt2job.model.weights import save_flat_file
+        save_flat_file(hf_dir.load(str(TINY_HF)), str(p))
     else:
         size = {"off_by_4": full - 4, "plus_4": full + 4, "odd_size": full - 1, "exact_nan": full,
                 "exact_zeros": full}[kind]

@@ -31,7 +31,7 @@ def write_checkpoint(folder, size):
     sys.path.insert(0, ROOT)
     from gpt2job.model.config import PRESETS
     from gpt2job.model.params import GPT2Params, global_shapes, layer_shapes
-    from gpt2job.model.weights import save_hf_dir
+    from gpt2job.model.hf_dir import save_hf_dir
     if os.path.exists(os.path.join(folder, "config.json")):
         return
     cfg = PRESETS[size]

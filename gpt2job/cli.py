@@ -183,8 +183,8 @@ def build_parser():
     synthetic = "; synthetic: for tests and benchmarks only, deterministic tokens without a model (no weights loaded)"
     for parser, more in ((r, ("synthetic",)), (sc, ())):   # (score needs a model: no synthetic backend)
         parser.add_argument("--backend", choices=("numpy", "cuda", "auto", *more), default="auto",
-                            help="numpy (CPU reference), cuda (our kernels), auto (cuda where a GPU and pycuda are)"
-                            + (synthetic if more else ""))
+                            help="numpy (CPU reference), cuda (our kernels), auto (default: cuda where a GPU and "
+                            "pycuda are)" + (synthetic if more else ""))
     both("--dtype", choices=("float32", "float16"), default="float32",
          help="float32 (exact, default) or float16 (tensor cores; cuda only)")
     both("--chunk-size", type=_int_in("--chunk-size", 0, 2 ** 31 - 1), default=0,

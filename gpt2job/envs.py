@@ -107,9 +107,14 @@ def get(name):
 
 def check_environment():
     """Parse every declared variable that is set (a bad value: the UserError get() would raise later; the values are
-    not kept: get() reads them when asked, as before); returns the GPT2JOB_* names set that are not declared, sorted."""
+    not kept: get() reads them when asked, as before); returns the GPT2JOB_* names set that are not declared, sorted,
+    each with the declared name it is closest to, if any ("GPT2JOB_PREFIXSHARE (GPT2JOB_PREFIX_SHARE?)")."""
+    import difflib
     for name, var in VARS.items():
         raw = os.environ.get(name)
         if raw is not None and raw.strip() != "":
             _parse(var, raw)
-    return sorted(n for n in os.environ if n.startswith("GPT2JOB_") and n not in VARS)
+    unknown = sorted(n for n in os.environ if n.startswith("GPT2JOB_") and n not in VARS)
+    tails = {n[len("GPT2JOB_"):]: n for n in VARS if n.startswith("GPT2JOB_")}   # (compared past the common prefix)
+    return [n + "".join(f" ({tails[m]}?)" for m in difflib.get_close_matches(n[len("GPT2JOB_"):], tails, 1))
+            for n in unknown]

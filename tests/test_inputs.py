@@ -352,7 +352,7 @@ def test_environment_variables_are_checked_when_a_command_starts(tmp_path):
         assert_one_clear_line(p, name, frag)
         assert not out.exists()
     p = run_gpt2job(["show", tmp_path / "missing.h5"], env=job_env(GPT2JOB_PREFIXSHARE="0"))
-    assert "warning: GPT2JOB_PREFIXSHARE: not a gpt2job variable" in p.stderr
+    assert "warning: GPT2JOB_PREFIXSHARE (GPT2JOB_PREFIX_SHARE?): not a gpt2job variable" in p.stderr
     assert_one_clear_line(p, "missing.h5")
     for value in ("-5", "1e12"):   # no launch time of this job: time to ready was 1.8e9 s, the wall time negative
         p = run_gpt2job(["run", inp, out, "--model", str(TINY_HF), "--backend", "numpy", "--overwrite"],

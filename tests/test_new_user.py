@@ -159,6 +159,18 @@ def launcher(args, **kw):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
+def test_run_inference_help_says_how_it_launches_and_version_works():
+    """--help printed `gpt2job run`'s flags only (nothing on NP, HOSTFILE or PYTHON); --version said "required:
+    input, output", exit 2."""
+    p = launcher(["--help"])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith("gpt2job launcher: ./run_inference.sh IN OUT.h5"), out + err
+    assert "NP=N" in out and "HOSTFILE" in out and "PYTHON" in out and "usage: gpt2job run" in out, out
+    p = launcher(["--version"])
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith("gpt2job "), out + err
+
+
 def test_run_inference_shows_only_our_error_line(tmp_path):
     require_mpirun()
     env = fresh_env(NP=3)
@@ -266,6 +278,12 @@ def test_run_inference_refuses_a_hostfile_host_whose_name_does_not_resolve(tmp_p
     p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
     out, err = p.communicate(timeout=60)
     assert p.returncode == 0 and out.startswith(f"mpirun -np 6 --hostfile {hosts} "), out + err
+    # addresses need no name: getent's reverse lookup of an IP fails where no name is recorded (the check refused
+    # them); an IPv6 address keeps its colons (MPICH's HOST:N has one) and its slots are counted
+    hosts.write_text("192.0.2.2 slots=2\n192.0.2.3:3\nfd00::2 slots=4\n")
+    p = launcher(["in.h5", "out.h5"], env={**env, "HOSTFILE": str(hosts)})
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0 and out.startswith(f"mpirun -np 9 --hostfile {hosts} "), out + err
 
 
 def test_run_inference_starts_local_ranks_without_ssh_on_open_mpi_4(tmp_path):

@@ -12,7 +12,8 @@ from conftest import TINY_FP16, TINY_HF, TINY_PUBLISHED
 from gpt2job.model import safetensors_io
 from gpt2job.model.config import GPT2Config
 from gpt2job.errors import UserError
-from gpt2job.model.weights import flat_size, load_config, load_flat_file, load_params, random_params, save_flat_file, save_hf_dir
+from gpt2job.model.hf_dir import save_hf_dir
+from gpt2job.model.weights import flat_size, load_config, load_flat_file, load_params, random_params, save_flat_file
 
 
 def assert_same_params(a, b):
@@ -328,3 +329,63 @@ def test_every_id_of_a_config_s_eos_list_ends_a_row(tmp_path):
     saved = tmp_path / "saved"
     save_hf_dir(load_params(str(model)), str(saved))
     assert json.loads((saved / "config.json").read_text())["eos_token_id"] == [first, 789]
+
+
+def test_checkpoint_folders_a_user_may_have_get_one_line_each(tiny_copy, tmp_path, capsys):
+    """A second review's model folders: each was loaded silently wrong, or refused with a line that blamed the wrong
+    thing. Now one line that names the file, the tensor or field, and the fix."""
+    from gpt2job.model import hf_dir
+    st = tiny_copy / "model.safetensors"
+    tensors = safetensors_io.load(str(st))
+    # both spellings of one tensor: whichever came later in the header was loaded (zeros here gave zero tokens)
+    both = dict(tensors, **{"h.0.ln_1.weight": np.zeros_like(tensors["transformer.h.0.ln_1.weight"])})
+    safetensors_io.save(str(st), both)
+    with pytest.raises(UserError, match=r"h\.0\.ln_1\.weight: two tensors are h\.0\.ln_1\.weight .*keep one of them"):
+        load_config(str(tiny_copy))
+    # an adapter's tensor left in: blamed on n_layer before
+    safetensors_io.save(str(st), dict(tensors, **{"transformer.h.0.attn.c_attn.lora_A": np.zeros((4, 4), np.float32)}))
+    with pytest.raises(UserError, match=r"h\.0\.attn\.c_attn\.lora_A: checkpoint has tensors GPT-2 does not have .*merge"):
+        load_config(str(tiny_copy))
+    # layers past the config's: n_layer, as before
+    n = load_config(str(TINY_HF)).n_layer
+    safetensors_io.save(str(st), dict(tensors, **{f"transformer.h.{n}.ln_1.weight": tensors["transformer.h.0.ln_1.weight"]}))
+    with pytest.raises(UserError, match=r"n_layer: checkpoint has layers the config does not use"):
+        load_config(str(tiny_copy))
+    # a dtype the format has and this reader does not: "malformed tensor entry ... corrupt" before
+    header = json.dumps({"x": {"dtype": "F8_E4M3", "shape": [2], "data_offsets": [0, 2]}}).encode()
+    st.write_bytes(struct.pack("<Q", len(header)) + header + b"\0\0")
+    with pytest.raises(UserError, match=r"x: dtype F8_E4M3 is not supported .*float32 or float16"):
+        load_config(str(tiny_copy))
+    # an interrupted download's link: "no model.safetensors in this folder" before
+    st.unlink()
+    st.symlink_to(tmp_path / "blob-never-written")
+    with pytest.raises(UserError, match=r"model\.safetensors: --model: is a link to a file that is not there"):
+        load_config(str(tiny_copy))
+    # config.json given as --model: its size was compared with flat files'
+    with pytest.raises(UserError, match=r"config\.json: --model: is a file of a checkpoint folder: give the folder"):
+        load_config(str(TINY_HF / "config.json"))
+    # an end-of-text id outside the vocabulary: rows never ended, silently (transformers takes it too: a warning)
+    cfg = json.loads((TINY_HF / "config.json").read_text())
+    model = tmp_path / "eos"
+    shutil.copytree(TINY_HF, model)
+    (model / "generation_config.json").unlink()
+    (model / "config.json").write_text(json.dumps(dict(cfg, eos_token_id=cfg["vocab_size"])))
+    capsys.readouterr()
+    load_config(str(model), warn=True)
+    err = capsys.readouterr().err
+    assert err == (f"gpt2job: warning: {model / 'config.json'}: eos_token_id {cfg['vocab_size']} is outside the "
+                   f"vocabulary 0..{cfg['vocab_size'] - 1}: no row ends at it (write the model's end-of-text id "
+                   "there)\n"), err
+    # generation_config.json's other end token: transformers' generate() stops there, this job says it does not
+    eos = cfg.get("eos_token_id", 50256)
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": [eos, 7]}))
+    capsys.readouterr()
+    load_config(str(model))
+    assert capsys.readouterr().err == ""
+    assert hf_dir.read_config(str(model), warn=True).eos_token_id == eos
+    err = capsys.readouterr().err
+    assert err.startswith("gpt2job: warning: ") and "--stop-token-ids 7 " in err and err.count("\n") == 1, err
+    (model / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+    load_config(str(model), warn=True)
+    assert capsys.readouterr().err == ""

@@ -73,7 +73,7 @@ class Master:
     # ---- set-up: input, validation, output
     def prepare(self):
         s = self.s
-        cfg = load_config(s.model)
+        cfg = load_config(s.model, warn=True)
         tokenizer = functools.cache(lambda: load_tokenizer(s.vocab_dir))   # once: text prompts', the output's text
         if s.score:   # `score`: the full rows, and where each one's scored tokens start (files/score_input.py)
             self.prompts, self.score_starts = read_score_input(s.input, tokenizer, s.prepend_eos, cfg.eos_token_id)

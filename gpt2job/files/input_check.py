@@ -33,7 +33,7 @@ def check_input(path, model="random:gpt2", max_new_tokens=16, vocab_dir=None, ou
 
 
 def _check_input(path, shown, model, max_new_tokens, vocab_dir, out):
-    cfg = load_config(model)
+    cfg = load_config(model, warn=True)
     prompts = read_prompts(path, lambda: load_tokenizer(vocab_dir))
     rows = read_row_settings(path, len(prompts), JobSettings(input=path, output="", max_new_tokens=max_new_tokens,
                                                              converted_from=shown if shown != path else ""))

@@ -64,6 +64,9 @@ def pickle_only(repo_id):
 def resolve(spec):
     """The local path a --model value stands for: itself when it is random:..., or a file or folder that exists;
     else a Hub name's cached (or freshly downloaded) snapshot folder. Raises a one-line UserError otherwise."""
+    if not spec.strip():
+        raise UserError("is empty", None, "--model", "give a folder with config.json + model.safetensors, a flat "
+                        ".bin file, or random:gpt2")
     if spec.startswith("random:") or os.path.exists(spec) or not NAME.fullmatch(spec):
         return spec
     repo_id = ALIASES.get(spec, spec)

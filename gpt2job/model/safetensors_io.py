@@ -64,6 +64,11 @@ def read_header(path):
     header.pop("__metadata__", None)
     start = 8 + n
     for name, info in header.items():
+        dtype = info.get("dtype") if isinstance(info, dict) else None
+        if isinstance(dtype, str) and dtype not in DTYPES:    # a dtype of the format this reader does not take (F8_*)
+            raise UserError(f"dtype {dtype} is not supported (F32, F16, BF16, F64 and integer tensors are)", path,
+                            name, "save the model in float32 or float16 (model.float() or .half(), then "
+                            "save_pretrained)")
         try:
             dt = DTYPES[info["dtype"]]
             shape, offsets = info["shape"], info["data_offsets"]

@@ -7,19 +7,16 @@ import difflib
 import hashlib
 import json
 import os
-import re
 
 import numpy as np
 
-from gpt2job.model import safetensors_io
 from gpt2job.model.safetensors_io import PICKLE_FIX, is_pickle, looks_like_safetensors
-from gpt2job.model.config import PRESETS, GPT2Config, config_from_hf_dict, validate_config
+from gpt2job.model.config import PRESETS, GPT2Config, validate_config
 from gpt2job.errors import UserError
-from gpt2job.model import hub
+from gpt2job.model import hf_dir, hub
 from gpt2job.model.params import LAYER_TENSORS, GPT2Params, global_shapes, layer_shapes
 
 CHECKPOINT_FIX = "give a directory with config.json and model.safetensors, a flat .bin file, or random:gpt2"
-FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
 
 
 # ---------------------------------------------------------------- model spec -> (config, loader)
@@ -67,14 +64,15 @@ def _field_value(spec, k, v):
         raise UserError(f"{k}={v!r} is not {what}", spec, "--model", f"give {k} {what}")
 
 
-def load_config(spec):
-    """The model's config without reading its weights (what the master needs)."""
+def load_config(spec, warn=False):
+    """The model's config without reading its weights (what the master needs); warn: say what the job will
+    not do as transformers would (hf_dir.read_config)."""
     spec = hub.resolve(spec)
     if spec.startswith("random:"):
         return parse_random_spec(spec)[0]
     if os.path.isdir(spec):
-        cfg = _read_hf_config(spec)
-        _check_tensors(_tensor_index(spec), cfg, spec)   # the headers only: a bad folder stops the job at once
+        cfg = hf_dir.read_config(spec, warn)
+        hf_dir.check_tensors(hf_dir.tensor_index(spec), cfg, spec)   # the headers only: a bad folder stops the job
         return cfg
     if not os.path.isfile(spec):
         raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
@@ -90,7 +88,9 @@ def load_params(spec):
         p.fingerprint = fingerprint(spec)
         return p
     if os.path.isdir(spec):
-        return load_hf_dir(spec)
+        p = hf_dir.load(spec)
+        p.fingerprint = fingerprint(spec)
+        return p
     if os.path.isfile(spec):
         return load_flat_file(spec)
     raise UserError("no such file or directory", spec, "--model", CHECKPOINT_FIX)
@@ -165,129 +165,6 @@ def random_params(cfg: GPT2Config, seed=0):
     )
 
 
-# ---------------------------------------------------------------- Hugging Face directories
-
-def _read_hf_config(directory):
-    path = os.path.join(directory, "config.json")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = json.load(f)
-    except FileNotFoundError:
-        raise UserError("missing", path, "config.json", "save the model with save_pretrained, which writes it")
-    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise UserError(f"not valid JSON ({str(e)[:120] or type(e).__name__})", path, "config.json",
-                        "re-save or repair the config")
-    if not isinstance(d, dict):
-        raise UserError("not a JSON object", path, "config.json", "re-save or repair the config")
-    return config_from_hf_dict(d, path)
-
-
-def _safetensors_files(directory):
-    index = os.path.join(directory, "model.safetensors.index.json")
-    single = os.path.join(directory, "model.safetensors")
-    if os.path.isfile(single):
-        return [single]
-    if os.path.isfile(index):
-        try:
-            with open(index, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
-            raise UserError(f"unreadable shard index ({e})", index, "weight_map", "re-save the checkpoint")
-        files = []
-        for s in shards:
-            p = os.path.join(directory, os.path.basename(str(s)))  # never follow paths out of the directory
-            if not os.path.isfile(p):
-                raise UserError("shard named in the index is missing", p, "weight_map", "copy every shard")
-            files.append(p)
-        return files
-    pickles = sorted(f for f in os.listdir(directory) if f.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl")))
-    if pickles:
-        raise UserError(f"no model.safetensors in this folder, only {pickles[0]}: pickle refused, gpt2job never "
-                        "unpickles model files", directory, "--model", PICKLE_FIX)
-    raise UserError("no model.safetensors (or model.safetensors.index.json) in this folder", directory, "--model",
-                    "give the folder save_pretrained wrote (config.json + model.safetensors), a flat .bin file, "
-                    "or random:gpt2")
-
-
-_BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
-
-
-def _tensor_index(directory):
-    """name (without the 'transformer.' prefix) -> (dtype, shape, file) from the safetensors headers."""
-    index = {}
-    for path in _safetensors_files(directory):
-        for name, info in safetensors_io.read_header(path)[0].items():
-            key = name[len("transformer."):] if name.startswith("transformer.") else name
-            if not _BUFFER.search(key):    # causal-mask buffers of the published checkpoints
-                index[key] = (info["dtype"], tuple(info["shape"]), path)
-    return index
-
-
-def _check_tensors(index, cfg, directory):
-    """Every tensor the config needs is there, float, of its shape; none the config does not use."""
-    src = os.path.join(directory, "model.safetensors")
-    if not os.path.isfile(src):   # sharded: the index names the tensors
-        src = os.path.join(directory, "model.safetensors.index.json")
-    g = global_shapes(cfg)
-    need = {f"h.{i}.{n}": s for i in range(cfg.n_layer) for n, s in layer_shapes(cfg).items()}
-    need.update({k: g[k] for k in ("wte.weight", "wpe.weight", "ln_f.weight", "ln_f.bias")})
-    if "lm_head.weight" in index:
-        need["lm_head.weight"] = g["wte.weight"]
-    for key, shape in need.items():
-        if key not in index:
-            raise UserError("tensor missing from the checkpoint", src, key,
-                            "the file does not match config.json; re-save the model")
-        dtype, got, path = index[key]
-        if got != tuple(shape):
-            raise UserError(f"shape {got} does not match config.json's {tuple(shape)}", path, key,
-                            "use the config.json saved with these weights")
-        if dtype not in FLOAT_DTYPES:
-            raise UserError(f"dtype {dtype} is not a float type", path, key, "re-save the model")
-    extra = sorted(k for k in index if (k.startswith("h.") or k in ("wte.weight", "wpe.weight")) and k not in need)
-    if extra:
-        raise UserError(f"checkpoint has tensors the config does not use ({', '.join(extra[:3])}"
-                        f"{', ...' if len(extra) > 3 else ''})", src, "n_layer",
-                        "use the config.json saved with these weights")
-
-
-def _finite(arr):
-    """No NaN or infinity in arr. A sum is finite unless an element is not (or the sum overflows: then each
-    element is looked at); a third faster than isfinite(arr).all() over GPT-2 XL's 6 GB."""
-    with np.errstate(over="ignore", invalid="ignore"):
-        return bool(np.isfinite(arr.sum())) or bool(np.isfinite(arr).all())
-
-
-def load_hf_dir(directory):
-    cfg = _read_hf_config(directory)
-    _check_tensors(_tensor_index(directory), cfg, directory)
-    tensors = {}
-    for path in _safetensors_files(directory):
-        for name, arr in safetensors_io.load(path).items():
-            key = name[len("transformer."):] if name.startswith("transformer.") else name
-            if _BUFFER.search(key):
-                continue  # causal-mask buffers of the published checkpoints
-            tensors[key] = (arr, path)
-
-    def take(key):
-        arr, path = tensors.pop(key)
-        if not _finite(arr):
-            raise UserError("contains NaN or infinite values", path, key, "the weights are corrupt; re-save them")
-        return np.ascontiguousarray(arr)
-
-    layers = [{n: take(f"h.{i}.{n}") for n in layer_shapes(cfg)} for i in range(cfg.n_layer)]
-    wte = take("wte.weight")
-    head = None
-    if "lm_head.weight" in tensors:
-        head = take("lm_head.weight")
-        if np.array_equal(head, wte):
-            head = None
-    p = GPT2Params(config=cfg, wte=wte, wpe=take("wpe.weight"), layers=layers,
-                   ln_f_w=take("ln_f.weight"), ln_f_b=take("ln_f.bias"),
-                   lm_head=head)
-    p.fingerprint = fingerprint(directory)
-    return p
-
-
 # ---------------------------------------------------------------- the old system's flat float32 file
 
 def _layer_order(n_layer):
@@ -312,9 +189,10 @@ def _flat_config(path):
     if kind == "pickle":
         raise UserError("is a pickle file (PyTorch's torch.save or pytorch_model.bin): pickle refused, gpt2job "
                         "never unpickles model files", path, "--model", PICKLE_FIX)
-    if kind == "safetensors":
-        raise UserError("is a safetensors file: give the folder that holds it with its config.json", path,
-                        "--model", f"--model {os.path.dirname(os.path.abspath(path))}")
+    if kind == "safetensors" or os.path.basename(path) in ("config.json", "model.safetensors.index.json"):
+        raise UserError(f"is {'a safetensors file' if kind else 'a file of a checkpoint folder'}: give the folder "
+                        "that holds it with its config.json", path, "--model",
+                        f"--model {os.path.dirname(os.path.abspath(path))}")
     raise UserError(f"size {size} bytes matches no GPT-2 flat parameter file "
                     f"(GPT-2 124M is {4 * flat_size(PRESETS['gpt2'])} bytes of float32)", path, "file size",
                     "the file is truncated or not a flat float32 GPT-2 file; copy it again")
@@ -376,23 +254,3 @@ def save_flat_file(params, path):
                 f.write(np.ascontiguousarray(params.layers[i][n], "<f4").tobytes())
         for a in (params.ln_f_b, params.ln_f_w, params.wpe, params.wte):
             f.write(np.ascontiguousarray(a, "<f4").tobytes())
-
-
-def save_hf_dir(params, directory, prefix="transformer."):
-    """Write params as a Hugging Face checkpoint directory (config.json + model.safetensors)."""
-    os.makedirs(directory, exist_ok=True)
-    cfg = params.config
-    tensors = {f"{prefix}wte.weight": params.wte, f"{prefix}wpe.weight": params.wpe,
-               f"{prefix}ln_f.weight": params.ln_f_w, f"{prefix}ln_f.bias": params.ln_f_b}
-    for i, layer in enumerate(params.layers):
-        for n, a in layer.items():
-            tensors[f"{prefix}h.{i}.{n}"] = a
-    safetensors_io.save(os.path.join(directory, "model.safetensors"), tensors, {"format": "pt"})
-    d = {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], **cfg.to_dict()}
-    d["bos_token_id"] = cfg.eos_token_id
-    if d.pop("more_eos_token_ids", None):   # written back as the config's list
-        d["eos_token_id"] = [cfg.eos_token_id, *cfg.more_eos_token_ids]
-    if not d["n_inner"]:
-        d["n_inner"] = None
-    with open(os.path.join(directory, "config.json"), "w") as f:
-        json.dump(d, f, indent=2)
