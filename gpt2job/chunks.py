@@ -228,8 +228,9 @@ def split_completions(comp, members):
 
 def concat_completions(comps, chunk_id=-1):
     """Several Completions as one, their rows one after the other (a chunk computed in parts, or a group of results
-    for the writer); their copies ride along, and log-probabilities where any of them has some (logprob_arrays)."""
-    if len(comps) == 1 and comps[0].chunk_id == chunk_id:
+    for the writer); their copies ride along, and log-probabilities where any of them has some (logprob_arrays).
+    One: itself (its own chunk_id)."""
+    if len(comps) == 1:
         return comps[0]
     lens = np.concatenate([np.diff(c.offsets) for c in comps])
     offsets = np.zeros(len(lens) + 1, np.int64)

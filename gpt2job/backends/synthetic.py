@@ -16,7 +16,6 @@ from gpt2job.files.dedup import mix64
 from gpt2job.settings import GenerationSettings
 
 
-
 def _prompt_keys(offsets, tokens):
     """A 64-bit key per prompt from its tokens and length: [B] uint64."""
     offsets = np.asarray(offsets, np.int64)
