@@ -3,6 +3,7 @@ is still there; refuses to clobber; an unfinished output exports its done rows a
 import json
 
 import h5py
+import pytest
 
 from conftest import ROOT, TINY_HF, TINY_TEXT_MODEL, read_output, run_gpt2job, write_token_input
 
@@ -202,6 +203,39 @@ def test_show_export_and_validate_of_a_damaged_output_say_so_in_one_line(tmp_pat
             said.append(str(e))
     capsys.readouterr()
     assert said and all(s.startswith(f"{inp}: input: cannot be read") for s in said), said
+
+
+def test_a_damaged_row_length_is_found_before_hdf5_allocates_it(tmp_path, capsys):
+    """HDF5 allocates what a variable-length row claims before it finds the row's address wrong: one damaged row's
+    length (0x5A5A5A5A values) took 6 GB and 6 s a read. The lengths on disk are checked first (h5files.check_vlen_rows),
+    in an output and in an input."""
+    import time
+    from gpt2job.errors import UserError
+    from gpt2job.files.export import export
+    from gpt2job.files.show import show
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3]] * 8)
+    run_gpt2job(["run", inp, out, "--model", TINY_HF, "--backend", "numpy", "--max-new-tokens", "2"], check=0)
+    for path, name in ((out, "completion_tokens"), (inp, "prompt_tokens")):
+        with h5py.File(path, "r") as f:
+            at = f[name].id.get_offset() + 16 * 5       # row 5's length: the first 4 of its 16 bytes
+        raw = bytearray(path.read_bytes())
+        raw[at:at + 4] = (0x5A5A5A5A).to_bytes(4, "little")
+        path.write_bytes(raw)
+        t = time.monotonic()
+        if path == out:
+            with pytest.raises(UserError) as e:
+                show(str(out), 0, 8)
+            assert "past the end of the file" in str(e.value), e.value
+        else:   # export leaves the prompts of a damaged input out; run refuses it in one line
+            export(str(out), str(tmp_path / "o.jsonl"), True)
+            assert "holds other prompts" in capsys.readouterr().err
+        assert time.monotonic() - t < 2
+        if path == out:
+            raw[at:at + 4] = (2).to_bytes(4, "little")     # its 2 tokens again
+            out.write_bytes(raw)
+    p = run_gpt2job(["run", inp, tmp_path / "o2.h5", "--model", TINY_HF, "--backend", "numpy"])
+    assert p.returncode == 2 and "prompt_tokens: cannot be read" in p.stderr and "past the end" in p.stderr, p.stderr
 
 
 def test_export_says_how_to_get_a_removed_conversion_back(tmp_path, vocab_dir):

@@ -16,12 +16,14 @@ appending a batch of rows to a flat array is one contiguous write.
   top_logprob_ids_data     int32   [T, K]  --top-logprobs K: token t's step's K most likely ids
   top_logprobs_data        float32 [T, K]  and their log-probabilities (attribute top_logprobs_k = K)
   file attribute layout = "flat"; every other dataset (done, finish_reason, text_exact, stop_reason, prompt_length,
-  ...) is as in the default layout (files/output.py).
+  ...) is as in the default layout (README.md, "HDF5 contract").
 
 Rows of identical prompts (dedup copies) point at the same data. `rows(f, name, a, b)` reads a column's rows in
 either layout; `gpt2job export` writes the same JSONL from both.
 """
 import numpy as np
+
+from gpt2job.files.h5files import check_vlen_rows
 
 TOKEN_COLUMNS = ("completion_tokens", "completion_logprobs", "top_logprob_ids", "top_logprobs")   # start/count
 TEXT = "completions"
@@ -152,6 +154,7 @@ def rows(f, name, a, b):
     a..b-1 in either layout, as h5py gives a variable-length dataset's rows: an object array of arrays (bytes for
     completions)."""
     if not is_flat(f):
+        check_vlen_rows(f[name], a, b)
         return f[name][a:b]
     counts, vals = values(f, name, a, b)
     out = np.empty(len(counts), object)
