@@ -20,6 +20,11 @@ from gpt2job.cluster.channel import Backoff, probe_twice  # noqa: E402
 
 
 def main():
+    if {"-h", "--help"} & set(sys.argv[1:]):
+        print(__doc__.strip())
+        return
+    if MPI.COMM_WORLD.Get_size() != 2:
+        sys.exit("run it with two ranks: mpirun -np 2 python3 benchmarks/mpi_probe_latency.py [BYTES] [MOST_SLEEP_S]")
     args = [a for a in sys.argv[1:] if not a.startswith("--")]
     n = int(args[0]) if args else 655360
     most = float(args[1]) if len(args) > 1 else 0.0005
