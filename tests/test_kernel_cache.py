@@ -135,6 +135,34 @@ def test_different_modules_compile_at_once_across_processes(tmp_path, counted, m
     assert out[0][1] == out[1][1]
 
 
+def test_no_more_compiles_at_once_on_a_node_than_it_has_cores(tmp_path, monkeypatch):
+    """15 ranks of 8 threads each ran 24 nvcc at once on 16 cores, the longest module (which sets a cold start) at
+    2/3 speed: a node's compiles take one of its cores' slots each (Cache._slot). Here 2 cores, 3 processes of 3
+    threads asking for 6 modules: each compiled once, never more than 2 at once."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(kcache.os, "cpu_count", lambda: 2)
+    spans = tmp_path / "spans"
+
+    class Timed(Unit):
+        def compile(self):
+            t0 = time.time()
+            time.sleep(0.3)
+            with open(spans, "a") as fh:
+                fh.write(f"{t0} {time.time()} {self.name}\n")
+            return hashlib.sha256(self.text.encode()).digest() * 4
+
+    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
+    _run_together(3, str(tmp_path / "cache"), units, threads=3)
+    rows = [line.split() for line in open(spans)]
+    assert sorted(name for _, _, name in rows) == [f"m{i}.cu" for i in range(6)]
+    events = sorted([(float(a), 1) for a, _, _ in rows] + [(float(b), -1) for _, b, _ in rows])
+    running = most = 0
+    for _, step in events:
+        running += step
+        most = max(most, running)
+    assert most == 2, rows
+
+
 def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):
     monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(Counted, "fake", True)
