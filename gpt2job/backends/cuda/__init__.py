@@ -1,8 +1,9 @@
 """The CUDA backend: GPT-2 on one GPU with our own kernels (cuda_src/*.cu, compiled at run time by PyCUDA).
 
-Objects, each calling only the ones below it. Three call functions their owner hands them: StepGraphs
+Objects, each calling only the ones below it. Four call functions their owner hands them: StepGraphs
 (the decode step it captures, and the memory epochs that tell a captured graph is stale), prefix_share.plan (the KV
-grouping, plan.kv_groups in the runner's budget) and Device.upload_half (the Model's conversion kernel). Device
+grouping, plan.kv_groups in the runner's budget), Device.upload_half (the Model's conversion kernel) and
+plan.memory_plan (the backend's estimate and reserved closures: what a chunk of R rows needs). Device
 only frees, as it closes, the objects given to Device.own:
   backend.py       CudaBackend: the Backend a worker drives (submit, run, warm_up); builds and ties the others
   score.py         the `score` command's pass on the Runner's prefill (and last_logits for tests)

@@ -5,7 +5,9 @@ KernelOptions ask), Model (weights, forward pass, head), Runner (chunk plans, up
 pycuda is imported when a CudaBackend is built (device.py, kernels.py), so the rest of the package imports
 without it. The GPU is chosen from gpu_slot (the worker's index among its node's worker ranks)
 before CUDA creates a context. Everything large is allocated before
-the worker says it is ready (Runner.fit, warm_up), not inside the first chunk. Their sizes follow the device memory
+the worker says it is ready (Runner.fit, warm_up), not inside the first chunk, but for one case: fp16 sampling
+at a temperature alone takes its head buffers (argmax_part, tempered: Model.select) in its first group of 512 rows
+or more. Their sizes follow the device memory
 left after the weights (plan.memory_plan): the sizes asked for on a GPU with room, smaller ones (and a smaller
 preferred chunk, which the worker's hello passes to the master) on a GPU another process fills.
 """

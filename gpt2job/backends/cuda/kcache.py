@@ -10,7 +10,8 @@ finds a whole entry or none. The compile runs under an exclusive lock on <name>-
 process to need a module compiles it; the others wait on the lock, then load the finished file; a process that
 dies while compiling leaves no entry, and the system drops its lock. Different modules compile at once: threads
 of a process take the modules no other process is compiling first (a lock taken without waiting), then wait on
-the rest; no more compile at once on the node than it has cores (Cache._slot). pycuda is imported only by compile_cubin, and only when it compiles.
+the rest; no more compile at once on the node than it has cores (Cache._slot). pycuda is imported only by
+compile_cubin, and only when it compiles.
 """
 import fcntl
 import functools

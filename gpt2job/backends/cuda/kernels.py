@@ -242,7 +242,7 @@ class Kernels(SelectKernels):
                  ws_slices=4):
         """C = epilogue(A[M, K] @ B[K, N] + bias), plain fp32 FMA. split: K slices (None: automatic, see below); split
         > 1 needs ws, a float workspace of split * M * N (automatic: ws_slices * M * N). bk: k-slice per stage, 8 or 16
-        (None: options.f32_bk, else 16 except for decode-sized products with a long K). mode EPI_QKV: qkv = (row_slot,
+        (None: options.f32_bk, else 8 where K >= 2048 and M <= 16,384, else 16). mode EPI_QKV: qkv = (row_slot,
         row_pos, slot_base, S, kc, vc, C), as gemm_f16."""
         if M == 0:
             return
@@ -357,7 +357,7 @@ class Kernels(SelectKernels):
     ATTENTION = {(False, False, 0): register("attention_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (False, True, 0): register("attention_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, False, 1): register("attention_grouped_f32", "transformer.cu", "PPPPiPPiiiif", 128),
-                 (True, True, 1): register("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),
+                 (True, True, 1): register("attention_grouped_f16", "transformer.cu", "PPPPiPPiiiif", 128),  # tests
                  (True, False, 4): register("attention_grouped_long_f32", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 4): register("attention_grouped_long_f16", "transformer.cu", "PPPPiPPiiiif", 128),
                  (True, True, 3): register("attention_grouped_three_f16", "transformer.cu", "PPPPiPPiiiif", 128),

@@ -1,7 +1,8 @@
 """Log-probabilities on the GPU (--logprobs, --top-logprobs K), the runner's side: each selection of a step writes,
 beside its tokens, every row's log-probability (and top K) with Kernels.logprobs (cuda_src/logprobs.cu) from the
-logits the LM head materialised; they are downloaded with the step's tokens and collected here into the chunk's
-arrays. With logprobs off, OFF (this module's) does nothing and the head keeps its fused fp16 greedy path.
+logits the LM head materialised; greedy fp16 rows without top K keep the fused head, whose partials carry the sums
+the log-probability needs (argmax_logprob_partials: no logits in memory). They are downloaded with the step's tokens
+and collected here into the chunk's arrays. With logprobs off, OFF (this module's) does nothing.
 
 A step of n rows writes one device buffer (pool buffer "logprobs"): logprobs [n] float32, top ids [n, K] int32, top
 logprobs [n, K] float32, one after the other; it is downloaded (one copy, before the step's tokens: the tokens'

@@ -194,7 +194,8 @@ class Model:
 
     def head_buffers(self, greedy, head_rows=None, lse=False):
         """(name, bytes) of the pool buffers the head writes: the split-K workspace (fp32), then the argmax
-        partials (greedy fp16 with the fused head; lse: with the sums of --logprobs) or the logits."""
+        partials (greedy fp16 with the fused head; lse: with the sums of --logprobs) or the logits. (Sampling at a
+        temperature alone takes argmax_part and tempered too, in Model.select, when it first needs them.)"""
         hr = self.head_rows if head_rows is None else head_rows
         out = self.p.workspaces(hr)
         tile = self.p.argmax_tile(hr, self.V, self.cfg.n_embd) if greedy else None

@@ -31,10 +31,10 @@ class TilePicker:
         epilogue and one wave of 160- and 208-row tiles at 768-1,024 rows; RESULTS.md, "swapped decode products"), and
         those with N > K from SWAP_WIDE_FROM rows, those with N <= K up to SWAP_NARROW_TO rows. Else,
         from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
-        (options.tma_staged; benchmarks/RESULTS.md). Else, from STAGED_FROM rows, the staged-epilogue kernels
-        (options.tma_staged): half outputs on 128x192 tiles except mlp-up up to 16,384 rows (plain tma128), float
-        outputs (the residual adds) on 128x128 tiles except attention-out at 8,192-16,384 rows; the LM head is not
-        staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K
+        (options.tma_staged; benchmarks/RESULTS.md). Else (tma128pp not compiled: the default compiles it), from
+        STAGED_FROM rows, the staged-epilogue kernels (options.tma_staged): half outputs on 128x192 tiles except
+        mlp-up up to 16,384 rows (plain tma128), float outputs (the residual adds) on 128x128 tiles except
+        attention-out at 8,192-16,384 rows; the LM head is not staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K
         >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else
         mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks fit on the SMs at once, else the
         NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to NARROW_OUTPUTS outputs, else tma128

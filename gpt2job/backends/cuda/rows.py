@@ -1,8 +1,9 @@
 """A chunk's per-row settings on the GPU, host side (the runner's helpers): each row's own max_new_tokens, token
 selection (Kernels.sample_params: own temperature / top-k / top-p / seed, repetition penalty through a seen-tokens
 bitmap per KV slot), stop token ids and stop strings (model/stops.py, checked as each step's tokens reach the
-host). A chunk without RowParams, without stop strings and without a penalty selects with the job's kernels (the
-fused fp16 greedy head among them): RowPlan.shared is then the job's SamplingSettings and group_sel returns None.
+host). A chunk whose rows all select alike (no RowParams, or RowParams whose rows agree: RowSettings.shared) and
+without a penalty selects with the job's kernels (the fused fp16 greedy head among them): RowPlan.shared is then
+those shared settings and group_sel returns None.
 """
 from dataclasses import dataclass
 
