@@ -32,14 +32,14 @@ class TilePicker:
         those with N > K from SWAP_WIDE_FROM rows, those with N <= K up to SWAP_NARROW_TO rows. Else,
         from PINGPONG_FROM rows, the layer products on the ping-pong kernel tma128pp
         (options.tma_staged; benchmarks/RESULTS.md). Else (tma128pp not compiled: the default compiles it), from
-        STAGED_FROM rows, the staged-epilogue kernels (options.tma_staged): half outputs on 128x192 tiles except
-        mlp-up up to 16,384 rows (plain tma128), float outputs (the residual adds) on 128x128 tiles except
-        attention-out at 8,192-16,384 rows; the LM head is not staged. Otherwise: wide float outputs (the LM head's logits) on tma128, else the mma.sync 128x128 tiles; K
-        >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of 128x128 tiles, wgmma from 4, else
-        mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks fit on the SMs at once, else the
-        NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to NARROW_OUTPUTS outputs, else tma128
-        for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not compiled are skipped;
-        options.tma_persistent takes the persistent twin of the pick where compiled."""
+        STAGED_FROM rows, the staged-epilogue kernels (options.tma_staged): half outputs on 128x192 tiles except mlp-up
+        up to 16,384 rows (plain tma128), float outputs (the residual adds) on 128x128 tiles except attention-out at
+        8,192-16,384 rows; the LM head is not staged. Otherwise: wide float outputs (the LM head's logits) on tma128,
+        else the mma.sync 128x128 tiles; K >= 2048 on the TMA tiles chosen by the wave model; tma128 from 16 waves of
+        128x128 tiles, wgmma from 4, else mma.sync; under 4,096 rows (decode steps) a NARROWEST tile where its blocks
+        fit on the SMs at once, else the NARROW tile (NARROW_K128 where its blocks fit two an SM at once) up to
+        NARROW_OUTPUTS outputs, else tma128 for K >= 2048, t64x128k64s4 under 1,024 rows, else wgmma. Variants not
+        compiled are skipped; options.tma_persistent takes the persistent twin of the pick where compiled."""
         vs = self.variants
         if len(vs) == 1:
             return vs[0]
