@@ -28,8 +28,9 @@ fi
 if [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then   # the launcher's own part (this file's head), then run's flags
     sed -n '2,9s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
     echo
+    exec "$python" -m gpt2job run "$@"
 fi
-if [ "$#" -lt 2 ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
+if [ "$#" -lt 2 ]; then
     exec "$python" -m gpt2job run "$@"
 fi
 

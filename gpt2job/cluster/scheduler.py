@@ -129,9 +129,9 @@ class Scheduler:
         # adaptive: equal chunks, k per worker, k the fewest that keeps a chunk within the backend's
         # preferred size. Equal workers then finish together; unequal ones differ by one chunk at most. Equal rows:
         # at least `prefetch` chunks per worker (measured faster for even prompts), but one worker gets the fewest
-        # that fit; equal work: one is enough (when
-        # every worker is ready, all first chunks go out at once, and a bigger batch computes faster; while one is
-        # not, the master lets each ready worker hold one chunk only: Master.feed)
+        # that fit; equal work: one is enough (when every worker is ready, all first chunks go out at once, and a
+        # bigger batch computes faster; while one is not, the master lets each ready worker hold one chunk only:
+        # Master.feed)
         n = max(1, n_active_workers)
         if self.even_size is None:
             k = max(1 if n == 1 or self.by_cost else self.prefetch, math.ceil(self.total / (n * pref)))

@@ -26,8 +26,7 @@ import numpy as np
 from gpt2job.chunks import FINISH_LENGTH, FINISH_STOP
 from gpt2job.errors import UserError, plural
 from gpt2job.files import h5flat, prompts, score_output
-from gpt2job.files.h5files import (check_output_path, check_vlen_rows, contents, has_hdf5_signature, open_readable,
-                                   reading)
+from gpt2job.files.h5files import check_output_path, contents, has_hdf5_signature, open_readable, read_rows, reading
 from gpt2job.files.journal import JOURNAL_SUFFIX, MAGIC_HEAD, rows_only_in_journal
 from gpt2job.files.outpaths import LOCK_SUFFIX, REPLACED_SUFFIX
 from gpt2job.files.text import row_text
@@ -124,8 +123,7 @@ def token_fingerprint(ds):
     total = 0
     h.update(np.zeros(1, "<i8"))
     for a in range(0, n, step):   # the offsets 1..N
-        check_vlen_rows(ds, a, min(n, a + step))
-        lengths = np.fromiter(map(len, ds[a:a + step]), np.int64) if vlen else \
+        lengths = np.fromiter(map(len, read_rows(ds, a, a + step)), np.int64) if vlen else \
             np.full(min(step, n - a), ds.shape[1], np.int64)
         h.update((total + np.cumsum(lengths)).astype("<i8"))
         total += int(lengths.sum())
@@ -271,9 +269,9 @@ def export(out_path, jsonl_path, overwrite=False, stream=None, vocab_dir=None):
                 if pds is not None:
                     with reading(_text(inp), "input", "restore it, or move it away: export then leaves the "
                                  "prompts out"):
-                        check_vlen_rows(pds, a // samples, (b - 1) // samples + 1)
-                        cols[pkey] = pds[a:b] if samples == 1 else \
-                            pds[a // samples:(b - 1) // samples + 1][np.arange(a, b) // samples - a // samples]
+                        first = a // samples
+                        cols[pkey] = read_rows(pds, a, b) if samples == 1 else \
+                            read_rows(pds, first, (b - 1) // samples + 1)[np.arange(a, b) // samples - first]
                 for k in ("prompt_index", "sample_index"):
                     if k in f:
                         cols[k] = f[k][a:b]

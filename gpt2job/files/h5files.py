@@ -131,6 +131,12 @@ def check_vlen_rows(ds, a, b):
                       f"end of the file ({size:,} bytes)")
 
 
+def read_rows(ds, a, b):
+    """ds[a:b], its variable-length rows' lengths checked against the file first (check_vlen_rows)."""
+    check_vlen_rows(ds, a, min(b, ds.shape[0]))
+    return ds[a:b]
+
+
 def check_rows_shape(path, ds, name, n_rows, fix, ndims=(1,)):
     """An input's per-row dataset: a dataset of N rows ([N], or [N, K] where ndims allows), else one clear line."""
     import h5py

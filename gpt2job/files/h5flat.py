@@ -23,7 +23,7 @@ either layout; `gpt2job export` writes the same JSONL from both.
 """
 import numpy as np
 
-from gpt2job.files.h5files import check_vlen_rows
+from gpt2job.files.h5files import read_rows
 
 TOKEN_COLUMNS = ("completion_tokens", "completion_logprobs", "top_logprob_ids", "top_logprobs")   # start/count
 TEXT = "completions"
@@ -154,8 +154,7 @@ def rows(f, name, a, b):
     a..b-1 in either layout, as h5py gives a variable-length dataset's rows: an object array of arrays (bytes for
     completions)."""
     if not is_flat(f):
-        check_vlen_rows(f[name], a, b)
-        return f[name][a:b]
+        return read_rows(f[name], a, b)
     counts, vals = values(f, name, a, b)
     out = np.empty(len(counts), object)
     ends = np.cumsum(counts)

@@ -252,8 +252,8 @@ class OutputStore:
     def collect(self, block=False):
         """What the group submitted last added, once it is durable (from then on its rows count): for each chunk,
         in the order submit() got them, (rows, tokens, tokens computed by the worker: copies excluded), or None
-        where nothing was new. None while
-        it is not durable yet (block: wait for it); [] when no group was submitted."""
+        where nothing was new. None while it is not durable yet (block: wait for it); [] when no group was
+        submitted."""
         if self.inflight is None:
             return []
         stats, fresh, blob = self.inflight

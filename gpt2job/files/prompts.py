@@ -12,7 +12,7 @@ import numpy as np
 
 from gpt2job.errors import UserError, first_line
 from gpt2job.files import token_cache
-from gpt2job.files.h5files import check_vlen_rows, contents, open_readable
+from gpt2job.files.h5files import contents, open_readable, read_rows
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -170,19 +170,18 @@ PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first
 
 PROBE = """
 import sys, h5py
-from gpt2job.files.h5files import check_vlen_rows
+from gpt2job.files.h5files import read_rows
 with h5py.File(sys.argv[1], "r") as f:
     for name in %r:
         if name in f:
             d = f[name]
             if getattr(d, "ndim", 0) >= 1:
                 for a in range(0, d.shape[0], %d):
-                    check_vlen_rows(d, a, min(d.shape[0], a + %d))   # (HDF5 would allocate what a bad row claims)
-                    d[a:a + %d]
+                    read_rows(d, a, a + %d)   # (its check: HDF5 would allocate what a bad row claims)
             else:
                 d[()]
             break
-""" % (PROMPT_DATASETS, BLOCK_ROWS, BLOCK_ROWS, BLOCK_ROWS)
+""" % (PROMPT_DATASETS, BLOCK_ROWS, BLOCK_ROWS)
 
 
 def probe_readable(path):
@@ -247,8 +246,7 @@ def _read_token_dataset(path, ds, vocab_size=None):
         if vlen is not None:
             lengths, tokens = [], TokenBlocks(vocab_size)
             for a in range(0, n, BLOCK_ROWS):
-                check_vlen_rows(ds, a, min(n, a + BLOCK_ROWS))
-                rows = ds[a:a + BLOCK_ROWS]
+                rows = read_rows(ds, a, a + BLOCK_ROWS)
                 lengths.append(np.fromiter(map(len, rows), np.int64, len(rows)))
                 tokens.add(np.concatenate(rows) if lengths[-1].sum() else np.zeros(0, np.int32))
             return PromptSet.from_pieces(lengths, tokens.result(), field)
@@ -298,8 +296,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     lengths, tokens, digest = [], TokenBlocks(vocab_size), hashlib.sha256()
     for a in range(0, ds.shape[0], BLOCK_ROWS):
         try:
-            check_vlen_rows(ds, a, min(ds.shape[0], a + BLOCK_ROWS))
-            raw = ds[a:a + BLOCK_ROWS]
+            raw = read_rows(ds, a, a + BLOCK_ROWS)
         except (OSError, RuntimeError) as e:
             raise UserError(f"cannot be read ({first_line(e)})", path, field,
                             "the file is damaged; write it again")

@@ -36,18 +36,19 @@ def read_config(directory, warn=False):
         raise UserError("not a JSON object", path, "config.json", "re-save or repair the config")
     cfg = config_from_hf_dict(d, path)
     eos = (cfg.eos_token_id, *cfg.more_eos_token_ids)
+    if not warn:
+        return cfg
     bad = [i for i in eos if not 0 <= i < cfg.vocab_size]
-    if warn and bad:
+    if bad:
         sys.stderr.write(f"gpt2job: warning: {path}: eos_token_id {bad[0]} is outside the vocabulary 0.."
                          f"{cfg.vocab_size - 1}: no row ends at it (write the model's end-of-text id there)\n")
-    if warn:
-        other = _generation_eos(directory)
-        if other is not None and sorted(other) != sorted(eos):
-            ids = " ".join(str(i) for i in other if i not in eos)
-            sys.stderr.write(f"gpt2job: warning: {os.path.join(directory, 'generation_config.json')}: eos_token_id "
-                             f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
-                             f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
-                             "generate() would\n")
+    other = _generation_eos(directory)
+    if other is not None and sorted(other) != sorted(eos):
+        ids = " ".join(str(i) for i in other if i not in eos)
+        sys.stderr.write(f"gpt2job: warning: {os.path.join(directory, 'generation_config.json')}: eos_token_id "
+                         f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
+                         f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
+                         "generate() would\n")
     return cfg
 
 
@@ -103,13 +104,19 @@ def safetensors_files(directory):
 _BUFFER = re.compile(r"(^|\.)attn\.(bias|masked_bias)$")
 
 
+def _key(name):
+    """A tensor's name without the 'transformer.' prefix; None for the published checkpoints' causal-mask buffers."""
+    key = name[len("transformer."):] if name.startswith("transformer.") else name
+    return None if _BUFFER.search(key) else key
+
+
 def tensor_index(directory):
     """name (without the 'transformer.' prefix) -> (dtype, shape, file) from the safetensors headers."""
     index = {}
     for path in safetensors_files(directory):
         for name, info in safetensors_io.read_header(path)[0].items():
-            key = name[len("transformer."):] if name.startswith("transformer.") else name
-            if _BUFFER.search(key):    # causal-mask buffers of the published checkpoints
+            key = _key(name)
+            if key is None:
                 continue
             if key in index:   # `transformer.h.0...` beside `h.0...`, or a tensor in two shards: which one is meant?
                 raise UserError(f"two tensors are {key} (one in {os.path.basename(index[key][2])}, one named {name} "
@@ -139,7 +146,7 @@ def check_tensors(index, cfg, directory):
         if dtype not in FLOAT_DTYPES:
             raise UserError(f"dtype {dtype} is not a float type", path, key, "re-save the model")
     extra = sorted(k for k in index if (k.startswith("h.") or k in ("wte.weight", "wpe.weight")) and k not in need)
-    more = [k for k in extra if re.match(r"h\.(\d+)\.", k) and int(k.split(".")[1]) >= cfg.n_layer]
+    more = [k for k in extra if (m := re.match(r"h\.(\d+)\.", k)) and int(m.group(1)) >= cfg.n_layer]
     if more:
         raise UserError(f"checkpoint has layers the config does not use ({', '.join(more[:3])}"
                         f"{', ...' if len(more) > 3 else ''})", src, "n_layer",
@@ -164,10 +171,8 @@ def load(directory):
     tensors = {}
     for path in safetensors_files(directory):
         for name, arr in safetensors_io.load(path).items():
-            key = name[len("transformer."):] if name.startswith("transformer.") else name
-            if _BUFFER.search(key):
-                continue  # causal-mask buffers of the published checkpoints
-            tensors[key] = (arr, path)
+            if (key := _key(name)) is not None:
+                tensors[key] = (arr, path)
 
     def take(key):
         arr, path = tensors.pop(key)

@@ -148,6 +148,21 @@ def nvcc_cubin(text, arch, options, include_dirs, nvcc="nvcc"):
             return fh.read()
 
 
+def _flock(path, wait):
+    """An open descriptor of path (made if missing) holding its exclusive lock, or None when wait is False and
+    another process holds it."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class Cache:
     """The entries of one folder. get_all returns {unit name: cubin}; `compiled` lists the units this object
     compiled (the others were there, or another process compiled them meanwhile)."""
@@ -200,16 +215,7 @@ class Cache:
     def _lock(self, key, wait):
         """An open descriptor holding the key's lock (closing it releases the lock), or None when wait is False and
         another process holds it."""
-        fd = os.open(os.path.join(self.dir, key + ".lock"), os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        except BaseException:
-            os.close(fd)
-            raise
-        return fd
+        return _flock(os.path.join(self.dir, key + ".lock"), wait)
 
     def _slot(self):
         """An open descriptor holding one of the node's compile slots (lock files in the folder beside this one):
@@ -220,15 +226,9 @@ class Cache:
         n = max(2, os.cpu_count() or 1)
         while True:
             for i in range(n):
-                fd = os.open(os.path.join(folder, f"slot-{i}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fd = _flock(os.path.join(folder, f"slot-{i}.lock"), wait=False)
+                if fd is not None:
                     return fd
-                except BlockingIOError:
-                    os.close(fd)
-                except BaseException:
-                    os.close(fd)
-                    raise
             time.sleep(0.05)
 
     def get_all(self, units, threads=8):
