@@ -268,13 +268,13 @@ class FakeModel:
         return 2 * self.cfg.n_layer * C * self.elt
 
     def activation_bytes(self, rows, head_rows=None):
-        return sum(n for _, n in self.activation_buffers(rows, head_rows) + self.head_buffers(True, head_rows))
+        return sum(n for _, n in self.activation_buffers(rows, head_rows) + self.head_buffers("argmax", head_rows))
 
     def activation_buffers(self, rows, head_rows=None):
         hr = self.head_rows if head_rows is None else head_rows
         return [("x", rows * C * 4), ("fc", rows * 4 * C * 4), ("hl", hr * C * 4)]
 
-    def head_buffers(self, greedy, head_rows=None, lse=False):
+    def head_buffers(self, head, head_rows=None, lse=False):
         return [("logits", (self.head_rows if head_rows is None else head_rows) * V * 4)]
 
     def forward(self, R, p_tok, p_pos, p_seq, slot_base, S, kv, tiles=None, copies=None, heads=None):
@@ -524,24 +524,54 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
         names |= {"logprobs", "logits_raw"} if penalty else {"logprobs"}
     assert set(want) == names
     assert want.get("seen", 0) == 64 * seen_words(V) * 4 * penalty
-    assert pool_bytes(model, True, (penalty, k), 4096, 64) - pool_bytes(model, True, (False, None), 4096, 64) == sum(
+    assert pool_bytes(model, "argmax", (penalty, k), 4096, 64) - pool_bytes(model, "argmax", (False, None), 4096, 64) == sum(
         max(n, 16) for n in want.values())
     runner.reserve()
     assert all(dev._bufs[name][1] >= n for name, n in want.items())
 
 
-@pytest.mark.parametrize("greedy,lse", [(True, False), (True, True), (False, False)])
-def test_the_head_reserves_argmax_partials_with_their_sums_for_greedy_logprobs(greedy, lse):
+def head_stub(head_rows):
+    from gpt2job.backends.cuda.model import Model
+    stub = types.SimpleNamespace(head_rows=head_rows, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768),
+                                 p=types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: "tma192p"))
+    stub.tempered_tile = lambda m: Model.tempered_tile(stub, m)
+    return stub
+
+
+@pytest.mark.parametrize("head,lse", [("argmax", False), ("argmax", True), ("logits", False)])
+def test_the_head_reserves_argmax_partials_with_their_sums_for_greedy_logprobs(head, lse):
     """Greedy fp16 with --logprobs alone keeps the fused head: its partials are float4 (max, column, sum of exp)
     instead of float2, and no logits are reserved; a head that is not greedy reserves the logits."""
     from gpt2job.backends.cuda.kernels import F16_TILES
     from gpt2job.backends.cuda.model import Model
-    tile = "tma192p"
-    stub = types.SimpleNamespace(head_rows=64, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768),
-                                 p=types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: tile))
-    got = dict(Model.head_buffers(stub, greedy, 64, lse=lse))
-    nch = -(-50257 // F16_TILES[tile].wn)
-    assert got == ({"argmax_part": 64 * nch * (16 if lse else 8)} if greedy else {"logits": 64 * 50304 * 4})
+    got = dict(Model.head_buffers(head_stub(64), head, 64, lse=lse))
+    nch = -(-50257 // F16_TILES["tma192p"].wn)
+    assert got == ({"argmax_part": 64 * nch * (16 if lse else 8)} if head == "argmax" else {"logits": 64 * 50304 * 4})
+
+
+@pytest.mark.parametrize("rows", [511, 512, 8192])
+def test_sampling_at_a_temperature_alone_reserves_rule_6s_head_buffers_from_512_rows(rows):
+    """Model.select draws rule 6 in the head's epilogue in groups of 512 rows or more: its partials (one per 64
+    columns) and keys are reserved before the first chunk (they took ~51 MB inside the first 8,192-row group), beside
+    the logits that smaller groups use; fewer head rows never take the fused path, so nothing more is reserved."""
+    from gpt2job.backends.cuda.model import Model
+    got = dict(Model.head_buffers(head_stub(rows), "tempered", rows))
+    want = {"logits": rows * 50304 * 4}
+    if rows >= 512:
+        want.update(argmax_part=rows * -(-50257 // 64) * 8, tempered=rows * 8)
+    assert got == want
+
+
+@pytest.mark.parametrize("kw,head", [
+    (dict(), "argmax"), (dict(logprobs=True), "argmax"), (dict(logprobs=True, top_logprobs=3), "logits"),
+    (dict(repetition_penalty=1.2), "logits"), (dict(temperature=0.8), "tempered"),
+    (dict(temperature=0.8, top_k=50257), "tempered"), (dict(temperature=0.8, top_k=40), "logits"),
+    (dict(temperature=0.8, top_p=0.9), "logits"), (dict(temperature=0.8, logprobs=True), "logits"),
+    (dict(temperature=0.8, repetition_penalty=1.2), "logits")])
+def test_the_job_settings_pick_the_head_whose_buffers_are_reserved(kw, head):
+    from gpt2job.backends.cuda.backend import head_kind
+    from gpt2job.settings import JobSettings
+    assert head_kind(JobSettings("in.h5", "out.h5", **kw).generation(50256), 50257) == head
 
 
 @pytest.mark.parametrize("k,lse", [(None, False), (0, True), (3, False)])
@@ -552,9 +582,9 @@ def test_the_runner_asks_the_head_for_the_sums_only_with_logprobs_alone(fake, k,
     dev.open_streams()
     model = FakeModel(dev, 64)
     asked = []
-    model.head_buffers = lambda greedy, head_rows=None, lse=False: asked.append(lse) or []
+    model.head_buffers = lambda head, head_rows=None, lse=False: asked.append(lse) or []
     runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), logprobs_k=k)
-    pool_bytes(model, True, runner.options, 4096, 64)
+    pool_bytes(model, "argmax", runner.options, 4096, 64)
     runner.reserve()
     assert asked == [lse, lse]
 

@@ -257,7 +257,7 @@ def test_backend_greedy_params_keep_the_fast_path_float16():
     try:
         full = compute(be, chunk)
         got = compute(be, dataclasses.replace(chunk, params=pr))
-        assert be.runner.greedy
+        assert be.runner.head == "argmax"
     finally:
         be.close()
     for b in range(30):
@@ -269,7 +269,8 @@ def test_backend_tempered_head_matches_the_selection_kernels_float16(per_row, mo
     """fp16 rows sampled with a temperature and neither top-k nor top-p take sampling rule 6 in the LM head's
     epilogue (EPI_TEMPERED): the same tokens as the logits and the selection kernels (fuse_argmax off), job-wide and
     with per-row settings (greedy rows among them); a row with top-k among them sends the batch to the selection
-    kernels, which give its rule-6 rows the same tokens."""
+    kernels, which give its rule-6 rows the same tokens. Job-wide, the fused head's buffers are reserved before the
+    first chunk: after warm_up it allocates nothing (the pool's epoch stays, so captured decode graphs stay valid)."""
     from gpt2job.backends.cuda import model
     from gpt2job.backends.cuda.backend import CudaBackend
     monkeypatch.setattr(model, "TEMPERED_MIN_ROWS", 1)   # the fused head at this test's 40 rows too
@@ -284,7 +285,12 @@ def test_backend_tempered_head_matches_the_selection_kernels_float16(per_row, mo
     for fuse in (True, False):
         be = CudaBackend(params, gs, dtype="float16", options=KernelOptions(fuse_argmax=fuse))
         try:
+            be.warm_up()                  # as the worker does before it says it is ready
+            epoch = be.device.pool_epoch
             outs.append(compute(be, chunk))
+            if not per_row:
+                assert be.runner.head == "tempered" and be.device.pool_epoch == epoch
+                assert ("tempered" in be.device._bufs) == fuse
             if per_row:   # one row with top-k: the batch's logits are written, rule 6 still picks the others
                 k = np.zeros(B, np.int32)
                 k[1] = 5

@@ -5,10 +5,9 @@ KernelOptions ask), Model (weights, forward pass, head), Runner (chunk plans, up
 pycuda is imported when a CudaBackend is built (device.py, kernels.py), so the rest of the package imports
 without it. The GPU is chosen from gpu_slot (the worker's index among its node's worker ranks)
 before CUDA creates a context. Everything large is allocated before
-the worker says it is ready (Runner.fit, warm_up), not inside the first chunk, but for one case: fp16 sampling
-at a temperature alone takes its head buffers (argmax_part, tempered: Model.select) in its first group of 512 rows
-or more. Their sizes follow the device memory
-left after the weights (plan.memory_plan): the sizes asked for on a GPU with room, smaller ones (and a smaller
+the worker says it is ready (Runner.fit, warm_up), not inside the first chunk, but for the buffers of settings
+that only some rows of the input ask for (rows.option_buffers). Their sizes follow the device memory left after
+the weights (plan.memory_plan): the sizes asked for on a GPU with room, smaller ones (and a smaller
 preferred chunk, which the worker's hello passes to the master) on a GPU another process fills.
 """
 import ctypes
@@ -30,6 +29,7 @@ from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError
+from gpt2job.model.sampling import plain
 from gpt2job.settings import PREFETCH, max_prompt_length
 
 
@@ -50,6 +50,17 @@ def keep_host_memory(touch=64 << 20):
     parts = [np.ones(16 << 20, np.uint8) for _ in range(touch // (16 << 20))]   # from the heap: below 32 MiB each
     del parts
 
+
+
+def head_kind(s, V):
+    """The LM head the job's selection takes (GenerationSettings s; Model.head_buffers): "argmax", the fused greedy
+    head (--logprobs alone: it sums the softmax too); "tempered", sampling at a temperature alone (rule 6, fused from
+    TEMPERED_MIN_ROWS rows); else "logits": a job-wide penalty, --top-logprobs, top-k or top-p select on them."""
+    if s.repetition_penalty != 1 or (s.logprobs and s.top_logprobs):
+        return "logits"
+    if s.sampling.greedy:
+        return "argmax"
+    return "tempered" if not s.logprobs and plain(s.sampling, V) else "logits"
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -86,17 +97,15 @@ class CudaBackend(Backend):
         t0.synchronize()
         t0_wall = time.time()   # the origin in wall-clock time: traced timelines line up with the master's lines
         free = dev.free_memory()
-        # the head buffers to reserve: a job-wide penalty or --top-logprobs selects on materialised logits even when
-        # greedy (--logprobs alone: the fused greedy head sums the softmax too)
         s = self.settings
-        greedy = s.sampling.greedy and s.repetition_penalty == 1 and (not s.logprobs or s.top_logprobs == 0)
+        head = head_kind(s, self.model.V)
         options = (s.repetition_penalty != 1, s.top_logprobs if s.logprobs else None)   # (Runner.options)
 
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
             return self.model.activation_bytes(rows, head_rows) + sum(
                 n for _, n in option_buffers(head_rows, self.model, *options))
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
-            return pool_bytes(self.model, greedy, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
+            return pool_bytes(self.model, head, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, self.cfg.n_positions, estimate,
                          reserved)
         graphs = None
@@ -107,7 +116,7 @@ class CudaBackend(Backend):
             dev.own(graphs)
         self.model.set_head_rows(mp.head_rows)
         self.runner = Runner(dev, self.model, self.kernels, mp.kv_budget, mp.prefill_rows, self.options.prefix_share,
-                             t0, share_gpus=share_gpus, greedy=greedy, penalty=options[0], logprobs_k=options[1],
+                             t0, share_gpus=share_gpus, head=head, penalty=options[0], logprobs_k=options[1],
                              t0_wall=t0_wall, graphs=graphs)
         self._reserve(free, mp.reduced)
 

@@ -192,18 +192,27 @@ class Model:
         return [("x", rows * C * 4), ("h", rows * C * e), ("qkv", rows * 3 * C * e), ("att", rows * C * e),
                 ("fc", rows * self.cfg.d_mlp * e), ("hl", hr * C * e)]
 
-    def head_buffers(self, greedy, head_rows=None, lse=False):
-        """(name, bytes) of the pool buffers the head writes: the split-K workspace (fp32), then the argmax
-        partials (greedy fp16 with the fused head; lse: with the sums of --logprobs) or the logits. (Sampling at a
-        temperature alone takes argmax_part and tempered too, in Model.select, when it first needs them.)"""
+    def head_buffers(self, head, head_rows=None, lse=False):
+        """(name, bytes) of the pool buffers the head writes for the job's selection (head, backend.head_kind):
+        the split-K workspace (fp32), then for "argmax" (greedy fp16 with the fused head) the argmax partials (lse:
+        with the sums of --logprobs), else the logits; "tempered" (fp16 sampling by rule 6 alone) adds rule 6's
+        partials and keys, which select's fused head takes in groups of TEMPERED_MIN_ROWS rows or more."""
         hr = self.head_rows if head_rows is None else head_rows
         out = self.p.workspaces(hr)
-        tile = self.p.argmax_tile(hr, self.V, self.cfg.n_embd) if greedy else None
+        tile = self.p.argmax_tile(hr, self.V, self.cfg.n_embd) if head == "argmax" else None
         if tile is not None:
             out.append(("argmax_part", hr * -(-self.V // F16_TILES[tile].wn) * (16 if lse else 8)))
         else:
             out.append(("logits", hr * self.Vpad * 4))
+        if head == "tempered" and self.tempered_tile(hr) is not None:
+            out += [("argmax_part", hr * -(-self.V // CHUNK) * 8), ("tempered", hr * 8)]
         return out
+
+    def tempered_tile(self, m):
+        """The tile whose epilogue draws m rows' tokens by rule 6, or None (logits, then Kernels.sample): fewer rows
+        than TEMPERED_MIN_ROWS, or a warp tile that rule 6's chunks of 64 columns would straddle."""
+        tile = self.p.argmax_tile(m, self.V, self.cfg.n_embd)
+        return None if tile is None or m < TEMPERED_MIN_ROWS or F16_TILES[tile].wn % CHUNK else tile
 
     # ---------------------------------------------------------------- the passes
 
@@ -303,9 +312,9 @@ class Model:
         tempered = lp is None and (sel.plain if sel is not None else plain(sampling, V))
         fused = tempered or (sel is None and sampling.greedy and (lp is None or lp.k == 0))
         for g0, m, hl in self.ln_f(x, n, p_rowidx, idx_base):
-            tile = self.p.argmax_tile(m, V, self.cfg.n_embd) if fused else None
-            if tile is not None and tempered and (m < TEMPERED_MIN_ROWS or F16_TILES[tile].wn % CHUNK):
-                tile = None   # (rule 6's chunks of 64 columns must not straddle a warp's columns)
+            tile = None
+            if fused:
+                tile = self.tempered_tile(m) if tempered else self.p.argmax_tile(m, V, self.cfg.n_embd)
             if tile is not None:
                 # the LM head product with the (max, argmax) epilogue: per row one (max, column) per tile.wn
                 # columns (and with lp the sum of exp(logit - that max); tempered: per 64 columns, the chunk's

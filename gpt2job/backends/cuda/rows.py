@@ -86,7 +86,8 @@ def option_buffers(head_rows, model, penalty, logprobs_k):
     reserve (runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide
     penalty's seen bitmap (group_sel), --logprobs' step buffer (logprobs.StepLogprobs) and, with both, the copy of
     the raw logits the log-probabilities read (Model.select). A penalty that only some rows of the input ask for is
-    not known at start: its bitmap grows at its first chunk."""
+    not known at start: its bitmap grows at its first chunk, as rule 6's head buffers (Model.head_buffers) do for rows
+    that sample at a temperature alone in a job that does not."""
     out = [("seen", head_rows * seen_words(model.V) * 4)] if penalty else []
     if logprobs_k is not None:
         out.append(("logprobs", 4 * head_rows * (1 + 2 * logprobs_k)))

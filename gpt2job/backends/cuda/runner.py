@@ -37,11 +37,11 @@ from gpt2job.chunks import FINISH_LENGTH, Completions
 from gpt2job.model.sampling import RowSettings
 
 
-def pool_bytes(model, greedy, options, rows, head_rows):
+def pool_bytes(model, head, options, rows, head_rows):
     """Device bytes Runner.reserve takes besides the KV cache at these sizes (the chunks' uploads: the backend's);
     options: (a job-wide penalty, --logprobs' K or None), as Runner keeps them."""
     parts = (model.activation_buffers(rows, head_rows) + decode_buffers(head_rows)
-             + model.head_buffers(greedy, head_rows, lse=options[1] == 0) + option_buffers(head_rows, model, *options))
+             + model.head_buffers(head, head_rows, lse=options[1] == 0) + option_buffers(head_rows, model, *options))
     return sum(max(int(n), 16) for _, n in parts)
 
 
@@ -54,7 +54,7 @@ def decode_buffers(ns):
 
 class Runner:
     def __init__(self, device, model, kernels, kv_budget, max_prefill_rows, share_prefixes, t0, share_gpus=False,
-                 greedy=True, penalty=False, logprobs_k=None, t0_wall=None, graphs=None):
+                 head="argmax", penalty=False, logprobs_k=None, t0_wall=None, graphs=None):
         """kv_budget, max_prefill_rows and the model's head rows: the sizes of plan.memory_plan (reserve allocates
         them; an allocation that fails shrinks them)."""
         self.dev, self.model, self.k = device, model, kernels
@@ -64,7 +64,7 @@ class Runner:
         self.share_prefixes = share_prefixes   # submit plans shared prompt prefixes (options.prefix_share)
         self.t0, self.t0_wall = t0, t0_wall   # event: the timeline's origin; its time.time()
         self.share_gpus = share_gpus  # ranks share the GPU: the KV cache is not reserved ahead
-        self.greedy = greedy          # the head buffers to reserve (argmax partials or logits)
+        self.head = head              # the head buffers to reserve (Model.head_buffers)
         self.options = (penalty, logprobs_k)   # a job-wide penalty, --logprobs' K (None: off): rows.option_buffers
         self.floors = size_floors(self.max_prefill_rows, model.head_rows, self.cfg.n_positions)
         self.pending = deque()        # submitted ChunkPlans (or Unplanned), oldest first
@@ -86,7 +86,7 @@ class Runner:
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
-        head = self.model.head_buffers(self.greedy, lse=self.options[1] == 0)
+        head = self.model.head_buffers(self.head, lse=self.options[1] == 0)
         for name, nbytes in head + option_buffers(hr, self.model, *self.options):
             dev.buf(name, nbytes)
         dev.step_buffers(hr)
