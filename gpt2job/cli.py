@@ -10,11 +10,10 @@ import time
 from gpt2job import __version__, envs
 from gpt2job.cluster.devices import world_rank
 from gpt2job.cluster.trace import launch_time
-from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code
+from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code, say, warn
 from gpt2job.files.outpaths import after_stop
 from gpt2job.model.logprobs import MAX_TOP
 from gpt2job.settings import MIN_TEMPERATURE
-
 
 IN_FORMS = """\
 IN forms:
@@ -283,12 +282,17 @@ def build_parser():
     return p
 
 
-def cmd_run(a):
-    from gpt2job.cluster.job import run_job
-    from gpt2job.settings import JobSettings
+def _refuse_float16_on_numpy(a):
+    """Said before any rank starts (make_backend says it on the node where --backend auto finds no GPU)."""
     if a.backend == "numpy" and a.dtype == "float16":
         raise UserError("float16 runs only on the cuda backend", field="--dtype",
                         fix="use --dtype float32 with --backend numpy")
+
+
+def cmd_run(a):
+    from gpt2job.cluster.job import run_job
+    from gpt2job.settings import JobSettings
+    _refuse_float16_on_numpy(a)
     if a.validate and not os.path.isfile(a.validate):   # said now, not after the job
         raise UserError("no such file", a.validate, "--validate", "give the answer file, or leave --validate out")
     _warn_unused_sampling_flags(a)
@@ -307,9 +311,7 @@ def cmd_run(a):
 def cmd_score(a):
     from gpt2job.cluster.job import run_job
     from gpt2job.settings import JobSettings
-    if a.backend == "numpy" and a.dtype == "float16":
-        raise UserError("float16 runs only on the cuda backend", field="--dtype",
-                        fix="use --dtype float32 with --backend numpy")
+    _refuse_float16_on_numpy(a)
     s = JobSettings(input=a.input, output=a.output, model=a.model, max_new_tokens=1, backend=a.backend,
                     dtype=a.dtype, chunk_size=a.chunk_size, vocab_dir=a.vocab_dir,
                     overwrite=a.overwrite, skip_invalid=a.skip_invalid, share_gpus=a.share_gpus,
@@ -324,15 +326,15 @@ def _warn_unused_sampling_flags(a):
         return
     greedy = f"--temperature 0, the default, or below {MIN_TEMPERATURE}"
     if a.num_samples > 1 and world_rank() in (None, 0):
-        sys.stderr.write(f"gpt2job: warning: --num-samples {a.num_samples} with greedy decoding ({greedy}) gives "
-                         f"{a.num_samples} identical samples of each prompt (rows with their own temperature in the "
-                         f"input aside); give --temperature >= {MIN_TEMPERATURE} to sample\n")
+        warn(f"--num-samples {a.num_samples} with greedy decoding ({greedy}) gives {a.num_samples} identical samples "
+             f"of each prompt (rows with their own temperature in the input aside); give --temperature >= "
+             f"{MIN_TEMPERATURE} to sample")
     given = [f"{flag} {value}" for flag, value, default in (("--top-k", a.top_k, 0), ("--top-p", a.top_p, 1.0),
                                                              ("--seed", a.seed, 0)) if value != default]
     if given and world_rank() in (None, 0):
-        sys.stderr.write(f"gpt2job: warning: {', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with "
-                         f"greedy decoding ({greedy}) except on rows with a temperature of their own in the "
-                         f"input; give --temperature >= {MIN_TEMPERATURE} to sample\n")
+        warn(f"{', '.join(given)} {'has' if len(given) == 1 else 'have'} no effect with greedy decoding ({greedy}) "
+             f"except on rows with a temperature of their own in the input; give --temperature >= {MIN_TEMPERATURE} "
+             "to sample")
 
 
 def cmd_prompts(a):
@@ -370,30 +372,28 @@ RANK_ERROR_GRACE_S = 3.0
 
 
 def main(argv=None):
-    rank = world_rank()
-    a = None
+    rank, a = world_rank(), None
     try:
         unknown = envs.check_environment()
         if unknown and rank in (None, 0):
-            sys.stderr.write(f"gpt2job: warning: {', '.join(unknown)}: not a gpt2job variable, ignored "
-                             "(gpt2job/envs.py declares them all)\n")
+            warn(f"{', '.join(unknown)}: not a gpt2job variable, ignored (gpt2job/envs.py declares them all)")
         a = build_parser().parse_args(argv)
         return {"run": cmd_run, "score": cmd_score, "prompts": cmd_prompts, "show": cmd_show, "validate": cmd_validate,
                 "export": cmd_export, "build-kernels": cmd_build_kernels}[a.command](a)
     except UserError as e:
         if rank not in (None, 0):
             time.sleep(RANK_ERROR_GRACE_S)
-        sys.stderr.write(f"gpt2job: error: {e}\n" if rank in (None, 0) else f"gpt2job: error (rank {rank}): {e}\n")
+        say(f"error: {e}" if rank in (None, 0) else f"error (rank {rank}): {e}")
         return exit_code(e)
     except (WorkerFailure, Stopped) as e:
-        sys.stderr.write(f"gpt2job: {'' if isinstance(e, Stopped) else 'error: '}{e}\n")
+        say(f"{'' if isinstance(e, Stopped) else 'error: '}{e}")
         return exit_code(e)
     except Reported as e:   # the master printed it (then waited for ranks still starting)
         return e.code
     except KeyboardInterrupt:   # (a job that completed no row has removed its files by now: the master's close)
         job, out = a is not None and a.command in ("run", "score"), getattr(a, "output", "")
         if rank in (None, 0):   # (a worker rank: Ctrl-C in its start-up, before it ignores SIGINT; the master says it)
-            sys.stderr.write(f"gpt2job: interrupted{after_stop(out, a.overwrite, launch_time()) if job else ''}\n")
+            say(f"interrupted{after_stop(out, a.overwrite, launch_time()) if job else ''}")
         return 130
     except BrokenPipeError:   # `show OUT | head`: the reader has gone; end as a killed pipe writer does, quietly
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())   # (Python's flush at exit would fail too)

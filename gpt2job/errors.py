@@ -1,5 +1,17 @@
-"""User-facing errors: one clear line naming the file, the field and the fix (exit code 2)."""
+"""User-facing errors: one clear line naming the file, the field and the fix (exit code 2); say and warn, the one
+way any part writes a line for the user."""
 import re
+import sys
+
+
+def say(msg):
+    """One line for the user on stderr, "gpt2job: " first, flushed at once (ranks' lines interleave)."""
+    sys.stderr.write(f"gpt2job: {msg}\n")
+    sys.stderr.flush()
+
+
+def warn(msg):
+    say(f"warning: {msg}")
 
 
 class UserError(Exception):

@@ -4,6 +4,7 @@ import time
 
 import numpy as np
 
+from gpt2job.errors import say
 from gpt2job.files.prompts import PromptSet
 from gpt2job.cluster.scheduler import Scheduler
 from gpt2job.cluster.workers import WorkerState
@@ -263,7 +264,7 @@ def test_a_worker_still_computing_after_the_end_is_ended_not_waited_for(tmp_path
 
     m, ch, n = ragged_master(tmp_path)
     try:
-        m.ending = Ending(OwnProcesses(), 0.2, m.log)
+        m.ending = Ending(OwnProcesses(), 0.2, say)
         for r in (1, 2):
             m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
         m.workers[1].outstanding = {7: object()}
@@ -291,7 +292,7 @@ def test_the_end_receives_the_results_still_on_their_way_without_changing_the_ma
 
     m, ch, n = ragged_master(tmp_path)
     try:
-        m.ending = Ending(Answering(), 5.0, m.log)
+        m.ending = Ending(Answering(), 5.0, say)
         for r in (1, 2):
             m.handle(m.workers[r], "hello", {"host": "a", "preferred_chunk": 64})
         out = object()
@@ -323,7 +324,7 @@ def test_a_rank_still_starting_at_the_end_is_waited_for_until_its_start_up_deadl
 
     m, ch, n = ragged_master(tmp_path)
     try:
-        end = m.ending = Ending(Starting(), 0.2, m.log)
+        end = m.ending = Ending(Starting(), 0.2, say)
         end.run_started = time.monotonic()
         end.shutdown(m.workers, wait_local=False)
         end.wait_for_starting()

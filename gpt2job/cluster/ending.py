@@ -8,7 +8,7 @@ import threading
 import time
 
 from gpt2job.cluster.ulfm import STOP_AFTER_DEATH, end_without_finalize
-from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code, rerun
+from gpt2job.errors import Reported, Stopped, UserError, WorkerFailure, exit_code, rerun, say
 
 
 SAY_WAIT_S = 5.0      # the wait for ranks still starting says so once it has lasted this long (a job with nothing
@@ -148,7 +148,7 @@ class Ending:
         if not (self.hung_processes() or self.peer_died or waiting):
             return
         if isinstance(e, (UserError, WorkerFailure, Stopped)):
-            sys.stderr.write(f"gpt2job: {'' if isinstance(e, Stopped) else 'error: '}{e}\n")
+            say(f"{'' if isinstance(e, Stopped) else 'error: '}{e}")
         else:
             import traceback
             traceback.print_exc()

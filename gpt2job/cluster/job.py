@@ -9,7 +9,6 @@ only to see whether it has per-row stop strings, files/row_stops.py may_have_sto
 import dataclasses
 import os
 import signal
-import sys
 import threading
 
 from gpt2job import envs
@@ -21,7 +20,7 @@ from gpt2job.cluster.ending import Ending
 from gpt2job.cluster.master import run_master
 from gpt2job.cluster.trace import launch_time
 from gpt2job.cluster.worker import run_worker
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, say
 from gpt2job.files.output import refuse_foreign
 from gpt2job.files.outpaths import after_stop, put_back_unstarted
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
@@ -83,13 +82,13 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan, stop=None):
             if is_text_input(s.input):
                 refuse_foreign(s.output, s.overwrite)   # (before a conversion that may take minutes)
                 if s.score and jsonl_pairs(s.input):   # score: pairs of context and continuation
-                    converted, created = convert_pairs(s.input, s.output, log=log)
+                    converted, created = convert_pairs(s.input, s.output, log=say)
                 else:
-                    converted, created = convert_for_run(s.input, s.output, log=log, vocab_dir=s.vocab_dir)
+                    converted, created = convert_for_run(s.input, s.output, log=say, vocab_dir=s.vocab_dir)
                 s = dataclasses.replace(s, input=converted, converted_from=s.input)
         except BaseException as e:
             if comm is not None:   # the workers are starting: each is told to stop (no master is made)
-                Ending(Mux([MpiChannel(comm)]), s.chunk_timeout, log).release_after_error(e, {})
+                Ending(Mux([MpiChannel(comm)]), s.chunk_timeout, say).release_after_error(e, {})
             raise
         code = run_master(s, comm, gpu_slot, fault_plan, stop)
         ok = True
@@ -114,7 +113,7 @@ def say_on_sigterm(output, overwrite=False):
         if overwrite:
             put_back_unstarted(output)   # (the line below says what OUT holds then)
         try:
-            log(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
+            say(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -144,8 +143,3 @@ def stop_on_sigusr1(act=True):
                 pass
     before = signal.signal(signal.SIGUSR1, on_usr1 if act else signal.SIG_IGN)
     return stop, lambda: signal.signal(signal.SIGUSR1, signal.SIG_IGN if stop.is_set() else before or signal.SIG_DFL)
-
-
-def log(msg):
-    sys.stderr.write(f"gpt2job: {msg}\n")
-    sys.stderr.flush()

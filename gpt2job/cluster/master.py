@@ -3,7 +3,6 @@ results as they arrive, notice failed and hung workers, and summarise."""
 import functools
 import os
 import socket
-import sys
 import threading
 import time
 
@@ -17,7 +16,7 @@ from gpt2job.cluster.scheduler import Scheduler, position_cost
 from gpt2job.cluster.trace import TRACE, launch_time, trace
 from gpt2job.cluster.worker import LocalWorker
 from gpt2job.cluster.workers import Outstanding, WorkerState
-from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural
+from gpt2job.errors import AlreadyComplete, UserError, WorkerFailure, plural, say
 from gpt2job.files.h5read import check_text_kept
 from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
@@ -44,7 +43,7 @@ class Master:
         self.channel = Mux([channel] if channel is not None else
                            [MpiChannel(comm)] if comm is not None and comm.Get_size() > 1 else [])
         self.fault_plan = fault_plan or {}
-        self.ending = Ending(self.channel, s.chunk_timeout, self.log)   # what each rank's process is, how it ends
+        self.ending = Ending(self.channel, s.chunk_timeout, say)   # what each rank's process is, how it ends
         # prepare() sets these: the input's prompts, row settings, score starts, invalid rows, tokenizer; store, queue
         self.prompts = self.row_settings = self.score_starts = self.invalid = self.enc = None
         self.n_rows, self.store, self.sched, self.progress, self.workers = 0, None, None, None, {}
@@ -65,10 +64,6 @@ class Master:
         self.prepare_s[phase] = round(now - self.phase_start, 3)
         self.phase_start = now
         trace(f"master: {phase} in {self.prepare_s[phase]:.2f} s")
-
-    def log(self, msg):
-        sys.stderr.write(f"gpt2job: {msg}\n")
-        sys.stderr.flush()
 
     # ---- set-up: input, validation, output
     def prepare(self):
@@ -95,14 +90,14 @@ class Master:
         if s.validate:   # its size or rows against the output's: said now, not after the job
             check_answer(s.validate, self.n_rows)
         if val.n_invalid:
-            self.log(f"{shown}: {val.message()} -- marked 'invalid' (--skip-invalid)")
+            say(f"{shown}: {val.message()} -- marked 'invalid' (--skip-invalid)")
         try:
             self.enc = None if s.score else tokenizer()     # a score output has no text
         except UserError as e:
             self.enc = None
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
-            self.log(f"no tokenizer, so no 'completions' text is written ({e}; `export --vocab-dir DIR` decodes it "
+            say(f"no tokenizer, so no 'completions' text is written ({e}; `export --vocab-dir DIR` decodes it "
                      "later; once the job is done, only an --overwrite run adds it to the output)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
@@ -125,7 +120,7 @@ class Master:
                                  stops=stops_header(s, cfg.eos_token_id, self.row_settings))
         self.took("open_output")
         if self.store.resumed_rows:
-            self.log(f"resuming {s.output}: {self.store.resumed_rows:,} of {self.n_rows:,} rows already done")
+            say(f"resuming {s.output}: {self.store.resumed_rows:,} of {self.n_rows:,} rows already done")
         bad = np.flatnonzero(self.invalid & ~self.store.done)
         if len(bad):
             self.store.add_many([Completions(-1, bad, np.zeros(len(bad) + 1, np.int64), np.zeros(0, np.int32),
@@ -137,7 +132,7 @@ class Master:
             todo, self.copies = group_identical(self.prompts, todo, N)
             self.n_copies = len(self.copies)
             if self.n_copies:
-                self.log(copies_line(self.n_copies, N))
+                say(copies_line(self.n_copies, N))
         self.took("dedup")
         self.sched = Scheduler(self.prompts, todo, s.chunk_size, min_deadline=s.chunk_timeout,
                                prefetch=PREFETCH, row_settings=self.row_settings, max_new_tokens=s.max_new_tokens,
@@ -152,7 +147,7 @@ class Master:
         samples = f" ({N} samples of each prompt)" if N > 1 else ""
         n = len(self.channel.ranks)
         workers = f"{plural(n, 'worker')} ({plural(n + 1, 'rank')})" if n else "1 worker (one process)"
-        self.log(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
+        say(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
                  f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {shown}{samples}; "
                  f"{workers}; model {describe(s.model)}, backend {s.backend}, dtype {s.dtype}")
 
@@ -252,7 +247,7 @@ class Master:
             held = 1 if self.sched.by_cost and not all_ready else held
             rows = max(w.batch_rows for w in ready)
             merged = f", computed in batches of up to {rows:,} prompts" if held > PREFETCH else ""
-            self.log(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
+            say(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
                      f"at a time{merged}")
 
     def handle(self, w, kind, *data):
@@ -300,7 +295,7 @@ class Master:
         elif kind == "failed":   # its process died (only an MPI with ULFM says so): its chunks go to the others
             self.ending.died(w.rank)
             if not w.retired:
-                self.log(f"worker rank {w.rank} on {w.host}: {data[0]}; its chunks go to others")
+                say(f"worker rank {w.rank} on {w.host}: {data[0]}; its chunks go to others")
                 self.retire(w, data[0])
 
     def feed(self, w, upto=None):
@@ -340,12 +335,12 @@ class Master:
     def check_hung(self, now):
         for w in self.live():
             if not w.ready and self.ending.late_to_start(now):
-                self.log(f"worker rank {w.rank} did not become ready within {self.ending.startup_timeout:.0f} s; "
+                say(f"worker rank {w.rank} did not become ready within {self.ending.startup_timeout:.0f} s; "
                          "going on without it")
                 self.ending.count_hung(w.rank)
                 self.retire(w, "never became ready (start-up deadline passed)")
             elif self.sched.hung(w, now):
-                self.log(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
+                say(f"worker rank {w.rank} on {w.host} has not answered in time; its chunks go to others")
                 self.ending.count_hung(w.rank)
                 self.retire(w, "stopped answering (deadline passed)")
 
@@ -374,7 +369,7 @@ def run_master(s: JobSettings, comm, gpu_slot=None, fault_plan=None, stop=None):
         except AlreadyComplete:
             # a resubmitted batch script with nothing left to do succeeds (other settings were refused above)
             m.ending.shutdown(m.workers)
-            m.log(f"{s.output} is already complete with these settings: nothing to do (--overwrite computes it again)")
+            say(f"{s.output} is already complete with these settings: nothing to do (--overwrite computes it again)")
         else:
             if m.sched.rows_left():
                 with CtrlC() as ctrl_c:   # (raised between the loop's turns)

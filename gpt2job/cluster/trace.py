@@ -5,7 +5,7 @@ import time
 
 from gpt2job import PROCESS_START, envs
 from gpt2job.cluster.devices import world_rank
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, warn
 
 try:
     TRACE = envs.get("GPT2JOB_TRACE")
@@ -30,7 +30,7 @@ def launch_time():
     t = envs.get("GPT2JOB_LAUNCH_TIME")
     if t and not PROCESS_START - LAUNCH_BEFORE_S <= t <= PROCESS_START + 60:   # (+60: clocks of other nodes)
         if world_rank() in (None, 0):
-            sys.stderr.write(f"gpt2job: warning: GPT2JOB_LAUNCH_TIME={t:g} is not this job's launch time (a Unix time "
-                             "up to 7 days before it started): times count from each process's start\n")
+            warn(f"GPT2JOB_LAUNCH_TIME={t:g} is not this job's launch time (a Unix time "
+                 "up to 7 days before it started): times count from each process's start")
         t = 0
     return t or PROCESS_START

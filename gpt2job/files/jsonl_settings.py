@@ -2,12 +2,11 @@
 "stop": ["\n"]}. The fields are those of the input's per-row datasets (files/row_settings.py); the conversion
 (files/prompt_files.py) checks each value where its line is known and writes them as those datasets, with "no value"
 (NaN, -1, "") for lines without the field: such rows take the job's flag, as in an HDF5 input."""
-import sys
 from array import array
 
 import numpy as np
 
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, warn
 from gpt2job.files.row_settings import INTEGER, ROW_DATASETS, RULES, STOP, misnamed
 
 FIX = "give the value as README 'Per-row settings and stops' says, or leave the field out (the flag's value)"
@@ -34,7 +33,7 @@ class JsonlRows:
                     raise UserError(f"field {key!r} {hit[0]}", path, f"line {n}", hit[1])
                 if key not in self.warned:
                     self.warned.add(key)
-                    sys.stderr.write(f"gpt2job: warning: {path}: line {n}: field {key!r} {hit[0]}\n")
+                    warn(f"{path}: line {n}: field {key!r} {hit[0]}")
         for name in ROW_DATASETS:
             if name in obj and obj[name] is not None:
                 v = _value(name, obj[name], path, n)

@@ -3,11 +3,10 @@ OUT.lock that keeps two runs from writing one output, and what --overwrite sets 
 finishes, OUT.replaced and OUT.journal.replaced."""
 import fcntl
 import os
-import sys
 import time
 
 from gpt2job import envs
-from gpt2job.errors import UserError, rerun
+from gpt2job.errors import UserError, rerun, warn
 from gpt2job.files.h5read import read_status
 from gpt2job.files.journal import JOURNAL_SUFFIX, io_error, journal_has_records
 
@@ -210,8 +209,8 @@ class OutputPaths:
             except OSError as e:
                 left, why = left + [p], why or e.strerror or e
         if left:   # (self.aside stays: the set-aside files left are this run's, not another's to warn of)
-            sys.stderr.write(f"gpt2job: warning: {self.path} is complete, but {' and '.join(left)} could not be "
-                             f"removed ({why}): remove {'them' if len(left) > 1 else 'it'} once the folder is writable "
-                             "again\n")
+            warn(f"{self.path} is complete, but {' and '.join(left)} could not be "
+                 f"removed ({why}): remove {'them' if len(left) > 1 else 'it'} once the folder is writable "
+                 "again")
         else:
             self.aside = False

@@ -19,13 +19,12 @@ The datasets and attributes users read are README.md's "HDF5 contract" (files/h5
 --layout flat, files/h5flat.py).
 """
 import os
-import sys
 
 import numpy as np
 
 from gpt2job import envs
 from gpt2job.chunks import FINISH_INVALID, Completions
-from gpt2job.errors import AlreadyComplete, UserError, first_line
+from gpt2job.errors import AlreadyComplete, UserError, first_line, say
 from gpt2job.files import h5flat
 from gpt2job.files.h5files import check_output_path
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
@@ -86,7 +85,7 @@ class OutputStore:
         if self.files.aside:
             self.files.remove()
             self.files.put_back()
-            sys.stderr.write(f"gpt2job: {self.path} is put back as it was before this run\n")
+            say(f"{self.path} is put back as it was before this run")
 
     def _stop_writer(self):
         if self.writer is not None:
@@ -160,8 +159,8 @@ class OutputStore:
         header = make_header(self.path, self.n, self.key, self.attrs, self.enc is not None, self.vocab_dir,
                              FLUSH_SECONDS, self.stops)
         if self.n >= BIG_JOB_ROWS and self.enc is not None and not h5flat.wanted(header):
-            sys.stderr.write(f"gpt2job: note: for {self.n:,} rows, --layout flat writes the output about twice as "
-                             "fast on nodes of many cores (README, \"The flat layout\")\n")
+            say(f"note: for {self.n:,} rows, --layout flat writes the output about twice as "
+                "fast on nodes of many cores (README, \"The flat layout\")")
         kind = envs.get("GPT2JOB_WRITER")
         if kind == "process" or (kind == "auto" and self.n >= PROCESS_ROWS):
             self.writer = WriterProcess(header, self.prompt_lengths)
@@ -177,7 +176,7 @@ class OutputStore:
         if has_completed_rows():
             return False
         self.files.remove()
-        sys.stderr.write(f"gpt2job: {self.path} held no completed rows (made with other settings): starting afresh\n")
+        say(f"{self.path} held no completed rows (made with other settings): starting afresh")
         return True
 
     def _key_diff(self, key):
@@ -355,8 +354,8 @@ class OutputStore:
             except UserError:
                 discard = False
         elif self.files.aside:
-            sys.stderr.write(f"gpt2job: the output this run replaces stays in {self.path + REPLACED_SUFFIX} (the "
-                             "same command without --overwrite resumes this run; remove it once it is not needed)\n")
+            say(f"the output this run replaces stays in {self.path + REPLACED_SUFFIX} (the "
+                "same command without --overwrite resumes this run; remove it once it is not needed)")
         self._say_replaced()
         self.files.unlock(remove=discard)
 
@@ -364,8 +363,8 @@ class OutputStore:
         """A set-aside file this run did not make (an earlier --overwrite run's, or another file) is never touched:
         say that it is there."""
         if self.files.replaced() and not self.files.aside:
-            sys.stderr.write(f"gpt2job: {self.path + REPLACED_SUFFIX} (set aside by an earlier --overwrite run, or "
-                             "another file) is left as it is: remove it once it is not needed\n")
+            say(f"{self.path + REPLACED_SUFFIX} (set aside by an earlier --overwrite run, or "
+                "another file) is left as it is: remove it once it is not needed")
 
 
 def refuse_foreign(path, overwrite, journal=None):

@@ -15,13 +15,12 @@ import difflib
 import functools
 import hashlib
 import json
-import sys
 from dataclasses import dataclass
 
 import numpy as np
 
 from gpt2job.chunks import ROW_FIELDS, RowParams
-from gpt2job.errors import UserError, first_line, plural
+from gpt2job.errors import UserError, first_line, plural, warn
 from gpt2job.files.h5files import check_rows_shape
 from gpt2job.files.prompts import BLOCK_ROWS, PROMPT_DATASETS
 from gpt2job.files.row_stops import STOP, StopTable, read_stop_dataset
@@ -134,7 +133,7 @@ def check_names(path, f, known):
             continue
         if hit[1]:
             raise UserError(hit[0], path, key, hit[1])
-        sys.stderr.write(f"gpt2job: warning: {path}: dataset {key!r} {hit[0]}\n")
+        warn(f"{path}: dataset {key!r} {hit[0]}")
 
 
 def read_row_settings(path, n_rows, s):
@@ -174,9 +173,9 @@ def warn_greedy_rows(path, given, values, s):
     for name in own:
         hit |= greedy & (values[name] != getattr(s, name))
     if hit.any():
-        sys.stderr.write(f"gpt2job: warning: {path}: {plural(int(hit.sum()), 'row')} with their own {', '.join(own)} "
-                         f"decode greedily (temperature 0: their own or --temperature's), where those have no effect; "
-                         f"give them a temperature >= {MIN_TEMPERATURE} to sample\n")
+        warn(f"{path}: {plural(int(hit.sum()), 'row')} with their own {', '.join(own)} "
+             f"decode greedily (temperature 0: their own or --temperature's), where those have no effect; "
+             f"give them a temperature >= {MIN_TEMPERATURE} to sample")
 
 
 def _refuse(path, name, bad_rows_first, n_bad, what, got):

@@ -14,12 +14,11 @@ A worker scores positions 1..L-1 of every row (it needs no more than the tokens)
 start..L-1 of each row (trim) before the journal: the output holds only the scored tokens.
 """
 import hashlib
-import sys
 
 import numpy as np
 
 from gpt2job.chunks import Completions
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, warn
 from gpt2job.files.h5files import contents, open_readable
 from gpt2job.files.prompt_checks import Validation
 from gpt2job.files.prompts import PromptSet, _read_text_dataset, _read_token_dataset, read_prompts
@@ -33,8 +32,8 @@ FIX = ("write 'prompts' (texts) or 'prompt_tokens' (token rows), or 'context' + 
 def _pair_names(path):
     with open_readable(path, "input", "give an HDF5 file (see README 'Scoring')") as f:
         if unused := [k for k in ROW_DATASETS if k in f]:   # (`run` uses them: said, as `run` says what it ignores)
-            sys.stderr.write(f"gpt2job: warning: {path}: {', '.join(unused)}: per-row generation settings, which "
-                             "`score` ignores (it computes no new token)\n")
+            warn(f"{path}: {', '.join(unused)}: per-row generation settings, which "
+                 "`score` ignores (it computes no new token)")
         for a, b in PAIRS:
             if a in f or b in f:
                 if not (a in f and b in f):

@@ -4,10 +4,10 @@ tensor the config needs, of its shape and a float type, and none that GPT-2 does
 import json
 import os
 import re
-import sys
 
 import numpy as np
 
+from gpt2job import errors
 from gpt2job.errors import UserError
 from gpt2job.model import safetensors_io
 from gpt2job.model.config import config_from_hf_dict
@@ -40,15 +40,15 @@ def read_config(directory, warn=False):
         return cfg
     bad = [i for i in eos if not 0 <= i < cfg.vocab_size]
     if bad:
-        sys.stderr.write(f"gpt2job: warning: {path}: eos_token_id {bad[0]} is outside the vocabulary 0.."
-                         f"{cfg.vocab_size - 1}: no row ends at it (write the model's end-of-text id there)\n")
+        errors.warn(f"{path}: eos_token_id {bad[0]} is outside the vocabulary 0.."
+             f"{cfg.vocab_size - 1}: no row ends at it (write the model's end-of-text id there)")
     other = _generation_eos(directory)
     if other is not None and sorted(other) != sorted(eos):
         ids = " ".join(str(i) for i in other if i not in eos)
-        sys.stderr.write(f"gpt2job: warning: {os.path.join(directory, 'generation_config.json')}: eos_token_id "
-                         f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
-                         f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
-                         "generate() would\n")
+        errors.warn(f"{os.path.join(directory, 'generation_config.json')}: eos_token_id "
+             f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
+             f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
+             "generate() would")
     return cfg
 
 

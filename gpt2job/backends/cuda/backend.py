@@ -12,7 +12,6 @@ preferred chunk, which the worker's hello passes to the master) on a GPU another
 """
 import ctypes
 import dataclasses
-import sys
 import time
 
 import numpy as np
@@ -28,7 +27,7 @@ from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, memory_plan, preferred_
 from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
-from gpt2job.errors import UserError
+from gpt2job.errors import UserError, warn
 from gpt2job.model.sampling import plain
 from gpt2job.settings import PREFETCH, max_prompt_length
 
@@ -143,10 +142,9 @@ class CudaBackend(Backend):
         # chunks a batch merges depend on when they arrive
         self.batch_rows = self.preferred_chunk if self.dtype == "float16" else 0
         if reduced or self.model.head_rows < self.head_rows:
-            sys.stderr.write(f"gpt2job: warning: GPU {dev.gpu_index} has {free / 2 ** 20:,.0f} MiB free after the "
-                             f"weights: buffers reduced to {runner.sizes()}; asking for chunks of at most "
-                             f"{self.preferred_chunk:,} prompts\n")
-            sys.stderr.flush()
+            warn(f"GPU {dev.gpu_index} has {free / 2 ** 20:,.0f} MiB free after the "
+                 f"weights: buffers reduced to {runner.sizes()}; asking for chunks of at most "
+                 f"{self.preferred_chunk:,} prompts")
 
     @property
     def timeline(self):
@@ -217,8 +215,6 @@ class CudaBackend(Backend):
         tokens = np.concatenate([np.asarray(p, np.int32) for p in prompts]) if B else np.zeros(0, np.int32)
         if B == 0:
             return np.empty((0, self.model.V), np.float32)
-        if int(lens.min()) < 1:
-            raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
         plan = self.runner.prepare(Chunk(-1, np.arange(B, dtype=np.int64), offsets, tokens), self.settings, False)
         try:
             return score.last_logits(self.runner, plan)

@@ -16,6 +16,7 @@ buffer it reads or writes is at the same address (the pool's buffers do not move
 values it was captured with (row counts, positions in device memory) still hold.
 """
 import ctypes
+from gpt2job.errors import warn
 
 _lib = None
 CAPTURE_THREAD_LOCAL = 1   # CUstreamCaptureMode: other threads' CUDA calls are not affected by the capture
@@ -164,8 +165,7 @@ class StepGraphs:
         try:
             g = Graph(self.stream, step, self.pdl)
         except Exception as e:   # noqa: BLE001  (GraphError, or a call the capture does not allow)
-            import sys
-            sys.stderr.write(f"gpt2job: warning: CUDA graph capture failed ({e}); decode steps run as launched\n")
+            warn(f"CUDA graph capture failed ({e}); decode steps run as launched")
             self.on = False
             step()
             return

@@ -22,7 +22,6 @@ Uploads run on the copy stream, compute on the compute stream: a chunk submitted
 meanwhile. self.timeline gets one dict per chunk with CUDA-event times (ms since the backend started) of its
 upload, compute, first launch and last download, and the device time of its prefill and decode steps.
 """
-import sys
 from collections import deque
 
 import numpy as np
@@ -34,6 +33,7 @@ from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, 
                                         kv_groups, prefill_passes, size_floors, split_chunk, step_inputs, step_rows)
 from gpt2job.backends.cuda.rows import RowPlan, group_sel, option_buffers
 from gpt2job.chunks import FINISH_LENGTH, Completions
+from gpt2job.errors import warn
 from gpt2job.model.sampling import RowSettings
 
 
@@ -222,9 +222,8 @@ class Runner:
         self.oom_events += 1
         B = len(chunk.rows)
         if depth == 0:
-            sys.stderr.write(f"gpt2job: warning: out of GPU memory in chunk {chunk.chunk_id} ({B:,} prompts; "
-                             f"{type(err).__name__}: {err}): computing it in halves; now {self.sizes()}\n")
-            sys.stderr.flush()
+            warn(f"out of GPU memory in chunk {chunk.chunk_id} ({B:,} prompts; "
+                 f"{type(err).__name__}: {err}): computing it in halves; now {self.sizes()}")
         if B <= 1:
             raise err
         parts = []
