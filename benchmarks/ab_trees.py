@@ -6,7 +6,7 @@ pair compared. For refactors: "token-identical, no speed loss" measured in one d
   python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR] [--cases "W1 fp16,W2 fp16"]
 
 Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16, W1 fp16 sampled at temperature 1 (no
-top-k / top-p, seed 7). Token cases: each speed case, W2 fp32, W1 sampled (temperature 0.8, top-k 40, top-p 0.9,
+top-k / top-p, seed 7), W1x4 fp16 one chunk (W1's prompts 4 times over, workloads.py w1x4, as one chunk of 32,768). Token cases: each speed case, W2 fp32, W1 sampled (temperature 0.8, top-k 40, top-p 0.9,
 seed 7) in fp16 and fp32, and the tiny checkpoints of tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy.
 Prints a table last; JSON lines to OUT/ab.jsonl.
 
@@ -70,7 +70,8 @@ def main():
     if not os.path.isfile(os.path.join(wl, "w2.h5")):
         subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w1,w2", *small],
                        check=True)
-    if a.features and not all(os.path.isfile(os.path.join(wl, f)) for f in ("w2mix.h5", "w1x4.h5")):
+    if (a.features or "W1x4" in a.cases or not a.cases) and not all(
+            os.path.isfile(os.path.join(wl, f)) for f in ("w2mix.h5", "w1x4.h5")):
         subprocess.run(py + [os.path.join(ROOT, "benchmarks", "workloads.py"), wl, "--which", "w2mix,w1x4", *small],
                        check=True)
     # the tiny checkpoints' prompts, as an input file
@@ -90,6 +91,9 @@ def main():
         "W2 fp16": (w2, ["--dtype", "float16", "--max-new-tokens", "256", "--ignore-eos"]),
         "W1 fp16 T=1": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup", "--temperature", "1",
                              "--seed", "7"]),
+        # one chunk of 32,768 prompts (4 preferred chunks: what a chunk of cheap rows may hold, scheduler.py)
+        "W1x4 fp16 one chunk": (os.path.join(wl, "w1x4.h5"), ["--dtype", "float16", "--max-new-tokens", "8",
+                                                              "--no-dedup", "--chunk-size", "32768"]),
     }
     once = {
         "W2 fp32": (hf, w2, ["--dtype", "float32", "--max-new-tokens", "256", "--ignore-eos"], "cuda"),

@@ -64,14 +64,18 @@ def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
         lens = np.sort(rng.integers(1, 100, B))[::-1]
         extra, bpp = int(rng.integers(0, 20)), int(rng.integers(1, 5))
         budget = int(rng.integers(50, 5000))
-        groups = kv_groups(lens, extra, bpp, budget)
+        most = int(rng.integers(1, 80))
+        groups = kv_groups(lens, extra, bpp, budget, most)
         assert groups[0][0] == 0 and groups[-1][1] == B
         assert all(a < b and b == c for (a, b), (c, _) in zip(groups, groups[1:] + [(B, None)]))
         for a, b in groups:
-            assert b - a == 1 or (b - a) * (lens[a:b].max() + extra) * bpp <= budget
+            assert b - a == 1 or ((b - a) * (lens[a:b].max() + extra) * bpp <= budget and b - a <= most)
     # 2,048 prompts of one length that fit 1,583 at a time: two groups of 1,024, not 1,583 + 465
     assert kv_groups(np.full(2048, 768), 0, 1, 1583 * 768) == [(0, 1024), (1024, 2048)]
     assert kv_groups([5, 3], 2, 10, 10 ** 9) == [(0, 2)]
+    # a chunk of 32,768 short prompts (a chunk of cheap rows: up to 4 preferred chunks) in groups of the head rows,
+    # the size of each decode buffer Runner.reserve took
+    assert kv_groups(np.full(32768, 24), 0, 1, 10 ** 9, 8192) == [(i, i + 8192) for i in range(0, 32768, 8192)]
 
 
 def test_prefill_tiles_cover_each_prompt_in_consecutive_tiles():

@@ -214,6 +214,28 @@ def test_backend_job_wide_penalty_and_stop_ids_match_numpy():
         assert_same(run_cuda(params, gs, [chunk])[0][0], ref)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_a_chunk_of_more_prompts_than_the_head_rows_takes_no_new_memory(dtype):
+    """A chunk of cheap prompts may hold several preferred chunks (scheduler.py): its KV groups are cut at the head
+    rows, the size Runner.reserve gave each decode buffer (the penalty's seen bitmap among them), so after warm_up
+    the chunk allocates nothing, and its tokens are the NumPy backend's."""
+    from gpt2job.backends.cuda.backend import CudaBackend
+    params = tiny_params(2)
+    chunk = stem_chunk(40, 1000, seed=3)
+    gs = GenerationSettings(max_new_tokens=6, ignore_eos=True, eos_token_id=999, repetition_penalty=1.3)
+    be = CudaBackend(params, gs, dtype=dtype, head_rows=8)
+    try:
+        be.warm_up()
+        epoch = be.device.pool_epoch
+        got = compute(be, chunk)
+        assert be.device.pool_epoch == epoch
+        assert all(b - a <= 8 for a, b in be.runner.kv_groups(np.full(40, 20), 6))
+    finally:
+        be.close()
+    if dtype == "float32":
+        assert_same(got, compute(NumpyBackend(params, gs), chunk))
+
+
 def test_backend_stop_strings_match_numpy(vocab_dir):
     """Stop strings (job-wide and per row) on a tiny model with the real vocabulary: the CUDA runner checks each
     step's tokens on the host as the NumPy backend does."""
@@ -387,7 +409,11 @@ def test_backend_logprobs_match_numpy(k, sampled, dtype):
         try:
             if kw:
                 be.runner.kv_budget = 1
+            else:   # the pool reserve took holds what scoring uses: after warm_up it allocates nothing
+                be.warm_up()
+                epoch = be.device.pool_epoch
             got = [compute(be, c) for c in chunks]
+            assert kw or (be.runner.head == "logits" and be.device.pool_epoch == epoch)
         finally:
             be.close()
         for g, r in zip(got, refs):
@@ -422,7 +448,11 @@ def test_backend_score_matches_numpy(dtype):
         try:
             if kw:
                 be.runner.kv_budget = 1
+            else:   # the pool reserve took holds what scoring uses: after warm_up it allocates nothing
+                be.warm_up()
+                epoch = be.device.pool_epoch
             got = [compute(be, c) for c in chunks]
+            assert kw or (be.runner.head == "logits" and be.device.pool_epoch == epoch)
         finally:
             be.close()
         for g, r in zip(got, refs):

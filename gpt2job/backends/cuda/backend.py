@@ -54,8 +54,9 @@ def keep_host_memory(touch=64 << 20):
 def head_kind(s, V):
     """The LM head the job's selection takes (GenerationSettings s; Model.head_buffers): "argmax", the fused greedy
     head (--logprobs alone: it sums the softmax too); "tempered", sampling at a temperature alone (rule 6, fused from
-    TEMPERED_MIN_ROWS rows); else "logits": a job-wide penalty, --top-logprobs, top-k or top-p select on them."""
-    if s.repetition_penalty != 1 or (s.logprobs and s.top_logprobs):
+    TEMPERED_MIN_ROWS rows); else "logits": `score` (score.py), a job-wide penalty, --top-logprobs, top-k or top-p
+    select on them."""
+    if s.score or s.repetition_penalty != 1 or (s.logprobs and s.top_logprobs):
         return "logits"
     if s.sampling.greedy:
         return "argmax"
@@ -98,7 +99,8 @@ class CudaBackend(Backend):
         free = dev.free_memory()
         s = self.settings
         head = head_kind(s, self.model.V)
-        options = (s.repetition_penalty != 1, s.top_logprobs if s.logprobs else None)   # (Runner.options)
+        # (Runner.options; `score` takes its log-probabilities from the logits, not --logprobs' buffers)
+        options = (s.repetition_penalty != 1, s.top_logprobs if s.logprobs and not s.score else None)
 
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
             return self.model.activation_bytes(rows, head_rows) + sum(
@@ -179,17 +181,21 @@ class CudaBackend(Backend):
         return score.run(self.runner) if self.settings.score else self.runner.run()
 
     def warm_up(self):
-        """Two 4-token prompts, 2 new tokens, through every stage (first launches, pinned buffers) so that the
-        first real chunk runs at full speed; the worker calls it before it reports ready."""
+        """Two 4-token prompts, 2 new tokens (`score`: scored), through every stage (first launches, pinned
+        buffers) so that the first real chunk runs at full speed; the worker calls it before it reports ready."""
         keep_host_memory()
         saved = self.settings
         new = max(min(saved.max_new_tokens, 2, self.cfg.n_positions - 1), 0)
         n = max(min(4, max_prompt_length(self.cfg.n_positions, new)), 1)
-        self.runner.submit(Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, n, 2 * n], np.int64),
-                                 np.arange(2 * n, dtype=np.int32) % self.cfg.vocab_size),
-                           dataclasses.replace(saved, max_new_tokens=new, ignore_eos=True))
+        chunk = Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, n, 2 * n], np.int64),
+                      np.arange(2 * n, dtype=np.int32) % self.cfg.vocab_size)
+        warm = dataclasses.replace(saved, max_new_tokens=new, ignore_eos=True)
+        if saved.score:   # the job's own path: score's passes, or a generation
+            score.submit(self.runner, chunk, warm)
+        else:
+            self.runner.submit(chunk, warm)
         try:
-            for _ in self.runner.run():
+            for _ in score.run(self.runner) if saved.score else self.runner.run():
                 pass
         finally:
             self.runner.timeline.clear()

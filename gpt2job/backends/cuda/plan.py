@@ -214,16 +214,18 @@ def prefill_tiles(offsets):
     return tiles, tile_off
 
 
-def kv_groups(lens, extra, bytes_per_position, budget):
-    """Split prompts 0..B-1 (lengths lens) into consecutive groups whose KV caches fit budget bytes, a group
-    of n prompts taking n x (its longest prompt + extra) positions. Greedy, then evened out: as many groups
-    as greedy needs, of near-equal size when that fits too (a small last group would leave the GPU idle in
-    decode). A prompt too long for the budget on its own still gets a group. Returns [(b0, b1), ...]."""
+def kv_groups(lens, extra, bytes_per_position, budget, max_rows=None):
+    """Split prompts 0..B-1 (lengths lens) into consecutive groups of at most max_rows prompts (None: any) whose KV
+    caches fit budget bytes, a group of n prompts taking n x (its longest prompt + extra) positions. Greedy, then
+    evened out: as many groups as greedy needs, of near-equal size when that fits too (a small last group would
+    leave the GPU idle in decode). A prompt too long for the budget on its own still gets a group. Returns
+    [(b0, b1), ...]."""
     lens = np.asarray(lens, np.int64)
     B = len(lens)
 
     def fits(b0, b1):
-        return b1 - b0 == 1 or (b1 - b0) * (int(lens[b0:b1].max()) + extra) * bytes_per_position <= budget
+        return b1 - b0 == 1 or (b1 - b0 <= (max_rows or B) and
+                                (b1 - b0) * (int(lens[b0:b1].max()) + extra) * bytes_per_position <= budget)
 
     greedy, b0 = [], 0
     while b0 < B:

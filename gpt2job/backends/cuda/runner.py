@@ -119,8 +119,10 @@ class Runner:
                 f"KV cache budget {self.kv_budget / 2 ** 20:,.0f} MiB")
 
     def kv_groups(self, lens, extra):
-        """plan.kv_groups for prompts of these lengths, each growing by extra positions, in the KV budget."""
-        return kv_groups(lens, extra, self.model.kv_bytes_per_position(), self.kv_budget)
+        """plan.kv_groups for prompts of these lengths, each growing by extra positions, in the KV budget; none
+        larger than the head rows, the size reserve gave each buffer of a group's decode steps (a chunk of cheap
+        prompts may hold 4 times the preferred chunk: scheduler.py)."""
+        return kv_groups(lens, extra, self.model.kv_bytes_per_position(), self.kv_budget, self.model.head_rows)
 
     # ---------------------------------------------------------------- submit
 

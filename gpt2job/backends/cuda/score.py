@@ -78,7 +78,8 @@ def _score(runner, plan):
                 n = len(ridx)
                 if not n:
                     continue
-                io = dev.buf("score_io", 12 * n)             # row indices [n], next tokens [n], log-probs [n]
+                # row indices [n], next tokens [n], log-probs [n]: at a pass's most rows from the first (warm_up)
+                io = dev.buf("score_io", 12 * max(n, runner.max_prefill_rows))
                 dev.compute.synchronize()
                 drv.memcpy_htod(io, np.concatenate([ridx, tgt]))
                 for g0, m, hl in model.ln_f(x, n, io, r0):
