@@ -2,8 +2,8 @@
 # gpt2job launcher: ./run_inference.sh IN OUT.h5 [flags of `python -m gpt2job run`]
 # IN: an input HDF5, or a .txt (one prompt per line) or .jsonl file (the master converts it beside OUT.h5).
 #
-# Started by mpirun (e.g. `mpirun -np 16 --hostfile hostfile ./run_inference.sh IN OUT`): runs this
-# rank's part of the job (rank 0 the master, the others workers).
+# Started by mpirun (e.g. `mpirun -np 16 --bind-to none --hostfile hostfile ./run_inference.sh IN OUT`): runs
+# this rank's part of the job (rank 0 the master, the others workers).
 # Started by hand: launches mpirun itself, on the hosts of the hostfile beside this script (or HOSTFILE) if it names
 # any other than this machine, else on this machine with one worker per GPU (2 workers without a GPU) plus the master.
 # NP=N overrides the number of ranks (at least 2 with a hostfile); PYTHON selects the interpreter (default python3).

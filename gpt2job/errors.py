@@ -1,5 +1,6 @@
 """User-facing errors: one clear line naming the file, the field and the fix (exit code 2); say and warn, the one
-way any part writes a line for the user."""
+way any part writes a note, warning or error line on stderr (a command's result, such as `prompts`' "wrote", goes to
+stdout)."""
 import re
 import sys
 

@@ -16,8 +16,8 @@ from gpt2job import envs
 from gpt2job.backends.cuda import cuda_src_dir, prefix_share
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
 from gpt2job.backends.cuda.picks import TilePicker
-from gpt2job.backends.cuda.plan import (PREFILL_TILE_ROWS, Layout, check_prompts, kv_groups, prefill_passes,
-                                        prefill_tiles)
+from gpt2job.backends.cuda.plan import (PREFILL_TILE_ROWS, Layout, check_prompts, group_rows, kv_groups,
+                                        prefill_passes, prefill_tiles)
 from gpt2job.errors import UserError
 from gpt2job.settings import max_prompt_length
 
@@ -73,9 +73,10 @@ def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
     # 2,048 prompts of one length that fit 1,583 at a time: two groups of 1,024, not 1,583 + 465
     assert kv_groups(np.full(2048, 768), 0, 1, 1583 * 768) == [(0, 1024), (1024, 2048)]
     assert kv_groups([5, 3], 2, 10, 10 ** 9) == [(0, 2)]
-    # a chunk of 32,768 short prompts (a chunk of cheap rows: up to 4 preferred chunks) in groups of the head rows,
-    # the size of each decode buffer Runner.reserve took
-    assert kv_groups(np.full(32768, 24), 0, 1, 10 ** 9, 8192) == [(i, i + 8192) for i in range(0, 32768, 8192)]
+    # 65,536 short prompts (--chunk-size 65536) in groups of runner.group_rows (4 head groups of 8,192), the size of
+    # each decode buffer Runner.reserve took
+    assert group_rows(131072, 8192) == 32768 and group_rows(1024, 512) == 1024
+    assert kv_groups(np.full(65536, 24), 0, 1, 10 ** 9, 32768) == [(0, 32768), (32768, 65536)]
 
 
 def test_prefill_tiles_cover_each_prompt_in_consecutive_tiles():

@@ -518,12 +518,12 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
     dev.open_streams()
     model = FakeModel(dev, 64)
     runner = Runner(dev, model, FakeKernels(), 1 << 20, 4096, False, FakeDrv.Event(), penalty=penalty, logprobs_k=k)
-    want = dict(option_buffers(64, model, penalty, k))
+    want = dict(option_buffers(256, 64, model, penalty, k))   # (KV groups of 4 head groups, within 4,096 rows)
     names = {"seen"} if penalty else set()
     if k is not None:
         names |= {"logprobs", "logits_raw"} if penalty else {"logprobs"}
     assert set(want) == names
-    assert want.get("seen", 0) == 64 * seen_words(V) * 4 * penalty
+    assert want.get("seen", 0) == 256 * seen_words(V) * 4 * penalty
     assert pool_bytes(model, "argmax", (penalty, k), 4096, 64) - pool_bytes(model, "argmax", (False, None), 4096, 64) == sum(
         max(n, 16) for n in want.values())
     runner.reserve()

@@ -216,9 +216,10 @@ def test_backend_job_wide_penalty_and_stop_ids_match_numpy():
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_chunk_of_more_prompts_than_the_head_rows_takes_no_new_memory(dtype):
-    """A chunk of cheap prompts may hold several preferred chunks (scheduler.py): its KV groups are cut at the head
-    rows, the size Runner.reserve gave each decode buffer (the penalty's seen bitmap among them), so after warm_up
-    the chunk allocates nothing, and its tokens are the NumPy backend's."""
+    """A chunk may hold more prompts than the buffers of one decode step (--chunk-size, or a chunk of cheap rows:
+    scheduler.py): its KV groups stop at runner.group_rows, the size Runner.reserve gave each decode buffer (the
+    penalty's seen bitmap among them), so after warm_up the chunk allocates nothing, and its tokens are the NumPy
+    backend's."""
     from gpt2job.backends.cuda.backend import CudaBackend
     params = tiny_params(2)
     chunk = stem_chunk(40, 1000, seed=3)
@@ -229,7 +230,7 @@ def test_a_chunk_of_more_prompts_than_the_head_rows_takes_no_new_memory(dtype):
         epoch = be.device.pool_epoch
         got = compute(be, chunk)
         assert be.device.pool_epoch == epoch
-        assert all(b - a <= 8 for a, b in be.runner.kv_groups(np.full(40, 20), 6))
+        assert [b - a for a, b in be.runner.kv_groups(np.full(40, 20), 6)] == [20, 20]   # at most 4 x 8 rows
     finally:
         be.close()
     if dtype == "float32":
@@ -409,11 +410,7 @@ def test_backend_logprobs_match_numpy(k, sampled, dtype):
         try:
             if kw:
                 be.runner.kv_budget = 1
-            else:   # the pool reserve took holds what scoring uses: after warm_up it allocates nothing
-                be.warm_up()
-                epoch = be.device.pool_epoch
             got = [compute(be, c) for c in chunks]
-            assert kw or (be.runner.head == "logits" and be.device.pool_epoch == epoch)
         finally:
             be.close()
         for g, r in zip(got, refs):

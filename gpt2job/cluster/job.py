@@ -22,7 +22,7 @@ from gpt2job.cluster.trace import launch_time
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError, say
 from gpt2job.files.output import refuse_foreign
-from gpt2job.files.outpaths import after_stop, put_back_unstarted
+from gpt2job.files.outpaths import REPLACED_SUFFIX, after_stop, put_back_unstarted, replaced_note
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -111,8 +111,10 @@ def say_on_sigterm(output, overwrite=False):
     def on_term(signum, frame):
         signal.signal(signal.SIGTERM, signal.SIG_IGN)   # (another SIGTERM meanwhile: not a second line)
         if overwrite:
-            put_back_unstarted(output)   # (the line below says what OUT holds then)
+            put_back_unstarted(output)   # (the lines below say what OUT holds then)
         try:
+            if overwrite and os.path.exists(output + REPLACED_SUFFIX):
+                say(replaced_note(output))
             say(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process
             pass

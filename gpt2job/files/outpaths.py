@@ -55,6 +55,12 @@ def after_stop(path, overwrite, since):
     return " before any row was completed: run the same command again"
 
 
+def replaced_note(path):
+    """The line of an --overwrite run stopped part-way (an error, Ctrl-C, SIGTERM) on the output it set aside."""
+    return (f"the output this run replaces stays in {path + REPLACED_SUFFIX} (the same command without --overwrite "
+            "resumes this run; remove it once it is not needed)")
+
+
 def put_back_unstarted(path):
     """SIGTERM ends the master without its output's close (job.say_on_sigterm). Where this process's run had set
     OUT's files aside (--overwrite) and has no row yet (its journal is there, empty: not yet finishing, which

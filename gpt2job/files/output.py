@@ -30,7 +30,7 @@ from gpt2job.files.h5files import check_output_path
 from gpt2job.files.h5read import h5_has_completed_rows, read_status, records_from_h5
 from gpt2job.files.h5write import make_header
 from gpt2job.files.journal import JOURNAL_SUFFIX, Journal, JournalReader, io_error, record_blocks
-from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths
+from gpt2job.files.outpaths import REPLACED_SUFFIX, OutputPaths, replaced_note
 from gpt2job.files.resume_key import differences, differing
 from gpt2job.files.text import TokenText
 from gpt2job.files.writer import WriterEnded, WriterProcess, WriterThread
@@ -354,8 +354,7 @@ class OutputStore:
             except UserError:
                 discard = False
         elif self.files.aside:
-            say(f"the output this run replaces stays in {self.path + REPLACED_SUFFIX} (the "
-                "same command without --overwrite resumes this run; remove it once it is not needed)")
+            say(replaced_note(self.path))
         self._say_replaced()
         self.files.unlock(remove=discard)
 

@@ -23,7 +23,7 @@ from gpt2job.backends.cuda.graphs import StepGraphs
 from gpt2job.backends.cuda.kernels import Kernels
 from gpt2job.backends.cuda.model import Model, check_config
 from gpt2job.backends.cuda.options import KernelOptions
-from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, memory_plan, preferred_chunk
+from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, group_rows, memory_plan, preferred_chunk
 from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
@@ -104,7 +104,7 @@ class CudaBackend(Backend):
 
         def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
             return self.model.activation_bytes(rows, head_rows) + sum(
-                n for _, n in option_buffers(head_rows, self.model, *options))
+                n for _, n in option_buffers(group_rows(rows, head_rows), head_rows, self.model, *options))
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
             return pool_bytes(self.model, head, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, self.cfg.n_positions, estimate,

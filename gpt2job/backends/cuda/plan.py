@@ -247,6 +247,17 @@ def kv_groups(lens, extra, bytes_per_position, budget, max_rows=None):
 # ---------------------------------------------------------------- device memory (sizes), and chunks in parts
 
 KV_FLOOR = 64 << 20    # bytes: the least KV cache budget
+# A KV group holds up to this many head groups: a chunk of cheap rows may hold 4 preferred chunks (scheduler.py), and
+# one decode step of them all runs faster than four (benchmarks/RESULTS.md, session 67)
+GROUP_HEADS = 4
+
+
+def group_rows(rows, head_rows):
+    """The most sequences a KV group holds (Runner.kv_groups), the size Runner.reserve gives each buffer of a group's
+    decode steps: GROUP_HEADS head groups, within a prefill pass's rows (a decode step's activations are those)."""
+    return min(GROUP_HEADS * head_rows, rows)
+
+
 UPLOAD_ROW_BYTES = 72  # a chunk upload's bytes per prefill row, pinned and on the GPU (Layout: 12 bytes a token, up
                        # to 6 tokens a row with each prompt's ~20 bytes; a chunk that needs more grows its upload)
 HEAD_FLOOR = 64        # the fewest LM head rows the buffers shrink to

@@ -81,16 +81,16 @@ def group_sel(kernels, dev, rp: RowPlan, lay, base, b0, b1, V):
     return RowSel(a, a + 8 * B, a + 16 * B, a + 24 * B, a + 28 * B, seen, words, b0, plain)
 
 
-def option_buffers(head_rows, model, penalty, logprobs_k):
-    """(name, bytes) of the pool buffers a job's options take for KV groups of head_rows rows, for the worker's
-    reserve (runner.pool_bytes, memory_plan; a larger group grows them, as it does the decode buffers): a job-wide
-    penalty's seen bitmap (group_sel), --logprobs' step buffer (logprobs.StepLogprobs) and, with both, the copy of
-    the raw logits the log-probabilities read (Model.select). A penalty that only some rows of the input ask for is
-    not known at start: its bitmap grows at its first chunk, as rule 6's head buffers (Model.head_buffers) do for rows
+def option_buffers(group_rows, head_rows, model, penalty, logprobs_k):
+    """(name, bytes) of the pool buffers a job's options take for KV groups of group_rows rows and head groups of
+    head_rows, for the worker's reserve (runner.pool_bytes, memory_plan): a job-wide penalty's seen bitmap
+    (group_sel), --logprobs' step buffer (logprobs.StepLogprobs) and, with both, the copy of a head group's raw
+    logits the log-probabilities read (Model.select). A penalty that only some rows of the input ask for is not
+    known at start: its bitmap grows at its first chunk, as rule 6's head buffers (Model.head_buffers) do for rows
     that sample at a temperature alone in a job that does not."""
-    out = [("seen", head_rows * seen_words(model.V) * 4)] if penalty else []
+    out = [("seen", group_rows * seen_words(model.V) * 4)] if penalty else []
     if logprobs_k is not None:
-        out.append(("logprobs", 4 * head_rows * (1 + 2 * logprobs_k)))
+        out.append(("logprobs", 4 * group_rows * (1 + 2 * logprobs_k)))
         if penalty:
             out.append(("logits_raw", head_rows * model.Vpad * 4))
     return out

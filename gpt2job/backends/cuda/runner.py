@@ -29,8 +29,9 @@ import numpy as np
 from gpt2job.backends.base import READY, Pause
 from gpt2job.backends.cuda import prefix_share
 from gpt2job.backends.cuda.logprobs import StepLogprobs
-from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, join_completions,
-                                        kv_groups, prefill_passes, size_floors, split_chunk, step_inputs, step_rows)
+from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, group_rows,
+                                        join_completions, kv_groups, prefill_passes, size_floors, split_chunk,
+                                        step_inputs, step_rows)
 from gpt2job.backends.cuda.rows import RowPlan, group_sel, option_buffers
 from gpt2job.chunks import FINISH_LENGTH, Completions
 from gpt2job.errors import warn
@@ -40,8 +41,9 @@ from gpt2job.model.sampling import RowSettings
 def pool_bytes(model, head, options, rows, head_rows):
     """Device bytes Runner.reserve takes besides the KV cache at these sizes (the chunks' uploads: the backend's);
     options: (a job-wide penalty, --logprobs' K or None), as Runner keeps them."""
-    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(head_rows)
-             + model.head_buffers(head, head_rows, lse=options[1] == 0) + option_buffers(head_rows, model, *options))
+    gr = group_rows(rows, head_rows)
+    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(gr)
+             + model.head_buffers(head, head_rows, lse=options[1] == 0) + option_buffers(gr, head_rows, model, *options))
     return sum(max(int(n), 16) for _, n in parts)
 
 
@@ -82,14 +84,15 @@ class Runner:
         buffers, (unless ranks share the GPU: they all measured the same free memory) the KV cache at its budget,
         the LM head's output, and the pinned buffers of two decode steps."""
         dev, hr = self.dev, self.model.head_rows
-        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + decode_buffers(hr):
+        gr = group_rows(self.max_prefill_rows, hr)
+        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + decode_buffers(gr):
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
         head = self.model.head_buffers(self.head, lse=self.options[1] == 0)
-        for name, nbytes in head + option_buffers(hr, self.model, *self.options):
+        for name, nbytes in head + option_buffers(gr, hr, self.model, *self.options):
             dev.buf(name, nbytes)
-        dev.step_buffers(hr)
+        dev.step_buffers(gr)
 
     def shrink(self):
         """Halve the KV budget, the prefill rows and the head rows, none below its floor (or its size, when that
@@ -120,9 +123,9 @@ class Runner:
 
     def kv_groups(self, lens, extra):
         """plan.kv_groups for prompts of these lengths, each growing by extra positions, in the KV budget; none
-        larger than the head rows, the size reserve gave each buffer of a group's decode steps (a chunk of cheap
-        prompts may hold 4 times the preferred chunk: scheduler.py)."""
-        return kv_groups(lens, extra, self.model.kv_bytes_per_position(), self.kv_budget, self.model.head_rows)
+        larger than group_rows, the size reserve gave each buffer of a group's decode steps."""
+        return kv_groups(lens, extra, self.model.kv_bytes_per_position(), self.kv_budget,
+                         group_rows(self.max_prefill_rows, self.model.head_rows))
 
     # ---------------------------------------------------------------- submit
 
