@@ -472,6 +472,7 @@ def test_an_upload_that_does_not_fit_at_submit_is_computed_in_halves(fake):
     assert fake.heap.failed >= 1 and runner.oom_events >= 1
     assert_same(got[0], reference(small, GS))
     assert_same(got[1], reference(large, GS))
+    assert dev._bufs["kv"][1] == runner.kv_budget   # the pool reserved again at the halved sizes, as at the start
 
 
 def test_a_single_prompt_that_does_not_fit_is_the_chunk_s_error(fake):

@@ -221,9 +221,16 @@ class Runner:
         """The chunk ran out of memory (err): wait for the GPU, free the buffer pool and the idle uploads, halve the
         sizes, then compute the chunk's two halves (each guarded the same way) and join their completions. A single
         prompt that runs out of memory raises err: the worker reports it and the master gives the chunk to another.
-        The tokens are those of a run with room: see plan.split_chunk."""
+        The tokens are those of a run with room: see plan.split_chunk. The pool is reserved again at the smaller
+        sizes where it fits (else its buffers grow as the halves need them)."""
         self.dev.release()
         self.shrink()
+        try:
+            self.reserve()
+        except Exception as e:
+            if not self.dev.is_oom(e):
+                raise
+            self.dev.release()
         self.oom_events += 1
         B = len(chunk.rows)
         if depth == 0:
