@@ -6,8 +6,9 @@ pair compared. For refactors: "token-identical, no speed loss" measured in one d
   python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR] [--cases "W1 fp16,W2 fp16"]
 
 Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16, W1 fp16 sampled at temperature 1 (no
-top-k / top-p, seed 7), W1x4 fp16 one chunk (W1's prompts 4 times over, workloads.py w1x4, as one chunk of 32,768). Token cases: each speed case, W2 fp32, W1 sampled (temperature 0.8, top-k 40, top-p 0.9,
-seed 7) in fp16 and fp32, and the tiny checkpoints of tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy.
+top-k / top-p, seed 7), W1x4 fp16 one chunk (W1's prompts 4 times over, workloads.py w1x4, as one chunk of 32,768).
+Token cases: each speed case, W2 fp32, W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32,
+and the tiny checkpoints of tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy.
 Prints a table last; JSON lines to OUT/ab.jsonl.
 
 --features adds speed cases that only the new tree can run (the same repeats, interleaved with nothing), each set

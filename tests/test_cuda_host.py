@@ -73,7 +73,7 @@ def test_kv_groups_fit_the_budget_cover_every_prompt_and_are_even():
     # 2,048 prompts of one length that fit 1,583 at a time: two groups of 1,024, not 1,583 + 465
     assert kv_groups(np.full(2048, 768), 0, 1, 1583 * 768) == [(0, 1024), (1024, 2048)]
     assert kv_groups([5, 3], 2, 10, 10 ** 9) == [(0, 2)]
-    # 65,536 short prompts (--chunk-size 65536) in groups of runner.group_rows (4 head groups of 8,192), the size of
+    # 65,536 short prompts (--chunk-size 65536) in groups of plan.group_rows (4 head groups of 8,192), the size of
     # each decode buffer Runner.reserve took
     assert group_rows(131072, 8192) == 32768 and group_rows(1024, 512) == 1024
     assert kv_groups(np.full(65536, 24), 0, 1, 10 ** 9, 32768) == [(0, 32768), (32768, 65536)]

@@ -525,16 +525,16 @@ def test_the_reserve_counts_and_takes_the_buffers_of_a_penalty_and_of_logprobs(f
         names |= {"logprobs", "logits_raw"} if penalty else {"logprobs"}
     assert set(want) == names
     assert want.get("seen", 0) == 256 * seen_words(V) * 4 * penalty
-    assert pool_bytes(model, "argmax", (penalty, k), 4096, 64) - pool_bytes(model, "argmax", (False, None), 4096, 64) == sum(
-        max(n, 16) for n in want.values())
+    base = pool_bytes(model, "argmax", (False, None), 4096, 64)
+    assert pool_bytes(model, "argmax", (penalty, k), 4096, 64) - base == sum(max(n, 16) for n in want.values())
     runner.reserve()
     assert all(dev._bufs[name][1] >= n for name, n in want.items())
 
 
 def head_stub(head_rows):
     from gpt2job.backends.cuda.model import Model
-    stub = types.SimpleNamespace(head_rows=head_rows, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768),
-                                 p=types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: "tma192p"))
+    p = types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: "tma192p")
+    stub = types.SimpleNamespace(head_rows=head_rows, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768), p=p)
     stub.tempered_tile = lambda m: Model.tempered_tile(stub, m)
     return stub
 

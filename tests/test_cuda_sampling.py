@@ -217,7 +217,7 @@ def test_backend_job_wide_penalty_and_stop_ids_match_numpy():
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
 def test_a_chunk_of_more_prompts_than_the_head_rows_takes_no_new_memory(dtype):
     """A chunk may hold more prompts than the buffers of one decode step (--chunk-size, or a chunk of cheap rows:
-    scheduler.py): its KV groups stop at runner.group_rows, the size Runner.reserve gave each decode buffer (the
+    scheduler.py): its KV groups stop at plan.group_rows, the size Runner.reserve gave each decode buffer (the
     penalty's seen bitmap among them), so after warm_up the chunk allocates nothing, and its tokens are the NumPy
     backend's."""
     from gpt2job.backends.cuda.backend import CudaBackend

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, alive, gpt2job_cmd, require_mpirun, job_env, read_output, run_gpt2job, write_token_input
-from gpt2job.files.journal import read_journal
+from gpt2job.files.journal import journal_has_records, read_journal
 
 MODEL = "random:n_layer=4,n_head=4,n_embd=256,n_positions=64,vocab_size=50257:3"
 N = 40
@@ -141,10 +141,7 @@ def test_sigterm_before_any_row_is_completed_says_so(tmp_path):
             (tmp_path / f"out{i}.h5.replaced").write_bytes(b"")
         p = subprocess.run([sys.executable, "-c", code, str(out), str(overwrite)], capture_output=True, text=True,
                            timeout=60, env=job_env(GPT2JOB_LAUNCH_TIME=repr(launched)), cwd=ROOT)
-        said = [line] if made != "replaced" else [  # (and the output the --overwrite run set aside)
-            f"gpt2job: the output this run replaces stays in {out}.replaced (the same command without --overwrite "
-            "resumes this run; remove it once it is not needed)", line]
-        assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == said, (i, p.stderr)
+        assert p.returncode == -signal.SIGTERM and p.stderr.splitlines() == [line], (i, p.stderr)
 
 
 def test_sigterm_of_an_overwrite_run_with_no_row_yet_puts_the_old_output_back(tmp_path):
@@ -169,6 +166,31 @@ def test_sigterm_of_an_overwrite_run_with_no_row_yet_puts_the_old_output_back(tm
         f"row was completed: {out} is as it was before this run; run the same command again", err
     assert out.read_bytes() == before and not os.path.exists(f"{out}.replaced")
     assert "already complete" in run_gpt2job(base, check=0).stderr
+
+
+def test_sigterm_of_an_overwrite_run_part_way_names_the_output_it_set_aside(tmp_path):
+    """As after Ctrl-C or an error, a line names OUT.replaced, which stays; the rerun without --overwrite resumes."""
+    inp, out = tmp_path / "in.h5", tmp_path / "out.h5"
+    write_token_input(inp, [[1, 2, 3], [4, 5]])
+    base = ["run", inp, out, "--model", "random:n_layer=1,n_head=2,n_embd=16", "--backend", "numpy",
+            "--max-new-tokens", "2", "--chunk-size", "1"]
+    run_gpt2job(base, check=0)
+    again = base[:-4] + ["--max-new-tokens", "3", "--chunk-size", "1"]
+    p = subprocess.Popen(gpt2job_cmd(again + ["--overwrite"]), env=job_env(GPT2JOB_FAULT="0:2:hang"),
+                         stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 60   # (its first chunk done, its second hangs)
+    while time.monotonic() < deadline and not journal_has_records(str(out)):
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == -signal.SIGTERM and err.splitlines()[-2:] == [
+        f"gpt2job: the output this run replaces stays in {out}.replaced (the same command without --overwrite "
+        "resumes this run; remove it once it is not needed)",
+        "gpt2job: terminated (SIGTERM); completed rows are kept: run the same command without --overwrite to resume"
+    ], err
+    assert os.path.exists(f"{out}.replaced")
+    assert "resuming" in run_gpt2job(again, check=0).stderr
 
 
 def test_the_sigterm_put_back_waits_for_the_new_output_and_never_runs_while_finishing(tmp_path):
@@ -206,7 +228,6 @@ def test_sigusr1_in_a_one_process_job_finishes_the_chunk_out_and_the_rerun_resum
     """SIGUSR1 to `python -m gpt2job run` (no MPI): the master's own worker finishes the chunks it holds, their rows
     are kept, exit 5 and one line; the rerun resumes to the uninterrupted run's rows. Slurm's --signal reaches every
     process of the job step: the output writer's processes too (they ended with it, and the job with exit 2)."""
-    from gpt2job.files.journal import journal_has_records
     rng = np.random.default_rng(1)
     inp, out, full = tmp_path / "in.h5", tmp_path / "out.h5", tmp_path / "full.h5"
     write_token_input(inp, [[int(t) for t in rng.integers(0, 100, 3)] for _ in range(3000)])

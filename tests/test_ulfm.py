@@ -231,7 +231,7 @@ def test_the_failure_classes_are_mpi4py_s(tmp_path):
 
 # ---------------------------------------------------------------- the master
 
-def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the_others(channel):
+def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the_others(channel, monkeypatch):
     from gpt2job.cluster.ending import Ending
     from gpt2job.cluster.master import Master
     comm = FakeComm(4)
@@ -242,7 +242,7 @@ def test_the_master_retires_a_dead_rank_gives_its_chunks_back_and_stops_only_the
     given_back, logs = [], []
     m.sched = SimpleNamespace(give_back=given_back.append)
     m.progress = SimpleNamespace(drop=lambda chunk_id: None)
-    m.log = logs.append
+    monkeypatch.setattr("gpt2job.cluster.master.say", logs.append)
     m.ending, m.dispatching = Ending(m.channel, 1.0, logs.append), False
     m.ending.hung = [2]                      # first thought hung, then dead
     m.workers[2].outstanding = {7: Outstanding(chunk(7), 0.0, 6)}

@@ -22,7 +22,7 @@ from gpt2job.cluster.trace import launch_time
 from gpt2job.cluster.worker import run_worker
 from gpt2job.errors import UserError, say
 from gpt2job.files.output import refuse_foreign
-from gpt2job.files.outpaths import REPLACED_SUFFIX, after_stop, put_back_unstarted, replaced_note
+from gpt2job.files.outpaths import after_stop, aside_by_this_run, put_back_unstarted, replaced_note
 from gpt2job.files.conversions import convert_for_run, is_text_input, tidy_conversions
 from gpt2job.files.score_input import convert_pairs, jsonl_pairs
 from gpt2job.settings import JobSettings
@@ -100,9 +100,10 @@ def master_with_input(s: JobSettings, comm, gpu_slot, fault_plan, stop=None):
 
 
 def say_on_sigterm(output, overwrite=False):
-    """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line, then the signal
-    ends the process as it did before (what a kill leaves: the rows already written stay, the same command resumes).
-    An --overwrite run that has no row of its own yet first puts back the output it set aside, as after Ctrl-C.
+    """SIGTERM to the master (a batch system's time limit, mpirun passing it on, kill): one line (an --overwrite run
+    stopped part-way: first a line naming the output it set aside), then the signal ends the process as it did
+    before (what a kill leaves: the rows already written stay, the same command resumes). An --overwrite run that has
+    no row of its own yet first puts back the output it set aside, as after Ctrl-C.
     Returns what puts the handler before back (from a thread other than the main one nothing is set: Python sets
     handlers from the main thread alone)."""
     if threading.current_thread() is not threading.main_thread():
@@ -113,7 +114,7 @@ def say_on_sigterm(output, overwrite=False):
         if overwrite:
             put_back_unstarted(output)   # (the lines below say what OUT holds then)
         try:
-            if overwrite and os.path.exists(output + REPLACED_SUFFIX):
+            if overwrite and aside_by_this_run(output):
                 say(replaced_note(output))
             say(f"terminated (SIGTERM){after_stop(output, overwrite, launch_time())}")
         except OSError:   # stderr gone (a closed pipe): the signal still ends the process

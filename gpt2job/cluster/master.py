@@ -98,7 +98,7 @@ class Master:
             check_job_stops(s, cfg.vocab_size, self.row_settings, None)   # stop strings need it: that error, no note
             check_text_kept(s.output, s.overwrite)   # a resume would drop the text of the rows it keeps
             say(f"no tokenizer, so no 'completions' text is written ({e}; `export --vocab-dir DIR` decodes it "
-                     "later; once the job is done, only an --overwrite run adds it to the output)")
+                "later; once the job is done, only an --overwrite run adds it to the output)")
         check_job_stops(s, cfg.vocab_size, self.row_settings, self.enc)
         self.took("validate")
         key = {"gpt2job_format": 2, "model_fingerprint": fingerprint(s.model),
@@ -148,8 +148,8 @@ class Master:
         n = len(self.channel.ranks)
         workers = f"{plural(n, 'worker')} ({plural(n + 1, 'rank')})" if n else "1 worker (one process)"
         say(f"starting: {plural(len(todo), 'row' if N > 1 else 'prompt')} to {'score' if s.score else 'compute'} "
-                 f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {shown}{samples}; "
-                 f"{workers}; model {describe(s.model)}, backend {s.backend}, dtype {s.dtype}")
+            f"({plural(todo_tokens, 'prompt token')}{new}) of {self.n_rows:,} in {shown}{samples}; "
+            f"{workers}; model {describe(s.model)}, backend {s.backend}, dtype {s.dtype}")
 
     def record(self, w: WorkerState, added, compute_us, t_recv, chunk_id=None):
         """Count a result the store has made durable (added: its new rows and tokens, copies of its prompts included,
@@ -248,7 +248,7 @@ class Master:
             rows = max(w.batch_rows for w in ready)
             merged = f", computed in batches of up to {rows:,} prompts" if held > PREFETCH else ""
             say(f"{plural(len(ready), 'worker')} ready: {self.sched.describe()}, {held} out with each worker "
-                     f"at a time{merged}")
+                f"at a time{merged}")
 
     def handle(self, w, kind, *data):
         if kind == "result":   # its next chunk goes out now; the result counts once it is durable (commit)
@@ -336,7 +336,7 @@ class Master:
         for w in self.live():
             if not w.ready and self.ending.late_to_start(now):
                 say(f"worker rank {w.rank} did not become ready within {self.ending.startup_timeout:.0f} s; "
-                         "going on without it")
+                    "going on without it")
                 self.ending.count_hung(w.rank)
                 self.retire(w, "never became ready (start-up deadline passed)")
             elif self.sched.hung(w, now):

@@ -61,6 +61,12 @@ def replaced_note(path):
             "resumes this run; remove it once it is not needed)")
 
 
+def aside_by_this_run(path):
+    """Whether this process's run (--overwrite) set OUT's files aside and they are still aside."""
+    files = _HELD.get(os.path.abspath(path))
+    return files is not None and files.aside and files.replaced() is not None
+
+
 def put_back_unstarted(path):
     """SIGTERM ends the master without its output's close (job.say_on_sigterm). Where this process's run had set
     OUT's files aside (--overwrite) and has no row yet (its journal is there, empty: not yet finishing, which

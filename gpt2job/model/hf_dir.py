@@ -41,14 +41,14 @@ def read_config(directory, warn=False):
     bad = [i for i in eos if not 0 <= i < cfg.vocab_size]
     if bad:
         errors.warn(f"{path}: eos_token_id {bad[0]} is outside the vocabulary 0.."
-             f"{cfg.vocab_size - 1}: no row ends at it (write the model's end-of-text id there)")
+                    f"{cfg.vocab_size - 1}: no row ends at it (write the model's end-of-text id there)")
     other = _generation_eos(directory)
     if other is not None and sorted(other) != sorted(eos):
         ids = " ".join(str(i) for i in other if i not in eos)
         errors.warn(f"{os.path.join(directory, 'generation_config.json')}: eos_token_id "
-             f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
-             f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
-             "generate() would")
+                    f"{other if len(other) > 1 else other[0]} is not config.json's ({eos[0]}): rows end at "
+                    f"config.json's; add --stop-token-ids {ids} to end them there too, as transformers' "
+                    "generate() would")
     return cfg
 
 

@@ -50,7 +50,6 @@ def keep_host_memory(touch=64 << 20):
     del parts
 
 
-
 def head_kind(s, V):
     """The LM head the job's selection takes (GenerationSettings s; Model.head_buffers): "argmax", the fused greedy
     head (--logprobs alone: it sums the softmax too); "tempered", sampling at a temperature alone (rule 6, fused from
@@ -61,6 +60,7 @@ def head_kind(s, V):
     if s.sampling.greedy:
         return "argmax"
     return "tempered" if not s.logprobs and plain(s.sampling, V) else "logits"
+
 
 class CudaBackend(Backend):
     name = "cuda"
@@ -102,9 +102,11 @@ class CudaBackend(Backend):
         # (Runner.options; `score` takes its log-probabilities from the logits, not --logprobs' buffers)
         options = (s.repetition_penalty != 1, s.top_logprobs if s.logprobs and not s.score else None)
 
-        def estimate(rows, head_rows):     # the activations, and the buffers of a penalty and of --logprobs
-            return self.model.activation_bytes(rows, head_rows) + sum(
-                n for _, n in option_buffers(group_rows(rows, head_rows), head_rows, self.model, *options))
+        def estimate(rows, head_rows):     # the activations (logits included), a penalty's, --logprobs', rule 6's
+            extra = option_buffers(group_rows(rows, head_rows), head_rows, self.model, *options)
+            if head == "tempered":
+                extra += [b for b in self.model.head_buffers(head, head_rows) if b[0] in ("argmax_part", "tempered")]
+            return self.model.activation_bytes(rows, head_rows) + sum(n for _, n in extra)
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
             return pool_bytes(self.model, head, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
         mp = memory_plan(free, share_gpus, self.max_prefill_rows, self.head_rows, self.cfg.n_positions, estimate,
@@ -199,7 +201,7 @@ class CudaBackend(Backend):
                 pass
         finally:
             self.runner.timeline.clear()
-        if self.options.prefix_share and saved.max_new_tokens > 0:
+        if self.options.prefix_share and saved.max_new_tokens > 0 and not saved.score:
             # one share plan of a full-size chunk (discarded): NumPy's first pass over arrays this large (fresh
             # memory pages) is several times slower than later ones, and the first chunk has nothing to hide it
             # behind (benchmarks/RESULTS.md)

@@ -16,6 +16,7 @@ buffer it reads or writes is at the same address (the pool's buffers do not move
 values it was captured with (row counts, positions in device memory) still hold.
 """
 import ctypes
+
 from gpt2job.errors import warn
 
 _lib = None

@@ -42,8 +42,8 @@ def pool_bytes(model, head, options, rows, head_rows):
     """Device bytes Runner.reserve takes besides the KV cache at these sizes (the chunks' uploads: the backend's);
     options: (a job-wide penalty, --logprobs' K or None), as Runner keeps them."""
     gr = group_rows(rows, head_rows)
-    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(gr)
-             + model.head_buffers(head, head_rows, lse=options[1] == 0) + option_buffers(gr, head_rows, model, *options))
+    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(gr) + model.head_buffers(
+        head, head_rows, lse=options[1] == 0) + option_buffers(gr, head_rows, model, *options))
     return sum(max(int(n), 16) for _, n in parts)
 
 
