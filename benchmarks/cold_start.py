@@ -16,6 +16,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import gpu_count  # noqa: E402
@@ -24,14 +25,16 @@ from workloads import make  # noqa: E402
 
 
 def nvcc_wrapper(folder):
-    """A folder whose nvcc appends each call's arguments to $NVCC_CALLS, then runs the real one."""
+    """A folder whose nvcc runs the real one, then appends the call's start and end (Unix times) and its arguments
+    to $NVCC_CALLS."""
     real = shutil.which("nvcc")
     if real is None:
         raise SystemExit("nvcc not found")
     os.makedirs(folder, exist_ok=True)
     path = os.path.join(folder, "nvcc")
     with open(path, "w") as f:
-        f.write(f'#!/bin/sh\necho "$*" >> "$NVCC_CALLS"\nexec "{real}" "$@"\n')
+        f.write(f'#!/bin/sh\ns=$(date +%s.%N)\n"{real}" "$@"\nrc=$?\necho "$s $(date +%s.%N) $*" >> "$NVCC_CALLS"\n'
+                'exit $rc\n')
     os.chmod(path, 0o755)
     return folder
 
@@ -39,20 +42,26 @@ def nvcc_wrapper(folder):
 def one(work, inp, gpus, ranks, cache, calls, wrapper, model="random:gpt2"):
     env = {"GPT2JOB_PYCUDA_CACHE": cache, "NVCC_CALLS": calls, "PATH": wrapper + os.pathsep + os.environ["PATH"]}
     extra = ["--share-gpus"] if ranks - 1 > gpus else []
+    t0 = time.time()   # (the launch, within milliseconds: run_job sets GPT2JOB_LAUNCH_TIME as it starts)
     r = run_job(inp, os.path.join(work, f"out{ranks}.h5"), model, "cuda", "float16", gpus, 8, False,
                 timeout=600, extra=extra, env=env, ranks=ranks)
     sm = r["summary"] or {}
     workers = sm.get("workers", [])
-    compiles = 0
+    runs = []   # (start, end) of each nvcc compile, seconds since the launch
     if os.path.exists(calls):
         with open(calls) as f:
-            compiles = sum(1 for line in f if "--version" not in line)
+            runs = [(float(x[0]) - t0, float(x[1]) - t0) for x in (line.split() for line in f) if "--version" not in x]
+    compiles = len(runs)
     entries = sum(len(fs) for _, _, fs in os.walk(cache))
     return {"bench": "cold_start", "ranks": ranks, "workers": ranks - 1, "rc": r["rc"],
             "time_to_ready_s": sm.get("time_to_ready_s"), "wall_s": sm.get("wall_s"),
             "workers_ready": sum(1 for w in workers if w.get("init_s") is not None),
             "workers_with_work": sum(1 for w in workers if w.get("chunks")), "nvcc_compiles": compiles,
-            "cache_files": entries, "throughput_tok_s": sm.get("throughput_tokens_per_s"), "cmd": r["cmd"],
+            "cache_files": entries, "workers_ready_s": sorted(round(w["ready_s"], 2) for w in workers
+                                                             if w.get("ready_s") is not None),
+            "nvcc_first_start_s": round(min(a for a, _ in runs), 2) if runs else None,
+            "nvcc_last_end_s": round(max(b for _, b in runs), 2) if runs else None,
+            "nvcc_longest_s": round(max(b - a for a, b in runs), 2) if runs else None, "throughput_tok_s": sm.get("throughput_tokens_per_s"), "cmd": r["cmd"],
             "tail": "" if r["rc"] == 0 else r["log_tail"][-1500:]}
 
 
@@ -84,6 +93,11 @@ def main():
             print(f"{kind} ranks {ranks:3d}: rc {rec['rc']} ready {rec['time_to_ready_s']} s, workers ready "
                   f"{rec['workers_ready']}/{rec['workers']}, nvcc {rec['nvcc_compiles']}, cache files "
                   f"{rec['cache_files']}{' ' + rec['tail'] if rec['tail'] else ''}", flush=True)
+            if rec["nvcc_compiles"]:   # where a cold start's time goes: the compiles against the workers' readiness
+                rs = rec["workers_ready_s"]
+                print(f"    nvcc from {rec['nvcc_first_start_s']} to {rec['nvcc_last_end_s']} s after the launch "
+                      f"(longest {rec['nvcc_longest_s']} s); workers ready at {rs[0] if rs else None}.."
+                      f"{rs[-1] if rs else None} s", flush=True)
     print("\nranks  start  time to ready (s, runs)      median  workers ready  nvcc compiles")
     med = {}
     for ranks in sorted({r["ranks"] for r in rows}):
