@@ -80,12 +80,12 @@ def main():
     wrapper = nvcc_wrapper(os.path.join(work, "bin"))
     gpus = max(gpu_count(), 1)
     rows = []
-    for ranks in (int(x) for x in a.ranks.split(",")):
+    for i, ranks in enumerate(int(x) for x in a.ranks.split(",")):   # (a rank count may come again: --ranks 2,16,2,16)
         for rep in range(a.repeats + 1):
             kind = "cold" if rep < a.repeats else "warm"
             if kind == "cold":   # a fresh cache (the warm run reuses the last cold run's)
                 cache = tempfile.mkdtemp(prefix="cache-", dir=work)
-            calls = os.path.join(work, f"nvcc-{ranks}-{rep}.txt")
+            calls = os.path.join(work, f"nvcc-{i}-{ranks}-{rep}.txt")
             rec = dict(one(work, inp, gpus, ranks, cache, calls, wrapper, a.model), start=kind, model=a.model)
             rows.append(rec)
             with open(os.path.join(a.out, "cold_start.jsonl"), "a") as f:
