@@ -462,26 +462,40 @@ __device__ __forceinline__ void gemm_tma_pp_impl(const TmaDesc* tmA, const TmaDe
     if (have_copies) bulk_wait_all();
 }
 
+// GEMM_OUT_HALF (set by gpt2job/backends/cuda/kernels.py): 1 compiles a tile's half-output kernel alone, 0 its
+// float-output one alone: a tile's two kernels compile in parallel, as two modules (a cold node's time to ready is
+// its longest compile); unset: both
+#if !defined(GEMM_OUT_HALF) || GEMM_OUT_HALF == 1
+#define IF_OUTH(...) __VA_ARGS__
+#else
+#define IF_OUTH(...)
+#endif
+#if !defined(GEMM_OUT_HALF) || GEMM_OUT_HALF == 0
+#define IF_OUTF(...) __VA_ARGS__
+#else
+#define IF_OUTF(...)
+#endif
+
 // the staged epilogue needs 16-byte aligned output rows (else the register one, see gemm_tma_pp_impl)
 #define DEF_GEMM_TMA_PP(NAME, TBN, STH, STF)                                                                    \
-    extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
+    IF_OUTH(extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                        \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { pdl_wait(); gemm_tma_pp_impl<TBN, STH, __half>(tmA, tmB, GEMM_F16_PASS); }                                \
-    extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                                \
+    { pdl_wait(); gemm_tma_pp_impl<TBN, STH, __half>(tmA, tmB, GEMM_F16_PASS); })                               \
+    IF_OUTF(extern "C" __global__ void __launch_bounds__(PP_THREADS, 1)                                        \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { pdl_wait(); gemm_tma_pp_impl<TBN, STF, float>(tmA, tmB, GEMM_F16_PASS); }
+    { pdl_wait(); gemm_tma_pp_impl<TBN, STF, float>(tmA, tmB, GEMM_F16_PASS); })
 
 // name: gemm_f16_tma<TBN>[p]_<out> (p: persistent, s: staged); records in
 // gpt2job/backends/cuda/kernels.py F16_TILES
 #define DEF_GEMM_TMA(NAME, TBN, ST, MINB, PERSIST) DEF_GEMM_TMA2(NAME, TBN, ST, ST, MINB, PERSIST, false)
 // STH / STF: stages of the half / float output kernel (the staged epilogue's rows take shared memory too)
 #define DEF_GEMM_TMA2(NAME, TBN, STH, STF, MINB, PERSIST, STAGED)                                              \
-    extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
+    IF_OUTH(extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                    \
     NAME##_outh(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(__half))                                 \
-    { pdl_wait(); gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); }                  \
-    extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                            \
+    { pdl_wait(); gemm_tma_impl<TBN, STH, PERSIST, __half, STAGED>(tmA, tmB, GEMM_F16_PASS); })                 \
+    IF_OUTF(extern "C" __global__ void __launch_bounds__(TMA_THREADS, MINB)                                    \
     NAME##_outf(const TmaDesc* tmA, const TmaDesc* tmB, GEMM_F16_ARGS(float))                                  \
-    { pdl_wait(); gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); }
+    { pdl_wait(); gemm_tma_impl<TBN, STF, PERSIST, float, STAGED>(tmA, tmB, GEMM_F16_PASS); })
 
 // GEMM_TMA_BN / GEMM_TMA_PERSIST (0 plain, 1 persistent, 2 persistent + staged epilogue; set by
 // gpt2job/backends/cuda/kernels.py): compile one variant only (they compile in parallel); neither set: all of them

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from gpt2job import envs
+from gpt2job.backends.cuda import cuda_src_dir
 
 FORMAT = "gpt2job kernel cache 1: cubin, no_extern_c"   # change it when an entry's meaning changes
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)
@@ -220,7 +221,7 @@ class Cache:
     def _slot(self):
         """An open descriptor holding one of the node's compile slots (lock files in the folder beside this one):
         at most as many nvcc run at once on the node as it has cores, whatever the number of ranks. 15 ranks of 8
-        threads each ran all 24 modules at once on 16 cores, the longest, which sets a cold start, at 2/3 speed."""
+        threads each ran all 24 modules of the time at once on 16 cores, the longest, which sets a cold start, at 2/3 speed."""
         folder = self.dir.rstrip(os.sep) + ".slots"
         os.makedirs(folder, exist_ok=True)
         n = max(2, os.cpu_count() or 1)
@@ -281,3 +282,16 @@ class Cache:
             for f in [ex.submit(work) for _ in range(n)]:
                 f.result()
         return out
+
+
+def compile_modules(jobs, folder, threads=8):
+    """{module: cubin} of the jobs ((module, source file, nvcc defines, arch): kernels.module_jobs), from the kernel
+    cache in folder, compiled into it where missing (nvcc in parallel threads, no GPU context needed); and the list
+    of modules this call compiled."""
+    src = cuda_src_dir()
+    units = []
+    for key, fname, defs, arch in jobs:
+        with open(os.path.join(src, fname)) as fh:
+            units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
+    cache = Cache(folder)
+    return cache.get_all(units, threads), cache.compiled

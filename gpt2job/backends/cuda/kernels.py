@@ -7,13 +7,11 @@ A signature has one letter per kernel parameter (P pointer, i int, f float, d do
 against the preprocessed .cu by tests/test_cuda_host.py. pycuda is imported only when Kernels is built or a module
 compiles; the node's kernel cache (kcache.py) compiles each module once per node, `build-kernels` fills it ahead.
 """
-import os
 from dataclasses import dataclass
 
 import numpy as np
 
-from gpt2job.backends.cuda import cuda_src_dir
-from gpt2job.backends.cuda.kcache import Cache, Unit, cache_dir
+from gpt2job.backends.cuda.kcache import cache_dir, compile_modules
 from gpt2job.backends.cuda.kernels_select import SelectKernels
 from gpt2job.backends.cuda.registry import KERNELS, register
 from gpt2job.backends.cuda.options import ALL_TILES, KernelOptions
@@ -50,10 +48,14 @@ class F16Tile:
     def source(self):
         return {"mma": "gemm_f16.cu"}.get(self.family, f"gemm_{self.family}.cu")
 
-    @property
-    def module(self):
-        """Its compile job: a module of its own (they compile in parallel), the one wgmma kernel pair aside."""
-        return self.source if self.family == "wgmma" else f"{self.source}#{self.name}"
+    def module(self, out_half):
+        """The compile job of its kernel of this output type, (module, nvcc -D flags): a module of its own (they compile
+        in parallel), the one wgmma kernel pair aside; a TMA tile's two kernels in two (gemm_tma.cu GEMM_OUT_HALF: the
+        longest compiles, which a cold node waits for)."""
+        if self.family != "tma":
+            return (self.source if self.family == "wgmma" else f"{self.source}#{self.name}"), self.defines
+        key = f"{self.source}#{self.name}#out{'h' if out_half else 'f'}"
+        return key, (*self.defines, f"-DGEMM_OUT_HALF={out_half:d}")
 
     @property
     def signature(self):
@@ -164,22 +166,12 @@ def module_jobs(variants, cc=(9, 0)):
     arch = "sm_%d%d" % tuple(cc)
     jobs = [(f, f, (), arch) for f in sorted({k.source for k in KERNELS})]
     for t in (F16_TILES[v] for v in variants):
-        job = (t.module, t.source, t.defines, arch if t.arch == "sm_90" else t.arch)
-        if job not in jobs:
-            jobs.append(job)
+        for out_half in (True, False):
+            key, defines = t.module(out_half)
+            job = (key, t.source, defines, arch if t.arch == "sm_90" else t.arch)
+            if job not in jobs:
+                jobs.append(job)
     return jobs
-
-
-def compile_modules(jobs, folder, threads=8):
-    """{module: cubin} of the jobs, from the kernel cache in folder, compiled into it where missing (nvcc in
-    parallel threads, no GPU context needed); and the list of modules this call compiled."""
-    src = cuda_src_dir()
-    units = []
-    for key, fname, defs, arch in jobs:
-        with open(os.path.join(src, fname)) as fh:
-            units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
-    cache = Cache(folder)
-    return cache.get_all(units, threads), cache.compiled
 
 
 def ptr(a):
@@ -210,7 +202,7 @@ class Kernels(SelectKernels):
         self.setup_row_cache(drv)
         for t in self.tiles:
             for out_half in (True, False):
-                f = mods[t.module].get_function(t.kernel(out_half))
+                f = mods[t.module(out_half)[0]].get_function(t.kernel(out_half))
                 if t.smem(out_half) > 48 * 1024:
                     f.set_attribute(drv.function_attribute.MAX_DYNAMIC_SHARED_SIZE_BYTES, t.smem(out_half))
                 f.prepare(t.signature)

@@ -6,7 +6,8 @@ import subprocess
 import time
 
 from gpt2job.backends.cuda import kcache
-from gpt2job.backends.cuda.kernels import choose_variants, compile_modules, module_jobs
+from gpt2job.backends.cuda.kcache import compile_modules
+from gpt2job.backends.cuda.kernels import choose_variants, module_jobs
 from gpt2job.backends.cuda.options import KernelOptions
 from gpt2job.errors import UserError
 
