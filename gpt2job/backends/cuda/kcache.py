@@ -221,7 +221,8 @@ class Cache:
     def _slot(self):
         """An open descriptor holding one of the node's compile slots (lock files in the folder beside this one):
         at most as many nvcc run at once on the node as it has cores, whatever the number of ranks. 15 ranks of 8
-        threads each ran all 24 modules of the time at once on 16 cores, the longest, which sets a cold start, at 2/3 speed."""
+        threads each ran all 24 modules of the time at once on 16 cores, the longest, which sets a cold start, at 2/3
+        speed."""
         folder = self.dir.rstrip(os.sep) + ".slots"
         os.makedirs(folder, exist_ok=True)
         n = max(2, os.cpu_count() or 1)
