@@ -38,7 +38,12 @@ def main():
     ap.add_argument("--extra", default="-split-compile=0", help="nvcc options added to every module's")
     ap.add_argument("--variants", default="", help="fp16 tile variants (default: kernels.F16_DEFAULT)")
     ap.add_argument("--json", default="")
+    ap.add_argument("--tma-split", action="store_true",
+                    help="instead: each TMA tile's two kernels compiled as one module and as two (GEMM_OUT_HALF, as "
+                         "kernels.module_jobs does), times and whether each kernel's machine code is the same")
     a = ap.parse_args()
+    if a.tma_split:
+        return tma_split(tuple(v for v in a.variants.split(",") if v))
     from gpt2job.backends.cuda import cuda_src_dir
     from gpt2job.backends.cuda.kcache import nvcc_cubin
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, module_jobs
@@ -71,6 +76,28 @@ def main():
         with open(a.json, "a") as f:
             for r in rows:
                 f.write(json.dumps(r) + "\n")
+
+
+def tma_split(variants):
+    from gpt2job.backends.cuda import cuda_src_dir
+    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    from gpt2job.backends.cuda.kernels import F16_DEFAULT, F16_TILES
+    src = cuda_src_dir()
+    with open(os.path.join(src, "gemm_tma.cu")) as fh:
+        text = fh.read()
+
+    def build(defs):
+        t = time.perf_counter()
+        return text_sections(nvcc_cubin(text, "sm_90a", ("-std=c++17", *defs), [src])), time.perf_counter() - t
+    print(f"{'tile':10s} {'one module s':>12s} {'outh s':>7s} {'outf s':>7s}  each kernel's machine code", flush=True)
+    same_all = True
+    for t in (F16_TILES[v] for v in variants or F16_DEFAULT if F16_TILES[v].family == "tma"):
+        (one, t1), (h, th), (f, tf) = build(t.defines), build(t.module(True)[1]), build(t.module(False)[1])
+        same = all(one.get(".text." + t.kernel(o)) == part.get(".text." + t.kernel(o)) is not None and len(part) == 1
+                   for o, part in ((True, h), (False, f)))
+        same_all &= same
+        print(f"{t.name:10s} {t1:12.1f} {th:7.1f} {tf:7.1f}  {'identical' if same else 'DIFFERENT'}", flush=True)
+    print("every kernel's machine code identical" if same_all else "DIFFERENCES")
 
 
 if __name__ == "__main__":
