@@ -24,9 +24,9 @@ def check_prompts(lens, tokens, n_positions, vocab_size, max_new_tokens):
     own), and every token id is in the vocabulary; else a UserError."""
     if len(lens) and lens.min() < 1:
         raise UserError("a prompt has no tokens", None, "prompt", "give every prompt at least one token")
-    if np.ndim(max_new_tokens):   # settings.max_prompt_length of each row
+    if np.ndim(max_new_tokens):   # each row's own limit
         mnt = np.asarray(max_new_tokens, np.int64)
-        over = np.flatnonzero(lens > n_positions - np.maximum(mnt, 1) + 1)
+        over = np.flatnonzero(lens > max_prompt_length(n_positions, mnt))
         if len(over):
             b = int(over[0])
             raise UserError(f"prompt length {int(lens[b])} + {int(mnt[b])} new tokens exceeds the model's "
