@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 import time
 
 import pytest
@@ -161,6 +162,28 @@ def test_no_more_compiles_at_once_on_a_node_than_it_has_cores(tmp_path, monkeypa
         running += step
         most = max(most, running)
     assert most == 2, rows
+
+
+def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch):
+    """A job's only worker (2 ranks) compiled with 8 threads, so on a 16-core node 29 modules queued behind 8 nvcc
+    while 8 slots stayed free: a process's threads default to the node's slots (kcache.node_slots)."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(kcache.os, "cpu_count", lambda: 10)
+    running, most, mu = [0], [0], threading.Lock()
+
+    class Timed(Unit):
+        def compile(self):
+            with mu:
+                running[0] += 1
+                most[0] = max(most[0], running[0])
+            time.sleep(0.3)
+            with mu:
+                running[0] -= 1
+            return hashlib.sha256(self.text.encode()).digest() * 4
+
+    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(10)]
+    assert len(Cache(str(tmp_path / "cache")).get_all(units)) == 10
+    assert most[0] == 10
 
 
 def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):

@@ -225,7 +225,7 @@ class Cache:
         speed."""
         folder = self.dir.rstrip(os.sep) + ".slots"
         os.makedirs(folder, exist_ok=True)
-        n = max(2, os.cpu_count() or 1)
+        n = node_slots()
         while True:
             for i in range(n):
                 fd = _flock(os.path.join(folder, f"slot-{i}.lock"), wait=False)
@@ -233,8 +233,10 @@ class Cache:
                     return fd
             time.sleep(0.05)
 
-    def get_all(self, units, threads=8):
-        """{unit.name: cubin} of every unit: loaded, or compiled (each by one process of the node) and stored."""
+    def get_all(self, units, threads=None):
+        """{unit.name: cubin} of every unit: loaded, or compiled (each by one process of the node) and stored; by
+        up to `threads` threads of this process (default: the node's compile slots, so that a job's only worker
+        fills the node as 15 workers do)."""
         out, todo = {}, []
         for u in units:
             key = u.key()
@@ -278,14 +280,19 @@ class Cache:
                     if fd is not None:
                         os.close(fd)
 
-        n = min(threads, len(todo))
+        n = min(threads or node_slots(), len(todo))
         with ThreadPoolExecutor(max_workers=n) as ex:
             for f in [ex.submit(work) for _ in range(n)]:
                 f.result()
         return out
 
 
-def compile_modules(jobs, folder, threads=8):
+def node_slots():
+    """How many nvcc may run at once on this node: its cores (not this rank's binding: the slots are the node's)."""
+    return max(2, os.cpu_count() or 1)
+
+
+def compile_modules(jobs, folder, threads=None):
     """{module: cubin} of the jobs ((module, source file, nvcc defines, arch): kernels.module_jobs), from the kernel
     cache in folder, compiled into it where missing (nvcc in parallel threads, no GPU context needed); and the list
     of modules this call compiled."""
