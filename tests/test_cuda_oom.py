@@ -536,6 +536,7 @@ def head_stub(head_rows):
     p = types.SimpleNamespace(workspaces=lambda hr: [], argmax_tile=lambda m, v, c: "tma192p")
     stub = types.SimpleNamespace(head_rows=head_rows, V=50257, Vpad=50304, cfg=types.SimpleNamespace(n_embd=768), p=p)
     stub.tempered_tile = lambda m: Model.tempered_tile(stub, m)
+    stub.tempered_buffers = lambda hr: Model.tempered_buffers(stub, hr)
     return stub
 
 

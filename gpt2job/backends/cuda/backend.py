@@ -21,14 +21,13 @@ from gpt2job.backends.cuda import prefix_share, score
 from gpt2job.backends.cuda.device import Device
 from gpt2job.backends.cuda.graphs import StepGraphs
 from gpt2job.backends.cuda.kernels import Kernels
-from gpt2job.backends.cuda.model import Model, check_config
+from gpt2job.backends.cuda.model import Model, check_config, head_for
 from gpt2job.backends.cuda.options import KernelOptions
 from gpt2job.backends.cuda.plan import UPLOAD_ROW_BYTES, group_rows, memory_plan, preferred_chunk
 from gpt2job.backends.cuda.rows import option_buffers
 from gpt2job.backends.cuda.runner import Runner, pool_bytes
 from gpt2job.chunks import Chunk
 from gpt2job.errors import UserError, warn
-from gpt2job.model.sampling import plain
 from gpt2job.settings import PREFETCH, max_prompt_length
 
 
@@ -51,15 +50,11 @@ def keep_host_memory(touch=64 << 20):
 
 
 def head_kind(s, V):
-    """The LM head the job's selection takes (GenerationSettings s; Model.head_buffers): "argmax", the fused greedy
-    head (--logprobs alone: it sums the softmax too); "tempered", sampling at a temperature alone (rule 6, fused from
-    TEMPERED_MIN_ROWS rows); else "logits": `score` (score.py), a job-wide penalty, --top-logprobs, top-k or top-p
-    select on them."""
-    if s.score or s.repetition_penalty != 1 or (s.logprobs and s.top_logprobs):
+    """The LM head the job's selection takes (GenerationSettings s; model.head_for, Model.head_buffers): `score`
+    (score.py) and a job-wide penalty read the logits; otherwise as select picks it for the job's settings."""
+    if s.score or s.repetition_penalty != 1:
         return "logits"
-    if s.sampling.greedy:
-        return "argmax"
-    return "tempered" if not s.logprobs and plain(s.sampling, V) else "logits"
+    return head_for(s.sampling, V, s.top_logprobs if s.logprobs else None)
 
 
 class CudaBackend(Backend):
@@ -105,7 +100,7 @@ class CudaBackend(Backend):
         def estimate(rows, head_rows):     # the activations (logits included), a penalty's, --logprobs', rule 6's
             extra = option_buffers(group_rows(rows, head_rows), head_rows, self.model, *options)
             if head == "tempered":
-                extra += [b for b in self.model.head_buffers(head, head_rows) if b[0] in ("argmax_part", "tempered")]
+                extra += self.model.tempered_buffers(head_rows)
             return self.model.activation_bytes(rows, head_rows) + sum(n for _, n in extra)
         def reserved(rows, head_rows):     # the pool's buffers and the two chunk uploads (_reserve)
             return pool_bytes(self.model, head, options, rows, head_rows) + 2 * UPLOAD_ROW_BYTES * rows
@@ -174,9 +169,12 @@ class CudaBackend(Backend):
 
     def submit(self, chunk):
         """Check and plan the chunk and start uploading it on the copy stream; returns at once."""
-        if self.settings.score:   # `score`: no prefix sharing, no decoding (score.py)
-            return score.submit(self.runner, chunk, self.settings)
-        self.runner.submit(chunk, self.settings)
+        self._submit(chunk, self.settings)
+
+    def _submit(self, chunk, settings):
+        if settings.score:   # `score`: no prefix sharing, no decoding (score.py)
+            return score.submit(self.runner, chunk, settings)
+        self.runner.submit(chunk, settings)
 
     def run(self):
         """Compute the oldest submitted chunk: a generator of Pauses that returns its Completions."""
@@ -191,13 +189,9 @@ class CudaBackend(Backend):
         n = max(min(4, max_prompt_length(self.cfg.n_positions, new)), 1)
         chunk = Chunk(-1, np.arange(2, dtype=np.int64), np.array([0, n, 2 * n], np.int64),
                       np.arange(2 * n, dtype=np.int32) % self.cfg.vocab_size)
-        warm = dataclasses.replace(saved, max_new_tokens=new, ignore_eos=True)
-        if saved.score:   # the job's own path: score's passes, or a generation
-            score.submit(self.runner, chunk, warm)
-        else:
-            self.runner.submit(chunk, warm)
+        self._submit(chunk, dataclasses.replace(saved, max_new_tokens=new, ignore_eos=True))   # the job's own path
         try:
-            for _ in score.run(self.runner) if saved.score else self.runner.run():
+            for _ in self.run():
                 pass
         finally:
             self.runner.timeline.clear()

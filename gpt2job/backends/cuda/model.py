@@ -34,6 +34,16 @@ SPLITK_BYTES = 4 * 4 * 4096   # fp32 split-K workspace a head row: 4 K slices of
 TEMPERED_MIN_ROWS = 512
 
 
+def head_for(sampling, V, lp_k=None, sel=None):
+    """The LM head select runs (Model.head_buffers): "tempered", rule 6 in the product's epilogue (sampling at a
+    temperature alone, no --logprobs; fused from TEMPERED_MIN_ROWS rows); "argmax", the fused greedy head (with
+    --logprobs' K = 0 it sums the softmax too); else "logits", materialised and then selected. lp_k: --logprobs' K
+    (None: off); sel: the rows' own settings (rows.RowSel), which replace sampling."""
+    if lp_k is None and (sel.plain if sel is not None else plain(sampling, V)):
+        return "tempered"
+    return "argmax" if sel is None and sampling.greedy and not lp_k else "logits"
+
+
 def check_config(cfg, dtype):
     """A UserError unless the CUDA backend runs this model in this precision."""
     if dtype not in ("float32", "float16"):
@@ -193,7 +203,7 @@ class Model:
                 ("fc", rows * self.cfg.d_mlp * e), ("hl", hr * C * e)]
 
     def head_buffers(self, head, head_rows=None, lse=False):
-        """(name, bytes) of the pool buffers the head writes for the job's selection (head, backend.head_kind):
+        """(name, bytes) of the pool buffers the head writes for the job's selection (head_for, backend.head_kind):
         the split-K workspace (fp32), then for "argmax" (greedy fp16 with the fused head) the argmax partials (lse:
         with the sums of --logprobs), else the logits; "tempered" (fp16 sampling by rule 6 alone) adds rule 6's
         partials and keys, which select's fused head takes in groups of TEMPERED_MIN_ROWS rows or more."""
@@ -204,9 +214,13 @@ class Model:
             out.append(("argmax_part", hr * -(-self.V // F16_TILES[tile].wn) * (16 if lse else 8)))
         else:
             out.append(("logits", hr * self.Vpad * 4))
-        if head == "tempered" and self.tempered_tile(hr) is not None:
-            out += [("argmax_part", hr * -(-self.V // CHUNK) * 8), ("tempered", hr * 8)]
-        return out
+        return out + (self.tempered_buffers(hr) if head == "tempered" else [])
+
+    def tempered_buffers(self, head_rows):
+        """(name, bytes) of rule 6's partials and keys in the fused head (none where no tile takes head_rows)."""
+        hr = head_rows
+        return [] if self.tempered_tile(hr) is None else [("argmax_part", hr * -(-self.V // CHUNK) * 8),
+                                                           ("tempered", hr * 8)]
 
     def tempered_tile(self, m):
         """The tile whose epilogue draws m rows' tokens by rule 6, or None (logits, then Kernels.sample): fewer rows
@@ -308,9 +322,8 @@ class Model:
         logits too, except greedy without top K on the fused head, whose epilogue sums each chunk's exp too."""
         k, st = self.k, self.dev.compute
         V, Vp = self.V, self.Vpad
-        # rule 6 of model/sampling.py (rows without top-k / top-p, no penalty): chosen in the head's epilogue too
-        tempered = lp is None and (sel.plain if sel is not None else plain(sampling, V))
-        fused = tempered or (sel is None and sampling.greedy and (lp is None or lp.k == 0))
+        head = head_for(sampling, V, None if lp is None else lp.k, sel)
+        tempered, fused = head == "tempered", head != "logits"
         for g0, m, hl in self.ln_f(x, n, p_rowidx, idx_base):
             tile = None
             if fused:

@@ -38,13 +38,18 @@ from gpt2job.errors import warn
 from gpt2job.model.sampling import RowSettings
 
 
-def pool_bytes(model, head, options, rows, head_rows):
-    """Device bytes Runner.reserve takes besides the KV cache at these sizes (the chunks' uploads: the backend's);
+def pool_buffers(model, head, options, rows, head_rows):
+    """(name, bytes) of the device buffers Runner.reserve takes besides the KV cache at these sizes (the chunks'
+    uploads: the backend's): a pass's activations, a KV group's decode buffers, the head's, the options';
     options: (a job-wide penalty, --logprobs' K or None), as Runner keeps them."""
     gr = group_rows(rows, head_rows)
-    parts = (model.activation_buffers(rows, head_rows) + decode_buffers(gr) + model.head_buffers(
-        head, head_rows, lse=options[1] == 0) + option_buffers(gr, head_rows, model, *options))
-    return sum(max(int(n), 16) for _, n in parts)
+    return (model.activation_buffers(rows, head_rows) + decode_buffers(gr)
+            + model.head_buffers(head, head_rows, lse=options[1] == 0) + option_buffers(gr, head_rows, model, *options))
+
+
+def pool_bytes(model, head, options, rows, head_rows):
+    """The bytes of pool_buffers (Device.buf takes at least 16)."""
+    return sum(max(int(n), 16) for _, n in pool_buffers(model, head, options, rows, head_rows))
 
 
 def decode_buffers(ns):
@@ -80,19 +85,14 @@ class Runner:
     # ---------------------------------------------------------------- buffers
 
     def reserve(self):
-        """Allocate the pool's buffers at the current sizes: the activations at their largest, the decode steps'
-        buffers, (unless ranks share the GPU: they all measured the same free memory) the KV cache at its budget,
-        the LM head's output, and the pinned buffers of two decode steps."""
-        dev, hr = self.dev, self.model.head_rows
-        gr = group_rows(self.max_prefill_rows, hr)
-        for name, nbytes in self.model.activation_buffers(self.max_prefill_rows) + decode_buffers(gr):
+        """Allocate the pool's buffers at the current sizes (pool_buffers), then (unless ranks share the GPU: they
+        all measured the same free memory) the KV cache at its budget, and the pinned buffers of two decode steps."""
+        dev, rows, hr = self.dev, self.max_prefill_rows, self.model.head_rows
+        for name, nbytes in pool_buffers(self.model, self.head, self.options, rows, hr):
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
-        head = self.model.head_buffers(self.head, lse=self.options[1] == 0)
-        for name, nbytes in head + option_buffers(gr, hr, self.model, *self.options):
-            dev.buf(name, nbytes)
-        dev.step_buffers(gr)
+        dev.step_buffers(group_rows(rows, hr))
 
     def shrink(self):
         """Halve the KV budget, the prefill rows and the head rows, none below its floor (or its size, when that
@@ -106,16 +106,21 @@ class Runner:
         return old != (self.kv_budget, self.max_prefill_rows, self.model.head_rows)
 
     def fit(self):
-        """reserve(); while an allocation fails, free the pool, shrink and try again (at the floors: raise)."""
-        while True:
-            try:
-                return self.reserve()
-            except Exception as e:
-                if not self.dev.is_oom(e):
-                    raise
-                self.dev.release()
-                if not self.shrink():
-                    raise
+        """reserve(); while an allocation fails, shrink and try again (at the floors: raise)."""
+        while (err := self._reserve_or_release()) is not None:
+            if not self.shrink():
+                raise err
+
+    def _reserve_or_release(self):
+        """reserve(); where an allocation fails, free the pool and return the error (None: all reserved)."""
+        try:
+            self.reserve()
+        except Exception as e:
+            if not self.dev.is_oom(e):
+                raise
+            self.dev.release()
+            return e
+        return None
 
     def sizes(self):
         return (f"prefill passes of {self.max_prefill_rows:,} rows, head groups of {self.model.head_rows:,} rows, "
@@ -225,12 +230,7 @@ class Runner:
         sizes where it fits (else its buffers grow as the halves need them)."""
         self.dev.release()
         self.shrink()
-        try:
-            self.reserve()
-        except Exception as e:
-            if not self.dev.is_oom(e):
-                raise
-            self.dev.release()
+        self._reserve_or_release()
         self.oom_events += 1
         B = len(chunk.rows)
         if depth == 0:
