@@ -589,6 +589,8 @@ def test_the_runner_asks_the_head_for_the_sums_only_with_logprobs_alone(fake, k,
     pool_bytes(model, "argmax", runner.options, 4096, 64)
     runner.reserve()
     assert asked == [lse, lse]
+    # --logprobs' pinned room for two steps of a KV group's rows, taken with the rest (none without it)
+    assert (dev.lp_host is None) == (k is None) and (k is None or dev.lp_host.size >= 2 * 256 * (1 + 2 * k))
 
 
 def test_close_after_a_lost_context_only_drops_it(fake):

@@ -396,7 +396,7 @@ def test_token_logprobs_greedy(K, k):
 def test_backend_logprobs_match_numpy(k, sampled, dtype):
     """CUDA fp32 --logprobs (--top-logprobs k) equals the NumPy backend within 1e-4 (tokens identical), greedy and
     sampled, with shared prefixes and small head groups / KV groups; fp16: the greedy tokens of the fast path and
-    log-probabilities close to fp32's."""
+    log-probabilities close to fp32's. Their pinned host room is taken before the first chunk (Runner.reserve)."""
     params = tiny_params(6)
     sam = SamplingSettings(1.2, 30, 0.9, 3) if sampled else SamplingSettings()
     gs = GenerationSettings(max_new_tokens=6, ignore_eos=True, eos_token_id=999, sampling=sam, logprobs=True,
@@ -410,7 +410,9 @@ def test_backend_logprobs_match_numpy(k, sampled, dtype):
         try:
             if kw:
                 be.runner.kv_budget = 1
+            pinned = be.device.lp_host
             got = [compute(be, c) for c in chunks]
+            assert kw or (pinned is not None and be.device.lp_host is pinned)
         finally:
             be.close()
         for g, r in zip(got, refs):

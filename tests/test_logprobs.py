@@ -293,6 +293,10 @@ def test_cuda_step_logprobs_layout():
         def buf(name, nbytes):
             return 64
 
+        @classmethod
+        def step_buffers(cls, n, lp_words):           # the runner's call before a group's (Device.step_buffers)
+            cls.lp_host = np.empty(2 * lp_words, np.float32)
+
     def write(o, rows, vals):                          # a head group's kernel: rows of o.at(0)
         for g in range(0, len(rows), 2):
             lp, ids, top = o.at(g)
@@ -302,6 +306,7 @@ def test_cuda_step_logprobs_layout():
                 mem[top + 4 * o.k * j:top + 4 * o.k * (j + 1)] = np.float32([vals[r], -9]).view(np.uint8)
 
     s = StepLogprobs(Dev, 4, 3, 2)
+    Dev.step_buffers(4, s.words(4))
     s.group(4)
     write(s.out(4), [0, 1, 2, 3], {0: -1.0, 1: -2.0, 2: -3.0, 3: -4.0})      # step 0 of rows 0..3
     s.download(4, 0)

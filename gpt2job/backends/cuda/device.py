@@ -179,14 +179,17 @@ class Device:
         u.busy = True
         return u
 
-    def step_buffers(self, n):
+    def step_buffers(self, n, lp_words=0):
         """Pinned host room for two decode steps of n rows: their inputs (step_host, 3 int32 per row: a step's
         upload may still wait for the GPU while the next step's is written; its last two int32 the two steps'
-        numbers) and their tokens (tok_host)."""
+        numbers), their tokens (tok_host) and, with lp_words (--logprobs: logprobs.step_words), their
+        log-probabilities (lp_host)."""
         if self.step_host.size < 6 * n + 2:
             self.step_host = self.drv.pagelocked_empty(max(6 * n + 2, 6144), np.int32)
         if self.tok_host.size < 2 * n:
             self.tok_host = self.drv.pagelocked_empty(max(2 * n, 2048), np.int32)
+        if lp_words and (self.lp_host is None or self.lp_host.size < 2 * lp_words):
+            self.lp_host = self.drv.pagelocked_empty(max(2 * lp_words, 4096), np.float32)
 
     def upload_step_number(self, p_at, step):
         """Queue step (int32) to device address p_at on the compute stream, from pinned slot step % 2."""

@@ -13,6 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 
 
+def step_words(n, k):
+    """4-byte words of a step of n rows with top K: log-probabilities [n], top ids [n, K], top log-probabilities
+    (0 where K is None: --logprobs off)."""
+    return 0 if k is None else n * (1 + 2 * k)
+
+
 @dataclass(frozen=True)
 class LogprobOut:
     """Device pointers where a selection's rows write: row i at lp + 4 i, ids + 4 k i, vals + 4 k i."""
@@ -43,17 +49,15 @@ class StepLogprobs:
         return cls(dev, B, n_max, settings.top_logprobs) if settings.logprobs else OFF
 
     def words(self, n):
-        return n * (1 + 2 * self.k)
+        return step_words(n, self.k)
 
     def group(self, ns):
-        """A KV group of ns sequences starts: room for a step of ns rows on the device and in two pinned slots."""
+        """A KV group of ns sequences starts: room for a step of ns rows on the device (the two pinned slots:
+        Device.step_buffers, which the runner calls first)."""
         if not self.on:
             return
         self.dbuf = self.dev.buf("logprobs", 4 * self.words(ns))
-        host = self.dev.lp_host
-        if host is None or host.size < 2 * self.words(ns):
-            host = self.dev.lp_host = self.dev.drv.pagelocked_empty(max(2 * self.words(ns), 4096), np.float32)
-        self.host = host
+        self.host = self.dev.lp_host
 
     def out(self, n, i=0):
         """Where a selection over rows i.. of a step of n rows writes (None when off)."""

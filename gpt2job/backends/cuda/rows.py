@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from gpt2job.backends.cuda.logprobs import step_words
 from gpt2job.chunks import FINISH_STOP, FINISH_STOP_STRING
 from gpt2job.model.sampling import RowSettings, seen_words, takes_rule_6
 from gpt2job.model.stops import StopStrings
@@ -90,7 +91,7 @@ def option_buffers(group_rows, head_rows, model, penalty, logprobs_k):
     that sample at a temperature alone in a job that does not."""
     out = [("seen", group_rows * seen_words(model.V) * 4)] if penalty else []
     if logprobs_k is not None:
-        out.append(("logprobs", 4 * group_rows * (1 + 2 * logprobs_k)))
+        out.append(("logprobs", 4 * step_words(group_rows, logprobs_k)))
         if penalty:
             out.append(("logits_raw", head_rows * model.Vpad * 4))
     return out

@@ -28,7 +28,7 @@ import numpy as np
 
 from gpt2job.backends.base import READY, Pause
 from gpt2job.backends.cuda import prefix_share
-from gpt2job.backends.cuda.logprobs import StepLogprobs
+from gpt2job.backends.cuda.logprobs import StepLogprobs, step_words
 from gpt2job.backends.cuda.plan import (KV_FLOOR, ChunkPlan, Layout, Unplanned, check_prompts, group_rows,
                                         join_completions, kv_groups, prefill_passes, size_floors, split_chunk,
                                         step_inputs, step_rows)
@@ -86,13 +86,13 @@ class Runner:
 
     def reserve(self):
         """Allocate the pool's buffers at the current sizes (pool_buffers), then (unless ranks share the GPU: they
-        all measured the same free memory) the KV cache at its budget, and the pinned buffers of two decode steps."""
+        all measured the same free memory) the KV cache at its budget, and the pinned room of two decode steps."""
         dev, rows, hr = self.dev, self.max_prefill_rows, self.model.head_rows
         for name, nbytes in pool_buffers(self.model, self.head, self.options, rows, hr):
             dev.buf(name, nbytes)
         if not self.share_gpus:
             dev.buf("kv", self.kv_budget)
-        dev.step_buffers(group_rows(rows, hr))
+        dev.step_buffers(gr := group_rows(rows, hr), step_words(gr, self.options[1]))   # (--logprobs' room too)
 
     def shrink(self):
         """Halve the KV budget, the prefill rows and the head rows, none below its floor (or its size, when that
@@ -322,7 +322,7 @@ class Runner:
         n_max = int(mnt[b0:b1].max())
         kv = self.kv_cache(ns, S)
         tok_dev, sdev = [dev.buf(name, nbytes) for name, nbytes in decode_buffers(ns)]
-        dev.step_buffers(ns)
+        dev.step_buffers(ns, lp.words(ns) if lp.on else 0)
         lp.group(ns)
         ev_p0 = drv.Event()
         ev_p0.record(dev.compute)
