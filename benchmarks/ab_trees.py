@@ -6,7 +6,8 @@ pair compared. For refactors: "token-identical, no speed loss" measured in one d
   python3 benchmarks/ab_trees.py --old .old [--new .] [--repeats 3] [--out DIR] [--cases "W1 fp16,W2 fp16"]
 
 Speed cases (--no-dedup: every prompt computed): W1 fp16, W1 fp32, W2 fp16, W1 fp16 sampled at temperature 1 (no
-top-k / top-p, seed 7), W1x4 fp16 one chunk (W1's prompts 4 times over, workloads.py w1x4, as one chunk of 32,768).
+top-k / top-p, seed 7), W1 fp16 logprobs5 (--top-logprobs 5: the log-probabilities compared bit for bit too), W1x4
+fp16 one chunk (W1's prompts 4 times over, workloads.py w1x4, as one chunk of 32,768).
 Token cases: each speed case, W2 fp32, W1 sampled (temperature 0.8, top-k 40, top-p 0.9, seed 7) in fp16 and fp32,
 and the tiny checkpoints of tests/fixtures (EOS stops on) in cuda fp32/fp16 and numpy.
 Prints a table last; JSON lines to OUT/ab.jsonl.
@@ -92,6 +93,8 @@ def main():
         "W2 fp16": (w2, ["--dtype", "float16", "--max-new-tokens", "256", "--ignore-eos"]),
         "W1 fp16 T=1": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup", "--temperature", "1",
                              "--seed", "7"]),
+        # --logprobs --top-logprobs 5 (log-probabilities compared bit for bit too: bench_common.same_tokens)
+        "W1 fp16 logprobs5": (w1, ["--dtype", "float16", "--max-new-tokens", "8", "--no-dedup", "--top-logprobs", "5"]),
         # one chunk of 32,768 prompts (4 preferred chunks: what a chunk of cheap rows may hold, scheduler.py)
         "W1x4 fp16 one chunk": (os.path.join(wl, "w1x4.h5"), ["--dtype", "float16", "--max-new-tokens", "8",
                                                               "--no-dedup", "--chunk-size", "32768"]),

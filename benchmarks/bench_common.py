@@ -72,17 +72,27 @@ def load_seed_prompts(path=None, n=8192, plen=16, seed=0):
     return rng.integers(0, 50257, (n, plen)).astype(np.int32), f"random(seed={seed})"
 
 
-def tokens_of(path):
-    """The completion_tokens rows of an output, as arrays."""
+# --logprobs' columns (files/h5logprobs.py), compared bit for bit with the tokens where both outputs hold them
+LOGPROB_COLUMNS = ("completion_logprobs", "top_logprob_ids", "top_logprobs")
+
+
+def tokens_of(path, column="completion_tokens"):
+    """The rows of an output's column (default: completion_tokens), as arrays; None where it has no such column."""
     import h5py
     with h5py.File(path, "r") as f:
-        return [np.asarray(t) for t in f["completion_tokens"][()]]
+        return [np.asarray(t) for t in f[column][()]] if column in f else None
 
 
 def same_tokens(a, b):
-    """(every row's tokens equal, how many rows differ: a row only one output has counts) of two outputs."""
+    """(every row's tokens equal, how many rows differ: a row only one output has counts) of two outputs; a row
+    counts as differing too where both outputs hold --logprobs' columns and a value of them differs."""
     ta, tb = tokens_of(a), tokens_of(b)
-    rows = sum(1 for x, y in zip(ta, tb) if not np.array_equal(x, y)) + abs(len(ta) - len(tb))
+    differ = {i for i, (x, y) in enumerate(zip(ta, tb)) if not np.array_equal(x, y)}
+    for col in LOGPROB_COLUMNS:
+        ca, cb = tokens_of(a, col), tokens_of(b, col)
+        if ca is not None and cb is not None:
+            differ |= {i for i, (x, y) in enumerate(zip(ca, cb)) if x.tobytes() != y.tobytes()}
+    rows = len(differ) + abs(len(ta) - len(tb))
     return rows == 0, rows
 
 
