@@ -294,6 +294,54 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
     assert len(err.splitlines()) == 1 and "GPT2JOB_PYCUDA_CACHE: cannot write the kernel cache" in err, err
 
 
+def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monkeypatch):
+    """backends.start_backend -> prebuild.compile_ahead: the modules of the worker's GPU (gpu_slot modulo the node's
+    GPUs, its compute capability) start compiling in a background thread before the weights are read; the
+    backend's own compile (Kernels: compile_modules) then waits on their locks, finds them, or compiles the ones
+    not begun yet: each module once. Without a GPU driver nothing starts."""
+    import types
+    from gpt2job import backends
+    from gpt2job.backends.cuda import prebuild
+    from gpt2job.backends.cuda.kernels import F16_DEFAULT_NOT_HOPPER, module_jobs
+    made, release = [], threading.Event()
+
+    def stand_in(text, arch, options, include_dirs):
+        release.wait(10)   # still compiling when the backend's own compile asks
+        made.append((arch, options))
+        return hashlib.sha256(repr((text, arch, options)).encode()).digest()
+
+    asked = []
+    dev = lambda i: asked.append(i) or types.SimpleNamespace(compute_capability=lambda: (8, 0))  # noqa: E731
+    drv = types.SimpleNamespace(Device=dev)
+    dev.count = lambda: 2
+    monkeypatch.setattr(prebuild, "init_driver", lambda: drv)
+    monkeypatch.setattr(backends, "pycuda_available", lambda: True)
+    monkeypatch.setattr(kcache, "compile_cubin", stand_in)
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(envs, "_values", {})
+    for name in envs.VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    jobs = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))
+    t = prebuild.compile_ahead(3)
+    assert asked == [1] and t is not None and t.is_alive() and not made
+    release.set()
+    cubins, compiled = kcache.compile_modules(jobs, kcache.cache_dir())   # what Kernels runs
+    t.join(30)
+    # each module compiled once: by the thread started ahead, or by the backend's where none had begun it
+    assert len(made) == len(jobs) and len(cubins) == len(jobs) and len(compiled) < len(jobs)
+    assert {a for a, _ in made} == {"sm_80"}
+
+    def no_driver():
+        raise RuntimeError("cuInit failed")
+    monkeypatch.setattr(prebuild, "init_driver", no_driver)
+    assert prebuild.compile_ahead(0) is None
+    monkeypatch.setattr(prebuild, "compile_ahead", lambda slot: asked.append(("ahead", slot)))
+    backends.start_backend("numpy", 5)
+    backends.start_backend("cuda", 5)
+    assert asked[-1] == ("ahead", 5) and ("ahead", 5) not in asked[:-1]
+
+
 def test_build_kernels_without_nvcc_or_for_an_arch_nvcc_lacks_is_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(envs, "_values", {})
     monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))

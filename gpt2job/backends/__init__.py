@@ -39,6 +39,14 @@ def resolve_backend(name):
     return name
 
 
+def start_backend(name, gpu_slot=0):
+    """What a backend's build can begin before the worker reads its weights: the CUDA backend's kernel compiles (in
+    the background: cuda/prebuild.py compile_ahead). Nothing for the others, or where the CUDA backend cannot run."""
+    if resolve_backend(name) == "cuda" and pycuda_available():
+        from gpt2job.backends.cuda.prebuild import compile_ahead   # lazy: pycuda is imported only there
+        compile_ahead(gpu_slot)
+
+
 def make_backend(name, params, settings, dtype="float32", gpu_slot=0, share_gpus=False):
     """Build the backend a worker runs: 'numpy', 'cuda', 'auto' (cuda when a GPU and pycuda are here), or
     'synthetic' (params is then the model's config alone: no weights are loaded)."""

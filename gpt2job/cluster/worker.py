@@ -20,7 +20,7 @@ import traceback
 from collections import deque
 
 from gpt2job import envs
-from gpt2job.backends import make_backend
+from gpt2job.backends import make_backend, start_backend
 from gpt2job.chunks import merge_chunks, split_completions
 from gpt2job.cluster import faults
 from gpt2job.cluster.ulfm import end_without_finalize
@@ -38,6 +38,7 @@ REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker
 def build_backend(s: JobSettings, gpu_slot):
     """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs. The synthetic
     backend (tests and benchmarks) needs the model's config only: no weights are read or generated."""
+    start_backend(s.backend, gpu_slot)   # a cold node's kernel compiles run while the weights are read
     params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
     cfg = getattr(params, "config", params)
     gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)

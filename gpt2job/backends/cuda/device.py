@@ -13,6 +13,16 @@ from gpt2job.errors import UserError
 UPLOAD_SCRATCH = "upload_f32"   # Device.upload_half's float32 staging buffer on the GPU (dropped once loaded)
 
 
+def init_driver():
+    """pycuda.driver, initialised (cuInit) the way every use here needs it: every kernel of a module is loaded with
+    the module (before the worker reports ready), not at its first launch inside the first chunk (CUDA's default is
+    lazy loading), a setting read when CUDA initialises."""
+    os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
+    import pycuda.driver as drv
+    drv.init()
+    return drv
+
+
 class Upload:
     """A pinned host buffer + device buffer pair for one in-flight chunk upload."""
 
@@ -42,12 +52,7 @@ class Upload:
 
 class Device:
     def __init__(self, gpu_slot=0, share_gpus=False):
-        # every kernel of a module is loaded with the module (before the worker reports ready), not at its first
-        # launch inside the first chunk (CUDA's default is lazy loading); read when CUDA initialises
-        os.environ.setdefault("CUDA_MODULE_LOADING", "EAGER")
-        import pycuda.driver as drv
-        self.drv = drv
-        drv.init()
+        self.drv = drv = init_driver()
         count = drv.Device.count()
         if count == 0:
             raise UserError("no CUDA GPU is visible", None, "backend", "use --backend numpy or run on a GPU node")

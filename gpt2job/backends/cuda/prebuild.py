@@ -1,11 +1,14 @@
-"""`python -m gpt2job build-kernels`: the modules a job's Kernels loads (the same options, GPT2JOB_F16_VARIANTS
-included), compiled into this node's kernel cache (kcache.py) where missing, once per node before a job; nvcc needs
-no GPU."""
+"""The node's kernel cache filled before the modules are loaded: `python -m gpt2job build-kernels` (build_kernels),
+the modules a job's Kernels loads (the same options, GPT2JOB_F16_VARIANTS included) compiled into this node's kernel
+cache (kcache.py) where missing, once per node before a job (nvcc needs no GPU); and compile_ahead, a worker's own
+compiles started before it reads its weights."""
 import re
 import subprocess
+import threading
 import time
 
 from gpt2job.backends.cuda import kcache
+from gpt2job.backends.cuda.device import init_driver
 from gpt2job.backends.cuda.kcache import compile_modules
 from gpt2job.backends.cuda.kernels import choose_variants, module_jobs
 from gpt2job.backends.cuda.options import KernelOptions
@@ -48,6 +51,31 @@ def build_kernels(arch_flag):
     return 0
 
 
+def compile_ahead(gpu_slot):
+    """Start compiling, in a background thread, the modules the CUDA backend of this worker's GPU (gpu_slot, as
+    Device picks it) will load, so that the compiles of a cold node run while the worker reads its weights (seconds
+    for a large checkpoint) instead of after. The backend's own compile (Kernels) then finds them in the cache, or
+    waits on the locks of those still compiling (kcache.py). Any failure here is left to that compile, which reports
+    it; with a GPU or pycuda missing nothing starts (the backend's build says what is missing)."""
+    try:
+        drv = init_driver()
+        cc = drv.Device(gpu_slot % drv.Device.count()).compute_capability()
+        jobs = module_jobs(choose_variants(KernelOptions.from_env(), lambda: cc == (9, 0)), cc)
+        folder = kcache.cache_dir()
+    except Exception:
+        return None
+
+    def work():
+        try:
+            compile_modules(jobs, folder)
+        except Exception:
+            pass
+
+    t = threading.Thread(target=work, name="gpt2job-compile-ahead", daemon=True)
+    t.start()
+    return t
+
+
 def nvcc_codes():
     """The sm_XY that nvcc can compile for (`nvcc --list-gpu-code`, in its order), or [] where it does not say."""
     try:
@@ -63,8 +91,6 @@ def gpu_arch():
     if not gpu_count() or not pycuda_available():
         return ""
     try:
-        import pycuda.driver as drv
-        drv.init()
-        return "sm_%d%d" % drv.Device(0).compute_capability()
+        return "sm_%d%d" % init_driver().Device(0).compute_capability()
     except Exception:   # pycuda without a usable driver: as without a GPU
         return ""
