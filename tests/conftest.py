@@ -21,6 +21,16 @@ TINY_FP16 = FIXTURES / "tiny-fp16"
 TINY_TEXT_MODEL = "random:n_layer=2,n_head=2,n_embd=32,n_positions=64,vocab_size=50257:1"
 
 
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (README's test command, pytest-xdist): two processes on a machine without a GPU (CI's 2 cores: the
+    suite's mpirun jobs mostly wait, ~7 instead of ~11 minutes), at most 4 on a bigger one (the fault tests' deadlines
+    assume a machine not flooded with jobs); one where a GPU is visible: the GPU tests measure and fill the GPU's
+    free memory, and a second process on the same GPU would change what they measure."""
+    from gpt2job.backends import gpu_count
+    return 1 if gpu_count() else min(4, max(2, os.cpu_count() or 1))
+
+
 class Expected:
     def __init__(self, path):
         d = np.load(path, allow_pickle=False)

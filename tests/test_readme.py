@@ -14,7 +14,7 @@ from conftest import ROOT, SUITE_MPI_VARS, TINY_TEXT_MODEL, require_mpirun
 SHELL = re.compile(r"^(python3? |\./run_inference\.sh|mpirun |bash |NP=\d+ )")
 NOT_RUN = {   # command -> why this test does not run it
     "python3 -m pip install -e '.[test]'": "installs from the network (this test runs in that very install)",
-    "python3 -m pytest -q tests": "the test suite itself",
+    "python3 -m pytest -q -n auto tests": "the test suite itself",
 }
 NEEDS_GPU = re.compile(r"--backend cuda|float16|gpu_check")
 
