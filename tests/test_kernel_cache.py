@@ -164,6 +164,33 @@ def test_no_more_compiles_at_once_on_a_node_than_it_has_cores(tmp_path, monkeypa
     assert most == 2, rows
 
 
+def test_the_node_s_slots_go_to_the_modules_in_order_the_longest_first(tmp_path, monkeypatch):
+    """A cold start waits for its longest module: 15 processes each holding some modules' locks polled for 16 slots,
+    and the longest (~10 s) started seconds late. A thread now takes a slot first, then the first module left in
+    the order given, which compile_modules makes the longest first (COMPILE_FIRST). 2 processes of 3 threads, 2
+    slots, 6 modules: the first two to start are the first two in order."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(kcache.os, "cpu_count", lambda: 2)
+    spans = tmp_path / "spans"
+
+    class Timed(Unit):
+        def compile(self):
+            t0 = time.time()
+            time.sleep(0.3)
+            with open(spans, "a") as fh:
+                fh.write(f"{t0} {self.name}\n")
+            return hashlib.sha256(self.text.encode()).digest() * 4
+
+    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
+    _run_together(2, str(tmp_path / "cache"), units, threads=3)
+    started = [name for _, name in sorted((float(t), n) for t, n in (line.split() for line in open(spans)))]
+    assert sorted(started) == [f"m{i}.cu" for i in range(6)] and sorted(started[:2]) == ["m0.cu", "m1.cu"], started
+    from gpt2job.backends.cuda.kernels import F16_DEFAULT, module_jobs
+    jobs = sorted(module_jobs(F16_DEFAULT), key=kcache.compile_first)
+    assert [j[0] for j in jobs[:3]] == ["gemm_tma.cu#tma128pp#outh", "gemm_tma.cu#tma128pp#outf", "gemm_f32.cu"]
+    assert sorted(jobs) == sorted(module_jobs(F16_DEFAULT))
+
+
 def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch):
     """A job's only worker (2 ranks) compiled with 8 threads, so on a 16-core node 29 modules queued behind 8 nvcc
     while 8 slots stayed free: a process's threads default to the node's slots (kcache.node_slots)."""
@@ -303,10 +330,11 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     from gpt2job import backends
     from gpt2job.backends.cuda import prebuild
     from gpt2job.backends.cuda.kernels import F16_DEFAULT_NOT_HOPPER, module_jobs
-    made, release = [], threading.Event()
+    made, started, release = [], threading.Event(), threading.Event()
 
     def stand_in(text, arch, options, include_dirs):
-        release.wait(10)   # still compiling when the backend's own compile asks
+        started.set()
+        release.wait(10)   # the weights still loading
         made.append((arch, options))
         return hashlib.sha256(repr((text, arch, options)).encode()).digest()
 
@@ -324,7 +352,7 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
     jobs = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))
     t = prebuild.compile_ahead(3)
-    assert asked == [1] and t is not None and t.is_alive() and not made
+    assert asked == [1] and t is not None and started.wait(10) and not made
     release.set()
     cubins, compiled = kcache.compile_modules(jobs, kcache.cache_dir())   # what Kernels runs
     t.join(30)

@@ -8,10 +8,11 @@ text of every header it includes (#include "..." in its folder, recursively), th
 is written to a temporary file in the same folder, fsynced, then renamed over the entry (os.replace): a reader
 finds a whole entry or none. The compile runs under an exclusive lock on <name>-<key>.lock (fcntl.flock): the first
 process to need a module compiles it; the others wait on the lock, then load the finished file; a process that
-dies while compiling leaves no entry, and the system drops its lock. Different modules compile at once: threads
-of a process take the modules no other process is compiling first (a lock taken without waiting), then wait on
-the rest; no more compile at once on the node than it has cores (Cache._slot). pycuda is imported only by
-compile_cubin, and only when it compiles.
+dies while compiling leaves no entry, and the system drops its lock. Different modules compile at once: no more
+at once on the node than it has cores (Cache._slot); a thread of a process takes a slot, then the first module
+(the longest first: COMPILE_FIRST) no other process is compiling (a lock taken without waiting); where every module
+left is another's, it gives the slot back and waits on one. pycuda is imported only by compile_cubin, and only when
+it compiles.
 """
 import fcntl
 import functools
@@ -36,6 +37,10 @@ from gpt2job.backends.cuda import cuda_src_dir
 FORMAT = "gpt2job kernel cache 1: cubin, no_extern_c"   # change it when an entry's meaning changes
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)
 _DIGEST = 32   # bytes of SHA-256 after the cubin
+# The modules nvcc takes longest on (benchmarks/compile_times.py; RESULTS.md, sessions 67-68), compiled first: a cold
+# node's start waits for its longest compile, which must not queue behind short ones for a compile slot
+COMPILE_FIRST = ("gemm_tma.cu#tma128pp", "gemm_f32.cu", "gemm_tma.cu#tma256", "gemm_tma.cu#tma192p",
+                 "gemm_tma.cu#tma192")
 
 
 def cache_dir():
@@ -251,34 +256,39 @@ class Cache:
 
         def work():
             while True:
-                with self._mu:   # take a module nobody is compiling, else wait on the first one left
+                with self._mu:
                     if not todo:
                         return
-                    fd, i = None, 0
-                    for i, (key, _) in enumerate(todo):
-                        fd = self._lock(key, wait=False)
-                        if fd is not None:
-                            break
-                    else:
-                        i = 0
-                    key, u = todo.pop(i)
+                # a compile slot first, then the first module left: the node's slots go to the modules in the order
+                # given (the longest first: kernels.module_jobs), not to whichever waiting thread polls first
+                slot, fd = self._slot(), None
                 try:
-                    if fd is None:
+                    with self._mu:   # take a module nobody is compiling, else wait on the first one left
+                        if not todo:
+                            return
+                        for i, (key, _) in enumerate(todo):
+                            fd = self._lock(key, wait=False)
+                            if fd is not None:
+                                break
+                        else:
+                            i = 0
+                        key, u = todo.pop(i)
+                    if fd is None:   # another process compiles it: wait without holding a slot
+                        os.close(slot)
+                        slot = None
                         fd = self._lock(key, wait=True)
                     data = self.load(key)   # another process's, finished while we waited
                     if data is None:
-                        slot = self._slot()
-                        try:
-                            data = u.compile()
-                        finally:
-                            os.close(slot)
+                        slot = self._slot() if slot is None else slot
+                        data = u.compile()
                         self._store(key, data)
                         with self._mu:
                             self.compiled.append(u.name)
                     out[u.name] = data
                 finally:
-                    if fd is not None:
-                        os.close(fd)
+                    for d in (fd, slot):
+                        if d is not None:
+                            os.close(d)
 
         n = min(threads or node_slots(), len(todo))
         with ThreadPoolExecutor(max_workers=n) as ex:
@@ -292,13 +302,19 @@ def node_slots():
     return max(2, os.cpu_count() or 1)
 
 
+def compile_first(job):
+    """Sort key of a job: its place in COMPILE_FIRST (the rest after, in their order)."""
+    return next((i for i, p in enumerate(COMPILE_FIRST) if job[0] == p or job[0].startswith(p + "#")),
+                len(COMPILE_FIRST))
+
+
 def compile_modules(jobs, folder, threads=None):
     """{module: cubin} of the jobs ((module, source file, nvcc defines, arch): kernels.module_jobs), from the kernel
-    cache in folder, compiled into it where missing (nvcc in parallel threads, no GPU context needed); and the list
-    of modules this call compiled."""
+    cache in folder, compiled into it where missing (nvcc in parallel threads, no GPU context needed; those of
+    COMPILE_FIRST first); and the list of modules this call compiled."""
     src = cuda_src_dir()
     units = []
-    for key, fname, defs, arch in jobs:
+    for key, fname, defs, arch in sorted(jobs, key=compile_first):
         with open(os.path.join(src, fname)) as fh:
             units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
     cache = Cache(folder)
