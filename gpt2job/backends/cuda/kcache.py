@@ -21,13 +21,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import os
+import random
 import re
 import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -227,16 +227,16 @@ class Cache:
         """An open descriptor holding one of the node's compile slots (lock files in the folder beside this one):
         at most as many nvcc run at once on the node as it has cores, whatever the number of ranks. 15 ranks of 8
         threads each ran all 24 modules of the time at once on 16 cores, the longest, which sets a cold start, at 2/3
-        speed."""
+        speed. A free slot, else a wait on a random one (blocked, not polling: 15 ranks' 240 threads polling took
+        cores from the compiles; the waiters spread over every slot, so none stays free while threads wait)."""
         folder = self.dir.rstrip(os.sep) + ".slots"
         os.makedirs(folder, exist_ok=True)
         n = node_slots()
-        while True:
-            for i in range(n):
-                fd = _flock(os.path.join(folder, f"slot-{i}.lock"), wait=False)
-                if fd is not None:
-                    return fd
-            time.sleep(0.05)
+        for i in range(n):
+            fd = _flock(os.path.join(folder, f"slot-{i}.lock"), wait=False)
+            if fd is not None:
+                return fd
+        return _flock(os.path.join(folder, f"slot-{random.randrange(n)}.lock"), wait=True)
 
     def get_all(self, units, threads=None):
         """{unit.name: cubin} of every unit: loaded, or compiled (each by one process of the node) and stored; by
