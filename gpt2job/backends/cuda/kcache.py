@@ -260,7 +260,7 @@ class Cache:
                     if not todo:
                         return
                 # a compile slot first, then the first module left: the node's slots go to the modules in the order
-                # given (the longest first: kernels.module_jobs), not to whichever waiting thread polls first
+                # given (the longest first: compile_modules), not to whichever thread holding a module gets one first
                 slot, fd = self._slot(), None
                 try:
                     with self._mu:   # take a module nobody is compiling, else wait on the first one left
