@@ -184,7 +184,8 @@ def test_the_node_s_slots_go_to_the_modules_in_order_the_longest_first(tmp_path,
     units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
     _run_together(2, str(tmp_path / "cache"), units, threads=3)
     started = [name for _, name in sorted((float(t), n) for t, n in (line.split() for line in open(spans)))]
-    assert sorted(started) == [f"m{i}.cu" for i in range(6)] and sorted(started[:2]) == ["m0.cu", "m1.cu"], started
+    assert sorted(started) == [f"m{i}.cu" for i in range(6)], started
+    assert sorted(started[:2]) == ["m0.cu", "m1.cu"] and sorted(started[2:4]) == ["m2.cu", "m3.cu"], started
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, module_jobs
     jobs = sorted(module_jobs(F16_DEFAULT), key=kcache.compile_first)
     assert [j[0] for j in jobs[:3]] == ["gemm_tma.cu#tma128pp#outh", "gemm_tma.cu#tma128pp#outf", "gemm_f32.cu"]
@@ -196,6 +197,7 @@ def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch)
     while 8 slots stayed free: a process's threads default to the node's slots (kcache.node_slots)."""
     monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(kcache.os, "cpu_count", lambda: 10)
+    monkeypatch.setattr(kcache.os, "sched_getaffinity", lambda pid: set(range(10)))   # unbound (run_inference.sh)
     running, most, mu = [0], [0], threading.Lock()
 
     class Timed(Unit):
@@ -211,6 +213,11 @@ def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch)
     units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(10)]
     assert len(Cache(str(tmp_path / "cache")).get_all(units)) == 10
     assert most[0] == 10
+    # bound to 3 cores (Slurm's --cpus-per-task, mpirun's binding): its nvcc would share them, so 3 threads
+    monkeypatch.setattr(kcache.os, "sched_getaffinity", lambda pid: {0, 1, 2})
+    most[0] = 0
+    units = [Timed(f"n{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
+    assert len(Cache(str(tmp_path / "cache")).get_all(units)) == 6 and most[0] == 3
 
 
 def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):
@@ -330,10 +337,13 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     from gpt2job import backends
     from gpt2job.backends.cuda import prebuild
     from gpt2job.backends.cuda.kernels import F16_DEFAULT_NOT_HOPPER, module_jobs
-    made, started, release = [], threading.Event(), threading.Event()
+    monkeypatch.setattr(kcache.os, "cpu_count", lambda: 2)
+    made, entered, started, release = [], [], threading.Event(), threading.Event()
 
     def stand_in(text, arch, options, include_dirs):
-        started.set()
+        entered.append(arch)
+        if len(entered) == 2:   # both slots compiling
+            started.set()
         release.wait(10)   # the weights still loading
         made.append((arch, options))
         return hashlib.sha256(repr((text, arch, options)).encode()).digest()
@@ -351,14 +361,25 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
     jobs = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))
-    t = prebuild.compile_ahead(3)
-    assert asked == [1] and t is not None and started.wait(10) and not made
+    bg = prebuild.compile_ahead(3)
+    assert asked == [1] and bg is not None and started.wait(10) and not made
     release.set()
-    cubins, compiled = kcache.compile_modules(jobs, kcache.cache_dir())   # what Kernels runs
-    t.join(30)
-    # each module compiled once: by the thread started ahead, or by the backend's where none had begun it
-    assert len(made) == len(jobs) and len(cubins) == len(jobs) and len(compiled) < len(jobs)
-    assert {a for a, _ in made} == {"sm_80"}
+    cubins, compiled = kcache.compile_modules(jobs, kcache.cache_dir())   # what Kernels runs: it waits for bg
+    assert not bg.thread.is_alive() and len(made) == len(jobs) and len(cubins) == len(jobs) and compiled == []
+    assert {a for a, _ in made} == {"sm_80"} and kcache._background == {}
+
+    # a start that fails cancels it: the compiles running (2 slots) end, no other begins
+    made.clear(), entered.clear(), started.clear(), release.clear()
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path / "second"))   # (an empty cache)
+    monkeypatch.setattr(envs, "_values", {})
+    bg = prebuild.compile_ahead(0)
+    assert started.wait(10)
+    bg.cancel()
+    release.set()
+    bg.thread.join(30)
+    assert not bg.thread.is_alive() and len(made) == 2
+    cubins, compiled = kcache.compile_modules(jobs, kcache.cache_dir())
+    assert len(cubins) == len(jobs) and len(compiled) == len(jobs) - 2
 
     def no_driver():
         raise RuntimeError("cuInit failed")
@@ -368,6 +389,24 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     backends.start_backend("numpy", 5)
     backends.start_backend("cuda", 5)
     assert asked[-1] == ("ahead", 5) and ("ahead", 5) not in asked[:-1]
+
+
+def test_a_worker_whose_start_fails_cancels_its_compiles_ahead(monkeypatch):
+    """The compile ahead holds the process at its exit until its threads end (concurrent.futures joins them): a
+    worker whose build fails (a wrong --model) cancels it, so it ends after the compiles running, not the node's set."""
+    import types
+    from gpt2job.cluster import worker
+    from gpt2job.errors import UserError
+    handle = types.SimpleNamespace(cancelled=False)
+    handle.cancel = lambda: setattr(handle, "cancelled", True)
+    monkeypatch.setattr(worker, "start_backend", lambda name, slot: handle)
+
+    def no_model(spec):
+        raise UserError("no such model", spec, "--model", "give a model")
+    monkeypatch.setattr(worker, "load_params", no_model)
+    with pytest.raises(UserError):
+        worker.build_backend(types.SimpleNamespace(backend="cuda", model="/nowhere"), 0)
+    assert handle.cancelled
 
 
 def test_build_kernels_without_nvcc_or_for_an_arch_nvcc_lacks_is_one_line(tmp_path, monkeypatch, capsys):

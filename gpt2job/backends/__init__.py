@@ -41,10 +41,12 @@ def resolve_backend(name):
 
 def start_backend(name, gpu_slot=0):
     """What a backend's build can begin before the worker reads its weights: the CUDA backend's kernel compiles (in
-    the background: cuda/prebuild.py compile_ahead). Nothing for the others, or where the CUDA backend cannot run."""
+    the background: cuda/prebuild.py compile_ahead). Returns what to cancel() if the build fails, or None (nothing
+    for the other backends, or where the CUDA backend cannot run)."""
     if resolve_backend(name) == "cuda" and pycuda_available():
         from gpt2job.backends.cuda.prebuild import compile_ahead   # lazy: pycuda is imported only there
-        compile_ahead(gpu_slot)
+        return compile_ahead(gpu_slot)
+    return None
 
 
 def make_backend(name, params, settings, dtype="float32", gpu_slot=0, share_gpus=False):

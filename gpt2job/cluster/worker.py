@@ -38,11 +38,16 @@ REPORT_EVERY = 0.5      # least seconds between two progress reports of a worker
 def build_backend(s: JobSettings, gpu_slot):
     """Load the model and build this rank's backend; gpu_slot picks the GPU among the node's GPUs. The synthetic
     backend (tests and benchmarks) needs the model's config only: no weights are read or generated."""
-    start_backend(s.backend, gpu_slot)   # a cold node's kernel compiles run while the weights are read
-    params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
-    cfg = getattr(params, "config", params)
-    gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)
-    backend = make_backend(s.backend, params, gen, dtype=s.dtype, gpu_slot=gpu_slot, share_gpus=s.share_gpus)
+    ahead = start_backend(s.backend, gpu_slot)   # a cold node's kernel compiles run while the weights are read
+    try:
+        params = load_config(s.model) if s.backend == "synthetic" else load_params(s.model)
+        cfg = getattr(params, "config", params)
+        gen = s.generation(cfg.eos_token_id, cfg.more_eos_token_ids)
+        backend = make_backend(s.backend, params, gen, dtype=s.dtype, gpu_slot=gpu_slot, share_gpus=s.share_gpus)
+    except BaseException:
+        if ahead is not None:
+            ahead.cancel()   # a failed start ends after the compiles running now, not after the node's whole set
+        raise
     backend.warm_up()   # the CUDA backend: first launches before "ready", not in the first chunk
     if s.stop or may_have_stops(s.input):   # the stop strings' token table (~0.5 s), not inside the first chunk
         try:

@@ -22,9 +22,11 @@ only frees, as it closes, the objects given to Device.own:
   plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
   prefix_share.py  pure NumPy: which prompt prefixes a chunk computes once
   tensor_maps.py   TMA descriptors of the Hopper products
-  prebuild.py      `build-kernels`: the node's kernel cache filled before a job (nvcc, no GPU)
-Only device.py, kernels.py (Kernels), kcache.py (compile_cubin) and prebuild.py (gpu_arch) import pycuda, each only when
-called: when a backend is built, kernels compile or build-kernels looks for the node's GPU.
+  prebuild.py      the node's kernel cache filled before the modules load: `build-kernels` (nvcc, no GPU), and a
+                   worker's compiles started before it reads its weights (compile_ahead)
+Only device.py, kernels.py (Kernels), kcache.py (compile_cubin) and prebuild.py (through device.init_driver) import
+pycuda, each only when called: when a backend is started or built, kernels compile or build-kernels looks for the
+node's GPU.
 """
 import importlib.util
 import os

@@ -228,7 +228,7 @@ class Cache:
         at most as many nvcc run at once on the node as it has cores, whatever the number of ranks. 15 ranks of 8
         threads each ran all 24 modules of the time at once on 16 cores, the longest, which sets a cold start, at 2/3
         speed. A free slot, else a wait on a random one (blocked, not polling: 15 ranks' 240 threads polling took
-        cores from the compiles; the waiters spread over every slot, so none stays free while threads wait)."""
+        cores from the compiles; many waiters spread over the slots, so a slot that frees rarely has none)."""
         folder = self.dir.rstrip(os.sep) + ".slots"
         os.makedirs(folder, exist_ok=True)
         n = node_slots()
@@ -238,10 +238,10 @@ class Cache:
                 return fd
         return _flock(os.path.join(folder, f"slot-{random.randrange(n)}.lock"), wait=True)
 
-    def get_all(self, units, threads=None):
+    def get_all(self, units, threads=None, stop=None):
         """{unit.name: cubin} of every unit: loaded, or compiled (each by one process of the node) and stored; by
-        up to `threads` threads of this process (default: the node's compile slots, so that a job's only worker
-        fills the node as 15 workers do)."""
+        up to `threads` threads of this process (default: process_threads()). Once the event `stop` is set no
+        thread takes another module (the modules not taken are then missing from the result)."""
         out, todo = {}, []
         for u in units:
             key = u.key()
@@ -257,7 +257,7 @@ class Cache:
         def work():
             while True:
                 with self._mu:
-                    if not todo:
+                    if not todo or (stop is not None and stop.is_set()):
                         return
                 # a compile slot first, then the first module left: the node's slots go to the modules in the order
                 # given (the longest first: compile_modules), not to whichever thread holding a module gets one first
@@ -290,7 +290,7 @@ class Cache:
                         if d is not None:
                             os.close(d)
 
-        n = min(threads or node_slots(), len(todo))
+        n = min(threads or process_threads(), len(todo))
         with ThreadPoolExecutor(max_workers=n) as ex:
             for f in [ex.submit(work) for _ in range(n)]:
                 f.result()
@@ -302,6 +302,52 @@ def node_slots():
     return max(2, os.cpu_count() or 1)
 
 
+def process_threads():
+    """How many nvcc this process runs at once at most: the cores it may run on (its nvcc inherit its binding:
+    under Slurm's --cpus-per-task, or mpirun's binding, no more), not above the node's slots. A job's only worker,
+    unbound (run_inference.sh), fills the node's cores as 15 workers do."""
+    try:
+        mine = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        mine = os.cpu_count() or 1
+    return max(1, min(mine, node_slots()))
+
+
+class Background:
+    """compile_modules in a thread of this process (prebuild.compile_ahead): cancel() stops it taking modules (those
+    compiling finish); compile_modules of this process into the same folder first waits for it to end."""
+
+    def __init__(self, jobs, folder):
+        self.folder, self.stop = folder, threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(jobs,), name="gpt2job-compile-ahead", daemon=True)
+
+    def _run(self, jobs):
+        try:
+            _compile(jobs, self.folder, None, self.stop)
+        except Exception:
+            pass   # the backend's own compile_modules repeats the failing compile and reports it
+        finally:
+            with _background_mu:
+                if _background.get(self.folder) is self:
+                    del _background[self.folder]
+
+    def cancel(self):
+        self.stop.set()
+
+
+_background = {}   # folder -> the Background compiling into it in this process
+_background_mu = threading.Lock()
+
+
+def compile_in_background(jobs, folder):
+    """A started Background compiling the jobs (compile_modules' arguments) into folder."""
+    bg = Background(jobs, folder)
+    with _background_mu:
+        _background[folder] = bg
+    bg.thread.start()
+    return bg
+
+
 def compile_first(job):
     """Sort key of a job: its place in COMPILE_FIRST (the rest after, in their order)."""
     return next((i for i, p in enumerate(COMPILE_FIRST) if job[0] == p or job[0].startswith(p + "#")),
@@ -311,11 +357,21 @@ def compile_first(job):
 def compile_modules(jobs, folder, threads=None):
     """{module: cubin} of the jobs ((module, source file, nvcc defines, arch): kernels.module_jobs), from the kernel
     cache in folder, compiled into it where missing (nvcc in parallel threads, no GPU context needed; those of
-    COMPILE_FIRST first); and the list of modules this call compiled."""
+    COMPILE_FIRST first); and the list of modules this call compiled. A Background of this process compiling into
+    the folder is waited for first: the two would lock the same modules, and where flock is per process (NFS) the
+    locks would not keep them apart."""
+    with _background_mu:
+        bg = _background.get(folder)
+    if bg is not None:
+        bg.thread.join()
+    return _compile(jobs, folder, threads, None)
+
+
+def _compile(jobs, folder, threads, stop):
     src = cuda_src_dir()
     units = []
     for key, fname, defs, arch in sorted(jobs, key=compile_first):
         with open(os.path.join(src, fname)) as fh:
             units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
     cache = Cache(folder)
-    return cache.get_all(units, threads), cache.compiled
+    return cache.get_all(units, threads, stop), cache.compiled

@@ -4,7 +4,6 @@ cache (kcache.py) where missing, once per node before a job (nvcc needs no GPU);
 compiles started before it reads its weights."""
 import re
 import subprocess
-import threading
 import time
 
 from gpt2job.backends.cuda import kcache
@@ -54,9 +53,10 @@ def build_kernels(arch_flag):
 def compile_ahead(gpu_slot):
     """Start compiling, in a background thread, the modules the CUDA backend of this worker's GPU (gpu_slot, as
     Device picks it) will load, so that the compiles of a cold node run while the worker reads its weights (seconds
-    for a large checkpoint) instead of after. The backend's own compile (Kernels) then finds them in the cache, or
-    waits on the locks of those still compiling (kcache.py). Any failure here is left to that compile, which reports
-    it; with a GPU or pycuda missing nothing starts (the backend's build says what is missing)."""
+    for a large checkpoint) instead of after. Returns the kcache.Background (cancel() it when the start fails), or
+    None: with a GPU or pycuda missing nothing starts (the backend's build says what is missing). The backend's own
+    compile (Kernels) waits for it, then finds the modules in the cache; a failure here is left to that compile,
+    which reports it."""
     try:
         drv = init_driver()
         cc = drv.Device(gpu_slot % drv.Device.count()).compute_capability()
@@ -64,16 +64,7 @@ def compile_ahead(gpu_slot):
         folder = kcache.cache_dir()
     except Exception:
         return None
-
-    def work():
-        try:
-            compile_modules(jobs, folder)
-        except Exception:
-            pass
-
-    t = threading.Thread(target=work, name="gpt2job-compile-ahead", daemon=True)
-    t.start()
-    return t
+    return kcache.compile_in_background(jobs, folder)
 
 
 def nvcc_codes():
