@@ -51,6 +51,16 @@ import gc, resource
 gc.collect()
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
+    "reread the text conversion (its kept ids)": ("t.txt", """
+from gpt2job.files.conversions import convert_for_run
+from gpt2job.files.prompts import read_prompts
+from gpt2job.model.tokenizer import load_tokenizer
+path, _ = convert_for_run(SRC, OUT + '/out.h5', vocab_dir=VOCAB)   # a conversion that keeps its prompts' ids
+enc = load_tokenizer(VOCAB)
+import gc, resource
+gc.collect()
+BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
     "dedup keys and groups of 4M ragged prompts": (None, """
 import numpy as np
 from gpt2job.files.prompts import PromptSet

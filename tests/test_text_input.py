@@ -531,7 +531,13 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again")
     monkeypatch.setattr(T, "encode_texts", no_tokenizing)
+    # the read-ahead probe (a child process) hashes the text as it reads it: this process does not read it again
+    with h5py.File(conv, "r") as f:
+        assert P.probe_readable(conv) == P.texts_digest(f["prompts"]) == want.text_digest
+    monkeypatch.setattr(P, "texts_digest", lambda ds, read=None: pytest.fail("the text read a second time"))
     got = P.read_prompts(conv, enc, 50257)
+    monkeypatch.undo()
+    monkeypatch.setattr(T, "encode_texts", no_tokenizing)
     assert got.tokens.dtype == want.tokens.dtype == np.uint16 and len(got) == 301
     assert (got.offsets == want.offsets).all() and (got.tokens == want.tokens).all()
     assert got.text_digest == want.text_digest and got.fingerprint() == want.fingerprint()

@@ -171,43 +171,51 @@ PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first
 PROBE = """
 import sys, h5py
 from gpt2job.files.h5files import read_rows
+from gpt2job.files import token_cache
+from gpt2job.files.prompts import texts_digest
 with h5py.File(sys.argv[1], "r") as f:
     for name in %r:
         if name in f:
             d = f[name]
-            if getattr(d, "ndim", 0) >= 1:
+            if name == %r and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+                print(texts_digest(d, read_rows))   # what a rerun checks its kept ids by (else it tokenizes)
+            elif getattr(d, "ndim", 0) >= 1:
                 for a in range(0, d.shape[0], %d):
                     read_rows(d, a, a + %d)   # (its check: HDF5 would allocate what a bad row claims)
             else:
                 d[()]
             break
-""" % (PROMPT_DATASETS, BLOCK_ROWS, BLOCK_ROWS)
+""" % (PROMPT_DATASETS, PROMPT_DATASETS[1], BLOCK_ROWS, BLOCK_ROWS)
 
 
 def probe_readable(path):
     """Read the prompts once in a child process with a deadline: on some damaged files the HDF5
     library loops forever, and a job must end with a message rather than hang. Any other failure
-    is left to the real read, which names it. The child reads a block at a time (bounded memory)."""
+    is left to the real read, which names it. The child reads a block at a time (bounded memory).
+    Returns the text prompts' digest (texts_digest) where the child computed one as it read them, else None:
+    a rerun then checks its kept token ids without reading the text a second time."""
     import subprocess
     try:
         size = os.path.getsize(path)
     except OSError:
-        return
+        return None
     timeout = 60 + 30 * size / 1e9
     try:
-        subprocess.run([sys.executable, "-c", PROBE, path], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                       stderr=subprocess.DEVNULL, timeout=timeout)
+        r = subprocess.run([sys.executable, "-c", PROBE, path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                           stderr=subprocess.DEVNULL, timeout=timeout, text=True)
     except subprocess.TimeoutExpired:
         raise UserError(f"reading it did not finish within {timeout:.0f} s (the HDF5 library loops on this file)",
                         path, "input", "the file is damaged; write it again")
     except OSError:
-        pass
+        return None
+    out = r.stdout.strip()
+    return out if r.returncode == 0 and out.startswith("sha256:") else None
 
 
 def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
     prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
-    probe_readable(path)
+    probed = probe_readable(path)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         try:
             tokens, text = PROMPT_DATASETS
@@ -215,7 +223,7 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
                 return _read_token_dataset(path, f[tokens], vocab_size)
             if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
                 kept = token_cache.read(f, tokenizer_factory)
-                if kept and kept[2] == texts_digest(f[text]):
+                if kept and kept[2] == (probed or texts_digest(f[text])):
                     blocks = TokenBlocks(vocab_size)
                     blocks.add(kept[1])
                     return PromptSet(kept[0], blocks.result(), "prompts", text_digest=kept[2])
@@ -323,12 +331,13 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     return prompts
 
 
-def texts_digest(ds):
-    """The digest of a text prompts dataset as stored, read a block at a time: what _read_text_dataset records as
-    PromptSet.text_digest (an output's input_text_digest; export checks it, read_prompts checks kept ids by it)."""
+def texts_digest(ds, read=None):
+    """The digest of a text prompts dataset as stored, read a block at a time (by read(ds, a, b), default ds[a:b]):
+    what _read_text_dataset records as PromptSet.text_digest (an output's input_text_digest; export checks it,
+    read_prompts checks kept ids by it)."""
     h = hashlib.sha256()
     for a in range(0, len(ds), BLOCK_ROWS):
-        hash_texts(h, ds[a:a + BLOCK_ROWS])
+        hash_texts(h, ds[a:a + BLOCK_ROWS] if read is None else read(ds, a, a + BLOCK_ROWS))
     return "sha256:" + h.hexdigest()[:32]
 
 
