@@ -254,17 +254,20 @@ class Cache:
             return out
         os.makedirs(self.dir, exist_ok=True)
 
+        def done():   # (under self._mu)
+            return not todo or (stop is not None and stop.is_set())
+
         def work():
             while True:
                 with self._mu:
-                    if not todo or (stop is not None and stop.is_set()):
+                    if done():
                         return
                 # a compile slot first, then the first module left: the node's slots go to the modules in the order
                 # given (the longest first: compile_modules), not to whichever thread holding a module gets one first
                 slot, fd = self._slot(), None
                 try:
                     with self._mu:   # take a module nobody is compiling, else wait on the first one left
-                        if not todo:
+                        if done():
                             return
                         for i, (key, _) in enumerate(todo):
                             fd = self._lock(key, wait=False)
