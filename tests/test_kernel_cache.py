@@ -391,6 +391,32 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     assert asked[-1] == ("ahead", 5) and ("ahead", 5) not in asked[:-1]
 
 
+def test_a_cancelled_compile_does_not_begin_a_module_it_waited_for(tmp_path, monkeypatch):
+    """A thread of a cancelled compile (Background.cancel) that waited on a module another process was compiling,
+    and finds no entry when that lock comes free, compiles nothing: it ends (a failed start does not wait a whole
+    compile more at its exit)."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    compiled = []
+
+    class Noted(Unit):
+        def compile(self):
+            compiled.append(self.name)
+            return b"x" * 64
+
+    unit = Noted("m.cu", TINY, str(tmp_path), (), "sm_90")
+    cache = Cache(str(tmp_path / "cache"))
+    os.makedirs(cache.dir)
+    held = cache._lock(unit.key(), wait=True)   # "another process" compiles it (flock: per open file)
+    stop = threading.Event()
+    t = threading.Thread(target=cache.get_all, args=([unit], 1, stop))
+    t.start()
+    time.sleep(0.3)                              # the thread waits on the module's lock
+    stop.set()
+    os.close(held)                               # the other ends without an entry
+    t.join(10)
+    assert not t.is_alive() and compiled == []
+
+
 def test_a_worker_whose_start_fails_cancels_its_compiles_ahead(monkeypatch):
     """The compile ahead holds the process at its exit until its threads end (concurrent.futures joins them): a
     worker whose build fails (a wrong --model) cancels it, so it ends after the compiles running, not the node's set."""

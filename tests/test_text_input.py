@@ -531,7 +531,11 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again")
     monkeypatch.setattr(T, "encode_texts", no_tokenizing)
-    # the read-ahead probe (a child process) hashes the text as it reads it: this process does not read it again
+    # the read-ahead probe (a child process) hashes the text as it reads it: this process does not read it again.
+    # The child runs this gpt2job, also from a folder holding another (it would lose the hang guard in silence)
+    (tmp_path / "elsewhere" / "gpt2job").mkdir(parents=True)
+    (tmp_path / "elsewhere" / "gpt2job" / "__init__.py").write_text("raise ImportError('another gpt2job')\n")
+    monkeypatch.chdir(tmp_path / "elsewhere")
     with h5py.File(conv, "r") as f:
         assert P.probe_readable(conv) == P.texts_digest(f["prompts"]) == want.text_digest
     monkeypatch.setattr(P, "texts_digest", lambda ds, read=None: pytest.fail("the text read a second time"))

@@ -169,7 +169,12 @@ class PromptSet:
 PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first of these it has is read
 
 PROBE = """
-import sys, h5py
+import sys
+root = %r   # the parent's gpt2job, not one found in the child's folder first
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+if root not in sys.path:
+    sys.path.insert(0, root)
+import h5py
 from gpt2job.files.h5files import read_rows
 from gpt2job.files import token_cache
 from gpt2job.files.prompts import texts_digest
@@ -185,7 +190,8 @@ with h5py.File(sys.argv[1], "r") as f:
             else:
                 d[()]
             break
-""" % (PROMPT_DATASETS, PROMPT_DATASETS[1], BLOCK_ROWS, BLOCK_ROWS)
+""" % (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PROMPT_DATASETS,
+       PROMPT_DATASETS[1], BLOCK_ROWS, BLOCK_ROWS)
 
 
 def probe_readable(path):

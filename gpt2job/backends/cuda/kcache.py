@@ -283,6 +283,9 @@ class Cache:
                     data = self.load(key)   # another process's, finished while we waited
                     if data is None:
                         slot = self._slot() if slot is None else slot
+                        with self._mu:
+                            if stop is not None and stop.is_set():
+                                return
                         data = u.compile()
                         self._store(key, data)
                         with self._mu:
@@ -343,11 +346,17 @@ _background_mu = threading.Lock()
 
 
 def compile_in_background(jobs, folder):
-    """A started Background compiling the jobs (compile_modules' arguments) into folder."""
+    """A started Background compiling the jobs (compile_modules' arguments) into folder, or None where no thread
+    could start."""
     bg = Background(jobs, folder)
     with _background_mu:
         _background[folder] = bg
-    bg.thread.start()
+    try:
+        bg.thread.start()
+    except RuntimeError:   # ("can't start new thread")
+        with _background_mu:
+            del _background[folder]
+        return None
     return bg
 
 
