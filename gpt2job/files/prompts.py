@@ -221,8 +221,11 @@ def probe_readable(path):
 def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
     prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
+    before = _identity(path)
     probed = probe_readable(path)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
+        if probed and _identity(path) != before:   # written since the probe read it: its digest is not this text's
+            probed = None
         try:
             tokens, text = PROMPT_DATASETS
             if tokens in f:
@@ -239,6 +242,14 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
             # damaged structure, dangling or looping links, unreadable types
             raise UserError(f"cannot be read ({first_line(e)})",
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
+
+
+def _identity(path):
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 def _read_token_dataset(path, ds, vocab_size=None):
