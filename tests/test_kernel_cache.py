@@ -10,6 +10,7 @@ import signal
 import subprocess
 import threading
 import time
+import types
 
 import pytest
 
@@ -46,6 +47,43 @@ def counted(tmp_path, monkeypatch):
     monkeypatch.setattr(Counted, "rendezvous", None)
     open(Counted.log, "w").close()
     return lambda: [line.split() for line in open(Counted.log)]
+
+
+class Spanned(Unit):
+    """A stand-in compile of 0.3 s that appends its span (start, end, module name) to Spanned.log (any process)."""
+    log = None
+
+    def compile(self):
+        t0 = time.time()
+        time.sleep(0.3)
+        with open(Spanned.log, "a") as fh:
+            fh.write(f"{t0} {time.time()} {self.name}\n")
+        return hashlib.sha256(self.text.encode()).digest() * 4
+
+
+@pytest.fixture
+def spans(tmp_path, monkeypatch):
+    """Spanned units m0.cu.. (make(n)) and the spans of their compiles so far, in start order (read())."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(Spanned, "log", str(tmp_path / "spans"))
+    open(Spanned.log, "w").close()
+
+    def make(n, prefix="m"):
+        return [Spanned(f"{prefix}{i}.cu", f"// module {prefix}{i}\n" + TINY, str(tmp_path), (), "sm_90")
+                for i in range(n)]
+
+    def read():
+        return sorted((float(a), float(b), name) for a, b, name in (line.split() for line in open(Spanned.log)))
+    return types.SimpleNamespace(make=make, read=read)
+
+
+def most_at_once(spans):
+    """The most compiles that ran at the same time."""
+    running = most = 0
+    for _, step in sorted([(a, 1) for a, _, _ in spans] + [(b, -1) for _, b, _ in spans]):
+        running += step
+        most = max(most, running)
+    return most
 
 
 def test_the_key_follows_source_headers_defines_arch_and_compiler(tmp_path, monkeypatch):
@@ -136,54 +174,25 @@ def test_different_modules_compile_at_once_across_processes(tmp_path, counted, m
     assert out[0][1] == out[1][1]
 
 
-def test_no_more_compiles_at_once_on_a_node_than_it_has_cores(tmp_path, monkeypatch):
+def test_no_more_compiles_at_once_on_a_node_than_it_has_cores(tmp_path, monkeypatch, spans):
     """15 ranks of 8 threads each ran 24 nvcc at once on 16 cores, the longest module (which sets a cold start) at
     2/3 speed: a node's compiles take one of its cores' slots each (Cache._slot). Here 2 cores, 3 processes of 3
     threads asking for 6 modules: each compiled once, never more than 2 at once."""
-    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(kcache.os, "cpu_count", lambda: 2)
-    spans = tmp_path / "spans"
-
-    class Timed(Unit):
-        def compile(self):
-            t0 = time.time()
-            time.sleep(0.3)
-            with open(spans, "a") as fh:
-                fh.write(f"{t0} {time.time()} {self.name}\n")
-            return hashlib.sha256(self.text.encode()).digest() * 4
-
-    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
-    _run_together(3, str(tmp_path / "cache"), units, threads=3)
-    rows = [line.split() for line in open(spans)]
+    _run_together(3, str(tmp_path / "cache"), spans.make(6), threads=3)
+    rows = spans.read()
     assert sorted(name for _, _, name in rows) == [f"m{i}.cu" for i in range(6)]
-    events = sorted([(float(a), 1) for a, _, _ in rows] + [(float(b), -1) for _, b, _ in rows])
-    running = most = 0
-    for _, step in events:
-        running += step
-        most = max(most, running)
-    assert most == 2, rows
+    assert most_at_once(rows) == 2, rows
 
 
-def test_the_node_s_slots_go_to_the_modules_in_order_the_longest_first(tmp_path, monkeypatch):
+def test_the_node_s_slots_go_to_the_modules_in_order_the_longest_first(tmp_path, monkeypatch, spans):
     """A cold start waits for its longest module: 15 processes each holding some modules' locks polled for 16 slots,
     and the longest (~10 s) started seconds late. A thread now takes a slot first, then the first module left in
     the order given, which compile_modules makes the longest first (COMPILE_FIRST). 2 processes of 3 threads, 2
     slots, 6 modules: the first two to start are the first two in order."""
-    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(kcache.os, "cpu_count", lambda: 2)
-    spans = tmp_path / "spans"
-
-    class Timed(Unit):
-        def compile(self):
-            t0 = time.time()
-            time.sleep(0.3)
-            with open(spans, "a") as fh:
-                fh.write(f"{t0} {self.name}\n")
-            return hashlib.sha256(self.text.encode()).digest() * 4
-
-    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
-    _run_together(2, str(tmp_path / "cache"), units, threads=3)
-    started = [name for _, name in sorted((float(t), n) for t, n in (line.split() for line in open(spans)))]
+    _run_together(2, str(tmp_path / "cache"), spans.make(6), threads=3)
+    started = [name for _, _, name in spans.read()]
     assert sorted(started) == [f"m{i}.cu" for i in range(6)], started
     assert sorted(started[:2]) == ["m0.cu", "m1.cu"] and sorted(started[2:4]) == ["m2.cu", "m3.cu"], started
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, module_jobs
@@ -192,32 +201,18 @@ def test_the_node_s_slots_go_to_the_modules_in_order_the_longest_first(tmp_path,
     assert sorted(jobs) == sorted(module_jobs(F16_DEFAULT))
 
 
-def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch):
+def test_one_process_compiles_with_every_slot_of_the_node(tmp_path, monkeypatch, spans):
     """A job's only worker (2 ranks) compiled with 8 threads, so on a 16-core node 29 modules queued behind 8 nvcc
     while 8 slots stayed free: a process's threads default to the node's slots (kcache.node_slots)."""
-    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(kcache.os, "cpu_count", lambda: 10)
     monkeypatch.setattr(kcache.os, "sched_getaffinity", lambda pid: set(range(10)))   # unbound (run_inference.sh)
-    running, most, mu = [0], [0], threading.Lock()
-
-    class Timed(Unit):
-        def compile(self):
-            with mu:
-                running[0] += 1
-                most[0] = max(most[0], running[0])
-            time.sleep(0.3)
-            with mu:
-                running[0] -= 1
-            return hashlib.sha256(self.text.encode()).digest() * 4
-
-    units = [Timed(f"m{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(10)]
-    assert len(Cache(str(tmp_path / "cache")).get_all(units)) == 10
-    assert most[0] == 10
+    assert len(Cache(str(tmp_path / "cache")).get_all(spans.make(10))) == 10
+    assert most_at_once(spans.read()) == 10
     # bound to 3 cores (Slurm's --cpus-per-task, mpirun's binding): its nvcc would share them, so 3 threads
     monkeypatch.setattr(kcache.os, "sched_getaffinity", lambda pid: {0, 1, 2})
-    most[0] = 0
-    units = [Timed(f"n{i}.cu", f"// module {i}\n" + TINY, str(tmp_path), (), "sm_90") for i in range(6)]
-    assert len(Cache(str(tmp_path / "cache")).get_all(units)) == 6 and most[0] == 3
+    open(Spanned.log, "w").close()
+    assert len(Cache(str(tmp_path / "cache")).get_all(spans.make(6, "n"))) == 6
+    assert most_at_once(spans.read()) == 3
 
 
 def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):
@@ -333,7 +328,6 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     GPUs, its compute capability) start compiling in a background thread before the weights are read; the
     backend's own compile (Kernels: compile_modules) then waits on their locks, finds them, or compiles the ones
     not begun yet: each module once. Without a GPU driver nothing starts."""
-    import types
     from gpt2job import backends
     from gpt2job.backends.cuda import prebuild
     from gpt2job.backends.cuda.kernels import F16_DEFAULT_NOT_HOPPER, module_jobs
@@ -420,7 +414,6 @@ def test_a_cancelled_compile_does_not_begin_a_module_it_waited_for(tmp_path, mon
 def test_a_worker_whose_start_fails_cancels_its_compiles_ahead(monkeypatch):
     """The compile ahead holds the process at its exit until its threads end (concurrent.futures joins them): a
     worker whose build fails (a wrong --model) cancels it, so it ends after the compiles running, not the node's set."""
-    import types
     from gpt2job.cluster import worker
     from gpt2job.errors import UserError
     handle = types.SimpleNamespace(cancelled=False)
