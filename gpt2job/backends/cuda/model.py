@@ -216,9 +216,9 @@ class Model:
             out.append(("logits", hr * self.Vpad * 4))
         return out + (self.tempered_buffers(hr) if head == "tempered" else [])
 
-    def tempered_buffers(self, head_rows):
-        """(name, bytes) of rule 6's partials and keys in the fused head (none where no tile takes head_rows)."""
-        hr = head_rows
+    def tempered_buffers(self, hr):
+        """(name, bytes) of rule 6's partials and keys in the fused head for hr head rows (none where no tile takes
+        hr rows)."""
         return [] if self.tempered_tile(hr) is None else [("argmax_part", hr * -(-self.V // CHUNK) * 8),
                                                            ("tempered", hr * 8)]
 
