@@ -47,11 +47,13 @@ def one(work, inp, gpus, ranks, cache, calls, wrapper, model="random:gpt2"):
                 timeout=600, extra=extra, env=env, ranks=ranks)
     sm = r["summary"] or {}
     workers = sm.get("workers", [])
-    runs = []   # (start, end) of each nvcc compile, seconds since the launch
+    runs = []   # (start, end, defines) of each nvcc compile, seconds since the launch
     if os.path.exists(calls):
         with open(calls) as f:
-            runs = [(float(x[0]) - t0, float(x[1]) - t0) for x in (line.split() for line in f) if "--version" not in x]
+            runs = [(float(x[0]) - t0, float(x[1]) - t0, " ".join(a for a in x[2:] if a.startswith("-D")))
+                    for x in (line.split() for line in f) if "--version" not in x]
     compiles = len(runs)
+    longest = max(runs, key=lambda x: x[1] - x[0]) if runs else None
     entries = sum(len(fs) for _, _, fs in os.walk(cache))
     return {"bench": "cold_start", "ranks": ranks, "workers": ranks - 1, "rc": r["rc"],
             "time_to_ready_s": sm.get("time_to_ready_s"), "wall_s": sm.get("wall_s"),
@@ -59,9 +61,12 @@ def one(work, inp, gpus, ranks, cache, calls, wrapper, model="random:gpt2"):
             "workers_with_work": sum(1 for w in workers if w.get("chunks")), "nvcc_compiles": compiles,
             "cache_files": entries, "workers_ready_s": sorted(round(w["ready_s"], 2) for w in workers
                                                              if w.get("ready_s") is not None),
-            "nvcc_first_start_s": round(min(a for a, _ in runs), 2) if runs else None,
-            "nvcc_last_end_s": round(max(b for _, b in runs), 2) if runs else None,
-            "nvcc_longest_s": round(max(b - a for a, b in runs), 2) if runs else None, "throughput_tok_s": sm.get("throughput_tokens_per_s"), "cmd": r["cmd"],
+            "nvcc_first_start_s": round(min(a for a, _, _ in runs), 2) if runs else None,
+            "nvcc_last_end_s": round(max(b for _, b, _ in runs), 2) if runs else None,
+            "nvcc_longest_s": round(longest[1] - longest[0], 2) if runs else None,
+            "nvcc_longest_start_s": round(longest[0], 2) if runs else None,
+            "nvcc_longest_defines": longest[2] if runs else None,
+            "throughput_tok_s": sm.get("throughput_tokens_per_s"), "cmd": r["cmd"],
             "tail": "" if r["rc"] == 0 else r["log_tail"][-1500:]}
 
 

@@ -45,7 +45,7 @@ def main():
     if a.tma_split:
         return tma_split(tuple(v for v in a.variants.split(",") if v))
     from gpt2job.backends.cuda import cuda_src_dir
-    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    from gpt2job.backends.cuda.nvcc import nvcc_cubin
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, module_jobs
     src = cuda_src_dir()
     variants = tuple(v for v in a.variants.split(",") if v) or F16_DEFAULT
@@ -80,7 +80,7 @@ def main():
 
 def tma_split(variants):
     from gpt2job.backends.cuda import cuda_src_dir
-    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    from gpt2job.backends.cuda.nvcc import nvcc_cubin
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, F16_TILES
     src = cuda_src_dir()
     with open(os.path.join(src, "gemm_tma.cu")) as fh:

@@ -38,8 +38,8 @@ def opcode(sass):
 
 def line_map(source, kernel, arch, defines):
     """{SASS offset: (source line, opcode)} of kernel in a -lineinfo build of source: the runtime build's nvcc command
-    line (kcache.nvcc_cubin) with -lineinfo where ncu_source.sh puts it."""
-    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    line (nvcc.nvcc_cubin) with -lineinfo where ncu_source.sh puts it."""
+    from gpt2job.backends.cuda.nvcc import nvcc_cubin
     with open(source) as fh:
         cubin = nvcc_cubin(fh.read(), arch, ("-std=c++17", "-lineinfo", *["-D" + x for x in defines]),
                            [os.path.dirname(os.path.abspath(source))], nvcc=tool("nvcc"))

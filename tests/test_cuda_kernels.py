@@ -244,7 +244,7 @@ extern "C" __global__ void gelu_bits(unsigned base, unsigned n, unsigned long lo
 def test_gelu_tanh_fast_keeps_the_bits_of_its_expf_form_for_every_float(K):
     """The fp16 products' GELU (common.cuh gelu_tanh_fast) flushes its exp's subnormal results to zero
     (ex2.approx.ftz), which 1 + e rounds away all the same: every float32 input gives __expf's bits."""
-    from gpt2job.backends.cuda.kcache import nvcc_cubin
+    from gpt2job.backends.cuda.nvcc import nvcc_cubin
     src = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "cuda_src")
     arch = "sm_%d%d" % drv.Context.get_device().compute_capability()
     f = drv.module_from_buffer(nvcc_cubin(GELU_BITS, arch, ("-std=c++17",), [src])).get_function("gelu_bits")

@@ -17,6 +17,7 @@ only frees, as it closes, the objects given to Device.own:
   kernels_select.py  the token-selection kernels' records and launchers (a mixin of Kernels)
   registry.py      the kernel record type (Kernel, register, KERNELS) both of them use
   kcache.py        the node's kernel cache: each module compiled once per node, shared by its ranks
+  nvcc.py          one module's compile to a cubin (pycuda's compile, or the same nvcc command line without it)
   picks.py         which fp16 tile variant runs a product of a given shape
   options.py       KernelOptions: the kernel A/B switches (speed, not the model), read from GPT2JOB_* once
   plan.py          pure NumPy: prompt checks, the chunk's upload layout, prefill passes and tiles, KV groups
@@ -24,7 +25,7 @@ only frees, as it closes, the objects given to Device.own:
   tensor_maps.py   TMA descriptors of the Hopper products
   prebuild.py      the node's kernel cache filled before the modules load: `build-kernels` (nvcc, no GPU), and a
                    worker's compiles started before it reads its weights (compile_ahead)
-Only device.py, kernels.py (Kernels), kcache.py (compile_cubin) and prebuild.py (through device.init_driver) import
+Only device.py, kernels.py (Kernels), nvcc.py (compile_cubin) and prebuild.py (through device.init_driver) import
 pycuda, each only when called: when a backend is started or built, kernels compile or build-kernels looks for the
 node's GPU.
 """

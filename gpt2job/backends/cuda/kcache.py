@@ -11,15 +11,14 @@ process to need a module compiles it; the others wait on the lock, then load the
 dies while compiling leaves no entry, and the system drops its lock. Different modules compile at once: no more
 at once on the node than it has cores (Cache._slot); a thread of a process takes a slot, then the first module
 (the longest first: COMPILE_FIRST) no other process is compiling (a lock taken without waiting); where every module
-left is another's, it gives the slot back and waits on one. pycuda is imported only by compile_cubin, and only when
-it compiles.
+left is another's, it gives the slot back and waits on one; every module but the longest compiles at a lower
+priority (LATER_NICE). nvcc.py runs the compiles.
 """
 import fcntl
 import functools
 import glob
 import hashlib
 import importlib.metadata
-import importlib.util
 import os
 import random
 import re
@@ -33,6 +32,7 @@ from dataclasses import dataclass
 
 from gpt2job import envs
 from gpt2job.backends.cuda import cuda_src_dir
+from gpt2job.backends.cuda.nvcc import compile_cubin
 
 FORMAT = "gpt2job kernel cache 1: cubin, no_extern_c"   # change it when an entry's meaning changes
 _INCLUDE = re.compile(r'^[ \t]*#[ \t]*include[ \t]*"([^"]+)"', re.M)
@@ -41,6 +41,10 @@ _DIGEST = 32   # bytes of SHA-256 after the cubin
 # node's start waits for its longest compile, which must not queue behind short ones for a compile slot
 COMPILE_FIRST = ("gemm_tma.cu#tma128pp", "gemm_f32.cu", "gemm_tma.cu#tma256", "gemm_tma.cu#tma192p",
                  "gemm_tma.cu#tma192")
+# How much lower the priority (nice) of every other module's nvcc: on a cold node the longest compile competes with
+# the other compiles and with every rank's start (imports, weights); it gets the CPU first, the short modules have
+# seconds to spare
+LATER_NICE = 10
 
 
 def cache_dir():
@@ -104,6 +108,7 @@ class Unit:
     src_dir: str
     options: tuple     # nvcc flags other than -arch and -I, e.g. ("-std=c++17", "-DGEMM_TMA_BN=128")
     arch: str
+    nice: int = 0      # how much lower the priority of its nvcc than this process's (not part of the key)
 
     def key(self):
         """<readable name>-<hash of everything that makes the binary>."""
@@ -120,38 +125,6 @@ class Unit:
 
     def compile(self):
         return compile_cubin(self.text, self.arch, self.options, [self.src_dir])
-
-
-def compile_cubin(text, arch, options, include_dirs):
-    """The cubin of `text`: pycuda.compiler.compile without its cache (what Kernels always ran), else, where pycuda
-    cannot load (no pycuda, no CUDA driver), the same nvcc command line run here."""
-    try:
-        import pycuda.driver   # noqa: F401  (pycuda.compiler.compile needs it)
-        from pycuda.compiler import compile as pycuda_compile
-    except ImportError:
-        return nvcc_cubin(text, arch, options, include_dirs)
-    return pycuda_compile(text, no_extern_c=True, arch=arch, options=list(options), include_dirs=list(include_dirs),
-                          cache_dir=False)
-
-
-def nvcc_cubin(text, arch, options, include_dirs, nvcc="nvcc"):
-    """pycuda.compiler.compile(text, no_extern_c=True, arch=arch, options=options, include_dirs=include_dirs,
-    cache_dir=False) without pycuda: `nvcc --cubin OPTIONS -arch ARCH -I... kernel.cu` in a temporary folder (with
-    pycuda's header folder as the last -I where pycuda is installed), the same command line: the same bytes."""
-    dirs = list(include_dirs)
-    spec = importlib.util.find_spec("pycuda")   # finds, does not import
-    if spec is not None and spec.origin:
-        dirs.append(os.path.abspath(os.path.join(spec.origin, os.path.pardir, "cuda")))
-    with tempfile.TemporaryDirectory(prefix="gpt2job-nvcc-") as d:
-        with open(os.path.join(d, "kernel.cu"), "w") as fh:
-            fh.write(text)
-        cmd = [nvcc, "--cubin", *options, "-arch", arch, *["-I" + i for i in dirs], "kernel.cu"]
-        r = subprocess.run(cmd, cwd=d, capture_output=True, text=True)
-        out = os.path.join(d, "kernel.cubin")
-        if r.returncode != 0 or not os.path.isfile(out):
-            raise RuntimeError(f"nvcc failed (exit {r.returncode}): {' '.join(cmd)}\n{r.stdout}{r.stderr}")
-        with open(out, "rb") as fh:
-            return fh.read()
 
 
 def _flock(path, wait):
@@ -286,6 +259,8 @@ class Cache:
                         with self._mu:
                             if stop is not None and stop.is_set():
                                 return
+                        if u.nice:
+                            lower_priority(u.nice)
                         data = u.compile()
                         self._store(key, data)
                         with self._mu:
@@ -301,6 +276,23 @@ class Cache:
             for f in [ex.submit(work) for _ in range(n)]:
                 f.result()
         return out
+
+
+_lowered = threading.local()
+
+
+def lower_priority(n):
+    """Raise this thread's nice value by n (once per thread; the processes it starts inherit it). Linux's nice is a
+    thread's: the process's other threads keep theirs. Only the compile pool's threads call it, never a rank's main
+    thread, which could not take it back."""
+    if getattr(_lowered, "done", False):
+        return
+    _lowered.done = True
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+    except (AttributeError, OSError):
+        pass   # (no setpriority: the compile runs at the process's priority)
 
 
 def node_slots():
@@ -382,8 +374,10 @@ def compile_modules(jobs, folder, threads=None):
 def _compile(jobs, folder, threads, stop):
     src = cuda_src_dir()
     units = []
-    for key, fname, defs, arch in sorted(jobs, key=compile_first):
+    for job in sorted(jobs, key=compile_first):
+        key, fname, defs, arch = job
         with open(os.path.join(src, fname)) as fh:
-            units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch))
+            units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch,
+                              0 if compile_first(job) == 0 else LATER_NICE))
     cache = Cache(folder)
     return cache.get_all(units, threads, stop), cache.compiled
