@@ -61,6 +61,14 @@ import gc, resource
 gc.collect()
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
+    "read a token input": ("k.jsonl", """
+from gpt2job.files.prompt_files import convert
+from gpt2job.files.prompts import read_prompts
+convert(SRC, OUT + '/o.h5')   # prompt_tokens, variable-length rows
+import gc, resource
+gc.collect()
+BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+RUN = lambda: read_prompts(OUT + '/o.h5', None, 50257)"""),
     "dedup keys and groups of 4M ragged prompts": (None, """
 import numpy as np
 from gpt2job.files.prompts import PromptSet

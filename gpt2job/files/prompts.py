@@ -120,6 +120,11 @@ class PromptSet:
         return self._lengths
 
     @property
+    def grid_width(self):
+        """T of a grid (PromptSet.grid: no offsets held), else None."""
+        return self._width if self._offsets is None else None
+
+    @property
     def width(self):
         """The prompts' common length when they all have one (a 2-D input), else None."""
         if not hasattr(self, "_width"):
@@ -174,65 +179,93 @@ root = %r   # the parent's gpt2job, not one found in the child's folder first
 sys.path[:] = [p for p in sys.path if p not in ("", ".")]
 if root not in sys.path:
     sys.path.insert(0, root)
+import os
 import h5py
+import numpy as np
 from gpt2job.files.h5files import read_rows
 from gpt2job.files import token_cache
-from gpt2job.files.prompts import texts_digest
-with h5py.File(sys.argv[1], "r") as f:
+from gpt2job.files import prompts
+from gpt2job.files.prompts import _read_token_dataset, texts_digest
+path, vocab, folder = sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None, sys.argv[3]
+prompts.BLOCK_ROWS = int(sys.argv[4])   # the parent's
+with h5py.File(path, "r") as f:
     for name in %r:
         if name in f:
             d = f[name]
-            if name == %r and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+            if name == %r and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
+                ps = _read_token_dataset(path, d, vocab)
+                grid = ps.grid_width is not None
+                np.save(os.path.join(folder, "tokens.npy"), ps.tokens.reshape(len(ps), ps.grid_width) if grid else
+                        ps.tokens)
+                if not grid:
+                    np.save(os.path.join(folder, "offsets.npy"), ps.offsets)
+                print("arrays " + d.name.lstrip("/"))
+            elif name == %r and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
                 print(texts_digest(d, read_rows))   # what a rerun checks its kept ids by (else it tokenizes)
             elif getattr(d, "ndim", 0) >= 1:
-                for a in range(0, d.shape[0], %d):
-                    read_rows(d, a, a + %d)   # (its check: HDF5 would allocate what a bad row claims)
+                for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
+                    read_rows(d, a, a + prompts.BLOCK_ROWS)   # (its check: HDF5 would allocate what a bad row claims)
             else:
                 d[()]
             break
 """ % (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PROMPT_DATASETS,
-       PROMPT_DATASETS[1], BLOCK_ROWS, BLOCK_ROWS)
+       PROMPT_DATASETS[0], PROMPT_DATASETS[1])
 
 
-def probe_readable(path):
-    """Read the prompts once in a child process with a deadline: on some damaged files the HDF5
-    library loops forever, and a job must end with a message rather than hang. Any other failure
-    is left to the real read, which names it. The child reads a block at a time (bounded memory).
-    Returns the text prompts' digest (texts_digest) where the child computed one as it read them, else None:
-    a rerun then checks its kept token ids without reading the text a second time."""
+def probe_readable(path, vocab_size=None):
+    """Read the prompts once in a child process with a deadline: on some damaged files the HDF5 library loops
+    forever, and a job must end with a message rather than hang. Any other failure is left to the real read, which
+    names it. The child reads a block at a time (bounded memory). Returns (digest, prompts), each None where the child
+    did not give it: a text's digest (texts_digest: a rerun checks its kept ids by it, not reading the text again);
+    token ids as the child read them (_read_token_dataset), handed back in .npy files, not read a second time."""
     import subprocess
+    import tempfile
     try:
         size = os.path.getsize(path)
     except OSError:
-        return None
+        return None, None
     timeout = 60 + 30 * size / 1e9
-    try:
-        r = subprocess.run([sys.executable, "-c", PROBE, path], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                           stderr=subprocess.DEVNULL, timeout=timeout, text=True)
-    except subprocess.TimeoutExpired:
-        raise UserError(f"reading it did not finish within {timeout:.0f} s (the HDF5 library loops on this file)",
-                        path, "input", "the file is damaged; write it again")
-    except OSError:
-        return None
-    out = r.stdout.strip()
-    return out if r.returncode == 0 and out.startswith("sha256:") else None
+    with tempfile.TemporaryDirectory(prefix="gpt2job-probe-") as folder:
+        try:
+            r = subprocess.run([sys.executable, "-c", PROBE, path, "" if vocab_size is None else str(vocab_size),
+                                folder, str(BLOCK_ROWS)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               timeout=timeout, text=True)
+        except subprocess.TimeoutExpired:
+            raise UserError(f"reading it did not finish within {timeout:.0f} s (the HDF5 library loops on this "
+                            "file)", path, "input", "the file is damaged; write it again")
+        except OSError:
+            return None, None
+        out = r.stdout.strip()
+        if r.returncode != 0:
+            return None, None
+        if out.startswith("sha256:"):
+            return out, None
+        if out.startswith("arrays "):
+            try:
+                tokens = np.load(os.path.join(folder, "tokens.npy"))
+                if tokens.ndim == 2:
+                    return None, PromptSet.grid(tokens, out[len("arrays "):])
+                return None, PromptSet(np.load(os.path.join(folder, "offsets.npy")), tokens, out[len("arrays "):])
+            except (OSError, ValueError):
+                return None, None
+        return None, None
 
 
 def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
     prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
     before = _identity(path)
-    probed = probe_readable(path)
+    digest, probed = probe_readable(path, vocab_size)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
-        if probed and _identity(path) != before:   # written since the probe read it: its digest is not this text's
-            probed = None
+        if _identity(path) != before:   # written since the probe read it: what it read is not this file's
+            digest = probed = None
         try:
             tokens, text = PROMPT_DATASETS
             if tokens in f:
-                return _read_token_dataset(path, f[tokens], vocab_size)
+                return probed or _read_token_dataset(path, f[tokens], vocab_size)
             if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
                 kept = token_cache.read(f, tokenizer_factory)
-                if kept and kept[2] == (probed or texts_digest(f[text])):
+                if kept and kept[2] == (digest or texts_digest(f[text])):
                     blocks = TokenBlocks(vocab_size)
                     blocks.add(kept[1])
                     return PromptSet(kept[0], blocks.result(), "prompts", text_digest=kept[2])
