@@ -12,6 +12,7 @@ OLD=$(cd "${1:?usage: cold_ab.sh OLD_TREE}" && pwd)
 cd "$(dirname "$0")/.." || exit 1
 ROUNDS=${ROUNDS:-2}
 MODEL=${MODEL:-random:gpt2}
+rm -f "$OUT/cold_ab.jsonl" "$OUT/cold_ab.log"   # (this run's lines only)
 OUT=$(mkdir -p "${OUT:-bench-out/cold-ab}" && cd "${OUT:-bench-out/cold-ab}" && pwd)
 for r in $(seq "$ROUNDS"); do
     for tree in old new; do

@@ -1,12 +1,15 @@
 """The master's prompts in 2 bytes a token (issue "reliability" §3): uint16 ids when the model's vocabulary fits,
 checked before narrowing (an id that does not fit is reported as it was, never wrapped); the resume key, dedup and
 the chunks' int32 tokens the same as with int32 prompts; a 2-D input holds no offsets."""
+import time
+
 import h5py
 import numpy as np
 import pytest
 
 from gpt2job.cluster.scheduler import Scheduler
 from gpt2job.files import prompts as P
+from gpt2job.files import read_ahead
 from gpt2job.files.dedup import group_identical
 from gpt2job.files.prompt_checks import validate
 from gpt2job.files.prompts import PromptSet, read_prompts
@@ -85,8 +88,25 @@ def test_the_probe_hands_the_token_ids_back_and_the_master_reads_them_once(tmp_p
     assert (got.tokens == want.tokens).all() and (got.lengths == want.lengths).all() and len(got) == 11
     assert got.fingerprint() == want.fingerprint() and got.source == "prompt_tokens"
     assert (got.grid_width, want.grid_width) == ((16, 16) if kind == "grid" else (None, None))
-    monkeypatch.setattr(P, "PROBE", "import sys; sys.exit(1)")   # a child that gives nothing: the master reads
-    assert read_prompts(path, None, 50257).fingerprint() == want.fingerprint() and len(reads) == 1
+    monkeypatch.setattr(read_ahead, "CHILD", "import sys; sys.exit(1)")   # a child that gives nothing: the master
+    assert read_prompts(path, None, 50257).fingerprint() == want.fingerprint() and len(reads) == 1   # reads
+
+
+def test_a_child_past_its_deadline_is_a_damaged_file_and_a_slow_hand_back_is_read_again(tmp_path, monkeypatch):
+    """The read-ahead's deadline (60 s + 30 s per GB of the file) is for the read, where HDF5 may loop: past it the
+    job stops with one line and the child is killed. Its hand-back's write has its own deadline; past that the master
+    reads the file itself (a slow temporary folder is not a damaged input)."""
+    path = str(tmp_path / "in.h5")
+    write(path, grid=np.ones((3, 4)))
+    monkeypatch.setattr(read_ahead, "DEADLINE_S", 1)
+    monkeypatch.setattr(read_ahead, "DEADLINE_S_PER_GB", 0)
+    monkeypatch.setattr(read_ahead, "CHILD", "import time; time.sleep(60)")
+    t = time.monotonic()
+    with pytest.raises(P.UserError, match="did not finish within 1 s"):
+        read_prompts(path, None, 50257)
+    monkeypatch.setattr(read_ahead, "CHILD", "import time; print('read 1000', flush=True); time.sleep(60)")
+    assert read_prompts(path, None, 50257).tokens.tolist() == [1] * 12
+    assert time.monotonic() - t < 20   # (each child killed at its deadline, not waited for)
 
 
 def test_a_token_input_s_mistake_is_named_by_the_master_s_own_read(tmp_path):

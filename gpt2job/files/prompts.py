@@ -6,13 +6,13 @@ or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both
 import hashlib
 import itertools
 import os
-import sys
 
 import numpy as np
 
 from gpt2job.errors import UserError, first_line
 from gpt2job.files import token_cache
 from gpt2job.files.h5files import contents, open_readable, read_rows
+from gpt2job.files.read_ahead import read_ahead
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -173,96 +173,21 @@ class PromptSet:
 
 PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first of these it has is read
 
-PROBE = """
-import sys
-root = %r   # the parent's gpt2job, not one found in the child's folder first
-sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-if root not in sys.path:
-    sys.path.insert(0, root)
-import os
-import h5py
-import numpy as np
-from gpt2job.files.h5files import read_rows
-from gpt2job.files import token_cache
-from gpt2job.files import prompts
-from gpt2job.files.prompts import _read_token_dataset, texts_digest
-path, vocab, folder = sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None, sys.argv[3]
-prompts.BLOCK_ROWS = int(sys.argv[4])   # the parent's
-with h5py.File(path, "r") as f:
-    for name in %r:
-        if name in f:
-            d = f[name]
-            if name == %r and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
-                ps = _read_token_dataset(path, d, vocab)
-                grid = ps.grid_width is not None
-                np.save(os.path.join(folder, "tokens.npy"), ps.tokens.reshape(len(ps), ps.grid_width) if grid else
-                        ps.tokens)
-                if not grid:
-                    np.save(os.path.join(folder, "offsets.npy"), ps.offsets)
-                print("arrays " + d.name.lstrip("/"))
-            elif name == %r and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
-                print(texts_digest(d, read_rows))   # what a rerun checks its kept ids by (else it tokenizes)
-            elif getattr(d, "ndim", 0) >= 1:
-                for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
-                    read_rows(d, a, a + prompts.BLOCK_ROWS)   # (its check: HDF5 would allocate what a bad row claims)
-            else:
-                d[()]
-            break
-""" % (os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), PROMPT_DATASETS,
-       PROMPT_DATASETS[0], PROMPT_DATASETS[1])
-
-
-def probe_readable(path, vocab_size=None):
-    """Read the prompts once in a child process with a deadline: on some damaged files the HDF5 library loops
-    forever, and a job must end with a message rather than hang. Any other failure is left to the real read, which
-    names it. The child reads a block at a time (bounded memory). Returns (digest, prompts), each None where the child
-    did not give it: a text's digest (texts_digest: a rerun checks its kept ids by it, not reading the text again);
-    token ids as the child read them (_read_token_dataset), handed back in .npy files, not read a second time."""
-    import subprocess
-    import tempfile
-    try:
-        size = os.path.getsize(path)
-    except OSError:
-        return None, None
-    timeout = 60 + 30 * size / 1e9
-    with tempfile.TemporaryDirectory(prefix="gpt2job-probe-") as folder:
-        try:
-            r = subprocess.run([sys.executable, "-c", PROBE, path, "" if vocab_size is None else str(vocab_size),
-                                folder, str(BLOCK_ROWS)], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
-                               timeout=timeout, text=True)
-        except subprocess.TimeoutExpired:
-            raise UserError(f"reading it did not finish within {timeout:.0f} s (the HDF5 library loops on this "
-                            "file)", path, "input", "the file is damaged; write it again")
-        except OSError:
-            return None, None
-        out = r.stdout.strip()
-        if r.returncode != 0:
-            return None, None
-        if out.startswith("sha256:"):
-            return out, None
-        if out.startswith("arrays "):
-            try:
-                tokens = np.load(os.path.join(folder, "tokens.npy"))
-                if tokens.ndim == 2:
-                    return None, PromptSet.grid(tokens, out[len("arrays "):])
-                return None, PromptSet(np.load(os.path.join(folder, "offsets.npy")), tokens, out[len("arrays "):])
-            except (OSError, ValueError):
-                return None, None
-        return None, None
-
-
 def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
     prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
     before = _identity(path)
-    digest, probed = probe_readable(path, vocab_size)
+    digest, arrays = read_ahead(path, vocab_size, BLOCK_ROWS)   # (a child with a deadline: HDF5's loops)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
-        if _identity(path) != before:   # written since the probe read it: what it read is not this file's
-            digest = probed = None
+        if _identity(path) != before:   # written since the child read it: what it read is not this file's
+            digest = arrays = None
         try:
             tokens, text = PROMPT_DATASETS
             if tokens in f:
-                return probed or _read_token_dataset(path, f[tokens], vocab_size)
+                if arrays is not None:   # the child's read, not a second one
+                    name, offsets, ids = arrays
+                    return PromptSet.grid(ids, name) if offsets is None else PromptSet(offsets, ids, name)
+                return _read_token_dataset(path, f[tokens], vocab_size)
             if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
                 kept = token_cache.read(f, tokenizer_factory)
                 if kept and kept[2] == (digest or texts_digest(f[text])):

@@ -286,7 +286,7 @@ def lower_priority(n):
     thread's: the process's other threads keep theirs. Only the compile pool's threads call it, never a rank's main
     thread, which could not take it back."""
     if getattr(_lowered, "done", False):
-        return
+        return   # (a lowered thread that later takes the longest module, its first owner dead, compiles it lowered)
     _lowered.done = True
     try:
         tid = threading.get_native_id()
@@ -374,10 +374,12 @@ def compile_modules(jobs, folder, threads=None):
 def _compile(jobs, folder, threads, stop):
     src = cuda_src_dir()
     units = []
-    for job in sorted(jobs, key=compile_first):
+    jobs = sorted(jobs, key=compile_first)
+    first = compile_first(jobs[0]) if jobs else 0   # (not tma128pp's place where it is not compiled: pre-Hopper)
+    for job in jobs:
         key, fname, defs, arch = job
         with open(os.path.join(src, fname)) as fh:
             units.append(Unit(key, fh.read(), src, ("-std=c++17", *defs), arch,
-                              0 if compile_first(job) == 0 else LATER_NICE))
+                              0 if compile_first(job) == first else LATER_NICE))
     cache = Cache(folder)
     return cache.get_all(units, threads, stop), cache.compiled

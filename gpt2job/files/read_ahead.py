@@ -1,0 +1,120 @@
+"""The input's read-ahead: the prompts read once in a child process with a deadline, before the master reads them.
+On some damaged files the HDF5 library loops forever; a job must end with a message rather than hang, and a loop
+in the master's own process could not be stopped. What the child read is not wasted: a text's digest (a rerun checks
+its kept token ids by it, not reading the text again) and a token input's ids (handed back in an unlinked temporary
+file: the master does not read them a second time)."""
+import os
+import selectors
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from gpt2job.errors import UserError
+
+DEADLINE_S, DEADLINE_S_PER_GB = 60, 30   # the child's time to read the file: 60 s + 30 s per GB of it
+WRITE_BYTES_PER_S = 20e6                 # the least speed of its hand-back's write (then the master reads itself)
+
+CHILD = """
+import os, sys
+root = %r   # the parent's gpt2job, not one found in the child's folder first
+sys.path[:] = [p for p in sys.path if p not in ("", ".")]
+if root not in sys.path:
+    sys.path.insert(0, root)
+import h5py
+import numpy as np
+from gpt2job.files import prompts, token_cache
+from gpt2job.files.h5files import read_rows
+path, vocab, fd = sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None, int(sys.argv[3])
+prompts.BLOCK_ROWS = int(sys.argv[4])   # the parent's
+tokens, text = prompts.PROMPT_DATASETS
+with h5py.File(path, "r") as f:
+    name = next((n for n in (tokens, text) if n in f), None)
+    d = f[name] if name else None
+    if name == tokens and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
+        ps = prompts._read_token_dataset(path, d, vocab)
+        w = ps.grid_width
+        arrays = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
+        n = sum(a.nbytes for a in arrays) if fd >= 0 else 0
+        if n:
+            st = os.fstatvfs(fd)
+            n = n if n <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
+        print("read", n, flush=True)
+        if n:
+            with os.fdopen(fd, "wb") as fh:
+                for a in arrays:
+                    np.save(fh, a)
+            print("arrays", d.name.lstrip("/"), flush=True)
+    elif name == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+        print(prompts.texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
+    elif getattr(d, "ndim", 0) >= 1:
+        for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
+            read_rows(d, a, a + prompts.BLOCK_ROWS)   # (its check: HDF5 would allocate what a bad row claims)
+    elif d is not None:
+        d[()]
+""" % os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def read_ahead(path, vocab_size, block_rows):
+    """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); a token
+    input's arrays as the child read them (prompts._read_token_dataset): (dataset name, offsets or None, tokens,
+    [N, T] for a grid). Raises UserError where the child's read passes its deadline. Any other failure of the child
+    is left to the master's own read, which names it."""
+    try:
+        size = os.path.getsize(path)
+    except OSError:
+        return None, None
+    deadline = DEADLINE_S + DEADLINE_S_PER_GB * size / 1e9
+    try:
+        hand = tempfile.TemporaryFile(prefix="gpt2job-read-ahead-")   # unlinked: nothing is left, even on SIGKILL
+    except OSError:
+        hand = None   # (no temporary folder: the child reads, hands nothing back)
+    fd = hand.fileno() if hand is not None else -1
+    args = [sys.executable, "-c", CHILD, path, "" if vocab_size is None else str(vocab_size), str(fd), str(block_rows)]
+    try:
+        p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                             pass_fds=(fd,) if fd >= 0 else (), text=True)
+    except OSError:
+        if hand is not None:
+            hand.close()
+        return None, None
+    try:
+        first = _line(p, deadline)
+        if first is None:
+            raise UserError(f"reading it did not finish within {deadline:.0f} s (the HDF5 library loops on this "
+                            "file)", path, "input", "the file is damaged; write it again")
+        if first.startswith("sha256:"):
+            return (first if p.wait() == 0 else None), None
+        if not first.startswith("read ") or int(first.split()[1]) == 0:
+            return None, None
+        last = _line(p, DEADLINE_S + int(first.split()[1]) / WRITE_BYTES_PER_S)   # the file is read: its hand-back
+        if last is None or not last.startswith("arrays ") or p.wait() != 0:
+            return None, None
+        hand.seek(0)
+        head = np.load(hand)
+        return None, (last.split(None, 1)[1], None, head) if head.ndim == 2 else \
+            (last.split(None, 1)[1], head, np.load(hand))
+    except (OSError, ValueError, EOFError):
+        return None, None
+    finally:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+        p.stdout.close()
+        if hand is not None:
+            hand.close()
+
+
+def _line(p, seconds):
+    """The child's next line of output ('' at its end), or None where none came within `seconds`."""
+    end = time.monotonic() + seconds
+    with selectors.DefaultSelector() as sel:
+        sel.register(p.stdout, selectors.EVENT_READ)
+        while True:
+            left = end - time.monotonic()
+            if left <= 0:
+                return None
+            if sel.select(left):
+                return p.stdout.readline().strip()
