@@ -287,3 +287,24 @@ def test_pair_readers_fixes_name_the_pairs_datasets(tmp_path):
         read_score_input(path, lambda: None)
     assert e.value.field == "continuation_tokens"
     assert "'continuation' (UTF-8 strings) or 'continuation_tokens' (int token rows)" in e.value.fix
+
+
+def test_a_pair_input_is_read_ahead_with_a_deadline(tmp_path, monkeypatch):
+    """`score`'s context + continuation were read by the master alone: a file on which HDF5 loops would have hung
+    it. The read-ahead child (files/read_ahead.py, with its deadline) reads the pair's datasets first."""
+    from gpt2job.errors import UserError
+    from gpt2job.files import read_ahead
+    from gpt2job.files.score_input import read_score_input
+    path = tmp_path / "pairs.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("context_tokens", data=np.ones((2, 3), np.int32))
+        f.create_dataset("continuation_tokens", data=np.full((2, 2), 5, np.int32))
+    seen = tmp_path / "argv"
+    monkeypatch.setattr(read_ahead, "CHILD", f"import sys; open({str(seen)!r}, 'w').write(' '.join(sys.argv[5:]))")
+    ps, starts = read_score_input(path, lambda: None)
+    assert seen.read_text() == "context_tokens continuation_tokens" and ps.prompt(0).tolist() == [1, 1, 1, 5, 5]
+    monkeypatch.setattr(read_ahead, "DEADLINE_S", 1)
+    monkeypatch.setattr(read_ahead, "DEADLINE_S_PER_GB", 0)
+    monkeypatch.setattr(read_ahead, "CHILD", "import time; time.sleep(60)")
+    with pytest.raises(UserError, match="did not finish within 1 s"):
+        read_score_input(path, lambda: None)

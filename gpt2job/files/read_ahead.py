@@ -31,7 +31,11 @@ path, vocab, fd = sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None, int(sy
 prompts.BLOCK_ROWS = int(sys.argv[4])   # the parent's
 tokens, text = prompts.PROMPT_DATASETS
 with h5py.File(path, "r") as f:
-    name = next((n for n in (tokens, text) if n in f), None)
+    for other in sys.argv[5:]:   # (score's context and continuation: read, nothing handed back)
+        d = f[other]
+        for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
+            read_rows(d, a, a + prompts.BLOCK_ROWS)
+    name = next((n for n in (tokens, text) if n in f), None) if len(sys.argv) == 5 else None
     d = f[name] if name else None
     if name == tokens and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
         ps = prompts._read_token_dataset(path, d, vocab)
@@ -57,22 +61,24 @@ with h5py.File(path, "r") as f:
 """ % os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def read_ahead(path, vocab_size, block_rows):
+def read_ahead(path, vocab_size, block_rows, names=()):
     """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); a token
     input's arrays as the child read them (prompts._read_token_dataset): (dataset name, offsets or None, tokens,
-    [N, T] for a grid). Raises UserError where the child's read passes its deadline. Any other failure of the child
-    is left to the master's own read, which names it."""
+    [N, T] for a grid). With names (datasets other than the prompts: score's pairs) the child reads those only and
+    gives nothing. Raises UserError where the child's read passes its deadline. Any other failure of the child is
+    left to the master's own read, which names it."""
     try:
         size = os.path.getsize(path)
     except OSError:
         return None, None
     deadline = DEADLINE_S + DEADLINE_S_PER_GB * size / 1e9
-    try:
-        hand = tempfile.TemporaryFile(prefix="gpt2job-read-ahead-")   # unlinked: nothing is left, even on SIGKILL
+    try:   # unlinked: nothing is left, even on SIGKILL
+        hand = None if names else tempfile.TemporaryFile(prefix="gpt2job-read-ahead-")
     except OSError:
         hand = None   # (no temporary folder: the child reads, hands nothing back)
     fd = hand.fileno() if hand is not None else -1
-    args = [sys.executable, "-c", CHILD, path, "" if vocab_size is None else str(vocab_size), str(fd), str(block_rows)]
+    args = [sys.executable, "-c", CHILD, path, "" if vocab_size is None else str(vocab_size), str(fd), str(block_rows),
+            *names]
     try:
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              pass_fds=(fd,) if fd >= 0 else (), text=True)
