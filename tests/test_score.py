@@ -300,7 +300,7 @@ def test_a_pair_input_is_read_ahead_with_a_deadline(tmp_path, monkeypatch):
         f.create_dataset("context_tokens", data=np.ones((2, 3), np.int32))
         f.create_dataset("continuation_tokens", data=np.full((2, 2), 5, np.int32))
     seen = tmp_path / "argv"
-    monkeypatch.setattr(read_ahead, "CHILD", f"import sys; open({str(seen)!r}, 'w').write(' '.join(sys.argv[5:]))")
+    monkeypatch.setattr(read_ahead, "CHILD", f"import sys; open({str(seen)!r}, 'w').write(' '.join(sys.argv[6:]))")
     ps, starts = read_score_input(path, lambda: None)
     assert seen.read_text() == "context_tokens continuation_tokens" and ps.prompt(0).tolist() == [1, 1, 1, 5, 5]
     monkeypatch.setattr(read_ahead, "DEADLINE_S", 1)

@@ -202,6 +202,49 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
 
 
+def read_in_child(argv):
+    """read_ahead.py's child process: the prompts read as read_prompts reads them. argv = path, vocab size ('' for
+    none), hand-back descriptor (-1: none), BLOCK_ROWS, then the datasets to read where not the prompts (score's
+    pairs). Prints what it gives: "read N" then "arrays NAME" (a token input's arrays, N bytes written to the
+    descriptor), or a text's digest."""
+    import h5py
+    global BLOCK_ROWS
+    path, vocab, fd = argv[0], int(argv[1]) if argv[1] else None, int(argv[2])
+    BLOCK_ROWS = int(argv[3])   # the parent's (this is the child's own process)
+    names = argv[4:]
+    tokens, text = PROMPT_DATASETS
+
+    def read_all(d):   # (a block at a time: HDF5 would allocate what a bad row claims)
+        for a in range(0, d.shape[0], BLOCK_ROWS):
+            read_rows(d, a, a + BLOCK_ROWS)
+
+    with h5py.File(path, "r") as f:
+        for other in names:   # (nothing handed back)
+            read_all(f[other])
+        name = None if names else next((n for n in (tokens, text) if n in f), None)
+        d = f[name] if name else None
+        if name == tokens and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
+            ps = _read_token_dataset(path, d, vocab)
+            w = ps.grid_width
+            arrays = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
+            n = sum(a.nbytes for a in arrays) if fd >= 0 else 0
+            if n:
+                st = os.fstatvfs(fd)
+                n = n if n <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
+            print("read", n, flush=True)
+            if n:
+                with os.fdopen(fd, "wb") as fh:
+                    for a in arrays:
+                        np.save(fh, a)
+                print("arrays", d.name.lstrip("/"), flush=True)
+        elif name == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+            print(texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
+        elif getattr(d, "ndim", 0) >= 1:
+            read_all(d)
+        elif d is not None:
+            d[()]
+
+
 def _identity(path):
     try:
         st = os.stat(path)

@@ -2,7 +2,7 @@
 On some damaged files the HDF5 library loops forever; a job must end with a message rather than hang, and a loop
 in the master's own process could not be stopped. What the child read is not wasted: a text's digest (a rerun checks
 its kept token ids by it, not reading the text again) and a token input's ids (handed back in an unlinked temporary
-file: the master does not read them a second time)."""
+file: the master does not read them a second time). The child's read itself is prompts.read_in_child."""
 import os
 import selectors
 import subprocess
@@ -17,48 +17,11 @@ from gpt2job.errors import UserError
 DEADLINE_S, DEADLINE_S_PER_GB = 60, 30   # the child's time to read the file: 60 s + 30 s per GB of it
 WRITE_BYTES_PER_S = 20e6                 # the least speed of its hand-back's write (then the master reads itself)
 
-CHILD = """
-import os, sys
-root = %r   # the parent's gpt2job, not one found in the child's folder first
-sys.path[:] = [p for p in sys.path if p not in ("", ".")]
-if root not in sys.path:
-    sys.path.insert(0, root)
-import h5py
-import numpy as np
-from gpt2job.files import prompts, token_cache
-from gpt2job.files.h5files import read_rows
-path, vocab, fd = sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None, int(sys.argv[3])
-prompts.BLOCK_ROWS = int(sys.argv[4])   # the parent's
-tokens, text = prompts.PROMPT_DATASETS
-with h5py.File(path, "r") as f:
-    for other in sys.argv[5:]:   # (score's context and continuation: read, nothing handed back)
-        d = f[other]
-        for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
-            read_rows(d, a, a + prompts.BLOCK_ROWS)
-    name = next((n for n in (tokens, text) if n in f), None) if len(sys.argv) == 5 else None
-    d = f[name] if name else None
-    if name == tokens and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
-        ps = prompts._read_token_dataset(path, d, vocab)
-        w = ps.grid_width
-        arrays = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
-        n = sum(a.nbytes for a in arrays) if fd >= 0 else 0
-        if n:
-            st = os.fstatvfs(fd)
-            n = n if n <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
-        print("read", n, flush=True)
-        if n:
-            with os.fdopen(fd, "wb") as fh:
-                for a in arrays:
-                    np.save(fh, a)
-            print("arrays", d.name.lstrip("/"), flush=True)
-    elif name == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
-        print(prompts.texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
-    elif getattr(d, "ndim", 0) >= 1:
-        for a in range(0, d.shape[0], prompts.BLOCK_ROWS):
-            read_rows(d, a, a + prompts.BLOCK_ROWS)   # (its check: HDF5 would allocate what a bad row claims)
-    elif d is not None:
-        d[()]
-""" % os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the folder holding gpt2job
+# The child's command (python -c): the parent's gpt2job first on its path (not one in the folder it starts in), then
+# prompts.read_in_child with the arguments after the root
+CHILD = ("import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', '.', sys.argv[1])]; "
+         "from gpt2job.files.prompts import read_in_child; read_in_child(sys.argv[2:])")
 
 
 def read_ahead(path, vocab_size, block_rows, names=()):
@@ -77,8 +40,8 @@ def read_ahead(path, vocab_size, block_rows, names=()):
     except OSError:
         hand = None   # (no temporary folder: the child reads, hands nothing back)
     fd = hand.fileno() if hand is not None else -1
-    args = [sys.executable, "-c", CHILD, path, "" if vocab_size is None else str(vocab_size), str(fd), str(block_rows),
-            *names]
+    args = [sys.executable, "-c", CHILD, ROOT, path, "" if vocab_size is None else str(vocab_size), str(fd),
+            str(block_rows), *names]
     try:
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              pass_fds=(fd,) if fd >= 0 else (), text=True)
