@@ -55,11 +55,11 @@ def read_ahead(path, vocab_size, block_rows, names=()):
             raise UserError(f"reading it did not finish within {deadline:.0f} s (the HDF5 library loops on this "
                             "file)", path, "input", "the file is damaged; write it again")
         if first.startswith("sha256:"):
-            return (first if p.wait() == 0 else None), None
+            return (first if _exit_code(p, DEADLINE_S) == 0 else None), None
         if not first.startswith("read ") or int(first.split()[1]) == 0:
             return None, None
         last = _line(p, DEADLINE_S + int(first.split()[1]) / WRITE_BYTES_PER_S)   # the file is read: its hand-back
-        if last is None or not last.startswith("arrays ") or p.wait() != 0:
+        if last is None or not last.startswith("arrays ") or _exit_code(p, DEADLINE_S) != 0:
             return None, None
         hand.seek(0)
         head = np.load(hand)
@@ -87,3 +87,11 @@ def _line(p, seconds):
                 return None
             if sel.select(left):
                 return p.stdout.readline().strip()
+
+
+def _exit_code(p, seconds):
+    """The child's exit code, or None where it did not end within `seconds` (then killed, in read_ahead)."""
+    try:
+        return p.wait(timeout=seconds)
+    except subprocess.TimeoutExpired:
+        return None
