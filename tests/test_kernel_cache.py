@@ -338,6 +338,17 @@ def test_a_real_module_is_the_plain_nvcc_cubin(tmp_path):
     assert data == out.read_bytes()
 
 
+def stand_in_compiles(monkeypatch, compile, cache):
+    """kcache's compiles done by `compile` (compile_cubin's arguments), the nvcc version a stand-in, no GPT2JOB_*
+    variable set but the kernel cache's folder, `cache`."""
+    monkeypatch.setattr(kcache, "compile_cubin", compile)
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(envs, "_values", {})
+    for name in envs.VARS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(cache))
+
+
 def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_path, monkeypatch, capsys):
     from gpt2job.backends.cuda.kernels import F16_DEFAULT, F16_DEFAULT_NOT_HOPPER, module_jobs
     made = []
@@ -346,12 +357,7 @@ def test_build_kernels_fills_the_cache_and_a_second_run_compiles_nothing(tmp_pat
         made.append((arch, options))
         return hashlib.sha256(repr((text, arch, options)).encode()).digest()
 
-    monkeypatch.setattr(kcache, "compile_cubin", stand_in)
-    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
-    monkeypatch.setattr(envs, "_values", {})
-    for name in envs.VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    stand_in_compiles(monkeypatch, stand_in, tmp_path)
     hopper = module_jobs(F16_DEFAULT)
     assert cli.main(["build-kernels", "--arch", "sm_90a"]) == 0
     assert len(made) == len(hopper) and f"{len(hopper)} compiled, 0 already there" in capsys.readouterr().out
@@ -402,12 +408,7 @@ def test_a_worker_compiles_its_kernels_while_it_reads_its_weights(tmp_path, monk
     dev.count = lambda: 2
     monkeypatch.setattr(prebuild, "init_driver", lambda: drv)
     monkeypatch.setattr(backends, "pycuda_available", lambda: True)
-    monkeypatch.setattr(kcache, "compile_cubin", stand_in)
-    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
-    monkeypatch.setattr(envs, "_values", {})
-    for name in envs.VARS:
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("GPT2JOB_PYCUDA_CACHE", str(tmp_path))
+    stand_in_compiles(monkeypatch, stand_in, tmp_path)
     jobs = module_jobs(F16_DEFAULT_NOT_HOPPER, (8, 0))
     bg = prebuild.compile_ahead(3)
     assert asked == [1] and bg is not None and started.wait(10) and not made
