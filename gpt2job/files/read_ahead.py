@@ -56,9 +56,10 @@ def read_ahead(path, vocab_size, block_rows, names=()):
                             "file)", path, "input", "the file is damaged; write it again")
         if first.startswith("sha256:"):
             return (first if _exit_code(p, DEADLINE_S) == 0 else None), None
-        if not first.startswith("read ") or int(first.split()[1]) == 0:
+        n = int(first.split()[1]) if first.startswith("read ") else 0   # bytes handed back
+        if n == 0:
             return None, None
-        last = _line(p, DEADLINE_S + int(first.split()[1]) / WRITE_BYTES_PER_S)   # the file is read: its hand-back
+        last = _line(p, DEADLINE_S + n / WRITE_BYTES_PER_S)   # the file is read: its hand-back's write
         if last is None or not last.startswith("arrays ") or _exit_code(p, DEADLINE_S) != 0:
             return None, None
         hand.seek(0)
