@@ -289,6 +289,29 @@ def test_pair_readers_fixes_name_the_pairs_datasets(tmp_path):
     assert "'continuation' (UTF-8 strings) or 'continuation_tokens' (int token rows)" in e.value.fix
 
 
+def test_a_token_pair_is_handed_back_by_the_read_ahead_child(tmp_path, monkeypatch):
+    """The child read a token pair, then the master read it again: it now hands both datasets' arrays back (a grid
+    and ragged rows here), and the master reads them itself only where the child gave nothing."""
+    from gpt2job.files import read_ahead, score_input
+    path = tmp_path / "pairs.h5"
+    ctx = [np.arange(1 + i % 3, dtype=np.int32) + 7 for i in range(5)]
+    with h5py.File(path, "w") as f:
+        d = f.create_dataset("context_tokens", (5,), dtype=h5py.vlen_dtype(np.int32))
+        for i, r in enumerate(ctx):
+            d[i] = r
+        f.create_dataset("continuation_tokens", data=np.arange(10, dtype=np.int32).reshape(5, 2))
+    own = score_input._read_token_dataset
+    reads = []
+    monkeypatch.setattr(score_input, "_read_token_dataset", lambda *a: reads.append(a) or own(*a))
+    ps, starts = score_input.read_score_input(path, lambda: None)
+    assert reads == []   # the child's arrays, not a second read
+    want = [np.concatenate([c, [2 * i, 2 * i + 1]]).tolist() for i, c in enumerate(ctx)]
+    assert [ps.prompt(i).tolist() for i in range(5)] == want and starts.tolist() == [1, 2, 3, 1, 2]
+    monkeypatch.setattr(read_ahead, "CHILD", "import sys; sys.exit(1)")   # a child that gives nothing
+    again, _ = score_input.read_score_input(path, lambda: None)
+    assert len(reads) == 2 and again.fingerprint() == ps.fingerprint()
+
+
 def test_a_pair_input_is_read_ahead_with_a_deadline(tmp_path, monkeypatch):
     """`score`'s context + continuation were read by the master alone: a file on which HDF5 loops would have hung
     it. The read-ahead child (files/read_ahead.py, with its deadline) reads the pair's datasets first."""

@@ -184,9 +184,8 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
         try:
             tokens, text = PROMPT_DATASETS
             if tokens in f:
-                if arrays is not None:   # the child's read, not a second one
-                    name, offsets, ids = arrays
-                    return PromptSet.grid(ids, name) if offsets is None else PromptSet(offsets, ids, name)
+                if arrays and tokens in arrays:   # the child's read, not a second one
+                    return handed_back(arrays, tokens)
                 return _read_token_dataset(path, f[tokens], vocab_size)
             if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
                 kept = token_cache.read(f, tokenizer_factory)
@@ -202,16 +201,21 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
                             path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
 
 
+def handed_back(arrays, name):
+    """The PromptSet of a token dataset the read-ahead child read (read_ahead's arrays)."""
+    offsets, ids = arrays[name]
+    return PromptSet.grid(ids, name) if offsets is None else PromptSet(offsets, ids, name)
+
+
 def read_in_child(argv):
     """read_ahead.py's child process: the prompts read as read_prompts reads them. argv = path, vocab size ('' for
     none), hand-back descriptor (-1: none), BLOCK_ROWS, then the datasets to read where not the prompts (score's
-    pairs). Prints what it gives: "read N" then "arrays NAME" (a token input's arrays, N bytes written to the
+    pairs). Prints what it gives: "read N" then "arrays NAME..." (token datasets' arrays, N bytes written to the
     descriptor), or a text's digest."""
     import h5py
     global BLOCK_ROWS
     path, vocab, fd = argv[0], int(argv[1]) if argv[1] else None, int(argv[2])
     BLOCK_ROWS = int(argv[3])   # the parent's (this is the child's own process)
-    names = argv[4:]
     tokens, text = PROMPT_DATASETS
 
     def read_all(d):   # (a block at a time: HDF5 would allocate what a bad row claims)
@@ -219,30 +223,34 @@ def read_in_child(argv):
             read_rows(d, a, a + BLOCK_ROWS)
 
     with h5py.File(path, "r") as f:
-        for other in names:   # (nothing handed back)
-            read_all(f[other])
-        name = None if names else next((n for n in (tokens, text) if n in f), None)
-        d = f[name] if name else None
-        if name == tokens and isinstance(d, h5py.Dataset):   # token ids: read as the parent would, handed back
-            ps = _read_token_dataset(path, d, vocab)
-            w = ps.grid_width
-            arrays = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
-            n = sum(a.nbytes for a in arrays) if fd >= 0 else 0
-            if n:
+        name = None if argv[4:] else next((n for n in (tokens, text) if n in f), None)
+        names = argv[4:] or ([name] if name else [])
+        kept = {}   # token ids: read as the parent would, handed back
+        for n in names:
+            d = f[n]
+            if n.endswith("_tokens") and isinstance(d, h5py.Dataset):
+                ps = _read_token_dataset(path, d, vocab)
+                w = ps.grid_width
+                kept[n] = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
+            elif n == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+                print(texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
+            elif getattr(d, "ndim", 0) >= 1:
+                read_all(d)
+            elif isinstance(d, h5py.Dataset):
+                d[()]
+        if kept:
+            size = sum(a.nbytes for arrays in kept.values() for a in arrays) if fd >= 0 else 0
+            if size:
                 st = os.fstatvfs(fd)
-                n = n if n <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
-            print("read", n, flush=True)
-            if n:
+                size = size if size <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
+            print("read", size, flush=True)
+            if size:
                 with os.fdopen(fd, "wb") as fh:
-                    for a in arrays:
-                        np.save(fh, a)
-                print("arrays", d.name.lstrip("/"), flush=True)
-        elif name == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
-            print(texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
-        elif getattr(d, "ndim", 0) >= 1:
-            read_all(d)
-        elif d is not None:
-            d[()]
+                    for arrays in kept.values():
+                        np.save(fh, np.array([len(arrays)]))
+                        for a in arrays:
+                            np.save(fh, a)
+                print("arrays", *kept, flush=True)
 
 
 def _identity(path):

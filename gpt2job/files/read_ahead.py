@@ -2,7 +2,8 @@
 On some damaged files the HDF5 library loops forever; a job must end with a message rather than hang, and a loop
 in the master's own process could not be stopped. What the child read is not wasted: a text's digest (a rerun checks
 its kept token ids by it, not reading the text again) and a token input's ids (handed back in an unlinked temporary
-file: the master does not read them a second time). The child's read itself is prompts.read_in_child."""
+file: the master does not read them a second time; score's token pairs too). The child's read itself is
+prompts.read_in_child."""
 import os
 import selectors
 import subprocess
@@ -25,18 +26,18 @@ CHILD = ("import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p no
 
 
 def read_ahead(path, vocab_size, block_rows, names=()):
-    """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); a token
-    input's arrays as the child read them (prompts._read_token_dataset): (dataset name, offsets or None, tokens,
-    [N, T] for a grid). With names (datasets other than the prompts: score's pairs) the child reads those only and
-    gives nothing. Raises UserError where the child's read passes its deadline. Any other failure of the child is
-    left to the master's own read, which names it."""
+    """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); the
+    token datasets' arrays as the child read them (prompts._read_token_dataset): {dataset name: (offsets or None,
+    tokens, [N, T] for a grid)}. With names (datasets other than the prompts: score's pairs) the child reads those
+    only. Raises UserError where the child's read passes its deadline. Any other failure of the child is left to the
+    master's own read, which names it."""
     try:
         size = os.path.getsize(path)
     except OSError:
         return None, None
     deadline = DEADLINE_S + DEADLINE_S_PER_GB * size / 1e9
     try:   # unlinked: nothing is left, even on SIGKILL
-        hand = None if names else tempfile.TemporaryFile(prefix="gpt2job-read-ahead-")
+        hand = tempfile.TemporaryFile(prefix="gpt2job-read-ahead-")
     except OSError:
         hand = None   # (no temporary folder: the child reads, hands nothing back)
     fd = hand.fileno() if hand is not None else -1
@@ -63,9 +64,11 @@ def read_ahead(path, vocab_size, block_rows, names=()):
         if last is None or not last.startswith("arrays ") or _exit_code(p, DEADLINE_S) != 0:
             return None, None
         hand.seek(0)
-        head = np.load(hand)
-        return None, (last.split(None, 1)[1], None, head) if head.ndim == 2 else \
-            (last.split(None, 1)[1], head, np.load(hand))
+        arrays = {}
+        for name in last.split()[1:]:   # each: its array count (1: a grid; 2: offsets, tokens), then the arrays
+            a = [np.load(hand) for _ in range(int(np.load(hand)[0]))]
+            arrays[name] = (None, a[0]) if len(a) == 1 else (a[0], a[1])
+        return None, arrays
     except (OSError, ValueError, EOFError):
         return None, None
     finally:

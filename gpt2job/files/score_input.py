@@ -21,7 +21,8 @@ from gpt2job.chunks import Completions
 from gpt2job.errors import UserError, warn
 from gpt2job.files.h5files import contents, open_readable
 from gpt2job.files.prompt_checks import Validation
-from gpt2job.files.prompts import BLOCK_ROWS, PromptSet, _read_text_dataset, _read_token_dataset, read_prompts
+from gpt2job.files.prompts import (BLOCK_ROWS, PromptSet, _identity, _read_text_dataset, _read_token_dataset,
+                                   handed_back, read_prompts)
 from gpt2job.files.read_ahead import read_ahead
 from gpt2job.files.row_settings import ROW_DATASETS
 
@@ -44,8 +45,12 @@ def _pair_names(path):
     return None
 
 
-def _read_dataset(path, name, tokenizer_factory):
+def _read_dataset(path, name, tokenizer_factory, arrays, before):
+    """One dataset of a pair: as the read-ahead child handed it back (arrays), unless the file changed since
+    (before: its identity then), else read here."""
     with open_readable(path, "input", FIX) as f:
+        if arrays and name in arrays and _identity(path) == before:
+            return handed_back(arrays, name)
         ds = f[name]
         try:
             ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
@@ -66,8 +71,9 @@ def read_score_input(path, tokenizer_factory, prepend_eos=False, eos=50256):
         starts = np.ones(len(ps), np.int64)
         ctx_len = np.zeros(len(ps), np.int64)
     else:
-        read_ahead(path, None, BLOCK_ROWS, pair)   # (a child with a deadline: HDF5 loops on some damaged files)
-        ctx, cont = (_read_dataset(path, n, tokenizer_factory) for n in pair)
+        before = _identity(path)
+        arrays = read_ahead(path, None, BLOCK_ROWS, pair)[1]   # (a child with a deadline: HDF5's loops)
+        ctx, cont = (_read_dataset(path, n, tokenizer_factory, arrays, before) for n in pair)
         if len(ctx) != len(cont):
             raise UserError(f"has {len(ctx)} rows but '{pair[1]}' has {len(cont)}", path, pair[0], FIX)
         n = len(ctx)
