@@ -43,7 +43,7 @@ try:
     from gpt2job.files.conversions import convert_for_run
 except ImportError:
     from gpt2job.files.prompt_files import convert_for_run
-from gpt2job.files.prompts import read_prompts
+from gpt2job.files.read_input import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5')
 enc = load_tokenizer(VOCAB)
@@ -53,7 +53,7 @@ BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
     "reread the text conversion (its kept ids)": ("t.txt", """
 from gpt2job.files.conversions import convert_for_run
-from gpt2job.files.prompts import read_prompts
+from gpt2job.files.read_input import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5', vocab_dir=VOCAB)   # a conversion that keeps its prompts' ids
 enc = load_tokenizer(VOCAB)
@@ -63,7 +63,7 @@ BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
     "read a token input": ("k.jsonl", """
 from gpt2job.files.prompt_files import convert
-from gpt2job.files.prompts import read_prompts
+from gpt2job.files.read_input import read_prompts
 convert(SRC, OUT + '/o.h5')   # prompt_tokens, variable-length rows
 import gc, resource
 gc.collect()

@@ -120,6 +120,7 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
     import numpy as np
     import gpt2job.files.prompts as prompts
     from gpt2job.files import export
+    from gpt2job.files.read_input import read_prompts
     monkeypatch.setattr(prompts, "BLOCK_ROWS", 7)
     rng = np.random.default_rng(0)
     for kind in ("grid", "grid16", "vlen", "vlen64"):   # (an input of 0 rows is refused: prompts.no_rows)
@@ -133,7 +134,7 @@ def test_export_checks_token_prompts_a_block_at_a_time(tmp_path, monkeypatch):
                     np.int64 if kind == "vlen64" else np.int32))
                 for i in range(23):
                     ds[i] = rng.integers(0, 50000, rng.integers(1, 9))
-        want = prompts.read_prompts(str(path), None, 50257).fingerprint()
+        want = read_prompts(str(path), None, 50257).fingerprint()
         with h5py.File(path) as f:
             assert export.token_fingerprint(f["prompt_tokens"]) == want, kind
 

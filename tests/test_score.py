@@ -300,9 +300,9 @@ def test_a_token_pair_is_handed_back_by_the_read_ahead_child(tmp_path, monkeypat
         for i, r in enumerate(ctx):
             d[i] = r
         f.create_dataset("continuation_tokens", data=np.arange(10, dtype=np.int32).reshape(5, 2))
-    own = score_input._read_token_dataset
+    own = score_input.read_token_dataset
     reads = []
-    monkeypatch.setattr(score_input, "_read_token_dataset", lambda *a: reads.append(a) or own(*a))
+    monkeypatch.setattr(score_input, "read_token_dataset", lambda *a: reads.append(a) or own(*a))
     ps, starts = score_input.read_score_input(path, lambda: None)
     assert reads == []   # the child's arrays, not a second read
     want = [np.concatenate([c, [2 * i, 2 * i + 1]]).tolist() for i, c in enumerate(ctx)]

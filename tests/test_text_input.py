@@ -432,18 +432,19 @@ def test_text_prompts_are_tokenized_in_small_blocks_with_the_digest_of_the_big_o
     packed: 1M prompts peaked at 645 MB with blocks of 262,144, 253 MB now); the ids, and the text digest that
     outputs record and export checks (by blocks of BLOCK_ROWS), are those of one block."""
     import gpt2job.files.prompts as P
+    from gpt2job.files.read_input import read_prompts
     from gpt2job.model.tokenizer import load_tokenizer
     inp = tmp_path / "in.h5"
     texts = [f"prompt number {i} " * (i % 4 + 1) for i in range(50)]
     with h5py.File(inp, "w") as f:
         f.create_dataset("prompts", data=texts, dtype=h5py.string_dtype("utf-8"))
-    one = P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
+    one = read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
     monkeypatch.setattr(P, "TOKENIZE_ROWS", 4)
-    small = P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
+    small = read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257)
     assert [small.prompt(i).tolist() for i in range(50)] == [one.prompt(i).tolist() for i in range(50)]
     assert small.text_digest == one.text_digest and small.fingerprint() == one.fingerprint()
     monkeypatch.setattr(P, "BLOCK_ROWS", 16)   # the digest is by blocks of BLOCK_ROWS, tokenizing aside
-    assert P.read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257).text_digest != one.text_digest
+    assert read_prompts(str(inp), lambda: load_tokenizer(vocab_dir), 50257).text_digest != one.text_digest
 
 
 def test_prompts_tokenize_loads_no_tokenizer_for_a_file_of_token_prompts(tmp_path):
@@ -516,6 +517,7 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     (a million prompts: ~6 s of tokenizing became ~0.8 s, RESULTS.md). They are what tokenizing the text makes, with
     the same text digest; another tokenizer, or a file that is not a conversion, tokenizes the text."""
     import gpt2job.files.prompts as P
+    import gpt2job.files.read_input as R
     import gpt2job.model.tokenizer as T
     from gpt2job.files import token_cache
     from gpt2job.files.conversions import convert_for_run
@@ -527,7 +529,7 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     enc = lambda: T.load_tokenizer(vocab_dir)   # noqa: E731
     with h5py.File(conv, "r") as f:
         assert token_cache.GROUP in f
-        want = P._read_text_dataset(conv, f["prompts"], enc, 50257)
+        want = P.read_text_dataset(conv, f["prompts"], enc, 50257)
 
     def no_tokenizing(*a, **k):
         raise AssertionError("tokenized again")
@@ -539,18 +541,18 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     monkeypatch.chdir(tmp_path / "elsewhere")
     with h5py.File(conv, "r") as f:
         assert read_ahead(conv, 50257, P.BLOCK_ROWS)[0] == P.texts_digest(f["prompts"]) == want.text_digest
-    monkeypatch.setattr(P, "texts_digest", lambda ds, read=None: pytest.fail("the text read a second time"))
-    got = P.read_prompts(conv, enc, 50257)
+    monkeypatch.setattr(R, "texts_digest", lambda ds, read=None: pytest.fail("the text read a second time"))
+    got = R.read_prompts(conv, enc, 50257)
     monkeypatch.undo()
     monkeypatch.setattr(T, "encode_texts", no_tokenizing)
     assert got.tokens.dtype == want.tokens.dtype == np.uint16 and len(got) == 301
     assert (got.offsets == want.offsets).all() and (got.tokens == want.tokens).all()
     assert got.text_digest == want.text_digest and got.fingerprint() == want.fingerprint()
     assert got.prompt(300)[0] == 50256          # (<|endoftext|> written out is that token, as when tokenized)
-    assert P.read_prompts(conv, enc, 1000).tokens.dtype == np.int32   # ids past a small vocabulary: kept as int32
+    assert R.read_prompts(conv, enc, 1000).tokens.dtype == np.int32   # ids past a small vocabulary: kept as int32
     monkeypatch.setattr(token_cache, "tokenizer_digest", lambda enc: "another")
     with pytest.raises(AssertionError, match="tokenized again"):      # another tokenizer: the text is read
-        P.read_prompts(conv, enc, 50257)
+        R.read_prompts(conv, enc, 50257)
 
 
 def test_kept_ids_of_a_conversion_edited_afterwards_are_not_used(tmp_path, vocab_dir):
@@ -580,23 +582,23 @@ def test_kept_ids_of_a_conversion_edited_afterwards_are_not_used(tmp_path, vocab
 
 def test_ids_are_read_only_from_a_conversion_and_one_made_without_a_tokenizer_has_none(tmp_path, monkeypatch,
                                                                                        vocab_dir):
-    import gpt2job.files.prompts as P
     from gpt2job.files import token_cache
     from gpt2job.files.conversions import convert_for_run
+    from gpt2job.files.read_input import read_prompts
     from gpt2job.model.tokenizer import load_tokenizer
     enc = lambda: load_tokenizer(vocab_dir)   # noqa: E731
     inp = tmp_path / "mine.h5"    # a user's file with the group: its text is what counts (it may have been edited)
     with h5py.File(inp, "w") as f:
         f.create_dataset("prompts", data=["Hello there", "Bye"], dtype=h5py.string_dtype("utf-8"))
         token_cache.write(f, [0, 1, 2], [7, 8], "sha256:x", enc())
-    assert P.read_prompts(str(inp), enc, 50257).prompt(1).tolist() == enc().encode("Bye")
+    assert read_prompts(str(inp), enc, 50257).prompt(1).tolist() == enc().encode("Bye")
     monkeypatch.delenv("GPT2_VOCAB_DIR", raising=False)
     src = tmp_path / "p.txt"
     src.write_text("Hello there\nBye\n")
     conv, _ = convert_for_run(str(src), str(tmp_path / "out.h5"), vocab_dir=str(tmp_path / "no-vocab"))
     with h5py.File(conv, "r") as f:
         assert list(f) == ["prompts"]
-    assert P.read_prompts(conv, enc, 50257).prompt(1).tolist() == enc().encode("Bye")
+    assert read_prompts(conv, enc, 50257).prompt(1).tolist() == enc().encode("Bye")
 
 
 def test_validate_in_converts_a_text_file_without_keeping_its_ids(tmp_path, monkeypatch, vocab_dir):

@@ -9,10 +9,11 @@ import pytest
 
 from gpt2job.cluster.scheduler import Scheduler
 from gpt2job.files import prompts as P
-from gpt2job.files import read_ahead
+from gpt2job.files import read_ahead, read_input
 from gpt2job.files.dedup import group_identical
 from gpt2job.files.prompt_checks import validate
-from gpt2job.files.prompts import PromptSet, read_prompts
+from gpt2job.files.prompts import PromptSet
+from gpt2job.files.read_input import read_prompts
 
 
 def write(path, rows=None, grid=None, dtype=np.int32):
@@ -78,10 +79,10 @@ def test_the_probe_hands_the_token_ids_back_and_the_master_reads_them_once(tmp_p
     write(path, rows=None if kind == "grid" else [r[:1 + i % 16] for i, r in enumerate(grid)],
           grid=grid if kind == "grid" else None)
     with h5py.File(path, "r") as f:
-        want = P._read_token_dataset(path, f["prompt_tokens"], 50257)
-    own = P._read_token_dataset
+        want = P.read_token_dataset(path, f["prompt_tokens"], 50257)
+    own = P.read_token_dataset
     reads = []
-    monkeypatch.setattr(P, "_read_token_dataset", lambda *a: reads.append(a) or own(*a))
+    monkeypatch.setattr(read_input, "read_token_dataset", lambda *a: reads.append(a) or own(*a))
     got = read_prompts(path, None, 50257)
     assert reads == []   # the child's arrays, not a second read
     assert got.tokens.dtype == want.tokens.dtype == (np.int32 if kind == "bad id" else np.uint16)

@@ -22,7 +22,7 @@ from gpt2job.files.output import OutputStore
 from gpt2job.files.progress import Progress, peak_rss_mb, print_summary
 from gpt2job.files.dedup import Copies, copies_line, group_identical
 from gpt2job.files.prompt_checks import check_room, invalid_fix, validate
-from gpt2job.files.prompts import read_prompts
+from gpt2job.files.read_input import read_prompts
 from gpt2job.files.row_settings import read_row_settings
 from gpt2job.files.row_stops import check_job_stops, stops_header
 from gpt2job.files.score_input import read_score_input, starts_fingerprint, trim, validate_score

@@ -8,7 +8,7 @@ from gpt2job.errors import UserError, plural
 from gpt2job.files.conversions import convert_for_run, is_text_input
 from gpt2job.files.h5read import read_status
 from gpt2job.files.prompt_checks import check_room, invalid_fix, validate
-from gpt2job.files.prompts import read_prompts
+from gpt2job.files.read_input import read_prompts
 from gpt2job.files.row_settings import read_row_settings
 from gpt2job.model.tokenizer import load_tokenizer
 from gpt2job.model.weights import load_config

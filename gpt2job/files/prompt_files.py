@@ -9,7 +9,7 @@ from gpt2job.errors import UserError, errno_of, first_line, plural
 from gpt2job.files.h5files import JSONL_EXTENSIONS, TEXT_EXTENSIONS, check_output_path, has_hdf5_signature
 from gpt2job.files import token_cache
 from gpt2job.files.jsonl_settings import PROMPT_FIELDS, JsonlRows
-from gpt2job.files.prompts import _read_text_dataset
+from gpt2job.files.prompts import read_text_dataset
 
 BLOCK_LINES = 1 << 16       # prompts converted and written at once: a file of millions of lines is never held whole
 
@@ -210,7 +210,7 @@ def write_prompts_h5(output, blocks, rows, attrs, tokenizer_factory=None):
         rows.write(f, written["n"])
         enc = tokenizer_factory() if tokenizer_factory is not None and written["kind"] == "text" else None
         if enc is not None:
-            kept = _read_text_dataset(output, f["prompts"], lambda: enc, enc.n_vocab)   # (uint16 for GPT-2's)
+            kept = read_text_dataset(output, f["prompts"], lambda: enc, enc.n_vocab)   # (uint16 for GPT-2's)
             token_cache.write(f, kept.offsets, kept.tokens, kept.text_digest, enc)
     write_atomically(output, fill, attrs)
     return written["n"], written["kind"]

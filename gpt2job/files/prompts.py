@@ -1,18 +1,16 @@
-"""Input prompts: reading the input HDF5 and tokenising text (files/prompt_checks.py validates them).
+"""Input prompts in memory (PromptSet) and the readers of one dataset of them: token rows, or text tokenized
+(files/read_input.py reads an input's prompts with them; files/prompt_checks.py validates them).
 
 Input contract: a dataset `prompt_tokens` (variable-length int rows [N] or a 2-D int array [N, T])
 or `prompts` (variable-length UTF-8 strings [N]); `prompt_tokens` wins when both exist.
 """
 import hashlib
 import itertools
-import os
 
 import numpy as np
 
 from gpt2job.errors import UserError, first_line
-from gpt2job.files import token_cache
-from gpt2job.files.h5files import contents, open_readable, read_rows
-from gpt2job.files.read_ahead import read_ahead
+from gpt2job.files.h5files import read_rows
 
 DATASET_FIX = "write a dataset 'prompts' (UTF-8 strings) or 'prompt_tokens' (int token rows); see README"
 
@@ -173,95 +171,8 @@ class PromptSet:
 
 PROMPT_DATASETS = ("prompt_tokens", "prompts")   # an input's prompts: the first of these it has is read
 
-def read_prompts(path, tokenizer_factory, vocab_size=None):
-    """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
-    prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
-    before = _identity(path)
-    digest, arrays = read_ahead(path, vocab_size, BLOCK_ROWS)   # (a child with a deadline: HDF5's loops)
-    with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
-        if _identity(path) != before:   # written since the child read it: what it read is not this file's
-            digest = arrays = None
-        try:
-            tokens, text = PROMPT_DATASETS
-            if tokens in f:
-                if arrays and tokens in arrays:   # the child's read, not a second one
-                    return handed_back(arrays, tokens)
-                return _read_token_dataset(path, f[tokens], vocab_size)
-            if text in f:   # a conversion's text: the ids it kept, where they are still its text's (token_cache.py)
-                kept = token_cache.read(f, tokenizer_factory)
-                if kept and kept[2] == (digest or texts_digest(f[text])):
-                    blocks = TokenBlocks(vocab_size)
-                    blocks.add(kept[1])
-                    return PromptSet(kept[0], blocks.result(), "prompts", text_digest=kept[2])
-                return _read_text_dataset(path, f[text], tokenizer_factory, vocab_size)
-            raise UserError(f"no '{text}' or '{tokens}' dataset ({contents(f)})", path, "datasets", DATASET_FIX)
-        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:
-            # damaged structure, dangling or looping links, unreadable types
-            raise UserError(f"cannot be read ({first_line(e)})",
-                            path, "datasets", "the file is damaged; write it again (" + DATASET_FIX + ")")
 
-
-def handed_back(arrays, name):
-    """The PromptSet of a token dataset the read-ahead child read (read_ahead's arrays)."""
-    offsets, ids = arrays[name]
-    return PromptSet.grid(ids, name) if offsets is None else PromptSet(offsets, ids, name)
-
-
-def read_in_child(argv):
-    """read_ahead.py's child process: the prompts read as read_prompts reads them. argv = path, vocab size ('' for
-    none), hand-back descriptor (-1: none), BLOCK_ROWS, then the datasets to read where not the prompts (score's
-    pairs). Prints what it gives: "read N" then "arrays NAME..." (token datasets' arrays, N bytes written to the
-    descriptor), or a text's digest."""
-    import h5py
-    global BLOCK_ROWS
-    path, vocab, fd = argv[0], int(argv[1]) if argv[1] else None, int(argv[2])
-    BLOCK_ROWS = int(argv[3])   # the parent's (this is the child's own process)
-    tokens, text = PROMPT_DATASETS
-
-    def read_all(d):   # (a block at a time: HDF5 would allocate what a bad row claims)
-        for a in range(0, d.shape[0], BLOCK_ROWS):
-            read_rows(d, a, a + BLOCK_ROWS)
-
-    with h5py.File(path, "r") as f:
-        name = None if argv[4:] else next((n for n in (tokens, text) if n in f), None)
-        names = argv[4:] or ([name] if name else [])
-        kept = {}   # token ids: read as the parent would, handed back
-        for n in names:
-            d = f[n]
-            if n.endswith("_tokens") and isinstance(d, h5py.Dataset):
-                ps = _read_token_dataset(path, d, vocab)
-                w = ps.grid_width
-                kept[n] = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
-            elif n == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
-                print(texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
-            elif getattr(d, "ndim", 0) >= 1:
-                read_all(d)
-            elif isinstance(d, h5py.Dataset):
-                d[()]
-        if kept:
-            size = sum(a.nbytes for arrays in kept.values() for a in arrays) if fd >= 0 else 0
-            if size:
-                st = os.fstatvfs(fd)
-                size = size if size <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
-            print("read", size, flush=True)
-            if size:
-                with os.fdopen(fd, "wb") as fh:
-                    for arrays in kept.values():
-                        np.save(fh, np.array([len(arrays)]))
-                        for a in arrays:
-                            np.save(fh, a)
-                print("arrays", *kept, flush=True)
-
-
-def _identity(path):
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns
-
-
-def _read_token_dataset(path, ds, vocab_size=None):
+def read_token_dataset(path, ds, vocab_size=None):
     import h5py
     field = ds.name.lstrip("/")   # prompt_tokens (score: context_tokens, continuation_tokens)
     if not isinstance(ds, h5py.Dataset):
@@ -316,7 +227,7 @@ def no_rows(ds, path, field):
                         "give an input of at least one row")
 
 
-def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
+def read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
     import h5py
     field = ds.name.lstrip("/")   # prompts (score: context, continuation)
     if not isinstance(ds, h5py.Dataset):
@@ -359,7 +270,7 @@ def _read_text_dataset(path, ds, tokenizer_factory, vocab_size=None):
 
 def texts_digest(ds, read=None):
     """The digest of a text prompts dataset as stored, read a block at a time (by read(ds, a, b), default ds[a:b]):
-    what _read_text_dataset records as PromptSet.text_digest (an output's input_text_digest; export checks it,
+    what read_text_dataset records as PromptSet.text_digest (an output's input_text_digest; export checks it,
     read_prompts checks kept ids by it)."""
     h = hashlib.sha256()
     for a in range(0, len(ds), BLOCK_ROWS):

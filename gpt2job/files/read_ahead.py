@@ -2,8 +2,8 @@
 On some damaged files the HDF5 library loops forever; a job must end with a message rather than hang, and a loop
 in the master's own process could not be stopped. What the child read is not wasted: a text's digest (a rerun checks
 its kept token ids by it, not reading the text again) and a token input's ids (handed back in an unlinked temporary
-file: the master does not read them a second time; score's token pairs too). The child's read itself is
-prompts.read_in_child."""
+file: the master does not read them a second time; score's token pairs too). Both halves are here: read_ahead (the
+master's) and read_in_child (the child's)."""
 import os
 import selectors
 import subprocess
@@ -14,21 +14,23 @@ import time
 import numpy as np
 
 from gpt2job.errors import UserError
+from gpt2job.files import prompts, token_cache
+from gpt2job.files.h5files import read_rows
 
 DEADLINE_S, DEADLINE_S_PER_GB = 60, 30   # the child's time to read the file: 60 s + 30 s per GB of it
 WRITE_BYTES_PER_S = 20e6                 # the least speed of its hand-back's write (then the master reads itself)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))   # the folder holding gpt2job
 # The child's command (python -c): the parent's gpt2job first on its path (not one in the folder it starts in), then
-# prompts.read_in_child with the arguments after the root
+# read_in_child with the arguments after the root
 CHILD = ("import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p not in ('', '.', sys.argv[1])]; "
-         "from gpt2job.files.prompts import read_in_child; read_in_child(sys.argv[2:])")
+         "from gpt2job.files.read_ahead import read_in_child; read_in_child(sys.argv[2:])")
 
 
 def read_ahead(path, vocab_size, block_rows, names=()):
     """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); the
-    token datasets' arrays as the child read them (prompts._read_token_dataset): {dataset name: (offsets or None,
-    tokens, [N, T] for a grid)}. With names (datasets other than the prompts: score's pairs) the child reads those
+    token datasets' arrays as the child read them (prompts.read_token_dataset): {dataset name: (offsets or None,
+    tokens: [N, T] for a grid)}. With names (datasets other than the prompts: score's pairs) the child reads those
     only. Raises UserError where the child's read passes its deadline. Any other failure of the child is left to the
     master's own read, which names it."""
     try:
@@ -78,6 +80,47 @@ def read_ahead(path, vocab_size, block_rows, names=()):
         p.stdout.close()
         if hand is not None:
             hand.close()
+
+
+def read_in_child(argv):
+    """The child's read: the prompts read as the master reads them. argv = path, vocab size ('' for none), hand-back
+    descriptor (-1: none), the master's prompts.BLOCK_ROWS, then the datasets to read where not the prompts (score's
+    pairs). Prints what it gives: "read N" then "arrays NAME..." (the token datasets' arrays, N bytes written to the
+    descriptor: for each, its array count, then the arrays), or a text's digest."""
+    import h5py
+    path, vocab, fd = argv[0], int(argv[1]) if argv[1] else None, int(argv[2])
+    prompts.BLOCK_ROWS = block = int(argv[3])   # the master's (a text's digest is by blocks of it; tests change it)
+    tokens, text = prompts.PROMPT_DATASETS
+    with h5py.File(path, "r") as f:
+        names = argv[4:] or [n for n in (tokens, text) if n in f][:1]
+        kept = {}   # token ids: read as the master would, handed back
+        for n in names:
+            d = f[n]
+            if n.endswith("_tokens") and isinstance(d, h5py.Dataset):
+                ps = prompts.read_token_dataset(path, d, vocab)
+                w = ps.grid_width
+                kept[n] = [ps.tokens.reshape(len(ps), w)] if w is not None else [ps.offsets, ps.tokens]
+            elif n == text and getattr(d, "ndim", 0) == 1 and token_cache.GROUP in f:
+                print(prompts.texts_digest(d, read_rows), flush=True)   # a rerun checks its kept ids by it
+            elif getattr(d, "ndim", 0) >= 1:
+                for a in range(0, d.shape[0], block):   # (a block at a time: HDF5 would allocate what a bad row claims)
+                    read_rows(d, a, a + block)
+            elif isinstance(d, h5py.Dataset):
+                d[()]
+        if not kept:
+            return
+        size = sum(a.nbytes for arrays in kept.values() for a in arrays) if fd >= 0 else 0
+        if size:
+            st = os.fstatvfs(fd)
+            size = size if size <= st.f_bavail * st.f_frsize // 2 else 0   # (never fill the temporary folder)
+        print("read", size, flush=True)
+        if size:
+            with os.fdopen(fd, "wb") as fh:
+                for arrays in kept.values():
+                    np.save(fh, np.array([len(arrays)]))
+                    for a in arrays:
+                        np.save(fh, a)
+            print("arrays", *kept, flush=True)
 
 
 def _line(p, seconds):

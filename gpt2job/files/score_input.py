@@ -21,8 +21,8 @@ from gpt2job.chunks import Completions
 from gpt2job.errors import UserError, warn
 from gpt2job.files.h5files import contents, open_readable
 from gpt2job.files.prompt_checks import Validation
-from gpt2job.files.prompts import (BLOCK_ROWS, PromptSet, _identity, _read_text_dataset, _read_token_dataset,
-                                   handed_back, read_prompts)
+from gpt2job.files.prompts import BLOCK_ROWS, PromptSet, read_text_dataset, read_token_dataset
+from gpt2job.files.read_input import handed_back, identity, read_prompts
 from gpt2job.files.read_ahead import read_ahead
 from gpt2job.files.row_settings import ROW_DATASETS
 
@@ -49,12 +49,12 @@ def _read_dataset(path, name, tokenizer_factory, arrays, before):
     """One dataset of a pair: as the read-ahead child handed it back (arrays), unless the file changed since
     (before: its identity then), else read here."""
     with open_readable(path, "input", FIX) as f:
-        if arrays and name in arrays and _identity(path) == before:
+        if arrays and name in arrays and identity(path) == before:
             return handed_back(arrays, name)
         ds = f[name]
         try:
-            ps = (_read_token_dataset(path, ds) if name.endswith("_tokens") else
-                  _read_text_dataset(path, ds, tokenizer_factory))
+            ps = (read_token_dataset(path, ds) if name.endswith("_tokens") else
+                  read_text_dataset(path, ds, tokenizer_factory))
         except UserError as e:   # the readers name the dataset; their fixes quote the prompts' two names: this pair's
             base = name[:-len("_tokens")] if name.endswith("_tokens") else name
             fix = e.fix and e.fix.replace("'prompt_tokens'", f"'{base}_tokens'").replace("'prompts'", f"'{base}'")
@@ -71,7 +71,7 @@ def read_score_input(path, tokenizer_factory, prepend_eos=False, eos=50256):
         starts = np.ones(len(ps), np.int64)
         ctx_len = np.zeros(len(ps), np.int64)
     else:
-        before = _identity(path)
+        before = identity(path)
         arrays = read_ahead(path, None, BLOCK_ROWS, pair)[1]   # (a child with a deadline: HDF5's loops)
         ctx, cont = (_read_dataset(path, n, tokenizer_factory, arrays, before) for n in pair)
         if len(ctx) != len(cont):

@@ -3,9 +3,9 @@ a resume of the same job reads them instead of tokenizing every prompt again (a 
 on one core, reading the ids ~0.1 s; benchmarks/RESULTS.md).
 
 They are written inside the conversion's atomic write, by the very function that reads text prompts
-(prompts._read_text_dataset), from the text just written: they are the ids a read would make. They are read back
+(prompts.read_text_dataset), from the text just written: they are the ids a read would make. They are read back
 only from a conversion (a file with the source_sha256 attribute), only while the tokenizer is the same (its digest),
-and only while the text is the one they were made from (prompts.read_prompts compares the text's digest: hashing
+and only while the text is the one they were made from (read_input.read_prompts compares the text's digest: hashing
 the text is a read, not a tokenizing; a conversion edited in place, or copied and edited, is tokenized anew). Where
 they are not used (those cases, or a conversion made before they were kept, or without a tokenizer) the text is
 tokenized as before.
@@ -31,7 +31,7 @@ def tokenizer_digest(enc):
 
 
 def write(f, offsets, tokens, text_digest, enc):
-    """Keep the prompts' ids (as prompts._read_text_dataset read them with enc) in the conversion being written."""
+    """Keep the prompts' ids (as prompts.read_text_dataset read them with enc) in the conversion being written."""
     g = f.create_group(GROUP)
     g.create_dataset("offsets", data=np.asarray(offsets, np.int64))
     g.create_dataset("tokens", data=np.asarray(tokens))
