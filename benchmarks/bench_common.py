@@ -18,9 +18,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-# The seed workload (8,192 x 16 int32). Never copied into the repository: read where it lies.
-SEED_CANDIDATES = (os.path.join(ROOT, ".device", "seed-workload", "input.bin"),
-                   os.path.join(ROOT, "..", "shared", "seed-workload", "input.bin"))
 
 # Workloads of the performance issue (GPT-2 124M, greedy). W3 = W1 repeated 8 times (scaling over GPUs).
 WORKLOADS = {
@@ -39,22 +36,31 @@ WORKLOADS = {
 EOT = 50256
 
 
-def seed_workload_path(cli_value=None):
-    """--seed-workload, else $GPT2JOB_SEED_WORKLOAD, else .device/seed-workload/input.bin, else
-    ../shared/seed-workload/input.bin; None when none exists (callers fall back to random prompts)."""
+def shared_dir():
+    """$GPT2JOB_SHARED, else ../shared: the read-only folder of the tokenizer files and the seed workload."""
     from gpt2job import envs
-    for p in (cli_value, envs.get("GPT2JOB_SEED_WORKLOAD")) + SEED_CANDIDATES:
+    return envs.get("GPT2JOB_SHARED") or os.path.join(ROOT, "..", "shared")
+
+
+def seed_workload_path(cli_value=None):
+    """--seed-workload, else $GPT2JOB_SEED_WORKLOAD, else .device/seed-workload/input.bin, else the shared folder's
+    seed-workload/input.bin; None when none exists (callers fall back to random prompts). The seed workload (8,192 x
+    16 int32) is never copied into the repository: it is read where it lies."""
+    from gpt2job import envs
+    for p in (cli_value, envs.get("GPT2JOB_SEED_WORKLOAD"), os.path.join(ROOT, ".device", "seed-workload", "input.bin"),
+              os.path.join(shared_dir(), "seed-workload", "input.bin")):
         if p and os.path.isfile(p):
             return os.path.abspath(p)
     return None
 
 
 def vocab_dir(flag=None):
-    """--vocab-dir, else $GPT2_VOCAB_DIR, else .device/gpt2-vocab, else ../shared/gpt2-vocab: the first folder with
-    GPT-2's vocab.bpe and encoder.json ("" when none has them: the tokenizer then falls back to tiktoken's own)."""
+    """--vocab-dir, else $GPT2_VOCAB_DIR, else .device/gpt2-vocab, else the shared folder's gpt2-vocab: the first
+    folder with GPT-2's vocab.bpe and encoder.json ("" when none has them: the tokenizer then falls back to tiktoken's
+    own)."""
     from gpt2job import envs
     for d in (flag, envs.get("GPT2_VOCAB_DIR"), os.path.join(ROOT, ".device", "gpt2-vocab"),
-              os.path.join(ROOT, "..", "shared", "gpt2-vocab")):
+              os.path.join(shared_dir(), "gpt2-vocab")):
         if d and os.path.isfile(os.path.join(d, "vocab.bpe")) and os.path.isfile(os.path.join(d, "encoder.json")):
             return os.path.abspath(d)
     return ""

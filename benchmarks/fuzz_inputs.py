@@ -41,10 +41,9 @@ FIXTURES = ROOT / "tests" / "fixtures"
 TINY_HF = FIXTURES / "tiny-hf"
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-from gpt2job import envs  # noqa: E402
+import bench_common  # noqa: E402
 
-SHARED = Path(envs.get("GPT2JOB_SHARED") or ROOT.parent / "shared")
-VOCAB_DIR = Path(envs.get("GPT2_VOCAB_DIR") or SHARED / "gpt2-vocab")
+VOCAB_DIR = bench_common.vocab_dir()   # "" where no folder has the tokenizer files
 VOCAB = 1000            # tiny-hf's vocab_size
 HEAVY = True            # False: leave out the few cases that load a 500 MB flat file (15-25 s each)
 N_POSITIONS = 128
@@ -753,8 +752,8 @@ def _cached_tokenizer():
         cached = functools.lru_cache(maxsize=4)(load_tokenizer)
         cached._fuzz_cached = True
         job.load_tokenizer = cached
-        if (VOCAB_DIR / "vocab.bpe").is_file():
-            cached(str(VOCAB_DIR))
+        if VOCAB_DIR:
+            cached(VOCAB_DIR)
 
 
 def _classify(code, err, files, out_path):
@@ -772,7 +771,7 @@ def _classify(code, err, files, out_path):
         if len(errors) == 1 and "Traceback" not in err and any(str(p) in errors[0] for p in files):
             return "clear"
         if (len(errors) == 1 and "--vocab-dir" in errors[0] and "tiktoken could not load" in errors[0]
-                and not (VOCAB_DIR / "vocab.bpe").is_file()):
+                and not VOCAB_DIR):
             return "no_vocab"
         return "unclear"
     return "other_exit"
@@ -798,8 +797,8 @@ def _child(i, mutator, seed, workdir, wfd):
         out = d / "out.h5"
         argv = ["run", str(inp), str(out), "--model", str(model), "--max-new-tokens", "2", "--backend", "numpy",
                 "--progress-interval", "1000"]
-        if (VOCAB_DIR / "vocab.bpe").is_file():
-            argv += ["--vocab-dir", str(VOCAB_DIR)]
+        if VOCAB_DIR:
+            argv += ["--vocab-dir", VOCAB_DIR]
         res["argv"] = argv
         res["phase"] = "run"
         sys.stdout, sys.stderr = io.StringIO(), io.StringIO()

@@ -62,7 +62,7 @@ def flush_quietly(writer):
 RESERVE = 16 << 20      # bytes a full disk keeps free before the writer stops (other programs write there too)
 
 
-def check_room(path, need, allocated=0):
+def check_disk_room(path, need, allocated=0):
     """Raise the OSError of a full disk (ENOSPC) or of a file-size limit (EFBIG) when `need` more bytes would not
     fit, before HDF5 finds out itself: HDF5 2.0 can crash (segfault) when a write fails halfway through its own
     bookkeeping (measured with RLIMIT_FSIZE), where this check gives the one clear line instead. allocated: the
@@ -137,7 +137,7 @@ def finish_output(f, summary):
     """The summary, finished = 1, closed and synced."""
     text = json.dumps(summary, sort_keys=True)
     extra = 12 * f["done"].shape[0] if score_output.is_score(f) else 0   # sum_logprob and n_tokens, 12 B a row
-    check_room(f.filename, 4 * len(text) + extra + (256 << 10), f.id.get_filesize())
+    check_disk_room(f.filename, 4 * len(text) + extra + (256 << 10), f.id.get_filesize())
     score_output.finalize(f)     # a score job's datasets get their names (nothing for a run)
     f.attrs["summary"] = text
     f.attrs["finished"] = 1
@@ -276,7 +276,7 @@ class RowWriter:
         for p in prepared:
             if not p["n"]:
                 continue
-            check_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
+            check_disk_room(self.f.filename, p["bytes"] + self._unallocated(), self.f.id.get_filesize())
             if self.flat is not None:     # the data first: a row's start is written only once its data is there
                 self.flat.write(p)
             rows = p["rows"][:, 0]
@@ -312,7 +312,7 @@ class RowWriter:
         rows = rows[order]
         cols = {k: np.concatenate([c[k] for _, c in self.later])[order] for k in self.later[0][1]}
         self.later, self.later_n = [], 0
-        check_room(self.f.filename, self._unallocated() + (64 << 10), self.f.id.get_filesize())
+        check_disk_room(self.f.filename, self._unallocated() + (64 << 10), self.f.id.get_filesize())
         blocks, rest = dense_blocks(rows[:, 0], 4096, LATER_SPAN)
         for name in cols:     # (FIXED's order: done last)
             write_fixed(self.ds[name], rows, cols[name], blocks, rest)

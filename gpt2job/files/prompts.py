@@ -80,7 +80,7 @@ class PromptSet:
     input, PromptSet.grid) hold their tokens only: offsets are made if asked for, lengths are one value broadcast."""
 
     def __init__(self, offsets, tokens, source, text_digest=None):
-        self._offsets = np.asarray(offsets, np.int64)     # [N+1] int64 (None: a grid's, made when asked for)
+        self._offsets = np.asarray(offsets, np.int64)     # [N+1] int64 (grid() sets None: made when asked for)
         self.tokens = np.asarray(tokens)                  # [total] uint16 or int32 (an id outside int32 is -1)
         if self.tokens.dtype != np.uint16:    # uint16: only as read_prompts narrows them (every id checked)
             self.tokens = to_int32(self.tokens)

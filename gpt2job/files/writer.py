@@ -130,8 +130,8 @@ class WriterProcess:
                 self._close_pipes()
                 if self.error is None:
                     try:
-                        from gpt2job.files.h5write import check_room
-                        check_room(self.path, 1 << 20)
+                        from gpt2job.files.h5write import check_disk_room
+                        check_disk_room(self.path, 1 << 20)
                     except OSError as full:
                         self._fail(full)
                 self._fail(self.error or self._ended(wait_s=10) or
@@ -177,8 +177,8 @@ class WriterProcess:
                 self.cond.notify_all()
             self.feeder.join(timeout=10)
             ended = self._ended(wait_s=10)
-            from gpt2job.files.h5write import check_room
-            check_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
+            from gpt2job.files.h5write import check_disk_room
+            check_disk_room(self.path, 1 << 20)     # a crash on a full disk (HDF5 may crash there): say that
             self._raise()                      # (what the feeder found meanwhile: the same, or what the writer said)
             raise ended or WriterEnded("the output writer ended unexpectedly (exit 0)")
 

@@ -23,9 +23,9 @@ class NoTokenizer(UserError):
 
 
 def load_tokenizer(vocab_dir=None):
-    """A tiktoken Encoding for GPT-2, from vocab_dir (a --vocab-dir; none given: GPT2_VOCAB_DIR, read here alone, on
-    each rank and process that needs the tokenizer; neither: tiktoken's own). Raises UserError with the fix when none
-    can be built."""
+    """A tiktoken Encoding for GPT-2, from vocab_dir (a --vocab-dir; none given: GPT2_VOCAB_DIR, read here alone in
+    gpt2job, on each rank and process that needs the tokenizer; neither: tiktoken's own). Raises UserError with the
+    fix when none can be built."""
     import tiktoken
     vocab_dir = vocab_dir or envs.get("GPT2_VOCAB_DIR")
     if vocab_dir:

@@ -17,7 +17,7 @@ class KernelOptions:
     f16_variants: Tuple[str, ...] = ()   # fp16 product tiles to compile: () this GPU's default set, ALL_TILES all
     argmax_variant: str = ""             # the fp16 tile of the greedy LM head ("": Kernels.pick_argmax's choice)
     f32_bk: int = 0                      # fp32 product k-slice, 8 or 16 (0: chosen per shape)
-    fuse_argmax: bool = True             # greedy fp16 LM head with the (max, argmax) epilogue (no logits written)
+    fuse_argmax: bool = True             # fp16 LM head choosing in its epilogue: greedy, rule 6 (no logits written)
     prefix_share: bool = True            # prompts of a chunk that start alike compute that prefix once
     prefill_attn: bool = True            # fp16 prefill attention on tensor cores (head size 64)
     tma_staged: bool = True              # fp16 products on the staged-epilogue TMA kernels where picked
