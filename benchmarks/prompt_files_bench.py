@@ -1,7 +1,7 @@
 """The master's costs that grow with a text or JSONL input, tree against tree (CPU only): the `prompts` conversion of
 1M-line files (text; JSONL texts with two settings and an own "id" field; JSONL token lists), run's conversion when
-the file is unchanged (a rerun), reading and tokenizing a text input's conversion, and greedy dedup's keys of ragged
-prompts. Each case runs in a fresh process per tree and repeat: wall seconds and the process's peak RSS (ru_maxrss
+the file is unchanged (a rerun), reading and tokenizing a text input's conversion, reading a token input and a score
+input of token pairs, and greedy dedup's keys of ragged prompts. Each case runs in a fresh process per tree and repeat: wall seconds and the process's peak RSS (ru_maxrss
 of the child), medians of the repeats. The files are made here, seeded (no shared data).
 
     python benchmarks/prompt_files_bench.py --trees "old=/tmp/old;new=." --lines 1000000 --repeats 3 \
@@ -43,7 +43,10 @@ try:
     from gpt2job.files.conversions import convert_for_run
 except ImportError:
     from gpt2job.files.prompt_files import convert_for_run
-from gpt2job.files.read_input import read_prompts
+try:
+    from gpt2job.files.read_input import read_prompts
+except ImportError:   # (trees before it)
+    from gpt2job.files.prompts import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5')
 enc = load_tokenizer(VOCAB)
@@ -53,7 +56,10 @@ BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
     "reread the text conversion (its kept ids)": ("t.txt", """
 from gpt2job.files.conversions import convert_for_run
-from gpt2job.files.read_input import read_prompts
+try:
+    from gpt2job.files.read_input import read_prompts
+except ImportError:   # (trees before it)
+    from gpt2job.files.prompts import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5', vocab_dir=VOCAB)   # a conversion that keeps its prompts' ids
 enc = load_tokenizer(VOCAB)
@@ -63,12 +69,27 @@ BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
     "read a token input": ("k.jsonl", """
 from gpt2job.files.prompt_files import convert
-from gpt2job.files.read_input import read_prompts
+try:
+    from gpt2job.files.read_input import read_prompts
+except ImportError:   # (trees before it)
+    from gpt2job.files.prompts import read_prompts
 convert(SRC, OUT + '/o.h5')   # prompt_tokens, variable-length rows
 import gc, resource
 gc.collect()
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(OUT + '/o.h5', None, 50257)"""),
+    "read a score input of token pairs": ("k.jsonl", """
+import h5py
+from gpt2job.files.prompt_files import convert
+from gpt2job.files.score_input import read_score_input
+convert(SRC, OUT + '/o.h5')   # prompt_tokens, variable-length rows: each row is a context and a continuation
+with h5py.File(OUT + '/o.h5', 'r') as f, h5py.File(OUT + '/pairs.h5', 'w') as g:
+    g.create_dataset('context_tokens', data=f['prompt_tokens'][()], dtype=f['prompt_tokens'].dtype)
+    g.create_dataset('continuation_tokens', data=f['prompt_tokens'][()], dtype=f['prompt_tokens'].dtype)
+import gc, resource
+gc.collect()
+BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+RUN = lambda: read_score_input(OUT + '/pairs.h5', None)"""),
     "dedup keys and groups of 4M ragged prompts": (None, """
 import numpy as np
 from gpt2job.files.prompts import PromptSet

@@ -309,9 +309,10 @@ def test_export_decodes_the_text_of_a_job_run_without_a_tokenizer(tmp_path, voca
     a, b = rows_of(tmp_path / "a.jsonl"), rows_of(tmp_path / "b.jsonl")
     assert a == b and len(a) == 7 and all("completion" in r and "text_exact" in r for r in a)
     assert a[0]["finish_reason"] == "stop" and a[0]["completion_tokens"][-1] == stop
-    for flag, env in ((["--vocab-dir", tmp_path / "none"], no_vocab), ([], {**no_vocab, "GPT2_VOCAB_DIR": tmp_path})):
+    for flag, env, field in ((["--vocab-dir", tmp_path / "none"], no_vocab, "--vocab-dir"),
+                             ([], {**no_vocab, "GPT2_VOCAB_DIR": tmp_path}, "GPT2_VOCAB_DIR")):   # (what was set)
         p = run_gpt2job(["export", without, tmp_path / "c.jsonl", *flag], env=env)
-        assert p.returncode == 2 and "vocab.bpe: --vocab-dir: missing" in p.stderr and "Traceback" not in p.stderr
+        assert p.returncode == 2 and f"vocab.bpe: {field}: missing" in p.stderr and "Traceback" not in p.stderr
         assert not (tmp_path / "c.jsonl").exists()
 
     def no_tokenizer(vocab_dir):   # (tiktoken's own download, offline)

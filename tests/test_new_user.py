@@ -190,10 +190,16 @@ DASHES = "-" * 74
      "run_inference.sh: mpirun: process rank 1 with PID 0 on node gpu-3 exited on signal 9 (Killed)"),    # 4.1
     ([DASHES, "prterun detected that one or more processes exited with non-zero status,", DASHES], None),
     ([DASHES, "Some other message of mpirun's", DASHES], [DASHES, "Some other message of mpirun's", DASHES]),
+    # the master ended hung ranks with MPI_Abort (its own line said so): Open MPI 5's two blocks, then an empty line
+    ([DASHES, "MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD", "  Errorcode: 0", "",
+      "NOTE: invoking MPI_ABORT causes Open MPI to kill all MPI processes.", DASHES, DASHES,
+      "prterun has exited due to process rank 0 with PID 0 on node vm calling",
+      '"abort". This may have caused other processes in the application to be', DASHES, ""], None),
 ])
 def test_run_inference_says_mpirun_s_banner_of_a_killed_rank_in_one_line(banner, line):
     """A rank killed (kill -9, the OOM killer) is said by mpirun's banner alone: it was shown whole; now one line. The
-    banner after a non-zero exit only repeats our own line (dropped); other blocks pass as they are."""
+    banners after a non-zero exit or the master's MPI_Abort only repeat our own line (dropped); other blocks pass as
+    they are."""
     script = f'source <(sed -n "/^without_banner()/,/^}}/p" {ROOT / "run_inference.sh"}); without_banner'
     p = subprocess.run(["bash", "-c", script], input="\n".join(banner + ["after"]) + "\n", capture_output=True,
                        text=True, timeout=30)

@@ -27,18 +27,19 @@ def load_tokenizer(vocab_dir=None):
     gpt2job, on each rank and process that needs the tokenizer; neither: tiktoken's own). Raises UserError with the
     fix when none can be built."""
     import tiktoken
+    given = "--vocab-dir" if vocab_dir else "GPT2_VOCAB_DIR"   # (the error names what the user set)
     vocab_dir = vocab_dir or envs.get("GPT2_VOCAB_DIR")
     if vocab_dir:
         bpe, enc_json = os.path.join(vocab_dir, "vocab.bpe"), os.path.join(vocab_dir, "encoder.json")
         for p in (bpe, enc_json):
             if not os.path.isfile(p):
-                raise UserError("missing", p, "--vocab-dir",
+                raise UserError("missing", p, given,
                                 "point --vocab-dir (or GPT2_VOCAB_DIR) at a folder with vocab.bpe and encoder.json")
         from tiktoken.load import data_gym_to_mergeable_bpe_ranks
         try:
             ranks = data_gym_to_mergeable_bpe_ranks(vocab_bpe_file=bpe, encoder_json_file=enc_json)
         except Exception as e:  # tiktoken raises assorted errors on malformed files
-            raise UserError(f"not a GPT-2 vocabulary ({type(e).__name__}: {e})", vocab_dir, "--vocab-dir",
+            raise UserError(f"not a GPT-2 vocabulary ({type(e).__name__}: {e})", vocab_dir, given,
                             "use the original GPT-2 vocab.bpe and encoder.json")
         return tiktoken.Encoding(name="gpt2", pat_str=GPT2_PATTERN, mergeable_ranks=ranks,
                                  special_tokens={EOT: 50256})
