@@ -40,8 +40,8 @@ if ! command -v mpirun >/dev/null 2>&1; then
 fi
 
 # mpirun's own messages that only repeat what our one line said: the banner after a rank's non-zero exit
-# (Open MPI 4 and 5; the exit code is kept), the two after the master ended hung ranks with MPI_Abort, and the one
-# after a rank was killed, as one line and PMIx's complaint about the ranks it could not reach after it; and
+# (Open MPI 4 and 5; the exit code is kept), the two after the master (rank 0) ended hung ranks with MPI_Abort, and
+# the one after a rank was killed, as one line and PMIx's complaint about the ranks it could not reach after it; and
 # libevent's "[warn] Epoll ... Bad file descriptor" that mpirun sometimes prints as its ranks end (seen in CI,
 # harmless); "Abort is in progress...hit ctrl-c again" when a signal reached mpirun twice (the group's and ours: our
 # line says it)
@@ -58,7 +58,7 @@ without_banner() {
             if (match(one, /process rank [0-9]+ .* exited on signal [0-9]+( \([^)]*\))?/)) {
                 print "run_inference.sh: mpirun: " substr(one, RSTART, RLENGTH); fflush(); next
             }
-            if (one ~ /MPI_ABORT was invoked|calling "abort"/) { gap = 1; next }   # hung ranks ended: our line says it
+            if (one ~ /MPI_ABORT was invoked on rank 0 |process rank 0 .*calling "abort"/) { gap = 1; next }
             if (block !~ /exited with non-zero status|Primary job +terminated normally/) { printf "%s", block; fflush() }
             next
         }

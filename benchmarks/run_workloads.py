@@ -54,10 +54,7 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
     if gpus > 0 and backend == "cuda":  # exactly K GPUs: else the master computes on a spare one too
         e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
     if not e.get("GPT2_VOCAB_DIR"):      # the tokenizer writes the 'completions' text, as in production
-        for d in (os.path.join(ROOT, ".device", "gpt2-vocab"), os.path.join(ROOT, "..", "shared", "gpt2-vocab")):
-            if os.path.isfile(os.path.join(d, "vocab.bpe")):
-                e["GPT2_VOCAB_DIR"] = os.path.abspath(d)
-                break
+        e["GPT2_VOCAB_DIR"] = vocab_dir() or e.get("GPT2_VOCAB_DIR", "")
     t0 = time.time()
     e["GPT2JOB_LAUNCH_TIME"] = repr(t0)
     logf = open(log, "w") if log else None

@@ -312,6 +312,20 @@ def test_a_token_pair_is_handed_back_by_the_read_ahead_child(tmp_path, monkeypat
     assert len(reads) == 2 and again.fingerprint() == ps.fingerprint()
 
 
+def test_a_pair_dataset_that_cannot_be_read_is_one_line(tmp_path):
+    """A dangling link (or other damage) in place of a pair's dataset was a KeyError's traceback; now one line naming
+    the dataset."""
+    from gpt2job.errors import UserError
+    from gpt2job.files.score_input import read_score_input
+    path = tmp_path / "pairs.h5"
+    with h5py.File(path, "w") as f:
+        f["context_tokens"] = h5py.SoftLink("/nowhere")
+        f.create_dataset("continuation_tokens", data=np.full((2, 2), 5, np.int32))
+    with pytest.raises(UserError) as e:
+        read_score_input(path, lambda: None)
+    assert e.value.field == "context_tokens" and "cannot be read" in e.value.message
+
+
 def test_a_pair_input_is_read_ahead_with_a_deadline(tmp_path, monkeypatch):
     """`score`'s context + continuation were read by the master alone: a file on which HDF5 loops would have hung
     it. The read-ahead child (files/read_ahead.py, with its deadline) reads the pair's datasets first."""

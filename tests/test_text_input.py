@@ -540,7 +540,7 @@ def test_a_conversion_keeps_its_prompts_ids_and_a_rerun_reads_them_not_the_text(
     (tmp_path / "elsewhere" / "gpt2job" / "__init__.py").write_text("raise ImportError('another gpt2job')\n")
     monkeypatch.chdir(tmp_path / "elsewhere")
     with h5py.File(conv, "r") as f:
-        assert read_ahead(conv, 50257, P.BLOCK_ROWS)[0] == P.texts_digest(f["prompts"]) == want.text_digest
+        assert read_ahead(conv, 50257)[0] == P.texts_digest(f["prompts"]) == want.text_digest
     monkeypatch.setattr(R, "texts_digest", lambda ds, read=None: pytest.fail("the text read a second time"))
     got = R.read_prompts(conv, enc, 50257)
     monkeypatch.undo()

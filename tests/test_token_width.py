@@ -81,10 +81,13 @@ def test_the_probe_hands_the_token_ids_back_and_the_master_reads_them_once(tmp_p
     with h5py.File(path, "r") as f:
         want = P.read_token_dataset(path, f["prompt_tokens"], 50257)
     own = P.read_token_dataset
-    reads = []
+    reads, started = [], []
     monkeypatch.setattr(read_input, "read_token_dataset", lambda *a: reads.append(a) or own(*a))
+    popen = read_ahead.subprocess.Popen
+    monkeypatch.setattr(read_ahead.subprocess, "Popen", lambda args, **k: started.append(args) or popen(args, **k))
     got = read_prompts(path, None, 50257)
     assert reads == []   # the child's arrays, not a second read
+    assert started[0][7] == "4"   # the child reads in the master's blocks as they are now (small_blocks)
     assert got.tokens.dtype == want.tokens.dtype == (np.int32 if kind == "bad id" else np.uint16)
     assert (got.tokens == want.tokens).all() and (got.lengths == want.lengths).all() and len(got) == 11
     assert got.fingerprint() == want.fingerprint() and got.source == "prompt_tokens"

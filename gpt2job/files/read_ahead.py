@@ -27,7 +27,7 @@ CHILD = ("import sys; sys.path[:] = [sys.argv[1]] + [p for p in sys.path if p no
          "from gpt2job.files.read_ahead import read_in_child; read_in_child(sys.argv[2:])")
 
 
-def read_ahead(path, vocab_size, block_rows, names=()):
+def read_ahead(path, vocab_size, names=()):
     """(digest, arrays), each None where the child did not give it: a text's digest (prompts.texts_digest); the
     token datasets' arrays as the child read them (prompts.read_token_dataset): {dataset name: (offsets or None,
     tokens: [N, T] for a grid)}. With names (datasets other than the prompts: score's pairs) the child reads those
@@ -44,7 +44,7 @@ def read_ahead(path, vocab_size, block_rows, names=()):
         hand = None   # (no temporary folder: the child reads, hands nothing back)
     fd = hand.fileno() if hand is not None else -1
     args = [sys.executable, "-c", CHILD, ROOT, path, "" if vocab_size is None else str(vocab_size), str(fd),
-            str(block_rows), *names]
+            str(prompts.BLOCK_ROWS), *names]   # (BLOCK_ROWS read now: tests change it)
     try:
         p = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
                              pass_fds=(fd,) if fd >= 0 else (), text=True)

@@ -5,7 +5,7 @@ import os
 from gpt2job.errors import UserError, first_line
 from gpt2job.files import token_cache
 from gpt2job.files.h5files import contents, open_readable
-from gpt2job.files.prompts import (BLOCK_ROWS, DATASET_FIX, PROMPT_DATASETS, PromptSet, TokenBlocks, read_text_dataset,
+from gpt2job.files.prompts import (DATASET_FIX, PROMPT_DATASETS, PromptSet, TokenBlocks, read_text_dataset,
                                    read_token_dataset, texts_digest)
 from gpt2job.files.read_ahead import read_ahead
 
@@ -14,7 +14,7 @@ def read_prompts(path, tokenizer_factory, vocab_size=None):
     """Read the prompts of an input file, a block of prompts at a time. tokenizer_factory() is called only for text
     prompts. vocab_size (the model's): ids kept as uint16 when it fits and every id is below it (TokenBlocks)."""
     before = identity(path)
-    digest, arrays = read_ahead(path, vocab_size, BLOCK_ROWS)   # (a child with a deadline: HDF5's loops)
+    digest, arrays = read_ahead(path, vocab_size)   # (a child with a deadline: HDF5's loops)
     with open_readable(path, "input", "give an HDF5 file made by `python -m gpt2job prompts`") as f:
         if identity(path) != before:   # written since the child read it: what it read is not this file's
             digest = arrays = None

@@ -18,10 +18,10 @@ import hashlib
 import numpy as np
 
 from gpt2job.chunks import Completions
-from gpt2job.errors import UserError, warn
+from gpt2job.errors import UserError, first_line, warn
 from gpt2job.files.h5files import contents, open_readable
 from gpt2job.files.prompt_checks import Validation
-from gpt2job.files.prompts import BLOCK_ROWS, PromptSet, read_text_dataset, read_token_dataset
+from gpt2job.files.prompts import PromptSet, read_text_dataset, read_token_dataset
 from gpt2job.files.read_input import handed_back, identity, read_prompts
 from gpt2job.files.read_ahead import read_ahead
 from gpt2job.files.row_settings import ROW_DATASETS
@@ -51,14 +51,17 @@ def _read_dataset(path, name, tokenizer_factory, arrays, before):
     with open_readable(path, "input", FIX) as f:
         if arrays and name in arrays and identity(path) == before:
             return handed_back(arrays, name)
-        ds = f[name]
         try:
+            ds = f[name]
             ps = (read_token_dataset(path, ds) if name.endswith("_tokens") else
                   read_text_dataset(path, ds, tokenizer_factory))
         except UserError as e:   # the readers name the dataset; their fixes quote the prompts' two names: this pair's
             base = name[:-len("_tokens")] if name.endswith("_tokens") else name
             fix = e.fix and e.fix.replace("'prompt_tokens'", f"'{base}_tokens'").replace("'prompts'", f"'{base}'")
             raise UserError(e.message, e.path, e.field, fix) from None
+        except (KeyError, OSError, RuntimeError, ValueError, TypeError) as e:   # dangling or looping links, damage
+            raise UserError(f"cannot be read ({first_line(e)})", path, name, "the file is damaged; write it again ("
+                            + FIX + ")") from None
     ps.source = name
     return ps
 
@@ -72,7 +75,7 @@ def read_score_input(path, tokenizer_factory, prepend_eos=False, eos=50256):
         ctx_len = np.zeros(len(ps), np.int64)
     else:
         before = identity(path)
-        arrays = read_ahead(path, None, BLOCK_ROWS, pair)[1]   # (a child with a deadline: HDF5's loops)
+        arrays = read_ahead(path, None, pair)[1]   # (a child with a deadline: HDF5's loops)
         ctx, cont = (_read_dataset(path, n, tokenizer_factory, arrays, before) for n in pair)
         if len(ctx) != len(cont):
             raise UserError(f"has {len(ctx)} rows but '{pair[1]}' has {len(cont)}", path, pair[0], FIX)
