@@ -24,7 +24,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_common import (ROOT, WORKLOADS, append_jsonl, base_record, fmt_int, fmt_s, gpu_count,  # noqa: E402
-                          print_table, read_output)
+                          print_table, read_output, vocab_dir)
 
 
 def mpirun_cmd(np_, mpirun_args=None):
