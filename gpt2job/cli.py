@@ -190,8 +190,7 @@ def build_parser():
          help="prompts per work chunk (0, default: k chunks per worker, at most the backend's preferred "
               "size; equal in prompts or, `run` with ragged prompts or per-row max_new_tokens, in estimated work)")
     both("--vocab-dir", help="folder with GPT-2's vocab.bpe and encoder.json (env GPT2_VOCAB_DIR)")
-    both("--overwrite", action="store_true",
-         help="start over: replace an existing output (without it an unfinished one of the same settings resumes)")
+    both("--overwrite", action="store_true", help="start over (without it OUT resumes; other settings are refused)")
     both("--skip-invalid", action="store_true",
          help="run the valid prompts and mark invalid ones 'invalid' instead of refusing to start")
     r.add_argument("--validate", metavar="ANSWER",
