@@ -1,8 +1,8 @@
 """The master's costs that grow with a text or JSONL input, tree against tree (CPU only): the `prompts` conversion of
 1M-line files (text; JSONL texts with two settings and an own "id" field; JSONL token lists), run's conversion when
 the file is unchanged (a rerun), reading and tokenizing a text input's conversion, reading a token input and a score
-input of token pairs, and greedy dedup's keys of ragged prompts. Each case runs in a fresh process per tree and repeat: wall seconds and the process's peak RSS (ru_maxrss
-of the child), medians of the repeats. The files are made here, seeded (no shared data).
+input of token pairs, and greedy dedup's keys of ragged prompts. Each case runs in a fresh process per tree and
+repeat: wall seconds and the process's peak RSS (ru_maxrss of the child), medians of the repeats. The files are made here, seeded (no shared data).
 
     python benchmarks/prompt_files_bench.py --trees "old=/tmp/old;new=." --lines 1000000 --repeats 3 \
         --vocab-dir ../shared/gpt2-vocab --json out.jsonl
@@ -21,6 +21,13 @@ from bench_common import vocab_dir
 
 WORDS = "the quick brown fox jumps over lazy dog and then some more words appear in this prompt".split()
 
+# read_prompts from the tree's own module (read_input.py; prompts.py in trees before it)
+READ_PROMPTS = """
+try:
+    from gpt2job.files.read_input import read_prompts
+except ImportError:
+    from gpt2job.files.prompts import read_prompts"""
+
 # each case: a script run in the tree (argv: source file, scratch folder); its own work only, imports before the clock
 CASES = {
     "prompts txt": ("t.txt", "from gpt2job.files.prompt_files import convert as c\nRUN = lambda: c(SRC, OUT + '/o.h5')"),
@@ -37,16 +44,12 @@ convert_for_run(SRC, OUT + '/out.h5')       # the first run's (not timed)
 import resource
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: convert_for_run(SRC, OUT + '/out.h5')"""),
-    "read and tokenize the text conversion": ("t.txt", """
+    "read and tokenize the text conversion": ("t.txt", READ_PROMPTS + """
 import glob
 try:
     from gpt2job.files.conversions import convert_for_run
 except ImportError:
     from gpt2job.files.prompt_files import convert_for_run
-try:
-    from gpt2job.files.read_input import read_prompts
-except ImportError:   # (trees before it)
-    from gpt2job.files.prompts import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5')
 enc = load_tokenizer(VOCAB)
@@ -54,12 +57,8 @@ import gc, resource
 gc.collect()
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
-    "reread the text conversion (its kept ids)": ("t.txt", """
+    "reread the text conversion (its kept ids)": ("t.txt", READ_PROMPTS + """
 from gpt2job.files.conversions import convert_for_run
-try:
-    from gpt2job.files.read_input import read_prompts
-except ImportError:   # (trees before it)
-    from gpt2job.files.prompts import read_prompts
 from gpt2job.model.tokenizer import load_tokenizer
 path, _ = convert_for_run(SRC, OUT + '/out.h5', vocab_dir=VOCAB)   # a conversion that keeps its prompts' ids
 enc = load_tokenizer(VOCAB)
@@ -67,12 +66,8 @@ import gc, resource
 gc.collect()
 BASE = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 RUN = lambda: read_prompts(path, lambda: enc, 50257)"""),
-    "read a token input": ("k.jsonl", """
+    "read a token input": ("k.jsonl", READ_PROMPTS + """
 from gpt2job.files.prompt_files import convert
-try:
-    from gpt2job.files.read_input import read_prompts
-except ImportError:   # (trees before it)
-    from gpt2job.files.prompts import read_prompts
 convert(SRC, OUT + '/o.h5')   # prompt_tokens, variable-length rows
 import gc, resource
 gc.collect()

@@ -53,8 +53,8 @@ def run_job(inp, out, model, backend, dtype, gpus, max_new, ignore_eos, log=None
     e["PYTHONUNBUFFERED"] = "1"
     if gpus > 0 and backend == "cuda":  # exactly K GPUs: else the master computes on a spare one too
         e["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in range(gpus))
-    if not e.get("GPT2_VOCAB_DIR"):      # the tokenizer writes the 'completions' text, as in production
-        e["GPT2_VOCAB_DIR"] = vocab_dir() or e.get("GPT2_VOCAB_DIR", "")
+    if not e.get("GPT2_VOCAB_DIR") and (d := vocab_dir()):   # the tokenizer writes the 'completions' text, as in
+        e["GPT2_VOCAB_DIR"] = d                               # production
     t0 = time.time()
     e["GPT2JOB_LAUNCH_TIME"] = repr(t0)
     logf = open(log, "w") if log else None
