@@ -269,6 +269,41 @@ def test_the_shorter_modules_compile_at_a_lower_priority(tmp_path, monkeypatch):
     assert {n for n, v in nices.items() if v == 0} == {"gemm_f32.cu"}
 
 
+@pytest.mark.skipif(shutil.which("nice") is None or not _may_lower_priority(),
+                    reason="no nice command, or a thread may not lower its priority here")
+def test_the_longest_module_compiles_at_full_priority_after_a_shorter_one_in_the_same_thread(tmp_path, monkeypatch):
+    """A compile thread lowered its own nice for a shorter module, then took the longest (the rank compiling it had
+    died, leaving no entry) and compiled it at nice +10 too: a thread cannot take a raise back. A lowered compile
+    now runs in a thread of its own."""
+    monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
+    monkeypatch.setattr(Niced, "seen", {})
+    folder = str(tmp_path / "cache")
+    os.makedirs(folder)
+    longest = Niced("long.cu", TINY, str(tmp_path), (), "sm_90")
+    held = [kcache._flock(os.path.join(folder, longest.key() + ".lock"), wait=False)]   # another rank compiles it
+
+    class DeathMeanwhile(Niced):
+        def compile(self):
+            os.close(held.pop())   # the rank compiling the longest module dies mid-compile (no entry)
+            return super().compile()
+    shorter = DeathMeanwhile("short.cu", TINY + "// short\n", str(tmp_path), (), "sm_90", kcache.LATER_NICE)
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    cache = Cache(folder)
+    assert set(cache.get_all([longest, shorter], threads=1)) == {"long.cu", "short.cu"}
+    assert cache.compiled == ["short.cu", "long.cu"]   # one thread, the shorter module first: the longest was held
+    assert Niced.seen == {"short.cu": min(19, base + kcache.LATER_NICE), "long.cu": base}
+    assert os.getpriority(os.PRIO_PROCESS, 0) == base
+
+
+def test_a_lowered_compile_s_error_reaches_the_caller(tmp_path, monkeypatch):
+    """An nvcc failure in the lowered compile's own thread is raised in the compile thread that waits for it."""
+    def fail():
+        raise RuntimeError("nvcc failed (exit 1)")
+    with pytest.raises(RuntimeError, match="nvcc failed"):
+        kcache.at_lower_priority(kcache.LATER_NICE, fail)
+    assert kcache.at_lower_priority(kcache.LATER_NICE, lambda: b"cubin") == b"cubin"
+
+
 def test_a_dead_writer_leaves_no_entry_and_its_leftovers_go(tmp_path, counted, monkeypatch):
     monkeypatch.setattr(kcache, "nvcc_version", lambda nvcc="nvcc": "stand-in")
     monkeypatch.setattr(Counted, "fake", True)

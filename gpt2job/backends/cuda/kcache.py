@@ -259,9 +259,7 @@ class Cache:
                         with self._mu:
                             if stop is not None and stop.is_set():
                                 return
-                        if u.nice:
-                            lower_priority(u.nice)
-                        data = u.compile()
+                        data = at_lower_priority(u.nice, u.compile) if u.nice else u.compile()
                         self._store(key, data)
                         with self._mu:
                             self.compiled.append(u.name)
@@ -278,21 +276,33 @@ class Cache:
         return out
 
 
-_lowered = threading.local()
+def at_lower_priority(n, fn):
+    """fn()'s result, run in a thread of its own whose nice value is n higher: the processes it starts (nvcc) inherit
+    it. Linux's nice is a thread's, and a thread cannot take a raise back: the calling thread (a compile pool's, whose
+    next module may be the longest, its first owner dead; never a rank's main thread) keeps its own."""
+    box = []
 
+    def run():
+        try:
+            tid = threading.get_native_id()
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
+        except (AttributeError, OSError):
+            pass   # (no setpriority: the compile runs at the process's priority)
+        try:
+            box.append((fn(), None))
+        except BaseException as e:
+            box.append((None, e))
 
-def lower_priority(n):
-    """Raise this thread's nice value by n (once per thread; the processes it starts inherit it). Linux's nice is a
-    thread's: the process's other threads keep theirs. Only the compile pool's threads call it, never a rank's main
-    thread, which could not take it back."""
-    if getattr(_lowered, "done", False):
-        return   # (a lowered thread that later takes the longest module, its first owner dead, compiles it lowered)
-    _lowered.done = True
+    t = threading.Thread(target=run, name="gpt2job-nvcc-later", daemon=True)
     try:
-        tid = threading.get_native_id()
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + n))
-    except (AttributeError, OSError):
-        pass   # (no setpriority: the compile runs at the process's priority)
+        t.start()
+    except RuntimeError:   # ("can't start new thread": compile here, at this thread's priority)
+        return fn()
+    t.join()
+    data, err = box[0]
+    if err is not None:
+        raise err
+    return data
 
 
 def node_slots():
