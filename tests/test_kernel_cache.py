@@ -295,7 +295,7 @@ def test_the_longest_module_compiles_at_full_priority_after_a_shorter_one_in_the
     assert os.getpriority(os.PRIO_PROCESS, 0) == base
 
 
-def test_a_lowered_compile_s_error_reaches_the_caller(tmp_path, monkeypatch):
+def test_a_lowered_compile_s_error_reaches_the_caller():
     """An nvcc failure in the lowered compile's own thread is raised in the compile thread that waits for it."""
     def fail():
         raise RuntimeError("nvcc failed (exit 1)")
