@@ -240,8 +240,11 @@ def _may_lower_priority():
     return bool(ok)
 
 
-@pytest.mark.skipif(shutil.which("nice") is None or not _may_lower_priority(),
-                    reason="no nice command, or a thread may not lower its priority here")
+lowering = pytest.mark.skipif(shutil.which("nice") is None or not _may_lower_priority(),
+                              reason="no nice command, or a thread may not lower its priority here")
+
+
+@lowering
 def test_the_shorter_modules_compile_at_a_lower_priority(tmp_path, monkeypatch):
     """A cold 16-rank start's longest compile took 14.2 s against 10.6 s with 2 ranks: 15 ranks' starts and the
     other nvcc took its cores. compile_modules gives every module but the first of COMPILE_FIRST a nice value
@@ -269,8 +272,7 @@ def test_the_shorter_modules_compile_at_a_lower_priority(tmp_path, monkeypatch):
     assert {n for n, v in nices.items() if v == 0} == {"gemm_f32.cu"}
 
 
-@pytest.mark.skipif(shutil.which("nice") is None or not _may_lower_priority(),
-                    reason="no nice command, or a thread may not lower its priority here")
+@lowering
 def test_the_longest_module_compiles_at_full_priority_after_a_shorter_one_in_the_same_thread(tmp_path, monkeypatch):
     """A compile thread lowered its own nice for a shorter module, then took the longest (the rank compiling it had
     died, leaving no entry) and compiled it at nice +10 too: a thread cannot take a raise back. A lowered compile
